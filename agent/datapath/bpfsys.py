@@ -1,0 +1,293 @@
+"""The plain bpf(2) syscall through ctypes — no bcc, no LLVM.
+
+Proxy workers and the CLI use this to reach pinned maps and to inspect
+programs and links; the agent uses it for what bcc 0.26 lacks (bpf links,
+program queries).  Only the commands meshlet needs are wrapped.  Layouts follow
+``union bpf_attr`` in include/uapi/linux/bpf.h; every command zero-fills a
+128-byte attr buffer and sets only the leading fields it uses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# enum bpf_cmd
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
+MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
+PROG_LOAD = 5
+OBJ_PIN = 6
+OBJ_GET = 7
+PROG_ATTACH = 8
+PROG_DETACH = 9
+PROG_GET_NEXT_ID = 11
+PROG_GET_FD_BY_ID = 13
+MAP_GET_FD_BY_ID = 14
+OBJ_GET_INFO_BY_FD = 15
+PROG_QUERY = 16
+LINK_CREATE = 28
+LINK_GET_FD_BY_ID = 30
+LINK_DETACH = 34
+
+# enum bpf_attach_type (the ones meshlet uses)
+ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_CGROUP_INET4_CONNECT = 10
+ATTACH_CGROUP_INET6_CONNECT = 11
+ATTACH_TCX_INGRESS = 46
+ATTACH_TCX_EGRESS = 47
+
+ATTACH_TYPE_NAMES = {
+    ATTACH_CGROUP_SOCK_OPS: "cgroup/sock_ops",
+    ATTACH_CGROUP_INET4_CONNECT: "cgroup/connect4",
+    ATTACH_CGROUP_INET6_CONNECT: "cgroup/connect6",
+    ATTACH_TCX_INGRESS: "tcx/ingress",
+    ATTACH_TCX_EGRESS: "tcx/egress",
+}
+
+# enum bpf_prog_type (subset)
+PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+# map update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+# enum bpf_link_type
+LINK_TYPE_NAMES = {1: "raw_tracepoint", 2: "tracing", 3: "cgroup", 4: "iter", 5: "netns",
+                   6: "xdp", 7: "perf_event", 8: "kprobe_multi", 9: "struct_ops",
+                   10: "netfilter", 11: "tcx", 12: "uprobe_multi", 13: "netkit"}
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array",
+                  5: "percpu_hash", 6: "percpu_array", 7: "stack_trace", 8: "cgroup_array",
+                  9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie", 15: "sockmap",
+                  18: "sockhash", 27: "ringbuf"}
+PROG_TYPE_NAMES = {3: "sched_cls", 13: "sock_ops", 18: "cgroup_sock_addr", 16: "sk_msg",
+                   14: "sk_skb", 8: "cgroup_skb", 9: "cgroup_sock"}
+
+
+class BPFError(OSError):
+    """A failed bpf(2) call; ``errno`` and the command are kept."""
+
+
+def bpf(cmd: int, attr: ctypes.Array) -> int:
+    ret = _libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BPFError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")
+    return ret
+
+
+def _attr(fmt: str, *values) -> ctypes.Array:
+    buf = ctypes.create_string_buffer(128)
+    struct.pack_into(fmt, buf, 0, *values)
+    return buf
+
+
+def _ptr(buf) -> int:
+    return ctypes.addressof(buf)
+
+
+# --- objects -------------------------------------------------------------
+
+def obj_get(path: str, read_only: bool = False) -> int:
+    """Open a pinned object; returns a new fd (caller closes)."""
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    flags = 1 << 3 if read_only else 0  # BPF_F_RDONLY
+    return bpf(OBJ_GET, _attr("=QII", _ptr(p), 0, flags))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    bpf(OBJ_PIN, _attr("=QI", _ptr(p), fd))
+
+
+# --- maps ----------------------------------------------------------------
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        bpf(MAP_LOOKUP_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    bpf(MAP_UPDATE_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), flags))
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    k = ctypes.create_string_buffer(key, len(key))
+    try:
+        bpf(MAP_DELETE_ELEM, _attr("=I4xQ", fd, _ptr(k)))
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int, limit: int = 1 << 20):
+    """Iterate over the keys of a hash-like map (bounded by ``limit``)."""
+    cur = None
+    nxt = ctypes.create_string_buffer(key_size)
+    for _ in range(limit):
+        if cur is None:
+            attr = _attr("=I4xQQ", fd, 0, _ptr(nxt))
+        else:
+            kb = ctypes.create_string_buffer(cur, key_size)
+            attr = _attr("=I4xQQ", fd, _ptr(kb), _ptr(nxt))
+        try:
+            bpf(MAP_GET_NEXT_KEY, attr)
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise
+        cur = nxt.raw
+        yield cur
+
+
+# --- info ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+    @property
+    def type_name(self) -> str:
+        return MAP_TYPE_NAMES.get(self.type, str(self.type))
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    type: int
+    id: int
+    tag: str
+    name: str
+
+    @property
+    def type_name(self) -> str:
+        return PROG_TYPE_NAMES.get(self.type, str(self.type))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    # cgroup links: cgroup id + attach type; tcx links: ifindex + attach type
+    target: int
+    attach_type: int
+
+    @property
+    def type_name(self) -> str:
+        return LINK_TYPE_NAMES.get(self.type, str(self.type))
+
+
+def _info(fd: int, size: int) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, size, _ptr(buf)))
+    return buf.raw
+
+
+def map_info(fd: int) -> MapInfo:
+    raw = _info(fd, 88)
+    typ, mid, ks, vs, me, fl = struct.unpack_from("=IIIIII", raw, 0)
+    name = raw[24:40].split(b"\0", 1)[0].decode()
+    return MapInfo(typ, mid, ks, vs, me, fl, name)
+
+
+def prog_info(fd: int) -> ProgInfo:
+    raw = _info(fd, 232)
+    typ, pid = struct.unpack_from("=II", raw, 0)
+    tag = raw[8:16].hex()
+    name = raw[64:80].split(b"\0", 1)[0].decode()
+    return ProgInfo(typ, pid, tag, name)
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd, 64)
+    typ, lid, pid = struct.unpack_from("=III", raw, 0)
+    target = attach = 0
+    if typ == 3:  # cgroup: __u64 cgroup_id; __u32 attach_type
+        target, attach = struct.unpack_from("=QI", raw, 16)
+    elif typ in (11, 13):  # tcx/netkit: __u32 ifindex; __u32 attach_type
+        target, attach = struct.unpack_from("=II", raw, 16)
+    return LinkInfo(typ, lid, pid, target, attach)
+
+
+def obj_kind(fd: int) -> str:
+    """'map', 'prog' or 'link' for an fd from obj_get (via /proc fdinfo)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "unknown"
+    for kind in ("map", "prog", "link"):
+        if f"bpf-{kind}" in link:
+            return kind
+    return "unknown"
+
+
+# --- programs and attachments ---------------------------------------------
+
+def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL",
+              expected_attach_type: int = 0) -> int:
+    """Load raw instructions (used by ``meshlet doctor`` to probe hooks)."""
+    ib = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    log = ctypes.create_string_buffer(4096)
+    buf = ctypes.create_string_buffer(128)
+    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
+    struct.pack_into("=IIQQIIQII16sII", buf, 0, prog_type, len(insns) // 8, _ptr(ib),
+                     _ptr(lic), 1, len(log), _ptr(log), 0, 0, b"", 0,
+                     expected_attach_type)
+    try:
+        return bpf(PROG_LOAD, buf)
+    except BPFError as e:
+        msg = log.value.decode(errors="replace").strip()
+        raise BPFError(e.errno, f"{e.strerror}{': ' + msg if msg else ''}") from None
+
+
+def link_create(prog_fd: int, target_fd_or_ifindex: int, attach_type: int,
+                flags: int = 0) -> int:
+    """BPF_LINK_CREATE: cgroup links take a cgroup dir fd, tcx links an ifindex."""
+    return bpf(LINK_CREATE, _attr("=IIII", prog_fd, target_fd_or_ifindex, attach_type, flags))
+
+
+def prog_query(target_fd_or_ifindex: int, attach_type: int, max_progs: int = 64) -> list[int]:
+    """Program ids attached to a cgroup (or, for tcx, to an ifindex)."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    # target_fd, attach_type, query_flags, attach_flags, prog_ids, prog_cnt
+    buf = _attr("=IIIIQI", target_fd_or_ifindex, attach_type, 0, 0,
+                ctypes.addressof(ids), max_progs)
+    bpf(PROG_QUERY, buf)
+    cnt = struct.unpack_from("=I", buf, 24)[0]
+    return list(ids[:cnt])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return bpf(PROG_GET_FD_BY_ID, _attr("=I", prog_id))

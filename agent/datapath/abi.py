@@ -1,0 +1,183 @@
+"""ctypes mirrors of bpf/include/meshlet.h — must match it field for field.
+
+tests/privileged/test_abi.py compiles the C with bcc and compares every size
+and offset below with bcc's generated Key/Leaf types, so a change on one side
+only fails loudly.  ``*_be`` fields hold network byte order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+import sys
+
+ABI_VERSION = 1
+
+AF_INET = 2
+AF_INET6 = 10
+
+MODE_PERMISSIVE = 0
+MODE_STRICT = 1
+MODES = {"permissive": MODE_PERMISSIVE, "strict": MODE_STRICT}
+
+
+class MlConfig(ctypes.Structure):
+    _fields_ = [
+        ("redirect_ip4_be", ctypes.c_uint32),
+        ("redirect_ip6_be", ctypes.c_uint32 * 4),
+        ("outbound_port", ctypes.c_uint16),
+        ("has_ip6", ctypes.c_uint8),
+        ("enabled", ctypes.c_uint8),
+        ("mesh_mark", ctypes.c_uint32),
+    ]
+
+
+class MlWorkload(ctypes.Structure):
+    _fields_ = [
+        ("workload_id", ctypes.c_uint32),
+        ("mode", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class MlIpKey(ctypes.Structure):
+    _fields_ = [
+        ("addr_be", ctypes.c_uint32 * 4),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class MlCidr4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr_be", ctypes.c_uint32)]
+
+
+class MlCidr6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr_be", ctypes.c_uint32 * 4)]
+
+
+class MlOrigDst(ctypes.Structure):
+    _fields_ = [
+        ("dst_be", ctypes.c_uint32 * 4),
+        ("cgroup_id", ctypes.c_uint64),
+        ("dst_port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("workload_id", ctypes.c_uint32),
+    ]
+
+
+class MlFlowKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr_be", ctypes.c_uint32 * 4),
+        ("daddr_be", ctypes.c_uint32 * 4),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class MlMeta(ctypes.Structure):
+    _fields_ = [
+        ("source_hash", ctypes.c_uint64),
+        ("abi_version", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+# enum ml_stat, in order
+STATS = [
+    "redirect4",
+    "redirect6",
+    "bypass_port",
+    "bypass_cidr",
+    "bypass_local",
+    "bypass_no_ip6",
+    "flow_recorded",
+    "origdst_full",
+    "strict_drop",
+    "strict_mesh",
+]
+
+# map name -> (key type, value type); the privileged ABI test walks this.
+MAPS: dict[str, tuple[type, type]] = {
+    "ml_config": (ctypes.c_uint32, MlConfig),
+    "ml_meta": (ctypes.c_uint32, MlMeta),
+    "ml_stats": (ctypes.c_uint32, ctypes.c_uint64),
+    "ml_enrolled": (ctypes.c_uint64, MlWorkload),
+    "ml_pod_ips": (MlIpKey, MlWorkload),
+    "ml_excl_ports": (ctypes.c_uint16, ctypes.c_uint8),
+    "ml_excl_cidr4": (MlCidr4Key, ctypes.c_uint8),
+    "ml_excl_cidr6": (MlCidr6Key, ctypes.c_uint8),
+    "ml_origdst": (ctypes.c_uint64, MlOrigDst),
+    "ml_flows": (MlFlowKey, MlOrigDst),
+}
+
+
+def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
+    """Text address -> (family, four network-order u32 words as stored by the
+    kernel on a little- or big-endian host).  IPv4-mapped IPv6 becomes IPv4."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if addr.version == 4:
+        raw = addr.packed + bytes(12)
+        fam = AF_INET
+    else:
+        raw = addr.packed
+        fam = AF_INET6
+    words = tuple(int.from_bytes(raw[i:i + 4], "little" if _LITTLE else "big")
+                  for i in range(0, 16, 4))
+    return fam, words  # type: ignore[return-value]
+
+
+def unpack_addr(family: int, words) -> str:
+    raw = b"".join(int(w).to_bytes(4, "little" if _LITTLE else "big") for w in words)
+    if family == AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def ip_key(ip: str) -> MlIpKey:
+    fam, words = pack_addr(ip)
+    k = MlIpKey()
+    k.family = fam
+    for i, w in enumerate(words):
+        k.addr_be[i] = w
+    return k
+
+
+def flow_key(peer: tuple, local: tuple) -> MlFlowKey:
+    """Key for ml_flows from the proxy's view of an accepted socket:
+    ``peer`` = getpeername() (the pod), ``local`` = getsockname()."""
+    pfam, pw = pack_addr(peer[0])
+    lfam, lw = pack_addr(local[0])
+    k = MlFlowKey()
+    k.family = pfam
+    for i in range(4):
+        k.saddr_be[i] = pw[i]
+        k.daddr_be[i] = lw[i]
+    k.sport = int(peer[1])
+    k.dport = int(local[1])
+    return k
+
+
+def cidr_key(cidr: str):
+    net = ipaddress.ip_network(cidr, strict=False)
+    fam, words = pack_addr(str(net.network_address))
+    if net.version == 4:
+        return MlCidr4Key(net.prefixlen, words[0])
+    k = MlCidr6Key()
+    k.prefixlen = net.prefixlen
+    for i, w in enumerate(words):
+        k.addr_be[i] = w
+    return k
+
+
+def htons(port: int) -> int:
+    return socket.htons(port)

@@ -1,0 +1,138 @@
+"""Kernel feature probes for ``meshlet doctor`` (and the fail-fast start of
+``meshlet run``).  bcc-free on purpose: only the plain bpf(2) wrapper, os and
+ctypes, so probing costs milliseconds and no LLVM.
+
+Every probe returns quietly when the feature works and raises ``OSError``
+(``bpfsys.BPFError`` is one) when it does not.  Whatever a probe creates —
+program and link fds, a child cgroup, a network namespace — is gone when it
+returns, also when it fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import secrets
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from agent import cgroup
+from agent.datapath import bpfsys
+
+# r0 = 1; exit — a valid program for every type probed here (1 = allow/pass).
+TRIVIAL_PROG = bytes.fromhex("b700000001000000" "9500000000000000")
+
+# bpf(2) numbers bpfsys does not need for anything else.
+MAP_CREATE = 0
+MAP_TYPE_SOCKHASH = 18
+PROG_TYPE_SOCKET_FILTER = 1
+PROG_TYPE_SK_SKB = 14
+PROG_TYPE_SK_MSG = 16
+
+LINK_TYPE_CGROUP = 3
+LINK_TYPE_TCX = 11
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _probe_name() -> str:
+    """Unique name for a temporary cgroup/netns; 'meshlet' in it so a leftover
+    is easy to spot."""
+    return f"meshlet-probe-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def prog_loads(prog_type: int, expected_attach_type: int = 0) -> None:
+    """The kernel accepts a program of this type (and attach type)."""
+    os.close(bpfsys.prog_load(prog_type, TRIVIAL_PROG,
+                              expected_attach_type=expected_attach_type))
+
+
+def sockhash_creates() -> None:
+    """A SOCKHASH map can be created (CONFIG_BPF_STREAM_PARSER)."""
+    # map_type, key_size, value_size (u64 socket cookie), max_entries
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("=IIII", attr, 0, MAP_TYPE_SOCKHASH, 8, 8, 1)
+    os.close(bpfsys.bpf(MAP_CREATE, attr))
+
+
+def cgroup_link_works(cgroup_root: str,
+                      attach_type: int = bpfsys.ATTACH_CGROUP_INET4_CONNECT) -> None:
+    """BPF_LINK_CREATE attaches a cgroup/connect program to a temporary child
+    cgroup of ``cgroup_root``; closing the link fd detaches it."""
+    child = os.path.join(cgroup_root, _probe_name())
+    os.mkdir(child)
+    try:
+        with _closing(os.open(child, os.O_RDONLY | os.O_DIRECTORY)) as cg_fd, \
+                _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, TRIVIAL_PROG,
+                                          expected_attach_type=attach_type)) as prog_fd, \
+                _closing(bpfsys.link_create(prog_fd, cg_fd, attach_type)) as link_fd:
+            info = bpfsys.link_info(link_fd)
+            if info.type != LINK_TYPE_CGROUP or info.target != cgroup.cgroup_id(child):
+                raise OSError(f"link created but reports type {info.type_name} on "
+                              f"cgroup id {info.target}, expected cgroup {child}")
+    finally:
+        os.rmdir(child)
+
+
+def _run_in_netns(netns_path: str, fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a short-lived thread that has joined ``netns_path``.
+    setns() moves only the calling thread, so the process stays where it was."""
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with _closing(os.open(netns_path, os.O_RDONLY)) as ns_fd:
+                if _libc.setns(ns_fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({netns_path}): {os.strerror(err)}")
+            fn()
+        except BaseException as e:  # handed to the caller's thread
+            errors.append(e)
+
+    t = threading.Thread(target=body, name="meshlet-netns-probe")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def _ip(*args: str) -> None:
+    try:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as e:
+        raise OSError(e.errno, "the 'ip' command (iproute2) is not installed") from None
+    except subprocess.CalledProcessError as e:
+        raise OSError(f"ip {' '.join(args)}: {e.stderr.strip() or e.returncode}") from None
+
+
+def tcx_link_works(attach_type: int = bpfsys.ATTACH_TCX_EGRESS) -> None:
+    """BPF_LINK_CREATE attaches a sched_cls program through tcx (kernel >= 6.6)
+    to ``lo`` of a temporary network namespace, which is deleted afterwards."""
+    name = _probe_name()
+    _ip("netns", "add", name)
+    try:
+        def attach() -> None:
+            ifindex = socket.if_nametoindex("lo")
+            with _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, TRIVIAL_PROG)) as prog_fd, \
+                    _closing(bpfsys.link_create(prog_fd, ifindex, attach_type)) as link_fd:
+                info = bpfsys.link_info(link_fd)
+                if info.type != LINK_TYPE_TCX or info.target != ifindex:
+                    raise OSError(f"link created but reports type {info.type_name} on "
+                                  f"ifindex {info.target}, expected tcx on {ifindex}")
+        _run_in_netns(f"/run/netns/{name}", attach)
+    finally:
+        _ip("netns", "delete", name)

@@ -1,0 +1,220 @@
+/* cgroup socket hooks: steer enrolled workloads' TCP connects into the node
+ * proxy (connect4/connect6) and file each redirected connection under the
+ * 4-tuple the proxy will see on accept (sockops).
+ *
+ * Attached once per node, on the cgroup subtree holding the node's pods and
+ * its proxy.  Enrollment is data: a task is redirected only when its cgroup
+ * id is in ml_enrolled, so the proxy's own sockets (never enrolled) are not
+ * redirected again.  Programs return 1 (allow) always: meshlet steers, it
+ * never refuses a connect here.
+ */
+
+static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
+				     u16 dst_port, u64 cgid, u32 workload_id)
+{
+	struct ml_origdst od = {};
+	u64 cookie = bpf_get_socket_cookie(ctx);
+
+	od.dst_be[0] = dst_be[0];
+	od.dst_be[1] = dst_be[1];
+	od.dst_be[2] = dst_be[2];
+	od.dst_be[3] = dst_be[3];
+	od.dst_port = dst_port;
+	od.family = family;
+	od.cgroup_id = cgid;
+	od.workload_id = workload_id;
+	if (ml_origdst.update(&cookie, &od) != 0) {
+		ml_count(ML_STAT_ORIGDST_FULL);
+		return -1;
+	}
+	return 0;
+}
+
+int ml_connect4(struct bpf_sock_addr *ctx)
+{
+	struct ml_config *cfg;
+	struct ml_workload *w;
+	struct ml_cidr4_key ck = {};
+	u64 cgid;
+	u32 dst[4] = {};
+	u16 port;
+
+	if (ctx->type != ML_SOCK_STREAM)
+		return 1;
+	cfg = ml_get_config();
+	if (!cfg || !cfg->enabled)
+		return 1;
+	cgid = bpf_get_current_cgroup_id();
+	w = ml_enrolled.lookup(&cgid);
+	if (!w)
+		return 1;
+
+	dst[0] = ctx->user_ip4;
+	port = bpf_ntohs((u16)ctx->user_port);
+	if ((bpf_ntohl(dst[0]) >> 24) == 127 || dst[0] == cfg->redirect_ip4_be) {
+		ml_count(ML_STAT_BYPASS_LOCAL);
+		return 1;
+	}
+	if (ml_port_excluded(port)) {
+		ml_count(ML_STAT_BYPASS_PORT);
+		return 1;
+	}
+	ck.prefixlen = 32;
+	ck.addr_be = dst[0];
+	if (ml_excl_cidr4.lookup(&ck)) {
+		ml_count(ML_STAT_BYPASS_CIDR);
+		return 1;
+	}
+	if (ml_record(ctx, ML_AF_INET, dst, port, cgid, w->workload_id) != 0)
+		return 1;  /* fail open to the original dst: never break the app */
+
+	ctx->user_ip4 = cfg->redirect_ip4_be;
+	ctx->user_port = bpf_htons(cfg->outbound_port);
+	ml_count(ML_STAT_REDIRECT4);
+	return 1;
+}
+
+int ml_connect6(struct bpf_sock_addr *ctx)
+{
+	struct ml_config *cfg;
+	struct ml_workload *w;
+	u64 cgid;
+	u32 dst[4];
+	u16 port;
+	int mapped;
+
+	if (ctx->type != ML_SOCK_STREAM)
+		return 1;
+	cfg = ml_get_config();
+	if (!cfg || !cfg->enabled)
+		return 1;
+	cgid = bpf_get_current_cgroup_id();
+	w = ml_enrolled.lookup(&cgid);
+	if (!w)
+		return 1;
+
+	dst[0] = ctx->user_ip6[0];
+	dst[1] = ctx->user_ip6[1];
+	dst[2] = ctx->user_ip6[2];
+	dst[3] = ctx->user_ip6[3];
+	port = bpf_ntohs((u16)ctx->user_port);
+	/* ::ffff:a.b.c.d — an IPv4 connection made through an AF_INET6 socket */
+	mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff);
+
+	if (mapped) {
+		struct ml_cidr4_key ck = {};
+		u32 v4[4] = {dst[3], 0, 0, 0};
+
+		if ((bpf_ntohl(dst[3]) >> 24) == 127 || dst[3] == cfg->redirect_ip4_be) {
+			ml_count(ML_STAT_BYPASS_LOCAL);
+			return 1;
+		}
+		if (ml_port_excluded(port)) {
+			ml_count(ML_STAT_BYPASS_PORT);
+			return 1;
+		}
+		ck.prefixlen = 32;
+		ck.addr_be = dst[3];
+		if (ml_excl_cidr4.lookup(&ck)) {
+			ml_count(ML_STAT_BYPASS_CIDR);
+			return 1;
+		}
+		if (ml_record(ctx, ML_AF_INET, v4, port, cgid, w->workload_id) != 0)
+			return 1;
+		ctx->user_ip6[3] = cfg->redirect_ip4_be;
+		ctx->user_port = bpf_htons(cfg->outbound_port);
+		ml_count(ML_STAT_REDIRECT4);
+		return 1;
+	}
+
+	if (dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == bpf_htonl(1)) {
+		ml_count(ML_STAT_BYPASS_LOCAL);
+		return 1;
+	}
+	if (!cfg->has_ip6) {
+		ml_count(ML_STAT_BYPASS_NO_IP6);
+		return 1;
+	}
+	if (dst[0] == cfg->redirect_ip6_be[0] && dst[1] == cfg->redirect_ip6_be[1] &&
+	    dst[2] == cfg->redirect_ip6_be[2] && dst[3] == cfg->redirect_ip6_be[3]) {
+		ml_count(ML_STAT_BYPASS_LOCAL);
+		return 1;
+	}
+	if (ml_port_excluded(port)) {
+		ml_count(ML_STAT_BYPASS_PORT);
+		return 1;
+	}
+	{
+		struct ml_cidr6_key ck = {};
+
+		ck.prefixlen = 128;
+		ck.addr_be[0] = dst[0];
+		ck.addr_be[1] = dst[1];
+		ck.addr_be[2] = dst[2];
+		ck.addr_be[3] = dst[3];
+		if (ml_excl_cidr6.lookup(&ck)) {
+			ml_count(ML_STAT_BYPASS_CIDR);
+			return 1;
+		}
+	}
+	if (ml_record(ctx, ML_AF_INET6, dst, port, cgid, w->workload_id) != 0)
+		return 1;
+
+	ctx->user_ip6[0] = cfg->redirect_ip6_be[0];
+	ctx->user_ip6[1] = cfg->redirect_ip6_be[1];
+	ctx->user_ip6[2] = cfg->redirect_ip6_be[2];
+	ctx->user_ip6[3] = cfg->redirect_ip6_be[3];
+	ctx->user_port = bpf_htons(cfg->outbound_port);
+	ml_count(ML_STAT_REDIRECT6);
+	return 1;
+}
+
+/* When a redirected connect completes, the source port is known: file the
+ * original destination under the 4-tuple the proxy sees from accept().  This
+ * runs when the SYN-ACK arrives, before the client's ACK can complete the
+ * proxy's accept, so the entry is always there first. */
+/* The verifier only allows 4-byte loads of the address fields; volatile
+ * stops clang from merging neighbouring words into one 8-byte load. */
+#define ML_CTX_U32(field) (*(volatile __u32 *)&(field))
+
+int ml_sockops(struct bpf_sock_ops *skops)
+{
+	struct ml_flow_key key = {};
+	struct ml_origdst *od;
+	u64 cookie;
+	int v4;
+
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+	od = ml_origdst.lookup(&cookie);
+	if (!od)
+		return 1;
+
+	v4 = skops->family == ML_AF_INET ||
+	     (ML_CTX_U32(skops->remote_ip6[0]) == 0 && ML_CTX_U32(skops->remote_ip6[1]) == 0 &&
+	      ML_CTX_U32(skops->remote_ip6[2]) == bpf_htonl(0x0000ffff));
+	if (v4) {
+		key.family = ML_AF_INET;
+		key.saddr_be[0] = ML_CTX_U32(skops->local_ip4);
+		key.daddr_be[0] = ML_CTX_U32(skops->remote_ip4);
+	} else {
+		key.family = ML_AF_INET6;
+		key.saddr_be[0] = ML_CTX_U32(skops->local_ip6[0]);
+		key.saddr_be[1] = ML_CTX_U32(skops->local_ip6[1]);
+		key.saddr_be[2] = ML_CTX_U32(skops->local_ip6[2]);
+		key.saddr_be[3] = ML_CTX_U32(skops->local_ip6[3]);
+		key.daddr_be[0] = ML_CTX_U32(skops->remote_ip6[0]);
+		key.daddr_be[1] = ML_CTX_U32(skops->remote_ip6[1]);
+		key.daddr_be[2] = ML_CTX_U32(skops->remote_ip6[2]);
+		key.daddr_be[3] = ML_CTX_U32(skops->remote_ip6[3]);
+	}
+	key.sport = (u16)skops->local_port;
+	key.dport = (u16)bpf_ntohl(skops->remote_port);
+	if (ml_flows.update(&key, od) == 0)
+		ml_count(ML_STAT_FLOW_RECORDED);
+	else
+		ml_count(ML_STAT_ORIGDST_FULL);
+	ml_origdst.delete(&cookie);
+	return 1;
+}

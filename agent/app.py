@@ -1,0 +1,517 @@
+"""The node agent: composition root and lifecycle (``meshlet run``).
+
+It owns four things and keeps them in step with the node inventory:
+
+* the eBPF datapath (loaded or adopted from bpffs pins),
+* the kernel maps of enrolled workloads (a pod joining is a map write),
+* the proxy state file the proxy workers read,
+* the proxy worker processes (started in their own session, so the agent can
+  die and restart without touching traffic; a restarted agent adopts them).
+
+An admin API on a Unix socket answers ``meshlet status`` and friends.  The
+asyncio part is a thin shell: every step is a plain method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from . import cgroup as cg
+from .config import AgentConfig
+from .workloads.inventory import Inventory, load_inventory
+from .yamlsrc import SourceError
+
+log = logging.getLogger("meshlet.agent")
+
+STATE_VERSION = 1
+POLL_INTERVAL = 0.5
+
+
+class AgentError(RuntimeError):
+    """Start-up failed; the message says what to fix."""
+
+
+def workload_id(key: str) -> int:
+    """A stable small id for a workload (its key's CRC32, 31 bits)."""
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
+                generation: int) -> dict:
+    """The document the proxy workers read (pure: easy to test)."""
+    return {
+        "version": STATE_VERSION,
+        "generation": generation,
+        "node": cfg.node,
+        "trust_domain": "cluster.local",
+        "pin_dir": cfg.bpf.pin_dir,
+        "listen": {
+            "ipv4": "0.0.0.0",
+            "ipv6": "::" if cfg.proxy.redirect_ipv6 else None,
+            "outbound_port": cfg.proxy.outbound_port,
+            "tunnel_port": cfg.proxy.tunnel_port,
+        },
+        "connect_timeout": cfg.proxy.connect_timeout,
+        "mesh_mark": cfg.proxy.mesh_mark,
+        "buffer_size": cfg.proxy.buffer_size,
+        "nodes": {n.name: {"address": str(n.address),
+                           "address6": str(n.address6) if n.address6 else None}
+                  for n in inv.nodes},
+        "pods": [{
+            "key": p.key,
+            "name": p.name,
+            "namespace": p.namespace,
+            "service_account": p.service_account,
+            "node": p.node,
+            "ips": [str(ip) for ip in p.ips],
+            "cgroup_id": cgroup_ids.get(p.key),
+            "mesh": p.mesh,
+        } for p in inv.pods],
+    }
+
+
+def write_atomic(path: str, data: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ProxyWorker:
+    index: int
+    pid: int | None = None
+    popen: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    adopted: bool = False
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    keep_datapath: bool = False
+    inventory: Inventory | None = None
+    inventory_error: str | None = None
+    inventory_sig: tuple | None = None
+    generation: int = 0
+    enrolled: dict[str, int] = field(default_factory=dict)      # pod key -> cgroup id
+    pending: dict[str, str] = field(default_factory=dict)       # pod key -> why not enrolled
+    tc_errors: list[str] = field(default_factory=list)
+    workers: list[ProxyWorker] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        from .datapath.loader import Datapath, DatapathSpec
+
+        self.cgroup_dir = cg.resolve(self.cfg.cgroup)
+        self.state_path = os.path.join(self.cfg.run_dir, "proxy-state.json")
+        self.spec = DatapathSpec(
+            node=self.cfg.node,
+            pin_dir=self.cfg.bpf.pin_dir,
+            cgroup=self.cgroup_dir,
+            redirect_ip4=str(self.cfg.proxy.redirect_ipv4),
+            redirect_ip6=str(self.cfg.proxy.redirect_ipv6) if self.cfg.proxy.redirect_ipv6 else None,
+            outbound_port=self.cfg.proxy.outbound_port,
+            mesh_mark=self.cfg.proxy.mesh_mark,
+            exclude_ports=tuple(self.cfg.mesh.exclude_ports),
+            exclude_cidrs=tuple(str(c) for c in self.cfg.mesh.exclude_cidrs),
+        )
+        self.datapath = Datapath(self.spec)
+        self.workers = [ProxyWorker(i) for i in range(self.cfg.proxy.workers)]
+
+    # --- start ----------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Fail fast, before touching the kernel, when something is missing."""
+        from .doctor import format_checks, run_checks
+
+        checks = run_checks(self.cfg)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise AgentError("the node is missing what the datapath needs "
+                             "(nothing was attached):\n" + format_checks(failed))
+        if not os.path.isdir(self.cgroup_dir):
+            raise AgentError(f"node cgroup {self.cgroup_dir} does not exist; create it or fix "
+                             "'cgroup:' in the config")
+
+    def start(self) -> None:
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        try:
+            self.inventory = load_inventory(self.cfg.inventory)
+        except SourceError as e:
+            raise AgentError(f"inventory is invalid, not starting:\n{e}") from e
+        except OSError as e:
+            raise AgentError(f"cannot read inventory {self.cfg.inventory}: {e.strerror}") from e
+        self.inventory_sig = _file_sig(self.cfg.inventory)
+        how = self.datapath.open()
+        log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
+        self.sync()
+        self.supervise_proxies()
+
+    # --- inventory -> kernel + proxy state --------------------------------------
+
+    def poll_inventory(self) -> bool:
+        """Reload the inventory when the file changed.  A bad file is logged
+        with file:line:field and the last good state stays in force."""
+        sig = _file_sig(self.cfg.inventory)
+        if sig == self.inventory_sig:
+            return False
+        self.inventory_sig = sig
+        try:
+            inv = load_inventory(self.cfg.inventory)
+        except (SourceError, OSError) as e:
+            self.inventory_error = str(e)
+            log.error("inventory not applied, keeping the previous one:\n%s", e)
+            return False
+        self.inventory_error = None
+        self.inventory = inv
+        log.info("inventory reloaded: %d pods, %d on this node", len(inv.pods),
+                 len(inv.pods_on(self.cfg.node)))
+        self.sync()
+        return True
+
+    def sync(self) -> None:
+        """Make the kernel maps, tc links and proxy state match the inventory."""
+        from .datapath import abi
+        from .datapath.loader import WorkloadEntry
+        from .datapath.netlink import route_oif
+
+        inv = self.inventory
+        assert inv is not None
+        by_cgroup: dict[int, WorkloadEntry] = {}
+        by_ip: dict[str, WorkloadEntry] = {}
+        enrolled: dict[str, int] = {}
+        pending: dict[str, str] = {}
+        tc: dict[int, str] = {}
+        for pod in inv.pods_on(self.cfg.node):
+            if not pod.mesh:
+                continue
+            try:
+                cgid = cg.cgroup_id(cg.resolve(pod.cgroup))
+            except OSError as e:
+                pending[pod.key] = f"cgroup {pod.cgroup}: {e.strerror}"
+                continue
+            mode = abi.MODES[inv.mode_for(pod, self.cfg.mesh.mode)]
+            entry = WorkloadEntry(workload_id(pod.key), mode)
+            by_cgroup[cgid] = entry
+            enrolled[pod.key] = cgid
+            for ip in pod.ips:
+                by_ip[str(ip)] = entry
+                oif = route_oif(str(ip))
+                if oif is not None:
+                    tc[oif[0]] = oif[1]
+        changes = self.datapath.sync_workloads(by_cgroup, by_ip)
+        self.tc_errors = self.datapath.sync_tc(tc)
+        for err in self.tc_errors:
+            log.error("%s — strict mode cannot be enforced for that pod", err)
+        for key in enrolled.keys() - self.enrolled.keys():
+            log.info("enrolled %s (cgroup id %d)", key, enrolled[key])
+        for key in self.enrolled.keys() - enrolled.keys():
+            log.info("unenrolled %s", key)
+        for key, why in pending.items():
+            if self.pending.get(key) != why:
+                log.warning("pod %s not enrolled yet: %s", key, why)
+        self.enrolled, self.pending = enrolled, pending
+        self.generation += 1
+        state = proxy_state(self.cfg, inv, enrolled, self.generation)
+        write_atomic(self.state_path, json.dumps(state, indent=1))
+        log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled),
+                  self.generation)
+
+    # --- proxy workers --------------------------------------------------------------
+
+    def _pidfile(self, w: ProxyWorker) -> str:
+        return os.path.join(self.cfg.run_dir, f"proxy-{w.index}.pid")
+
+    def _proxy_argv(self, w: ProxyWorker) -> list[str]:
+        return [sys.executable, "-m", "agent.proxy", "--state", self.state_path,
+                "--worker-id", str(w.index),
+                "--access-log", os.path.join(self.cfg.run_dir, "access.log")]
+
+    def supervise_proxies(self) -> None:
+        """Adopt running workers, reap and restart dead ones."""
+        for w in self.workers:
+            if w.popen is not None:
+                if w.popen.poll() is None:
+                    continue
+                log.error("proxy worker %d (pid %d) exited with %s; restarting", w.index,
+                          w.popen.pid, w.popen.returncode)
+                w.popen = None
+                w.pid = None
+                w.restarts += 1
+            elif w.pid is not None and _alive_proxy(w.pid, self.state_path):
+                continue
+            elif w.pid is None:
+                pid = _read_pid(self._pidfile(w))
+                if pid and _alive_proxy(pid, self.state_path):
+                    w.pid, w.adopted = pid, True
+                    log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
+                    continue
+            if w.restarts and time.time() - w.started < min(30, 2 ** w.restarts):
+                continue  # back off
+            logf = open(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.log"), "ab")
+            try:
+                w.popen = subprocess.Popen(self._proxy_argv(w), stdout=logf, stderr=logf,
+                                           stdin=subprocess.DEVNULL, start_new_session=True,
+                                           cwd="/", env=_proxy_env())
+            finally:
+                logf.close()
+            w.pid, w.started, w.adopted = w.popen.pid, time.time(), False
+            write_atomic(self._pidfile(w), str(w.pid))
+            log.info("started proxy worker %d (pid %d)", w.index, w.pid)
+
+    def stop_proxies(self, timeout: float = 6.0) -> None:
+        pids = [w.pid for w in self.workers if w.pid]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        for w in self.workers:
+            if not w.pid:
+                continue
+            while time.time() < deadline and _pid_alive(w.pid, w.popen):
+                time.sleep(0.05)
+            if _pid_alive(w.pid, w.popen):
+                os.kill(w.pid, signal.SIGKILL)
+            if w.popen is not None:
+                w.popen.wait(timeout=2)
+            try:
+                os.unlink(self._pidfile(w))
+            except FileNotFoundError:
+                pass
+            w.pid = w.popen = None
+
+    def shutdown(self) -> None:
+        if self.keep_datapath:
+            self.datapath.close()
+            log.info("exiting with the datapath and proxy left running (--keep-datapath); "
+                     "a restarted agent adopts them")
+            return
+        self.stop_proxies()
+        self.datapath.teardown()
+        for name in ("proxy-state.json",):
+            try:
+                os.unlink(os.path.join(self.cfg.run_dir, name))
+            except FileNotFoundError:
+                pass
+        log.info("stopped; datapath detached and unpinned")
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        inv = self.inventory
+        return {
+            "node": self.cfg.node,
+            "uptime_s": round(time.time() - self.started, 1),
+            "datapath": {"how": self.datapath.how, "pin_dir": self.spec.pin_dir,
+                         "cgroup": self.cgroup_dir, "counters": self.datapath.stats(),
+                         "tc_errors": self.tc_errors},
+            "inventory": {"path": self.cfg.inventory, "error": self.inventory_error,
+                          "pods": len(inv.pods) if inv else 0},
+            "mode": self.cfg.mesh.mode,
+            "generation": self.generation,
+            "enrolled": [{"pod": k, "cgroup_id": v} for k, v in sorted(self.enrolled.items())],
+            "pending": [{"pod": k, "reason": v} for k, v in sorted(self.pending.items())],
+            "proxy": [{"worker": w.index, "pid": w.pid, "adopted": w.adopted,
+                       "alive": bool(w.pid and _pid_alive(w.pid, w.popen)),
+                       "restarts": w.restarts,
+                       "stats": _proxy_stats(os.path.join(self.cfg.run_dir,
+                                                          f"proxy-{w.index}.sock"))}
+                      for w in self.workers],
+        }
+
+    # --- the asyncio shell ----------------------------------------------------------
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        admin = await start_admin(self)
+        log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll_inventory()
+                    if self.pending:
+                        self.sync()  # a pod cgroup may have appeared
+                    self.supervise_proxies()
+                except Exception:  # one bad tick must not kill the node agent
+                    log.exception("agent loop error (will retry)")
+                try:
+                    await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            admin.close()
+            await admin.wait_closed()
+            try:
+                os.unlink(self.cfg.admin.socket)
+            except FileNotFoundError:
+                pass
+
+
+# --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
+
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf"}
+
+
+async def start_admin(agent: Agent) -> asyncio.AbstractServer:
+    path = agent.cfg.admin.socket
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            target = parts[1] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] != "GET":
+                code, body = 405, {"error": "only GET is supported"}
+            elif target == "/v1/status":
+                code, body = 200, agent.status()
+            elif target == "/v1/workloads":
+                code, body = 200, _workloads(agent)
+            elif target == "/v1/bpf":
+                from .datapath.status import datapath_status
+                code, body = 200, datapath_status(agent.spec.pin_dir, agent.cgroup_dir)
+            else:
+                code, body = 404, {"error": f"unknown path {target!r}", "paths": sorted(ROUTES)}
+            data = json.dumps(body).encode()
+            writer.write(f"HTTP/1.0 {code} X\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            await writer.drain()
+        except Exception:
+            log.exception("admin request failed")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=path)
+    os.chmod(path, 0o600)
+    return server
+
+
+def _workloads(agent: Agent) -> dict:
+    inv = agent.inventory
+    out = []
+    for pod in inv.pods_on(agent.cfg.node) if inv else ():
+        out.append({
+            "pod": pod.key, "service_account": pod.service_account,
+            "ips": [str(ip) for ip in pod.ips],
+            "mesh": pod.mesh,
+            "mode": inv.mode_for(pod, agent.cfg.mesh.mode),
+            "enrolled": pod.key in agent.enrolled,
+            "cgroup_id": agent.enrolled.get(pod.key),
+            "reason": agent.pending.get(pod.key) or (None if pod.mesh else "mesh: false"),
+        })
+    return {"node": agent.cfg.node, "workloads": out}
+
+
+# --- small process helpers -----------------------------------------------------------
+
+def _file_sig(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive_proxy(pid: int, state_path: str) -> bool:
+    """True when ``pid`` is a live proxy worker serving ``state_path``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return b"agent.proxy" in argv and state_path.encode() in argv
+
+
+def _pid_alive(pid: int, popen: subprocess.Popen | None) -> bool:
+    if popen is not None:
+        return popen.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _proxy_env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _proxy_stats(sock_path: str) -> dict | None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            s.connect(sock_path)
+            chunks = []
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+        return json.loads(b"".join(chunks))
+    except (OSError, ValueError):
+        return None
+
+
+def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
+    agent = Agent(cfg, keep_datapath=keep_datapath)
+    if preflight:
+        agent.preflight()
+    try:
+        agent.start()
+    except BaseException:
+        # Never leave a half-attached datapath behind; a datapath we adopted
+        # was working before us and stays.
+        if agent.datapath.how != "adopted":
+            agent.stop_proxies()
+            agent.datapath.teardown()
+        raise
+    try:
+        try:
+            import uvloop
+            uvloop.run(agent.serve())
+        except ImportError:
+            asyncio.run(agent.serve())
+    finally:
+        agent.shutdown()
+    return 0
+

@@ -1,0 +1,342 @@
+"""The ``meshlet`` command line.
+
+Exit codes: 0 success; 1 the command ran and found a problem (failed check,
+invalid file, agent unreachable); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import socket
+import sys
+
+import click
+
+from . import __version__
+
+OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
+                      show_default=True, help="Output format.")
+
+
+def _die(msg: str, code: int = 1) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _load_config(path: str):
+    from .config import load_config
+    from .yamlsrc import SourceError
+
+    try:
+        return load_config(path)
+    except SourceError as e:
+        _die(f"invalid config:\n{e}")
+    except OSError as e:
+        _die(f"cannot read config {path}: {e.strerror}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshlet")
+def main() -> None:
+    """meshlet: a sidecarless, eBPF-accelerated service mesh node agent.
+
+    \b
+    Start here:
+      meshlet doctor                  does this node have what the datapath needs?
+      meshlet run --config FILE       run the node agent (datapath + proxy + admin API)
+      meshlet status                  ask a running agent what it is doing
+      meshlet bpf status              what is pinned and attached (works without the agent)
+      meshlet inventory validate F    check an inventory file offline
+    """
+
+
+# --- run ------------------------------------------------------------------------
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Agent config (YAML). See README for the fields.")
+@click.option("--keep-datapath", is_flag=True,
+              help="On SIGTERM, leave the pinned datapath and the proxy workers running so a "
+                   "restarted agent adopts them (traffic keeps flowing meanwhile).")
+def run(config_path: str, keep_datapath: bool) -> None:
+    """Run the node agent in the foreground until SIGTERM/SIGINT.
+
+    Checks the kernel first (as `meshlet doctor` does) and refuses to start,
+    with the fix for each missing piece, rather than attach half a datapath.
+    """
+    cfg = _load_config(config_path)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {cfg.node} %(name)s %(levelname)s %(message)s")
+    from .app import AgentError, run_agent
+    from .datapath.loader import DatapathError
+
+    try:
+        sys.exit(run_agent(cfg, keep_datapath=keep_datapath))
+    except (AgentError, DatapathError) as e:
+        _die(str(e))
+
+
+# --- doctor -----------------------------------------------------------------------
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Also check what this agent config needs (its cgroup, pin dir).")
+@OUTPUT
+def doctor(config_path: str | None, output: str) -> None:
+    """Check the kernel features the datapath needs; print the fix for each
+    missing one. Exit 1 when anything is missing."""
+    from .doctor import checks_to_json, format_checks, run_checks
+
+    cfg = _load_config(config_path) if config_path else None
+    checks = run_checks(cfg)
+    if output == "json":
+        click.echo(json.dumps(checks_to_json(checks), indent=2))
+    else:
+        click.echo(format_checks(checks))
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
+# --- bpf ---------------------------------------------------------------------------
+
+@main.group()
+def bpf() -> None:
+    """Inspect the eBPF datapath."""
+
+
+def _pin_dir(config_path: str | None, pin_dir: str | None, node: str | None) -> tuple[str, str | None]:
+    if config_path:
+        from . import cgroup as cg
+        cfg = _load_config(config_path)
+        return cfg.bpf.pin_dir, cg.resolve(cfg.cgroup)
+    if pin_dir:
+        return pin_dir, None
+    if node:
+        return f"/sys/fs/bpf/meshlet/{node}", None
+    found = sorted(glob.glob("/sys/fs/bpf/meshlet/*"))
+    if len(found) == 1:
+        return found[0], None
+    if not found:
+        _die("no meshlet datapath is pinned under /sys/fs/bpf/meshlet (is an agent running?)")
+    _die("several nodes are pinned here (" + ", ".join(os.path.basename(f) for f in found)
+         + "); pick one with --node or --config")
+    raise AssertionError
+
+
+@bpf.command("status")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Agent config.")
+@click.option("--pin-dir", help="bpffs directory of the datapath.")
+@click.option("--node", help="Node name (pin dir /sys/fs/bpf/meshlet/<node>).")
+@OUTPUT
+def bpf_status(config_path, pin_dir, node, output) -> None:
+    """Programs, attachments, pinned maps and their fill, kernel counters.
+
+    Reads bpffs directly, so it works while the agent is down."""
+    from .datapath.status import datapath_status
+
+    pd, cgdir = _pin_dir(config_path, pin_dir, node)
+    st = datapath_status(pd, cgdir)
+    if output == "json":
+        click.echo(json.dumps(st, indent=2))
+        return
+    if not st["present"]:
+        _die(f"nothing pinned at {pd}")
+    click.echo(f"datapath pinned at {pd}")
+    click.echo("\nPROGRAMS")
+    for p in st["programs"]:
+        click.echo(f"  {p['name']:<16} id={p['id']:<6} {p['type']:<18} tag={p['tag']}")
+    click.echo("\nATTACHMENTS (bpf links)")
+    for li in st["links"]:
+        where = f"cgroup_id={li['cgroup_id']}" if "cgroup_id" in li else f"ifindex={li['ifindex']}"
+        state = "attached" if li["attached"] else "DETACHED (target gone)"
+        click.echo(f"  {li['name']:<24} {li['attach']:<16} prog={li['prog_id']:<6} {where:<18} {state}")
+    if st["cgroup_attachments"]:
+        click.echo(f"\nPROGRAMS ON {st['cgroup']}")
+        for k, ids in st["cgroup_attachments"].items():
+            click.echo(f"  {k:<16} {ids}")
+    click.echo("\nMAPS")
+    for m in st["maps"]:
+        click.echo(f"  {m['name']:<16} {m['type']:<13} {m['entries']:>7}/{m['max_entries']:<7}"
+                   f" key={m['key_size']}B value={m['value_size']}B")
+    click.echo("\nCOUNTERS")
+    for k, v in st["counters"].items():
+        click.echo(f"  {k:<16} {v}")
+
+
+@bpf.command("render")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Agent config (pin dir and map sizes come from it).")
+@click.option("--node", default="node1", show_default=True,
+              help="Node name when no config is given.")
+def bpf_render(config_path, node) -> None:
+    """Print the exact C text handed to bcc, preceded by its -D options."""
+    from .datapath.loader import DatapathSpec, render
+
+    if config_path:
+        cfg = _load_config(config_path)
+        spec = DatapathSpec(node=cfg.node, pin_dir=cfg.bpf.pin_dir, cgroup=cfg.cgroup,
+                            redirect_ip4=str(cfg.proxy.redirect_ipv4), redirect_ip6=None,
+                            outbound_port=cfg.proxy.outbound_port, mesh_mark=cfg.proxy.mesh_mark)
+    else:
+        spec = DatapathSpec(node=node, pin_dir=f"/sys/fs/bpf/meshlet/{node}", cgroup="",
+                            redirect_ip4="0.0.0.0", redirect_ip6=None, outbound_port=15001,
+                            mesh_mark=0)
+    r = render(spec)
+    click.echo("/* cflags: " + " ".join(r.cflags) + " */")
+    click.echo(f"/* source hash: {r.source_hash:016x} */")
+    click.echo(r.text)
+
+
+# --- agent queries --------------------------------------------------------------------
+
+def _admin_socket(sock: str | None, node: str | None) -> str:
+    if sock:
+        return sock
+    if os.environ.get("MESHLET_ADMIN_SOCKET"):
+        return os.environ["MESHLET_ADMIN_SOCKET"]
+    if node:
+        return f"/run/meshlet/{node}/admin.sock"
+    found = sorted(glob.glob("/run/meshlet/*/admin.sock"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        _die("no agent admin socket under /run/meshlet/*/ (is `meshlet run` running?); "
+             "pass --socket")
+    _die("several agents run here; pick one with --node or --socket")
+    raise AssertionError
+
+
+def admin_get(path: str, sock: str) -> dict:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock)
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            chunks = []
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+    except OSError as e:
+        _die(f"cannot reach the agent at {sock}: {e.strerror or e}; is `meshlet run` running?")
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    data = json.loads(body)
+    if status != 200:
+        _die(f"agent answered {status}: {data.get('error')}")
+    return data
+
+
+AGENT_OPTS = [
+    click.option("--socket", "sock", help="Agent admin socket (default: the only one under "
+                 "/run/meshlet, or $MESHLET_ADMIN_SOCKET)."),
+    click.option("--node", help="Node name (socket /run/meshlet/<node>/admin.sock)."),
+]
+
+
+def agent_opts(f):
+    for opt in reversed(AGENT_OPTS):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@agent_opts
+@OUTPUT
+def status(sock, node, output) -> None:
+    """What the running agent is doing: datapath, enrolled pods, proxy workers."""
+    st = admin_get("/v1/status", _admin_socket(sock, node))
+    if output == "json":
+        click.echo(json.dumps(st, indent=2))
+        return
+    dp = st["datapath"]
+    click.echo(f"node {st['node']}  mode {st['mode']}  up {st['uptime_s']}s  "
+               f"datapath {dp['how']} ({dp['pin_dir']})")
+    inv = st["inventory"]
+    click.echo(f"inventory {inv['path']}: {inv['pods']} pods"
+               + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}"
+                  if inv["error"] else ""))
+    click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
+    for p in st["pending"]:
+        click.echo(f"  pending {p['pod']}: {p['reason']}")
+    for w in st["proxy"]:
+        s = w.get("stats") or {}
+        click.echo(f"proxy worker {w['worker']}: pid {w['pid']} "
+                   f"{'alive' if w['alive'] else 'DOWN'}{' (adopted)' if w['adopted'] else ''}"
+                   f" restarts {w['restarts']}"
+                   + (f" active {s.get('active')} total {s.get('counters', {})}" if s else ""))
+    click.echo("kernel counters: " + ", ".join(f"{k}={v}" for k, v in dp["counters"].items()))
+    for e in dp["tc_errors"]:
+        click.echo(f"  tc error: {e}")
+
+
+@main.command()
+@agent_opts
+@OUTPUT
+def workloads(sock, node, output) -> None:
+    """Pods on this node and whether the mesh has them."""
+    data = admin_get("/v1/workloads", _admin_socket(sock, node))
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'POD':<28} {'ENROLLED':<9} {'MODE':<11} {'IPS':<34} REASON")
+    for w in data["workloads"]:
+        click.echo(f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
+                   f"{','.join(w['ips']):<34} {w['reason'] or ''}")
+
+
+# --- offline validation ---------------------------------------------------------------
+
+@main.group()
+def inventory() -> None:
+    """Node inventory files (pods, nodes, namespaces)."""
+
+
+@inventory.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False))
+@OUTPUT
+def inventory_validate(path, output) -> None:
+    """Check an inventory file offline; errors name file:line:column and field."""
+    from .workloads.inventory import load_inventory
+    from .yamlsrc import SourceError
+
+    try:
+        inv = load_inventory(path)
+    except SourceError as e:
+        if output == "json":
+            click.echo(json.dumps({"valid": False, "errors": [str(p) for p in e.errors]}))
+            sys.exit(1)
+        _die(str(e))
+    except OSError as e:
+        _die(f"cannot read {path}: {e.strerror}")
+    if output == "json":
+        click.echo(json.dumps({"valid": True, "nodes": len(inv.nodes), "pods": len(inv.pods)}))
+    else:
+        click.echo(f"{path}: valid ({len(inv.nodes)} nodes, {len(inv.pods)} pods)")
+
+
+@main.group()
+def config() -> None:
+    """Agent config files."""
+
+
+@config.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False))
+@OUTPUT
+def config_validate(path, output) -> None:
+    """Check an agent config offline and print it with defaults filled in."""
+    cfg = _load_config(path)
+    d = cfg.to_dict()
+    if output == "json":
+        click.echo(json.dumps(d, indent=2, default=str))
+    else:
+        click.echo(f"{path}: valid")
+        import yaml
+        click.echo(yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()

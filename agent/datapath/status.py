@@ -1,0 +1,68 @@
+"""What is pinned and attached (``meshlet bpf status``), read from bpffs with
+the plain syscall, so it works while the agent is down."""
+
+from __future__ import annotations
+
+import os
+
+from . import bpfsys
+from .loader import CGROUP_HOOKS, read_stats
+
+
+def _fill(fd: int, info: bpfsys.MapInfo) -> int | None:
+    if info.type_name in ("array", "percpu_array"):
+        return info.max_entries
+    return sum(1 for _ in bpfsys.map_keys(fd, info.key_size, limit=info.max_entries + 1))
+
+
+def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
+    out: dict = {"pin_dir": pin_dir, "present": os.path.isdir(pin_dir),
+                 "maps": [], "programs": [], "links": [], "counters": {},
+                 "cgroup": cgroup_dir, "cgroup_attachments": {}}
+    if not out["present"]:
+        return out
+    for name in sorted(os.listdir(pin_dir)):
+        path = os.path.join(pin_dir, name)
+        if os.path.isdir(path):
+            continue
+        fd = bpfsys.obj_get(path)
+        try:
+            info = bpfsys.map_info(fd)
+            out["maps"].append({"name": name, "id": info.id, "type": info.type_name,
+                                "key_size": info.key_size, "value_size": info.value_size,
+                                "max_entries": info.max_entries, "entries": _fill(fd, info)})
+            if name == "ml_stats":
+                out["counters"] = read_stats(fd)
+        finally:
+            os.close(fd)
+    progs_dir = os.path.join(pin_dir, "progs")
+    for name in sorted(os.listdir(progs_dir)) if os.path.isdir(progs_dir) else ():
+        fd = bpfsys.obj_get(os.path.join(progs_dir, name))
+        try:
+            p = bpfsys.prog_info(fd)
+            out["programs"].append({"name": name, "id": p.id, "type": p.type_name, "tag": p.tag})
+        finally:
+            os.close(fd)
+    links_dir = os.path.join(pin_dir, "links")
+    for name in sorted(os.listdir(links_dir)) if os.path.isdir(links_dir) else ():
+        fd = bpfsys.obj_get(os.path.join(links_dir, name))
+        try:
+            li = bpfsys.link_info(fd)
+            out["links"].append({
+                "name": name, "id": li.id, "type": li.type_name, "prog_id": li.prog_id,
+                "attach": bpfsys.ATTACH_TYPE_NAMES.get(li.attach_type, str(li.attach_type)),
+                ("cgroup_id" if li.type == 3 else "ifindex"): li.target,
+                "attached": li.target != 0,
+            })
+        finally:
+            os.close(fd)
+    if cgroup_dir and os.path.isdir(cgroup_dir):
+        cfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for h in CGROUP_HOOKS:
+                ids = bpfsys.prog_query(cfd, h.attach_type)
+                out["cgroup_attachments"][bpfsys.ATTACH_TYPE_NAMES[h.attach_type]] = ids
+        finally:
+            os.close(cfd)
+    return out
+

@@ -1,0 +1,431 @@
+"""``meshlet doctor``: can this node run meshlet, and if not, what to do.
+
+Every check is a function that looks at one thing and returns a ``Check``:
+its name, whether it passed, what it saw and — when it failed — one concrete
+command or step that fixes it.  The inputs (files under /proc and /sys, the
+kernel release, the Python to import bcc with, PATH) are parameters, so the
+checks are testable with fake files and no root.  Probes that need the real
+kernel (loading programs, creating links) live in ``agent.datapath.probe``.
+
+``meshlet run`` calls ``ensure_ready()`` before touching the kernel, so it
+fails with the same list of fixes instead of half-attaching.  A check that is
+not ``required`` (JIT, BTF, tcx) is reported but does not stop ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import functools
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from agent import cgroup
+
+BOOTSTRAP = "bash scripts/bootstrap.sh  (from the meshlet checkout, as root)"
+AS_ROOT = "run as root: sudo meshlet doctor (in a pod: securityContext.privileged: true)"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    # A failed required check stops `meshlet run`; others are warnings.
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class DoctorConfig:
+    """Where the checks look.  The defaults describe the running machine;
+    tests point them at fake files."""
+
+    proc_status: str = "/proc/self/status"
+    """Capabilities (CapEff) and uid of this process."""
+    mountinfo: str = "/proc/self/mountinfo"
+    """Mount table: cgroup v2 and bpffs are found here."""
+    bpffs: str = "/sys/fs/bpf"
+    """Where meshlet pins its maps and programs."""
+    jit_sysctl: str = "/proc/sys/net/core/bpf_jit_enable"
+    btf_vmlinux: str = "/sys/kernel/btf/vmlinux"
+    kernel_release: str = field(default_factory=lambda: os.uname().release)
+    proc_config: str = "/proc/config.gz"
+    """Kernel config; /boot/config-<release> is tried when this is absent."""
+    boot_dir: str = "/boot"
+    modules_dir: str = "/lib/modules"
+    python: str = sys.executable
+    """Interpreter that must be able to import bcc (the agent's own)."""
+    tool_path: str | None = None
+    """PATH to find tools in; None means the environment's PATH."""
+    probe_kernel: bool = True
+    """Load probe programs and create links (needs root and a real kernel)."""
+
+
+class DoctorError(RuntimeError):
+    """This node cannot run meshlet; the message lists what to fix."""
+
+
+# --- plumbing ---------------------------------------------------------------
+
+def _guarded(name: str, required: bool, fn: Callable[[], Check]) -> Check:
+    """A check that crashes is reported as failed, never crashes the doctor."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        return Check(name, False, f"the check itself failed: {type(e).__name__}: {e}",
+                     "this is a meshlet bug; please report it with this output", required)
+
+
+def _check(name: str, required: bool = True):
+    """Decorate ``fn(...) -> (ok, detail, fix)``; the result is a ``Check``.
+    ``fix`` may also be ``(fix, required)`` to override ``required``."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs) -> Check:
+            def run() -> Check:
+                ok, detail, fix = fn(*args, **kwargs)
+                req = required
+                if isinstance(fix, tuple):
+                    fix, req = fix
+                return Check(name, ok, detail, None if ok else fix, req)
+            return _guarded(name, required, run)
+        return wrapper
+    return deco
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str]]:
+    """(mount point, fs type) pairs from a /proc/<pid>/mountinfo file."""
+    out = []
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right:
+                out.append((fields[4].replace("\\040", " "), right.split()[0]))
+    return out
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        raise ValueError(f"cannot parse kernel release {release!r}")
+    return int(m[1]), int(m[2])
+
+
+# --- host checks ------------------------------------------------------------
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+_CAP_NAMES = {CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_BPF: "CAP_BPF",
+              CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_PERFMON: "CAP_PERFMON"}
+
+
+@_check("privileges")
+def check_privileges(proc_status: str = "/proc/self/status"):
+    """CAP_SYS_ADMIN is what counts: meshlet creates cgroups and namespaces and
+    attaches cgroup programs, which CAP_BPF alone does not allow."""
+    fields = {}
+    with open(proc_status) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+    cap_eff = int(fields["CapEff"][0], 16)
+    euid = fields["Uid"][1]
+    have = [n for bit, n in _CAP_NAMES.items() if cap_eff >> bit & 1]
+    detail = f"euid {euid}, " + (", ".join(have) if have else "no BPF-related capabilities")
+    return bool(cap_eff >> CAP_SYS_ADMIN & 1), detail, AS_ROOT
+
+
+@_check("bpf JIT", required=False)
+def check_jit(jit_sysctl: str = "/proc/sys/net/core/bpf_jit_enable"):
+    try:
+        with open(jit_sysctl) as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        return (False, f"{jit_sysctl} missing: kernel built without CONFIG_BPF_JIT, "
+                "programs run interpreted (slow)", "use a kernel with CONFIG_BPF_JIT=y")
+    if value in ("1", "2"):
+        return True, f"enabled (bpf_jit_enable={value})", None
+    return (False, f"disabled (bpf_jit_enable={value}): programs run interpreted (slow)",
+            "sysctl -w net.core.bpf_jit_enable=1")
+
+
+@_check("cgroup v2")
+def check_cgroup2(mountinfo: str = "/proc/self/mountinfo"):
+    try:
+        return True, f"mounted at {cgroup.cgroup2_mount(mountinfo)}", None
+    except cgroup.CgroupError as e:
+        return (False, str(e).split(";")[0],
+                "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified")
+
+
+@_check("bpffs")
+def check_bpffs(mountinfo: str = "/proc/self/mountinfo", path: str = "/sys/fs/bpf"):
+    types = [t for mp, t in _mounts(mountinfo) if mp == path]
+    if "bpf" in types:
+        return True, f"mounted at {path}", None
+    seen = f" (a {types[-1]} is mounted there)" if types else ""
+    return False, f"no bpf filesystem at {path}{seen}", f"mount -t bpf bpf {path}"
+
+
+@_check("BTF", required=False)
+def check_btf(btf_vmlinux: str = "/sys/kernel/btf/vmlinux"):
+    if os.path.exists(btf_vmlinux):
+        return True, btf_vmlinux, None
+    return (False, f"{btf_vmlinux} missing: no kernel type info for CO-RE/fentry tools "
+            "(meshlet's own programs use only UAPI types)",
+            "use a kernel with CONFIG_DEBUG_INFO_BTF=y")
+
+
+# Options meshlet's datapath cannot work without, and ones it can.
+KERNEL_CONFIG_REQUIRED = (
+    "CONFIG_BPF_SYSCALL",        # bpf(2)
+    "CONFIG_CGROUP_BPF",         # cgroup/connect4/6, sock_ops
+    "CONFIG_BPF_STREAM_PARSER",  # sockmap/sockhash, sk_msg, sk_skb
+    "CONFIG_NET_CLS_BPF",        # tc programs
+    "CONFIG_NET_SCH_INGRESS",    # clsact
+    "CONFIG_NET_NS",             # pods/simulated nodes
+)
+KERNEL_CONFIG_OPTIONAL = (
+    "CONFIG_BPF_JIT",
+    "CONFIG_DEBUG_INFO_BTF",
+    "CONFIG_VETH",               # simulated nodes in tests and the demo
+)
+
+
+def _read_config(path: str) -> dict[str, str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    values = {}
+    with opener(path, "rt") as f:
+        for line in f:
+            key, eq, value = line.strip().partition("=")
+            if eq and key.startswith("CONFIG_"):
+                values[key] = value
+    return values
+
+
+@_check("kernel config")
+def check_kernel_config(paths: Iterable[str] = ("/proc/config.gz",)):
+    paths = list(paths)
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
+        return (False, f"not readable ({' or '.join(paths)} missing); relying on the load probes",
+                ("the probes below are authoritative; for /proc/config.gz use a kernel "
+                 "with CONFIG_IKCONFIG_PROC=y", False))
+    values = _read_config(path)
+    def missing(opts: Sequence[str]) -> list[str]:
+        return [o for o in opts if values.get(o) not in ("y", "m")]
+    req, opt = missing(KERNEL_CONFIG_REQUIRED), missing(KERNEL_CONFIG_OPTIONAL)
+    if not req and not opt:
+        return True, f"{path}: all {len(KERNEL_CONFIG_REQUIRED) + len(KERNEL_CONFIG_OPTIONAL)} options set", None
+    parts = []
+    if req:
+        parts.append("missing " + ", ".join(req))
+    if opt:
+        parts.append("missing (optional) " + ", ".join(opt))
+    fix = "use a kernel built with " + ", ".join(f"{o}=y" for o in req + opt) + \
+        " (Debian: apt-get install linux-image-$(dpkg --print-architecture) && reboot)"
+    return False, f"{path}: " + "; ".join(parts), (fix, bool(req))
+
+
+@_check("kernel headers")
+def check_kernel_headers(release: str, modules_dir: str = "/lib/modules"):
+    """bcc compiles against /lib/modules/<release>/build; with Debian's split
+    packages the linux/ headers are in the 'source' (-common) directory."""
+    base = os.path.join(modules_dir, release)
+    build = os.path.join(base, "build")
+    if not os.path.isdir(os.path.join(build, "include")):
+        return False, f"{build}/include missing: bcc cannot compile", BOOTSTRAP
+    if not any(os.path.isdir(os.path.join(base, d, "include", "linux")) for d in ("build", "source")):
+        return (False, f"no include/linux under {build} or {base}/source "
+                "(Debian split headers need the -common directory linked as 'source')", BOOTSTRAP)
+    target = os.path.basename(os.path.realpath(build))
+    return True, f"{build} -> {target}", None
+
+
+@_check("bcc")
+def check_bcc(python: str = sys.executable):
+    """Imported in a child process: libbcc embeds LLVM (~60 MB), which the
+    doctor (and `meshlet run` before it loads anything) should not carry."""
+    fix = ("apt-get install python3-bpfcc, and use a venv made with "
+           "/usr/bin/python3 -m venv --system-site-packages; " + BOOTSTRAP + " does both")
+    try:
+        proc = subprocess.run([python, "-c", "import bcc; print(bcc.__version__)"],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot run {python}: {e}", fix
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return False, f"import bcc failed: {lines[-1] if lines else proc.returncode}", fix
+    return True, f"bcc {proc.stdout.strip()} ({python})", None
+
+
+TOOLS = {"ip": "iproute2", "nsenter": "util-linux"}
+
+
+@_check("tools")
+def check_tools(tools: dict[str, str] = TOOLS, path: str | None = None):
+    missing = [t for t in tools if shutil.which(t, path=path) is None]
+    if not missing:
+        return True, ", ".join(tools), None
+    packages = sorted({tools[t] for t in missing})
+    return False, "not found: " + ", ".join(missing), "apt-get install -y " + " ".join(packages)
+
+
+# --- kernel probes ----------------------------------------------------------
+
+def check_probe(name: str, probe: Callable[[], None], fix: str,
+                required: bool = True) -> Check:
+    """Run ``probe``; an ``OSError`` means the kernel said no.  Permission
+    and missing-syscall errors get their own fixes; anything else gets ``fix``."""
+    def run() -> Check:
+        try:
+            probe()
+        except (OSError, cgroup.CgroupError) as e:
+            err = getattr(e, "errno", None)
+            if err in (errno.EPERM, errno.EACCES):
+                return Check(name, False, f"not permitted: {e}", AS_ROOT, required)
+            if err == errno.ENOSYS:
+                return Check(name, False, "no bpf(2) syscall in this kernel",
+                             "use a kernel with CONFIG_BPF_SYSCALL=y", required)
+            return Check(name, False, str(e), fix, required)
+        return Check(name, True, "works", None, required)
+    return _guarded(name, required, run)
+
+
+TCX_MIN_KERNEL = (6, 6)
+
+
+def check_tcx(release: str, probe: Callable[[], None]) -> Check:
+    name = "tcx links"
+    try:
+        too_old = kernel_version(release) < TCX_MIN_KERNEL
+    except ValueError as e:
+        return Check(name, False, str(e), "report this kernel release string as a meshlet bug", False)
+    if too_old:
+        return Check(name, False, f"kernel {release} < 6.6 has no tcx; tc programs "
+                     "attach through clsact/cls_bpf instead",
+                     "optional: a kernel >= 6.6 (Debian: bookworm-backports linux-image)", False)
+    return check_probe(name, probe, "a kernel >= 6.6 with CONFIG_NET_XGRESS=y", required=False)
+
+
+def _kernel_probes(cfg: DoctorConfig) -> list[Check]:
+    from agent.datapath import bpfsys, probe
+
+    def hook(prog_type: int, attach: int = 0) -> Callable[[], None]:
+        return lambda: probe.prog_loads(prog_type, attach)
+
+    cgroup_fix = "use a kernel with CONFIG_CGROUP_BPF=y"
+    sockmap_fix = "use a kernel with CONFIG_BPF_STREAM_PARSER=y"
+    return [
+        check_probe("bpf syscall", hook(probe.PROG_TYPE_SOCKET_FILTER),
+                    "use a kernel with CONFIG_BPF_SYSCALL=y"),
+        check_probe("hook cgroup/connect4",
+                    hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+                    cgroup_fix),
+        check_probe("hook cgroup/connect6",
+                    hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
+                    cgroup_fix),
+        check_probe("hook sock_ops", hook(bpfsys.PROG_TYPE_SOCK_OPS), cgroup_fix),
+        check_probe("hook sched_cls (tc)", hook(bpfsys.PROG_TYPE_SCHED_CLS),
+                    "use a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y"),
+        check_probe("hook sk_msg", hook(probe.PROG_TYPE_SK_MSG), sockmap_fix),
+        check_probe("hook sk_skb", hook(probe.PROG_TYPE_SK_SKB), sockmap_fix),
+        check_probe("sockhash map", probe.sockhash_creates, sockmap_fix),
+        check_probe("bpf links (cgroup)",
+                    lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(cfg.mountinfo)),
+                    "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above"),
+        check_tcx(cfg.kernel_release, probe.tcx_link_works),
+    ]
+
+
+# --- the whole list ---------------------------------------------------------
+
+def run_checks(config: DoctorConfig | None = None) -> list[Check]:
+    cfg = config or DoctorConfig()
+    privileges = check_privileges(cfg.proc_status)
+    checks = [
+        privileges,
+        check_cgroup2(cfg.mountinfo),
+        check_bpffs(cfg.mountinfo, cfg.bpffs),
+        check_jit(cfg.jit_sysctl),
+        check_btf(cfg.btf_vmlinux),
+        check_kernel_config((cfg.proc_config,
+                             os.path.join(cfg.boot_dir, f"config-{cfg.kernel_release}"))),
+    ]
+    if cfg.probe_kernel and not privileges.ok:
+        # Ten copies of EPERM would hide the one fix that matters.
+        checks.append(Check("kernel probes", False, "skipped: loading programs needs "
+                            "CAP_SYS_ADMIN (see privileges)", AS_ROOT))
+    elif cfg.probe_kernel:
+        checks += _kernel_probes(cfg)
+    checks += [
+        check_kernel_headers(cfg.kernel_release, cfg.modules_dir),
+        check_bcc(cfg.python),
+        check_tools(TOOLS, cfg.tool_path),
+    ]
+    return checks
+
+
+def ready(checks: Iterable[Check]) -> bool:
+    """True when every required check passed."""
+    return all(c.ok or not c.required for c in checks)
+
+
+def ensure_ready(config: DoctorConfig | None = None) -> list[Check]:
+    """For `meshlet run`: the checks, or ``DoctorError`` listing the fixes."""
+    checks = run_checks(config)
+    if not ready(checks):
+        failed = [c for c in checks if not c.ok and c.required]
+        raise DoctorError("this node cannot run meshlet yet:\n" + format_checks(failed))
+    return checks
+
+
+def _mark(c: Check) -> str:
+    return "✓" if c.ok else ("✗" if c.required else "!")
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    """A table: mark, name, detail; the fix on the line under each failure.
+    ✓ passed, ✗ failed, ! failed but optional."""
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        lines.append(f"{_mark(c)} {c.name:<{width}}  {c.detail}")
+        if not c.ok and c.fix:
+            lines.append(f"  {'':<{width}}  fix: {c.fix}")
+    failed = [c for c in checks if not c.ok]
+    blocking = sum(c.required for c in failed)
+    if not failed:
+        lines.append(f"all {len(checks)} checks passed")
+    else:
+        lines.append(f"{len(failed)} of {len(checks)} checks failed, "
+                     f"{blocking} of them required")
+    return "\n".join(lines)
+
+
+def checks_to_json(checks: Sequence[Check]) -> str:
+    return json.dumps({"ready": ready(checks),
+                       "checks": [dataclasses.asdict(c) for c in checks]}, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agent.doctor [--json]``; exit 0 when ready, 1 when not."""
+    parser = argparse.ArgumentParser(prog="meshlet doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    checks = run_checks()
+    print(checks_to_json(checks) if args.json else format_checks(checks))
+    return 0 if ready(checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""meshlet doctor's check engine on fake inputs: no root, no real kernel."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+
+import pytest
+
+from agent import doctor
+from agent.datapath.bpfsys import BPFError
+from agent.doctor import Check, DoctorConfig
+
+# /proc/self/mountinfo lines, hybrid layout like the dev machines.
+CGROUP2_LINE = "35 24 0:30 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
+BPFFS_LINE = "59 47 0:41 / /sys/fs/bpf rw,relatime - bpf bpf rw\n"
+ROOT_LINE = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+
+FULL_CAPS = "000001fffeffffff"   # root on the dev machine (no CAP_SYS_RESOURCE)
+BPF_ONLY_CAPS = f"{(1 << 39) | (1 << 38) | (1 << 12):016x}"  # BPF, PERFMON, NET_ADMIN
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def status_file(tmp_path, cap_eff: str, uid: int = 0) -> str:
+    return write(tmp_path / f"status-{cap_eff}-{uid}",
+                 f"Name:\tpython3\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+                 f"CapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n")
+
+
+def config_gz(tmp_path, options: dict[str, str], name: str = "config.gz") -> str:
+    path = tmp_path / name
+    lines = ["# Automatically generated file; DO NOT EDIT."]
+    for key, value in options.items():
+        lines.append(f"# {key} is not set" if value == "n" else f"{key}={value}")
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+ALL_OPTIONS = {o: "y" for o in doctor.KERNEL_CONFIG_REQUIRED + doctor.KERNEL_CONFIG_OPTIONAL}
+
+
+def headers_tree(tmp_path, release: str, *, split: bool = True, link_source: bool = True) -> str:
+    """/lib/modules/<release>/{build,source} like Debian's linux-headers packages."""
+    src = tmp_path / "usr-src"
+    arch = src / "linux-headers-6.1.0-56-amd64"
+    common = src / "linux-headers-6.1.0-56-common"
+    (arch / "include" / "generated").mkdir(parents=True)
+    (common / "include" / "linux").mkdir(parents=True)
+    if not split:
+        (arch / "include" / "linux").mkdir()
+    mod = tmp_path / "modules" / release
+    mod.mkdir(parents=True)
+    (mod / "build").symlink_to(arch)
+    if link_source:
+        (mod / "source").symlink_to(common)
+    return str(tmp_path / "modules")
+
+
+def fake_python(tmp_path, script: str) -> str:
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+# --- host checks ------------------------------------------------------------
+
+def test_privileges_root_passes(tmp_path):
+    c = doctor.check_privileges(status_file(tmp_path, FULL_CAPS))
+    assert c.ok and c.name == "privileges"
+    assert "euid 0" in c.detail and "CAP_SYS_ADMIN" in c.detail and "CAP_BPF" in c.detail
+    assert c.fix is None
+
+
+def test_privileges_without_sys_admin_fails_with_root_fix(tmp_path):
+    c = doctor.check_privileges(status_file(tmp_path, BPF_ONLY_CAPS, uid=1000))
+    assert not c.ok and c.required
+    assert "euid 1000" in c.detail and "CAP_SYS_ADMIN" not in c.detail
+    assert "sudo" in c.fix
+
+
+def test_privileges_no_caps(tmp_path):
+    c = doctor.check_privileges(status_file(tmp_path, "0000000000000000", uid=1000))
+    assert not c.ok and "no BPF-related capabilities" in c.detail
+
+
+@pytest.mark.parametrize("value,ok", [("1", True), ("2", True), ("0", False)])
+def test_jit(tmp_path, value, ok):
+    c = doctor.check_jit(write(tmp_path / "jit", value + "\n"))
+    assert c.ok is ok
+    assert not c.required
+    if not ok:
+        assert c.fix == "sysctl -w net.core.bpf_jit_enable=1"
+
+
+def test_jit_missing_sysctl(tmp_path):
+    c = doctor.check_jit(str(tmp_path / "nope"))
+    assert not c.ok and "CONFIG_BPF_JIT" in c.detail
+
+
+def test_cgroup2_found_in_hybrid_layout(tmp_path):
+    c = doctor.check_cgroup2(write(tmp_path / "mi", ROOT_LINE + CGROUP2_LINE))
+    assert c.ok and c.detail == "mounted at /sys/fs/cgroup/unified"
+
+
+def test_cgroup2_missing(tmp_path):
+    c = doctor.check_cgroup2(write(tmp_path / "mi", ROOT_LINE + BPFFS_LINE))
+    assert not c.ok and c.required
+    assert "mount -t cgroup2" in c.fix
+
+
+def test_bpffs_mounted(tmp_path):
+    c = doctor.check_bpffs(write(tmp_path / "mi", ROOT_LINE + BPFFS_LINE), "/sys/fs/bpf")
+    assert c.ok and c.fix is None
+
+
+def test_bpffs_not_mounted(tmp_path):
+    c = doctor.check_bpffs(write(tmp_path / "mi", ROOT_LINE + CGROUP2_LINE), "/sys/fs/bpf")
+    assert not c.ok and c.fix == "mount -t bpf bpf /sys/fs/bpf"
+
+
+def test_bpffs_wrong_filesystem_at_path(tmp_path):
+    tmpfs = "60 47 0:42 / /sys/fs/bpf rw - tmpfs tmpfs rw\n"
+    c = doctor.check_bpffs(write(tmp_path / "mi", ROOT_LINE + tmpfs), "/sys/fs/bpf")
+    assert not c.ok and "tmpfs" in c.detail
+
+
+def test_bpffs_elsewhere_does_not_count(tmp_path):
+    other = "59 47 0:41 / /mnt/bpf rw,relatime - bpf bpf rw\n"
+    c = doctor.check_bpffs(write(tmp_path / "mi", other), "/sys/fs/bpf")
+    assert not c.ok
+
+
+def test_btf(tmp_path):
+    assert doctor.check_btf(write(tmp_path / "vmlinux", "")).ok
+    c = doctor.check_btf(str(tmp_path / "missing"))
+    assert not c.ok and not c.required and "CONFIG_DEBUG_INFO_BTF" in c.fix
+
+
+# --- kernel config ------------------------------------------------------------
+
+def test_kernel_config_complete(tmp_path):
+    c = doctor.check_kernel_config([config_gz(tmp_path, ALL_OPTIONS)])
+    assert c.ok, c
+
+
+def test_kernel_config_reports_each_missing_required_option(tmp_path):
+    opts = dict(ALL_OPTIONS, CONFIG_CGROUP_BPF="n")
+    del opts["CONFIG_BPF_STREAM_PARSER"]
+    c = doctor.check_kernel_config([config_gz(tmp_path, opts)])
+    assert not c.ok and c.required
+    assert "CONFIG_CGROUP_BPF" in c.detail and "CONFIG_BPF_STREAM_PARSER" in c.detail
+    assert "CONFIG_NET_CLS_BPF" not in c.detail
+    assert "CONFIG_CGROUP_BPF=y" in c.fix
+
+
+def test_kernel_config_missing_optional_only_is_not_required(tmp_path):
+    c = doctor.check_kernel_config([config_gz(tmp_path, dict(ALL_OPTIONS, CONFIG_VETH="n"))])
+    assert not c.ok and not c.required
+    assert "CONFIG_VETH" in c.detail
+
+
+def test_kernel_config_module_counts_as_present(tmp_path):
+    c = doctor.check_kernel_config([config_gz(tmp_path, dict(ALL_OPTIONS, CONFIG_NET_CLS_BPF="m"))])
+    assert c.ok
+
+
+def test_kernel_config_falls_back_to_plain_boot_config(tmp_path):
+    boot = tmp_path / "config-6.1.0"
+    boot.write_text("\n".join(f"{k}=y" for k in ALL_OPTIONS) + "\n")
+    c = doctor.check_kernel_config([str(tmp_path / "config.gz"), str(boot)])
+    assert c.ok and str(boot) in c.detail
+
+
+def test_kernel_config_unreadable_is_a_warning(tmp_path):
+    c = doctor.check_kernel_config([str(tmp_path / "config.gz")])
+    assert not c.ok and not c.required
+
+
+# --- headers, bcc, tools --------------------------------------------------------
+
+def test_kernel_headers_debian_split_layout(tmp_path):
+    modules = headers_tree(tmp_path, "6.18.44")
+    c = doctor.check_kernel_headers("6.18.44", modules)
+    assert c.ok and "linux-headers-6.1.0-56-amd64" in c.detail
+
+
+def test_kernel_headers_missing_build(tmp_path):
+    c = doctor.check_kernel_headers("6.18.44", str(tmp_path))
+    assert not c.ok and c.required and "bootstrap.sh" in c.fix
+
+
+def test_kernel_headers_split_layout_without_source_link(tmp_path):
+    modules = headers_tree(tmp_path, "6.18.44", link_source=False)
+    c = doctor.check_kernel_headers("6.18.44", modules)
+    assert not c.ok and "source" in c.detail and "bootstrap.sh" in c.fix
+
+
+def test_kernel_headers_single_tree_needs_no_source(tmp_path):
+    modules = headers_tree(tmp_path, "6.1.0-56-amd64", split=False, link_source=False)
+    assert doctor.check_kernel_headers("6.1.0-56-amd64", modules).ok
+
+
+def test_bcc_importable(tmp_path):
+    c = doctor.check_bcc(fake_python(tmp_path, "echo 0.26.0"))
+    assert c.ok and "bcc 0.26.0" in c.detail
+
+
+def test_bcc_not_importable(tmp_path):
+    py = fake_python(tmp_path, "echo \"ModuleNotFoundError: No module named 'bcc'\" >&2; exit 1")
+    c = doctor.check_bcc(py)
+    assert not c.ok and "No module named 'bcc'" in c.detail
+    assert "python3-bpfcc" in c.fix and "--system-site-packages" in c.fix
+
+
+def test_bcc_python_missing(tmp_path):
+    c = doctor.check_bcc(str(tmp_path / "no-python"))
+    assert not c.ok
+
+
+def test_tools(tmp_path):
+    for tool in ("ip", "nsenter"):
+        fake_python(tmp_path, "true")
+        os.rename(tmp_path / "python", tmp_path / tool)
+    assert doctor.check_tools(doctor.TOOLS, str(tmp_path)).ok
+    os.remove(tmp_path / "nsenter")
+    c = doctor.check_tools(doctor.TOOLS, str(tmp_path))
+    assert not c.ok and c.detail == "not found: nsenter"
+    assert c.fix == "apt-get install -y util-linux"
+
+
+# --- probes (the kernel side is faked) -------------------------------------------
+
+def raising(exc: BaseException):
+    def probe():
+        raise exc
+    return probe
+
+
+def test_probe_passes():
+    c = doctor.check_probe("hook x", lambda: None, "fix it")
+    assert c == Check("hook x", True, "works", None, True)
+
+
+def test_probe_permission_error_asks_for_root():
+    c = doctor.check_probe("hook x", raising(BPFError(errno.EPERM, "no")), "kernel fix")
+    assert not c.ok and "sudo" in c.fix
+
+
+def test_probe_einval_gets_the_feature_fix():
+    c = doctor.check_probe("hook x", raising(BPFError(errno.EINVAL, "bad")), "kernel fix")
+    assert not c.ok and c.fix == "kernel fix"
+
+
+def test_probe_enosys_means_no_bpf_syscall():
+    c = doctor.check_probe("hook x", raising(BPFError(errno.ENOSYS, "nosys")), "x")
+    assert not c.ok and "CONFIG_BPF_SYSCALL" in c.fix
+
+
+def test_a_crashing_check_is_reported_not_raised():
+    c = doctor.check_probe("hook x", raising(ValueError("oops")), "x")
+    assert not c.ok and "ValueError: oops" in c.detail and "bug" in c.fix
+
+
+def test_tcx_skipped_on_old_kernel_without_probing():
+    c = doctor.check_tcx("6.1.0-56-amd64", raising(AssertionError("must not probe")))
+    assert not c.ok and not c.required and "6.6" in c.detail
+
+
+def test_tcx_probed_on_new_kernel():
+    called = []
+    c = doctor.check_tcx("6.18.44-fc-v857", lambda: called.append(1))
+    assert c.ok and called == [1]
+
+
+def test_tcx_probe_failure_is_optional():
+    c = doctor.check_tcx("6.6.0", raising(BPFError(errno.EINVAL, "x")))
+    assert not c.ok and not c.required
+
+
+@pytest.mark.parametrize("release,version", [("6.18.44-fc-v857", (6, 18)),
+                                             ("6.1.0-56-amd64", (6, 1)), ("5.10.0", (5, 10))])
+def test_kernel_version(release, version):
+    assert doctor.kernel_version(release) == version
+
+
+# --- the whole run, formatting ----------------------------------------------------
+
+def fake_config(tmp_path, **overrides) -> DoctorConfig:
+    (tmp_path / "bin").mkdir()
+    for tool in ("ip", "nsenter"):
+        (tmp_path / "bin" / tool).write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / tool).chmod(0o755)
+    values = dict(
+        proc_status=status_file(tmp_path, FULL_CAPS),
+        mountinfo=write(tmp_path / "mountinfo", ROOT_LINE + CGROUP2_LINE + BPFFS_LINE),
+        jit_sysctl=write(tmp_path / "jit", "1\n"),
+        btf_vmlinux=write(tmp_path / "vmlinux", ""),
+        kernel_release="6.18.44",
+        proc_config=config_gz(tmp_path, ALL_OPTIONS),
+        boot_dir=str(tmp_path / "boot"),
+        modules_dir=headers_tree(tmp_path, "6.18.44"),
+        python=fake_python(tmp_path, "echo 0.26.0"),
+        tool_path=str(tmp_path / "bin"),
+        probe_kernel=False,
+    )
+    values.update(overrides)
+    return DoctorConfig(**values)
+
+
+def test_run_checks_on_a_healthy_fake_machine(tmp_path):
+    checks = doctor.run_checks(fake_config(tmp_path))
+    assert [c for c in checks if not c.ok] == []
+    assert {"privileges", "cgroup v2", "bpffs", "bpf JIT", "BTF", "kernel config",
+            "kernel headers", "bcc", "tools"} == {c.name for c in checks}
+    assert doctor.ready(checks)
+
+
+def test_run_checks_skips_kernel_probes_without_privileges(tmp_path):
+    cfg = fake_config(tmp_path, proc_status=status_file(tmp_path, BPF_ONLY_CAPS, 1000),
+                      probe_kernel=True)
+    checks = doctor.run_checks(cfg)
+    probes = [c for c in checks if c.name == "kernel probes"]
+    assert len(probes) == 1 and not probes[0].ok and "sudo" in probes[0].fix
+    assert not any(c.name.startswith("hook ") for c in checks)
+
+
+def test_ensure_ready_lists_the_fixes(tmp_path):
+    cfg = fake_config(tmp_path, mountinfo=write(tmp_path / "mi2", ROOT_LINE + CGROUP2_LINE))
+    with pytest.raises(doctor.DoctorError) as exc:
+        doctor.ensure_ready(cfg)
+    msg = str(exc.value)
+    assert "bpffs" in msg and "mount -t bpf bpf /sys/fs/bpf" in msg
+    assert "kernel headers" not in msg  # only the failures
+
+
+def test_ensure_ready_ignores_optional_failures(tmp_path):
+    cfg = fake_config(tmp_path, btf_vmlinux=str(tmp_path / "no-btf"))
+    checks = doctor.ensure_ready(cfg)
+    assert [c.name for c in checks if not c.ok] == ["BTF"]
+
+
+SAMPLE = [
+    Check("privileges", True, "euid 0"),
+    Check("bpffs", False, "no bpf filesystem at /sys/fs/bpf", "mount -t bpf bpf /sys/fs/bpf"),
+    Check("BTF", False, "missing", "use a kernel with BTF", required=False),
+]
+
+
+def test_format_checks_table():
+    lines = doctor.format_checks(SAMPLE).splitlines()
+    assert lines[0] == "✓ privileges  euid 0"
+    assert lines[1] == "✗ bpffs       no bpf filesystem at /sys/fs/bpf"
+    assert lines[2] == "              fix: mount -t bpf bpf /sys/fs/bpf"
+    assert lines[3] == "! BTF         missing"
+    assert lines[4].strip() == "fix: use a kernel with BTF"
+    assert lines[5] == "2 of 3 checks failed, 1 of them required"
+
+
+def test_format_checks_all_passed():
+    assert doctor.format_checks(SAMPLE[:1]).splitlines()[-1] == "all 1 checks passed"
+
+
+def test_checks_to_json():
+    data = json.loads(doctor.checks_to_json(SAMPLE))
+    assert data["ready"] is False
+    assert data["checks"][1] == {"name": "bpffs", "ok": False,
+                                 "detail": "no bpf filesystem at /sys/fs/bpf",
+                                 "fix": "mount -t bpf bpf /sys/fs/bpf", "required": True}
+    assert [Check(**c) for c in data["checks"]] == SAMPLE

@@ -135,13 +135,12 @@ class Agent:
 
     def preflight(self) -> None:
         """Fail fast, before touching the kernel, when something is missing."""
-        from .doctor import format_checks, run_checks
+        from .doctor import DoctorError, ensure_ready
 
-        checks = run_checks(self.cfg)
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            raise AgentError("the node is missing what the datapath needs "
-                             "(nothing was attached):\n" + format_checks(failed))
+        try:
+            ensure_ready(self.cfg)
+        except DoctorError as e:
+            raise AgentError(f"{e}\nnothing was attached.") from e
         if not os.path.isdir(self.cgroup_dir):
             raise AgentError(f"node cgroup {self.cgroup_dir} does not exist; create it or fix "
                              "'cgroup:' in the config")

@@ -153,12 +153,7 @@ class Datapath:
     def teardown(self) -> None:
         """Detach every link and remove every pin (idempotent)."""
         self.close()
-        links = os.path.join(self.spec.pin_dir, "links")
-        if os.path.isdir(links):
-            for name in os.listdir(links):
-                _detach_pinned_link(os.path.join(links, name))
-        if os.path.isdir(self.spec.pin_dir):
-            shutil.rmtree(self.spec.pin_dir, ignore_errors=True)
+        remove_pins(self.spec.pin_dir)
         log.info("datapath removed from %s", self.spec.pin_dir)
 
     # --- load / adopt --------------------------------------------------------
@@ -371,6 +366,16 @@ def _pinned_prog_info(path: str) -> bpfsys.ProgInfo | None:
         return bpfsys.prog_info(fd)
     finally:
         os.close(fd)
+
+
+def remove_pins(pin_dir: str) -> None:
+    """Detach every pinned link under ``pin_dir`` and remove all its pins."""
+    links = os.path.join(pin_dir, "links")
+    if os.path.isdir(links):
+        for name in os.listdir(links):
+            _detach_pinned_link(os.path.join(links, name))
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 def _detach_pinned_link(path: str) -> None:

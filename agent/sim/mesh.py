@@ -1,0 +1,270 @@
+"""A simulated cluster with a meshlet agent on every node.
+
+Used by the privileged tests, the demo and the benchmark.  Each node gets a
+config file, its own run dir (/run/meshlet/<prefix>-<node>) and pin dir
+(/sys/fs/bpf/meshlet/<prefix>-<node>); all nodes read one shared inventory
+file.  Agents run as ``python -m agent.cli run`` inside the node's netns and
+``system`` cgroup, exactly as a user would start them.
+
+Teardown stops agents (SIGTERM, then SIGKILL), kills stray proxy workers,
+detaches and unpins every datapath, and removes run dirs — also when the
+caller failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .cluster import Cluster, Node
+
+PROXY_PORTS = {"outbound": 15001, "tunnel": 15008}
+
+
+@dataclass
+class AgentProc:
+    node: Node
+    config: str
+    run_dir: str
+    pin_dir: str
+    popen: subprocess.Popen | None = None
+    log_path: str = ""
+
+
+@dataclass
+class Mesh:
+    """Agents on every node of ``cluster``; see module docstring."""
+
+    cluster: Cluster
+    mode: str = "permissive"
+    exclude_ports: tuple[int, ...] = ()
+    exclude_cidrs: tuple[str, ...] = ()
+    workers: int = 1
+    unmeshed: set[str] = field(default_factory=set)      # pod names with mesh: false
+    namespaces: dict[str, dict] = field(default_factory=dict)
+    log_level: str = "info"
+    workdir: str = ""
+    agents: dict[str, AgentProc] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.workdir:
+            self.workdir = tempfile.mkdtemp(prefix=f"meshlet-{self.cluster.prefix}-")
+        self.inventory_path = os.path.join(self.workdir, "inventory.yaml")
+        for node in self.cluster.nodes:
+            tag = f"{self.cluster.prefix}-{node.name}"
+            ap = AgentProc(node=node, config=os.path.join(self.workdir, f"{node.name}.yaml"),
+                           run_dir=f"/run/meshlet/{tag}", pin_dir=f"/sys/fs/bpf/meshlet/{tag}")
+            ap.log_path = os.path.join(self.workdir, f"agent-{node.name}.log")
+            self.agents[node.name] = ap
+
+    # --- files ------------------------------------------------------------------
+
+    def inventory_doc(self) -> dict:
+        doc = self.cluster.inventory()
+        for p in doc["pods"]:
+            p["mesh"] = p["name"] not in self.unmeshed
+        if self.namespaces:
+            doc["namespaces"] = self.namespaces
+        return doc
+
+    def write_inventory(self, doc: dict | None = None, text: str | None = None) -> None:
+        """Write the inventory atomically (``text`` verbatim, e.g. a broken file)."""
+        if text is None:
+            text = yaml.safe_dump(doc or self.inventory_doc(), sort_keys=False)
+        tmp = self.inventory_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.inventory_path)
+
+    def config_doc(self, node: Node) -> dict:
+        ap = self.agents[node.name]
+        proxy: dict[str, Any] = {"redirectIPv4": node.gateway4, "workers": self.workers,
+                                 "connectTimeout": 2.0}
+        if node.gateway6:
+            proxy["redirectIPv6"] = node.gateway6
+        return {
+            "node": node.name,
+            "inventory": self.inventory_path,
+            "cgroup": node.cgroup,
+            "bpf": {"pinDir": ap.pin_dir},
+            "proxy": proxy,
+            "mesh": {"mode": self.mode, "excludePorts": list(self.exclude_ports),
+                     "excludeCIDRs": list(self.exclude_cidrs)},
+            "admin": {"socket": os.path.join(ap.run_dir, "admin.sock")},
+            "runDir": ap.run_dir,
+            "logLevel": self.log_level,
+        }
+
+    def write_configs(self) -> None:
+        for node in self.cluster.nodes:
+            with open(self.agents[node.name].config, "w") as f:
+                yaml.safe_dump(self.config_doc(node), f, sort_keys=False)
+
+    # --- agents --------------------------------------------------------------------
+
+    def start(self, timeout: float = 90) -> "Mesh":
+        self.write_inventory()
+        self.write_configs()
+        for name in self.agents:
+            self.start_agent(name, wait=False)
+        for name in self.agents:
+            self.wait_ready(name, timeout=timeout)
+        return self
+
+    def start_agent(self, name: str, *, keep_datapath: bool = True, wait: bool = True,
+                    timeout: float = 90) -> subprocess.Popen:
+        """Start the agent of node ``name``.  ``keep_datapath`` defaults to
+        True so tests can SIGKILL/SIGTERM and restart; teardown cleans up."""
+        ap = self.agents[name]
+        argv = [sys.executable, "-m", "agent.cli", "run", "--config", ap.config]
+        if keep_datapath:
+            argv.append("--keep-datapath")
+        logf = open(ap.log_path, "ab")
+        try:
+            ap.popen = ap.node.popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                     env=_env())
+        finally:
+            logf.close()
+        if wait:
+            self.wait_ready(name, timeout=timeout)
+        return ap.popen
+
+    def wait_ready(self, name: str, timeout: float = 90) -> dict:
+        """Until the admin API answers and every proxy worker reports stats."""
+        ap = self.agents[name]
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if ap.popen is not None and ap.popen.poll() is not None:
+                raise RuntimeError(f"agent on {name} exited with {ap.popen.returncode}:\n"
+                                   + self.agent_log(name)[-4000:])
+            try:
+                st = self.status(name)
+                if st["proxy"] and all(w["alive"] and w["stats"] for w in st["proxy"]):
+                    return st
+                last = st
+            except OSError as e:
+                last = e
+            time.sleep(0.2)
+        raise TimeoutError(f"agent on {name} not ready after {timeout}s (last: {last}):\n"
+                           + self.agent_log(name)[-4000:])
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        ap = self.agents[name]
+        if ap.popen is None:
+            return None
+        if ap.popen.poll() is None:
+            ap.popen.send_signal(sig)
+            try:
+                ap.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                ap.popen.kill()
+                ap.popen.wait(timeout=10)
+        rc = ap.popen.returncode
+        ap.popen = None
+        return rc
+
+    def agent_log(self, name: str) -> str:
+        try:
+            with open(self.agents[name].log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def proxy_log(self, name: str, worker: int = 0) -> str:
+        try:
+            with open(os.path.join(self.agents[name].run_dir, f"proxy-{worker}.log"),
+                      errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    # --- queries ----------------------------------------------------------------------
+
+    def admin(self, name: str, path: str) -> dict:
+        sock_path = os.path.join(self.agents[name].run_dir, "admin.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock_path)
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return json.loads(data.partition(b"\r\n\r\n")[2])
+
+    def status(self, name: str) -> dict:
+        return self.admin(name, "/v1/status")
+
+    def access_log(self, name: str) -> list[dict]:
+        path = os.path.join(self.agents[name].run_dir, "access.log")
+        try:
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def counters(self, name: str) -> dict[str, int]:
+        from agent.datapath.status import datapath_status
+
+        return datapath_status(self.agents[name].pin_dir)["counters"]
+
+    def proxy_pids(self, name: str) -> list[int]:
+        pids = []
+        for w in range(self.workers):
+            try:
+                with open(os.path.join(self.agents[name].run_dir, f"proxy-{w}.pid")) as f:
+                    pids.append(int(f.read()))
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    # --- teardown ---------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop everything this mesh started; never raises."""
+        for name in list(self.agents):
+            try:
+                self.stop_agent(name, signal.SIGKILL, timeout=10)
+            except Exception:
+                pass
+        for name, ap in self.agents.items():
+            for pid in self.proxy_pids(name):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"agent.proxy" in f.read():
+                            os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                from agent.datapath.loader import remove_pins
+
+                remove_pins(ap.pin_dir)
+            except Exception:
+                pass
+            shutil.rmtree(ap.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+

@@ -201,7 +201,7 @@ class Datapath:
             raise DatapathError("cannot import bcc: install python3-bpfcc and use a venv made "
                                 "with --system-site-packages (run the README's bootstrap)") from e
         try:
-            b = BPF(text=rendered.text, cflags=list(rendered.cflags))
+            b = BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
         except Exception as e:
             raise DatapathError(f"bcc failed to compile the datapath: {e}; run 'meshlet doctor' "
                                 "(kernel headers under /lib/modules/$(uname -r)/build?)") from e
@@ -209,11 +209,11 @@ class Datapath:
             progs = {}
             for h in CGROUP_HOOKS:
                 if h.prog_type == bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR:
-                    fn = b.load_func(h.name, BPF.CGROUP_SOCK_ADDR, attach_type=h.attach_type)
+                    fn = b.load_func(h.name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=h.attach_type)
                 else:
-                    fn = b.load_func(h.name, BPF.SOCK_OPS)
+                    fn = b.load_func(h.name.encode(), BPF.SOCK_OPS)
                 progs[h.name] = fn.fd
-            progs[TC_PROG] = b.load_func(TC_PROG, BPF.SCHED_CLS).fd
+            progs[TC_PROG] = b.load_func(TC_PROG.encode(), BPF.SCHED_CLS).fd
             os.makedirs(os.path.join(self.spec.pin_dir, "progs"), exist_ok=True)
             os.makedirs(os.path.join(self.spec.pin_dir, "links"), exist_ok=True)
             for name, fd in progs.items():

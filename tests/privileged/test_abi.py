@@ -1,0 +1,79 @@
+"""The ctypes mirrors in agent/datapath/abi.py must match what bcc compiled
+from bpf/include/meshlet.h: same sizes, same field offsets, same maps."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+
+import pytest
+
+from tests.privileged.helpers import require_privileged
+
+require_privileged()
+
+from agent.datapath import abi, bpfsys  # noqa: E402
+from agent.datapath.loader import DatapathSpec, bpf_dir, possible_cpus, remove_pins, render  # noqa: E402
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    bcc = pytest.importorskip("bcc")
+    pin_dir = tempfile.mkdtemp(prefix="abi-", dir="/sys/fs/bpf")
+    os.rmdir(pin_dir)
+    os.makedirs(pin_dir)
+    spec = DatapathSpec(node="abi", pin_dir=pin_dir, cgroup="/", redirect_ip4="10.0.0.1",
+                        redirect_ip6=None, outbound_port=15001, mesh_mark=1)
+    r = render(spec)
+    b = bcc.BPF(text=r.text.encode(), cflags=list(r.cflags))
+    try:
+        yield b, pin_dir
+    finally:
+        b.cleanup()
+        remove_pins(pin_dir)
+
+
+def layout(t) -> tuple:
+    fields = []
+    for name, *_ in getattr(t, "_fields_", []):
+        f = getattr(t, name)
+        fields.append((name, f.offset, f.size))
+    return ctypes.sizeof(t), tuple(fields)
+
+
+@pytest.mark.parametrize("name", sorted(abi.MAPS))
+def test_map_layouts_match(compiled, name):
+    b, pin_dir = compiled
+    key_t, val_t = abi.MAPS[name]
+    table = b.get_table(name.encode())
+    assert layout(table.Key) == layout(key_t), f"{name} key"
+    if name == "ml_stats":  # per-CPU: bcc's Leaf holds one value per possible CPU
+        assert ctypes.sizeof(table.Leaf) == ctypes.sizeof(val_t) * possible_cpus()
+    else:
+        assert layout(table.Leaf) == layout(val_t), f"{name} value"
+    fd = bpfsys.obj_get(os.path.join(pin_dir, name))
+    try:
+        info = bpfsys.map_info(fd)
+    finally:
+        os.close(fd)
+    assert info.key_size == ctypes.sizeof(key_t)
+    assert info.value_size == ctypes.sizeof(val_t)
+
+
+def test_every_pinned_map_is_mirrored(compiled):
+    _, pin_dir = compiled
+    pinned = {n for n in os.listdir(pin_dir) if not os.path.isdir(os.path.join(pin_dir, n))}
+    assert pinned == set(abi.MAPS)
+
+
+def test_stat_names_match_the_enum():
+    with open(os.path.join(bpf_dir(), "include", "meshlet.h")) as f:
+        text = f.read()
+    enum = text.split("enum ml_stat {", 1)[1].split("};", 1)[0]
+    names = [ln.strip().split()[0].rstrip(",").split("=")[0].strip()
+             for ln in enum.splitlines() if ln.strip().startswith("ML_STAT_")]
+    names = [n for n in names if n != "ML_STAT_MAX"]
+    assert [n.removeprefix("ML_STAT_").lower() for n in names] == abi.STATS

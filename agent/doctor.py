@@ -3,13 +3,16 @@
 Every check is a function that looks at one thing and returns a ``Check``:
 its name, whether it passed, what it saw and — when it failed — one concrete
 command or step that fixes it.  The inputs (files under /proc and /sys, the
-kernel release, the Python to import bcc with, PATH) are parameters, so the
-checks are testable with fake files and no root.  Probes that need the real
-kernel (loading programs, creating links) live in ``agent.datapath.probe``.
+kernel release, the Python to import bcc with, PATH) are parameters, gathered
+in ``Environment``, so the checks are testable with fake files and no root.
+Probes that need the real kernel (loading programs, creating links) live in
+``agent.datapath.probe``.  Given the agent's config, the doctor also checks
+what that config needs (its pin dir, its node cgroup, tcx in strict mode).
 
-``meshlet run`` calls ``ensure_ready()`` before touching the kernel, so it
-fails with the same list of fixes instead of half-attaching.  A check that is
-not ``required`` (JIT, BTF, tcx) is reported but does not stop ``run``.
+``meshlet run`` calls the same checks before touching the kernel, so it fails
+with the same list of fixes instead of half-attaching.  A check that is not
+``required`` (JIT, BTF, tcx outside strict mode) is reported as a warning;
+``ready()`` / ``ensure_ready()`` ignore it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent import cgroup
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 BOOTSTRAP = "bash scripts/bootstrap.sh  (from the meshlet checkout, as root)"
 AS_ROOT = "run as root: sudo meshlet doctor (in a pod: securityContext.privileged: true)"
@@ -45,7 +52,7 @@ class Check:
 
 
 @dataclass(frozen=True)
-class DoctorConfig:
+class Environment:
     """Where the checks look.  The defaults describe the running machine;
     tests point them at fake files."""
 
@@ -54,7 +61,7 @@ class DoctorConfig:
     mountinfo: str = "/proc/self/mountinfo"
     """Mount table: cgroup v2 and bpffs are found here."""
     bpffs: str = "/sys/fs/bpf"
-    """Where meshlet pins its maps and programs."""
+    """The conventional bpffs mount point."""
     jit_sysctl: str = "/proc/sys/net/core/bpf_jit_enable"
     btf_vmlinux: str = "/sys/kernel/btf/vmlinux"
     kernel_release: str = field(default_factory=lambda: os.uname().release)
@@ -304,20 +311,24 @@ def check_probe(name: str, probe: Callable[[], None], fix: str,
 TCX_MIN_KERNEL = (6, 6)
 
 
-def check_tcx(release: str, probe: Callable[[], None]) -> Check:
+def check_tcx(release: str, probe: Callable[[], None], required: bool = False) -> Check:
+    """tcx links carry the strict-mode inbound program on each pod's veth;
+    without them strict mode cannot be enforced (required only when the
+    agent config asks for strict mode)."""
     name = "tcx links"
     try:
         too_old = kernel_version(release) < TCX_MIN_KERNEL
     except ValueError as e:
-        return Check(name, False, str(e), "report this kernel release string as a meshlet bug", False)
+        return Check(name, False, str(e), "report this kernel release string as a meshlet bug",
+                     required)
     if too_old:
-        return Check(name, False, f"kernel {release} < 6.6 has no tcx; tc programs "
-                     "attach through clsact/cls_bpf instead",
-                     "optional: a kernel >= 6.6 (Debian: bookworm-backports linux-image)", False)
-    return check_probe(name, probe, "a kernel >= 6.6 with CONFIG_NET_XGRESS=y", required=False)
+        return Check(name, False, f"kernel {release} < 6.6 has no tcx: strict mode cannot "
+                     "be enforced", "a kernel >= 6.6 (Debian 12: the bookworm-backports "
+                     "linux-image), or mesh.mode: permissive", required)
+    return check_probe(name, probe, "a kernel >= 6.6 with CONFIG_NET_XGRESS=y", required)
 
 
-def _kernel_probes(cfg: DoctorConfig) -> list[Check]:
+def _kernel_probes(env: Environment, strict: bool) -> list[Check]:
     from agent.datapath import bpfsys, probe
 
     def hook(prog_type: int, attach: int = 0) -> Callable[[], None]:
@@ -341,37 +352,78 @@ def _kernel_probes(cfg: DoctorConfig) -> list[Check]:
         check_probe("hook sk_skb", hook(probe.PROG_TYPE_SK_SKB), sockmap_fix),
         check_probe("sockhash map", probe.sockhash_creates, sockmap_fix),
         check_probe("bpf links (cgroup)",
-                    lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(cfg.mountinfo)),
+                    lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
                     "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above"),
-        check_tcx(cfg.kernel_release, probe.tcx_link_works),
+        check_tcx(env.kernel_release, probe.tcx_link_works, required=strict),
     ]
+
+
+# --- what an agent config needs ----------------------------------------------
+
+@_check("pin dir")
+def check_pin_dir(pin_dir: str, mountinfo: str = "/proc/self/mountinfo"):
+    """The pin dir (created by the agent) must be on a bpf filesystem: the
+    mount with the longest matching mount point decides."""
+    fstype, where = "?", "/"
+    for mp, t in _mounts(mountinfo):  # later mounts shadow earlier ones
+        inside = pin_dir == mp or pin_dir.startswith(mp.rstrip("/") + "/")
+        if inside and len(mp) >= len(where):
+            fstype, where = t, mp
+    if fstype == "bpf":
+        return True, f"{pin_dir} (bpffs at {where})", None
+    return (False, f"{pin_dir} is on {fstype} at {where}, not on bpffs: pins would fail",
+            "mount -t bpf bpf /sys/fs/bpf, or set bpf.pinDir under a bpffs mount")
+
+
+@_check("node cgroup")
+def check_node_cgroup(path: str, mountinfo: str = "/proc/self/mountinfo"):
+    try:
+        root = cgroup.cgroup2_mount(mountinfo)
+    except cgroup.CgroupError:
+        return False, f"{path}: no cgroup v2 mount to resolve it in", "see 'cgroup v2' above"
+    d = cgroup.resolve(path, root)
+    if d != root and not d.startswith(root + "/"):
+        return (False, f"{d} is not under the cgroup v2 mount {root}",
+                f"set 'cgroup:' in the config to a path under {root}")
+    if not os.path.isdir(d):
+        return False, f"{d} does not exist", f"mkdir -p {d}"
+    return True, d, None
 
 
 # --- the whole list ---------------------------------------------------------
 
-def run_checks(config: DoctorConfig | None = None) -> list[Check]:
-    cfg = config or DoctorConfig()
-    privileges = check_privileges(cfg.proc_status)
+def run_checks(config: AgentConfig | None = None,
+               env: Environment | None = None) -> list[Check]:
+    """All checks, in reading order.  ``config`` (the agent's) adds what it
+    needs; ``env`` says where to look (default: this machine)."""
+    env = env or Environment()
+    privileges = check_privileges(env.proc_status)
     checks = [
         privileges,
-        check_cgroup2(cfg.mountinfo),
-        check_bpffs(cfg.mountinfo, cfg.bpffs),
-        check_jit(cfg.jit_sysctl),
-        check_btf(cfg.btf_vmlinux),
-        check_kernel_config((cfg.proc_config,
-                             os.path.join(cfg.boot_dir, f"config-{cfg.kernel_release}"))),
+        check_cgroup2(env.mountinfo),
+        check_bpffs(env.mountinfo, env.bpffs),
+        check_jit(env.jit_sysctl),
+        check_btf(env.btf_vmlinux),
+        check_kernel_config((env.proc_config,
+                             os.path.join(env.boot_dir, f"config-{env.kernel_release}"))),
     ]
-    if cfg.probe_kernel and not privileges.ok:
+    if env.probe_kernel and not privileges.ok:
         # Ten copies of EPERM would hide the one fix that matters.
         checks.append(Check("kernel probes", False, "skipped: loading programs needs "
                             "CAP_SYS_ADMIN (see privileges)", AS_ROOT))
-    elif cfg.probe_kernel:
-        checks += _kernel_probes(cfg)
+    elif env.probe_kernel:
+        strict = config is not None and config.mesh.mode == "strict"
+        checks += _kernel_probes(env, strict)
     checks += [
-        check_kernel_headers(cfg.kernel_release, cfg.modules_dir),
-        check_bcc(cfg.python),
-        check_tools(TOOLS, cfg.tool_path),
+        check_kernel_headers(env.kernel_release, env.modules_dir),
+        check_bcc(env.python),
+        check_tools(TOOLS, env.tool_path),
     ]
+    if config is not None:
+        checks += [
+            check_pin_dir(config.bpf.pin_dir, env.mountinfo),
+            check_node_cgroup(config.cgroup, env.mountinfo),
+        ]
     return checks
 
 
@@ -380,9 +432,10 @@ def ready(checks: Iterable[Check]) -> bool:
     return all(c.ok or not c.required for c in checks)
 
 
-def ensure_ready(config: DoctorConfig | None = None) -> list[Check]:
+def ensure_ready(config: AgentConfig | None = None,
+                 env: Environment | None = None) -> list[Check]:
     """For `meshlet run`: the checks, or ``DoctorError`` listing the fixes."""
-    checks = run_checks(config)
+    checks = run_checks(config, env)
     if not ready(checks):
         failed = [c for c in checks if not c.ok and c.required]
         raise DoctorError("this node cannot run meshlet yet:\n" + format_checks(failed))
@@ -412,9 +465,9 @@ def format_checks(checks: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-def checks_to_json(checks: Sequence[Check]) -> str:
-    return json.dumps({"ready": ready(checks),
-                       "checks": [dataclasses.asdict(c) for c in checks]}, indent=2)
+def checks_to_json(checks: Sequence[Check]) -> dict:
+    """A JSON-ready dict: ``{"ready": bool, "checks": [{name, ok, detail, fix, required}]}``."""
+    return {"ready": ready(checks), "checks": [dataclasses.asdict(c) for c in checks]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     checks = run_checks()
-    print(checks_to_json(checks) if args.json else format_checks(checks))
+    print(json.dumps(checks_to_json(checks), indent=2) if args.json else format_checks(checks))
     return 0 if ready(checks) else 1
 
 

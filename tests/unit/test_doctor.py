@@ -11,7 +11,8 @@ import pytest
 
 from agent import doctor
 from agent.datapath.bpfsys import BPFError
-from agent.doctor import Check, DoctorConfig
+from agent.config import parse_config
+from agent.doctor import Check, Environment
 
 # /proc/self/mountinfo lines, hybrid layout like the dev machines.
 CGROUP2_LINE = "35 24 0:30 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
@@ -285,6 +286,11 @@ def test_tcx_probe_failure_is_optional():
     assert not c.ok and not c.required
 
 
+def test_tcx_required_on_request():
+    c = doctor.check_tcx("6.1.0-56-amd64", lambda: None, required=True)
+    assert not c.ok and c.required and "permissive" in c.fix
+
+
 @pytest.mark.parametrize("release,version", [("6.18.44-fc-v857", (6, 18)),
                                              ("6.1.0-56-amd64", (6, 1)), ("5.10.0", (5, 10))])
 def test_kernel_version(release, version):
@@ -293,7 +299,7 @@ def test_kernel_version(release, version):
 
 # --- the whole run, formatting ----------------------------------------------------
 
-def fake_config(tmp_path, **overrides) -> DoctorConfig:
+def fake_env(tmp_path, **overrides) -> Environment:
     (tmp_path / "bin").mkdir()
     for tool in ("ip", "nsenter"):
         (tmp_path / "bin" / tool).write_text("#!/bin/sh\n")
@@ -312,11 +318,11 @@ def fake_config(tmp_path, **overrides) -> DoctorConfig:
         probe_kernel=False,
     )
     values.update(overrides)
-    return DoctorConfig(**values)
+    return Environment(**values)
 
 
 def test_run_checks_on_a_healthy_fake_machine(tmp_path):
-    checks = doctor.run_checks(fake_config(tmp_path))
+    checks = doctor.run_checks(env=fake_env(tmp_path))
     assert [c for c in checks if not c.ok] == []
     assert {"privileges", "cgroup v2", "bpffs", "bpf JIT", "BTF", "kernel config",
             "kernel headers", "bcc", "tools"} == {c.name for c in checks}
@@ -324,27 +330,99 @@ def test_run_checks_on_a_healthy_fake_machine(tmp_path):
 
 
 def test_run_checks_skips_kernel_probes_without_privileges(tmp_path):
-    cfg = fake_config(tmp_path, proc_status=status_file(tmp_path, BPF_ONLY_CAPS, 1000),
-                      probe_kernel=True)
-    checks = doctor.run_checks(cfg)
+    env = fake_env(tmp_path, proc_status=status_file(tmp_path, BPF_ONLY_CAPS, 1000),
+                   probe_kernel=True)
+    checks = doctor.run_checks(env=env)
     probes = [c for c in checks if c.name == "kernel probes"]
     assert len(probes) == 1 and not probes[0].ok and "sudo" in probes[0].fix
     assert not any(c.name.startswith("hook ") for c in checks)
 
 
 def test_ensure_ready_lists_the_fixes(tmp_path):
-    cfg = fake_config(tmp_path, mountinfo=write(tmp_path / "mi2", ROOT_LINE + CGROUP2_LINE))
+    env = fake_env(tmp_path, mountinfo=write(tmp_path / "mi2", ROOT_LINE + CGROUP2_LINE))
     with pytest.raises(doctor.DoctorError) as exc:
-        doctor.ensure_ready(cfg)
+        doctor.ensure_ready(env=env)
     msg = str(exc.value)
     assert "bpffs" in msg and "mount -t bpf bpf /sys/fs/bpf" in msg
     assert "kernel headers" not in msg  # only the failures
 
 
 def test_ensure_ready_ignores_optional_failures(tmp_path):
-    cfg = fake_config(tmp_path, btf_vmlinux=str(tmp_path / "no-btf"))
-    checks = doctor.ensure_ready(cfg)
+    env = fake_env(tmp_path, btf_vmlinux=str(tmp_path / "no-btf"))
+    checks = doctor.ensure_ready(env=env)
     assert [c.name for c in checks if not c.ok] == ["BTF"]
+
+
+# --- what an agent config needs ----------------------------------------------------
+
+def agent_config(tmp_path, cgroup: str, pin_dir: str = "/sys/fs/bpf/meshlet/node1",
+                 mode: str = "permissive"):
+    return parse_config(f"""
+node: node1
+inventory: inventory.yaml
+cgroup: {cgroup}
+bpf:
+  pinDir: {pin_dir}
+proxy:
+  redirectIPv4: 10.244.1.1
+mesh:
+  mode: {mode}
+""", base_dir=str(tmp_path))
+
+
+def cgroup2_at(tmp_path) -> tuple[str, str]:
+    """A fake cgroup v2 mount point (a real directory) and its mountinfo."""
+    root = tmp_path / "cg2"
+    (root / "meshlet" / "node1").mkdir(parents=True)
+    line = f"35 24 0:30 / {root} rw,relatime - cgroup2 cgroup2 rw\n"
+    return str(root), write(tmp_path / "mi-cg", ROOT_LINE + line + BPFFS_LINE)
+
+
+@pytest.mark.parametrize("pin_dir", ["/sys/fs/bpf/meshlet/node1", "/sys/fs/bpf"])
+def test_pin_dir_on_bpffs(tmp_path, pin_dir):
+    c = doctor.check_pin_dir(pin_dir, write(tmp_path / "mi", ROOT_LINE + BPFFS_LINE))
+    assert c.ok and "/sys/fs/bpf" in c.detail
+
+
+def test_pin_dir_not_on_bpffs(tmp_path):
+    mi = write(tmp_path / "mi", ROOT_LINE + BPFFS_LINE)
+    c = doctor.check_pin_dir("/sys/fs/bpfx/meshlet", mi)  # a prefix of the name is not enough
+    assert not c.ok and "ext4" in c.detail and "bpf.pinDir" in c.fix
+
+
+def test_pin_dir_shadowed_by_a_later_mount(tmp_path):
+    tmpfs = "60 47 0:42 / /sys/fs/bpf rw - tmpfs tmpfs rw\n"
+    c = doctor.check_pin_dir("/sys/fs/bpf/m", write(tmp_path / "mi", ROOT_LINE + BPFFS_LINE + tmpfs))
+    assert not c.ok and "tmpfs" in c.detail
+
+
+def test_node_cgroup_relative_and_absolute(tmp_path):
+    root, mi = cgroup2_at(tmp_path)
+    rel = doctor.check_node_cgroup("meshlet/node1", mi)
+    assert rel.ok and rel.detail == f"{root}/meshlet/node1"
+    assert doctor.check_node_cgroup(f"{root}/meshlet/node1", mi).ok
+
+
+def test_node_cgroup_missing_gets_mkdir(tmp_path):
+    root, mi = cgroup2_at(tmp_path)
+    c = doctor.check_node_cgroup("meshlet/node2", mi)
+    assert not c.ok and c.fix == f"mkdir -p {root}/meshlet/node2"
+
+
+def test_node_cgroup_outside_the_mount(tmp_path):
+    _, mi = cgroup2_at(tmp_path)
+    c = doctor.check_node_cgroup(str(tmp_path), mi)
+    assert not c.ok and "not under the cgroup v2 mount" in c.detail
+
+
+def test_run_checks_with_agent_config(tmp_path):
+    root, mi = cgroup2_at(tmp_path)
+    env = fake_env(tmp_path, mountinfo=mi)
+    checks = doctor.run_checks(agent_config(tmp_path, "meshlet/node1"), env)
+    assert [c for c in checks if not c.ok] == []
+    assert {"pin dir", "node cgroup"} <= {c.name for c in checks}
+    with pytest.raises(doctor.DoctorError, match="mkdir -p"):
+        doctor.ensure_ready(agent_config(tmp_path, "meshlet/nope"), env)
 
 
 SAMPLE = [
@@ -369,7 +447,7 @@ def test_format_checks_all_passed():
 
 
 def test_checks_to_json():
-    data = json.loads(doctor.checks_to_json(SAMPLE))
+    data = json.loads(json.dumps(doctor.checks_to_json(SAMPLE)))
     assert data["ready"] is False
     assert data["checks"][1] == {"name": "bpffs", "ok": False,
                                  "detail": "no bpf filesystem at /sys/fs/bpf",

@@ -47,7 +47,8 @@ def _handle(conn: socket.socket, peer) -> None:
                 break
             h.update(b)
             received += len(b)
-        reply = {"received": received, "sha256": h.hexdigest(), "peer": peer[0]}
+        reply = {"received": received, "sha256": h.hexdigest(),
+                 "peer": peer[0].removeprefix("::ffff:")}
         conn.sendall(json.dumps(reply).encode() + b"\n")
         for chunk in seeded_chunks(int(header.get("seed", 0)) + 1, int(header.get("down", 0))):
             conn.sendall(chunk)

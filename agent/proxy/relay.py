@@ -178,6 +178,12 @@ class Endpoint(asyncio.Protocol):
         if self._writable:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def write_eof(self) -> None:
+        """Half-close our sending side (after buffered bytes are sent)."""
+        if self._writable:
+            self._writable = False
+            self.transport.write_eof()  # type: ignore[union-attr]
+
     def reset(self) -> None:
         self._writable = False
         if not self.lost:

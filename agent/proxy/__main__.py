@@ -1,0 +1,73 @@
+"""Proxy worker entry point: ``python -m agent.proxy --state FILE``.
+
+Runs one worker process on uvloop. Several workers may run side by side
+(``--worker-id``): they share the listeners through SO_REUSEPORT. The worker
+never imports bcc; it reaches the pinned flow map through the bpf() syscall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from agent.proxy.log import setup_logging
+from agent.proxy.state import StateError, StateWatcher
+
+log = logging.getLogger("meshlet.proxy")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m agent.proxy", description="meshlet node proxy worker")
+    p.add_argument("--state", required=True, help="proxy state file written by the agent (JSON)")
+    p.add_argument("--worker-id", type=int, default=0, help="worker number (default 0)")
+    p.add_argument("--access-log", default=None, help="append one JSON line per finished connection here")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds active connections may take to finish on SIGTERM (default 5)")
+    return p.parse_args(argv)
+
+
+async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
+    from agent.proxy.server import ProxyServer
+
+    server = ProxyServer(watcher, worker_id=args.worker_id, access_log=args.access_log)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except ImportError as e:
+        log.error("cannot load the flow table module (%s); is meshlet installed completely?", e)
+        return 1
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        await server.stop(grace=0)
+        return 1
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: stopped accepting, waiting up to %.1f s for active connections", args.shutdown_grace)
+        await server.stop(args.shutdown_grace)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.worker_id, getattr(logging, args.log_level))
+    try:
+        watcher = StateWatcher(args.state)
+    except (OSError, StateError) as e:
+        log.error("cannot load proxy state: %s (is the agent running, and did it write this file?)", e)
+        return 2
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_amain(args, watcher))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

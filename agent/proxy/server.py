@@ -1,0 +1,627 @@
+"""The node proxy's asyncio shell: listeners, connects, relays, stats.
+
+This is the only proxy module that touches sockets. Protocol decisions live
+in ``routing`` (where to go), ``tunnel`` (the header) and ``relay`` (moving
+bytes). Two paths:
+
+outbound (port 15001)
+    accept → ``FlowTable.pop()`` (original destination + source cgroup) →
+    ``route()`` → connect upstream (marked, with a timeout) → Local/Passthrough:
+    relay; Tunnel: send the header, forward client bytes right away, read the
+    inbound side's response, then relay the way back. Any failure resets the
+    client (RST), as a failed connect would without the mesh.
+
+tunnel (port 15008)
+    read the header (timeout, size limit) → the destination must be a mesh pod
+    on THIS node (else ``not-local``: never an open relay) → connect (marked)
+    → respond with a status → relay.
+
+A crash on one connection is logged and resets that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from agent.proxy import tunnel
+from agent.proxy.log import AccessLog
+from agent.proxy.relay import Endpoint, Relay
+from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route
+from agent.proxy.state import ProxyState, StateWatcher, normalize_ip
+from agent.proxy.tunnel import Status
+
+__all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
+
+log = logging.getLogger("meshlet.proxy")
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+BACKLOG = 1024
+HEADER_TIMEOUT = 5.0
+REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+
+
+class FlowSource(Protocol):
+    """What ``agent.datapath.flowmap.FlowTable`` provides."""
+
+    def pop(self, peer: tuple, local: tuple) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def stats_socket_path(state_path: str, worker_id: int) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(state_path)), f"proxy-{worker_id}.sock")
+
+
+def _fmt_addr(addr: Any) -> str | None:
+    if not addr:
+        return None
+    ip, port = addr[0], addr[1]
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def _family_of(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+class ConnectFailure(Exception):
+    """An upstream connect failed. ``result`` is the access-log result."""
+
+    def __init__(self, result: str, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.status = status
+        self.reason = reason
+
+
+_STATUS_RESULT = {
+    Status.REFUSED: "refused",
+    Status.UNREACHABLE: "refused",
+    Status.TIMEOUT: "timeout",
+}
+
+
+@dataclass
+class Conn:
+    """Book-keeping for one proxied connection (the access-log record)."""
+
+    direction: str
+    client: Endpoint
+    started: float = field(default_factory=time.monotonic)
+    route: str | None = None
+    src_pod: str | None = None
+    src_identity: str | None = None
+    src_addr: Any = None
+    dst_addr: Any = None
+    dst_pod: str | None = None
+    bytes_sent: int = 0  # source → destination
+    bytes_received: int = 0  # destination → source
+    result: str = "ok"
+    reason: str = ""
+    upstream: Endpoint | None = None
+    relay: Relay | None = None
+
+    def fail(self, result: str, reason: str) -> None:
+        self.result = result
+        self.reason = reason
+
+    def reset_all(self) -> None:
+        if self.relay is not None:
+            self.relay.abort(self.reason or "reset")
+        self.client.reset()
+        if self.upstream is not None:
+            self.upstream.reset()
+
+    def record(self, worker: int) -> dict[str, Any]:
+        return {
+            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "worker": worker,
+            "direction": self.direction,
+            "route": self.route,
+            "src_pod": self.src_pod,
+            "src_identity": self.src_identity,
+            "src_addr": _fmt_addr(self.src_addr),
+            "dst_addr": _fmt_addr(self.dst_addr),
+            "dst_pod": self.dst_pod,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "result": self.result,
+            "reason": self.reason,
+        }
+
+
+class _StatsProtocol(asyncio.Protocol):
+    def __init__(self, server: "ProxyServer") -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            body = json.dumps(self.server.stats(), separators=(",", ":")).encode() + b"\n"
+            transport.write(body)  # type: ignore[attr-defined]
+        finally:
+            transport.close()
+
+
+class ProxyServer:
+    """One proxy worker. ``start()``, then ``stop()`` (or ``serve(stop_event)``)."""
+
+    def __init__(
+        self,
+        watcher: StateWatcher,
+        *,
+        flow_table: FlowSource | None = None,
+        worker_id: int = 0,
+        access_log: str | None = None,
+        stats_path: str | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        self.watcher = watcher
+        self.worker_id = worker_id
+        self.header_timeout = header_timeout
+        self.stats_path = stats_path if stats_path is not None else stats_socket_path(watcher.path, worker_id)
+        self._flows = flow_table
+        self._own_flows = flow_table is None
+        self._access = AccessLog(access_log)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stats_server: asyncio.AbstractServer | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: dict[asyncio.Task[None], Conn] = {}
+        self._stopping = False
+        self._mark_warned = False
+        self._started_at = time.monotonic()
+        self.addresses: dict[str, list[tuple]] = {"outbound": [], "tunnel": []}
+        self.counters: dict[str, int] = {
+            "outbound_accepted": 0,
+            "inbound_accepted": 0,
+            "result_ok": 0,
+            "result_refused": 0,
+            "result_reset": 0,
+            "result_timeout": 0,
+            "result_rejected": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "flow_misses": 0,
+            "internal_errors": 0,
+        }
+        if watcher.on_change is None:
+            watcher.on_change = self._state_changed
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        state = self.watcher.current
+        if self._flows is None:
+            # Lazy: keeps the datapath (and anything it imports) out of unit tests.
+            from agent.datapath.flowmap import FlowTable
+
+            try:
+                self._flows = FlowTable(state.pin_dir)
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"cannot open the flow table pinned under {state.pin_dir}: {e.strerror or e}; "
+                    "has the agent loaded and pinned the datapath (is bpffs mounted)?",
+                ) from e
+        try:
+            await self._start_listeners(state)
+            await self._start_stats()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
+        log.info(
+            "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
+            self.worker_id,
+            state.node,
+            state.generation,
+            ", ".join(_fmt_addr(a) or "?" for a in self.addresses["outbound"]),
+            ", ".join(_fmt_addr(a) or "?" for a in self.addresses["tunnel"]),
+        )
+
+    async def _start_listeners(self, state: ProxyState) -> None:
+        loop = asyncio.get_running_loop()
+        lst = state.listen
+        for ip, family in ((lst.ipv4, socket.AF_INET), (lst.ipv6, socket.AF_INET6)):
+            if not ip:
+                continue
+            for kind, port, handler in (
+                ("outbound", lst.outbound_port, self._outbound),
+                ("tunnel", lst.tunnel_port, self._inbound),
+            ):
+                sock = self._listen_socket(family, ip, port, kind)
+                srv = await loop.create_server(self._factory(kind, handler), sock=sock, backlog=BACKLOG)
+                self._servers.append(srv)
+                self.addresses[kind].append(sock.getsockname())
+
+    @staticmethod
+    def _listen_socket(family: int, ip: str, port: int, kind: str) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            hint = ""
+            if e.errno == errno.EADDRINUSE:
+                hint = (
+                    f"; another process holds the port without SO_REUSEPORT "
+                    f"(check: ss -ltnp 'sport = :{port}')"
+                )
+            elif e.errno == errno.EADDRNOTAVAIL:
+                hint = "; the address is not configured on any interface in this network namespace"
+            raise OSError(e.errno, f"cannot listen for {kind} connections on {_fmt_addr((ip, port))}: {e.strerror}{hint}") from e
+        return sock
+
+    async def _start_stats(self) -> None:
+        path = self.stats_path
+        if not path:
+            return
+        if len(os.fsencode(path)) >= 108:
+            log.warning("stats socket path too long for AF_UNIX, stats endpoint disabled: %s", path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket from a previous run of this worker
+        loop = asyncio.get_running_loop()
+        self._stats_server = await loop.create_unix_server(lambda: _StatsProtocol(self), path)
+
+    def _factory(self, kind: str, handler: Any) -> Any:
+        direction = "outbound" if kind == "outbound" else "inbound"
+
+        def on_made(ep: Endpoint) -> None:
+            if self._stopping:
+                ep.reset()
+                return
+            self.counters[f"{direction}_accepted"] += 1
+            conn = Conn(direction, ep)
+            task = asyncio.get_running_loop().create_task(self._guard(handler, conn))
+            self._tasks[task] = conn
+            task.add_done_callback(self._tasks.pop)
+
+        return lambda: Endpoint("client", on_made=on_made)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; let relays finish for `grace` seconds; abort the rest."""
+        self._stopping = True
+        for srv in self._servers:
+            srv.close()
+        self._servers.clear()
+        if self._stats_server is not None:
+            self._stats_server.close()
+            self._stats_server = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.stats_path)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        if self._tasks and grace > 0:
+            log.info("waiting up to %.1f s for %d active connection(s) to finish", grace, len(self._tasks))
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        if self._tasks:
+            log.info("aborting %d connection(s) still active at shutdown", len(self._tasks))
+            for conn in list(self._tasks.values()):
+                if conn.result == "ok":
+                    conn.fail("reset", "proxy shutting down")
+                conn.reset_all()
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_flows and self._flows is not None:
+            with contextlib.suppress(Exception):
+                self._flows.close()
+            self._flows = None
+        self._access.close()
+
+    async def serve(self, stop: asyncio.Event, grace: float = 5.0) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: no longer accepting connections")
+            await self.stop(grace)
+
+    def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
+        if old.listen != new.listen:
+            log.warning(
+                "listen settings changed (%s → %s); restart the proxy workers to apply them",
+                old.listen,
+                new.listen,
+            )
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        st = self.watcher.current
+        return {
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "node": st.node,
+            "state_generation": st.generation,
+            "state_reloads": self.watcher.reloads,
+            "state_errors": self.watcher.errors,
+            "state_last_error": self.watcher.last_error,
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "active_connections": len(self._tasks),
+            "counters": dict(self.counters),
+        }
+
+    # ------------------------------------------------------------ per connection
+
+    async def _guard(self, handler: Any, conn: Conn) -> None:
+        try:
+            await handler(conn)
+        except asyncio.CancelledError:
+            conn.fail("reset", conn.reason or "cancelled at shutdown")
+            conn.reset_all()
+            raise
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception(
+                "internal error on %s connection from %s; that connection was reset, the proxy keeps running "
+                "(this is a bug: please report it with this traceback)",
+                conn.direction,
+                _fmt_addr(conn.src_addr),
+            )
+            conn.fail("reset", "internal error")
+            conn.reset_all()
+        finally:
+            self._finish(conn)
+
+    def _finish(self, conn: Conn) -> None:
+        self.counters[f"result_{conn.result}"] = self.counters.get(f"result_{conn.result}", 0) + 1
+        self.counters["bytes_sent"] += conn.bytes_sent
+        self.counters["bytes_received"] += conn.bytes_received
+        self._access.write(conn.record(self.worker_id))
+
+    def _mark(self, sock: socket.socket, mark: int) -> None:
+        if not mark:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as e:
+            if not self._mark_warned:
+                self._mark_warned = True
+                log.error(
+                    "cannot set SO_MARK=%#x on upstream sockets (%s): the proxy needs CAP_NET_ADMIN; "
+                    "without the mark, strict mode may drop and the redirect may loop proxy traffic",
+                    mark,
+                    e.strerror,
+                )
+
+    async def _connect(self, addr: tuple[str, int], state: ProxyState, name: str) -> Endpoint:
+        """Connect upstream with SO_MARK and a timeout. Raises ConnectFailure."""
+        loop = asyncio.get_running_loop()
+        target = _fmt_addr(addr)
+        sock = socket.socket(_family_of(addr[0]), socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            self._mark(sock, state.mesh_mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), state.connect_timeout)
+            _, ep = await loop.create_connection(
+                lambda: Endpoint(name, prebuffer_limit=state.buffer_size), sock=sock
+            )
+            return ep  # type: ignore[return-value]
+        except TimeoutError:
+            sock.close()
+            raise ConnectFailure(
+                "timeout",
+                Status.TIMEOUT,
+                f"connect to {target} timed out after {state.connect_timeout:g}s "
+                "(is a firewall or NetworkPolicy dropping it?)",
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise ConnectFailure("refused", Status.REFUSED, f"connection to {target} refused") from None
+        except OSError as e:
+            sock.close()
+            raise ConnectFailure(
+                "refused", Status.UNREACHABLE, f"cannot connect to {target}: {e.strerror or e}"
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _relay(self, conn: Conn, relay: Relay) -> None:
+        result = await relay.done
+        conn.bytes_sent = result.a_to_b
+        conn.bytes_received = result.b_to_a
+        if result.error and conn.result == "ok":
+            conn.fail("reset", result.reason)
+        elif not conn.reason:
+            conn.reason = result.reason
+
+    # ---- outbound
+
+    async def _outbound(self, conn: Conn) -> None:
+        client = conn.client
+        state = self.watcher.current
+        tr = client.transport
+        assert tr is not None
+        peer = tr.get_extra_info("peername")
+        local = tr.get_extra_info("sockname")
+        conn.src_addr = peer
+        try:
+            origin = self._flows.pop(peer, local)  # type: ignore[union-attr]
+        except OSError as e:
+            origin = None
+            log.error("flow table lookup failed for %s: %s (is the agent's datapath pinned under %s?)",
+                      _fmt_addr(peer), e, state.pin_dir)
+        if origin is None:
+            self.counters["flow_misses"] += 1
+            conn.fail(
+                "rejected",
+                "no original destination recorded for this connection "
+                "(not redirected by meshlet's connect hook, or the flow record expired)",
+            )
+            client.reset()
+            return
+        conn.dst_addr = (origin.dst_ip, origin.dst_port)
+        decision = route(state, origin, peer)
+        src = decision.src
+        if src is not None:
+            conn.src_pod = src.key
+            conn.src_identity = state.identity(src)
+        if isinstance(decision, Reject):
+            conn.fail("rejected", decision.reason)
+            log.warning("rejected connection from %s to %s: %s",
+                        _fmt_addr(peer), _fmt_addr(conn.dst_addr), decision.reason)
+            client.reset()
+            return
+        if isinstance(decision, (Local, Tunnel)):
+            conn.dst_pod = decision.pod.key
+        conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
+
+        try:
+            upstream = await self._connect(decision.addr, state, "upstream")
+        except ConnectFailure as f:
+            reason = f.reason
+            if isinstance(decision, Tunnel):
+                reason = f"tunnel to node {decision.node}: {reason} (is the meshlet proxy running there, port {decision.tunnel_port} reachable?)"
+            conn.fail(f.result, reason)
+            client.reset()
+            return
+        conn.upstream = upstream
+        relay = conn.relay = Relay(client, upstream, buffer_size=state.buffer_size)
+        if not isinstance(decision, Tunnel):
+            relay.start()
+            await self._relay(conn, relay)
+            return
+
+        header = tunnel.encode_request(
+            tunnel.TunnelRequest(
+                dst=tunnel.Address(_family_of(decision.dst[0]), decision.dst[0], decision.dst[1]),
+                identity=conn.src_identity or "",
+                namespace=src.namespace,  # type: ignore[union-attr]
+                name=src.name,  # type: ignore[union-attr]
+                src=tunnel.Address(_family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
+            )
+        )
+        upstream.write(header)
+        relay.forward(client)  # client bytes may be pipelined right behind the header
+        try:
+            resp, leftover = await self._read_response(upstream, state.connect_timeout + self.header_timeout)
+        except (TimeoutError, tunnel.TunnelError, ConnectionError, EOFError) as e:
+            what = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+            conn.fail(
+                "timeout" if isinstance(e, TimeoutError) else "reset",
+                f"tunnel to node {decision.node} ({_fmt_addr(decision.addr)}) failed before its response: {what}",
+            )
+            relay.abort(conn.reason)
+            await self._relay(conn, relay)
+            return
+        if not resp.ok:
+            conn.fail(
+                _STATUS_RESULT.get(resp.status, "rejected"),
+                f"node {decision.node} answered {resp.status.name.lower().replace('_', '-')}: {resp.reason}",
+            )
+            relay.abort(conn.reason)
+            await self._relay(conn, relay)
+            return
+        upstream.unread(leftover)
+        relay.forward(upstream)
+        await self._relay(conn, relay)
+
+    async def _read_response(self, upstream: Endpoint, timeout: float) -> tuple[tunnel.TunnelResponse, bytes]:
+        decoder = tunnel.ResponseDecoder()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await upstream.receive()
+                if not data:
+                    raise EOFError("tunnel closed before responding (is the peer a meshlet proxy of the same release?)")
+                out = decoder.feed(data)
+                if isinstance(out, tunnel.Decoded):
+                    return out.message, out.leftover  # type: ignore[return-value]
+
+    # ---- inbound (tunnel listener)
+
+    async def _inbound(self, conn: Conn) -> None:
+        ep = conn.client
+        state = self.watcher.current
+        conn.route = "local"
+        conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
+        decoder = tunnel.RequestDecoder()
+        try:
+            async with asyncio.timeout(self.header_timeout):
+                while True:
+                    data = await ep.receive()
+                    if not data:
+                        conn.fail("rejected", "tunnel peer closed before sending a complete header")
+                        ep.close()
+                        return
+                    out = decoder.feed(data)
+                    if isinstance(out, tunnel.Decoded):
+                        break
+        except TimeoutError:
+            await self._refuse(conn, Status.BAD_REQUEST, f"no complete tunnel header within {self.header_timeout:g}s")
+            return
+        except tunnel.TunnelError as e:
+            await self._refuse(conn, e.status, str(e))
+            return
+        except ConnectionError as e:
+            conn.fail("reset", f"tunnel peer reset before sending a header: {e}")
+            return
+        req: tunnel.TunnelRequest = out.message  # type: ignore[assignment]
+        conn.src_identity = req.identity
+        if req.namespace or req.name:
+            conn.src_pod = f"{req.namespace}/{req.name}"
+        if req.src is not None:
+            conn.src_addr = req.src.sockaddr
+        dst_ip = normalize_ip(req.dst.ip)
+        conn.dst_addr = (dst_ip, req.dst.port)
+        pod = state.pod_by_ip.get(dst_ip)
+        if pod is None or not pod.mesh or pod.node != state.node:
+            if pod is None or not pod.mesh:
+                why = f"{dst_ip} is not a mesh pod on node {state.node}"
+            else:
+                why = (f"{dst_ip} is pod {pod.key} on node {pod.node}, not on node {state.node} "
+                       "(the sending node's state may be stale)")
+            await self._refuse(conn, Status.NOT_LOCAL, why)
+            return
+        conn.dst_pod = pod.key
+        try:
+            upstream = await self._connect((dst_ip, req.dst.port), state, "pod")
+        except ConnectFailure as f:
+            await self._refuse(conn, f.status, f.reason, result=f.result)
+            return
+        conn.upstream = upstream
+        relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
+        ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+        ep.unread(out.leftover)
+        relay.start()
+        await self._relay(conn, relay)
+
+    async def _refuse(self, conn: Conn, status: Status, reason: str, result: str = "rejected") -> None:
+        """Answer an error status, then close once the peer goes away."""
+        ep = conn.client
+        conn.fail(result, reason)
+        if result == "rejected":
+            log.warning("refused tunnel from %s: %s", _fmt_addr(conn.src_addr), reason)
+        ep.write(tunnel.encode_response(tunnel.TunnelResponse(status, reason)))
+        ep.write_eof()
+        # Wait (bounded) for the peer to close, so our close does not turn into
+        # an RST that could destroy the response before the peer reads it.
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(REFUSE_LINGER):
+                while await ep.receive():
+                    pass
+        ep.close()

@@ -1,0 +1,385 @@
+"""The whole proxy in-process on loopback, with a fake flow table.
+
+Two "nodes": node1 listens on 127.0.0.1, node2 on 127.0.0.2. Pods are echo
+servers on other 127.0.0.x addresses; the client pod connects from
+127.0.0.10. The fake flow table returns the original destination the test
+chooses, standing in for the kernel's connect4 record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from agent.proxy import tunnel
+from agent.proxy.server import ProxyServer
+from agent.proxy.state import StateWatcher
+
+V4 = socket.AF_INET
+CLIENT_IP = "127.0.0.10"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class FlowOrigin:  # same shape as agent.datapath.flowmap.FlowOrigin
+    family: int
+    dst_ip: str
+    dst_port: int
+    cgroup_id: int
+
+
+class FakeFlows:
+    def __init__(self):
+        self.next: FlowOrigin | None = None
+        self.calls: list[tuple] = []
+        self.closed = False
+
+    def pop(self, peer, local):
+        self.calls.append((peer, local))
+        origin, self.next = self.next, None
+        return origin
+
+    def close(self):
+        self.closed = True
+
+
+def run(coro, timeout=60):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(guarded())
+
+
+def free_port() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.2", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def closed_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def state_doc(node: str, listen_ip: str, out_port: int, tun_port: int, **extra):
+    doc = {
+        "version": 1, "generation": 1, "node": node, "trust_domain": "cluster.local",
+        "pin_dir": "/nonexistent",
+        "listen": {"ipv4": listen_ip, "ipv6": None, "outbound_port": out_port, "tunnel_port": tun_port},
+        "connect_timeout": 2.0, "mesh_mark": 0x4D450000, "buffer_size": 65536,
+        "nodes": {"node1": {"address": "127.0.0.1"}, "node2": {"address": "127.0.0.2"}},
+        "pods": [
+            {"name": "client", "namespace": "default", "service_account": "client", "node": "node1",
+             "ips": [CLIENT_IP], "cgroup_id": 1001, "mesh": True},
+            {"name": "web-1", "namespace": "default", "service_account": "web", "node": "node1",
+             "ips": ["127.0.0.5"], "cgroup_id": 1002, "mesh": True},
+            {"name": "db-1", "namespace": "data", "service_account": "db", "node": "node2",
+             "ips": ["127.0.0.7"], "cgroup_id": 2001, "mesh": True},
+        ],
+    }
+    doc.update(extra)
+    return doc
+
+
+async def echo_handler(reader, writer):
+    """Echo chunks back as they come; on EOF send a trailer and close."""
+    name = writer.get_extra_info("sockname")[0]
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write(f"|bye from {name}".encode())
+        await writer.drain()
+    except ConnectionError:
+        pass
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+class Cluster:
+    def __init__(self, tmp: Path, grace: float = 5.0):
+        self.tmp = tmp
+        self.grace = grace
+        self.out_port = free_port()
+        self.tun_port = free_port()
+        self.flows1 = FakeFlows()
+        self.flows2 = FakeFlows()
+        self.closed_web = closed_port("127.0.0.5")
+        self.closed_db = closed_port("127.0.0.7")
+
+    async def __aenter__(self):
+        self.pods = {}
+        for ip in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
+            srv = await asyncio.start_server(echo_handler, ip, 0)
+            self.pods[ip] = (srv, srv.sockets[0].getsockname()[1])
+        self.servers = []
+        for node, ip, flows in (("node1", "127.0.0.1", self.flows1), ("node2", "127.0.0.2", self.flows2)):
+            d = self.tmp / node
+            d.mkdir()
+            (d / "state.json").write_text(json.dumps(state_doc(node, ip, self.out_port, self.tun_port)))
+            srv = ProxyServer(StateWatcher(str(d / "state.json")), flow_table=flows,
+                              access_log=str(d / "access.log"))
+            await srv.start()
+            self.servers.append(srv)
+        return self
+
+    async def __aexit__(self, *exc):
+        for srv in self.servers:
+            await srv.stop(self.grace)
+        for srv, _ in self.pods.values():
+            srv.close()
+            await srv.wait_closed()
+
+    def port(self, ip):
+        return self.pods[ip][1]
+
+    def access(self, node):
+        path = self.tmp / node / "access.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    async def connect(self, origin: FlowOrigin | None):
+        self.flows1.next = origin
+        return await asyncio.open_connection("127.0.0.1", self.out_port, local_addr=(CLIENT_IP, 0))
+
+
+async def exchange(reader, writer, data: bytes) -> bytes:
+    writer.write(data)
+    writer.write_eof()
+    out = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return out
+
+
+async def expect_reset(reader, writer) -> None:
+    """The client must see the connection fail (RST or at least EOF), not hang."""
+    if not writer.is_closing():  # it may already have seen the RST
+        writer.write(b"hello?")
+    try:
+        data = await asyncio.wait_for(reader.read(), 10)  # generous bound, no timing claim
+    except ConnectionResetError:
+        data = None
+    assert data in (None, b"")
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def test_local_and_passthrough_paths(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            assert await exchange(r, w, b"to-web") == b"to-web|bye from 127.0.0.5"
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.6", c.port("127.0.0.6"), 1001))
+            assert await exchange(r, w, b"plain") == b"plain|bye from 127.0.0.6"
+            peer, local = c.flows1.calls[0]
+            assert peer[0] == CLIENT_IP and local == ("127.0.0.1", c.out_port)
+            await asyncio.sleep(0.1)  # let the relays finish their bookkeeping
+            return c.access("node1"), c.servers[0].stats()
+
+    log, stats = run(main())
+    assert [(e["route"], e["result"], e["dst_pod"]) for e in log] == [
+        ("local", "ok", "default/web-1"),
+        ("passthrough", "ok", None),
+    ]
+    e = log[0]
+    assert e["direction"] == "outbound" and e["src_pod"] == "default/client"
+    assert e["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert e["bytes_sent"] == 6 and e["bytes_received"] == len(b"to-web|bye from 127.0.0.5")
+    assert stats["counters"]["result_ok"] == 2 and stats["active_connections"] == 0
+
+
+def test_tunnel_path_between_two_nodes(tmp_path):
+    payload = os.urandom(2 * 1024 * 1024)
+
+    async def main():
+        async with Cluster(tmp_path) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            got = await exchange(r, w, payload)  # pipelined right behind the header
+            await asyncio.sleep(0.1)
+            return got, c.access("node1"), c.access("node2")
+
+    got, log1, log2 = run(main())
+    assert got == payload + b"|bye from 127.0.0.7"
+    (out,) = log1
+    assert (out["route"], out["result"], out["dst_pod"]) == ("tunnel", "ok", "data/db-1")
+    assert out["bytes_sent"] == len(payload)
+    (inb,) = log2
+    assert inb["direction"] == "inbound" and inb["result"] == "ok"
+    assert inb["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert inb["src_pod"] == "default/client" and inb["src_addr"].startswith(CLIENT_IP + ":")
+    assert inb["dst_pod"] == "data/db-1" and inb["bytes_sent"] == len(payload)
+
+
+def test_refused_destination_resets_client(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.closed_web, 1001))
+            await expect_reset(r, w)
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.closed_db, 1001))  # via the tunnel
+            await expect_reset(r, w)
+            await asyncio.sleep(0.1)
+            return c.access("node1"), c.access("node2")
+
+    log1, log2 = run(main())
+    assert [(e["route"], e["result"]) for e in log1] == [("local", "refused"), ("tunnel", "refused")]
+    assert "refused" in log1[1]["reason"]
+    assert [e["result"] for e in log2] == ["refused"]
+
+
+def test_rejected_connections_are_reset(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            for origin in (
+                None,  # no flow record
+                FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 999),  # unknown cgroup
+                FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1002),  # cgroup of another pod
+                FlowOrigin(V4, "127.0.0.1", c.out_port, 1001),  # the proxy itself
+            ):
+                r, w = await c.connect(origin)
+                await expect_reset(r, w)
+            await asyncio.sleep(0.1)
+            return c.access("node1"), c.servers[0].stats()
+
+    log, stats = run(main())
+    assert [e["result"] for e in log] == ["rejected"] * 4
+    assert "no original destination" in log[0]["reason"]
+    assert "unknown source cgroup 999" in log[1]["reason"]
+    assert "disagree" in log[2]["reason"]
+    assert "loop" in log[3]["reason"]
+    assert stats["counters"]["flow_misses"] == 1
+
+
+async def _raw_tunnel(port: int, data: bytes, ip="127.0.0.1"):
+    r, w = await asyncio.open_connection(ip, port)
+    w.write(data)
+    w.write_eof()
+    dec = tunnel.ResponseDecoder()
+    out = tunnel.NEED_MORE
+    while out is tunnel.NEED_MORE:
+        chunk = await asyncio.wait_for(r.read(4096), 10)
+        assert chunk, "tunnel closed without a response"
+        out = dec.feed(chunk)
+    rest = out.leftover + await asyncio.wait_for(r.read(), 10)
+    w.close()
+    with contextlib.suppress(ConnectionError):
+        await w.wait_closed()
+    return out.message, rest
+
+
+def _header(ip, port):
+    return tunnel.encode_request(tunnel.TunnelRequest(
+        dst=tunnel.Address(V4, ip, port), identity="spiffe://cluster.local/ns/x/sa/y", namespace="x", name="y"))
+
+
+def test_tunnel_listener_is_not_an_open_relay(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            # node1 is asked for node2's pod, then for a non-pod address
+            a = await _raw_tunnel(c.tun_port, _header("127.0.0.7", c.port("127.0.0.7")) + b"data")
+            b = await _raw_tunnel(c.tun_port, _header("127.0.0.6", c.port("127.0.0.6")))
+            bad = await _raw_tunnel(c.tun_port, b"GET / HTTP/1.1\r\n\r\n")
+            ok = await _raw_tunnel(c.tun_port, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi")
+            await asyncio.sleep(0.1)
+            return a, b, bad, ok, c.access("node1")
+
+    a, b, bad, ok, log = run(main())
+    assert a[0].status is tunnel.Status.NOT_LOCAL and a[1] == b"" and "node2" in a[0].reason
+    assert b[0].status is tunnel.Status.NOT_LOCAL and b[1] == b""
+    assert bad[0].status is tunnel.Status.BAD_REQUEST
+    assert ok[0].status is tunnel.Status.OK and ok[1] == b"hi|bye from 127.0.0.5"
+    assert [e["result"] for e in log] == ["rejected", "rejected", "rejected", "ok"]
+
+
+def test_stats_socket(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            path = tmp_path / "node1" / "proxy-0.sock"
+            r, w = await asyncio.open_unix_connection(str(path))
+            doc = json.loads(await asyncio.wait_for(r.read(), 10))
+            w.close()
+            await w.wait_closed()
+            return doc, path
+
+    doc, path = run(main())
+    assert doc["worker"] == 0 and doc["node"] == "node1" and doc["state_generation"] == 1
+    assert "result_ok" in doc["counters"] and doc["active_connections"] == 0
+    assert not path.exists()  # removed at shutdown
+
+
+def test_state_reload_is_used_by_new_connections(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            srv = c.servers[0]
+            doc = state_doc("node1", "127.0.0.1", c.out_port, c.tun_port, generation=2)
+            doc["pods"][0]["cgroup_id"] = 5555
+            p = tmp_path / "node1" / "state.json"
+            (tmp_path / "node1" / "new.json").write_text(json.dumps(doc))
+            os.replace(tmp_path / "node1" / "new.json", p)
+            assert srv.watcher.check()
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 5555))
+            return await exchange(r, w, b"x"), srv.stats()["state_generation"]
+
+    assert run(main()) == (b"x|bye from 127.0.0.5", 2)
+
+
+def test_shutdown_aborts_relays_after_grace(tmp_path):
+    async def main():
+        async with Cluster(tmp_path, grace=0.3) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            await c.servers[0].stop(0.3)
+            await expect_reset(r, w)
+            await asyncio.sleep(0.05)
+            return c.access("node1")
+
+    log = run(main())
+    assert log[-1]["result"] == "reset" and "shutting down" in log[-1]["reason"]
+
+
+def test_proxy_processes_never_import_bcc():
+    code = (
+        "import sys, importlib\n"
+        "import agent.proxy.server, agent.proxy.__main__, agent.proxy.relay, agent.proxy.routing\n"
+        "try:\n"
+        "    importlib.import_module('agent.datapath.flowmap')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "bad = sorted(m for m in sys.modules if m == 'bcc' or m.startswith('bcc.') or m.startswith('pyroute2'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_main_exits_with_message_on_broken_state(tmp_path):
+    p = tmp_path / "state.json"
+    p.write_text("{broken")
+    proc = subprocess.run([sys.executable, "-m", "agent.proxy", "--state", str(p)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "cannot load proxy state" in proc.stderr and "state.json" in proc.stderr

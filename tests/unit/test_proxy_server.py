@@ -118,9 +118,11 @@ async def echo_handler(reader, writer):
 
 
 class Cluster:
-    def __init__(self, tmp: Path, grace: float = 5.0):
+    def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False):
         self.tmp = tmp
         self.grace = grace
+        self.connect_timeout = connect_timeout
+        self.ipv6 = ipv6
         self.out_port = free_port()
         self.tun_port = free_port()
         self.flows1 = FakeFlows()
@@ -137,7 +139,11 @@ class Cluster:
         for node, ip, flows in (("node1", "127.0.0.1", self.flows1), ("node2", "127.0.0.2", self.flows2)):
             d = self.tmp / node
             d.mkdir()
-            (d / "state.json").write_text(json.dumps(state_doc(node, ip, self.out_port, self.tun_port)))
+            doc = state_doc(node, ip, self.out_port, self.tun_port, connect_timeout=self.connect_timeout)
+            if self.ipv6 and node == "node1":
+                doc["listen"]["ipv6"] = "::1"
+                doc["pods"][0]["ips"].append("::1")
+            (d / "state.json").write_text(json.dumps(doc))
             srv = ProxyServer(StateWatcher(str(d / "state.json")), flow_table=flows,
                               access_log=str(d / "access.log"))
             await srv.start()
@@ -360,6 +366,77 @@ def test_shutdown_aborts_relays_after_grace(tmp_path):
 
     log = run(main())
     assert log[-1]["result"] == "reset" and "shutting down" in log[-1]["reason"]
+
+
+def test_crash_on_one_connection_is_not_fatal(tmp_path, caplog):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            def boom(peer, local):
+                raise RuntimeError("injected bug")
+
+            c.flows1.pop, orig = boom, c.flows1.pop
+            r, w = await c.connect(None)
+            await expect_reset(r, w)
+            c.flows1.pop = orig
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            assert await exchange(r, w, b"still") == b"still|bye from 127.0.0.5"
+            return c.servers[0].stats()["counters"]
+
+    counters = run(main())
+    assert counters["internal_errors"] == 1 and counters["result_ok"] == 1
+    assert "injected bug" in caplog.text and "keeps running" in caplog.text
+
+
+def test_ipv6_listener_and_second_worker_share_ports(tmp_path):
+    async def main():
+        async with Cluster(tmp_path, ipv6=True) as c:
+            srv1 = c.servers[0]
+            assert ("::1", c.out_port, 0, 0) in srv1.addresses["outbound"]
+            # a second worker on the same state binds the same ports (SO_REUSEPORT)
+            w2 = ProxyServer(StateWatcher(str(tmp_path / "node1" / "state.json")), flow_table=c.flows1,
+                             worker_id=1)
+            await w2.start()
+            try:
+                assert (tmp_path / "node1" / "proxy-1.sock").exists()
+                c.flows1.next = FlowOrigin(socket.AF_INET6, "127.0.0.5", c.port("127.0.0.5"), 1001)
+                r, w = await asyncio.open_connection("::1", c.out_port)
+                return await exchange(r, w, b"v6")
+            finally:
+                await w2.stop(1)
+
+    assert run(main()) == b"v6|bye from 127.0.0.5"
+
+
+def test_connect_timeout_resets_client(tmp_path):
+    # A listener with a full accept queue drops SYNs: connect() to it hangs.
+    full = socket.socket()
+    full.bind(("127.0.0.5", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.5", port))
+            fillers.append(s)
+
+        async def main():
+            async with Cluster(tmp_path, connect_timeout=0.5) as c:
+                await asyncio.sleep(0.2)
+                r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", port, 1001))
+                await expect_reset(r, w)
+                await asyncio.sleep(0.05)
+                return c.access("node1")
+
+        log = run(main())
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+    assert log[0]["result"] == "timeout", log
+    assert "timed out after 0.5s" in log[0]["reason"]
 
 
 def test_proxy_processes_never_import_bcc():

@@ -154,6 +154,13 @@ class Agent:
         except OSError as e:
             raise AgentError(f"cannot read inventory {self.cfg.inventory}: {e.strerror}") from e
         self.inventory_sig = _file_sig(self.cfg.inventory)
+        # Continue the generation count of a state file left by a previous
+        # agent, so adopted proxy workers see a newer generation.
+        try:
+            with open(self.state_path) as f:
+                self.generation = int(json.load(f).get("generation", 0))
+        except (OSError, ValueError, AttributeError):
+            pass
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         self.sync()
@@ -211,6 +218,14 @@ class Agent:
                 oif = route_oif(str(ip))
                 if oif is not None:
                     tc[oif[0]] = oif[1]
+        # Order matters: the proxy must know a workload before the kernel
+        # redirects it (else its first connections are rejected as unknown),
+        # so publish the state, wait for the workers to load it, then enroll.
+        self.generation += 1
+        state = proxy_state(self.cfg, inv, enrolled, self.generation)
+        write_atomic(self.state_path, json.dumps(state, indent=1))
+        if enrolled.keys() - self.enrolled.keys():
+            self.wait_proxies_loaded(self.generation)
         changes = self.datapath.sync_workloads(by_cgroup, by_ip)
         self.tc_errors = self.datapath.sync_tc(tc)
         for err in self.tc_errors:
@@ -223,11 +238,26 @@ class Agent:
             if self.pending.get(key) != why:
                 log.warning("pod %s not enrolled yet: %s", key, why)
         self.enrolled, self.pending = enrolled, pending
-        self.generation += 1
-        state = proxy_state(self.cfg, inv, enrolled, self.generation)
-        write_atomic(self.state_path, json.dumps(state, indent=1))
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled),
                   self.generation)
+
+    def wait_proxies_loaded(self, generation: int, timeout: float = 3.0) -> bool:
+        """Until every running worker reports ``generation`` (bounded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = []
+            for w in self.workers:
+                if not w.pid or not _pid_alive(w.pid, w.popen):
+                    continue  # not started yet: it will read the file at start-up
+                st = _proxy_stats(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.sock"))
+                if not st or st.get("state_generation", -1) < generation:
+                    pending.append(w.index)
+            if not pending:
+                return True
+            time.sleep(0.05)
+        log.warning("proxy workers %s did not load state generation %d within %.0fs; "
+                    "enrolling anyway", pending, generation, timeout)
+        return False
 
     # --- proxy workers --------------------------------------------------------------
 
@@ -335,6 +365,15 @@ class Agent:
 
     # --- the asyncio shell ----------------------------------------------------------
 
+    def tick(self) -> None:
+        try:
+            self.poll_inventory()
+            if self.pending:
+                self.sync()  # a pod cgroup may have appeared
+            self.supervise_proxies()
+        except Exception:  # one bad tick must not kill the node agent
+            log.exception("agent loop error (will retry)")
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -344,13 +383,9 @@ class Agent:
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
             while not stop.is_set():
-                try:
-                    self.poll_inventory()
-                    if self.pending:
-                        self.sync()  # a pod cgroup may have appeared
-                    self.supervise_proxies()
-                except Exception:  # one bad tick must not kill the node agent
-                    log.exception("agent loop error (will retry)")
+                # Blocking work (bpf syscalls, netlink via pyroute2, which runs
+                # its own event loop) stays off this loop, in a worker thread.
+                await asyncio.to_thread(self.tick)
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
                 except asyncio.TimeoutError:

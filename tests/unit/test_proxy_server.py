@@ -453,6 +453,59 @@ def test_proxy_processes_never_import_bcc():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
+_FAKE_MAIN = """
+import sys, types
+m = types.ModuleType("agent.datapath.flowmap")
+class FlowTable:
+    def __init__(self, pin_dir): pass
+    def pop(self, peer, local): return None
+    def close(self): pass
+m.FlowTable = FlowTable
+sys.modules["agent.datapath.flowmap"] = m
+from agent.proxy.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
+    import signal
+    import time
+
+    port = free_port()
+    p = tmp_path / "state.json"
+    p.write_text(json.dumps(state_doc("node1", "127.0.0.1", port, free_port(), generation=3)))
+    proc = subprocess.Popen([sys.executable, "-c", _FAKE_MAIN, "--state", str(p), "--worker-id", "2",
+                             "--access-log", str(tmp_path / "access.log")],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        sock_path = tmp_path / "proxy-2.sock"
+        deadline = time.monotonic() + 20
+        while not sock_path.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "stats socket never appeared"
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock_path))
+            doc = json.loads(s.makefile().read())
+        assert doc["worker"] == 2 and doc["state_generation"] == 3
+        # a connection without a flow record is reset and logged
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            try:
+                assert c.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "shutting down" in err
+    (entry,) = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    assert entry["worker"] == 2 and entry["result"] == "rejected"
+
+
 def test_main_exits_with_message_on_broken_state(tmp_path):
     p = tmp_path / "state.json"
     p.write_text("{broken")

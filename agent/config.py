@@ -1,0 +1,283 @@
+"""The agent configuration: the file given to ``meshlet run --config FILE``.
+
+Pure: :func:`parse_config` turns text into an :class:`AgentConfig` or raises
+:class:`~agent.yamlsrc.SourceError` listing every problem with
+``file:line:column: field.path: message``.  :func:`load_config` only adds
+reading the file.  Settings are grouped frozen dataclasses, one docstring per
+field; YAML keys are camelCase, attributes snake_case, and
+:meth:`AgentConfig.to_dict` gives back the YAML shape with every default
+filled in (``parse_config(yaml.safe_dump(c.to_dict()))`` == ``c``).
+
+Example::
+
+    node: node1
+    inventory: inventory.yaml          # relative to this file's directory
+    cgroup: /sys/fs/cgroup/unified/meshlet/node1
+    proxy:
+      redirectIPv4: 10.244.1.1
+    mesh:
+      mode: strict
+      excludePorts: [22]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent import yamlsrc as y
+
+__all__ = [
+    "MESH_MODES", "MeshMode", "LOG_LEVELS", "BpfConfig", "ProxyConfig", "MeshConfig",
+    "AdminConfig", "AgentConfig", "load_config", "parse_config",
+]
+
+MeshMode = Literal["permissive", "strict"]
+#: Allowed values of ``mesh.mode`` (and of per-namespace ``mode`` in the inventory).
+MESH_MODES: tuple[str, ...] = ("permissive", "strict")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+#: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class BpfConfig:
+    """Where the agent keeps its eBPF objects."""
+
+    pin_dir: str
+    """bpffs directory for pinned maps and programs (``bpf.pinDir``);
+    default ``/sys/fs/bpf/meshlet/<node>``."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The node proxy that enrolled pods' connections are redirected to."""
+
+    redirect_ipv4: ipaddress.IPv4Address
+    """Address ``connect4`` rewrites destinations to (``proxy.redirectIPv4``);
+    node-local and reachable from pods. Required."""
+
+    redirect_ipv6: ipaddress.IPv6Address | None = None
+    """Address ``connect6`` rewrites to (``proxy.redirectIPv6``); None means
+    IPv6 connections are not redirected."""
+
+    outbound_port: int = 15001
+    """Listener for redirected outbound connections (``proxy.outboundPort``)."""
+
+    inbound_port: int = 15006
+    """Listener for plaintext inbound connections (``proxy.inboundPort``)."""
+
+    tunnel_port: int = 15008
+    """Listener for the mTLS tunnel between nodes (``proxy.tunnelPort``)."""
+
+    workers: int = 1
+    """Proxy worker processes sharing the listeners, 1..64 (``proxy.workers``)."""
+
+    connect_timeout: float = 5.0
+    """Seconds to wait for an upstream connect, >0 and ≤120 (``proxy.connectTimeout``)."""
+
+    mesh_mark: int = 0x4D4C0000
+    """Nonzero 32-bit SO_MARK on the proxy's upstream sockets, so the datapath
+    does not redirect them again (``proxy.meshMark``; int or "0x..." string)."""
+
+    buffer_size: int = 262144
+    """Per-direction relay buffer high-water mark in bytes, 4 KiB..64 MiB
+    (``proxy.bufferSize``)."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Which traffic the mesh takes over."""
+
+    mode: MeshMode = "permissive"
+    """``permissive`` accepts plaintext from outside the mesh to enrolled pods,
+    ``strict`` refuses it (``mesh.mode``). The inventory can override it per
+    namespace."""
+
+    exclude_ports: tuple[int, ...] = ()
+    """Destination ports never redirected, sorted and unique (``mesh.excludePorts``)."""
+
+    exclude_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """IPv4/IPv6 destination networks never redirected (``mesh.excludeCIDRs``)."""
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API the CLI talks to."""
+
+    socket: str
+    """Unix socket path (``admin.socket``); default ``<runDir>/admin.sock``."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything ``meshlet run`` needs to know, validated."""
+
+    node: str
+    """This node's name, an RFC 1123 label; must appear in the inventory (``node``)."""
+
+    inventory: str
+    """Path of the node inventory file, resolved against the config file's
+    directory when relative (``inventory``)."""
+
+    cgroup: str
+    """cgroup v2 subtree holding this node's pods, absolute or relative to the
+    cgroup2 mount; kept as written (``cgroup``)."""
+
+    bpf: BpfConfig
+    """eBPF object settings (``bpf``)."""
+
+    proxy: ProxyConfig
+    """Node proxy settings (``proxy``)."""
+
+    mesh: MeshConfig
+    """Redirect scope and mode (``mesh``)."""
+
+    admin: AdminConfig
+    """Admin API settings (``admin``)."""
+
+    run_dir: str
+    """Directory for runtime state (``runDir``); default ``/run/meshlet/<node>``."""
+
+    log_level: str = "info"
+    """One of debug, info, warning, error (``logLevel``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML shape (camelCase keys, plain types), every default filled in."""
+        p, m = self.proxy, self.mesh
+        proxy: dict[str, Any] = {"redirectIPv4": str(p.redirect_ipv4)}
+        if p.redirect_ipv6 is not None:
+            proxy["redirectIPv6"] = str(p.redirect_ipv6)
+        proxy.update({
+            "outboundPort": p.outbound_port, "inboundPort": p.inbound_port,
+            "tunnelPort": p.tunnel_port, "workers": p.workers,
+            "connectTimeout": p.connect_timeout, "meshMark": p.mesh_mark,
+            "bufferSize": p.buffer_size,
+        })
+        return {
+            "node": self.node,
+            "inventory": self.inventory,
+            "cgroup": self.cgroup,
+            "bpf": {"pinDir": self.bpf.pin_dir},
+            "proxy": proxy,
+            "mesh": {
+                "mode": m.mode,
+                "excludePorts": list(m.exclude_ports),
+                "excludeCIDRs": [str(c) for c in m.exclude_cidrs],
+            },
+            "admin": {"socket": self.admin.socket},
+            "runDir": self.run_dir,
+            "logLevel": self.log_level,
+        }
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate the config file at ``path``; raises ``SourceError``."""
+    path = os.fspath(path)
+    return parse_config(y.read_text(path), path)
+
+
+def parse_config(text: str, filename: str = "<config>", base_dir: str | None = None) -> AgentConfig:
+    """Validate config text; relative ``inventory`` resolves against ``base_dir``
+    (default: the directory of ``filename``)."""
+    doc = y.parse(text, filename)
+    if base_dir is None:
+        base_dir = os.path.dirname(os.path.abspath(filename))
+    cfg = _read(doc.top(), base_dir)
+    doc.check()
+    assert cfg is not None
+    return cfg
+
+
+def _socket_path(v: y.Value) -> str:
+    s = y.absolute_path(v)
+    if len(s.encode()) > MAX_SOCKET_PATH:
+        raise y.Invalid(f"path is {len(s.encode())} bytes; Unix socket paths are limited to "
+                        f"{MAX_SOCKET_PATH}, choose a shorter one")
+    return s
+
+
+def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
+    doc = top.doc
+    node = top.get("node", y.dns_label)
+    inventory = top.get("inventory", y.string)
+    cgroup = top.get("cgroup", y.string)
+    run_dir = top.get("runDir", y.absolute_path, None)
+    log_level = top.get("logLevel", y.enum(*LOG_LEVELS), "info")
+    bpf_r, proxy_r = top.section("bpf"), top.section("proxy")
+    mesh_r, admin_r = top.section("mesh"), top.section("admin")
+    top.finish()
+
+    name = node or "<node>"  # only used for defaults; a bad node is already reported
+    run_dir = run_dir or f"/run/meshlet/{name}"
+    if inventory is not None:
+        inventory = os.path.normpath(os.path.join(base_dir, inventory))
+
+    bpf = proxy = mesh = admin = None
+    if bpf_r is not None:
+        bpf = BpfConfig(pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"))
+        bpf_r.finish()
+    if proxy_r is not None:
+        proxy = _read_proxy(proxy_r)
+    if mesh_r is not None:
+        ports = mesh_r.get("excludePorts", y.list_of(y.port), ())
+        cidrs = mesh_r.get("excludeCIDRs", y.list_of(y.ip_network), ())
+        mesh = MeshConfig(
+            mode=mesh_r.get("mode", y.enum(*MESH_MODES), "permissive"),
+            exclude_ports=tuple(sorted(set(ports or ()))),
+            exclude_cidrs=tuple(dict.fromkeys(cidrs or ())),
+        )
+        mesh_r.finish()
+    if admin_r is not None:
+        admin = AdminConfig(socket=admin_r.get("socket", _socket_path, f"{run_dir}/admin.sock"))
+        if not admin_r.has("socket") and len(admin.socket.encode()) > MAX_SOCKET_PATH:
+            v = top.at("runDir")
+            doc.add_at(v.node if v else None, "runDir",
+                       f"the default admin socket {admin.socket!r} is longer than {MAX_SOCKET_PATH} "
+                       "bytes; shorten runDir or set admin.socket")
+        admin_r.finish()
+
+    if doc.failed:
+        return None
+    return AgentConfig(node=node, inventory=inventory, cgroup=cgroup, bpf=bpf, proxy=proxy,
+                       mesh=mesh, admin=admin, run_dir=run_dir, log_level=log_level)
+
+
+def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
+    d = ProxyConfig.__dataclass_fields__
+    p = dict(
+        redirect_ipv4=r.get("redirectIPv4", y.ip_address(4)),
+        redirect_ipv6=r.get("redirectIPv6", y.ip_address(6), None),
+        outbound_port=r.get("outboundPort", y.port, d["outbound_port"].default),
+        inbound_port=r.get("inboundPort", y.port, d["inbound_port"].default),
+        tunnel_port=r.get("tunnelPort", y.port, d["tunnel_port"].default),
+        workers=r.get("workers", y.integer(1, 64), d["workers"].default),
+        connect_timeout=r.get("connectTimeout", y.number(0, 120, lo_open=True),
+                              d["connect_timeout"].default),
+        mesh_mark=r.get("meshMark", y.integer(1, 0xFFFFFFFF, hex_string=True),
+                        d["mesh_mark"].default),
+        buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
+    )
+    r.finish()
+    # The three listeners must not collide; report at the one written in the file.
+    seen: dict[int, str] = {}
+    for key, attr in (("outboundPort", "outbound_port"), ("inboundPort", "inbound_port"),
+                      ("tunnelPort", "tunnel_port")):
+        value = p[attr]
+        if value is None:
+            continue
+        if value not in seen:
+            seen[value] = key
+            continue
+        other = seen[value]
+        blame = key if r.has(key) else other
+        v = r.at(blame)
+        r.doc.add_at(v.node if v else r.value.node, f"{r.path}.{blame}",
+                     f"port {value} is also {key if blame == other else other}; the proxy "
+                     "listeners need three different ports")
+    if any(v is None for k, v in p.items() if k != "redirect_ipv6"):
+        return None
+    return ProxyConfig(**p)

@@ -153,6 +153,9 @@ class Agent:
             raise AgentError(f"inventory is invalid, not starting:\n{e}") from e
         except OSError as e:
             raise AgentError(f"cannot read inventory {self.cfg.inventory}: {e.strerror}") from e
+        if self.inventory.node(self.cfg.node) is None:
+            raise AgentError(f"{self.cfg.inventory}: node {self.cfg.node!r} (from the config's "
+                             "'node:') is not in the inventory's nodes[]")
         self.inventory_sig = _file_sig(self.cfg.inventory)
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
@@ -180,6 +183,11 @@ class Agent:
         except (SourceError, OSError) as e:
             self.inventory_error = str(e)
             log.error("inventory not applied, keeping the previous one:\n%s", e)
+            return False
+        if inv.node(self.cfg.node) is None:
+            self.inventory_error = (f"{self.cfg.inventory}: node {self.cfg.node!r} is not in "
+                                    "nodes[]; keeping the previous inventory")
+            log.error("%s", self.inventory_error)
             return False
         self.inventory_error = None
         self.inventory = inv

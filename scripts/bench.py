@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: direct pod-to-pod vs through the meshlet mesh.
+
+One simulated 2-node cluster, one run, four paths measured back to back:
+
+    direct same-node   pod1-3 (not enrolled) -> pod1-2
+    mesh   same-node   pod1-1 (enrolled)     -> pod1-2     (node1 proxy)
+    direct cross-node  pod1-3                -> pod2-1
+    mesh   cross-node  pod1-1                -> pod2-1     (node1 proxy -> tunnel -> node2 proxy)
+
+For each: HTTP req/s with p50/p99 latency (wrk against nginx in the server
+pod, small responses) and L4 bulk throughput (iperf3).  Prints a table with
+mesh/direct ratios and writes JSON.  This is a benchmark, not a test: numbers
+depend on the machine; compare ratios within one run.
+
+    scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from agent.sim import Cluster  # noqa: E402
+from agent.sim.mesh import Mesh  # noqa: E402
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 8080 reuseport;
+        listen [::]:8080 reuseport;
+        location / {{ return 200 "hello from nginx in a pod\\n"; }}
+    }}
+}}
+"""
+
+PATHS = [
+    ("direct", "same-node", "pod1-3", "pod1-2"),
+    ("mesh", "same-node", "pod1-1", "pod1-2"),
+    ("direct", "cross-node", "pod1-3", "pod2-1"),
+    ("mesh", "cross-node", "pod1-1", "pod2-1"),
+]
+
+
+def parse_wrk(out: str) -> dict:
+    def lat(label: str) -> float | None:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat("50"),
+            "p99_ms": lat("99"), "errors": errors.group(0) if errors else None}
+
+
+def run_wrk(cluster, src, url, duration, connections) -> dict:
+    r = cluster.pod(src).run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                              url], check=False, timeout=duration + 30)
+    res = parse_wrk(r.stdout)
+    if res["rps"] is None:
+        res["error"] = (r.stderr or r.stdout).strip()[-300:]
+    return res
+
+
+def run_iperf(cluster, src, host, duration) -> dict:
+    r = cluster.pod(src).run(["iperf3", "-c", host, "-p", "5201", "-t", str(duration), "-J"],
+                             check=False, timeout=duration + 30)
+    try:
+        data = json.loads(r.stdout)
+        return {"gbps": data["end"]["sum_received"]["bits_per_second"] / 1e9,
+                "retransmits": data["end"]["sum_sent"].get("retransmits")}
+    except (ValueError, KeyError):
+        return {"gbps": None, "error": (r.stderr or r.stdout).strip()[-300:]}
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--quick", action="store_true", help="2-second measurements")
+    ap.add_argument("--json", help="where to write results (default bench-results/...)")
+    a = ap.parse_args()
+    if a.quick:
+        a.duration = 2
+    if not 1 <= a.duration <= 60:
+        ap.error("--duration must be 1..60 seconds")
+    if os.geteuid() != 0:
+        print("the benchmark builds network namespaces and loads eBPF: run it as root")
+        return 2
+    for tool in ("wrk", "iperf3", "nginx"):
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            print(f"{tool} is missing: run 'bash scripts/run bench' (it installs it)")
+            return 2
+
+    workdir = tempfile.mkdtemp(prefix="meshlet-bench-")
+    cluster = Cluster(nodes=2, pods_per_node=3)
+    mesh = None
+    results = []
+    try:
+        cluster.up()
+        mesh = Mesh(cluster, unmeshed={"pod1-3"}, log_level="warning")
+        mesh.start()
+        for name in ("pod1-2", "pod2-1"):
+            d = os.path.join(workdir, name)
+            os.makedirs(d)
+            conf = os.path.join(d, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF.format(dir=d))
+            cluster.pod(name).popen(["nginx", "-c", conf, "-p", d],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cluster.pod(name).popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
+        for mode, where, src, dst in PATHS:
+            host = cluster.pod(dst).ip4
+            print(f"measuring {mode:<6} {where:<10} {src} -> {dst} ...", flush=True)
+            http = run_wrk(cluster, src, f"http://{host}:8080/", a.duration, a.connections)
+            bulk = run_iperf(cluster, src, host, a.duration)
+            results.append({"mode": mode, "where": where, "src": src, "dst": dst,
+                            "http": http, "bulk": bulk})
+        counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
+    finally:
+        if mesh is not None:
+            mesh.down()
+        cluster.down()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    by = {(r["mode"], r["where"]): r for r in results}
+    print(f"\nmeshlet benchmark: wrk -c{a.connections} -t1 -d{a.duration}s (nginx, small "
+          f"responses), iperf3 -t{a.duration}; one proxy worker per node; {os.cpu_count()} CPUs")
+    hdr = f"{'path':<22}{'HTTP req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'bulk Gbit/s':>13}" \
+          f"{'req/s ratio':>13}{'bulk ratio':>12}"
+    print(hdr)
+    print("-" * len(hdr))
+    summary = {}
+    for mode, where, _, _ in PATHS:
+        r = by[(mode, where)]
+        d = by[("direct", where)]
+        rr = ratio(r["http"]["rps"], d["http"]["rps"])
+        br = ratio(r["bulk"]["gbps"], d["bulk"]["gbps"])
+        summary[f"{mode} {where}"] = {"rps_ratio": rr, "bulk_ratio": br}
+        print(f"{mode + ' ' + where:<22}{fmt(r['http']['rps'], ',.0f'):>12}"
+              f"{fmt(r['http']['p50_ms'], '.2f'):>9}{fmt(r['http']['p99_ms'], '.2f'):>9}"
+              f"{fmt(r['bulk']['gbps'], '.2f'):>13}{fmt(rr, '.2f'):>13}{fmt(br, '.2f'):>12}")
+        for part in ("http", "bulk"):
+            if r[part].get("error"):
+                print(f"   {part} error: {r[part]['error']}")
+    out = a.json or os.path.join(ROOT, "bench-results",
+                                 time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": a.duration,
+                   "connections": a.connections, "cpus": os.cpu_count(), "results": results,
+                   "ratios": summary, "kernel_counters": counters}, f, indent=2)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

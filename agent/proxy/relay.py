@@ -48,7 +48,9 @@ def reset_transport(transport: asyncio.BaseTransport | None) -> None:
     """Close with RST: SO_LINGER (on, 0 s), then abort. Safe to call twice."""
     if transport is None:
         return
-    sock = transport.get_extra_info("socket")
+    # Only while the handle is surely open: a closed transport's fd number may
+    # already belong to another socket.
+    sock = None if transport.is_closing() else transport.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
@@ -98,7 +100,7 @@ class Endpoint(asyncio.Protocol):
         peer = self._peer
         if peer is not None:
             self.bytes_in += len(data)
-            if peer._writable:
+            if peer._writable and not peer.transport.is_closing():  # type: ignore[union-attr]
                 peer.transport.write(data)  # type: ignore[union-attr]
             return
         self._buf += data
@@ -174,15 +176,18 @@ class Endpoint(asyncio.Protocol):
         if data:
             self._buf[:0] = data
 
+    def can_write(self) -> bool:
+        return self._writable and not self.transport.is_closing()  # type: ignore[union-attr]
+
     def write(self, data: bytes) -> None:
-        if self._writable:
+        if self.can_write():
             self.transport.write(data)  # type: ignore[union-attr]
 
     def write_eof(self) -> None:
         """Half-close our sending side (after buffered bytes are sent)."""
-        if self._writable:
-            self._writable = False
+        if self.can_write():
             self.transport.write_eof()  # type: ignore[union-attr]
+        self._writable = False
 
     def reset(self) -> None:
         self._writable = False
@@ -216,7 +221,7 @@ class Relay:
         a._relay = self
         b._relay = self
         for ep in (a, b):
-            if not ep.lost and ep.transport is not None:
+            if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
                 ep.transport.set_write_buffer_limits(high=buffer_size, low=buffer_size // 2)
         for ep in (a, b):
             if ep.lost:
@@ -269,12 +274,12 @@ class Relay:
 
     def _on_eof(self, src: Endpoint) -> None:
         dst = self._other(src)
-        if dst._writable:
-            dst._writable = False
+        if dst.can_write():
             if dst.transport.can_write_eof():  # type: ignore[union-attr]
                 dst.transport.write_eof()  # type: ignore[union-attr]
             else:
                 dst.transport.close()  # type: ignore[union-attr]
+        dst._writable = False
         a, b = self.a, self.b
         if a.eof and b.eof and a._peer is not None and b._peer is not None:
             if self._reason is None:

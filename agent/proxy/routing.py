@@ -87,6 +87,20 @@ def _is_self(state: ProxyState, ip: str, port: int) -> bool:
     return ip in {normalize_ip(a) for a in mine if a}  # type: ignore[arg-type]
 
 
+def _is_node_address(state: ProxyState, ip: str) -> bool:
+    return any(ip in {normalize_ip(a) for a in (n.address, n.address6) if a}
+               for n in state.nodes.values())
+
+
+def tunnel_peer_allowed(state: ProxyState, peer_ip: str) -> bool:
+    """Until the tunnel is mutually authenticated (mTLS, issue #3), the
+    inbound side accepts tunnels only from the address of a mesh node."""
+    try:
+        return _is_node_address(state, normalize_ip(peer_ip))
+    except ValueError:
+        return False
+
+
 def route(state: ProxyState, origin: Origin, peer: tuple) -> Decision:
     """Decide what to do with an accepted outbound connection.
 
@@ -116,6 +130,9 @@ def route(state: ProxyState, origin: Origin, peer: tuple) -> Decision:
     if _is_self(state, dst_ip, port):
         return Reject(f"destination {dst_ip}:{port} is the proxy itself; refusing to loop", src)
 
+    if port == state.listen.tunnel_port and _is_node_address(state, dst_ip):
+        return Reject(f"{src.key} tried to open a mesh tunnel to {dst_ip}:{port} itself; only node "
+                      "proxies may (a pod could otherwise claim any identity)", src)
     dst = state.pod_by_ip.get(dst_ip)
     if dst is None or not dst.mesh:
         return Passthrough(src, (dst_ip, port))

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from agent.proxy import tunnel
 from agent.proxy.log import AccessLog
 from agent.proxy.relay import Endpoint, Relay
-from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route
+from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
 from agent.proxy.state import ProxyState, StateWatcher, normalize_ip
 from agent.proxy.tunnel import Status
 
@@ -559,6 +559,10 @@ class ProxyServer:
         state = self.watcher.current
         conn.route = "local"
         conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
+        if not tunnel_peer_allowed(state, str(conn.src_addr[0])):
+            await self._refuse(conn, Status.FORBIDDEN,
+                               f"tunnel from {conn.src_addr[0]}, which is not a mesh node address")
+            return
         decoder = tunnel.RequestDecoder()
         try:
             async with asyncio.timeout(self.header_timeout):

@@ -373,3 +373,43 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+CRAFTED_TUNNEL = """
+import json, socket, sys
+from agent.proxy import tunnel
+dst_ip, node_ip = sys.argv[1], sys.argv[2]
+req = tunnel.TunnelRequest(dst=tunnel.Address(socket.AF_INET, dst_ip, 7001),
+                           identity="spiffe://cluster.local/ns/default/sa/admin",
+                           namespace="default", name="forged", src=None)
+try:
+    s = socket.create_connection((node_ip, 15008), timeout=3)
+    s.sendall(tunnel.encode_request(req) + b"sneaky\\n")
+    dec, out = tunnel.ResponseDecoder(), tunnel.NEED_MORE
+    while out is tunnel.NEED_MORE:
+        chunk = s.recv(4096)
+        if not chunk:
+            print(json.dumps({"result": "eof"})); sys.exit()
+        out = dec.feed(chunk)
+    print(json.dumps({"result": "response", "status": out.message.status.name}))
+except ConnectionResetError:
+    print(json.dumps({"result": "reset"}))
+except OSError as e:
+    print(json.dumps({"result": "error", "error": str(e)}))
+"""
+
+
+@pytest.mark.parametrize("src", ["pod1-3", "pod1-1"])
+def test_tunnel_port_is_not_a_way_around_the_mesh(mesh, src):
+    # A forged tunnel header sent straight to node2's tunnel port, from a pod
+    # outside the mesh (pod1-3) or inside it (pod1-1, whose connection the
+    # kernel steers into its own node proxy), never reaches pod2-1.
+    node2 = mesh.cluster.node("node2")
+    r = mesh.cluster.pod(src).run([sys.executable, "-c", CRAFTED_TUNNEL, ip_of(mesh, "pod2-1"),
+                                   node2.address], check=False, timeout=30)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["result"] in ("response", "reset", "eof"), res
+    if res["result"] == "response":
+        assert res["status"] != "OK", res
+    assert "forged" not in json.dumps(
+        [e for e in mesh.access_log("node2") if e.get("result") == "ok"])

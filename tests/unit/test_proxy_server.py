@@ -280,8 +280,8 @@ def test_rejected_connections_are_reset(tmp_path):
     assert stats["counters"]["flow_misses"] == 1
 
 
-async def _raw_tunnel(port: int, data: bytes, ip="127.0.0.1"):
-    r, w = await asyncio.open_connection(ip, port)
+async def _raw_tunnel(port: int, data: bytes, ip="127.0.0.1", source: str | None = None):
+    r, w = await asyncio.open_connection(ip, port, local_addr=(source, 0) if source else None)
     w.write(data)
     w.write_eof()
     dec = tunnel.ResponseDecoder()
@@ -319,6 +319,22 @@ def test_tunnel_listener_is_not_an_open_relay(tmp_path):
     assert bad[0].status is tunnel.Status.BAD_REQUEST
     assert ok[0].status is tunnel.Status.OK and ok[1] == b"hi|bye from 127.0.0.5"
     assert [e["result"] for e in log] == ["rejected", "rejected", "rejected", "ok"]
+
+
+def test_tunnel_only_from_mesh_node_addresses(tmp_path):
+    # Until mTLS authenticates the tunnel (issue #3), a tunnel from an address
+    # that is not a mesh node is refused before its header is even read.
+    async def main():
+        async with Cluster(tmp_path) as c:
+            res = await _raw_tunnel(c.tun_port, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi",
+                                    source="127.0.0.9")
+            await asyncio.sleep(0.1)
+            return res, c.access("node1")
+
+    (resp, rest), log = run(main())
+    assert resp.status is tunnel.Status.FORBIDDEN and "not a mesh node" in resp.reason
+    assert rest == b""
+    assert [e["result"] for e in log] == ["rejected"]
 
 
 def test_stats_socket(tmp_path):

@@ -73,6 +73,9 @@ CASES = [
     (Origin(V6, "fd00:198:18::1", 15001, 4242), P1, Reject, lambda d: "loop" in d.reason),
     # same node address, other port: fine (node-local service)
     (Origin(V4, "198.18.0.1", 22, 4242), P1, Passthrough, lambda d: True),
+    # a pod may not open a mesh tunnel itself (it could claim any identity)
+    (Origin(V4, "198.18.0.2", 15008, 4242), P1, Reject, lambda d: "tunnel" in d.reason),
+    (Origin(V6, "fd00:198:18::3", 15008, 4242), P1, Reject, lambda d: "tunnel" in d.reason),
     # destination pod on a node with no address
     (Origin(V4, "10.244.9.10", 80, 4242), P1, Reject, lambda d: "node9" in d.reason),
 ]

@@ -8,7 +8,8 @@ the pod's veth, 10.244.<n>.1).  Kernel counters and the proxies' access logs
 are checked too.
 
 Pods: pod1-1, pod1-2, pod1-3 on node1; pod2-1, pod2-2, pod2-3 on node2.
-pod1-3 is not enrolled (mesh: false).  Port 7999 is excluded from the mesh.
+pod1-3 is not enrolled (mesh: false).  Port 7999 and pod2-3's addresses are
+excluded from the mesh.
 Every pod runs a transfer server on 7000 (and 7999) and an echo server on 7001.
 """
 
@@ -40,7 +41,8 @@ EXCLUDED = 7999
 @pytest.fixture(scope="module")
 def mesh():
     cluster = Cluster(nodes=2, pods_per_node=3).up()
-    m = Mesh(cluster, exclude_ports=(EXCLUDED,), unmeshed={"pod1-3"})
+    m = Mesh(cluster, exclude_ports=(EXCLUDED,), unmeshed={"pod1-3"},
+             exclude_cidrs=(f"{cluster.pod('pod2-3').ip4}/32", f"{cluster.pod('pod2-3').ip6}/128"))
     try:
         for pod in cluster.pods:
             for args in (["serve", "--port", "7000"], ["serve", "--port", str(EXCLUDED)],
@@ -139,7 +141,7 @@ def test_ipv6_is_redirected(mesh):
 def test_half_close_keeps_the_other_direction(mesh):
     # transfer() shuts down its write side first and only then reads the
     # server's answer: a relay without half-close would lose it.
-    r = transfer(mesh, "pod1-2", ip_of(mesh, "pod2-3"), up=0, down=3 << 20)
+    r = transfer(mesh, "pod1-2", ip_of(mesh, "pod2-2"), up=0, down=3 << 20)
     assert r["ok"], r
 
 
@@ -159,6 +161,17 @@ def test_excluded_port_bypasses(mesh):
     after = mesh.counters("node1")
     assert after["bypass_port"] - before["bypass_port"] == 1
     assert after["redirect4"] == before["redirect4"]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_excluded_cidr_bypasses(mesh, v6):
+    before = mesh.counters("node1")
+    r = transfer(mesh, "pod1-1", ip_of(mesh, "pod2-3", v6=v6), up=1 << 20, down=1 << 20)
+    assert r["ok"], r
+    assert r["server_saw_peer"] == ip_of(mesh, "pod1-1", v6=v6)
+    after = mesh.counters("node1")
+    assert after["bypass_cidr"] - before["bypass_cidr"] == 1
+    assert after["redirect4"] + after["redirect6"] == before["redirect4"] + before["redirect6"]
 
 
 @pytest.mark.parametrize("dst", ["pod1-2", "pod2-2"])

@@ -1,0 +1,91 @@
+"""The CLI's offline commands and its error paths (no root, no agent)."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from agent.cli import main
+
+INVENTORY = """\
+nodes:
+  - name: node1
+    address: 198.18.0.1
+pods:
+  - name: web-1
+    node: node1
+    ips: [10.244.1.10]
+    cgroup: /sys/fs/cgroup/x/web-1
+"""
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_teaches():
+    r = run("--help")
+    assert r.exit_code == 0
+    for cmd in ("doctor", "run", "status", "bpf", "inventory", "workloads"):
+        assert cmd in r.output
+
+
+def test_inventory_validate_good_and_bad(tmp_path):
+    good = tmp_path / "inventory.yaml"
+    good.write_text(INVENTORY)
+    r = run("inventory", "validate", str(good))
+    assert r.exit_code == 0 and "valid (1 nodes, 1 pods)" in r.output
+    r = run("inventory", "validate", str(good), "-o", "json")
+    assert json.loads(r.output) == {"valid": True, "nodes": 1, "pods": 1}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(INVENTORY.replace("10.244.1.10", "10.244.1.300"))
+    r = run("inventory", "validate", str(bad))
+    assert r.exit_code == 1
+    assert "bad.yaml:7:" in r.output and "pods[0].ips[0]" in r.output
+    r = run("inventory", "validate", str(bad), "-o", "json")
+    assert r.exit_code == 1 and json.loads(r.output)["valid"] is False
+
+
+def test_config_validate_reports_unknown_fields(tmp_path):
+    cfg = tmp_path / "node1.yaml"
+    cfg.write_text("node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
+                   "proxy:\n  redirectIPv4: 10.244.1.1\n  outbondPort: 15001\n")
+    r = run("config", "validate", str(cfg))
+    assert r.exit_code == 1
+    assert "node1.yaml:6:3" in r.output and "outboundPort" in r.output
+
+
+def test_config_validate_fills_defaults(tmp_path):
+    cfg = tmp_path / "node1.yaml"
+    cfg.write_text("node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
+                   "proxy:\n  redirectIPv4: 10.244.1.1\n")
+    r = run("config", "validate", str(cfg), "-o", "json")
+    assert r.exit_code == 0
+    d = json.loads(r.output)
+    assert "15001" in json.dumps(d) and "/sys/fs/bpf/meshlet/node1" in json.dumps(d)
+
+
+def test_bpf_render_prints_cflags_and_source():
+    r = run("bpf", "render", "--node", "nodeX")
+    assert r.exit_code == 0
+    first = r.output.splitlines()[0]
+    assert first.startswith("/* cflags:") and '-DML_PIN_DIR="/sys/fs/bpf/meshlet/nodeX"' in first
+    for marker in ("int ml_connect4(", "int ml_connect6(", "int ml_sockops(", "int ml_tc_to_pod(",
+                   "struct ml_flow_key {"):
+        assert marker in r.output
+
+
+def test_status_without_an_agent_says_what_to_do(tmp_path):
+    r = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "none.sock")])
+    assert r.exit_code == 1
+    assert "cannot reach the agent" in r.output and "meshlet run" in r.output
+
+
+def test_run_with_invalid_config_names_the_problem(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("node: Node_1\n")
+    r = CliRunner().invoke(main, ["run", "--config", str(cfg)])
+    assert r.exit_code == 1
+    assert "c.yaml:1:" in r.output

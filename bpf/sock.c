@@ -1,6 +1,7 @@
 /* cgroup socket hooks: steer enrolled workloads' TCP connects into the node
- * proxy (connect4/connect6) and file each redirected connection under the
- * 4-tuple the proxy will see on accept (sockops).
+ * proxy (connect4/connect6), file each redirected connection under the
+ * 4-tuple the proxy will see on accept (sockops), and keep the redirect
+ * invisible to the app (getpeername4/getpeername6).
  *
  * Attached once per node, on the cgroup subtree holding the node's pods and
  * its proxy.  Enrollment is data: a task is redirected only when its cgroup
@@ -184,6 +185,14 @@ int ml_sockops(struct bpf_sock_ops *skops)
 	u64 cookie;
 	int v4;
 
+	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+		/* args[1] is the new state: forget the socket when it closes */
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			cookie = bpf_get_socket_cookie(skops);
+			ml_origdst.delete(&cookie);
+		}
+		return 1;
+	}
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
 	cookie = bpf_get_socket_cookie(skops);
@@ -215,6 +224,43 @@ int ml_sockops(struct bpf_sock_ops *skops)
 		ml_count(ML_STAT_FLOW_RECORDED);
 	else
 		ml_count(ML_STAT_ORIGDST_FULL);
-	ml_origdst.delete(&cookie);
+	/* Keep the cookie's record for getpeername() until the socket closes. */
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	return 1;
+}
+
+/* getpeername() on a redirected socket answers the address the app
+ * connected to, not the node proxy's: the redirect stays invisible. */
+int ml_getpeername4(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct ml_origdst *od = ml_origdst.lookup(&cookie);
+
+	if (!od || od->family != ML_AF_INET)
+		return 1;
+	ctx->user_ip4 = od->dst_be[0];
+	ctx->user_port = bpf_htons(od->dst_port);
+	return 1;
+}
+
+int ml_getpeername6(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct ml_origdst *od = ml_origdst.lookup(&cookie);
+
+	if (!od)
+		return 1;
+	if (od->family == ML_AF_INET) {  /* IPv4 through an AF_INET6 socket */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = od->dst_be[0];
+	} else {
+		ctx->user_ip6[0] = od->dst_be[0];
+		ctx->user_ip6[1] = od->dst_be[1];
+		ctx->user_ip6[2] = od->dst_be[2];
+		ctx->user_ip6[3] = od->dst_be[3];
+	}
+	ctx->user_port = bpf_htons(od->dst_port);
 	return 1;
 }

@@ -54,6 +54,10 @@ CGROUP_HOOKS = (
     CgroupHook("ml_connect4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
     CgroupHook("ml_connect6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
     CgroupHook("ml_sockops", bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
+    CgroupHook("ml_getpeername4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR,
+               bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    CgroupHook("ml_getpeername6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR,
+               bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
 )
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)

@@ -100,7 +100,9 @@ def session(host: str, port: int, timeout: float) -> int:
     """A long-lived connection driven from stdin: each line is sent and its
     echo printed as {"echo": ...}; any failure prints {"error": ...}."""
     s = socket.create_connection((host, port), timeout=timeout)
-    print(json.dumps({"connected": list(s.getsockname()[:2])}), flush=True)
+    print(json.dumps({"connected": list(s.getsockname()[:2]),
+                      "peer": [s.getpeername()[0].removeprefix("::ffff:"), s.getpeername()[1]]}),
+          flush=True)
     for line in sys.stdin:
         data = line.encode()
         try:

@@ -65,7 +65,8 @@ struct ml_cidr6_key {
 	__u32 addr_be[4];
 };
 
-/* ml_origdst: socket cookie -> where the app wanted to go (connect hook) */
+/* ml_origdst: socket cookie -> where the app wanted to go (connect hook);
+ * kept until the socket closes so getpeername() can answer it */
 struct ml_origdst {
 	__u32 dst_be[4];
 	__u64 cgroup_id;            /* cgroup of the task that called connect() */

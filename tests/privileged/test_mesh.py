@@ -138,6 +138,23 @@ def test_ipv6_is_redirected(mesh):
     assert r["server_saw_peer"] == gateway(mesh, "node1", v6=True)
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_redirect_is_invisible_to_getpeername(mesh, v6):
+    dst = ip_of(mesh, "pod2-1", v6=v6)
+    client = mesh.cluster.pod("pod1-1").popen(TOOLS + ["session", dst, "7001"],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              text=True)
+    try:
+        hello = json.loads(client.stdout.readline())
+        assert hello["peer"] == [dst, 7001], hello
+        client.stdin.write("ping\n")
+        client.stdin.flush()
+        assert json.loads(client.stdout.readline()) == {"echo": "ping"}
+    finally:
+        client.kill()
+        client.wait()
+
+
 def test_half_close_keeps_the_other_direction(mesh):
     # transfer() shuts down its write side first and only then reads the
     # server's answer: a relay without half-close would lose it.
@@ -199,7 +216,8 @@ def attachments(mesh, node: str) -> dict[int, list[int]]:
     try:
         return {t: bpfsys.prog_query(fd, t) for t in (
             bpfsys.ATTACH_CGROUP_INET4_CONNECT, bpfsys.ATTACH_CGROUP_INET6_CONNECT,
-            bpfsys.ATTACH_CGROUP_SOCK_OPS)}
+            bpfsys.ATTACH_CGROUP_SOCK_OPS, bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME,
+            bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME)}
     finally:
         os.close(fd)
 
@@ -328,11 +346,11 @@ def test_bpf_status_cli_reads_pins(mesh):
                         ap.pin_dir, "-o", "json"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
+    hooks = ("ml_connect4", "ml_connect6", "ml_sockops", "ml_getpeername4", "ml_getpeername6")
     names = {p["name"] for p in st["programs"]}
-    assert {"ml_connect4", "ml_connect6", "ml_sockops", "ml_tc_to_pod"} <= names
+    assert set(hooks) | {"ml_tc_to_pod"} == names
     links = {li["name"]: li for li in st["links"]}
-    assert all(links[f"cgroup-{n}"]["attached"] for n in ("ml_connect4", "ml_connect6",
-                                                          "ml_sockops"))
+    assert all(links[f"cgroup-{n}"]["attached"] for n in hooks)
     assert sum(1 for n in links if n.startswith("tc-")) == 2  # pod1-1, pod1-2 enrolled
     maps = {m["name"]: m for m in st["maps"]}
     assert maps["ml_enrolled"]["entries"] == 2

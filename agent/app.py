@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from . import cgroup as cg
+from .adminclient import unix_request
 from .config import AgentConfig
 from .workloads.inventory import Inventory, load_inventory
 from .yamlsrc import SourceError
@@ -517,19 +518,8 @@ def _proxy_env() -> dict:
 
 
 def _proxy_stats(sock_path: str) -> dict | None:
-    import socket
-
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            s.connect(sock_path)
-            chunks = []
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                chunks.append(b)
-        return json.loads(b"".join(chunks))
+        return json.loads(unix_request(sock_path, timeout=0.5))
     except (OSError, ValueError):
         return None
 

@@ -10,7 +10,6 @@ import glob
 import json
 import logging
 import os
-import socket
 import sys
 
 import click
@@ -210,22 +209,14 @@ def _admin_socket(sock: str | None, node: str | None) -> str:
 
 
 def admin_get(path: str, sock: str) -> dict:
+    from .adminclient import admin_get as get
+
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(sock)
-            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-            chunks = []
-            while True:
-                b = s.recv(65536)
-                if not b:
-                    break
-                chunks.append(b)
+        status, data = get(sock, path)
     except OSError as e:
         _die(f"cannot reach the agent at {sock}: {e.strerror or e}; is `meshlet run` running?")
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    data = json.loads(body)
+    except ValueError as e:
+        _die(f"unexpected answer from {sock}: {e}")
     if status != 200:
         _die(f"agent answered {status}: {data.get('error')}")
     return data

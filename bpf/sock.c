@@ -31,39 +31,55 @@ static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
 	return 0;
 }
 
+/* The workload of the task calling connect() on a TCP socket, when it is
+ * enrolled and the datapath is enabled; NULL means "leave it alone". */
+static __always_inline struct ml_workload *ml_enrolled_task(struct bpf_sock_addr *ctx,
+							    struct ml_config **cfg, u64 *cgid)
+{
+	if (ctx->type != ML_SOCK_STREAM)
+		return NULL;
+	*cfg = ml_get_config();
+	if (!*cfg || !(*cfg)->enabled)
+		return NULL;
+	*cgid = bpf_get_current_cgroup_id();
+	return ml_enrolled.lookup(cgid);
+}
+
+/* Why an IPv4 destination must not be redirected (0 = redirect it).  Shared
+ * by connect4 and the IPv4-mapped branch of connect6. */
+static __always_inline int ml_v4_bypass(struct ml_config *cfg, u32 dst_be, u16 port)
+{
+	struct ml_cidr4_key ck = {};
+
+	if ((bpf_ntohl(dst_be) >> 24) == 127 || dst_be == cfg->redirect_ip4_be)
+		return ML_STAT_BYPASS_LOCAL;
+	if (ml_port_excluded(port))
+		return ML_STAT_BYPASS_PORT;
+	ck.prefixlen = 32;
+	ck.addr_be = dst_be;
+	if (ml_excl_cidr4.lookup(&ck))
+		return ML_STAT_BYPASS_CIDR;
+	return 0;
+}
+
 int ml_connect4(struct bpf_sock_addr *ctx)
 {
-	struct ml_config *cfg;
+	struct ml_config *cfg = NULL;
 	struct ml_workload *w;
-	struct ml_cidr4_key ck = {};
-	u64 cgid;
+	u64 cgid = 0;
 	u32 dst[4] = {};
 	u16 port;
+	int bypass;
 
-	if (ctx->type != ML_SOCK_STREAM)
-		return 1;
-	cfg = ml_get_config();
-	if (!cfg || !cfg->enabled)
-		return 1;
-	cgid = bpf_get_current_cgroup_id();
-	w = ml_enrolled.lookup(&cgid);
+	w = ml_enrolled_task(ctx, &cfg, &cgid);
 	if (!w)
 		return 1;
 
 	dst[0] = ctx->user_ip4;
 	port = bpf_ntohs((u16)ctx->user_port);
-	if ((bpf_ntohl(dst[0]) >> 24) == 127 || dst[0] == cfg->redirect_ip4_be) {
-		ml_count(ML_STAT_BYPASS_LOCAL);
-		return 1;
-	}
-	if (ml_port_excluded(port)) {
-		ml_count(ML_STAT_BYPASS_PORT);
-		return 1;
-	}
-	ck.prefixlen = 32;
-	ck.addr_be = dst[0];
-	if (ml_excl_cidr4.lookup(&ck)) {
-		ml_count(ML_STAT_BYPASS_CIDR);
+	bypass = ml_v4_bypass(cfg, dst[0], port);
+	if (bypass) {
+		ml_count(bypass);
 		return 1;
 	}
 	if (ml_record(ctx, ML_AF_INET, dst, port, cgid, w->workload_id) != 0)
@@ -77,20 +93,14 @@ int ml_connect4(struct bpf_sock_addr *ctx)
 
 int ml_connect6(struct bpf_sock_addr *ctx)
 {
-	struct ml_config *cfg;
+	struct ml_config *cfg = NULL;
 	struct ml_workload *w;
-	u64 cgid;
+	u64 cgid = 0;
 	u32 dst[4];
 	u16 port;
 	int mapped;
 
-	if (ctx->type != ML_SOCK_STREAM)
-		return 1;
-	cfg = ml_get_config();
-	if (!cfg || !cfg->enabled)
-		return 1;
-	cgid = bpf_get_current_cgroup_id();
-	w = ml_enrolled.lookup(&cgid);
+	w = ml_enrolled_task(ctx, &cfg, &cgid);
 	if (!w)
 		return 1;
 
@@ -103,21 +113,11 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 	mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff);
 
 	if (mapped) {
-		struct ml_cidr4_key ck = {};
 		u32 v4[4] = {dst[3], 0, 0, 0};
+		int bypass = ml_v4_bypass(cfg, dst[3], port);
 
-		if ((bpf_ntohl(dst[3]) >> 24) == 127 || dst[3] == cfg->redirect_ip4_be) {
-			ml_count(ML_STAT_BYPASS_LOCAL);
-			return 1;
-		}
-		if (ml_port_excluded(port)) {
-			ml_count(ML_STAT_BYPASS_PORT);
-			return 1;
-		}
-		ck.prefixlen = 32;
-		ck.addr_be = dst[3];
-		if (ml_excl_cidr4.lookup(&ck)) {
-			ml_count(ML_STAT_BYPASS_CIDR);
+		if (bypass) {
+			ml_count(bypass);
 			return 1;
 		}
 		if (ml_record(ctx, ML_AF_INET, v4, port, cgid, w->workload_id) != 0)

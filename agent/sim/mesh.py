@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -193,15 +192,9 @@ class Mesh:
     # --- queries ----------------------------------------------------------------------
 
     def admin(self, name: str, path: str) -> dict:
-        sock_path = os.path.join(self.agents[name].run_dir, "admin.sock")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(sock_path)
-            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return json.loads(data.partition(b"\r\n\r\n")[2])
+        from agent.adminclient import admin_get
+
+        return admin_get(os.path.join(self.agents[name].run_dir, "admin.sock"), path)[1]
 
     def status(self, name: str) -> dict:
         return self.admin(name, "/v1/status")

@@ -54,14 +54,13 @@ def _handle(conn: socket.socket, peer) -> None:
             conn.sendall(chunk)
 
 
-def serve(port: int, bind: str, max_seconds: float) -> None:
-    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind((bind, port))
-    s.listen(128)
+def accept_loop(handler, port: int, bind: str, max_seconds: float) -> None:
+    """Listen (dual-stack for an IPv6 ``bind``), print {"listening": port},
+    and run ``handler(conn, peer)`` in a thread per connection until
+    ``max_seconds`` have passed."""
+    v6 = ":" in bind
+    s = socket.create_server((bind, port), family=socket.AF_INET6 if v6 else socket.AF_INET,
+                             dualstack_ipv6=v6, backlog=128)
     s.settimeout(1.0)
     print(json.dumps({"listening": port}), flush=True)
     deadline = time.monotonic() + max_seconds
@@ -70,30 +69,16 @@ def serve(port: int, bind: str, max_seconds: float) -> None:
             conn, peer = s.accept()
         except socket.timeout:
             continue
-        threading.Thread(target=_handle, args=(conn, peer), daemon=True).start()
+        threading.Thread(target=handler, args=(conn, peer), daemon=True).start()
 
 
-def _echo(conn: socket.socket) -> None:
+def _echo(conn: socket.socket, peer) -> None:
     with conn:
         while True:
             b = conn.recv(65536)
             if not b:
                 return
             conn.sendall(b)
-
-
-def echo(port: int, bind: str, max_seconds: float) -> None:
-    s = socket.create_server((bind, port), family=socket.AF_INET6 if ":" in bind else socket.AF_INET,
-                             dualstack_ipv6=":" in bind, reuse_port=False)
-    s.settimeout(1.0)
-    print(json.dumps({"listening": port}), flush=True)
-    deadline = time.monotonic() + max_seconds
-    while time.monotonic() < deadline:
-        try:
-            conn, _ = s.accept()
-        except socket.timeout:
-            continue
-        threading.Thread(target=_echo, args=(conn,), daemon=True).start()
 
 
 def session(host: str, port: int, timeout: float) -> int:
@@ -202,10 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=5)
     a = ap.parse_args(argv)
     if a.cmd == "serve":
-        serve(a.port, a.bind, a.max_seconds)
+        accept_loop(_handle, a.port, a.bind, a.max_seconds)
         return 0
     if a.cmd == "echo":
-        echo(a.port, a.bind, a.max_seconds)
+        accept_loop(_echo, a.port, a.bind, a.max_seconds)
         return 0
     if a.cmd == "session":
         return session(a.host, a.port, a.timeout)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,6 +106,30 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """Workload identities (SPIFFE X.509-SVIDs) and the node's CA material."""
+
+    bundle: str
+    """PEM file of the trust bundle: every root this node trusts
+    (``identity.bundle``; relative to the config file). Watched: during a
+    CA rotation it holds the old and the new root."""
+
+    ca_cert: str
+    """This node's intermediate CA certificate, PEM (``identity.caCert``)."""
+
+    ca_key: str
+    """Its private key, PEM (``identity.caKey``). The node signs SVIDs only
+    for service accounts of pods running on it."""
+
+    trust_domain: str = "cluster.local"
+    """SPIFFE trust domain (``identity.trustDomain``)."""
+
+    cert_ttl: int = 86400
+    """Workload certificate lifetime in seconds (``identity.certTTL``); the
+    proxy renews at about half of it."""
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin API the CLI talks to."""
 
@@ -139,6 +164,10 @@ class AgentConfig:
     admin: AdminConfig
     """Admin API settings (``admin``)."""
 
+    identity: IdentityConfig
+    """Identity and mTLS settings (``identity``); required: meshlet never
+    tunnels between nodes without mutual TLS."""
+
     run_dir: str
     """Directory for runtime state (``runDir``); default ``/run/meshlet/<node>``."""
 
@@ -169,6 +198,9 @@ class AgentConfig:
                 "excludeCIDRs": [str(c) for c in m.exclude_cidrs],
             },
             "admin": {"socket": self.admin.socket},
+            "identity": {"trustDomain": self.identity.trust_domain,
+                         "bundle": self.identity.bundle, "caCert": self.identity.ca_cert,
+                         "caKey": self.identity.ca_key, "certTTL": self.identity.cert_ttl},
             "runDir": self.run_dir,
             "logLevel": self.log_level,
         }
@@ -209,6 +241,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     log_level = top.get("logLevel", y.enum(*LOG_LEVELS), "info")
     bpf_r, proxy_r = top.section("bpf"), top.section("proxy")
     mesh_r, admin_r = top.section("mesh"), top.section("admin")
+    ident_r = top.section("identity")
     top.finish()
 
     name = node or "<node>"  # only used for defaults; a bad node is already reported
@@ -240,10 +273,36 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
                        "bytes; shorten runDir or set admin.socket")
         admin_r.finish()
 
+    identity = None
+    if ident_r is not None:
+        def rel(v: y.Value) -> str:
+            return os.path.normpath(os.path.join(base_dir, y.string(v)))
+
+        identity = IdentityConfig(
+            bundle=ident_r.get("bundle", rel),
+            ca_cert=ident_r.get("caCert", rel),
+            ca_key=ident_r.get("caKey", rel),
+            trust_domain=ident_r.get("trustDomain", _trust_domain, "cluster.local"),
+            cert_ttl=ident_r.get("certTTL", y.integer(10, 90 * 86400), 86400),
+        )
+        ident_r.finish()
+
     if doc.failed:
         return None
     return AgentConfig(node=node, inventory=inventory, cgroup=cgroup, bpf=bpf, proxy=proxy,
-                       mesh=mesh, admin=admin, run_dir=run_dir, log_level=log_level)
+                       mesh=mesh, admin=admin, identity=identity, run_dir=run_dir,
+                       log_level=log_level)
+
+
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
+
+
+def _trust_domain(v: y.Value) -> str:
+    s = y.string(v)
+    if not _TRUST_DOMAIN_RE.match(s):
+        raise y.Invalid(f"{s!r} is not a SPIFFE trust domain: lowercase letters, digits, "
+                        "'.', '-' and '_' only (e.g. cluster.local)")
+    return s
 
 
 def _read_proxy(r: y.MapReader) -> ProxyConfig | None:

@@ -60,6 +60,7 @@ def test_config_validate_reports_unknown_fields(tmp_path):
 def test_config_validate_fills_defaults(tmp_path):
     cfg = tmp_path / "node1.yaml"
     cfg.write_text("node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
+                   "identity: {bundle: b.pem, caCert: c.pem, caKey: k.pem}\n"
                    "proxy:\n  redirectIPv4: 10.244.1.1\n")
     r = run("config", "validate", str(cfg), "-o", "json")
     assert r.exit_code == 0

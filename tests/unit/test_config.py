@@ -19,6 +19,10 @@ MINIMAL = """\
 node: node1
 inventory: inventory.yaml
 cgroup: meshlet/node1
+identity:
+  bundle: ca/bundle.pem
+  caCert: ca/nodes/node1/ca.pem
+  caKey: ca/nodes/node1/ca-key.pem
 proxy:
   redirectIPv4: 10.244.1.1
 """
@@ -45,6 +49,12 @@ mesh:
   excludeCIDRs: ["169.254.0.0/16", "fe80::/10"]
 admin:
   socket: /tmp/admin.sock
+identity:
+  trustDomain: prod.example
+  bundle: /etc/meshlet/ca/bundle.pem
+  caCert: /etc/meshlet/ca/node1.pem
+  caKey: /etc/meshlet/ca/node1-key.pem
+  certTTL: 3600
 runDir: /var/run/meshlet
 logLevel: debug
 """
@@ -240,13 +250,17 @@ ERRORS = [
     ("proxy:\n  redirectIpv4: 10.0.0.1\n",
      "c.yaml:2:3: proxy.redirectIpv4: unknown field 'redirectIpv4' (did you mean 'redirectIPv4'?)"),
     ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, "
-                 "logLevel, bpf, proxy, mesh, admin"),
+                 "logLevel, bpf, proxy, mesh, admin, identity"),
     ("logLevel: info\nlogLevel: debug\n",
      "c.yaml:2:1: logLevel: duplicate key 'logLevel' (first given at line 1)"),
     ("mesh:\n  mode: strict\n  mode: strict\n",
      "c.yaml:3:3: mesh.mode: duplicate key 'mode' (first given at line 2)"),
     ("1: x\n", "c.yaml:1:1: field names must be strings, got an integer '1' (quote it)"),
     ("? [a]\n: x\n", "c.yaml:1:3: field names must be strings, got a list '...' (quote it)"),
+    ("identity:\n  trustDomain: Cluster.Local\n",
+     "c.yaml:2:16: identity.trustDomain: 'Cluster.Local' is not a SPIFFE trust domain: lowercase "
+     "letters, digits, '.', '-' and '_' only (e.g. cluster.local)"),
+    ("identity:\n  certTTL: 5\n", "c.yaml:2:12: identity.certTTL: 5 is out of range (10..7776000)"),
     ("mesh:\n  <<: {mode: strict}\n",
      "c.yaml:2:3: mesh: merge keys ('<<') are not supported; write the fields out"),
 ]
@@ -267,12 +281,17 @@ def test_missing_required_fields_reported_together():
         "c.yaml:1:1: inventory: required field is missing",
         "c.yaml:1:1: cgroup: required field is missing",
         "c.yaml:1:1: proxy.redirectIPv4: required field is missing",
+        "c.yaml:1:1: identity.bundle: required field is missing",
+        "c.yaml:1:1: identity.caCert: required field is missing",
+        "c.yaml:1:1: identity.caKey: required field is missing",
     ]
 
 
 def test_missing_field_in_section_points_at_section():
-    got = errors("node: n\ninventory: i\ncgroup: c\nproxy:\n  workers: 2\n")
-    assert got == ["c.yaml:5:3: proxy.redirectIPv4: required field is missing"]
+    got = errors("node: n\ninventory: i\ncgroup: c\nproxy:\n  workers: 2\n"
+                 "identity:\n  bundle: b\n  caCert: c\n")
+    assert got == ["c.yaml:5:3: proxy.redirectIPv4: required field is missing",
+                   "c.yaml:7:3: identity.caKey: required field is missing"]
 
 
 def test_many_errors_collected_in_file_order():
@@ -288,7 +307,7 @@ def test_many_errors_collected_in_file_order():
           excludePorts: [0, 1, 2, 99999]
         logLevel: loud
     """
-    got = errors(text)
+    got = [g for g in errors(text) if not g.startswith("c.yaml:1:1: identity.")]
     assert [g.split(": ", 2)[0:2] for g in got] == [
         ["c.yaml:1:7", "node"], ["c.yaml:2:12", "inventory"], ["c.yaml:5:17", "proxy.redirectIPv4"],
         ["c.yaml:6:12", "proxy.workers"], ["c.yaml:7:3", "proxy.wrkers"],
@@ -309,7 +328,7 @@ def test_error_message_is_capped_but_errors_kept():
 
 def test_error_path_quotes_odd_keys():
     got = errors(MINIMAL + "'a.b/c': 1\n")
-    assert got[0].startswith("c.yaml:6:1: ['a.b/c']: unknown field 'a.b/c'")
+    assert got[0].startswith("c.yaml:10:1: ['a.b/c']: unknown field 'a.b/c'")
 
 
 # -- robustness: only SourceError, whatever the input ---------------------------

@@ -367,6 +367,7 @@ proxy:
   redirectIPv4: 10.244.1.1
 mesh:
   mode: {mode}
+identity: {{bundle: b.pem, caCert: c.pem, caKey: k.pem}}
 """, base_dir=str(tmp_path))
 
 

@@ -46,14 +46,24 @@ def workload_id(key: str) -> int:
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
+def ca_socket_path(cfg: AgentConfig) -> str:
+    return os.path.join(cfg.run_dir, "ca.sock")
+
+
 def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
-                generation: int) -> dict:
+                generation: int, identity_generation: int = 0) -> dict:
     """The document the proxy workers read (pure: easy to test)."""
     return {
         "version": STATE_VERSION,
         "generation": generation,
         "node": cfg.node,
-        "trust_domain": "cluster.local",
+        "trust_domain": cfg.identity.trust_domain,
+        "identity": {
+            "trust_domain": cfg.identity.trust_domain,
+            "ca_socket": ca_socket_path(cfg),
+            "generation": identity_generation,
+            "cert_ttl": cfg.identity.cert_ttl,
+        },
         "pin_dir": cfg.bpf.pin_dir,
         "listen": {
             "ipv4": "0.0.0.0",
@@ -112,6 +122,10 @@ class Agent:
     tc_errors: list[str] = field(default_factory=list)
     workers: list[ProxyWorker] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    issuer: object = None                                       # identity.issuer.NodeIssuer
+    identity_generation: int = 0
+    identity_sig: tuple | None = None
+    identity_error: str | None = None
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -165,10 +179,98 @@ class Agent:
                 self.generation = int(json.load(f).get("generation", 0))
         except (OSError, ValueError, AttributeError):
             pass
+        try:
+            with open(self.state_path) as f:
+                self.identity_generation = int(json.load(f)["identity"]["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.load_identity(initial=True)
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         self.sync()
         self.supervise_proxies()
+
+    # --- identity: the node CA that signs its pods' SVIDs --------------------------
+
+    def _identity_paths(self) -> list[str]:
+        i = self.cfg.identity
+        return [i.bundle, i.ca_cert, i.ca_key]
+
+    def load_identity(self, initial: bool = False) -> bool:
+        """(Re)load the CA files.  At start-up a problem is fatal; later it is
+        logged and the previous material stays in force."""
+        from datetime import timedelta
+
+        from .identity.issuer import IdentityFilesError, NodeIssuer, load_material
+
+        i = self.cfg.identity
+        sig = _identity_sig(self._identity_paths())
+        try:
+            material = load_material(i.trust_domain, i.bundle, i.ca_cert, i.ca_key)
+        except IdentityFilesError as e:
+            if initial:
+                raise AgentError(str(e)) from e
+            self.identity_error = str(e)
+            log.error("identity files not applied, keeping the previous ones: %s", e)
+            self.identity_sig = sig
+            return False
+        changed = self.identity_sig is not None and sig != self.identity_sig
+        if self.issuer is None:
+            self.issuer = NodeIssuer(i.trust_domain, material, timedelta(seconds=i.cert_ttl),
+                                     self.cfg.node)
+        else:
+            self.issuer.material = material
+        self.identity_error = None
+        if initial:
+            prev = self._read_identity_fingerprint()
+            if prev is not None and prev != sig[1]:
+                changed = True
+        self.identity_sig = sig
+        self._write_identity_fingerprint(sig[1])
+        if changed:
+            self.identity_generation += 1
+            log.info("CA material or trust bundle changed (%d roots); proxies will renew "
+                     "(identity generation %d)", len(material.bundle.roots),
+                     self.identity_generation)
+        return changed
+
+    def identity_status(self) -> dict:
+        out: dict = {"trust_domain": self.cfg.identity.trust_domain,
+                     "generation": self.identity_generation, "error": self.identity_error}
+        if self.issuer is not None:
+            m = self.issuer.material
+            out.update({
+                "bundle_fingerprint": m.bundle.fingerprint(),
+                "roots": [{"subject": r.subject.rfc4514_string(), "serial": f"{r.serial_number:x}",
+                           "not_after": r.not_valid_after_utc.isoformat()}
+                          for r in m.bundle.roots],
+                "node_ca": {"subject": m.ca_cert.subject.rfc4514_string(),
+                            "serial": f"{m.ca_cert.serial_number:x}",
+                            "not_after": m.ca_cert.not_valid_after_utc.isoformat()},
+                "allowed": sorted(self.issuer.allowed),
+                "issuer_counters": dict(self.issuer.counters),
+            })
+        return out
+
+    def _read_identity_fingerprint(self) -> str | None:
+        try:
+            with open(os.path.join(self.cfg.run_dir, "identity.json")) as f:
+                return json.load(f).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _write_identity_fingerprint(self, fp: str) -> None:
+        write_atomic(os.path.join(self.cfg.run_dir, "identity.json"),
+                     json.dumps({"fingerprint": fp}))
+
+    def poll_identity(self) -> bool:
+        stats = tuple(_file_sig(p) for p in self._identity_paths())
+        if self.identity_sig is not None and stats == self.identity_sig[0]:
+            return False
+        if self.load_identity():
+            self.sync()
+            return True
+        return False
 
     # --- inventory -> kernel + proxy state --------------------------------------
 
@@ -227,11 +329,17 @@ class Agent:
                 oif = route_oif(str(ip))
                 if oif is not None:
                     tc[oif[0]] = oif[1]
+        from .identity.spiffe import workload_id as spiffe_id
+
+        td = self.cfg.identity.trust_domain
+        self.issuer.allowed = frozenset(
+            str(spiffe_id(td, p.namespace, p.service_account))
+            for p in inv.pods_on(self.cfg.node) if p.mesh)
         # Order matters: the proxy must know a workload before the kernel
         # redirects it (else its first connections are rejected as unknown),
         # so publish the state, wait for the workers to load it, then enroll.
         self.generation += 1
-        state = proxy_state(self.cfg, inv, enrolled, self.generation)
+        state = proxy_state(self.cfg, inv, enrolled, self.generation, self.identity_generation)
         write_atomic(self.state_path, json.dumps(state, indent=1))
         if enrolled.keys() - self.enrolled.keys():
             self.wait_proxies_loaded(self.generation)
@@ -362,6 +470,7 @@ class Agent:
                           "pods": len(inv.pods) if inv else 0},
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,
+            "identity": self.identity_status(),
             "enrolled": [{"pod": k, "cgroup_id": v} for k, v in sorted(self.enrolled.items())],
             "pending": [{"pod": k, "reason": v} for k, v in sorted(self.pending.items())],
             "proxy": [{"worker": w.index, "pid": w.pid, "adopted": w.adopted,
@@ -377,6 +486,7 @@ class Agent:
     def tick(self) -> None:
         try:
             self.poll_inventory()
+            self.poll_identity()
             if self.pending:
                 self.sync()  # a pod cgroup may have appeared
             self.supervise_proxies()
@@ -388,6 +498,7 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        ca_server = await start_ca_server(self)
         admin = await start_admin(self)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
@@ -401,11 +512,68 @@ class Agent:
                     pass
         finally:
             admin.close()
+            ca_server.close()
             await admin.wait_closed()
+            await ca_server.wait_closed()
+            try:
+                os.unlink(ca_socket_path(self.cfg))
+            except FileNotFoundError:
+                pass
             try:
                 os.unlink(self.cfg.admin.socket)
             except FileNotFoundError:
                 pass
+
+
+# --- the CA socket: proxy workers send CSRs, one JSON line each way ----------------
+
+CA_REQUEST_LIMIT = 64 * 1024
+
+
+async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
+    from .identity.issuer import IssueError
+
+    path = ca_socket_path(agent.cfg)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+    def answer(req: dict) -> dict:
+        issuer = agent.issuer
+        bundle = issuer.material.bundle.to_pem().decode()
+        if req.get("op") == "bundle":
+            return {"ok": True, "bundle": bundle, "generation": agent.identity_generation}
+        if req.get("op") != "sign":
+            return {"ok": False, "reason": "bad_request", "error": "op must be 'sign' or 'bundle'"}
+        try:
+            chain, _leaf = issuer.sign(str(req.get("identity", "")),
+                                       str(req.get("csr", "")).encode())
+        except IssueError as e:
+            return {"ok": False, "reason": e.reason, "error": e.detail}
+        return {"ok": True, "chain": chain.decode(), "bundle": bundle,
+                "generation": agent.identity_generation}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                req = json.loads(line[:CA_REQUEST_LIMIT])
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+                resp = answer(req)
+            except ValueError as e:
+                resp = {"ok": False, "reason": "bad_request", "error": f"not a JSON request: {e}"}
+            writer.write(json.dumps(resp).encode() + b"\n")
+            await writer.drain()
+        except Exception:
+            log.exception("CA request failed")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=path, limit=CA_REQUEST_LIMIT)
+    os.chmod(path, 0o600)
+    return server
 
 
 # --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
@@ -470,6 +638,22 @@ def _workloads(agent: Agent) -> dict:
 
 
 # --- small process helpers -----------------------------------------------------------
+
+def _identity_sig(paths: list[str]) -> tuple:
+    """(stat signature, content fingerprint) of the identity files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    stats = []
+    for p in paths:
+        stats.append(_file_sig(p))
+        try:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(b"\0missing")
+    return (tuple(stats), h.hexdigest())
+
 
 def _file_sig(path: str) -> tuple | None:
     try:

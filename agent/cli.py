@@ -49,6 +49,8 @@ def main() -> None:
       meshlet status                  ask a running agent what it is doing
       meshlet bpf status              what is pinned and attached (works without the agent)
       meshlet inventory validate F    check an inventory file offline
+      meshlet ca init --out DIR       create the mesh CA (root + per-node intermediates)
+      meshlet certs                   workload certificates, expiry and next rotation
     """
 
 
@@ -278,6 +280,119 @@ def workloads(sock, node, output) -> None:
     for w in data["workloads"]:
         click.echo(f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
                    f"{','.join(w['ips']):<34} {w['reason'] or ''}")
+
+
+@main.command()
+@agent_opts
+@OUTPUT
+def certs(sock, node, output) -> None:
+    """Workload certificates the node proxy holds: SPIFFE ID, serial, expiry
+    and next rotation, plus the trust bundle and this node's CA."""
+    st = admin_get("/v1/status", _admin_socket(sock, node))
+    ident = st.get("identity", {})
+    workers = [{"worker": w["worker"], **((w.get("stats") or {}).get("certs") or {})}
+               for w in st["proxy"]]
+    if output == "json":
+        click.echo(json.dumps({"node": st["node"], "identity": ident, "proxy": workers},
+                              indent=2))
+        return
+    click.echo(f"trust domain {ident.get('trust_domain')}  bundle "
+               f"{(ident.get('bundle_fingerprint') or '')[:16]}  "
+               f"({len(ident.get('roots', []))} roots)  identity generation "
+               f"{ident.get('generation')}")
+    ca = ident.get("node_ca") or {}
+    click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires "
+               f"{ca.get('not_after')}")
+    if ident.get("error"):
+        click.echo(f"  LAST RELOAD FAILED (previous CA material kept): {ident['error']}")
+    click.echo(f"\n{'WORKER':<7}{'SPIFFE ID':<52}{'SERIAL':<18}{'EXPIRES':<27}NEXT ROTATION")
+    for w in workers:
+        for c in w.get("identities", []):
+            click.echo(f"{w['worker']:<7}{c.get('spiffe_id', ''):<52}"
+                       f"{str(c.get('serial', ''))[:16]:<18}{c.get('not_after', ''):<27}"
+                       f"{c.get('next_rotation', '')}")
+
+
+# --- CA material -----------------------------------------------------------------------
+
+@main.group()
+def ca() -> None:
+    """Create and rotate the mesh's CA: a root and one intermediate per node.
+
+    \b
+    Rotation with overlap, node by node, no connection errors:
+      meshlet ca rotate-root --dir D      new root; bundle.pem = old + new roots
+      (distribute bundle.pem to every node; agents pick it up live)
+      meshlet ca reissue-node --dir D N   node N's intermediate from the new root
+      meshlet ca retire-root --dir D OLD  once every node is reissued
+    """
+
+
+def _ca_call(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except (OSError, ValueError) as e:
+        _die(str(e))
+
+
+@ca.command("init")
+@click.option("--trust-domain", default="cluster.local", show_default=True,
+              help="SPIFFE trust domain (lowercase).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to create (root.pem, bundle.pem, nodes/<node>/ca.pem ...).")
+@click.option("--node", "nodes", multiple=True, help="Issue an intermediate for this node "
+              "(repeat for each node).")
+@click.option("--force", is_flag=True, help="Overwrite an existing CA directory.")
+def ca_init(trust_domain, out_dir, nodes, force) -> None:
+    """Create a root CA (ECDSA P-256) and per-node intermediates."""
+    from .identity.ca import init_ca
+
+    layout = _ca_call(init_ca, out_dir, trust_domain, list(nodes), force=force)
+    click.echo(f"root CA and trust bundle for {trust_domain} in {layout.out_dir}")
+    for n, d in sorted(layout.node_dirs.items()):
+        click.echo(f"  node {n}: {d}/ca.pem, {d}/ca-key.pem")
+
+
+@ca.command("add-node")
+@click.option("--dir", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.argument("node")
+def ca_add_node(out_dir, node) -> None:
+    """Issue an intermediate for one more node from the current root."""
+    from .identity.ca import add_node
+
+    click.echo(f"issued {_ca_call(add_node, out_dir, node)}")
+
+
+@ca.command("reissue-node")
+@click.option("--dir", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.argument("node")
+def ca_reissue_node(out_dir, node) -> None:
+    """New intermediate for NODE from the current root (after rotate-root)."""
+    from .identity.ca import reissue_node
+
+    click.echo(f"reissued {_ca_call(reissue_node, out_dir, node)}")
+
+
+@ca.command("rotate-root")
+@click.option("--dir", "out_dir", required=True, type=click.Path(file_okay=False))
+def ca_rotate_root(out_dir) -> None:
+    """Create a new root; the bundle then trusts both old and new roots."""
+    from .identity.ca import rotate_root
+
+    layout = _ca_call(rotate_root, out_dir)
+    click.echo(f"new root in {layout.out_dir}; bundle.pem now holds "
+               f"{len(layout.bundle.roots) if hasattr(layout.bundle, 'roots') else 'both'} roots")
+
+
+@ca.command("retire-root")
+@click.option("--dir", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.argument("root")
+def ca_retire_root(out_dir, root) -> None:
+    """Drop an old root (serial or fingerprint) from bundle.pem."""
+    from .identity.ca import retire_root
+
+    _ca_call(retire_root, out_dir, root)
+    click.echo(f"retired {root} from {out_dir}/bundle.pem")
 
 
 # --- offline validation ---------------------------------------------------------------

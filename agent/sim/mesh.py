@@ -54,12 +54,15 @@ class Mesh:
     namespaces: dict[str, dict] = field(default_factory=dict)
     log_level: str = "info"
     workdir: str = ""
+    trust_domain: str = "cluster.local"
+    cert_ttl: int = 86400
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.workdir:
             self.workdir = tempfile.mkdtemp(prefix=f"meshlet-{self.cluster.prefix}-")
         self.inventory_path = os.path.join(self.workdir, "inventory.yaml")
+        self.ca_dir = os.path.join(self.workdir, "ca")
         for node in self.cluster.nodes:
             tag = f"{self.cluster.prefix}-{node.name}"
             ap = AgentProc(node=node, config=os.path.join(self.workdir, f"{node.name}.yaml"),
@@ -86,6 +89,38 @@ class Mesh:
             f.write(text)
         os.replace(tmp, self.inventory_path)
 
+    # --- CA material: one CA dir, a copy of what each node needs in its own dir ------
+
+    def identity_dir(self, node: str) -> str:
+        return os.path.join(self.workdir, "identity", node)
+
+    def init_ca(self) -> None:
+        from agent.identity.ca import init_ca
+
+        if not os.path.exists(os.path.join(self.ca_dir, "bundle.pem")):
+            init_ca(self.ca_dir, self.trust_domain, [n.name for n in self.cluster.nodes])
+        self.distribute_ca()
+
+    def distribute_ca(self, nodes: list[str] | None = None, *, bundle: bool = True,
+                      node_ca: bool = True) -> None:
+        """Copy the CA dir's bundle and/or node intermediates to the nodes'
+        identity dirs (what an operator or a secret sync would do).  The key
+        goes first: the agent retries until cert and key match."""
+        for name in nodes or [n.name for n in self.cluster.nodes]:
+            d = self.identity_dir(name)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            files = []
+            if node_ca:
+                files += [(os.path.join(self.ca_dir, "nodes", name, "ca-key.pem"), "ca-key.pem"),
+                          (os.path.join(self.ca_dir, "nodes", name, "ca.pem"), "ca.pem")]
+            if bundle:
+                files.append((os.path.join(self.ca_dir, "bundle.pem"), "bundle.pem"))
+            for src, dst in files:
+                tmp = os.path.join(d, f".{dst}.tmp")
+                shutil.copyfile(src, tmp)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, os.path.join(d, dst))
+
     def config_doc(self, node: Node) -> dict:
         ap = self.agents[node.name]
         proxy: dict[str, Any] = {"redirectIPv4": node.gateway4, "workers": self.workers,
@@ -101,6 +136,13 @@ class Mesh:
             "mesh": {"mode": self.mode, "excludePorts": list(self.exclude_ports),
                      "excludeCIDRs": list(self.exclude_cidrs)},
             "admin": {"socket": os.path.join(ap.run_dir, "admin.sock")},
+            "identity": {
+                "trustDomain": self.trust_domain,
+                "bundle": os.path.join(self.identity_dir(node.name), "bundle.pem"),
+                "caCert": os.path.join(self.identity_dir(node.name), "ca.pem"),
+                "caKey": os.path.join(self.identity_dir(node.name), "ca-key.pem"),
+                "certTTL": self.cert_ttl,
+            },
             "runDir": ap.run_dir,
             "logLevel": self.log_level,
         }
@@ -113,6 +155,7 @@ class Mesh:
     # --- agents --------------------------------------------------------------------
 
     def start(self, timeout: float = 90) -> "Mesh":
+        self.init_ca()
         self.write_inventory()
         self.write_configs()
         for name in self.agents:

@@ -361,6 +361,7 @@ def test_sigterm_without_keep_removes_everything():
     cluster = Cluster(nodes=1, pods_per_node=1).up()
     m = Mesh(cluster)
     try:
+        m.init_ca()
         m.write_inventory()
         m.write_configs()
         m.start_agent("node1", keep_datapath=False)
@@ -382,6 +383,7 @@ def test_run_refuses_a_missing_cgroup_and_attaches_nothing(tmp_path):
     cluster = Cluster(nodes=1, pods_per_node=1).up()
     m = Mesh(cluster, workdir=str(tmp_path))
     try:
+        m.init_ca()
         m.write_inventory()
         doc = m.config_doc(cluster.node("node1"))
         doc["cgroup"] = doc["cgroup"] + "/does-not-exist"

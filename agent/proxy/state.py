@@ -24,6 +24,7 @@ from agent.proxy.tunnel import spiffe_id
 __all__ = [
     "StateError",
     "Listen",
+    "IdentityConfig",
     "NodeInfo",
     "Pod",
     "ProxyState",
@@ -56,6 +57,16 @@ class Listen:
     ipv6: str | None  # address for the IPv6 (V6ONLY) listeners (None: none)
     outbound_port: int
     tunnel_port: int
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Where the proxy gets its workloads' certificates (the ``identity`` section)."""
+
+    trust_domain: str
+    ca_socket: str  # the agent's CA (Unix stream socket: one JSON line each way)
+    generation: int  # changes when the node's CA material or trust bundle changed
+    cert_ttl: int  # seconds; what the agent issues (informational for the proxy)
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,7 @@ class ProxyState:
     connect_timeout: float
     mesh_mark: int
     buffer_size: int
+    identity_config: IdentityConfig | None  # required in state files (see load_state)
     nodes: Mapping[str, NodeInfo]
     pods: tuple[Pod, ...]
     pod_by_ip: Mapping[str, Pod] = field(repr=False)
@@ -106,6 +118,11 @@ class ProxyState:
     @property
     def this_node(self) -> NodeInfo | None:
         return self.nodes.get(self.node)
+
+    @property
+    def local_identities(self) -> frozenset[str]:
+        """SPIFFE IDs of the enrolled pods on this node: the certificates it needs."""
+        return frozenset(self.identity(p) for p in self.pods if p.mesh and p.node == self.node)
 
 
 # ------------------------------------------------------------------ parsing
@@ -149,8 +166,43 @@ def _port(v: int, where: str) -> int:
     return v
 
 
-def parse_state(doc: Any) -> ProxyState:
-    """Validate a decoded JSON document and build the immutable state."""
+_TRUST_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+
+
+def _trust_domain(v: str, where: str) -> str:
+    if not v or len(v) > 255 or not set(v) <= _TRUST_DOMAIN_CHARS:
+        raise StateError(f"{where}: invalid trust domain {v!r} (lowercase a-z 0-9 '.' '-' '_', at most 255)")
+    return v
+
+
+def _identity(d: Any, top_td: str | None) -> IdentityConfig:
+    where = "state.identity"
+    if not isinstance(d, dict):
+        raise StateError(f"{where}: expected an object, got {type(d).__name__}")
+    td = _trust_domain(_get(d, "trust_domain", where, str), f"{where}.trust_domain")
+    if top_td is not None and td != top_td:
+        raise StateError(f"{where}.trust_domain: {td!r} differs from state.trust_domain {top_td!r}")
+    ca_socket = _get(d, "ca_socket", where, str)
+    if not ca_socket.startswith("/"):
+        raise StateError(f"{where}.ca_socket: must be an absolute path, got {ca_socket!r}")
+    if len(os.fsencode(ca_socket)) >= 108:
+        raise StateError(f"{where}.ca_socket: path too long for a Unix socket ({ca_socket!r})")
+    generation = _get(d, "generation", where, int)
+    if generation < 0:
+        raise StateError(f"{where}.generation: must be >= 0, got {generation}")
+    cert_ttl = _get(d, "cert_ttl", where, int)
+    if not 60 <= cert_ttl <= 366 * 86400:
+        raise StateError(f"{where}.cert_ttl: must be in [60, 31622400] seconds, got {cert_ttl}")
+    return IdentityConfig(trust_domain=td, ca_socket=ca_socket, generation=generation, cert_ttl=cert_ttl)
+
+
+def parse_state(doc: Any, *, require_identity: bool = False) -> ProxyState:
+    """Validate a decoded JSON document and build the immutable state.
+
+    The ``identity`` section is validated whenever present. ``load_state``
+    (what the proxy reads) requires it; pure callers that only route may
+    leave it out.
+    """
     if not isinstance(doc, dict):
         raise StateError("state: expected a JSON object at top level")
     version = _get(doc, "version", "state", int)
@@ -161,9 +213,18 @@ def parse_state(doc: Any) -> ProxyState:
         )
     generation = _get(doc, "generation", "state", int)
     node = _get(doc, "node", "state", str)
-    trust_domain = _get(doc, "trust_domain", "state", str)
-    if not trust_domain or "/" in trust_domain:
-        raise StateError(f"state.trust_domain: invalid: {trust_domain!r}")
+    top_td = _get(doc, "trust_domain", "state", str, None)
+    if top_td is not None:
+        _trust_domain(top_td, "state.trust_domain")
+    identity_config: IdentityConfig | None = None
+    if "identity" in doc:
+        identity_config = _identity(doc["identity"], top_td)
+    elif require_identity:
+        raise StateError("state.identity: missing (the agent must publish its CA socket and trust domain; "
+                         "are the agent and proxy from the same meshlet release?)")
+    trust_domain = identity_config.trust_domain if identity_config else top_td
+    if trust_domain is None:
+        raise StateError("state.trust_domain: missing")
     pin_dir = _get(doc, "pin_dir", "state", str, "")
 
     ld = _get(doc, "listen", "state", dict)
@@ -250,6 +311,7 @@ def parse_state(doc: Any) -> ProxyState:
         connect_timeout=connect_timeout,
         mesh_mark=mesh_mark,
         buffer_size=buffer_size,
+        identity_config=identity_config,
         nodes=MappingProxyType(nodes),
         pods=tuple(pods),
         pod_by_ip=MappingProxyType(by_ip),
@@ -266,7 +328,7 @@ def load_state(path: str) -> ProxyState:
     except ValueError as e:
         raise StateError(f"{path}: not valid JSON: {e}") from None
     try:
-        return parse_state(doc)
+        return parse_state(doc, require_identity=True)
     except StateError as e:
         raise StateError(f"{path}: {e}") from None
 

@@ -84,6 +84,8 @@ def closed_port(ip: str) -> int:
 def state_doc(node: str, listen_ip: str, out_port: int, tun_port: int, **extra):
     doc = {
         "version": 1, "generation": 1, "node": node, "trust_domain": "cluster.local",
+        "identity": {"trust_domain": "cluster.local", "ca_socket": "/nonexistent/ca.sock",
+                     "generation": 1, "cert_ttl": 3600},
         "pin_dir": "/nonexistent",
         "listen": {"ipv4": listen_ip, "ipv6": None, "outbound_port": out_port, "tunnel_port": tun_port},
         "connect_timeout": 2.0, "mesh_mark": 0x4D450000, "buffer_size": 65536,

@@ -16,6 +16,8 @@ DOC = {
     "generation": 7,
     "node": "node1",
     "trust_domain": "cluster.local",
+    "identity": {"trust_domain": "cluster.local", "ca_socket": "/run/meshlet/node1/ca.sock",
+                 "generation": 3, "cert_ttl": 86400},
     "pin_dir": "/sys/fs/bpf/meshlet/node1",
     "listen": {"ipv4": "0.0.0.0", "ipv6": "::", "outbound_port": 15001, "tunnel_port": 15008},
     "connect_timeout": 5.0,
@@ -52,6 +54,11 @@ def test_parse_example():
     assert dict(s.pod_by_cgroup) == {4242: s.pod_by_ip["10.244.1.10"]}
     assert s.identity(s.pod_by_ip["10.244.2.10"]) == "spiffe://cluster.local/ns/default/sa/sa2"
     assert s.nodes["node2"].address_for(True) == "198.18.0.2"
+    ic = s.identity_config
+    assert (ic.trust_domain, ic.ca_socket, ic.generation, ic.cert_ttl) == (
+        "cluster.local", "/run/meshlet/node1/ca.sock", 3, 86400)
+    # the certificates this node needs: its enrolled pods only
+    assert s.local_identities == {"spiffe://cluster.local/ns/default/sa/pod1-1"}
     with pytest.raises(TypeError):
         s.pod_by_ip["1.2.3.4"] = None  # type: ignore[index]
 
@@ -75,6 +82,17 @@ def test_ipv6_listener_optional():
         (lambda d: d["pods"][0].update(mesh="yes"), "state.pods[0].mesh"),
         (lambda d: d.update(generation=True), "state.generation"),
         (lambda d: d.update(buffer_size=10), "state.buffer_size"),
+        (lambda d: d.update(identity=[]), "state.identity: expected an object"),
+        (lambda d: d["identity"].pop("ca_socket"), "state.identity.ca_socket: missing"),
+        (lambda d: d["identity"].update(ca_socket="ca.sock"), "state.identity.ca_socket: must be an absolute"),
+        (lambda d: d["identity"].update(ca_socket="/" + "x" * 120), "state.identity.ca_socket: path too long"),
+        (lambda d: d["identity"].update(generation="3"), "state.identity.generation"),
+        (lambda d: d["identity"].update(generation=-1), "state.identity.generation"),
+        (lambda d: d["identity"].update(cert_ttl=True), "state.identity.cert_ttl"),
+        (lambda d: d["identity"].update(cert_ttl=5), "state.identity.cert_ttl"),
+        (lambda d: d["identity"].update(trust_domain="Cluster.local"), "state.identity.trust_domain: invalid"),
+        (lambda d: d["identity"].update(trust_domain="other.td"), "differs from state.trust_domain"),
+        (lambda d: d.update(trust_domain="a/b"), "state.trust_domain: invalid"),
     ],
 )
 def test_invalid_documents_name_the_field(mutate, fragment):
@@ -118,6 +136,19 @@ def test_watcher_reloads_and_keeps_last_good(tmp_path, caplog):
 
     _write(path, doc(generation=10))
     assert w.check() is True and w.current.generation == 10
+
+
+def test_identity_section_is_required_in_state_files(tmp_path):
+    d = doc()
+    del d["identity"]
+    path = str(tmp_path / "s.json")
+    _write(path, d)
+    with pytest.raises(StateError, match=r"s\.json: state\.identity: missing"):
+        load_state(path)
+    # the top-level trust domain may be left out once the identity section has it
+    d = doc()
+    del d["trust_domain"]
+    assert parse_state(d, require_identity=True).trust_domain == "cluster.local"
 
 
 def test_load_state_errors_mention_path(tmp_path):

@@ -355,7 +355,7 @@ def _find_root(state: dict, ident: str) -> dict:
     want = want[2:] if want.startswith("0x") else want
     if not want or not re.fullmatch(r"[0-9a-f]+", want):
         raise CaError(f"{ident!r} is neither a root serial nor a sha256 fingerprint (hex)")
-    exact = [e for e in state["roots"] if want in (e["serial"], e["fingerprint"])]
+    exact = [e for e in state["roots"] if want.lstrip("0") == e["serial"] or want == e["fingerprint"]]
     if exact:
         return exact[0]
     prefixed = [e for e in state["roots"] if len(want) >= 8 and e["fingerprint"].startswith(want)]

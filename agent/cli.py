@@ -329,9 +329,11 @@ def ca() -> None:
 
 
 def _ca_call(fn, *args, **kw):
+    from .identity.ca import CaError
+
     try:
         return fn(*args, **kw)
-    except (OSError, ValueError) as e:
+    except (CaError, OSError, ValueError) as e:
         _die(str(e))
 
 
@@ -360,7 +362,8 @@ def ca_add_node(out_dir, node) -> None:
     """Issue an intermediate for one more node from the current root."""
     from .identity.ca import add_node
 
-    click.echo(f"issued {_ca_call(add_node, out_dir, node)}")
+    p = _ca_call(add_node, out_dir, node)
+    click.echo(f"issued node {p.node}: {p.cert}, {p.key}")
 
 
 @ca.command("reissue-node")
@@ -370,7 +373,8 @@ def ca_reissue_node(out_dir, node) -> None:
     """New intermediate for NODE from the current root (after rotate-root)."""
     from .identity.ca import reissue_node
 
-    click.echo(f"reissued {_ca_call(reissue_node, out_dir, node)}")
+    p = _ca_call(reissue_node, out_dir, node)
+    click.echo(f"reissued node {p.node} from the current root: {p.cert}, {p.key}")
 
 
 @ca.command("rotate-root")
@@ -381,7 +385,8 @@ def ca_rotate_root(out_dir) -> None:
 
     layout = _ca_call(rotate_root, out_dir)
     click.echo(f"new root in {layout.out_dir}; bundle.pem now holds "
-               f"{len(layout.bundle.roots) if hasattr(layout.bundle, 'roots') else 'both'} roots")
+               f"{len(layout.bundle.roots)} roots. Next: copy bundle.pem to every node, then "
+               "reissue-node each node, then retire-root the old one.")
 
 
 @ca.command("retire-root")

@@ -90,3 +90,19 @@ def test_run_with_invalid_config_names_the_problem(tmp_path):
     r = CliRunner().invoke(main, ["run", "--config", str(cfg)])
     assert r.exit_code == 1
     assert "c.yaml:1:" in r.output
+
+
+def test_ca_init_rotate_and_errors(tmp_path):
+    out = tmp_path / "ca"
+    r = run("ca", "init", "--out", str(out), "--node", "node1", "--trust-domain", "prod.example")
+    assert r.exit_code == 0, r.output
+    assert (out / "bundle.pem").exists() and (out / "nodes" / "node1" / "ca-key.pem").exists()
+    assert oct((out / "nodes" / "node1" / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
+    r = CliRunner().invoke(main, ["ca", "init", "--out", str(out)])
+    assert r.exit_code == 1 and "already holds a CA" in r.output
+    r = run("ca", "rotate-root", "--dir", str(out))
+    assert r.exit_code == 0 and "2 roots" in r.output
+    r = run("ca", "reissue-node", "--dir", str(out), "node1")
+    assert r.exit_code == 0 and "reissued node node1" in r.output
+    r = CliRunner().invoke(main, ["ca", "retire-root", "--dir", str(out), "ffff0000ffff"])
+    assert r.exit_code == 1 and "error:" in r.output

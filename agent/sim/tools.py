@@ -136,6 +136,29 @@ def transfer(host: str, port: int, up: int, down: int, seed: int, timeout: float
     }
 
 
+def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict:
+    """New connections per second: connect, one echo round trip, close;
+    sequential, bounded by ``seconds`` and ``limit``."""
+    ok = errors = 0
+    lat = []
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end and ok + errors < limit:
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"x")
+                if s.recv(1) != b"x":
+                    raise ConnectionError("no echo")
+            ok += 1
+            lat.append(time.monotonic() - t0)
+        except OSError:
+            errors += 1
+    lat.sort()
+    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else None
+    return {"connections": ok, "errors": errors, "per_second": round(ok / seconds, 1),
+            "p50_ms": pick(0.5) if lat else None, "p99_ms": pick(0.99) if lat else None}
+
+
 def probe(host: str, port: int, timeout: float) -> dict:
     """Connect, send a line, and report how the connection ended."""
     t0 = time.monotonic()
@@ -181,6 +204,10 @@ def main(argv=None) -> int:
     se.add_argument("host")
     se.add_argument("port", type=int)
     se.add_argument("--timeout", type=float, default=10)
+    cr = sub.add_parser("connrate")
+    cr.add_argument("host")
+    cr.add_argument("port", type=int)
+    cr.add_argument("--seconds", type=float, default=3)
     p = sub.add_parser("probe")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -201,6 +228,9 @@ def main(argv=None) -> int:
             r = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(r), flush=True)
         return 0 if r["ok"] else 1
+    if a.cmd == "connrate":
+        print(json.dumps(connrate(a.host, a.port, min(a.seconds, 60))), flush=True)
+        return 0
     r = probe(a.host, a.port, a.timeout)
     print(json.dumps(r), flush=True)
     return 0

@@ -1,0 +1,594 @@
+"""Mutual TLS between node proxies (agent.proxy.tls) over real loopback sockets.
+
+A CertFactory CA stands in for the agent's. ``Certs`` is the smallest
+CertSource: the SVIDs a test puts in it, plus the bundle. The handshake
+matrix presents every bad certificate CertFactory can mint from the client
+side (the server must refuse it with the reason verify_svid gives) and a
+subset from the server side (the client must refuse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+from datetime import timedelta
+
+import pytest
+import uvloop
+
+from agent.identity.certs import TrustBundle
+from agent.proxy.certs import Svid
+from agent.proxy.tls import ALPN, HandshakeError, TlsContexts, identity_from_sni, sni_for
+from tests.certfactory import CertFactory
+
+TD = "cluster.local"
+CLIENT = f"spiffe://{TD}/ns/default/sa/client"
+SERVER = f"spiffe://{TD}/ns/data/sa/db"
+OTHER = f"spiffe://{TD}/ns/data/sa/other"
+
+
+def run(coro, timeout=60):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(guarded())
+
+
+def make_svid(identity: str, chain, key) -> Svid:
+    leaf = chain[0]
+    return Svid(identity=identity, chain=tuple(chain), key=key,
+                not_before=leaf.not_valid_before_utc.timestamp(), not_after=leaf.not_valid_after_utc.timestamp(),
+                serial=leaf.serial_number, next_renewal=0.0, generation=0)
+
+
+class Certs:
+    def __init__(self, factory: CertFactory, *identities: str):
+        self.factory = factory
+        self.svids: dict[str, Svid] = {}
+        self.set_bundle(factory.bundle)
+        for ident in identities:
+            self.put(ident, *factory.leaf(ident))
+
+    def set_bundle(self, bundle):
+        self.bundle = bundle
+        self.bundle_fingerprint = bundle.fingerprint()
+
+    def put(self, identity, chain, key):
+        self.svids[identity] = make_svid(identity, chain, key)
+
+    def certificate(self, identity):
+        return self.svids.get(identity)
+
+    def identities(self):
+        return sorted(self.svids)
+
+
+class App(asyncio.Protocol):
+    """Collects what arrives; sends with flow control; tracks buffer high-water marks."""
+
+    def __init__(self):
+        loop = asyncio.get_running_loop()
+        self.transport = None
+        self.data = bytearray()
+        self.hasher = hashlib.sha256()
+        self.received = 0
+        self.keep = True
+        self.made = loop.create_future()
+        self.eof = loop.create_future()
+        self.lost = loop.create_future()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.max_buffered = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.made.set_result(transport)
+
+    def data_received(self, data):
+        self.received += len(data)
+        self.hasher.update(data)
+        if self.keep:
+            self.data += data
+
+    def eof_received(self):
+        if not self.eof.done():
+            self.eof.set_result(self.received)
+        return True
+
+    def connection_lost(self, exc):
+        if not self.eof.done():
+            self.eof.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def pause_writing(self):
+        self.can_write.clear()
+
+    def resume_writing(self):
+        self.can_write.set()
+
+    async def send(self, payload: bytes, chunk: int = 256 * 1024, eof: bool = True):
+        view = memoryview(payload)
+        for off in range(0, len(view), chunk):
+            await self.can_write.wait()
+            self.transport.write(view[off:off + chunk])
+            self.max_buffered = max(self.max_buffered, self.transport.get_write_buffer_size())
+        if eof:
+            self.transport.write_eof()
+
+
+class Server:
+    def __init__(self, ctxs: TlsContexts, app_factory=App):
+        self.ctxs = ctxs
+        self.app_factory = app_factory
+        self.conns = []
+        self.apps = []
+
+    async def __aenter__(self):
+        loop = asyncio.get_running_loop()
+
+        def factory():
+            app = self.app_factory()
+            conn = self.ctxs.server_connection(app)
+            self.apps.append(app)
+            self.conns.append(conn)
+            return conn
+
+        self.srv = await loop.create_server(factory, "127.0.0.1", 0)
+        self.port = self.srv.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        for c in self.conns:
+            c.abort()
+        self.srv.close()
+        await self.srv.wait_closed()
+
+    async def refused(self, reason: str, timeout: float = 10.0):
+        """Wait until the server counted a refusal with this reason."""
+        async with asyncio.timeout(timeout):
+            while reason not in self.ctxs.failures:
+                await asyncio.sleep(0.01)
+
+
+async def tcp(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def connect(ctxs: TlsContexts, port: int, *, src=CLIENT, dst=SERVER, app=None):
+    app = app or App()
+    conn = await ctxs.connect(await tcp(port), app, node="node2", src=src, dst=dst, timeout=10)
+    return conn, app
+
+
+# ------------------------------------------------------------------ SNI
+
+
+@pytest.mark.parametrize("ident", [CLIENT, SERVER, f"spiffe://{TD}/ns/" + "n" * 60 + "/sa/" + "s" * 60,
+                                   f"spiffe://{TD}/ns/x/sa/" + "y" * 1500])
+def test_sni_round_trip_is_dns_safe(ident):
+    name = sni_for(ident)
+    assert name.endswith(".meshlet") and len(name) <= 253
+    labels = name.split(".")
+    assert all(0 < len(lab) <= 63 and lab.isalnum() and lab == lab.lower() for lab in labels)
+    name.encode("idna")  # what ssl does with server_hostname
+    assert identity_from_sni(name, [ident]) == ident
+    assert identity_from_sni(name, []) in (ident, None)  # the hash form needs candidates
+
+
+def test_sni_rejects_foreign_names():
+    assert identity_from_sni(None) is None
+    assert identity_from_sni("example.org") is None
+    assert identity_from_sni("zzzz.id.meshlet") is None  # not base32 of anything we'd send
+    assert identity_from_sni(sni_for(CLIENT).upper()) == CLIENT  # DNS names are case-insensitive
+
+
+# ------------------------------------------------------------------ handshakes
+
+
+def test_good_pair_both_ways_and_server_learns_client_identity():
+    f = CertFactory(TD)
+    node_a = TlsContexts(Certs(f, CLIENT, OTHER))
+    node_b = TlsContexts(Certs(f, SERVER, OTHER))
+
+    async def main():
+        out = []
+        for client, server, src, dst in ((node_a, node_b, CLIENT, SERVER), (node_b, node_a, SERVER, CLIENT)):
+            async with Server(server) as s:
+                conn, app = await connect(client, s.port, src=src, dst=dst)
+                assert conn.peer_identity == dst
+                app.transport.write(b"ping")
+                sconn = s.conns[0]
+                await asyncio.wait_for(s.apps[0].made, 10)
+                out.append((sconn.peer_identity, sconn.local_identity,
+                            s.apps[0].transport.get_extra_info("peer_identity"),
+                            conn.sslobj.selected_alpn_protocol(), conn.sslobj.version()))
+                app.transport.close()
+        return out
+
+    (a, b) = run(main())
+    assert a == (CLIENT, SERVER, CLIENT, ALPN, "TLSv1.3")
+    assert b == (SERVER, CLIENT, SERVER, ALPN, "TLSv1.3")
+    assert node_a.failures == {} and node_b.failures == {}
+
+
+@pytest.mark.parametrize("variant", sorted(CertFactory.BAD))
+def test_bad_client_certificate_is_refused_by_the_server(variant):
+    f = CertFactory(TD)
+    client_certs = Certs(f)
+    client_certs.put(CLIENT, *f.bad(variant))
+    client = TlsContexts(client_certs)
+    server = TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            try:
+                conn, app = await connect(client, s.port)
+            except HandshakeError:
+                app = None
+            else:
+                app.transport.write(b"must never be delivered")
+                await asyncio.wait_for(app.lost, 10)
+            await s.refused(CertFactory.BAD[variant])
+            return [a.received for a in s.apps], [c.peer_identity for c in s.conns]
+
+    received, identities = run(main())
+    assert server.failures == {CertFactory.BAD[variant]: 1}
+    assert received == [0] and identities == [None]  # no application byte, no identity
+
+
+@pytest.mark.parametrize("variant", ["expired", "not_yet_valid", "unknown_ca", "wrong_trust_domain",
+                                     "two_uri_sans", "dns_san_only", "spiffe_id_in_dns_san", "leaf_is_ca",
+                                     "dotdot_segment", "uppercase_trust_domain", "port", "overlong"])
+def test_bad_server_certificate_is_refused_by_the_client(variant):
+    f = CertFactory(TD)
+    server_certs = Certs(f)
+    server_certs.put(SERVER, *f.bad(variant))
+    client = TlsContexts(Certs(f, CLIENT))
+    server = TlsContexts(server_certs)
+
+    async def main():
+        async with Server(server) as s:
+            with pytest.raises(HandshakeError) as ei:
+                await connect(client, s.port)
+            return ei.value
+
+    err = run(main())
+    assert err.reason == CertFactory.BAD[variant]
+    assert client.failures == {CertFactory.BAD[variant]: 1}
+
+
+def test_server_presenting_another_workload_is_refused():
+    f = CertFactory(TD)
+    client = TlsContexts(Certs(f, CLIENT))
+    imposter = Certs(f)
+    imposter.put(SERVER, *f.leaf(OTHER))  # answers for SERVER with OTHER's certificate
+    server = TlsContexts(imposter)
+
+    async def main():
+        async with Server(server) as s:
+            with pytest.raises(HandshakeError) as ei:
+                await connect(client, s.port)
+            return ei.value
+
+    err = run(main())
+    assert err.reason == "wrong_identity" and OTHER in err.detail
+    assert client.failures == {"wrong_identity": 1}
+
+
+def test_unknown_destination_identity_is_refused_by_sni():
+    f = CertFactory(TD)
+    client = TlsContexts(Certs(f, CLIENT))
+    server = TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            with pytest.raises(HandshakeError) as ei:
+                await connect(client, s.port, dst=OTHER)  # not a workload of that node
+            await s.refused("no_certificate")
+            return ei.value
+
+    err = run(main())
+    assert err.reason == "peer_refused"
+    assert server.failures == {"no_certificate": 1}
+
+
+def test_client_without_a_certificate_fails_closed_before_connecting():
+    f = CertFactory(TD)
+    client = TlsContexts(Certs(f))
+
+    async def main():
+        with pytest.raises(HandshakeError) as ei:
+            client.client_connection(App(), node="node2", src=CLIENT, dst=SERVER)
+        return ei.value
+
+    err = run(main())
+    assert err.reason == "no_certificate" and CLIENT in err.detail
+    assert client.failures == {"no_certificate": 1}
+
+
+def _plain_client_ctx(f: CertFactory, *, max_version=None, alpn=(ALPN,), cert=True):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if max_version:
+        ctx.maximum_version = max_version
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+@pytest.mark.parametrize("case, reason", [("tls12", "protocol"), ("alpn", "alpn"), ("no_alpn", "alpn"),
+                                          ("no_cert", "no_certificate")])
+def test_foreign_clients_are_refused(case, reason, tmp_path):
+    f = CertFactory(TD)
+    server = TlsContexts(Certs(f, SERVER))
+    ctx = _plain_client_ctx(f, max_version=ssl.TLSVersion.TLSv1_2 if case == "tls12" else None,
+                            alpn={"alpn": ("h2",), "no_alpn": ()}.get(case, (ALPN,)))
+    if case != "no_cert":
+        chain, key = f.leaf(CLIENT)
+        paths = f.write(str(tmp_path), "client", chain, key)  # the test client may use files
+        ctx.load_cert_chain(paths["cert"], paths["key"])
+
+    async def main():
+        async with Server(server) as s:
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", s.port, ssl=ctx,
+                                                     server_hostname=sni_for(SERVER))
+            except (ssl.SSLError, ConnectionError):
+                pass
+            else:
+                w.write(b"hello")
+                with contextlib.suppress(ssl.SSLError, ConnectionError):
+                    assert await asyncio.wait_for(r.read(), 10) == b""
+                w.close()
+                with contextlib.suppress(ssl.SSLError, ConnectionError):
+                    await w.wait_closed()
+            await s.refused(reason)
+            return [a.received for a in s.apps]
+
+    assert run(main()) == [0]
+    assert server.failures == {reason: 1}
+
+
+def test_client_without_sni_still_gets_its_certificate_checked(tmp_path):
+    # A foreign client sending no SNI is answered with one of the node's
+    # certificates, so its own certificate is checked and the reason counted.
+    f = CertFactory(TD)
+    server = TlsContexts(Certs(f, SERVER))
+    foreign = f.foreign()
+
+    async def main():
+        async with Server(server) as s:
+            ctx = _plain_client_ctx(f)
+            chain, key = foreign.leaf(CLIENT)
+            paths = foreign.write(str(tmp_path), "c", chain, key)
+            ctx.load_cert_chain(paths["cert"], paths["key"])
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                r, w = await asyncio.open_connection("127.0.0.1", s.port, ssl=ctx, server_hostname=None)
+                with contextlib.suppress(ssl.SSLError, ConnectionError):
+                    await asyncio.wait_for(r.read(), 10)
+                w.close()
+            await s.refused("unknown_ca")
+
+    run(main())
+    assert server.failures == {"unknown_ca": 1}
+
+
+# ------------------------------------------------------------------ resumption
+
+
+def test_resumption_and_its_invalidation():
+    f = CertFactory(TD)
+    ccerts = Certs(f, CLIENT)
+    scerts = Certs(f, SERVER)
+    client, server = TlsContexts(ccerts), TlsContexts(scerts)
+
+    async def one(s):
+        conn, app = await connect(client, s.port)
+        app.transport.write(b"x")
+        app.transport.write_eof()
+        await asyncio.wait_for(app.eof, 10)  # the server's tickets arrived before its EOF
+        sconn = s.conns[-1]
+        app.transport.close()
+        return conn.sslobj.session_reused, sconn.sslobj.session_reused, sconn.peer_identity
+
+    class Closer(App):
+        def eof_received(self):
+            self.transport.write_eof()
+            return super().eof_received()
+
+    async def main():
+        res = {}
+        async with Server(server, Closer) as s:
+            res["first"] = await one(s)
+            res["second"] = await one(s)
+            res["third"] = await one(s)
+            # a new root joins the bundle (CA rotation): no session survives
+            extra = f.foreign()
+            new = TrustBundle(TD, f.bundle.roots + extra.bundle.roots)
+            ccerts.set_bundle(new)
+            scerts.set_bundle(new)
+            res["after_bundle"] = await one(s)
+            res["again"] = await one(s)
+            # the client's own certificate is renewed: its sessions are dropped
+            ccerts.put(CLIENT, *f.leaf(CLIENT))
+            res["after_renewal"] = await one(s)
+            res["after_renewal_again"] = await one(s)
+        return res
+
+    res = run(main())
+    assert res["first"] == (False, False, CLIENT)
+    assert res["second"] == (True, True, CLIENT)  # the server learns the identity on resumption too
+    assert res["third"] == (True, True, CLIENT)
+    assert res["after_bundle"] == (False, False, CLIENT)
+    assert res["again"] == (True, True, CLIENT)
+    assert res["after_renewal"] == (False, False, CLIENT)
+    assert res["after_renewal_again"] == (True, True, CLIENT)
+    assert client.counters["resumed"] == 4 and client.failures == {} and server.failures == {}
+
+
+def test_server_side_bundle_change_kills_old_tickets():
+    f = CertFactory(TD)
+    ccerts, scerts = Certs(f, CLIENT), Certs(f, SERVER)
+    client, server = TlsContexts(ccerts), TlsContexts(scerts)
+
+    async def one(s):
+        conn, app = await connect(client, s.port)
+        app.transport.write_eof()
+        await asyncio.wait_for(app.eof, 10)
+        app.transport.close()
+        return conn.sslobj.session_reused
+
+    class Closer(App):
+        def eof_received(self):
+            self.transport.write_eof()
+            return super().eof_received()
+
+    async def main():
+        async with Server(server, Closer) as s:
+            first = await one(s)
+            # only the server's bundle changes: the client still offers its ticket
+            scerts.set_bundle(TrustBundle(TD, f.bundle.roots + f.foreign().bundle.roots))
+            second = await one(s)
+        return first, second
+
+    assert run(main()) == (False, False)
+    assert server.failures == {}
+
+
+def test_expired_client_certificate_is_not_accepted_on_resumption():
+    f = CertFactory(TD)
+    ccerts, scerts = Certs(f, CLIENT), Certs(f, SERVER)
+    client, server = TlsContexts(ccerts), TlsContexts(scerts)
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)
+            app.transport.write(b"x")
+            await asyncio.sleep(0.2)
+            app.transport.close()
+            # the server forgets what it verified (as after an eviction): resumption must not
+            # bypass verification
+            server._verified.clear()
+            with contextlib.suppress(HandshakeError):
+                conn2, app2 = await connect(client, s.port)
+                await asyncio.wait_for(app2.lost, 10)
+            await s.refused("bad_chain")
+            return conn2.sslobj.session_reused
+
+    assert run(main()) is True
+    assert server.failures == {"bad_chain": 1}
+
+
+# ------------------------------------------------------------------ the relay through TLS
+
+
+def test_16_mib_both_ways_with_half_close_and_bounded_buffers():
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    up, down = os.urandom(16 << 20), os.urandom(16 << 20)
+
+    class Source(App):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.set_write_buffer_limits(high=256 * 1024)
+            self.keep = False
+            self.task = asyncio.get_running_loop().create_task(self.send(down))
+
+    async def main():
+        async with Server(server, Source) as s:
+            app = App()
+            app.keep = False
+            conn, _ = await connect(client, s.port, app=app)
+            conn.raw.set_write_buffer_limits(high=256 * 1024)
+            await app.send(up)  # ...then close_notify + FIN (half-close)
+            got_up = await asyncio.wait_for(s.apps[0].eof, 30)
+            await s.apps[0].task  # the other direction kept flowing after our EOF
+            got_down = await asyncio.wait_for(app.eof, 30)
+            sapp = s.apps[0]
+            app.transport.close()
+            return got_up, got_down, sapp.hasher.digest(), app.hasher.digest(), app.max_buffered, sapp.max_buffered
+
+    got_up, got_down, h_up, h_down, cmax, smax = run(main())
+    assert got_up == len(up) and h_up == hashlib.sha256(up).digest()
+    assert got_down == len(down) and h_down == hashlib.sha256(down).digest()
+    # what sits in the socket's write buffer stays near the high-water mark
+    assert cmax <= 256 * 1024 + 300 * 1024 and smax <= 256 * 1024 + 300 * 1024
+
+
+def test_a_slow_reader_pauses_the_writer():
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    payload = os.urandom(32 << 20)
+
+    class Slow(App):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.keep = False
+            transport.pause_reading()  # the application is not reading
+
+    async def main():
+        async with Server(server, Slow) as s:
+            app = App()
+            conn, _ = await connect(client, s.port, app=app)
+            conn.raw.set_write_buffer_limits(high=256 * 1024)
+            sender = asyncio.get_running_loop().create_task(app.send(payload))
+            await asyncio.sleep(1.0)
+            stalled = not sender.done() and not app.can_write.is_set()
+            sconn = s.conns[0]
+            held = sconn._in.pending  # ciphertext taken off the socket but not decrypted
+            delivered_while_paused = s.apps[0].received
+            s.apps[0].transport.resume_reading()
+            await asyncio.wait_for(sender, 30)
+            total = await asyncio.wait_for(s.apps[0].eof, 30)
+            app.transport.close()
+            return stalled, held, delivered_while_paused, total, app.max_buffered
+
+    stalled, held, delivered, total, cmax = run(main())
+    assert stalled  # the kernel buffers filled and the writer was paused
+    assert held <= 1 << 20 and delivered <= 1 << 20
+    assert total == len(payload)
+    assert cmax <= 256 * 1024 + 300 * 1024
+
+
+def test_truncation_without_close_notify_is_an_error_not_an_eof():
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)
+            await asyncio.wait_for(s.apps[0].made, 10)
+            s.conns[0].raw.write_eof()  # TCP FIN without TLS close_notify
+            exc = await asyncio.wait_for(app.lost, 10)
+            return exc, app.eof.result()
+
+    exc, eof = run(main())
+    assert isinstance(exc, ConnectionResetError) and "close_notify" in str(exc)
+    assert eof is None
+
+
+def test_svid_expiring_shortly_still_handshakes():
+    # sanity for renewal windows: a certificate valid for a few more seconds works
+    f = CertFactory(TD)
+    certs = Certs(f)
+    certs.put(CLIENT, *f.leaf(CLIENT, not_after=f.now + timedelta(seconds=30)))
+    client, server = TlsContexts(certs), TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)
+            await asyncio.wait_for(s.apps[0].made, 10)
+            app.transport.close()
+            return s.conns[0].peer_identity
+
+    assert run(main()) == CLIENT

@@ -11,8 +11,10 @@ Rules, all in ``CertManager``:
 - **Wanted = the state.** ``update(state)`` sets the wanted identities to the
   state's local ones; a missing identity is requested right away, a removed
   one is dropped (its key is forgotten).
-- **Renewal** at about half of the certificate's lifetime, with ±10 % jitter
-  so that a node's certificates (and nodes) do not renew in lock-step.
+- **Renewal** at about half of the certificate's lifetime (counted from its
+  arrival), with ±10 % jitter
+  so that a node's certificates (and nodes) do not renew in lock-step. Every
+  renewal uses a fresh key.
 - **Generation.** ``identity.generation`` in the state changes when the
   node's CA material or trust bundle changed: then the bundle and every
   certificate are requested again at once.
@@ -420,13 +422,14 @@ class CertManager:
         self._notify()
 
     def _renewal_time(self, not_before: float, not_after: float, now: float) -> float:
-        """~50 % of the lifetime (±10 % jitter), never in the past."""
+        """About half of the lifetime left at issuance (±10 % jitter).
+
+        Measured from receipt, not from not_before: issuers backdate
+        not_before for clock skew (a minute here), which would otherwise pull
+        renewals of short-lived certificates into the past."""
         frac = RENEW_FRACTION * (1 + self.rng.uniform(-JITTER, JITTER))
-        t = not_before + (not_after - not_before) * frac
-        if t < now + MIN_RENEW_DELAY:
-            # backdated or short-lived: half of what is left, but not a busy loop
-            t = now + max(MIN_RENEW_DELAY, (not_after - now) * frac)
-        return t
+        remaining = not_after - now
+        return now + max(min(MIN_RENEW_DELAY, remaining / 2), remaining * frac)
 
     def _refused(self, e: _Entry, why: str) -> None:
         e.failures += 1

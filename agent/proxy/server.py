@@ -7,14 +7,22 @@ bytes). Two paths:
 outbound (port 15001)
     accept → ``FlowTable.pop()`` (original destination + source cgroup) →
     ``route()`` → connect upstream (marked, with a timeout) → Local/Passthrough:
-    relay; Tunnel: send the header, forward client bytes right away, read the
-    inbound side's response, then relay the way back. Any failure resets the
-    client (RST), as a failed connect would without the mesh.
+    relay (plaintext; the access log names both identities); Tunnel: mutual
+    TLS 1.3 presenting the *source workload's* SVID and expecting the
+    *destination workload's* SPIFFE ID, then, inside TLS, send the header,
+    forward client bytes right away, read the inbound side's response, then
+    relay the way back. Any failure resets the client (RST), as a failed
+    connect would without the mesh; so does a missing certificate (fail
+    closed).
 
 tunnel (port 15008)
-    read the header (timeout, size limit) → the destination must be a mesh pod
-    on THIS node (else ``not-local``: never an open relay) → connect (marked)
-    → respond with a status → relay.
+    only from mesh node addresses → TLS server handshake (certificate chosen
+    by SNI, client certificate verified as a SPIFFE ID of the trust domain) →
+    read the header (timeout, size limit) → the header's identity must be the
+    verified one, and SNI must have named the destination pod's identity
+    (else ``forbidden``) → the destination must be a mesh pod on THIS node
+    (else ``not-local``: never an open relay) → connect (marked) → respond
+    with a status → relay.
 
 A crash on one connection is logged and resets that connection only.
 """
@@ -35,10 +43,12 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from agent.proxy import tunnel
+from agent.proxy.certs import CertManager
 from agent.proxy.log import AccessLog
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
 from agent.proxy.state import ProxyState, StateWatcher, normalize_ip
+from agent.proxy.tls import HandshakeError, TlsConnection, TlsContexts
 from agent.proxy.tunnel import Status
 
 __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
@@ -104,12 +114,15 @@ class Conn:
     src_addr: Any = None
     dst_addr: Any = None
     dst_pod: str | None = None
+    dst_identity: str | None = None
+    peer_verified: bool = False  # the peer proxy's certificate was verified (Tunnel, both ends)
     bytes_sent: int = 0  # source → destination
     bytes_received: int = 0  # destination → source
     result: str = "ok"
     reason: str = ""
     upstream: Endpoint | None = None
     relay: Relay | None = None
+    tls: TlsConnection | None = None  # inbound: the TLS layer under ``client``
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result
@@ -119,6 +132,8 @@ class Conn:
         if self.relay is not None:
             self.relay.abort(self.reason or "reset")
         self.client.reset()
+        if self.tls is not None:
+            self.tls.abort()  # before the handshake completed, ``client`` has no transport
         if self.upstream is not None:
             self.upstream.reset()
 
@@ -133,6 +148,8 @@ class Conn:
             "src_addr": _fmt_addr(self.src_addr),
             "dst_addr": _fmt_addr(self.dst_addr),
             "dst_pod": self.dst_pod,
+            "dst_identity": self.dst_identity,
+            "peer_verified": self.peer_verified,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
@@ -165,6 +182,7 @@ class ProxyServer:
         access_log: str | None = None,
         stats_path: str | None = None,
         header_timeout: float = HEADER_TIMEOUT,
+        certs: CertManager | None = None,
     ) -> None:
         self.watcher = watcher
         self.worker_id = worker_id
@@ -172,6 +190,10 @@ class ProxyServer:
         self.stats_path = stats_path if stats_path is not None else stats_socket_path(watcher.path, worker_id)
         self._flows = flow_table
         self._own_flows = flow_table is None
+        # Workload certificates (in memory only) and the TLS contexts built on them.
+        self.certs = certs if certs is not None else CertManager.from_state(watcher.current)
+        self.tls = TlsContexts(self.certs)
+        self._certs_task: asyncio.Task[None] | None = None
         self._access = AccessLog(access_log)
         self._servers: list[asyncio.AbstractServer] = []
         self._stats_server: asyncio.AbstractServer | None = None
@@ -220,6 +242,7 @@ class ProxyServer:
             await self.stop(grace=0)
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
+        self._certs_task = asyncio.get_running_loop().create_task(self.certs.run())
         log.info(
             "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
             self.worker_id,
@@ -235,12 +258,12 @@ class ProxyServer:
         for ip, family in ((lst.ipv4, socket.AF_INET), (lst.ipv6, socket.AF_INET6)):
             if not ip:
                 continue
-            for kind, port, handler in (
-                ("outbound", lst.outbound_port, self._outbound),
-                ("tunnel", lst.tunnel_port, self._inbound),
+            for kind, port, factory in (
+                ("outbound", lst.outbound_port, self._factory("outbound", self._outbound)),
+                ("tunnel", lst.tunnel_port, self._tunnel_factory()),
             ):
                 sock = self._listen_socket(family, ip, port, kind)
-                srv = await loop.create_server(self._factory(kind, handler), sock=sock, backlog=BACKLOG)
+                srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
                 self._servers.append(srv)
                 self.addresses[kind].append(sock.getsockname())
 
@@ -296,6 +319,35 @@ class ProxyServer:
 
         return lambda: Endpoint("client", on_made=on_made)
 
+    def _tunnel_factory(self) -> Any:
+        """Accepted tunnel sockets: address check, then a TLS server handshake."""
+
+        def factory() -> TlsConnection:
+            ep = Endpoint("client")
+
+            def on_made(tls: TlsConnection) -> bool:
+                if self._stopping:
+                    return False
+                self.counters["inbound_accepted"] += 1
+                conn = Conn("inbound", ep, route="local", tls=tls)
+                conn.src_addr = tls.raw.get_extra_info("peername")  # type: ignore[union-attr]
+                state = self.watcher.current
+                if not conn.src_addr or not tunnel_peer_allowed(state, str(conn.src_addr[0])):
+                    # Before any TLS work: nothing but a mesh node may even try a handshake.
+                    ip = conn.src_addr[0] if conn.src_addr else "?"
+                    conn.fail("rejected", f"tunnel from {ip}, which is not a mesh node address")
+                    log.warning("refused tunnel from %s: %s", _fmt_addr(conn.src_addr), conn.reason)
+                    self._finish(conn)
+                    return False
+                task = asyncio.get_running_loop().create_task(self._guard(self._inbound, conn))
+                self._tasks[task] = conn
+                task.add_done_callback(self._tasks.pop)
+                return True
+
+            return self.tls.server_connection(ep, on_made=on_made)
+
+        return factory
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; let relays finish for `grace` seconds; abort the rest."""
         self._stopping = True
@@ -307,11 +359,13 @@ class ProxyServer:
             self._stats_server = None
             with contextlib.suppress(OSError):
                 os.unlink(self.stats_path)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-            self._watch_task = None
+        for attr in ("_watch_task", "_certs_task"):
+            t = getattr(self, attr)
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+                setattr(self, attr, None)
         if self._tasks and grace > 0:
             log.info("waiting up to %.1f s for %d active connection(s) to finish", grace, len(self._tasks))
             await asyncio.wait(list(self._tasks), timeout=grace)
@@ -340,6 +394,7 @@ class ProxyServer:
             await self.stop(grace)
 
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
+        self.certs.update(new)
         if old.listen != new.listen:
             log.warning(
                 "listen settings changed (%s → %s); restart the proxy workers to apply them",
@@ -362,6 +417,8 @@ class ProxyServer:
             "uptime_s": round(time.monotonic() - self._started_at, 3),
             "active_connections": len(self._tasks),
             "counters": dict(self.counters),
+            "certs": self.certs.snapshot(),
+            "tls": self.tls.stats(),
         }
 
     # ------------------------------------------------------------ per connection
@@ -408,7 +465,43 @@ class ProxyServer:
                 )
 
     async def _connect(self, addr: tuple[str, int], state: ProxyState, name: str) -> Endpoint:
-        """Connect upstream with SO_MARK and a timeout. Raises ConnectFailure."""
+        """Connect upstream (plaintext) with SO_MARK and a timeout. Raises ConnectFailure."""
+        sock = await self._open_socket(addr, state)
+        try:
+            _, ep = await asyncio.get_running_loop().create_connection(
+                lambda: Endpoint(name, prebuffer_limit=state.buffer_size), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return ep  # type: ignore[return-value]
+
+    async def _connect_tls(self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str,
+                           dst: str) -> Endpoint:
+        """Connect to a peer node's tunnel port and do the mTLS client handshake
+        as ``src``, expecting ``dst``. Raises ConnectFailure."""
+        ep = Endpoint("upstream", prebuffer_limit=state.buffer_size)
+        try:
+            tls = self.tls.client_connection(ep, node=node, src=src, dst=dst)
+        except HandshakeError as e:  # no certificate: fail closed before touching the network
+            raise ConnectFailure("rejected", Status.FORBIDDEN, f"{e.reason}: {e.detail}") from None
+        sock = await self._open_socket(addr, state)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: tls, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await tls.wait_handshake(state.connect_timeout + self.header_timeout)
+        except HandshakeError as e:
+            raise ConnectFailure(
+                "timeout" if e.reason == "timeout" else "rejected", Status.FORBIDDEN,
+                f"mTLS handshake with node {node} ({_fmt_addr(addr)}) refused: {e.reason}: {e.detail}",
+            ) from None
+        return ep
+
+    async def _open_socket(self, addr: tuple[str, int], state: ProxyState) -> socket.socket:
+        """A connected, marked, non-blocking TCP socket. Raises ConnectFailure."""
         loop = asyncio.get_running_loop()
         target = _fmt_addr(addr)
         sock = socket.socket(_family_of(addr[0]), socket.SOCK_STREAM)
@@ -417,10 +510,7 @@ class ProxyServer:
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(loop.sock_connect(sock, addr), state.connect_timeout)
-            _, ep = await loop.create_connection(
-                lambda: Endpoint(name, prebuffer_limit=state.buffer_size), sock=sock
-            )
-            return ep  # type: ignore[return-value]
+            return sock
         except TimeoutError:
             sock.close()
             raise ConnectFailure(
@@ -489,14 +579,26 @@ class ProxyServer:
             return
         if isinstance(decision, (Local, Tunnel)):
             conn.dst_pod = decision.pod.key
+            conn.dst_identity = state.identity(decision.pod)
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
 
         try:
-            upstream = await self._connect(decision.addr, state, "upstream")
+            if isinstance(decision, Tunnel):
+                upstream = await self._connect_tls(decision.addr, state, node=decision.node,
+                                                   src=conn.src_identity or "", dst=conn.dst_identity or "")
+                conn.peer_verified = True
+            else:
+                upstream = await self._connect(decision.addr, state, "upstream")
         except ConnectFailure as f:
             reason = f.reason
             if isinstance(decision, Tunnel):
-                reason = f"tunnel to node {decision.node}: {reason} (is the meshlet proxy running there, port {decision.tunnel_port} reachable?)"
+                if f.status is Status.FORBIDDEN and reason.startswith("no_certificate"):
+                    log.error("reset connection from %s (%s) to %s: no certificate for identity %s; "
+                              "failing closed (%s)", _fmt_addr(peer), conn.src_pod, _fmt_addr(conn.dst_addr),
+                              conn.src_identity, reason)
+                elif f.status is not Status.FORBIDDEN:
+                    reason = (f"tunnel to node {decision.node}: {reason} (is the meshlet proxy running there, "
+                              f"port {decision.tunnel_port} reachable?)")
             conn.fail(f.result, reason)
             client.reset()
             return
@@ -556,13 +658,17 @@ class ProxyServer:
 
     async def _inbound(self, conn: Conn) -> None:
         ep = conn.client
-        state = self.watcher.current
-        conn.route = "local"
-        conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
-        if not tunnel_peer_allowed(state, str(conn.src_addr[0])):
-            await self._refuse(conn, Status.FORBIDDEN,
-                               f"tunnel from {conn.src_addr[0]}, which is not a mesh node address")
+        tls = conn.tls
+        assert tls is not None
+        try:
+            await tls.wait_handshake(self.header_timeout)
+        except HandshakeError as e:  # counted and logged by the TLS layer
+            conn.fail("rejected", f"mTLS handshake refused: {e.reason}: {e.detail}")
             return
+        state = self.watcher.current
+        verified = tls.peer_identity
+        conn.src_identity = verified
+        conn.peer_verified = True
         decoder = tunnel.RequestDecoder()
         try:
             async with asyncio.timeout(self.header_timeout):
@@ -585,13 +691,17 @@ class ProxyServer:
             conn.fail("reset", f"tunnel peer reset before sending a header: {e}")
             return
         req: tunnel.TunnelRequest = out.message  # type: ignore[assignment]
-        conn.src_identity = req.identity
         if req.namespace or req.name:
             conn.src_pod = f"{req.namespace}/{req.name}"
         if req.src is not None:
             conn.src_addr = req.src.sockaddr
         dst_ip = normalize_ip(req.dst.ip)
         conn.dst_addr = (dst_ip, req.dst.port)
+        if req.identity != verified:
+            await self._refuse(conn, Status.FORBIDDEN,
+                               f"the tunnel header claims identity {req.identity!r}, but the client "
+                               f"certificate is {verified}")
+            return
         pod = state.pod_by_ip.get(dst_ip)
         if pod is None or not pod.mesh or pod.node != state.node:
             if pod is None or not pod.mesh:
@@ -602,6 +712,12 @@ class ProxyServer:
             await self._refuse(conn, Status.NOT_LOCAL, why)
             return
         conn.dst_pod = pod.key
+        conn.dst_identity = state.identity(pod)
+        if not tls.sni_named or tls.local_identity != conn.dst_identity:
+            await self._refuse(conn, Status.FORBIDDEN,
+                               f"the client authenticated this node as {tls.local_identity or 'nobody (no SNI)'}, "
+                               f"but asks for pod {pod.key}, which is {conn.dst_identity}")
+            return
         try:
             upstream = await self._connect((dst_ip, req.dst.port), state, "pod")
         except ConnectFailure as f:

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.identity.certs import SvidError, TrustBundle, verify_svid
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
 from agent.proxy.certs import Svid
+from agent.proxy.relay import reset_transport
 
 __all__ = [
     "ALPN",
@@ -512,8 +513,8 @@ class TlsConnection(asyncio.Protocol):
         self.raw = transport  # type: ignore[assignment]
         if self._on_made is not None and not self._on_made(self):
             self.state = _CLOSED
-            if not self.handshake.done():
-                self._set_failed(HandshakeError("protocol", "refused before the handshake"))
+            self._set_failed(HandshakeError("protocol", "refused before the handshake"))
+            reset_transport(transport)
             return
         try:
             self.sslobj = self._ctx.wrap_bio(self._in, self._out, server_side=self.server_side,

@@ -54,9 +54,9 @@ def state(ca_socket: str, *, generation: int = 1, pods=("web", "api"), remote=("
 
 
 class FakeCA:
-    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1):
+    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1, factory=None):
         self.path = path
-        self.factory = CertFactory(TD)
+        self.factory = factory or CertFactory(TD)
         self.allowed = set(allowed)
         self.ttl = ttl
         self.generation = generation

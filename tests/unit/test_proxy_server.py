@@ -1,9 +1,10 @@
-"""The whole proxy in-process on loopback, with a fake flow table.
+"""The whole proxy in-process on loopback, with a fake flow table and a fake CA.
 
 Two "nodes": node1 listens on 127.0.0.1, node2 on 127.0.0.2. Pods are echo
 servers on other 127.0.0.x addresses; the client pod connects from
 127.0.0.10. The fake flow table returns the original destination the test
-chooses, standing in for the kernel's connect4 record.
+chooses, standing in for the kernel's connect4 record. Each node has a fake
+agent CA (one CertFactory root for both) signing its own pods' CSRs.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +28,18 @@ import uvloop
 from agent.proxy import tunnel
 from agent.proxy.server import ProxyServer
 from agent.proxy.state import StateWatcher
+from agent.proxy.tls import ALPN, load_svid_into, sni_for
+from tests.certfactory import CertFactory
+from tests.unit.test_proxy_certs import FakeCA
+from tests.unit.test_proxy_tls import make_svid
 
 V4 = socket.AF_INET
 CLIENT_IP = "127.0.0.10"
+MITM_IP = "127.0.0.3"
+TD = "cluster.local"
+CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
+WEB_ID = f"spiffe://{TD}/ns/default/sa/web"
+DB_ID = f"spiffe://{TD}/ns/data/sa/db"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -81,10 +94,11 @@ def closed_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def state_doc(node: str, listen_ip: str, out_port: int, tun_port: int, **extra):
+def state_doc(node: str, listen_ip: str, out_port: int, tun_port: int, ca_socket="/nonexistent/ca.sock",
+              **extra):
     doc = {
         "version": 1, "generation": 1, "node": node, "trust_domain": "cluster.local",
-        "identity": {"trust_domain": "cluster.local", "ca_socket": "/nonexistent/ca.sock",
+        "identity": {"trust_domain": "cluster.local", "ca_socket": ca_socket,
                      "generation": 1, "cert_ttl": 3600},
         "pin_dir": "/nonexistent",
         "listen": {"ipv4": listen_ip, "ipv6": None, "outbound_port": out_port, "tunnel_port": tun_port},
@@ -119,12 +133,50 @@ async def echo_handler(reader, writer):
         await writer.wait_closed()
 
 
+class Forwarder:
+    """A TCP man in the middle on loopback: forwards both ways and keeps every byte."""
+
+    def __init__(self, listen_ip: str, port: int, target: tuple[str, int], source_ip: str):
+        self.listen_ip, self.port, self.target, self.source_ip = listen_ip, port, target, source_ip
+        self.wire = bytearray()
+
+    async def start(self):
+        self.srv = await asyncio.start_server(self._handle, self.listen_ip, self.port)
+        return self
+
+    async def stop(self):
+        self.srv.close()
+        await self.srv.wait_closed()
+
+    async def _handle(self, r1, w1):
+        r2, w2 = await asyncio.open_connection(*self.target, local_addr=(self.source_ip, 0))
+
+        async def pump(r, w):
+            try:
+                while data := await r.read(65536):
+                    self.wire += data
+                    w.write(data)
+                    await w.drain()
+                if w.can_write_eof():
+                    w.write_eof()
+            except (ConnectionError, OSError):
+                w.transport.abort()
+
+        await asyncio.gather(pump(r1, w2), pump(r2, w1))
+        for w in (w1, w2):
+            w.close()
+
+
 class Cluster:
-    def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False):
+    def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False,
+                 mitm: bool = False, deny: tuple[str, ...] = ()):
         self.tmp = tmp
         self.grace = grace
         self.connect_timeout = connect_timeout
         self.ipv6 = ipv6
+        self.mitm = mitm
+        self.deny = set(deny)  # identities the fake CAs refuse to sign
+        self.factory = CertFactory(TD)
         self.out_port = free_port()
         self.tun_port = free_port()
         self.flows1 = FakeFlows()
@@ -138,18 +190,35 @@ class Cluster:
             srv = await asyncio.start_server(echo_handler, ip, 0)
             self.pods[ip] = (srv, srv.sockets[0].getsockname()[1])
         self.servers = []
+        self.cas = []
+        self.sockdir = tempfile.mkdtemp(prefix="mlca")  # short: AF_UNIX paths are limited
+        self.forwarder = None
+        if self.mitm:  # node1 reaches node2 through the man in the middle
+            self.forwarder = await Forwarder(MITM_IP, self.tun_port, ("127.0.0.2", self.tun_port),
+                                             source_ip="127.0.0.1").start()
         for node, ip, flows in (("node1", "127.0.0.1", self.flows1), ("node2", "127.0.0.2", self.flows2)):
             d = self.tmp / node
             d.mkdir()
-            doc = state_doc(node, ip, self.out_port, self.tun_port, connect_timeout=self.connect_timeout)
+            ca_sock = os.path.join(self.sockdir, f"{node}.sock")
+            doc = state_doc(node, ip, self.out_port, self.tun_port, ca_socket=ca_sock,
+                            connect_timeout=self.connect_timeout)
             if self.ipv6 and node == "node1":
                 doc["listen"]["ipv6"] = "::1"
                 doc["pods"][0]["ips"].append("::1")
+            if self.mitm and node == "node1":
+                doc["nodes"]["node2"]["address"] = MITM_IP
+            local = {f"spiffe://{TD}/ns/{p['namespace']}/sa/{p['service_account']}"
+                     for p in doc["pods"] if p["node"] == node}
+            self.cas.append(await FakeCA(ca_sock, local - self.deny, factory=self.factory).start())
             (d / "state.json").write_text(json.dumps(doc))
             srv = ProxyServer(StateWatcher(str(d / "state.json")), flow_table=flows,
                               access_log=str(d / "access.log"))
             await srv.start()
             self.servers.append(srv)
+        for srv in self.servers:  # every certificate the CAs will sign is in place
+            async with asyncio.timeout(10):
+                while not (srv.certs.bundle and all(srv.certs.certificate(i) for i in srv.certs.wanted() - self.deny)):
+                    await asyncio.sleep(0.01)
         return self
 
     async def __aexit__(self, *exc):
@@ -158,6 +227,11 @@ class Cluster:
         for srv, _ in self.pods.values():
             srv.close()
             await srv.wait_closed()
+        for ca in self.cas:
+            await ca.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def port(self, ip):
         return self.pods[ip][1]
@@ -216,7 +290,9 @@ def test_local_and_passthrough_paths(tmp_path):
     ]
     e = log[0]
     assert e["direction"] == "outbound" and e["src_pod"] == "default/client"
-    assert e["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert e["src_identity"] == CLIENT_ID
+    assert e["dst_identity"] == WEB_ID and e["peer_verified"] is False  # same node: plaintext
+    assert log[1]["dst_identity"] is None
     assert e["bytes_sent"] == 6 and e["bytes_received"] == len(b"to-web|bye from 127.0.0.5")
     assert stats["counters"]["result_ok"] == 2 and stats["active_connections"] == 0
 
@@ -236,9 +312,11 @@ def test_tunnel_path_between_two_nodes(tmp_path):
     (out,) = log1
     assert (out["route"], out["result"], out["dst_pod"]) == ("tunnel", "ok", "data/db-1")
     assert out["bytes_sent"] == len(payload)
+    assert out["dst_identity"] == DB_ID and out["peer_verified"] is True
     (inb,) = log2
     assert inb["direction"] == "inbound" and inb["result"] == "ok"
-    assert inb["src_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    assert inb["src_identity"] == CLIENT_ID and inb["peer_verified"] is True
+    assert inb["dst_identity"] == DB_ID
     assert inb["src_pod"] == "default/client" and inb["src_addr"].startswith(CLIENT_IP + ":")
     assert inb["dst_pod"] == "data/db-1" and inb["bytes_sent"] == len(payload)
 
@@ -282,36 +360,63 @@ def test_rejected_connections_are_reset(tmp_path):
     assert stats["counters"]["flow_misses"] == 1
 
 
-async def _raw_tunnel(port: int, data: bytes, ip="127.0.0.1", source: str | None = None):
-    r, w = await asyncio.open_connection(ip, port, local_addr=(source, 0) if source else None)
-    w.write(data)
-    w.write_eof()
-    dec = tunnel.ResponseDecoder()
-    out = tunnel.NEED_MORE
-    while out is tunnel.NEED_MORE:
-        chunk = await asyncio.wait_for(r.read(4096), 10)
-        assert chunk, "tunnel closed without a response"
-        out = dec.feed(chunk)
-    rest = out.leftover + await asyncio.wait_for(r.read(), 10)
-    w.close()
-    with contextlib.suppress(ConnectionError):
-        await w.wait_closed()
+X_ID = f"spiffe://{TD}/ns/x/sa/y"
+
+
+def _tls_ctx(c: Cluster, identity: str | None) -> ssl.SSLContext:
+    """A client context as another node proxy would build it, presenting ``identity``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=c.factory.bundle.to_pem().decode())
+    ctx.set_alpn_protocols([ALPN])
+    if identity:
+        chain, key = c.factory.leaf(identity)
+        load_svid_into(ctx, make_svid(identity, chain, key))
+    return ctx
+
+
+async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | None = None, *,
+                      cert: str | None = X_ID, sni: str | None = WEB_ID, expect: int = 0):
+    """Speak the tunnel over mTLS by hand: send ``data``, read the response and
+    then ``expect`` more bytes (or up to EOF)."""
+    r, w = await asyncio.open_connection(ip, c.tun_port, local_addr=(source, 0) if source else None,
+                                         ssl=_tls_ctx(c, cert), server_hostname=sni_for(sni) if sni else "")
+    try:
+        w.write(data)
+        dec = tunnel.ResponseDecoder()
+        out = tunnel.NEED_MORE
+        while out is tunnel.NEED_MORE:
+            chunk = await asyncio.wait_for(r.read(4096), 10)
+            assert chunk, "tunnel closed without a response"
+            out = dec.feed(chunk)
+        rest = out.leftover
+        while expect and len(rest) < expect:
+            chunk = await asyncio.wait_for(r.read(4096), 10)
+            if not chunk:
+                break
+            rest += chunk
+        if not expect:
+            rest += await asyncio.wait_for(r.read(), 10)
+    finally:
+        w.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await w.wait_closed()
     return out.message, rest
 
 
-def _header(ip, port):
+def _header(ip, port, identity=X_ID):
     return tunnel.encode_request(tunnel.TunnelRequest(
-        dst=tunnel.Address(V4, ip, port), identity="spiffe://cluster.local/ns/x/sa/y", namespace="x", name="y"))
+        dst=tunnel.Address(V4, ip, port), identity=identity, namespace="x", name="y"))
 
 
 def test_tunnel_listener_is_not_an_open_relay(tmp_path):
     async def main():
         async with Cluster(tmp_path) as c:
             # node1 is asked for node2's pod, then for a non-pod address
-            a = await _raw_tunnel(c.tun_port, _header("127.0.0.7", c.port("127.0.0.7")) + b"data")
-            b = await _raw_tunnel(c.tun_port, _header("127.0.0.6", c.port("127.0.0.6")))
-            bad = await _raw_tunnel(c.tun_port, b"GET / HTTP/1.1\r\n\r\n")
-            ok = await _raw_tunnel(c.tun_port, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi")
+            a = await _raw_tunnel(c, _header("127.0.0.7", c.port("127.0.0.7")) + b"data")
+            b = await _raw_tunnel(c, _header("127.0.0.6", c.port("127.0.0.6")))
+            bad = await _raw_tunnel(c, b"GET / HTTP/1.1\r\n\r\n")
+            ok = await _raw_tunnel(c, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi", expect=2)
             await asyncio.sleep(0.1)
             return a, b, bad, ok, c.access("node1")
 
@@ -319,24 +424,89 @@ def test_tunnel_listener_is_not_an_open_relay(tmp_path):
     assert a[0].status is tunnel.Status.NOT_LOCAL and a[1] == b"" and "node2" in a[0].reason
     assert b[0].status is tunnel.Status.NOT_LOCAL and b[1] == b""
     assert bad[0].status is tunnel.Status.BAD_REQUEST
-    assert ok[0].status is tunnel.Status.OK and ok[1] == b"hi|bye from 127.0.0.5"
+    assert ok[0].status is tunnel.Status.OK and ok[1] == b"hi"
     assert [e["result"] for e in log] == ["rejected", "rejected", "rejected", "ok"]
+    assert log[3]["src_identity"] == X_ID and log[3]["peer_verified"] is True
 
 
 def test_tunnel_only_from_mesh_node_addresses(tmp_path):
-    # Until mTLS authenticates the tunnel (issue #3), a tunnel from an address
-    # that is not a mesh node is refused before its header is even read.
+    # Refused before any TLS work: the handshake never starts.
     async def main():
         async with Cluster(tmp_path) as c:
-            res = await _raw_tunnel(c.tun_port, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi",
-                                    source="127.0.0.9")
+            with pytest.raises((ConnectionError, ssl.SSLError, AssertionError)):
+                await _raw_tunnel(c, _header("127.0.0.5", c.port("127.0.0.5")) + b"hi", source="127.0.0.9")
+            await asyncio.sleep(0.1)
+            return c.access("node1"), c.servers[0].tls.stats()
+
+    log, tls = run(main())
+    assert [e["result"] for e in log] == ["rejected"]
+    assert "not a mesh node" in log[0]["reason"]
+    assert tls["handshakes"] == 0 and tls["failures"] == {}
+
+
+@pytest.mark.parametrize("case", ["claims_other_identity", "sni_names_other_pod", "no_sni"])
+def test_tunnel_header_must_match_the_verified_identities(tmp_path, case):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            web = ("127.0.0.5", c.port("127.0.0.5"))
+            if case == "claims_other_identity":  # a valid certificate for x/y, a header saying client
+                res = await _raw_tunnel(c, _header(*web, identity=CLIENT_ID) + b"hi")
+            elif case == "sni_names_other_pod":  # authenticated node1 as client's identity, asks for web
+                res = await _raw_tunnel(c, _header(*web) + b"hi", sni=CLIENT_ID)
+            else:
+                res = await _raw_tunnel(c, _header(*web) + b"hi", sni=None)
             await asyncio.sleep(0.1)
             return res, c.access("node1")
 
     (resp, rest), log = run(main())
-    assert resp.status is tunnel.Status.FORBIDDEN and "not a mesh node" in resp.reason
-    assert rest == b""
-    assert [e["result"] for e in log] == ["rejected"]
+    assert resp.status is tunnel.Status.FORBIDDEN and rest == b""
+    (e,) = log
+    assert e["result"] == "rejected" and e["src_identity"] == X_ID and e["peer_verified"] is True
+    if case == "claims_other_identity":
+        assert "claims identity" in resp.reason and X_ID in resp.reason
+    else:
+        assert "authenticated this node as" in resp.reason
+
+
+def test_tunnel_is_tls_on_the_wire(tmp_path):
+    marker = b"MESHLET-PLAINTEXT-MARKER-" + os.urandom(8).hex().encode()
+    payload = marker * 4096
+
+    async def main():
+        async with Cluster(tmp_path, mitm=True) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            got = await exchange(r, w, payload)
+            await asyncio.sleep(0.1)
+            return got, bytes(c.forwarder.wire), c.access("node2")
+
+    got, wire, log2 = run(main())
+    assert got == payload + b"|bye from 127.0.0.7"  # the receiver got the marker...
+    assert len(wire) > 2 * len(payload)  # ...through the man in the middle, both ways...
+    assert marker not in wire and b"MLTN" not in wire  # ...which saw neither it nor the header
+    assert wire.startswith(b"\x16\x03\x01")  # a TLS ClientHello opens the connection
+    assert wire.count(b"\x17\x03\x03") > 10  # then application data records
+    (inb,) = log2
+    assert inb["src_identity"] == CLIENT_ID and inb["peer_verified"] is True
+
+
+def test_missing_certificate_fails_closed(tmp_path, caplog):
+    async def main():
+        async with Cluster(tmp_path, deny=(CLIENT_ID,)) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            await expect_reset(r, w)
+            # same-node traffic needs no certificate
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            local = await exchange(r, w, b"x")
+            await asyncio.sleep(0.1)
+            return local, c.access("node1"), c.access("node2"), c.servers[0].stats()
+
+    local, log1, log2, stats = run(main())
+    assert local == b"x|bye from 127.0.0.5"
+    assert [(e["route"], e["result"]) for e in log1] == [("tunnel", "rejected"), ("local", "ok")]
+    assert "no_certificate" in log1[0]["reason"] and CLIENT_ID in log1[0]["reason"]
+    assert log2 == []  # nothing reached the other node
+    assert f"no certificate for identity {CLIENT_ID}" in caplog.text
+    assert stats["tls"]["failures"] == {"no_certificate": 1}
 
 
 def test_stats_socket(tmp_path):
@@ -352,6 +522,10 @@ def test_stats_socket(tmp_path):
     doc, path = run(main())
     assert doc["worker"] == 0 and doc["node"] == "node1" and doc["state_generation"] == 1
     assert "result_ok" in doc["counters"] and doc["active_connections"] == 0
+    certs = doc["certs"]
+    assert [i["spiffe_id"] for i in certs["identities"]] == [CLIENT_ID, WEB_ID]
+    assert all(i["serial"] and i["not_after"] and i["next_rotation"] for i in certs["identities"])
+    assert certs["bundle_fingerprint"] and doc["tls"]["failures"] == {}
     assert not path.exists()  # removed at shutdown
 
 

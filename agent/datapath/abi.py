@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import sys
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 AF_INET = 2
 AF_INET6 = 10
@@ -30,6 +30,8 @@ class MlConfig(ctypes.Structure):
         ("has_ip6", ctypes.c_uint8),
         ("enabled", ctypes.c_uint8),
         ("mesh_mark", ctypes.c_uint32),
+        ("tunnel_port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -79,6 +81,57 @@ class MlFlowKey(ctypes.Structure):
     ]
 
 
+# flow roles (ML_ROLE_*)
+ROLE_NONE = 0
+ROLE_CLIENT = 1
+ROLE_SERVER = 2
+ROLE_PROXY_OUTBOUND = 3
+ROLE_PROXY_TUNNEL = 4
+ROLE_PROXY_UPSTREAM = 5
+ROLES = {ROLE_NONE: "unknown", ROLE_CLIENT: "client", ROLE_SERVER: "server",
+         ROLE_PROXY_OUTBOUND: "proxy-outbound", ROLE_PROXY_TUNNEL: "proxy-tunnel",
+         ROLE_PROXY_UPSTREAM: "proxy-upstream"}
+
+FLOW_F_EVICTED = 1
+
+# BPF_TCP_* (include/uapi/linux/bpf.h), the values of MlFlow.state
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+              6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+              11: "CLOSING", 12: "NEW_SYN_RECV"}
+TCP_CLOSE = 7
+
+
+class MlFlow(ctypes.Structure):
+    """struct ml_flow: ml_live_flows values and ml_flow_events records."""
+
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("peer_cookie", ctypes.c_uint64),
+        ("start_ns", ctypes.c_uint64),
+        ("update_ns", ctypes.c_uint64),
+        ("end_ns", ctypes.c_uint64),
+        ("bytes_acked", ctypes.c_uint64),
+        ("bytes_received", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("saddr_be", ctypes.c_uint32 * 4),
+        ("daddr_be", ctypes.c_uint32 * 4),
+        ("orig_dst_be", ctypes.c_uint32 * 4),
+        ("workload_id", ctypes.c_uint32),
+        ("srtt_us", ctypes.c_uint32),
+        ("rtt_min_us", ctypes.c_uint32),
+        ("total_retrans", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("orig_dport", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("role", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("orig_family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
 class MlMeta(ctypes.Structure):
     _fields_ = [
         ("source_hash", ctypes.c_uint64),
@@ -99,6 +152,11 @@ STATS = [
     "origdst_full",
     "strict_drop",
     "strict_mesh",
+    "flow_tracked",
+    "flow_closed",
+    "flow_table_full",
+    "flow_evicted",
+    "flow_ringbuf_full",
 ]
 
 # map name -> (key type, value type); the privileged ABI test walks this.
@@ -113,6 +171,15 @@ MAPS: dict[str, tuple[type, type]] = {
     "ml_excl_cidr6": (MlCidr6Key, ctypes.c_uint8),
     "ml_origdst": (ctypes.c_uint64, MlOrigDst),
     "ml_flows": (MlFlowKey, MlOrigDst),
+    "ml_live_flows": (ctypes.c_uint64, MlFlow),
+    "ml_flow_links": (ctypes.c_uint64, ctypes.c_uint64),
+}
+
+# Ring buffers: pinned under <pin dir>/events/ (they have no keys to list, so
+# they stay out of the directory of hash and array maps) -> record type.
+EVENTS_DIR = "events"
+RINGBUFS: dict[str, type] = {
+    "ml_flow_events": MlFlow,
 }
 
 

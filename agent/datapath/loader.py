@@ -3,6 +3,7 @@
 Pin layout under ``pin_dir`` (default /sys/fs/bpf/meshlet/<node>):
 
     ml_*            maps (created and pinned by bcc's BPF_TABLE_PINNED)
+    events/ml_*     ring buffers (no keys to list, so kept apart from the maps)
     progs/<name>    the loaded programs
     links/cgroup-*  bpf links attaching the socket hooks to the node cgroup
     links/tc-*      tcx links on the node side of each enrolled pod's veth
@@ -31,7 +32,7 @@ from . import abi, bpfsys
 
 log = logging.getLogger("meshlet.datapath")
 
-BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c")
+BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c", "flows.c")
 
 
 def bpf_dir() -> str:
@@ -41,6 +42,9 @@ def bpf_dir() -> str:
         return env
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(os.path.join(here, "..", "..", "bpf"))
+
+
+FLOW_PROG = "ml_flow_ops"   # "ml_flows" is the 4-tuple map's name
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,22 @@ CGROUP_HOOKS = (
                bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
     CgroupHook("ml_getpeername6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR,
                bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
+    # flows.c: a second sock_ops program, its own link, attached after
+    # ml_sockops so it runs after it (it ORs its callback flags onto ml_sockops').
+    CgroupHook(FLOW_PROG, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
+
+
+def cgroup_hooks(spec: "DatapathSpec") -> tuple[CgroupHook, ...]:
+    """The cgroup hooks this spec compiles and attaches."""
+    return tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
+
+
+def _flow_tracking_default() -> bool:
+    # A development switch for side-by-side benchmarks (MESHLET_FLOW_TRACKING=0).
+    return os.environ.get("MESHLET_FLOW_TRACKING", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,10 @@ class DatapathSpec:
     exclude_cidrs: tuple[str, ...] = ()
     max_flows: int = 65536
     max_workloads: int = 4096
+    tunnel_port: int = 15008
+    max_live_flows: int = 65536         # ml_live_flows (LRU) and ml_flow_links
+    flow_ringbuf_bytes: int = 1 << 20   # ml_flow_events; a power of two >= one page
+    flow_tracking: bool = field(default_factory=_flow_tracking_default)
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,9 @@ def render(spec: DatapathSpec, src_dir: str | None = None) -> Rendered:
         f'-DML_PIN_DIR="{spec.pin_dir}"',
         f"-DML_MAX_FLOWS={spec.max_flows}",
         f"-DML_MAX_WORKLOADS={spec.max_workloads}",
+        f"-DML_MAX_LIVE_FLOWS={spec.max_live_flows}",
+        f"-DML_FLOW_RINGBUF_BYTES={spec.flow_ringbuf_bytes}",
+        f"-DML_FLOW_TRACKING={1 if spec.flow_tracking else 0}",
     )
     return Rendered("\n".join(parts), cflags)
 
@@ -172,9 +196,12 @@ class Datapath:
 
     def _adoptable(self, rendered: Rendered) -> bool:
         pd = self.spec.pin_dir
+        hooks = cgroup_hooks(self.spec)
         needed = [os.path.join(pd, m) for m in abi.MAPS] + \
-            [os.path.join(pd, "progs", p) for p in ALL_PROGS] + \
-            [os.path.join(pd, "links", f"cgroup-{h.name}") for h in CGROUP_HOOKS]
+            [os.path.join(pd, abi.EVENTS_DIR, m) for m in abi.RINGBUFS] + \
+            [os.path.join(pd, "progs", h.name) for h in hooks] + \
+            [os.path.join(pd, "progs", TC_PROG)] + \
+            [os.path.join(pd, "links", f"cgroup-{h.name}") for h in hooks]
         if not all(os.path.exists(p) for p in needed):
             return False
         try:
@@ -188,7 +215,7 @@ class Datapath:
                     or meta.abi_version != abi.ABI_VERSION:
                 return False
             cgid = cg.cgroup_id(self.spec.cgroup)
-            for h in CGROUP_HOOKS:
+            for h in hooks:
                 info = _pinned_link_info(os.path.join(pd, "links", f"cgroup-{h.name}"))
                 prog = _pinned_prog_info(os.path.join(pd, "progs", h.name))
                 if info is None or prog is None or info.prog_id != prog.id \
@@ -204,6 +231,8 @@ class Datapath:
         except ImportError as e:
             raise DatapathError("cannot import bcc: install python3-bpfcc and use a venv made "
                                 "with --system-site-packages (run the README's bootstrap)") from e
+        # bcc pins the ring buffer itself but does not create directories.
+        os.makedirs(os.path.join(self.spec.pin_dir, abi.EVENTS_DIR), exist_ok=True)
         try:
             b = BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
         except Exception as e:
@@ -211,7 +240,8 @@ class Datapath:
                                 "(kernel headers under /lib/modules/$(uname -r)/build?)") from e
         try:
             progs = {}
-            for h in CGROUP_HOOKS:
+            hooks = cgroup_hooks(self.spec)
+            for h in hooks:
                 if h.prog_type == bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR:
                     fn = b.load_func(h.name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=h.attach_type)
                 else:
@@ -230,7 +260,7 @@ class Datapath:
             self.sync_excludes()
             cgfd = self._cgroup_fd()
             try:
-                for h in CGROUP_HOOKS:
+                for h in hooks:
                     try:
                         lfd = bpfsys.link_create(progs[h.name], cgfd, h.attach_type)
                     except OSError as e:
@@ -272,6 +302,7 @@ class Datapath:
         c.outbound_port = self.spec.outbound_port
         c.enabled = 1 if enabled else 0
         c.mesh_mark = self.spec.mesh_mark
+        c.tunnel_port = self.spec.tunnel_port
         bpfsys.map_update(self.maps["ml_config"], bytes(ctypes.c_uint32(0)), bytes(c))
 
     def sync_excludes(self) -> None:

@@ -20,8 +20,17 @@
 #ifndef ML_MAX_EXCLUDES
 #define ML_MAX_EXCLUDES 256
 #endif
+#ifndef ML_MAX_LIVE_FLOWS
+#define ML_MAX_LIVE_FLOWS 65536
+#endif
+#ifndef ML_FLOW_RINGBUF_BYTES       /* power of two, a multiple of the page size */
+#define ML_FLOW_RINGBUF_BYTES (1 << 20)
+#endif
+#ifndef ML_FLOW_TRACKING            /* 0: compile without the ml_flows program */
+#define ML_FLOW_TRACKING 1
+#endif
 
-#define ML_ABI_VERSION 1
+#define ML_ABI_VERSION 2
 #define ML_PIN(name) ML_PIN_DIR "/" #name
 
 #define ML_AF_INET 2
@@ -40,6 +49,8 @@ struct ml_config {
 	__u8 has_ip6;               /* 0: IPv6 connects are not redirected */
 	__u8 enabled;               /* 0: datapath passes everything (drain) */
 	__u32 mesh_mark;            /* SO_MARK of the proxy's own sockets */
+	__u16 tunnel_port;          /* node proxy tunnel listener (0: none) */
+	__u16 pad;
 };
 
 /* ml_enrolled: cgroup id -> workload; ml_pod_ips: pod address -> workload */
@@ -86,6 +97,47 @@ struct ml_flow_key {
 	__u8 pad[3];
 };
 
+/* flow roles: which of the sockets of a meshed connection this is */
+#define ML_ROLE_NONE 0
+#define ML_ROLE_CLIENT 1            /* pod's redirected connect (cookie in ml_origdst) */
+#define ML_ROLE_SERVER 2            /* accepted by a pod (local address in ml_pod_ips) */
+#define ML_ROLE_PROXY_OUTBOUND 3    /* accepted by the proxy on its outbound port */
+#define ML_ROLE_PROXY_TUNNEL 4      /* accepted by the proxy on its tunnel port */
+#define ML_ROLE_PROXY_UPSTREAM 5    /* connected by the proxy (carries the mesh mark) */
+
+#define ML_FLOW_F_EVICTED 1         /* close record of a flow whose live entry was evicted */
+
+/* ml_live_flows: socket cookie -> flow (flows.c); the same record, with
+ * end_ns set, is what a closed flow emits into the ml_flow_events ring.
+ * Times are CLOCK_MONOTONIC ns; byte and RTT fields are the kernel's
+ * tcp_sock counters as sock_ops sees them. */
+struct ml_flow {
+	__u64 cookie;
+	__u64 peer_cookie;          /* from ml_flow_links at close (0: none) */
+	__u64 start_ns;             /* established */
+	__u64 update_ns;            /* last callback that refreshed the counters */
+	__u64 end_ns;               /* closed; 0 while open */
+	__u64 bytes_acked;          /* sent and acknowledged by the peer */
+	__u64 bytes_received;
+	__u64 cgroup_id;            /* client legs: cgroup of the task that connected */
+	__u32 saddr_be[4];          /* local address (IPv4-mapped folded into IPv4) */
+	__u32 daddr_be[4];          /* remote address */
+	__u32 orig_dst_be[4];       /* client legs: where the app wanted to go */
+	__u32 workload_id;          /* client and server legs: the pod's workload */
+	__u32 srtt_us;              /* smoothed RTT, us (tcp srtt_us >> 3) */
+	__u32 rtt_min_us;           /* minimum RTT seen, us */
+	__u32 total_retrans;
+	__u16 sport;                /* local port */
+	__u16 dport;                /* remote port */
+	__u16 orig_dport;           /* client legs */
+	__u8 family;
+	__u8 role;                  /* ML_ROLE_* */
+	__u8 state;                 /* BPF_TCP_*, BPF_TCP_CLOSE once closed */
+	__u8 flags;                 /* ML_FLOW_F_* */
+	__u8 orig_family;
+	__u8 pad[5];
+};
+
 struct ml_meta {
 	__u64 source_hash;          /* hash of the compiled text + cflags */
 	__u32 abi_version;
@@ -104,6 +156,11 @@ enum ml_stat {
 	ML_STAT_ORIGDST_FULL,       /* could not record the original dst */
 	ML_STAT_STRICT_DROP,        /* plaintext SYN to a strict pod dropped */
 	ML_STAT_STRICT_MESH,        /* SYN from the mesh to a strict pod */
+	ML_STAT_FLOW_TRACKED,       /* flows.c started tracking a TCP flow */
+	ML_STAT_FLOW_CLOSED,        /* a closed flow went into the ring buffer */
+	ML_STAT_FLOW_TABLE_FULL,    /* could not add a flow to ml_live_flows */
+	ML_STAT_FLOW_EVICTED,       /* a tracked flow's live entry was gone at close (LRU) */
+	ML_STAT_FLOW_RINGBUF_FULL,  /* a closed flow was lost: ring buffer reserve failed */
 	ML_STAT_MAX,
 };
 
@@ -117,6 +174,30 @@ BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr4_key, u8, ml_excl_cidr4, ML_MAX_EXC
 BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr6_key, u8, ml_excl_cidr6, ML_MAX_EXCLUDES, ML_PIN(ml_excl_cidr6), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", u64, struct ml_origdst, ml_origdst, ML_MAX_FLOWS, ML_PIN(ml_origdst));
 BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, struct ml_origdst, ml_flows, ML_MAX_FLOWS, ML_PIN(ml_flows));
+BPF_TABLE_PINNED("lru_hash", u64, struct ml_flow, ml_live_flows, ML_MAX_LIVE_FLOWS, ML_PIN(ml_live_flows));
+/* ml_flow_links: socket cookie -> the cookie of the socket the proxy relays
+ * it to (written by the proxy, both ways; flows.c forgets a cookie at close) */
+BPF_TABLE_PINNED("lru_hash", u64, u64, ml_flow_links, ML_MAX_LIVE_FLOWS, ML_PIN(ml_flow_links));
+
+/* ml_flow_events: closed flows (struct ml_flow records) for the agent.
+ * bcc 0.26 has no pinned variant of BPF_RINGBUF_OUTPUT; this is that macro
+ * with the "type:pin path" section BPF_TABLE_PINNED uses.  The pin lives in
+ * a subdirectory because a ring buffer has no keys to list (get_next_key
+ * fails), so tools that walk the pinned hash maps must not meet it. */
+#define ML_RINGBUF_PINNED(_name, _bytes, _pinned) \
+struct _name##_table_t { \
+	int key; \
+	u32 leaf; \
+	int (*ringbuf_output)(void *, u64, u64); \
+	void *(*ringbuf_reserve)(u64); \
+	void (*ringbuf_discard)(void *, u64); \
+	void (*ringbuf_submit)(void *, u64); \
+	u32 max_entries; \
+}; \
+__attribute__((section("maps/ringbuf:" _pinned))) \
+struct _name##_table_t _name = { .max_entries = (_bytes) }
+#define ML_EVENTS_DIR "events"
+ML_RINGBUF_PINNED(ml_flow_events, ML_FLOW_RINGBUF_BYTES, ML_PIN_DIR "/" ML_EVENTS_DIR "/ml_flow_events");
 
 static __always_inline void ml_count(u32 stat)
 {

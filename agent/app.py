@@ -126,6 +126,8 @@ class Agent:
     identity_generation: int = 0
     identity_sig: tuple | None = None
     identity_error: str | None = None
+    flow_history: int = 10_000          # closed flows kept for `meshlet flows`
+    flow_reader: object = None          # datapath.flows.FlowReader, while serving
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -142,6 +144,7 @@ class Agent:
             mesh_mark=self.cfg.proxy.mesh_mark,
             exclude_ports=tuple(self.cfg.mesh.exclude_ports),
             exclude_cidrs=tuple(str(c) for c in self.cfg.mesh.exclude_cidrs),
+            tunnel_port=self.cfg.proxy.tunnel_port,
         )
         self.datapath = Datapath(self.spec)
         self.workers = [ProxyWorker(i) for i in range(self.cfg.proxy.workers)]
@@ -499,6 +502,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         ca_server = await start_ca_server(self)
+        from .datapath.flows import FlowReader
+        self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
@@ -511,6 +516,7 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            self.flow_reader.stop()
             admin.close()
             ca_server.close()
             await admin.wait_closed()
@@ -578,7 +584,8 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 
 # --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
 
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf"}
+FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf"} | FLOW_ROUTES
 
 
 async def start_admin(agent: Agent) -> asyncio.AbstractServer:
@@ -605,6 +612,11 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
             elif target == "/v1/bpf":
                 from .datapath.status import datapath_status
                 code, body = 200, datapath_status(agent.spec.pin_dir, agent.cgroup_dir)
+            elif target.split("?", 1)[0] in FLOW_ROUTES:
+                answer = await _flows_route(agent, target, reader, writer)
+                if answer is None:
+                    return  # streamed
+                code, body = answer
             else:
                 code, body = 404, {"error": f"unknown path {target!r}", "paths": sorted(ROUTES)}
             data = json.dumps(body).encode()
@@ -619,6 +631,76 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
     server = await asyncio.start_unix_server(handle, path=path)
     os.chmod(path, 0o600)
     return server
+
+
+# --- flows (#6): the kernel flow table over the admin API ------------------------------
+
+FOLLOW_MAX_SECONDS = 3600.0
+FOLLOW_INTERVAL = 0.25
+
+
+def _flow_views(agent: Agent, records: list[dict], links: dict[int, int]) -> list[dict]:
+    from .flows import Resolver, build_views
+
+    proxy_ips = {str(ip): agent.cfg.node for ip in (agent.cfg.proxy.redirect_ipv4,
+                                                    agent.cfg.proxy.redirect_ipv6) if ip}
+    res = Resolver.from_inventory(agent.inventory, agent.cfg.identity.trust_domain, proxy_ips,
+                                  workload_id) if agent.inventory else Resolver()
+    return build_views(records, res, agent.cfg.node, time.time(), links)
+
+
+async def _flows_route(agent: Agent, target: str, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> tuple[int, dict] | None:
+    """GET /v1/flows?filters -> JSON; GET /v1/flows/follow?filters -> JSON
+    lines {"event": "new"|"closed", "flow": ...} until the client goes away
+    or max_seconds pass (returns None then)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from .flows import FlowFilter, select, sort_views
+
+    url = urlsplit(target)
+    params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    try:
+        flt = FlowFilter.from_params(params)
+        sort = params.get("sort", "start")
+        sort_views([], sort)
+        limit = int(params.get("limit") or 0)
+        max_s = min(float(params.get("max_seconds") or FOLLOW_MAX_SECONDS), FOLLOW_MAX_SECONDS)
+    except ValueError as e:
+        return 400, {"error": str(e)}
+    fr = agent.flow_reader
+    if url.path == "/v1/flows":
+        def collect() -> tuple[dict, dict]:
+            return fr.snapshot(), agent.datapath.stats()
+        snap, stats = await asyncio.to_thread(collect)
+        closed = {f["cookie"] for f in snap["closed"]}
+        records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
+        now = time.time()
+        views = select(_flow_views(agent, records, snap["links"]), flt, sort, now, limit)
+        return 200, {"node": agent.cfg.node, "now": now, "flows": views, "reader": snap["reader"],
+                     "counters": {k: v for k, v in stats.items() if k.startswith("flow_")}}
+    loop = asyncio.get_running_loop()
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
+    await writer.drain()
+    gone = asyncio.ensure_future(reader.read(1))  # completes when the client hangs up
+    try:
+        cursor = await asyncio.to_thread(fr.cursor)
+        deadline = loop.time() + max_s
+        while loop.time() < deadline and not gone.done():
+            cursor, events = await asyncio.to_thread(fr.poll_events, cursor)
+            if events:
+                views = _flow_views(agent, [f for _, f in events], {})
+                now = time.time()
+                for (kind, _), v in zip(events, views):
+                    if flt.matches(v, now):
+                        writer.write(json.dumps({"event": kind, "flow": v}).encode() + b"\n")
+                await writer.drain()
+            await asyncio.wait([gone], timeout=FOLLOW_INTERVAL)
+    except (ConnectionError, BrokenPipeError):
+        pass
+    finally:
+        gone.cancel()
+    return None
 
 
 def _workloads(agent: Agent) -> dict:

@@ -313,6 +313,118 @@ def certs(sock, node, output) -> None:
                        f"{c.get('next_rotation', '')}")
 
 
+@main.command()
+@agent_opts
+@click.option("--pod", help="Only flows from or to this pod (namespace/name or name).")
+@click.option("--namespace", help="Only flows from or to pods of this namespace.")
+@click.option("--identity", help="Only flows from or to this SPIFFE ID "
+              "(spiffe://<trust domain>/ns/<ns>/sa/<sa>).")
+@click.option("--port", type=click.IntRange(0, 65535), help="Only flows with this port at "
+              "either end.")
+@click.option("--state", help="open, closed, or a TCP state (established, close_wait, ...).")
+@click.option("--since", help="Only flows alive during the last DURATION (30s, 5m, 2h).")
+@click.option("--sort", type=click.Choice(["start", "srtt", "bytes", "age", "retrans"]),
+              default="start", show_default=True,
+              help="start: oldest first; srtt, bytes, retrans: largest first; age: longest-lived "
+                   "first.")
+@click.option("--limit", type=click.IntRange(0), default=0, help="At most N rows (0: all).")
+@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("--follow", "-f", is_flag=True, help="Stream new and closed flows as they happen.")
+@click.option("--max-seconds", type=click.FloatRange(0, min_open=True), default=3600.0,
+              show_default=True, help="Stop following after this long.")
+def flows(sock, node, pod, namespace, identity, port, state, since, sort, limit, output, follow,
+          max_seconds) -> None:
+    """TCP flows of this node's meshed pods and proxy, from the kernel.
+
+    One row per socket: a pod's client leg, the proxy's accepted, tunnel and
+    upstream legs, a pod's server leg. SENT/RECEIVED are the source's bytes
+    (kernel tcp_info counters: SYN and FIN count one byte each). Closed flows
+    stay listed (the agent keeps the most recent ones).
+    """
+    from urllib.parse import urlencode
+
+    from .flows import FlowFilter, format_table, parse_since
+
+    try:
+        flt = FlowFilter(pod=pod, namespace=namespace, identity=identity, port=port, state=state,
+                         since=parse_since(since) if since else None)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    params = flt.to_params()
+    if since:
+        params["since"] = since
+    params["sort"] = sort
+    if limit:
+        params["limit"] = str(limit)
+    sock_path = _admin_socket(sock, node)
+    if follow:
+        params["max_seconds"] = str(max_seconds)
+        _follow_flows(sock_path, "/v1/flows/follow?" + urlencode(params), output, max_seconds)
+        return
+    data = admin_get("/v1/flows?" + urlencode(params), sock_path)
+    if output == "json":
+        click.echo(json.dumps(data["flows"], indent=2))
+        return
+    if not data["flows"]:
+        click.echo("no flows match", err=True)
+        return
+    click.echo(format_table(data["flows"], wide=output == "wide"))
+    c = data.get("counters", {})
+    if c.get("flow_evicted") or c.get("flow_ringbuf_full") or c.get("flow_table_full"):
+        click.echo(f"warning: flow records lost to map pressure: {c.get('flow_evicted', 0)} "
+                   f"evicted, {c.get('flow_ringbuf_full', 0)} ring buffer full, "
+                   f"{c.get('flow_table_full', 0)} table full", err=True)
+
+
+def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) -> None:
+    """Print the agent's flow events (JSON lines) as they arrive."""
+    import socket
+    import time
+
+    from .flows import format_table
+
+    deadline = time.monotonic() + max_seconds
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(sock_path)
+        s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    except OSError as e:
+        _die(f"cannot reach the agent at {sock_path}: {e.strerror or e}; is `meshlet run` running?")
+    with s:
+        f = s.makefile("rb")
+        try:
+            status = f.readline().split()
+            while f.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            if len(status) < 2 or status[1] != b"200":
+                body = f.read()
+                _die(f"agent answered {status[1].decode() if len(status) > 1 else '?'}: "
+                     f"{json.loads(body).get('error') if body else ''}")
+            header = output != "json"
+            while time.monotonic() < deadline:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    line = f.readline()
+                except TimeoutError:
+                    break
+                if not line:
+                    break
+                ev = json.loads(line)
+                if output == "json":
+                    click.echo(json.dumps(ev))
+                else:
+                    mark = "+new" if ev["event"] == "new" else "-closed"
+                    click.echo(format_table([ev["flow"]], wide=output == "wide", header=header,
+                                            prefix=[mark], fixed=True))
+                    header = False
+        except KeyboardInterrupt:
+            pass
+        except OSError as e:
+            _die(f"lost the agent at {sock_path}: {e.strerror or e}")
+
+
 # --- CA material -----------------------------------------------------------------------
 
 @main.group()

@@ -1,0 +1,355 @@
+"""Flow table reader over pinned maps — bcc-free, safe after an agent restart.
+
+Kernel side: bpf/flows.c keeps live TCP flows in ``ml_live_flows`` (LRU,
+socket cookie -> struct ml_flow) and emits each closed flow into the
+``ml_flow_events`` ring buffer.  :class:`FlowReader` drains that ring into a
+bounded "recently closed" list (in a thread of its own, so short flows are
+never lost between two reads) and reads the live map on demand.
+
+Linking the proxy's two sockets of one relayed connection needs the proxy:
+it calls :func:`link_flows` (or :class:`FlowLinker`) with the cookies of the
+accepted and the upstream socket, which files them, both ways, in the pinned
+``ml_flow_links`` map; flows.c copies a closing socket's peer into its
+record.  Flow records leave this module as plain dicts (see
+:func:`decode_flow`); agent/flows.py resolves, filters and formats them.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+from . import abi, bpfsys, ringbuf
+
+log = logging.getLogger("meshlet.flows")
+
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+FLOW_SIZE = ctypes.sizeof(abi.MlFlow)
+EVENTS_MAP = "ml_flow_events"
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's socket cookie (what flows.c keys flows by)."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def mono_to_wall_offset() -> float:
+    """Seconds to add to a CLOCK_MONOTONIC reading (bpf_ktime_get_ns) to get
+    Unix time."""
+    return time.time() - time.monotonic()
+
+
+def decode_flow(raw: bytes, wall_offset: float) -> dict:
+    """struct ml_flow bytes -> a JSON-able dict (times as Unix seconds)."""
+    f = abi.MlFlow.from_buffer_copy(raw[:FLOW_SIZE])
+    fam = f.family
+
+    def t(ns: int) -> float | None:
+        return round(ns / 1e9 + wall_offset, 6) if ns else None
+
+    orig = None
+    if f.role == abi.ROLE_CLIENT and f.orig_family:
+        orig = [abi.unpack_addr(f.orig_family, f.orig_dst_be), f.orig_dport]
+    return {
+        "cookie": f.cookie,
+        "peer_cookie": f.peer_cookie or None,
+        "role": abi.ROLES.get(f.role, str(f.role)),
+        "family": 6 if fam == abi.AF_INET6 else 4,
+        "local": [abi.unpack_addr(fam, f.saddr_be), f.sport],
+        "remote": [abi.unpack_addr(fam, f.daddr_be), f.dport],
+        "orig_dst": orig,
+        "workload_id": f.workload_id or None,
+        "cgroup_id": f.cgroup_id or None,
+        "start": t(f.start_ns),
+        "updated": t(f.update_ns),
+        "end": t(f.end_ns),
+        "bytes_acked": f.bytes_acked,
+        "bytes_received": f.bytes_received,
+        "srtt_us": f.srtt_us,
+        "min_rtt_us": f.rtt_min_us if f.rtt_min_us != 0xFFFFFFFF else 0,
+        "retransmits": f.total_retrans,
+        "state": abi.TCP_STATES.get(f.state, str(f.state)),
+        "evicted": bool(f.flags & abi.FLOW_F_EVICTED),
+    }
+
+
+# --- links (written by the proxy) ---------------------------------------------
+
+class FlowLinker:
+    """A handle on the pinned ``ml_flow_links`` map for the proxy: reopened
+    when the pin is replaced (the agent reloaded the datapath)."""
+
+    def __init__(self, pin_dir: str):
+        self.path = os.path.join(pin_dir, "ml_flow_links")
+        self._fd: int | None = None
+        self._ino: int | None = None
+
+    def _open(self) -> int:
+        ino = os.stat(self.path).st_ino
+        if self._fd is None or ino != self._ino:
+            self.close()
+            self._fd = bpfsys.obj_get(self.path)
+            self._ino = ino
+        return self._fd
+
+    def link(self, a_cookie: int, b_cookie: int) -> None:
+        """Record that the sockets ``a`` and ``b`` carry one relayed connection."""
+        fd = self._open()
+        a, b = _u64(a_cookie), _u64(b_cookie)
+        bpfsys.map_update(fd, a, b)
+        bpfsys.map_update(fd, b, a)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def link_flows(pin_dir: str, a_cookie: int, b_cookie: int) -> None:
+    """One-shot :meth:`FlowLinker.link` (opens and closes the map)."""
+    linker = FlowLinker(pin_dir)
+    try:
+        linker.link(a_cookie, b_cookie)
+    finally:
+        linker.close()
+
+
+def _u64(v: int) -> bytes:
+    return struct.pack("=Q", v)
+
+
+# --- the reader --------------------------------------------------------------------
+
+class FlowReader:
+    """Live flows from the LRU map, closed flows from the ring buffer.
+
+    ``start()`` runs a daemon thread that waits on the ring buffer and drains
+    it into ``closed`` (the last ``closed_limit`` flows).  Every method is
+    thread-safe; none of them belongs on an asyncio loop (they make
+    syscalls): call them through ``asyncio.to_thread``.
+    """
+
+    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2):
+        self.pin_dir = pin_dir
+        self.closed: collections.deque[dict] = collections.deque(maxlen=closed_limit)
+        self.closed_limit = closed_limit
+        self.wait_s = wait
+        self.counters = {"closed_read": 0, "closed_dropped_from_history": 0, "errors": 0}
+        self._lock = threading.Lock()
+        self._ring: ringbuf.RingBuffer | None = None
+        self._ring_ino: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wall = mono_to_wall_offset()
+        self._seq = 0
+        self._events: collections.deque[tuple[int, str, dict]] = \
+            collections.deque(maxlen=closed_limit)
+        self._seen_live: set[int] = set()
+
+    # --- ring buffer -------------------------------------------------------------------
+
+    def _ring_path(self) -> str:
+        return os.path.join(self.pin_dir, abi.EVENTS_DIR, EVENTS_MAP)
+
+    def _open_ring(self) -> ringbuf.RingBuffer | None:
+        path = self._ring_path()
+        try:
+            ino = os.stat(path).st_ino
+        except FileNotFoundError:
+            self._close_ring()
+            return None
+        if self._ring is None or ino != self._ring_ino:
+            self._close_ring()
+            self._ring = ringbuf.open_pinned(path)
+            self._ring_ino = ino
+        return self._ring
+
+    def _close_ring(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def drain(self) -> int:
+        """Move every committed closed flow from the ring into ``closed``."""
+        with self._lock:
+            ring = self._open_ring()
+            if ring is None:
+                return 0
+            n = 0
+            while True:
+                batch = ring.drain(limit=4096)
+                for raw in batch:
+                    f = decode_flow(raw, self._wall)
+                    if len(self.closed) == self.closed.maxlen:
+                        self.counters["closed_dropped_from_history"] += 1
+                    self.closed.append(f)
+                    self._seen_live.discard(f["cookie"])
+                    self._push("closed", f)
+                n += len(batch)
+                if len(batch) < 4096:
+                    break
+            self.counters["closed_read"] += n
+            return n
+
+    def _push(self, kind: str, flow: dict) -> None:
+        self._seq += 1
+        self._events.append((self._seq, kind, flow))
+
+    # --- live map -------------------------------------------------------------------
+
+    def live(self) -> list[dict]:
+        """The flows the kernel tracks right now."""
+        path = os.path.join(self.pin_dir, "ml_live_flows")
+        try:
+            fd = bpfsys.obj_get(path)
+        except FileNotFoundError:
+            return []
+        try:
+            out = []
+            for raw in _dump_values(fd, 8, FLOW_SIZE):
+                out.append(decode_flow(raw, self._wall))
+            return out
+        finally:
+            os.close(fd)
+
+    def links(self) -> dict[int, int]:
+        path = os.path.join(self.pin_dir, "ml_flow_links")
+        try:
+            fd = bpfsys.obj_get(path)
+        except FileNotFoundError:
+            return {}
+        try:
+            out = {}
+            for k in list(bpfsys.map_keys(fd, 8)):
+                v = bpfsys.map_lookup(fd, k, 8)
+                if v is not None:
+                    out[struct.unpack("=Q", k)[0]] = struct.unpack("=Q", v)[0]
+            return out
+        finally:
+            os.close(fd)
+
+    def snapshot(self) -> dict:
+        """Drain the ring, then read the live map: {"live", "closed", "links"}."""
+        self.drain()
+        live = self.live()
+        links = self.links()
+        with self._lock:
+            closed = list(self.closed)
+        return {"live": live, "closed": closed, "links": links, "reader": self.status()}
+
+    def status(self) -> dict:
+        return {"closed_buffered": len(self.closed), "closed_limit": self.closed_limit,
+                **self.counters}
+
+    # --- follow: new and closed flows as events ------------------------------------------
+
+    def poll_events(self, after: int) -> tuple[int, list[tuple[str, dict]]]:
+        """Events newer than sequence number ``after``: ("new", flow) for live
+        flows not seen before, ("closed", flow) from the ring.  Returns the
+        last sequence number and the events."""
+        self.drain()
+        live = self.live()
+        with self._lock:
+            for f in live:
+                if f["cookie"] not in self._seen_live:
+                    self._seen_live.add(f["cookie"])
+                    self._push("new", f)
+            live_ids = {f["cookie"] for f in live}
+            self._seen_live &= live_ids
+            events = [(k, f) for s, k, f in self._events if s > after]
+            return self._seq, events
+
+    def cursor(self) -> int:
+        """The current sequence number: a follower starts after it.  Marks
+        the flows live now as seen, so they are not reported as new."""
+        live = self.live()
+        with self._lock:
+            self._seen_live |= {f["cookie"] for f in live}
+            return self._seq
+
+    # --- thread ---------------------------------------------------------------------
+
+    def start(self) -> "FlowReader":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="flow-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            self._close_ring()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    ring = self._open_ring()
+                if ring is None:
+                    self._stop.wait(1.0)
+                    continue
+                ring.wait(self.wait_s)
+                self.drain()
+            except Exception:  # the reader must outlive one bad read
+                self.counters["errors"] += 1
+                log.exception("flow reader error (will retry)")
+                self._stop.wait(1.0)
+
+
+# --- batched map dump ------------------------------------------------------------------
+
+MAP_LOOKUP_BATCH = 24
+
+
+def _dump_values(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> list[bytes]:
+    """Every value of a hash-like map: BPF_MAP_LOOKUP_BATCH (one syscall per
+    ``chunk`` entries), falling back to get_next_key + lookup."""
+    try:
+        return _dump_batch(fd, key_size, value_size, chunk)
+    except bpfsys.BPFError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSPC, errno.ENOTSUP, 524):
+            raise
+    out = []
+    for k in list(bpfsys.map_keys(fd, key_size)):
+        v = bpfsys.map_lookup(fd, k, value_size)
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[bytes]:
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    in_batch = ctypes.create_string_buffer(max(key_size, 8))
+    out_batch = ctypes.create_string_buffer(max(key_size, 8))
+    out: list[bytes] = []
+    first = True
+    while True:
+        # struct { in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags }
+        attr = bpfsys._attr("=QQQQIIQQ", 0 if first else ctypes.addressof(in_batch),
+                            ctypes.addressof(out_batch), ctypes.addressof(keys),
+                            ctypes.addressof(values), chunk, fd, 0, 0)
+        done = False
+        try:
+            bpfsys.bpf(MAP_LOOKUP_BATCH, attr)
+        except bpfsys.BPFError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True  # the last (possibly partial) batch
+        count = struct.unpack_from("=I", attr, 32)[0]
+        raw = values.raw
+        out.extend(raw[i * value_size:(i + 1) * value_size] for i in range(count))
+        if done or count == 0:
+            return out
+        ctypes.memmove(in_batch, out_batch, len(out_batch))
+        first = False

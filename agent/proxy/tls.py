@@ -44,6 +44,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,13 +185,6 @@ def _base_context(server: bool, bundle: TrustBundle) -> ssl.SSLContext:
     return ctx
 
 
-def _der_chain(sslobj: ssl.SSLObject) -> list[x509.Certificate] | None:
-    chain = sslobj._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
-    if not chain:
-        return None
-    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in chain]  # type: ignore[attr-defined]
-
-
 def _map_ssl_error(e: ssl.SSLError) -> HandshakeError:
     if isinstance(e, ssl.SSLCertVerificationError):
         reason = _VERIFY_CODES.get(e.verify_code, "bad_chain")
@@ -215,6 +209,15 @@ class _Session:
     chain: tuple[x509.Certificate, ...]
 
 
+@dataclass
+class _Verified:
+    chain_key: bytes  # sha256 over the chain's DERs, as the peer sent it
+    chain: tuple[x509.Certificate, ...]
+    identity: SpiffeId
+    valid_from: float  # epoch seconds: every certificate involved is valid in this window
+    valid_until: float
+
+
 class TlsContexts:
     """SSL contexts, session cache, verification and handshake counters for one worker."""
 
@@ -228,7 +231,7 @@ class TlsContexts:
         self._server: dict[str, tuple[int, ssl.SSLContext]] = {}
         self._default_server: ssl.SSLContext | None = None
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
-        self._verified: OrderedDict[bytes, tuple[x509.Certificate, ...]] = OrderedDict()
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()  # by sha256 of the leaf
 
     # ---- epoch: everything hangs off the bundle fingerprint
 
@@ -311,24 +314,9 @@ class TlsContexts:
         fp, serial = self._fp, svid.serial
 
         def verify(conn: TlsConnection) -> str:
-            bundle = self.certs.bundle
-            if bundle is None:
-                raise HandshakeError("unknown_ca", "no trust bundle")
-            if conn.sslobj.session_reused:
-                if cached is None:
-                    raise HandshakeError("protocol", "the server resumed a session this client did not offer")
-                chain = list(cached.chain)
-                if conn.sslobj.getpeercert(True) != chain[0].public_bytes(serialization.Encoding.DER):
-                    raise HandshakeError("bad_chain", "the resumed session's peer certificate is not the "
-                                         "one verified before")
-            else:
-                chain = _der_chain(conn.sslobj) or []
-            try:
-                sid = verify_svid(chain, bundle, expected=expected)
-            except SvidError as e:
-                raise HandshakeError(e.reason, e.detail) from None
-            conn.verified_chain = tuple(chain)
-            return str(sid)
+            if conn.sslobj.session_reused and cached is None:
+                raise HandshakeError("protocol", "the server resumed a session this client did not offer")
+            return self._verify_peer(conn, expected, cached.chain if cached else None)
 
         def on_session(conn: TlsConnection, session: ssl.SSLSession) -> None:
             if conn.verified_chain:
@@ -421,30 +409,66 @@ class TlsContexts:
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
     def _verify_client(self, conn: TlsConnection) -> str:
+        return self._verify_peer(conn, None, None)
+
+    def _verify_peer(self, conn: TlsConnection, expected: SpiffeId | None,
+                     resumed_chain: tuple[x509.Certificate, ...] | None) -> str:
+        """``verify_svid`` on the peer's chain, memoized per chain for this bundle.
+
+        The result depends only on the chain, the bundle (the cache dies with
+        it) and the time (each entry keeps the window in which every
+        certificate involved is valid). A resumed handshake carries no
+        certificates: its leaf finds the chain verified on the full one."""
         bundle = self.certs.bundle
         if bundle is None:
             raise HandshakeError("unknown_ca", "no trust bundle yet")
+        ders: list[bytes] = []
         if conn.sslobj.session_reused:
-            leaf = conn.sslobj.getpeercert(True)
-            chain = list(self._verified.get(hashlib.sha256(leaf or b"").digest(), ()))
+            entry = self._verified.get(hashlib.sha256(conn.sslobj.getpeercert(True) or b"").digest())
+            chain = entry.chain if entry is not None else resumed_chain
             if not chain:
-                raise HandshakeError("bad_chain", "resumed session for a client certificate this proxy has "
-                                     "not verified (cache evicted); the client will do a full handshake "
-                                     "next time")
+                raise HandshakeError("bad_chain", "resumed session for a peer certificate this proxy has not "
+                                     "verified (cache evicted); the next handshake will be a full one")
         else:
-            chain = _der_chain(conn.sslobj) or []
-        try:
-            sid = verify_svid(chain, bundle)
-        except SvidError as e:
-            raise HandshakeError(e.reason, e.detail) from None
-        if chain:
-            k = hashlib.sha256(chain[0].public_bytes(serialization.Encoding.DER)).digest()
-            self._verified[k] = tuple(chain)
-            self._verified.move_to_end(k)
-            while len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+            raw = conn.sslobj._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
+            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]
+            if not ders:
+                raise HandshakeError("no_certificate", "the peer presented no certificate")
+            entry = self._verified.get(hashlib.sha256(ders[0]).digest())
+            if entry is not None and entry.chain_key != hashlib.sha256(b"".join(ders)).digest():
+                entry = None
+            chain = entry.chain if entry is not None else None
+        now = time.time()
+        if entry is not None and entry.valid_from <= now < entry.valid_until:
+            sid = entry.identity
+            if expected is not None and sid != expected:
+                raise HandshakeError("wrong_identity", f"peer is {sid}, expected {expected}")
+        else:
+            if chain is None:
+                try:
+                    chain = tuple(x509.load_der_x509_certificate(d) for d in ders)
+                except ValueError as e:
+                    raise HandshakeError("bad_chain", f"unparsable certificate: {e}") from None
+            try:
+                sid = verify_svid(list(chain), bundle, expected=expected)
+            except SvidError as e:
+                raise HandshakeError(e.reason, e.detail) from None
+            self._remember(chain, sid, bundle)
         conn.verified_chain = tuple(chain)
         return str(sid)
+
+    def _remember(self, chain: tuple[x509.Certificate, ...], sid: SpiffeId, bundle: TrustBundle) -> None:
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        certs = list(chain) + list(bundle.roots)
+        entry = _Verified(
+            chain_key=hashlib.sha256(b"".join(ders)).digest(), chain=tuple(chain), identity=sid,
+            valid_from=max(c.not_valid_before_utc.timestamp() for c in certs),
+            valid_until=min(c.not_valid_after_utc.timestamp() for c in certs))
+        k = hashlib.sha256(ders[0]).digest()
+        self._verified[k] = entry
+        self._verified.move_to_end(k)
+        while len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
 
 
 def _fmt(addr: Any) -> str:
@@ -456,6 +480,8 @@ def _fmt(addr: Any) -> str:
 # ------------------------------------------------------------------ the connection
 
 _HANDSHAKE, _OPEN, _CLOSED = "handshake", "open", "closed"
+# One decrypt buffer per process: reads never nest, and delivered bytes are copies.
+_READ_VIEW = memoryview(bytearray(READ_SIZE + _RECORD))
 
 
 class TlsConnection(asyncio.Protocol):
@@ -504,8 +530,6 @@ class TlsConnection(asyncio.Protocol):
         self._got_close_notify = False
         self._session_seen = False
         self._lost_exc: BaseException | None = None
-        self._buf = bytearray(READ_SIZE + _RECORD)
-        self._view = memoryview(self._buf)
 
     # ---- raw side
 
@@ -652,7 +676,7 @@ class TlsConnection(asyncio.Protocol):
 
     def _read(self) -> None:
         self._read_scheduled = False
-        view, limit = self._view, READ_SIZE
+        view, limit = _READ_VIEW, READ_SIZE  # shared: each chunk is copied out before delivery
         while self.state == _OPEN and not self._app_paused:
             n = 0
             eof = blocked = False

@@ -592,3 +592,34 @@ def test_svid_expiring_shortly_still_handshakes():
             return s.conns[0].peer_identity
 
     assert run(main()) == CLIENT
+
+
+def test_resumption_after_the_client_certificate_expired_is_refused():
+    # OpenSSL does not look at certificates on resumption; the verification
+    # memo keeps each chain's validity window, so expiry still applies.
+    import time as _time
+    from datetime import datetime, timezone
+
+    f = CertFactory(TD)
+    ccerts = Certs(f)
+    expiry = datetime.fromtimestamp(int(_time.time()) + 2, timezone.utc)
+    ccerts.put(CLIENT, *f.leaf(CLIENT, not_after=expiry))
+    client, server = TlsContexts(ccerts), TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)
+            app.transport.write(b"x")
+            await asyncio.wait_for(s.apps[0].made, 10)
+            await asyncio.sleep(0.2)  # the tickets arrive
+            app.transport.close()
+            await asyncio.sleep(max(0.0, expiry.timestamp() - _time.time() + 0.2))
+            with contextlib.suppress(HandshakeError):
+                conn2, app2 = await connect(client, s.port)
+                await asyncio.wait_for(app2.lost, 10)
+            await s.refused("expired")
+            return conn.sslobj.session_reused, conn2.sslobj.session_reused, [c.peer_identity for c in s.conns]
+
+    first, second, peers = run(main())
+    assert (first, second) == (False, True)
+    assert peers == [CLIENT, None] and server.failures == {"expired": 1}

@@ -191,8 +191,8 @@ def _identity(d: Any, top_td: str | None) -> IdentityConfig:
     if generation < 0:
         raise StateError(f"{where}.generation: must be >= 0, got {generation}")
     cert_ttl = _get(d, "cert_ttl", where, int)
-    if not 60 <= cert_ttl <= 366 * 86400:
-        raise StateError(f"{where}.cert_ttl: must be in [60, 31622400] seconds, got {cert_ttl}")
+    if not 10 <= cert_ttl <= 90 * 86400:
+        raise StateError(f"{where}.cert_ttl: must be in [10, 7776000] seconds (as identity.certTTL), got {cert_ttl}")
     return IdentityConfig(trust_domain=td, ca_socket=ca_socket, generation=generation, cert_ttl=cert_ttl)
 
 

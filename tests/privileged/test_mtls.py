@@ -229,18 +229,30 @@ def mint(mesh, tmp_path, kind: str):
         fac = CertFactory("cluster.local")
         chain, key = fac.leaf(sid)
     else:
-        # signed by node1's real intermediate, but expired
-        from cryptography.hazmat.primitives import serialization
+        # signed by node1's real intermediate, inside its validity, but expired
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
         d = mesh.identity_dir("node1")
-        ca_chain = c.load_certs_pem(open(os.path.join(d, "ca.pem"), "rb").read())
-        ca_key = serialization.load_pem_private_key(
-            open(os.path.join(d, "ca-key.pem"), "rb").read(), None)
+        with open(os.path.join(d, "ca.pem"), "rb") as f:
+            ca_chain = c.load_certs_pem(f.read())
+        with open(os.path.join(d, "ca-key.pem"), "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), None)
         key = c.generate_key()
-        from agent.identity.spiffe import parse_spiffe_id
-        now = datetime.now(timezone.utc) - timedelta(days=3)
-        leaf = c.sign_workload_csr(c.make_csr(parse_spiffe_id(sid), key),
-                                   expected=parse_spiffe_id(sid), issuer_cert=ca_chain[0],
-                                   issuer_key=ca_key, ttl=timedelta(hours=1), now=now)
+        start = ca_chain[0].not_valid_before_utc
+        leaf = (x509.CertificateBuilder()
+                .subject_name(x509.Name([]))
+                .issuer_name(ca_chain[0].subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(start)
+                .not_valid_after(start + timedelta(seconds=1))
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(sid)]), critical=True)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        while datetime.now(timezone.utc) < start + timedelta(seconds=2):
+            time.sleep(0.2)
         chain = [leaf] + ca_chain
     cp, kp = tmp_path / f"{kind}.pem", tmp_path / f"{kind}-key.pem"
     cp.write_bytes(b"".join(c.cert_to_pem(x) for x in chain))

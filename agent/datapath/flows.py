@@ -136,11 +136,16 @@ class FlowReader:
     syscalls): call them through ``asyncio.to_thread``.
     """
 
-    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2):
+    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2,
+                 batch: float = 0.1):
         self.pin_dir = pin_dir
         self.closed: collections.deque[dict] = collections.deque(maxlen=closed_limit)
         self.closed_limit = closed_limit
         self.wait_s = wait
+        # Pause after each drain so a busy node costs a few wakeups a second,
+        # not one per closed flow.  The ring holds ML_FLOW_RINGBUF_BYTES / 152
+        # records (about 6,900 for 1 MiB): ~69,000 closed flows/s at 0.1 s.
+        self.batch_s = batch
         self.counters = {"closed_read": 0, "closed_dropped_from_history": 0, "errors": 0}
         self._lock = threading.Lock()
         self._ring: ringbuf.RingBuffer | None = None
@@ -298,8 +303,9 @@ class FlowReader:
                 if ring is None:
                     self._stop.wait(1.0)
                     continue
-                ring.wait(self.wait_s)
-                self.drain()
+                if ring.wait(self.wait_s):
+                    self.drain()
+                    self._stop.wait(self.batch_s)
             except Exception:  # the reader must outlive one bad read
                 self.counters["errors"] += 1
                 log.exception("flow reader error (will retry)")

@@ -231,8 +231,6 @@ class Datapath:
         except ImportError as e:
             raise DatapathError("cannot import bcc: install python3-bpfcc and use a venv made "
                                 "with --system-site-packages (run the README's bootstrap)") from e
-        # bcc pins the ring buffer itself but does not create directories.
-        os.makedirs(os.path.join(self.spec.pin_dir, abi.EVENTS_DIR), exist_ok=True)
         try:
             b = BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
         except Exception as e:

@@ -77,3 +77,22 @@ def test_stat_names_match_the_enum():
              for ln in enum.splitlines() if ln.strip().startswith("ML_STAT_")]
     names = [n for n in names if n != "ML_STAT_MAX"]
     assert [n.removeprefix("ML_STAT_").lower() for n in names] == abi.STATS
+
+
+def test_ring_buffers_are_pinned_apart_and_mirrored(compiled):
+    # Ring buffers have no keys to list, so they are pinned under events/
+    # (tools that walk the pinned hash maps never meet them); each one's
+    # record type is mirrored in abi.RINGBUFS and checked through the map
+    # that holds the same struct (ml_live_flows for struct ml_flow).
+    _, pin_dir = compiled
+    events = os.path.join(pin_dir, abi.EVENTS_DIR)
+    assert set(os.listdir(events)) == set(abi.RINGBUFS)
+    for name in abi.RINGBUFS:
+        fd = bpfsys.obj_get(os.path.join(events, name))
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        assert info.type_name == "ringbuf" and info.key_size == 0 and info.value_size == 0
+        assert info.max_entries & (info.max_entries - 1) == 0
+    assert abi.RINGBUFS["ml_flow_events"] is abi.MAPS["ml_live_flows"][1]

@@ -196,12 +196,11 @@ def _identity(d: Any, top_td: str | None) -> IdentityConfig:
     return IdentityConfig(trust_domain=td, ca_socket=ca_socket, generation=generation, cert_ttl=cert_ttl)
 
 
-def parse_state(doc: Any, *, require_identity: bool = False) -> ProxyState:
+def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
     """Validate a decoded JSON document and build the immutable state.
 
-    The ``identity`` section is validated whenever present. ``load_state``
-    (what the proxy reads) requires it; pure callers that only route may
-    leave it out.
+    The ``identity`` section is required: the proxy never tunnels without
+    mutual TLS.
     """
     if not isinstance(doc, dict):
         raise StateError("state: expected a JSON object at top level")

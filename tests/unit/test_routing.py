@@ -15,6 +15,8 @@ from agent.proxy.state import parse_state
 def doc():
     return {
         "version": 1, "generation": 1, "node": "node1", "trust_domain": "cluster.local",
+        "identity": {"trust_domain": "cluster.local", "ca_socket": "/run/meshlet/node1/ca.sock",
+                     "generation": 1, "cert_ttl": 86400},
         "listen": {"ipv4": "0.0.0.0", "ipv6": "::", "outbound_port": 15001, "tunnel_port": 15008},
         "nodes": {"node1": {"address": "198.18.0.1", "address6": "fd00:198:18::1"},
                   "node2": {"address": "198.18.0.2"}},

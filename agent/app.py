@@ -74,6 +74,8 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
         "connect_timeout": cfg.proxy.connect_timeout,
         "mesh_mark": cfg.proxy.mesh_mark,
         "buffer_size": cfg.proxy.buffer_size,
+        "tunnel_security": cfg.proxy.tunnel_security,
+        "tls_resumption": cfg.proxy.tls_resumption,
         "nodes": {n.name: {"address": str(n.address),
                            "address6": str(n.address6) if n.address6 else None}
                   for n in inv.nodes},
@@ -165,6 +167,10 @@ class Agent:
 
     def start(self) -> None:
         os.makedirs(self.cfg.run_dir, exist_ok=True)
+        if self.cfg.proxy.tunnel_security != "mtls":
+            log.warning("proxy.tunnelSecurity is %s: traffic between nodes is NOT encrypted or "
+                        "authenticated. This setting exists for benchmarks only.",
+                        self.cfg.proxy.tunnel_security)
         try:
             self.inventory = load_inventory(self.cfg.inventory)
         except SourceError as e:

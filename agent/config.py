@@ -88,6 +88,16 @@ class ProxyConfig:
     """Per-direction relay buffer high-water mark in bytes, 4 KiB..64 MiB
     (``proxy.bufferSize``)."""
 
+    tunnel_security: str = "mtls"
+    """``proxy.tunnelSecurity``: ``mtls`` (default; the only production
+    setting) or ``insecure-plaintext``, which turns mutual TLS between nodes
+    off so a benchmark can measure what TLS costs. Both ends must agree; the
+    agent logs a warning at every start."""
+
+    tls_resumption: bool = True
+    """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
+    (cheaper handshakes). Off only to measure full-handshake cost."""
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -184,7 +194,8 @@ class AgentConfig:
             "outboundPort": p.outbound_port, "inboundPort": p.inbound_port,
             "tunnelPort": p.tunnel_port, "workers": p.workers,
             "connectTimeout": p.connect_timeout, "meshMark": p.mesh_mark,
-            "bufferSize": p.buffer_size,
+            "bufferSize": p.buffer_size, "tunnelSecurity": p.tunnel_security,
+            "tlsResumption": p.tls_resumption,
         })
         return {
             "node": self.node,
@@ -319,6 +330,8 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         mesh_mark=r.get("meshMark", y.integer(1, 0xFFFFFFFF, hex_string=True),
                         d["mesh_mark"].default),
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
+        tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
+        tls_resumption=r.get("tlsResumption", y.boolean, True),
     )
     r.finish()
     # The three listeners must not collide; report at the one written in the file.

@@ -48,7 +48,7 @@ from agent.proxy.log import AccessLog
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
 from agent.proxy.state import ProxyState, StateWatcher, normalize_ip
-from agent.proxy.tls import HandshakeError, TlsConnection, TlsContexts
+from agent.proxy.tls import SESSION_CACHE_SIZE, HandshakeError, TlsConnection, TlsContexts
 from agent.proxy.tunnel import Status
 
 __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
@@ -344,9 +344,34 @@ class ProxyServer:
                 task.add_done_callback(self._tasks.pop)
                 return True
 
+            if self.watcher.current.tunnel_security == "insecure-plaintext":
+                return self._plaintext_tunnel()  # benchmarks only: no TLS at all
             return self.tls.server_connection(ep, on_made=on_made)
 
         return factory
+
+    def _plaintext_tunnel(self) -> Endpoint:
+        """``proxy.tunnelSecurity: insecure-plaintext``: the tunnel header is
+        taken on trust (peer_verified false), as before mTLS existed."""
+
+        def on_made(ep: Endpoint) -> None:
+            if self._stopping:
+                ep.reset()
+                return
+            self.counters["inbound_accepted"] += 1
+            conn = Conn("inbound", ep, route="local")
+            conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
+            if not conn.src_addr or not tunnel_peer_allowed(self.watcher.current,
+                                                            str(conn.src_addr[0])):
+                conn.fail("rejected", "plaintext tunnel from a non-node address")
+                ep.reset()
+                self._finish(conn)
+                return
+            task = asyncio.get_running_loop().create_task(self._guard(self._inbound, conn))
+            self._tasks[task] = conn
+            task.add_done_callback(self._tasks.pop)
+
+        return Endpoint("client", on_made=on_made)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; let relays finish for `grace` seconds; abort the rest."""
@@ -583,7 +608,11 @@ class ProxyServer:
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
 
         try:
-            if isinstance(decision, Tunnel):
+            if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
+                upstream = await self._connect(decision.addr, state, "upstream")  # benchmarks only
+                conn.peer_verified = False
+            elif isinstance(decision, Tunnel):
+                self.tls.session_cache_size = SESSION_CACHE_SIZE if state.tls_resumption else 0
                 upstream = await self._connect_tls(decision.addr, state, node=decision.node,
                                                    src=conn.src_identity or "", dst=conn.dst_identity or "")
                 conn.peer_verified = True
@@ -659,16 +688,17 @@ class ProxyServer:
     async def _inbound(self, conn: Conn) -> None:
         ep = conn.client
         tls = conn.tls
-        assert tls is not None
-        try:
-            await tls.wait_handshake(self.header_timeout)
-        except HandshakeError as e:  # counted and logged by the TLS layer
-            conn.fail("rejected", f"mTLS handshake refused: {e.reason}: {e.detail}")
-            return
+        verified = None
+        if tls is not None:
+            try:
+                await tls.wait_handshake(self.header_timeout)
+            except HandshakeError as e:  # counted and logged by the TLS layer
+                conn.fail("rejected", f"mTLS handshake refused: {e.reason}: {e.detail}")
+                return
+            verified = tls.peer_identity
+            conn.src_identity = verified
+            conn.peer_verified = True
         state = self.watcher.current
-        verified = tls.peer_identity
-        conn.src_identity = verified
-        conn.peer_verified = True
         decoder = tunnel.RequestDecoder()
         try:
             async with asyncio.timeout(self.header_timeout):
@@ -697,7 +727,9 @@ class ProxyServer:
             conn.src_addr = req.src.sockaddr
         dst_ip = normalize_ip(req.dst.ip)
         conn.dst_addr = (dst_ip, req.dst.port)
-        if req.identity != verified:
+        if tls is None:
+            conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
+        elif req.identity != verified:
             await self._refuse(conn, Status.FORBIDDEN,
                                f"the tunnel header claims identity {req.identity!r}, but the client "
                                f"certificate is {verified}")
@@ -713,7 +745,7 @@ class ProxyServer:
             return
         conn.dst_pod = pod.key
         conn.dst_identity = state.identity(pod)
-        if not tls.sni_named or tls.local_identity != conn.dst_identity:
+        if tls is not None and (not tls.sni_named or tls.local_identity != conn.dst_identity):
             await self._refuse(conn, Status.FORBIDDEN,
                                f"the client authenticated this node as {tls.local_identity or 'nobody (no SNI)'}, "
                                f"but asks for pod {pod.key}, which is {conn.dst_identity}")

@@ -106,11 +106,15 @@ class ProxyState:
     mesh_mark: int
     buffer_size: int
     identity_config: IdentityConfig | None  # required in state files (see load_state)
+    # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     nodes: Mapping[str, NodeInfo]
     pods: tuple[Pod, ...]
     pod_by_ip: Mapping[str, Pod] = field(repr=False)
     # Only enrolled (mesh) pods on THIS node: cgroup ids are node-local.
     pod_by_cgroup: Mapping[int, Pod] = field(repr=False)
+    # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
+    tunnel_security: str = "mtls"
+    tls_resumption: bool = True
 
     def identity(self, pod: Pod) -> str:
         return spiffe_id(self.trust_domain, pod.namespace, pod.service_account)
@@ -248,6 +252,12 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
     if not 4096 <= buffer_size <= 64 * 1024 * 1024:
         raise StateError(f"state.buffer_size: must be in [4096, 64 MiB], got {buffer_size}")
 
+    tunnel_security = _get(doc, "tunnel_security", "state", str, "mtls")
+    if tunnel_security not in ("mtls", "insecure-plaintext"):
+        raise StateError(f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', "
+                         f"got {tunnel_security!r}")
+    tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
+
     nodes: dict[str, NodeInfo] = {}
     for name, nd in _get(doc, "nodes", "state", dict).items():
         where = f"state.nodes[{name!r}]"
@@ -315,6 +325,8 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         pods=tuple(pods),
         pod_by_ip=MappingProxyType(by_ip),
         pod_by_cgroup=MappingProxyType(by_cg),
+        tunnel_security=tunnel_security,
+        tls_resumption=tls_resumption,
     )
 
 

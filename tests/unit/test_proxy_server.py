@@ -169,8 +169,11 @@ class Forwarder:
 
 class Cluster:
     def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False,
-                 mitm: bool = False, deny: tuple[str, ...] = ()):
+                 mitm: bool = False, deny: tuple[str, ...] = (),
+                 security: tuple[str, str] = ("mtls", "mtls"), resumption: bool = True):
         self.tmp = tmp
+        self.security = dict(zip(("node1", "node2"), security))
+        self.resumption = resumption
         self.grace = grace
         self.connect_timeout = connect_timeout
         self.ipv6 = ipv6
@@ -201,7 +204,9 @@ class Cluster:
             d.mkdir()
             ca_sock = os.path.join(self.sockdir, f"{node}.sock")
             doc = state_doc(node, ip, self.out_port, self.tun_port, ca_socket=ca_sock,
-                            connect_timeout=self.connect_timeout)
+                            connect_timeout=self.connect_timeout,
+                            tunnel_security=self.security[node],
+                            tls_resumption=self.resumption)
             if self.ipv6 and node == "node1":
                 doc["listen"]["ipv6"] = "::1"
                 doc["pods"][0]["ips"].append("::1")
@@ -295,6 +300,38 @@ def test_local_and_passthrough_paths(tmp_path):
     assert log[1]["dst_identity"] is None
     assert e["bytes_sent"] == 6 and e["bytes_received"] == len(b"to-web|bye from 127.0.0.5")
     assert stats["counters"]["result_ok"] == 2 and stats["active_connections"] == 0
+
+
+def test_insecure_plaintext_tunnel_for_benchmarks(tmp_path):
+    # proxy.tunnelSecurity: insecure-plaintext on both nodes: bytes flow, the
+    # identity is carried but marked unverified.
+    async def main():
+        async with Cluster(tmp_path, security=("insecure-plaintext", "insecure-plaintext")) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            got = await exchange(r, w, b"plain")
+            await asyncio.sleep(0.1)
+            return got, c.access("node1"), c.access("node2")
+
+    got, log1, log2 = run(main())
+    assert got == b"plain|bye from 127.0.0.7"
+    assert log1[0]["route"] == "tunnel" and log1[0]["peer_verified"] is False
+    assert log2[0]["src_identity"] == CLIENT_ID and log2[0]["peer_verified"] is False
+
+
+@pytest.mark.parametrize("security", [("insecure-plaintext", "mtls"), ("mtls", "insecure-plaintext")])
+def test_mixed_tunnel_security_fails_closed(tmp_path, security):
+    # A plaintext client never gets through an mTLS node, and an mTLS client
+    # never completes a handshake with a plaintext node.
+    async def main():
+        async with Cluster(tmp_path, security=security) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            await expect_reset(r, w)
+            await asyncio.sleep(0.1)
+            return c.access("node1"), c.access("node2")
+
+    log1, log2 = run(main())
+    assert [e["result"] for e in log1] != ["ok"]
+    assert all(e["result"] != "ok" for e in log2)
 
 
 def test_tunnel_path_between_two_nodes(tmp_path):

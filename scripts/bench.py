@@ -9,8 +9,11 @@ One simulated 2-node cluster, one run, four paths measured back to back:
     mesh   cross-node  pod1-1                -> pod2-1     (node1 proxy -> tunnel -> node2 proxy)
 
 For each: HTTP req/s with p50/p99 latency (wrk against nginx in the server
-pod, small responses) and L4 bulk throughput (iperf3).  Prints a table with
-mesh/direct ratios and writes JSON.  This is a benchmark, not a test: numbers
+pod, small responses) and L4 bulk throughput (iperf3).  Cross-node is then
+measured again by tunnel security: mTLS with and without TLS session
+resumption and the (insecure, benchmark-only) plaintext tunnel, adding new
+connections per second (handshake cost).  Prints tables with mesh/direct
+ratios and writes JSON.  This is a benchmark, not a test: numbers
 depend on the machine; compare ratios within one run.
 
     scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick]
@@ -98,6 +101,27 @@ def run_iperf(cluster, src, host, duration) -> dict:
         return {"gbps": None, "error": (r.stderr or r.stdout).strip()[-300:]}
 
 
+def run_connrate(cluster, src, host, seconds) -> dict:
+    r = cluster.pod(src).run([sys.executable, "-m", "agent.sim.tools", "connrate", host, "7001",
+                              "--seconds", str(seconds)], check=False, timeout=seconds + 30)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"per_second": None, "error": (r.stderr or r.stdout).strip()[-300:]}
+
+
+def measure(cluster, src, dst, a, *, http=True, bulk=True, conns=False) -> dict:
+    host = cluster.pod(dst).ip4
+    out = {"src": src, "dst": dst}
+    if http:
+        out["http"] = run_wrk(cluster, src, f"http://{host}:8080/", a.duration, a.connections)
+    if bulk:
+        out["bulk"] = run_iperf(cluster, src, host, a.duration)
+    if conns:
+        out["conns"] = run_connrate(cluster, src, host, a.duration)
+    return out
+
+
 def ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
@@ -142,14 +166,23 @@ def main() -> int:
             cluster.pod(name).popen(["nginx", "-c", conf, "-p", d],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cluster.pod(name).popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
+            cluster.pod(name).popen([sys.executable, "-m", "agent.sim.tools", "echo", "--port",
+                                     "7001", "--max-seconds", "1800"], stdout=subprocess.DEVNULL)
         time.sleep(1.0)
         for mode, where, src, dst in PATHS:
-            host = cluster.pod(dst).ip4
             print(f"measuring {mode:<6} {where:<10} {src} -> {dst} ...", flush=True)
-            http = run_wrk(cluster, src, f"http://{host}:8080/", a.duration, a.connections)
-            bulk = run_iperf(cluster, src, host, a.duration)
-            results.append({"mode": mode, "where": where, "src": src, "dst": dst,
-                            "http": http, "bulk": bulk})
+            r = measure(cluster, src, dst, a, conns=where == "cross-node")
+            results.append({"mode": mode, "where": where, **r})
+        # Cross-node tunnel security, side by side: mTLS without session
+        # resumption (handshake cost), then the plaintext tunnel.
+        print("measuring mesh cross-node, mTLS without session resumption ...", flush=True)
+        mesh.reconfigure(tls_resumption=False)
+        tunnel_rows = {"mTLS, no resumption": measure(cluster, "pod1-1", "pod2-1", a, http=False,
+                                                      bulk=False, conns=True)}
+        print("measuring mesh cross-node, plaintext tunnel (insecure, for comparison) ...",
+              flush=True)
+        mesh.reconfigure(tls_resumption=True, tunnel_security="insecure-plaintext")
+        tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
         counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
     finally:
         if mesh is not None:
@@ -177,13 +210,35 @@ def main() -> int:
         for part in ("http", "bulk"):
             if r[part].get("error"):
                 print(f"   {part} error: {r[part]['error']}")
+    d = by[("direct", "cross-node")]
+    m = by[("mesh", "cross-node")]
+    tunnel_rows = {"direct (no mesh)": d, "plaintext tunnel": tunnel_rows["plaintext tunnel"],
+                   "mTLS (resumption)": m, "mTLS, no resumption": tunnel_rows["mTLS, no resumption"]}
+    print("\ncross-node, by tunnel security (same run)")
+    hdr2 = f"{'path':<22}{'HTTP req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'bulk Gbit/s':>13}" \
+           f"{'new conn/s':>12}{'conn p50 ms':>13}"
+    print(hdr2)
+    print("-" * len(hdr2))
+    for name, r in tunnel_rows.items():
+        h, b, c = r.get("http", {}), r.get("bulk", {}), r.get("conns", {})
+        print(f"{name:<22}{fmt(h.get('rps'), ',.0f'):>12}{fmt(h.get('p50_ms'), '.2f'):>9}"
+              f"{fmt(h.get('p99_ms'), '.2f'):>9}{fmt(b.get('gbps'), '.2f'):>13}"
+              f"{fmt(c.get('per_second'), ',.0f'):>12}{fmt(c.get('p50_ms'), '.2f'):>13}")
+        for part in ("http", "bulk", "conns"):
+            if (r.get(part) or {}).get("error"):
+                print(f"   {part} error: {r[part]['error']}")
+    summary["tunnel"] = {k: {"rps": (v.get("http") or {}).get("rps"),
+                             "gbps": (v.get("bulk") or {}).get("gbps"),
+                             "conns_per_s": (v.get("conns") or {}).get("per_second")}
+                         for k, v in tunnel_rows.items()}
     out = a.json or os.path.join(ROOT, "bench-results",
                                  time.strftime("bench-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": a.duration,
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
-                   "ratios": summary, "kernel_counters": counters}, f, indent=2)
+                   "ratios": summary, "tunnel_security": tunnel_rows,
+                   "kernel_counters": counters}, f, indent=2)
     print(f"\nJSON: {out}")
     return 0
 

@@ -56,6 +56,8 @@ class Mesh:
     workdir: str = ""
     trust_domain: str = "cluster.local"
     cert_ttl: int = 86400
+    tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
+    tls_resumption: bool = True
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,7 +126,8 @@ class Mesh:
     def config_doc(self, node: Node) -> dict:
         ap = self.agents[node.name]
         proxy: dict[str, Any] = {"redirectIPv4": node.gateway4, "workers": self.workers,
-                                 "connectTimeout": 2.0}
+                                 "connectTimeout": 2.0, "tunnelSecurity": self.tunnel_security,
+                                 "tlsResumption": self.tls_resumption}
         if node.gateway6:
             proxy["redirectIPv6"] = node.gateway6
         return {
@@ -181,6 +184,28 @@ class Mesh:
         if wait:
             self.wait_ready(name, timeout=timeout)
         return ap.popen
+
+    def reconfigure(self, timeout: float = 90, **changes: Any) -> None:
+        """Change Mesh settings, rewrite the configs and restart every agent
+        (SIGTERM with --keep-datapath: the datapath and proxies stay up and
+        the new agents adopt them, then publish the new proxy state)."""
+        for k, v in changes.items():
+            if not hasattr(self, k):
+                raise AttributeError(k)
+            setattr(self, k, v)
+        self.write_configs()
+        for name in self.agents:
+            gen = self.status(name)["generation"]
+            self.stop_agent(name, signal.SIGTERM)
+            self.start_agent(name, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:   # proxies loaded the new state
+                st = self.status(name)
+                if st["generation"] > gen and all(
+                        (w.get("stats") or {}).get("state_generation", -1) >= st["generation"]
+                        for w in st["proxy"]):
+                    break
+                time.sleep(0.1)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict:
         """Until the admin API answers and every proxy worker reports stats."""

@@ -93,7 +93,7 @@ def main() -> int:
         # Capture the inter-node link (tunnel port) for the whole run.
         pcap = os.path.join(mesh.workdir, "inter-node.pcap")
         dump = cluster.node("node1").popen(
-            ["tcpdump", "-i", "eth0", "-U", "-n", "-s", "0", "-w", pcap, "tcp", "port", "15008"],
+            ["tcpdump", "-i", "eth0", "-U", "-n", "-s", "512", "-w", pcap, "tcp", "port", "15008"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
             if shutil.which("tcpdump") else None
         time.sleep(0.5)

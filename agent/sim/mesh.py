@@ -61,6 +61,7 @@ class Mesh:
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._own_workdir = not self.workdir
         if not self.workdir:
             self.workdir = tempfile.mkdtemp(prefix=f"meshlet-{self.cluster.prefix}-")
         self.inventory_path = os.path.join(self.workdir, "inventory.yaml")
@@ -314,6 +315,8 @@ class Mesh:
             except Exception:
                 pass
             shutil.rmtree(ap.run_dir, ignore_errors=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Mesh":
         return self

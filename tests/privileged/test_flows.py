@@ -245,9 +245,10 @@ def test_closed_flows_survive_agent_sigkill_and_restart(mesh):
     sent, received = expected_bytes(res, 50_000, 40_000, seed=9)
     mesh.start_agent("node1")
     assert mesh.status("node1")["datapath"]["how"] == "adopted"  # no bcc object now
-    fl = flows_json(mesh, "node1", "--state", "closed", "--pod", "pod1-1")
-    match = [f for f in legs(fl, "client") if (f["sent"], f["received"]) == (sent, received)]
-    assert len(match) == 1, fl
+    def match():
+        fl = flows_json(mesh, "node1", "--state", "closed", "--pod", "pod1-1")
+        return [f for f in legs(fl, "client") if (f["sent"], f["received"]) == (sent, received)]
+    assert len(wait_for(match, "the flow closed while the agent was down")) == 1
 
 
 def test_proxy_links_join_accepted_and_upstream_legs(mesh):
@@ -259,11 +260,14 @@ def test_proxy_links_join_accepted_and_upstream_legs(mesh):
         client.stdin.write("ping\n")
         client.stdin.flush()
         client.stdout.readline()
-        fl = flows_json(mesh, "node1", "--state", "open")
-        c = legs(fl, "client", source__port=port)[0]
+        def four_legs():
+            fl = flows_json(mesh, "node1", "--state", "open")
+            c = legs(fl, "client", source__port=port)
+            srv = [f for f in legs(fl, "server", destination__pod="default/pod1-2")
+                   if f["received"] == 5 and f["linked"]]
+            return (fl, c[0], srv) if c and c[0]["linked"] and srv else None
+        fl, c, srv = wait_for(four_legs, "the four live legs")
         acc = next(f for f in fl if f["cookie"] in c["linked"])
-        srv = [f for f in legs(fl, "server", destination__pod="default/pod1-2")
-               if f["received"] == 5]
         up = next(f for f in fl if f["cookie"] in srv[0]["linked"])
         assert srv[0]["source"]["pod"] is None  # the chain is not complete yet
         # what the proxy will do once it reports its pairs

@@ -261,7 +261,9 @@ def status(sock, node, output) -> None:
         click.echo(f"proxy worker {w['worker']}: pid {w['pid']} "
                    f"{'alive' if w['alive'] else 'DOWN'}{' (adopted)' if w['adopted'] else ''}"
                    f" restarts {w['restarts']}"
-                   + (f" active {s.get('active')} total {s.get('counters', {})}" if s else ""))
+                   + (f", {s.get('active_connections')} active connections, "
+                      + ", ".join(f"{k}={v}" for k, v in (s.get("counters") or {}).items() if v)
+                      if s else ""))
     click.echo("kernel counters: " + ", ".join(f"{k}={v}" for k, v in dp["counters"].items()))
     for e in dp["tc_errors"]:
         click.echo(f"  tc error: {e}")

@@ -67,6 +67,7 @@ class Passthrough:
 class Reject:
     reason: str
     src: Pod | None = None
+    code: str = "unknown_source"  # a metrics.DENY_REASONS value
 
 
 Decision = Union[Local, Tunnel, Passthrough, Reject]
@@ -126,13 +127,15 @@ def route(state: ProxyState, origin: Origin, peer: tuple) -> Decision:
         )
     port = int(origin.dst_port)
     if not 0 < port < 65536:
-        return Reject(f"invalid destination port {port}", src)
+        return Reject(f"invalid destination port {port}", src, "forbidden_destination")
     if _is_self(state, dst_ip, port):
-        return Reject(f"destination {dst_ip}:{port} is the proxy itself; refusing to loop", src)
+        return Reject(f"destination {dst_ip}:{port} is the proxy itself; refusing to loop", src,
+                      "forbidden_destination")
 
     if port == state.listen.tunnel_port and _is_node_address(state, dst_ip):
         return Reject(f"{src.key} tried to open a mesh tunnel to {dst_ip}:{port} itself; only node "
-                      "proxies may (a pod could otherwise claim any identity)", src)
+                      "proxies may (a pod could otherwise claim any identity)", src,
+                      "forbidden_destination")
     dst = state.pod_by_ip.get(dst_ip)
     if dst is None or not dst.mesh:
         return Passthrough(src, (dst_ip, port))
@@ -146,5 +149,6 @@ def route(state: ProxyState, origin: Origin, peer: tuple) -> Decision:
             f"pod {dst.key} is on node {dst.node}, which has no address in the proxy state "
             "(check the agent's node inventory)",
             src,
+            "no_route",
         )
     return Tunnel(src, dst, (dst_ip, port), dst.node, node_addr, state.listen.tunnel_port)

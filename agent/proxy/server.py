@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,10 +45,11 @@ from typing import Any, Protocol
 
 from agent.proxy import tunnel
 from agent.proxy.certs import CertManager
-from agent.proxy.log import AccessLog
+from agent.proxy import metrics as m
+from agent.proxy.log import AccessLog, sampled
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
-from agent.proxy.state import ProxyState, StateWatcher, normalize_ip
+from agent.proxy.state import Pod, ProxyState, StateWatcher, normalize_ip
 from agent.proxy.tls import SESSION_CACHE_SIZE, HandshakeError, TlsConnection, TlsContexts
 from agent.proxy.tunnel import Status
 
@@ -56,6 +58,7 @@ __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
 log = logging.getLogger("meshlet.proxy")
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 BACKLOG = 1024
 HEADER_TIMEOUT = 5.0
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
@@ -69,6 +72,27 @@ class FlowSource(Protocol):
     def close(self) -> None: ...
 
 
+class LegLinker(Protocol):
+    """What ``agent.datapath.flows.FlowLinker`` provides."""
+
+    def link(self, a_cookie: int, b_cookie: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _cookie(ep: Endpoint) -> int:
+    """The kernel socket cookie of an endpoint's (raw) socket."""
+    sock = ep.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def _peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -> m.Peer:
+    if pod is None:
+        return m.Peer(principal=principal or m.UNKNOWN)
+    return m.Peer(workload=pod.workload, namespace=pod.namespace,
+                  principal=principal or state.identity(pod), app=pod.app or m.UNKNOWN)
+
+
 def stats_socket_path(state_path: str, worker_id: int) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(state_path)), f"proxy-{worker_id}.sock")
 
@@ -78,6 +102,13 @@ def _fmt_addr(addr: Any) -> str | None:
         return None
     ip, port = addr[0], addr[1]
     return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def _norm_addr(addr: Any) -> str | None:
+    try:
+        return _fmt_addr((normalize_ip(str(addr[0])), addr[1])) if addr else None
+    except ValueError:
+        return _fmt_addr(addr)
 
 
 def _family_of(ip: str) -> int:
@@ -123,10 +154,40 @@ class Conn:
     upstream: Endpoint | None = None
     relay: Relay | None = None
     tls: TlsConnection | None = None  # inbound: the TLS layer under ``client``
+    seq: int = 0  # per-worker connection number (the metrics' handle)
+    labels: list = field(default_factory=list)  # metric label sets, one per reporter
+    deny_reason: str | None = None  # a metrics.DENY_REASONS value: the mesh refused it
+    service: str | None = None  # destination_service: the address the client dialed
+    mtls: bool = False  # the bytes crossed nodes in the mutual-TLS tunnel
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result
         self.reason = reason
+
+    def deny(self, code: str, reason: str) -> None:
+        """Refused by the mesh itself (counted by ``code``)."""
+        self.fail("rejected", reason)
+        self.deny_reason = code
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(source → destination, destination → source) so far."""
+        r = self.relay
+        if r is None:
+            return self.bytes_sent, self.bytes_received
+        return max(self.bytes_sent, r.a.bytes_in), max(self.bytes_received, r.b.bytes_in)
+
+    def fallback_labels(self, state: ProxyState) -> list[tuple[str, ...]]:
+        """Labels for a connection that failed before both ends were known."""
+        src = state.pod_by_key.get(self.src_pod or "")
+        dst = state.pod_by_key.get(self.dst_pod or "")
+        reporter = "source" if self.direction == "outbound" else "destination"
+        return [m.labels_for(reporter, _peer_of(state, src, self.src_identity),
+                             _peer_of(state, dst, self.dst_identity),
+                             self.service or m.UNKNOWN, m.UNKNOWN, self.mtls)]
+
+    def sample_key(self) -> str:
+        """The original connection's 4-tuple: both node proxies see the same."""
+        return f"{_norm_addr(self.src_addr)}>{_norm_addr(self.dst_addr)}"
 
     def reset_all(self) -> None:
         if self.relay is not None:
@@ -155,7 +216,20 @@ class Conn:
             "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
             "result": self.result,
             "reason": self.reason,
+            "deny_reason": self.deny_reason,
+            "connection_security_policy": "mutual_tls" if self.mtls else "none",
+            **self._workload_fields(),
         }
+
+    def _workload_fields(self) -> dict[str, Any]:
+        """The workload labels the metrics use (first reporter's)."""
+        if not self.labels:
+            return {}
+        lb = dict(zip(m.LABELS, self.labels[0]))
+        return {k: lb[k] for k in ("source_workload", "source_workload_namespace",
+                                   "source_principal", "destination_workload",
+                                   "destination_workload_namespace", "destination_principal",
+                                   "destination_service")}
 
 
 class _StatsProtocol(asyncio.Protocol):
@@ -183,6 +257,8 @@ class ProxyServer:
         stats_path: str | None = None,
         header_timeout: float = HEADER_TIMEOUT,
         certs: CertManager | None = None,
+        linker: LegLinker | None = None,
+        max_series: int = m.MAX_SERIES,
     ) -> None:
         self.watcher = watcher
         self.worker_id = worker_id
@@ -194,7 +270,12 @@ class ProxyServer:
         self.certs = certs if certs is not None else CertManager.from_state(watcher.current)
         self.tls = TlsContexts(self.certs)
         self._certs_task: asyncio.Task[None] | None = None
-        self._access = AccessLog(access_log)
+        self._access_arg = access_log
+        self._access = AccessLog(self._access_path(watcher.current))
+        self.metrics = m.TcpMetrics(max_series)
+        self._linker = linker
+        self._link_warned = False
+        self._seq = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._stats_server: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -215,6 +296,9 @@ class ProxyServer:
             "bytes_received": 0,
             "flow_misses": 0,
             "internal_errors": 0,
+            "legs_linked": 0,
+            "leg_link_errors": 0,
+            "access_log_skipped": 0,
         }
         if watcher.on_change is None:
             watcher.on_change = self._state_changed
@@ -235,6 +319,10 @@ class ProxyServer:
                     f"cannot open the flow table pinned under {state.pin_dir}: {e.strerror or e}; "
                     "has the agent loaded and pinned the datapath (is bpffs mounted)?",
                 ) from e
+            if self._linker is None:
+                from agent.datapath.flows import FlowLinker
+
+                self._linker = FlowLinker(state.pin_dir)
         try:
             await self._start_listeners(state)
             await self._start_stats()
@@ -312,7 +400,7 @@ class ProxyServer:
                 ep.reset()
                 return
             self.counters[f"{direction}_accepted"] += 1
-            conn = Conn(direction, ep)
+            conn = Conn(direction, ep, seq=self._next_seq())
             task = asyncio.get_running_loop().create_task(self._guard(handler, conn))
             self._tasks[task] = conn
             task.add_done_callback(self._tasks.pop)
@@ -329,13 +417,14 @@ class ProxyServer:
                 if self._stopping:
                     return False
                 self.counters["inbound_accepted"] += 1
-                conn = Conn("inbound", ep, route="local", tls=tls)
+                conn = Conn("inbound", ep, route="local", tls=tls, seq=self._next_seq())
                 conn.src_addr = tls.raw.get_extra_info("peername")  # type: ignore[union-attr]
                 state = self.watcher.current
                 if not conn.src_addr or not tunnel_peer_allowed(state, str(conn.src_addr[0])):
                     # Before any TLS work: nothing but a mesh node may even try a handshake.
                     ip = conn.src_addr[0] if conn.src_addr else "?"
-                    conn.fail("rejected", f"tunnel from {ip}, which is not a mesh node address")
+                    conn.deny("tunnel_not_from_node",
+                              f"tunnel from {ip}, which is not a mesh node address")
                     log.warning("refused tunnel from %s: %s", _fmt_addr(conn.src_addr), conn.reason)
                     self._finish(conn)
                     return False
@@ -359,11 +448,11 @@ class ProxyServer:
                 ep.reset()
                 return
             self.counters["inbound_accepted"] += 1
-            conn = Conn("inbound", ep, route="local")
+            conn = Conn("inbound", ep, route="local", seq=self._next_seq())
             conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
             if not conn.src_addr or not tunnel_peer_allowed(self.watcher.current,
                                                             str(conn.src_addr[0])):
-                conn.fail("rejected", "plaintext tunnel from a non-node address")
+                conn.deny("tunnel_not_from_node", "plaintext tunnel from a non-node address")
                 ep.reset()
                 self._finish(conn)
                 return
@@ -408,6 +497,9 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 self._flows.close()
             self._flows = None
+        if self._linker is not None:
+            with contextlib.suppress(Exception):
+                self._linker.close()
         self._access.close()
 
     async def serve(self, stop: asyncio.Event, grace: float = 5.0) -> None:
@@ -420,6 +512,10 @@ class ProxyServer:
 
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)
+        if old.access_log != new.access_log:
+            self._access.reopen(self._access_path(new))
+            log.info("access log: %s, sampling %g", self._access.path or "off",
+                     new.access_log.sampling)
         if old.listen != new.listen:
             log.warning(
                 "listen settings changed (%s → %s); restart the proxy workers to apply them",
@@ -429,8 +525,21 @@ class ProxyServer:
 
     # ------------------------------------------------------------ stats
 
+    def _access_path(self, state: ProxyState) -> str | None:
+        """Where the access log goes: the state's path, else --access-log; None: off."""
+        if not state.access_log.enabled:
+            return None
+        return state.access_log.path or self._access_arg
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
     def stats(self) -> dict[str, Any]:
         st = self.watcher.current
+        for conn in self._tasks.values():  # live byte counts into the metrics
+            if conn.relay is not None:
+                self.metrics.flush(conn.seq, *conn.byte_counts())
         return {
             "worker": self.worker_id,
             "pid": os.getpid(),
@@ -444,6 +553,9 @@ class ProxyServer:
             "counters": dict(self.counters),
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
+            "access_log": {"path": self._access.path,
+                           "sampling": st.access_log.sampling},
+            "metrics": self.metrics.snapshot(),
         }
 
     # ------------------------------------------------------------ per connection
@@ -472,7 +584,45 @@ class ProxyServer:
         self.counters[f"result_{conn.result}"] = self.counters.get(f"result_{conn.result}", 0) + 1
         self.counters["bytes_sent"] += conn.bytes_sent
         self.counters["bytes_received"] += conn.bytes_received
-        self._access.write(conn.record(self.worker_id))
+        state = self.watcher.current
+        if conn.deny_reason:
+            self.metrics.deny(conn.deny_reason)
+        if not conn.labels:
+            conn.labels = conn.fallback_labels(state)
+        self.metrics.closed(conn.seq, conn.bytes_sent, conn.bytes_received, conn.result,
+                            conn.labels)
+        if self._access.path is None:
+            return
+        if sampled(conn.sample_key(), state.access_log.sampling):
+            self._access.write(conn.record(self.worker_id))
+        else:
+            self.counters["access_log_skipped"] += 1
+
+    def _opened(self, conn: Conn, state: ProxyState, src: Pod | None, dst: Pod | None,
+                reporters: tuple[str, ...], service_name: str) -> None:
+        """Both ends are known: count the connection as opened."""
+        s = _peer_of(state, src, conn.src_identity)
+        d = _peer_of(state, dst, conn.dst_identity)
+        conn.labels = [m.labels_for(r, s, d, conn.service or m.UNKNOWN, service_name, conn.mtls)
+                       for r in reporters]
+        self.metrics.opened(conn.seq, conn.labels)
+
+    def _link(self, conn: Conn) -> None:
+        """Tell the kernel flow table that the accepted and the upstream
+        socket carry one connection (``meshlet flows`` joins the legs).
+        Four syscalls per connection, never per byte; a failure is counted,
+        logged once, and never affects the connection."""
+        if self._linker is None or conn.upstream is None:
+            return
+        try:
+            self._linker.link(_cookie(conn.client), _cookie(conn.upstream))
+            self.counters["legs_linked"] += 1
+        except Exception as e:  # noqa: BLE001 - observability must not break traffic
+            self.counters["leg_link_errors"] += 1
+            if not self._link_warned:
+                self._link_warned = True
+                log.warning("cannot link flow legs in the kernel flow table (%s); `meshlet flows` "
+                            "will not join the proxy's legs (is the agent's datapath pinned?)", e)
 
     def _mark(self, sock: socket.socket, mark: int) -> None:
         if not mark:
@@ -583,21 +733,22 @@ class ProxyServer:
                       _fmt_addr(peer), e, state.pin_dir)
         if origin is None:
             self.counters["flow_misses"] += 1
-            conn.fail(
-                "rejected",
+            conn.deny(
+                "no_original_destination",
                 "no original destination recorded for this connection "
                 "(not redirected by meshlet's connect hook, or the flow record expired)",
             )
             client.reset()
             return
         conn.dst_addr = (origin.dst_ip, origin.dst_port)
+        conn.service = _fmt_addr((normalize_ip(origin.dst_ip), origin.dst_port))
         decision = route(state, origin, peer)
         src = decision.src
         if src is not None:
             conn.src_pod = src.key
             conn.src_identity = state.identity(src)
         if isinstance(decision, Reject):
-            conn.fail("rejected", decision.reason)
+            conn.deny(decision.code, decision.reason)
             log.warning("rejected connection from %s to %s: %s",
                         _fmt_addr(peer), _fmt_addr(conn.dst_addr), decision.reason)
             client.reset()
@@ -606,6 +757,13 @@ class ProxyServer:
             conn.dst_pod = decision.pod.key
             conn.dst_identity = state.identity(decision.pod)
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
+        conn.mtls = isinstance(decision, Tunnel) and state.tunnel_security == "mtls"
+        if isinstance(decision, Local):  # this proxy is both ends' proxy
+            self._opened(conn, state, src, decision.pod, ("source", "destination"), m.UNKNOWN)
+        elif isinstance(decision, Tunnel):
+            self._opened(conn, state, src, decision.pod, ("source",), m.UNKNOWN)
+        else:
+            self._opened(conn, state, src, None, ("source",), "PassthroughCluster")
 
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
@@ -620,6 +778,9 @@ class ProxyServer:
                 upstream = await self._connect(decision.addr, state, "upstream")
         except ConnectFailure as f:
             reason = f.reason
+            if isinstance(decision, Tunnel) and f.status is Status.FORBIDDEN and f.result == "rejected":
+                conn.deny_reason = "no_certificate" if reason.startswith("no_certificate") \
+                    else "mtls_refused"
             if isinstance(decision, Tunnel):
                 if f.status is Status.FORBIDDEN and reason.startswith("no_certificate"):
                     log.error("reset connection from %s (%s) to %s: no certificate for identity %s; "
@@ -632,6 +793,7 @@ class ProxyServer:
             client.reset()
             return
         conn.upstream = upstream
+        self._link(conn)
         relay = conn.relay = Relay(client, upstream, buffer_size=state.buffer_size)
         if not isinstance(decision, Tunnel):
             relay.start()
@@ -693,11 +855,12 @@ class ProxyServer:
             try:
                 await tls.wait_handshake(self.header_timeout)
             except HandshakeError as e:  # counted and logged by the TLS layer
-                conn.fail("rejected", f"mTLS handshake refused: {e.reason}: {e.detail}")
+                conn.deny("mtls_refused", f"mTLS handshake refused: {e.reason}: {e.detail}")
                 return
             verified = tls.peer_identity
             conn.src_identity = verified
             conn.peer_verified = True
+            conn.mtls = True
         state = self.watcher.current
         decoder = tunnel.RequestDecoder()
         try:
@@ -705,16 +868,19 @@ class ProxyServer:
                 while True:
                     data = await ep.receive()
                     if not data:
-                        conn.fail("rejected", "tunnel peer closed before sending a complete header")
+                        conn.deny("bad_tunnel_header",
+                                  "tunnel peer closed before sending a complete header")
                         ep.close()
                         return
                     out = decoder.feed(data)
                     if isinstance(out, tunnel.Decoded):
                         break
         except TimeoutError:
+            conn.deny_reason = "bad_tunnel_header"
             await self._refuse(conn, Status.BAD_REQUEST, f"no complete tunnel header within {self.header_timeout:g}s")
             return
         except tunnel.TunnelError as e:
+            conn.deny_reason = "bad_tunnel_header"
             await self._refuse(conn, e.status, str(e))
             return
         except ConnectionError as e:
@@ -727,9 +893,11 @@ class ProxyServer:
             conn.src_addr = req.src.sockaddr
         dst_ip = normalize_ip(req.dst.ip)
         conn.dst_addr = (dst_ip, req.dst.port)
+        conn.service = _fmt_addr(conn.dst_addr)
         if tls is None:
             conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
         elif req.identity != verified:
+            conn.deny_reason = "identity_mismatch"
             await self._refuse(conn, Status.FORBIDDEN,
                                f"the tunnel header claims identity {req.identity!r}, but the client "
                                f"certificate is {verified}")
@@ -741,21 +909,26 @@ class ProxyServer:
             else:
                 why = (f"{dst_ip} is pod {pod.key} on node {pod.node}, not on node {state.node} "
                        "(the sending node's state may be stale)")
+            conn.deny_reason = "not_local"
             await self._refuse(conn, Status.NOT_LOCAL, why)
             return
         conn.dst_pod = pod.key
         conn.dst_identity = state.identity(pod)
         if tls is not None and (not tls.sni_named or tls.local_identity != conn.dst_identity):
+            conn.deny_reason = "identity_mismatch"
             await self._refuse(conn, Status.FORBIDDEN,
                                f"the client authenticated this node as {tls.local_identity or 'nobody (no SNI)'}, "
                                f"but asks for pod {pod.key}, which is {conn.dst_identity}")
             return
+        self._opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
+                     m.UNKNOWN)
         try:
             upstream = await self._connect((dst_ip, req.dst.port), state, "pod")
         except ConnectFailure as f:
             await self._refuse(conn, f.status, f.reason, result=f.result)
             return
         conn.upstream = upstream
+        self._link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
         ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
         ep.unread(out.leftover)

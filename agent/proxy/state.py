@@ -25,6 +25,7 @@ __all__ = [
     "StateError",
     "Listen",
     "IdentityConfig",
+    "AccessLogConfig",
     "NodeInfo",
     "Pod",
     "ProxyState",
@@ -92,6 +93,21 @@ class Pod:
     ips: tuple[str, ...]  # normalized
     cgroup_id: int | None
     mesh: bool
+    app: str | None = None  # the pod's ``app`` label
+
+    @property
+    def workload(self) -> str:
+        """The metrics' workload label: the ``app`` label, else the pod name."""
+        return self.app or self.name
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """The ``access_log`` section: one JSON line per sampled connection."""
+
+    enabled: bool = True
+    sampling: float = 1.0  # fraction of connections logged, 0..1
+    path: str | None = None  # None: the proxy's --access-log argument
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,8 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
+    access_log: AccessLogConfig = AccessLogConfig()
+    pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
     def identity(self, pod: Pod) -> str:
         return spiffe_id(self.trust_domain, pod.namespace, pod.service_account)
@@ -257,6 +275,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         raise StateError(f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', "
                          f"got {tunnel_security!r}")
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
+    access_log = _access_log(_get(doc, "access_log", "state", dict, {}))
 
     nodes: dict[str, NodeInfo] = {}
     for name, nd in _get(doc, "nodes", "state", dict).items():
@@ -297,6 +316,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
             ips=tuple(_ip(ip, f"{where}.ips[{j}]") for j, ip in enumerate(ips_raw)),
             cgroup_id=cgroup_id,
             mesh=_get(pd, "mesh", where, bool, True),
+            app=_app_label(_get(pd, "labels", where, dict, {}), f"{where}.labels"),
         )
         for ip in pod.ips:
             other = by_ip.get(ip)
@@ -327,7 +347,28 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         pod_by_cgroup=MappingProxyType(by_cg),
         tunnel_security=tunnel_security,
         tls_resumption=tls_resumption,
+        access_log=access_log,
+        pod_by_key=MappingProxyType({p.key: p for p in pods}),
     )
+
+
+def _app_label(labels: dict, where: str) -> str | None:
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise StateError(f"{where}: labels must map strings to strings, got {k!r}: {v!r}")
+    return labels.get("app") or None
+
+
+def _access_log(d: dict) -> AccessLogConfig:
+    where = "state.access_log"
+    enabled = _get(d, "enabled", where, bool, True)
+    sampling = float(_get(d, "sampling", where, (int, float), 1.0))
+    if not 0.0 <= sampling <= 1.0:
+        raise StateError(f"{where}.sampling: must be in [0, 1], got {sampling}")
+    path = _get(d, "path", where, (str, type(None)), None)
+    if path is not None and not path.startswith("/"):
+        raise StateError(f"{where}.path: must be an absolute path, got {path!r}")
+    return AccessLogConfig(enabled=enabled, sampling=sampling, path=path)
 
 
 def load_state(path: str) -> ProxyState:

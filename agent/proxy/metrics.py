@@ -1,0 +1,203 @@
+"""Per-connection TCP telemetry of one proxy worker, with Istio's labels.
+
+Pure: no sockets, no clock.  The server calls :meth:`TcpMetrics.opened`
+once it knows both ends of a connection, :meth:`TcpMetrics.flush` with the
+relay's running byte counts (at every stats read), and
+:meth:`TcpMetrics.closed` when the connection is finished; the agent sums
+every worker's :meth:`TcpMetrics.snapshot` into Prometheus metrics.
+
+Labels follow Istio's standard metrics so its Grafana dashboards and Kiali
+read them unchanged:
+
+* ``reporter``: ``source`` for what the proxy saw as the client's node,
+  ``destination`` as the server's node.  A same-node connection is reported
+  by both, as a sidecar pair would (the node proxy is both).
+* ``*_workload``: the pod's ``app`` label, else the pod name (Istio uses
+  the owning Deployment's name; meshlet's inventory has no owners).
+* ``*_principal``: the SPIFFE ID, ``unknown`` if the end has none.
+* ``destination_service``: there are no Services yet, so it is the
+  address the client dialed (``ip:port``); ``destination_service_name`` is
+  ``PassthroughCluster`` for destinations outside the mesh (as in Istio)
+  and ``unknown`` for mesh pods.
+* ``connection_security_policy``: ``mutual_tls`` when the bytes crossed
+  nodes inside the mTLS tunnel, ``none`` otherwise (same node, passthrough,
+  or the benchmark-only plaintext tunnel).
+* ``response_flags``: Envoy's flags: ``-`` ok, ``UF`` upstream connect
+  failed (refused, timed out), ``UC`` reset, ``DENY`` refused by the mesh.
+
+Byte counters use Istio's direction: ``received`` is what the source sent
+(request direction), ``sent`` what the destination sent back.  They are
+updated from the relay at every stats read and made exact at close.
+
+Cardinality is bounded: at most ``max_series`` label sets; connections
+beyond that are counted in ``overflow`` only (``meshlet_metrics_overflow_total``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LABELS", "Peer", "TcpMetrics", "workload_of", "labels_for", "MAX_SERIES",
+           "DENY_REASONS"]
+
+MAX_SERIES = 10_000
+UNKNOWN = "unknown"
+
+LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_canonical_service",
+    "destination_workload", "destination_workload_namespace", "destination_principal",
+    "destination_app", "destination_canonical_service",
+    "destination_service", "destination_service_name", "destination_service_namespace",
+    "request_protocol", "response_flags", "connection_security_policy",
+)
+
+#: Why the proxy itself refused a connection (``meshlet_denied_connections_total{reason}``).
+DENY_REASONS: tuple[str, ...] = (
+    "no_original_destination",  # not redirected by meshlet's hook, or the record expired
+    "unknown_source",           # the kernel's source cgroup/address is no enrolled pod's
+    "forbidden_destination",    # a pod dialed the proxy itself or a node's tunnel port
+    "tunnel_not_from_node",     # a tunnel connection from a non-node address
+    "mtls_refused",             # TLS handshake refused (either side)
+    "no_certificate",           # no SVID for the source identity: failing closed
+    "identity_mismatch",        # tunnel header or SNI disagrees with the certificate
+    "not_local",                # tunnel asks for a pod that is not on this node
+    "no_route",                 # the destination pod's node has no address in the state
+    "bad_tunnel_header",        # malformed, oversized or missing tunnel header
+)
+
+_FLAGS = {"ok": "-", "refused": "UF", "timeout": "UF", "reset": "UC", "rejected": "DENY"}
+
+
+def workload_of(name: str | None, app: str | None) -> str:
+    """The workload label of a pod: its ``app`` label, else its name."""
+    return app or name or UNKNOWN
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One end of a connection, as far as the proxy knows it."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    principal: str = UNKNOWN
+    app: str = UNKNOWN
+
+
+def labels_for(reporter: str, src: Peer, dst: Peer, service: str, service_name: str,
+               mtls: bool, result: str = "ok") -> tuple[str, ...]:
+    """The label values, in :data:`LABELS` order."""
+    return (
+        reporter,
+        src.workload, src.namespace, src.principal, src.app, src.workload,
+        dst.workload, dst.namespace, dst.principal, dst.app, dst.workload,
+        service, service_name, dst.namespace if service_name != "PassthroughCluster" else UNKNOWN,
+        "tcp", _FLAGS.get(result, "-"), "mutual_tls" if mtls else "none",
+    )
+
+
+def with_result(labels: tuple[str, ...], result: str) -> tuple[str, ...]:
+    i = LABELS.index("response_flags")
+    return labels[:i] + (_FLAGS.get(result, "-"),) + labels[i + 1:]
+
+
+class _Series:
+    __slots__ = ("opened", "closed", "sent", "received")
+
+    def __init__(self) -> None:
+        self.opened = self.closed = self.sent = self.received = 0
+
+
+class _Tracked:
+    """What has been reported for one live connection."""
+
+    __slots__ = ("labels", "received", "sent")
+
+    def __init__(self, labels: tuple[tuple[str, ...], ...]) -> None:
+        self.labels = labels  # one label tuple per reporter
+        self.received = 0
+        self.sent = 0
+
+
+class TcpMetrics:
+    """Counters of one worker; see the module docstring."""
+
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
+        self.max_series = max_series
+        self.series: dict[tuple[str, ...], _Series] = {}
+        self.denied: dict[str, int] = {}
+        self.overflow = 0
+        self._live: dict[int, _Tracked] = {}
+
+    def _get(self, labels: tuple[str, ...]) -> _Series | None:
+        s = self.series.get(labels)
+        if s is None:
+            if len(self.series) >= self.max_series:
+                self.overflow += 1
+                return None
+            s = self.series[labels] = _Series()
+        return s
+
+    def opened(self, conn_id: int, labels: list[tuple[str, ...]]) -> None:
+        """A connection with known ends: count it opened under each reporter's labels."""
+        if conn_id in self._live:
+            return
+        kept = []
+        for lb in labels:
+            s = self._get(lb)
+            if s is not None:
+                s.opened += 1
+                kept.append(lb)
+        self._live[conn_id] = _Tracked(tuple(kept))
+
+    def is_open(self, conn_id: int) -> bool:
+        return conn_id in self._live
+
+    def flush(self, conn_id: int, received: int, sent: int) -> None:
+        """Running totals of a live connection: add what is new."""
+        t = self._live.get(conn_id)
+        if t is None:
+            return
+        dr, ds = received - t.received, sent - t.sent
+        if dr <= 0 and ds <= 0:
+            return
+        t.received, t.sent = max(received, t.received), max(sent, t.sent)
+        for lb in t.labels:
+            s = self.series[lb]
+            s.received += max(dr, 0)
+            s.sent += max(ds, 0)
+
+    def closed(self, conn_id: int, received: int, sent: int, result: str = "ok",
+               labels: list[tuple[str, ...]] | None = None) -> None:
+        """Final totals.  A connection never reported as opened (it failed
+        first) is opened here with ``labels``."""
+        if conn_id not in self._live:
+            self.opened(conn_id, [with_result(lb, result) for lb in labels or ()])
+        self.flush(conn_id, received, sent)
+        t = self._live.pop(conn_id)
+        for lb in t.labels:
+            key = with_result(lb, result)
+            if key != lb:  # the failure shows in response_flags of the close
+                s = self._get(key)
+                if s is None:
+                    continue
+            else:
+                s = self.series[lb]
+            s.closed += 1
+
+    def deny(self, reason: str) -> None:
+        self.denied[reason] = self.denied.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able: label names once, then one row per label set."""
+        return {
+            "labels": list(LABELS),
+            "tcp": [[list(lb), s.opened, s.closed, s.received, s.sent]
+                    for lb, s in self.series.items()],
+            "denied": dict(self.denied),
+            "overflow": self.overflow,
+            "max_series": self.max_series,
+            "live": len(self._live),
+        }

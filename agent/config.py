@@ -32,7 +32,8 @@ from agent import yamlsrc as y
 
 __all__ = [
     "MESH_MODES", "MeshMode", "LOG_LEVELS", "BpfConfig", "ProxyConfig", "MeshConfig",
-    "AdminConfig", "AgentConfig", "load_config", "parse_config",
+    "AdminConfig", "MetricsConfig", "AccessLogConfig", "AgentConfig", "load_config",
+    "parse_config",
 ]
 
 MeshMode = Literal["permissive", "strict"]
@@ -148,6 +149,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``/metrics``) the agent serves on the node."""
+
+    enabled: bool = True
+    """Serve metrics at all (``metrics.enabled``)."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address("0.0.0.0")
+    """Listen address (``metrics.address``), in the node's network namespace."""
+
+    port: int = 15020
+    """Listen port (``metrics.port``); 15020 is Istio's merged-metrics port."""
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """The proxy's access log: one JSON line per connection."""
+
+    enabled: bool = True
+    """Write the access log at all (``accessLog.enabled``); off means no file writes."""
+
+    sampling: float = 1.0
+    """Fraction of connections logged, 0..1 (``accessLog.sampling``). The
+    choice is per connection and deterministic in its original 4-tuple, so
+    both node proxies of a cross-node connection log it or neither does."""
+
+    path: str | None = None
+    """Absolute file path (``accessLog.path``); default ``<runDir>/access.log``."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything ``meshlet run`` needs to know, validated."""
 
@@ -184,6 +215,16 @@ class AgentConfig:
     log_level: str = "info"
     """One of debug, info, warning, error (``logLevel``)."""
 
+    metrics: MetricsConfig = MetricsConfig()
+    """Prometheus endpoint (``metrics``)."""
+
+    access_log: AccessLogConfig = AccessLogConfig()
+    """Access log settings (``accessLog``)."""
+
+    @property
+    def access_log_path(self) -> str:
+        return self.access_log.path or os.path.join(self.run_dir, "access.log")
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML shape (camelCase keys, plain types), every default filled in."""
         p, m = self.proxy, self.mesh
@@ -214,6 +255,10 @@ class AgentConfig:
                          "caKey": self.identity.ca_key, "certTTL": self.identity.cert_ttl},
             "runDir": self.run_dir,
             "logLevel": self.log_level,
+            "metrics": {"enabled": self.metrics.enabled, "address": str(self.metrics.address),
+                        "port": self.metrics.port},
+            "accessLog": {"enabled": self.access_log.enabled,
+                          "sampling": self.access_log.sampling, "path": self.access_log_path},
         }
 
 
@@ -253,6 +298,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     bpf_r, proxy_r = top.section("bpf"), top.section("proxy")
     mesh_r, admin_r = top.section("mesh"), top.section("admin")
     ident_r = top.section("identity")
+    metrics_r, access_r = top.section("metrics"), top.section("accessLog")
     top.finish()
 
     name = node or "<node>"  # only used for defaults; a bad node is already reported
@@ -298,11 +344,45 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         )
         ident_r.finish()
 
+    metrics = access_log = None
+    if metrics_r is not None:
+        metrics = MetricsConfig(
+            enabled=metrics_r.get("enabled", y.boolean, True),
+            address=metrics_r.get("address", _listen_address, ipaddress.IPv4Address("0.0.0.0")),
+            port=metrics_r.get("port", y.port, 15020),
+        )
+        metrics_r.finish()
+        if proxy is not None and metrics.enabled and metrics.port in (
+                proxy.outbound_port, proxy.inbound_port, proxy.tunnel_port):
+            v = metrics_r.at("port") or metrics_r.value
+            doc.add_at(v.node, "metrics.port", f"port {metrics.port} is also a proxy listener "
+                       "port; choose another (default 15020)")
+    if access_r is not None:
+        access_log = AccessLogConfig(
+            enabled=access_r.get("enabled", y.boolean, True),
+            sampling=access_r.get("sampling", y.number(0, 1), 1.0),
+            path=access_r.get("path", y.absolute_path, os.path.join(run_dir, "access.log")),
+        )
+        access_r.finish()
+
     if doc.failed:
         return None
     return AgentConfig(node=node, inventory=inventory, cgroup=cgroup, bpf=bpf, proxy=proxy,
                        mesh=mesh, admin=admin, identity=identity, run_dir=run_dir,
-                       log_level=log_level)
+                       log_level=log_level, metrics=metrics, access_log=access_log)
+
+
+def _listen_address(v: y.Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address to listen on: unicast, or 0.0.0.0 / :: for every address."""
+    x = y.string(v)
+    try:
+        addr = ipaddress.ip_address(x)
+    except ValueError:
+        raise y.Invalid(f"{x!r} is not an IP address (use 0.0.0.0 for every IPv4 "
+                        "address, :: for every address)") from None
+    if addr.is_multicast or (isinstance(addr, ipaddress.IPv6Address) and addr.scope_id):
+        raise y.Invalid(f"{x!r} cannot be listened on; use a unicast address, 0.0.0.0 or ::")
+    return addr
 
 
 _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")

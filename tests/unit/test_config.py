@@ -100,6 +100,30 @@ def test_full_file():
     assert c.run_dir == "/var/run/meshlet" and c.log_level == "debug"
 
 
+def test_observability_defaults():
+    c = parse_config(MINIMAL + "runDir: /var/run/m\n", "c.yaml")
+    assert (c.metrics.enabled, str(c.metrics.address), c.metrics.port) == (True, "0.0.0.0", 15020)
+    assert (c.access_log.enabled, c.access_log.sampling) == (True, 1.0)
+    assert c.access_log.path == c.access_log_path == "/var/run/m/access.log"
+
+
+def test_observability_settings():
+    c = parse_config(MINIMAL + "metrics:\n  address: '::'\n  port: 9102\n  enabled: false\n"
+                     "accessLog:\n  enabled: false\n  sampling: 0.25\n  path: /var/log/a.log\n",
+                     "c.yaml")
+    assert (c.metrics.enabled, str(c.metrics.address), c.metrics.port) == (False, "::", 9102)
+    assert (c.access_log.enabled, c.access_log.sampling, c.access_log.path) == \
+        (False, 0.25, "/var/log/a.log")
+    again = parse_config(yaml.safe_dump(c.to_dict()), "/x/c.yaml")
+    assert again == c
+
+
+def test_metrics_port_must_not_be_a_proxy_port():
+    got = errors(MINIMAL + "metrics:\n  port: 15008\n")
+    assert got == ["c.yaml:11:9: metrics.port: port 15008 is also a proxy listener port; "
+                   "choose another (default 15020)"]
+
+
 def test_admin_socket_defaults_under_run_dir():
     c = parse_config(MINIMAL + "runDir: /var/run/m\n", "c.yaml")
     assert c.admin.socket == "/var/run/m/admin.sock"
@@ -250,7 +274,7 @@ ERRORS = [
     ("proxy:\n  redirectIpv4: 10.0.0.1\n",
      "c.yaml:2:3: proxy.redirectIpv4: unknown field 'redirectIpv4' (did you mean 'redirectIPv4'?)"),
     ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, "
-                 "logLevel, bpf, proxy, mesh, admin, identity"),
+                 "logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog"),
     ("logLevel: info\nlogLevel: debug\n",
      "c.yaml:2:1: logLevel: duplicate key 'logLevel' (first given at line 1)"),
     ("mesh:\n  mode: strict\n  mode: strict\n",
@@ -261,6 +285,20 @@ ERRORS = [
      "c.yaml:2:16: identity.trustDomain: 'Cluster.Local' is not a SPIFFE trust domain: lowercase "
      "letters, digits, '.', '-' and '_' only (e.g. cluster.local)"),
     ("identity:\n  certTTL: 5\n", "c.yaml:2:12: identity.certTTL: 5 is out of range (10..7776000)"),
+    # observability (#6)
+    ("metrics:\n  port: 0\n", "c.yaml:2:9: metrics.port: 0 is not a port number (1..65535)"),
+    ("metrics:\n  address: 224.0.0.1\n",
+     "c.yaml:2:12: metrics.address: '224.0.0.1' cannot be listened on; use a unicast address, "
+     "0.0.0.0 or ::"),
+    ("metrics:\n  address: localhost\n",
+     "c.yaml:2:12: metrics.address: 'localhost' is not an IP address (use 0.0.0.0 for every IPv4 "
+     "address, :: for every address)"),
+    ("metrics:\n  enabled: 1\n", "c.yaml:2:12: metrics.enabled: expected true or false, got an integer '1'"),
+    ("metrics:\n  prot: 1\n", "c.yaml:2:3: metrics.prot: unknown field 'prot' (did you mean 'port'?)"),
+    ("accessLog:\n  sampling: 1.5\n", "c.yaml:2:13: accessLog.sampling: 1.5 is out of range (0..1)"),
+    ("accessLog:\n  sampling: -0.1\n", "c.yaml:2:13: accessLog.sampling: -0.1 is out of range (0..1)"),
+    ("accessLog:\n  path: logs/a.log\n",
+     "c.yaml:2:9: accessLog.path: 'logs/a.log' must be an absolute path (start with '/')"),
     ("mesh:\n  <<: {mode: strict}\n",
      "c.yaml:2:3: mesh: merge keys ('<<') are not supported; write the fields out"),
 ]

@@ -76,6 +76,8 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
         "buffer_size": cfg.proxy.buffer_size,
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
+        "access_log": {"enabled": cfg.access_log.enabled, "sampling": cfg.access_log.sampling,
+                       "path": cfg.access_log_path},
         "nodes": {n.name: {"address": str(n.address),
                            "address6": str(n.address6) if n.address6 else None}
                   for n in inv.nodes},
@@ -88,6 +90,7 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
             "ips": [str(ip) for ip in p.ips],
             "cgroup_id": cgroup_ids.get(p.key),
             "mesh": p.mesh,
+            "labels": dict(p.labels),
         } for p in inv.pods],
     }
 
@@ -391,9 +394,9 @@ class Agent:
         return os.path.join(self.cfg.run_dir, f"proxy-{w.index}.pid")
 
     def _proxy_argv(self, w: ProxyWorker) -> list[str]:
+        # The access log's path, sampling and on/off come from the state file.
         return [sys.executable, "-m", "agent.proxy", "--state", self.state_path,
-                "--worker-id", str(w.index),
-                "--access-log", os.path.join(self.cfg.run_dir, "access.log")]
+                "--worker-id", str(w.index)]
 
     def supervise_proxies(self) -> None:
         """Adopt running workers, reap and restart dead ones."""
@@ -490,6 +493,39 @@ class Agent:
                       for w in self.workers],
         }
 
+    # --- observability (#6): blocking reads, for threads only ------------------------
+
+    def worker_stats(self) -> list[dict | None]:
+        """Every proxy worker's stats socket (None: did not answer)."""
+        return [_proxy_stats(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.sock"))
+                for w in self.workers]
+
+    def metrics_snapshot(self) -> dict:
+        """What one /metrics scrape reports (see agent.metrics.families)."""
+        from .datapath.status import datapath_status
+
+        return {"workers": self.worker_stats(), "workers_configured": len(self.workers),
+                "datapath": datapath_status(self.spec.pin_dir),
+                "identity": self.identity_status()}
+
+    def start_metrics(self):
+        """The /metrics server thread, or None (disabled, or the port is taken:
+        logged; the mesh keeps running without it)."""
+        m = self.cfg.metrics
+        if not m.enabled:
+            return None
+        from .metrics import MetricsServer
+
+        try:
+            srv = MetricsServer(self.metrics_snapshot, str(m.address), m.port).start()
+        except OSError as e:
+            log.error("cannot serve metrics on %s port %d: %s; is another agent or an Istio "
+                      "component using it? Set metrics.port (or metrics.enabled: false)",
+                      m.address, m.port, e.strerror or e)
+            return None
+        log.info("metrics on http://%s:%d/metrics", m.address, srv.port)
+        return srv
+
     # --- the asyncio shell ----------------------------------------------------------
 
     def tick(self) -> None:
@@ -511,6 +547,7 @@ class Agent:
         from .datapath.flows import FlowReader
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
+        metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
             while not stop.is_set():
@@ -522,6 +559,8 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            if metrics is not None:
+                await asyncio.to_thread(metrics.stop)
             self.flow_reader.stop()
             admin.close()
             ca_server.close()
@@ -591,7 +630,7 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 # --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
 
 FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf"} | FLOW_ROUTES
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats"} | FLOW_ROUTES
 
 
 async def start_admin(agent: Agent) -> asyncio.AbstractServer:
@@ -618,6 +657,8 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
             elif target == "/v1/bpf":
                 from .datapath.status import datapath_status
                 code, body = 200, datapath_status(agent.spec.pin_dir, agent.cgroup_dir)
+            elif target.split("?", 1)[0] == "/v1/stats":
+                code, body = await _stats_route(agent, target)
             elif target.split("?", 1)[0] in FLOW_ROUTES:
                 answer = await _flows_route(agent, target, reader, writer)
                 if answer is None:
@@ -707,6 +748,35 @@ async def _flows_route(agent: Agent, target: str, reader: asyncio.StreamReader,
     finally:
         gone.cancel()
     return None
+
+
+async def _stats_route(agent: Agent, target: str) -> tuple[int, dict]:
+    """GET /v1/stats?from=W&to=W -> per workload pair rows (agent/stats.py)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from .metrics import merge_tcp
+    from .stats import StatsFilter, pair_rows, select
+
+    params = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
+    flt = StatsFilter(src=params.get("from") or None, dst=params.get("to") or None)
+    fr = agent.flow_reader
+
+    def collect() -> tuple[list, dict]:
+        return agent.worker_stats(), fr.snapshot()
+
+    workers, snap = await asyncio.to_thread(collect)
+    closed = {f["cookie"] for f in snap["closed"]}
+    records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
+    views = _flow_views(agent, records, snap["links"])
+    inv = agent.inventory
+    workload_of = {p.key: (p.labels.get("app") or p.name, p.namespace)
+                   for p in (inv.pods if inv else ())}
+    names, tcp = merge_tcp(workers)
+    rows = select(pair_rows(names, tcp, views, workload_of), flt)
+    return 200, {"node": agent.cfg.node, "now": time.time(), "rows": rows,
+                 "workers": {"configured": len(workers),
+                             "answered": sum(1 for w in workers if w)},
+                 "l7": "not measured: the proxy relays L4 only until HTTP parsing (#5)"}
 
 
 def _workloads(agent: Agent) -> dict:

@@ -427,6 +427,37 @@ def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) ->
             _die(f"lost the agent at {sock_path}: {e.strerror or e}")
 
 
+# --- stats (#6) ---------------------------------------------------------------------------
+
+@main.command()
+@agent_opts
+@click.option("--from", "src", help="Only traffic from this workload (name or namespace/name).")
+@click.option("--to", "dst", help="Only traffic to this workload (name or namespace/name).")
+@OUTPUT
+def stats(sock, node, src, dst, output) -> None:
+    """Traffic per workload pair on this node: connections, bytes each way,
+    TCP RTT from the kernel, and (once L7 lands, #5) requests, success rate
+    and latency percentiles, shown as "-" until then.
+
+    A workload is a pod's `app` label, else its name. SENT is what the
+    source sent. Bytes are the proxy's application bytes, the same numbers
+    /metrics serves as istio_tcp_*_bytes_total."""
+    from urllib.parse import urlencode
+
+    from .stats import format_table
+
+    params = {k: v for k, v in (("from", src), ("to", dst)) if v}
+    data = admin_get("/v1/stats" + (f"?{urlencode(params)}" if params else ""),
+                     _admin_socket(sock, node))
+    if output == "json":
+        click.echo(json.dumps(data["rows"], indent=2))
+        return
+    if not data["rows"]:
+        click.echo("no traffic matches", err=True)
+        return
+    click.echo(format_table(data["rows"]))
+
+
 # --- CA material -----------------------------------------------------------------------
 
 @main.group()

@@ -1,0 +1,227 @@
+"""The node's Prometheus endpoint: ``GET /metrics`` (default port 15020).
+
+Two halves:
+
+* :func:`families` is pure: a *snapshot* (plain dicts: every proxy
+  worker's stats, the datapath status, the agent's identity state) in,
+  ``prometheus_client`` metric families out.  Unit tests feed it dicts.
+* :class:`MetricsServer` serves them from prometheus_client's own HTTP
+  server thread.  Each scrape calls the agent's snapshot function *in that
+  thread*: the proxy stats sockets and the bpf(2) map reads never run on
+  the agent's event loop, and the proxies only answer a stats request.
+
+Istio-compatible TCP metrics are the sum over the proxy workers of their
+label sets (see ``agent/proxy/metrics.py`` for the labels).  Istio's
+``istio_requests_total`` and ``istio_request_duration_milliseconds`` are
+absent on purpose: the proxy relays L4 only until HTTP parsing lands (#5),
+and a zero there would claim "no requests" rather than "not measured".
+``meshlet_policy_version`` arrives with authorization policy (#4).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime
+from typing import Any, Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .proxy.metrics import DENY_REASONS
+
+log = logging.getLogger("meshlet.metrics")
+
+TCP_COUNTERS = (  # Istio name, snapshot column, help
+    ("istio_tcp_connections_opened_total", 1, "TCP connections opened, by the reporting proxy."),
+    ("istio_tcp_connections_closed_total", 2, "TCP connections closed, by the reporting proxy."),
+    ("istio_tcp_received_bytes_total", 3,
+     "Bytes the source sent to the destination (request direction) over TCP."),
+    ("istio_tcp_sent_bytes_total", 4,
+     "Bytes the destination sent back to the source (response direction) over TCP."),
+)
+
+
+def merge_tcp(workers: Iterable[dict | None]) -> tuple[list[str], dict[tuple, list[int]]]:
+    """Sum the workers' TCP label sets: (label names, labels -> [opened,
+    closed, received, sent])."""
+    names: list[str] = []
+    out: dict[tuple, list[int]] = {}
+    for w in workers:
+        m = (w or {}).get("metrics")
+        if not m:
+            continue
+        names = names or m["labels"]
+        for row in m["tcp"]:
+            key = tuple(row[0])
+            acc = out.setdefault(key, [0, 0, 0, 0])
+            for i in range(4):
+                acc[i] += row[1 + i]
+    return names, out
+
+
+def _ts(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
+def families(snap: dict[str, Any]) -> list[Metric]:
+    """Snapshot -> metric families.  ``snap`` keys: ``workers`` (list of
+    proxy stats dicts, None for a worker that did not answer),
+    ``datapath`` (datapath_status()), ``identity`` (Agent.identity_status()),
+    ``workers_configured``."""
+    workers = snap.get("workers") or []
+    live = [w for w in workers if w]
+    out: list[Metric] = []
+
+    names, tcp = merge_tcp(live)
+    for metric, col, doc in TCP_COUNTERS:
+        fam = CounterMetricFamily(metric, doc, labels=names)
+        for key, vals in sorted(tcp.items()):
+            fam.add_metric(list(key), vals[col - 1])
+        out.append(fam)
+
+    up = GaugeMetricFamily("meshlet_proxy_workers_up", "Proxy workers answering their stats socket.")
+    up.add_metric([], len(live))
+    out.append(up)
+    conf = GaugeMetricFamily("meshlet_proxy_workers", "Proxy workers configured.")
+    conf.add_metric([], snap.get("workers_configured", len(workers)))
+    out.append(conf)
+    active = GaugeMetricFamily("meshlet_proxy_active_connections",
+                               "Connections the proxy workers are handling now.")
+    active.add_metric([], sum(w.get("active_connections", 0) for w in live))
+    out.append(active)
+
+    denied = CounterMetricFamily(
+        "meshlet_denied_connections_total",
+        "Connections the mesh refused, by reason. 'policy' names the deciding authorization "
+        "policy once policies exist (#4); empty for the mesh's own checks.",
+        labels=["reason", "policy"])
+    totals = {r: 0 for r in DENY_REASONS}
+    for w in live:
+        for r, n in (w.get("metrics") or {}).get("denied", {}).items():
+            totals[r] = totals.get(r, 0) + n
+    for r, n in sorted(totals.items()):
+        denied.add_metric([r, ""], n)
+    out.append(denied)
+
+    overflow = CounterMetricFamily(
+        "meshlet_metrics_overflow_total",
+        "Connections not counted in istio_tcp_* because a worker reached its label-set cap.")
+    overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live))
+    out.append(overflow)
+    series = GaugeMetricFamily("meshlet_metrics_label_sets",
+                               "Istio label sets held by the proxy workers (summed).")
+    series.add_metric([], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live))
+    out.append(series)
+
+    hs = CounterMetricFamily("meshlet_tls_handshakes_total",
+                             "Tunnel TLS handshakes by result (full, resumed, refused).",
+                             labels=["result"])
+    refused = CounterMetricFamily("meshlet_tls_refused_total",
+                                  "Refused tunnel TLS handshakes by reason.", labels=["reason"])
+    full = resumed = ref = 0
+    reasons: dict[str, int] = {}
+    for w in live:
+        t = w.get("tls") or {}
+        full += t.get("handshakes", 0) - t.get("resumed", 0)
+        resumed += t.get("resumed", 0)
+        ref += t.get("refused", 0)
+        for r, n in (t.get("failures") or {}).items():
+            reasons[r] = reasons.get(r, 0) + n
+    for result, n in (("full", full), ("resumed", resumed), ("refused", ref)):
+        hs.add_metric([result], n)
+    for r, n in sorted(reasons.items()):
+        refused.add_metric([r], n)
+    out += [hs, refused]
+
+    expiry = GaugeMetricFamily(
+        "meshlet_workload_certificate_expiry_timestamp_seconds",
+        "Expiry (Unix time) of the workload certificate the proxy holds; the earliest across "
+        "workers.", labels=["spiffe_id"])
+    soonest: dict[str, float] = {}
+    for w in live:
+        for c in (w.get("certs") or {}).get("identities", []):
+            t = _ts(c.get("not_after"))
+            if t is not None:
+                soonest[c["spiffe_id"]] = min(t, soonest.get(c["spiffe_id"], t))
+    for sid, t in sorted(soonest.items()):
+        expiry.add_metric([sid], t)
+    out.append(expiry)
+
+    ident = snap.get("identity") or {}
+    roots = GaugeMetricFamily("meshlet_trust_bundle_roots", "Root CAs in the node's trust bundle.")
+    roots.add_metric([], len(ident.get("roots", [])))
+    gen = GaugeMetricFamily("meshlet_identity_generation",
+                            "Changes whenever the node's CA material or trust bundle changed.")
+    gen.add_metric([], ident.get("generation", 0))
+    out += [roots, gen]
+
+    dp = snap.get("datapath") or {}
+    entries = GaugeMetricFamily("meshlet_bpf_map_entries", "Entries in a pinned BPF map.",
+                                labels=["map"])
+    cap = GaugeMetricFamily("meshlet_bpf_map_capacity", "max_entries of a pinned BPF map.",
+                            labels=["map"])
+    for mp in dp.get("maps", []):
+        if mp.get("entries") is not None:
+            entries.add_metric([mp["name"]], mp["entries"])
+        cap.add_metric([mp["name"]], mp["max_entries"])
+    events = CounterMetricFamily(
+        "meshlet_datapath_events_total",
+        "Kernel datapath counters: redirects, bypasses, strict-mode drops, flow table and ring "
+        "buffer pressure (origdst_full is a redirect the proxy cannot serve).", labels=["event"])
+    for k, v in sorted((dp.get("counters") or {}).items()):
+        events.add_metric([k], v)
+    out += [entries, cap, events]
+    return out
+
+
+class _Collector(Collector):
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self.snapshot = snapshot
+        self.errors = 0
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            snap = self.snapshot()
+        except Exception:  # a scrape must not kill the server thread
+            self.errors += 1
+            log.exception("metrics snapshot failed")
+            snap = {}
+        yield from families(snap)
+        err = CounterMetricFamily("meshlet_metrics_scrape_errors",
+                                  "Scrapes whose snapshot failed (served partially).")
+        err.add_metric([], self.errors)
+        yield err
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server in a daemon thread, one collector."""
+
+    def __init__(self, snapshot: Callable[[], dict], address: str, port: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(snapshot))
+        self.address, self.port = address, port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "MetricsServer":
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(self.port, self.address,
+                                                       registry=self.registry)
+        self.port = self._server.server_address[1]
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None

@@ -1,0 +1,182 @@
+"""``meshlet stats``: traffic per workload pair, like ``linkerd viz stat``.
+
+Pure: the proxy workers' Istio-labelled TCP counters (merged by
+:func:`agent.metrics.merge_tcp`) and the kernel's flow views (from
+:func:`agent.flows.build_views`) in; rows, filters and text out.
+
+* connections and bytes come from the proxy (exact application bytes,
+  updated at every read and final at close): the same numbers
+  ``/metrics`` serves.  A pair's row uses the proxy's ``source`` reports
+  when this node has them (the client's node), else its ``destination``
+  reports (the server's node).  ``sent`` is what the source sent.
+* TCP RTT comes from the kernel: the smoothed RTT (srtt) of every leg of
+  the pair's connections that this node can attribute: the client pod's
+  leg and every leg linked to it (proxy legs, the tunnel leg, the server
+  pod's leg on the same node), open or recently closed.  The destination
+  node of a cross-node connection cannot attribute its legs to a source
+  workload, so its rows show no RTT.
+* L7 columns (requests, success rate, latency percentiles) are ``None``
+  ("-" in tables): the proxy relays L4 only until HTTP parsing lands (#5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class StatsFilter:
+    """``--from`` / ``--to``: a workload name, or ``namespace/workload``."""
+
+    src: str | None = None
+    dst: str | None = None
+
+    @staticmethod
+    def _match(want: str | None, end: dict) -> bool:
+        if not want:
+            return True
+        if "/" in want:
+            return want == f"{end['namespace']}/{end['workload']}"
+        return want == end["workload"]
+
+    def matches(self, row: dict) -> bool:
+        return self._match(self.src, row["source"]) and self._match(self.dst, row["destination"])
+
+
+def percentile(values: list[int], q: float) -> int | None:
+    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None if empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, -(-len(s) * q // 100) - 1))
+    return s[int(k)]
+
+
+def _end(lb: dict, side: str) -> dict:
+    wl = lb[f"{side}_workload"]
+    ns = lb[f"{side}_workload_namespace"]
+    if side == "destination" and wl == UNKNOWN:
+        wl = lb.get("destination_service") or UNKNOWN  # outside the mesh: the address dialed
+    return {"workload": wl, "namespace": ns}
+
+
+def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dict],
+              workload_of: dict[str, tuple[str, str]]) -> list[dict]:
+    """One row per (source workload, destination workload).
+
+    ``tcp``: label values -> [opened, closed, received, sent] (Istio's
+    direction); ``views``: flow views; ``workload_of``: pod key ->
+    (workload, namespace)."""
+    by_reporter: dict[str, dict[tuple, dict]] = {"source": {}, "destination": {}}
+    for key, (opened, closed, received, sent) in tcp.items():
+        lb = dict(zip(names, key))
+        src, dst = _end(lb, "source"), _end(lb, "destination")
+        pair = (src["namespace"], src["workload"], dst["namespace"], dst["workload"])
+        rows = by_reporter.setdefault(lb["reporter"], {})
+        r = rows.get(pair)
+        if r is None:
+            r = rows[pair] = {"source": src, "destination": dst, "reporter": lb["reporter"],
+                              "security": set(), "opened": 0, "closed": 0, "failed": 0,
+                              "sent": 0, "received": 0}
+        r["opened"] += opened
+        r["closed"] += closed
+        if lb.get("response_flags", "-") != "-":
+            r["failed"] += closed
+        r["sent"] += received
+        r["received"] += sent
+        if opened or closed:
+            r["security"].add(lb["connection_security_policy"])
+    merged = dict(by_reporter["destination"])
+    merged.update(by_reporter["source"])  # the client's node knows the pair best
+    rtts = _rtt_samples(views, workload_of)
+    out = []
+    for pair, r in sorted(merged.items()):
+        samples = rtts.get(pair, [])
+        out.append({
+            "source": r["source"],
+            "destination": r["destination"],
+            "reporter": r["reporter"],
+            "security": ",".join(sorted(r["security"])) or "-",
+            "connections": {"total": r["opened"], "active": r["opened"] - r["closed"],
+                            "closed": r["closed"], "failed": r["failed"]},
+            "bytes": {"sent": r["sent"], "received": r["received"]},
+            "tcp_rtt_us": {"p50": percentile(samples, 50), "max": max(samples) if samples else None,
+                           "samples": len(samples)},
+            # L7 arrives with HTTP parsing (#5): not measured, so not zero.
+            "requests": None,
+            "success_rate": None,
+            "latency_ms": {"p50": None, "p95": None, "p99": None},
+        })
+    return out
+
+
+def _rtt_samples(views: Iterable[dict], workload_of: dict[str, tuple[str, str]]
+                 ) -> dict[tuple, list[int]]:
+    """pair -> srtt (us) of every leg linked to one of its client legs."""
+    views = list(views)
+    by_cookie = {v["cookie"]: v for v in views}
+    out: dict[tuple, list[int]] = {}
+    for v in views:
+        if v["role"] != "client":
+            continue
+        s, d = v["source"].get("pod"), v["destination"].get("pod")
+        if s not in workload_of:
+            continue
+        sw, sns = workload_of[s]
+        if d in workload_of:
+            dw, dns = workload_of[d]
+        else:
+            dst = v["destination"]
+            host = f"[{dst['ip']}]" if ":" in dst["ip"] else dst["ip"]
+            dw, dns = f"{host}:{dst['port']}", UNKNOWN
+        seen = {v["cookie"]}
+        todo = [v["cookie"]]
+        while todo:
+            for n in by_cookie[todo.pop()].get("linked", ()):
+                if n in by_cookie and n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        samples = out.setdefault((sns, sw, dns, dw), [])
+        samples += [by_cookie[c]["srtt_us"] for c in sorted(seen) if by_cookie[c]["srtt_us"]]
+    return out
+
+
+def select(rows: list[dict], flt: StatsFilter) -> list[dict]:
+    return [r for r in rows if flt.matches(r)]
+
+
+# --- formatting ----------------------------------------------------------------------
+
+COLUMNS = ("SOURCE", "DESTINATION", "SECURITY", "CONNS", "ACTIVE", "SENT", "RECEIVED",
+           "RTT P50", "RTT MAX", "REQUESTS", "SUCCESS", "P50", "P95", "P99")
+
+
+def _name(end: dict) -> str:
+    return end["workload"] if end["namespace"] == UNKNOWN else \
+        f"{end['namespace']}/{end['workload']}"
+
+
+def _opt(v, fmt) -> str:
+    return "-" if v is None else fmt(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    from .flows import human_bytes, human_us
+
+    table = [list(COLUMNS)]
+    for r in rows:
+        lat = r["latency_ms"]
+        table.append([
+            _name(r["source"]), _name(r["destination"]), r["security"],
+            str(r["connections"]["total"]), str(r["connections"]["active"]),
+            human_bytes(r["bytes"]["sent"]), human_bytes(r["bytes"]["received"]),
+            human_us(r["tcp_rtt_us"]["p50"]), human_us(r["tcp_rtt_us"]["max"]),
+            _opt(r["requests"], str), _opt(r["success_rate"], lambda x: f"{x * 100:.1f}%"),
+            _opt(lat["p50"], lambda x: f"{x:g}ms"), _opt(lat["p95"], lambda x: f"{x:g}ms"),
+            _opt(lat["p99"], lambda x: f"{x:g}ms"),
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)

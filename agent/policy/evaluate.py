@@ -1,0 +1,446 @@
+"""Decide a request against a :class:`PolicySet`: Istio's semantics, as pure functions.
+
+Which policies apply
+    A policy applies to a workload when it is in the workload's namespace (or
+    in the set's root namespace, which applies mesh-wide) and every label of
+    its ``selector`` is on the workload; no selector selects every workload.
+
+Order of evaluation (``evaluate``)
+    1. AUDIT policies never change the decision; every AUDIT policy with a
+       matching rule is listed in ``Decision.audited``.
+    2. DENY: if any rule of any applying DENY policy matches, the request is
+       denied.  DENY always wins over ALLOW.
+    3. If no ALLOW policy applies to the workload, the request is allowed.
+    4. Once an ALLOW policy applies, the request is allowed iff some rule of
+       some applying ALLOW policy matches; anything else is denied.
+
+Rules, empty and not (Istio's documented meaning)
+
+    ======================  =============================  ========================
+    written                 ALLOW policy                   DENY / AUDIT policy
+    ======================  =============================  ========================
+    ``spec: {}`` or no      allow-nothing: the workload    DENY: refused at load
+    ``rules``               is selected and no rule can    (it could never match);
+                            match, so everything is        AUDIT: audits nothing
+                            denied unless another ALLOW
+                            policy matches
+    ``rules: [{}]``         allow-all: ``{}`` matches      deny-all / audit-all
+                            every request
+    ``rules: [{from: X}]``  X, to any port/operation       X, to anything
+    ======================  =============================  ========================
+
+    A rule matches when one of its ``from`` sources, one of its ``to``
+    operations and every ``when`` condition match (an absent list does not
+    constrain).  In a source or operation every field given must match; a
+    field matches when the request's value matches one of its patterns, a
+    ``not*`` field when it matches none.  An attribute the request does not
+    have (no verified principal, so also no source namespace; no source IP;
+    an absent header) matches no pattern: ``principals`` fails,
+    ``notPrincipals`` passes.  A header sent several times is matched value
+    by value: ``values`` match if any one line matches, ``notValues`` if no
+    line does.
+
+HTTP-only fields on a connection that is not HTTP
+    ``methods``, ``paths``, ``hosts`` (and their ``not`` forms) and
+    ``request.headers[...]`` conditions cannot be evaluated on plain TCP.
+    Following Istio's documented behaviour, never widening what is allowed:
+
+    - an ALLOW rule that uses any HTTP-only field is ignored (it matches
+      nothing), so it cannot allow a TCP connection;
+    - a DENY or AUDIT rule has its HTTP-only fields dropped and the rest
+      matched, so it denies more: ``to: [{operation: {methods: [GET]}}]``
+      denies every TCP connection to the workload, ``{methods: [GET],
+      ports: ["9000"]}`` every TCP connection to port 9000.
+
+:func:`compile_l4` splits the policies that apply to one workload into what
+the kernel could enforce at connection time and what needs the HTTP proxy;
+its verdicts never contradict :func:`evaluate` (a Hypothesis test checks it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping
+
+from agent.identity.spiffe import SpiffeId
+
+from .model import Action, Condition, ConditionKey, Operation, Policy, PolicySet, Rule, Source
+
+__all__ = [
+    "Request", "Decision", "RuleRef", "RuleTrace", "evaluate", "explain", "rule_mismatch",
+    "L4Rule", "L4Plan", "L4Verdict", "compile_l4",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Request:
+    """What policy sees of one connection (``is_http=False``) or one HTTP request.
+
+    The HTTP fields must already be normalized (``agent.policy.http``): the
+    path without query, the host lower-cased with the default port stripped,
+    header names lower-cased."""
+
+    destination_namespace: str
+    destination_labels: Mapping[str, str]
+    destination_port: int
+    source_principal: SpiffeId | None = None
+    """The verified peer identity (mTLS, or the kernel for same-node traffic);
+    None for a plaintext peer."""
+    source_ip: IPAddress | None = None
+    is_http: bool = False
+    method: str | None = None
+    path: str | None = None
+    host: str | None = None
+    headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.destination_port <= 65535:
+            raise ValueError(f"destination port {self.destination_port} is out of range")
+        if self.is_http:
+            if self.method is None or self.path is None:
+                raise ValueError("an HTTP request needs a method and a path")
+        elif self.method is not None or self.path is not None or self.host is not None or self.headers:
+            raise ValueError("method, path, host and headers exist only when is_http is true")
+        object.__setattr__(self, "destination_labels", MappingProxyType(dict(self.destination_labels)))
+        object.__setattr__(self, "headers", MappingProxyType(
+            {k.lower(): tuple(v) for k, v in self.headers.items()}))
+
+    @property
+    def principal(self) -> str | None:
+        """The source principal as policies match it: ``<trust-domain>/ns/.../sa/...``."""
+        if self.source_principal is None:
+            return None
+        return f"{self.source_principal.trust_domain}{self.source_principal.path}"
+
+    @property
+    def source_namespace(self) -> str | None:
+        """The namespace of the verified source identity (as in Istio, it comes
+        from the peer's certificate, never from an unverified claim)."""
+        return self.source_principal.namespace if self.source_principal is not None else None
+
+    def describe(self) -> str:
+        src = str(self.source_principal) if self.source_principal else "plaintext peer"
+        if self.source_ip is not None:
+            src += f" ({self.source_ip})"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(self.destination_labels.items()))
+        dst = f"{self.destination_namespace}{{{labels}}}:{self.destination_port}"
+        if self.is_http:
+            return f"{src} -> {dst} {self.method} {self.path}" + (f" host {self.host}" if self.host else "")
+        return f"{src} -> {dst} (TCP)"
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    policy: str
+    """``namespace/name``."""
+    rule: int
+    origin: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.policy} rule {self.rule}"
+
+
+DecisionAction = Literal["DENY", "ALLOW", "NO_MATCH", "NO_POLICY"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome and what decided it.
+
+    ``action``: ``DENY`` (a DENY rule matched), ``ALLOW`` (an ALLOW rule
+    matched), ``NO_MATCH`` (ALLOW policies apply, none matched: denied),
+    ``NO_POLICY`` (no ALLOW policy applies: allowed)."""
+
+    allowed: bool
+    action: DecisionAction
+    policy: str | None
+    rule: int | None
+    reason: str
+    audited: tuple[RuleRef, ...] = ()
+    origin: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "action": self.action, "policy": self.policy,
+                "rule": self.rule, "reason": self.reason, "origin": self.origin,
+                "audited": [{"policy": a.policy, "rule": a.rule, "origin": a.origin}
+                            for a in self.audited]}
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    """How one rule fared: ``outcome`` is matched, no match, or ignored."""
+
+    policy: str
+    action: Action
+    rule: int
+    outcome: Literal["matched", "no match", "ignored"]
+    detail: str
+    origin: str = ""
+
+
+# --------------------------------------------------------------------------
+# Matching one rule
+
+
+def _ip_in(net, ip) -> bool:
+    return ip is not None and ip.version == net.version and ip in net
+
+
+def _eq(a, b) -> bool:
+    return a == b
+
+
+def _pat(p, s) -> bool:
+    return p.matches(s)
+
+
+def _any_value(p, values: tuple[str, ...]) -> bool:
+    return any(p.matches(v) for v in values)
+
+
+def _field(name: str, values: tuple, not_values: tuple, actual: Any,
+           one: Callable[[Any, Any], bool], shown: str) -> str | None:
+    """Why a field does not match (None when it does)."""
+    if values and not any(one(v, actual) for v in values):
+        return f"{name}: {shown} is not {_fmt(values)}"
+    for v in not_values:
+        if one(v, actual):
+            neg = "not" + name[0].upper() + name[1:]
+            return f"{neg}: {shown} matches {v}"
+    return None
+
+
+def _fmt(values: tuple) -> str:
+    items = [str(v) for v in values]
+    return items[0] if len(items) == 1 else "any of [" + ", ".join(items) + "]"
+
+
+def _source_mismatch(s: Source, req: Request) -> str | None:
+    principal = req.principal
+    shown_p = principal or "no verified principal"
+    return (_field("principals", s.principals, s.not_principals, principal, _pat, shown_p)
+            or _field("namespaces", s.namespaces, s.not_namespaces, req.source_namespace, _pat,
+                      req.source_namespace or "no verified namespace")
+            or _field("ipBlocks", s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in,
+                      str(req.source_ip or "unknown source IP")))
+
+
+def _operation_mismatch(op: Operation, req: Request, drop_l7: bool) -> str | None:
+    why = _field("ports", op.ports, op.not_ports, req.destination_port, _eq, str(req.destination_port))
+    if why or drop_l7:
+        return why
+    return (_field("methods", op.methods, op.not_methods, req.method, _pat, str(req.method))
+            or _field("paths", op.paths, op.not_paths, req.path, _pat, str(req.path))
+            or _field("hosts", op.hosts, op.not_hosts, req.host, _pat, req.host or "no host"))
+
+
+def _condition_mismatch(c: Condition, req: Request) -> str | None:
+    k = c.key
+    if k is ConditionKey.REQUEST_HEADER:
+        vals = req.headers.get(c.header or "", ())
+        shown = "absent" if not vals else ", ".join(repr(v) for v in vals)
+        return _field(c.written_key, c.values, c.not_values, vals, _any_value, shown)
+    if k is ConditionKey.SOURCE_IP:
+        return _field(k.value, c.values, c.not_values, req.source_ip, _ip_in,
+                      str(req.source_ip or "unknown source IP"))
+    if k is ConditionKey.SOURCE_NAMESPACE:
+        return _field(k.value, c.values, c.not_values, req.source_namespace, _pat,
+                      req.source_namespace or "no verified namespace")
+    if k is ConditionKey.SOURCE_PRINCIPAL:
+        return _field(k.value, c.values, c.not_values, req.principal, _pat,
+                      req.principal or "no verified principal")
+    return _field(k.value, c.values, c.not_values, req.destination_port, _eq, str(req.destination_port))
+
+
+def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | None:
+    """Why ``rule`` does not match ``req`` (None when it matches).
+
+    ``drop_l7`` matches only the rule's L4 part (HTTP-only fields removed),
+    as DENY/AUDIT rules are on non-HTTP connections.  Without it the request
+    must be HTTP if the rule has HTTP-only fields (the caller decides)."""
+    if rule.sources:
+        whys = [_source_mismatch(s, req) for s in rule.sources]
+        if all(whys):
+            return "from: " + (whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys)))
+    if rule.operations:
+        whys = [_operation_mismatch(o, req, drop_l7) for o in rule.operations]
+        if all(whys):
+            return "to: " + (whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys)))
+    for c in rule.conditions:
+        if drop_l7 and c.is_l7:
+            continue
+        why = _condition_mismatch(c, req)
+        if why:
+            return "when: " + why
+    return None
+
+
+def _trace_rule(p: Policy, i: int, rule: Rule, req: Request) -> RuleTrace:
+    def t(outcome, detail):
+        return RuleTrace(p.key, p.action, i, outcome, detail, rule.origin)
+
+    if not req.is_http and rule.is_l7:
+        fields = ", ".join(rule.l7_fields)
+        if p.action is Action.ALLOW:
+            return t("ignored", f"uses HTTP-only fields ({fields}) and this connection is not HTTP; "
+                                "such ALLOW rules never match")
+        why = rule_mismatch(rule, req, drop_l7=True)
+        note = f"HTTP-only fields ({fields}) dropped on a non-HTTP connection"
+        return t("no match", f"{why} ({note})") if why else t("matched", note)
+    why = rule_mismatch(rule, req)
+    return t("no match", why) if why else t("matched", "")
+
+
+# --------------------------------------------------------------------------
+# Deciding
+
+
+def explain(policyset: PolicySet, req: Request) -> tuple[Decision, tuple[RuleTrace, ...]]:
+    """The decision and how every rule of every applying policy fared."""
+    applying = policyset.selecting(req.destination_namespace, req.destination_labels)
+    traces: list[RuleTrace] = []
+    audited: list[RuleRef] = []
+    deny: RuleTrace | None = None
+    allow: RuleTrace | None = None
+    allow_policies = [p for p in applying if p.action is Action.ALLOW]
+    for action in (Action.AUDIT, Action.DENY, Action.ALLOW):
+        for p in applying:
+            if p.action is not action:
+                continue
+            if not p.rules:
+                traces.append(RuleTrace(p.key, p.action, -1, "no match",
+                                        "policy has no rules, so it matches nothing", p.origin))
+            for i, rule in enumerate(p.rules):
+                tr = _trace_rule(p, i, rule, req)
+                traces.append(tr)
+                if tr.outcome != "matched":
+                    continue
+                if action is Action.AUDIT:
+                    audited.append(RuleRef(p.key, i, rule.origin))
+                    break  # one entry per AUDIT policy
+                if action is Action.DENY and deny is None:
+                    deny = tr
+                if action is Action.ALLOW and allow is None:
+                    allow = tr
+    aud = tuple(audited)
+    if deny is not None:
+        d = Decision(False, "DENY", deny.policy, deny.rule,
+                     f"denied by DENY policy {deny.policy} rule {deny.rule}"
+                     + (f" ({deny.detail})" if deny.detail else ""), aud, deny.origin)
+    elif not allow_policies:
+        d = Decision(True, "NO_POLICY", None, None,
+                     "allowed: no ALLOW policy applies to this workload", aud)
+    elif allow is not None:
+        d = Decision(True, "ALLOW", allow.policy, allow.rule,
+                     f"allowed by ALLOW policy {allow.policy} rule {allow.rule}", aud, allow.origin)
+    else:
+        names = ", ".join(p.key for p in allow_policies)
+        ignored = [t for t in traces if t.action is Action.ALLOW and t.outcome == "ignored"]
+        extra = (f"; {len(ignored)} ALLOW rule(s) were ignored because they use HTTP-only fields "
+                 "on a non-HTTP connection") if ignored else ""
+        d = Decision(False, "NO_MATCH", None, None,
+                     f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}", aud)
+    return d, tuple(traces)
+
+
+def evaluate(policyset: PolicySet, req: Request) -> Decision:
+    """Allow or deny ``req`` (semantics in the module docstring)."""
+    return explain(policyset, req)[0]
+
+
+# --------------------------------------------------------------------------
+# The L4 part, for enforcement before any HTTP is parsed
+
+
+def _l4_only(rule: Rule) -> Rule:
+    ops = tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations)
+    conds = tuple(c for c in rule.conditions if not c.is_l7)
+    return Rule(rule.sources, ops, conds, origin=rule.origin)
+
+
+@dataclass(frozen=True)
+class L4Rule:
+    ref: RuleRef
+    action: Action
+    match: Rule
+    """The rule with its HTTP-only fields removed (its L4 part)."""
+    l7: bool
+    """The original rule had HTTP-only fields."""
+
+
+@dataclass(frozen=True)
+class L4Verdict:
+    verdict: Literal["allow", "deny", "l7"]
+    """``l7``: only the HTTP proxy can decide (or, if the port is not HTTP, the
+    full :func:`evaluate` on the connection)."""
+    rule: RuleRef | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class L4Plan:
+    """The policies applying to one workload, split for connection-time enforcement."""
+
+    deny: tuple[L4Rule, ...]
+    """DENY rules without HTTP-only fields: a matching connection is denied."""
+    l7_deny: tuple[L4Rule, ...]
+    """DENY rules with HTTP-only fields (L4 part): a matching connection needs the proxy."""
+    allow: tuple[L4Rule, ...] | None
+    """ALLOW rules without HTTP-only fields; None when no ALLOW policy applies."""
+    l7_allow: tuple[L4Rule, ...]
+    """ALLOW rules with HTTP-only fields (L4 part)."""
+
+    @property
+    def exact(self) -> bool:
+        """Every connection gets a final verdict at L4 (no HTTP-only rules apply)."""
+        return not self.l7_deny and not self.l7_allow
+
+    def verdict(self, conn: Request) -> L4Verdict:
+        """What can be decided from the connection's L4 attributes alone
+        (its HTTP fields, if any, are not looked at).  ``allow``/``deny`` are
+        final for every request the connection could carry."""
+        for r in self.deny:
+            if rule_mismatch(r.match, conn) is None:
+                return L4Verdict("deny", r.ref, f"denied at L4 by {r.ref}")
+        maybe_denied = next((r for r in self.l7_deny if rule_mismatch(r.match, conn) is None), None)
+        if self.allow is None:
+            allow_side = L4Verdict("allow", None, "no ALLOW policy applies")
+        else:
+            hit = next((r for r in self.allow if rule_mismatch(r.match, conn) is None), None)
+            if hit is not None:
+                allow_side = L4Verdict("allow", hit.ref, f"allowed at L4 by {hit.ref}")
+            else:
+                l7hit = next((r for r in self.l7_allow if rule_mismatch(r.match, conn) is None), None)
+                if l7hit is None:
+                    return L4Verdict("deny", None, "no ALLOW rule can match this connection")
+                allow_side = L4Verdict("l7", l7hit.ref, f"{l7hit.ref} may allow it, depending on the request")
+        if maybe_denied is not None:
+            return L4Verdict("l7", maybe_denied.ref,
+                             f"{maybe_denied.ref} may deny it, depending on the request")
+        return allow_side
+
+
+def compile_l4(policyset: PolicySet, namespace: str, labels: Mapping[str, str]) -> L4Plan:
+    """Split the policies applying to workload (``namespace``, ``labels``).
+
+    AUDIT policies are left out: they never change a decision."""
+    deny: list[L4Rule] = []
+    l7_deny: list[L4Rule] = []
+    allow: list[L4Rule] = []
+    l7_allow: list[L4Rule] = []
+    any_allow = False
+    for p in policyset.selecting(namespace, labels):
+        if p.action is Action.AUDIT:
+            continue
+        any_allow = any_allow or p.action is Action.ALLOW
+        for i, rule in enumerate(p.rules):
+            r = L4Rule(RuleRef(p.key, i, rule.origin), p.action, _l4_only(rule), rule.is_l7)
+            if p.action is Action.DENY:
+                (l7_deny if r.l7 else deny).append(r)
+            else:
+                (l7_allow if r.l7 else allow).append(r)
+    return L4Plan(tuple(deny), tuple(l7_deny), tuple(allow) if any_allow else None, tuple(l7_allow))

@@ -1,0 +1,639 @@
+"""Load AuthorizationPolicy documents from YAML files into a :class:`PolicySet`.
+
+Pure apart from reading files: :func:`parse_policies` turns text into a
+:class:`PolicySet` or raises :class:`~agent.yamlsrc.SourceError` listing every
+problem as ``file:line:column: field.path: what was expected``;
+:func:`load_policies` reads one file, a directory (its ``*.yaml``/``*.yml``
+files, not recursive, sorted) or several paths, and checks across all of
+them.
+
+Accepted documents (several per file, separated by ``---``)::
+
+    apiVersion: meshlet.io/v1alpha1      # or security.istio.io/v1, security.istio.io/v1beta1
+    kind: AuthorizationPolicy
+    metadata: {name: deny-admin, namespace: shop}   # both required
+    spec:
+      selector: {matchLabels: {app: backend}}       # absent or {}: every workload of the namespace
+      action: DENY                                  # ALLOW (default), DENY, AUDIT
+      rules:
+      - from: [{source: {principals: [...], notPrincipals, namespaces, notNamespaces,
+                         ipBlocks, notIpBlocks}}]
+        to:   [{operation: {ports, notPorts, methods, notMethods, paths, notPaths,
+                            hosts, notHosts}}]
+        when: [{key: request.headers[x-user], values: [...], notValues: [...]}]
+
+Fail closed, always:
+
+- Unknown fields are errors; Istio fields meshlet does not implement
+  (``requestPrincipals``, ``remoteIpBlocks``, ``serviceAccounts``,
+  ``targetRef(s)``, ``provider``, action ``CUSTOM``, path templates, ``when``
+  keys other than ``request.headers[...]``, ``source.ip``,
+  ``source.namespace``, ``source.principal``, ``destination.port``) are errors
+  that say so, never silently dropped.
+- Istio's own validation rules apply: ``from``/``to`` must not be empty
+  lists, ``source``/``operation`` must not be empty, a ``when`` needs
+  ``values`` or ``notValues``, a DENY policy needs ``rules``, selectors have
+  no wildcards.  Stricter than Istio: an empty value list (``ports: []``),
+  which Istio reads as "not set", is an error here because it would widen
+  the rule silently.
+- Patterns that can never match what they are compared with are errors:
+  a path that no normalized path can equal (``/a/../b``, ``//x``, ``%61``),
+  an Istio principal in a form Istio would never match.
+- ``metadata.namespace`` is required (kubectl would fill in the context's
+  namespace; a file loader must not guess).  The same namespace/name twice,
+  in any file, is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import yaml
+from yaml.nodes import MappingNode, ScalarNode
+
+from agent import yamlsrc as y
+from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
+
+from .http import path_pattern_problem
+from .model import (
+    DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ISTIO_DEFAULT_TRUST_DOMAIN, Action, Condition,
+    ConditionKey, MatchKind, Operation, Policy, PolicySet, PrincipalMatch, Rule, Source, StringMatch,
+)
+
+__all__ = [
+    "MESHLET_API", "ISTIO_APIS", "API_VERSIONS", "load_policies", "parse_policies",
+    "parse_documents", "parse_principal", "policy_files", "fingerprint",
+]
+
+MESHLET_API = "meshlet.io/v1alpha1"
+ISTIO_APIS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+API_VERSIONS = (MESHLET_API, *ISTIO_APIS)
+KIND = "AuthorizationPolicy"
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+# Istio fields meshlet knows and refuses, with why (said in the error).
+_UNSUPPORTED_SPEC = {
+    "provider": "CUSTOM (external authorization) providers are not supported",
+    "targetRef": "targetRef (gateway/waypoint attachment) is not supported; use selector",
+    "targetRefs": "targetRefs (gateway/waypoint attachment) are not supported; use selector",
+}
+_UNSUPPORTED_SOURCE = {
+    "requestPrincipals": "request principals (JWT) are not supported",
+    "notRequestPrincipals": "request principals (JWT) are not supported",
+    "remoteIpBlocks": "remoteIpBlocks (X-Forwarded-For) are not supported; use ipBlocks",
+    "notRemoteIpBlocks": "notRemoteIpBlocks (X-Forwarded-For) are not supported; use notIpBlocks",
+    "serviceAccounts": "serviceAccounts are not supported; use principals (ns/<ns>/sa/<sa>)",
+    "notServiceAccounts": "notServiceAccounts are not supported; use notPrincipals",
+}
+_UNSUPPORTED_KEYS = ("remote.ip", "destination.ip", "connection.sni", "source.serviceAccount")
+_UNSUPPORTED_KEY_PREFIXES = ("request.auth.", "experimental.")
+_HEADER_KEY = re.compile(r"request\.headers\[(.*)\]", re.S)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+_NAMESPACE_CHARS = re.compile(r"[a-z0-9-]*")
+_PRINCIPAL_CHARS = re.compile(r"[A-Za-z0-9._/-]*")
+_HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()+,;=:\[\]]*")
+
+
+# --------------------------------------------------------------------------
+# Multi-document YAML on top of yamlsrc
+
+
+def parse_documents(text: str, filename: str) -> list[y.Document]:
+    """Compose every ``---``-separated document of ``text``; null documents
+    (a stray ``---``) are skipped.  Each document's root must be a mapping.
+
+    Raises SourceError for YAML syntax errors and non-mapping documents, and
+    for a file with no document at all."""
+    def fail(line: int, column: int, message: str) -> y.SourceError:
+        return y.SourceError([y.Problem(filename, line, column, "", message)])
+
+    roots = []
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        while loader.check_node():
+            roots.append(loader.get_node())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        what = e.problem or e.context or "cannot parse"
+        if e.context and e.problem:
+            what = f"{e.problem} ({e.context})"
+        raise fail(line, column, f"YAML syntax error: {what}") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise fail(line, column, f"YAML syntax error: character {e.character:#x} is not allowed") from None
+    except yaml.YAMLError as e:
+        raise fail(0, 0, f"YAML syntax error: {e}") from None
+    except RecursionError:
+        raise fail(0, 0, "YAML is nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+    docs: list[y.Document] = []
+    problems: list[y.Problem] = []
+    for root in roots:
+        if isinstance(root, ScalarNode) and root.tag == _NULL_TAG:
+            continue
+        if not isinstance(root, MappingNode):
+            line, column = y.position(root)
+            problems.append(y.Problem(filename, line, column, "",
+                                      f"a policy document must be a mapping, got {y.describe_node(root)}"))
+            continue
+        docs.append(y.Document(filename, root))
+    if problems:
+        raise y.SourceError(problems)
+    if not docs:
+        raise fail(1, 1, f"no policy documents in this file; expected {KIND} documents")
+    return docs
+
+
+# --------------------------------------------------------------------------
+# Patterns
+
+
+def parse_principal(written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                    istio: bool = False) -> PrincipalMatch:
+    """A principal pattern (forms and trust-domain rules: agent.policy.model).
+
+    Raises ValueError saying what is wrong."""
+    if written == "*":
+        return PrincipalMatch(written, StringMatch(MatchKind.PRESENCE, ""))
+    literal_spiffe = False
+    if written.startswith("spiffe://"):
+        if istio:
+            raise ValueError(f"{written!r}: Istio principals have no 'spiffe://' scheme; write "
+                             f"{written[9:]!r} (or use apiVersion {MESHLET_API})")
+        form, literal_spiffe = written[len("spiffe://"):], True
+    elif written.startswith("ns/"):
+        if istio:
+            raise ValueError(f"{written!r}: Istio principals start with the trust domain; write "
+                             f"'cluster.local/{written}' (the short form is {MESHLET_API} only)")
+        form = f"{trust_domain}/{written}"
+    else:
+        form = written
+    try:
+        sm = StringMatch.parse(form)
+    except ValueError as e:
+        raise ValueError(str(e).replace(repr(form), repr(written))) from None
+    parts = form.split("/")
+    if (not literal_spiffe and len(parts) == 5 and parts[0] == ISTIO_DEFAULT_TRUST_DOMAIN
+            and trust_domain != ISTIO_DEFAULT_TRUST_DOMAIN):
+        # Istio: "cluster.local" in a principal stands for the mesh's own trust domain
+        sm = StringMatch.parse("/".join([trust_domain, *parts[1:]]))
+    if sm.kind is MatchKind.EXACT:
+        try:
+            parse_spiffe_id("spiffe://" + sm.value)
+        except SpiffeIdError as e:
+            raise ValueError(f"{written!r} is not a principal "
+                             f"(<trust-domain>/ns/<namespace>/sa/<account>): {e}") from None
+    elif not _PRINCIPAL_CHARS.fullmatch(sm.value) or "//" in sm.value:
+        raise ValueError(f"{written!r}: principals use only letters, digits, '.', '-', '_' and "
+                         "single '/' between segments")
+    return PrincipalMatch(written, sm)
+
+
+def _pattern(check: Callable[[StringMatch, str], str | None], *, ignore_case: bool = False):
+    def conv(v: y.Value) -> StringMatch:
+        s = y.string(v)
+        try:
+            sm = StringMatch.parse(s, ignore_case=ignore_case)
+        except ValueError as e:
+            raise y.Invalid(str(e)) from None
+        problem = check(sm, s)
+        if problem:
+            raise y.Invalid(problem)
+        return sm
+    return conv
+
+
+def _namespace_check(sm: StringMatch, s: str) -> str | None:
+    if not _NAMESPACE_CHARS.fullmatch(sm.value):
+        return f"{s!r} is not a namespace pattern: namespaces use lower-case letters, digits and '-'"
+    return None
+
+
+def _method_check(sm: StringMatch, s: str) -> str | None:
+    if sm.value and not _TOKEN.fullmatch(sm.value):
+        return f"{s!r} is not an HTTP method (letters, no spaces)"
+    return None
+
+
+def _host_check(sm: StringMatch, s: str) -> str | None:
+    if not _HOST_CHARS.fullmatch(sm.value):
+        return f"{s!r} is not a host pattern (host[:port], no scheme, path or spaces)"
+    return None
+
+
+def _path_check(sm: StringMatch, s: str) -> str | None:
+    if "{" in s or "}" in s:
+        return f"{s!r}: path templates ('{{*}}', '{{**}}') are not supported"
+    if sm.kind is MatchKind.PRESENCE:
+        return None
+    problem = path_pattern_problem(sm.value, sm.kind.value)
+    return f"{s!r} can never match a normalized path: {problem}" if problem else None
+
+
+def _header_value_check(sm: StringMatch, s: str) -> str | None:
+    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in s):
+        return "header values never contain control characters"
+    return None
+
+
+def _port(v: y.Value) -> int:
+    """A port as Istio writes it ("8080") or as a number."""
+    x = v.scalar()
+    if isinstance(x, str) and x.isdigit() and x.isascii():
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise y.Invalid(f"expected a port number, got {y.describe_node(v.node)} {v.node.value!r}")
+    if not 1 <= x <= 65535:
+        raise y.Invalid(f"{x} is not a port number (1..65535)")
+    return x
+
+
+def _principal(trust_domain: str, istio: bool):
+    def conv(v: y.Value) -> PrincipalMatch:
+        s = y.string(v)
+        try:
+            return parse_principal(s, trust_domain=trust_domain, istio=istio)
+        except ValueError as e:
+            raise y.Invalid(str(e)) from None
+    return conv
+
+
+def _values(conv):
+    """A non-empty list, each item checked at its own position."""
+    def convert(v: y.Value):
+        if not v.is_null and v.node.tag == "tag:yaml.org,2002:seq" and not v.node.value:
+            raise y.Invalid("an empty list would match anything; remove the field or list values")
+        return y.list_of(conv, min_len=1)(v)
+    return convert
+
+
+def _label_key(v: y.Value) -> str:
+    k = y.string(v)
+    prefix, _, name = k.rpartition("/")
+    ok = 0 < len(name) <= 63 and _LABEL_NAME.fullmatch(name)
+    if prefix:
+        ok = ok and len(prefix) <= 253 and all(
+            re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", part) for part in prefix.split("."))
+    if not ok:
+        if "*" in k:
+            raise y.Invalid(f"wildcards are not supported in selectors: {k!r}")
+        raise y.Invalid(f"{k!r} is not a valid label key: [dns.prefix/]name, name at most 63 "
+                        "characters of letters, digits, '-', '_', '.'")
+    return k
+
+
+def _label_value(v: y.Value) -> str:
+    s = y.any_string(v)
+    if len(s) > 63 or not _LABEL_NAME.fullmatch(s):
+        if "*" in s:
+            raise y.Invalid(f"wildcards are not supported in selectors: {s!r}")
+        raise y.Invalid(f"{s!r} is not a valid label value: at most 63 characters of letters, "
+                        "digits, '-', '_', '.', starting and ending with a letter or digit")
+    return s
+
+
+def _string_map(v: y.Value) -> dict:
+    return y.map_of(y.string, y.any_string)(v)
+
+
+# --------------------------------------------------------------------------
+# Documents
+
+
+class _Ctx:
+    def __init__(self, trust_domain: str, istio: bool):
+        self.trust_domain = trust_domain
+        self.istio = istio
+        self.principal = _principal(trust_domain, istio)
+
+
+def _where(v: y.Value) -> str:
+    return f"{v.doc.filename}:{v.line}:{v.column}"
+
+
+def _refuse(r: y.MapReader, table: dict[str, str]) -> None:
+    """Report fields meshlet knows it does not implement, with the reason."""
+    for key, why in table.items():
+        kv = r.key_at(key)
+        if kv is not None:
+            r.at(key)  # asked for, so finish() does not call it unknown as well
+            kv.problem(why)
+
+
+def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
+    top = doc.top()
+    before = len(doc.problems)
+    api = top.get("apiVersion", y.enum(*API_VERSIONS))
+    kind = top.get("kind", y.enum(KIND))
+    meta_v, spec_v = top.at("metadata"), top.at("spec")
+    top.finish()
+    if api is None or kind is None:
+        return None  # not a document we read: its fields would only add noise
+    name = namespace = None
+    meta = top.section("metadata") if meta_v is not None else None
+    if meta_v is None:
+        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
+    elif meta is not None:
+        name = meta.get("name", y.dns_subdomain)
+        namespace = meta.get("namespace", y.dns_label)
+        meta.get("labels", _string_map, None)
+        meta.get("annotations", _string_map, None)
+        meta.finish()
+    ctx = _Ctx(trust_domain, api in ISTIO_APIS)
+    # an absent spec reads like "spec: {}": an ALLOW policy that allows nothing
+    spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None
+    action, selector, rules = Action.ALLOW, (), ()
+    if spec is not None:
+        _refuse(spec, _UNSUPPORTED_SPEC)
+        sel = spec.section("selector")
+        labels = {}
+        if sel is not None:
+            labels = sel.get("matchLabels", y.map_of(_label_key, _label_value), {}) or {}
+            sel.finish()
+        selector = tuple(sorted(labels.items()))
+        act = spec.get("action", y.enum("ALLOW", "DENY", "AUDIT", "CUSTOM"), "ALLOW")
+        if act == "CUSTOM":
+            spec.at("action").problem("action CUSTOM (external authorization) is not supported; "
+                                      "use ALLOW, DENY or AUDIT")
+        elif act is not None:
+            action = Action(act)
+        rules_v = spec.at("rules")
+        spec.finish()
+        items = rules_v.convert(y.Value.items) if rules_v is not None else []
+        rules = tuple(r for r in (_read_rule(i, ctx) for i in (items or [])) if r is not None)
+        if action is Action.DENY and items == []:
+            where = rules_v.node if rules_v is not None else spec.value.node
+            doc.add_at(where, f"{spec.path}.rules",
+                       "a DENY policy without rules never matches; add the rules, or an empty "
+                       "rule {} to deny everything")
+    if len(doc.problems) != before or name is None or namespace is None:
+        return None
+    return Policy(name=name, namespace=namespace, action=action, selector=selector, rules=rules,
+                  api_version=api, origin=_where(top.value))
+
+
+def _list_of_maps(v: y.Value, what: str) -> list[y.MapReader]:
+    items = v.convert(y.Value.items)
+    if items is None:
+        return []
+    if not items:
+        v.problem(f"`{what}` must not be an empty list; remove it to match any "
+                  + {"from": "source", "to": "operation", "when": "request"}[what])
+        return []
+    return [r for r in (i.convert(y.Value.mapping) for i in items) if r is not None]
+
+
+def _read_rule(item: y.Value, ctx: _Ctx) -> Rule | None:
+    r = item.convert(y.Value.mapping)
+    if r is None:
+        return None
+    before = len(r.doc.problems)
+    from_v, to_v, when_v = r.at("from"), r.at("to"), r.at("when")
+    r.finish()
+    sources: list[Source] = []
+    operations: list[Operation] = []
+    conditions: list[Condition] = []
+    if from_v is not None:
+        for fr in _list_of_maps(from_v, "from"):
+            src = _read_wrapped(fr, "source", _read_source, ctx)
+            if src is not None:
+                sources.append(src)
+    if to_v is not None:
+        for tr in _list_of_maps(to_v, "to"):
+            op = _read_wrapped(tr, "operation", _read_operation, ctx)
+            if op is not None:
+                operations.append(op)
+    if when_v is not None:
+        for wr in _list_of_maps(when_v, "when"):
+            c = _read_condition(wr, ctx)
+            if c is not None:
+                conditions.append(c)
+    if len(r.doc.problems) != before:
+        return None
+    return Rule(tuple(sources), tuple(operations), tuple(conditions), origin=_where(item))
+
+
+def _read_wrapped(r: y.MapReader, key: str, read, ctx: _Ctx):
+    inner_v = r.at(key)
+    r.finish()
+    if inner_v is None:
+        r.doc.add_at(r.value.node, f"{r.path}.{key}", f"`{key}` is required and must not be empty")
+        return None
+    inner = inner_v.convert(y.Value.mapping)
+    if inner is None:
+        return None
+    if not inner.entries:
+        inner_v.problem(f"`{key}` must not be empty; remove the whole entry to match any {key}")
+        return None
+    return read(inner, ctx)
+
+
+def _read_source(s: y.MapReader, ctx: _Ctx) -> Source | None:
+    before = len(s.doc.problems)
+    _refuse(s, _UNSUPPORTED_SOURCE)
+    ns = _pattern(_namespace_check)
+    src = Source(
+        principals=s.get("principals", _values(ctx.principal), ()),
+        not_principals=s.get("notPrincipals", _values(ctx.principal), ()),
+        namespaces=s.get("namespaces", _values(ns), ()),
+        not_namespaces=s.get("notNamespaces", _values(ns), ()),
+        ip_blocks=s.get("ipBlocks", _values(y.ip_network), ()),
+        not_ip_blocks=s.get("notIpBlocks", _values(y.ip_network), ()),
+    )
+    s.finish()
+    return None if len(s.doc.problems) != before else src
+
+
+def _read_operation(o: y.MapReader, ctx: _Ctx) -> Operation | None:
+    before = len(o.doc.problems)
+    method, path = _pattern(_method_check), _pattern(_path_check)
+    host = _pattern(_host_check, ignore_case=True)
+    op = Operation(
+        ports=o.get("ports", _values(_port), ()),
+        not_ports=o.get("notPorts", _values(_port), ()),
+        methods=o.get("methods", _values(method), ()),
+        not_methods=o.get("notMethods", _values(method), ()),
+        paths=o.get("paths", _values(path), ()),
+        not_paths=o.get("notPaths", _values(path), ()),
+        hosts=o.get("hosts", _values(host), ()),
+        not_hosts=o.get("notHosts", _values(host), ()),
+    )
+    o.finish()
+    return None if len(o.doc.problems) != before else op
+
+
+def _condition_key(v: y.Value) -> tuple[ConditionKey, str | None]:
+    k = y.string(v)
+    m = _HEADER_KEY.fullmatch(k)
+    if m:
+        name = m.group(1)
+        if not _TOKEN.fullmatch(name):
+            raise y.Invalid(f"{name!r} is not a header name")
+        return ConditionKey.REQUEST_HEADER, name.lower()
+    for ck in ConditionKey:
+        if ck is not ConditionKey.REQUEST_HEADER and k == ck.value:
+            return ck, None
+    if k in _UNSUPPORTED_KEYS or k.startswith(_UNSUPPORTED_KEY_PREFIXES):
+        raise y.Invalid(f"`when` key {k!r} is not supported by meshlet; supported: "
+                        "request.headers[<name>], source.ip, source.namespace, source.principal, "
+                        "destination.port")
+    hint = y.did_you_mean(k, [c.value for c in ConditionKey if c is not ConditionKey.REQUEST_HEADER])
+    raise y.Invalid(f"unknown `when` key {k!r}" + (f" (did you mean {hint!r}?)" if hint else
+                    "; supported: request.headers[<name>], source.ip, source.namespace, "
+                    "source.principal, destination.port"))
+
+
+def _read_condition(w: y.MapReader, ctx: _Ctx) -> Condition | None:
+    before = len(w.doc.problems)
+    key = w.get("key", _condition_key)
+    conv: Any = None
+    if key is not None:
+        conv = {
+            ConditionKey.REQUEST_HEADER: _pattern(_header_value_check),
+            ConditionKey.SOURCE_IP: y.ip_network,
+            ConditionKey.SOURCE_NAMESPACE: _pattern(_namespace_check),
+            ConditionKey.SOURCE_PRINCIPAL: ctx.principal,
+            ConditionKey.DESTINATION_PORT: _port,
+        }[key[0]]
+        values = w.get("values", _values(conv), ())
+        not_values = w.get("notValues", _values(conv), ())
+    else:
+        w.at("values")
+        w.at("notValues")
+        values = not_values = ()
+    w.finish()
+    if key is not None and not w.has("values") and not w.has("notValues") and len(w.doc.problems) == before:
+        w.doc.add_at(w.value.node, w.path, "a `when` condition needs `values` or `notValues`")
+    if len(w.doc.problems) != before or key is None:
+        return None
+    return Condition(key[0], key[1], values or (), not_values or ())
+
+
+# --------------------------------------------------------------------------
+# Sets
+
+
+def _canon(x: Any) -> Any:
+    if isinstance(x, StringMatch):
+        return [x.kind.value, x.value, x.ignore_case]
+    if isinstance(x, PrincipalMatch):
+        return _canon(x.match)
+    if isinstance(x, enum.Enum):
+        return x.value
+    if isinstance(x, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(x)
+    if dataclasses.is_dataclass(x):
+        return {f.name: _canon(getattr(x, f.name)) for f in dataclasses.fields(x) if f.compare}
+    if isinstance(x, (tuple, list)):
+        return [_canon(i) for i in x]
+    return x
+
+
+def fingerprint(policies: Iterable[Policy], trust_domain: str, root_namespace: str) -> str:
+    """A short hash of what the policies mean: reformatting, reordering files or
+    renaming them leaves it unchanged; any change of meaning changes it."""
+    body = {"trustDomain": trust_domain, "rootNamespace": root_namespace,
+            "policies": [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))]}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_options(trust_domain: str, root_namespace: str) -> None:
+    SpiffeId(trust_domain, "")  # raises SpiffeIdError (a ValueError) if invalid
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", root_namespace) or len(root_namespace) > 63:
+        raise ValueError(f"root namespace {root_namespace!r} is not a namespace name")
+
+
+def _collect(texts: Sequence[tuple[str, str]], trust_domain: str, root_namespace: str) -> PolicySet:
+    _check_options(trust_domain, root_namespace)
+    problems: list[y.Problem] = []
+    policies: list[Policy] = []
+    seen: dict[tuple[str, str], Policy] = {}
+    for filename, text in texts:
+        try:
+            docs = parse_documents(text, filename)
+        except y.SourceError as e:
+            problems += e.errors
+            continue
+        for doc in docs:
+            try:
+                p = _read_document(doc, trust_domain)
+            except RecursionError:
+                doc.add(0, 0, "", "YAML is nested too deeply")
+                p = None
+            if p is not None:
+                first = seen.get((p.namespace, p.name))
+                if first is not None:
+                    meta = doc.top().at("metadata")
+                    at = meta.mapping().at("name") if meta is not None else None
+                    (at or y.Value(doc, doc.root, "")).problem(
+                        f"policy {p.key} is defined twice (first at {first.origin})")
+                else:
+                    seen[(p.namespace, p.name)] = p
+                    policies.append(p)
+            problems += doc.problems
+    if problems:
+        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
+    return PolicySet(ordered, trust_domain, root_namespace,
+                     fingerprint(ordered, trust_domain, root_namespace),
+                     tuple(dict.fromkeys(f for f, _ in texts)))
+
+
+def parse_policies(text: str, filename: str = "<policy>", *,
+                   trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                   root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Policies from one YAML text.  Raises SourceError listing every problem."""
+    return _collect([(filename, text)], trust_domain, root_namespace)
+
+
+def policy_files(path: str | os.PathLike[str]) -> list[str]:
+    """The files :func:`load_policies` reads for ``path`` (a file or a directory)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return [os.path.join(p, n) for n in sorted(os.listdir(p))
+                if not n.startswith(".") and n.endswith((".yaml", ".yml"))
+                and os.path.isfile(os.path.join(p, n))]
+    return [p]
+
+
+def load_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Read files and directories into one :class:`PolicySet` (checked across files)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    texts: list[tuple[str, str]] = []
+    problems: list[y.Problem] = []
+    for path in paths:
+        files = policy_files(path)
+        if not files:
+            problems.append(y.Problem(os.fspath(path), 0, 0, "",
+                                      "directory has no .yaml or .yml files"))
+        for f in files:
+            try:
+                texts.append((f, y.read_text(f)))
+            except y.SourceError as e:
+                problems += e.errors
+    try:
+        result = _collect(texts, trust_domain, root_namespace)
+    except y.SourceError as e:
+        problems += e.errors
+    if problems:
+        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    return result

@@ -59,7 +59,7 @@ def _end(lb: dict, side: str) -> dict:
     wl = lb[f"{side}_workload"]
     ns = lb[f"{side}_workload_namespace"]
     if side == "destination" and wl == UNKNOWN:
-        wl = lb.get("destination_service") or UNKNOWN  # outside the mesh: the address dialed
+        wl = lb.get("destination_service") or UNKNOWN  # outside the mesh: the IP dialed
     return {"workload": wl, "namespace": ns}
 
 
@@ -129,9 +129,7 @@ def _rtt_samples(views: Iterable[dict], workload_of: dict[str, tuple[str, str]]
         if d in workload_of:
             dw, dns = workload_of[d]
         else:
-            dst = v["destination"]
-            host = f"[{dst['ip']}]" if ":" in dst["ip"] else dst["ip"]
-            dw, dns = f"{host}:{dst['port']}", UNKNOWN
+            dw, dns = v["destination"]["ip"], UNKNOWN
         seen = {v["cookie"]}
         todo = [v["cookie"]]
         while todo:

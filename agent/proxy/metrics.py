@@ -15,8 +15,9 @@ read them unchanged:
 * ``*_workload``: the pod's ``app`` label, else the pod name (Istio uses
   the owning Deployment's name; meshlet's inventory has no owners).
 * ``*_principal``: the SPIFFE ID, ``unknown`` if the end has none.
-* ``destination_service``: there are no Services yet, so it is the
-  address the client dialed (``ip:port``); ``destination_service_name`` is
+* ``destination_service``: there are no Services yet, so it is the IP
+  address the client dialed (no port, as Istio's service host has none:
+  bounded by the destinations' addresses); ``destination_service_name`` is
   ``PassthroughCluster`` for destinations outside the mesh (as in Istio)
   and ``unknown`` for mesh pods.
 * ``connection_security_policy``: ``mutual_tls`` when the bytes crossed

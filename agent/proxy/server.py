@@ -157,7 +157,7 @@ class Conn:
     seq: int = 0  # per-worker connection number (the metrics' handle)
     labels: list = field(default_factory=list)  # metric label sets, one per reporter
     deny_reason: str | None = None  # a metrics.DENY_REASONS value: the mesh refused it
-    service: str | None = None  # destination_service: the address the client dialed
+    service: str | None = None  # destination_service: the IP address the client dialed
     mtls: bool = False  # the bytes crossed nodes in the mutual-TLS tunnel
 
     def fail(self, result: str, reason: str) -> None:
@@ -741,7 +741,7 @@ class ProxyServer:
             client.reset()
             return
         conn.dst_addr = (origin.dst_ip, origin.dst_port)
-        conn.service = _fmt_addr((normalize_ip(origin.dst_ip), origin.dst_port))
+        conn.service = normalize_ip(origin.dst_ip)
         decision = route(state, origin, peer)
         src = decision.src
         if src is not None:
@@ -893,7 +893,7 @@ class ProxyServer:
             conn.src_addr = req.src.sockaddr
         dst_ip = normalize_ip(req.dst.ip)
         conn.dst_addr = (dst_ip, req.dst.port)
-        conn.service = _fmt_addr(conn.dst_addr)
+        conn.service = dst_ip
         if tls is None:
             conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
         elif req.identity != verified:

@@ -58,6 +58,8 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
+    access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
+    metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,6 +151,8 @@ class Mesh:
             },
             "runDir": ap.run_dir,
             "logLevel": self.log_level,
+            "metrics": {"port": self.metrics_port},
+            "accessLog": dict(self.access_log_settings),
         }
 
     def write_configs(self) -> None:
@@ -275,6 +279,12 @@ class Mesh:
                 return [json.loads(line) for line in f if line.strip()]
         except FileNotFoundError:
             return []
+
+    def scrape(self, name: str) -> str:
+        """GET /metrics from inside the node's network namespace."""
+        code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                f"'http://127.0.0.1:{self.metrics_port}/metrics', timeout=20).read().decode())")
+        return self.agents[name].node.run([sys.executable, "-c", code], timeout=30).stdout
 
     def counters(self, name: str) -> dict[str, int]:
         from agent.datapath.status import datapath_status

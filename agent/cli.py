@@ -595,5 +595,237 @@ def config_validate(path, output) -> None:
         click.echo(yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False))
 
 
+# --- authorization policy (offline) -----------------------------------------------------
+# Exit codes: validate 0 valid / 1 invalid; explain 0 allowed / 1 denied (or the request
+# itself is refused, e.g. 400) / 3 the policies or inventory do not load; lint 0 clean /
+# 1 findings / 3 inputs do not load; 2 is always a usage error.  apply, diff, list, get
+# and delete need the running agent and come with its integration.
+
+def _policy_opts(f):
+    f = click.option("--root-namespace", default="istio-system", show_default=True,
+                     help="Policies in this namespace apply to every namespace.")(f)
+    f = click.option("--trust-domain", default="cluster.local", show_default=True,
+                     help="The mesh's trust domain (for ns/<ns>/sa/<sa> and cluster.local principals).")(f)
+    return f
+
+
+def _load_policy_set(paths, trust_domain, root_namespace, output, code):
+    from .policy.load import load_policies
+    from .yamlsrc import SourceError
+
+    try:
+        return load_policies(list(paths), trust_domain=trust_domain, root_namespace=root_namespace)
+    except SourceError as e:
+        if output == "json":
+            click.echo(json.dumps({"valid": False, "errors": [
+                {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
+                 "message": p.message, "text": str(p)} for p in e.errors]}))
+            sys.exit(code)
+        _die(f"invalid policies:\n{e}", code)
+    except ValueError as e:  # bad --trust-domain / --root-namespace
+        raise click.UsageError(str(e)) from None
+
+
+def _load_inventory_pods(path):
+    from .workloads.inventory import load_inventory
+    from .yamlsrc import SourceError
+
+    try:
+        return load_inventory(path)
+    except SourceError as e:
+        _die(f"invalid inventory:\n{e}", 3)
+
+
+def _find_pod(inv, ref: str, opt: str):
+    ns, _, name = ref.rpartition("/")
+    hits = [p for p in inv.pods if p.name == name and (not ns or p.namespace == ns)]
+    if len(hits) != 1:
+        raise click.BadParameter(f"{'no' if not hits else 'more than one'} pod {ref!r} in the inventory"
+                                 + ("" if hits else "; write namespace/name"), param_hint=opt)
+    return hits[0]
+
+
+@main.group()
+def policy() -> None:
+    """Authorization policies (Istio AuthorizationPolicy semantics), offline.
+
+    \b
+      meshlet policy validate PATH...          load and check files or directories
+      meshlet policy explain -f PATH ...       would this connection/request be allowed, and why?
+      meshlet policy lint PATH...              shadowed rules, contradictions, unused selectors
+    """
+
+
+@policy.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@_policy_opts
+@OUTPUT
+def policy_validate(paths, trust_domain, root_namespace, output) -> None:
+    """Check policy files (or directories of *.yaml); errors name file:line:column and field."""
+    ps = _load_policy_set(paths, trust_domain, root_namespace, output, 1)
+    if output == "json":
+        click.echo(json.dumps({"valid": True, "version": ps.version, "policies": [
+            {"namespace": p.namespace, "name": p.name, "action": p.action.value,
+             "rules": len(p.rules), "origin": p.origin} for p in ps.policies]}))
+        return
+    for p in ps.policies:
+        sel = ",".join(f"{k}={v}" for k, v in p.selector) or "*"
+        click.echo(f"{p.action.value:<6} {p.key:<40} selector {sel:<24} {len(p.rules)} rule(s)  {p.origin}")
+    click.echo(f"valid: {len(ps)} policies from {len(ps.sources)} file(s), version {ps.version}")
+
+
+@policy.command("explain")
+@click.option("-f", "--file", "paths", multiple=True, required=True, type=click.Path(),
+              help="Policy file or directory (repeatable).")
+@click.option("--from", "src", help="Source identity: spiffe://td/ns/N/sa/S, td/ns/N/sa/S or "
+              "ns/N/sa/S. Omit for a plaintext (unauthenticated) peer.")
+@click.option("--from-pod", help="Source pod namespace/name (needs --inventory).")
+@click.option("--source-ip", help="Source IP address (default: the --from-pod's).")
+@click.option("--to-pod", help="Destination pod namespace/name (needs --inventory).")
+@click.option("--to-namespace", help="Destination namespace.")
+@click.option("--to-labels", default="", help="Destination labels k=v,k2=v2.")
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="Destination port.")
+@click.option("--method", help="HTTP method (makes it an HTTP request; default GET).")
+@click.option("--path", "req_path", help="HTTP request target, normalized as the proxy would.")
+@click.option("--host", help="HTTP Host.")
+@click.option("--header", "headers", multiple=True, help="HTTP header 'name: value' (repeatable).")
+@click.option("--merge-slashes/--no-merge-slashes", default=True, show_default=True)
+@click.option("--escaped-slash", type=click.Choice(["reject", "keep", "decode_and_merge"]),
+              default="reject", show_default=True, help="What %2F, %5C and '\\' in a path do.")
+@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False),
+              help="Inventory file, to name pods instead of identities and labels.")
+@_policy_opts
+@OUTPUT
+def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_labels, port, method,
+                   req_path, host, headers, merge_slashes, escaped_slash, inventory_path,
+                   trust_domain, root_namespace, output) -> None:
+    """Would a connection or request be allowed, and which policy and rule decided?"""
+    import ipaddress
+
+    from .identity.spiffe import SpiffeIdError, parse_spiffe_id, workload_id
+    from .policy.evaluate import Request, explain
+    from .policy.http import HttpError, normalize_host, normalize_path
+
+    if (from_pod or to_pod) and not inventory_path:
+        raise click.UsageError("--from-pod and --to-pod need --inventory")
+    if src and from_pod:
+        raise click.UsageError("give --from or --from-pod, not both")
+    if bool(to_pod) == bool(to_namespace):
+        raise click.UsageError("give exactly one of --to-pod or --to-namespace")
+    ps = _load_policy_set(paths, trust_domain, root_namespace, output, 3)
+    inv = _load_inventory_pods(inventory_path) if inventory_path else None
+
+    principal = None
+    sip = None
+    try:
+        if src:
+            if src.startswith("spiffe://"):
+                principal = parse_spiffe_id(src)
+            elif src.startswith("ns/"):
+                parts = src.split("/")
+                if len(parts) != 4 or parts[2] != "sa":
+                    raise SpiffeIdError("expected ns/<namespace>/sa/<serviceaccount>")
+                principal = workload_id(trust_domain, parts[1], parts[3])
+            else:
+                principal = parse_spiffe_id("spiffe://" + src)
+    except SpiffeIdError as e:
+        raise click.BadParameter(str(e), param_hint="--from") from None
+    if from_pod:
+        pod = _find_pod(inv, from_pod, "--from-pod")
+        principal = workload_id(trust_domain, pod.namespace, pod.service_account)
+        sip = sorted(pod.ips, key=lambda a: a.version)[0]
+    if source_ip:
+        try:
+            sip = ipaddress.ip_address(source_ip)
+        except ValueError:
+            raise click.BadParameter(f"{source_ip!r} is not an IP address", param_hint="--source-ip") from None
+    if to_pod:
+        pod = _find_pod(inv, to_pod, "--to-pod")
+        dst_ns, labels = pod.namespace, dict(pod.labels)
+    else:
+        dst_ns, labels = to_namespace, {}
+        for item in filter(None, (x.strip() for x in to_labels.split(","))):
+            k, eq, v = item.partition("=")
+            if not eq or not k:
+                raise click.BadParameter(f"{item!r} is not k=v", param_hint="--to-labels")
+            labels[k] = v
+
+    is_http = any(x is not None for x in (method, req_path, host)) or bool(headers)
+    norm = None
+    hdrs: dict[str, list[str]] = {}
+    try:
+        if is_http:
+            norm = normalize_path(req_path or "/", merge_slashes=merge_slashes, escaped_slash=escaped_slash)
+            host = normalize_host(host) if host is not None else None
+            for h in headers:
+                name, colon, value = h.partition(":")
+                if not colon or not name.strip():
+                    raise click.BadParameter(f"{h!r} is not 'name: value'", param_hint="--header")
+                hdrs.setdefault(name.strip().lower(), []).append(value.strip())
+    except HttpError as e:
+        if output == "json":
+            click.echo(json.dumps({"allowed": False, "action": "REJECTED", "status": e.status,
+                                   "reason": e.reason}))
+        else:
+            click.echo(f"REJECTED  with {e.status} before any policy is consulted: {e.reason}")
+        sys.exit(1)
+    req = Request(dst_ns, labels, port, principal, sip, is_http,
+                  (method or "GET") if is_http else None, norm.path if norm else None, host,
+                  {k: tuple(v) for k, v in hdrs.items()})
+    decision, traces = explain(ps, req)
+    if output == "json":
+        d = decision.to_dict()
+        d.update(version=ps.version, request=req.describe(),
+                 normalizedTarget=norm.target if norm else None,
+                 trace=[{"policy": t.policy, "action": t.action.value, "rule": t.rule,
+                         "outcome": t.outcome, "detail": t.detail, "origin": t.origin} for t in traces])
+        click.echo(json.dumps(d, indent=2))
+    else:
+        verdict = "ALLOWED" if decision.allowed else "DENIED"
+        click.echo(f"{verdict:<9} {decision.reason}" + (f"  [{decision.origin}]" if decision.origin else ""))
+        click.echo(f"request   {req.describe()}")
+        if norm is not None and norm.target != req_path:
+            click.echo(f"target    {req_path or '/'!r} normalized to {norm.target!r} (matched and forwarded)")
+        for a in decision.audited:
+            click.echo(f"audited   {a}  [{a.origin}]")
+        click.echo(f"policies  {len({t.policy for t in traces})} apply, set version {ps.version}")
+        for t in traces:
+            rule = f"rule {t.rule}" if t.rule >= 0 else "-"
+            click.echo(f"  {t.action.value:<6} {t.policy:<36} {rule:<8} {t.outcome:<9} {t.detail}")
+    sys.exit(0 if decision.allowed else 1)
+
+
+@policy.command("lint")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False),
+              help="Inventory file: report selectors that match no pod.")
+@click.option("--http-ports", default=None, help="Ports known to carry HTTP, e.g. 80,8080.")
+@_policy_opts
+@OUTPUT
+def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace, output) -> None:
+    """Shadowed rules, contradicting ALLOW/DENY pairs, unused selectors, HTTP rules on non-HTTP ports."""
+    from .policy.lint import lint
+
+    ports = None
+    if http_ports is not None:
+        try:
+            ports = [int(x) for x in http_ports.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{http_ports!r} is not a list of ports", param_hint="--http-ports") from None
+    ps = _load_policy_set(paths, trust_domain, root_namespace, output, 3)
+    pods = None
+    if inventory_path:
+        inv = _load_inventory_pods(inventory_path)
+        pods = [(p.namespace, dict(p.labels)) for p in inv.pods]
+    found = lint(ps, pods=pods, http_ports=ports)
+    if output == "json":
+        click.echo(json.dumps({"version": ps.version, "findings": [f.to_dict() for f in found]}, indent=2))
+    else:
+        for f in found:
+            click.echo(str(f))
+        click.echo(f"{len(found)} finding(s) in {len(ps)} policies")
+    sys.exit(1 if found else 0)
+
+
 if __name__ == "__main__":
     main()

@@ -180,6 +180,8 @@ class Conn:
         """Labels for a connection that failed before both ends were known."""
         src = state.pod_by_key.get(self.src_pod or "")
         dst = state.pod_by_key.get(self.dst_pod or "")
+        if dst is None and self.service:
+            dst = state.pod_by_ip.get(self.service)  # refused before routing: whom it was for
         reporter = "source" if self.direction == "outbound" else "destination"
         return [m.labels_for(reporter, _peer_of(state, src, self.src_identity),
                              _peer_of(state, dst, self.dst_identity),

@@ -743,3 +743,65 @@ def test_main_exits_with_message_on_broken_state(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "cannot load proxy state" in proc.stderr and "state.json" in proc.stderr
+
+
+def test_metrics_count_every_path_exactly(tmp_path):
+    # Local (both reporters, plaintext), tunnel (mTLS, source on node1 and
+    # destination on node2), passthrough, and two refusals: the Istio label
+    # sets and the byte counts (application bytes) are exact.
+    async def main():
+        async with Cluster(tmp_path) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            await exchange(r, w, b"to-web")
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            await exchange(r, w, b"to-db!!")
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.6", c.port("127.0.0.6"), 1001))
+            await exchange(r, w, b"out")
+            await expect_reset(*await c.connect(None))  # no original destination
+            await expect_reset(*await c.connect(FlowOrigin(V4, "127.0.0.5", 1, 4242)))  # unknown cgroup
+            await asyncio.sleep(0.2)
+            return c.servers[0].stats()["metrics"], c.servers[1].stats()["metrics"]
+
+    m1, m2 = run(main())
+
+    def rows(m):
+        return {(lb[0], lb[1], lb[6], lb[16], lb[15]): tuple(v) for lb, *v in
+                ([row[0], *row[1:]] for row in m["tcp"])}
+    r1, r2 = rows(m1), rows(m2)
+    web = len(b"to-web|bye from 127.0.0.5")
+    db = len(b"to-db!!|bye from 127.0.0.7")
+    # (reporter, source, destination, security, flags): (opened, closed, received, sent)
+    assert r1[("source", "client", "web-1", "none", "-")] == (1, 1, 6, web)
+    assert r1[("destination", "client", "web-1", "none", "-")] == (1, 1, 6, web)
+    assert r1[("source", "client", "db-1", "mutual_tls", "-")] == (1, 1, 7, db)
+    assert r2[("destination", "client", "db-1", "mutual_tls", "-")] == (1, 1, 7, db)
+    assert r1[("source", "client", "unknown", "none", "-")] == (1, 1, 3, len(b"out|bye from 127.0.0.6"))
+    assert r1[("source", "unknown", "unknown", "none", "DENY")] == (1, 1, 0, 0)
+    assert r1[("source", "unknown", "web-1", "none", "DENY")] == (1, 1, 0, 0)
+    assert m1["denied"] == {"no_original_destination": 1, "unknown_source": 1}
+    assert m2["denied"] == {} and m1["overflow"] == 0 and m1["live"] == 0
+    labels = dict(zip(m1["labels"], next(row[0] for row in m1["tcp"] if row[0][6] == "db-1")))
+    assert labels["source_principal"] == CLIENT_ID and labels["destination_principal"] == DB_ID
+    assert labels["destination_service"] == "127.0.0.7"
+    assert labels["destination_workload_namespace"] == "data"
+
+
+def test_live_bytes_reach_the_metrics_before_close(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+            w.write(b"12345")
+            assert await r.readexactly(5) == b"12345"
+            live = c.servers[0].stats()["metrics"]
+            await exchange(r, w, b"678")
+            await asyncio.sleep(0.1)
+            return live, c.servers[0].stats()["metrics"], c.access("node1")
+
+    live, done, log = run(main())
+    (row,) = [r for r in live["tcp"] if r[0][0] == "source"]
+    assert row[1:] == [1, 0, 5, 5] and live["live"] == 1
+    (row,) = [r for r in done["tcp"] if r[0][0] == "source"]
+    assert row[1:] == [1, 1, 8, 8 + len(b"|bye from 127.0.0.5")]
+    e = log[-1]
+    assert e["connection_security_policy"] == "none" and e["source_workload"] == "client"
+    assert e["destination_workload"] == "web-1" and e["destination_principal"] == WEB_ID

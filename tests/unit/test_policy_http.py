@@ -1,0 +1,307 @@
+"""agent/policy/http.py: request-target normalization, hosts, framing; the
+bypass corpus against a `deny prefix /admin` rule; Hypothesis properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.policy.http import (
+    HttpError, NormalizedPath, check_framing, header_multimap, normalize_host, normalize_path,
+    path_pattern_problem,
+)
+from agent.policy.model import StringMatch
+
+DENY_ADMIN = StringMatch.parse("/admin*")
+
+
+def status(raw, **kw):
+    with pytest.raises(HttpError) as ei:
+        normalize_path(raw, **kw)
+    return ei.value.status
+
+
+# -- the table -----------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, path, query", [
+    ("/", "/", None),
+    ("/a/b", "/a/b", None),
+    ("/a/./b", "/a/b", None),
+    ("/a/../b", "/b", None),
+    ("/../../b", "/b", None),             # never above the root
+    ("/a/b/..", "/a/", None),
+    ("/a/.", "/a/", None),
+    ("/a//b///c", "/a/b/c", None),
+    ("/%7e%41%2d%2E%5f", "/~A-._", None),  # unreserved escapes decoded
+    ("/%e2%82%ac", "/%E2%82%AC", None),     # other escapes kept, hex upper-cased
+    ("/x%25y", "/x%25y", None),             # an escaped '%' is never decoded
+    ("/a|b", "/a%7Cb", None),               # characters RFC 3986 forbids are escaped
+    ("/p?q=1&r=/../x", "/p", "q=1&r=/../x"),  # the query is not normalized as a path
+    ("/p?", "/p", ""),
+    ("/a;x=1/b", "/a;x=1/b", None),          # path parameters stay
+])
+def test_normalize_table(raw, path, query):
+    n = normalize_path(raw)
+    assert (n.path, n.query) == (path, query)
+    assert n.target == path + ("" if query is None else "?" + query)
+
+
+@pytest.mark.parametrize("raw, code", [
+    ("", 400), ("admin", 400), ("*", 400), ("http://h/x", 400), ("/a#b", 400),
+    ("/a b", 400), ("/a\tb", 400), ("/a\x00", 400), ("/a\x7f", 400), ("/é", 400),
+    (b"/\xc3\xa9", 400), ("/%4", 400), ("/%zz", 400), ("/%00", 400), ("/%0d%0a", 400),
+    ("/%c0%ae", 400), ("/%e2%82", 400), ("/..;/x", 400), ("/.;x/y", 400), ("/%2e%2e;/x", 400),
+    ("/a%2Fb", 400), ("/a%5cb", 400), ("/a\\b", 400), ("/" + "a" * 9000, 414),
+])
+def test_normalize_refuses(raw, code):
+    assert status(raw) == code
+
+
+def test_merge_slashes_can_be_turned_off():
+    assert normalize_path("/a//b", merge_slashes=False).path == "/a//b"
+    assert normalize_path("//a/../b", merge_slashes=False).path == "//b"
+
+
+@pytest.mark.parametrize("raw, keep, decode", [
+    ("/a%2Fb", "/a%2Fb", "/a/b"),
+    ("/a%2fb", "/a%2Fb", "/a/b"),
+    ("/a%5Cb", "/a%5Cb", "/a/b"),
+    ("/a\\b", "/a%5Cb", "/a/b"),
+    ("/x%2F..%2Fadmin", "/x%2F..%2Fadmin", "/admin"),
+    ("/x\\..\\admin", "/x%5C..%5Cadmin", "/admin"),
+])
+def test_escaped_slash_settings(raw, keep, decode):
+    assert status(raw) == 400
+    assert normalize_path(raw, escaped_slash="keep").path == keep
+    assert normalize_path(raw, escaped_slash="decode_and_merge").path == decode
+
+
+def test_bytes_and_bad_settings():
+    assert normalize_path(b"/a/./b?x").target == "/a/b?x"
+    with pytest.raises(ValueError):
+        normalize_path("/", escaped_slash="sometimes")  # a programming error, not a request error
+
+
+# -- the bypass corpus: each case is caught by `deny /admin*` or refused ----------
+
+# (raw target, what happens with the defaults): "deny" = normalizes to a path the
+# prefix rule matches; an int = refused with that status; "miss" = deliberately
+# not matched (documented).
+BYPASS = [
+    ("/admin", "deny"),
+    ("/admin/", "deny"),
+    ("/admin/users", "deny"),
+    ("/./admin", "deny"),
+    ("//admin", "deny"),
+    ("///admin//x", "deny"),
+    ("/foo/../admin", "deny"),
+    ("/foo/bar/../../admin", "deny"),
+    ("/../admin", "deny"),
+    ("/%61dmin", "deny"),
+    ("/%61%64%6D%69%6E", "deny"),
+    ("/%2e/admin", "deny"),
+    ("/%2e%2e/admin", "deny"),
+    ("/foo/%2E%2E/admin", "deny"),
+    ("/admin;x", "deny"),            # path parameters stay, the prefix still matches
+    ("/admin?x", "deny"),            # the query is not part of the path
+    ("/admin?/../public", "deny"),
+    ("/admin%2F", 400),              # escaped slash: refused by default
+    ("/admin%2fx", 400),
+    ("/public%2F..%2Fadmin", 400),
+    ("/admin%5C", 400),
+    ("\\admin", 400),
+    ("/public\\..\\admin", 400),     # backslash: refused by default
+    ("/admin#x", 400),               # fragments never belong in a request
+    ("/public#/../admin", 400),
+    ("/%00admin", 400),
+    ("/admin%00.html", 400),
+    ("/admin\x00", 400),
+    ("/%c0%ae%c0%ae/admin", 400),    # overlong UTF-8 for '.'
+    ("/public/%c0%afadmin", 400),    # overlong UTF-8 for '/'
+    ("/public/..;/admin", 400),      # servlet-style dot segment with parameters
+    ("/admin\r\n", 400),
+    ("/Admin", "miss"),              # paths are case-sensitive, as in Istio
+    ("/ADMIN", "miss"),
+]
+
+
+@pytest.mark.parametrize("raw, outcome", BYPASS)
+def test_bypass_corpus(raw, outcome):
+    if isinstance(outcome, int):
+        assert status(raw) == outcome
+        return
+    n = normalize_path(raw)
+    assert DENY_ADMIN.matches(n.path) is (outcome == "deny"), n.path
+
+
+# -- Hypothesis -------------------------------------------------------------------
+
+_ALPHABET = st.sampled_from(list("/./..//a%2e%2E%2f%5C%41%00%c0%ae;?#\\ Ab~|%e2%82%ac%25") + ["..", "/..", "%", "%2"])
+targets = st.one_of(
+    st.lists(_ALPHABET, max_size=30).map(lambda xs: "/" + "".join(xs)),
+    st.text(max_size=60),
+    st.binary(max_size=60),
+)
+SETTINGS = st.fixed_dictionaries({
+    "merge_slashes": st.booleans(),
+    "escaped_slash": st.sampled_from(["reject", "keep", "decode_and_merge"]),
+})
+
+
+@settings(max_examples=1500, deadline=None)
+@given(targets, SETTINGS)
+def test_normalize_only_raises_http_error_and_is_idempotent(raw, kw):
+    try:
+        n = normalize_path(raw, **kw)
+    except HttpError as e:
+        assert e.status in (400, 414)
+        return
+    assert isinstance(n, NormalizedPath)
+    again = normalize_path(n.target, **kw)
+    assert again == n
+    segs = n.path.split("/")
+    assert n.path.startswith("/")
+    assert "." not in segs and ".." not in segs
+    assert "?" not in n.path and "#" not in n.path and "\\" not in n.path
+    assert all(0x21 <= ord(c) <= 0x7E for c in n.target)
+    if kw["merge_slashes"]:
+        assert "//" not in n.path
+    if kw["escaped_slash"] != "keep":
+        assert "%2F" not in n.path and "%5C" not in n.path
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", "%2e", "%2E%2e", "c;d"]), max_size=8))
+def test_dot_segments_are_resolved_like_a_stack(segments):
+    raw = "/" + "/".join(segments)
+    try:
+        n = normalize_path(raw, merge_slashes=True)
+    except HttpError:
+        return
+    stack: list[str] = []
+    real = [s.replace("%2e", ".").replace("%2E", ".") for s in segments if s != ""]
+    for s in real:
+        if s == "..":
+            if stack:
+                stack.pop()
+        elif s != ".":
+            stack.append(s)
+    expected = "/" + "/".join(stack)
+    trailing = bool(segments) and (segments[-1] in ("", ".", "..", "%2e", "%2E%2e")) and stack
+    assert n.path in (expected, expected + "/") and (n.path.endswith("/") or not trailing)
+
+
+# -- path patterns (used by the loader) ---------------------------------------------
+
+@pytest.mark.parametrize("literal, kind, ok", [
+    ("/admin", "exact", True), ("/api/", "prefix", True), ("/a;b", "exact", True),
+    ("/a%2Fb", "exact", True), (".php", "suffix", True),
+    ("/a/../b", "exact", False), ("//a", "prefix", False), ("/%61", "exact", False),
+    ("/%2f", "exact", False), ("/a?b", "exact", False), ("a", "exact", False),
+    ("/a\\b", "exact", False), ("/a/.", "exact", False), ("/a/.", "prefix", True),
+])
+def test_path_pattern_problem(literal, kind, ok):
+    assert (path_pattern_problem(literal, kind) is None) is ok
+
+
+# -- hosts --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, default_port, want", [
+    ("Example.COM", 80, "example.com"),
+    ("example.com:80", 80, "example.com"),
+    ("example.com:", 80, "example.com"),
+    ("example.com.", 80, "example.com"),
+    ("example.com:8080", 80, "example.com:8080"),
+    ("example.com:443", 443, "example.com"),
+    ("example.com:0080", 80, "example.com"),
+    ("[FD00:0::1]:80", 80, "[fd00::1]"),
+    ("[fd00::1]:8443", 80, "[fd00::1]:8443"),
+    ("10.0.0.1:80", 80, "10.0.0.1"),
+    (b"API.local", 80, "api.local"),
+])
+def test_normalize_host(raw, default_port, want):
+    assert normalize_host(raw, default_port) == want
+
+
+@pytest.mark.parametrize("raw", ["", "a b", "user@host", "a:b:c", "host:99999", "host:x",
+                                 "[fd00::1", "[nope]", "[fd00::1]x", "h\x00", ".", "a..b", "é.com",
+                                 "host/path", "[fe80::1%eth0]"])
+def test_normalize_host_refuses(raw):
+    with pytest.raises(HttpError) as ei:
+        normalize_host(raw)
+    assert ei.value.status == 400
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.binary(max_size=30)))
+def test_normalize_host_only_raises_http_error_and_is_idempotent(raw):
+    try:
+        h = normalize_host(raw)
+    except HttpError:
+        return
+    assert normalize_host(h) == h and h == h.lower()
+
+
+# -- framing ------------------------------------------------------------------------
+
+H = [(b"Host", b"example.com")]
+
+
+@pytest.mark.parametrize("headers, version, want", [
+    (H, "1.1", (b"example.com", None, False)),
+    (H + [(b"Content-Length", b"12")], "1.1", (b"example.com", 12, False)),
+    (H + [(b"Content-Length", b"12"), (b"content-length", b" 12 ")], "1.1", (b"example.com", 12, False)),
+    (H + [(b"Content-Length", b"12, 12")], "1.1", (b"example.com", 12, False)),
+    (H + [(b"Transfer-Encoding", b"Chunked")], "1.1", (b"example.com", None, True)),
+    ([], "1.0", (None, None, False)),
+    ([(b"Content-Length", b"0")], b"1.0", (None, 0, False)),
+])
+def test_framing_ok(headers, version, want):
+    r = check_framing(headers, version)
+    assert (r.host, r.content_length, r.chunked) == want
+
+
+@pytest.mark.parametrize("headers, version, code", [
+    ([], "1.1", 400),                                                     # no Host
+    (H + H, "1.1", 400),                                                  # two Hosts
+    (H + [(b"host", b"other")], "1.0", 400),
+    (H + [(b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")], "1.1", 400),
+    (H + [(b"Content-Length", b"1"), (b"Content-Length", b"2")], "1.1", 400),
+    (H + [(b"Content-Length", b"1, 2")], "1.1", 400),
+    (H + [(b"Content-Length", b"-1")], "1.1", 400),
+    (H + [(b"Content-Length", b"")], "1.1", 400),
+    (H + [(b"Content-Length", b"0x10")], "1.1", 400),
+    (H + [(b"Transfer-Encoding", b"gzip, chunked")], "1.1", 400),
+    (H + [(b"Transfer-Encoding", b"chunked"), (b"Transfer-Encoding", b"chunked")], "1.1", 400),
+    (H + [(b"Transfer-Encoding", b"identity")], "1.1", 400),
+    ([(b"Transfer-Encoding", b"chunked")], "1.0", 400),
+    (H + [(b"Bad Name", b"x")], "1.1", 400),
+    (H + [(b"X", b"a\r\nInjected: 1")], "1.1", 400),
+    (H + [(b"X", b"a\x00")], "1.1", 400),
+    (H + [(b"X-%d" % i, b"v") for i in range(100)], "1.1", 431),
+    (H + [(b"X", b"v" * 70000)], "1.1", 431),
+    (H, "2.0", 505),
+])
+def test_framing_refused(headers, version, code):
+    with pytest.raises(HttpError) as ei:
+        check_framing(headers, version)
+    assert ei.value.status == code
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding", b"X", b"bad name"]),
+                          st.binary(max_size=12)), max_size=6),
+       st.sampled_from(["1.0", "1.1", "0.9"]))
+def test_framing_only_raises_http_error(headers, version):
+    try:
+        r = check_framing(headers, version)
+    except HttpError as e:
+        assert e.status in (400, 431, 505)
+        return
+    assert not (r.chunked and r.content_length is not None)
+
+
+def test_header_multimap_keeps_every_line():
+    m = header_multimap([(b"X-Role", b" a "), (b"x-role", b"b"), (b"Other", b"\xe9")])
+    assert m == {"x-role": ("a", "b"), "other": ("é",)}

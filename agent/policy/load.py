@@ -207,6 +207,8 @@ def parse_principal(written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
 def _pattern(check: Callable[[StringMatch, str], str | None], *, ignore_case: bool = False):
     def conv(v: y.Value) -> StringMatch:
         s = y.string(v)
+        if check is _path_check and ("{" in s or "}" in s):
+            raise y.Invalid(f"{s!r}: path templates ('{{*}}', '{{**}}') are not supported")
         try:
             sm = StringMatch.parse(s, ignore_case=ignore_case)
         except ValueError as e:
@@ -237,8 +239,6 @@ def _host_check(sm: StringMatch, s: str) -> str | None:
 
 
 def _path_check(sm: StringMatch, s: str) -> str | None:
-    if "{" in s or "}" in s:
-        return f"{s!r}: path templates ('{{*}}', '{{**}}') are not supported"
     if sm.kind is MatchKind.PRESENCE:
         return None
     problem = path_pattern_problem(sm.value, sm.kind.value)

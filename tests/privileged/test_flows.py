@@ -129,7 +129,9 @@ def test_transfer_bytes_are_exact_on_both_pod_legs(mesh):
         return [f for f in legs(fl, "server", destination__pod="default/pod1-2")
                 if (f["sent"], f["received"]) == (sent - 1, received)]
     s = wait_for(server_leg, "the server leg with the same bytes")[-1]
-    assert s["source"]["kind"] == "proxy" and 0 < s["srtt_us"] < RTT_BOUND_US
+    # the proxy linked its two legs, so the server leg resolves to the client pod
+    assert s["source"]["pod"] == "default/pod1-1" and s["via"]["kind"] == "proxy"
+    assert 0 < s["srtt_us"] < RTT_BOUND_US
     # the proxy's accepted leg is linked to the client leg by the 4-tuple
     def accepted_leg():
         return [f for f in flows_json(mesh, "node1", "--state", "closed")
@@ -260,22 +262,25 @@ def test_proxy_links_join_accepted_and_upstream_legs(mesh):
         client.stdin.write("ping\n")
         client.stdin.flush()
         client.stdout.readline()
+        # The proxy files its accepted/upstream cookie pair itself: the four
+        # legs join, and the server leg names the client pod.
         def four_legs():
             fl = flows_json(mesh, "node1", "--state", "open")
             c = legs(fl, "client", source__port=port)
             srv = [f for f in legs(fl, "server", destination__pod="default/pod1-2")
-                   if f["received"] == 5 and f["linked"]]
-            return (fl, c[0], srv) if c and c[0]["linked"] and srv else None
-        fl, c, srv = wait_for(four_legs, "the four live legs")
+                   if f["received"] == 5 and f["source"]["pod"] == "default/pod1-1"]
+            return (fl, c[0], srv[0]) if c and c[0]["linked"] and srv else None
+        fl, c, srv = wait_for(four_legs, "the four live legs, joined")
         acc = next(f for f in fl if f["cookie"] in c["linked"])
-        up = next(f for f in fl if f["cookie"] in srv[0]["linked"])
-        assert srv[0]["source"]["pod"] is None  # the chain is not complete yet
-        # what the proxy will do once it reports its pairs
-        link_flows(mesh.agents["node1"].pin_dir, acc["cookie"], up["cookie"])
-        fl = flows_json(mesh, "node1", "--state", "open")
-        srv = next(f for f in fl if f["cookie"] == srv[0]["cookie"])
-        assert srv["source"]["pod"] == "default/pod1-1"
+        up = next(f for f in fl if f["cookie"] in srv["linked"])
+        assert (acc["role"], up["role"]) == ("proxy-outbound", "proxy-upstream")
+        assert up["cookie"] in acc["linked"] and acc["cookie"] in up["linked"]
         assert srv["via"]["kind"] == "proxy"
+        # linking again (what a restarted proxy might do) changes nothing
+        link_flows(mesh.agents["node1"].pin_dir, acc["cookie"], up["cookie"])
+        again = next(f for f in flows_json(mesh, "node1", "--state", "open")
+                     if f["cookie"] == srv["cookie"])
+        assert again["source"]["pod"] == "default/pod1-1"
     finally:
         client.stdin.close()
         client.wait(timeout=10)

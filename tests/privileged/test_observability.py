@@ -281,7 +281,8 @@ def test_denied_connection_is_counted_with_its_reason(mesh):
     before = denied("node1")
     r = mesh.cluster.pod("pod1-1").run(TOOLS + ["probe", mesh.cluster.node("node2").address,
                                                 "15008"], check=False, timeout=30)
-    assert json.loads(r.stdout)["result"] in ("reset", "eof"), r.stdout
+    res = json.loads(r.stdout)  # the proxy's RST may beat connect() back to userspace
+    assert res["result"] in ("reset", "eof") or res.get("errno") == 104, res
     after = denied("node1")
     assert after["forbidden_destination"] - before["forbidden_destination"] == 1
     assert {k: v for k, v in after.items() if k != "forbidden_destination"} == \

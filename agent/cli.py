@@ -730,6 +730,9 @@ def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_lab
                 principal = parse_spiffe_id("spiffe://" + src)
     except SpiffeIdError as e:
         raise click.BadParameter(str(e), param_hint="--from") from None
+    if principal is not None and not principal.path:
+        raise click.BadParameter(f"{src!r} names a trust domain, not a workload; "
+                                 "write ns/<namespace>/sa/<serviceaccount>", param_hint="--from")
     if from_pod:
         pod = _find_pod(inv, from_pod, "--from-pod")
         principal = workload_id(trust_domain, pod.namespace, pod.service_account)

@@ -84,15 +84,24 @@ def decode_flow(raw: bytes, wall_offset: float) -> dict:
 
 class FlowLinker:
     """A handle on the pinned ``ml_flow_links`` map for the proxy: reopened
-    when the pin is replaced (the agent reloaded the datapath)."""
+    when the pin is replaced (the agent reloaded the datapath).  The pin's
+    inode is checked at most every ``recheck`` seconds (a stat costs about
+    as much as a map update)."""
 
-    def __init__(self, pin_dir: str):
+    def __init__(self, pin_dir: str, recheck: float = 1.0):
         self.path = os.path.join(pin_dir, "ml_flow_links")
+        self.recheck = recheck
         self._fd: int | None = None
         self._ino: int | None = None
+        self._checked = 0.0
+        self._batch = True  # BPF_MAP_UPDATE_BATCH (Linux 5.6+) until it fails
 
     def _open(self) -> int:
+        now = time.monotonic()
+        if self._fd is not None and now - self._checked < self.recheck:
+            return self._fd
         ino = os.stat(self.path).st_ino
+        self._checked = now
         if self._fd is None or ino != self._ino:
             self.close()
             self._fd = bpfsys.obj_get(self.path)
@@ -101,10 +110,23 @@ class FlowLinker:
 
     def link(self, a_cookie: int, b_cookie: int) -> None:
         """Record that the sockets ``a`` and ``b`` carry one relayed connection."""
+        self.link_many([(a_cookie, b_cookie)])
+
+    def link_many(self, pairs: list[tuple[int, int]]) -> None:
+        """:meth:`link` for many pairs: one syscall when the kernel batches."""
         fd = self._open()
-        a, b = _u64(a_cookie), _u64(b_cookie)
-        bpfsys.map_update(fd, a, b)
-        bpfsys.map_update(fd, b, a)
+        keys = b"".join(_u64(a) + _u64(b) for a, b in pairs)
+        values = b"".join(_u64(b) + _u64(a) for a, b in pairs)
+        if self._batch:
+            try:
+                _update_batch(fd, keys, values, 2 * len(pairs))
+                return
+            except bpfsys.BPFError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, 524):
+                    raise
+                self._batch = False
+        for i in range(0, len(keys), 8):
+            bpfsys.map_update(fd, keys[i:i + 8], values[i:i + 8])
 
     def close(self) -> None:
         if self._fd is not None:
@@ -123,6 +145,21 @@ def link_flows(pin_dir: str, a_cookie: int, b_cookie: int) -> None:
 
 def _u64(v: int) -> bytes:
     return struct.pack("=Q", v)
+
+
+MAP_UPDATE_BATCH = 26
+
+
+def _update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    k = ctypes.create_string_buffer(keys, len(keys))
+    v = ctypes.create_string_buffer(values, len(values))
+    # struct { in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags }
+    attr = bpfsys._attr("=QQQQIIQQ", 0, 0, ctypes.addressof(k), ctypes.addressof(v), count, fd,
+                        0, 0)
+    bpfsys.bpf(MAP_UPDATE_BATCH, attr)
+    done = struct.unpack_from("=I", attr, 32)[0]
+    if done != count:
+        raise bpfsys.BPFError(errno.EIO, f"batch update stored {done} of {count} links")
 
 
 # --- the reader --------------------------------------------------------------------

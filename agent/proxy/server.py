@@ -75,7 +75,7 @@ class FlowSource(Protocol):
 class LegLinker(Protocol):
     """What ``agent.datapath.flows.FlowLinker`` provides."""
 
-    def link(self, a_cookie: int, b_cookie: int) -> None: ...
+    def link_many(self, pairs: list[tuple[int, int]]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -277,6 +277,7 @@ class ProxyServer:
         self.metrics = m.TcpMetrics(max_series)
         self._linker = linker
         self._link_warned = False
+        self._links: list[tuple[int, int]] = []  # cookie pairs waiting for the next flush
         self._seq = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._stats_server: asyncio.AbstractServer | None = None
@@ -610,17 +611,31 @@ class ProxyServer:
         self.metrics.opened(conn.seq, conn.labels)
 
     def _link(self, conn: Conn) -> None:
-        """Tell the kernel flow table that the accepted and the upstream
-        socket carry one connection (``meshlet flows`` joins the legs).
-        Four syscalls per connection, never per byte; a failure is counted,
-        logged once, and never affects the connection."""
+        """Queue "the accepted and the upstream socket carry one connection"
+        for the kernel flow table (``meshlet flows`` joins the legs).  The
+        cookies are read now, while both sockets are surely open (two
+        getsockopt calls); the map write happens once per loop iteration
+        for every connection set up in it (one batched bpf(2) call)."""
         if self._linker is None or conn.upstream is None:
             return
         try:
-            self._linker.link(_cookie(conn.client), _cookie(conn.upstream))
-            self.counters["legs_linked"] += 1
-        except Exception as e:  # noqa: BLE001 - observability must not break traffic
+            pair = (_cookie(conn.client), _cookie(conn.upstream))
+        except OSError:
             self.counters["leg_link_errors"] += 1
+            return
+        if not self._links:
+            asyncio.get_running_loop().call_soon(self._flush_links)
+        self._links.append(pair)
+
+    def _flush_links(self) -> None:
+        pairs, self._links = self._links, []
+        if not pairs or self._linker is None:
+            return
+        try:
+            self._linker.link_many(pairs)
+            self.counters["legs_linked"] += len(pairs)
+        except Exception as e:  # noqa: BLE001 - observability must not break traffic
+            self.counters["leg_link_errors"] += len(pairs)
             if not self._link_warned:
                 self._link_warned = True
                 log.warning("cannot link flow legs in the kernel flow table (%s); `meshlet flows` "

@@ -805,3 +805,32 @@ def test_live_bytes_reach_the_metrics_before_close(tmp_path):
     e = log[-1]
     assert e["connection_security_policy"] == "none" and e["source_workload"] == "client"
     assert e["destination_workload"] == "web-1" and e["destination_principal"] == WEB_ID
+
+
+class FakeLinker:
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def link_many(self, pairs):
+        self.batches.append(list(pairs))
+
+    def close(self):
+        pass
+
+
+def test_proxy_links_accepted_and_upstream_cookies_in_batches(tmp_path):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            linker = c.servers[0]._linker = FakeLinker()
+            conns = [await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+                     for _ in range(3)]
+            for r, w in conns:
+                await exchange(r, w, b"x")
+            await asyncio.sleep(0.1)
+            return linker.batches, c.servers[0].stats()["counters"]
+
+    batches, counters = run(main())
+    pairs = [p for b in batches for p in b]
+    assert len(pairs) == 3 and counters["legs_linked"] == 3 and counters["leg_link_errors"] == 0
+    assert all(a != b and a > 0 and b > 0 for a, b in pairs)
+    assert len({c for p in pairs for c in p}) == 6  # six distinct sockets

@@ -390,7 +390,7 @@ _requests = st.builds(
     st.sampled_from(["/a", "/a/b.json", "/b"]), st.lists(st.sampled_from(["1", "22", ""]), max_size=2).map(tuple))
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_policies, _requests)
 def test_compile_l4_never_contradicts_evaluate(pols, req):
     ps = PolicySet(tuple(sorted(pols, key=lambda p: p.name)))

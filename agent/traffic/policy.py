@@ -1,0 +1,491 @@
+"""TrafficPolicy resources: how the node proxy talks to one service.
+
+Pure apart from reading files: :func:`parse_traffic_policies` turns text into
+a :class:`TrafficPolicySet` or raises :class:`~agent.yamlsrc.SourceError`
+listing every problem as ``file:line:column: field.path: message``;
+:func:`load_traffic_policies` reads files and directories (``*.yaml``,
+``*.yml``, sorted, not recursive) like the authorization policy loader, with
+several ``---``-separated documents per file.
+
+Shape, with every default::
+
+    apiVersion: meshlet.io/v1alpha1
+    kind: TrafficPolicy
+    metadata: {name: backend, namespace: shop}   # both required
+    spec:
+      service: backend          # required: a service of metadata.namespace
+      port: 80                  # optional: only this service port
+      retries:
+        attempts: 2             # retries after the first try (0 disables), 0..10
+        perTryTimeout: null     # e.g. 500ms; null: whatever is left of timeouts.request
+        retryOn: [connect-failure, reset, "503"]
+                                # connect-failure, reset, timeout (the per-try one),
+                                # 5xx, gateway-error (502, 503, 504), or status codes 400..599
+        retryNonIdempotent: false   # also retry POST, PATCH, CONNECT and unknown methods
+        maxBodyBytes: 65536     # larger request bodies are never retried (the proxy
+                                # would have to buffer them); 0..16777216
+      budget:                   # per service, over all its clients on this node
+        percent: 20             # retries may add this % of the requests of the last 10 s ...
+        minPerSecond: 10        # ... plus this many per second (token bucket)
+      timeouts:
+        connect: 5s             # TCP (or tunnel) connect to an endpoint, > 0
+        request: 15s            # whole request, retries included; 0s disables
+        idle: 1h                # connection without any traffic; 0s disables
+        streamIdle: 5m          # one request/response without a byte either way; 0s disables
+        requestHeaders: 10s     # client sending the request headers; 0s disables
+      circuitBreaker:           # per service, all endpoints together
+        maxConnections: 1024
+        maxPendingRequests: 1024
+        maxRequests: 1024
+      outlierDetection:         # per endpoint
+        consecutive5xx: 5       # 5xx, resets and timeouts in a row; 0 disables
+        consecutiveConnectFailures: 5   # 0 disables
+        interval: 10s           # a clean interval lowers the ejection multiplier by one
+        baseEjectionTime: 30s   # ejection lasts baseEjectionTime x number of ejections ...
+        maxEjectionTime: 300s   # ... but at most this
+        maxEjectionPercent: 10  # at most this % of endpoints at once (at least one
+                                # if > 0, never all of them)
+
+Durations are numbers with a unit: ``250ms``, ``2s``, ``1.5s``, ``5m``,
+``1h``, or combinations such as ``1m30s``; a bare number is an error (is it
+seconds or milliseconds?).
+
+Matching: the policy with ``port`` equal to the service port dialed wins;
+else the one without ``port``; else :data:`DEFAULTS`.  The chosen policy is
+used whole: sections it leaves out take the defaults above, never the
+values of a less specific policy (one place to read).  Two policies for the
+same service and port are an error, across all files.
+
+Fail closed: unknown fields, unknown ``retryOn`` conditions and durations
+without a unit are errors.  Whether ``spec.service`` exists is not checked
+here (the loader does not see the inventory).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from agent import yamlsrc as y
+from agent.policy.load import parse_documents
+
+__all__ = [
+    "API_VERSION", "KIND", "IDEMPOTENT_METHODS", "RETRY_CONDITIONS", "BUDGET_WINDOW",
+    "Retries", "Budget", "Timeouts", "CircuitBreaker", "OutlierDetection", "TrafficSettings",
+    "DEFAULTS", "TrafficPolicy", "TrafficPolicySet", "parse_duration",
+    "parse_traffic_policies", "load_traffic_policies", "traffic_policy_files",
+]
+
+API_VERSION = "meshlet.io/v1alpha1"
+KIND = "TrafficPolicy"
+
+#: Methods retried without ``retryNonIdempotent`` (RFC 9110 section 9.2.2).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+#: Named ``retryOn`` conditions: outcome kinds, or sets of status codes.
+RETRY_CONDITIONS: dict[str, frozenset[int] | None] = {
+    "connect-failure": None,
+    "reset": None,
+    "timeout": None,
+    "5xx": frozenset(range(500, 600)),
+    "gateway-error": frozenset({502, 503, 504}),
+}
+
+#: The sliding window (seconds) the retry budget's ``percent`` is taken over.
+BUDGET_WINDOW = 10.0
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Retries:
+    attempts: int = 2
+    """Retries after the first try; 0 disables retries."""
+    per_try_timeout: float | None = None
+    """Seconds per try; None: what is left of the request timeout."""
+    on: frozenset[str] = frozenset({"connect-failure", "reset"})
+    """Outcome kinds retried: ``connect-failure``, ``reset``, ``timeout``."""
+    statuses: frozenset[int] = frozenset({503})
+    """Status codes retried."""
+    non_idempotent: bool = False
+    """Also retry methods that are not idempotent."""
+    max_body_bytes: int = 65536
+    """Requests with a larger (or unknown-length) body are never retried."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    percent: float = 20.0
+    """Retries may add this percentage of the service's requests of the last
+    :data:`BUDGET_WINDOW` seconds..."""
+    min_per_second: float = 10.0
+    """...plus this many retries per second (a token bucket of that size)."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    request: float | None = 15.0
+    idle: float | None = 3600.0
+    stream_idle: float | None = 300.0
+    request_headers: float | None = 10.0
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5
+    """5xx responses, resets and timeouts in a row that eject; 0 disables."""
+    consecutive_connect_failures: int = 5
+    """Connect failures in a row that eject; 0 disables."""
+    interval: float = 10.0
+    """A whole interval admitted without ejection lowers the multiplier by one."""
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True)
+class TrafficSettings:
+    """What a policy says, every section filled in."""
+
+    retries: Retries = field(default_factory=Retries)
+    budget: Budget = field(default_factory=Budget)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+
+
+#: Settings for services no policy names.
+DEFAULTS = TrafficSettings()
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    name: str
+    namespace: str
+    service: str
+    """Service name in :attr:`namespace`."""
+    port: int | None
+    """Service port this policy is limited to, or None for every port."""
+    settings: TrafficSettings
+    origin: str = field(default="", compare=False)
+    """``file:line:column`` of the document, for messages."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class TrafficPolicySet:
+    policies: tuple[TrafficPolicy, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def policy_for(self, namespace: str, service: str, port: int) -> TrafficPolicy | None:
+        """The policy that applies to ``service``'s ``port`` (see module doc), or None."""
+        whole = None
+        for p in self.policies:
+            if p.namespace == namespace and p.service == service:
+                if p.port == port:
+                    return p
+                if p.port is None:
+                    whole = p
+        return whole
+
+    def settings_for(self, namespace: str, service: str, port: int) -> TrafficSettings:
+        p = self.policy_for(namespace, service, port)
+        return p.settings if p is not None else DEFAULTS
+
+
+# --------------------------------------------------------------------------
+# Durations
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """``"250ms"`` -> 0.25, ``"1m30s"`` -> 90.0.  Raises ValueError."""
+    s = text.strip()
+    if not _DURATION.fullmatch(s):
+        if re.fullmatch(r"\d+(\.\d+)?", s):
+            raise ValueError(f"{text!r} has no unit; write e.g. '{s}s' or '{s}ms'")
+        raise ValueError(f"{text!r} is not a duration; write e.g. '250ms', '2s', '5m', '1h', '1m30s'")
+    return sum(float(n) * _UNITS[u] for n, u in _PART.findall(s))
+
+
+def _duration(lo_open: float | None = 0.0, hi: float = 86400.0 * 365, *,
+              zero_disables: bool = False):
+    """A duration converter; with ``zero_disables`` 0 reads as None (off)."""
+    def conv(v: y.Value) -> float | None:
+        x = v.scalar()
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            raise y.Invalid(f"{v.node.value!r} has no unit; write e.g. '{v.node.value}s' or "
+                            f"'{v.node.value}ms' (quoted or not)")
+        s = y.string(v)
+        try:
+            d = parse_duration(s)
+        except ValueError as e:
+            raise y.Invalid(str(e)) from None
+        if d == 0 and zero_disables:
+            return None
+        if lo_open is not None and not d > lo_open:
+            raise y.Invalid(f"{s!r} must be longer than 0" + ("" if zero_disables else
+                                                               " (this timeout cannot be disabled)"))
+        if d > hi:
+            raise y.Invalid(f"{s!r} is too long (at most {hi:g}s)")
+        return d
+    return conv
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+def _retry_on_item(v: y.Value) -> str | int:
+    x = v.scalar()
+    if isinstance(x, bool) or not isinstance(x, (int, str)):
+        raise y.Invalid(f"expected a condition ({', '.join(RETRY_CONDITIONS)}) or a status code")
+    if isinstance(x, str) and re.fullmatch(r"\d+", x.strip()):
+        x = int(x.strip())
+    if isinstance(x, int):
+        if not 400 <= x <= 599:
+            raise y.Invalid(f"{x} cannot be retried on; status codes 400..599 can")
+        return x
+    if x not in RETRY_CONDITIONS:
+        hint = y.did_you_mean(x, RETRY_CONDITIONS)
+        raise y.Invalid(f"unknown retry condition {x!r}" + (
+            f" (did you mean {hint!r}?)" if hint else
+            f"; use {', '.join(RETRY_CONDITIONS)} or status codes"))
+    return x
+
+
+def _read_retries(r: y.MapReader) -> Retries:
+    d = Retries()
+    attempts = r.get("attempts", y.integer(0, 10), d.attempts)
+    per_try = r.get("perTryTimeout", _duration(), None)
+    on_items = r.get("retryOn", y.list_of(_retry_on_item), None)
+    non_idem = r.get("retryNonIdempotent", y.boolean, d.non_idempotent)
+    max_body = r.get("maxBodyBytes", y.integer(0, MAX_BODY_BYTES), d.max_body_bytes)
+    r.finish()
+    on, statuses = d.on, d.statuses
+    if on_items is not None:
+        on = frozenset(i for i in on_items if isinstance(i, str) and RETRY_CONDITIONS[i] is None)
+        codes: set[int] = {i for i in on_items if isinstance(i, int)}
+        for i in on_items:
+            if isinstance(i, str) and RETRY_CONDITIONS[i] is not None:
+                codes |= RETRY_CONDITIONS[i]  # type: ignore[arg-type]
+        statuses = frozenset(codes)
+    return Retries(attempts if attempts is not None else d.attempts, per_try, on, statuses,
+                   bool(non_idem), max_body if max_body is not None else d.max_body_bytes)
+
+
+def _read_budget(r: y.MapReader) -> Budget:
+    d = Budget()
+    b = Budget(r.get("percent", y.number(0, 100), d.percent),
+               r.get("minPerSecond", y.number(0, 1_000_000), d.min_per_second))
+    r.finish()
+    return b
+
+
+def _read_timeouts(r: y.MapReader) -> Timeouts:
+    d = Timeouts()
+    off = _duration(zero_disables=True)
+    t = Timeouts(
+        connect=r.get("connect", _duration(hi=3600), d.connect),
+        request=r.get("request", off, d.request),
+        idle=r.get("idle", off, d.idle),
+        stream_idle=r.get("streamIdle", off, d.stream_idle),
+        request_headers=r.get("requestHeaders", off, d.request_headers),
+    )
+    r.finish()
+    return t
+
+
+def _read_breaker(r: y.MapReader) -> CircuitBreaker:
+    d = CircuitBreaker()
+    n = y.integer(1, 2**32 - 1)
+    c = CircuitBreaker(r.get("maxConnections", n, d.max_connections),
+                       r.get("maxPendingRequests", n, d.max_pending_requests),
+                       r.get("maxRequests", n, d.max_requests))
+    r.finish()
+    return c
+
+
+def _read_outlier(r: y.MapReader) -> OutlierDetection:
+    d = OutlierDetection()
+    o = OutlierDetection(
+        consecutive_5xx=r.get("consecutive5xx", y.integer(0, 1000), d.consecutive_5xx),
+        consecutive_connect_failures=r.get("consecutiveConnectFailures", y.integer(0, 1000),
+                                           d.consecutive_connect_failures),
+        interval=r.get("interval", _duration(), d.interval),
+        base_ejection_time=r.get("baseEjectionTime", _duration(), d.base_ejection_time),
+        max_ejection_time=r.get("maxEjectionTime", _duration(), d.max_ejection_time),
+        max_ejection_percent=r.get("maxEjectionPercent", y.integer(0, 100), d.max_ejection_percent),
+    )
+    r.finish()
+    if (o.max_ejection_time is not None and o.base_ejection_time is not None
+            and o.max_ejection_time < o.base_ejection_time):
+        at = r.at("maxEjectionTime") or r.at("baseEjectionTime")
+        assert at is not None
+        at.problem(f"maxEjectionTime ({o.max_ejection_time:g}s) is shorter than "
+                   f"baseEjectionTime ({o.base_ejection_time:g}s)")
+    return o
+
+
+_SECTIONS = {
+    "retries": _read_retries,
+    "budget": _read_budget,
+    "timeouts": _read_timeouts,
+    "circuitBreaker": _read_breaker,
+    "outlierDetection": _read_outlier,
+}
+
+
+def _where(v: y.Value) -> str:
+    return f"{v.doc.filename}:{v.line}:{v.column}"
+
+
+def _read_document(doc: y.Document) -> TrafficPolicy | None:
+    top = doc.top()
+    before = len(doc.problems)
+    api = top.get("apiVersion", y.enum(API_VERSION))
+    kind = top.get("kind", y.enum(KIND))
+    meta_v = top.at("metadata")
+    if meta_v is None:
+        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
+    meta = meta_v.convert(y.Value.mapping) if meta_v is not None else None
+    spec = top.get("spec", y.Value.mapping)
+    top.finish()
+    if api is None or kind is None:
+        return None  # not a document we read: its fields would only add noise
+    name = namespace = None
+    if meta is not None:
+        name = meta.get("name", y.dns_subdomain)
+        namespace = meta.get("namespace", y.dns_label)
+        meta.get("labels", y.map_of(y.string, y.any_string), None)
+        meta.get("annotations", y.map_of(y.string, y.any_string), None)
+        meta.finish()
+    service = port = None
+    sections = {}
+    if spec is not None:
+        service = spec.get("service", y.dns_label)
+        port = spec.get("port", y.port, None)
+        for key, read in _SECTIONS.items():
+            sub = spec.section(key)
+            if sub is not None:
+                sections[key] = read(sub)
+        spec.finish()
+    if len(doc.problems) != before or None in (name, namespace, service) or len(sections) != 5:
+        return None
+    settings = TrafficSettings(sections["retries"], sections["budget"], sections["timeouts"],
+                               sections["circuitBreaker"], sections["outlierDetection"])
+    return TrafficPolicy(name, namespace, service, port, settings, origin=_where(top.value))  # type: ignore[arg-type]
+
+
+def _documents(text: str, filename: str) -> list[y.Document]:
+    try:
+        return parse_documents(text, filename)
+    except y.SourceError as e:  # the shared reader speaks of authorization policies
+        raise y.SourceError([
+            y.Problem(p.file, p.line, p.column, p.path,
+                      p.message.replace("AuthorizationPolicy", KIND).replace("a policy document",
+                                                                              "a TrafficPolicy document"))
+            for p in e.errors]) from None
+
+
+def _collect(texts: Sequence[tuple[str, str]]) -> TrafficPolicySet:
+    problems: list[y.Problem] = []
+    policies: list[TrafficPolicy] = []
+    seen_name: dict[tuple[str, str], TrafficPolicy] = {}
+    seen_target: dict[tuple[str, str, int | None], TrafficPolicy] = {}
+    for filename, text in texts:
+        try:
+            docs = _documents(text, filename)
+        except y.SourceError as e:
+            problems += e.errors
+            continue
+        for doc in docs:
+            try:
+                p = _read_document(doc)
+            except RecursionError:
+                doc.add(0, 0, "", "YAML is nested too deeply")
+                p = None
+            if p is not None:
+                top = doc.top()
+                first = seen_name.get((p.namespace, p.name))
+                target = (p.namespace, p.service, p.port)
+                other = seen_target.get(target)
+                if first is not None:
+                    meta = top.at("metadata")
+                    at = meta.mapping().at("name") if meta is not None else None
+                    (at or top.value).problem(f"traffic policy {p.key} is defined twice "
+                                              f"(first at {first.origin})")
+                elif other is not None:
+                    spec = top.at("spec")
+                    assert spec is not None
+                    sr = spec.mapping()
+                    at = sr.at("port") or sr.at("service")
+                    assert at is not None
+                    what = f"port {p.port} of service" if p.port is not None else "service"
+                    at.problem(f"{what} {p.namespace}/{p.service} already has a traffic policy, "
+                               f"{other.key} ({other.origin}); merge the two")
+                else:
+                    seen_name[(p.namespace, p.name)] = p
+                    seen_target[target] = p
+                    policies.append(p)
+            problems += doc.problems
+    if problems:
+        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
+    return TrafficPolicySet(ordered, tuple(dict.fromkeys(f for f, _ in texts)))
+
+
+def parse_traffic_policies(text: str, filename: str = "<traffic>") -> TrafficPolicySet:
+    """TrafficPolicies from one YAML text.  Raises SourceError listing every problem."""
+    return _collect([(filename, text)])
+
+
+def traffic_policy_files(path: str | os.PathLike[str]) -> list[str]:
+    """The files :func:`load_traffic_policies` reads for ``path`` (a file or a directory)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return [os.path.join(p, n) for n in sorted(os.listdir(p))
+                if not n.startswith(".") and n.endswith((".yaml", ".yml"))
+                and os.path.isfile(os.path.join(p, n))]
+    return [p]
+
+
+def load_traffic_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+                          ) -> TrafficPolicySet:
+    """Read files and directories into one :class:`TrafficPolicySet` (checked across files)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    texts: list[tuple[str, str]] = []
+    problems: list[y.Problem] = []
+    for path in paths:
+        files = traffic_policy_files(path)
+        if not files:
+            problems.append(y.Problem(os.fspath(path), 0, 0, "", "directory has no .yaml or .yml files"))
+        for f in files:
+            try:
+                texts.append((f, y.read_text(f)))
+            except y.SourceError as e:
+                problems += e.errors
+    try:
+        result = _collect(texts)
+    except y.SourceError as e:
+        problems += e.errors
+    if problems:
+        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    return result

@@ -1,0 +1,128 @@
+"""Load balancing: power of two choices on least outstanding work.
+
+One :class:`LoadBalancer` per service port and node proxy.  The L7 path
+calls :meth:`~LoadBalancer.pick` once per request *attempt*; the L4 path
+once per connection.  ``start(ep)`` before sending, ``finish(token, ok,
+latency)`` when the attempt (request) or the connection ends: "outstanding"
+is then in-flight requests for L7 and open connections for L4, and the
+latency is the time to response headers (L7) or to connect (L4).
+
+Choice rules, in order:
+
+1. candidates are the endpoints given minus ``unavailable`` (ejected by
+   outlier detection, known down); none left: ``None`` (the shell answers
+   503, "no healthy upstream");
+2. endpoints in ``avoid`` (already tried by this request) are dropped too,
+   unless that would leave none;
+3. two distinct candidates are drawn with the injected RNG; the one with
+   fewer outstanding requests wins, a tie goes to the lower latency EWMA,
+   a tie of both to the first drawn.  A single candidate is taken as is.
+
+The latency EWMA starts at the first sample (an endpoint without samples
+reads as 0 and so is tried early).  A failed attempt never makes an
+endpoint look faster: its sample is ``max(latency, ewma)``, so an endpoint
+that fails fast does not attract traffic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Collection, Generic, Hashable, Sequence, TypeVar
+
+__all__ = ["LoadBalancer", "Token", "EWMA_ALPHA"]
+
+E = TypeVar("E", bound=Hashable)
+
+#: Weight of a new latency sample in the EWMA.
+EWMA_ALPHA = 0.3
+
+
+@dataclass(frozen=True)
+class Token(Generic[E]):
+    """One started attempt (or connection); pass it to :meth:`LoadBalancer.finish`."""
+
+    endpoint: E
+    serial: int
+
+
+class _Stats:
+    __slots__ = ("outstanding", "ewma", "samples")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.ewma = 0.0
+        self.samples = 0
+
+
+class LoadBalancer(Generic[E]):
+    """P2C over least outstanding requests with an EWMA-latency tiebreak."""
+
+    def __init__(self, rng: random.Random):
+        self._rng = rng
+        self._stats: dict[E, _Stats] = {}
+        self._open: set[Token[E]] = set()
+        self._serial = itertools.count(1)
+
+    # -- choosing
+    def pick(self, endpoints: Sequence[E], *, unavailable: Collection[E] = (),
+             avoid: Collection[E] = ()) -> E | None:
+        """Choose an endpoint (rules in the module doc); None if all are unavailable."""
+        cands = [e for e in endpoints if e not in unavailable]
+        if not cands:
+            return None
+        fresh = [e for e in cands if e not in avoid]
+        if fresh:
+            cands = fresh
+        if len(cands) == 1:
+            return cands[0]
+        i, j = self._rng.sample(range(len(cands)), 2)
+        a, b = cands[i], cands[j]
+        return b if self._rank(b) < self._rank(a) else a
+
+    def _rank(self, e: E) -> tuple[int, float]:
+        s = self._stats.get(e)
+        return (0, 0.0) if s is None else (s.outstanding, s.ewma)
+
+    # -- accounting
+    def start(self, endpoint: E) -> Token[E]:
+        """An attempt to ``endpoint`` begins."""
+        s = self._stats.get(endpoint)
+        if s is None:
+            s = self._stats[endpoint] = _Stats()
+        s.outstanding += 1
+        tok = Token(endpoint, next(self._serial))
+        self._open.add(tok)
+        return tok
+
+    def finish(self, token: Token[E], ok: bool, latency: float) -> bool:
+        """The attempt ended; False (and no change) if ``token`` was already finished."""
+        if token not in self._open:
+            return False
+        self._open.discard(token)
+        s = self._stats[token.endpoint]
+        s.outstanding -= 1
+        latency = max(0.0, latency)
+        if not ok:
+            latency = max(latency, s.ewma)
+        s.ewma = latency if s.samples == 0 else EWMA_ALPHA * latency + (1 - EWMA_ALPHA) * s.ewma
+        s.samples += 1
+        return True
+
+    # -- state
+    def outstanding(self, endpoint: E) -> int:
+        s = self._stats.get(endpoint)
+        return 0 if s is None else s.outstanding
+
+    def latency(self, endpoint: E) -> float | None:
+        """The latency EWMA in seconds, None before the first sample."""
+        s = self._stats.get(endpoint)
+        return None if s is None or s.samples == 0 else s.ewma
+
+    def retain(self, endpoints: Collection[E]) -> None:
+        """Forget statistics of endpoints no longer listed (after an inventory
+        change); ones with attempts in flight are kept until those finish."""
+        keep = set(endpoints) | {t.endpoint for t in self._open}
+        for e in [e for e in self._stats if e not in keep]:
+            del self._stats[e]

@@ -1,0 +1,157 @@
+"""W3C Trace Context and request ids for one proxy hop, sans-IO.
+
+Rules (https://www.w3.org/TR/trace-context/):
+
+- ``traceparent`` is ``VV-TTTT(32 hex)-PPPP(16 hex)-FF``, lower-case hex.
+  Version ``ff`` is invalid; the trace id and parent id must not be all
+  zeros. Version ``00`` must be exactly 55 characters; a higher version may
+  carry more fields after a ``-`` (we read the first four and re-emit 00).
+- The proxy is a hop: it keeps the trace id and flags and sends a new parent
+  id (its own span). A missing or invalid ``traceparent`` starts a new trace
+  (sampled flag off), and then any ``tracestate`` is dropped, as the spec
+  requires. More than one ``traceparent`` line is invalid.
+- ``tracestate`` lines are joined with ``,`` and passed on unchanged when
+  at most :data:`MAX_TRACESTATE` bytes and 32 members; otherwise members are
+  dropped from the end until it fits.
+- ``x-request-id`` is kept when present and sane (1..128 visible ASCII),
+  else a new uuid4.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["TraceParent", "parse_traceparent", "new_span_id", "new_trace_id", "HopContext", "hop",
+           "MAX_TRACESTATE", "MAX_TRACESTATE_MEMBERS", "TRACE_HEADERS"]
+
+MAX_TRACESTATE = 512
+MAX_TRACESTATE_MEMBERS = 32
+TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"x-request-id"})
+
+_TP = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_VISIBLE = re.compile(rb"[\x20-\x7e]*")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    trace_id: bytes  # 32 lower-case hex
+    parent_id: bytes  # 16 lower-case hex
+    flags: bytes  # 2 lower-case hex
+
+    @property
+    def sampled(self) -> bool:
+        return bool(int(self.flags, 16) & 1)
+
+    def header(self) -> bytes:
+        return b"00-%s-%s-%s" % (self.trace_id, self.parent_id, self.flags)
+
+    def child(self, span_id: bytes) -> "TraceParent":
+        """The same trace with this hop's span as the parent."""
+        return TraceParent(self.trace_id, span_id, self.flags)
+
+
+def parse_traceparent(value: bytes | str) -> TraceParent | None:
+    """The parsed header, or None when it is invalid (never raises)."""
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    value = value.strip(b" \t")
+    m = _TP.match(value)
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags = m.groups()
+    if version == b"ff":
+        return None
+    if version == b"00":
+        if len(value) != 55:
+            return None
+    elif len(value) > 55 and value[55:56] != b"-":
+        return None
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return TraceParent(trace_id, parent_id, flags)
+
+
+def new_trace_id() -> bytes:
+    while True:
+        t = os.urandom(16).hex().encode()
+        if t != _ZERO_TRACE:
+            return t
+
+
+def new_span_id() -> bytes:
+    while True:
+        s = os.urandom(8).hex().encode()
+        if s != _ZERO_SPAN:
+            return s
+
+
+def _bound_tracestate(value: bytes) -> bytes | None:
+    if not _VISIBLE.fullmatch(value):
+        return None
+    members = [m.strip(b" \t") for m in value.split(b",")]
+    members = [m for m in members if m][:MAX_TRACESTATE_MEMBERS]
+    while members and len(b",".join(members)) > MAX_TRACESTATE:
+        members.pop()
+    return b",".join(members) or None
+
+
+@dataclass(frozen=True, slots=True)
+class HopContext:
+    """What this hop forwards, and what it logs."""
+
+    traceparent: TraceParent
+    """Sent upstream: this hop's span as the parent."""
+    incoming: TraceParent | None
+    """The valid traceparent received, if any."""
+    tracestate: bytes | None
+    request_id: bytes
+    request_id_generated: bool
+
+    @property
+    def span_id(self) -> bytes:
+        return self.traceparent.parent_id
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        out = [(b"traceparent", self.traceparent.header())]
+        if self.tracestate is not None:
+            out.append((b"tracestate", self.tracestate))
+        out.append((b"x-request-id", self.request_id))
+        return out
+
+
+def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
+    """Trace context for forwarding a request with these header lines."""
+    tps: list[bytes] = []
+    states: list[bytes] = []
+    rid: bytes | None = None
+    for n, v in headers:
+        if len(n) in (11, 10, 12):
+            ln = n.lower()
+            if ln == b"traceparent":
+                tps.append(v)
+            elif ln == b"tracestate":
+                states.append(v.strip(b" \t"))
+            elif ln == b"x-request-id" and rid is None:
+                rid = v.strip(b" \t")
+    incoming = parse_traceparent(tps[0]) if len(tps) == 1 else None
+    span = new_span_id()
+    if incoming is not None:
+        tp = incoming.child(span)
+        state = _bound_tracestate(b",".join(states)) if states else None
+    else:
+        tp = TraceParent(new_trace_id(), span, b"00")
+        state = None
+    generated = rid is None or not _REQUEST_ID.fullmatch(rid)
+    if generated:
+        rid = str(uuid.uuid4()).encode()
+    return HopContext(tp, incoming, state, rid, generated)  # type: ignore[arg-type]

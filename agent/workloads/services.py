@@ -337,21 +337,23 @@ def read_services(value: y.Value | None) -> tuple[Service, ...]:
     return tuple(out) if ok else tuple(s for s in out if s.key in by_key)
 
 
-def check_against_pods(services: Iterable[Service], pods: Iterable[Pod],
-                       doc: y.Document | None = None, value: y.Value | None = None) -> list[str]:
+def check_against_pods(services: Sequence[Service], pods: Iterable[Pod],
+                       value: y.Value | None = None) -> list[str]:
     """Problems that need the pods: a VIP that is also a pod IP.  Returned as
-    messages; when ``value`` (the ``services:`` field) is given they are also
-    recorded on its document at that position."""
+    messages; when ``value`` (the ``services:`` field ``services`` were read
+    from without problems) is given, each is also recorded at its ``vip``."""
     owners = {ip: p for p in pods for ip in p.ips}
+    items = value.items() if value is not None else []
     out = []
-    for s in services:
+    for i, s in enumerate(services):
         for vip in s.vips:
             pod = owners.get(vip)
             if pod is not None:
-                msg = f"service {s.key}: VIP {vip} is also the IP of pod {pod.key}; pick an unused address"
-                out.append(msg)
-                if value is not None:
-                    value.problem(msg)
+                msg = f"VIP {vip} is also the IP of pod {pod.key}; pick an unused address"
+                out.append(f"service {s.key}: {msg}")
+                if i < len(items):
+                    at = items[i].mapping().at("vip")
+                    (at or items[i]).problem(msg)
     return out
 
 
@@ -368,7 +370,7 @@ def parse_services(text: str, filename: str = "<services>",
     top.finish()
     services = read_services(value)
     if not doc.failed and value is not None:
-        check_against_pods(services, pods, doc, value)
+        check_against_pods(services, pods, value)
     doc.check()
     return ServiceIndex(services, tuple(pods))
 

@@ -1,0 +1,118 @@
+"""agent/workloads/services.py: the services section, endpoints from
+selectors, VIP lookup, and exact error positions."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from agent.workloads.inventory import parse_inventory
+from agent.workloads.services import Endpoint, ServiceIndex, ServicePort, parse_services
+from agent.yamlsrc import SourceError
+
+INVENTORY = """\
+nodes:
+  - {name: node1, address: 198.18.0.1}
+  - {name: node2, address: 198.18.0.2}
+pods:
+  - {name: be-1, namespace: shop, labels: {app: backend, v: "1"}, node: node1,
+     ips: [10.244.1.10, "fd00:244:1::10"], cgroup: /x/1}
+  - {name: be-2, namespace: shop, labels: {app: backend, v: "2"}, node: node2,
+     ips: [10.244.2.10], cgroup: /x/2}
+  - {name: web-1, namespace: shop, labels: {app: web}, node: node1, ips: [10.244.1.11], cgroup: /x/3}
+  - {name: be-other, namespace: other, labels: {app: backend}, node: node2, ips: [10.244.2.11], cgroup: /x/4}
+"""
+
+SERVICES = """\
+services:
+  - name: backend
+    namespace: shop
+    vip: [10.96.0.10, "fd00:96::10"]
+    selector: {app: backend}
+    ports:
+      - {port: 80, targetPort: 8080, name: http, appProtocol: http}
+      - {port: 5432, appProtocol: opaque}
+      - {port: 9000}
+  - name: backend-v2
+    namespace: shop
+    vip: 10.96.0.11
+    selector: {app: backend, v: "2"}
+    ports: [{port: 80, appProtocol: tcp}]
+"""
+
+PODS = parse_inventory(INVENTORY, "inv.yaml").pods
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(SourceError) as ei:
+        parse_services(text, "svc.yaml", PODS)
+    return [str(p) for p in ei.value.errors]
+
+
+def test_endpoints_follow_selector_and_namespace():
+    idx = parse_services(SERVICES, "svc.yaml", PODS)
+    be, v2 = idx.services
+    assert be.key == "shop/backend" and be.vips == (ipaddress.ip_address("10.96.0.10"),
+                                                      ipaddress.ip_address("fd00:96::10"))
+    eps = idx.endpoints(be, 80)
+    assert eps == [Endpoint("shop/be-1", ipaddress.ip_address("10.244.1.10"), 8080, "node1"),
+                   Endpoint("shop/be-2", ipaddress.ip_address("10.244.2.10"), 8080, "node2")]
+    assert idx.endpoints("shop/backend", "http") == eps  # by port name too
+    # IPv6: only the pod that has an IPv6 address
+    assert [e.pod for e in idx.endpoints(be, 80, family=6)] == ["shop/be-1"]
+    assert [e.pod for e in idx.endpoints(v2, 80)] == ["shop/be-2"]
+    assert idx.endpoints(be, 9000)[0].port == 9000  # targetPort defaults to port
+    assert idx.endpoints(be, 81) == [] and idx.endpoints("shop/nope", 80) == []
+    assert idx.services_of(PODS[1]) == (be, v2) and idx.services_of(PODS[2]) == ()
+
+
+def test_by_vip_and_protocols():
+    idx = parse_services(SERVICES, "svc.yaml", PODS)
+    svc, port = idx.by_vip("10.96.0.10", 80)
+    assert svc.name == "backend" and port == ServicePort(80, 8080, "http", "http") and port.l7
+    assert idx.by_vip("::ffff:10.96.0.10", 5432)[1].app_protocol == "opaque"
+    assert idx.by_vip("FD00:96:0::10", 80)[0] is svc
+    assert idx.by_vip("10.96.0.10", 81) is None and idx.by_vip("junk", 80) is None
+    opaque, plain = idx.by_vip("10.96.0.10", 5432)[1], idx.by_vip("10.96.0.10", 9000)[1]
+    assert not opaque.detect and not opaque.l7      # opaque: L4, never sniffed
+    assert plain.detect                              # absent: detect
+    assert not idx.by_vip("10.96.0.11", 80)[1].detect  # tcp: L4, never sniffed
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("  - name: a\n    vip: [10.96.0.1, 10.96.0.2]\n    selector: {a: b}\n    ports: [{port: 80}]\n",
+     ["svc.yaml:3:22: services[0].vip[1]: a service has at most one IPv4 VIP (vip[0] is 10.96.0.1)"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {}\n    ports: [{port: 80}]\n",
+     ["svc.yaml:4:15: services[0].selector: a service needs at least one selector label; "
+      "without one it would have no endpoints"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80, targetPort: http}]\n",
+     ["svc.yaml:5:36: services[0].ports[0].targetPort: named target ports ('http') are not "
+      "supported; write the pod's port number"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80, appProtocol: grpc}]\n",
+     ["svc.yaml:5:37: services[0].ports[0].appProtocol: 'grpc' is not one of: http, tcp, opaque"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80}, {port: 80}]\n",
+     ["svc.yaml:5:32: services[0].ports[1].port: port 80 is listed twice (first at line 5)"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: []\n",
+     ["svc.yaml:5:12: services[0].ports: a service needs at least one port"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80}]\n    typ: x\n",
+     ["svc.yaml:6:5: services[0].typ: unknown field 'typ'; known fields: name, namespace, vip, "
+      "ports, selector"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80}]\n"
+     "  - name: b\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80}]\n",
+     ["svc.yaml:7:10: services[1].vip: 10.96.0.1:80 is already served by service "
+      "'default/a' (line 2)"]),
+    ("  - name: a\n    vip: 10.96.0.1\n    selector: {a: b}\n    ports: [{port: 80}]\n"
+     "  - name: a\n    vip: 10.96.0.2\n    selector: {a: b}\n    ports: [{port: 80}]\n",
+     ["svc.yaml:6:11: services[1].name: service 'default/a' is listed twice (first at line 2)"]),
+    ("  - name: a\n    vip: 10.244.1.11\n    selector: {a: b}\n    ports: [{port: 80}]\n",
+     ["svc.yaml:3:10: services[0].vip: VIP 10.244.1.11 is also the IP of pod shop/web-1; "
+      "pick an unused address"]),
+])
+def test_errors_with_exact_positions(body, expected):
+    assert errors("services:\n" + body) == expected
+
+
+def test_empty_index_and_no_section():
+    assert parse_services("pods: []\n", "svc.yaml").services == ()
+    assert ServiceIndex().by_vip("10.0.0.1", 80) is None

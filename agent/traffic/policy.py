@@ -361,14 +361,16 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
     before = len(doc.problems)
     api = top.get("apiVersion", y.enum(API_VERSION))
     kind = top.get("kind", y.enum(KIND))
-    meta_v = top.at("metadata")
-    if meta_v is None:
-        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
-    meta = meta_v.convert(y.Value.mapping) if meta_v is not None else None
-    spec = top.get("spec", y.Value.mapping)
+    meta_v, spec_v = top.at("metadata"), top.at("spec")
     top.finish()
     if api is None or kind is None:
         return None  # not a document we read: its fields would only add noise
+    if meta_v is None:
+        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
+    if spec_v is None:
+        doc.add_at(top.value.node, "spec", "required field is missing (at least `service`)")
+    meta = meta_v.convert(y.Value.mapping) if meta_v is not None else None
+    spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None
     name = namespace = None
     if meta is not None:
         name = meta.get("name", y.dns_subdomain)

@@ -1,0 +1,105 @@
+"""agent/traffic/lb.py: P2C choice rules, accounting, determinism, spread."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.traffic.lb import LoadBalancer
+
+EPS = ["a", "b", "c", "d"]
+
+
+def test_least_outstanding_wins_then_latency_then_first_drawn():
+    lb = LoadBalancer(random.Random(1))
+    ta = lb.start("a")
+    # two candidates: the one without outstanding work always wins
+    assert {lb.pick(["a", "b"]) for _ in range(50)} == {"b"}
+    lb.finish(lb.start("b"), True, 0.200)
+    lb.finish(ta, True, 0.010)
+    assert lb.outstanding("a") == lb.outstanding("b") == 0
+    # equal outstanding: lower EWMA wins
+    assert {lb.pick(["a", "b"]) for _ in range(50)} == {"a"}
+
+
+def test_unavailable_avoid_and_single_candidate():
+    lb = LoadBalancer(random.Random(2))
+    assert lb.pick([]) is None
+    assert lb.pick(["a", "b"], unavailable={"a", "b"}) is None
+    assert {lb.pick(EPS, unavailable={"a", "b", "c"}) for _ in range(20)} == {"d"}
+    assert {lb.pick(EPS, avoid={"a", "b"}) for _ in range(50)} <= {"c", "d"}
+    # avoid is a preference: with nothing else left, a tried endpoint is fine
+    assert lb.pick(["a"], avoid={"a"}) == "a"
+    assert lb.pick(["a", "b"], unavailable={"b"}, avoid={"a"}) == "a"
+
+
+def test_finish_is_once_and_failures_never_look_faster():
+    lb = LoadBalancer(random.Random(3))
+    t = lb.start("a")
+    assert lb.finish(t, True, 0.5) and not lb.finish(t, True, 0.5)
+    assert lb.outstanding("a") == 0 and lb.latency("a") == 0.5
+    lb.finish(lb.start("a"), False, 0.001)   # a fast failure
+    assert lb.latency("a") == 0.5
+    lb.finish(lb.start("a"), True, 0.1)
+    assert 0.1 < lb.latency("a") < 0.5
+    assert lb.latency("zz") is None
+
+
+def test_retain_forgets_removed_endpoints_but_not_in_flight():
+    lb = LoadBalancer(random.Random(4))
+    lb.finish(lb.start("a"), True, 1.0)
+    t = lb.start("b")
+    lb.retain(["c"])
+    assert lb.latency("a") is None and lb.outstanding("b") == 1
+    assert lb.finish(t, True, 0.1)
+
+
+def test_deterministic_with_a_seed():
+    def run(seed):
+        lb = LoadBalancer(random.Random(seed))
+        out = []
+        for i in range(200):
+            e = lb.pick(EPS)
+            out.append(e)
+            if i % 3:
+                lb.finish(lb.start(e), True, 0.01 * (i % 7))
+            else:
+                lb.start(e)
+        return out
+    assert run(7) == run(7)
+
+
+def test_p2c_spreads_load_evenly():
+    """Requests that take a while (8 in flight at any time): every endpoint
+    gets close to its fair share."""
+    rng = random.Random(42)
+    lb = LoadBalancer(rng)
+    eps = [f"ep{i}" for i in range(8)]
+    inflight = []
+    counts = Counter()
+    for _ in range(20_000):
+        e = lb.pick(eps)
+        counts[e] += 1
+        inflight.append(lb.start(e))
+        if len(inflight) > 8:
+            lb.finish(inflight.pop(rng.randrange(len(inflight))), True, 0.01)
+    fair = 20_000 / len(eps)
+    assert all(0.9 * fair <= counts[e] <= 1.1 * fair for e in eps), counts
+
+
+@given(st.lists(st.sampled_from(EPS), min_size=1, unique=True),
+       st.sets(st.sampled_from(EPS)), st.integers(0, 2**32), st.integers(0, 30))
+@settings(max_examples=300)
+def test_never_picks_an_unavailable_endpoint_while_another_exists(endpoints, down, seed, busy):
+    lb = LoadBalancer(random.Random(seed))
+    for i in range(busy):  # some load skews the ranking
+        lb.start(endpoints[i % len(endpoints)])
+    for _ in range(20):
+        got = lb.pick(endpoints, unavailable=down, avoid={endpoints[0]})
+        if set(endpoints) - down:
+            assert got in endpoints and got not in down
+        else:
+            assert got is None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -30,3 +33,30 @@ def require_privileged() -> None:
     reasons = missing_privileges()
     if reasons:
         pytest.skip("privileged tier: " + "; ".join(reasons), allow_module_level=True)
+
+
+# --- shared by the end-to-end files ------------------------------------------------
+
+TOOLS = [sys.executable, "-m", "agent.sim.tools"]
+
+
+def wait_for(pred, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """Poll ``pred`` until it returns something truthy (returned) or fail
+    after ``timeout`` seconds — a bound, never a timing claim."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def start_servers(cluster, servers=(("serve", 7000), ("echo", 7001)), max_seconds: int = 900):
+    """Start the pod traffic tools in every pod and wait until they listen."""
+    for pod in cluster.pods:
+        for kind, port in servers:
+            p = pod.popen(TOOLS + [kind, "--port", str(port), "--max-seconds", str(max_seconds)],
+                          stdout=subprocess.PIPE, text=True)
+            assert "listening" in p.stdout.readline(), f"{kind} on {pod.name}:{port}"

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
 
 require_privileged()
 
@@ -31,7 +31,6 @@ from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
-TOOLS = [sys.executable, "-m", "agent.sim.tools"]
 RTT_BOUND_US = 1_000_000  # generous: loopback-class veths measure tens of us
 
 
@@ -40,11 +39,7 @@ def mesh():
     cluster = Cluster(nodes=2, pods_per_node=2).up()
     m = Mesh(cluster)
     try:
-        for pod in cluster.pods:
-            for args in (["serve", "--port", "7000"], ["echo", "--port", "7001"]):
-                p = pod.popen(TOOLS + args + ["--max-seconds", "600"], stdout=subprocess.PIPE,
-                              text=True)
-                assert "listening" in p.stdout.readline()
+        start_servers(cluster, max_seconds=600)
         m.start()
         yield m
     finally:
@@ -77,15 +72,6 @@ def flows_json(mesh, node: str, *args: str) -> list[dict]:
     return json.loads(r.stdout)
 
 
-def wait_for(pred, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def legs(flows: list[dict], role: str, **match) -> list[dict]:

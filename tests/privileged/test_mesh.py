@@ -20,11 +20,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
 
 require_privileged()
 
@@ -34,7 +33,6 @@ from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
-TOOLS = [sys.executable, "-m", "agent.sim.tools"]
 EXCLUDED = 7999
 
 
@@ -44,12 +42,7 @@ def mesh():
     m = Mesh(cluster, exclude_ports=(EXCLUDED,), unmeshed={"pod1-3"},
              exclude_cidrs=(f"{cluster.pod('pod2-3').ip4}/32", f"{cluster.pod('pod2-3').ip6}/128"))
     try:
-        for pod in cluster.pods:
-            for args in (["serve", "--port", "7000"], ["serve", "--port", str(EXCLUDED)],
-                         ["echo", "--port", "7001"]):
-                p = pod.popen(TOOLS + args + ["--max-seconds", "900"], stdout=subprocess.PIPE,
-                              text=True)
-                assert "listening" in p.stdout.readline()
+        start_servers(cluster, (("serve", 7000), ("serve", EXCLUDED), ("echo", 7001)))
         m.start()
         yield m
     finally:
@@ -72,15 +65,6 @@ def probe(mesh, src: str, dst_ip: str, port: int, timeout: float = 3.0) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def wait_for(pred, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def ip_of(mesh, pod: str, v6: bool = False) -> str:

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
 
 require_privileged()
 
@@ -31,16 +31,7 @@ from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
-TOOLS = [sys.executable, "-m", "agent.sim.tools"]
 MARKER = "MESHLET-PLAINTEXT-MARKER-7d1f"
-
-
-def start_servers(cluster):
-    for pod in cluster.pods:
-        for args in (["serve", "--port", "7000"], ["echo", "--port", "7001"]):
-            p = pod.popen(TOOLS + args + ["--max-seconds", "900"], stdout=subprocess.PIPE,
-                          text=True)
-            assert "listening" in p.stdout.readline()
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +54,6 @@ def transfer(mesh, src, dst, up=1 << 20, down=1 << 20):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def wait_for(pred, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def proxy_stats(mesh, node):

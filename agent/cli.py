@@ -51,6 +51,9 @@ def main() -> None:
       meshlet inventory validate F    check an inventory file offline
       meshlet ca init --out DIR       create the mesh CA (root + per-node intermediates)
       meshlet certs                   workload certificates, expiry and next rotation
+      meshlet flows [-f]              TCP flows from the kernel: legs, bytes, RTT
+      meshlet stats                   traffic per workload pair; Prometheus on :15020/metrics
+      meshlet policy validate F|DIR   authorization policies, offline (also explain, lint)
     """
 
 

@@ -34,4 +34,4 @@ def test_traffic_modules_are_pure(path):
 
 def test_the_check_sees_modules():
     assert len(FILES) >= 8
-    assert "agent.yamlsrc" in imports(AGENT / "traffic" / "policy.py")
+    assert "agent.policy.load" in imports(AGENT / "traffic" / "policy.py")

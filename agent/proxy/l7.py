@@ -439,13 +439,15 @@ class L7Session(asyncio.Protocol):
         elif head.framing == "chunked":
             headers.append((b"Transfer-Encoding", b"chunked"))
             self._chunk_up = True
-        self._head_bytes = out = serialize_request_head(head, headers)
         try:
             addr = self.choose(head)
         except Exception as e:  # noqa: BLE001 - the caller's decision failed
             log.warning("no upstream for %s %r: %s", head.method, head.target, e)
             self._fail(502, "no upstream for this request")
             return
+        if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one
+            headers.insert(0, (b"Host", b"%s:%d" % (addr[0].encode(), addr[1])))
+        self._head_bytes = out = serialize_request_head(head, headers)
         up = self.pool.take_idle(addr)
         if up is not None:
             self._attach(up, [out], reused=True)

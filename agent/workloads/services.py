@@ -313,13 +313,11 @@ def read_services(value: y.Value | None) -> tuple[Service, ...]:
     by_key: dict[str, y.MapReader] = {}
     by_vip: dict[tuple[IPAddress, int], tuple[Service, y.MapReader]] = {}
     out = []
-    ok = True
     for svc, r in read:
         if svc.key in by_key:
             at = r.at("name")
             assert at is not None
             at.problem(f"service {svc.key!r} is listed twice (first at {by_key[svc.key].value.where})")
-            ok = False
             continue
         by_key[svc.key] = r
         for vip in svc.vips:
@@ -330,11 +328,10 @@ def read_services(value: y.Value | None) -> tuple[Service, ...]:
                     assert at is not None
                     at.problem(f"{vip}:{p.port} is already served by service {other[0].key!r} "
                                f"({other[1].value.where})")
-                    ok = False
                 else:
                     by_vip[(vip, p.port)] = (svc, r)
         out.append(svc)
-    return tuple(out) if ok else tuple(s for s in out if s.key in by_key)
+    return tuple(out)
 
 
 def check_against_pods(services: Sequence[Service], pods: Iterable[Pod],

@@ -156,7 +156,7 @@ def test_budget_bound_under_a_failing_upstream_for_a_minute(rate, percent, min_p
         now += rng.expovariate(rate)
         r = RetryState(Request("GET"), s, b, now)
         r.first()
-        while isinstance(d := r.next(object(), oc.RESET, now), Retry):
+        while isinstance(r.next(object(), oc.RESET, now), Retry):
             retries += 1
         assert retries <= min_per_second * (now + 1) + percent / 100 * b.requests + 1e-9
     assert retries == b.granted

@@ -267,6 +267,7 @@ class L7Session(asyncio.Protocol):
         self._wait_timer: asyncio.TimerHandle | None = None
         self._wait_head = False
         self._pumping = False
+        self._obuf: list[bytes] | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -350,10 +351,20 @@ class L7Session(asyncio.Protocol):
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _write(self, data: bytes) -> None:
-        if not self._closed:
+        if self._obuf is not None:
+            self._obuf.append(data)
+        elif not self._closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def _flush(self) -> None:
+        out = self._obuf
+        if out:
+            if not self._closed:
+                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            out.clear()
+
     def _close(self) -> None:
+        self._flush()
         if not self._closed:
             self._closed = True
             self._cancel_wait()
@@ -483,7 +494,7 @@ class L7Session(asyncio.Protocol):
         up.session = self
         up.got_bytes = False
         up.parser.expect(self._req.method)  # type: ignore[union-attr]
-        up.transport.writelines(data)  # type: ignore[union-attr]
+        up.transport.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
         if up.transport.get_write_buffer_size() > self.settings.buffer_size:  # type: ignore[union-attr]
             self._pause(_P_UPSTREAM)
         if self._down_write_paused:
@@ -540,6 +551,7 @@ class L7Session(asyncio.Protocol):
         """Answer with an error and close (reset if a response already began)."""
         self._drop_upstream(reset=True)
         if self._resp_started:
+            self._obuf = None
             self._closed = True
             self._cancel_wait()
             reset_transport(self.transport)
@@ -648,15 +660,25 @@ class L7Session(asyncio.Protocol):
         self._fail(502, f"upstream closed the connection before responding{why}")
 
     def _up_events(self, up: _Upstream, events: list) -> None:
+        # Everything one upstream read produced goes out in one write.
+        self._obuf = out = []
+        try:
+            self._up_events_into(up, events, out)
+        finally:
+            self._obuf = None
+            if out and not self._closed:
+                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    def _up_events_into(self, up: _Upstream, events: list, out: list) -> None:
         for ev in events:
             if up is not self._up or self._closed:
                 return
             t = type(ev)
             if t is Body:
                 if self._chunk_down:
-                    self.transport.writelines(chunk(ev.data))  # type: ignore[union-attr]
+                    out += chunk(ev.data)
                 else:
-                    self.transport.write(ev.data)  # type: ignore[union-attr]
+                    out.append(ev.data)
             elif t is ResponseHead:
                 self._resp_head(up, ev)
             elif t is EndOfMessage:
@@ -706,6 +728,7 @@ class L7Session(asyncio.Protocol):
     def _resp_end(self, up: _Upstream) -> None:
         if self._chunk_down:
             self._write(CHUNKED_END)
+        self._flush()
         self._resp_done = True
         if not self._req_done:
             # Answered before the body was sent (e.g. 413): stop here.
@@ -718,6 +741,7 @@ class L7Session(asyncio.Protocol):
         headers = forward_headers(r.headers) + [(b"Connection", b"upgrade"),
                                                 (b"Upgrade", _upgrade_value(r) or req.upgrade)]
         self._write(serialize_response_head(101, r.reason, headers))
+        self._flush()
         self._status = 101
         if self._resp_timer is not None:
             self._resp_timer.cancel()

@@ -99,6 +99,12 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
+    l7: bool = False
+    """``proxy.l7``: on the destination node, sniff each connection's first
+    bytes and serve HTTP/1.x with the L7 session (keep-alive upstream pool,
+    trace headers, per-request counters); anything else stays on the L4
+    relay. Off by default while issue #5 is in progress."""
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -236,7 +242,7 @@ class AgentConfig:
             "tunnelPort": p.tunnel_port, "workers": p.workers,
             "connectTimeout": p.connect_timeout, "meshMark": p.mesh_mark,
             "bufferSize": p.buffer_size, "tunnelSecurity": p.tunnel_security,
-            "tlsResumption": p.tls_resumption,
+            "tlsResumption": p.tls_resumption, "l7": p.l7,
         })
         return {
             "node": self.node,
@@ -412,6 +418,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
+        l7=r.get("l7", y.boolean, False),
     )
     r.finish()
     # The three listeners must not collide; report at the one written in the file.

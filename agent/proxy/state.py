@@ -131,6 +131,7 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
+    l7: bool = False  # sniff and serve HTTP/1.x with the L7 session on the destination node
     access_log: AccessLogConfig = AccessLogConfig()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
@@ -275,6 +276,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         raise StateError(f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', "
                          f"got {tunnel_security!r}")
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
+    l7 = _get(doc, "l7", "state", bool, False)
     access_log = _access_log(_get(doc, "access_log", "state", dict, {}))
 
     nodes: dict[str, NodeInfo] = {}
@@ -347,6 +349,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         pod_by_cgroup=MappingProxyType(by_cg),
         tunnel_security=tunnel_security,
         tls_resumption=tls_resumption,
+        l7=l7,
         access_log=access_log,
         pod_by_key=MappingProxyType({p.key: p for p in pods}),
     )

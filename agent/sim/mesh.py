@@ -58,6 +58,7 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
+    l7: bool = False                       # proxy.l7: HTTP/1.x through the L7 session
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
@@ -130,7 +131,7 @@ class Mesh:
         ap = self.agents[node.name]
         proxy: dict[str, Any] = {"redirectIPv4": node.gateway4, "workers": self.workers,
                                  "connectTimeout": 2.0, "tunnelSecurity": self.tunnel_security,
-                                 "tlsResumption": self.tls_resumption}
+                                 "tlsResumption": self.tls_resumption, "l7": self.l7}
         if node.gateway6:
             proxy["redirectIPv6"] = node.gateway6
         return {

@@ -442,3 +442,13 @@ _FULL_DICT = yaml.safe_load(FULL)
 @given(st.sampled_from(list(_paths(_FULL_DICT))), _values)
 def test_structurally_mutated_documents_only_raise_source_error(path, value):
     _only_source_error(yaml.safe_dump(_replace(_FULL_DICT, path, value)))
+
+
+def test_proxy_l7_flag():
+    assert parse_config(MINIMAL, "c.yaml").proxy.l7 is False  # off by default (issue #5 in progress)
+    c = parse_config(MINIMAL + "  l7: true\n", "c.yaml")
+    assert c.proxy.l7 is True
+    assert c.to_dict()["proxy"]["l7"] is True
+    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+    assert errors(MINIMAL + "  l7: 1\n") == [
+        "c.yaml:10:7: proxy.l7: expected true or false, got an integer '1'"]

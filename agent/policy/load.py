@@ -69,7 +69,7 @@ from .model import (
 
 __all__ = [
     "MESHLET_API", "ISTIO_APIS", "API_VERSIONS", "load_policies", "parse_policies",
-    "parse_documents", "parse_principal", "policy_files", "fingerprint",
+    "parse_documents", "parse_principal", "policy_files", "fingerprint", "parse_sources",
 ]
 
 MESHLET_API = "meshlet.io/v1alpha1"
@@ -600,6 +600,14 @@ def parse_policies(text: str, filename: str = "<policy>", *,
                    root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
     """Policies from one YAML text.  Raises SourceError listing every problem."""
     return _collect([(filename, text)], trust_domain, root_namespace)
+
+
+def parse_sources(texts: Sequence[tuple[str, str]], *,
+                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Policies from several ``(filename, text)`` pairs, checked across all of
+    them as :func:`load_policies` does for files.  Raises SourceError."""
+    return _collect(list(texts), trust_domain, root_namespace)
 
 
 def policy_files(path: str | os.PathLike[str]) -> list[str]:

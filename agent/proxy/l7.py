@@ -42,7 +42,8 @@ import collections
 import http
 import logging
 import time
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.proxy import tracing
@@ -167,8 +168,13 @@ class UpstreamPool:
     """Keep-alive upstream connections per address (LIFO, bounded, expiring)."""
 
     def __init__(self, *, max_idle: int = 16, idle_timeout: float = 30.0,
-                 connect_timeout: float = 5.0, buffer_size: int = 256 * 1024) -> None:
+                 connect_timeout: float = 5.0, buffer_size: int = 256 * 1024,
+                 open_socket: Callable[[Address], Awaitable[socket.socket]] | None = None) -> None:
+        """``open_socket(addr)``, when given, returns a connected non-blocking
+        socket (the node proxy's: marked with SO_MARK); it raises OSError or
+        TimeoutError on failure. Without it, the loop connects by itself."""
         self.max_idle = max_idle
+        self.open_socket = open_socket
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
@@ -196,9 +202,18 @@ class UpstreamPool:
 
     async def connect(self, addr: Address) -> _Upstream:
         loop = asyncio.get_running_loop()
-        _, up = await asyncio.wait_for(
-            loop.create_connection(lambda: _Upstream(self, addr), addr[0], addr[1]),
-            self.connect_timeout)
+        if self.open_socket is None:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(lambda: _Upstream(self, addr), addr[0], addr[1]),
+                self.connect_timeout)
+        else:
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await self.open_socket(addr)
+                try:
+                    _, up = await loop.create_connection(lambda: _Upstream(self, addr), sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         self.connects += 1
         return up  # type: ignore[return-value]
 

@@ -24,6 +24,16 @@ tunnel (port 15008)
     (else ``not-local``: never an open relay) → connect (marked) → respond
     with a status → relay.
 
+L7 (``proxy.l7``, off by default)
+    wherever the proxy is about to connect to the destination pod (the
+    tunnel listener after the header, and the Local route), the first client
+    bytes are sniffed (``sniff``; at most ``L7_SNIFF_TIMEOUT``, so a
+    server-speaks-first protocol still works). HTTP/1.x is served by an
+    ``l7.L7Session`` on the client's transport, with this worker's keep-alive
+    ``UpstreamPool`` (its sockets are opened by ``_open_socket``: marked) and
+    per-request counters in ``stats()["http"]``; anything else (TLS from the
+    app, HTTP/2 prior knowledge, binary, silence) stays on the L4 relay.
+
 A crash on one connection is logged and resets that connection only.
 """
 
@@ -39,6 +49,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -46,7 +57,9 @@ from typing import Any, Protocol
 from agent.proxy import tunnel
 from agent.proxy.certs import CertManager
 from agent.proxy import metrics as m
+from agent.proxy.l7 import L7Session, L7Settings, UpstreamPool
 from agent.proxy.log import AccessLog, sampled
+from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
 from agent.proxy.state import Pod, ProxyState, StateWatcher, normalize_ip
@@ -62,6 +75,8 @@ SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 BACKLOG = 1024
 HEADER_TIMEOUT = 5.0
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+L7_SNIFF_TIMEOUT = 0.2  # seconds to wait for a client's first bytes before choosing L4
+L7_LATENCY_SAMPLES = 1024  # recent request latencies kept for stats()
 
 
 class FlowSource(Protocol):
@@ -246,6 +261,41 @@ class _StatsProtocol(asyncio.Protocol):
             transport.close()
 
 
+class _ProxySession(L7Session):
+    """An L7 session that tells the server when it is over, and counts bytes
+    (received from the client, received from the destination pod)."""
+
+    def __init__(self, *args: Any, done: asyncio.Future, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.done = done
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def _signal(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        super().data_received(data)
+
+    def _up_data(self, up: Any, data: bytes) -> None:
+        self.bytes_out += len(data)
+        super()._up_data(up, data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._signal()
+
+    def _switch_to_relay(self, up: Any, r: Any) -> None:
+        try:
+            super()._switch_to_relay(up, r)
+        finally:
+            self._signal()
+
+
 class ProxyServer:
     """One proxy worker. ``start()``, then ``stop()`` (or ``serve(stop_event)``)."""
 
@@ -303,6 +353,16 @@ class ProxyServer:
             "leg_link_errors": 0,
             "access_log_skipped": 0,
         }
+        # L7 (proxy.l7): one upstream pool per worker, and per-request counters.
+        self._pool: UpstreamPool | None = None
+        self.http: dict[str, Any] = {
+            "connections": 0,  # downstream connections served by the L7 session
+            "requests": 0,  # responses reported (on_response)
+            "by_class": {},  # "2xx": n ... by the status the client got
+            "latency_ms_sum": 0.0,
+            "latency_ms_count": 0,
+        }
+        self._latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
         if watcher.on_change is None:
             watcher.on_change = self._state_changed
 
@@ -503,6 +563,8 @@ class ProxyServer:
         if self._linker is not None:
             with contextlib.suppress(Exception):
                 self._linker.close()
+        if self._pool is not None:
+            self._pool.close()
         self._access.close()
 
     async def serve(self, stop: asyncio.Event, grace: float = 5.0) -> None:
@@ -559,7 +621,28 @@ class ProxyServer:
             "access_log": {"path": self._access.path,
                            "sampling": st.access_log.sampling},
             "metrics": self.metrics.snapshot(),
+            "http": self._http_stats(),
         }
+
+    def _http_stats(self) -> dict[str, Any]:
+        pool = self._pool
+        return {
+            **self.http,
+            "by_class": dict(self.http["by_class"]),
+            "latency_ms_recent": list(self._latencies),
+            "pool": {"connects": pool.connects if pool else 0, "reuses": pool.reuses if pool else 0,
+                     "idle": pool.idle_count() if pool else 0},
+        }
+
+    def _on_http_response(self, head: Any, status: int, elapsed: float) -> None:
+        h = self.http
+        h["requests"] += 1
+        cls = f"{status // 100}xx" if 100 <= status <= 599 else "other"
+        h["by_class"][cls] = h["by_class"].get(cls, 0) + 1
+        ms = elapsed * 1000.0
+        h["latency_ms_sum"] += ms
+        h["latency_ms_count"] += 1
+        self._latencies.append(round(ms, 3))
 
     # ------------------------------------------------------------ per connection
 
@@ -723,6 +806,69 @@ class ProxyServer:
             sock.close()
             raise
 
+    # ---- L7 (proxy.l7)
+
+    async def _sniff(self, ep: Endpoint, first: bytes = b"") -> tuple[bool, bytes]:
+        """(is it HTTP/1.x, the bytes read so far). Waits at most
+        L7_SNIFF_TIMEOUT for more bytes; silence, EOF or an error mean L4."""
+        data = first
+        verdict = sniff(data)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(L7_SNIFF_TIMEOUT):
+                while verdict is Verdict.NEED_MORE:
+                    more = await ep.receive()
+                    if not more:
+                        break
+                    data += more
+                    verdict = sniff(data)
+        return verdict is Verdict.HTTP1 and not ep.lost, data
+
+    def _l7_pool(self, state: ProxyState) -> UpstreamPool:
+        if self._pool is None:
+            self._pool = UpstreamPool(connect_timeout=state.connect_timeout + 1.0,
+                                      buffer_size=state.buffer_size, open_socket=self._pool_socket)
+        return self._pool
+
+    async def _pool_socket(self, addr: tuple[str, int]) -> socket.socket:
+        """The pool's connect: marked like every upstream socket."""
+        try:
+            return await self._open_socket(addr, self.watcher.current)
+        except ConnectFailure as f:
+            if f.result == "timeout":
+                raise TimeoutError(f.reason) from None
+            raise OSError(f.reason) from None
+
+    async def _serve_l7(self, conn: Conn, ep: Endpoint, data: bytes, addr: tuple[str, int],
+                        state: ProxyState) -> None:
+        """Hand the client's transport (raw, or TLS plaintext side) to an L7
+        session towards ``addr``; return when the connection is over."""
+        self.http["connections"] += 1
+        done = asyncio.get_running_loop().create_future()
+        session = _ProxySession(lambda _head: addr, self._l7_pool(state),
+                                L7Settings(buffer_size=state.buffer_size),
+                                on_response=self._on_http_response, done=done)
+        tr = ep.transport
+        assert tr is not None
+        tr.set_protocol(session)
+        session.connection_made(tr)
+        if data:
+            session.data_received(data)
+        if ep.eof:
+            session.eof_received()
+        await done
+        relay = session.relay  # the request upgraded: the L4 relay carries the rest
+        if relay is not None:
+            conn.relay = relay
+            result = await relay.done
+            conn.bytes_sent = session.bytes_in + result.a_to_b
+            conn.bytes_received = session.bytes_out + result.b_to_a
+            if result.error and conn.result == "ok":
+                conn.fail("reset", result.reason)
+            return
+        conn.bytes_sent = session.bytes_in
+        conn.bytes_received = session.bytes_out
+        conn.reason = conn.reason or f"http: {session.requests} request(s)"
+
     async def _relay(self, conn: Conn, relay: Relay) -> None:
         result = await relay.done
         conn.bytes_sent = result.a_to_b
@@ -782,6 +928,12 @@ class ProxyServer:
         else:
             self._opened(conn, state, src, None, ("source",), "PassthroughCluster")
 
+        if isinstance(decision, Local) and state.l7:
+            is_http, data = await self._sniff(client)
+            if is_http:
+                await self._serve_l7(conn, client, data, decision.addr, state)
+                return
+            client.unread(data)
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
                 upstream = await self._connect(decision.addr, state, "upstream")  # benchmarks only
@@ -939,6 +1091,13 @@ class ProxyServer:
             return
         self._opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
                      m.UNKNOWN)
+        leftover = out.leftover
+        if state.l7:
+            is_http, leftover = await self._sniff(ep, leftover)
+            if is_http:
+                ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+                await self._serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state)
+                return
         try:
             upstream = await self._connect((dst_ip, req.dst.port), state, "pod")
         except ConnectFailure as f:
@@ -948,7 +1107,7 @@ class ProxyServer:
         self._link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
         ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
-        ep.unread(out.leftover)
+        ep.unread(leftover)
         relay.start()
         await self._relay(conn, relay)
 

@@ -170,8 +170,10 @@ class Forwarder:
 class Cluster:
     def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False,
                  mitm: bool = False, deny: tuple[str, ...] = (),
-                 security: tuple[str, str] = ("mtls", "mtls"), resumption: bool = True):
+                 security: tuple[str, str] = ("mtls", "mtls"), resumption: bool = True,
+                 l7: bool = False):
         self.tmp = tmp
+        self.l7 = l7
         self.security = dict(zip(("node1", "node2"), security))
         self.resumption = resumption
         self.grace = grace
@@ -206,7 +208,7 @@ class Cluster:
             doc = state_doc(node, ip, self.out_port, self.tun_port, ca_socket=ca_sock,
                             connect_timeout=self.connect_timeout,
                             tunnel_security=self.security[node],
-                            tls_resumption=self.resumption)
+                            tls_resumption=self.resumption, l7=self.l7)
             if self.ipv6 and node == "node1":
                 doc["listen"]["ipv6"] = "::1"
                 doc["pods"][0]["ips"].append("::1")
@@ -834,3 +836,135 @@ def test_proxy_links_accepted_and_upstream_cookies_in_batches(tmp_path):
     assert len(pairs) == 3 and counters["legs_linked"] == 3 and counters["leg_link_errors"] == 0
     assert all(a != b and a > 0 and b > 0 for a, b in pairs)
     assert len({c for p in pairs for c in p}) == 6  # six distinct sockets
+
+
+# -- proxy.l7: HTTP/1.x through the L7 session on the destination node ------
+
+
+class HeaderEcho:
+    """A keep-alive HTTP/1.1 server answering every GET with the request head
+    it received; counts the TCP connections it accepted."""
+
+    def __init__(self, ip: str):
+        self.ip = ip
+        self.connections = 0
+
+    async def start(self):
+        self.srv = await asyncio.start_server(self._handle, self.ip, 0)
+        self.port = self.srv.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self):
+        self.srv.close()
+        await self.srv.wait_closed()
+
+    async def _handle(self, reader, writer):
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(head), head))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+
+async def http_get(reader, writer, host: str) -> tuple[int, bytes, bytes]:
+    """One keep-alive GET on an open connection: (status, response head, body)."""
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: %s\r\nConnection: keep-alive\r\n\r\n" % host.encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, head, body
+
+
+async def close_writer(writer):
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("dst_ip,node", [("127.0.0.5", 0), ("127.0.0.7", 1)], ids=["local", "tunnel"])
+def test_l7_http_gets_trace_headers_and_reuses_upstreams(tmp_path, dst_ip, node):
+    async def main():
+        async with Cluster(tmp_path, l7=True) as c:
+            web = await HeaderEcho(dst_ip).start()
+            try:
+                bodies = []
+                for _ in range(2):  # two client connections, three requests each
+                    r, w = await c.connect(FlowOrigin(V4, dst_ip, web.port, 1001))
+                    for _ in range(3):
+                        status, head, body = await http_get(r, w, "web")
+                        assert status == 200 and b"connection: close" not in head.lower()
+                        bodies.append(body)
+                    await close_writer(w)
+                await asyncio.sleep(0.1)
+                return bodies, web.connections, c.servers[node].stats(), c.access(f"node{node + 1}")
+            finally:
+                await web.stop()
+
+    bodies, upstream_conns, stats, log = run(main())
+    for body in bodies:
+        lines = body.lower().split(b"\r\n")
+        tp = [ln for ln in lines if ln.startswith(b"traceparent: ")]
+        assert len(tp) == 1 and tracing_ok(tp[0].split(b": ", 1)[1])
+        assert any(ln.startswith(b"x-request-id: ") for ln in lines)
+        assert b"connection: keep-alive" not in lines  # hop-by-hop removed
+    assert upstream_conns == 1  # one pooled upstream connection served all six requests
+    h = stats["http"]
+    assert h["connections"] == 2 and h["requests"] == 6 and h["by_class"] == {"2xx": 6}
+    assert h["pool"] == {"connects": 1, "reuses": 5, "idle": 1}
+    assert h["latency_ms_count"] == 6 and len(h["latency_ms_recent"]) == 6
+    ours = [e for e in log if e["dst_pod"] and e["result"] == "ok"]
+    assert len(ours) == 2 and all(e["bytes_sent"] > 0 and e["bytes_received"] > 0 for e in ours)
+
+
+def tracing_ok(value: bytes) -> bool:
+    from agent.proxy.tracing import parse_traceparent
+    return parse_traceparent(value) is not None
+
+
+async def banner_handler(reader, writer):
+    """Server speaks first: a banner, then an echo of what comes."""
+    writer.write(b"220 ready\r\n")
+    await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("dst_ip,node", [("127.0.0.5", 0), ("127.0.0.7", 1)], ids=["local", "tunnel"])
+def test_l7_leaves_non_http_on_l4(tmp_path, dst_ip, node):
+    async def main():
+        async with Cluster(tmp_path, l7=True) as c:
+            srv = await asyncio.start_server(banner_handler, dst_ip, 0)
+            port = srv.sockets[0].getsockname()[1]
+            try:
+                # Server speaks first: nothing from the client, the sniff times out, L4 relay.
+                r, w = await c.connect(FlowOrigin(V4, dst_ip, port, 1001))
+                assert await asyncio.wait_for(r.readexactly(11), 5) == b"220 ready\r\n"
+                w.write(b"EHLO x\r\n")
+                assert await asyncio.wait_for(r.readexactly(8), 5) == b"EHLO x\r\n"
+                await close_writer(w)
+                # TLS from the app and binary bytes: L4 at once, byte for byte.
+                for payload in (b"\x16\x03\x01\x00\x05hello", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                                bytes(range(256))):
+                    r, w = await c.connect(FlowOrigin(V4, dst_ip, c.port(dst_ip), 1001))
+                    assert await exchange(r, w, payload) == payload + f"|bye from {dst_ip}".encode()
+                await asyncio.sleep(0.1)
+                return c.servers[node].stats()
+            finally:
+                srv.close()
+                await srv.wait_closed()
+
+    stats = run(main())
+    assert stats["http"]["connections"] == 0 and stats["http"]["pool"]["connects"] == 0

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class Agent:
     identity_error: str | None = None
     flow_history: int = 10_000          # closed flows kept for `meshlet flows`
     flow_reader: object = None          # datapath.flows.FlowReader, while serving
+    policies: object = None             # policy.store.PolicyStore, from start()
+    policy_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -185,6 +188,7 @@ class Agent:
             raise AgentError(f"{self.cfg.inventory}: node {self.cfg.node!r} (from the config's "
                              "'node:') is not in the inventory's nodes[]")
         self.inventory_sig = _file_sig(self.cfg.inventory)
+        self.load_policies()
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
         try:
@@ -202,6 +206,26 @@ class Agent:
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         self.sync()
         self.supervise_proxies()
+
+    # --- authorization policies (#4): applied through the admin API -----------------
+
+    def load_policies(self) -> None:
+        """The policies applied before a restart (runDir/policies.yaml); also
+        rewrites runDir/policies.json for the proxy workers."""
+        from .policy.store import PolicyStore
+
+        store = PolicyStore(self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain)
+        try:
+            self.policies = store.load()
+        except SourceError as e:
+            raise AgentError(f"stored policies {store.store_path} do not load, not starting "
+                             f"(fix or remove the file):\n{e}") from e
+        log.info("policies: %d, version %s", len(store.policyset), store.version)
+
+    def policy_status(self) -> dict:
+        if self.policies is None:
+            return {"version": None, "count": 0}
+        return self.policies.summary()
 
     # --- identity: the node CA that signs its pods' SVIDs --------------------------
 
@@ -484,6 +508,7 @@ class Agent:
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,
             "identity": self.identity_status(),
+            "policy": self.policy_status(),
             "enrolled": [{"pod": k, "cgroup_id": v} for k, v in sorted(self.enrolled.items())],
             "pending": [{"pod": k, "reason": v} for k, v in sorted(self.pending.items())],
             "proxy": [{"worker": w.index, "pid": w.pid, "adopted": w.adopted,
@@ -629,9 +654,47 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 
 
 # --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
+# GET everywhere; POST and DELETE for policies.  A request body needs a
+# Content-Length (at most ADMIN_BODY_LIMIT bytes).
 
 FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats"} | FLOW_ROUTES
+POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>", "POST /v1/policies:apply",
+                 "POST /v1/policies:diff", "DELETE /v1/policies/<namespace>/<name>"}
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats"} | FLOW_ROUTES | POLICY_ROUTES
+ADMIN_BODY_LIMIT = 4 << 20
+ADMIN_HEADER_LINES = 100
+
+
+async def _read_admin_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes, tuple | None]:
+    """(method, target, body, error): error is (status, message) for a request
+    that cannot be served (its body is then not read)."""
+    line = await asyncio.wait_for(reader.readline(), 5)
+    parts = line.decode("latin-1").split()
+    method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+    length, error = 0, None
+    for _ in range(ADMIN_HEADER_LINES):
+        h = await asyncio.wait_for(reader.readline(), 5)
+        if h in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = h.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length":
+            try:
+                length = int(value.strip())
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                error = (400, f"bad Content-Length {value.strip()!r}")
+    else:
+        return method, target, b"", (431, "too many header lines")
+    if error is None and length > ADMIN_BODY_LIMIT:
+        error = (413, f"request body of {length} bytes; the limit is {ADMIN_BODY_LIMIT}")
+    body = b""
+    if error is None and length:
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), 30)
+        except asyncio.IncompleteReadError:
+            error = (400, "request body shorter than its Content-Length")
+    return method, target, body, error
 
 
 async def start_admin(agent: Agent) -> asyncio.AbstractServer:
@@ -644,13 +707,14 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            target = parts[1] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] != "GET":
-                code, body = 405, {"error": "only GET is supported"}
+            method, target, payload, error = await _read_admin_request(reader)
+            if error is not None:
+                code, body = error[0], {"error": error[1]}
+            elif target.split("?", 1)[0].startswith("/v1/policies") and method in (
+                    "GET", "POST", "DELETE"):
+                code, body = await asyncio.to_thread(_policies_route, agent, method, target, payload)
+            elif method != "GET":
+                code, body = 405, {"error": f"{method or 'this request'} is not supported here"}
             elif target == "/v1/status":
                 code, body = 200, agent.status()
             elif target == "/v1/workloads":
@@ -679,6 +743,84 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
     server = await asyncio.start_unix_server(handle, path=path)
     os.chmod(path, 0o600)
     return server
+
+
+# --- policies (#4): the policy store over the admin API -------------------------------
+
+def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
+    """Runs in a worker thread; one store operation at a time.
+
+    GET    /v1/policies                      {"version", "count", "policies": [summary...]}
+    GET    /v1/policies/<ns>/<name>          {"namespace", "name", "document", "yaml"}
+    POST   /v1/policies:apply                body {"files": [{"filename", "text"}...]}
+                                             -> {"changes": [{"namespace", "name", "result"}],
+                                                 "version", "previous_version", "count"}
+    POST   /v1/policies:diff                 same body -> {"diff", "changes", "version"}
+    DELETE /v1/policies/<ns>/<name>          {"deleted": "ns/name", "version", "count"}
+
+    Invalid documents: 400 {"error", "errors": [{"file", "line", "column", "path",
+    "message", "text"}]}, and nothing changed.  Unknown policy: 404."""
+    from urllib.parse import unquote
+
+    from .policy.store import MAX_DOCUMENT_BYTES
+
+    store = agent.policies
+    if store is None:
+        return 503, {"error": "the policy store is not loaded yet"}
+    path = target.split("?", 1)[0]
+    with agent.policy_lock:
+        if path in ("/v1/policies:apply", "/v1/policies:diff"):
+            if method != "POST":
+                return 405, {"error": f"{path} needs POST"}
+            try:
+                req = json.loads(payload or b"null")
+                files = req["files"]
+                sources = [(str(f["filename"]), f["text"]) for f in files]
+                if not all(isinstance(t, str) for _, t in sources):
+                    raise TypeError("text must be a string")
+            except (ValueError, KeyError, TypeError) as e:
+                return 400, {"error": 'body must be JSON {"files": [{"filename": ..., "text": ...}]}'
+                                      f" ({e})"}
+            if sum(len(t.encode()) for _, t in sources) > MAX_DOCUMENT_BYTES:
+                return 413, {"error": f"more than {MAX_DOCUMENT_BYTES} bytes of policy text"}
+            before = store.version
+            try:
+                if path.endswith(":diff"):
+                    text, changes = store.diff(sources)
+                    return 200, {"diff": text, "changes": [c.to_dict() for c in changes],
+                                 "version": store.version}
+                changes = store.apply(sources)
+            except SourceError as e:
+                return 400, {"error": str(e), "errors": [
+                    {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
+                     "message": p.message, "text": str(p)} for p in e.errors]}
+            if store.version != before:
+                log.info("policies applied: version %s -> %s (%d policies)", before,
+                         store.version, len(store.policyset))
+            return 200, {"changes": [c.to_dict() for c in changes], "version": store.version,
+                         "previous_version": before, "count": len(store.policyset)}
+        if path == "/v1/policies":
+            if method != "GET":
+                return 405, {"error": "/v1/policies needs GET"}
+            return 200, {"version": store.version, "count": len(store.policyset),
+                         "policies": store.list()}
+        rest = path[len("/v1/policies/"):].split("/") if path.startswith("/v1/policies/") else []
+        if len(rest) != 2 or not all(rest):
+            return 404, {"error": f"unknown path {target!r}", "paths": sorted(POLICY_ROUTES)}
+        ns, name = unquote(rest[0]), unquote(rest[1])
+        if method == "GET":
+            doc = store.get(ns, name)
+            if doc is None:
+                return 404, {"error": f"no policy {ns}/{name}"}
+            return 200, {"namespace": ns, "name": name, "yaml": store.get_yaml(ns, name),
+                         "document": json.loads(json.dumps(doc, default=str))}
+        if method == "DELETE":
+            if not store.delete(ns, name):
+                return 404, {"error": f"no policy {ns}/{name}"}
+            log.info("policy %s/%s deleted: version %s", ns, name, store.version)
+            return 200, {"deleted": f"{ns}/{name}", "version": store.version,
+                         "count": len(store.policyset)}
+        return 405, {"error": f"{method} is not supported on {path}"}
 
 
 # --- flows (#6): the kernel flow table over the admin API ------------------------------

@@ -257,6 +257,9 @@ def status(sock, node, output) -> None:
                + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}"
                   if inv["error"] else ""))
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
+    pol = st.get("policy") or {}
+    if pol:
+        click.echo(f"policies {pol.get('count')}, version {pol.get('version')}")
     for p in st["pending"]:
         click.echo(f"  pending {p['pod']}: {p['reason']}")
     for w in st["proxy"]:
@@ -598,11 +601,13 @@ def config_validate(path, output) -> None:
         click.echo(yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False))
 
 
-# --- authorization policy (offline) -----------------------------------------------------
+# --- authorization policy -----------------------------------------------------------------
 # Exit codes: validate 0 valid / 1 invalid; explain 0 allowed / 1 denied (or the request
 # itself is refused, e.g. 400) / 3 the policies or inventory do not load; lint 0 clean /
-# 1 findings / 3 inputs do not load; 2 is always a usage error.  apply, diff, list, get
-# and delete need the running agent and come with its integration.
+# 1 findings / 3 inputs do not load.  With the agent: apply 0 applied / 1 invalid input
+# (nothing changed) or agent error; diff 0 no differences / 1 differences / 3 invalid
+# input or agent error; list 0 / 1 agent error; get, delete 0 / 1 no such policy or agent
+# error.  2 is always a usage error.
 
 def _policy_opts(f):
     f = click.option("--root-namespace", default="istio-system", show_default=True,
@@ -650,12 +655,21 @@ def _find_pod(inv, ref: str, opt: str):
 
 @main.group()
 def policy() -> None:
-    """Authorization policies (Istio AuthorizationPolicy semantics), offline.
+    """Authorization policies (Istio AuthorizationPolicy semantics).
 
     \b
       meshlet policy validate PATH...          load and check files or directories
       meshlet policy explain -f PATH ...       would this connection/request be allowed, and why?
       meshlet policy lint PATH...              shadowed rules, contradictions, unused selectors
+
+    With the running agent (--socket/--node pick it):
+
+    \b
+      meshlet policy apply -f FILE|DIR...      create or update policies, all or none
+      meshlet policy diff -f FILE|DIR...       what apply would change
+      meshlet policy list                      the applied policies and their version
+      meshlet policy get NAME -n NS            one applied policy, as YAML or JSON
+      meshlet policy delete NAME -n NS         remove one applied policy
     """
 
 
@@ -831,6 +845,165 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
             click.echo(str(f))
         click.echo(f"{len(found)} finding(s) in {len(ps)} policies")
     sys.exit(1 if found else 0)
+
+
+# --- authorization policy through the agent (apply/diff/list/get/delete) -------------
+
+def _policy_sources(paths) -> list[dict]:
+    """Every file of ``-f`` paths, read here: the agent gets their text and names."""
+    from .policy.load import policy_files
+    from .yamlsrc import SourceError, read_text
+
+    files, problems = [], []
+    for path in paths:
+        found = policy_files(path)
+        if not found:
+            problems.append(f"{path}: directory has no .yaml or .yml files")
+        for f in found:
+            try:
+                files.append({"filename": f, "text": read_text(f)})
+            except SourceError as e:
+                problems.append(str(e))
+    if problems:
+        _die("cannot read the policies:\n" + "\n".join(problems))
+    return files
+
+
+def _policy_call(sock: str, method: str, path: str, body: dict | None = None,
+                 fail: int = 1) -> tuple[int, dict]:
+    """Call the agent; exit ``fail`` when it cannot be reached or answers garbage."""
+    from .adminclient import admin_request
+
+    try:
+        return admin_request(sock, method, path, body, timeout=30)
+    except OSError as e:
+        _die(f"cannot reach the agent at {sock}: {e.strerror or e}; is `meshlet run` running?", fail)
+    except ValueError as e:
+        _die(f"unexpected answer from {sock}: {e}", fail)
+    raise AssertionError
+
+
+def _invalid(data: dict, output: str, code: int) -> None:
+    if output == "json":
+        click.echo(json.dumps({"valid": False, "errors": data.get("errors", []),
+                               "error": data.get("error")}))
+        sys.exit(code)
+    _die(("invalid policies, nothing changed:\n" if data.get("errors") else "")
+         + str(data.get("error")), code)
+
+
+FILES = click.option("-f", "--filename", "paths", multiple=True, required=True,
+                     type=click.Path(exists=True),
+                     help="A policy file or a directory of *.yaml/*.yml (repeatable).")
+NAMESPACE = click.option("-n", "--namespace", default="default", show_default=True,
+                         help="The policy's namespace.")
+
+
+@policy.command("apply")
+@FILES
+@agent_opts
+@OUTPUT
+def policy_apply(paths, sock, node, output) -> None:
+    """Create or update policies in the agent, all or none.
+
+    Prints created / configured / unchanged per policy.  Exit codes: 0 applied;
+    1 invalid input (file:line:column: field: what; nothing was changed) or the
+    agent could not be reached; 2 usage.
+    """
+    files = _policy_sources(paths)
+    code, data = _policy_call(_admin_socket(sock, node), "POST", "/v1/policies:apply",
+                              {"files": files})
+    if code == 400 and "errors" in data:
+        _invalid(data, output, 1)
+    if code != 200:
+        _die(f"agent answered {code}: {data.get('error')}")
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    for c in data["changes"]:
+        click.echo(f"authorizationpolicy {c['namespace']}/{c['name']} {c['result']}")
+    click.echo(f"version {data['version']} ({data['count']} policies)")
+
+
+@policy.command("diff")
+@FILES
+@agent_opts
+def policy_diff(paths, sock, node) -> None:
+    """What `apply` would change, as a unified diff per policy (the agent's
+    stored YAML against the new).  Changes nothing.
+
+    Exit codes: 0 no differences; 1 differences; 2 usage; 3 invalid input or
+    the agent could not be reached.
+    """
+    files = _policy_sources(paths)
+    code, data = _policy_call(_admin_socket(sock, node), "POST", "/v1/policies:diff",
+                              {"files": files}, fail=3)
+    if code == 400 and "errors" in data:
+        _invalid(data, "table", 3)
+    if code != 200:
+        _die(f"agent answered {code}: {data.get('error')}", 3)
+    if data["diff"]:
+        click.echo(data["diff"], nl=False)
+    sys.exit(1 if any(c["result"] != "unchanged" for c in data["changes"]) else 0)
+
+
+@policy.command("list")
+@agent_opts
+@OUTPUT
+def policy_list(sock, node, output) -> None:
+    """The policies the agent holds, and their version.  Exit codes: 0; 1 the
+    agent could not be reached; 2 usage."""
+    code, data = _policy_call(_admin_socket(sock, node), "GET", "/v1/policies")
+    if code != 200:
+        _die(f"agent answered {code}: {data.get('error')}")
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("NAMESPACE", "NAME", "ACTION", "SELECTOR", "RULES")] + [
+        (p["namespace"], p["name"], p["action"],
+         ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*", str(p["rules"]))
+        for p in data["policies"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    click.echo(f"{data['count']} policies, version {data['version']}")
+
+
+@policy.command("get")
+@click.argument("name")
+@NAMESPACE
+@agent_opts
+@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml",
+              show_default=True, help="Output format.")
+def policy_get(name, namespace, sock, node, output) -> None:
+    """One policy as the agent stores it.  Exit codes: 0; 1 no such policy or
+    the agent could not be reached; 2 usage."""
+    from urllib.parse import quote
+
+    code, data = _policy_call(_admin_socket(sock, node), "GET",
+                              f"/v1/policies/{quote(namespace, safe='')}/{quote(name, safe='')}")
+    if code != 200:
+        _die(data.get("error") or f"agent answered {code}")
+    if output == "json":
+        click.echo(json.dumps(data["document"], indent=2))
+    else:
+        click.echo(data["yaml"], nl=False)
+
+
+@policy.command("delete")
+@click.argument("name")
+@NAMESPACE
+@agent_opts
+def policy_delete(name, namespace, sock, node) -> None:
+    """Remove one policy from the agent.  Exit codes: 0 deleted; 1 no such
+    policy or the agent could not be reached; 2 usage."""
+    from urllib.parse import quote
+
+    code, data = _policy_call(_admin_socket(sock, node), "DELETE",
+                              f"/v1/policies/{quote(namespace, safe='')}/{quote(name, safe='')}")
+    if code != 200:
+        _die(data.get("error") or f"agent answered {code}")
+    click.echo(f"authorizationpolicy {data['deleted']} deleted (version {data['version']})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""The agent's admin API for policies (agent/app.py) over a real Unix socket,
+with a stand-in agent: request bodies (Content-Length, the 4 MiB bound), the
+policy routes, and the CLI commands on top of them (agent/cli.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import socket
+import threading
+import types
+
+import pytest
+from click.testing import CliRunner
+
+from agent import app
+from agent.adminclient import admin_request
+from agent.cli import main
+from agent.policy.store import PolicyStore
+
+REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
+
+BAD = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {colour: [red]}}]
+"""
+
+
+@pytest.fixture
+def admin(tmp_path):
+    """An admin server on a socket in tmp_path, run in its own thread and loop."""
+    sock = str(tmp_path / "admin.sock")
+    store = PolicyStore(str(tmp_path / "run")).load()
+    agent = types.SimpleNamespace(cfg=types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock)),
+                                  policies=store, policy_lock=threading.Lock())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    async def serve():
+        holder["server"] = await app.start_admin(agent)
+        holder["stop"] = asyncio.Event()
+        ready.set()
+        await holder["stop"].wait()
+        holder["server"].close()
+        await holder["server"].wait_closed()
+
+    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    t.start()
+    assert ready.wait(5)
+    try:
+        yield types.SimpleNamespace(sock=sock, store=store, run_dir=tmp_path / "run")
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        t.join(5)
+        loop.close()
+
+
+def files(*pairs):
+    return {"files": [{"filename": f, "text": t} for f, t in pairs]}
+
+
+def test_routes(admin):
+    text = pathlib.Path(REPO_POLICIES, "20-shop-deny-admin.yaml").read_text()
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:diff", files(("x.yaml", text)))
+    assert code == 200 and data["diff"].startswith("--- /dev/null\n")
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:apply", files(("x.yaml", text)))
+    assert code == 200 and [c["result"] for c in data["changes"]] == ["created"]
+    version = data["version"]
+    code, data = admin_request(admin.sock, "GET", "/v1/policies")
+    assert code == 200 and data["count"] == 1 and data["version"] == version
+    ns, name = data["policies"][0]["namespace"], data["policies"][0]["name"]
+    code, data = admin_request(admin.sock, "GET", f"/v1/policies/{ns}/{name}")
+    assert code == 200 and data["document"]["metadata"]["name"] == name
+    assert data["yaml"].startswith("apiVersion:")
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:apply", files(("bad.yaml", BAD)))
+    assert code == 400 and data["errors"][0]["file"] == "bad.yaml" and data["errors"][0]["line"] == 7
+    assert admin.store.version == version
+    assert admin_request(admin.sock, "GET", "/v1/policies/shop/nope")[0] == 404
+    assert admin_request(admin.sock, "DELETE", f"/v1/policies/{ns}/{name}")[0] == 200
+    assert admin_request(admin.sock, "DELETE", f"/v1/policies/{ns}/{name}")[0] == 404
+    assert admin_request(admin.sock, "PUT", "/v1/policies")[0] == 405
+    assert admin_request(admin.sock, "POST", "/v1/status", {})[0] == 405
+    assert admin_request(admin.sock, "GET", "/v1/policies:apply")[0] == 405
+
+
+def test_bodies(admin):
+    def raw(req: bytes) -> tuple[int, dict]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(admin.sock)
+            s.sendall(req)
+            s.shutdown(socket.SHUT_WR)   # a short body ends here
+            answer = b"".join(iter(lambda: s.recv(65536), b""))
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    assert raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: x\r\n\r\n")[0] == 400
+    big = app.ADMIN_BODY_LIMIT + 1
+    assert raw(f"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: {big}\r\n\r\n".encode())[0] == 413
+    assert raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: 4\r\n\r\n{}")[0] == 400
+    code, data = raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    assert code == 400 and "files" in data["error"]
+    assert raw(b"GET /v1/policies HTTP/1.0\r\n" + b"X: y\r\n" * 200 + b"\r\n")[0] == 431
+
+
+def test_cli(admin, tmp_path):
+    run = CliRunner().invoke
+    env = {"MESHLET_ADMIN_SOCKET": admin.sock}
+    r = run(main, ["policy", "diff", "-f", REPO_POLICIES], env=env)
+    assert r.exit_code == 1 and "+++ b/shop/" in r.output
+    r = run(main, ["policy", "apply", "-f", REPO_POLICIES], env=env)
+    assert r.exit_code == 0, r.output
+    assert r.output.count(" created\n") == len(admin.store.policyset) > 1
+    version = admin.store.version
+    r = run(main, ["policy", "apply", "-f", REPO_POLICIES], env=env)
+    assert r.exit_code == 0 and " created" not in r.output and " unchanged" in r.output
+    assert run(main, ["policy", "diff", "-f", REPO_POLICIES], env=env).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD)
+    r = run(main, ["policy", "apply", "-f", REPO_POLICIES, "-f", str(bad)], env=env)
+    assert r.exit_code == 1 and f"{bad}:7:" in r.output and "nothing changed" in r.output
+    assert run(main, ["policy", "diff", "-f", str(bad)], env=env).exit_code == 3
+    assert admin.store.version == version
+    r = run(main, ["policy", "list", "-o", "json"], env=env)
+    data = json.loads(r.output)
+    assert data["version"] == version
+    p = data["policies"][0]
+    r = run(main, ["policy", "get", p["name"], "-n", p["namespace"]], env=env)
+    assert r.exit_code == 0 and f"name: {p['name']}" in r.output
+    r = run(main, ["policy", "get", p["name"], "-n", p["namespace"], "-o", "json"], env=env)
+    assert json.loads(r.output)["metadata"]["namespace"] == p["namespace"]
+    assert run(main, ["policy", "get", "nope", "-n", "shop"], env=env).exit_code == 1
+    r = run(main, ["policy", "delete", p["name"], "-n", p["namespace"]], env=env)
+    assert r.exit_code == 0 and "deleted" in r.output
+    assert run(main, ["policy", "delete", p["name"], "-n", p["namespace"]], env=env).exit_code == 1
+    r = run(main, ["policy", "list"], env=env)
+    assert r.exit_code == 0 and f"{len(data['policies']) - 1} policies" in r.output
+    assert os.path.exists(admin.run_dir / "policies.json")
+
+
+def test_cli_without_agent(tmp_path):
+    env = {"MESHLET_ADMIN_SOCKET": str(tmp_path / "nothing.sock")}
+    r = CliRunner().invoke(main, ["policy", "list"], env=env)
+    assert r.exit_code == 1 and "cannot reach the agent" in r.output
+    assert CliRunner().invoke(main, ["policy", "diff", "-f", REPO_POLICIES], env=env).exit_code == 3

@@ -181,6 +181,26 @@ def read_text(path: str) -> str:
         raise SourceError([Problem(str(path), line, col, "", "file is not valid UTF-8")]) from e
 
 
+def syntax_error(e: BaseException, text: str, fail) -> "SourceError":
+    """Turn a PyYAML (or recursion) error while reading ``text`` into the
+    positioned error ``fail(line, column, message)`` builds.  Shared by every
+    loader that reads YAML itself (single- and multi-document)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        what = e.problem or e.context or "cannot parse"
+        if e.context and e.problem:
+            what = f"{e.problem} ({e.context})"
+        return fail(line, column, f"YAML syntax error: {what}")
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        return fail(line, column, f"YAML syntax error: character {e.character:#x} is not allowed")
+    if isinstance(e, RecursionError):
+        return fail(0, 0, "YAML is nested too deeply")
+    return fail(0, 0, f"YAML syntax error: {e}")
+
+
 def parse(text: str, filename: str) -> Document:
     """Compose ``text`` into a :class:`Document` whose root is a mapping.
 
@@ -200,21 +220,8 @@ def parse(text: str, filename: str) -> Document:
                 line, column = position(loader.peek_event())
                 raise fail(line, column, "a second YAML document starts here; "
                                          "put everything in one document (remove the '---')")
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        what = e.problem or e.context or "cannot parse"
-        if e.context and e.problem:
-            what = f"{e.problem} ({e.context})"
-        raise fail(line, column, f"YAML syntax error: {what}") from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        raise fail(line, column, f"YAML syntax error: character {e.character:#x} is not allowed") from None
-    except yaml.YAMLError as e:
-        raise fail(0, 0, f"YAML syntax error: {e}") from None
-    except RecursionError:
-        raise fail(0, 0, "YAML is nested too deeply") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise syntax_error(e, text, fail) from None
     finally:
         if loader is not None:
             loader.dispose()

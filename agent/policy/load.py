@@ -122,21 +122,8 @@ def parse_documents(text: str, filename: str) -> list[y.Document]:
         loader = yaml.SafeLoader(text)
         while loader.check_node():
             roots.append(loader.get_node())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        what = e.problem or e.context or "cannot parse"
-        if e.context and e.problem:
-            what = f"{e.problem} ({e.context})"
-        raise fail(line, column, f"YAML syntax error: {what}") from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        raise fail(line, column, f"YAML syntax error: character {e.character:#x} is not allowed") from None
-    except yaml.YAMLError as e:
-        raise fail(0, 0, f"YAML syntax error: {e}") from None
-    except RecursionError:
-        raise fail(0, 0, "YAML is nested too deeply") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise y.syntax_error(e, text, fail) from None
     finally:
         if loader is not None:
             loader.dispose()

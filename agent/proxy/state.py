@@ -94,6 +94,11 @@ class Pod:
     cgroup_id: int | None
     mesh: bool
     app: str | None = None  # the pod's ``app`` label
+    labels: tuple[tuple[str, str], ...] = ()  # every label, sorted (policy selectors match them)
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
 
     @property
     def workload(self) -> str:
@@ -319,6 +324,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
             cgroup_id=cgroup_id,
             mesh=_get(pd, "mesh", where, bool, True),
             app=_app_label(_get(pd, "labels", where, dict, {}), f"{where}.labels"),
+            labels=tuple(sorted(_get(pd, "labels", where, dict, {}).items())),
         )
         for ip in pod.ips:
             other = by_ip.get(ip)

@@ -1,0 +1,144 @@
+"""The proxy's view of the applied authorization policies (issue #4, L4 part).
+
+The agent writes ``policies.json`` next to the proxy state file (shape in
+``agent.policy.store``).  ``PolicyWatcher`` polls it like ``StateWatcher``
+polls the state (inode, mtime, size) and rebuilds the ``PolicySet`` with the
+pure loader from the embedded YAML, checking that the version it gets is the
+one the file names.  A file that does not load is logged and the previous set
+is kept; no file means no policies (everything allowed, as without the mesh).
+
+``authorize`` builds the connection-level ``Request`` (``is_http=False``) and
+asks ``evaluate``: ALLOW rules with HTTP-only fields never widen, DENY/AUDIT
+rules with them apply to every connection their L4 part matches (Istio's TCP
+semantics, implemented by the evaluator).  Only the destination side calls
+it, where the source identity is trustworthy: the verified mTLS peer, or the
+kernel's cgroup record on the same node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+
+from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
+from agent.policy.evaluate import Decision, Request, evaluate
+from agent.policy.load import fingerprint, parse_policies
+from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
+from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
+from agent.proxy.state import Pod
+
+__all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path"]
+
+log = logging.getLogger("meshlet.proxy")
+
+
+class PolicyFileError(ValueError):
+    pass
+
+
+def policy_path(state_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(state_path)), COMPILED_FILE)
+
+
+def empty_set(trust_domain: str = DEFAULT_TRUST_DOMAIN,
+              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    return PolicySet((), trust_domain, root_namespace, fingerprint((), trust_domain, root_namespace))
+
+
+def load_policy_file(path: str) -> PolicySet:
+    """Read ``policies.json``.  Raises PolicyFileError (or OSError)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise PolicyFileError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != COMPILED_FORMAT:
+        raise PolicyFileError(f"{path}: expected an object with format {COMPILED_FORMAT}")
+    td, rn, text, version = (doc.get("trustDomain"), doc.get("rootNamespace"), doc.get("yaml"),
+                             doc.get("version"))
+    if not all(isinstance(v, str) for v in (td, rn, text, version)):
+        raise PolicyFileError(f"{path}: trustDomain, rootNamespace, yaml and version must be strings")
+    if text.strip():
+        try:
+            ps = parse_policies(text, path, trust_domain=td, root_namespace=rn)
+        except ValueError as e:  # SourceError
+            raise PolicyFileError(f"{path}: the embedded policies do not load: {e}") from None
+    else:
+        ps = empty_set(td, rn)
+    if ps.version != version:
+        raise PolicyFileError(f"{path}: the embedded policies have version {ps.version}, but the file "
+                              f"says {version} (is the agent from the same release?)")
+    return ps
+
+
+class PolicyWatcher:
+    """Polls ``policies.json`` and keeps the last good ``PolicySet``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.current = empty_set()
+        self.reloads = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._sig: tuple[int, int, int] | None = None
+        self.check()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def check(self) -> bool:
+        """Reload if the file changed.  True if the set changed (its version)."""
+        sig = self._stat()
+        if sig == self._sig:
+            return False
+        self._sig = sig
+        if sig is None:
+            new = empty_set(self.current.trust_domain, self.current.root_namespace)
+            if new.version != self.current.version:
+                log.warning("%s is gone: no authorization policies apply any more", self.path)
+        else:
+            try:
+                new = load_policy_file(self.path)
+            except (OSError, PolicyFileError) as e:
+                self.errors += 1
+                self.last_error = str(e)
+                log.error("cannot reload authorization policies: %s; keeping version %s (%d policies)",
+                          e, self.current.version, len(self.current))
+                return False
+            self.last_error = None
+        if new.version == self.current.version:
+            return False
+        old, self.current = self.current, new
+        self.reloads += 1
+        log.info("loaded authorization policies version %s (%d policies; was %s)",
+                 new.version, len(new), old.version)
+        return True
+
+
+def authorize(ps: PolicySet, *, src_identity: str | None, src_ip: str | None, dst: Pod,
+              port: int) -> Decision:
+    """Decide one connection to pod ``dst`` on ``port``.  ``src_identity`` must
+    be trustworthy (verified mTLS peer, or the kernel's record on this node);
+    None is a peer without an identity."""
+    principal = None
+    if src_identity:
+        try:
+            principal = parse_spiffe_id(src_identity)
+        except SpiffeIdError:
+            principal = None
+    ip = None
+    if src_ip:
+        try:
+            ip = ipaddress.ip_address(src_ip)
+        except ValueError:
+            ip = None
+    req = Request(destination_namespace=dst.namespace, destination_labels=dst.label_map,
+                  destination_port=port, source_principal=principal, source_ip=ip, is_http=False)
+    return evaluate(ps, req)

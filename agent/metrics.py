@@ -99,14 +99,21 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     denied = CounterMetricFamily(
         "meshlet_denied_connections_total",
         "Connections the mesh refused, by reason. 'policy' names the deciding authorization "
-        "policy once policies exist (#4); empty for the mesh's own checks.",
+        "policy (reason=\"policy\"); empty for the mesh's own checks.",
         labels=["reason", "policy"])
-    totals = {r: 0 for r in DENY_REASONS}
+    totals = {r: 0 for r in DENY_REASONS if r != "policy"}
+    by_policy: dict[str, int] = {}
     for w in live:
-        for r, n in (w.get("metrics") or {}).get("denied", {}).items():
-            totals[r] = totals.get(r, 0) + n
+        wm = w.get("metrics") or {}
+        for r, n in wm.get("denied", {}).items():
+            if r != "policy":
+                totals[r] = totals.get(r, 0) + n
+        for pol, n in wm.get("denied_policies", {}).items():
+            by_policy[pol] = by_policy.get(pol, 0) + n
     for r, n in sorted(totals.items()):
         denied.add_metric([r, ""], n)
+    for pol, n in sorted(by_policy.items()):  # reason "policy": one series per deciding policy
+        denied.add_metric(["policy", pol], n)
     out.append(denied)
 
     overflow = CounterMetricFamily(

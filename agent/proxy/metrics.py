@@ -67,6 +67,7 @@ DENY_REASONS: tuple[str, ...] = (
     "not_local",                # tunnel asks for a pod that is not on this node
     "no_route",                 # the destination pod's node has no address in the state
     "bad_tunnel_header",        # malformed, oversized or missing tunnel header
+    "policy",                   # an authorization policy denied it (counted per policy too)
 )
 
 _FLAGS = {"ok": "-", "refused": "UF", "timeout": "UF", "reset": "UC", "rejected": "DENY"}
@@ -129,6 +130,7 @@ class TcpMetrics:
         self.max_series = max_series
         self.series: dict[tuple[str, ...], _Series] = {}
         self.denied: dict[str, int] = {}
+        self.denied_policies: dict[str, int] = {}  # reason "policy", by deciding policy (ns/name)
         self.overflow = 0
         self._live: dict[int, _Tracked] = {}
 
@@ -188,8 +190,10 @@ class TcpMetrics:
                 s = self.series[lb]
             s.closed += 1
 
-    def deny(self, reason: str) -> None:
+    def deny(self, reason: str, policy: str | None = None) -> None:
         self.denied[reason] = self.denied.get(reason, 0) + 1
+        if policy is not None:  # "": no ALLOW rule matched (no single policy decided)
+            self.denied_policies[policy] = self.denied_policies.get(policy, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able: label names once, then one row per label set."""
@@ -198,6 +202,7 @@ class TcpMetrics:
             "tcp": [[list(lb), s.opened, s.closed, s.received, s.sent]
                     for lb, s in self.series.items()],
             "denied": dict(self.denied),
+            "denied_policies": dict(self.denied_policies),
             "overflow": self.overflow,
             "max_series": self.max_series,
             "live": len(self._live),

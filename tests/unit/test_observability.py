@@ -317,3 +317,17 @@ def test_stats_filters_and_table():
                                          ([1, 2, 3, 4], 100, 4), (list(range(1, 101)), 95, 95)])
 def test_percentile_nearest_rank(vals, q, want):
     assert percentile(vals, q) == want
+
+
+def test_policy_denials_are_labelled_by_the_deciding_policy():
+    workers = []
+    for pols in (["shop/deny-admin", "shop/deny-admin", ""], ["shop/deny-admin"]):
+        t = m.TcpMetrics()
+        for p in pols:
+            t.deny("policy", p)
+        workers.append({"metrics": t.snapshot(), "active_connections": 0})
+    got = scrape({"workers": workers})
+    rows = {(s["reason"], s["policy"]): v for s, v in got["meshlet_denied_connections"]}
+    assert rows[("policy", "shop/deny-admin")] == 3
+    assert rows[("policy", "")] == 1  # no ALLOW rule matched: no single policy decided
+    assert rows[("mtls_refused", "")] == 0

@@ -55,6 +55,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from agent.proxy import tunnel
+from agent.proxy.authz import PolicyWatcher, authorize, policy_path
 from agent.proxy.certs import CertManager
 from agent.proxy import metrics as m
 from agent.proxy.l7 import L7Session, L7Settings, UpstreamPool
@@ -174,6 +175,12 @@ class Conn:
     deny_reason: str | None = None  # a metrics.DENY_REASONS value: the mesh refused it
     service: str | None = None  # destination_service: the IP address the client dialed
     mtls: bool = False  # the bytes crossed nodes in the mutual-TLS tunnel
+    # Authorization (destination side only): what the policy saw, and its verdict.
+    authz: tuple[str | None, str | None, str, int] | None = None  # (identity, src ip, dst pod key, port)
+    verdict: str | None = None  # "allowed" | "denied"; None: not checked here
+    policy: str | None = None  # the deciding policy (namespace/name)
+    rule: int | None = None
+    audit: list = field(default_factory=list)  # AUDIT matches: [{"policy", "rule"}]
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result
@@ -236,7 +243,16 @@ class Conn:
             "deny_reason": self.deny_reason,
             "connection_security_policy": "mutual_tls" if self.mtls else "none",
             **self._workload_fields(),
+            **self._authz_fields(),
         }
+
+    def _authz_fields(self) -> dict[str, Any]:
+        if self.verdict is None:
+            return {}
+        out: dict[str, Any] = {"verdict": self.verdict, "policy": self.policy, "rule": self.rule}
+        if self.audit:
+            out["audit"] = list(self.audit)
+        return out
 
     def _workload_fields(self) -> dict[str, Any]:
         """The workload labels the metrics use (first reporter's)."""
@@ -363,6 +379,9 @@ class ProxyServer:
             "latency_ms_count": 0,
         }
         self._latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
+        # Authorization policies: policies.json next to the state file.
+        self.policies = PolicyWatcher(policy_path(watcher.path))
+        self._policy_task: asyncio.Task[None] | None = None
         if watcher.on_change is None:
             watcher.on_change = self._state_changed
 
@@ -394,6 +413,7 @@ class ProxyServer:
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
         self._certs_task = asyncio.get_running_loop().create_task(self.certs.run())
+        self._policy_task = asyncio.get_running_loop().create_task(self._watch_policies())
         log.info(
             "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
             self.worker_id,
@@ -536,7 +556,7 @@ class ProxyServer:
             self._stats_server = None
             with contextlib.suppress(OSError):
                 os.unlink(self.stats_path)
-        for attr in ("_watch_task", "_certs_task"):
+        for attr in ("_watch_task", "_certs_task", "_policy_task"):
             t = getattr(self, attr)
             if t is not None:
                 t.cancel()
@@ -575,8 +595,72 @@ class ProxyServer:
             log.info("shutting down: no longer accepting connections")
             await self.stop(grace)
 
+    async def _watch_policies(self) -> None:
+        while True:
+            await asyncio.sleep(self.watcher.interval)
+            try:
+                if self.policies.check():
+                    self._recheck("policy set changed")
+            except Exception:  # noqa: BLE001 - keep watching; the previous set stays
+                log.exception("authorization policy reload failed")
+
+    def _recheck(self, why: str) -> None:
+        """Close (reset) every live destination-side connection the current
+        policies no longer allow, with one log line each."""
+        ps = self.policies.current
+        state = self.watcher.current
+        for conn in list(self._tasks.values()):
+            if conn.authz is None or conn.result != "ok":
+                continue
+            identity, src_ip, dst_key, port = conn.authz
+            pod = state.pod_by_key.get(dst_key)
+            if pod is None:
+                continue
+            d = authorize(ps, src_identity=identity, src_ip=src_ip, dst=pod, port=port)
+            if d.allowed:
+                continue
+            self._record_decision(conn, d)
+            conn.deny("policy", f"closed ({why}): policy: {d.reason}")
+            log.warning("closed connection %s (%s) -> %s (%s): no longer allowed, denied by %s",
+                        _fmt_addr(conn.src_addr), identity or "no identity", _fmt_addr(conn.dst_addr),
+                        dst_key, self._decided_by(d))
+            conn.reset_all()
+
+    @staticmethod
+    def _decided_by(d: Any) -> str:
+        if d.policy is None:
+            return "no ALLOW policy match"
+        return f"policy {d.policy} rule {d.rule}"
+
+    @staticmethod
+    def _record_decision(conn: Conn, d: Any) -> None:
+        conn.verdict = "allowed" if d.allowed else "denied"
+        conn.policy = d.policy
+        conn.rule = d.rule
+        conn.audit = [{"policy": a.policy, "rule": a.rule} for a in d.audited]
+
+    def _authorize(self, conn: Conn, state: ProxyState, identity: str | None, src_ip: str | None,
+                   pod: Pod, port: int) -> bool:
+        """Decide a new destination-side connection; False: denied (the caller refuses it)."""
+        d = authorize(self.policies.current, src_identity=identity, src_ip=src_ip, dst=pod, port=port)
+        conn.authz = (identity, src_ip, pod.key, port)
+        self._record_decision(conn, d)
+        if d.audited:
+            log.info("audit: connection %s (%s) -> %s port %d matched %s", _fmt_addr(conn.src_addr),
+                     identity or "no identity", pod.key, port,
+                     ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited))
+        if d.allowed:
+            return True
+        conn.deny("policy", f"policy: {d.reason}")
+        if conn.direction == "outbound":  # the tunnel's refusal is logged by _refuse
+            log.warning("denied connection %s (%s) -> %s port %d: %s", _fmt_addr(conn.src_addr),
+                        identity or "no identity", pod.key, port, conn.reason)
+        return False
+
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)
+        if len(self.policies.current):  # labels may have changed
+            self._recheck("pod labels may have changed")
         if old.access_log != new.access_log:
             self._access.reopen(self._access_path(new))
             log.info("access log: %s, sampling %g", self._access.path or "off",
@@ -672,7 +756,8 @@ class ProxyServer:
         self.counters["bytes_received"] += conn.bytes_received
         state = self.watcher.current
         if conn.deny_reason:
-            self.metrics.deny(conn.deny_reason)
+            self.metrics.deny(conn.deny_reason,
+                              (conn.policy or "") if conn.deny_reason == "policy" else None)
         if not conn.labels:
             conn.labels = conn.fallback_labels(state)
         self.metrics.closed(conn.seq, conn.bytes_sent, conn.bytes_received, conn.result,
@@ -921,6 +1006,10 @@ class ProxyServer:
             conn.dst_identity = state.identity(decision.pod)
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
         conn.mtls = isinstance(decision, Tunnel) and state.tunnel_security == "mtls"
+        if isinstance(decision, Local) and not self._authorize(
+                conn, state, conn.src_identity, normalize_ip(peer[0]), decision.pod, origin.dst_port):
+            client.reset()  # same node: the kernel's cgroup record is the source identity
+            return
         if isinstance(decision, Local):  # this proxy is both ends' proxy
             self._opened(conn, state, src, decision.pod, ("source", "destination"), m.UNKNOWN)
         elif isinstance(decision, Tunnel):
@@ -1088,6 +1177,11 @@ class ProxyServer:
             await self._refuse(conn, Status.FORBIDDEN,
                                f"the client authenticated this node as {tls.local_identity or 'nobody (no SNI)'}, "
                                f"but asks for pod {pod.key}, which is {conn.dst_identity}")
+            return
+        # Authorization: only a verified peer has an identity (plaintext tunnels: none).
+        src_ip = normalize_ip(req.src.ip) if req.src is not None else None
+        if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port):
+            await self._refuse(conn, Status.FORBIDDEN, conn.reason)
             return
         self._opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
                      m.UNKNOWN)

@@ -171,8 +171,9 @@ class Cluster:
     def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False,
                  mitm: bool = False, deny: tuple[str, ...] = (),
                  security: tuple[str, str] = ("mtls", "mtls"), resumption: bool = True,
-                 l7: bool = False):
+                 l7: bool = False, labels: dict[str, dict[str, str]] | None = None):
         self.tmp = tmp
+        self.labels = labels or {}  # pod name -> labels
         self.l7 = l7
         self.security = dict(zip(("node1", "node2"), security))
         self.resumption = resumption
@@ -209,6 +210,9 @@ class Cluster:
                             connect_timeout=self.connect_timeout,
                             tunnel_security=self.security[node],
                             tls_resumption=self.resumption, l7=self.l7)
+            for p in doc["pods"]:
+                if p["name"] in self.labels:
+                    p["labels"] = dict(self.labels[p["name"]])
             if self.ipv6 and node == "node1":
                 doc["listen"]["ipv6"] = "::1"
                 doc["pods"][0]["ips"].append("::1")

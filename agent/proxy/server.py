@@ -706,6 +706,9 @@ class ProxyServer:
                            "sampling": st.access_log.sampling},
             "metrics": self.metrics.snapshot(),
             "http": self._http_stats(),
+            "policy": {"version": self.policies.current.version, "count": len(self.policies.current),
+                       "reloads": self.policies.reloads, "errors": self.policies.errors,
+                       "last_error": self.policies.last_error},
         }
 
     def _http_stats(self) -> dict[str, Any]:

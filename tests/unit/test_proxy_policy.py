@@ -94,6 +94,7 @@ def test_allowed_and_denied_by_principal_namespace_and_port(tmp_path):
     tunnel = [e for e in log1 if e["route"] == "tunnel"]
     assert tunnel[-1]["result"] == "rejected" and "forbidden" in tunnel[-1]["reason"]
     assert stats2["metrics"]["denied"]["policy"] == 1
+    assert stats2["policy"]["count"] == 3 and stats2["policy"]["errors"] == 0
     assert stats2["metrics"]["denied_policies"] == {"data/db-deny": 1}
     assert stats1["metrics"]["denied_policies"] == {"": 2}  # no ALLOW rule matched: no one policy
 

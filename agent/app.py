@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from . import cgroup as cg
 from .adminclient import unix_request
+from .filesig import file_sig
 from .config import AgentConfig
 from .workloads.inventory import Inventory, load_inventory
 from .yamlsrc import SourceError
@@ -187,7 +188,7 @@ class Agent:
         if self.inventory.node(self.cfg.node) is None:
             raise AgentError(f"{self.cfg.inventory}: node {self.cfg.node!r} (from the config's "
                              "'node:') is not in the inventory's nodes[]")
-        self.inventory_sig = _file_sig(self.cfg.inventory)
+        self.inventory_sig = file_sig(self.cfg.inventory)
         self.load_policies()
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
@@ -301,7 +302,7 @@ class Agent:
                      json.dumps({"fingerprint": fp}))
 
     def poll_identity(self) -> bool:
-        stats = tuple(_file_sig(p) for p in self._identity_paths())
+        stats = tuple(file_sig(p) for p in self._identity_paths())
         if self.identity_sig is not None and stats == self.identity_sig[0]:
             return False
         if self.load_identity():
@@ -314,7 +315,7 @@ class Agent:
     def poll_inventory(self) -> bool:
         """Reload the inventory when the file changed.  A bad file is logged
         with file:line:field and the last good state stays in force."""
-        sig = _file_sig(self.cfg.inventory)
+        sig = file_sig(self.cfg.inventory)
         if sig == self.inventory_sig:
             return False
         self.inventory_sig = sig
@@ -947,21 +948,13 @@ def _identity_sig(paths: list[str]) -> tuple:
     h = hashlib.sha256()
     stats = []
     for p in paths:
-        stats.append(_file_sig(p))
+        stats.append(file_sig(p))
         try:
             with open(p, "rb") as f:
                 h.update(f.read())
         except OSError:
             h.update(b"\0missing")
     return (tuple(stats), h.hexdigest())
-
-
-def _file_sig(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_pid(path: str) -> int | None:

@@ -13,7 +13,6 @@ Pure except for reading the PEM files; the socket server lives in app.py.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -48,17 +47,6 @@ class CaMaterial:
     @property
     def ca_cert(self) -> x509.Certificate:
         return self.ca_chain[0]
-
-
-def file_sig(paths: list[str]) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append(None)
-    return tuple(out)
 
 
 def load_material(trust_domain: str, bundle_path: str, cert_path: str, key_path: str) -> CaMaterial:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 
+from agent.filesig import file_sig
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
 from agent.policy.evaluate import Decision, Request, evaluate
 from agent.policy.load import fingerprint, parse_policies
@@ -87,11 +88,7 @@ class PolicyWatcher:
         self.check()
 
     def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return file_sig(self.path)
 
     def check(self) -> bool:
         """Reload if the file changed.  True if the set changed (its version)."""

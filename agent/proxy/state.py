@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from agent.filesig import file_sig
 from agent.proxy.tunnel import spiffe_id
 
 __all__ = [
@@ -421,11 +422,7 @@ class StateWatcher:
         self.current: ProxyState = load_state(path)
 
     def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return file_sig(self.path)
 
     def check(self) -> bool:
         """Reload if the file changed. Returns True if a new state was loaded."""

@@ -409,6 +409,18 @@ def remove_pins(pin_dir: str) -> None:
             _detach_pinned_link(os.path.join(links, name))
     if os.path.isdir(pin_dir):
         shutil.rmtree(pin_dir, ignore_errors=True)
+    remove_empty_parent(pin_dir)
+
+
+def remove_empty_parent(path: str, name: str = "meshlet") -> None:
+    """Remove the shared parent (``.../meshlet``) the agent created for its
+    node's directory, once no node uses it any more."""
+    parent = os.path.dirname(os.path.normpath(path))
+    if os.path.basename(parent) == name:
+        try:
+            os.rmdir(parent)
+        except OSError:
+            pass  # another node's directory is still there (or it is not ours)
 
 
 def _detach_pinned_link(path: str) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from agent.datapath.loader import remove_empty_parent, remove_pins
+
 from .cluster import Cluster, Node
 
 PROXY_PORTS = {"outbound": 15001, "tunnel": 15008}
@@ -320,12 +322,11 @@ class Mesh:
                 except OSError:
                     pass
             try:
-                from agent.datapath.loader import remove_pins
-
                 remove_pins(ap.pin_dir)
             except Exception:
                 pass
             shutil.rmtree(ap.run_dir, ignore_errors=True)
+            remove_empty_parent(ap.run_dir)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

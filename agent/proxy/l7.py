@@ -53,7 +53,7 @@ from agent.proxy.http1 import (
 )
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
 
-__all__ = ["L7Settings", "Response", "UpstreamPool", "L7Session", "session_factory"]
+__all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory"]
 
 log = logging.getLogger("meshlet.proxy.l7")
 
@@ -79,6 +79,27 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request, for ``on_response`` (metrics, access log).
+
+    ``flags`` follow Envoy's response flags, comma-separated, "-" for none:
+    UF upstream connect failure, UC upstream connection terminated, UT
+    upstream (per-try or request) timeout, URX retries exhausted, UO circuit
+    breaker overflow, NR no healthy upstream, DPE downstream protocol error,
+    UAEX/RBAC denied by policy (the short-circuit said so)."""
+
+    cluster: str | None = None
+    """The service port (``ns/name:port``) or None for a direct pod address."""
+    upstream: tuple | None = None
+    """The last upstream target tried, or None if none was."""
+    attempts: int = 0
+    """Tries made (1 without retries; 0 when none was made)."""
+    flags: str = "-"
+    request_body_bytes: int = 0
+    response_body_bytes: int = 0
 
 
 def _reason(status: int) -> bytes:
@@ -256,7 +277,7 @@ _P_PIPELINE, _P_UPSTREAM, _P_CONNECT = 1, 2, 4  # why reading the client is paus
 
 Chooser = Callable[[RequestHead], Address]
 OnRequest = Callable[[RequestHead], "Response | None"]
-OnResponse = Callable[[RequestHead, int, float], None]
+OnResponse = Callable[[RequestHead, int, float, Exchange], None]
 
 
 class L7Session(asyncio.Protocol):
@@ -305,6 +326,7 @@ class L7Session(asyncio.Protocol):
         self._t0 = 0.0
         self._status = 0
         self._upstream_reusable = False
+        self._exchange = Exchange()
 
     # ---- asyncio.Protocol (client side)
 
@@ -595,7 +617,7 @@ class L7Session(asyncio.Protocol):
     def _report(self) -> None:
         if self.on_response is not None and self._req is not None:
             try:
-                self.on_response(self._req, self._status, time.monotonic() - self._t0)
+                self.on_response(self._req, self._status, time.monotonic() - self._t0, self._exchange)
             except Exception:  # noqa: BLE001
                 log.exception("on_response hook failed")
 

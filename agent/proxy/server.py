@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -721,7 +722,7 @@ class ProxyServer:
                      "idle": pool.idle_count() if pool else 0},
         }
 
-    def _on_http_response(self, head: Any, status: int, elapsed: float) -> None:
+    def _on_http_response(self, conn: Conn, head: Any, status: int, elapsed: float, exchange: Any) -> None:
         h = self.http
         h["requests"] += 1
         cls = f"{status // 100}xx" if 100 <= status <= 599 else "other"
@@ -934,7 +935,7 @@ class ProxyServer:
         done = asyncio.get_running_loop().create_future()
         session = _ProxySession(lambda _head: addr, self._l7_pool(state),
                                 L7Settings(buffer_size=state.buffer_size),
-                                on_response=self._on_http_response, done=done)
+                                on_response=functools.partial(self._on_http_response, conn), done=done)
         tr = ep.transport
         assert tr is not None
         tr.set_protocol(session)

@@ -175,7 +175,7 @@ class Proxy:
         self.server = await asyncio.get_running_loop().create_server(
             session_factory(lambda head: tuple(self.addr), self.pool, self.settings,
                             on_request=self.on_request,
-                            on_response=lambda h, st, el: self.responses.append((h.path.path, st))),
+                            on_response=lambda h, st, el, ex: self.responses.append((h.path.path, st))),
             "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -6,9 +6,38 @@
  * Attached once per node, on the cgroup subtree holding the node's pods and
  * its proxy.  Enrollment is data: a task is redirected only when its cgroup
  * id is in ml_enrolled, so the proxy's own sockets (never enrolled) are not
- * redirected again.  Programs return 1 (allow) always: meshlet steers, it
- * never refuses a connect here.
+ * redirected again.  The programs return 1 (allow) except where the agent
+ * put a DENY in ml_l4_policy for a connection the proxy would refuse anyway:
+ * then connect() fails with EPERM at once (return 0).  Connections that
+ * bypass the redirect are never refused: the proxy would not see them.
  */
+
+/* 1: the connect must be refused (counted); 0: carry on. */
+static __always_inline int ml_l4_refused(u32 workload_id, u32 family, const u32 *dst_be, u16 port)
+{
+	struct ml_l4_key k = {};
+	struct ml_l4_verdict *v;
+	u32 policy_id;
+
+	k.dst_be[0] = dst_be[0];
+	k.dst_be[1] = dst_be[1];
+	k.dst_be[2] = dst_be[2];
+	k.dst_be[3] = dst_be[3];
+	k.workload_id = workload_id;
+	k.family = family;
+	k.dst_port = port;
+	v = ml_l4_policy.lookup(&k);
+	if (!v) {
+		k.dst_port = 0;
+		v = ml_l4_policy.lookup(&k);
+	}
+	if (!v || v->action != ML_L4_DENY)
+		return 0;
+	policy_id = v->policy_id;
+	ml_count(ML_STAT_POLICY_DENIED);
+	ml_l4_denied.atomic_increment(policy_id);
+	return 1;
+}
 
 static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
 				     u16 dst_port, u64 cgid, u32 workload_id)
@@ -82,6 +111,8 @@ int ml_connect4(struct bpf_sock_addr *ctx)
 		ml_count(bypass);
 		return 1;
 	}
+	if (ml_l4_refused(w->workload_id, ML_AF_INET, dst, port))
+		return 0;
 	if (ml_record(ctx, ML_AF_INET, dst, port, cgid, w->workload_id) != 0)
 		return 1;  /* fail open to the original dst: never break the app */
 
@@ -120,6 +151,8 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 			ml_count(bypass);
 			return 1;
 		}
+		if (ml_l4_refused(w->workload_id, ML_AF_INET, v4, port))
+			return 0;
 		if (ml_record(ctx, ML_AF_INET, v4, port, cgid, w->workload_id) != 0)
 			return 1;
 		ctx->user_ip6[3] = cfg->redirect_ip4_be;
@@ -158,6 +191,8 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 			return 1;
 		}
 	}
+	if (ml_l4_refused(w->workload_id, ML_AF_INET6, dst, port))
+		return 0;
 	if (ml_record(ctx, ML_AF_INET6, dst, port, cgid, w->workload_id) != 0)
 		return 1;
 

@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import sys
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 AF_INET = 2
 AF_INET6 = 10
@@ -132,6 +132,31 @@ class MlFlow(ctypes.Structure):
     ]
 
 
+# ml_l4_policy verdicts (ML_L4_*)
+L4_PASS = 0
+L4_DENY = 1
+
+
+class MlL4Key(ctypes.Structure):
+    """struct ml_l4_key: (source workload, destination address, port); port 0: any."""
+
+    _fields_ = [
+        ("dst_be", ctypes.c_uint32 * 4),
+        ("workload_id", ctypes.c_uint32),
+        ("dst_port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class MlL4Verdict(ctypes.Structure):
+    _fields_ = [
+        ("policy_id", ctypes.c_uint32),
+        ("action", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
 class MlMeta(ctypes.Structure):
     _fields_ = [
         ("source_hash", ctypes.c_uint64),
@@ -157,6 +182,7 @@ STATS = [
     "flow_table_full",
     "flow_evicted",
     "flow_ringbuf_full",
+    "policy_denied",
 ]
 
 # map name -> (key type, value type); the privileged ABI test walks this.
@@ -169,6 +195,8 @@ MAPS: dict[str, tuple[type, type]] = {
     "ml_excl_ports": (ctypes.c_uint16, ctypes.c_uint8),
     "ml_excl_cidr4": (MlCidr4Key, ctypes.c_uint8),
     "ml_excl_cidr6": (MlCidr6Key, ctypes.c_uint8),
+    "ml_l4_policy": (MlL4Key, MlL4Verdict),
+    "ml_l4_denied": (ctypes.c_uint32, ctypes.c_uint64),
     "ml_origdst": (ctypes.c_uint64, MlOrigDst),
     "ml_flows": (MlFlowKey, MlOrigDst),
     "ml_live_flows": (ctypes.c_uint64, MlFlow),
@@ -231,6 +259,18 @@ def flow_key(peer: tuple, local: tuple) -> MlFlowKey:
         k.daddr_be[i] = lw[i]
     k.sport = int(peer[1])
     k.dport = int(local[1])
+    return k
+
+
+def l4_key(workload_id: int, ip: str, port: int) -> MlL4Key:
+    """Key for ml_l4_policy (``port`` 0: any port without an entry of its own)."""
+    fam, words = pack_addr(ip)
+    k = MlL4Key()
+    for i, w in enumerate(words):
+        k.dst_be[i] = w
+    k.workload_id = workload_id
+    k.dst_port = port
+    k.family = fam
     return k
 
 

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 from .. import cgroup as cg
@@ -99,6 +100,7 @@ class DatapathSpec:
     max_live_flows: int = 65536         # ml_live_flows (LRU) and ml_flow_links
     flow_ringbuf_bytes: int = 1 << 20   # ml_flow_events; a power of two >= one page
     flow_tracking: bool = field(default_factory=_flow_tracking_default)
+    max_l4_rules: int = 16384           # ml_l4_policy: connect-time L4 authorization entries
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def render(spec: DatapathSpec, src_dir: str | None = None) -> Rendered:
         f"-DML_MAX_LIVE_FLOWS={spec.max_live_flows}",
         f"-DML_FLOW_RINGBUF_BYTES={spec.flow_ringbuf_bytes}",
         f"-DML_FLOW_TRACKING={1 if spec.flow_tracking else 0}",
+        f"-DML_MAX_L4_RULES={spec.max_l4_rules}",
     )
     return Rendered("\n".join(parts), cflags)
 
@@ -141,11 +144,17 @@ class WorkloadEntry:
     mode: int
 
 
+L4Entries = dict[tuple[int, str, int], tuple[int, int]]
+"""ml_l4_policy content: (source workload id, destination IP, port or 0) ->
+(abi.L4_DENY or abi.L4_PASS, policy id)."""
+
+
 @dataclass
 class Datapath:
     spec: DatapathSpec
     maps: dict[str, int] = field(default_factory=dict)
     how: str = ""
+    _l4: dict[bytes, bytes] | None = None   # what ml_l4_policy holds (None: read it first)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -177,6 +186,7 @@ class Datapath:
         for fd in self.maps.values():
             os.close(fd)
         self.maps.clear()
+        self._l4 = None
 
     def teardown(self) -> None:
         """Detach every link and remove every pin (idempotent)."""
@@ -325,6 +335,64 @@ class Datapath:
         b = _sync_map(self.maps["ml_pod_ips"], ctypes.sizeof(abi.MlIpKey), ips)
         return {"enrolled_changed": a, "pod_ips_changed": b}
 
+    def sync_l4(self, entries: L4Entries) -> dict[str, int]:
+        """Make ml_l4_policy hold exactly ``entries``, in an order that never
+        refuses more than the old or the new content would: new PASS entries
+        first, then stale DENYs out, then new DENYs in, then stale PASSes out.
+        Returns what changed.  Raises OSError (e.g. E2BIG when full)."""
+        fd = self.maps["ml_l4_policy"]
+        ksz, vsz = ctypes.sizeof(abi.MlL4Key), ctypes.sizeof(abi.MlL4Verdict)
+        if self._l4 is None:  # first sync after open/adopt: what is pinned now
+            have = {}
+            for k in bpfsys.map_keys(fd, ksz, limit=self.spec.max_l4_rules + 1):
+                v = bpfsys.map_lookup(fd, k, vsz)
+                if v is not None:
+                    have[k] = v
+            self._l4 = have
+        have = self._l4
+        want = {bytes(abi.l4_key(wid, ip, port)): bytes(abi.MlL4Verdict(pid, action))
+                for (wid, ip, port), (action, pid) in entries.items()}
+
+        def deny(v: bytes) -> bool:
+            return abi.MlL4Verdict.from_buffer_copy(v).action == abi.L4_DENY
+
+        added = removed = updated = 0
+
+        def put(k: bytes, v: bytes) -> None:
+            nonlocal added, updated
+            bpfsys.map_update(fd, k, v)
+            if k in have:
+                updated += 1
+            else:
+                added += 1
+            have[k] = v
+
+        def drop(k: bytes) -> None:
+            nonlocal removed
+            try:
+                bpfsys.map_delete(fd, k)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            del have[k]
+            removed += 1
+
+        for k, v in want.items():
+            if not deny(v) and have.get(k) != v:
+                put(k, v)
+        for k in [k for k, v in have.items() if deny(v) and k not in want]:
+            drop(k)
+        for k, v in want.items():
+            if deny(v) and have.get(k) != v:
+                put(k, v)
+        for k in [k for k in have if k not in want]:
+            drop(k)
+        return {"added": added, "updated": updated, "removed": removed, "entries": len(have)}
+
+    def l4_denied(self) -> dict[int, int]:
+        """policy id -> connects the kernel refused for it (ml_l4_denied)."""
+        return read_l4_denied(self.maps["ml_l4_denied"])
+
     def enrolled_cgroups(self) -> set[int]:
         return {ctypes.c_uint64.from_buffer_copy(k).value
                 for k in bpfsys.map_keys(self.maps["ml_enrolled"], 8)}
@@ -472,6 +540,15 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n = max(n, int(hi or lo) + 1)
     return n
+
+
+def read_l4_denied(fd: int) -> dict[int, int]:
+    out = {}
+    for k in bpfsys.map_keys(fd, 4):
+        v = bpfsys.map_lookup(fd, k, 8)
+        if v is not None:
+            out[int.from_bytes(k, sys.byteorder)] = int.from_bytes(v, sys.byteorder)
+    return out
 
 
 def read_stats(fd: int) -> dict[str, int]:

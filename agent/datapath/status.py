@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from . import bpfsys
-from .loader import CGROUP_HOOKS, read_stats
+from .loader import CGROUP_HOOKS, read_l4_denied, read_stats
 
 
 def _fill(fd: int, info: bpfsys.MapInfo) -> int | None:
@@ -18,7 +18,8 @@ def _fill(fd: int, info: bpfsys.MapInfo) -> int | None:
 def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
     out: dict = {"pin_dir": pin_dir, "present": os.path.isdir(pin_dir),
                  "maps": [], "programs": [], "links": [], "counters": {},
-                 "cgroup": cgroup_dir, "cgroup_attachments": {}}
+                 "cgroup": cgroup_dir, "cgroup_attachments": {},
+                 "l4_policy": {}}
     if not out["present"]:
         return out
     for name in sorted(os.listdir(pin_dir)):
@@ -33,8 +34,18 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
                                 "max_entries": info.max_entries, "entries": _fill(fd, info)})
             if name == "ml_stats":
                 out["counters"] = read_stats(fd)
+            elif name == "ml_l4_policy":
+                out["l4_policy"]["entries"] = out["maps"][-1]["entries"]
+                out["l4_policy"]["capacity"] = info.max_entries
+            elif name == "ml_l4_denied":
+                out["l4_policy"]["denied_by_policy_id"] = {
+                    str(k): v for k, v in sorted(read_l4_denied(fd).items())}
         finally:
             os.close(fd)
+    if out["l4_policy"]:
+        # connect-time L4 authorization: entries/capacity of ml_l4_policy and
+        # connects it refused (ids: agent.policy.kernel.policy_id, 0 = no ALLOW rule matched)
+        out["l4_policy"]["denied"] = out["counters"].get("policy_denied", 0)
     progs_dir = os.path.join(pin_dir, "progs")
     for name in sorted(os.listdir(progs_dir)) if os.path.isdir(progs_dir) else ():
         fd = bpfsys.obj_get(os.path.join(progs_dir, name))

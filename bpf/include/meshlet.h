@@ -26,11 +26,17 @@
 #ifndef ML_FLOW_RINGBUF_BYTES       /* power of two, a multiple of the page size */
 #define ML_FLOW_RINGBUF_BYTES (1 << 20)
 #endif
+#ifndef ML_MAX_L4_RULES             /* ml_l4_policy entries (kernel L4 authorization) */
+#define ML_MAX_L4_RULES 16384
+#endif
+#ifndef ML_MAX_L4_POLICIES          /* ml_l4_denied: per-policy refusal counters */
+#define ML_MAX_L4_POLICIES 1024
+#endif
 #ifndef ML_FLOW_TRACKING            /* 0: compile without the ml_flows program */
 #define ML_FLOW_TRACKING 1
 #endif
 
-#define ML_ABI_VERSION 2
+#define ML_ABI_VERSION 3
 #define ML_PIN(name) ML_PIN_DIR "/" #name
 
 #define ML_AF_INET 2
@@ -138,6 +144,31 @@ struct ml_flow {
 	__u8 pad[5];
 };
 
+/* ml_l4_policy: connect-time L4 authorization (agent/policy/kernel.py).
+ * Key: the connecting workload (ml_enrolled's workload_id) and where it
+ * connects to; dst_port 0 stands for "any port without an entry of its own".
+ * connect4/connect6 look up the exact port, then port 0.  A DENY verdict
+ * refuses the connect() (the app gets EPERM); a PASS verdict (an exception
+ * under a port-0 DENY) leaves the decision to the proxy.  The agent writes
+ * an entry only where the proxy would refuse every connection it covers;
+ * the destination proxy still decides everything it receives. */
+#define ML_L4_PASS 0
+#define ML_L4_DENY 1
+
+struct ml_l4_key {
+	__u32 dst_be[4];
+	__u32 workload_id;          /* source workload (ml_enrolled) */
+	__u16 dst_port;             /* host order; 0: any other port */
+	__u8 family;                /* ML_AF_INET or ML_AF_INET6 */
+	__u8 pad;
+};
+
+struct ml_l4_verdict {
+	__u32 policy_id;            /* deciding policy (key of ml_l4_denied); 0: no ALLOW rule matched */
+	__u8 action;                /* ML_L4_PASS or ML_L4_DENY */
+	__u8 pad[3];
+};
+
 struct ml_meta {
 	__u64 source_hash;          /* hash of the compiled text + cflags */
 	__u32 abi_version;
@@ -161,6 +192,7 @@ enum ml_stat {
 	ML_STAT_FLOW_TABLE_FULL,    /* could not add a flow to ml_live_flows */
 	ML_STAT_FLOW_EVICTED,       /* a tracked flow's live entry was gone at close (LRU) */
 	ML_STAT_FLOW_RINGBUF_FULL,  /* a closed flow was lost: ring buffer reserve failed */
+	ML_STAT_POLICY_DENIED,      /* connect() refused by an ml_l4_policy DENY entry */
 	ML_STAT_MAX,
 };
 
@@ -172,6 +204,10 @@ BPF_TABLE_PINNED("hash", struct ml_ip_key, struct ml_workload, ml_pod_ips, ML_MA
 BPF_TABLE_PINNED("hash", u16, u8, ml_excl_ports, ML_MAX_EXCLUDES, ML_PIN(ml_excl_ports));
 BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr4_key, u8, ml_excl_cidr4, ML_MAX_EXCLUDES, ML_PIN(ml_excl_cidr4), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr6_key, u8, ml_excl_cidr6, ML_MAX_EXCLUDES, ML_PIN(ml_excl_cidr6), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ml_l4_key, struct ml_l4_verdict, ml_l4_policy, ML_MAX_L4_RULES, ML_PIN(ml_l4_policy));
+/* ml_l4_denied: policy_id -> connects refused (kept across policy changes;
+ * ids are the agent's stable hash of "namespace/name") */
+BPF_TABLE_PINNED("hash", u32, u64, ml_l4_denied, ML_MAX_L4_POLICIES, ML_PIN(ml_l4_denied));
 BPF_TABLE_PINNED("lru_hash", u64, struct ml_origdst, ml_origdst, ML_MAX_FLOWS, ML_PIN(ml_origdst));
 BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, struct ml_origdst, ml_flows, ML_MAX_FLOWS, ML_PIN(ml_flows));
 BPF_TABLE_PINNED("lru_hash", u64, struct ml_flow, ml_live_flows, ML_MAX_LIVE_FLOWS, ML_PIN(ml_live_flows));

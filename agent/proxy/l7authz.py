@@ -1,0 +1,114 @@
+"""Per-request authorization for the L7 path (pure: no sockets).
+
+The destination-side proxy decides each connection first as TCP
+(``authz.authorize``).  When it serves the connection as HTTP it decides
+each request too, with the whole rule (methods, paths, hosts, headers):
+
+- If the connection was **allowed** as TCP, every request is allowed as
+  well, so requests are not evaluated (the fast path): a TCP allow comes
+  from an ALLOW rule without HTTP fields (ALLOW rules with HTTP fields never
+  match TCP) and from no DENY rule matching even with its HTTP fields
+  dropped — and HTTP fields only narrow a rule.  AUDIT policies with HTTP
+  fields are the exception: they still need each request, to be logged.
+- If the connection was **denied** as TCP, each request is decided on its
+  own: ``DENY /admin`` denies the connection as TCP (Istio drops a DENY
+  rule's HTTP fields on non-HTTP traffic) but only ``/admin`` requests when
+  the traffic is HTTP.
+
+The policy set can change while a keep-alive connection lives; the
+authorizer notices (by version) and re-derives its fast path, so the next
+request is decided by the policy in force.
+
+A denied request gets ``403`` with ``RBAC: access denied`` (the words
+Envoy-based meshes use, so existing client handling recognizes it) and the
+connection stays open.  A request whose Host cannot be normalized was
+already refused by the parser; if it reaches here anyway it gets ``400``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
+from agent.policy.evaluate import Decision, Request, evaluate
+from agent.policy.http import HttpError, header_multimap, normalize_host
+from agent.policy.model import Action, PolicySet
+
+__all__ = ["DENIED_BODY", "Denial", "RequestAuthorizer"]
+
+DENIED_BODY = b"RBAC: access denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a request was refused: the HTTP status to send and the decision."""
+
+    status: int
+    reason: str
+    decision: Decision | None = None  # None: refused before policy (bad Host)
+
+
+class RequestAuthorizer:
+    """Decides the requests of one destination-side connection.
+
+    ``policies()`` returns the policy set in force (read on every request,
+    so a reload applies to the next request); ``tcp_allowed`` is how the
+    connection itself was decided."""
+
+    def __init__(self, policies: Callable[[], PolicySet], *, identity: str | None, src_ip: str | None,
+                 namespace: str, labels: dict[str, str], port: int, tcp_allowed: bool) -> None:
+        self._policies = policies
+        self.namespace = namespace
+        self.labels = labels
+        self.port = port
+        self.tcp_allowed = tcp_allowed
+        self._version: str | None = None
+        self._needed = True
+        self.principal = None
+        if identity:
+            try:
+                self.principal = parse_spiffe_id(identity)
+            except SpiffeIdError:
+                self.principal = None
+        self.ip = None
+        if src_ip:
+            try:
+                self.ip = ipaddress.ip_address(src_ip)
+            except ValueError:
+                self.ip = None
+
+    def _refresh(self, ps: PolicySet) -> None:
+        """Whether requests must be evaluated under this policy set."""
+        self._version = ps.version
+        if not self.tcp_allowed:
+            self._needed = True
+            return
+        applying = ps.selecting(self.namespace, self.labels)
+        # Was the connection allowed by THIS set? (It was decided under an older one.)
+        tcp = evaluate(ps, Request(destination_namespace=self.namespace, destination_labels=self.labels,
+                                   destination_port=self.port, source_principal=self.principal,
+                                   source_ip=self.ip))
+        audit_l7 = any(p.action is Action.AUDIT and any(r.is_l7 for r in p.rules) for p in applying)
+        self._needed = not tcp.allowed or audit_l7
+
+    def decide(self, method: bytes, path: str, host: bytes | None,
+               headers: list[tuple[bytes, bytes]]) -> Decision | Denial | None:
+        """None: allowed without evaluation (fast path); a Decision (allowed or
+        not, maybe with AUDIT matches); or a Denial for a request that cannot
+        be evaluated."""
+        ps = self._policies()
+        if ps.version != self._version:
+            self._refresh(ps)
+        if not self._needed:
+            return None
+        try:
+            norm_host = normalize_host(host) if host is not None else None
+        except HttpError as e:
+            return Denial(400, e.reason)
+        req = Request(destination_namespace=self.namespace, destination_labels=self.labels,
+                      destination_port=self.port, source_principal=self.principal, source_ip=self.ip,
+                      is_http=True, method=method.decode("latin-1"), path=path, host=norm_host,
+                      headers=header_multimap(headers))
+        return evaluate(ps, req)

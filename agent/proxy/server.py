@@ -59,7 +59,8 @@ from agent.proxy import tunnel
 from agent.proxy.authz import PolicyWatcher, authorize, policy_path
 from agent.proxy.certs import CertManager
 from agent.proxy import metrics as m
-from agent.proxy.l7 import L7Session, L7Settings, UpstreamPool
+from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
+from agent.proxy.l7authz import DENIED_BODY, Denial, RequestAuthorizer
 from agent.proxy.log import AccessLog, sampled
 from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.relay import Endpoint, Relay
@@ -182,6 +183,11 @@ class Conn:
     policy: str | None = None  # the deciding policy (namespace/name)
     rule: int | None = None
     audit: list = field(default_factory=list)  # AUDIT matches: [{"policy", "rule"}]
+    # L7 (destination side): requests are authorized one by one.
+    l7_authz: RequestAuthorizer | None = None
+    upgrade_head: Any = None  # the request that switched protocols (re-checked on reload)
+    requests_denied: int = 0
+    denial: tuple[Any, str | None, int | None] | None = None  # (head, policy, rule) of the last 403
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result
@@ -369,6 +375,7 @@ class ProxyServer:
             "legs_linked": 0,
             "leg_link_errors": 0,
             "access_log_skipped": 0,
+            "requests_denied": 0,
         }
         # L7 (proxy.l7): one upstream pool per worker, and per-request counters.
         self._pool: UpstreamPool | None = None
@@ -617,7 +624,18 @@ class ProxyServer:
             pod = state.pod_by_key.get(dst_key)
             if pod is None:
                 continue
-            d = authorize(ps, src_identity=identity, src_ip=src_ip, dst=pod, port=port)
+            if conn.l7_authz is not None:
+                # HTTP: the next request is decided by the new set; only a
+                # connection that switched protocols is judged now, by the
+                # request that upgraded it.
+                head = conn.upgrade_head
+                if head is None or conn.relay is None:
+                    continue
+                d = conn.l7_authz.decide(head.method, head.path.path, head.host, head.headers)
+                if d is None or isinstance(d, Denial) or d.allowed:
+                    continue
+            else:
+                d = authorize(ps, src_identity=identity, src_ip=src_ip, dst=pod, port=port)
             if d.allowed:
                 continue
             self._record_decision(conn, d)
@@ -641,10 +659,22 @@ class ProxyServer:
         conn.audit = [{"policy": a.policy, "rule": a.rule} for a in d.audited]
 
     def _authorize(self, conn: Conn, state: ProxyState, identity: str | None, src_ip: str | None,
-                   pod: Pod, port: int) -> bool:
-        """Decide a new destination-side connection; False: denied (the caller refuses it)."""
+                   pod: Pod, port: int, *, http: bool = False) -> bool:
+        """Decide a new destination-side connection; False: denied (the caller refuses it).
+
+        ``http``: the connection will be served by the L7 session, which
+        decides every request (``l7authz``); the connection itself is then
+        let through even if its TCP decision is a deny (``DENY /admin``
+        denies TCP traffic whole, but only /admin requests)."""
         d = authorize(self.policies.current, src_identity=identity, src_ip=src_ip, dst=pod, port=port)
         conn.authz = (identity, src_ip, pod.key, port)
+        if http:
+            conn.l7_authz = RequestAuthorizer(lambda: self.policies.current, identity=identity, src_ip=src_ip,
+                                              namespace=pod.namespace, labels=pod.label_map, port=port,
+                                              tcp_allowed=d.allowed)
+            if not d.allowed:
+                conn.verdict = "allowed"  # the connection; its requests are decided one by one
+                return True
         self._record_decision(conn, d)
         if d.audited:
             log.info("audit: connection %s (%s) -> %s port %d matched %s", _fmt_addr(conn.src_addr),
@@ -935,6 +965,7 @@ class ProxyServer:
         done = asyncio.get_running_loop().create_future()
         session = _ProxySession(lambda _head: addr, self._l7_pool(state),
                                 L7Settings(buffer_size=state.buffer_size),
+                                on_request=functools.partial(self._on_http_request, conn),
                                 on_response=functools.partial(self._on_http_response, conn), done=done)
         tr = ep.transport
         assert tr is not None
@@ -957,6 +988,34 @@ class ProxyServer:
         conn.bytes_sent = session.bytes_in
         conn.bytes_received = session.bytes_out
         conn.reason = conn.reason or f"http: {session.requests} request(s)"
+
+    def _on_http_request(self, conn: Conn, head: Any) -> Response | None:
+        """L7 authorization of one request (``l7authz``): None lets it through."""
+        az = conn.l7_authz
+        if az is None:
+            return None
+        d = az.decide(head.method, head.path.path, head.host, head.headers)
+        if d is None:
+            if head.upgrade is not None:
+                conn.upgrade_head = head
+            return None
+        if isinstance(d, Denial):
+            return Response(d.status, (d.reason + "\n").encode("utf-8", "replace"))
+        src = conn.src_identity or "no identity"
+        what = f"{head.method.decode('latin-1')} {head.path.path}"
+        if d.audited:
+            log.info("audit: request %s (%s) -> %s %s matched %s", _fmt_addr(conn.src_addr), src,
+                     conn.dst_pod, what, ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited))
+        if d.allowed:
+            if head.upgrade is not None:
+                conn.upgrade_head = head
+            return None
+        conn.requests_denied += 1
+        conn.denial = (head, d.policy, d.rule)
+        self.counters["requests_denied"] += 1
+        log.warning("denied request %s (%s) -> %s %s: %s", _fmt_addr(conn.src_addr), src, conn.dst_pod,
+                    what, self._decided_by(d))
+        return Response(403, DENIED_BODY, [(b"Content-Type", b"text/plain")])
 
     async def _relay(self, conn: Conn, relay: Relay) -> None:
         result = await relay.done
@@ -1010,10 +1069,18 @@ class ProxyServer:
             conn.dst_identity = state.identity(decision.pod)
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
         conn.mtls = isinstance(decision, Tunnel) and state.tunnel_security == "mtls"
-        if isinstance(decision, Local) and not self._authorize(
-                conn, state, conn.src_identity, normalize_ip(peer[0]), decision.pod, origin.dst_port):
-            client.reset()  # same node: the kernel's cgroup record is the source identity
-            return
+        http_data: bytes | None = None  # the first bytes of an HTTP/1 client (L7 on)
+        if isinstance(decision, Local):
+            if state.l7:
+                is_http, data = await self._sniff(client)
+                if is_http:
+                    http_data = data
+                else:
+                    client.unread(data)
+            if not self._authorize(conn, state, conn.src_identity, normalize_ip(peer[0]), decision.pod,
+                                   origin.dst_port, http=http_data is not None):
+                client.reset()  # same node: the kernel's cgroup record is the source identity
+                return
         if isinstance(decision, Local):  # this proxy is both ends' proxy
             self._opened(conn, state, src, decision.pod, ("source", "destination"), m.UNKNOWN)
         elif isinstance(decision, Tunnel):
@@ -1021,12 +1088,9 @@ class ProxyServer:
         else:
             self._opened(conn, state, src, None, ("source",), "PassthroughCluster")
 
-        if isinstance(decision, Local) and state.l7:
-            is_http, data = await self._sniff(client)
-            if is_http:
-                await self._serve_l7(conn, client, data, decision.addr, state)
-                return
-            client.unread(data)
+        if http_data is not None:
+            await self._serve_l7(conn, client, http_data, decision.addr, state)
+            return
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
                 upstream = await self._connect(decision.addr, state, "upstream")  # benchmarks only
@@ -1184,18 +1248,19 @@ class ProxyServer:
             return
         # Authorization: only a verified peer has an identity (plaintext tunnels: none).
         src_ip = normalize_ip(req.src.ip) if req.src is not None else None
-        if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port):
+        leftover = out.leftover
+        is_http = False
+        if state.l7:
+            is_http, leftover = await self._sniff(ep, leftover)
+        if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port, http=is_http):
             await self._refuse(conn, Status.FORBIDDEN, conn.reason)
             return
         self._opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
                      m.UNKNOWN)
-        leftover = out.leftover
-        if state.l7:
-            is_http, leftover = await self._sniff(ep, leftover)
-            if is_http:
-                ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
-                await self._serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state)
-                return
+        if is_http:
+            ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+            await self._serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state)
+            return
         try:
             upstream = await self._connect((dst_ip, req.dst.port), state, "pod")
         except ConnectFailure as f:

@@ -898,7 +898,7 @@ async def _stats_route(agent: Agent, target: str) -> tuple[int, dict]:
     """GET /v1/stats?from=W&to=W -> per workload pair rows (agent/stats.py)."""
     from urllib.parse import parse_qs, urlsplit
 
-    from .metrics import merge_tcp
+    from .metrics import merge_http, merge_tcp
     from .stats import StatsFilter, pair_rows, select
 
     params = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
@@ -916,11 +916,13 @@ async def _stats_route(agent: Agent, target: str) -> tuple[int, dict]:
     workload_of = {p.key: (p.labels.get("app") or p.name, p.namespace)
                    for p in (inv.pods if inv else ())}
     names, tcp = merge_tcp(workers)
-    rows = select(pair_rows(names, tcp, views, workload_of), flt)
+    http = merge_http(workers)
+    rows = select(pair_rows(names, tcp, views, workload_of, http), flt)
     return 200, {"node": agent.cfg.node, "now": time.time(), "rows": rows,
                  "workers": {"configured": len(workers),
                              "answered": sum(1 for w in workers if w)},
-                 "l7": "not measured: the proxy relays L4 only until HTTP parsing (#5)"}
+                 "l7": ("HTTP requests counted by the destination node's proxy (proxy.l7)"
+                        if agent.cfg.proxy.l7 else "not measured: proxy.l7 is off")}
 
 
 def _workloads(agent: Agent) -> dict:

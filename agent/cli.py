@@ -442,12 +442,15 @@ def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) ->
 @OUTPUT
 def stats(sock, node, src, dst, output) -> None:
     """Traffic per workload pair on this node: connections, bytes each way,
-    TCP RTT from the kernel, and (once L7 lands, #5) requests, success rate
-    and latency percentiles, shown as "-" until then.
+    TCP RTT from the kernel, and HTTP requests, success rate (non-5xx) and
+    request latency p50/p95/p99 from the proxy.
 
     A workload is a pod's `app` label, else its name. SENT is what the
     source sent. Bytes are the proxy's application bytes, the same numbers
-    /metrics serves as istio_tcp_*_bytes_total."""
+    /metrics serves as istio_tcp_*_bytes_total. HTTP requests are counted
+    (with proxy.l7 on) by the destination node's proxy, the same numbers as
+    istio_requests_total: on the client's node a cross-node pair shows "-"
+    (not measured there); ask the destination node."""
     from urllib.parse import urlencode
 
     from .stats import format_table

@@ -11,11 +11,13 @@ Two halves:
   the agent's event loop, and the proxies only answer a stats request.
 
 Istio-compatible TCP metrics are the sum over the proxy workers of their
-label sets (see ``agent/proxy/metrics.py`` for the labels).  Istio's
-``istio_requests_total`` and ``istio_request_duration_milliseconds`` are
-absent on purpose: the proxy relays L4 only until HTTP parsing lands (#5),
-and a zero there would claim "no requests" rather than "not measured".
-``meshlet_policy_version`` arrives with authorization policy (#4).
+label sets (see ``agent/proxy/metrics.py`` for the labels).  So are
+Istio's request metrics (``istio_requests_total``,
+``istio_request_duration_milliseconds``, ``istio_request_bytes``,
+``istio_response_bytes``) for the HTTP requests the proxy served with
+``proxy.l7`` on: counted by the destination node's proxy (reporter
+``destination``; a same-node request also as ``source``).  Without L7 the
+families have no samples: "not measured", never a fake zero.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import threading
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   Metric)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .proxy.metrics import DENY_REASONS
@@ -60,6 +63,82 @@ def merge_tcp(workers: Iterable[dict | None]) -> tuple[list[str], dict[tuple, li
     return names, out
 
 
+HTTP_HISTOGRAMS = (  # Istio name, snapshot sum column, buckets column, help
+    ("istio_request_duration_milliseconds", 2, 3,
+     "Time from the request's first byte to the end of the response, in milliseconds."),
+    ("istio_request_bytes", 4, 5, "HTTP request body sizes, in bytes."),
+    ("istio_response_bytes", 6, 7, "HTTP response body sizes, in bytes."),
+)
+
+
+class HttpSeries:
+    """Sum of one request label set over workers (see HttpMetrics.snapshot)."""
+
+    __slots__ = ("count", "sums", "buckets")
+
+    def __init__(self, nb: int) -> None:
+        self.count = 0
+        self.sums = [0.0, 0, 0]
+        self.buckets = [[0] * nb, [0] * nb, [0] * nb]
+
+
+def merge_http(workers: Iterable[dict | None]) -> dict[str, Any]:
+    """Sum the workers' HTTP request series and latency histograms.
+
+    {"names", "bounds", "series": labels -> HttpSeries, "latency":
+    prefix labels -> {fine bucket: n}, "fine_growth", "denied_policies",
+    "overflow", "present": any worker reported L7 counters}."""
+    out: dict[str, Any] = {"names": [], "bounds": [], "series": {}, "latency": {},
+                           "fine_growth": None, "denied_policies": {}, "overflow": 0,
+                           "present": False}
+    for w in workers:
+        h = (w or {}).get("http_metrics")
+        if not h:
+            continue
+        out["present"] = True
+        out["names"] = out["names"] or h["labels"]
+        out["bounds"] = out["bounds"] or h["buckets"]
+        out["fine_growth"] = out["fine_growth"] or h.get("fine_growth")
+        nb = len(h["buckets"]) + 1
+        for row in h["series"]:
+            key = tuple(row[0])
+            acc = out["series"].get(key)
+            if acc is None:
+                acc = out["series"][key] = HttpSeries(nb)
+            acc.count += row[1]
+            for j, (si, bi) in enumerate(((2, 3), (4, 5), (6, 7))):
+                acc.sums[j] += row[si]
+                for i, n in enumerate(row[bi]):
+                    acc.buckets[j][i] += n
+        for prefix, hist in h.get("latency", ()):
+            acc2 = out["latency"].setdefault(tuple(prefix), {})
+            for k, n in hist.items():
+                acc2[int(k)] = acc2.get(int(k), 0) + n
+        for pol, n in h.get("denied_policies", {}).items():
+            out["denied_policies"][pol] = out["denied_policies"].get(pol, 0) + n
+        out["overflow"] += h.get("overflow", 0)
+    return out
+
+
+def http_families(http: dict[str, Any]) -> list[Metric]:
+    """istio_requests_total and the three histograms (Istio's names)."""
+    names, bounds = http["names"], http["bounds"]
+    req = CounterMetricFamily("istio_requests_total",
+                              "HTTP requests served by the reporting proxy.", labels=names)
+    hists = [HistogramMetricFamily(n, doc, labels=names) for n, _, _, doc in HTTP_HISTOGRAMS]
+    les = [f"{b:g}" if b != int(b) else str(int(b)) for b in bounds] + ["+Inf"]
+    for key, s in sorted(http["series"].items()):
+        lv = list(key)
+        req.add_metric(lv, s.count)
+        for j, fam in enumerate(hists):
+            cum, acc = [], 0
+            for le, n in zip(les, s.buckets[j]):
+                acc += n
+                cum.append((le, acc))
+            fam.add_metric(lv, cum, s.sums[j])
+    return [req, *hists]
+
+
 def _ts(iso: str | None) -> float | None:
     if not iso:
         return None
@@ -84,6 +163,9 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         for key, vals in sorted(tcp.items()):
             fam.add_metric(list(key), vals[col - 1])
         out.append(fam)
+    http = merge_http(live)
+    if http["present"]:
+        out += http_families(http)
 
     up = GaugeMetricFamily("meshlet_proxy_workers_up", "Proxy workers answering their stats socket.")
     up.add_metric([], len(live))
@@ -115,15 +197,26 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     for pol, n in sorted(by_policy.items()):  # reason "policy": one series per deciding policy
         denied.add_metric(["policy", pol], n)
     out.append(denied)
+    if http["present"]:
+        dreq = CounterMetricFamily(
+            "meshlet_denied_requests_total",
+            "HTTP requests refused with 403 by authorization policy, by deciding policy "
+            "(ns/name; empty: no ALLOW rule matched).", labels=["policy"])
+        for pol, n in sorted(http["denied_policies"].items()):
+            dreq.add_metric([pol], n)
+        out.append(dreq)
 
     overflow = CounterMetricFamily(
         "meshlet_metrics_overflow_total",
-        "Connections not counted in istio_tcp_* because a worker reached its label-set cap.")
-    overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live))
+        "Connections (istio_tcp_*) or requests (istio_request*) not counted because a worker "
+        "reached its label-set cap.")
+    overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live)
+                        + http["overflow"])
     out.append(overflow)
     series = GaugeMetricFamily("meshlet_metrics_label_sets",
                                "Istio label sets held by the proxy workers (summed).")
-    series.add_metric([], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live))
+    series.add_metric([], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live)
+                      + len(http["series"]))
     out.append(series)
 
     hs = CounterMetricFamily("meshlet_tls_handshakes_total",

@@ -15,8 +15,15 @@ Pure: the proxy workers' Istio-labelled TCP counters (merged by
   pod's leg on the same node), open or recently closed.  The destination
   node of a cross-node connection cannot attribute its legs to a source
   workload, so its rows show no RTT.
-* L7 columns (requests, success rate, latency percentiles) are ``None``
-  ("-" in tables): the proxy relays L4 only until HTTP parsing lands (#5).
+* L7 columns come from the proxy's HTTP request counters (``proxy.l7``):
+  requests, success rate (responses below 500 over all requests; a request
+  that got no response, code 0, is a failure), and request latency
+  p50/p95/p99 from the workers' merged log-bucket histograms (2% wide: a
+  percentile is exact to within 2%).  They are counted where the request is
+  parsed: the destination node's proxy.  So on the client's node a
+  cross-node pair shows ``None`` ("-"): not measured there, not zero; the
+  destination node's ``meshlet stats`` has them.  A same-node pair has both
+  reports; the row uses the same reporter as its TCP numbers.
 """
 
 from __future__ import annotations
@@ -63,13 +70,57 @@ def _end(lb: dict, side: str) -> dict:
     return {"workload": wl, "namespace": ns}
 
 
+def fine_percentile(hist: dict[int, int], q: float, growth: float) -> float | None:
+    """Nearest-rank percentile (ms) of a log-bucket latency histogram
+    (bucket -> count, see ``agent.proxy.metrics.fine_bucket``)."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = max(1, -(-total * q // 100))
+    acc = 0
+    for k in sorted(hist):
+        acc += hist[k]
+        if acc >= rank:
+            return round(growth ** (k + 0.5) / 1000.0, 3)
+    return None  # unreachable
+
+
+def _pair_of(lb: dict) -> tuple:
+    src, dst = _end(lb, "source"), _end(lb, "destination")
+    return (src["namespace"], src["workload"], dst["namespace"], dst["workload"])
+
+
+def _http_by_pair(http: dict | None) -> dict[tuple, dict]:
+    """(reporter, pair) -> {"requests", "success", "latency": fine hist}."""
+    out: dict[tuple, dict] = {}
+    if not http or not http.get("present"):
+        return out
+    names = http["names"]
+    for key, s in http["series"].items():
+        lb = dict(zip(names, key))
+        r = out.setdefault((lb["reporter"], _pair_of(lb)), {"requests": 0, "success": 0, "latency": {}})
+        r["requests"] += s.count
+        try:
+            code = int(lb.get("response_code", "0"))
+        except ValueError:
+            code = 0
+        if 0 < code < 500:
+            r["success"] += s.count
+    for prefix, hist in http["latency"].items():
+        lb = dict(zip(names, prefix))
+        r = out.setdefault((lb["reporter"], _pair_of(lb)), {"requests": 0, "success": 0, "latency": {}})
+        for k, n in hist.items():
+            r["latency"][k] = r["latency"].get(k, 0) + n
+    return out
+
+
 def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dict],
-              workload_of: dict[str, tuple[str, str]]) -> list[dict]:
+              workload_of: dict[str, tuple[str, str]], http: dict | None = None) -> list[dict]:
     """One row per (source workload, destination workload).
 
     ``tcp``: label values -> [opened, closed, received, sent] (Istio's
     direction); ``views``: flow views; ``workload_of``: pod key ->
-    (workload, namespace)."""
+    (workload, namespace); ``http``: :func:`agent.metrics.merge_http`."""
     by_reporter: dict[str, dict[tuple, dict]] = {"source": {}, "destination": {}}
     for key, (opened, closed, received, sent) in tcp.items():
         lb = dict(zip(names, key))
@@ -92,9 +143,15 @@ def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dic
     merged = dict(by_reporter["destination"])
     merged.update(by_reporter["source"])  # the client's node knows the pair best
     rtts = _rtt_samples(views, workload_of)
+    l7 = _http_by_pair(http)
+    growth = (http or {}).get("fine_growth") or 1.02
     out = []
     for pair, r in sorted(merged.items()):
         samples = rtts.get(pair, [])
+        h = l7.get((r["reporter"], pair))
+        if h is None:  # e.g. requests counted under the other reporter only
+            other = "destination" if r["reporter"] == "source" else "source"
+            h = l7.get((other, pair))
         out.append({
             "source": r["source"],
             "destination": r["destination"],
@@ -105,10 +162,11 @@ def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dic
             "bytes": {"sent": r["sent"], "received": r["received"]},
             "tcp_rtt_us": {"p50": percentile(samples, 50), "max": max(samples) if samples else None,
                            "samples": len(samples)},
-            # L7 arrives with HTTP parsing (#5): not measured, so not zero.
-            "requests": None,
-            "success_rate": None,
-            "latency_ms": {"p50": None, "p95": None, "p99": None},
+            # L7: None where this node parsed no HTTP for the pair (not zero).
+            "requests": h["requests"] if h else None,
+            "success_rate": round(h["success"] / h["requests"], 6) if h and h["requests"] else None,
+            "latency_ms": {q: fine_percentile(h["latency"], n, growth) if h else None
+                           for q, n in (("p50", 50), ("p95", 95), ("p99", 99))},
         })
     return out
 

@@ -1,4 +1,20 @@
-"""Logging for proxy workers: stderr diagnostics and the JSON access log."""
+"""Logging for proxy workers: stderr diagnostics and the JSON access log.
+
+The access log has one JSON line per finished connection and, for HTTP
+served by the L7 session, one per request (``"kind": "request"``), written
+when the response is complete.  A request line repeats the connection's
+fields (route, pods, identities, addresses, workload labels) and replaces
+the per-connection numbers with the request's own: ``bytes_sent`` /
+``bytes_received`` are the request / response body bytes, ``duration_ms``
+is the request's time, ``result`` is ``ok`` or the response flags.  Then:
+``method``, ``path`` (normalized, no query), ``authority``, ``status``,
+``upstream``, ``cluster``, ``attempts``, ``response_flags``,
+``request_id`` (x-request-id) and ``trace_id`` (W3C).
+
+Sampling: connections by their original 4-tuple (both node proxies agree),
+requests by their x-request-id when they carry one (else the connection's
+key plus the request's number), at the same rate.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +24,7 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["setup_logging", "AccessLog", "sampled"]
+__all__ = ["setup_logging", "AccessLog", "sampled", "request_record", "request_ids"]
 
 
 def sampled(key: str, rate: float) -> bool:
@@ -23,6 +39,86 @@ def sampled(key: str, rate: float) -> bool:
         return False
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
     return h < rate * (1 << 64)
+
+
+def _text(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("latin-1")
+    return str(v)
+
+
+def _header(headers: Any, lname: bytes) -> bytes | None:
+    for n, v in headers or ():
+        if len(n) == len(lname) and n.lower() == lname:
+            return v.strip(b" \t")
+    return None
+
+
+def request_ids(head: Any, exchange: Any) -> tuple[str | None, str | None]:
+    """(x-request-id, trace id) of a request: what the exchange recorded
+    (the ids forwarded, generated ones included) if it did, else what the
+    client sent (x-request-id, the traceparent's trace-id)."""
+    rid = _text(getattr(exchange, "request_id", None))
+    tid = _text(getattr(exchange, "trace_id", None))
+    trace = getattr(exchange, "trace", None)  # a tracing.HopContext, if the session keeps it
+    if trace is not None:
+        rid = rid or _text(getattr(trace, "request_id", None))
+        tp = getattr(trace, "traceparent", None)
+        tid = tid or _text(getattr(tp, "trace_id", None))
+    headers = getattr(head, "headers", None)
+    if rid is None:
+        v = _header(headers, b"x-request-id")
+        rid = _text(v[:128]) if v else None
+    if tid is None:
+        v = _header(headers, b"traceparent")
+        if v:
+            parts = v.split(b"-")
+            if len(parts) >= 4 and len(parts[1]) == 32:
+                tid = _text(parts[1].lower())
+    return rid, tid
+
+
+def _fmt_upstream(addr: Any) -> str | None:
+    if not addr:
+        return None
+    ip, port = addr[0], addr[1]
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def request_record(base: dict[str, Any], head: Any, status: int, elapsed: float, exchange: Any,
+                   ids: tuple[str | None, str | None], flags: str | None = None,
+                   policy: str | None = None) -> dict[str, Any]:
+    """One request's access-log line: the connection's record ``base``
+    (Conn.record) with the request's own numbers and fields.  ``flags``
+    overrides the exchange's response flags; ``policy``: the authorization
+    policy that refused the request (``""``: no ALLOW rule matched)."""
+    path = getattr(head, "path", None)
+    flags = flags or getattr(exchange, "flags", "-") or "-"
+    rec = dict(base)
+    rec.update({
+        "kind": "request",
+        "bytes_sent": getattr(exchange, "request_body_bytes", 0),
+        "bytes_received": getattr(exchange, "response_body_bytes", 0),
+        "duration_ms": round(elapsed * 1000.0, 3),
+        "result": "ok" if flags == "-" else flags,
+        "reason": "",
+        "method": _text(getattr(head, "method", None)),
+        "path": getattr(path, "path", None) if path is not None else None,
+        "authority": _text(getattr(head, "host", None)),
+        "status": status,
+        "upstream": _fmt_upstream(getattr(exchange, "upstream", None)),
+        "cluster": getattr(exchange, "cluster", None),
+        "attempts": getattr(exchange, "attempts", 0),
+        "response_flags": flags,
+        "request_id": ids[0],
+        "trace_id": ids[1],
+    })
+    if policy is not None:
+        rec["verdict"] = "denied"
+        rec["policy"] = policy
+    return rec
 
 
 def setup_logging(worker_id: int, level: int = logging.INFO) -> None:
@@ -57,6 +153,19 @@ class AccessLog:
             self._f = open(path, "a", buffering=1, encoding="utf-8") if path else None
         except OSError as e:
             logging.getLogger("meshlet.proxy").error("cannot open access log %s: %s", path, e)
+
+    def write_request(self, base: dict[str, Any], key: str, rate: float, head: Any, status: int,
+                      elapsed: float, exchange: Any, *, flags: str | None = None,
+                      policy: str | None = None) -> bool:
+        """One request line, if sampled (see the module docstring); ``key``:
+        the fallback sampling key.  Whether it was written."""
+        if self._f is None:
+            return False
+        ids = request_ids(head, exchange)
+        if not sampled(ids[0] or key, rate):
+            return False
+        self.write(request_record(base, head, status, elapsed, exchange, ids, flags, policy))
+        return True
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:

@@ -32,15 +32,25 @@ updated from the relay at every stats read and made exact at close.
 
 Cardinality is bounded: at most ``max_series`` label sets; connections
 beyond that are counted in ``overflow`` only (``meshlet_metrics_overflow_total``).
+
+HTTP requests (``proxy.l7``): :class:`HttpMetrics` keeps Istio's
+``istio_requests_total`` and the duration / request size / response size
+histograms (Envoy's default buckets) under the connection's labels with
+``request_protocol`` ``http``, plus ``response_code``, the request's
+``response_flags`` and ``grpc_response_status`` (""), and a finer latency
+histogram per connection label set for ``meshlet stats`` percentiles.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LABELS", "Peer", "TcpMetrics", "workload_of", "labels_for", "MAX_SERIES",
-           "DENY_REASONS"]
+           "DENY_REASONS", "HTTP_LABELS", "BUCKETS", "HttpMetrics", "http_prefix", "http_labels",
+           "fine_bucket", "fine_value_ms"]
 
 MAX_SERIES = 10_000
 UNKNOWN = "unknown"
@@ -206,4 +216,167 @@ class TcpMetrics:
             "overflow": self.overflow,
             "max_series": self.max_series,
             "live": len(self._live),
+        }
+
+
+# --- HTTP requests (L7) ------------------------------------------------------------
+
+#: Istio's request metrics carry the TCP labels (``request_protocol`` is
+#: ``http``) plus the response's code and its gRPC status (always "": the
+#: proxy speaks HTTP/1.x only).
+HTTP_LABELS: tuple[str, ...] = LABELS + ("response_code", "grpc_response_status")
+
+#: Envoy's default histogram buckets, which Istio's request duration and
+#: size histograms use (milliseconds, or bytes for the sizes).
+BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+                              30000, 60000, 300000, 600000, 1800000, 3600000)
+
+#: Latency for percentiles (``meshlet stats``): log buckets 2% wide, in
+#: microseconds.  Bucket ``i`` holds ``[G**i, G**(i+1))`` us; exact merge
+#: across workers, at most ~1,100 buckets up to an hour.
+FINE_GROWTH = 1.02
+_FINE_K = 1.0 / math.log(FINE_GROWTH)
+
+_RF = LABELS.index("response_flags")
+_PROTO = LABELS.index("request_protocol")
+_SVC = LABELS.index("destination_service")
+
+
+def fine_bucket(ms: float) -> int:
+    us = ms * 1000.0
+    return int(math.log(us) * _FINE_K) if us > 1.0 else 0
+
+
+def fine_value_ms(idx: int) -> float:
+    """The midpoint (geometric) of fine bucket ``idx``, in ms."""
+    return FINE_GROWTH ** (idx + 0.5) / 1000.0
+
+
+def http_prefix(tcp_labels: tuple[str, ...], cluster: str | None = None) -> tuple[str, ...]:
+    """A connection's TCP label set as the constant part of its requests'
+    labels: ``request_protocol`` http, ``response_flags`` filled per request.
+
+    ``cluster`` (``ns/name:port``, the service the request was routed to)
+    names the destination service as Istio does: ``name.ns.svc.cluster.local``,
+    ``name``, ``ns``."""
+    lb = list(tcp_labels)
+    lb[_PROTO] = "http"
+    lb[_RF] = ""
+    if cluster:
+        ns, _, rest = cluster.partition("/")
+        name = rest.rsplit(":", 1)[0]
+        if ns and name:
+            lb[_SVC:_SVC + 3] = [f"{name}.{ns}.svc.cluster.local", name, ns]
+    return tuple(lb)
+
+
+def http_labels(prefix: tuple[str, ...], code: int, flags: str) -> tuple[str, ...]:
+    """The full :data:`HTTP_LABELS` values of one request series."""
+    return prefix[:_RF] + (flags or "-",) + prefix[_RF + 1:] + (str(code), "")
+
+
+class _HttpSeries:
+    __slots__ = ("count", "dur_sum", "dur", "req_sum", "req", "resp_sum", "resp")
+
+    def __init__(self) -> None:
+        n = len(BUCKETS) + 1  # the last one: above every bound (+Inf only)
+        self.count = 0
+        self.dur_sum = 0.0
+        self.req_sum = self.resp_sum = 0
+        self.dur = [0] * n
+        self.req = [0] * n
+        self.resp = [0] * n
+
+
+class HttpMetrics:
+    """Per-request counters of one worker, Istio-labelled.
+
+    The hot path is :meth:`observe`: the label tuples are made once per
+    connection (:meth:`prefixes` gives small integer ids), so a request
+    costs three bisections, a log and a few dict updates keyed by
+    ``(prefix id, status, flags)``.  Bounded like :class:`TcpMetrics`: at
+    most ``max_series`` request series and as many prefixes; what does not
+    fit is counted in ``overflow``."""
+
+    def __init__(self, max_series: int = MAX_SERIES) -> None:
+        self.max_series = max_series
+        self.series: dict[tuple[int, int, str], _HttpSeries] = {}
+        self._prefix_ids: dict[tuple[str, ...], int] = {}
+        self._prefixes: list[tuple[str, ...]] = []
+        self.latency: dict[int, dict[int, int]] = {}  # prefix id -> fine bucket -> n
+        self.denied_policies: dict[str, int] = {}
+        self.denied = 0
+        self.overflow = 0
+
+    def prefixes(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
+                 ) -> tuple[int, ...]:
+        """Ids for a connection's label sets (one per reporter); call once per
+        connection (and routed service), not per request."""
+        out = []
+        for lb in tcp_labels:
+            p = http_prefix(lb, cluster)
+            pid = self._prefix_ids.get(p)
+            if pid is None:
+                if len(self._prefixes) >= self.max_series:
+                    self.overflow += 1
+                    continue
+                pid = self._prefix_ids[p] = len(self._prefixes)
+                self._prefixes.append(p)
+                self.latency[pid] = {}
+            out.append(pid)
+        return tuple(out)
+
+    def observe(self, pids: tuple[int, ...], code: int, flags: str, ms: float,
+                req_bytes: int = 0, resp_bytes: int = 0) -> None:
+        """One finished request under each of the connection's reporters."""
+        if not pids:
+            self.overflow += 1
+            return
+        di = bisect_left(BUCKETS, ms)
+        qi = bisect_left(BUCKETS, req_bytes)
+        ri = bisect_left(BUCKETS, resp_bytes)
+        fine = fine_bucket(ms)
+        series = self.series
+        for pid in pids:
+            key = (pid, code, flags)
+            s = series.get(key)
+            if s is None:
+                if len(series) >= self.max_series:
+                    self.overflow += 1
+                    continue
+                s = series[key] = _HttpSeries()
+            s.count += 1
+            s.dur_sum += ms
+            s.dur[di] += 1
+            s.req_sum += req_bytes
+            s.req[qi] += 1
+            s.resp_sum += resp_bytes
+            s.resp[ri] += 1
+            lat = self.latency[pid]
+            lat[fine] = lat.get(fine, 0) + 1
+
+    def deny(self, policy: str) -> None:
+        """A request refused by authorization policy (``""``: no ALLOW matched)."""
+        self.denied += 1
+        self.denied_policies[policy] = self.denied_policies.get(policy, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able.  ``series`` rows: [labels, count, duration sum (ms),
+        duration buckets, request bytes sum, buckets, response bytes sum,
+        buckets]; bucket lists are per bucket (not cumulative), one longer
+        than ``buckets`` (the overflow above the last bound).  ``latency``
+        rows: [prefix labels (``response_flags`` empty), {fine bucket: n}]."""
+        ps = self._prefixes
+        return {
+            "labels": list(HTTP_LABELS),
+            "buckets": list(BUCKETS),
+            "series": [[list(http_labels(ps[pid], code, flags)), s.count, s.dur_sum, list(s.dur),
+                        s.req_sum, list(s.req), s.resp_sum, list(s.resp)]
+                       for (pid, code, flags), s in self.series.items()],
+            "fine_growth": FINE_GROWTH,
+            "latency": [[list(ps[pid]), {str(k): v for k, v in lat.items()}]
+                        for pid, lat in self.latency.items() if lat],
+            "denied": self.denied,
+            "denied_policies": dict(self.denied_policies),
+            "overflow": self.overflow,
         }

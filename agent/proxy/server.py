@@ -348,6 +348,7 @@ class ProxyServer:
         self._access_arg = access_log
         self._access = AccessLog(self._access_path(watcher.current))
         self.metrics = m.TcpMetrics(max_series)
+        self.http_metrics = m.HttpMetrics(max_series)  # istio_request* (L7 requests)
         self._linker = linker
         self._link_warned = False
         self._links: list[tuple[int, int]] = []  # cookie pairs waiting for the next flush
@@ -736,6 +737,7 @@ class ProxyServer:
             "access_log": {"path": self._access.path,
                            "sampling": st.access_log.sampling},
             "metrics": self.metrics.snapshot(),
+            "http_metrics": self.http_metrics.snapshot(),
             "http": self._http_stats(),
             "policy": {"version": self.policies.current.version, "count": len(self.policies.current),
                        "reloads": self.policies.reloads, "errors": self.policies.errors,
@@ -761,6 +763,35 @@ class ProxyServer:
         h["latency_ms_sum"] += ms
         h["latency_ms_count"] += 1
         self._latencies.append(round(ms, 3))
+        # Istio request metrics: the label ids are made once per connection
+        # (and routed service), kept on the connection record.
+        cache = conn.__dict__.get("_http_pids")
+        if cache is None:
+            cache = conn.__dict__["_http_pids"] = {}
+        cluster = exchange.cluster
+        pids = cache.get(cluster)
+        if pids is None:
+            labels = conn.labels or conn.fallback_labels(self.watcher.current)
+            pids = cache[cluster] = self.http_metrics.prefixes(labels, cluster)
+        flags = exchange.flags or "-"
+        policy = getattr(exchange, "policy", None)
+        denied = "RBAC" in flags
+        den = getattr(conn, "denial", None)  # (head, policy, rule) of the last 403 by policy
+        if den is not None and den[0] is head and status == 403:
+            denied, policy = True, policy or den[1]
+            if flags == "-":
+                flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
+        self.http_metrics.observe(pids, status, flags, ms, exchange.request_body_bytes,
+                                  exchange.response_body_bytes)
+        if denied:
+            self.http_metrics.deny(policy or "")
+        if self._access.path is not None:
+            st = self.watcher.current
+            if not self._access.write_request(conn.record(self.worker_id),
+                                              f"{conn.sample_key()}#{h['requests']}",
+                                              st.access_log.sampling, head, status, elapsed, exchange,
+                                              flags=flags, policy=policy if denied else None):
+                self.counters["access_log_skipped"] += 1
 
     # ------------------------------------------------------------ per connection
 

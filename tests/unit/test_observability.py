@@ -331,3 +331,366 @@ def test_policy_denials_are_labelled_by_the_deciding_policy():
     assert rows[("policy", "shop/deny-admin")] == 3
     assert rows[("policy", "")] == 1  # no ALLOW rule matched: no single policy decided
     assert rows[("mtls_refused", "")] == 0
+
+
+# --- HTTP requests (L7): istio_requests_total, histograms, stats, access log -------------
+
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from agent.metrics import merge_http  # noqa: E402
+from agent.policy.http import NormalizedPath  # noqa: E402
+from agent.proxy.l7 import Exchange  # noqa: E402
+from agent.proxy.log import request_ids, request_record  # noqa: E402
+from agent.stats import fine_percentile  # noqa: E402
+
+
+def http_conn_labels(mtls=False):
+    return [lb("source", mtls=mtls), lb("destination", mtls=mtls)]
+
+
+def test_http_labels_are_istios_with_code_flags_and_protocol():
+    h = m.HttpMetrics()
+    pids = h.prefixes(http_conn_labels())
+    h.observe(pids, 404, "-", 3.0)
+    h.observe(pids[1:], 503, "UF,URX", 7.0)
+    snap = h.snapshot()
+    assert snap["labels"] == list(m.LABELS) + ["response_code", "grpc_response_status"]
+    rows = {(r[0][0], r[0][-2], r[0][m.LABELS.index("response_flags")]): r for r in snap["series"]}
+    assert set(rows) == {("source", "404", "-"), ("destination", "404", "-"),
+                         ("destination", "503", "UF,URX")}
+    d = dict(zip(snap["labels"], rows[("destination", "503", "UF,URX")][0]))
+    assert d["request_protocol"] == "http" and d["grpc_response_status"] == ""
+    assert d["connection_security_policy"] == "none" and d["source_principal"] == WEB.principal
+    assert d["destination_service"] == "10.0.0.7" and d["destination_service_name"] == "unknown"
+    json.dumps(snap)
+
+
+def test_a_routed_service_names_destination_service_as_istio_does():
+    h = m.HttpMetrics()
+    (pid,) = h.prefixes([lb("destination")], "shop/reviews:9080")
+    h.observe((pid,), 200, "-", 1.0)
+    d = dict(zip(m.HTTP_LABELS, h.snapshot()["series"][0][0]))
+    assert (d["destination_service"], d["destination_service_name"],
+            d["destination_service_namespace"]) == ("reviews.shop.svc.cluster.local", "reviews", "shop")
+    assert h.prefixes([lb("destination")], "shop/reviews:9080") == (pid,)  # interned
+    assert h.prefixes([lb("destination")]) != (pid,)
+
+
+def test_duration_and_size_buckets_are_envoys_defaults_with_le_semantics():
+    assert m.BUCKETS[:4] == (0.5, 1, 5, 10) and m.BUCKETS[-1] == 3600000
+    h = m.HttpMetrics()
+    pids = h.prefixes([lb("destination")])
+    for ms in (0.2, 0.5, 0.7, 1.0, 9.9, 4_000_000):  # <=0.5 twice, <=1 twice, <=10, beyond the last
+        h.observe(pids, 200, "-", ms, req_bytes=0, resp_bytes=1234)
+    (row,) = h.snapshot()["series"]
+    _, count, dsum, dur, qsum, req, rsum, resp = row
+    assert count == 6 and math.isclose(dsum, 0.2 + 0.5 + 0.7 + 1.0 + 9.9 + 4_000_000)
+    assert dur[:4] == [2, 2, 0, 1] and dur[-1] == 1 and sum(dur) == 6
+    assert req[0] == 6 and qsum == 0
+    assert resp[m.BUCKETS.index(2500)] == 6 and rsum == 6 * 1234
+
+
+def test_http_series_are_capped_and_overflow_counted():
+    h = m.HttpMetrics(max_series=2)
+    pids = h.prefixes(http_conn_labels())
+    for code in (200, 404, 500):
+        h.observe(pids, code, "-", 1.0)
+    snap = h.snapshot()
+    assert len(snap["series"]) == 2 and snap["overflow"] == 4  # 404 x1 and 500 x2 reporters... capped
+    h2 = m.HttpMetrics(max_series=1)
+    assert len(h2.prefixes(http_conn_labels())) == 1 and h2.overflow == 1
+    h2.observe((), 200, "-", 1.0)  # no label set at all: counted as overflow, not lost silently
+    assert h2.overflow == 2
+
+
+def test_fine_latency_buckets_give_percentiles_within_two_percent():
+    hist: dict[int, int] = {}
+    values = [0.05 * 1.07 ** i for i in range(200)]  # 50 us .. ~35 s
+    for v in values:
+        k = m.fine_bucket(v)
+        hist[k] = hist.get(k, 0) + 1
+    for q in (50, 95, 99):
+        exact = percentile(values, q)
+        got = fine_percentile(hist, q, m.FINE_GROWTH)
+        assert abs(got - exact) / exact < 0.02, (q, got, exact)
+    assert fine_percentile({}, 50, m.FINE_GROWTH) is None
+    assert m.fine_bucket(0.0) == 0
+
+
+def http_worker(observations, denied=()):
+    h = m.HttpMetrics()
+    pids = h.prefixes(http_conn_labels())
+    for code, ms in observations:
+        h.observe(pids, code, "-", ms, 10, 100)
+    for p in denied:
+        h.deny(p)
+    return {"http_metrics": h.snapshot(), "metrics": m.TcpMetrics().snapshot(),
+            "active_connections": 0}
+
+
+def test_request_metrics_sum_workers_and_parse_with_prometheus_client():
+    got = scrape({"workers": [http_worker([(200, 2.0), (200, 30.0), (404, 0.3)], ["shop/deny-admin"]),
+                              http_worker([(200, 700.0)], ["shop/deny-admin", ""]), None]})
+    req = {(s["reporter"], s["response_code"]): v for s, v in got["istio_requests"]}
+    assert req == {("source", "200"): 3, ("source", "404"): 1,
+                   ("destination", "200"): 3, ("destination", "404"): 1}
+    assert all(s["request_protocol"] == "http" and s["grpc_response_status"] == ""
+               for s, _ in got["istio_requests"])
+    dur = [(s, v) for s, v in got["istio_request_duration_milliseconds"]
+           if s.get("reporter") == "destination" and s.get("response_code") == "200"]
+    buckets = {s["le"]: v for s, v in dur if "le" in s}
+    assert buckets["1"] == 0 and buckets["5"] == 1 and buckets["50"] == 2 and buckets["1000"] == 3
+    assert buckets["+Inf"] == 3
+    assert buckets["0.5"] == 0 and len(buckets) == len(m.BUCKETS) + 1
+    # the parser folds _count/_sum into the family's samples
+    fam = {f.name: f for f in text_string_to_metric_families(generate_latest(_registry(
+        {"workers": [http_worker([(200, 2.0), (200, 30.0)])]})).decode())}
+    h = fam["istio_request_duration_milliseconds"]
+    assert h.type == "histogram"
+    sums = [s.value for s in h.samples if s.name.endswith("_sum") and s.labels["reporter"] == "source"]
+    assert sums == [32.0]
+    assert {f for f in fam} >= {"istio_request_bytes", "istio_response_bytes"}
+    assert {s["policy"]: v for s, v in got["meshlet_denied_requests"]} == \
+        {"shop/deny-admin": 2, "": 1}
+
+
+def _registry(snap):
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(lambda: snap))
+    return reg
+
+
+def test_no_request_families_from_proxies_without_l7_counters():
+    got = scrape(SNAP)  # workers that report no http_metrics at all
+    assert "istio_requests" not in got and "meshlet_denied_requests" not in got
+    got = scrape({"workers": [http_worker([])]})  # L7 counters, no request yet: no sample, no zero
+    assert got["istio_requests"] == []
+
+
+def test_stats_rows_carry_requests_success_rate_and_latency():
+    w = http_worker([(200, 1.0)] * 90 + [(404, 2.0)] * 5 + [(503, 100.0)] * 5)
+    t = m.TcpMetrics()
+    t.opened(1, http_conn_labels())
+    w["metrics"] = t.snapshot()
+    names, tcp = merge_tcp([w])
+    (row,) = pair_rows(names, tcp, [], WORKLOADS, merge_http([w]))
+    assert row["reporter"] == "source" and row["requests"] == 100
+    assert row["success_rate"] == 0.95  # 404 is a success, 503 is not
+    lat = row["latency_ms"]
+    assert abs(lat["p50"] - 1.0) < 0.02 and abs(lat["p95"] - 2.0) < 0.04
+    assert abs(lat["p99"] - 100.0) < 2.0
+    table = format_table([row]).splitlines()[1].split()
+    assert table[-5:] == ["100", "95.0%", f"{lat['p50']:g}ms", f"{lat['p95']:g}ms", f"{lat['p99']:g}ms"]
+
+
+def test_stats_l7_columns_fall_back_to_the_other_reporter_and_stay_none_without_requests():
+    h = m.HttpMetrics()
+    h.observe(h.prefixes([lb("destination")]), 200, "-", 5.0)
+    w = {"http_metrics": h.snapshot(), "metrics": None}
+    names, tcp = merge_tcp([worker([(lb("source"), 1, 1, False)])])
+    (row,) = pair_rows(names, tcp, [], WORKLOADS, merge_http([w]))
+    assert row["reporter"] == "source" and row["requests"] == 1 and row["success_rate"] == 1.0
+    names, tcp = merge_tcp([worker([(lb("source"), 1, 1, False)])])
+    (row,) = pair_rows(names, tcp, [], WORKLOADS, merge_http([{"http_metrics": m.HttpMetrics().snapshot()}]))
+    assert row["requests"] is None and row["latency_ms"]["p99"] is None
+
+
+def head(method=b"GET", path="/api/items", query="page=2", host=b"web:8080", headers=()):
+    return SimpleNamespace(method=method, path=NormalizedPath(path, query), host=host,
+                           headers=list(headers))
+
+
+def test_request_record_has_the_connection_fields_and_the_requests_own():
+    base = {"ts": "t", "route": "local", "src_pod": "shop/web-1", "dst_pod": "data/db-1",
+            "bytes_sent": 999, "bytes_received": 999, "duration_ms": 5000.0, "result": "ok",
+            "reason": "http: 3 request(s)", "source_workload": "web"}
+    ex = Exchange(cluster="data/db:80", upstream=("10.0.0.7", 80), attempts=2, flags="URX",
+                  request_body_bytes=12, response_body_bytes=34)
+    tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    hd = head(headers=[(b"X-Request-ID", b" abc-123 "), (b"traceparent", tp)])
+    rec = request_record(base, hd, 503, 0.0125, ex, request_ids(hd, ex))
+    assert rec["kind"] == "request" and rec["route"] == "local" and rec["source_workload"] == "web"
+    assert (rec["method"], rec["path"], rec["authority"], rec["status"]) == \
+        ("GET", "/api/items", "web:8080", 503)  # path normalized, no query
+    assert rec["duration_ms"] == 12.5 and rec["bytes_sent"] == 12 and rec["bytes_received"] == 34
+    assert rec["upstream"] == "10.0.0.7:80" and rec["cluster"] == "data/db:80" and rec["attempts"] == 2
+    assert rec["response_flags"] == "URX" and rec["result"] == "URX" and rec["reason"] == ""
+    assert rec["request_id"] == "abc-123" and rec["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "policy" not in rec and base["bytes_sent"] == 999  # base untouched
+    denied = request_record(base, head(), 403, 0.001, Exchange(), request_ids(head(), Exchange()),
+                            flags="RBAC", policy="shop/deny-admin")
+    assert denied["verdict"] == "denied" and denied["policy"] == "shop/deny-admin"
+    assert denied["response_flags"] == "RBAC" and denied["request_id"] is None
+    assert denied["trace_id"] is None
+    json.dumps(rec)
+
+
+def test_request_ids_prefer_what_the_exchange_recorded():
+    ex = SimpleNamespace(request_id=b"gen-1", trace_id="f" * 32)
+    assert request_ids(head(headers=[(b"x-request-id", b"client")]), ex) == ("gen-1", "f" * 32)
+    hop = SimpleNamespace(request_id=b"hop-1", traceparent=SimpleNamespace(trace_id=b"a" * 32))
+    assert request_ids(head(), SimpleNamespace(trace=hop)) == ("hop-1", "a" * 32)
+    assert request_ids(head(headers=[(b"traceparent", b"garbage")]), Exchange()) == (None, None)
+
+
+# --- the proxy worker's hook, on real sockets (no root: loopback addresses) --------------
+
+from tests.unit.test_proxy_server import Cluster, FlowOrigin, V4, close_writer, run  # noqa: E402
+
+
+class StatusServer:
+    """Keep-alive HTTP/1.1: ``/ok`` 200 with a 5-byte body, anything else 404."""
+
+    def __init__(self, ip: str):
+        self.ip = ip
+
+    async def start(self):
+        self.srv = await asyncio.start_server(self._handle, self.ip, 0)
+        self.port = self.srv.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self):
+        self.srv.close()
+        await self.srv.wait_closed()
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                try:
+                    h = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                ok = h.split(b" ", 2)[1].startswith(b"/ok")
+                body = b"fine\n" if ok else b"not found here\n"
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
+                             % (200 if ok else 404, len(body), body))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+
+async def get(reader, writer, path: str, rid: str | None = None) -> int:
+    extra = f"X-Request-Id: {rid}\r\n" if rid else ""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: web\r\n{extra}\r\n".encode())
+    h = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = next(int(ln.split(b":", 1)[1]) for ln in h.split(b"\r\n")
+                  if ln.lower().startswith(b"content-length:"))
+    await asyncio.wait_for(reader.readexactly(length), 10)
+    return int(h.split(b" ", 2)[1])
+
+
+PATHS = ["/ok", "/ok?x=1", "/missing", "/ok", "/nope/../ok", "/gone"]  # 200 200 404 200 200 404
+
+
+@pytest.mark.parametrize("dst_ip,node,reporters,mtls",
+                         [("127.0.0.5", 0, ("destination", "source"), "none"),
+                          ("127.0.0.7", 1, ("destination",), "mutual_tls")], ids=["local", "tunnel"])
+def test_each_request_is_counted_timed_and_logged(tmp_path, dst_ip, node, reporters, mtls):
+    async def main():
+        async with Cluster(tmp_path, l7=True) as c:
+            web = await StatusServer(dst_ip).start()
+            try:
+                codes = []
+                r, w = await c.connect(FlowOrigin(V4, dst_ip, web.port, 1001))
+                for i, p in enumerate(PATHS):
+                    codes.append(await get(r, w, p, rid=f"req-{i}" if i % 2 else None))
+                await close_writer(w)
+                srv = c.servers[node]
+                async with asyncio.timeout(10):  # the connection line is written at close
+                    while srv.stats()["active_connections"]:
+                        await asyncio.sleep(0.01)
+                return codes, srv.stats(), c.access(f"node{node + 1}")
+            finally:
+                await web.stop()
+
+    codes, stats, log = run(main())
+    assert codes == [200, 200, 404, 200, 200, 404]
+    hm = stats["http_metrics"]
+    series = {}
+    for row in hm["series"]:
+        d = dict(zip(hm["labels"], row[0]))
+        series[(d["reporter"], d["response_code"])] = (d, row)
+    assert set(series) == {(r, c) for r in reporters for c in ("200", "404")}
+    for r in reporters:
+        d, row = series[(r, "200")]
+        assert row[1] == 4 and series[(r, "404")][1][1] == 2
+        assert d["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
+        assert d["destination_workload"] == ("web-1" if node == 0 else "db-1")
+        assert d["connection_security_policy"] == mtls and d["response_flags"] == "-"
+        assert 0 < row[2] < 10_000 * 4  # summed duration: positive, below the test's bound
+        # body bytes as the session reports them (Exchange.response_body_bytes), same as the log
+        assert row[6] == sum(e["bytes_received"] for e in log
+                             if e.get("kind") == "request" and e["status"] == 200)
+    # the access log: one line per request, then the connection's line
+    reqs = [e for e in log if e.get("kind") == "request"]
+    conns = [e for e in log if e.get("kind") != "request" and e["dst_pod"]]
+    assert len(reqs) == len(PATHS) and len(conns) == 1
+    assert [e["path"] for e in reqs] == ["/ok", "/ok", "/missing", "/ok", "/ok", "/gone"]
+    assert [e["status"] for e in reqs] == codes
+    assert all(e["method"] == "GET" and e["authority"] == "web" and 0 < e["duration_ms"] < 10_000
+               and e["response_flags"] == "-" and e["result"] == "ok"
+               and e["src_pod"] == conns[0]["src_pod"] and e["dst_pod"] == conns[0]["dst_pod"]
+               and e["connection_security_policy"] == mtls for e in reqs)
+    assert [e["request_id"] for e in reqs][1::2] == ["req-1", "req-3", "req-5"]
+    for e in reqs:  # what the session's Exchange says (filled in by the L7 traffic work)
+        if e["upstream"] is not None:
+            assert e["upstream"].rsplit(":", 1)[0] == dst_ip and e["attempts"] >= 1
+    assert sum(int(k) * 0 + v for _, hist in hm["latency"] for k, v in hist.items()) == \
+        len(PATHS) * len(reporters)
+
+
+def test_sampling_zero_writes_no_request_lines_but_still_counts(tmp_path):
+    async def main():
+        async with Cluster(tmp_path, l7=True) as c:
+            web = await StatusServer("127.0.0.5").start()
+            try:
+                srv = c.servers[0]
+                st = srv.watcher.current
+                srv.watcher.current = dataclasses.replace(
+                    st, access_log=dataclasses.replace(st.access_log, sampling=0.0))
+                r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", web.port, 1001))
+                for p in ("/ok", "/x"):
+                    await get(r, w, p)
+                await close_writer(w)
+                return srv.stats(), c.access("node1")
+            finally:
+                await web.stop()
+
+    stats, log = run(main())
+    assert not [e for e in log if e.get("kind") == "request"]
+    assert stats["counters"]["access_log_skipped"] >= 2
+    assert sum(row[1] for row in stats["http_metrics"]["series"]) == 4  # 2 requests x 2 reporters
+
+
+def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
+    """The integrator's short-circuit records (head, policy, rule) on the
+    connection before answering 403; the response hook counts it."""
+    from agent.proxy.server import Conn
+    from agent.proxy.state import StateWatcher
+    from agent.proxy.server import ProxyServer
+    from tests.unit.test_proxy_server import state_doc
+
+    (tmp_path / "state.json").write_text(json.dumps(state_doc("node1", "127.0.0.1", 1, 2)))
+    srv = ProxyServer(StateWatcher(str(tmp_path / "state.json")), flow_table=object(),
+                      access_log=str(tmp_path / "access.log"))
+    try:
+        conn = Conn(direction="inbound", client=None)
+        conn.labels = [lb("destination")]
+        hd = head(path="/admin", query=None)
+        conn.denial = (hd, "shop/deny-admin", 0)
+        srv._on_http_response(conn, hd, 403, 0.0004, Exchange())
+        other = head(path="/ok", query=None)
+        srv._on_http_response(conn, other, 403, 0.0004, Exchange())  # the app's own 403: not a denial
+        hm = srv.stats()["http_metrics"]
+    finally:
+        srv._access.close()
+    assert hm["denied_policies"] == {"shop/deny-admin": 1}
+    flags = sorted(dict(zip(hm["labels"], r[0]))["response_flags"] for r in hm["series"])
+    assert flags == ["-", "RBAC"]
+    lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    assert [(e["path"], e["response_flags"], e.get("policy")) for e in lines] == \
+        [("/admin", "RBAC", "shop/deny-admin"), ("/ok", "-", None)]

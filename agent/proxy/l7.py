@@ -1,50 +1,85 @@
 """HTTP/1.1 forwarding for one downstream connection: the thin asyncio shell.
 
 Protocol decisions live in ``http1`` (parsing, framing, serialization),
-``tracing`` (trace headers) and ``agent.policy.http`` (normalization). This
-module moves bytes between sockets and owns the timers. Not wired into the
-server yet: ``server.py`` will hand it connections that ``sniff`` calls HTTP.
+``tracing`` (trace headers), ``agent.policy.http`` (normalization) and
+``agent.traffic`` (load balancing, retries, budgets, circuit breaking,
+outlier ejection: pure, clock passed in). This module moves bytes between
+sockets and owns the deadlines.
 
 One request at a time per downstream connection (pipelined requests wait,
 already parsed, with reading paused):
 
 1. ``RequestHead`` → ``on_request(head)``: a :class:`Response` short-circuits
-   (e.g. a 403); else ``choose(head)`` gives the upstream address.
-2. An idle pooled connection to it is reused, else one is opened (the head
-   and early body bytes wait, bounded, meanwhile).
+   (e.g. a 403); else ``choose(head)`` gives a
+   :class:`~agent.traffic.cluster.Cluster` (or a :class:`Response`, which
+   short-circuits too; a bare target tuple is accepted and wrapped in a
+   per-pool :meth:`Cluster.single <agent.traffic.cluster.Cluster.single>`).
+2. The cluster's circuit breaker counts the request (``max-requests``);
+   an endpoint is picked (P2C over the endpoints outlier detection has not
+   ejected; none: 503, flag NR); an idle pooled connection to it is reused,
+   else one is opened (``max-pending-requests`` and ``max-connections``
+   count it; the head and early body bytes wait, bounded, meanwhile). A
+   refusing limit answers 503 with ``x-meshlet-overloaded: <limit>`` (UO).
 3. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
    headers propagated or created, and our own framing header; the body is
-   streamed chunk by chunk (chunked in → chunked out), never buffered whole.
+   streamed chunk by chunk (chunked in → chunked out), never buffered whole
+   -- except that a request that may be retried (retries on, idempotent
+   method or ``retryNonIdempotent``) keeps up to ``maxBodyBytes`` of it for
+   replay; past that bound it is dropped and the request is never retried.
    Backpressure: a full upstream pauses reading the client and vice versa.
 4. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
    the final response is streamed back, re-chunked when its length is
    unknown, so the client connection stays alive.
-5. Then ``on_response(head, status, elapsed)``, the upstream connection goes
-   back to the pool if both sides allow it, and the next request is served.
+5. Retries (``TrafficSettings.retries`` through
+   :class:`~agent.traffic.retry.RetryState` and the cluster's budget): a
+   connect failure, a reset before any response byte, a per-try timeout, or
+   a response whose status is listed (that response is discarded and its
+   upstream connection closed) starts another attempt, preferably on another
+   endpoint, with the replay buffer. When nothing is left the client gets
+   the last upstream's answer, or 502 (UF/UC) / 504 (UT), plus URX when
+   retries ran out.
+6. Then ``on_response(head, status, elapsed, exchange)``, the upstream
+   connection goes back to the pool if both sides allow it, and the next
+   request is served.
 
 Upgrade: after the upstream's 101 both sockets are handed to the L4
 :class:`~agent.proxy.relay.Relay` with the bytes already read.
 
+Timeouts. Per cluster (``TrafficSettings.timeouts``): ``connect`` per
+upstream connect (504 when it was the last try); ``request`` from the end of
+the request to the response head, retries included (504, UT, never
+retried); ``retries.perTryTimeout`` the same per attempt (retried when
+``retryOn`` has ``timeout``); ``streamIdle`` no byte either way during an
+exchange (504 before the response head, a reset after); ``idle`` a pooled
+upstream connection (also capped by the pool's own ``idle_timeout``). Per
+session (:class:`L7Settings`), because the cluster is not known before the
+head has arrived: ``header_timeout`` (``requestHeaders``: a client that does
+not finish its head in time gets 408 and is closed -- slowloris) and
+``idle_timeout`` (a silent keep-alive client is closed).
+
+Deadlines cost no timer per request: each is a float; one coarse
+:class:`Ticker` per loop (resolution :data:`TICK`) wakes a session or the
+pool only at its earliest deadline and only when that deadline moved
+earlier, so a timeout fires up to one tick late, never early.
+
 Errors: a malformed request gets the parser's status (400/414/431...) with
-``Connection: close`` and never reaches an upstream; connect refused or a
-reset before a response → 502; no response head within
-``response_timeout`` of the last byte sent → 504; a client that does not
-finish its head within ``header_timeout`` gets 408 and is closed (slowloris);
-an idle keep-alive client is closed after ``idle_timeout``. A failure after
-the response head was sent can only be signalled by resetting the client.
-A crash on one connection is logged and resets that connection only.
+``Connection: close`` and never reaches an upstream (flag DPE). A failure
+after the response head was sent can only be signalled by resetting the
+client. A crash on one connection is logged and resets that connection only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import http
 import logging
-import time
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.proxy import tracing
 from agent.proxy.http1 import (
@@ -52,29 +87,41 @@ from agent.proxy.http1 import (
     ResponseParser, chunk, forward_headers, serialize_request_head, serialize_response_head,
 )
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
+from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
+from agent.traffic.cluster import Cluster, Target, target_str
+from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
+from agent.traffic.outcome import status as status_outcome
+from agent.traffic.policy import IDEMPOTENT_METHODS
+from agent.traffic.retry import Done, Request, RetryState
 
-__all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory"]
+__all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",
+           "Ticker", "TICK"]
 
 log = logging.getLogger("meshlet.proxy.l7")
 
 Address = tuple[str, int]
 
+TICK = 0.05
+"""Resolution of the deadline ticker (seconds): timeouts fire up to this late."""
+
+_IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
+_URX_REASONS = frozenset({"attempts-exhausted", "budget-exhausted", "deadline"})
+
 
 @dataclass(frozen=True)
 class L7Settings:
     header_timeout: float = 10.0
-    """Seconds from a request's first byte to the end of its head (else 408)."""
+    """Seconds from a request's first byte to the end of its head (else 408).
+    This is ``requestHeaders``: session-level, the cluster is not known yet."""
     idle_timeout: float = 60.0
     """Seconds a keep-alive client may stay silent between requests."""
-    response_timeout: float = 30.0
-    """Seconds without a response head after the last request byte sent (else 504)."""
     buffer_size: int = 256 * 1024
     """Write high-water mark per socket; also bounds bytes held while connecting."""
 
 
 @dataclass(frozen=True)
 class Response:
-    """A response made by the proxy itself (``on_request`` short-circuit)."""
+    """A response made by the proxy itself (``on_request``/``choose`` short-circuit)."""
 
     status: int
     body: bytes = b""
@@ -117,22 +164,108 @@ def _simple_response(status: int, body: bytes, headers=(), *, close: bool) -> by
 
 
 # --------------------------------------------------------------------------
+# Coarse deadlines
+
+
+class Ticker:
+    """Wakes objects at (about) their deadlines with one loop timer.
+
+    ``move(obj, old_key, when)`` files ``obj`` in the slot of ``when``
+    (rounded up to :data:`TICK`) and returns the slot key, which the object
+    keeps; ``remove(obj, key)`` takes it out. When a slot is due, each of its
+    objects gets ``obj._on_tick(now)`` (after its key was cleared), checks
+    its own deadlines and files itself again if it still has one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = TICK) -> None:
+        self._loop = loop
+        self._res = resolution
+        self._slots: dict[int, dict[Any, None]] = {}
+        self._heap: list[int] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for: int | None = None
+
+    def key(self, when: float) -> int:
+        return int(when / self._res) + 1
+
+    def move(self, obj: Any, old: int | None, key: int) -> int:
+        if old is not None:
+            s = self._slots.get(old)
+            if s is not None:
+                s.pop(obj, None)
+        s = self._slots.get(key)
+        if s is None:
+            self._slots[key] = {obj: None}
+            heapq.heappush(self._heap, key)
+            if self._armed_for is None or key < self._armed_for:
+                self._arm(key)
+        else:
+            s[obj] = None
+        return key
+
+    def remove(self, obj: Any, key: int | None) -> None:
+        if key is not None:
+            s = self._slots.get(key)
+            if s is not None:
+                s.pop(obj, None)
+
+    def _arm(self, key: int) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_for = key
+        self._handle = self._loop.call_at(key * self._res, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        self._armed_for = None
+        now = self._loop.time()
+        cur = int(now / self._res)
+        due: list = []
+        heap = self._heap
+        while heap and heap[0] <= cur:
+            s = self._slots.pop(heapq.heappop(heap), None)
+            if s:
+                due += s
+        for obj in due:
+            obj._tick_key = None
+            try:
+                obj._on_tick(now)
+            except Exception:  # noqa: BLE001 - one object's bug never stops the others
+                log.exception("deadline handler failed")
+        while heap and not self._slots.get(heap[0]):
+            self._slots.pop(heapq.heappop(heap), None)
+        if heap:
+            self._arm(heap[0])
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._armed_for = None
+        self._slots.clear()
+        self._heap.clear()
+
+
+# --------------------------------------------------------------------------
 # Upstream connections and their pool
 
 
 class _Upstream(asyncio.Protocol):
     """One upstream connection; events go to the session it serves, if any."""
 
-    def __init__(self, pool: "UpstreamPool", addr: Address) -> None:
+    __slots__ = ("pool", "target", "parser", "transport", "session", "idle_until", "lost", "eof",
+                 "got_bytes", "breaker")
+
+    def __init__(self, pool: "UpstreamPool", target: Target) -> None:
         self.pool = pool
-        self.addr = addr
+        self.target = target
         self.parser = ResponseParser()
         self.transport: asyncio.Transport | None = None
         self.session: L7Session | None = None
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_until = 0.0
         self.lost = False
         self.eof = False
         self.got_bytes = False  # since the current request was sent
+        self.breaker: Breaker | None = None  # counts this connection (max-connections)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -160,11 +293,18 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.lost = True
+        self.release_slot()
         s = self.session
         if s is None:
             self.pool.drop(self)
         else:
             s._up_lost(self, exc)
+
+    def release_slot(self) -> None:
+        b = self.breaker
+        if b is not None:
+            self.breaker = None
+            b.release(Limit.CONNECTIONS)
 
     def pause_writing(self) -> None:
         if self.session is not None:
@@ -185,15 +325,45 @@ class _Upstream(asyncio.Protocol):
             self.transport.close()
 
 
-class UpstreamPool:
-    """Keep-alive upstream connections per address (LIFO, bounded, expiring)."""
+class _ConnectSlot:
+    """The breaker counts (pending + connection) held by one connect; released
+    when the connect task ends unless handed over (the connection then holds
+    its count until it is lost). A done-callback, so that a task cancelled
+    before it ever ran releases too."""
 
-    def __init__(self, *, max_idle: int = 16, idle_timeout: float = 30.0,
+    __slots__ = ("breaker", "pending", "conn")
+
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+        self.pending = True
+        self.conn = True
+
+    def release_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.breaker.release(Limit.PENDING)
+
+    def done(self, _task: object = None) -> None:
+        self.release_pending()
+        if self.conn:
+            self.conn = False
+            self.breaker.release(Limit.CONNECTIONS)
+
+
+class UpstreamPool:
+    """Keep-alive upstream connections per target (LIFO, bounded, expiring).
+
+    A target is a tuple ``(ip, port, *extra)``: connections are pooled per
+    whole tuple and ``open_socket`` receives it whole."""
+
+    def __init__(self, *, max_idle: int = 256, idle_timeout: float = 30.0,
                  connect_timeout: float = 5.0, buffer_size: int = 256 * 1024,
-                 open_socket: Callable[[Address], Awaitable[socket.socket]] | None = None) -> None:
-        """``open_socket(addr)``, when given, returns a connected non-blocking
+                 open_socket: Callable[[Target], Awaitable[socket.socket]] | None = None) -> None:
+        """``open_socket(target)``, when given, returns a connected non-blocking
         socket (the node proxy's: marked with SO_MARK); it raises OSError or
-        TimeoutError on failure. Without it, the loop connects by itself."""
+        TimeoutError on failure. Without it, the loop connects to
+        ``target[0]:target[1]`` by itself. ``max_idle`` is per target;
+        ``idle_timeout`` caps every cluster's ``timeouts.idle``."""
         self.max_idle = max_idle
         self.open_socket = open_socket
         self.idle_timeout = idle_timeout
@@ -201,73 +371,112 @@ class UpstreamPool:
         self.buffer_size = buffer_size
         self.connects = 0
         self.reuses = 0
-        self._idle: dict[Address, list[_Upstream]] = {}
+        self._idle: dict[Target, list[_Upstream]] = {}
+        self._direct: dict[Target, Cluster] = {}
+        self._ticker: Ticker | None = None
+        self._tick_key: int | None = None
 
-    def idle_count(self, addr: Address | None = None) -> int:
-        if addr is not None:
-            return len(self._idle.get(addr, ()))
+    @property
+    def ticker(self) -> Ticker:
+        """The deadline ticker of the running loop (sessions share it)."""
+        t = self._ticker
+        if t is None:
+            t = self._ticker = Ticker(asyncio.get_running_loop())
+        return t
+
+    def direct(self, target: Target) -> Cluster:
+        """A long-lived single-endpoint cluster for a bare target (default settings)."""
+        c = self._direct.get(target)
+        if c is None:
+            if len(self._direct) >= 4096:
+                self._direct.clear()
+            c = self._direct[target] = Cluster.single(target)
+        return c
+
+    def idle_count(self, target: Target | None = None) -> int:
+        if target is not None:
+            return len(self._idle.get(target, ()))
         return sum(len(v) for v in self._idle.values())
 
-    def take_idle(self, addr: Address) -> _Upstream | None:
-        lst = self._idle.get(addr)
+    def take_idle(self, target: Target) -> _Upstream | None:
+        lst = self._idle.get(target)
         while lst:
             up = lst.pop()
-            if up.idle_handle is not None:
-                up.idle_handle.cancel()
-                up.idle_handle = None
             if up.usable():
                 self.reuses += 1
                 return up
             up.close()
         return None
 
-    async def connect(self, addr: Address) -> _Upstream:
+    async def connect(self, target: Target, timeout: float | None = None) -> _Upstream:
+        """A new connection to ``target`` (``timeout``: the connect timeout,
+        default the pool's). Raises OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
+        limit = self.connect_timeout if timeout is None else timeout
         if self.open_socket is None:
             _, up = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(self, addr), addr[0], addr[1]),
-                self.connect_timeout)
+                loop.create_connection(lambda: _Upstream(self, target), target[0], target[1]), limit)
         else:
-            async with asyncio.timeout(self.connect_timeout):
-                sock = await self.open_socket(addr)
+            async with asyncio.timeout(limit):
+                sock = await self.open_socket(target)
                 try:
-                    _, up = await loop.create_connection(lambda: _Upstream(self, addr), sock=sock)
+                    _, up = await loop.create_connection(lambda: _Upstream(self, target), sock=sock)
                 except BaseException:
                     sock.close()
                     raise
         self.connects += 1
         return up  # type: ignore[return-value]
 
-    def release(self, up: _Upstream) -> None:
+    def release(self, up: _Upstream, idle: float | None = None) -> None:
+        """Back to the pool for at most ``idle`` seconds (capped by the pool's)."""
         up.session = None
-        lst = self._idle.setdefault(up.addr, [])
+        lst = self._idle.get(up.target)
+        if lst is None:
+            lst = self._idle[up.target] = []
         if not up.usable() or len(lst) >= self.max_idle:
             up.close()
             return
         up.got_bytes = False
-        up.idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, up)
+        t = self.idle_timeout if idle is None or idle > self.idle_timeout else idle
+        up.idle_until = until = self.ticker._loop.time() + t
         lst.append(up)
+        k = self._tick_key
+        if k is None or self.ticker.key(until) < k:
+            self._tick_key = self.ticker.move(self, k, self.ticker.key(until))
 
-    def _expire(self, up: _Upstream) -> None:
-        up.idle_handle = None
-        self.drop(up)
-        up.close()
+    def _on_tick(self, now: float) -> None:
+        """Close connections idle past their time; file again for the next one."""
+        nxt = None
+        for target in list(self._idle):
+            lst = self._idle[target]
+            keep = []
+            for up in lst:
+                if up.idle_until <= now or not up.usable():
+                    up.close()
+                else:
+                    keep.append(up)
+                    if nxt is None or up.idle_until < nxt:
+                        nxt = up.idle_until
+            if keep:
+                self._idle[target] = keep
+            else:
+                del self._idle[target]
+        if nxt is not None:
+            self._tick_key = self.ticker.move(self, None, self.ticker.key(nxt))
 
     def drop(self, up: _Upstream) -> None:
-        lst = self._idle.get(up.addr)
+        lst = self._idle.get(up.target)
         if lst and up in lst:
             lst.remove(up)
-        if up.idle_handle is not None:
-            up.idle_handle.cancel()
-            up.idle_handle = None
 
     def close(self) -> None:
         for lst in self._idle.values():
             for up in lst:
-                if up.idle_handle is not None:
-                    up.idle_handle.cancel()
                 up.close()
         self._idle.clear()
+        if self._ticker is not None:
+            self._ticker.remove(self, self._tick_key)
+            self._tick_key = None
 
 
 # --------------------------------------------------------------------------
@@ -275,7 +484,7 @@ class UpstreamPool:
 
 _P_PIPELINE, _P_UPSTREAM, _P_CONNECT = 1, 2, 4  # why reading the client is paused
 
-Chooser = Callable[[RequestHead], Address]
+Chooser = Callable[[RequestHead], "Cluster | Response | Target"]
 OnRequest = Callable[[RequestHead], "Response | None"]
 OnResponse = Callable[[RequestHead, int, float, Exchange], None]
 
@@ -294,13 +503,15 @@ class L7Session(asyncio.Protocol):
         self.requests = 0
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        self._ticker = pool.ticker
+        self._tick_key: int | None = None
         self._parser = RequestParser()
         self._queue: collections.deque = collections.deque()
         self._paused = 0
         self._closed = False
         self._client_eof = False
         self._down_write_paused = False
-        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_until: float | None = None
         self._wait_head = False
         self._pumping = False
         self._obuf: list[bytes] | None = None
@@ -308,6 +519,7 @@ class L7Session(asyncio.Protocol):
 
     def _reset_request(self) -> None:
         self._req: RequestHead | None = None
+        self._cluster: Cluster | None = None
         self._req_done = False
         self._resp_done = False
         self._resp_started = False  # a final response head went to the client
@@ -321,12 +533,27 @@ class L7Session(asyncio.Protocol):
         self._keep_down = False
         self._head_bytes = b""
         self._reused = False
-        self._resp_timer: asyncio.TimerHandle | None = None
-        self._last_sent = 0.0
+        self._stale_retried = False
         self._t0 = 0.0
         self._status = 0
         self._upstream_reusable = False
-        self._exchange = Exchange()
+        self._flags: list[str] | None = None
+        self._held: Breaker | None = None  # max-requests count held
+        # the current attempt
+        self._target: Target | None = None
+        self._token = None
+        self._attempts = 0
+        self._attempt_t0 = 0.0
+        self._retry: RetryState | None = None
+        self._replay: list[bytes] | None = None  # request body as sent, kept for a retry
+        self._replay_size = 0
+        # deadlines (loop clock)
+        self._try_until: float | None = None
+        self._req_until: float | None = None
+        self._stream_idle: float | None = None
+        self._last_io = 0.0
+        self._req_bytes = 0
+        self._resp_bytes = 0
 
     # ---- asyncio.Protocol (client side)
 
@@ -340,7 +567,7 @@ class L7Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._queue.extend(self._parser.feed(data))
-            if self._wait_timer is not None and not self._wait_head and self._parser.in_head:
+            if self._wait_until is not None and not self._wait_head and self._parser.in_head:
                 self._arm_head_timer()
             self._pump()
         except Exception:  # noqa: BLE001 - one connection's bug never kills the proxy
@@ -360,7 +587,9 @@ class L7Session(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self._closed = True
         self._cancel_wait()
+        self._disarm()
         self._drop_upstream(reset=True)
+        self._release_request()
 
     def pause_writing(self) -> None:
         self._down_write_paused = True
@@ -405,38 +634,99 @@ class L7Session(asyncio.Protocol):
         if not self._closed:
             self._closed = True
             self._cancel_wait()
+            self._disarm()
             self.transport.close()  # type: ignore[union-attr]  # flushes first
 
     def _crash(self) -> None:
         log.exception("L7 session failed; resetting the connection")
         self._drop_upstream(reset=True)
+        self._release_request()
         self._closed = True
         self._cancel_wait()
+        self._disarm()
         reset_transport(self.transport)
 
+    def _flag(self, flag: str) -> None:
+        f = self._flags
+        if f is None:
+            self._flags = [flag]
+        elif flag not in f:
+            f.append(flag)
+
+    # ---- deadlines
+
+    def _arm(self, when: float) -> None:
+        """Make sure the ticker wakes this session no later than ``when``."""
+        k = self._ticker.key(when)
+        old = self._tick_key
+        if old is None or k < old:
+            self._tick_key = self._ticker.move(self, old, k)
+
+    def _disarm(self) -> None:
+        if self._tick_key is not None:
+            self._ticker.remove(self, self._tick_key)
+            self._tick_key = None
+
+    def _on_tick(self, now: float) -> None:
+        if self._closed:
+            return
+        if self._req is None:
+            w = self._wait_until
+            if w is not None:
+                if now >= w:
+                    self._on_wait_timeout()
+                else:
+                    self._arm(w)
+            return
+        if self._discard:
+            return  # answered by the proxy; only the client's body is left
+        nxt = None
+        if not self._resp_started:
+            d = self._req_until
+            if d is not None:
+                if now >= d:
+                    self._flag("UT")
+                    self._fail(504, "upstream did not respond in time (request timeout)")
+                    return
+                nxt = d
+            d = self._try_until
+            if d is not None:
+                if now >= d:
+                    self._attempt_failed(TIMEOUT, 504, "UT", "upstream did not respond in time")
+                    return
+                nxt = d if nxt is None or d < nxt else nxt
+        si = self._stream_idle
+        if si is not None:
+            d = self._last_io + si
+            if now >= d:
+                self._flag("UT")
+                self._fail(504, f"no byte either way for {si:g}s (stream idle timeout)")
+                return
+            nxt = d if nxt is None or d < nxt else nxt
+        if nxt is not None:
+            self._arm(nxt)
+
     def _cancel_wait(self) -> None:
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        self._wait_until = None  # the ticker entry is dropped lazily
 
     def _arm_wait(self) -> None:
         """Waiting for the next request: idle timeout, or header timeout once it began."""
-        self._cancel_wait()
         if self._closed:
             return
         if self._parser.in_head:
             self._arm_head_timer()
         else:
             self._wait_head = False
-            self._wait_timer = self._loop.call_later(self.settings.idle_timeout, self._on_wait_timeout)
+            self._wait_until = w = self._loop.time() + self.settings.idle_timeout
+            self._arm(w)
 
     def _arm_head_timer(self) -> None:
-        self._cancel_wait()
         self._wait_head = True
-        self._wait_timer = self._loop.call_later(self.settings.header_timeout, self._on_wait_timeout)
+        self._wait_until = w = self._loop.time() + self.settings.header_timeout
+        self._arm(w)
 
     def _on_wait_timeout(self) -> None:
-        self._wait_timer = None
+        self._wait_until = None
         if self._wait_head:
             self._write(_simple_response(408, b"request header timeout\n", close=True))
         self._close()
@@ -468,15 +758,45 @@ class L7Session(asyncio.Protocol):
             self._pumping = False
 
     def _start(self, head: RequestHead) -> None:
-        self._cancel_wait()
+        self._wait_until = None
         self.requests += 1
         self._req = head
-        self._t0 = time.monotonic()
+        self._t0 = now = time.monotonic()
         if self.on_request is not None:
             r = self.on_request(head)
             if r is not None:
                 self._short_circuit(r)
                 return
+        try:
+            c = self.choose(head)
+        except Exception as e:  # noqa: BLE001 - the caller's decision failed
+            log.warning("no upstream for %s %r: %s", head.method, head.target, e)
+            self._fail(502, "no upstream for this request")
+            return
+        if type(c) is not Cluster:
+            if isinstance(c, Response):
+                self._short_circuit(c)
+                return
+            c = self.pool.direct(c) if type(c) is tuple else c  # a bare target
+        self._cluster = c
+        over = c.breaker.acquire(Limit.REQUESTS)
+        if over is not None:
+            self._overloaded(over)
+            return
+        self._held = c.breaker
+        s = c.settings
+        self._stream_idle = s.timeouts.stream_idle
+        if c.retries_on:
+            c.budget.request(now)
+            rs = s.retries
+            if rs.non_idempotent or head.method in _IDEMPOTENT:
+                if head.framing != "content-length" or head.content_length <= rs.max_body_bytes:  # type: ignore[operator]
+                    self._replay = []
+        target = c.pick(now)
+        if target is None:
+            self._flag("NR")
+            self._short_circuit(Response(503, b"no healthy upstream\n"))
+            return
         ctx = tracing.hop(head.headers)
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
@@ -487,67 +807,126 @@ class L7Session(asyncio.Protocol):
         elif head.framing == "chunked":
             headers.append((b"Transfer-Encoding", b"chunked"))
             self._chunk_up = True
-        try:
-            addr = self.choose(head)
-        except Exception as e:  # noqa: BLE001 - the caller's decision failed
-            log.warning("no upstream for %s %r: %s", head.method, head.target, e)
-            self._fail(502, "no upstream for this request")
-            return
         if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one
-            headers.insert(0, (b"Host", b"%s:%d" % (addr[0].encode(), addr[1])))
-        self._head_bytes = out = serialize_request_head(head, headers)
-        up = self.pool.take_idle(addr)
-        if up is not None:
-            self._attach(up, [out], reused=True)
-        else:
-            self._pending = [out]
-            self._pending_size = len(out)
-            self._connect_task = self._loop.create_task(self._connect(addr))
+            headers.insert(0, (b"Host", target_str(target).encode()))
+        self._head_bytes = serialize_request_head(head, headers)
+        self._try(target, now)
 
-    async def _connect(self, addr: Address) -> None:
+    def _try(self, target: Target, now: float) -> None:
+        """Start an attempt on ``target``: head (and the replay buffer) go out
+        on a pooled connection or once a new one is up."""
+        c = self._cluster
+        assert c is not None
+        self._target = target
+        self._attempts += 1
+        self._token = c.start(target)
+        self._attempt_t0 = now
+        self._try_until = None
+        if self._req_done:
+            self._arm_try()
+        up = self.pool.take_idle(target)
+        if up is not None:
+            self._pending = None
+            self._attach(up, reused=True)
+            return
+        b = c.breaker
+        over = b.acquire(Limit.PENDING)
+        if over is None:
+            over = b.acquire(Limit.CONNECTIONS)
+            if over is not None:
+                b.release(Limit.PENDING)
+        if over is not None:
+            self._end_attempt(None)
+            self._overloaded(over)
+            return
+        slot = _ConnectSlot(b)
+        p = self._pending = [self._head_bytes]
+        if self._replay:
+            p += self._replay
+        if self._req_done and self._chunk_up and self._replay is not None:
+            p.append(CHUNKED_END)
+        self._pending_size = sum(map(len, p))
+        task = self._connect_task = self._loop.create_task(self._connect(target, slot))
+        task.add_done_callback(slot.done)
+
+    async def _connect(self, target: Target, slot: _ConnectSlot) -> None:
+        c = self._cluster
+        assert c is not None
         try:
-            up = await self.pool.connect(addr)
-        except asyncio.TimeoutError:
+            up = await self.pool.connect(target, c.settings.timeouts.connect)
+        except (asyncio.TimeoutError, TimeoutError):
             self._connect_task = None
-            self._fail(504, f"upstream {addr[0]}:{addr[1]} did not accept the connection in time")
+            slot.release_pending()
+            self._attempt_failed(CONNECT_FAILURE, 504, "UF",
+                                 f"upstream {target_str(target)} did not accept the connection in time")
             return
         except OSError as e:
             self._connect_task = None
-            self._fail(502, f"upstream {addr[0]}:{addr[1]} unreachable: {e.strerror or e}")
+            slot.release_pending()
+            self._attempt_failed(CONNECT_FAILURE, 502, "UF",
+                                 f"upstream {target_str(target)} unreachable: {e.strerror or e}")
             return
+        slot.release_pending()
+        slot.conn = False  # the connection holds its count from now on
+        up.breaker = slot.breaker
+        if up.lost:
+            up.release_slot()
         self._connect_task = None
-        if self._closed or self._req is None:
-            up.close()
+        c.connected(target, time.monotonic())
+        if self._closed or self._req is None or self._target != target:
+            self.pool.release(up)
             return
-        pending = self._pending or []
-        self._pending = None
-        self._pending_size = 0
         self._resume(_P_CONNECT)
-        self._attach(up, pending, reused=False)
+        self._attach(up, reused=False)
 
-    def _attach(self, up: _Upstream, data: list[bytes], *, reused: bool) -> None:
+    def _attach(self, up: _Upstream, *, reused: bool) -> None:
         self._up = up
         self._reused = reused
         up.session = self
         up.got_bytes = False
         up.parser.expect(self._req.method)  # type: ignore[union-attr]
-        up.transport.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
-        if up.transport.get_write_buffer_size() > self.settings.buffer_size:  # type: ignore[union-attr]
+        data = self._pending
+        t = up.transport
+        if data is None:  # a pooled connection: nothing was queued
+            rp = self._replay
+            if rp:
+                t.writelines([self._head_bytes, *rp])  # type: ignore[union-attr]
+                if self._req_done and self._chunk_up:
+                    t.write(CHUNKED_END)  # type: ignore[union-attr]
+            else:
+                t.write(self._head_bytes)  # type: ignore[union-attr]
+                if rp is not None and self._req_done and self._chunk_up:
+                    t.write(CHUNKED_END)  # type: ignore[union-attr]
+        else:
+            self._pending = None
+            self._pending_size = 0
+            t.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
+        if t.get_write_buffer_size() > self.settings.buffer_size:  # type: ignore[union-attr]
             self._pause(_P_UPSTREAM)
         if self._down_write_paused:
-            up.transport.pause_reading()  # type: ignore[union-attr]
-        self._last_sent = self._loop.time()
-        self._resp_timer = self._loop.call_later(self.settings.response_timeout, self._on_resp_timeout)
+            t.pause_reading()  # type: ignore[union-attr]
+        self._last_io = now = self._loop.time()
+        si = self._stream_idle
+        if si is not None:
+            self._arm(now + si)
 
     def _req_body(self, data: bytes) -> None:
         if self._discard or self._req is None:
             return
+        self._req_bytes += len(data)
         pieces = chunk(data) if self._chunk_up else (data,)
+        rp = self._replay
+        if rp is not None:
+            self._replay_size += len(data)
+            if self._replay_size > self._cluster.settings.retries.max_body_bytes:  # type: ignore[union-attr]
+                self._replay = None  # too large to replay: this request is never retried
+            else:
+                rp += pieces
         up = self._up
         if up is not None:
             if not up.lost:
                 up.transport.writelines(pieces)  # type: ignore[union-attr]
-                self._last_sent = self._loop.time()
+                self._last_io = self._loop.time()
         elif self._pending is not None:
             self._pending.extend(pieces)
             self._pending_size += len(data)
@@ -564,13 +943,41 @@ class L7Session(asyncio.Protocol):
                     self._up.transport.write(CHUNKED_END)  # type: ignore[union-attr]
             elif self._pending is not None:
                 self._pending.append(CHUNKED_END)
-        self._last_sent = self._loop.time()
         if self._resp_done:
             self._finish()
+            return
+        if self._discard or self._cluster is None:
+            return
+        now = self._last_io = self._loop.time()
+        t = self._cluster.settings.timeouts.request
+        if t is not None:
+            self._req_until = now + t
+            self._arm(self._req_until)
+        self._arm_try()
+
+    def _arm_try(self) -> None:
+        pt = self._cluster.settings.retries.per_try_timeout  # type: ignore[union-attr]
+        if pt is not None:
+            self._try_until = d = self._loop.time() + pt
+            self._arm(d)
 
     def _req_error(self, err: ParseError) -> None:
         log.info("refused a malformed request: %d %s", err.status, err.reason)
+        self._flag("DPE")
         self._fail(err.status, err.reason)
+
+    def _overloaded(self, over: Overloaded) -> None:
+        self._flag("UO")
+        self._refuse(503, f"{over}\n".encode(),
+                     [(OVERLOADED_HEADER.encode(), over.limit.value.encode())])
+
+    def _refuse(self, status: int, body: bytes, headers=()) -> None:
+        """Answer from the proxy: keep the client if nothing went upstream yet."""
+        if self._up is None and self._pending is None and self._attempts <= 1 and not self._resp_started:
+            self._drop_upstream(reset=True)
+            self._short_circuit(Response(status, body, list(headers)))
+        else:
+            self._fail(status, body.decode("utf-8", "replace").rstrip("\n"), headers)
 
     def _short_circuit(self, r: Response) -> None:
         head = self._req
@@ -584,27 +991,40 @@ class L7Session(asyncio.Protocol):
         if self._req_done or not self._keep_down:
             self._finish()
 
-    def _fail(self, status: int, reason: str) -> None:
+    def _fail(self, status: int, reason: str, headers=()) -> None:
         """Answer with an error and close (reset if a response already began)."""
         self._drop_upstream(reset=True)
         if self._resp_started:
+            self._report()
             self._obuf = None
             self._closed = True
             self._cancel_wait()
+            self._disarm()
             reset_transport(self.transport)
             return
         self._status = status
-        self._write(_simple_response(status, (reason + "\n").encode("utf-8", "replace"), close=True))
+        self._write(_simple_response(status, (reason + "\n").encode("utf-8", "replace"), headers, close=True))
         self._report()
         self._close()
 
+    def _end_attempt(self, outcome: Outcome | None) -> None:
+        """Account the current attempt (None: abandoned) to the cluster."""
+        c = self._cluster
+        tgt = self._target
+        if c is not None and tgt is not None and (self._token is not None or c.multi):
+            now = time.monotonic()
+            c.finish(self._token, tgt, outcome, now - self._attempt_t0, now)
+        self._token = None
+        self._try_until = None
+
     def _drop_upstream(self, *, reset: bool) -> None:
-        if self._resp_timer is not None:
-            self._resp_timer.cancel()
-            self._resp_timer = None
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
+        self._pending = None
+        self._pending_size = 0
+        if self._token is not None:
+            self._end_attempt(None)
         up = self._up
         self._up = None
         if up is not None:
@@ -614,10 +1034,21 @@ class L7Session(asyncio.Protocol):
             else:
                 self.pool.release(up)
 
+    def _release_request(self) -> None:
+        b = self._held
+        if b is not None:
+            self._held = None
+            b.release(Limit.REQUESTS)
+
     def _report(self) -> None:
+        self._release_request()
         if self.on_response is not None and self._req is not None:
+            c = self._cluster
+            ex = Exchange(None if c is None else c.name, self._target, self._attempts,
+                          "-" if self._flags is None else ",".join(self._flags),
+                          self._req_bytes, self._resp_bytes)
             try:
-                self.on_response(self._req, self._status, time.monotonic() - self._t0, self._exchange)
+                self.on_response(self._req, self._status, time.monotonic() - self._t0, ex)
             except Exception:  # noqa: BLE001
                 log.exception("on_response hook failed")
 
@@ -626,14 +1057,12 @@ class L7Session(asyncio.Protocol):
         up = self._up
         if up is not None:
             self._up = None
-            if self._resp_timer is not None:
-                self._resp_timer.cancel()
             if self._req_done and up.usable() and self._upstream_reusable:
-                self.pool.release(up)
+                idle = self._cluster.settings.timeouts.idle  # type: ignore[union-attr]
+                self.pool.release(up, idle)
             else:
                 up.session = None
                 up.transport.close()  # type: ignore[union-attr]
-        self._resp_timer = None
         self._report()
         keep = self._keep_down and self._req_done
         declined = self._req is not None and self._req.upgrade is not None
@@ -650,17 +1079,46 @@ class L7Session(asyncio.Protocol):
         self._arm_wait()
         self._pump()
 
-    # ---- upstream events
+    # ---- attempts that end without a usable response
 
-    def _on_resp_timeout(self) -> None:
-        self._resp_timer = None
-        if self._resp_started or self._req is None:
+    def _attempt_failed(self, outcome: Outcome, status: int, flag: str, reason: str) -> None:
+        """Connect failure, reset or per-try timeout: retry, or answer ``status``."""
+        self._end_attempt(outcome)
+        if self._retry_after(outcome):
             return
-        left = self._last_sent + self.settings.response_timeout - self._loop.time()
-        if left > 0.001:
-            self._resp_timer = self._loop.call_later(left, self._on_resp_timeout)
-            return
-        self._fail(504, "upstream did not respond in time")
+        self._flag(flag)
+        self._fail(status, reason)
+
+    def _retry_after(self, outcome: Outcome) -> bool:
+        """Start another attempt if the policy and the budget allow; True if so."""
+        c = self._cluster
+        if c is None or self._resp_started or self._replay is None or self._closed:
+            return False
+        now = time.monotonic()
+        rs = self._retry
+        if rs is None:
+            head = self._req
+            assert head is not None
+            n = 0 if head.framing == "none" else (
+                head.content_length if head.framing == "content-length" else self._replay_size)
+            rs = self._retry = RetryState(Request(head.method.decode("latin-1"), n), c.settings,
+                                          c.budget, self._t0, counted=True)
+            rs.first()
+        d = rs.next(self._target, outcome, now)
+        if isinstance(d, Done):
+            if d.reason in _URX_REASONS:
+                self._flag("URX")
+            return False
+        target = c.pick(now, d.avoid)
+        if target is None:
+            return False
+        self._drop_upstream(reset=True)
+        self._resume(_P_UPSTREAM | _P_CONNECT)
+        self._upstream_reusable = False
+        self._try(target, now)
+        return True
+
+    # ---- upstream events
 
     def _up_data(self, up: _Upstream, data: bytes) -> None:
         try:
@@ -678,26 +1136,43 @@ class L7Session(asyncio.Protocol):
         if up is not self._up or self._closed:
             return
         if self._resp_started:
+            self._flag("UC")
             self._fail(502, "upstream connection lost mid-response")
             return
-        if self._reused and not up.got_bytes and self._req is not None and self._req.framing == "none":
-            # A pooled connection the upstream closed just as we reused it: retry once, fresh.
+        req = self._req
+        if (self._reused and not up.got_bytes and not self._stale_retried and req is not None
+                and (req.framing == "none" or self._replay is not None)):
+            # A pooled connection the upstream closed just as we reused it: once, fresh,
+            # same endpoint (not the endpoint's fault, not an attempt).
+            self._stale_retried = True
             up.session = None
             self._up = None
-            if self._resp_timer is not None:
-                self._resp_timer.cancel()
-                self._resp_timer = None
-            self._pending = [self._head_bytes]
-            self._pending_size = len(self._head_bytes)
+            b = self._cluster.breaker  # type: ignore[union-attr]
+            over = b.acquire(Limit.PENDING)
+            if over is None:
+                over = b.acquire(Limit.CONNECTIONS)
+                if over is not None:
+                    b.release(Limit.PENDING)
+            if over is not None:
+                self._end_attempt(None)
+                self._overloaded(over)
+                return
+            p = self._pending = [self._head_bytes]
+            if self._replay:
+                p += self._replay
             if self._req_done and self._chunk_up:
-                self._pending.append(CHUNKED_END)
-            self._connect_task = self._loop.create_task(self._connect(up.addr))
+                p.append(CHUNKED_END)
+            self._pending_size = sum(map(len, p))
+            slot = _ConnectSlot(b)
+            task = self._connect_task = self._loop.create_task(self._connect(up.target, slot))
+            task.add_done_callback(slot.done)
             return
         why = f": {exc}" if exc else ""
-        self._fail(502, f"upstream closed the connection before responding{why}")
+        self._attempt_failed(RESET, 502, "UC", f"upstream closed the connection before responding{why}")
 
     def _up_events(self, up: _Upstream, events: list) -> None:
         # Everything one upstream read produced goes out in one write.
+        self._last_io = self._loop.time()
         self._obuf = out = []
         try:
             self._up_events_into(up, events, out)
@@ -712,6 +1187,7 @@ class L7Session(asyncio.Protocol):
                 return
             t = type(ev)
             if t is Body:
+                self._resp_bytes += len(ev.data)
                 if self._chunk_down:
                     out += chunk(ev.data)
                 else:
@@ -720,27 +1196,35 @@ class L7Session(asyncio.Protocol):
                 self._resp_head(up, ev)
             elif t is EndOfMessage:
                 self._resp_end(up)
-            else:
+            elif self._resp_started:
+                self._flag("UC")
                 self._fail(ev.status, f"bad response from the upstream: {ev.reason}")
+            else:
+                self._attempt_failed(RESET, ev.status, "UC", f"bad response from the upstream: {ev.reason}")
 
     def _resp_head(self, up: _Upstream, r: ResponseHead) -> None:
         req = self._req
         assert req is not None
-        if r.status == 101:
+        st = r.status
+        if r.interim:
+            if req.version == b"1.1":
+                self._write(serialize_response_head(st, r.reason, forward_headers(r.headers)))
+            return
+        c = self._cluster
+        assert c is not None
+        if self._token is not None or c.multi:
+            self._end_attempt(status_outcome(st))
+        else:
+            self._try_until = None
+        if st in c.retry_statuses and self._retry_after(status_outcome(st)):
+            return  # this response is discarded (its connection closed)
+        if st == 101:
             if req.upgrade is None:
                 self._fail(502, "upstream switched protocols without being asked")
             else:
                 self._switch_to_relay(up, r)
             return
-        if r.interim:
-            self._last_sent = self._loop.time()
-            if req.version == b"1.1":
-                self._write(serialize_response_head(r.status, r.reason, forward_headers(r.headers)))
-            return
-        if self._resp_timer is not None:
-            self._resp_timer.cancel()
-            self._resp_timer = None
-        self._status = r.status
+        self._status = st
         self._resp_started = True
         keep = req.keep_alive and not self._client_eof
         headers = forward_headers(r.headers)
@@ -760,7 +1244,7 @@ class L7Session(asyncio.Protocol):
         elif req.version == b"1.0":
             headers.append((b"Connection", b"keep-alive"))
         self._keep_down = keep
-        self._write(serialize_response_head(r.status, r.reason, headers))
+        self._write(serialize_response_head(st, r.reason, headers))
 
     def _resp_end(self, up: _Upstream) -> None:
         if self._chunk_down:
@@ -780,10 +1264,8 @@ class L7Session(asyncio.Protocol):
         self._write(serialize_response_head(101, r.reason, headers))
         self._flush()
         self._status = 101
-        if self._resp_timer is not None:
-            self._resp_timer.cancel()
-            self._resp_timer = None
         self._cancel_wait()
+        self._disarm()
         up.session = None
         self._up = None
         self._report()
@@ -799,8 +1281,13 @@ class L7Session(asyncio.Protocol):
         upstream.unread(up_raw)
         if self._paused:
             self._paused = 0
+        slot = up.breaker  # the tunnel keeps counting as a connection until it ends
+        if slot is not None:
+            up.breaker = None
         self.relay = Relay(client, upstream, buffer_size=self.settings.buffer_size)
         self.relay.start()
+        if slot is not None:
+            self.relay.done.add_done_callback(lambda _f: slot.release(Limit.CONNECTIONS))
         self._closed = True  # this protocol is done; the relay owns both sockets
 
 

@@ -51,6 +51,12 @@ RESET = Outcome(Kind.RESET)
 TIMEOUT = Outcome(Kind.TIMEOUT)
 
 
+_BY_STATUS: dict[int, Outcome] = {}
+
+
 def status(code: int) -> Outcome:
-    """The outcome "response headers with status ``code``"."""
-    return Outcome(Kind.STATUS, code)
+    """The outcome "response headers with status ``code``" (shared instances)."""
+    o = _BY_STATUS.get(code)
+    if o is None:
+        o = _BY_STATUS[code] = Outcome(Kind.STATUS, code)
+    return o

@@ -37,6 +37,8 @@ __all__ = ["OutlierDetector", "Ejection"]
 
 E = TypeVar("E", bound=Hashable)
 
+_NONE: frozenset = frozenset()
+
 
 @dataclass(frozen=True)
 class Ejection(Generic[E]):
@@ -66,6 +68,7 @@ class OutlierDetector(Generic[E]):
         """Every ejection made, oldest first (bounded; for logs and tests)."""
         self.skipped = 0
         """Ejections refused because of maxEjectionPercent / the last endpoint."""
+        self._quiet = True  # no endpoint ejected, no multiplier above 0: nothing to expire
         self.set_endpoints(endpoints, now)
 
     # -- endpoint set
@@ -86,6 +89,9 @@ class OutlierDetector(Generic[E]):
         s.c5xx = s.cconn = 0
 
     def _expire(self, now: float) -> None:
+        if self._quiet:
+            return
+        quiet = True
         for e, s in self._state.items():
             if s.until is not None and now >= s.until:
                 self._admit(e, s.until)
@@ -95,10 +101,15 @@ class OutlierDetector(Generic[E]):
                 if steps > 0:
                     s.multiplier = max(0, s.multiplier - steps)
                     s.admitted_since += steps * self.config.interval
+            if s.until is not None or s.multiplier > 0:
+                quiet = False
+        self._quiet = quiet
 
     # -- queries
     def ejected(self, now: float) -> frozenset[E]:
         """Endpoints ejected at ``now`` (re-admits those whose time is over)."""
+        if self._quiet:
+            return _NONE
         self._expire(now)
         return frozenset(e for e, s in self._state.items() if s.until is not None)
 
@@ -126,8 +137,11 @@ class OutlierDetector(Generic[E]):
 
     def record(self, endpoint: E, outcome: Outcome, now: float) -> Ejection[E] | None:
         """Count one attempt's outcome; returns the ejection it caused, if any."""
-        self._expire(now)
         s = self._state.get(endpoint)
+        if (s is not None and s.c5xx == 0 and s.cconn == 0 and outcome.kind is Kind.STATUS
+                and not outcome.is_5xx):
+            return None  # the common case: a success that changes nothing (expiry is lazy)
+        self._expire(now)
         if s is None or s.until is not None:
             return None  # unknown endpoint, or in flight when it was ejected
         c = self.config
@@ -150,6 +164,7 @@ class OutlierDetector(Generic[E]):
             self.skipped += 1
             return None
         s.multiplier += 1
+        self._quiet = False
         duration = min(c.base_ejection_time * s.multiplier, max(c.max_ejection_time, c.base_ejection_time))
         s.until = now + duration
         ej = Ejection(endpoint, now, s.until, reason)

@@ -161,7 +161,10 @@ class RetryState:
     """The retry decisions for one request (rules in the module doc)."""
 
     def __init__(self, request: Request, settings: TrafficSettings, budget: RetryBudget,
-                 now: float):
+                 now: float, *, counted: bool = False):
+        """``now``: when the request started.  ``counted``: the shell already
+        reported this request to ``budget.request`` (it does so for every
+        request and makes a RetryState only once a retry is considered)."""
         self.request = request
         self.retries: Retries = settings.retries
         self.budget = budget
@@ -170,7 +173,8 @@ class RetryState:
         self.tried: list[Hashable] = []
         self.outcomes: list[Outcome] = []
         self.attempt = 0
-        budget.request(now)
+        if not counted:
+            budget.request(now)
 
     def _timeout(self, now: float) -> float | None:
         per_try = self.retries.per_try_timeout

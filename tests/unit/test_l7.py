@@ -23,6 +23,8 @@ import uvloop
 from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, ResponseHead, ResponseParser
 from agent.proxy.l7 import L7Settings, Response, UpstreamPool, session_factory
 from agent.proxy.tracing import parse_traceparent
+from agent.traffic.cluster import Cluster
+from agent.traffic.policy import Timeouts, TrafficSettings
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -164,18 +166,27 @@ class EchoServer:
 # ---- the proxy under test
 
 class Proxy:
-    def __init__(self, addr, settings=None, on_request=None):
+    """The L7 session on a loopback port. ``cluster`` None: the chooser returns
+    the bare address (wrapped by the pool in a default single cluster)."""
+
+    def __init__(self, addr, settings=None, on_request=None, cluster=None):
         self.addr = addr
         self.settings = settings or L7Settings()
         self.responses: list[tuple[str, int]] = []
+        self.exchanges = []
         self.on_request = on_request
+        self.cluster = cluster
+
+    def _on_response(self, h, st, el, ex):
+        self.responses.append((h.path.path, st))
+        self.exchanges.append(ex)
 
     async def __aenter__(self):
         self.pool = UpstreamPool()
+        choose = (lambda head: tuple(self.addr)) if self.cluster is None else (lambda head: self.cluster)
         self.server = await asyncio.get_running_loop().create_server(
-            session_factory(lambda head: tuple(self.addr), self.pool, self.settings,
-                            on_request=self.on_request,
-                            on_response=lambda h, st, el, ex: self.responses.append((h.path.path, st))),
+            session_factory(choose, self.pool, self.settings,
+                            on_request=self.on_request, on_response=self._on_response),
             "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -251,6 +262,10 @@ def test_keep_alive_reuses_one_upstream_connection_and_propagates_tracing():
                     assert "x-hop" not in h and "connection" not in h
                 assert len(spans) == 3
                 assert px.responses == [("/b", 200), ("/c", 200), ("/d", 200)]
+                ex = px.exchanges[0]
+                assert (ex.cluster, ex.upstream, ex.attempts, ex.flags) == (
+                    None, tuple(srv.server_address), 1, "-")
+                assert ex.request_body_bytes == 0 and ex.response_body_bytes == len(bodies[0])
     run(main())
 
 
@@ -364,16 +379,22 @@ def test_upstream_down_is_502():
             events, closed = await raw_exchange(px.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
             assert [h.status for h in heads(events)] == [502] and closed
             assert px.responses == [("/", 502)]
+            # connect-failure is retried by default (same, only endpoint): 3 tries, then URX
+            assert px.exchanges[0].attempts == 3 and px.exchanges[0].flags == "URX,UF"
     run(main())
 
 
 def test_slow_upstream_is_504():
     async def main():
-        async with EchoServer(delay=3.0) as up, Proxy(up.addr, L7Settings(response_timeout=0.3)) as px:
-            t0 = time.monotonic()
-            events, closed = await raw_exchange(px.port, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert [h.status for h in heads(events)] == [504] and closed
-            assert 0.25 < time.monotonic() - t0 < 2.5
+        async with EchoServer(delay=3.0) as up:
+            cluster = Cluster.single(tuple(up.addr), TrafficSettings(timeouts=Timeouts(request=0.3)))
+            async with Proxy(up.addr, cluster=cluster) as px:
+                t0 = time.monotonic()
+                events, closed = await raw_exchange(px.port, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+                assert [h.status for h in heads(events)] == [504] and closed
+                assert 0.25 < time.monotonic() - t0 < 2.5
+                assert px.exchanges[0].flags == "UT" and px.exchanges[0].attempts == 1
+                assert cluster.breaker.active == dict.fromkeys(cluster.breaker.active, 0)
     run(main())
 
 

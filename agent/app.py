@@ -31,6 +31,7 @@ from .adminclient import unix_request
 from .filesig import file_sig
 from .config import AgentConfig
 from .workloads.inventory import Inventory, load_inventory
+from .workloads.services import services_doc
 from .yamlsrc import SourceError
 
 log = logging.getLogger("meshlet.agent")
@@ -95,6 +96,10 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
             "mesh": p.mesh,
             "labels": dict(p.labels),
         } for p in inv.pods],
+        # Every service with its VIPs, ports and per-port endpoints computed
+        # from the pods' labels (agent/workloads/services.py); the proxy
+        # indexes them by (VIP, port) and routes connections to a VIP.
+        "services": services_doc(inv.service_index),
     }
 
 
@@ -720,6 +725,8 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
                 code, body = 200, agent.status()
             elif target == "/v1/workloads":
                 code, body = 200, _workloads(agent)
+            elif target == "/v1/services":
+                code, body = 200, _services(agent)
             elif target == "/v1/bpf":
                 from .datapath.status import datapath_status
                 code, body = 200, datapath_status(agent.spec.pin_dir, agent.cgroup_dir)
@@ -939,6 +946,22 @@ def _workloads(agent: Agent) -> dict:
             "reason": agent.pending.get(pod.key) or (None if pod.mesh else "mesh: false"),
         })
     return {"node": agent.cfg.node, "workloads": out}
+
+
+def _services(agent: Agent) -> dict:
+    """GET /v1/services: the services the proxies route (what proxy-state.json
+    publishes), each endpoint with its pod's mesh flag and whether it is on
+    this node."""
+    inv = agent.inventory
+    out = services_doc(inv.service_index) if inv else []
+    mesh = {p.key: p.mesh for p in (inv.pods if inv else ())}
+    for svc in out:
+        for port in svc["ports"]:
+            for ep in port["endpoints"]:
+                ep["mesh"] = mesh.get(ep["pod"], False)
+                ep["local"] = ep["node"] == agent.cfg.node
+    return {"node": agent.cfg.node, "services": out,
+            "inventory_error": getattr(agent, "inventory_error", None)}
 
 
 # --- small process helpers -----------------------------------------------------------

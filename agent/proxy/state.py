@@ -5,6 +5,13 @@ its identity (inode, mtime, size) every 0.5 s and reloads. A broken file is
 logged and the previous good state is kept, so the proxy keeps working when
 the agent dies or writes garbage. Everything here is pure except
 ``StateWatcher.check()``/``run()``, which read the file.
+
+Services (``services``, optional): each with its VIPs and ports, and per
+port the endpoints the agent computed from the pods' labels (pod key,
+address, target port, node).  They are checked against ``pods`` (an
+endpoint names a known pod, one of its addresses and its node) and indexed
+by ``(vip, port)`` in :attr:`ProxyState.service_by_vip`, VIPs normalized
+like pod IPs (IPv4-mapped IPv6 is the IPv4 address).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ __all__ = [
     "AccessLogConfig",
     "NodeInfo",
     "Pod",
+    "Service",
+    "ServicePort",
+    "ServiceEndpoint",
+    "APP_PROTOCOLS",
     "ProxyState",
     "parse_state",
     "load_state",
@@ -107,6 +118,45 @@ class Pod:
         return self.app or self.name
 
 
+#: ``ports[].app_protocol`` values; None means "detect" (sniff the first bytes).
+APP_PROTOCOLS = ("http", "tcp", "opaque")
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """One address a service port's traffic may go to."""
+
+    pod: str  # pod key "<namespace>/<name>" (in ProxyState.pod_by_key)
+    ip: str  # normalized; one of the pod's ips
+    port: int  # the port's target port
+    node: str  # the pod's node
+
+    @property
+    def v6(self) -> bool:
+        return ":" in self.ip
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int  # dialed on the VIP
+    target_port: int  # on the endpoint pods
+    name: str | None = None
+    app_protocol: str | None = None  # an APP_PROTOCOLS value, or None: detect
+    endpoints: tuple[ServiceEndpoint, ...] = ()  # every family, sorted
+
+
+@dataclass(frozen=True)
+class Service:
+    key: str  # "<namespace>/<name>"
+    name: str
+    namespace: str
+    vips: tuple[str, ...]  # normalized, at most one per family
+    ports: tuple[ServicePort, ...]
+
+    def port(self, number: int) -> ServicePort | None:
+        return next((p for p in self.ports if p.port == number), None)
+
+
 @dataclass(frozen=True)
 class AccessLogConfig:
     """The ``access_log`` section: one JSON line per sampled connection."""
@@ -140,6 +190,23 @@ class ProxyState:
     l7: bool = False  # sniff and serve HTTP/1.x with the L7 session on the destination node
     access_log: AccessLogConfig = AccessLogConfig()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    services: tuple[Service, ...] = ()
+    # (normalized VIP, port) -> the service and the port dialed
+    service_by_vip: Mapping[tuple[str, int], tuple[Service, ServicePort]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False)
+    service_by_key: Mapping[str, Service] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False)
+    # normalized VIP -> the services on it (several may share one VIP on different ports)
+    service_by_ip: Mapping[str, tuple[Service, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False)
+
+    def service_at(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
+        """The service and port a connection to ``ip:port`` is for (any text
+        form of the VIP, IPv4-mapped included), or None."""
+        try:
+            return self.service_by_vip.get((normalize_ip(ip), port))
+        except ValueError:
+            return None
 
     def identity(self, pod: Pod) -> str:
         return spiffe_id(self.trust_domain, pod.namespace, pod.service_account)
@@ -339,6 +406,9 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
             by_cg[cgroup_id] = pod
         pods.append(pod)
 
+    pod_by_key = {p.key: p for p in pods}
+    services, by_vip = _services(_get(doc, "services", "state", list, []), pod_by_key, by_ip)
+
     return ProxyState(
         version=version,
         generation=generation,
@@ -358,8 +428,103 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         tls_resumption=tls_resumption,
         l7=l7,
         access_log=access_log,
-        pod_by_key=MappingProxyType({p.key: p for p in pods}),
+        pod_by_key=MappingProxyType(pod_by_key),
+        services=services,
+        service_by_vip=MappingProxyType(by_vip),
+        service_by_key=MappingProxyType({s.key: s for s in services}),
+        service_by_ip=MappingProxyType(_by_ip(services)),
     )
+
+
+def _services(items: list, pods: Mapping[str, Pod], pod_by_ip: Mapping[str, Pod],
+              ) -> tuple[tuple[Service, ...], dict[tuple[str, int], tuple[Service, ServicePort]]]:
+    out: list[Service] = []
+    keys: set[str] = set()
+    by_vip: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
+    for i, sd in enumerate(items):
+        where = f"state.services[{i}]"
+        if not isinstance(sd, dict):
+            raise StateError(f"{where}: expected an object")
+        name = _get(sd, "name", where, str)
+        namespace = _get(sd, "namespace", where, str)
+        if "/" in namespace or "/" in name or not namespace or not name:
+            raise StateError(f"{where}: invalid namespace/name {namespace!r}/{name!r}")
+        key = _get(sd, "key", where, str, f"{namespace}/{name}")
+        if key != f"{namespace}/{name}":
+            raise StateError(f"{where}.key: {key!r} is not {namespace}/{name}")
+        if key in keys:
+            raise StateError(f"{where}.key: duplicate service {key!r}")
+        keys.add(key)
+        vips_raw = _get(sd, "vips", where, list)
+        if not 1 <= len(vips_raw) <= 2:
+            raise StateError(f"{where}.vips: expected 1 or 2 addresses, got {len(vips_raw)}")
+        vips = tuple(_ip(v, f"{where}.vips[{j}]") for j, v in enumerate(vips_raw))
+        if len({":" in v for v in vips}) != len(vips):
+            raise StateError(f"{where}.vips: at most one address per family, got {list(vips)}")
+        for j, v in enumerate(vips):
+            if v in pod_by_ip:
+                raise StateError(f"{where}.vips[{j}]: {v} is also the address of pod "
+                                 f"{pod_by_ip[v].key}")
+        ports_raw = _get(sd, "ports", where, list)
+        if not ports_raw:
+            raise StateError(f"{where}.ports: a service needs at least one port")
+        ports: list[ServicePort] = []
+        for j, pd in enumerate(ports_raw):
+            pw = f"{where}.ports[{j}]"
+            if not isinstance(pd, dict):
+                raise StateError(f"{pw}: expected an object")
+            number = _port(_get(pd, "port", pw, int), f"{pw}.port")
+            if any(p.port == number for p in ports):
+                raise StateError(f"{pw}.port: port {number} is listed twice")
+            target = _port(_get(pd, "target_port", pw, int, number), f"{pw}.target_port")
+            proto = _get(pd, "app_protocol", pw, (str, type(None)), None)
+            if proto is not None and proto not in APP_PROTOCOLS:
+                raise StateError(f"{pw}.app_protocol: {proto!r} is not one of "
+                                 f"{', '.join(APP_PROTOCOLS)} (or null: detect)")
+            eps = tuple(sorted(_endpoint(e, f"{pw}.endpoints[{k}]", target, pods)
+                               for k, e in enumerate(_get(pd, "endpoints", pw, list, []))))
+            if len(set(eps)) != len(eps):
+                raise StateError(f"{pw}.endpoints: an endpoint is listed twice")
+            ports.append(ServicePort(number, target, _get(pd, "name", pw, (str, type(None)), None),
+                                     proto, eps))
+        svc = Service(key, name, namespace, vips, tuple(ports))
+        for v in vips:
+            for p in svc.ports:
+                other = by_vip.get((v, p.port))
+                if other is not None:
+                    raise StateError(f"{where}: {v}:{p.port} is already served by service "
+                                     f"{other[0].key}")
+                by_vip[(v, p.port)] = (svc, p)
+        out.append(svc)
+    return tuple(out), by_vip
+
+
+def _by_ip(services: tuple[Service, ...]) -> dict[str, tuple[Service, ...]]:
+    out: dict[str, tuple[Service, ...]] = {}
+    for s in services:
+        for v in s.vips:
+            out[v] = out.get(v, ()) + (s,)
+    return out
+
+
+def _endpoint(d: Any, where: str, target_port: int, pods: Mapping[str, Pod]) -> ServiceEndpoint:
+    if not isinstance(d, dict):
+        raise StateError(f"{where}: expected an object")
+    key = _get(d, "pod", where, str)
+    pod = pods.get(key)
+    if pod is None:
+        raise StateError(f"{where}.pod: {key!r} is not in state.pods")
+    ip = _ip(_get(d, "ip", where, str), f"{where}.ip")
+    if ip not in pod.ips:
+        raise StateError(f"{where}.ip: {ip} is not an address of pod {key} "
+                         f"({', '.join(pod.ips) or 'none'})")
+    port = _port(_get(d, "port", where, int), f"{where}.port")
+    if port != target_port:
+        raise StateError(f"{where}.port: {port} differs from the port's target_port {target_port}")
+    node = _get(d, "node", where, str, pod.node)
+    if node != pod.node:
+        raise StateError(f"{where}.node: {node!r} but pod {key} is on {pod.node!r}")
+    return ServiceEndpoint(key, ip, port, node)
 
 
 def _app_label(labels: dict, where: str) -> str | None:
@@ -398,12 +563,23 @@ def load_state(path: str) -> ProxyState:
 # ------------------------------------------------------------------ watching
 
 
-class StateWatcher:
-    """Polls the state file and keeps the last good ``ProxyState``.
+from agent.proxy.watch import FileWatcher  # noqa: E402  (the generic poll/reload loop)
+
+
+def _describe_state(s: ProxyState) -> str:
+    return f"generation {s.generation}"
+
+
+class StateWatcher(FileWatcher[ProxyState]):
+    """Polls the state file and keeps the last good ``ProxyState``
+    (agent/proxy/watch.py).
 
     ``current`` is always a valid state (the constructor loads the file and
     raises if it cannot). ``on_change(old, new)`` is called after a reload.
+    A vanished file is an error; the last good state stays.
     """
+
+    current: ProxyState
 
     def __init__(
         self,
@@ -412,52 +588,9 @@ class StateWatcher:
         interval: float = 0.5,
         on_change: Callable[[ProxyState, ProxyState], None] | None = None,
     ) -> None:
-        self.path = path
-        self.interval = interval
-        self.on_change = on_change
-        self.reloads = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self._sig = self._stat()
-        self.current: ProxyState = load_state(path)
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        return file_sig(self.path)
-
-    def check(self) -> bool:
-        """Reload if the file changed. Returns True if a new state was loaded."""
-        sig = self._stat()
-        if sig == self._sig:
-            return False
-        self._sig = sig
-        if sig is None:
-            self._error(f"state file {self.path} disappeared; keeping generation {self.current.generation}")
-            return False
-        try:
-            new = load_state(self.path)
-        except (OSError, StateError) as e:
-            self._error(
-                f"cannot reload proxy state: {e}; keeping generation {self.current.generation}. "
-                "Check that the agent writes the file atomically (write + rename) and is from the same release"
-            )
-            return False
-        old, self.current = self.current, new
-        self.reloads += 1
-        self.last_error = None
-        log.info("loaded proxy state generation %d (was %d)", new.generation, old.generation)
-        if self.on_change is not None:
-            try:
-                self.on_change(old, new)
-            except Exception:
-                log.exception("state change callback failed")
-        return True
-
-    def _error(self, msg: str) -> None:
-        self.errors += 1
-        self.last_error = msg
-        log.error("%s", msg)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.check()
+        super().__init__(
+            path, load_state, None, what="proxy state", errors=(OSError, StateError),  # type: ignore[arg-type]
+            describe=_describe_state, on_change=on_change, interval=interval, logger=log,
+            hint="Check that the agent writes the file atomically (write + rename) and is from the same release",
+        )
+        self.prime()

@@ -23,10 +23,19 @@ Shape::
         mesh: true                     # enrolled in the mesh, default true
     namespaces:                        # optional
       shop: {mode: strict}             # overrides the node default for that namespace
+    services:                          # optional: virtual IPs (see agent.workloads.services)
+      - name: backend
+        namespace: shop
+        vip: [10.96.0.10, "fd00:96::10"]
+        selector: {app: backend}
+        ports: [{port: 80, targetPort: 8080, name: http, appProtocol: http}]
 
 Checked across entries: node names are unique, node addresses are unique,
 ``(namespace, name)`` is unique, no IP belongs to two pods, and every pod's
-node exists.
+node exists.  Services: ``namespace/name`` is unique, no ``vip:port`` is
+served twice, and a VIP is neither a pod IP nor a node address (see
+:mod:`agent.workloads.services`).  Endpoints are computed from the pods
+(:attr:`Inventory.service_index`), never written.
 """
 
 from __future__ import annotations
@@ -36,10 +45,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from agent import yamlsrc as y
 from agent.config import MESH_MODES
+
+if TYPE_CHECKING:  # services.py imports this module: import it lazily at run time
+    from agent.workloads.services import Service, ServiceIndex
 
 __all__ = [
     "Node", "Pod", "NamespaceSettings", "Inventory", "InventoryDiff",
@@ -141,12 +153,28 @@ class Inventory:
         default_factory=lambda: MappingProxyType({}), hash=False)
     """Settings by namespace name; namespaces not listed use the defaults."""
 
+    services: tuple[Service, ...] = ()
+    """Services (virtual IPs), in file order."""
+
     _by_ip: Mapping[IPAddress, Pod] = field(init=False, repr=False, compare=False, hash=False)
     _nodes: Mapping[str, Node] = field(init=False, repr=False, compare=False, hash=False)
+    _services: ServiceIndex | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_ip", {ip: p for p in self.pods for ip in p.ips})
         object.__setattr__(self, "_nodes", {n.name: n for n in self.nodes})
+        object.__setattr__(self, "services", tuple(self.services))
+        object.__setattr__(self, "_services", None)
+
+    @property
+    def service_index(self) -> ServiceIndex:
+        """The services indexed by VIP and port, with endpoints computed from
+        :attr:`pods` (built on first use)."""
+        if self._services is None:
+            from agent.workloads.services import ServiceIndex
+            object.__setattr__(self, "_services", ServiceIndex(self.services, self.pods))
+        assert self._services is not None
+        return self._services
 
     def node(self, name: str) -> Node | None:
         """The node called ``name``, or None."""
@@ -189,6 +217,7 @@ class Inventory:
             } for p in self.pods],
             "namespaces": {k: ({"mode": v.mode} if v.mode is not None else {})
                            for k, v in self.namespaces.items()},
+            "services": [s.to_dict() for s in self.services],
         }
 
 
@@ -209,8 +238,13 @@ class InventoryDiff:
     """Namespaces whose settings (e.g. mode) were added, removed or changed;
     their pods' effective mode may differ even though the pods did not."""
 
+    services_changed: tuple[str, ...] = ()
+    """Keys (``namespace/name``) of services added, removed or changed (VIPs,
+    ports or selector; endpoints follow the pods, see ``added``/``removed``)."""
+
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.namespaces_changed)
+        return bool(self.added or self.removed or self.changed or self.namespaces_changed
+                    or self.services_changed)
 
 
 def diff(old: Inventory, new: Inventory) -> InventoryDiff:
@@ -219,12 +253,20 @@ def diff(old: Inventory, new: Inventory) -> InventoryDiff:
     after = {p.key: p for p in new.pods}
     ns = sorted(k for k in set(old.namespaces) | set(new.namespaces)
                 if old.namespaces.get(k) != new.namespaces.get(k))
+
+    def svc_sig(s: Service) -> tuple:
+        return (s, tuple(sorted(s.selector.items())))  # Service equality ignores the selector
+
+    svc_old = {s.key: svc_sig(s) for s in old.services}
+    svc_new = {s.key: svc_sig(s) for s in new.services}
+    svcs = sorted(k for k in svc_old.keys() | svc_new.keys() if svc_old.get(k) != svc_new.get(k))
     return InventoryDiff(
         added=tuple(after[k] for k in sorted(after.keys() - before.keys())),
         removed=tuple(before[k] for k in sorted(before.keys() - after.keys())),
         changed=tuple((before[k], after[k]) for k in sorted(before.keys() & after.keys())
                       if before[k] != after[k]),
         namespaces_changed=tuple(ns),
+        services_changed=tuple(svcs),
     )
 
 
@@ -280,6 +322,7 @@ def _read(top: y.MapReader) -> Inventory | None:
     node_vals = top.at("nodes")
     pod_vals = top.at("pods")
     ns_val = top.at("namespaces")
+    svc_val = top.at("services")
     top.finish()
 
     def items(v: y.Value | None) -> list[y.Value]:
@@ -350,12 +393,23 @@ def _read(top: y.MapReader) -> Inventory | None:
                               + (f" (did you mean {hint!r}?)" if hint else
                                  f"; known nodes: {', '.join(by_name) or 'none'}"))
 
+    from agent.workloads.services import check_against_pods, read_services
+
+    before = len(doc.problems)
+    services = read_services(svc_val)
+    if len(doc.problems) == before and svc_val is not None:
+        # Only over services that read cleanly (positions line up with items)
+        # and only pods that did (else a VIP clash could be a spurious echo).
+        check_against_pods(services, [Pod(**p.fields) for p in pods if p.ok],
+                           svc_val, [Node(**n.fields) for n in nodes if n.ok])
+
     if doc.failed:
         return None
     return Inventory(
         nodes=tuple(Node(**n.fields) for n in nodes),
         pods=tuple(Pod(**p.fields) for p in pods),
         namespaces=MappingProxyType(namespaces),
+        services=services,
     )
 
 

@@ -1,8 +1,9 @@
 """Services: virtual IPs in front of the pods a label selector picks.
 
-This is the ``services:`` section of the node inventory (to be wired into
-:mod:`agent.workloads.inventory` later; until then :func:`parse_services`
-reads a file holding only this section).  Pure: no sockets, no files.
+This is the ``services:`` section of the node inventory
+(:mod:`agent.workloads.inventory` reads it with :func:`read_services` and
+checks it with :func:`check_against_pods`; :func:`parse_services` reads a
+file for this section alone).  Pure: no sockets, no files.
 
 Shape::
 
@@ -16,6 +17,12 @@ Shape::
             targetPort: 8080             # the pod's port (default: port); numbers only
             name: http                   # optional; unique within the service
             appProtocol: http            # http | tcp | opaque; absent: detect
+
+A VIP is on no interface anywhere.  The kernel hook redirects every
+connection of an enrolled pod to the node proxy, whatever its destination,
+and the proxy recognises the VIP in the original destination.  So only
+mesh pods can reach a VIP: there is no kube-proxy (a pod with
+``mesh: false``, or a process outside any pod, gets no route to it).
 
 ``appProtocol`` decides what the node proxy does with a connection to the
 port:
@@ -32,11 +39,18 @@ Endpoints are computed, never written: the pods of the service's namespace
 whose labels include every selector label, each with its address in the
 VIP's family and the ``targetPort``.  A selector is required because a
 service without one would have no endpoints (Kubernetes leaves those to a
-separate Endpoints object, which meshlet does not read).
+separate Endpoints object, which meshlet does not read).  Pods with
+``mesh: false`` are endpoints too; the proxy connects to them directly
+(plain TCP, as to any non-mesh address).
 
 Checked across entries: ``namespace/name`` is unique and no ``vip:port`` is
 served by two services.  :func:`check_against_pods` adds the checks that
-need the pods (a VIP must not be a pod IP); the inventory will call it.
+need the pods and nodes: a VIP is not a pod IP and not a node address.
+A VIP must also be routable-looking: loopback, link-local, unspecified and
+multicast addresses are refused.
+
+:func:`services_doc` is the JSON shape the agent publishes (proxy state,
+admin API): every service with its VIPs and, per port, its endpoints.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from agent.workloads.inventory import Pod, _label_key, _label_value
 __all__ = [
     "APP_PROTOCOLS", "ServicePort", "Service", "Endpoint", "ServiceIndex",
     "read_services", "parse_services", "load_services", "check_against_pods",
+    "services_doc",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -113,6 +128,20 @@ class Service:
             if p.port == number_or_name or (p.name is not None and p.name == number_or_name):
                 return p
         return None
+
+    def to_dict(self) -> dict:
+        """The inventory YAML shape, defaults filled in (read back by :func:`read_services`)."""
+        ports = []
+        for p in self.ports:
+            d: dict = {"port": p.port, "targetPort": p.target_port}
+            if p.name is not None:
+                d["name"] = p.name
+            if p.app_protocol is not None:
+                d["appProtocol"] = p.app_protocol
+            ports.append(d)
+        return {"name": self.name, "namespace": self.namespace,
+                "vip": [str(v) for v in self.vips], "selector": dict(self.selector),
+                "ports": ports}
 
     def selects(self, pod: Pod) -> bool:
         """``pod`` is in this service's namespace and carries every selector label."""
@@ -208,11 +237,20 @@ def _normalize_ip(ip: str | IPAddress) -> IPAddress | None:
 # Reading
 
 
+def _vip(v: y.Value) -> IPAddress:
+    ip = y.ip_address()(v)
+    if ip.is_loopback or ip.is_link_local:
+        raise y.Invalid(f"{ip} is a {'loopback' if ip.is_loopback else 'link-local'} address; "
+                        "a VIP needs an address no host owns, e.g. from 10.96.0.0/16 or "
+                        "fd00:96::/112")
+    return ip
+
+
 def _vips(v: y.Value) -> tuple[IPAddress, ...]:
     items = v.items() if not isinstance(v.node, ScalarNode) else None
     if items is None:  # a single address is fine too: `vip: 10.96.0.10`
-        return (y.ip_address()(v),)
-    ips = y.list_of(y.ip_address(), min_len=1)(v)
+        return (_vip(v),)
+    ips = y.list_of(_vip, min_len=1)(v)
     if len(ips) > 2:
         raise y.Invalid("a service has at most two VIPs (one IPv4, one IPv6)")
     seen: dict[int, int] = {}
@@ -335,21 +373,32 @@ def read_services(value: y.Value | None) -> tuple[Service, ...]:
 
 
 def check_against_pods(services: Sequence[Service], pods: Iterable[Pod],
-                       value: y.Value | None = None) -> list[str]:
-    """Problems that need the pods: a VIP that is also a pod IP.  Returned as
+                       value: y.Value | None = None, nodes: Iterable = ()) -> list[str]:
+    """Problems that need the pods and nodes: a VIP that is also a pod IP or
+    a node address (``nodes``: objects with ``name``, ``address`` and
+    ``address6``, as :class:`agent.workloads.inventory.Node`).  Returned as
     messages; when ``value`` (the ``services:`` field ``services`` were read
     from without problems) is given, each is also recorded at its ``vip``."""
-    owners = {ip: p for p in pods for ip in p.ips}
+    owners: dict[IPAddress, str] = {}
+    for n in nodes:
+        for a in (n.address, getattr(n, "address6", None)):
+            if a is not None:
+                owners[a] = f"the address of node {n.name}"
+    for p in pods:
+        for ip in p.ips:
+            owners[ip] = f"the IP of pod {p.key}"
     items = value.items() if value is not None else []
     out = []
     for i, s in enumerate(services):
-        for vip in s.vips:
-            pod = owners.get(vip)
-            if pod is not None:
-                msg = f"VIP {vip} is also the IP of pod {pod.key}; pick an unused address"
+        for j, vip in enumerate(s.vips):
+            owner = owners.get(vip)
+            if owner is not None:
+                msg = f"VIP {vip} is also {owner}; pick an unused address"
                 out.append(f"service {s.key}: {msg}")
                 if i < len(items):
                     at = items[i].mapping().at("vip")
+                    if at is not None and not isinstance(at.node, ScalarNode):
+                        at = at.items()[j]
                     (at or items[i]).problem(msg)
     return out
 
@@ -376,3 +425,24 @@ def load_services(path: str | os.PathLike[str], pods: Sequence[Pod] = ()) -> Ser
     """Read ``path`` with :func:`parse_services`; raises SourceError."""
     p = os.fspath(path)
     return parse_services(y.read_text(p), p, pods)
+
+
+def services_doc(index: ServiceIndex) -> list[dict]:
+    """Every service as published by the agent (proxy state, admin API):
+    key, name, namespace, VIPs, selector and, per port, the endpoints in
+    every family (one entry per pod address), sorted.  JSON-able."""
+    out = []
+    for s in index.services:
+        ports = []
+        for p in s.ports:
+            eps = index.endpoints(s, p, family=4) + index.endpoints(s, p, family=6)
+            ports.append({
+                "port": p.port, "target_port": p.target_port, "name": p.name,
+                "app_protocol": p.app_protocol,
+                "endpoints": [{"pod": e.pod, "ip": str(e.ip), "port": e.port, "node": e.node}
+                              for e in eps],
+            })
+        out.append({"key": s.key, "name": s.name, "namespace": s.namespace,
+                    "vips": [str(v) for v in s.vips], "selector": dict(s.selector),
+                    "ports": ports})
+    return out

@@ -61,7 +61,7 @@ from typing import Literal, Mapping, Sequence
 __all__ = [
     "HttpError", "NormalizedPath", "FramingResult", "EscapedSlash", "ESCAPED_SLASH_ACTIONS",
     "normalize_path", "normalize_host", "check_framing", "header_multimap",
-    "path_pattern_problem", "MAX_TARGET_LENGTH", "MAX_HEADERS", "MAX_HEADER_BYTES",
+    "scan_request_headers", "path_pattern_problem", "MAX_TARGET_LENGTH", "MAX_HEADERS", "MAX_HEADER_BYTES",
 ]
 
 EscapedSlash = Literal["reject", "keep", "decode_and_merge"]
@@ -152,13 +152,55 @@ def _check_escaped_utf8(s: str, escapes: list[tuple[int, int]]) -> None:
     flush()
 
 
+# Targets that normalization returns unchanged (the fast path of normalize_path):
+# a path of pchars without '%' or '\\', then an optional query of query
+# characters and well-formed escapes. Such a path has no escapes to decode or
+# re-case, nothing to percent-encode, no control/space/non-ASCII byte and no
+# '#'. The two substring tests done next ('//' and '/.') exclude merged slashes
+# and every segment that is or starts with '.' (so every dot segment, with or
+# without ';' parameters); what is left is returned as is by every step of
+# the slow path, for every option value. Anything else takes the slow path.
+_ALREADY_NORMAL = re.compile(
+    r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*)"
+    r"(?:\?((?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*))?")
+_ALREADY_NORMAL_B = re.compile(_ALREADY_NORMAL.pattern.encode("ascii"))
+
+
 def normalize_path(raw: str | bytes, *, merge_slashes: bool = True,
                    escaped_slash: EscapedSlash = "reject",
                    max_length: int = MAX_TARGET_LENGTH) -> NormalizedPath:
     """Normalize an origin-form request target (rules in the module docstring).
 
     Raises :class:`HttpError` (400, or 414 when longer than ``max_length``)
-    and nothing else for any input."""
+    and nothing else for any input.
+
+    Targets that are already normal (the common case) are recognized by one
+    regex and returned as they are; the result is the same as
+    :func:`_normalize_path_slow`'s (a property test checks this)."""
+    if escaped_slash not in ESCAPED_SLASH_ACTIONS:
+        raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
+    t = type(raw)
+    if t is bytes:
+        m = _ALREADY_NORMAL_B.fullmatch(raw)  # type: ignore[arg-type]
+        if m is not None and len(raw) <= max_length:
+            path_b = m.group(1)
+            if b"//" not in path_b and b"/." not in path_b:
+                q_b = m.group(2)
+                return NormalizedPath(path_b.decode("ascii"), None if q_b is None else q_b.decode("ascii"))
+    elif t is str:
+        m = _ALREADY_NORMAL.fullmatch(raw)  # type: ignore[arg-type]
+        if m is not None and len(raw) <= max_length:
+            path = m.group(1)
+            if "//" not in path and "/." not in path:
+                return NormalizedPath(path, m.group(2))
+    return _normalize_path_slow(raw, merge_slashes=merge_slashes, escaped_slash=escaped_slash,
+                                max_length=max_length)
+
+
+def _normalize_path_slow(raw: str | bytes, *, merge_slashes: bool = True,
+                         escaped_slash: EscapedSlash = "reject",
+                         max_length: int = MAX_TARGET_LENGTH) -> NormalizedPath:
+    """The reference normalizer: every step of the module docstring, one by one."""
     if escaped_slash not in ESCAPED_SLASH_ACTIONS:
         raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
     if isinstance(raw, (bytes, bytearray)):
@@ -375,35 +417,73 @@ def check_framing(headers: Sequence[tuple[bytes, bytes]], version: str | bytes =
 
     ``headers`` are (name, value) pairs as received; values are stripped of
     surrounding whitespace here.  Raises :class:`HttpError` (400/431/505)."""
-    v = version.decode("ascii", "replace") if isinstance(version, (bytes, bytearray)) else version
-    if v not in ("1.1", "1.0"):
+    host, content_length, chunked, _, _ = scan_request_headers(
+        headers, version, max_headers=max_headers, max_header_bytes=max_header_bytes)
+    return FramingResult(host, content_length, chunked)
+
+
+# lower-case name -> what scan_request_headers does with it
+_HOST, _CL, _TE, _EXPECT, _UPGRADE = range(5)
+_SCANNED = {b"host": _HOST, b"content-length": _CL, b"transfer-encoding": _TE,
+            b"expect": _EXPECT, b"upgrade": _UPGRADE}
+
+
+def scan_request_headers(headers: Sequence[tuple[bytes, bytes]], version: str | bytes = b"1.1", *,
+                         max_headers: int = MAX_HEADERS, max_header_bytes: int = MAX_HEADER_BYTES,
+                         header_bytes: int | None = None,
+                         ) -> tuple[bytes | None, int | None, bool, bytes | None, bytes | None]:
+    """:func:`check_framing` in one pass that also picks up Expect and Upgrade.
+
+    Returns ``(host, content_length, chunked, expect, upgrade)``: the first
+    three as in :class:`FramingResult`, then the first Expect and Upgrade
+    values (stripped), or None.  Same checks, in the same order, with the
+    same errors as :func:`check_framing`.  ``header_bytes`` is the sum of
+    name + value lengths when the caller already counted it."""
+    v = version if type(version) is str else (
+        version.decode("ascii", "replace") if isinstance(version, (bytes, bytearray)) else version)
+    if v != "1.1" and v != "1.0":
         raise HttpError(505, f"HTTP version {v[:16]!r} is not supported")
     if len(headers) > max_headers:
         raise HttpError(431, f"{len(headers)} header lines; at most {max_headers} are allowed")
-    total = sum(len(n) + len(val) for n, val in headers)
+    total = sum(len(n) + len(val) for n, val in headers) if header_bytes is None else header_bytes
     if total > max_header_bytes:
         raise HttpError(431, f"{total} bytes of headers; at most {max_header_bytes} are allowed")
 
-    hosts: list[bytes] = []
+    token = _TOKEN.fullmatch
+    bad_value = _BAD_VALUE.search
+    scanned = _SCANNED.get
+    host = None
+    n_hosts = 0
     lengths: list[bytes] = []
     codings: list[bytes] = []
+    expect = upgrade = None
     for name, value in headers:
-        if not _TOKEN.fullmatch(name):
+        if token(name) is None:
             raise HttpError(400, f"invalid header name {name[:64]!r}")
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
+        # the stripped blanks are not control characters: searching the raw value is the same
+        if bad_value(value) is not None:
             raise HttpError(400, f"control character in the value of header {name.decode()!r}")
-        lname = name.lower()
-        if lname == b"host":
-            hosts.append(value)
-        elif lname == b"content-length":
+        kind = scanned(name.lower())
+        if kind is None:
+            continue
+        value = value.strip(b" \t")
+        if kind == _HOST:
+            if not n_hosts:
+                host = value
+            n_hosts += 1
+        elif kind == _CL:
             lengths += [p.strip(b" \t") for p in value.split(b",")]
-        elif lname == b"transfer-encoding":
+        elif kind == _TE:
             codings += [p.strip(b" \t").lower() for p in value.split(b",")]
+        elif kind == _EXPECT:
+            if expect is None:
+                expect = value
+        elif upgrade is None:
+            upgrade = value
 
-    if len(hosts) > 1:
+    if n_hosts > 1:
         raise HttpError(400, "more than one Host header")
-    if v == "1.1" and not hosts:
+    if v == "1.1" and not n_hosts:
         raise HttpError(400, "HTTP/1.1 request without a Host header")
     if lengths and codings:
         raise HttpError(400, "both Content-Length and Transfer-Encoding (ambiguous framing)")
@@ -411,7 +491,7 @@ def check_framing(headers: Sequence[tuple[bytes, bytes]], version: str | bytes =
     if lengths:
         if any(not x.isdigit() or len(x) > 18 for x in lengths):
             raise HttpError(400, "malformed Content-Length")
-        if len(set(lengths)) > 1 and len({int(x) for x in lengths}) > 1:
+        if len(lengths) > 1 and len(set(lengths)) > 1 and len({int(x) for x in lengths}) > 1:
             raise HttpError(400, "differing Content-Length values")
         content_length = int(lengths[0])
     chunked = False
@@ -423,7 +503,7 @@ def check_framing(headers: Sequence[tuple[bytes, bytes]], version: str | bytes =
                                  f"{b', '.join(codings).decode('ascii', 'replace')[:64]!r}; "
                                  "only 'chunked' is accepted")
         chunked = True
-    return FramingResult(hosts[0] if hosts else None, content_length, chunked)
+    return host, content_length, chunked, expect, upgrade
 
 
 def header_multimap(headers: Sequence[tuple[bytes, bytes]]) -> Mapping[str, tuple[str, ...]]:

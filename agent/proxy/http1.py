@@ -45,8 +45,8 @@ from agent.policy.http import (
     MAX_TARGET_LENGTH,
     HttpError,
     NormalizedPath,
-    check_framing,
     normalize_path,
+    scan_request_headers,
 )
 
 __all__ = [
@@ -282,39 +282,41 @@ class RequestParser(_Parser):
     def on_headers_complete(self) -> None:
         p = self._p
         headers = self._headers
-        version = p.get_http_version().encode()
+        version_s = p.get_http_version()
         try:
-            fr = check_framing(headers, version, max_headers=self.max_headers,
-                               max_header_bytes=self.max_header_bytes)
+            # one pass over the headers: framing checks + Host, Expect, Upgrade
+            host, content_length, chunked, expect, upgrade_v = scan_request_headers(
+                headers, version_s, max_headers=self.max_headers,
+                max_header_bytes=self.max_header_bytes, header_bytes=self._hbytes)
             path = normalize_path(self._url, merge_slashes=self.merge_slashes,
                                   escaped_slash=self.escaped_slash,  # type: ignore[arg-type]
                                   max_length=self.max_target)
         except HttpError as e:
             self._fail = e
             raise
+        version = b"1.1" if version_s == "1.1" else version_s.encode()
         upgrade = None
         if p.should_upgrade():
-            upgrade = header_value(headers, b"upgrade")
-            if fr.has_body:
+            upgrade = upgrade_v
+            if chunked or content_length:
                 self._raise(400, "a request body together with Upgrade is not supported")
             if upgrade is None:  # CONNECT is refused by normalize_path already
                 self._raise(400, "upgrade without an Upgrade header")
-        expect = header_value(headers, b"expect")
         expect_continue = False
         if expect is not None:
             if expect.lower() != b"100-continue":
                 self._raise(417, f"unsupported Expect {expect[:64]!r}")
             expect_continue = version == b"1.1"
-        if fr.chunked:
+        if chunked:
             framing: Framing = "chunked"
-        elif fr.content_length:
+        elif content_length:
             framing = "content-length"
         else:
             framing = "none"
         self._state = _BODY
         self._events.append(RequestHead(
-            p.get_method(), self._url, path, version, headers, fr.host, p.should_keep_alive(),
-            framing, fr.content_length, expect_continue, upgrade))
+            p.get_method(), self._url, path, version, headers, host, p.should_keep_alive(),
+            framing, content_length, expect_continue, upgrade))
 
     def on_message_complete(self) -> None:
         self._events.append(_EOM)

@@ -305,3 +305,157 @@ def test_framing_only_raises_http_error(headers, version):
 def test_header_multimap_keeps_every_line():
     m = header_multimap([(b"X-Role", b" a "), (b"x-role", b"b"), (b"Other", b"\xe9")])
     assert m == {"x-role": ("a", "b"), "other": ("é",)}
+
+
+# -- fast paths agree with the reference implementations ------------------------
+
+from agent.policy import http as policy_http  # noqa: E402
+from agent.policy.http import scan_request_headers  # noqa: E402
+
+_HOSTILE = st.sampled_from(
+    ["/", "/", "/", ".", ".", "%", "2", "F", "f", "5", "C", "c", "e", "E", "\\", "a", "b", "?", "#", ";",
+     "=", "~", "-", "_", ":", "@", "!", "&", "+", "'", "|", '"', " ", "\x00", "\x01", "\x7f", "\t",
+     "\u00e9", "\u20ac", "%2F", "%2f", "%5C", "%5c", "%2e", "%2E", "%41", "%c0%ae", "%00", "%25", "..",
+     "/..", "/.", "//", "%zz", "%4"])
+# Mostly normal-looking targets, so that both branches of the fast path are exercised.
+_PLAIN = st.sampled_from(list("abcXYZ019-._~!$&'()*+,;=:@") + ["/", "/", "/", "?", "%41", "%2f", "%e2%82%ac"])
+hostile_targets = st.one_of(
+    st.lists(_HOSTILE, max_size=25).map("".join),
+    st.lists(_HOSTILE, max_size=25).map(lambda xs: "/" + "".join(xs)),
+    st.lists(_PLAIN, max_size=25).map(lambda xs: "/" + "".join(xs)),
+    st.lists(st.one_of(_PLAIN, _PLAIN, _PLAIN, _HOSTILE), max_size=25).map(lambda xs: "/" + "".join(xs)),
+    # a plain path and a hostile query
+    st.tuples(st.lists(_PLAIN, max_size=8), st.lists(st.one_of(_PLAIN, _HOSTILE), max_size=12)).map(
+        lambda pq: "/" + "".join(pq[0]).replace("?", "") + "?" + "".join(pq[1])),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+)
+
+
+def _outcome(fn, raw, **kw):
+    try:
+        return "ok", fn(raw, **kw)
+    except HttpError as e:
+        return "error", (e.status, e.reason)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(hostile_targets, SETTINGS, st.booleans(), st.sampled_from([8192, 12]))
+def test_fast_normalize_equals_the_reference(raw, kw, as_bytes, max_length):
+    if as_bytes and isinstance(raw, str):
+        raw = raw.encode("utf-8")
+    fast = _outcome(normalize_path, raw, max_length=max_length, **kw)
+    slow = _outcome(policy_http._normalize_path_slow, raw, max_length=max_length, **kw)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("raw", ["/", "/api/v1/items/42", "/a/b.js?x=1&y=%2F%zz".replace("%zz", "%7E"),
+                                 b"/index.html", "/a;b=c/d:e@f", "/?"])
+def test_plain_targets_take_the_fast_path(raw, monkeypatch):
+    want = policy_http._normalize_path_slow(raw)
+
+    def boom(*a, **k):
+        raise AssertionError("slow path taken")
+    monkeypatch.setattr(policy_http, "_normalize_path_slow", boom)
+    assert normalize_path(raw) == want
+
+
+@pytest.mark.parametrize("raw", ["/a//b", "/a/./b", "/.well-known", "/a/..", "/%41", "/a\\b", "/a b", "/a#b"])
+def test_targets_needing_work_take_the_slow_path(raw, monkeypatch):
+    calls = []
+    slow = policy_http._normalize_path_slow
+
+    def spy(*a, **k):
+        calls.append(a)
+        return slow(*a, **k)
+    monkeypatch.setattr(policy_http, "_normalize_path_slow", spy)
+    _outcome(normalize_path, raw)
+    assert calls
+
+
+def _check_framing_reference(headers, version, max_headers=100, max_header_bytes=64 * 1024):
+    """check_framing as first written (several passes), plus header lookups as
+    http1 did them: the single-pass scan must agree with it on every input."""
+    import re
+    token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+    bad_value = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+    v = version.decode("ascii", "replace") if isinstance(version, (bytes, bytearray)) else version
+    if v not in ("1.1", "1.0"):
+        raise HttpError(505, f"HTTP version {v[:16]!r} is not supported")
+    if len(headers) > max_headers:
+        raise HttpError(431, f"{len(headers)} header lines; at most {max_headers} are allowed")
+    total = sum(len(n) + len(val) for n, val in headers)
+    if total > max_header_bytes:
+        raise HttpError(431, f"{total} bytes of headers; at most {max_header_bytes} are allowed")
+    hosts, lengths, codings = [], [], []
+    for name, value in headers:
+        if not token.fullmatch(name):
+            raise HttpError(400, f"invalid header name {name[:64]!r}")
+        value = value.strip(b" \t")
+        if bad_value.search(value):
+            raise HttpError(400, f"control character in the value of header {name.decode()!r}")
+        lname = name.lower()
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"content-length":
+            lengths += [p.strip(b" \t") for p in value.split(b",")]
+        elif lname == b"transfer-encoding":
+            codings += [p.strip(b" \t").lower() for p in value.split(b",")]
+    if len(hosts) > 1:
+        raise HttpError(400, "more than one Host header")
+    if v == "1.1" and not hosts:
+        raise HttpError(400, "HTTP/1.1 request without a Host header")
+    if lengths and codings:
+        raise HttpError(400, "both Content-Length and Transfer-Encoding (ambiguous framing)")
+    content_length = None
+    if lengths:
+        if any(not x.isdigit() or len(x) > 18 for x in lengths):
+            raise HttpError(400, "malformed Content-Length")
+        if len(set(lengths)) > 1 and len({int(x) for x in lengths}) > 1:
+            raise HttpError(400, "differing Content-Length values")
+        content_length = int(lengths[0])
+    chunked = False
+    if codings:
+        if v == "1.0":
+            raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if codings != [b"chunked"]:
+            raise HttpError(400, "unsupported Transfer-Encoding "
+                                 f"{b', '.join(codings).decode('ascii', 'replace')[:64]!r}; "
+                                 "only 'chunked' is accepted")
+        chunked = True
+
+    def first(lname):
+        for n, val in headers:
+            if n.lower() == lname:
+                return val.strip(b" \t")
+        return None
+    return hosts[0] if hosts else None, content_length, chunked, first(b"expect"), first(b"upgrade")
+
+
+_NAMES = st.sampled_from([b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
+                          b"transfer-encoding", b"Expect", b"expect", b"Upgrade", b"upgrade", b"X", b"bad name",
+                          b"", b"Host\n", b"Connection"])
+_VALUES = st.one_of(
+    st.sampled_from([b"", b"1", b" 12 ", b"12, 12", b"1, 2", b"chunked", b"Chunked", b" chunked ", b"gzip, chunked",
+                     b"identity", b"100-continue", b"websocket", b"a\r\nb", b"a\x00", b"\t x \t", b"0x10", b"-1",
+                     b"example.com", b"9" * 19, b"007"]),
+    st.binary(max_size=10))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=7), st.sampled_from(["1.0", "1.1", b"1.1", b"1.0", "0.9", "2.0"]),
+       st.sampled_from([(100, 65536), (3, 65536), (100, 20)]), st.booleans())
+def test_single_pass_framing_equals_the_reference(headers, version, limits, counted):
+    max_headers, max_bytes = limits
+    kw = {}
+    if counted:
+        kw["header_bytes"] = sum(len(n) + len(v) for n, v in headers)
+    fast = _outcome(lambda h, **k: scan_request_headers(h, version, max_headers=max_headers,
+                                                        max_header_bytes=max_bytes, **k), headers, **kw)
+    slow = _outcome(lambda h: _check_framing_reference(h, version, max_headers, max_bytes), headers)
+    assert fast == slow
+    pub = _outcome(lambda h: check_framing(h, version, max_headers=max_headers, max_header_bytes=max_bytes), headers)
+    if slow[0] == "ok":
+        assert pub[0] == "ok" and (pub[1].host, pub[1].content_length, pub[1].chunked) == slow[1][:3]
+    else:
+        assert pub == slow

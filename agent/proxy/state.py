@@ -122,7 +122,7 @@ class Pod:
 APP_PROTOCOLS = ("http", "tcp", "opaque")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ServiceEndpoint:
     """One address a service port's traffic may go to."""
 

@@ -42,6 +42,18 @@ pods:
 namespaces:
   shop: {mode: strict}
   quiet:
+services:
+  - name: web
+    namespace: shop
+    vip: [10.96.0.10, "fd00:96::10"]
+    selector: {app: web}
+    ports:
+      - {port: 80, targetPort: 8080, name: http, appProtocol: http}
+      - {port: 9000}
+  - name: plain
+    vip: 10.96.0.11
+    selector: {tier: none}
+    ports: [{port: 5432, appProtocol: opaque}]
 """
 
 
@@ -345,3 +357,117 @@ def test_structurally_mutated_documents_only_raise_source_error(patches):
         except (KeyError, IndexError, TypeError):
             pass  # an earlier patch removed that path
     _only_source_error(yaml.safe_dump(doc))
+
+
+# -- services ---------------------------------------------------------------------
+
+
+def test_services_section_and_endpoints():
+    inv = parse_inventory(GOOD, "inventory.yaml")
+    web, plain = inv.services
+    assert (web.key, plain.key) == ("shop/web", "default/plain")
+    assert web.vips == (ipaddress.ip_address("10.96.0.10"), ipaddress.ip_address("fd00:96::10"))
+    assert [(p.port, p.target_port, p.name, p.app_protocol) for p in web.ports] == [
+        (80, 8080, "http", "http"), (9000, 9000, None, None)]
+    idx = inv.service_index
+    assert idx is inv.service_index  # built once
+    assert idx.by_vip("::ffff:10.96.0.10", 80) == (web, web.ports[0])
+    assert [(e.pod, str(e.ip), e.port, e.node) for e in idx.endpoints(web, 80)] == [
+        ("shop/pod1-1", "10.244.1.10", 8080, "node1")]
+    assert [str(e.ip) for e in idx.endpoints(web, 80, family=6)] == ["fd00:244:1::10"]
+    assert idx.endpoints(plain, 5432) == []  # no pod carries tier=none: valid, just empty
+    assert inv.to_dict()["services"][0] == {
+        "name": "web", "namespace": "shop", "vip": ["10.96.0.10", "fd00:96::10"],
+        "selector": {"app": "web"},
+        "ports": [{"port": 80, "targetPort": 8080, "name": "http", "appProtocol": "http"},
+                  {"port": 9000, "targetPort": 9000}]}
+
+
+def test_diff_sees_service_changes():
+    old = parse_inventory(GOOD, "i.yaml")
+    assert diff(old, old).services_changed == ()
+    for new_text, want in [
+        (GOOD.replace("{app: web}\n    ports", "{app: shop}\n    ports"), ("shop/web",)),  # selector
+        (GOOD.replace("- {port: 9000}", "- {port: 9001}"), ("shop/web",)),
+        (GOOD.replace("vip: 10.96.0.11", "vip: 10.96.0.12"), ("default/plain",)),
+        (GOOD.split("services:")[0], ("default/plain", "shop/web")),  # section removed
+    ]:
+        d = diff(old, parse_inventory(new_text, "i.yaml"))
+        assert d.services_changed == want and d and not d.added and not d.changed
+
+
+# Errors of the services section as part of an inventory: nodes and pods on
+# lines 1-4, services from line 5 on.
+SVC_BASE = ("nodes:\n  - {name: node1, address: 198.18.0.1, address6: 'fd00:198:18::1'}\n"
+            "pods:\n  - {name: p, namespace: shop, labels: {app: a}, node: node1, "
+            "ips: [10.244.1.10, 'fd00:244:1::10'], cgroup: /c}\n")
+
+
+def svc(vip: str = "10.96.0.1", ports: str = "[{port: 80}]", extra: str = "",
+        selector: str = "{app: a}") -> str:
+    return (SVC_BASE + "services:\n  - name: a\n    namespace: shop\n"
+            f"    vip: {vip}\n    selector: {selector}\n    ports: {ports}\n{extra}")
+
+
+SVC_ERRORS = [
+    (svc(vip="10.244.1.10"),
+     "inventory.yaml:8:10: services[0].vip: VIP 10.244.1.10 is also the IP of pod shop/p; "
+     "pick an unused address"),
+    (svc(vip="[10.96.0.1, 'fd00:244:1::10']"),
+     "inventory.yaml:8:22: services[0].vip[1]: VIP fd00:244:1::10 is also the IP of pod shop/p; "
+     "pick an unused address"),
+    (svc(vip="198.18.0.1"),
+     "inventory.yaml:8:10: services[0].vip: VIP 198.18.0.1 is also the address of node node1; "
+     "pick an unused address"),
+    (svc(vip="[10.96.0.1, 'fd00:198:18::1']"),
+     "inventory.yaml:8:22: services[0].vip[1]: VIP fd00:198:18::1 is also the address of node "
+     "node1; pick an unused address"),
+    (svc(vip="127.0.0.10"),
+     "inventory.yaml:8:10: services[0].vip: 127.0.0.10 is a loopback address; a VIP needs an "
+     "address no host owns, e.g. from 10.96.0.0/16 or fd00:96::/112"),
+    (svc(vip="['fe80::1']"),
+     "inventory.yaml:8:11: services[0].vip[0]: fe80::1 is a link-local address; a VIP needs an "
+     "address no host owns, e.g. from 10.96.0.0/16 or fd00:96::/112"),
+    (svc(vip="224.0.0.1"),
+     "inventory.yaml:8:10: services[0].vip: '224.0.0.1' is multicast; a unicast address is "
+     "needed here"),
+    (svc(vip="[]"), "inventory.yaml:8:10: services[0].vip: needs at least 1 item"),
+    (svc(vip="[10.96.0.1, 'fd00:96::1', 10.96.0.2]"),
+     "inventory.yaml:8:10: services[0].vip: a service has at most two VIPs (one IPv4, one IPv6)"),
+    (svc(ports="[{port: 0}]"),
+     "inventory.yaml:10:20: services[0].ports[0].port: 0 is not a port number (1..65535)"),
+    (svc(ports="[{port: 80, targetPort: 70000}]"),
+     "inventory.yaml:10:36: services[0].ports[0].targetPort: 70000 is not a port number (1..65535)"),
+    (svc(ports="[{port: 80, name: a}, {port: 81, name: a}]"),
+     "inventory.yaml:10:51: services[0].ports[1].name: port name 'a' is used twice (first at "
+     "line 10)"),
+    (svc(selector="{app: -x}"),
+     "inventory.yaml:9:21: services[0].selector.app: '-x' is not a valid label value: at most 63 "
+     "characters of letters, digits, '-', '_', '.', starting and ending with a letter or digit"),
+    (svc(extra="    selecter: {app: a}\n"),
+     "inventory.yaml:11:5: services[0].selecter: unknown field 'selecter' (did you mean "
+     "'selector'?)"),
+    (SVC_BASE + "services: {a: 1}\n",
+     "inventory.yaml:5:11: services: expected a list, got a mapping"),
+    (SVC_BASE + "services:\n  - {name: a, vip: 10.96.0.1, ports: [{port: 80}]}\n",
+     "inventory.yaml:6:5: services[0].selector: required field is missing"),
+    (svc(extra="  - name: a\n    namespace: shop\n    vip: 10.96.0.2\n    selector: {app: a}\n"
+               "    ports: [{port: 80}]\n"),
+     "inventory.yaml:11:11: services[1].name: service 'shop/a' is listed twice (first at line 6)"),
+]
+
+
+@pytest.mark.parametrize("text,expected", SVC_ERRORS,
+                         ids=[e[1].split(": ", 1)[1][:50] for e in SVC_ERRORS])
+def test_service_errors(text, expected):
+    assert errors(text) == [expected]
+
+
+def test_service_vip_checks_wait_for_clean_pods_and_services():
+    # a broken pod is reported, and its IP is not used to blame a VIP too
+    text = svc(vip="10.244.1.10").replace("cgroup: /c", "cgroup: /c, colour: red")
+    got = errors(text)
+    assert len(got) == 1 and "pods[0].colour" in got[0]
+    # a broken service elsewhere in the section: no VIP check echoes
+    text = svc(vip="10.244.1.10", extra="  - {name: b}\n")
+    assert all("also the IP" not in e for e in errors(text))

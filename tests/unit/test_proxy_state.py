@@ -156,3 +156,135 @@ def test_load_state_errors_mention_path(tmp_path):
     _write(path, "[]")
     with pytest.raises(StateError, match="s.json"):
         load_state(path)
+
+
+# --- services: what the agent publishes, as the proxy reads it -------------------------
+
+SVC_CFG = """\
+node: node1
+inventory: inv.yaml
+cgroup: meshlet/node1
+identity: {bundle: b.pem, caCert: c.pem, caKey: k.pem}
+proxy: {redirectIPv4: 10.244.1.1}
+runDir: /run/m
+"""
+SVC_INV = """\
+nodes:
+  - {name: node1, address: 198.18.0.1}
+  - {name: node2, address: 198.18.0.2}
+pods:
+  - {name: be-1, namespace: shop, labels: {app: be}, node: node1, ips: [10.244.1.10, "fd00:244:1::10"],
+     cgroup: /c/1}
+  - {name: be-2, namespace: shop, labels: {app: be}, node: node2, ips: [10.244.2.10], cgroup: /c/2}
+  - {name: be-x, namespace: other, labels: {app: be}, node: node2, ips: [10.244.2.11], cgroup: /c/3}
+services:
+  - name: be
+    namespace: shop
+    vip: [10.96.0.10, "fd00:96::10"]
+    selector: {app: be}
+    ports:
+      - {port: 80, targetPort: 8080, name: http, appProtocol: http}
+      - {port: 5432, appProtocol: opaque}
+  - {name: empty, namespace: shop, vip: 10.96.0.11, selector: {app: none}, ports: [{port: 1}]}
+"""
+
+
+def published() -> dict:
+    from agent.app import proxy_state
+    from agent.config import parse_config
+    from agent.workloads.inventory import parse_inventory
+
+    d = proxy_state(parse_config(SVC_CFG, "/etc/m/c.yaml"), parse_inventory(SVC_INV, "inv.yaml"),
+                    {"shop/be-1": 11}, 1)
+    return json.loads(json.dumps(d))  # exactly what the file holds
+
+
+def test_agent_publishes_services_and_the_proxy_indexes_them():
+    d = published()
+    assert d["services"][0]["ports"][0] == {
+        "port": 80, "target_port": 8080, "name": "http", "app_protocol": "http",
+        "endpoints": [{"pod": "shop/be-1", "ip": "10.244.1.10", "port": 8080, "node": "node1"},
+                      {"pod": "shop/be-2", "ip": "10.244.2.10", "port": 8080, "node": "node2"},
+                      {"pod": "shop/be-1", "ip": "fd00:244:1::10", "port": 8080, "node": "node1"}]}
+    s = parse_state(d)
+    be, empty = s.services
+    assert (be.key, be.name, be.namespace, be.vips) == ("shop/be", "be", "shop",
+                                                        ("10.96.0.10", "fd00:96::10"))
+    assert s.service_by_key["shop/empty"] is empty and empty.ports[0].endpoints == ()
+    http, pg = be.ports
+    assert (pg.port, pg.target_port, pg.name, pg.app_protocol) == (5432, 5432, None, "opaque")
+    assert [(e.pod, e.ip, e.port, e.node, e.v6) for e in http.endpoints] == [
+        ("shop/be-1", "10.244.1.10", 8080, "node1", False),
+        ("shop/be-1", "fd00:244:1::10", 8080, "node1", True),
+        ("shop/be-2", "10.244.2.10", 8080, "node2", False)]
+    assert s.service_by_vip[("10.96.0.10", 80)] == (be, http)
+    assert s.service_by_vip[("fd00:96::10", 5432)] == (be, pg)
+    assert ("10.96.0.10", 81) not in s.service_by_vip
+    # any text form of the VIP: IPv4-mapped IPv6 (dual-stack sockets), IPv6 spellings
+    assert s.service_at("::ffff:10.96.0.10", 80) == (be, http)
+    assert s.service_at("FD00:96:0::10", 80) == (be, http)
+    assert s.service_at("10.96.0.10", 81) is None and s.service_at("junk", 80) is None
+    assert s.service_by_ip["10.96.0.11"] == (empty,)
+
+
+def test_services_are_optional_in_the_state():
+    s = parse_state(doc())
+    assert s.services == () and dict(s.service_by_vip) == {}
+
+
+def _svc(mutate):
+    d = published()
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: d.update(services={}), "state.services: expected list"),
+    (lambda d: d["services"][0].update(vips=[]), "state.services[0].vips: expected 1 or 2"),
+    (lambda d: d["services"][0].update(vips=["10.96.0.1", "10.96.0.2"]),
+     "state.services[0].vips: at most one address per family"),
+    (lambda d: d["services"][0].update(vips=["10.244.2.10"]),
+     "state.services[0].vips[0]: 10.244.2.10 is also the address of pod shop/be-2"),
+    (lambda d: d["services"][0].update(vips=["not-an-ip"]),
+     "state.services[0].vips[0]: not an IP address"),
+    (lambda d: d["services"][1].update(vips=["10.96.0.10"], ports=[{"port": 80}]),
+     "state.services[1]: 10.96.0.10:80 is already served by service shop/be"),
+    (lambda d: d["services"][1].update(name="be"), "state.services[1].key: 'shop/empty' is not shop/be"),
+    (lambda d: d["services"].append(d["services"][0]), "state.services[2].key: duplicate service"),
+    (lambda d: d["services"][0].update(ports=[]), "state.services[0].ports: a service needs"),
+    (lambda d: d["services"][0]["ports"][1].update(port=80),
+     "state.services[0].ports[1].port: port 80 is listed twice"),
+    (lambda d: d["services"][0]["ports"][0].update(target_port=0),
+     "state.services[0].ports[0].target_port: port out of range"),
+    (lambda d: d["services"][0]["ports"][0].update(app_protocol="grpc"),
+     "state.services[0].ports[0].app_protocol: 'grpc' is not one of http, tcp, opaque"),
+    (lambda d: d["services"][0]["ports"][0]["endpoints"][0].update(pod="shop/gone"),
+     "state.services[0].ports[0].endpoints[0].pod: 'shop/gone' is not in state.pods"),
+    (lambda d: d["services"][0]["ports"][0]["endpoints"][0].update(ip="10.244.2.10"),
+     "state.services[0].ports[0].endpoints[0].ip: 10.244.2.10 is not an address of pod shop/be-1"),
+    (lambda d: d["services"][0]["ports"][0]["endpoints"][0].update(port=9),
+     "state.services[0].ports[0].endpoints[0].port: 9 differs from the port's target_port 8080"),
+    (lambda d: d["services"][0]["ports"][0]["endpoints"][0].update(node="node2"),
+     "state.services[0].ports[0].endpoints[0].node: 'node2' but pod shop/be-1 is on 'node1'"),
+    (lambda d: d["services"][0]["ports"][0]["endpoints"].append(
+        d["services"][0]["ports"][0]["endpoints"][0]),
+     "state.services[0].ports[0].endpoints: an endpoint is listed twice"),
+])
+def test_invalid_services_name_the_field(mutate, fragment):
+    with pytest.raises(StateError) as ei:
+        parse_state(_svc(mutate))
+    assert fragment in str(ei.value)
+
+
+def test_watcher_keeps_last_good_services(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(published()))
+    w = StateWatcher(str(path))
+    assert [s.key for s in w.current.services] == ["shop/be", "shop/empty"]
+    bad = _svc(lambda d: d["services"][0]["ports"][0]["endpoints"][0].update(pod="shop/gone"))
+    bad["generation"] = 2
+    tmp = tmp_path / "tmp.json"
+    tmp.write_text(json.dumps(bad) + " " * 7)  # another size: the watcher sees a change
+    os.replace(tmp, path)
+    assert not w.check() and w.errors == 1 and "shop/gone" in (w.last_error or "")
+    assert [s.key for s in w.current.services] == ["shop/be", "shop/empty"]

@@ -116,3 +116,126 @@ def test_errors_with_exact_positions(body, expected):
 def test_empty_index_and_no_section():
     assert parse_services("pods: []\n", "svc.yaml").services == ()
     assert ServiceIndex().by_vip("10.0.0.1", 80) is None
+
+
+# --- published shape, admin API and CLI ---------------------------------------------------
+
+def test_services_doc_lists_endpoints_of_both_families():
+    from agent.workloads.services import services_doc
+
+    idx = parse_services(SERVICES, "svc.yaml", PODS)
+    be, v2 = services_doc(idx)
+    assert (be["key"], be["vips"], be["selector"]) == ("shop/backend", ["10.96.0.10", "fd00:96::10"],
+                                                       {"app": "backend"})
+    assert be["ports"][0]["endpoints"] == [
+        {"pod": "shop/be-1", "ip": "10.244.1.10", "port": 8080, "node": "node1"},
+        {"pod": "shop/be-2", "ip": "10.244.2.10", "port": 8080, "node": "node2"},
+        {"pod": "shop/be-1", "ip": "fd00:244:1::10", "port": 8080, "node": "node1"}]
+    assert [p["app_protocol"] for p in be["ports"]] == ["http", "opaque", None]
+    assert [e["pod"] for e in v2["ports"][0]["endpoints"]] == ["shop/be-2"]
+
+
+ADMIN_INV = INVENTORY.replace("ips: [10.244.1.11], cgroup: /x/3}",
+                              "ips: [10.244.1.11], cgroup: /x/3, mesh: false}") + """\
+  - {name: web-2, namespace: shop, labels: {app: web}, node: node2, ips: [10.244.2.12], cgroup: /x/5}
+services:
+  - name: backend
+    namespace: shop
+    vip: [10.96.0.10, "fd00:96::10"]
+    selector: {app: backend}
+    ports: [{port: 80, targetPort: 8080, name: http, appProtocol: http}]
+  - {name: web, namespace: shop, vip: 10.96.0.12, selector: {app: web}, ports: [{port: 8000}]}
+  - {name: nobody, namespace: shop, vip: 10.96.0.13, selector: {app: none}, ports: [{port: 1}]}
+"""
+
+
+@pytest.fixture
+def admin(tmp_path):
+    """The agent's admin server (agent/app.py) on a socket in tmp_path, for a
+    stand-in agent holding a parsed inventory; its own thread and loop."""
+    import asyncio
+    import threading
+    import types
+
+    from agent import app
+
+    sock = str(tmp_path / "admin.sock")
+    agent = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(node="node1", admin=types.SimpleNamespace(socket=sock)),
+        inventory=parse_inventory(ADMIN_INV, "inv.yaml"), inventory_error=None)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    async def serve():
+        holder["server"] = await app.start_admin(agent)
+        holder["stop"] = asyncio.Event()
+        ready.set()
+        await holder["stop"].wait()
+        holder["server"].close()
+        await holder["server"].wait_closed()
+
+    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    t.start()
+    assert ready.wait(5)
+    try:
+        yield types.SimpleNamespace(sock=sock, agent=agent)
+    finally:
+        loop.call_soon_threadsafe(holder["stop"].set)
+        t.join(5)
+        loop.close()
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_admin_api_and_cli_json(admin):
+    import json
+
+    from agent.adminclient import admin_request
+
+    code, data = admin_request(admin.sock, "GET", "/v1/services")
+    assert code == 200 and data["node"] == "node1" and data["inventory_error"] is None
+    assert [s["key"] for s in data["services"]] == ["shop/backend", "shop/web", "shop/nobody"]
+    web = data["services"][1]["ports"][0]
+    assert web["endpoints"] == [
+        {"pod": "shop/web-1", "ip": "10.244.1.11", "port": 8000, "node": "node1", "mesh": False,
+         "local": True},
+        {"pod": "shop/web-2", "ip": "10.244.2.12", "port": 8000, "node": "node2", "mesh": True,
+         "local": False}]
+    r = _cli("services", "--socket", admin.sock, "-o", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == data
+    code, data = admin_request(admin.sock, "GET", "/v1/nothing")
+    assert code == 404 and "/v1/services" in data["paths"]
+
+
+def test_cli_table_and_wide(admin):
+    r = _cli("services", "--socket", admin.sock)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["SERVICE", "VIPS", "PORT", "PROTOCOL", "ENDPOINTS"]
+    assert lines[1].split() == ["shop/backend", "10.96.0.10,fd00:96::10", "80/http", "->", "8080",
+                                "http", "2", "(1", "here)"]
+    assert lines[2].split()[2:] == ["8000", "->", "8000", "detect", "2", "(1", "here)"]
+    assert "0 (no pod matches)" in lines[3]
+    r = _cli("services", "--socket", admin.sock, "-o", "wide")
+    assert r.exit_code == 0, r.output
+    rows = [ln.split() for ln in r.output.splitlines()]
+    assert rows[0][-4:] == ["ENDPOINT", "NODE", "ADDRESS", "MESH"]
+    assert rows[4][-4:] == ["shop/web-1", "node1", "10.244.1.11:8000", "no"]
+    assert rows[3][-2:] == ["[fd00:244:1::10]:8080", "yes"]
+    assert rows[-1][-1] == "<none>"
+    admin.agent.inventory_error = "inv.yaml:3:4: pods[0].ips: bad"
+    r = _cli("services", "--socket", admin.sock)
+    assert "INVENTORY RELOAD FAILED" in r.output and "inv.yaml:3:4" in r.output
+
+
+def test_cli_without_agent(tmp_path):
+    r = _cli("services", "--socket", str(tmp_path / "none.sock"))
+    assert r.exit_code == 1 and "cannot reach the agent" in r.output

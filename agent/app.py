@@ -143,6 +143,9 @@ class Agent:
     flow_reader: object = None          # datapath.flows.FlowReader, while serving
     policies: object = None             # policy.store.PolicyStore, from start()
     policy_lock: threading.Lock = field(default_factory=threading.Lock)
+    l4_kernel: dict = field(default_factory=dict)     # last kernel policy sync (plan summary)
+    l4_sig: tuple | None = None                       # (policy version, generation) it was for
+    l4_names: dict = field(default_factory=dict)      # kernel policy id -> namespace/name
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -211,6 +214,7 @@ class Agent:
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         self.sync()
+        self.sync_policy_kernel()
         self.supervise_proxies()
 
     # --- authorization policies (#4): applied through the admin API -----------------
@@ -231,7 +235,48 @@ class Agent:
     def policy_status(self) -> dict:
         if self.policies is None:
             return {"version": None, "count": 0}
-        return self.policies.summary()
+        out = self.policies.summary()
+        if self.l4_kernel:
+            from .policy.kernel import NO_POLICY_ID
+
+            denied = {}
+            try:
+                for pid, n in self.datapath.l4_denied().items():
+                    name = "(no ALLOW rule matched)" if pid == NO_POLICY_ID else \
+                        self.l4_names.get(pid, f"id {pid}")
+                    denied[name] = denied.get(name, 0) + n
+            except (OSError, KeyError):
+                pass
+            out["kernel"] = {**self.l4_kernel, "denied_by_policy": denied}
+        return out
+
+    def sync_policy_kernel(self) -> None:
+        """Recompute the connect-time L4 entries (agent.policy.kernel) when the
+        policies or the inventory changed, and diff-sync ml_l4_policy.  Called
+        from every tick, so an apply/delete reaches the kernel within one."""
+        from .policy.kernel import compile_kernel, view_from_pods
+
+        store, inv = self.policies, self.inventory
+        if store is None or inv is None or not self.datapath.maps:
+            return
+        with self.policy_lock:  # the admin API applies in another thread
+            ps, version = store.policyset, store.version
+        sig = (version, self.generation)
+        if sig == self.l4_sig:
+            return
+        srcs, dsts = view_from_pods(inv.pods, self.cfg.node, self.cfg.identity.trust_domain,
+                                    {k: workload_id(k) for k in self.enrolled})
+        plan = compile_kernel(ps, srcs, dsts, self.spec.max_l4_rules)
+        if plan.overflow and not self.l4_kernel.get("overflow"):
+            log.warning("kernel L4 policy: %s", plan.summary()["reason"])
+        changes = self.datapath.sync_l4(plan.entries)
+        self.l4_sig = sig
+        self.l4_names.update(plan.policies)
+        self.l4_kernel = {**plan.summary(), "version": version}
+        if changes["added"] or changes["updated"] or changes["removed"]:
+            log.info("kernel L4 policy for version %s: %d entries (%d deny), +%d ~%d -%d",
+                     version, len(plan.entries), plan.denies, changes["added"],
+                     changes["updated"], changes["removed"])
 
     # --- identity: the node CA that signs its pods' SVIDs --------------------------
 
@@ -566,6 +611,7 @@ class Agent:
             self.poll_identity()
             if self.pending:
                 self.sync()  # a pod cgroup may have appeared
+            self.sync_policy_kernel()
             self.supervise_proxies()
         except Exception:  # one bad tick must not kill the node agent
             log.exception("agent loop error (will retry)")

@@ -5,10 +5,14 @@ parser), `meshlet stats`, `meshlet flows` and the access log.
 Byte counts here are the proxy's application bytes: the transfer tool's
 client sends a JSON header line and its payload; the server answers a JSON
 reply line and its payload.  (The kernel's counters in test_flows.py add
-SYN/FIN.)  L7 metrics (istio_requests_total, request latency) do not exist
-yet: the proxy relays L4 only until HTTP parsing lands (#5).  Denials by
-*policy* wait for authorization policy (#4); what the mesh refuses itself
-today is tested here.
+SYN/FIN.)
+
+The mesh runs with ``proxy.l7: true``: the L4 tools (not HTTP) stay on the
+L4 relay, and HTTP requests to a small server in pod1-2 (same node) and
+pod2-1 (cross node) are counted per request: istio_requests_total and the
+duration histogram in /metrics, the L7 columns of `meshlet stats`, and one
+access-log line per request.  A request refused by an authorization policy
+(DENY /admin) counts in meshlet_denied_requests_total under that policy.
 """
 
 from __future__ import annotations
@@ -37,12 +41,60 @@ ISTIO_TCP = ("istio_tcp_connections_opened", "istio_tcp_connections_closed",
              "istio_tcp_received_bytes", "istio_tcp_sent_bytes")
 
 
+HTTP_PORT = 8080
+
+HTTP_SERVER = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        ok = self.path.split("?")[0] in ("/ok", "/admin")
+        body = b"fine\n" if ok else b"nothing here\n"
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+srv = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+srv.timeout = 1
+print("listening", flush=True)
+import time
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    srv.handle_request()
+"""
+
+HTTP_CLIENT = r"""
+import http.client, json, sys
+host, port, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = http.client.HTTPConnection(host, port, timeout=10)
+out = []
+for i, path in enumerate(sys.argv[4:]):
+    c.request("GET", path, headers={"X-Request-Id": f"{tag}-{i}"})
+    r = c.getresponse()
+    r.read()
+    out.append(r.status)
+c.close()
+print(json.dumps(out))
+"""
+
+
 @pytest.fixture(scope="module")
 def mesh():
     cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster)
+    m = Mesh(cluster, l7=True)
     try:
         start_servers(cluster, max_seconds=600)
+        for name in ("pod1-2", "pod2-1"):
+            p = cluster.pod(name).popen([sys.executable, "-c", HTTP_SERVER, str(HTTP_PORT), "600"],
+                                        stdout=subprocess.PIPE, text=True)
+            assert "listening" in p.stdout.readline(), name
         m.start()
         yield m
     finally:
@@ -85,6 +137,19 @@ def tcp(parsed: dict, reporter: str, src: str, dst: str) -> dict[str, float]:
         out[name] = sum(v for lb, v in parsed.get(name, ())
                         if lb["reporter"] == reporter and lb["source_workload"] == src
                         and lb["destination_workload"] == dst)
+    return out
+
+
+def total(parsed: dict, family: str) -> float:
+    return sum(v for _, v in parsed.get(family, ()))
+
+
+def requests_by(parsed: dict, reporter: str, src: str, dst: str) -> dict[str, float]:
+    """istio_requests_total of one pair and reporter, by response_code."""
+    out: dict[str, float] = {}
+    for lb, v in parsed.get("istio_requests", ()):
+        if (lb["reporter"], lb["source_workload"], lb["destination_workload"]) == (reporter, src, dst):
+            out[lb["response_code"]] = out.get(lb["response_code"], 0) + v
     return out
 
 
@@ -181,7 +246,9 @@ def test_known_traffic_in_metrics_stats_flows_and_access_log(mesh):
         for r in ("source", "destination"):
             (lb3,) = labels_of("node1", r, "pod1-1", "pod1-2")  # ports 7000 and 7001: one service
             assert lb3["connection_security_policy"] == "none"  # never leaves the node
-        assert "istio_requests" not in after["node1"]  # L7 not measured yet (#5): no fake zeros
+        # L4 tools are not HTTP: with l7 on they stay on the relay, no request is counted
+        for n in ("node1", "node2"):
+            assert total(after[n], "istio_requests") == total(before[n], "istio_requests"), n
 
         # meshlet_* for the agent itself
         m1 = after["node1"]
@@ -215,7 +282,8 @@ def test_known_traffic_in_metrics_stats_flows_and_access_log(mesh):
             assert row["bytes"] == {"sent": m["istio_tcp_received_bytes"],
                                     "received": m["istio_tcp_sent_bytes"]}
             assert 0 < row["tcp_rtt_us"]["p50"] <= row["tcp_rtt_us"]["max"] < 1_000_000
-            assert row["requests"] is None and row["latency_ms"]["p99"] is None
+            reqs = requests_by(now, "source", s, t)
+            assert row["requests"] == (sum(reqs.values()) or None)
         assert rows[("pod1-1", "pod2-1")]["security"] == "mutual_tls"
         assert rows[("pod1-1", "pod1-2")]["connections"]["active"] >= 1
         only = stats_json(mesh, "node1", "--from", "pod1-1", "--to", "pod2-1")
@@ -298,3 +366,163 @@ def test_access_log_off_and_sampling_zero_write_nothing(mesh):
         mesh.reconfigure(access_log_settings={})
     transfer(mesh, "pod1-1", "pod1-2", 1000, 1000, seed=3)  # back on: logged again
     assert wait_for(lambda: os.path.getsize(path) > size, "an access log line")
+
+
+# --- HTTP requests (proxy.l7) ------------------------------------------------------------
+
+PATHS = ["/ok", "/missing", "/ok?page=2", "/ok", "/gone", "/x/../ok", "/ok"]
+CODES = [200, 404, 200, 200, 404, 200, 200]
+
+
+def http_requests(mesh, src: str, dst: str, tag: str, paths: list[str]) -> list[int]:
+    """One keep-alive connection from ``src``; the status of each request."""
+    r = mesh.cluster.pod(src).run([sys.executable, "-c", HTTP_CLIENT, ip(mesh, dst), str(HTTP_PORT),
+                                   tag, *paths], check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def duration(text: str, reporter: str, src: str, dst: str, code: str) -> tuple[float, float]:
+    """(count, sum) of istio_request_duration_milliseconds for one pair,
+    reporter and response code."""
+    count = total_ms = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "istio_request_duration_milliseconds":
+            continue
+        assert fam.type == "histogram"
+        for s in fam.samples:
+            lb = s.labels
+            if (lb["reporter"], lb["source_workload"], lb["destination_workload"],
+                    lb["response_code"]) != (reporter, src, dst, code):
+                continue
+            if s.name.endswith("_count"):
+                count += s.value
+            elif s.name.endswith("_sum"):
+                total_ms += s.value
+    return count, total_ms
+
+
+@pytest.mark.parametrize("dst,node,reporters,security", [
+    ("pod1-2", "node1", ("source", "destination"), "none"),
+    ("pod2-1", "node2", ("destination",), "mutual_tls"),
+], ids=["same-node", "cross-node"])
+def test_http_requests_in_metrics_stats_and_access_log(mesh, dst, node, reporters, security):
+    tag = f"obs-{dst}-{time.monotonic_ns()}"
+    before_text = mesh.scrape(node)
+    before = samples(before_text)
+    log_before = len(mesh.access_log(node))
+    assert http_requests(mesh, "pod1-1", dst, tag, PATHS) == CODES
+    after_text = mesh.scrape(node)
+    after = samples(after_text)
+    want = {"200": CODES.count(200), "404": CODES.count(404)}
+
+    # -- /metrics: exact request counts per reporter and code, durations plausible ------
+    for rep in ("source", "destination"):
+        got = {c: requests_by(after, rep, "pod1-1", dst).get(c, 0)
+                  - requests_by(before, rep, "pod1-1", dst).get(c, 0) for c in want}
+        assert got == (want if rep in reporters else {"200": 0, "404": 0}), (rep, got)
+        if rep not in reporters:
+            continue
+        for code, n in want.items():
+            c0, s0 = duration(before_text, rep, "pod1-1", dst, code)
+            c1, s1 = duration(after_text, rep, "pod1-1", dst, code)
+            assert c1 - c0 == n
+            assert 0 < s1 - s0 < n * 10_000  # ms: positive, below the client's timeout
+        (lb,) = {tuple(sorted(lb.items())) for lb, _ in after["istio_requests"]
+                 if (lb["reporter"], lb["source_workload"], lb["destination_workload"],
+                     lb["response_code"]) == (rep, "pod1-1", dst, "404")}
+        lb = dict(lb)
+        assert lb["request_protocol"] == "http" and lb["response_flags"] == "-"
+        assert lb["grpc_response_status"] == ""
+        assert lb["connection_security_policy"] == security
+        assert lb["source_principal"] == f"{TD}/pod1-1" and lb["destination_principal"] == f"{TD}/{dst}"
+        assert lb["source_workload_namespace"] == lb["destination_workload_namespace"] == "default"
+        assert lb["destination_service"] == ip(mesh, dst)
+
+    # -- meshlet stats -o json: the same numbers, success rate, latency percentiles -------
+    (row,) = stats_json(mesh, node, "--from", "pod1-1", "--to", dst)
+    rep = row["reporter"]
+    total_by_code = requests_by(samples(mesh.scrape(node)), rep, "pod1-1", dst)
+    assert row["requests"] == sum(total_by_code.values()) >= len(PATHS)
+    ok = sum(v for c, v in total_by_code.items() if int(c) < 500)
+    assert row["success_rate"] == pytest.approx(ok / row["requests"])
+    lat = row["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] < 10_000
+    if node == "node2":  # the client's node relays cross-node HTTP at L4: not measured there
+        (src_row,) = stats_json(mesh, "node1", "--from", "pod1-1", "--to", dst)
+        assert src_row["requests"] is None and src_row["latency_ms"]["p50"] is None
+
+    # -- access log: one line per request, then the connection's line at close ----------
+    def lines():
+        new = mesh.access_log(node)[log_before:]
+        reqs = [e for e in new if e.get("kind") == "request"
+                and str(e.get("request_id", "")).startswith(tag)]
+        conn = [e for e in new if e.get("kind") != "request" and e.get("dst_pod") == f"default/{dst}"
+                and e.get("reason", "").startswith("http:")]
+        return (reqs, conn) if conn else None
+    reqs, conn = wait_for(lines, "the connection's access-log line")
+    assert [e["request_id"] for e in reqs] == [f"{tag}-{i}" for i in range(len(PATHS))]  # once each
+    assert [e["status"] for e in reqs] == CODES
+    assert [e["path"] for e in reqs] == ["/ok", "/missing", "/ok", "/ok", "/gone", "/ok", "/ok"]
+    for e in reqs:
+        assert e["method"] == "GET" and e["authority"] == f"{ip(mesh, dst)}:{HTTP_PORT}"
+        assert 0 < e["duration_ms"] < 10_000
+        assert e["src_pod"] == "default/pod1-1" and e["dst_pod"] == f"default/{dst}"
+        assert e["source_principal"] == f"{TD}/pod1-1"
+        assert e["connection_security_policy"] == security and e["response_flags"] == "-"
+    assert len(conn) == 1 and conn[0]["reason"] == f"http: {len(PATHS)} request(s)"
+
+
+DENY_ADMIN = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: pod1-2}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin]}}]
+"""
+
+
+def policy_cli(mesh, node: str, *args: str) -> None:
+    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_request_denied_by_policy_is_counted_under_the_policy(mesh, tmp_path):
+    f = tmp_path / "deny-admin.yaml"
+    f.write_text(DENY_ADMIN)
+    before = samples(mesh.scrape("node1"))
+    tag = f"deny-{time.monotonic_ns()}"
+    policy_cli(mesh, "node1", "apply", "-f", str(f))
+    try:
+        def applied():
+            st = mesh.status("node1")["proxy"][0]["stats"]["policy"]
+            return st["count"] >= 1
+        wait_for(applied, "the proxy to load the policy")
+        codes = http_requests(mesh, "pod1-1", "pod1-2", tag, ["/ok", "/admin", "/ok", "/admin"])
+    finally:
+        policy_cli(mesh, "node1", "delete", "deny-admin", "-n", "default")
+    assert codes == [200, 403, 200, 403]
+    after = samples(mesh.scrape("node1"))
+
+    def denied(parsed):
+        return {lb["policy"]: v for lb, v in parsed.get("meshlet_denied_requests", ())}
+    assert denied(after).get("default/deny-admin", 0) - denied(before).get("default/deny-admin", 0) == 2
+    flagged = {lb["reporter"]: v for lb, v in after["istio_requests"]
+               if lb["response_code"] == "403" and lb["response_flags"] == "RBAC"
+               and lb["destination_workload"] == "pod1-2"}
+    was = {lb["reporter"]: v for lb, v in before.get("istio_requests", ())
+           if lb["response_code"] == "403" and lb["response_flags"] == "RBAC"
+           and lb["destination_workload"] == "pod1-2"}
+    assert {r: v - was.get(r, 0) for r, v in flagged.items()} == {"source": 2, "destination": 2}
+    lines = [e for e in mesh.access_log("node1") if e.get("kind") == "request"
+             and str(e.get("request_id", "")).startswith(tag)]
+    assert [(e["path"], e["status"], e.get("policy")) for e in lines] == [
+        ("/ok", 200, None), ("/admin", 403, "default/deny-admin"),
+        ("/ok", 200, None), ("/admin", 403, "default/deny-admin")]
+    assert all(e["response_flags"] == "RBAC" and e["verdict"] == "denied"
+               for e in lines if e["status"] == 403)

@@ -712,7 +712,8 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
 POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>", "POST /v1/policies:apply",
                  "POST /v1/policies:diff", "DELETE /v1/policies/<namespace>/<name>"}
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats"} | FLOW_ROUTES | POLICY_ROUTES
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats", "/v1/services"} | FLOW_ROUTES \
+    | POLICY_ROUTES
 ADMIN_BODY_LIMIT = 4 << 20
 ADMIN_HEADER_LINES = 100
 

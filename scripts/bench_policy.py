@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""Authorization policy benchmark (issue #4): evaluation cost and apply latency.
+
+1. **Per-request evaluation cost** (pure, no root): ``evaluate()`` on a
+   realistic HTTP request against policy sets of 1, 100 and 10,000 rules,
+   all applying to the destination workload (the worst case: every rule is
+   looked at).  Rules look like real ones: a principal or namespace source,
+   methods, path prefixes, a port.  Three requests per size: one allowed by
+   the last ALLOW rule, one that matches nothing (denied after looking at
+   every rule), and one stopped by a DENY rule.  Also the cost of
+   normalizing the request target, which every request pays once.
+
+2. **Apply latency to enforcement** (root; a real 2-node simulated mesh):
+   a client pod polls an echo server on the other node over fresh
+   connections, back to back; the benchmark POSTs a DENY policy to both
+   agents' admin API and notes the time until the first refused connection
+   (the source node's kernel map or the destination proxy, whichever is
+   first); then deletes it and notes the time until a connection goes
+   through again.  Median and max of ``--runs`` runs.  CLOCK_MONOTONIC is
+   shared by every network namespace, so the poller's timestamps and ours
+   compare directly.
+
+    scripts/bench_policy.py [--runs 5] [--skip-apply] [--json FILE]
+
+Importable: ``run(runs=5, apply=True) -> dict`` (for scripts/bench.py).
+This is a benchmark, not a test: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import statistics
+import sys
+import time
+import timeit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from agent.identity.spiffe import parse_spiffe_id  # noqa: E402
+from agent.policy.evaluate import Request, evaluate  # noqa: E402
+from agent.policy.http import header_multimap, normalize_host, normalize_path  # noqa: E402
+from agent.policy.load import parse_policies  # noqa: E402
+
+SIZES = (1, 100, 10_000)
+RULES_PER_POLICY = 100
+TARGET = "/api/v1/orders/12345/items?limit=20&offset=40"
+HEADERS = [(b"Host", b"backend.shop:8080"), (b"User-Agent", b"bench/1"), (b"Accept", b"*/*"),
+           (b"X-Request-Id", b"1f0c9a7e-2d41-4c55-9d7e-6a3b1c2d3e4f"), (b"X-Tenant", b"acme")]
+
+
+# --------------------------------------------------------------------------
+# 1. evaluation cost
+
+
+def policy_text(n_rules: int) -> str:
+    """``n_rules`` ALLOW rules in policies of at most RULES_PER_POLICY, all
+    selecting app=backend in shop, plus one DENY policy with one rule (not
+    counted).  Rule i allows service account ``client-i`` (or namespace
+    ``ns-i``) GET/HEAD on ``/svc-i/*`` port 8080; the last rule allows the
+    benchmark's request."""
+    docs = [
+        "apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-admin, namespace: shop}\n"
+        "spec:\n  selector: {matchLabels: {app: backend}}\n  action: DENY\n  rules:\n"
+        "  - to: [{operation: {paths: ['/admin*']}}]\n"
+    ]
+    i = 0
+    p = 0
+    while i < n_rules:
+        lines = ["apiVersion: security.istio.io/v1", "kind: AuthorizationPolicy",
+                 f"metadata: {{name: allow-{p}, namespace: shop}}",
+                 "spec:", "  selector: {matchLabels: {app: backend}}", "  action: ALLOW", "  rules:"]
+        for _ in range(min(RULES_PER_POLICY, n_rules - i)):
+            last = i == n_rules - 1
+            src = ("principals: ['cluster.local/ns/shop/sa/storefront']" if last else
+                   f"principals: ['cluster.local/ns/shop/sa/client-{i}']" if i % 2 else
+                   f"namespaces: ['ns-{i}']")
+            path = "/api/v1/*" if last else f"/svc-{i}/*"
+            lines += [f"  - from: [{{source: {{{src}}}}}]",
+                      f"    to: [{{operation: {{methods: [GET, HEAD], paths: ['{path}'], ports: ['8080']}}}}]"]
+            i += 1
+        docs.append("\n".join(lines) + "\n")
+        p += 1
+    return "---\n".join(docs)
+
+
+def http_request(target: str = TARGET, principal: str = "spiffe://cluster.local/ns/shop/sa/storefront"
+                 ) -> Request:
+    return Request("shop", {"app": "backend", "version": "v1"}, 8080, parse_spiffe_id(principal),
+                   ipaddress.ip_address("10.244.1.10"), True, "GET", normalize_path(target).path,
+                   normalize_host(b"backend.shop:8080"), header_multimap(HEADERS))
+
+
+def _per_call_us(fn, budget: float = 0.5) -> float:
+    """Microseconds per call: timeit's autorange bounded by ``budget`` seconds,
+    best of 3 (the usual way to read a micro-benchmark)."""
+    t = timeit.Timer(fn)
+    n, took = t.autorange()
+    if took > budget:       # slow calls: what autorange measured is enough
+        return took / n * 1e6
+    reps = max(1, int(n * budget / max(took, 1e-9) / 3))
+    return min(t.repeat(3, reps)) / reps * 1e6
+
+
+def eval_cost(sizes=SIZES) -> list[dict]:
+    rows = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        ps = parse_policies(policy_text(n), f"bench-{n}.yaml")
+        load_s = time.perf_counter() - t0
+        allowed = http_request()
+        nomatch = http_request(principal="spiffe://cluster.local/ns/other/sa/nobody")
+        denied = http_request("/admin/users")
+        assert evaluate(ps, allowed).allowed, evaluate(ps, allowed).reason
+        assert not evaluate(ps, nomatch).allowed
+        assert evaluate(ps, denied).policy == "shop/deny-admin"
+        rows.append({
+            "rules": n,
+            "policies": len(ps),
+            "load_ms": round(load_s * 1000, 1),
+            "allowed_us": round(_per_call_us(lambda: evaluate(ps, allowed)), 2),
+            "no_match_us": round(_per_call_us(lambda: evaluate(ps, nomatch)), 2),
+            "denied_us": round(_per_call_us(lambda: evaluate(ps, denied)), 2),
+        })
+    return rows
+
+
+def normalize_cost() -> dict:
+    return {
+        "normalize_path_us": round(_per_call_us(lambda: normalize_path(TARGET)), 2),
+        "normalize_path_tricky_us": round(_per_call_us(
+            lambda: normalize_path("/api/./v1//orders/%31%32/../12345/items?limit=20")), 2),
+        "request_build_us": round(_per_call_us(http_request), 2),
+    }
+
+
+# --------------------------------------------------------------------------
+# 2. apply latency on a real mesh
+
+# Runs in the client pod: connect, send a byte, expect the echo, close; back
+# to back, for at most argv[3] seconds.  Prints one JSON line per change of
+# outcome {"t": monotonic, "ok": bool, "how": ...}; the first line is the
+# starting state.  Reads nothing; stopped by the benchmark (or its deadline).
+POLLER = r"""
+import json, socket, sys, time
+host, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.monotonic() + limit
+last = None
+while time.monotonic() < end:
+    t = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(b"x")
+            ok, how = s.recv(1) == b"x", "echo"
+    except ConnectionResetError:
+        ok, how = False, "reset"
+    except OSError as e:
+        ok, how = False, f"errno {e.errno}"
+    if ok != last:
+        print(json.dumps({"t": t, "ok": ok, "how": how}), flush=True)
+        last = ok
+    time.sleep(0.002)
+"""
+
+DENY = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bench-deny, namespace: default}
+spec:
+  selector: {matchLabels: {app: pod2-1}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [ns/default/sa/pod1-1]}}]
+"""
+
+
+def _admin(mesh, node: str, method: str, path: str, body: dict | None = None) -> dict:
+    from agent.adminclient import admin_request
+
+    code, data = admin_request(os.path.join(mesh.agents[node].run_dir, "admin.sock"), method, path,
+                               body, timeout=30)
+    if code != 200:
+        raise RuntimeError(f"{node}: {method} {path} answered {code}: {data}")
+    return data
+
+
+def _next_state(poller, want_ok: bool, timeout: float) -> dict:
+    import select
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        r, _, _ = select.select([poller.stdout], [], [], max(0.0, end - time.monotonic()))
+        if not r:
+            break
+        line = poller.stdout.readline()
+        if not line:
+            break
+        ev = json.loads(line)
+        if ev["ok"] is want_ok:
+            return ev
+    raise TimeoutError(f"the poller did not see ok={want_ok} within {timeout}s")
+
+
+def apply_latency(runs: int = 5, timeout: float = 10.0) -> dict:
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent.sim import Cluster
+    from agent.sim.mesh import Mesh
+    from tests.privileged.helpers import TOOLS
+
+    cluster = Cluster(nodes=2, pods_per_node=1).up()
+    mesh = Mesh(cluster)
+    applies, deletes, api_ms, hows = [], [], [], []
+    try:
+        srv = cluster.pod("pod2-1").popen(TOOLS + ["echo", "--port", "7001", "--max-seconds", "600"],
+                                         stdout=subprocess.PIPE, text=True)
+        if "listening" not in srv.stdout.readline():
+            raise RuntimeError("echo server did not start")
+        mesh.start()
+        body = {"files": [{"filename": "bench-deny.yaml", "text": DENY}]}
+        with ThreadPoolExecutor(2) as pool:
+            for _ in range(runs):
+                poller = cluster.pod("pod1-1").popen(
+                    [sys.executable, "-c", POLLER, cluster.pod("pod2-1").ip4, "7001",
+                     str(4 * timeout)], stdout=subprocess.PIPE, text=True)
+                try:
+                    _next_state(poller, True, timeout)         # reachable before
+                    t0 = time.monotonic()
+                    list(pool.map(lambda n: _admin(mesh, n, "POST", "/v1/policies:apply", body),
+                                  mesh.agents))
+                    api_ms.append((time.monotonic() - t0) * 1000)
+                    ev = _next_state(poller, False, timeout)
+                    applies.append((ev["t"] - t0) * 1000)
+                    hows.append(ev["how"])
+                    t1 = time.monotonic()
+                    list(pool.map(lambda n: _admin(mesh, n, "DELETE", "/v1/policies/default/bench-deny"),
+                                  mesh.agents))
+                    ev = _next_state(poller, True, timeout)
+                    deletes.append((ev["t"] - t1) * 1000)
+                finally:
+                    poller.kill()
+                    poller.wait()
+    finally:
+        mesh.down()
+        cluster.down()
+
+    def stats(xs):
+        return {"median_ms": round(statistics.median(xs), 1), "max_ms": round(max(xs), 1),
+                "runs": [round(x, 1) for x in xs]}
+    return {"apply_to_refused": stats(applies), "delete_to_allowed": stats(deletes),
+            "admin_api_apply": stats(api_ms), "refused_as": sorted(set(hows))}
+
+
+# --------------------------------------------------------------------------
+
+
+def run(runs: int = 5, apply: bool = True) -> dict:
+    out: dict = {"evaluate": eval_cost(), "normalize": normalize_cost()}
+    if apply:
+        out["apply"] = apply_latency(runs)
+    return out
+
+
+def print_tables(res: dict) -> None:
+    print("Per-request policy evaluation (evaluate(), one worker, µs per request)")
+    print(f"{'rules':>7} {'policies':>9} {'allowed':>10} {'no match':>10} {'denied':>10} {'load ms':>9}")
+    for r in res["evaluate"]:
+        print(f"{r['rules']:>7,} {r['policies']:>9} {r['allowed_us']:>10,.2f} {r['no_match_us']:>10,.2f} "
+              f"{r['denied_us']:>10,.2f} {r['load_ms']:>9,.1f}")
+    n = res["normalize"]
+    print(f"normalize_path: {n['normalize_path_us']} µs (with dot segments and escapes: "
+          f"{n['normalize_path_tricky_us']} µs); building the Request: {n['request_build_us']} µs")
+    if "apply" in res:
+        a = res["apply"]
+        print("\nApply latency on a 2-node mesh (admin API POST to both agents -> first refused connection)")
+        for k, label in (("apply_to_refused", "apply -> refused"), ("delete_to_allowed", "delete -> allowed"),
+                         ("admin_api_apply", "admin API round trip")):
+            print(f"  {label:<22} median {a[k]['median_ms']:>7.1f} ms   max {a[k]['max_ms']:>7.1f} ms   "
+                  f"runs {a[k]['runs']}")
+        print(f"  refused as: {', '.join(a['refused_as'])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--skip-apply", action="store_true", help="only the pure part (no root needed)")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    if not 1 <= a.runs <= 50:
+        ap.error("--runs must be 1..50")
+    res = run(a.runs, apply=not a.skip_apply)
+    print_tables(res)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

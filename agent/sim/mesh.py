@@ -6,6 +6,13 @@ config file, its own run dir (/run/meshlet/<prefix>-<node>) and pin dir
 file.  Agents run as ``python -m agent.cli run`` inside the node's netns and
 ``system`` cgroup, exactly as a user would start them.
 
+Services: ``Mesh(cluster, services=[...])`` writes the list as the
+inventory's ``services:`` section (see agent/workloads/services.py).  Take
+VIPs from :func:`service_vip` (10.96.0.0/16 and fd00:96::/112): they are on
+no interface, and only mesh pods can reach them, because the kernel hook
+hands every connection of an enrolled pod to the node proxy, which knows
+the VIP (there is no kube-proxy).
+
 Teardown stops agents (SIGTERM, then SIGKILL), kills stray proxy workers,
 detaches and unpins every datapath, and removes run dirs — also when the
 caller failed.
@@ -32,6 +39,31 @@ from .cluster import Cluster, Node
 
 PROXY_PORTS = {"outbound": 15001, "tunnel": 15008}
 
+#: Where simulated services take their virtual IPs (as Kubernetes' default
+#: service CIDR): never assigned to an interface.
+SERVICE_CIDR4 = "10.96.0.0/16"
+SERVICE_CIDR6 = "fd00:96::/112"
+
+
+def service_vip(index: int, family: int = 4) -> str:
+    """The ``index``-th (1..65534) VIP of the simulated service range."""
+    import ipaddress
+
+    if not 1 <= index <= 65534:
+        raise ValueError(f"service VIP index {index} is outside 1..65534")
+    net = ipaddress.ip_network(SERVICE_CIDR4 if family == 4 else SERVICE_CIDR6)
+    return str(net.network_address + index)
+
+
+def service(name: str, selector: dict[str, str], ports: list[dict], *, index: int,
+            namespace: str = "default", ipv6: bool = False) -> dict:
+    """One entry of the inventory's ``services:`` section, VIPs from
+    :func:`service_vip` (``ipv6``: an IPv6 VIP too).  ``ports`` as in the
+    inventory, e.g. ``[{"port": 80, "targetPort": 8080, "appProtocol": "http"}]``."""
+    vips = [service_vip(index, 4)] + ([service_vip(index, 6)] if ipv6 else [])
+    return {"name": name, "namespace": namespace, "vip": vips, "selector": dict(selector),
+            "ports": [dict(p) for p in ports]}
+
 
 @dataclass
 class AgentProc:
@@ -54,6 +86,7 @@ class Mesh:
     workers: int = 1
     unmeshed: set[str] = field(default_factory=set)      # pod names with mesh: false
     namespaces: dict[str, dict] = field(default_factory=dict)
+    services: list[dict] = field(default_factory=list)  # the inventory's services: section
     log_level: str = "info"
     workdir: str = ""
     trust_domain: str = "cluster.local"
@@ -86,6 +119,8 @@ class Mesh:
             p["mesh"] = p["name"] not in self.unmeshed
         if self.namespaces:
             doc["namespaces"] = self.namespaces
+        if self.services:
+            doc["services"] = [dict(s) for s in self.services]
         return doc
 
     def write_inventory(self, doc: dict | None = None, text: str | None = None) -> None:

@@ -53,8 +53,7 @@ def main() -> None:
       meshlet certs                   workload certificates, expiry and next rotation
       meshlet flows [-f]              TCP flows from the kernel: legs, bytes, RTT
       meshlet stats                   traffic per workload pair; Prometheus on :15020/metrics
-      meshlet services                service VIPs, ports and the endpoints behind them
-      meshlet policy validate F|DIR   authorization policies, offline (also explain, lint)
+      meshlet policy validate F|DIR   authorization + traffic policies, offline (also explain, lint)
     """
 
 
@@ -289,73 +288,6 @@ def workloads(sock, node, output) -> None:
     for w in data["workloads"]:
         click.echo(f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
                    f"{','.join(w['ips']):<34} {w['reason'] or ''}")
-
-
-@main.command()
-@agent_opts
-@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
-              show_default=True, help="table: one row per service port; wide: one row per "
-              "endpoint; json: everything, as GET /v1/services.")
-def services(sock, node, output) -> None:
-    """Services (virtual IPs) the node proxy balances, and their endpoints.
-
-    \b
-    A service comes from the inventory's services: section:
-      services:
-        - name: backend
-          namespace: shop
-          vip: [10.96.0.10, "fd00:96::10"]   # on no interface: the mesh redirects it
-          selector: {app: backend}            # endpoints: pods of shop with these labels
-          ports: [{port: 80, targetPort: 8080, appProtocol: http}]
-
-    \b
-    Endpoints are computed from the pods' labels, one per pod address in
-    each family (a connection to the IPv6 VIP goes to IPv6 addresses).  Only
-    mesh pods can reach a VIP (there is no kube-proxy); endpoints with
-    mesh: false get plain TCP from the proxy, marked "no" under MESH.
-
-    \b
-    Columns (table):
-      SERVICE    namespace/name          VIPS       its virtual IPs
-      PORT       port -> targetPort      PROTOCOL   appProtocol (detect: sniffed)
-      ENDPOINTS  how many pods, and how many on this node
-    -o wide lists every endpoint (pod, node, address, mesh); -o json is
-    the admin API's answer (GET /v1/services).
-    """
-    data = admin_get("/v1/services", _admin_socket(sock, node))
-    if output == "json":
-        click.echo(json.dumps(data, indent=2))
-        return
-    if data.get("inventory_error"):
-        click.echo("INVENTORY RELOAD FAILED (the previous services stay in force):\n"
-                   f"{data['inventory_error']}\n", err=True)
-    rows = []
-    for s in data["services"]:
-        for p in s["ports"]:
-            port = f"{p['port']}" + (f"/{p['name']}" if p.get("name") else "")
-            port += f" -> {p['target_port']}"
-            base = [s["key"], ",".join(s["vips"]), port, p.get("app_protocol") or "detect"]
-            eps = p["endpoints"]
-            if output == "wide":
-                for e in eps or [None]:
-                    addr = f"[{e['ip']}]" if e and ":" in e["ip"] else (e or {}).get("ip")
-                    rows.append(base + ([e["pod"], e["node"], f"{addr}:{e['port']}",
-                                         "yes" if e.get("mesh", True) else "no"]
-                                        if e else ["<none>", "", "", ""]))
-            else:
-                pods = {e["pod"] for e in eps}  # a dual-stack pod has two endpoints
-                here = {e["pod"] for e in eps if e.get("local")}
-                rows.append(base + [f"{len(pods)} ({len(here)} here)" if eps
-                                    else "0 (no pod matches)"])
-    head = ["SERVICE", "VIPS", "PORT", "PROTOCOL"] + (
-        ["ENDPOINT", "NODE", "ADDRESS", "MESH"] if output == "wide" else ["ENDPOINTS"])
-    if not rows:
-        click.echo(f"no services on node {data.get('node')} (add a services: section to the "
-                   "inventory; see meshlet services --help)")
-        return
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    for r in [head] + rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @main.command()
@@ -647,13 +579,9 @@ def inventory_validate(path, output) -> None:
     except OSError as e:
         _die(f"cannot read {path}: {e.strerror}")
     if output == "json":
-        counts = {"nodes": len(inv.nodes), "pods": len(inv.pods)}
-        if inv.services:
-            counts["services"] = len(inv.services)
-        click.echo(json.dumps({"valid": True, **counts}))
+        click.echo(json.dumps({"valid": True, "nodes": len(inv.nodes), "pods": len(inv.pods)}))
     else:
-        more = f", {len(inv.services)} services" if inv.services else ""
-        click.echo(f"{path}: valid ({len(inv.nodes)} nodes, {len(inv.pods)} pods{more})")
+        click.echo(f"{path}: valid ({len(inv.nodes)} nodes, {len(inv.pods)} pods)")
 
 
 @main.group()
@@ -693,11 +621,18 @@ def _policy_opts(f):
 
 
 def _load_policy_set(paths, trust_domain, root_namespace, output, code):
-    from .policy.load import load_policies
+    """The AuthorizationPolicies of ``paths`` (TrafficPolicy documents there are
+    checked too, then left out)."""
+    return _load_documents(paths, trust_domain, root_namespace, output, code)[0]
+
+
+def _load_documents(paths, trust_domain, root_namespace, output, code):
+    """(PolicySet, TrafficPolicySet) of ``paths``: both kinds, mixed in any file."""
+    from .traffic.policy import load_all
     from .yamlsrc import SourceError
 
     try:
-        return load_policies(list(paths), trust_domain=trust_domain, root_namespace=root_namespace)
+        return load_all(list(paths), trust_domain=trust_domain, root_namespace=root_namespace)
     except SourceError as e:
         if output == "json":
             click.echo(json.dumps({"valid": False, "errors": [
@@ -730,21 +665,26 @@ def _find_pod(inv, ref: str, opt: str):
 
 @main.group()
 def policy() -> None:
-    """Authorization policies (Istio AuthorizationPolicy semantics).
+    """Policies: AuthorizationPolicy (Istio semantics) and TrafficPolicy
+    (retries, timeouts, circuit breaking per service), in the same files.
 
     \b
       meshlet policy validate PATH...          load and check files or directories
       meshlet policy explain -f PATH ...       would this connection/request be allowed, and why?
-      meshlet policy lint PATH...              shadowed rules, contradictions, unused selectors
+      meshlet policy lint PATH...              shadowed rules, contradictions, unused selectors,
+                                               traffic policies for unknown services
 
     With the running agent (--socket/--node pick it):
 
     \b
-      meshlet policy apply -f FILE|DIR...      create or update policies, all or none
+      meshlet policy apply -f FILE|DIR...      create or update documents, all or none
       meshlet policy diff -f FILE|DIR...       what apply would change
-      meshlet policy list                      the applied policies and their version
-      meshlet policy get NAME -n NS            one applied policy, as YAML or JSON
-      meshlet policy delete NAME -n NS         remove one applied policy
+      meshlet policy list                      the applied documents and their version
+      meshlet policy get [KIND/]NAME -n NS     one applied document, as YAML or JSON
+      meshlet policy delete [KIND/]NAME -n NS  remove one applied document
+
+    KIND (or --kind) is authorizationpolicy or trafficpolicy, any case; it is
+    needed only when documents of both kinds have that namespace/name.
     """
 
 
@@ -753,17 +693,31 @@ def policy() -> None:
 @_policy_opts
 @OUTPUT
 def policy_validate(paths, trust_domain, root_namespace, output) -> None:
-    """Check policy files (or directories of *.yaml); errors name file:line:column and field."""
-    ps = _load_policy_set(paths, trust_domain, root_namespace, output, 1)
+    """Check policy files (or directories of *.yaml): AuthorizationPolicy and
+    TrafficPolicy documents; errors name file:line:column and field.  The
+    version is the one the agent's store would have with exactly these."""
+    from .policy.store import store_version
+    from .traffic.policy import KIND as TRAFFIC
+
+    ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 1)
+    version = store_version(ps.version, {TRAFFIC: (ts.version, len(ts))})
     if output == "json":
-        click.echo(json.dumps({"valid": True, "version": ps.version, "policies": [
+        click.echo(json.dumps({"valid": True, "version": version, "policies": [
             {"namespace": p.namespace, "name": p.name, "action": p.action.value,
-             "rules": len(p.rules), "origin": p.origin} for p in ps.policies]}))
+             "rules": len(p.rules), "origin": p.origin} for p in ps.policies],
+            "trafficPolicies": [
+            {"namespace": p.namespace, "name": p.name, "service": p.service, "port": p.port,
+             "origin": p.origin} for p in ts.policies]}))
         return
     for p in ps.policies:
         sel = ",".join(f"{k}={v}" for k, v in p.selector) or "*"
         click.echo(f"{p.action.value:<6} {p.key:<40} selector {sel:<24} {len(p.rules)} rule(s)  {p.origin}")
-    click.echo(f"valid: {len(ps)} policies from {len(ps.sources)} file(s), version {ps.version}")
+    for t in ts.policies:
+        target = f"{t.namespace}/{t.service}" + (f":{t.port}" if t.port is not None else "")
+        click.echo(f"{'TRAFFIC':<6} {t.key:<40} service  {target:<24} {'':9}  {t.origin}")
+    files = len(dict.fromkeys(ps.sources + ts.files))
+    traffic = f", {len(ts)} traffic policies" if len(ts) else ""
+    click.echo(f"valid: {len(ps)} policies from {files} file(s){traffic}, version {version}")
 
 
 @policy.command("explain")
@@ -907,12 +861,20 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
             ports = [int(x) for x in http_ports.split(",") if x.strip()]
         except ValueError:
             raise click.BadParameter(f"{http_ports!r} is not a list of ports", param_hint="--http-ports") from None
-    ps = _load_policy_set(paths, trust_domain, root_namespace, output, 3)
+    from .policy.lint import Finding
+    from .traffic.policy import lint_traffic
+
+    ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 3)
     pods = None
+    found: list = []
     if inventory_path:
         inv = _load_inventory_pods(inventory_path)
         pods = [(p.namespace, dict(p.labels)) for p in inv.pods]
-    found = lint(ps, pods=pods, http_ports=ports)
+        services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports))
+                    for sv in getattr(inv, "services", ())]
+        found += [Finding(kind, key, None, origin, msg)
+                  for kind, key, origin, msg in lint_traffic(ts, services)]
+    found = lint(ps, pods=pods, http_ports=ports) + found
     if output == "json":
         click.echo(json.dumps({"version": ps.version, "findings": [f.to_dict() for f in found]}, indent=2))
     else:
@@ -922,7 +884,41 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
     sys.exit(1 if found else 0)
 
 
-# --- authorization policy through the agent (apply/diff/list/get/delete) -------------
+# --- policies through the agent (apply/diff/list/get/delete) ---------------------------
+# AuthorizationPolicy and TrafficPolicy share the store and these commands.
+
+POLICY_KINDS = {"authorizationpolicy": "AuthorizationPolicy", "trafficpolicy": "TrafficPolicy"}
+
+
+def _kind_and_name(name: str, kind: str | None) -> tuple[str | None, str]:
+    """``[KIND/]NAME`` and ``--kind`` -> (kind as the agent spells it or None, name)."""
+    prefix, slash, rest = name.partition("/")
+    if slash:
+        if prefix.lower() not in POLICY_KINDS:
+            raise click.BadParameter(f"{prefix!r} is not a kind; use "
+                                     f"{' or '.join(POLICY_KINDS)}", param_hint="NAME")
+        if kind is not None and kind.lower() != prefix.lower():
+            raise click.BadParameter(f"{name!r} and --kind {kind} disagree", param_hint="NAME")
+        kind, name = prefix, rest
+    if kind is not None:
+        if kind.lower() not in POLICY_KINDS:
+            raise click.BadParameter(f"{kind!r} is not a kind; use {' or '.join(POLICY_KINDS)}",
+                                     param_hint="--kind")
+        kind = POLICY_KINDS[kind.lower()]
+    return kind, name
+
+
+def _policy_path(name: str, namespace: str, kind: str | None) -> str:
+    from urllib.parse import quote
+
+    kind, name = _kind_and_name(name, kind)
+    path = f"/v1/policies/{quote(namespace, safe='')}/{quote(name, safe='')}"
+    return path + (f"?kind={kind}" if kind else "")
+
+
+KIND_OPT = click.option("--kind", default=None,
+                        help="authorizationpolicy or trafficpolicy (or write KIND/NAME); "
+                             "needed only when both kinds have this name.")
 
 def _policy_sources(paths) -> list[dict]:
     """Every file of ``-f`` paths, read here: the agent gets their text and names."""
@@ -979,9 +975,12 @@ NAMESPACE = click.option("-n", "--namespace", default="default", show_default=Tr
 @agent_opts
 @OUTPUT
 def policy_apply(paths, sock, node, output) -> None:
-    """Create or update policies in the agent, all or none.
+    """Create or update policies (AuthorizationPolicy, TrafficPolicy) in the
+    agent, all or none.
 
-    Prints created / configured / unchanged per policy.  Exit codes: 0 applied;
+    Prints created / configured / unchanged per document; warnings (a
+    TrafficPolicy for a service the agent's inventory does not have) go to
+    stderr and do not fail the apply.  Exit codes: 0 applied;
     1 invalid input (file:line:column: field: what; nothing was changed) or the
     agent could not be reached; 2 usage.
     """
@@ -992,11 +991,14 @@ def policy_apply(paths, sock, node, output) -> None:
         _invalid(data, output, 1)
     if code != 200:
         _die(f"agent answered {code}: {data.get('error')}")
+    for w in data.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)
     if output == "json":
         click.echo(json.dumps(data, indent=2))
         return
     for c in data["changes"]:
-        click.echo(f"authorizationpolicy {c['namespace']}/{c['name']} {c['result']}")
+        kind = c.get("kind", "AuthorizationPolicy").lower()
+        click.echo(f"{kind} {c['namespace']}/{c['name']} {c['result']}")
     click.echo(f"version {data['version']} ({data['count']} policies)")
 
 
@@ -1034,29 +1036,35 @@ def policy_list(sock, node, output) -> None:
     if output == "json":
         click.echo(json.dumps(data, indent=2))
         return
-    rows = [("NAMESPACE", "NAME", "ACTION", "SELECTOR", "RULES")] + [
-        (p["namespace"], p["name"], p["action"],
-         ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*", str(p["rules"]))
-        for p in data["policies"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    def row(p: dict) -> tuple[str, ...]:
+        if p.get("kind", "AuthorizationPolicy") == "AuthorizationPolicy":
+            sel = ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*"
+            return ("AuthorizationPolicy", p["namespace"], p["name"],
+                    f"{p['action']} selector {sel}, {p['rules']} rule(s)")
+        port = f":{p['port']}" if p.get("port") is not None else ""
+        return (p["kind"], p["namespace"], p["name"],
+                f"service {p.get('service')}{port}, {p.get('retries')} retries")
+
+    rows = [("KIND", "NAMESPACE", "NAME", "WHAT")] + [row(p) for p in data["policies"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
     click.echo(f"{data['count']} policies, version {data['version']}")
 
 
 @policy.command("get")
 @click.argument("name")
 @NAMESPACE
+@KIND_OPT
 @agent_opts
 @click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml",
               show_default=True, help="Output format.")
-def policy_get(name, namespace, sock, node, output) -> None:
-    """One policy as the agent stores it.  Exit codes: 0; 1 no such policy or
-    the agent could not be reached; 2 usage."""
-    from urllib.parse import quote
-
-    code, data = _policy_call(_admin_socket(sock, node), "GET",
-                              f"/v1/policies/{quote(namespace, safe='')}/{quote(name, safe='')}")
+def policy_get(name, namespace, kind, sock, node, output) -> None:
+    """One document as the agent stores it; NAME may be KIND/NAME
+    (trafficpolicy/backend).  Exit codes: 0; 1 no such policy, a name both
+    kinds have without a kind, or the agent could not be reached; 2 usage."""
+    path = _policy_path(name, namespace, kind)
+    code, data = _policy_call(_admin_socket(sock, node), "GET", path)
     if code != 200:
         _die(data.get("error") or f"agent answered {code}")
     if output == "json":
@@ -1068,17 +1076,18 @@ def policy_get(name, namespace, sock, node, output) -> None:
 @policy.command("delete")
 @click.argument("name")
 @NAMESPACE
+@KIND_OPT
 @agent_opts
-def policy_delete(name, namespace, sock, node) -> None:
-    """Remove one policy from the agent.  Exit codes: 0 deleted; 1 no such
-    policy or the agent could not be reached; 2 usage."""
-    from urllib.parse import quote
-
-    code, data = _policy_call(_admin_socket(sock, node), "DELETE",
-                              f"/v1/policies/{quote(namespace, safe='')}/{quote(name, safe='')}")
+def policy_delete(name, namespace, kind, sock, node) -> None:
+    """Remove one document from the agent; NAME may be KIND/NAME.  Exit codes:
+    0 deleted; 1 no such policy, a name both kinds have without a kind, or
+    the agent could not be reached; 2 usage."""
+    path = _policy_path(name, namespace, kind)
+    code, data = _policy_call(_admin_socket(sock, node), "DELETE", path)
     if code != 200:
         _die(data.get("error") or f"agent answered {code}")
-    click.echo(f"authorizationpolicy {data['deleted']} deleted (version {data['version']})")
+    kind = data.get("kind", "AuthorizationPolicy").lower()
+    click.echo(f"{kind} {data['deleted']} deleted (version {data['version']})")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ from .model import (
 __all__ = [
     "MESHLET_API", "ISTIO_APIS", "API_VERSIONS", "load_policies", "parse_policies",
     "parse_documents", "parse_principal", "policy_files", "fingerprint", "parse_sources",
+    "DocKind", "collect_documents", "authorization_kind", "policy_set", "read_sources",
 ]
 
 MESHLET_API = "meshlet.io/v1alpha1"
@@ -107,9 +108,11 @@ _HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()+,;=:\[\]]*")
 # Multi-document YAML on top of yamlsrc
 
 
-def parse_documents(text: str, filename: str) -> list[y.Document]:
+def parse_documents(text: str, filename: str, kinds: Sequence[str] = (KIND,),
+                    noun: str = "policy") -> list[y.Document]:
     """Compose every ``---``-separated document of ``text``; null documents
     (a stray ``---``) are skipped.  Each document's root must be a mapping.
+    ``kinds`` and ``noun`` only word the messages.
 
     Raises SourceError for YAML syntax errors and non-mapping documents, and
     for a file with no document at all."""
@@ -136,13 +139,14 @@ def parse_documents(text: str, filename: str) -> list[y.Document]:
         if not isinstance(root, MappingNode):
             line, column = y.position(root)
             problems.append(y.Problem(filename, line, column, "",
-                                      f"a policy document must be a mapping, got {y.describe_node(root)}"))
+                                      f"a {noun} document must be a mapping, got {y.describe_node(root)}"))
             continue
         docs.append(y.Document(filename, root))
     if problems:
         raise y.SourceError(problems)
     if not docs:
-        raise fail(1, 1, f"no policy documents in this file; expected {KIND} documents")
+        raise fail(1, 1, "no policy documents in this file; expected "
+                         f"{' or '.join(kinds)} documents")
     return docs
 
 
@@ -528,6 +532,8 @@ def _canon(x: Any) -> Any:
         return {f.name: _canon(getattr(x, f.name)) for f in dataclasses.fields(x) if f.compare}
     if isinstance(x, (tuple, list)):
         return [_canon(i) for i in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted((_canon(i) for i in x), key=lambda i: json.dumps(i, sort_keys=True))
     return x
 
 
@@ -546,40 +552,116 @@ def _check_options(trust_domain: str, root_namespace: str) -> None:
         raise ValueError(f"root namespace {root_namespace!r} is not a namespace name")
 
 
-def _collect(texts: Sequence[tuple[str, str]], trust_domain: str, root_namespace: str) -> PolicySet:
-    _check_options(trust_domain, root_namespace)
+# --------------------------------------------------------------------------
+# The shared collector: every kind of policy document goes through it
+
+
+@dataclasses.dataclass(frozen=True)
+class DocKind:
+    """How :func:`collect_documents` reads one ``kind`` of document."""
+
+    kind: str
+    """The ``kind:`` value, e.g. ``AuthorizationPolicy``."""
+    label: str
+    """How messages name one, e.g. ``policy``, ``traffic policy``."""
+    read: Callable[[y.Document], Any]
+    """Reads one document into an object with ``namespace``, ``name``, ``key``
+    and ``origin``; returns None after recording problems on the document."""
+    conflict: Callable[[Any, y.Document, Sequence[Any]], bool] | None = None
+    """Cross-document check against the objects of this kind accepted so far:
+    records a problem on the document and returns True to refuse the object."""
+    # For kinds the agent's store (agent.policy.store) holds besides
+    # AuthorizationPolicy, and publishes in runDir for the proxies:
+    published: str = ""
+    """The runDir file the proxies read, e.g. ``traffic.json``."""
+    compile: Callable[[tuple[Any, ...], str], dict] | None = None
+    """(objects, their stored YAML text) -> the published JSON document; it
+    has at least ``version`` (a fingerprint of the meaning) and ``count``."""
+    summary: Callable[[Any], dict] | None = None
+    """One object as a row of ``meshlet policy list``."""
+
+
+def _kind_of(doc: y.Document, kinds: Sequence[DocKind]) -> DocKind | None:
+    """The reader for ``doc``.  With one kind, always that one (its reader
+    reports a wrong ``kind``).  With several, a missing or unknown ``kind`` is
+    recorded here and None returned: reading on would only add noise."""
+    if len(kinds) == 1:
+        return kinds[0]
+    names = [k.kind for k in kinds]
+    assert doc.root is not None
+    for knode, vnode in doc.root.value:
+        if isinstance(knode, ScalarNode) and knode.value == "kind":
+            if isinstance(vnode, ScalarNode):
+                for k in kinds:
+                    if vnode.value == k.kind:
+                        return k
+            shown = vnode.value if isinstance(vnode, ScalarNode) else "..."
+            hint = y.did_you_mean(str(shown), names)
+            doc.add_at(vnode, "kind", f"{shown!r} is not one of: {', '.join(names)}"
+                       + (f" (did you mean {hint!r}?)" if hint else ""))
+            return None
+    doc.add_at(doc.root, "kind", f"required field is missing (one of: {', '.join(names)})")
+    return None
+
+
+def collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], *,
+                      noun: str = "policy") -> dict[str, tuple[Any, ...]]:
+    """Read every document of every ``(filename, text)`` pair with the reader
+    of its ``kind``; check across all of them that no ``namespace/name`` of a
+    kind comes twice (and each kind's own ``conflict``).  Returns the objects
+    per kind, ordered by (namespace, name).  Raises SourceError listing every
+    problem of every file, sorted by position."""
     problems: list[y.Problem] = []
-    policies: list[Policy] = []
-    seen: dict[tuple[str, str], Policy] = {}
+    found: dict[str, list[Any]] = {k.kind: [] for k in kinds}
+    seen: dict[tuple[str, str, str], Any] = {}
+    names = [k.kind for k in kinds]
     for filename, text in texts:
         try:
-            docs = parse_documents(text, filename)
+            docs = parse_documents(text, filename, names, noun)
         except y.SourceError as e:
             problems += e.errors
             continue
         for doc in docs:
-            try:
-                p = _read_document(doc, trust_domain)
-            except RecursionError:
-                doc.add(0, 0, "", "YAML is nested too deeply")
-                p = None
-            if p is not None:
-                first = seen.get((p.namespace, p.name))
+            dk = _kind_of(doc, kinds)
+            obj = None
+            if dk is not None:
+                try:
+                    obj = dk.read(doc)
+                except RecursionError:
+                    doc.add(0, 0, "", "YAML is nested too deeply")
+            if obj is not None and dk is not None:
+                first = seen.get((dk.kind, obj.namespace, obj.name))
                 if first is not None:
                     meta = doc.top().at("metadata")
                     at = meta.mapping().at("name") if meta is not None else None
                     (at or y.Value(doc, doc.root, "")).problem(
-                        f"policy {p.key} is defined twice (first at {first.origin})")
-                else:
-                    seen[(p.namespace, p.name)] = p
-                    policies.append(p)
+                        f"{dk.label} {obj.key} is defined twice (first at {first.origin})")
+                elif dk.conflict is None or not dk.conflict(obj, doc, found[dk.kind]):
+                    seen[(dk.kind, obj.namespace, obj.name)] = obj
+                    found[dk.kind].append(obj)
             problems += doc.problems
     if problems:
         raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    return {k: tuple(sorted(v, key=lambda o: (o.namespace, o.name))) for k, v in found.items()}
+
+
+def authorization_kind(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> DocKind:
+    return DocKind(KIND, "policy", lambda doc: _read_document(doc, trust_domain))
+
+
+def policy_set(policies: Sequence[Policy], trust_domain: str, root_namespace: str,
+               files: Sequence[str] = ()) -> PolicySet:
+    """A :class:`PolicySet` of already-read policies, with its fingerprint."""
     ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
     return PolicySet(ordered, trust_domain, root_namespace,
-                     fingerprint(ordered, trust_domain, root_namespace),
-                     tuple(dict.fromkeys(f for f, _ in texts)))
+                     fingerprint(ordered, trust_domain, root_namespace), tuple(files))
+
+
+def _collect(texts: Sequence[tuple[str, str]], trust_domain: str, root_namespace: str) -> PolicySet:
+    _check_options(trust_domain, root_namespace)
+    got = collect_documents(texts, [authorization_kind(trust_domain)])
+    return policy_set(got[KIND], trust_domain, root_namespace,
+                      tuple(dict.fromkeys(f for f, _ in texts)))
 
 
 def parse_policies(text: str, filename: str = "<policy>", *,
@@ -607,10 +689,11 @@ def policy_files(path: str | os.PathLike[str]) -> list[str]:
     return [p]
 
 
-def load_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
-    """Read files and directories into one :class:`PolicySet` (checked across files)."""
+def read_sources(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                 collect: Callable[[list[tuple[str, str]]], Any]) -> Any:
+    """Read files and directories (see :func:`policy_files`) and hand their
+    ``(filename, text)`` pairs to ``collect``; problems reading files and
+    problems ``collect`` raises come out together, as one SourceError."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     texts: list[tuple[str, str]] = []
@@ -625,10 +708,18 @@ def load_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str
                 texts.append((f, y.read_text(f)))
             except y.SourceError as e:
                 problems += e.errors
+    result = None
     try:
-        result = _collect(texts, trust_domain, root_namespace)
+        result = collect(texts)
     except y.SourceError as e:
         problems += e.errors
     if problems:
         raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
     return result
+
+
+def load_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Read files and directories into one :class:`PolicySet` (checked across files)."""
+    return read_sources(paths, lambda texts: _collect(texts, trust_domain, root_namespace))

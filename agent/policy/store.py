@@ -1,18 +1,28 @@
 """The agent's policy store: the applied policies, persisted under runDir.
 
-The store holds the current :class:`~.model.PolicySet` and, for every policy,
-its source document (normalized: re-dumped YAML, so comments and formatting
-are not kept, as with ``kubectl get -o yaml``).
+The store holds every applied document -- ``AuthorizationPolicy`` and the
+other kinds it is given (the agent gives it ``TrafficPolicy``, see
+:data:`agent.traffic.policy.TRAFFIC_KIND`; this package does not import
+agent.traffic) -- and, for every one, its source document (normalized:
+re-dumped YAML, so comments and formatting are not kept, as with
+``kubectl get -o yaml``).  Documents are keyed by kind/namespace/name: an
+AuthorizationPolicy and a TrafficPolicy may share a name.
+
+One store, one version: :attr:`PolicyStore.version` is a fingerprint of the
+meaning of everything stored.  With no documents of the other kinds it is the
+authorization :class:`~.model.PolicySet`'s version; otherwise a hash of the
+per-kind versions.
 
 Files in ``run_dir`` (each written atomically: temp file, fsync, rename):
 
 ``policies.yaml``
-    The source of truth: every stored document, sorted by namespace/name,
-    separated by ``---``, after a ``# meshlet policy store: version V`` comment.
-    A restarted agent reloads it (and refuses to start if it does not load).
+    The source of truth: every stored document, AuthorizationPolicies first,
+    then each other kind, each sorted by namespace/name, separated by ``---``,
+    after a ``# meshlet policy store: version V`` comment.  A restarted agent
+    reloads it (and refuses to start if it does not load).
 
 ``policies.json``
-    The compiled set, for the proxy workers (they will poll it like
+    The compiled authorization set, for the proxy workers (they poll it like
     ``proxy-state.json``).  Written after ``policies.yaml``, and rewritten
     from it at load, so it never lags behind for long::
 
@@ -22,24 +32,36 @@ Files in ``run_dir`` (each written atomically: temp file, fsync, rename):
           "trustDomain": "cluster.local",
           "rootNamespace": "istio-system",
           "count": 6,
-          "yaml": "<the text of policies.yaml>",  # parse_policies(yaml) gives the set back;
+          "yaml": "<the AuthorizationPolicy documents of policies.yaml>",
+                                                 # parse_policies(yaml) gives the set back;
                                                  # a reader checks the version it gets
           "policies": [                          # the same set in plain JSON, for tools
             {"namespace": "shop", "name": "deny-admin", "action": "DENY",
              "selector": {"app": "backend"}, "rules": [...]}]   # rules: load._canon form
         }
 
+``traffic.json`` (one file per other kind: ``DocKind.published``)
+    What ``DocKind.compile`` makes of that kind's documents; for
+    TrafficPolicy: ``{"format": 1, "kind": "TrafficPolicy", "version",
+    "count", "yaml", "policies": [summary...]}``, read back by the proxy's
+    ``TrafficWatcher`` (agent/proxy/watch.py).  Always written, empty
+    included, so a reader never sees a stale set after a delete.  A published
+    file is rewritten only when its content changes, so a change of one kind
+    does not make the proxies reload the other.
+
 Operations are atomic: :meth:`PolicyStore.apply` parses every document of
-every source first; one bad document raises :class:`~agent.yamlsrc.SourceError`
-(``file:line:column: field: what``) and changes nothing.  It creates or
-replaces policies by ``namespace/name``; it never deletes (that is
-:meth:`PolicyStore.delete`).  The store is not thread-safe: the caller runs
-one operation at a time (the agent holds a lock around it).
+every source first; one bad document of any kind raises
+:class:`~agent.yamlsrc.SourceError` (``file:line:column: field: what``) and
+changes nothing.  It creates or replaces documents by kind/namespace/name; it
+never deletes (that is :meth:`PolicyStore.delete`).  The store is not
+thread-safe: the caller runs one operation at a time (the agent holds a lock
+around it).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -48,10 +70,10 @@ from typing import Any, Sequence
 import yaml
 
 from .. import yamlsrc as y
-from .load import _canon, fingerprint, parse_sources
+from .load import KIND, DocKind, _canon, _check_options, authorization_kind, collect_documents, fingerprint, policy_set
 from .model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
 
-__all__ = ["PolicyStore", "Change", "STORE_FILE", "COMPILED_FILE", "MAX_DOCUMENT_BYTES"]
+__all__ = ["PolicyStore", "Change", "Ambiguous", "store_version", "STORE_FILE", "COMPILED_FILE", "MAX_DOCUMENT_BYTES"]
 
 STORE_FILE = "policies.yaml"
 COMPILED_FILE = "policies.json"
@@ -61,7 +83,8 @@ MAX_DOCUMENT_BYTES = 4 << 20
 
 CREATED, CONFIGURED, UNCHANGED, DELETED = "created", "configured", "unchanged", "deleted"
 
-Key = tuple[str, str]
+Key = tuple[str, str, str]
+"""(kind, namespace, name)"""
 
 
 @dataclass(frozen=True)
@@ -70,9 +93,20 @@ class Change:
     name: str
     result: str
     """created | configured | unchanged | deleted"""
+    kind: str = KIND
 
     def to_dict(self) -> dict:
-        return {"namespace": self.namespace, "name": self.name, "result": self.result}
+        return {"kind": self.kind, "namespace": self.namespace, "name": self.name,
+                "result": self.result}
+
+
+class Ambiguous(LookupError):
+    """A namespace/name that documents of several kinds have; say which kind."""
+
+    def __init__(self, namespace: str, name: str, kinds: Sequence[str]):
+        self.kinds = list(kinds)
+        super().__init__(f"{namespace}/{name} names documents of several kinds "
+                         f"({', '.join(kinds)}); say which one (--kind, or KIND/NAME)")
 
 
 def _dump(doc: dict) -> str:
@@ -99,17 +133,39 @@ def _write_atomic(path: str, data: str) -> None:
         raise
 
 
+def store_version(authorization: str, others: dict[str, tuple[str, int]]) -> str:
+    """The one version of a store: ``authorization`` (the PolicySet's version)
+    when no other kind has documents; else a hash over every kind's version.
+    ``others``: kind -> (version, count)."""
+    if not any(count for _, count in others.values()):
+        return authorization
+    body = json.dumps({KIND: authorization, **{k: v for k, (v, _) in others.items()}},
+                      sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _order(key: Key) -> tuple:
+    return (key[0] != KIND, key)
+
+
 class PolicyStore:
-    """See the module docstring.  ``run_dir=None`` keeps everything in memory."""
+    """See the module docstring.  ``run_dir=None`` keeps everything in memory.
+    ``kinds``: the document kinds stored besides AuthorizationPolicy."""
 
     def __init__(self, run_dir: str | None, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 root_namespace: str = DEFAULT_ROOT_NAMESPACE):
+                 root_namespace: str = DEFAULT_ROOT_NAMESPACE, kinds: Sequence[DocKind] = ()):
+        _check_options(trust_domain, root_namespace)
         self.run_dir = run_dir
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
+        self.kinds = {k.kind: k for k in kinds}
+        if KIND in self.kinds or any(k.compile is None or not k.published for k in kinds):
+            raise ValueError("extra kinds need `published` and `compile`, and are not "
+                             f"{KIND}")
         self._docs: dict[Key, dict] = {}
         self._texts: dict[Key, str] = {}
-        self.policyset = self._build({})
+        self._published: dict[str, str] = {}
+        self.policyset, self.sets, self.version = self._build({})
 
     # --- paths ------------------------------------------------------------------------
 
@@ -121,28 +177,45 @@ class PolicyStore:
     def compiled_path(self) -> str | None:
         return os.path.join(self.run_dir, COMPILED_FILE) if self.run_dir else None
 
+    def published_path(self, kind: str) -> str | None:
+        """Where the proxies read ``kind`` (AuthorizationPolicy: policies.json)."""
+        if not self.run_dir:
+            return None
+        return self.compiled_path if kind == KIND else os.path.join(self.run_dir,
+                                                                    self.kinds[kind].published)
+
     @property
-    def version(self) -> str:
-        return self.policyset.version
+    def count(self) -> int:
+        """Documents of every kind."""
+        return len(self._texts)
 
     # --- pure helpers -----------------------------------------------------------------
 
-    def _empty(self) -> PolicySet:
-        return PolicySet((), self.trust_domain, self.root_namespace,
-                         fingerprint((), self.trust_domain, self.root_namespace))
+    def _doc_kinds(self) -> list[DocKind]:
+        return [authorization_kind(self.trust_domain), *self.kinds.values()]
 
-    def _text(self, texts: dict[Key, str]) -> str:
-        return "---\n".join(texts[k] for k in sorted(texts))
+    def _text(self, texts: dict[Key, str], kind: str | None = None) -> str:
+        return "---\n".join(texts[k] for k in sorted(texts, key=_order)
+                            if kind is None or k[0] == kind)
 
-    def _build(self, texts: dict[Key, str]) -> PolicySet:
-        if not texts:
-            return self._empty()
-        return parse_sources([(STORE_FILE, self._text(texts))], trust_domain=self.trust_domain,
-                             root_namespace=self.root_namespace)
+    def _collect(self, sources: Sequence[tuple[str, str]]) -> dict[str, tuple]:
+        return collect_documents(sources, self._doc_kinds())
+
+    def _build(self, texts: dict[Key, str]) -> tuple[PolicySet, dict[str, dict], str]:
+        """(authorization set, {kind: published document} for the other kinds,
+        store version) of ``texts``."""
+        got = self._collect([(STORE_FILE, self._text(texts))]) if texts else {}
+        ps = policy_set(got.get(KIND, ()), self.trust_domain, self.root_namespace)
+        sets = {}
+        for kind, dk in self.kinds.items():
+            assert dk.compile is not None
+            sets[kind] = dk.compile(tuple(got.get(kind, ())), self._text(texts, kind))
+        version = store_version(ps.version, {k: (d["version"], d["count"]) for k, d in sets.items()})
+        return ps, sets, version
 
     def _parse(self, sources: Sequence[tuple[str, str]]) -> dict[Key, dict]:
         """Validate every source (raises SourceError naming file:line:column),
-        then read each document as plain data, keyed by namespace/name."""
+        then read each document as plain data, keyed by kind/namespace/name."""
         sources = list(sources)
         if not sources:
             raise y.SourceError([y.Problem("<input>", 0, 0, "", "no policy documents given")])
@@ -151,33 +224,45 @@ class PolicyStore:
             raise y.SourceError([y.Problem(sources[0][0], 0, 0, "",
                                            f"{total} bytes of policy text; the limit is "
                                            f"{MAX_DOCUMENT_BYTES}")])
-        parse_sources(sources, trust_domain=self.trust_domain, root_namespace=self.root_namespace)
+        self._collect(sources)
         out: dict[Key, dict] = {}
         for _, text in sources:
             for doc in yaml.safe_load_all(text):
                 if doc is None:
                     continue
                 meta = doc["metadata"]
-                out[(meta["namespace"], meta["name"])] = doc
+                out[(doc["kind"], meta["namespace"], meta["name"])] = doc
         return out
 
     def _plan(self, sources: Sequence[tuple[str, str]]) -> tuple[dict[Key, str], list[Change]]:
         new = self._parse(sources)
         texts = dict(self._texts)
         changes = []
-        for key in sorted(new):
+        for key in sorted(new, key=_order):
             old = self._docs.get(key)
             # same data (key order, quoting, comments aside): unchanged, stored text kept
             result = CREATED if old is None else UNCHANGED if old == new[key] else CONFIGURED
-            changes.append(Change(key[0], key[1], result))
+            changes.append(Change(key[1], key[2], result, key[0]))
             if result != UNCHANGED:
                 texts[key] = _dump(new[key])
         return texts, changes
 
+    def _keys(self, namespace: str, name: str, kind: str | None) -> list[Key]:
+        return [k for k in sorted(self._texts, key=_order)
+                if k[1:] == (namespace, name) and (kind is None or k[0] == kind)]
+
+    def _key(self, namespace: str, name: str, kind: str | None) -> Key | None:
+        """The one stored key; None if there is none; Ambiguous without ``kind``
+        when several kinds have this namespace/name."""
+        keys = self._keys(namespace, name, kind)
+        if len(keys) > 1:
+            raise Ambiguous(namespace, name, [k[0] for k in keys])
+        return keys[0] if keys else None
+
     # --- persistence ------------------------------------------------------------------
 
     def load(self) -> "PolicyStore":
-        """Read ``policies.yaml`` (if any) and rewrite ``policies.json`` from it.
+        """Read ``policies.yaml`` (if any) and rewrite the published files from it.
         Raises SourceError if the stored file does not load (never drops it)."""
         path = self.store_path
         texts: dict[Key, str] = {}
@@ -185,24 +270,34 @@ class PolicyStore:
             text = y.read_text(path)
             body = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#")).strip()
             if body:
-                parse_sources([(path, text)], trust_domain=self.trust_domain,
-                              root_namespace=self.root_namespace)
+                self._collect([(path, text)])
                 for doc in yaml.safe_load_all(text):
                     if doc is not None:
                         meta = doc["metadata"]
-                        texts[(meta["namespace"], meta["name"])] = _dump(doc)
+                        texts[(doc["kind"], meta["namespace"], meta["name"])] = _dump(doc)
+        self._published.clear()
         self._commit(texts, write_store=False)
         return self
 
+    def _publish(self, path: str, doc: dict) -> None:
+        data = json.dumps(doc)
+        if self._published.get(path) == data and os.path.exists(path):
+            return
+        _write_atomic(path, data)
+        self._published[path] = data
+
     def _commit(self, texts: dict[Key, str], write_store: bool = True) -> None:
-        ps = self._build(texts)
+        ps, sets, version = self._build(texts)
         docs = {k: yaml.safe_load(t) for k, t in texts.items()}
         if self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             if write_store:
-                _write_atomic(self.store_path, _header(ps.version) + self._text(texts))
-            _write_atomic(self.compiled_path, json.dumps(self.compiled(ps, texts)))
-        self._texts, self._docs, self.policyset = texts, docs, ps
+                _write_atomic(self.store_path, _header(version) + self._text(texts))
+            self._publish(self.compiled_path, self.compiled(ps, texts))
+            for kind, doc in sets.items():
+                self._publish(self.published_path(kind), doc)
+        self._texts, self._docs = texts, docs
+        self.policyset, self.sets, self.version = ps, sets, version
 
     def compiled(self, ps: PolicySet | None = None, texts: dict[Key, str] | None = None) -> dict:
         """The ``policies.json`` document (see the module docstring)."""
@@ -211,7 +306,7 @@ class PolicyStore:
         return {
             "format": COMPILED_FORMAT, "version": ps.version, "trustDomain": ps.trust_domain,
             "rootNamespace": ps.root_namespace, "count": len(ps),
-            "yaml": self._text(texts),
+            "yaml": self._text(texts, KIND),
             "policies": [{"namespace": p.namespace, "name": p.name, "action": p.action.value,
                           "selector": dict(p.selector), "rules": _canon(p.rules)}
                          for p in ps.policies],
@@ -220,7 +315,7 @@ class PolicyStore:
     # --- operations -------------------------------------------------------------------
 
     def apply(self, sources: Sequence[tuple[str, str]]) -> list[Change]:
-        """Create or replace the policies of ``sources`` ((filename, text) pairs),
+        """Create or replace the documents of ``sources`` ((filename, text) pairs),
         all or none.  Raises SourceError (nothing changed) on any bad document."""
         texts, changes = self._plan(sources)
         if any(c.result != UNCHANGED for c in changes):
@@ -229,44 +324,58 @@ class PolicyStore:
 
     def diff(self, sources: Sequence[tuple[str, str]]) -> tuple[str, list[Change]]:
         """What :meth:`apply` would change: a unified diff per created or
-        configured policy (``a/<ns>/<name>`` vs ``b/<ns>/<name>``; ``/dev/null``
-        for a new one), and the changes.  Changes nothing."""
+        configured document (``a/<ns>/<name>`` vs ``b/<ns>/<name>``, with a
+        ``<kind>/`` in front for kinds other than AuthorizationPolicy;
+        ``/dev/null`` for a new one), and the changes.  Changes nothing."""
         texts, changes = self._plan(sources)
         out: list[str] = []
         for c in changes:
             if c.result == UNCHANGED:
                 continue
-            key = (c.namespace, c.name)
+            key = (c.kind, c.namespace, c.name)
             old = self._texts.get(key, "")
+            shown = ("" if c.kind == KIND else f"{c.kind.lower()}/") + f"{c.namespace}/{c.name}"
             out += difflib.unified_diff(
                 old.splitlines(keepends=True), texts[key].splitlines(keepends=True),
-                fromfile=f"a/{c.namespace}/{c.name}" if old else "/dev/null",
-                tofile=f"b/{c.namespace}/{c.name}")
+                fromfile=f"a/{shown}" if old else "/dev/null", tofile=f"b/{shown}")
         return "".join(out), changes
 
-    def delete(self, namespace: str, name: str) -> bool:
-        """Remove one policy; False if there was none."""
-        if (namespace, name) not in self._texts:
+    def delete(self, namespace: str, name: str, kind: str | None = None) -> bool:
+        """Remove one document; False if there was none.  Raises Ambiguous
+        without ``kind`` if documents of several kinds have this name."""
+        key = self._key(namespace, name, kind)
+        if key is None:
             return False
         texts = dict(self._texts)
-        del texts[(namespace, name)]
+        del texts[key]
         self._commit(texts)
         return True
 
     def list(self) -> list[dict]:
-        """One summary per policy, ordered by namespace/name."""
-        return [{"namespace": p.namespace, "name": p.name, "action": p.action.value,
-                 "selector": dict(p.selector), "rules": len(p.rules),
+        """One summary per document: AuthorizationPolicies first (namespace/name
+        order), then each other kind.  Every row has ``kind``, ``namespace``, ``name``."""
+        rows = [{"kind": KIND, "namespace": p.namespace, "name": p.name,
+                 "action": p.action.value, "selector": dict(p.selector), "rules": len(p.rules),
                  "apiVersion": p.api_version}
                 for p in self.policyset.policies]
+        for kind, doc in self.sets.items():
+            rows += doc["policies"]
+        return rows
 
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The stored document (plain data), or None."""
-        doc = self._docs.get((namespace, name))
+    def get(self, namespace: str, name: str, kind: str | None = None) -> dict[str, Any] | None:
+        """The stored document (plain data), or None.  Raises Ambiguous (see delete)."""
+        key = self._key(namespace, name, kind)
+        doc = self._docs.get(key) if key is not None else None
         return None if doc is None else yaml.safe_load(_dump(doc))
 
-    def get_yaml(self, namespace: str, name: str) -> str | None:
-        return self._texts.get((namespace, name))
+    def get_yaml(self, namespace: str, name: str, kind: str | None = None) -> str | None:
+        key = self._key(namespace, name, kind)
+        return self._texts.get(key) if key is not None else None
+
+    def kind_of(self, namespace: str, name: str, kind: str | None = None) -> str | None:
+        key = self._key(namespace, name, kind)
+        return key[0] if key is not None else None
 
     def summary(self) -> dict:
-        return {"version": self.version, "count": len(self.policyset)}
+        by_kind = {KIND: len(self.policyset), **{k: d["count"] for k, d in self.sets.items()}}
+        return {"version": self.version, "count": self.count, "byKind": by_kind}

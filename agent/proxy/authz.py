@@ -1,8 +1,8 @@
 """The proxy's view of the applied authorization policies (issue #4, L4 part).
 
 The agent writes ``policies.json`` next to the proxy state file (shape in
-``agent.policy.store``).  ``PolicyWatcher`` polls it like ``StateWatcher``
-polls the state (inode, mtime, size) and rebuilds the ``PolicySet`` with the
+``agent.policy.store``).  ``PolicyWatcher`` polls it with the shared
+``FileWatcher`` (agent/proxy/watch.py) and rebuilds the ``PolicySet`` with the
 pure loader from the embedded YAML, checking that the version it gets is the
 one the file names.  A file that does not load is logged and the previous set
 is kept; no file means no policies (everything allowed, as without the mesh).
@@ -22,13 +22,13 @@ import json
 import logging
 import os
 
-from agent.filesig import file_sig
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
 from agent.policy.evaluate import Decision, Request, evaluate
 from agent.policy.load import fingerprint, parse_policies
 from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
 from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
 from agent.proxy.state import Pod
+from agent.proxy.watch import FileWatcher
 
 __all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path"]
 
@@ -75,48 +75,20 @@ def load_policy_file(path: str) -> PolicySet:
     return ps
 
 
-class PolicyWatcher:
-    """Polls ``policies.json`` and keeps the last good ``PolicySet``."""
+def _describe(ps: PolicySet) -> str:
+    return f"version {ps.version} ({len(ps)} policies)"
+
+
+class PolicyWatcher(FileWatcher[PolicySet]):
+    """Polls ``policies.json`` and keeps the last good ``PolicySet``
+    (agent/proxy/watch.py).  Loads once at construction; no file is the empty set."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.current = empty_set()
-        self.reloads = 0
-        self.errors = 0
-        self.last_error: str | None = None
-        self._sig: tuple[int, int, int] | None = None
+        super().__init__(path, load_policy_file, empty_set(), what="authorization policies",
+                         errors=(OSError, PolicyFileError),
+                         missing=lambda old: empty_set(old.trust_domain, old.root_namespace),
+                         version=lambda ps: ps.version, describe=_describe)
         self.check()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        return file_sig(self.path)
-
-    def check(self) -> bool:
-        """Reload if the file changed.  True if the set changed (its version)."""
-        sig = self._stat()
-        if sig == self._sig:
-            return False
-        self._sig = sig
-        if sig is None:
-            new = empty_set(self.current.trust_domain, self.current.root_namespace)
-            if new.version != self.current.version:
-                log.warning("%s is gone: no authorization policies apply any more", self.path)
-        else:
-            try:
-                new = load_policy_file(self.path)
-            except (OSError, PolicyFileError) as e:
-                self.errors += 1
-                self.last_error = str(e)
-                log.error("cannot reload authorization policies: %s; keeping version %s (%d policies)",
-                          e, self.current.version, len(self.current))
-                return False
-            self.last_error = None
-        if new.version == self.current.version:
-            return False
-        old, self.current = self.current, new
-        self.reloads += 1
-        log.info("loaded authorization policies version %s (%d policies; was %s)",
-                 new.version, len(new), old.version)
-        return True
 
 
 def authorize(ps: PolicySet, *, src_identity: str | None, src_ip: str | None, dst: Pod,

@@ -63,19 +63,27 @@ here (the loader does not see the inventory).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from agent import yamlsrc as y
-from agent.policy.load import parse_documents
+from agent.policy.load import (  # the model's names too: load is this package's one door
+    DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, KIND as AUTHORIZATION_KIND, DocKind, PolicySet,
+    _canon, _check_options, authorization_kind, collect_documents, policy_files, policy_set,
+    read_sources,
+)
 
 __all__ = [
     "API_VERSION", "KIND", "IDEMPOTENT_METHODS", "RETRY_CONDITIONS", "BUDGET_WINDOW",
     "Retries", "Budget", "Timeouts", "CircuitBreaker", "OutlierDetection", "TrafficSettings",
     "DEFAULTS", "TrafficPolicy", "TrafficPolicySet", "parse_duration",
     "parse_traffic_policies", "load_traffic_policies", "traffic_policy_files",
+    "traffic_fingerprint", "traffic_set", "TRAFFIC_KIND", "PUBLISHED_FILE", "PUBLISHED_FORMAT",
+    "compile_traffic", "lint_traffic", "parse_all_sources", "load_all",
 ]
 
 API_VERSION = "meshlet.io/v1alpha1"
@@ -188,7 +196,18 @@ class TrafficPolicy:
 @dataclass(frozen=True)
 class TrafficPolicySet:
     policies: tuple[TrafficPolicy, ...] = ()
-    files: tuple[str, ...] = ()
+    files: tuple[str, ...] = field(default=(), compare=False)
+    version: str = ""
+    """Fingerprint of what the policies mean (see :func:`traffic_fingerprint`)."""
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def get(self, namespace: str, name: str) -> TrafficPolicy | None:
+        for p in self.policies:
+            if p.namespace == namespace and p.name == name:
+                return p
+        return None
 
     def policy_for(self, namespace: str, service: str, port: int) -> TrafficPolicy | None:
         """The policy that applies to ``service``'s ``port`` (see module doc), or None."""
@@ -395,62 +414,63 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
     return TrafficPolicy(name, namespace, service, port, settings, origin=_where(top.value))  # type: ignore[arg-type]
 
 
-def _documents(text: str, filename: str) -> list[y.Document]:
-    try:
-        return parse_documents(text, filename)
-    except y.SourceError as e:  # the shared reader speaks of authorization policies
-        raise y.SourceError([
-            y.Problem(p.file, p.line, p.column, p.path,
-                      p.message.replace("AuthorizationPolicy", KIND).replace("a policy document",
-                                                                              "a TrafficPolicy document"))
-            for p in e.errors]) from None
+def _conflict(p: TrafficPolicy, doc: y.Document, accepted: Sequence[TrafficPolicy]) -> bool:
+    """Two policies for the same service and port (or both for the whole service)."""
+    other = next((o for o in accepted
+                  if (o.namespace, o.service, o.port) == (p.namespace, p.service, p.port)), None)
+    if other is None:
+        return False
+    spec = doc.top().at("spec")
+    assert spec is not None
+    sr = spec.mapping()
+    at = sr.at("port") or sr.at("service")
+    assert at is not None
+    what = f"port {p.port} of service" if p.port is not None else "service"
+    at.problem(f"{what} {p.namespace}/{p.service} already has a traffic policy, "
+               f"{other.key} ({other.origin}); merge the two")
+    return True
+
+
+def traffic_fingerprint(policies: Sequence[TrafficPolicy]) -> str:
+    """A short hash of what the policies mean (not how they are written)."""
+    body = [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))]
+    text = json.dumps({"trafficPolicies": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def traffic_set(policies: Sequence[TrafficPolicy], files: Sequence[str] = ()) -> TrafficPolicySet:
+    ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
+    return TrafficPolicySet(ordered, tuple(files), traffic_fingerprint(ordered))
+
+
+#: The file the agent publishes in runDir for the proxy workers.
+PUBLISHED_FILE = "traffic.json"
+PUBLISHED_FORMAT = 1
+
+
+def _summary(p: TrafficPolicy) -> dict[str, Any]:
+    r = p.settings.retries
+    return {"kind": KIND, "namespace": p.namespace, "name": p.name, "service": p.service,
+            "port": p.port, "retries": r.attempts}
+
+
+def compile_traffic(policies: tuple[TrafficPolicy, ...], text: str) -> dict[str, Any]:
+    """The published ``traffic.json``: the stored YAML of the TrafficPolicy
+    documents (a reader parses it with :func:`parse_traffic_policies` and
+    checks it gets ``version``), plus a summary for tools."""
+    ts = traffic_set(policies)
+    return {"format": PUBLISHED_FORMAT, "kind": KIND, "version": ts.version, "count": len(ts),
+            "yaml": text, "policies": [_summary(p) for p in ts.policies]}
+
+
+#: How the shared collector and the agent's policy store handle TrafficPolicy.
+TRAFFIC_KIND = DocKind(KIND, "traffic policy", _read_document, _conflict,
+                       published=PUBLISHED_FILE, compile=compile_traffic, summary=_summary)
 
 
 def _collect(texts: Sequence[tuple[str, str]]) -> TrafficPolicySet:
-    problems: list[y.Problem] = []
-    policies: list[TrafficPolicy] = []
-    seen_name: dict[tuple[str, str], TrafficPolicy] = {}
-    seen_target: dict[tuple[str, str, int | None], TrafficPolicy] = {}
-    for filename, text in texts:
-        try:
-            docs = _documents(text, filename)
-        except y.SourceError as e:
-            problems += e.errors
-            continue
-        for doc in docs:
-            try:
-                p = _read_document(doc)
-            except RecursionError:
-                doc.add(0, 0, "", "YAML is nested too deeply")
-                p = None
-            if p is not None:
-                top = doc.top()
-                first = seen_name.get((p.namespace, p.name))
-                target = (p.namespace, p.service, p.port)
-                other = seen_target.get(target)
-                if first is not None:
-                    meta = top.at("metadata")
-                    at = meta.mapping().at("name") if meta is not None else None
-                    (at or top.value).problem(f"traffic policy {p.key} is defined twice "
-                                              f"(first at {first.origin})")
-                elif other is not None:
-                    spec = top.at("spec")
-                    assert spec is not None
-                    sr = spec.mapping()
-                    at = sr.at("port") or sr.at("service")
-                    assert at is not None
-                    what = f"port {p.port} of service" if p.port is not None else "service"
-                    at.problem(f"{what} {p.namespace}/{p.service} already has a traffic policy, "
-                               f"{other.key} ({other.origin}); merge the two")
-                else:
-                    seen_name[(p.namespace, p.name)] = p
-                    seen_target[target] = p
-                    policies.append(p)
-            problems += doc.problems
-    if problems:
-        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
-    ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
-    return TrafficPolicySet(ordered, tuple(dict.fromkeys(f for f, _ in texts)))
+    got = collect_documents(texts, [TRAFFIC_KIND], noun=KIND)
+    return traffic_set(got[KIND], tuple(dict.fromkeys(f for f, _ in texts)))
 
 
 def parse_traffic_policies(text: str, filename: str = "<traffic>") -> TrafficPolicySet:
@@ -458,36 +478,52 @@ def parse_traffic_policies(text: str, filename: str = "<traffic>") -> TrafficPol
     return _collect([(filename, text)])
 
 
-def traffic_policy_files(path: str | os.PathLike[str]) -> list[str]:
-    """The files :func:`load_traffic_policies` reads for ``path`` (a file or a directory)."""
-    p = os.fspath(path)
-    if os.path.isdir(p):
-        return [os.path.join(p, n) for n in sorted(os.listdir(p))
-                if not n.startswith(".") and n.endswith((".yaml", ".yml"))
-                and os.path.isfile(os.path.join(p, n))]
-    return [p]
+#: The files :func:`load_traffic_policies` reads for a path (a file or a directory).
+traffic_policy_files = policy_files
 
 
 def load_traffic_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
                           ) -> TrafficPolicySet:
     """Read files and directories into one :class:`TrafficPolicySet` (checked across files)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    texts: list[tuple[str, str]] = []
-    problems: list[y.Problem] = []
-    for path in paths:
-        files = traffic_policy_files(path)
-        if not files:
-            problems.append(y.Problem(os.fspath(path), 0, 0, "", "directory has no .yaml or .yml files"))
-        for f in files:
-            try:
-                texts.append((f, y.read_text(f)))
-            except y.SourceError as e:
-                problems += e.errors
-    try:
-        result = _collect(texts)
-    except y.SourceError as e:
-        problems += e.errors
-    if problems:
-        raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
-    return result
+    return read_sources(paths, _collect)
+
+
+def parse_all_sources(texts: Sequence[tuple[str, str]], *,
+                      trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                      root_namespace: str = DEFAULT_ROOT_NAMESPACE
+                      ) -> tuple[PolicySet, TrafficPolicySet]:
+    """AuthorizationPolicy and TrafficPolicy documents, mixed in any files, each
+    read by its ``kind`` (an unknown kind is an error) and checked across all
+    files.  Raises SourceError listing every problem."""
+    _check_options(trust_domain, root_namespace)
+    got = collect_documents(texts, [authorization_kind(trust_domain), TRAFFIC_KIND])
+    files = tuple(dict.fromkeys(f for f, _ in texts))
+    return (policy_set(got[AUTHORIZATION_KIND], trust_domain, root_namespace, files),
+            traffic_set(got[KIND], files))
+
+
+def load_all(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+             trust_domain: str = DEFAULT_TRUST_DOMAIN,
+             root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple[PolicySet, TrafficPolicySet]:
+    """:func:`parse_all_sources` over files and directories (``*.yaml``, ``*.yml``)."""
+    return read_sources(paths, lambda texts: parse_all_sources(
+        texts, trust_domain=trust_domain, root_namespace=root_namespace))
+
+
+def lint_traffic(ts: TrafficPolicySet, services: Sequence[tuple[str, str, tuple[int, ...]]]
+                 ) -> list[tuple[str, str, str, str]]:
+    """Warnings, not errors (services can arrive after their policy), as
+    ``(kind, policy, origin, message)``: ``no-service``, a policy whose service
+    is not among ``services`` ((namespace, name, ports)); ``no-port``, a
+    ``port`` that service does not have."""
+    known = {(ns, name): set(ports) for ns, name, ports in services}
+    out = []
+    for p in ts.policies:
+        ports = known.get((p.namespace, p.service))
+        if ports is None:
+            out.append(("no-service", p.key, p.origin, f"service {p.namespace}/{p.service} is "
+                        "not in the inventory (yet); the policy applies once it is"))
+        elif p.port is not None and p.port not in ports:
+            out.append(("no-port", p.key, p.origin, f"service {p.namespace}/{p.service} has no "
+                        f"port {p.port} (it has {', '.join(map(str, sorted(ports))) or 'none'})"))
+    return out

@@ -239,3 +239,18 @@ def test_cli_table_and_wide(admin):
 def test_cli_without_agent(tmp_path):
     r = _cli("services", "--socket", str(tmp_path / "none.sock"))
     assert r.exit_code == 1 and "cannot reach the agent" in r.output
+
+
+def test_inventory_validate_covers_services(tmp_path):
+    import json
+
+    f = tmp_path / "inv.yaml"
+    f.write_text(ADMIN_INV)
+    r = _cli("inventory", "validate", str(f))
+    assert r.exit_code == 0 and "valid (2 nodes, 5 pods, 3 services)" in r.output
+    assert json.loads(_cli("inventory", "validate", str(f), "-o", "json").output)["services"] == 3
+    f.write_text(ADMIN_INV.replace("vip: 10.96.0.12", "vip: 10.244.2.12"))
+    r = _cli("inventory", "validate", str(f), "-o", "json")
+    assert r.exit_code == 1 and json.loads(r.output)["errors"] == [
+        f"{f}:18:39: services[1].vip: VIP 10.244.2.12 is also the IP of pod shop/web-2; "
+        "pick an unused address"]

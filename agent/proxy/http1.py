@@ -372,8 +372,13 @@ class ResponseParser(_Parser):
                 cl_v = header_value(headers, b"content-length")
                 cl = int(cl_v) if cl_v is not None and cl_v.isdigit() else None
         else:
-            te = header_value(headers, b"transfer-encoding")
-            cl_v = header_value(headers, b"content-length")
+            te = cl_v = None
+            for n, v in headers:  # one pass: the first of each
+                ln = len(n)
+                if ln == 17 and te is None and n.lower() == b"transfer-encoding":
+                    te = v.strip(b" \t")
+                elif ln == 14 and cl_v is None and n.lower() == b"content-length":
+                    cl_v = v.strip(b" \t")
             if te is not None:
                 framing = "chunked" if te.lower().rsplit(b",", 1)[-1].strip() == b"chunked" else "until-close"
             elif cl_v is not None:
@@ -450,15 +455,34 @@ HOP_BY_HOP = frozenset({
 proxy always writes its own framing header."""
 
 
+_SKIP_CACHE: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
 def forward_headers(headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()) -> Headers:
     """Headers minus hop-by-hop ones, those named in Connection and ``drop``."""
-    named = connection_tokens(headers)
+    skip = _SKIP_CACHE.get(drop)
+    if skip is None:
+        skip = HOP_BY_HOP | drop
+        if len(_SKIP_CACHE) < 64:
+            _SKIP_CACHE[drop] = skip
     out: Headers = []
+    kept_lower: list[bytes] = []
+    named: set[bytes] | None = None
     for n, v in headers:
         ln = n.lower()
-        if ln in HOP_BY_HOP or ln in named or ln in drop:
+        if ln in skip:
+            if ln == b"connection":
+                if named is None:
+                    named = set()
+                named.update(t.strip(b" \t").lower() for t in v.split(b","))
             continue
         out.append((n, v))
+        kept_lower.append(ln)
+    if named:
+        named -= skip  # already gone (e.g. the usual "keep-alive")
+        named.discard(b"")
+        if named:
+            out = [h for h, ln in zip(out, kept_lower) if ln not in named]
     return out
 
 

@@ -14,25 +14,31 @@ Rules (https://www.w3.org/TR/trace-context/):
   at most :data:`MAX_TRACESTATE` bytes and 32 members; otherwise members are
   dropped from the end until it fits.
 - ``x-request-id`` is kept when present and sane (1..128 visible ASCII),
-  else a new uuid4.
+  else a new one in the uuid4 text form.
+
+New ids come from a Mersenne Twister (:class:`random.Random`) seeded from
+``os.urandom`` at import and again in every forked child: trace, span and
+request ids must be unique, not secret (W3C Trace Context asks for random,
+not unpredictable, ids), and this costs no syscall per request. Never use
+them as secrets or capabilities.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["TraceParent", "parse_traceparent", "new_span_id", "new_trace_id", "HopContext", "hop",
+__all__ = ["TraceParent", "parse_traceparent", "new_span_id", "new_trace_id", "new_request_id", "HopContext", "hop",
            "MAX_TRACESTATE", "MAX_TRACESTATE_MEMBERS", "TRACE_HEADERS"]
 
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
 TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"x-request-id"})
 
-_TP = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TP = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
@@ -65,34 +71,51 @@ def parse_traceparent(value: bytes | str) -> TraceParent | None:
         except UnicodeEncodeError:
             return None
     value = value.strip(b" \t")
-    m = _TP.match(value)
-    if m is None:
+    first = value[:55]
+    if _TP.fullmatch(first) is None:  # the four fields have fixed widths: slice them
         return None
-    version, trace_id, parent_id, flags = m.groups()
-    if version == b"ff":
-        return None
+    version = first[:2]
     if version == b"00":
         if len(value) != 55:
             return None
-    elif len(value) > 55 and value[55:56] != b"-":
+    elif version == b"ff" or (len(value) > 55 and value[55] != 0x2D):  # '-'
         return None
+    trace_id = first[3:35]
+    parent_id = first[36:52]
     if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
-    return TraceParent(trace_id, parent_id, flags)
+    return TraceParent(trace_id, parent_id, first[53:55])
+
+
+_rng = random.Random()  # seeded from os.urandom
+os.register_at_fork(after_in_child=_rng.seed)  # a forked worker must not repeat its parent's ids
+_bits = _rng.getrandbits
 
 
 def new_trace_id() -> bytes:
+    """32 lower-case hex digits, not all zero (unique, not secret: module docstring)."""
     while True:
-        t = os.urandom(16).hex().encode()
+        t = b"%032x" % _bits(128)
         if t != _ZERO_TRACE:
             return t
 
 
 def new_span_id() -> bytes:
+    """16 lower-case hex digits, not all zero (unique, not secret: module docstring)."""
     while True:
-        s = os.urandom(8).hex().encode()
+        s = b"%016x" % _bits(64)
         if s != _ZERO_SPAN:
             return s
+
+
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_request_id() -> bytes:
+    """A random id in uuid4 text form (version 4, RFC 4122 variant), lower-case."""
+    h = b"%032x" % ((_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def _bound_tracestate(value: bytes) -> bytes | None:
@@ -153,5 +176,5 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
         state = None
     generated = rid is None or not _REQUEST_ID.fullmatch(rid)
     if generated:
-        rid = str(uuid.uuid4()).encode()
+        rid = new_request_id()
     return HopContext(tp, incoming, state, rid, generated)  # type: ignore[arg-type]

@@ -247,3 +247,61 @@ def test_parsers_never_raise_on_structured_junk(parts, method):
     p.expect(method)
     p.feed(data.replace(b"GET / HTTP/1.1", b"HTTP/1.1 200 OK"))
     p.feed_eof()
+
+
+# ---- single-pass header handling agrees with the straightforward versions
+
+_HNAMES = st.sampled_from([b"Host", b"Connection", b"connection", b"Keep-Alive", b"X-Hop", b"x-hop", b"TE",
+                           b"Upgrade", b"Content-Length", b"Transfer-Encoding", b"traceparent", b"X-Request-Id",
+                           b"Proxy-Connection", b"Trailer", b"X", b"Expect"])
+_HVALUES = st.sampled_from([b"", b"keep-alive", b"close", b"X-Hop", b"x-hop, te", b" , X ,", b"upgrade", b"5",
+                            b"chunked", b"Chunked", b" 7 ", b"a", b"traceparent", b"Host", b"gzip, chunked",
+                            b"keep-alive, X-Request-Id"])
+
+
+def _forward_reference(headers, drop=frozenset()):
+    from agent.proxy.http1 import HOP_BY_HOP, connection_tokens
+    named = connection_tokens(headers)
+    return [(n, v) for n, v in headers
+            if n.lower() not in HOP_BY_HOP and n.lower() not in named and n.lower() not in drop]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(_HNAMES, _HVALUES), max_size=8),
+       st.sampled_from([frozenset(), frozenset({b"traceparent", b"tracestate", b"x-request-id"}), frozenset({b"x"})]))
+def test_forward_headers_equals_the_reference(headers, drop):
+    assert forward_headers(headers, drop=drop) == _forward_reference(headers, drop)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(_HNAMES, _HVALUES), max_size=6), st.sampled_from([200, 204, 304, 101, 100]),
+       st.sampled_from([b"GET", b"HEAD"]))
+def test_response_framing_equals_the_reference(headers, status, method):
+    """Response framing from the first Transfer-Encoding / Content-Length line, as header_value finds them."""
+    from agent.proxy.http1 import header_value
+    assume_ok = all(b"\r" not in n + v and b"\n" not in n + v for n, v in headers)
+    if not assume_ok:
+        return
+    wire = b"HTTP/1.1 %d X\r\n" % status + b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers) + b"\r\n"
+    p = ResponseParser()
+    p.expect(method)
+    ev = p.feed(wire)
+    heads = [e for e in ev if isinstance(e, ResponseHead)]
+    if not heads:
+        return  # llhttp refused it (e.g. both framings, bad length): nothing to compare
+    h = heads[0]
+    if status < 200 or status in (204, 304):
+        assert h.framing == "none"
+        return
+    te = header_value(h.headers, b"transfer-encoding")
+    cl = header_value(h.headers, b"content-length")
+    if method == b"HEAD":
+        assert h.framing == "none"
+        assert h.content_length == (int(cl) if cl is not None and cl.isdigit() else None)
+    elif te is not None:
+        want = "chunked" if te.lower().rsplit(b",", 1)[-1].strip() == b"chunked" else "until-close"
+        assert h.framing == want
+    elif cl is not None:
+        assert h.framing == "content-length" and h.content_length == int(cl)
+    else:
+        assert h.framing == "until-close"

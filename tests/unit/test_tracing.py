@@ -126,3 +126,78 @@ def test_valid_round_trip(t, p, f):
         assert tp is None
     else:
         assert tp == TraceParent(t, p, f)
+
+
+def _parse_reference(value):
+    """parse_traceparent as first written (regex groups): the slicing version must agree."""
+    tp_re = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    value = value.strip(b" \t")
+    m = tp_re.match(value)
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags = m.groups()
+    if version == b"ff":
+        return None
+    if version == b"00":
+        if len(value) != 55:
+            return None
+    elif len(value) > 55 and value[55:56] != b"-":
+        return None
+    if trace_id == b"0" * 32 or parent_id == b"0" * 16:
+        return None
+    return TraceParent(trace_id, parent_id, flags)
+
+
+_TP_PIECES = st.sampled_from([b"00", b"01", b"ff", b"fe", b"0A", b"-", b"-", b"-", TID, PID, b"0" * 32, b"0" * 16,
+                              b"01", b"x", b" ", b"\t", b"-future", TID.upper(), b"a", b"0"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.lists(_TP_PIECES, max_size=9).map(b"".join),
+                 st.tuples(st.sampled_from([b"00", b"01", b"ff", b"cc"]), st.sampled_from([TID, b"0" * 32, TID[:-1]]),
+                           st.sampled_from([PID, b"0" * 16]), st.sampled_from([b"00", b"01", b"1"]),
+                           st.sampled_from([b"", b"-", b"-x", b"x", b" ", b"-0-"])).map(
+                     lambda t: b"%s-%s-%s-%s%s" % t),
+                 st.binary(max_size=70), st.text(max_size=60)))
+def test_parse_equals_the_reference(value):
+    assert parse_traceparent(value) == _parse_reference(value)
+
+
+def test_request_id_is_uuid4_text():
+    from agent.proxy.tracing import new_request_id
+    ids = {new_request_id() for _ in range(200)}
+    assert len(ids) == 200
+    for rid in ids:
+        u = uuid.UUID(rid.decode())
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == rid
+
+
+def test_forked_children_do_not_repeat_ids():
+    import os
+    r, w = os.pipe()
+    pids = []
+    try:
+        for _ in range(2):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                try:
+                    os.write(w, new_trace_id() + new_span_id())
+                finally:
+                    os._exit(0)
+            pids.append(pid)
+    finally:
+        for pid in pids:
+            os.waitpid(pid, 0)
+        os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    assert len(data) == 96
+    assert data[:48] != data[48:]
+    assert new_trace_id() not in (data[:32], data[48:80])

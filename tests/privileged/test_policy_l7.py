@@ -141,12 +141,13 @@ threading.Event().wait(900)
 
 # A raw HTTP/1.1 client.  stdin: JSON {"host", "port", "conns": [[step, ...], ...]}
 # where a step is {"send": latin-1 text, "read": number of responses, "head":
-# the responses answer HEAD (no body)}.  stdout:
+# the responses answer HEAD (no body), "gate": a file to wait for (at most
+# 30 s) before sending}.  stdout:
 # one JSON result per connection: {"responses": [{status, headers, body}],
 # "extra": bytes that came after the expected responses, "closed": bool,
 # "error": connect/IO error or null}.
 CLIENT = r"""
-import json, socket, sys
+import json, os, socket, sys, time
 
 spec = json.load(sys.stdin)
 
@@ -185,6 +186,10 @@ for steps in spec["conns"]:
     with s:
         try:
             for st in steps:
+                if st.get("gate"):
+                    end = time.monotonic() + 30
+                    while not os.path.exists(st["gate"]) and time.monotonic() < end:
+                        time.sleep(0.01)
                 s.sendall(st["send"].encode("latin-1"))
                 for _ in range(st.get("read", 1)):
                     r, buf = read_response(s, buf, st.get("head", False))
@@ -514,6 +519,42 @@ def test_audit_logs_without_blocking(env, policies, dst, node):
     wait_for(logged, "the AUDIT match in the proxy log", timeout=10)
     assert not [ln for ln in mesh.proxy_log(node).splitlines()
                 if "audit" in ln and "/other" in ln and "httpbin-audit-profiles" in ln]
+
+
+@pytest.mark.parametrize("dst,node", DSTS, ids=DST_IDS)
+def test_reload_decides_the_next_request_on_a_live_connection(env, policies, dst, node, tmp_path):
+    mesh, rec = env
+    gate = tmp_path / "gate"
+    spec = {"host": mesh.cluster.pod(dst).ip4, "port": PORT, "linger": 0.3,
+            "conns": [[get("/live"), dict(get("/live"), gate=str(gate)), get("/other")]]}
+    rec.mark(dst)
+    client = mesh.cluster.pod("sleep").popen([sys.executable, "-c", CLIENT], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True)
+    try:
+        client.stdin.write(json.dumps(spec))
+        client.stdin.close()
+        wait_for(lambda: [r for r in rec.requests_since(dst) if r["target"] == "/live"],
+                 "the first request to arrive", timeout=15)
+        policies("""\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-live, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/live]}}]
+""")
+        gate.touch()
+        client.wait(timeout=60)   # the client's own bounds: 30 s gate, 10 s per socket read
+        out = client.stdout.read()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    (res,) = json.loads(out)
+    assert [r["status"] for r in res["responses"]] == [200, 403, 200], res
+    assert [r["target"] for r in rec.requests_since(dst)] == ["/live", "/other"]
 
 
 # --------------------------------------------------------------------------

@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from math import log
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["LABELS", "Peer", "TcpMetrics", "workload_of", "labels_for", "MAX_SERIES",
            "DENY_REASONS", "HTTP_LABELS", "BUCKETS", "HttpMetrics", "http_prefix", "http_labels",
-           "fine_bucket", "fine_value_ms"]
+           "fine_bucket", "fine_value_ms", "HttpHandle"]
 
 MAX_SERIES = 10_000
 UNKNOWN = "unknown"
@@ -275,32 +276,40 @@ def http_labels(prefix: tuple[str, ...], code: int, flags: str) -> tuple[str, ..
     return prefix[:_RF] + (flags or "-",) + prefix[_RF + 1:] + (str(code), "")
 
 
-class _HttpSeries:
-    __slots__ = ("count", "dur_sum", "dur", "req_sum", "req", "resp_sum", "resp")
+# One series is a flat list (fast in-place increments):
+# [count, duration sum, request bytes sum, response bytes sum,
+#  duration buckets..., request size buckets..., response size buckets...]
+# with len(BUCKETS) + 1 buckets each (the last: above every bound).
+_NB = len(BUCKETS) + 1
+_DUR, _REQ, _RESP = 4, 4 + _NB, 4 + 2 * _NB
+_SERIES_LEN = 4 + 3 * _NB
 
-    def __init__(self) -> None:
-        n = len(BUCKETS) + 1  # the last one: above every bound (+Inf only)
-        self.count = 0
-        self.dur_sum = 0.0
-        self.req_sum = self.resp_sum = 0
-        self.dur = [0] * n
-        self.req = [0] * n
-        self.resp = [0] * n
+
+class HttpHandle:
+    """What one connection needs to count its requests: its label-set ids
+    and, per (status, flags) seen, the series and latency histograms to
+    bump.  Made by :meth:`HttpMetrics.handle` once per connection."""
+
+    __slots__ = ("pids", "targets")
+
+    def __init__(self, pids: tuple[int, ...]) -> None:
+        self.pids = pids
+        self.targets: dict[tuple[int, str], tuple] = {}
 
 
 class HttpMetrics:
     """Per-request counters of one worker, Istio-labelled.
 
     The hot path is :meth:`observe`: the label tuples are made once per
-    connection (:meth:`prefixes` gives small integer ids), so a request
-    costs three bisections, a log and a few dict updates keyed by
-    ``(prefix id, status, flags)``.  Bounded like :class:`TcpMetrics`: at
-    most ``max_series`` request series and as many prefixes; what does not
-    fit is counted in ``overflow``."""
+    connection (:meth:`handle`), and the handle caches, per (status, flags),
+    the series to bump; a request then costs three bisections, a log and a
+    few list increments per reporter.  Bounded like :class:`TcpMetrics`: at
+    most ``max_series`` request series and as many label sets; what does
+    not fit is counted in ``overflow``."""
 
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
-        self.series: dict[tuple[int, int, str], _HttpSeries] = {}
+        self.series: dict[tuple[int, int, str], list] = {}
         self._prefix_ids: dict[tuple[str, ...], int] = {}
         self._prefixes: list[tuple[str, ...]] = []
         self.latency: dict[int, dict[int, int]] = {}  # prefix id -> fine bucket -> n
@@ -310,8 +319,7 @@ class HttpMetrics:
 
     def prefixes(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
                  ) -> tuple[int, ...]:
-        """Ids for a connection's label sets (one per reporter); call once per
-        connection (and routed service), not per request."""
+        """Ids for a connection's label sets (one per reporter)."""
         out = []
         for lb in tcp_labels:
             p = http_prefix(lb, cluster)
@@ -326,33 +334,49 @@ class HttpMetrics:
             out.append(pid)
         return tuple(out)
 
-    def observe(self, pids: tuple[int, ...], code: int, flags: str, ms: float,
+    def handle(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
+               ) -> HttpHandle:
+        """Once per connection (and routed service), not per request."""
+        return HttpHandle(self.prefixes(tcp_labels, cluster))
+
+    def _targets(self, h: HttpHandle, code: int, flags: str) -> tuple:
+        out = []
+        for pid in h.pids:
+            key = (pid, code, flags)
+            s = self.series.get(key)
+            if s is None:
+                if len(self.series) >= self.max_series:
+                    continue
+                s = self.series[key] = [0] * _SERIES_LEN
+                s[1] = 0.0
+            out.append((s, self.latency[pid]))
+        t = tuple(out)
+        if t and len(t) == len(h.pids):  # complete: safe to reuse (series are never removed)
+            h.targets[(code, flags)] = t
+        return t
+
+    def observe(self, h: HttpHandle, code: int, flags: str, ms: float,
                 req_bytes: int = 0, resp_bytes: int = 0) -> None:
         """One finished request under each of the connection's reporters."""
-        if not pids:
-            self.overflow += 1
-            return
-        di = bisect_left(BUCKETS, ms)
-        qi = bisect_left(BUCKETS, req_bytes)
-        ri = bisect_left(BUCKETS, resp_bytes)
-        fine = fine_bucket(ms)
-        series = self.series
-        for pid in pids:
-            key = (pid, code, flags)
-            s = series.get(key)
-            if s is None:
-                if len(series) >= self.max_series:
-                    self.overflow += 1
-                    continue
-                s = series[key] = _HttpSeries()
-            s.count += 1
-            s.dur_sum += ms
-            s.dur[di] += 1
-            s.req_sum += req_bytes
-            s.req[qi] += 1
-            s.resp_sum += resp_bytes
-            s.resp[ri] += 1
-            lat = self.latency[pid]
+        targets = h.targets.get((code, flags))
+        if targets is None:
+            targets = self._targets(h, code, flags)
+            missing = len(h.pids) - len(targets)
+            if missing or not h.pids:
+                self.overflow += missing or 1
+        di = _DUR + bisect_left(BUCKETS, ms)
+        qi = _REQ + bisect_left(BUCKETS, req_bytes) if req_bytes else _REQ  # GETs: no body
+        ri = _RESP + bisect_left(BUCKETS, resp_bytes) if resp_bytes else _RESP
+        us = ms * 1000.0
+        fine = int(log(us) * _FINE_K) if us > 1.0 else 0
+        for s, lat in targets:
+            s[0] += 1
+            s[1] += ms
+            s[2] += req_bytes
+            s[3] += resp_bytes
+            s[di] += 1
+            s[qi] += 1
+            s[ri] += 1
             lat[fine] = lat.get(fine, 0) + 1
 
     def deny(self, policy: str) -> None:
@@ -370,8 +394,8 @@ class HttpMetrics:
         return {
             "labels": list(HTTP_LABELS),
             "buckets": list(BUCKETS),
-            "series": [[list(http_labels(ps[pid], code, flags)), s.count, s.dur_sum, list(s.dur),
-                        s.req_sum, list(s.req), s.resp_sum, list(s.resp)]
+            "series": [[list(http_labels(ps[pid], code, flags)), s[0], s[1], s[_DUR:_REQ],
+                        s[2], s[_REQ:_RESP], s[3], s[_RESP:]]
                        for (pid, code, flags), s in self.series.items()],
             "fine_growth": FINE_GROWTH,
             "latency": [[list(ps[pid]), {str(k): v for k, v in lat.items()}]

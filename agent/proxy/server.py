@@ -765,26 +765,29 @@ class ProxyServer:
         self._latencies.append(round(ms, 3))
         # Istio request metrics: the label ids are made once per connection
         # (and routed service), kept on the connection record.
-        cache = conn.__dict__.get("_http_pids")
-        if cache is None:
-            cache = conn.__dict__["_http_pids"] = {}
+        handles = conn.__dict__.get("_http_handles")
+        if handles is None:
+            handles = conn.__dict__["_http_handles"] = {}
         cluster = exchange.cluster
-        pids = cache.get(cluster)
-        if pids is None:
-            labels = conn.labels or conn.fallback_labels(self.watcher.current)
-            pids = cache[cluster] = self.http_metrics.prefixes(labels, cluster)
+        hd = handles.get(cluster)
+        if hd is None:
+            hd = handles[cluster] = self.http_metrics.handle(
+                conn.labels or conn.fallback_labels(self.watcher.current), cluster)
         flags = exchange.flags or "-"
-        policy = getattr(exchange, "policy", None)
-        denied = "RBAC" in flags
-        den = getattr(conn, "denial", None)  # (head, policy, rule) of the last 403 by policy
-        if den is not None and den[0] is head and status == 403:
-            denied, policy = True, policy or den[1]
-            if flags == "-":
-                flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
-        self.http_metrics.observe(pids, status, flags, ms, exchange.request_body_bytes,
+        denied = False
+        policy = None
+        if status == 403 or flags != "-":
+            policy = getattr(exchange, "policy", None)
+            denied = "RBAC" in flags
+            den = conn.denial  # (head, policy, rule) of the last request refused by policy
+            if den is not None and den[0] is head and status == 403:
+                denied, policy = True, policy or den[1]
+                if flags == "-":
+                    flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
+            if denied:
+                self.http_metrics.deny(policy or "")
+        self.http_metrics.observe(hd, status, flags, ms, exchange.request_body_bytes,
                                   exchange.response_body_bytes)
-        if denied:
-            self.http_metrics.deny(policy or "")
         if self._access.path is not None:
             st = self.watcher.current
             if not self._access.write_request(conn.record(self.worker_id),

@@ -353,9 +353,8 @@ def http_conn_labels(mtls=False):
 
 def test_http_labels_are_istios_with_code_flags_and_protocol():
     h = m.HttpMetrics()
-    pids = h.prefixes(http_conn_labels())
-    h.observe(pids, 404, "-", 3.0)
-    h.observe(pids[1:], 503, "UF,URX", 7.0)
+    h.observe(h.handle(http_conn_labels()), 404, "-", 3.0)
+    h.observe(h.handle([lb("destination", mtls=False)]), 503, "UF,URX", 7.0)
     snap = h.snapshot()
     assert snap["labels"] == list(m.LABELS) + ["response_code", "grpc_response_status"]
     rows = {(r[0][0], r[0][-2], r[0][m.LABELS.index("response_flags")]): r for r in snap["series"]}
@@ -371,7 +370,7 @@ def test_http_labels_are_istios_with_code_flags_and_protocol():
 def test_a_routed_service_names_destination_service_as_istio_does():
     h = m.HttpMetrics()
     (pid,) = h.prefixes([lb("destination")], "shop/reviews:9080")
-    h.observe((pid,), 200, "-", 1.0)
+    h.observe(h.handle([lb("destination")], "shop/reviews:9080"), 200, "-", 1.0)
     d = dict(zip(m.HTTP_LABELS, h.snapshot()["series"][0][0]))
     assert (d["destination_service"], d["destination_service_name"],
             d["destination_service_namespace"]) == ("reviews.shop.svc.cluster.local", "reviews", "shop")
@@ -382,7 +381,7 @@ def test_a_routed_service_names_destination_service_as_istio_does():
 def test_duration_and_size_buckets_are_envoys_defaults_with_le_semantics():
     assert m.BUCKETS[:4] == (0.5, 1, 5, 10) and m.BUCKETS[-1] == 3600000
     h = m.HttpMetrics()
-    pids = h.prefixes([lb("destination")])
+    pids = h.handle([lb("destination")])
     for ms in (0.2, 0.5, 0.7, 1.0, 9.9, 4_000_000):  # <=0.5 twice, <=1 twice, <=10, beyond the last
         h.observe(pids, 200, "-", ms, req_bytes=0, resp_bytes=1234)
     (row,) = h.snapshot()["series"]
@@ -395,15 +394,16 @@ def test_duration_and_size_buckets_are_envoys_defaults_with_le_semantics():
 
 def test_http_series_are_capped_and_overflow_counted():
     h = m.HttpMetrics(max_series=2)
-    pids = h.prefixes(http_conn_labels())
+    pids = h.handle(http_conn_labels())
     for code in (200, 404, 500):
         h.observe(pids, code, "-", 1.0)
     snap = h.snapshot()
     assert len(snap["series"]) == 2 and snap["overflow"] == 4  # 404 x1 and 500 x2 reporters... capped
     h2 = m.HttpMetrics(max_series=1)
     assert len(h2.prefixes(http_conn_labels())) == 1 and h2.overflow == 1
-    h2.observe((), 200, "-", 1.0)  # no label set at all: counted as overflow, not lost silently
-    assert h2.overflow == 2
+    h2.observe(h2.handle(()), 200, "-", 1.0)  # no label set at all: counted, not lost silently
+    h2.observe(h2.handle(()), 200, "-", 1.0)
+    assert h2.overflow == 3
 
 
 def test_fine_latency_buckets_give_percentiles_within_two_percent():
@@ -422,7 +422,7 @@ def test_fine_latency_buckets_give_percentiles_within_two_percent():
 
 def http_worker(observations, denied=()):
     h = m.HttpMetrics()
-    pids = h.prefixes(http_conn_labels())
+    pids = h.handle(http_conn_labels())
     for code, ms in observations:
         h.observe(pids, code, "-", ms, 10, 100)
     for p in denied:
@@ -488,7 +488,7 @@ def test_stats_rows_carry_requests_success_rate_and_latency():
 
 def test_stats_l7_columns_fall_back_to_the_other_reporter_and_stay_none_without_requests():
     h = m.HttpMetrics()
-    h.observe(h.prefixes([lb("destination")]), 200, "-", 5.0)
+    h.observe(h.handle([lb("destination")]), 200, "-", 5.0)
     w = {"http_metrics": h.snapshot(), "metrics": None}
     names, tcp = merge_tcp([worker([(lb("source"), 1, 1, False)])])
     (row,) = pair_rows(names, tcp, [], WORKLOADS, merge_http([w]))

@@ -220,17 +220,20 @@ class Agent:
     # --- authorization policies (#4): applied through the admin API -----------------
 
     def load_policies(self) -> None:
-        """The policies applied before a restart (runDir/policies.yaml); also
-        rewrites runDir/policies.json for the proxy workers."""
+        """The policies applied before a restart (runDir/policies.yaml): the
+        AuthorizationPolicies and TrafficPolicies; also rewrites
+        runDir/policies.json and runDir/traffic.json for the proxy workers."""
         from .policy.store import PolicyStore
+        from .traffic.policy import TRAFFIC_KIND
 
-        store = PolicyStore(self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain)
+        store = PolicyStore(self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain,
+                            kinds=[TRAFFIC_KIND])
         try:
             self.policies = store.load()
         except SourceError as e:
             raise AgentError(f"stored policies {store.store_path} do not load, not starting "
                              f"(fix or remove the file):\n{e}") from e
-        log.info("policies: %d, version %s", len(store.policyset), store.version)
+        log.info("policies: %d, version %s", store.count, store.version)
 
     def policy_status(self) -> dict:
         if self.policies is None:
@@ -716,8 +719,9 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 # Content-Length (at most ADMIN_BODY_LIMIT bytes).
 
 FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
-POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>", "POST /v1/policies:apply",
-                 "POST /v1/policies:diff", "DELETE /v1/policies/<namespace>/<name>"}
+POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>[?kind=K]",
+                 "POST /v1/policies:apply", "POST /v1/policies:diff",
+                 "DELETE /v1/policies/<namespace>/<name>[?kind=K]"}
 ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats", "/v1/services"} | FLOW_ROUTES \
     | POLICY_ROUTES
 ADMIN_BODY_LIMIT = 4 << 20
@@ -808,27 +812,48 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
 
 # --- policies (#4): the policy store over the admin API -------------------------------
 
-def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
-    """Runs in a worker thread; one store operation at a time.
+def _traffic_warnings(agent: Agent, store) -> list[str]:
+    """TrafficPolicies for services the inventory does not have (yet): warnings,
+    never errors, since a service can arrive after its policy."""
+    from .traffic.policy import KIND as TRAFFIC, lint_traffic, parse_traffic_policies
 
-    GET    /v1/policies                      {"version", "count", "policies": [summary...]}
-    GET    /v1/policies/<ns>/<name>          {"namespace", "name", "document", "yaml"}
+    inv = getattr(agent, "inventory", None)
+    if inv is None or TRAFFIC not in getattr(store, "kinds", {}):
+        return []
+    services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports))
+                for sv in getattr(inv, "services", ())]
+    text = store.sets[TRAFFIC]["yaml"]
+    if not text.strip():
+        return []
+    return [f"{origin}: {kind}: traffic policy {key}: {message}" for kind, key, origin, message
+            in lint_traffic(parse_traffic_policies(text, "policies.yaml"), services)]
+
+
+def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
+    """Runs in a worker thread; one store operation at a time.  Documents are
+    AuthorizationPolicy and TrafficPolicy (one store, one version).
+
+    GET    /v1/policies                      {"version", "count", "byKind", "policies": [summary...]}
+                                             (every summary has "kind", "namespace", "name")
+    GET    /v1/policies/<ns>/<name>[?kind=K] {"kind", "namespace", "name", "document", "yaml"}
     POST   /v1/policies:apply                body {"files": [{"filename", "text"}...]}
-                                             -> {"changes": [{"namespace", "name", "result"}],
-                                                 "version", "previous_version", "count"}
+                                             -> {"changes": [{"kind", "namespace", "name", "result"}],
+                                                 "version", "previous_version", "count", "warnings"}
     POST   /v1/policies:diff                 same body -> {"diff", "changes", "version"}
-    DELETE /v1/policies/<ns>/<name>          {"deleted": "ns/name", "version", "count"}
+    DELETE /v1/policies/<ns>/<name>[?kind=K] {"deleted": "ns/name", "kind", "version", "count"}
 
     Invalid documents: 400 {"error", "errors": [{"file", "line", "column", "path",
-    "message", "text"}]}, and nothing changed.  Unknown policy: 404."""
-    from urllib.parse import unquote
+    "message", "text"}]}, and nothing changed.  Unknown policy: 404.  Without
+    ``kind``, a name that documents of two kinds share: 409 {"error", "kinds"}.
+    "warnings": TrafficPolicies for services not in the inventory (applied anyway)."""
+    from urllib.parse import parse_qs, unquote
 
-    from .policy.store import MAX_DOCUMENT_BYTES
+    from .policy.store import MAX_DOCUMENT_BYTES, Ambiguous
 
     store = agent.policies
     if store is None:
         return 503, {"error": "the policy store is not loaded yet"}
-    path = target.split("?", 1)[0]
+    path, _, query = target.partition("?")
     with agent.policy_lock:
         if path in ("/v1/policies:apply", "/v1/policies:diff"):
             if method != "POST":
@@ -856,31 +881,49 @@ def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> t
                     {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
                      "message": p.message, "text": str(p)} for p in e.errors]}
             if store.version != before:
-                log.info("policies applied: version %s -> %s (%d policies)", before,
-                         store.version, len(store.policyset))
+                log.info("policies applied: version %s -> %s (%d documents)", before,
+                         store.version, store.count)
+            try:
+                warnings = _traffic_warnings(agent, store)
+            except Exception:  # noqa: BLE001 - a lint must never fail an applied change
+                log.exception("traffic policy lint failed")
+                warnings = []
+            for w in warnings:
+                log.warning("%s", w)
             return 200, {"changes": [c.to_dict() for c in changes], "version": store.version,
-                         "previous_version": before, "count": len(store.policyset)}
+                         "previous_version": before, "count": store.count, "warnings": warnings}
         if path == "/v1/policies":
             if method != "GET":
                 return 405, {"error": "/v1/policies needs GET"}
-            return 200, {"version": store.version, "count": len(store.policyset),
-                         "policies": store.list()}
+            return 200, {"version": store.version, "count": store.count,
+                         "byKind": store.summary()["byKind"], "policies": store.list()}
         rest = path[len("/v1/policies/"):].split("/") if path.startswith("/v1/policies/") else []
         if len(rest) != 2 or not all(rest):
             return 404, {"error": f"unknown path {target!r}", "paths": sorted(POLICY_ROUTES)}
         ns, name = unquote(rest[0]), unquote(rest[1])
-        if method == "GET":
-            doc = store.get(ns, name)
-            if doc is None:
-                return 404, {"error": f"no policy {ns}/{name}"}
-            return 200, {"namespace": ns, "name": name, "yaml": store.get_yaml(ns, name),
-                         "document": json.loads(json.dumps(doc, default=str))}
-        if method == "DELETE":
-            if not store.delete(ns, name):
-                return 404, {"error": f"no policy {ns}/{name}"}
-            log.info("policy %s/%s deleted: version %s", ns, name, store.version)
-            return 200, {"deleted": f"{ns}/{name}", "version": store.version,
-                         "count": len(store.policyset)}
+        kinds = parse_qs(query).get("kind")
+        kind = kinds[-1] if kinds else None
+        known = ["AuthorizationPolicy", *getattr(store, "kinds", {})]
+        if kind is not None and kind not in known:
+            return 400, {"error": f"unknown kind {kind!r}; one of: {', '.join(known)}"}
+        what = f"{kind or 'policy'} {ns}/{name}"
+        try:
+            if method == "GET":
+                doc = store.get(ns, name, kind)
+                if doc is None:
+                    return 404, {"error": f"no {what}"}
+                return 200, {"kind": store.kind_of(ns, name, kind), "namespace": ns, "name": name,
+                             "yaml": store.get_yaml(ns, name, kind),
+                             "document": json.loads(json.dumps(doc, default=str))}
+            if method == "DELETE":
+                found = store.kind_of(ns, name, kind)
+                if found is None or not store.delete(ns, name, found):
+                    return 404, {"error": f"no {what}"}
+                log.info("%s %s/%s deleted: version %s", found, ns, name, store.version)
+                return 200, {"deleted": f"{ns}/{name}", "kind": found, "version": store.version,
+                             "count": store.count}
+        except Ambiguous as e:
+            return 409, {"error": str(e), "kinds": e.kinds}
         return 405, {"error": f"{method} is not supported on {path}"}
 
 

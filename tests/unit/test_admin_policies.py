@@ -1,6 +1,7 @@
 """The agent's admin API for policies (agent/app.py) over a real Unix socket,
 with a stand-in agent: request bodies (Content-Length, the 4 MiB bound), the
-policy routes, and the CLI commands on top of them (agent/cli.py)."""
+policy routes, and the CLI commands on top of them (agent/cli.py), with
+AuthorizationPolicy and TrafficPolicy documents."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from agent import app
 from agent.adminclient import admin_request
 from agent.cli import main
 from agent.policy.store import PolicyStore
+from agent.traffic.policy import TRAFFIC_KIND
 
 REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
 
@@ -37,9 +39,13 @@ spec:
 def admin(tmp_path):
     """An admin server on a socket in tmp_path, run in its own thread and loop."""
     sock = str(tmp_path / "admin.sock")
-    store = PolicyStore(str(tmp_path / "run")).load()
+    store = PolicyStore(str(tmp_path / "run"), kinds=[TRAFFIC_KIND]).load()
+    # the inventory has one service: shop/backend on port 80 (for the traffic warnings)
+    backend = types.SimpleNamespace(namespace="shop", name="backend",
+                                    ports=(types.SimpleNamespace(port=80),))
     agent = types.SimpleNamespace(cfg=types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock)),
-                                  policies=store, policy_lock=threading.Lock())
+                                  policies=store, policy_lock=threading.Lock(),
+                                  inventory=types.SimpleNamespace(services=(backend,)))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder = {}
@@ -151,3 +157,83 @@ def test_cli_without_agent(tmp_path):
     r = CliRunner().invoke(main, ["policy", "list"], env=env)
     assert r.exit_code == 1 and "cannot reach the agent" in r.output
     assert CliRunner().invoke(main, ["policy", "diff", "-f", REPO_POLICIES], env=env).exit_code == 3
+
+
+TRAFFIC = str(pathlib.Path(REPO_POLICIES, "traffic"))
+
+
+def traffic_doc(name: str, service: str = "backend", attempts: int = 2) -> str:
+    return (f"apiVersion: meshlet.io/v1alpha1\nkind: TrafficPolicy\n"
+            f"metadata: {{name: {name}, namespace: shop}}\n"
+            f"spec:\n  service: {service}\n  retries: {{attempts: {attempts}}}\n")
+
+
+def test_traffic_routes(admin):
+    both = (traffic_doc("deny-admin") + "---\n"
+            + pathlib.Path(REPO_POLICIES, "20-shop-deny-admin.yaml").read_text())
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:apply", files(("m.yaml", both)))
+    assert code == 200, data
+    assert sorted((c["kind"], c["name"]) for c in data["changes"]) == [
+        ("AuthorizationPolicy", "deny-admin"), ("TrafficPolicy", "deny-admin")]
+    assert data["warnings"] == [] and data["count"] == 2
+    code, data = admin_request(admin.sock, "GET", "/v1/policies")
+    assert data["byKind"] == {"AuthorizationPolicy": 1, "TrafficPolicy": 1}
+    assert [p["kind"] for p in data["policies"]] == ["AuthorizationPolicy", "TrafficPolicy"]
+    # one name, two kinds: the kind is needed
+    code, data = admin_request(admin.sock, "GET", "/v1/policies/shop/deny-admin")
+    assert code == 409 and data["kinds"] == ["AuthorizationPolicy", "TrafficPolicy"]
+    assert admin_request(admin.sock, "DELETE", "/v1/policies/shop/deny-admin")[0] == 409
+    code, data = admin_request(admin.sock, "GET", "/v1/policies/shop/deny-admin?kind=TrafficPolicy")
+    assert code == 200 and data["kind"] == "TrafficPolicy"
+    assert data["document"]["spec"]["service"] == "backend" and "kind: TrafficPolicy" in data["yaml"]
+    assert admin_request(admin.sock, "GET", "/v1/policies/shop/deny-admin?kind=Gateway")[0] == 400
+    code, data = admin_request(admin.sock, "DELETE", "/v1/policies/shop/deny-admin?kind=TrafficPolicy")
+    assert code == 200 and data["kind"] == "TrafficPolicy" and data["count"] == 1
+    assert admin_request(admin.sock, "GET", "/v1/policies/shop/deny-admin")[1]["kind"] == \
+        "AuthorizationPolicy"
+    # a service the inventory does not have: applied, with a warning
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:apply",
+                               files(("w.yaml", traffic_doc("later", "cart"))))
+    assert code == 200 and [c["result"] for c in data["changes"]] == ["created"]
+    (w,) = data["warnings"]
+    assert w.startswith("policies.yaml:") and "no-service" in w and "shop/cart" in w
+    # a bad TrafficPolicy next to a good AuthorizationPolicy: nothing changes
+    version = admin.store.version
+    bad = traffic_doc("x").replace("attempts: 2", "attempts: eleven")
+    code, data = admin_request(admin.sock, "POST", "/v1/policies:apply",
+                               files(("ok.yaml", both), ("bad.yaml", bad)))
+    assert code == 400 and [(e["file"], e["line"], e["path"]) for e in data["errors"]] == [
+        ("bad.yaml", 6, "spec.retries.attempts")]
+    assert admin.store.version == version
+
+
+def test_traffic_cli(admin):
+    run = CliRunner().invoke
+    env = {"MESHLET_ADMIN_SOCKET": admin.sock}
+    r = run(main, ["policy", "validate", REPO_POLICIES, TRAFFIC])
+    assert r.exit_code == 0 and "3 traffic policies" in r.output and "TRAFFIC" in r.output, r.output
+    r = run(main, ["policy", "apply", "-f", REPO_POLICIES, "-f", TRAFFIC], env=env)
+    assert r.exit_code == 0, r.output
+    assert "trafficpolicy shop/backend created\n" in r.stdout
+    assert "trafficpolicy data/postgres created\n" in r.stdout
+    # the inventory has shop/backend:80 only: warnings on stderr, not a failure
+    assert "warning: " in r.stderr and "data/postgres" in r.stderr and "no port 8443" in r.stderr
+    assert (admin.run_dir / "traffic.json").exists()
+    assert run(main, ["policy", "diff", "-f", TRAFFIC], env=env).exit_code == 0
+    r = run(main, ["policy", "list"], env=env)
+    assert r.exit_code == 0 and r.output.splitlines()[0].split() == ["KIND", "NAMESPACE", "NAME", "WHAT"]
+    assert any(ln.split()[:3] == ["TrafficPolicy", "shop", "backend-checkout"]
+               and "service backend:8443, 1 retries" in ln for ln in r.output.splitlines())
+    r = run(main, ["policy", "get", "trafficpolicy/backend", "-n", "shop", "-o", "json"], env=env)
+    assert r.exit_code == 0 and json.loads(r.output)["spec"]["retries"]["attempts"] == 3
+    r = run(main, ["policy", "get", "backend", "-n", "shop", "--kind", "TrafficPolicy"], env=env)
+    assert r.exit_code == 0 and "kind: TrafficPolicy\n" in r.output
+    r = run(main, ["policy", "get", "backend", "-n", "shop"], env=env)  # one kind has it
+    assert r.exit_code == 0 and "service: backend" in r.output
+    assert run(main, ["policy", "get", "gateway/backend", "-n", "shop"], env=env).exit_code == 2
+    assert run(main, ["policy", "get", "authorizationpolicy/backend", "-n", "shop"],
+               env=env).exit_code == 1
+    r = run(main, ["policy", "delete", "trafficpolicy/backend", "-n", "shop"], env=env)
+    assert r.exit_code == 0 and r.output.startswith("trafficpolicy shop/backend deleted")
+    assert run(main, ["policy", "get", "backend", "-n", "shop"], env=env).exit_code == 1
+    assert json.loads((admin.run_dir / "traffic.json").read_text())["count"] == 2

@@ -1,14 +1,19 @@
 """L4 authorization in the node proxy (issue #4), in-process on loopback with
 the harness of test_proxy_server: policies.json next to each node's state
-file, written by the agent's own PolicyStore."""
+file, written by the agent's own PolicyStore.  Also the shared FileWatcher
+and the TrafficWatcher on traffic.json (agent/proxy/watch.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 
 from agent.policy.store import PolicyStore
-from agent.proxy.authz import empty_set
+from agent.proxy.authz import PolicyWatcher, empty_set
+from agent.proxy.watch import FileWatcher, TrafficWatcher, traffic_path
+from agent.traffic.policy import DEFAULTS, TRAFFIC_KIND
 from tests.unit.test_proxy_server import (
     CLIENT_ID, V4, Cluster, FlowOrigin, exchange, expect_reset, run,
 )
@@ -171,3 +176,92 @@ def test_broken_policy_file_keeps_the_previous_set(tmp_path):
     assert denied in (None, b"")
     assert allowed == b"hi|bye from 127.0.0.5"
     assert err and "policies.json" in err
+
+
+# --- the generic FileWatcher and the TrafficWatcher (agent/proxy/watch.py) ---------------
+
+def _replace(path, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def test_file_watcher_keeps_last_good_and_counts(tmp_path, caplog):
+    path = tmp_path / "n.txt"
+    seen = []
+
+    def load(p):
+        with open(p) as f:
+            return int(f.read())  # ValueError on garbage
+
+    w = FileWatcher(str(path), load, 0, what="number", version=lambda n: n,
+                    on_change=lambda old, new: seen.append((old, new)))
+    assert w.check() is False and w.errors == 1 and "disappeared" in w.last_error  # no file, no `missing`
+    _replace(path, "1")
+    assert w.check() is True and w.current == 1 and w.reloads == 1 and w.last_error is None
+    assert w.check() is False  # same signature: not even read
+    _replace(path, "1")  # new file, same version: not a change
+    assert w.check() is False and w.reloads == 1
+    with caplog.at_level(logging.ERROR, logger="meshlet.proxy"):
+        _replace(path, "one")
+        assert w.check() is False
+    assert w.current == 1 and w.errors == 2 and "cannot reload number" in w.last_error
+    assert "keeping 1" in caplog.text
+    w.on_change = lambda old, new: 1 / 0  # a failing callback does not undo a good reload
+    _replace(path, "2")
+    assert w.check() is True and w.current == 2 and seen == [(0, 1)]
+
+
+def _traffic_doc(attempts: int) -> str:
+    return ("apiVersion: meshlet.io/v1alpha1\nkind: TrafficPolicy\n"
+            "metadata: {name: backend, namespace: shop}\n"
+            f"spec:\n  service: backend\n  retries: {{attempts: {attempts}}}\n")
+
+
+def test_traffic_watcher_follows_the_store(tmp_path):
+    state = tmp_path / "proxy-state.json"
+    w = TrafficWatcher.for_state(str(state))  # no traffic.json yet: the empty set
+    assert w.path == str(tmp_path / "traffic.json") == traffic_path(str(state))
+    assert len(w.current) == 0 and w.errors == 0
+    assert w.current.settings_for("shop", "backend", 80) == DEFAULTS
+
+    store = PolicyStore(str(tmp_path), kinds=[TRAFFIC_KIND]).load()
+    assert w.check() is False  # the store wrote an empty traffic.json: same (empty) version
+    store.apply([("t.yaml", _traffic_doc(4))])
+    assert w.check() is True and w.reloads == 1
+    assert w.current.settings_for("shop", "backend", 80).retries.attempts == 4
+    assert w.stats() == {"version": w.current.version, "count": 1, "reloads": 1, "errors": 0,
+                         "last_error": None}
+    good = w.current
+
+    # a broken file: counted, the last good set stays
+    doc = json.loads((tmp_path / "traffic.json").read_text())
+    for broken in ("{nope", json.dumps({**doc, "format": 9}),
+                   json.dumps({**doc, "version": "0000"}),
+                   json.dumps({**doc, "yaml": doc["yaml"].replace("attempts: 4", "attempts: 99")})):
+        _replace(tmp_path / "traffic.json", broken)
+        assert w.check() is False
+        assert w.current is good
+    assert w.errors == 4 and "traffic.json" in w.last_error and "do not load" in w.last_error
+
+    # the agent fixes it; then a delete empties it; then the file goes away
+    store.load()
+    assert w.check() is False and w.last_error is None and w.current.version == good.version
+    store.delete("shop", "backend", "TrafficPolicy")
+    assert w.check() is True and len(w.current) == 0
+    store.apply([("t.yaml", _traffic_doc(1))])
+    assert w.check() is True and len(w.current) == 1
+    os.unlink(tmp_path / "traffic.json")
+    assert w.check() is True and len(w.current) == 0
+
+
+def test_policy_watcher_ignores_traffic_changes(tmp_path):
+    """policies.json is authorization-only: applying a TrafficPolicy does not
+    make the authorization watcher reload (nor re-check live connections)."""
+    store = PolicyStore(str(tmp_path), kinds=[TRAFFIC_KIND]).load()
+    store.apply([("a.yaml", doc("shop", "deny", "web", "DENY", "[{}]"))])
+    pw = PolicyWatcher(str(tmp_path / "policies.json"))
+    assert len(pw.current) == 1 and pw.reloads == 1
+    store.apply([("t.yaml", _traffic_doc(3))])
+    assert pw.check() is False and pw.reloads == 1 and pw.errors == 0

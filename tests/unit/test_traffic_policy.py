@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.traffic.policy import (
-    DEFAULTS, Retries, TrafficSettings, load_traffic_policies, parse_duration,
-    parse_traffic_policies, traffic_policy_files,
+    DEFAULTS, Retries, TrafficSettings, lint_traffic, load_all, load_traffic_policies,
+    parse_all_sources, parse_duration, parse_traffic_policies, traffic_policy_files,
 )
 from agent.yamlsrc import SourceError
 
@@ -173,3 +173,60 @@ def test_fuzz_only_source_errors(text):
         parse_traffic_policies(HEAD + "spec:\n  service: b\n  retries: " + text + "\n", "f.yaml")
     except SourceError:
         pass
+
+
+# --- both kinds in the same files (the CLI's validate, the agent's store) -------------------
+
+AUTHZ = ("apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\n"
+         "metadata: {name: p, namespace: shop}\nspec: {action: ALLOW}\n")
+
+
+def test_mixed_documents_each_read_by_kind(tmp_path):
+    ps, ts = parse_all_sources([("m.yaml", AUTHZ + "---\n" + HEAD + "spec: {service: backend}\n")])
+    assert [p.key for p in ps.policies] == ["shop/p"] and [p.key for p in ts.policies] == ["shop/p"]
+    assert ts.policies[0].origin == "m.yaml:6:1"
+    # the repo's examples: policies/ and policies/traffic/ together
+    ps, ts = load_all([EXAMPLES.parent, EXAMPLES])
+    assert len(ps) >= 6 and len(ts) == len(load_traffic_policies(EXAMPLES))
+
+
+def test_mixed_errors_name_file_line_column_and_fail_closed():
+    def errs(text):
+        with pytest.raises(SourceError) as ei:
+            parse_all_sources([("m.yaml", text)])
+        return [str(p) for p in ei.value.errors]
+
+    assert errs("apiVersion: meshlet.io/v1alpha1\nkind: Gateway\nmetadata: {name: g, namespace: n}\n") == [
+        "m.yaml:2:7: kind: 'Gateway' is not one of: AuthorizationPolicy, TrafficPolicy"]
+    assert errs("apiVersion: meshlet.io/v1alpha1\nmetadata: {name: g, namespace: n}\n") == [
+        "m.yaml:1:1: kind: required field is missing (one of: AuthorizationPolicy, TrafficPolicy)"]
+    # problems of both kinds, all reported, in file order
+    assert errs(AUTHZ.replace("ALLOW", "ALOW") + "---\n" + HEAD + "spec: {service: b, retry: {}}\n") == [
+        "m.yaml:4:16: spec.action: 'ALOW' is not one of: ALLOW, DENY, AUDIT, CUSTOM "
+        "(did you mean 'ALLOW'?)",
+        "m.yaml:9:20: spec.retry: unknown field 'retry' (did you mean 'retries'?)"]
+    assert errs("") == ["m.yaml:1:1: no policy documents in this file; expected "
+                        "AuthorizationPolicy or TrafficPolicy documents"]
+    # a TrafficPolicy has only meshlet's apiVersion
+    assert errs(HEAD.replace("meshlet.io/v1alpha1", "security.istio.io/v1") + "spec: {service: b}\n") == [
+        "m.yaml:1:13: apiVersion: 'security.istio.io/v1' is not one of: meshlet.io/v1alpha1"]
+    # same name in both kinds is fine; twice in one kind is not
+    parse_all_sources([("a.yaml", AUTHZ), ("b.yaml", HEAD + "spec: {service: b}\n")])
+    assert errs(AUTHZ + "---\n" + AUTHZ)[0].endswith("policy shop/p is defined twice (first at m.yaml:1:1)")
+
+
+def test_traffic_lint_warns_on_unknown_services():
+    ts = load_traffic_policies(EXAMPLES)
+    found = lint_traffic(ts, [("shop", "backend", (80,))])
+    kinds = sorted((k, key) for k, key, _, _ in found)
+    assert kinds == [("no-port", "shop/backend-checkout"), ("no-service", "data/postgres")]
+    assert all(origin.startswith(str(EXAMPLES)) for _, _, origin, _ in found)
+    assert lint_traffic(ts, [("shop", "backend", (80, 8443)), ("data", "postgres", (5432,))]) == []
+
+
+def test_the_version_is_the_meaning():
+    a = parse_traffic_policies(HEAD + "spec: {service: b, retries: {retryOn: [reset, '503']}}\n")
+    b = parse_traffic_policies("# reformatted\n" + HEAD + "spec:\n  retries:\n    retryOn: [\"503\", reset]\n"
+                               "  service: b\n", "other.yaml")
+    c = parse_traffic_policies(HEAD + "spec: {service: b, retries: {retryOn: [reset, '502']}}\n")
+    assert a.version == b.version != c.version and len(a.version) == 16

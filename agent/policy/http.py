@@ -164,6 +164,12 @@ _ALREADY_NORMAL = re.compile(
     r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*)"
     r"(?:\?((?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*))?")
 _ALREADY_NORMAL_B = re.compile(_ALREADY_NORMAL.pattern.encode("ascii"))
+# Fast-path results by raw target (bytes). They depend on no option, only on
+# max_length (checked on every lookup); NormalizedPath is immutable. Bounded:
+# short targets only, emptied when full.
+_FAST_CACHE: dict[bytes, "NormalizedPath"] = {}
+_FAST_CACHE_MAX = 4096
+_FAST_CACHE_KEY_MAX = 256
 
 
 def normalize_path(raw: str | bytes, *, merge_slashes: bool = True,
@@ -181,12 +187,20 @@ def normalize_path(raw: str | bytes, *, merge_slashes: bool = True,
         raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
     t = type(raw)
     if t is bytes:
+        hit = _FAST_CACHE.get(raw)  # type: ignore[call-overload]
+        if hit is not None and len(raw) <= max_length:
+            return hit
         m = _ALREADY_NORMAL_B.fullmatch(raw)  # type: ignore[arg-type]
         if m is not None and len(raw) <= max_length:
             path_b = m.group(1)
             if b"//" not in path_b and b"/." not in path_b:
                 q_b = m.group(2)
-                return NormalizedPath(path_b.decode("ascii"), None if q_b is None else q_b.decode("ascii"))
+                n = NormalizedPath(path_b.decode("ascii"), None if q_b is None else q_b.decode("ascii"))
+                if len(raw) <= _FAST_CACHE_KEY_MAX:
+                    if len(_FAST_CACHE) >= _FAST_CACHE_MAX:
+                        _FAST_CACHE.clear()
+                    _FAST_CACHE[raw] = n  # type: ignore[index]
+                return n
     elif t is str:
         m = _ALREADY_NORMAL.fullmatch(raw)  # type: ignore[arg-type]
         if m is not None and len(raw) <= max_length:

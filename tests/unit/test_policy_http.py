@@ -459,3 +459,18 @@ def test_single_pass_framing_equals_the_reference(headers, version, limits, coun
         assert pub[0] == "ok" and (pub[1].host, pub[1].content_length, pub[1].chunked) == slow[1][:3]
     else:
         assert pub == slow
+
+
+def test_fast_path_cache_is_bounded_and_respects_max_length():
+    raw = b"/cached/target?q=1"
+    first = normalize_path(raw)
+    assert normalize_path(raw) == first == policy_http._normalize_path_slow(raw)
+    with pytest.raises(HttpError) as ei:  # a cached target still obeys a smaller limit
+        normalize_path(raw, max_length=len(raw) - 1)
+    assert ei.value.status == 414
+    for i in range(policy_http._FAST_CACHE_MAX + 10):
+        normalize_path(b"/c/%d" % i)
+    assert len(policy_http._FAST_CACHE) <= policy_http._FAST_CACHE_MAX
+    long_raw = b"/" + b"a" * policy_http._FAST_CACHE_KEY_MAX
+    assert normalize_path(long_raw).path == long_raw.decode()
+    assert long_raw not in policy_http._FAST_CACHE

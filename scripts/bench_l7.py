@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""L7 proxy benchmark on loopback: what the node proxy's HTTP path costs.
+
+One run, measured back to back with ``wrk -t1 --latency`` against the same
+upstream, each proxy in a process of its own (one core each, as a worker):
+
+    direct         wrk -> upstream
+    relay-l4       wrk -> minimal uvloop byte relay (no parsing) -> upstream
+    l7             wrk -> meshlet L7Session (agent.proxy.l7) -> upstream:
+                   parse, normalize, framing checks, trace headers, pool;
+                   one endpoint, retries off
+    l7-lb-retries  the same with a two-endpoint cluster (P2C) and the
+                   default retry policy (attempts 2, budget), when the L7
+                   session speaks clusters (agent.traffic.cluster)
+
+The upstream is **nginx** (Debian package) with a temporary config on
+127.0.0.1, one worker, ``return 200`` of a 3-byte body, keep-alive without
+a request limit; the two-endpoint cluster uses two of its listening ports.
+Reported per path: req/s, p50/p99 latency (ms) and the ratio of req/s to
+direct. This is a benchmark, not a test: compare ratios within one run.
+
+    .venv/bin/python scripts/bench_l7.py [--duration 5] [--connections 32] [--json FILE]
+
+Importable: ``run(duration, connections) -> dict``. Everything it starts is
+stopped (process groups) and its temp directory removed, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    server {{
+        listen 127.0.0.1:{port1};
+        listen 127.0.0.1:{port2};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+PATHS = ("direct", "relay-l4", "l7", "l7-lb-retries")
+
+
+# ---------------------------------------------------------------------------
+# the servers (run in child processes: `bench_l7.py --serve KIND ...`)
+
+def _serve_relay(listen: int, upstream: int, seconds: float) -> None:
+    import asyncio
+
+    import uvloop
+
+    up_addr = ("127.0.0.1", upstream)
+
+    class Up(asyncio.Protocol):
+        def __init__(self, down: "Down") -> None:
+            self.down = down
+
+        def connection_made(self, t) -> None:
+            self.t = t
+
+        def data_received(self, d: bytes) -> None:
+            self.down.t.write(d)
+
+        def connection_lost(self, exc) -> None:
+            self.down.t.close()
+
+    class Down(asyncio.Protocol):
+        def connection_made(self, t) -> None:
+            self.t = t
+            self.up: Up | None = None
+            self.buf: list[bytes] = []
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            try:
+                _, self.up = await asyncio.get_running_loop().create_connection(lambda: Up(self), *up_addr)
+            except OSError:
+                self.t.close()
+                return
+            for b in self.buf:
+                self.up.t.write(b)
+            self.buf = []
+
+        def data_received(self, d: bytes) -> None:
+            if self.up is not None:
+                self.up.t.write(d)
+            else:
+                self.buf.append(d)
+
+        def connection_lost(self, exc) -> None:
+            if self.up is not None:
+                self.up.t.close()
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", listen)
+        async with srv:
+            await asyncio.sleep(seconds)
+
+    uvloop.run(main())
+
+
+def _serve_l7(listen: int, upstreams: list[int], lb: bool, seconds: float) -> None:
+    import asyncio
+
+    import uvloop
+
+    sys.path.insert(0, ROOT)
+    from agent.proxy import l7
+
+    targets = [("127.0.0.1", p) for p in upstreams]
+    try:
+        from agent.traffic.cluster import Cluster  # the L7 session speaks clusters
+    except ImportError:  # older session: the chooser returns an address
+        Cluster = None  # type: ignore[assignment]  # noqa: N806
+
+    if Cluster is not None and hasattr(Cluster, "single"):
+        from agent.traffic.policy import Retries, TrafficSettings
+        if lb:
+            cluster = Cluster("bench/upstream:80", targets, TrafficSettings())  # default retries
+        else:
+            cluster = Cluster.single(targets[0], TrafficSettings(retries=Retries(attempts=0)))
+
+        def choose(head):
+            return cluster
+    else:
+        if lb:
+            raise SystemExit("this L7 session has no clusters: no load-balanced variant")
+        addr = targets[0]
+
+        def choose(head):
+            return addr
+
+    async def main() -> None:
+        pool = l7.UpstreamPool()
+        factory = l7.session_factory(choose, pool, on_response=lambda *a: None)
+        srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", listen)
+        async with srv:
+            await asyncio.sleep(seconds)
+
+    uvloop.run(main())
+
+
+# ---------------------------------------------------------------------------
+# the driver
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for port {port} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _start(argv: list[str], log_path: str) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)  # own process group: killed as a whole
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+    else:
+        try:  # the leader is gone; children of its group may not be
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def parse_wrk(out: str) -> dict:
+    """req/s, p50/p99 (ms) and any error line from ``wrk --latency`` output."""
+    def lat(label: str) -> float | None:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
+    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat("50"), "p99_ms": lat("99"),
+            "errors": "; ".join(errors) or None}
+
+
+def _wrk(port: int, duration: float, connections: int) -> dict:
+    d = max(1, round(duration))
+    r = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{d}s", "--latency",
+                        f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=d + 30)
+    res = parse_wrk(r.stdout)
+    if res["rps"] is None:
+        res["errors"] = (r.stderr or r.stdout).strip()[-300:]
+    return res
+
+
+def _has_clusters() -> bool:
+    return os.path.exists(os.path.join(ROOT, "agent", "traffic", "cluster.py"))
+
+
+def run(duration: float, connections: int) -> dict:
+    """Measure every path once; returns {"upstream", "wrk", "paths": {name: result}}.
+
+    A result has rps, p50_ms, p99_ms, errors and ratio (rps / direct rps)."""
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed (Debian: apt-get install {tool})")
+    tmp = tempfile.mkdtemp(prefix="meshlet-bench-l7-")
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict] = {}
+    # each server lives at most this long, even if this process dies without cleaning up
+    lifetime = 4 * (duration + 5) * len(PATHS) + 60
+    try:
+        up1, up2 = _free_port(), _free_port()
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(dir=tmp, port1=up1, port2=up2))
+        nginx = _start(["nginx", "-e", os.path.join(tmp, "error.log"), "-p", tmp, "-c", conf],
+                       os.path.join(tmp, "nginx.out"))
+        procs.append(nginx)
+        _wait_port(up1, nginx)
+        _wait_port(up2, nginx)
+
+        me = os.path.abspath(__file__)
+        py = sys.executable
+        servers = {
+            "relay-l4": ["--serve", "relay", str(up1)],
+            "l7": ["--serve", "l7", str(up1)],
+            "l7-lb-retries": ["--serve", "l7-lb", f"{up1},{up2}"],
+        }
+        for name in PATHS:
+            if name == "direct":
+                port = up1
+            else:
+                if name == "l7-lb-retries" and not _has_clusters():
+                    results[name] = {"skipped": "the L7 session has no clusters yet"}
+                    continue
+                port = _free_port()
+                proc = _start([py, me, *servers[name][:2], str(port), servers[name][2], str(lifetime)],
+                              os.path.join(tmp, f"{name}.log"))
+                procs.append(proc)
+                _wait_port(port, proc)
+            _wrk(port, 1, connections)  # warm up: pools filled, code paths hot
+            results[name] = _wrk(port, duration, connections)
+            if name != "direct":
+                _stop(procs.pop())
+                log_path = os.path.join(tmp, f"{name}.log")
+                with open(log_path, errors="replace") as f:
+                    tail = f.read()[-400:].strip()
+                if tail:
+                    results[name]["log"] = tail
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = results.get("direct", {}).get("rps")
+    for r in results.values():
+        if base and r.get("rps"):
+            r["ratio"] = round(r["rps"] / base, 3)
+    return {"upstream": "nginx (Debian), 1 worker, return 200 'ok\\n', keep-alive",
+            "wrk": f"-t1 -c{connections} -d{max(1, round(duration))}s --latency", "paths": results}
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        kind, listen, ups, seconds = sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+        if kind == "relay":
+            _serve_relay(listen, int(ups), seconds)
+        else:
+            _serve_l7(listen, [int(p) for p in ups.split(",")], kind == "l7-lb", seconds)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=5, help="seconds per path (wrk -d)")
+    ap.add_argument("--connections", type=int, default=32, help="wrk connections")
+    ap.add_argument("--json", help="also write the results to this file")
+    a = ap.parse_args()
+    res = run(a.duration, a.connections)
+    print(f"meshlet L7 benchmark: wrk {res['wrk']}, upstream {res['upstream']}")
+    print(f"{'path':15} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x direct':>9}  errors")
+    for name, r in res["paths"].items():
+        if "skipped" in r:
+            print(f"{name:15} skipped: {r['skipped']}")
+            continue
+        print(f"{name:15} {_fmt(r.get('rps'), '9.0f')} {_fmt(r.get('p50_ms'), '8.2f')} "
+              f"{_fmt(r.get('p99_ms'), '8.2f')} {_fmt(r.get('ratio'), '9.3f')}  {r.get('errors') or ''}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

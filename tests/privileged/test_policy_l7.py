@@ -611,7 +611,8 @@ CORPUS = [
     ("upper-case", _req("GET /ADMIN HTTP/1.1", H), [200], ["/ADMIN"], False),
     ("mixed-case", _req("GET /Admin HTTP/1.1", H), [200], ["/Admin"], False),
     ("double-escape", _req("GET /%2561dmin HTTP/1.1", H), [200], ["/%2561dmin"], False),
-    ("head-method", _req("HEAD /admin HTTP/1.1", H), [403], [], False),
+    ("lower-case-method", _req("get /admin HTTP/1.1", H), [400], [], False),
+    ("same-host-twice", _req("GET /admin HTTP/1.1", H, H), [400], [], False),
     ("http10-no-host", _req("GET /admin HTTP/1.0"), [403], [], False),
     ("expect-continue", _req("POST /admin HTTP/1.1", H, "Content-Length: 3", "Expect: 100-continue"),
      [403], [], False),
@@ -689,7 +690,7 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
     policies(DENY_ADMIN)
     rec.mark(dst)
     before_all = len(rec.all(dst))
-    results = http(env, "sleep", dst, [[{"send": raw, "read": max(1, len(want)), "head": raw.startswith("HEAD ")}]
+    results = http(env, "sleep", dst, [[{"send": raw, "read": max(1, len(want))}]
                                        for _, raw, want, _, _ in CORPUS])
     problems = []
     for (name, _raw, want, fwd, _body_ok), res in zip(CORPUS, results):
@@ -699,10 +700,10 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
         if got != want:
             problems.append(f"{name}: statuses {got} (want {want}); error {res['error']}; "
                             f"extra {res['extra'][:80]!r}")
-        if res["extra"].startswith("HTTP/"):
-            problems.append(f"{name}: an unexpected further response: {res['extra'][:80]!r}")
+        if res["extra"]:
+            problems.append(f"{name}: unexpected bytes after the responses: {res['extra'][:80]!r}")
         for r in res["responses"]:
-            if r["status"] == 403 and r["body"] != ("" if name == "head-method" else DENIED_BODY):
+            if r["status"] == 403 and r["body"] != DENIED_BODY:
                 problems.append(f"{name}: 403 body {r['body']!r}")
             if r["status"] in (400, 431, 505) and ["connection", "close"] not in r["headers"]:
                 problems.append(f"{name}: {r['status']} without Connection: close")
@@ -727,6 +728,21 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
     assert raw.count("/admin") == body_ok * SMUGGLED.count("/admin"), raw  # only inside the in-body body
     assert len(rec.all(dst)) > before_all
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.xfail(strict=True, reason="the 403 to a HEAD request carries the 19-byte 'RBAC: access denied' "
+                   "body (agent/proxy/l7.py _short_circuit): on the kept-alive connection the client "
+                   "reads it as the start of the next response")
+@pytest.mark.parametrize("dst,node", DSTS, ids=DST_IDS)
+def test_denied_head_request_has_no_body(env, policies, dst, node):
+    _, rec = env
+    policies(DENY_ADMIN)
+    rec.mark(dst)
+    (res,) = http(env, "sleep", dst, [[{"send": _req("HEAD /admin HTTP/1.1", H), "read": 1, "head": True},
+                                       get("/ok")]])
+    assert rec.requests_since(dst) == [] or [r["target"] for r in rec.requests_since(dst)] == ["/ok"]
+    assert [r["status"] for r in res["responses"]] == [403, 200], res
+    assert res["extra"] == "", res
 
 
 def test_admin_resource_helper_sees_through_the_tricks():

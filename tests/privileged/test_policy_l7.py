@@ -581,6 +581,7 @@ def _req(line: str, *headers: str, body: str = "") -> str:
 H = "Host: httpbin.foo"
 RESET: list = []   # no response: the connection was refused or reset
 SMUGGLED = "GET /admin HTTP/1.1\r\nHost: httpbin.foo\r\n\r\n"
+INNER = "GET /smuggled HTTP/1.1\r\nHost: httpbin.foo\r\n\r\n"
 
 # (id, raw bytes, expected statuses in order, targets the backend may receive,
 #  whether admin bytes may legitimately reach the backend inside a body)
@@ -664,6 +665,15 @@ CORPUS = [
                               body="0\r\n\r\n" + SMUGGLED), [200, 403], ["/ok"], False),
     ("h2c-upgrade", _req("GET /ok HTTP/1.1", H, "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
                          "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA") + SMUGGLED, [200, 403], ["/ok"], False),
+    # a denied request's body is discarded, never parsed as a request
+    ("denied-with-body", _req("POST /admin HTTP/1.1", H, f"Content-Length: {len(INNER)}", body=INNER),
+     [403], [], False),
+    ("denied-chunked-then-allowed", _req("POST /admin/x HTTP/1.1", H, "Transfer-Encoding: chunked",
+                                         body=f"{len(INNER):x}\r\n{INNER}\r\n0\r\n\r\n")
+     + _req("GET /ok HTTP/1.1", H), [403, 200], ["/ok"], False),
+    # what is matched is what is forwarded
+    ("forwarded-normalized", _req("GET /x/./../ok//y/%7Ez?q=%41&r=1 HTTP/1.1", H), [200], ["/ok/y/~z?q=%41&r=1"],
+     False),
     # a request inside a correctly framed body is data, for the proxy and the backend
     ("in-body", _req("POST /ok HTTP/1.1", H, f"Content-Length: {len(SMUGGLED)}", body=SMUGGLED),
      [200], ["/ok"], True),

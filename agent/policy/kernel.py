@@ -19,16 +19,14 @@ node to mesh pod D (any node), port P:
   entry; nor do connections that bypass the redirect, which the kernel
   checks first).
 
-An entry is emitted only when **both** hold for that (S, D, P):
-
-1. :meth:`L4Plan.verdict` is ``deny`` -- final for every request the
-   connection could carry, so an ALLOW rule with HTTP fields (which could
-   allow some HTTP request) or a DENY rule with HTTP fields (which might
-   deny only some requests) keeps the connection away from the kernel;
-2. :func:`evaluate` on the plain TCP connection denies it.
-
-So the kernel never refuses what the proxy would allow (a Hypothesis test
-checks it over random policy sets).
+An entry is emitted only when :meth:`L4Plan.verdict` (compile_l4, the
+evaluator's connection-level part) is ``deny``: final for every request the
+connection could carry, so an ALLOW rule with HTTP fields (which could allow
+some HTTP request) or a DENY rule with HTTP fields (which might deny only
+some requests) keeps the connection away from the kernel.  So the kernel
+never refuses what the proxy would allow: a Hypothesis test checks, over
+random policy sets, that :func:`evaluate` refuses every connection and every
+HTTP request the kernel refuses.
 
 Ports: only ports that some applying rule mentions (``ports``,
 ``notPorts``, ``destination.port``) can be decided differently from the
@@ -50,7 +48,7 @@ from typing import Any, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, workload_id as spiffe_id
 
-from .evaluate import L4Plan, Request, compile_l4, evaluate
+from .evaluate import L4Plan, Request, compile_l4
 from .model import Action, ConditionKey, Policy, PolicySet
 
 __all__ = ["KernelSource", "KernelDestination", "KernelPlan", "L4_DENY", "L4_PASS", "NO_POLICY_ID",
@@ -155,16 +153,18 @@ class _DstPlan:
     other: int
 
 
-def _denied(ps: PolicySet, dp: _DstPlan, dst: KernelDestination, src: KernelSource,
+def _denied(dp: _DstPlan, dst: KernelDestination, src: KernelSource,
             src_ip: IPAddress, port: int) -> tuple[bool, str | None]:
+    """Whether the proxy refuses every connection (and request) from ``src``
+    to ``dst``:``port``, and the deciding DENY policy (None: no ALLOW rule
+    can match).  compile_l4's verdicts never contradict evaluate() (Hypothesis
+    tests in test_policy_evaluate and test_policy_kernel check it)."""
     req = Request(destination_namespace=dst.namespace, destination_labels=dst.labels,
                   destination_port=port, source_principal=src.principal, source_ip=src_ip)
-    if dp.plan.verdict(req).verdict != "deny":
+    v = dp.plan.verdict(req)
+    if v.verdict != "deny":
         return False, None
-    d = evaluate(ps, req)
-    if d.allowed:  # cannot happen if compile_l4 agrees with evaluate; never deny then
-        return False, None
-    return True, d.policy
+    return True, v.rule.policy if v.rule is not None else None
 
 
 def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
@@ -175,6 +175,7 @@ def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
     entries: dict[EntryKey, tuple[int, int]] = {}
     names: dict[int, str] = {}
     per_dst: dict[tuple, _DstPlan | None] = {}
+    cache: dict[tuple, list[tuple[int, int, int]]] = {}
 
     def pid(name: str | None) -> int:
         if name is None:
@@ -201,17 +202,24 @@ def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
                 sips = [ip for ip in src.ips if ip.version == dip.version]
                 if len(sips) != 1:
                     continue  # no (or no single) source address of that family: not certain
-                sip = sips[0]
                 dkey = str(dip)
-                other, other_by = _denied(ps, dp, dst, src, sip, dp.other)
-                if other:
-                    entries[(src.workload_id, dkey, 0)] = (L4_DENY, pid(other_by))
-                for port in dp.ports:
-                    denied, by = _denied(ps, dp, dst, src, sip, port)
-                    if denied and not (other and by == other_by):
-                        entries[(src.workload_id, dkey, port)] = (L4_DENY, pid(by))
-                    elif not denied and other:
-                        entries[(src.workload_id, dkey, port)] = (L4_PASS, NO_POLICY_ID)
+                # the same for every destination with these labels (replicas)
+                ck = (sel, src.workload_id, dip.version)
+                decided = cache.get(ck)
+                if decided is None:
+                    other, other_by = _denied(dp, dst, src, sips[0], dp.other)
+                    decided = []
+                    if other:
+                        decided.append((0, L4_DENY, pid(other_by)))
+                    for port in dp.ports:
+                        denied, by = _denied(dp, dst, src, sips[0], port)
+                        if denied and not (other and by == other_by):
+                            decided.append((port, L4_DENY, pid(by)))
+                        elif not denied and other:
+                            decided.append((port, L4_PASS, NO_POLICY_ID))
+                    cache[ck] = decided
+                for port, action, policy in decided:
+                    entries[(src.workload_id, dkey, port)] = (action, policy)
                 if len(entries) > capacity:
                     plan.needed = len(entries)
                     plan.overflow = True

@@ -96,3 +96,15 @@ def test_ring_buffers_are_pinned_apart_and_mirrored(compiled):
         assert info.type_name == "ringbuf" and info.key_size == 0 and info.value_size == 0
         assert info.max_entries & (info.max_entries - 1) == 0
     assert abi.RINGBUFS["ml_flow_events"] is abi.MAPS["ml_live_flows"][1]
+
+
+def test_l4_verdict_constants_match():
+    # ml_l4_policy actions: the C, the ctypes mirror and the pure compiler agree
+    from agent.policy import kernel
+
+    with open(os.path.join(bpf_dir(), "include", "meshlet.h")) as f:
+        defines = dict(ln.split()[1:3] for ln in f if ln.startswith("#define ML_L4_"))
+    assert int(defines["ML_L4_PASS"]) == abi.L4_PASS == kernel.L4_PASS
+    assert int(defines["ML_L4_DENY"]) == abi.L4_DENY == kernel.L4_DENY
+    assert abi.STATS[-1] == "policy_denied"
+    assert abi.l4_key(7, "::ffff:10.0.0.1", 80).family == abi.AF_INET  # mapped folds into IPv4

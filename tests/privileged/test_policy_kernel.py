@@ -267,3 +267,116 @@ def test_http_allow_rule_leaves_the_decision_to_the_proxy(mesh, tmp_path):
     finally:
         delete(mesh, "k-allow-get")
     until(mesh, "pod1-2", "pod2-2", lambda r: r["result"] == "data", "allowed again")
+
+
+# -- Datapath.sync_l4 against a real map -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def l4_datapath():
+    """The compiled maps (no programs attached) behind a Datapath object."""
+    import tempfile
+
+    bcc = pytest.importorskip("bcc")
+    from agent.datapath import bpfsys
+    from agent.datapath.loader import Datapath, DatapathSpec, remove_pins, render
+
+    pin_dir = tempfile.mkdtemp(prefix="l4sync-", dir="/sys/fs/bpf")
+    spec = DatapathSpec(node="l4sync", pin_dir=pin_dir, cgroup="/", redirect_ip4="10.0.0.1",
+                        redirect_ip6=None, outbound_port=15001, mesh_mark=1, max_l4_rules=64)
+    r = render(spec)
+    b = bcc.BPF(text=r.text.encode(), cflags=list(r.cflags))
+    dp = Datapath(spec)
+    try:
+        for name in ("ml_l4_policy", "ml_l4_denied"):
+            dp.maps[name] = bpfsys.obj_get(os.path.join(pin_dir, name))
+        yield dp
+    finally:
+        dp.close()
+        b.cleanup()
+        remove_pins(pin_dir)
+
+
+def _read_l4(dp) -> dict:
+    import ctypes
+
+    from agent.datapath import abi, bpfsys
+    fd = dp.maps["ml_l4_policy"]
+    out = {}
+    for k in bpfsys.map_keys(fd, ctypes.sizeof(abi.MlL4Key)):
+        v = abi.MlL4Verdict.from_buffer_copy(bpfsys.map_lookup(fd, k, ctypes.sizeof(abi.MlL4Verdict)))
+        key = abi.MlL4Key.from_buffer_copy(k)
+        out[(key.workload_id, abi.unpack_addr(key.family, key.dst_be), key.dst_port)] = \
+            (v.action, v.policy_id)
+    return out
+
+
+def _refusals(entries) -> set:
+    from agent.policy.kernel import L4_DENY
+    out = set()
+    for w in (1, 2):
+        for ip in ("10.0.0.1", "fd00::1"):
+            for port in (80, 443, 9):
+                v = entries.get((w, ip, port)) or entries.get((w, ip, 0))
+                if v is not None and v[0] == L4_DENY:
+                    out.add((w, ip, port))
+    return out
+
+
+def test_sync_l4_never_refuses_more_than_the_old_or_the_new_entries(l4_datapath, monkeypatch):
+    import random
+
+    from agent.datapath import bpfsys
+    from agent.policy.kernel import L4_DENY, L4_PASS
+
+    dp = l4_datapath
+    rnd = random.Random(4)
+    keys = [(w, ip, p) for w in (1, 2) for ip in ("10.0.0.1", "fd00::1") for p in (0, 80, 443)]
+    states: list[set] = []
+    real_update, real_delete = bpfsys.map_update, bpfsys.map_delete
+
+    def update(*a, **kw):
+        real_update(*a, **kw)
+        states.append(_refusals(_read_l4(dp)))
+
+    def delete(*a, **kw):
+        out = real_delete(*a, **kw)
+        states.append(_refusals(_read_l4(dp)))
+        return out
+
+    monkeypatch.setattr(bpfsys, "map_update", update)
+    monkeypatch.setattr(bpfsys, "map_delete", delete)
+    old: dict = {}
+    dp.sync_l4(old)
+    for _ in range(60):
+        new = {}
+        for k in keys:
+            c = rnd.random()
+            if c < 0.3:
+                new[k] = (L4_DENY, rnd.choice((0, 7, 9)))
+            elif c < 0.5:
+                new[k] = (L4_PASS, 0)
+        states.clear()
+        changes = dp.sync_l4(new)
+        allowed = _refusals(old) | _refusals(new)
+        for st in states:
+            assert st <= allowed, (old, new)
+        assert _read_l4(dp) == new
+        assert changes["entries"] == len(new)
+        old = new
+    dp.sync_l4({})
+    assert _read_l4(dp) == {}
+
+
+def test_sync_l4_adopts_what_is_pinned(l4_datapath):
+    from agent.datapath.loader import Datapath
+    from agent.policy.kernel import L4_DENY
+
+    dp = l4_datapath
+    dp.sync_l4({(1, "10.0.0.1", 0): (L4_DENY, 5), (2, "10.0.0.1", 80): (L4_DENY, 6)})
+    other = Datapath(dp.spec, maps=dict(dp.maps))   # a restarted agent: no cache yet
+    assert other.sync_l4({(1, "10.0.0.1", 0): (L4_DENY, 5)}) == \
+        {"added": 0, "updated": 0, "removed": 1, "entries": 1}
+    assert _read_l4(dp) == {(1, "10.0.0.1", 0): (L4_DENY, 5)}
+    other.maps = {}  # the fixture closes the fds
+    dp._l4 = None
+    dp.sync_l4({})

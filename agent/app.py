@@ -146,6 +146,7 @@ class Agent:
     l4_kernel: dict = field(default_factory=dict)     # last kernel policy sync (plan summary)
     l4_sig: tuple | None = None                       # (policy version, generation) it was for
     l4_names: dict = field(default_factory=dict)      # kernel policy id -> namespace/name
+    l4_lock: threading.Lock = field(default_factory=threading.Lock)  # tick vs admin API
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -256,7 +257,12 @@ class Agent:
     def sync_policy_kernel(self) -> None:
         """Recompute the connect-time L4 entries (agent.policy.kernel) when the
         policies or the inventory changed, and diff-sync ml_l4_policy.  Called
-        from every tick, so an apply/delete reaches the kernel within one."""
+        from every tick and right after an apply/delete through the admin API, so
+        `meshlet policy apply` returns once this node's kernel enforces it."""
+        with self.l4_lock:
+            self._sync_policy_kernel()
+
+    def _sync_policy_kernel(self) -> None:
         from .policy.kernel import KernelPlan, compile_kernel, view_from_pods
 
         store, inv = self.policies, self.inventory
@@ -775,7 +781,8 @@ async def start_admin(agent: Agent) -> asyncio.AbstractServer:
                 code, body = error[0], {"error": error[1]}
             elif target.split("?", 1)[0].startswith("/v1/policies") and method in (
                     "GET", "POST", "DELETE"):
-                code, body = await asyncio.to_thread(_policies_route, agent, method, target, payload)
+                code, body = await asyncio.to_thread(_policies_then_kernel, agent, method, target,
+                                                     payload)
             elif method != "GET":
                 code, body = 405, {"error": f"{method or 'this request'} is not supported here"}
             elif target == "/v1/status":
@@ -827,6 +834,20 @@ def _traffic_warnings(agent: Agent, store) -> list[str]:
         return []
     return [f"{origin}: {kind}: traffic policy {key}: {message}" for kind, key, origin, message
             in lint_traffic(parse_traffic_policies(text, "policies.yaml"), services)]
+
+
+def _policies_then_kernel(agent: Agent, method: str, target: str,
+                          payload: bytes) -> tuple[int, dict]:
+    """The policy route, then (after a change) the kernel's L4 entries."""
+    code, body = _policies_route(agent, method, target, payload)
+    sync = getattr(agent, "sync_policy_kernel", None)  # absent on test stand-ins
+    if sync is not None and code == 200 and method in ("POST", "DELETE") \
+            and not target.split("?", 1)[0].endswith(":diff"):
+        try:
+            sync()
+        except Exception:  # the tick retries; the proxies enforce meanwhile
+            log.exception("kernel L4 policy sync after a policy change failed (will retry)")
+    return code, body
 
 
 def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> tuple[int, dict]:

@@ -171,6 +171,17 @@ class Endpoint(asyncio.Protocol):
             raise ConnectionResetError(str(self.lost_exc))
         return b""
 
+    def take_buffered(self) -> bytes:
+        """Bytes received but not read yet, removed (before the transport is
+        handed to another protocol, which must see them first)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        if self._prebuffer_paused and self._peer is None:
+            self._prebuffer_paused = False
+            if not self.lost:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
     def unread(self, data: bytes) -> None:
         """Put bytes back in front: they are forwarded first."""
         if data:

@@ -64,7 +64,12 @@ from agent.proxy.l7authz import DENIED_BODY, Denial, RequestAuthorizer
 from agent.proxy.log import AccessLog, sampled
 from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.relay import Endpoint, Relay
-from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route, tunnel_peer_allowed
+from agent.proxy.routing import (
+    Local, Passthrough, Reject, ServiceRoute, Tunnel, _service_route, endpoint_route, route, tunnel_peer_allowed,
+)
+from agent.proxy.watch import TrafficWatcher
+from agent.traffic.cluster import Cluster
+from agent.traffic.outcome import CONNECT_FAILURE as _CONNECT_FAILURE, RESET as _RESET, status as _status
 from agent.proxy.state import Pod, ProxyState, StateWatcher, normalize_ip
 from agent.proxy.tls import SESSION_CACHE_SIZE, HandshakeError, TlsConnection, TlsContexts
 from agent.proxy.tunnel import Status
@@ -109,6 +114,28 @@ def _peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -
         return m.Peer(principal=principal or m.UNKNOWN)
     return m.Peer(workload=pod.workload, namespace=pod.namespace,
                   principal=principal or state.identity(pod), app=pod.app or m.UNKNOWN)
+
+
+_OK = _status(200)
+
+
+def _set_ready(conn: "Conn") -> None:
+    """A service leg reached its destination: its session may send."""
+    if conn.ready is not None and not conn.ready.done():
+        conn.ready.set_result(None)
+
+
+def _first_then(sock: socket.socket, open_socket: Any) -> Any:
+    """An ``open_socket`` for a pool that hands out ``sock`` (already
+    connected) first, then connects as usual."""
+    box = [sock]
+
+    async def opener(target: tuple) -> socket.socket:
+        if box:
+            return box.pop()
+        return await open_socket(target)
+
+    return opener
 
 
 def stats_socket_path(state_path: str, worker_id: int) -> str:
@@ -188,6 +215,11 @@ class Conn:
     upgrade_head: Any = None  # the request that switched protocols (re-checked on reload)
     requests_denied: int = 0
     denial: tuple[Any, str | None, int | None] | None = None  # (head, policy, rule) of the last 403
+    # Services: the upstream cluster (``ns/name:port``) a VIP connection went to.
+    cluster: str | None = None
+    # An upstream leg opened by a service's L7 session (a socketpair, not an
+    # accepted socket): resolved once the destination is connected.
+    ready: asyncio.Future | None = None
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result
@@ -377,7 +409,14 @@ class ProxyServer:
             "leg_link_errors": 0,
             "access_log_skipped": 0,
             "requests_denied": 0,
+            "service_legs": 0,
         }
+        # Services: per-worker clusters (endpoints, LB, outlier, breaker,
+        # budget) and TrafficPolicies (traffic.json next to the state file).
+        self.traffic = TrafficWatcher.for_state(watcher.path)
+        self._clusters: dict[str, Cluster] = {}
+        self._cluster_stamps: dict[str, tuple] = {}
+        self._src_pools: dict[str, UpstreamPool] = {}
         # L7 (proxy.l7): one upstream pool per worker, and per-request counters.
         self._pool: UpstreamPool | None = None
         self.http: dict[str, Any] = {
@@ -594,6 +633,9 @@ class ProxyServer:
                 self._linker.close()
         if self._pool is not None:
             self._pool.close()
+        for pool in self._src_pools.values():
+            pool.close()
+        self._src_pools.clear()
         self._access.close()
 
     async def serve(self, stop: asyncio.Event, grace: float = 5.0) -> None:
@@ -612,6 +654,10 @@ class ProxyServer:
                     self._recheck("policy set changed")
             except Exception:  # noqa: BLE001 - keep watching; the previous set stays
                 log.exception("authorization policy reload failed")
+            try:
+                self.traffic.check()  # clusters pick the new settings up on their next use
+            except Exception:  # noqa: BLE001
+                log.exception("traffic policy reload failed")
 
     def _recheck(self, why: str) -> None:
         """Close (reset) every live destination-side connection the current
@@ -691,6 +737,11 @@ class ProxyServer:
 
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)
+        for key in [k for k in self._src_pools if k not in new.pod_by_key]:
+            self._src_pools.pop(key).close()  # that pod is gone
+        for key in [k for k in self._clusters if k.rsplit(":", 1)[0] not in new.service_by_key]:
+            del self._clusters[key]  # that service is gone
+            self._cluster_stamps.pop(key, None)
         if len(self.policies.current):  # labels may have changed
             self._recheck("pod labels may have changed")
         if old.access_log != new.access_log:
@@ -738,11 +789,24 @@ class ProxyServer:
                            "sampling": st.access_log.sampling},
             "metrics": self.metrics.snapshot(),
             "http_metrics": self.http_metrics.snapshot(),
+            "traffic": self.traffic.stats(),
+            "clusters": self._cluster_stats(),
             "http": self._http_stats(),
             "policy": {"version": self.policies.current.version, "count": len(self.policies.current),
                        "reloads": self.policies.reloads, "errors": self.policies.errors,
                        "last_error": self.policies.last_error},
         }
+
+    def _cluster_stats(self) -> dict[str, Any]:
+        """Per service port: endpoints, the ones ejected now, and the breaker."""
+        now = time.monotonic()
+        out: dict[str, Any] = {}
+        for key, c in self._clusters.items():
+            healthy = set(c.healthy(now))
+            out[key] = {"endpoints": [_fmt_addr(t) for t in c.targets],
+                        "ejected": [_fmt_addr(t) for t in c.targets if t not in healthy],
+                        "outstanding": {_fmt_addr(t): c.lb.outstanding(t) for t in c.targets}}
+        return out
 
     def _http_stats(self) -> dict[str, Any]:
         pool = self._pool
@@ -852,8 +916,8 @@ class ProxyServer:
         cookies are read now, while both sockets are surely open (two
         getsockopt calls); the map write happens once per loop iteration
         for every connection set up in it (one batched bpf(2) call)."""
-        if self._linker is None or conn.upstream is None:
-            return
+        if self._linker is None or conn.upstream is None or conn.ready is not None:
+            return  # (a service leg's client end is a socketpair, not a TCP flow)
         try:
             pair = (_cookie(conn.client), _cookie(conn.upstream))
         except OSError:
@@ -991,25 +1055,45 @@ class ProxyServer:
                 raise TimeoutError(f.reason) from None
             raise OSError(f.reason) from None
 
-    async def _serve_l7(self, conn: Conn, ep: Endpoint, data: bytes, addr: tuple[str, int],
-                        state: ProxyState) -> None:
+    async def _serve_l7(self, conn: Conn, ep: Endpoint, data: bytes, addr: tuple[str, int] | None,
+                        state: ProxyState, *, first_sock: socket.socket | None = None,
+                        choose: Any = None, pool: UpstreamPool | None = None) -> None:
         """Hand the client's transport (raw, or TLS plaintext side) to an L7
-        session towards ``addr``; return when the connection is over."""
+        session; return when the connection is over.
+
+        Destination side: towards ``addr`` (the pod), every request authorized
+        (``_on_http_request``); ``first_sock``, already connected to the pod,
+        serves the first request.  Source side of a service: ``choose`` and
+        ``pool`` (a service's cluster, the legs of this source pod)."""
         self.http["connections"] += 1
         done = asyncio.get_running_loop().create_future()
-        session = _ProxySession(lambda _head: addr, self._l7_pool(state),
-                                L7Settings(buffer_size=state.buffer_size),
-                                on_request=functools.partial(self._on_http_request, conn),
+        own_pool = None
+        if choose is None:
+            choose = lambda _head: addr  # noqa: E731
+            if first_sock is not None:
+                pool = own_pool = UpstreamPool(connect_timeout=state.connect_timeout + 1.0,
+                                               buffer_size=state.buffer_size,
+                                               open_socket=_first_then(first_sock, self._pool_socket))
+            else:
+                pool = self._l7_pool(state)
+        on_request = functools.partial(self._on_http_request, conn) if conn.l7_authz is not None else None
+        session = _ProxySession(choose, pool, L7Settings(buffer_size=state.buffer_size),
+                                on_request=on_request,
                                 on_response=functools.partial(self._on_http_response, conn), done=done)
         tr = ep.transport
         assert tr is not None
+        data += ep.take_buffered()  # whatever arrived since (or without) the sniff
         tr.set_protocol(session)
         session.connection_made(tr)
         if data:
             session.data_received(data)
         if ep.eof:
             session.eof_received()
-        await done
+        try:
+            await done
+        finally:
+            if own_pool is not None and session.relay is None:
+                own_pool.close()
         relay = session.relay  # the request upgraded: the L4 relay carries the rest
         if relay is not None:
             conn.relay = relay
@@ -1022,6 +1106,181 @@ class ProxyServer:
         conn.bytes_sent = session.bytes_in
         conn.bytes_received = session.bytes_out
         conn.reason = conn.reason or f"http: {session.requests} request(s)"
+
+    # ---- services (VIPs): the source side balances, the destination side authorizes
+
+    async def _to_service(self, conn: Conn, state: ProxyState, r: ServiceRoute, peer: Any) -> None:
+        """A connection to a service VIP.  HTTP (appProtocol http, or sniffed
+        when it is not declared and ``proxy.l7`` is on): an L7 session that
+        balances, retries and times out per request over the service's
+        endpoints; each upstream leg is an ordinary outbound connection from
+        the client pod to the chosen pod (``_service_socket``), so the
+        destination side (policy, metrics, mTLS) is the same as for a pod
+        dialed directly.  Anything else: one endpoint per connection (P2C
+        on open connections), with connect failures tried on another."""
+        client = conn.client
+        src = r.src
+        conn.src_pod = src.key
+        conn.src_identity = state.identity(src)
+        conn.cluster = r.cluster
+        conn.route = "service"
+        conn.service = f"{r.name}.{r.namespace}.svc.cluster.local"
+        cluster = self._service_cluster(state, r)
+        if not r.endpoints:
+            conn.fail("refused", f"service {r.cluster} has no endpoints")
+            log.warning("reset connection from %s to %s: service %s has no endpoints",
+                        _fmt_addr(peer), _fmt_addr(conn.dst_addr), r.cluster)
+            client.reset()
+            return
+        http = r.app_protocol == "http"
+        data = b""
+        if r.app_protocol is None and state.l7:
+            http, data = await self._sniff(client)
+            if not http:
+                client.unread(data)
+        if http:
+            conn.labels = []  # its legs carry the TCP metrics, one per endpoint connection
+            box: dict[str, Any] = {"state": state, "route": r}
+            vip_ip, vip_port = r.vip
+
+            def choose(_head: Any) -> Any:
+                st = self.watcher.current
+                if st is not box["state"]:
+                    svc = st.service_at(vip_ip, vip_port)
+                    if svc is None:
+                        return Response(503, f"service {r.cluster} is gone\n".encode())
+                    box["route"] = _service_route(st, st.pod_by_key.get(src.key) or src, svc[0], svc[1],
+                                                  vip_ip, vip_port, r.family)
+                    box["state"] = st
+                return self._service_cluster(st, box["route"])
+
+            await self._serve_l7(conn, client, data, None, state, choose=choose,
+                                 pool=self._source_pool(state, src.key, normalize_ip(peer[0])))
+            return
+        # L4: per connection.
+        tried: list[tuple] = []
+        now = time.monotonic()
+        for _ in range(max(1, min(3, len(cluster.targets)))):
+            target = cluster.pick(now, avoid=tried)
+            if target is None or target in tried:
+                break
+            tried.append(target)
+            pod = state.pod_by_ip.get(normalize_ip(target[0]))
+            if pod is None:
+                continue
+            d = endpoint_route(state, src, pod, target[1], ip=target[0], family=r.family)
+            if isinstance(d, (Local, Tunnel)):
+                ok = await self._probe_endpoint(state, d)
+                if not ok:
+                    cluster.finish(None, target, _CONNECT_FAILURE, 0.0, time.monotonic())
+                    continue
+            token = cluster.start(target)
+            conn.dst_addr = (target[0], target[1])
+            t0 = time.monotonic()
+            try:
+                await self._forward(conn, state, d, peer, target[1])
+            finally:
+                cluster.finish(token, target, _OK if conn.result == "ok" else _RESET,
+                               time.monotonic() - t0, time.monotonic())
+            return
+        conn.fail("refused", f"no endpoint of service {r.cluster} accepted the connection "
+                             f"(tried {', '.join(_fmt_addr(t) or '?' for t in tried)})")
+        client.reset()
+
+    async def _probe_endpoint(self, state: ProxyState, d: Any) -> bool:
+        """L4 service connections: is a Local endpoint accepting?  (A Tunnel
+        endpoint is judged by its node proxy: always True here.)"""
+        if not isinstance(d, Local):
+            return True
+        try:
+            sock = await self._open_socket(d.addr, state)
+        except ConnectFailure:
+            return False
+        sock.close()
+        return True
+
+    def _service_cluster(self, state: ProxyState, r: ServiceRoute) -> Cluster:
+        """This worker's long-lived cluster for a service port: endpoints from
+        the state, settings from the TrafficPolicy in force."""
+        ts = self.traffic.current
+        stamp = (id(state), ts.version)
+        key = f"{r.cluster}/{r.family}"
+        c = self._clusters.get(key)
+        if c is not None and self._cluster_stamps.get(key) == stamp:
+            return c
+        targets = [(ip, r.target_port) for ip in r.addrs]
+        settings = ts.settings_for(r.namespace, r.name, r.port)
+        now = time.monotonic()
+        if c is None:
+            c = self._clusters[key] = Cluster(r.cluster, targets, settings, now)
+        else:
+            c.update(targets, settings, now)
+        self._cluster_stamps[key] = stamp
+        return c
+
+    def _source_pool(self, state: ProxyState, src_key: str, src_ip: str) -> UpstreamPool:
+        """Keep-alive legs of one source pod to its services' endpoints."""
+        pool = self._src_pools.get(src_key)
+        if pool is None:
+            pool = self._src_pools[src_key] = UpstreamPool(
+                connect_timeout=state.connect_timeout + self.header_timeout + 1.0,
+                buffer_size=state.buffer_size,
+                open_socket=functools.partial(self._service_socket, src_key, src_ip))
+        return pool
+
+    async def _service_socket(self, src_key: str, src_ip: str, target: tuple) -> socket.socket:
+        """An upstream leg for a service's L7 session: one end of a socketpair
+        whose other end is served as an outbound connection from pod
+        ``src_key`` to ``target`` (Local, Tunnel or Passthrough, with the
+        usual policy, metrics and access log).  Returns once that connection
+        reached its destination; raises OSError/TimeoutError if it did not."""
+        state = self.watcher.current
+        src = state.pod_by_key.get(src_key)
+        pod = state.pod_by_ip.get(normalize_ip(target[0]))
+        if src is None or pod is None:
+            raise OSError(f"{_fmt_addr(target)} is no longer a pod of the inventory")
+        d = endpoint_route(state, src, pod, target[1], ip=target[0])
+        if isinstance(d, Reject):
+            raise OSError(d.reason)
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        try:
+            mine.setblocking(False)
+            theirs.setblocking(False)
+            _, ep = await loop.create_connection(
+                lambda: Endpoint("client", prebuffer_limit=state.buffer_size), sock=theirs)
+        except BaseException:
+            mine.close()
+            theirs.close()
+            raise
+        conn = Conn("outbound", ep, seq=self._next_seq())  # type: ignore[arg-type]
+        conn.ready = ready = loop.create_future()
+        conn.src_addr = (src_ip, 0)
+        conn.dst_addr = (target[0], target[1])
+        conn.service = normalize_ip(target[0])
+        self.counters["service_legs"] += 1
+
+        async def leg(c: Conn) -> None:
+            try:
+                await self._forward(c, self.watcher.current, d, (src_ip, 0), target[1])
+            finally:
+                if not ready.done():
+                    ready.set_exception(ConnectFailure(c.result, Status.UNREACHABLE, c.reason or "leg closed"))
+
+        task = loop.create_task(self._guard(leg, conn))
+        self._tasks[task] = conn
+        task.add_done_callback(self._tasks.pop)
+        try:
+            await ready
+        except ConnectFailure as f:
+            mine.close()
+            if f.result == "timeout":
+                raise TimeoutError(f.reason) from None
+            raise OSError(f.reason) from None
+        except BaseException:
+            mine.close()
+            raise
+        return mine
 
     def _on_http_request(self, conn: Conn, head: Any) -> Response | None:
         """L7 authorization of one request (``l7authz``): None lets it through."""
@@ -1088,6 +1347,15 @@ class ProxyServer:
         conn.dst_addr = (origin.dst_ip, origin.dst_port)
         conn.service = normalize_ip(origin.dst_ip)
         decision = route(state, origin, peer)
+        if isinstance(decision, ServiceRoute):
+            await self._to_service(conn, state, decision, peer)
+            return
+        await self._forward(conn, state, decision, peer, origin.dst_port)
+
+    async def _forward(self, conn: Conn, state: ProxyState, decision: Any, peer: Any, dst_port: int) -> None:
+        """Carry an outbound connection to where ``decision`` says (Local,
+        Tunnel, Passthrough; Reject resets it)."""
+        client = conn.client
         src = decision.src
         if src is not None:
             conn.src_pod = src.key
@@ -1105,14 +1373,16 @@ class ProxyServer:
         conn.mtls = isinstance(decision, Tunnel) and state.tunnel_security == "mtls"
         http_data: bytes | None = None  # the first bytes of an HTTP/1 client (L7 on)
         if isinstance(decision, Local):
-            if state.l7:
+            if conn.ready is not None:
+                http_data = b""  # a service's L7 leg: HTTP by construction, nothing sent yet
+            elif state.l7:
                 is_http, data = await self._sniff(client)
                 if is_http:
                     http_data = data
                 else:
                     client.unread(data)
             if not self._authorize(conn, state, conn.src_identity, normalize_ip(peer[0]), decision.pod,
-                                   origin.dst_port, http=http_data is not None):
+                                   dst_port, http=http_data is not None):
                 client.reset()  # same node: the kernel's cgroup record is the source identity
                 return
         if isinstance(decision, Local):  # this proxy is both ends' proxy
@@ -1123,7 +1393,16 @@ class ProxyServer:
             self._opened(conn, state, src, None, ("source",), "PassthroughCluster")
 
         if http_data is not None:
-            await self._serve_l7(conn, client, http_data, decision.addr, state)
+            first = None
+            if conn.ready is not None:  # connect now, so the service's session sees a connect failure as one
+                try:
+                    first = await self._open_socket(decision.addr, state)
+                except ConnectFailure as f:
+                    conn.fail(f.result, f.reason)
+                    client.reset()
+                    return
+                _set_ready(conn)
+            await self._serve_l7(conn, client, http_data, decision.addr, state, first_sock=first)
             return
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
@@ -1156,6 +1435,7 @@ class ProxyServer:
         self._link(conn)
         relay = conn.relay = Relay(client, upstream, buffer_size=state.buffer_size)
         if not isinstance(decision, Tunnel):
+            _set_ready(conn)
             relay.start()
             await self._relay(conn, relay)
             return
@@ -1167,6 +1447,9 @@ class ProxyServer:
                 namespace=src.namespace,  # type: ignore[union-attr]
                 name=src.name,  # type: ignore[union-attr]
                 src=tunnel.Address(_family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
+                # A service leg is HTTP: the peer connects to the pod and answers at once
+                # instead of sniffing first (so a refused pod is a connect failure here).
+                protocol="http/1.1" if conn.ready is not None else "",
             )
         )
         upstream.write(header)
@@ -1191,6 +1474,7 @@ class ProxyServer:
             await self._relay(conn, relay)
             return
         upstream.unread(leftover)
+        _set_ready(conn)  # a service leg: the pod accepted, its session may send
         relay.forward(upstream)
         await self._relay(conn, relay)
 
@@ -1283,8 +1567,9 @@ class ProxyServer:
         # Authorization: only a verified peer has an identity (plaintext tunnels: none).
         src_ip = normalize_ip(req.src.ip) if req.src is not None else None
         leftover = out.leftover
-        is_http = False
-        if state.l7:
+        hinted = req.protocol == "http/1.1"  # the source proxy parsed it (a service's leg)
+        is_http = hinted
+        if state.l7 and not hinted:
             is_http, leftover = await self._sniff(ep, leftover)
         if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port, http=is_http):
             await self._refuse(conn, Status.FORBIDDEN, conn.reason)
@@ -1292,8 +1577,15 @@ class ProxyServer:
         self._opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
                      m.UNKNOWN)
         if is_http:
+            first = None
+            if hinted:  # connect first: the source waits for this answer before sending
+                try:
+                    first = await self._open_socket((dst_ip, req.dst.port), state)
+                except ConnectFailure as f:
+                    await self._refuse(conn, f.status, f.reason, result=f.result)
+                    return
             ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
-            await self._serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state)
+            await self._serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
             return
         try:
             upstream = await self._connect((dst_ip, req.dst.port), state, "pod")

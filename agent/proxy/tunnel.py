@@ -65,6 +65,7 @@ T_DST = MUST_UNDERSTAND | 0x01  # original destination address
 T_SRC_ADDR = 0x02  # client's source address (informational)
 T_SRC_WORKLOAD = 0x03  # "<namespace>/<name>" (informational)
 T_SRC_IDENTITY = MUST_UNDERSTAND | 0x04  # spiffe://<td>/ns/<ns>/sa/<sa>
+T_PROTOCOL = 0x05  # "http/1.1": the stream is HTTP/1 (the sender parsed it); a hint, skippable
 T_STATUS = MUST_UNDERSTAND | 0x10  # response status code (1 byte)
 T_REASON = 0x11  # short human-readable reason (UTF-8)
 
@@ -109,6 +110,7 @@ class TunnelRequest:
     namespace: str = ""  # source workload
     name: str = ""
     src: Address | None = None  # client's own address (informational)
+    protocol: str = ""  # "http/1.1" when the sender knows the stream is HTTP/1 (skip sniffing)
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,8 @@ def encode_request(req: TunnelRequest) -> bytes:
     ]
     if req.namespace or req.name:
         parts.append(_tlv(T_SRC_WORKLOAD, _encode_str(f"{req.namespace}/{req.name}", _MAX_STRING)))
+    if req.protocol:
+        parts.append(_tlv(T_PROTOCOL, _encode_str(req.protocol, 32)))
     if req.src is not None:
         parts.append(_tlv(T_SRC_ADDR, _encode_address(req.src)))
     return _frame(KIND_REQUEST, b"".join(parts))
@@ -273,7 +277,7 @@ def _parse_tlvs(body: bytes, known: frozenset[int]) -> dict[int, bytes]:
     return out
 
 
-_REQ_TYPES = frozenset({T_DST, T_SRC_ADDR, T_SRC_WORKLOAD, T_SRC_IDENTITY})
+_REQ_TYPES = frozenset({T_DST, T_SRC_ADDR, T_SRC_WORKLOAD, T_SRC_IDENTITY, T_PROTOCOL})
 _RESP_TYPES = frozenset({T_STATUS, T_REASON})
 
 
@@ -295,7 +299,9 @@ def _request_from(tlvs: dict[int, bytes]) -> TunnelRequest:
         if not sep:
             raise TunnelError("workload must be '<namespace>/<name>'")
     src = _decode_address(tlvs[T_SRC_ADDR], "source") if T_SRC_ADDR in tlvs else None
-    return TunnelRequest(dst=dst, identity=identity, namespace=namespace, name=name, src=src)
+    protocol = _decode_str(tlvs[T_PROTOCOL], "protocol", 32) if T_PROTOCOL in tlvs else ""
+    return TunnelRequest(dst=dst, identity=identity, namespace=namespace, name=name, src=src,
+                         protocol=protocol)
 
 
 def _response_from(tlvs: dict[int, bytes]) -> TunnelResponse:

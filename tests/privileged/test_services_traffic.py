@@ -1,0 +1,233 @@
+"""Traffic to service VIPs through the mesh (issue #5), on a real 2-node
+simulated cluster with real HTTP servers in pods (tests/privileged/podhttpd.py)
+and curl as the client.
+
+The client pod dials the VIP; its node proxy balances each HTTP request over
+the service's endpoints (one on the client's node, two on the other node:
+the same-node leg and the mTLS tunnel leg), retries per the TrafficPolicy
+applied with the CLI, and balances plain TCP per connection.  Every assertion
+about the upstreams is on what the servers logged they received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.privileged.helpers import TOOLS, require_privileged, wait_for
+
+require_privileged()
+
+from agent.sim import Cluster  # noqa: E402
+from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
+
+pytestmark = pytest.mark.privileged
+
+VIP = service_vip(20)
+VIP_TCP_PORT = 7001
+WEB = ("web-1", "web-2", "web-3")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Web:
+    """podhttpd in every web pod; restartable with other behaviour."""
+
+    def __init__(self, cluster: Cluster, logdir: str) -> None:
+        self.cluster = cluster
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def log(self, name: str) -> str:
+        return os.path.join(self.logdir, f"{name}.jsonl")
+
+    def start(self, name: str, *extra: str) -> None:
+        self.stop(name)
+        open(self.log(name), "w").close()
+        p = self.cluster.pod(name).popen(
+            [sys.executable, "-m", "tests.privileged.podhttpd", "--name", name, "--port", "7000",
+             "--log", self.log(name), "--max-seconds", "600", *extra],
+            stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        assert "listening" in p.stdout.readline(), name
+        self.procs[name] = p
+
+    def stop(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None:
+            p.kill()
+            p.wait(10)
+
+    def received(self, name: str) -> list[dict]:
+        with open(self.log(name)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def reset_logs(self) -> None:
+        for name in self.procs:
+            open(self.log(name), "w").close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    logdir = str(tmp_path_factory.mktemp("web"))
+    cluster = Cluster(nodes=2, pod_specs={
+        1: [{"name": "client", "labels": {"app": "client"}},
+            {"name": "web-1", "labels": {"app": "web"}}],
+        2: [{"name": "web-2", "labels": {"app": "web"}},
+            {"name": "web-3", "labels": {"app": "web"}}],
+    }).up()
+    mesh = Mesh(cluster, l7=True, services=[
+        service("web", {"app": "web"}, [{"port": 80, "targetPort": 7000, "name": "http",
+                                         "appProtocol": "http"},
+                                        {"port": VIP_TCP_PORT, "appProtocol": "tcp"}], index=20),
+    ])
+    web = Web(cluster, logdir)
+    try:
+        mesh.start()
+        for name in WEB:
+            web.start(name)
+        for name in WEB:  # L4 port of the service: the echo tool
+            p = cluster.pod(name).popen(TOOLS + ["echo", "--port", str(VIP_TCP_PORT), "--max-seconds", "600"],
+                                        stdout=subprocess.PIPE, text=True)
+            assert "listening" in p.stdout.readline()
+        yield mesh, web
+    finally:
+        for name in list(web.procs):
+            web.stop(name)
+        mesh.down()
+        cluster.down()
+
+
+def curl(mesh: Mesh, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return mesh.cluster.pod("client").run(
+        ["curl", "-sS", "--max-time", "10", *args], check=False, timeout=timeout)
+
+
+def get_many(mesh: Mesh, n: int, path: str = "/x", *extra: str) -> list[tuple[int, str]]:
+    """n keep-alive GETs on one curl (one client connection): (status, body)."""
+    urls = [f"http://{VIP}/{path.strip('/')}?i={i}" for i in range(n)]
+    r = curl(mesh, "-w", "\\n%{http_code}\\n", *extra, *urls, timeout=60)
+    assert r.returncode == 0, r.stderr + mesh.proxy_log("node1")[-3000:] + mesh.proxy_log("node2")[-3000:]
+    out = []
+    lines = [ln for ln in r.stdout.split("\n") if ln]
+    for body, code in zip(lines[0::2], lines[1::2]):
+        out.append((int(code), body))
+    return out
+
+
+def cli(mesh: Mesh, node: str, *args: str) -> subprocess.CompletedProcess:
+    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--socket", sock],
+                          capture_output=True, text=True, env=_env(), timeout=60)
+
+
+def apply_traffic(mesh: Mesh, tmp_path, text: str) -> None:
+    f = tmp_path / "traffic.yaml"
+    f.write_text(text)
+    for node in mesh.agents:
+        r = cli(mesh, node, "policy", "apply", "-f", str(f))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def loaded():
+        for node in mesh.agents:
+            for w in mesh.status(node)["proxy"]:
+                tr = (w.get("stats") or {}).get("traffic") or {}
+                if tr.get("count", 0) < 1:
+                    return False
+        return True
+
+    wait_for(loaded, "the proxy workers run the TrafficPolicy", timeout=15)
+
+
+def delete_traffic(mesh: Mesh, name: str) -> None:
+    for node in mesh.agents:
+        cli(mesh, node, "policy", "delete", name, "-n", "default", "--kind", "trafficpolicy")
+
+
+def served_by(results: list[tuple[int, str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _, body in results:
+        name = body.split(" ", 1)[0]
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def test_requests_to_the_vip_are_spread_over_every_endpoint(env):
+    mesh, web = env
+    web.reset_logs()
+    res = get_many(mesh, 60)
+    assert all(code == 200 for code, _ in res), res
+    by = served_by(res)
+    assert set(by) == set(WEB), by  # same-node and both cross-node endpoints served
+    for name in WEB:  # the servers agree with what the client saw
+        assert len(web.received(name)) == by[name]
+    # Tracing through the service: every request carried a traceparent.
+    assert all(r["traceparent"] for name in WEB for r in web.received(name))
+
+
+def test_a_stopped_endpoint_stops_receiving_requests(env):
+    mesh, web = env
+    web.stop("web-2")
+    try:
+        web.reset_logs()
+        res = get_many(mesh, 40)
+        assert all(code == 200 for code, _ in res), res  # refused connects go elsewhere
+        assert set(served_by(res)) == {"web-1", "web-3"}
+    finally:
+        web.start("web-2")
+
+
+def test_503s_are_retried_on_another_endpoint_and_post_is_not(env, tmp_path):
+    mesh, web = env
+    apply_traffic(mesh, tmp_path, """
+apiVersion: meshlet.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: default}
+spec:
+  service: web
+  retries: {attempts: 2, retryOn: ["503"]}
+  outlierDetection: {consecutive5xx: 0}
+""")
+    try:
+        web.start("web-1", "--fail-first", "1000")  # web-1 always answers 503
+        res = get_many(mesh, 30)
+        assert all(code == 200 for code, _ in res), res  # every 503 absorbed by a retry
+        assert "web-1" not in served_by(res)
+        tried_web1 = len(web.received("web-1"))
+        assert tried_web1 > 0  # it was tried, and its 503s never reached the client
+        # POST is not idempotent: not retried, so some 503s reach the client.
+        r = [curl(mesh, "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-d", "x", f"http://{VIP}/p")
+             for _ in range(12)]
+        codes = [int(x.stdout) for x in r]
+        posts_web1 = [x for x in web.received("web-1") if x["method"] == "POST"]
+        assert codes.count(503) == len(posts_web1) > 0
+    finally:
+        web.start("web-1")
+        delete_traffic(mesh, "web")
+
+
+def test_tcp_port_of_the_service_is_balanced_per_connection(env):
+    mesh, _ = env
+    seen = set()
+    for i in range(30):
+        r = mesh.cluster.pod("client").run(
+            TOOLS + ["session", VIP, str(VIP_TCP_PORT), "--timeout", "5"], check=False, timeout=20)
+        assert r.returncode == 0, r.stdout + r.stderr
+        seen.add(r.stdout)
+        if i >= 8 and len(seen) > 1:
+            break
+    # The echo tool answers with the bytes it got, so the endpoint shows in
+    # the proxy's access log rather than the payload: check the legs there.
+    log = mesh.access_log("node1")
+    dsts = {e.get("dst_pod") for e in log if e.get("route") in ("local", "tunnel")
+            and (e.get("dst_addr") or "").endswith(f":{VIP_TCP_PORT}")}
+    assert len(dsts & {"default/web-1", "default/web-2", "default/web-3"}) >= 2, dsts

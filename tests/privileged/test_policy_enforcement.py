@@ -69,6 +69,11 @@ spec:
 
 @pytest.fixture(scope="module")
 def mesh():
+    # The kernel refuses certain L4 denials at connect() (EPERM; proven in
+    # test_policy_kernel.py); here the kernel path is off, so these tests
+    # prove that the destination node's proxy enforces on its own.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MESHLET_KERNEL_POLICY", "0")
     cluster = Cluster(nodes=2, pods_per_node=2).up()
     m = Mesh(cluster)
     try:
@@ -78,6 +83,7 @@ def mesh():
     finally:
         m.down()
         cluster.down()
+        mp.undo()
 
 
 def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:

@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import timeit
 
@@ -142,21 +143,29 @@ def normalize_cost() -> dict:
 # --------------------------------------------------------------------------
 # 2. apply latency on a real mesh
 
-# Runs in the client pod: connect, send a byte, expect the echo, close; back
-# to back, for at most argv[3] seconds.  Prints one JSON line per change of
-# outcome {"t": monotonic, "ok": bool, "how": ...}; the first line is the
-# starting state.  Reads nothing; stopped by the benchmark (or its deadline).
+# Runs in the client pod: one probe after another over fresh connections,
+# for at most argv[4] seconds.  Mode "tcp": send a byte, expect the echo.
+# Mode "http": GET /admin/x, allowed unless the answer is 403.  Prints one
+# JSON line per change of outcome {"t": monotonic, "ok": bool, "how": ...};
+# the first line is the starting state.  Stopped by the benchmark.
 POLLER = r"""
 import json, socket, sys, time
-host, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+host, port, mode, limit = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 end = time.monotonic() + limit
 last = None
+req = b"GET /admin/x HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 while time.monotonic() < end:
     t = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=2) as s:
-            s.sendall(b"x")
-            ok, how = s.recv(1) == b"x", "echo"
+            if mode == "tcp":
+                s.sendall(b"x")
+                ok, how = s.recv(1) == b"x", "echo"
+            else:
+                s.sendall(req)
+                line = s.recv(64).split(b"\r\n", 1)[0]
+                ok = bool(line) and b" 403 " not in line + b" "
+                how = line.decode("latin-1") or "eof"
     except ConnectionResetError:
         ok, how = False, "reset"
     except OSError as e:
@@ -167,7 +176,7 @@ while time.monotonic() < end:
     time.sleep(0.002)
 """
 
-DENY = """\
+DENY_L4 = """\
 apiVersion: meshlet.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: bench-deny, namespace: default}
@@ -177,6 +186,27 @@ spec:
   rules:
   - from: [{source: {principals: [ns/default/sa/pod1-1]}}]
 """
+
+DENY_L7 = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bench-deny, namespace: default}
+spec:
+  selector: {matchLabels: {app: pod2-1}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+"""
+
+# kind -> (what enforces it, policy, poller mode, server, mesh settings, agent env)
+KINDS = {
+    "kernel": ("L4 DENY by principal; the source node's kernel (connect4) refuses", DENY_L4, "tcp",
+               "echo", {}, {}),
+    "proxy": ("the same, MESHLET_KERNEL_POLICY=0: the destination proxy refuses", DENY_L4, "tcp",
+              "echo", {}, {"MESHLET_KERNEL_POLICY": "0"}),
+    "l7": ("HTTP DENY /admin*; the destination proxy answers 403 (proxy.l7)", DENY_L7, "http",
+           "http", {"l7": True}, {}),
+}
 
 
 def _admin(mesh, node: str, method: str, path: str, body: dict | None = None) -> dict:
@@ -206,28 +236,35 @@ def _next_state(poller, want_ok: bool, timeout: float) -> dict:
     raise TimeoutError(f"the poller did not see ok={want_ok} within {timeout}s")
 
 
-def apply_latency(runs: int = 5, timeout: float = 10.0) -> dict:
+def apply_latency(kind: str = "kernel", runs: int = 5, timeout: float = 10.0) -> dict:
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     from agent.sim import Cluster
     from agent.sim.mesh import Mesh
-    from tests.privileged.helpers import TOOLS
 
+    what, policy, mode, server, settings, agent_env = KINDS[kind]
+    saved = {k: os.environ.get(k) for k in agent_env}
+    os.environ.update(agent_env)   # the agents inherit the environment (Mesh._env)
     cluster = Cluster(nodes=2, pods_per_node=1).up()
-    mesh = Mesh(cluster)
+    mesh = Mesh(cluster, **settings)
     applies, deletes, api_ms, hows = [], [], [], []
+    port = 7001 if server == "echo" else 8080
     try:
-        srv = cluster.pod("pod2-1").popen(TOOLS + ["echo", "--port", "7001", "--max-seconds", "600"],
-                                         stdout=subprocess.PIPE, text=True)
+        argv = ([sys.executable, "-m", "agent.sim.tools", "echo", "--port", "7001", "--max-seconds", "600"]
+                if server == "echo" else
+                [sys.executable, "-u", "-c", "import http.server as h, sys; print('listening', flush=True); "
+                 "h.ThreadingHTTPServer(('0.0.0.0', 8080), h.SimpleHTTPRequestHandler).serve_forever()"])
+        srv = cluster.pod("pod2-1").popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                          text=True, cwd=tempfile.gettempdir())
         if "listening" not in srv.stdout.readline():
-            raise RuntimeError("echo server did not start")
+            raise RuntimeError("the server did not start")
         mesh.start()
-        body = {"files": [{"filename": "bench-deny.yaml", "text": DENY}]}
+        body = {"files": [{"filename": "bench-deny.yaml", "text": policy}]}
         with ThreadPoolExecutor(2) as pool:
             for _ in range(runs):
                 poller = cluster.pod("pod1-1").popen(
-                    [sys.executable, "-c", POLLER, cluster.pod("pod2-1").ip4, "7001",
+                    [sys.executable, "-c", POLLER, cluster.pod("pod2-1").ip4, str(port), mode,
                      str(4 * timeout)], stdout=subprocess.PIPE, text=True)
                 try:
                     _next_state(poller, True, timeout)         # reachable before
@@ -249,21 +286,26 @@ def apply_latency(runs: int = 5, timeout: float = 10.0) -> dict:
     finally:
         mesh.down()
         cluster.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def stats(xs):
         return {"median_ms": round(statistics.median(xs), 1), "max_ms": round(max(xs), 1),
                 "runs": [round(x, 1) for x in xs]}
-    return {"apply_to_refused": stats(applies), "delete_to_allowed": stats(deletes),
+    return {"what": what, "apply_to_refused": stats(applies), "delete_to_allowed": stats(deletes),
             "admin_api_apply": stats(api_ms), "refused_as": sorted(set(hows))}
 
 
 # --------------------------------------------------------------------------
 
 
-def run(runs: int = 5, apply: bool = True) -> dict:
+def run(runs: int = 5, apply: bool = True, kinds=tuple(KINDS)) -> dict:
     out: dict = {"evaluate": eval_cost(), "normalize": normalize_cost()}
     if apply:
-        out["apply"] = apply_latency(runs)
+        out["apply"] = {k: apply_latency(k, runs) for k in kinds}
     return out
 
 
@@ -276,9 +318,9 @@ def print_tables(res: dict) -> None:
     n = res["normalize"]
     print(f"normalize_path: {n['normalize_path_us']} µs (with dot segments and escapes: "
           f"{n['normalize_path_tricky_us']} µs); building the Request: {n['request_build_us']} µs")
-    if "apply" in res:
-        a = res["apply"]
-        print("\nApply latency on a 2-node mesh (admin API POST to both agents -> first refused connection)")
+    for kind, a in res.get("apply", {}).items():
+        print(f"\nApply latency, {kind}: {a['what']}")
+        print("  (admin API POST to both agents of a 2-node mesh -> first refused connection/request)")
         for k, label in (("apply_to_refused", "apply -> refused"), ("delete_to_allowed", "delete -> allowed"),
                          ("admin_api_apply", "admin API round trip")):
             print(f"  {label:<22} median {a[k]['median_ms']:>7.1f} ms   max {a[k]['max_ms']:>7.1f} ms   "
@@ -290,11 +332,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--skip-apply", action="store_true", help="only the pure part (no root needed)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"apply-latency cases, comma-separated (default: all of {', '.join(KINDS)})")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     if not 1 <= a.runs <= 50:
         ap.error("--runs must be 1..50")
-    res = run(a.runs, apply=not a.skip_apply)
+    kinds = tuple(k for k in a.kinds.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
+    res = run(a.runs, apply=not a.skip_apply, kinds=kinds)
     print_tables(res)
     if a.json:
         with open(a.json, "w") as f:

@@ -399,7 +399,6 @@ def test_403_keeps_the_connection_usable_and_never_reaches_the_backend(env, poli
     assert_403(res["responses"][2])
     got = rec.requests_since(dst)
     assert [r["target"] for r in got] == ["/ok?x=1", "/ok2"]
-    assert len({r["conn"] for r in got}) == 1   # one pooled upstream connection carried both
     # only what was allowed reached it, not a byte of the denied requests
     assert "admin" not in "".join(r.get("raw", "") for r in rec.since(dst))
     # the access log names the policy for the denied requests

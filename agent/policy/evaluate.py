@@ -109,6 +109,17 @@ class Request:
         object.__setattr__(self, "headers", MappingProxyType(
             {k.lower(): tuple(v) for k, v in self.headers.items()}))
 
+    def with_http(self, method: str, path: str, host: str | None,
+                  headers: Mapping[str, tuple[str, ...]]) -> "Request":
+        """This connection's request as one HTTP request, for the per-request
+        path: the inputs must already be what __post_init__ would make of
+        them (the parser's normalized path and host, ``header_multimap``'s
+        lower-case names), so its checks and copies are skipped."""
+        r = object.__new__(Request)
+        r.__dict__.update(self.__dict__)
+        r.__dict__.update(is_http=True, method=method, path=path, host=host, headers=headers)
+        return r
+
     @property
     def principal(self) -> str | None:
         """The source principal as policies match it: ``<trust-domain>/ns/.../sa/...``."""
@@ -347,9 +358,123 @@ def explain(policyset: PolicySet, req: Request) -> tuple[Decision, tuple[RuleTra
     return d, tuple(traces)
 
 
+# The per-request path: the same decision as explain()[0], without building a
+# trace or a reason string for every rule (only for the deciding one).
+
+
+def _ok(values: tuple, not_values: tuple, actual: Any, one: Callable[[Any, Any], bool]) -> bool:
+    if values and not any(one(v, actual) for v in values):
+        return False
+    return not any(one(v, actual) for v in not_values)
+
+
+def _source_ok(s: Source, req: Request) -> bool:
+    return (_ok(s.principals, s.not_principals, req.principal, _pat)
+            and _ok(s.namespaces, s.not_namespaces, req.source_namespace, _pat)
+            and _ok(s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in))
+
+
+def _operation_ok(op: Operation, req: Request, drop_l7: bool) -> bool:
+    if not _ok(op.ports, op.not_ports, req.destination_port, _eq):
+        return False
+    if drop_l7:
+        return True
+    return (_ok(op.methods, op.not_methods, req.method, _pat)
+            and _ok(op.paths, op.not_paths, req.path, _pat)
+            and _ok(op.hosts, op.not_hosts, req.host, _pat))
+
+
+def _condition_ok(c: Condition, req: Request) -> bool:
+    k = c.key
+    if k is ConditionKey.REQUEST_HEADER:
+        return _ok(c.values, c.not_values, req.headers.get(c.header or "", ()), _any_value)
+    if k is ConditionKey.SOURCE_IP:
+        return _ok(c.values, c.not_values, req.source_ip, _ip_in)
+    if k is ConditionKey.SOURCE_NAMESPACE:
+        return _ok(c.values, c.not_values, req.source_namespace, _pat)
+    if k is ConditionKey.SOURCE_PRINCIPAL:
+        return _ok(c.values, c.not_values, req.principal, _pat)
+    return _ok(c.values, c.not_values, req.destination_port, _eq)
+
+
+def rule_matches(rule: Rule, req: Request, *, drop_l7: bool = False) -> bool:
+    """``rule_mismatch(rule, req, drop_l7=...) is None``, without the explanation."""
+    if rule.sources and not any(_source_ok(s, req) for s in rule.sources):
+        return False
+    if rule.operations and not any(_operation_ok(o, req, drop_l7) for o in rule.operations):
+        return False
+    for c in rule.conditions:
+        if drop_l7 and c.is_l7:
+            continue
+        if not _condition_ok(c, req):
+            return False
+    return True
+
+
+def _first_match(p: Policy, req: Request) -> int | None:
+    """The index of ``p``'s first rule matching ``req`` (as ``_trace_rule`` decides)."""
+    http = req.is_http
+    for i, rule in enumerate(p.rules):
+        if not http and rule.is_l7:
+            if p.action is Action.ALLOW:
+                continue  # never matches a non-HTTP connection
+            if rule_matches(rule, req, drop_l7=True):
+                return i
+        elif rule_matches(rule, req):
+            return i
+    return None
+
+
 def evaluate(policyset: PolicySet, req: Request) -> Decision:
-    """Allow or deny ``req`` (semantics in the module docstring)."""
-    return explain(policyset, req)[0]
+    """Allow or deny ``req`` (semantics in the module docstring); the same
+    Decision as ``explain(policyset, req)[0]``, at a fraction of the cost."""
+    applying = policyset.selecting(req.destination_namespace, req.destination_labels)
+    audited: list[RuleRef] = []
+    deny: tuple[Policy, int] | None = None
+    allow: tuple[Policy, int] | None = None
+    allow_policies = False
+    ignored = 0
+    for p in applying:
+        a = p.action
+        if a is Action.AUDIT:
+            i = _first_match(p, req)
+            if i is not None:
+                audited.append(RuleRef(p.key, i, p.rules[i].origin))
+    for p in applying:
+        if p.action is Action.DENY:
+            i = _first_match(p, req)
+            if i is not None:
+                deny = (p, i)
+                break
+    if deny is None:
+        for p in applying:
+            if p.action is not Action.ALLOW:
+                continue
+            allow_policies = True
+            if allow is None:
+                i = _first_match(p, req)
+                if i is not None:
+                    allow = (p, i)
+            if not req.is_http:
+                ignored += sum(1 for r in p.rules if r.is_l7)
+    aud = tuple(audited)
+    if deny is not None:
+        p, i = deny
+        tr = _trace_rule(p, i, p.rules[i], req)
+        return Decision(False, "DENY", p.key, i, f"denied by DENY policy {p.key} rule {i}"
+                        + (f" ({tr.detail})" if tr.detail else ""), aud, p.rules[i].origin)
+    if not allow_policies:
+        return Decision(True, "NO_POLICY", None, None,
+                        "allowed: no ALLOW policy applies to this workload", aud)
+    if allow is not None:
+        p, i = allow
+        return Decision(True, "ALLOW", p.key, i, f"allowed by ALLOW policy {p.key} rule {i}", aud,
+                        p.rules[i].origin)
+    names = ", ".join(p.key for p in applying if p.action is Action.ALLOW)
+    extra = (f"; {ignored} ALLOW rule(s) were ignored because they use HTTP-only fields "
+             "on a non-HTTP connection") if ignored else ""
+    return Decision(False, "NO_MATCH", None, None,
+                    f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}", aud)
 
 
 # --------------------------------------------------------------------------

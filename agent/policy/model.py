@@ -295,9 +295,19 @@ class PolicySet:
     """Fingerprint of the meaning (not the formatting) of the set; see load.fingerprint."""
     sources: tuple[str, ...] = field(default=(), compare=False)
     """Files the set was read from."""
+    _selecting: dict = field(default_factory=dict, compare=False, repr=False)
+    """Memo of :meth:`selecting` (the set is immutable; bounded)."""
 
     def selecting(self, namespace: str, labels: Mapping[str, str]) -> tuple[Policy, ...]:
-        return tuple(p for p in self.policies if p.selects(namespace, labels, self.root_namespace))
+        key = (namespace, frozenset(labels.items()))
+        memo = self._selecting
+        got = memo.get(key)
+        if got is None:
+            got = tuple(p for p in self.policies if p.selects(namespace, labels, self.root_namespace))
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[key] = got
+        return got
 
     def get(self, namespace: str, name: str) -> Policy | None:
         for p in self.policies:

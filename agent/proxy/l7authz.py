@@ -65,6 +65,7 @@ class RequestAuthorizer:
         self.port = port
         self.tcp_allowed = tcp_allowed
         self._version: str | None = None
+        self._base: Request | None = None  # the connection as a Request (HTTP fields added per request)
         self._needed = True
         self.principal = None
         if identity:
@@ -107,8 +108,10 @@ class RequestAuthorizer:
             norm_host = normalize_host(host) if host is not None else None
         except HttpError as e:
             return Denial(400, e.reason)
-        req = Request(destination_namespace=self.namespace, destination_labels=self.labels,
-                      destination_port=self.port, source_principal=self.principal, source_ip=self.ip,
-                      is_http=True, method=method.decode("latin-1"), path=path, host=norm_host,
-                      headers=header_multimap(headers))
-        return evaluate(ps, req)
+        base = self._base
+        if base is None:
+            base = self._base = Request(destination_namespace=self.namespace, destination_labels=self.labels,
+                                        destination_port=self.port, source_principal=self.principal,
+                                        source_ip=self.ip)
+        return evaluate(ps, base.with_http(method.decode("latin-1"), path, norm_host,
+                                           header_multimap(headers)))

@@ -404,3 +404,13 @@ def test_compile_l4_never_contradicts_evaluate(pols, req):
     # the verdict looks at L4 only, so it must also hold for the same connection as plain TCP
     as_tcp = Request("shop", {}, req.destination_port, req.source_principal, req.source_ip)
     assert evaluate(ps, as_tcp).allowed is (v.verdict == "allow")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_policies, _requests)
+def test_evaluate_gives_exactly_the_decision_explain_gives(pols, req):
+    """evaluate() is the per-request fast path; explain() the reference."""
+    ps = PolicySet(tuple(sorted(pols, key=lambda p: p.name)))
+    assert evaluate(ps, req) == explain(ps, req)[0]
+    as_tcp = Request("shop", {}, req.destination_port, req.source_principal, req.source_ip)
+    assert evaluate(ps, as_tcp) == explain(ps, as_tcp)[0]

@@ -347,3 +347,15 @@ def test_mutated_documents_only_raise_source_error(mutations):
 @given(st.integers(0, len(GOOD)), st.integers(0, 40), st.text(max_size=8))
 def test_spliced_text_only_raises_source_error(at, cut, insert):
     _check(GOOD[:at] + insert + GOOD[at + cut:])
+
+
+def test_the_authorization_loader_alone_refuses_other_kinds():
+    """parse_policies reads AuthorizationPolicy only (the store and the CLI add
+    TrafficPolicy through the shared collector); a TrafficPolicy here is an
+    error at its `kind`, never skipped."""
+    text = ("apiVersion: meshlet.io/v1alpha1\nkind: TrafficPolicy\n"
+            "metadata: {name: t, namespace: shop}\nspec: {service: backend}\n")
+    with pytest.raises(SourceError) as ei:
+        parse_policies(text, "t.yaml")
+    assert [str(p) for p in ei.value.errors] == [
+        "t.yaml:2:7: kind: 'TrafficPolicy' is not one of: AuthorizationPolicy"]

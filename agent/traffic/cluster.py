@@ -77,6 +77,7 @@ class Cluster:
             settings.outlier_detection, self.targets, now)
         self.breaker = Breaker(settings.circuit_breaker)
         self.budget = RetryBudget(settings.budget, now)
+        self._ejected: frozenset = frozenset()
         self._derive()
 
     @classmethod
@@ -123,7 +124,12 @@ class Cluster:
             return t[0]
         if not t:
             return None
-        return self.lb.pick(t, unavailable=self.outlier.ejected(now), avoid=avoid)
+        ej = self.outlier.ejected(now)
+        if ej is not self._ejected:
+            for e in self._ejected - ej:  # back from an ejection: its old latency says nothing
+                self.lb.forget_latency(e)
+            self._ejected = ej
+        return self.lb.pick(t, unavailable=ej, avoid=avoid)
 
     def start(self, target: Target) -> Token | None:
         """An attempt to ``target`` begins; the token goes to :meth:`finish`."""

@@ -120,6 +120,16 @@ class LoadBalancer(Generic[E]):
         s = self._stats.get(endpoint)
         return None if s is None or s.samples == 0 else s.ewma
 
+    def forget_latency(self, endpoint: E) -> None:
+        """Drop ``endpoint``'s latency EWMA (it reads as 0 again, so it is tried
+        early): for an endpoint coming back from an ejection, whose old
+        samples say nothing about it now and would otherwise keep it out of
+        every P2C draw it shares with a faster-looking endpoint."""
+        s = self._stats.get(endpoint)
+        if s is not None:
+            s.ewma = 0.0
+            s.samples = 0
+
     def retain(self, endpoints: Collection[E]) -> None:
         """Forget statistics of endpoints no longer listed (after an inventory
         change); ones with attempts in flight are kept until those finish."""

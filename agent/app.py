@@ -269,7 +269,7 @@ class Agent:
         if store is None or inv is None or not self.datapath.maps:
             return
         with self.policy_lock:  # the admin API applies in another thread
-            ps, version = store.policyset, store.version
+            ps, version = store.policyset, store.policyset.version  # TrafficPolicies do not matter here
         sig = (version, self.generation)
         if sig == self.l4_sig:
             return

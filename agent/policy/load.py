@@ -302,6 +302,22 @@ def _string_map(v: y.Value) -> dict:
     return y.map_of(y.string, y.any_string)(v)
 
 
+#: Annotations that change what a policy does; meshlet does not implement
+#: them, and ignoring one would enforce a policy its author did not mean to.
+_UNSUPPORTED_ANNOTATIONS = {
+    "istio.io/dry-run": "dry-run policies are not supported: meshlet would enforce this policy; "
+                        "remove it, or use action: AUDIT to log without enforcing",
+}
+
+
+def _annotations(v: y.Value) -> dict:
+    out = _string_map(v)
+    for key, why in _UNSUPPORTED_ANNOTATIONS.items():
+        if key in out:
+            raise y.Invalid(f"{key}: {why}")
+    return out
+
+
 # --------------------------------------------------------------------------
 # Documents
 
@@ -343,7 +359,7 @@ def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
         name = meta.get("name", y.dns_subdomain)
         namespace = meta.get("namespace", y.dns_label)
         meta.get("labels", _string_map, None)
-        meta.get("annotations", _string_map, None)
+        meta.get("annotations", _annotations, None)
         meta.finish()
     ctx = _Ctx(trust_domain, api in ISTIO_APIS)
     # an absent spec reads like "spec: {}": an ALLOW policy that allows nothing

@@ -16,7 +16,6 @@ like pod IPs (IPv4-mapped IPv6 is the IPv4 address).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from agent.filesig import file_sig
 from agent.proxy.tunnel import spiffe_id
 
 __all__ = [

@@ -328,9 +328,6 @@ def test_unsupported_documents_fail_closed(name, where, message):
         load_policies([DOCS / "04-allow-by-principal.yaml", path])
 
 
-@pytest.mark.xfail(strict=True, reason="the loader accepts metadata.annotations as free strings, so "
-                   "istio.io/dry-run is ignored and a dry-run DENY is enforced; it should be refused "
-                   "(agent/policy/load.py, not owned here)")
 def test_dry_run_annotation_fails_closed():
     with pytest.raises(SourceError, match="dry-run"):
         load_policies(UNSUPPORTED / "dry-run-annotation.yaml")

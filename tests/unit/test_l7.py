@@ -23,6 +23,7 @@ import uvloop
 from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, ResponseHead, ResponseParser
 from agent.proxy.l7 import L7Settings, Response, UpstreamPool, session_factory
 from agent.proxy.tracing import parse_traceparent
+from agent.traffic.breaker import Limit
 from agent.traffic.cluster import Cluster
 from agent.traffic.policy import Timeouts, TrafficSettings
 
@@ -333,6 +334,13 @@ def test_websocket_style_upgrade_switches_to_a_byte_relay():
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
             assert px.responses == [("/ws", 101)]
+            cluster = px.pool.direct(tuple(up.addr))
+            assert cluster.breaker.active[Limit.REQUESTS] == 0  # released at the 101
+            for _ in range(50):  # the tunnel's connection count ends with the relay
+                if cluster.breaker.active[Limit.CONNECTIONS] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert cluster.breaker.active[Limit.CONNECTIONS] == 0
     run(main())
 
 

@@ -9,7 +9,9 @@ message *is* lives here or in ``agent.policy.http``):
   :class:`ParseError` carries the status to answer with and ends parsing for
   good. Several pipelined requests in one ``feed`` give several event runs.
 - Requests are checked once, at the end of the head, by
-  :func:`agent.policy.http.check_framing` (both CL and TE, differing CL,
+  :func:`agent.policy.http.scan_request_headers` (the checks of
+  :func:`~agent.policy.http.check_framing` in the same single pass that
+  picks up Host, Expect and Upgrade: both CL and TE, differing CL,
   unknown TE, missing/duplicate Host on 1.1 → 400; too many or too large
   headers → 431) and :func:`~agent.policy.http.normalize_path` (400/414). The
   normalized target is what the proxy forwards. llhttp is strict too: what it
@@ -273,6 +275,15 @@ class RequestParser(_Parser):
     def _reset_message(self) -> None:
         super()._reset_message()
         self._url = b""
+
+    def on_message_begin(self) -> None:
+        # _Parser.on_message_begin with _reset_message inlined (once per request)
+        self._state = _HEAD
+        self._headers = []
+        self._hbytes = 0
+        self._head_wire = 0
+        self._url = b""
+        self._began_in_feed = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url

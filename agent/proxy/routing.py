@@ -31,12 +31,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, Union
 
 from agent.proxy.state import Pod, ProxyState, normalize_ip
 
 __all__ = ["Origin", "Local", "Tunnel", "Passthrough", "Reject", "ServiceRoute", "Decision",
-           "route", "endpoint_route"]
+           "route", "endpoint_route", "service_route"]
 
 
 class Origin(Protocol):
@@ -111,12 +112,16 @@ class ServiceRoute:
         """``namespace/name:port``: the upstream name in stats and logs."""
         return f"{self.service}:{self.port}"
 
+    @cached_property
+    def _addr_by_key(self) -> dict[str, str]:
+        return {p.key: ip for p, ip in zip(self.endpoints, self.addrs)}
+
     def addr_of(self, pod: Pod) -> tuple[str, int]:
         """(address, target port) to dial for ``pod``, one of ``endpoints``."""
-        for p, ip in zip(self.endpoints, self.addrs):
-            if p.key == pod.key:
-                return (ip, self.target_port)
-        raise KeyError(f"{pod.key} is not an endpoint of {self.cluster}")
+        ip = self._addr_by_key.get(pod.key)
+        if ip is None:
+            raise KeyError(f"{pod.key} is not an endpoint of {self.cluster}")
+        return (ip, self.target_port)
 
 
 Decision = Union[Local, Tunnel, Passthrough, Reject, ServiceRoute]
@@ -236,6 +241,9 @@ def _check_destination(state: ProxyState, src: Pod, dst_ip: str, port: int) -> R
 
 def _service_route(state: ProxyState, src: Pod, svc, sp, vip: str, port: int,
                    family: int) -> ServiceRoute:
+    """The ServiceRoute for ``src`` dialing ``vip``:``port`` of ``svc`` (a
+    state.Service) on its port ``sp`` (a state.ServicePort): the endpoints
+    with an address in the VIP's family.  Public as :func:`service_route`."""
     v6 = ":" in vip
     eps, addrs = [], []
     for e in sp.endpoints:  # sorted by pod key, then address
@@ -245,6 +253,9 @@ def _service_route(state: ProxyState, src: Pod, svc, sp, vip: str, port: int,
             addrs.append(e.ip)
     return ServiceRoute(src, svc.key, svc.name, svc.namespace, port, sp.app_protocol, (vip, port),
                         tuple(eps), sp.target_port, family, sp.name, tuple(addrs))
+
+
+service_route = _service_route
 
 
 def _to_address(state: ProxyState, src: Pod, dst: Pod | None, dst_ip: str, port: int,

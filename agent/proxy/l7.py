@@ -179,13 +179,14 @@ class Ticker:
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = TICK) -> None:
         self._loop = loop
         self._res = resolution
+        self._per_s = 1.0 / resolution
         self._slots: dict[int, dict[Any, None]] = {}
         self._heap: list[int] = []
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for: int | None = None
 
     def key(self, when: float) -> int:
-        return int(when / self._res) + 1
+        return int(when * self._per_s) + 1
 
     def move(self, obj: Any, old: int | None, key: int) -> int:
         if old is not None:
@@ -218,7 +219,7 @@ class Ticker:
         self._handle = None
         self._armed_for = None
         now = self._loop.time()
-        cur = int(now / self._res)
+        cur = int(now * self._per_s)
         due: list = []
         heap = self._heap
         while heap and heap[0] <= cur:
@@ -504,6 +505,7 @@ class L7Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._ticker = pool.ticker
+        self._per_s = self._ticker._per_s
         self._tick_key: int | None = None
         self._parser = RequestParser()
         self._queue: collections.deque = collections.deque()
@@ -657,7 +659,7 @@ class L7Session(asyncio.Protocol):
 
     def _arm(self, when: float) -> None:
         """Make sure the ticker wakes this session no later than ``when``."""
-        k = self._ticker.key(when)
+        k = int(when * self._per_s) + 1  # == Ticker.key(when), inlined: several calls per request
         old = self._tick_key
         if old is None or k < old:
             self._tick_key = self._ticker.move(self, old, k)
@@ -1057,9 +1059,8 @@ class L7Session(asyncio.Protocol):
         up = self._up
         if up is not None:
             self._up = None
-            if self._req_done and up.usable() and self._upstream_reusable:
-                idle = self._cluster.settings.timeouts.idle  # type: ignore[union-attr]
-                self.pool.release(up, idle)
+            if self._req_done and self._upstream_reusable:  # release() checks it is usable
+                self.pool.release(up, self._cluster.settings.timeouts.idle)  # type: ignore[union-attr]
             else:
                 up.session = None
                 up.transport.close()  # type: ignore[union-attr]

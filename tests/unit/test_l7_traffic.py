@@ -569,3 +569,51 @@ def test_cluster_update_keeps_serving_and_pool_keys_on_the_whole_target():
                 assert px.exchanges[-1][1].upstream == t2
                 cl.close()
     run(main())
+
+
+# ---- deadlines
+
+def test_ticker_wakes_never_early_at_most_about_a_tick_late_and_forgets_removed():
+    async def main():
+        from agent.proxy.l7 import TICK, Ticker
+        loop = asyncio.get_running_loop()
+        ticker = Ticker(loop)
+        woke: dict[str, float] = {}
+
+        class Obj:
+            def __init__(self, name, after):
+                self.name, self._tick_key = name, None
+                self.when = loop.time() + after
+                self._tick_key = ticker.move(self, None, ticker.key(self.when))
+
+            def _on_tick(self, now):
+                woke[self.name] = now
+
+        a, b, c = Obj("a", 0.12), Obj("b", 0.3), Obj("c", 0.2)
+        ticker.remove(c, c._tick_key)
+        b._tick_key = ticker.move(b, b._tick_key, ticker.key(loop.time() + 0.05))  # earlier now
+        b.when = loop.time() + 0.05
+        await asyncio.sleep(0.5)
+        assert set(woke) == {"a", "b"}
+        for o in (a, b):
+            assert o.when <= woke[o.name] < o.when + TICK + 0.1
+        ticker.close()
+    run(main())
+
+
+def test_idle_pooled_upstream_connections_expire_per_cluster_setting():
+    async def main():
+        async with Upstream("a") as a:
+            cluster = Cluster.single(a.target, settings(timeouts=Timeouts(idle=0.2)))
+            async with Proxy(cluster) as px:
+                cl = px.client()
+                assert (await cl.request())[0] == 200
+                assert px.pool.idle_count() == 1 and len(a.transports) == 1
+                for _ in range(50):
+                    if not a.transports:
+                        break
+                    await asyncio.sleep(0.02)
+                assert px.pool.idle_count() == 0 and not a.transports  # closed by the proxy
+                assert cluster.breaker.active[Limit.CONNECTIONS] == 0
+                assert (await cl.request())[0] == 200 and a.connections == 2
+    run(main())

@@ -53,6 +53,7 @@ def main() -> None:
       meshlet certs                   workload certificates, expiry and next rotation
       meshlet flows [-f]              TCP flows from the kernel: legs, bytes, RTT
       meshlet stats                   traffic per workload pair; Prometheus on :15020/metrics
+      meshlet services                service VIPs, ports and the endpoints behind them
       meshlet policy validate F|DIR   authorization + traffic policies, offline (also explain, lint)
     """
 
@@ -288,6 +289,73 @@ def workloads(sock, node, output) -> None:
     for w in data["workloads"]:
         click.echo(f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
                    f"{','.join(w['ips']):<34} {w['reason'] or ''}")
+
+
+@main.command()
+@agent_opts
+@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
+              show_default=True, help="table: one row per service port; wide: one row per "
+              "endpoint; json: everything, as GET /v1/services.")
+def services(sock, node, output) -> None:
+    """Services (virtual IPs) the node proxy balances, and their endpoints.
+
+    \b
+    A service comes from the inventory's services: section:
+      services:
+        - name: backend
+          namespace: shop
+          vip: [10.96.0.10, "fd00:96::10"]   # on no interface: the mesh redirects it
+          selector: {app: backend}            # endpoints: pods of shop with these labels
+          ports: [{port: 80, targetPort: 8080, appProtocol: http}]
+
+    \b
+    Endpoints are computed from the pods' labels, one per pod address in
+    each family (a connection to the IPv6 VIP goes to IPv6 addresses).  Only
+    mesh pods can reach a VIP (there is no kube-proxy); endpoints with
+    mesh: false get plain TCP from the proxy, marked "no" under MESH.
+
+    \b
+    Columns (table):
+      SERVICE    namespace/name          VIPS       its virtual IPs
+      PORT       port -> targetPort      PROTOCOL   appProtocol (detect: sniffed)
+      ENDPOINTS  how many pods, and how many on this node
+    -o wide lists every endpoint (pod, node, address, mesh); -o json is
+    the admin API's answer (GET /v1/services).
+    """
+    data = admin_get("/v1/services", _admin_socket(sock, node))
+    if output == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    if data.get("inventory_error"):
+        click.echo("INVENTORY RELOAD FAILED (the previous services stay in force):\n"
+                   f"{data['inventory_error']}\n", err=True)
+    rows = []
+    for s in data["services"]:
+        for p in s["ports"]:
+            port = f"{p['port']}" + (f"/{p['name']}" if p.get("name") else "")
+            port += f" -> {p['target_port']}"
+            base = [s["key"], ",".join(s["vips"]), port, p.get("app_protocol") or "detect"]
+            eps = p["endpoints"]
+            if output == "wide":
+                for e in eps or [None]:
+                    addr = f"[{e['ip']}]" if e and ":" in e["ip"] else (e or {}).get("ip")
+                    rows.append(base + ([e["pod"], e["node"], f"{addr}:{e['port']}",
+                                         "yes" if e.get("mesh", True) else "no"]
+                                        if e else ["<none>", "", "", ""]))
+            else:
+                pods = {e["pod"] for e in eps}  # a dual-stack pod has two endpoints
+                here = {e["pod"] for e in eps if e.get("local")}
+                rows.append(base + [f"{len(pods)} ({len(here)} here)" if eps
+                                    else "0 (no pod matches)"])
+    head = ["SERVICE", "VIPS", "PORT", "PROTOCOL"] + (
+        ["ENDPOINT", "NODE", "ADDRESS", "MESH"] if output == "wide" else ["ENDPOINTS"])
+    if not rows:
+        click.echo(f"no services on node {data.get('node')} (add a services: section to the "
+                   "inventory; see meshlet services --help)")
+        return
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @main.command()
@@ -579,9 +647,13 @@ def inventory_validate(path, output) -> None:
     except OSError as e:
         _die(f"cannot read {path}: {e.strerror}")
     if output == "json":
-        click.echo(json.dumps({"valid": True, "nodes": len(inv.nodes), "pods": len(inv.pods)}))
+        counts = {"nodes": len(inv.nodes), "pods": len(inv.pods)}
+        if inv.services:
+            counts["services"] = len(inv.services)
+        click.echo(json.dumps({"valid": True, **counts}))
     else:
-        click.echo(f"{path}: valid ({len(inv.nodes)} nodes, {len(inv.pods)} pods)")
+        more = f", {len(inv.services)} services" if inv.services else ""
+        click.echo(f"{path}: valid ({len(inv.nodes)} nodes, {len(inv.pods)} pods{more})")
 
 
 @main.group()

@@ -79,6 +79,7 @@ DENY_REASONS: tuple[str, ...] = (
     "no_route",                 # the destination pod's node has no address in the state
     "bad_tunnel_header",        # malformed, oversized or missing tunnel header
     "policy",                   # an authorization policy denied it (counted per policy too)
+    "no_service_port",          # a service VIP dialed on a port the service does not declare
 )
 
 _FLAGS = {"ok": "-", "refused": "UF", "timeout": "UF", "reset": "UC", "rejected": "DENY"}

@@ -65,7 +65,7 @@ from agent.proxy.log import AccessLog, sampled
 from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import (
-    Local, Passthrough, Reject, ServiceRoute, Tunnel, _service_route, endpoint_route, route, tunnel_peer_allowed,
+    Local, Passthrough, Reject, ServiceRoute, Tunnel, endpoint_route, route, service_route, tunnel_peer_allowed,
 )
 from agent.proxy.watch import TrafficWatcher
 from agent.traffic.cluster import Cluster
@@ -1149,7 +1149,7 @@ class ProxyServer:
                     svc = st.service_at(vip_ip, vip_port)
                     if svc is None:
                         return Response(503, f"service {r.cluster} is gone\n".encode())
-                    box["route"] = _service_route(st, st.pod_by_key.get(src.key) or src, svc[0], svc[1],
+                    box["route"] = service_route(st, st.pod_by_key.get(src.key) or src, svc[0], svc[1],
                                                   vip_ip, vip_port, r.family)
                     box["state"] = st
                 return self._service_cluster(st, box["route"])

@@ -69,15 +69,21 @@ class LoadBalancer(Generic[E]):
     def pick(self, endpoints: Sequence[E], *, unavailable: Collection[E] = (),
              avoid: Collection[E] = ()) -> E | None:
         """Choose an endpoint (rules in the module doc); None if all are unavailable."""
-        cands = [e for e in endpoints if e not in unavailable]
+        cands = [e for e in endpoints if e not in unavailable] if unavailable else endpoints
         if not cands:
             return None
-        fresh = [e for e in cands if e not in avoid]
-        if fresh:
-            cands = fresh
-        if len(cands) == 1:
+        if avoid:
+            fresh = [e for e in cands if e not in avoid]
+            if fresh:
+                cands = fresh
+        n = len(cands)
+        if n == 1:
             return cands[0]
-        i, j = self._rng.sample(range(len(cands)), 2)
+        rnd = self._rng.randrange  # two distinct indexes (cheaper than sample())
+        i = rnd(n)
+        j = rnd(n - 1)
+        if j >= i:
+            j += 1
         a, b = cands[i], cands[j]
         return b if self._rank(b) < self._rank(a) else a
 

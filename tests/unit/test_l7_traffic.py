@@ -9,7 +9,6 @@ client's answers *and* what the upstreams saw, so a broken feature fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import socket

@@ -16,8 +16,10 @@ upstream, each proxy in a process of its own (one core each, as a worker):
 The upstream is **nginx** (Debian package) with a temporary config on
 127.0.0.1, one worker, ``return 200`` of a 3-byte body, keep-alive without
 a request limit; the two-endpoint cluster uses two of its listening ports.
-Reported per path: req/s, p50/p99 latency (ms) and the ratio of req/s to
-direct. This is a benchmark, not a test: compare ratios within one run.
+Reported per path: req/s, p50/p99 latency (ms), the ratio of req/s to
+direct, and for the proxies the CPU time their process used per request
+(from /proc; steadier than req/s on a busy machine). This is a benchmark,
+not a test: compare ratios within one run.
 
     .venv/bin/python scripts/bench_l7.py [--duration 5] [--connections 32] [--json FILE]
 
@@ -225,9 +227,17 @@ def parse_wrk(out: str) -> dict:
         return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
     errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
     return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat("50"), "p99_ms": lat("99"),
-            "errors": "; ".join(errors) or None}
+            "requests": int(count.group(1)) if count else None, "errors": "; ".join(errors) or None}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wrk(port: int, duration: float, connections: int) -> dict:
@@ -287,7 +297,12 @@ def run(duration: float, connections: int) -> dict:
                 procs.append(proc)
                 _wait_port(port, proc)
             _wrk(port, 1, connections)  # warm up: pools filled, code paths hot
-            results[name] = _wrk(port, duration, connections)
+            cpu0 = _cpu_seconds(procs[-1].pid) if name != "direct" else None
+            results[name] = r = _wrk(port, duration, connections)
+            if cpu0 is not None and r.get("requests"):
+                # CPU the proxy process spent per request: unlike req/s, this
+                # does not depend on what else the machine is running
+                r["cpu_us_per_req"] = round((_cpu_seconds(procs[-1].pid) - cpu0) / r["requests"] * 1e6, 1)
             if name != "direct":
                 _stop(procs.pop())
                 log_path = os.path.join(tmp, f"{name}.log")
@@ -326,13 +341,14 @@ def main() -> int:
     a = ap.parse_args()
     res = run(a.duration, a.connections)
     print(f"meshlet L7 benchmark: wrk {res['wrk']}, upstream {res['upstream']}")
-    print(f"{'path':15} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x direct':>9}  errors")
+    print(f"{'path':15} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x direct':>9} {'cpu us/req':>10}  errors")
     for name, r in res["paths"].items():
         if "skipped" in r:
             print(f"{name:15} skipped: {r['skipped']}")
             continue
         print(f"{name:15} {_fmt(r.get('rps'), '9.0f')} {_fmt(r.get('p50_ms'), '8.2f')} "
-              f"{_fmt(r.get('p99_ms'), '8.2f')} {_fmt(r.get('ratio'), '9.3f')}  {r.get('errors') or ''}")
+              f"{_fmt(r.get('p99_ms'), '8.2f')} {_fmt(r.get('ratio'), '9.3f')} "
+              f"{_fmt(r.get('cpu_us_per_req'), '10.1f')}  {r.get('errors') or ''}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -510,6 +510,7 @@ def test_outlier_ejection_removes_a_failing_endpoint_and_readmits_it_after_it_he
                 outlier=OutlierDetection(consecutive_5xx=2, base_ejection_time=0.5, max_ejection_percent=50)))
             async with Proxy(cluster) as px:
                 cl = px.client()
+                busy = cluster.lb.start(b.target)  # b looks busy: P2C picks a while it can
                 for _ in range(40):
                     await cl.request()
                     if cluster.outlier.ejected(time.monotonic()):
@@ -520,6 +521,7 @@ def test_outlier_ejection_removes_a_failing_endpoint_and_readmits_it_after_it_he
                     st, _, body = await cl.request()
                     assert st == 200 and body.startswith(b"b ")
                 assert a.requests == seen  # ejected: not tried at all
+                cluster.lb.finish(busy, True, 0.001)
                 a.broken = False  # heals
                 await asyncio.sleep(0.6)
                 for _ in range(30):

@@ -787,7 +787,9 @@ class L7Session(asyncio.Protocol):
             return
         self._held = c.breaker
         s = c.settings
-        self._stream_idle = s.timeouts.stream_idle
+        si = self._stream_idle = s.timeouts.stream_idle
+        if si is not None:  # counts from the head (a tick may come while connecting)
+            self._last_io = self._loop.time()
         if c.retries_on:
             c.budget.request(now)
             rs = s.retries

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import http
 import logging
@@ -91,7 +92,7 @@ from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
 from agent.traffic.cluster import Cluster, Target, target_str
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
 from agent.traffic.outcome import status as status_outcome
-from agent.traffic.policy import IDEMPOTENT_METHODS
+from agent.traffic.policy import DEFAULTS, IDEMPOTENT_METHODS
 from agent.traffic.retry import Done, Request, RetryState
 
 __all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",
@@ -374,6 +375,9 @@ class UpstreamPool:
         self.reuses = 0
         self._idle: dict[Target, list[_Upstream]] = {}
         self._direct: dict[Target, Cluster] = {}
+        # bare targets: default traffic settings, but this pool's connect timeout
+        self._direct_settings = dataclasses.replace(
+            DEFAULTS, timeouts=dataclasses.replace(DEFAULTS.timeouts, connect=connect_timeout))
         self._ticker: Ticker | None = None
         self._tick_key: int | None = None
 
@@ -386,12 +390,13 @@ class UpstreamPool:
         return t
 
     def direct(self, target: Target) -> Cluster:
-        """A long-lived single-endpoint cluster for a bare target (default settings)."""
+        """A long-lived single-endpoint cluster for a bare target (default
+        settings, except the connect timeout: this pool's)."""
         c = self._direct.get(target)
         if c is None:
             if len(self._direct) >= 4096:
                 self._direct.clear()
-            c = self._direct[target] = Cluster.single(target)
+            c = self._direct[target] = Cluster.single(target, self._direct_settings)
         return c
 
     def idle_count(self, target: Target | None = None) -> int:

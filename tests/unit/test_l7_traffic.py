@@ -618,3 +618,11 @@ def test_idle_pooled_upstream_connections_expire_per_cluster_setting():
                 assert cluster.breaker.active[Limit.CONNECTIONS] == 0
                 assert (await cl.request())[0] == 200 and a.connections == 2
     run(main())
+
+
+def test_bare_targets_get_a_long_lived_single_cluster_with_the_pools_connect_timeout():
+    pool = UpstreamPool(connect_timeout=1.5)
+    c = pool.direct(("10.0.0.1", 80))
+    assert c is pool.direct(("10.0.0.1", 80)) and c.name is None and c.targets == (("10.0.0.1", 80),)
+    assert c.settings.timeouts.connect == 1.5
+    assert c.settings.retries == Retries() and c.settings.timeouts.request == Timeouts().request

@@ -106,6 +106,7 @@ TICK = 0.05
 """Resolution of the deadline ticker (seconds): timeouts fire up to this late."""
 
 _IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
+_FLAG_ORDER = {f: i for i, f in enumerate(("DPE", "NR", "UO", "UF", "UC", "UT", "URX"))}
 _URX_REASONS = frozenset({"attempts-exhausted", "budget-exhausted", "deadline"})
 
 
@@ -1054,7 +1055,7 @@ class L7Session(asyncio.Protocol):
         if self.on_response is not None and self._req is not None:
             c = self._cluster
             ex = Exchange(None if c is None else c.name, self._target, self._attempts,
-                          "-" if self._flags is None else ",".join(self._flags),
+                          "-" if self._flags is None else ",".join(sorted(self._flags, key=_FLAG_ORDER.get)),
                           self._req_bytes, self._resp_bytes)
             try:
                 self.on_response(self._req, self._status, time.monotonic() - self._t0, ex)

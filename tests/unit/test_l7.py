@@ -388,7 +388,7 @@ def test_upstream_down_is_502():
             assert [h.status for h in heads(events)] == [502] and closed
             assert px.responses == [("/", 502)]
             # connect-failure is retried by default (same, only endpoint): 3 tries, then URX
-            assert px.exchanges[0].attempts == 3 and px.exchanges[0].flags == "URX,UF"
+            assert px.exchanges[0].attempts == 3 and px.exchanges[0].flags == "UF,URX"
     run(main())
 
 

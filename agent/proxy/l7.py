@@ -36,7 +36,11 @@ already parsed, with reading paused):
    a response whose status is listed (that response is discarded and its
    upstream connection closed) starts another attempt, preferably on another
    endpoint, with the replay buffer. When nothing is left the client gets
-   the last upstream's answer, or 502 (UF/UC) / 504 (UT), plus URX when
+   the last upstream's answer, or the proxy's: 503 for a connect failure
+   (UF) or a connection closed before the response (UC) -- as Envoy does,
+   and retryable by a proxy in front (``retryOn`` has 503 by default: a
+   destination node's refused pod becomes a retry on the source node) --,
+   502 for a malformed response, 504 for a timeout (UT); plus URX when
    retries ran out.
 6. Then ``on_response(head, status, elapsed, exchange)``, the upstream
    connection goes back to the pool if both sides allow it, and the next
@@ -46,7 +50,7 @@ Upgrade: after the upstream's 101 both sockets are handed to the L4
 :class:`~agent.proxy.relay.Relay` with the bytes already read.
 
 Timeouts. Per cluster (``TrafficSettings.timeouts``): ``connect`` per
-upstream connect (504 when it was the last try); ``request`` from the end of
+upstream connect (a connect failure: 503 UF when it was the last try); ``request`` from the end of
 the request to the response head, retries included (504, UT, never
 retried); ``retries.perTryTimeout`` the same per attempt (retried when
 ``retryOn`` has ``timeout``); ``streamIdle`` no byte either way during an
@@ -867,13 +871,13 @@ class L7Session(asyncio.Protocol):
         except (asyncio.TimeoutError, TimeoutError):
             self._connect_task = None
             slot.release_pending()
-            self._attempt_failed(CONNECT_FAILURE, 504, "UF",
+            self._attempt_failed(CONNECT_FAILURE, 503, "UF",
                                  f"upstream {target_str(target)} did not accept the connection in time")
             return
         except OSError as e:
             self._connect_task = None
             slot.release_pending()
-            self._attempt_failed(CONNECT_FAILURE, 502, "UF",
+            self._attempt_failed(CONNECT_FAILURE, 503, "UF",
                                  f"upstream {target_str(target)} unreachable: {e.strerror or e}")
             return
         slot.release_pending()
@@ -1177,7 +1181,7 @@ class L7Session(asyncio.Protocol):
             task.add_done_callback(slot.done)
             return
         why = f": {exc}" if exc else ""
-        self._attempt_failed(RESET, 502, "UC", f"upstream closed the connection before responding{why}")
+        self._attempt_failed(RESET, 503, "UC", f"upstream closed the connection before responding{why}")
 
     def _up_events(self, up: _Upstream, events: list) -> None:
         # Everything one upstream read produced goes out in one write.

@@ -376,7 +376,7 @@ def test_malformed_second_request_after_a_good_one():
     run(main())
 
 
-def test_upstream_down_is_502():
+def test_upstream_down_is_503_uf_after_retries():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     addr = s.getsockname()
@@ -385,8 +385,8 @@ def test_upstream_down_is_502():
     async def main():
         async with Proxy(addr) as px:
             events, closed = await raw_exchange(px.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert [h.status for h in heads(events)] == [502] and closed
-            assert px.responses == [("/", 502)]
+            assert [h.status for h in heads(events)] == [503] and closed
+            assert px.responses == [("/", 503)]
             # connect-failure is retried by default (same, only endpoint): 3 tries, then URX
             assert px.exchanges[0].attempts == 3 and px.exchanges[0].flags == "UF,URX"
     run(main())

@@ -896,6 +896,8 @@ class L7Session(asyncio.Protocol):
     def _attach(self, up: _Upstream, *, reused: bool) -> None:
         self._up = up
         self._reused = reused
+        if self._token is not None:  # latency for P2C: from the request on the wire, not the connect
+            self._attempt_t0 = time.monotonic()
         up.session = self
         up.got_bytes = False
         up.parser.expect(self._req.method)  # type: ignore[union-attr]

@@ -15,8 +15,13 @@ Choice rules, in order:
 2. endpoints in ``avoid`` (already tried by this request) are dropped too,
    unless that would leave none;
 3. two distinct candidates are drawn with the injected RNG; the one with
-   fewer outstanding requests wins, a tie goes to the lower latency EWMA,
-   a tie of both to the first drawn.  A single candidate is taken as is.
+   fewer outstanding requests wins; on a tie, each wins with a probability
+   inversely proportional to its latency EWMA (the faster one is preferred
+   but the slower one keeps a share, so its EWMA stays current -- a strict
+   "lower EWMA wins" starves every endpoint but the fastest under
+   sequential traffic, where outstanding is always 0); an endpoint without
+   samples (EWMA 0) wins such a tie outright, two of them: the first drawn.
+   A single candidate is taken as is.
 
 The latency EWMA starts at the first sample (an endpoint without samples
 reads as 0 and so is tried early).  A failed attempt never makes an
@@ -57,7 +62,7 @@ class _Stats:
 
 
 class LoadBalancer(Generic[E]):
-    """P2C over least outstanding requests with an EWMA-latency tiebreak."""
+    """P2C over least outstanding requests with an inverse-EWMA-latency tiebreak."""
 
     def __init__(self, rng: random.Random):
         self._rng = rng
@@ -85,7 +90,14 @@ class LoadBalancer(Generic[E]):
         if j >= i:
             j += 1
         a, b = cands[i], cands[j]
-        return b if self._rank(b) < self._rank(a) else a
+        oa, la = self._rank(a)
+        ob, lb = self._rank(b)
+        if oa != ob:
+            return a if oa < ob else b
+        if la <= 0.0 or lb <= 0.0:
+            return b if lb < la else a
+        # P(a) = lb / (la + lb): inverse-latency weights
+        return a if self._rng.random() * (la + lb) < lb else b
 
     def _rank(self, e: E) -> tuple[int, float]:
         s = self._stats.get(e)

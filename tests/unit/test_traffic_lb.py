@@ -13,16 +13,19 @@ from agent.traffic.lb import LoadBalancer
 EPS = ["a", "b", "c", "d"]
 
 
-def test_least_outstanding_wins_then_latency_then_first_drawn():
+def test_least_outstanding_wins_then_latency_weighted_then_unsampled():
     lb = LoadBalancer(random.Random(1))
     ta = lb.start("a")
     # two candidates: the one without outstanding work always wins
     assert {lb.pick(["a", "b"]) for _ in range(50)} == {"b"}
-    lb.finish(lb.start("b"), True, 0.200)
+    lb.finish(lb.start("b"), True, 0.040)
     lb.finish(ta, True, 0.010)
     assert lb.outstanding("a") == lb.outstanding("b") == 0
-    # equal outstanding: lower EWMA wins
-    assert {lb.pick(["a", "b"]) for _ in range(50)} == {"a"}
+    # equal outstanding: inverse-latency shares (a: 4/5, b: 1/5), nobody starves
+    got = Counter(lb.pick(["a", "b"]) for _ in range(2000))
+    assert 0.75 * 2000 < got["a"] < 0.85 * 2000 and got["b"] > 0.15 * 2000
+    # an endpoint without samples wins a tie outright (tried early)
+    assert {lb.pick(["a", "b", "new"], avoid={"a"}) for _ in range(30)} == {"new"}
 
 
 def test_unavailable_avoid_and_single_candidate():

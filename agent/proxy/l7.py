@@ -162,11 +162,24 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
-def _simple_response(status: int, body: bytes, headers=(), *, close: bool) -> bytes:
+def _simple_response(status: int, body: bytes, headers=(), *, close: bool, head_only: bool = False) -> bytes:
+    """``head_only``: the answer to a HEAD request has no body (RFC 9110 9.3.2),
+    else a kept-alive client would read it as the next response."""
     hs = list(headers) + [(b"Content-Length", b"%d" % len(body))]
     if close:
         hs.append((b"Connection", b"close"))
-    return serialize_response_head(status, _reason(status), hs) + body
+    return serialize_response_head(status, _reason(status), hs) + (b"" if head_only else body)
+
+
+#: Upgrade tokens the proxy switches to a tunnel after a 101 (as Istio's
+#: Envoy does by default).  Others (h2c, ...) are not forwarded: the request
+#: goes on as a plain one, so what follows stays parsed, authorized HTTP/1.1
+#: and cannot smuggle requests past the per-request policy.
+UPGRADES = frozenset({b"websocket"})
+
+
+def _upgrade_allowed(value: bytes | None) -> bool:
+    return value is not None and value.strip().lower() in UPGRADES
 
 
 # --------------------------------------------------------------------------
@@ -814,7 +827,7 @@ class L7Session(asyncio.Protocol):
         ctx = tracing.hop(head.headers)
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
-        if head.upgrade is not None:
+        if _upgrade_allowed(head.upgrade):
             headers += [(b"Connection", b"upgrade"), (b"Upgrade", head.upgrade)]
         if head.framing == "content-length":
             headers.append((b"Content-Length", b"%d" % head.content_length))
@@ -1001,7 +1014,8 @@ class L7Session(asyncio.Protocol):
         self._status = r.status
         has_body = head.framing != "none"  # type: ignore[union-attr]
         self._keep_down = head.keep_alive and not self._client_eof and not (has_body and head.expect_continue)  # type: ignore[union-attr]
-        self._write(_simple_response(r.status, r.body, r.headers, close=not self._keep_down))
+        self._write(_simple_response(r.status, r.body, r.headers, close=not self._keep_down,
+                                     head_only=head.method == b"HEAD"))  # type: ignore[union-attr]
         self._resp_done = True
         self._resp_started = True
         if self._req_done or not self._keep_down:
@@ -1234,7 +1248,7 @@ class L7Session(asyncio.Protocol):
         if st in c.retry_statuses and self._retry_after(status_outcome(st)):
             return  # this response is discarded (its connection closed)
         if st == 101:
-            if req.upgrade is None:
+            if not _upgrade_allowed(req.upgrade):
                 self._fail(502, "upstream switched protocols without being asked")
             else:
                 self._switch_to_relay(up, r)

@@ -69,6 +69,7 @@ from agent.proxy.routing import (
 )
 from agent.proxy.watch import TrafficWatcher
 from agent.traffic.cluster import Cluster
+from agent.traffic.policy import Retries, Timeouts, TrafficSettings
 from agent.traffic.outcome import CONNECT_FAILURE as _CONNECT_FAILURE, RESET as _RESET, status as _status
 from agent.proxy.state import Pod, ProxyState, StateWatcher, normalize_ip
 from agent.proxy.tls import SESSION_CACHE_SIZE, HandshakeError, TlsConnection, TlsContexts
@@ -417,6 +418,7 @@ class ProxyServer:
         self._clusters: dict[str, Cluster] = {}
         self._cluster_stamps: dict[str, tuple] = {}
         self._src_pools: dict[str, UpstreamPool] = {}
+        self._pod_clusters: dict[tuple, Cluster] = {}
         # L7 (proxy.l7): one upstream pool per worker, and per-request counters.
         self._pool: UpstreamPool | None = None
         self.http: dict[str, Any] = {
@@ -1069,7 +1071,8 @@ class ProxyServer:
         done = asyncio.get_running_loop().create_future()
         own_pool = None
         if choose is None:
-            choose = lambda _head: addr  # noqa: E731
+            cluster = self._pod_cluster(addr, state)
+            choose = lambda _head: cluster  # noqa: E731
             if first_sock is not None:
                 pool = own_pool = UpstreamPool(connect_timeout=state.connect_timeout + 1.0,
                                                buffer_size=state.buffer_size,
@@ -1198,6 +1201,21 @@ class ProxyServer:
             return False
         sock.close()
         return True
+
+    def _pod_cluster(self, addr: tuple[str, int] | None, state: ProxyState) -> Cluster:
+        """The destination side's cluster for one pod address: no retries (the
+        source side's service policy retries, on another endpoint; retrying
+        here too would multiply attempts) and no request timeout (the
+        source's policy sets it); connect timeout from the proxy config."""
+        assert addr is not None
+        c = self._pod_clusters.get(addr)
+        if c is None or c.settings.timeouts.connect != state.connect_timeout:
+            if len(self._pod_clusters) >= 4096:
+                self._pod_clusters.clear()
+            c = self._pod_clusters[addr] = Cluster.single(addr, TrafficSettings(
+                retries=Retries(attempts=0),
+                timeouts=Timeouts(connect=state.connect_timeout, request=None)))
+        return c
 
     def _service_cluster(self, state: ProxyState, r: ServiceRoute) -> Cluster:
         """This worker's long-lived cluster for a service port: endpoints from

@@ -750,10 +750,6 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="the proxy forwards any Upgrade token, h2c included, and relays "
-                   "bytes unexamined after a 101 (agent/proxy/l7.py _start / _switch_to_relay): a backend "
-                   "that accepts h2c then receives requests no policy saw. Envoy (Istio) forwards only "
-                   "configured upgrade types (websocket); h2c should be stripped or refused")
 @pytest.mark.parametrize("dst,node", DSTS, ids=DST_IDS)
 def test_h2c_upgrade_cannot_smuggle_requests_past_policy(env, policies, dst, node):
     _, rec = env
@@ -783,9 +779,6 @@ def test_websocket_upgrade_is_authorized_on_its_handshake(env, policies, dst, no
     assert [r["target"] for r in rec.requests_since(dst)] == ["/upgrade/ws"]
 
 
-@pytest.mark.xfail(strict=True, reason="the 403 to a HEAD request carries the 19-byte 'RBAC: access denied' "
-                   "body (agent/proxy/l7.py _short_circuit): on the kept-alive connection the client "
-                   "reads it as the start of the next response")
 @pytest.mark.parametrize("dst,node", DSTS, ids=DST_IDS)
 def test_denied_head_request_has_no_body(env, policies, dst, node):
     _, rec = env

@@ -99,11 +99,26 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
-    l7: bool = False
-    """``proxy.l7``: on the destination node, sniff each connection's first
-    bytes and serve HTTP/1.x with the L7 session (keep-alive upstream pool,
-    trace headers, per-request counters); anything else stays on the L4
-    relay. Off by default while issue #5 is in progress."""
+    l7: bool | str = "auto"
+    """``proxy.l7``: where the proxy parses HTTP/1.x (the L7 session:
+    per-request authorization, request metrics and log lines, trace headers,
+    keep-alive pools).  ``true``: every connection on the destination node
+    whose first bytes are HTTP/1.x.  ``auto`` (default): only connections to
+    pods that an authorization policy with HTTP fields selects (so such
+    policies work per request), everything else stays on the faster L4
+    relay.  ``false``: never; HTTP fields in policies then follow Istio's
+    TCP rules (a DENY denies the whole connection, an ALLOW never matches).
+    Service ports with ``appProtocol: http`` (or undeclared and sniffed,
+    unless ``false``) are balanced per request by the client's node proxy
+    in every mode."""
+
+
+def _l7_mode(v: y.Value) -> bool | str:
+    """``proxy.l7``: true, false or auto."""
+    x = v.scalar()
+    if isinstance(x, bool) or x == "auto":
+        return x
+    raise y.Invalid(f"expected true, false or auto, got {y.describe_node(v.node)} {v.node.value!r}")
 
 
 @dataclass(frozen=True)
@@ -418,7 +433,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
-        l7=r.get("l7", y.boolean, False),
+        l7=r.get("l7", _l7_mode, "auto"),
     )
     r.finish()
     # The three listeners must not collide; report at the one written in the file.

@@ -419,6 +419,7 @@ class ProxyServer:
         self._cluster_stamps: dict[str, tuple] = {}
         self._src_pools: dict[str, UpstreamPool] = {}
         self._pod_clusters: dict[tuple, Cluster] = {}
+        self._l7_need: dict[tuple, bool] = {}  # proxy.l7 auto: (policy version, pod) -> L7?
         # L7 (proxy.l7): one upstream pool per worker, and per-request counters.
         self._pool: UpstreamPool | None = None
         self.http: dict[str, Any] = {
@@ -1137,7 +1138,7 @@ class ProxyServer:
             return
         http = r.app_protocol == "http"
         data = b""
-        if r.app_protocol is None and state.l7:
+        if r.app_protocol is None and state.l7 is not False:
             http, data = await self._sniff(client)
             if not http:
                 client.unread(data)
@@ -1201,6 +1202,23 @@ class ProxyServer:
             return False
         sock.close()
         return True
+
+    def _l7_for(self, state: ProxyState, pod: Pod) -> bool:
+        """Serve HTTP/1.x to ``pod`` with the L7 session (``proxy.l7``)?  In
+        ``auto`` mode: when an authorization policy with HTTP fields selects
+        it, so that policy is decided per request."""
+        mode = state.l7
+        if mode is True or mode is False:
+            return mode
+        ps = self.policies.current
+        key = (ps.version, pod.namespace, pod.labels)
+        need = self._l7_need.get(key)
+        if need is None:
+            if len(self._l7_need) >= 4096:
+                self._l7_need.clear()
+            need = self._l7_need[key] = any(
+                r.is_l7 for p in ps.selecting(pod.namespace, pod.label_map) for r in p.rules)
+        return need
 
     def _pod_cluster(self, addr: tuple[str, int] | None, state: ProxyState) -> Cluster:
         """The destination side's cluster for one pod address: no retries (the
@@ -1393,7 +1411,7 @@ class ProxyServer:
         if isinstance(decision, Local):
             if conn.ready is not None:
                 http_data = b""  # a service's L7 leg: HTTP by construction, nothing sent yet
-            elif state.l7:
+            elif self._l7_for(state, decision.pod):
                 is_http, data = await self._sniff(client)
                 if is_http:
                     http_data = data
@@ -1587,7 +1605,7 @@ class ProxyServer:
         leftover = out.leftover
         hinted = req.protocol == "http/1.1"  # the source proxy parsed it (a service's leg)
         is_http = hinted
-        if state.l7 and not hinted:
+        if not hinted and self._l7_for(state, pod):
             is_http, leftover = await self._sniff(ep, leftover)
         if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port, http=is_http):
             await self._refuse(conn, Status.FORBIDDEN, conn.reason)

@@ -185,7 +185,7 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
-    l7: bool = False  # sniff and serve HTTP/1.x with the L7 session on the destination node
+    l7: bool | str = False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
     access_log: AccessLogConfig = AccessLogConfig()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     services: tuple[Service, ...] = ()
@@ -347,7 +347,9 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         raise StateError(f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', "
                          f"got {tunnel_security!r}")
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
-    l7 = _get(doc, "l7", "state", bool, False)
+    l7 = _get(doc, "l7", "state", (bool, str), False)
+    if isinstance(l7, str) and l7 != "auto":
+        raise StateError(f"state.l7: {l7!r} is not true, false or 'auto'")
     access_log = _access_log(_get(doc, "access_log", "state", dict, {}))
 
     nodes: dict[str, NodeInfo] = {}

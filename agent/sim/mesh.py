@@ -93,7 +93,7 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
-    l7: bool = False                       # proxy.l7: HTTP/1.x through the L7 session
+    l7: bool | str = "auto"                # proxy.l7: true, false or auto (the default; see config.py)
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)

@@ -444,11 +444,14 @@ def test_structurally_mutated_documents_only_raise_source_error(path, value):
     _only_source_error(yaml.safe_dump(_replace(_FULL_DICT, path, value)))
 
 
-def test_proxy_l7_flag():
-    assert parse_config(MINIMAL, "c.yaml").proxy.l7 is False  # off by default (issue #5 in progress)
-    c = parse_config(MINIMAL + "  l7: true\n", "c.yaml")
-    assert c.proxy.l7 is True
-    assert c.to_dict()["proxy"]["l7"] is True
-    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+def test_proxy_l7_mode():
+    assert parse_config(MINIMAL, "c.yaml").proxy.l7 == "auto"  # L7 where HTTP policies need it
+    for text, want in (("true", True), ("false", False), ("auto", "auto")):
+        c = parse_config(MINIMAL + f"  l7: {text}\n", "c.yaml")
+        assert c.proxy.l7 == want and type(c.proxy.l7) is type(want)
+        assert c.to_dict()["proxy"]["l7"] == want
+        assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
     assert errors(MINIMAL + "  l7: 1\n") == [
-        "c.yaml:10:7: proxy.l7: expected true or false, got an integer '1'"]
+        "c.yaml:10:7: proxy.l7: expected true, false or auto, got an integer '1'"]
+    assert errors(MINIMAL + "  l7: sometimes\n") == [
+        "c.yaml:10:7: proxy.l7: expected true, false or auto, got a string 'sometimes'"]

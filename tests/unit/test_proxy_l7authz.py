@@ -106,3 +106,29 @@ def test_allow_by_method_and_path_and_default_deny(tmp_path):
     out, lines = run(main())
     assert out == [200, 403, 403, 200]
     assert lines == [b"GET /api/a HTTP/1.1", b"GET /api/b HTTP/1.1"]
+
+
+def test_auto_mode_parses_http_only_for_pods_an_http_policy_selects(tmp_path):
+    """proxy.l7: auto (the default): L4 relay until a policy with HTTP fields
+    selects the destination; then its requests are decided one by one."""
+
+    async def main():
+        async with Cluster(tmp_path, l7="auto", labels=LABELS) as c:
+            backend = await Recorder("127.0.0.5").start()
+            try:
+                r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", backend.port, 1001))
+                before = await request(r, w, "GET", "/admin")
+                await close_writer(w)
+                l4 = c.servers[0].stats()["http"]["connections"]
+                await apply(c, doc("default", "deny-admin", "web", "DENY", "[{to: [{operation: {paths: [/admin]}}]}]"))
+                r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", backend.port, 1001))
+                after = [await request(r, w, "GET", p) for p in ("/admin", "/ok")]
+                await close_writer(w)
+                return before, l4, after, c.servers[0].stats()["http"]["connections"], list(backend.lines)
+            finally:
+                await backend.stop()
+
+    before, l4, after, l7, lines = run(main())
+    assert before[0] == 200 and l4 == 0  # no HTTP policy: relayed as bytes
+    assert [a[0] for a in after] == [403, 200] and l7 == 1
+    assert lines == [b"GET /admin HTTP/1.1", b"GET /ok HTTP/1.1"]

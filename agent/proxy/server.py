@@ -218,6 +218,7 @@ class Conn:
     denial: tuple[Any, str | None, int | None] | None = None  # (head, policy, rule) of the last 403
     # Services: the upstream cluster (``ns/name:port``) a VIP connection went to.
     cluster: str | None = None
+    log_base: dict | None = None  # record() for this connection's request lines (made once)
     # An upstream leg opened by a service's L7 session (a socketpair, not an
     # accepted socket): resolved once the destination is connected.
     ready: asyncio.Future | None = None
@@ -657,6 +658,7 @@ class ProxyServer:
                     self._recheck("policy set changed")
             except Exception:  # noqa: BLE001 - keep watching; the previous set stays
                 log.exception("authorization policy reload failed")
+            self._access.flush()  # request lines buffered since the last connection line
             try:
                 self.traffic.check()  # clusters pick the new settings up on their next use
             except Exception:  # noqa: BLE001
@@ -857,7 +859,11 @@ class ProxyServer:
                                   exchange.response_body_bytes)
         if self._access.path is not None:
             st = self.watcher.current
-            if not self._access.write_request(conn.record(self.worker_id),
+            base = conn.log_base
+            if base is None:  # the connection's part of every request line, made once
+                base = conn.log_base = conn.record(self.worker_id)
+            base["ts"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            if not self._access.write_request(base,
                                               f"{conn.sample_key()}#{h['requests']}",
                                               st.access_log.sampling, head, status, elapsed, exchange,
                                               flags=flags, policy=policy if denied else None):

@@ -1416,7 +1416,10 @@ class ProxyServer:
         http_data: bytes | None = None  # the first bytes of an HTTP/1 client (L7 on)
         if isinstance(decision, Local):
             if conn.ready is not None:
-                http_data = b""  # a service's L7 leg: HTTP by construction, nothing sent yet
+                # A service's leg: HTTP by construction (nothing sent yet). Parsed
+                # again here only if this pod's policies need it; else relayed.
+                if self._l7_for(state, decision.pod):
+                    http_data = b""
             elif self._l7_for(state, decision.pod):
                 is_http, data = await self._sniff(client)
                 if is_http:
@@ -1610,7 +1613,7 @@ class ProxyServer:
         src_ip = normalize_ip(req.src.ip) if req.src is not None else None
         leftover = out.leftover
         hinted = req.protocol == "http/1.1"  # the source proxy parsed it (a service's leg)
-        is_http = hinted
+        is_http = hinted and self._l7_for(state, pod)  # else the L4 path: it connects before answering
         if not hinted and self._l7_for(state, pod):
             is_http, leftover = await self._sniff(ep, leftover)
         if not self._authorize(conn, state, verified, src_ip, pod, req.dst.port, http=is_http):

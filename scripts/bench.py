@@ -12,9 +12,23 @@ For each: HTTP req/s with p50/p99 latency (wrk against nginx in the server
 pod, small responses) and L4 bulk throughput (iperf3).  Cross-node is then
 measured again by tunnel security: mTLS with and without TLS session
 resumption and the (insecure, benchmark-only) plaintext tunnel, adding new
-connections per second (handshake cost).  Prints tables with mesh/direct
-ratios and writes JSON.  This is a benchmark, not a test: numbers
-depend on the machine; compare ratios within one run.
+connections per second (handshake cost).
+
+Then the cost of each feature, HTTP only, same run:
+
+    L4 relay          proxy.l7 off: bytes relayed, no HTTP parsing
+    L7                proxy.l7 on: the destination proxy parses every request
+                      (per-request policy, metrics, access log, tracing)
+    service VIP       pod1-1 -> http://<VIP>/ of a service over pod1-2 and
+                      pod2-1: the source proxy balances (P2C) and applies the
+                      default retries, budget, breaker and outlier detection
+                      per request; the destination proxy then does its L7 part
+    flow tracking off the kernel flow table (sock_ops) detached
+                      (MESHLET_FLOW_TRACKING=0): HTTP and bulk, both paths
+
+Prints tables with mesh/direct ratios and writes JSON.  This is a
+benchmark, not a test: numbers depend on the machine; compare ratios
+within one run.
 
     scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick]
 """
@@ -35,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh  # noqa: E402
+from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
 
 NGINX_CONF = """
 worker_processes 1;
@@ -122,6 +136,66 @@ def measure(cluster, src, dst, a, *, http=True, bulk=True, conns=False) -> dict:
     return out
 
 
+def measure_features(cluster, mesh, a) -> dict:
+    """The cost of each feature, side by side (module docstring)."""
+    out: dict[str, dict] = {}
+    vip = service_vip(1)
+
+    def http(src, url):
+        return {"http": run_wrk(cluster, src, url, a.duration, a.connections)}
+
+    same, cross = cluster.pod("pod1-2").ip4, cluster.pod("pod2-1").ip4
+    for l7 in (False, True):
+        mesh.reconfigure(l7=l7)
+        tag = "L7" if l7 else "L4 relay"
+        for where, host in (("same-node", same), ("cross-node", cross)):
+            print(f"measuring features: {tag}, {where} ...", flush=True)
+            out[f"{tag} {where}"] = http("pod1-1", f"http://{host}:8080/")
+        print(f"measuring features: service VIP ({tag} at the destination) ...", flush=True)
+        out[f"service VIP, {tag} dst"] = http("pod1-1", f"http://{vip}/")
+    default_l7 = Mesh.__dataclass_fields__["l7"].default
+    print("measuring features: flow tracking off ...", flush=True)
+    os.environ["MESHLET_FLOW_TRACKING"] = "0"
+    try:
+        # The datapath is rendered without the flow program: the agents load it anew.
+        mesh.reconfigure(l7=default_l7)
+        for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
+            out[f"flow tracking off {where}"] = measure(cluster, "pod1-1", dst, a)
+    finally:
+        os.environ.pop("MESHLET_FLOW_TRACKING", None)
+        mesh.reconfigure(l7=default_l7)
+    for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
+        print(f"measuring features: flow tracking on {where} (again, after the restart) ...", flush=True)
+        out[f"flow tracking on {where}"] = measure(cluster, "pod1-1", dst, a)
+    return out
+
+
+def print_features(features: dict, by: dict) -> None:
+    if not features:
+        return
+    print("\nfeature cost, HTTP (same run; ratio to direct on the same path)")
+    hdr = f"{'path':<34}{'HTTP req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'bulk Gbit/s':>13}{'req/s ratio':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, r in features.items():
+        where = "cross-node" if "cross-node" in name else "same-node"
+        d = by.get(("direct", where), {})
+        h, b = r.get("http", {}), r.get("bulk", {})
+        print(f"{name:<34}{fmt(h.get('rps'), ',.0f'):>12}{fmt(h.get('p50_ms'), '.2f'):>9}"
+              f"{fmt(h.get('p99_ms'), '.2f'):>9}{fmt(b.get('gbps'), '.2f'):>13}"
+              f"{fmt(ratio(h.get('rps'), (d.get('http') or {}).get('rps')), '.2f'):>13}")
+        for part in ("http", "bulk"):
+            if (r.get(part) or {}).get("error"):
+                print(f"   {part} error: {r[part]['error']}")
+    on = [features.get(f"flow tracking on {w}") for w in ("same-node", "cross-node")]
+    off = [features.get(f"flow tracking off {w}") for w in ("same-node", "cross-node")]
+    for w, a_on, a_off in zip(("same-node", "cross-node"), on, off):
+        if a_on and a_off:
+            rr = ratio((a_on.get("http") or {}).get("rps"), (a_off.get("http") or {}).get("rps"))
+            br = ratio((a_on.get("bulk") or {}).get("gbps"), (a_off.get("bulk") or {}).get("gbps"))
+            print(f"flow tracking on/off, {w}: req/s {fmt(rr, '.3f')}, bulk {fmt(br, '.3f')}")
+
+
 def ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
@@ -150,12 +224,18 @@ def main() -> int:
             return 2
 
     workdir = tempfile.mkdtemp(prefix="meshlet-bench-")
-    cluster = Cluster(nodes=2, pods_per_node=3)
+    # nginx runs in pod1-2 and pod2-1: they are also the endpoints of the service "web".
+    web = {"app": "web"}
+    cluster = Cluster(nodes=2, pods_per_node=3, pod_specs={
+        1: [{"name": "pod1-1"}, {"name": "pod1-2", "labels": web}, {"name": "pod1-3"}],
+        2: [{"name": "pod2-1", "labels": web}, {"name": "pod2-2"}, {"name": "pod2-3"}]})
     mesh = None
     results = []
+    features: dict[str, dict] = {}
     try:
         cluster.up()
-        mesh = Mesh(cluster, unmeshed={"pod1-3"}, log_level="warning")
+        mesh = Mesh(cluster, unmeshed={"pod1-3"}, log_level="warning", services=[
+            service("web", web, [{"port": 80, "targetPort": 8080, "appProtocol": "http"}], index=1)])
         mesh.start()
         for name in ("pod1-2", "pod2-1"):
             d = os.path.join(workdir, name)
@@ -183,6 +263,8 @@ def main() -> int:
               flush=True)
         mesh.reconfigure(tls_resumption=True, tunnel_security="insecure-plaintext")
         tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
+        mesh.reconfigure(tunnel_security="mtls")
+        features = measure_features(cluster, mesh, a)
         counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
     finally:
         if mesh is not None:
@@ -227,6 +309,9 @@ def main() -> int:
         for part in ("http", "bulk", "conns"):
             if (r.get(part) or {}).get("error"):
                 print(f"   {part} error: {r[part]['error']}")
+    print_features(features, by)
+    summary["features"] = {k: {"rps": (v.get("http") or {}).get("rps"),
+                               "gbps": (v.get("bulk") or {}).get("gbps")} for k, v in features.items()}
     summary["tunnel"] = {k: {"rps": (v.get("http") or {}).get("rps"),
                              "gbps": (v.get("bulk") or {}).get("gbps"),
                              "conns_per_s": (v.get("conns") or {}).get("per_second")}
@@ -237,7 +322,7 @@ def main() -> int:
     with open(out, "w") as f:
         json.dump({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": a.duration,
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
-                   "ratios": summary, "tunnel_security": tunnel_rows,
+                   "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters}, f, indent=2)
     print(f"\nJSON: {out}")
     return 0

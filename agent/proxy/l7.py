@@ -782,6 +782,20 @@ class L7Session(asyncio.Protocol):
         finally:
             self._pumping = False
 
+    def _acquire_connect(self, b: Breaker) -> bool:
+        """A pending request and a new connection within the breaker's limits;
+        else the client gets the overload answer (False)."""
+        over = b.acquire(Limit.PENDING)
+        if over is None:
+            over = b.acquire(Limit.CONNECTIONS)
+            if over is not None:
+                b.release(Limit.PENDING)
+        if over is not None:
+            self._end_attempt(None)
+            self._overloaded(over)
+            return False
+        return True
+
     def _start(self, head: RequestHead) -> None:
         self._wait_until = None
         self.requests += 1
@@ -857,14 +871,7 @@ class L7Session(asyncio.Protocol):
             self._attach(up, reused=True)
             return
         b = c.breaker
-        over = b.acquire(Limit.PENDING)
-        if over is None:
-            over = b.acquire(Limit.CONNECTIONS)
-            if over is not None:
-                b.release(Limit.PENDING)
-        if over is not None:
-            self._end_attempt(None)
-            self._overloaded(over)
+        if not self._acquire_connect(b):
             return
         slot = _ConnectSlot(b)
         p = self._pending = [self._head_bytes]
@@ -1176,15 +1183,7 @@ class L7Session(asyncio.Protocol):
             self._stale_retried = True
             up.session = None
             self._up = None
-            b = self._cluster.breaker  # type: ignore[union-attr]
-            over = b.acquire(Limit.PENDING)
-            if over is None:
-                over = b.acquire(Limit.CONNECTIONS)
-                if over is not None:
-                    b.release(Limit.PENDING)
-            if over is not None:
-                self._end_attempt(None)
-                self._overloaded(over)
+            if not self._acquire_connect(self._cluster.breaker):  # type: ignore[union-attr]
                 return
             p = self._pending = [self._head_bytes]
             if self._replay:

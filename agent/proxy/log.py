@@ -182,10 +182,7 @@ class AccessLog:
             else:
                 self._dirty = True
         except (OSError, ValueError) as e:
-            logging.getLogger("meshlet.proxy").error(
-                "access log %s disabled after write error: %s (check disk space and permissions)", self.path, e
-            )
-            self.close()
+            self._failed(e)
 
     def flush(self) -> None:
         """Write out buffered request lines (the server calls it periodically)."""
@@ -195,10 +192,13 @@ class AccessLog:
             self._f.flush()
             self._dirty = False
         except (OSError, ValueError) as e:
-            logging.getLogger("meshlet.proxy").error(
-                "access log %s disabled after write error: %s (check disk space and permissions)", self.path, e
-            )
-            self.close()
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        logging.getLogger("meshlet.proxy").error(
+            "access log %s disabled after write error: %s (check disk space and permissions)", self.path, e
+        )
+        self.close()
 
     def close(self) -> None:
         f, self._f = self._f, None

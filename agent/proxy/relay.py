@@ -158,13 +158,7 @@ class Endpoint(asyncio.Protocol):
             finally:
                 self._waiter = None
         if self._buf:
-            data = bytes(self._buf)
-            self._buf.clear()
-            if self._prebuffer_paused and self._peer is None:
-                self._prebuffer_paused = False
-                if not self.lost:
-                    self.transport.resume_reading()  # type: ignore[union-attr]
-            return data
+            return self.take_buffered()
         if self.lost and self.lost_exc is not None:
             if isinstance(self.lost_exc, ConnectionError):
                 raise self.lost_exc

@@ -118,6 +118,18 @@ def _peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -
 
 
 _OK = _status(200)
+_TS_CACHE: list = [0, ""]  # (whole second, its ISO-8601 text) for _utc_ms
+
+
+def _utc_ms() -> str:
+    """Now as ``2026-01-02T03:04:05.678+00:00`` (the access log's ``ts``), the
+    seconds part formatted once per second: this runs for every request."""
+    now = time.time()
+    sec = int(now)
+    if sec != _TS_CACHE[0]:
+        _TS_CACHE[0] = sec
+        _TS_CACHE[1] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
 
 
 def _set_ready(conn: "Conn") -> None:
@@ -219,6 +231,7 @@ class Conn:
     # Services: the upstream cluster (``ns/name:port``) a VIP connection went to.
     cluster: str | None = None
     log_base: dict | None = None  # record() for this connection's request lines (made once)
+    log_key: str = ""  # its sample_key(), for request lines without an x-request-id
     # An upstream leg opened by a service's L7 session (a socketpair, not an
     # accepted socket): resolved once the destination is connected.
     ready: asyncio.Future | None = None
@@ -862,9 +875,10 @@ class ProxyServer:
             base = conn.log_base
             if base is None:  # the connection's part of every request line, made once
                 base = conn.log_base = conn.record(self.worker_id)
-            base["ts"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+                conn.log_key = conn.sample_key()
+            base["ts"] = _utc_ms()
             if not self._access.write_request(base,
-                                              f"{conn.sample_key()}#{h['requests']}",
+                                              f"{conn.log_key}#{h['requests']}",
                                               st.access_log.sampling, head, status, elapsed, exchange,
                                               flags=flags, policy=policy if denied else None):
                 self.counters["access_log_skipped"] += 1

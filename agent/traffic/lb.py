@@ -17,7 +17,8 @@ Choice rules, in order:
 3. two distinct candidates are drawn with the injected RNG; the one with
    fewer outstanding requests wins; on a tie, each wins with a probability
    inversely proportional to its latency EWMA (the faster one is preferred
-   but the slower one keeps a share, so its EWMA stays current -- a strict
+   but the slower one keeps a share -- at least ``TIE_FLOOR`` -- so its EWMA
+   stays current -- a strict
    "lower EWMA wins" starves every endpoint but the fastest under
    sequential traffic, where outstanding is always 0); an endpoint without
    samples (EWMA 0) wins such a tie outright, two of them: the first drawn.
@@ -42,6 +43,10 @@ E = TypeVar("E", bound=Hashable)
 
 #: Weight of a new latency sample in the EWMA.
 EWMA_ALPHA = 0.3
+#: The least share of latency tie-breaks an endpoint wins, however slow its
+#: EWMA: without it, an endpoint that was slow once (its EWMA only moves
+#: when it is picked) would starve after it recovers.
+TIE_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,11 @@ class LoadBalancer(Generic[E]):
             return a if oa < ob else b
         if la <= 0.0 or lb <= 0.0:
             return b if lb < la else a
-        # P(a) = lb / (la + lb): inverse-latency weights
-        return a if self._rng.random() * (la + lb) < lb else b
+        # P(a) = lb / (la + lb): inverse-latency weights, kept within
+        # [TIE_FLOOR, 1 - TIE_FLOOR] so a slow endpoint still gets samples
+        # and is seen again once it recovers.
+        p = min(max(lb / (la + lb), TIE_FLOOR), 1.0 - TIE_FLOOR)
+        return a if self._rng.random() < p else b
 
     def _rank(self, e: E) -> tuple[int, float]:
         s = self._stats.get(e)

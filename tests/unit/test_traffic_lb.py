@@ -106,3 +106,15 @@ def test_never_picks_an_unavailable_endpoint_while_another_exists(endpoints, dow
             assert got in endpoints and got not in down
         else:
             assert got is None
+
+
+def test_a_once_slow_endpoint_keeps_a_floor_share_of_ties_and_so_is_seen_again():
+    import random as _random
+
+    from agent.traffic.lb import TIE_FLOOR, LoadBalancer as _LB
+    lb = _LB(_random.Random(7))
+    lb.finish(lb.start("slow"), True, 10.0)  # was very slow once
+    lb.finish(lb.start("fast"), True, 0.001)
+    wins = sum(lb.pick(["slow", "fast"]) == "slow" for _ in range(4000))
+    assert wins >= 4000 * TIE_FLOOR * 0.8  # not starved (inverse weights alone: ~0.01 %)
+    assert wins <= 4000 * TIE_FLOOR * 1.2  # still strongly prefers the fast one

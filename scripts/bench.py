@@ -23,14 +23,17 @@ Then the cost of each feature, HTTP only, same run:
                       pod2-1: the source proxy balances (P2C) and applies the
                       default retries, budget, breaker and outlier detection
                       per request; the destination proxy then does its L7 part
-    flow tracking off the kernel flow table (sock_ops) detached
-                      (MESHLET_FLOW_TRACKING=0): HTTP and bulk, both paths
+    flow tracking     the kernel flow table (sock_ops) detached
+                      (MESHLET_FLOW_TRACKING=0) and attached, alternating for
+                      three rounds (medians of the on/off ratios): HTTP and
+                      bulk, both paths.  ``--flows-only`` runs just this (and
+                      the direct paths).
 
 Prints tables with mesh/direct ratios and writes JSON.  This is a
 benchmark, not a test: numbers depend on the machine; compare ratios
 within one run.
 
-    scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick]
+    scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick] [--flows-only]
 """
 
 from __future__ import annotations
@@ -136,6 +139,60 @@ def measure(cluster, src, dst, a, *, http=True, bulk=True, conns=False) -> dict:
     return out
 
 
+FLOW_ROUNDS = 3
+
+
+def measure_flow_tracking(cluster, mesh, a, out: dict) -> None:
+    """Flow tracking off and on, alternating for FLOW_ROUNDS rounds (each
+    switch restarts the agents, which load the datapath with or without the
+    flow program), so a drift of the machine hits both sides alike."""
+    default_l7 = Mesh.__dataclass_fields__["l7"].default
+    try:
+        for rnd in range(1, FLOW_ROUNDS + 1):
+            for state in ("off", "on"):
+                if state == "off":
+                    os.environ["MESHLET_FLOW_TRACKING"] = "0"
+                else:
+                    os.environ.pop("MESHLET_FLOW_TRACKING", None)
+                mesh.reconfigure(l7=default_l7)
+                for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
+                    print(f"measuring flow tracking {state}, {where}, round {rnd} ...", flush=True)
+                    out[f"flow tracking {state} {where} #{rnd}"] = measure(cluster, "pod1-1", dst, a)
+    finally:
+        os.environ.pop("MESHLET_FLOW_TRACKING", None)
+
+
+def flow_ratios(features: dict) -> dict:
+    """Median over rounds of on/off, per path: req/s and bulk."""
+    import statistics
+
+    out = {}
+    for where in ("same-node", "cross-node"):
+        rps, gbps = [], []
+        for rnd in range(1, FLOW_ROUNDS + 1):
+            on, off = features.get(f"flow tracking on {where} #{rnd}"), features.get(f"flow tracking off {where} #{rnd}")
+            if not on or not off:
+                continue
+            r = ratio((on.get("http") or {}).get("rps"), (off.get("http") or {}).get("rps"))
+            b = ratio((on.get("bulk") or {}).get("gbps"), (off.get("bulk") or {}).get("gbps"))
+            if r is not None:
+                rps.append(r)
+            if b is not None:
+                gbps.append(b)
+        if rps or gbps:
+            out[where] = {"rps": statistics.median(rps) if rps else None, "rps_rounds": rps,
+                          "bulk": statistics.median(gbps) if gbps else None, "bulk_rounds": gbps}
+    return out
+
+
+class _FlowsOnly(Exception):
+    """--flows-only: the measurements are done; skip the other sections."""
+
+    def __init__(self, features: dict) -> None:
+        super().__init__("flows only")
+        self.features = features
+
+
 def measure_features(cluster, mesh, a) -> dict:
     """The cost of each feature, side by side (module docstring)."""
     out: dict[str, dict] = {}
@@ -153,20 +210,7 @@ def measure_features(cluster, mesh, a) -> dict:
             out[f"{tag} {where}"] = http("pod1-1", f"http://{host}:8080/")
         print(f"measuring features: service VIP ({tag} at the destination) ...", flush=True)
         out[f"service VIP, {tag} dst"] = http("pod1-1", f"http://{vip}/")
-    default_l7 = Mesh.__dataclass_fields__["l7"].default
-    print("measuring features: flow tracking off ...", flush=True)
-    os.environ["MESHLET_FLOW_TRACKING"] = "0"
-    try:
-        # The datapath is rendered without the flow program: the agents load it anew.
-        mesh.reconfigure(l7=default_l7)
-        for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
-            out[f"flow tracking off {where}"] = measure(cluster, "pod1-1", dst, a)
-    finally:
-        os.environ.pop("MESHLET_FLOW_TRACKING", None)
-        mesh.reconfigure(l7=default_l7)
-    for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
-        print(f"measuring features: flow tracking on {where} (again, after the restart) ...", flush=True)
-        out[f"flow tracking on {where}"] = measure(cluster, "pod1-1", dst, a)
+    measure_flow_tracking(cluster, mesh, a, out)
     return out
 
 
@@ -187,13 +231,11 @@ def print_features(features: dict, by: dict) -> None:
         for part in ("http", "bulk"):
             if (r.get(part) or {}).get("error"):
                 print(f"   {part} error: {r[part]['error']}")
-    on = [features.get(f"flow tracking on {w}") for w in ("same-node", "cross-node")]
-    off = [features.get(f"flow tracking off {w}") for w in ("same-node", "cross-node")]
-    for w, a_on, a_off in zip(("same-node", "cross-node"), on, off):
-        if a_on and a_off:
-            rr = ratio((a_on.get("http") or {}).get("rps"), (a_off.get("http") or {}).get("rps"))
-            br = ratio((a_on.get("bulk") or {}).get("gbps"), (a_off.get("bulk") or {}).get("gbps"))
-            print(f"flow tracking on/off, {w}: req/s {fmt(rr, '.3f')}, bulk {fmt(br, '.3f')}")
+    for w, r in flow_ratios(features).items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["rps_rounds"])
+        brounds = ", ".join(f"{x:.2f}" for x in r["bulk_rounds"])
+        print(f"flow tracking on/off, {w}: req/s median {fmt(r['rps'], '.3f')} ({rounds}), "
+              f"bulk median {fmt(r['bulk'], '.3f')} ({brounds})")
 
 
 def ratio(a, b):
@@ -210,6 +252,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32, help="wrk connections")
     ap.add_argument("--quick", action="store_true", help="2-second measurements")
     ap.add_argument("--json", help="where to write results (default bench-results/...)")
+    ap.add_argument("--flows-only", action="store_true",
+                    help="only the direct paths and the flow tracking on/off rounds (issue #6's overhead)")
     a = ap.parse_args()
     if a.quick:
         a.duration = 2
@@ -250,9 +294,15 @@ def main() -> int:
                                      "7001", "--max-seconds", "1800"], stdout=subprocess.DEVNULL)
         time.sleep(1.0)
         for mode, where, src, dst in PATHS:
+            if a.flows_only and mode != "direct":
+                continue
             print(f"measuring {mode:<6} {where:<10} {src} -> {dst} ...", flush=True)
             r = measure(cluster, src, dst, a, conns=where == "cross-node")
             results.append({"mode": mode, "where": where, **r})
+        if a.flows_only:
+            features: dict = {}
+            measure_flow_tracking(cluster, mesh, a, features)
+            raise _FlowsOnly(features)
         # Cross-node tunnel security, side by side: mTLS without session
         # resumption (handshake cost), then the plaintext tunnel.
         print("measuring mesh cross-node, mTLS without session resumption ...", flush=True)
@@ -266,6 +316,10 @@ def main() -> int:
         mesh.reconfigure(tunnel_security="mtls")
         features = measure_features(cluster, mesh, a)
         counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
+    except _FlowsOnly as done:
+        by = {(r["mode"], r["where"]): r for r in results}
+        print_features(done.features, by)
+        return 0
     finally:
         if mesh is not None:
             mesh.down()

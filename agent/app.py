@@ -15,6 +15,7 @@ asyncio part is a thin shell: every step is a plain method.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -165,6 +166,8 @@ class Agent:
             exclude_cidrs=tuple(str(c) for c in self.cfg.mesh.exclude_cidrs),
             tunnel_port=self.cfg.proxy.tunnel_port,
         )
+        if not self.cfg.bpf.flow_tracking:
+            self.spec = dataclasses.replace(self.spec, flow_tracking=False)
         self.datapath = Datapath(self.spec)
         self.workers = [ProxyWorker(i) for i in range(self.cfg.proxy.workers)]
 
@@ -273,9 +276,9 @@ class Agent:
         sig = (version, self.generation)
         if sig == self.l4_sig:
             return
-        # MESHLET_KERNEL_POLICY=0: a development switch (like MESHLET_FLOW_TRACKING)
-        # that leaves every decision to the proxies, e.g. to test them alone.
-        enabled = os.environ.get("MESHLET_KERNEL_POLICY", "1") != "0"
+        # bpf.kernelPolicy: false (or MESHLET_KERNEL_POLICY=0, for tests) leaves
+        # every decision to the proxies.
+        enabled = self.cfg.bpf.kernel_policy and os.environ.get("MESHLET_KERNEL_POLICY", "1") != "0"
         if enabled:
             srcs, dsts = view_from_pods(inv.pods, self.cfg.node, self.cfg.identity.trust_domain,
                                         {k: workload_id(k) for k in self.enrolled})

@@ -52,6 +52,14 @@ class BpfConfig:
     pin_dir: str
     """bpffs directory for pinned maps and programs (``bpf.pinDir``);
     default ``/sys/fs/bpf/meshlet/<node>``."""
+    flow_tracking: bool = True
+    """``bpf.flowTracking``: attach the kernel flow table (``meshlet flows``,
+    RTT in ``meshlet stats``). The environment variable
+    ``MESHLET_FLOW_TRACKING=0`` turns it off too (benchmarks)."""
+    kernel_policy: bool = True
+    """``bpf.kernelPolicy``: refuse at ``connect()`` what authorization
+    policies deny whatever the connection carries; off, the proxies decide
+    everything. ``MESHLET_KERNEL_POLICY=0`` turns it off too (tests)."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +271,8 @@ class AgentConfig:
             "node": self.node,
             "inventory": self.inventory,
             "cgroup": self.cgroup,
-            "bpf": {"pinDir": self.bpf.pin_dir},
+            "bpf": {"pinDir": self.bpf.pin_dir, "flowTracking": self.bpf.flow_tracking,
+                    "kernelPolicy": self.bpf.kernel_policy},
             "proxy": proxy,
             "mesh": {
                 "mode": m.mode,
@@ -329,7 +338,9 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
 
     bpf = proxy = mesh = admin = None
     if bpf_r is not None:
-        bpf = BpfConfig(pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"))
+        bpf = BpfConfig(pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
+                        flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
+                        kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True))
         bpf_r.finish()
     if proxy_r is not None:
         proxy = _read_proxy(proxy_r)

@@ -24,7 +24,7 @@ Then the cost of each feature, HTTP only, same run:
                       default retries, budget, breaker and outlier detection
                       per request; the destination proxy then does its L7 part
     flow tracking     the kernel flow table (sock_ops) detached
-                      (MESHLET_FLOW_TRACKING=0) and attached, alternating for
+                      (bpf.flowTracking: false) and attached, alternating for
                       three rounds (medians of the on/off ratios): HTTP and
                       bulk, both paths.  ``--flows-only`` runs just this (and
                       the direct paths).
@@ -150,16 +150,12 @@ def measure_flow_tracking(cluster, mesh, a, out: dict) -> None:
     try:
         for rnd in range(1, FLOW_ROUNDS + 1):
             for state in ("off", "on"):
-                if state == "off":
-                    os.environ["MESHLET_FLOW_TRACKING"] = "0"
-                else:
-                    os.environ.pop("MESHLET_FLOW_TRACKING", None)
-                mesh.reconfigure(l7=default_l7)
+                mesh.reconfigure(l7=default_l7, flow_tracking=state == "on")
                 for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
                     print(f"measuring flow tracking {state}, {where}, round {rnd} ...", flush=True)
                     out[f"flow tracking {state} {where} #{rnd}"] = measure(cluster, "pod1-1", dst, a)
     finally:
-        os.environ.pop("MESHLET_FLOW_TRACKING", None)
+        mesh.flow_tracking = True
 
 
 def flow_ratios(features: dict) -> dict:

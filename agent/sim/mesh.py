@@ -94,6 +94,8 @@ class Mesh:
     tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
     l7: bool | str = "auto"                # proxy.l7: true, false or auto (the default; see config.py)
+    flow_tracking: bool = True             # bpf.flowTracking: the kernel flow table
+    kernel_policy: bool = True             # bpf.kernelPolicy: policy refusals at connect()
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
@@ -175,7 +177,8 @@ class Mesh:
             "node": node.name,
             "inventory": self.inventory_path,
             "cgroup": node.cgroup,
-            "bpf": {"pinDir": ap.pin_dir},
+            "bpf": {"pinDir": ap.pin_dir, "flowTracking": self.flow_tracking,
+                    "kernelPolicy": self.kernel_policy},
             "proxy": proxy,
             "mesh": {"mode": self.mode, "excludePorts": list(self.exclude_ports),
                      "excludeCIDRs": list(self.exclude_cidrs)},

@@ -70,12 +70,10 @@ spec:
 @pytest.fixture(scope="module")
 def mesh():
     # The kernel refuses certain L4 denials at connect() (EPERM; proven in
-    # test_policy_kernel.py); here the kernel path is off, so these tests
-    # prove that the destination node's proxy enforces on its own.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MESHLET_KERNEL_POLICY", "0")
+    # test_policy_kernel.py); here the kernel path is off (bpf.kernelPolicy),
+    # so these tests prove that the destination node's proxy enforces alone.
     cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster)
+    m = Mesh(cluster, kernel_policy=False)
     try:
         start_servers(cluster, (("echo", 7001), ("echo", 7002)))
         m.start()
@@ -83,7 +81,6 @@ def mesh():
     finally:
         m.down()
         cluster.down()
-        mp.undo()
 
 
 def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:

@@ -455,3 +455,14 @@ def test_proxy_l7_mode():
         "c.yaml:10:7: proxy.l7: expected true, false or auto, got an integer '1'"]
     assert errors(MINIMAL + "  l7: sometimes\n") == [
         "c.yaml:10:7: proxy.l7: expected true, false or auto, got a string 'sometimes'"]
+
+
+def test_bpf_switches_for_flow_tracking_and_kernel_policy():
+    c = parse_config(MINIMAL, "c.yaml")
+    assert c.bpf.flow_tracking is True and c.bpf.kernel_policy is True
+    text = MINIMAL + "bpf:\n  flowTracking: false\n  kernelPolicy: false\n"
+    c = parse_config(text, "c.yaml")
+    assert c.bpf.flow_tracking is False and c.bpf.kernel_policy is False
+    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+    assert errors(MINIMAL + "bpf:\n  flowTracking: sometimes\n")[0].endswith(
+        "bpf.flowTracking: expected true or false, got a string 'sometimes'")

@@ -181,14 +181,6 @@ def flow_ratios(features: dict) -> dict:
     return out
 
 
-class _FlowsOnly(Exception):
-    """--flows-only: the measurements are done; skip the other sections."""
-
-    def __init__(self, features: dict) -> None:
-        super().__init__("flows only")
-        self.features = features
-
-
 def measure_features(cluster, mesh, a) -> dict:
     """The cost of each feature, side by side (module docstring)."""
     out: dict[str, dict] = {}
@@ -296,26 +288,21 @@ def main() -> int:
             r = measure(cluster, src, dst, a, conns=where == "cross-node")
             results.append({"mode": mode, "where": where, **r})
         if a.flows_only:
-            features: dict = {}
             measure_flow_tracking(cluster, mesh, a, features)
-            raise _FlowsOnly(features)
-        # Cross-node tunnel security, side by side: mTLS without session
-        # resumption (handshake cost), then the plaintext tunnel.
-        print("measuring mesh cross-node, mTLS without session resumption ...", flush=True)
-        mesh.reconfigure(tls_resumption=False)
-        tunnel_rows = {"mTLS, no resumption": measure(cluster, "pod1-1", "pod2-1", a, http=False,
-                                                      bulk=False, conns=True)}
-        print("measuring mesh cross-node, plaintext tunnel (insecure, for comparison) ...",
-              flush=True)
-        mesh.reconfigure(tls_resumption=True, tunnel_security="insecure-plaintext")
-        tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
-        mesh.reconfigure(tunnel_security="mtls")
-        features = measure_features(cluster, mesh, a)
-        counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
-    except _FlowsOnly as done:
-        by = {(r["mode"], r["where"]): r for r in results}
-        print_features(done.features, by)
-        return 0
+        else:
+            # Cross-node tunnel security, side by side: mTLS without session
+            # resumption (handshake cost), then the plaintext tunnel.
+            print("measuring mesh cross-node, mTLS without session resumption ...", flush=True)
+            mesh.reconfigure(tls_resumption=False)
+            tunnel_rows = {"mTLS, no resumption": measure(cluster, "pod1-1", "pod2-1", a, http=False,
+                                                          bulk=False, conns=True)}
+            print("measuring mesh cross-node, plaintext tunnel (insecure, for comparison) ...",
+                  flush=True)
+            mesh.reconfigure(tls_resumption=True, tunnel_security="insecure-plaintext")
+            tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
+            mesh.reconfigure(tunnel_security="mtls")
+            features = measure_features(cluster, mesh, a)
+            counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
     finally:
         if mesh is not None:
             mesh.down()
@@ -323,6 +310,9 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     by = {(r["mode"], r["where"]): r for r in results}
+    if a.flows_only:
+        print_features(features, by)
+        return 0
     print(f"\nmeshlet benchmark: wrk -c{a.connections} -t1 -d{a.duration}s (nginx, small "
           f"responses), iperf3 -t{a.duration}; one proxy worker per node; {os.cpu_count()} CPUs")
     hdr = f"{'path':<22}{'HTTP req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'bulk Gbit/s':>13}" \

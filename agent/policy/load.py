@@ -59,6 +59,7 @@ import yaml
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent import yamlsrc as y
+from agent.labels import selector_key, selector_value
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
 
 from .http import path_pattern_problem
@@ -98,7 +99,6 @@ _UNSUPPORTED_KEYS = ("remote.ip", "destination.ip", "connection.sni", "source.se
 _UNSUPPORTED_KEY_PREFIXES = ("request.auth.", "experimental.")
 _HEADER_KEY = re.compile(r"request\.headers\[(.*)\]", re.S)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _NAMESPACE_CHARS = re.compile(r"[a-z0-9-]*")
 _PRINCIPAL_CHARS = re.compile(r"[A-Za-z0-9._/-]*")
 _HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()+,;=:\[\]]*")
@@ -273,31 +273,6 @@ def _values(conv):
     return convert
 
 
-def _label_key(v: y.Value) -> str:
-    k = y.string(v)
-    prefix, _, name = k.rpartition("/")
-    ok = 0 < len(name) <= 63 and _LABEL_NAME.fullmatch(name)
-    if prefix:
-        ok = ok and len(prefix) <= 253 and all(
-            re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", part) for part in prefix.split("."))
-    if not ok:
-        if "*" in k:
-            raise y.Invalid(f"wildcards are not supported in selectors: {k!r}")
-        raise y.Invalid(f"{k!r} is not a valid label key: [dns.prefix/]name, name at most 63 "
-                        "characters of letters, digits, '-', '_', '.'")
-    return k
-
-
-def _label_value(v: y.Value) -> str:
-    s = y.any_string(v)
-    if len(s) > 63 or not _LABEL_NAME.fullmatch(s):
-        if "*" in s:
-            raise y.Invalid(f"wildcards are not supported in selectors: {s!r}")
-        raise y.Invalid(f"{s!r} is not a valid label value: at most 63 characters of letters, "
-                        "digits, '-', '_', '.', starting and ending with a letter or digit")
-    return s
-
-
 def _string_map(v: y.Value) -> dict:
     return y.map_of(y.string, y.any_string)(v)
 
@@ -370,7 +345,7 @@ def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
         sel = spec.section("selector")
         labels = {}
         if sel is not None:
-            labels = sel.get("matchLabels", y.map_of(_label_key, _label_value), {}) or {}
+            labels = sel.get("matchLabels", y.map_of(selector_key, selector_value), {}) or {}
             sel.finish()
         selector = tuple(sorted(labels.items()))
         act = spec.get("action", y.enum("ALLOW", "DENY", "AUDIT", "CUSTOM"), "ALLOW")

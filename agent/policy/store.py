@@ -70,6 +70,7 @@ from typing import Any, Sequence
 import yaml
 
 from .. import yamlsrc as y
+from ..fsutil import write_atomic
 from .load import KIND, DocKind, _canon, _check_options, authorization_kind, collect_documents, fingerprint, policy_set
 from .model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
 
@@ -115,22 +116,6 @@ def _dump(doc: dict) -> str:
 
 def _header(version: str) -> str:
     return f"# meshlet policy store: version {version}\n"
-
-
-def _write_atomic(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def store_version(authorization: str, others: dict[str, tuple[str, int]]) -> str:
@@ -283,7 +268,7 @@ class PolicyStore:
         data = json.dumps(doc)
         if self._published.get(path) == data and os.path.exists(path):
             return
-        _write_atomic(path, data)
+        write_atomic(path, data)
         self._published[path] = data
 
     def _commit(self, texts: dict[Key, str], write_store: bool = True) -> None:
@@ -292,7 +277,7 @@ class PolicyStore:
         if self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             if write_store:
-                _write_atomic(self.store_path, _header(version) + self._text(texts))
+                write_atomic(self.store_path, _header(version) + self._text(texts))
             self._publish(self.compiled_path, self.compiled(ps, texts))
             for kind, doc in sets.items():
                 self._publish(self.published_path(kind), doc)

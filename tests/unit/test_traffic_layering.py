@@ -1,4 +1,5 @@
-"""agent/traffic and agent/workloads/services.py stay pure: no sockets, no
+"""agent/traffic and the workload model and YAML reader (agent/workloads/
+model.py, yamlfile.py and the services.py names) stay pure: no sockets, no
 event loop, no clock, no datapath or proxy imports."""
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ import pathlib
 import pytest
 
 AGENT = pathlib.Path(__file__).resolve().parents[2] / "agent"
-FILES = sorted((AGENT / "traffic").glob("*.py")) + [AGENT / "workloads" / "services.py"]
+FILES = sorted((AGENT / "traffic").glob("*.py")) + [
+    AGENT / "workloads" / name for name in ("model.py", "yamlfile.py", "services.py", "inventory.py")]
 FORBIDDEN = {"socket", "asyncio", "uvloop", "ssl", "select", "subprocess", "threading", "time",
              "bcc", "pyroute2", "click"}
-ALLOWED_AGENT = {"agent", "agent.yamlsrc", "agent.policy.load", "agent.workloads.inventory"}
+ALLOWED_AGENT = {"agent", "agent.yamlsrc", "agent.config", "agent.labels", "agent.netaddr",
+                 "agent.policy.load", "agent.workloads.inventory", "agent.workloads.model",
+                 "agent.workloads.yamlfile"}
 
 
 def imports(path: pathlib.Path) -> set[str]:

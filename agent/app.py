@@ -1,6 +1,8 @@
 """The node agent: composition root and lifecycle (``meshlet run``).
 
-It owns four things and keeps them in step with the node inventory:
+It owns four things and keeps them in step with the node inventory, which a
+:class:`~agent.workloads.source.WorkloadSource` supplies (built from the
+config by :func:`~agent.workloads.source.source_from_config`):
 
 * the eBPF datapath (loaded or adopted from bpffs pins),
 * the kernel maps of enrolled workloads (a pod joining is a map write),
@@ -8,7 +10,8 @@ It owns four things and keeps them in step with the node inventory:
 * the proxy worker processes (started in their own session, so the agent can
   die and restart without touching traffic; a restarted agent adopts them).
 
-An admin API on a Unix socket answers ``meshlet status`` and friends.  The
+An admin API on a Unix socket (:mod:`agent.admin`) answers ``meshlet
+status`` and friends; :mod:`agent.supervisor` runs the proxy workers.  The
 asyncio part is a thin shell: every step is a plain method.
 """
 
@@ -20,19 +23,18 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 
 from . import cgroup as cg
-from .adminclient import unix_request
-from .filesig import file_sig
+from .admin import start_admin
 from .config import AgentConfig
-from .workloads.inventory import Inventory, load_inventory
-from .workloads.services import services_doc
+from .filesig import file_sig
+from .fsutil import write_atomic
+from .supervisor import ProxySupervisor
+from .workloads.model import Inventory, services_doc, workload_id
+from .workloads.source import WorkloadSource, source_from_config
 from .yamlsrc import SourceError
 
 log = logging.getLogger("meshlet.agent")
@@ -43,11 +45,6 @@ POLL_INTERVAL = 0.5
 
 class AgentError(RuntimeError):
     """Start-up failed; the message says what to fix."""
-
-
-def workload_id(key: str) -> int:
-    """A stable small id for a workload (its key's CRC32, 31 bits)."""
-    return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
 def ca_socket_path(cfg: AgentConfig) -> str:
@@ -104,37 +101,17 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
     }
 
 
-def write_atomic(path: str, data: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class ProxyWorker:
-    index: int
-    pid: int | None = None
-    popen: subprocess.Popen | None = None
-    started: float = 0.0
-    restarts: int = 0
-    adopted: bool = False
-
-
 @dataclass
 class Agent:
     cfg: AgentConfig
     keep_datapath: bool = False
+    source: WorkloadSource | None = None  # where the inventory comes from; default: from cfg
     inventory: Inventory | None = None
     inventory_error: str | None = None
-    inventory_sig: tuple | None = None
     generation: int = 0
     enrolled: dict[str, int] = field(default_factory=dict)      # pod key -> cgroup id
     pending: dict[str, str] = field(default_factory=dict)       # pod key -> why not enrolled
     tc_errors: list[str] = field(default_factory=list)
-    workers: list[ProxyWorker] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     issuer: object = None                                       # identity.issuer.NodeIssuer
     identity_generation: int = 0
@@ -169,7 +146,9 @@ class Agent:
         if not self.cfg.bpf.flow_tracking:
             self.spec = dataclasses.replace(self.spec, flow_tracking=False)
         self.datapath = Datapath(self.spec)
-        self.workers = [ProxyWorker(i) for i in range(self.cfg.proxy.workers)]
+        self.proxies = ProxySupervisor(self.cfg.run_dir, self.state_path, self.cfg.proxy.workers)
+        if self.source is None:
+            self.source = source_from_config(self.cfg)
 
     # --- start ----------------------------------------------------------------
 
@@ -191,16 +170,17 @@ class Agent:
             log.warning("proxy.tunnelSecurity is %s: traffic between nodes is NOT encrypted or "
                         "authenticated. This setting exists for benchmarks only.",
                         self.cfg.proxy.tunnel_security)
+        src = self.source
+        assert src is not None
         try:
-            self.inventory = load_inventory(self.cfg.inventory)
+            self.inventory = src.start()
         except SourceError as e:
             raise AgentError(f"inventory is invalid, not starting:\n{e}") from e
         except OSError as e:
-            raise AgentError(f"cannot read inventory {self.cfg.inventory}: {e.strerror}") from e
+            raise AgentError(f"cannot read inventory {src.where}: {e.strerror}") from e
         if self.inventory.node(self.cfg.node) is None:
-            raise AgentError(f"{self.cfg.inventory}: node {self.cfg.node!r} (from the config's "
+            raise AgentError(f"{src.where}: node {self.cfg.node!r} (from the config's "
                              "'node:') is not in the inventory's nodes[]")
-        self.inventory_sig = file_sig(self.cfg.inventory)
         self.load_policies()
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
@@ -219,7 +199,7 @@ class Agent:
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         self.sync()
         self.sync_policy_kernel()
-        self.supervise_proxies()
+        self.proxies.supervise()
 
     # --- authorization policies (#4): applied through the admin API -----------------
 
@@ -381,20 +361,20 @@ class Agent:
     # --- inventory -> kernel + proxy state --------------------------------------
 
     def poll_inventory(self) -> bool:
-        """Reload the inventory when the file changed.  A bad file is logged
-        with file:line:field and the last good state stays in force."""
-        sig = file_sig(self.cfg.inventory)
-        if sig == self.inventory_sig:
-            return False
-        self.inventory_sig = sig
+        """Apply a newer inventory from the source.  A bad one is logged (for
+        the file: with file:line:field) and the last good state stays in force."""
+        src = self.source
+        assert src is not None
         try:
-            inv = load_inventory(self.cfg.inventory)
+            inv = src.poll()
         except (SourceError, OSError) as e:
             self.inventory_error = str(e)
             log.error("inventory not applied, keeping the previous one:\n%s", e)
             return False
+        if inv is None:
+            return False
         if inv.node(self.cfg.node) is None:
-            self.inventory_error = (f"{self.cfg.inventory}: node {self.cfg.node!r} is not in "
+            self.inventory_error = (f"{src.where}: node {self.cfg.node!r} is not in "
                                     "nodes[]; keeping the previous inventory")
             log.error("%s", self.inventory_error)
             return False
@@ -448,7 +428,7 @@ class Agent:
         state = proxy_state(self.cfg, inv, enrolled, self.generation, self.identity_generation)
         write_atomic(self.state_path, json.dumps(state, indent=1))
         if enrolled.keys() - self.enrolled.keys():
-            self.wait_proxies_loaded(self.generation)
+            self.proxies.wait_loaded(self.generation)
         changes = self.datapath.sync_workloads(by_cgroup, by_ip)
         self.tc_errors = self.datapath.sync_tc(tc)
         for err in self.tc_errors:
@@ -464,96 +444,14 @@ class Agent:
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled),
                   self.generation)
 
-    def wait_proxies_loaded(self, generation: int, timeout: float = 3.0) -> bool:
-        """Until every running worker reports ``generation`` (bounded)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pending = []
-            for w in self.workers:
-                if not w.pid or not _pid_alive(w.pid, w.popen):
-                    continue  # not started yet: it will read the file at start-up
-                st = _proxy_stats(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.sock"))
-                if not st or st.get("state_generation", -1) < generation:
-                    pending.append(w.index)
-            if not pending:
-                return True
-            time.sleep(0.05)
-        log.warning("proxy workers %s did not load state generation %d within %.0fs; "
-                    "enrolling anyway", pending, generation, timeout)
-        return False
-
-    # --- proxy workers --------------------------------------------------------------
-
-    def _pidfile(self, w: ProxyWorker) -> str:
-        return os.path.join(self.cfg.run_dir, f"proxy-{w.index}.pid")
-
-    def _proxy_argv(self, w: ProxyWorker) -> list[str]:
-        # The access log's path, sampling and on/off come from the state file.
-        return [sys.executable, "-m", "agent.proxy", "--state", self.state_path,
-                "--worker-id", str(w.index)]
-
-    def supervise_proxies(self) -> None:
-        """Adopt running workers, reap and restart dead ones."""
-        for w in self.workers:
-            if w.popen is not None:
-                if w.popen.poll() is None:
-                    continue
-                log.error("proxy worker %d (pid %d) exited with %s; restarting", w.index,
-                          w.popen.pid, w.popen.returncode)
-                w.popen = None
-                w.pid = None
-                w.restarts += 1
-            elif w.pid is not None and _alive_proxy(w.pid, self.state_path):
-                continue
-            elif w.pid is None:
-                pid = _read_pid(self._pidfile(w))
-                if pid and _alive_proxy(pid, self.state_path):
-                    w.pid, w.adopted = pid, True
-                    log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
-                    continue
-            if w.restarts and time.time() - w.started < min(30, 2 ** w.restarts):
-                continue  # back off
-            logf = open(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.log"), "ab")
-            try:
-                w.popen = subprocess.Popen(self._proxy_argv(w), stdout=logf, stderr=logf,
-                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                           cwd="/", env=_proxy_env())
-            finally:
-                logf.close()
-            w.pid, w.started, w.adopted = w.popen.pid, time.time(), False
-            write_atomic(self._pidfile(w), str(w.pid))
-            log.info("started proxy worker %d (pid %d)", w.index, w.pid)
-
-    def stop_proxies(self, timeout: float = 6.0) -> None:
-        pids = [w.pid for w in self.workers if w.pid]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + timeout
-        for w in self.workers:
-            if not w.pid:
-                continue
-            while time.time() < deadline and _pid_alive(w.pid, w.popen):
-                time.sleep(0.05)
-            if _pid_alive(w.pid, w.popen):
-                os.kill(w.pid, signal.SIGKILL)
-            if w.popen is not None:
-                w.popen.wait(timeout=2)
-            try:
-                os.unlink(self._pidfile(w))
-            except FileNotFoundError:
-                pass
-            w.pid = w.popen = None
-
     def shutdown(self) -> None:
+        self.source.close()
         if self.keep_datapath:
             self.datapath.close()
             log.info("exiting with the datapath and proxy left running (--keep-datapath); "
                      "a restarted agent adopts them")
             return
-        self.stop_proxies()
+        self.proxies.stop()
         self.datapath.teardown()
         for name in ("proxy-state.json",):
             try:
@@ -572,7 +470,7 @@ class Agent:
             "datapath": {"how": self.datapath.how, "pin_dir": self.spec.pin_dir,
                          "cgroup": self.cgroup_dir, "counters": self.datapath.stats(),
                          "tc_errors": self.tc_errors},
-            "inventory": {"path": self.cfg.inventory, "error": self.inventory_error,
+            "inventory": {"path": self.source.where, "error": self.inventory_error,
                           "pods": len(inv.pods) if inv else 0},
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,
@@ -580,26 +478,20 @@ class Agent:
             "policy": self.policy_status(),
             "enrolled": [{"pod": k, "cgroup_id": v} for k, v in sorted(self.enrolled.items())],
             "pending": [{"pod": k, "reason": v} for k, v in sorted(self.pending.items())],
-            "proxy": [{"worker": w.index, "pid": w.pid, "adopted": w.adopted,
-                       "alive": bool(w.pid and _pid_alive(w.pid, w.popen)),
-                       "restarts": w.restarts,
-                       "stats": _proxy_stats(os.path.join(self.cfg.run_dir,
-                                                          f"proxy-{w.index}.sock"))}
-                      for w in self.workers],
+            "proxy": self.proxies.status(),
         }
 
     # --- observability (#6): blocking reads, for threads only ------------------------
 
     def worker_stats(self) -> list[dict | None]:
         """Every proxy worker's stats socket (None: did not answer)."""
-        return [_proxy_stats(os.path.join(self.cfg.run_dir, f"proxy-{w.index}.sock"))
-                for w in self.workers]
+        return self.proxies.worker_stats()
 
     def metrics_snapshot(self) -> dict:
         """What one /metrics scrape reports (see agent.metrics.families)."""
         from .datapath.status import datapath_status
 
-        return {"workers": self.worker_stats(), "workers_configured": len(self.workers),
+        return {"workers": self.worker_stats(), "workers_configured": len(self.proxies.workers),
                 "datapath": datapath_status(self.spec.pin_dir),
                 "identity": self.identity_status()}
 
@@ -630,7 +522,7 @@ class Agent:
             if self.pending:
                 self.sync()  # a pod cgroup may have appeared
             self.sync_policy_kernel()
-            self.supervise_proxies()
+            self.proxies.supervise()
         except Exception:  # one bad tick must not kill the node agent
             log.exception("agent loop error (will retry)")
 
@@ -723,367 +615,6 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
     return server
 
 
-# --- admin API: HTTP/1.0 over a Unix socket, JSON bodies --------------------------
-# GET everywhere; POST and DELETE for policies.  A request body needs a
-# Content-Length (at most ADMIN_BODY_LIMIT bytes).
-
-FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
-POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>[?kind=K]",
-                 "POST /v1/policies:apply", "POST /v1/policies:diff",
-                 "DELETE /v1/policies/<namespace>/<name>[?kind=K]"}
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats", "/v1/services"} | FLOW_ROUTES \
-    | POLICY_ROUTES
-ADMIN_BODY_LIMIT = 4 << 20
-ADMIN_HEADER_LINES = 100
-
-
-async def _read_admin_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes, tuple | None]:
-    """(method, target, body, error): error is (status, message) for a request
-    that cannot be served (its body is then not read)."""
-    line = await asyncio.wait_for(reader.readline(), 5)
-    parts = line.decode("latin-1").split()
-    method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-    length, error = 0, None
-    for _ in range(ADMIN_HEADER_LINES):
-        h = await asyncio.wait_for(reader.readline(), 5)
-        if h in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = h.decode("latin-1").partition(":")
-        if name.strip().lower() == "content-length":
-            try:
-                length = int(value.strip())
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                error = (400, f"bad Content-Length {value.strip()!r}")
-    else:
-        return method, target, b"", (431, "too many header lines")
-    if error is None and length > ADMIN_BODY_LIMIT:
-        error = (413, f"request body of {length} bytes; the limit is {ADMIN_BODY_LIMIT}")
-    body = b""
-    if error is None and length:
-        try:
-            body = await asyncio.wait_for(reader.readexactly(length), 30)
-        except asyncio.IncompleteReadError:
-            error = (400, "request body shorter than its Content-Length")
-    return method, target, body, error
-
-
-async def start_admin(agent: Agent) -> asyncio.AbstractServer:
-    path = agent.cfg.admin.socket
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            method, target, payload, error = await _read_admin_request(reader)
-            if error is not None:
-                code, body = error[0], {"error": error[1]}
-            elif target.split("?", 1)[0].startswith("/v1/policies") and method in (
-                    "GET", "POST", "DELETE"):
-                code, body = await asyncio.to_thread(_policies_then_kernel, agent, method, target,
-                                                     payload)
-            elif method != "GET":
-                code, body = 405, {"error": f"{method or 'this request'} is not supported here"}
-            elif target == "/v1/status":
-                code, body = 200, agent.status()
-            elif target == "/v1/workloads":
-                code, body = 200, _workloads(agent)
-            elif target == "/v1/services":
-                code, body = 200, _services(agent)
-            elif target == "/v1/bpf":
-                from .datapath.status import datapath_status
-                code, body = 200, datapath_status(agent.spec.pin_dir, agent.cgroup_dir)
-            elif target.split("?", 1)[0] == "/v1/stats":
-                code, body = await _stats_route(agent, target)
-            elif target.split("?", 1)[0] in FLOW_ROUTES:
-                answer = await _flows_route(agent, target, reader, writer)
-                if answer is None:
-                    return  # streamed
-                code, body = answer
-            else:
-                code, body = 404, {"error": f"unknown path {target!r}", "paths": sorted(ROUTES)}
-            data = json.dumps(body).encode()
-            writer.write(f"HTTP/1.0 {code} X\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-            await writer.drain()
-        except Exception:
-            log.exception("admin request failed")
-        finally:
-            writer.close()
-
-    server = await asyncio.start_unix_server(handle, path=path)
-    os.chmod(path, 0o600)
-    return server
-
-
-# --- policies (#4): the policy store over the admin API -------------------------------
-
-def _traffic_warnings(agent: Agent, store) -> list[str]:
-    """TrafficPolicies for services the inventory does not have (yet): warnings,
-    never errors, since a service can arrive after its policy."""
-    from .traffic.policy import KIND as TRAFFIC, lint_traffic, parse_traffic_policies
-
-    inv = getattr(agent, "inventory", None)
-    if inv is None or TRAFFIC not in getattr(store, "kinds", {}):
-        return []
-    services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports))
-                for sv in getattr(inv, "services", ())]
-    text = store.sets[TRAFFIC]["yaml"]
-    if not text.strip():
-        return []
-    return [f"{origin}: {kind}: traffic policy {key}: {message}" for kind, key, origin, message
-            in lint_traffic(parse_traffic_policies(text, "policies.yaml"), services)]
-
-
-def _policies_then_kernel(agent: Agent, method: str, target: str,
-                          payload: bytes) -> tuple[int, dict]:
-    """The policy route, then (after a change) the kernel's L4 entries."""
-    code, body = _policies_route(agent, method, target, payload)
-    sync = getattr(agent, "sync_policy_kernel", None)  # absent on test stand-ins
-    if sync is not None and code == 200 and method in ("POST", "DELETE") \
-            and not target.split("?", 1)[0].endswith(":diff"):
-        try:
-            sync()
-        except Exception:  # the tick retries; the proxies enforce meanwhile
-            log.exception("kernel L4 policy sync after a policy change failed (will retry)")
-    return code, body
-
-
-def _policies_route(agent: Agent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
-    """Runs in a worker thread; one store operation at a time.  Documents are
-    AuthorizationPolicy and TrafficPolicy (one store, one version).
-
-    GET    /v1/policies                      {"version", "count", "byKind", "policies": [summary...]}
-                                             (every summary has "kind", "namespace", "name")
-    GET    /v1/policies/<ns>/<name>[?kind=K] {"kind", "namespace", "name", "document", "yaml"}
-    POST   /v1/policies:apply                body {"files": [{"filename", "text"}...]}
-                                             -> {"changes": [{"kind", "namespace", "name", "result"}],
-                                                 "version", "previous_version", "count", "warnings"}
-    POST   /v1/policies:diff                 same body -> {"diff", "changes", "version"}
-    DELETE /v1/policies/<ns>/<name>[?kind=K] {"deleted": "ns/name", "kind", "version", "count"}
-
-    Invalid documents: 400 {"error", "errors": [{"file", "line", "column", "path",
-    "message", "text"}]}, and nothing changed.  Unknown policy: 404.  Without
-    ``kind``, a name that documents of two kinds share: 409 {"error", "kinds"}.
-    "warnings": TrafficPolicies for services not in the inventory (applied anyway)."""
-    from urllib.parse import parse_qs, unquote
-
-    from .policy.store import MAX_DOCUMENT_BYTES, Ambiguous
-
-    store = agent.policies
-    if store is None:
-        return 503, {"error": "the policy store is not loaded yet"}
-    path, _, query = target.partition("?")
-    with agent.policy_lock:
-        if path in ("/v1/policies:apply", "/v1/policies:diff"):
-            if method != "POST":
-                return 405, {"error": f"{path} needs POST"}
-            try:
-                req = json.loads(payload or b"null")
-                files = req["files"]
-                sources = [(str(f["filename"]), f["text"]) for f in files]
-                if not all(isinstance(t, str) for _, t in sources):
-                    raise TypeError("text must be a string")
-            except (ValueError, KeyError, TypeError) as e:
-                return 400, {"error": 'body must be JSON {"files": [{"filename": ..., "text": ...}]}'
-                                      f" ({e})"}
-            if sum(len(t.encode()) for _, t in sources) > MAX_DOCUMENT_BYTES:
-                return 413, {"error": f"more than {MAX_DOCUMENT_BYTES} bytes of policy text"}
-            before = store.version
-            try:
-                if path.endswith(":diff"):
-                    text, changes = store.diff(sources)
-                    return 200, {"diff": text, "changes": [c.to_dict() for c in changes],
-                                 "version": store.version}
-                changes = store.apply(sources)
-            except SourceError as e:
-                return 400, {"error": str(e), "errors": [
-                    {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
-                     "message": p.message, "text": str(p)} for p in e.errors]}
-            if store.version != before:
-                log.info("policies applied: version %s -> %s (%d documents)", before,
-                         store.version, store.count)
-            try:
-                warnings = _traffic_warnings(agent, store)
-            except Exception:  # noqa: BLE001 - a lint must never fail an applied change
-                log.exception("traffic policy lint failed")
-                warnings = []
-            for w in warnings:
-                log.warning("%s", w)
-            return 200, {"changes": [c.to_dict() for c in changes], "version": store.version,
-                         "previous_version": before, "count": store.count, "warnings": warnings}
-        if path == "/v1/policies":
-            if method != "GET":
-                return 405, {"error": "/v1/policies needs GET"}
-            return 200, {"version": store.version, "count": store.count,
-                         "byKind": store.summary()["byKind"], "policies": store.list()}
-        rest = path[len("/v1/policies/"):].split("/") if path.startswith("/v1/policies/") else []
-        if len(rest) != 2 or not all(rest):
-            return 404, {"error": f"unknown path {target!r}", "paths": sorted(POLICY_ROUTES)}
-        ns, name = unquote(rest[0]), unquote(rest[1])
-        kinds = parse_qs(query).get("kind")
-        kind = kinds[-1] if kinds else None
-        known = ["AuthorizationPolicy", *getattr(store, "kinds", {})]
-        if kind is not None and kind not in known:
-            return 400, {"error": f"unknown kind {kind!r}; one of: {', '.join(known)}"}
-        what = f"{kind or 'policy'} {ns}/{name}"
-        try:
-            if method == "GET":
-                doc = store.get(ns, name, kind)
-                if doc is None:
-                    return 404, {"error": f"no {what}"}
-                return 200, {"kind": store.kind_of(ns, name, kind), "namespace": ns, "name": name,
-                             "yaml": store.get_yaml(ns, name, kind),
-                             "document": json.loads(json.dumps(doc, default=str))}
-            if method == "DELETE":
-                found = store.kind_of(ns, name, kind)
-                if found is None or not store.delete(ns, name, found):
-                    return 404, {"error": f"no {what}"}
-                log.info("%s %s/%s deleted: version %s", found, ns, name, store.version)
-                return 200, {"deleted": f"{ns}/{name}", "kind": found, "version": store.version,
-                             "count": store.count}
-        except Ambiguous as e:
-            return 409, {"error": str(e), "kinds": e.kinds}
-        return 405, {"error": f"{method} is not supported on {path}"}
-
-
-# --- flows (#6): the kernel flow table over the admin API ------------------------------
-
-FOLLOW_MAX_SECONDS = 3600.0
-FOLLOW_INTERVAL = 0.25
-
-
-def _flow_views(agent: Agent, records: list[dict], links: dict[int, int]) -> list[dict]:
-    from .flows import Resolver, build_views
-
-    proxy_ips = {str(ip): agent.cfg.node for ip in (agent.cfg.proxy.redirect_ipv4,
-                                                    agent.cfg.proxy.redirect_ipv6) if ip}
-    res = Resolver.from_inventory(agent.inventory, agent.cfg.identity.trust_domain, proxy_ips,
-                                  workload_id) if agent.inventory else Resolver()
-    return build_views(records, res, agent.cfg.node, time.time(), links)
-
-
-async def _flows_route(agent: Agent, target: str, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> tuple[int, dict] | None:
-    """GET /v1/flows?filters -> JSON; GET /v1/flows/follow?filters -> JSON
-    lines {"event": "new"|"closed", "flow": ...} until the client goes away
-    or max_seconds pass (returns None then)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from .flows import FlowFilter, select, sort_views
-
-    url = urlsplit(target)
-    params = {k: v[-1] for k, v in parse_qs(url.query).items()}
-    try:
-        flt = FlowFilter.from_params(params)
-        sort = params.get("sort", "start")
-        sort_views([], sort)
-        limit = int(params.get("limit") or 0)
-        max_s = min(float(params.get("max_seconds") or FOLLOW_MAX_SECONDS), FOLLOW_MAX_SECONDS)
-    except ValueError as e:
-        return 400, {"error": str(e)}
-    fr = agent.flow_reader
-    if url.path == "/v1/flows":
-        def collect() -> tuple[dict, dict]:
-            return fr.snapshot(), agent.datapath.stats()
-        snap, stats = await asyncio.to_thread(collect)
-        closed = {f["cookie"] for f in snap["closed"]}
-        records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
-        now = time.time()
-        views = select(_flow_views(agent, records, snap["links"]), flt, sort, now, limit)
-        return 200, {"node": agent.cfg.node, "now": now, "flows": views, "reader": snap["reader"],
-                     "counters": {k: v for k, v in stats.items() if k.startswith("flow_")}}
-    loop = asyncio.get_running_loop()
-    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
-    await writer.drain()
-    gone = asyncio.ensure_future(reader.read(1))  # completes when the client hangs up
-    try:
-        cursor = await asyncio.to_thread(fr.cursor)
-        deadline = loop.time() + max_s
-        while loop.time() < deadline and not gone.done():
-            cursor, events = await asyncio.to_thread(fr.poll_events, cursor)
-            if events:
-                views = _flow_views(agent, [f for _, f in events], {})
-                now = time.time()
-                for (kind, _), v in zip(events, views):
-                    if flt.matches(v, now):
-                        writer.write(json.dumps({"event": kind, "flow": v}).encode() + b"\n")
-                await writer.drain()
-            await asyncio.wait([gone], timeout=FOLLOW_INTERVAL)
-    except (ConnectionError, BrokenPipeError):
-        pass
-    finally:
-        gone.cancel()
-    return None
-
-
-async def _stats_route(agent: Agent, target: str) -> tuple[int, dict]:
-    """GET /v1/stats?from=W&to=W -> per workload pair rows (agent/stats.py)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from .metrics import merge_http, merge_tcp
-    from .stats import StatsFilter, pair_rows, select
-
-    params = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
-    flt = StatsFilter(src=params.get("from") or None, dst=params.get("to") or None)
-    fr = agent.flow_reader
-
-    def collect() -> tuple[list, dict]:
-        return agent.worker_stats(), fr.snapshot()
-
-    workers, snap = await asyncio.to_thread(collect)
-    closed = {f["cookie"] for f in snap["closed"]}
-    records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
-    views = _flow_views(agent, records, snap["links"])
-    inv = agent.inventory
-    workload_of = {p.key: (p.labels.get("app") or p.name, p.namespace)
-                   for p in (inv.pods if inv else ())}
-    names, tcp = merge_tcp(workers)
-    http = merge_http(workers)
-    rows = select(pair_rows(names, tcp, views, workload_of, http), flt)
-    return 200, {"node": agent.cfg.node, "now": time.time(), "rows": rows,
-                 "workers": {"configured": len(workers),
-                             "answered": sum(1 for w in workers if w)},
-                 "l7": ("HTTP requests counted by the destination node's proxy (proxy.l7)"
-                        if agent.cfg.proxy.l7 else "not measured: proxy.l7 is off")}
-
-
-def _workloads(agent: Agent) -> dict:
-    inv = agent.inventory
-    out = []
-    for pod in inv.pods_on(agent.cfg.node) if inv else ():
-        out.append({
-            "pod": pod.key, "service_account": pod.service_account,
-            "ips": [str(ip) for ip in pod.ips],
-            "mesh": pod.mesh,
-            "mode": inv.mode_for(pod, agent.cfg.mesh.mode),
-            "enrolled": pod.key in agent.enrolled,
-            "cgroup_id": agent.enrolled.get(pod.key),
-            "reason": agent.pending.get(pod.key) or (None if pod.mesh else "mesh: false"),
-        })
-    return {"node": agent.cfg.node, "workloads": out}
-
-
-def _services(agent: Agent) -> dict:
-    """GET /v1/services: the services the proxies route (what proxy-state.json
-    publishes), each endpoint with its pod's mesh flag and whether it is on
-    this node."""
-    inv = agent.inventory
-    out = services_doc(inv.service_index) if inv else []
-    mesh = {p.key: p.mesh for p in (inv.pods if inv else ())}
-    for svc in out:
-        for port in svc["ports"]:
-            for ep in port["endpoints"]:
-                ep["mesh"] = mesh.get(ep["pod"], False)
-                ep["local"] = ep["node"] == agent.cfg.node
-    return {"node": agent.cfg.node, "services": out,
-            "inventory_error": getattr(agent, "inventory_error", None)}
-
-
 # --- small process helpers -----------------------------------------------------------
 
 def _identity_sig(paths: list[str]) -> tuple:
@@ -1102,53 +633,8 @@ def _identity_sig(paths: list[str]) -> tuple:
     return (tuple(stats), h.hexdigest())
 
 
-def _read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive_proxy(pid: int, state_path: str) -> bool:
-    """True when ``pid`` is a live proxy worker serving ``state_path``."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return b"agent.proxy" in argv and state_path.encode() in argv
-
-
-def _pid_alive(pid: int, popen: subprocess.Popen | None) -> bool:
-    if popen is not None:
-        return popen.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _proxy_env() -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _proxy_stats(sock_path: str) -> dict | None:
-    try:
-        return json.loads(unix_request(sock_path, timeout=0.5))
-    except (OSError, ValueError):
-        return None
-
-
 def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
-    agent = Agent(cfg, keep_datapath=keep_datapath)
+    agent = Agent(cfg, keep_datapath=keep_datapath, source=source_from_config(cfg))
     if preflight:
         agent.preflight()
     try:
@@ -1157,7 +643,7 @@ def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = T
         # Never leave a half-attached datapath behind; a datapath we adopted
         # was working before us and stays.
         if agent.datapath.how != "adopted":
-            agent.stop_proxies()
+            agent.proxies.stop()
             agent.datapath.teardown()
         raise
     try:

@@ -23,6 +23,7 @@ peeked at; the proxy treats both the same today).
 from __future__ import annotations
 
 import ipaddress
+import zlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -32,7 +33,7 @@ from agent.netaddr import IPAddress, normalize_ip
 __all__ = [
     "IPAddress", "APP_PROTOCOLS",
     "Node", "Pod", "NamespaceSettings", "Inventory", "InventoryDiff", "diff",
-    "ServicePort", "Service", "Endpoint", "ServiceIndex", "services_doc",
+    "ServicePort", "Service", "Endpoint", "ServiceIndex", "services_doc", "workload_id",
 ]
 
 #: Values of ``ports[].appProtocol``.
@@ -394,3 +395,9 @@ def services_doc(index: ServiceIndex) -> list[dict]:
                     "vips": [str(v) for v in s.vips], "selector": dict(s.selector),
                     "ports": ports})
     return out
+
+
+def workload_id(key: str) -> int:
+    """A stable small id for a workload (its key's CRC32, 31 bits): what the
+    kernel maps store for an enrolled pod."""
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF

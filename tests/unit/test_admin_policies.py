@@ -1,5 +1,5 @@
-"""The agent's admin API for policies (agent/app.py) over a real Unix socket,
-with a stand-in agent: request bodies (Content-Length, the 4 MiB bound), the
+"""The agent's admin API for policies (agent/admin.py) over a real Unix socket,
+with a test double of the agent (agent.admin.AdminAgent): request bodies (Content-Length, the 4 MiB bound), the
 policy routes, and the CLI commands on top of them (agent/cli.py), with
 AuthorizationPolicy and TrafficPolicy documents."""
 
@@ -16,11 +16,12 @@ import types
 import pytest
 from click.testing import CliRunner
 
-from agent import app
+from agent import admin as admin_api
 from agent.adminclient import admin_request
 from agent.cli import main
 from agent.policy.store import PolicyStore
 from agent.traffic.policy import TRAFFIC_KIND
+from agent.workloads.yamlfile import parse_inventory
 
 REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
 
@@ -35,23 +36,40 @@ spec:
 """
 
 
+# one service: shop/backend on port 80 (for the traffic warnings)
+INVENTORY = """\
+nodes: [{name: node1, address: 198.18.0.1}]
+services:
+  - {name: backend, namespace: shop, vip: 10.96.0.10, selector: {app: backend}, ports: [{port: 80}]}
+"""
+
+
+class PolicyAgent:
+    """The parts of agent.admin.AdminAgent the policy routes use: a real store
+    and inventory; ``sync_policy_kernel`` counts its calls."""
+
+    def __init__(self, sock: str, store: PolicyStore):
+        self.cfg = types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock))
+        self.policies, self.policy_lock = store, threading.Lock()
+        self.inventory, self.inventory_error = parse_inventory(INVENTORY, "inv.yaml"), None
+        self.kernel_syncs = 0
+
+    def sync_policy_kernel(self) -> None:
+        self.kernel_syncs += 1
+
+
 @pytest.fixture
 def admin(tmp_path):
     """An admin server on a socket in tmp_path, run in its own thread and loop."""
     sock = str(tmp_path / "admin.sock")
     store = PolicyStore(str(tmp_path / "run"), kinds=[TRAFFIC_KIND]).load()
-    # the inventory has one service: shop/backend on port 80 (for the traffic warnings)
-    backend = types.SimpleNamespace(namespace="shop", name="backend",
-                                    ports=(types.SimpleNamespace(port=80),))
-    agent = types.SimpleNamespace(cfg=types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock)),
-                                  policies=store, policy_lock=threading.Lock(),
-                                  inventory=types.SimpleNamespace(services=(backend,)))
+    agent = PolicyAgent(sock, store)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder = {}
 
     async def serve():
-        holder["server"] = await app.start_admin(agent)
+        holder["server"] = await admin_api.start_admin(agent)
         holder["stop"] = asyncio.Event()
         ready.set()
         await holder["stop"].wait()
@@ -62,7 +80,7 @@ def admin(tmp_path):
     t.start()
     assert ready.wait(5)
     try:
-        yield types.SimpleNamespace(sock=sock, store=store, run_dir=tmp_path / "run")
+        yield types.SimpleNamespace(sock=sock, store=store, run_dir=tmp_path / "run", agent=agent)
     finally:
         loop.call_soon_threadsafe(holder["stop"].set)
         t.join(5)
@@ -77,8 +95,10 @@ def test_routes(admin):
     text = pathlib.Path(REPO_POLICIES, "20-shop-deny-admin.yaml").read_text()
     code, data = admin_request(admin.sock, "POST", "/v1/policies:diff", files(("x.yaml", text)))
     assert code == 200 and data["diff"].startswith("--- /dev/null\n")
+    assert admin.agent.kernel_syncs == 0  # a diff changes nothing
     code, data = admin_request(admin.sock, "POST", "/v1/policies:apply", files(("x.yaml", text)))
     assert code == 200 and [c["result"] for c in data["changes"]] == ["created"]
+    assert admin.agent.kernel_syncs == 1  # the kernel's L4 entries follow before the answer
     version = data["version"]
     code, data = admin_request(admin.sock, "GET", "/v1/policies")
     assert code == 200 and data["count"] == 1 and data["version"] == version
@@ -91,6 +111,7 @@ def test_routes(admin):
     assert admin.store.version == version
     assert admin_request(admin.sock, "GET", "/v1/policies/shop/nope")[0] == 404
     assert admin_request(admin.sock, "DELETE", f"/v1/policies/{ns}/{name}")[0] == 200
+    assert admin.agent.kernel_syncs == 2
     assert admin_request(admin.sock, "DELETE", f"/v1/policies/{ns}/{name}")[0] == 404
     assert admin_request(admin.sock, "PUT", "/v1/policies")[0] == 405
     assert admin_request(admin.sock, "POST", "/v1/status", {})[0] == 405
@@ -109,7 +130,7 @@ def test_bodies(admin):
         return int(head.split()[1]), json.loads(body)
 
     assert raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: x\r\n\r\n")[0] == 400
-    big = app.ADMIN_BODY_LIMIT + 1
+    big = admin_api.ADMIN_BODY_LIMIT + 1
     assert raw(f"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: {big}\r\n\r\n".encode())[0] == 413
     assert raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: 4\r\n\r\n{}")[0] == 400
     code, data = raw(b"POST /v1/policies:apply HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")

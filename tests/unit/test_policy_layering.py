@@ -8,7 +8,7 @@ import pathlib
 import pytest
 
 POLICY = pathlib.Path(__file__).resolve().parents[2] / "agent" / "policy"
-ALLOWED_AGENT = {"agent.yamlsrc", "agent.identity.spiffe", "agent"}
+ALLOWED_AGENT = {"agent.yamlsrc", "agent.identity.spiffe", "agent.labels", "agent"}
 FORBIDDEN = {"socket", "asyncio", "uvloop", "ssl", "select", "subprocess", "threading", "bcc",
              "pyroute2", "click"}
 

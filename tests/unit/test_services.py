@@ -151,13 +151,13 @@ services:
 
 @pytest.fixture
 def admin(tmp_path):
-    """The agent's admin server (agent/app.py) on a socket in tmp_path, for a
+    """The agent's admin server (agent/admin.py) on a socket in tmp_path, for a
     stand-in agent holding a parsed inventory; its own thread and loop."""
     import asyncio
     import threading
     import types
 
-    from agent import app
+    from agent import admin as admin_api
 
     sock = str(tmp_path / "admin.sock")
     agent = types.SimpleNamespace(
@@ -168,7 +168,7 @@ def admin(tmp_path):
     holder = {}
 
     async def serve():
-        holder["server"] = await app.start_admin(agent)
+        holder["server"] = await admin_api.start_admin(agent)
         holder["stop"] = asyncio.Event()
         ready.set()
         await holder["stop"].wait()

@@ -95,7 +95,7 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
             "labels": dict(p.labels),
         } for p in inv.pods],
         # Every service with its VIPs, ports and per-port endpoints computed
-        # from the pods' labels (agent/workloads/services.py); the proxy
+        # from the pods' labels (agent/workloads/model.py); the proxy
         # indexes them by (VIP, port) and routes connections to a VIP.
         "services": services_doc(inv.service_index),
     }

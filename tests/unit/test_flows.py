@@ -265,7 +265,7 @@ def test_resolver_folds_ipv4_mapped_and_uses_workload_ids():
 
 
 def test_resolver_from_inventory():
-    from agent.workloads.inventory import parse_inventory
+    from agent.workloads.yamlfile import parse_inventory
 
     inv = parse_inventory("""
 nodes:

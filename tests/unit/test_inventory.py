@@ -1,4 +1,5 @@
-"""Node inventory loader (agent/workloads/inventory.py): models and helpers,
+"""Node inventory: the model (agent/workloads/model.py) and the YAML reader
+(agent/workloads/yamlfile.py): models and helpers,
 cross-entry checks, exact error positions, diff, and fuzzing."""
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.workloads.inventory import (
-    Inventory, InventoryDiff, NamespaceSettings, Node, Pod, diff, load_inventory, parse_inventory,
-)
+from agent.workloads.model import Inventory, InventoryDiff, NamespaceSettings, Node, Pod, diff
+from agent.workloads.yamlfile import load_inventory, parse_inventory
 from agent.yamlsrc import Problem, SourceError
 
 GOOD = """\

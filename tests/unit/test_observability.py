@@ -19,7 +19,7 @@ from agent.proxy import metrics as m
 from agent.proxy.log import sampled
 from agent.proxy.state import StateError, parse_state
 from agent.stats import StatsFilter, format_table, pair_rows, percentile, select
-from agent.workloads.inventory import parse_inventory
+from agent.workloads.yamlfile import parse_inventory
 
 WEB = m.Peer("web", "shop", "spiffe://td/ns/shop/sa/web", "web")
 DB = m.Peer("db", "data", "spiffe://td/ns/data/sa/db", "db")

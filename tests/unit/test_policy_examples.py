@@ -58,7 +58,7 @@ def test_there_are_examples_and_each_loads_alone():
 def test_examples_lint_clean(ps, tmp_path):
     inv = tmp_path / "inv.yaml"
     inv.write_text(INVENTORY)
-    from agent.workloads.inventory import load_inventory
+    from agent.workloads.yamlfile import load_inventory
     pods = [(p.namespace, dict(p.labels)) for p in load_inventory(inv).pods]
     assert lint(ps, pods=pods, http_ports=[8080, 9090]) == []
 

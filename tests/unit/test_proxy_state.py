@@ -192,7 +192,7 @@ services:
 def published() -> dict:
     from agent.app import proxy_state
     from agent.config import parse_config
-    from agent.workloads.inventory import parse_inventory
+    from agent.workloads.yamlfile import parse_inventory
 
     d = proxy_state(parse_config(SVC_CFG, "/etc/m/c.yaml"), parse_inventory(SVC_INV, "inv.yaml"),
                     {"shop/be-1": 11}, 1)

@@ -1,5 +1,6 @@
-"""agent/workloads/services.py: the services section, endpoints from
-selectors, VIP lookup, and exact error positions."""
+"""Services (agent/workloads/model.py, read by agent/workloads/yamlfile.py):
+the services section, endpoints from selectors, VIP lookup, and exact error
+positions."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import ipaddress
 
 import pytest
 
-from agent.workloads.inventory import parse_inventory
-from agent.workloads.services import Endpoint, ServiceIndex, ServicePort, parse_services
+from agent.workloads.model import Endpoint, ServiceIndex, ServicePort
+from agent.workloads.yamlfile import parse_inventory, parse_services
 from agent.yamlsrc import SourceError
 
 INVENTORY = """\
@@ -121,7 +122,7 @@ def test_empty_index_and_no_section():
 # --- published shape, admin API and CLI ---------------------------------------------------
 
 def test_services_doc_lists_endpoints_of_both_families():
-    from agent.workloads.services import services_doc
+    from agent.workloads.model import services_doc
 
     idx = parse_services(SERVICES, "svc.yaml", PODS)
     be, v2 = services_doc(idx)

@@ -1,6 +1,6 @@
 """The agent's admin API for policies (agent/app.py) over a real Unix socket,
 with a stand-in agent: request bodies (Content-Length, the 4 MiB bound), the
-policy routes, and the CLI commands on top of them (agent/cli.py), with
+policy routes, and the CLI commands on top of them (agent/cli/policy.py), with
 AuthorizationPolicy and TrafficPolicy documents."""
 
 from __future__ import annotations

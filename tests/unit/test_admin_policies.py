@@ -1,6 +1,6 @@
 """The agent's admin API for policies (agent/admin.py) over a real Unix socket,
 with a test double of the agent (agent.admin.AdminAgent): request bodies (Content-Length, the 4 MiB bound), the
-policy routes, and the CLI commands on top of them (agent/cli.py), with
+policy routes, and the CLI commands on top of them (agent/cli/policy.py), with
 AuthorizationPolicy and TrafficPolicy documents."""
 
 from __future__ import annotations

@@ -106,3 +106,109 @@ def test_ca_init_rotate_and_errors(tmp_path):
     assert r.exit_code == 0 and "reissued node node1" in r.output
     r = CliRunner().invoke(main, ["ca", "retire-root", "--dir", str(out), "ffff0000ffff"])
     assert r.exit_code == 1 and "error:" in r.output
+
+
+# --- the command tree: a lost command, option or output format fails here --------------
+
+AGENT = ("--socket", "--node")
+POLICY = ("--trust-domain", "--root-namespace")
+TABLE_JSON = "-o/--output=table|json"
+TABLE_WIDE_JSON = "-o/--output=table|wide|json"
+
+COMMAND_TREE = {
+    "": ("--version",),
+    "bpf": (),
+    "bpf render": ("--config", "--node"),
+    "bpf status": ("--config", "--pin-dir", "--node", TABLE_JSON),
+    "ca": (),
+    "ca add-node": ("--dir", "NODE"),
+    "ca init": ("--trust-domain", "--out", "--node", "--force"),
+    "ca reissue-node": ("--dir", "NODE"),
+    "ca retire-root": ("--dir", "ROOT"),
+    "ca rotate-root": ("--dir",),
+    "certs": (*AGENT, TABLE_JSON),
+    "config": (),
+    "config validate": ("PATH", TABLE_JSON),
+    "doctor": ("--config", TABLE_JSON),
+    "flows": (*AGENT, "--pod", "--namespace", "--identity", "--port", "--state", "--since",
+              "--sort=start|srtt|bytes|age|retrans", "--limit", TABLE_WIDE_JSON, "-f/--follow",
+              "--max-seconds"),
+    "inventory": (),
+    "inventory validate": ("PATH", TABLE_JSON),
+    "policy": (),
+    "policy apply": ("-f/--filename", *AGENT, TABLE_JSON),
+    "policy delete": ("NAME", "-n/--namespace", "--kind", *AGENT),
+    "policy diff": ("-f/--filename", *AGENT),
+    "policy explain": ("-f/--file", "--from", "--from-pod", "--source-ip", "--to-pod",
+                       "--to-namespace", "--to-labels", "--port", "--method", "--path", "--host",
+                       "--header", "--merge-slashes/--no-merge-slashes",
+                       "--escaped-slash=reject|keep|decode_and_merge", "--inventory", *POLICY,
+                       TABLE_JSON),
+    "policy get": ("NAME", "-n/--namespace", "--kind", *AGENT, "-o/--output=yaml|json"),
+    "policy lint": ("PATHS", "--inventory", "--http-ports", *POLICY, TABLE_JSON),
+    "policy list": (*AGENT, TABLE_JSON),
+    "policy validate": ("PATHS", *POLICY, TABLE_JSON),
+    "run": ("--config", "--keep-datapath"),
+    "services": (*AGENT, TABLE_WIDE_JSON),
+    "stats": (*AGENT, "--from", "--to", TABLE_JSON),
+    "status": (*AGENT, TABLE_JSON),
+    "workloads": (*AGENT, TABLE_JSON),
+}
+
+
+def _walk(cmd, path=()):
+    import click
+
+    yield " ".join(path), cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from _walk(sub, (*path, name))
+
+
+def _describe(param) -> str:
+    """``-o/--output=table|json`` for an option, ``NAME`` for an argument."""
+    import click
+
+    if not isinstance(param, click.Option):
+        return param.name.upper()
+    names = "/".join(sorted(param.opts, key=lambda o: o.startswith("--")) + param.secondary_opts)
+    if isinstance(param.type, click.Choice):
+        names += "=" + "|".join(param.type.choices)
+    return names
+
+
+def test_command_tree_is_complete_and_every_command_has_help():
+    seen = {}
+    for path, cmd in _walk(main):
+        assert (cmd.help or "").strip(), f"`meshlet {path}` has no help text"
+        assert path not in seen, f"`meshlet {path}` is registered twice"
+        seen[path] = tuple(_describe(p) for p in cmd.params)
+    assert set(seen) == set(COMMAND_TREE), (
+        f"missing: {sorted(set(COMMAND_TREE) - set(seen))}; "
+        f"unexpected: {sorted(set(seen) - set(COMMAND_TREE))}")
+    for path, params in COMMAND_TREE.items():
+        assert seen[path] == params, f"`meshlet {path}` options changed"
+
+
+def test_every_command_answers_help():
+    for path, _ in _walk(main):
+        r = run(*path.split(), "--help")
+        assert r.exit_code == 0, path
+        assert r.output.startswith(f"Usage: main {path}".rstrip() + " "), r.output
+
+
+def test_entry_points_reach_main():
+    """pyproject's console script and ``python -m agent.cli`` both run this ``main``."""
+    import importlib
+    import pathlib
+    import subprocess
+    import sys
+    import tomllib
+
+    pyproject = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["meshlet"]
+    module, _, attr = target.partition(":")
+    assert getattr(importlib.import_module(module), attr) is main
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "--version"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("meshlet, version "), r.stderr

@@ -204,7 +204,7 @@ def mint(mesh, tmp_path, kind: str):
     from datetime import datetime, timedelta, timezone
 
     from agent.identity import certs as c
-    from tests.certfactory import CertFactory
+    from tests.support.ca import CertFactory
 
     sid = spiffe("pod1-1")
     if kind == "unknown_ca":

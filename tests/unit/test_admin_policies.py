@@ -21,18 +21,9 @@ from agent.adminclient import admin_request
 from agent.cli import main
 from agent.policy.store import PolicyStore
 from agent.traffic.policy import TRAFFIC_KIND
+from tests.support.policy import BAD
 
 REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
-
-BAD = """\
-apiVersion: meshlet.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: broken, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {colour: [red]}}]
-"""
 
 
 @pytest.fixture

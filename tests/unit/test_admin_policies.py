@@ -5,7 +5,6 @@ AuthorizationPolicy and TrafficPolicy documents."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
@@ -21,6 +20,7 @@ from agent.adminclient import admin_request
 from agent.cli import main
 from agent.policy.store import PolicyStore
 from agent.traffic.policy import TRAFFIC_KIND
+from tests.support.admin import admin_server
 from tests.support.policy import BAD
 
 REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
@@ -37,27 +37,8 @@ def admin(tmp_path):
     agent = types.SimpleNamespace(cfg=types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock)),
                                   policies=store, policy_lock=threading.Lock(),
                                   inventory=types.SimpleNamespace(services=(backend,)))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder = {}
-
-    async def serve():
-        holder["server"] = await app.start_admin(agent)
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await holder["stop"].wait()
-        holder["server"].close()
-        await holder["server"].wait_closed()
-
-    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    t.start()
-    assert ready.wait(5)
-    try:
+    with admin_server(agent):
         yield types.SimpleNamespace(sock=sock, store=store, run_dir=tmp_path / "run")
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        t.join(5)
-        loop.close()
 
 
 def files(*pairs):

@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.support.privileged import require_privileged
 
 require_privileged()
 

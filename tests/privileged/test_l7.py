@@ -17,13 +17,12 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, start_servers
+from tests.support.privileged import gateway, ip_of, require_privileged, start_servers, transfer
 
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh  # noqa: E402
-from tests.privileged.test_mesh import gateway, ip_of, transfer  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 

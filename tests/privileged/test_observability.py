@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import TOOLS, require_privileged, start_servers, wait_for
 
 require_privileged()
 

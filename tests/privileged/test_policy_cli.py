@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.support.privileged import require_privileged
 
 require_privileged()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for
 
 require_privileged()
 

@@ -10,6 +10,7 @@
 - ``policy``: AuthorizationPolicy documents and applying them through the
   agent's own PolicyStore.
 - ``admin``: the agent's admin server in its own thread, for CLI tests.
+- ``mutate``: structural mutations of parsed YAML (Hypothesis loader tests).
 - ``privileged``: guards and helpers of the privileged tier (root, netns,
   simulated clusters); ``podhttpd``: the HTTP server run inside pods.
 """

@@ -67,12 +67,23 @@ def start_servers(cluster, servers=(("serve", 7000), ("echo", 7001)), max_second
             assert "listening" in p.stdout.readline(), f"{kind} on {pod.name}:{port}"
 
 
+def start_listening(cluster, pods, argv: list[str]) -> None:
+    """Run ``argv`` in each of ``pods`` (names) and wait until each prints a
+    first line saying "listening"."""
+    for name in pods:
+        p = cluster.pod(name).popen(argv, stdout=subprocess.PIPE, text=True)
+        assert "listening" in p.stdout.readline(), name
+
+
 @contextlib.contextmanager
-def running_mesh(cluster, servers=None, *, max_seconds: int = 900, **mesh_kw) -> Iterator:
+def running_mesh(cluster, servers=None, *, max_seconds: int = 900,
+                 pod_servers: tuple[tuple[str, ...], list[str]] | None = None, **mesh_kw) -> Iterator:
     """Bring ``cluster`` (an agent.sim.Cluster, not yet up) up, start the pod
-    traffic tools ``servers`` (see :func:`start_servers`; None: none) and a
-    Mesh(cluster, **mesh_kw) over it; yields the Mesh.  Mesh and cluster are
-    torn down whatever happens, in that order."""
+    traffic tools ``servers`` (see :func:`start_servers`; None: none), then
+    ``pod_servers`` ((pod names, argv): a server of the test's own in each of
+    those pods, see :func:`start_listening`), then a Mesh(cluster, **mesh_kw)
+    over it; yields the Mesh.  Mesh and cluster are torn down whatever
+    happens, in that order (the cluster stops every process in its pods)."""
     from agent.sim.mesh import Mesh
 
     with cluster:
@@ -80,6 +91,8 @@ def running_mesh(cluster, servers=None, *, max_seconds: int = 900, **mesh_kw) ->
         try:
             if servers is not None:
                 start_servers(cluster, servers, max_seconds=max_seconds)
+            if pod_servers is not None:
+                start_listening(cluster, *pod_servers)
             m.start()
             yield m
         finally:

@@ -18,6 +18,13 @@
  * ml_sockops runs first (attached first) and sets the callback flags to
  * STATE only; this program ORs its flags onto the current ones.
  */
+
+/* The loader renders meshlet.h ahead of every .c file (one text, `meshlet bpf
+ * render`); compiled on its own (bcc: -I bpf), this file includes it itself. */
+#ifndef MESHLET_H
+#include "include/meshlet.h"
+#endif
+
 #if ML_FLOW_TRACKING
 
 #ifndef ML_CTX_U32

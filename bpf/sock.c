@@ -12,6 +12,12 @@
  * bypass the redirect are never refused: the proxy would not see them.
  */
 
+/* The loader renders meshlet.h ahead of every .c file (one text, `meshlet bpf
+ * render`); compiled on its own (bcc: -I bpf), this file includes it itself. */
+#ifndef MESHLET_H
+#include "include/meshlet.h"
+#endif
+
 /* 1: the connect must be refused (counted); 0: carry on. */
 static __always_inline int ml_l4_refused(u32 workload_id, u32 family, const u32 *dst_be, u16 port)
 {

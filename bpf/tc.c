@@ -7,6 +7,12 @@
  * of other programs, TC_ACT_SHOT to drop.
  */
 
+/* The loader renders meshlet.h ahead of every .c file (one text, `meshlet bpf
+ * render`); compiled on its own (bcc: -I bpf), this file includes it itself. */
+#ifndef MESHLET_H
+#include "include/meshlet.h"
+#endif
+
 #define ML_TC_NEXT -1
 #define ML_TC_DROP 2
 #define ML_ETH_HLEN 14

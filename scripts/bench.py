@@ -53,28 +53,7 @@ sys.path.insert(0, ROOT)
 
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    server {{
-        listen 8080 reuseport;
-        listen [::]:8080 reuseport;
-        location / {{ return 200 "hello from nginx in a pod\\n"; }}
-    }}
-}}
-"""
+from bench_nginx import write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
     ("direct", "same-node", "pod1-3", "pod1-2"),
@@ -272,9 +251,8 @@ def main() -> int:
         for name in ("pod1-2", "pod2-1"):
             d = os.path.join(workdir, name)
             os.makedirs(d)
-            conf = os.path.join(d, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(dir=d))
+            conf = write_nginx_conf(d, ["8080 reuseport", "[::]:8080 reuseport"],
+                                    "hello from nginx in a pod\n")
             cluster.pod(name).popen(["nginx", "-c", conf, "-p", d],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cluster.pod(name).popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)

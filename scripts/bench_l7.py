@@ -41,30 +41,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_nginx import write_nginx_conf  # scripts/, next to this file
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    server {{
-        listen 127.0.0.1:{port1};
-        listen 127.0.0.1:{port2};
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PATHS = ("direct", "relay-l4", "l7", "l7-lb-retries")
 
@@ -268,9 +247,8 @@ def run(duration: float, connections: int) -> dict:
     lifetime = 4 * (duration + 5) * len(PATHS) + 60
     try:
         up1, up2 = _free_port(), _free_port()
-        conf = os.path.join(tmp, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(dir=tmp, port1=up1, port2=up2))
+        conf = write_nginx_conf(tmp, [f"127.0.0.1:{up1}", f"127.0.0.1:{up2}"], "ok\n",
+                                worker_connections=4096, keepalive_timeout="60s")
         nginx = _start(["nginx", "-e", os.path.join(tmp, "error.log"), "-p", tmp, "-c", conf],
                        os.path.join(tmp, "nginx.out"))
         procs.append(nginx)

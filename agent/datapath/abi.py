@@ -1,8 +1,10 @@
 """ctypes mirrors of bpf/include/meshlet.h — must match it field for field.
 
 tests/privileged/test_abi.py compiles the C with bcc and compares every size
-and offset below with bcc's generated Key/Leaf types, so a change on one side
-only fails loudly.  ``*_be`` fields hold network byte order.
+and offset below with bcc's generated Key/Leaf types, and every constant in
+:data:`CONSTANTS` with the header's value (``_Static_assert`` in the same
+compiler), so a change on one side only fails loudly.  The rest of the agent
+takes these values from here (agent/policy/kernel.py too), never copies them.  ``*_be`` fields hold network byte order.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ ROLES = {ROLE_NONE: "unknown", ROLE_CLIENT: "client", ROLE_SERVER: "server",
          ROLE_PROXY_OUTBOUND: "proxy-outbound", ROLE_PROXY_TUNNEL: "proxy-tunnel",
          ROLE_PROXY_UPSTREAM: "proxy-upstream"}
 
-FLOW_F_EVICTED = 1
+FLOW_F_EVICTED = 1  # ML_FLOW_F_EVICTED
 
 # BPF_TCP_* (include/uapi/linux/bpf.h), the values of MlFlow.state
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
@@ -208,6 +210,31 @@ MAPS: dict[str, tuple[type, type]] = {
 EVENTS_DIR = "events"
 RINGBUFS: dict[str, type] = {
     "ml_flow_events": MlFlow,
+}
+
+
+# Every #define of meshlet.h that the agent relies on, by its C name.
+# tests/privileged/test_abi.py compiles the header with bcc and a
+# _Static_assert per entry, so a value that drifts on either side fails to
+# compile; it also checks that every ML_ABI_VERSION/ML_AF_*/ML_MODE_*/
+# ML_ROLE_*/ML_FLOW_F_*/ML_L4_* define of the header is listed here.
+CONSTANTS: dict[str, int] = {
+    "ML_ABI_VERSION": ABI_VERSION,
+    "ML_AF_INET": AF_INET,
+    "ML_AF_INET6": AF_INET6,
+    "ML_MODE_PERMISSIVE": MODE_PERMISSIVE,
+    "ML_MODE_STRICT": MODE_STRICT,
+    "ML_ROLE_NONE": ROLE_NONE,
+    "ML_ROLE_CLIENT": ROLE_CLIENT,
+    "ML_ROLE_SERVER": ROLE_SERVER,
+    "ML_ROLE_PROXY_OUTBOUND": ROLE_PROXY_OUTBOUND,
+    "ML_ROLE_PROXY_TUNNEL": ROLE_PROXY_TUNNEL,
+    "ML_ROLE_PROXY_UPSTREAM": ROLE_PROXY_UPSTREAM,
+    "ML_FLOW_F_EVICTED": FLOW_F_EVICTED,
+    "ML_L4_PASS": L4_PASS,
+    "ML_L4_DENY": L4_DENY,
+    **{f"ML_STAT_{name.upper()}": i for i, name in enumerate(STATS)},
+    "ML_STAT_MAX": len(STATS),
 }
 
 

@@ -46,6 +46,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from agent.datapath.abi import L4_DENY, L4_PASS  # ML_L4_* of bpf/include/meshlet.h, defined once
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, workload_id as spiffe_id
 
 from .evaluate import L4Plan, Request, compile_l4
@@ -56,9 +57,6 @@ __all__ = ["KernelSource", "KernelDestination", "KernelPlan", "L4_DENY", "L4_PAS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# ML_L4_* in bpf/include/meshlet.h (abi.L4_PASS / abi.L4_DENY)
-L4_PASS = 0
-L4_DENY = 1
 NO_POLICY_ID = 0
 """The policy id of a refusal no DENY rule made (ALLOW policies apply, none matches)."""
 

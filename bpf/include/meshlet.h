@@ -1,6 +1,9 @@
 /* meshlet kernel/user contract: every map key and value layout lives here,
  * once.  agent/datapath/abi.py mirrors these structs with ctypes and a
- * privileged test compares sizes and offsets with what bcc compiled.
+ * privileged test compares sizes and offsets with what bcc compiled; the
+ * constants below (ML_ABI_VERSION, ML_AF_*, ML_MODE_*, ML_ROLE_*,
+ * ML_FLOW_F_*, ML_L4_*, enum ml_stat) are mirrored in abi.CONSTANTS and
+ * checked with _Static_assert against this header in the same compiler.
  *
  * Byte order is in the name: *_be fields are network order, everything else
  * is host order.  IPv4 addresses sit in addr_be[0] with the rest zero.

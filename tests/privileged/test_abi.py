@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import tempfile
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.support.privileged import require_privileged
 
 require_privileged()
 
 from agent.datapath import abi, bpfsys  # noqa: E402
-from agent.datapath.loader import DatapathSpec, bpf_dir, possible_cpus, remove_pins, render  # noqa: E402
+from agent.datapath.loader import (  # noqa: E402
+    BPF_SOURCES, DatapathSpec, bpf_dir, possible_cpus, remove_pins, render,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -98,13 +101,73 @@ def test_ring_buffers_are_pinned_apart_and_mirrored(compiled):
     assert abi.RINGBUFS["ml_flow_events"] is abi.MAPS["ml_live_flows"][1]
 
 
-def test_l4_verdict_constants_match():
-    # ml_l4_policy actions: the C, the ctypes mirror and the pure compiler agree
+def test_l4_verdict_constants_are_abi_s():
+    # ml_l4_policy actions: the pure compiler takes them from the ctypes
+    # mirror (checked against the C below), it does not copy them
     from agent.policy import kernel
 
-    with open(os.path.join(bpf_dir(), "include", "meshlet.h")) as f:
-        defines = dict(ln.split()[1:3] for ln in f if ln.startswith("#define ML_L4_"))
-    assert int(defines["ML_L4_PASS"]) == abi.L4_PASS == kernel.L4_PASS
-    assert int(defines["ML_L4_DENY"]) == abi.L4_DENY == kernel.L4_DENY
+    assert (kernel.L4_PASS, kernel.L4_DENY) == (abi.L4_PASS, abi.L4_DENY)
     assert abi.STATS[-1] == "policy_denied"
     assert abi.l4_key(7, "::ffff:10.0.0.1", 80).family == abi.AF_INET  # mapped folds into IPv4
+
+
+# --- constants: abi.CONSTANTS against the header, in the compiler ------------------
+
+def compile_errors(text: str, capfd) -> str | None:
+    """Compile ``text`` with bcc and the datapath's own cflags (plus -I bpf);
+    None if it compiled, else the compiler's diagnostics."""
+    bcc = pytest.importorskip("bcc")
+    pin_dir = tempfile.mkdtemp(prefix="abi-", dir="/sys/fs/bpf")
+    spec = DatapathSpec(node="abi", pin_dir=pin_dir, cgroup="/", redirect_ip4="10.0.0.1",
+                        redirect_ip6=None, outbound_port=15001, mesh_mark=1)
+    capfd.readouterr()
+    try:
+        b = bcc.BPF(text=text.encode(), cflags=[*render(spec).cflags, f"-I{bpf_dir()}"])
+    except Exception:  # noqa: BLE001 - bcc raises a bare Exception; clang's words are on stderr
+        return capfd.readouterr().err or "bcc failed to compile (no diagnostics)"
+    finally:
+        remove_pins(pin_dir)
+    b.cleanup()
+    return None
+
+
+def static_asserts(constants: dict[str, int]) -> str:
+    return '#include "include/meshlet.h"\n' + "".join(
+        f'_Static_assert({name} == {value}, "{name} is {value} in agent/datapath/abi.py");\n'
+        for name, value in constants.items())
+
+
+def test_constants_match_the_compiled_header(capfd):
+    errors = compile_errors(static_asserts(abi.CONSTANTS), capfd)
+    assert errors is None, "meshlet.h and abi.CONSTANTS disagree:\n" + errors
+
+
+def test_a_drifted_constant_fails_to_compile(capfd):
+    # the check above can fail: one value off and the compiler says which
+    drifted = dict(abi.CONSTANTS, ML_ROLE_PROXY_TUNNEL=abi.ROLE_PROXY_TUNNEL + 1)
+    errors = compile_errors(static_asserts(drifted), capfd)
+    assert errors is not None and "ML_ROLE_PROXY_TUNNEL is 5" in errors, errors
+
+
+def test_every_contract_define_is_mirrored():
+    # a new ML_ROLE_/ML_MODE_/... define (or enum ml_stat entry) in the header
+    # needs its abi.CONSTANTS entry, or the compiled check above never sees it
+    with open(os.path.join(bpf_dir(), "include", "meshlet.h")) as f:
+        text = f.read()
+    defines = set(re.findall(r"^#define (ML_ABI_VERSION|ML_AF_\w+|ML_MODE_\w+|ML_ROLE_\w+|"
+                             r"ML_FLOW_F_\w+|ML_L4_\w+)\s", text, re.M))
+    stats = set(re.findall(r"^\s*(ML_STAT_\w+)", text.split("enum ml_stat {", 1)[1].split("};", 1)[0],
+                           re.M))
+    assert defines and stats
+    assert defines | stats == set(abi.CONSTANTS)
+
+
+@pytest.mark.parametrize("source", [s for s in BPF_SOURCES if s.endswith(".c")])
+def test_each_c_file_compiles_on_its_own(source, capfd):
+    # each .c includes the header it uses (the loader renders the header
+    # first, and the include guard then skips it)
+    with open(os.path.join(bpf_dir(), source)) as f:
+        text = f.read()
+    assert '#include "include/meshlet.h"' in text
+    errors = compile_errors(text, capfd)
+    assert errors is None, f"bpf/{source} alone:\n{errors}"

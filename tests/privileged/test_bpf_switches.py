@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.support.privileged import require_privileged
 
 require_privileged()
 

@@ -20,14 +20,13 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import TOOLS, require_privileged, running_mesh, wait_for
 
 require_privileged()
 
 from agent.datapath import bpfsys  # noqa: E402
 from agent.datapath.flows import link_flows  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -36,15 +35,9 @@ RTT_BOUND_US = 1_000_000  # generous: loopback-class veths measure tens of us
 
 @pytest.fixture(scope="module")
 def mesh():
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster)
-    try:
-        start_servers(cluster, max_seconds=600)
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
+                      max_seconds=600) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
 
 
 def ip(mesh, pod: str) -> str:

@@ -12,18 +12,15 @@ tool (not HTTP) still works with l7 on.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, start_servers
+from tests.support.privileged import gateway, ip_of, require_privileged, running_mesh, transfer
 
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh  # noqa: E402
-from tests.privileged.test_mesh import gateway, ip_of, transfer  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -56,19 +53,9 @@ srv.serve_forever()
 
 @pytest.fixture(scope="module")
 def mesh():
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster, l7=True)
-    try:
-        start_servers(cluster, (("serve", 7000),))
-        for name in ("pod1-2", "pod2-1"):
-            p = cluster.pod(name).popen([sys.executable, "-c", SERVER, str(HTTP_PORT)],
-                                        stdout=subprocess.PIPE, text=True)
-            assert "listening" in p.stdout.readline(), name
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), (("serve", 7000),), l7=True,
+                      pod_servers=(("pod1-2", "pod2-1"), [sys.executable, "-c", SERVER, str(HTTP_PORT)])) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
 
 
 def http_stats(mesh, node: str) -> dict:

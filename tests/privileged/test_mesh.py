@@ -23,7 +23,9 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import (
+    TOOLS, gateway, ip_of, probe, require_privileged, start_servers, transfer, wait_for,
+)
 
 require_privileged()
 
@@ -48,33 +50,6 @@ def mesh():
     finally:
         m.down()
         cluster.down()
-
-
-def transfer(mesh, src: str, dst_ip: str, port: int = 7000, up: int = 3 << 20,
-             down: int = 2 << 20) -> dict:
-    pod = mesh.cluster.pod(src)
-    r = pod.run(TOOLS + ["transfer", dst_ip, str(port), "--up", str(up), "--down", str(down),
-                         "--timeout", "20"], check=False, timeout=60)
-    assert r.stdout, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def probe(mesh, src: str, dst_ip: str, port: int, timeout: float = 3.0) -> dict:
-    r = mesh.cluster.pod(src).run(TOOLS + ["probe", dst_ip, str(port), "--timeout",
-                                           str(timeout)], check=False, timeout=30)
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-
-
-def ip_of(mesh, pod: str, v6: bool = False) -> str:
-    p = mesh.cluster.pod(pod)
-    return p.ip6 if v6 else p.ip4
-
-
-def gateway(mesh, node: str, v6: bool = False) -> str:
-    n = mesh.cluster.node(node)
-    return n.gateway6 if v6 else n.gateway4
 
 
 # --- redirect and relay -----------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import TOOLS, require_privileged, running_mesh, start_servers, wait_for
 
 require_privileged()
 
@@ -36,15 +36,8 @@ MARKER = "MESHLET-PLAINTEXT-MARKER-7d1f"
 
 @pytest.fixture(scope="module")
 def mesh():
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster)
-    try:
-        start_servers(cluster)
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001))) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
 
 
 def transfer(mesh, src, dst, up=1 << 20, down=1 << 20):
@@ -204,7 +197,7 @@ def mint(mesh, tmp_path, kind: str):
     from datetime import datetime, timedelta, timezone
 
     from agent.identity import certs as c
-    from tests.certfactory import CertFactory
+    from tests.support.ca import CertFactory
 
     sid = spiffe("pod1-1")
     if kind == "unknown_ca":

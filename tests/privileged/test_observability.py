@@ -25,14 +25,13 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import TOOLS, require_privileged, running_mesh, wait_for
 
 require_privileged()
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -87,19 +86,11 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def mesh():
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster, l7=True)
-    try:
-        start_servers(cluster, max_seconds=600)
-        for name in ("pod1-2", "pod2-1"):
-            p = cluster.pod(name).popen([sys.executable, "-c", HTTP_SERVER, str(HTTP_PORT), "600"],
-                                        stdout=subprocess.PIPE, text=True)
-            assert "listening" in p.stdout.readline(), name
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), (("serve", 7000), ("echo", 7001)),
+                      max_seconds=600, l7=True,
+                      pod_servers=(("pod1-2", "pod2-1"),
+                                   [sys.executable, "-c", HTTP_SERVER, str(HTTP_PORT), "600"])) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
 
 
 def ip(mesh, pod: str) -> str:

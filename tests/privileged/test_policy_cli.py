@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import require_privileged
+from tests.support.privileged import require_privileged
 
 require_privileged()
 
@@ -24,20 +24,11 @@ from agent.policy.load import load_policies  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, _env, service  # noqa: E402
 from agent.proxy.watch import load_traffic_file  # noqa: E402
+from tests.support.policy import BAD  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
 REPO_POLICIES = pathlib.Path(__file__).resolve().parents[2] / "policies"
-
-BAD = """\
-apiVersion: meshlet.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: broken, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {colour: [red]}}]
-"""
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,17 @@ on 7001 and on 7002.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import (
+    TOOLS, ip_of, policy_cli as cli, probe as probe_ip, require_privileged, running_mesh, wait_for,
+)
 
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh, _env  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -72,21 +71,9 @@ def mesh():
     # The kernel refuses certain L4 denials at connect() (EPERM; proven in
     # test_policy_kernel.py); here the kernel path is off (bpf.kernelPolicy),
     # so these tests prove that the destination node's proxy enforces alone.
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster, kernel_policy=False)
-    try:
-        start_servers(cluster, (("echo", 7001), ("echo", 7002)))
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), (("echo", 7001), ("echo", 7002)),
+                      kernel_policy=False) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
-
-
-def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:
-    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
-    return subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
-                          capture_output=True, text=True, env=_env(), timeout=60)
 
 
 def apply(mesh, tmp_path, name: str, text: str) -> None:
@@ -105,10 +92,7 @@ def delete(mesh, *names: str) -> None:
 
 
 def probe(mesh, src: str, dst: str, port: int = 7001) -> str:
-    ip = mesh.cluster.pod(dst).ip4
-    r = mesh.cluster.pod(src).run(TOOLS + ["probe", ip, str(port), "--timeout", "5"],
-                                  check=False, timeout=30)
-    return json.loads(r.stdout.strip().splitlines()[-1])["result"]
+    return probe_ip(mesh, src, ip_of(mesh, dst), port, timeout=5)["result"]
 
 
 def until(mesh, src: str, dst: str, want: tuple[str, ...], port: int = 7001) -> str:

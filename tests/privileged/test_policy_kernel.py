@@ -22,13 +22,15 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import (
+    ip_of, policy_cli as cli, probe as probe_ip, require_privileged, running_mesh, wait_for,
+)
 
 require_privileged()
 
 from agent.policy.kernel import NO_POLICY_ID, policy_id  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh, _env  # noqa: E402
+from agent.sim.mesh import _env  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -66,21 +68,8 @@ DENY_SAME_NODE = HEAD.format(name="k-deny-same-node", app="pod1-1", action="DENY
 
 @pytest.fixture(scope="module")
 def mesh():
-    cluster = Cluster(nodes=2, pods_per_node=2).up()
-    m = Mesh(cluster)
-    try:
-        start_servers(cluster, (("echo", 7001), ("echo", 7002)))
-        m.start()
+    with running_mesh(Cluster(nodes=2, pods_per_node=2), (("echo", 7001), ("echo", 7002))) as m:
         yield m
-    finally:
-        m.down()
-        cluster.down()
-
-
-def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:
-    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
-    return subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
-                          capture_output=True, text=True, env=_env(), timeout=60)
 
 
 def apply(mesh, tmp_path, name: str, text: str, nodes=("node1", "node2")) -> tuple[float, float]:
@@ -106,11 +95,7 @@ def delete(mesh, *names: str) -> None:
 
 
 def probe(mesh, src: str, dst: str, port: int = 7001, family: int = 4) -> dict:
-    p = mesh.cluster.pod(dst)
-    ip = p.ip4 if family == 4 else p.ip6
-    r = mesh.cluster.pod(src).run(TOOLS + ["probe", ip, str(port), "--timeout", "5"],
-                                  check=False, timeout=30)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return probe_ip(mesh, src, ip_of(mesh, dst, v6=family == 6), port, timeout=5)
 
 
 def refused(r: dict) -> bool:

@@ -35,7 +35,7 @@ import urllib.parse
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for
 
 require_privileged()
 

@@ -15,11 +15,10 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for
 
 require_privileged()
 
@@ -27,18 +26,11 @@ from agent.proxy.routing import Reject, ServiceRoute, endpoint_route, route  # n
 from agent.proxy.state import load_state  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
+from tests.support.mesh import FlowOrigin as Origin  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
 VIP4, VIP6 = service_vip(10), service_vip(10, 6)
-
-
-@dataclass(frozen=True)
-class Origin:
-    family: int
-    dst_ip: str
-    dst_port: int
-    cgroup_id: int
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Traffic to service VIPs through the mesh (issue #5), on a real 2-node
-simulated cluster with real HTTP servers in pods (tests/privileged/podhttpd.py)
+simulated cluster with real HTTP servers in pods (tests/support/podhttpd.py)
 and curl as the client.
 
 The client pod dials the VIP; its node proxy balances each HTTP request over
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, wait_for
+from tests.support.privileged import TOOLS, require_privileged, wait_for
 
 require_privileged()
 
@@ -55,7 +55,7 @@ class Web:
         self.stop(name)
         open(self.log(name), "w").close()
         p = self.cluster.pod(name).popen(
-            [sys.executable, "-m", "tests.privileged.podhttpd", "--name", name, "--port", "7000",
+            [sys.executable, "-m", "tests.support.podhttpd", "--name", name, "--port", "7000",
              "--log", self.log(name), "--max-seconds", "600", *extra],
             stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         assert "listening" in p.stdout.readline(), name

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for
 
 require_privileged()
 

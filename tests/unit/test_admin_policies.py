@@ -5,7 +5,6 @@ AuthorizationPolicy and TrafficPolicy documents."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
@@ -22,18 +21,10 @@ from agent.cli import main
 from agent.policy.store import PolicyStore
 from agent.traffic.policy import TRAFFIC_KIND
 from agent.workloads.yamlfile import parse_inventory
+from tests.support.admin import admin_server
+from tests.support.policy import BAD
 
 REPO_POLICIES = str(pathlib.Path(__file__).resolve().parents[2] / "policies")
-
-BAD = """\
-apiVersion: meshlet.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: broken, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {colour: [red]}}]
-"""
 
 
 # one service: shop/backend on port 80 (for the traffic warnings)
@@ -64,27 +55,8 @@ def admin(tmp_path):
     sock = str(tmp_path / "admin.sock")
     store = PolicyStore(str(tmp_path / "run"), kinds=[TRAFFIC_KIND]).load()
     agent = PolicyAgent(sock, store)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder = {}
-
-    async def serve():
-        holder["server"] = await admin_api.start_admin(agent)
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await holder["stop"].wait()
-        holder["server"].close()
-        await holder["server"].wait_closed()
-
-    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    t.start()
-    assert ready.wait(5)
-    try:
+    with admin_server(agent):
         yield types.SimpleNamespace(sock=sock, store=store, run_dir=tmp_path / "run", agent=agent)
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        t.join(5)
-        loop.close()
 
 
 def files(*pairs):

@@ -127,7 +127,7 @@ def test_leaf_from_node_intermediate_verifies_against_bundle_pem(out):
 def test_node_intermediates_cannot_vouch_for_another_trust_domain(out):
     # the name constraint, end to end: even a bundle for other.org that
     # holds our root refuses what a node intermediate signs for other.org
-    from tests.certfactory import CertFactory, Issuer
+    from tests.support.ca import CertFactory, Issuer
     issuer, key = ca.load_node_ca(out, "node1")
     f = CertFactory(TD, now=NOW)
     chain, _ = f.leaf("spiffe://other.org/ns/a/sa/b", issuer=Issuer(issuer, key, (issuer,)))

@@ -16,7 +16,7 @@ from agent.identity.certs import (
     make_csr, sign_workload_csr, svid_info, verify_svid,
 )
 from agent.identity.spiffe import SpiffeId, parse_spiffe_id
-from tests.certfactory import CertFactory
+from tests.support.ca import CertFactory
 
 WEB = parse_spiffe_id("spiffe://example.org/ns/default/sa/web")
 

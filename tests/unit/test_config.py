@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from agent.config import AgentConfig, load_config, parse_config
 from agent.yamlsrc import MAX_SHOWN, Problem, SourceError
+from tests.support import mutate
 
 MINIMAL = """\
 node: node1
@@ -417,31 +418,13 @@ _values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4)
                        | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
 
 
-def _paths(d, prefix=()):
-    yield prefix
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            yield from _paths(v, prefix + (i,))
-
-
-def _replace(d, path, value):
-    if not path:
-        return value
-    d = dict(d) if isinstance(d, dict) else list(d)
-    d[path[0]] = _replace(d[path[0]], path[1:], value)
-    return d
-
-
 _FULL_DICT = yaml.safe_load(FULL)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(list(_paths(_FULL_DICT))), _values)
+@given(st.sampled_from(list(mutate.paths(_FULL_DICT))), _values)
 def test_structurally_mutated_documents_only_raise_source_error(path, value):
-    _only_source_error(yaml.safe_dump(_replace(_FULL_DICT, path, value)))
+    _only_source_error(yaml.safe_dump(mutate.replace(_FULL_DICT, path, value)))
 
 
 def test_proxy_l7_mode():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from agent.workloads.model import Inventory, InventoryDiff, NamespaceSettings, Node, Pod, diff
 from agent.workloads.yamlfile import load_inventory, parse_inventory
 from agent.yamlsrc import Problem, SourceError
+from tests.support import mutate
 
 GOOD = """\
 nodes:
@@ -326,34 +327,16 @@ _values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4)
                                          | st.text(max_size=6), c, max_size=4), max_leaves=12)
 
 
-def _paths(d, prefix=()):
-    yield prefix
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            yield from _paths(v, prefix + (i,))
-
-
-def _replace(d, path, value):
-    if not path:
-        return value
-    d = dict(d) if isinstance(d, dict) else list(d)
-    d[path[0]] = _replace(d[path[0]], path[1:], value)
-    return d
-
-
 _GOOD_DICT = yaml.safe_load(GOOD)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(list(_paths(_GOOD_DICT))), _values), min_size=1, max_size=3))
+@given(st.lists(st.tuples(st.sampled_from(list(mutate.paths(_GOOD_DICT))), _values), min_size=1, max_size=3))
 def test_structurally_mutated_documents_only_raise_source_error(patches):
     doc = _GOOD_DICT
     for path, value in patches:
         try:
-            doc = _replace(doc, path, value)
+            doc = mutate.replace(doc, path, value)
         except (KeyError, IndexError, TypeError):
             pass  # an earlier patch removed that path
     _only_source_error(yaml.safe_dump(doc))

@@ -12,7 +12,7 @@ from agent.identity.certs import generate_key, load_certs_pem, make_csr, verify_
 from agent.identity.issuer import (CaMaterial, IdentityFilesError, IssueError, NodeIssuer,
                                    load_material)
 from agent.identity.spiffe import parse_spiffe_id
-from tests.certfactory import CertFactory
+from tests.support.ca import CertFactory
 
 OWN = "spiffe://cluster.local/ns/shop/sa/web"
 OTHER = "spiffe://cluster.local/ns/shop/sa/payments"

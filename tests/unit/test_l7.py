@@ -18,7 +18,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import uvloop
 
 from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, ResponseHead, ResponseParser
 from agent.proxy.l7 import L7Settings, Response, UpstreamPool, session_factory
@@ -26,16 +25,9 @@ from agent.proxy.tracing import parse_traceparent
 from agent.traffic.breaker import Limit
 from agent.traffic.cluster import Cluster
 from agent.traffic.policy import Timeouts, TrafficSettings
+from tests.support.aio import run
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-def run(coro, timeout=60):
-    async def guarded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(guarded())
 
 
 # ---- upstream 1: ThreadingHTTPServer

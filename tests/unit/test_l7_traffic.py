@@ -14,8 +14,6 @@ import random
 import socket
 import time
 
-import uvloop
-
 from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, ResponseHead, ResponseParser
 from agent.proxy.l7 import L7Settings, UpstreamPool, session_factory
 from agent.proxy.relay import reset_transport
@@ -24,14 +22,11 @@ from agent.traffic.cluster import Cluster
 from agent.traffic.policy import (
     Budget, CircuitBreaker, OutlierDetection, Retries, Timeouts, TrafficSettings,
 )
+from tests.support import aio
 
 
 def run(coro, timeout=50):
-    async def guarded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(guarded())
+    return aio.run(coro, timeout)
 
 
 def settings(*, retries=None, budget=None, timeouts=None, breaker=None, outlier=None) -> TrafficSettings:

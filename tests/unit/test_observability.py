@@ -538,49 +538,14 @@ def test_request_ids_prefer_what_the_exchange_recorded():
 
 # --- the proxy worker's hook, on real sockets (no root: loopback addresses) --------------
 
-from tests.unit.test_proxy_server import Cluster, FlowOrigin, V4, close_writer, run  # noqa: E402
-
-
-class StatusServer:
-    """Keep-alive HTTP/1.1: ``/ok`` 200 with a 5-byte body, anything else 404."""
-
-    def __init__(self, ip: str):
-        self.ip = ip
-
-    async def start(self):
-        self.srv = await asyncio.start_server(self._handle, self.ip, 0)
-        self.port = self.srv.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self):
-        self.srv.close()
-        await self.srv.wait_closed()
-
-    async def _handle(self, reader, writer):
-        try:
-            while True:
-                try:
-                    h = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    break
-                ok = h.split(b" ", 2)[1].startswith(b"/ok")
-                body = b"fine\n" if ok else b"not found here\n"
-                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s"
-                             % (200 if ok else 404, len(body), body))
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
+from tests.support.aio import close_writer, run  # noqa: E402
+from tests.support.http import StatusServer, http_request  # noqa: E402
+from tests.support.mesh import Cluster, FlowOrigin, V4  # noqa: E402
 
 
 async def get(reader, writer, path: str, rid: str | None = None) -> int:
-    extra = f"X-Request-Id: {rid}\r\n" if rid else ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: web\r\n{extra}\r\n".encode())
-    h = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    length = next(int(ln.split(b":", 1)[1]) for ln in h.split(b"\r\n")
-                  if ln.lower().startswith(b"content-length:"))
-    await asyncio.wait_for(reader.readexactly(length), 10)
-    return int(h.split(b" ", 2)[1])
+    headers = (("X-Request-Id", rid),) if rid else ()
+    return (await http_request(reader, writer, "GET", path, headers=headers))[0]
 
 
 PATHS = ["/ok", "/ok?x=1", "/missing", "/ok", "/nope/../ok", "/gone"]  # 200 200 404 200 200 404
@@ -672,7 +637,7 @@ def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
     from agent.proxy.server import Conn
     from agent.proxy.state import StateWatcher
     from agent.proxy.server import ProxyServer
-    from tests.unit.test_proxy_server import state_doc
+    from tests.support.mesh import state_doc
 
     (tmp_path / "state.json").write_text(json.dumps(state_doc("node1", "127.0.0.1", 1, 2)))
     srv = ProxyServer(StateWatcher(str(tmp_path / "state.json")), flow_table=object(),

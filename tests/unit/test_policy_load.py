@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from agent.policy.load import load_policies, parse_policies, parse_principal
 from agent.policy.model import Action, ConditionKey, MatchKind, PolicySet, StringMatch
 from agent.yamlsrc import Problem, SourceError
+from tests.support import mutate
 
 GOOD = """\
 apiVersion: meshlet.io/v1alpha1
@@ -311,17 +312,7 @@ _values = st.one_of(
 )
 
 
-def _paths(node, prefix=()):
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, prefix + (i,))
-
-
-_ALL_PATHS = [(d, p) for d in range(len(_GOOD_DOCS)) for p in _paths(_GOOD_DOCS[d]) if p]
+_ALL_PATHS = [(d, p) for d in range(len(_GOOD_DOCS)) for p in mutate.paths(_GOOD_DOCS[d]) if p]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,6 +17,7 @@ from agent.traffic.policy import (
     PUBLISHED_FILE, TRAFFIC_KIND, load_traffic_policies, parse_traffic_policies,
 )
 from agent.yamlsrc import SourceError
+from tests.support.policy import BAD
 
 REPO_POLICIES = pathlib.Path(__file__).resolve().parents[2] / "policies"
 
@@ -30,17 +31,6 @@ spec:
   action: {action}
   rules:
   - to: [{{operation: {{paths: ["{path}"]}}}}]
-"""
-
-
-BAD = """\
-apiVersion: meshlet.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: broken, namespace: shop}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {colour: [red]}}]
 """
 
 

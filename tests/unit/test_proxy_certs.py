@@ -1,7 +1,8 @@
 """CertManager against a fake agent CA on a real Unix socket.
 
-``FakeCA`` speaks the agent's CA protocol (one JSON line each way) and signs
-CSRs with a CertFactory intermediate, for the identities it allows only.
+``FakeCA`` (tests/support/ca.py) speaks the agent's CA protocol (one JSON
+line each way) and signs CSRs with a CertFactory intermediate, for the
+identities it allows only.
 """
 
 from __future__ import annotations
@@ -10,31 +11,22 @@ import asyncio
 import json
 import os
 import random
-from datetime import timedelta
 
 import pytest
-import uvloop
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import SvidError, sign_workload_csr, verify_svid
+from agent.identity.certs import verify_svid
 from agent.identity.spiffe import parse_spiffe_id
 from agent.proxy.certs import CertManager, ca_request
 from agent.proxy.state import parse_state
-from tests.certfactory import CertFactory
+from tests.support.aio import run, until
+from tests.support.ca import FakeCA
 
 TD = "cluster.local"
 
 
 def ident(sa: str, ns: str = "default") -> str:
     return f"spiffe://{TD}/ns/{ns}/sa/{sa}"
-
-
-def run(coro, timeout=60):
-    async def guarded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(guarded())
 
 
 def state(ca_socket: str, *, generation: int = 1, pods=("web", "api"), remote=("db",)):
@@ -51,63 +43,6 @@ def state(ca_socket: str, *, generation: int = 1, pods=("web", "api"), remote=("
             "ips": ["10.0.1.99"], "mesh": False}],
     }
     return parse_state(doc, require_identity=True)
-
-
-class FakeCA:
-    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1, factory=None):
-        self.path = path
-        self.factory = factory or CertFactory(TD)
-        self.allowed = set(allowed)
-        self.ttl = ttl
-        self.generation = generation
-        self.requests: list[dict] = []
-        self.server = None
-
-    async def start(self):
-        self.server = await asyncio.start_unix_server(self._handle, self.path)
-        return self
-
-    async def stop(self):
-        self.server.close()
-        await self.server.wait_closed()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
-    def rotate(self):
-        """New CA material (as after `meshlet ca rotate`) and a new generation."""
-        self.factory = CertFactory(TD)
-        self.generation += 1
-
-    async def _handle(self, reader, writer):
-        req = json.loads(await reader.readline())
-        self.requests.append(req)
-        f = self.factory
-        bundle = f.bundle.to_pem().decode()
-        if req.get("op") == "bundle":
-            resp = {"ok": True, "bundle": bundle, "generation": self.generation}
-        elif req.get("identity") not in self.allowed:
-            resp = {"ok": False, "reason": "not_on_node", "error": f"{req.get('identity')} is not on this node"}
-        else:
-            try:
-                leaf = sign_workload_csr(req["csr"].encode(), expected=parse_spiffe_id(req["identity"]),
-                                         issuer_cert=f.intermediate, issuer_key=f.intermediate_key,
-                                         ttl=timedelta(seconds=self.ttl))
-                chain = f.chain_pem([leaf, f.intermediate]).decode()
-                resp = {"ok": True, "chain": chain, "bundle": bundle, "generation": self.generation}
-            except SvidError as e:
-                resp = {"ok": False, "reason": e.reason, "error": str(e)}
-        writer.write(json.dumps(resp).encode() + b"\n")
-        await writer.drain()
-        writer.close()
-
-    def signed(self):
-        return [r["identity"] for r in self.requests if r.get("op") == "sign"]
-
-
-async def until(pred, timeout=10.0, step=0.02):
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(step)
 
 
 def manager(st, **kw) -> CertManager:

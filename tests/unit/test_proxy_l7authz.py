@@ -1,56 +1,16 @@
 """L7 authorization in the node proxy (issue #4): in-process on loopback with
-the two-node harness of test_proxy_server and ``l7: true``. A denied request
+the two-node harness of tests/support/mesh.py and ``l7: true``. A denied request
 gets 403 and the same connection serves the next one; the backend never sees
 what was denied (asserted on what it received)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.unit.test_proxy_policy import LABELS, apply, doc
-from tests.unit.test_proxy_server import V4, Cluster, FlowOrigin, close_writer, run
-
-
-class Recorder:
-    """Keep-alive HTTP/1.1 server that records every request line it gets."""
-
-    def __init__(self, ip: str):
-        self.ip = ip
-        self.lines: list[bytes] = []
-
-    async def start(self):
-        self.srv = await asyncio.start_server(self._handle, self.ip, 0)
-        self.port = self.srv.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self):
-        self.srv.close()
-        await self.srv.wait_closed()
-
-    async def _handle(self, reader, writer):
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    break
-                self.lines.append(head.split(b"\r\n", 1)[0])
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-
-async def request(r, w, method: str, path: str) -> tuple[int, bytes, bytes]:
-    w.write(f"{method} {path} HTTP/1.1\r\nHost: web\r\n\r\n".encode())
-    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
-    status = int(head.split(b" ", 2)[1])
-    length = next(int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")
-                  if ln.lower().startswith(b"content-length:"))
-    return status, head, await asyncio.wait_for(r.readexactly(length), 10)
+from tests.support.aio import close_writer, run
+from tests.support.http import Recorder, http_request as request
+from tests.support.mesh import V4, Cluster, FlowOrigin
+from tests.support.policy import LABELS, apply, doc
 
 
 @pytest.mark.parametrize("dst_ip,node", [("127.0.0.5", 0), ("127.0.0.7", 1)], ids=["local", "tunnel"])

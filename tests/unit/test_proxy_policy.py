@@ -1,5 +1,5 @@
 """L4 authorization in the node proxy (issue #4), in-process on loopback with
-the harness of test_proxy_server: policies.json next to each node's state
+the harness of tests/support/mesh.py: policies.json next to each node's state
 file, written by the agent's own PolicyStore.  Also the shared FileWatcher
 and the TrafficWatcher on traffic.json (agent/proxy/watch.py)."""
 
@@ -14,34 +14,9 @@ from agent.policy.store import PolicyStore
 from agent.proxy.authz import PolicyWatcher, empty_set
 from agent.proxy.watch import FileWatcher, TrafficWatcher, traffic_path
 from agent.traffic.policy import DEFAULTS, TRAFFIC_KIND
-from tests.unit.test_proxy_server import (
-    CLIENT_ID, V4, Cluster, FlowOrigin, exchange, expect_reset, run,
-)
-
-LABELS = {"web-1": {"app": "web"}, "db-1": {"app": "db", "tier": "data"}}
-
-
-def doc(ns, name, app, action, rules):
-    return (f"apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\n"
-            f"metadata: {{name: {name}, namespace: {ns}}}\n"
-            f"spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: {action}\n"
-            f"  rules: {rules}\n")
-
-
-async def apply(c: Cluster, *docs: str, delete: tuple[tuple[str, str], ...] = ()) -> str:
-    """Apply on both nodes (as both agents would), wait until both workers run it."""
-    version = ""
-    for node in ("node1", "node2"):
-        store = PolicyStore(str(c.tmp / node)).load()
-        if docs:
-            store.apply([("test.yaml", "---\n".join(docs))])
-        for ns, name in delete:
-            store.delete(ns, name)
-        version = store.version
-    async with asyncio.timeout(10):
-        while not all(s.policies.current.version == version for s in c.servers):
-            await asyncio.sleep(0.05)
-    return version
+from tests.support.aio import run
+from tests.support.mesh import CLIENT_ID, V4, Cluster, FlowOrigin, exchange, expect_reset
+from tests.support.policy import LABELS, apply, doc
 
 
 async def talk(c: Cluster, ip: str, port: int | None = None) -> bytes | None:

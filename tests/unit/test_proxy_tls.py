@@ -18,32 +18,17 @@ import ssl
 from datetime import timedelta
 
 import pytest
-import uvloop
 
 from agent.identity.certs import TrustBundle
 from agent.proxy.certs import Svid
 from agent.proxy.tls import ALPN, HandshakeError, TlsContexts, identity_from_sni, sni_for
-from tests.certfactory import CertFactory
+from tests.support.aio import run
+from tests.support.ca import CertFactory, make_svid
 
 TD = "cluster.local"
 CLIENT = f"spiffe://{TD}/ns/default/sa/client"
 SERVER = f"spiffe://{TD}/ns/data/sa/db"
 OTHER = f"spiffe://{TD}/ns/data/sa/other"
-
-
-def run(coro, timeout=60):
-    async def guarded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(guarded())
-
-
-def make_svid(identity: str, chain, key) -> Svid:
-    leaf = chain[0]
-    return Svid(identity=identity, chain=tuple(chain), key=key,
-                not_before=leaf.not_valid_before_utc.timestamp(), not_after=leaf.not_valid_after_utc.timestamp(),
-                serial=leaf.serial_number, next_renewal=0.0, generation=0)
 
 
 class Certs:

@@ -10,19 +10,11 @@ import socket
 import struct
 
 import pytest
-import uvloop
 
 from agent.proxy.relay import Endpoint, Relay
+from tests.support.aio import run
 
 MB = 1024 * 1024
-
-
-def run(coro, timeout=60):
-    async def guarded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(guarded())
 
 
 class Harness:

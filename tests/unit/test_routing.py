@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 import pytest
 
 from agent.proxy.routing import Local, Passthrough, Reject, Tunnel, route
 from agent.proxy.state import parse_state
+from tests.support.mesh import FlowOrigin as Origin
 
 
 
@@ -28,14 +28,6 @@ def doc():
              "cgroup_id": 77, "mesh": False},
         ],
     }
-
-
-@dataclass(frozen=True)
-class Origin:
-    family: int
-    dst_ip: str
-    dst_port: int
-    cgroup_id: int
 
 
 def _state():

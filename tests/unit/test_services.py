@@ -154,37 +154,16 @@ services:
 def admin(tmp_path):
     """The agent's admin server (agent/admin.py) on a socket in tmp_path, for a
     stand-in agent holding a parsed inventory; its own thread and loop."""
-    import asyncio
-    import threading
     import types
 
-    from agent import admin as admin_api
+    from tests.support.admin import admin_server
 
     sock = str(tmp_path / "admin.sock")
     agent = types.SimpleNamespace(
         cfg=types.SimpleNamespace(node="node1", admin=types.SimpleNamespace(socket=sock)),
         inventory=parse_inventory(ADMIN_INV, "inv.yaml"), inventory_error=None)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder = {}
-
-    async def serve():
-        holder["server"] = await admin_api.start_admin(agent)
-        holder["stop"] = asyncio.Event()
-        ready.set()
-        await holder["stop"].wait()
-        holder["server"].close()
-        await holder["server"].wait_closed()
-
-    t = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    t.start()
-    assert ready.wait(5)
-    try:
+    with admin_server(agent):
         yield types.SimpleNamespace(sock=sock, agent=agent)
-    finally:
-        loop.call_soon_threadsafe(holder["stop"].set)
-        t.join(5)
-        loop.close()
 
 
 def _cli(*args):

@@ -1,4 +1,5 @@
-"""Throwaway CA hierarchies in memory, for tests: good SVIDs and bad ones.
+"""Throwaway CA hierarchies in memory, for tests: good SVIDs and bad ones;
+a fake agent CA on a Unix socket; Svid records for the proxy's CertSource.
 
     f = CertFactory("example.org")
     chain, key = f.leaf("spiffe://example.org/ns/default/sa/web")
@@ -14,6 +15,8 @@ any ASCII string without checking it (non-ASCII it refuses).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -23,9 +26,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity.certs import (
-    TrustBundle, authority_key_id, cert_to_pem, generate_key, key_to_pem, key_usage, random_serial,
+    SvidError, TrustBundle, authority_key_id, cert_to_pem, generate_key, key_to_pem, key_usage,
+    random_serial, sign_workload_csr,
 )
-from agent.identity.spiffe import SpiffeId
+from agent.identity.spiffe import SpiffeId, parse_spiffe_id
+from agent.proxy.certs import Svid
 
 DEFAULT_TD = "example.org"
 LEAF_KU = key_usage(digital_signature=True)
@@ -237,3 +242,71 @@ class CertFactory:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         return paths
+
+
+# --- the agent's CA as the proxy sees it, and what the proxy holds ------------------
+
+MESH_TD = "cluster.local"  # the trust domain of the proxy tests
+
+
+class FakeCA:
+    """Speaks the agent's CA protocol (one JSON line each way) on a Unix
+    socket and signs CSRs with a CertFactory intermediate, for the
+    identities it allows only."""
+
+    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1, factory=None):
+        self.path = path
+        self.factory = factory or CertFactory(MESH_TD)
+        self.allowed = set(allowed)
+        self.ttl = ttl
+        self.generation = generation
+        self.requests: list[dict] = []
+        self.server = None
+
+    async def start(self):
+        self.server = await asyncio.start_unix_server(self._handle, self.path)
+        return self
+
+    async def stop(self):
+        self.server.close()
+        await self.server.wait_closed()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def rotate(self):
+        """New CA material (as after `meshlet ca rotate`) and a new generation."""
+        self.factory = CertFactory(MESH_TD)
+        self.generation += 1
+
+    async def _handle(self, reader, writer):
+        req = json.loads(await reader.readline())
+        self.requests.append(req)
+        f = self.factory
+        bundle = f.bundle.to_pem().decode()
+        if req.get("op") == "bundle":
+            resp = {"ok": True, "bundle": bundle, "generation": self.generation}
+        elif req.get("identity") not in self.allowed:
+            resp = {"ok": False, "reason": "not_on_node", "error": f"{req.get('identity')} is not on this node"}
+        else:
+            try:
+                leaf = sign_workload_csr(req["csr"].encode(), expected=parse_spiffe_id(req["identity"]),
+                                         issuer_cert=f.intermediate, issuer_key=f.intermediate_key,
+                                         ttl=timedelta(seconds=self.ttl))
+                chain = f.chain_pem([leaf, f.intermediate]).decode()
+                resp = {"ok": True, "chain": chain, "bundle": bundle, "generation": self.generation}
+            except SvidError as e:
+                resp = {"ok": False, "reason": e.reason, "error": str(e)}
+        writer.write(json.dumps(resp).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    def signed(self):
+        return [r["identity"] for r in self.requests if r.get("op") == "sign"]
+
+
+def make_svid(identity: str, chain, key) -> Svid:
+    """An Svid record (what CertManager hands the proxy) for a CertFactory chain."""
+    leaf = chain[0]
+    return Svid(identity=identity, chain=tuple(chain), key=key,
+                not_before=leaf.not_valid_before_utc.timestamp(), not_after=leaf.not_valid_after_utc.timestamp(),
+                serial=leaf.serial_number, next_renewal=0.0, generation=0)

@@ -6,7 +6,7 @@ so tests assert on what the backend received.  ``--fail-first N`` answers
 the first N requests with ``--fail-status`` (default 503); ``--delay`` sleeps
 before answering.  Stops after ``--max-seconds``.
 
-    python -m tests.privileged.podhttpd --name web-1 --port 7000 --log /tmp/x.jsonl
+    python -m tests.support.podhttpd --name web-1 --port 7000 --log /tmp/x.jsonl
 """
 
 from __future__ import annotations

@@ -1,0 +1,49 @@
+"""The nginx upstream of the benchmarks (scripts/bench.py, scripts/bench_l7.py):
+one worker, no access log, a fixed 200 answer, keep-alive without a request
+limit, every temporary path under one directory (no root-owned defaults)."""
+
+from __future__ import annotations
+
+import os
+
+
+def nginx_conf(directory: str, listen: list[str], body: str, *, worker_connections: int = 1024,
+               keepalive_timeout: str | None = None) -> str:
+    """nginx.conf text: ``listen`` holds the arguments of each ``listen``
+    directive ("8080 reuseport", "127.0.0.1:8081"); every request gets 200
+    with ``body`` (a literal, no quotes or backslashes)."""
+    if any(c in body for c in '"\\'):
+        raise ValueError(f"nginx_conf: body {body!r} must not hold quotes or backslashes")
+    d = directory
+    keepalive = f"    keepalive_timeout {keepalive_timeout};\n" if keepalive_timeout else ""
+    listens = "".join(f"        listen {arg};\n" for arg in listen)
+    body_escaped = body.replace("\n", "\\n")
+    return (
+        f"worker_processes 1;\n"
+        f"daemon off;\n"
+        f"pid {d}/nginx.pid;\n"
+        f"error_log {d}/error.log warn;\n"
+        f"events {{ worker_connections {worker_connections}; }}\n"
+        f"http {{\n"
+        f"    access_log off;\n"
+        f"    client_body_temp_path {d}/body;\n"
+        f"    proxy_temp_path {d}/proxy;\n"
+        f"    fastcgi_temp_path {d}/fastcgi;\n"
+        f"    uwsgi_temp_path {d}/uwsgi;\n"
+        f"    scgi_temp_path {d}/scgi;\n"
+        f"    keepalive_requests 1000000;\n"
+        f"{keepalive}"
+        f"    server {{\n"
+        f"{listens}"
+        f"        location / {{ return 200 \"{body_escaped}\"; }}\n"
+        f"    }}\n"
+        f"}}\n"
+    )
+
+
+def write_nginx_conf(directory: str, listen: list[str], body: str, **kw) -> str:
+    """Write :func:`nginx_conf` to ``<directory>/nginx.conf``; returns its path."""
+    path = os.path.join(directory, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(nginx_conf(directory, listen, body, **kw))
+    return path

@@ -119,17 +119,7 @@ def parse_documents(text: str, filename: str, kinds: Sequence[str] = (KIND,),
     def fail(line: int, column: int, message: str) -> y.SourceError:
         return y.SourceError([y.Problem(filename, line, column, "", message)])
 
-    roots = []
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)
-        while loader.check_node():
-            roots.append(loader.get_node())
-    except (yaml.YAMLError, RecursionError) as e:
-        raise y.syntax_error(e, text, fail) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    roots = [root for _, root in y.compose_all(text, filename)]
 
     docs: list[y.Document] = []
     problems: list[y.Problem] = []
@@ -510,7 +500,21 @@ def _read_condition(w: y.MapReader, ctx: _Ctx) -> Condition | None:
 # Sets
 
 
+_COMPARED_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _compared_fields(cls: type) -> tuple[str, ...]:
+    """The fields of a dataclass that take part in equality (cached: asking
+    ``dataclasses.fields`` for each of 250k objects of a large set cost ~1 s)."""
+    names = _COMPARED_FIELDS.get(cls)
+    if names is None:
+        names = _COMPARED_FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.compare)
+    return names
+
+
 def _canon(x: Any) -> Any:
+    if x is None or isinstance(x, (str, int, float)):
+        return x
     if isinstance(x, StringMatch):
         return [x.kind.value, x.value, x.ignore_case]
     if isinstance(x, PrincipalMatch):
@@ -520,7 +524,7 @@ def _canon(x: Any) -> Any:
     if isinstance(x, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return str(x)
     if dataclasses.is_dataclass(x):
-        return {f.name: _canon(getattr(x, f.name)) for f in dataclasses.fields(x) if f.compare}
+        return {name: _canon(getattr(x, name)) for name in _compared_fields(type(x))}
     if isinstance(x, (tuple, list)):
         return [_canon(i) for i in x]
     if isinstance(x, (set, frozenset)):
@@ -602,6 +606,12 @@ def collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind]
     kind comes twice (and each kind's own ``conflict``).  Returns the objects
     per kind, ordered by (namespace, name).  Raises SourceError listing every
     problem of every file, sorted by position."""
+    with y.gc_paused():  # a large set builds a big tree of small objects (see yamlsrc)
+        return _collect_documents(texts, kinds, noun)
+
+
+def _collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind],
+                       noun: str) -> dict[str, tuple[Any, ...]]:
     problems: list[y.Problem] = []
     found: dict[str, list[Any]] = {k.kind: [] for k in kinds}
     seen: dict[tuple[str, str, str], Any] = {}

@@ -111,7 +111,7 @@ class Ambiguous(LookupError):
 
 
 def _dump(doc: dict) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return y.dump_plain(doc)
 
 
 def _header(version: str) -> str:
@@ -212,7 +212,7 @@ class PolicyStore:
         self._collect(sources)
         out: dict[Key, dict] = {}
         for _, text in sources:
-            for doc in yaml.safe_load_all(text):
+            for doc in y.load_plain_all(text):  # validated just above
                 if doc is None:
                     continue
                 meta = doc["metadata"]
@@ -256,7 +256,7 @@ class PolicyStore:
             body = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#")).strip()
             if body:
                 self._collect([(path, text)])
-                for doc in yaml.safe_load_all(text):
+                for doc in y.load_plain_all(text):  # validated just above
                     if doc is not None:
                         meta = doc["metadata"]
                         texts[(doc["kind"], meta["namespace"], meta["name"])] = _dump(doc)
@@ -273,7 +273,8 @@ class PolicyStore:
 
     def _commit(self, texts: dict[Key, str], write_store: bool = True) -> None:
         ps, sets, version = self._build(texts)
-        docs = {k: yaml.safe_load(t) for k, t in texts.items()}
+        with y.gc_paused():
+            docs = {k: y.load_plain_all(t)[0] for k, t in texts.items()}  # our own _dump output
         if self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             if write_store:
@@ -351,7 +352,7 @@ class PolicyStore:
         """The stored document (plain data), or None.  Raises Ambiguous (see delete)."""
         key = self._key(namespace, name, kind)
         doc = self._docs.get(key) if key is not None else None
-        return None if doc is None else yaml.safe_load(_dump(doc))
+        return None if doc is None else y.load_plain_all(_dump(doc))[0]
 
     def get_yaml(self, namespace: str, name: str, kind: str | None = None) -> str | None:
         key = self._key(namespace, name, kind)

@@ -200,11 +200,11 @@ ERRORS = [
     ("just text\n", "c.yaml:1:1: top level must be a mapping of fields, got a string"),
     ("node: a\n---\nnode: b\n",
      "c.yaml:2:1: a second YAML document starts here; put everything in one document (remove the '---')"),
-    ("node: [a\n", "c.yaml:2:1: YAML syntax error: expected ',' or ']', but got '<stream end>' "
+    ("node: [a\n", "c.yaml:2:1: YAML syntax error: did not find expected ',' or ']' "
                    "(while parsing a flow sequence)"),
-    ("node: a\n  b: c\n", "c.yaml:2:4: YAML syntax error: mapping values are not allowed here"),
-    ("node: a\n\tcgroup: x\n", "c.yaml:2:1: YAML syntax error: found character '\\t' that cannot "
-                               "start any token (while scanning for the next token)"),
+    ("node: a\n  b: c\n", "c.yaml:2:4: YAML syntax error: mapping values are not allowed in this context"),
+    ("node: a\n\tcgroup: x\n", "c.yaml:2:1: YAML syntax error: found a tab character that violates "
+                               "indentation (while scanning a plain scalar)"),
     ("node: *nope\n", "c.yaml:1:7: YAML syntax error: found undefined alias 'nope'"),
     ("node: a\x07\n", "c.yaml:1:8: YAML syntax error: character 0x7 is not allowed"),
     # types and values

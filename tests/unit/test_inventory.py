@@ -220,8 +220,8 @@ ERRORS = [
     ("nodes: []\n---\n", "inventory.yaml:2:1: a second YAML document starts here; put everything in one "
                          "document (remove the '---')"),
     ("", "inventory.yaml:1:1: file is empty; expected a mapping of fields"),
-    ("nodes: [\n", "inventory.yaml:2:1: YAML syntax error: expected the node content, but found "
-                   "'<stream end>' (while parsing a flow node)"),
+    ("nodes: [\n", "inventory.yaml:2:1: YAML syntax error: did not find expected node "
+                   "content (while parsing a flow node)"),
 ]
 
 

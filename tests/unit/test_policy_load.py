@@ -223,7 +223,7 @@ def test_ports_report_every_bad_item():
     ("", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy documents"),
     ("---\n---\n", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy documents"),
     ("- a\n", "p.yaml:1:1: a policy document must be a mapping, got a list"),
-    ("a: [\n", "p.yaml:2:1: YAML syntax error: expected the node content, but found '<stream end>' "
+    ("a: [\n", "p.yaml:2:1: YAML syntax error: did not find expected node content "
                "(while parsing a flow node)"),
     ("apiVersion: v1\nkind: AuthorizationPolicy\n", "p.yaml:1:13: apiVersion: 'v1' is not one of: "
      "meshlet.io/v1alpha1, security.istio.io/v1, security.istio.io/v1beta1"),

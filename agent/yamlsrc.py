@@ -30,18 +30,43 @@ import difflib
 import ipaddress
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
-    "MAX_SHOWN", "Problem", "SourceError", "Invalid", "Reported", "Document",
-    "Value", "MapReader", "parse", "read_text", "did_you_mean",
-    "string", "any_string", "boolean", "integer", "number", "port", "enum",
-    "ip_address", "ip_network", "dns_label", "dns_subdomain", "absolute_path",
-    "list_of", "map_of", "entries", "position", "IPAddress", "IPNetwork",
+    "MAX_SHOWN",
+    "Problem",
+    "SourceError",
+    "Invalid",
+    "Reported",
+    "Document",
+    "Value",
+    "MapReader",
+    "parse",
+    "read_text",
+    "did_you_mean",
+    "string",
+    "any_string",
+    "boolean",
+    "integer",
+    "number",
+    "port",
+    "enum",
+    "ip_address",
+    "ip_network",
+    "dns_label",
+    "dns_subdomain",
+    "absolute_path",
+    "list_of",
+    "map_of",
+    "entries",
+    "position",
+    "IPAddress",
+    "IPNetwork",
 ]
 
 T = TypeVar("T")
@@ -58,8 +83,12 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Scalar tags SafeLoader resolves implicitly or by !!short form and that we
 # accept; anything else (custom "!foo", !!python/...) is refused.
 _SCALAR_TAGS = {
-    _STR_TAG, _NULL_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp",
+    _STR_TAG,
+    _NULL_TAG,
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:timestamp",
     "tag:yaml.org,2002:binary",
 }
 
@@ -143,7 +172,7 @@ class Document:
         if self.problems:
             raise SourceError(sorted(self.problems, key=lambda p: (p.line, p.column)))
 
-    def top(self) -> "MapReader":
+    def top(self) -> MapReader:
         """The top-level mapping (``parse`` has already checked it is one)."""
         assert self.root is not None
         return MapReader(Value(self, self.root, ""))
@@ -181,7 +210,7 @@ def read_text(path: str) -> str:
         raise SourceError([Problem(str(path), line, col, "", "file is not valid UTF-8")]) from e
 
 
-def syntax_error(e: BaseException, text: str, fail) -> "SourceError":
+def syntax_error(e: BaseException, text: str, fail) -> SourceError:
     """Turn a PyYAML (or recursion) error while reading ``text`` into the
     positioned error ``fail(line, column, message)`` builds.  Shared by every
     loader that reads YAML itself (single- and multi-document)."""
@@ -207,6 +236,7 @@ def parse(text: str, filename: str) -> Document:
     Raises :class:`SourceError` for YAML syntax errors (with YAML's own
     position), an empty file, several documents, or a non-mapping top level.
     """
+
     def fail(line: int, column: int, message: str) -> SourceError:
         return SourceError([Problem(filename, line, column, "", message)])
 
@@ -218,8 +248,11 @@ def parse(text: str, filename: str) -> Document:
             root = loader.get_node()
             if loader.check_node():
                 line, column = position(loader.peek_event())
-                raise fail(line, column, "a second YAML document starts here; "
-                                         "put everything in one document (remove the '---')")
+                raise fail(
+                    line,
+                    column,
+                    "a second YAML document starts here; put everything in one document (remove the '---')",
+                )
     except (yaml.YAMLError, RecursionError) as e:
         raise syntax_error(e, text, fail) from None
     finally:
@@ -245,8 +278,13 @@ def describe_node(node: Node) -> str:
         return "a list"
     tag = node.tag.rsplit(":", 1)[-1]
     return {
-        "str": "a string", "null": "null", "int": "an integer", "float": "a number",
-        "bool": "a boolean", "timestamp": "a date", "binary": "binary data",
+        "str": "a string",
+        "null": "null",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "a boolean",
+        "timestamp": "a date",
+        "binary": "binary data",
     }.get(tag, f"a {tag!r} value")
 
 
@@ -292,7 +330,7 @@ class Value:
             raise Invalid(f"expected a single value, got {describe_node(self.node)}")
         return self.doc.construct(self.node)
 
-    def items(self) -> list["Value"]:
+    def items(self) -> list[Value]:
         """Elements of a list, each with its ``[i]`` path."""
         if not isinstance(self.node, SequenceNode):
             raise Invalid(f"expected a list, got {describe_node(self.node)}")
@@ -300,7 +338,7 @@ class Value:
             raise Invalid(f"unsupported YAML tag {self.node.tag!r}")
         return [Value(self.doc, n, f"{self.path}[{i}]") for i, n in enumerate(self.node.value)]
 
-    def mapping(self) -> "MapReader":
+    def mapping(self) -> MapReader:
         if not isinstance(self.node, MappingNode):
             raise Invalid(f"expected a mapping, got {describe_node(self.node)}")
         if self.node.tag != _MAP_TAG:
@@ -343,9 +381,11 @@ class MapReader:
                 continue
             if not isinstance(knode, ScalarNode) or knode.tag != _STR_TAG:
                 shown = knode.value if isinstance(knode, ScalarNode) else "..."
-                self.doc.add_at(knode, self.path,
-                                f"field names must be strings, got {describe_node(knode)} "
-                                f"{shown!r} (quote it)")
+                self.doc.add_at(
+                    knode,
+                    self.path,
+                    f"field names must be strings, got {describe_node(knode)} {shown!r} (quote it)",
+                )
                 continue
             key = knode.value
             kpath = _key_path(self.path, key)
@@ -385,7 +425,7 @@ class MapReader:
             return default
         return self.entries[key][1].convert(conv)
 
-    def section(self, key: str) -> "MapReader | None":
+    def section(self, key: str) -> MapReader | None:
         """An optional nested mapping; absent or null gives an empty one."""
         self._ask(key)
         if not self.has(key):
@@ -399,8 +439,11 @@ class MapReader:
         for key, (kv, _) in self.entries.items():
             if key not in allowed:
                 hint = did_you_mean(key, allowed)
-                kv.problem(f"unknown field {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-                           + ("" if hint else f"; known fields: {', '.join(allowed)}"))
+                kv.problem(
+                    f"unknown field {key!r}"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + ("" if hint else f"; known fields: {', '.join(allowed)}")
+                )
 
     def _ask(self, key: str) -> None:
         self._asked.append(key)
@@ -429,8 +472,10 @@ def _typed(v: Value, want: type | tuple[type, ...], what: str) -> Any:
     x = v.scalar()
     wanted = want if isinstance(want, tuple) else (want,)
     if isinstance(x, bool) and bool not in wanted:
-        raise Invalid(f"expected {what}, got a boolean ({v.node.value!r}"
-                      + ("; quote it if you meant a string)" if str in wanted else ")"))
+        raise Invalid(
+            f"expected {what}, got a boolean ({v.node.value!r}"
+            + ("; quote it if you meant a string)" if str in wanted else ")")
+        )
     if x is None:
         raise Invalid(f"expected {what}, got nothing (null)")
     if not isinstance(x, want):
@@ -460,6 +505,7 @@ def boolean(v: Value) -> bool:
 
 def integer(lo: int | None = None, hi: int | None = None, *, hex_string: bool = False) -> Converter[int]:
     """An integer in ``[lo, hi]``; with ``hex_string`` also a quoted "0x..." string."""
+
     def conv(v: Value) -> int:
         x = _typed(v, (int, str) if hex_string else int, "an integer")
         if isinstance(x, str):
@@ -468,6 +514,7 @@ def integer(lo: int | None = None, hi: int | None = None, *, hex_string: bool = 
             x = int(x.strip().replace("_", ""), 0 if x.strip()[:2].lower() == "0x" else 10)
         _check_range(x, lo, hi)
         return x
+
     return conv
 
 
@@ -482,12 +529,14 @@ def _check_range(x: float, lo: float | None, hi: float | None, lo_open: bool = F
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Converter[float]:
     """A finite number (int or float) in range; ``lo_open`` excludes ``lo`` itself."""
+
     def conv(v: Value) -> float:
         x = _typed(v, (int, float), "a number")
         if not math.isfinite(x):
             raise Invalid(f"{v.node.value!r} is not a finite number")
         _check_range(x, lo, hi, lo_open)
         return float(x)
+
     return conv
 
 
@@ -501,13 +550,16 @@ def port(v: Value) -> int:
 
 def enum(*choices: str) -> Converter[str]:
     """One of ``choices`` (exact spelling)."""
+
     def conv(v: Value) -> str:
         x = _typed(v, str, "one of: " + ", ".join(choices))
         if x not in choices:
             hint = did_you_mean(x, choices)
-            raise Invalid(f"{x!r} is not one of: {', '.join(choices)}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""))
+            raise Invalid(
+                f"{x!r} is not one of: {', '.join(choices)}" + (f" (did you mean {hint!r}?)" if hint else "")
+            )
         return x
+
     return conv
 
 
@@ -534,11 +586,14 @@ def ip_address(version: int | None = None) -> Converter[IPAddress]:
         if version is not None and addr.version != version:
             raise Invalid(f"{x!r} is not {label}")
         if addr.is_unspecified or addr.is_multicast:
-            raise Invalid(f"{x!r} is {'unspecified' if addr.is_unspecified else 'multicast'}; "
-                          "a unicast address is needed here")
+            raise Invalid(
+                f"{x!r} is {'unspecified' if addr.is_unspecified else 'multicast'}; "
+                "a unicast address is needed here"
+            )
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             raise Invalid(f"{x!r} is an IPv4-mapped IPv6 address; write {addr.ipv4_mapped} instead")
         return addr
+
     return conv
 
 
@@ -565,8 +620,10 @@ def dns_label(v: Value) -> str:
     if len(x) > 63:
         raise Invalid(f"{x[:20]!r}... is {len(x)} characters; names are at most 63")
     if not _DNS_LABEL.fullmatch(x):
-        raise Invalid(f"{x!r} is not a valid name: use lower-case letters, digits and '-', "
-                      "starting and ending with a letter or digit")
+        raise Invalid(
+            f"{x!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
     return x
 
 
@@ -574,8 +631,10 @@ def dns_subdomain(v: Value) -> str:
     """Dot-separated RFC 1123 labels, at most 253 characters."""
     x = _typed(v, str, "a name")
     if len(x) > 253 or not all(_DNS_LABEL.fullmatch(p) and len(p) <= 63 for p in x.split(".")):
-        raise Invalid(f"{x!r} is not a valid name: use lower-case letters, digits, '-' and '.', "
-                      "starting and ending with a letter or digit")
+        raise Invalid(
+            f"{x!r} is not a valid name: use lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
     return x
 
 
@@ -589,6 +648,7 @@ def absolute_path(v: Value) -> str:
 
 def list_of(conv: Converter[T], *, min_len: int = 0) -> Converter[tuple[T, ...]]:
     """A list whose items all pass ``conv``; each bad item is reported at its own position."""
+
     def convert(v: Value) -> tuple[T, ...]:
         items = v.items()
         if len(items) < min_len:
@@ -598,16 +658,18 @@ def list_of(conv: Converter[T], *, min_len: int = 0) -> Converter[tuple[T, ...]]
         if len(v.doc.problems) != before:
             raise Reported()
         return tuple(out)  # type: ignore[arg-type]
+
     return convert
 
 
 def map_of(key: Converter[str], value: Converter[T]) -> Converter[dict[str, T]]:
     """A mapping of string keys to values, each checked where it stands."""
+
     def convert(v: Value) -> dict[str, T]:
         before = len(v.doc.problems)
         reader = v.mapping()
         out: dict[str, Any] = {}
-        for name, (kv, vv) in reader.entries.items():
+        for _name, (kv, vv) in reader.entries.items():
             k = kv.convert(key)
             val = vv.convert(value)
             if k is not None:
@@ -615,6 +677,7 @@ def map_of(key: Converter[str], value: Converter[T]) -> Converter[dict[str, T]]:
         if len(v.doc.problems) != before:
             raise Reported()
         return out
+
     return convert
 
 

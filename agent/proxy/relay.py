@@ -67,7 +67,7 @@ class Endpoint(asyncio.Protocol):
         name: str = "",
         *,
         prebuffer_limit: int = 256 * 1024,
-        on_made: Callable[["Endpoint"], None] | None = None,
+        on_made: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.name = name
         self.transport: asyncio.Transport | None = None

@@ -28,11 +28,21 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-__all__ = ["TraceParent", "parse_traceparent", "new_span_id", "new_trace_id", "new_request_id", "HopContext", "hop",
-           "MAX_TRACESTATE", "MAX_TRACESTATE_MEMBERS", "TRACE_HEADERS"]
+__all__ = [
+    "TraceParent",
+    "parse_traceparent",
+    "new_span_id",
+    "new_trace_id",
+    "new_request_id",
+    "HopContext",
+    "hop",
+    "MAX_TRACESTATE",
+    "MAX_TRACESTATE_MEMBERS",
+    "TRACE_HEADERS",
+]
 
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
@@ -58,7 +68,7 @@ class TraceParent:
     def header(self) -> bytes:
         return b"00-%s-%s-%s" % (self.trace_id, self.parent_id, self.flags)
 
-    def child(self, span_id: bytes) -> "TraceParent":
+    def child(self, span_id: bytes) -> TraceParent:
         """The same trace with this hop's span as the parent."""
         return TraceParent(self.trace_id, span_id, self.flags)
 

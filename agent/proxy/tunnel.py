@@ -126,9 +126,9 @@ class TunnelResponse:
 class NeedMore:
     """The decoder needs more bytes."""
 
-    _instance: "NeedMore | None" = None
+    _instance: NeedMore | None = None
 
-    def __new__(cls) -> "NeedMore":
+    def __new__(cls) -> NeedMore:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -300,8 +300,9 @@ def _request_from(tlvs: dict[int, bytes]) -> TunnelRequest:
             raise TunnelError("workload must be '<namespace>/<name>'")
     src = _decode_address(tlvs[T_SRC_ADDR], "source") if T_SRC_ADDR in tlvs else None
     protocol = _decode_str(tlvs[T_PROTOCOL], "protocol", 32) if T_PROTOCOL in tlvs else ""
-    return TunnelRequest(dst=dst, identity=identity, namespace=namespace, name=name, src=src,
-                         protocol=protocol)
+    return TunnelRequest(
+        dst=dst, identity=identity, namespace=namespace, name=name, src=src, protocol=protocol
+    )
 
 
 def _response_from(tlvs: dict[int, bytes]) -> TunnelResponse:
@@ -343,7 +344,9 @@ class _Decoder:
         if bytes(buf[:m]) != MAGIC[:m]:
             raise TunnelError("not a meshlet tunnel header (bad magic): is the peer a meshlet proxy?")
         if have >= 5 and buf[4] != VERSION:
-            raise TunnelError(f"unsupported tunnel version {buf[4]} (this proxy speaks {VERSION})", Status.UNSUPPORTED)
+            raise TunnelError(
+                f"unsupported tunnel version {buf[4]} (this proxy speaks {VERSION})", Status.UNSUPPORTED
+            )
         if have >= 6 and buf[5] != self._kind:
             raise TunnelError(f"unexpected message kind {buf[5]} (wanted {self._kind})")
         if have < _PREFIX.size:

@@ -27,8 +27,9 @@ Rules:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
-from typing import Collection, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 from .outcome import Kind, Outcome
 from .policy import OutlierDetection
@@ -138,8 +139,13 @@ class OutlierDetector(Generic[E]):
     def record(self, endpoint: E, outcome: Outcome, now: float) -> Ejection[E] | None:
         """Count one attempt's outcome; returns the ejection it caused, if any."""
         s = self._state.get(endpoint)
-        if (s is not None and s.c5xx == 0 and s.cconn == 0 and outcome.kind is Kind.STATUS
-                and not outcome.is_5xx):
+        if (
+            s is not None
+            and s.c5xx == 0
+            and s.cconn == 0
+            and outcome.kind is Kind.STATUS
+            and not outcome.is_5xx
+        ):
             return None  # the common case: a success that changes nothing (expiry is lazy)
         self._expire(now)
         if s is None or s.until is not None:

@@ -442,6 +442,9 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
 
     if doc.failed:
         return None
+    # A section reader gives None only after reporting a problem (doc.failed).
+    assert bpf is not None and proxy is not None and mesh is not None and admin is not None
+    assert identity is not None and metrics is not None and access_log is not None
     return AgentConfig(
         node=node,
         inventory=inventory,

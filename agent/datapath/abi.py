@@ -239,8 +239,8 @@ def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
     else:
         raw = addr.packed
         fam = AF_INET6
-    words = tuple(int.from_bytes(raw[i : i + 4], "little" if _LITTLE else "big") for i in range(0, 16, 4))
-    return fam, words  # type: ignore[return-value]
+    w0, w1, w2, w3 = (int.from_bytes(raw[i : i + 4], "little" if _LITTLE else "big") for i in range(0, 16, 4))
+    return fam, (w0, w1, w2, w3)
 
 
 def unpack_addr(family: int, words) -> str:

@@ -326,7 +326,8 @@ class Datapath:
     def sync_excludes(self) -> None:
         want_ports = {bytes(ctypes.c_uint16(p)) for p in self.spec.exclude_ports}
         _sync_set(self.maps["ml_excl_ports"], 2, want_ports, b"\x01")
-        want4, want6 = set(), set()
+        want4: set[bytes] = set()
+        want6: set[bytes] = set()
         for cidr in self.spec.exclude_cidrs:
             k = abi.cidr_key(cidr)
             (want4 if isinstance(k, abi.MlCidr4Key) else want6).add(bytes(k))
@@ -428,14 +429,15 @@ class Datapath:
             if not name.startswith("tc-"):
                 continue
             path = os.path.join(links_dir, name)
-            _, idx, ifname = name.split("-", 2)
+            _, idx_s, ifname = name.split("-", 2)
+            idx = int(idx_s)
             info = _pinned_link_info(path)
-            alive = info is not None and info.target == int(idx) and netlink.ifindex_alive(int(idx), ifname)
-            if not alive or wanted.get(int(idx)) != ifname:
+            alive = info is not None and info.target == idx and netlink.ifindex_alive(idx, ifname)
+            if not alive or wanted.get(idx) != ifname:
                 _detach_pinned_link(path)
             else:
-                have[int(idx)] = ifname
-        errors = []
+                have[idx] = ifname
+        errors: list[str] = []
         prog_path = os.path.join(self.spec.pin_dir, "progs", TC_PROG)
         missing = {i: n for i, n in wanted.items() if i not in have}
         if not missing:

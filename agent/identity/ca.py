@@ -367,16 +367,17 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def _store_root(out_dir: str, state: dict, root: x509.Certificate, root_key) -> None:
     serial = _serial(root)
+    cert_file, key_file = f"root-{serial}.pem", f"root-{serial}-key.pem"
     entry = {
         "serial": serial,
         "fingerprint": cert_fingerprint(root),
-        "file": f"root-{serial}.pem",
-        "key_file": f"root-{serial}-key.pem",
+        "file": cert_file,
+        "key_file": key_file,
         "in_bundle": True,
         "not_after": root.not_valid_after_utc.isoformat(),
     }
-    _write(os.path.join(out_dir, entry["key_file"]), key_to_pem(root_key), 0o600)
-    _write(os.path.join(out_dir, entry["file"]), cert_to_pem(root), 0o644)
+    _write(os.path.join(out_dir, key_file), key_to_pem(root_key), 0o600)
+    _write(os.path.join(out_dir, cert_file), cert_to_pem(root), 0o644)
     state["roots"].append(entry)
 
 

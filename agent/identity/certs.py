@@ -316,7 +316,9 @@ def authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifi
         ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())
+        # An issuer's key signs, so it is never one of the key-exchange-only
+        # types (X25519, X448, ...) that public_key() may also return.
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())  # type: ignore[arg-type]
 
 
 def _csr_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:

@@ -63,7 +63,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from agent.identity.spiffe import SpiffeId
 
@@ -309,6 +309,10 @@ def _condition_mismatch(c: Condition, req: Request) -> str | None:
     return _field(k.value, c.values, c.not_values, req.destination_port, _eq, str(req.destination_port))
 
 
+def _join_whys(whys: list[str]) -> str:
+    return whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys))
+
+
 def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | None:
     """Why ``rule`` does not match ``req`` (None when it matches).
 
@@ -318,15 +322,11 @@ def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | N
     if rule.sources:
         whys = [_source_mismatch(s, req) for s in rule.sources]
         if all(whys):
-            return "from: " + (
-                whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys))
-            )
+            return "from: " + _join_whys(cast("list[str]", whys))  # all() above: no None left
     if rule.operations:
         whys = [_operation_mismatch(o, req, drop_l7) for o in rule.operations]
         if all(whys):
-            return "to: " + (
-                whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys))
-            )
+            return "to: " + _join_whys(cast("list[str]", whys))  # all() above: no None left
     for c in rule.conditions:
         if drop_l7 and c.is_l7:
             continue

@@ -65,7 +65,9 @@ def load_policy_file(path: str) -> PolicySet:
         doc.get("yaml"),
         doc.get("version"),
     )
-    if not all(isinstance(v, str) for v in (td, rn, text, version)):
+    if not (
+        isinstance(td, str) and isinstance(rn, str) and isinstance(text, str) and isinstance(version, str)
+    ):
         raise PolicyFileError(f"{path}: trustDomain, rootNamespace, yaml and version must be strings")
     if text.strip():
         try:

@@ -519,7 +519,7 @@ class CertManager:
                 "trust bundle for %s: %d root(s), fingerprint %s (was %s)",
                 self.trust_domain,
                 len(bundle.roots),
-                self.bundle_fingerprint[:16],
+                (self.bundle_fingerprint or "")[:16],
                 (old or "none")[:16],
             )
 

@@ -46,6 +46,7 @@ from agent.policy.http import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     MAX_TARGET_LENGTH,
+    EscapedSlash,
     HttpError,
     NormalizedPath,
     normalize_path,
@@ -287,7 +288,9 @@ class _Parser:
 class RequestParser(_Parser):
     """Parses a client's request stream (module docstring for the rules)."""
 
-    def __init__(self, *, merge_slashes: bool = True, escaped_slash: str = "reject", **limits) -> None:
+    def __init__(
+        self, *, merge_slashes: bool = True, escaped_slash: EscapedSlash = "reject", **limits
+    ) -> None:
         self.merge_slashes = merge_slashes
         self.escaped_slash = escaped_slash
         super().__init__(**limits)
@@ -329,7 +332,7 @@ class RequestParser(_Parser):
             path = normalize_path(
                 self._url,
                 merge_slashes=self.merge_slashes,
-                escaped_slash=self.escaped_slash,  # type: ignore[arg-type]
+                escaped_slash=self.escaped_slash,
                 max_length=self.max_target,
             )
         except HttpError as e:

@@ -149,7 +149,7 @@ def _is_self(state: ProxyState, ip: str, port: int) -> bool:
     if me is not None:
         mine |= {me.address, me.address6}
     mine.discard(None)
-    return ip in {normalize_ip(a) for a in mine if a}  # type: ignore[arg-type]
+    return ip in {normalize_ip(a) for a in mine if a}
 
 
 def _is_node_address(state: ProxyState, ip: str) -> bool:
@@ -239,6 +239,7 @@ def endpoint_route(
         )
     if family is None:
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    # src may be None (a caller without a client pod): carried into the decision as is
     pre = _check_destination(state, src, ip, port)  # type: ignore[arg-type]
     if pre is not None:
         return pre

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.proxy.tunnel import spiffe_id
+from agent.proxy.watch import FileWatcher  # the generic poll/reload loop
 
 __all__ = [
     "StateError",
@@ -577,9 +578,6 @@ def load_state(path: str) -> ProxyState:
 # ------------------------------------------------------------------ watching
 
 
-from agent.proxy.watch import FileWatcher  # noqa: E402  (the generic poll/reload loop)
-
-
 def _describe_state(s: ProxyState) -> str:
     return f"generation {s.generation}"
 
@@ -605,9 +603,9 @@ class StateWatcher(FileWatcher[ProxyState]):
         super().__init__(
             path,
             load_state,
-            None,
+            None,  # type: ignore[arg-type]  # no state until prime() below loads the file
             what="proxy state",
-            errors=(OSError, StateError),  # type: ignore[arg-type]
+            errors=(OSError, StateError),
             describe=_describe_state,
             on_change=on_change,
             interval=interval,

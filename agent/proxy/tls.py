@@ -472,8 +472,9 @@ class TlsContexts:
                     "verified (cache evicted); the next handshake will be a full one",
                 )
         else:
-            raw = conn.sslobj._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
-            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]
+            # private API: SSLObject.get_unverified_chain() is public only from Python 3.13
+            raw = conn.sslobj._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]  # see above
+            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]  # ditto
             if not ders:
                 raise HandshakeError("no_certificate", "the peer presented no certificate")
             entry = self._verified.get(hashlib.sha256(ders[0]).digest())
@@ -496,6 +497,7 @@ class TlsContexts:
             except SvidError as e:
                 raise HandshakeError(e.reason, e.detail) from None
             self._remember(chain, sid, bundle)
+        assert chain is not None  # entry.chain, the resumed chain, or parsed above
         conn.verified_chain = tuple(chain)
         return str(sid)
 
@@ -557,7 +559,7 @@ class TlsConnection(asyncio.Protocol):
         self._on_made = on_made
         self.peer_label = peer_label
         self.raw: asyncio.Transport | None = None
-        self.sslobj: ssl.SSLObject = None  # type: ignore[assignment]
+        self.sslobj: ssl.SSLObject = None  # type: ignore[assignment]  # set in connection_made
         self.state = _HANDSHAKE
         self.peer_identity: str | None = None
         self.local_identity: str | None = None  # server: the identity chosen by SNI
@@ -574,16 +576,16 @@ class TlsConnection(asyncio.Protocol):
         self._sent_close_notify = False
         self._got_close_notify = False
         self._session_seen = False
-        self._lost_exc: BaseException | None = None
+        self._lost_exc: Exception | None = None
 
     # ---- raw side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
+        self.raw = transport  # type: ignore[assignment]  # a stream protocol gets a Transport
         if self._on_made is not None and not self._on_made(self):
             self.state = _CLOSED
             self._set_failed(HandshakeError("protocol", "refused before the handshake"))
-            reset_transport(transport)
+            reset_transport(self.raw)
             return
         try:
             self.sslobj = self._ctx.wrap_bio(
@@ -596,7 +598,7 @@ class TlsConnection(asyncio.Protocol):
         except (ssl.SSLError, ValueError) as e:
             self._fail(HandshakeError("protocol", f"cannot start TLS: {e}"))
             return
-        self.sslobj._meshlet_conn = self  # type: ignore[attr-defined]  # for the SNI callback
+        self.sslobj._meshlet_conn = self  # type: ignore[attr-defined]  # our mark, for the SNI callback
         self._do_handshake()
 
     def data_received(self, data: bytes) -> None:
@@ -620,11 +622,11 @@ class TlsConnection(asyncio.Protocol):
                 "our certificate: see its proxy log)"
             )
             self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]
+            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
             return False
         return True
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSED
         if not self.handshake.done():
             err = self.pending_error or HandshakeError(
@@ -706,7 +708,7 @@ class TlsConnection(asyncio.Protocol):
     def _count(self, err: HandshakeError) -> None:
         if getattr(err, "_counted", False):
             return
-        err._counted = True  # type: ignore[attr-defined]
+        err._counted = True  # type: ignore[attr-defined]  # our mark on the exception: count once
         if self._contexts is not None:
             peer = self.raw.get_extra_info("peername") if self.raw is not None else None
             extra = ""
@@ -742,7 +744,7 @@ class TlsConnection(asyncio.Protocol):
                     if not k:
                         eof = True
                         break
-                    n += k
+                    n += k  # type: ignore[operator]  # read(n, buffer) returns a count; typeshed: bytes
             except ssl.SSLWantReadError:
                 blocked = True
             except ssl.SSLZeroReturnError:
@@ -751,7 +753,7 @@ class TlsConnection(asyncio.Protocol):
                 self._lost_exc = ConnectionResetError(f"TLS error from the peer: {e.reason or e}")
                 self.state = _CLOSED
                 self._flush()
-                self.raw.abort()  # type: ignore[union-attr]
+                self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
                 return
             if n:
                 self.app.data_received(bytes(view[:n]))
@@ -761,9 +763,9 @@ class TlsConnection(asyncio.Protocol):
                     self._got_close_notify = True
                     keep = self.app.eof_received()
                     if not keep:
-                        self._app_transport.close()  # type: ignore[union-attr]
+                        self._app_transport.close()  # type: ignore[union-attr]  # set with the app
                     elif self._sent_close_notify:
-                        self.raw.close()  # type: ignore[union-attr]
+                        self.raw.close()  # type: ignore[union-attr]  # set in connection_made
                 return
             if blocked:
                 break
@@ -800,7 +802,7 @@ class TlsConnection(asyncio.Protocol):
         except ssl.SSLError as e:
             self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
             self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]
+            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
             return
         self._flush()
 
@@ -810,9 +812,9 @@ class TlsConnection(asyncio.Protocol):
             return
         self._send_close_notify()
         if self._got_close_notify:
-            self.raw.close()  # type: ignore[union-attr]
-        elif self.raw.can_write_eof():  # type: ignore[union-attr]
-            self.raw.write_eof()  # type: ignore[union-attr]
+            self.raw.close()  # type: ignore[union-attr]  # set in connection_made
+        elif self.raw.can_write_eof():  # type: ignore[union-attr]  # set in connection_made
+            self.raw.write_eof()  # type: ignore[union-attr]  # set in connection_made
 
     def _send_close_notify(self) -> None:
         self._sent_close_notify = True
@@ -928,7 +930,7 @@ class _AppTransport(asyncio.Transport):
         return raw.get_write_buffer_limits() if raw is not None else (0, 0)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._conn.app = protocol  # type: ignore[assignment]
+        self._conn.app = protocol  # type: ignore[assignment]  # asyncio's signature; ours is a Protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._conn.app

@@ -184,7 +184,8 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
     else:
         tp = TraceParent(new_trace_id(), span, b"00")
         state = None
-    generated = rid is None or not _REQUEST_ID.fullmatch(rid)
-    if generated:
-        rid = new_request_id()
-    return HopContext(tp, incoming, state, rid, generated)  # type: ignore[arg-type]
+    if rid is None or not _REQUEST_ID.fullmatch(rid):
+        rid, generated = new_request_id(), True
+    else:
+        generated = False
+    return HopContext(tp, incoming, state, rid, generated)

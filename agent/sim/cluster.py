@@ -362,7 +362,7 @@ def _destroy_prefix(prefix: str, cgroup_mount: str | None = None) -> list[str]:
 
     try:
         mount = cgroup_mount or cgroup2_mount()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - collected: teardown reports, never raises
         mount = None
         errors.append(f"{prefix}: no cgroup2 mount: {e}")
     cg_root = os.path.join(mount, CGROUP_PREFIX + prefix) if mount else None
@@ -408,7 +408,7 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
         for d in os.listdir(mount):
             if d.startswith(CGROUP_PREFIX):
                 candidates.add(d[len(CGROUP_PREFIX) :])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - no cgroup2 mount: nothing of ours to clean there
         log.debug("cleanup_stale: no cgroup2 mount: %s", e)
         mount = None
     try:
@@ -422,8 +422,8 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
         if not fnmatch.fnmatchcase(prefix, pattern):
             continue
         try:
-            with open(_state_path(prefix)) as f:
-                state = json.load(f)
+            with open(_state_path(prefix)) as sf:
+                state = json.load(sf)
         except (OSError, ValueError):
             state = {}
         if _creator_alive(state):
@@ -453,7 +453,7 @@ class Node:
     cgroup: str
     pods_cgroup: str
     system_cgroup: str
-    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]
+    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]  # Cluster sets it
 
     @property
     def pod_cidr4(self) -> str:
@@ -494,7 +494,7 @@ class Pod:
     cgroup: str
     host_veth: str
     slot: int = 0
-    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]
+    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]  # Cluster sets it
 
     @property
     def ips(self) -> list[str]:
@@ -821,7 +821,7 @@ class Cluster:
                 return
             try:
                 self._stop_procs(self._procs)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - logged; the rest of the teardown must run
                 log.warning("sim teardown %s: stopping processes: %s", self.prefix, e)
             self._procs = []
             try:
@@ -833,7 +833,7 @@ class Cluster:
             _LIVE.discard(self)
 
     @staticmethod
-    def _stop_procs(procs: list[tuple[object, subprocess.Popen]], grace: float = 1.0) -> None:
+    def _stop_procs(procs: Sequence[tuple[object, subprocess.Popen]], grace: float = 1.0) -> None:
         live = [p for _o, p in procs if p.poll() is None]
         for p in live:
             try:
@@ -899,7 +899,7 @@ class Cluster:
         self._procs = [(o, p) for o, p in self._procs if o is not pod]
         try:
             self._stop_procs(mine, grace=0.5)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged; the rest of the teardown must run
             log.warning("remove_pod %s: stopping processes: %s", pod.name, e)
         _kill_cgroup(pod.cgroup)
         if os.path.exists(netns_path(pod.netns)):

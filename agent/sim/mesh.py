@@ -288,7 +288,7 @@ class Mesh:
         """Until the admin API answers and every proxy worker reports stats."""
         ap = self.agents[name]
         deadline = time.monotonic() + timeout
-        last = None
+        last: dict | OSError | None = None
         while time.monotonic() < deadline:
             if ap.popen is not None and ap.popen.poll() is not None:
                 raise RuntimeError(

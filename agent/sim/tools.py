@@ -171,8 +171,8 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
         "connections": ok,
         "errors": errors,
         "per_second": round(ok / seconds, 1),
-        "p50_ms": pick(0.5) if lat else None,
-        "p99_ms": pick(0.99) if lat else None,
+        "p50_ms": pick(0.5) if pick else None,
+        "p99_ms": pick(0.99) if pick else None,
     }
 
 

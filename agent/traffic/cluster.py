@@ -30,7 +30,7 @@ clock, the same one for every call on a cluster).
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Sequence
 
 from .breaker import Breaker
 from .lb import LoadBalancer, Token
@@ -84,10 +84,8 @@ class Cluster:
         """``ns/service:port``, or None for a direct pod address."""
         self.targets: tuple[Target, ...] = _check(targets)
         self.settings = settings
-        self.lb: LoadBalancer[Hashable] = LoadBalancer(rng or random.Random())
-        self.outlier: OutlierDetector[Hashable] = OutlierDetector(
-            settings.outlier_detection, self.targets, now
-        )
+        self.lb: LoadBalancer[Target] = LoadBalancer(rng or random.Random())
+        self.outlier: OutlierDetector[Target] = OutlierDetector(settings.outlier_detection, self.targets, now)
         self.breaker = Breaker(settings.circuit_breaker)
         self.budget = RetryBudget(settings.budget, now)
         self._ejected: frozenset = frozenset()

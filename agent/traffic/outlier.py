@@ -80,6 +80,7 @@ class OutlierDetector(Generic[E]):
         self._expire(now)
         ejected = [e for e, s in self._state.items() if s.until is not None]
         if self._state and len(ejected) == len(self._state):
+            # every ejected endpoint has an `until` (that is what ejected means)
             first = min(ejected, key=lambda e: self._state[e].until)  # type: ignore[arg-type, return-value]
             self._admit(first, now)
 

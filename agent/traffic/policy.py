@@ -345,8 +345,8 @@ def _read_retries(r: y.MapReader) -> Retries:
         on = frozenset(i for i in on_items if isinstance(i, str) and RETRY_CONDITIONS[i] is None)
         codes: set[int] = {i for i in on_items if isinstance(i, int)}
         for i in on_items:
-            if isinstance(i, str) and RETRY_CONDITIONS[i] is not None:
-                codes |= RETRY_CONDITIONS[i]  # type: ignore[arg-type]
+            if isinstance(i, str) and (cond := RETRY_CONDITIONS[i]) is not None:
+                codes |= cond
         statuses = frozenset(codes)
     return Retries(
         attempts if attempts is not None else d.attempts,
@@ -457,7 +457,7 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
         meta.get("annotations", y.map_of(y.string, y.any_string), None)
         meta.finish()
     service = port = None
-    sections = {}
+    sections: dict[str, Any] = {}  # key -> what _SECTIONS[key] reads (one type per key)
     if spec is not None:
         service = spec.get("service", y.dns_label)
         port = spec.get("port", y.port, None)
@@ -475,6 +475,7 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
         sections["circuitBreaker"],
         sections["outlierDetection"],
     )
+    # name, namespace and service are not None: checked above
     return TrafficPolicy(name, namespace, service, port, settings, origin=_where(top.value))  # type: ignore[arg-type]
 
 

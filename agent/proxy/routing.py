@@ -29,12 +29,12 @@ connection from the same source to that pod and port.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
 
 from agent.proxy.state import Pod, ProxyState, normalize_ip
+from agent.proxy.tunnel import AF_INET, AF_INET6
 
 __all__ = [
     "Origin",
@@ -113,7 +113,7 @@ class ServiceRoute:
     vip: tuple[str, int]  # the original destination, normalized
     endpoints: tuple[Pod, ...]  # pods with an address in the VIP's family, by key
     target_port: int  # the port on every endpoint
-    family: int = socket.AF_INET  # the client socket's family (picks tunnel addresses)
+    family: int = AF_INET  # the client socket's family (picks tunnel addresses)
     port_name: str | None = None
     addrs: tuple[str, ...] = ()  # endpoints[i]'s address in the VIP's family
 
@@ -221,7 +221,7 @@ def endpoint_route(
 
     ``ip`` is the pod's address to use (default: its IPv4 address if it has
     one, else its first); it must be one of ``pod.ips``.  ``family`` is the
-    client socket's family (``socket.AF_INET``/``AF_INET6``, default from
+    client socket's family (``AF_INET``/``AF_INET6``, default from
     ``ip``): as in route(), an IPv6 socket prefers the destination node's
     IPv6 tunnel address.  ``src`` is carried into the decision unchanged.
     """
@@ -238,7 +238,7 @@ def endpoint_route(
             f"{ip} is not an address of pod {pod.key} ({', '.join(pod.ips) or 'none'})", src, "no_route"
         )
     if family is None:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        family = AF_INET6 if ":" in ip else AF_INET
     # src may be None (a caller without a client pod): carried into the decision as is
     pre = _check_destination(state, src, ip, port)  # type: ignore[arg-type]
     if pre is not None:
@@ -304,7 +304,7 @@ def _to_address(
     if dst.node == state.node:
         return Local(src, dst, (dst_ip, port))
     node = state.nodes.get(dst.node)
-    want_v6 = family == socket.AF_INET6 or ":" in dst_ip
+    want_v6 = family == AF_INET6 or ":" in dst_ip
     node_addr = node.address_for(want_v6) if node is not None else None
     if node_addr is None:
         return Reject(

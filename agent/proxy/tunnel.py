@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 
 __all__ = [
+    "AF_INET",
+    "AF_INET6",
     "MAGIC",
     "VERSION",
     "MAX_HEADER",
@@ -47,6 +48,11 @@ __all__ = [
     "encode_response",
     "spiffe_id",
 ]
+
+# Linux's address family numbers (socket.AF_INET, socket.AF_INET6), spelled
+# out so that this sans-IO module imports no socket; a unit test checks they agree.
+AF_INET = 2
+AF_INET6 = 10
 
 MAGIC = b"MLTN"
 VERSION = 1
@@ -94,7 +100,7 @@ class TunnelError(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    family: int  # socket.AF_INET or socket.AF_INET6
+    family: int  # AF_INET or AF_INET6
     ip: str
     port: int
 
@@ -168,11 +174,11 @@ def _encode_address(addr: Address) -> bytes:
     except ValueError as e:
         raise TunnelError(f"not an IP address: {addr.ip!r}", Status.INTERNAL) from e
     if isinstance(ip, ipaddress.IPv4Address):
-        if addr.family != socket.AF_INET:
+        if addr.family != AF_INET:
             raise TunnelError(f"{addr.ip} is IPv4 but family is {addr.family}", Status.INTERNAL)
         fam = 4
     else:
-        if addr.family != socket.AF_INET6:
+        if addr.family != AF_INET6:
             raise TunnelError(f"{addr.ip} is IPv6 but family is {addr.family}", Status.INTERNAL)
         fam = 6
     return struct.pack("!BH", fam, addr.port) + ip.packed
@@ -234,9 +240,9 @@ def _decode_address(value: bytes, what: str) -> Address:
     fam, port = struct.unpack_from("!BH", value)
     raw = value[3:]
     if fam == 4 and len(raw) == 4:
-        return Address(socket.AF_INET, str(ipaddress.IPv4Address(raw)), port)
+        return Address(AF_INET, str(ipaddress.IPv4Address(raw)), port)
     if fam == 6 and len(raw) == 16:
-        return Address(socket.AF_INET6, str(ipaddress.IPv6Address(raw)), port)
+        return Address(AF_INET6, str(ipaddress.IPv6Address(raw)), port)
     raise TunnelError(f"{what}: bad address (family {fam}, {len(raw)} address bytes)")
 
 

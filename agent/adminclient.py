@@ -20,8 +20,9 @@ def unix_request(path: str, request: bytes = b"", timeout: float = 5.0) -> bytes
     return b"".join(chunks)
 
 
-def admin_request(sock_path: str, method: str, path: str, body: dict | None = None,
-                  timeout: float = 5.0) -> tuple[int, dict]:
+def admin_request(
+    sock_path: str, method: str, path: str, body: dict | None = None, timeout: float = 5.0
+) -> tuple[int, dict]:
     """``method path`` on the agent's admin API, with ``body`` sent as JSON:
     (HTTP status, JSON body).  Raises OSError when the agent is unreachable,
     ValueError on garbage."""

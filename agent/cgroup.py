@@ -30,7 +30,8 @@ def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str:
         raise CgroupError(
             "no cgroup v2 hierarchy is mounted; mount one with "
             "'mount -t cgroup2 none /sys/fs/cgroup/unified' (hybrid) or boot with "
-            "systemd.unified_cgroup_hierarchy=1")
+            "systemd.unified_cgroup_hierarchy=1"
+        )
     # Prefer the conventional locations when several are mounted.
     for pref in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
         if pref in candidates:

@@ -31,8 +31,17 @@ from typing import Any, Literal
 from agent import yamlsrc as y
 
 __all__ = [
-    "MESH_MODES", "MeshMode", "LOG_LEVELS", "BpfConfig", "ProxyConfig", "MeshConfig",
-    "AdminConfig", "MetricsConfig", "AccessLogConfig", "AgentConfig", "load_config",
+    "MESH_MODES",
+    "MeshMode",
+    "LOG_LEVELS",
+    "BpfConfig",
+    "ProxyConfig",
+    "MeshConfig",
+    "AdminConfig",
+    "MetricsConfig",
+    "AccessLogConfig",
+    "AgentConfig",
+    "load_config",
     "parse_config",
 ]
 
@@ -260,19 +269,29 @@ class AgentConfig:
         proxy: dict[str, Any] = {"redirectIPv4": str(p.redirect_ipv4)}
         if p.redirect_ipv6 is not None:
             proxy["redirectIPv6"] = str(p.redirect_ipv6)
-        proxy.update({
-            "outboundPort": p.outbound_port, "inboundPort": p.inbound_port,
-            "tunnelPort": p.tunnel_port, "workers": p.workers,
-            "connectTimeout": p.connect_timeout, "meshMark": p.mesh_mark,
-            "bufferSize": p.buffer_size, "tunnelSecurity": p.tunnel_security,
-            "tlsResumption": p.tls_resumption, "l7": p.l7,
-        })
+        proxy.update(
+            {
+                "outboundPort": p.outbound_port,
+                "inboundPort": p.inbound_port,
+                "tunnelPort": p.tunnel_port,
+                "workers": p.workers,
+                "connectTimeout": p.connect_timeout,
+                "meshMark": p.mesh_mark,
+                "bufferSize": p.buffer_size,
+                "tunnelSecurity": p.tunnel_security,
+                "tlsResumption": p.tls_resumption,
+                "l7": p.l7,
+            }
+        )
         return {
             "node": self.node,
             "inventory": self.inventory,
             "cgroup": self.cgroup,
-            "bpf": {"pinDir": self.bpf.pin_dir, "flowTracking": self.bpf.flow_tracking,
-                    "kernelPolicy": self.bpf.kernel_policy},
+            "bpf": {
+                "pinDir": self.bpf.pin_dir,
+                "flowTracking": self.bpf.flow_tracking,
+                "kernelPolicy": self.bpf.kernel_policy,
+            },
             "proxy": proxy,
             "mesh": {
                 "mode": m.mode,
@@ -280,15 +299,25 @@ class AgentConfig:
                 "excludeCIDRs": [str(c) for c in m.exclude_cidrs],
             },
             "admin": {"socket": self.admin.socket},
-            "identity": {"trustDomain": self.identity.trust_domain,
-                         "bundle": self.identity.bundle, "caCert": self.identity.ca_cert,
-                         "caKey": self.identity.ca_key, "certTTL": self.identity.cert_ttl},
+            "identity": {
+                "trustDomain": self.identity.trust_domain,
+                "bundle": self.identity.bundle,
+                "caCert": self.identity.ca_cert,
+                "caKey": self.identity.ca_key,
+                "certTTL": self.identity.cert_ttl,
+            },
             "runDir": self.run_dir,
             "logLevel": self.log_level,
-            "metrics": {"enabled": self.metrics.enabled, "address": str(self.metrics.address),
-                        "port": self.metrics.port},
-            "accessLog": {"enabled": self.access_log.enabled,
-                          "sampling": self.access_log.sampling, "path": self.access_log_path},
+            "metrics": {
+                "enabled": self.metrics.enabled,
+                "address": str(self.metrics.address),
+                "port": self.metrics.port,
+            },
+            "accessLog": {
+                "enabled": self.access_log.enabled,
+                "sampling": self.access_log.sampling,
+                "path": self.access_log_path,
+            },
         }
 
 
@@ -313,8 +342,10 @@ def parse_config(text: str, filename: str = "<config>", base_dir: str | None = N
 def _socket_path(v: y.Value) -> str:
     s = y.absolute_path(v)
     if len(s.encode()) > MAX_SOCKET_PATH:
-        raise y.Invalid(f"path is {len(s.encode())} bytes; Unix socket paths are limited to "
-                        f"{MAX_SOCKET_PATH}, choose a shorter one")
+        raise y.Invalid(
+            f"path is {len(s.encode())} bytes; Unix socket paths are limited to "
+            f"{MAX_SOCKET_PATH}, choose a shorter one"
+        )
     return s
 
 
@@ -338,9 +369,11 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
 
     bpf = proxy = mesh = admin = None
     if bpf_r is not None:
-        bpf = BpfConfig(pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
-                        flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
-                        kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True))
+        bpf = BpfConfig(
+            pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
+            flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
+            kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True),
+        )
         bpf_r.finish()
     if proxy_r is not None:
         proxy = _read_proxy(proxy_r)
@@ -357,13 +390,17 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         admin = AdminConfig(socket=admin_r.get("socket", _socket_path, f"{run_dir}/admin.sock"))
         if not admin_r.has("socket") and len(admin.socket.encode()) > MAX_SOCKET_PATH:
             v = top.at("runDir")
-            doc.add_at(v.node if v else None, "runDir",
-                       f"the default admin socket {admin.socket!r} is longer than {MAX_SOCKET_PATH} "
-                       "bytes; shorten runDir or set admin.socket")
+            doc.add_at(
+                v.node if v else None,
+                "runDir",
+                f"the default admin socket {admin.socket!r} is longer than {MAX_SOCKET_PATH} "
+                "bytes; shorten runDir or set admin.socket",
+            )
         admin_r.finish()
 
     identity = None
     if ident_r is not None:
+
         def rel(v: y.Value) -> str:
             return os.path.normpath(os.path.join(base_dir, y.string(v)))
 
@@ -384,11 +421,17 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
             port=metrics_r.get("port", y.port, 15020),
         )
         metrics_r.finish()
-        if proxy is not None and metrics.enabled and metrics.port in (
-                proxy.outbound_port, proxy.inbound_port, proxy.tunnel_port):
+        if (
+            proxy is not None
+            and metrics.enabled
+            and metrics.port in (proxy.outbound_port, proxy.inbound_port, proxy.tunnel_port)
+        ):
             v = metrics_r.at("port") or metrics_r.value
-            doc.add_at(v.node, "metrics.port", f"port {metrics.port} is also a proxy listener "
-                       "port; choose another (default 15020)")
+            doc.add_at(
+                v.node,
+                "metrics.port",
+                f"port {metrics.port} is also a proxy listener port; choose another (default 15020)",
+            )
     if access_r is not None:
         access_log = AccessLogConfig(
             enabled=access_r.get("enabled", y.boolean, True),
@@ -399,9 +442,23 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
 
     if doc.failed:
         return None
-    return AgentConfig(node=node, inventory=inventory, cgroup=cgroup, bpf=bpf, proxy=proxy,
-                       mesh=mesh, admin=admin, identity=identity, run_dir=run_dir,
-                       log_level=log_level, metrics=metrics, access_log=access_log)
+    # A section reader gives None only after reporting a problem (doc.failed).
+    assert bpf is not None and proxy is not None and mesh is not None and admin is not None
+    assert identity is not None and metrics is not None and access_log is not None
+    return AgentConfig(
+        node=node,
+        inventory=inventory,
+        cgroup=cgroup,
+        bpf=bpf,
+        proxy=proxy,
+        mesh=mesh,
+        admin=admin,
+        identity=identity,
+        run_dir=run_dir,
+        log_level=log_level,
+        metrics=metrics,
+        access_log=access_log,
+    )
 
 
 def _listen_address(v: y.Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -410,8 +467,9 @@ def _listen_address(v: y.Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     try:
         addr = ipaddress.ip_address(x)
     except ValueError:
-        raise y.Invalid(f"{x!r} is not an IP address (use 0.0.0.0 for every IPv4 "
-                        "address, :: for every address)") from None
+        raise y.Invalid(
+            f"{x!r} is not an IP address (use 0.0.0.0 for every IPv4 address, :: for every address)"
+        ) from None
     if addr.is_multicast or (isinstance(addr, ipaddress.IPv6Address) and addr.scope_id):
         raise y.Invalid(f"{x!r} cannot be listened on; use a unicast address, 0.0.0.0 or ::")
     return addr
@@ -423,8 +481,10 @@ _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
 def _trust_domain(v: y.Value) -> str:
     s = y.string(v)
     if not _TRUST_DOMAIN_RE.match(s):
-        raise y.Invalid(f"{s!r} is not a SPIFFE trust domain: lowercase letters, digits, "
-                        "'.', '-' and '_' only (e.g. cluster.local)")
+        raise y.Invalid(
+            f"{s!r} is not a SPIFFE trust domain: lowercase letters, digits, "
+            "'.', '-' and '_' only (e.g. cluster.local)"
+        )
     return s
 
 
@@ -437,10 +497,8 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         inbound_port=r.get("inboundPort", y.port, d["inbound_port"].default),
         tunnel_port=r.get("tunnelPort", y.port, d["tunnel_port"].default),
         workers=r.get("workers", y.integer(1, 64), d["workers"].default),
-        connect_timeout=r.get("connectTimeout", y.number(0, 120, lo_open=True),
-                              d["connect_timeout"].default),
-        mesh_mark=r.get("meshMark", y.integer(1, 0xFFFFFFFF, hex_string=True),
-                        d["mesh_mark"].default),
+        connect_timeout=r.get("connectTimeout", y.number(0, 120, lo_open=True), d["connect_timeout"].default),
+        mesh_mark=r.get("meshMark", y.integer(1, 0xFFFFFFFF, hex_string=True), d["mesh_mark"].default),
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
@@ -449,8 +507,11 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
     r.finish()
     # The three listeners must not collide; report at the one written in the file.
     seen: dict[int, str] = {}
-    for key, attr in (("outboundPort", "outbound_port"), ("inboundPort", "inbound_port"),
-                      ("tunnelPort", "tunnel_port")):
+    for key, attr in (
+        ("outboundPort", "outbound_port"),
+        ("inboundPort", "inbound_port"),
+        ("tunnelPort", "tunnel_port"),
+    ):
         value = p[attr]
         if value is None:
             continue
@@ -460,9 +521,12 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         other = seen[value]
         blame = key if r.has(key) else other
         v = r.at(blame)
-        r.doc.add_at(v.node if v else r.value.node, f"{r.path}.{blame}",
-                     f"port {value} is also {key if blame == other else other}; the proxy "
-                     "listeners need three different ports")
+        r.doc.add_at(
+            v.node if v else r.value.node,
+            f"{r.path}.{blame}",
+            f"port {value} is also {key if blame == other else other}; the proxy "
+            "listeners need three different ports",
+        )
     if any(v is None for k, v in p.items() if k != "redirect_ipv6"):
         return None
     return ProxyConfig(**p)

@@ -83,18 +83,25 @@ class DoctorError(RuntimeError):
 
 # --- plumbing ---------------------------------------------------------------
 
+
 def _guarded(name: str, required: bool, fn: Callable[[], Check]) -> Check:
     """A check that crashes is reported as failed, never crashes the doctor."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - reported, not hidden
-        return Check(name, False, f"the check itself failed: {type(e).__name__}: {e}",
-                     "this is a meshlet bug; please report it with this output", required)
+        return Check(
+            name,
+            False,
+            f"the check itself failed: {type(e).__name__}: {e}",
+            "this is a meshlet bug; please report it with this output",
+            required,
+        )
 
 
 def _check(name: str, required: bool = True):
     """Decorate ``fn(...) -> (ok, detail, fix)``; the result is a ``Check``.
     ``fix`` may also be ``(fix, required)`` to override ``required``."""
+
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs) -> Check:
@@ -104,8 +111,11 @@ def _check(name: str, required: bool = True):
                 if isinstance(fix, tuple):
                     fix, req = fix
                 return Check(name, ok, detail, None if ok else fix, req)
+
             return _guarded(name, required, run)
+
         return wrapper
+
     return deco
 
 
@@ -131,8 +141,12 @@ def kernel_version(release: str) -> tuple[int, int]:
 # --- host checks ------------------------------------------------------------
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-_CAP_NAMES = {CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_BPF: "CAP_BPF",
-              CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_PERFMON: "CAP_PERFMON"}
+_CAP_NAMES = {
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
+    CAP_BPF: "CAP_BPF",
+    CAP_NET_ADMIN: "CAP_NET_ADMIN",
+    CAP_PERFMON: "CAP_PERFMON",
+}
 
 
 @_check("privileges")
@@ -157,12 +171,18 @@ def check_jit(jit_sysctl: str = "/proc/sys/net/core/bpf_jit_enable"):
         with open(jit_sysctl) as f:
             value = f.read().strip()
     except FileNotFoundError:
-        return (False, f"{jit_sysctl} missing: kernel built without CONFIG_BPF_JIT, "
-                "programs run interpreted (slow)", "use a kernel with CONFIG_BPF_JIT=y")
+        return (
+            False,
+            f"{jit_sysctl} missing: kernel built without CONFIG_BPF_JIT, programs run interpreted (slow)",
+            "use a kernel with CONFIG_BPF_JIT=y",
+        )
     if value in ("1", "2"):
         return True, f"enabled (bpf_jit_enable={value})", None
-    return (False, f"disabled (bpf_jit_enable={value}): programs run interpreted (slow)",
-            "sysctl -w net.core.bpf_jit_enable=1")
+    return (
+        False,
+        f"disabled (bpf_jit_enable={value}): programs run interpreted (slow)",
+        "sysctl -w net.core.bpf_jit_enable=1",
+    )
 
 
 @_check("cgroup v2")
@@ -170,8 +190,11 @@ def check_cgroup2(mountinfo: str = "/proc/self/mountinfo"):
     try:
         return True, f"mounted at {cgroup.cgroup2_mount(mountinfo)}", None
     except cgroup.CgroupError as e:
-        return (False, str(e).split(";")[0],
-                "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified")
+        return (
+            False,
+            str(e).split(";")[0],
+            "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified",
+        )
 
 
 @_check("bpffs")
@@ -187,24 +210,27 @@ def check_bpffs(mountinfo: str = "/proc/self/mountinfo", path: str = "/sys/fs/bp
 def check_btf(btf_vmlinux: str = "/sys/kernel/btf/vmlinux"):
     if os.path.exists(btf_vmlinux):
         return True, btf_vmlinux, None
-    return (False, f"{btf_vmlinux} missing: no kernel type info for CO-RE/fentry tools "
-            "(meshlet's own programs use only UAPI types)",
-            "use a kernel with CONFIG_DEBUG_INFO_BTF=y")
+    return (
+        False,
+        f"{btf_vmlinux} missing: no kernel type info for CO-RE/fentry tools "
+        "(meshlet's own programs use only UAPI types)",
+        "use a kernel with CONFIG_DEBUG_INFO_BTF=y",
+    )
 
 
 # Options meshlet's datapath cannot work without, and ones it can.
 KERNEL_CONFIG_REQUIRED = (
-    "CONFIG_BPF_SYSCALL",        # bpf(2)
-    "CONFIG_CGROUP_BPF",         # cgroup/connect4/6, sock_ops
+    "CONFIG_BPF_SYSCALL",  # bpf(2)
+    "CONFIG_CGROUP_BPF",  # cgroup/connect4/6, sock_ops
     "CONFIG_BPF_STREAM_PARSER",  # sockmap/sockhash, sk_msg, sk_skb
-    "CONFIG_NET_CLS_BPF",        # tc programs
-    "CONFIG_NET_SCH_INGRESS",    # clsact
-    "CONFIG_NET_NS",             # pods/simulated nodes
+    "CONFIG_NET_CLS_BPF",  # tc programs
+    "CONFIG_NET_SCH_INGRESS",  # clsact
+    "CONFIG_NET_NS",  # pods/simulated nodes
 )
 KERNEL_CONFIG_OPTIONAL = (
     "CONFIG_BPF_JIT",
     "CONFIG_DEBUG_INFO_BTF",
-    "CONFIG_VETH",               # simulated nodes in tests and the demo
+    "CONFIG_VETH",  # simulated nodes in tests and the demo
 )
 
 
@@ -224,22 +250,37 @@ def check_kernel_config(paths: Iterable[str] = ("/proc/config.gz",)):
     paths = list(paths)
     path = next((p for p in paths if os.path.exists(p)), None)
     if path is None:
-        return (False, f"not readable ({' or '.join(paths)} missing); relying on the load probes",
-                ("the probes below are authoritative; for /proc/config.gz use a kernel "
-                 "with CONFIG_IKCONFIG_PROC=y", False))
+        return (
+            False,
+            f"not readable ({' or '.join(paths)} missing); relying on the load probes",
+            (
+                "the probes below are authoritative; for /proc/config.gz use a kernel "
+                "with CONFIG_IKCONFIG_PROC=y",
+                False,
+            ),
+        )
     values = _read_config(path)
+
     def missing(opts: Sequence[str]) -> list[str]:
         return [o for o in opts if values.get(o) not in ("y", "m")]
+
     req, opt = missing(KERNEL_CONFIG_REQUIRED), missing(KERNEL_CONFIG_OPTIONAL)
     if not req and not opt:
-        return True, f"{path}: all {len(KERNEL_CONFIG_REQUIRED) + len(KERNEL_CONFIG_OPTIONAL)} options set", None
+        return (
+            True,
+            f"{path}: all {len(KERNEL_CONFIG_REQUIRED) + len(KERNEL_CONFIG_OPTIONAL)} options set",
+            None,
+        )
     parts = []
     if req:
         parts.append("missing " + ", ".join(req))
     if opt:
         parts.append("missing (optional) " + ", ".join(opt))
-    fix = "use a kernel built with " + ", ".join(f"{o}=y" for o in req + opt) + \
-        " (Debian: apt-get install linux-image-$(dpkg --print-architecture) && reboot)"
+    fix = (
+        "use a kernel built with "
+        + ", ".join(f"{o}=y" for o in req + opt)
+        + " (Debian: apt-get install linux-image-$(dpkg --print-architecture) && reboot)"
+    )
     return False, f"{path}: " + "; ".join(parts), (fix, bool(req))
 
 
@@ -252,8 +293,12 @@ def check_kernel_headers(release: str, modules_dir: str = "/lib/modules"):
     if not os.path.isdir(os.path.join(build, "include")):
         return False, f"{build}/include missing: bcc cannot compile", BOOTSTRAP
     if not any(os.path.isdir(os.path.join(base, d, "include", "linux")) for d in ("build", "source")):
-        return (False, f"no include/linux under {build} or {base}/source "
-                "(Debian split headers need the -common directory linked as 'source')", BOOTSTRAP)
+        return (
+            False,
+            f"no include/linux under {build} or {base}/source "
+            "(Debian split headers need the -common directory linked as 'source')",
+            BOOTSTRAP,
+        )
     target = os.path.basename(os.path.realpath(build))
     return True, f"{build} -> {target}", None
 
@@ -262,11 +307,14 @@ def check_kernel_headers(release: str, modules_dir: str = "/lib/modules"):
 def check_bcc(python: str = sys.executable):
     """Imported in a child process: libbcc embeds LLVM (~60 MB), which the
     doctor (and `meshlet run` before it loads anything) should not carry."""
-    fix = ("apt-get install python3-bpfcc, and use a venv made with "
-           "/usr/bin/python3 -m venv --system-site-packages; " + BOOTSTRAP + " does both")
+    fix = (
+        "apt-get install python3-bpfcc, and use a venv made with "
+        "/usr/bin/python3 -m venv --system-site-packages; " + BOOTSTRAP + " does both"
+    )
     try:
-        proc = subprocess.run([python, "-c", "import bcc; print(bcc.__version__)"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [python, "-c", "import bcc; print(bcc.__version__)"], capture_output=True, text=True, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"cannot run {python}: {e}", fix
     if proc.returncode != 0:
@@ -289,10 +337,11 @@ def check_tools(tools: dict[str, str] = TOOLS, path: str | None = None):
 
 # --- kernel probes ----------------------------------------------------------
 
-def check_probe(name: str, probe: Callable[[], None], fix: str,
-                required: bool = True) -> Check:
+
+def check_probe(name: str, probe: Callable[[], None], fix: str, required: bool = True) -> Check:
     """Run ``probe``; an ``OSError`` means the kernel said no.  Permission
     and missing-syscall errors get their own fixes; anything else gets ``fix``."""
+
     def run() -> Check:
         try:
             probe()
@@ -301,10 +350,16 @@ def check_probe(name: str, probe: Callable[[], None], fix: str,
             if err in (errno.EPERM, errno.EACCES):
                 return Check(name, False, f"not permitted: {e}", AS_ROOT, required)
             if err == errno.ENOSYS:
-                return Check(name, False, "no bpf(2) syscall in this kernel",
-                             "use a kernel with CONFIG_BPF_SYSCALL=y", required)
+                return Check(
+                    name,
+                    False,
+                    "no bpf(2) syscall in this kernel",
+                    "use a kernel with CONFIG_BPF_SYSCALL=y",
+                    required,
+                )
             return Check(name, False, str(e), fix, required)
         return Check(name, True, "works", None, required)
+
     return _guarded(name, required, run)
 
 
@@ -319,12 +374,15 @@ def check_tcx(release: str, probe: Callable[[], None], required: bool = False) -
     try:
         too_old = kernel_version(release) < TCX_MIN_KERNEL
     except ValueError as e:
-        return Check(name, False, str(e), "report this kernel release string as a meshlet bug",
-                     required)
+        return Check(name, False, str(e), "report this kernel release string as a meshlet bug", required)
     if too_old:
-        return Check(name, False, f"kernel {release} < 6.6 has no tcx: strict mode cannot "
-                     "be enforced", "a kernel >= 6.6 (Debian 12: the bookworm-backports "
-                     "linux-image), or mesh.mode: permissive", required)
+        return Check(
+            name,
+            False,
+            f"kernel {release} < 6.6 has no tcx: strict mode cannot be enforced",
+            "a kernel >= 6.6 (Debian 12: the bookworm-backports linux-image), or mesh.mode: permissive",
+            required,
+        )
     return check_probe(name, probe, "a kernel >= 6.6 with CONFIG_NET_XGRESS=y", required)
 
 
@@ -337,28 +395,39 @@ def _kernel_probes(env: Environment, strict: bool) -> list[Check]:
     cgroup_fix = "use a kernel with CONFIG_CGROUP_BPF=y"
     sockmap_fix = "use a kernel with CONFIG_BPF_STREAM_PARSER=y"
     return [
-        check_probe("bpf syscall", hook(probe.PROG_TYPE_SOCKET_FILTER),
-                    "use a kernel with CONFIG_BPF_SYSCALL=y"),
-        check_probe("hook cgroup/connect4",
-                    hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
-                    cgroup_fix),
-        check_probe("hook cgroup/connect6",
-                    hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
-                    cgroup_fix),
+        check_probe(
+            "bpf syscall", hook(probe.PROG_TYPE_SOCKET_FILTER), "use a kernel with CONFIG_BPF_SYSCALL=y"
+        ),
+        check_probe(
+            "hook cgroup/connect4",
+            hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
+            cgroup_fix,
+        ),
+        check_probe(
+            "hook cgroup/connect6",
+            hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
+            cgroup_fix,
+        ),
         check_probe("hook sock_ops", hook(bpfsys.PROG_TYPE_SOCK_OPS), cgroup_fix),
-        check_probe("hook sched_cls (tc)", hook(bpfsys.PROG_TYPE_SCHED_CLS),
-                    "use a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y"),
+        check_probe(
+            "hook sched_cls (tc)",
+            hook(bpfsys.PROG_TYPE_SCHED_CLS),
+            "use a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y",
+        ),
         check_probe("hook sk_msg", hook(probe.PROG_TYPE_SK_MSG), sockmap_fix),
         check_probe("hook sk_skb", hook(probe.PROG_TYPE_SK_SKB), sockmap_fix),
         check_probe("sockhash map", probe.sockhash_creates, sockmap_fix),
-        check_probe("bpf links (cgroup)",
-                    lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
-                    "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above"),
+        check_probe(
+            "bpf links (cgroup)",
+            lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
+            "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above",
+        ),
         check_tcx(env.kernel_release, probe.tcx_link_works, required=strict),
     ]
 
 
 # --- what an agent config needs ----------------------------------------------
+
 
 @_check("pin dir")
 def check_pin_dir(pin_dir: str, mountinfo: str = "/proc/self/mountinfo"):
@@ -371,8 +440,11 @@ def check_pin_dir(pin_dir: str, mountinfo: str = "/proc/self/mountinfo"):
             fstype, where = t, mp
     if fstype == "bpf":
         return True, f"{pin_dir} (bpffs at {where})", None
-    return (False, f"{pin_dir} is on {fstype} at {where}, not on bpffs: pins would fail",
-            "mount -t bpf bpf /sys/fs/bpf, or set bpf.pinDir under a bpffs mount")
+    return (
+        False,
+        f"{pin_dir} is on {fstype} at {where}, not on bpffs: pins would fail",
+        "mount -t bpf bpf /sys/fs/bpf, or set bpf.pinDir under a bpffs mount",
+    )
 
 
 @_check("node cgroup")
@@ -383,8 +455,11 @@ def check_node_cgroup(path: str, mountinfo: str = "/proc/self/mountinfo"):
         return False, f"{path}: no cgroup v2 mount to resolve it in", "see 'cgroup v2' above"
     d = cgroup.resolve(path, root)
     if d != root and not d.startswith(root + "/"):
-        return (False, f"{d} is not under the cgroup v2 mount {root}",
-                f"set 'cgroup:' in the config to a path under {root}")
+        return (
+            False,
+            f"{d} is not under the cgroup v2 mount {root}",
+            f"set 'cgroup:' in the config to a path under {root}",
+        )
     if not os.path.isdir(d):
         return False, f"{d} does not exist", f"mkdir -p {d}"
     return True, d, None
@@ -392,8 +467,8 @@ def check_node_cgroup(path: str, mountinfo: str = "/proc/self/mountinfo"):
 
 # --- the whole list ---------------------------------------------------------
 
-def run_checks(config: AgentConfig | None = None,
-               env: Environment | None = None) -> list[Check]:
+
+def run_checks(config: AgentConfig | None = None, env: Environment | None = None) -> list[Check]:
     """All checks, in reading order.  ``config`` (the agent's) adds what it
     needs; ``env`` says where to look (default: this machine)."""
     env = env or Environment()
@@ -404,13 +479,18 @@ def run_checks(config: AgentConfig | None = None,
         check_bpffs(env.mountinfo, env.bpffs),
         check_jit(env.jit_sysctl),
         check_btf(env.btf_vmlinux),
-        check_kernel_config((env.proc_config,
-                             os.path.join(env.boot_dir, f"config-{env.kernel_release}"))),
+        check_kernel_config((env.proc_config, os.path.join(env.boot_dir, f"config-{env.kernel_release}"))),
     ]
     if env.probe_kernel and not privileges.ok:
         # Ten copies of EPERM would hide the one fix that matters.
-        checks.append(Check("kernel probes", False, "skipped: loading programs needs "
-                            "CAP_SYS_ADMIN (see privileges)", AS_ROOT))
+        checks.append(
+            Check(
+                "kernel probes",
+                False,
+                "skipped: loading programs needs CAP_SYS_ADMIN (see privileges)",
+                AS_ROOT,
+            )
+        )
     elif env.probe_kernel:
         strict = config is not None and config.mesh.mode == "strict"
         checks += _kernel_probes(env, strict)
@@ -432,8 +512,7 @@ def ready(checks: Iterable[Check]) -> bool:
     return all(c.ok or not c.required for c in checks)
 
 
-def ensure_ready(config: AgentConfig | None = None,
-                 env: Environment | None = None) -> list[Check]:
+def ensure_ready(config: AgentConfig | None = None, env: Environment | None = None) -> list[Check]:
     """For `meshlet run`: the checks, or ``DoctorError`` listing the fixes."""
     checks = run_checks(config, env)
     if not ready(checks):
@@ -460,8 +539,7 @@ def format_checks(checks: Sequence[Check]) -> str:
     if not failed:
         lines.append(f"all {len(checks)} checks passed")
     else:
-        lines.append(f"{len(failed)} of {len(checks)} checks failed, "
-                     f"{blocking} of them required")
+        lines.append(f"{len(failed)} of {len(checks)} checks failed, {blocking} of them required")
     return "\n".join(lines)
 
 

@@ -21,29 +21,48 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 SORT_KEYS = ("start", "srtt", "bytes", "age", "retrans")
-STATES = ("open", "closed", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2",
-          "time_wait", "close", "close_wait", "last_ack", "closing")
-ROLE_LABELS = {"client": "egress", "server": "ingress", "proxy-outbound": "proxy-in",
-               "proxy-tunnel": "tunnel-in", "proxy-upstream": "proxy-out", "unknown": "?"}
+STATES = (
+    "open",
+    "closed",
+    "established",
+    "syn_sent",
+    "syn_recv",
+    "fin_wait1",
+    "fin_wait2",
+    "time_wait",
+    "close",
+    "close_wait",
+    "last_ack",
+    "closing",
+)
+ROLE_LABELS = {
+    "client": "egress",
+    "server": "ingress",
+    "proxy-outbound": "proxy-in",
+    "proxy-tunnel": "tunnel-in",
+    "proxy-upstream": "proxy-out",
+    "unknown": "?",
+}
 # Legs whose source is on the local end of the socket (sent = bytes_acked).
 _LOCAL_IS_SOURCE = ("client", "proxy-upstream", "unknown")
 
 
 # --- resolution ----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Endpoint:
     ip: str
     port: int
-    pod: str | None = None          # namespace/name
+    pod: str | None = None  # namespace/name
     namespace: str | None = None
-    identity: str | None = None     # spiffe://<td>/ns/<ns>/sa/<sa>
+    identity: str | None = None  # spiffe://<td>/ns/<ns>/sa/<sa>
     node: str | None = None
-    kind: str = "ip"                # pod | proxy | node | ip
+    kind: str = "ip"  # pod | proxy | node | ip
 
     @property
     def label(self) -> str:
@@ -54,9 +73,16 @@ class Endpoint:
         return self.ip
 
     def to_dict(self) -> dict:
-        return {"ip": self.ip, "port": self.port, "pod": self.pod, "namespace": self.namespace,
-                "identity": self.identity, "node": self.node, "kind": self.kind,
-                "label": self.label}
+        return {
+            "ip": self.ip,
+            "port": self.port,
+            "pod": self.pod,
+            "namespace": self.namespace,
+            "identity": self.identity,
+            "node": self.node,
+            "kind": self.kind,
+            "label": self.label,
+        }
 
 
 @dataclass
@@ -66,10 +92,23 @@ class Resolver:
     by_ip: dict[str, dict] = field(default_factory=dict)
     by_workload: dict[int, dict] = field(default_factory=dict)
 
-    def add_pod(self, key: str, namespace: str, service_account: str, node: str,
-                ips: Iterable[str], trust_domain: str, workload_id: int | None = None) -> None:
-        info = {"pod": key, "namespace": namespace, "node": node, "kind": "pod",
-                "identity": f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"}
+    def add_pod(
+        self,
+        key: str,
+        namespace: str,
+        service_account: str,
+        node: str,
+        ips: Iterable[str],
+        trust_domain: str,
+        workload_id: int | None = None,
+    ) -> None:
+        info = {
+            "pod": key,
+            "namespace": namespace,
+            "node": node,
+            "kind": "pod",
+            "identity": f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}",
+        }
         for ip in ips:
             self.by_ip[_norm(ip)] = info
         if workload_id is not None:
@@ -79,14 +118,22 @@ class Resolver:
         self.by_ip.setdefault(_norm(ip), {"kind": kind, "node": node})
 
     @classmethod
-    def from_inventory(cls, inv, trust_domain: str, proxy_ips: dict[str, str],
-                       workload_id: Callable[[str], int]) -> "Resolver":
+    def from_inventory(
+        cls, inv, trust_domain: str, proxy_ips: dict[str, str], workload_id: Callable[[str], int]
+    ) -> Resolver:
         """``inv``: an Inventory; ``proxy_ips``: address -> node of the node
         proxies' redirect addresses."""
         r = cls()
         for p in inv.pods:
-            r.add_pod(p.key, p.namespace, p.service_account, p.node,
-                      [str(ip) for ip in p.ips], trust_domain, workload_id(p.key))
+            r.add_pod(
+                p.key,
+                p.namespace,
+                p.service_account,
+                p.node,
+                [str(ip) for ip in p.ips],
+                trust_domain,
+                workload_id(p.key),
+            )
         for ip, node in proxy_ips.items():
             r.add_address(ip, "proxy", node)
         for n in inv.nodes:
@@ -100,9 +147,15 @@ class Resolver:
         if info is None and workload_id:
             info = self.by_workload.get(workload_id)
         info = info or {}
-        return Endpoint(ip=ip, port=port, pod=info.get("pod"), namespace=info.get("namespace"),
-                        identity=info.get("identity"), node=info.get("node"),
-                        kind=info.get("kind", "ip"))
+        return Endpoint(
+            ip=ip,
+            port=port,
+            pod=info.get("pod"),
+            namespace=info.get("namespace"),
+            identity=info.get("identity"),
+            node=info.get("node"),
+            kind=info.get("kind", "ip"),
+        )
 
 
 def _norm(ip: str) -> str:
@@ -116,6 +169,7 @@ def _norm(ip: str) -> str:
 
 
 # --- linking ---------------------------------------------------------------------------
+
 
 def _tuple(f: dict, reverse: bool = False) -> tuple:
     lo, re_ = (f["remote"], f["local"]) if reverse else (f["local"], f["remote"])
@@ -131,8 +185,12 @@ def link_legs(flows: list[dict], links: dict[int, int] | None = None) -> dict[in
     by_tuple: dict[tuple, list[dict]] = {}
     for f in flows:
         by_tuple.setdefault(_tuple(f), []).append(f)
-    pairs = {("client", "proxy-outbound"), ("proxy-outbound", "client"),
-             ("proxy-upstream", "server"), ("server", "proxy-upstream")}
+    pairs = {
+        ("client", "proxy-outbound"),
+        ("proxy-outbound", "client"),
+        ("proxy-upstream", "server"),
+        ("server", "proxy-upstream"),
+    }
     out: dict[int, set[int]] = {f["cookie"]: set() for f in flows}
     for f in flows:
         for g in by_tuple.get(_tuple(f, reverse=True), ()):
@@ -166,16 +224,19 @@ def _origin(cookie: int, by_cookie: dict[int, dict], graph: dict[int, set[int]])
 
 # --- views -------------------------------------------------------------------------------
 
-def build_views(flows: list[dict], resolver: Resolver, node: str, now: float,
-                links: dict[int, int] | None = None) -> list[dict]:
+
+def build_views(
+    flows: list[dict], resolver: Resolver, node: str, now: float, links: dict[int, int] | None = None
+) -> list[dict]:
     """Flow records -> views (source/destination resolved, oriented counters)."""
     graph = link_legs(flows, links)
     by_cookie = {f["cookie"]: f for f in flows}
     out = []
     for f in flows:
         role = f["role"]
-        local = resolver.endpoint(f["local"][0], f["local"][1],
-                                  f.get("workload_id") if role in ("client", "server") else None)
+        local = resolver.endpoint(
+            f["local"][0], f["local"][1], f.get("workload_id") if role in ("client", "server") else None
+        )
         remote = resolver.endpoint(f["remote"][0], f["remote"][1])
         via = None
         if role == "client":
@@ -190,8 +251,7 @@ def build_views(flows: list[dict], resolver: Resolver, node: str, now: float,
                 origin = _origin(f["cookie"], by_cookie, graph)
                 if origin is not None:
                     via = remote
-                    src = resolver.endpoint(origin["local"][0], origin["local"][1],
-                                            origin.get("workload_id"))
+                    src = resolver.endpoint(origin["local"][0], origin["local"][1], origin.get("workload_id"))
         if role in _LOCAL_IS_SOURCE:
             sent, received = f["bytes_acked"], f["bytes_received"]
         else:
@@ -200,32 +260,34 @@ def build_views(flows: list[dict], resolver: Resolver, node: str, now: float,
         start = f.get("start")
         duration = ((end or now) - start) if start else None
         meshed = role != "server" or remote.kind in ("proxy", "node")
-        out.append({
-            "cookie": f["cookie"],
-            "node": node,
-            "role": role,
-            "direction": ROLE_LABELS.get(role, role),
-            "source": src.to_dict(),
-            "destination": dst.to_dict(),
-            "via": via.to_dict() if via else None,
-            "state": f["state"],
-            "open": end is None,
-            "sent": sent,
-            "received": received,
-            "bytes_acked": f["bytes_acked"],
-            "bytes_received": f["bytes_received"],
-            "srtt_us": f["srtt_us"],
-            "min_rtt_us": f["min_rtt_us"],
-            "retransmits": f["retransmits"],
-            "start": start,
-            "end": end,
-            "duration_s": round(duration, 6) if duration is not None else None,
-            "linked": sorted(graph.get(f["cookie"], ())),
-            "evicted": f.get("evicted", False),
-            # Authorization policy arrives with issue #4: for now everything
-            # the mesh relays is allowed, and what bypasses it has no verdict.
-            "verdict": "allowed" if meshed else "-",
-        })
+        out.append(
+            {
+                "cookie": f["cookie"],
+                "node": node,
+                "role": role,
+                "direction": ROLE_LABELS.get(role, role),
+                "source": src.to_dict(),
+                "destination": dst.to_dict(),
+                "via": via.to_dict() if via else None,
+                "state": f["state"],
+                "open": end is None,
+                "sent": sent,
+                "received": received,
+                "bytes_acked": f["bytes_acked"],
+                "bytes_received": f["bytes_received"],
+                "srtt_us": f["srtt_us"],
+                "min_rtt_us": f["min_rtt_us"],
+                "retransmits": f["retransmits"],
+                "start": start,
+                "end": end,
+                "duration_s": round(duration, 6) if duration is not None else None,
+                "linked": sorted(graph.get(f["cookie"], ())),
+                "evicted": f.get("evicted", False),
+                # Authorization policy arrives with issue #4: for now everything
+                # the mesh relays is allowed, and what bypasses it has no verdict.
+                "verdict": "allowed" if meshed else "-",
+            }
+        )
     return out
 
 
@@ -239,8 +301,7 @@ def parse_since(text: str) -> float:
     """'30s', '5m', '1.5h', '2d', '250ms' or plain seconds -> seconds."""
     m = _SINCE.match(text or "")
     if not m:
-        raise ValueError(f"invalid duration {text!r}: use a number with s, m, h or d "
-                         "(e.g. 30s, 5m)")
+        raise ValueError(f"invalid duration {text!r}: use a number with s, m, h or d (e.g. 30s, 5m)")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -251,14 +312,14 @@ class FlowFilter:
     identity: str | None = None
     port: int | None = None
     state: str | None = None
-    since: float | None = None      # seconds
+    since: float | None = None  # seconds
 
     def __post_init__(self) -> None:
         if self.state is not None and self.state.lower() not in STATES:
             raise ValueError(f"invalid state {self.state!r}: one of {', '.join(STATES)}")
 
     @classmethod
-    def from_params(cls, params: dict[str, str]) -> "FlowFilter":
+    def from_params(cls, params: dict[str, str]) -> FlowFilter:
         """From query parameters; raises ValueError with a readable message."""
         port = params.get("port")
         since = params.get("since")
@@ -266,10 +327,14 @@ class FlowFilter:
             port_v = int(port) if port not in (None, "") else None
         except ValueError:
             raise ValueError(f"invalid port {port!r}") from None
-        return cls(pod=params.get("pod") or None, namespace=params.get("namespace") or None,
-                   identity=params.get("identity") or None, port=port_v,
-                   state=params.get("state") or None,
-                   since=parse_since(since) if since else None)
+        return cls(
+            pod=params.get("pod") or None,
+            namespace=params.get("namespace") or None,
+            identity=params.get("identity") or None,
+            port=port_v,
+            state=params.get("state") or None,
+            since=parse_since(since) if since else None,
+        )
 
     def to_params(self) -> dict[str, str]:
         out = {}
@@ -326,13 +391,13 @@ def sort_views(views: list[dict], key: str = "start") -> list[dict]:
     return sorted(views, key=lambda v: (-(v["duration_s"] or 0), v["cookie"]))
 
 
-def select(views: list[dict], flt: FlowFilter, sort: str, now: float,
-           limit: int | None = None) -> list[dict]:
+def select(views: list[dict], flt: FlowFilter, sort: str, now: float, limit: int | None = None) -> list[dict]:
     out = sort_views([v for v in views if flt.matches(v, now)], sort)
     return out[:limit] if limit else out
 
 
 # --- formatting --------------------------------------------------------------------------
+
 
 def human_bytes(n: int) -> str:
     for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -371,8 +436,19 @@ def _ep(e: dict, wide: bool, with_port: bool) -> str:
     return f"{e['label']}:{e['port']}" if with_port else e["label"]
 
 
-COLUMNS = ("SOURCE", "DESTINATION", "ROLE", "STATE", "SENT", "RECEIVED", "SRTT", "MIN RTT",
-           "RETRANS", "DURATION", "VERDICT")
+COLUMNS = (
+    "SOURCE",
+    "DESTINATION",
+    "ROLE",
+    "STATE",
+    "SENT",
+    "RECEIVED",
+    "SRTT",
+    "MIN RTT",
+    "RETRANS",
+    "DURATION",
+    "VERDICT",
+)
 WIDE_COLUMNS = COLUMNS + ("NODE", "COOKIE", "LINKED", "VIA")
 
 
@@ -391,26 +467,50 @@ def row(v: dict, wide: bool = False) -> list[str]:
         v["verdict"],
     ]
     if wide:
-        cells += [v["node"], str(v["cookie"]), ",".join(str(c) for c in v["linked"]) or "-",
-                  _ep(v["via"], True, True) if v.get("via") else "-"]
+        cells += [
+            v["node"],
+            str(v["cookie"]),
+            ",".join(str(c) for c in v["linked"]) or "-",
+            _ep(v["via"], True, True) if v.get("via") else "-",
+        ]
     return cells
 
 
 # Column widths for streamed rows (--follow), which cannot be measured first.
-FIXED_WIDTHS = {"EVENT": 7, "SOURCE": 22, "DESTINATION": 28, "ROLE": 9, "STATE": 11, "SENT": 9,
-                "RECEIVED": 9, "SRTT": 8, "MIN RTT": 8, "RETRANS": 7, "DURATION": 8,
-                "VERDICT": 7, "NODE": 10, "COOKIE": 20, "LINKED": 20, "VIA": 30}
+FIXED_WIDTHS = {
+    "EVENT": 7,
+    "SOURCE": 22,
+    "DESTINATION": 28,
+    "ROLE": 9,
+    "STATE": 11,
+    "SENT": 9,
+    "RECEIVED": 9,
+    "SRTT": 8,
+    "MIN RTT": 8,
+    "RETRANS": 7,
+    "DURATION": 8,
+    "VERDICT": 7,
+    "NODE": 10,
+    "COOKIE": 20,
+    "LINKED": 20,
+    "VIA": 30,
+}
 
 
-def format_table(views: list[dict], wide: bool = False, header: bool = True,
-                 prefix: list[str] | None = None, fixed: bool = False) -> str:
+def format_table(
+    views: list[dict],
+    wide: bool = False,
+    header: bool = True,
+    prefix: list[str] | None = None,
+    fixed: bool = False,
+) -> str:
     """Aligned columns; ``prefix`` adds a leading column (e.g. follow events);
     ``fixed`` uses FIXED_WIDTHS so separately printed rows line up."""
     cols = list(WIDE_COLUMNS if wide else COLUMNS)
     rows = [row(v, wide) for v in views]
     if prefix is not None:
         cols = ["EVENT"] + cols
-        rows = [[p] + r for p, r in zip(prefix, rows)]
+        rows = [[p] + r for p, r in zip(prefix, rows, strict=True)]
     table = ([cols] if header else []) + rows
     if not table:
         return ""
@@ -418,4 +518,4 @@ def format_table(views: list[dict], wide: bool = False, header: bool = True,
         widths = [FIXED_WIDTHS[c] for c in cols]
     else:
         widths = [max(len(r[i]) for r in ([cols] + rows)) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                   Metric)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .proxy.metrics import DENY_REASONS
@@ -38,10 +38,16 @@ log = logging.getLogger("meshlet.metrics")
 TCP_COUNTERS = (  # Istio name, snapshot column, help
     ("istio_tcp_connections_opened_total", 1, "TCP connections opened, by the reporting proxy."),
     ("istio_tcp_connections_closed_total", 2, "TCP connections closed, by the reporting proxy."),
-    ("istio_tcp_received_bytes_total", 3,
-     "Bytes the source sent to the destination (request direction) over TCP."),
-    ("istio_tcp_sent_bytes_total", 4,
-     "Bytes the destination sent back to the source (response direction) over TCP."),
+    (
+        "istio_tcp_received_bytes_total",
+        3,
+        "Bytes the source sent to the destination (request direction) over TCP.",
+    ),
+    (
+        "istio_tcp_sent_bytes_total",
+        4,
+        "Bytes the destination sent back to the source (response direction) over TCP.",
+    ),
 )
 
 
@@ -64,8 +70,12 @@ def merge_tcp(workers: Iterable[dict | None]) -> tuple[list[str], dict[tuple, li
 
 
 HTTP_HISTOGRAMS = (  # Istio name, snapshot sum column, buckets column, help
-    ("istio_request_duration_milliseconds", 2, 3,
-     "Time from the request's first byte to the end of the response, in milliseconds."),
+    (
+        "istio_request_duration_milliseconds",
+        2,
+        3,
+        "Time from the request's first byte to the end of the response, in milliseconds.",
+    ),
     ("istio_request_bytes", 4, 5, "HTTP request body sizes, in bytes."),
     ("istio_response_bytes", 6, 7, "HTTP response body sizes, in bytes."),
 )
@@ -88,9 +98,16 @@ def merge_http(workers: Iterable[dict | None]) -> dict[str, Any]:
     {"names", "bounds", "series": labels -> HttpSeries, "latency":
     prefix labels -> {fine bucket: n}, "fine_growth", "denied_policies",
     "overflow", "present": any worker reported L7 counters}."""
-    out: dict[str, Any] = {"names": [], "bounds": [], "series": {}, "latency": {},
-                           "fine_growth": None, "denied_policies": {}, "overflow": 0,
-                           "present": False}
+    out: dict[str, Any] = {
+        "names": [],
+        "bounds": [],
+        "series": {},
+        "latency": {},
+        "fine_growth": None,
+        "denied_policies": {},
+        "overflow": 0,
+        "present": False,
+    }
     for w in workers:
         h = (w or {}).get("http_metrics")
         if not h:
@@ -123,8 +140,9 @@ def merge_http(workers: Iterable[dict | None]) -> dict[str, Any]:
 def http_families(http: dict[str, Any]) -> list[Metric]:
     """istio_requests_total and the three histograms (Istio's names)."""
     names, bounds = http["names"], http["bounds"]
-    req = CounterMetricFamily("istio_requests_total",
-                              "HTTP requests served by the reporting proxy.", labels=names)
+    req = CounterMetricFamily(
+        "istio_requests_total", "HTTP requests served by the reporting proxy.", labels=names
+    )
     hists = [HistogramMetricFamily(n, doc, labels=names) for n, _, _, doc in HTTP_HISTOGRAMS]
     les = [f"{b:g}" if b != int(b) else str(int(b)) for b in bounds] + ["+Inf"]
     for key, s in sorted(http["series"].items()):
@@ -132,7 +150,7 @@ def http_families(http: dict[str, Any]) -> list[Metric]:
         req.add_metric(lv, s.count)
         for j, fam in enumerate(hists):
             cum, acc = [], 0
-            for le, n in zip(les, s.buckets[j]):
+            for le, n in zip(les, s.buckets[j], strict=False):
                 acc += n
                 cum.append((le, acc))
             fam.add_metric(lv, cum, s.sums[j])
@@ -173,16 +191,18 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     conf = GaugeMetricFamily("meshlet_proxy_workers", "Proxy workers configured.")
     conf.add_metric([], snap.get("workers_configured", len(workers)))
     out.append(conf)
-    active = GaugeMetricFamily("meshlet_proxy_active_connections",
-                               "Connections the proxy workers are handling now.")
+    active = GaugeMetricFamily(
+        "meshlet_proxy_active_connections", "Connections the proxy workers are handling now."
+    )
     active.add_metric([], sum(w.get("active_connections", 0) for w in live))
     out.append(active)
 
     denied = CounterMetricFamily(
         "meshlet_denied_connections_total",
         "Connections the mesh refused, by reason. 'policy' names the deciding authorization "
-        "policy (reason=\"policy\"); empty for the mesh's own checks.",
-        labels=["reason", "policy"])
+        'policy (reason="policy"); empty for the mesh\'s own checks.',
+        labels=["reason", "policy"],
+    )
     totals = {r: 0 for r in DENY_REASONS if r != "policy"}
     by_policy: dict[str, int] = {}
     for w in live:
@@ -201,7 +221,9 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         dreq = CounterMetricFamily(
             "meshlet_denied_requests_total",
             "HTTP requests refused with 403 by authorization policy, by deciding policy "
-            "(ns/name; empty: no ALLOW rule matched).", labels=["policy"])
+            "(ns/name; empty: no ALLOW rule matched).",
+            labels=["policy"],
+        )
         for pol, n in sorted(http["denied_policies"].items()):
             dreq.add_metric([pol], n)
         out.append(dreq)
@@ -209,21 +231,26 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     overflow = CounterMetricFamily(
         "meshlet_metrics_overflow_total",
         "Connections (istio_tcp_*) or requests (istio_request*) not counted because a worker "
-        "reached its label-set cap.")
-    overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live)
-                        + http["overflow"])
+        "reached its label-set cap.",
+    )
+    overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live) + http["overflow"])
     out.append(overflow)
-    series = GaugeMetricFamily("meshlet_metrics_label_sets",
-                               "Istio label sets held by the proxy workers (summed).")
-    series.add_metric([], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live)
-                      + len(http["series"]))
+    series = GaugeMetricFamily(
+        "meshlet_metrics_label_sets", "Istio label sets held by the proxy workers (summed)."
+    )
+    series.add_metric(
+        [], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live) + len(http["series"])
+    )
     out.append(series)
 
-    hs = CounterMetricFamily("meshlet_tls_handshakes_total",
-                             "Tunnel TLS handshakes by result (full, resumed, refused).",
-                             labels=["result"])
-    refused = CounterMetricFamily("meshlet_tls_refused_total",
-                                  "Refused tunnel TLS handshakes by reason.", labels=["reason"])
+    hs = CounterMetricFamily(
+        "meshlet_tls_handshakes_total",
+        "Tunnel TLS handshakes by result (full, resumed, refused).",
+        labels=["result"],
+    )
+    refused = CounterMetricFamily(
+        "meshlet_tls_refused_total", "Refused tunnel TLS handshakes by reason.", labels=["reason"]
+    )
     full = resumed = ref = 0
     reasons: dict[str, int] = {}
     for w in live:
@@ -241,8 +268,9 @@ def families(snap: dict[str, Any]) -> list[Metric]:
 
     expiry = GaugeMetricFamily(
         "meshlet_workload_certificate_expiry_timestamp_seconds",
-        "Expiry (Unix time) of the workload certificate the proxy holds; the earliest across "
-        "workers.", labels=["spiffe_id"])
+        "Expiry (Unix time) of the workload certificate the proxy holds; the earliest across workers.",
+        labels=["spiffe_id"],
+    )
     soonest: dict[str, float] = {}
     for w in live:
         for c in (w.get("certs") or {}).get("identities", []):
@@ -256,16 +284,15 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     ident = snap.get("identity") or {}
     roots = GaugeMetricFamily("meshlet_trust_bundle_roots", "Root CAs in the node's trust bundle.")
     roots.add_metric([], len(ident.get("roots", [])))
-    gen = GaugeMetricFamily("meshlet_identity_generation",
-                            "Changes whenever the node's CA material or trust bundle changed.")
+    gen = GaugeMetricFamily(
+        "meshlet_identity_generation", "Changes whenever the node's CA material or trust bundle changed."
+    )
     gen.add_metric([], ident.get("generation", 0))
     out += [roots, gen]
 
     dp = snap.get("datapath") or {}
-    entries = GaugeMetricFamily("meshlet_bpf_map_entries", "Entries in a pinned BPF map.",
-                                labels=["map"])
-    cap = GaugeMetricFamily("meshlet_bpf_map_capacity", "max_entries of a pinned BPF map.",
-                            labels=["map"])
+    entries = GaugeMetricFamily("meshlet_bpf_map_entries", "Entries in a pinned BPF map.", labels=["map"])
+    cap = GaugeMetricFamily("meshlet_bpf_map_capacity", "max_entries of a pinned BPF map.", labels=["map"])
     for mp in dp.get("maps", []):
         if mp.get("entries") is not None:
             entries.add_metric([mp["name"]], mp["entries"])
@@ -273,7 +300,9 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     events = CounterMetricFamily(
         "meshlet_datapath_events_total",
         "Kernel datapath counters: redirects, bypasses, strict-mode drops, flow table and ring "
-        "buffer pressure (origdst_full is a redirect the proxy cannot serve).", labels=["event"])
+        "buffer pressure (origdst_full is a redirect the proxy cannot serve).",
+        labels=["event"],
+    )
     for k, v in sorted((dp.get("counters") or {}).items()):
         events.add_metric([k], v)
     out += [entries, cap, events]
@@ -293,8 +322,9 @@ class _Collector(Collector):
             log.exception("metrics snapshot failed")
             snap = {}
         yield from families(snap)
-        err = CounterMetricFamily("meshlet_metrics_scrape_errors",
-                                  "Scrapes whose snapshot failed (served partially).")
+        err = CounterMetricFamily(
+            "meshlet_metrics_scrape_errors", "Scrapes whose snapshot failed (served partially)."
+        )
         err.add_metric([], self.errors)
         yield err
 
@@ -309,11 +339,10 @@ class MetricsServer:
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         from prometheus_client import start_http_server
 
-        self._server, self._thread = start_http_server(self.port, self.address,
-                                                       registry=self.registry)
+        self._server, self._thread = start_http_server(self.port, self.address, registry=self.registry)
         self.port = self._server.server_address[1]
         return self
 

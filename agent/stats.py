@@ -28,8 +28,8 @@ Pure: the proxy workers' Istio-labelled TCP counters (merged by
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 UNKNOWN = "unknown"
 
@@ -97,7 +97,7 @@ def _http_by_pair(http: dict | None) -> dict[tuple, dict]:
         return out
     names = http["names"]
     for key, s in http["series"].items():
-        lb = dict(zip(names, key))
+        lb = dict(zip(names, key, strict=False))
         r = out.setdefault((lb["reporter"], _pair_of(lb)), {"requests": 0, "success": 0, "latency": {}})
         r["requests"] += s.count
         try:
@@ -107,15 +107,20 @@ def _http_by_pair(http: dict | None) -> dict[tuple, dict]:
         if 0 < code < 500:
             r["success"] += s.count
     for prefix, hist in http["latency"].items():
-        lb = dict(zip(names, prefix))
+        lb = dict(zip(names, prefix, strict=False))
         r = out.setdefault((lb["reporter"], _pair_of(lb)), {"requests": 0, "success": 0, "latency": {}})
         for k, n in hist.items():
             r["latency"][k] = r["latency"].get(k, 0) + n
     return out
 
 
-def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dict],
-              workload_of: dict[str, tuple[str, str]], http: dict | None = None) -> list[dict]:
+def pair_rows(
+    names: list[str],
+    tcp: dict[tuple, list[int]],
+    views: Iterable[dict],
+    workload_of: dict[str, tuple[str, str]],
+    http: dict | None = None,
+) -> list[dict]:
     """One row per (source workload, destination workload).
 
     ``tcp``: label values -> [opened, closed, received, sent] (Istio's
@@ -123,15 +128,23 @@ def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dic
     (workload, namespace); ``http``: :func:`agent.metrics.merge_http`."""
     by_reporter: dict[str, dict[tuple, dict]] = {"source": {}, "destination": {}}
     for key, (opened, closed, received, sent) in tcp.items():
-        lb = dict(zip(names, key))
+        lb = dict(zip(names, key, strict=False))
         src, dst = _end(lb, "source"), _end(lb, "destination")
         pair = (src["namespace"], src["workload"], dst["namespace"], dst["workload"])
         rows = by_reporter.setdefault(lb["reporter"], {})
         r = rows.get(pair)
         if r is None:
-            r = rows[pair] = {"source": src, "destination": dst, "reporter": lb["reporter"],
-                              "security": set(), "opened": 0, "closed": 0, "failed": 0,
-                              "sent": 0, "received": 0}
+            r = rows[pair] = {
+                "source": src,
+                "destination": dst,
+                "reporter": lb["reporter"],
+                "security": set(),
+                "opened": 0,
+                "closed": 0,
+                "failed": 0,
+                "sent": 0,
+                "received": 0,
+            }
         r["opened"] += opened
         r["closed"] += closed
         if lb.get("response_flags", "-") != "-":
@@ -152,27 +165,37 @@ def pair_rows(names: list[str], tcp: dict[tuple, list[int]], views: Iterable[dic
         if h is None:  # e.g. requests counted under the other reporter only
             other = "destination" if r["reporter"] == "source" else "source"
             h = l7.get((other, pair))
-        out.append({
-            "source": r["source"],
-            "destination": r["destination"],
-            "reporter": r["reporter"],
-            "security": ",".join(sorted(r["security"])) or "-",
-            "connections": {"total": r["opened"], "active": r["opened"] - r["closed"],
-                            "closed": r["closed"], "failed": r["failed"]},
-            "bytes": {"sent": r["sent"], "received": r["received"]},
-            "tcp_rtt_us": {"p50": percentile(samples, 50), "max": max(samples) if samples else None,
-                           "samples": len(samples)},
-            # L7: None where this node parsed no HTTP for the pair (not zero).
-            "requests": h["requests"] if h else None,
-            "success_rate": round(h["success"] / h["requests"], 6) if h and h["requests"] else None,
-            "latency_ms": {q: fine_percentile(h["latency"], n, growth) if h else None
-                           for q, n in (("p50", 50), ("p95", 95), ("p99", 99))},
-        })
+        out.append(
+            {
+                "source": r["source"],
+                "destination": r["destination"],
+                "reporter": r["reporter"],
+                "security": ",".join(sorted(r["security"])) or "-",
+                "connections": {
+                    "total": r["opened"],
+                    "active": r["opened"] - r["closed"],
+                    "closed": r["closed"],
+                    "failed": r["failed"],
+                },
+                "bytes": {"sent": r["sent"], "received": r["received"]},
+                "tcp_rtt_us": {
+                    "p50": percentile(samples, 50),
+                    "max": max(samples) if samples else None,
+                    "samples": len(samples),
+                },
+                # L7: None where this node parsed no HTTP for the pair (not zero).
+                "requests": h["requests"] if h else None,
+                "success_rate": round(h["success"] / h["requests"], 6) if h and h["requests"] else None,
+                "latency_ms": {
+                    q: fine_percentile(h["latency"], n, growth) if h else None
+                    for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
+                },
+            }
+        )
     return out
 
 
-def _rtt_samples(views: Iterable[dict], workload_of: dict[str, tuple[str, str]]
-                 ) -> dict[tuple, list[int]]:
+def _rtt_samples(views: Iterable[dict], workload_of: dict[str, tuple[str, str]]) -> dict[tuple, list[int]]:
     """pair -> srtt (us) of every leg linked to one of its client legs."""
     views = list(views)
     by_cookie = {v["cookie"]: v for v in views}
@@ -206,13 +229,26 @@ def select(rows: list[dict], flt: StatsFilter) -> list[dict]:
 
 # --- formatting ----------------------------------------------------------------------
 
-COLUMNS = ("SOURCE", "DESTINATION", "SECURITY", "CONNS", "ACTIVE", "SENT", "RECEIVED",
-           "RTT P50", "RTT MAX", "REQUESTS", "SUCCESS", "P50", "P95", "P99")
+COLUMNS = (
+    "SOURCE",
+    "DESTINATION",
+    "SECURITY",
+    "CONNS",
+    "ACTIVE",
+    "SENT",
+    "RECEIVED",
+    "RTT P50",
+    "RTT MAX",
+    "REQUESTS",
+    "SUCCESS",
+    "P50",
+    "P95",
+    "P99",
+)
 
 
 def _name(end: dict) -> str:
-    return end["workload"] if end["namespace"] == UNKNOWN else \
-        f"{end['namespace']}/{end['workload']}"
+    return end["workload"] if end["namespace"] == UNKNOWN else f"{end['namespace']}/{end['workload']}"
 
 
 def _opt(v, fmt) -> str:
@@ -225,14 +261,25 @@ def format_table(rows: list[dict]) -> str:
     table = [list(COLUMNS)]
     for r in rows:
         lat = r["latency_ms"]
-        table.append([
-            _name(r["source"]), _name(r["destination"]), r["security"],
-            str(r["connections"]["total"]), str(r["connections"]["active"]),
-            human_bytes(r["bytes"]["sent"]), human_bytes(r["bytes"]["received"]),
-            human_us(r["tcp_rtt_us"]["p50"]), human_us(r["tcp_rtt_us"]["max"]),
-            _opt(r["requests"], str), _opt(r["success_rate"], lambda x: f"{x * 100:.1f}%"),
-            _opt(lat["p50"], lambda x: f"{x:g}ms"), _opt(lat["p95"], lambda x: f"{x:g}ms"),
-            _opt(lat["p99"], lambda x: f"{x:g}ms"),
-        ])
+        table.append(
+            [
+                _name(r["source"]),
+                _name(r["destination"]),
+                r["security"],
+                str(r["connections"]["total"]),
+                str(r["connections"]["active"]),
+                human_bytes(r["bytes"]["sent"]),
+                human_bytes(r["bytes"]["received"]),
+                human_us(r["tcp_rtt_us"]["p50"]),
+                human_us(r["tcp_rtt_us"]["max"]),
+                _opt(r["requests"], str),
+                _opt(r["success_rate"], lambda x: f"{x * 100:.1f}%"),
+                _opt(lat["p50"], lambda x: f"{x:g}ms"),
+                _opt(lat["p95"], lambda x: f"{x:g}ms"),
+                _opt(lat["p99"], lambda x: f"{x:g}ms"),
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )

@@ -90,16 +90,32 @@ ROLE_SERVER = 2
 ROLE_PROXY_OUTBOUND = 3
 ROLE_PROXY_TUNNEL = 4
 ROLE_PROXY_UPSTREAM = 5
-ROLES = {ROLE_NONE: "unknown", ROLE_CLIENT: "client", ROLE_SERVER: "server",
-         ROLE_PROXY_OUTBOUND: "proxy-outbound", ROLE_PROXY_TUNNEL: "proxy-tunnel",
-         ROLE_PROXY_UPSTREAM: "proxy-upstream"}
+ROLES = {
+    ROLE_NONE: "unknown",
+    ROLE_CLIENT: "client",
+    ROLE_SERVER: "server",
+    ROLE_PROXY_OUTBOUND: "proxy-outbound",
+    ROLE_PROXY_TUNNEL: "proxy-tunnel",
+    ROLE_PROXY_UPSTREAM: "proxy-upstream",
+}
 
 FLOW_F_EVICTED = 1  # ML_FLOW_F_EVICTED
 
 # BPF_TCP_* (include/uapi/linux/bpf.h), the values of MlFlow.state
-TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-              6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
-              11: "CLOSING", 12: "NEW_SYN_RECV"}
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+    12: "NEW_SYN_RECV",
+}
 TCP_CLOSE = 7
 
 
@@ -250,9 +266,8 @@ def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
     else:
         raw = addr.packed
         fam = AF_INET6
-    words = tuple(int.from_bytes(raw[i:i + 4], "little" if _LITTLE else "big")
-                  for i in range(0, 16, 4))
-    return fam, words  # type: ignore[return-value]
+    w0, w1, w2, w3 = (int.from_bytes(raw[i : i + 4], "little" if _LITTLE else "big") for i in range(0, 16, 4))
+    return fam, (w0, w1, w2, w3)
 
 
 def unpack_addr(family: int, words) -> str:

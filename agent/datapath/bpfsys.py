@@ -70,15 +70,46 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 
 # enum bpf_link_type
-LINK_TYPE_NAMES = {1: "raw_tracepoint", 2: "tracing", 3: "cgroup", 4: "iter", 5: "netns",
-                   6: "xdp", 7: "perf_event", 8: "kprobe_multi", 9: "struct_ops",
-                   10: "netfilter", 11: "tcx", 12: "uprobe_multi", 13: "netkit"}
-MAP_TYPE_NAMES = {1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array",
-                  5: "percpu_hash", 6: "percpu_array", 7: "stack_trace", 8: "cgroup_array",
-                  9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie", 15: "sockmap",
-                  18: "sockhash", 27: "ringbuf"}
-PROG_TYPE_NAMES = {3: "sched_cls", 13: "sock_ops", 18: "cgroup_sock_addr", 16: "sk_msg",
-                   14: "sk_skb", 8: "cgroup_skb", 9: "cgroup_sock"}
+LINK_TYPE_NAMES = {
+    1: "raw_tracepoint",
+    2: "tracing",
+    3: "cgroup",
+    4: "iter",
+    5: "netns",
+    6: "xdp",
+    7: "perf_event",
+    8: "kprobe_multi",
+    9: "struct_ops",
+    10: "netfilter",
+    11: "tcx",
+    12: "uprobe_multi",
+    13: "netkit",
+}
+MAP_TYPE_NAMES = {
+    1: "hash",
+    2: "array",
+    3: "prog_array",
+    4: "perf_event_array",
+    5: "percpu_hash",
+    6: "percpu_array",
+    7: "stack_trace",
+    8: "cgroup_array",
+    9: "lru_hash",
+    10: "lru_percpu_hash",
+    11: "lpm_trie",
+    15: "sockmap",
+    18: "sockhash",
+    27: "ringbuf",
+}
+PROG_TYPE_NAMES = {
+    3: "sched_cls",
+    13: "sock_ops",
+    18: "cgroup_sock_addr",
+    16: "sk_msg",
+    14: "sk_skb",
+    8: "cgroup_skb",
+    9: "cgroup_sock",
+}
 
 
 class BPFError(OSError):
@@ -105,6 +136,7 @@ def _ptr(buf) -> int:
 
 # --- objects -------------------------------------------------------------
 
+
 def obj_get(path: str, read_only: bool = False) -> int:
     """Open a pinned object; returns a new fd (caller closes)."""
     p = ctypes.create_string_buffer(os.fsencode(path))
@@ -118,6 +150,7 @@ def obj_pin(fd: int, path: str) -> None:
 
 
 # --- maps ----------------------------------------------------------------
+
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key, len(key))
@@ -169,6 +202,7 @@ def map_keys(fd: int, key_size: int, limit: int = 1 << 20):
 
 
 # --- info ----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MapInfo:
@@ -257,8 +291,8 @@ def obj_kind(fd: int) -> str:
 
 # --- programs and attachments ---------------------------------------------
 
-def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL",
-              expected_attach_type: int = 0) -> int:
+
+def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL", expected_attach_type: int = 0) -> int:
     """Load raw instructions (used by ``meshlet doctor`` to probe hooks)."""
     ib = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
@@ -266,9 +300,23 @@ def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL",
     buf = ctypes.create_string_buffer(128)
     # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
     # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-    struct.pack_into("=IIQQIIQII16sII", buf, 0, prog_type, len(insns) // 8, _ptr(ib),
-                     _ptr(lic), 1, len(log), _ptr(log), 0, 0, b"", 0,
-                     expected_attach_type)
+    struct.pack_into(
+        "=IIQQIIQII16sII",
+        buf,
+        0,
+        prog_type,
+        len(insns) // 8,
+        _ptr(ib),
+        _ptr(lic),
+        1,
+        len(log),
+        _ptr(log),
+        0,
+        0,
+        b"",
+        0,
+        expected_attach_type,
+    )
     try:
         return bpf(PROG_LOAD, buf)
     except BPFError as e:
@@ -276,8 +324,7 @@ def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL",
         raise BPFError(e.errno, f"{e.strerror}{': ' + msg if msg else ''}") from None
 
 
-def link_create(prog_fd: int, target_fd_or_ifindex: int, attach_type: int,
-                flags: int = 0) -> int:
+def link_create(prog_fd: int, target_fd_or_ifindex: int, attach_type: int, flags: int = 0) -> int:
     """BPF_LINK_CREATE: cgroup links take a cgroup dir fd, tcx links an ifindex."""
     return bpf(LINK_CREATE, _attr("=IIII", prog_fd, target_fd_or_ifindex, attach_type, flags))
 
@@ -286,8 +333,7 @@ def prog_query(target_fd_or_ifindex: int, attach_type: int, max_progs: int = 64)
     """Program ids attached to a cgroup (or, for tcx, to an ifindex)."""
     ids = (ctypes.c_uint32 * max_progs)()
     # target_fd, attach_type, query_flags, attach_flags, prog_ids, prog_cnt
-    buf = _attr("=IIIIQI", target_fd_or_ifindex, attach_type, 0, 0,
-                ctypes.addressof(ids), max_progs)
+    buf = _attr("=IIIIQI", target_fd_or_ifindex, attach_type, 0, 0, ctypes.addressof(ids), max_progs)
     bpf(PROG_QUERY, buf)
     cnt = struct.unpack_from("=I", buf, 24)[0]
     return list(ids[:cnt])

@@ -16,10 +16,10 @@ from . import abi, bpfsys
 
 @dataclass(frozen=True)
 class FlowOrigin:
-    family: int       # socket.AF_INET / AF_INET6
-    dst_ip: str       # original destination address
+    family: int  # socket.AF_INET / AF_INET6
+    dst_ip: str  # original destination address
     dst_port: int
-    cgroup_id: int    # cgroup of the task that called connect()
+    cgroup_id: int  # cgroup of the task that called connect()
     workload_id: int = 0
 
 

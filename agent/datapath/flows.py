@@ -82,6 +82,7 @@ def decode_flow(raw: bytes, wall_offset: float) -> dict:
 
 # --- links (written by the proxy) ---------------------------------------------
 
+
 class FlowLinker:
     """A handle on the pinned ``ml_flow_links`` map for the proxy: reopened
     when the pin is replaced (the agent reloaded the datapath).  The pin's
@@ -126,7 +127,7 @@ class FlowLinker:
                     raise
                 self._batch = False
         for i in range(0, len(keys), 8):
-            bpfsys.map_update(fd, keys[i:i + 8], values[i:i + 8])
+            bpfsys.map_update(fd, keys[i : i + 8], values[i : i + 8])
 
     def close(self) -> None:
         if self._fd is not None:
@@ -154,8 +155,7 @@ def _update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     k = ctypes.create_string_buffer(keys, len(keys))
     v = ctypes.create_string_buffer(values, len(values))
     # struct { in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags }
-    attr = bpfsys._attr("=QQQQIIQQ", 0, 0, ctypes.addressof(k), ctypes.addressof(v), count, fd,
-                        0, 0)
+    attr = bpfsys._attr("=QQQQIIQQ", 0, 0, ctypes.addressof(k), ctypes.addressof(v), count, fd, 0, 0)
     bpfsys.bpf(MAP_UPDATE_BATCH, attr)
     done = struct.unpack_from("=I", attr, 32)[0]
     if done != count:
@@ -163,6 +163,7 @@ def _update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
 
 
 # --- the reader --------------------------------------------------------------------
+
 
 class FlowReader:
     """Live flows from the LRU map, closed flows from the ring buffer.
@@ -173,8 +174,7 @@ class FlowReader:
     syscalls): call them through ``asyncio.to_thread``.
     """
 
-    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2,
-                 batch: float = 0.1):
+    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2, batch: float = 0.1):
         self.pin_dir = pin_dir
         self.closed: collections.deque[dict] = collections.deque(maxlen=closed_limit)
         self.closed_limit = closed_limit
@@ -191,8 +191,7 @@ class FlowReader:
         self._thread: threading.Thread | None = None
         self._wall = mono_to_wall_offset()
         self._seq = 0
-        self._events: collections.deque[tuple[int, str, dict]] = \
-            collections.deque(maxlen=closed_limit)
+        self._events: collections.deque[tuple[int, str, dict]] = collections.deque(maxlen=closed_limit)
         self._seen_live: set[int] = set()
 
     # --- ring buffer -------------------------------------------------------------------
@@ -287,8 +286,7 @@ class FlowReader:
         return {"live": live, "closed": closed, "links": links, "reader": self.status()}
 
     def status(self) -> dict:
-        return {"closed_buffered": len(self.closed), "closed_limit": self.closed_limit,
-                **self.counters}
+        return {"closed_buffered": len(self.closed), "closed_limit": self.closed_limit, **self.counters}
 
     # --- follow: new and closed flows as events ------------------------------------------
 
@@ -318,7 +316,7 @@ class FlowReader:
 
     # --- thread ---------------------------------------------------------------------
 
-    def start(self) -> "FlowReader":
+    def start(self) -> FlowReader:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="flow-reader", daemon=True)
         self._thread.start()
@@ -379,9 +377,17 @@ def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[byt
     first = True
     while True:
         # struct { in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags }
-        attr = bpfsys._attr("=QQQQIIQQ", 0 if first else ctypes.addressof(in_batch),
-                            ctypes.addressof(out_batch), ctypes.addressof(keys),
-                            ctypes.addressof(values), chunk, fd, 0, 0)
+        attr = bpfsys._attr(
+            "=QQQQIIQQ",
+            0 if first else ctypes.addressof(in_batch),
+            ctypes.addressof(out_batch),
+            ctypes.addressof(keys),
+            ctypes.addressof(values),
+            chunk,
+            fd,
+            0,
+            0,
+        )
         done = False
         try:
             bpfsys.bpf(MAP_LOOKUP_BATCH, attr)
@@ -391,7 +397,7 @@ def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[byt
             done = True  # the last (possibly partial) batch
         count = struct.unpack_from("=I", attr, 32)[0]
         raw = values.raw
-        out.extend(raw[i * value_size:(i + 1) * value_size] for i in range(count))
+        out.extend(raw[i * value_size : (i + 1) * value_size] for i in range(count))
         if done or count == 0:
             return out
         ctypes.memmove(in_batch, out_batch, len(out_batch))

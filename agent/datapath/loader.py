@@ -45,12 +45,12 @@ def bpf_dir() -> str:
     return os.path.normpath(os.path.join(here, "..", "..", "bpf"))
 
 
-FLOW_PROG = "ml_flow_ops"   # "ml_flows" is the 4-tuple map's name
+FLOW_PROG = "ml_flow_ops"  # "ml_flows" is the 4-tuple map's name
 
 
 @dataclass(frozen=True)
 class CgroupHook:
-    name: str           # program (function) name in sock.c
+    name: str  # program (function) name in sock.c
     prog_type: int
     attach_type: int
 
@@ -59,10 +59,8 @@ CGROUP_HOOKS = (
     CgroupHook("ml_connect4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_CONNECT),
     CgroupHook("ml_connect6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
     CgroupHook("ml_sockops", bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
-    CgroupHook("ml_getpeername4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR,
-               bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
-    CgroupHook("ml_getpeername6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR,
-               bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
+    CgroupHook("ml_getpeername4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
+    CgroupHook("ml_getpeername6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
     # flows.c: a second sock_ops program, its own link, attached after
     # ml_sockops so it runs after it (it ORs its callback flags onto ml_sockops').
     CgroupHook(FLOW_PROG, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
@@ -71,7 +69,7 @@ TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
 
-def cgroup_hooks(spec: "DatapathSpec") -> tuple[CgroupHook, ...]:
+def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     """The cgroup hooks this spec compiles and attaches."""
     return tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
 
@@ -87,7 +85,7 @@ class DatapathSpec:
 
     node: str
     pin_dir: str
-    cgroup: str                     # absolute cgroup v2 dir holding the node's pods
+    cgroup: str  # absolute cgroup v2 dir holding the node's pods
     redirect_ip4: str
     redirect_ip6: str | None
     outbound_port: int
@@ -97,10 +95,10 @@ class DatapathSpec:
     max_flows: int = 65536
     max_workloads: int = 4096
     tunnel_port: int = 15008
-    max_live_flows: int = 65536         # ml_live_flows (LRU) and ml_flow_links
-    flow_ringbuf_bytes: int = 1 << 20   # ml_flow_events; a power of two >= one page
+    max_live_flows: int = 65536  # ml_live_flows (LRU) and ml_flow_links
+    flow_ringbuf_bytes: int = 1 << 20  # ml_flow_events; a power of two >= one page
     flow_tracking: bool = field(default_factory=_flow_tracking_default)
-    max_l4_rules: int = 16384           # ml_l4_policy: connect-time L4 authorization entries
+    max_l4_rules: int = 16384  # ml_l4_policy: connect-time L4 authorization entries
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ class Datapath:
     spec: DatapathSpec
     maps: dict[str, int] = field(default_factory=dict)
     how: str = ""
-    _l4: dict[bytes, bytes] | None = None   # what ml_l4_policy holds (None: read it first)
+    _l4: dict[bytes, bytes] | None = None  # what ml_l4_policy holds (None: read it first)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -169,8 +167,7 @@ class Datapath:
             log.info("adopted pinned datapath in %s", self.spec.pin_dir)
         else:
             if os.listdir(self.spec.pin_dir):
-                log.info("pinned datapath in %s is stale or incomplete; reloading",
-                         self.spec.pin_dir)
+                log.info("pinned datapath in %s is stale or incomplete; reloading", self.spec.pin_dir)
                 self.teardown()
                 os.makedirs(self.spec.pin_dir, exist_ok=True)
             try:
@@ -200,18 +197,22 @@ class Datapath:
         try:
             return os.open(self.spec.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise DatapathError(f"cannot open node cgroup {self.spec.cgroup}: {e.strerror}; "
-                                "check 'cgroup:' in the config points at the cgroup v2 "
-                                "directory holding this node's pods") from e
+            raise DatapathError(
+                f"cannot open node cgroup {self.spec.cgroup}: {e.strerror}; "
+                "check 'cgroup:' in the config points at the cgroup v2 "
+                "directory holding this node's pods"
+            ) from e
 
     def _adoptable(self, rendered: Rendered) -> bool:
         pd = self.spec.pin_dir
         hooks = cgroup_hooks(self.spec)
-        needed = [os.path.join(pd, m) for m in abi.MAPS] + \
-            [os.path.join(pd, abi.EVENTS_DIR, m) for m in abi.RINGBUFS] + \
-            [os.path.join(pd, "progs", h.name) for h in hooks] + \
-            [os.path.join(pd, "progs", TC_PROG)] + \
-            [os.path.join(pd, "links", f"cgroup-{h.name}") for h in hooks]
+        needed = (
+            [os.path.join(pd, m) for m in abi.MAPS]
+            + [os.path.join(pd, abi.EVENTS_DIR, m) for m in abi.RINGBUFS]
+            + [os.path.join(pd, "progs", h.name) for h in hooks]
+            + [os.path.join(pd, "progs", TC_PROG)]
+            + [os.path.join(pd, "links", f"cgroup-{h.name}") for h in hooks]
+        )
         if not all(os.path.exists(p) for p in needed):
             return False
         try:
@@ -221,15 +222,19 @@ class Datapath:
             finally:
                 os.close(fd)
             meta = abi.MlMeta.from_buffer_copy(raw) if raw else None
-            if not meta or meta.source_hash != rendered.source_hash \
-                    or meta.abi_version != abi.ABI_VERSION:
+            if not meta or meta.source_hash != rendered.source_hash or meta.abi_version != abi.ABI_VERSION:
                 return False
             cgid = cg.cgroup_id(self.spec.cgroup)
             for h in hooks:
                 info = _pinned_link_info(os.path.join(pd, "links", f"cgroup-{h.name}"))
                 prog = _pinned_prog_info(os.path.join(pd, "progs", h.name))
-                if info is None or prog is None or info.prog_id != prog.id \
-                        or info.target != cgid or info.attach_type != h.attach_type:
+                if (
+                    info is None
+                    or prog is None
+                    or info.prog_id != prog.id
+                    or info.target != cgid
+                    or info.attach_type != h.attach_type
+                ):
                     return False
         except OSError:
             return False
@@ -237,15 +242,19 @@ class Datapath:
 
     def _load(self, rendered: Rendered) -> None:
         try:
-            from bcc import BPF  # noqa: heavy import, agent only
+            from bcc import BPF  # heavy (LLVM, ~60 MB): imported only when compiling
         except ImportError as e:
-            raise DatapathError("cannot import bcc: install python3-bpfcc and use a venv made "
-                                "with --system-site-packages (run the README's bootstrap)") from e
+            raise DatapathError(
+                "cannot import bcc: install python3-bpfcc and use a venv made "
+                "with --system-site-packages (run the README's bootstrap)"
+            ) from e
         try:
             b = BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
         except Exception as e:
-            raise DatapathError(f"bcc failed to compile the datapath: {e}; run 'meshlet doctor' "
-                                "(kernel headers under /lib/modules/$(uname -r)/build?)") from e
+            raise DatapathError(
+                f"bcc failed to compile the datapath: {e}; run 'meshlet doctor' "
+                "(kernel headers under /lib/modules/$(uname -r)/build?)"
+            ) from e
         try:
             progs = {}
             hooks = cgroup_hooks(self.spec)
@@ -274,18 +283,19 @@ class Datapath:
                     except OSError as e:
                         raise DatapathError(
                             f"cannot attach {h.name} to {self.spec.cgroup}: {e.strerror}; "
-                            "run 'meshlet doctor'") from e
+                            "run 'meshlet doctor'"
+                        ) from e
                     try:
-                        bpfsys.obj_pin(lfd, os.path.join(self.spec.pin_dir, "links",
-                                                         f"cgroup-{h.name}"))
+                        bpfsys.obj_pin(lfd, os.path.join(self.spec.pin_dir, "links", f"cgroup-{h.name}"))
                     finally:
                         os.close(lfd)
             finally:
                 os.close(cgfd)
         finally:
             b.cleanup()
-        log.info("datapath compiled, loaded and pinned in %s (cgroup %s)",
-                 self.spec.pin_dir, self.spec.cgroup)
+        log.info(
+            "datapath compiled, loaded and pinned in %s (cgroup %s)", self.spec.pin_dir, self.spec.cgroup
+        )
 
     def _open_maps(self) -> None:
         self.close()
@@ -316,21 +326,24 @@ class Datapath:
     def sync_excludes(self) -> None:
         want_ports = {bytes(ctypes.c_uint16(p)) for p in self.spec.exclude_ports}
         _sync_set(self.maps["ml_excl_ports"], 2, want_ports, b"\x01")
-        want4, want6 = set(), set()
+        want4: set[bytes] = set()
+        want6: set[bytes] = set()
         for cidr in self.spec.exclude_cidrs:
             k = abi.cidr_key(cidr)
             (want4 if isinstance(k, abi.MlCidr4Key) else want6).add(bytes(k))
         _sync_set(self.maps["ml_excl_cidr4"], ctypes.sizeof(abi.MlCidr4Key), want4, b"\x01")
         _sync_set(self.maps["ml_excl_cidr6"], ctypes.sizeof(abi.MlCidr6Key), want6, b"\x01")
 
-    def sync_workloads(self, by_cgroup: dict[int, WorkloadEntry],
-                       by_ip: dict[str, WorkloadEntry]) -> dict[str, int]:
+    def sync_workloads(
+        self, by_cgroup: dict[int, WorkloadEntry], by_ip: dict[str, WorkloadEntry]
+    ) -> dict[str, int]:
         """Make ml_enrolled and ml_pod_ips hold exactly these entries; returns
         counts of what changed."""
-        enrolled = {bytes(ctypes.c_uint64(cgid)): bytes(abi.MlWorkload(w.workload_id, w.mode))
-                    for cgid, w in by_cgroup.items()}
-        ips = {bytes(abi.ip_key(ip)): bytes(abi.MlWorkload(w.workload_id, w.mode))
-               for ip, w in by_ip.items()}
+        enrolled = {
+            bytes(ctypes.c_uint64(cgid)): bytes(abi.MlWorkload(w.workload_id, w.mode))
+            for cgid, w in by_cgroup.items()
+        }
+        ips = {bytes(abi.ip_key(ip)): bytes(abi.MlWorkload(w.workload_id, w.mode)) for ip, w in by_ip.items()}
         a = _sync_map(self.maps["ml_enrolled"], 8, enrolled)
         b = _sync_map(self.maps["ml_pod_ips"], ctypes.sizeof(abi.MlIpKey), ips)
         return {"enrolled_changed": a, "pod_ips_changed": b}
@@ -350,8 +363,10 @@ class Datapath:
                     have[k] = v
             self._l4 = have
         have = self._l4
-        want = {bytes(abi.l4_key(wid, ip, port)): bytes(abi.MlL4Verdict(pid, action))
-                for (wid, ip, port), (action, pid) in entries.items()}
+        want = {
+            bytes(abi.l4_key(wid, ip, port)): bytes(abi.MlL4Verdict(pid, action))
+            for (wid, ip, port), (action, pid) in entries.items()
+        }
 
         def deny(v: bytes) -> bool:
             return abi.MlL4Verdict.from_buffer_copy(v).action == abi.L4_DENY
@@ -394,8 +409,9 @@ class Datapath:
         return read_l4_denied(self.maps["ml_l4_denied"])
 
     def enrolled_cgroups(self) -> set[int]:
-        return {ctypes.c_uint64.from_buffer_copy(k).value
-                for k in bpfsys.map_keys(self.maps["ml_enrolled"], 8)}
+        return {
+            ctypes.c_uint64.from_buffer_copy(k).value for k in bpfsys.map_keys(self.maps["ml_enrolled"], 8)
+        }
 
     def stats(self) -> dict[str, int]:
         return read_stats(self.maps["ml_stats"])
@@ -413,15 +429,15 @@ class Datapath:
             if not name.startswith("tc-"):
                 continue
             path = os.path.join(links_dir, name)
-            _, idx, ifname = name.split("-", 2)
+            _, idx_s, ifname = name.split("-", 2)
+            idx = int(idx_s)
             info = _pinned_link_info(path)
-            alive = info is not None and info.target == int(idx) and \
-                netlink.ifindex_alive(int(idx), ifname)
-            if not alive or wanted.get(int(idx)) != ifname:
+            alive = info is not None and info.target == idx and netlink.ifindex_alive(idx, ifname)
+            if not alive or wanted.get(idx) != ifname:
                 _detach_pinned_link(path)
             else:
-                have[int(idx)] = ifname
-        errors = []
+                have[idx] = ifname
+        errors: list[str] = []
         prog_path = os.path.join(self.spec.pin_dir, "progs", TC_PROG)
         missing = {i: n for i, n in wanted.items() if i not in have}
         if not missing:
@@ -444,6 +460,7 @@ class Datapath:
 
 
 # --- helpers shared with `meshlet bpf status` --------------------------------
+
 
 def _pinned_link_info(path: str) -> bpfsys.LinkInfo | None:
     try:
@@ -556,6 +573,5 @@ def read_stats(fd: int) -> dict[str, int]:
     out = {}
     for i, name in enumerate(abi.STATS):
         raw = bpfsys.map_lookup(fd, bytes(ctypes.c_uint32(i)), 8 * ncpu)
-        out[name] = sum(int.from_bytes(raw[j:j + 8], "little") for j in range(0, len(raw), 8)) \
-            if raw else 0
+        out[name] = sum(int.from_bytes(raw[j : j + 8], "little") for j in range(0, len(raw), 8)) if raw else 0
     return out

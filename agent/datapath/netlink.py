@@ -11,7 +11,7 @@ def route_oif(ip: str) -> tuple[int, str] | None:
     with IPRoute() as ipr:
         try:
             routes = ipr.route("get", dst=ip)
-        except Exception:  # NetlinkError: no route / unreachable
+        except Exception:  # noqa: BLE001 - NetlinkError (no route, unreachable) or any other: no route
             return None
         if not routes:
             return None
@@ -29,6 +29,6 @@ def ifindex_alive(ifindex: int, name: str) -> bool:
     with IPRoute() as ipr:
         try:
             links = ipr.get_links(ifindex)
-        except Exception:
+        except Exception:  # noqa: BLE001 - NetlinkError (no such link) or any other: not alive
             return False
         return bool(links) and links[0].get_attr("IFLA_IFNAME") == name

@@ -25,7 +25,7 @@ from agent import cgroup
 from agent.datapath import bpfsys
 
 # r0 = 1; exit — a valid program for every type probed here (1 = allow/pass).
-TRIVIAL_PROG = bytes.fromhex("b700000001000000" "9500000000000000")
+TRIVIAL_PROG = bytes.fromhex("b7000000010000009500000000000000")
 
 # bpf(2) numbers bpfsys does not need for anything else.
 MAP_CREATE = 0
@@ -57,8 +57,7 @@ def _probe_name() -> str:
 
 def prog_loads(prog_type: int, expected_attach_type: int = 0) -> None:
     """The kernel accepts a program of this type (and attach type)."""
-    os.close(bpfsys.prog_load(prog_type, TRIVIAL_PROG,
-                              expected_attach_type=expected_attach_type))
+    os.close(bpfsys.prog_load(prog_type, TRIVIAL_PROG, expected_attach_type=expected_attach_type))
 
 
 def sockhash_creates() -> None:
@@ -69,21 +68,27 @@ def sockhash_creates() -> None:
     os.close(bpfsys.bpf(MAP_CREATE, attr))
 
 
-def cgroup_link_works(cgroup_root: str,
-                      attach_type: int = bpfsys.ATTACH_CGROUP_INET4_CONNECT) -> None:
+def cgroup_link_works(cgroup_root: str, attach_type: int = bpfsys.ATTACH_CGROUP_INET4_CONNECT) -> None:
     """BPF_LINK_CREATE attaches a cgroup/connect program to a temporary child
     cgroup of ``cgroup_root``; closing the link fd detaches it."""
     child = os.path.join(cgroup_root, _probe_name())
     os.mkdir(child)
     try:
-        with _closing(os.open(child, os.O_RDONLY | os.O_DIRECTORY)) as cg_fd, \
-                _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, TRIVIAL_PROG,
-                                          expected_attach_type=attach_type)) as prog_fd, \
-                _closing(bpfsys.link_create(prog_fd, cg_fd, attach_type)) as link_fd:
+        with (
+            _closing(os.open(child, os.O_RDONLY | os.O_DIRECTORY)) as cg_fd,
+            _closing(
+                bpfsys.prog_load(
+                    bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, TRIVIAL_PROG, expected_attach_type=attach_type
+                )
+            ) as prog_fd,
+            _closing(bpfsys.link_create(prog_fd, cg_fd, attach_type)) as link_fd,
+        ):
             info = bpfsys.link_info(link_fd)
             if info.type != LINK_TYPE_CGROUP or info.target != cgroup.cgroup_id(child):
-                raise OSError(f"link created but reports type {info.type_name} on "
-                              f"cgroup id {info.target}, expected cgroup {child}")
+                raise OSError(
+                    f"link created but reports type {info.type_name} on "
+                    f"cgroup id {info.target}, expected cgroup {child}"
+                )
     finally:
         os.rmdir(child)
 
@@ -100,7 +105,7 @@ def _run_in_netns(netns_path: str, fn: Callable[[], None]) -> None:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns({netns_path}): {os.strerror(err)}")
             fn()
-        except BaseException as e:  # handed to the caller's thread
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which re-raises it
             errors.append(e)
 
     t = threading.Thread(target=body, name="meshlet-netns-probe")
@@ -125,14 +130,20 @@ def tcx_link_works(attach_type: int = bpfsys.ATTACH_TCX_EGRESS) -> None:
     name = _probe_name()
     _ip("netns", "add", name)
     try:
+
         def attach() -> None:
             ifindex = socket.if_nametoindex("lo")
-            with _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, TRIVIAL_PROG)) as prog_fd, \
-                    _closing(bpfsys.link_create(prog_fd, ifindex, attach_type)) as link_fd:
+            with (
+                _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, TRIVIAL_PROG)) as prog_fd,
+                _closing(bpfsys.link_create(prog_fd, ifindex, attach_type)) as link_fd,
+            ):
                 info = bpfsys.link_info(link_fd)
                 if info.type != LINK_TYPE_TCX or info.target != ifindex:
-                    raise OSError(f"link created but reports type {info.type_name} on "
-                                  f"ifindex {info.target}, expected tcx on {ifindex}")
+                    raise OSError(
+                        f"link created but reports type {info.type_name} on "
+                        f"ifindex {info.target}, expected tcx on {ifindex}"
+                    )
+
         _run_in_netns(f"/run/netns/{name}", attach)
     finally:
         _ip("netns", "delete", name)

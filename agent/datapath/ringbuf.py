@@ -54,8 +54,9 @@ class RingBuffer:
     at ``data_offset`` (``size`` bytes, optionally followed by its mirror).
     """
 
-    def __init__(self, consumer, producer, size: int, data_offset: int, fd: int | None = None,
-                 maps: tuple = ()):
+    def __init__(
+        self, consumer, producer, size: int, data_offset: int, fd: int | None = None, maps: tuple = ()
+    ):
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ring buffer size must be a power of two, got {size}")
         self.consumer = consumer
@@ -87,10 +88,11 @@ class RingBuffer:
         """``n`` bytes at data offset ``off``, wrapping at ``size``."""
         start = self.data_offset + off
         if off + n <= self.size:
-            return bytes(self.producer[start:start + n])
+            return bytes(self.producer[start : start + n])
         first = self.size - off
-        return bytes(self.producer[start:start + first]) + \
-            bytes(self.producer[self.data_offset:self.data_offset + n - first])
+        return bytes(self.producer[start : start + first]) + bytes(
+            self.producer[self.data_offset : self.data_offset + n - first]
+        )
 
     def drain(self, limit: int | None = None) -> list[bytes]:
         """Consume committed records (at most ``limit``) and return their

@@ -16,10 +16,17 @@ def _fill(fd: int, info: bpfsys.MapInfo) -> int | None:
 
 
 def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
-    out: dict = {"pin_dir": pin_dir, "present": os.path.isdir(pin_dir),
-                 "maps": [], "programs": [], "links": [], "counters": {},
-                 "cgroup": cgroup_dir, "cgroup_attachments": {},
-                 "l4_policy": {}}
+    out: dict = {
+        "pin_dir": pin_dir,
+        "present": os.path.isdir(pin_dir),
+        "maps": [],
+        "programs": [],
+        "links": [],
+        "counters": {},
+        "cgroup": cgroup_dir,
+        "cgroup_attachments": {},
+        "l4_policy": {},
+    }
     if not out["present"]:
         return out
     for name in sorted(os.listdir(pin_dir)):
@@ -29,9 +36,17 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
         fd = bpfsys.obj_get(path)
         try:
             info = bpfsys.map_info(fd)
-            out["maps"].append({"name": name, "id": info.id, "type": info.type_name,
-                                "key_size": info.key_size, "value_size": info.value_size,
-                                "max_entries": info.max_entries, "entries": _fill(fd, info)})
+            out["maps"].append(
+                {
+                    "name": name,
+                    "id": info.id,
+                    "type": info.type_name,
+                    "key_size": info.key_size,
+                    "value_size": info.value_size,
+                    "max_entries": info.max_entries,
+                    "entries": _fill(fd, info),
+                }
+            )
             if name == "ml_stats":
                 out["counters"] = read_stats(fd)
             elif name == "ml_l4_policy":
@@ -39,7 +54,8 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
                 out["l4_policy"]["capacity"] = info.max_entries
             elif name == "ml_l4_denied":
                 out["l4_policy"]["denied_by_policy_id"] = {
-                    str(k): v for k, v in sorted(read_l4_denied(fd).items())}
+                    str(k): v for k, v in sorted(read_l4_denied(fd).items())
+                }
         finally:
             os.close(fd)
     if out["l4_policy"]:
@@ -59,12 +75,17 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
         fd = bpfsys.obj_get(os.path.join(links_dir, name))
         try:
             li = bpfsys.link_info(fd)
-            out["links"].append({
-                "name": name, "id": li.id, "type": li.type_name, "prog_id": li.prog_id,
-                "attach": bpfsys.ATTACH_TYPE_NAMES.get(li.attach_type, str(li.attach_type)),
-                ("cgroup_id" if li.type == 3 else "ifindex"): li.target,
-                "attached": li.target != 0,
-            })
+            out["links"].append(
+                {
+                    "name": name,
+                    "id": li.id,
+                    "type": li.type_name,
+                    "prog_id": li.prog_id,
+                    "attach": bpfsys.ATTACH_TYPE_NAMES.get(li.attach_type, str(li.attach_type)),
+                    ("cgroup_id" if li.type == 3 else "ifindex"): li.target,
+                    "attached": li.target != 0,
+                }
+            )
         finally:
             os.close(fd)
     if cgroup_dir and os.path.isdir(cgroup_dir):
@@ -76,4 +97,3 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
         finally:
             os.close(cfd)
     return out
-

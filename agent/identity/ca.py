@@ -41,15 +41,23 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from .certs import (
-    TrustBundle, authority_key_id, cert_fingerprint, cert_to_pem, generate_key, key_to_pem, key_usage,
-    load_certs_pem, load_key_pem, random_serial,
+    TrustBundle,
+    authority_key_id,
+    cert_fingerprint,
+    cert_to_pem,
+    generate_key,
+    key_to_pem,
+    key_usage,
+    load_certs_pem,
+    load_key_pem,
+    random_serial,
 )
 from .spiffe import SpiffeId
 
@@ -103,9 +111,18 @@ class CaLayout:
 
 # --- public operations -------------------------------------------------------
 
-def init_ca(out_dir: str, trust_domain: str, nodes: list[str], *, root_ttl: timedelta = ROOT_TTL,
-            node_ttl: timedelta = NODE_TTL, now: datetime | None = None, force: bool = False,
-            name_constraints: bool = True) -> CaLayout:
+
+def init_ca(
+    out_dir: str,
+    trust_domain: str,
+    nodes: list[str],
+    *,
+    root_ttl: timedelta = ROOT_TTL,
+    node_ttl: timedelta = NODE_TTL,
+    now: datetime | None = None,
+    force: bool = False,
+    name_constraints: bool = True,
+) -> CaLayout:
     """Create a root and one intermediate per node in ``out_dir``.
 
     Refuses if ``out_dir`` already holds a CA, unless ``force`` (which
@@ -120,12 +137,19 @@ def init_ca(out_dir: str, trust_domain: str, nodes: list[str], *, root_ttl: time
     with _locked(out_dir):
         if _holds_ca(out_dir):
             if not force:
-                raise CaError(f"{out_dir} already holds a CA; use add_node/rotate_root to change it, or "
-                              "force=True (meshlet ca init --force) to replace it and every node's intermediate")
+                raise CaError(
+                    f"{out_dir} already holds a CA; use add_node/rotate_root to change it, or "
+                    "force=True (meshlet ca init --force) to replace it and every node's intermediate"
+                )
             _remove_ca_files(out_dir)
         root, root_key = _make_root(trust_domain, root_ttl, now)
-        state = {"version": STATE_VERSION, "trust_domain": trust_domain, "name_constraints": name_constraints,
-                 "current_root": _serial(root), "roots": []}
+        state = {
+            "version": STATE_VERSION,
+            "trust_domain": trust_domain,
+            "name_constraints": name_constraints,
+            "current_root": _serial(root),
+            "roots": [],
+        }
         _store_root(out_dir, state, root, root_key)
         _save_state(out_dir, state)
         _write_derived(out_dir, state)
@@ -142,11 +166,19 @@ def load_ca(out_dir: str) -> CaLayout:
     key_path = os.path.join(out_dir, cur["key_file"])
     with open(key_path, "rb") as f:
         root_key = load_key_pem(f.read())
-    return CaLayout(out_dir=out_dir, trust_domain=state["trust_domain"], root_cert=root, root_key=root_key,
-                    bundle=_bundle(out_dir, state), node_dirs=_node_dirs(out_dir))
+    return CaLayout(
+        out_dir=out_dir,
+        trust_domain=state["trust_domain"],
+        root_cert=root,
+        root_key=root_key,
+        bundle=_bundle(out_dir, state),
+        node_dirs=_node_dirs(out_dir),
+    )
 
 
-def add_node(out_dir: str, node: str, *, node_ttl: timedelta = NODE_TTL, now: datetime | None = None) -> NodePaths:
+def add_node(
+    out_dir: str, node: str, *, node_ttl: timedelta = NODE_TTL, now: datetime | None = None
+) -> NodePaths:
     """Issue an intermediate for a new node from the current root."""
     _check_node_name(node)
     with _locked(out_dir):
@@ -156,8 +188,9 @@ def add_node(out_dir: str, node: str, *, node_ttl: timedelta = NODE_TTL, now: da
         return _issue_node(out_dir, state, node, node_ttl, _now(now))
 
 
-def reissue_node(out_dir: str, node: str, *, node_ttl: timedelta = NODE_TTL,
-                 now: datetime | None = None) -> NodePaths:
+def reissue_node(
+    out_dir: str, node: str, *, node_ttl: timedelta = NODE_TTL, now: datetime | None = None
+) -> NodePaths:
     """Replace a node's intermediate (new key) with one from the current root.
     SVIDs the old intermediate signed stay valid while its root is in the bundle."""
     _check_node_name(node)
@@ -207,11 +240,16 @@ def retire_root(out_dir: str, fingerprint_or_serial: str, *, force: bool = False
         if not entry["in_bundle"]:
             raise CaError(f"root {entry['serial']} is already retired")
         root = _read_cert(os.path.join(out_dir, entry["file"]))
-        still = sorted(n for n, d in _node_dirs(out_dir).items()
-                       if _issued_by(_read_cert(os.path.join(d, "ca.pem")), root))
+        still = sorted(
+            n
+            for n, d in _node_dirs(out_dir).items()
+            if _issued_by(_read_cert(os.path.join(d, "ca.pem")), root)
+        )
         if still and not force:
-            raise CaError(f"root {entry['serial']} still signs the intermediate of node(s) {', '.join(still)}; "
-                          "reissue_node them first (their SVIDs would stop verifying), or force=True")
+            raise CaError(
+                f"root {entry['serial']} still signs the intermediate of node(s) {', '.join(still)}; "
+                "reissue_node them first (their SVIDs would stop verifying), or force=True"
+            )
         entry["in_bundle"] = False
         _save_state(out_dir, state)
         _write_derived(out_dir, state)
@@ -223,56 +261,80 @@ def retire_root(out_dir: str, fingerprint_or_serial: str, *, force: bool = False
 
 # --- certificates ------------------------------------------------------------
 
+
 def _make_root(trust_domain: str, ttl: timedelta, now: datetime):
     key = generate_key()
     serial = random_serial()
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} root {now:%Y-%m-%d}"),
-        # two roots made the same day must not share a subject name
-        x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
-    ])
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + ttl)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_CA_KU, critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} root {now:%Y-%m-%d}"),
+            # two roots made the same day must not share a subject name
+            x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_KU, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
-def _make_intermediate(trust_domain: str, node: str, root: x509.Certificate, root_key, ttl: timedelta,
-                       now: datetime, name_constraints: bool):
+def _make_intermediate(
+    trust_domain: str,
+    node: str,
+    root: x509.Certificate,
+    root_key,
+    ttl: timedelta,
+    now: datetime,
+    name_constraints: bool,
+):
     key = generate_key()
     serial = random_serial()
     not_after = min(now + ttl, root.not_valid_after_utc)
     if not_after <= now:
-        raise CaError(f"the current root expired at {root.not_valid_after_utc.isoformat()}; rotate_root first")
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([
-             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
-             x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} node {node}"),
-             x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
-         ]))
-         .issuer_name(root.subject)
-         .public_key(key.public_key())
-         .serial_number(serial)
-         .not_valid_before(max(now - BACKDATE, root.not_valid_before_utc))
-         .not_valid_after(not_after)
-         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-         .add_extension(_CA_KU, critical=True)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-         .add_extension(authority_key_id(root), critical=False))
+        raise CaError(
+            f"the current root expired at {root.not_valid_after_utc.isoformat()}; rotate_root first"
+        )
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} node {node}"),
+                    x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
+                ]
+            )
+        )
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(max(now - BACKDATE, root.not_valid_before_utc))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KU, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(authority_key_id(root), critical=False)
+    )
     if name_constraints:
         # RFC 5280 4.2.1.10: a URI constraint without a leading '.' is the
         # exact host, i.e. the trust domain (subdomains are other domains)
-        b = b.add_extension(x509.NameConstraints(
-            permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)], excluded_subtrees=None),
-            critical=True)
+        b = b.add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)], excluded_subtrees=None
+            ),
+            critical=True,
+        )
     return b.sign(root_key, hashes.SHA256()), key
 
 
@@ -281,8 +343,9 @@ def _issue_node(out_dir: str, state: dict, node: str, ttl: timedelta, now: datet
     root = _read_cert(os.path.join(out_dir, cur["file"]))
     with open(os.path.join(out_dir, cur["key_file"]), "rb") as f:
         root_key = load_key_pem(f.read())
-    cert, key = _make_intermediate(state["trust_domain"], node, root, root_key, ttl, now,
-                                   state.get("name_constraints", True))
+    cert, key = _make_intermediate(
+        state["trust_domain"], node, root, root_key, ttl, now, state.get("name_constraints", True)
+    )
     p = _node_paths(out_dir, node)
     os.makedirs(p.dir, mode=0o700, exist_ok=True)
     # key first: a ca.pem never names a key that is not there yet
@@ -301,13 +364,20 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 # --- state -------------------------------------------------------------------
 
+
 def _store_root(out_dir: str, state: dict, root: x509.Certificate, root_key) -> None:
     serial = _serial(root)
-    entry = {"serial": serial, "fingerprint": cert_fingerprint(root), "file": f"root-{serial}.pem",
-             "key_file": f"root-{serial}-key.pem", "in_bundle": True,
-             "not_after": root.not_valid_after_utc.isoformat()}
-    _write(os.path.join(out_dir, entry["key_file"]), key_to_pem(root_key), 0o600)
-    _write(os.path.join(out_dir, entry["file"]), cert_to_pem(root), 0o644)
+    cert_file, key_file = f"root-{serial}.pem", f"root-{serial}-key.pem"
+    entry = {
+        "serial": serial,
+        "fingerprint": cert_fingerprint(root),
+        "file": cert_file,
+        "key_file": key_file,
+        "in_bundle": True,
+        "not_after": root.not_valid_after_utc.isoformat(),
+    }
+    _write(os.path.join(out_dir, key_file), key_to_pem(root_key), 0o600)
+    _write(os.path.join(out_dir, cert_file), cert_to_pem(root), 0o644)
     state["roots"].append(entry)
 
 
@@ -330,12 +400,15 @@ def _load_state(out_dir: str) -> dict:
         with open(path) as f:
             state = json.load(f)
     except FileNotFoundError:
-        raise CaError(f"{out_dir} holds no meshlet CA ({STATE_FILE} is missing); run init_ca "
-                      "(meshlet ca init) first") from None
+        raise CaError(
+            f"{out_dir} holds no meshlet CA ({STATE_FILE} is missing); run init_ca (meshlet ca init) first"
+        ) from None
     except json.JSONDecodeError as e:
         raise CaError(f"{path} is corrupt ({e})") from None
     if state.get("version") != STATE_VERSION:
-        raise CaError(f"{path} has version {state.get('version')!r}; this meshlet reads version {STATE_VERSION}")
+        raise CaError(
+            f"{path} has version {state.get('version')!r}; this meshlet reads version {STATE_VERSION}"
+        )
     return state
 
 
@@ -383,8 +456,9 @@ def _node_paths(out_dir: str, node: str) -> NodePaths:
 
 
 def _holds_ca(out_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(out_dir, n)) for n in (STATE_FILE, "root.pem", "root-key.pem")) \
-        or bool(_node_dirs(out_dir))
+    return any(
+        os.path.exists(os.path.join(out_dir, n)) for n in (STATE_FILE, "root.pem", "root-key.pem")
+    ) or bool(_node_dirs(out_dir))
 
 
 def _remove_ca_files(out_dir: str) -> None:
@@ -401,6 +475,7 @@ def _remove_ca_files(out_dir: str) -> None:
 
 
 # --- files ---------------------------------------------------------------------
+
 
 def _write(path: str, data: bytes, mode: int) -> None:
     """Atomically replace ``path`` with ``data``, created with ``mode``."""
@@ -444,8 +519,10 @@ def _locked(out_dir: str):
 
 def _check_node_name(node: str) -> None:
     if not isinstance(node, str) or not NODE_NAME.match(node):
-        raise CaError(f"node name {node!r} is not allowed; use letters, digits, '.', '-', '_' "
-                      "(starting and ending with a letter or digit)")
+        raise CaError(
+            f"node name {node!r} is not allowed; use letters, digits, '.', '-', '_' "
+            "(starting and ending with a letter or digit)"
+        )
 
 
 def _serial(cert: x509.Certificate) -> str:
@@ -454,7 +531,7 @@ def _serial(cert: x509.Certificate) -> str:
 
 def _now(now: datetime | None) -> datetime:
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(timezone.utc))")
     return now

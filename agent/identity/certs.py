@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -65,11 +65,23 @@ __all__ = [
     "check_name_constraints",
 ]
 
-REASONS = frozenset({
-    "expired", "not_yet_valid", "unknown_ca", "wrong_trust_domain", "multiple_uri_sans",
-    "no_uri_san", "spiffe_id_in_dns_san", "leaf_is_ca", "bad_spiffe_id", "bad_key_usage",
-    "bad_chain", "wrong_identity", "bad_csr",
-})
+REASONS = frozenset(
+    {
+        "expired",
+        "not_yet_valid",
+        "unknown_ca",
+        "wrong_trust_domain",
+        "multiple_uri_sans",
+        "no_uri_san",
+        "spiffe_id_in_dns_san",
+        "leaf_is_ca",
+        "bad_spiffe_id",
+        "bad_key_usage",
+        "bad_chain",
+        "wrong_identity",
+        "bad_csr",
+    }
+)
 
 CLOCK_SKEW = timedelta(minutes=1)
 """How far back an issued SVID's not_before is set, for peers whose clock is behind."""
@@ -77,10 +89,15 @@ MAX_PATH_DEPTH = 8
 """Most certificates between leaf and root that verify_svid will follow."""
 
 # Critical extensions verify_svid understands; any other critical one is refused.
-_UNDERSTOOD_CRITICAL = frozenset({
-    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE, ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-    ExtensionOID.NAME_CONSTRAINTS, ExtensionOID.EXTENDED_KEY_USAGE,
-})
+_UNDERSTOOD_CRITICAL = frozenset(
+    {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.NAME_CONSTRAINTS,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+    }
+)
 
 
 class SvidError(Exception):
@@ -119,12 +136,14 @@ class TrustBundle:
     def fingerprint(self) -> str:
         """sha256 hex over the sorted roots' DER digests: independent of order,
         changes iff the set of roots changes."""
-        digests = sorted(hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest()
-                         for c in self.roots)
+        digests = sorted(
+            hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).digest() for c in self.roots
+        )
         return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
 # --- keys and PEM ------------------------------------------------------------
+
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
     """A fresh ECDSA P-256 private key."""
@@ -133,8 +152,9 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
 
 def key_to_pem(key) -> bytes:
     """Unencrypted PKCS#8 PEM (protect it with file permissions)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_key_pem(pem: bytes):
@@ -150,8 +170,9 @@ def load_certs_pem(pem: bytes) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError as e:
-        raise ValueError(f"no valid PEM certificate found ({e}); expected '-----BEGIN CERTIFICATE-----' "
-                         "blocks") from None
+        raise ValueError(
+            f"no valid PEM certificate found ({e}); expected '-----BEGIN CERTIFICATE-----' blocks"
+        ) from None
 
 
 def cert_fingerprint(cert: x509.Certificate) -> str:
@@ -161,18 +182,29 @@ def cert_fingerprint(cert: x509.Certificate) -> str:
 
 # --- issuing -----------------------------------------------------------------
 
+
 def make_csr(spiffe_id: SpiffeId, key) -> bytes:
     """A PEM CSR with an empty subject and exactly one URI SAN, nothing else."""
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
-                          critical=False)
-           .sign(key, hashes.SHA256()))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def sign_workload_csr(csr_pem: bytes, *, expected: SpiffeId, issuer_cert: x509.Certificate, issuer_key,
-                      ttl: timedelta, now: datetime | None = None) -> x509.Certificate:
+def sign_workload_csr(
+    csr_pem: bytes,
+    *,
+    expected: SpiffeId,
+    issuer_cert: x509.Certificate,
+    issuer_key,
+    ttl: timedelta,
+    now: datetime | None = None,
+) -> x509.Certificate:
     """Issue an SVID for ``expected`` from a CSR (profile in the module docstring).
 
     Refuses unless the CSR parses (``bad_csr``), its signature verifies and it
@@ -184,8 +216,10 @@ def sign_workload_csr(csr_pem: bytes, *, expected: SpiffeId, issuer_cert: x509.C
     if not isinstance(expected, SpiffeId):
         raise TypeError("expected must be a SpiffeId")
     if expected.path == "":
-        raise SvidError("bad_spiffe_id", f"{expected} is a trust domain ID, not a workload ID; "
-                        "SVIDs are issued for IDs with a path")
+        raise SvidError(
+            "bad_spiffe_id",
+            f"{expected} is a trust domain ID, not a workload ID; SVIDs are issued for IDs with a path",
+        )
     if ttl <= timedelta(0):
         raise ValueError(f"ttl must be positive, not {ttl}")
     if _public_der(issuer_key.public_key()) != _public_der(issuer_cert.public_key()):
@@ -197,11 +231,16 @@ def sign_workload_csr(csr_pem: bytes, *, expected: SpiffeId, issuer_cert: x509.C
     except (ValueError, UnsupportedAlgorithm) as e:
         raise SvidError("bad_csr", f"cannot parse the CSR ({e}); send one PEM CERTIFICATE REQUEST") from None
     if not sig_ok:
-        raise SvidError("wrong_identity", "CSR signature does not verify: the requester does not hold the key")
+        raise SvidError(
+            "wrong_identity", "CSR signature does not verify: the requester does not hold the key"
+        )
     uris = [n.value for n in requested if isinstance(n, x509.UniformResourceIdentifier)]
     if len(requested) != 1 or len(uris) != 1:
-        raise SvidError("wrong_identity", f"CSR must carry exactly one SAN, the URI {expected}; it has "
-                        f"{len(uris)} URI SAN(s) and {len(requested) - len(uris)} other SAN(s)")
+        raise SvidError(
+            "wrong_identity",
+            f"CSR must carry exactly one SAN, the URI {expected}; it has "
+            f"{len(uris)} URI SAN(s) and {len(requested) - len(uris)} other SAN(s)",
+        )
     try:
         asked = parse_spiffe_id(uris[0])
     except SpiffeIdError as e:
@@ -213,29 +252,39 @@ def sign_workload_csr(csr_pem: bytes, *, expected: SpiffeId, issuer_cert: x509.C
         raise SvidError("wrong_trust_domain", f"the issuer may not sign {expected}: {problem}")
     public_key = csr.public_key()
     if not isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
-        raise SvidError("bad_csr", f"CSR key type {type(public_key).__name__} is not supported; use ECDSA or RSA")
+        raise SvidError(
+            "bad_csr", f"CSR key type {type(public_key).__name__} is not supported; use ECDSA or RSA"
+        )
 
     not_before = max(now - CLOCK_SKEW, issuer_cert.not_valid_before_utc)
     not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
     if not_after <= now:
-        raise SvidError("expired", f"issuer {issuer_cert.subject.rfc4514_string()} expired at "
-                        f"{issuer_cert.not_valid_after_utc.isoformat()}; reissue the node CA")
+        raise SvidError(
+            "expired",
+            f"issuer {issuer_cert.subject.rfc4514_string()} expired at "
+            f"{issuer_cert.not_valid_after_utc.isoformat()}; reissue the node CA",
+        )
     ku_rsa = isinstance(public_key, rsa.RSAPublicKey)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet")]))
-               .issuer_name(issuer_cert.subject)
-               .public_key(public_key)
-               .serial_number(random_serial())
-               .not_valid_before(not_before)
-               .not_valid_after(not_after)
-               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(expected))]),
-                              critical=False)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(key_usage(digital_signature=True, key_encipherment=ku_rsa), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                     ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-               .add_extension(authority_key_id(issuer_cert), critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet")]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(public_key)
+        .serial_number(random_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(expected))]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage(digital_signature=True, key_encipherment=ku_rsa), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(authority_key_id(issuer_cert), critical=False)
+    )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -244,13 +293,21 @@ def random_serial() -> int:
     return secrets.randbits(128) or 1
 
 
-def key_usage(*, digital_signature=False, key_encipherment=False, key_cert_sign=False,
-              crl_sign=False) -> x509.KeyUsage:
+def key_usage(
+    *, digital_signature=False, key_encipherment=False, key_cert_sign=False, crl_sign=False
+) -> x509.KeyUsage:
     """KeyUsage with only the named bits set."""
-    return x509.KeyUsage(digital_signature=digital_signature, content_commitment=False,
-                         key_encipherment=key_encipherment, data_encipherment=False, key_agreement=False,
-                         key_cert_sign=key_cert_sign, crl_sign=crl_sign, encipher_only=False,
-                         decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -259,7 +316,9 @@ def authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifi
         ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())
+        # An issuer's key signs, so it is never one of the key-exchange-only
+        # types (X25519, X448, ...) that public_key() may also return.
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())  # type: ignore[arg-type]
 
 
 def _csr_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
@@ -270,14 +329,21 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
 
 
 def _public_der(public_key) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 # --- verifying ---------------------------------------------------------------
 
-def verify_svid(chain: list[x509.Certificate], bundle: TrustBundle, *, now: datetime | None = None,
-                expected: SpiffeId | None = None) -> SpiffeId:
+
+def verify_svid(
+    chain: list[x509.Certificate],
+    bundle: TrustBundle,
+    *,
+    now: datetime | None = None,
+    expected: SpiffeId | None = None,
+) -> SpiffeId:
     """The verified SPIFFE ID of ``chain[0]``; raises SvidError otherwise.
 
     ``chain`` is what a TLS peer sends: the leaf first, then intermediates.
@@ -297,8 +363,11 @@ def verify_svid(chain: list[x509.Certificate], bundle: TrustBundle, *, now: date
     leaf_ext = _extensions(leaf)
     bc = _ext(leaf_ext, x509.BasicConstraints)
     if bc is not None and bc.ca:
-        raise SvidError("leaf_is_ca", "the leaf certificate is a CA (BasicConstraints CA=true); "
-                        "a CA certificate cannot be a workload's SVID")
+        raise SvidError(
+            "leaf_is_ca",
+            "the leaf certificate is a CA (BasicConstraints CA=true); "
+            "a CA certificate cannot be a workload's SVID",
+        )
     ku = _ext(leaf_ext, x509.KeyUsage)
     if ku is None or not ku.digital_signature:
         raise SvidError("bad_key_usage", "the leaf's KeyUsage lacks digitalSignature")
@@ -307,8 +376,10 @@ def verify_svid(chain: list[x509.Certificate], bundle: TrustBundle, *, now: date
 
     sid = leaf_spiffe_id(leaf)
     if sid.trust_domain != bundle.trust_domain:
-        raise SvidError("wrong_trust_domain", f"{sid} is not in trust domain {bundle.trust_domain!r}; "
-                        "federation is not configured")
+        raise SvidError(
+            "wrong_trust_domain",
+            f"{sid} is not in trust domain {bundle.trust_domain!r}; federation is not configured",
+        )
     dns = [n.value for n in _sans(leaf) if isinstance(n, x509.DNSName)]
     problem = check_name_constraints(path[1:] + [anchor], sid, dns)
     if problem:
@@ -325,8 +396,9 @@ def leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
     uris = [n.value for n in sans if isinstance(n, x509.UniformResourceIdentifier)]
     if not uris:
         if any(isinstance(n, x509.DNSName) and n.value.lower().startswith("spiffe://") for n in sans):
-            raise SvidError("spiffe_id_in_dns_san", "the SPIFFE ID is in a DNS SAN; X.509-SVIDs carry it "
-                            "as a URI SAN")
+            raise SvidError(
+                "spiffe_id_in_dns_san", "the SPIFFE ID is in a DNS SAN; X.509-SVIDs carry it as a URI SAN"
+            )
         raise SvidError("no_uri_san", "the leaf has no URI SAN, so no SPIFFE ID")
     if len(uris) > 1:
         raise SvidError("multiple_uri_sans", f"the leaf has {len(uris)} URI SANs; an SVID has exactly one")
@@ -336,8 +408,9 @@ def leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:
         raise SvidError("bad_spiffe_id", f"URI SAN {uris[0][:100]!r} is not a SPIFFE ID: {e}") from None
 
 
-def _build_path(leaf: x509.Certificate, pool: list[x509.Certificate], bundle: TrustBundle
-                ) -> tuple[list[x509.Certificate], x509.Certificate]:
+def _build_path(
+    leaf: x509.Certificate, pool: list[x509.Certificate], bundle: TrustBundle
+) -> tuple[list[x509.Certificate], x509.Certificate]:
     """[leaf, intermediates...] and the bundle root that signs the last one."""
     path = [leaf]
     unused = list(pool)
@@ -348,9 +421,12 @@ def _build_path(leaf: x509.Certificate, pool: list[x509.Certificate], bundle: Tr
                 return path, root
         nxt = next((c for c in unused if _signed_by(current, c)), None)
         if nxt is None:
-            raise SvidError("unknown_ca", f"no root of the {bundle.trust_domain!r} bundle signs the chain "
-                            f"(it ends at issuer {current.issuer.rfc4514_string()!r}); the peer's CA is "
-                            "not trusted — is bundle.pem current?")
+            raise SvidError(
+                "unknown_ca",
+                f"no root of the {bundle.trust_domain!r} bundle signs the chain "
+                f"(it ends at issuer {current.issuer.rfc4514_string()!r}); the peer's CA is "
+                "not trusted — is bundle.pem current?",
+            )
         if len(path) > MAX_PATH_DEPTH:
             raise SvidError("bad_chain", f"the chain is longer than {MAX_PATH_DEPTH} certificates")
         unused.remove(nxt)
@@ -369,12 +445,18 @@ def _check_path(path: list[x509.Certificate], anchor: x509.Certificate) -> None:
     for cert in path + [anchor]:
         for e in _extensions(cert):
             if e.critical and e.oid not in _UNDERSTOOD_CRITICAL:
-                raise SvidError("bad_chain", f"certificate {cert.subject.rfc4514_string()!r} has an "
-                                f"unsupported critical extension {e.oid.dotted_string}")
+                raise SvidError(
+                    "bad_chain",
+                    f"certificate {cert.subject.rfc4514_string()!r} has an "
+                    f"unsupported critical extension {e.oid.dotted_string}",
+                )
     for cert in path:
         if isinstance(cert.signature_hash_algorithm, (hashes.SHA1, hashes.MD5)):
-            raise SvidError("bad_chain", f"certificate {cert.subject.rfc4514_string()!r} is signed with "
-                            f"{cert.signature_hash_algorithm.name}, which is too weak")
+            raise SvidError(
+                "bad_chain",
+                f"certificate {cert.subject.rfc4514_string()!r} is signed with "
+                f"{cert.signature_hash_algorithm.name}, which is too weak",
+            )
     # Intermediates: path[1:]. The anchor is trusted as configured, but its
     # path length still applies.
     for depth, cert in enumerate(path[1:] + [anchor], start=1):
@@ -389,18 +471,24 @@ def _check_path(path: list[x509.Certificate], anchor: x509.Certificate) -> None:
                 raise SvidError("bad_chain", f"intermediate {name!r} lacks KeyUsage keyCertSign")
         below = depth - 1  # CA certificates between this one and the leaf
         if bc is not None and bc.path_length is not None and below > bc.path_length:
-            raise SvidError("bad_chain", f"CA {name!r} allows {bc.path_length} intermediate(s) below it, "
-                            f"the chain has {below}")
+            raise SvidError(
+                "bad_chain",
+                f"CA {name!r} allows {bc.path_length} intermediate(s) below it, the chain has {below}",
+            )
 
 
 def _check_validity(cert: x509.Certificate, now: datetime, *, is_leaf: bool) -> None:
     what = "the leaf" if is_leaf else f"CA {cert.subject.rfc4514_string()!r}"
     if now < cert.not_valid_before_utc:
-        raise SvidError("not_yet_valid", f"{what} is valid only from {cert.not_valid_before_utc.isoformat()} "
-                        f"(now {now.isoformat()}); check the clocks")
+        raise SvidError(
+            "not_yet_valid",
+            f"{what} is valid only from {cert.not_valid_before_utc.isoformat()} "
+            f"(now {now.isoformat()}); check the clocks",
+        )
     if now > cert.not_valid_after_utc:
-        raise SvidError("expired", f"{what} expired at {cert.not_valid_after_utc.isoformat()} "
-                        f"(now {now.isoformat()})")
+        raise SvidError(
+            "expired", f"{what} expired at {cert.not_valid_after_utc.isoformat()} (now {now.isoformat()})"
+        )
 
 
 def check_name_constraints(cas: list[x509.Certificate], sid: SpiffeId, dns_names: list[str]) -> str | None:
@@ -416,9 +504,13 @@ def check_name_constraints(cas: list[x509.Certificate], sid: SpiffeId, dns_names
         ca_name = ca.subject.rfc4514_string()
         for subtree in (nc.permitted_subtrees or []) + (nc.excluded_subtrees or []):
             if not isinstance(subtree, (x509.UniformResourceIdentifier, x509.DNSName)):
-                return f"CA {ca_name!r} has a {type(subtree).__name__} name constraint, which is not supported"
-        for kind, names, match in ((x509.UniformResourceIdentifier, [sid.trust_domain], _uri_host_matches),
-                                   (x509.DNSName, dns_names, _dns_matches)):
+                return (
+                    f"CA {ca_name!r} has a {type(subtree).__name__} name constraint, which is not supported"
+                )
+        for kind, names, match in (
+            (x509.UniformResourceIdentifier, [sid.trust_domain], _uri_host_matches),
+            (x509.DNSName, dns_names, _dns_matches),
+        ):
             permitted = [s.value for s in nc.permitted_subtrees or [] if isinstance(s, kind)]
             excluded = [s.value for s in nc.excluded_subtrees or [] if isinstance(s, kind)]
             for name in names:
@@ -445,8 +537,9 @@ def _extensions(cert: x509.Certificate) -> x509.Extensions:
     try:
         return cert.extensions
     except ValueError as e:
-        raise SvidError("bad_chain", f"certificate {cert.subject.rfc4514_string()!r} has malformed "
-                        f"extensions: {e}") from None
+        raise SvidError(
+            "bad_chain", f"certificate {cert.subject.rfc4514_string()!r} has malformed extensions: {e}"
+        ) from None
 
 
 def _ext(extensions: x509.Extensions, cls):
@@ -463,13 +556,14 @@ def _sans(cert: x509.Certificate) -> list[x509.GeneralName]:
 
 def _now(now: datetime | None) -> datetime:
     if now is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (e.g. datetime.now(timezone.utc))")
     return now
 
 
 # --- display -----------------------------------------------------------------
+
 
 def svid_info(cert: x509.Certificate) -> dict:
     """What ``meshlet certs`` shows about one certificate. ``spiffe_id`` is the

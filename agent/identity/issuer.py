@@ -41,7 +41,7 @@ class IdentityFilesError(RuntimeError):
 @dataclass
 class CaMaterial:
     bundle: TrustBundle
-    ca_chain: list[x509.Certificate]   # node intermediate (and anything above it but the root)
+    ca_chain: list[x509.Certificate]  # node intermediate (and anything above it but the root)
     ca_key: object
 
     @property
@@ -51,13 +51,16 @@ class CaMaterial:
 
 def load_material(trust_domain: str, bundle_path: str, cert_path: str, key_path: str) -> CaMaterial:
     """Read and cross-check the node's CA files."""
+
     def read(path: str, what: str) -> bytes:
         try:
             with open(path, "rb") as f:
                 return f.read()
         except OSError as e:
-            raise IdentityFilesError(f"cannot read {what} {path}: {e.strerror}; create CA material "
-                                     "with 'meshlet ca init' and point identity.* at it") from e
+            raise IdentityFilesError(
+                f"cannot read {what} {path}: {e.strerror}; create CA material "
+                "with 'meshlet ca init' and point identity.* at it"
+            ) from e
 
     try:
         bundle = TrustBundle.from_pem(trust_domain, read(bundle_path, "trust bundle"))
@@ -75,10 +78,17 @@ def load_material(trust_domain: str, bundle_path: str, cert_path: str, key_path:
         key = serialization.load_pem_private_key(read(key_path, "node CA key"), password=None)
     except (ValueError, TypeError) as e:
         raise IdentityFilesError(f"{key_path}: not an unencrypted PEM private key: {e}") from e
-    pub = chain[0].public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    if key.public_key().public_bytes(serialization.Encoding.DER,
-                                     serialization.PublicFormat.SubjectPublicKeyInfo) != pub:
+    pub = (
+        chain[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    if (
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        != pub
+    ):
         raise IdentityFilesError(f"{key_path} is not the key of {cert_path}")
     try:
         bc = chain[0].extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -97,7 +107,7 @@ class NodeIssuer:
     material: CaMaterial
     ttl: timedelta
     node: str
-    allowed: frozenset[str] = frozenset()    # SPIFFE IDs of enrolled pods on this node
+    allowed: frozenset[str] = frozenset()  # SPIFFE IDs of enrolled pods on this node
     counters: dict[str, int] = field(default_factory=dict)
 
     def _count(self, key: str) -> None:
@@ -110,22 +120,29 @@ class NodeIssuer:
         except SpiffeIdError as e:
             self._refuse("bad_spiffe_id", f"{identity!r}: {e}")
         if sid.trust_domain != self.trust_domain:
-            self._refuse("wrong_trust_domain",
-                         f"{identity} is not in trust domain {self.trust_domain}")
+            self._refuse("wrong_trust_domain", f"{identity} is not in trust domain {self.trust_domain}")
         if str(sid) not in self.allowed:
-            self._refuse("not_on_node",
-                         f"no enrolled pod on node {self.node} runs as {identity}; a node signs "
-                         "only identities of its own pods")
+            self._refuse(
+                "not_on_node",
+                f"no enrolled pod on node {self.node} runs as {identity}; a node signs "
+                "only identities of its own pods",
+            )
         try:
-            leaf = sign_workload_csr(csr_pem, expected=sid, issuer_cert=self.material.ca_cert,
-                                     issuer_key=self.material.ca_key, ttl=self.ttl)
+            leaf = sign_workload_csr(
+                csr_pem,
+                expected=sid,
+                issuer_cert=self.material.ca_cert,
+                issuer_key=self.material.ca_key,
+                ttl=self.ttl,
+            )
         except SvidError as e:
             self._refuse(e.reason, str(e))
         except ValueError as e:
             self._refuse("bad_csr", str(e))
         self._count("issued")
-        log.info("issued %s (serial %x, expires %s)", sid, leaf.serial_number,
-                 leaf.not_valid_after_utc.isoformat())
+        log.info(
+            "issued %s (serial %x, expires %s)", sid, leaf.serial_number, leaf.not_valid_after_utc.isoformat()
+        )
         chain = cert_to_pem(leaf) + b"".join(cert_to_pem(c) for c in self.material.ca_chain)
         return chain, leaf
 

@@ -118,7 +118,7 @@ def parse_spiffe_id(s: str) -> SpiffeId:
     size = _utf8_len(s)
     if size > MAX_ID_BYTES:
         raise SpiffeIdError(f"SPIFFE ID is {size} bytes long; at most {MAX_ID_BYTES} are allowed")
-    rest = s[len(SCHEME_PREFIX):]
+    rest = s[len(SCHEME_PREFIX) :]
     slash = rest.find("/")
     if slash < 0:
         trust_domain, path = rest, ""
@@ -158,15 +158,18 @@ def _check_trust_domain(td: object) -> None:
             raise SpiffeIdError(msg)
     if len(td) > MAX_TRUST_DOMAIN:
         raise SpiffeIdError(
-            f"SPIFFE ID trust domain is {len(td)} characters long; at most {MAX_TRUST_DOMAIN} are allowed")
+            f"SPIFFE ID trust domain is {len(td)} characters long; at most {MAX_TRUST_DOMAIN} are allowed"
+        )
     bad = [c for c in td if c not in TRUST_DOMAIN_CHARS]
     if bad:
         if any(c.isupper() for c in bad):
             raise SpiffeIdError(
                 f"SPIFFE ID trust domain {td[:64]!r} has uppercase letters; trust domains are lowercase "
-                f"(write {td.lower()[:64]!r})")
+                f"(write {td.lower()[:64]!r})"
+            )
         raise SpiffeIdError(
-            f"SPIFFE ID trust domain has character {bad[0]!r}; only a-z 0-9 '.' '-' '_' are allowed")
+            f"SPIFFE ID trust domain has character {bad[0]!r}; only a-z 0-9 '.' '-' '_' are allowed"
+        )
 
 
 def _check_path(path: object) -> None:
@@ -195,4 +198,5 @@ def _check_segment(seg: str) -> None:
     bad = [c for c in seg if c not in PATH_SEGMENT_CHARS]
     if bad:
         raise SpiffeIdError(
-            f"SPIFFE ID path segment has character {bad[0]!r}; only A-Z a-z 0-9 '.' '-' '_' are allowed")
+            f"SPIFFE ID path segment has character {bad[0]!r}; only A-Z a-z 0-9 '.' '-' '_' are allowed"
+        )

@@ -60,17 +60,27 @@ its verdicts never contradict :func:`evaluate` (a Hypothesis test checks it).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, cast
 
 from agent.identity.spiffe import SpiffeId
 
 from .model import Action, Condition, ConditionKey, Operation, Policy, PolicySet, Rule, Source
 
 __all__ = [
-    "Request", "Decision", "RuleRef", "RuleTrace", "evaluate", "explain", "rule_mismatch",
-    "L4Rule", "L4Plan", "L4Verdict", "compile_l4",
+    "Request",
+    "Decision",
+    "RuleRef",
+    "RuleTrace",
+    "evaluate",
+    "explain",
+    "rule_mismatch",
+    "L4Rule",
+    "L4Plan",
+    "L4Verdict",
+    "compile_l4",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -106,11 +116,13 @@ class Request:
         elif self.method is not None or self.path is not None or self.host is not None or self.headers:
             raise ValueError("method, path, host and headers exist only when is_http is true")
         object.__setattr__(self, "destination_labels", MappingProxyType(dict(self.destination_labels)))
-        object.__setattr__(self, "headers", MappingProxyType(
-            {k.lower(): tuple(v) for k, v in self.headers.items()}))
+        object.__setattr__(
+            self, "headers", MappingProxyType({k.lower(): tuple(v) for k, v in self.headers.items()})
+        )
 
-    def with_http(self, method: str, path: str, host: str | None,
-                  headers: Mapping[str, tuple[str, ...]]) -> "Request":
+    def with_http(
+        self, method: str, path: str, host: str | None, headers: Mapping[str, tuple[str, ...]]
+    ) -> Request:
         """This connection's request as one HTTP request, for the per-request
         path: the inputs must already be what __post_init__ would make of
         them (the parser's normalized path and host, ``header_multimap``'s
@@ -175,10 +187,15 @@ class Decision:
     origin: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "action": self.action, "policy": self.policy,
-                "rule": self.rule, "reason": self.reason, "origin": self.origin,
-                "audited": [{"policy": a.policy, "rule": a.rule, "origin": a.origin}
-                            for a in self.audited]}
+        return {
+            "allowed": self.allowed,
+            "action": self.action,
+            "policy": self.policy,
+            "rule": self.rule,
+            "reason": self.reason,
+            "origin": self.origin,
+            "audited": [{"policy": a.policy, "rule": a.rule, "origin": a.origin} for a in self.audited],
+        }
 
 
 @dataclass(frozen=True)
@@ -213,8 +230,9 @@ def _any_value(p, values: tuple[str, ...]) -> bool:
     return any(p.matches(v) for v in values)
 
 
-def _field(name: str, values: tuple, not_values: tuple, actual: Any,
-           one: Callable[[Any, Any], bool], shown: str) -> str | None:
+def _field(
+    name: str, values: tuple, not_values: tuple, actual: Any, one: Callable[[Any, Any], bool], shown: str
+) -> str | None:
     """Why a field does not match (None when it does)."""
     if values and not any(one(v, actual) for v in values):
         return f"{name}: {shown} is not {_fmt(values)}"
@@ -233,20 +251,36 @@ def _fmt(values: tuple) -> str:
 def _source_mismatch(s: Source, req: Request) -> str | None:
     principal = req.principal
     shown_p = principal or "no verified principal"
-    return (_field("principals", s.principals, s.not_principals, principal, _pat, shown_p)
-            or _field("namespaces", s.namespaces, s.not_namespaces, req.source_namespace, _pat,
-                      req.source_namespace or "no verified namespace")
-            or _field("ipBlocks", s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in,
-                      str(req.source_ip or "unknown source IP")))
+    return (
+        _field("principals", s.principals, s.not_principals, principal, _pat, shown_p)
+        or _field(
+            "namespaces",
+            s.namespaces,
+            s.not_namespaces,
+            req.source_namespace,
+            _pat,
+            req.source_namespace or "no verified namespace",
+        )
+        or _field(
+            "ipBlocks",
+            s.ip_blocks,
+            s.not_ip_blocks,
+            req.source_ip,
+            _ip_in,
+            str(req.source_ip or "unknown source IP"),
+        )
+    )
 
 
 def _operation_mismatch(op: Operation, req: Request, drop_l7: bool) -> str | None:
     why = _field("ports", op.ports, op.not_ports, req.destination_port, _eq, str(req.destination_port))
     if why or drop_l7:
         return why
-    return (_field("methods", op.methods, op.not_methods, req.method, _pat, str(req.method))
-            or _field("paths", op.paths, op.not_paths, req.path, _pat, str(req.path))
-            or _field("hosts", op.hosts, op.not_hosts, req.host, _pat, req.host or "no host"))
+    return (
+        _field("methods", op.methods, op.not_methods, req.method, _pat, str(req.method))
+        or _field("paths", op.paths, op.not_paths, req.path, _pat, str(req.path))
+        or _field("hosts", op.hosts, op.not_hosts, req.host, _pat, req.host or "no host")
+    )
 
 
 def _condition_mismatch(c: Condition, req: Request) -> str | None:
@@ -256,15 +290,27 @@ def _condition_mismatch(c: Condition, req: Request) -> str | None:
         shown = "absent" if not vals else ", ".join(repr(v) for v in vals)
         return _field(c.written_key, c.values, c.not_values, vals, _any_value, shown)
     if k is ConditionKey.SOURCE_IP:
-        return _field(k.value, c.values, c.not_values, req.source_ip, _ip_in,
-                      str(req.source_ip or "unknown source IP"))
+        return _field(
+            k.value, c.values, c.not_values, req.source_ip, _ip_in, str(req.source_ip or "unknown source IP")
+        )
     if k is ConditionKey.SOURCE_NAMESPACE:
-        return _field(k.value, c.values, c.not_values, req.source_namespace, _pat,
-                      req.source_namespace or "no verified namespace")
+        return _field(
+            k.value,
+            c.values,
+            c.not_values,
+            req.source_namespace,
+            _pat,
+            req.source_namespace or "no verified namespace",
+        )
     if k is ConditionKey.SOURCE_PRINCIPAL:
-        return _field(k.value, c.values, c.not_values, req.principal, _pat,
-                      req.principal or "no verified principal")
+        return _field(
+            k.value, c.values, c.not_values, req.principal, _pat, req.principal or "no verified principal"
+        )
     return _field(k.value, c.values, c.not_values, req.destination_port, _eq, str(req.destination_port))
+
+
+def _join_whys(whys: list[str]) -> str:
+    return whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys))
 
 
 def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | None:
@@ -276,11 +322,11 @@ def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | N
     if rule.sources:
         whys = [_source_mismatch(s, req) for s in rule.sources]
         if all(whys):
-            return "from: " + (whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys)))
+            return "from: " + _join_whys(cast("list[str]", whys))  # all() above: no None left
     if rule.operations:
         whys = [_operation_mismatch(o, req, drop_l7) for o in rule.operations]
         if all(whys):
-            return "to: " + (whys[0] if len(whys) == 1 else "; ".join(f"[{i}] {w}" for i, w in enumerate(whys)))
+            return "to: " + _join_whys(cast("list[str]", whys))  # all() above: no None left
     for c in rule.conditions:
         if drop_l7 and c.is_l7:
             continue
@@ -297,8 +343,11 @@ def _trace_rule(p: Policy, i: int, rule: Rule, req: Request) -> RuleTrace:
     if not req.is_http and rule.is_l7:
         fields = ", ".join(rule.l7_fields)
         if p.action is Action.ALLOW:
-            return t("ignored", f"uses HTTP-only fields ({fields}) and this connection is not HTTP; "
-                                "such ALLOW rules never match")
+            return t(
+                "ignored",
+                f"uses HTTP-only fields ({fields}) and this connection is not HTTP; "
+                "such ALLOW rules never match",
+            )
         why = rule_mismatch(rule, req, drop_l7=True)
         note = f"HTTP-only fields ({fields}) dropped on a non-HTTP connection"
         return t("no match", f"{why} ({note})") if why else t("matched", note)
@@ -323,8 +372,16 @@ def explain(policyset: PolicySet, req: Request) -> tuple[Decision, tuple[RuleTra
             if p.action is not action:
                 continue
             if not p.rules:
-                traces.append(RuleTrace(p.key, p.action, -1, "no match",
-                                        "policy has no rules, so it matches nothing", p.origin))
+                traces.append(
+                    RuleTrace(
+                        p.key,
+                        p.action,
+                        -1,
+                        "no match",
+                        "policy has no rules, so it matches nothing",
+                        p.origin,
+                    )
+                )
             for i, rule in enumerate(p.rules):
                 tr = _trace_rule(p, i, rule, req)
                 traces.append(tr)
@@ -339,22 +396,47 @@ def explain(policyset: PolicySet, req: Request) -> tuple[Decision, tuple[RuleTra
                     allow = tr
     aud = tuple(audited)
     if deny is not None:
-        d = Decision(False, "DENY", deny.policy, deny.rule,
-                     f"denied by DENY policy {deny.policy} rule {deny.rule}"
-                     + (f" ({deny.detail})" if deny.detail else ""), aud, deny.origin)
+        d = Decision(
+            False,
+            "DENY",
+            deny.policy,
+            deny.rule,
+            f"denied by DENY policy {deny.policy} rule {deny.rule}"
+            + (f" ({deny.detail})" if deny.detail else ""),
+            aud,
+            deny.origin,
+        )
     elif not allow_policies:
-        d = Decision(True, "NO_POLICY", None, None,
-                     "allowed: no ALLOW policy applies to this workload", aud)
+        d = Decision(True, "NO_POLICY", None, None, "allowed: no ALLOW policy applies to this workload", aud)
     elif allow is not None:
-        d = Decision(True, "ALLOW", allow.policy, allow.rule,
-                     f"allowed by ALLOW policy {allow.policy} rule {allow.rule}", aud, allow.origin)
+        d = Decision(
+            True,
+            "ALLOW",
+            allow.policy,
+            allow.rule,
+            f"allowed by ALLOW policy {allow.policy} rule {allow.rule}",
+            aud,
+            allow.origin,
+        )
     else:
         names = ", ".join(p.key for p in allow_policies)
         ignored = [t for t in traces if t.action is Action.ALLOW and t.outcome == "ignored"]
-        extra = (f"; {len(ignored)} ALLOW rule(s) were ignored because they use HTTP-only fields "
-                 "on a non-HTTP connection") if ignored else ""
-        d = Decision(False, "NO_MATCH", None, None,
-                     f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}", aud)
+        extra = (
+            (
+                f"; {len(ignored)} ALLOW rule(s) were ignored because they use HTTP-only fields "
+                "on a non-HTTP connection"
+            )
+            if ignored
+            else ""
+        )
+        d = Decision(
+            False,
+            "NO_MATCH",
+            None,
+            None,
+            f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}",
+            aud,
+        )
     return d, tuple(traces)
 
 
@@ -369,9 +451,11 @@ def _ok(values: tuple, not_values: tuple, actual: Any, one: Callable[[Any, Any],
 
 
 def _source_ok(s: Source, req: Request) -> bool:
-    return (_ok(s.principals, s.not_principals, req.principal, _pat)
-            and _ok(s.namespaces, s.not_namespaces, req.source_namespace, _pat)
-            and _ok(s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in))
+    return (
+        _ok(s.principals, s.not_principals, req.principal, _pat)
+        and _ok(s.namespaces, s.not_namespaces, req.source_namespace, _pat)
+        and _ok(s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in)
+    )
 
 
 def _operation_ok(op: Operation, req: Request, drop_l7: bool) -> bool:
@@ -379,9 +463,11 @@ def _operation_ok(op: Operation, req: Request, drop_l7: bool) -> bool:
         return False
     if drop_l7:
         return True
-    return (_ok(op.methods, op.not_methods, req.method, _pat)
-            and _ok(op.paths, op.not_paths, req.path, _pat)
-            and _ok(op.hosts, op.not_hosts, req.host, _pat))
+    return (
+        _ok(op.methods, op.not_methods, req.method, _pat)
+        and _ok(op.paths, op.not_paths, req.path, _pat)
+        and _ok(op.hosts, op.not_hosts, req.host, _pat)
+    )
 
 
 def _condition_ok(c: Condition, req: Request) -> bool:
@@ -461,20 +547,38 @@ def evaluate(policyset: PolicySet, req: Request) -> Decision:
     if deny is not None:
         p, i = deny
         tr = _trace_rule(p, i, p.rules[i], req)
-        return Decision(False, "DENY", p.key, i, f"denied by DENY policy {p.key} rule {i}"
-                        + (f" ({tr.detail})" if tr.detail else ""), aud, p.rules[i].origin)
+        return Decision(
+            False,
+            "DENY",
+            p.key,
+            i,
+            f"denied by DENY policy {p.key} rule {i}" + (f" ({tr.detail})" if tr.detail else ""),
+            aud,
+            p.rules[i].origin,
+        )
     if not allow_policies:
-        return Decision(True, "NO_POLICY", None, None,
-                        "allowed: no ALLOW policy applies to this workload", aud)
+        return Decision(
+            True, "NO_POLICY", None, None, "allowed: no ALLOW policy applies to this workload", aud
+        )
     if allow is not None:
         p, i = allow
-        return Decision(True, "ALLOW", p.key, i, f"allowed by ALLOW policy {p.key} rule {i}", aud,
-                        p.rules[i].origin)
+        return Decision(
+            True, "ALLOW", p.key, i, f"allowed by ALLOW policy {p.key} rule {i}", aud, p.rules[i].origin
+        )
     names = ", ".join(p.key for p in applying if p.action is Action.ALLOW)
-    extra = (f"; {ignored} ALLOW rule(s) were ignored because they use HTTP-only fields "
-             "on a non-HTTP connection") if ignored else ""
-    return Decision(False, "NO_MATCH", None, None,
-                    f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}", aud)
+    extra = (
+        (f"; {ignored} ALLOW rule(s) were ignored because they use HTTP-only fields on a non-HTTP connection")
+        if ignored
+        else ""
+    )
+    return Decision(
+        False,
+        "NO_MATCH",
+        None,
+        None,
+        f"denied: ALLOW policies apply ({names}) and none of their rules match{extra}",
+        aud,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -544,8 +648,9 @@ class L4Plan:
                     return L4Verdict("deny", None, "no ALLOW rule can match this connection")
                 allow_side = L4Verdict("l7", l7hit.ref, f"{l7hit.ref} may allow it, depending on the request")
         if maybe_denied is not None:
-            return L4Verdict("l7", maybe_denied.ref,
-                             f"{maybe_denied.ref} may deny it, depending on the request")
+            return L4Verdict(
+                "l7", maybe_denied.ref, f"{maybe_denied.ref} may deny it, depending on the request"
+            )
         return allow_side
 
 

@@ -55,13 +55,25 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 __all__ = [
-    "HttpError", "NormalizedPath", "FramingResult", "EscapedSlash", "ESCAPED_SLASH_ACTIONS",
-    "normalize_path", "normalize_host", "check_framing", "header_multimap",
-    "scan_request_headers", "path_pattern_problem", "MAX_TARGET_LENGTH", "MAX_HEADERS", "MAX_HEADER_BYTES",
+    "HttpError",
+    "NormalizedPath",
+    "FramingResult",
+    "EscapedSlash",
+    "ESCAPED_SLASH_ACTIONS",
+    "normalize_path",
+    "normalize_host",
+    "check_framing",
+    "header_multimap",
+    "scan_request_headers",
+    "path_pattern_problem",
+    "MAX_TARGET_LENGTH",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
 ]
 
 EscapedSlash = Literal["reject", "keep", "decode_and_merge"]
@@ -122,9 +134,9 @@ def _escapes(s: str, what: str) -> list[tuple[int, int]]:
     out = []
     i = s.find("%")
     while i >= 0:
-        h = s[i + 1:i + 3]
+        h = s[i + 1 : i + 3]
         if len(h) != 2 or not all(c in _HEX for c in h):
-            raise HttpError(400, f"malformed percent-escape {s[i:i + 3]!r} in the {what}")
+            raise HttpError(400, f"malformed percent-escape {s[i : i + 3]!r} in the {what}")
         out.append((i, int(h, 16)))
         i = s.find("%", i + 3)
     return out
@@ -140,8 +152,9 @@ def _check_escaped_utf8(s: str, escapes: list[tuple[int, int]]) -> None:
             try:
                 bytes(run).decode("utf-8", "strict")
             except UnicodeDecodeError:
-                raise HttpError(400, "percent-escapes in the path are not valid UTF-8 "
-                                     "(overlong or truncated sequence)") from None
+                raise HttpError(
+                    400, "percent-escapes in the path are not valid UTF-8 (overlong or truncated sequence)"
+                ) from None
             run.clear()
 
     for pos, b in escapes:
@@ -162,19 +175,24 @@ def _check_escaped_utf8(s: str, escapes: list[tuple[int, int]]) -> None:
 # the slow path, for every option value. Anything else takes the slow path.
 _ALREADY_NORMAL = re.compile(
     r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*)"
-    r"(?:\?((?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*))?")
+    r"(?:\?((?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*))?"
+)
 _ALREADY_NORMAL_B = re.compile(_ALREADY_NORMAL.pattern.encode("ascii"))
 # Fast-path results by raw target (bytes). They depend on no option, only on
 # max_length (checked on every lookup); NormalizedPath is immutable. Bounded:
 # short targets only, emptied when full.
-_FAST_CACHE: dict[bytes, "NormalizedPath"] = {}
+_FAST_CACHE: dict[bytes, NormalizedPath] = {}
 _FAST_CACHE_MAX = 4096
 _FAST_CACHE_KEY_MAX = 256
 
 
-def normalize_path(raw: str | bytes, *, merge_slashes: bool = True,
-                   escaped_slash: EscapedSlash = "reject",
-                   max_length: int = MAX_TARGET_LENGTH) -> NormalizedPath:
+def normalize_path(
+    raw: str | bytes,
+    *,
+    merge_slashes: bool = True,
+    escaped_slash: EscapedSlash = "reject",
+    max_length: int = MAX_TARGET_LENGTH,
+) -> NormalizedPath:
     """Normalize an origin-form request target (rules in the module docstring).
 
     Raises :class:`HttpError` (400, or 414 when longer than ``max_length``)
@@ -185,35 +203,39 @@ def normalize_path(raw: str | bytes, *, merge_slashes: bool = True,
     :func:`_normalize_path_slow`'s (a property test checks this)."""
     if escaped_slash not in ESCAPED_SLASH_ACTIONS:
         raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
-    t = type(raw)
-    if t is bytes:
-        hit = _FAST_CACHE.get(raw)  # type: ignore[call-overload]
+    if type(raw) is bytes:  # `type() is`, not isinstance: a hot path, and mypy narrows it
+        hit = _FAST_CACHE.get(raw)
         if hit is not None and len(raw) <= max_length:
             return hit
-        m = _ALREADY_NORMAL_B.fullmatch(raw)  # type: ignore[arg-type]
-        if m is not None and len(raw) <= max_length:
-            path_b = m.group(1)
+        mb = _ALREADY_NORMAL_B.fullmatch(raw)
+        if mb is not None and len(raw) <= max_length:
+            path_b = mb.group(1)
             if b"//" not in path_b and b"/." not in path_b:
-                q_b = m.group(2)
+                q_b = mb.group(2)
                 n = NormalizedPath(path_b.decode("ascii"), None if q_b is None else q_b.decode("ascii"))
                 if len(raw) <= _FAST_CACHE_KEY_MAX:
                     if len(_FAST_CACHE) >= _FAST_CACHE_MAX:
                         _FAST_CACHE.clear()
-                    _FAST_CACHE[raw] = n  # type: ignore[index]
+                    _FAST_CACHE[raw] = n
                 return n
-    elif t is str:
-        m = _ALREADY_NORMAL.fullmatch(raw)  # type: ignore[arg-type]
+    elif type(raw) is str:
+        m = _ALREADY_NORMAL.fullmatch(raw)
         if m is not None and len(raw) <= max_length:
             path = m.group(1)
             if "//" not in path and "/." not in path:
                 return NormalizedPath(path, m.group(2))
-    return _normalize_path_slow(raw, merge_slashes=merge_slashes, escaped_slash=escaped_slash,
-                                max_length=max_length)
+    return _normalize_path_slow(
+        raw, merge_slashes=merge_slashes, escaped_slash=escaped_slash, max_length=max_length
+    )
 
 
-def _normalize_path_slow(raw: str | bytes, *, merge_slashes: bool = True,
-                         escaped_slash: EscapedSlash = "reject",
-                         max_length: int = MAX_TARGET_LENGTH) -> NormalizedPath:
+def _normalize_path_slow(
+    raw: str | bytes,
+    *,
+    merge_slashes: bool = True,
+    escaped_slash: EscapedSlash = "reject",
+    max_length: int = MAX_TARGET_LENGTH,
+) -> NormalizedPath:
     """The reference normalizer: every step of the module docstring, one by one."""
     if escaped_slash not in ESCAPED_SLASH_ACTIONS:
         raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
@@ -257,15 +279,16 @@ def _normalize_path_part(path: str, merge_slashes: bool, escaped_slash: str) -> 
     while i < n:
         c = path[i]
         if c == "%":
-            b = int(path[i + 1:i + 3], 16)
+            b = int(path[i + 1 : i + 3], 16)
             i += 3
             ch = chr(b)
             if b < 0x20 or b == 0x7F:
                 raise HttpError(400, f"escaped control character %{b:02X} in the path")
             if ch in ("/", "\\"):
                 if escaped_slash == "reject":
-                    raise HttpError(400, f"escaped {'slash' if ch == '/' else 'backslash'} "
-                                         f"%{b:02X} in the path")
+                    raise HttpError(
+                        400, f"escaped {'slash' if ch == '/' else 'backslash'} %{b:02X} in the path"
+                    )
                 out.append("/" if escaped_slash == "decode_and_merge" else f"%{b:02X}")
             elif ch in _UNRESERVED:
                 out.append(ch)
@@ -326,9 +349,9 @@ def path_pattern_problem(literal: str, kind: str) -> str | None:
     except HttpError as e:
         return e.reason
     for pos, b in esc:
-        written = literal[pos:pos + 3]
+        written = literal[pos : pos + 3]
         if chr(b) in _UNRESERVED:
-            return (f"{written} is decoded before matching; write {chr(b)!r} instead")
+            return f"{written} is decoded before matching; write {chr(b)!r} instead"
         if written != written.upper():
             return f"percent-escapes are upper case after normalization; write {written.upper()}"
     if "\\" in literal:
@@ -369,7 +392,7 @@ def normalize_host(host: str | bytes, scheme_default_port: int = 80) -> str:
         end = host.find("]")
         if end < 0:
             raise HttpError(400, "unterminated IPv6 literal in Host")
-        literal, rest = host[1:end], host[end + 1:]
+        literal, rest = host[1:end], host[end + 1 :]
         try:
             addr = ipaddress.IPv6Address(literal)
         except ValueError:
@@ -424,28 +447,42 @@ class FramingResult:
         return self.chunked or bool(self.content_length)
 
 
-def check_framing(headers: Sequence[tuple[bytes, bytes]], version: str | bytes = b"1.1", *,
-                  max_headers: int = MAX_HEADERS,
-                  max_header_bytes: int = MAX_HEADER_BYTES) -> FramingResult:
+def check_framing(
+    headers: Sequence[tuple[bytes, bytes]],
+    version: str | bytes = b"1.1",
+    *,
+    max_headers: int = MAX_HEADERS,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> FramingResult:
     """Check a request's header list for unambiguous framing (module docstring).
 
     ``headers`` are (name, value) pairs as received; values are stripped of
     surrounding whitespace here.  Raises :class:`HttpError` (400/431/505)."""
     host, content_length, chunked, _, _ = scan_request_headers(
-        headers, version, max_headers=max_headers, max_header_bytes=max_header_bytes)
+        headers, version, max_headers=max_headers, max_header_bytes=max_header_bytes
+    )
     return FramingResult(host, content_length, chunked)
 
 
 # lower-case name -> what scan_request_headers does with it
 _HOST, _CL, _TE, _EXPECT, _UPGRADE = range(5)
-_SCANNED = {b"host": _HOST, b"content-length": _CL, b"transfer-encoding": _TE,
-            b"expect": _EXPECT, b"upgrade": _UPGRADE}
+_SCANNED = {
+    b"host": _HOST,
+    b"content-length": _CL,
+    b"transfer-encoding": _TE,
+    b"expect": _EXPECT,
+    b"upgrade": _UPGRADE,
+}
 
 
-def scan_request_headers(headers: Sequence[tuple[bytes, bytes]], version: str | bytes = b"1.1", *,
-                         max_headers: int = MAX_HEADERS, max_header_bytes: int = MAX_HEADER_BYTES,
-                         header_bytes: int | None = None,
-                         ) -> tuple[bytes | None, int | None, bool, bytes | None, bytes | None]:
+def scan_request_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    version: str | bytes = b"1.1",
+    *,
+    max_headers: int = MAX_HEADERS,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    header_bytes: int | None = None,
+) -> tuple[bytes | None, int | None, bool, bytes | None, bytes | None]:
     """:func:`check_framing` in one pass that also picks up Expect and Upgrade.
 
     Returns ``(host, content_length, chunked, expect, upgrade)``: the first
@@ -453,8 +490,11 @@ def scan_request_headers(headers: Sequence[tuple[bytes, bytes]], version: str | 
     values (stripped), or None.  Same checks, in the same order, with the
     same errors as :func:`check_framing`.  ``header_bytes`` is the sum of
     name + value lengths when the caller already counted it."""
-    v = version if type(version) is str else (
-        version.decode("ascii", "replace") if isinstance(version, (bytes, bytearray)) else version)
+    v = (
+        version
+        if type(version) is str
+        else (version.decode("ascii", "replace") if isinstance(version, (bytes, bytearray)) else version)
+    )
     if v != "1.1" and v != "1.0":
         raise HttpError(505, f"HTTP version {v[:16]!r} is not supported")
     if len(headers) > max_headers:
@@ -513,9 +553,12 @@ def scan_request_headers(headers: Sequence[tuple[bytes, bytes]], version: str | 
         if v == "1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if codings != [b"chunked"]:
-            raise HttpError(400, "unsupported Transfer-Encoding "
-                                 f"{b', '.join(codings).decode('ascii', 'replace')[:64]!r}; "
-                                 "only 'chunked' is accepted")
+            raise HttpError(
+                400,
+                "unsupported Transfer-Encoding "
+                f"{b', '.join(codings).decode('ascii', 'replace')[:64]!r}; "
+                "only 'chunked' is accepted",
+            )
         chunked = True
     return host, content_length, chunked, expect, upgrade
 

@@ -24,8 +24,8 @@ are partial, or that need reasoning across fields, are not reported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 from .model import Action, Condition, Operation, Policy, PolicySet, Rule, Source
 
@@ -46,8 +46,13 @@ class Finding:
         return f"{where}{self.kind}: {self.policy}{rule}: {self.message}"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "policy": self.policy, "rule": self.rule,
-                "origin": self.origin, "message": self.message}
+        return {
+            "kind": self.kind,
+            "policy": self.policy,
+            "rule": self.rule,
+            "origin": self.origin,
+            "message": self.message,
+        }
 
 
 # --------------------------------------------------------------------------
@@ -68,8 +73,7 @@ def _eq(b, a) -> bool:
     return a == b
 
 
-def _field_within(a_vals: tuple, a_not: tuple, b_vals: tuple, b_not: tuple,
-                  covers: Callable) -> bool:
+def _field_within(a_vals: tuple, a_not: tuple, b_vals: tuple, b_not: tuple, covers: Callable) -> bool:
     if b_vals:
         if not a_vals or not all(any(covers(bv, av) for bv in b_vals) for av in a_vals):
             return False
@@ -78,24 +82,34 @@ def _field_within(a_vals: tuple, a_not: tuple, b_vals: tuple, b_not: tuple,
 
 
 def _source_within(a: Source, b: Source) -> bool:
-    return (_field_within(a.principals, a.not_principals, b.principals, b.not_principals, _pat_covers)
-            and _field_within(a.namespaces, a.not_namespaces, b.namespaces, b.not_namespaces, _pat_covers)
-            and _field_within(a.ip_blocks, a.not_ip_blocks, b.ip_blocks, b.not_ip_blocks, _net_covers))
+    return (
+        _field_within(a.principals, a.not_principals, b.principals, b.not_principals, _pat_covers)
+        and _field_within(a.namespaces, a.not_namespaces, b.namespaces, b.not_namespaces, _pat_covers)
+        and _field_within(a.ip_blocks, a.not_ip_blocks, b.ip_blocks, b.not_ip_blocks, _net_covers)
+    )
 
 
 def _operation_within(a: Operation, b: Operation) -> bool:
-    return (_field_within(a.ports, a.not_ports, b.ports, b.not_ports, _eq)
-            and _field_within(a.methods, a.not_methods, b.methods, b.not_methods, _pat_covers)
-            and _field_within(a.paths, a.not_paths, b.paths, b.not_paths, _pat_covers)
-            and _field_within(a.hosts, a.not_hosts, b.hosts, b.not_hosts, _pat_covers))
+    return (
+        _field_within(a.ports, a.not_ports, b.ports, b.not_ports, _eq)
+        and _field_within(a.methods, a.not_methods, b.methods, b.not_methods, _pat_covers)
+        and _field_within(a.paths, a.not_paths, b.paths, b.not_paths, _pat_covers)
+        and _field_within(a.hosts, a.not_hosts, b.hosts, b.not_hosts, _pat_covers)
+    )
 
 
 def _condition_within(a: Condition, b: Condition) -> bool:
     if (a.key, a.header) != (b.key, b.header):
         return False
     vals = (a.values, a.not_values, b.values, b.not_values)
-    return _field_within(*vals, _net_covers if a.key.value == "source.ip"
-                         else _eq if a.key.value == "destination.port" else _pat_covers)
+    return _field_within(
+        *vals,
+        _net_covers
+        if a.key.value == "source.ip"
+        else _eq
+        if a.key.value == "destination.port"
+        else _pat_covers,
+    )
 
 
 def _all_within(a_items: tuple, b_items: tuple, within: Callable) -> bool:
@@ -111,9 +125,11 @@ def rule_subsumed(a: Rule, b: Rule, action: Action) -> bool:
     ``action`` policy also matches rule ``b`` of an ``action`` policy."""
     if action is Action.ALLOW and b.is_l7 and not a.is_l7:
         return False  # on TCP b is ignored while a still allows
-    return (_all_within(a.sources, b.sources, _source_within)
-            and _all_within(a.operations, b.operations, _operation_within)
-            and all(any(_condition_within(ca, cb) for ca in a.conditions) for cb in b.conditions))
+    return (
+        _all_within(a.sources, b.sources, _source_within)
+        and _all_within(a.operations, b.operations, _operation_within)
+        and all(any(_condition_within(ca, cb) for ca in a.conditions) for cb in b.conditions)
+    )
 
 
 def _applies_at_least(q: Policy, p: Policy, root: str) -> bool:
@@ -151,14 +167,28 @@ def _shadowing(ps: PolicySet) -> list[Finding]:
                 if mutual and index[(q.key, j)] > me:
                     continue  # identical pair: report the later one only
                 what = "rule" if q.key == p.key else f"{q.action} policy {q.key} rule"
-                out.append(Finding("shadowed", p.key, i, a.origin,
-                                   f"never decides anything: {what} {j} ({b.origin}) matches "
-                                   "every request this rule matches"))
+                out.append(
+                    Finding(
+                        "shadowed",
+                        p.key,
+                        i,
+                        a.origin,
+                        f"never decides anything: {what} {j} ({b.origin}) matches "
+                        "every request this rule matches",
+                    )
+                )
                 done = True
             elif p.action is Action.ALLOW and q.action is Action.DENY and rule_subsumed(a, b, Action.DENY):
-                out.append(Finding("contradiction", p.key, i, a.origin,
-                                   f"can never allow: DENY policy {q.key} rule {j} ({b.origin}) "
-                                   "denies every request this rule allows"))
+                out.append(
+                    Finding(
+                        "contradiction",
+                        p.key,
+                        i,
+                        a.origin,
+                        f"can never allow: DENY policy {q.key} rule {j} ({b.origin}) "
+                        "denies every request this rule allows",
+                    )
+                )
                 done = True
     return out
 
@@ -171,29 +201,48 @@ def _l7_ports(ps: PolicySet, http_ports: frozenset[int] | None) -> list[Finding]
         if p.action is Action.ALLOW:
             effect = "there it is ignored and allows nothing"
         else:
-            effect = ("there its HTTP-only fields are dropped and it "
-                      f"{'denies' if p.action is Action.DENY else 'audits'} every connection "
-                      "matching the rest")
+            effect = (
+                "there its HTTP-only fields are dropped and it "
+                f"{'denies' if p.action is Action.DENY else 'audits'} every connection "
+                "matching the rest"
+            )
         port_sets: list[tuple[int, ...]] = []
         for op in r.operations:
             if op.l7_fields:
                 port_sets.append(op.ports)
         if any(c.is_l7 for c in r.conditions):
-            port_sets.append(tuple(pt for op in r.operations for pt in op.ports)
-                             if r.operations and all(op.ports for op in r.operations) else ())
+            port_sets.append(
+                tuple(pt for op in r.operations for pt in op.ports)
+                if r.operations and all(op.ports for op in r.operations)
+                else ()
+            )
         for ports in port_sets:
             if not ports:
                 hint = "; list the HTTP ports in `ports`" if http_ports is None else ""
-                out.append(Finding("l7-port", p.key, i, r.origin,
-                                   f"uses HTTP-only fields ({', '.join(r.l7_fields)}) on every port, "
-                                   f"including non-HTTP ones; {effect}{hint}"))
+                out.append(
+                    Finding(
+                        "l7-port",
+                        p.key,
+                        i,
+                        r.origin,
+                        f"uses HTTP-only fields ({', '.join(r.l7_fields)}) on every port, "
+                        f"including non-HTTP ones; {effect}{hint}",
+                    )
+                )
                 break
             if http_ports is not None:
                 bad = sorted(pt for pt in ports if pt not in http_ports)
                 if bad:
-                    out.append(Finding("l7-port", p.key, i, r.origin,
-                                       f"uses HTTP-only fields ({', '.join(r.l7_fields)}) on port(s) "
-                                       f"{', '.join(map(str, bad))}, not known to be HTTP; {effect}"))
+                    out.append(
+                        Finding(
+                            "l7-port",
+                            p.key,
+                            i,
+                            r.origin,
+                            f"uses HTTP-only fields ({', '.join(r.l7_fields)}) on port(s) "
+                            f"{', '.join(map(str, bad))}, not known to be HTTP; {effect}",
+                        )
+                    )
                     break
     return out
 
@@ -202,15 +251,29 @@ def _misc(ps: PolicySet) -> list[Finding]:
     out: list[Finding] = []
     for p in ps.policies:
         if p.action is Action.AUDIT and not p.rules:
-            out.append(Finding("never-matches", p.key, None, p.origin,
-                               "AUDIT policy without rules audits nothing; add rules or {} for all"))
+            out.append(
+                Finding(
+                    "never-matches",
+                    p.key,
+                    None,
+                    p.origin,
+                    "AUDIT policy without rules audits nothing; add rules or {} for all",
+                )
+            )
     for p, i, r in _rules(ps):
         for op in r.operations:
             for m in op.methods + op.not_methods:
                 if m.value != m.value.upper():
-                    out.append(Finding("method-case", p.key, i, r.origin,
-                                       f"method {str(m)!r} is not upper case; methods are "
-                                       f"case-sensitive, so it does not match {m.value.upper()!r}"))
+                    out.append(
+                        Finding(
+                            "method-case",
+                            p.key,
+                            i,
+                            r.origin,
+                            f"method {str(m)!r} is not upper case; methods are "
+                            f"case-sensitive, so it does not match {m.value.upper()!r}",
+                        )
+                    )
     return out
 
 
@@ -219,13 +282,24 @@ def _no_workload(ps: PolicySet, pods: Sequence[tuple[str, Mapping[str, str]]]) -
     for p in ps.policies:
         if not any(p.selects(ns, labels, ps.root_namespace) for ns, labels in pods):
             sel = ",".join(f"{k}={v}" for k, v in p.selector) or "(whole namespace)"
-            out.append(Finding("no-workload", p.key, None, p.origin,
-                               f"selector {sel} in namespace {p.namespace} matches no pod of the inventory"))
+            out.append(
+                Finding(
+                    "no-workload",
+                    p.key,
+                    None,
+                    p.origin,
+                    f"selector {sel} in namespace {p.namespace} matches no pod of the inventory",
+                )
+            )
     return out
 
 
-def lint(ps: PolicySet, *, pods: Sequence[tuple[str, Mapping[str, str]]] | None = None,
-         http_ports: Iterable[int] | None = None) -> list[Finding]:
+def lint(
+    ps: PolicySet,
+    *,
+    pods: Sequence[tuple[str, Mapping[str, str]]] | None = None,
+    http_ports: Iterable[int] | None = None,
+) -> list[Finding]:
     """Every finding, ordered by where it was written.
 
     ``pods``: (namespace, labels) of each workload, to check selectors;

@@ -44,13 +44,25 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 __all__ = [
-    "Action", "MatchKind", "StringMatch", "PrincipalMatch", "Source", "Operation",
-    "Condition", "ConditionKey", "Rule", "Policy", "PolicySet", "IPNetwork",
-    "DEFAULT_TRUST_DOMAIN", "DEFAULT_ROOT_NAMESPACE", "ISTIO_DEFAULT_TRUST_DOMAIN",
+    "Action",
+    "MatchKind",
+    "StringMatch",
+    "PrincipalMatch",
+    "Source",
+    "Operation",
+    "Condition",
+    "ConditionKey",
+    "Rule",
+    "Policy",
+    "PolicySet",
+    "IPNetwork",
+    "DEFAULT_TRUST_DOMAIN",
+    "DEFAULT_ROOT_NAMESPACE",
+    "ISTIO_DEFAULT_TRUST_DOMAIN",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,7 +103,7 @@ class StringMatch:
     """Hosts compare case-insensitively (``value`` is stored lowercased then)."""
 
     @staticmethod
-    def parse(pattern: str, *, ignore_case: bool = False) -> "StringMatch":
+    def parse(pattern: str, *, ignore_case: bool = False) -> StringMatch:
         """Split ``pattern`` into kind and literal.  Raises ValueError for an
         empty pattern or a ``*`` that is not a whole pattern, a first or a
         last character."""
@@ -106,8 +118,10 @@ class StringMatch:
         else:
             kind, lit = MatchKind.EXACT, pattern
         if "*" in lit:
-            raise ValueError(f"{pattern!r}: '*' is only allowed alone, as the first character "
-                             "(suffix match) or as the last character (prefix match)")
+            raise ValueError(
+                f"{pattern!r}: '*' is only allowed alone, as the first character "
+                "(suffix match) or as the last character (prefix match)"
+            )
         return StringMatch(kind, lit.lower() if ignore_case else lit, ignore_case)
 
     def matches(self, s: str | None) -> bool:
@@ -125,7 +139,7 @@ class StringMatch:
             return s.endswith(self.value)
         return s != ""
 
-    def covers(self, other: "StringMatch") -> bool:
+    def covers(self, other: StringMatch) -> bool:
         """Every value ``other`` matches, this matches too (used by lint; exact,
         never guesses in the other direction)."""
         if self.ignore_case != other.ignore_case:
@@ -144,8 +158,10 @@ class StringMatch:
 
     def __str__(self) -> str:
         return {
-            MatchKind.EXACT: self.value, MatchKind.PREFIX: self.value + "*",
-            MatchKind.SUFFIX: "*" + self.value, MatchKind.PRESENCE: "*",
+            MatchKind.EXACT: self.value,
+            MatchKind.PREFIX: self.value + "*",
+            MatchKind.SUFFIX: "*" + self.value,
+            MatchKind.PRESENCE: "*",
         }[self.kind]
 
 
@@ -167,7 +183,7 @@ class PrincipalMatch:
 class ConditionKey(str, enum.Enum):
     """The ``when`` keys meshlet implements; every other key is refused at load."""
 
-    REQUEST_HEADER = "request.headers"   # request.headers[<name>]; HTTP only
+    REQUEST_HEADER = "request.headers"  # request.headers[<name>]; HTTP only
     SOURCE_IP = "source.ip"
     SOURCE_NAMESPACE = "source.namespace"
     SOURCE_PRINCIPAL = "source.principal"

@@ -25,8 +25,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-id", type=int, default=0, help="worker number (default 0)")
     p.add_argument("--access-log", default=None, help="append one JSON line per finished connection here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--shutdown-grace", type=float, default=5.0,
-                   help="seconds active connections may take to finish on SIGTERM (default 5)")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="seconds active connections may take to finish on SIGTERM (default 5)",
+    )
     return p.parse_args(argv)
 
 
@@ -50,7 +54,10 @@ async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: stopped accepting, waiting up to %.1f s for active connections", args.shutdown_grace)
+        log.info(
+            "shutting down: stopped accepting, waiting up to %.1f s for active connections",
+            args.shutdown_grace,
+        )
         await server.stop(args.shutdown_grace)
     return 0
 

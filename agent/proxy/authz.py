@@ -43,8 +43,9 @@ def policy_path(state_path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(state_path)), COMPILED_FILE)
 
 
-def empty_set(trust_domain: str = DEFAULT_TRUST_DOMAIN,
-              root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+def empty_set(
+    trust_domain: str = DEFAULT_TRUST_DOMAIN, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> PolicySet:
     return PolicySet((), trust_domain, root_namespace, fingerprint((), trust_domain, root_namespace))
 
 
@@ -58,9 +59,15 @@ def load_policy_file(path: str) -> PolicySet:
         raise PolicyFileError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != COMPILED_FORMAT:
         raise PolicyFileError(f"{path}: expected an object with format {COMPILED_FORMAT}")
-    td, rn, text, version = (doc.get("trustDomain"), doc.get("rootNamespace"), doc.get("yaml"),
-                             doc.get("version"))
-    if not all(isinstance(v, str) for v in (td, rn, text, version)):
+    td, rn, text, version = (
+        doc.get("trustDomain"),
+        doc.get("rootNamespace"),
+        doc.get("yaml"),
+        doc.get("version"),
+    )
+    if not (
+        isinstance(td, str) and isinstance(rn, str) and isinstance(text, str) and isinstance(version, str)
+    ):
         raise PolicyFileError(f"{path}: trustDomain, rootNamespace, yaml and version must be strings")
     if text.strip():
         try:
@@ -70,8 +77,10 @@ def load_policy_file(path: str) -> PolicySet:
     else:
         ps = empty_set(td, rn)
     if ps.version != version:
-        raise PolicyFileError(f"{path}: the embedded policies have version {ps.version}, but the file "
-                              f"says {version} (is the agent from the same release?)")
+        raise PolicyFileError(
+            f"{path}: the embedded policies have version {ps.version}, but the file "
+            f"says {version} (is the agent from the same release?)"
+        )
     return ps
 
 
@@ -84,15 +93,22 @@ class PolicyWatcher(FileWatcher[PolicySet]):
     (agent/proxy/watch.py).  Loads once at construction; no file is the empty set."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(path, load_policy_file, empty_set(), what="authorization policies",
-                         errors=(OSError, PolicyFileError),
-                         missing=lambda old: empty_set(old.trust_domain, old.root_namespace),
-                         version=lambda ps: ps.version, describe=_describe)
+        super().__init__(
+            path,
+            load_policy_file,
+            empty_set(),
+            what="authorization policies",
+            errors=(OSError, PolicyFileError),
+            missing=lambda old: empty_set(old.trust_domain, old.root_namespace),
+            version=lambda ps: ps.version,
+            describe=_describe,
+        )
         self.check()
 
 
-def authorize(ps: PolicySet, *, src_identity: str | None, src_ip: str | None, dst: Pod,
-              port: int) -> Decision:
+def authorize(
+    ps: PolicySet, *, src_identity: str | None, src_ip: str | None, dst: Pod, port: int
+) -> Decision:
     """Decide one connection to pod ``dst`` on ``port``.  ``src_identity`` must
     be trustworthy (verified mTLS peer, or the kernel's record on this node);
     None is a peer without an identity."""
@@ -108,6 +124,12 @@ def authorize(ps: PolicySet, *, src_identity: str | None, src_ip: str | None, ds
             ip = ipaddress.ip_address(src_ip)
         except ValueError:
             ip = None
-    req = Request(destination_namespace=dst.namespace, destination_labels=dst.label_map,
-                  destination_port=port, source_principal=principal, source_ip=ip, is_http=False)
+    req = Request(
+        destination_namespace=dst.namespace,
+        destination_labels=dst.label_map,
+        destination_port=port,
+        source_principal=principal,
+        source_ip=ip,
+        is_http=False,
+    )
     return evaluate(ps, req)

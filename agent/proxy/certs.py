@@ -41,7 +41,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
@@ -115,15 +115,19 @@ async def ca_request(path: str, request: dict[str, Any], timeout: float = 5.0) -
                 except (OSError, ConnectionError):
                     pass
     except TimeoutError:
-        raise CaError("unreachable", f"the agent's CA socket {path} did not answer within {timeout:g}s") from None
+        raise CaError(
+            "unreachable", f"the agent's CA socket {path} did not answer within {timeout:g}s"
+        ) from None
     except (OSError, ValueError) as e:  # ValueError: line over the limit
-        raise CaError("unreachable", f"cannot talk to the agent's CA socket {path}: {e} "
-                      "(is the meshlet agent running?)") from None
+        raise CaError(
+            "unreachable", f"cannot talk to the agent's CA socket {path}: {e} (is the meshlet agent running?)"
+        ) from None
     try:
         doc = json.loads(line)
     except ValueError:
-        raise CaError("protocol", f"the CA socket {path} answered something that is not a JSON line: "
-                      f"{line[:80]!r}") from None
+        raise CaError(
+            "protocol", f"the CA socket {path} answered something that is not a JSON line: {line[:80]!r}"
+        ) from None
     if not isinstance(doc, dict):
         raise CaError("protocol", "the CA socket answered a JSON value that is not an object")
     if doc.get("ok") is not True:
@@ -133,14 +137,14 @@ async def ca_request(path: str, request: dict[str, Any], timeout: float = 5.0) -
 
 def _epoch(dt: datetime) -> float:
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _public_der(key: Any) -> bytes:
@@ -188,8 +192,13 @@ class CertManager:
         self.bundle_fingerprint: str | None = None
         self.generation: int | None = None  # the state's identity generation we follow
         self.ca_generation: int | None = None  # what the CA last reported
-        self.counters: dict[str, int] = {"issued": 0, "renewed": 0, "refused": 0, "unreachable": 0,
-                                         "bundle_updates": 0}
+        self.counters: dict[str, int] = {
+            "issued": 0,
+            "renewed": 0,
+            "refused": 0,
+            "unreachable": 0,
+            "bundle_updates": 0,
+        }
         self.last_error: str | None = None
         self._entries: dict[str, _Entry] = {}
         self._need_bundle = True
@@ -217,14 +226,21 @@ class CertManager:
                 self.ca_socket = ic.ca_socket
                 self._ca_retry_at = 0.0
             if ic.trust_domain != self.trust_domain:
-                log.warning("trust domain changed from %s to %s: requesting every certificate again",
-                            self.trust_domain, ic.trust_domain)
+                log.warning(
+                    "trust domain changed from %s to %s: requesting every certificate again",
+                    self.trust_domain,
+                    ic.trust_domain,
+                )
                 self.trust_domain = ic.trust_domain
                 self._entries.clear()
                 self._set_bundle(None)
             if self.generation is not None and ic.generation != self.generation:
-                log.info("identity generation %d -> %d: the node's CA or trust bundle changed; "
-                         "requesting the bundle and every certificate now", self.generation, ic.generation)
+                log.info(
+                    "identity generation %d -> %d: the node's CA or trust bundle changed; "
+                    "requesting the bundle and every certificate now",
+                    self.generation,
+                    ic.generation,
+                )
                 self._regenerate()
             self.generation = ic.generation
         self.set_identities(state.local_identities)
@@ -275,7 +291,8 @@ class CertManager:
         """A bundle and a valid certificate for every wanted identity."""
         now = self.clock()
         return self.bundle is not None and all(
-            e.svid is not None and not e.svid.expired(now) for e in self._entries.values())
+            e.svid is not None and not e.svid.expired(now) for e in self._entries.values()
+        )
 
     async def wait_ready(self, timeout: float) -> bool:
         async with asyncio.timeout(timeout):
@@ -291,17 +308,19 @@ class CertManager:
         for ident in sorted(self._entries):
             e = self._entries[ident]
             s = e.svid
-            idents.append({
-                "spiffe_id": ident,
-                "serial": s.serial_hex if s else None,
-                "not_before": _iso(s.not_before) if s else None,
-                "not_after": _iso(s.not_after) if s else None,
-                "expired": s.expired(now) if s else None,
-                "next_rotation": _iso(e.due if s else None),
-                "issued_generation": s.generation if s else None,
-                "failures": e.failures,
-                "last_error": e.last_error,
-            })
+            idents.append(
+                {
+                    "spiffe_id": ident,
+                    "serial": s.serial_hex if s else None,
+                    "not_before": _iso(s.not_before) if s else None,
+                    "not_after": _iso(s.not_after) if s else None,
+                    "expired": s.expired(now) if s else None,
+                    "next_rotation": _iso(e.due if s else None),
+                    "issued_generation": s.generation if s else None,
+                    "failures": e.failures,
+                    "last_error": e.last_error,
+                }
+            )
         return {
             "trust_domain": self.trust_domain,
             "generation": self.generation,
@@ -362,8 +381,13 @@ class CertManager:
             self.counters["unreachable"] += 1
             self.last_error = str(err)
             held = len(self.identities())
-            log.warning("certificate authority unavailable (%s); retrying in %.1f s, still serving %d "
-                        "current certificate(s)", err, delay, held)
+            log.warning(
+                "certificate authority unavailable (%s); retrying in %.1f s, still serving %d "
+                "current certificate(s)",
+                err,
+                delay,
+                held,
+            )
             return
         if self._ca_failures:
             log.info("certificate authority reachable again at %s", self.ca_socket)
@@ -385,8 +409,11 @@ class CertManager:
         key = generate_key()
         csr = make_csr(sid, key)
         try:
-            doc = await ca_request(self.ca_socket, {"op": "sign", "identity": e.identity, "csr": csr.decode()},
-                                   self.request_timeout)
+            doc = await ca_request(
+                self.ca_socket,
+                {"op": "sign", "identity": e.identity, "csr": csr.decode()},
+                self.request_timeout,
+            )
         except CaError as err:
             if err.reason in ("unreachable", "protocol"):
                 raise
@@ -411,14 +438,28 @@ class CertManager:
         nb, na = _epoch(leaf.not_valid_before_utc), _epoch(leaf.not_valid_after_utc)
         renew = self._renewal_time(nb, na, now)
         renewed = e.svid is not None
-        e.svid = Svid(identity=e.identity, chain=tuple(chain), key=key, not_before=nb, not_after=na,
-                      serial=leaf.serial_number, next_renewal=renew, generation=gen or 0)
+        e.svid = Svid(
+            identity=e.identity,
+            chain=tuple(chain),
+            key=key,
+            not_before=nb,
+            not_after=na,
+            serial=leaf.serial_number,
+            next_renewal=renew,
+            generation=gen or 0,
+        )
         e.due = renew
         e.failures = 0
         e.last_error = None
         self.counters["renewed" if renewed else "issued"] += 1
-        log.info("%s certificate for %s (serial %x, expires %s, next rotation %s)",
-                 "renewed" if renewed else "got", e.identity, leaf.serial_number, _iso(na), _iso(renew))
+        log.info(
+            "%s certificate for %s (serial %x, expires %s, next rotation %s)",
+            "renewed" if renewed else "got",
+            e.identity,
+            leaf.serial_number,
+            _iso(na),
+            _iso(renew),
+        )
         self._notify()
 
     def _renewal_time(self, not_before: float, not_after: float, now: float) -> float:
@@ -439,8 +480,13 @@ class CertManager:
         self.last_error = f"{e.identity}: {why}"
         self.counters["refused"] += 1
         held = e.svid is not None and not e.svid.expired(self.clock())
-        log.error("no new certificate for %s: %s; retrying in %.1f s (%s)", e.identity, why, delay,
-                  "the current one stays in use" if held else "connections needing it are refused")
+        log.error(
+            "no new certificate for %s: %s; retrying in %.1f s (%s)",
+            e.identity,
+            why,
+            delay,
+            "the current one stays in use" if held else "connections needing it are refused",
+        )
 
     def _parse_bundle(self, doc: dict[str, Any]) -> TrustBundle:
         bundle = TrustBundle.from_pem(self.trust_domain, str(doc.get("bundle", "")).encode())
@@ -469,8 +515,13 @@ class CertManager:
         self.bundle_fingerprint = bundle.fingerprint() if bundle else None
         if bundle is not None:
             self.counters["bundle_updates"] += 1
-            log.info("trust bundle for %s: %d root(s), fingerprint %s (was %s)", self.trust_domain,
-                     len(bundle.roots), self.bundle_fingerprint[:16], (old or "none")[:16])
+            log.info(
+                "trust bundle for %s: %d root(s), fingerprint %s (was %s)",
+                self.trust_domain,
+                len(bundle.roots),
+                (self.bundle_fingerprint or "")[:16],
+                (old or "none")[:16],
+            )
 
     def _notify(self) -> None:
         self._changed.set()

@@ -36,8 +36,9 @@ message *is* lives here or in ``agent.policy.http``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import httptools
 
@@ -45,6 +46,7 @@ from agent.policy.http import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     MAX_TARGET_LENGTH,
+    EscapedSlash,
     HttpError,
     NormalizedPath,
     normalize_path,
@@ -52,10 +54,23 @@ from agent.policy.http import (
 )
 
 __all__ = [
-    "RequestHead", "ResponseHead", "Body", "EndOfMessage", "ParseError", "Event",
-    "RequestParser", "ResponseParser", "Framing",
-    "serialize_request_head", "serialize_response_head", "chunk", "CHUNKED_END",
-    "HOP_BY_HOP", "forward_headers", "header_value", "connection_tokens",
+    "RequestHead",
+    "ResponseHead",
+    "Body",
+    "EndOfMessage",
+    "ParseError",
+    "Event",
+    "RequestParser",
+    "ResponseParser",
+    "Framing",
+    "serialize_request_head",
+    "serialize_response_head",
+    "chunk",
+    "CHUNKED_END",
+    "HOP_BY_HOP",
+    "forward_headers",
+    "header_value",
+    "connection_tokens",
 ]
 
 Framing = Literal["content-length", "chunked", "none", "until-close"]
@@ -117,7 +132,7 @@ class ParseError:
     reason: str
 
 
-Event = Union[RequestHead, ResponseHead, Body, EndOfMessage, ParseError]
+Event = RequestHead | ResponseHead | Body | EndOfMessage | ParseError
 _EOM = EndOfMessage()
 
 # parser states
@@ -147,8 +162,14 @@ class _Parser:
 
     _error_status = 400
 
-    def __init__(self, *, max_headers: int = MAX_HEADERS, max_header_bytes: int = MAX_HEADER_BYTES,
-                 max_target: int = MAX_TARGET_LENGTH, max_head: int = MAX_HEAD) -> None:
+    def __init__(
+        self,
+        *,
+        max_headers: int = MAX_HEADERS,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_target: int = MAX_TARGET_LENGTH,
+        max_head: int = MAX_HEAD,
+    ) -> None:
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         self.max_target = max_target
@@ -220,7 +241,7 @@ class _Parser:
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            self._raw += data[e.args[0]:]
+            self._raw += data[e.args[0] :]
             self._state = _UPGRADE
         except httptools.HttpParserError as e:
             self._error(e)
@@ -237,8 +258,11 @@ class _Parser:
 
     def _head_too_long(self) -> None:
         self._state = _ERROR
-        self._events.append(ParseError(431 if self._error_status == 400 else 502,
-                                       f"message head longer than {self.max_head} bytes"))
+        self._events.append(
+            ParseError(
+                431 if self._error_status == 400 else 502, f"message head longer than {self.max_head} bytes"
+            )
+        )
 
     def _error(self, e: Exception) -> None:
         fail = self._fail
@@ -264,7 +288,9 @@ class _Parser:
 class RequestParser(_Parser):
     """Parses a client's request stream (module docstring for the rules)."""
 
-    def __init__(self, *, merge_slashes: bool = True, escaped_slash: str = "reject", **limits) -> None:
+    def __init__(
+        self, *, merge_slashes: bool = True, escaped_slash: EscapedSlash = "reject", **limits
+    ) -> None:
         self.merge_slashes = merge_slashes
         self.escaped_slash = escaped_slash
         super().__init__(**limits)
@@ -297,11 +323,18 @@ class RequestParser(_Parser):
         try:
             # one pass over the headers: framing checks + Host, Expect, Upgrade
             host, content_length, chunked, expect, upgrade_v = scan_request_headers(
-                headers, version_s, max_headers=self.max_headers,
-                max_header_bytes=self.max_header_bytes, header_bytes=self._hbytes)
-            path = normalize_path(self._url, merge_slashes=self.merge_slashes,
-                                  escaped_slash=self.escaped_slash,  # type: ignore[arg-type]
-                                  max_length=self.max_target)
+                headers,
+                version_s,
+                max_headers=self.max_headers,
+                max_header_bytes=self.max_header_bytes,
+                header_bytes=self._hbytes,
+            )
+            path = normalize_path(
+                self._url,
+                merge_slashes=self.merge_slashes,
+                escaped_slash=self.escaped_slash,
+                max_length=self.max_target,
+            )
         except HttpError as e:
             self._fail = e
             raise
@@ -325,9 +358,21 @@ class RequestParser(_Parser):
         else:
             framing = "none"
         self._state = _BODY
-        self._events.append(RequestHead(
-            p.get_method(), self._url, path, version, headers, host, p.should_keep_alive(),
-            framing, content_length, expect_continue, upgrade))
+        self._events.append(
+            RequestHead(
+                p.get_method(),
+                self._url,
+                path,
+                version,
+                headers,
+                host,
+                p.should_keep_alive(),
+                framing,
+                content_length,
+                expect_continue,
+                upgrade,
+            )
+        )
 
     def on_message_complete(self) -> None:
         self._events.append(_EOM)
@@ -401,8 +446,17 @@ class ResponseParser(_Parser):
                 framing = "until-close"
         self._framing = framing
         self._state = _BODY
-        self._events.append(ResponseHead(status, self._reason, p.get_http_version().encode(),
-                                         headers, p.should_keep_alive(), framing, cl))
+        self._events.append(
+            ResponseHead(
+                status,
+                self._reason,
+                p.get_http_version().encode(),
+                headers,
+                p.should_keep_alive(),
+                framing,
+                cl,
+            )
+        )
 
     def on_message_complete(self) -> None:
         st = self._p.get_status_code()
@@ -429,8 +483,8 @@ class ResponseParser(_Parser):
                     self._state = _ERROR
                     out.append(ParseError(502, f"response head longer than {self.max_head} bytes"))
                 return out
-            head = bytes(self._raw[:end + 4])
-            del self._raw[:end + 4]
+            head = bytes(self._raw[: end + 4])
+            del self._raw[: end + 4]
             out += super().feed(head)
             if self._state == _BODY:  # a final response to HEAD: no body
                 self._p = self._new_llhttp()
@@ -458,10 +512,18 @@ class ResponseParser(_Parser):
 # --------------------------------------------------------------------------
 # Serialization
 
-HOP_BY_HOP = frozenset({
-    b"connection", b"proxy-connection", b"keep-alive", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
 """Removed when forwarding (RFC 9110 section 7.6.1). Content-Length too: the
 proxy always writes its own framing header."""
 
@@ -469,7 +531,9 @@ proxy always writes its own framing header."""
 _SKIP_CACHE: dict[frozenset[bytes], frozenset[bytes]] = {}
 
 
-def forward_headers(headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()) -> Headers:
+def forward_headers(
+    headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()
+) -> Headers:
     """Headers minus hop-by-hop ones, those named in Connection and ``drop``."""
     skip = _SKIP_CACHE.get(drop)
     if skip is None:
@@ -493,7 +557,7 @@ def forward_headers(headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[b
         named -= skip  # already gone (e.g. the usual "keep-alive")
         named.discard(b"")
         if named:
-            out = [h for h, ln in zip(out, kept_lower) if ln not in named]
+            out = [h for h, ln in zip(out, kept_lower, strict=True) if ln not in named]
     return out
 
 
@@ -505,17 +569,24 @@ def _head(first: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def serialize_request_head(head: RequestHead, headers_override: Sequence[tuple[bytes, bytes]] | None = None,
-                           *, target: bytes | None = None) -> bytes:
+def serialize_request_head(
+    head: RequestHead,
+    headers_override: Sequence[tuple[bytes, bytes]] | None = None,
+    *,
+    target: bytes | None = None,
+) -> bytes:
     """Request line (normalized target, HTTP/1.1) and headers (the head's or the override)."""
     if target is None:
         target = head.path.target.encode("ascii")
-    return _head(b"%s %s HTTP/1.1\r\n" % (head.method, target),
-                 head.headers if headers_override is None else headers_override)
+    return _head(
+        b"%s %s HTTP/1.1\r\n" % (head.method, target),
+        head.headers if headers_override is None else headers_override,
+    )
 
 
-def serialize_response_head(status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]],
-                            version: bytes = b"1.1") -> bytes:
+def serialize_response_head(
+    status: int, reason: bytes, headers: Sequence[tuple[bytes, bytes]], version: bytes = b"1.1"
+) -> bytes:
     return _head(b"HTTP/%s %d %s\r\n" % (version, status, reason), headers)
 
 

@@ -57,8 +57,17 @@ class RequestAuthorizer:
     so a reload applies to the next request); ``tcp_allowed`` is how the
     connection itself was decided."""
 
-    def __init__(self, policies: Callable[[], PolicySet], *, identity: str | None, src_ip: str | None,
-                 namespace: str, labels: dict[str, str], port: int, tcp_allowed: bool) -> None:
+    def __init__(
+        self,
+        policies: Callable[[], PolicySet],
+        *,
+        identity: str | None,
+        src_ip: str | None,
+        namespace: str,
+        labels: dict[str, str],
+        port: int,
+        tcp_allowed: bool,
+    ) -> None:
         self._policies = policies
         self.namespace = namespace
         self.labels = labels
@@ -88,14 +97,22 @@ class RequestAuthorizer:
             return
         applying = ps.selecting(self.namespace, self.labels)
         # Was the connection allowed by THIS set? (It was decided under an older one.)
-        tcp = evaluate(ps, Request(destination_namespace=self.namespace, destination_labels=self.labels,
-                                   destination_port=self.port, source_principal=self.principal,
-                                   source_ip=self.ip))
+        tcp = evaluate(
+            ps,
+            Request(
+                destination_namespace=self.namespace,
+                destination_labels=self.labels,
+                destination_port=self.port,
+                source_principal=self.principal,
+                source_ip=self.ip,
+            ),
+        )
         audit_l7 = any(p.action is Action.AUDIT and any(r.is_l7 for r in p.rules) for p in applying)
         self._needed = not tcp.allowed or audit_l7
 
-    def decide(self, method: bytes, path: str, host: bytes | None,
-               headers: list[tuple[bytes, bytes]]) -> Decision | Denial | None:
+    def decide(
+        self, method: bytes, path: str, host: bytes | None, headers: list[tuple[bytes, bytes]]
+    ) -> Decision | Denial | None:
         """None: allowed without evaluation (fast path); a Decision (allowed or
         not, maybe with AUDIT matches); or a Denial for a request that cannot
         be evaluated."""
@@ -110,8 +127,13 @@ class RequestAuthorizer:
             return Denial(400, e.reason)
         base = self._base
         if base is None:
-            base = self._base = Request(destination_namespace=self.namespace, destination_labels=self.labels,
-                                        destination_port=self.port, source_principal=self.principal,
-                                        source_ip=self.ip)
-        return evaluate(ps, base.with_http(method.decode("latin-1"), path, norm_host,
-                                           header_multimap(headers)))
+            base = self._base = Request(
+                destination_namespace=self.namespace,
+                destination_labels=self.labels,
+                destination_port=self.port,
+                source_principal=self.principal,
+                source_ip=self.ip,
+            )
+        return evaluate(
+            ps, base.with_http(method.decode("latin-1"), path, norm_host, header_multimap(headers))
+        )

@@ -87,9 +87,16 @@ def _fmt_upstream(addr: Any) -> str | None:
     return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
 
 
-def request_record(base: dict[str, Any], head: Any, status: int, elapsed: float, exchange: Any,
-                   ids: tuple[str | None, str | None], flags: str | None = None,
-                   policy: str | None = None) -> dict[str, Any]:
+def request_record(
+    base: dict[str, Any],
+    head: Any,
+    status: int,
+    elapsed: float,
+    exchange: Any,
+    ids: tuple[str | None, str | None],
+    flags: str | None = None,
+    policy: str | None = None,
+) -> dict[str, Any]:
     """One request's access-log line: the connection's record ``base``
     (Conn.record) with the request's own numbers and fields.  ``flags``
     overrides the exchange's response flags; ``policy``: the authorization
@@ -97,24 +104,26 @@ def request_record(base: dict[str, Any], head: Any, status: int, elapsed: float,
     path = getattr(head, "path", None)
     flags = flags or getattr(exchange, "flags", "-") or "-"
     rec = dict(base)
-    rec.update({
-        "kind": "request",
-        "bytes_sent": getattr(exchange, "request_body_bytes", 0),
-        "bytes_received": getattr(exchange, "response_body_bytes", 0),
-        "duration_ms": round(elapsed * 1000.0, 3),
-        "result": "ok" if flags == "-" else flags,
-        "reason": "",
-        "method": _text(getattr(head, "method", None)),
-        "path": getattr(path, "path", None) if path is not None else None,
-        "authority": _text(getattr(head, "host", None)),
-        "status": status,
-        "upstream": _fmt_upstream(getattr(exchange, "upstream", None)),
-        "cluster": getattr(exchange, "cluster", None),
-        "attempts": getattr(exchange, "attempts", 0),
-        "response_flags": flags,
-        "request_id": ids[0],
-        "trace_id": ids[1],
-    })
+    rec.update(
+        {
+            "kind": "request",
+            "bytes_sent": getattr(exchange, "request_body_bytes", 0),
+            "bytes_received": getattr(exchange, "response_body_bytes", 0),
+            "duration_ms": round(elapsed * 1000.0, 3),
+            "result": "ok" if flags == "-" else flags,
+            "reason": "",
+            "method": _text(getattr(head, "method", None)),
+            "path": getattr(path, "path", None) if path is not None else None,
+            "authority": _text(getattr(head, "host", None)),
+            "status": status,
+            "upstream": _fmt_upstream(getattr(exchange, "upstream", None)),
+            "cluster": getattr(exchange, "cluster", None),
+            "attempts": getattr(exchange, "attempts", 0),
+            "response_flags": flags,
+            "request_id": ids[0],
+            "trace_id": ids[1],
+        }
+    )
     if policy is not None:
         rec["verdict"] = "denied"
         rec["policy"] = policy
@@ -158,9 +167,19 @@ class AccessLog:
         except OSError as e:
             logging.getLogger("meshlet.proxy").error("cannot open access log %s: %s", path, e)
 
-    def write_request(self, base: dict[str, Any], key: str, rate: float, head: Any, status: int,
-                      elapsed: float, exchange: Any, *, flags: str | None = None,
-                      policy: str | None = None) -> bool:
+    def write_request(
+        self,
+        base: dict[str, Any],
+        key: str,
+        rate: float,
+        head: Any,
+        status: int,
+        elapsed: float,
+        exchange: Any,
+        *,
+        flags: str | None = None,
+        policy: str | None = None,
+    ) -> bool:
         """One request line, if sampled (see the module docstring); ``key``:
         the fallback sampling key.  Whether it was written."""
         if self._f is None:

@@ -45,41 +45,65 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from math import log
 from dataclasses import dataclass
+from math import log
 from typing import Any
 
-__all__ = ["LABELS", "Peer", "TcpMetrics", "workload_of", "labels_for", "MAX_SERIES",
-           "DENY_REASONS", "HTTP_LABELS", "BUCKETS", "HttpMetrics", "http_prefix", "http_labels",
-           "fine_bucket", "fine_value_ms", "HttpHandle"]
+__all__ = [
+    "LABELS",
+    "Peer",
+    "TcpMetrics",
+    "workload_of",
+    "labels_for",
+    "MAX_SERIES",
+    "DENY_REASONS",
+    "HTTP_LABELS",
+    "BUCKETS",
+    "HttpMetrics",
+    "http_prefix",
+    "http_labels",
+    "fine_bucket",
+    "fine_value_ms",
+    "HttpHandle",
+]
 
 MAX_SERIES = 10_000
 UNKNOWN = "unknown"
 
 LABELS: tuple[str, ...] = (
     "reporter",
-    "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
     "source_canonical_service",
-    "destination_workload", "destination_workload_namespace", "destination_principal",
-    "destination_app", "destination_canonical_service",
-    "destination_service", "destination_service_name", "destination_service_namespace",
-    "request_protocol", "response_flags", "connection_security_policy",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_canonical_service",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
 )
 
 #: Why the proxy itself refused a connection (``meshlet_denied_connections_total{reason}``).
 DENY_REASONS: tuple[str, ...] = (
     "no_original_destination",  # not redirected by meshlet's hook, or the record expired
-    "unknown_source",           # the kernel's source cgroup/address is no enrolled pod's
-    "forbidden_destination",    # a pod dialed the proxy itself or a node's tunnel port
-    "tunnel_not_from_node",     # a tunnel connection from a non-node address
-    "mtls_refused",             # TLS handshake refused (either side)
-    "no_certificate",           # no SVID for the source identity: failing closed
-    "identity_mismatch",        # tunnel header or SNI disagrees with the certificate
-    "not_local",                # tunnel asks for a pod that is not on this node
-    "no_route",                 # the destination pod's node has no address in the state
-    "bad_tunnel_header",        # malformed, oversized or missing tunnel header
-    "policy",                   # an authorization policy denied it (counted per policy too)
-    "no_service_port",          # a service VIP dialed on a port the service does not declare
+    "unknown_source",  # the kernel's source cgroup/address is no enrolled pod's
+    "forbidden_destination",  # a pod dialed the proxy itself or a node's tunnel port
+    "tunnel_not_from_node",  # a tunnel connection from a non-node address
+    "mtls_refused",  # TLS handshake refused (either side)
+    "no_certificate",  # no SVID for the source identity: failing closed
+    "identity_mismatch",  # tunnel header or SNI disagrees with the certificate
+    "not_local",  # tunnel asks for a pod that is not on this node
+    "no_route",  # the destination pod's node has no address in the state
+    "bad_tunnel_header",  # malformed, oversized or missing tunnel header
+    "policy",  # an authorization policy denied it (counted per policy too)
+    "no_service_port",  # a service VIP dialed on a port the service does not declare
 )
 
 _FLAGS = {"ok": "-", "refused": "UF", "timeout": "UF", "reset": "UC", "rejected": "DENY"}
@@ -100,21 +124,34 @@ class Peer:
     app: str = UNKNOWN
 
 
-def labels_for(reporter: str, src: Peer, dst: Peer, service: str, service_name: str,
-               mtls: bool, result: str = "ok") -> tuple[str, ...]:
+def labels_for(
+    reporter: str, src: Peer, dst: Peer, service: str, service_name: str, mtls: bool, result: str = "ok"
+) -> tuple[str, ...]:
     """The label values, in :data:`LABELS` order."""
     return (
         reporter,
-        src.workload, src.namespace, src.principal, src.app, src.workload,
-        dst.workload, dst.namespace, dst.principal, dst.app, dst.workload,
-        service, service_name, dst.namespace if service_name != "PassthroughCluster" else UNKNOWN,
-        "tcp", _FLAGS.get(result, "-"), "mutual_tls" if mtls else "none",
+        src.workload,
+        src.namespace,
+        src.principal,
+        src.app,
+        src.workload,
+        dst.workload,
+        dst.namespace,
+        dst.principal,
+        dst.app,
+        dst.workload,
+        service,
+        service_name,
+        dst.namespace if service_name != "PassthroughCluster" else UNKNOWN,
+        "tcp",
+        _FLAGS.get(result, "-"),
+        "mutual_tls" if mtls else "none",
     )
 
 
 def with_result(labels: tuple[str, ...], result: str) -> tuple[str, ...]:
     i = LABELS.index("response_flags")
-    return labels[:i] + (_FLAGS.get(result, "-"),) + labels[i + 1:]
+    return labels[:i] + (_FLAGS.get(result, "-"),) + labels[i + 1 :]
 
 
 class _Series:
@@ -184,8 +221,14 @@ class TcpMetrics:
             s.received += max(dr, 0)
             s.sent += max(ds, 0)
 
-    def closed(self, conn_id: int, received: int, sent: int, result: str = "ok",
-               labels: list[tuple[str, ...]] | None = None) -> None:
+    def closed(
+        self,
+        conn_id: int,
+        received: int,
+        sent: int,
+        result: str = "ok",
+        labels: list[tuple[str, ...]] | None = None,
+    ) -> None:
         """Final totals.  A connection never reported as opened (it failed
         first) is opened here with ``labels``."""
         if conn_id not in self._live:
@@ -211,8 +254,7 @@ class TcpMetrics:
         """JSON-able: label names once, then one row per label set."""
         return {
             "labels": list(LABELS),
-            "tcp": [[list(lb), s.opened, s.closed, s.received, s.sent]
-                    for lb, s in self.series.items()],
+            "tcp": [[list(lb), s.opened, s.closed, s.received, s.sent] for lb, s in self.series.items()],
             "denied": dict(self.denied),
             "denied_policies": dict(self.denied_policies),
             "overflow": self.overflow,
@@ -230,8 +272,27 @@ HTTP_LABELS: tuple[str, ...] = LABELS + ("response_code", "grpc_response_status"
 
 #: Envoy's default histogram buckets, which Istio's request duration and
 #: size histograms use (milliseconds, or bytes for the sizes).
-BUCKETS: tuple[float, ...] = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
-                              30000, 60000, 300000, 600000, 1800000, 3600000)
+BUCKETS: tuple[float, ...] = (
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
 
 #: Latency for percentiles (``meshlet stats``): log buckets 2% wide, in
 #: microseconds.  Bucket ``i`` holds ``[G**i, G**(i+1))`` us; exact merge
@@ -268,13 +329,13 @@ def http_prefix(tcp_labels: tuple[str, ...], cluster: str | None = None) -> tupl
         ns, _, rest = cluster.partition("/")
         name = rest.rsplit(":", 1)[0]
         if ns and name:
-            lb[_SVC:_SVC + 3] = [f"{name}.{ns}.svc.cluster.local", name, ns]
+            lb[_SVC : _SVC + 3] = [f"{name}.{ns}.svc.cluster.local", name, ns]
     return tuple(lb)
 
 
 def http_labels(prefix: tuple[str, ...], code: int, flags: str) -> tuple[str, ...]:
     """The full :data:`HTTP_LABELS` values of one request series."""
-    return prefix[:_RF] + (flags or "-",) + prefix[_RF + 1:] + (str(code), "")
+    return prefix[:_RF] + (flags or "-",) + prefix[_RF + 1 :] + (str(code), "")
 
 
 # One series is a flat list (fast in-place increments):
@@ -318,8 +379,9 @@ class HttpMetrics:
         self.denied = 0
         self.overflow = 0
 
-    def prefixes(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
-                 ) -> tuple[int, ...]:
+    def prefixes(
+        self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
+    ) -> tuple[int, ...]:
         """Ids for a connection's label sets (one per reporter)."""
         out = []
         for lb in tcp_labels:
@@ -335,8 +397,7 @@ class HttpMetrics:
             out.append(pid)
         return tuple(out)
 
-    def handle(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None
-               ) -> HttpHandle:
+    def handle(self, tcp_labels: list[tuple[str, ...]] | tuple, cluster: str | None = None) -> HttpHandle:
         """Once per connection (and routed service), not per request."""
         return HttpHandle(self.prefixes(tcp_labels, cluster))
 
@@ -356,8 +417,9 @@ class HttpMetrics:
             h.targets[(code, flags)] = t
         return t
 
-    def observe(self, h: HttpHandle, code: int, flags: str, ms: float,
-                req_bytes: int = 0, resp_bytes: int = 0) -> None:
+    def observe(
+        self, h: HttpHandle, code: int, flags: str, ms: float, req_bytes: int = 0, resp_bytes: int = 0
+    ) -> None:
         """One finished request under each of the connection's reporters."""
         targets = h.targets.get((code, flags))
         if targets is None:
@@ -395,12 +457,25 @@ class HttpMetrics:
         return {
             "labels": list(HTTP_LABELS),
             "buckets": list(BUCKETS),
-            "series": [[list(http_labels(ps[pid], code, flags)), s[0], s[1], s[_DUR:_REQ],
-                        s[2], s[_REQ:_RESP], s[3], s[_RESP:]]
-                       for (pid, code, flags), s in self.series.items()],
+            "series": [
+                [
+                    list(http_labels(ps[pid], code, flags)),
+                    s[0],
+                    s[1],
+                    s[_DUR:_REQ],
+                    s[2],
+                    s[_REQ:_RESP],
+                    s[3],
+                    s[_RESP:],
+                ]
+                for (pid, code, flags), s in self.series.items()
+            ],
             "fine_growth": FINE_GROWTH,
-            "latency": [[list(ps[pid]), {str(k): v for k, v in lat.items()}]
-                        for pid, lat in self.latency.items() if lat],
+            "latency": [
+                [list(ps[pid]), {str(k): v for k, v in lat.items()}]
+                for pid, lat in self.latency.items()
+                if lat
+            ],
             "denied": self.denied,
             "denied_policies": dict(self.denied_policies),
             "overflow": self.overflow,

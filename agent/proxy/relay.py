@@ -44,7 +44,7 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
         pass
 
 
-def reset_transport(transport: asyncio.BaseTransport | None) -> None:
+def reset_transport(transport: asyncio.WriteTransport | None) -> None:
     """Close with RST: SO_LINGER (on, 0 s), then abort. Safe to call twice."""
     if transport is None:
         return
@@ -67,7 +67,7 @@ class Endpoint(asyncio.Protocol):
         name: str = "",
         *,
         prebuffer_limit: int = 256 * 1024,
-        on_made: Callable[["Endpoint"], None] | None = None,
+        on_made: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -90,7 +90,7 @@ class Endpoint(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a stream protocol gets a Transport
         self._writable = True
         set_nodelay(transport)
         if self._on_made is not None:
@@ -100,13 +100,13 @@ class Endpoint(asyncio.Protocol):
         peer = self._peer
         if peer is not None:
             self.bytes_in += len(data)
-            if peer._writable and not peer.transport.is_closing():  # type: ignore[union-attr]
-                peer.transport.write(data)  # type: ignore[union-attr]
+            if peer._writable and not peer.transport.is_closing():  # type: ignore[union-attr]  # set in connection_made
+                peer.transport.write(data)  # type: ignore[union-attr]  # set in connection_made
             return
         self._buf += data
         if len(self._buf) >= self._limit and not self._prebuffer_paused:
             self._prebuffer_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()  # type: ignore[union-attr]  # set in connection_made
         self._wake()
 
     def eof_received(self) -> bool:
@@ -173,7 +173,7 @@ class Endpoint(asyncio.Protocol):
         if self._prebuffer_paused and self._peer is None:
             self._prebuffer_paused = False
             if not self.lost:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+                self.transport.resume_reading()  # type: ignore[union-attr]  # set in connection_made
         return data
 
     def unread(self, data: bytes) -> None:
@@ -182,16 +182,16 @@ class Endpoint(asyncio.Protocol):
             self._buf[:0] = data
 
     def can_write(self) -> bool:
-        return self._writable and not self.transport.is_closing()  # type: ignore[union-attr]
+        return self._writable and not self.transport.is_closing()  # type: ignore[union-attr]  # set in connection_made
 
     def write(self, data: bytes) -> None:
         if self.can_write():
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)  # type: ignore[union-attr]  # set in connection_made
 
     def write_eof(self) -> None:
         """Half-close our sending side (after buffered bytes are sent)."""
         if self.can_write():
-            self.transport.write_eof()  # type: ignore[union-attr]
+            self.transport.write_eof()  # type: ignore[union-attr]  # set in connection_made
         self._writable = False
 
     def reset(self) -> None:
@@ -280,10 +280,10 @@ class Relay:
     def _on_eof(self, src: Endpoint) -> None:
         dst = self._other(src)
         if dst.can_write():
-            if dst.transport.can_write_eof():  # type: ignore[union-attr]
-                dst.transport.write_eof()  # type: ignore[union-attr]
+            if dst.transport.can_write_eof():  # type: ignore[union-attr]  # set in connection_made
+                dst.transport.write_eof()  # type: ignore[union-attr]  # set in connection_made
             else:
-                dst.transport.close()  # type: ignore[union-attr]
+                dst.transport.close()  # type: ignore[union-attr]  # set in connection_made
         dst._writable = False
         a, b = self.a, self.b
         if a.eof and b.eof and a._peer is not None and b._peer is not None:

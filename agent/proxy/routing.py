@@ -29,15 +29,25 @@ connection from the same source to that pod and port.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, Union
+from typing import Protocol
 
 from agent.proxy.state import Pod, ProxyState, normalize_ip
+from agent.proxy.tunnel import AF_INET, AF_INET6
 
-__all__ = ["Origin", "Local", "Tunnel", "Passthrough", "Reject", "ServiceRoute", "Decision",
-           "route", "endpoint_route", "service_route"]
+__all__ = [
+    "Origin",
+    "Local",
+    "Tunnel",
+    "Passthrough",
+    "Reject",
+    "ServiceRoute",
+    "Decision",
+    "route",
+    "endpoint_route",
+    "service_route",
+]
 
 
 class Origin(Protocol):
@@ -103,7 +113,7 @@ class ServiceRoute:
     vip: tuple[str, int]  # the original destination, normalized
     endpoints: tuple[Pod, ...]  # pods with an address in the VIP's family, by key
     target_port: int  # the port on every endpoint
-    family: int = socket.AF_INET  # the client socket's family (picks tunnel addresses)
+    family: int = AF_INET  # the client socket's family (picks tunnel addresses)
     port_name: str | None = None
     addrs: tuple[str, ...] = ()  # endpoints[i]'s address in the VIP's family
 
@@ -114,7 +124,7 @@ class ServiceRoute:
 
     @cached_property
     def _addr_by_key(self) -> dict[str, str]:
-        return {p.key: ip for p, ip in zip(self.endpoints, self.addrs)}
+        return {p.key: ip for p, ip in zip(self.endpoints, self.addrs, strict=False)}
 
     def addr_of(self, pod: Pod) -> tuple[str, int]:
         """(address, target port) to dial for ``pod``, one of ``endpoints``."""
@@ -124,7 +134,7 @@ class ServiceRoute:
         return (ip, self.target_port)
 
 
-Decision = Union[Local, Tunnel, Passthrough, Reject, ServiceRoute]
+Decision = Local | Tunnel | Passthrough | Reject | ServiceRoute
 
 
 def _is_self(state: ProxyState, ip: str, port: int) -> bool:
@@ -139,12 +149,11 @@ def _is_self(state: ProxyState, ip: str, port: int) -> bool:
     if me is not None:
         mine |= {me.address, me.address6}
     mine.discard(None)
-    return ip in {normalize_ip(a) for a in mine if a}  # type: ignore[arg-type]
+    return ip in {normalize_ip(a) for a in mine if a}
 
 
 def _is_node_address(state: ProxyState, ip: str) -> bool:
-    return any(ip in {normalize_ip(a) for a in (n.address, n.address6) if a}
-               for n in state.nodes.values())
+    return any(ip in {normalize_ip(a) for a in (n.address, n.address6) if a} for n in state.nodes.values())
 
 
 def tunnel_peer_allowed(state: ProxyState, peer_ip: str) -> bool:
@@ -189,20 +198,30 @@ def route(state: ProxyState, origin: Origin, peer: tuple) -> Decision:
     owners = state.service_by_ip.get(dst_ip)
     if owners:
         known = ", ".join(f"{p.port} ({s.key})" for s in owners for p in s.ports)
-        return Reject(f"{dst_ip} is a service VIP, but no service has port {port} on it "
-                      f"(ports: {known})", src, "no_service_port")
+        return Reject(
+            f"{dst_ip} is a service VIP, but no service has port {port} on it (ports: {known})",
+            src,
+            "no_service_port",
+        )
     return _to_address(state, src, state.pod_by_ip.get(dst_ip), dst_ip, port, origin.family)
 
 
-def endpoint_route(state: ProxyState, src: Pod | None, pod: Pod, port: int, *,
-                   ip: str | None = None, family: int | None = None) -> Decision:
+def endpoint_route(
+    state: ProxyState,
+    src: Pod | None,
+    pod: Pod,
+    port: int,
+    *,
+    ip: str | None = None,
+    family: int | None = None,
+) -> Decision:
     """Where a connection from ``src`` to ``pod``:``port`` goes: Local, Tunnel,
     Passthrough (a non-mesh pod) or Reject, exactly as :func:`route` decides
     for a connection that dialed that address directly.
 
     ``ip`` is the pod's address to use (default: its IPv4 address if it has
     one, else its first); it must be one of ``pod.ips``.  ``family`` is the
-    client socket's family (``socket.AF_INET``/``AF_INET6``, default from
+    client socket's family (``AF_INET``/``AF_INET6``, default from
     ``ip``): as in route(), an IPv6 socket prefers the destination node's
     IPv6 tunnel address.  ``src`` is carried into the decision unchanged.
     """
@@ -215,10 +234,12 @@ def endpoint_route(state: ProxyState, src: Pod | None, pod: Pod, port: int, *,
     except ValueError:
         return Reject(f"unparsable endpoint address {ip!r} for pod {pod.key}", src, "no_route")
     if ip not in pod.ips:
-        return Reject(f"{ip} is not an address of pod {pod.key} ({', '.join(pod.ips) or 'none'})",
-                      src, "no_route")
+        return Reject(
+            f"{ip} is not an address of pod {pod.key} ({', '.join(pod.ips) or 'none'})", src, "no_route"
+        )
     if family is None:
-        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        family = AF_INET6 if ":" in ip else AF_INET
+    # src may be None (a caller without a client pod): carried into the decision as is
     pre = _check_destination(state, src, ip, port)  # type: ignore[arg-type]
     if pre is not None:
         return pre
@@ -230,17 +251,21 @@ def _check_destination(state: ProxyState, src: Pod, dst_ip: str, port: int) -> R
     if not 0 < port < 65536:
         return Reject(f"invalid destination port {port}", src, "forbidden_destination")
     if _is_self(state, dst_ip, port):
-        return Reject(f"destination {dst_ip}:{port} is the proxy itself; refusing to loop", src,
-                      "forbidden_destination")
+        return Reject(
+            f"destination {dst_ip}:{port} is the proxy itself; refusing to loop", src, "forbidden_destination"
+        )
     if port == state.listen.tunnel_port and _is_node_address(state, dst_ip):
-        return Reject(f"{src.key if src else 'a pod'} tried to open a mesh tunnel to "
-                      f"{dst_ip}:{port} itself; only node proxies may (a pod could otherwise "
-                      "claim any identity)", src, "forbidden_destination")
+        return Reject(
+            f"{src.key if src else 'a pod'} tried to open a mesh tunnel to "
+            f"{dst_ip}:{port} itself; only node proxies may (a pod could otherwise "
+            "claim any identity)",
+            src,
+            "forbidden_destination",
+        )
     return None
 
 
-def _service_route(state: ProxyState, src: Pod, svc, sp, vip: str, port: int,
-                   family: int) -> ServiceRoute:
+def _service_route(state: ProxyState, src: Pod, svc, sp, vip: str, port: int, family: int) -> ServiceRoute:
     """The ServiceRoute for ``src`` dialing ``vip``:``port`` of ``svc`` (a
     state.Service) on its port ``sp`` (a state.ServicePort): the endpoints
     with an address in the VIP's family.  Public as :func:`service_route`."""
@@ -251,22 +276,35 @@ def _service_route(state: ProxyState, src: Pod, svc, sp, vip: str, port: int,
         if pod is not None and e.v6 == v6:  # at most one address per family and pod
             eps.append(pod)
             addrs.append(e.ip)
-    return ServiceRoute(src, svc.key, svc.name, svc.namespace, port, sp.app_protocol, (vip, port),
-                        tuple(eps), sp.target_port, family, sp.name, tuple(addrs))
+    return ServiceRoute(
+        src,
+        svc.key,
+        svc.name,
+        svc.namespace,
+        port,
+        sp.app_protocol,
+        (vip, port),
+        tuple(eps),
+        sp.target_port,
+        family,
+        sp.name,
+        tuple(addrs),
+    )
 
 
 service_route = _service_route
 
 
-def _to_address(state: ProxyState, src: Pod, dst: Pod | None, dst_ip: str, port: int,
-                family: int) -> Decision:
+def _to_address(
+    state: ProxyState, src: Pod, dst: Pod | None, dst_ip: str, port: int, family: int
+) -> Decision:
     """Rule 5: a mesh pod here or elsewhere, or anything else as-is."""
     if dst is None or not dst.mesh:
         return Passthrough(src, (dst_ip, port))
     if dst.node == state.node:
         return Local(src, dst, (dst_ip, port))
     node = state.nodes.get(dst.node)
-    want_v6 = family == socket.AF_INET6 or ":" in dst_ip
+    want_v6 = family == AF_INET6 or ":" in dst_ip
     node_addr = node.address_for(want_v6) if node is not None else None
     if node_addr is None:
         return Reject(

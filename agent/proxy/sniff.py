@@ -34,7 +34,9 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _FULL = re.compile(rb"%s{1,32} [\x21-\x7e]+ HTTP/1\.[0-9]\r?\n" % _TOKEN)
 # Every proper prefix of a request line.
 _PREFIX = re.compile(
-    rb"%s{1,32}(?: (?:[\x21-\x7e]+(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?)?)?)?\Z" % _TOKEN)
+    rb"%s{1,32}(?: (?:[\x21-\x7e]+(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?)?)?)?\Z"
+    % _TOKEN
+)
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -44,7 +46,7 @@ def sniff(data: bytes, *, limit: int = DEFAULT_LIMIT) -> Verdict:
         return Verdict.NEED_MORE
     if data[0] == 0x16:  # TLS handshake record
         return Verdict.NOT_HTTP
-    head = data[:len(_H2_PREFACE)]
+    head = data[: len(_H2_PREFACE)]
     if _H2_PREFACE.startswith(head) and len(head) >= 4:  # "PRI " onwards
         return Verdict.NOT_HTTP
     window = data[:limit]

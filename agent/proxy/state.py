@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.proxy.tunnel import spiffe_id
+from agent.proxy.watch import FileWatcher  # the generic poll/reload loop
 
 __all__ = [
     "StateError",
@@ -185,18 +186,21 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
-    l7: bool | str = False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
+    l7: bool | str = (
+        False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
+    )
     access_log: AccessLogConfig = AccessLogConfig()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     services: tuple[Service, ...] = ()
     # (normalized VIP, port) -> the service and the port dialed
     service_by_vip: Mapping[tuple[str, int], tuple[Service, ServicePort]] = field(
-        default_factory=lambda: MappingProxyType({}), repr=False)
-    service_by_key: Mapping[str, Service] = field(
-        default_factory=lambda: MappingProxyType({}), repr=False)
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
+    service_by_key: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     # normalized VIP -> the services on it (several may share one VIP on different ports)
     service_by_ip: Mapping[str, tuple[Service, ...]] = field(
-        default_factory=lambda: MappingProxyType({}), repr=False)
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
 
     def service_at(self, ip: str, port: int) -> tuple[Service, ServicePort] | None:
         """The service and port a connection to ``ip:port`` is for (any text
@@ -286,7 +290,9 @@ def _identity(d: Any, top_td: str | None) -> IdentityConfig:
         raise StateError(f"{where}.generation: must be >= 0, got {generation}")
     cert_ttl = _get(d, "cert_ttl", where, int)
     if not 10 <= cert_ttl <= 90 * 86400:
-        raise StateError(f"{where}.cert_ttl: must be in [10, 7776000] seconds (as identity.certTTL), got {cert_ttl}")
+        raise StateError(
+            f"{where}.cert_ttl: must be in [10, 7776000] seconds (as identity.certTTL), got {cert_ttl}"
+        )
     return IdentityConfig(trust_domain=td, ca_socket=ca_socket, generation=generation, cert_ttl=cert_ttl)
 
 
@@ -313,8 +319,10 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
     if "identity" in doc:
         identity_config = _identity(doc["identity"], top_td)
     elif require_identity:
-        raise StateError("state.identity: missing (the agent must publish its CA socket and trust domain; "
-                         "are the agent and proxy from the same meshlet release?)")
+        raise StateError(
+            "state.identity: missing (the agent must publish its CA socket and trust domain; "
+            "are the agent and proxy from the same meshlet release?)"
+        )
     trust_domain = identity_config.trust_domain if identity_config else top_td
     if trust_domain is None:
         raise StateError("state.trust_domain: missing")
@@ -344,8 +352,9 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
 
     tunnel_security = _get(doc, "tunnel_security", "state", str, "mtls")
     if tunnel_security not in ("mtls", "insecure-plaintext"):
-        raise StateError(f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', "
-                         f"got {tunnel_security!r}")
+        raise StateError(
+            f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', got {tunnel_security!r}"
+        )
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
     l7 = _get(doc, "l7", "state", (bool, str), False)
     if isinstance(l7, str) and l7 != "auto":
@@ -436,8 +445,11 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
     )
 
 
-def _services(items: list, pods: Mapping[str, Pod], pod_by_ip: Mapping[str, Pod],
-              ) -> tuple[tuple[Service, ...], dict[tuple[str, int], tuple[Service, ServicePort]]]:
+def _services(
+    items: list,
+    pods: Mapping[str, Pod],
+    pod_by_ip: Mapping[str, Pod],
+) -> tuple[tuple[Service, ...], dict[tuple[str, int], tuple[Service, ServicePort]]]:
     out: list[Service] = []
     keys: set[str] = set()
     by_vip: dict[tuple[str, int], tuple[Service, ServicePort]] = {}
@@ -463,8 +475,7 @@ def _services(items: list, pods: Mapping[str, Pod], pod_by_ip: Mapping[str, Pod]
             raise StateError(f"{where}.vips: at most one address per family, got {list(vips)}")
         for j, v in enumerate(vips):
             if v in pod_by_ip:
-                raise StateError(f"{where}.vips[{j}]: {v} is also the address of pod "
-                                 f"{pod_by_ip[v].key}")
+                raise StateError(f"{where}.vips[{j}]: {v} is also the address of pod {pod_by_ip[v].key}")
         ports_raw = _get(sd, "ports", where, list)
         if not ports_raw:
             raise StateError(f"{where}.ports: a service needs at least one port")
@@ -479,21 +490,26 @@ def _services(items: list, pods: Mapping[str, Pod], pod_by_ip: Mapping[str, Pod]
             target = _port(_get(pd, "target_port", pw, int, number), f"{pw}.target_port")
             proto = _get(pd, "app_protocol", pw, (str, type(None)), None)
             if proto is not None and proto not in APP_PROTOCOLS:
-                raise StateError(f"{pw}.app_protocol: {proto!r} is not one of "
-                                 f"{', '.join(APP_PROTOCOLS)} (or null: detect)")
-            eps = tuple(sorted(_endpoint(e, f"{pw}.endpoints[{k}]", target, pods)
-                               for k, e in enumerate(_get(pd, "endpoints", pw, list, []))))
+                raise StateError(
+                    f"{pw}.app_protocol: {proto!r} is not one of {', '.join(APP_PROTOCOLS)} (or null: detect)"
+                )
+            eps = tuple(
+                sorted(
+                    _endpoint(e, f"{pw}.endpoints[{k}]", target, pods)
+                    for k, e in enumerate(_get(pd, "endpoints", pw, list, []))
+                )
+            )
             if len(set(eps)) != len(eps):
                 raise StateError(f"{pw}.endpoints: an endpoint is listed twice")
-            ports.append(ServicePort(number, target, _get(pd, "name", pw, (str, type(None)), None),
-                                     proto, eps))
+            ports.append(
+                ServicePort(number, target, _get(pd, "name", pw, (str, type(None)), None), proto, eps)
+            )
         svc = Service(key, name, namespace, vips, tuple(ports))
         for v in vips:
             for p in svc.ports:
                 other = by_vip.get((v, p.port))
                 if other is not None:
-                    raise StateError(f"{where}: {v}:{p.port} is already served by service "
-                                     f"{other[0].key}")
+                    raise StateError(f"{where}: {v}:{p.port} is already served by service {other[0].key}")
                 by_vip[(v, p.port)] = (svc, p)
         out.append(svc)
     return tuple(out), by_vip
@@ -516,8 +532,7 @@ def _endpoint(d: Any, where: str, target_port: int, pods: Mapping[str, Pod]) -> 
         raise StateError(f"{where}.pod: {key!r} is not in state.pods")
     ip = _ip(_get(d, "ip", where, str), f"{where}.ip")
     if ip not in pod.ips:
-        raise StateError(f"{where}.ip: {ip} is not an address of pod {key} "
-                         f"({', '.join(pod.ips) or 'none'})")
+        raise StateError(f"{where}.ip: {ip} is not an address of pod {key} ({', '.join(pod.ips) or 'none'})")
     port = _port(_get(d, "port", where, int), f"{where}.port")
     if port != target_port:
         raise StateError(f"{where}.port: {port} differs from the port's target_port {target_port}")
@@ -563,9 +578,6 @@ def load_state(path: str) -> ProxyState:
 # ------------------------------------------------------------------ watching
 
 
-from agent.proxy.watch import FileWatcher  # noqa: E402  (the generic poll/reload loop)
-
-
 def _describe_state(s: ProxyState) -> str:
     return f"generation {s.generation}"
 
@@ -589,8 +601,18 @@ class StateWatcher(FileWatcher[ProxyState]):
         on_change: Callable[[ProxyState, ProxyState], None] | None = None,
     ) -> None:
         super().__init__(
-            path, load_state, None, what="proxy state", errors=(OSError, StateError),  # type: ignore[arg-type]
-            describe=_describe_state, on_change=on_change, interval=interval, logger=log,
-            hint="Check that the agent writes the file atomically (write + rename) and is from the same release",
+            path,
+            load_state,
+            None,  # type: ignore[arg-type]  # no state until prime() below loads the file
+            what="proxy state",
+            errors=(OSError, StateError),
+            describe=_describe_state,
+            on_change=on_change,
+            interval=interval,
+            logger=log,
+            hint=(
+                "Check that the agent writes the file atomically (write + rename) "
+                "and is from the same release"
+            ),
         )
         self.prime()

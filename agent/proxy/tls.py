@@ -122,7 +122,7 @@ def sni_for(identity: str) -> str:
     enc = base64.b32encode(raw).decode().rstrip("=").lower()
     if len(enc) > _MAX_B32_SNI:
         return f"{_hash_label(identity)}.h.{SNI_SUFFIX}"
-    labels = [enc[i:i + 63] for i in range(0, len(enc), 63)] or ["-"]
+    labels = [enc[i : i + 63] for i in range(0, len(enc), 63)] or ["-"]
     return ".".join(labels + ["id", SNI_SUFFIX])
 
 
@@ -160,13 +160,14 @@ def identity_from_sni(name: str | None, candidates: list[str] | None = None) -> 
 def load_svid_into(ctx: ssl.SSLContext, svid: Svid) -> None:
     """``load_cert_chain`` from an anonymous memfd: the key never touches a disk."""
     data = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
-    data += svid.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption())
+    data += svid.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.memfd_create("meshlet-svid", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         path = f"/proc/self/fd/{fd}"
         ctx.load_cert_chain(path, path)
     finally:
@@ -188,16 +189,18 @@ def _base_context(server: bool, bundle: TrustBundle) -> ssl.SSLContext:
 def _map_ssl_error(e: ssl.SSLError) -> HandshakeError:
     if isinstance(e, ssl.SSLCertVerificationError):
         reason = _VERIFY_CODES.get(e.verify_code, "bad_chain")
-        return HandshakeError(reason, f"certificate verification failed: {e.verify_message} "
-                              f"(OpenSSL code {e.verify_code})")
+        return HandshakeError(
+            reason, f"certificate verification failed: {e.verify_message} (OpenSSL code {e.verify_code})"
+        )
     r = getattr(e, "reason", None) or ""
     if r == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return HandshakeError("no_certificate", "the peer presented no certificate")
     if r == "NO_APPLICATION_PROTOCOL":
         return HandshakeError("alpn", f"no common application protocol (need {ALPN})")
     if "ALERT" in r or r.startswith("TLSV1_"):  # an alert from the peer, e.g. TLSV1_UNRECOGNIZED_NAME
-        return HandshakeError("peer_refused", f"the peer refused the handshake: {r.lower()} "
-                              "(see that node's proxy log for why)")
+        return HandshakeError(
+            "peer_refused", f"the peer refused the handshake: {r.lower()} (see that node's proxy log for why)"
+        )
     return HandshakeError("protocol", f"TLS handshake failed: {r or e}")
 
 
@@ -239,8 +242,12 @@ class TlsContexts:
         fp = self.certs.bundle_fingerprint
         if fp != self._fp:
             if self._fp is not None:
-                log.info("trust bundle changed (%s -> %s): rebuilding TLS contexts, dropping %d cached "
-                         "session(s)", self._fp[:16], (fp or "none")[:16], len(self._sessions))
+                log.info(
+                    "trust bundle changed (%s -> %s): rebuilding TLS contexts, dropping %d cached session(s)",
+                    self._fp[:16],
+                    (fp or "none")[:16],
+                    len(self._sessions),
+                )
             self._fp = fp
             self._client.clear()
             self._server.clear()
@@ -255,8 +262,14 @@ class TlsContexts:
     def refused(self, err: HandshakeError, *, side: str, peer: Any, extra: str = "") -> None:
         self.counters["refused"] += 1
         self.failures[err.reason] = self.failures.get(err.reason, 0) + 1
-        log.warning("refused TLS handshake (%s side) with %s%s: %s: %s", side, _fmt(peer), extra,
-                    err.reason, err.detail)
+        log.warning(
+            "refused TLS handshake (%s side) with %s%s: %s: %s",
+            side,
+            _fmt(peer),
+            extra,
+            err.reason,
+            err.detail,
+        )
 
     # ---- client
 
@@ -265,8 +278,11 @@ class TlsContexts:
         bundle = self._sync()
         svid = self.certs.certificate(src)
         if svid is None:
-            raise HandshakeError("no_certificate", f"this node holds no valid certificate for {src} "
-                                 "(not issued yet, or the agent's CA is unreachable)")
+            raise HandshakeError(
+                "no_certificate",
+                f"this node holds no valid certificate for {src} "
+                "(not issued yet, or the agent's CA is unreachable)",
+            )
         if bundle is None:
             raise HandshakeError("no_certificate", "no trust bundle yet (the agent's CA has not answered)")
         cached = self._client.get(src)
@@ -322,12 +338,21 @@ class TlsContexts:
             if conn.verified_chain:
                 self._store_session(key, _Session(session, fp or "", serial, conn.verified_chain))
 
-        return TlsConnection(ctx, app, server_side=False, server_hostname=sni_for(dst),
-                             session=cached.session if cached else None, verify=verify,
-                             on_session=on_session, contexts=self, peer_label=node)
+        return TlsConnection(
+            ctx,
+            app,
+            server_side=False,
+            server_hostname=sni_for(dst),
+            session=cached.session if cached else None,
+            verify=verify,
+            on_session=on_session,
+            contexts=self,
+            peer_label=node,
+        )
 
-    async def connect(self, sock: socket.socket, app: asyncio.Protocol, *, node: str, src: str, dst: str,
-                      timeout: float) -> TlsConnection:
+    async def connect(
+        self, sock: socket.socket, app: asyncio.Protocol, *, node: str, src: str, dst: str, timeout: float
+    ) -> TlsConnection:
         """Handshake over a connected socket. Returns once ``app`` is connected.
         Raises HandshakeError (counted and logged)."""
         conn = self.client_connection(app, node=node, src=src, dst=dst)
@@ -342,11 +367,18 @@ class TlsContexts:
 
     # ---- server
 
-    def server_connection(self, app: asyncio.Protocol, *,
-                          on_made: Callable[[TlsConnection], bool] | None = None) -> TlsConnection:
+    def server_connection(
+        self, app: asyncio.Protocol, *, on_made: Callable[[TlsConnection], bool] | None = None
+    ) -> TlsConnection:
         """A protocol for an accepted socket: TLS server picking the certificate by SNI."""
-        return TlsConnection(self._server_default(), app, server_side=True, verify=self._verify_client,
-                             contexts=self, on_made=on_made)
+        return TlsConnection(
+            self._server_default(),
+            app,
+            server_side=True,
+            verify=self._verify_client,
+            contexts=self,
+            on_made=on_made,
+        )
 
     def _server_default(self) -> ssl.SSLContext:
         bundle = self._sync()
@@ -392,8 +424,9 @@ class TlsContexts:
                     raise HandshakeError("no_certificate", f"SNI {name[:80]!r} names no workload identity")
             ctx = self._server_identity_context(ident)
             if ctx is None:
-                raise HandshakeError("no_certificate", f"this node has no workload {ident} "
-                                     "(or no valid certificate for it)")
+                raise HandshakeError(
+                    "no_certificate", f"this node has no workload {ident} (or no valid certificate for it)"
+                )
             sslobj.context = ctx
             if conn is not None:
                 conn.local_identity = ident
@@ -403,16 +436,22 @@ class TlsContexts:
             if conn is not None:
                 conn.pending_error = err
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-        except Exception as e:  # never let an exception escape into OpenSSL's callback
+        except Exception as e:  # noqa: BLE001 - never let an exception escape into OpenSSL's callback
             if conn is not None:
-                conn.pending_error = HandshakeError("protocol", f"internal error selecting a certificate: {e!r}")
+                conn.pending_error = HandshakeError(
+                    "protocol", f"internal error selecting a certificate: {e!r}"
+                )
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
     def _verify_client(self, conn: TlsConnection) -> str:
         return self._verify_peer(conn, None, None)
 
-    def _verify_peer(self, conn: TlsConnection, expected: SpiffeId | None,
-                     resumed_chain: tuple[x509.Certificate, ...] | None) -> str:
+    def _verify_peer(
+        self,
+        conn: TlsConnection,
+        expected: SpiffeId | None,
+        resumed_chain: tuple[x509.Certificate, ...] | None,
+    ) -> str:
         """``verify_svid`` on the peer's chain, memoized per chain for this bundle.
 
         The result depends only on the chain, the bundle (the cache dies with
@@ -427,11 +466,15 @@ class TlsContexts:
             entry = self._verified.get(hashlib.sha256(conn.sslobj.getpeercert(True) or b"").digest())
             chain = entry.chain if entry is not None else resumed_chain
             if not chain:
-                raise HandshakeError("bad_chain", "resumed session for a peer certificate this proxy has not "
-                                     "verified (cache evicted); the next handshake will be a full one")
+                raise HandshakeError(
+                    "bad_chain",
+                    "resumed session for a peer certificate this proxy has not "
+                    "verified (cache evicted); the next handshake will be a full one",
+                )
         else:
-            raw = conn.sslobj._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
-            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]
+            # private API: SSLObject.get_unverified_chain() is public only from Python 3.13
+            raw = conn.sslobj._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]  # see above
+            ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw]  # type: ignore[attr-defined]  # ditto
             if not ders:
                 raise HandshakeError("no_certificate", "the peer presented no certificate")
             entry = self._verified.get(hashlib.sha256(ders[0]).digest())
@@ -454,6 +497,7 @@ class TlsContexts:
             except SvidError as e:
                 raise HandshakeError(e.reason, e.detail) from None
             self._remember(chain, sid, bundle)
+        assert chain is not None  # entry.chain, the resumed chain, or parsed above
         conn.verified_chain = tuple(chain)
         return str(sid)
 
@@ -461,9 +505,12 @@ class TlsContexts:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
         certs = list(chain) + list(bundle.roots)
         entry = _Verified(
-            chain_key=hashlib.sha256(b"".join(ders)).digest(), chain=tuple(chain), identity=sid,
+            chain_key=hashlib.sha256(b"".join(ders)).digest(),
+            chain=tuple(chain),
+            identity=sid,
             valid_from=max(c.not_valid_before_utc.timestamp() for c in certs),
-            valid_until=min(c.not_valid_after_utc.timestamp() for c in certs))
+            valid_until=min(c.not_valid_after_utc.timestamp() for c in certs),
+        )
         k = hashlib.sha256(ders[0]).digest()
         self._verified[k] = entry
         self._verified.move_to_end(k)
@@ -512,7 +559,7 @@ class TlsConnection(asyncio.Protocol):
         self._on_made = on_made
         self.peer_label = peer_label
         self.raw: asyncio.Transport | None = None
-        self.sslobj: ssl.SSLObject = None  # type: ignore[assignment]
+        self.sslobj: ssl.SSLObject = None  # type: ignore[assignment]  # set in connection_made
         self.state = _HANDSHAKE
         self.peer_identity: str | None = None
         self.local_identity: str | None = None  # server: the identity chosen by SNI
@@ -529,24 +576,29 @@ class TlsConnection(asyncio.Protocol):
         self._sent_close_notify = False
         self._got_close_notify = False
         self._session_seen = False
-        self._lost_exc: BaseException | None = None
+        self._lost_exc: Exception | None = None
 
     # ---- raw side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
+        self.raw = transport  # type: ignore[assignment]  # a stream protocol gets a Transport
         if self._on_made is not None and not self._on_made(self):
             self.state = _CLOSED
             self._set_failed(HandshakeError("protocol", "refused before the handshake"))
-            reset_transport(transport)
+            reset_transport(self.raw)
             return
         try:
-            self.sslobj = self._ctx.wrap_bio(self._in, self._out, server_side=self.server_side,
-                                             server_hostname=self._hostname, session=self._offered_session)
+            self.sslobj = self._ctx.wrap_bio(
+                self._in,
+                self._out,
+                server_side=self.server_side,
+                server_hostname=self._hostname,
+                session=self._offered_session,
+            )
         except (ssl.SSLError, ValueError) as e:
             self._fail(HandshakeError("protocol", f"cannot start TLS: {e}"))
             return
-        self.sslobj._meshlet_conn = self  # type: ignore[attr-defined]  # for the SNI callback
+        self.sslobj._meshlet_conn = self  # type: ignore[attr-defined]  # our mark, for the SNI callback
         self._do_handshake()
 
     def data_received(self, data: bytes) -> None:
@@ -567,17 +619,19 @@ class TlsConnection(asyncio.Protocol):
         if self.state == _OPEN and not self._got_close_notify:
             self._lost_exc = ConnectionResetError(
                 "the peer closed the TLS connection without close_notify (truncated; it may have refused "
-                "our certificate: see its proxy log)")
+                "our certificate: see its proxy log)"
+            )
             self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]
+            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
             return False
         return True
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSED
         if not self.handshake.done():
             err = self.pending_error or HandshakeError(
-                "protocol", f"connection lost during the handshake: {exc or 'closed by peer'}")
+                "protocol", f"connection lost during the handshake: {exc or 'closed by peer'}"
+            )
             self._count(err)
             self._set_failed(err)
         if self._app_transport is not None:
@@ -612,8 +666,11 @@ class TlsConnection(asyncio.Protocol):
         self._flush()
         try:
             if self.sslobj.selected_alpn_protocol() != ALPN:
-                raise HandshakeError("alpn", f"the peer did not negotiate ALPN {ALPN!r} "
-                                     f"(got {self.sslobj.selected_alpn_protocol()!r})")
+                raise HandshakeError(
+                    "alpn",
+                    f"the peer did not negotiate ALPN {ALPN!r} "
+                    f"(got {self.sslobj.selected_alpn_protocol()!r})",
+                )
             if self.sslobj.version() != "TLSv1.3":
                 raise HandshakeError("protocol", f"negotiated {self.sslobj.version()}, need TLSv1.3")
             self.peer_identity = self._verify(self)
@@ -651,7 +708,7 @@ class TlsConnection(asyncio.Protocol):
     def _count(self, err: HandshakeError) -> None:
         if getattr(err, "_counted", False):
             return
-        err._counted = True  # type: ignore[attr-defined]
+        err._counted = True  # type: ignore[attr-defined]  # our mark on the exception: count once
         if self._contexts is not None:
             peer = self.raw.get_extra_info("peername") if self.raw is not None else None
             extra = ""
@@ -659,8 +716,9 @@ class TlsConnection(asyncio.Protocol):
                 extra += f" (node {self.peer_label})"
             if self._hostname:
                 extra += f" expecting {identity_from_sni(self._hostname)}"
-            self._contexts.refused(err, side="server" if self.server_side else "client",
-                                   peer=peer, extra=extra)
+            self._contexts.refused(
+                err, side="server" if self.server_side else "client", peer=peer, extra=extra
+            )
 
     async def wait_handshake(self, timeout: float) -> None:
         try:
@@ -686,7 +744,7 @@ class TlsConnection(asyncio.Protocol):
                     if not k:
                         eof = True
                         break
-                    n += k
+                    n += k  # type: ignore[operator]  # read(n, buffer) returns a count; typeshed: bytes
             except ssl.SSLWantReadError:
                 blocked = True
             except ssl.SSLZeroReturnError:
@@ -695,7 +753,7 @@ class TlsConnection(asyncio.Protocol):
                 self._lost_exc = ConnectionResetError(f"TLS error from the peer: {e.reason or e}")
                 self.state = _CLOSED
                 self._flush()
-                self.raw.abort()  # type: ignore[union-attr]
+                self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
                 return
             if n:
                 self.app.data_received(bytes(view[:n]))
@@ -705,9 +763,9 @@ class TlsConnection(asyncio.Protocol):
                     self._got_close_notify = True
                     keep = self.app.eof_received()
                     if not keep:
-                        self._app_transport.close()  # type: ignore[union-attr]
+                        self._app_transport.close()  # type: ignore[union-attr]  # set with the app
                     elif self._sent_close_notify:
-                        self.raw.close()  # type: ignore[union-attr]
+                        self.raw.close()  # type: ignore[union-attr]  # set in connection_made
                 return
             if blocked:
                 break
@@ -744,7 +802,7 @@ class TlsConnection(asyncio.Protocol):
         except ssl.SSLError as e:
             self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
             self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]
+            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
             return
         self._flush()
 
@@ -754,9 +812,9 @@ class TlsConnection(asyncio.Protocol):
             return
         self._send_close_notify()
         if self._got_close_notify:
-            self.raw.close()  # type: ignore[union-attr]
-        elif self.raw.can_write_eof():  # type: ignore[union-attr]
-            self.raw.write_eof()  # type: ignore[union-attr]
+            self.raw.close()  # type: ignore[union-attr]  # set in connection_made
+        elif self.raw.can_write_eof():  # type: ignore[union-attr]  # set in connection_made
+            self.raw.write_eof()  # type: ignore[union-attr]  # set in connection_made
 
     def _send_close_notify(self) -> None:
         self._sent_close_notify = True
@@ -872,7 +930,7 @@ class _AppTransport(asyncio.Transport):
         return raw.get_write_buffer_limits() if raw is not None else (0, 0)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._conn.app = protocol  # type: ignore[assignment]
+        self._conn.app = protocol  # type: ignore[assignment]  # asyncio's signature; ours is a Protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._conn.app

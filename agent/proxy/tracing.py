@@ -28,11 +28,21 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-__all__ = ["TraceParent", "parse_traceparent", "new_span_id", "new_trace_id", "new_request_id", "HopContext", "hop",
-           "MAX_TRACESTATE", "MAX_TRACESTATE_MEMBERS", "TRACE_HEADERS"]
+__all__ = [
+    "TraceParent",
+    "parse_traceparent",
+    "new_span_id",
+    "new_trace_id",
+    "new_request_id",
+    "HopContext",
+    "hop",
+    "MAX_TRACESTATE",
+    "MAX_TRACESTATE_MEMBERS",
+    "TRACE_HEADERS",
+]
 
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
@@ -58,7 +68,7 @@ class TraceParent:
     def header(self) -> bytes:
         return b"00-%s-%s-%s" % (self.trace_id, self.parent_id, self.flags)
 
-    def child(self, span_id: bytes) -> "TraceParent":
+    def child(self, span_id: bytes) -> TraceParent:
         """The same trace with this hop's span as the parent."""
         return TraceParent(self.trace_id, span_id, self.flags)
 
@@ -174,7 +184,8 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
     else:
         tp = TraceParent(new_trace_id(), span, b"00")
         state = None
-    generated = rid is None or not _REQUEST_ID.fullmatch(rid)
-    if generated:
-        rid = new_request_id()
-    return HopContext(tp, incoming, state, rid, generated)  # type: ignore[arg-type]
+    if rid is None or not _REQUEST_ID.fullmatch(rid):
+        rid, generated = new_request_id(), True
+    else:
+        generated = False
+    return HopContext(tp, incoming, state, rid, generated)

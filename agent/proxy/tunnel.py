@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 
 __all__ = [
+    "AF_INET",
+    "AF_INET6",
     "MAGIC",
     "VERSION",
     "MAX_HEADER",
@@ -47,6 +48,11 @@ __all__ = [
     "encode_response",
     "spiffe_id",
 ]
+
+# Linux's address family numbers (socket.AF_INET, socket.AF_INET6), spelled
+# out so that this sans-IO module imports no socket; a unit test checks they agree.
+AF_INET = 2
+AF_INET6 = 10
 
 MAGIC = b"MLTN"
 VERSION = 1
@@ -94,7 +100,7 @@ class TunnelError(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    family: int  # socket.AF_INET or socket.AF_INET6
+    family: int  # AF_INET or AF_INET6
     ip: str
     port: int
 
@@ -126,9 +132,9 @@ class TunnelResponse:
 class NeedMore:
     """The decoder needs more bytes."""
 
-    _instance: "NeedMore | None" = None
+    _instance: NeedMore | None = None
 
-    def __new__(cls) -> "NeedMore":
+    def __new__(cls) -> NeedMore:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -168,11 +174,11 @@ def _encode_address(addr: Address) -> bytes:
     except ValueError as e:
         raise TunnelError(f"not an IP address: {addr.ip!r}", Status.INTERNAL) from e
     if isinstance(ip, ipaddress.IPv4Address):
-        if addr.family != socket.AF_INET:
+        if addr.family != AF_INET:
             raise TunnelError(f"{addr.ip} is IPv4 but family is {addr.family}", Status.INTERNAL)
         fam = 4
     else:
-        if addr.family != socket.AF_INET6:
+        if addr.family != AF_INET6:
             raise TunnelError(f"{addr.ip} is IPv6 but family is {addr.family}", Status.INTERNAL)
         fam = 6
     return struct.pack("!BH", fam, addr.port) + ip.packed
@@ -234,9 +240,9 @@ def _decode_address(value: bytes, what: str) -> Address:
     fam, port = struct.unpack_from("!BH", value)
     raw = value[3:]
     if fam == 4 and len(raw) == 4:
-        return Address(socket.AF_INET, str(ipaddress.IPv4Address(raw)), port)
+        return Address(AF_INET, str(ipaddress.IPv4Address(raw)), port)
     if fam == 6 and len(raw) == 16:
-        return Address(socket.AF_INET6, str(ipaddress.IPv6Address(raw)), port)
+        return Address(AF_INET6, str(ipaddress.IPv6Address(raw)), port)
     raise TunnelError(f"{what}: bad address (family {fam}, {len(raw)} address bytes)")
 
 
@@ -300,8 +306,9 @@ def _request_from(tlvs: dict[int, bytes]) -> TunnelRequest:
             raise TunnelError("workload must be '<namespace>/<name>'")
     src = _decode_address(tlvs[T_SRC_ADDR], "source") if T_SRC_ADDR in tlvs else None
     protocol = _decode_str(tlvs[T_PROTOCOL], "protocol", 32) if T_PROTOCOL in tlvs else ""
-    return TunnelRequest(dst=dst, identity=identity, namespace=namespace, name=name, src=src,
-                         protocol=protocol)
+    return TunnelRequest(
+        dst=dst, identity=identity, namespace=namespace, name=name, src=src, protocol=protocol
+    )
 
 
 def _response_from(tlvs: dict[int, bytes]) -> TunnelResponse:
@@ -343,7 +350,9 @@ class _Decoder:
         if bytes(buf[:m]) != MAGIC[:m]:
             raise TunnelError("not a meshlet tunnel header (bad magic): is the peer a meshlet proxy?")
         if have >= 5 and buf[4] != VERSION:
-            raise TunnelError(f"unsupported tunnel version {buf[4]} (this proxy speaks {VERSION})", Status.UNSUPPORTED)
+            raise TunnelError(
+                f"unsupported tunnel version {buf[4]} (this proxy speaks {VERSION})", Status.UNSUPPORTED
+            )
         if have >= 6 and buf[5] != self._kind:
             raise TunnelError(f"unexpected message kind {buf[5]} (wanted {self._kind})")
         if have < _PREFIX.size:

@@ -35,7 +35,11 @@ from typing import Generic, TypeVar
 
 from agent.filesig import file_sig
 from agent.traffic.policy import (
-    PUBLISHED_FILE, PUBLISHED_FORMAT, TrafficPolicySet, parse_traffic_policies, traffic_set,
+    PUBLISHED_FILE,
+    PUBLISHED_FORMAT,
+    TrafficPolicySet,
+    parse_traffic_policies,
+    traffic_set,
 )
 
 __all__ = ["FileWatcher", "TrafficWatcher", "TrafficFileError", "load_traffic_file", "traffic_path"]
@@ -106,8 +110,9 @@ class FileWatcher(Generic[T]):
         self._sig = sig
         if sig is None:
             if self._missing is None:
-                self._error(f"{self._what} file {self.path} disappeared; keeping "
-                            f"{self._describe(self.current)}")
+                self._error(
+                    f"{self._what} file {self.path} disappeared; keeping {self._describe(self.current)}"
+                )
                 return False
             new = self._missing(self.current)
             if self._changed(new):
@@ -116,8 +121,10 @@ class FileWatcher(Generic[T]):
             try:
                 new = self._load(self.path)
             except self._load_errors as e:
-                self._error(f"cannot reload {self._what}: {e}; keeping "
-                            f"{self._describe(self.current)}" + (f". {self._hint}" if self._hint else ""))
+                self._error(
+                    f"cannot reload {self._what}: {e}; keeping "
+                    f"{self._describe(self.current)}" + (f". {self._hint}" if self._hint else "")
+                )
                 return False
             self.last_error = None
         if not self._changed(new):
@@ -180,8 +187,10 @@ def load_traffic_file(path: str) -> TrafficPolicySet:
     else:
         ts = traffic_set(())
     if ts.version != version:
-        raise TrafficFileError(f"{path}: the embedded traffic policies have version {ts.version}, "
-                               f"but the file says {version} (is the agent from the same release?)")
+        raise TrafficFileError(
+            f"{path}: the embedded traffic policies have version {ts.version}, "
+            f"but the file says {version} (is the agent from the same release?)"
+        )
     return ts
 
 
@@ -197,20 +206,37 @@ class TrafficWatcher(FileWatcher[TrafficPolicySet]):
     missing file is the empty set.  Stats: ``current.version``, ``len(current)``,
     ``reloads``, ``errors``, ``last_error``."""
 
-    def __init__(self, path: str, *, interval: float = 0.5,
-                 on_change: Callable[[TrafficPolicySet, TrafficPolicySet], None] | None = None
-                 ) -> None:
-        super().__init__(path, load_traffic_file, traffic_set(()), what="traffic policies",
-                         errors=(OSError, TrafficFileError), missing=lambda _old: traffic_set(()),
-                         version=lambda ts: ts.version, describe=_describe_traffic,
-                         on_change=on_change, interval=interval)
+    def __init__(
+        self,
+        path: str,
+        *,
+        interval: float = 0.5,
+        on_change: Callable[[TrafficPolicySet, TrafficPolicySet], None] | None = None,
+    ) -> None:
+        super().__init__(
+            path,
+            load_traffic_file,
+            traffic_set(()),
+            what="traffic policies",
+            errors=(OSError, TrafficFileError),
+            missing=lambda _old: traffic_set(()),
+            version=lambda ts: ts.version,
+            describe=_describe_traffic,
+            on_change=on_change,
+            interval=interval,
+        )
         self.check()
 
     @classmethod
-    def for_state(cls, state_path: str, **kw) -> "TrafficWatcher":
+    def for_state(cls, state_path: str, **kw) -> TrafficWatcher:
         """The watcher of the ``traffic.json`` next to ``state_path``."""
         return cls(traffic_path(state_path), **kw)
 
     def stats(self) -> dict:
-        return {"version": self.current.version, "count": len(self.current),
-                "reloads": self.reloads, "errors": self.errors, "last_error": self.last_error}
+        return {
+            "version": self.current.version,
+            "count": len(self.current),
+            "reloads": self.reloads,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }

@@ -45,8 +45,9 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from agent.cgroup import cgroup2_mount
 
@@ -60,7 +61,7 @@ DEFAULT_NAMESPACE = "default"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,6}$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _MAX_NODES = 250
-_MAX_POD_SLOTS = 240          # pod IPs are .10 .. .249
+_MAX_POD_SLOTS = 240  # pod IPs are .10 .. .249
 
 
 class SimError(RuntimeError):
@@ -85,6 +86,7 @@ class SimCommandError(subprocess.CalledProcessError):
 # Running things inside a namespace + cgroup
 # --------------------------------------------------------------------------
 
+
 def netns_path(netns: str) -> str:
     """Path of a named netns (``/run/netns/<name>``); paths pass through."""
     return netns if "/" in netns else os.path.join(NETNS_DIR, netns)
@@ -93,25 +95,23 @@ def netns_path(netns: str) -> str:
 # $1 = cgroup dir, $2 = netns file, rest = argv.  The shell moves itself into
 # the cgroup, then execs nsenter (which joins only the network namespace and
 # execs the program), so the pid the caller sees is the program's pid.
-_WRAP_CG_NS = ('echo $$ > "$1/cgroup.procs" || exit 126; ns=$2; shift 2; '
-               'exec nsenter --net="$ns" -- "$@"')
+_WRAP_CG_NS = 'echo $$ > "$1/cgroup.procs" || exit 126; ns=$2; shift 2; exec nsenter --net="$ns" -- "$@"'
 _WRAP_CG = 'echo $$ > "$1/cgroup.procs" || exit 126; shift; exec "$@"'
 
 
-def exec_argv(netns: str | None, cgroup: str | None,
-              argv: Sequence[str]) -> list[str]:
+def exec_argv(netns: str | None, cgroup: str | None, argv: Sequence[str]) -> list[str]:
     """Wrap ``argv`` so it runs in ``netns`` (name or path) and ``cgroup``
     (a cgroup v2 directory), keeping the caller's mount namespace.  Either may
     be None to skip that part.  The program keeps the pid of the wrapper."""
     if isinstance(argv, (str, bytes)):
-        raise TypeError("argv must be a sequence of strings, not a string; "
-                        "use ['sh', '-c', cmd] for shell syntax")
+        raise TypeError(
+            "argv must be a sequence of strings, not a string; use ['sh', '-c', cmd] for shell syntax"
+        )
     argv = [str(a) for a in argv]
     if not argv:
         raise ValueError("empty argv")
     if cgroup and netns:
-        return ["sh", "-c", _WRAP_CG_NS, "meshlet-exec", cgroup,
-                netns_path(netns), *argv]
+        return ["sh", "-c", _WRAP_CG_NS, "meshlet-exec", cgroup, netns_path(netns), *argv]
     if cgroup:
         return ["sh", "-c", _WRAP_CG, "meshlet-exec", cgroup, *argv]
     if netns:
@@ -119,9 +119,15 @@ def exec_argv(netns: str | None, cgroup: str | None,
     return argv
 
 
-def exec_in(netns: str | None, cgroup: str | None, argv: Sequence[str], *,
-            check: bool = True, timeout: float | None = 30,
-            **kw: Any) -> subprocess.CompletedProcess:
+def exec_in(
+    netns: str | None,
+    cgroup: str | None,
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = 30,
+    **kw: Any,
+) -> subprocess.CompletedProcess:
     """Run ``argv`` to completion inside ``netns`` + ``cgroup`` (see
     :func:`exec_argv`).  Unless the caller passes ``stdout``/``stderr``/
     ``capture_output``, output is captured as text.  With ``check`` a non-zero
@@ -135,8 +141,9 @@ def exec_in(netns: str | None, cgroup: str | None, argv: Sequence[str], *,
     return p
 
 
-def popen_in(netns: str | None, cgroup: str | None, argv: Sequence[str], *,
-             wait_ready: float = 5.0, **kw: Any) -> subprocess.Popen:
+def popen_in(
+    netns: str | None, cgroup: str | None, argv: Sequence[str], *, wait_ready: float = 5.0, **kw: Any
+) -> subprocess.Popen:
     """Start ``argv`` inside ``netns`` + ``cgroup`` and return the Popen.
 
     The wrapper moves the process into the cgroup first and joins the netns
@@ -157,8 +164,7 @@ def popen_in(netns: str | None, cgroup: str | None, argv: Sequence[str], *,
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                log.warning("pid %d did not enter netns %s within %.1fs",
-                            p.pid, netns, wait_ready)
+                log.warning("pid %d did not enter netns %s within %.1fs", p.pid, netns, wait_ready)
                 break
             time.sleep(0.001)
     return p
@@ -173,18 +179,16 @@ def _ns_inode(path: str) -> tuple[int, int]:
 # Low-level helpers
 # --------------------------------------------------------------------------
 
-def _run(argv: Sequence[str], *, input: str | None = None,
-         timeout: float = 30) -> str:
+
+def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 30) -> str:
     try:
-        p = subprocess.run(list(argv), input=input, capture_output=True,
-                           text=True, timeout=timeout)
+        p = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError as e:
         raise SimError(f"{argv[0]} not found; install iproute2/util-linux") from e
     if p.returncode != 0:
         detail = (p.stderr or p.stdout).strip()
         where = f" (batch: {input.strip()[:500]!r})" if input else ""
-        raise SimError(f"{shlex.join(argv)} failed ({p.returncode}): "
-                       f"{detail}{where}")
+        raise SimError(f"{shlex.join(argv)} failed ({p.returncode}): {detail}{where}")
     return p.stdout
 
 
@@ -192,13 +196,11 @@ def _ip(*args: str, netns: str | None = None) -> str:
     return _run(["ip", *(["-n", netns] if netns else []), *args])
 
 
-def _ip_batch(netns: str | None, cmds: Iterable[str], *,
-              force: bool = False) -> None:
+def _ip_batch(netns: str | None, cmds: Iterable[str], *, force: bool = False) -> None:
     text = "".join(c + "\n" for c in cmds)
     if not text:
         return
-    argv = ["ip"] + (["-n", netns] if netns else []) + \
-        (["-force"] if force else []) + ["-batch", "-"]
+    argv = ["ip"] + (["-n", netns] if netns else []) + (["-force"] if force else []) + ["-batch", "-"]
     _run(argv, input=text)
 
 
@@ -206,10 +208,9 @@ def _sysctl(netns: str, settings: dict[str, str]) -> None:
     """Set net sysctls inside ``netns`` (/proc/sys/net follows the netns of
     the process that opens it)."""
     script = "; ".join(
-        f"echo {shlex.quote(v)} > /proc/sys/{k.replace('.', '/')}"
-        for k, v in settings.items())
-    _run(["nsenter", f"--net={netns_path(netns)}", "--",
-          "sh", "-ec", script])
+        f"echo {shlex.quote(v)} > /proc/sys/{k.replace('.', '/')}" for k, v in settings.items()
+    )
+    _run(["nsenter", f"--net={netns_path(netns)}", "--", "sh", "-ec", script])
 
 
 def _proc_starttime(pid: int) -> int | None:
@@ -318,7 +319,7 @@ def _rmdir_tree(top: str, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         busy = None
-        for root, dirs, _files in os.walk(top, topdown=False):
+        for root, _dirs, _files in os.walk(top, topdown=False):
             try:
                 os.rmdir(root)
             except FileNotFoundError:
@@ -361,7 +362,7 @@ def _destroy_prefix(prefix: str, cgroup_mount: str | None = None) -> list[str]:
 
     try:
         mount = cgroup_mount or cgroup2_mount()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - collected: teardown reports, never raises
         mount = None
         errors.append(f"{prefix}: no cgroup2 mount: {e}")
     cg_root = os.path.join(mount, CGROUP_PREFIX + prefix) if mount else None
@@ -373,8 +374,7 @@ def _destroy_prefix(prefix: str, cgroup_mount: str | None = None) -> list[str]:
     # then the fabric; deleting a netns destroys the interfaces in it.
     names.sort(key=lambda n: (-n.count("-"), n))
     if names:
-        step("delete netns", _ip_batch, None,
-             [f"netns delete {n}" for n in names], force=True)
+        step("delete netns", _ip_batch, None, [f"netns delete {n}" for n in names], force=True)
         for n in names:  # anything the batch could not remove
             if os.path.exists(netns_path(n)):
                 step(f"delete netns {n}", _ip, "netns", "delete", n)
@@ -397,8 +397,7 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
     wildcard characters it is a plain prefix (``"mls"`` == ``"mls*"``).
     Clusters whose creator is still running are left alone.  Returns the
     prefixes that were cleaned up."""
-    pattern = prefix_glob if any(c in prefix_glob for c in "*?[") \
-        else prefix_glob + "*"
+    pattern = prefix_glob if any(c in prefix_glob for c in "*?[") else prefix_glob + "*"
     candidates: set[str] = set()
     for n in _list_netns():
         if "-" in n:
@@ -408,8 +407,8 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
         mount = cgroup2_mount()
         for d in os.listdir(mount):
             if d.startswith(CGROUP_PREFIX):
-                candidates.add(d[len(CGROUP_PREFIX):])
-    except Exception as e:  # noqa: BLE001
+                candidates.add(d[len(CGROUP_PREFIX) :])
+    except Exception as e:  # noqa: BLE001 - no cgroup2 mount: nothing of ours to clean there
         log.debug("cleanup_stale: no cgroup2 mount: %s", e)
         mount = None
     try:
@@ -423,14 +422,13 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
         if not fnmatch.fnmatchcase(prefix, pattern):
             continue
         try:
-            with open(_state_path(prefix)) as f:
-                state = json.load(f)
+            with open(_state_path(prefix)) as sf:
+                state = json.load(sf)
         except (OSError, ValueError):
             state = {}
         if _creator_alive(state):
             continue
-        log.info("cleaning up stale simulated cluster %s (creator pid %s)",
-                 prefix, state.get("pid"))
+        log.info("cleaning up stale simulated cluster %s (creator pid %s)", prefix, state.get("pid"))
         _destroy_prefix(prefix, mount)
         cleaned.append(prefix)
     return cleaned
@@ -439,6 +437,7 @@ def cleanup_stale(prefix_glob: str = "mls") -> list[str]:
 # --------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class Node:
@@ -454,7 +453,7 @@ class Node:
     cgroup: str
     pods_cgroup: str
     system_cgroup: str
-    _cluster: "Cluster" = field(repr=False, default=None)  # type: ignore[assignment]
+    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]  # Cluster sets it
 
     @property
     def pod_cidr4(self) -> str:
@@ -465,20 +464,19 @@ class Node:
         return f"fd00:244:{self.index}::/64"
 
     @property
-    def pods(self) -> list["Pod"]:
+    def pods(self) -> list[Pod]:
         return [p for p in self._cluster.pods if p.node == self.name]
 
-    def run(self, argv: Sequence[str], *, check: bool = True,
-            timeout: float | None = 30, **kw: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 30, **kw: Any
+    ) -> subprocess.CompletedProcess:
         """Run in the node netns and its ``system`` cgroup (output captured as
         text unless stdout/stderr are given); see :func:`exec_in`."""
-        return exec_in(self.netns, self.system_cgroup, argv, check=check,
-                       timeout=timeout, **kw)
+        return exec_in(self.netns, self.system_cgroup, argv, check=check, timeout=timeout, **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
         """Start in the node netns + ``system`` cgroup; killed at down()."""
-        return self._cluster._track(self, popen_in(
-            self.netns, self.system_cgroup, argv, **kw))
+        return self._cluster._track(self, popen_in(self.netns, self.system_cgroup, argv, **kw))
 
 
 @dataclass(eq=False)
@@ -496,7 +494,7 @@ class Pod:
     cgroup: str
     host_veth: str
     slot: int = 0
-    _cluster: "Cluster" = field(repr=False, default=None)  # type: ignore[assignment]
+    _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]  # Cluster sets it
 
     @property
     def ips(self) -> list[str]:
@@ -506,16 +504,15 @@ class Pod:
     def spiffe_path(self) -> str:
         return f"ns/{self.namespace}/sa/{self.service_account}"
 
-    def run(self, argv: Sequence[str], *, check: bool = True,
-            timeout: float | None = 30, **kw: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 30, **kw: Any
+    ) -> subprocess.CompletedProcess:
         """Run in the pod netns + pod cgroup; see :func:`exec_in`."""
-        return exec_in(self.netns, self.cgroup, argv, check=check,
-                       timeout=timeout, **kw)
+        return exec_in(self.netns, self.cgroup, argv, check=check, timeout=timeout, **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
         """Start in the pod netns + pod cgroup; killed at remove_pod/down."""
-        return self._cluster._track(self, popen_in(
-            self.netns, self.cgroup, argv, **kw))
+        return self._cluster._track(self, popen_in(self.netns, self.cgroup, argv, **kw))
 
 
 class _FlowMap(dict):
@@ -527,7 +524,7 @@ class _FlowSeq(list):
 
 
 # Clusters still up at interpreter exit are torn down (safety net).
-_LIVE: "weakref.WeakSet[Cluster]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
 @atexit.register
@@ -547,16 +544,21 @@ class Cluster:
     per cluster.  Use as a context manager, or call :meth:`up`/:meth:`down`.
     """
 
-    def __init__(self, nodes: int = 2, pods_per_node: int = 2, *,
-                 prefix: str | None = None, ipv6: bool = True,
-                 pod_specs: dict | None = None) -> None:
+    def __init__(
+        self,
+        nodes: int = 2,
+        pods_per_node: int = 2,
+        *,
+        prefix: str | None = None,
+        ipv6: bool = True,
+        pod_specs: dict | None = None,
+    ) -> None:
         if not 1 <= nodes <= _MAX_NODES:
             raise ValueError(f"nodes must be 1..{_MAX_NODES}")
         if pods_per_node < 0:
             raise ValueError("pods_per_node must be >= 0")
         if prefix is not None and not _PREFIX_RE.match(prefix):
-            raise ValueError("prefix must match [a-z][a-z0-9]{0,6} "
-                             "(it goes into 15-char interface names)")
+            raise ValueError("prefix must match [a-z][a-z0-9]{0,6} (it goes into 15-char interface names)")
         self.ipv6 = ipv6
         self.cgroup_mount = cgroup2_mount()
         self.prefix = prefix or self._fresh_prefix()
@@ -569,38 +571,41 @@ class Cluster:
         self._procs: list[tuple[object, subprocess.Popen]] = []
         self._lock = threading.RLock()
         self._up = False
-        self._created = False    # anything may exist on the system
+        self._created = False  # anything may exist on the system
 
         for n in range(1, nodes + 1):
             name = f"node{n}"
             cg = os.path.join(self.cgroup, name)
-            self.nodes.append(Node(
-                name=name, index=n, netns=f"{self.prefix}-{name}",
-                address=f"198.18.0.{n}",
-                address6=f"fd00:198:18::{n}" if ipv6 else None,
-                gateway4=f"10.244.{n}.1",
-                gateway6=f"fd00:244:{n}::1" if ipv6 else None,
-                cgroup=cg, pods_cgroup=os.path.join(cg, "pods"),
-                system_cgroup=os.path.join(cg, "system"), _cluster=self))
+            self.nodes.append(
+                Node(
+                    name=name,
+                    index=n,
+                    netns=f"{self.prefix}-{name}",
+                    address=f"198.18.0.{n}",
+                    address6=f"fd00:198:18::{n}" if ipv6 else None,
+                    gateway4=f"10.244.{n}.1",
+                    gateway6=f"fd00:244:{n}::1" if ipv6 else None,
+                    cgroup=cg,
+                    pods_cgroup=os.path.join(cg, "pods"),
+                    system_cgroup=os.path.join(cg, "system"),
+                    _cluster=self,
+                )
+            )
             self._next_slot[name] = 0
 
         specs = dict(pod_specs or {})
         for key in specs:
-            if str(key) not in self._node_map() and \
-                    not (isinstance(key, int) and 1 <= key <= nodes):
+            if str(key) not in self._node_map() and not (isinstance(key, int) and 1 <= key <= nodes):
                 raise ValueError(f"pod_specs: unknown node {key!r}")
         for node in self.nodes:
             lst = specs.get(node.name, specs.get(node.index))
             if lst is None:
-                lst = [{"name": f"pod{node.index}-{i + 1}"}
-                       for i in range(pods_per_node)]
+                lst = [{"name": f"pod{node.index}-{i + 1}"} for i in range(pods_per_node)]
             for spec in lst:
                 spec = dict(spec)
-                unknown = set(spec) - {"name", "namespace",
-                                       "service_account", "labels"}
+                unknown = set(spec) - {"name", "namespace", "service_account", "labels"}
                 if unknown or "name" not in spec:
-                    raise ValueError(f"bad pod spec {spec!r}: needs 'name'; "
-                                     f"unknown keys {sorted(unknown)}")
+                    raise ValueError(f"bad pod spec {spec!r}: needs 'name'; unknown keys {sorted(unknown)}")
                 self.pods.append(self._new_pod(node, **spec))
 
     # -- names / lookup ----------------------------------------------------
@@ -610,9 +615,11 @@ class Cluster:
         existing = {n.split("-", 1)[0] for n in _list_netns()}
         for _ in range(100):
             p = "mls" + secrets.token_hex(2)
-            if p not in existing and not os.path.exists(_state_path(p)) \
-                    and not os.path.exists(os.path.join(
-                        cgroup2_mount(), CGROUP_PREFIX + p)):
+            if (
+                p not in existing
+                and not os.path.exists(_state_path(p))
+                and not os.path.exists(os.path.join(cgroup2_mount(), CGROUP_PREFIX + p))
+            ):
                 return p
         raise SimError("could not find an unused cluster prefix")
 
@@ -631,9 +638,14 @@ class Cluster:
                 return p
         raise KeyError(f"no pod {name!r} in cluster {self.prefix}")
 
-    def _new_pod(self, node: Node, name: str, namespace: str = DEFAULT_NAMESPACE,
-                 service_account: str | None = None,
-                 labels: dict | None = None) -> Pod:
+    def _new_pod(
+        self,
+        node: Node,
+        name: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        service_account: str | None = None,
+        labels: dict | None = None,
+    ) -> Pod:
         if not _DNS_LABEL_RE.match(name or ""):
             raise ValueError(f"pod name {name!r} is not a DNS label")
         if any(p.name == name for p in self.pods):
@@ -642,29 +654,35 @@ class Cluster:
         if slot >= _MAX_POD_SLOTS:
             raise SimError(f"node {node.name} ran out of pod addresses")
         self._next_slot[node.name] = slot + 1
-        labels = {str(k): str(v) for k, v in
-                  (labels if labels is not None else {"app": name}).items()}
+        labels = {str(k): str(v) for k, v in (labels if labels is not None else {"app": name}).items()}
         sa = service_account or labels.get("app") or "default"
         host = f"{self.prefix}h{node.index}p{slot}"
         assert len(host) <= 15, host
         n = node.index
-        return Pod(name=name, namespace=namespace, service_account=sa,
-                   labels=labels, node=node.name,
-                   netns=f"{self.prefix}-{node.name}-{name}",
-                   ip4=f"10.244.{n}.{10 + slot}",
-                   ip6=f"fd00:244:{n}::{10 + slot}" if self.ipv6 else None,
-                   cgroup=os.path.join(node.pods_cgroup, name),
-                   host_veth=host, slot=slot, _cluster=self)
+        return Pod(
+            name=name,
+            namespace=namespace,
+            service_account=sa,
+            labels=labels,
+            node=node.name,
+            netns=f"{self.prefix}-{node.name}-{name}",
+            ip4=f"10.244.{n}.{10 + slot}",
+            ip6=f"fd00:244:{n}::{10 + slot}" if self.ipv6 else None,
+            cgroup=os.path.join(node.pods_cgroup, name),
+            host_veth=host,
+            slot=slot,
+            _cluster=self,
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
         self.down()
 
-    def up(self) -> "Cluster":
+    def up(self) -> Cluster:
         """Build namespaces, links, addresses, routes and cgroups.  On any
         failure everything built so far is torn down and the error re-raised."""
         with self._lock:
@@ -683,9 +701,13 @@ class Cluster:
 
     def _write_state(self) -> None:
         os.makedirs(STATE_DIR, exist_ok=True)
-        state = {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()),
-                 "prefix": self.prefix, "cgroup": self.cgroup,
-                 "created": time.time()}
+        state = {
+            "pid": os.getpid(),
+            "starttime": _proc_starttime(os.getpid()),
+            "prefix": self.prefix,
+            "cgroup": self.cgroup,
+            "created": time.time(),
+        }
         tmp = _state_path(self.prefix) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -696,28 +718,35 @@ class Cluster:
             for d in (n.cgroup, n.pods_cgroup, n.system_cgroup):
                 os.makedirs(d, exist_ok=True)
         _ip("netns", "add", self.fabric_netns)
-        _sysctl(self.fabric_netns, {"net.ipv6.conf.all.disable_ipv6": "1",
-                                    "net.ipv6.conf.default.disable_ipv6": "1"})
+        _sysctl(
+            self.fabric_netns,
+            {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"},
+        )
         for n in self.nodes:
             _ip("netns", "add", n.netns)
             _sysctl(n.netns, self._node_sysctls())
-        fabric = ["link set lo up",
-                  f"link add {self.bridge} type bridge stp_state 0 "
-                  f"mcast_snooping 0",
-                  f"link set {self.bridge} up"]
+        fabric = [
+            "link set lo up",
+            f"link add {self.bridge} type bridge stp_state 0 mcast_snooping 0",
+            f"link set {self.bridge} up",
+        ]
         for n in self.nodes:
             port = f"{self.prefix}n{n.index}"
-            fabric += [f"link add {port} type veth peer name eth0 netns {n.netns}",
-                       f"link set {port} master {self.bridge}",
-                       f"link set {port} up"]
+            fabric += [
+                f"link add {port} type veth peer name eth0 netns {n.netns}",
+                f"link set {port} master {self.bridge}",
+                f"link set {port} up",
+            ]
         _ip_batch(self.fabric_netns, fabric)
         for n in self.nodes:
-            cmds = ["link set lo up", "link set eth0 up",
-                    f"addr add {n.address}/24 dev eth0",
-                    f"addr add {n.gateway4}/32 dev lo"]
+            cmds = [
+                "link set lo up",
+                "link set eth0 up",
+                f"addr add {n.address}/24 dev eth0",
+                f"addr add {n.gateway4}/32 dev lo",
+            ]
             if self.ipv6:
-                cmds += [f"addr add {n.address6}/64 dev eth0 nodad",
-                         f"addr add {n.gateway6}/128 dev lo"]
+                cmds += [f"addr add {n.address6}/64 dev eth0 nodad", f"addr add {n.gateway6}/128 dev lo"]
             for m in self.nodes:
                 if m is n:
                     continue
@@ -730,40 +759,56 @@ class Cluster:
 
     @staticmethod
     def _node_sysctls() -> dict[str, str]:
-        return {"net.ipv4.ip_forward": "1",
-                "net.ipv4.conf.all.rp_filter": "0",
-                "net.ipv4.conf.default.rp_filter": "0",
-                "net.ipv6.conf.all.forwarding": "1",
-                "net.ipv6.conf.default.forwarding": "1",
-                # No DAD anywhere: link-locals usable at once (a tentative
-                # link-local on a fresh host veth drops the first packets).
-                "net.ipv6.conf.all.accept_dad": "0",
-                "net.ipv6.conf.default.accept_dad": "0"}
+        return {
+            "net.ipv4.ip_forward": "1",
+            "net.ipv4.conf.all.rp_filter": "0",
+            "net.ipv4.conf.default.rp_filter": "0",
+            "net.ipv6.conf.all.forwarding": "1",
+            "net.ipv6.conf.default.forwarding": "1",
+            # No DAD anywhere: link-locals usable at once (a tentative
+            # link-local on a fresh host veth drops the first packets).
+            "net.ipv6.conf.all.accept_dad": "0",
+            "net.ipv6.conf.default.accept_dad": "0",
+        }
 
     def _build_pod(self, p: Pod) -> None:
         node = self.node(p.node)
         os.makedirs(p.cgroup, exist_ok=True)
         _ip("netns", "add", p.netns)
-        _sysctl(p.netns, {"net.ipv4.conf.all.rp_filter": "0",
-                          "net.ipv4.conf.default.rp_filter": "0",
-                          "net.ipv6.conf.all.accept_dad": "0",
-                          "net.ipv6.conf.default.accept_dad": "0"})
-        host = [f"link add {p.host_veth} type veth peer name eth0 netns {p.netns}",
-                f"link set {p.host_veth} up",
-                f"addr add {node.gateway4}/32 dev {p.host_veth}",
-                f"route add {p.ip4}/32 dev {p.host_veth}"]
+        _sysctl(
+            p.netns,
+            {
+                "net.ipv4.conf.all.rp_filter": "0",
+                "net.ipv4.conf.default.rp_filter": "0",
+                "net.ipv6.conf.all.accept_dad": "0",
+                "net.ipv6.conf.default.accept_dad": "0",
+            },
+        )
+        host = [
+            f"link add {p.host_veth} type veth peer name eth0 netns {p.netns}",
+            f"link set {p.host_veth} up",
+            f"addr add {node.gateway4}/32 dev {p.host_veth}",
+            f"route add {p.ip4}/32 dev {p.host_veth}",
+        ]
         if self.ipv6:
-            host += [f"addr add {node.gateway6}/128 dev {p.host_veth} nodad",
-                     f"route add {p.ip6}/128 dev {p.host_veth}"]
+            host += [
+                f"addr add {node.gateway6}/128 dev {p.host_veth} nodad",
+                f"route add {p.ip6}/128 dev {p.host_veth}",
+            ]
         _ip_batch(node.netns, host)
-        pod = ["link set lo up", "link set eth0 up",
-               f"addr add {p.ip4}/32 dev eth0",
-               f"route add {node.gateway4}/32 dev eth0 scope link",
-               f"route add default via {node.gateway4} dev eth0"]
+        pod = [
+            "link set lo up",
+            "link set eth0 up",
+            f"addr add {p.ip4}/32 dev eth0",
+            f"route add {node.gateway4}/32 dev eth0 scope link",
+            f"route add default via {node.gateway4} dev eth0",
+        ]
         if self.ipv6:
-            pod += [f"addr add {p.ip6}/128 dev eth0 nodad",
-                    f"route add {node.gateway6}/128 dev eth0",
-                    f"route add ::/0 via {node.gateway6} dev eth0"]
+            pod += [
+                f"addr add {p.ip6}/128 dev eth0 nodad",
+                f"route add {node.gateway6}/128 dev eth0",
+                f"route add ::/0 via {node.gateway6} dev eth0",
+            ]
         _ip_batch(p.netns, pod)
 
     def down(self) -> None:
@@ -776,9 +821,8 @@ class Cluster:
                 return
             try:
                 self._stop_procs(self._procs)
-            except Exception as e:  # noqa: BLE001
-                log.warning("sim teardown %s: stopping processes: %s",
-                            self.prefix, e)
+            except Exception as e:  # noqa: BLE001 - logged; the rest of the teardown must run
+                log.warning("sim teardown %s: stopping processes: %s", self.prefix, e)
             self._procs = []
             try:
                 _destroy_prefix(self.prefix, self.cgroup_mount)
@@ -789,8 +833,7 @@ class Cluster:
             _LIVE.discard(self)
 
     @staticmethod
-    def _stop_procs(procs: list[tuple[object, subprocess.Popen]],
-                    grace: float = 1.0) -> None:
+    def _stop_procs(procs: Sequence[tuple[object, subprocess.Popen]], grace: float = 1.0) -> None:
         live = [p for _o, p in procs if p.poll() is None]
         for p in live:
             try:
@@ -822,10 +865,14 @@ class Cluster:
 
     # -- live changes ------------------------------------------------------
 
-    def add_pod(self, node: str | Node, name: str,
-                namespace: str = DEFAULT_NAMESPACE,
-                service_account: str | None = None,
-                labels: dict | None = None) -> Pod:
+    def add_pod(
+        self,
+        node: str | Node,
+        name: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        service_account: str | None = None,
+        labels: dict | None = None,
+    ) -> Pod:
         """Create a pod on a running cluster.  On failure the partial pod is
         removed and the error re-raised."""
         with self._lock:
@@ -852,7 +899,7 @@ class Cluster:
         self._procs = [(o, p) for o, p in self._procs if o is not pod]
         try:
             self._stop_procs(mine, grace=0.5)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - logged; the rest of the teardown must run
             log.warning("remove_pod %s: stopping processes: %s", pod.name, e)
         _kill_cgroup(pod.cgroup)
         if os.path.exists(netns_path(pod.netns)):
@@ -881,11 +928,18 @@ class Cluster:
             if n.address6:
                 d["address6"] = n.address6
             nodes.append(d)
-        pods = [{"name": p.name, "namespace": p.namespace,
-                 "serviceAccount": p.service_account,
-                 "labels": dict(p.labels), "node": p.node,
-                 "ips": list(p.ips), "cgroup": p.cgroup}
-                for p in self.pods]
+        pods = [
+            {
+                "name": p.name,
+                "namespace": p.namespace,
+                "serviceAccount": p.service_account,
+                "labels": dict(p.labels),
+                "node": p.node,
+                "ips": list(p.ips),
+                "cgroup": p.cgroup,
+            }
+            for p in self.pods
+        ]
         return {"nodes": nodes, "pods": pods}
 
     def write_inventory(self, path: str, **overrides: Any) -> None:
@@ -897,18 +951,19 @@ class Cluster:
         class _Dumper(yaml.SafeDumper):
             pass
 
-        _Dumper.add_representer(_FlowMap, lambda d, v: d.represent_mapping(
-            "tag:yaml.org,2002:map", v.items(), flow_style=True))
-        _Dumper.add_representer(_FlowSeq, lambda d, v: d.represent_sequence(
-            "tag:yaml.org,2002:seq", v, flow_style=True))
+        _Dumper.add_representer(
+            _FlowMap, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True)
+        )
+        _Dumper.add_representer(
+            _FlowSeq, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+        )
 
         doc = self.inventory()
         for p in doc["pods"]:
             p["labels"] = _FlowMap(p["labels"])
             p["ips"] = _FlowSeq(p["ips"])
         doc.update(overrides)
-        text = yaml.dump(doc, Dumper=_Dumper, sort_keys=False,
-                         default_flow_style=False)
+        text = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text)
@@ -916,5 +971,4 @@ class Cluster:
 
     def __repr__(self) -> str:
         state = "up" if self._up else "down"
-        return (f"Cluster(prefix={self.prefix!r}, nodes={len(self.nodes)}, "
-                f"pods={len(self.pods)}, {state})")
+        return f"Cluster(prefix={self.prefix!r}, nodes={len(self.nodes)}, pods={len(self.pods)}, {state})"

@@ -55,14 +55,26 @@ def service_vip(index: int, family: int = 4) -> str:
     return str(net.network_address + index)
 
 
-def service(name: str, selector: dict[str, str], ports: list[dict], *, index: int,
-            namespace: str = "default", ipv6: bool = False) -> dict:
+def service(
+    name: str,
+    selector: dict[str, str],
+    ports: list[dict],
+    *,
+    index: int,
+    namespace: str = "default",
+    ipv6: bool = False,
+) -> dict:
     """One entry of the inventory's ``services:`` section, VIPs from
     :func:`service_vip` (``ipv6``: an IPv6 VIP too).  ``ports`` as in the
     inventory, e.g. ``[{"port": 80, "targetPort": 8080, "appProtocol": "http"}]``."""
     vips = [service_vip(index, 4)] + ([service_vip(index, 6)] if ipv6 else [])
-    return {"name": name, "namespace": namespace, "vip": vips, "selector": dict(selector),
-            "ports": [dict(p) for p in ports]}
+    return {
+        "name": name,
+        "namespace": namespace,
+        "vip": vips,
+        "selector": dict(selector),
+        "ports": [dict(p) for p in ports],
+    }
 
 
 @dataclass
@@ -84,18 +96,18 @@ class Mesh:
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
     workers: int = 1
-    unmeshed: set[str] = field(default_factory=set)      # pod names with mesh: false
+    unmeshed: set[str] = field(default_factory=set)  # pod names with mesh: false
     namespaces: dict[str, dict] = field(default_factory=dict)
     services: list[dict] = field(default_factory=list)  # the inventory's services: section
     log_level: str = "info"
     workdir: str = ""
     trust_domain: str = "cluster.local"
     cert_ttl: int = 86400
-    tunnel_security: str = "mtls"          # insecure-plaintext: benchmarks only
+    tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
-    l7: bool | str = "auto"                # proxy.l7: true, false or auto (the default; see config.py)
-    flow_tracking: bool = True             # bpf.flowTracking: the kernel flow table
-    kernel_policy: bool = True             # bpf.kernelPolicy: policy refusals at connect()
+    l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
+    flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
+    kernel_policy: bool = True  # bpf.kernelPolicy: policy refusals at connect()
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
@@ -108,8 +120,12 @@ class Mesh:
         self.ca_dir = os.path.join(self.workdir, "ca")
         for node in self.cluster.nodes:
             tag = f"{self.cluster.prefix}-{node.name}"
-            ap = AgentProc(node=node, config=os.path.join(self.workdir, f"{node.name}.yaml"),
-                           run_dir=f"/run/meshlet/{tag}", pin_dir=f"/sys/fs/bpf/meshlet/{tag}")
+            ap = AgentProc(
+                node=node,
+                config=os.path.join(self.workdir, f"{node.name}.yaml"),
+                run_dir=f"/run/meshlet/{tag}",
+                pin_dir=f"/sys/fs/bpf/meshlet/{tag}",
+            )
             ap.log_path = os.path.join(self.workdir, f"agent-{node.name}.log")
             self.agents[node.name] = ap
 
@@ -146,8 +162,9 @@ class Mesh:
             init_ca(self.ca_dir, self.trust_domain, [n.name for n in self.cluster.nodes])
         self.distribute_ca()
 
-    def distribute_ca(self, nodes: list[str] | None = None, *, bundle: bool = True,
-                      node_ca: bool = True) -> None:
+    def distribute_ca(
+        self, nodes: list[str] | None = None, *, bundle: bool = True, node_ca: bool = True
+    ) -> None:
         """Copy the CA dir's bundle and/or node intermediates to the nodes'
         identity dirs (what an operator or a secret sync would do).  The key
         goes first: the agent retries until cert and key match."""
@@ -156,8 +173,10 @@ class Mesh:
             os.makedirs(d, mode=0o700, exist_ok=True)
             files = []
             if node_ca:
-                files += [(os.path.join(self.ca_dir, "nodes", name, "ca-key.pem"), "ca-key.pem"),
-                          (os.path.join(self.ca_dir, "nodes", name, "ca.pem"), "ca.pem")]
+                files += [
+                    (os.path.join(self.ca_dir, "nodes", name, "ca-key.pem"), "ca-key.pem"),
+                    (os.path.join(self.ca_dir, "nodes", name, "ca.pem"), "ca.pem"),
+                ]
             if bundle:
                 files.append((os.path.join(self.ca_dir, "bundle.pem"), "bundle.pem"))
             for src, dst in files:
@@ -168,20 +187,31 @@ class Mesh:
 
     def config_doc(self, node: Node) -> dict:
         ap = self.agents[node.name]
-        proxy: dict[str, Any] = {"redirectIPv4": node.gateway4, "workers": self.workers,
-                                 "connectTimeout": 2.0, "tunnelSecurity": self.tunnel_security,
-                                 "tlsResumption": self.tls_resumption, "l7": self.l7}
+        proxy: dict[str, Any] = {
+            "redirectIPv4": node.gateway4,
+            "workers": self.workers,
+            "connectTimeout": 2.0,
+            "tunnelSecurity": self.tunnel_security,
+            "tlsResumption": self.tls_resumption,
+            "l7": self.l7,
+        }
         if node.gateway6:
             proxy["redirectIPv6"] = node.gateway6
         return {
             "node": node.name,
             "inventory": self.inventory_path,
             "cgroup": node.cgroup,
-            "bpf": {"pinDir": ap.pin_dir, "flowTracking": self.flow_tracking,
-                    "kernelPolicy": self.kernel_policy},
+            "bpf": {
+                "pinDir": ap.pin_dir,
+                "flowTracking": self.flow_tracking,
+                "kernelPolicy": self.kernel_policy,
+            },
             "proxy": proxy,
-            "mesh": {"mode": self.mode, "excludePorts": list(self.exclude_ports),
-                     "excludeCIDRs": list(self.exclude_cidrs)},
+            "mesh": {
+                "mode": self.mode,
+                "excludePorts": list(self.exclude_ports),
+                "excludeCIDRs": list(self.exclude_cidrs),
+            },
             "admin": {"socket": os.path.join(ap.run_dir, "admin.sock")},
             "identity": {
                 "trustDomain": self.trust_domain,
@@ -203,7 +233,7 @@ class Mesh:
 
     # --- agents --------------------------------------------------------------------
 
-    def start(self, timeout: float = 90) -> "Mesh":
+    def start(self, timeout: float = 90) -> Mesh:
         self.init_ca()
         self.write_inventory()
         self.write_configs()
@@ -213,8 +243,9 @@ class Mesh:
             self.wait_ready(name, timeout=timeout)
         return self
 
-    def start_agent(self, name: str, *, keep_datapath: bool = True, wait: bool = True,
-                    timeout: float = 90) -> subprocess.Popen:
+    def start_agent(
+        self, name: str, *, keep_datapath: bool = True, wait: bool = True, timeout: float = 90
+    ) -> subprocess.Popen:
         """Start the agent of node ``name``.  ``keep_datapath`` defaults to
         True so tests can SIGKILL/SIGTERM and restart; teardown cleans up."""
         ap = self.agents[name]
@@ -223,8 +254,7 @@ class Mesh:
             argv.append("--keep-datapath")
         logf = open(ap.log_path, "ab")
         try:
-            ap.popen = ap.node.popen(argv, stdout=logf, stderr=subprocess.STDOUT,
-                                     env=_env())
+            ap.popen = ap.node.popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_env())
         finally:
             logf.close()
         if wait:
@@ -245,11 +275,12 @@ class Mesh:
             self.stop_agent(name, signal.SIGTERM)
             self.start_agent(name, timeout=timeout)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:   # proxies loaded the new state
+            while time.monotonic() < deadline:  # proxies loaded the new state
                 st = self.status(name)
                 if st["generation"] > gen and all(
-                        (w.get("stats") or {}).get("state_generation", -1) >= st["generation"]
-                        for w in st["proxy"]):
+                    (w.get("stats") or {}).get("state_generation", -1) >= st["generation"]
+                    for w in st["proxy"]
+                ):
                     break
                 time.sleep(0.1)
 
@@ -257,11 +288,12 @@ class Mesh:
         """Until the admin API answers and every proxy worker reports stats."""
         ap = self.agents[name]
         deadline = time.monotonic() + timeout
-        last = None
+        last: dict | OSError | None = None
         while time.monotonic() < deadline:
             if ap.popen is not None and ap.popen.poll() is not None:
-                raise RuntimeError(f"agent on {name} exited with {ap.popen.returncode}:\n"
-                                   + self.agent_log(name)[-4000:])
+                raise RuntimeError(
+                    f"agent on {name} exited with {ap.popen.returncode}:\n" + self.agent_log(name)[-4000:]
+                )
             try:
                 st = self.status(name)
                 if st["proxy"] and all(w["alive"] and w["stats"] for w in st["proxy"]):
@@ -270,8 +302,9 @@ class Mesh:
             except OSError as e:
                 last = e
             time.sleep(0.2)
-        raise TimeoutError(f"agent on {name} not ready after {timeout}s (last: {last}):\n"
-                           + self.agent_log(name)[-4000:])
+        raise TimeoutError(
+            f"agent on {name} not ready after {timeout}s (last: {last}):\n" + self.agent_log(name)[-4000:]
+        )
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         ap = self.agents[name]
@@ -297,8 +330,7 @@ class Mesh:
 
     def proxy_log(self, name: str, worker: int = 0) -> str:
         try:
-            with open(os.path.join(self.agents[name].run_dir, f"proxy-{worker}.log"),
-                      errors="replace") as f:
+            with open(os.path.join(self.agents[name].run_dir, f"proxy-{worker}.log"), errors="replace") as f:
                 return f.read()
         except OSError:
             return ""
@@ -323,8 +355,10 @@ class Mesh:
 
     def scrape(self, name: str) -> str:
         """GET /metrics from inside the node's network namespace."""
-        code = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
-                f"'http://127.0.0.1:{self.metrics_port}/metrics', timeout=20).read().decode())")
+        code = (
+            "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+            f"'http://127.0.0.1:{self.metrics_port}/metrics', timeout=20).read().decode())"
+        )
         return self.agents[name].node.run([sys.executable, "-c", code], timeout=30).stdout
 
     def counters(self, name: str) -> dict[str, int]:
@@ -349,7 +383,7 @@ class Mesh:
         for name in list(self.agents):
             try:
                 self.stop_agent(name, signal.SIGKILL, timeout=10)
-            except Exception:
+            except Exception:  # noqa: BLE001 - down() never raises; the kill below is the fallback
                 pass
         for name, ap in self.agents.items():
             for pid in self.proxy_pids(name):
@@ -361,14 +395,14 @@ class Mesh:
                     pass
             try:
                 remove_pins(ap.pin_dir)
-            except Exception:
+            except Exception:  # noqa: BLE001 - down() never raises; the rest of the teardown must run
                 pass
             shutil.rmtree(ap.run_dir, ignore_errors=True)
             remove_empty_parent(ap.run_dir)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -381,4 +415,3 @@ def _env() -> dict:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-

@@ -47,8 +47,7 @@ def _handle(conn: socket.socket, peer) -> None:
                 break
             h.update(b)
             received += len(b)
-        reply = {"received": received, "sha256": h.hexdigest(),
-                 "peer": peer[0].removeprefix("::ffff:")}
+        reply = {"received": received, "sha256": h.hexdigest(), "peer": peer[0].removeprefix("::ffff:")}
         conn.sendall(json.dumps(reply).encode() + b"\n")
         for chunk in seeded_chunks(int(header.get("seed", 0)) + 1, int(header.get("down", 0))):
             conn.sendall(chunk)
@@ -59,15 +58,16 @@ def accept_loop(handler, port: int, bind: str, max_seconds: float) -> None:
     and run ``handler(conn, peer)`` in a thread per connection until
     ``max_seconds`` have passed."""
     v6 = ":" in bind
-    s = socket.create_server((bind, port), family=socket.AF_INET6 if v6 else socket.AF_INET,
-                             dualstack_ipv6=v6, backlog=128)
+    s = socket.create_server(
+        (bind, port), family=socket.AF_INET6 if v6 else socket.AF_INET, dualstack_ipv6=v6, backlog=128
+    )
     s.settimeout(1.0)
     print(json.dumps({"listening": port}), flush=True)
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline:
         try:
             conn, peer = s.accept()
-        except socket.timeout:
+        except TimeoutError:
             continue
         threading.Thread(target=handler, args=(conn, peer), daemon=True).start()
 
@@ -85,9 +85,15 @@ def session(host: str, port: int, timeout: float) -> int:
     """A long-lived connection driven from stdin: each line is sent and its
     echo printed as {"echo": ...}; any failure prints {"error": ...}."""
     s = socket.create_connection((host, port), timeout=timeout)
-    print(json.dumps({"connected": list(s.getsockname()[:2]),
-                      "peer": [s.getpeername()[0].removeprefix("::ffff:"), s.getpeername()[1]]}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "connected": list(s.getsockname()[:2]),
+                "peer": [s.getpeername()[0].removeprefix("::ffff:"), s.getpeername()[1]],
+            }
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         data = line.encode()
         try:
@@ -129,10 +135,16 @@ def transfer(host: str, port: int, up: int, down: int, seed: int, timeout: float
     for chunk in seeded_chunks(seed + 1, down):
         want_down.update(chunk)
     return {
-        "ok": reply["received"] == up and reply["sha256"] == h_up.hexdigest()
-        and got == down and h_down.hexdigest() == want_down.hexdigest(),
-        "up": up, "down": down, "server_received": reply["received"], "client_received": got,
-        "server_saw_peer": reply["peer"], "seconds": round(time.monotonic() - t0, 3),
+        "ok": reply["received"] == up
+        and reply["sha256"] == h_up.hexdigest()
+        and got == down
+        and h_down.hexdigest() == want_down.hexdigest(),
+        "up": up,
+        "down": down,
+        "server_received": reply["received"],
+        "client_received": got,
+        "server_saw_peer": reply["peer"],
+        "seconds": round(time.monotonic() - t0, 3),
     }
 
 
@@ -155,8 +167,13 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
             errors += 1
     lat.sort()
     pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else None
-    return {"connections": ok, "errors": errors, "per_second": round(ok / seconds, 1),
-            "p50_ms": pick(0.5) if lat else None, "p99_ms": pick(0.99) if lat else None}
+    return {
+        "connections": ok,
+        "errors": errors,
+        "per_second": round(ok / seconds, 1),
+        "p50_ms": pick(0.5) if pick else None,
+        "p99_ms": pick(0.99) if pick else None,
+    }
 
 
 def probe(host: str, port: int, timeout: float) -> dict:
@@ -165,8 +182,12 @@ def probe(host: str, port: int, timeout: float) -> dict:
     try:
         s = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        return {"result": "connect_error", "errno": e.errno, "error": str(e),
-                "seconds": round(time.monotonic() - t0, 3)}
+        return {
+            "result": "connect_error",
+            "errno": e.errno,
+            "error": str(e),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
     with s:
         s.settimeout(timeout)
         try:
@@ -175,7 +196,7 @@ def probe(host: str, port: int, timeout: float) -> dict:
             result = "data" if data else "eof"
         except ConnectionResetError:
             result = "reset"
-        except socket.timeout:
+        except TimeoutError:
             result = "timeout"
         except OSError as e:
             result = f"error:{e.errno}"

@@ -30,7 +30,7 @@ clock, the same one for every call on a cluster).
 from __future__ import annotations
 
 import random
-from typing import Collection, Hashable, Sequence
+from collections.abc import Collection, Sequence
 
 from .breaker import Breaker
 from .lb import LoadBalancer, Token
@@ -54,8 +54,14 @@ def target_str(t: Target) -> str:
 def _check(targets: Sequence[Target]) -> tuple[Target, ...]:
     out = []
     for t in targets:
-        if not isinstance(t, tuple) or len(t) < 2 or not isinstance(t[0], str) \
-                or not isinstance(t[1], int) or isinstance(t[1], bool) or not 0 < t[1] < 65536:
+        if (
+            not isinstance(t, tuple)
+            or len(t) < 2
+            or not isinstance(t[0], str)
+            or not isinstance(t[1], int)
+            or isinstance(t[1], bool)
+            or not 0 < t[1] < 65536
+        ):
             raise ValueError(f"a target is a tuple (ip, port, *extra), not {t!r}")
         hash(t)  # extra elements must be hashable too (TypeError otherwise)
         out.append(t)
@@ -65,23 +71,28 @@ def _check(targets: Sequence[Target]) -> tuple[Target, ...]:
 class Cluster:
     """Endpoints of one upstream plus the state the proxy keeps about them."""
 
-    def __init__(self, name: str | None, targets: Sequence[Target],
-                 settings: TrafficSettings = DEFAULTS, now: float = 0.0, *,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        name: str | None,
+        targets: Sequence[Target],
+        settings: TrafficSettings = DEFAULTS,
+        now: float = 0.0,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         self.name = name
         """``ns/service:port``, or None for a direct pod address."""
         self.targets: tuple[Target, ...] = _check(targets)
         self.settings = settings
-        self.lb: LoadBalancer[Hashable] = LoadBalancer(rng or random.Random())
-        self.outlier: OutlierDetector[Hashable] = OutlierDetector(
-            settings.outlier_detection, self.targets, now)
+        self.lb: LoadBalancer[Target] = LoadBalancer(rng or random.Random())
+        self.outlier: OutlierDetector[Target] = OutlierDetector(settings.outlier_detection, self.targets, now)
         self.breaker = Breaker(settings.circuit_breaker)
         self.budget = RetryBudget(settings.budget, now)
         self._ejected: frozenset = frozenset()
         self._derive()
 
     @classmethod
-    def single(cls, target: Target, settings: TrafficSettings = DEFAULTS, now: float = 0.0) -> "Cluster":
+    def single(cls, target: Target, settings: TrafficSettings = DEFAULTS, now: float = 0.0) -> Cluster:
         """A cluster of one pod address (no service): ``name`` is None."""
         return cls(None, [target], settings, now)
 
@@ -135,8 +146,9 @@ class Cluster:
         """An attempt to ``target`` begins; the token goes to :meth:`finish`."""
         return self.lb.start(target) if self.multi else None
 
-    def finish(self, token: Token | None, target: Target, outcome: Outcome | None,
-               latency: float, now: float) -> None:
+    def finish(
+        self, token: Token | None, target: Target, outcome: Outcome | None, latency: float, now: float
+    ) -> None:
         """The attempt ended.  ``outcome`` None: abandoned (the client went
         away): only the load balancer's count is released."""
         if token is not None:

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Collection, Generic, Hashable, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["LoadBalancer", "Token", "EWMA_ALPHA"]
 
@@ -76,8 +77,9 @@ class LoadBalancer(Generic[E]):
         self._serial = itertools.count(1)
 
     # -- choosing
-    def pick(self, endpoints: Sequence[E], *, unavailable: Collection[E] = (),
-             avoid: Collection[E] = ()) -> E | None:
+    def pick(
+        self, endpoints: Sequence[E], *, unavailable: Collection[E] = (), avoid: Collection[E] = ()
+    ) -> E | None:
         """Choose an endpoint (rules in the module doc); None if all are unavailable."""
         cands = [e for e in endpoints if e not in unavailable] if unavailable else endpoints
         if not cands:

@@ -27,8 +27,9 @@ Rules:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
-from typing import Collection, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 from .outcome import Kind, Outcome
 from .policy import OutlierDetection
@@ -79,6 +80,7 @@ class OutlierDetector(Generic[E]):
         self._expire(now)
         ejected = [e for e, s in self._state.items() if s.until is not None]
         if self._state and len(ejected) == len(self._state):
+            # every ejected endpoint has an `until` (that is what ejected means)
             first = min(ejected, key=lambda e: self._state[e].until)  # type: ignore[arg-type, return-value]
             self._admit(first, now)
 
@@ -138,8 +140,13 @@ class OutlierDetector(Generic[E]):
     def record(self, endpoint: E, outcome: Outcome, now: float) -> Ejection[E] | None:
         """Count one attempt's outcome; returns the ejection it caused, if any."""
         s = self._state.get(endpoint)
-        if (s is not None and s.c5xx == 0 and s.cconn == 0 and outcome.kind is Kind.STATUS
-                and not outcome.is_5xx):
+        if (
+            s is not None
+            and s.c5xx == 0
+            and s.cconn == 0
+            and outcome.kind is Kind.STATUS
+            and not outcome.is_5xx
+        ):
             return None  # the common case: a success that changes nothing (expiry is lazy)
         self._expire(now)
         if s is None or s.until is not None:

@@ -67,23 +67,56 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from agent import yamlsrc as y
 from agent.policy.load import (  # the model's names too: load is this package's one door
-    DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, KIND as AUTHORIZATION_KIND, DocKind, PolicySet,
-    _canon, _check_options, authorization_kind, collect_documents, policy_files, policy_set,
+    DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN,
+    DocKind,
+    PolicySet,
+    _canon,
+    _check_options,
+    authorization_kind,
+    collect_documents,
+    policy_files,
+    policy_set,
     read_sources,
+)
+from agent.policy.load import (
+    KIND as AUTHORIZATION_KIND,
 )
 
 __all__ = [
-    "API_VERSION", "KIND", "IDEMPOTENT_METHODS", "RETRY_CONDITIONS", "BUDGET_WINDOW",
-    "Retries", "Budget", "Timeouts", "CircuitBreaker", "OutlierDetection", "TrafficSettings",
-    "DEFAULTS", "TrafficPolicy", "TrafficPolicySet", "parse_duration",
-    "parse_traffic_policies", "load_traffic_policies", "traffic_policy_files",
-    "traffic_fingerprint", "traffic_set", "TRAFFIC_KIND", "PUBLISHED_FILE", "PUBLISHED_FORMAT",
-    "compile_traffic", "lint_traffic", "parse_all_sources", "load_all",
+    "API_VERSION",
+    "KIND",
+    "IDEMPOTENT_METHODS",
+    "RETRY_CONDITIONS",
+    "BUDGET_WINDOW",
+    "Retries",
+    "Budget",
+    "Timeouts",
+    "CircuitBreaker",
+    "OutlierDetection",
+    "TrafficSettings",
+    "DEFAULTS",
+    "TrafficPolicy",
+    "TrafficPolicySet",
+    "parse_duration",
+    "parse_traffic_policies",
+    "load_traffic_policies",
+    "traffic_policy_files",
+    "traffic_fingerprint",
+    "traffic_set",
+    "TRAFFIC_KIND",
+    "PUBLISHED_FILE",
+    "PUBLISHED_FORMAT",
+    "compile_traffic",
+    "lint_traffic",
+    "parse_all_sources",
+    "load_all",
 ]
 
 API_VERSION = "meshlet.io/v1alpha1"
@@ -243,14 +276,16 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in _PART.findall(s))
 
 
-def _duration(lo_open: float | None = 0.0, hi: float = 86400.0 * 365, *,
-              zero_disables: bool = False):
+def _duration(lo_open: float | None = 0.0, hi: float = 86400.0 * 365, *, zero_disables: bool = False):
     """A duration converter; with ``zero_disables`` 0 reads as None (off)."""
+
     def conv(v: y.Value) -> float | None:
         x = v.scalar()
         if isinstance(x, (int, float)) and not isinstance(x, bool):
-            raise y.Invalid(f"{v.node.value!r} has no unit; write e.g. '{v.node.value}s' or "
-                            f"'{v.node.value}ms' (quoted or not)")
+            raise y.Invalid(
+                f"{v.node.value!r} has no unit; write e.g. '{v.node.value}s' or "
+                f"'{v.node.value}ms' (quoted or not)"
+            )
         s = y.string(v)
         try:
             d = parse_duration(s)
@@ -259,11 +294,14 @@ def _duration(lo_open: float | None = 0.0, hi: float = 86400.0 * 365, *,
         if d == 0 and zero_disables:
             return None
         if lo_open is not None and not d > lo_open:
-            raise y.Invalid(f"{s!r} must be longer than 0" + ("" if zero_disables else
-                                                               " (this timeout cannot be disabled)"))
+            raise y.Invalid(
+                f"{s!r} must be longer than 0"
+                + ("" if zero_disables else " (this timeout cannot be disabled)")
+            )
         if d > hi:
             raise y.Invalid(f"{s!r} is too long (at most {hi:g}s)")
         return d
+
     return conv
 
 
@@ -283,9 +321,14 @@ def _retry_on_item(v: y.Value) -> str | int:
         return x
     if x not in RETRY_CONDITIONS:
         hint = y.did_you_mean(x, RETRY_CONDITIONS)
-        raise y.Invalid(f"unknown retry condition {x!r}" + (
-            f" (did you mean {hint!r}?)" if hint else
-            f"; use {', '.join(RETRY_CONDITIONS)} or status codes"))
+        raise y.Invalid(
+            f"unknown retry condition {x!r}"
+            + (
+                f" (did you mean {hint!r}?)"
+                if hint
+                else f"; use {', '.join(RETRY_CONDITIONS)} or status codes"
+            )
+        )
     return x
 
 
@@ -302,17 +345,25 @@ def _read_retries(r: y.MapReader) -> Retries:
         on = frozenset(i for i in on_items if isinstance(i, str) and RETRY_CONDITIONS[i] is None)
         codes: set[int] = {i for i in on_items if isinstance(i, int)}
         for i in on_items:
-            if isinstance(i, str) and RETRY_CONDITIONS[i] is not None:
-                codes |= RETRY_CONDITIONS[i]  # type: ignore[arg-type]
+            if isinstance(i, str) and (cond := RETRY_CONDITIONS[i]) is not None:
+                codes |= cond
         statuses = frozenset(codes)
-    return Retries(attempts if attempts is not None else d.attempts, per_try, on, statuses,
-                   bool(non_idem), max_body if max_body is not None else d.max_body_bytes)
+    return Retries(
+        attempts if attempts is not None else d.attempts,
+        per_try,
+        on,
+        statuses,
+        bool(non_idem),
+        max_body if max_body is not None else d.max_body_bytes,
+    )
 
 
 def _read_budget(r: y.MapReader) -> Budget:
     d = Budget()
-    b = Budget(r.get("percent", y.number(0, 100), d.percent),
-               r.get("minPerSecond", y.number(0, 1_000_000), d.min_per_second))
+    b = Budget(
+        r.get("percent", y.number(0, 100), d.percent),
+        r.get("minPerSecond", y.number(0, 1_000_000), d.min_per_second),
+    )
     r.finish()
     return b
 
@@ -334,9 +385,11 @@ def _read_timeouts(r: y.MapReader) -> Timeouts:
 def _read_breaker(r: y.MapReader) -> CircuitBreaker:
     d = CircuitBreaker()
     n = y.integer(1, 2**32 - 1)
-    c = CircuitBreaker(r.get("maxConnections", n, d.max_connections),
-                       r.get("maxPendingRequests", n, d.max_pending_requests),
-                       r.get("maxRequests", n, d.max_requests))
+    c = CircuitBreaker(
+        r.get("maxConnections", n, d.max_connections),
+        r.get("maxPendingRequests", n, d.max_pending_requests),
+        r.get("maxRequests", n, d.max_requests),
+    )
     r.finish()
     return c
 
@@ -345,20 +398,26 @@ def _read_outlier(r: y.MapReader) -> OutlierDetection:
     d = OutlierDetection()
     o = OutlierDetection(
         consecutive_5xx=r.get("consecutive5xx", y.integer(0, 1000), d.consecutive_5xx),
-        consecutive_connect_failures=r.get("consecutiveConnectFailures", y.integer(0, 1000),
-                                           d.consecutive_connect_failures),
+        consecutive_connect_failures=r.get(
+            "consecutiveConnectFailures", y.integer(0, 1000), d.consecutive_connect_failures
+        ),
         interval=r.get("interval", _duration(), d.interval),
         base_ejection_time=r.get("baseEjectionTime", _duration(), d.base_ejection_time),
         max_ejection_time=r.get("maxEjectionTime", _duration(), d.max_ejection_time),
         max_ejection_percent=r.get("maxEjectionPercent", y.integer(0, 100), d.max_ejection_percent),
     )
     r.finish()
-    if (o.max_ejection_time is not None and o.base_ejection_time is not None
-            and o.max_ejection_time < o.base_ejection_time):
+    if (
+        o.max_ejection_time is not None
+        and o.base_ejection_time is not None
+        and o.max_ejection_time < o.base_ejection_time
+    ):
         at = r.at("maxEjectionTime") or r.at("baseEjectionTime")
         assert at is not None
-        at.problem(f"maxEjectionTime ({o.max_ejection_time:g}s) is shorter than "
-                   f"baseEjectionTime ({o.base_ejection_time:g}s)")
+        at.problem(
+            f"maxEjectionTime ({o.max_ejection_time:g}s) is shorter than "
+            f"baseEjectionTime ({o.base_ejection_time:g}s)"
+        )
     return o
 
 
@@ -398,7 +457,7 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
         meta.get("annotations", y.map_of(y.string, y.any_string), None)
         meta.finish()
     service = port = None
-    sections = {}
+    sections: dict[str, Any] = {}  # key -> what _SECTIONS[key] reads (one type per key)
     if spec is not None:
         service = spec.get("service", y.dns_label)
         port = spec.get("port", y.port, None)
@@ -409,15 +468,22 @@ def _read_document(doc: y.Document) -> TrafficPolicy | None:
         spec.finish()
     if len(doc.problems) != before or None in (name, namespace, service) or len(sections) != 5:
         return None
-    settings = TrafficSettings(sections["retries"], sections["budget"], sections["timeouts"],
-                               sections["circuitBreaker"], sections["outlierDetection"])
+    settings = TrafficSettings(
+        sections["retries"],
+        sections["budget"],
+        sections["timeouts"],
+        sections["circuitBreaker"],
+        sections["outlierDetection"],
+    )
+    # name, namespace and service are not None: checked above
     return TrafficPolicy(name, namespace, service, port, settings, origin=_where(top.value))  # type: ignore[arg-type]
 
 
 def _conflict(p: TrafficPolicy, doc: y.Document, accepted: Sequence[TrafficPolicy]) -> bool:
     """Two policies for the same service and port (or both for the whole service)."""
-    other = next((o for o in accepted
-                  if (o.namespace, o.service, o.port) == (p.namespace, p.service, p.port)), None)
+    other = next(
+        (o for o in accepted if (o.namespace, o.service, o.port) == (p.namespace, p.service, p.port)), None
+    )
     if other is None:
         return False
     spec = doc.top().at("spec")
@@ -426,8 +492,10 @@ def _conflict(p: TrafficPolicy, doc: y.Document, accepted: Sequence[TrafficPolic
     at = sr.at("port") or sr.at("service")
     assert at is not None
     what = f"port {p.port} of service" if p.port is not None else "service"
-    at.problem(f"{what} {p.namespace}/{p.service} already has a traffic policy, "
-               f"{other.key} ({other.origin}); merge the two")
+    at.problem(
+        f"{what} {p.namespace}/{p.service} already has a traffic policy, "
+        f"{other.key} ({other.origin}); merge the two"
+    )
     return True
 
 
@@ -450,8 +518,14 @@ PUBLISHED_FORMAT = 1
 
 def _summary(p: TrafficPolicy) -> dict[str, Any]:
     r = p.settings.retries
-    return {"kind": KIND, "namespace": p.namespace, "name": p.name, "service": p.service,
-            "port": p.port, "retries": r.attempts}
+    return {
+        "kind": KIND,
+        "namespace": p.namespace,
+        "name": p.name,
+        "service": p.service,
+        "port": p.port,
+        "retries": r.attempts,
+    }
 
 
 def compile_traffic(policies: tuple[TrafficPolicy, ...], text: str) -> dict[str, Any]:
@@ -459,13 +533,26 @@ def compile_traffic(policies: tuple[TrafficPolicy, ...], text: str) -> dict[str,
     documents (a reader parses it with :func:`parse_traffic_policies` and
     checks it gets ``version``), plus a summary for tools."""
     ts = traffic_set(policies)
-    return {"format": PUBLISHED_FORMAT, "kind": KIND, "version": ts.version, "count": len(ts),
-            "yaml": text, "policies": [_summary(p) for p in ts.policies]}
+    return {
+        "format": PUBLISHED_FORMAT,
+        "kind": KIND,
+        "version": ts.version,
+        "count": len(ts),
+        "yaml": text,
+        "policies": [_summary(p) for p in ts.policies],
+    }
 
 
 #: How the shared collector and the agent's policy store handle TrafficPolicy.
-TRAFFIC_KIND = DocKind(KIND, "traffic policy", _read_document, _conflict,
-                       published=PUBLISHED_FILE, compile=compile_traffic, summary=_summary)
+TRAFFIC_KIND = DocKind(
+    KIND,
+    "traffic policy",
+    _read_document,
+    _conflict,
+    published=PUBLISHED_FILE,
+    compile=compile_traffic,
+    summary=_summary,
+)
 
 
 def _collect(texts: Sequence[tuple[str, str]]) -> TrafficPolicySet:
@@ -482,36 +569,47 @@ def parse_traffic_policies(text: str, filename: str = "<traffic>") -> TrafficPol
 traffic_policy_files = policy_files
 
 
-def load_traffic_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
-                          ) -> TrafficPolicySet:
+def load_traffic_policies(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+) -> TrafficPolicySet:
     """Read files and directories into one :class:`TrafficPolicySet` (checked across files)."""
     return read_sources(paths, _collect)
 
 
-def parse_all_sources(texts: Sequence[tuple[str, str]], *,
-                      trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                      root_namespace: str = DEFAULT_ROOT_NAMESPACE
-                      ) -> tuple[PolicySet, TrafficPolicySet]:
+def parse_all_sources(
+    texts: Sequence[tuple[str, str]],
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> tuple[PolicySet, TrafficPolicySet]:
     """AuthorizationPolicy and TrafficPolicy documents, mixed in any files, each
     read by its ``kind`` (an unknown kind is an error) and checked across all
     files.  Raises SourceError listing every problem."""
     _check_options(trust_domain, root_namespace)
     got = collect_documents(texts, [authorization_kind(trust_domain), TRAFFIC_KIND])
     files = tuple(dict.fromkeys(f for f, _ in texts))
-    return (policy_set(got[AUTHORIZATION_KIND], trust_domain, root_namespace, files),
-            traffic_set(got[KIND], files))
+    return (
+        policy_set(got[AUTHORIZATION_KIND], trust_domain, root_namespace, files),
+        traffic_set(got[KIND], files),
+    )
 
 
-def load_all(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-             trust_domain: str = DEFAULT_TRUST_DOMAIN,
-             root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple[PolicySet, TrafficPolicySet]:
+def load_all(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> tuple[PolicySet, TrafficPolicySet]:
     """:func:`parse_all_sources` over files and directories (``*.yaml``, ``*.yml``)."""
-    return read_sources(paths, lambda texts: parse_all_sources(
-        texts, trust_domain=trust_domain, root_namespace=root_namespace))
+    return read_sources(
+        paths,
+        lambda texts: parse_all_sources(texts, trust_domain=trust_domain, root_namespace=root_namespace),
+    )
 
 
-def lint_traffic(ts: TrafficPolicySet, services: Sequence[tuple[str, str, tuple[int, ...]]]
-                 ) -> list[tuple[str, str, str, str]]:
+def lint_traffic(
+    ts: TrafficPolicySet, services: Sequence[tuple[str, str, tuple[int, ...]]]
+) -> list[tuple[str, str, str, str]]:
     """Warnings, not errors (services can arrive after their policy), as
     ``(kind, policy, origin, message)``: ``no-service``, a policy whose service
     is not among ``services`` ((namespace, name, ports)); ``no-port``, a
@@ -521,9 +619,23 @@ def lint_traffic(ts: TrafficPolicySet, services: Sequence[tuple[str, str, tuple[
     for p in ts.policies:
         ports = known.get((p.namespace, p.service))
         if ports is None:
-            out.append(("no-service", p.key, p.origin, f"service {p.namespace}/{p.service} is "
-                        "not in the inventory (yet); the policy applies once it is"))
+            out.append(
+                (
+                    "no-service",
+                    p.key,
+                    p.origin,
+                    f"service {p.namespace}/{p.service} is "
+                    "not in the inventory (yet); the policy applies once it is",
+                )
+            )
         elif p.port is not None and p.port not in ports:
-            out.append(("no-port", p.key, p.origin, f"service {p.namespace}/{p.service} has no "
-                        f"port {p.port} (it has {', '.join(map(str, sorted(ports))) or 'none'})"))
+            out.append(
+                (
+                    "no-port",
+                    p.key,
+                    p.origin,
+                    f"service {p.namespace}/{p.service} has no "
+                    f"port {p.port} (it has {', '.join(map(str, sorted(ports))) or 'none'})",
+                )
+            )
     return out

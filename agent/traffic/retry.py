@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 from .outcome import Kind, Outcome
 from .policy import BUDGET_WINDOW, IDEMPOTENT_METHODS, Budget, Retries, TrafficSettings
 
-__all__ = ["Request", "Attempt", "Retry", "Done", "RetryState", "RetryBudget", "RULES",
-           "MIN_TRY_TIME"]
+__all__ = ["Request", "Attempt", "Retry", "Done", "RetryState", "RetryBudget", "RULES", "MIN_TRY_TIME"]
 
 #: A retry needs at least this much of the request timeout left (seconds).
 MIN_TRY_TIME = 0.001
@@ -160,8 +159,15 @@ class RetryBudget:
 class RetryState:
     """The retry decisions for one request (rules in the module doc)."""
 
-    def __init__(self, request: Request, settings: TrafficSettings, budget: RetryBudget,
-                 now: float, *, counted: bool = False):
+    def __init__(
+        self,
+        request: Request,
+        settings: TrafficSettings,
+        budget: RetryBudget,
+        now: float,
+        *,
+        counted: bool = False,
+    ):
         """``now``: when the request started.  ``counted``: the shell already
         reported this request to ``budget.request`` (it does so for every
         request and makes a RetryState only once a retry is considered)."""

@@ -10,6 +10,7 @@ tunnel status and a reason that names the likely cause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -70,10 +71,8 @@ class Upstream:
 
     def close(self) -> None:
         if self.linker is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.linker.close()
-            except Exception:  # noqa: BLE001 - shutting down
-                pass
 
     # ---- connects
 

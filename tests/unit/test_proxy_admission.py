@@ -108,7 +108,8 @@ def policy(name: str, action: str, rules: str) -> str:
             f"spec:\n  selector: {{matchLabels: {{app: web}}}}\n  action: {action}\n  rules: {rules}\n")
 
 
-ALLOW_CLIENT = policy("allow-client", "ALLOW", '[{from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]}]')
+ALLOW_CLIENT = policy("allow-client", "ALLOW",
+                      '[{from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]}]')
 DENY_MALLORY = policy("deny-mallory", "DENY", '[{from: [{source: {namespaces: ["evil"]}}]}]')
 DENY_9000 = policy("deny-9000", "DENY", "[{to: [{operation: {ports: [9000]}}]}]")
 DENY_ADMIN = policy("deny-admin", "DENY", '[{to: [{operation: {paths: ["/admin"]}}]}]')

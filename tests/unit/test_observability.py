@@ -634,7 +634,7 @@ def test_sampling_zero_writes_no_request_lines_but_still_counts(tmp_path):
 def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
     """The integrator's short-circuit records (head, policy, rule) on the
     connection before answering 403; the response hook counts it."""
-    from agent.proxy.server import Conn
+    from agent.proxy.conn import Conn
     from agent.proxy.state import StateWatcher
     from agent.proxy.server import ProxyServer
     from tests.support.mesh import state_doc
@@ -647,12 +647,12 @@ def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
         conn.labels = [lb("destination")]
         hd = head(path="/admin", query=None)
         conn.denial = (hd, "shop/deny-admin", 0)
-        srv._on_http_response(conn, hd, 403, 0.0004, Exchange())
+        srv.accounting.on_http_response(conn, hd, 403, 0.0004, Exchange())
         other = head(path="/ok", query=None)
-        srv._on_http_response(conn, other, 403, 0.0004, Exchange())  # the app's own 403: not a denial
+        srv.accounting.on_http_response(conn, other, 403, 0.0004, Exchange())  # the app's own 403: not a denial
         hm = srv.stats()["http_metrics"]
     finally:
-        srv._access.close()
+        srv.inputs.access.close()
     assert hm["denied_policies"] == {"shop/deny-admin": 1}
     flags = sorted(dict(zip(hm["labels"], r[0]))["response_flags"] for r in hm["series"])
     assert flags == ["-", "RBAC"]

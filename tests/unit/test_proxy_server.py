@@ -579,7 +579,7 @@ class FakeLinker:
 def test_proxy_links_accepted_and_upstream_cookies_in_batches(tmp_path):
     async def main():
         async with Cluster(tmp_path) as c:
-            linker = c.servers[0]._linker = FakeLinker()
+            linker = c.servers[0].upstream.linker = FakeLinker()
             conns = [await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
                      for _ in range(3)]
             for r, w in conns:

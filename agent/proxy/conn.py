@@ -1,0 +1,260 @@
+"""The connection record (``Conn``), the upstream-connect error, and the set
+of live connections one proxy worker tracks.
+
+``Conn`` is what the access log writes and what the metrics label; every
+role of the proxy (``outbound``, ``inbound``, ``destination``) fills in the
+part it knows.  ``Live`` runs each connection's handler as a task, keeps
+the task → record map (shutdown waits on it, a policy change re-checks it,
+``stats()`` counts it) and turns a crash into a reset of that one
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from agent.proxy import metrics as m
+from agent.proxy.l7authz import RequestAuthorizer
+from agent.proxy.relay import Endpoint, Relay
+from agent.proxy.state import Pod, ProxyState, normalize_ip
+from agent.proxy.tls import TlsConnection
+from agent.proxy.tunnel import Status
+
+__all__ = ["Conn", "ConnectFailure", "Live", "STATUS_RESULT", "family_of", "fmt_addr", "norm_addr", "peer_of",
+           "relayed", "set_ready"]
+
+log = logging.getLogger("meshlet.proxy")
+
+
+def fmt_addr(addr: Any) -> str | None:
+    if not addr:
+        return None
+    ip, port = addr[0], addr[1]
+    return f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}"
+
+
+def norm_addr(addr: Any) -> str | None:
+    try:
+        return fmt_addr((normalize_ip(str(addr[0])), addr[1])) if addr else None
+    except ValueError:
+        return fmt_addr(addr)
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+def peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -> m.Peer:
+    if pod is None:
+        return m.Peer(principal=principal or m.UNKNOWN)
+    return m.Peer(workload=pod.workload, namespace=pod.namespace,
+                  principal=principal or state.identity(pod), app=pod.app or m.UNKNOWN)
+
+
+class ConnectFailure(Exception):
+    """An upstream connect failed. ``result`` is the access-log result."""
+
+    def __init__(self, result: str, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.status = status
+        self.reason = reason
+
+
+# A tunnel response status → the access-log result of the source side.
+STATUS_RESULT = {
+    Status.REFUSED: "refused",
+    Status.UNREACHABLE: "refused",
+    Status.TIMEOUT: "timeout",
+}
+@dataclass
+class Conn:
+    """Book-keeping for one proxied connection (the access-log record)."""
+
+    direction: str
+    client: Endpoint
+    started: float = field(default_factory=time.monotonic)
+    route: str | None = None
+    src_pod: str | None = None
+    src_identity: str | None = None
+    src_addr: Any = None
+    dst_addr: Any = None
+    dst_pod: str | None = None
+    dst_identity: str | None = None
+    peer_verified: bool = False  # the peer proxy's certificate was verified (Tunnel, both ends)
+    bytes_sent: int = 0  # source → destination
+    bytes_received: int = 0  # destination → source
+    result: str = "ok"
+    reason: str = ""
+    upstream: Endpoint | None = None
+    relay: Relay | None = None
+    tls: TlsConnection | None = None  # inbound: the TLS layer under ``client``
+    seq: int = 0  # per-worker connection number (the metrics' handle)
+    labels: list = field(default_factory=list)  # metric label sets, one per reporter
+    deny_reason: str | None = None  # a metrics.DENY_REASONS value: the mesh refused it
+    service: str | None = None  # destination_service: the IP address the client dialed
+    mtls: bool = False  # the bytes crossed nodes in the mutual-TLS tunnel
+    # Authorization (destination side only): what the policy saw, and its verdict.
+    authz: tuple[str | None, str | None, str, int] | None = None  # (identity, src ip, dst pod key, port)
+    verdict: str | None = None  # "allowed" | "denied"; None: not checked here
+    policy: str | None = None  # the deciding policy (namespace/name)
+    rule: int | None = None
+    audit: list = field(default_factory=list)  # AUDIT matches: [{"policy", "rule"}]
+    # L7 (destination side): requests are authorized one by one.
+    l7_authz: RequestAuthorizer | None = None
+    upgrade_head: Any = None  # the request that switched protocols (re-checked on reload)
+    requests_denied: int = 0
+    denial: tuple[Any, str | None, int | None] | None = None  # (head, policy, rule) of the last 403
+    # Services: the upstream cluster (``ns/name:port``) a VIP connection went to.
+    cluster: str | None = None
+    log_base: dict | None = None  # record() for this connection's request lines (made once)
+    log_key: str = ""  # its sample_key(), for request lines without an x-request-id
+    # An upstream leg opened by a service's L7 session (a socketpair, not an
+    # accepted socket): resolved once the destination is connected.
+    ready: asyncio.Future | None = None
+
+    def fail(self, result: str, reason: str) -> None:
+        self.result = result
+        self.reason = reason
+
+    def deny(self, code: str, reason: str) -> None:
+        """Refused by the mesh itself (counted by ``code``)."""
+        self.fail("rejected", reason)
+        self.deny_reason = code
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(source → destination, destination → source) so far."""
+        r = self.relay
+        if r is None:
+            return self.bytes_sent, self.bytes_received
+        return max(self.bytes_sent, r.a.bytes_in), max(self.bytes_received, r.b.bytes_in)
+
+    def fallback_labels(self, state: ProxyState) -> list[tuple[str, ...]]:
+        """Labels for a connection that failed before both ends were known."""
+        src = state.pod_by_key.get(self.src_pod or "")
+        dst = state.pod_by_key.get(self.dst_pod or "")
+        if dst is None and self.service:
+            dst = state.pod_by_ip.get(self.service)  # refused before routing: whom it was for
+        reporter = "source" if self.direction == "outbound" else "destination"
+        return [m.labels_for(reporter, peer_of(state, src, self.src_identity),
+                             peer_of(state, dst, self.dst_identity),
+                             self.service or m.UNKNOWN, m.UNKNOWN, self.mtls)]
+
+    def sample_key(self) -> str:
+        """The original connection's 4-tuple: both node proxies see the same."""
+        return f"{norm_addr(self.src_addr)}>{norm_addr(self.dst_addr)}"
+
+    def reset_all(self) -> None:
+        if self.relay is not None:
+            self.relay.abort(self.reason or "reset")
+        self.client.reset()
+        if self.tls is not None:
+            self.tls.abort()  # before the handshake completed, ``client`` has no transport
+        if self.upstream is not None:
+            self.upstream.reset()
+
+    def record(self, worker: int) -> dict[str, Any]:
+        return {
+            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "worker": worker,
+            "direction": self.direction,
+            "route": self.route,
+            "src_pod": self.src_pod,
+            "src_identity": self.src_identity,
+            "src_addr": fmt_addr(self.src_addr),
+            "dst_addr": fmt_addr(self.dst_addr),
+            "dst_pod": self.dst_pod,
+            "dst_identity": self.dst_identity,
+            "peer_verified": self.peer_verified,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "result": self.result,
+            "reason": self.reason,
+            "deny_reason": self.deny_reason,
+            "connection_security_policy": "mutual_tls" if self.mtls else "none",
+            **self._workload_fields(),
+            **self._authz_fields(),
+        }
+
+    def _authz_fields(self) -> dict[str, Any]:
+        if self.verdict is None:
+            return {}
+        out: dict[str, Any] = {"verdict": self.verdict, "policy": self.policy, "rule": self.rule}
+        if self.audit:
+            out["audit"] = list(self.audit)
+        return out
+
+    def _workload_fields(self) -> dict[str, Any]:
+        """The workload labels the metrics use (first reporter's)."""
+        if not self.labels:
+            return {}
+        lb = dict(zip(m.LABELS, self.labels[0]))
+        return {k: lb[k] for k in ("source_workload", "source_workload_namespace",
+                                   "source_principal", "destination_workload",
+                                   "destination_workload_namespace", "destination_principal",
+                                   "destination_service")}
+
+
+def set_ready(conn: Conn) -> None:
+    """A service leg reached its destination: its session may send."""
+    if conn.ready is not None and not conn.ready.done():
+        conn.ready.set_result(None)
+
+
+class Live:
+    """The live connections of one worker: task → record.
+
+    ``finish`` (the accounting: counters, metrics, access log) is called
+    once per connection, however it ended; ``internal_error`` counts a
+    handler that crashed."""
+
+    def __init__(self, finish: Callable[[Conn], None], internal_error: Callable[[], None]) -> None:
+        self.tasks: dict[asyncio.Task[None], Conn] = {}
+        self.stopping = False
+        self._finish = finish
+        self._internal_error = internal_error
+
+    def spawn(self, handler: Any, conn: Conn) -> None:
+        """Run ``handler(conn)`` as a task of this worker."""
+        task = asyncio.get_running_loop().create_task(self.guard(handler, conn))
+        self.tasks[task] = conn
+        task.add_done_callback(self.tasks.pop)
+
+    async def guard(self, handler: Any, conn: Conn) -> None:
+        try:
+            await handler(conn)
+        except asyncio.CancelledError:
+            conn.fail("reset", conn.reason or "cancelled at shutdown")
+            conn.reset_all()
+            raise
+        except Exception:
+            self._internal_error()
+            log.exception(
+                "internal error on %s connection from %s; that connection was reset, the proxy keeps running "
+                "(this is a bug: please report it with this traceback)",
+                conn.direction,
+                fmt_addr(conn.src_addr),
+            )
+            conn.fail("reset", "internal error")
+            conn.reset_all()
+        finally:
+            self._finish(conn)
+
+
+async def relayed(conn: Conn, relay: Relay) -> None:
+    """Wait for ``relay`` to end; record its byte counts and outcome on ``conn``."""
+    result = await relay.done
+    conn.bytes_sent = result.a_to_b
+    conn.bytes_received = result.b_to_a
+    if result.error and conn.result == "ok":
+        conn.fail("reset", result.reason)
+    elif not conn.reason:
+        conn.reason = result.reason

@@ -1,0 +1,222 @@
+"""The inbound role: the tunnel listener (port 15008), connections from
+other nodes' proxies to the pods of this node.
+
+accept → only from mesh node addresses (before any TLS work) → TLS server
+handshake (certificate chosen by SNI, client certificate verified as a
+SPIFFE ID of the trust domain) → read the header (timeout, size limit) →
+``admission.admit_tunnel`` (the header's identity must be the verified one;
+the destination must be a mesh pod on THIS node, never an open relay; SNI
+must have named that pod's identity) → ``destination`` authorizes it and
+picks L7 or L4 → connect (marked) → respond with a status → relay.
+Every refusal answers a tunnel status with its reason (``refuse``).
+
+``proxy.tunnelSecurity: insecure-plaintext`` (benchmarks only) skips TLS:
+the header's identity is taken on trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from agent.proxy import metrics as m
+from agent.proxy import tunnel
+from agent.proxy.admission import Refusal, admit_tunnel
+from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed
+from agent.proxy.destination import Destination
+from agent.proxy.inputs import ProxyInputs
+from agent.proxy.relay import Endpoint, Relay
+from agent.proxy.routing import tunnel_peer_allowed
+from agent.proxy.state import normalize_ip
+from agent.proxy.stats import Accounting
+from agent.proxy.tls import HandshakeError, TlsConnection
+from agent.proxy.tunnel import Status
+from agent.proxy.upstream import Upstream
+
+__all__ = ["Inbound", "REFUSE_LINGER"]
+
+log = logging.getLogger("meshlet.proxy")
+
+REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+
+
+class Inbound:
+    """Serves the tunnel listener."""
+
+    def __init__(self, inputs: ProxyInputs, accounting: Accounting, live: Live, upstream: Upstream,
+                 destination: Destination) -> None:
+        self.inputs = inputs
+        self.accounting = accounting
+        self.counters = accounting.counters
+        self.live = live
+        self.upstream = upstream
+        self.destination = destination
+
+    # ---- accept
+
+    def factory(self) -> TlsConnection | Endpoint:
+        """A protocol for an accepted tunnel socket: address check, then a
+        TLS server handshake."""
+        if self.inputs.watcher.current.tunnel_security == "insecure-plaintext":
+            return self._plaintext_tunnel()  # benchmarks only: no TLS at all
+        ep = Endpoint("client")
+
+        def on_made(tls: TlsConnection) -> bool:
+            if self.live.stopping:
+                return False
+            self.counters["inbound_accepted"] += 1
+            conn = Conn("inbound", ep, route="local", tls=tls, seq=self.accounting.next_seq())
+            conn.src_addr = tls.raw.get_extra_info("peername")  # type: ignore[union-attr]
+            if not conn.src_addr or not tunnel_peer_allowed(self.inputs.watcher.current, str(conn.src_addr[0])):
+                # Before any TLS work: nothing but a mesh node may even try a handshake.
+                ip = conn.src_addr[0] if conn.src_addr else "?"
+                conn.deny("tunnel_not_from_node",
+                          f"tunnel from {ip}, which is not a mesh node address")
+                log.warning("refused tunnel from %s: %s", fmt_addr(conn.src_addr), conn.reason)
+                self.accounting.finish(conn)
+                return False
+            self.live.spawn(self.handle, conn)
+            return True
+
+        return self.inputs.tls.server_connection(ep, on_made=on_made)
+
+    def _plaintext_tunnel(self) -> Endpoint:
+        """``proxy.tunnelSecurity: insecure-plaintext``: the tunnel header is
+        taken on trust (peer_verified false), as before mTLS existed."""
+
+        def on_made(ep: Endpoint) -> None:
+            if self.live.stopping:
+                ep.reset()
+                return
+            self.counters["inbound_accepted"] += 1
+            conn = Conn("inbound", ep, route="local", seq=self.accounting.next_seq())
+            conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
+            if not conn.src_addr or not tunnel_peer_allowed(self.inputs.watcher.current,
+                                                            str(conn.src_addr[0])):
+                conn.deny("tunnel_not_from_node", "plaintext tunnel from a non-node address")
+                ep.reset()
+                self.accounting.finish(conn)
+                return
+            self.live.spawn(self.handle, conn)
+
+        return Endpoint("client", on_made=on_made)
+
+    # ---- per connection
+
+    async def handle(self, conn: Conn) -> None:
+        inp = self.inputs
+        header_timeout = inp.header_timeout
+        ep = conn.client
+        tls = conn.tls
+        verified = None
+        if tls is not None:
+            try:
+                await tls.wait_handshake(header_timeout)
+            except HandshakeError as e:  # counted and logged by the TLS layer
+                conn.deny("mtls_refused", f"mTLS handshake refused: {e.reason}: {e.detail}")
+                return
+            verified = tls.peer_identity
+            conn.src_identity = verified
+            conn.peer_verified = True
+            conn.mtls = True
+        state = inp.watcher.current
+        decoder = tunnel.RequestDecoder()
+        try:
+            async with asyncio.timeout(header_timeout):
+                while True:
+                    data = await ep.receive()
+                    if not data:
+                        conn.deny("bad_tunnel_header",
+                                  "tunnel peer closed before sending a complete header")
+                        ep.close()
+                        return
+                    out = decoder.feed(data)
+                    if isinstance(out, tunnel.Decoded):
+                        break
+        except TimeoutError:
+            conn.deny_reason = "bad_tunnel_header"
+            await self.refuse(conn, Status.BAD_REQUEST, f"no complete tunnel header within {header_timeout:g}s")
+            return
+        except tunnel.TunnelError as e:
+            conn.deny_reason = "bad_tunnel_header"
+            await self.refuse(conn, e.status, str(e))
+            return
+        except ConnectionError as e:
+            conn.fail("reset", f"tunnel peer reset before sending a header: {e}")
+            return
+        req: tunnel.TunnelRequest = out.message  # type: ignore[assignment]
+        if req.namespace or req.name:
+            conn.src_pod = f"{req.namespace}/{req.name}"
+        if req.src is not None:
+            conn.src_addr = req.src.sockaddr
+        dst_ip = normalize_ip(req.dst.ip)
+        conn.dst_addr = (dst_ip, req.dst.port)
+        conn.service = dst_ip
+        if tls is None:
+            conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
+            pod = admit_tunnel(state, req, dst_ip, verified=None, mtls=False)
+        else:
+            pod = admit_tunnel(state, req, dst_ip, verified=verified, mtls=True, sni_named=tls.sni_named,
+                               local_identity=tls.local_identity)
+        if isinstance(pod, Refusal):
+            if pod.pod is not None:  # a local pod it may not ask for: the record names it
+                conn.dst_pod = pod.pod.key
+                conn.dst_identity = state.identity(pod.pod)
+            conn.deny_reason = pod.code
+            await self.refuse(conn, pod.status, pod.reason)
+            return
+        conn.dst_pod = pod.key
+        conn.dst_identity = state.identity(pod)
+        # Authorization: only a verified peer has an identity (plaintext tunnels: none).
+        src_ip = normalize_ip(req.src.ip) if req.src is not None else None
+        leftover = out.leftover
+        dest = self.destination
+        hinted = req.protocol == "http/1.1"  # the source proxy parsed it (a service's leg)
+        is_http = hinted and dest.l7_for(state, pod)  # else the L4 path: it connects before answering
+        if not hinted and dest.l7_for(state, pod):
+            is_http, leftover = await dest.sniff(ep, leftover)
+        if not dest.authorize(conn, verified, src_ip, pod, req.dst.port, http=is_http):
+            await self.refuse(conn, Status.FORBIDDEN, conn.reason)
+            return
+        self.accounting.opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
+                               m.UNKNOWN)
+        if is_http:
+            first = None
+            if hinted:  # connect first: the source waits for this answer before sending
+                try:
+                    first = await self.upstream.open_socket((dst_ip, req.dst.port), state)
+                except ConnectFailure as f:
+                    await self.refuse(conn, f.status, f.reason, result=f.result)
+                    return
+            ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+            await dest.serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
+            return
+        try:
+            upstream = await self.upstream.connect((dst_ip, req.dst.port), state, "pod")
+        except ConnectFailure as f:
+            await self.refuse(conn, f.status, f.reason, result=f.result)
+            return
+        conn.upstream = upstream
+        self.upstream.link(conn)
+        relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
+        ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+        ep.unread(leftover)
+        relay.start()
+        await relayed(conn, relay)
+
+    async def refuse(self, conn: Conn, status: Status, reason: str, result: str = "rejected") -> None:
+        """Answer an error status, then close once the peer goes away."""
+        ep = conn.client
+        conn.fail(result, reason)
+        if result == "rejected":
+            log.warning("refused tunnel from %s: %s", fmt_addr(conn.src_addr), reason)
+        ep.write(tunnel.encode_response(tunnel.TunnelResponse(status, reason)))
+        ep.write_eof()
+        # Wait (bounded) for the peer to close, so our close does not turn into
+        # an RST that could destroy the response before the peer reads it.
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(REFUSE_LINGER):
+                while await ep.receive():
+                    pass
+        ep.close()

@@ -1,0 +1,209 @@
+"""One worker's accounting and its stats endpoint.
+
+``Accounting`` owns the per-worker counters, the L7 request counters and
+recent latencies, and what happens when a connection opens (metrics
+labels) and finishes (counters, metrics, access log), and when an L7
+response goes out (request metrics, request access-log line).  The
+``stats()`` document itself is put together by ``server.ProxyServer``,
+which sees every role; ``StatsProtocol`` serves it as one JSON line on a
+Unix socket (``stats_socket_path``), read by the agent and ``meshlet``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from agent.proxy import metrics as m
+from agent.proxy.conn import Conn, fmt_addr, peer_of
+from agent.proxy.inputs import ProxyInputs
+from agent.proxy.log import sampled
+from agent.proxy.state import Pod, ProxyState
+from agent.traffic.cluster import Cluster
+
+__all__ = ["Accounting", "StatsProtocol", "cluster_stats", "stats_socket_path", "L7_LATENCY_SAMPLES"]
+
+L7_LATENCY_SAMPLES = 1024  # recent request latencies kept for stats()
+
+_TS_CACHE: list = [0, ""]  # (whole second, its ISO-8601 text) for _utc_ms
+
+
+def _utc_ms() -> str:
+    """Now as ``2026-01-02T03:04:05.678+00:00`` (the access log's ``ts``), the
+    seconds part formatted once per second: this runs for every request."""
+    now = time.time()
+    sec = int(now)
+    if sec != _TS_CACHE[0]:
+        _TS_CACHE[0] = sec
+        _TS_CACHE[1] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
+
+
+def stats_socket_path(state_path: str, worker_id: int) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(state_path)), f"proxy-{worker_id}.sock")
+
+
+class StatsProtocol(asyncio.Protocol):
+    """Writes ``snapshot()`` as one JSON line, then closes."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            body = json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n"
+            transport.write(body)  # type: ignore[attr-defined]
+        finally:
+            transport.close()
+
+
+class Accounting:
+    """Counters, metrics and access log of one worker's connections."""
+
+    def __init__(self, inputs: ProxyInputs) -> None:
+        self.inputs = inputs
+        self._seq = 0
+        self.counters: dict[str, int] = {
+            "outbound_accepted": 0,
+            "inbound_accepted": 0,
+            "result_ok": 0,
+            "result_refused": 0,
+            "result_reset": 0,
+            "result_timeout": 0,
+            "result_rejected": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "flow_misses": 0,
+            "internal_errors": 0,
+            "legs_linked": 0,
+            "leg_link_errors": 0,
+            "access_log_skipped": 0,
+            "requests_denied": 0,
+            "service_legs": 0,
+        }
+        # L7 (proxy.l7): per-request counters.
+        self.http: dict[str, Any] = {
+            "connections": 0,  # downstream connections served by the L7 session
+            "requests": 0,  # responses reported (on_response)
+            "by_class": {},  # "2xx": n ... by the status the client got
+            "latency_ms_sum": 0.0,
+            "latency_ms_count": 0,
+        }
+        self.latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
+
+    def next_seq(self) -> int:
+        """A new per-worker connection number (the metrics' handle)."""
+        self._seq += 1
+        return self._seq
+
+    def internal_error(self) -> None:
+        self.counters["internal_errors"] += 1
+
+    def opened(self, conn: Conn, state: ProxyState, src: Pod | None, dst: Pod | None,
+               reporters: tuple[str, ...], service_name: str) -> None:
+        """Both ends are known: count the connection as opened."""
+        s = peer_of(state, src, conn.src_identity)
+        d = peer_of(state, dst, conn.dst_identity)
+        conn.labels = [m.labels_for(r, s, d, conn.service or m.UNKNOWN, service_name, conn.mtls)
+                       for r in reporters]
+        self.inputs.metrics.opened(conn.seq, conn.labels)
+
+    def finish(self, conn: Conn) -> None:
+        """The connection is over (or was refused): count it, close its
+        metrics series, write its access-log line."""
+        inp = self.inputs
+        self.counters[f"result_{conn.result}"] = self.counters.get(f"result_{conn.result}", 0) + 1
+        self.counters["bytes_sent"] += conn.bytes_sent
+        self.counters["bytes_received"] += conn.bytes_received
+        state = inp.watcher.current
+        if conn.deny_reason:
+            inp.metrics.deny(conn.deny_reason,
+                             (conn.policy or "") if conn.deny_reason == "policy" else None)
+        if not conn.labels:
+            conn.labels = conn.fallback_labels(state)
+        inp.metrics.closed(conn.seq, conn.bytes_sent, conn.bytes_received, conn.result,
+                           conn.labels)
+        access = inp.access
+        if access.path is None:
+            return
+        if sampled(conn.sample_key(), state.access_log.sampling):
+            access.write(conn.record(inp.worker_id))
+        else:
+            self.counters["access_log_skipped"] += 1
+
+    def on_http_response(self, conn: Conn, head: Any, status: int, elapsed: float, exchange: Any) -> None:
+        """The L7 session answered one request (``L7Session.on_response``)."""
+        inp = self.inputs
+        h = self.http
+        h["requests"] += 1
+        cls = f"{status // 100}xx" if 100 <= status <= 599 else "other"
+        h["by_class"][cls] = h["by_class"].get(cls, 0) + 1
+        ms = elapsed * 1000.0
+        h["latency_ms_sum"] += ms
+        h["latency_ms_count"] += 1
+        self.latencies.append(round(ms, 3))
+        # Istio request metrics: the label ids are made once per connection
+        # (and routed service), kept on the connection record.
+        handles = conn.__dict__.get("_http_handles")
+        if handles is None:
+            handles = conn.__dict__["_http_handles"] = {}
+        cluster = exchange.cluster
+        hd = handles.get(cluster)
+        if hd is None:
+            hd = handles[cluster] = inp.http_metrics.handle(
+                conn.labels or conn.fallback_labels(inp.watcher.current), cluster)
+        flags = exchange.flags or "-"
+        denied = False
+        policy = None
+        if status == 403 or flags != "-":
+            policy = getattr(exchange, "policy", None)
+            denied = "RBAC" in flags
+            den = conn.denial  # (head, policy, rule) of the last request refused by policy
+            if den is not None and den[0] is head and status == 403:
+                denied, policy = True, policy or den[1]
+                if flags == "-":
+                    flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
+            if denied:
+                inp.http_metrics.deny(policy or "")
+        inp.http_metrics.observe(hd, status, flags, ms, exchange.request_body_bytes,
+                                 exchange.response_body_bytes)
+        access = inp.access
+        if access.path is not None:
+            st = inp.watcher.current
+            base = conn.log_base
+            if base is None:  # the connection's part of every request line, made once
+                base = conn.log_base = conn.record(inp.worker_id)
+                conn.log_key = conn.sample_key()
+            base["ts"] = _utc_ms()
+            if not access.write_request(base,
+                                        f"{conn.log_key}#{h['requests']}",
+                                        st.access_log.sampling, head, status, elapsed, exchange,
+                                        flags=flags, policy=policy if denied else None):
+                self.counters["access_log_skipped"] += 1
+
+    def http_stats(self, pool: Any) -> dict[str, Any]:
+        """``stats()["http"]``: request counters and the destination pool."""
+        return {
+            **self.http,
+            "by_class": dict(self.http["by_class"]),
+            "latency_ms_recent": list(self.latencies),
+            "pool": {"connects": pool.connects if pool else 0, "reuses": pool.reuses if pool else 0,
+                     "idle": pool.idle_count() if pool else 0},
+        }
+
+
+def cluster_stats(clusters: dict[str, Cluster]) -> dict[str, Any]:
+    """Per service port: endpoints, the ones ejected now, and the breaker."""
+    now = time.monotonic()
+    out: dict[str, Any] = {}
+    for key, c in clusters.items():
+        healthy = set(c.healthy(now))
+        out[key] = {"endpoints": [fmt_addr(t) for t in c.targets],
+                    "ejected": [fmt_addr(t) for t in c.targets if t not in healthy],
+                    "outstanding": {fmt_addr(t): c.lb.outstanding(t) for t in c.targets}}
+    return out

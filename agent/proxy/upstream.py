@@ -1,0 +1,201 @@
+"""Upstream connects of one proxy worker: plain TCP and mutual TLS, every
+socket marked (``SO_MARK``) so the datapath lets proxy traffic through and
+does not redirect it again; and the kernel flow table's leg links
+(accepted socket ↔ upstream socket, for ``meshlet flows``).
+
+Connect errors become ``ConnectFailure`` with the access-log result, the
+tunnel status and a reason that names the likely cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from typing import Any, Protocol
+
+from agent.proxy.conn import Conn, ConnectFailure, family_of, fmt_addr
+from agent.proxy.inputs import ProxyInputs
+from agent.proxy.relay import Endpoint
+from agent.proxy.state import ProxyState
+from agent.proxy.tls import HandshakeError
+from agent.proxy.tunnel import Status
+
+__all__ = ["Upstream", "LegLinker", "SO_MARK", "SO_COOKIE", "first_then"]
+
+log = logging.getLogger("meshlet.proxy")
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+
+
+class LegLinker(Protocol):
+    """What ``agent.datapath.flows.FlowLinker`` provides."""
+
+    def link_many(self, pairs: list[tuple[int, int]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _cookie(ep: Endpoint) -> int:
+    """The kernel socket cookie of an endpoint's (raw) socket."""
+    sock = ep.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def first_then(sock: socket.socket, open_socket: Any) -> Any:
+    """An ``open_socket`` for a pool that hands out ``sock`` (already
+    connected) first, then connects as usual."""
+    box = [sock]
+
+    async def opener(target: tuple) -> socket.socket:
+        if box:
+            return box.pop()
+        return await open_socket(target)
+
+    return opener
+
+
+class Upstream:
+    """Opens this worker's upstream connections; links legs in the kernel."""
+
+    def __init__(self, inputs: ProxyInputs, counters: dict[str, int], linker: LegLinker | None = None) -> None:
+        self.inputs = inputs
+        self.counters = counters
+        self.linker = linker  # set by ProxyServer.start() when it opens the datapath
+        self._mark_warned = False
+        self._link_warned = False
+        self._links: list[tuple[int, int]] = []  # cookie pairs waiting for the next flush
+
+    def close(self) -> None:
+        if self.linker is not None:
+            with contextlib.suppress(Exception):
+                self.linker.close()
+
+    # ---- connects
+
+    def _mark(self, sock: socket.socket, mark: int) -> None:
+        if not mark:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as e:
+            if not self._mark_warned:
+                self._mark_warned = True
+                log.error(
+                    "cannot set SO_MARK=%#x on upstream sockets (%s): the proxy needs CAP_NET_ADMIN; "
+                    "without the mark, strict mode may drop and the redirect may loop proxy traffic",
+                    mark,
+                    e.strerror,
+                )
+
+    async def connect(self, addr: tuple[str, int], state: ProxyState, name: str) -> Endpoint:
+        """Connect upstream (plaintext) with SO_MARK and a timeout. Raises ConnectFailure."""
+        sock = await self.open_socket(addr, state)
+        try:
+            _, ep = await asyncio.get_running_loop().create_connection(
+                lambda: Endpoint(name, prebuffer_limit=state.buffer_size), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return ep  # type: ignore[return-value]
+
+    async def connect_tls(self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str,
+                          dst: str) -> Endpoint:
+        """Connect to a peer node's tunnel port and do the mTLS client handshake
+        as ``src``, expecting ``dst``. Raises ConnectFailure."""
+        ep = Endpoint("upstream", prebuffer_limit=state.buffer_size)
+        try:
+            tls = self.inputs.tls.client_connection(ep, node=node, src=src, dst=dst)
+        except HandshakeError as e:  # no certificate: fail closed before touching the network
+            raise ConnectFailure("rejected", Status.FORBIDDEN, f"{e.reason}: {e.detail}") from None
+        sock = await self.open_socket(addr, state)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: tls, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await tls.wait_handshake(state.connect_timeout + self.inputs.header_timeout)
+        except HandshakeError as e:
+            raise ConnectFailure(
+                "timeout" if e.reason == "timeout" else "rejected", Status.FORBIDDEN,
+                f"mTLS handshake with node {node} ({fmt_addr(addr)}) refused: {e.reason}: {e.detail}",
+            ) from None
+        return ep
+
+    async def open_socket(self, addr: tuple[str, int], state: ProxyState) -> socket.socket:
+        """A connected, marked, non-blocking TCP socket. Raises ConnectFailure."""
+        loop = asyncio.get_running_loop()
+        target = fmt_addr(addr)
+        sock = socket.socket(family_of(addr[0]), socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            self._mark(sock, state.mesh_mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), state.connect_timeout)
+            return sock
+        except TimeoutError:
+            sock.close()
+            raise ConnectFailure(
+                "timeout",
+                Status.TIMEOUT,
+                f"connect to {target} timed out after {state.connect_timeout:g}s "
+                "(is a firewall or NetworkPolicy dropping it?)",
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise ConnectFailure("refused", Status.REFUSED, f"connection to {target} refused") from None
+        except OSError as e:
+            sock.close()
+            raise ConnectFailure(
+                "refused", Status.UNREACHABLE, f"cannot connect to {target}: {e.strerror or e}"
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+
+    async def pool_socket(self, addr: tuple[str, int]) -> socket.socket:
+        """An ``UpstreamPool``'s connect: marked like every upstream socket."""
+        try:
+            return await self.open_socket(addr, self.inputs.watcher.current)
+        except ConnectFailure as f:
+            if f.result == "timeout":
+                raise TimeoutError(f.reason) from None
+            raise OSError(f.reason) from None
+
+    # ---- leg links (kernel flow table)
+
+    def link(self, conn: Conn) -> None:
+        """Queue "the accepted and the upstream socket carry one connection"
+        for the kernel flow table (``meshlet flows`` joins the legs).  The
+        cookies are read now, while both sockets are surely open (two
+        getsockopt calls); the map write happens once per loop iteration
+        for every connection set up in it (one batched bpf(2) call)."""
+        if self.linker is None or conn.upstream is None or conn.ready is not None:
+            return  # (a service leg's client end is a socketpair, not a TCP flow)
+        try:
+            pair = (_cookie(conn.client), _cookie(conn.upstream))
+        except OSError:
+            self.counters["leg_link_errors"] += 1
+            return
+        if not self._links:
+            asyncio.get_running_loop().call_soon(self._flush_links)
+        self._links.append(pair)
+
+    def _flush_links(self) -> None:
+        pairs, self._links = self._links, []
+        if not pairs or self.linker is None:
+            return
+        try:
+            self.linker.link_many(pairs)
+            self.counters["legs_linked"] += len(pairs)
+        except Exception as e:  # noqa: BLE001 - observability must not break traffic
+            self.counters["leg_link_errors"] += len(pairs)
+            if not self._link_warned:
+                self._link_warned = True
+                log.warning("cannot link flow legs in the kernel flow table (%s); `meshlet flows` "
+                            "will not join the proxy's legs (is the agent's datapath pinned?)", e)

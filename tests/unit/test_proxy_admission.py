@@ -1,0 +1,177 @@
+"""The destination side's admission decisions (agent/proxy/admission.py),
+as tables, without sockets: what a decoded tunnel request may reach, and
+the policy decision on a new connection.  The refusal strings are the ones
+the tunnel response, the metrics (deny_reason) and the access log carry."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import socket
+
+import pytest
+
+from agent.policy.evaluate import Decision
+from agent.policy.load import parse_policies
+from agent.proxy import admission
+from agent.proxy.admission import Refusal, admit_tunnel, authorize_connection, decided_by
+from agent.proxy.authz import empty_set
+from agent.proxy.state import parse_state
+from agent.proxy.tunnel import Address, Status, TunnelRequest
+from tests.unit.test_proxy_server import state_doc
+
+TD = "cluster.local"
+CLIENT = f"spiffe://{TD}/ns/default/sa/client"  # pod default/client, node1
+WEB = f"spiffe://{TD}/ns/default/sa/web"  # pod default/web-1 (127.0.0.5), node1
+DB = f"spiffe://{TD}/ns/data/sa/db"  # pod data/db-1 (127.0.0.7), node2
+MALLORY = f"spiffe://{TD}/ns/evil/sa/mallory"
+
+
+def state():
+    doc = state_doc("node1", "127.0.0.1", 15001, 15008)
+    doc["pods"][1]["labels"] = {"app": "web"}
+    doc["pods"].append({"name": "legacy", "namespace": "default", "service_account": "legacy", "node": "node1",
+                        "ips": ["127.0.0.9"], "cgroup_id": 1009, "mesh": False})
+    return parse_state(doc)
+
+
+STATE = state()
+
+
+def req(dst: str, identity: str = CLIENT, port: int = 8080) -> TunnelRequest:
+    return TunnelRequest(dst=Address(socket.AF_INET, dst, port), identity=identity, namespace="default",
+                         name="client", src=Address(socket.AF_INET, "127.0.0.3", 40000))
+
+
+# (case, dst, header identity, verified cert, mtls, sni_named, local identity) -> admitted pod key or
+# (code, status, reason, pod named on the record)
+ADMIT = [
+    ("mtls: all agree", "127.0.0.5", CLIENT, CLIENT, True, True, WEB, "default/web-1"),
+    ("plaintext: the header is taken on trust", "127.0.0.5", MALLORY, None, False, False, None, "default/web-1"),
+    ("header claims another identity than the certificate", "127.0.0.5", MALLORY, CLIENT, True, True, WEB,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
+    ("no verified identity at all", "127.0.0.5", CLIENT, None, True, True, WEB,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the tunnel header claims identity {CLIENT!r}, but the client certificate is None", None)),
+    ("identity is checked before the destination", "10.9.9.9", MALLORY, CLIENT, True, True, WEB,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
+    ("unknown destination", "10.9.9.9", CLIENT, CLIENT, True, True, WEB,
+     ("not_local", Status.NOT_LOCAL, "10.9.9.9 is not a mesh pod on node node1", None)),
+    ("unknown destination, plaintext", "10.9.9.9", CLIENT, None, False, False, None,
+     ("not_local", Status.NOT_LOCAL, "10.9.9.9 is not a mesh pod on node node1", None)),
+    ("a pod outside the mesh: never an open relay", "127.0.0.9", CLIENT, CLIENT, True, True, WEB,
+     ("not_local", Status.NOT_LOCAL, "127.0.0.9 is not a mesh pod on node node1", None)),
+    ("a mesh pod of another node", "127.0.0.7", CLIENT, CLIENT, True, True, DB,
+     ("not_local", Status.NOT_LOCAL,
+      "127.0.0.7 is pod data/db-1 on node node2, not on node node1 (the sending node's state may be stale)",
+      None)),
+    ("no SNI", "127.0.0.5", CLIENT, CLIENT, True, False, None,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the client authenticated this node as nobody (no SNI), but asks for pod default/web-1, which is {WEB}",
+      "default/web-1")),
+    ("SNI named another pod of this node", "127.0.0.5", CLIENT, CLIENT, True, True, CLIENT,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the client authenticated this node as {CLIENT}, but asks for pod default/web-1, which is {WEB}",
+      "default/web-1")),
+    ("SNI sent but no identity chosen", "127.0.0.5", CLIENT, CLIENT, True, True, None,
+     ("identity_mismatch", Status.FORBIDDEN,
+      f"the client authenticated this node as nobody (no SNI), but asks for pod default/web-1, which is {WEB}",
+      "default/web-1")),
+    ("plaintext ignores SNI", "127.0.0.5", CLIENT, None, False, False, None, "default/web-1"),
+]
+
+
+@pytest.mark.parametrize("case,dst,claimed,verified,mtls,sni_named,local_id,want", ADMIT,
+                         ids=[row[0] for row in ADMIT])
+def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, want):
+    got = admit_tunnel(STATE, req(dst, claimed), dst, verified=verified, mtls=mtls, sni_named=sni_named,
+                       local_identity=local_id)
+    if isinstance(want, str):
+        assert got is STATE.pod_by_key[want]  # the pod itself: nothing new allocated
+        return
+    code, status, reason, named = want
+    assert isinstance(got, Refusal)
+    assert (got.code, got.status, got.reason) == (code, status, reason)
+    assert (got.pod.key if got.pod is not None else None) == named
+    assert got.decision is None
+
+
+def policies(*docs: str):
+    return parse_policies("---\n".join(docs), "t.yaml")
+
+
+def policy(name: str, action: str, rules: str) -> str:
+    return (f"apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\n"
+            f"metadata: {{name: {name}, namespace: default}}\n"
+            f"spec:\n  selector: {{matchLabels: {{app: web}}}}\n  action: {action}\n  rules: {rules}\n")
+
+
+ALLOW_CLIENT = policy("allow-client", "ALLOW",
+                      '[{from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]}]')
+DENY_MALLORY = policy("deny-mallory", "DENY", '[{from: [{source: {namespaces: ["evil"]}}]}]')
+DENY_9000 = policy("deny-9000", "DENY", "[{to: [{operation: {ports: [9000]}}]}]")
+DENY_ADMIN = policy("deny-admin", "DENY", '[{to: [{operation: {paths: ["/admin"]}}]}]')
+
+# (case, policies, identity, source ip, port, http) -> (allowed, deciding policy, rule) or a refusal
+# (policy, rule) — a refusal's reason is always "policy: " + the decision's reason.
+AUTHZ = [
+    ("no policy: allowed", (), CLIENT, "127.0.0.3", 8080, False, (True, None, None)),
+    ("ALLOW matches", (ALLOW_CLIENT,), CLIENT, "127.0.0.3", 8080, False, (True, "default/allow-client", 0)),
+    ("ALLOW exists, no match", (ALLOW_CLIENT,), MALLORY, "127.0.0.3", 8080, False, ("refused", None, None)),
+    ("no identity under an ALLOW", (ALLOW_CLIENT,), None, "127.0.0.3", 8080, False, ("refused", None, None)),
+    ("DENY matches", (DENY_MALLORY,), MALLORY, "127.0.0.3", 8080, False, ("refused", "default/deny-mallory", 0)),
+    ("DENY wins over ALLOW", (ALLOW_CLIENT, DENY_9000), CLIENT, None, 9000, False,
+     ("refused", "default/deny-9000", 0)),
+    ("DENY on another port", (DENY_9000,), CLIENT, "127.0.0.3", 8080, False, (True, None, None)),
+    ("HTTP: a TCP deny is decided per request", (DENY_ADMIN,), CLIENT, "127.0.0.3", 8080, True,
+     (False, "default/deny-admin", 0)),
+    ("HTTP: an ALLOW miss too", (ALLOW_CLIENT,), MALLORY, "127.0.0.3", 8080, True, (False, None, None)),
+    ("HTTP fields deny TCP whole", (DENY_ADMIN,), CLIENT, "127.0.0.3", 8080, False,
+     ("refused", "default/deny-admin", 0)),
+]
+
+
+@pytest.mark.parametrize("case,docs,identity,src_ip,port,http,want", AUTHZ, ids=[row[0] for row in AUTHZ])
+def test_authorize_connection(case, docs, identity, src_ip, port, http, want):
+    ps = policies(*docs) if docs else empty_set()
+    pod = STATE.pod_by_key["default/web-1"]
+    got = authorize_connection(ps, identity, src_ip, pod, port, http=http)
+    allowed, pol, rule = want
+    if allowed == "refused":
+        assert isinstance(got, Refusal)
+        assert (got.code, got.status) == ("policy", Status.FORBIDDEN)
+        d = got.decision
+        assert d is not None and not d.allowed
+        assert got.reason == f"policy: {d.reason}"
+        assert got.pod is None
+    else:
+        assert isinstance(got, Decision)
+        d = got
+        assert d.allowed is allowed
+    assert (d.policy, d.rule) == (pol, rule)
+
+
+@pytest.mark.parametrize("policy_name,rule,want", [
+    (None, None, "no ALLOW policy match"),
+    ("shop/deny-admin", 2, "policy shop/deny-admin rule 2"),
+])
+def test_decided_by(policy_name, rule, want):
+    class D:
+        policy = policy_name
+
+    D.rule = rule
+    assert decided_by(D) == want
+
+
+def test_admission_is_pure():
+    """No event loop, sockets or TLS in the admission module itself."""
+    tree = ast.parse(pathlib.Path(admission.__file__).read_text())
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    assert not mods & {"asyncio", "socket", "ssl", "uvloop", "selectors"}, mods

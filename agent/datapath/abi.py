@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import socket
 import sys
 
 ABI_VERSION = 3
@@ -273,8 +272,8 @@ def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
 def unpack_addr(family: int, words) -> str:
     raw = b"".join(int(w).to_bytes(4, "little" if _LITTLE else "big") for w in words)
     if family == AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return socket.inet_ntop(socket.AF_INET6, raw)
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
 
 
 _LITTLE = sys.byteorder == "little"
@@ -329,4 +328,5 @@ def cidr_key(cidr: str):
 
 
 def htons(port: int) -> int:
-    return socket.htons(port)
+    """``port`` in network byte order, read as a host-order integer (as C's htons)."""
+    return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)

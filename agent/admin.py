@@ -21,8 +21,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .workloads.model import Inventory, services_doc, workload_id
 from .yamlsrc import SourceError
@@ -49,9 +50,9 @@ class AdminAgent(Protocol):
     pending: dict[str, str]
     policies: PolicyStore | None
     policy_lock: threading.Lock
-    flow_reader: Any            # datapath.flows.FlowReader, while serving
-    datapath: Any               # datapath.loader.Datapath
-    spec: Any                   # datapath.loader.DatapathSpec
+    flow_reader: Any  # datapath.flows.FlowReader, while serving
+    datapath: Any  # datapath.loader.Datapath
+    spec: Any  # datapath.loader.DatapathSpec
     cgroup_dir: str
 
     def status(self) -> dict: ...
@@ -62,11 +63,14 @@ class AdminAgent(Protocol):
 
 
 FLOW_ROUTES = {"/v1/flows", "/v1/flows/follow"}
-POLICY_ROUTES = {"/v1/policies", "/v1/policies/<namespace>/<name>[?kind=K]",
-                 "POST /v1/policies:apply", "POST /v1/policies:diff",
-                 "DELETE /v1/policies/<namespace>/<name>[?kind=K]"}
-ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats", "/v1/services"} | FLOW_ROUTES \
-    | POLICY_ROUTES
+POLICY_ROUTES = {
+    "/v1/policies",
+    "/v1/policies/<namespace>/<name>[?kind=K]",
+    "POST /v1/policies:apply",
+    "POST /v1/policies:diff",
+    "DELETE /v1/policies/<namespace>/<name>[?kind=K]",
+}
+ROUTES = {"/v1/status", "/v1/workloads", "/v1/bpf", "/v1/stats", "/v1/services"} | FLOW_ROUTES | POLICY_ROUTES
 ADMIN_BODY_LIMIT = 4 << 20
 ADMIN_HEADER_LINES = 100
 
@@ -162,8 +166,7 @@ async def _bpf(req: Request) -> Answer:
 
 
 async def _policies(req: Request) -> Answer:
-    return await asyncio.to_thread(_policies_then_kernel, req.agent, req.method, req.target,
-                                   req.body)
+    return await asyncio.to_thread(_policies_then_kernel, req.agent, req.method, req.target, req.body)
 
 
 async def _stats(req: Request) -> Answer:
@@ -215,16 +218,18 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
             else:
                 found = route_for(method, target)
                 if isinstance(found, Route):
-                    answer = await found.handler(
-                        Request(agent, method, target, payload, reader, writer))
+                    answer = await found.handler(Request(agent, method, target, payload, reader, writer))
                     if answer is None:
                         return  # streamed
                     code, body = answer
                 else:
                     code, body = found
             data = json.dumps(body).encode()
-            writer.write(f"HTTP/1.0 {code} X\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            writer.write(
+                f"HTTP/1.0 {code} X\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
             await writer.drain()
         except Exception:
             log.exception("admin request failed")
@@ -238,29 +243,32 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
 
 # --- policies (#4): the policy store over the admin API -------------------------------
 
+
 def _traffic_warnings(agent: AdminAgent, store) -> list[str]:
     """TrafficPolicies for services the inventory does not have (yet): warnings,
     never errors, since a service can arrive after its policy."""
-    from .traffic.policy import KIND as TRAFFIC, lint_traffic, parse_traffic_policies
+    from .traffic.policy import KIND as TRAFFIC
+    from .traffic.policy import lint_traffic, parse_traffic_policies
 
     inv = agent.inventory
     if inv is None or TRAFFIC not in store.kinds:
         return []
-    services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports))
-                for sv in inv.services]
+    services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports)) for sv in inv.services]
     text = store.sets[TRAFFIC]["yaml"]
     if not text.strip():
         return []
-    return [f"{origin}: {kind}: traffic policy {key}: {message}" for kind, key, origin, message
-            in lint_traffic(parse_traffic_policies(text, "policies.yaml"), services)]
+    return [
+        f"{origin}: {kind}: traffic policy {key}: {message}"
+        for kind, key, origin, message in lint_traffic(
+            parse_traffic_policies(text, "policies.yaml"), services
+        )
+    ]
 
 
-def _policies_then_kernel(agent: AdminAgent, method: str, target: str,
-                          payload: bytes) -> tuple[int, dict]:
+def _policies_then_kernel(agent: AdminAgent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
     """The policy route, then (after a change) the kernel's L4 entries."""
     code, body = _policies_route(agent, method, target, payload)
-    if code == 200 and method in ("POST", "DELETE") \
-            and not target.split("?", 1)[0].endswith(":diff"):
+    if code == 200 and method in ("POST", "DELETE") and not target.split("?", 1)[0].endswith(":diff"):
         try:
             agent.sync_policy_kernel()
         except Exception:  # the tick retries; the proxies enforce meanwhile
@@ -304,39 +312,64 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
                 if not all(isinstance(t, str) for _, t in sources):
                     raise TypeError("text must be a string")
             except (ValueError, KeyError, TypeError) as e:
-                return 400, {"error": 'body must be JSON {"files": [{"filename": ..., "text": ...}]}'
-                                      f" ({e})"}
+                return 400, {
+                    "error": f'body must be JSON {{"files": [{{"filename": ..., "text": ...}}]}} ({e})'
+                }
             if sum(len(t.encode()) for _, t in sources) > MAX_DOCUMENT_BYTES:
                 return 413, {"error": f"more than {MAX_DOCUMENT_BYTES} bytes of policy text"}
             before = store.version
             try:
                 if path.endswith(":diff"):
                     text, changes = store.diff(sources)
-                    return 200, {"diff": text, "changes": [c.to_dict() for c in changes],
-                                 "version": store.version}
+                    return 200, {
+                        "diff": text,
+                        "changes": [c.to_dict() for c in changes],
+                        "version": store.version,
+                    }
                 changes = store.apply(sources)
             except SourceError as e:
-                return 400, {"error": str(e), "errors": [
-                    {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
-                     "message": p.message, "text": str(p)} for p in e.errors]}
+                return 400, {
+                    "error": str(e),
+                    "errors": [
+                        {
+                            "file": p.file,
+                            "line": p.line,
+                            "column": p.column,
+                            "path": p.path,
+                            "message": p.message,
+                            "text": str(p),
+                        }
+                        for p in e.errors
+                    ],
+                }
             if store.version != before:
-                log.info("policies applied: version %s -> %s (%d documents)", before,
-                         store.version, store.count)
+                log.info(
+                    "policies applied: version %s -> %s (%d documents)", before, store.version, store.count
+                )
             try:
                 warnings = _traffic_warnings(agent, store)
-            except Exception:  # noqa: BLE001 - a lint must never fail an applied change
+            except Exception:
                 log.exception("traffic policy lint failed")
                 warnings = []
             for w in warnings:
                 log.warning("%s", w)
-            return 200, {"changes": [c.to_dict() for c in changes], "version": store.version,
-                         "previous_version": before, "count": store.count, "warnings": warnings}
+            return 200, {
+                "changes": [c.to_dict() for c in changes],
+                "version": store.version,
+                "previous_version": before,
+                "count": store.count,
+                "warnings": warnings,
+            }
         if path == "/v1/policies":
             if method != "GET":
                 return 405, {"error": "/v1/policies needs GET"}
-            return 200, {"version": store.version, "count": store.count,
-                         "byKind": store.summary()["byKind"], "policies": store.list()}
-        rest = path[len("/v1/policies/"):].split("/") if path.startswith("/v1/policies/") else []
+            return 200, {
+                "version": store.version,
+                "count": store.count,
+                "byKind": store.summary()["byKind"],
+                "policies": store.list(),
+            }
+        rest = path[len("/v1/policies/") :].split("/") if path.startswith("/v1/policies/") else []
         if len(rest) != 2 or not all(rest):
             return 404, {"error": f"unknown path {target!r}", "paths": sorted(POLICY_ROUTES)}
         ns, name = unquote(rest[0]), unquote(rest[1])
@@ -351,16 +384,24 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
                 doc = store.get(ns, name, kind)
                 if doc is None:
                     return 404, {"error": f"no {what}"}
-                return 200, {"kind": store.kind_of(ns, name, kind), "namespace": ns, "name": name,
-                             "yaml": store.get_yaml(ns, name, kind),
-                             "document": json.loads(json.dumps(doc, default=str))}
+                return 200, {
+                    "kind": store.kind_of(ns, name, kind),
+                    "namespace": ns,
+                    "name": name,
+                    "yaml": store.get_yaml(ns, name, kind),
+                    "document": json.loads(json.dumps(doc, default=str)),
+                }
             if method == "DELETE":
                 found = store.kind_of(ns, name, kind)
                 if found is None or not store.delete(ns, name, found):
                     return 404, {"error": f"no {what}"}
                 log.info("%s %s/%s deleted: version %s", found, ns, name, store.version)
-                return 200, {"deleted": f"{ns}/{name}", "kind": found, "version": store.version,
-                             "count": store.count}
+                return 200, {
+                    "deleted": f"{ns}/{name}",
+                    "kind": found,
+                    "version": store.version,
+                    "count": store.count,
+                }
         except Ambiguous as e:
             return 409, {"error": str(e), "kinds": e.kinds}
         return 405, {"error": f"{method} is not supported on {path}"}
@@ -375,15 +416,20 @@ FOLLOW_INTERVAL = 0.25
 def _flow_views(agent: AdminAgent, records: list[dict], links: dict[int, int]) -> list[dict]:
     from .flows import Resolver, build_views
 
-    proxy_ips = {str(ip): agent.cfg.node for ip in (agent.cfg.proxy.redirect_ipv4,
-                                                    agent.cfg.proxy.redirect_ipv6) if ip}
-    res = Resolver.from_inventory(agent.inventory, agent.cfg.identity.trust_domain, proxy_ips,
-                                  workload_id) if agent.inventory else Resolver()
+    proxy_ips = {
+        str(ip): agent.cfg.node for ip in (agent.cfg.proxy.redirect_ipv4, agent.cfg.proxy.redirect_ipv6) if ip
+    }
+    res = (
+        Resolver.from_inventory(agent.inventory, agent.cfg.identity.trust_domain, proxy_ips, workload_id)
+        if agent.inventory
+        else Resolver()
+    )
     return build_views(records, res, agent.cfg.node, time.time(), links)
 
 
-async def _flows_route(agent: AdminAgent, target: str, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> tuple[int, dict] | None:
+async def _flows_route(
+    agent: AdminAgent, target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[int, dict] | None:
     """GET /v1/flows?filters -> JSON; GET /v1/flows/follow?filters -> JSON
     lines {"event": "new"|"closed", "flow": ...} until the client goes away
     or max_seconds pass (returns None then)."""
@@ -403,15 +449,22 @@ async def _flows_route(agent: AdminAgent, target: str, reader: asyncio.StreamRea
         return 400, {"error": str(e)}
     fr = agent.flow_reader
     if url.path == "/v1/flows":
+
         def collect() -> tuple[dict, dict]:
             return fr.snapshot(), agent.datapath.stats()
+
         snap, stats = await asyncio.to_thread(collect)
         closed = {f["cookie"] for f in snap["closed"]}
         records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
         now = time.time()
         views = select(_flow_views(agent, records, snap["links"]), flt, sort, now, limit)
-        return 200, {"node": agent.cfg.node, "now": now, "flows": views, "reader": snap["reader"],
-                     "counters": {k: v for k, v in stats.items() if k.startswith("flow_")}}
+        return 200, {
+            "node": agent.cfg.node,
+            "now": now,
+            "flows": views,
+            "reader": snap["reader"],
+            "counters": {k: v for k, v in stats.items() if k.startswith("flow_")},
+        }
     loop = asyncio.get_running_loop()
     writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n")
     await writer.drain()
@@ -424,7 +477,7 @@ async def _flows_route(agent: AdminAgent, target: str, reader: asyncio.StreamRea
             if events:
                 views = _flow_views(agent, [f for _, f in events], {})
                 now = time.time()
-                for (kind, _), v in zip(events, views):
+                for (kind, _), v in zip(events, views, strict=True):
                     if flt.matches(v, now):
                         writer.write(json.dumps({"event": kind, "flow": v}).encode() + b"\n")
                 await writer.drain()
@@ -455,31 +508,39 @@ async def _stats_route(agent: AdminAgent, target: str) -> tuple[int, dict]:
     records = snap["closed"] + [f for f in snap["live"] if f["cookie"] not in closed]
     views = _flow_views(agent, records, snap["links"])
     inv = agent.inventory
-    workload_of = {p.key: (p.labels.get("app") or p.name, p.namespace)
-                   for p in (inv.pods if inv else ())}
+    workload_of = {p.key: (p.labels.get("app") or p.name, p.namespace) for p in (inv.pods if inv else ())}
     names, tcp = merge_tcp(workers)
     http = merge_http(workers)
     rows = select(pair_rows(names, tcp, views, workload_of, http), flt)
-    return 200, {"node": agent.cfg.node, "now": time.time(), "rows": rows,
-                 "workers": {"configured": len(workers),
-                             "answered": sum(1 for w in workers if w)},
-                 "l7": ("HTTP requests counted by the destination node's proxy (proxy.l7)"
-                        if agent.cfg.proxy.l7 else "not measured: proxy.l7 is off")}
+    return 200, {
+        "node": agent.cfg.node,
+        "now": time.time(),
+        "rows": rows,
+        "workers": {"configured": len(workers), "answered": sum(1 for w in workers if w)},
+        "l7": (
+            "HTTP requests counted by the destination node's proxy (proxy.l7)"
+            if agent.cfg.proxy.l7
+            else "not measured: proxy.l7 is off"
+        ),
+    }
 
 
 def _workloads(agent: AdminAgent) -> dict:
     inv = agent.inventory
     out = []
     for pod in inv.pods_on(agent.cfg.node) if inv else ():
-        out.append({
-            "pod": pod.key, "service_account": pod.service_account,
-            "ips": [str(ip) for ip in pod.ips],
-            "mesh": pod.mesh,
-            "mode": inv.mode_for(pod, agent.cfg.mesh.mode),
-            "enrolled": pod.key in agent.enrolled,
-            "cgroup_id": agent.enrolled.get(pod.key),
-            "reason": agent.pending.get(pod.key) or (None if pod.mesh else "mesh: false"),
-        })
+        out.append(
+            {
+                "pod": pod.key,
+                "service_account": pod.service_account,
+                "ips": [str(ip) for ip in pod.ips],
+                "mesh": pod.mesh,
+                "mode": inv.mode_for(pod, agent.cfg.mesh.mode) if inv else agent.cfg.mesh.mode,
+                "enrolled": pod.key in agent.enrolled,
+                "cgroup_id": agent.enrolled.get(pod.key),
+                "reason": agent.pending.get(pod.key) or (None if pod.mesh else "mesh: false"),
+            }
+        )
     return {"node": agent.cfg.node, "workloads": out}
 
 
@@ -495,5 +556,4 @@ def _services(agent: AdminAgent) -> dict:
             for ep in port["endpoints"]:
                 ep["mesh"] = mesh.get(ep["pod"], False)
                 ep["local"] = ep["node"] == agent.cfg.node
-    return {"node": agent.cfg.node, "services": out,
-            "inventory_error": agent.inventory_error}
+    return {"node": agent.cfg.node, "services": out, "inventory_error": agent.inventory_error}

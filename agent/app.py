@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import cgroup as cg
 from .admin import start_admin
@@ -36,6 +37,11 @@ from .supervisor import ProxySupervisor
 from .workloads.model import Inventory, services_doc, workload_id
 from .workloads.source import WorkloadSource, source_from_config
 from .yamlsrc import SourceError
+
+if TYPE_CHECKING:  # imported where used: the CLI's `run` should not pay for them at import
+    from .datapath.flows import FlowReader
+    from .identity.issuer import NodeIssuer
+    from .policy.store import PolicyStore
 
 log = logging.getLogger("meshlet.agent")
 
@@ -51,8 +57,13 @@ def ca_socket_path(cfg: AgentConfig) -> str:
     return os.path.join(cfg.run_dir, "ca.sock")
 
 
-def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
-                generation: int, identity_generation: int = 0) -> dict:
+def proxy_state(
+    cfg: AgentConfig,
+    inv: Inventory,
+    cgroup_ids: dict[str, int],
+    generation: int,
+    identity_generation: int = 0,
+) -> dict:
     """The document the proxy workers read (pure: easy to test)."""
     return {
         "version": STATE_VERSION,
@@ -78,22 +89,29 @@ def proxy_state(cfg: AgentConfig, inv: Inventory, cgroup_ids: dict[str, int],
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
         "l7": cfg.proxy.l7,
-        "access_log": {"enabled": cfg.access_log.enabled, "sampling": cfg.access_log.sampling,
-                       "path": cfg.access_log_path},
-        "nodes": {n.name: {"address": str(n.address),
-                           "address6": str(n.address6) if n.address6 else None}
-                  for n in inv.nodes},
-        "pods": [{
-            "key": p.key,
-            "name": p.name,
-            "namespace": p.namespace,
-            "service_account": p.service_account,
-            "node": p.node,
-            "ips": [str(ip) for ip in p.ips],
-            "cgroup_id": cgroup_ids.get(p.key),
-            "mesh": p.mesh,
-            "labels": dict(p.labels),
-        } for p in inv.pods],
+        "access_log": {
+            "enabled": cfg.access_log.enabled,
+            "sampling": cfg.access_log.sampling,
+            "path": cfg.access_log_path,
+        },
+        "nodes": {
+            n.name: {"address": str(n.address), "address6": str(n.address6) if n.address6 else None}
+            for n in inv.nodes
+        },
+        "pods": [
+            {
+                "key": p.key,
+                "name": p.name,
+                "namespace": p.namespace,
+                "service_account": p.service_account,
+                "node": p.node,
+                "ips": [str(ip) for ip in p.ips],
+                "cgroup_id": cgroup_ids.get(p.key),
+                "mesh": p.mesh,
+                "labels": dict(p.labels),
+            }
+            for p in inv.pods
+        ],
         # Every service with its VIPs, ports and per-port endpoints computed
         # from the pods' labels (agent/workloads/model.py); the proxy
         # indexes them by (VIP, port) and routes connections to a VIP.
@@ -109,21 +127,21 @@ class Agent:
     inventory: Inventory | None = None
     inventory_error: str | None = None
     generation: int = 0
-    enrolled: dict[str, int] = field(default_factory=dict)      # pod key -> cgroup id
-    pending: dict[str, str] = field(default_factory=dict)       # pod key -> why not enrolled
+    enrolled: dict[str, int] = field(default_factory=dict)  # pod key -> cgroup id
+    pending: dict[str, str] = field(default_factory=dict)  # pod key -> why not enrolled
     tc_errors: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
-    issuer: object = None                                       # identity.issuer.NodeIssuer
+    issuer: NodeIssuer | None = None
     identity_generation: int = 0
     identity_sig: tuple | None = None
     identity_error: str | None = None
-    flow_history: int = 10_000          # closed flows kept for `meshlet flows`
-    flow_reader: object = None          # datapath.flows.FlowReader, while serving
-    policies: object = None             # policy.store.PolicyStore, from start()
+    flow_history: int = 10_000  # closed flows kept for `meshlet flows`
+    flow_reader: FlowReader | None = None  # while serving
+    policies: PolicyStore | None = None  # from start()
     policy_lock: threading.Lock = field(default_factory=threading.Lock)
-    l4_kernel: dict = field(default_factory=dict)     # last kernel policy sync (plan summary)
-    l4_sig: tuple | None = None                       # (policy version, generation) it was for
-    l4_names: dict = field(default_factory=dict)      # kernel policy id -> namespace/name
+    l4_kernel: dict = field(default_factory=dict)  # last kernel policy sync (plan summary)
+    l4_sig: tuple | None = None  # (policy version, generation) it was for
+    l4_names: dict = field(default_factory=dict)  # kernel policy id -> namespace/name
     l4_lock: threading.Lock = field(default_factory=threading.Lock)  # tick vs admin API
 
     def __post_init__(self) -> None:
@@ -161,15 +179,18 @@ class Agent:
         except DoctorError as e:
             raise AgentError(f"{e}\nnothing was attached.") from e
         if not os.path.isdir(self.cgroup_dir):
-            raise AgentError(f"node cgroup {self.cgroup_dir} does not exist; create it or fix "
-                             "'cgroup:' in the config")
+            raise AgentError(
+                f"node cgroup {self.cgroup_dir} does not exist; create it or fix 'cgroup:' in the config"
+            )
 
     def start(self) -> None:
         os.makedirs(self.cfg.run_dir, exist_ok=True)
         if self.cfg.proxy.tunnel_security != "mtls":
-            log.warning("proxy.tunnelSecurity is %s: traffic between nodes is NOT encrypted or "
-                        "authenticated. This setting exists for benchmarks only.",
-                        self.cfg.proxy.tunnel_security)
+            log.warning(
+                "proxy.tunnelSecurity is %s: traffic between nodes is NOT encrypted or "
+                "authenticated. This setting exists for benchmarks only.",
+                self.cfg.proxy.tunnel_security,
+            )
         src = self.source
         assert src is not None
         try:
@@ -179,8 +200,10 @@ class Agent:
         except OSError as e:
             raise AgentError(f"cannot read inventory {src.where}: {e.strerror}") from e
         if self.inventory.node(self.cfg.node) is None:
-            raise AgentError(f"{src.where}: node {self.cfg.node!r} (from the config's "
-                             "'node:') is not in the inventory's nodes[]")
+            raise AgentError(
+                f"{src.where}: node {self.cfg.node!r} (from the config's "
+                "'node:') is not in the inventory's nodes[]"
+            )
         self.load_policies()
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
@@ -210,13 +233,15 @@ class Agent:
         from .policy.store import PolicyStore
         from .traffic.policy import TRAFFIC_KIND
 
-        store = PolicyStore(self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain,
-                            kinds=[TRAFFIC_KIND])
+        store = PolicyStore(
+            self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain, kinds=[TRAFFIC_KIND]
+        )
         try:
             self.policies = store.load()
         except SourceError as e:
-            raise AgentError(f"stored policies {store.store_path} do not load, not starting "
-                             f"(fix or remove the file):\n{e}") from e
+            raise AgentError(
+                f"stored policies {store.store_path} do not load, not starting (fix or remove the file):\n{e}"
+            ) from e
         log.info("policies: %d, version %s", store.count, store.version)
 
     def policy_status(self) -> dict:
@@ -226,11 +251,14 @@ class Agent:
         if self.l4_kernel:
             from .policy.kernel import NO_POLICY_ID
 
-            denied = {}
+            denied: dict[str, int] = {}
             try:
                 for pid, n in self.datapath.l4_denied().items():
-                    name = "(no ALLOW rule matched)" if pid == NO_POLICY_ID else \
-                        self.l4_names.get(pid, f"id {pid}")
+                    name = (
+                        "(no ALLOW rule matched)"
+                        if pid == NO_POLICY_ID
+                        else self.l4_names.get(pid, f"id {pid}")
+                    )
                     denied[name] = denied.get(name, 0) + n
             except (OSError, KeyError):
                 pass
@@ -260,8 +288,12 @@ class Agent:
         # every decision to the proxies.
         enabled = self.cfg.bpf.kernel_policy and os.environ.get("MESHLET_KERNEL_POLICY", "1") != "0"
         if enabled:
-            srcs, dsts = view_from_pods(inv.pods, self.cfg.node, self.cfg.identity.trust_domain,
-                                        {k: workload_id(k) for k in self.enrolled})
+            srcs, dsts = view_from_pods(
+                inv.pods,
+                self.cfg.node,
+                self.cfg.identity.trust_domain,
+                {k: workload_id(k) for k in self.enrolled},
+            )
             plan = compile_kernel(ps, srcs, dsts, self.spec.max_l4_rules)
         else:
             plan = KernelPlan(capacity=self.spec.max_l4_rules)
@@ -272,9 +304,15 @@ class Agent:
         self.l4_names.update(plan.policies)
         self.l4_kernel = {**plan.summary(), "version": version, "enabled": enabled}
         if changes["added"] or changes["updated"] or changes["removed"]:
-            log.info("kernel L4 policy for version %s: %d entries (%d deny), +%d ~%d -%d",
-                     version, len(plan.entries), plan.denies, changes["added"],
-                     changes["updated"], changes["removed"])
+            log.info(
+                "kernel L4 policy for version %s: %d entries (%d deny), +%d ~%d -%d",
+                version,
+                len(plan.entries),
+                plan.denies,
+                changes["added"],
+                changes["updated"],
+                changes["removed"],
+            )
 
     # --- identity: the node CA that signs its pods' SVIDs --------------------------
 
@@ -302,8 +340,7 @@ class Agent:
             return False
         changed = self.identity_sig is not None and sig != self.identity_sig
         if self.issuer is None:
-            self.issuer = NodeIssuer(i.trust_domain, material, timedelta(seconds=i.cert_ttl),
-                                     self.cfg.node)
+            self.issuer = NodeIssuer(i.trust_domain, material, timedelta(seconds=i.cert_ttl), self.cfg.node)
         else:
             self.issuer.material = material
         self.identity_error = None
@@ -315,27 +352,41 @@ class Agent:
         self._write_identity_fingerprint(sig[1])
         if changed:
             self.identity_generation += 1
-            log.info("CA material or trust bundle changed (%d roots); proxies will renew "
-                     "(identity generation %d)", len(material.bundle.roots),
-                     self.identity_generation)
+            log.info(
+                "CA material or trust bundle changed (%d roots); proxies will renew (identity generation %d)",
+                len(material.bundle.roots),
+                self.identity_generation,
+            )
         return changed
 
     def identity_status(self) -> dict:
-        out: dict = {"trust_domain": self.cfg.identity.trust_domain,
-                     "generation": self.identity_generation, "error": self.identity_error}
+        out: dict = {
+            "trust_domain": self.cfg.identity.trust_domain,
+            "generation": self.identity_generation,
+            "error": self.identity_error,
+        }
         if self.issuer is not None:
             m = self.issuer.material
-            out.update({
-                "bundle_fingerprint": m.bundle.fingerprint(),
-                "roots": [{"subject": r.subject.rfc4514_string(), "serial": f"{r.serial_number:x}",
-                           "not_after": r.not_valid_after_utc.isoformat()}
-                          for r in m.bundle.roots],
-                "node_ca": {"subject": m.ca_cert.subject.rfc4514_string(),
-                            "serial": f"{m.ca_cert.serial_number:x}",
-                            "not_after": m.ca_cert.not_valid_after_utc.isoformat()},
-                "allowed": sorted(self.issuer.allowed),
-                "issuer_counters": dict(self.issuer.counters),
-            })
+            out.update(
+                {
+                    "bundle_fingerprint": m.bundle.fingerprint(),
+                    "roots": [
+                        {
+                            "subject": r.subject.rfc4514_string(),
+                            "serial": f"{r.serial_number:x}",
+                            "not_after": r.not_valid_after_utc.isoformat(),
+                        }
+                        for r in m.bundle.roots
+                    ],
+                    "node_ca": {
+                        "subject": m.ca_cert.subject.rfc4514_string(),
+                        "serial": f"{m.ca_cert.serial_number:x}",
+                        "not_after": m.ca_cert.not_valid_after_utc.isoformat(),
+                    },
+                    "allowed": sorted(self.issuer.allowed),
+                    "issuer_counters": dict(self.issuer.counters),
+                }
+            )
         return out
 
     def _read_identity_fingerprint(self) -> str | None:
@@ -346,8 +397,7 @@ class Agent:
             return None
 
     def _write_identity_fingerprint(self, fp: str) -> None:
-        write_atomic(os.path.join(self.cfg.run_dir, "identity.json"),
-                     json.dumps({"fingerprint": fp}))
+        write_atomic(os.path.join(self.cfg.run_dir, "identity.json"), json.dumps({"fingerprint": fp}))
 
     def poll_identity(self) -> bool:
         stats = tuple(file_sig(p) for p in self._identity_paths())
@@ -374,14 +424,16 @@ class Agent:
         if inv is None:
             return False
         if inv.node(self.cfg.node) is None:
-            self.inventory_error = (f"{src.where}: node {self.cfg.node!r} is not in "
-                                    "nodes[]; keeping the previous inventory")
+            self.inventory_error = (
+                f"{src.where}: node {self.cfg.node!r} is not in nodes[]; keeping the previous inventory"
+            )
             log.error("%s", self.inventory_error)
             return False
         self.inventory_error = None
         self.inventory = inv
-        log.info("inventory reloaded: %d pods, %d on this node", len(inv.pods),
-                 len(inv.pods_on(self.cfg.node)))
+        log.info(
+            "inventory reloaded: %d pods, %d on this node", len(inv.pods), len(inv.pods_on(self.cfg.node))
+        )
         self.sync()
         return True
 
@@ -418,9 +470,10 @@ class Agent:
         from .identity.spiffe import workload_id as spiffe_id
 
         td = self.cfg.identity.trust_domain
+        assert self.issuer is not None  # set up by the identity sync before the first inventory sync
         self.issuer.allowed = frozenset(
-            str(spiffe_id(td, p.namespace, p.service_account))
-            for p in inv.pods_on(self.cfg.node) if p.mesh)
+            str(spiffe_id(td, p.namespace, p.service_account)) for p in inv.pods_on(self.cfg.node) if p.mesh
+        )
         # Order matters: the proxy must know a workload before the kernel
         # redirects it (else its first connections are rejected as unknown),
         # so publish the state, wait for the workers to load it, then enroll.
@@ -441,15 +494,17 @@ class Agent:
             if self.pending.get(key) != why:
                 log.warning("pod %s not enrolled yet: %s", key, why)
         self.enrolled, self.pending = enrolled, pending
-        log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled),
-                  self.generation)
+        log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
 
     def shutdown(self) -> None:
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
         if self.keep_datapath:
             self.datapath.close()
-            log.info("exiting with the datapath and proxy left running (--keep-datapath); "
-                     "a restarted agent adopts them")
+            log.info(
+                "exiting with the datapath and proxy left running (--keep-datapath); "
+                "a restarted agent adopts them"
+            )
             return
         self.proxies.stop()
         self.datapath.teardown()
@@ -467,11 +522,18 @@ class Agent:
         return {
             "node": self.cfg.node,
             "uptime_s": round(time.time() - self.started, 1),
-            "datapath": {"how": self.datapath.how, "pin_dir": self.spec.pin_dir,
-                         "cgroup": self.cgroup_dir, "counters": self.datapath.stats(),
-                         "tc_errors": self.tc_errors},
-            "inventory": {"path": self.source.where, "error": self.inventory_error,
-                          "pods": len(inv.pods) if inv else 0},
+            "datapath": {
+                "how": self.datapath.how,
+                "pin_dir": self.spec.pin_dir,
+                "cgroup": self.cgroup_dir,
+                "counters": self.datapath.stats(),
+                "tc_errors": self.tc_errors,
+            },
+            "inventory": {
+                "path": self.source.where if self.source is not None else None,
+                "error": self.inventory_error,
+                "pods": len(inv.pods) if inv else 0,
+            },
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,
             "identity": self.identity_status(),
@@ -491,9 +553,12 @@ class Agent:
         """What one /metrics scrape reports (see agent.metrics.families)."""
         from .datapath.status import datapath_status
 
-        return {"workers": self.worker_stats(), "workers_configured": len(self.proxies.workers),
-                "datapath": datapath_status(self.spec.pin_dir),
-                "identity": self.identity_status()}
+        return {
+            "workers": self.worker_stats(),
+            "workers_configured": len(self.proxies.workers),
+            "datapath": datapath_status(self.spec.pin_dir),
+            "identity": self.identity_status(),
+        }
 
     def start_metrics(self):
         """The /metrics server thread, or None (disabled, or the port is taken:
@@ -506,9 +571,13 @@ class Agent:
         try:
             srv = MetricsServer(self.metrics_snapshot, str(m.address), m.port).start()
         except OSError as e:
-            log.error("cannot serve metrics on %s port %d: %s; is another agent or an Istio "
-                      "component using it? Set metrics.port (or metrics.enabled: false)",
-                      m.address, m.port, e.strerror or e)
+            log.error(
+                "cannot serve metrics on %s port %d: %s; is another agent or an Istio "
+                "component using it? Set metrics.port (or metrics.enabled: false)",
+                m.address,
+                m.port,
+                e.strerror or e,
+            )
             return None
         log.info("metrics on http://%s:%d/metrics", m.address, srv.port)
         return srv
@@ -533,6 +602,7 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         ca_server = await start_ca_server(self)
         from .datapath.flows import FlowReader
+
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
         metrics = await asyncio.to_thread(self.start_metrics)
@@ -544,7 +614,7 @@ class Agent:
                 await asyncio.to_thread(self.tick)
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             if metrics is not None:
@@ -580,18 +650,23 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 
     def answer(req: dict) -> dict:
         issuer = agent.issuer
+        if issuer is None:  # the CA socket is served only once the identity is loaded
+            return {"ok": False, "reason": "not_ready", "error": "the node CA is not loaded yet"}
         bundle = issuer.material.bundle.to_pem().decode()
         if req.get("op") == "bundle":
             return {"ok": True, "bundle": bundle, "generation": agent.identity_generation}
         if req.get("op") != "sign":
             return {"ok": False, "reason": "bad_request", "error": "op must be 'sign' or 'bundle'"}
         try:
-            chain, _leaf = issuer.sign(str(req.get("identity", "")),
-                                       str(req.get("csr", "")).encode())
+            chain, _leaf = issuer.sign(str(req.get("identity", "")), str(req.get("csr", "")).encode())
         except IssueError as e:
             return {"ok": False, "reason": e.reason, "error": e.detail}
-        return {"ok": True, "chain": chain.decode(), "bundle": bundle,
-                "generation": agent.identity_generation}
+        return {
+            "ok": True,
+            "chain": chain.decode(),
+            "bundle": bundle,
+            "generation": agent.identity_generation,
+        }
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -616,6 +691,7 @@ async def start_ca_server(agent: Agent) -> asyncio.AbstractServer:
 
 
 # --- small process helpers -----------------------------------------------------------
+
 
 def _identity_sig(paths: list[str]) -> tuple:
     """(stat signature, content fingerprint) of the identity files."""
@@ -649,10 +725,10 @@ def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = T
     try:
         try:
             import uvloop
+
             uvloop.run(agent.serve())
         except ImportError:
             asyncio.run(agent.serve())
     finally:
         agent.shutdown()
     return 0
-

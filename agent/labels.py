@@ -18,8 +18,7 @@ import re
 
 from agent import yamlsrc as y
 
-__all__ = ["LABEL_NAME", "key_problem", "value_problem", "key", "value",
-           "selector_key", "selector_value"]
+__all__ = ["LABEL_NAME", "key_problem", "value_problem", "key", "value", "selector_key", "selector_value"]
 
 #: A label name, or a value (which may also be empty).
 LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
@@ -34,16 +33,20 @@ def key_problem(k: str) -> str | None:
         ok = ok and len(prefix) <= 253 and all(_DNS_PART.fullmatch(p) for p in prefix.split("."))
     if ok:
         return None
-    return (f"{k!r} is not a valid label key: [dns.prefix/]name, name at most 63 "
-            "characters of letters, digits, '-', '_', '.'")
+    return (
+        f"{k!r} is not a valid label key: [dns.prefix/]name, name at most 63 "
+        "characters of letters, digits, '-', '_', '.'"
+    )
 
 
 def value_problem(s: str) -> str | None:
     """Why ``s`` is not a valid label value, or None when it is."""
     if len(s) <= 63 and LABEL_NAME.fullmatch(s):
         return None
-    return (f"{s!r} is not a valid label value: at most 63 characters of letters, "
-            "digits, '-', '_', '.', starting and ending with a letter or digit")
+    return (
+        f"{s!r} is not a valid label value: at most 63 characters of letters, "
+        "digits, '-', '_', '.', starting and ending with a letter or digit"
+    )
 
 
 def key(v: y.Value) -> str:

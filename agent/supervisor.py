@@ -56,8 +56,7 @@ class ProxySupervisor:
 
     def _argv(self, w: ProxyWorker) -> list[str]:
         # The access log's path, sampling and on/off come from the state file.
-        return [sys.executable, "-m", "agent.proxy", "--state", self.state_path,
-                "--worker-id", str(w.index)]
+        return [sys.executable, "-m", "agent.proxy", "--state", self.state_path, "--worker-id", str(w.index)]
 
     def supervise(self) -> None:
         """Adopt running workers, reap and restart dead ones."""
@@ -65,8 +64,12 @@ class ProxySupervisor:
             if w.popen is not None:
                 if w.popen.poll() is None:
                     continue
-                log.error("proxy worker %d (pid %d) exited with %s; restarting", w.index,
-                          w.popen.pid, w.popen.returncode)
+                log.error(
+                    "proxy worker %d (pid %d) exited with %s; restarting",
+                    w.index,
+                    w.popen.pid,
+                    w.popen.returncode,
+                )
                 w.popen = None
                 w.pid = None
                 w.restarts += 1
@@ -78,13 +81,19 @@ class ProxySupervisor:
                     w.pid, w.adopted = pid, True
                     log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
                     continue
-            if w.restarts and time.time() - w.started < min(30, 2 ** w.restarts):
+            if w.restarts and time.time() - w.started < min(30, 2**w.restarts):
                 continue  # back off
             logf = open(os.path.join(self.run_dir, f"proxy-{w.index}.log"), "ab")
             try:
-                w.popen = subprocess.Popen(self._argv(w), stdout=logf, stderr=logf,
-                                           stdin=subprocess.DEVNULL, start_new_session=True,
-                                           cwd="/", env=_proxy_env())
+                w.popen = subprocess.Popen(
+                    self._argv(w),
+                    stdout=logf,
+                    stderr=logf,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd="/",
+                    env=_proxy_env(),
+                )
             finally:
                 logf.close()
             w.pid, w.started, w.adopted = w.popen.pid, time.time(), False
@@ -105,8 +114,12 @@ class ProxySupervisor:
             if not pending:
                 return True
             time.sleep(0.05)
-        log.warning("proxy workers %s did not load state generation %d within %.0fs; "
-                    "enrolling anyway", pending, generation, timeout)
+        log.warning(
+            "proxy workers %s did not load state generation %d within %.0fs; enrolling anyway",
+            pending,
+            generation,
+            timeout,
+        )
         return False
 
     def stop(self, timeout: float = 6.0) -> None:
@@ -139,11 +152,17 @@ class ProxySupervisor:
 
     def status(self) -> list[dict]:
         """Per worker: pid, adopted, alive, restarts and its stats."""
-        return [{"worker": w.index, "pid": w.pid, "adopted": w.adopted,
-                 "alive": bool(w.pid and _pid_alive(w.pid, w.popen)),
-                 "restarts": w.restarts,
-                 "stats": proxy_stats(self.stats_socket(w))}
-                for w in self.workers]
+        return [
+            {
+                "worker": w.index,
+                "pid": w.pid,
+                "adopted": w.adopted,
+                "alive": bool(w.pid and _pid_alive(w.pid, w.popen)),
+                "restarts": w.restarts,
+                "stats": proxy_stats(self.stats_socket(w)),
+            }
+            for w in self.workers
+        ]
 
 
 def proxy_stats(sock_path: str) -> dict | None:

@@ -22,7 +22,8 @@ composer of ours builds the nodes and bounds what a hostile file can cost
 "billion laughs" alias bomb or 50,000 nested brackets is refused at its line
 instead of exhausting memory or the C stack), and the cyclic garbage
 collector is paused while it runs (with it, composing a 10,000-rule file
-took 7 s instead of 0.6 s: the collector rescans the growing tree); loaders then walk that tree through :class:`Value` and
+took 7 s instead of 0.6 s: the collector rescans the growing tree); loaders
+then walk that tree through :class:`Value` and
 :class:`MapReader`, converting each scalar with a small *converter* function
 (``string``, ``integer(1, 64)``, ``ip_address(4)``, ``list_of(port)``...).
 A converter takes a :class:`Value` and returns the Python value or raises
@@ -38,33 +39,60 @@ import gc
 import ipaddress
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+# libyaml's C parser: PyYAML's wheels and Debian's python3-yaml both have it
+# (the pure-Python scanner is ~15x slower on large policy sets).
+from yaml._yaml import CParser as _EventParser
 from yaml.composer import Composer
 from yaml.events import AliasEvent, MappingStartEvent, SequenceStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
-try:  # libyaml's C parser; PyYAML falls back to pure Python without it
-    from yaml._yaml import CParser as _EventParser
-except ImportError:  # pragma: no cover - Debian's and PyPI's PyYAML both have it
-    from yaml.parser import Parser as _EventParser  # type: ignore[assignment]
-    from yaml.reader import Reader as _Reader
-    from yaml.scanner import Scanner as _Scanner
-else:
-    _Reader = _Scanner = None  # type: ignore[assignment,misc]
-_CSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_CSafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_CSafeLoader = yaml.CSafeLoader
+_CSafeDumper = yaml.CSafeDumper
 
 __all__ = [
-    "MAX_SHOWN", "Problem", "SourceError", "Invalid", "Reported", "Document",
-    "Value", "MapReader", "parse", "read_text", "did_you_mean",
-    "string", "any_string", "boolean", "integer", "number", "port", "enum",
-    "ip_address", "ip_network", "dns_label", "dns_subdomain", "absolute_path",
-    "list_of", "map_of", "entries", "position", "IPAddress", "IPNetwork",
-    "compose_all", "gc_paused", "load_plain_all", "dump_plain", "MAX_TEXT_BYTES", "MAX_DEPTH", "MAX_ALIAS_NODES",
+    "MAX_SHOWN",
+    "Problem",
+    "SourceError",
+    "Invalid",
+    "Reported",
+    "Document",
+    "Value",
+    "MapReader",
+    "parse",
+    "read_text",
+    "did_you_mean",
+    "string",
+    "any_string",
+    "boolean",
+    "integer",
+    "number",
+    "port",
+    "enum",
+    "ip_address",
+    "ip_network",
+    "dns_label",
+    "dns_subdomain",
+    "absolute_path",
+    "list_of",
+    "map_of",
+    "entries",
+    "position",
+    "IPAddress",
+    "IPNetwork",
+    "compose_all",
+    "gc_paused",
+    "load_plain_all",
+    "dump_plain",
+    "MAX_TEXT_BYTES",
+    "MAX_DEPTH",
+    "MAX_ALIAS_NODES",
 ]
 
 T = TypeVar("T")
@@ -90,8 +118,12 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Scalar tags SafeLoader resolves implicitly or by !!short form and that we
 # accept; anything else (custom "!foo", !!python/...) is refused.
 _SCALAR_TAGS = {
-    _STR_TAG, _NULL_TAG, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
-    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp",
+    _STR_TAG,
+    _NULL_TAG,
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:timestamp",
     "tag:yaml.org,2002:binary",
 }
 
@@ -175,7 +207,7 @@ class Document:
         if self.problems:
             raise SourceError(sorted(self.problems, key=lambda p: (p.line, p.column)))
 
-    def top(self) -> "MapReader":
+    def top(self) -> MapReader:
         """The top-level mapping (``parse`` has already checked it is one)."""
         assert self.root is not None
         return MapReader(Value(self, self.root, ""))
@@ -220,6 +252,9 @@ def read_text(path: str) -> str:
 class LimitExceeded(yaml.MarkedYAMLError):
     """The text is valid YAML but exceeds one of the composer's bounds."""
 
+    def __init__(self, message: str, mark: Any) -> None:  # libyaml's Mark or PyYAML's
+        super().__init__(None, None, message, mark)
+
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
@@ -244,36 +279,41 @@ class _BoundedComposer(Composer):
     def __init__(self) -> None:
         super().__init__()
         self._depth = 0
-        self._nodes = 0             # composed so far, aliases counted expanded
-        self._alias_nodes = 0       # how many of those came from aliases
+        self._nodes = 0  # composed so far, aliases counted expanded
+        self._alias_nodes = 0  # how many of those came from aliases
         self._sizes: dict[str, int] = {}  # anchor -> expanded size of its node
         self.starts: list[tuple[int, int]] = []  # 1-based (line, column) of each document
+
+    if TYPE_CHECKING:  # provided by the event parser it is mixed with (_Loader)
+
+        def peek_event(self) -> Any: ...
 
     def compose_document(self) -> Node | None:
         mark = self.peek_event().start_mark
         self.starts.append((mark.line + 1, mark.column + 1))
         return super().compose_document()
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         event = self.peek_event()
         if isinstance(event, AliasEvent):
-            size = self._sizes.get(event.anchor, 1)
+            size = self._sizes.get(event.anchor or "", 1)
             self._nodes += size
             self._alias_nodes += size
             if self._alias_nodes > MAX_ALIAS_NODES:
                 raise LimitExceeded(
-                    None, None,
                     f"alias '*{event.anchor}' takes what aliases expand to past "
                     f"{MAX_ALIAS_NODES} nodes (an alias bomb?); write the values out "
-                    "or use fewer aliases", event.start_mark)
+                    "or use fewer aliases",
+                    event.start_mark,
+                )
             return super().compose_node(parent, index)
         nested = isinstance(event, (MappingStartEvent, SequenceStartEvent))
         if nested:
             self._depth += 1
             if self._depth > MAX_DEPTH:
-                raise LimitExceeded(None, None,
-                                    f"lists and mappings are nested more than {MAX_DEPTH} deep",
-                                    event.start_mark)
+                raise LimitExceeded(
+                    f"lists and mappings are nested more than {MAX_DEPTH} deep", event.start_mark
+                )
         before = self._nodes
         self._nodes += 1
         node = super().compose_node(parent, index)
@@ -285,27 +325,18 @@ class _BoundedComposer(Composer):
         return node
 
 
-if _Reader is None:
-    class _Loader(_BoundedComposer, _EventParser, Resolver):  # type: ignore[misc,valid-type]
-        """libyaml events -> bounded composer -> nodes with positions."""
+class _Loader(_BoundedComposer, _EventParser, Resolver):
+    """libyaml events -> bounded composer -> nodes with positions."""
 
-        def __init__(self, text: str) -> None:
-            _EventParser.__init__(self, text)
-            _BoundedComposer.__init__(self)
-            Resolver.__init__(self)
+    def __init__(self, text: str) -> None:
+        _EventParser.__init__(self, text)
+        _BoundedComposer.__init__(self)
+        Resolver.__init__(self)
 
-        # CParser has its own (unbounded, recursive C) composer: use ours.
-        check_node = Composer.check_node
-        get_node = Composer.get_node
-        get_single_node = Composer.get_single_node
-else:  # pragma: no cover
-    class _Loader(_Reader, _Scanner, _EventParser, _BoundedComposer, Resolver):  # type: ignore[misc,no-redef]
-        def __init__(self, text: str) -> None:
-            _Reader.__init__(self, text)
-            _Scanner.__init__(self)
-            _EventParser.__init__(self)
-            _BoundedComposer.__init__(self)
-            Resolver.__init__(self)
+    # CParser has its own (unbounded, recursive C) composer: use ours.
+    check_node = Composer.check_node
+    get_node = Composer.get_node
+    get_single_node = Composer.get_single_node
 
 
 def compose_all(text: str, filename: str) -> list[tuple[tuple[int, int], Node]]:
@@ -317,25 +348,32 @@ def compose_all(text: str, filename: str) -> list[tuple[tuple[int, int], Node]]:
     :data:`MAX_DEPTH` and aliases expanding past :data:`MAX_ALIAS_NODES`.
     Callers that walk the tree afterwards should do so under
     :func:`gc_paused` too."""
+
     def fail(line: int, column: int, message: str) -> SourceError:
         return SourceError([Problem(filename, line, column, "", message)])
 
     if len(text) > MAX_TEXT_BYTES:
-        raise fail(1, 1, f"file is {len(text) / 1e6:.1f} MB; meshlet reads at most "
-                         f"{MAX_TEXT_BYTES // (1024 * 1024)} MB per file (split it)")
+        raise fail(
+            1,
+            1,
+            f"file is {len(text) / 1e6:.1f} MB; meshlet reads at most "
+            f"{MAX_TEXT_BYTES // (1024 * 1024)} MB per file (split it)",
+        )
     roots: list[Node] = []
     loader = None
     try:
         with gc_paused():
             loader = _Loader(text)  # checks for unprintable characters right here
             while loader.check_node():
-                roots.append(loader.get_node())
+                node = loader.get_node()
+                if node is not None:
+                    roots.append(node)
     except (yaml.YAMLError, RecursionError) as e:
         raise syntax_error(e, text, fail) from None
     finally:
         if loader is not None:
             loader.dispose()
-    return list(zip(loader.starts, roots))
+    return list(zip(loader.starts, roots, strict=True))
 
 
 def load_plain_all(text: str) -> list[Any]:
@@ -348,11 +386,10 @@ def load_plain_all(text: str) -> list[Any]:
 
 def dump_plain(doc: Any) -> str:
     """Block-style YAML of plain data, keys in their given order (libyaml)."""
-    return yaml.dump(doc, Dumper=_CSafeDumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True)
+    return yaml.dump(doc, Dumper=_CSafeDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def syntax_error(e: BaseException, text: str, fail) -> "SourceError":
+def syntax_error(e: BaseException, text: str, fail) -> SourceError:
     """Turn a PyYAML (or recursion) error while reading ``text`` into the
     positioned error ``fail(line, column, message)`` builds.  Shared by every
     loader that reads YAML itself (single- and multi-document)."""
@@ -369,8 +406,8 @@ def syntax_error(e: BaseException, text: str, fail) -> "SourceError":
         return fail(line, column, f"YAML syntax error: {what}")
     if isinstance(e, yaml.reader.ReaderError):
         offset = e.position
-        if _Reader is None:  # libyaml counts bytes of the UTF-8 encoding, not characters
-            offset = len(text.encode("utf-8")[:offset].decode("utf-8", "ignore"))
+        # libyaml counts bytes of the UTF-8 encoding, not characters
+        offset = len(text.encode("utf-8")[:offset].decode("utf-8", "ignore"))
         line = text.count("\n", 0, offset) + 1
         column = offset - (text.rfind("\n", 0, offset) + 1) + 1
         return fail(line, column, f"YAML syntax error: character {e.character:#x} is not allowed")
@@ -385,14 +422,18 @@ def parse(text: str, filename: str) -> Document:
     Raises :class:`SourceError` for YAML syntax errors (with YAML's own
     position), an empty file, several documents, or a non-mapping top level.
     """
+
     def fail(line: int, column: int, message: str) -> SourceError:
         return SourceError([Problem(filename, line, column, "", message)])
 
     docs = compose_all(text, filename)
     if len(docs) > 1:
         line, column = docs[1][0]
-        raise fail(line, column, "a second YAML document starts here; "
-                                 "put everything in one document (remove the '---')")
+        raise fail(
+            line,
+            column,
+            "a second YAML document starts here; put everything in one document (remove the '---')",
+        )
     root = docs[0][1] if docs else None
     if root is None or (isinstance(root, ScalarNode) and root.tag == _NULL_TAG):
         raise fail(1, 1, "file is empty; expected a mapping of fields")
@@ -413,8 +454,13 @@ def describe_node(node: Node) -> str:
         return "a list"
     tag = node.tag.rsplit(":", 1)[-1]
     return {
-        "str": "a string", "null": "null", "int": "an integer", "float": "a number",
-        "bool": "a boolean", "timestamp": "a date", "binary": "binary data",
+        "str": "a string",
+        "null": "null",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "a boolean",
+        "timestamp": "a date",
+        "binary": "binary data",
     }.get(tag, f"a {tag!r} value")
 
 
@@ -460,7 +506,7 @@ class Value:
             raise Invalid(f"expected a single value, got {describe_node(self.node)}")
         return self.doc.construct(self.node)
 
-    def items(self) -> list["Value"]:
+    def items(self) -> list[Value]:
         """Elements of a list, each with its ``[i]`` path."""
         if not isinstance(self.node, SequenceNode):
             raise Invalid(f"expected a list, got {describe_node(self.node)}")
@@ -468,7 +514,7 @@ class Value:
             raise Invalid(f"unsupported YAML tag {self.node.tag!r}")
         return [Value(self.doc, n, f"{self.path}[{i}]") for i, n in enumerate(self.node.value)]
 
-    def mapping(self) -> "MapReader":
+    def mapping(self) -> MapReader:
         if not isinstance(self.node, MappingNode):
             raise Invalid(f"expected a mapping, got {describe_node(self.node)}")
         if self.node.tag != _MAP_TAG:
@@ -511,9 +557,11 @@ class MapReader:
                 continue
             if not isinstance(knode, ScalarNode) or knode.tag != _STR_TAG:
                 shown = knode.value if isinstance(knode, ScalarNode) else "..."
-                self.doc.add_at(knode, self.path,
-                                f"field names must be strings, got {describe_node(knode)} "
-                                f"{shown!r} (quote it)")
+                self.doc.add_at(
+                    knode,
+                    self.path,
+                    f"field names must be strings, got {describe_node(knode)} {shown!r} (quote it)",
+                )
                 continue
             key = knode.value
             kpath = _key_path(self.path, key)
@@ -553,7 +601,7 @@ class MapReader:
             return default
         return self.entries[key][1].convert(conv)
 
-    def section(self, key: str) -> "MapReader | None":
+    def section(self, key: str) -> MapReader | None:
         """An optional nested mapping; absent or null gives an empty one."""
         self._ask(key)
         if not self.has(key):
@@ -567,8 +615,11 @@ class MapReader:
         for key, (kv, _) in self.entries.items():
             if key not in allowed:
                 hint = did_you_mean(key, allowed)
-                kv.problem(f"unknown field {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-                           + ("" if hint else f"; known fields: {', '.join(allowed)}"))
+                kv.problem(
+                    f"unknown field {key!r}"
+                    + (f" (did you mean {hint!r}?)" if hint else "")
+                    + ("" if hint else f"; known fields: {', '.join(allowed)}")
+                )
 
     def _ask(self, key: str) -> None:
         self._asked.append(key)
@@ -597,8 +648,10 @@ def _typed(v: Value, want: type | tuple[type, ...], what: str) -> Any:
     x = v.scalar()
     wanted = want if isinstance(want, tuple) else (want,)
     if isinstance(x, bool) and bool not in wanted:
-        raise Invalid(f"expected {what}, got a boolean ({v.node.value!r}"
-                      + ("; quote it if you meant a string)" if str in wanted else ")"))
+        raise Invalid(
+            f"expected {what}, got a boolean ({v.node.value!r}"
+            + ("; quote it if you meant a string)" if str in wanted else ")")
+        )
     if x is None:
         raise Invalid(f"expected {what}, got nothing (null)")
     if not isinstance(x, want):
@@ -628,6 +681,7 @@ def boolean(v: Value) -> bool:
 
 def integer(lo: int | None = None, hi: int | None = None, *, hex_string: bool = False) -> Converter[int]:
     """An integer in ``[lo, hi]``; with ``hex_string`` also a quoted "0x..." string."""
+
     def conv(v: Value) -> int:
         x = _typed(v, (int, str) if hex_string else int, "an integer")
         if isinstance(x, str):
@@ -636,6 +690,7 @@ def integer(lo: int | None = None, hi: int | None = None, *, hex_string: bool = 
             x = int(x.strip().replace("_", ""), 0 if x.strip()[:2].lower() == "0x" else 10)
         _check_range(x, lo, hi)
         return x
+
     return conv
 
 
@@ -650,12 +705,14 @@ def _check_range(x: float, lo: float | None, hi: float | None, lo_open: bool = F
 
 def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Converter[float]:
     """A finite number (int or float) in range; ``lo_open`` excludes ``lo`` itself."""
+
     def conv(v: Value) -> float:
         x = _typed(v, (int, float), "a number")
         if not math.isfinite(x):
             raise Invalid(f"{v.node.value!r} is not a finite number")
         _check_range(x, lo, hi, lo_open)
         return float(x)
+
     return conv
 
 
@@ -669,13 +726,16 @@ def port(v: Value) -> int:
 
 def enum(*choices: str) -> Converter[str]:
     """One of ``choices`` (exact spelling)."""
+
     def conv(v: Value) -> str:
         x = _typed(v, str, "one of: " + ", ".join(choices))
         if x not in choices:
             hint = did_you_mean(x, choices)
-            raise Invalid(f"{x!r} is not one of: {', '.join(choices)}"
-                          + (f" (did you mean {hint!r}?)" if hint else ""))
+            raise Invalid(
+                f"{x!r} is not one of: {', '.join(choices)}" + (f" (did you mean {hint!r}?)" if hint else "")
+            )
         return x
+
     return conv
 
 
@@ -702,11 +762,14 @@ def ip_address(version: int | None = None) -> Converter[IPAddress]:
         if version is not None and addr.version != version:
             raise Invalid(f"{x!r} is not {label}")
         if addr.is_unspecified or addr.is_multicast:
-            raise Invalid(f"{x!r} is {'unspecified' if addr.is_unspecified else 'multicast'}; "
-                          "a unicast address is needed here")
+            raise Invalid(
+                f"{x!r} is {'unspecified' if addr.is_unspecified else 'multicast'}; "
+                "a unicast address is needed here"
+            )
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             raise Invalid(f"{x!r} is an IPv4-mapped IPv6 address; write {addr.ipv4_mapped} instead")
         return addr
+
     return conv
 
 
@@ -733,8 +796,10 @@ def dns_label(v: Value) -> str:
     if len(x) > 63:
         raise Invalid(f"{x[:20]!r}... is {len(x)} characters; names are at most 63")
     if not _DNS_LABEL.fullmatch(x):
-        raise Invalid(f"{x!r} is not a valid name: use lower-case letters, digits and '-', "
-                      "starting and ending with a letter or digit")
+        raise Invalid(
+            f"{x!r} is not a valid name: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
     return x
 
 
@@ -742,8 +807,10 @@ def dns_subdomain(v: Value) -> str:
     """Dot-separated RFC 1123 labels, at most 253 characters."""
     x = _typed(v, str, "a name")
     if len(x) > 253 or not all(_DNS_LABEL.fullmatch(p) and len(p) <= 63 for p in x.split(".")):
-        raise Invalid(f"{x!r} is not a valid name: use lower-case letters, digits, '-' and '.', "
-                      "starting and ending with a letter or digit")
+        raise Invalid(
+            f"{x!r} is not a valid name: use lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
     return x
 
 
@@ -757,6 +824,7 @@ def absolute_path(v: Value) -> str:
 
 def list_of(conv: Converter[T], *, min_len: int = 0) -> Converter[tuple[T, ...]]:
     """A list whose items all pass ``conv``; each bad item is reported at its own position."""
+
     def convert(v: Value) -> tuple[T, ...]:
         items = v.items()
         if len(items) < min_len:
@@ -766,16 +834,18 @@ def list_of(conv: Converter[T], *, min_len: int = 0) -> Converter[tuple[T, ...]]
         if len(v.doc.problems) != before:
             raise Reported()
         return tuple(out)  # type: ignore[arg-type]
+
     return convert
 
 
 def map_of(key: Converter[str], value: Converter[T]) -> Converter[dict[str, T]]:
     """A mapping of string keys to values, each checked where it stands."""
+
     def convert(v: Value) -> dict[str, T]:
         before = len(v.doc.problems)
         reader = v.mapping()
         out: dict[str, Any] = {}
-        for name, (kv, vv) in reader.entries.items():
+        for kv, vv in reader.entries.values():
             k = kv.convert(key)
             val = vv.convert(value)
             if k is not None:
@@ -783,6 +853,7 @@ def map_of(key: Converter[str], value: Converter[T]) -> Converter[dict[str, T]]:
         if len(v.doc.problems) != before:
             raise Reported()
         return out
+
     return convert
 
 

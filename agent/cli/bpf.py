@@ -21,6 +21,7 @@ def _pin_dir(config_path: str | None, pin_dir: str | None, node: str | None) -> 
     the only datapath pinned under /sys/fs/bpf/meshlet."""
     if config_path:
         from .. import cgroup as cg
+
         cfg = load_config(config_path)
         return cfg.bpf.pin_dir, cg.resolve(cfg.cgroup)
     if pin_dir:
@@ -32,8 +33,11 @@ def _pin_dir(config_path: str | None, pin_dir: str | None, node: str | None) -> 
         return found[0], None
     if not found:
         die("no meshlet datapath is pinned under /sys/fs/bpf/meshlet (is an agent running?)")
-    die("several nodes are pinned here (" + ", ".join(os.path.basename(f) for f in found)
-        + "); pick one with --node or --config")
+    die(
+        "several nodes are pinned here ("
+        + ", ".join(os.path.basename(f) for f in found)
+        + "); pick one with --node or --config"
+    )
 
 
 @bpf.command("status")
@@ -69,31 +73,48 @@ def bpf_status(config_path, pin_dir, node, output) -> None:
             click.echo(f"  {k:<16} {ids}")
     click.echo("\nMAPS")
     for m in st["maps"]:
-        click.echo(f"  {m['name']:<16} {m['type']:<13} {m['entries']:>7}/{m['max_entries']:<7}"
-                   f" key={m['key_size']}B value={m['value_size']}B")
+        click.echo(
+            f"  {m['name']:<16} {m['type']:<13} {m['entries']:>7}/{m['max_entries']:<7}"
+            f" key={m['key_size']}B value={m['value_size']}B"
+        )
     click.echo("\nCOUNTERS")
     for k, v in st["counters"].items():
         click.echo(f"  {k:<16} {v}")
 
 
 @bpf.command("render")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Agent config (pin dir and map sizes come from it).")
-@click.option("--node", default="node1", show_default=True,
-              help="Node name when no config is given.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Agent config (pin dir and map sizes come from it).",
+)
+@click.option("--node", default="node1", show_default=True, help="Node name when no config is given.")
 def bpf_render(config_path, node) -> None:
     """Print the exact C text handed to bcc, preceded by its -D options."""
     from ..datapath.loader import DatapathSpec, render
 
     if config_path:
         cfg = load_config(config_path)
-        spec = DatapathSpec(node=cfg.node, pin_dir=cfg.bpf.pin_dir, cgroup=cfg.cgroup,
-                            redirect_ip4=str(cfg.proxy.redirect_ipv4), redirect_ip6=None,
-                            outbound_port=cfg.proxy.outbound_port, mesh_mark=cfg.proxy.mesh_mark)
+        spec = DatapathSpec(
+            node=cfg.node,
+            pin_dir=cfg.bpf.pin_dir,
+            cgroup=cfg.cgroup,
+            redirect_ip4=str(cfg.proxy.redirect_ipv4),
+            redirect_ip6=None,
+            outbound_port=cfg.proxy.outbound_port,
+            mesh_mark=cfg.proxy.mesh_mark,
+        )
     else:
-        spec = DatapathSpec(node=node, pin_dir=f"/sys/fs/bpf/meshlet/{node}", cgroup="",
-                            redirect_ip4="0.0.0.0", redirect_ip6=None, outbound_port=15001,
-                            mesh_mark=0)
+        spec = DatapathSpec(
+            node=node,
+            pin_dir=f"/sys/fs/bpf/meshlet/{node}",
+            cgroup="",
+            redirect_ip4="0.0.0.0",
+            redirect_ip6=None,
+            outbound_port=15001,
+            mesh_mark=0,
+        )
     r = render(spec)
     click.echo("/* cflags: " + " ".join(r.cflags) + " */")
     click.echo(f"/* source hash: {r.source_hash:016x} */")

@@ -32,12 +32,19 @@ def _ca_call(fn, *args, **kw):
 
 
 @ca.command("init")
-@click.option("--trust-domain", default="cluster.local", show_default=True,
-              help="SPIFFE trust domain (lowercase).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to create (root.pem, bundle.pem, nodes/<node>/ca.pem ...).")
-@click.option("--node", "nodes", multiple=True, help="Issue an intermediate for this node "
-              "(repeat for each node).")
+@click.option(
+    "--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain (lowercase)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to create (root.pem, bundle.pem, nodes/<node>/ca.pem ...).",
+)
+@click.option(
+    "--node", "nodes", multiple=True, help="Issue an intermediate for this node (repeat for each node)."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing CA directory.")
 def ca_init(trust_domain, out_dir, nodes, force) -> None:
     """Create a root CA (ECDSA P-256) and per-node intermediates."""
@@ -78,9 +85,11 @@ def ca_rotate_root(out_dir) -> None:
     from ..identity.ca import rotate_root
 
     layout = _ca_call(rotate_root, out_dir)
-    click.echo(f"new root in {layout.out_dir}; bundle.pem now holds "
-               f"{len(layout.bundle.roots)} roots. Next: copy bundle.pem to every node, then "
-               "reissue-node each node, then retire-root the old one.")
+    click.echo(
+        f"new root in {layout.out_dir}; bundle.pem now holds "
+        f"{len(layout.bundle.roots)} roots. Next: copy bundle.pem to every node, then "
+        "reissue-node each node, then retire-root the old one."
+    )
 
 
 @ca.command("retire-root")
@@ -102,26 +111,28 @@ def certs(sock, node, output) -> None:
     and next rotation, plus the trust bundle and this node's CA."""
     st = admin_get("/v1/status", admin_socket(sock, node))
     ident = st.get("identity", {})
-    workers = [{"worker": w["worker"], **((w.get("stats") or {}).get("certs") or {})}
-               for w in st["proxy"]]
+    workers = [{"worker": w["worker"], **((w.get("stats") or {}).get("certs") or {})} for w in st["proxy"]]
     if output == "json":
         echo_json({"node": st["node"], "identity": ident, "proxy": workers})
         return
-    click.echo(f"trust domain {ident.get('trust_domain')}  bundle "
-               f"{(ident.get('bundle_fingerprint') or '')[:16]}  "
-               f"({len(ident.get('roots', []))} roots)  identity generation "
-               f"{ident.get('generation')}")
+    click.echo(
+        f"trust domain {ident.get('trust_domain')}  bundle "
+        f"{(ident.get('bundle_fingerprint') or '')[:16]}  "
+        f"({len(ident.get('roots', []))} roots)  identity generation "
+        f"{ident.get('generation')}"
+    )
     ca = ident.get("node_ca") or {}
-    click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires "
-               f"{ca.get('not_after')}")
+    click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires {ca.get('not_after')}")
     if ident.get("error"):
         click.echo(f"  LAST RELOAD FAILED (previous CA material kept): {ident['error']}")
     click.echo(f"\n{'WORKER':<7}{'SPIFFE ID':<52}{'SERIAL':<18}{'EXPIRES':<27}NEXT ROTATION")
     for w in workers:
         for c in w.get("identities", []):
-            click.echo(f"{w['worker']:<7}{c.get('spiffe_id', ''):<52}"
-                       f"{str(c.get('serial', ''))[:16]:<18}{c.get('not_after', ''):<27}"
-                       f"{c.get('next_rotation', '')}")
+            click.echo(
+                f"{w['worker']:<7}{c.get('spiffe_id', ''):<52}"
+                f"{str(c.get('serial', ''))[:16]:<18}{c.get('not_after', ''):<27}"
+                f"{c.get('next_rotation', '')}"
+            )
 
 
 COMMANDS = [ca, certs]

@@ -15,8 +15,14 @@ from typing import NoReturn
 
 import click
 
-OUTPUT = click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table",
-                      show_default=True, help="Output format.")
+OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 
 
 def die(msg: str, code: int = 1) -> NoReturn:
@@ -35,7 +41,7 @@ def table_lines(rows: list[list[str]] | list[tuple[str, ...]]) -> list[str]:
     """Rows (the header first) as aligned lines: every column but the last
     padded to its widest cell, two spaces apart, no trailing blanks."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)] + [0]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
 
 
 def load_config(path: str):
@@ -54,8 +60,11 @@ def load_config(path: str):
 # --- the agent's admin API ---------------------------------------------------------------
 
 AGENT_OPTS = [
-    click.option("--socket", "sock", help="Agent admin socket (default: the only one under "
-                 "/run/meshlet, or $MESHLET_ADMIN_SOCKET)."),
+    click.option(
+        "--socket",
+        "sock",
+        help="Agent admin socket (default: the only one under /run/meshlet, or $MESHLET_ADMIN_SOCKET).",
+    ),
     click.option("--node", help="Node name (socket /run/meshlet/<node>/admin.sock)."),
 ]
 
@@ -80,8 +89,7 @@ def admin_socket(sock: str | None, node: str | None) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        die("no agent admin socket under /run/meshlet/*/ (is `meshlet run` running?); "
-            "pass --socket")
+        die("no agent admin socket under /run/meshlet/*/ (is `meshlet run` running?); pass --socket")
     die("several agents run here; pick one with --node or --socket")
 
 
@@ -89,8 +97,9 @@ def unreachable(sock: str, e: OSError, code: int = 1) -> NoReturn:
     die(f"cannot reach the agent at {sock}: {e.strerror or e}; is `meshlet run` running?", code)
 
 
-def admin_call(sock: str, method: str, path: str, body: dict | None = None, *,
-               timeout: float = 5.0, fail: int = 1) -> tuple[int, dict]:
+def admin_call(
+    sock: str, method: str, path: str, body: dict | None = None, *, timeout: float = 5.0, fail: int = 1
+) -> tuple[int, dict]:
     """``method path`` on the agent: (HTTP status, JSON body); exit ``fail``
     when the agent cannot be reached or answers garbage."""
     from ..adminclient import admin_request

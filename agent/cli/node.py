@@ -12,11 +12,19 @@ from .common import OUTPUT, admin_get, admin_socket, agent_opts, die, echo_json,
 
 
 @click.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="Agent config (YAML). See README for the fields.")
-@click.option("--keep-datapath", is_flag=True,
-              help="On SIGTERM, leave the pinned datapath and the proxy workers running so a "
-                   "restarted agent adopts them (traffic keeps flowing meanwhile).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Agent config (YAML). See README for the fields.",
+)
+@click.option(
+    "--keep-datapath",
+    is_flag=True,
+    help="On SIGTERM, leave the pinned datapath and the proxy workers running so a "
+    "restarted agent adopts them (traffic keeps flowing meanwhile).",
+)
 def run(config_path: str, keep_datapath: bool) -> None:
     """Run the node agent in the foreground until SIGTERM/SIGINT.
 
@@ -24,8 +32,11 @@ def run(config_path: str, keep_datapath: bool) -> None:
     with the fix for each missing piece, rather than attach half a datapath.
     """
     cfg = load_config(config_path)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {cfg.node} %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {cfg.node} %(name)s %(levelname)s %(message)s",
+    )
     from ..app import AgentError, run_agent
     from ..datapath.loader import DatapathError
 
@@ -36,8 +47,12 @@ def run(config_path: str, keep_datapath: bool) -> None:
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Also check what this agent config needs (its cgroup, pin dir).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Also check what this agent config needs (its cgroup, pin dir).",
+)
 @OUTPUT
 def doctor(config_path: str | None, output: str) -> None:
     """Check the kernel features the datapath needs; print the fix for each
@@ -64,12 +79,14 @@ def status(sock, node, output) -> None:
         echo_json(st)
         return
     dp = st["datapath"]
-    click.echo(f"node {st['node']}  mode {st['mode']}  up {st['uptime_s']}s  "
-               f"datapath {dp['how']} ({dp['pin_dir']})")
+    click.echo(
+        f"node {st['node']}  mode {st['mode']}  up {st['uptime_s']}s  datapath {dp['how']} ({dp['pin_dir']})"
+    )
     inv = st["inventory"]
-    click.echo(f"inventory {inv['path']}: {inv['pods']} pods"
-               + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}"
-                  if inv["error"] else ""))
+    click.echo(
+        f"inventory {inv['path']}: {inv['pods']} pods"
+        + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}" if inv["error"] else "")
+    )
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
     pol = st.get("policy") or {}
     if pol:
@@ -78,12 +95,17 @@ def status(sock, node, output) -> None:
         click.echo(f"  pending {p['pod']}: {p['reason']}")
     for w in st["proxy"]:
         s = w.get("stats") or {}
-        click.echo(f"proxy worker {w['worker']}: pid {w['pid']} "
-                   f"{'alive' if w['alive'] else 'DOWN'}{' (adopted)' if w['adopted'] else ''}"
-                   f" restarts {w['restarts']}"
-                   + (f", {s.get('active_connections')} active connections, "
-                      + ", ".join(f"{k}={v}" for k, v in (s.get("counters") or {}).items() if v)
-                      if s else ""))
+        click.echo(
+            f"proxy worker {w['worker']}: pid {w['pid']} "
+            f"{'alive' if w['alive'] else 'DOWN'}{' (adopted)' if w['adopted'] else ''}"
+            f" restarts {w['restarts']}"
+            + (
+                f", {s.get('active_connections')} active connections, "
+                + ", ".join(f"{k}={v}" for k, v in (s.get("counters") or {}).items() if v)
+                if s
+                else ""
+            )
+        )
     click.echo("kernel counters: " + ", ".join(f"{k}={v}" for k, v in dp["counters"].items()))
     for e in dp["tc_errors"]:
         click.echo(f"  tc error: {e}")
@@ -100,8 +122,10 @@ def workloads(sock, node, output) -> None:
         return
     click.echo(f"{'POD':<28} {'ENROLLED':<9} {'MODE':<11} {'IPS':<34} REASON")
     for w in data["workloads"]:
-        click.echo(f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
-                   f"{','.join(w['ips']):<34} {w['reason'] or ''}")
+        click.echo(
+            f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
+            f"{','.join(w['ips']):<34} {w['reason'] or ''}"
+        )
 
 
 COMMANDS = [run, doctor, status, workloads]

@@ -8,32 +8,46 @@ import json
 
 import click
 
-from .common import (OUTPUT, admin_get, admin_socket, agent_opts, die, echo_json, table_lines,
-                     unreachable)
+from .common import OUTPUT, admin_get, admin_socket, agent_opts, die, echo_json, table_lines, unreachable
 
 
 @click.command()
 @agent_opts
 @click.option("--pod", help="Only flows from or to this pod (namespace/name or name).")
 @click.option("--namespace", help="Only flows from or to pods of this namespace.")
-@click.option("--identity", help="Only flows from or to this SPIFFE ID "
-              "(spiffe://<trust domain>/ns/<ns>/sa/<sa>).")
-@click.option("--port", type=click.IntRange(0, 65535), help="Only flows with this port at "
-              "either end.")
+@click.option(
+    "--identity", help="Only flows from or to this SPIFFE ID (spiffe://<trust domain>/ns/<ns>/sa/<sa>)."
+)
+@click.option("--port", type=click.IntRange(0, 65535), help="Only flows with this port at either end.")
 @click.option("--state", help="open, closed, or a TCP state (established, close_wait, ...).")
 @click.option("--since", help="Only flows alive during the last DURATION (30s, 5m, 2h).")
-@click.option("--sort", type=click.Choice(["start", "srtt", "bytes", "age", "retrans"]),
-              default="start", show_default=True,
-              help="start: oldest first; srtt, bytes, retrans: largest first; age: longest-lived "
-                   "first.")
+@click.option(
+    "--sort",
+    type=click.Choice(["start", "srtt", "bytes", "age", "retrans"]),
+    default="start",
+    show_default=True,
+    help="start: oldest first; srtt, bytes, retrans: largest first; age: longest-lived first.",
+)
 @click.option("--limit", type=click.IntRange(0), default=0, help="At most N rows (0: all).")
-@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
-              show_default=True, help="Output format.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "wide", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @click.option("--follow", "-f", is_flag=True, help="Stream new and closed flows as they happen.")
-@click.option("--max-seconds", type=click.FloatRange(0, min_open=True), default=3600.0,
-              show_default=True, help="Stop following after this long.")
-def flows(sock, node, pod, namespace, identity, port, state, since, sort, limit, output, follow,
-          max_seconds) -> None:
+@click.option(
+    "--max-seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Stop following after this long.",
+)
+def flows(
+    sock, node, pod, namespace, identity, port, state, since, sort, limit, output, follow, max_seconds
+) -> None:
     """TCP flows of this node's meshed pods and proxy, from the kernel.
 
     One row per socket: a pod's client leg, the proxy's accepted, tunnel and
@@ -46,8 +60,14 @@ def flows(sock, node, pod, namespace, identity, port, state, since, sort, limit,
     from ..flows import FlowFilter, format_table, parse_since
 
     try:
-        flt = FlowFilter(pod=pod, namespace=namespace, identity=identity, port=port, state=state,
-                         since=parse_since(since) if since else None)
+        flt = FlowFilter(
+            pod=pod,
+            namespace=namespace,
+            identity=identity,
+            port=port,
+            state=state,
+            since=parse_since(since) if since else None,
+        )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     params = flt.to_params()
@@ -71,9 +91,12 @@ def flows(sock, node, pod, namespace, identity, port, state, since, sort, limit,
     click.echo(format_table(data["flows"], wide=output == "wide"))
     c = data.get("counters", {})
     if c.get("flow_evicted") or c.get("flow_ringbuf_full") or c.get("flow_table_full"):
-        click.echo(f"warning: flow records lost to map pressure: {c.get('flow_evicted', 0)} "
-                   f"evicted, {c.get('flow_ringbuf_full', 0)} ring buffer full, "
-                   f"{c.get('flow_table_full', 0)} table full", err=True)
+        click.echo(
+            f"warning: flow records lost to map pressure: {c.get('flow_evicted', 0)} "
+            f"evicted, {c.get('flow_ringbuf_full', 0)} ring buffer full, "
+            f"{c.get('flow_table_full', 0)} table full",
+            err=True,
+        )
 
 
 def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) -> None:
@@ -99,8 +122,10 @@ def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) ->
                 pass
             if len(status) < 2 or status[1] != b"200":
                 body = f.read()
-                die(f"agent answered {status[1].decode() if len(status) > 1 else '?'}: "
-                    f"{json.loads(body).get('error') if body else ''}")
+                die(
+                    f"agent answered {status[1].decode() if len(status) > 1 else '?'}: "
+                    f"{json.loads(body).get('error') if body else ''}"
+                )
             header = output != "json"
             while time.monotonic() < deadline:
                 s.settimeout(max(0.1, deadline - time.monotonic()))
@@ -115,8 +140,11 @@ def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) ->
                     echo_json(ev, indent=None)
                 else:
                     mark = "+new" if ev["event"] == "new" else "-closed"
-                    click.echo(format_table([ev["flow"]], wide=output == "wide", header=header,
-                                            prefix=[mark], fixed=True))
+                    click.echo(
+                        format_table(
+                            [ev["flow"]], wide=output == "wide", header=header, prefix=[mark], fixed=True
+                        )
+                    )
                     header = False
         except KeyboardInterrupt:
             pass
@@ -145,8 +173,7 @@ def stats(sock, node, src, dst, output) -> None:
     from ..stats import format_table
 
     params = {k: v for k, v in (("from", src), ("to", dst)) if v}
-    data = admin_get("/v1/stats" + (f"?{urlencode(params)}" if params else ""),
-                     admin_socket(sock, node))
+    data = admin_get("/v1/stats" + (f"?{urlencode(params)}" if params else ""), admin_socket(sock, node))
     if output == "json":
         echo_json(data["rows"])
         return
@@ -158,9 +185,15 @@ def stats(sock, node, src, dst, output) -> None:
 
 @click.command()
 @agent_opts
-@click.option("-o", "--output", type=click.Choice(["table", "wide", "json"]), default="table",
-              show_default=True, help="table: one row per service port; wide: one row per "
-              "endpoint; json: everything, as GET /v1/services.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "wide", "json"]),
+    default="table",
+    show_default=True,
+    help="table: one row per service port; wide: one row per "
+    "endpoint; json: everything, as GET /v1/services.",
+)
 def services(sock, node, output) -> None:
     """Services (virtual IPs) the node proxy balances, and their endpoints.
 
@@ -192,8 +225,10 @@ def services(sock, node, output) -> None:
         echo_json(data)
         return
     if data.get("inventory_error"):
-        click.echo("INVENTORY RELOAD FAILED (the previous services stay in force):\n"
-                   f"{data['inventory_error']}\n", err=True)
+        click.echo(
+            f"INVENTORY RELOAD FAILED (the previous services stay in force):\n{data['inventory_error']}\n",
+            err=True,
+        )
     rows = []
     for s in data["services"]:
         for p in s["ports"]:
@@ -204,19 +239,31 @@ def services(sock, node, output) -> None:
             if output == "wide":
                 for e in eps or [None]:
                     addr = f"[{e['ip']}]" if e and ":" in e["ip"] else (e or {}).get("ip")
-                    rows.append(base + ([e["pod"], e["node"], f"{addr}:{e['port']}",
-                                         "yes" if e.get("mesh", True) else "no"]
-                                        if e else ["<none>", "", "", ""]))
+                    rows.append(
+                        base
+                        + (
+                            [
+                                e["pod"],
+                                e["node"],
+                                f"{addr}:{e['port']}",
+                                "yes" if e.get("mesh", True) else "no",
+                            ]
+                            if e
+                            else ["<none>", "", "", ""]
+                        )
+                    )
             else:
                 pods = {e["pod"] for e in eps}  # a dual-stack pod has two endpoints
                 here = {e["pod"] for e in eps if e.get("local")}
-                rows.append(base + [f"{len(pods)} ({len(here)} here)" if eps
-                                    else "0 (no pod matches)"])
+                rows.append(base + [f"{len(pods)} ({len(here)} here)" if eps else "0 (no pod matches)"])
     head = ["SERVICE", "VIPS", "PORT", "PROTOCOL"] + (
-        ["ENDPOINT", "NODE", "ADDRESS", "MESH"] if output == "wide" else ["ENDPOINTS"])
+        ["ENDPOINT", "NODE", "ADDRESS", "MESH"] if output == "wide" else ["ENDPOINTS"]
+    )
     if not rows:
-        click.echo(f"no services on node {data.get('node')} (add a services: section to the "
-                   "inventory; see meshlet services --help)")
+        click.echo(
+            f"no services on node {data.get('node')} (add a services: section to the "
+            "inventory; see meshlet services --help)"
+        )
         return
     for line in table_lines([head] + rows):
         click.echo(line)

@@ -23,10 +23,18 @@ from .common import OUTPUT, admin_call, admin_socket, agent_opts, die, echo_json
 
 def _policy_opts(f):
     """``--trust-domain`` and ``--root-namespace``, as the agent's policy store reads them."""
-    f = click.option("--root-namespace", default="istio-system", show_default=True,
-                     help="Policies in this namespace apply to every namespace.")(f)
-    f = click.option("--trust-domain", default="cluster.local", show_default=True,
-                     help="The mesh's trust domain (for ns/<ns>/sa/<sa> and cluster.local principals).")(f)
+    f = click.option(
+        "--root-namespace",
+        default="istio-system",
+        show_default=True,
+        help="Policies in this namespace apply to every namespace.",
+    )(f)
+    f = click.option(
+        "--trust-domain",
+        default="cluster.local",
+        show_default=True,
+        help="The mesh's trust domain (for ns/<ns>/sa/<sa> and cluster.local principals).",
+    )(f)
     return f
 
 
@@ -45,9 +53,23 @@ def _load_documents(paths, trust_domain, root_namespace, output, code):
         return load_all(list(paths), trust_domain=trust_domain, root_namespace=root_namespace)
     except SourceError as e:
         if output == "json":
-            echo_json({"valid": False, "errors": [
-                {"file": p.file, "line": p.line, "column": p.column, "path": p.path,
-                 "message": p.message, "text": str(p)} for p in e.errors]}, indent=None)
+            echo_json(
+                {
+                    "valid": False,
+                    "errors": [
+                        {
+                            "file": p.file,
+                            "line": p.line,
+                            "column": p.column,
+                            "path": p.path,
+                            "message": p.message,
+                            "text": str(p),
+                        }
+                        for p in e.errors
+                    ],
+                },
+                indent=None,
+            )
             sys.exit(code)
         die(f"invalid policies:\n{e}", code)
     except ValueError as e:  # bad --trust-domain / --root-namespace
@@ -69,8 +91,11 @@ def _find_pod(inv, ref: str, opt: str):
     ns, _, name = ref.rpartition("/")
     hits = [p for p in inv.pods if p.name == name and (not ns or p.namespace == ns)]
     if len(hits) != 1:
-        raise click.BadParameter(f"{'no' if not hits else 'more than one'} pod {ref!r} in the inventory"
-                                 + ("" if hits else "; write namespace/name"), param_hint=opt)
+        raise click.BadParameter(
+            f"{'no' if not hits else 'more than one'} pod {ref!r} in the inventory"
+            + ("" if hits else "; write namespace/name"),
+            param_hint=opt,
+        )
     return hits[0]
 
 
@@ -113,12 +138,33 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
     ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 1)
     version = store_version(ps.version, {TRAFFIC: (ts.version, len(ts))})
     if output == "json":
-        echo_json({"valid": True, "version": version, "policies": [
-            {"namespace": p.namespace, "name": p.name, "action": p.action.value,
-             "rules": len(p.rules), "origin": p.origin} for p in ps.policies],
-            "trafficPolicies": [
-            {"namespace": p.namespace, "name": p.name, "service": p.service, "port": p.port,
-             "origin": p.origin} for p in ts.policies]}, indent=None)
+        echo_json(
+            {
+                "valid": True,
+                "version": version,
+                "policies": [
+                    {
+                        "namespace": p.namespace,
+                        "name": p.name,
+                        "action": p.action.value,
+                        "rules": len(p.rules),
+                        "origin": p.origin,
+                    }
+                    for p in ps.policies
+                ],
+                "trafficPolicies": [
+                    {
+                        "namespace": p.namespace,
+                        "name": p.name,
+                        "service": p.service,
+                        "port": p.port,
+                        "origin": p.origin,
+                    }
+                    for p in ts.policies
+                ],
+            },
+            indent=None,
+        )
         return
     for p in ps.policies:
         sel = ",".join(f"{k}={v}" for k, v in p.selector) or "*"
@@ -132,10 +178,21 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
 
 
 @policy.command("explain")
-@click.option("-f", "--file", "paths", multiple=True, required=True, type=click.Path(),
-              help="Policy file or directory (repeatable).")
-@click.option("--from", "src", help="Source identity: spiffe://td/ns/N/sa/S, td/ns/N/sa/S or "
-              "ns/N/sa/S. Omit for a plaintext (unauthenticated) peer.")
+@click.option(
+    "-f",
+    "--file",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Policy file or directory (repeatable).",
+)
+@click.option(
+    "--from",
+    "src",
+    help="Source identity: spiffe://td/ns/N/sa/S, td/ns/N/sa/S or "
+    "ns/N/sa/S. Omit for a plaintext (unauthenticated) peer.",
+)
 @click.option("--from-pod", help="Source pod namespace/name (needs --inventory).")
 @click.option("--source-ip", help="Source IP address (default: the --from-pod's).")
 @click.option("--to-pod", help="Destination pod namespace/name (needs --inventory).")
@@ -147,15 +204,41 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
 @click.option("--host", help="HTTP Host.")
 @click.option("--header", "headers", multiple=True, help="HTTP header 'name: value' (repeatable).")
 @click.option("--merge-slashes/--no-merge-slashes", default=True, show_default=True)
-@click.option("--escaped-slash", type=click.Choice(["reject", "keep", "decode_and_merge"]),
-              default="reject", show_default=True, help="What %2F, %5C and '\\' in a path do.")
-@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False),
-              help="Inventory file, to name pods instead of identities and labels.")
+@click.option(
+    "--escaped-slash",
+    type=click.Choice(["reject", "keep", "decode_and_merge"]),
+    default="reject",
+    show_default=True,
+    help="What %2F, %5C and '\\' in a path do.",
+)
+@click.option(
+    "--inventory",
+    "inventory_path",
+    type=click.Path(dir_okay=False),
+    help="Inventory file, to name pods instead of identities and labels.",
+)
 @_policy_opts
 @OUTPUT
-def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_labels, port, method,
-                   req_path, host, headers, merge_slashes, escaped_slash, inventory_path,
-                   trust_domain, root_namespace, output) -> None:
+def policy_explain(
+    paths,
+    src,
+    from_pod,
+    source_ip,
+    to_pod,
+    to_namespace,
+    to_labels,
+    port,
+    method,
+    req_path,
+    host,
+    headers,
+    merge_slashes,
+    escaped_slash,
+    inventory_path,
+    trust_domain,
+    root_namespace,
+    output,
+) -> None:
     """Would a connection or request be allowed, and which policy and rule decided?"""
     import ipaddress
 
@@ -188,8 +271,10 @@ def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_lab
     except SpiffeIdError as e:
         raise click.BadParameter(str(e), param_hint="--from") from None
     if principal is not None and not principal.path:
-        raise click.BadParameter(f"{src!r} names a trust domain, not a workload; "
-                                 "write ns/<namespace>/sa/<serviceaccount>", param_hint="--from")
+        raise click.BadParameter(
+            f"{src!r} names a trust domain, not a workload; write ns/<namespace>/sa/<serviceaccount>",
+            param_hint="--from",
+        )
     if from_pod:
         pod = _find_pod(inv, from_pod, "--from-pod")
         principal = workload_id(trust_domain, pod.namespace, pod.service_account)
@@ -198,7 +283,9 @@ def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_lab
         try:
             sip = ipaddress.ip_address(source_ip)
         except ValueError:
-            raise click.BadParameter(f"{source_ip!r} is not an IP address", param_hint="--source-ip") from None
+            raise click.BadParameter(
+                f"{source_ip!r} is not an IP address", param_hint="--source-ip"
+            ) from None
     if to_pod:
         pod = _find_pod(inv, to_pod, "--to-pod")
         dst_ns, labels = pod.namespace, dict(pod.labels)
@@ -224,21 +311,43 @@ def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_lab
                 hdrs.setdefault(name.strip().lower(), []).append(value.strip())
     except HttpError as e:
         if output == "json":
-            echo_json({"allowed": False, "action": "REJECTED", "status": e.status,
-                       "reason": e.reason}, indent=None)
+            echo_json(
+                {"allowed": False, "action": "REJECTED", "status": e.status, "reason": e.reason}, indent=None
+            )
         else:
             click.echo(f"REJECTED  with {e.status} before any policy is consulted: {e.reason}")
         sys.exit(1)
-    req = Request(dst_ns, labels, port, principal, sip, is_http,
-                  (method or "GET") if is_http else None, norm.path if norm else None, host,
-                  {k: tuple(v) for k, v in hdrs.items()})
+    req = Request(
+        dst_ns,
+        labels,
+        port,
+        principal,
+        sip,
+        is_http,
+        (method or "GET") if is_http else None,
+        norm.path if norm else None,
+        host,
+        {k: tuple(v) for k, v in hdrs.items()},
+    )
     decision, traces = explain(ps, req)
     if output == "json":
         d = decision.to_dict()
-        d.update(version=ps.version, request=req.describe(),
-                 normalizedTarget=norm.target if norm else None,
-                 trace=[{"policy": t.policy, "action": t.action.value, "rule": t.rule,
-                         "outcome": t.outcome, "detail": t.detail, "origin": t.origin} for t in traces])
+        d.update(
+            version=ps.version,
+            request=req.describe(),
+            normalizedTarget=norm.target if norm else None,
+            trace=[
+                {
+                    "policy": t.policy,
+                    "action": t.action.value,
+                    "rule": t.rule,
+                    "outcome": t.outcome,
+                    "detail": t.detail,
+                    "origin": t.origin,
+                }
+                for t in traces
+            ],
+        )
         echo_json(d)
     else:
         verdict = "ALLOWED" if decision.allowed else "DENIED"
@@ -257,8 +366,12 @@ def policy_explain(paths, src, from_pod, source_ip, to_pod, to_namespace, to_lab
 
 @policy.command("lint")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--inventory", "inventory_path", type=click.Path(dir_okay=False),
-              help="Inventory file: report selectors that match no pod.")
+@click.option(
+    "--inventory",
+    "inventory_path",
+    type=click.Path(dir_okay=False),
+    help="Inventory file: report selectors that match no pod.",
+)
 @click.option("--http-ports", default=None, help="Ports known to carry HTTP, e.g. 80,8080.")
 @_policy_opts
 @OUTPUT
@@ -271,7 +384,9 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
         try:
             ports = [int(x) for x in http_ports.split(",") if x.strip()]
         except ValueError:
-            raise click.BadParameter(f"{http_ports!r} is not a list of ports", param_hint="--http-ports") from None
+            raise click.BadParameter(
+                f"{http_ports!r} is not a list of ports", param_hint="--http-ports"
+            ) from None
     from ..policy.lint import Finding
     from ..traffic.policy import lint_traffic
 
@@ -281,10 +396,10 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
     if inventory_path:
         inv = _load_inventory_pods(inventory_path)
         pods = [(p.namespace, dict(p.labels)) for p in inv.pods]
-        services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports))
-                    for sv in inv.services]
-        found += [Finding(kind, key, None, origin, msg)
-                  for kind, key, origin, msg in lint_traffic(ts, services)]
+        services = [(sv.namespace, sv.name, tuple(pt.port for pt in sv.ports)) for sv in inv.services]
+        found += [
+            Finding(kind, key, None, origin, msg) for kind, key, origin, msg in lint_traffic(ts, services)
+        ]
     found = lint(ps, pods=pods, http_ports=ports) + found
     if output == "json":
         echo_json({"version": ps.version, "findings": [f.to_dict() for f in found]})
@@ -306,15 +421,17 @@ def _kind_and_name(name: str, kind: str | None) -> tuple[str | None, str]:
     prefix, slash, rest = name.partition("/")
     if slash:
         if prefix.lower() not in POLICY_KINDS:
-            raise click.BadParameter(f"{prefix!r} is not a kind; use "
-                                     f"{' or '.join(POLICY_KINDS)}", param_hint="NAME")
+            raise click.BadParameter(
+                f"{prefix!r} is not a kind; use {' or '.join(POLICY_KINDS)}", param_hint="NAME"
+            )
         if kind is not None and kind.lower() != prefix.lower():
             raise click.BadParameter(f"{name!r} and --kind {kind} disagree", param_hint="NAME")
         kind, name = prefix, rest
     if kind is not None:
         if kind.lower() not in POLICY_KINDS:
-            raise click.BadParameter(f"{kind!r} is not a kind; use {' or '.join(POLICY_KINDS)}",
-                                     param_hint="--kind")
+            raise click.BadParameter(
+                f"{kind!r} is not a kind; use {' or '.join(POLICY_KINDS)}", param_hint="--kind"
+            )
         kind = POLICY_KINDS[kind.lower()]
     return kind, name
 
@@ -327,9 +444,13 @@ def _policy_path(name: str, namespace: str, kind: str | None) -> str:
     return path + (f"?kind={kind}" if kind else "")
 
 
-KIND_OPT = click.option("--kind", default=None,
-                        help="authorizationpolicy or trafficpolicy (or write KIND/NAME); "
-                             "needed only when both kinds have this name.")
+KIND_OPT = click.option(
+    "--kind",
+    default=None,
+    help="authorizationpolicy or trafficpolicy (or write KIND/NAME); "
+    "needed only when both kinds have this name.",
+)
+
 
 def _policy_sources(paths) -> list[dict]:
     """Every file of ``-f`` paths, read here: the agent gets their text and names."""
@@ -351,8 +472,9 @@ def _policy_sources(paths) -> list[dict]:
     return files
 
 
-def _policy_call(sock: str, method: str, path: str, body: dict | None = None,
-                 fail: int = 1) -> tuple[int, dict]:
+def _policy_call(
+    sock: str, method: str, path: str, body: dict | None = None, fail: int = 1
+) -> tuple[int, dict]:
     """Call the agent (which may take a while to apply); exit ``fail`` when it
     cannot be reached or answers garbage."""
     return admin_call(sock, method, path, body, timeout=30, fail=fail)
@@ -361,18 +483,23 @@ def _policy_call(sock: str, method: str, path: str, body: dict | None = None,
 def _invalid(data: dict, output: str, code: int) -> NoReturn:
     """The agent refused the documents: its errors, then exit ``code``."""
     if output == "json":
-        echo_json({"valid": False, "errors": data.get("errors", []), "error": data.get("error")},
-                  indent=None)
+        echo_json({"valid": False, "errors": data.get("errors", []), "error": data.get("error")}, indent=None)
         sys.exit(code)
-    die(("invalid policies, nothing changed:\n" if data.get("errors") else "")
-        + str(data.get("error")), code)
+    die(("invalid policies, nothing changed:\n" if data.get("errors") else "") + str(data.get("error")), code)
 
 
-FILES = click.option("-f", "--filename", "paths", multiple=True, required=True,
-                     type=click.Path(exists=True),
-                     help="A policy file or a directory of *.yaml/*.yml (repeatable).")
-NAMESPACE = click.option("-n", "--namespace", default="default", show_default=True,
-                         help="The policy's namespace.")
+FILES = click.option(
+    "-f",
+    "--filename",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="A policy file or a directory of *.yaml/*.yml (repeatable).",
+)
+NAMESPACE = click.option(
+    "-n", "--namespace", default="default", show_default=True, help="The policy's namespace."
+)
 
 
 @policy.command("apply")
@@ -390,8 +517,7 @@ def policy_apply(paths, sock, node, output) -> None:
     agent could not be reached; 2 usage.
     """
     files = _policy_sources(paths)
-    code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:apply",
-                              {"files": files})
+    code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:apply", {"files": files})
     if code == 400 and "errors" in data:
         _invalid(data, output, 1)
     if code != 200:
@@ -418,8 +544,7 @@ def policy_diff(paths, sock, node) -> None:
     the agent could not be reached.
     """
     files = _policy_sources(paths)
-    code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:diff",
-                              {"files": files}, fail=3)
+    code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:diff", {"files": files}, fail=3)
     if code == 400 and "errors" in data:
         _invalid(data, "table", 3)
     if code != 200:
@@ -441,17 +566,25 @@ def policy_list(sock, node, output) -> None:
     if output == "json":
         echo_json(data)
         return
+
     def row(p: dict) -> tuple[str, ...]:
         if p.get("kind", "AuthorizationPolicy") == "AuthorizationPolicy":
             sel = ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*"
-            return ("AuthorizationPolicy", p["namespace"], p["name"],
-                    f"{p['action']} selector {sel}, {p['rules']} rule(s)")
+            return (
+                "AuthorizationPolicy",
+                p["namespace"],
+                p["name"],
+                f"{p['action']} selector {sel}, {p['rules']} rule(s)",
+            )
         port = f":{p['port']}" if p.get("port") is not None else ""
-        return (p["kind"], p["namespace"], p["name"],
-                f"service {p.get('service')}{port}, {p.get('retries')} retries")
+        return (
+            p["kind"],
+            p["namespace"],
+            p["name"],
+            f"service {p.get('service')}{port}, {p.get('retries')} retries",
+        )
 
-    for line in table_lines([("KIND", "NAMESPACE", "NAME", "WHAT")]
-                            + [row(p) for p in data["policies"]]):
+    for line in table_lines([("KIND", "NAMESPACE", "NAME", "WHAT")] + [row(p) for p in data["policies"]]):
         click.echo(line)
     click.echo(f"{data['count']} policies, version {data['version']}")
 
@@ -461,8 +594,14 @@ def policy_list(sock, node, output) -> None:
 @NAMESPACE
 @KIND_OPT
 @agent_opts
-@click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml",
-              show_default=True, help="Output format.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["yaml", "json"]),
+    default="yaml",
+    show_default=True,
+    help="Output format.",
+)
 def policy_get(name, namespace, kind, sock, node, output) -> None:
     """One document as the agent stores it; NAME may be KIND/NAME
     (trafficpolicy/backend).  Exit codes: 0; 1 no such policy, a name both
@@ -492,7 +631,6 @@ def policy_delete(name, namespace, kind, sock, node) -> None:
         die(data.get("error") or f"agent answered {code}")
     kind = data.get("kind", "AuthorizationPolicy").lower()
     click.echo(f"{kind} {data['deleted']} deleted (version {data['version']})")
-
 
 
 COMMANDS = [policy]

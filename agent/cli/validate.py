@@ -60,6 +60,7 @@ def config_validate(path, output) -> None:
     else:
         click.echo(f"{path}: valid")
         import yaml
+
         click.echo(yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False))
 
 

@@ -4,7 +4,8 @@ tests/privileged/test_abi.py compiles the C with bcc and compares every size
 and offset below with bcc's generated Key/Leaf types, and every constant in
 :data:`CONSTANTS` with the header's value (``_Static_assert`` in the same
 compiler), so a change on one side only fails loudly.  The rest of the agent
-takes these values from here (agent/policy/kernel.py too), never copies them.  ``*_be`` fields hold network byte order.
+takes these values from here (agent/policy/kernel.py too), never copies them.
+``*_be`` fields hold network byte order.
 """
 
 from __future__ import annotations

@@ -43,17 +43,28 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from agent.datapath.abi import L4_DENY, L4_PASS  # ML_L4_* of bpf/include/meshlet.h, defined once
-from agent.identity.spiffe import SpiffeId, SpiffeIdError, workload_id as spiffe_id
+from agent.identity.spiffe import SpiffeId, SpiffeIdError
+from agent.identity.spiffe import workload_id as spiffe_id
 
 from .evaluate import L4Plan, Request, compile_l4
 from .model import Action, ConditionKey, Policy, PolicySet
 
-__all__ = ["KernelSource", "KernelDestination", "KernelPlan", "L4_DENY", "L4_PASS", "NO_POLICY_ID",
-           "compile_kernel", "policy_id", "view_from_pods"]
+__all__ = [
+    "KernelSource",
+    "KernelDestination",
+    "KernelPlan",
+    "L4_DENY",
+    "L4_PASS",
+    "NO_POLICY_ID",
+    "compile_kernel",
+    "policy_id",
+    "view_from_pods",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -110,14 +121,23 @@ class KernelPlan:
         return sum(1 for a, _ in self.entries.values() if a == L4_DENY)
 
     def summary(self) -> dict[str, Any]:
-        return {"entries": len(self.entries), "deny": self.denies,
-                "pass": len(self.entries) - self.denies, "capacity": self.capacity,
-                "needed": self.needed, "overflow": self.overflow, "sources": self.sources,
-                "destinations": self.destinations,
-                "reason": (f"{self.needed if self.needed <= self.capacity else 'more than ' + str(self.capacity)}"
-                           f" entries needed, the kernel map holds {self.capacity}: nothing is "
-                           "enforced in the kernel, the proxy decides every connection")
-                if self.overflow else ""}
+        return {
+            "entries": len(self.entries),
+            "deny": self.denies,
+            "pass": len(self.entries) - self.denies,
+            "capacity": self.capacity,
+            "needed": self.needed,
+            "overflow": self.overflow,
+            "sources": self.sources,
+            "destinations": self.destinations,
+            "reason": (
+                f"{self.needed if self.needed <= self.capacity else 'more than ' + str(self.capacity)}"
+                f" entries needed, the kernel map holds {self.capacity}: nothing is "
+                "enforced in the kernel, the proxy decides every connection"
+            )
+            if self.overflow
+            else "",
+        }
 
 
 def _mentioned_ports(policies: Iterable[Policy]) -> set[int]:
@@ -151,22 +171,29 @@ class _DstPlan:
     other: int
 
 
-def _denied(dp: _DstPlan, dst: KernelDestination, src: KernelSource,
-            src_ip: IPAddress, port: int) -> tuple[bool, str | None]:
+def _denied(
+    dp: _DstPlan, dst: KernelDestination, src: KernelSource, src_ip: IPAddress, port: int
+) -> tuple[bool, str | None]:
     """Whether the proxy refuses every connection (and request) from ``src``
     to ``dst``:``port``, and the deciding DENY policy (None: no ALLOW rule
     can match).  compile_l4's verdicts never contradict evaluate() (Hypothesis
     tests in test_policy_evaluate and test_policy_kernel check it)."""
-    req = Request(destination_namespace=dst.namespace, destination_labels=dst.labels,
-                  destination_port=port, source_principal=src.principal, source_ip=src_ip)
+    req = Request(
+        destination_namespace=dst.namespace,
+        destination_labels=dst.labels,
+        destination_port=port,
+        source_principal=src.principal,
+        source_ip=src_ip,
+    )
     v = dp.plan.verdict(req)
     if v.verdict != "deny":
         return False, None
     return True, v.rule.policy if v.rule is not None else None
 
 
-def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
-                   destinations: Iterable[KernelDestination], capacity: int) -> KernelPlan:
+def compile_kernel(
+    ps: PolicySet, sources: Iterable[KernelSource], destinations: Iterable[KernelDestination], capacity: int
+) -> KernelPlan:
     """The kernel entries for connections from ``sources`` to ``destinations``."""
     sources, destinations = list(sources), list(destinations)
     plan = KernelPlan(capacity=capacity, sources=len(sources), destinations=len(destinations))
@@ -190,8 +217,11 @@ def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
                 per_dst[sel] = None  # nothing can deny: no entries
             else:
                 mentioned = _mentioned_ports(applying)
-                per_dst[sel] = _DstPlan(compile_l4(ps, dst.namespace, dst.labels),
-                                        tuple(sorted(mentioned)), _other_port(mentioned))
+                per_dst[sel] = _DstPlan(
+                    compile_l4(ps, dst.namespace, dst.labels),
+                    tuple(sorted(mentioned)),
+                    _other_port(mentioned),
+                )
         dp = per_dst[sel]
         if dp is None:
             continue
@@ -228,8 +258,9 @@ def compile_kernel(ps: PolicySet, sources: Iterable[KernelSource],
     return plan
 
 
-def view_from_pods(pods: Iterable[Any], node: str, trust_domain: str,
-                   enrolled: Mapping[str, int]) -> tuple[list[KernelSource], list[KernelDestination]]:
+def view_from_pods(
+    pods: Iterable[Any], node: str, trust_domain: str, enrolled: Mapping[str, int]
+) -> tuple[list[KernelSource], list[KernelDestination]]:
     """Sources and destinations from inventory pods (objects with ``key``,
     ``name``, ``namespace``, ``service_account``, ``labels``, ``ips``,
     ``node`` and ``mesh``).  ``enrolled``: pod key -> workload id of the pods

@@ -53,25 +53,49 @@ import ipaddress
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-import yaml
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent import yamlsrc as y
-from agent.labels import selector_key, selector_value
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
+from agent.labels import selector_key, selector_value
 
 from .http import path_pattern_problem
 from .model import (
-    DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ISTIO_DEFAULT_TRUST_DOMAIN, Action, Condition,
-    ConditionKey, MatchKind, Operation, Policy, PolicySet, PrincipalMatch, Rule, Source, StringMatch,
+    DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN,
+    ISTIO_DEFAULT_TRUST_DOMAIN,
+    Action,
+    Condition,
+    ConditionKey,
+    MatchKind,
+    Operation,
+    Policy,
+    PolicySet,
+    PrincipalMatch,
+    Rule,
+    Source,
+    StringMatch,
 )
 
 __all__ = [
-    "MESHLET_API", "ISTIO_APIS", "API_VERSIONS", "load_policies", "parse_policies",
-    "parse_documents", "parse_principal", "policy_files", "fingerprint", "parse_sources",
-    "DocKind", "collect_documents", "authorization_kind", "policy_set", "read_sources",
+    "MESHLET_API",
+    "ISTIO_APIS",
+    "API_VERSIONS",
+    "load_policies",
+    "parse_policies",
+    "parse_documents",
+    "parse_principal",
+    "policy_files",
+    "fingerprint",
+    "parse_sources",
+    "DocKind",
+    "collect_documents",
+    "authorization_kind",
+    "policy_set",
+    "read_sources",
 ]
 
 MESHLET_API = "meshlet.io/v1alpha1"
@@ -108,14 +132,16 @@ _HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()+,;=:\[\]]*")
 # Multi-document YAML on top of yamlsrc
 
 
-def parse_documents(text: str, filename: str, kinds: Sequence[str] = (KIND,),
-                    noun: str = "policy") -> list[y.Document]:
+def parse_documents(
+    text: str, filename: str, kinds: Sequence[str] = (KIND,), noun: str = "policy"
+) -> list[y.Document]:
     """Compose every ``---``-separated document of ``text``; null documents
     (a stray ``---``) are skipped.  Each document's root must be a mapping.
     ``kinds`` and ``noun`` only word the messages.
 
     Raises SourceError for YAML syntax errors and non-mapping documents, and
     for a file with no document at all."""
+
     def fail(line: int, column: int, message: str) -> y.SourceError:
         return y.SourceError([y.Problem(filename, line, column, "", message)])
 
@@ -128,15 +154,21 @@ def parse_documents(text: str, filename: str, kinds: Sequence[str] = (KIND,),
             continue
         if not isinstance(root, MappingNode):
             line, column = y.position(root)
-            problems.append(y.Problem(filename, line, column, "",
-                                      f"a {noun} document must be a mapping, got {y.describe_node(root)}"))
+            problems.append(
+                y.Problem(
+                    filename,
+                    line,
+                    column,
+                    "",
+                    f"a {noun} document must be a mapping, got {y.describe_node(root)}",
+                )
+            )
             continue
         docs.append(y.Document(filename, root))
     if problems:
         raise y.SourceError(problems)
     if not docs:
-        raise fail(1, 1, "no policy documents in this file; expected "
-                         f"{' or '.join(kinds)} documents")
+        raise fail(1, 1, f"no policy documents in this file; expected {' or '.join(kinds)} documents")
     return docs
 
 
@@ -144,8 +176,9 @@ def parse_documents(text: str, filename: str, kinds: Sequence[str] = (KIND,),
 # Patterns
 
 
-def parse_principal(written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                    istio: bool = False) -> PrincipalMatch:
+def parse_principal(
+    written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN, istio: bool = False
+) -> PrincipalMatch:
     """A principal pattern (forms and trust-domain rules: agent.policy.model).
 
     Raises ValueError saying what is wrong."""
@@ -154,13 +187,17 @@ def parse_principal(written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
     literal_spiffe = False
     if written.startswith("spiffe://"):
         if istio:
-            raise ValueError(f"{written!r}: Istio principals have no 'spiffe://' scheme; write "
-                             f"{written[9:]!r} (or use apiVersion {MESHLET_API})")
-        form, literal_spiffe = written[len("spiffe://"):], True
+            raise ValueError(
+                f"{written!r}: Istio principals have no 'spiffe://' scheme; write "
+                f"{written[9:]!r} (or use apiVersion {MESHLET_API})"
+            )
+        form, literal_spiffe = written[len("spiffe://") :], True
     elif written.startswith("ns/"):
         if istio:
-            raise ValueError(f"{written!r}: Istio principals start with the trust domain; write "
-                             f"'cluster.local/{written}' (the short form is {MESHLET_API} only)")
+            raise ValueError(
+                f"{written!r}: Istio principals start with the trust domain; write "
+                f"'cluster.local/{written}' (the short form is {MESHLET_API} only)"
+            )
         form = f"{trust_domain}/{written}"
     else:
         form = written
@@ -169,19 +206,25 @@ def parse_principal(written: str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
     except ValueError as e:
         raise ValueError(str(e).replace(repr(form), repr(written))) from None
     parts = form.split("/")
-    if (not literal_spiffe and len(parts) == 5 and parts[0] == ISTIO_DEFAULT_TRUST_DOMAIN
-            and trust_domain != ISTIO_DEFAULT_TRUST_DOMAIN):
+    if (
+        not literal_spiffe
+        and len(parts) == 5
+        and parts[0] == ISTIO_DEFAULT_TRUST_DOMAIN
+        and trust_domain != ISTIO_DEFAULT_TRUST_DOMAIN
+    ):
         # Istio: "cluster.local" in a principal stands for the mesh's own trust domain
         sm = StringMatch.parse("/".join([trust_domain, *parts[1:]]))
     if sm.kind is MatchKind.EXACT:
         try:
             parse_spiffe_id("spiffe://" + sm.value)
         except SpiffeIdError as e:
-            raise ValueError(f"{written!r} is not a principal "
-                             f"(<trust-domain>/ns/<namespace>/sa/<account>): {e}") from None
+            raise ValueError(
+                f"{written!r} is not a principal (<trust-domain>/ns/<namespace>/sa/<account>): {e}"
+            ) from None
     elif not _PRINCIPAL_CHARS.fullmatch(sm.value) or "//" in sm.value:
-        raise ValueError(f"{written!r}: principals use only letters, digits, '.', '-', '_' and "
-                         "single '/' between segments")
+        raise ValueError(
+            f"{written!r}: principals use only letters, digits, '.', '-', '_' and single '/' between segments"
+        )
     return PrincipalMatch(written, sm)
 
 
@@ -198,6 +241,7 @@ def _pattern(check: Callable[[StringMatch, str], str | None], *, ignore_case: bo
         if problem:
             raise y.Invalid(problem)
         return sm
+
     return conv
 
 
@@ -251,15 +295,18 @@ def _principal(trust_domain: str, istio: bool):
             return parse_principal(s, trust_domain=trust_domain, istio=istio)
         except ValueError as e:
             raise y.Invalid(str(e)) from None
+
     return conv
 
 
 def _values(conv):
     """A non-empty list, each item checked at its own position."""
+
     def convert(v: y.Value):
         if not v.is_null and v.node.tag == "tag:yaml.org,2002:seq" and not v.node.value:
             raise y.Invalid("an empty list would match anything; remove the field or list values")
         return y.list_of(conv, min_len=1)(v)
+
     return convert
 
 
@@ -271,7 +318,7 @@ def _string_map(v: y.Value) -> dict:
 #: them, and ignoring one would enforce a policy its author did not mean to.
 _UNSUPPORTED_ANNOTATIONS = {
     "istio.io/dry-run": "dry-run policies are not supported: meshlet would enforce this policy; "
-                        "remove it, or use action: AUDIT to log without enforcing",
+    "remove it, or use action: AUDIT to log without enforcing",
 }
 
 
@@ -329,19 +376,22 @@ def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
     ctx = _Ctx(trust_domain, api in ISTIO_APIS)
     # an absent spec reads like "spec: {}": an ALLOW policy that allows nothing
     spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None
-    action, selector, rules = Action.ALLOW, (), ()
+    action: Action = Action.ALLOW
+    selector: tuple[tuple[str, str], ...] = ()
+    rules: tuple[Rule, ...] = ()
     if spec is not None:
         _refuse(spec, _UNSUPPORTED_SPEC)
         sel = spec.section("selector")
-        labels = {}
+        labels: dict[str, str] = {}
         if sel is not None:
             labels = sel.get("matchLabels", y.map_of(selector_key, selector_value), {}) or {}
             sel.finish()
         selector = tuple(sorted(labels.items()))
         act = spec.get("action", y.enum("ALLOW", "DENY", "AUDIT", "CUSTOM"), "ALLOW")
         if act == "CUSTOM":
-            spec.at("action").problem("action CUSTOM (external authorization) is not supported; "
-                                      "use ALLOW, DENY or AUDIT")
+            (spec.at("action") or spec.value).problem(
+                "action CUSTOM (external authorization) is not supported; use ALLOW, DENY or AUDIT"
+            )
         elif act is not None:
             action = Action(act)
         rules_v = spec.at("rules")
@@ -350,13 +400,23 @@ def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
         rules = tuple(r for r in (_read_rule(i, ctx) for i in (items or [])) if r is not None)
         if action is Action.DENY and items == []:
             where = rules_v.node if rules_v is not None else spec.value.node
-            doc.add_at(where, f"{spec.path}.rules",
-                       "a DENY policy without rules never matches; add the rules, or an empty "
-                       "rule {} to deny everything")
+            doc.add_at(
+                where,
+                f"{spec.path}.rules",
+                "a DENY policy without rules never matches; add the rules, or an empty "
+                "rule {} to deny everything",
+            )
     if len(doc.problems) != before or name is None or namespace is None:
         return None
-    return Policy(name=name, namespace=namespace, action=action, selector=selector, rules=rules,
-                  api_version=api, origin=_where(top.value))
+    return Policy(
+        name=name,
+        namespace=namespace,
+        action=action,
+        selector=selector,
+        rules=rules,
+        api_version=api,
+        origin=_where(top.value),
+    )
 
 
 def _list_of_maps(v: y.Value, what: str) -> list[y.MapReader]:
@@ -364,8 +424,10 @@ def _list_of_maps(v: y.Value, what: str) -> list[y.MapReader]:
     if items is None:
         return []
     if not items:
-        v.problem(f"`{what}` must not be an empty list; remove it to match any "
-                  + {"from": "source", "to": "operation", "when": "request"}[what])
+        v.problem(
+            f"`{what}` must not be an empty list; remove it to match any "
+            + {"from": "source", "to": "operation", "when": "request"}[what]
+        )
         return []
     return [r for r in (i.convert(y.Value.mapping) for i in items) if r is not None]
 
@@ -461,13 +523,21 @@ def _condition_key(v: y.Value) -> tuple[ConditionKey, str | None]:
         if ck is not ConditionKey.REQUEST_HEADER and k == ck.value:
             return ck, None
     if k in _UNSUPPORTED_KEYS or k.startswith(_UNSUPPORTED_KEY_PREFIXES):
-        raise y.Invalid(f"`when` key {k!r} is not supported by meshlet; supported: "
-                        "request.headers[<name>], source.ip, source.namespace, source.principal, "
-                        "destination.port")
+        raise y.Invalid(
+            f"`when` key {k!r} is not supported by meshlet; supported: "
+            "request.headers[<name>], source.ip, source.namespace, source.principal, "
+            "destination.port"
+        )
     hint = y.did_you_mean(k, [c.value for c in ConditionKey if c is not ConditionKey.REQUEST_HEADER])
-    raise y.Invalid(f"unknown `when` key {k!r}" + (f" (did you mean {hint!r}?)" if hint else
-                    "; supported: request.headers[<name>], source.ip, source.namespace, "
-                    "source.principal, destination.port"))
+    raise y.Invalid(
+        f"unknown `when` key {k!r}"
+        + (
+            f" (did you mean {hint!r}?)"
+            if hint
+            else "; supported: request.headers[<name>], source.ip, source.namespace, "
+            "source.principal, destination.port"
+        )
+    )
 
 
 def _read_condition(w: y.MapReader, ctx: _Ctx) -> Condition | None:
@@ -535,8 +605,11 @@ def _canon(x: Any) -> Any:
 def fingerprint(policies: Iterable[Policy], trust_domain: str, root_namespace: str) -> str:
     """A short hash of what the policies mean: reformatting, reordering files or
     renaming them leaves it unchanged; any change of meaning changes it."""
-    body = {"trustDomain": trust_domain, "rootNamespace": root_namespace,
-            "policies": [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))]}
+    body = {
+        "trustDomain": trust_domain,
+        "rootNamespace": root_namespace,
+        "policies": [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))],
+    }
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -592,15 +665,20 @@ def _kind_of(doc: y.Document, kinds: Sequence[DocKind]) -> DocKind | None:
                         return k
             shown = vnode.value if isinstance(vnode, ScalarNode) else "..."
             hint = y.did_you_mean(str(shown), names)
-            doc.add_at(vnode, "kind", f"{shown!r} is not one of: {', '.join(names)}"
-                       + (f" (did you mean {hint!r}?)" if hint else ""))
+            doc.add_at(
+                vnode,
+                "kind",
+                f"{shown!r} is not one of: {', '.join(names)}"
+                + (f" (did you mean {hint!r}?)" if hint else ""),
+            )
             return None
     doc.add_at(doc.root, "kind", f"required field is missing (one of: {', '.join(names)})")
     return None
 
 
-def collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], *,
-                      noun: str = "policy") -> dict[str, tuple[Any, ...]]:
+def collect_documents(
+    texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], *, noun: str = "policy"
+) -> dict[str, tuple[Any, ...]]:
     """Read every document of every ``(filename, text)`` pair with the reader
     of its ``kind``; check across all of them that no ``namespace/name`` of a
     kind comes twice (and each kind's own ``conflict``).  Returns the objects
@@ -610,8 +688,9 @@ def collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind]
         return _collect_documents(texts, kinds, noun)
 
 
-def _collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind],
-                       noun: str) -> dict[str, tuple[Any, ...]]:
+def _collect_documents(
+    texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], noun: str
+) -> dict[str, tuple[Any, ...]]:
     problems: list[y.Problem] = []
     found: dict[str, list[Any]] = {k.kind: [] for k in kinds}
     seen: dict[tuple[str, str, str], Any] = {}
@@ -635,8 +714,9 @@ def _collect_documents(texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind
                 if first is not None:
                     meta = doc.top().at("metadata")
                     at = meta.mapping().at("name") if meta is not None else None
-                    (at or y.Value(doc, doc.root, "")).problem(
-                        f"{dk.label} {obj.key} is defined twice (first at {first.origin})")
+                    (at or doc.top().value).problem(
+                        f"{dk.label} {obj.key} is defined twice (first at {first.origin})"
+                    )
                 elif dk.conflict is None or not dk.conflict(obj, doc, found[dk.kind]):
                     seen[(dk.kind, obj.namespace, obj.name)] = obj
                     found[dk.kind].append(obj)
@@ -650,31 +730,43 @@ def authorization_kind(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> DocKind:
     return DocKind(KIND, "policy", lambda doc: _read_document(doc, trust_domain))
 
 
-def policy_set(policies: Sequence[Policy], trust_domain: str, root_namespace: str,
-               files: Sequence[str] = ()) -> PolicySet:
+def policy_set(
+    policies: Sequence[Policy], trust_domain: str, root_namespace: str, files: Sequence[str] = ()
+) -> PolicySet:
     """A :class:`PolicySet` of already-read policies, with its fingerprint."""
     ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
-    return PolicySet(ordered, trust_domain, root_namespace,
-                     fingerprint(ordered, trust_domain, root_namespace), tuple(files))
+    return PolicySet(
+        ordered,
+        trust_domain,
+        root_namespace,
+        fingerprint(ordered, trust_domain, root_namespace),
+        tuple(files),
+    )
 
 
 def _collect(texts: Sequence[tuple[str, str]], trust_domain: str, root_namespace: str) -> PolicySet:
     _check_options(trust_domain, root_namespace)
     got = collect_documents(texts, [authorization_kind(trust_domain)])
-    return policy_set(got[KIND], trust_domain, root_namespace,
-                      tuple(dict.fromkeys(f for f, _ in texts)))
+    return policy_set(got[KIND], trust_domain, root_namespace, tuple(dict.fromkeys(f for f, _ in texts)))
 
 
-def parse_policies(text: str, filename: str = "<policy>", *,
-                   trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                   root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+def parse_policies(
+    text: str,
+    filename: str = "<policy>",
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> PolicySet:
     """Policies from one YAML text.  Raises SourceError listing every problem."""
     return _collect([(filename, text)], trust_domain, root_namespace)
 
 
-def parse_sources(texts: Sequence[tuple[str, str]], *,
-                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+def parse_sources(
+    texts: Sequence[tuple[str, str]],
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> PolicySet:
     """Policies from several ``(filename, text)`` pairs, checked across all of
     them as :func:`load_policies` does for files.  Raises SourceError."""
     return _collect(list(texts), trust_domain, root_namespace)
@@ -684,14 +776,18 @@ def policy_files(path: str | os.PathLike[str]) -> list[str]:
     """The files :func:`load_policies` reads for ``path`` (a file or a directory)."""
     p = os.fspath(path)
     if os.path.isdir(p):
-        return [os.path.join(p, n) for n in sorted(os.listdir(p))
-                if not n.startswith(".") and n.endswith((".yaml", ".yml"))
-                and os.path.isfile(os.path.join(p, n))]
+        return [
+            os.path.join(p, n)
+            for n in sorted(os.listdir(p))
+            if not n.startswith(".") and n.endswith((".yaml", ".yml")) and os.path.isfile(os.path.join(p, n))
+        ]
     return [p]
 
 
-def read_sources(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                 collect: Callable[[list[tuple[str, str]]], Any]) -> Any:
+def read_sources(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    collect: Callable[[list[tuple[str, str]]], Any],
+) -> Any:
     """Read files and directories (see :func:`policy_files`) and hand their
     ``(filename, text)`` pairs to ``collect``; problems reading files and
     problems ``collect`` raises come out together, as one SourceError."""
@@ -702,8 +798,7 @@ def read_sources(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     for path in paths:
         files = policy_files(path)
         if not files:
-            problems.append(y.Problem(os.fspath(path), 0, 0, "",
-                                      "directory has no .yaml or .yml files"))
+            problems.append(y.Problem(os.fspath(path), 0, 0, "", "directory has no .yaml or .yml files"))
         for f in files:
             try:
                 texts.append((f, y.read_text(f)))
@@ -719,8 +814,11 @@ def read_sources(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     return result
 
 
-def load_policies(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
-                  trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                  root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+def load_policies(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+) -> PolicySet:
     """Read files and directories into one :class:`PolicySet` (checked across files)."""
     return read_sources(paths, lambda texts: _collect(texts, trust_domain, root_namespace))

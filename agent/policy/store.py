@@ -64,17 +64,32 @@ import difflib
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import yaml
+from typing import Any
 
 from .. import yamlsrc as y
 from ..fsutil import write_atomic
-from .load import KIND, DocKind, _canon, _check_options, authorization_kind, collect_documents, fingerprint, policy_set
+from .load import (
+    KIND,
+    DocKind,
+    _canon,
+    _check_options,
+    authorization_kind,
+    collect_documents,
+    policy_set,
+)
 from .model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
 
-__all__ = ["PolicyStore", "Change", "Ambiguous", "store_version", "STORE_FILE", "COMPILED_FILE", "MAX_DOCUMENT_BYTES"]
+__all__ = [
+    "PolicyStore",
+    "Change",
+    "Ambiguous",
+    "store_version",
+    "STORE_FILE",
+    "COMPILED_FILE",
+    "MAX_DOCUMENT_BYTES",
+]
 
 STORE_FILE = "policies.yaml"
 COMPILED_FILE = "policies.json"
@@ -97,8 +112,7 @@ class Change:
     kind: str = KIND
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "namespace": self.namespace, "name": self.name,
-                "result": self.result}
+        return {"kind": self.kind, "namespace": self.namespace, "name": self.name, "result": self.result}
 
 
 class Ambiguous(LookupError):
@@ -106,8 +120,10 @@ class Ambiguous(LookupError):
 
     def __init__(self, namespace: str, name: str, kinds: Sequence[str]):
         self.kinds = list(kinds)
-        super().__init__(f"{namespace}/{name} names documents of several kinds "
-                         f"({', '.join(kinds)}); say which one (--kind, or KIND/NAME)")
+        super().__init__(
+            f"{namespace}/{name} names documents of several kinds "
+            f"({', '.join(kinds)}); say which one (--kind, or KIND/NAME)"
+        )
 
 
 def _dump(doc: dict) -> str:
@@ -124,8 +140,7 @@ def store_version(authorization: str, others: dict[str, tuple[str, int]]) -> str
     ``others``: kind -> (version, count)."""
     if not any(count for _, count in others.values()):
         return authorization
-    body = json.dumps({KIND: authorization, **{k: v for k, (v, _) in others.items()}},
-                      sort_keys=True)
+    body = json.dumps({KIND: authorization, **{k: v for k, (v, _) in others.items()}}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -137,16 +152,21 @@ class PolicyStore:
     """See the module docstring.  ``run_dir=None`` keeps everything in memory.
     ``kinds``: the document kinds stored besides AuthorizationPolicy."""
 
-    def __init__(self, run_dir: str | None, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
-                 root_namespace: str = DEFAULT_ROOT_NAMESPACE, kinds: Sequence[DocKind] = ()):
+    def __init__(
+        self,
+        run_dir: str | None,
+        *,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        kinds: Sequence[DocKind] = (),
+    ):
         _check_options(trust_domain, root_namespace)
         self.run_dir = run_dir
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
         self.kinds = {k.kind: k for k in kinds}
         if KIND in self.kinds or any(k.compile is None or not k.published for k in kinds):
-            raise ValueError("extra kinds need `published` and `compile`, and are not "
-                             f"{KIND}")
+            raise ValueError(f"extra kinds need `published` and `compile`, and are not {KIND}")
         self._docs: dict[Key, dict] = {}
         self._texts: dict[Key, str] = {}
         self._published: dict[str, str] = {}
@@ -166,8 +186,7 @@ class PolicyStore:
         """Where the proxies read ``kind`` (AuthorizationPolicy: policies.json)."""
         if not self.run_dir:
             return None
-        return self.compiled_path if kind == KIND else os.path.join(self.run_dir,
-                                                                    self.kinds[kind].published)
+        return self.compiled_path if kind == KIND else os.path.join(self.run_dir, self.kinds[kind].published)
 
     @property
     def count(self) -> int:
@@ -180,8 +199,7 @@ class PolicyStore:
         return [authorization_kind(self.trust_domain), *self.kinds.values()]
 
     def _text(self, texts: dict[Key, str], kind: str | None = None) -> str:
-        return "---\n".join(texts[k] for k in sorted(texts, key=_order)
-                            if kind is None or k[0] == kind)
+        return "---\n".join(texts[k] for k in sorted(texts, key=_order) if kind is None or k[0] == kind)
 
     def _collect(self, sources: Sequence[tuple[str, str]]) -> dict[str, tuple]:
         return collect_documents(sources, self._doc_kinds())
@@ -206,9 +224,17 @@ class PolicyStore:
             raise y.SourceError([y.Problem("<input>", 0, 0, "", "no policy documents given")])
         total = sum(len(t.encode()) for _, t in sources)
         if total > MAX_DOCUMENT_BYTES:
-            raise y.SourceError([y.Problem(sources[0][0], 0, 0, "",
-                                           f"{total} bytes of policy text; the limit is "
-                                           f"{MAX_DOCUMENT_BYTES}")])
+            raise y.SourceError(
+                [
+                    y.Problem(
+                        sources[0][0],
+                        0,
+                        0,
+                        "",
+                        f"{total} bytes of policy text; the limit is {MAX_DOCUMENT_BYTES}",
+                    )
+                ]
+            )
         self._collect(sources)
         out: dict[Key, dict] = {}
         for _, text in sources:
@@ -233,8 +259,11 @@ class PolicyStore:
         return texts, changes
 
     def _keys(self, namespace: str, name: str, kind: str | None) -> list[Key]:
-        return [k for k in sorted(self._texts, key=_order)
-                if k[1:] == (namespace, name) and (kind is None or k[0] == kind)]
+        return [
+            k
+            for k in sorted(self._texts, key=_order)
+            if k[1:] == (namespace, name) and (kind is None or k[0] == kind)
+        ]
 
     def _key(self, namespace: str, name: str, kind: str | None) -> Key | None:
         """The one stored key; None if there is none; Ambiguous without ``kind``
@@ -246,7 +275,7 @@ class PolicyStore:
 
     # --- persistence ------------------------------------------------------------------
 
-    def load(self) -> "PolicyStore":
+    def load(self) -> PolicyStore:
         """Read ``policies.yaml`` (if any) and rewrite the published files from it.
         Raises SourceError if the stored file does not load (never drops it)."""
         path = self.store_path
@@ -278,10 +307,12 @@ class PolicyStore:
         if self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             if write_store:
-                write_atomic(self.store_path, _header(version) + self._text(texts))
-            self._publish(self.compiled_path, self.compiled(ps, texts))
+                write_atomic(os.path.join(self.run_dir, STORE_FILE), _header(version) + self._text(texts))
+            self._publish(os.path.join(self.run_dir, COMPILED_FILE), self.compiled(ps, texts))
             for kind, doc in sets.items():
-                self._publish(self.published_path(kind), doc)
+                published = self.published_path(kind)
+                assert published is not None  # run_dir is set
+                self._publish(published, doc)
         self._texts, self._docs = texts, docs
         self.policyset, self.sets, self.version = ps, sets, version
 
@@ -290,12 +321,22 @@ class PolicyStore:
         ps = ps if ps is not None else self.policyset
         texts = texts if texts is not None else self._texts
         return {
-            "format": COMPILED_FORMAT, "version": ps.version, "trustDomain": ps.trust_domain,
-            "rootNamespace": ps.root_namespace, "count": len(ps),
+            "format": COMPILED_FORMAT,
+            "version": ps.version,
+            "trustDomain": ps.trust_domain,
+            "rootNamespace": ps.root_namespace,
+            "count": len(ps),
             "yaml": self._text(texts, KIND),
-            "policies": [{"namespace": p.namespace, "name": p.name, "action": p.action.value,
-                          "selector": dict(p.selector), "rules": _canon(p.rules)}
-                         for p in ps.policies],
+            "policies": [
+                {
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "action": p.action.value,
+                    "selector": dict(p.selector),
+                    "rules": _canon(p.rules),
+                }
+                for p in ps.policies
+            ],
         }
 
     # --- operations -------------------------------------------------------------------
@@ -322,8 +363,11 @@ class PolicyStore:
             old = self._texts.get(key, "")
             shown = ("" if c.kind == KIND else f"{c.kind.lower()}/") + f"{c.namespace}/{c.name}"
             out += difflib.unified_diff(
-                old.splitlines(keepends=True), texts[key].splitlines(keepends=True),
-                fromfile=f"a/{shown}" if old else "/dev/null", tofile=f"b/{shown}")
+                old.splitlines(keepends=True),
+                texts[key].splitlines(keepends=True),
+                fromfile=f"a/{shown}" if old else "/dev/null",
+                tofile=f"b/{shown}",
+            )
         return "".join(out), changes
 
     def delete(self, namespace: str, name: str, kind: str | None = None) -> bool:
@@ -340,11 +384,19 @@ class PolicyStore:
     def list(self) -> list[dict]:
         """One summary per document: AuthorizationPolicies first (namespace/name
         order), then each other kind.  Every row has ``kind``, ``namespace``, ``name``."""
-        rows = [{"kind": KIND, "namespace": p.namespace, "name": p.name,
-                 "action": p.action.value, "selector": dict(p.selector), "rules": len(p.rules),
-                 "apiVersion": p.api_version}
-                for p in self.policyset.policies]
-        for kind, doc in self.sets.items():
+        rows = [
+            {
+                "kind": KIND,
+                "namespace": p.namespace,
+                "name": p.name,
+                "action": p.action.value,
+                "selector": dict(p.selector),
+                "rules": len(p.rules),
+                "apiVersion": p.api_version,
+            }
+            for p in self.policyset.policies
+        ]
+        for doc in self.sets.values():
             rows += doc["policies"]
         return rows
 

@@ -52,8 +52,16 @@ class Refusal:
     pod: Pod | None = None  # the local destination pod, when it was found but may not be asked for
 
 
-def admit_tunnel(state: ProxyState, req: TunnelRequest, dst_ip: str, *, verified: str | None,
-                 mtls: bool, sni_named: bool = False, local_identity: str | None = None) -> Pod | Refusal:
+def admit_tunnel(
+    state: ProxyState,
+    req: TunnelRequest,
+    dst_ip: str,
+    *,
+    verified: str | None,
+    mtls: bool,
+    sni_named: bool = False,
+    local_identity: str | None = None,
+) -> Pod | Refusal:
     """Where a decoded tunnel request may go: the destination pod, or a refusal.
 
     ``dst_ip``: the header's destination address, normalized.  ``mtls``:
@@ -62,28 +70,37 @@ def admit_tunnel(state: ProxyState, req: TunnelRequest, dst_ip: str, *, verified
     sent SNI and the identity this node presented for it.  Plaintext
     tunnels (benchmarks only) take the header's identity on trust."""
     if mtls and req.identity != verified:
-        return Refusal("identity_mismatch", Status.FORBIDDEN,
-                       f"the tunnel header claims identity {req.identity!r}, but the client "
-                       f"certificate is {verified}")
+        return Refusal(
+            "identity_mismatch",
+            Status.FORBIDDEN,
+            f"the tunnel header claims identity {req.identity!r}, but the client certificate is {verified}",
+        )
     pod = state.pod_by_ip.get(dst_ip)
     if pod is None or not pod.mesh or pod.node != state.node:
         if pod is None or not pod.mesh:
             why = f"{dst_ip} is not a mesh pod on node {state.node}"
         else:
-            why = (f"{dst_ip} is pod {pod.key} on node {pod.node}, not on node {state.node} "
-                   "(the sending node's state may be stale)")
+            why = (
+                f"{dst_ip} is pod {pod.key} on node {pod.node}, not on node {state.node} "
+                "(the sending node's state may be stale)"
+            )
         return Refusal("not_local", Status.NOT_LOCAL, why)
     if mtls:
         dst_identity = state.identity(pod)
         if not sni_named or local_identity != dst_identity:
-            return Refusal("identity_mismatch", Status.FORBIDDEN,
-                           f"the client authenticated this node as {local_identity or 'nobody (no SNI)'}, "
-                           f"but asks for pod {pod.key}, which is {dst_identity}", pod=pod)
+            return Refusal(
+                "identity_mismatch",
+                Status.FORBIDDEN,
+                f"the client authenticated this node as {local_identity or 'nobody (no SNI)'}, "
+                f"but asks for pod {pod.key}, which is {dst_identity}",
+                pod=pod,
+            )
     return pod
 
 
-def authorize_connection(policies: PolicySet, identity: str | None, src_ip: str | None, pod: Pod, port: int, *,
-                         http: bool = False) -> Decision | Refusal:
+def authorize_connection(
+    policies: PolicySet, identity: str | None, src_ip: str | None, pod: Pod, port: int, *, http: bool = False
+) -> Decision | Refusal:
     """The policy decision on a new connection to ``pod`` on ``port``, or a refusal.
 
     ``identity`` must be trustworthy (a verified mTLS peer, or the kernel's

@@ -16,9 +16,10 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from agent.proxy import metrics as m
 from agent.proxy.l7authz import RequestAuthorizer
@@ -27,8 +28,18 @@ from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.tls import TlsConnection
 from agent.proxy.tunnel import Status
 
-__all__ = ["Conn", "ConnectFailure", "Live", "STATUS_RESULT", "family_of", "fmt_addr", "norm_addr", "peer_of",
-           "relayed", "set_ready"]
+__all__ = [
+    "Conn",
+    "ConnectFailure",
+    "Live",
+    "STATUS_RESULT",
+    "family_of",
+    "fmt_addr",
+    "norm_addr",
+    "peer_of",
+    "relayed",
+    "set_ready",
+]
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -54,8 +65,12 @@ def family_of(ip: str) -> int:
 def peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -> m.Peer:
     if pod is None:
         return m.Peer(principal=principal or m.UNKNOWN)
-    return m.Peer(workload=pod.workload, namespace=pod.namespace,
-                  principal=principal or state.identity(pod), app=pod.app or m.UNKNOWN)
+    return m.Peer(
+        workload=pod.workload,
+        namespace=pod.namespace,
+        principal=principal or state.identity(pod),
+        app=pod.app or m.UNKNOWN,
+    )
 
 
 class ConnectFailure(Exception):
@@ -74,6 +89,8 @@ STATUS_RESULT = {
     Status.UNREACHABLE: "refused",
     Status.TIMEOUT: "timeout",
 }
+
+
 @dataclass
 class Conn:
     """Book-keeping for one proxied connection (the access-log record)."""
@@ -143,9 +160,16 @@ class Conn:
         if dst is None and self.service:
             dst = state.pod_by_ip.get(self.service)  # refused before routing: whom it was for
         reporter = "source" if self.direction == "outbound" else "destination"
-        return [m.labels_for(reporter, peer_of(state, src, self.src_identity),
-                             peer_of(state, dst, self.dst_identity),
-                             self.service or m.UNKNOWN, m.UNKNOWN, self.mtls)]
+        return [
+            m.labels_for(
+                reporter,
+                peer_of(state, src, self.src_identity),
+                peer_of(state, dst, self.dst_identity),
+                self.service or m.UNKNOWN,
+                m.UNKNOWN,
+                self.mtls,
+            )
+        ]
 
     def sample_key(self) -> str:
         """The original connection's 4-tuple: both node proxies see the same."""
@@ -162,7 +186,7 @@ class Conn:
 
     def record(self, worker: int) -> dict[str, Any]:
         return {
-            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "worker": worker,
             "direction": self.direction,
             "route": self.route,
@@ -196,11 +220,19 @@ class Conn:
         """The workload labels the metrics use (first reporter's)."""
         if not self.labels:
             return {}
-        lb = dict(zip(m.LABELS, self.labels[0]))
-        return {k: lb[k] for k in ("source_workload", "source_workload_namespace",
-                                   "source_principal", "destination_workload",
-                                   "destination_workload_namespace", "destination_principal",
-                                   "destination_service")}
+        lb = dict(zip(m.LABELS, self.labels[0], strict=True))
+        return {
+            k: lb[k]
+            for k in (
+                "source_workload",
+                "source_workload_namespace",
+                "source_principal",
+                "destination_workload",
+                "destination_workload_namespace",
+                "destination_principal",
+                "destination_service",
+            )
+        }
 
 
 def set_ready(conn: Conn) -> None:

@@ -25,14 +25,15 @@ import contextlib
 import functools
 import logging
 import socket
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from agent.proxy.admission import Refusal, authorize_connection, decided_by
+from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
 from agent.proxy.l7authz import DENIED_BODY, Denial, RequestAuthorizer
-from agent.proxy.authz import authorize
 from agent.proxy.relay import Endpoint
 from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.state import Pod, ProxyState
@@ -108,38 +109,59 @@ class Destination:
 
     # ---- authorization
 
-    def authorize(self, conn: Conn, identity: str | None, src_ip: str | None, pod: Pod, port: int, *,
-                  http: bool = False) -> bool:
+    def authorize(
+        self, conn: Conn, identity: str | None, src_ip: str | None, pod: Pod, port: int, *, http: bool = False
+    ) -> bool:
         """Decide a new destination-side connection; False: denied (the caller refuses it).
 
         ``http``: the connection will be served by the L7 session, which
         decides every request (``l7authz``); the connection itself is then
         let through even if its TCP decision is a deny."""
         policies = self.inputs.policies
-        d = authorize_connection(policies.current, identity, src_ip, pod, port, http=http)
+        got = authorize_connection(policies.current, identity, src_ip, pod, port, http=http)
         conn.authz = (identity, src_ip, pod.key, port)
-        if isinstance(d, Refusal):
-            refusal, d = d, d.decision
+        refusal: Refusal | None
+        if isinstance(got, Refusal):
+            assert got.decision is not None  # a policy refusal carries its decision
+            refusal, d = got, got.decision
         else:
+            d = got
             refusal = None
             if http:
-                conn.l7_authz = RequestAuthorizer(lambda: policies.current, identity=identity, src_ip=src_ip,
-                                                  namespace=pod.namespace, labels=pod.label_map, port=port,
-                                                  tcp_allowed=d.allowed)
+                conn.l7_authz = RequestAuthorizer(
+                    lambda: policies.current,
+                    identity=identity,
+                    src_ip=src_ip,
+                    namespace=pod.namespace,
+                    labels=pod.label_map,
+                    port=port,
+                    tcp_allowed=d.allowed,
+                )
                 if not d.allowed:
                     conn.verdict = "allowed"  # the connection; its requests are decided one by one
                     return True
         record_decision(conn, d)
         if d.audited:
-            log.info("audit: connection %s (%s) -> %s port %d matched %s", fmt_addr(conn.src_addr),
-                     identity or "no identity", pod.key, port,
-                     ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited))
+            log.info(
+                "audit: connection %s (%s) -> %s port %d matched %s",
+                fmt_addr(conn.src_addr),
+                identity or "no identity",
+                pod.key,
+                port,
+                ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited),
+            )
         if refusal is None:
             return True
         conn.deny(refusal.code, refusal.reason)
         if conn.direction == "outbound":  # the tunnel's refusal is logged by Inbound.refuse
-            log.warning("denied connection %s (%s) -> %s port %d: %s", fmt_addr(conn.src_addr),
-                        identity or "no identity", pod.key, port, conn.reason)
+            log.warning(
+                "denied connection %s (%s) -> %s port %d: %s",
+                fmt_addr(conn.src_addr),
+                identity or "no identity",
+                pod.key,
+                port,
+                conn.reason,
+            )
         return False
 
     def recheck(self, why: str, conns: Iterable[Conn]) -> None:
@@ -170,9 +192,14 @@ class Destination:
                 continue
             record_decision(conn, d)
             conn.deny("policy", f"closed ({why}): policy: {d.reason}")
-            log.warning("closed connection %s (%s) -> %s (%s): no longer allowed, denied by %s",
-                        fmt_addr(conn.src_addr), identity or "no identity", fmt_addr(conn.dst_addr),
-                        dst_key, decided_by(d))
+            log.warning(
+                "closed connection %s (%s) -> %s (%s): no longer allowed, denied by %s",
+                fmt_addr(conn.src_addr),
+                identity or "no identity",
+                fmt_addr(conn.dst_addr),
+                dst_key,
+                decided_by(d),
+            )
             conn.reset_all()
 
     def on_http_request(self, conn: Conn, head: Any) -> Response | None:
@@ -190,8 +217,14 @@ class Destination:
         src = conn.src_identity or "no identity"
         what = f"{head.method.decode('latin-1')} {head.path.path}"
         if d.audited:
-            log.info("audit: request %s (%s) -> %s %s matched %s", fmt_addr(conn.src_addr), src,
-                     conn.dst_pod, what, ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited))
+            log.info(
+                "audit: request %s (%s) -> %s %s matched %s",
+                fmt_addr(conn.src_addr),
+                src,
+                conn.dst_pod,
+                what,
+                ", ".join(f"{a.policy} rule {a.rule}" for a in d.audited),
+            )
         if d.allowed:
             if head.upgrade is not None:
                 conn.upgrade_head = head
@@ -199,8 +232,14 @@ class Destination:
         conn.requests_denied += 1
         conn.denial = (head, d.policy, d.rule)
         self.accounting.counters["requests_denied"] += 1
-        log.warning("denied request %s (%s) -> %s %s: %s", fmt_addr(conn.src_addr), src, conn.dst_pod,
-                    what, decided_by(d))
+        log.warning(
+            "denied request %s (%s) -> %s %s: %s",
+            fmt_addr(conn.src_addr),
+            src,
+            conn.dst_pod,
+            what,
+            decided_by(d),
+        )
         return Response(403, DENIED_BODY, [(b"Content-Type", b"text/plain")])
 
     # ---- L7 or L4
@@ -219,7 +258,8 @@ class Destination:
             if len(self._l7_need) >= 4096:
                 self._l7_need.clear()
             need = self._l7_need[key] = any(
-                r.is_l7 for p in ps.selecting(pod.namespace, pod.label_map) for r in p.rules)
+                r.is_l7 for p in ps.selecting(pod.namespace, pod.label_map) for r in p.rules
+            )
         return need
 
     @staticmethod
@@ -240,8 +280,11 @@ class Destination:
 
     def _l7_pool(self, state: ProxyState) -> UpstreamPool:
         if self.pool is None:
-            self.pool = UpstreamPool(connect_timeout=state.connect_timeout + 1.0,
-                                     buffer_size=state.buffer_size, open_socket=self.upstream.pool_socket)
+            self.pool = UpstreamPool(
+                connect_timeout=state.connect_timeout + 1.0,
+                buffer_size=state.buffer_size,
+                open_socket=self.upstream.pool_socket,
+            )
         return self.pool
 
     def _pod_cluster(self, addr: tuple[str, int] | None, state: ProxyState) -> Cluster:
@@ -254,14 +297,27 @@ class Destination:
         if c is None or c.settings.timeouts.connect != state.connect_timeout:
             if len(self._pod_clusters) >= 4096:
                 self._pod_clusters.clear()
-            c = self._pod_clusters[addr] = Cluster.single(addr, TrafficSettings(
-                retries=Retries(attempts=0),
-                timeouts=Timeouts(connect=state.connect_timeout, request=None)))
+            c = self._pod_clusters[addr] = Cluster.single(
+                addr,
+                TrafficSettings(
+                    retries=Retries(attempts=0),
+                    timeouts=Timeouts(connect=state.connect_timeout, request=None),
+                ),
+            )
         return c
 
-    async def serve_l7(self, conn: Conn, ep: Endpoint, data: bytes, addr: tuple[str, int] | None,
-                       state: ProxyState, *, first_sock: socket.socket | None = None,
-                       choose: Any = None, pool: UpstreamPool | None = None) -> None:
+    async def serve_l7(
+        self,
+        conn: Conn,
+        ep: Endpoint,
+        data: bytes,
+        addr: tuple[str, int] | None,
+        state: ProxyState,
+        *,
+        first_sock: socket.socket | None = None,
+        choose: Any = None,
+        pool: UpstreamPool | None = None,
+    ) -> None:
         """Hand the client's transport (raw, or TLS plaintext side) to an L7
         session; return when the connection is over.
 
@@ -274,17 +330,24 @@ class Destination:
         own_pool = None
         if choose is None:
             cluster = self._pod_cluster(addr, state)
-            choose = lambda _head: cluster  # noqa: E731
+            choose = lambda _head: cluster  # noqa: E731 - a one-line closure over this cluster
             if first_sock is not None:
-                pool = own_pool = UpstreamPool(connect_timeout=state.connect_timeout + 1.0,
-                                               buffer_size=state.buffer_size,
-                                               open_socket=first_then(first_sock, self.upstream.pool_socket))
+                pool = own_pool = UpstreamPool(
+                    connect_timeout=state.connect_timeout + 1.0,
+                    buffer_size=state.buffer_size,
+                    open_socket=first_then(first_sock, self.upstream.pool_socket),
+                )
             else:
                 pool = self._l7_pool(state)
         on_request = functools.partial(self.on_http_request, conn) if conn.l7_authz is not None else None
-        session = _ProxySession(choose, pool, L7Settings(buffer_size=state.buffer_size),
-                                on_request=on_request,
-                                on_response=functools.partial(self.accounting.on_http_response, conn), done=done)
+        session = _ProxySession(
+            choose,
+            pool,
+            L7Settings(buffer_size=state.buffer_size),
+            on_request=on_request,
+            on_response=functools.partial(self.accounting.on_http_response, conn),
+            done=done,
+        )
         tr = ep.transport
         assert tr is not None
         data += ep.take_buffered()  # whatever arrived since (or without) the sniff

@@ -44,8 +44,14 @@ REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
 class Inbound:
     """Serves the tunnel listener."""
 
-    def __init__(self, inputs: ProxyInputs, accounting: Accounting, live: Live, upstream: Upstream,
-                 destination: Destination) -> None:
+    def __init__(
+        self,
+        inputs: ProxyInputs,
+        accounting: Accounting,
+        live: Live,
+        upstream: Upstream,
+        destination: Destination,
+    ) -> None:
         self.inputs = inputs
         self.accounting = accounting
         self.counters = accounting.counters
@@ -67,12 +73,14 @@ class Inbound:
                 return False
             self.counters["inbound_accepted"] += 1
             conn = Conn("inbound", ep, route="local", tls=tls, seq=self.accounting.next_seq())
+            # the raw transport is set from connection_made on
             conn.src_addr = tls.raw.get_extra_info("peername")  # type: ignore[union-attr]
-            if not conn.src_addr or not tunnel_peer_allowed(self.inputs.watcher.current, str(conn.src_addr[0])):
+            if not conn.src_addr or not tunnel_peer_allowed(
+                self.inputs.watcher.current, str(conn.src_addr[0])
+            ):
                 # Before any TLS work: nothing but a mesh node may even try a handshake.
                 ip = conn.src_addr[0] if conn.src_addr else "?"
-                conn.deny("tunnel_not_from_node",
-                          f"tunnel from {ip}, which is not a mesh node address")
+                conn.deny("tunnel_not_from_node", f"tunnel from {ip}, which is not a mesh node address")
                 log.warning("refused tunnel from %s: %s", fmt_addr(conn.src_addr), conn.reason)
                 self.accounting.finish(conn)
                 return False
@@ -91,9 +99,11 @@ class Inbound:
                 return
             self.counters["inbound_accepted"] += 1
             conn = Conn("inbound", ep, route="local", seq=self.accounting.next_seq())
+            # accepted: the transport is set
             conn.src_addr = ep.transport.get_extra_info("peername")  # type: ignore[union-attr]
-            if not conn.src_addr or not tunnel_peer_allowed(self.inputs.watcher.current,
-                                                            str(conn.src_addr[0])):
+            if not conn.src_addr or not tunnel_peer_allowed(
+                self.inputs.watcher.current, str(conn.src_addr[0])
+            ):
                 conn.deny("tunnel_not_from_node", "plaintext tunnel from a non-node address")
                 ep.reset()
                 self.accounting.finish(conn)
@@ -127,8 +137,7 @@ class Inbound:
                 while True:
                     data = await ep.receive()
                     if not data:
-                        conn.deny("bad_tunnel_header",
-                                  "tunnel peer closed before sending a complete header")
+                        conn.deny("bad_tunnel_header", "tunnel peer closed before sending a complete header")
                         ep.close()
                         return
                     out = decoder.feed(data)
@@ -136,7 +145,9 @@ class Inbound:
                         break
         except TimeoutError:
             conn.deny_reason = "bad_tunnel_header"
-            await self.refuse(conn, Status.BAD_REQUEST, f"no complete tunnel header within {header_timeout:g}s")
+            await self.refuse(
+                conn, Status.BAD_REQUEST, f"no complete tunnel header within {header_timeout:g}s"
+            )
             return
         except tunnel.TunnelError as e:
             conn.deny_reason = "bad_tunnel_header"
@@ -145,6 +156,7 @@ class Inbound:
         except ConnectionError as e:
             conn.fail("reset", f"tunnel peer reset before sending a header: {e}")
             return
+        # this side's decoder decodes requests only
         req: tunnel.TunnelRequest = out.message  # type: ignore[assignment]
         if req.namespace or req.name:
             conn.src_pod = f"{req.namespace}/{req.name}"
@@ -157,8 +169,15 @@ class Inbound:
             conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
             pod = admit_tunnel(state, req, dst_ip, verified=None, mtls=False)
         else:
-            pod = admit_tunnel(state, req, dst_ip, verified=verified, mtls=True, sni_named=tls.sni_named,
-                               local_identity=tls.local_identity)
+            pod = admit_tunnel(
+                state,
+                req,
+                dst_ip,
+                verified=verified,
+                mtls=True,
+                sni_named=tls.sni_named,
+                local_identity=tls.local_identity,
+            )
         if isinstance(pod, Refusal):
             if pod.pod is not None:  # a local pod it may not ask for: the record names it
                 conn.dst_pod = pod.pod.key
@@ -179,8 +198,9 @@ class Inbound:
         if not dest.authorize(conn, verified, src_ip, pod, req.dst.port, http=is_http):
             await self.refuse(conn, Status.FORBIDDEN, conn.reason)
             return
-        self.accounting.opened(conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",),
-                               m.UNKNOWN)
+        self.accounting.opened(
+            conn, state, state.pod_by_key.get(conn.src_pod or ""), pod, ("destination",), m.UNKNOWN
+        )
         if is_http:
             first = None
             if hinted:  # connect first: the source waits for this answer before sending

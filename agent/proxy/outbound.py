@@ -35,20 +35,38 @@ from typing import Any, Protocol
 from agent.proxy import metrics as m
 from agent.proxy import tunnel
 from agent.proxy.conn import (
-    STATUS_RESULT, Conn, ConnectFailure, Live, family_of, fmt_addr, relayed, set_ready,
+    STATUS_RESULT,
+    Conn,
+    ConnectFailure,
+    Live,
+    family_of,
+    fmt_addr,
+    relayed,
+    set_ready,
 )
 from agent.proxy.destination import Destination
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.l7 import Response, UpstreamPool
 from agent.proxy.relay import Endpoint, Relay
-from agent.proxy.routing import Local, Passthrough, Reject, ServiceRoute, Tunnel, endpoint_route, route, service_route
+from agent.proxy.routing import (
+    Local,
+    Passthrough,
+    Reject,
+    ServiceRoute,
+    Tunnel,
+    endpoint_route,
+    route,
+    service_route,
+)
 from agent.proxy.state import ProxyState, normalize_ip
 from agent.proxy.stats import Accounting
 from agent.proxy.tls import SESSION_CACHE_SIZE
 from agent.proxy.tunnel import Status
 from agent.proxy.upstream import Upstream
 from agent.traffic.cluster import Cluster
-from agent.traffic.outcome import CONNECT_FAILURE as _CONNECT_FAILURE, RESET as _RESET, status as _status
+from agent.traffic.outcome import CONNECT_FAILURE as _CONNECT_FAILURE
+from agent.traffic.outcome import RESET as _RESET
+from agent.traffic.outcome import status as _status
 
 __all__ = ["Outbound", "FlowSource"]
 
@@ -69,8 +87,15 @@ class Outbound:
     """Serves the outbound listener; owns the service clusters and the
     per-source-pod pools of service legs."""
 
-    def __init__(self, inputs: ProxyInputs, accounting: Accounting, live: Live, upstream: Upstream,
-                 destination: Destination, flows: FlowSource | None = None) -> None:
+    def __init__(
+        self,
+        inputs: ProxyInputs,
+        accounting: Accounting,
+        live: Live,
+        upstream: Upstream,
+        destination: Destination,
+        flows: FlowSource | None = None,
+    ) -> None:
         self.inputs = inputs
         self.accounting = accounting
         self.counters = accounting.counters
@@ -105,11 +130,16 @@ class Outbound:
         local = tr.get_extra_info("sockname")
         conn.src_addr = peer
         try:
+            # the flow table is opened before the outbound listener starts
             origin = self.flows.pop(peer, local)  # type: ignore[union-attr]
         except OSError as e:
             origin = None
-            log.error("flow table lookup failed for %s: %s (is the agent's datapath pinned under %s?)",
-                      fmt_addr(peer), e, state.pin_dir)
+            log.error(
+                "flow table lookup failed for %s: %s (is the agent's datapath pinned under %s?)",
+                fmt_addr(peer),
+                e,
+                state.pin_dir,
+            )
         if origin is None:
             self.counters["flow_misses"] += 1
             conn.deny(
@@ -137,8 +167,12 @@ class Outbound:
             conn.src_identity = state.identity(src)
         if isinstance(decision, Reject):
             conn.deny(decision.code, decision.reason)
-            log.warning("rejected connection from %s to %s: %s",
-                        fmt_addr(peer), fmt_addr(conn.dst_addr), decision.reason)
+            log.warning(
+                "rejected connection from %s to %s: %s",
+                fmt_addr(peer),
+                fmt_addr(conn.dst_addr),
+                decision.reason,
+            )
             client.reset()
             return
         if isinstance(decision, (Local, Tunnel)):
@@ -159,8 +193,14 @@ class Outbound:
                     http_data = data
                 else:
                     client.unread(data)
-            if not self.destination.authorize(conn, conn.src_identity, normalize_ip(peer[0]), decision.pod,
-                                   dst_port, http=http_data is not None):
+            if not self.destination.authorize(
+                conn,
+                conn.src_identity,
+                normalize_ip(peer[0]),
+                decision.pod,
+                dst_port,
+                http=http_data is not None,
+            ):
                 client.reset()  # same node: the kernel's cgroup record is the source identity
                 return
         if isinstance(decision, Local):  # this proxy is both ends' proxy
@@ -188,24 +228,36 @@ class Outbound:
                 conn.peer_verified = False
             elif isinstance(decision, Tunnel):
                 self.inputs.tls.session_cache_size = SESSION_CACHE_SIZE if state.tls_resumption else 0
-                upstream = await self.upstream.connect_tls(decision.addr, state, node=decision.node,
-                                                   src=conn.src_identity or "", dst=conn.dst_identity or "")
+                upstream = await self.upstream.connect_tls(
+                    decision.addr,
+                    state,
+                    node=decision.node,
+                    src=conn.src_identity or "",
+                    dst=conn.dst_identity or "",
+                )
                 conn.peer_verified = True
             else:
                 upstream = await self.upstream.connect(decision.addr, state, "upstream")
         except ConnectFailure as f:
             reason = f.reason
             if isinstance(decision, Tunnel) and f.status is Status.FORBIDDEN and f.result == "rejected":
-                conn.deny_reason = "no_certificate" if reason.startswith("no_certificate") \
-                    else "mtls_refused"
+                conn.deny_reason = "no_certificate" if reason.startswith("no_certificate") else "mtls_refused"
             if isinstance(decision, Tunnel):
                 if f.status is Status.FORBIDDEN and reason.startswith("no_certificate"):
-                    log.error("reset connection from %s (%s) to %s: no certificate for identity %s; "
-                              "failing closed (%s)", fmt_addr(peer), conn.src_pod, fmt_addr(conn.dst_addr),
-                              conn.src_identity, reason)
+                    log.error(
+                        "reset connection from %s (%s) to %s: no certificate for identity %s; "
+                        "failing closed (%s)",
+                        fmt_addr(peer),
+                        conn.src_pod,
+                        fmt_addr(conn.dst_addr),
+                        conn.src_identity,
+                        reason,
+                    )
                 elif f.status is not Status.FORBIDDEN:
-                    reason = (f"tunnel to node {decision.node}: {reason} (is the meshlet proxy running there, "
-                              f"port {decision.tunnel_port} reachable?)")
+                    reason = (
+                        f"tunnel to node {decision.node}: {reason} (is the meshlet proxy running there, "
+                        f"port {decision.tunnel_port} reachable?)"
+                    )
             conn.fail(f.result, reason)
             client.reset()
             return
@@ -222,8 +274,8 @@ class Outbound:
             tunnel.TunnelRequest(
                 dst=tunnel.Address(family_of(decision.dst[0]), decision.dst[0], decision.dst[1]),
                 identity=conn.src_identity or "",
-                namespace=src.namespace,  # type: ignore[union-attr]
-                name=src.name,  # type: ignore[union-attr]
+                namespace=src.namespace,
+                name=src.name,
                 src=tunnel.Address(family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
                 # A service leg is HTTP: the peer connects to the pod and answers at once
                 # instead of sniffing first (so a refused pod is a connect failure here).
@@ -233,12 +285,15 @@ class Outbound:
         upstream.write(header)
         relay.forward(client)  # client bytes may be pipelined right behind the header
         try:
-            resp, leftover = await self._read_response(upstream, state.connect_timeout + self.inputs.header_timeout)
+            resp, leftover = await self._read_response(
+                upstream, state.connect_timeout + self.inputs.header_timeout
+            )
         except (TimeoutError, tunnel.TunnelError, ConnectionError, EOFError) as e:
             what = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             conn.fail(
                 "timeout" if isinstance(e, TimeoutError) else "reset",
-                f"tunnel to node {decision.node} ({fmt_addr(decision.addr)}) failed before its response: {what}",
+                f"tunnel to node {decision.node} ({fmt_addr(decision.addr)}) failed "
+                f"before its response: {what}",
             )
             relay.abort(conn.reason)
             await relayed(conn, relay)
@@ -262,9 +317,12 @@ class Outbound:
             while True:
                 data = await upstream.receive()
                 if not data:
-                    raise EOFError("tunnel closed before responding (is the peer a meshlet proxy of the same release?)")
+                    raise EOFError(
+                        "tunnel closed before responding (is the peer a meshlet proxy of the same release?)"
+                    )
                 out = decoder.feed(data)
                 if isinstance(out, tunnel.Decoded):
+                    # this side's decoder decodes responses only
                     return out.message, out.leftover  # type: ignore[return-value]
 
     async def _to_service(self, conn: Conn, state: ProxyState, r: ServiceRoute, peer: Any) -> None:
@@ -286,8 +344,12 @@ class Outbound:
         cluster = self._service_cluster(state, r)
         if not r.endpoints:
             conn.fail("refused", f"service {r.cluster} has no endpoints")
-            log.warning("reset connection from %s to %s: service %s has no endpoints",
-                        fmt_addr(peer), fmt_addr(conn.dst_addr), r.cluster)
+            log.warning(
+                "reset connection from %s to %s: service %s has no endpoints",
+                fmt_addr(peer),
+                fmt_addr(conn.dst_addr),
+                r.cluster,
+            )
             client.reset()
             return
         http = r.app_protocol == "http"
@@ -307,13 +369,21 @@ class Outbound:
                     svc = st.service_at(vip_ip, vip_port)
                     if svc is None:
                         return Response(503, f"service {r.cluster} is gone\n".encode())
-                    box["route"] = service_route(st, st.pod_by_key.get(src.key) or src, svc[0], svc[1],
-                                                  vip_ip, vip_port, r.family)
+                    box["route"] = service_route(
+                        st, st.pod_by_key.get(src.key) or src, svc[0], svc[1], vip_ip, vip_port, r.family
+                    )
                     box["state"] = st
                 return self._service_cluster(st, box["route"])
 
-            await self.destination.serve_l7(conn, client, data, None, state, choose=choose,
-                                 pool=self._source_pool(state, src.key, normalize_ip(peer[0])))
+            await self.destination.serve_l7(
+                conn,
+                client,
+                data,
+                None,
+                state,
+                choose=choose,
+                pool=self._source_pool(state, src.key, normalize_ip(peer[0])),
+            )
             return
         # L4: per connection.
         tried: list[tuple] = []
@@ -338,11 +408,19 @@ class Outbound:
             try:
                 await self._forward(conn, state, d, peer, target[1])
             finally:
-                cluster.finish(token, target, _OK if conn.result == "ok" else _RESET,
-                               time.monotonic() - t0, time.monotonic())
+                cluster.finish(
+                    token,
+                    target,
+                    _OK if conn.result == "ok" else _RESET,
+                    time.monotonic() - t0,
+                    time.monotonic(),
+                )
             return
-        conn.fail("refused", f"no endpoint of service {r.cluster} accepted the connection "
-                             f"(tried {', '.join(fmt_addr(t) or '?' for t in tried)})")
+        conn.fail(
+            "refused",
+            f"no endpoint of service {r.cluster} accepted the connection "
+            f"(tried {', '.join(fmt_addr(t) or '?' for t in tried)})",
+        )
         client.reset()
 
     async def _probe_endpoint(self, state: ProxyState, d: Any) -> bool:
@@ -383,7 +461,8 @@ class Outbound:
             pool = self._src_pools[src_key] = UpstreamPool(
                 connect_timeout=state.connect_timeout + self.inputs.header_timeout + 1.0,
                 buffer_size=state.buffer_size,
-                open_socket=functools.partial(self._service_socket, src_key, src_ip))
+                open_socket=functools.partial(self._service_socket, src_key, src_ip),
+            )
         return pool
 
     async def _service_socket(self, src_key: str, src_ip: str, target: tuple) -> socket.socket:
@@ -406,12 +485,13 @@ class Outbound:
             mine.setblocking(False)
             theirs.setblocking(False)
             _, ep = await loop.create_connection(
-                lambda: Endpoint("client", prebuffer_limit=state.buffer_size), sock=theirs)
+                lambda: Endpoint("client", prebuffer_limit=state.buffer_size), sock=theirs
+            )
         except BaseException:
             mine.close()
             theirs.close()
             raise
-        conn = Conn("outbound", ep, seq=self.accounting.next_seq())  # type: ignore[arg-type]
+        conn = Conn("outbound", ep, seq=self.accounting.next_seq())
         conn.ready = ready = loop.create_future()
         conn.src_addr = (src_ip, 0)
         conn.dst_addr = (target[0], target[1])
@@ -423,7 +503,9 @@ class Outbound:
                 await self._forward(c, self.inputs.watcher.current, d, (src_ip, 0), target[1])
             finally:
                 if not ready.done():
-                    ready.set_exception(ConnectFailure(c.result, Status.UNREACHABLE, c.reason or "leg closed"))
+                    ready.set_exception(
+                        ConnectFailure(c.result, Status.UNREACHABLE, c.reason or "leg closed")
+                    )
 
         self.live.spawn(leg, conn)
         try:
@@ -437,4 +519,3 @@ class Outbound:
             mine.close()
             raise
         return mine
-

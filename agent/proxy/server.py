@@ -95,8 +95,15 @@ class ProxyServer:
         # Authorization policies: policies.json next to the state file.
         self.policies = PolicyWatcher(policy_path(watcher.path))
         self.inputs = ProxyInputs(
-            watcher=watcher, worker_id=worker_id, header_timeout=header_timeout, certs=self.certs, tls=self.tls,
-            policies=self.policies, traffic=self.traffic, metrics=self.metrics, http_metrics=self.http_metrics,
+            watcher=watcher,
+            worker_id=worker_id,
+            header_timeout=header_timeout,
+            certs=self.certs,
+            tls=self.tls,
+            policies=self.policies,
+            traffic=self.traffic,
+            metrics=self.metrics,
+            http_metrics=self.http_metrics,
             access=AccessLog(self._access_path(watcher.current)),
         )
         # The roles, sharing the inputs; per-worker mutable state lives in the
@@ -106,8 +113,9 @@ class ProxyServer:
         self.live = Live(self.accounting.finish, self.accounting.internal_error)
         self.upstream = Upstream(self.inputs, self.counters, linker)
         self.destination = Destination(self.inputs, self.accounting, self.upstream)
-        self.outbound = Outbound(self.inputs, self.accounting, self.live, self.upstream, self.destination,
-                                 flow_table)
+        self.outbound = Outbound(
+            self.inputs, self.accounting, self.live, self.upstream, self.destination, flow_table
+        )
         self.inbound = Inbound(self.inputs, self.accounting, self.live, self.upstream, self.destination)
         self._servers: list[asyncio.AbstractServer] = []
         self._stats_server: asyncio.AbstractServer | None = None
@@ -194,7 +202,9 @@ class ProxyServer:
                 )
             elif e.errno == errno.EADDRNOTAVAIL:
                 hint = "; the address is not configured on any interface in this network namespace"
-            raise OSError(e.errno, f"cannot listen for {kind} connections on {fmt_addr((ip, port))}: {e.strerror}{hint}") from e
+            raise OSError(
+                e.errno, f"cannot listen for {kind} connections on {fmt_addr((ip, port))}: {e.strerror}{hint}"
+            ) from e
         return sock
 
     async def _start_stats(self) -> None:
@@ -281,12 +291,12 @@ class ProxyServer:
             try:
                 if self.policies.check():
                     self._recheck("policy set changed")
-            except Exception:  # noqa: BLE001 - keep watching; the previous set stays
+            except Exception:
                 log.exception("authorization policy reload failed")
             self.inputs.access.flush()  # request lines buffered since the last connection line
             try:
                 self.traffic.check()  # clusters pick the new settings up on their next use
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("traffic policy reload failed")
 
     def _recheck(self, why: str) -> None:
@@ -302,8 +312,7 @@ class ProxyServer:
         if old.access_log != new.access_log:
             access = self.inputs.access
             access.reopen(self._access_path(new))
-            log.info("access log: %s, sampling %g", access.path or "off",
-                     new.access_log.sampling)
+            log.info("access log: %s, sampling %g", access.path or "off", new.access_log.sampling)
         if old.listen != new.listen:
             log.warning(
                 "listen settings changed (%s → %s); restart the proxy workers to apply them",
@@ -338,14 +347,17 @@ class ProxyServer:
             "counters": dict(self.counters),
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
-            "access_log": {"path": self.inputs.access.path,
-                           "sampling": st.access_log.sampling},
+            "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "metrics": self.metrics.snapshot(),
             "http_metrics": self.http_metrics.snapshot(),
             "traffic": self.traffic.stats(),
             "clusters": cluster_stats(self.outbound.clusters),
             "http": self.accounting.http_stats(self.destination.pool),
-            "policy": {"version": self.policies.current.version, "count": len(self.policies.current),
-                       "reloads": self.policies.reloads, "errors": self.policies.errors,
-                       "last_error": self.policies.last_error},
+            "policy": {
+                "version": self.policies.current.version,
+                "count": len(self.policies.current),
+                "reloads": self.policies.reloads,
+                "errors": self.policies.errors,
+                "last_error": self.policies.last_error,
+            },
         }

@@ -16,8 +16,9 @@ import json
 import os
 import time
 from collections import deque
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from agent.proxy import metrics as m
 from agent.proxy.conn import Conn, fmt_addr, peer_of
@@ -40,7 +41,7 @@ def _utc_ms() -> str:
     sec = int(now)
     if sec != _TS_CACHE[0]:
         _TS_CACHE[0] = sec
-        _TS_CACHE[1] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _TS_CACHE[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
 
 
@@ -57,6 +58,7 @@ class StatsProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
             body = json.dumps(self.snapshot(), separators=(",", ":")).encode() + b"\n"
+            # a stream server's transport is a WriteTransport; asyncio types it as BaseTransport
             transport.write(body)  # type: ignore[attr-defined]
         finally:
             transport.close()
@@ -104,13 +106,21 @@ class Accounting:
     def internal_error(self) -> None:
         self.counters["internal_errors"] += 1
 
-    def opened(self, conn: Conn, state: ProxyState, src: Pod | None, dst: Pod | None,
-               reporters: tuple[str, ...], service_name: str) -> None:
+    def opened(
+        self,
+        conn: Conn,
+        state: ProxyState,
+        src: Pod | None,
+        dst: Pod | None,
+        reporters: tuple[str, ...],
+        service_name: str,
+    ) -> None:
         """Both ends are known: count the connection as opened."""
         s = peer_of(state, src, conn.src_identity)
         d = peer_of(state, dst, conn.dst_identity)
-        conn.labels = [m.labels_for(r, s, d, conn.service or m.UNKNOWN, service_name, conn.mtls)
-                       for r in reporters]
+        conn.labels = [
+            m.labels_for(r, s, d, conn.service or m.UNKNOWN, service_name, conn.mtls) for r in reporters
+        ]
         self.inputs.metrics.opened(conn.seq, conn.labels)
 
     def finish(self, conn: Conn) -> None:
@@ -122,12 +132,10 @@ class Accounting:
         self.counters["bytes_received"] += conn.bytes_received
         state = inp.watcher.current
         if conn.deny_reason:
-            inp.metrics.deny(conn.deny_reason,
-                             (conn.policy or "") if conn.deny_reason == "policy" else None)
+            inp.metrics.deny(conn.deny_reason, (conn.policy or "") if conn.deny_reason == "policy" else None)
         if not conn.labels:
             conn.labels = conn.fallback_labels(state)
-        inp.metrics.closed(conn.seq, conn.bytes_sent, conn.bytes_received, conn.result,
-                           conn.labels)
+        inp.metrics.closed(conn.seq, conn.bytes_sent, conn.bytes_received, conn.result, conn.labels)
         access = inp.access
         if access.path is None:
             return
@@ -156,7 +164,8 @@ class Accounting:
         hd = handles.get(cluster)
         if hd is None:
             hd = handles[cluster] = inp.http_metrics.handle(
-                conn.labels or conn.fallback_labels(inp.watcher.current), cluster)
+                conn.labels or conn.fallback_labels(inp.watcher.current), cluster
+            )
         flags = exchange.flags or "-"
         denied = False
         policy = None
@@ -170,8 +179,9 @@ class Accounting:
                     flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
             if denied:
                 inp.http_metrics.deny(policy or "")
-        inp.http_metrics.observe(hd, status, flags, ms, exchange.request_body_bytes,
-                                 exchange.response_body_bytes)
+        inp.http_metrics.observe(
+            hd, status, flags, ms, exchange.request_body_bytes, exchange.response_body_bytes
+        )
         access = inp.access
         if access.path is not None:
             st = inp.watcher.current
@@ -180,10 +190,17 @@ class Accounting:
                 base = conn.log_base = conn.record(inp.worker_id)
                 conn.log_key = conn.sample_key()
             base["ts"] = _utc_ms()
-            if not access.write_request(base,
-                                        f"{conn.log_key}#{h['requests']}",
-                                        st.access_log.sampling, head, status, elapsed, exchange,
-                                        flags=flags, policy=policy if denied else None):
+            if not access.write_request(
+                base,
+                f"{conn.log_key}#{h['requests']}",
+                st.access_log.sampling,
+                head,
+                status,
+                elapsed,
+                exchange,
+                flags=flags,
+                policy=policy if denied else None,
+            ):
                 self.counters["access_log_skipped"] += 1
 
     def http_stats(self, pool: Any) -> dict[str, Any]:
@@ -192,8 +209,11 @@ class Accounting:
             **self.http,
             "by_class": dict(self.http["by_class"]),
             "latency_ms_recent": list(self.latencies),
-            "pool": {"connects": pool.connects if pool else 0, "reuses": pool.reuses if pool else 0,
-                     "idle": pool.idle_count() if pool else 0},
+            "pool": {
+                "connects": pool.connects if pool else 0,
+                "reuses": pool.reuses if pool else 0,
+                "idle": pool.idle_count() if pool else 0,
+            },
         }
 
 
@@ -203,7 +223,9 @@ def cluster_stats(clusters: dict[str, Cluster]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, c in clusters.items():
         healthy = set(c.healthy(now))
-        out[key] = {"endpoints": [fmt_addr(t) for t in c.targets],
-                    "ejected": [fmt_addr(t) for t in c.targets if t not in healthy],
-                    "outstanding": {fmt_addr(t): c.lb.outstanding(t) for t in c.targets}}
+        out[key] = {
+            "endpoints": [fmt_addr(t) for t in c.targets],
+            "ejected": [fmt_addr(t) for t in c.targets if t not in healthy],
+            "outstanding": {fmt_addr(t): c.lb.outstanding(t) for t in c.targets},
+        }
     return out

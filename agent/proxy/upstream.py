@@ -41,6 +41,7 @@ class LegLinker(Protocol):
 
 def _cookie(ep: Endpoint) -> int:
     """The kernel socket cookie of an endpoint's (raw) socket."""
+    # cookies are read once connected, when the transport is set
     sock = ep.transport.get_extra_info("socket")  # type: ignore[union-attr]
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
@@ -61,7 +62,9 @@ def first_then(sock: socket.socket, open_socket: Any) -> Any:
 class Upstream:
     """Opens this worker's upstream connections; links legs in the kernel."""
 
-    def __init__(self, inputs: ProxyInputs, counters: dict[str, int], linker: LegLinker | None = None) -> None:
+    def __init__(
+        self, inputs: ProxyInputs, counters: dict[str, int], linker: LegLinker | None = None
+    ) -> None:
         self.inputs = inputs
         self.counters = counters
         self.linker = linker  # set by ProxyServer.start() when it opens the datapath
@@ -101,10 +104,11 @@ class Upstream:
         except BaseException:
             sock.close()
             raise
-        return ep  # type: ignore[return-value]
+        return ep
 
-    async def connect_tls(self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str,
-                          dst: str) -> Endpoint:
+    async def connect_tls(
+        self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str, dst: str
+    ) -> Endpoint:
         """Connect to a peer node's tunnel port and do the mTLS client handshake
         as ``src``, expecting ``dst``. Raises ConnectFailure."""
         ep = Endpoint("upstream", prebuffer_limit=state.buffer_size)
@@ -122,7 +126,8 @@ class Upstream:
             await tls.wait_handshake(state.connect_timeout + self.inputs.header_timeout)
         except HandshakeError as e:
             raise ConnectFailure(
-                "timeout" if e.reason == "timeout" else "rejected", Status.FORBIDDEN,
+                "timeout" if e.reason == "timeout" else "rejected",
+                Status.FORBIDDEN,
                 f"mTLS handshake with node {node} ({fmt_addr(addr)}) refused: {e.reason}: {e.detail}",
             ) from None
         return ep
@@ -197,5 +202,8 @@ class Upstream:
             self.counters["leg_link_errors"] += len(pairs)
             if not self._link_warned:
                 self._link_warned = True
-                log.warning("cannot link flow legs in the kernel flow table (%s); `meshlet flows` "
-                            "will not join the proxy's legs (is the agent's datapath pinned?)", e)
+                log.warning(
+                    "cannot link flow legs in the kernel flow table (%s); `meshlet flows` "
+                    "will not join the proxy's legs (is the agent's datapath pinned?)",
+                    e,
+                )

@@ -4,19 +4,51 @@ reader).  ``agent.workloads.inventory`` and ``.services`` keep the older
 import paths working."""
 
 from agent.workloads.model import (
-    APP_PROTOCOLS, Endpoint, Inventory, InventoryDiff, NamespaceSettings, Node, Pod, Service,
-    ServiceIndex, ServicePort, diff, services_doc, workload_id,
+    APP_PROTOCOLS,
+    Endpoint,
+    Inventory,
+    InventoryDiff,
+    NamespaceSettings,
+    Node,
+    Pod,
+    Service,
+    ServiceIndex,
+    ServicePort,
+    diff,
+    services_doc,
+    workload_id,
 )
 from agent.workloads.source import SourceStatus, WorkloadSource, source_from_config
 from agent.workloads.yamlfile import (
-    check_against_pods, load_inventory, load_services, parse_inventory, parse_services,
+    check_against_pods,
+    load_inventory,
+    load_services,
+    parse_inventory,
+    parse_services,
     read_services,
 )
 
 __all__ = [
-    "APP_PROTOCOLS", "Endpoint", "Inventory", "InventoryDiff", "NamespaceSettings", "Node", "Pod",
-    "Service", "ServiceIndex", "ServicePort", "diff", "services_doc", "workload_id",
-    "SourceStatus", "WorkloadSource", "source_from_config",
-    "check_against_pods", "load_inventory", "load_services", "parse_inventory", "parse_services",
+    "APP_PROTOCOLS",
+    "Endpoint",
+    "Inventory",
+    "InventoryDiff",
+    "NamespaceSettings",
+    "Node",
+    "Pod",
+    "Service",
+    "ServiceIndex",
+    "ServicePort",
+    "diff",
+    "services_doc",
+    "workload_id",
+    "SourceStatus",
+    "WorkloadSource",
+    "source_from_config",
+    "check_against_pods",
+    "load_inventory",
+    "load_services",
+    "parse_inventory",
+    "parse_services",
     "read_services",
 ]

@@ -6,6 +6,12 @@ from agent.workloads.model import Inventory, InventoryDiff, NamespaceSettings, N
 from agent.workloads.yamlfile import load_inventory, parse_inventory
 
 __all__ = [
-    "Node", "Pod", "NamespaceSettings", "Inventory", "InventoryDiff",
-    "load_inventory", "parse_inventory", "diff",
+    "Node",
+    "Pod",
+    "NamespaceSettings",
+    "Inventory",
+    "InventoryDiff",
+    "load_inventory",
+    "parse_inventory",
+    "diff",
 ]

@@ -24,16 +24,27 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 from agent.netaddr import IPAddress, normalize_ip
 
 __all__ = [
-    "IPAddress", "APP_PROTOCOLS",
-    "Node", "Pod", "NamespaceSettings", "Inventory", "InventoryDiff", "diff",
-    "ServicePort", "Service", "Endpoint", "ServiceIndex", "services_doc", "workload_id",
+    "IPAddress",
+    "APP_PROTOCOLS",
+    "Node",
+    "Pod",
+    "NamespaceSettings",
+    "Inventory",
+    "InventoryDiff",
+    "diff",
+    "ServicePort",
+    "Service",
+    "Endpoint",
+    "ServiceIndex",
+    "services_doc",
+    "workload_id",
 ]
 
 #: Values of ``ports[].appProtocol``.
@@ -89,11 +100,11 @@ class Pod:
 
     @property
     def ipv4(self) -> ipaddress.IPv4Address | None:
-        return next((a for a in self.ips if a.version == 4), None)  # type: ignore[return-value]
+        return next((a for a in self.ips if a.version == 4), None)
 
     @property
     def ipv6(self) -> ipaddress.IPv6Address | None:
-        return next((a for a in self.ips if a.version == 6), None)  # type: ignore[return-value]
+        return next((a for a in self.ips if a.version == 6), None)
 
 
 @dataclass(frozen=True)
@@ -166,14 +177,21 @@ class Service:
             if p.app_protocol is not None:
                 d["appProtocol"] = p.app_protocol
             ports.append(d)
-        return {"name": self.name, "namespace": self.namespace,
-                "vip": [str(v) for v in self.vips], "selector": dict(self.selector),
-                "ports": ports}
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "vip": [str(v) for v in self.vips],
+            "selector": dict(self.selector),
+            "ports": ports,
+        }
 
     def selects(self, pod: Pod) -> bool:
         """``pod`` is in this service's namespace and carries every selector label."""
-        return (pod.namespace == self.namespace and bool(self.selector)
-                and all(pod.labels.get(k) == v for k, v in self.selector.items()))
+        return (
+            pod.namespace == self.namespace
+            and bool(self.selector)
+            and all(pod.labels.get(k) == v for k, v in self.selector.items())
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -195,18 +213,21 @@ class ServiceIndex:
     services: tuple[Service, ...] = ()
     pods: tuple[Pod, ...] = ()
     _by_vip: Mapping[tuple[IPAddress, int], tuple[Service, ServicePort]] = field(
-        init=False, repr=False, compare=False, hash=False)
+        init=False, repr=False, compare=False, hash=False
+    )
     _by_key: Mapping[str, Service] = field(init=False, repr=False, compare=False, hash=False)
     _members: Mapping[str, tuple[Pod, ...]] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(self.services))
         object.__setattr__(self, "pods", tuple(self.pods))
-        object.__setattr__(self, "_by_vip", {(vip, p.port): (s, p)
-                                             for s in self.services for vip in s.vips for p in s.ports})
+        object.__setattr__(
+            self, "_by_vip", {(vip, p.port): (s, p) for s in self.services for vip in s.vips for p in s.ports}
+        )
         object.__setattr__(self, "_by_key", {s.key: s for s in self.services})
-        object.__setattr__(self, "_members", {s.key: tuple(p for p in self.pods if s.selects(p))
-                                              for s in self.services})
+        object.__setattr__(
+            self, "_members", {s.key: tuple(p for p in self.pods if s.selects(p)) for s in self.services}
+        )
 
     def service(self, key: str) -> Service | None:
         """The service with key ``namespace/name``, or None."""
@@ -220,8 +241,9 @@ class ServiceIndex:
         addr = normalize_ip(ip)
         return None if addr is None else self._by_vip.get((addr, port))
 
-    def endpoints(self, service: Service | str, port: ServicePort | int | str, *,
-                  family: int = 4) -> list[Endpoint]:
+    def endpoints(
+        self, service: Service | str, port: ServicePort | int | str, *, family: int = 4
+    ) -> list[Endpoint]:
         """Endpoints of ``service``'s ``port`` in one address family (that of the
         VIP dialed), sorted; pods without an address in the family are left out.
         An unknown service or port gives []."""
@@ -257,7 +279,8 @@ class Inventory:
     """All pods, in file order."""
 
     namespaces: Mapping[str, NamespaceSettings] = field(
-        default_factory=lambda: MappingProxyType({}), hash=False)
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
     """Settings by namespace name; namespaces not listed use the defaults."""
 
     services: tuple[Service, ...] = ()
@@ -308,6 +331,7 @@ class Inventory:
 
     def to_dict(self) -> dict:
         """The YAML shape, every default filled in (``parse_inventory`` reads it back)."""
+
         def node(n: Node) -> dict:
             d = {"name": n.name, "address": str(n.address)}
             if n.address6 is not None:
@@ -316,13 +340,22 @@ class Inventory:
 
         return {
             "nodes": [node(n) for n in self.nodes],
-            "pods": [{
-                "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
-                "labels": dict(p.labels), "node": p.node, "ips": [str(a) for a in p.ips],
-                "cgroup": p.cgroup, "mesh": p.mesh,
-            } for p in self.pods],
-            "namespaces": {k: ({"mode": v.mode} if v.mode is not None else {})
-                           for k, v in self.namespaces.items()},
+            "pods": [
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "serviceAccount": p.service_account,
+                    "labels": dict(p.labels),
+                    "node": p.node,
+                    "ips": [str(a) for a in p.ips],
+                    "cgroup": p.cgroup,
+                    "mesh": p.mesh,
+                }
+                for p in self.pods
+            ],
+            "namespaces": {
+                k: ({"mode": v.mode} if v.mode is not None else {}) for k, v in self.namespaces.items()
+            },
             "services": [s.to_dict() for s in self.services],
         }
 
@@ -349,16 +382,18 @@ class InventoryDiff:
     ports or selector; endpoints follow the pods, see ``added``/``removed``)."""
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed or self.namespaces_changed
-                    or self.services_changed)
+        return bool(
+            self.added or self.removed or self.changed or self.namespaces_changed or self.services_changed
+        )
 
 
 def diff(old: Inventory, new: Inventory) -> InventoryDiff:
     """Compare pods by ``namespace/name`` (and namespace settings by name)."""
     before = {p.key: p for p in old.pods}
     after = {p.key: p for p in new.pods}
-    ns = sorted(k for k in set(old.namespaces) | set(new.namespaces)
-                if old.namespaces.get(k) != new.namespaces.get(k))
+    ns = sorted(
+        k for k in set(old.namespaces) | set(new.namespaces) if old.namespaces.get(k) != new.namespaces.get(k)
+    )
 
     def svc_sig(s: Service) -> tuple:
         return (s, tuple(sorted(s.selector.items())))  # Service equality ignores the selector
@@ -369,8 +404,9 @@ def diff(old: Inventory, new: Inventory) -> InventoryDiff:
     return InventoryDiff(
         added=tuple(after[k] for k in sorted(after.keys() - before.keys())),
         removed=tuple(before[k] for k in sorted(before.keys() - after.keys())),
-        changed=tuple((before[k], after[k]) for k in sorted(before.keys() & after.keys())
-                      if before[k] != after[k]),
+        changed=tuple(
+            (before[k], after[k]) for k in sorted(before.keys() & after.keys()) if before[k] != after[k]
+        ),
         namespaces_changed=tuple(ns),
         services_changed=tuple(svcs),
     )
@@ -385,15 +421,27 @@ def services_doc(index: ServiceIndex) -> list[dict]:
         ports = []
         for p in s.ports:
             eps = index.endpoints(s, p, family=4) + index.endpoints(s, p, family=6)
-            ports.append({
-                "port": p.port, "target_port": p.target_port, "name": p.name,
-                "app_protocol": p.app_protocol,
-                "endpoints": [{"pod": e.pod, "ip": str(e.ip), "port": e.port, "node": e.node}
-                              for e in eps],
-            })
-        out.append({"key": s.key, "name": s.name, "namespace": s.namespace,
-                    "vips": [str(v) for v in s.vips], "selector": dict(s.selector),
-                    "ports": ports})
+            ports.append(
+                {
+                    "port": p.port,
+                    "target_port": p.target_port,
+                    "name": p.name,
+                    "app_protocol": p.app_protocol,
+                    "endpoints": [
+                        {"pod": e.pod, "ip": str(e.ip), "port": e.port, "node": e.node} for e in eps
+                    ],
+                }
+            )
+        out.append(
+            {
+                "key": s.key,
+                "name": s.name,
+                "namespace": s.namespace,
+                "vips": [str(v) for v in s.vips],
+                "selector": dict(s.selector),
+                "ports": ports,
+            }
+        )
     return out
 
 

@@ -27,8 +27,9 @@ or reached (connection errors are OSErrors too).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from agent.workloads.model import Inventory
 
@@ -55,8 +56,7 @@ class SourceStatus:
     """Why the newest data was not applied (the last good snapshot stays), or None."""
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "where": self.where, "last_good": self.last_good,
-                "error": self.error}
+        return {"kind": self.kind, "where": self.where, "last_good": self.last_good, "error": self.error}
 
 
 @runtime_checkable
@@ -77,8 +77,7 @@ class WorkloadSource(Protocol):
         Bad new data: recorded, the last good snapshot kept, the error raised."""
         ...
 
-    def describe(self) -> SourceStatus:
-        ...
+    def describe(self) -> SourceStatus: ...
 
     def close(self) -> None:
         """Stop watching (a no-op for sources that only poll)."""

@@ -76,8 +76,8 @@ multicast addresses are refused.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from types import MappingProxyType
-from typing import Iterable, Sequence
 
 from yaml.nodes import ScalarNode
 
@@ -85,13 +85,24 @@ from agent import labels
 from agent import yamlsrc as y
 from agent.config import MESH_MODES
 from agent.workloads.model import (
-    APP_PROTOCOLS, Inventory, IPAddress, NamespaceSettings, Node, Pod, Service, ServiceIndex,
+    APP_PROTOCOLS,
+    Inventory,
+    IPAddress,
+    NamespaceSettings,
+    Node,
+    Pod,
+    Service,
+    ServiceIndex,
     ServicePort,
 )
 
 __all__ = [
-    "load_inventory", "parse_inventory",
-    "read_services", "parse_services", "load_services", "check_against_pods",
+    "load_inventory",
+    "parse_inventory",
+    "read_services",
+    "parse_services",
+    "load_services",
+    "check_against_pods",
 ]
 
 
@@ -154,8 +165,7 @@ def _read(top: y.MapReader) -> Inventory | None:
         name = n["name"]
         if name is not None:
             if name in by_name:
-                _blame(n, "name", f"node {name!r} is listed twice "
-                                  f"(first at {_where(by_name[name], 'name')})")
+                _blame(n, "name", f"node {name!r} is listed twice (first at {_where(by_name[name], 'name')})")
             else:
                 by_name[name] = n
         for attr in ("address", "address6"):
@@ -164,8 +174,9 @@ def _read(top: y.MapReader) -> Inventory | None:
                 continue
             if a in by_addr:
                 other, oattr = by_addr[a]
-                _blame(n, attr, f"{a} is already the address of node {other['name']!r} "
-                                f"({_where(other, oattr)})")
+                _blame(
+                    n, attr, f"{a} is already the address of node {other['name']!r} ({_where(other, oattr)})"
+                )
             else:
                 by_addr[a] = (n, attr)
 
@@ -184,23 +195,33 @@ def _read(top: y.MapReader) -> Inventory | None:
                 here, there = p.reader.at("ips"), other.reader.at("ips")
                 assert here is not None and there is not None
                 other_name = f"{other['namespace'] or '?'}/{other['name'] or '?'}"
-                here.items()[i].problem(f"{ip} is already used by pod {other_name} "
-                                        f"({there.items()[j].where})")
+                here.items()[i].problem(
+                    f"{ip} is already used by pod {other_name} ({there.items()[j].where})"
+                )
             else:
                 by_ip[ip] = (p, i)
         if nodes_ok and p["node"] is not None and p["node"] not in by_name:
             hint = y.did_you_mean(p["node"], by_name)
-            _blame(p, "node", f"node {p['node']!r} is not in nodes[]"
-                              + (f" (did you mean {hint!r}?)" if hint else
-                                 f"; known nodes: {', '.join(by_name) or 'none'}"))
+            _blame(
+                p,
+                "node",
+                f"node {p['node']!r} is not in nodes[]"
+                + (
+                    f" (did you mean {hint!r}?)" if hint else f"; known nodes: {', '.join(by_name) or 'none'}"
+                ),
+            )
 
     before = len(doc.problems)
     services = read_services(svc_val)
     if len(doc.problems) == before and svc_val is not None:
         # Only over services that read cleanly (positions line up with items)
         # and only pods that did (else a VIP clash could be a spurious echo).
-        check_against_pods(services, [Pod(**p.fields) for p in pods if p.ok],
-                           svc_val, [Node(**n.fields) for n in nodes if n.ok])
+        check_against_pods(
+            services,
+            [Pod(**p.fields) for p in pods if p.ok],
+            svc_val,
+            [Node(**n.fields) for n in nodes if n.ok],
+        )
 
     if doc.failed:
         return None
@@ -256,8 +277,10 @@ def _pod_ips(v: y.Value) -> tuple[IPAddress, ...]:
     seen: dict[int, int] = {}
     for i, ip in enumerate(ips):
         if ip.version in seen:
-            items[i].problem(f"a pod has at most one IPv{ip.version} address "
-                             f"(ips[{seen[ip.version]}] is {ips[seen[ip.version]]})")
+            items[i].problem(
+                f"a pod has at most one IPv{ip.version} address "
+                f"(ips[{seen[ip.version]}] is {ips[seen[ip.version]]})"
+            )
             raise y.Reported()
         seen[ip.version] = i
     return ips
@@ -305,9 +328,11 @@ def _read_namespace(v: y.Value) -> NamespaceSettings | None:
 def _vip(v: y.Value) -> IPAddress:
     ip = y.ip_address()(v)
     if ip.is_loopback or ip.is_link_local:
-        raise y.Invalid(f"{ip} is a {'loopback' if ip.is_loopback else 'link-local'} address; "
-                        "a VIP needs an address no host owns, e.g. from 10.96.0.0/16 or "
-                        "fd00:96::/112")
+        raise y.Invalid(
+            f"{ip} is a {'loopback' if ip.is_loopback else 'link-local'} address; "
+            "a VIP needs an address no host owns, e.g. from 10.96.0.0/16 or "
+            "fd00:96::/112"
+        )
     return ip
 
 
@@ -321,8 +346,10 @@ def _vips(v: y.Value) -> tuple[IPAddress, ...]:
     seen: dict[int, int] = {}
     for i, ip in enumerate(ips):
         if ip.version in seen:
-            items[i].problem(f"a service has at most one IPv{ip.version} VIP "
-                             f"(vip[{seen[ip.version]}] is {ips[seen[ip.version]]})")
+            items[i].problem(
+                f"a service has at most one IPv{ip.version} VIP "
+                f"(vip[{seen[ip.version]}] is {ips[seen[ip.version]]})"
+            )
             raise y.Reported()
         seen[ip.version] = i
     return ips
@@ -330,16 +357,16 @@ def _vips(v: y.Value) -> tuple[IPAddress, ...]:
 
 def _target_port(v: y.Value) -> int:
     if isinstance(v.node, ScalarNode) and v.node.tag == "tag:yaml.org,2002:str":
-        raise y.Invalid(f"named target ports ({v.node.value!r}) are not supported; "
-                        "write the pod's port number")
+        raise y.Invalid(
+            f"named target ports ({v.node.value!r}) are not supported; write the pod's port number"
+        )
     return y.port(v)
 
 
 def _selector(v: y.Value) -> dict[str, str]:
     selected = y.map_of(labels.key, labels.value)(v)
     if not selected:
-        raise y.Invalid("a service needs at least one selector label; without one it would "
-                        "have no endpoints")
+        raise y.Invalid("a service needs at least one selector label; without one it would have no endpoints")
     return selected
 
 
@@ -429,16 +456,19 @@ def read_services(value: y.Value | None) -> tuple[Service, ...]:
                 if other is not None:
                     at = r.at("vip")
                     assert at is not None
-                    at.problem(f"{vip}:{p.port} is already served by service {other[0].key!r} "
-                               f"({other[1].value.where})")
+                    at.problem(
+                        f"{vip}:{p.port} is already served by service {other[0].key!r} "
+                        f"({other[1].value.where})"
+                    )
                 else:
                     by_vip[(vip, p.port)] = (svc, r)
         out.append(svc)
     return tuple(out)
 
 
-def check_against_pods(services: Sequence[Service], pods: Iterable[Pod],
-                       value: y.Value | None = None, nodes: Iterable = ()) -> list[str]:
+def check_against_pods(
+    services: Sequence[Service], pods: Iterable[Pod], value: y.Value | None = None, nodes: Iterable = ()
+) -> list[str]:
     """Problems that need the pods and nodes: a VIP that is also a pod IP or
     a node address (``nodes``: objects with ``name``, ``address`` and
     ``address6``, as :class:`agent.workloads.model.Node`).  Returned as
@@ -468,8 +498,7 @@ def check_against_pods(services: Sequence[Service], pods: Iterable[Pod],
     return out
 
 
-def parse_services(text: str, filename: str = "<services>",
-                   pods: Sequence[Pod] = ()) -> ServiceIndex:
+def parse_services(text: str, filename: str = "<services>", pods: Sequence[Pod] = ()) -> ServiceIndex:
     """A file holding a ``services:`` section (other inventory sections are
     allowed and ignored) into a :class:`ServiceIndex` over ``pods``.
     Raises SourceError listing every problem."""
@@ -490,5 +519,3 @@ def load_services(path: str | os.PathLike[str], pods: Sequence[Pod] = ()) -> Ser
     """Read ``path`` with :func:`parse_services`; raises SourceError."""
     p = os.fspath(path)
     return parse_services(y.read_text(p), p, pods)
-
-

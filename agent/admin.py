@@ -247,8 +247,8 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
 def _traffic_warnings(agent: AdminAgent, store) -> list[str]:
     """TrafficPolicies for services the inventory does not have (yet): warnings,
     never errors, since a service can arrive after its policy."""
-    from .traffic.policy import KIND as TRAFFIC
-    from .traffic.policy import lint_traffic, parse_traffic_policies
+    from .traffic.trafficpolicy import KIND as TRAFFIC
+    from .traffic.trafficpolicy import lint_traffic, parse_traffic_policies
 
     inv = agent.inventory
     if inv is None or TRAFFIC not in store.kinds:
@@ -414,7 +414,7 @@ FOLLOW_INTERVAL = 0.25
 
 
 def _flow_views(agent: AdminAgent, records: list[dict], links: dict[int, int]) -> list[dict]:
-    from .flows import Resolver, build_views
+    from .observe.flowviews import Resolver, build_views
 
     proxy_ips = {
         str(ip): agent.cfg.node for ip in (agent.cfg.proxy.redirect_ipv4, agent.cfg.proxy.redirect_ipv6) if ip
@@ -435,7 +435,7 @@ async def _flows_route(
     or max_seconds pass (returns None then)."""
     from urllib.parse import parse_qs, urlsplit
 
-    from .flows import FlowFilter, select, sort_views
+    from .observe.flowviews import FlowFilter, select, sort_views
 
     url = urlsplit(target)
     params = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -490,11 +490,11 @@ async def _flows_route(
 
 
 async def _stats_route(agent: AdminAgent, target: str) -> tuple[int, dict]:
-    """GET /v1/stats?from=W&to=W -> per workload pair rows (agent/stats.py)."""
+    """GET /v1/stats?from=W&to=W -> per workload pair rows (agent/observe/pairstats.py)."""
     from urllib.parse import parse_qs, urlsplit
 
-    from .metrics import merge_http, merge_tcp
-    from .stats import StatsFilter, pair_rows, select
+    from .observe.pairstats import StatsFilter, pair_rows, select
+    from .observe.prometheus import merge_http, merge_tcp
 
     params = {k: v[-1] for k, v in parse_qs(urlsplit(target).query).items()}
     flt = StatsFilter(src=params.get("from") or None, dst=params.get("to") or None)

@@ -39,7 +39,7 @@ from .workloads.source import WorkloadSource, source_from_config
 from .yamlsrc import SourceError
 
 if TYPE_CHECKING:  # imported where used: the CLI's `run` should not pay for them at import
-    from .datapath.flows import FlowReader
+    from .datapath.flowtable import FlowReader
     from .identity.issuer import NodeIssuer
     from .policy.store import PolicyStore
 
@@ -231,7 +231,7 @@ class Agent:
         AuthorizationPolicies and TrafficPolicies; also rewrites
         runDir/policies.json and runDir/traffic.json for the proxy workers."""
         from .policy.store import PolicyStore
-        from .traffic.policy import TRAFFIC_KIND
+        from .traffic.trafficpolicy import TRAFFIC_KIND
 
         store = PolicyStore(
             self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain, kinds=[TRAFFIC_KIND]
@@ -550,7 +550,7 @@ class Agent:
         return self.proxies.worker_stats()
 
     def metrics_snapshot(self) -> dict:
-        """What one /metrics scrape reports (see agent.metrics.families)."""
+        """What one /metrics scrape reports (see agent.observe.prometheus.families)."""
         from .datapath.status import datapath_status
 
         return {
@@ -566,7 +566,7 @@ class Agent:
         m = self.cfg.metrics
         if not m.enabled:
             return None
-        from .metrics import MetricsServer
+        from .observe.prometheus import MetricsServer
 
         try:
             srv = MetricsServer(self.metrics_snapshot, str(m.address), m.port).start()
@@ -601,7 +601,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         ca_server = await start_ca_server(self)
-        from .datapath.flows import FlowReader
+        from .datapath.flowtable import FlowReader
 
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)

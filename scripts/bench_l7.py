@@ -11,7 +11,7 @@ upstream, each proxy in a process of its own (one core each, as a worker):
                    one endpoint, retries off
     l7-lb-retries  the same with a two-endpoint cluster (P2C) and the
                    default retry policy (attempts 2, budget), when the L7
-                   session speaks clusters (agent.traffic.cluster)
+                   session speaks clusters (agent.traffic.upstream_cluster)
 
 The upstream is **nginx** (Debian package) with a temporary config on
 127.0.0.1, one worker, ``return 200`` of a 3-byte body, keep-alive without
@@ -116,12 +116,12 @@ def _serve_l7(listen: int, upstreams: list[int], lb: bool, seconds: float) -> No
 
     targets = [("127.0.0.1", p) for p in upstreams]
     try:
-        from agent.traffic.cluster import Cluster  # the L7 session speaks clusters
+        from agent.traffic.upstream_cluster import Cluster  # the L7 session speaks clusters
     except ImportError:  # older session: the chooser returns an address
         Cluster = None  # type: ignore[assignment]  # noqa: N806
 
     if Cluster is not None and hasattr(Cluster, "single"):
-        from agent.traffic.policy import Retries, TrafficSettings
+        from agent.traffic.trafficpolicy import Retries, TrafficSettings
         if lb:
             cluster = Cluster("bench/upstream:80", targets, TrafficSettings())  # default retries
         else:
@@ -230,7 +230,7 @@ def _wrk(port: int, duration: float, connections: int) -> dict:
 
 
 def _has_clusters() -> bool:
-    return os.path.exists(os.path.join(ROOT, "agent", "traffic", "cluster.py"))
+    return os.path.exists(os.path.join(ROOT, "agent", "traffic", "upstream_cluster.py"))
 
 
 def run(duration: float, connections: int) -> dict:

@@ -57,7 +57,7 @@ def flows(
     """
     from urllib.parse import urlencode
 
-    from ..flows import FlowFilter, format_table, parse_since
+    from ..observe.flowviews import FlowFilter, format_table, parse_since
 
     try:
         flt = FlowFilter(
@@ -104,7 +104,7 @@ def _follow_flows(sock_path: str, path: str, output: str, max_seconds: float) ->
     import socket
     import time
 
-    from ..flows import format_table
+    from ..observe.flowviews import format_table
 
     deadline = time.monotonic() + max_seconds
     try:
@@ -170,7 +170,7 @@ def stats(sock, node, src, dst, output) -> None:
     (not measured there); ask the destination node."""
     from urllib.parse import urlencode
 
-    from ..stats import format_table
+    from ..observe.pairstats import format_table
 
     params = {k: v for k, v in (("from", src), ("to", dst)) if v}
     data = admin_get("/v1/stats" + (f"?{urlencode(params)}" if params else ""), admin_socket(sock, node))

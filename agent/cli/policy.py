@@ -46,7 +46,7 @@ def _load_policy_set(paths, trust_domain, root_namespace, output, code):
 
 def _load_documents(paths, trust_domain, root_namespace, output, code):
     """(PolicySet, TrafficPolicySet) of ``paths``: both kinds, mixed in any file."""
-    from ..traffic.policy import load_all
+    from ..traffic.trafficpolicy import load_all
     from ..yamlsrc import SourceError
 
     try:
@@ -133,7 +133,7 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
     TrafficPolicy documents; errors name file:line:column and field.  The
     version is the one the agent's store would have with exactly these."""
     from ..policy.store import store_version
-    from ..traffic.policy import KIND as TRAFFIC
+    from ..traffic.trafficpolicy import KIND as TRAFFIC
 
     ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 1)
     version = store_version(ps.version, {TRAFFIC: (ts.version, len(ts))})
@@ -388,7 +388,7 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
                 f"{http_ports!r} is not a list of ports", param_hint="--http-ports"
             ) from None
     from ..policy.lint import Finding
-    from ..traffic.policy import lint_traffic
+    from ..traffic.trafficpolicy import lint_traffic
 
     ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 3)
     pods = None

@@ -33,7 +33,7 @@ from . import abi, bpfsys
 
 log = logging.getLogger("meshlet.datapath")
 
-BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c", "flows.c")
+BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c", "flowtrack.c")
 
 
 def bpf_dir() -> str:
@@ -61,7 +61,7 @@ CGROUP_HOOKS = (
     CgroupHook("ml_sockops", bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
     CgroupHook("ml_getpeername4", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET4_GETPEERNAME),
     CgroupHook("ml_getpeername6", bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_GETPEERNAME),
-    # flows.c: a second sock_ops program, its own link, attached after
+    # flowtrack.c: a second sock_ops program, its own link, attached after
     # ml_sockops so it runs after it (it ORs its callback flags onto ml_sockops').
     CgroupHook(FLOW_PROG, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )

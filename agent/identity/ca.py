@@ -47,7 +47,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from .certs import (
+from .spiffe import SpiffeId
+from .svid import (
     TrustBundle,
     authority_key_id,
     cert_fingerprint,
@@ -59,7 +60,6 @@ from .certs import (
     load_key_pem,
     random_serial,
 )
-from .spiffe import SpiffeId
 
 __all__ = [
     "CaError",

@@ -19,8 +19,8 @@ from datetime import timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .certs import SvidError, TrustBundle, cert_to_pem, load_certs_pem, sign_workload_csr
 from .spiffe import SpiffeIdError, parse_spiffe_id
+from .svid import SvidError, TrustBundle, cert_to_pem, load_certs_pem, sign_workload_csr
 
 log = logging.getLogger("meshlet.identity")
 

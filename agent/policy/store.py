@@ -2,7 +2,7 @@
 
 The store holds every applied document -- ``AuthorizationPolicy`` and the
 other kinds it is given (the agent gives it ``TrafficPolicy``, see
-:data:`agent.traffic.policy.TRAFFIC_KIND`; this package does not import
+:data:`agent.traffic.trafficpolicy.TRAFFIC_KIND`; this package does not import
 agent.traffic) -- and, for every one, its source document (normalized:
 re-dumped YAML, so comments and formatting are not kept, as with
 ``kubectl get -o yaml``).  Documents are keyed by kind/namespace/name: an

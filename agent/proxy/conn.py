@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy.l7authz import RequestAuthorizer
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.state import Pod, ProxyState, normalize_ip

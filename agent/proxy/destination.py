@@ -39,8 +39,8 @@ from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.state import Pod, ProxyState
 from agent.proxy.stats import Accounting
 from agent.proxy.upstream import Upstream, first_then
-from agent.traffic.cluster import Cluster
-from agent.traffic.policy import Retries, Timeouts, TrafficSettings
+from agent.traffic.trafficpolicy import Retries, Timeouts, TrafficSettings
+from agent.traffic.upstream_cluster import Cluster
 
 __all__ = ["Destination", "L7_SNIFF_TIMEOUT", "record_decision"]
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy import tunnel
 from agent.proxy.admission import Refusal, admit_tunnel
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy.authz import PolicyWatcher
-from agent.proxy.certs import CertManager
 from agent.proxy.log import AccessLog
 from agent.proxy.state import StateWatcher
 from agent.proxy.tls import TlsContexts
 from agent.proxy.watch import TrafficWatcher
+from agent.proxy.workload_certs import CertManager
 
 __all__ = ["ProxyInputs"]
 

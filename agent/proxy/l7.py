@@ -11,9 +11,9 @@ already parsed, with reading paused):
 
 1. ``RequestHead`` → ``on_request(head)``: a :class:`Response` short-circuits
    (e.g. a 403); else ``choose(head)`` gives a
-   :class:`~agent.traffic.cluster.Cluster` (or a :class:`Response`, which
+   :class:`~agent.traffic.upstream_cluster.Cluster` (or a :class:`Response`, which
    short-circuits too; a bare target tuple is accepted and wrapped in a
-   per-pool :meth:`Cluster.single <agent.traffic.cluster.Cluster.single>`).
+   per-pool :meth:`Cluster.single <agent.traffic.upstream_cluster.Cluster.single>`).
 2. The cluster's circuit breaker counts the request (``max-requests``);
    an endpoint is picked (P2C over the endpoints outlier detection has not
    ejected; none: 503, flag NR); an idle pooled connection to it is reused,
@@ -93,10 +93,10 @@ from agent.proxy.http1 import (
 )
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
-from agent.traffic.cluster import Cluster, Target, target_str
+from agent.traffic.upstream_cluster import Cluster, Target, target_str
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
 from agent.traffic.outcome import status as status_outcome
-from agent.traffic.policy import DEFAULTS, IDEMPOTENT_METHODS
+from agent.traffic.trafficpolicy import DEFAULTS, IDEMPOTENT_METHODS
 from agent.traffic.retry import Done, Request, RetryState
 
 __all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",

@@ -32,7 +32,7 @@ import socket
 import time
 from typing import Any, Protocol
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy import tunnel
 from agent.proxy.conn import (
     STATUS_RESULT,
@@ -63,10 +63,10 @@ from agent.proxy.stats import Accounting
 from agent.proxy.tls import SESSION_CACHE_SIZE
 from agent.proxy.tunnel import Status
 from agent.proxy.upstream import Upstream
-from agent.traffic.cluster import Cluster
 from agent.traffic.outcome import CONNECT_FAILURE as _CONNECT_FAILURE
 from agent.traffic.outcome import RESET as _RESET
 from agent.traffic.outcome import status as _status
+from agent.traffic.upstream_cluster import Cluster
 
 __all__ = ["Outbound", "FlowSource"]
 
@@ -76,7 +76,7 @@ _OK = _status(200)
 
 
 class FlowSource(Protocol):
-    """What ``agent.datapath.flowmap.FlowTable`` provides."""
+    """What ``agent.datapath.origdst.FlowTable`` provides."""
 
     def pop(self, peer: tuple, local: tuple) -> Any: ...
 

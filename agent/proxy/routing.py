@@ -51,7 +51,7 @@ __all__ = [
 
 
 class Origin(Protocol):
-    """What ``agent.datapath.flowmap.FlowOrigin`` provides."""
+    """What ``agent.datapath.origdst.FlowOrigin`` provides."""
 
     family: int
     dst_ip: str

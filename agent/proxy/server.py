@@ -38,9 +38,8 @@ import socket
 import time
 from typing import Any
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy.authz import PolicyWatcher, policy_path
-from agent.proxy.certs import CertManager
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr
 from agent.proxy.destination import Destination
 from agent.proxy.inbound import Inbound
@@ -53,6 +52,7 @@ from agent.proxy.stats import Accounting, StatsProtocol, cluster_stats, stats_so
 from agent.proxy.tls import TlsContexts
 from agent.proxy.upstream import SO_MARK, LegLinker, Upstream
 from agent.proxy.watch import TrafficWatcher
+from agent.proxy.workload_certs import CertManager
 
 # ConnectFailure, SO_MARK and stats_socket_path are re-exported: they lived here before the split.
 __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
@@ -133,7 +133,7 @@ class ProxyServer:
         state = self.watcher.current
         if self.outbound.flows is None:
             # Lazy: keeps the datapath (and anything it imports) out of unit tests.
-            from agent.datapath.flowmap import FlowTable
+            from agent.datapath.origdst import FlowTable
 
             try:
                 self.outbound.flows = FlowTable(state.pin_dir)
@@ -144,7 +144,7 @@ class ProxyServer:
                     "has the agent loaded and pinned the datapath (is bpffs mounted)?",
                 ) from e
             if self.upstream.linker is None:
-                from agent.datapath.flows import FlowLinker
+                from agent.datapath.flowtable import FlowLinker
 
                 self.upstream.linker = FlowLinker(state.pin_dir)
         try:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.proxy import metrics as m
+from agent.proxy import telemetry as m
 from agent.proxy.conn import Conn, fmt_addr, peer_of
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.log import sampled
 from agent.proxy.state import Pod, ProxyState
-from agent.traffic.cluster import Cluster
+from agent.traffic.upstream_cluster import Cluster
 
 __all__ = ["Accounting", "StatsProtocol", "cluster_stats", "stats_socket_path", "L7_LATENCY_SAMPLES"]
 

@@ -53,10 +53,10 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import SvidError, TrustBundle, verify_svid
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
-from agent.proxy.certs import Svid
+from agent.identity.svid import SvidError, TrustBundle, verify_svid
 from agent.proxy.relay import reset_transport
+from agent.proxy.workload_certs import Svid
 
 __all__ = [
     "ALPN",

@@ -32,7 +32,7 @@ SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 
 
 class LegLinker(Protocol):
-    """What ``agent.datapath.flows.FlowLinker`` provides."""
+    """What ``agent.datapath.flowtable.FlowLinker`` provides."""
 
     def link_many(self, pairs: list[tuple[int, int]]) -> None: ...
 

@@ -18,10 +18,10 @@ apart from :meth:`run`.  Users: ``StateWatcher`` (agent/proxy/state.py),
 ``PolicyWatcher`` (agent/proxy/authz.py) and :class:`TrafficWatcher` here.
 
 :class:`TrafficWatcher` gives a worker the current
-:class:`~agent.traffic.policy.TrafficPolicySet` from ``traffic.json``, which
+:class:`~agent.traffic.trafficpolicy.TrafficPolicySet` from ``traffic.json``, which
 the agent's policy store writes next to the proxy state file (shape:
-:func:`agent.traffic.policy.compile_traffic`).  No file means no traffic
-policies (every service gets :data:`~agent.traffic.policy.DEFAULTS`).
+:func:`agent.traffic.trafficpolicy.compile_traffic`).  No file means no traffic
+policies (every service gets :data:`~agent.traffic.trafficpolicy.DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from agent.filesig import file_sig
-from agent.traffic.policy import (
+from agent.traffic.trafficpolicy import (
     PUBLISHED_FILE,
     PUBLISHED_FORMAT,
     TrafficPolicySet,

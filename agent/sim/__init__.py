@@ -1,7 +1,7 @@
 """Simulated cluster harness (netns + veth + cgroup v2) for tests, the demo
-and the benchmark.  See :mod:`agent.sim.cluster`."""
+and the benchmark.  See :mod:`agent.sim.topology`."""
 
-from agent.sim.cluster import (
+from agent.sim.topology import (
     CGROUP_PREFIX,
     Cluster,
     Node,

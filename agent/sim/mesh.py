@@ -35,7 +35,7 @@ import yaml
 
 from agent.datapath.loader import remove_empty_parent, remove_pins
 
-from .cluster import Cluster, Node
+from .topology import Cluster, Node
 
 PROXY_PORTS = {"outbound": 15001, "tunnel": 15008}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .policy import CircuitBreaker
+from .trafficpolicy import CircuitBreaker
 
 __all__ = ["Limit", "Overloaded", "Breaker", "OVERLOADED_HEADER"]
 
@@ -61,7 +61,7 @@ class Overloaded:
 
 
 class Breaker:
-    """Counters against a :class:`~agent.traffic.policy.CircuitBreaker`'s limits."""
+    """Counters against a :class:`~agent.traffic.trafficpolicy.CircuitBreaker`'s limits."""
 
     def __init__(self, limits: CircuitBreaker):
         self.limits = limits

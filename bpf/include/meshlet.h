@@ -116,7 +116,7 @@ struct ml_flow_key {
 
 #define ML_FLOW_F_EVICTED 1         /* close record of a flow whose live entry was evicted */
 
-/* ml_live_flows: socket cookie -> flow (flows.c); the same record, with
+/* ml_live_flows: socket cookie -> flow (flowtrack.c); the same record, with
  * end_ns set, is what a closed flow emits into the ml_flow_events ring.
  * Times are CLOCK_MONOTONIC ns; byte and RTT fields are the kernel's
  * tcp_sock counters as sock_ops sees them. */
@@ -190,7 +190,7 @@ enum ml_stat {
 	ML_STAT_ORIGDST_FULL,       /* could not record the original dst */
 	ML_STAT_STRICT_DROP,        /* plaintext SYN to a strict pod dropped */
 	ML_STAT_STRICT_MESH,        /* SYN from the mesh to a strict pod */
-	ML_STAT_FLOW_TRACKED,       /* flows.c started tracking a TCP flow */
+	ML_STAT_FLOW_TRACKED,       /* flowtrack.c started tracking a TCP flow */
 	ML_STAT_FLOW_CLOSED,        /* a closed flow went into the ring buffer */
 	ML_STAT_FLOW_TABLE_FULL,    /* could not add a flow to ml_live_flows */
 	ML_STAT_FLOW_EVICTED,       /* a tracked flow's live entry was gone at close (LRU) */
@@ -215,7 +215,7 @@ BPF_TABLE_PINNED("lru_hash", u64, struct ml_origdst, ml_origdst, ML_MAX_FLOWS, M
 BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, struct ml_origdst, ml_flows, ML_MAX_FLOWS, ML_PIN(ml_flows));
 BPF_TABLE_PINNED("lru_hash", u64, struct ml_flow, ml_live_flows, ML_MAX_LIVE_FLOWS, ML_PIN(ml_live_flows));
 /* ml_flow_links: socket cookie -> the cookie of the socket the proxy relays
- * it to (written by the proxy, both ways; flows.c forgets a cookie at close) */
+ * it to (written by the proxy, both ways; flowtrack.c forgets a cookie at close) */
 BPF_TABLE_PINNED("lru_hash", u64, u64, ml_flow_links, ML_MAX_LIVE_FLOWS, ML_PIN(ml_flow_links));
 
 /* ml_flow_events: closed flows (struct ml_flow records) for the agent.

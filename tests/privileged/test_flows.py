@@ -25,7 +25,7 @@ from tests.support.privileged import TOOLS, require_privileged, running_mesh, wa
 require_privileged()
 
 from agent.datapath import bpfsys  # noqa: E402
-from agent.datapath.flows import link_flows  # noqa: E402
+from agent.datapath.flowtable import link_flows  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.privileged

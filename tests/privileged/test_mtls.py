@@ -149,7 +149,7 @@ def ca_request(mesh, node, req: dict) -> dict:
 
 
 def test_node_will_not_sign_another_nodes_identity(mesh):
-    from agent.identity.certs import generate_key, make_csr
+    from agent.identity.svid import generate_key, make_csr
     from agent.identity.spiffe import parse_spiffe_id
 
     key = generate_key()
@@ -196,7 +196,7 @@ def mint(mesh, tmp_path, kind: str):
     """A client certificate of the given kind, as files."""
     from datetime import datetime, timedelta, timezone
 
-    from agent.identity import certs as c
+    from agent.identity import svid as c
     from tests.support.ca import CertFactory
 
     sid = spiffe("pod1-1")

@@ -1,4 +1,4 @@
-"""Privileged tests of the simulated cluster harness (agent/sim/cluster.py).
+"""Privileged tests of the simulated cluster harness (agent/sim/topology.py).
 
 Needs root, iproute2 (`ip`), util-linux (`nsenter`) and a cgroup v2 mount.
 Connectivity is probed with a small Python helper (ICMP echo over raw sockets
@@ -36,7 +36,7 @@ if _reasons:
                 allow_module_level=True)
 
 from agent.sim import Cluster, SimError, cleanup_stale, exec_argv  # noqa: E402
-from agent.sim import cluster as simcluster  # noqa: E402
+from agent.sim import topology as simcluster  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PORT = 18080

@@ -25,12 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.identity.certs import (
+from agent.identity.svid import (
     SvidError, TrustBundle, authority_key_id, cert_to_pem, generate_key, key_to_pem, key_usage,
     random_serial, sign_workload_csr,
 )
 from agent.identity.spiffe import SpiffeId, parse_spiffe_id
-from agent.proxy.certs import Svid
+from agent.proxy.workload_certs import Svid
 
 DEFAULT_TD = "example.org"
 LEAF_KU = key_usage(digital_signature=True)

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
-class FlowOrigin:  # same shape as agent.datapath.flowmap.FlowOrigin
+class FlowOrigin:  # same shape as agent.datapath.origdst.FlowOrigin
     family: int
     dst_ip: str
     dst_port: int

@@ -19,7 +19,7 @@ from agent import admin as admin_api
 from agent.adminclient import admin_request
 from agent.cli import main
 from agent.policy.store import PolicyStore
-from agent.traffic.policy import TRAFFIC_KIND
+from agent.traffic.trafficpolicy import TRAFFIC_KIND
 from agent.workloads.yamlfile import parse_inventory
 from tests.support.admin import admin_server
 from tests.support.policy import BAD

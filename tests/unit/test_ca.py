@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from agent.identity import ca
-from agent.identity.certs import (
+from agent.identity.svid import (
     SvidError, TrustBundle, cert_fingerprint, generate_key, load_certs_pem, make_csr, sign_workload_csr,
     verify_svid,
 )

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from agent.identity.certs import (
+from agent.identity.svid import (
     REASONS, SvidError, TrustBundle, cert_to_pem, generate_key, key_to_pem, load_certs_pem, load_key_pem,
     make_csr, sign_workload_csr, svid_info, verify_svid,
 )

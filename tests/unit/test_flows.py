@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from agent.cli import main
 from agent.datapath import abi
-from agent.datapath.flows import FLOW_SIZE, decode_flow
+from agent.datapath.flowtable import FLOW_SIZE, decode_flow
 from agent.datapath.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, RingBuffer, record_span
-from agent.flows import (FlowFilter, Resolver, build_views, format_table, human_bytes, human_us,
+from agent.observe.flowviews import (FlowFilter, Resolver, build_views, format_table, human_bytes, human_us,
                          link_legs, parse_since, sort_views)
 
 # --- ring buffer -------------------------------------------------------------------------

@@ -58,11 +58,11 @@ VIOLATIONS = {
     ],
     "traffic-pure": [
         ("traffic/lb.py", "import time"),
-        ("workloads/services.py", "import asyncio"),
+        ("workloads/yamlfile.py", "import asyncio"),
     ],
     "traffic-deps": [
         ("traffic/retry.py", "from agent.proxy import state"),
-        ("workloads/services.py", "import agent.metrics"),
+        ("workloads/model.py", "import agent.observe.prometheus"),
     ],
     "proxy-sans-io": [
         ("proxy/http1.py", "import asyncio"),

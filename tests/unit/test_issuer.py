@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import generate_key, load_certs_pem, make_csr, verify_svid
+from agent.identity.svid import generate_key, load_certs_pem, make_csr, verify_svid
 from agent.identity.issuer import (CaMaterial, IdentityFilesError, IssueError, NodeIssuer,
                                    load_material)
 from agent.identity.spiffe import parse_spiffe_id

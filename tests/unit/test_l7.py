@@ -23,8 +23,8 @@ from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, Res
 from agent.proxy.l7 import L7Settings, Response, UpstreamPool, session_factory
 from agent.proxy.tracing import parse_traceparent
 from agent.traffic.breaker import Limit
-from agent.traffic.cluster import Cluster
-from agent.traffic.policy import Timeouts, TrafficSettings
+from agent.traffic.upstream_cluster import Cluster
+from agent.traffic.trafficpolicy import Timeouts, TrafficSettings
 from tests.support.aio import run
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -18,8 +18,8 @@ from agent.proxy.http1 import Body, EndOfMessage, ParseError, RequestParser, Res
 from agent.proxy.l7 import L7Settings, UpstreamPool, session_factory
 from agent.proxy.relay import reset_transport
 from agent.traffic.breaker import Limit
-from agent.traffic.cluster import Cluster
-from agent.traffic.policy import (
+from agent.traffic.upstream_cluster import Cluster
+from agent.traffic.trafficpolicy import (
     Budget, CircuitBreaker, OutlierDetection, Retries, Timeouts, TrafficSettings,
 )
 from tests.support import aio

@@ -14,11 +14,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from agent.app import proxy_state
 from agent.config import parse_config
-from agent.metrics import _Collector, families, merge_tcp
-from agent.proxy import metrics as m
+from agent.observe.prometheus import _Collector, families, merge_tcp
+from agent.proxy import telemetry as m
 from agent.proxy.log import sampled
 from agent.proxy.state import StateError, parse_state
-from agent.stats import StatsFilter, format_table, pair_rows, percentile, select
+from agent.observe.pairstats import StatsFilter, format_table, pair_rows, percentile, select
 from agent.workloads.yamlfile import parse_inventory
 
 WEB = m.Peer("web", "shop", "spiffe://td/ns/shop/sa/web", "web")
@@ -340,11 +340,11 @@ import dataclasses  # noqa: E402
 import math  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from agent.metrics import merge_http  # noqa: E402
+from agent.observe.prometheus import merge_http  # noqa: E402
 from agent.policy.http import NormalizedPath  # noqa: E402
 from agent.proxy.l7 import Exchange  # noqa: E402
 from agent.proxy.log import request_ids, request_record  # noqa: E402
-from agent.stats import fine_percentile  # noqa: E402
+from agent.observe.pairstats import fine_percentile  # noqa: E402
 
 
 def http_conn_labels(mtls=False):

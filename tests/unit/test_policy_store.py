@@ -13,7 +13,7 @@ import pytest
 
 from agent.policy.load import load_policies, parse_policies, policy_files
 from agent.policy.store import COMPILED_FILE, STORE_FILE, Ambiguous, PolicyStore, store_version
-from agent.traffic.policy import (
+from agent.traffic.trafficpolicy import (
     PUBLISHED_FILE, TRAFFIC_KIND, load_traffic_policies, parse_traffic_policies,
 )
 from agent.yamlsrc import SourceError

@@ -15,9 +15,9 @@ import random
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import verify_svid
+from agent.identity.svid import verify_svid
 from agent.identity.spiffe import parse_spiffe_id
-from agent.proxy.certs import CertManager, ca_request
+from agent.proxy.workload_certs import CertManager, ca_request
 from agent.proxy.state import parse_state
 from tests.support.aio import run, until
 from tests.support.ca import FakeCA
@@ -159,7 +159,7 @@ def test_backoff_doubles_from_one_to_thirty_seconds():
 def test_expired_certificate_is_never_returned(tmp_path):
     now = [1000.0]
     m = CertManager("/nonexistent/ca.sock", TD, clock=lambda: now[0])
-    from agent.proxy.certs import Svid, _Entry
+    from agent.proxy.workload_certs import Svid, _Entry
     e = _Entry(ident("web"))
     e.svid = Svid(ident("web"), (), None, 900.0, 1100.0, 1, 1050.0, 1)
     m._entries[e.identity] = e

@@ -13,7 +13,7 @@ import os
 from agent.policy.store import PolicyStore
 from agent.proxy.authz import PolicyWatcher, empty_set
 from agent.proxy.watch import FileWatcher, TrafficWatcher, traffic_path
-from agent.traffic.policy import DEFAULTS, TRAFFIC_KIND
+from agent.traffic.trafficpolicy import DEFAULTS, TRAFFIC_KIND
 from tests.support.aio import run
 from tests.support.mesh import CLIENT_ID, V4, Cluster, FlowOrigin, exchange, expect_reset
 from tests.support.policy import LABELS, apply, doc

@@ -431,7 +431,7 @@ def test_proxy_processes_never_import_bcc():
         "import sys, importlib\n"
         "import agent.proxy.server, agent.proxy.__main__, agent.proxy.relay, agent.proxy.routing\n"
         "try:\n"
-        "    importlib.import_module('agent.datapath.flowmap')\n"
+        "    importlib.import_module('agent.datapath.origdst')\n"
         "except ImportError:\n"
         "    pass\n"
         "bad = sorted(m for m in sys.modules if m == 'bcc' or m.startswith('bcc.') or m.startswith('pyroute2'))\n"
@@ -442,13 +442,13 @@ def test_proxy_processes_never_import_bcc():
 
 _FAKE_MAIN = """
 import sys, types
-m = types.ModuleType("agent.datapath.flowmap")
+m = types.ModuleType("agent.datapath.origdst")
 class FlowTable:
     def __init__(self, pin_dir): pass
     def pop(self, peer, local): return None
     def close(self): pass
 m.FlowTable = FlowTable
-sys.modules["agent.datapath.flowmap"] = m
+sys.modules["agent.datapath.origdst"] = m
 from agent.proxy.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -19,8 +19,8 @@ from datetime import timedelta
 
 import pytest
 
-from agent.identity.certs import TrustBundle
-from agent.proxy.certs import Svid
+from agent.identity.svid import TrustBundle
+from agent.proxy.workload_certs import Svid
 from agent.proxy.tls import ALPN, HandshakeError, TlsContexts, identity_from_sni, sni_for
 from tests.support.aio import run
 from tests.support.ca import CertFactory, make_svid

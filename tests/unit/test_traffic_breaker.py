@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
-from agent.traffic.policy import CircuitBreaker
+from agent.traffic.trafficpolicy import CircuitBreaker
 
 
 @pytest.mark.parametrize("limit, header", [

@@ -1,4 +1,4 @@
-"""agent/traffic/cluster.py: picking, accounting, updates that keep state."""
+"""agent/traffic/upstream_cluster.py: picking, accounting, updates that keep state."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from agent.traffic import outcome as oc
 from agent.traffic.breaker import Limit
-from agent.traffic.cluster import Cluster, target_str
-from agent.traffic.policy import (
+from agent.traffic.upstream_cluster import Cluster, target_str
+from agent.traffic.trafficpolicy import (
     Budget, CircuitBreaker, OutlierDetection, Retries, TrafficSettings,
 )
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from agent.traffic import outcome as oc
 from agent.traffic.outlier import OutlierDetector
-from agent.traffic.policy import OutlierDetection
+from agent.traffic.trafficpolicy import OutlierDetection
 
 CFG = OutlierDetection(consecutive_5xx=3, consecutive_connect_failures=2, interval=10.0,
                        base_ejection_time=30.0, max_ejection_time=300.0, max_ejection_percent=50)

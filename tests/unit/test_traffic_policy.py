@@ -1,4 +1,4 @@
-"""agent/traffic/policy.py: defaults, durations, matching, every example
+"""agent/traffic/trafficpolicy.py: defaults, durations, matching, every example
 file, and errors with their exact file:line:column."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.traffic.policy import (
+from agent.traffic.trafficpolicy import (
     DEFAULTS, Retries, TrafficSettings, lint_traffic, load_all, load_traffic_policies,
     parse_all_sources, parse_duration, parse_traffic_policies, traffic_policy_files,
 )

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.traffic import outcome as oc
-from agent.traffic.policy import DEFAULTS, Budget, Retries, Timeouts, TrafficSettings
+from agent.traffic.trafficpolicy import DEFAULTS, Budget, Retries, Timeouts, TrafficSettings
 from agent.traffic.retry import (
     RULES, Attempt, Done, Request, Retry, RetryBudget, RetryState,
 )

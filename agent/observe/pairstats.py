@@ -1,8 +1,8 @@
 """``meshlet stats``: traffic per workload pair, like ``linkerd viz stat``.
 
 Pure: the proxy workers' Istio-labelled TCP counters (merged by
-:func:`agent.metrics.merge_tcp`) and the kernel's flow views (from
-:func:`agent.flows.build_views`) in; rows, filters and text out.
+:func:`agent.observe.prometheus.merge_tcp`) and the kernel's flow views (from
+:func:`agent.observe.flowviews.build_views`) in; rows, filters and text out.
 
 * connections and bytes come from the proxy (exact application bytes,
   updated at every read and final at close): the same numbers
@@ -72,7 +72,7 @@ def _end(lb: dict, side: str) -> dict:
 
 def fine_percentile(hist: dict[int, int], q: float, growth: float) -> float | None:
     """Nearest-rank percentile (ms) of a log-bucket latency histogram
-    (bucket -> count, see ``agent.proxy.metrics.fine_bucket``)."""
+    (bucket -> count, see ``agent.proxy.telemetry.fine_bucket``)."""
     total = sum(hist.values())
     if not total:
         return None
@@ -125,7 +125,7 @@ def pair_rows(
 
     ``tcp``: label values -> [opened, closed, received, sent] (Istio's
     direction); ``views``: flow views; ``workload_of``: pod key ->
-    (workload, namespace); ``http``: :func:`agent.metrics.merge_http`."""
+    (workload, namespace); ``http``: :func:`agent.observe.prometheus.merge_http`."""
     by_reporter: dict[str, dict[tuple, dict]] = {"source": {}, "destination": {}}
     for key, (opened, closed, received, sent) in tcp.items():
         lb = dict(zip(names, key, strict=False))
@@ -256,7 +256,7 @@ def _opt(v, fmt) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    from .flows import human_bytes, human_us
+    from .flowviews import human_bytes, human_us
 
     table = [list(COLUMNS)]
     for r in rows:

@@ -47,7 +47,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import (
+from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
+from agent.identity.svid import (
     SvidError,
     TrustBundle,
     generate_key,
@@ -55,7 +56,6 @@ from agent.identity.certs import (
     make_csr,
     verify_svid,
 )
-from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
 
 __all__ = ["Svid", "CertManager", "CaError", "ca_request"]
 

@@ -1,6 +1,6 @@
 """Flow table reader over pinned maps — bcc-free, safe after an agent restart.
 
-Kernel side: bpf/flows.c keeps live TCP flows in ``ml_live_flows`` (LRU,
+Kernel side: bpf/flowtrack.c keeps live TCP flows in ``ml_live_flows`` (LRU,
 socket cookie -> struct ml_flow) and emits each closed flow into the
 ``ml_flow_events`` ring buffer.  :class:`FlowReader` drains that ring into a
 bounded "recently closed" list (in a thread of its own, so short flows are
@@ -9,9 +9,9 @@ never lost between two reads) and reads the live map on demand.
 Linking the proxy's two sockets of one relayed connection needs the proxy:
 it calls :func:`link_flows` (or :class:`FlowLinker`) with the cookies of the
 accepted and the upstream socket, which files them, both ways, in the pinned
-``ml_flow_links`` map; flows.c copies a closing socket's peer into its
+``ml_flow_links`` map; flowtrack.c copies a closing socket's peer into its
 record.  Flow records leave this module as plain dicts (see
-:func:`decode_flow`); agent/flows.py resolves, filters and formats them.
+:func:`decode_flow`); agent/observe/flowviews.py resolves, filters and formats them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ EVENTS_MAP = "ml_flow_events"
 
 
 def socket_cookie(sock: socket.socket) -> int:
-    """The kernel's socket cookie (what flows.c keys flows by)."""
+    """The kernel's socket cookie (what flowtrack.c keys flows by)."""
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 

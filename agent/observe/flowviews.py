@@ -1,6 +1,6 @@
 """``meshlet flows``: what the node's TCP flows are, who they belong to.
 
-Pure: flow records (dicts from :func:`agent.datapath.flows.decode_flow`) in,
+Pure: flow records (dicts from :func:`agent.datapath.flowtable.decode_flow`) in,
 views, filters, sort orders and text out.  The agent builds views (it has the
 inventory); the CLI only formats what the admin API returns.
 

@@ -3,7 +3,7 @@
 The node proxy keeps one :class:`Cluster` per service port per worker (and
 the L7 session one per direct pod address, :meth:`Cluster.single`).  It is
 long-lived: :meth:`Cluster.update` takes a new endpoint list or new
-:class:`~agent.traffic.policy.TrafficSettings` and keeps what is known about
+:class:`~agent.traffic.trafficpolicy.TrafficSettings` and keeps what is known about
 endpoints that remain (load-balancing statistics, ejections, breaker counts,
 the retry budget).
 
@@ -36,8 +36,8 @@ from .breaker import Breaker
 from .lb import LoadBalancer, Token
 from .outcome import Outcome
 from .outlier import OutlierDetector
-from .policy import DEFAULTS, TrafficSettings
 from .retry import RetryBudget
+from .trafficpolicy import DEFAULTS, TrafficSettings
 
 __all__ = ["Cluster", "Target", "target_str"]
 

@@ -11,7 +11,7 @@ Two halves:
   the agent's event loop, and the proxies only answer a stats request.
 
 Istio-compatible TCP metrics are the sum over the proxy workers of their
-label sets (see ``agent/proxy/metrics.py`` for the labels).  So are
+label sets (see ``agent/proxy/telemetry.py`` for the labels).  So are
 Istio's request metrics (``istio_requests_total``,
 ``istio_request_duration_milliseconds``, ``istio_request_bytes``,
 ``istio_response_bytes``) for the HTTP requests the proxy served with
@@ -31,7 +31,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .proxy.metrics import DENY_REASONS
+from ..proxy.telemetry import DENY_REASONS
 
 log = logging.getLogger("meshlet.metrics")
 

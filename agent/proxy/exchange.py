@@ -258,7 +258,7 @@ class Connect:
 
     target: Target
     timeout: float | None
-    data: tuple[bytes, ...] | list[bytes]
+    data: tuple[bytes, ...]
     fresh: bool = False
 
 
@@ -611,7 +611,7 @@ class HttpExchange:
 
     # ---- helpers
 
-    def _data(self) -> tuple[bytes, ...] | list[bytes]:
+    def _data(self) -> tuple[bytes, ...]:
         """What goes out first on an attempt's connection: the head, then the
         body kept for replay (and its end, if the request is complete)."""
         rp = self.replay
@@ -619,10 +619,9 @@ class HttpExchange:
             if rp is not None and self.req_done and self.end:
                 return (self.preamble, self.end)
             return (self.preamble,)
-        d = [self.preamble, *rp]
         if self.req_done and self.end:
-            d.append(self.end)
-        return d
+            return (self.preamble, *rp, self.end)
+        return (self.preamble, *rp)
 
     def _try(self, target: Target, now: float) -> list[Command]:
         """Start an attempt on ``target``."""

@@ -1,116 +1,96 @@
-"""HTTP/1.1 forwarding for one downstream connection: the thin asyncio shell.
+"""HTTP/1.1 on one downstream connection: the parser and socket glue around
+one :class:`~agent.proxy.exchange.HttpExchange` per request.
 
-Protocol decisions live in ``http1`` (parsing, framing, serialization),
-``tracing`` (trace headers), ``agent.policy.http`` (normalization) and
-``agent.traffic`` (load balancing, retries, budgets, circuit breaking,
-outlier ejection: pure, clock passed in). This module moves bytes between
-sockets and owns the deadlines.
+Who decides what:
+
+- ``http1``: parsing, framing checks, serialization (sans-IO);
+  ``agent.policy.http``: normalization; ``tracing``: trace headers;
+- ``on_request``/``choose`` (the caller's hooks): a :class:`Response`
+  short-circuits (e.g. a 403); else a
+  :class:`~agent.traffic.cluster.Cluster` (a bare target tuple is wrapped in
+  the pool's :meth:`~agent.proxy.pool.UpstreamPool.direct` cluster);
+- ``exchange``: everything per request that does not depend on the wire
+  format -- breaker, endpoint choice, retries and their budget, outlier
+  feedback, deadlines, the proxy's own 502/503/504 and the response flags
+  (states, events and commands are tabled there);
+- ``pool``: idle upstream connections, connects, the deadline ticker;
+- this module: it feeds the exchange what the sockets say and carries out
+  its commands, and everything HTTP/1.1 about the wire.
 
 One request at a time per downstream connection (pipelined requests wait,
 already parsed, with reading paused):
 
-1. ``RequestHead`` → ``on_request(head)``: a :class:`Response` short-circuits
-   (e.g. a 403); else ``choose(head)`` gives a
-   :class:`~agent.traffic.cluster.Cluster` (or a :class:`Response`, which
-   short-circuits too; a bare target tuple is accepted and wrapped in a
-   per-pool :meth:`Cluster.single <agent.traffic.cluster.Cluster.single>`).
-2. The cluster's circuit breaker counts the request (``max-requests``);
-   an endpoint is picked (P2C over the endpoints outlier detection has not
-   ejected; none: 503, flag NR); an idle pooled connection to it is reused,
-   else one is opened (``max-pending-requests`` and ``max-connections``
-   count it; the head and early body bytes wait, bounded, meanwhile). A
-   refusing limit answers 503 with ``x-meshlet-overloaded: <limit>`` (UO).
-3. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
+1. ``RequestHead`` → hooks → ``Start``: the exchange answers ``Connect``
+   (or ``Respond`` 503). An idle pooled connection to the target is reused,
+   else one is opened, counted in the cluster's breaker
+   (``max-pending-requests``, ``max-connections``; a refusal goes back to
+   the exchange as ``Refused``); the head and early body bytes wait,
+   bounded by :attr:`L7Settings.buffer_size`, meanwhile.
+2. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
    headers propagated or created, and our own framing header; the body is
    streamed chunk by chunk (chunked in → chunked out), never buffered whole
-   -- except that a request that may be retried (retries on, idempotent
-   method or ``retryNonIdempotent``) keeps up to ``maxBodyBytes`` of it for
-   replay; past that bound it is dropped and the request is never retried.
+   (the exchange keeps a bounded copy for replay when a retry is possible).
    Backpressure: a full upstream pauses reading the client and vice versa.
-4. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
-   the final response is streamed back, re-chunked when its length is
-   unknown, so the client connection stays alive.
-5. Retries (``TrafficSettings.retries`` through
-   :class:`~agent.traffic.retry.RetryState` and the cluster's budget): a
-   connect failure, a reset before any response byte, a per-try timeout, or
-   a response whose status is listed (that response is discarded and its
-   upstream connection closed) starts another attempt, preferably on another
-   endpoint, with the replay buffer. When nothing is left the client gets
-   the last upstream's answer, or the proxy's: 503 for a connect failure
-   (UF) or a connection closed before the response (UC) -- as Envoy does,
-   and retryable by a proxy in front (``retryOn`` has 503 by default: a
-   destination node's refused pod becomes a retry on the source node) --,
-   502 for a malformed response, 504 for a timeout (UT); plus URX when
-   retries ran out.
-6. Then ``on_response(head, status, elapsed, exchange)``, the upstream
+3. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
+   the final response head goes to the exchange (``Forward``, a retry, or a
+   failure), then is streamed back, re-chunked when its length is unknown,
+   so the client connection stays alive.
+4. Then ``on_response(head, status, elapsed, exchange)`` with the
+   exchange's :class:`~agent.proxy.exchange.Exchange` record, the upstream
    connection goes back to the pool if both sides allow it, and the next
    request is served.
 
-Upgrade: after the upstream's 101 both sockets are handed to the L4
-:class:`~agent.proxy.relay.Relay` with the bytes already read.
+Upgrade (only to :data:`UPGRADES`): after the upstream's 101 both sockets are
+handed to the L4 :class:`~agent.proxy.relay.Relay` with the bytes already
+read.
 
-Timeouts. Per cluster (``TrafficSettings.timeouts``): ``connect`` per
-upstream connect (a connect failure: 503 UF when it was the last try); ``request`` from the end of
-the request to the response head, retries included (504, UT, never
-retried); ``retries.perTryTimeout`` the same per attempt (retried when
-``retryOn`` has ``timeout``); ``streamIdle`` no byte either way during an
-exchange (504 before the response head, a reset after); ``idle`` a pooled
-upstream connection (also capped by the pool's own ``idle_timeout``). Per
-session (:class:`L7Settings`), because the cluster is not known before the
-head has arrived: ``header_timeout`` (``requestHeaders``: a client that does
-not finish its head in time gets 408 and is closed -- slowloris) and
-``idle_timeout`` (a silent keep-alive client is closed).
-
-Deadlines cost no timer per request: each is a float; one coarse
-:class:`Ticker` per loop (resolution :data:`TICK`) wakes a session or the
-pool only at its earliest deadline and only when that deadline moved
-earlier, so a timeout fires up to one tick late, never early.
+Session-level timeouts (:class:`L7Settings`), because the cluster is not
+known before the head has arrived: ``header_timeout`` (``requestHeaders``: a
+client that does not finish its head in time gets 408 and is closed --
+slowloris) and ``idle_timeout`` (a silent keep-alive client is closed). The
+per-request timeouts are the exchange's; the :class:`~agent.proxy.pool.Ticker`
+wakes the session for both, up to one tick late, never early.
 
 Errors: a malformed request gets the parser's status (400/414/431...) with
 ``Connection: close`` and never reaches an upstream (flag DPE). A failure
 after the response head was sent can only be signalled by resetting the
 client. A crash on one connection is logged and resets that connection only.
+
+Size: the session is one class because its socket callbacks share all of its
+state; what could leave (pool, exchange) has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import heapq
 import http
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.proxy import tracing
-from agent.proxy.http1 import (
-    CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead,
-    ResponseParser, chunk, forward_headers, serialize_request_head, serialize_response_head,
-)
 from agent.proxy.exchange import (
     ATTACHED_NEW, ATTACHED_REUSED, CLIENT_LOST, DEADLINE, FORWARD, REQUEST_END, RESPONSE_END,
     SWITCH_PROTOCOLS, BadRequest, BadResponse, Connect, Connected, ConnectFailed, Exchange, Fail,
     HttpExchange, Refused, RequestBody, ResetClient, ResetUpstream, Respond, Start, State, UpstreamLost,
     Wake, response_started,
 )
+from agent.proxy.http1 import (
+    CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead, chunk,
+    forward_headers, serialize_request_head, serialize_response_head,
+)
+from agent.proxy.pool import TICK, Ticker, UpstreamPool, _ConnectSlot, _Upstream
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
-from agent.traffic.breaker import Breaker, Limit
+from agent.traffic.breaker import Limit
 from agent.traffic.cluster import Cluster, Target, target_str
-from agent.traffic.policy import DEFAULTS
 
 __all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",
            "Ticker", "TICK"]
 
 log = logging.getLogger("meshlet.proxy.l7")
 
-Address = tuple[str, int]
-
-TICK = 0.05
-"""Resolution of the deadline ticker (seconds): timeouts fire up to this late."""
 
 
 
@@ -159,327 +139,6 @@ UPGRADES = frozenset({b"websocket"})
 
 def _upgrade_allowed(value: bytes | None) -> bool:
     return value is not None and value.strip().lower() in UPGRADES
-
-
-# --------------------------------------------------------------------------
-# Coarse deadlines
-
-
-class Ticker:
-    """Wakes objects at (about) their deadlines with one loop timer.
-
-    ``move(obj, old_key, when)`` files ``obj`` in the slot of ``when``
-    (rounded up to :data:`TICK`) and returns the slot key, which the object
-    keeps; ``remove(obj, key)`` takes it out. When a slot is due, each of its
-    objects gets ``obj._on_tick(now)`` (after its key was cleared), checks
-    its own deadlines and files itself again if it still has one."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = TICK) -> None:
-        self._loop = loop
-        self._res = resolution
-        self._per_s = 1.0 / resolution
-        self._slots: dict[int, dict[Any, None]] = {}
-        self._heap: list[int] = []
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_for: int | None = None
-
-    def key(self, when: float) -> int:
-        return int(when * self._per_s) + 1
-
-    def move(self, obj: Any, old: int | None, key: int) -> int:
-        if old is not None:
-            s = self._slots.get(old)
-            if s is not None:
-                s.pop(obj, None)
-        s = self._slots.get(key)
-        if s is None:
-            self._slots[key] = {obj: None}
-            heapq.heappush(self._heap, key)
-            if self._armed_for is None or key < self._armed_for:
-                self._arm(key)
-        else:
-            s[obj] = None
-        return key
-
-    def remove(self, obj: Any, key: int | None) -> None:
-        if key is not None:
-            s = self._slots.get(key)
-            if s is not None:
-                s.pop(obj, None)
-
-    def _arm(self, key: int) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._armed_for = key
-        self._handle = self._loop.call_at(key * self._res, self._run)
-
-    def _run(self) -> None:
-        self._handle = None
-        self._armed_for = None
-        now = self._loop.time()
-        cur = int(now * self._per_s)
-        due: list = []
-        heap = self._heap
-        while heap and heap[0] <= cur:
-            s = self._slots.pop(heapq.heappop(heap), None)
-            if s:
-                due += s
-        for obj in due:
-            obj._tick_key = None
-            try:
-                obj._on_tick(now)
-            except Exception:  # noqa: BLE001 - one object's bug never stops the others
-                log.exception("deadline handler failed")
-        while heap and not self._slots.get(heap[0]):
-            self._slots.pop(heapq.heappop(heap), None)
-        if heap:
-            self._arm(heap[0])
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._armed_for = None
-        self._slots.clear()
-        self._heap.clear()
-
-
-# --------------------------------------------------------------------------
-# Upstream connections and their pool
-
-
-class _Upstream(asyncio.Protocol):
-    """One upstream connection; events go to the session it serves, if any."""
-
-    __slots__ = ("pool", "target", "parser", "transport", "session", "idle_until", "lost", "eof",
-                 "got_bytes", "breaker")
-
-    def __init__(self, pool: "UpstreamPool", target: Target) -> None:
-        self.pool = pool
-        self.target = target
-        self.parser = ResponseParser()
-        self.transport: asyncio.Transport | None = None
-        self.session: L7Session | None = None
-        self.idle_until = 0.0
-        self.lost = False
-        self.eof = False
-        self.got_bytes = False  # since the current request was sent
-        self.breaker: Breaker | None = None  # counts this connection (max-connections)
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        set_nodelay(transport)
-        b = self.pool.buffer_size
-        transport.set_write_buffer_limits(high=b, low=b // 2)
-
-    def data_received(self, data: bytes) -> None:
-        s = self.session
-        if s is None:  # idle in the pool: unsolicited bytes, unusable
-            self.pool.drop(self)
-            self.close()
-            return
-        self.got_bytes = True
-        s._up_data(self, data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        s = self.session
-        if s is None:
-            self.pool.drop(self)
-        else:
-            s._up_eof(self)
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.lost = True
-        self.release_slot()
-        s = self.session
-        if s is None:
-            self.pool.drop(self)
-        else:
-            s._up_lost(self, exc)
-
-    def release_slot(self) -> None:
-        b = self.breaker
-        if b is not None:
-            self.breaker = None
-            b.release(Limit.CONNECTIONS)
-
-    def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session._pause(_P_UPSTREAM)
-
-    def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session._resume(_P_UPSTREAM)
-
-    def usable(self) -> bool:
-        t = self.transport
-        return (not self.lost and not self.eof and t is not None and not t.is_closing()
-                and not self.parser.in_message and not self.parser.failed)
-
-    def close(self) -> None:
-        self.session = None
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _ConnectSlot:
-    """The breaker counts (pending + connection) held by one connect; released
-    when the connect task ends unless handed over (the connection then holds
-    its count until it is lost). A done-callback, so that a task cancelled
-    before it ever ran releases too."""
-
-    __slots__ = ("breaker", "pending", "conn")
-
-    def __init__(self, breaker: Breaker) -> None:
-        self.breaker = breaker
-        self.pending = True
-        self.conn = True
-
-    def release_pending(self) -> None:
-        if self.pending:
-            self.pending = False
-            self.breaker.release(Limit.PENDING)
-
-    def done(self, _task: object = None) -> None:
-        self.release_pending()
-        if self.conn:
-            self.conn = False
-            self.breaker.release(Limit.CONNECTIONS)
-
-
-class UpstreamPool:
-    """Keep-alive upstream connections per target (LIFO, bounded, expiring).
-
-    A target is a tuple ``(ip, port, *extra)``: connections are pooled per
-    whole tuple and ``open_socket`` receives it whole."""
-
-    def __init__(self, *, max_idle: int = 256, idle_timeout: float = 30.0,
-                 connect_timeout: float = 5.0, buffer_size: int = 256 * 1024,
-                 open_socket: Callable[[Target], Awaitable[socket.socket]] | None = None) -> None:
-        """``open_socket(target)``, when given, returns a connected non-blocking
-        socket (the node proxy's: marked with SO_MARK); it raises OSError or
-        TimeoutError on failure. Without it, the loop connects to
-        ``target[0]:target[1]`` by itself. ``max_idle`` is per target;
-        ``idle_timeout`` caps every cluster's ``timeouts.idle``."""
-        self.max_idle = max_idle
-        self.open_socket = open_socket
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.buffer_size = buffer_size
-        self.connects = 0
-        self.reuses = 0
-        self._idle: dict[Target, list[_Upstream]] = {}
-        self._direct: dict[Target, Cluster] = {}
-        # bare targets: default traffic settings, but this pool's connect timeout
-        self._direct_settings = dataclasses.replace(
-            DEFAULTS, timeouts=dataclasses.replace(DEFAULTS.timeouts, connect=connect_timeout))
-        self._ticker: Ticker | None = None
-        self._tick_key: int | None = None
-
-    @property
-    def ticker(self) -> Ticker:
-        """The deadline ticker of the running loop (sessions share it)."""
-        t = self._ticker
-        if t is None:
-            t = self._ticker = Ticker(asyncio.get_running_loop())
-        return t
-
-    def direct(self, target: Target) -> Cluster:
-        """A long-lived single-endpoint cluster for a bare target (default
-        settings, except the connect timeout: this pool's)."""
-        c = self._direct.get(target)
-        if c is None:
-            if len(self._direct) >= 4096:
-                self._direct.clear()
-            c = self._direct[target] = Cluster.single(target, self._direct_settings)
-        return c
-
-    def idle_count(self, target: Target | None = None) -> int:
-        if target is not None:
-            return len(self._idle.get(target, ()))
-        return sum(len(v) for v in self._idle.values())
-
-    def take_idle(self, target: Target) -> _Upstream | None:
-        lst = self._idle.get(target)
-        while lst:
-            up = lst.pop()
-            if up.usable():
-                self.reuses += 1
-                return up
-            up.close()
-        return None
-
-    async def connect(self, target: Target, timeout: float | None = None) -> _Upstream:
-        """A new connection to ``target`` (``timeout``: the connect timeout,
-        default the pool's). Raises OSError or TimeoutError."""
-        loop = asyncio.get_running_loop()
-        limit = self.connect_timeout if timeout is None else timeout
-        if self.open_socket is None:
-            _, up = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(self, target), target[0], target[1]), limit)
-        else:
-            async with asyncio.timeout(limit):
-                sock = await self.open_socket(target)
-                try:
-                    _, up = await loop.create_connection(lambda: _Upstream(self, target), sock=sock)
-                except BaseException:
-                    sock.close()
-                    raise
-        self.connects += 1
-        return up  # type: ignore[return-value]
-
-    def release(self, up: _Upstream, idle: float | None = None) -> None:
-        """Back to the pool for at most ``idle`` seconds (capped by the pool's)."""
-        up.session = None
-        lst = self._idle.get(up.target)
-        if lst is None:
-            lst = self._idle[up.target] = []
-        if not up.usable() or len(lst) >= self.max_idle:
-            up.close()
-            return
-        up.got_bytes = False
-        t = self.idle_timeout if idle is None or idle > self.idle_timeout else idle
-        up.idle_until = until = self.ticker._loop.time() + t
-        lst.append(up)
-        k = self._tick_key
-        if k is None or self.ticker.key(until) < k:
-            self._tick_key = self.ticker.move(self, k, self.ticker.key(until))
-
-    def _on_tick(self, now: float) -> None:
-        """Close connections idle past their time; file again for the next one."""
-        nxt = None
-        for target in list(self._idle):
-            lst = self._idle[target]
-            keep = []
-            for up in lst:
-                if up.idle_until <= now or not up.usable():
-                    up.close()
-                else:
-                    keep.append(up)
-                    if nxt is None or up.idle_until < nxt:
-                        nxt = up.idle_until
-            if keep:
-                self._idle[target] = keep
-            else:
-                del self._idle[target]
-        if nxt is not None:
-            self._tick_key = self.ticker.move(self, None, self.ticker.key(nxt))
-
-    def drop(self, up: _Upstream) -> None:
-        lst = self._idle.get(up.target)
-        if lst and up in lst:
-            lst.remove(up)
-
-    def close(self) -> None:
-        for lst in self._idle.values():
-            for up in lst:
-                up.close()
-        self._idle.clear()
-        if self._ticker is not None:
-            self._ticker.remove(self, self._tick_key)
-            self._tick_key = None
 
 
 # --------------------------------------------------------------------------
@@ -571,6 +230,13 @@ class L7Session(asyncio.Protocol):
         self._disarm()
         self._drop_upstream(reset=True)
         self._client_lost()
+
+    def _up_pause(self) -> None:
+        """The upstream's write buffer is full: stop reading the client."""
+        self._pause(_P_UPSTREAM)
+
+    def _up_resume(self) -> None:
+        self._resume(_P_UPSTREAM)
 
     def pause_writing(self) -> None:
         self._down_write_paused = True

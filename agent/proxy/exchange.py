@@ -65,6 +65,9 @@ The shell counts body bytes and the time of the last byte either way
 directly on the exchange (:attr:`~HttpExchange.req_bytes` is the exchange's,
 ``resp_bytes`` and ``last_io`` are written by the shell): per-chunk events
 for them would cost more than they say.
+
+Size: a little over 700 lines, half of it the documented event and command
+types; the machine is one class so that its state stays in one place.
 """
 
 from __future__ import annotations

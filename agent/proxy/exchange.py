@@ -75,6 +75,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
 from agent.traffic.cluster import Cluster, Target
@@ -121,7 +122,6 @@ class State(enum.Enum):
     """The upstream switched protocols: the shell relays bytes from now on."""
 
 
-_LIVE = frozenset({State.CONNECTING, State.WAITING, State.RESPONDING})
 _STARTED = frozenset({State.RESPONDING, State.ANSWERED, State.DONE})  # a response reached the client
 
 
@@ -365,7 +365,7 @@ class HttpExchange:
         "stream_idle", "last_io", "req_bytes", "resp_bytes",
     )
 
-    def __init__(self, method: bytes, body_length: int | None, now: float, *,
+    def __init__(self, method: bytes, body_length: int | None, now: float,
                  end: bytes = b"", upgrade: bool = False) -> None:
         self.method = method
         self.body_length = body_length
@@ -449,8 +449,13 @@ class HttpExchange:
 
     # ---- events
 
-    def _start(self, ev: Start, now: float) -> Sequence[Command]:
-        c = self.cluster = ev.cluster
+    # The hot transitions are also methods with plain arguments: the shell
+    # calls them directly (no event object, no dispatch); ``handle`` maps each
+    # event to the same method, so scripts exercise the same code.
+
+    def start(self, cluster: Cluster, head: Callable[[Target], bytes], now: float) -> Sequence[Command]:
+        """:class:`Start`."""
+        c = self.cluster = cluster
         over = c.breaker.acquire(Limit.REQUESTS)
         if over is not None:
             return self._overloaded(over, now)
@@ -471,13 +476,14 @@ class HttpExchange:
             self.flag("NR")
             self.answer(503)
             return (Respond(503, b"no healthy upstream\n"),)
-        self.preamble = ev.head(target)
+        self.preamble = head(target)
         return self._try(target, now)
 
-    def _body(self, ev: RequestBody, now: float) -> Sequence[Command]:
+    def request_body(self, size: int, pieces: tuple[bytes, ...] | list[bytes]) -> Sequence[Command]:
+        """:class:`RequestBody` (needs no clock)."""
         if self.state is State.ANSWERED:
             return _NOTHING
-        n = ev.size
+        n = size
         self.req_bytes += n
         rp = self.replay
         if rp is not None:
@@ -485,26 +491,26 @@ class HttpExchange:
             if self.replay_size > self.cluster.settings.retries.max_body_bytes:  # type: ignore[union-attr]
                 self.replay = None  # too large to replay: this request is never retried
             else:
-                rp += ev.pieces
+                rp += pieces
         return _NOTHING
 
-    def _req_end(self, ev: RequestEnd, now: float) -> Sequence[Command]:
+    def request_end(self, now: float) -> Sequence[Command]:
+        """:class:`RequestEnd`."""
         self.req_done = True
-        if self.state not in _LIVE:
+        s = self.state
+        if s is not State.WAITING and s is not State.CONNECTING and s is not State.RESPONDING:
             return _NOTHING
         self.last_io = now
         t = self.cluster.settings.timeouts.request  # type: ignore[union-attr]
-        out: list[Command] = []
-        if t is not None:
-            self.req_until = now + t
-            out.append(Wake(self.req_until))
         w = self._arm_try(now)
-        if w is not None:
-            out.append(w)
-        return out
+        if t is None:
+            return _NOTHING if w is None else (w,)
+        d = self.req_until = now + t
+        return (Wake(d),) if w is None else (Wake(d), w)
 
-    def _attached(self, ev: Attached, now: float) -> Sequence[Command]:
-        self.reused = ev.reused
+    def attached(self, reused: bool, now: float) -> Sequence[Command]:
+        """:class:`Attached`."""
+        self.reused = reused
         self.state = State.WAITING
         if self.token is not None:  # latency for P2C: from the request on the wire, not the connect
             self.attempt_t0 = now
@@ -524,10 +530,9 @@ class HttpExchange:
         self._end_attempt(None, now)
         return self._overloaded(ev.over, now)
 
-    def _response(self, ev: ResponseStarted, now: float) -> Sequence[Command]:
-        c = self.cluster
-        assert c is not None
-        st = ev.status
+    def response(self, st: int, now: float) -> Sequence[Command]:
+        """:class:`ResponseStarted` with status ``st``."""
+        c: Cluster = self.cluster  # type: ignore[assignment]
         if self.token is not None or c.multi:
             self._end_attempt(status_outcome(st), now)
         else:
@@ -546,7 +551,8 @@ class HttpExchange:
         self.state = State.RESPONDING
         return _FORWARD
 
-    def _resp_end(self, ev: ResponseEnd, now: float) -> Sequence[Command]:
+    def response_end(self) -> Sequence[Command]:
+        """:class:`ResponseEnd` (needs no clock)."""
         self.state = State.DONE
         return _NOTHING
 
@@ -580,7 +586,7 @@ class HttpExchange:
 
     def _deadline(self, ev: Deadline, now: float) -> Sequence[Command]:
         s = self.state
-        if s not in _LIVE:
+        if s is not State.WAITING and s is not State.CONNECTING and s is not State.RESPONDING:
             return _NOTHING
         nxt = None
         if s is not State.RESPONDING:
@@ -626,23 +632,23 @@ class HttpExchange:
             return (self.preamble, *rp, self.end)
         return (self.preamble, *rp)
 
-    def _try(self, target: Target, now: float) -> list[Command]:
+    def _try(self, target: Target, now: float) -> tuple[Command, ...]:
         """Start an attempt on ``target``."""
-        c = self.cluster
-        assert c is not None
+        c: Cluster = self.cluster  # type: ignore[assignment]
         self.target = target
         self.attempts += 1
         self.token = c.start(target)
         self.attempt_t0 = now
         self.try_until = None
         self.state = State.CONNECTING
-        out: list[Command] = []
+        rp = self.replay
+        conn = Connect(target, c.settings.timeouts.connect,
+                       (self.preamble,) if not rp and not self.req_done else self._data())
         if self.req_done:
             w = self._arm_try(now)
             if w is not None:
-                out.append(w)
-        out.append(Connect(target, c.settings.timeouts.connect, self._data()))
-        return out
+                return (w, conn)
+        return (conn,)
 
     def _arm_try(self, now: float) -> Wake | None:
         pt = self.cluster.settings.retries.per_try_timeout  # type: ignore[union-attr]
@@ -670,10 +676,10 @@ class HttpExchange:
         self.flag(flag)
         return self._fail(status, reason, now)
 
-    def _retry_after(self, outcome: Outcome, now: float) -> list[Command] | None:
+    def _retry_after(self, outcome: Outcome, now: float) -> tuple[Command, ...] | None:
         """Another attempt if the policy and the budget allow, else None."""
         c = self.cluster
-        if c is None or self.state in _STARTED or self.replay is None:
+        if c is None or self.replay is None or self.state in _STARTED:
             return None
         rs = self.retry
         if rs is None:
@@ -690,9 +696,7 @@ class HttpExchange:
         target = c.pick(now, d.avoid)
         if target is None:
             return None
-        out: list[Command] = [RESET_UPSTREAM]
-        out += self._try(target, now)
-        return out
+        return (RESET_UPSTREAM, *self._try(target, now))
 
     def _overloaded(self, over: Overloaded, now: float) -> Sequence[Command]:
         self.flag("UO")
@@ -715,16 +719,16 @@ class HttpExchange:
         return (Fail(status, (reason + "\n").encode("utf-8", "replace"), headers),)
 
 
-_HANDLERS: dict[type, Callable[[HttpExchange, object, float], Sequence[Command]]] = {
-    Start: HttpExchange._start,
-    RequestBody: HttpExchange._body,
-    RequestEnd: HttpExchange._req_end,
-    Attached: HttpExchange._attached,
+_HANDLERS: dict[type, Callable[[HttpExchange, Any, float], Sequence[Command]]] = {
+    Start: lambda ex, ev, now: ex.start(ev.cluster, ev.head, now),
+    RequestBody: lambda ex, ev, now: ex.request_body(ev.size, ev.pieces),
+    RequestEnd: lambda ex, ev, now: ex.request_end(now),
+    Attached: lambda ex, ev, now: ex.attached(ev.reused, now),
     Connected: HttpExchange._connected,
     ConnectFailed: HttpExchange._connect_failed,
     Refused: HttpExchange._refused,
-    ResponseStarted: HttpExchange._response,
-    ResponseEnd: HttpExchange._resp_end,
+    ResponseStarted: lambda ex, ev, now: ex.response(ev.status, now),
+    ResponseEnd: lambda ex, ev, now: ex.response_end(),
     UpstreamLost: HttpExchange._lost,
     BadResponse: HttpExchange._bad_response,
     BadRequest: HttpExchange._bad_request,

@@ -72,10 +72,9 @@ from dataclasses import dataclass, field
 
 from agent.proxy import tracing
 from agent.proxy.exchange import (
-    ATTACHED_NEW, ATTACHED_REUSED, CLIENT_LOST, DEADLINE, FORWARD, REQUEST_END, RESPONSE_END,
-    SWITCH_PROTOCOLS, BadRequest, BadResponse, Connect, Connected, ConnectFailed, Exchange, Fail,
-    HttpExchange, Refused, RequestBody, ResetClient, ResetUpstream, Respond, Start, State, UpstreamLost,
-    Wake, response_started,
+    CLIENT_LOST, DEADLINE, FORWARD, SWITCH_PROTOCOLS, BadRequest, BadResponse, Connect, Connected,
+    ConnectFailed, Exchange, Fail, HttpExchange, Refused, ResetClient, ResetUpstream, Respond, State,
+    UpstreamLost, Wake,
 )
 from agent.proxy.http1 import (
     CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead, chunk,
@@ -462,8 +461,7 @@ class L7Session(asyncio.Protocol):
         fr = head.framing
         ex = self._ex = HttpExchange(
             head.method, 0 if fr == "none" else head.content_length if fr == "content-length" else None, now,
-            end=CHUNKED_END if fr == "chunked" else b"",
-            upgrade=head.upgrade is not None and _upgrade_allowed(head.upgrade))
+            CHUNKED_END if fr == "chunked" else b"", head.upgrade is not None and _upgrade_allowed(head.upgrade))
         if self.on_request is not None:
             r = self.on_request(head)
             if r is not None:
@@ -483,12 +481,11 @@ class L7Session(asyncio.Protocol):
                 return
             c = self.pool.direct(c) if type(c) is tuple else c  # a bare target
         self._chunk_up = fr == "chunked"
-        self._run(ex.handle(Start(c, self._head_bytes), now))
+        self._run(ex.start(c, self._head_bytes, now))
 
     def _head_bytes(self, target: Target) -> bytes:
         """The request head as forwarded (for the first target; retries reuse it)."""
         head = self._req
-        assert head is not None
         ctx = tracing.hop(head.headers)
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
@@ -536,7 +533,6 @@ class L7Session(asyncio.Protocol):
         """``up`` serves the current attempt: write ``data`` (None: what was
         pending while connecting) and tell the exchange."""
         ex = self._ex
-        assert ex is not None and self._req is not None
         self._up = up
         up.session = self
         up.got_bytes = False
@@ -551,7 +547,7 @@ class L7Session(asyncio.Protocol):
             self._pause(_P_UPSTREAM)
         if self._down_write_paused:
             t.pause_reading()  # type: ignore[union-attr]
-        cmds = ex.handle(ATTACHED_REUSED if reused else ATTACHED_NEW, _monotonic())
+        cmds = ex.attached(reused, _monotonic())
         if cmds:
             self._run(cmds)
 
@@ -560,7 +556,7 @@ class L7Session(asyncio.Protocol):
         if ex is None or ex.state is State.ANSWERED:
             return
         pieces = chunk(data) if self._chunk_up else (data,)
-        ex.handle(RequestBody(len(data), pieces), 0.0)  # keeps the replay copy; needs no clock
+        ex.request_body(len(data), pieces)  # counts, and keeps the replay copy
         up = self._up
         if up is not None:
             if not up.lost:
@@ -576,14 +572,14 @@ class L7Session(asyncio.Protocol):
         ex = self._ex
         if ex is None:
             return
-        cmds = ex.handle(REQUEST_END, _monotonic())
+        cmds = ex.request_end(_monotonic())
         if self._chunk_up and ex.state is not State.ANSWERED:
             if self._up is not None:
                 if not self._up.lost:
                     self._up.transport.write(CHUNKED_END)  # type: ignore[union-attr]
             elif self._pending is not None:
                 self._pending.append(CHUNKED_END)
-        if ex.response_done:
+        if ex.state is State.ANSWERED:  # and now the request is complete too
             self._finish()
             return
         if cmds:
@@ -629,7 +625,6 @@ class L7Session(asyncio.Protocol):
     def _finish(self) -> None:
         """The exchange is over: report, release the upstream, serve the next request."""
         ex = self._ex
-        assert ex is not None
         up = self._up
         if up is not None:
             self._up = None
@@ -712,13 +707,12 @@ class L7Session(asyncio.Protocol):
     def _resp_head(self, up: _Upstream, r: ResponseHead) -> None:
         req = self._req
         ex = self._ex
-        assert req is not None and ex is not None
         st = r.status
         if r.interim:
             if req.version == b"1.1":
                 self._write(serialize_response_head(st, r.reason, forward_headers(r.headers)))
             return
-        cmds = ex.handle(response_started(st), _monotonic())
+        cmds = ex.response(st, _monotonic())
         c = cmds[0]
         if c is SWITCH_PROTOCOLS:
             self._switch_to_relay(up, r)
@@ -751,8 +745,7 @@ class L7Session(asyncio.Protocol):
             self._write(CHUNKED_END)
         self._flush()
         ex = self._ex
-        assert ex is not None
-        ex.handle(RESPONSE_END, 0.0)
+        ex.response_end()
         if not ex.req_done:
             # Answered before the body was sent (e.g. 413): stop here.
             self._keep_down = False

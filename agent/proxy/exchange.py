@@ -20,6 +20,12 @@ wire format, once:
 - the proxy's own answers: 503 UF/UC/UO/NR, 502, 504 UT, URX,
 - Envoy-style response flags and the :class:`Exchange` record.
 
+``handle(event, now)`` takes any event; the hot transitions are also
+plain methods (``start``, ``request_body``, ``request_end``, ``attached``,
+``response``, ``response_end``) that the shell calls directly, sparing an
+event object and a dispatch per step (measured: ~4 us a request); ``handle``
+maps those events to the same methods.
+
 Everything that affects the state machine is in this module. One clock
 (``now``, seconds, monotonic) is passed with every event; the exchange never
 reads a clock.

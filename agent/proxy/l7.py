@@ -1,117 +1,96 @@
-"""HTTP/1.1 forwarding for one downstream connection: the thin asyncio shell.
+"""HTTP/1.1 on one downstream connection: the parser and socket glue around
+one :class:`~agent.proxy.exchange.HttpExchange` per request.
 
-Protocol decisions live in ``http1`` (parsing, framing, serialization),
-``tracing`` (trace headers), ``agent.policy.http`` (normalization) and
-``agent.traffic`` (load balancing, retries, budgets, circuit breaking,
-outlier ejection: pure, clock passed in). This module moves bytes between
-sockets and owns the deadlines.
+Who decides what:
+
+- ``http1``: parsing, framing checks, serialization (sans-IO);
+  ``agent.policy.http``: normalization; ``tracing``: trace headers;
+- ``on_request``/``choose`` (the caller's hooks): a :class:`Response`
+  short-circuits (e.g. a 403); else a
+  :class:`~agent.traffic.upstream_cluster.Cluster` (a bare target tuple is wrapped in
+  the pool's :meth:`~agent.proxy.pool.UpstreamPool.direct` cluster);
+- ``exchange``: everything per request that does not depend on the wire
+  format -- breaker, endpoint choice, retries and their budget, outlier
+  feedback, deadlines, the proxy's own 502/503/504 and the response flags
+  (states, events and commands are tabled there);
+- ``pool``: idle upstream connections, connects, the deadline ticker;
+- this module: it feeds the exchange what the sockets say and carries out
+  its commands, and everything HTTP/1.1 about the wire.
 
 One request at a time per downstream connection (pipelined requests wait,
 already parsed, with reading paused):
 
-1. ``RequestHead`` → ``on_request(head)``: a :class:`Response` short-circuits
-   (e.g. a 403); else ``choose(head)`` gives a
-   :class:`~agent.traffic.upstream_cluster.Cluster` (or a :class:`Response`, which
-   short-circuits too; a bare target tuple is accepted and wrapped in a
-   per-pool :meth:`Cluster.single <agent.traffic.upstream_cluster.Cluster.single>`).
-2. The cluster's circuit breaker counts the request (``max-requests``);
-   an endpoint is picked (P2C over the endpoints outlier detection has not
-   ejected; none: 503, flag NR); an idle pooled connection to it is reused,
-   else one is opened (``max-pending-requests`` and ``max-connections``
-   count it; the head and early body bytes wait, bounded, meanwhile). A
-   refusing limit answers 503 with ``x-meshlet-overloaded: <limit>`` (UO).
-3. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
+1. ``RequestHead`` → hooks → ``Start``: the exchange answers ``Connect``
+   (or ``Respond`` 503). An idle pooled connection to the target is reused,
+   else one is opened, counted in the cluster's breaker
+   (``max-pending-requests``, ``max-connections``; a refusal goes back to
+   the exchange as ``Refused``); the head and early body bytes wait,
+   bounded by :attr:`L7Settings.buffer_size`, meanwhile.
+2. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
    headers propagated or created, and our own framing header; the body is
    streamed chunk by chunk (chunked in → chunked out), never buffered whole
-   -- except that a request that may be retried (retries on, idempotent
-   method or ``retryNonIdempotent``) keeps up to ``maxBodyBytes`` of it for
-   replay; past that bound it is dropped and the request is never retried.
+   (the exchange keeps a bounded copy for replay when a retry is possible).
    Backpressure: a full upstream pauses reading the client and vice versa.
-4. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
-   the final response is streamed back, re-chunked when its length is
-   unknown, so the client connection stays alive.
-5. Retries (``TrafficSettings.retries`` through
-   :class:`~agent.traffic.retry.RetryState` and the cluster's budget): a
-   connect failure, a reset before any response byte, a per-try timeout, or
-   a response whose status is listed (that response is discarded and its
-   upstream connection closed) starts another attempt, preferably on another
-   endpoint, with the replay buffer. When nothing is left the client gets
-   the last upstream's answer, or the proxy's: 503 for a connect failure
-   (UF) or a connection closed before the response (UC) -- as Envoy does,
-   and retryable by a proxy in front (``retryOn`` has 503 by default: a
-   destination node's refused pod becomes a retry on the source node) --,
-   502 for a malformed response, 504 for a timeout (UT); plus URX when
-   retries ran out.
-6. Then ``on_response(head, status, elapsed, exchange)``, the upstream
+3. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
+   the final response head goes to the exchange (``Forward``, a retry, or a
+   failure), then is streamed back, re-chunked when its length is unknown,
+   so the client connection stays alive.
+4. Then ``on_response(head, status, elapsed, exchange)`` with the
+   exchange's :class:`~agent.proxy.exchange.Exchange` record, the upstream
    connection goes back to the pool if both sides allow it, and the next
    request is served.
 
-Upgrade: after the upstream's 101 both sockets are handed to the L4
-:class:`~agent.proxy.relay.Relay` with the bytes already read.
+Upgrade (only to :data:`UPGRADES`): after the upstream's 101 both sockets are
+handed to the L4 :class:`~agent.proxy.relay.Relay` with the bytes already
+read.
 
-Timeouts. Per cluster (``TrafficSettings.timeouts``): ``connect`` per
-upstream connect (a connect failure: 503 UF when it was the last try); ``request`` from the end of
-the request to the response head, retries included (504, UT, never
-retried); ``retries.perTryTimeout`` the same per attempt (retried when
-``retryOn`` has ``timeout``); ``streamIdle`` no byte either way during an
-exchange (504 before the response head, a reset after); ``idle`` a pooled
-upstream connection (also capped by the pool's own ``idle_timeout``). Per
-session (:class:`L7Settings`), because the cluster is not known before the
-head has arrived: ``header_timeout`` (``requestHeaders``: a client that does
-not finish its head in time gets 408 and is closed -- slowloris) and
-``idle_timeout`` (a silent keep-alive client is closed).
-
-Deadlines cost no timer per request: each is a float; one coarse
-:class:`Ticker` per loop (resolution :data:`TICK`) wakes a session or the
-pool only at its earliest deadline and only when that deadline moved
-earlier, so a timeout fires up to one tick late, never early.
+Session-level timeouts (:class:`L7Settings`), because the cluster is not
+known before the head has arrived: ``header_timeout`` (``requestHeaders``: a
+client that does not finish its head in time gets 408 and is closed --
+slowloris) and ``idle_timeout`` (a silent keep-alive client is closed). The
+per-request timeouts are the exchange's; the :class:`~agent.proxy.pool.Ticker`
+wakes the session for both, up to one tick late, never early.
 
 Errors: a malformed request gets the parser's status (400/414/431...) with
 ``Connection: close`` and never reaches an upstream (flag DPE). A failure
 after the response head was sent can only be signalled by resetting the
 client. A crash on one connection is logged and resets that connection only.
+
+Size: the session is one class because its socket callbacks share all of its
+state; what could leave (pool, exchange) has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import heapq
 import http
 import logging
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.proxy import tracing
-from agent.proxy.http1 import (
-    CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead,
-    ResponseParser, chunk, forward_headers, serialize_request_head, serialize_response_head,
+from agent.proxy.exchange import (
+    CLIENT_LOST, DEADLINE, FORWARD, SWITCH_PROTOCOLS, BadRequest, BadResponse, Connect, Connected,
+    ConnectFailed, Exchange, Fail, HttpExchange, Refused, ResetClient, ResetUpstream, Respond, State,
+    UpstreamLost, Wake,
 )
+from agent.proxy.http1 import (
+    CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead, chunk,
+    forward_headers, serialize_request_head, serialize_response_head,
+)
+from agent.proxy.pool import TICK, Ticker, UpstreamPool, _ConnectSlot, _Upstream
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
-from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
+from agent.traffic.breaker import Limit
 from agent.traffic.upstream_cluster import Cluster, Target, target_str
-from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
-from agent.traffic.outcome import status as status_outcome
-from agent.traffic.trafficpolicy import DEFAULTS, IDEMPOTENT_METHODS
-from agent.traffic.retry import Done, Request, RetryState
 
 __all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",
            "Ticker", "TICK"]
 
 log = logging.getLogger("meshlet.proxy.l7")
 
-Address = tuple[str, int]
 
-TICK = 0.05
-"""Resolution of the deadline ticker (seconds): timeouts fire up to this late."""
-
-_IDEMPOTENT = frozenset(m.encode() for m in IDEMPOTENT_METHODS)
-_FLAG_ORDER = {f: i for i, f in enumerate(("DPE", "NR", "UO", "UF", "UC", "UT", "URX"))}
-_URX_REASONS = frozenset({"attempts-exhausted", "budget-exhausted", "deadline"})
 
 
 @dataclass(frozen=True)
@@ -132,27 +111,6 @@ class Response:
     status: int
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request, for ``on_response`` (metrics, access log).
-
-    ``flags`` follow Envoy's response flags, comma-separated, "-" for none:
-    UF upstream connect failure, UC upstream connection terminated, UT
-    upstream (per-try or request) timeout, URX retries exhausted, UO circuit
-    breaker overflow, NR no healthy upstream, DPE downstream protocol error,
-    UAEX/RBAC denied by policy (the short-circuit said so)."""
-
-    cluster: str | None = None
-    """The service port (``ns/name:port``) or None for a direct pod address."""
-    upstream: tuple | None = None
-    """The last upstream target tried, or None if none was."""
-    attempts: int = 0
-    """Tries made (1 without retries; 0 when none was made)."""
-    flags: str = "-"
-    request_body_bytes: int = 0
-    response_body_bytes: int = 0
 
 
 def _reason(status: int) -> bytes:
@@ -183,334 +141,15 @@ def _upgrade_allowed(value: bytes | None) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Coarse deadlines
-
-
-class Ticker:
-    """Wakes objects at (about) their deadlines with one loop timer.
-
-    ``move(obj, old_key, when)`` files ``obj`` in the slot of ``when``
-    (rounded up to :data:`TICK`) and returns the slot key, which the object
-    keeps; ``remove(obj, key)`` takes it out. When a slot is due, each of its
-    objects gets ``obj._on_tick(now)`` (after its key was cleared), checks
-    its own deadlines and files itself again if it still has one."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = TICK) -> None:
-        self._loop = loop
-        self._res = resolution
-        self._per_s = 1.0 / resolution
-        self._slots: dict[int, dict[Any, None]] = {}
-        self._heap: list[int] = []
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_for: int | None = None
-
-    def key(self, when: float) -> int:
-        return int(when * self._per_s) + 1
-
-    def move(self, obj: Any, old: int | None, key: int) -> int:
-        if old is not None:
-            s = self._slots.get(old)
-            if s is not None:
-                s.pop(obj, None)
-        s = self._slots.get(key)
-        if s is None:
-            self._slots[key] = {obj: None}
-            heapq.heappush(self._heap, key)
-            if self._armed_for is None or key < self._armed_for:
-                self._arm(key)
-        else:
-            s[obj] = None
-        return key
-
-    def remove(self, obj: Any, key: int | None) -> None:
-        if key is not None:
-            s = self._slots.get(key)
-            if s is not None:
-                s.pop(obj, None)
-
-    def _arm(self, key: int) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._armed_for = key
-        self._handle = self._loop.call_at(key * self._res, self._run)
-
-    def _run(self) -> None:
-        self._handle = None
-        self._armed_for = None
-        now = self._loop.time()
-        cur = int(now * self._per_s)
-        due: list = []
-        heap = self._heap
-        while heap and heap[0] <= cur:
-            s = self._slots.pop(heapq.heappop(heap), None)
-            if s:
-                due += s
-        for obj in due:
-            obj._tick_key = None
-            try:
-                obj._on_tick(now)
-            except Exception:  # noqa: BLE001 - one object's bug never stops the others
-                log.exception("deadline handler failed")
-        while heap and not self._slots.get(heap[0]):
-            self._slots.pop(heapq.heappop(heap), None)
-        if heap:
-            self._arm(heap[0])
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._armed_for = None
-        self._slots.clear()
-        self._heap.clear()
-
-
-# --------------------------------------------------------------------------
-# Upstream connections and their pool
-
-
-class _Upstream(asyncio.Protocol):
-    """One upstream connection; events go to the session it serves, if any."""
-
-    __slots__ = ("pool", "target", "parser", "transport", "session", "idle_until", "lost", "eof",
-                 "got_bytes", "breaker")
-
-    def __init__(self, pool: "UpstreamPool", target: Target) -> None:
-        self.pool = pool
-        self.target = target
-        self.parser = ResponseParser()
-        self.transport: asyncio.Transport | None = None
-        self.session: L7Session | None = None
-        self.idle_until = 0.0
-        self.lost = False
-        self.eof = False
-        self.got_bytes = False  # since the current request was sent
-        self.breaker: Breaker | None = None  # counts this connection (max-connections)
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        set_nodelay(transport)
-        b = self.pool.buffer_size
-        transport.set_write_buffer_limits(high=b, low=b // 2)
-
-    def data_received(self, data: bytes) -> None:
-        s = self.session
-        if s is None:  # idle in the pool: unsolicited bytes, unusable
-            self.pool.drop(self)
-            self.close()
-            return
-        self.got_bytes = True
-        s._up_data(self, data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        s = self.session
-        if s is None:
-            self.pool.drop(self)
-        else:
-            s._up_eof(self)
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.lost = True
-        self.release_slot()
-        s = self.session
-        if s is None:
-            self.pool.drop(self)
-        else:
-            s._up_lost(self, exc)
-
-    def release_slot(self) -> None:
-        b = self.breaker
-        if b is not None:
-            self.breaker = None
-            b.release(Limit.CONNECTIONS)
-
-    def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session._pause(_P_UPSTREAM)
-
-    def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session._resume(_P_UPSTREAM)
-
-    def usable(self) -> bool:
-        t = self.transport
-        return (not self.lost and not self.eof and t is not None and not t.is_closing()
-                and not self.parser.in_message and not self.parser.failed)
-
-    def close(self) -> None:
-        self.session = None
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _ConnectSlot:
-    """The breaker counts (pending + connection) held by one connect; released
-    when the connect task ends unless handed over (the connection then holds
-    its count until it is lost). A done-callback, so that a task cancelled
-    before it ever ran releases too."""
-
-    __slots__ = ("breaker", "pending", "conn")
-
-    def __init__(self, breaker: Breaker) -> None:
-        self.breaker = breaker
-        self.pending = True
-        self.conn = True
-
-    def release_pending(self) -> None:
-        if self.pending:
-            self.pending = False
-            self.breaker.release(Limit.PENDING)
-
-    def done(self, _task: object = None) -> None:
-        self.release_pending()
-        if self.conn:
-            self.conn = False
-            self.breaker.release(Limit.CONNECTIONS)
-
-
-class UpstreamPool:
-    """Keep-alive upstream connections per target (LIFO, bounded, expiring).
-
-    A target is a tuple ``(ip, port, *extra)``: connections are pooled per
-    whole tuple and ``open_socket`` receives it whole."""
-
-    def __init__(self, *, max_idle: int = 256, idle_timeout: float = 30.0,
-                 connect_timeout: float = 5.0, buffer_size: int = 256 * 1024,
-                 open_socket: Callable[[Target], Awaitable[socket.socket]] | None = None) -> None:
-        """``open_socket(target)``, when given, returns a connected non-blocking
-        socket (the node proxy's: marked with SO_MARK); it raises OSError or
-        TimeoutError on failure. Without it, the loop connects to
-        ``target[0]:target[1]`` by itself. ``max_idle`` is per target;
-        ``idle_timeout`` caps every cluster's ``timeouts.idle``."""
-        self.max_idle = max_idle
-        self.open_socket = open_socket
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.buffer_size = buffer_size
-        self.connects = 0
-        self.reuses = 0
-        self._idle: dict[Target, list[_Upstream]] = {}
-        self._direct: dict[Target, Cluster] = {}
-        # bare targets: default traffic settings, but this pool's connect timeout
-        self._direct_settings = dataclasses.replace(
-            DEFAULTS, timeouts=dataclasses.replace(DEFAULTS.timeouts, connect=connect_timeout))
-        self._ticker: Ticker | None = None
-        self._tick_key: int | None = None
-
-    @property
-    def ticker(self) -> Ticker:
-        """The deadline ticker of the running loop (sessions share it)."""
-        t = self._ticker
-        if t is None:
-            t = self._ticker = Ticker(asyncio.get_running_loop())
-        return t
-
-    def direct(self, target: Target) -> Cluster:
-        """A long-lived single-endpoint cluster for a bare target (default
-        settings, except the connect timeout: this pool's)."""
-        c = self._direct.get(target)
-        if c is None:
-            if len(self._direct) >= 4096:
-                self._direct.clear()
-            c = self._direct[target] = Cluster.single(target, self._direct_settings)
-        return c
-
-    def idle_count(self, target: Target | None = None) -> int:
-        if target is not None:
-            return len(self._idle.get(target, ()))
-        return sum(len(v) for v in self._idle.values())
-
-    def take_idle(self, target: Target) -> _Upstream | None:
-        lst = self._idle.get(target)
-        while lst:
-            up = lst.pop()
-            if up.usable():
-                self.reuses += 1
-                return up
-            up.close()
-        return None
-
-    async def connect(self, target: Target, timeout: float | None = None) -> _Upstream:
-        """A new connection to ``target`` (``timeout``: the connect timeout,
-        default the pool's). Raises OSError or TimeoutError."""
-        loop = asyncio.get_running_loop()
-        limit = self.connect_timeout if timeout is None else timeout
-        if self.open_socket is None:
-            _, up = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(self, target), target[0], target[1]), limit)
-        else:
-            async with asyncio.timeout(limit):
-                sock = await self.open_socket(target)
-                try:
-                    _, up = await loop.create_connection(lambda: _Upstream(self, target), sock=sock)
-                except BaseException:
-                    sock.close()
-                    raise
-        self.connects += 1
-        return up  # type: ignore[return-value]
-
-    def release(self, up: _Upstream, idle: float | None = None) -> None:
-        """Back to the pool for at most ``idle`` seconds (capped by the pool's)."""
-        up.session = None
-        lst = self._idle.get(up.target)
-        if lst is None:
-            lst = self._idle[up.target] = []
-        if not up.usable() or len(lst) >= self.max_idle:
-            up.close()
-            return
-        up.got_bytes = False
-        t = self.idle_timeout if idle is None or idle > self.idle_timeout else idle
-        up.idle_until = until = self.ticker._loop.time() + t
-        lst.append(up)
-        k = self._tick_key
-        if k is None or self.ticker.key(until) < k:
-            self._tick_key = self.ticker.move(self, k, self.ticker.key(until))
-
-    def _on_tick(self, now: float) -> None:
-        """Close connections idle past their time; file again for the next one."""
-        nxt = None
-        for target in list(self._idle):
-            lst = self._idle[target]
-            keep = []
-            for up in lst:
-                if up.idle_until <= now or not up.usable():
-                    up.close()
-                else:
-                    keep.append(up)
-                    if nxt is None or up.idle_until < nxt:
-                        nxt = up.idle_until
-            if keep:
-                self._idle[target] = keep
-            else:
-                del self._idle[target]
-        if nxt is not None:
-            self._tick_key = self.ticker.move(self, None, self.ticker.key(nxt))
-
-    def drop(self, up: _Upstream) -> None:
-        lst = self._idle.get(up.target)
-        if lst and up in lst:
-            lst.remove(up)
-
-    def close(self) -> None:
-        for lst in self._idle.values():
-            for up in lst:
-                up.close()
-        self._idle.clear()
-        if self._ticker is not None:
-            self._ticker.remove(self, self._tick_key)
-            self._tick_key = None
-
-
-# --------------------------------------------------------------------------
-# The downstream session
+# The downstream session: HTTP/1.1 on the client socket, one HttpExchange per request
 
 _P_PIPELINE, _P_UPSTREAM, _P_CONNECT = 1, 2, 4  # why reading the client is paused
 
 Chooser = Callable[[RequestHead], "Cluster | Response | Target"]
 OnRequest = Callable[[RequestHead], "Response | None"]
 OnResponse = Callable[[RequestHead, int, float, Exchange], None]
+
+_monotonic = time.monotonic  # the exchanges' clock (the ticker's is the loop's)
 
 
 class L7Session(asyncio.Protocol):
@@ -543,42 +182,17 @@ class L7Session(asyncio.Protocol):
         self._reset_request()
 
     def _reset_request(self) -> None:
+        # The request's decisions live in the exchange; here only the wire and socket state.
         self._req: RequestHead | None = None
-        self._cluster: Cluster | None = None
-        self._req_done = False
-        self._resp_done = False
-        self._resp_started = False  # a final response head went to the client
+        self._ex: HttpExchange | None = None
         self._up: _Upstream | None = None
-        self._pending: list[bytes] | None = None
+        self._pending: list[bytes] | None = None  # bytes for an upstream being connected
         self._pending_size = 0
         self._connect_task: asyncio.Task | None = None
         self._chunk_up = False
         self._chunk_down = False
-        self._discard = False
         self._keep_down = False
-        self._head_bytes = b""
-        self._reused = False
-        self._stale_retried = False
-        self._t0 = 0.0
-        self._status = 0
         self._upstream_reusable = False
-        self._flags: list[str] | None = None
-        self._held: Breaker | None = None  # max-requests count held
-        # the current attempt
-        self._target: Target | None = None
-        self._token = None
-        self._attempts = 0
-        self._attempt_t0 = 0.0
-        self._retry: RetryState | None = None
-        self._replay: list[bytes] | None = None  # request body as sent, kept for a retry
-        self._replay_size = 0
-        # deadlines (loop clock)
-        self._try_until: float | None = None
-        self._req_until: float | None = None
-        self._stream_idle: float | None = None
-        self._last_io = 0.0
-        self._req_bytes = 0
-        self._resp_bytes = 0
 
     # ---- asyncio.Protocol (client side)
 
@@ -614,7 +228,14 @@ class L7Session(asyncio.Protocol):
         self._cancel_wait()
         self._disarm()
         self._drop_upstream(reset=True)
-        self._release_request()
+        self._client_lost()
+
+    def _up_pause(self) -> None:
+        """The upstream's write buffer is full: stop reading the client."""
+        self._pause(_P_UPSTREAM)
+
+    def _up_resume(self) -> None:
+        self._resume(_P_UPSTREAM)
 
     def pause_writing(self) -> None:
         self._down_write_paused = True
@@ -665,18 +286,88 @@ class L7Session(asyncio.Protocol):
     def _crash(self) -> None:
         log.exception("L7 session failed; resetting the connection")
         self._drop_upstream(reset=True)
-        self._release_request()
+        self._client_lost()
         self._closed = True
         self._cancel_wait()
         self._disarm()
         reset_transport(self.transport)
 
-    def _flag(self, flag: str) -> None:
-        f = self._flags
-        if f is None:
-            self._flags = [flag]
-        elif flag not in f:
-            f.append(flag)
+    def _client_lost(self) -> None:
+        ex = self._ex
+        if ex is not None:
+            ex.handle(CLIENT_LOST, _monotonic())
+
+    # ---- commands from the exchange
+
+    def _run(self, cmds) -> None:
+        for c in cmds:
+            if self._closed:
+                return
+            t = type(c)
+            if t is Wake:
+                self._arm(c.at)
+            elif t is Connect:
+                self._connect_cmd(c)
+            elif t is ResetUpstream:  # a retry follows
+                self._drop_upstream(reset=True)
+                self._resume(_P_UPSTREAM | _P_CONNECT)
+                self._upstream_reusable = False
+            elif t is Respond:
+                self._drop_upstream(reset=True)
+                self._answer(c.status, c.body, c.headers)
+            elif t is Fail:
+                self._drop_upstream(reset=True)
+                self._write(_simple_response(c.status, c.body, c.headers, close=True))
+                self._report()
+                self._close()
+            elif t is ResetClient:
+                self._drop_upstream(reset=True)
+                self._report()
+                self._obuf = None
+                self._closed = True
+                self._cancel_wait()
+                self._disarm()
+                reset_transport(self.transport)
+            else:  # Forward / SwitchProtocols only answer a response head (_resp_head)
+                raise AssertionError(f"unexpected command {c!r}")
+
+    def _answer(self, status: int, body: bytes, headers=()) -> None:
+        """The proxy's own response (the exchange is ANSWERED): keep the client
+        if it allows, discard the rest of the request body."""
+        head = self._req
+        assert head is not None and self._ex is not None
+        has_body = head.framing != "none"
+        self._keep_down = head.keep_alive and not self._client_eof and not (has_body and head.expect_continue)
+        self._write(_simple_response(status, body, headers, close=not self._keep_down,
+                                     head_only=head.method == b"HEAD"))
+        if self._ex.req_done or not self._keep_down:
+            self._finish()
+
+    def _connect_cmd(self, c: Connect) -> None:
+        """An idle pooled connection to the target, else a new one (counted)."""
+        target = c.target
+        if not c.fresh:
+            up = self.pool.take_idle(target)
+            if up is not None:
+                self._pending = None
+                self._attach(up, c.data, reused=True)
+                return
+        ex = self._ex
+        assert ex is not None and ex.cluster is not None
+        b = ex.cluster.breaker
+        over = b.acquire(Limit.PENDING)
+        if over is None:
+            over = b.acquire(Limit.CONNECTIONS)
+            if over is not None:
+                b.release(Limit.PENDING)
+        if over is not None:
+            self._run(ex.handle(Refused(over), _monotonic()))
+            return
+        slot = _ConnectSlot(b)
+        p = self._pending = list(c.data)
+        self._pending_size = sum(map(len, p))
+        task = self._connect_task = self._loop.create_task(self._connect(target, c.timeout, slot))
+        task.add_done_callback(slot.done)
 
     # ---- deadlines
 
@@ -695,7 +386,8 @@ class L7Session(asyncio.Protocol):
     def _on_tick(self, now: float) -> None:
         if self._closed:
             return
-        if self._req is None:
+        ex = self._ex
+        if ex is None:
             w = self._wait_until
             if w is not None:
                 if now >= w:
@@ -703,33 +395,11 @@ class L7Session(asyncio.Protocol):
                 else:
                     self._arm(w)
             return
-        if self._discard:
-            return  # answered by the proxy; only the client's body is left
-        nxt = None
-        if not self._resp_started:
-            d = self._req_until
-            if d is not None:
-                if now >= d:
-                    self._flag("UT")
-                    self._fail(504, "upstream did not respond in time (request timeout)")
-                    return
-                nxt = d
-            d = self._try_until
-            if d is not None:
-                if now >= d:
-                    self._attempt_failed(TIMEOUT, 504, "UT", "upstream did not respond in time")
-                    return
-                nxt = d if nxt is None or d < nxt else nxt
-        si = self._stream_idle
-        if si is not None:
-            d = self._last_io + si
-            if now >= d:
-                self._flag("UT")
-                self._fail(504, f"no byte either way for {si:g}s (stream idle timeout)")
-                return
-            nxt = d if nxt is None or d < nxt else nxt
-        if nxt is not None:
-            self._arm(nxt)
+        # The exchange's deadlines are on its own (monotonic) clock, which
+        # never runs behind the loop's: a wake-up is never early for it.
+        cmds = ex.handle(DEADLINE, _monotonic())
+        if cmds:
+            self._run(cmds)
 
     def _cancel_wait(self) -> None:
         self._wait_until = None  # the ticker entry is dropped lazily
@@ -765,7 +435,8 @@ class L7Session(asyncio.Protocol):
         try:
             q = self._queue
             while q and not self._closed:
-                if self._req is not None and self._req_done:
+                ex = self._ex
+                if ex is not None and ex.req_done:
                     self._pause(_P_PIPELINE)  # the next request waits for this response
                     return
                 ev = q.popleft()
@@ -782,123 +453,68 @@ class L7Session(asyncio.Protocol):
         finally:
             self._pumping = False
 
-    def _acquire_connect(self, b: Breaker) -> bool:
-        """A pending request and a new connection within the breaker's limits;
-        else the client gets the overload answer (False)."""
-        over = b.acquire(Limit.PENDING)
-        if over is None:
-            over = b.acquire(Limit.CONNECTIONS)
-            if over is not None:
-                b.release(Limit.PENDING)
-        if over is not None:
-            self._end_attempt(None)
-            self._overloaded(over)
-            return False
-        return True
-
     def _start(self, head: RequestHead) -> None:
         self._wait_until = None
         self.requests += 1
         self._req = head
-        self._t0 = now = time.monotonic()
+        now = _monotonic()
+        fr = head.framing
+        ex = self._ex = HttpExchange(
+            head.method, 0 if fr == "none" else head.content_length if fr == "content-length" else None, now,
+            CHUNKED_END if fr == "chunked" else b"", head.upgrade is not None and _upgrade_allowed(head.upgrade))
         if self.on_request is not None:
             r = self.on_request(head)
             if r is not None:
-                self._short_circuit(r)
+                ex.answer(r.status)
+                self._answer(r.status, r.body, r.headers)
                 return
         try:
             c = self.choose(head)
         except Exception as e:  # noqa: BLE001 - the caller's decision failed
             log.warning("no upstream for %s %r: %s", head.method, head.target, e)
-            self._fail(502, "no upstream for this request")
+            self._run(ex.fail(502, "no upstream for this request", now))
             return
         if type(c) is not Cluster:
             if isinstance(c, Response):
-                self._short_circuit(c)
+                ex.answer(c.status)
+                self._answer(c.status, c.body, c.headers)
                 return
             c = self.pool.direct(c) if type(c) is tuple else c  # a bare target
-        self._cluster = c
-        over = c.breaker.acquire(Limit.REQUESTS)
-        if over is not None:
-            self._overloaded(over)
-            return
-        self._held = c.breaker
-        s = c.settings
-        si = self._stream_idle = s.timeouts.stream_idle
-        if si is not None:  # counts from the head (a tick may come while connecting)
-            self._last_io = self._loop.time()
-        if c.retries_on:
-            c.budget.request(now)
-            rs = s.retries
-            if rs.non_idempotent or head.method in _IDEMPOTENT:
-                if head.framing != "content-length" or head.content_length <= rs.max_body_bytes:  # type: ignore[operator]
-                    self._replay = []
-        target = c.pick(now)
-        if target is None:
-            self._flag("NR")
-            self._short_circuit(Response(503, b"no healthy upstream\n"))
-            return
+        self._chunk_up = fr == "chunked"
+        self._run(ex.start(c, self._head_bytes, now))
+
+    def _head_bytes(self, target: Target) -> bytes:
+        """The request head as forwarded (for the first target; retries reuse it)."""
+        head = self._req
         ctx = tracing.hop(head.headers)
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
-        if _upgrade_allowed(head.upgrade):
+        if self._ex.upgrade:  # type: ignore[union-attr]
             headers += [(b"Connection", b"upgrade"), (b"Upgrade", head.upgrade)]
         if head.framing == "content-length":
             headers.append((b"Content-Length", b"%d" % head.content_length))
         elif head.framing == "chunked":
             headers.append((b"Transfer-Encoding", b"chunked"))
-            self._chunk_up = True
         if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one
             headers.insert(0, (b"Host", target_str(target).encode()))
-        self._head_bytes = serialize_request_head(head, headers)
-        self._try(target, now)
+        return serialize_request_head(head, headers)
 
-    def _try(self, target: Target, now: float) -> None:
-        """Start an attempt on ``target``: head (and the replay buffer) go out
-        on a pooled connection or once a new one is up."""
-        c = self._cluster
-        assert c is not None
-        self._target = target
-        self._attempts += 1
-        self._token = c.start(target)
-        self._attempt_t0 = now
-        self._try_until = None
-        if self._req_done:
-            self._arm_try()
-        up = self.pool.take_idle(target)
-        if up is not None:
-            self._pending = None
-            self._attach(up, reused=True)
-            return
-        b = c.breaker
-        if not self._acquire_connect(b):
-            return
-        slot = _ConnectSlot(b)
-        p = self._pending = [self._head_bytes]
-        if self._replay:
-            p += self._replay
-        if self._req_done and self._chunk_up and self._replay is not None:
-            p.append(CHUNKED_END)
-        self._pending_size = sum(map(len, p))
-        task = self._connect_task = self._loop.create_task(self._connect(target, slot))
-        task.add_done_callback(slot.done)
-
-    async def _connect(self, target: Target, slot: _ConnectSlot) -> None:
-        c = self._cluster
-        assert c is not None
+    async def _connect(self, target: Target, timeout: float | None, slot: _ConnectSlot) -> None:
+        ex = self._ex
+        assert ex is not None
         try:
-            up = await self.pool.connect(target, c.settings.timeouts.connect)
+            up = await self.pool.connect(target, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             self._connect_task = None
             slot.release_pending()
-            self._attempt_failed(CONNECT_FAILURE, 503, "UF",
-                                 f"upstream {target_str(target)} did not accept the connection in time")
+            self._run(ex.handle(ConnectFailed(
+                f"upstream {target_str(target)} did not accept the connection in time"), _monotonic()))
             return
         except OSError as e:
             self._connect_task = None
             slot.release_pending()
-            self._attempt_failed(CONNECT_FAILURE, 503, "UF",
-                                 f"upstream {target_str(target)} unreachable: {e.strerror or e}")
+            self._run(ex.handle(ConnectFailed(
+                f"upstream {target_str(target)} unreachable: {e.strerror or e}"), _monotonic()))
             return
         slot.release_pending()
         slot.conn = False  # the connection holds its count from now on
@@ -906,63 +522,46 @@ class L7Session(asyncio.Protocol):
         if up.lost:
             up.release_slot()
         self._connect_task = None
-        c.connected(target, time.monotonic())
-        if self._closed or self._req is None or self._target != target:
+        ex.handle(Connected(target), _monotonic())
+        if self._closed or self._ex is not ex or ex.target != target:
             self.pool.release(up)
             return
         self._resume(_P_CONNECT)
-        self._attach(up, reused=False)
+        self._attach(up, None, reused=False)
 
-    def _attach(self, up: _Upstream, *, reused: bool) -> None:
+    def _attach(self, up: _Upstream, data, *, reused: bool) -> None:
+        """``up`` serves the current attempt: write ``data`` (None: what was
+        pending while connecting) and tell the exchange."""
+        ex = self._ex
         self._up = up
-        self._reused = reused
-        if self._token is not None:  # latency for P2C: from the request on the wire, not the connect
-            self._attempt_t0 = time.monotonic()
         up.session = self
         up.got_bytes = False
-        up.parser.expect(self._req.method)  # type: ignore[union-attr]
-        data = self._pending
-        t = up.transport
-        if data is None:  # a pooled connection: nothing was queued
-            rp = self._replay
-            if rp:
-                t.writelines([self._head_bytes, *rp])  # type: ignore[union-attr]
-                if self._req_done and self._chunk_up:
-                    t.write(CHUNKED_END)  # type: ignore[union-attr]
-            else:
-                t.write(self._head_bytes)  # type: ignore[union-attr]
-                if rp is not None and self._req_done and self._chunk_up:
-                    t.write(CHUNKED_END)  # type: ignore[union-attr]
-        else:
+        up.parser.expect(self._req.method)
+        if data is None:
+            data = self._pending
             self._pending = None
             self._pending_size = 0
-            t.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
+        t = up.transport
+        t.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
         if t.get_write_buffer_size() > self.settings.buffer_size:  # type: ignore[union-attr]
             self._pause(_P_UPSTREAM)
         if self._down_write_paused:
             t.pause_reading()  # type: ignore[union-attr]
-        self._last_io = now = self._loop.time()
-        si = self._stream_idle
-        if si is not None:
-            self._arm(now + si)
+        cmds = ex.attached(reused, _monotonic())
+        if cmds:
+            self._run(cmds)
 
     def _req_body(self, data: bytes) -> None:
-        if self._discard or self._req is None:
+        ex = self._ex
+        if ex is None or ex.state is State.ANSWERED:
             return
-        self._req_bytes += len(data)
         pieces = chunk(data) if self._chunk_up else (data,)
-        rp = self._replay
-        if rp is not None:
-            self._replay_size += len(data)
-            if self._replay_size > self._cluster.settings.retries.max_body_bytes:  # type: ignore[union-attr]
-                self._replay = None  # too large to replay: this request is never retried
-            else:
-                rp += pieces
+        ex.request_body(len(data), pieces)  # counts, and keeps the replay copy
         up = self._up
         if up is not None:
             if not up.lost:
                 up.transport.writelines(pieces)  # type: ignore[union-attr]
-                self._last_io = self._loop.time()
+                ex.last_io = _monotonic()
         elif self._pending is not None:
             self._pending.extend(pieces)
             self._pending_size += len(data)
@@ -970,98 +569,39 @@ class L7Session(asyncio.Protocol):
                 self._pause(_P_CONNECT)
 
     def _req_end(self) -> None:
-        if self._req is None:
+        ex = self._ex
+        if ex is None:
             return
-        self._req_done = True
-        if not self._discard and self._chunk_up:
+        cmds = ex.request_end(_monotonic())
+        if self._chunk_up and ex.state is not State.ANSWERED:
             if self._up is not None:
                 if not self._up.lost:
                     self._up.transport.write(CHUNKED_END)  # type: ignore[union-attr]
             elif self._pending is not None:
                 self._pending.append(CHUNKED_END)
-        if self._resp_done:
+        if ex.state is State.ANSWERED:  # and now the request is complete too
             self._finish()
             return
-        if self._discard or self._cluster is None:
-            return
-        now = self._last_io = self._loop.time()
-        t = self._cluster.settings.timeouts.request
-        if t is not None:
-            self._req_until = now + t
-            self._arm(self._req_until)
-        self._arm_try()
-
-    def _arm_try(self) -> None:
-        pt = self._cluster.settings.retries.per_try_timeout  # type: ignore[union-attr]
-        if pt is not None:
-            self._try_until = d = self._loop.time() + pt
-            self._arm(d)
+        if cmds:
+            self._run(cmds)
 
     def _req_error(self, err: ParseError) -> None:
         log.info("refused a malformed request: %d %s", err.status, err.reason)
-        self._flag("DPE")
-        self._fail(err.status, err.reason)
-
-    def _overloaded(self, over: Overloaded) -> None:
-        self._flag("UO")
-        self._refuse(503, f"{over}\n".encode(),
-                     [(OVERLOADED_HEADER.encode(), over.limit.value.encode())])
-
-    def _refuse(self, status: int, body: bytes, headers=()) -> None:
-        """Answer from the proxy: keep the client if nothing went upstream yet."""
-        if self._up is None and self._pending is None and self._attempts <= 1 and not self._resp_started:
-            self._drop_upstream(reset=True)
-            self._short_circuit(Response(status, body, list(headers)))
-        else:
-            self._fail(status, body.decode("utf-8", "replace").rstrip("\n"), headers)
-
-    def _short_circuit(self, r: Response) -> None:
-        head = self._req
-        self._discard = True
-        self._status = r.status
-        has_body = head.framing != "none"  # type: ignore[union-attr]
-        self._keep_down = head.keep_alive and not self._client_eof and not (has_body and head.expect_continue)  # type: ignore[union-attr]
-        self._write(_simple_response(r.status, r.body, r.headers, close=not self._keep_down,
-                                     head_only=head.method == b"HEAD"))  # type: ignore[union-attr]
-        self._resp_done = True
-        self._resp_started = True
-        if self._req_done or not self._keep_down:
-            self._finish()
-
-    def _fail(self, status: int, reason: str, headers=()) -> None:
-        """Answer with an error and close (reset if a response already began)."""
-        self._drop_upstream(reset=True)
-        if self._resp_started:
-            self._report()
-            self._obuf = None
-            self._closed = True
-            self._cancel_wait()
-            self._disarm()
-            reset_transport(self.transport)
+        ex = self._ex
+        if ex is None:  # between requests: nothing to report
+            self._write(_simple_response(err.status, (err.reason + "\n").encode("utf-8", "replace"), close=True))
+            self._close()
             return
-        self._status = status
-        self._write(_simple_response(status, (reason + "\n").encode("utf-8", "replace"), headers, close=True))
-        self._report()
-        self._close()
-
-    def _end_attempt(self, outcome: Outcome | None) -> None:
-        """Account the current attempt (None: abandoned) to the cluster."""
-        c = self._cluster
-        tgt = self._target
-        if c is not None and tgt is not None and (self._token is not None or c.multi):
-            now = time.monotonic()
-            c.finish(self._token, tgt, outcome, now - self._attempt_t0, now)
-        self._token = None
-        self._try_until = None
+        self._run(ex.handle(BadRequest(err.status, err.reason), _monotonic()))
 
     def _drop_upstream(self, *, reset: bool) -> None:
+        """Forget the current upstream (and any connect in progress); the
+        exchange has already accounted for the attempt."""
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
         self._pending = None
         self._pending_size = 0
-        if self._token is not None:
-            self._end_attempt(None)
         up = self._up
         self._up = None
         if up is not None:
@@ -1071,36 +611,30 @@ class L7Session(asyncio.Protocol):
             else:
                 self.pool.release(up)
 
-    def _release_request(self) -> None:
-        b = self._held
-        if b is not None:
-            self._held = None
-            b.release(Limit.REQUESTS)
-
     def _report(self) -> None:
-        self._release_request()
-        if self.on_response is not None and self._req is not None:
-            c = self._cluster
-            ex = Exchange(None if c is None else c.name, self._target, self._attempts,
-                          "-" if self._flags is None else ",".join(sorted(self._flags, key=_FLAG_ORDER.get)),
-                          self._req_bytes, self._resp_bytes)
+        ex = self._ex
+        if ex is None:
+            return
+        ex.release()
+        if self.on_response is not None:
             try:
-                self.on_response(self._req, self._status, time.monotonic() - self._t0, ex)
+                self.on_response(self._req, ex.status, _monotonic() - ex.t0, ex.record())  # type: ignore[arg-type]
             except Exception:  # noqa: BLE001
                 log.exception("on_response hook failed")
 
     def _finish(self) -> None:
         """The exchange is over: report, release the upstream, serve the next request."""
+        ex = self._ex
         up = self._up
         if up is not None:
             self._up = None
-            if self._req_done and self._upstream_reusable:  # release() checks it is usable
-                self.pool.release(up, self._cluster.settings.timeouts.idle)  # type: ignore[union-attr]
+            if ex.req_done and self._upstream_reusable:  # release() checks it is usable
+                self.pool.release(up, ex.cluster.settings.timeouts.idle)  # type: ignore[union-attr]
             else:
                 up.session = None
                 up.transport.close()  # type: ignore[union-attr]
         self._report()
-        keep = self._keep_down and self._req_done
+        keep = self._keep_down and ex.req_done
         declined = self._req is not None and self._req.upgrade is not None
         self._reset_request()
         if not keep or self._closed:
@@ -1114,45 +648,6 @@ class L7Session(asyncio.Protocol):
         self._resume(_P_UPSTREAM | _P_CONNECT)
         self._arm_wait()
         self._pump()
-
-    # ---- attempts that end without a usable response
-
-    def _attempt_failed(self, outcome: Outcome, status: int, flag: str, reason: str) -> None:
-        """Connect failure, reset or per-try timeout: retry, or answer ``status``."""
-        self._end_attempt(outcome)
-        if self._retry_after(outcome):
-            return
-        self._flag(flag)
-        self._fail(status, reason)
-
-    def _retry_after(self, outcome: Outcome) -> bool:
-        """Start another attempt if the policy and the budget allow; True if so."""
-        c = self._cluster
-        if c is None or self._resp_started or self._replay is None or self._closed:
-            return False
-        now = time.monotonic()
-        rs = self._retry
-        if rs is None:
-            head = self._req
-            assert head is not None
-            n = 0 if head.framing == "none" else (
-                head.content_length if head.framing == "content-length" else self._replay_size)
-            rs = self._retry = RetryState(Request(head.method.decode("latin-1"), n), c.settings,
-                                          c.budget, self._t0, counted=True)
-            rs.first()
-        d = rs.next(self._target, outcome, now)
-        if isinstance(d, Done):
-            if d.reason in _URX_REASONS:
-                self._flag("URX")
-            return False
-        target = c.pick(now, d.avoid)
-        if target is None:
-            return False
-        self._drop_upstream(reset=True)
-        self._resume(_P_UPSTREAM | _P_CONNECT)
-        self._upstream_reusable = False
-        self._try(target, now)
-        return True
 
     # ---- upstream events
 
@@ -1171,36 +666,14 @@ class L7Session(asyncio.Protocol):
     def _up_lost(self, up: _Upstream, exc) -> None:
         if up is not self._up or self._closed:
             return
-        if self._resp_started:
-            self._flag("UC")
-            self._fail(502, "upstream connection lost mid-response")
-            return
-        req = self._req
-        if (self._reused and not up.got_bytes and not self._stale_retried and req is not None
-                and (req.framing == "none" or self._replay is not None)):
-            # A pooled connection the upstream closed just as we reused it: once, fresh,
-            # same endpoint (not the endpoint's fault, not an attempt).
-            self._stale_retried = True
-            up.session = None
-            self._up = None
-            if not self._acquire_connect(self._cluster.breaker):  # type: ignore[union-attr]
-                return
-            p = self._pending = [self._head_bytes]
-            if self._replay:
-                p += self._replay
-            if self._req_done and self._chunk_up:
-                p.append(CHUNKED_END)
-            self._pending_size = sum(map(len, p))
-            slot = _ConnectSlot(b)
-            task = self._connect_task = self._loop.create_task(self._connect(up.target, slot))
-            task.add_done_callback(slot.done)
-            return
-        why = f": {exc}" if exc else ""
-        self._attempt_failed(RESET, 503, "UC", f"upstream closed the connection before responding{why}")
+        ex = self._ex
+        assert ex is not None
+        up.session = None  # lost: nothing to reset or pool
+        self._up = None
+        self._run(ex.handle(UpstreamLost(None if exc is None else str(exc), up.got_bytes), _monotonic()))
 
     def _up_events(self, up: _Upstream, events: list) -> None:
         # Everything one upstream read produced goes out in one write.
-        self._last_io = self._loop.time()
         self._obuf = out = []
         try:
             self._up_events_into(up, events, out)
@@ -1210,12 +683,16 @@ class L7Session(asyncio.Protocol):
                 self.transport.write(b"".join(out))  # type: ignore[union-attr]
 
     def _up_events_into(self, up: _Upstream, events: list, out: list) -> None:
+        ex = self._ex
+        if ex is not None:
+            ex.last_io = _monotonic()
         for ev in events:
             if up is not self._up or self._closed:
                 return
+            ex = self._ex
             t = type(ev)
             if t is Body:
-                self._resp_bytes += len(ev.data)
+                ex.resp_bytes += len(ev.data)  # type: ignore[union-attr]
                 if self._chunk_down:
                     out += chunk(ev.data)
                 else:
@@ -1224,36 +701,25 @@ class L7Session(asyncio.Protocol):
                 self._resp_head(up, ev)
             elif t is EndOfMessage:
                 self._resp_end(up)
-            elif self._resp_started:
-                self._flag("UC")
-                self._fail(ev.status, f"bad response from the upstream: {ev.reason}")
             else:
-                self._attempt_failed(RESET, ev.status, "UC", f"bad response from the upstream: {ev.reason}")
+                self._run(ex.handle(BadResponse(ev.status, ev.reason), _monotonic()))  # type: ignore[union-attr]
 
     def _resp_head(self, up: _Upstream, r: ResponseHead) -> None:
         req = self._req
-        assert req is not None
+        ex = self._ex
         st = r.status
         if r.interim:
             if req.version == b"1.1":
                 self._write(serialize_response_head(st, r.reason, forward_headers(r.headers)))
             return
-        c = self._cluster
-        assert c is not None
-        if self._token is not None or c.multi:
-            self._end_attempt(status_outcome(st))
-        else:
-            self._try_until = None
-        if st in c.retry_statuses and self._retry_after(status_outcome(st)):
-            return  # this response is discarded (its connection closed)
-        if st == 101:
-            if not _upgrade_allowed(req.upgrade):
-                self._fail(502, "upstream switched protocols without being asked")
-            else:
-                self._switch_to_relay(up, r)
+        cmds = ex.response(st, _monotonic())
+        c = cmds[0]
+        if c is SWITCH_PROTOCOLS:
+            self._switch_to_relay(up, r)
             return
-        self._status = st
-        self._resp_started = True
+        if c is not FORWARD:
+            self._run(cmds)  # a retry (this response is discarded) or a failure
+            return
         keep = req.keep_alive and not self._client_eof
         headers = forward_headers(r.headers)
         if r.framing == "content-length":
@@ -1278,8 +744,9 @@ class L7Session(asyncio.Protocol):
         if self._chunk_down:
             self._write(CHUNKED_END)
         self._flush()
-        self._resp_done = True
-        if not self._req_done:
+        ex = self._ex
+        ex.response_end()
+        if not ex.req_done:
             # Answered before the body was sent (e.g. 413): stop here.
             self._keep_down = False
         self._finish()
@@ -1291,7 +758,6 @@ class L7Session(asyncio.Protocol):
                                                 (b"Upgrade", _upgrade_value(r) or req.upgrade)]
         self._write(serialize_response_head(101, r.reason, headers))
         self._flush()
-        self._status = 101
         self._cancel_wait()
         self._disarm()
         up.session = None

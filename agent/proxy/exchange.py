@@ -84,22 +84,51 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
-from agent.traffic.upstream_cluster import Cluster, Target
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
 from agent.traffic.outcome import status as status_outcome
-from agent.traffic.trafficpolicy import IDEMPOTENT_METHODS
 from agent.traffic.retry import Done, Request, RetryState
+from agent.traffic.trafficpolicy import IDEMPOTENT_METHODS
+from agent.traffic.upstream_cluster import Cluster, Target
 
 __all__ = [
-    "State", "HttpExchange", "Exchange",
+    "State",
+    "HttpExchange",
+    "Exchange",
     # events
-    "Start", "RequestBody", "RequestEnd", "Attached", "Connected", "ConnectFailed", "Refused",
-    "ResponseStarted", "response_started", "ResponseEnd", "UpstreamLost", "BadResponse", "BadRequest", "Deadline",
-    "ClientLost", "REQUEST_END", "RESPONSE_END", "ATTACHED_REUSED", "ATTACHED_NEW",
-    "DEADLINE", "CLIENT_LOST",
+    "Start",
+    "RequestBody",
+    "RequestEnd",
+    "Attached",
+    "Connected",
+    "ConnectFailed",
+    "Refused",
+    "ResponseStarted",
+    "response_started",
+    "ResponseEnd",
+    "UpstreamLost",
+    "BadResponse",
+    "BadRequest",
+    "Deadline",
+    "ClientLost",
+    "REQUEST_END",
+    "RESPONSE_END",
+    "ATTACHED_REUSED",
+    "ATTACHED_NEW",
+    "DEADLINE",
+    "CLIENT_LOST",
     # commands
-    "Connect", "ResetUpstream", "Respond", "Fail", "ResetClient", "Forward", "SwitchProtocols",
-    "Wake", "RESET_UPSTREAM", "RESET_CLIENT", "FORWARD", "SWITCH_PROTOCOLS",
+    "Connect",
+    "ResetUpstream",
+    "Respond",
+    "Fail",
+    "ResetClient",
+    "Forward",
+    "SwitchProtocols",
+    "Wake",
+    "RESET_UPSTREAM",
+    "RESET_CLIENT",
+    "FORWARD",
+    "SWITCH_PROTOCOLS",
 ]
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -325,8 +354,22 @@ _NOTHING: tuple = ()
 _FORWARD = (FORWARD,)
 
 Command = Connect | ResetUpstream | Respond | Fail | ResetClient | Forward | SwitchProtocols | Wake
-Event = (Start | RequestBody | RequestEnd | Attached | Connected | ConnectFailed | Refused
-         | ResponseStarted | ResponseEnd | UpstreamLost | BadResponse | BadRequest | Deadline | ClientLost)
+Event = (
+    Start
+    | RequestBody
+    | RequestEnd
+    | Attached
+    | Connected
+    | ConnectFailed
+    | Refused
+    | ResponseStarted
+    | ResponseEnd
+    | UpstreamLost
+    | BadResponse
+    | BadRequest
+    | Deadline
+    | ClientLost
+)
 
 
 @dataclass(slots=True)
@@ -365,14 +408,38 @@ class HttpExchange:
     head arrived."""
 
     __slots__ = (
-        "method", "body_length", "end", "upgrade", "t0", "state", "cluster", "preamble",
-        "req_done", "status", "flags", "held", "target", "token", "attempts", "attempt_t0",
-        "retry", "replay", "replay_size", "reused", "stale_retried", "try_until", "req_until",
-        "stream_idle", "last_io", "req_bytes", "resp_bytes",
+        "method",
+        "body_length",
+        "end",
+        "upgrade",
+        "t0",
+        "state",
+        "cluster",
+        "preamble",
+        "req_done",
+        "status",
+        "flags",
+        "held",
+        "target",
+        "token",
+        "attempts",
+        "attempt_t0",
+        "retry",
+        "replay",
+        "replay_size",
+        "reused",
+        "stale_retried",
+        "try_until",
+        "req_until",
+        "stream_idle",
+        "last_io",
+        "req_bytes",
+        "resp_bytes",
     )
 
-    def __init__(self, method: bytes, body_length: int | None, now: float,
-                 end: bytes = b"", upgrade: bool = False) -> None:
+    def __init__(
+        self, method: bytes, body_length: int | None, now: float, end: bytes = b"", upgrade: bool = False
+    ) -> None:
         self.method = method
         self.body_length = body_length
         self.end = end
@@ -442,9 +509,14 @@ class HttpExchange:
     def record(self) -> Exchange:
         c = self.cluster
         f = self.flags
-        return Exchange(None if c is None else c.name, self.target, self.attempts,
-                        "-" if f is None else ",".join(sorted(f, key=_FLAG_ORDER.get)),
-                        self.req_bytes, self.resp_bytes)
+        return Exchange(
+            None if c is None else c.name,
+            self.target,
+            self.attempts,
+            "-" if f is None else ",".join(sorted(f, key=_FLAG_ORDER.get)),
+            self.req_bytes,
+            self.resp_bytes,
+        )
 
     def release(self) -> None:
         """Give back the request's ``max-requests`` count (idempotent)."""
@@ -566,8 +638,12 @@ class HttpExchange:
         if self.state is State.RESPONDING:
             self.flag("UC")
             return self._fail(502, "upstream connection lost mid-response", now)
-        if (self.reused and not ev.got_bytes and not self.stale_retried
-                and (self.body_length == 0 or self.replay is not None)):
+        if (
+            self.reused
+            and not ev.got_bytes
+            and not self.stale_retried
+            and (self.body_length == 0 or self.replay is not None)
+        ):
             # A pooled connection the upstream closed just as we reused it: once, fresh,
             # same endpoint (not the endpoint's fault, not an attempt).
             self.stale_retried = True
@@ -576,8 +652,9 @@ class HttpExchange:
             assert c is not None and self.target is not None
             return (Connect(self.target, c.settings.timeouts.connect, self._data(), fresh=True),)
         why = "" if ev.reason is None else f": {ev.reason}"
-        return self._attempt_failed(RESET, 503, "UC", f"upstream closed the connection before responding{why}",
-                                    now)
+        return self._attempt_failed(
+            RESET, 503, "UC", f"upstream closed the connection before responding{why}", now
+        )
 
     def _bad_response(self, ev: BadResponse, now: float) -> Sequence[Command]:
         reason = f"bad response from the upstream: {ev.reason}"
@@ -648,8 +725,11 @@ class HttpExchange:
         self.try_until = None
         self.state = State.CONNECTING
         rp = self.replay
-        conn = Connect(target, c.settings.timeouts.connect,
-                       (self.preamble,) if not rp and not self.req_done else self._data())
+        conn = Connect(
+            target,
+            c.settings.timeouts.connect,
+            (self.preamble,) if not rp and not self.req_done else self._data(),
+        )
         if self.req_done:
             w = self._arm_try(now)
             if w is not None:
@@ -672,8 +752,9 @@ class HttpExchange:
         self.token = None
         self.try_until = None
 
-    def _attempt_failed(self, outcome: Outcome, status: int, flag: str, reason: str,
-                        now: float) -> Sequence[Command]:
+    def _attempt_failed(
+        self, outcome: Outcome, status: int, flag: str, reason: str, now: float
+    ) -> Sequence[Command]:
         """Connect failure, reset or per-try timeout: retry, or answer ``status``."""
         self._end_attempt(outcome, now)
         r = self._retry_after(outcome, now)
@@ -690,9 +771,13 @@ class HttpExchange:
         rs = self.retry
         if rs is None:
             n = self.body_length
-            rs = self.retry = RetryState(Request(self.method.decode("latin-1"),
-                                                 self.replay_size if n is None else n),
-                                         c.settings, c.budget, self.t0, counted=True)
+            rs = self.retry = RetryState(
+                Request(self.method.decode("latin-1"), self.replay_size if n is None else n),
+                c.settings,
+                c.budget,
+                self.t0,
+                counted=True,
+            )
             rs.first()
         d = rs.next(self.target, outcome, now)
         if isinstance(d, Done):

@@ -72,25 +72,56 @@ from dataclasses import dataclass, field
 
 from agent.proxy import tracing
 from agent.proxy.exchange import (
-    CLIENT_LOST, DEADLINE, FORWARD, SWITCH_PROTOCOLS, BadRequest, BadResponse, Connect, Connected,
-    ConnectFailed, Exchange, Fail, HttpExchange, Refused, ResetClient, ResetUpstream, Respond, State,
-    UpstreamLost, Wake,
+    CLIENT_LOST,
+    DEADLINE,
+    FORWARD,
+    SWITCH_PROTOCOLS,
+    BadRequest,
+    BadResponse,
+    Connect,
+    Connected,
+    ConnectFailed,
+    Exchange,
+    Fail,
+    HttpExchange,
+    Refused,
+    ResetClient,
+    ResetUpstream,
+    Respond,
+    State,
+    UpstreamLost,
+    Wake,
 )
 from agent.proxy.http1 import (
-    CHUNKED_END, Body, EndOfMessage, ParseError, RequestHead, RequestParser, ResponseHead, chunk,
-    forward_headers, serialize_request_head, serialize_response_head,
+    CHUNKED_END,
+    Body,
+    EndOfMessage,
+    ParseError,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    chunk,
+    forward_headers,
+    serialize_request_head,
+    serialize_response_head,
 )
 from agent.proxy.pool import TICK, Ticker, UpstreamPool, _ConnectSlot, _Upstream
 from agent.proxy.relay import Endpoint, Relay, reset_transport, set_nodelay
 from agent.traffic.breaker import Limit
 from agent.traffic.upstream_cluster import Cluster, Target, target_str
 
-__all__ = ["L7Settings", "Response", "Exchange", "UpstreamPool", "L7Session", "session_factory",
-           "Ticker", "TICK"]
+__all__ = [
+    "L7Settings",
+    "Response",
+    "Exchange",
+    "UpstreamPool",
+    "L7Session",
+    "session_factory",
+    "Ticker",
+    "TICK",
+]
 
 log = logging.getLogger("meshlet.proxy.l7")
-
-
 
 
 @dataclass(frozen=True)
@@ -155,8 +186,15 @@ _monotonic = time.monotonic  # the exchanges' clock (the ticker's is the loop's)
 class L7Session(asyncio.Protocol):
     """Serves one downstream connection (module docstring)."""
 
-    def __init__(self, choose: Chooser, pool: UpstreamPool, settings: L7Settings | None = None, *,
-                 on_request: OnRequest | None = None, on_response: OnResponse | None = None) -> None:
+    def __init__(
+        self,
+        choose: Chooser,
+        pool: UpstreamPool,
+        settings: L7Settings | None = None,
+        *,
+        on_request: OnRequest | None = None,
+        on_response: OnResponse | None = None,
+    ) -> None:
         self.choose = choose
         self.pool = pool
         self.settings = settings or L7Settings()
@@ -338,8 +376,11 @@ class L7Session(asyncio.Protocol):
         assert head is not None and self._ex is not None
         has_body = head.framing != "none"
         self._keep_down = head.keep_alive and not self._client_eof and not (has_body and head.expect_continue)
-        self._write(_simple_response(status, body, headers, close=not self._keep_down,
-                                     head_only=head.method == b"HEAD"))
+        self._write(
+            _simple_response(
+                status, body, headers, close=not self._keep_down, head_only=head.method == b"HEAD"
+            )
+        )
         if self._ex.req_done or not self._keep_down:
             self._finish()
 
@@ -460,8 +501,12 @@ class L7Session(asyncio.Protocol):
         now = _monotonic()
         fr = head.framing
         ex = self._ex = HttpExchange(
-            head.method, 0 if fr == "none" else head.content_length if fr == "content-length" else None, now,
-            CHUNKED_END if fr == "chunked" else b"", head.upgrade is not None and _upgrade_allowed(head.upgrade))
+            head.method,
+            0 if fr == "none" else head.content_length if fr == "content-length" else None,
+            now,
+            CHUNKED_END if fr == "chunked" else b"",
+            head.upgrade is not None and _upgrade_allowed(head.upgrade),
+        )
         if self.on_request is not None:
             r = self.on_request(head)
             if r is not None:
@@ -504,17 +549,25 @@ class L7Session(asyncio.Protocol):
         assert ex is not None
         try:
             up = await self.pool.connect(target, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             self._connect_task = None
             slot.release_pending()
-            self._run(ex.handle(ConnectFailed(
-                f"upstream {target_str(target)} did not accept the connection in time"), _monotonic()))
+            self._run(
+                ex.handle(
+                    ConnectFailed(f"upstream {target_str(target)} did not accept the connection in time"),
+                    _monotonic(),
+                )
+            )
             return
         except OSError as e:
             self._connect_task = None
             slot.release_pending()
-            self._run(ex.handle(ConnectFailed(
-                f"upstream {target_str(target)} unreachable: {e.strerror or e}"), _monotonic()))
+            self._run(
+                ex.handle(
+                    ConnectFailed(f"upstream {target_str(target)} unreachable: {e.strerror or e}"),
+                    _monotonic(),
+                )
+            )
             return
         slot.release_pending()
         slot.conn = False  # the connection holds its count from now on
@@ -589,7 +642,9 @@ class L7Session(asyncio.Protocol):
         log.info("refused a malformed request: %d %s", err.status, err.reason)
         ex = self._ex
         if ex is None:  # between requests: nothing to report
-            self._write(_simple_response(err.status, (err.reason + "\n").encode("utf-8", "replace"), close=True))
+            self._write(
+                _simple_response(err.status, (err.reason + "\n").encode("utf-8", "replace"), close=True)
+            )
             self._close()
             return
         self._run(ex.handle(BadRequest(err.status, err.reason), _monotonic()))
@@ -619,7 +674,7 @@ class L7Session(asyncio.Protocol):
         if self.on_response is not None:
             try:
                 self.on_response(self._req, ex.status, _monotonic() - ex.t0, ex.record())  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_response hook failed")
 
     def _finish(self) -> None:
@@ -754,8 +809,10 @@ class L7Session(asyncio.Protocol):
     def _switch_to_relay(self, up: _Upstream, r: ResponseHead) -> None:
         req = self._req
         assert req is not None
-        headers = forward_headers(r.headers) + [(b"Connection", b"upgrade"),
-                                                (b"Upgrade", _upgrade_value(r) or req.upgrade)]
+        headers = forward_headers(r.headers) + [
+            (b"Connection", b"upgrade"),
+            (b"Upgrade", _upgrade_value(r) or req.upgrade),
+        ]
         self._write(serialize_response_head(101, r.reason, headers))
         self._flush()
         self._cancel_wait()
@@ -792,8 +849,13 @@ def _upgrade_value(r: ResponseHead) -> bytes | None:
     return None
 
 
-def session_factory(choose: Chooser, pool: UpstreamPool, settings: L7Settings | None = None, *,
-                    on_request: OnRequest | None = None,
-                    on_response: OnResponse | None = None) -> Callable[[], L7Session]:
+def session_factory(
+    choose: Chooser,
+    pool: UpstreamPool,
+    settings: L7Settings | None = None,
+    *,
+    on_request: OnRequest | None = None,
+    on_response: OnResponse | None = None,
+) -> Callable[[], L7Session]:
     """A protocol factory for ``loop.create_server``."""
     return lambda: L7Session(choose, pool, settings, on_request=on_request, on_response=on_response)

@@ -30,8 +30,8 @@ from typing import Any
 from agent.proxy.http1 import ResponseParser
 from agent.proxy.relay import set_nodelay
 from agent.traffic.breaker import Breaker, Limit
-from agent.traffic.upstream_cluster import Cluster, Target
 from agent.traffic.trafficpolicy import DEFAULTS
+from agent.traffic.upstream_cluster import Cluster, Target
 
 __all__ = ["UpstreamPool", "Ticker", "TICK"]
 
@@ -108,7 +108,7 @@ class Ticker:
             obj._tick_key = None
             try:
                 obj._on_tick(now)
-            except Exception:  # noqa: BLE001 - one object's bug never stops the others
+            except Exception:
                 log.exception("deadline handler failed")
         while heap and not self._slots.get(heap[0]):
             self._slots.pop(heapq.heappop(heap), None)
@@ -131,10 +131,20 @@ class Ticker:
 class _Upstream(asyncio.Protocol):
     """One upstream connection; events go to the session it serves, if any."""
 
-    __slots__ = ("pool", "target", "parser", "transport", "session", "idle_until", "lost", "eof",
-                 "got_bytes", "breaker")
+    __slots__ = (
+        "pool",
+        "target",
+        "parser",
+        "transport",
+        "session",
+        "idle_until",
+        "lost",
+        "eof",
+        "got_bytes",
+        "breaker",
+    )
 
-    def __init__(self, pool: "UpstreamPool", target: Target) -> None:
+    def __init__(self, pool: UpstreamPool, target: Target) -> None:
         self.pool = pool
         self.target = target
         self.parser = ResponseParser()
@@ -195,8 +205,14 @@ class _Upstream(asyncio.Protocol):
 
     def usable(self) -> bool:
         t = self.transport
-        return (not self.lost and not self.eof and t is not None and not t.is_closing()
-                and not self.parser.in_message and not self.parser.failed)
+        return (
+            not self.lost
+            and not self.eof
+            and t is not None
+            and not t.is_closing()
+            and not self.parser.in_message
+            and not self.parser.failed
+        )
 
     def close(self) -> None:
         self.session = None
@@ -235,9 +251,15 @@ class UpstreamPool:
     A target is a tuple ``(ip, port, *extra)``: connections are pooled per
     whole tuple and ``open_socket`` receives it whole."""
 
-    def __init__(self, *, max_idle: int = 256, idle_timeout: float = 30.0,
-                 connect_timeout: float = 5.0, buffer_size: int = 256 * 1024,
-                 open_socket: Callable[[Target], Awaitable[socket.socket]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_idle: int = 256,
+        idle_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        buffer_size: int = 256 * 1024,
+        open_socket: Callable[[Target], Awaitable[socket.socket]] | None = None,
+    ) -> None:
         """``open_socket(target)``, when given, returns a connected non-blocking
         socket (the node proxy's: marked with SO_MARK); it raises OSError or
         TimeoutError on failure. Without it, the loop connects to
@@ -254,7 +276,8 @@ class UpstreamPool:
         self._direct: dict[Target, Cluster] = {}
         # bare targets: default traffic settings, but this pool's connect timeout
         self._direct_settings = dataclasses.replace(
-            DEFAULTS, timeouts=dataclasses.replace(DEFAULTS.timeouts, connect=connect_timeout))
+            DEFAULTS, timeouts=dataclasses.replace(DEFAULTS.timeouts, connect=connect_timeout)
+        )
         self._ticker: Ticker | None = None
         self._tick_key: int | None = None
 
@@ -298,7 +321,8 @@ class UpstreamPool:
         limit = self.connect_timeout if timeout is None else timeout
         if self.open_socket is None:
             _, up = await asyncio.wait_for(
-                loop.create_connection(lambda: _Upstream(self, target), target[0], target[1]), limit)
+                loop.create_connection(lambda: _Upstream(self, target), target[0], target[1]), limit
+            )
         else:
             async with asyncio.timeout(limit):
                 sock = await self.open_socket(target)

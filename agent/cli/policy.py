@@ -78,7 +78,7 @@ def _load_documents(paths, trust_domain, root_namespace, output, code):
 
 def _load_inventory_pods(path):
     """The inventory at ``path`` (for pod names), or exit 3."""
-    from ..workloads.inventory import load_inventory
+    from ..workloads.yamlfile import load_inventory
     from ..yamlsrc import SourceError
 
     try:

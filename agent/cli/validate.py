@@ -21,7 +21,7 @@ def inventory() -> None:
 @OUTPUT
 def inventory_validate(path, output) -> None:
     """Check an inventory file offline; errors name file:line:column and field."""
-    from ..workloads.inventory import load_inventory
+    from ..workloads.yamlfile import load_inventory
     from ..yamlsrc import SourceError
 
     try:

@@ -7,7 +7,7 @@ file.  Agents run as ``python -m agent.cli run`` inside the node's netns and
 ``system`` cgroup, exactly as a user would start them.
 
 Services: ``Mesh(cluster, services=[...])`` writes the list as the
-inventory's ``services:`` section (see agent/workloads/services.py).  Take
+inventory's ``services:`` section (see agent/workloads/yamlfile.py).  Take
 VIPs from :func:`service_vip` (10.96.0.0/16 and fd00:96::/112): they are on
 no interface, and only mesh pods can reach them, because the kernel hook
 hands every connection of an enrolled pod to the node proxy, which knows

@@ -1,7 +1,6 @@
 """Workloads: the model (:mod:`.model`), where it comes from (:mod:`.source`:
 the interface; :mod:`.filesource`: the YAML file; :mod:`.yamlfile`: its
-reader).  ``agent.workloads.inventory`` and ``.services`` keep the older
-import paths working."""
+reader)."""
 
 from agent.workloads.model import (
     APP_PROTOCOLS,

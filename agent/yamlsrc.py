@@ -29,6 +29,9 @@ then walk that tree through :class:`Value` and
 A converter takes a :class:`Value` and returns the Python value or raises
 :class:`Invalid` with a message; the reader turns that into a
 :class:`Problem` at the value's position.
+
+Size: ~850 lines: the bounded composer, the tree walker and every converter the file
+formats share; each loader (config, inventory, policies) is built on it, so its rules live once.
 """
 
 from __future__ import annotations

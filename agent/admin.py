@@ -330,17 +330,7 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
             except SourceError as e:
                 return 400, {
                     "error": str(e),
-                    "errors": [
-                        {
-                            "file": p.file,
-                            "line": p.line,
-                            "column": p.column,
-                            "path": p.path,
-                            "message": p.message,
-                            "text": str(p),
-                        }
-                        for p in e.errors
-                    ],
+                    "errors": [p.as_dict() for p in e.errors],
                 }
             if store.version != before:
                 log.info(

@@ -146,6 +146,17 @@ class Problem:
     """Field path such as ``proxy.redirectIPv4`` or ``pods[3].ips[0]``; "" for the whole file."""
     message: str
 
+    def as_dict(self) -> dict[str, Any]:
+        """The problem as JSON-ready data (admin API and ``-o json`` answers)."""
+        return {
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "path": self.path,
+            "message": self.message,
+            "text": str(self),
+        }
+
     def __str__(self) -> str:
         where = self.file
         if self.line:

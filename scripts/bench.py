@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
-from bench_nginx import write_nginx_conf  # noqa: E402 - scripts/, next to this file
+from benchtools import parse_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
     ("direct", "same-node", "pod1-3", "pod1-2"),
@@ -61,20 +61,6 @@ PATHS = [
     ("direct", "cross-node", "pod1-3", "pod2-1"),
     ("mesh", "cross-node", "pod1-1", "pod2-1"),
 ]
-
-
-def parse_wrk(out: str) -> dict:
-    def lat(label: str) -> float | None:
-        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return None
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat("50"),
-            "p99_ms": lat("99"), "errors": errors.group(0) if errors else None}
 
 
 def run_wrk(cluster, src, url, duration, connections) -> dict:

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from bench_nginx import write_nginx_conf  # scripts/, next to this file
+from benchtools import parse_wrk, write_nginx_conf  # scripts/, next to this file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,22 +194,6 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def parse_wrk(out: str) -> dict:
-    """req/s, p50/p99 (ms) and any error line from ``wrk --latency`` output."""
-    def lat(label: str) -> float | None:
-        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return None
-        v = float(m.group(1))
-        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    count = re.search(r"(\d+) requests in", out)
-    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
-    return {"rps": float(rps.group(1)) if rps else None, "p50_ms": lat("50"), "p99_ms": lat("99"),
-            "requests": int(count.group(1)) if count else None, "errors": "; ".join(errors) or None}
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -56,17 +56,7 @@ def _load_documents(paths, trust_domain, root_namespace, output, code):
             echo_json(
                 {
                     "valid": False,
-                    "errors": [
-                        {
-                            "file": p.file,
-                            "line": p.line,
-                            "column": p.column,
-                            "path": p.path,
-                            "message": p.message,
-                            "text": str(p),
-                        }
-                        for p in e.errors
-                    ],
+                    "errors": [p.as_dict() for p in e.errors],
                 },
                 indent=None,
             )

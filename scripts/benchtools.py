@@ -1,10 +1,34 @@
-"""The nginx upstream of the benchmarks (scripts/bench.py, scripts/bench_l7.py):
-one worker, no access log, a fixed 200 answer, keep-alive without a request
-limit, every temporary path under one directory (no root-owned defaults)."""
+"""What the benchmark scripts (scripts/bench.py, scripts/bench_l7.py) share:
+the nginx upstream (one worker, no access log, a fixed 200 answer, keep-alive
+without a request limit, every temporary path under one directory, no
+root-owned defaults) and the parsing of ``wrk --latency`` output."""
 
 from __future__ import annotations
 
 import os
+import re
+
+
+def parse_wrk(out: str) -> dict:
+    """req/s, p50/p99 (ms), the request count and any error lines from ``wrk --latency`` output."""
+
+    def lat(label: str) -> float | None:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return None
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
+    errors = re.findall(r"Non-2xx or 3xx responses: \d+|Socket errors: .*", out)
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "p50_ms": lat("50"),
+        "p99_ms": lat("99"),
+        "requests": int(count.group(1)) if count else None,
+        "errors": "; ".join(errors) or None,
+    }
 
 
 def nginx_conf(directory: str, listen: list[str], body: str, *, worker_connections: int = 1024,

@@ -775,7 +775,7 @@ class L7Session(asyncio.Protocol):
     def _resp_head(self, up: _Upstream, r: ResponseHead) -> None:
         # up is self._up (_up_events_into): its request is in flight, no None checks per response
         req: RequestHead = self._req  # type: ignore[assignment]
-        ex: HttpExchange = self._ex  # type: ignore[assignment]
+        ex: HttpExchange = self._ex  # type: ignore[assignment]  # ditto
         st = r.status
         if r.interim:
             if req.version == b"1.1":

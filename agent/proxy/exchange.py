@@ -38,6 +38,7 @@ state       event                       next state, commands
 ROUTING     Start(cluster)              CONNECTING, Connect
                                         ANSWERED, Respond 503 (UO, NR)
 ROUTING     (shell: ``answer``)         ANSWERED (a hook answered)
+ROUTING     (shell: ``fail``)           FAILED, Fail <status> (e.g. routing failed)
 CONNECTING  Attached                    WAITING (+ Wake for the stream idle)
 CONNECTING  ConnectFailed               CONNECTING, ResetUpstream + Connect (retry)
                                         FAILED, Fail 503 UF
@@ -57,8 +58,9 @@ RESPONDING  ResponseEnd                 DONE
 RESPONDING  UpstreamLost / BadResponse  FAILED, ResetClient (UC)
 any live    Deadline                    Wake(next), or retry (per-try timeout),
                                         or FAILED, Fail 504 / ResetClient (UT)
-any live    BadRequest                  FAILED, Fail <status> / ResetClient (DPE)
-any         ClientLost                  FAILED (attempt abandoned, counts released)
+any         BadRequest                  FAILED, Fail <status> / ResetClient (DPE)
+any         ClientLost                  FAILED (attempt abandoned, counts released;
+                                        UPGRADED stays)
 =========== =========================== =========================================
 
 ``RequestBody``/``RequestEnd`` never change the state: they feed the replay
@@ -67,13 +69,15 @@ and close the client; ``ResetClient`` replaces it once a response (the
 upstream's or the proxy's own) has begun. Both imply dropping the upstream
 with a reset, as does ``Respond``; the shell always does so.
 
-The shell counts body bytes and the time of the last byte either way
-directly on the exchange (:attr:`~HttpExchange.req_bytes` is the exchange's,
-``resp_bytes`` and ``last_io`` are written by the shell): per-chunk events
-for them would cost more than they say.
+Two fields are written by the shell directly, not through events (per-chunk
+events for them would cost more than they say): ``resp_bytes``, the response
+body bytes, and ``last_io``, the time of the last byte either way (for the
+stream idle timeout; the exchange sets it too on its own transitions).
+:attr:`~HttpExchange.req_bytes` is counted by ``request_body``.
 
-Size: a little over 700 lines, half of it the documented event and command
-types; the machine is one class so that its state stays in one place.
+Size: a little over 800 lines, nearly half of it this docstring and the
+documented event, command and record types; the machine is one class so
+that its state stays in one place.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
+from agent.traffic.lb import Token
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
 from agent.traffic.outcome import status as status_outcome
 from agent.traffic.retry import Done, Request, RetryState
@@ -376,11 +381,12 @@ Event = (
 class Exchange:
     """What happened to one request, for ``on_response`` (metrics, access log).
 
-    ``flags`` follow Envoy's response flags, comma-separated, "-" for none:
-    UF upstream connect failure, UC upstream connection terminated, UT
-    upstream (per-try or request) timeout, URX retries exhausted, UO circuit
-    breaker overflow, NR no healthy upstream, DPE downstream protocol error,
-    UAEX/RBAC denied by policy (the short-circuit said so)."""
+    ``flags`` follow Envoy's response flags, comma-separated in this order,
+    "-" for none: DPE downstream protocol error, NR no healthy upstream, UO
+    circuit breaker overflow, UF upstream connect failure, UC upstream
+    connection terminated, UT upstream (per-try or request) timeout, URX
+    retries exhausted. A request the short-circuit refused by policy has
+    none here: the metrics (``stats``) report it as RBAC."""
 
     cluster: str | None = None
     """The service port (``ns/name:port``) or None for a direct pod address."""
@@ -453,7 +459,7 @@ class HttpExchange:
         self.flags: list[str] | None = None
         self.held: Breaker | None = None  # max-requests count held
         self.target: Target | None = None
-        self.token = None
+        self.token: Token[Target] | None = None  # the load balancer's, for the current attempt
         self.attempts = 0
         self.attempt_t0 = 0.0
         self.retry: RetryState | None = None
@@ -491,6 +497,7 @@ class HttpExchange:
         return s is State.DONE or s is State.ANSWERED
 
     def flag(self, flag: str) -> None:
+        """Add a response flag (one of those :class:`Exchange` lists), once."""
         f = self.flags
         if f is None:
             self.flags = [flag]
@@ -513,7 +520,7 @@ class HttpExchange:
             None if c is None else c.name,
             self.target,
             self.attempts,
-            "-" if f is None else ",".join(sorted(f, key=_FLAG_ORDER.get)),
+            "-" if f is None else ",".join(sorted(f, key=_FLAG_ORDER.__getitem__)),
             self.req_bytes,
             self.resp_bytes,
         )
@@ -555,7 +562,7 @@ class HttpExchange:
             self.answer(503)
             return (Respond(503, b"no healthy upstream\n"),)
         self.preamble = head(target)
-        return self._try(target, now)
+        return self._try(c, target, now)
 
     def request_body(self, size: int, pieces: tuple[bytes, ...] | list[bytes]) -> Sequence[Command]:
         """:class:`RequestBody` (needs no clock)."""
@@ -566,6 +573,7 @@ class HttpExchange:
         rp = self.replay
         if rp is not None:
             self.replay_size += n
+            # only start() sets replay, after the cluster: no None check per chunk
             if self.replay_size > self.cluster.settings.retries.max_body_bytes:  # type: ignore[union-attr]
                 self.replay = None  # too large to replay: this request is never retried
             else:
@@ -579,8 +587,9 @@ class HttpExchange:
         if s is not State.WAITING and s is not State.CONNECTING and s is not State.RESPONDING:
             return _NOTHING
         self.last_io = now
-        t = self.cluster.settings.timeouts.request  # type: ignore[union-attr]
-        w = self._arm_try(now)
+        c: Cluster = self.cluster  # type: ignore[assignment]  # a live attempt: start() set it
+        t = c.settings.timeouts.request
+        w = self._arm_try(c, now)
         if t is None:
             return _NOTHING if w is None else (w,)
         d = self.req_until = now + t
@@ -610,7 +619,7 @@ class HttpExchange:
 
     def response(self, st: int, now: float) -> Sequence[Command]:
         """:class:`ResponseStarted` with status ``st``."""
-        c: Cluster = self.cluster  # type: ignore[assignment]
+        c: Cluster = self.cluster  # type: ignore[assignment]  # a response: start() set it
         if self.token is not None or c.multi:
             self._end_attempt(status_outcome(st), now)
         else:
@@ -715,9 +724,8 @@ class HttpExchange:
             return (self.preamble, *rp, self.end)
         return (self.preamble, *rp)
 
-    def _try(self, target: Target, now: float) -> tuple[Command, ...]:
-        """Start an attempt on ``target``."""
-        c: Cluster = self.cluster  # type: ignore[assignment]
+    def _try(self, c: Cluster, target: Target, now: float) -> tuple[Command, ...]:
+        """Start an attempt on ``target`` of ``c`` (the exchange's cluster)."""
         self.target = target
         self.attempts += 1
         self.token = c.start(target)
@@ -731,13 +739,14 @@ class HttpExchange:
             (self.preamble,) if not rp and not self.req_done else self._data(),
         )
         if self.req_done:
-            w = self._arm_try(now)
+            w = self._arm_try(c, now)
             if w is not None:
                 return (w, conn)
         return (conn,)
 
-    def _arm_try(self, now: float) -> Wake | None:
-        pt = self.cluster.settings.retries.per_try_timeout  # type: ignore[union-attr]
+    def _arm_try(self, c: Cluster, now: float) -> Wake | None:
+        """The per-try deadline of the current attempt (``c``: the exchange's cluster)."""
+        pt = c.settings.retries.per_try_timeout
         if pt is None:
             return None
         self.try_until = d = now + pt
@@ -787,7 +796,7 @@ class HttpExchange:
         target = c.pick(now, d.avoid)
         if target is None:
             return None
-        return (RESET_UPSTREAM, *self._try(target, now))
+        return (RESET_UPSTREAM, *self._try(c, target, now))
 
     def _overloaded(self, over: Overloaded, now: float) -> Sequence[Command]:
         self.flag("UO")
@@ -825,4 +834,4 @@ _HANDLERS: dict[type, Callable[[HttpExchange, Any, float], Sequence[Command]]] =
     BadRequest: HttpExchange._bad_request,
     Deadline: HttpExchange._deadline,
     ClientLost: HttpExchange._client_lost,
-}  # type: ignore[dict-item]
+}

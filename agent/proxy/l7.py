@@ -20,24 +20,28 @@ Who decides what:
 One request at a time per downstream connection (pipelined requests wait,
 already parsed, with reading paused):
 
-1. ``RequestHead`` → hooks → ``Start``: the exchange answers ``Connect``
-   (or ``Respond`` 503). An idle pooled connection to the target is reused,
-   else one is opened, counted in the cluster's breaker
-   (``max-pending-requests``, ``max-connections``; a refusal goes back to
-   the exchange as ``Refused``); the head and early body bytes wait,
-   bounded by :attr:`L7Settings.buffer_size`, meanwhile.
+1. ``RequestHead`` → hooks (a :class:`Response` is sent as it is; a
+   ``choose`` that raises gives 502) → the exchange's ``start``
+   (:class:`~agent.proxy.exchange.Start`): it answers ``Connect`` (or
+   ``Respond`` 503). An idle pooled connection to the target is reused
+   (unless the exchange asks for a fresh one), else one is opened, counted
+   in the cluster's breaker (``max-pending-requests``, ``max-connections``;
+   a refusal goes back to the exchange as ``Refused``); the head and early
+   body bytes wait, bounded by :attr:`L7Settings.buffer_size`, meanwhile.
 2. The head goes out with hop-by-hop headers removed (RFC 9110 7.6.1), trace
    headers propagated or created, and our own framing header; the body is
    streamed chunk by chunk (chunked in → chunked out), never buffered whole
    (the exchange keeps a bounded copy for replay when a retry is possible).
    Backpressure: a full upstream pauses reading the client and vice versa.
-3. Interim 1xx responses are relayed (so ``Expect: 100-continue`` works);
-   the final response head goes to the exchange (``Forward``, a retry, or a
-   failure), then is streamed back, re-chunked when its length is unknown,
-   so the client connection stays alive.
-4. Then ``on_response(head, status, elapsed, exchange)`` with the
-   exchange's :class:`~agent.proxy.exchange.Exchange` record, the upstream
-   connection goes back to the pool if both sides allow it, and the next
+3. Interim 1xx responses are relayed to HTTP/1.1 clients (so ``Expect:
+   100-continue`` works); the final response head goes to the exchange
+   (``Forward``, a retry, or a failure), then is streamed back, re-chunked
+   when its length is unknown, so the client connection stays alive (an
+   HTTP/1.0 client reads it until close instead).
+4. Then the upstream connection goes back to the pool if it can serve
+   another request (the request went out whole, the upstream keeps it
+   alive), ``on_response(head, status, elapsed, exchange)`` gets the
+   exchange's :class:`~agent.proxy.exchange.Exchange` record, and the next
    request is served.
 
 Upgrade (only to :data:`UPGRADES`): after the upstream's 101 both sockets are
@@ -51,10 +55,12 @@ slowloris) and ``idle_timeout`` (a silent keep-alive client is closed). The
 per-request timeouts are the exchange's; the :class:`~agent.proxy.pool.Ticker`
 wakes the session for both, up to one tick late, never early.
 
-Errors: a malformed request gets the parser's status (400/414/431...) with
-``Connection: close`` and never reaches an upstream (flag DPE). A failure
-after the response head was sent can only be signalled by resetting the
-client. A crash on one connection is logged and resets that connection only.
+Errors: a malformed request head gets the parser's status (400/414/431...)
+with ``Connection: close`` and never reaches an upstream; a body found
+malformed after the head was accepted (a bad chunk) fails the exchange the
+same way (flag DPE). A failure after the response head was sent can only be
+signalled by resetting the client. A crash on one connection is logged and
+resets that connection only.
 
 Size: the session is one class because its socket callbacks share all of its
 state; what could leave (pool, exchange) has.
@@ -202,7 +208,7 @@ class L7Session(asyncio.Protocol):
         self.on_response = on_response
         self.relay: Relay | None = None  # set after an upgrade
         self.requests = 0
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._loop = asyncio.get_running_loop()
         self._ticker = pool.ticker
         self._per_s = self._ticker._per_s
@@ -257,7 +263,7 @@ class L7Session(asyncio.Protocol):
             self._pump()
             if self._req is None and not self._queue:
                 self._close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - one connection's bug never kills the proxy
             self._crash()
         return True
 
@@ -279,38 +285,38 @@ class L7Session(asyncio.Protocol):
         self._down_write_paused = True
         up = self._up
         if up is not None and not up.lost:
-            up.transport.pause_reading()  # type: ignore[union-attr]
+            up.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._down_write_paused = False
         up = self._up
         if up is not None and not up.lost:
-            up.transport.resume_reading()  # type: ignore[union-attr]
+            up.transport.resume_reading()
 
     # ---- helpers
 
     def _pause(self, why: int) -> None:
         if not self._paused and not self._closed:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
         self._paused |= why
 
     def _resume(self, why: int) -> None:
         if self._paused & why:
             self._paused &= ~why
             if not self._paused and not self._closed:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+                self.transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         if self._obuf is not None:
             self._obuf.append(data)
         elif not self._closed:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
 
     def _flush(self) -> None:
         out = self._obuf
         if out:
             if not self._closed:
-                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+                self.transport.write(b"".join(out))
             out.clear()
 
     def _close(self) -> None:
@@ -319,7 +325,7 @@ class L7Session(asyncio.Protocol):
             self._closed = True
             self._cancel_wait()
             self._disarm()
-            self.transport.close()  # type: ignore[union-attr]  # flushes first
+            self.transport.close()  # flushes first
 
     def _crash(self) -> None:
         log.exception("L7 session failed; resetting the connection")
@@ -385,7 +391,8 @@ class L7Session(asyncio.Protocol):
             self._finish()
 
     def _connect_cmd(self, c: Connect) -> None:
-        """An idle pooled connection to the target, else a new one (counted)."""
+        """An idle pooled connection to the target (unless ``fresh``), else a
+        new one (counted in the breaker)."""
         target = c.target
         if not c.fresh:
             up = self.pool.take_idle(target)
@@ -524,20 +531,22 @@ class L7Session(asyncio.Protocol):
                 ex.answer(c.status)
                 self._answer(c.status, c.body, c.headers)
                 return
-            c = self.pool.direct(c) if type(c) is tuple else c  # a bare target
+            c = self.pool.direct(c) if isinstance(c, tuple) else c  # a bare target
         self._chunk_up = fr == "chunked"
         self._run(ex.start(c, self._head_bytes, now))
 
     def _head_bytes(self, target: Target) -> bytes:
         """The request head as forwarded (for the first target; retries reuse it)."""
-        head = self._req
+        head: RequestHead = self._req  # type: ignore[assignment]  # _start() set it, then called us
         ctx = tracing.hop(head.headers)
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
-        if self._ex.upgrade:  # type: ignore[union-attr]
-            headers += [(b"Connection", b"upgrade"), (b"Upgrade", head.upgrade)]
+        u = head.upgrade
+        if u is not None and _upgrade_allowed(u):  # as _start() decided the exchange's ``upgrade``
+            headers += [(b"Connection", b"upgrade"), (b"Upgrade", u)]
         if head.framing == "content-length":
-            headers.append((b"Content-Length", b"%d" % head.content_length))
+            # that framing comes with the length (http1); no check per request
+            headers.append((b"Content-Length", b"%d" % head.content_length))  # type: ignore[str-format]
         elif head.framing == "chunked":
             headers.append((b"Transfer-Encoding", b"chunked"))
         if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one
@@ -585,21 +594,21 @@ class L7Session(asyncio.Protocol):
     def _attach(self, up: _Upstream, data, *, reused: bool) -> None:
         """``up`` serves the current attempt: write ``data`` (None: what was
         pending while connecting) and tell the exchange."""
-        ex = self._ex
+        ex: HttpExchange = self._ex  # type: ignore[assignment]  # our callers' request is in flight
         self._up = up
         up.session = self
         up.got_bytes = False
-        up.parser.expect(self._req.method)
+        up.parser.expect(ex.method)  # the request's
         if data is None:
             data = self._pending
             self._pending = None
             self._pending_size = 0
         t = up.transport
-        t.write(data[0] if len(data) == 1 else b"".join(data))  # type: ignore[union-attr]
-        if t.get_write_buffer_size() > self.settings.buffer_size:  # type: ignore[union-attr]
+        t.write(data[0] if len(data) == 1 else b"".join(data))
+        if t.get_write_buffer_size() > self.settings.buffer_size:
             self._pause(_P_UPSTREAM)
         if self._down_write_paused:
-            t.pause_reading()  # type: ignore[union-attr]
+            t.pause_reading()
         cmds = ex.attached(reused, _monotonic())
         if cmds:
             self._run(cmds)
@@ -613,7 +622,7 @@ class L7Session(asyncio.Protocol):
         up = self._up
         if up is not None:
             if not up.lost:
-                up.transport.writelines(pieces)  # type: ignore[union-attr]
+                up.transport.writelines(pieces)
                 ex.last_io = _monotonic()
         elif self._pending is not None:
             self._pending.extend(pieces)
@@ -629,7 +638,7 @@ class L7Session(asyncio.Protocol):
         if self._chunk_up and ex.state is not State.ANSWERED:
             if self._up is not None:
                 if not self._up.lost:
-                    self._up.transport.write(CHUNKED_END)  # type: ignore[union-attr]
+                    self._up.transport.write(CHUNKED_END)
             elif self._pending is not None:
                 self._pending.append(CHUNKED_END)
         if ex.state is State.ANSWERED:  # and now the request is complete too
@@ -673,21 +682,23 @@ class L7Session(asyncio.Protocol):
         ex.release()
         if self.on_response is not None:
             try:
+                # _start() sets _req with _ex: no None check per request
                 self.on_response(self._req, ex.status, _monotonic() - ex.t0, ex.record())  # type: ignore[arg-type]
             except Exception:
                 log.exception("on_response hook failed")
 
     def _finish(self) -> None:
-        """The exchange is over: report, release the upstream, serve the next request."""
-        ex = self._ex
+        """The exchange is over: release the upstream, report, serve the next request."""
+        ex: HttpExchange = self._ex  # type: ignore[assignment]  # our callers' request is in flight
         up = self._up
         if up is not None:
             self._up = None
             if ex.req_done and self._upstream_reusable:  # release() checks it is usable
+                # an upstream was attached, so start() had set the cluster
                 self.pool.release(up, ex.cluster.settings.timeouts.idle)  # type: ignore[union-attr]
             else:
                 up.session = None
-                up.transport.close()  # type: ignore[union-attr]
+                up.transport.close()
         self._report()
         keep = self._keep_down and ex.req_done
         declined = self._req is not None and self._req.upgrade is not None
@@ -709,13 +720,13 @@ class L7Session(asyncio.Protocol):
     def _up_data(self, up: _Upstream, data: bytes) -> None:
         try:
             self._up_events(up, up.parser.feed(data))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - one connection's bug never kills the proxy
             self._crash()
 
     def _up_eof(self, up: _Upstream) -> None:
         try:
             self._up_events(up, up.parser.feed_eof())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - one connection's bug never kills the proxy
             self._crash()
 
     def _up_lost(self, up: _Upstream, exc) -> None:
@@ -729,25 +740,27 @@ class L7Session(asyncio.Protocol):
 
     def _up_events(self, up: _Upstream, events: list) -> None:
         # Everything one upstream read produced goes out in one write.
+        out: list[bytes]
         self._obuf = out = []
         try:
             self._up_events_into(up, events, out)
         finally:
             self._obuf = None
             if out and not self._closed:
-                self.transport.write(b"".join(out))  # type: ignore[union-attr]
+                self.transport.write(b"".join(out))
 
-    def _up_events_into(self, up: _Upstream, events: list, out: list) -> None:
-        ex = self._ex
-        if ex is not None:
-            ex.last_io = _monotonic()
+    def _up_events_into(self, up: _Upstream, events: list, out: list[bytes]) -> None:
+        cur = self._ex
+        if cur is not None:
+            cur.last_io = _monotonic()
         for ev in events:
             if up is not self._up or self._closed:
                 return
-            ex = self._ex
+            # up is self._up: it serves the request in flight (_attach); no None check per event
+            ex: HttpExchange = self._ex  # type: ignore[assignment]
             t = type(ev)
             if t is Body:
-                ex.resp_bytes += len(ev.data)  # type: ignore[union-attr]
+                ex.resp_bytes += len(ev.data)
                 if self._chunk_down:
                     out += chunk(ev.data)
                 else:
@@ -757,11 +770,12 @@ class L7Session(asyncio.Protocol):
             elif t is EndOfMessage:
                 self._resp_end(up)
             else:
-                self._run(ex.handle(BadResponse(ev.status, ev.reason), _monotonic()))  # type: ignore[union-attr]
+                self._run(ex.handle(BadResponse(ev.status, ev.reason), _monotonic()))
 
     def _resp_head(self, up: _Upstream, r: ResponseHead) -> None:
-        req = self._req
-        ex = self._ex
+        # up is self._up (_up_events_into): its request is in flight, no None checks per response
+        req: RequestHead = self._req  # type: ignore[assignment]
+        ex: HttpExchange = self._ex  # type: ignore[assignment]  # ditto
         st = r.status
         if r.interim:
             if req.version == b"1.1":
@@ -778,7 +792,8 @@ class L7Session(asyncio.Protocol):
         keep = req.keep_alive and not self._client_eof
         headers = forward_headers(r.headers)
         if r.framing == "content-length":
-            headers.append((b"Content-Length", b"%d" % r.content_length))
+            # that framing comes with the length (http1); no check per response
+            headers.append((b"Content-Length", b"%d" % r.content_length))  # type: ignore[str-format]
         elif r.framing == "none":
             if r.content_length is not None:  # HEAD: the length the GET would have
                 headers.append((b"Content-Length", b"%d" % r.content_length))
@@ -799,7 +814,7 @@ class L7Session(asyncio.Protocol):
         if self._chunk_down:
             self._write(CHUNKED_END)
         self._flush()
-        ex = self._ex
+        ex: HttpExchange = self._ex  # type: ignore[assignment]  # up is self._up: its request is in flight
         ex.response_end()
         if not ex.req_done:
             # Answered before the body was sent (e.g. 413): stop here.
@@ -808,7 +823,8 @@ class L7Session(asyncio.Protocol):
 
     def _switch_to_relay(self, up: _Upstream, r: ResponseHead) -> None:
         req = self._req
-        assert req is not None
+        # SWITCH_PROTOCOLS comes only for a request that asked (the exchange's ``upgrade``)
+        assert req is not None and req.upgrade is not None
         headers = forward_headers(r.headers) + [
             (b"Connection", b"upgrade"),
             (b"Upgrade", _upgrade_value(r) or req.upgrade),
@@ -823,12 +839,12 @@ class L7Session(asyncio.Protocol):
         down_raw = self._parser.take_raw()
         up_raw = up.parser.take_raw()
         client, upstream = Endpoint("client"), Endpoint("upstream")
-        self.transport.set_protocol(client)  # type: ignore[union-attr]
-        client.connection_made(self.transport)  # type: ignore[arg-type]
+        self.transport.set_protocol(client)
+        client.connection_made(self.transport)
         client.unread(down_raw)
         client.eof = self._client_eof
-        up.transport.set_protocol(upstream)  # type: ignore[union-attr]
-        upstream.connection_made(up.transport)  # type: ignore[arg-type]
+        up.transport.set_protocol(upstream)
+        upstream.connection_made(up.transport)
         upstream.unread(up_raw)
         if self._paused:
             self._paused = 0

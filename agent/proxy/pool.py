@@ -148,7 +148,8 @@ class _Upstream(asyncio.Protocol):
         self.pool = pool
         self.target = target
         self.parser = ResponseParser()
-        self.transport: asyncio.Transport | None = None
+        # set by connection_made, which runs before create_connection returns us
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.session: Any = None  # the L7Session served (l7 imports this module, not vice versa)
         self.idle_until = 0.0
         self.lost = False
@@ -332,7 +333,7 @@ class UpstreamPool:
                     sock.close()
                     raise
         self.connects += 1
-        return up  # type: ignore[return-value]
+        return up
 
     def release(self, up: _Upstream, idle: float | None = None) -> None:
         """Back to the pool for at most ``idle`` seconds (capped by the pool's)."""

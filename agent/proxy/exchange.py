@@ -87,6 +87,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.proxy.tracing import HopContext
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
 from agent.traffic.lb import Token
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
@@ -397,6 +398,8 @@ class Exchange:
     flags: str = "-"
     request_body_bytes: int = 0
     response_body_bytes: int = 0
+    trace: HopContext | None = None
+    """The trace context forwarded upstream (generated request ids included), if forwarded."""
 
 
 # --------------------------------------------------------------------------
@@ -441,6 +444,7 @@ class HttpExchange:
         "last_io",
         "req_bytes",
         "resp_bytes",
+        "trace",
     )
 
     def __init__(
@@ -473,6 +477,7 @@ class HttpExchange:
         self.last_io = 0.0
         self.req_bytes = 0
         self.resp_bytes = 0
+        self.trace: HopContext | None = None
 
     def __repr__(self) -> str:
         return f"<HttpExchange {self.method.decode('latin-1')} {self.state.name} attempts={self.attempts}>"
@@ -523,6 +528,7 @@ class HttpExchange:
             "-" if f is None else ",".join(sorted(f, key=_FLAG_ORDER.__getitem__)),
             self.req_bytes,
             self.resp_bytes,
+            self.trace,
         )
 
     def release(self) -> None:

@@ -539,6 +539,9 @@ class L7Session(asyncio.Protocol):
         """The request head as forwarded (for the first target; retries reuse it)."""
         head: RequestHead = self._req  # type: ignore[assignment]  # _start() set it, then called us
         ctx = tracing.hop(head.headers)
+        ex = self._ex
+        if ex is not None:  # logged with the request (generated ids included)
+            ex.trace = ctx
         headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
         headers += ctx.headers()
         u = head.upgrade

@@ -22,7 +22,10 @@ import hashlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.proxy.exchange import Exchange
 
 __all__ = ["setup_logging", "AccessLog", "sampled", "request_record", "request_ids"]
 
@@ -56,18 +59,16 @@ def _header(headers: Any, lname: bytes) -> bytes | None:
     return None
 
 
-def request_ids(head: Any, exchange: Any) -> tuple[str | None, str | None]:
-    """(x-request-id, trace id) of a request: what the exchange recorded
-    (the ids forwarded, generated ones included) if it did, else what the
+def request_ids(head: Any, exchange: Exchange) -> tuple[str | None, str | None]:
+    """(x-request-id, trace id) of a request: what the exchange forwarded
+    (generated ids included) if it forwarded the request, else what the
     client sent (x-request-id, the traceparent's trace-id)."""
-    rid = _text(getattr(exchange, "request_id", None))
-    tid = _text(getattr(exchange, "trace_id", None))
-    trace = getattr(exchange, "trace", None)  # a tracing.HopContext, if the session keeps it
+    rid = tid = None
+    trace = exchange.trace
     if trace is not None:
-        rid = rid or _text(getattr(trace, "request_id", None))
-        tp = getattr(trace, "traceparent", None)
-        tid = tid or _text(getattr(tp, "trace_id", None))
-    headers = getattr(head, "headers", None)
+        rid = _text(trace.request_id)
+        tid = _text(trace.traceparent.trace_id)
+    headers = head.headers
     if rid is None:
         v = _header(headers, b"x-request-id")
         rid = _text(v[:128]) if v else None

@@ -259,6 +259,9 @@ def test_keep_alive_reuses_one_upstream_connection_and_propagates_tracing():
                 assert (ex.cluster, ex.upstream, ex.attempts, ex.flags) == (
                     None, tuple(srv.server_address), 1, "-")
                 assert ex.request_body_bytes == 0 and ex.response_body_bytes == len(bodies[0])
+                # the record carries what was forwarded (the access log's ids): generated request ids too
+                assert [x.trace.request_id.decode() for x in px.exchanges] == [h["x-request-id"] for h in seen]
+                assert {x.trace.traceparent.parent_id for x in px.exchanges} == spans
     run(main())
 
 

@@ -16,6 +16,7 @@ from agent.app import proxy_state
 from agent.config import parse_config
 from agent.observe.prometheus import _Collector, families, merge_tcp
 from agent.proxy import telemetry as m
+from agent.proxy import tracing
 from agent.proxy.log import sampled
 from agent.proxy.state import StateError, parse_state
 from agent.observe.pairstats import StatsFilter, format_table, pair_rows, percentile, select
@@ -528,11 +529,15 @@ def test_request_record_has_the_connection_fields_and_the_requests_own():
     json.dumps(rec)
 
 
-def test_request_ids_prefer_what_the_exchange_recorded():
-    ex = SimpleNamespace(request_id=b"gen-1", trace_id="f" * 32)
-    assert request_ids(head(headers=[(b"x-request-id", b"client")]), ex) == ("gen-1", "f" * 32)
-    hop = SimpleNamespace(request_id=b"hop-1", traceparent=SimpleNamespace(trace_id=b"a" * 32))
-    assert request_ids(head(), SimpleNamespace(trace=hop)) == ("hop-1", "a" * 32)
+def test_request_ids_are_what_the_exchange_forwarded():
+    # the client sent an invalid x-request-id: the hop generated one, and that is logged
+    client = [(b"x-request-id", b"not valid!"), (b"traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")]
+    hop = tracing.hop(client)
+    assert hop.request_id_generated
+    got = request_ids(head(headers=client), Exchange(trace=hop))
+    assert got == (hop.request_id.decode(), "a" * 32)
+    # not forwarded (answered by the proxy): what the client sent
+    assert request_ids(head(headers=[(b"x-request-id", b"client")]), Exchange()) == ("client", None)
     assert request_ids(head(headers=[(b"traceparent", b"garbage")]), Exchange()) == (None, None)
 
 

@@ -170,11 +170,10 @@ class Accounting:
         denied = False
         policy = None
         if status == 403 or flags != "-":
-            policy = getattr(exchange, "policy", None)
             denied = "RBAC" in flags
             den = conn.denial  # (head, policy, rule) of the last request refused by policy
             if den is not None and den[0] is head and status == 403:
-                denied, policy = True, policy or den[1]
+                denied, policy = True, den[1]
                 if flags == "-":
                     flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
             if denied:

@@ -476,7 +476,7 @@ def check_against_pods(
     from without problems) is given, each is also recorded at its ``vip``."""
     owners: dict[IPAddress, str] = {}
     for n in nodes:
-        for a in (n.address, getattr(n, "address6", None)):
+        for a in (n.address, n.address6):
             if a is not None:
                 owners[a] = f"the address of node {n.name}"
     for p in pods:

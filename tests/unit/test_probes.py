@@ -10,8 +10,12 @@ import pytest
 
 from agent.observe.prometheus import LIVENESS_WINDOW, MetricsServer, liveness, readiness
 
-ALIVE = {"tick_age": 0.4, "workers": [{"alive": True}, {"alive": True}], "identity_configured": True,
-         "identity_loaded": True}
+ALIVE = {
+    "tick_age": 0.4,
+    "workers": [{"alive": True}, {"alive": True}],
+    "identity_configured": True,
+    "identity_loaded": True,
+}
 
 
 def test_liveness_follows_the_loop():
@@ -59,7 +63,9 @@ def test_the_server_answers_probes_without_scraping():
     def broken():
         raise RuntimeError("boom")
 
-    srv = MetricsServer(snapshot, "127.0.0.1", 0, live=lambda: (True, "ok"), ready=lambda: state["ready"]).start()
+    srv = MetricsServer(
+        snapshot, "127.0.0.1", 0, live=lambda: (True, "ok"), ready=lambda: state["ready"]
+    ).start()
     try:
         assert _get(srv.port, "/healthz") == (200, "ok\n")
         assert _get(srv.port, "/readyz") == (503, "1 of 1 proxy workers not running\n")

@@ -93,9 +93,11 @@ def structural_problems(s: dict, path: str = "") -> list[str]:
     (apiextensions.k8s.io/v1 refuses such a CRD): every node has a type
     unless it is int-or-string or preserves unknown fields; no
     ``additionalProperties`` beside ``properties``; metadata only
-    ``type: object``; no ``$ref``, no ``nullable`` without a type."""
+    ``type: object``; no ``$ref``."""
     problems: list[str] = []
-    typed = "type" in s or s.get("x-kubernetes-int-or-string") or s.get("x-kubernetes-preserve-unknown-fields")
+    typed = (
+        "type" in s or s.get("x-kubernetes-int-or-string") or s.get("x-kubernetes-preserve-unknown-fields")
+    )
     if not typed:
         problems.append(f"{path or '<root>'}: no type")
     if "properties" in s and "additionalProperties" in s:

@@ -149,3 +149,18 @@ def test_the_condition_validates_against_the_crd_status_schema():
     status = {"observedGeneration": 2, "conditions": [cond]}
     jsonschema.validate(status, to_json_schema(schema))
     yaml.safe_dump(status)
+
+
+ISTIO_DOCS = sorted((POLICIES / "istio-docs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("f", ISTIO_DOCS, ids=lambda p: p.name)
+def test_istio_objects_load_as_their_files_do(f):
+    """security.istio.io/v1 objects (where Istio's CRD is installed) are read
+    by the same loader as Istio's documents in files."""
+    from agent.policy.load import load_policies
+
+    objs = PolicyObjects()
+    for i, doc in enumerate(load_docs(f)):
+        assert objs.upsert(as_api_object(doc, uid=f"{f.name}-{i}")).accepted
+    assert objs.sets()[0].version == load_policies(f).version

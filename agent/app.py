@@ -147,6 +147,7 @@ class Agent:
     l4_sig: tuple | None = None  # (policy version, generation) it was for
     l4_names: dict = field(default_factory=dict)  # kernel policy id -> namespace/name
     l4_lock: threading.Lock = field(default_factory=threading.Lock)  # tick vs admin API
+    last_tick: float | None = None  # time.monotonic() the loop last finished a tick (/healthz)
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -564,6 +565,25 @@ class Agent:
             "identity": self.identity_status(),
         }
 
+    def liveness(self):
+        """/healthz: is the agent's loop still ticking?"""
+        from .observe.prometheus import liveness
+
+        return liveness(None if self.last_tick is None else time.monotonic() - self.last_tick)
+
+    def readiness(self):
+        """/readyz: can this node carry mesh traffic?"""
+        from .observe.prometheus import readiness
+
+        return readiness(
+            {
+                "tick_age": None if self.last_tick is None else time.monotonic() - self.last_tick,
+                "workers": [{"alive": alive} for alive in self.proxies.alive()],
+                "identity_configured": self.cfg.identity is not None,
+                "identity_loaded": self.issuer is not None,
+            }
+        )
+
     def start_metrics(self):
         """The /metrics server thread, or None (disabled, or the port is taken:
         logged; the mesh keeps running without it)."""
@@ -573,7 +593,9 @@ class Agent:
         from .observe.prometheus import MetricsServer
 
         try:
-            srv = MetricsServer(self.metrics_snapshot, str(m.address), m.port).start()
+            srv = MetricsServer(
+                self.metrics_snapshot, str(m.address), m.port, live=self.liveness, ready=self.readiness
+            ).start()
         except OSError as e:
             log.error(
                 "cannot serve metrics on %s port %d: %s; is another agent or an Istio "
@@ -609,6 +631,7 @@ class Agent:
 
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
+        self.last_tick = time.monotonic()  # the loop starts now: alive until it stops ticking
         metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
@@ -616,6 +639,7 @@ class Agent:
                 # Blocking work (bpf syscalls, netlink via pyroute2, which runs
                 # its own event loop) stays off this loop, in a worker thread.
                 await asyncio.to_thread(self.tick)
+                self.last_tick = time.monotonic()
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
                 except TimeoutError:

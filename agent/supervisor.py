@@ -150,6 +150,10 @@ class ProxySupervisor:
         """Every worker's stats socket (None: did not answer)."""
         return [proxy_stats(self.stats_socket(w)) for w in self.workers]
 
+    def alive(self) -> list[bool]:
+        """Per worker: is its process running (no stats round trip: for probes)."""
+        return [bool(w.pid and _pid_alive(w.pid, w.popen)) for w in self.workers]
+
     def status(self) -> list[dict]:
         """Per worker: pid, adopted, alive, restarts and its stats."""
         return [

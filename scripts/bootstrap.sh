@@ -78,6 +78,19 @@ else
     ok "installed"
 fi
 
+# kubectl renders deploy/'s kustomization offline in the tests.  Any kubectl
+# will do (one from Kubernetes' own repository may already be there); Debian
+# packages it as kubernetes-client.
+step "kubectl (kubectl kustomize deploy/)"
+if command -v kubectl >/dev/null; then
+    ok "present: $(command -v kubectl)"
+else
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends kubernetes-client \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends kubernetes-client; }
+    ok "installed kubernetes-client"
+fi
+
 # --- 2. kernel headers for bcc -----------------------------------------------
 # bcc compiles against /lib/modules/<release>/build.  When no headers exist for
 # the running kernel, Debian's linux-headers-<arch> work if build points at the

@@ -1,14 +1,21 @@
-"""The node's Prometheus endpoint: ``GET /metrics`` (default port 15020).
+"""The node's Prometheus endpoint: ``GET /metrics`` (default port 15020),
+and beside it the probes of the DaemonSet: ``GET /healthz`` (liveness) and
+``GET /readyz`` (readiness), 200 or 503 with the reason as plain text.
 
 Two halves:
 
 * :func:`families` is pure: a *snapshot* (plain dicts: every proxy
   worker's stats, the datapath status, the agent's identity state) in,
   ``prometheus_client`` metric families out.  Unit tests feed it dicts.
-* :class:`MetricsServer` serves them from prometheus_client's own HTTP
-  server thread.  Each scrape calls the agent's snapshot function *in that
-  thread*: the proxy stats sockets and the bpf(2) map reads never run on
-  the agent's event loop, and the proxies only answer a stats request.
+* :func:`liveness` and :func:`readiness` are pure too: the agent's
+  facts (age of its last tick, workers alive, identity loaded) in, a
+  verdict and its reason out.  A probe never scrapes: it costs no stats
+  socket round trip and no map read.
+* :class:`MetricsServer` serves them from a threading WSGI server thread
+  (prometheus_client's app for every path but the two probes).  Each
+  scrape calls the agent's snapshot function *in that thread*: the proxy
+  stats sockets and the bpf(2) map reads never run on the agent's event
+  loop, and the proxies only answer a stats request.
 
 Istio-compatible TCP metrics are the sum over the proxy workers of their
 label sets (see ``agent/proxy/telemetry.py`` for the labels).  So are
@@ -23,11 +30,15 @@ families have no samples: "not measured", never a fake zero.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -329,21 +340,105 @@ class _Collector(Collector):
         yield err
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server in a daemon thread, one collector."""
+#: A liveness/readiness verdict: (ok, reason shown in the probe's body).
+Verdict = tuple[bool, str]
 
-    def __init__(self, snapshot: Callable[[], dict], address: str, port: int) -> None:
+#: An agent whose loop has not finished a tick for this long is stuck (the
+#: loop ticks every half second; a tick that waits on the kernel or the
+#: proxies takes a few seconds at worst).  The kubelet then restarts it, and
+#: the new agent adopts the pinned datapath.
+LIVENESS_WINDOW = 60.0
+
+
+def liveness(tick_age: float | None, window: float = LIVENESS_WINDOW) -> Verdict:
+    """Alive while the agent's loop keeps ticking.  ``tick_age``: seconds
+    since the last tick ended (or since the loop started, before the first)."""
+    if tick_age is None:
+        return False, "the agent loop has not started"
+    if tick_age > window:
+        return False, f"the agent loop has not ticked for {tick_age:.0f}s (limit {window:.0f}s): stuck"
+    return True, "ok"
+
+
+def readiness(facts: dict[str, Any], window: float = LIVENESS_WINDOW) -> Verdict:
+    """Ready when the node can carry mesh traffic: the loop is alive, every
+    proxy worker is alive, and the node's identity is loaded (when mTLS is
+    configured).  ``facts``: ``tick_age``, ``workers`` (list of
+    ``{"alive": bool}``), ``identity_configured``, ``identity_loaded``."""
+    ok, why = liveness(facts.get("tick_age"), window)
+    if not ok:
+        return ok, why
+    problems = []
+    workers = facts.get("workers") or []
+    dead = sum(1 for w in workers if not w.get("alive"))
+    if not workers:
+        problems.append("no proxy worker")
+    elif dead:
+        problems.append(f"{dead} of {len(workers)} proxy workers not running")
+    if facts.get("identity_configured") and not facts.get("identity_loaded"):
+        problems.append("the node's identity (intermediate CA, bundle) is not loaded")
+    if problems:
+        return False, "; ".join(problems)
+    return True, "ok"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes are not logged."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _probe_app(metrics_app: Callable, probes: dict[str, Callable[[], Verdict]]) -> Callable:
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        check = probes.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics_app(environ, start_response)
+        try:
+            ok, why = check()
+        except Exception as e:  # a broken check is a failed probe, never a dead server thread
+            log.exception("health check failed")
+            ok, why = False, f"the check itself failed: {e}"
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+        )
+        return [why.encode() + b"\n"]
+
+    return app
+
+
+class MetricsServer:
+    """A threading WSGI server in a daemon thread: /metrics (one collector)
+    and, when given, the /healthz and /readyz probes."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], dict],
+        address: str,
+        port: int,
+        *,
+        live: Callable[[], Verdict] | None = None,
+        ready: Callable[[], Verdict] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(snapshot))
         self.address, self.port = address, port
+        self.probes = {p: f for p, f in (("/healthz", live), ("/readyz", ready)) if f is not None}
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> MetricsServer:
-        from prometheus_client import start_http_server
-
-        self._server, self._thread = start_http_server(self.port, self.address, registry=self.registry)
+        family = socket.getaddrinfo(
+            self.address, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0][0]
+        server_cls = type("_MetricsServer", (_Server,), {"address_family": family})
+        app = _probe_app(make_wsgi_app(self.registry), self.probes)
+        self._server = make_server(self.address, self.port, app, server_cls, handler_class=_QuietHandler)
         self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         return self
 
     def stop(self) -> None:

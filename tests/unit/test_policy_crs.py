@@ -1,0 +1,166 @@
+"""Policies as custom resources (agent/policycrs.py): API objects load with
+the same loaders as files, a refused object never weakens what is enforced,
+and the status condition says what happened."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import pytest
+import yaml
+
+from agent.identity.spiffe import parse_spiffe_id
+from agent.policy.evaluate import Request, evaluate
+from agent.policycrs import PolicyObjects, accepted_condition, document_from_object
+from agent.traffic.trafficpolicy import load_all
+from tests.support.kubeschema import load_docs
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+POLICIES = ROOT / "policies"
+
+
+def as_api_object(doc: dict, generation: int = 1, uid: str = "0f6c-1") -> dict:
+    """What the API server hands back: the document plus server-set fields."""
+    obj = copy.deepcopy(doc)
+    meta = obj["metadata"]
+    meta.update(
+        uid=uid, resourceVersion="4242", generation=generation,
+        creationTimestamp="2026-12-06T16:00:00Z",
+        managedFields=[{"manager": "kubectl", "operation": "Apply", "apiVersion": obj["apiVersion"]}],
+    )
+    meta.setdefault("annotations", {})["kubectl.kubernetes.io/last-applied-configuration"] = "{}"
+    obj["status"] = {"conditions": [{"type": "Accepted", "status": "True"}]}
+    return obj
+
+
+DENY_ADMIN = {
+    "apiVersion": "meshlet.io/v1alpha1", "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-admin", "namespace": "shop"},
+    "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": [8080]}}]}]},
+}
+
+
+def denied(objs: PolicyObjects) -> bool:
+    ps, _ = objs.sets()
+    req = Request(
+        destination_namespace="shop", destination_labels={}, destination_port=8080,
+        source_principal=parse_spiffe_id("spiffe://cluster.local/ns/shop/sa/storefront"),
+    )
+    return not evaluate(ps, req).allowed
+
+
+def test_server_metadata_is_dropped_and_the_rest_kept():
+    obj = as_api_object(DENY_ADMIN)
+    obj["metadata"]["labels"] = {"team": "shop"}
+    doc = document_from_object(obj)
+    assert doc == {**DENY_ADMIN, "metadata": {**DENY_ADMIN["metadata"], "labels": {"team": "shop"}}}
+
+
+def test_an_accepted_object_is_enforced_and_deleting_it_lifts_it():
+    objs = PolicyObjects()
+    v = objs.upsert(as_api_object(DENY_ADMIN))
+    assert v.accepted and v.in_force == 1 and v.message_lines() == []
+    assert denied(objs)
+    objs.delete(as_api_object(DENY_ADMIN))
+    assert not denied(objs)
+
+
+def test_a_broken_update_keeps_the_previous_generation_in_force():
+    objs = PolicyObjects()
+    objs.upsert(as_api_object(DENY_ADMIN, generation=1))
+    broken = copy.deepcopy(DENY_ADMIN)
+    broken["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/sub"]}}]
+    v = objs.upsert(as_api_object(broken, generation=2))
+    assert not v.accepted and v.in_force == 1
+    assert any("requestPrincipals" in p for p in v.problems)
+    assert v.message_lines()[-1] == "generation 1 stays in force"
+    assert denied(objs)  # the DENY did not go away with the broken edit
+
+
+def test_a_refused_new_object_enforces_nothing_of_itself():
+    objs = PolicyObjects()
+    allow_custom = {**DENY_ADMIN, "spec": {"action": "CUSTOM", "provider": {"name": "ext"}}}
+    v = objs.upsert(as_api_object(allow_custom))
+    assert not v.accepted and v.in_force is None
+    assert v.message_lines()[-1] == "nothing of this resource is enforced"
+    ps, _ = objs.sets()
+    assert ps.policies == ()
+
+
+def test_a_second_traffic_policy_for_the_same_service_is_refused_and_the_first_stays():
+    tp = {
+        "apiVersion": "meshlet.io/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": "a", "namespace": "shop"}, "spec": {"service": "backend"},
+    }
+    objs = PolicyObjects()
+    assert objs.upsert(as_api_object(tp)).accepted
+    other = {**tp, "metadata": {"name": "b", "namespace": "shop"}}
+    v = objs.upsert(as_api_object(other))
+    assert not v.accepted and any("already has a traffic policy" in p for p in v.problems)
+    _, ts = objs.sets()
+    assert [p.name for p in ts.policies] == ["a"]
+
+
+def test_the_examples_as_objects_mean_what_the_files_mean():
+    objs = PolicyObjects()
+    for f in sorted(POLICIES.rglob("*.yaml")):
+        if "unsupported" in f.parts or "istio-docs" in f.parts:
+            continue
+        for i, doc in enumerate(load_docs(f)):
+            v = objs.upsert(as_api_object(doc, uid=f"{f.name}-{i}"))
+            assert v.accepted, (f, v.problems)
+    files_ps, files_ts = load_all([POLICIES, POLICIES / "traffic"])
+    ps, ts = objs.sets()
+    assert ps.policies and ps.version == files_ps.version
+    assert ts.policies and ts.version == files_ts.version
+
+
+UNSUPPORTED = sorted((POLICIES / "istio-docs" / "unsupported").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("f", UNSUPPORTED, ids=lambda p: p.name)
+def test_what_files_refuse_objects_refuse(f):
+    objs = PolicyObjects()
+    verdicts = [objs.upsert(as_api_object(d)) for d in load_docs(f)]
+    assert not all(v.accepted for v in verdicts)
+
+
+def test_the_condition_moves_its_transition_time_only_on_a_flip():
+    t1, t2 = "2026-12-06T16:00:00Z", "2026-12-06T16:05:00Z"
+    ok = accepted_condition(3, [], t1)
+    assert ok == {
+        "type": "Accepted", "status": "True", "reason": "Loaded", "message": "enforced on every node",
+        "lastTransitionTime": t1, "observedGeneration": 3,
+    }
+    assert accepted_condition(4, [], t2, ok)["lastTransitionTime"] == t1
+    bad = accepted_condition(5, ["spec.action: CUSTOM is not supported"], t2, ok)
+    assert (bad["status"], bad["reason"], bad["lastTransitionTime"]) == ("False", "Invalid", t2)
+    assert bad["message"] == "spec.action: CUSTOM is not supported"
+
+
+def test_the_condition_validates_against_the_crd_status_schema():
+    import jsonschema
+
+    from tests.support.kubeschema import crds, to_json_schema
+
+    schema = crds()[("meshlet.io", "v1alpha1", "AuthorizationPolicy")]["properties"]["status"]
+    cond = accepted_condition(2, ["x: y"], "2026-12-06T16:00:00Z")
+    status = {"observedGeneration": 2, "conditions": [cond]}
+    jsonschema.validate(status, to_json_schema(schema))
+    yaml.safe_dump(status)
+
+
+ISTIO_DOCS = sorted((POLICIES / "istio-docs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("f", ISTIO_DOCS, ids=lambda p: p.name)
+def test_istio_objects_load_as_their_files_do(f):
+    """security.istio.io/v1 objects (where Istio's CRD is installed) are read
+    by the same loader as Istio's documents in files."""
+    from agent.policy.load import load_policies
+
+    objs = PolicyObjects()
+    for i, doc in enumerate(load_docs(f)):
+        assert objs.upsert(as_api_object(doc, uid=f"{f.name}-{i}")).accepted
+    assert objs.sets()[0].version == load_policies(f).version

@@ -52,8 +52,7 @@ ADMIT = [
      ("identity_mismatch", Status.FORBIDDEN,
       f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
     ("no verified identity at all", "127.0.0.5", CLIENT, None, True, True, WEB,
-     ("identity_mismatch", Status.FORBIDDEN,
-      f"the tunnel header claims identity {CLIENT!r}, but the client certificate is None", None)),
+     ("key_scope", Status.FORBIDDEN, "key scope: the client certificate proved no identity", None)),
     ("identity is checked before the destination", "10.9.9.9", MALLORY, CLIENT, True, True, WEB,
      ("identity_mismatch", Status.FORBIDDEN,
       f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
@@ -86,8 +85,9 @@ ADMIT = [
 @pytest.mark.parametrize("case,dst,claimed,verified,mtls,sni_named,local_id,want", ADMIT,
                          ids=[row[0] for row in ADMIT])
 def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, want):
+    # the client pod is on node1: the tunnel comes from node1 with node1's certificate
     got = admit_tunnel(STATE, req(dst, claimed), dst, verified=verified, mtls=mtls, sni_named=sni_named,
-                       local_identity=local_id)
+                       local_identity=local_id, peer_node="node1", issuer_node="node1")
     if isinstance(want, str):
         assert got is STATE.pod_by_key[want]  # the pod itself: nothing new allocated
         return
@@ -96,6 +96,52 @@ def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, w
     assert (got.code, got.status, got.reason) == (code, status, reason)
     assert (got.pod.key if got.pod is not None else None) == named
     assert got.decision is None
+
+
+# Key scope, checked first with mTLS: (case, verified, peer node, issuing node) -> None (passes) or the
+# reason's tail
+KEY_SCOPE = [
+    ("a node for its own pod", DB, "node2", "node2", None),
+    ("a node's key for another node's identity", DB, "node1", "node1",
+     f"node node1 has no mesh pod with identity {DB}, so it may not speak for it (a compromised node, or this node's state is stale)"),
+    ("another node's certificate", DB, "node1", "node2",
+     f"the client certificate ({DB}) was issued by node node2's intermediate CA, but the connection comes "
+     "from node node1: a node's key may only sign for that node"),
+    ("a CA that names no node", DB, "node2", None,
+     f"the client certificate ({DB}) was issued by a CA that is no node's intermediate, but the connection "
+     "comes from node node2: a node's key may only sign for that node"),
+    ("from no node address", DB, None, "node2", "the connection comes from no node address of the state"),
+    ("an identity of no pod at all", MALLORY, "node2", "node2",
+     f"node node2 has no mesh pod with identity {MALLORY}, so it may not speak for it (a compromised node, or this node's state is stale)"),
+    ("a pod outside the mesh does not count", f"spiffe://{TD}/ns/default/sa/legacy", "node1", "node1",
+     f"node node1 has no mesh pod with identity spiffe://{TD}/ns/default/sa/legacy, "
+     "so it may not speak for it (a compromised node, or this node's state is stale)"),
+]
+
+
+@pytest.mark.parametrize("case,verified,peer,issuer,why", KEY_SCOPE, ids=[k[0] for k in KEY_SCOPE])
+def test_key_scope(case, verified, peer, issuer, why):
+    got = admission.check_key_scope(STATE, verified, peer_node=peer, issuer_node=issuer)
+    if why is None:
+        assert got is None
+        return
+    assert isinstance(got, Refusal)
+    assert (got.code, got.status, got.reason) == ("key_scope", Status.FORBIDDEN, f"key scope: {why}")
+
+
+def test_key_scope_comes_first_and_plaintext_skips_it():
+    # a certificate from the wrong node is refused before the header's identity or the destination
+    got = admit_tunnel(STATE, req("10.9.9.9", MALLORY), "10.9.9.9", verified=DB, mtls=True, sni_named=True,
+                       local_identity=WEB, peer_node="node1", issuer_node="node1")
+    assert isinstance(got, Refusal) and got.code == "key_scope"
+    got = admit_tunnel(STATE, req("127.0.0.5", MALLORY), "127.0.0.5", verified=None, mtls=False)
+    assert got is STATE.pod_by_key["default/web-1"]
+
+
+def test_node_at():
+    assert admission.node_at(STATE, "127.0.0.1") == "node1"
+    assert admission.node_at(STATE, "127.0.0.2") == "node2"
+    assert admission.node_at(STATE, "127.0.0.5") is None  # a pod, not a node
 
 
 def policies(*docs: str):

@@ -12,9 +12,11 @@ carries what every consumer of it needs, with the same strings the metrics
 ``admit_tunnel``
     0. with mTLS, key scope: the client certificate must have been issued
        by the intermediate CA of the node the connection comes from (its
-       address is that node's in the state), and its identity must have a
-       mesh pod on that node (``key_scope``, 403).  So a node whose key is
-       stolen can speak only for its own pods, never for the cluster;
+       address is that node's in the state), its identity must have a mesh
+       pod on that node, and the header's source address (what ipBlocks
+       match) must be an address of such a pod (``key_scope``, 403).  So a
+       node whose key is stolen can speak only for its own pods, never for
+       the cluster;
     1. with mTLS, the header's identity must be the one the client
        certificate proved (``identity_mismatch``, 403);
     2. the destination must be a mesh pod on THIS node (``not_local``,
@@ -40,7 +42,7 @@ from typing import Any
 from agent.policy.evaluate import Decision
 from agent.policy.model import PolicySet
 from agent.proxy.authz import authorize
-from agent.proxy.state import Pod, ProxyState
+from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.tunnel import Status, TunnelRequest
 
 __all__ = ["Refusal", "admit_tunnel", "check_key_scope", "node_at", "authorize_connection", "decided_by"]
@@ -80,7 +82,8 @@ def admit_tunnel(
     (``TlsConnection.peer_node``).  Plaintext tunnels (benchmarks only)
     take the header's identity on trust."""
     if mtls:
-        scope = check_key_scope(state, verified, peer_node=peer_node, issuer_node=issuer_node)
+        src_ip = req.src.ip if req.src is not None else None
+        scope = check_key_scope(state, verified, peer_node=peer_node, issuer_node=issuer_node, src_ip=src_ip)
         if scope is not None:
             return scope
     if mtls and req.identity != verified:
@@ -113,10 +116,16 @@ def admit_tunnel(
 
 
 def check_key_scope(
-    state: ProxyState, verified: str | None, *, peer_node: str | None, issuer_node: str | None
+    state: ProxyState,
+    verified: str | None,
+    *,
+    peer_node: str | None,
+    issuer_node: str | None,
+    src_ip: str | None,
 ) -> Refusal | None:
     """Rule 0 of ``admit_tunnel``: None when the peer node may speak for
-    ``verified``, else the ``key_scope`` refusal saying why."""
+    ``verified`` from the source address ``src_ip`` (the tunnel header's),
+    else the ``key_scope`` refusal saying why."""
     if verified is None:
         why = "the client certificate proved no identity"
     elif peer_node is None:
@@ -132,9 +141,24 @@ def check_key_scope(
             f"node {peer_node} has no mesh pod with identity {verified}, so it may not speak for it "
             "(a compromised node, or this node's state is stale)"
         )
+    elif not _speaks_from(state, peer_node, verified, src_ip):
+        why = (
+            f"the tunnel header's source address {src_ip or '(none)'} is no address of a mesh pod "
+            f"of node {peer_node} with identity {verified}"
+        )
     else:
         return None
     return Refusal("key_scope", Status.FORBIDDEN, f"key scope: {why}")
+
+
+def _speaks_from(state: ProxyState, node: str, identity: str, src_ip: str | None) -> bool:
+    if src_ip is None:
+        return False
+    try:
+        pod = state.pod_by_ip.get(normalize_ip(src_ip))
+    except ValueError:
+        return False
+    return pod is not None and pod.mesh and pod.node == node and state.identity(pod) == identity
 
 
 def node_at(state: ProxyState, ip: str) -> str | None:

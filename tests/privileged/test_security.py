@@ -5,8 +5,9 @@ agent per node.
 
 Key scope: the attacker holds node1's intermediate key (a compromised node)
 and mints workload certificates with it.  Node2 must refuse them for any
-identity that has no pod on node1, and must refuse node1's certificates
-coming from another node's address; each refusal is answered with a reason
+identity that has no pod on node1, node1's certificates coming from
+another node's address, and a tunnel header naming a source address that
+is not node1's pod's (what ipBlocks rules match); each refusal is answered with a reason
 and counted (``key_scope``).  A certificate node1 could legitimately issue
 (for its own pod) still works through the same hand-made client, so the
 refusals are not the client's fault.
@@ -60,7 +61,7 @@ from agent.identity.spiffe import parse_spiffe_id
 from agent.proxy import tunnel
 from agent.proxy.tls import ALPN, sni_for
 
-ca_dir, target, identity, dst_identity, dst_ip, dst_port, tmp = sys.argv[1:8]
+ca_dir, target, identity, dst_identity, dst_ip, dst_port, tmp, src_ip = sys.argv[1:9]
 with open(f"{ca_dir}/ca.pem", "rb") as f:
     inter = c.load_certs_pem(f.read())[0]
 with open(f"{ca_dir}/ca-key.pem", "rb") as f:
@@ -85,7 +86,8 @@ t.settimeout(10)
 line = b"MESHLET-KEY-SCOPE-PROBE\n"
 t.sendall(tunnel.encode_request(tunnel.TunnelRequest(
     dst=tunnel.Address(socket.AF_INET, dst_ip, int(dst_port)), identity=identity,
-    namespace="default", name=identity.rsplit("/", 1)[1])) + line)
+    namespace="default", name=identity.rsplit("/", 1)[1],
+    src=tunnel.Address(socket.AF_INET, src_ip, 40000))) + line)
 dec, out, rest = tunnel.ResponseDecoder(), tunnel.NEED_MORE, b""
 while out is tunnel.NEED_MORE:
     chunk = t.recv(65536)
@@ -117,34 +119,39 @@ def denied(mesh, node: str) -> dict[str, int]:
 
 
 def attack(mesh, tmp_path, *, from_node: str, to_node: str, issuer_node: str, identity: str,
-           dst_pod: str) -> dict:
-    d = tmp_path / f"{from_node}-{identity.rsplit('/', 1)[1]}-{issuer_node}"
+           dst_pod: str, src_pod: str) -> dict:
+    """The tunnel header names ``src_pod``'s address as the source (what ipBlocks match)."""
+    d = tmp_path / f"{from_node}-{identity.rsplit('/', 1)[1]}-{issuer_node}-{src_pod}"
     d.mkdir()
     r = mesh.cluster.node(from_node).run(
         [sys.executable, "-c", ATTACKER, mesh.identity_dir(issuer_node), mesh.cluster.node(to_node).address,
-         identity, spiffe(dst_pod), mesh.cluster.pod(dst_pod).ip4, "7001", str(d)],
+         identity, spiffe(dst_pod), mesh.cluster.pod(dst_pod).ip4, "7001", str(d),
+         mesh.cluster.pod(src_pod).ip4],
         check=False, timeout=60, cwd=REPO)
     assert r.stdout.strip(), r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# (case, attacker's node, target node, whose key, identity claimed, destination pod, the reason's words)
+# (case, attacker's node, target node, whose key, identity claimed, source pod in the header,
+#  destination pod, the reason's words)
 ATTACKS = [
-    ("node1's key for node2's identity", "node1", "node2", "node1", "pod2-1", "pod2-2",
+    ("node1's key for node2's identity", "node1", "node2", "node1", "pod2-1", "pod2-1", "pod2-2",
      f"node node1 has no mesh pod with identity {spiffe('pod2-1')}"),
-    ("node1's key for an identity no pod has", "node1", "node2", "node1", "nobody", "pod2-2",
+    ("node1's key for an identity no pod has", "node1", "node2", "node1", "nobody", "pod1-1", "pod2-2",
      f"node node1 has no mesh pod with identity {spiffe('nobody')}"),
-    ("node1's key for its own pod, used from node2", "node2", "node1", "node1", "pod1-1", "pod1-2",
+    ("node1's key for its own pod, used from node2", "node2", "node1", "node1", "pod1-1", "pod1-1", "pod1-2",
      "issued by node node1's intermediate CA, but the connection comes from node node2"),
+    ("node1's own pod claiming node2's pod's address", "node1", "node2", "node1", "pod1-1", "pod2-1",
+     "pod2-2", "is no address of a mesh pod of node node1"),
 ]
 
 
-@pytest.mark.parametrize("case,src,dst,key,who,pod,why", ATTACKS, ids=[a[0] for a in ATTACKS])
+@pytest.mark.parametrize("case,src,dst,key,who,src_pod,pod,why", ATTACKS, ids=[a[0] for a in ATTACKS])
 def test_a_compromised_node_cannot_speak_for_other_nodes_pods(mesh, tmp_path, case, src, dst, key, who,
-                                                              pod, why):
+                                                              src_pod, pod, why):
     before = denied(mesh, dst).get("key_scope", 0)
     res = attack(mesh, tmp_path, from_node=src, to_node=dst, issuer_node=key, identity=spiffe(who),
-                 dst_pod=pod)
+                 dst_pod=pod, src_pod=src_pod)
     assert res["status"] == "FORBIDDEN", res
     assert res["reason"].startswith("key scope: ") and why in res["reason"], res
     wait_for(lambda: denied(mesh, dst).get("key_scope", 0) == before + 1, "the refusal to be counted")
@@ -158,7 +165,7 @@ def test_the_same_hand_made_client_is_admitted_for_its_own_nodes_pod(mesh, tmp_p
     """The control: node1's key, for node1's own pod, from node1: admitted and relayed."""
     before = denied(mesh, "node2").get("key_scope", 0)
     res = attack(mesh, tmp_path, from_node="node1", to_node="node2", issuer_node="node1",
-                 identity=spiffe("pod1-1"), dst_pod="pod2-2")
+                 identity=spiffe("pod1-1"), dst_pod="pod2-2", src_pod="pod1-1")
     assert res["status"] == "OK" and res["echoed"] is True, res
     assert denied(mesh, "node2").get("key_scope", 0) == before
 

@@ -18,6 +18,7 @@ from agent.proxy.admission import Refusal, admit_tunnel, authorize_connection, d
 from agent.proxy.authz import empty_set
 from agent.proxy.state import parse_state
 from agent.proxy.tunnel import Address, Status, TunnelRequest
+from tests.support.mesh import CLIENT_IP
 from tests.unit.test_proxy_server import state_doc
 
 TD = "cluster.local"
@@ -40,7 +41,7 @@ STATE = state()
 
 def req(dst: str, identity: str = CLIENT, port: int = 8080) -> TunnelRequest:
     return TunnelRequest(dst=Address(socket.AF_INET, dst, port), identity=identity, namespace="default",
-                         name="client", src=Address(socket.AF_INET, "127.0.0.3", 40000))
+                         name="client", src=Address(socket.AF_INET, CLIENT_IP, 40000))  # pod default/client
 
 
 # (case, dst, header identity, verified cert, mtls, sni_named, local identity) -> admitted pod key or
@@ -98,10 +99,19 @@ def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, w
     assert got.decision is None
 
 
-# Key scope, checked first with mTLS: (case, verified, peer node, issuing node) -> None (passes) or the
-# reason's tail
+# Key scope, checked first with mTLS: (case, verified, peer node, issuing node[, header source]) -> None
+# (passes) or the reason's tail.  The source defaults to db-1's address (node2).
 KEY_SCOPE = [
     ("a node for its own pod", DB, "node2", "node2", None),
+    ("a node for its own pod, from another pod's address", DB, "node2", "node2",
+     f"the tunnel header's source address {CLIENT_IP} is no address of a mesh pod of node node2 "
+     f"with identity {DB}", CLIENT_IP),
+    ("no source address", DB, "node2", "node2",
+     f"the tunnel header's source address (none) is no address of a mesh pod of node node2 with identity {DB}",
+     None),
+    ("a source address of no pod", DB, "node2", "node2",
+     f"the tunnel header's source address 10.1.2.3 is no address of a mesh pod of node node2 with identity {DB}",
+     "10.1.2.3"),
     ("a node's key for another node's identity", DB, "node1", "node1",
      f"node node1 has no mesh pod with identity {DB}, so it may not speak for it (a compromised node, or this node's state is stale)"),
     ("another node's certificate", DB, "node1", "node2",
@@ -119,9 +129,11 @@ KEY_SCOPE = [
 ]
 
 
-@pytest.mark.parametrize("case,verified,peer,issuer,why", KEY_SCOPE, ids=[k[0] for k in KEY_SCOPE])
-def test_key_scope(case, verified, peer, issuer, why):
-    got = admission.check_key_scope(STATE, verified, peer_node=peer, issuer_node=issuer)
+@pytest.mark.parametrize("row", KEY_SCOPE, ids=[k[0] for k in KEY_SCOPE])
+def test_key_scope(row):
+    _case, verified, peer, issuer, why = row[:5]
+    src = row[5] if len(row) > 5 else "127.0.0.7"
+    got = admission.check_key_scope(STATE, verified, peer_node=peer, issuer_node=issuer, src_ip=src)
     if why is None:
         assert got is None
         return

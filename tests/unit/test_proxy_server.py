@@ -206,9 +206,11 @@ async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | Non
     return out.message, rest
 
 
-def _header(ip, port, identity=X_ID):
+def _header(ip, port, identity=X_ID, src="127.0.0.7"):
+    """A tunnel header from ``src`` (default: pod data/db-1's address, on node2)."""
     return tunnel.encode_request(tunnel.TunnelRequest(
-        dst=tunnel.Address(V4, ip, port), identity=identity, namespace="x", name="y"))
+        dst=tunnel.Address(V4, ip, port), identity=identity, namespace="data", name="db-1",
+        src=tunnel.Address(V4, src, 40000) if src else None))
 
 
 def test_tunnel_listener_is_not_an_open_relay(tmp_path):
@@ -302,6 +304,23 @@ def test_key_scope_refuses_a_node_speaking_for_pods_it_does_not_run(tmp_path, ca
     assert ok.status is tunnel.Status.OK and echoed == b"hi"
     assert [(e["result"], e["src_identity"]) for e in log] == [("rejected", identity), ("ok", X_ID)]
     assert "key scope" in log[0]["reason"]
+    assert stats["metrics"]["denied"] == {"key_scope": 1}
+
+
+@pytest.mark.parametrize("src", [CLIENT_IP, "10.9.9.9", None], ids=["node1-pod", "no-pod", "none"])
+def test_key_scope_refuses_a_source_address_the_node_does_not_own(tmp_path, src):
+    """node2's own genuine certificate, but the header claims a source address that is not
+    node2's pod's (what ipBlocks rules match): refused."""
+    async def main():
+        async with Cluster(tmp_path) as c:
+            web = ("127.0.0.5", c.port("127.0.0.5"))
+            res = await _raw_tunnel(c, _header(*web, src=src) + b"hi")
+            await asyncio.sleep(0.1)
+            return res, c.servers[0].stats()
+
+    (resp, rest), stats = run(main())
+    assert resp.status is tunnel.Status.FORBIDDEN and rest == b""
+    assert f"source address {src or '(none)'} is no address of a mesh pod of node node2" in resp.reason
     assert stats["metrics"]["denied"] == {"key_scope": 1}
 
 

@@ -92,6 +92,7 @@ def proxy_state(
         "buffer_size": cfg.proxy.buffer_size,
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
+        "path_parameters": cfg.proxy.path_parameters,
         "l7": cfg.proxy.l7,
         "access_log": {
             "enabled": cfg.access_log.enabled,

@@ -116,6 +116,16 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
+    path_parameters: str = "reject"
+    """``proxy.pathParameters``: what the L7 session does with path
+    parameters (``/admin;x=y``), which servlet-style backends strip before
+    routing (so a ``DENY /admin`` must see them): ``reject`` (default)
+    answers 400 to a ``;`` or ``%3B`` in the path; ``strip`` removes each
+    segment's parameters, so policy matches and the backend receives the
+    path without them; ``keep`` forwards them untouched (only for backends
+    that never strip them: an exact rule ``/admin`` does not match
+    ``/admin;x``)."""
+
     l7: bool | str = "auto"
     """``proxy.l7``: where the proxy parses HTTP/1.x (the L7 session:
     per-request authorization, request metrics and log lines, trace headers,
@@ -280,6 +290,7 @@ class AgentConfig:
                 "bufferSize": p.buffer_size,
                 "tunnelSecurity": p.tunnel_security,
                 "tlsResumption": p.tls_resumption,
+                "pathParameters": p.path_parameters,
                 "l7": p.l7,
             }
         )
@@ -502,6 +513,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
+        path_parameters=r.get("pathParameters", y.enum("reject", "strip", "keep"), "reject"),
         l7=r.get("l7", _l7_mode, "auto"),
     )
     r.finish()

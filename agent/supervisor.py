@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from .adminclient import unix_request
-from .fsutil import write_atomic
+from .fsutil import open_append, write_atomic
 
 log = logging.getLogger("meshlet.agent")
 
@@ -83,7 +83,7 @@ class ProxySupervisor:
                     continue
             if w.restarts and time.time() - w.started < min(30, 2**w.restarts):
                 continue  # back off
-            logf = open(os.path.join(self.run_dir, f"proxy-{w.index}.log"), "ab")
+            logf = open_append(os.path.join(self.run_dir, f"proxy-{w.index}.log"), binary=True)  # 0640
             try:
                 w.popen = subprocess.Popen(
                     self._argv(w),

@@ -58,6 +58,7 @@ from .svid import (
     key_usage,
     load_certs_pem,
     load_key_pem,
+    node_ca_common_name,
     random_serial,
 )
 
@@ -311,7 +312,7 @@ def _make_intermediate(
             x509.Name(
                 [
                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshlet"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, f"{trust_domain} node {node}"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, node_ca_common_name(trust_domain, node)),
                     x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
                 ]
             )

@@ -31,11 +31,19 @@ What ``verify_svid`` checks, in order (the first failure is reported):
    (``wrong_trust_domain``);
 5. URI and DNS name constraints of the CAs on the path (``bad_chain``);
 6. the ID equals ``expected`` when given (``wrong_identity``).
+
+Key scope: ``verify_svid_issuer`` also returns the CA that signed the leaf,
+and ``issuing_node`` names the node a meshlet node intermediate belongs to
+(its subject CN is ``<trust domain> node <node>``, written by the root when
+``meshlet ca`` adds the node, so a node key cannot claim another node's
+name: intermediates have pathlen 0).  The proxies use it so that a node can
+speak only for its own pods (``agent.proxy.admission``, ``agent.proxy.tls``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,6 +69,9 @@ __all__ = [
     "make_csr",
     "sign_workload_csr",
     "verify_svid",
+    "verify_svid_issuer",
+    "node_ca_common_name",
+    "issuing_node",
     "svid_info",
     "check_name_constraints",
 ]
@@ -348,6 +359,18 @@ def verify_svid(
 
     ``chain`` is what a TLS peer sends: the leaf first, then intermediates.
     Checks and their reason codes are listed in the module docstring."""
+    return verify_svid_issuer(chain, bundle, now=now, expected=expected)[0]
+
+
+def verify_svid_issuer(
+    chain: list[x509.Certificate],
+    bundle: TrustBundle,
+    *,
+    now: datetime | None = None,
+    expected: SpiffeId | None = None,
+) -> tuple[SpiffeId, x509.Certificate]:
+    """``verify_svid``, and the CA certificate that signed the leaf on the
+    verified path (an intermediate, or the bundle's root itself)."""
     now = _now(now)
     if not chain:
         raise SvidError("bad_chain", "the peer sent no certificate")
@@ -386,7 +409,36 @@ def verify_svid(
         raise SvidError("bad_chain", problem)
     if expected is not None and sid != expected:
         raise SvidError("wrong_identity", f"peer is {sid}, expected {expected}")
-    return sid
+    return sid, path[1] if len(path) > 1 else anchor
+
+
+_NODE_CA_WORD = " node "
+
+
+def node_ca_common_name(trust_domain: str, node: str) -> str:
+    """The subject CN of ``node``'s intermediate CA (what ``issuing_node`` reads)."""
+    return f"{trust_domain}{_NODE_CA_WORD}{node}"
+
+
+def issuing_node(issuer: x509.Certificate, trust_domain: str) -> str | None:
+    """The node whose intermediate ``issuer`` is, or None when it is no
+    meshlet node CA of ``trust_domain`` (a root, or a CA made elsewhere)."""
+    bc = _ext(_extensions(issuer), x509.BasicConstraints)
+    if bc is None or not bc.ca or bc.path_length != 0:
+        return None  # a node CA signs leaves only; anything above it speaks for no one node
+    cns = issuer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        return None
+    cn = cns[0].value
+    prefix = f"{trust_domain}{_NODE_CA_WORD}"
+    if not isinstance(cn, str) or not cn.startswith(prefix):
+        return None
+    node = cn[len(prefix) :]
+    return node if _NODE_NAME.fullmatch(node) else None
+
+
+# the node names ``meshlet ca`` accepts (agent.identity.ca.NODE_NAME)
+_NODE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
 
 
 def leaf_spiffe_id(leaf: x509.Certificate) -> SpiffeId:

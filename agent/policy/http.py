@@ -32,13 +32,26 @@ safety rules; ``normalize_path``):
 6. Other characters RFC 3986 does not allow in a path (``" < > ^ ` { | }``)
    are percent-encoded.
 7. ``merge_slashes`` (default on) collapses ``//`` into ``/``.
-8. Dot segments are removed (RFC 3986 section 5.2.4); ``..`` never climbs
+8. Path parameters (``;`` in a segment, ``/admin;x=y``) follow
+   ``path_parameters`` (``proxy.pathParameters``), because servlet-style
+   backends (Tomcat, Jetty, Spring) strip them before routing, so
+   ``/admin;x=y`` *is* ``/admin`` to them while a plain string match says
+   it is not: a ``DENY /admin`` would not stop it.  ``"reject"`` (default,
+   as Spring Security's StrictHttpFirewall does) refuses a ``;`` and an
+   escaped ``%3B`` anywhere in the path with 400.  ``"strip"`` removes each
+   segment's parameters (``;`` up to the next ``/``) before the steps
+   below, so policy matches and the backend receives ``/admin``; an escaped
+   ``%3B`` is data, as servlet containers treat it.  ``"keep"`` forwards
+   them as they are (a prefix rule ``/admin*`` matches ``/admin;x``, an
+   exact rule ``/admin`` does not): only for backends that never strip
+   them.  (Istio and Envoy keep them and document no option for them; the
+   query never counts.)
+9. Dot segments are removed (RFC 3986 section 5.2.4); ``..`` never climbs
    above ``/``.  A segment whose part before ``;`` is ``.`` or ``..``
-   (``/..;/admin``) is 400: servlet containers treat it as a dot segment.
+   (``/..;/admin``, reachable only with ``keep``) is 400: servlet
+   containers treat it as a dot segment.
 
 Paths are **case-sensitive**, as in Istio: ``/Admin`` is not ``/admin``.
-Path parameters stay: ``/admin;x`` is forwarded as is (a prefix rule
-``/admin*`` matches it, an exact rule ``/admin`` does not).
 
 Hosts (``normalize_host``): lower-cased, a trailing dot dropped, the scheme's
 default port (and an empty port) removed, IPv6 literals in canonical form;
@@ -65,6 +78,9 @@ __all__ = [
     "FramingResult",
     "EscapedSlash",
     "ESCAPED_SLASH_ACTIONS",
+    "PathParameters",
+    "PATH_PARAMETER_ACTIONS",
+    "set_default_path_parameters",
     "normalize_path",
     "normalize_host",
     "check_framing",
@@ -78,6 +94,23 @@ __all__ = [
 
 EscapedSlash = Literal["reject", "keep", "decode_and_merge"]
 ESCAPED_SLASH_ACTIONS: tuple[str, ...] = ("reject", "keep", "decode_and_merge")
+PathParameters = Literal["reject", "strip", "keep"]
+PATH_PARAMETER_ACTIONS: tuple[str, ...] = ("reject", "strip", "keep")
+
+# What ``normalize_path`` does with path parameters when its caller does not
+# say: the node's ``proxy.pathParameters``, set once per worker from the proxy
+# state (``set_default_path_parameters``), so parsers that are built without
+# options follow the node's setting.
+_default_path_parameters: PathParameters = "reject"
+
+
+def set_default_path_parameters(action: str) -> None:
+    """The process-wide ``path_parameters`` default (``proxy.pathParameters``)."""
+    global _default_path_parameters
+    if action not in PATH_PARAMETER_ACTIONS:
+        raise ValueError(f"path_parameters must be one of {PATH_PARAMETER_ACTIONS}, not {action!r}")
+    _default_path_parameters = action  # type: ignore[assignment]  # checked just above
+
 
 MAX_TARGET_LENGTH = 8192
 MAX_HEADERS = 100
@@ -169,12 +202,12 @@ def _check_escaped_utf8(s: str, escapes: list[tuple[int, int]]) -> None:
 # a path of pchars without '%' or '\\', then an optional query of query
 # characters and well-formed escapes. Such a path has no escapes to decode or
 # re-case, nothing to percent-encode, no control/space/non-ASCII byte and no
-# '#'. The two substring tests done next ('//' and '/.') exclude merged slashes
-# and every segment that is or starts with '.' (so every dot segment, with or
-# without ';' parameters); what is left is returned as is by every step of
-# the slow path, for every option value. Anything else takes the slow path.
+# '#', and no ';' (path parameters depend on an option). The two substring
+# tests done next ('//' and '/.') exclude merged slashes and every segment that
+# is or starts with '.'; what is left is returned as is by every step of the
+# slow path, for every option value. Anything else takes the slow path.
 _ALREADY_NORMAL = re.compile(
-    r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*)"
+    r"(/[A-Za-z0-9\-._~!$&'()*+,=:@/]*)"
     r"(?:\?((?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*))?"
 )
 _ALREADY_NORMAL_B = re.compile(_ALREADY_NORMAL.pattern.encode("ascii"))
@@ -192,8 +225,11 @@ def normalize_path(
     merge_slashes: bool = True,
     escaped_slash: EscapedSlash = "reject",
     max_length: int = MAX_TARGET_LENGTH,
+    path_parameters: PathParameters | None = None,
 ) -> NormalizedPath:
     """Normalize an origin-form request target (rules in the module docstring).
+
+    ``path_parameters`` None: the process default (``set_default_path_parameters``).
 
     Raises :class:`HttpError` (400, or 414 when longer than ``max_length``)
     and nothing else for any input.
@@ -225,7 +261,11 @@ def normalize_path(
             if "//" not in path and "/." not in path:
                 return NormalizedPath(path, m.group(2))
     return _normalize_path_slow(
-        raw, merge_slashes=merge_slashes, escaped_slash=escaped_slash, max_length=max_length
+        raw,
+        merge_slashes=merge_slashes,
+        escaped_slash=escaped_slash,
+        max_length=max_length,
+        path_parameters=path_parameters,
     )
 
 
@@ -235,10 +275,14 @@ def _normalize_path_slow(
     merge_slashes: bool = True,
     escaped_slash: EscapedSlash = "reject",
     max_length: int = MAX_TARGET_LENGTH,
+    path_parameters: PathParameters | None = None,
 ) -> NormalizedPath:
     """The reference normalizer: every step of the module docstring, one by one."""
     if escaped_slash not in ESCAPED_SLASH_ACTIONS:
         raise ValueError(f"escaped_slash must be one of {ESCAPED_SLASH_ACTIONS}")
+    params = _default_path_parameters if path_parameters is None else path_parameters
+    if params not in PATH_PARAMETER_ACTIONS:
+        raise ValueError(f"path_parameters must be one of {PATH_PARAMETER_ACTIONS}")
     if isinstance(raw, (bytes, bytearray)):
         try:
             raw = bytes(raw).decode("ascii")
@@ -262,7 +306,7 @@ def _normalize_path_slow(
 
     path, sep, query = raw.partition("?")
     q = _normalize_query(query) if sep else None
-    return NormalizedPath(_normalize_path_part(path, merge_slashes, escaped_slash), q)
+    return NormalizedPath(_normalize_path_part(path, merge_slashes, escaped_slash, params), q)
 
 
 def _normalize_query(query: str) -> str:
@@ -270,9 +314,18 @@ def _normalize_query(query: str) -> str:
     return "".join(c if c in _QUERY_OK or c == "%" else f"%{ord(c):02X}" for c in query)
 
 
-def _normalize_path_part(path: str, merge_slashes: bool, escaped_slash: str) -> str:
+def _normalize_path_part(path: str, merge_slashes: bool, escaped_slash: str, params: str = "keep") -> str:
     escapes = _escapes(path, "path")
     _check_escaped_utf8(path, escapes)
+    if params == "reject":
+        if ";" in path:
+            raise HttpError(
+                400,
+                "path parameters (';') are refused: servlet-style backends strip them, so policy could "
+                "not see the path they route (proxy.pathParameters: reject; 'strip' removes them instead)",
+            )
+        if any(b == 0x3B for _, b in escapes):
+            raise HttpError(400, "escaped ';' (%3B) in the path is refused (proxy.pathParameters: reject)")
     out: list[str] = []
     i = 0
     n = len(path)
@@ -305,9 +358,14 @@ def _normalize_path_part(path: str, merge_slashes: bool, escaped_slash: str) -> 
         else:
             out.append(f"%{ord(c):02X}")
     decoded = "".join(out)
+    if params == "strip":
+        decoded = _PARAMS.sub("", decoded)  # raw ';' only: an escaped %3B is data
     if merge_slashes:
         decoded = re.sub(r"/{2,}", "/", decoded)
     return _remove_dot_segments(decoded)
+
+
+_PARAMS = re.compile(r";[^/]*")
 
 
 def _remove_dot_segments(path: str) -> str:

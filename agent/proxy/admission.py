@@ -10,6 +10,13 @@ carries what every consumer of it needs, with the same strings the metrics
 (``reason``) have always used:
 
 ``admit_tunnel``
+    0. with mTLS, key scope: the client certificate must have been issued
+       by the intermediate CA of the node the connection comes from (its
+       address is that node's in the state), its identity must have a mesh
+       pod on that node, and the header's source address (what ipBlocks
+       match) must be an address of such a pod (``key_scope``, 403).  So a
+       node whose key is stolen can speak only for its own pods, never for
+       the cluster;
     1. with mTLS, the header's identity must be the one the client
        certificate proved (``identity_mismatch``, 403);
     2. the destination must be a mesh pod on THIS node (``not_local``,
@@ -35,10 +42,10 @@ from typing import Any
 from agent.policy.evaluate import Decision
 from agent.policy.model import PolicySet
 from agent.proxy.authz import authorize
-from agent.proxy.state import Pod, ProxyState
+from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.tunnel import Status, TunnelRequest
 
-__all__ = ["Refusal", "admit_tunnel", "authorize_connection", "decided_by"]
+__all__ = ["Refusal", "admit_tunnel", "check_key_scope", "node_at", "authorize_connection", "decided_by"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +68,24 @@ def admit_tunnel(
     mtls: bool,
     sni_named: bool = False,
     local_identity: str | None = None,
+    peer_node: str | None = None,
+    issuer_node: str | None = None,
 ) -> Pod | Refusal:
     """Where a decoded tunnel request may go: the destination pod, or a refusal.
 
     ``dst_ip``: the header's destination address, normalized.  ``mtls``:
     the tunnel is mutual TLS, ``verified`` the SPIFFE ID its client
     certificate proved, ``sni_named``/``local_identity`` whether the client
-    sent SNI and the identity this node presented for it.  Plaintext
-    tunnels (benchmarks only) take the header's identity on trust."""
+    sent SNI and the identity this node presented for it; ``peer_node``
+    the node whose address the connection came from (``node_at``) and
+    ``issuer_node`` the node whose intermediate issued the certificate
+    (``TlsConnection.peer_node``).  Plaintext tunnels (benchmarks only)
+    take the header's identity on trust."""
+    if mtls:
+        src_ip = req.src.ip if req.src is not None else None
+        scope = check_key_scope(state, verified, peer_node=peer_node, issuer_node=issuer_node, src_ip=src_ip)
+        if scope is not None:
+            return scope
     if mtls and req.identity != verified:
         return Refusal(
             "identity_mismatch",
@@ -96,6 +113,76 @@ def admit_tunnel(
                 pod=pod,
             )
     return pod
+
+
+def check_key_scope(
+    state: ProxyState,
+    verified: str | None,
+    *,
+    peer_node: str | None,
+    issuer_node: str | None,
+    src_ip: str | None,
+) -> Refusal | None:
+    """Rule 0 of ``admit_tunnel``: None when the peer node may speak for
+    ``verified`` from the source address ``src_ip`` (the tunnel header's),
+    else the ``key_scope`` refusal saying why."""
+    if verified is None:
+        why = "the client certificate proved no identity"
+    elif peer_node is None:
+        why = "the connection comes from no node address of the state"
+    elif issuer_node != peer_node:
+        by = f"node {issuer_node}'s intermediate CA" if issuer_node else "a CA that is no node's intermediate"
+        why = (
+            f"the client certificate ({verified}) was issued by {by}, but the connection comes from "
+            f"node {peer_node}: a node's key may only sign for that node"
+        )
+    elif verified not in _identities_on(state, peer_node):
+        why = (
+            f"node {peer_node} has no mesh pod with identity {verified}, so it may not speak for it "
+            "(a compromised node, or this node's state is stale)"
+        )
+    elif not _speaks_from(state, peer_node, verified, src_ip):
+        why = (
+            f"the tunnel header's source address {src_ip or '(none)'} is no address of a mesh pod "
+            f"of node {peer_node} with identity {verified}"
+        )
+    else:
+        return None
+    return Refusal("key_scope", Status.FORBIDDEN, f"key scope: {why}")
+
+
+def _speaks_from(state: ProxyState, node: str, identity: str, src_ip: str | None) -> bool:
+    if src_ip is None:
+        return False
+    try:
+        pod = state.pod_by_ip.get(normalize_ip(src_ip))
+    except ValueError:
+        return False
+    return pod is not None and pod.mesh and pod.node == node and state.identity(pod) == identity
+
+
+def node_at(state: ProxyState, ip: str) -> str | None:
+    """The node whose address ``ip`` (normalized) is, or None (also when two nodes claim it)."""
+    found = [n.name for n in state.nodes.values() if ip in (n.address, n.address6)]
+    return found[0] if len(found) == 1 else None
+
+
+# (state, {node: identities of its mesh pods}) for the last state asked about:
+# the state is immutable and replaced whole, so one entry is enough.
+_by_node: tuple[ProxyState | None, dict[str, frozenset[str]]] = (None, {})
+
+
+def _identities_on(state: ProxyState, node: str) -> frozenset[str]:
+    global _by_node
+    cached_state, index = _by_node
+    if cached_state is not state:
+        acc: dict[str, set[str]] = {}
+        for pod in state.pods:
+            if pod.mesh:
+                acc.setdefault(pod.node, set()).add(state.identity(pod))
+        index = {n: frozenset(ids) for n, ids in acc.items()}
+        _by_node = (state, index)
+    return index.get(node, frozenset())
 
 
 def authorize_connection(

@@ -4,7 +4,9 @@ other nodes' proxies to the pods of this node.
 accept → only from mesh node addresses (before any TLS work) → TLS server
 handshake (certificate chosen by SNI, client certificate verified as a
 SPIFFE ID of the trust domain) → read the header (timeout, size limit) →
-``admission.admit_tunnel`` (the header's identity must be the verified one;
+``admission.admit_tunnel`` (key scope: the certificate was issued by the
+intermediate of the node the connection comes from, for an identity with
+a pod on that node; the header's identity must be the verified one;
 the destination must be a mesh pod on THIS node, never an open relay; SNI
 must have named that pod's identity) → ``destination`` authorizes it and
 picks L7 or L4 → connect (marked) → respond with a status → relay.
@@ -22,7 +24,7 @@ import logging
 
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
-from agent.proxy.admission import Refusal, admit_tunnel
+from agent.proxy.admission import Refusal, admit_tunnel, node_at
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed
 from agent.proxy.destination import Destination
 from agent.proxy.inputs import ProxyInputs
@@ -120,6 +122,7 @@ class Inbound:
         ep = conn.client
         tls = conn.tls
         verified = None
+        peer_ip = conn.src_addr[0] if conn.src_addr else None  # the TCP peer: a node (checked on accept)
         if tls is not None:
             try:
                 await tls.wait_handshake(header_timeout)
@@ -177,6 +180,8 @@ class Inbound:
                 mtls=True,
                 sni_named=tls.sni_named,
                 local_identity=tls.local_identity,
+                peer_node=node_at(state, normalize_ip(str(peer_ip))) if peer_ip else None,
+                issuer_node=tls.peer_node,
             )
         if isinstance(pod, Refusal):
             if pod.pod is not None:  # a local pod it may not ask for: the record names it

@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.proxy.exchange import Exchange
+
+from agent.fsutil import open_append
 
 __all__ = ["setup_logging", "AccessLog", "sampled", "request_record", "request_ids"]
 
@@ -153,7 +156,8 @@ class AccessLog:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self._f = open(path, "a", buffering=64 * 1024, encoding="utf-8") if path else None
+        self._f = open_append(path, buffering=_BUFFER) if path else None
+        self._ino = _inode(self._f)
         self._dirty = False
 
     def reopen(self, path: str | None) -> None:
@@ -164,9 +168,34 @@ class AccessLog:
         self.close()
         self.path = path
         try:
-            self._f = open(path, "a", buffering=64 * 1024, encoding="utf-8") if path else None
+            self._f = open_append(path, buffering=_BUFFER) if path else None
+            self._ino = _inode(self._f)
         except OSError as e:
             logging.getLogger("meshlet.proxy").error("cannot open access log %s: %s", path, e)
+
+    def rotated(self) -> bool:
+        """Whether the file was renamed or removed under us (logrotate
+        without copytruncate): then the next lines go to a new file at the
+        same path, created ``0640`` like the first.  The server checks it
+        with its periodic flush."""
+        if self._f is None or self.path is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) != self._ino
+
+    def reopen_if_rotated(self) -> None:
+        """Flush to the old file, then continue in a new one if it was rotated."""
+        if not self.rotated():
+            return
+        path = self.path
+        self.close()
+        self.path = None
+        self.reopen(path)
 
     def write_request(
         self,
@@ -205,14 +234,18 @@ class AccessLog:
             self._failed(e)
 
     def flush(self) -> None:
-        """Write out buffered request lines (the server calls it periodically)."""
-        if self._f is None or not self._dirty:
+        """Write out buffered request lines (the server calls it periodically),
+        then follow a rotation (``reopen_if_rotated``)."""
+        if self._f is None:
             return
-        try:
-            self._f.flush()
-            self._dirty = False
-        except (OSError, ValueError) as e:
-            self._failed(e)
+        if self._dirty:
+            try:
+                self._f.flush()
+                self._dirty = False
+            except (OSError, ValueError) as e:
+                self._failed(e)
+                return
+        self.reopen_if_rotated()
 
     def _failed(self, e: Exception) -> None:
         logging.getLogger("meshlet.proxy").error(
@@ -222,8 +255,19 @@ class AccessLog:
 
     def close(self) -> None:
         f, self._f = self._f, None
+        self._ino = None
         if f is not None:
             try:
                 f.close()
             except OSError:
                 pass
+
+
+_BUFFER = 64 * 1024
+
+
+def _inode(f: Any) -> tuple[int, int] | None:
+    if f is None:
+        return None
+    st = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino)

@@ -38,6 +38,7 @@ import socket
 import time
 from typing import Any
 
+from agent.policy.http import set_default_path_parameters
 from agent.proxy import telemetry as m
 from agent.proxy.authz import PolicyWatcher, policy_path
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr
@@ -131,6 +132,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         state = self.watcher.current
+        # the L7 session's parsers follow proxy.pathParameters (one setting per worker process)
+        set_default_path_parameters(state.path_parameters)
         if self.outbound.flows is None:
             # Lazy: keeps the datapath (and anything it imports) out of unit tests.
             from agent.datapath.origdst import FlowTable
@@ -306,6 +309,9 @@ class ProxyServer:
 
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)
+        if old.path_parameters != new.path_parameters:
+            set_default_path_parameters(new.path_parameters)
+            log.info("path parameters: %s", new.path_parameters)
         self.outbound.state_changed(new)
         if len(self.policies.current):  # labels may have changed
             self._recheck("pod labels may have changed")

@@ -186,6 +186,7 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
+    path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep (agent.policy.http)
     l7: bool | str = (
         False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
     )
@@ -356,6 +357,11 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
             f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', got {tunnel_security!r}"
         )
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
+    path_parameters = _get(doc, "path_parameters", "state", str, "reject")
+    if path_parameters not in ("reject", "strip", "keep"):
+        raise StateError(
+            f"state.path_parameters: must be 'reject', 'strip' or 'keep', got {path_parameters!r}"
+        )
     l7 = _get(doc, "l7", "state", (bool, str), False)
     if isinstance(l7, str) and l7 != "auto":
         raise StateError(f"state.l7: {l7!r} is not true, false or 'auto'")
@@ -435,6 +441,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         pod_by_cgroup=MappingProxyType(by_cg),
         tunnel_security=tunnel_security,
         tls_resumption=tls_resumption,
+        path_parameters=path_parameters,
         l7=l7,
         access_log=access_log,
         pod_by_key=MappingProxyType(pod_by_key),

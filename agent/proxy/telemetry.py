@@ -97,6 +97,7 @@ DENY_REASONS: tuple[str, ...] = (
     "forbidden_destination",  # a pod dialed the proxy itself or a node's tunnel port
     "tunnel_not_from_node",  # a tunnel connection from a non-node address
     "mtls_refused",  # TLS handshake refused (either side)
+    "key_scope",  # a node's certificate for an identity it has no pod of, or from another node
     "no_certificate",  # no SVID for the source identity: failing closed
     "identity_mismatch",  # tunnel header or SNI disagrees with the certificate
     "not_local",  # tunnel asks for a pod that is not on this node

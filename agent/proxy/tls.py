@@ -26,6 +26,11 @@ Rules (everything that decides trust lives here):
   dropped. A resumed handshake carries no certificates, so the chain verified
   on the full handshake is kept and verified again (validity, bundle) on each
   resumption.
+- Key scope: each node's intermediate CA names its node
+  (``svid.issuing_node``); the verified chain's issuing node is kept with it
+  (``TlsConnection.peer_node``).  The client expects the destination node's
+  (``expect_node``; else refused: ``wrong_node``); the server side checks it
+  against the node the connection came from (``admission.admit_tunnel``).
 - Every refused handshake is counted by reason and logged once with the peer.
 
 I/O: ``TlsConnection`` is an asyncio Protocol over ``ssl.MemoryBIO`` (asyncio's
@@ -57,7 +62,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
-from agent.identity.svid import SvidError, TrustBundle, verify_svid
+from agent.identity.svid import SvidError, TrustBundle, issuing_node, verify_svid_issuer
 from agent.proxy.relay import reset_transport
 from agent.proxy.workload_certs import Svid
 
@@ -97,7 +102,7 @@ _VERIFY_CODES = {
 
 class HandshakeError(Exception):
     """A refused handshake. ``reason``: an SvidError reason, "no_certificate",
-    "alpn", "protocol", "peer_refused" or "timeout"."""
+    "alpn", "protocol", "peer_refused", "wrong_node" or "timeout"."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -220,6 +225,7 @@ class _Verified:
     chain_key: bytes  # sha256 over the chain's DERs, as the peer sent it
     chain: tuple[x509.Certificate, ...]
     identity: SpiffeId
+    node: str | None  # the node whose intermediate signed the leaf (None: no node CA)
     valid_from: float  # epoch seconds: every certificate involved is valid in this window
     valid_until: float
 
@@ -314,8 +320,12 @@ class TlsContexts:
         while len(self._sessions) > self.session_cache_size:
             self._sessions.popitem(last=False)
 
-    def client_connection(self, app: asyncio.Protocol, *, node: str, src: str, dst: str) -> TlsConnection:
-        """A protocol for a connected socket: TLS client presenting ``src``, expecting ``dst``.
+    def client_connection(
+        self, app: asyncio.Protocol, *, node: str, src: str, dst: str, expect_node: str | None = None
+    ) -> TlsConnection:
+        """A protocol for a connected socket: TLS client presenting ``src``, expecting ``dst``
+        and, when ``expect_node`` is given, a certificate issued by that node's intermediate
+        (the node the destination pod runs on: no other node may speak for it).
 
         Raises HandshakeError (counted) when no certificate is available."""
         try:
@@ -335,7 +345,16 @@ class TlsContexts:
         def verify(conn: TlsConnection) -> str:
             if conn.sslobj.session_reused and cached is None:
                 raise HandshakeError("protocol", "the server resumed a session this client did not offer")
-            return self._verify_peer(conn, expected, cached.chain if cached else None)
+            sid = self._verify_peer(conn, expected, cached.chain if cached else None)
+            if expect_node is not None and conn.peer_node != expect_node:
+                conn.verified_chain = ()  # never cached for resumption
+                raise HandshakeError(
+                    "wrong_node",
+                    f"the certificate for {sid} was issued by "
+                    f"{_node_ca(conn.peer_node)}, but {sid} is expected on node {expect_node}: "
+                    "a node may only speak for its own pods (a compromised node, or stale state)",
+                )
+            return sid
 
         def on_session(conn: TlsConnection, session: ssl.SSLSession) -> None:
             if conn.verified_chain:
@@ -354,11 +373,19 @@ class TlsContexts:
         )
 
     async def connect(
-        self, sock: socket.socket, app: asyncio.Protocol, *, node: str, src: str, dst: str, timeout: float
+        self,
+        sock: socket.socket,
+        app: asyncio.Protocol,
+        *,
+        node: str,
+        src: str,
+        dst: str,
+        timeout: float,
+        expect_node: str | None = None,
     ) -> TlsConnection:
         """Handshake over a connected socket. Returns once ``app`` is connected.
         Raises HandshakeError (counted and logged)."""
-        conn = self.client_connection(app, node=node, src=src, dst=dst)
+        conn = self.client_connection(app, node=node, src=src, dst=dst, expect_node=expect_node)
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: conn, sock=sock)
@@ -489,6 +516,7 @@ class TlsContexts:
             sid = entry.identity
             if expected is not None and sid != expected:
                 raise HandshakeError("wrong_identity", f"peer is {sid}, expected {expected}")
+            node = entry.node
         else:
             if chain is None:
                 try:
@@ -496,21 +524,26 @@ class TlsContexts:
                 except ValueError as e:
                     raise HandshakeError("bad_chain", f"unparsable certificate: {e}") from None
             try:
-                sid = verify_svid(list(chain), bundle, expected=expected)
+                sid, issuer = verify_svid_issuer(list(chain), bundle, expected=expected)
             except SvidError as e:
                 raise HandshakeError(e.reason, e.detail) from None
-            self._remember(chain, sid, bundle)
+            node = issuing_node(issuer, bundle.trust_domain)
+            self._remember(chain, sid, node, bundle)
         assert chain is not None  # entry.chain, the resumed chain, or parsed above
         conn.verified_chain = tuple(chain)
+        conn.peer_node = node
         return str(sid)
 
-    def _remember(self, chain: tuple[x509.Certificate, ...], sid: SpiffeId, bundle: TrustBundle) -> None:
+    def _remember(
+        self, chain: tuple[x509.Certificate, ...], sid: SpiffeId, node: str | None, bundle: TrustBundle
+    ) -> None:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
         certs = list(chain) + list(bundle.roots)
         entry = _Verified(
             chain_key=hashlib.sha256(b"".join(ders)).digest(),
             chain=tuple(chain),
             identity=sid,
+            node=node,
             valid_from=max(c.not_valid_before_utc.timestamp() for c in certs),
             valid_until=min(c.not_valid_after_utc.timestamp() for c in certs),
         )
@@ -519,6 +552,10 @@ class TlsContexts:
         self._verified.move_to_end(k)
         while len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
+
+
+def _node_ca(node: str | None) -> str:
+    return f"node {node}'s intermediate CA" if node else "a CA that is no node's intermediate"
 
 
 def _fmt(addr: Any) -> str:
@@ -565,6 +602,7 @@ class TlsConnection(asyncio.Protocol):
         self.sslobj: ssl.SSLObject = None  # type: ignore[assignment]  # set in connection_made
         self.state = _HANDSHAKE
         self.peer_identity: str | None = None
+        self.peer_node: str | None = None  # whose node intermediate issued the peer's certificate
         self.local_identity: str | None = None  # server: the identity chosen by SNI
         self.sni_named = False
         self.verified_chain: tuple[x509.Certificate, ...] = ()
@@ -874,6 +912,8 @@ class _AppTransport(asyncio.Transport):
         c = self._conn
         if name == "peer_identity":
             return c.peer_identity
+        if name == "peer_node":
+            return c.peer_node
         if name == "local_identity":
             return c.local_identity
         if name == "sni_named":

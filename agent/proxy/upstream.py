@@ -110,10 +110,12 @@ class Upstream:
         self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str, dst: str
     ) -> Endpoint:
         """Connect to a peer node's tunnel port and do the mTLS client handshake
-        as ``src``, expecting ``dst``. Raises ConnectFailure."""
+        as ``src``, expecting ``dst`` with a certificate issued by ``node``'s
+        intermediate CA (key scope: no other node may speak for the pods of
+        ``node``). Raises ConnectFailure."""
         ep = Endpoint("upstream", prebuffer_limit=state.buffer_size)
         try:
-            tls = self.inputs.tls.client_connection(ep, node=node, src=src, dst=dst)
+            tls = self.inputs.tls.client_connection(ep, node=node, src=src, dst=dst, expect_node=node)
         except HandshakeError as e:  # no certificate: fail closed before touching the network
             raise ConnectFailure("rejected", Status.FORBIDDEN, f"{e.reason}: {e.detail}") from None
         sock = await self.open_socket(addr, state)

@@ -106,6 +106,7 @@ class Mesh:
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
+    path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
     kernel_policy: bool = True  # bpf.kernelPolicy: policy refusals at connect()
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
@@ -194,6 +195,7 @@ class Mesh:
             "tunnelSecurity": self.tunnel_security,
             "tlsResumption": self.tls_resumption,
             "l7": self.l7,
+            "pathParameters": self.path_parameters,
         }
         if node.gateway6:
             proxy["redirectIPv6"] = node.gateway6

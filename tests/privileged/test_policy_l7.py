@@ -119,7 +119,8 @@ class H(BaseHTTPRequestHandler):
             body = self.rfile.read(int(self.headers["Content-Length"]))
         headers = [[k.lower(), v] for k, v in self.headers.items()]
         put(conn=self.cid, port=self.server.server_port, method=self.command, target=self.path,
-            version=self.request_version, headers=headers, body=body.decode("latin-1"))
+            routed=servlet_path(self.path), version=self.request_version, headers=headers,
+            body=body.decode("latin-1"))
         if self.path.startswith("/upgrade") and self.headers.get("Upgrade"):
             # accept any protocol switch, then (standing in for the new
             # protocol) keep reading requests on the same connection
@@ -144,6 +145,17 @@ class Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         put(error=repr(sys.exc_info()[1]), peer=client_address[0])
+
+# The resource a servlet container routes a target to (Tomcat's order): path
+# parameters (';' to the end of each segment) removed, then one percent-decode,
+# merged slashes and dot segments resolved.
+def servlet_path(target):
+    import posixpath, re, urllib.parse
+    path = target.split("?", 1)[0]
+    path = "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+    path = re.sub("/+", "/", urllib.parse.unquote(path))
+    out = posixpath.normpath(path)
+    return out + "/" if path.endswith("/") and out != "/" else out
 
 for port in sys.argv[2:]:
     srv = Server(("0.0.0.0", int(port)), H)
@@ -596,8 +608,15 @@ CORPUS = [
     ("escaped-unreserved", _req("GET /%61dmin HTTP/1.1", H), [403], [], False),
     ("escaped-upper", _req("GET /%41dmin HTTP/1.1", H), [200], ["/Admin"], False),  # = /Admin, case-sensitive
     ("query", _req("GET /admin?q=1 HTTP/1.1", H), [403], [], False),
-    ("path-param", _req("GET /admin;x=1 HTTP/1.1", H), [403], [], False),
-    ("escaped-semicolon", _req("GET /admin%3Bx HTTP/1.1", H), [403], [], False),
+    # path parameters, which servlet-style backends strip: refused by default (proxy.pathParameters)
+    ("path-param", _req("GET /admin;x=1 HTTP/1.1", H), [400], [], False),
+    ("path-param-empty", _req("GET /admin; HTTP/1.1", H), [400], [], False),
+    ("path-param-slash", _req("GET /admin;/ HTTP/1.1", H), [400], [], False),
+    ("path-param-sub", _req("GET /admin;x=y/users HTTP/1.1", H), [400], [], False),
+    ("path-param-earlier", _req("GET /ad;x=y/../admin HTTP/1.1", H), [400], [], False),
+    ("path-param-on-ok", _req("GET /ok;jsessionid=1 HTTP/1.1", H), [400], [], False),
+    ("escaped-semicolon", _req("GET /admin%3Bx HTTP/1.1", H), [400], [], False),
+    ("semicolon-in-query", _req("GET /ok?a;b HTTP/1.1", H), [200], ["/ok?a;b"], False),
     ("servlet-dotdot", _req("GET /public/..;/admin HTTP/1.1", H), [400], [], False),
     ("escaped-slash", _req("GET /admin%2F HTTP/1.1", H), [400], [], False),
     ("escaped-slash-traversal", _req("GET /x%2F..%2Fadmin HTTP/1.1", H), [400], [], False),
@@ -797,3 +816,71 @@ def test_admin_resource_helper_sees_through_the_tricks():
         assert _admin_resource(t), t
     for t in ("/ADMIN", "/Admin", "/ok", "/%2561dmin", "/administrator"):
         assert not _admin_resource(t), t
+
+
+# --------------------------------------------------------------------------
+# Path parameters against a servlet-style backend (issue #12 item 9)
+
+DENY_ADMIN_EXACT = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin-exact, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
+"""
+# What a servlet container routes each to: /admin or /admin/... — the resource the rule denies.
+PARAM_VARIANTS = ["/admin;x=y", "/admin;", "/admin;/", "/admin;x=y/", "/admin;x=y/users",
+                  "/admin/;x/users", "/ad;x=y/../admin", "/a;b/../admin;c"]
+
+
+def _servlet_admin(routed: str) -> bool:
+    return routed == "/admin" or routed.startswith("/admin/")
+
+
+@pytest.fixture
+def path_parameters(env):
+    """set(mode): proxy.pathParameters on both nodes (the agents restart and
+    the running proxies take the new state); the default comes back after."""
+    mesh, _ = env
+
+    def set_mode(mode: str) -> None:
+        mesh.reconfigure(path_parameters=mode)
+
+    yield set_mode
+    if mesh.path_parameters != "reject":
+        mesh.reconfigure(path_parameters="reject")
+
+
+@pytest.mark.parametrize("dst,node", DSTS, ids=DST_IDS)
+def test_path_parameters_cannot_bypass_an_exact_deny(env, policies, path_parameters, dst, node):
+    mesh, rec = env
+    policies(DENY_ADMIN_EXACT)
+    reqs = [get(v) for v in PARAM_VARIANTS]
+
+    # keep (the old forwarding): the servlet backend strips the parameters and
+    # serves /admin: this is the bypass, and the proof the backend strips them
+    path_parameters("keep")
+    rec.mark(dst)
+    got = statuses(env, "sleep", dst, get("/admin;x=y"))
+    assert got == [200], got
+    assert [r["routed"] for r in rec.requests_since(dst)] == ["/admin"]
+
+    # reject (the default): every variant is a 400, nothing reaches the backend
+    path_parameters("reject")
+    rec.mark(dst)
+    got = statuses(env, "sleep", dst, *reqs, get("/admin"), get("/ok"))
+    assert got == [400] * len(PARAM_VARIANTS) + [403, 200], got
+    assert [r["routed"] for r in rec.requests_since(dst)] == ["/ok"]
+
+    # strip: policy sees (and denies) what the servlet would route; allowed
+    # paths reach the backend without their parameters
+    path_parameters("strip")
+    rec.mark(dst)
+    got = statuses(env, "sleep", dst, *reqs, get("/ok;jsessionid=1"), get("/ok%3Bx"))
+    assert got == [403] * len(PARAM_VARIANTS) + [200, 200], got
+    received = rec.requests_since(dst)
+    assert [r["target"] for r in received] == ["/ok", "/ok%3Bx"], received
+    assert not [r for r in received if _servlet_admin(r["routed"])]

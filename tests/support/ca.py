@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity.svid import (
     SvidError, TrustBundle, authority_key_id, cert_to_pem, generate_key, key_to_pem, key_usage,
-    random_serial, sign_workload_csr,
+    node_ca_common_name, random_serial, sign_workload_csr,
 )
 from agent.identity.spiffe import SpiffeId, parse_spiffe_id
 from agent.proxy.workload_certs import Svid
@@ -78,6 +78,7 @@ class CertFactory:
         self.trust_domain = trust_domain
         self.now = now or datetime.now(timezone.utc)
         self.name = name
+        self.name_constraints = name_constraints
         self.root_key = generate_key()
         self.root = self.ca_cert(f"{name} root", self.root_key, issuer=None, path_length=1)
         self.intermediate_key = generate_key()
@@ -96,6 +97,17 @@ class CertFactory:
     @property
     def root_issuer(self) -> Issuer:
         return Issuer(self.root, self.root_key, ())
+
+    def node_issuer(self, node: str) -> Issuer:
+        """``node``'s intermediate, named as ``meshlet ca`` names it (so key
+        scope can tell which node issued a leaf); one per node, made once."""
+        cache = self.__dict__.setdefault("_node_issuers", {})
+        if node not in cache:
+            k = generate_key()
+            cert = self.ca_cert(node_ca_common_name(self.trust_domain, node), k, issuer=self.root_issuer,
+                                permitted_uri=[self.trust_domain] if self.name_constraints else None)
+            cache[node] = Issuer(cert, k, (cert,))
+        return cache[node]
 
     def ca_cert(self, cn: str, key, *, issuer: Issuer | None, path_length: int | None = 0,
                 not_before: datetime | None = None, not_after: datetime | None = None, ca: bool = True,
@@ -254,9 +266,11 @@ class FakeCA:
     socket and signs CSRs with a CertFactory intermediate, for the
     identities it allows only."""
 
-    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1, factory=None):
+    def __init__(self, path: str, allowed, *, ttl: float = 3600.0, generation: int = 1, factory=None,
+                 node: str | None = None):
         self.path = path
         self.factory = factory or CertFactory(MESH_TD)
+        self.node = node  # sign with this node's intermediate (factory.node_issuer), else the factory's
         self.allowed = set(allowed)
         self.ttl = ttl
         self.generation = generation
@@ -289,10 +303,11 @@ class FakeCA:
             resp = {"ok": False, "reason": "not_on_node", "error": f"{req.get('identity')} is not on this node"}
         else:
             try:
+                issuer = f.node_issuer(self.node) if self.node else f.issuer
                 leaf = sign_workload_csr(req["csr"].encode(), expected=parse_spiffe_id(req["identity"]),
-                                         issuer_cert=f.intermediate, issuer_key=f.intermediate_key,
+                                         issuer_cert=issuer.cert, issuer_key=issuer.key,
                                          ttl=timedelta(seconds=self.ttl))
-                chain = f.chain_pem([leaf, f.intermediate]).decode()
+                chain = f.chain_pem([leaf, issuer.cert]).decode()
                 resp = {"ok": True, "chain": chain, "bundle": bundle, "generation": self.generation}
             except SvidError as e:
                 resp = {"ok": False, "reason": e.reason, "error": str(e)}

@@ -166,6 +166,7 @@ class Cluster:
         self.mitm = mitm
         self.deny = set(deny)  # identities the fake CAs refuse to sign
         self.factory = CertFactory(TD)
+        self.ca_nodes: dict[str, str] = {}  # node -> the node whose intermediate its CA signs with
         self.out_port = free_port()
         self.tun_port = free_port()
         self.flows1 = FakeFlows()
@@ -203,7 +204,9 @@ class Cluster:
                 doc["nodes"]["node2"]["address"] = MITM_IP
             local = {f"spiffe://{TD}/ns/{p['namespace']}/sa/{p['service_account']}"
                      for p in doc["pods"] if p["node"] == node}
-            self.cas.append(await FakeCA(ca_sock, local - self.deny, factory=self.factory).start())
+            # each node signs with its own intermediate, as `meshlet ca` sets nodes up (key scope)
+            self.cas.append(await FakeCA(ca_sock, local - self.deny, factory=self.factory,
+                                         node=self.ca_nodes.get(node, node)).start())
             (d / "state.json").write_text(json.dumps(doc))
             srv = ProxyServer(StateWatcher(str(d / "state.json")), flow_table=flows,
                               access_log=str(d / "access.log"))

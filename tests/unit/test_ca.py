@@ -227,3 +227,32 @@ def test_without_name_constraints_the_chain_passes_cryptographys_verifier(tmp_pa
         inter.extensions.get_extension_for_class(x509.NameConstraints)
     verifier = PolicyBuilder().store(Store(list(_bundle(d).roots))).time(NOW).build_client_verifier()
     assert verifier.verify(chain[0], chain[1:]).subjects == [x509.UniformResourceIdentifier(str(WEB))]
+
+
+# --- key scope: which node issued a leaf (issue #12 item 8) ------------------------
+
+
+def test_each_leaf_names_the_node_whose_intermediate_issued_it(out):
+    from agent.identity.svid import issuing_node, verify_svid_issuer
+
+    bundle = _bundle(out)
+    for node in ("node1", "node2"):
+        sid, issuer = verify_svid_issuer(_leaf(out, node), bundle, now=NOW)
+        assert sid == WEB and issuing_node(issuer, TD) == node
+    # the root is no node's CA, nor is an intermediate of another trust domain read as this one's
+    layout = ca.load_ca(out)
+    assert issuing_node(layout.root_cert, TD) is None
+    inter, _ = ca.load_node_ca(out, "node1")
+    assert issuing_node(inter, "other.local") is None
+
+
+def test_a_ca_named_like_a_node_but_allowed_sub_cas_names_no_node(tmp_path):
+    from tests.support.ca import CertFactory
+    from agent.identity.svid import issuing_node, node_ca_common_name
+
+    f = CertFactory(TD)
+    k = generate_key()
+    wide = f.ca_cert(node_ca_common_name(TD, "node1"), k, issuer=f.root_issuer, path_length=1)
+    assert issuing_node(wide, TD) is None  # a node CA signs leaves only (pathlen 0)
+    assert issuing_node(f.node_issuer("node1").cert, TD) == "node1"
+    assert issuing_node(f.intermediate, TD) is None  # named "test intermediate"

@@ -89,6 +89,13 @@ def test_minimal_gets_defaults():
     assert (c.mesh.mode, c.mesh.exclude_ports, c.mesh.exclude_cidrs) == ("permissive", (), ())
 
 
+def test_path_parameters_default_and_setting():
+    assert parse_config(MINIMAL, "c.yaml").proxy.path_parameters == "reject"
+    c = parse_config(MINIMAL + "  pathParameters: strip\n", "c.yaml")
+    assert c.proxy.path_parameters == "strip"
+    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c  # round trip
+
+
 def test_full_file():
     c = parse_config(FULL, "c.yaml")
     assert c.inventory == "/etc/meshlet/inventory.yaml"
@@ -254,6 +261,8 @@ ERRORS = [
     ("proxy:\n  meshMark: '0xzz'\n",
      "c.yaml:2:13: proxy.meshMark: '0xzz' is not an integer (decimal or 0x hex)"),
     ("proxy:\n  bufferSize: 100\n", "c.yaml:2:15: proxy.bufferSize: 100 is out of range (4096..67108864)"),
+    ("proxy:\n  pathParameters: strp\n",
+     "c.yaml:2:19: proxy.pathParameters: 'strp' is not one of: reject, strip, keep (did you mean 'strip'?)"),
     ("mesh:\n  mode: strct\n",
      "c.yaml:2:9: mesh.mode: 'strct' is not one of: permissive, strict (did you mean 'strict'?)"),
     ("mesh:\n  excludePorts: 22\n", "c.yaml:2:17: mesh.excludePorts: expected a list, got an integer"),

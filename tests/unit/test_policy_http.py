@@ -11,6 +11,7 @@ from agent.policy.http import (
     HttpError, NormalizedPath, check_framing, header_multimap, normalize_host, normalize_path,
     path_pattern_problem,
 )
+from agent.policy import http as policy_http
 from agent.policy.model import StringMatch
 
 DENY_ADMIN = StringMatch.parse("/admin*")
@@ -39,7 +40,6 @@ def status(raw, **kw):
     ("/a|b", "/a%7Cb", None),               # characters RFC 3986 forbids are escaped
     ("/p?q=1&r=/../x", "/p", "q=1&r=/../x"),  # the query is not normalized as a path
     ("/p?", "/p", ""),
-    ("/a;x=1/b", "/a;x=1/b", None),          # path parameters stay
 ])
 def test_normalize_table(raw, path, query):
     n = normalize_path(raw)
@@ -103,7 +103,14 @@ BYPASS = [
     ("/%2e/admin", "deny"),
     ("/%2e%2e/admin", "deny"),
     ("/foo/%2E%2E/admin", "deny"),
-    ("/admin;x", "deny"),            # path parameters stay, the prefix still matches
+    ("/admin;x", 400),               # path parameters: refused by default (servlets strip them)
+    ("/admin;x=y", 400),
+    ("/admin;/", 400),
+    ("/admin;jsessionid=1/users", 400),
+    ("/ad;x=y/../admin", 400),
+    ("/admin%3Bx", 400),             # escaped too
+    ("/admin%3b/", 400),
+    ("/admin?a;b", "deny"),          # a ';' in the query is the query's business
     ("/admin?x", "deny"),            # the query is not part of the path
     ("/admin?/../public", "deny"),
     ("/admin%2F", 400),              # escaped slash: refused by default
@@ -135,6 +142,58 @@ def test_bypass_corpus(raw, outcome):
     assert DENY_ADMIN.matches(n.path) is (outcome == "deny"), n.path
 
 
+# -- path parameters (issue #12 item 9): the three settings against `deny /admin` and `deny /admin/*`,
+# as a servlet-style backend (which strips parameters before routing) would see them.
+
+DENY_EXACT = StringMatch.parse("/admin")
+DENY_UNDER = StringMatch.parse("/admin/*")
+PARAMS = ["/admin;x=y", "/admin;/", "/admin;", "/admin;x=y/", "/admin/;x/users", "/admin/users;x=1",
+          "/ad;x=y/../admin", "/public/..;x/admin", "/a;b/../admin;c"]
+
+
+def servlet_path(raw: str) -> str:
+    """What Tomcat/Spring route: each segment's ';...' removed, slashes merged, dot segments resolved."""
+    import re
+    return policy_http._remove_dot_segments(re.sub(r"/{2,}", "/", re.sub(r";[^/]*", "", raw)))
+
+
+@pytest.mark.parametrize("raw", PARAMS)
+def test_path_parameters_reject_refuses_every_variant(raw):
+    assert status(raw) == 400  # the default
+    assert status(raw, path_parameters="reject") == 400
+
+
+@pytest.mark.parametrize("raw", PARAMS)
+def test_path_parameters_strip_matches_what_a_servlet_routes(raw):
+    n = normalize_path(raw, path_parameters="strip")
+    assert n.path == servlet_path(raw) and ";" not in n.target
+    # so a deny on the servlet's path catches it, exact or under
+    for rule in (DENY_EXACT, DENY_UNDER):
+        assert rule.matches(n.path) is rule.matches(servlet_path(raw)), (rule, n.path)
+
+
+def test_path_parameters_strip_keeps_an_escaped_semicolon_as_data():
+    assert normalize_path("/admin%3bx", path_parameters="strip").path == "/admin%3Bx"
+    assert normalize_path("/admin;a%3Bb/c", path_parameters="strip").path == "/admin/c"
+
+
+def test_path_parameters_keep_is_the_old_forwarding():
+    assert normalize_path("/a;x=1/b", path_parameters="keep").path == "/a;x=1/b"
+    assert not DENY_EXACT.matches(normalize_path("/admin;x=y", path_parameters="keep").path)  # documented
+    assert status("/public/..;/admin", path_parameters="keep") == 400  # a servlet dot segment
+
+
+def test_path_parameters_process_default(monkeypatch):
+    monkeypatch.setattr(policy_http, "_default_path_parameters", "reject")
+    policy_http.set_default_path_parameters("strip")
+    assert normalize_path(b"/admin;x=y").path == "/admin"
+    assert status("/admin;x=y", path_parameters="reject") == 400  # an explicit argument wins
+    policy_http.set_default_path_parameters("reject")
+    assert status(b"/admin;x=y") == 400
+    with pytest.raises(ValueError):
+        policy_http.set_default_path_parameters("drop")
+
+
 # -- Hypothesis -------------------------------------------------------------------
 
 _ALPHABET = st.sampled_from(list("/./..//a%2e%2E%2f%5C%41%00%c0%ae;?#\\ Ab~|%e2%82%ac%25") + ["..", "/..", "%", "%2"])
@@ -146,6 +205,7 @@ targets = st.one_of(
 SETTINGS = st.fixed_dictionaries({
     "merge_slashes": st.booleans(),
     "escaped_slash": st.sampled_from(["reject", "keep", "decode_and_merge"]),
+    "path_parameters": st.sampled_from(["reject", "strip", "keep"]),
 })
 
 
@@ -169,6 +229,10 @@ def test_normalize_only_raises_http_error_and_is_idempotent(raw, kw):
         assert "//" not in n.path
     if kw["escaped_slash"] != "keep":
         assert "%2F" not in n.path and "%5C" not in n.path
+    if kw["path_parameters"] != "keep":
+        assert ";" not in n.path
+    if kw["path_parameters"] == "reject":
+        assert "%3B" not in n.path
 
 
 @settings(max_examples=500, deadline=None)
@@ -309,7 +373,6 @@ def test_header_multimap_keeps_every_line():
 
 # -- fast paths agree with the reference implementations ------------------------
 
-from agent.policy import http as policy_http  # noqa: E402
 from agent.policy.http import scan_request_headers  # noqa: E402
 
 _HOSTILE = st.sampled_from(
@@ -350,7 +413,7 @@ def test_fast_normalize_equals_the_reference(raw, kw, as_bytes, max_length):
 
 
 @pytest.mark.parametrize("raw", ["/", "/api/v1/items/42", "/a/b.js?x=1&y=%2F%zz".replace("%zz", "%7E"),
-                                 b"/index.html", "/a;b=c/d:e@f", "/?"])
+                                 b"/index.html", "/a,b=c/d:e@f", "/?", "/p?a;b"])
 def test_plain_targets_take_the_fast_path(raw, monkeypatch):
     want = policy_http._normalize_path_slow(raw)
 

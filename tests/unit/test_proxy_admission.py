@@ -18,6 +18,7 @@ from agent.proxy.admission import Refusal, admit_tunnel, authorize_connection, d
 from agent.proxy.authz import empty_set
 from agent.proxy.state import parse_state
 from agent.proxy.tunnel import Address, Status, TunnelRequest
+from tests.support.mesh import CLIENT_IP
 from tests.unit.test_proxy_server import state_doc
 
 TD = "cluster.local"
@@ -40,7 +41,7 @@ STATE = state()
 
 def req(dst: str, identity: str = CLIENT, port: int = 8080) -> TunnelRequest:
     return TunnelRequest(dst=Address(socket.AF_INET, dst, port), identity=identity, namespace="default",
-                         name="client", src=Address(socket.AF_INET, "127.0.0.3", 40000))
+                         name="client", src=Address(socket.AF_INET, CLIENT_IP, 40000))  # pod default/client
 
 
 # (case, dst, header identity, verified cert, mtls, sni_named, local identity) -> admitted pod key or
@@ -52,8 +53,7 @@ ADMIT = [
      ("identity_mismatch", Status.FORBIDDEN,
       f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
     ("no verified identity at all", "127.0.0.5", CLIENT, None, True, True, WEB,
-     ("identity_mismatch", Status.FORBIDDEN,
-      f"the tunnel header claims identity {CLIENT!r}, but the client certificate is None", None)),
+     ("key_scope", Status.FORBIDDEN, "key scope: the client certificate proved no identity", None)),
     ("identity is checked before the destination", "10.9.9.9", MALLORY, CLIENT, True, True, WEB,
      ("identity_mismatch", Status.FORBIDDEN,
       f"the tunnel header claims identity {MALLORY!r}, but the client certificate is {CLIENT}", None)),
@@ -86,8 +86,9 @@ ADMIT = [
 @pytest.mark.parametrize("case,dst,claimed,verified,mtls,sni_named,local_id,want", ADMIT,
                          ids=[row[0] for row in ADMIT])
 def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, want):
+    # the client pod is on node1: the tunnel comes from node1 with node1's certificate
     got = admit_tunnel(STATE, req(dst, claimed), dst, verified=verified, mtls=mtls, sni_named=sni_named,
-                       local_identity=local_id)
+                       local_identity=local_id, peer_node="node1", issuer_node="node1")
     if isinstance(want, str):
         assert got is STATE.pod_by_key[want]  # the pod itself: nothing new allocated
         return
@@ -96,6 +97,63 @@ def test_admit_tunnel(case, dst, claimed, verified, mtls, sni_named, local_id, w
     assert (got.code, got.status, got.reason) == (code, status, reason)
     assert (got.pod.key if got.pod is not None else None) == named
     assert got.decision is None
+
+
+# Key scope, checked first with mTLS: (case, verified, peer node, issuing node[, header source]) -> None
+# (passes) or the reason's tail.  The source defaults to db-1's address (node2).
+KEY_SCOPE = [
+    ("a node for its own pod", DB, "node2", "node2", None),
+    ("a node for its own pod, from another pod's address", DB, "node2", "node2",
+     f"the tunnel header's source address {CLIENT_IP} is no address of a mesh pod of node node2 "
+     f"with identity {DB}", CLIENT_IP),
+    ("no source address", DB, "node2", "node2",
+     f"the tunnel header's source address (none) is no address of a mesh pod of node node2 with identity {DB}",
+     None),
+    ("a source address of no pod", DB, "node2", "node2",
+     f"the tunnel header's source address 10.1.2.3 is no address of a mesh pod of node node2 with identity {DB}",
+     "10.1.2.3"),
+    ("a node's key for another node's identity", DB, "node1", "node1",
+     f"node node1 has no mesh pod with identity {DB}, so it may not speak for it (a compromised node, or this node's state is stale)"),
+    ("another node's certificate", DB, "node1", "node2",
+     f"the client certificate ({DB}) was issued by node node2's intermediate CA, but the connection comes "
+     "from node node1: a node's key may only sign for that node"),
+    ("a CA that names no node", DB, "node2", None,
+     f"the client certificate ({DB}) was issued by a CA that is no node's intermediate, but the connection "
+     "comes from node node2: a node's key may only sign for that node"),
+    ("from no node address", DB, None, "node2", "the connection comes from no node address of the state"),
+    ("an identity of no pod at all", MALLORY, "node2", "node2",
+     f"node node2 has no mesh pod with identity {MALLORY}, so it may not speak for it (a compromised node, or this node's state is stale)"),
+    ("a pod outside the mesh does not count", f"spiffe://{TD}/ns/default/sa/legacy", "node1", "node1",
+     f"node node1 has no mesh pod with identity spiffe://{TD}/ns/default/sa/legacy, "
+     "so it may not speak for it (a compromised node, or this node's state is stale)"),
+]
+
+
+@pytest.mark.parametrize("row", KEY_SCOPE, ids=[k[0] for k in KEY_SCOPE])
+def test_key_scope(row):
+    _case, verified, peer, issuer, why = row[:5]
+    src = row[5] if len(row) > 5 else "127.0.0.7"
+    got = admission.check_key_scope(STATE, verified, peer_node=peer, issuer_node=issuer, src_ip=src)
+    if why is None:
+        assert got is None
+        return
+    assert isinstance(got, Refusal)
+    assert (got.code, got.status, got.reason) == ("key_scope", Status.FORBIDDEN, f"key scope: {why}")
+
+
+def test_key_scope_comes_first_and_plaintext_skips_it():
+    # a certificate from the wrong node is refused before the header's identity or the destination
+    got = admit_tunnel(STATE, req("10.9.9.9", MALLORY), "10.9.9.9", verified=DB, mtls=True, sni_named=True,
+                       local_identity=WEB, peer_node="node1", issuer_node="node1")
+    assert isinstance(got, Refusal) and got.code == "key_scope"
+    got = admit_tunnel(STATE, req("127.0.0.5", MALLORY), "127.0.0.5", verified=None, mtls=False)
+    assert got is STATE.pod_by_key["default/web-1"]
+
+
+def test_node_at():
+    assert admission.node_at(STATE, "127.0.0.1") == "node1"
+    assert admission.node_at(STATE, "127.0.0.2") == "node2"
+    assert admission.node_at(STATE, "127.0.0.5") is None  # a pod, not a node
 
 
 def policies(*docs: str):

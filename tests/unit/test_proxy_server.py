@@ -155,27 +155,34 @@ def test_rejected_connections_are_reset(tmp_path):
     assert stats["counters"]["flow_misses"] == 1
 
 
-X_ID = f"spiffe://{TD}/ns/x/sa/y"
+# What the hand-made tunnels below present: node2's own pod's identity (data/db),
+# issued by node2's intermediate and sent from node2's address, as node2's proxy would.
+X_ID = DB_ID
+NODE2_IP = "127.0.0.2"
 
 
-def _tls_ctx(c: Cluster, identity: str | None) -> ssl.SSLContext:
-    """A client context as another node proxy would build it, presenting ``identity``."""
+def _tls_ctx(c: Cluster, identity: str | None, issuer_node: str | None = "node2") -> ssl.SSLContext:
+    """A client context as another node proxy would build it, presenting ``identity``
+    issued by ``issuer_node``'s intermediate (None: the factory's unnamed one)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=c.factory.bundle.to_pem().decode())
     ctx.set_alpn_protocols([ALPN])
     if identity:
-        chain, key = c.factory.leaf(identity)
+        issuer = c.factory.node_issuer(issuer_node) if issuer_node else None
+        chain, key = c.factory.leaf(identity, issuer=issuer)
         load_svid_into(ctx, make_svid(identity, chain, key))
     return ctx
 
 
-async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | None = None, *,
-                      cert: str | None = X_ID, sni: str | None = WEB_ID, expect: int = 0):
+async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | None = NODE2_IP, *,
+                      cert: str | None = X_ID, sni: str | None = WEB_ID, expect: int = 0,
+                      issuer_node: str | None = "node2"):
     """Speak the tunnel over mTLS by hand: send ``data``, read the response and
     then ``expect`` more bytes (or up to EOF)."""
     r, w = await asyncio.open_connection(ip, c.tun_port, local_addr=(source, 0) if source else None,
-                                         ssl=_tls_ctx(c, cert), server_hostname=sni_for(sni) if sni else "")
+                                         ssl=_tls_ctx(c, cert, issuer_node),
+                                         server_hostname=sni_for(sni) if sni else "")
     try:
         w.write(data)
         dec = tunnel.ResponseDecoder()
@@ -199,9 +206,11 @@ async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | Non
     return out.message, rest
 
 
-def _header(ip, port, identity=X_ID):
+def _header(ip, port, identity=X_ID, src="127.0.0.7"):
+    """A tunnel header from ``src`` (default: pod data/db-1's address, on node2)."""
     return tunnel.encode_request(tunnel.TunnelRequest(
-        dst=tunnel.Address(V4, ip, port), identity=identity, namespace="x", name="y"))
+        dst=tunnel.Address(V4, ip, port), identity=identity, namespace="data", name="db-1",
+        src=tunnel.Address(V4, src, 40000) if src else None))
 
 
 def test_tunnel_listener_is_not_an_open_relay(tmp_path):
@@ -261,6 +270,79 @@ def test_tunnel_header_must_match_the_verified_identities(tmp_path, case):
         assert "claims identity" in resp.reason and X_ID in resp.reason
     else:
         assert "authenticated this node as" in resp.reason
+
+
+# Key scope (issue #12 item 8): a node's key speaks only for that node's pods.
+# (case, source address, identity, issuing node) -> the refusal's words
+KEY_SCOPE = [
+    ("node1's key minting node2's identity, used from node1", "127.0.0.1", DB_ID, "node1",
+     "node node1 has no mesh pod with identity"),
+    ("node1's key minting node2's identity, sent from node2", NODE2_IP, DB_ID, "node1",
+     "issued by node node1's intermediate CA, but the connection comes from node node2"),
+    ("node2's genuine certificate replayed from node1", "127.0.0.1", DB_ID, "node2",
+     "issued by node node2's intermediate CA, but the connection comes from node node1"),
+    ("an intermediate that names no node", NODE2_IP, DB_ID, None,
+     "issued by a CA that is no node's intermediate"),
+]
+
+
+@pytest.mark.parametrize("case,source,identity,issuer,why", KEY_SCOPE, ids=[k[0] for k in KEY_SCOPE])
+def test_key_scope_refuses_a_node_speaking_for_pods_it_does_not_run(tmp_path, case, source, identity, issuer,
+                                                                    why):
+    async def main():
+        async with Cluster(tmp_path) as c:
+            web = ("127.0.0.5", c.port("127.0.0.5"))
+            bad = await _raw_tunnel(c, _header(*web, identity=identity) + b"hi", source=source,
+                                    cert=identity, issuer_node=issuer)
+            good = await _raw_tunnel(c, _header(*web) + b"hi", expect=2)  # node2 for its own pod: fine
+            await asyncio.sleep(0.1)
+            return bad, good, c.access("node1"), c.servers[0].stats()
+
+    (resp, rest), (ok, echoed), log, stats = run(main())
+    assert resp.status is tunnel.Status.FORBIDDEN and rest == b""
+    assert resp.reason.startswith("key scope: ") and why in resp.reason, resp.reason
+    assert ok.status is tunnel.Status.OK and echoed == b"hi"
+    assert [(e["result"], e["src_identity"]) for e in log] == [("rejected", identity), ("ok", X_ID)]
+    assert "key scope" in log[0]["reason"]
+    assert stats["metrics"]["denied"] == {"key_scope": 1}
+
+
+@pytest.mark.parametrize("src", [CLIENT_IP, "10.9.9.9", None], ids=["node1-pod", "no-pod", "none"])
+def test_key_scope_refuses_a_source_address_the_node_does_not_own(tmp_path, src):
+    """node2's own genuine certificate, but the header claims a source address that is not
+    node2's pod's (what ipBlocks rules match): refused."""
+    async def main():
+        async with Cluster(tmp_path) as c:
+            web = ("127.0.0.5", c.port("127.0.0.5"))
+            res = await _raw_tunnel(c, _header(*web, src=src) + b"hi")
+            await asyncio.sleep(0.1)
+            return res, c.servers[0].stats()
+
+    (resp, rest), stats = run(main())
+    assert resp.status is tunnel.Status.FORBIDDEN and rest == b""
+    assert f"source address {src or '(none)'} is no address of a mesh pod of node node2" in resp.reason
+    assert stats["metrics"]["denied"] == {"key_scope": 1}
+
+
+def test_client_refuses_a_destination_certificate_from_another_nodes_key(tmp_path):
+    """node2's CA signs with node1's intermediate (what a stolen node1 key lets an
+    impostor of node2's pods do): node1's proxy refuses the destination at the
+    handshake, counted as ``wrong_node``; nothing reaches the pod."""
+    async def main():
+        c = Cluster(tmp_path)
+        c.ca_nodes["node2"] = "node1"
+        async with c:
+            r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", c.port("127.0.0.7"), 1001))
+            await expect_reset(r, w)
+            await asyncio.sleep(0.1)
+            return c.access("node1"), c.access("node2"), c.servers[0].stats()
+
+    log1, log2, stats = run(main())
+    (e,) = log1
+    assert (e["route"], e["result"]) == ("tunnel", "rejected")
+    assert "wrong_node" in e["reason"] and "expected on node node2" in e["reason"], e["reason"]
+    assert stats["tls"]["failures"] == {"wrong_node": 1}
+    assert all(x["result"] != "ok" for x in log2)  # the impostor was never given the connection
 
 
 def test_tunnel_is_tls_on_the_wire(tmp_path):

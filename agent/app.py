@@ -537,6 +537,8 @@ class Agent:
                 "path": self.source.where if self.source is not None else None,
                 "error": self.inventory_error,
                 "pods": len(inv.pods) if inv else 0,
+                # kind, last good load and, for the Kubernetes API, how stale
+                "source": self.source.describe().to_dict() if self.source is not None else None,
             },
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,

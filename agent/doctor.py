@@ -465,6 +465,27 @@ def check_node_cgroup(path: str, mountinfo: str = "/proc/self/mountinfo"):
     return True, d, None
 
 
+@_check("kubelet cgroups", required=False)
+def check_kubelet_cgroups(root: str | None, mountinfo: str = "/proc/self/mountinfo"):
+    """Kubernetes mode: the kubelet's pod cgroups are found under its root and
+    the cgroup driver is recognised (pods are enrolled by their cgroup)."""
+    from .workloads.kubecgroup import detect_driver
+
+    try:
+        d = cgroup.resolve(root or "", cgroup.cgroup2_mount(mountinfo))
+    except cgroup.CgroupError:
+        return False, "no cgroup v2 mount to look in", "see 'cgroup v2' above"
+    driver = detect_driver(d)
+    if driver is None:
+        return (
+            False,
+            f"neither kubepods.slice (systemd driver) nor kubepods (cgroupfs) under {d}; "
+            "pods stay pending until the kubelet creates them",
+            "set workloads.kubeletCgroupRoot to the kubelet's --cgroup-root, or start the kubelet",
+        )
+    return True, f"{driver} driver under {d}", None
+
+
 # --- the whole list ---------------------------------------------------------
 
 
@@ -504,6 +525,8 @@ def run_checks(config: AgentConfig | None = None, env: Environment | None = None
             check_pin_dir(config.bpf.pin_dir, env.mountinfo),
             check_node_cgroup(config.cgroup, env.mountinfo),
         ]
+        if config.workloads.source == "kubernetes":
+            checks.append(check_kubelet_cgroups(config.workloads.kubelet_cgroup_root, env.mountinfo))
     return checks
 
 

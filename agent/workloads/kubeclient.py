@@ -23,6 +23,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import ssl
 import tempfile
 import urllib.parse
@@ -239,7 +240,8 @@ class Watch:
                 raise ApiError(
                     0, f"watch {self.path}: no data for {self._conn.timeout}s; reconnecting"
                 ) from e
-            except (OSError, http.client.HTTPException, ValueError) as e:
+            except (OSError, http.client.HTTPException, ValueError, AttributeError) as e:
+                # (http.client raises ValueError/AttributeError on a stream cut mid-chunk)
                 raise ApiError(0, f"watch {self.path}: {_transport(e)}") from e
             if not line:
                 return  # the server ended the watch (timeoutSeconds): watch again
@@ -252,15 +254,17 @@ class Watch:
                 raise ApiError(0, f"watch {self.path}: undecodable event: {line[:200]!r}") from e
             yield etype, obj
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """From another thread: shut the socket down, so a blocked read ends."""
         sock = self._conn.sock
         if sock is not None:
             try:
-                import socket
-
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """From the reading thread, when done."""
         self._conn.close()
 
 

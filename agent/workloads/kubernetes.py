@@ -116,7 +116,7 @@ class Reflector:
         self._stop.set()
         w = self._watch
         if w is not None:
-            w.close()
+            w.abort()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -136,6 +136,8 @@ class Reflector:
                 attempt = 0
             except ApiError as e:
                 self.connected = False
+                if self._stop.is_set():
+                    return
                 self.counts["errors"] += 1
                 if e.status == 410:
                     log.info("%s: %s; relisting", self.kind, e)
@@ -148,6 +150,8 @@ class Reflector:
                 self._stop.wait(delay)
             except Exception as e:  # a bug here must not end the watch for good: log, relist
                 self.connected = False
+                if self._stop.is_set():
+                    return
                 self.counts["errors"] += 1
                 self.error = f"{type(e).__name__}: {e}"
                 log.exception("%s: unexpected error; relisting", self.kind)

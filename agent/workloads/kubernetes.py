@@ -224,6 +224,7 @@ class Reflector:
         if etype == "ERROR":
             code = obj.get("code") if isinstance(obj, dict) else None
             msg = obj.get("message") if isinstance(obj, dict) else None
+            self.rv = None  # whatever went wrong, the stream cannot be trusted from here: relist
             raise ApiError(410 if code == 410 else 0, f"watch {self.path}: ERROR event {code}: {msg}")
         meta = obj.get("metadata") or {}
         rv = str(meta.get("resourceVersion") or "")

@@ -153,7 +153,7 @@ def pod(
 
 
 def service(name: str, ns: str, cluster_ips: list[str], selector: dict, ports: list[dict], **spec) -> dict:
-    fams = ["IPv4" if ipaddress.ip_address(i).version == 4 else "IPv6" for i in cluster_ips]
+    fams = ["IPv4" if ":" not in i else "IPv6" for i in cluster_ips if i != "None"] or ["IPv4"]
     return {
         "apiVersion": "v1",
         "kind": "Service",

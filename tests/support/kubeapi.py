@@ -291,12 +291,12 @@ class FakeKubeAPI:
     oldest: int = 100  # watches from an rv older than this get 410
     faults: list[Fault] = field(default_factory=list)
     hang_watches: bool = False
+    netns: list[str] = field(default_factory=list)
     requests: list[tuple[str, str, dict]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
         self._conns: set[socket.socket] = set()
         self.port = 0
         self.closing = False
@@ -312,43 +312,58 @@ class FakeKubeAPI:
         self.stop()
 
     def start(self) -> FakeKubeAPI:
+        """Serve on 127.0.0.1 (port 0 the first time: any), and on the same
+        port in every network namespace of :attr:`netns` (their own loopback)."""
+        self.closing = False
+        root = _listen(None, self.port)
+        self.port = root.getsockname()[1]
+        self._serve(root)
+        for ns in self.netns:
+            self._serve(_listen(ns, self.port))
+        return self
+
+    def serve_in(self, netns: str) -> None:
+        """Also serve in network namespace ``netns`` (a name under /run/netns
+        or a path), now and after every restart."""
+        self.netns.append(netns)
+        if self._servers:
+            self._serve(_listen(netns, self.port))
+
+    def _serve(self, sock: socket.socket) -> None:
         api = self
 
         class Handler(_Handler):
             server_api = api
 
         srv = ThreadingHTTPServer(("127.0.0.1", self.port), Handler, bind_and_activate=False)
-        srv.allow_reuse_address = True
         srv.daemon_threads = True
-        srv.server_bind()
-        srv.server_activate()
+        srv.socket.close()
+        srv.socket = sock
+        srv.server_address = sock.getsockname()
         if self.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.cert_file, self.key_file)
-            srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
-        self.port = srv.server_address[1]
-        self.closing = False
-        self._server = srv
-        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
+            srv.socket = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        t.start()
+        self._servers.append((srv, t))
 
     def stop(self) -> None:
         """Stop serving and cut every open connection (the server "dies")."""
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for srv, _ in self._servers:
+            srv.shutdown()
+            srv.server_close()
         for s in list(self._conns):
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(5)
+        for _, t in self._servers:
+            t.join(5)
+        self._servers = []
 
     def restart(self) -> FakeKubeAPI:
         """Stop, then serve again on the same port with the same state."""
@@ -504,6 +519,45 @@ class FakeKubeAPI:
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
             )
+
+
+def _listen(netns: str | None, port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1:``port``, made inside network
+    namespace ``netns`` (None: this one).  A socket stays in the namespace it
+    was made in, so a short-lived thread enters the namespace (setns only
+    moves the calling thread), makes it and ends."""
+    box: dict = {}
+
+    def make() -> None:
+        try:
+            if netns is not None:
+                import ctypes
+
+                path = netns if netns.startswith("/") else f"/run/netns/{netns}"
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), f"setns {path}")
+                finally:
+                    os.close(fd)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(64)
+            box["sock"] = s
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    if netns is None:
+        make()
+    else:
+        t = threading.Thread(target=make)
+        t.start()
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["sock"]
 
 
 def _tempdir() -> str:

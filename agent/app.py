@@ -716,7 +716,11 @@ def _identity_sig(paths: list[str]) -> tuple:
 
 
 def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
-    agent = Agent(cfg, keep_datapath=keep_datapath, source=source_from_config(cfg))
+    try:
+        source = source_from_config(cfg)
+    except ValueError as e:  # KubeConfigError: no kubeconfig / not in a pod
+        raise AgentError(f"cannot configure the workload source: {e}") from e
+    agent = Agent(cfg, keep_datapath=keep_datapath, source=source)
     if preflight:
         agent.preflight()
     try:

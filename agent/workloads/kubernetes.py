@@ -28,6 +28,7 @@ why.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import threading
@@ -359,8 +360,9 @@ class KubernetesSource:
                 ]
                 self.close()
                 raise TimeoutError(
+                    errno.ETIMEDOUT,
                     f"Kubernetes API {self.where}: not synced within {self.sync_timeout:g}s: "
-                    + "; ".join(missing)
+                    + "; ".join(missing),
                 )
         inv = self._build()
         assert inv is not None

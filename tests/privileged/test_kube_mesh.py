@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -117,6 +118,14 @@ def test_agents_sync_from_the_api_and_find_kubelet_cgroups(env):
         assert src["detail"]["cgroup_driver"] == DRIVERS[node]
         assert enrolled(mesh, node) == pods
         assert st["inventory"]["pods"] == 4
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket",
+                        os.path.join(mesh.agents["node1"].run_dir, "admin.sock")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert f"inventory {api.url}: 4 pods" in r.stdout
+    assert "kubernetes: in sync (every watch open)" in r.stdout
+    assert f"kubelet cgroups: systemd under {kubelet_root(mesh.cluster.node('node1'))}" in r.stdout
+    assert "Pod: 4 objects" in r.stdout
 
 
 def test_cross_node_traffic_goes_through_the_mesh(env):

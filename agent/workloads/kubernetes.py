@@ -128,13 +128,13 @@ class Reflector:
     # --- the loop --------------------------------------------------------------------
 
     def _run(self) -> None:
-        attempt = 0
+        attempt = gone = 0
         while not self._stop.is_set():
             try:
                 if self.rv is None:
                     self._list()
                 self._watch_once()
-                attempt = 0
+                attempt = gone = 0
             except ApiError as e:
                 self.connected = False
                 if self._stop.is_set():
@@ -143,7 +143,10 @@ class Reflector:
                 if e.status == 410:
                     log.info("%s: %s; relisting", self.kind, e)
                     self.rv = None
-                    continue  # relist at once: the cache is only behind, not wrong
+                    gone += 1
+                    if gone == 1:
+                        continue  # relist at once: the cache is only behind, not wrong
+                    # 410 again right after a relist: back off rather than spin
                 self.error = str(e)
                 attempt += 1
                 delay = self._delay(attempt, e.retry_after if e.status == 429 else None)

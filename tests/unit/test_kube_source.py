@@ -399,3 +399,15 @@ def test_source_from_config_builds_the_kubernetes_source(api, tmp_path):
     )
     src = source_from_config(cfg)
     assert isinstance(src, KubernetesSource) and src.where == api.url and src.node == "node1"
+
+
+def test_repeated_410_relists_then_backs_off_and_converges(api, make_source):
+    src = make_source()
+    src.start()
+    pods = src.reflectors["Pod"]
+    lists = pods.counts["lists"]
+    api.fail(410, 3, path="/api/v1/pods", watch=True)
+    api.restart()  # the pods' watch reconnects into three 410s in a row
+    api.apply(k.pod("api", "shop", "node1", ["10.244.1.11"]))
+    next_inventory(src, lambda i: "shop/api" in keys(i), "the pod after the 410s")
+    assert pods.counts["lists"] >= lists + 3

@@ -408,6 +408,7 @@ def test_repeated_410_relists_then_backs_off_and_converges(api, make_source):
     lists = pods.counts["lists"]
     api.fail(410, 3, path="/api/v1/pods", watch=True)
     api.restart()  # the pods' watch reconnects into three 410s in a row
+    until(lambda: not api.faults and pods.connected, "the 410s consumed and the watch open again")
+    assert pods.counts["lists"] >= lists + 3  # a relist after each
     api.apply(k.pod("api", "shop", "node1", ["10.244.1.11"]))
     next_inventory(src, lambda i: "shop/api" in keys(i), "the pod after the 410s")
-    assert pods.counts["lists"] >= lists + 3

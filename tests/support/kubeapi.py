@@ -27,10 +27,11 @@ HTTP(S) on 127.0.0.1:
   watches that hang (headers sent, then silence), raw events (duplicates,
   out of order), stopping and restarting on the same port.
 
-Every object stored or injected is validated against the official
-Kubernetes OpenAPI schema (``kubernetes-validate``'s bundled, strict JSON
-schemas for ``k8s_version``), so the fake cannot serve what a real API
-server would not.
+Every object stored or injected, every Status answer and every watch event
+(its meta/v1 WatchEvent envelope, an ERROR's Status) is validated against
+the official Kubernetes OpenAPI schema (``kubernetes-validate``'s bundled,
+strict JSON schemas for ``k8s_version``), so the fake cannot serve what a
+real API server would not.
 """
 
 from __future__ import annotations
@@ -79,16 +80,26 @@ class SchemaError(ValueError):
 @functools.lru_cache(maxsize=None)
 def _validator(kind: str, api_version: str, version: str):
     group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    return _validator_file(f"{kind.lower()}-{group}.json", version)
+
+
+@functools.lru_cache(maxsize=None)
+def _validator_file(name: str, version: str):
     d = f"kubernetes-json-schema/v{version}-local-strict"
-    schema = kv.schema_contents(f"{d}/{kind.lower()}-{group}.json", version)
+    schema = kv.schema_contents(f"{d}/{name}", version)
     defs = kv.schema_contents(f"{d}/_definitions.json", version)
     registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
     return jsonschema.validators.Draft202012Validator(schema, registry=registry)
 
 
 def validate(obj: dict, version: str = DEFAULT_VERSION) -> None:
-    """Raise SchemaError unless ``obj`` validates against the official schema."""
-    errors = list(_validator(obj["kind"], obj["apiVersion"], version).iter_errors(obj))
+    """Raise SchemaError unless ``obj`` validates against the official schema
+    (``Status`` objects against meta/v1 Status)."""
+    if obj.get("kind") == "Status":
+        v = _validator_file("status-meta-v1.json", version)
+    else:
+        v = _validator(obj["kind"], obj["apiVersion"], version)
+    errors = list(v.iter_errors(obj))
     if errors:
         first = errors[0]
         where = "/".join(str(p) for p in first.absolute_path)
@@ -462,7 +473,7 @@ class FakeKubeAPI:
         """Send a raw event to the watches of ``resource`` as it is, its
         resourceVersion untouched (duplicates and out-of-order events); the
         stored objects do not change."""
-        if etype in ("ADDED", "MODIFIED", "DELETED"):
+        if etype != "BOOKMARK":
             validate(obj, self.k8s_version)
         with self.cond:
             self.rv += 1  # the position in the stream: after what watchers have seen
@@ -606,6 +617,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _json(self, code: int, doc: dict, headers: dict | None = None) -> None:
+        if doc.get("kind") == "Status":
+            validate(doc, self.server_api.k8s_version)
         body = json.dumps(doc).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -692,6 +705,16 @@ class _Handler(BaseHTTPRequestHandler):
             out.append(o2)
         self._json(200, {"kind": f"{kind}List", "apiVersion": api_version, "metadata": meta, "items": out})
 
+    def _event(self, ev: dict) -> None:
+        """One watch event line; the envelope is a meta/v1 WatchEvent, an
+        ERROR event's object a Status."""
+        errors = list(_validator_file("watchevent-meta-v1.json", self.server_api.k8s_version).iter_errors(ev))
+        if errors:
+            raise SchemaError(f"watch event: {errors[0].message}")
+        if ev["type"] == "ERROR":
+            validate(ev["object"], self.server_api.k8s_version)
+        self._chunk(json.dumps(ev).encode() + b"\n")
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
@@ -721,7 +744,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if since is not None and since != 0 and since < api.oldest:
                 st = _status(410, "Expired", f"too old resource version: {since} ({api.oldest})")
-                self._chunk(json.dumps({"type": "ERROR", "object": st}).encode() + b"\n")
+                self._event({"type": "ERROR", "object": st})
                 self._chunk(b"")
                 return
             with api.cond:
@@ -733,7 +756,7 @@ class _Handler(BaseHTTPRequestHandler):
                     pos = next((i for i, e in enumerate(api.history) if e.rv > since), len(api.history))
                     first, seen = [], since
             for o in first:
-                self._chunk(json.dumps({"type": "ADDED", "object": o}).encode() + b"\n")
+                self._event({"type": "ADDED", "object": o})
             last_bookmark = time.monotonic()
             while not api.closing:
                 with api.cond:
@@ -753,13 +776,13 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                     ev = _for_watch(e, matches)
                     if ev is not None:
-                        self._chunk(json.dumps(ev).encode() + b"\n")
+                        self._event(ev)
                     seen = max(seen, e.rv)
                 if bookmarks and api.bookmark_interval and time.monotonic() - last_bookmark >= api.bookmark_interval:
-                    self._chunk(json.dumps(_bookmark(kind, api_version, current)).encode() + b"\n")
+                    self._event(_bookmark(kind, api_version, current))
                     last_bookmark = time.monotonic()
             if bookmarks and not api.closing:
-                self._chunk(json.dumps(_bookmark(kind, api_version, api.rv)).encode() + b"\n")
+                self._event(_bookmark(kind, api_version, api.rv))
             self._chunk(b"")
         except OSError:
             pass  # the client went away, or stop() cut the connection

@@ -412,3 +412,10 @@ def test_repeated_410_relists_then_backs_off_and_converges(api, make_source):
     assert pods.counts["lists"] >= lists + 3  # a relist after each
     api.apply(k.pod("api", "shop", "node1", ["10.244.1.11"]))
     next_inventory(src, lambda i: "shop/api" in keys(i), "the pod after the 410s")
+
+
+def test_server_validates_status_and_events(api):
+    with pytest.raises(k.SchemaError):
+        k.validate({"kind": "Status", "apiVersion": "v1", "metadata": {}, "code": "410"})
+    with pytest.raises(k.SchemaError):
+        api.inject("pods", "ERROR", {"kind": "Status", "apiVersion": "v1", "code": "not a number"})

@@ -188,3 +188,24 @@ def test_detect_driver(tmp_path):
     assert kubecgroup.detect_driver(str(tmp_path)) == "cgroupfs"
     (tmp_path / "kubepods.slice").mkdir()
     assert kubecgroup.detect_driver(str(tmp_path)) == "systemd"
+
+
+def _last_three_minors() -> list[str]:
+    from kubernetes_validate.utils import all_versions
+
+    return all_versions()[-3:]
+
+
+@pytest.mark.parametrize("version", _last_three_minors())
+def test_factories_make_objects_every_recent_api_server_serves(version):
+    objs = [
+        k.namespace("shop", ENABLED, annotations={"meshlet.io/mode": "strict"}),
+        k.node("node1", "198.18.0.1", "fd00:198:18::1"),
+        k.pod("web", "shop", "node1", ["10.244.1.10", "fd00:244:1::10"], labels={"app": "web"}, qos="Burstable"),
+        k.pod("host", "kube-system", "node1", ["198.18.0.1"], host_network=True),
+        k.service("db", "shop", ["10.96.0.10"], {"app": "db"}, [{"name": "pg", "port": 5432, "targetPort": "pg",
+                                                                 "appProtocol": "tcp"}]),
+        k.endpointslice("db-x", "shop", "db", [{"name": "pg", "port": 15432}], ["10.244.2.10"]),
+    ]
+    for o in objs:
+        k.validate(o, version)

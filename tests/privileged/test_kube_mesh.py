@@ -241,3 +241,23 @@ def test_node_signs_only_pods_the_api_places_on_it(env):
     finally:
         api.delete("Pod", "default", "moved")
     wait_for(lambda: ask("node1", other).get("reason") == "not_on_node", "refused again after the deletion")
+
+
+def test_api_outage_keeps_the_mesh_running_and_status_says_stale(env):
+    mesh, api, _ = env
+    api.stop()
+    try:
+        st = wait_for(lambda: (s := mesh.status("node1"))["inventory"]["source"]["detail"]["in_sync"] is False
+                      and s, "node1 to notice the outage")
+        assert st["inventory"]["source"]["error"]
+        assert enrolled(mesh, "node1") == {"default/pod1-1", "default/pod1-2"}  # fail static
+        r = transfer(mesh, "pod1-1", ip_of(mesh, "pod2-1"), up=1 << 20, down=1 << 20)
+        assert r["ok"] and r["server_saw_peer"] == gateway(mesh, "node2"), r
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket",
+                              os.path.join(mesh.agents["node1"].run_dir, "admin.sock")],
+                             capture_output=True, text=True, timeout=30).stdout
+        assert "kubernetes: NOT IN SYNC, last good state kept; stale " in out, out
+    finally:
+        api.start()
+    for node in ("node1", "node2"):
+        wait_for(lambda n=node: mesh.status(n)["inventory"]["source"]["detail"]["in_sync"], f"{node} in sync again")

@@ -29,52 +29,15 @@ from tests.support.privileged import (
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh  # noqa: E402
 from agent.workloads import kubecgroup  # noqa: E402
 from tests.support import kubeapi as k  # noqa: E402
+from tests.support.kubemesh import (  # noqa: E402
+    KubeMesh, driver_of, kubelet_root, place_in_kubelet_cgroup, pod_object, publish,
+)
 
 pytestmark = pytest.mark.privileged
 
-DRIVERS = {"node1": "systemd", "node2": "cgroupfs"}
 QOS = {"pod1-1": "Burstable", "pod1-2": "BestEffort", "pod2-1": "Guaranteed", "pod2-2": "BestEffort"}
-ENABLED = {"meshlet.io/dataplane-mode": "enabled"}
-
-
-class KubeMesh(Mesh):
-    """Agents configured with ``workloads.source: kubernetes``."""
-
-    kubeconfig: str = ""
-
-    def config_doc(self, node):
-        doc = super().config_doc(node)
-        del doc["inventory"]
-        doc["workloads"] = {
-            "source": "kubernetes",
-            "kubeconfig": self.kubeconfig,
-            "kubeletCgroupRoot": kubelet_root(node),
-            "syncTimeout": 60,
-            "watchTimeout": 30,
-        }
-        return doc
-
-
-def kubelet_root(node) -> str:
-    return os.path.join(node.cgroup, "kubelet")
-
-
-def place_in_kubelet_cgroup(cluster, pod, uid: str, qos: str) -> str:
-    """Point the simulated pod at the cgroup the kubelet would have made for it
-    (created here, as the kubelet does; removed with the cluster)."""
-    node = cluster.node(pod.node)
-    path = kubecgroup.pod_cgroup(kubelet_root(node), DRIVERS[pod.node], uid, qos)
-    os.makedirs(path, exist_ok=True)
-    pod.cgroup = path
-    return path
-
-
-def pod_object(pod, uid: str, qos: str, labels: dict | None = None) -> dict:
-    return k.pod(pod.name, pod.namespace, pod.node, pod.ips, labels={**pod.labels, **(labels or {})},
-                 sa=pod.service_account, qos=qos, uid=uid)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +47,8 @@ def env(tmp_path_factory):
     api = k.FakeKubeAPI(workdir=work, bookmark_interval=1.0)
     mesh = KubeMesh(cluster)
     try:
-        uids = {}
-        for node in cluster.nodes:
-            api.serve_in(node.netns)
-            api.apply(k.node(node.name, node.address, node.address6))
-        api.apply(k.namespace("default", ENABLED))
-        for pod in cluster.pods:
-            uids[pod.name] = str(uuid.uuid4())
-            place_in_kubelet_cgroup(cluster, pod, uids[pod.name], QOS[pod.name])
-            api.apply(pod_object(pod, uids[pod.name], QOS[pod.name]))
+        assert [driver_of(n) for n in cluster.nodes] == ["systemd", "cgroupfs"]  # both drivers
+        uids = publish(cluster, api, qos=QOS)
         api.start()
         mesh.kubeconfig = api.kubeconfig(os.path.join(work, "kubeconfig"))
         start_servers(cluster, (("serve", 7000), ("echo", 7001)))
@@ -115,7 +71,7 @@ def test_agents_sync_from_the_api_and_find_kubelet_cgroups(env):
         st = wait_for(lambda n=node: (s := mesh.status(n))["enrolled"] and s, f"{node} enrolled")
         src = st["inventory"]["source"]
         assert src["kind"] == "kubernetes" and src["where"] == api.url
-        assert src["detail"]["cgroup_driver"] == DRIVERS[node]
+        assert src["detail"]["cgroup_driver"] == driver_of(mesh.cluster.node(node))
         assert enrolled(mesh, node) == pods
         assert st["inventory"]["pods"] == 4
     r = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket",
@@ -247,9 +203,8 @@ def test_api_outage_keeps_the_mesh_running_and_status_says_stale(env):
     mesh, api, _ = env
     api.stop()
     try:
-        st = wait_for(lambda: (s := mesh.status("node1"))["inventory"]["source"]["detail"]["in_sync"] is False
-                      and s, "node1 to notice the outage")
-        assert st["inventory"]["source"]["error"]
+        wait_for(lambda: (src := mesh.status("node1")["inventory"]["source"])["detail"]["in_sync"] is False
+                 and src["error"], "node1 to notice the outage and say why")
         assert enrolled(mesh, "node1") == {"default/pod1-1", "default/pod1-2"}  # fail static
         r = transfer(mesh, "pod1-1", ip_of(mesh, "pod2-1"), up=1 << 20, down=1 << 20)
         assert r["ok"] and r["server_saw_peer"] == gateway(mesh, "node2"), r

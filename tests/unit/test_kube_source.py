@@ -175,7 +175,7 @@ def test_outage_keeps_last_state_and_says_how_stale(api, make_source):
     src = make_source()
     inv = src.start()
     api.stop()
-    until(lambda: not src.describe().detail["in_sync"], "the source to notice the outage")
+    until(lambda: not (d := src.describe()).detail["in_sync"] and d.error, "the source to notice the outage")
     api.apply(k.pod("late", "shop", "node1", ["10.244.1.12"]))
     time.sleep(0.3)
     assert src.poll() is None  # fail static: the last good inventory stays in force

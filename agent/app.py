@@ -539,6 +539,8 @@ class Agent:
                 "path": self.source.where if self.source is not None else None,
                 "error": self.inventory_error,
                 "pods": len(inv.pods) if inv else 0,
+                # kind, last good load and, for the Kubernetes API, how stale
+                "source": self.source.describe().to_dict() if self.source is not None else None,
             },
             "mode": self.cfg.mesh.mode,
             "generation": self.generation,
@@ -739,7 +741,11 @@ def _identity_sig(paths: list[str]) -> tuple:
 
 
 def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
-    agent = Agent(cfg, keep_datapath=keep_datapath, source=source_from_config(cfg))
+    try:
+        source = source_from_config(cfg)
+    except ValueError as e:  # KubeConfigError: no kubeconfig / not in a pod
+        raise AgentError(f"cannot configure the workload source: {e}") from e
+    agent = Agent(cfg, keep_datapath=keep_datapath, source=source)
     if preflight:
         agent.preflight()
     try:

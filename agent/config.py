@@ -40,6 +40,8 @@ __all__ = [
     "AdminConfig",
     "MetricsConfig",
     "AccessLogConfig",
+    "WorkloadsConfig",
+    "WORKLOAD_SOURCES",
     "AgentConfig",
     "load_config",
     "parse_config",
@@ -49,6 +51,8 @@ MeshMode = Literal["permissive", "strict"]
 #: Allowed values of ``mesh.mode`` (and of per-namespace ``mode`` in the inventory).
 MESH_MODES: tuple[str, ...] = ("permissive", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+#: Values of ``workloads.source``.
+WORKLOAD_SOURCES: tuple[str, ...] = ("file", "kubernetes")
 
 #: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
 MAX_SOCKET_PATH = 107
@@ -227,15 +231,47 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class WorkloadsConfig:
+    """Where pods, nodes, namespaces and services come from (``workloads``)."""
+
+    source: str = "file"
+    """``workloads.source``: ``file`` (the YAML ``inventory:``) or
+    ``kubernetes`` (the API server: list+watch, see README "Kubernetes")."""
+
+    kubeconfig: str | None = None
+    """``workloads.kubeconfig``: a kubeconfig file (relative to the config
+    file), for running outside a pod; absent, the in-cluster service account
+    (token, CA and ``KUBERNETES_SERVICE_HOST``) is used."""
+
+    context: str | None = None
+    """``workloads.context``: the kubeconfig context; default its current-context."""
+
+    kubelet_cgroup_root: str | None = None
+    """``workloads.kubeletCgroupRoot``: the kubelet's ``--cgroup-root``, absolute
+    or relative to the cgroup2 mount; default the mount itself. The cgroup
+    driver (systemd or cgroupfs) is detected under it."""
+
+    sync_timeout: float = 60.0
+    """``workloads.syncTimeout``: seconds the agent waits at start for the
+    first complete list of every resource, 1..3600."""
+
+    watch_timeout: float = 300.0
+    """``workloads.watchTimeout``: seconds a watch request lasts before it is
+    renewed (the server's ``timeoutSeconds``, jittered up to +25%), 1..3600;
+    a watch silent for that long plus 30 s counts as hung and is reopened."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything ``meshlet run`` needs to know, validated."""
 
     node: str
     """This node's name, an RFC 1123 label; must appear in the inventory (``node``)."""
 
-    inventory: str
+    inventory: str | None
     """Path of the node inventory file, resolved against the config file's
-    directory when relative (``inventory``)."""
+    directory when relative (``inventory``); required unless
+    ``workloads.source`` is ``kubernetes``."""
 
     cgroup: str
     """cgroup v2 subtree holding this node's pods, absolute or relative to the
@@ -268,6 +304,9 @@ class AgentConfig:
 
     access_log: AccessLogConfig = AccessLogConfig()
     """Access log settings (``accessLog``)."""
+
+    workloads: WorkloadsConfig = WorkloadsConfig()
+    """Workload source (``workloads``)."""
 
     @property
     def access_log_path(self) -> str:
@@ -329,6 +368,18 @@ class AgentConfig:
                 "sampling": self.access_log.sampling,
                 "path": self.access_log_path,
             },
+            "workloads": {
+                k: v
+                for k, v in {
+                    "source": self.workloads.source,
+                    "kubeconfig": self.workloads.kubeconfig,
+                    "context": self.workloads.context,
+                    "kubeletCgroupRoot": self.workloads.kubelet_cgroup_root,
+                    "syncTimeout": self.workloads.sync_timeout,
+                    "watchTimeout": self.workloads.watch_timeout,
+                }.items()
+                if v is not None
+            },
         }
 
 
@@ -363,7 +414,8 @@ def _socket_path(v: y.Value) -> str:
 def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     doc = top.doc
     node = top.get("node", y.dns_label)
-    inventory = top.get("inventory", y.string)
+    kube = _peek_source(top) == "kubernetes"
+    inventory = top.get("inventory", y.string, None) if kube else top.get("inventory", y.string)
     cgroup = top.get("cgroup", y.string)
     run_dir = top.get("runDir", y.absolute_path, None)
     log_level = top.get("logLevel", y.enum(*LOG_LEVELS), "info")
@@ -371,6 +423,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     mesh_r, admin_r = top.section("mesh"), top.section("admin")
     ident_r = top.section("identity")
     metrics_r, access_r = top.section("metrics"), top.section("accessLog")
+    work_r = top.section("workloads")
     top.finish()
 
     name = node or "<node>"  # only used for defaults; a bad node is already reported
@@ -451,11 +504,28 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         )
         access_r.finish()
 
+    workloads = None
+    if work_r is not None:
+
+        def rel_file(v: y.Value) -> str:
+            return os.path.normpath(os.path.join(base_dir, y.string(v)))
+
+        workloads = WorkloadsConfig(
+            source=work_r.get("source", y.enum(*WORKLOAD_SOURCES), "file"),
+            kubeconfig=work_r.get("kubeconfig", rel_file, None),
+            context=work_r.get("context", y.string, None),
+            kubelet_cgroup_root=work_r.get("kubeletCgroupRoot", y.string, None),
+            sync_timeout=work_r.get("syncTimeout", y.number(1, 3600), 60.0),
+            watch_timeout=work_r.get("watchTimeout", y.number(1, 3600), 300.0),
+        )
+        work_r.finish()
+
     if doc.failed:
         return None
     # A section reader gives None only after reporting a problem (doc.failed).
     assert bpf is not None and proxy is not None and mesh is not None and admin is not None
     assert identity is not None and metrics is not None and access_log is not None
+    assert workloads is not None
     return AgentConfig(
         node=node,
         inventory=inventory,
@@ -469,7 +539,22 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         log_level=log_level,
         metrics=metrics,
         access_log=access_log,
+        workloads=workloads,
     )
+
+
+def _peek_source(top: y.MapReader) -> str | None:
+    """``workloads.source`` as written (only to know whether ``inventory`` is
+    required; the section itself is read, and reported, later)."""
+    from yaml.nodes import MappingNode, ScalarNode
+
+    e = top.entries.get("workloads")
+    if e is None or not isinstance(e[1].node, MappingNode):
+        return None
+    for k, v in e[1].node.value:
+        if isinstance(k, ScalarNode) and k.value == "source" and isinstance(v, ScalarNode):
+            return v.value
+    return None
 
 
 def _listen_address(v: y.Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -465,6 +465,53 @@ def check_node_cgroup(path: str, mountinfo: str = "/proc/self/mountinfo"):
     return True, d, None
 
 
+@_check("kubelet cgroups", required=False)
+def check_kubelet_cgroups(root: str | None, mountinfo: str = "/proc/self/mountinfo"):
+    """Kubernetes mode: the kubelet's pod cgroups are found under its root and
+    the cgroup driver is recognised (pods are enrolled by their cgroup)."""
+    from .workloads.kubecgroup import detect_driver
+
+    try:
+        d = cgroup.resolve(root or "", cgroup.cgroup2_mount(mountinfo))
+    except cgroup.CgroupError:
+        return False, "no cgroup v2 mount to look in", "see 'cgroup v2' above"
+    driver = detect_driver(d)
+    if driver is None:
+        return (
+            False,
+            f"neither kubepods.slice (systemd driver) nor kubepods (cgroupfs) under {d}; "
+            "pods stay pending until the kubelet creates them",
+            "set workloads.kubeletCgroupRoot to the kubelet's --cgroup-root, or start the kubelet",
+        )
+    return True, f"{driver} driver under {d}", None
+
+
+@_check("kubernetes API", required=False)
+def check_kube_api(config: AgentConfig, timeout: float = 3.0):
+    """Kubernetes mode: the API server answers a one-item list of nodes with
+    the configured credentials (the agent retries anyway; this says why not)."""
+    from .workloads.kubeclient import ApiError, KubeClient, KubeConfigError
+
+    w = config.workloads
+    try:
+        client = (
+            KubeClient.from_kubeconfig(w.kubeconfig, w.context) if w.kubeconfig else KubeClient.in_cluster()
+        )
+    except KubeConfigError as e:
+        return False, str(e), "fix workloads.kubeconfig, or run in a pod with its service account mounted"
+    try:
+        doc = client.get("/api/v1/nodes", {"limit": "1"}, timeout=timeout)
+    except ApiError as e:
+        fix = {
+            401: "the token is not accepted: check the service account token / kubeconfig user",
+            403: "grant get/list/watch on nodes, namespaces, pods, services and endpointslices "
+            "(the ClusterRole in deploy/)",
+        }.get(e.status, "check that the API server is reachable from this node (address, port, CA)")
+        return False, str(e), fix
+    rv = (doc.get("metadata") or {}).get("resourceVersion")
+    return True, f"{client.server} answers (resourceVersion {rv})", None
+
+
 # --- the whole list ---------------------------------------------------------
 
 
@@ -504,6 +551,9 @@ def run_checks(config: AgentConfig | None = None, env: Environment | None = None
             check_pin_dir(config.bpf.pin_dir, env.mountinfo),
             check_node_cgroup(config.cgroup, env.mountinfo),
         ]
+        if config.workloads.source == "kubernetes":
+            checks.append(check_kubelet_cgroups(config.workloads.kubelet_cgroup_root, env.mountinfo))
+            checks.append(check_kube_api(config))
     return checks
 
 

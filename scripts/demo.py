@@ -13,6 +13,12 @@ everything down.
 
 Exit status 0 only if the evidence is complete.  Run as root (``make demo``
 or ``scripts/run demo`` bootstraps the machine first).
+
+``--kubernetes``: the same run with the agents in Kubernetes mode: they read
+nodes, namespaces, pods and services from the local test API server
+(tests/support/kubeapi.py, served in each node's network namespace) instead
+of the inventory file, and find the pods in the cgroups the kubelet would
+have made (systemd driver on node1, cgroupfs on node2).
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ def section(title: str) -> None:
     say(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if set(args) - {"--kubernetes"}:
+        say("usage: demo.py [--kubernetes]")
+        return 2
+    kubernetes = "--kubernetes" in args
     if os.geteuid() != 0:
         say("the demo builds network namespaces and loads eBPF: run it as root")
         return 2
@@ -56,6 +67,7 @@ def main() -> int:
         1: [{"name": "pod1-1"}, {"name": "pod1-2", "labels": files}],
         2: [{"name": "pod2-1", "labels": files}, {"name": "pod2-2"}]})
     mesh = None
+    api = None
     try:
         section("building the simulated cluster")
         cluster.up()
@@ -65,12 +77,37 @@ def main() -> int:
             for p in n.pods:
                 say(f"   pod {p.name:<8} {p.ip4:<13} {p.ip6:<18} cgroup .../pods/{p.name}")
 
+        services = [service("files", files, [{"port": 80, "targetPort": 8080, "appProtocol": "http"}], index=1)]
+        if kubernetes:
+            from tests.support.kubeapi import FakeKubeAPI
+            from tests.support.kubemesh import KubeMesh, driver_of, publish
+
+            section("Kubernetes mode: the workloads come from an API server")
+            api = FakeKubeAPI(workdir=tempfile.mkdtemp(prefix="meshlet-demo-kube-"), bookmark_interval=5.0)
+            publish(cluster, api, services=services)
+            api.start()
+            say(f"test API server {api.url} (also on each node's loopback): "
+                f"{len(api.objects)} objects: nodes, namespace default with "
+                "meshlet.io/dataplane-mode=enabled, pods, service files + EndpointSlice")
+            for p in cluster.pods:
+                say(f"   pod {p.name:<8} kubelet cgroup ({driver_of(cluster.node(p.node))} driver) "
+                    f"...{p.cgroup[len(cluster.node(p.node).cgroup):]}")
+            mesh = KubeMesh(cluster, services=services)
+            mesh.kubeconfig = api.kubeconfig(os.path.join(api.workdir, "kubeconfig"))
+        else:
+            mesh = Mesh(cluster, services=services)
         section("starting one meshlet agent per node")
-        mesh = Mesh(cluster, services=[
-            service("files", files, [{"port": 80, "targetPort": 8080, "appProtocol": "http"}], index=1)])
         t0 = time.monotonic()
         mesh.start()
         say(f"agents ready in {time.monotonic() - t0:.1f}s")
+        if kubernetes:
+            for n in cluster.nodes:
+                src = mesh.status(n.name)["inventory"]["source"]
+                d = src["detail"]
+                say(f"{n.name}: workloads from {src['kind']} {src['where']}, in sync {d['in_sync']}, "
+                    f"kubelet cgroup driver {d['cgroup_driver']}")
+                if not d["in_sync"] or d["cgroup_driver"] != driver_of(n):
+                    problems.append(f"{n.name}: Kubernetes source {src}")
         for n in cluster.nodes:
             st = mesh.status(n.name)
             say(f"{n.name}: datapath {st['datapath']['how']}, enrolled "
@@ -225,6 +262,9 @@ def main() -> int:
         section("teardown")
         if mesh is not None:
             mesh.down()
+        if api is not None:
+            api.stop()
+            shutil.rmtree(api.workdir or "", ignore_errors=True)
         cluster.down()
         shutil.rmtree(webroot, ignore_errors=True)
         say("agents, proxies, pinned eBPF, namespaces and cgroups removed")

@@ -87,6 +87,8 @@ def status(sock, node, output) -> None:
         f"inventory {inv['path']}: {inv['pods']} pods"
         + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}" if inv["error"] else "")
     )
+    for line in source_lines(inv.get("source") or {}):
+        click.echo(f"  {line}")
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
     pol = st.get("policy") or {}
     if pol:
@@ -126,6 +128,37 @@ def workloads(sock, node, output) -> None:
             f"{w['pod']:<28} {'yes' if w['enrolled'] else 'no':<9} {w['mode']:<11} "
             f"{','.join(w['ips']):<34} {w['reason'] or ''}"
         )
+
+
+def source_lines(src: dict, now: float | None = None) -> list[str]:
+    """What ``meshlet status`` says about the workload source beyond its path:
+    for the Kubernetes API, whether every watch is open, how stale the
+    state is otherwise and why, and the objects that were left out."""
+    import time
+
+    d = src.get("detail")
+    if src.get("kind") != "kubernetes" or not d:
+        return []
+    now = time.time() if now is None else now
+    out = []
+    if d.get("in_sync"):
+        out.append("kubernetes: in sync (every watch open)")
+    else:
+        at = d.get("in_sync_at")
+        age = f"{now - at:.0f}s" if at is not None else "since start"
+        why = src.get("error") or "reconnecting"
+        out.append(f"kubernetes: NOT IN SYNC, last good state kept; stale {age}: {why}")
+    out.append(f"kubelet cgroups: {d.get('cgroup_driver') or 'NOT FOUND'} under {d.get('cgroup_root')}")
+    for r in d.get("resources") or ():
+        out.append(
+            f"{r['kind']}: {r['objects']} objects, rv {r['resource_version']}, "
+            f"{'watching' if r['connected'] else 'down'}, lists {r['lists']}, errors {r['errors']}"
+        )
+    for n in d.get("notes") or ():
+        out.append(f"note: {n}")
+    if d.get("notes_total", 0) > len(d.get("notes") or ()):
+        out.append(f"... {d['notes_total'] - len(d['notes'])} more notes")
+    return out
 
 
 COMMANDS = [run, doctor, status, workloads]

@@ -27,9 +27,9 @@ or reached (connection errors are OSErrors too).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agent.workloads.model import Inventory
 
@@ -44,7 +44,7 @@ class SourceStatus:
     """What a source says about itself (``meshlet status``, logs)."""
 
     kind: str
-    """``file`` (the YAML inventory); later ``kubernetes``."""
+    """``file`` (the YAML inventory) or ``kubernetes`` (the API)."""
 
     where: str
     """The file's path, or the API endpoint."""
@@ -55,8 +55,21 @@ class SourceStatus:
     error: str | None = None
     """Why the newest data was not applied (the last good snapshot stays), or None."""
 
+    detail: Mapping[str, Any] | None = None
+    """Source-specific, JSON-able: for ``kubernetes`` whether every watch is
+    open (``in_sync``), since when it is not (``in_sync_at``, ``stale_s``),
+    the kubelet cgroup driver and each resource's counters."""
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "where": self.where, "last_good": self.last_good, "error": self.error}
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "where": self.where,
+            "last_good": self.last_good,
+            "error": self.error,
+        }
+        if self.detail is not None:
+            d["detail"] = dict(self.detail)
+        return d
 
 
 @runtime_checkable
@@ -99,8 +112,26 @@ async def changes(source: WorkloadSource, interval: float) -> AsyncIterator[Inve
 
 
 def source_from_config(cfg: AgentConfig) -> WorkloadSource:
-    """The workload source the config asks for: today always the YAML file at
-    ``inventory:``."""
+    """The workload source the config asks for (``workloads.source``): the
+    YAML file at ``inventory:``, or the Kubernetes API (in-cluster, or
+    ``workloads.kubeconfig``).  Raises KubeConfigError (a ValueError) when
+    the Kubernetes client cannot be configured."""
+    w = cfg.workloads
+    if w.source == "kubernetes":
+        from agent.workloads.kubeclient import KubeClient
+        from agent.workloads.kubernetes import KubernetesSource
+
+        client = (
+            KubeClient.from_kubeconfig(w.kubeconfig, w.context) if w.kubeconfig else KubeClient.in_cluster()
+        )
+        return KubernetesSource(
+            client,
+            cfg.node,
+            cgroup_root=w.kubelet_cgroup_root,
+            sync_timeout=w.sync_timeout,
+            watch_timeout=w.watch_timeout,
+        )
     from agent.workloads.filesource import FileSource
 
+    assert cfg.inventory is not None  # the config requires it for the file source
     return FileSource(cfg.inventory)

@@ -284,7 +284,13 @@ ERRORS = [
     ("proxy:\n  redirectIpv4: 10.0.0.1\n",
      "c.yaml:2:3: proxy.redirectIpv4: unknown field 'redirectIpv4' (did you mean 'redirectIPv4'?)"),
     ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, "
-                 "logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog"),
+                 "logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog, workloads"),
+    # workload source (#11)
+    ("workloads:\n  source: k8s\n",
+     "c.yaml:2:11: workloads.source: 'k8s' is not one of: file, kubernetes"),
+    ("workloads:\n  watchTimeout: 0\n", "c.yaml:2:17: workloads.watchTimeout: 0 is out of range (1..3600)"),
+    ("workloads:\n  kubconfig: k\n",
+     "c.yaml:2:3: workloads.kubconfig: unknown field 'kubconfig' (did you mean 'kubeconfig'?)"),
     ("logLevel: info\nlogLevel: debug\n",
      "c.yaml:2:1: logLevel: duplicate key 'logLevel' (first given at line 1)"),
     ("mesh:\n  mode: strict\n  mode: strict\n",
@@ -458,3 +464,28 @@ def test_bpf_switches_for_flow_tracking_and_kernel_policy():
     assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
     assert errors(MINIMAL + "bpf:\n  flowTracking: sometimes\n")[0].endswith(
         "bpf.flowTracking: expected true or false, got a string 'sometimes'")
+
+
+def test_workloads_default_is_the_file_source():
+    c = parse_config(MINIMAL, "/etc/meshlet/config.yaml")
+    assert c.workloads.source == "file"
+    assert c.inventory == "/etc/meshlet/inventory.yaml"
+
+
+def test_kubernetes_source_needs_no_inventory_and_round_trips():
+    text = MINIMAL.replace("inventory: inventory.yaml\n", "") + (
+        "workloads:\n  source: kubernetes\n  kubeconfig: kube/config\n  context: dev\n"
+        "  kubeletCgroupRoot: /kubelet.slice\n  syncTimeout: 5\n  watchTimeout: 30\n"
+    )
+    c = parse_config(text, "/etc/meshlet/config.yaml")
+    w = c.workloads
+    assert c.inventory is None
+    assert (w.source, w.kubeconfig, w.context) == ("kubernetes", "/etc/meshlet/kube/config", "dev")
+    assert (w.kubelet_cgroup_root, w.sync_timeout, w.watch_timeout) == ("/kubelet.slice", 5, 30)
+    again = parse_config(yaml.safe_dump(c.to_dict()), "/elsewhere/config.yaml")
+    assert again == c
+
+
+def test_file_source_still_requires_the_inventory():
+    text = MINIMAL.replace("inventory: inventory.yaml\n", "") + "workloads:\n  source: file\n"
+    assert errors(text) == ["c.yaml:1:1: inventory: required field is missing"]

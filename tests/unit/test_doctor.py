@@ -454,3 +454,43 @@ def test_checks_to_json():
                                  "detail": "no bpf filesystem at /sys/fs/bpf",
                                  "fix": "mount -t bpf bpf /sys/fs/bpf", "required": True}
     assert [Check(**c) for c in data["checks"]] == SAMPLE
+
+
+# --- Kubernetes mode (#11) ---------------------------------------------------------------
+
+
+def kube_config(tmp_path, kubeconfig: str, cgroup_root: str = "kubelet"):
+    return parse_config(f"""
+node: node1
+cgroup: meshlet/node1
+proxy: {{redirectIPv4: 10.244.1.1}}
+identity: {{bundle: b.pem, caCert: c.pem, caKey: k.pem}}
+workloads: {{source: kubernetes, kubeconfig: {kubeconfig}, kubeletCgroupRoot: {cgroup_root}}}
+""", str(tmp_path / "config.yaml"))
+
+
+def test_kubelet_cgroups_detected_or_explained(tmp_path):
+    root, mi = cgroup2_at(tmp_path)
+    c = doctor.check_kubelet_cgroups("kubelet", mi)
+    assert not c.ok and not c.required and "neither kubepods.slice" in c.detail
+    assert "kubeletCgroupRoot" in c.fix
+    os.makedirs(f"{root}/kubelet/kubepods")
+    c = doctor.check_kubelet_cgroups("kubelet", mi)
+    assert c.ok and c.detail == f"cgroupfs driver under {root}/kubelet"
+
+
+def test_kube_api_check_against_the_test_server(tmp_path):
+    from tests.support.kubeapi import FakeKubeAPI, node
+
+    with FakeKubeAPI(workdir=str(tmp_path)) as api:
+        api.apply(node("node1", "198.18.0.1"))
+        good = kube_config(tmp_path, api.kubeconfig(str(tmp_path / "kc")))
+        c = doctor.check_kube_api(good)
+        assert c.ok and c.detail == f"{api.url} answers (resourceVersion {api.rv})"
+        bad = kube_config(tmp_path, api.kubeconfig(str(tmp_path / "kc-bad"), token="nope"))
+        c = doctor.check_kube_api(bad)
+        assert not c.ok and not c.required and "401" in c.detail and "token" in c.fix
+    c = doctor.check_kube_api(good, timeout=1)  # the server is gone
+    assert not c.ok and "reachable" in c.fix
+    c = doctor.check_kube_api(kube_config(tmp_path, "missing-kc"))
+    assert not c.ok and "cannot read kubeconfig" in c.detail

@@ -181,6 +181,11 @@ def probe(host: str, port: int, timeout: float) -> dict:
     t0 = time.monotonic()
     try:
         s = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionResetError:
+        # The peer accepted and reset before connect() returned: with a
+        # timeout, connect() is non-blocking plus SO_ERROR, so a reset that
+        # fast (a same-node proxy refusing) shows here, not at the first recv.
+        return {"result": "reset", "seconds": round(time.monotonic() - t0, 3)}
     except OSError as e:
         return {
             "result": "connect_error",

@@ -43,7 +43,7 @@ async def serve(port: int) -> None:
         finally:
             writer.close()
 
-    srv = await asyncio.start_server(echo, "::", port, backlog=4096, reuse_address=True)
+    srv = await asyncio.start_server(echo, None, port, backlog=4096, reuse_address=True)  # v4 and v6
     _say({"listening": port})
     async with srv:
         await srv.serve_forever()

@@ -44,18 +44,19 @@ HOLD_PORT = 7100
 
 
 @contextlib.contextmanager
-def nofile(soft: int, hard: int | None = None):
-    """Start children with this RLIMIT_NOFILE (they inherit it at fork)."""
+def soft_nofile(soft: int):
+    """Start children with this soft RLIMIT_NOFILE (they inherit it at fork),
+    as ``prlimit --nofile=<soft>:`` would."""
     old = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1] if hard is None else hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, old)  # root: may raise the hard limit back
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
 
 
 @contextlib.contextmanager
-def mesh_of(*, limits: tuple[int, int | None] | None = None, pods_per_node: int = 2, **kw):
+def mesh_of(*, soft_limit: int | None = None, pods_per_node: int = 2, **kw):
     cluster = Cluster(nodes=2, pods_per_node=pods_per_node).up()
     m = Mesh(cluster, **kw)
     try:
@@ -65,10 +66,10 @@ def mesh_of(*, limits: tuple[int, int | None] | None = None, pods_per_node: int 
             assert "listening" in p.stdout.readline()
             p = pod.popen(HOLD + ["serve", "--port", str(HOLD_PORT)], stdout=subprocess.PIPE, text=True)
             assert "listening" in p.stdout.readline()
-        if limits is None:
+        if soft_limit is None:
             m.start()
         else:
-            with nofile(*limits):
+            with soft_nofile(soft_limit):
                 m.start()
         yield m
     finally:
@@ -223,7 +224,7 @@ def test_ten_thousand_connections_under_a_1024_soft_limit():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard < 16_000:
         pytest.skip(f"the hard open-files limit ({hard}) is too low for 10,000 connections on 2 workers")
-    with mesh_of(workers=2, limits=(1024, None), pods_per_node=1) as mesh:
+    with mesh_of(workers=2, soft_limit=1024, pods_per_node=1) as mesh:
         for n in ("node1", "node2"):
             assert all(st["fd_limit"] == hard for st in worker_stats(mesh, n))
         client = mesh.cluster.pod("pod1-1").popen(
@@ -250,11 +251,16 @@ def test_ten_thousand_connections_under_a_1024_soft_limit():
 
 
 def test_out_of_descriptors_sheds_counted_overload_and_keeps_serving():
-    """Workers whose hard limit is 256 (they cannot raise it): 400 held
-    connections through one node are partly shed, each counted as
+    """A worker whose hard limit is 256 (it cannot raise it; set on the agent
+    with prlimit, then the worker killed so the agent restarts it with that
+    limit): 400 held connections through it are partly shed, each counted as
     ``overload`` with a log line that names the limit, none as an internal
     error; once they close, the worker serves again."""
-    with mesh_of(workers=1, limits=(256, 256), pods_per_node=1) as mesh:
+    with mesh_of(workers=1, pods_per_node=1) as mesh:
+        resource.prlimit(mesh.agents["node1"].popen.pid, resource.RLIMIT_NOFILE, (256, 256))
+        (old,) = mesh.proxy_pids("node1")
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: all_ready(mesh, "node1", {old}), "node1's worker restarted", timeout=60)
         assert [st["fd_limit"] for st in worker_stats(mesh, "node1")] == [256]
         client = mesh.cluster.pod("pod1-1").popen(
             HOLD + ["hold", ip_of(mesh, "pod2-1"), str(HOLD_PORT), "--count", "400", "--parallel", "50",

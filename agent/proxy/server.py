@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import socket
@@ -352,18 +353,23 @@ class ProxyServer:
     # ------------------------------------------------------------ watchers
 
     async def _maintain(self) -> None:
-        """Return memory after connections closed: when at least
-        ``TRIM_AFTER`` connections finished since the last trim and the live
-        ones are no more than those, ``malloc_trim`` (glibc keeps freed heap
-        pages otherwise, and a worker's RSS would stay at its peak)."""
+        """Return memory after connections closed.  When at least
+        ``TRIM_AFTER`` connections finished since the last time and the live
+        ones are down to half of the most seen since (a burst is over, not a
+        steady churn): collect the cyclic garbage they left (transports and
+        protocols refer to each other), then ``malloc_trim``; else glibc
+        keeps the freed pages and the worker's RSS stays at its peak."""
+        peak = 0
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            live = len(self.live.tasks)
+            peak = max(peak, live)
             finished = self.accounting.finished
-            if finished - self._finished_at_trim >= TRIM_AFTER and len(self.live.tasks) <= (
-                finished - self._finished_at_trim
-            ):
+            if finished - self._finished_at_trim >= TRIM_AFTER and live * 2 <= peak:
+                gc.collect()
                 trim_memory()
                 self._finished_at_trim = finished
+                peak = live
 
     async def _watch_policies(self) -> None:
         while True:

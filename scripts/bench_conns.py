@@ -100,7 +100,8 @@ def measure_conns(counts: list[int], workers: int | None = None) -> list[dict]:
                 wait(lambda node=node: active(mesh, node) == 0)
             time.sleep(SETTLE_S)
             after = {node: proxy_rss_mb(mesh, node) for node in nodes}
-            row = {"connections": n, "held": got["held"], "failed": got["failed"], "open_seconds": round(open_s, 1)}
+            row = {"connections": n, "held": got["held"], "failed": got["failed"],
+                   "open_seconds": round(open_s, 1)}
             for node in nodes:
                 row[node] = {
                     "idle_mb": idle[node],

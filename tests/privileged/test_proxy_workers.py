@@ -153,7 +153,8 @@ def test_worker_sigkill_refuses_no_new_connection():
         wait_for(lambda: not any(_alive(pid) for pid in victims.values()), "the workers died")
         after = [start_connrate(mesh, src, dst, seconds=15) for src, dst in pairs]
         for n in victims:
-            wait_for(lambda: all_ready(mesh, n, {victims[n]}), f"{n}'s worker 0 restarted and ready", timeout=60)
+            wait_for(lambda n=n: all_ready(mesh, n, {victims[n]}), f"{n}'s worker 0 restarted and ready",
+                     timeout=60)
         fresh = [connrate_result(p) for p in after]
         assert all(r["connections"] > 0 for r in fresh), fresh
         assert [r["errors"] for r in fresh] == [0, 0, 0, 0], fresh
@@ -164,7 +165,8 @@ def test_worker_sigkill_refuses_no_new_connection():
             c = counters(mesh, n)
             assert c["internal_errors"] == 0 and c["result_overload"] == 0, c
             # what failed here failed with the killed peer worker: its in-flight connections
-            bad = [(e["result"], e["deny_reason"], e["reason"]) for e in mesh.access_log(n) if e["result"] != "ok"]
+            bad = [(e["result"], e["deny_reason"], e["reason"])
+                   for e in mesh.access_log(n) if e["result"] != "ok"]
             assert len(bad) <= sum(kills_on_path), bad
             assert all(r == "reset" or (deny == "mtls_refused" and "during the handshake" in why)
                        for r, deny, why in bad), bad
@@ -191,7 +193,7 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
             for n in ("node1", "node2"):
                 mesh.agents[n].popen.send_signal(signal.SIGHUP)
             for n in ("node1", "node2"):
-                wait_for(lambda: all_ready(mesh, n, old[n]), f"{n}'s workers handed over", timeout=60)
+                wait_for(lambda n=n: all_ready(mesh, n, old[n]), f"{n}'s workers handed over", timeout=60)
             # the old workers drain: alive, still carrying the streams
             assert all(os.path.exists(f"/proc/{pid}") for n in old for pid in old[n])
             assert all(s.say("during") == {"echo": "during"} for s in sessions)
@@ -204,11 +206,13 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
         assert codes == [0] * 8
         # streams over: the old workers finish draining and exit (well before the drain timeout)
         for n in ("node1", "node2"):
-            wait_for(lambda: not any(_alive(pid) for pid in old[n]), f"{n}'s old workers exited", timeout=60)
+            wait_for(lambda n=n: not any(_alive(pid) for pid in old[n]), f"{n}'s old workers exited",
+                     timeout=60)
             c = counters(mesh, n)
             assert c.get("result_rejected", 0) == 0 and c.get("internal_errors", 0) == 0, c
         for n in ("node1", "node2"):
-            wait_for(lambda: mesh.agent_log(n).count("finished draining and exited") == 2, f"{n} reaped them")
+            wait_for(lambda n=n: mesh.agent_log(n).count("finished draining and exited") == 2,
+                     f"{n} reaped them")
             assert "killing it" not in mesh.agent_log(n)
 
 
@@ -248,7 +252,7 @@ def test_ten_thousand_connections_under_a_1024_soft_limit():
             client.kill()
             client.wait()
         for n in ("node1", "node2"):
-            wait_for(lambda: sum(st["active_connections"] for st in worker_stats(mesh, n)) == 0,
+            wait_for(lambda n=n: sum(st["active_connections"] for st in worker_stats(mesh, n)) == 0,
                      f"{n}'s connections closed", timeout=120)
             c = counters(mesh, n)
             assert c["result_overload"] == 0 and c["internal_errors"] == 0, c

@@ -75,7 +75,8 @@ def test_pending_handshakes_per_source_are_capped(tmp_path):
             node2.inbound.max_handshakes = 3
             stalled = []
             for _ in range(3):
-                stalled.append(await asyncio.open_connection("127.0.0.2", c.tun_port, local_addr=("127.0.0.1", 0)))
+                stalled.append(
+                    await asyncio.open_connection("127.0.0.2", c.tun_port, local_addr=("127.0.0.1", 0)))
             for _ in range(50):  # the three reached the handshake
                 if node2.inbound.handshaking.get("127.0.0.1") == 3:
                     break

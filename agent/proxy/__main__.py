@@ -87,16 +87,16 @@ async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.worker_id, getattr(logging, args.log_level))
-    before, after = raise_nofile()
-    if after != before:
-        log.info("open-files limit raised from %d to %d (about %d connections)", before, after, after // 2)
-    if args.listener_migration:
-        enable_listener_migration()
     try:
         watcher = StateWatcher(args.state)
     except (OSError, StateError) as e:
         log.error("cannot load proxy state: %s (is the agent running, and did it write this file?)", e)
         return 2
+    before, after = raise_nofile()
+    if after != before:
+        log.info("open-files limit raised from %d to %d (about %d connections)", before, after, after // 2)
+    if args.listener_migration:
+        enable_listener_migration()
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

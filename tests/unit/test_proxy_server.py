@@ -505,7 +505,8 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
 def test_main_exits_with_message_on_broken_state(tmp_path):
     p = tmp_path / "state.json"
     p.write_text("{broken")
-    proc = subprocess.run([sys.executable, "-m", "agent.proxy", "--state", str(p)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "agent.proxy", "--state", str(p),
+                           "--no-listener-migration"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "cannot load proxy state" in proc.stderr and "state.json" in proc.stderr

@@ -629,6 +629,8 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: hand the proxy workers over to new processes (an upgrade), refusing nothing.
+        loop.add_signal_handler(signal.SIGHUP, self.proxies.restart)
         ca_server = await start_ca_server(self)
         from .datapath.flowtable import FlowReader
 

@@ -96,8 +96,11 @@ class ProxyConfig:
     tunnel_port: int = 15008
     """Listener for the mTLS tunnel between nodes (``proxy.tunnelPort``)."""
 
-    workers: int = 1
-    """Proxy worker processes sharing the listeners, 1..64 (``proxy.workers``)."""
+    workers: int = 2
+    """Proxy worker processes sharing the listeners, 1..64 (``proxy.workers``).
+    Default: ``default_workers()``, the usable cores, at least 2 and at most 4:
+    with siblings, a worker crash or upgrade never leaves the node without a
+    listener."""
 
     connect_timeout: float = 5.0
     """Seconds to wait for an upstream connect, >0 and ≤120 (``proxy.connectTimeout``)."""
@@ -584,6 +587,16 @@ def _trust_domain(v: y.Value) -> str:
     return s
 
 
+def default_workers() -> int:
+    """``proxy.workers`` when not set: one per usable core, at least 2 (so a
+    crashed or upgraded worker always has a sibling serving), at most 4."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(2, min(cores, 4))
+
+
 def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
     d = ProxyConfig.__dataclass_fields__
     p = dict(
@@ -592,7 +605,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         outbound_port=r.get("outboundPort", y.port, d["outbound_port"].default),
         inbound_port=r.get("inboundPort", y.port, d["inbound_port"].default),
         tunnel_port=r.get("tunnelPort", y.port, d["tunnel_port"].default),
-        workers=r.get("workers", y.integer(1, 64), d["workers"].default),
+        workers=r.get("workers", y.integer(1, 64), default_workers()),
         connect_timeout=r.get("connectTimeout", y.number(0, 120, lo_open=True), d["connect_timeout"].default),
         mesh_mark=r.get("meshMark", y.integer(1, 0xFFFFFFFF, hex_string=True), d["mesh_mark"].default),
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),

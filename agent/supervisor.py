@@ -6,11 +6,28 @@ touching traffic: each worker's pid is kept in ``runDir/proxy-<i>.pid`` and a
 restarted agent adopts a live worker serving the same state file instead of
 starting another.  A worker that exits is restarted after a back-off of
 ``min(30, 2**restarts)`` seconds since its last start.  Every step is a
-plain blocking method; the agent calls them from its tick.
+plain, short, blocking method; the agent calls them from its tick and
+nothing here waits for a worker.
+
+Workers share the listeners with SO_REUSEPORT, so while one restarts after
+a crash its siblings keep serving (the default runs two or more, see
+``config.default_workers``), and the kernel moves what was queued on the dead
+worker's listener to a sibling (``proxy.limits.enable_listener_migration``).
+
+**Hand-over** (``restart()``: an upgrade of the proxy code, or a new
+setting that needs new processes; the agent calls it on SIGHUP).  Slot by
+slot: start a successor, wait (over ticks) until its stats socket says
+``ready`` (certificates loaded, listening), then SIGTERM the old worker.
+The old worker stops accepting at once (its queued connections migrate to
+the successor) and gives live connections ``drain_timeout`` seconds to
+finish before it resets the rest; after that plus ``KILL_MARGIN`` it is
+SIGKILLed.  New connections are never refused: there is always a ready
+listener.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +42,10 @@ from .fsutil import open_append, write_atomic
 
 log = logging.getLogger("meshlet.agent")
 
-__all__ = ["ProxyWorker", "ProxySupervisor", "proxy_stats"]
+__all__ = ["ProxyWorker", "ProxySupervisor", "proxy_stats", "DRAIN_TIMEOUT"]
+
+DRAIN_TIMEOUT = 30.0  # seconds an old worker's live connections get to finish after a hand-over
+KILL_MARGIN = 5.0  # then this long for the worker to exit by itself, before SIGKILL
 
 
 @dataclass
@@ -38,15 +58,38 @@ class ProxyWorker:
     started: float = 0.0
     restarts: int = 0
     adopted: bool = False
+    successor: subprocess.Popen | None = None  # hand-over: the process that will take this slot
+    successor_failures: int = 0
+
+
+@dataclass
+class Draining:
+    """An old worker finishing its live connections after a hand-over."""
+
+    index: int
+    pid: int
+    popen: subprocess.Popen | None
+    kill_at: float  # time.monotonic() after which it is SIGKILLed
 
 
 class ProxySupervisor:
     """The ``count`` workers of one node, serving ``state_path``, with their
     pid files, logs and stats sockets in ``run_dir``."""
 
-    def __init__(self, run_dir: str, state_path: str, count: int):
+    def __init__(self, run_dir: str, state_path: str, count: int, *, drain_timeout: float = DRAIN_TIMEOUT):
         self.run_dir, self.state_path = run_dir, state_path
         self.workers = [ProxyWorker(i) for i in range(count)]
+        self.drain_timeout = drain_timeout
+        self.draining: list[Draining] = []
+        self.handovers = 0  # workers replaced by a ready successor
+        self._roll: set[int] = set()  # slots to hand over to a new process
+
+    def restart(self) -> None:
+        """Hand every worker over to a new process, without refusing a
+        connection (see the module docstring).  Safe to call from a signal
+        handler or another thread: the work happens in ``supervise()``."""
+        self._roll.update(w.index for w in self.workers)
+        log.info("handing the %d proxy worker(s) over to new processes", len(self.workers))
 
     def _pidfile(self, w: ProxyWorker) -> str:
         return os.path.join(self.run_dir, f"proxy-{w.index}.pid")
@@ -56,10 +99,42 @@ class ProxySupervisor:
 
     def _argv(self, w: ProxyWorker) -> list[str]:
         # The access log's path, sampling and on/off come from the state file.
-        return [sys.executable, "-m", "agent.proxy", "--state", self.state_path, "--worker-id", str(w.index)]
+        return [
+            sys.executable,
+            "-m",
+            "agent.proxy",
+            "--state",
+            self.state_path,
+            "--worker-id",
+            str(w.index),
+            "--shutdown-grace",
+            f"{self.drain_timeout:g}",
+        ]
+
+    def _spawn(self, w: ProxyWorker) -> subprocess.Popen:
+        logf = open_append(os.path.join(self.run_dir, f"proxy-{w.index}.log"), binary=True)  # 0640
+        try:
+            return subprocess.Popen(
+                self._argv(w),
+                stdout=logf,
+                stderr=logf,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd="/",
+                env=_proxy_env(),
+            )
+        finally:
+            logf.close()
 
     def supervise(self) -> None:
-        """Adopt running workers, reap and restart dead ones."""
+        """Adopt running workers, reap and restart dead ones, move hand-overs on."""
+        self._reap_draining()
+        self._supervise_slots()
+        for w in self.workers:
+            if w.index in self._roll:
+                self._hand_over(w)
+
+    def _supervise_slots(self) -> None:
         for w in self.workers:
             if w.popen is not None:
                 if w.popen.poll() is None:
@@ -81,24 +156,95 @@ class ProxySupervisor:
                     w.pid, w.adopted = pid, True
                     log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
                     continue
+            if w.successor is not None and w.successor.poll() is None:
+                # The worker died during its hand-over: the successor takes the slot now.
+                self._take_over(w, signal_old=False)
+                continue
             if w.restarts and time.time() - w.started < min(30, 2**w.restarts):
                 continue  # back off
-            logf = open_append(os.path.join(self.run_dir, f"proxy-{w.index}.log"), binary=True)  # 0640
-            try:
-                w.popen = subprocess.Popen(
-                    self._argv(w),
-                    stdout=logf,
-                    stderr=logf,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    cwd="/",
-                    env=_proxy_env(),
-                )
-            finally:
-                logf.close()
+            w.popen = self._spawn(w)
             w.pid, w.started, w.adopted = w.popen.pid, time.time(), False
             write_atomic(self._pidfile(w), str(w.pid))
             log.info("started proxy worker %d (pid %d)", w.index, w.pid)
+            self._roll.discard(w.index)  # a fresh process: nothing to hand over
+
+    def _hand_over(self, w: ProxyWorker) -> None:
+        """One step of slot ``w``'s hand-over (see the module docstring)."""
+        if not w.pid:
+            return  # not running yet: supervise() starts it
+        if w.successor is None:
+            w.successor = self._spawn(w)
+            log.info(
+                "proxy worker %d: started successor pid %d; pid %d keeps serving until it is ready",
+                w.index,
+                w.successor.pid,
+                w.pid,
+            )
+            return
+        if w.successor.poll() is not None:
+            w.successor_failures += 1
+            log.error(
+                "proxy worker %d: successor pid %d exited with %s before it was ready; pid %d keeps "
+                "serving%s (see proxy-%d.log)",
+                w.index,
+                w.successor.pid,
+                w.successor.returncode,
+                w.pid,
+                "; giving up this hand-over" if w.successor_failures >= 3 else ", trying again",
+                w.index,
+            )
+            w.successor = None
+            if w.successor_failures >= 3:
+                w.successor_failures = 0
+                self._roll.discard(w.index)
+            return
+        st = proxy_stats(self.stats_socket(w))
+        if st and st.get("pid") == w.successor.pid and st.get("ready"):
+            self._take_over(w, signal_old=True)
+
+    def _take_over(self, w: ProxyWorker, *, signal_old: bool) -> None:
+        """The successor (ready, or the only one left) becomes slot ``w``; the
+        old worker, if alive, drains."""
+        succ = w.successor
+        assert succ is not None
+        old_pid, old_popen = w.pid, w.popen
+        if signal_old and old_pid and _pid_alive(old_pid, old_popen):
+            try:
+                os.kill(old_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            else:
+                self.draining.append(
+                    Draining(w.index, old_pid, old_popen, time.monotonic() + self.drain_timeout + KILL_MARGIN)
+                )
+        w.popen, w.pid, w.started, w.adopted = succ, succ.pid, time.time(), False
+        w.successor, w.successor_failures = None, 0
+        write_atomic(self._pidfile(w), str(w.pid))
+        self._roll.discard(w.index)
+        self.handovers += 1
+        log.info(
+            "proxy worker %d: pid %d is ready and serving; pid %s drains its connections (up to %gs)",
+            w.index,
+            w.pid,
+            old_pid,
+            self.drain_timeout,
+        )
+
+    def _reap_draining(self) -> None:
+        now = time.monotonic()
+        for d in list(self.draining):
+            if not _pid_alive(d.pid, d.popen):
+                self.draining.remove(d)
+                log.info("proxy worker %d: old pid %d finished draining and exited", d.index, d.pid)
+            elif now >= d.kill_at:
+                log.warning(
+                    "proxy worker %d: old pid %d still running %gs after its drain timeout; killing it",
+                    d.index,
+                    d.pid,
+                    KILL_MARGIN,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(d.pid, signal.SIGKILL)
 
     def wait_loaded(self, generation: int, timeout: float = 3.0) -> bool:
         """Until every running worker reports state ``generation`` (bounded)."""
@@ -123,14 +269,29 @@ class ProxySupervisor:
         return False
 
     def stop(self, timeout: float = 6.0) -> None:
-        """SIGTERM every worker, SIGKILL those still alive after ``timeout``."""
-        pids = [w.pid for w in self.workers if w.pid]
+        """SIGTERM every worker (successors and draining ones too), SIGKILL
+        those still alive after ``timeout``."""
+        extra: list[tuple[int, subprocess.Popen | None]] = [(d.pid, d.popen) for d in self.draining]
+        extra += [(w.successor.pid, w.successor) for w in self.workers if w.successor is not None]
+        pids = [w.pid for w in self.workers if w.pid] + [pid for pid, _ in extra]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.time() + timeout
+        for pid, popen in extra:
+            while time.time() < deadline and _pid_alive(pid, popen):
+                time.sleep(0.05)
+            if _pid_alive(pid, popen):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if popen is not None:
+                popen.wait(timeout=2)
+        self.draining.clear()
+        self._roll.clear()
+        for w in self.workers:
+            w.successor = None
         for w in self.workers:
             if not w.pid:
                 continue
@@ -163,10 +324,19 @@ class ProxySupervisor:
                 "adopted": w.adopted,
                 "alive": bool(w.pid and _pid_alive(w.pid, w.popen)),
                 "restarts": w.restarts,
+                "handing_over_to": w.successor.pid if w.successor is not None else None,
                 "stats": proxy_stats(self.stats_socket(w)),
             }
             for w in self.workers
         ]
+
+    def handover_status(self) -> dict:
+        """Hand-overs done, in progress, and old workers still draining."""
+        return {
+            "completed": self.handovers,
+            "pending": sorted(self._roll),
+            "draining": [{"worker": d.index, "pid": d.pid} for d in self.draining],
+        }
 
 
 def proxy_stats(sock_path: str) -> dict | None:

@@ -52,6 +52,8 @@ sys.path.insert(0, ROOT)
 
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
+from bench_conns import HEADER as CONNS_HEADER  # noqa: E402 - scripts/, next to this file
+from bench_conns import measure_conns  # noqa: E402
 from benchtools import parse_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
@@ -206,6 +208,8 @@ def main() -> int:
     ap.add_argument("--json", help="where to write results (default bench-results/...)")
     ap.add_argument("--flows-only", action="store_true",
                     help="only the direct paths and the flow tracking on/off rounds (issue #6's overhead)")
+    ap.add_argument("--conns", default="1000,10000",
+                    help="connection-scale row: held connection counts (scripts/bench_conns.py); '' skips it")
     a = ap.parse_args()
     if a.quick:
         a.duration = 2
@@ -319,6 +323,13 @@ def main() -> int:
                              "gbps": (v.get("bulk") or {}).get("gbps"),
                              "conns_per_s": (v.get("conns") or {}).get("per_second")}
                          for k, v in tunnel_rows.items()}
+    conn_rows = []
+    if a.conns:
+        print("\nconnection scale (a second cluster, 2 workers per node, agents started under a "
+              "1024 soft limit)")
+        print(CONNS_HEADER)
+        print("-" * len(CONNS_HEADER))
+        conn_rows = measure_conns([int(x) for x in a.conns.split(",") if x])
     out = a.json or os.path.join(ROOT, "bench-results",
                                  time.strftime("bench-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -326,7 +337,7 @@ def main() -> int:
         json.dump({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": a.duration,
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
-                   "kernel_counters": counters}, f, indent=2)
+                   "kernel_counters": counters, "connection_scale": conn_rows}, f, indent=2)
     print(f"\nJSON: {out}")
     return 0
 

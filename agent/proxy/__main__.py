@@ -3,6 +3,13 @@
 Runs one worker process on uvloop. Several workers may run side by side
 (``--worker-id``): they share the listeners through SO_REUSEPORT. The worker
 never imports bcc; it reaches the pinned flow map through the bpf() syscall.
+
+At start the worker raises its open-files soft limit to the hard limit and
+turns on listener migration for its network namespace (``limits``); it
+listens only once its certificates are loaded (``ProxyServer.start``).  On
+SIGTERM it stops accepting and drains: live connections get
+``--shutdown-grace`` seconds to finish (the supervisor's drain timeout on an
+upgrade).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import signal
 import sys
 
+from agent.proxy.limits import enable_listener_migration, raise_nofile
 from agent.proxy.log import setup_logging
 from agent.proxy.state import StateError, StateWatcher
 
@@ -31,13 +39,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5.0,
         help="seconds active connections may take to finish on SIGTERM (default 5)",
     )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the workload certificates before listening anyway (default 30)",
+    )
+    p.add_argument(
+        "--no-listener-migration",
+        dest="listener_migration",
+        action="store_false",
+        help="leave net.ipv4.tcp_migrate_req of this network namespace as it is",
+    )
     return p.parse_args(argv)
 
 
 async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
     from agent.proxy.server import ProxyServer
 
-    server = ProxyServer(watcher, worker_id=args.worker_id, access_log=args.access_log)
+    server = ProxyServer(
+        watcher, worker_id=args.worker_id, access_log=args.access_log, ready_timeout=args.ready_timeout
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, StateError) as e:
         log.error("cannot load proxy state: %s (is the agent running, and did it write this file?)", e)
         return 2
+    before, after = raise_nofile()
+    if after != before:
+        log.info("open-files limit raised from %d to %d (about %d connections)", before, after, after // 2)
+    if args.listener_migration:
+        enable_listener_migration()
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

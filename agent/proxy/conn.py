@@ -12,8 +12,10 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from typing import Any
 
 from agent.proxy import telemetry as m
 from agent.proxy.l7authz import RequestAuthorizer
+from agent.proxy.limits import fd_exhausted, nofile_limit
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.tls import TlsConnection
@@ -246,13 +249,60 @@ class Live:
 
     ``finish`` (the accounting: counters, metrics, access log) is called
     once per connection, however it ended; ``internal_error`` counts a
-    handler that crashed."""
+    handler that crashed.  A handler that ran out of file descriptors did
+    not crash: its connection ends with the result ``overload`` (counted
+    by ``finish`` like every result) and one warning per ``OVERLOAD_LOG_EVERY``
+    seconds says what to do."""
+
+    OVERLOAD_LOG_EVERY = 10.0
+    FD_RESERVE = 64  # descriptors kept free for the worker's own files (stats, logs, TLS key memfds)
 
     def __init__(self, finish: Callable[[Conn], None], internal_error: Callable[[], None]) -> None:
         self.tasks: dict[asyncio.Task[None], Conn] = {}
         self.stopping = False
         self._finish = finish
         self._internal_error = internal_error
+        self._overload_logged = 0.0
+        self.overloads = 0  # connections reset for want of file descriptors
+        self.fd_cap = nofile_limit() - self.FD_RESERVE  # see no_fd_to_spare()
+
+    def no_fd_to_spare(self, transport: Any) -> bool:
+        """True when a just-accepted socket's descriptor is within
+        ``FD_RESERVE`` of the open-files limit, so its connection must be shed.
+        Descriptors are allocated lowest first: the new one's number is about
+        the count in use."""
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return sock is not None and sock.fileno() >= self.fd_cap
+
+    def shed(self, conn: Conn) -> None:
+        """Reset a just-accepted connection there are no descriptors for; counted."""
+        self.overloaded(
+            conn,
+            OSError(errno.EMFILE, os.strerror(errno.EMFILE)),
+            f"at accept ({self.FD_RESERVE} of {self.fd_cap + self.FD_RESERVE} kept in reserve)",
+        )
+        self._finish(conn)
+
+    def overloaded(self, conn: Conn, exc: OSError, where: str) -> None:
+        """``conn`` cannot be served: the process (EMFILE) or the system
+        (ENFILE) is out of file descriptors.  Reset it, count it, warn."""
+        self.overloads += 1
+        conn.fail("overload", f"out of file descriptors {where} ({exc.strerror or exc}); connection shed")
+        conn.reset_all()
+        now = time.monotonic()
+        if now - self._overload_logged >= self.OVERLOAD_LOG_EVERY:
+            self._overload_logged = now
+            log.warning(
+                "overload: out of file descriptors %s (%s) with %d live connection(s) and an "
+                "open-files limit of %d; shedding connections (reset) until descriptors are free "
+                "again: %d shed so far. Raise the hard limit (LimitNOFILE=) or add proxy workers "
+                "(proxy.workers)",
+                where,
+                exc.strerror or exc,
+                len(self.tasks),
+                nofile_limit(),
+                self.overloads,
+            )
 
     def spawn(self, handler: Any, conn: Conn) -> None:
         """Run ``handler(conn)`` as a task of this worker."""
@@ -267,18 +317,26 @@ class Live:
             conn.fail("reset", conn.reason or "cancelled at shutdown")
             conn.reset_all()
             raise
-        except Exception:
-            self._internal_error()
-            log.exception(
-                "internal error on %s connection from %s; that connection was reset, the proxy keeps running "
-                "(this is a bug: please report it with this traceback)",
-                conn.direction,
-                fmt_addr(conn.src_addr),
-            )
-            conn.fail("reset", "internal error")
-            conn.reset_all()
+        except OSError as e:
+            if not fd_exhausted(e):
+                self._crashed(conn)
+            else:
+                self.overloaded(conn, e, f"serving a {conn.direction} connection")
+        except Exception:  # noqa: BLE001 - _crashed logs the traceback: a crash resets one connection only
+            self._crashed(conn)
         finally:
             self._finish(conn)
+
+    def _crashed(self, conn: Conn) -> None:
+        self._internal_error()
+        log.exception(
+            "internal error on %s connection from %s; that connection was reset, the proxy keeps running "
+            "(this is a bug: please report it with this traceback)",
+            conn.direction,
+            fmt_addr(conn.src_addr),
+        )
+        conn.fail("reset", "internal error")
+        conn.reset_all()
 
 
 async def relayed(conn: Conn, relay: Relay) -> None:

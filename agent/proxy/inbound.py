@@ -41,6 +41,9 @@ __all__ = ["Inbound", "REFUSE_LINGER"]
 log = logging.getLogger("meshlet.proxy")
 
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+# TLS handshakes in progress from one source address before more are shed:
+# a flood from one node address must not hold the worker's memory.
+MAX_HANDSHAKES_PER_SOURCE = 512
 
 
 class Inbound:
@@ -60,6 +63,8 @@ class Inbound:
         self.live = live
         self.upstream = upstream
         self.destination = destination
+        self.handshaking: dict[str, int] = {}  # source address → TLS handshakes in progress
+        self.max_handshakes = MAX_HANDSHAKES_PER_SOURCE
 
     # ---- accept
 
@@ -86,6 +91,25 @@ class Inbound:
                 log.warning("refused tunnel from %s: %s", fmt_addr(conn.src_addr), conn.reason)
                 self.accounting.finish(conn)
                 return False
+            if self.live.no_fd_to_spare(tls.raw):
+                self.live.shed(conn)
+                return False
+            ip = str(conn.src_addr[0])
+            pending = self.handshaking.get(ip, 0)
+            if pending >= self.max_handshakes:
+                shed = self.counters["handshakes_shed"] = self.counters["handshakes_shed"] + 1
+                conn.fail("overload", f"{pending} TLS handshakes from {ip} already in progress; shed")
+                if shed in (1, 100, 10_000) or shed % 100_000 == 0:  # a flood must not flood the log
+                    log.warning(
+                        "overload: %d TLS handshakes from %s in progress, new ones are reset (%d so far); "
+                        "is that node flooding this one?",
+                        pending,
+                        ip,
+                        self.counters["handshakes_shed"],
+                    )
+                self.accounting.finish(conn)
+                return False
+            self.handshaking[ip] = pending + 1
             self.live.spawn(self.handle, conn)
             return True
 
@@ -129,6 +153,8 @@ class Inbound:
             except HandshakeError as e:  # counted and logged by the TLS layer
                 conn.deny("mtls_refused", f"mTLS handshake refused: {e.reason}: {e.detail}")
                 return
+            finally:
+                self._handshake_done(str(conn.src_addr[0]))
             verified = tls.peer_identity
             conn.src_identity = verified
             conn.peer_verified = True
@@ -229,6 +255,13 @@ class Inbound:
         ep.unread(leftover)
         relay.start()
         await relayed(conn, relay)
+
+    def _handshake_done(self, ip: str) -> None:
+        n = self.handshaking.get(ip, 0) - 1
+        if n > 0:
+            self.handshaking[ip] = n
+        else:
+            self.handshaking.pop(ip, None)
 
     async def refuse(self, conn: Conn, status: Status, reason: str, result: str = "rejected") -> None:
         """Answer an error status, then close once the peer goes away."""

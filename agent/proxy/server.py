@@ -25,6 +25,18 @@ go), ``admission`` (whether the destination side accepts), ``tunnel`` (the
 header), ``relay`` (moving bytes) and ``l7`` (HTTP).
 
 A crash on one connection is logged and resets that connection only.
+
+Readiness and hand-over (several workers share the listeners with
+SO_REUSEPORT, see ``agent.supervisor``): ``start()`` opens the stats
+socket first (``ready: false``), then waits for the workload certificates
+(bounded by ``ready_timeout``), and only then listens, so a new worker
+never takes a connection it cannot serve; ``stop()`` closes the listeners
+first (the kernel moves what was queued on them to a sibling, see
+``limits.enable_listener_migration``) and lets live connections finish for
+the drain time.  Out of file descriptors, a new connection is shed (reset,
+result ``overload``, see ``conn.Live.shed``), keeping a reserve for the
+worker's own files; after connections close, free heap memory goes back to the
+system (``limits.trim_memory``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import socket
@@ -45,6 +58,7 @@ from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr
 from agent.proxy.destination import Destination
 from agent.proxy.inbound import Inbound
 from agent.proxy.inputs import ProxyInputs
+from agent.proxy.limits import nofile_limit, trim_memory
 from agent.proxy.log import AccessLog
 from agent.proxy.outbound import FlowSource, Outbound
 from agent.proxy.relay import Endpoint
@@ -60,8 +74,11 @@ __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
 
 log = logging.getLogger("meshlet.proxy")
 
-BACKLOG = 1024
+BACKLOG = 4096
 HEADER_TIMEOUT = 5.0
+READY_TIMEOUT = 30.0  # the longest start() waits for certificates before listening anyway
+MAINTENANCE_INTERVAL = 2.0
+TRIM_AFTER = 256  # connections finished before free memory is handed back
 
 
 class ProxyServer:
@@ -79,10 +96,15 @@ class ProxyServer:
         certs: CertManager | None = None,
         linker: LegLinker | None = None,
         max_series: int = m.MAX_SERIES,
+        ready_timeout: float = READY_TIMEOUT,
     ) -> None:
         self.watcher = watcher
         self.worker_id = worker_id
         self.header_timeout = header_timeout
+        self.ready_timeout = ready_timeout
+        self.ready = False  # listening: certificates loaded (or ready_timeout passed)
+        self._stats_ino: int | None = None  # the stats socket this worker bound (not a successor's)
+        self._finished_at_trim = 0  # connections finished when memory was last trimmed
         self.stats_path = stats_path if stats_path is not None else stats_socket_path(watcher.path, worker_id)
         self._own_flows = flow_table is None
         # Workload certificates (in memory only) and the TLS contexts built on them.
@@ -123,6 +145,7 @@ class ProxyServer:
         self._watch_task: asyncio.Task[None] | None = None
         self._certs_task: asyncio.Task[None] | None = None
         self._policy_task: asyncio.Task[None] | None = None
+        self._maint_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
         self.addresses: dict[str, list[tuple]] = {"outbound": [], "tunnel": []}
         if watcher.on_change is None:
@@ -150,15 +173,21 @@ class ProxyServer:
                 from agent.datapath.flowtable import FlowLinker
 
                 self.upstream.linker = FlowLinker(state.pin_dir)
+        loop = asyncio.get_running_loop()
         try:
+            await self._start_stats()  # answers ``ready: false`` until the listeners are up
+            self._certs_task = loop.create_task(self.certs.run())
+            await self._wait_certificates()
+            state = self.watcher.current  # it may have changed while waiting
             await self._start_listeners(state)
-            await self._start_stats()
         except BaseException:
             await self.stop(grace=0)
             raise
-        self._watch_task = asyncio.get_running_loop().create_task(self.watcher.run())
-        self._certs_task = asyncio.get_running_loop().create_task(self.certs.run())
-        self._policy_task = asyncio.get_running_loop().create_task(self._watch_policies())
+        self.ready = True
+        self.live.fd_cap = nofile_limit() - self.live.FD_RESERVE  # __main__ may have raised it
+        self._watch_task = loop.create_task(self.watcher.run())
+        self._policy_task = loop.create_task(self._watch_policies())
+        self._maint_task = loop.create_task(self._maintain())
         log.info(
             "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
             self.worker_id,
@@ -167,6 +196,35 @@ class ProxyServer:
             ", ".join(fmt_addr(a) or "?" for a in self.addresses["outbound"]),
             ", ".join(fmt_addr(a) or "?" for a in self.addresses["tunnel"]),
         )
+
+    def _certificates_settled(self) -> bool:
+        """The trust bundle is in and every local identity has its
+        certificate, or the CA answered that it will not sign it."""
+        snap = self.certs.snapshot()
+        return bool(snap["bundle_roots"]) and all(
+            i["serial"] is not None or i["failures"] for i in snap["identities"]
+        )
+
+    async def _wait_certificates(self) -> None:
+        """Until every local identity has its certificate (and the bundle is
+        in), so the first tunnel connections are not refused for want of one.
+        Bounded: with the agent's CA away, a worker still serves what needs no
+        certificate (same-node traffic) and fails closed on the rest."""
+        if self.ready_timeout <= 0:
+            return
+        try:
+            async with asyncio.timeout(self.ready_timeout):
+                while not self._certificates_settled():
+                    await asyncio.sleep(0.02)
+            log.info("workload certificates loaded (%d identities); listening", len(self.certs.identities()))
+        except TimeoutError:
+            log.warning(
+                "listening without certificates for %s after %.0f s (%s): tunnel connections from "
+                "those identities are refused until they arrive",
+                ", ".join(sorted(self.certs.wanted() - set(self.certs.identities()))) or "the trust bundle",
+                self.ready_timeout,
+                self.certs.last_error or "the agent's CA has not answered",
+            )
 
     async def _start_listeners(self, state: ProxyState) -> None:
         loop = asyncio.get_running_loop()
@@ -221,6 +279,8 @@ class ProxyServer:
             os.unlink(path)  # a stale socket from a previous run of this worker
         loop = asyncio.get_running_loop()
         self._stats_server = await loop.create_unix_server(lambda: StatsProtocol(self.stats), path)
+        with contextlib.suppress(OSError):
+            self._stats_ino = os.stat(path).st_ino
 
     def _outbound_factory(self) -> Any:
         live = self.live
@@ -233,22 +293,29 @@ class ProxyServer:
                 ep.reset()
                 return
             counters["outbound_accepted"] += 1
-            live.spawn(handle, Conn("outbound", ep, seq=next_seq()))
+            conn = Conn("outbound", ep, seq=next_seq())
+            if live.no_fd_to_spare(ep.transport):
+                live.shed(conn)
+                return
+            live.spawn(handle, conn)
 
         return lambda: Endpoint("client", on_made=on_made)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; let relays finish for `grace` seconds; abort the rest."""
         self.live.stopping = True
+        self.ready = False
         for srv in self._servers:
             srv.close()
         self._servers.clear()
         if self._stats_server is not None:
             self._stats_server.close()
             self._stats_server = None
+            # A successor (an upgrade) may have bound the path since: leave its socket alone.
             with contextlib.suppress(OSError):
-                os.unlink(self.stats_path)
-        for attr in ("_watch_task", "_certs_task", "_policy_task"):
+                if os.stat(self.stats_path).st_ino == self._stats_ino:
+                    os.unlink(self.stats_path)
+        for attr in ("_watch_task", "_certs_task", "_policy_task", "_maint_task"):
             t = getattr(self, attr)
             if t is not None:
                 t.cancel()
@@ -287,6 +354,25 @@ class ProxyServer:
             await self.stop(grace)
 
     # ------------------------------------------------------------ watchers
+
+    async def _maintain(self) -> None:
+        """Return memory after connections closed.  When at least
+        ``TRIM_AFTER`` connections finished since the last time and the live
+        ones are down to half of the most seen since (a burst is over, not a
+        steady churn): collect the cyclic garbage they left (transports and
+        protocols refer to each other), then ``malloc_trim``; else glibc
+        keeps the freed pages and the worker's RSS stays at its peak."""
+        peak = 0
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            live = len(self.live.tasks)
+            peak = max(peak, live)
+            finished = self.accounting.finished
+            if finished - self._finished_at_trim >= TRIM_AFTER and live * 2 <= peak:
+                gc.collect()
+                trim_memory()
+                self._finished_at_trim = finished
+                peak = live
 
     async def _watch_policies(self) -> None:
         while True:
@@ -349,7 +435,10 @@ class ProxyServer:
             "state_errors": self.watcher.errors,
             "state_last_error": self.watcher.last_error,
             "uptime_s": round(time.monotonic() - self._started_at, 3),
+            "ready": self.ready,
             "active_connections": len(tasks),
+            "fd_limit": nofile_limit(),
+            "overloads": self.live.overloads,
             "counters": dict(self.counters),
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),

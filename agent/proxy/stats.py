@@ -70,6 +70,7 @@ class Accounting:
     def __init__(self, inputs: ProxyInputs) -> None:
         self.inputs = inputs
         self._seq = 0
+        self.finished = 0  # connections over (any result)
         self.counters: dict[str, int] = {
             "outbound_accepted": 0,
             "inbound_accepted": 0,
@@ -78,6 +79,8 @@ class Accounting:
             "result_reset": 0,
             "result_timeout": 0,
             "result_rejected": 0,
+            "result_overload": 0,
+            "handshakes_shed": 0,
             "bytes_sent": 0,
             "bytes_received": 0,
             "flow_misses": 0,
@@ -127,6 +130,7 @@ class Accounting:
         """The connection is over (or was refused): count it, close its
         metrics series, write its access-log line."""
         inp = self.inputs
+        self.finished += 1
         self.counters[f"result_{conn.result}"] = self.counters.get(f"result_{conn.result}", 0) + 1
         self.counters["bytes_sent"] += conn.bytes_sent
         self.counters["bytes_received"] += conn.bytes_received

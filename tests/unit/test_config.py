@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, load_config, parse_config
+from agent.config import AgentConfig, default_workers, load_config, parse_config
 from agent.yamlsrc import MAX_SHOWN, Problem, SourceError
 from tests.support import mutate
 
@@ -85,7 +85,9 @@ def test_minimal_gets_defaults():
     assert p.redirect_ipv4 == ipaddress.IPv4Address("10.244.1.1")
     assert p.redirect_ipv6 is None
     assert (p.outbound_port, p.inbound_port, p.tunnel_port) == (15001, 15006, 15008)
-    assert (p.workers, p.connect_timeout, p.mesh_mark, p.buffer_size) == (1, 5.0, 0x4D4C0000, 262144)
+    assert (p.workers, p.connect_timeout, p.mesh_mark, p.buffer_size) == (
+        default_workers(), 5.0, 0x4D4C0000, 262144)
+    assert 2 <= default_workers() <= 4  # siblings by default: a crash never leaves no listener
     assert (c.mesh.mode, c.mesh.exclude_ports, c.mesh.exclude_cidrs) == ("permissive", (), ())
 
 

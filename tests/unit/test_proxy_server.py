@@ -544,18 +544,25 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
     p = tmp_path / "state.json"
     p.write_text(json.dumps(state_doc("node1", "127.0.0.1", port, free_port(), generation=3)))
     proc = subprocess.Popen([sys.executable, "-c", _FAKE_MAIN, "--state", str(p), "--worker-id", "2",
-                             "--access-log", str(tmp_path / "access.log")],
+                             "--access-log", str(tmp_path / "access.log"), "--ready-timeout", "3",
+                             "--no-listener-migration"],  # not the host's sysctl
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         sock_path = tmp_path / "proxy-2.sock"
         deadline = time.monotonic() + 20
-        while not sock_path.exists():
+        states = []  # the stats socket answers before the worker listens: ready false, then true
+        while not states or not states[-1]:
             assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "stats socket never appeared"
+            assert time.monotonic() < deadline, f"never ready (stats socket: {states})"
             time.sleep(0.05)
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(sock_path))
-            doc = json.loads(s.makefile().read())
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock_path))
+                    doc = json.loads(s.makefile().read())
+            except (FileNotFoundError, ConnectionRefusedError):
+                continue
+            states.append(doc["ready"])
+        assert states[0] is False  # no CA answers here: it waited (bounded) for certificates
         assert doc["worker"] == 2 and doc["state_generation"] == 3
         # a connection without a flow record is reset and logged (the RST may even beat
         # connect() back to userspace on loopback)
@@ -572,6 +579,7 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err
     assert "shutting down" in err
+    assert "listening without certificates" in err
     (entry,) = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
     assert entry["worker"] == 2 and entry["result"] == "rejected"
 
@@ -579,7 +587,8 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
 def test_main_exits_with_message_on_broken_state(tmp_path):
     p = tmp_path / "state.json"
     p.write_text("{broken")
-    proc = subprocess.run([sys.executable, "-m", "agent.proxy", "--state", str(p)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "agent.proxy", "--state", str(p),
+                           "--no-listener-migration"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "cannot load proxy state" in proc.stderr and "state.json" in proc.stderr

@@ -122,7 +122,6 @@ def proxy_state(
 @dataclass
 class Agent:
     cfg: AgentConfig
-    keep_datapath: bool = False
     source: WorkloadSource | None = None  # where the inventory comes from; default: from cfg
     inventory: Inventory | None = None
     inventory_error: str | None = None
@@ -497,23 +496,17 @@ class Agent:
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
 
     def shutdown(self) -> None:
+        """A stop never opens the mesh: the pinned datapath and the proxy
+        workers stay, so enrolled pods keep going through the proxy (and
+        unknown pods stay refused) until a restarted agent adopts them.
+        Detaching is :func:`uninstall` (``meshlet uninstall``)."""
         if self.source is not None:
             self.source.close()
-        if self.keep_datapath:
-            self.datapath.close()
-            log.info(
-                "exiting with the datapath and proxy left running (--keep-datapath); "
-                "a restarted agent adopts them"
-            )
-            return
-        self.proxies.stop()
-        self.datapath.teardown()
-        for name in ("proxy-state.json",):
-            try:
-                os.unlink(os.path.join(self.cfg.run_dir, name))
-            except FileNotFoundError:
-                pass
-        log.info("stopped; datapath detached and unpinned")
+        self.datapath.close()
+        log.info(
+            "stopped; the datapath and the proxy workers stay in place (a restarted agent "
+            "adopts them; `meshlet uninstall` removes them)"
+        )
 
     # --- status ------------------------------------------------------------------------
 
@@ -709,16 +702,16 @@ def _identity_sig(paths: list[str]) -> tuple:
     return (tuple(stats), h.hexdigest())
 
 
-def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
-    agent = Agent(cfg, keep_datapath=keep_datapath, source=source_from_config(cfg))
+def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
+    agent = Agent(cfg, source=source_from_config(cfg))
     if preflight:
         agent.preflight()
     try:
         agent.start()
     except BaseException:
-        # Never leave a half-attached datapath behind; a datapath we adopted
-        # was working before us and stays.
-        if agent.datapath.how != "adopted":
+        # Never leave a half-attached datapath behind; a datapath that was
+        # in place before us (adopted, or upgraded in place) was working and stays.
+        if agent.datapath.how == "loaded":
             agent.proxies.stop()
             agent.datapath.teardown()
         raise
@@ -732,3 +725,64 @@ def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = T
     finally:
         agent.shutdown()
     return 0
+
+
+# --- uninstall: the only way the datapath comes off a node -------------------------
+
+
+def uninstall(cfg: AgentConfig, force: bool = False) -> dict:
+    """Stop the proxy workers a stopped agent left running, detach and unpin
+    the datapath, remove the proxy state.  Refuses (AgentError) while the
+    agent runs, and while pods are enrolled unless ``force``: their
+    connections would go direct, in plaintext and without policy.  Returns
+    what it removed."""
+    from .adminclient import admin_get
+    from .datapath.loader import enrolled_count, remove_pins
+
+    try:
+        admin_get(cfg.admin.socket, "/v1/status", timeout=2)
+    except (OSError, ValueError):
+        pass  # no agent answers: go on
+    else:
+        raise AgentError(
+            f"the agent of node {cfg.node} is running (admin socket {cfg.admin.socket}); "
+            "stop it first (a stop keeps the datapath), then uninstall"
+        )
+    enrolled = enrolled_count(cfg.bpf.pin_dir)
+    if enrolled and not force:
+        raise AgentError(
+            f"{enrolled} pod(s) are enrolled in the datapath pinned at {cfg.bpf.pin_dir}: "
+            "uninstalling would send their connections direct, in plaintext and without "
+            "policy. Take them out of the mesh first (mesh: false, or remove them from the "
+            "inventory, and let the agent sync), or pass --force"
+        )
+    state_path = os.path.join(cfg.run_dir, "proxy-state.json")
+    proxies = ProxySupervisor(cfg.run_dir, state_path, max(cfg.proxy.workers, _pidfile_count(cfg.run_dir)))
+    workers = proxies.adopt_running()
+    proxies.stop()
+    present = os.path.isdir(cfg.bpf.pin_dir)
+    remove_pins(cfg.bpf.pin_dir)
+    try:
+        os.unlink(state_path)
+    except FileNotFoundError:
+        pass
+    log.info("uninstalled: %d proxy worker(s) stopped, datapath %s removed", workers, cfg.bpf.pin_dir)
+    return {
+        "node": cfg.node,
+        "pin_dir": cfg.bpf.pin_dir,
+        "datapath_removed": present,
+        "proxy_workers_stopped": workers,
+        "enrolled_pods_dropped": enrolled,
+    }
+
+
+def _pidfile_count(run_dir: str) -> int:
+    """1 + the highest worker index with a pid file in ``run_dir`` (0: none)."""
+    import re
+
+    n = 0
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        m = re.fullmatch(r"proxy-(\d+)\.pid", name)
+        if m:
+            n = max(n, int(m.group(1)) + 1)
+    return n

@@ -122,6 +122,17 @@ class ProxySupervisor:
         )
         return False
 
+    def adopt_running(self) -> int:
+        """Take over the workers a previous agent left running (their pid
+        files), so that :meth:`stop` ends them too; returns how many."""
+        n = 0
+        for w in self.workers:
+            pid = w.pid or _read_pid(self._pidfile(w))
+            if pid and _alive_proxy(pid, self.state_path):
+                w.pid, w.adopted = pid, True
+                n += 1
+        return n
+
     def stop(self, timeout: float = 6.0) -> None:
         """SIGTERM every worker, SIGKILL those still alive after ``timeout``."""
         pids = [w.pid for w in self.workers if w.pid]

@@ -486,6 +486,18 @@ def _pinned_prog_info(path: str) -> bpfsys.ProgInfo | None:
         os.close(fd)
 
 
+def enrolled_count(pin_dir: str) -> int:
+    """Pods enrolled in the datapath pinned at ``pin_dir`` (0: none, or no datapath)."""
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_enrolled"))
+    except OSError:
+        return 0
+    try:
+        return sum(1 for _ in bpfsys.map_keys(fd, 8))
+    finally:
+        os.close(fd)
+
+
 def remove_pins(pin_dir: str) -> None:
     """Detach every pinned link under ``pin_dir`` and remove all its pins."""
     links = os.path.join(pin_dir, "links")

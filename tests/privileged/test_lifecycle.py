@@ -1,0 +1,182 @@
+"""The mesh never opens during the agent's lifecycle (issue #12, items 1-3).
+
+Real 2-node simulated clusters, real load, real faults.  Every test counts
+where the connections of a pod went while something happened to its node's
+agent: the ``serve`` tool in the server pod answers each connection with the
+peer address it saw (tests/support/connload.py), so a connection through the
+mesh shows the delivering node proxy's address (the node's gateway), a
+connection that bypassed it shows the client pod's own address, and a
+connection the kernel refused fails with EPERM.  Counts, never times.
+
+Pods: pod1-1 and pod1-2 on node1, pod2-1 and pod2-2 on node2; pod1-2 is out
+of the mesh (mesh: false).  Mode strict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.privileged import (
+    TOOLS, gateway, ip_of, probe, require_privileged, running_mesh, wait_for,
+)
+
+require_privileged()
+
+from agent.datapath import bpfsys  # noqa: E402
+from agent.sim import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.privileged
+
+SERVE, ECHO = 7000, 7001
+
+
+class Load:
+    """tests/support/connload.py running in a pod until stopped."""
+
+    def __init__(self, mesh, src: str, dst_ip: str, workdir: str, count: int = 100_000,
+                 max_seconds: float = 240):
+        self.out = os.path.join(workdir, f"load-{src}-{time.monotonic_ns()}.json")
+        self.stop_file = self.out + ".stop"
+        self.proc = mesh.cluster.pod(src).popen(
+            [sys.executable, "-m", "tests.support.connload", dst_ip, str(SERVE), "--out", self.out,
+             "--stop-file", self.stop_file, "--count", str(count), "--max-seconds", str(max_seconds),
+             "--every", "5"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def read(self) -> dict:
+        try:
+            with open(self.out) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"total": 0, "peers": {}, "errors": {}, "done": False}
+
+    def wait_more(self, n: int, what: str) -> dict:
+        """Until ``n`` more connections than now were made."""
+        base = self.read()["total"]
+        return wait_for(lambda: (r := self.read())["total"] >= base + n and r, what, timeout=120)
+
+    def stop(self) -> dict:
+        with open(self.stop_file, "w"):
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        r = self.read()
+        assert r["done"], (r, self.proc.stderr.read() if self.proc.stderr else "")
+        return r
+
+
+class Sessions:
+    """Long-lived echo connections from a pod; each says a line on demand."""
+
+    def __init__(self, mesh, src: str, dst_ip: str, n: int):
+        self.procs = []
+        for _ in range(n):
+            p = mesh.cluster.pod(src).popen(TOOLS + ["session", dst_ip, str(ECHO)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.procs.append(p)
+            assert "connected" in p.stdout.readline()
+
+    def say(self, msg: str) -> list[dict]:
+        out = []
+        for p in self.procs:
+            p.stdin.write(msg + "\n")
+            p.stdin.flush()
+            out.append(json.loads(p.stdout.readline()))
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def attached(mesh, node: str) -> int:
+    """Programs attached to the node's cgroup, over every hook meshlet uses."""
+    from agent.datapath.loader import CGROUP_HOOKS
+
+    fd = os.open(mesh.cluster.node(node).cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return sum(len(bpfsys.prog_query(fd, t)) for t in {h.attach_type for h in CGROUP_HOOKS})
+    finally:
+        os.close(fd)
+
+
+def cluster_2x2() -> Cluster:
+    return Cluster(nodes=2, pods_per_node=2)
+
+
+# --- item 1: a plain stop keeps the mesh closed; detaching is `meshlet uninstall` -----
+
+
+def test_plain_stop_keeps_the_mesh_closed_and_uninstall_is_explicit(tmp_path):
+    with running_mesh(cluster_2x2(), (("serve", SERVE), ("echo", ECHO)), mode="strict",
+                      unmeshed={"pod1-2"}) as mesh:
+        node2_gw, self_ip = gateway(mesh, "node2"), ip_of(mesh, "pod1-1")
+        sessions = Sessions(mesh, "pod1-1", ip_of(mesh, "pod2-1"), 8)
+        load = Load(mesh, "pod1-1", ip_of(mesh, "pod2-1"), str(tmp_path))
+        try:
+            assert sessions.say("before") == [{"echo": "before"}] * 8
+            load.wait_more(20, "load before the stop")
+            proxies = mesh.proxy_pids("node1")
+            # A plain stop, as systemd or the kubelet sends it: no flag.
+            assert mesh.stop_agent("node1", signal.SIGTERM) == 0
+            load.wait_more(200, "load while the agent is stopped")
+            # Strict mode still holds on the same node: plaintext from the
+            # unmeshed pod never reaches the strict pod.
+            assert probe(mesh, "pod1-2", ip_of(mesh, "pod1-1"), ECHO, timeout=1.5)["result"] != "data"
+            # Detaching is explicit, and refused while pods are enrolled.
+            r = mesh.uninstall("node1")
+            assert r.returncode == 1 and "enrolled" in r.stderr and "--force" in r.stderr, r.stderr
+            assert os.path.isdir(mesh.agents["node1"].pin_dir)
+            load.wait_more(50, "load after the refused uninstall")
+            assert sessions.say("agent-stopped") == [{"echo": "agent-stopped"}] * 8
+
+            mesh.start_agent("node1")
+            st = mesh.status("node1")
+            assert st["datapath"]["how"] == "adopted"
+            assert [w["pid"] for w in st["proxy"]] == proxies
+            load.wait_more(50, "load after the restart")
+        finally:
+            res = load.stop()
+            said = sessions.say("after")
+            sessions.close()
+        assert res["errors"] == {}, res
+        assert res["peers"].get(self_ip, 0) == 0, f"bypassed the mesh: {res}"
+        assert res["peers"] == {node2_gw: res["total"]}, res
+        assert said == [{"echo": "after"}] * 8  # 0 of 8 long-lived streams reset
+
+        # `uninstall` refuses while the agent runs, then removes everything.
+        r = mesh.uninstall("node1", force=True)
+        assert r.returncode == 1 and "running" in r.stderr, r.stderr
+        assert mesh.stop_agent("node1", signal.SIGTERM) == 0
+        r = mesh.uninstall("node1", force=True)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(mesh.agents["node1"].pin_dir)
+        assert attached(mesh, "node1") == 0
+        for pid in proxies:
+            wait_for(lambda pid=pid: not _alive(pid), f"proxy worker {pid} gone")
+        # Now, and only now, pod1-1's connections go direct (to the
+        # unmeshed pod1-2: node2's pods are strict and drop plaintext).
+        r = mesh.cluster.pod("pod1-1").run(
+            TOOLS + ["transfer", ip_of(mesh, "pod1-2"), str(SERVE), "--up", "1", "--down", "1"],
+            check=False, timeout=60)
+        assert json.loads(r.stdout.strip().splitlines()[-1])["server_saw_peer"] == self_ip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -129,6 +129,9 @@ class Agent:
     enrolled: dict[str, int] = field(default_factory=dict)  # pod key -> cgroup id
     pending: dict[str, str] = field(default_factory=dict)  # pod key -> why not enrolled
     tc_errors: list[str] = field(default_factory=list)
+    guarded: list[str] = field(default_factory=list)  # pods' cgroup dirs under the unknown-pod guard
+    guard_pending: set[str] = field(default_factory=set)  # mesh: false pods whose cgroup is missing
+    unguardable: set[str] = field(default_factory=set)  # dirs that cannot be guarded (warned once)
     started: float = field(default_factory=time.time)
     issuer: NodeIssuer | None = None
     identity_generation: int = 0
@@ -449,11 +452,20 @@ class Agent:
         enrolled: dict[str, int] = {}
         pending: dict[str, str] = {}
         tc: dict[int, str] = {}
+        guard_roots: dict[str, int] = {}  # directories pods are created in -> cgroup id
+        allow: set[int] = set()  # cgroups of pods listed with mesh: false
+        self.guard_pending = set()
         for pod in inv.pods_on(self.cfg.node):
+            pod_dir = cg.resolve(pod.cgroup)
+            self._guard_root(os.path.dirname(pod_dir), guard_roots)
             if not pod.mesh:
+                try:
+                    allow.add(cg.cgroup_id(pod_dir))
+                except OSError:
+                    self.guard_pending.add(pod.key)  # its connects stay refused until it exists
                 continue
             try:
-                cgid = cg.cgroup_id(cg.resolve(pod.cgroup))
+                cgid = cg.cgroup_id(pod_dir)
             except OSError as e:
                 pending[pod.key] = f"cgroup {pod.cgroup}: {e.strerror}"
                 continue
@@ -482,6 +494,9 @@ class Agent:
         if enrolled.keys() - self.enrolled.keys():
             self.proxies.wait_loaded(self.generation)
         changes = self.datapath.sync_workloads(by_cgroup, by_ip)
+        # After enrolling: a known pod is never refused as unknown.
+        changes.update(self.datapath.sync_guard(set(guard_roots.values()), allow))
+        self.guarded = sorted(guard_roots)
         self.tc_errors = self.datapath.sync_tc(tc)
         for err in self.tc_errors:
             log.error("%s — strict mode cannot be enforced for that pod", err)
@@ -494,6 +509,32 @@ class Agent:
                 log.warning("pod %s not enrolled yet: %s", key, why)
         self.enrolled, self.pending = enrolled, pending
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
+
+    def _guard_root(self, path: str, roots: dict[str, int]) -> None:
+        """Add ``path`` (a directory pods are created in) to ``roots`` unless
+        guarding it would refuse the mesh's own processes: it must lie
+        strictly below the node cgroup and hold neither the agent nor its
+        proxy workers (they run in the agent's cgroup)."""
+        if path in roots or path in self.unguardable:
+            return
+        own = cg.own_cgroup()
+        if path == os.path.normpath(self.cgroup_dir) or not cg.is_within(path, self.cgroup_dir):
+            why = f"it is not below the node cgroup {self.cgroup_dir}"
+        elif own is not None and cg.is_within(own, path):
+            why = f"the agent itself runs below it ({own})"
+        else:
+            try:
+                roots[path] = cg.cgroup_id(path)
+            except OSError:
+                pass  # not created yet; the next sync sees it
+            return
+        self.unguardable.add(path)
+        log.warning(
+            "pods' cgroup directory %s is not guarded (%s): a pod started there while the agent "
+            "is down is not refused. Put pods and the agent in separate subtrees of 'cgroup:'",
+            path,
+            why,
+        )
 
     def shutdown(self) -> None:
         """A stop never opens the mesh: the pinned datapath and the proxy
@@ -521,6 +562,7 @@ class Agent:
                 "cgroup": self.cgroup_dir,
                 "counters": self.datapath.stats(),
                 "tc_errors": self.tc_errors,
+                "guarded_cgroups": self.guarded,
             },
             "inventory": {
                 "path": self.source.where if self.source is not None else None,
@@ -581,7 +623,7 @@ class Agent:
         try:
             self.poll_inventory()
             self.poll_identity()
-            if self.pending:
+            if self.pending or self.guard_pending:
                 self.sync()  # a pod cgroup may have appeared
             self.sync_policy_kernel()
             self.proxies.supervise()

@@ -348,6 +348,41 @@ class Datapath:
         b = _sync_map(self.maps["ml_pod_ips"], ctypes.sizeof(abi.MlIpKey), ips)
         return {"enrolled_changed": a, "pod_ips_changed": b}
 
+    def sync_guard(self, deny_roots: set[int], allow: set[int]) -> dict[str, int]:
+        """ml_cgroup_guard: add a DENY_UNKNOWN entry for every cgroup id in
+        ``deny_roots`` (the directories pods are created in) and make the
+        ALLOW entries exactly ``allow`` (pods listed with mesh: false).
+        DENY_UNKNOWN entries are never removed here: a directory the agent
+        once saw pods in stays guarded until ``meshlet uninstall`` (cgroup
+        ids are never reused, so a removed directory's entry is inert).
+        Returns what changed."""
+        fd = self.maps["ml_cgroup_guard"]
+        deny = bytes(ctypes.c_uint32(abi.GUARD_DENY_UNKNOWN))
+        allow_v = bytes(ctypes.c_uint32(abi.GUARD_ALLOW))
+        have = {}
+        for k in bpfsys.map_keys(fd, 8):
+            v = bpfsys.map_lookup(fd, k, 4)
+            if v is not None:
+                have[ctypes.c_uint64.from_buffer_copy(k).value] = v
+        added = removed = 0
+        for cgid in sorted(allow):  # known pods first: never refused as unknown
+            if have.get(cgid) != allow_v:
+                bpfsys.map_update(fd, bytes(ctypes.c_uint64(cgid)), allow_v)
+                added += 1
+        for cgid in sorted(deny_roots - allow):
+            if have.get(cgid) != deny:
+                bpfsys.map_update(fd, bytes(ctypes.c_uint64(cgid)), deny)
+                added += 1
+        for cgid, v in have.items():
+            if v == allow_v and cgid not in allow:
+                try:
+                    bpfsys.map_delete(fd, bytes(ctypes.c_uint64(cgid)))
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                removed += 1
+        return {"guard_added": added, "guard_removed": removed}
+
     def sync_l4(self, entries: L4Entries) -> dict[str, int]:
         """Make ml_l4_policy hold exactly ``entries``, in an order that never
         refuses more than the old or the new content would: new PASS entries

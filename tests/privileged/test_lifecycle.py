@@ -62,6 +62,16 @@ class Load:
         base = self.read()["total"]
         return wait_for(lambda: (r := self.read())["total"] >= base + n and r, what, timeout=120)
 
+    def stop_after_done(self) -> dict:
+        """Wait until the bounded run (``count``) is over; its tallies."""
+        try:
+            self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.stop()
+
     def stop(self) -> dict:
         with open(self.stop_file, "w"):
             pass
@@ -180,3 +190,57 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- item 3: a pod started while the agent is down gets no plaintext path -----------
+
+
+def test_pod_created_while_the_agent_is_down_is_refused_not_bypassed(tmp_path):
+    with running_mesh(cluster_2x2(), (("serve", SERVE),), unmeshed={"pod1-2"}) as mesh:
+        node2_gw = gateway(mesh, "node2")
+        dst = ip_of(mesh, "pod2-1")
+        assert mesh.stop_agent("node1", signal.SIGTERM) == 0
+        denied_before = mesh.counters("node1")["unknown_denied"]
+        # The pod appears, and starts talking, while no agent runs on its node.
+        pod = mesh.cluster.add_pod("node1", "late")
+        mesh.cluster.pod("late").run(TOOLS + ["serve", "--port", str(SERVE), "--max-seconds", "1"],
+                                     check=False, timeout=30)  # (the pod works: it can listen)
+        mesh.write_inventory()  # the inventory lists it (mesh: true), nobody enrolled it
+        gap = Load(mesh, "late", dst, str(tmp_path), count=20).stop_after_done()
+        assert gap["total"] == 20 and gap["peers"] == {}, f"bypassed the mesh: {gap}"
+        assert gap["errors"] == {"EPERM": 20}, gap
+        assert mesh.counters("node1")["unknown_denied"] - denied_before >= 20
+        # Known pods are untouched meanwhile: the unmeshed one goes direct, as listed.
+        direct = Load(mesh, "pod1-2", dst, str(tmp_path), count=5).stop_after_done()
+        assert direct["peers"] == {ip_of(mesh, "pod1-2"): 5}, direct
+        meshed = Load(mesh, "pod1-1", dst, str(tmp_path), count=5).stop_after_done()
+        assert meshed["peers"] == {node2_gw: 5}, meshed
+
+        mesh.start_agent("node1")
+        wait_for(lambda: any(e["pod"] == "default/late" for e in mesh.status("node1")["enrolled"]),
+                 "the late pod enrolled")
+        assert mesh.status("node1")["datapath"]["guarded_cgroups"] == [
+            os.path.dirname(pod.cgroup)]
+        after = Load(mesh, "late", dst, str(tmp_path), count=20).stop_after_done()
+        assert after["peers"] == {node2_gw: 20} and after["errors"] == {}, after
+
+
+def test_pod_removed_from_the_inventory_is_refused_until_listed_unmeshed(tmp_path):
+    with running_mesh(cluster_2x2(), (("serve", SERVE),)) as mesh:
+        dst = ip_of(mesh, "pod2-1")
+        doc = mesh.inventory_doc()
+        doc["pods"] = [p for p in doc["pods"] if p["name"] != "pod1-1"]
+        mesh.write_inventory(doc)
+        wait_for(lambda: all(e["pod"] != "default/pod1-1" for e in mesh.status("node1")["enrolled"]),
+                 "pod1-1 unenrolled")
+        r = Load(mesh, "pod1-1", dst, str(tmp_path), count=5).stop_after_done()
+        assert r["errors"] == {"EPERM": 5} and r["peers"] == {}, r
+        for p in doc["pods"]:
+            p["mesh"] = True
+        doc["pods"].append(dict(next(p for p in mesh.inventory_doc()["pods"] if p["name"] == "pod1-1"),
+                                mesh=False))
+        mesh.write_inventory(doc)
+        wait_for(lambda: Load(mesh, "pod1-1", dst, str(tmp_path), count=1).stop_after_done()["peers"],
+                 "pod1-1 let out unmeshed")
+        r = Load(mesh, "pod1-1", dst, str(tmp_path), count=5).stop_after_done()
+        assert r["peers"] == {ip_of(mesh, "pod1-1"): 5}, r

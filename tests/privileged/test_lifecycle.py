@@ -200,7 +200,7 @@ def test_pod_created_while_the_agent_is_down_is_refused_not_bypassed(tmp_path):
         node2_gw = gateway(mesh, "node2")
         dst = ip_of(mesh, "pod2-1")
         assert mesh.stop_agent("node1", signal.SIGTERM) == 0
-        denied_before = mesh.counters("node1")["unknown_denied"]
+        denied_before = mesh.counters("node1").get("unknown_denied", 0)
         # The pod appears, and starts talking, while no agent runs on its node.
         pod = mesh.cluster.add_pod("node1", "late")
         mesh.cluster.pod("late").run(TOOLS + ["serve", "--port", str(SERVE), "--max-seconds", "1"],

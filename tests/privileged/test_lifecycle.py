@@ -35,6 +35,7 @@ from agent.sim import Cluster  # noqa: E402
 pytestmark = pytest.mark.privileged
 
 SERVE, ECHO = 7000, 7001
+REPO_BPF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bpf")
 
 
 class Load:
@@ -244,3 +245,94 @@ def test_pod_removed_from_the_inventory_is_refused_until_listed_unmeshed(tmp_pat
                  "pod1-1 let out unmeshed")
         r = Load(mesh, "pod1-1", dst, str(tmp_path), count=5).stop_after_done()
         assert r["peers"] == {ip_of(mesh, "pod1-1"): 5}, r
+
+
+# --- item 2: an upgrade with changed eBPF code swaps programs without a window -----
+
+
+def changed_bpf(tmp_path, name: str, edits: dict[str, tuple[str, str]]) -> str:
+    """A copy of bpf/ with ``edits`` ({file: (old, new)}) applied, as a new
+    meshlet version would ship it."""
+    import shutil
+
+    d = os.path.join(str(tmp_path), name)
+    shutil.copytree(REPO_BPF, d)
+    for rel, (old, new) in edits.items():
+        path = os.path.join(d, rel)
+        with open(path) as f:
+            text = f.read()
+        assert old in text, (rel, old)
+        with open(path, "w") as f:
+            f.write(text.replace(old, new, 1))
+    return d
+
+
+def pinned(mesh, node: str) -> dict:
+    from agent.datapath.status import datapath_status
+
+    st = datapath_status(mesh.agents[node].pin_dir)
+    return {"progs": {p["name"]: p["id"] for p in st["programs"]},
+            "links": {li["name"]: (li["id"], li["prog_id"], li["attached"]) for li in st["links"]},
+            "maps": {m["name"]: m for m in st["maps"]}, "counters": st["counters"]}
+
+
+def test_upgrade_with_changed_ebpf_code_has_no_window(tmp_path, monkeypatch):
+    with running_mesh(cluster_2x2(), (("serve", SERVE), ("echo", ECHO)), unmeshed={"pod1-2"},
+                      exclude_ports=(7999,)) as mesh:
+        node2_gw, self_ip = gateway(mesh, "node2"), ip_of(mesh, "pod1-1")
+        sessions = Sessions(mesh, "pod1-1", ip_of(mesh, "pod2-1"), 8)
+        load = Load(mesh, "pod1-1", ip_of(mesh, "pod2-1"), str(tmp_path))
+        try:
+            load.wait_more(20, "load before the upgrade")
+            assert mesh.stop_agent("node1", signal.SIGTERM) == 0
+            before = pinned(mesh, "node1")
+
+            # A new version whose program the verifier refuses: found before
+            # anything changes; the agent refuses to start, the old datapath runs on.
+            monkeypatch.setenv("MESHLET_BPF_DIR", changed_bpf(tmp_path, "broken", {"tc.c": (
+                "int ml_tc_to_pod(struct __sk_buff *skb)\n{",
+                "int ml_tc_to_pod(struct __sk_buff *skb)\n{\n"
+                "\tif (*(volatile char *)(long)skb->data == 1)\n\t\treturn ML_TC_DROP;")}))
+            p = mesh.start_agent("node1", wait=False)
+            assert p.wait(timeout=180) == 1
+            assert "refused the datapath's programs" in mesh.agent_log("node1")
+            mesh.agents["node1"].popen = None
+            same = pinned(mesh, "node1")
+            assert (same["progs"], same["links"]) == (before["progs"], before["links"])
+            assert {n: m["id"] for n, m in same["maps"].items()} == \
+                {n: m["id"] for n, m in before["maps"].items()}
+            load.wait_more(50, "load after the refused upgrade")
+
+            # A new version that changes code and a map's size: upgraded in place.
+            monkeypatch.setenv("MESHLET_BPF_DIR", changed_bpf(tmp_path, "next", {
+                "include/meshlet.h": ("#define ML_MAX_EXCLUDES 256", "#define ML_MAX_EXCLUDES 512"),
+                "sock.c": ("int ml_connect4(struct bpf_sock_addr *ctx)\n{",
+                           "/* next version */\nint ml_connect4(struct bpf_sock_addr *ctx)\n{")}))
+            mesh.start_agent("node1")
+            assert mesh.status("node1")["datapath"]["how"] == "upgraded"
+            load.wait_more(100, "load after the upgrade")
+            after = pinned(mesh, "node1")
+        finally:
+            res = load.stop()
+            said = sessions.say("after")
+            sessions.close()
+        assert res["errors"] == {}, res
+        assert res["peers"].get(self_ip, 0) == 0, f"bypassed the mesh: {res}"
+        assert res["peers"] == {node2_gw: res["total"]}, res
+        assert said == [{"echo": "after"}] * 8  # 0 of 8 long-lived streams reset
+        # The same links now run new programs; every program was replaced.
+        assert {n: (i, a) for n, (i, _, a) in after["links"].items()} == \
+            {n: (i, a) for n, (i, _, a) in before["links"].items()}
+        assert all(after["progs"][n] != before["progs"][n] for n in before["progs"])
+        assert {n: pid for n, (_, pid, _) in after["links"].items() if n.startswith("cgroup-")} == \
+            {n: after["progs"][n.removeprefix("cgroup-")] for n in after["links"] if n.startswith("cgroup-")}
+        # Unchanged maps were shared, the resized one migrated with its entries.
+        assert after["maps"]["ml_flows"]["id"] == before["maps"]["ml_flows"]["id"]
+        assert after["maps"]["ml_enrolled"]["id"] == before["maps"]["ml_enrolled"]["id"]
+        assert after["maps"]["ml_excl_ports"]["max_entries"] == 512
+        assert after["maps"]["ml_excl_ports"]["entries"] == 1  # port 7999, carried over
+        assert after["counters"]["redirect4"] >= before["counters"]["redirect4"]
+        # The next start with the same code adopts it.
+        assert mesh.stop_agent("node1", signal.SIGTERM) == 0
+        mesh.start_agent("node1")
+        assert mesh.status("node1")["datapath"]["how"] == "adopted"

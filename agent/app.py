@@ -222,6 +222,10 @@ class Agent:
         self.load_identity(initial=True)
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
+        # Workers a previous agent left running are ours before the first
+        # sync, so it waits for them to load a pod (one created while no agent
+        # ran) before the kernel sends them its connections.
+        self.proxies.adopt_running()
         self.sync()
         self.sync_policy_kernel()
         self.proxies.supervise()
@@ -455,9 +459,10 @@ class Agent:
         guard_roots: dict[str, int] = {}  # directories pods are created in -> cgroup id
         allow: set[int] = set()  # cgroups of pods listed with mesh: false
         self.guard_pending = set()
+        mesh_cgroups = self._mesh_cgroups()
         for pod in inv.pods_on(self.cfg.node):
             pod_dir = cg.resolve(pod.cgroup)
-            self._guard_root(os.path.dirname(pod_dir), guard_roots)
+            self._guard_root(os.path.dirname(pod_dir), guard_roots, mesh_cgroups)
             if not pod.mesh:
                 try:
                     allow.add(cg.cgroup_id(pod_dir))
@@ -493,6 +498,12 @@ class Agent:
         write_atomic(self.state_path, json.dumps(state, indent=1))
         if enrolled.keys() - self.enrolled.keys():
             self.proxies.wait_loaded(self.generation)
+        for m in mesh_cgroups:  # the agent and its proxy workers, when below a guarded directory
+            if any(cg.is_within(m, r) for r in guard_roots):
+                try:
+                    allow.add(cg.cgroup_id(m))
+                except OSError:
+                    pass
         changes = self.datapath.sync_workloads(by_cgroup, by_ip)
         # After enrolling: a known pod is never refused as unknown.
         changes.update(self.datapath.sync_guard(set(guard_roots.values()), allow))
@@ -510,18 +521,24 @@ class Agent:
         self.enrolled, self.pending = enrolled, pending
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
 
-    def _guard_root(self, path: str, roots: dict[str, int]) -> None:
+    def _mesh_cgroups(self) -> set[str]:
+        """cgroup dirs of the agent and of its live proxy workers (those a
+        previous agent started too): never refused by the unknown-pod guard."""
+        found = [cg.own_cgroup()] + [cg.own_cgroup(pid) for pid in self.proxies.running_pids()]
+        return {c for c in found if c}
+
+    def _guard_root(self, path: str, roots: dict[str, int], mesh_cgroups: set[str]) -> None:
         """Add ``path`` (a directory pods are created in) to ``roots`` unless
-        guarding it would refuse the mesh's own processes: it must lie
-        strictly below the node cgroup and hold neither the agent nor its
-        proxy workers (they run in the agent's cgroup)."""
+        guarding it would refuse the mesh's own processes: it must lie within
+        the node cgroup, and neither the agent nor a proxy worker may run in
+        it or above it (below it they get an ALLOW entry of their own)."""
         if path in roots or path in self.unguardable:
             return
-        own = cg.own_cgroup()
-        if path == os.path.normpath(self.cgroup_dir) or not cg.is_within(path, self.cgroup_dir):
-            why = f"it is not below the node cgroup {self.cgroup_dir}"
-        elif own is not None and cg.is_within(own, path):
-            why = f"the agent itself runs below it ({own})"
+        above = [m for m in sorted(mesh_cgroups) if cg.is_within(path, m)]
+        if not cg.is_within(path, self.cgroup_dir):
+            why = f"it is not within the node cgroup {self.cgroup_dir}"
+        elif above:
+            why = f"the agent or its proxy runs in {above[0]}, at or above it"
         else:
             try:
                 roots[path] = cg.cgroup_id(path)
@@ -531,7 +548,7 @@ class Agent:
         self.unguardable.add(path)
         log.warning(
             "pods' cgroup directory %s is not guarded (%s): a pod started there while the agent "
-            "is down is not refused. Put pods and the agent in separate subtrees of 'cgroup:'",
+            "is down is not refused. Run the agent in a cgroup of its own, apart from the pods",
             path,
             why,
         )

@@ -122,6 +122,16 @@ class ProxySupervisor:
         )
         return False
 
+    def running_pids(self) -> list[int]:
+        """Pids of the live workers, whether this supervisor started them or
+        a previous agent did (their pid files)."""
+        out = []
+        for w in self.workers:
+            pid = w.pid or _read_pid(self._pidfile(w))
+            if pid and _alive_proxy(pid, self.state_path):
+                out.append(pid)
+        return out
+
     def adopt_running(self) -> int:
         """Take over the workers a previous agent left running (their pid
         files), so that :meth:`stop` ends them too; returns how many."""
@@ -129,6 +139,8 @@ class ProxySupervisor:
         for w in self.workers:
             pid = w.pid or _read_pid(self._pidfile(w))
             if pid and _alive_proxy(pid, self.state_path):
+                if w.pid != pid:
+                    log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
                 w.pid, w.adopted = pid, True
                 n += 1
         return n

@@ -127,6 +127,8 @@ def status(sock, node, output) -> None:
         + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}" if inv["error"] else "")
     )
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
+    if dp.get("guarded_cgroups"):
+        click.echo("unknown pods refused (EPERM) under: " + ", ".join(dp["guarded_cgroups"]))
     pol = st.get("policy") or {}
     if pol:
         click.echo(f"policies {pol.get('count')}, version {pol.get('version')}")

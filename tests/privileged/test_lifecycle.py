@@ -222,6 +222,10 @@ def test_pod_created_while_the_agent_is_down_is_refused_not_bypassed(tmp_path):
                  "the late pod enrolled")
         assert mesh.status("node1")["datapath"]["guarded_cgroups"] == [
             os.path.dirname(pod.cgroup)]
+        # Its first connections may wait for its new identity's certificate
+        # (item 4's business); once one got through, all do.
+        wait_for(lambda: Load(mesh, "late", dst, str(tmp_path), count=1).stop_after_done()["peers"],
+                 "the late pod's first meshed connection", timeout=60, interval=0.5)
         after = Load(mesh, "late", dst, str(tmp_path), count=20).stop_after_done()
         assert after["peers"] == {node2_gw: 20} and after["errors"] == {}, after
 
@@ -287,12 +291,14 @@ def test_upgrade_with_changed_ebpf_code_has_no_window(tmp_path, monkeypatch):
             assert mesh.stop_agent("node1", signal.SIGTERM) == 0
             before = pinned(mesh, "node1")
 
-            # A new version whose program the verifier refuses: found before
-            # anything changes; the agent refuses to start, the old datapath runs on.
-            monkeypatch.setenv("MESHLET_BPF_DIR", changed_bpf(tmp_path, "broken", {"tc.c": (
-                "int ml_tc_to_pod(struct __sk_buff *skb)\n{",
-                "int ml_tc_to_pod(struct __sk_buff *skb)\n{\n"
-                "\tif (*(volatile char *)(long)skb->data == 1)\n\t\treturn ML_TC_DROP;")}))
+            # A new version whose program the verifier refuses (and that
+            # resizes a map): found before anything changes; the agent
+            # refuses to start, the old datapath runs on with its old maps.
+            monkeypatch.setenv("MESHLET_BPF_DIR", changed_bpf(tmp_path, "broken", {
+                "include/meshlet.h": ("#define ML_MAX_EXCLUDES 256", "#define ML_MAX_EXCLUDES 512"),
+                "tc.c": ("int ml_tc_to_pod(struct __sk_buff *skb)\n{",
+                         "int ml_tc_to_pod(struct __sk_buff *skb)\n{\n"
+                         "\tif (*(volatile char *)(long)skb->data == 1)\n\t\treturn ML_TC_DROP;")}))
             p = mesh.start_agent("node1", wait=False)
             assert p.wait(timeout=180) == 1
             assert "refused the datapath's programs" in mesh.agent_log("node1")

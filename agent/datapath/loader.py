@@ -805,6 +805,41 @@ def _restore_pins(pin_dir: str, moved: dict[str, tuple[int, bpfsys.MapInfo]]) ->
         bpfsys.obj_pin(fd, path)
 
 
+def pinned_summary(pin_dir: str, cgroup_dir: str) -> dict:
+    """What is pinned at ``pin_dir`` (``meshlet doctor``): present, attached
+    to ``cgroup_dir``, its ABI version (None: unreadable), pods enrolled and
+    cgroup directories guarded."""
+    out: dict = {"present": os.path.isdir(pin_dir), "attached": False, "abi_version": None}
+    out["enrolled"] = enrolled_count(pin_dir)
+    out["guarded"] = 0
+    if not out["present"]:
+        return out
+    out["attached"] = Datapath(DatapathSpec("", pin_dir, cgroup_dir, "0.0.0.0", None, 0, 0))._attached()
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_meta"))
+        try:
+            raw = bpfsys.map_lookup(fd, bytes(ctypes.c_uint32(0)), ctypes.sizeof(abi.MlMeta))
+        finally:
+            os.close(fd)
+        if raw:
+            out["abi_version"] = abi.MlMeta.from_buffer_copy(raw).abi_version
+    except OSError:
+        pass
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_cgroup_guard"))
+    except OSError:
+        return out
+    try:
+        out["guarded"] = sum(
+            1
+            for k in bpfsys.map_keys(fd, 8)
+            if bpfsys.map_lookup(fd, k, 4) == bytes(ctypes.c_uint32(abi.GUARD_DENY_UNKNOWN))
+        )
+    finally:
+        os.close(fd)
+    return out
+
+
 def enrolled_count(pin_dir: str) -> int:
     """Pods enrolled in the datapath pinned at ``pin_dir`` (0: none, or no datapath)."""
     try:

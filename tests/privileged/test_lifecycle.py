@@ -146,6 +146,12 @@ def test_plain_stop_keeps_the_mesh_closed_and_uninstall_is_explicit(tmp_path):
             # Strict mode still holds on the same node: plaintext from the
             # unmeshed pod never reaches the strict pod.
             assert probe(mesh, "pod1-2", ip_of(mesh, "pod1-1"), ECHO, timeout=1.5)["result"] != "data"
+            # The doctor says what the stop left and what the next run does.
+            from agent.datapath import abi
+            from agent.doctor import check_pinned_datapath
+
+            c = check_pinned_datapath(mesh.agents["node1"].pin_dir, mesh.cluster.node("node1").cgroup)
+            assert c.ok and f"ABI {abi.ABI_VERSION}, attached, 1 pod(s) enrolled, 1 pods'" in c.detail, c
             # Detaching is explicit, and refused while pods are enrolled.
             r = mesh.uninstall("node1")
             assert r.returncode == 1 and "enrolled" in r.stderr and "--force" in r.stderr, r.stderr

@@ -429,15 +429,22 @@ class Datapath:
             for h in hooks:
                 path = os.path.join(links, f"cgroup-{h.name}")
                 info = _pinned_link_info(path)
-                if info is not None and info.target == cgid and info.attach_type == h.attach_type:
-                    lfd = bpfsys.obj_get(path)
-                    try:
-                        bpfsys.link_update(lfd, progs[h.name])
-                    finally:
-                        os.close(lfd)
-                    continue
-                _detach_pinned_link(path)
-                lfd = bpfsys.link_create(progs[h.name], cgfd, h.attach_type)
+                try:
+                    if info is not None and info.target == cgid and info.attach_type == h.attach_type:
+                        lfd = bpfsys.obj_get(path)
+                        try:
+                            bpfsys.link_update(lfd, progs[h.name])
+                        finally:
+                            os.close(lfd)
+                        continue
+                    _detach_pinned_link(path)
+                    lfd = bpfsys.link_create(progs[h.name], cgfd, h.attach_type)
+                except OSError as e:
+                    raise DatapathError(
+                        f"upgrade: cannot switch {h.name} on {self.spec.cgroup} to its new program: "
+                        f"{e.strerror or e}; hooks not switched yet keep the previous version "
+                        "(nothing is detached). Start the agent again to finish, or run 'meshlet doctor'"
+                    ) from e
                 try:
                     bpfsys.obj_pin(lfd, path)
                 finally:

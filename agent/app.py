@@ -127,7 +127,6 @@ def proxy_state(
 @dataclass
 class Agent:
     cfg: AgentConfig
-    keep_datapath: bool = False
     source: WorkloadSource | None = None  # where the inventory comes from; default: from cfg
     inventory: Inventory | None = None
     inventory_error: str | None = None
@@ -135,6 +134,9 @@ class Agent:
     enrolled: dict[str, int] = field(default_factory=dict)  # pod key -> cgroup id
     pending: dict[str, str] = field(default_factory=dict)  # pod key -> why not enrolled
     tc_errors: list[str] = field(default_factory=list)
+    guarded: list[str] = field(default_factory=list)  # pods' cgroup dirs under the unknown-pod guard
+    guard_pending: set[str] = field(default_factory=set)  # mesh: false pods whose cgroup is missing
+    unguardable: set[str] = field(default_factory=set)  # dirs that cannot be guarded (warned once)
     started: float = field(default_factory=time.time)
     issuer: NodeIssuer | None = None
     identity_generation: int = 0
@@ -226,6 +228,10 @@ class Agent:
         self.load_identity(initial=True)
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
+        # Workers a previous agent left running are ours before the first
+        # sync, so it waits for them to load a pod (one created while no agent
+        # ran) before the kernel sends them its connections.
+        self.proxies.adopt_running()
         self.sync()
         self.sync_policy_kernel()
         self.proxies.supervise()
@@ -456,11 +462,21 @@ class Agent:
         enrolled: dict[str, int] = {}
         pending: dict[str, str] = {}
         tc: dict[int, str] = {}
+        guard_roots: dict[str, int] = {}  # directories pods are created in -> cgroup id
+        allow: set[int] = set()  # cgroups of pods listed with mesh: false
+        self.guard_pending = set()
+        mesh_cgroups = self._mesh_cgroups()
         for pod in inv.pods_on(self.cfg.node):
+            pod_dir = cg.resolve(pod.cgroup)
+            self._guard_root(os.path.dirname(pod_dir), guard_roots, mesh_cgroups)
             if not pod.mesh:
+                try:
+                    allow.add(cg.cgroup_id(pod_dir))
+                except OSError:
+                    self.guard_pending.add(pod.key)  # its connects stay refused until it exists
                 continue
             try:
-                cgid = cg.cgroup_id(cg.resolve(pod.cgroup))
+                cgid = cg.cgroup_id(pod_dir)
             except OSError as e:
                 pending[pod.key] = f"cgroup {pod.cgroup}: {e.strerror}"
                 continue
@@ -488,7 +504,16 @@ class Agent:
         write_atomic(self.state_path, json.dumps(state, indent=1))
         if enrolled.keys() - self.enrolled.keys():
             self.proxies.wait_loaded(self.generation)
+        for m in mesh_cgroups:  # the agent and its proxy workers, when below a guarded directory
+            if any(cg.is_within(m, r) for r in guard_roots):
+                try:
+                    allow.add(cg.cgroup_id(m))
+                except OSError:
+                    pass
         changes = self.datapath.sync_workloads(by_cgroup, by_ip)
+        # After enrolling: a known pod is never refused as unknown.
+        changes.update(self.datapath.sync_guard(set(guard_roots.values()), allow))
+        self.guarded = sorted(guard_roots)
         self.tc_errors = self.datapath.sync_tc(tc)
         for err in self.tc_errors:
             log.error("%s — strict mode cannot be enforced for that pod", err)
@@ -502,24 +527,50 @@ class Agent:
         self.enrolled, self.pending = enrolled, pending
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
 
+    def _mesh_cgroups(self) -> set[str]:
+        """cgroup dirs of the agent and of its live proxy workers (those a
+        previous agent started too): never refused by the unknown-pod guard."""
+        found = [cg.own_cgroup()] + [cg.own_cgroup(pid) for pid in self.proxies.running_pids()]
+        return {c for c in found if c}
+
+    def _guard_root(self, path: str, roots: dict[str, int], mesh_cgroups: set[str]) -> None:
+        """Add ``path`` (a directory pods are created in) to ``roots`` unless
+        guarding it would refuse the mesh's own processes: it must lie within
+        the node cgroup, and neither the agent nor a proxy worker may run in
+        it or above it (below it they get an ALLOW entry of their own)."""
+        if path in roots or path in self.unguardable:
+            return
+        above = [m for m in sorted(mesh_cgroups) if cg.is_within(path, m)]
+        if not cg.is_within(path, self.cgroup_dir):
+            why = f"it is not within the node cgroup {self.cgroup_dir}"
+        elif above:
+            why = f"the agent or its proxy runs in {above[0]}, at or above it"
+        else:
+            try:
+                roots[path] = cg.cgroup_id(path)
+            except OSError:
+                pass  # not created yet; the next sync sees it
+            return
+        self.unguardable.add(path)
+        log.warning(
+            "pods' cgroup directory %s is not guarded (%s): a pod started there while the agent "
+            "is down is not refused. Run the agent in a cgroup of its own, apart from the pods",
+            path,
+            why,
+        )
+
     def shutdown(self) -> None:
+        """A stop never opens the mesh: the pinned datapath and the proxy
+        workers stay, so enrolled pods keep going through the proxy (and
+        unknown pods stay refused) until a restarted agent adopts them.
+        Detaching is :func:`uninstall` (``meshlet uninstall``)."""
         if self.source is not None:
             self.source.close()
-        if self.keep_datapath:
-            self.datapath.close()
-            log.info(
-                "exiting with the datapath and proxy left running (--keep-datapath); "
-                "a restarted agent adopts them"
-            )
-            return
-        self.proxies.stop()
-        self.datapath.teardown()
-        for name in ("proxy-state.json",):
-            try:
-                os.unlink(os.path.join(self.cfg.run_dir, name))
-            except FileNotFoundError:
-                pass
-        log.info("stopped; datapath detached and unpinned")
+        self.datapath.close()
+        log.info(
+            "stopped; the datapath and the proxy workers stay in place (a restarted agent "
+            "adopts them; `meshlet uninstall` removes them)"
+        )
 
     # --- status ------------------------------------------------------------------------
 
@@ -534,6 +585,7 @@ class Agent:
                 "cgroup": self.cgroup_dir,
                 "counters": self.datapath.stats(),
                 "tc_errors": self.tc_errors,
+                "guarded_cgroups": self.guarded,
             },
             "inventory": {
                 "path": self.source.where if self.source is not None else None,
@@ -617,7 +669,7 @@ class Agent:
         try:
             self.poll_inventory()
             self.poll_identity()
-            if self.pending:
+            if self.pending or self.guard_pending:
                 self.sync()  # a pod cgroup may have appeared
             self.sync_policy_kernel()
             self.proxies.supervise()
@@ -742,20 +794,20 @@ def _identity_sig(paths: list[str]) -> tuple:
     return (tuple(stats), h.hexdigest())
 
 
-def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = True) -> int:
+def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
     try:
         source = source_from_config(cfg)
     except ValueError as e:  # KubeConfigError: no kubeconfig / not in a pod
         raise AgentError(f"cannot configure the workload source: {e}") from e
-    agent = Agent(cfg, keep_datapath=keep_datapath, source=source)
+    agent = Agent(cfg, source=source)
     if preflight:
         agent.preflight()
     try:
         agent.start()
     except BaseException:
-        # Never leave a half-attached datapath behind; a datapath we adopted
-        # was working before us and stays.
-        if agent.datapath.how != "adopted":
+        # Never leave a half-attached datapath behind; a datapath that was
+        # in place before us (adopted, or upgraded in place) was working and stays.
+        if agent.datapath.how == "loaded":
             agent.proxies.stop()
             agent.datapath.teardown()
         raise
@@ -769,3 +821,64 @@ def run_agent(cfg: AgentConfig, keep_datapath: bool = False, preflight: bool = T
     finally:
         agent.shutdown()
     return 0
+
+
+# --- uninstall: the only way the datapath comes off a node -------------------------
+
+
+def uninstall(cfg: AgentConfig, force: bool = False) -> dict:
+    """Stop the proxy workers a stopped agent left running, detach and unpin
+    the datapath, remove the proxy state.  Refuses (AgentError) while the
+    agent runs, and while pods are enrolled unless ``force``: their
+    connections would go direct, in plaintext and without policy.  Returns
+    what it removed."""
+    from .adminclient import admin_get
+    from .datapath.loader import enrolled_count, remove_pins
+
+    try:
+        admin_get(cfg.admin.socket, "/v1/status", timeout=2)
+    except (OSError, ValueError):
+        pass  # no agent answers: go on
+    else:
+        raise AgentError(
+            f"the agent of node {cfg.node} is running (admin socket {cfg.admin.socket}); "
+            "stop it first (a stop keeps the datapath), then uninstall"
+        )
+    enrolled = enrolled_count(cfg.bpf.pin_dir)
+    if enrolled and not force:
+        raise AgentError(
+            f"{enrolled} pod(s) are enrolled in the datapath pinned at {cfg.bpf.pin_dir}: "
+            "uninstalling would send their connections direct, in plaintext and without "
+            "policy. Take them out of the mesh first (mesh: false, or remove them from the "
+            "inventory, and let the agent sync), or pass --force"
+        )
+    state_path = os.path.join(cfg.run_dir, "proxy-state.json")
+    proxies = ProxySupervisor(cfg.run_dir, state_path, max(cfg.proxy.workers, _pidfile_count(cfg.run_dir)))
+    workers = proxies.adopt_running()
+    proxies.stop()
+    present = os.path.isdir(cfg.bpf.pin_dir)
+    remove_pins(cfg.bpf.pin_dir)
+    try:
+        os.unlink(state_path)
+    except FileNotFoundError:
+        pass
+    log.info("uninstalled: %d proxy worker(s) stopped, datapath %s removed", workers, cfg.bpf.pin_dir)
+    return {
+        "node": cfg.node,
+        "pin_dir": cfg.bpf.pin_dir,
+        "datapath_removed": present,
+        "proxy_workers_stopped": workers,
+        "enrolled_pods_dropped": enrolled,
+    }
+
+
+def _pidfile_count(run_dir: str) -> int:
+    """1 + the highest worker index with a pid file in ``run_dir`` (0: none)."""
+    import re
+
+    n = 0
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else ():
+        m = re.fullmatch(r"proxy-(\d+)\.pid", name)
+        if m:
+            n = max(n, int(m.group(1)) + 1)
+    return n

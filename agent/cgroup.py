@@ -56,3 +56,23 @@ def resolve(path: str, root: str | None = None) -> str:
 def move_pid(cgroup_dir: str, pid: int) -> None:
     with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
         f.write(str(pid))
+
+
+def own_cgroup(pid: int | str = "self", root: str | None = None) -> str | None:
+    """Absolute cgroup v2 directory of process ``pid`` (None when unknown)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                hid, _, rest = line.rstrip("\n").partition(":")
+                ctrl, _, rel = rest.partition(":")
+                if hid == "0" and ctrl == "":
+                    return resolve(rel.lstrip("/") or ".", root)
+    except OSError:
+        return None
+    return None
+
+
+def is_within(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it (both absolute, normalized)."""
+    path, top = os.path.normpath(path), os.path.normpath(top)
+    return path == top or path.startswith(top.rstrip("/") + "/")

@@ -7,7 +7,8 @@ kernel release, the Python to import bcc with, PATH) are parameters, gathered
 in ``Environment``, so the checks are testable with fake files and no root.
 Probes that need the real kernel (loading programs, creating links) live in
 ``agent.datapath.probe``.  Given the agent's config, the doctor also checks
-what that config needs (its pin dir, its node cgroup, tcx in strict mode).
+what that config needs (its pin dir, its node cgroup, tcx in strict mode)
+and says what is pinned there already (a stop keeps the datapath).
 
 ``meshlet run`` calls the same checks before touching the kernel, so it fails
 with the same list of fixes instead of half-attaching.  A check that is not
@@ -512,6 +513,33 @@ def check_kube_api(config: AgentConfig, timeout: float = 3.0):
     return True, f"{client.server} answers (resourceVersion {rv})", None
 
 
+@_check("pinned datapath", required=False)
+def check_pinned_datapath(pin_dir: str, cgroup_path: str, mountinfo: str = "/proc/self/mountinfo"):
+    """What a previous agent left pinned (a stop keeps it): what `meshlet run`
+    will do with it.  Informational: it never stops `meshlet run`."""
+    from agent.datapath import abi
+    from agent.datapath.loader import pinned_summary
+
+    p = pinned_summary(pin_dir, cgroup.resolve(cgroup_path, cgroup.cgroup2_mount(mountinfo)))
+    if not p["present"]:
+        return True, f"nothing pinned at {pin_dir}: `meshlet run` loads the datapath", None
+    seen = (
+        f"ABI {p['abi_version'] if p['abi_version'] is not None else '?'}, "
+        f"{'attached' if p['attached'] else 'NOT attached'}, {p['enrolled']} pod(s) enrolled, "
+        f"{p['guarded']} pods' cgroup dir(s) guarded"
+    )
+    if not p["attached"]:
+        return True, f"{seen}: leftovers; `meshlet run` replaces them", None
+    if p["abi_version"] == abi.ABI_VERSION:
+        then = "`meshlet run` adopts it (or upgrades it in place if its C differs)"
+    else:
+        then = (
+            f"this meshlet has ABI {abi.ABI_VERSION}: `meshlet run` upgrades it in place, "
+            "carrying maps over where their layout allows (else it refuses and leaves it running)"
+        )
+    return True, f"{seen}; {then}. `meshlet uninstall` removes it", None
+
+
 # --- the whole list ---------------------------------------------------------
 
 
@@ -550,6 +578,7 @@ def run_checks(config: AgentConfig | None = None, env: Environment | None = None
         checks += [
             check_pin_dir(config.bpf.pin_dir, env.mountinfo),
             check_node_cgroup(config.cgroup, env.mountinfo),
+            check_pinned_datapath(config.bpf.pin_dir, config.cgroup, env.mountinfo),
         ]
         if config.workloads.source == "kubernetes":
             checks.append(check_kubelet_cgroups(config.workloads.kubelet_cgroup_root, env.mountinfo))

@@ -268,6 +268,29 @@ class ProxySupervisor:
         )
         return False
 
+    def running_pids(self) -> list[int]:
+        """Pids of the live workers, whether this supervisor started them or
+        a previous agent did (their pid files)."""
+        out = []
+        for w in self.workers:
+            pid = w.pid or _read_pid(self._pidfile(w))
+            if pid and _alive_proxy(pid, self.state_path):
+                out.append(pid)
+        return out
+
+    def adopt_running(self) -> int:
+        """Take over the workers a previous agent left running (their pid
+        files), so that :meth:`stop` ends them too; returns how many."""
+        n = 0
+        for w in self.workers:
+            pid = w.pid or _read_pid(self._pidfile(w))
+            if pid and _alive_proxy(pid, self.state_path):
+                if w.pid != pid:
+                    log.info("adopted running proxy worker %d (pid %d)", w.index, pid)
+                w.pid, w.adopted = pid, True
+                n += 1
+        return n
+
     def stop(self, timeout: float = 6.0) -> None:
         """SIGTERM every worker (successors and draining ones too), SIGKILL
         those still alive after ``timeout``."""

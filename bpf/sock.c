@@ -7,9 +7,11 @@
  * its proxy.  Enrollment is data: a task is redirected only when its cgroup
  * id is in ml_enrolled, so the proxy's own sockets (never enrolled) are not
  * redirected again.  The programs return 1 (allow) except where the agent
- * put a DENY in ml_l4_policy for a connection the proxy would refuse anyway:
- * then connect() fails with EPERM at once (return 0).  Connections that
- * bypass the redirect are never refused: the proxy would not see them.
+ * put a DENY in ml_l4_policy for a connection the proxy would refuse anyway,
+ * and where a task that is not enrolled sits under the pods' cgroup subtree
+ * (ml_cgroup_guard: a pod the agent does not know yet gets no plaintext
+ * path): then connect() fails with EPERM at once (return 0).  Connections
+ * that bypass the redirect are never refused: the proxy would not see them.
  */
 
 /* The loader renders meshlet.h ahead of every .c file (one text, `meshlet bpf
@@ -67,17 +69,55 @@ static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
 }
 
 /* The workload of the task calling connect() on a TCP socket, when it is
- * enrolled and the datapath is enabled; NULL means "leave it alone". */
+ * enrolled and the datapath is enabled; NULL means "not enrolled" (then
+ * *cfg is set only for a TCP connect with the datapath enabled: the guard
+ * below applies to those alone). */
 static __always_inline struct ml_workload *ml_enrolled_task(struct bpf_sock_addr *ctx,
 							    struct ml_config **cfg, u64 *cgid)
 {
+	struct ml_config *c;
+
 	if (ctx->type != ML_SOCK_STREAM)
 		return NULL;
-	*cfg = ml_get_config();
-	if (!*cfg || !(*cfg)->enabled)
+	c = ml_get_config();
+	if (!c || !c->enabled)
 		return NULL;
+	*cfg = c;
 	*cgid = bpf_get_current_cgroup_id();
 	return ml_enrolled.lookup(cgid);
+}
+
+/* 1 when a task that is not enrolled sits in a cgroup the guard covers:
+ * the nearest entry of ml_cgroup_guard from its cgroup up decides. */
+static __always_inline int ml_guarded(u64 cgid)
+{
+	u32 *g = ml_cgroup_guard.lookup(&cgid);
+	int level;
+
+	if (g)
+		return *g == ML_GUARD_DENY_UNKNOWN;
+#pragma unroll
+	for (level = ML_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
+		u64 id = bpf_get_current_ancestor_cgroup_id(level);
+
+		if (!id)
+			continue;  /* deeper than this task's cgroup */
+		g = ml_cgroup_guard.lookup(&id);
+		if (g)
+			return *g == ML_GUARD_DENY_UNKNOWN;
+	}
+	return 0;
+}
+
+/* The verdict for a task that is not enrolled: 1 allow, 0 refuse (EPERM).
+ * ``bypass`` is why an enrolled pod's connect would not be redirected
+ * (0: it would be): what passes the mesh for its pods passes here too. */
+static __always_inline int ml_unenrolled_verdict(struct ml_config *cfg, u64 cgid, int bypass)
+{
+	if (!cfg || bypass || !ml_guarded(cgid))
+		return 1;
+	ml_count(ML_STAT_UNKNOWN_DENIED);
+	return 0;
 }
 
 /* Why an IPv4 destination must not be redirected (0 = redirect it).  Shared
@@ -107,8 +147,12 @@ int ml_connect4(struct bpf_sock_addr *ctx)
 	int bypass;
 
 	w = ml_enrolled_task(ctx, &cfg, &cgid);
-	if (!w)
-		return 1;
+	if (!w) {
+		if (!cfg)
+			return 1;
+		return ml_unenrolled_verdict(cfg, cgid, ml_v4_bypass(cfg, ctx->user_ip4,
+								     bpf_ntohs((u16)ctx->user_port)));
+	}
 
 	dst[0] = ctx->user_ip4;
 	port = bpf_ntohs((u16)ctx->user_port);
@@ -128,6 +172,30 @@ int ml_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* Why an IPv6 destination must not be redirected (0 = redirect it). */
+static __always_inline int ml_v6_bypass(struct ml_config *cfg, const u32 *dst, u16 port)
+{
+	struct ml_cidr6_key ck = {};
+
+	if (dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == bpf_htonl(1))
+		return ML_STAT_BYPASS_LOCAL;
+	if (!cfg->has_ip6)
+		return ML_STAT_BYPASS_NO_IP6;
+	if (dst[0] == cfg->redirect_ip6_be[0] && dst[1] == cfg->redirect_ip6_be[1] &&
+	    dst[2] == cfg->redirect_ip6_be[2] && dst[3] == cfg->redirect_ip6_be[3])
+		return ML_STAT_BYPASS_LOCAL;
+	if (ml_port_excluded(port))
+		return ML_STAT_BYPASS_PORT;
+	ck.prefixlen = 128;
+	ck.addr_be[0] = dst[0];
+	ck.addr_be[1] = dst[1];
+	ck.addr_be[2] = dst[2];
+	ck.addr_be[3] = dst[3];
+	if (ml_excl_cidr6.lookup(&ck))
+		return ML_STAT_BYPASS_CIDR;
+	return 0;
+}
+
 int ml_connect6(struct bpf_sock_addr *ctx)
 {
 	struct ml_config *cfg = NULL;
@@ -135,10 +203,10 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 	u64 cgid = 0;
 	u32 dst[4];
 	u16 port;
-	int mapped;
+	int mapped, bypass;
 
 	w = ml_enrolled_task(ctx, &cfg, &cgid);
-	if (!w)
+	if (!w && !cfg)
 		return 1;
 
 	dst[0] = ctx->user_ip6[0];
@@ -148,15 +216,17 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 	port = bpf_ntohs((u16)ctx->user_port);
 	/* ::ffff:a.b.c.d — an IPv4 connection made through an AF_INET6 socket */
 	mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff);
+	bypass = mapped ? ml_v4_bypass(cfg, dst[3], port) : ml_v6_bypass(cfg, dst, port);
+	if (!w)
+		return ml_unenrolled_verdict(cfg, cgid, bypass);
+	if (bypass) {
+		ml_count(bypass);
+		return 1;
+	}
 
 	if (mapped) {
 		u32 v4[4] = {dst[3], 0, 0, 0};
-		int bypass = ml_v4_bypass(cfg, dst[3], port);
 
-		if (bypass) {
-			ml_count(bypass);
-			return 1;
-		}
 		if (ml_l4_refused(w->workload_id, ML_AF_INET, v4, port))
 			return 0;
 		if (ml_record(ctx, ML_AF_INET, v4, port, cgid, w->workload_id) != 0)
@@ -167,36 +237,6 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 
-	if (dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == bpf_htonl(1)) {
-		ml_count(ML_STAT_BYPASS_LOCAL);
-		return 1;
-	}
-	if (!cfg->has_ip6) {
-		ml_count(ML_STAT_BYPASS_NO_IP6);
-		return 1;
-	}
-	if (dst[0] == cfg->redirect_ip6_be[0] && dst[1] == cfg->redirect_ip6_be[1] &&
-	    dst[2] == cfg->redirect_ip6_be[2] && dst[3] == cfg->redirect_ip6_be[3]) {
-		ml_count(ML_STAT_BYPASS_LOCAL);
-		return 1;
-	}
-	if (ml_port_excluded(port)) {
-		ml_count(ML_STAT_BYPASS_PORT);
-		return 1;
-	}
-	{
-		struct ml_cidr6_key ck = {};
-
-		ck.prefixlen = 128;
-		ck.addr_be[0] = dst[0];
-		ck.addr_be[1] = dst[1];
-		ck.addr_be[2] = dst[2];
-		ck.addr_be[3] = dst[3];
-		if (ml_excl_cidr6.lookup(&ck)) {
-			ml_count(ML_STAT_BYPASS_CIDR);
-			return 1;
-		}
-	}
 	if (ml_l4_refused(w->workload_id, ML_AF_INET6, dst, port))
 		return 0;
 	if (ml_record(ctx, ML_AF_INET6, dst, port, cgid, w->workload_id) != 0)

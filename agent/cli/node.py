@@ -1,5 +1,5 @@
 """The agent on this node: ``run`` it, ``doctor`` the kernel first, ask it for
-its ``status`` and its ``workloads``."""
+its ``status`` and its ``workloads``, ``uninstall`` it."""
 
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ from .common import OUTPUT, admin_get, admin_socket, agent_opts, die, echo_json,
 @click.option(
     "--keep-datapath",
     is_flag=True,
-    help="On SIGTERM, leave the pinned datapath and the proxy workers running so a "
-    "restarted agent adopts them (traffic keeps flowing meanwhile).",
+    hidden=True,
+    help="Accepted for older scripts: keeping the datapath is what every stop does now.",
 )
 def run(config_path: str, keep_datapath: bool) -> None:
     """Run the node agent in the foreground until SIGTERM/SIGINT.
 
     Checks the kernel first (as `meshlet doctor` does) and refuses to start,
     with the fix for each missing piece, rather than attach half a datapath.
+    A stop never opens the mesh: the pinned datapath and the proxy workers
+    stay, and a restarted agent adopts them. `meshlet uninstall` removes them.
     """
     cfg = load_config(config_path)
     logging.basicConfig(
@@ -41,9 +43,46 @@ def run(config_path: str, keep_datapath: bool) -> None:
     from ..datapath.loader import DatapathError
 
     try:
-        sys.exit(run_agent(cfg, keep_datapath=keep_datapath))
+        sys.exit(run_agent(cfg))
     except (AgentError, DatapathError) as e:
         die(str(e))
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The agent config of this node (its pin dir and run dir).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Uninstall even while pods are enrolled (their connections then go direct, in plaintext).",
+)
+@OUTPUT
+def uninstall(config_path: str, force: bool, output: str) -> None:
+    """Take meshlet off this node: stop the proxy workers a stopped agent left
+    running, detach and unpin the datapath. Refuses while the agent runs, and
+    while pods are enrolled unless --force."""
+    cfg = load_config(config_path)
+    from ..app import AgentError
+    from ..app import uninstall as do_uninstall
+
+    try:
+        res = do_uninstall(cfg, force=force)
+    except AgentError as e:
+        die(str(e))
+    if output == "json":
+        echo_json(res)
+        return
+    click.echo(
+        f"node {res['node']}: datapath {res['pin_dir']} "
+        f"{'removed' if res['datapath_removed'] else 'was not there'}, "
+        f"{res['proxy_workers_stopped']} proxy worker(s) stopped"
+        + (f", {n} pod(s) left the mesh (--force)" if (n := res["enrolled_pods_dropped"]) else "")
+    )
 
 
 @click.command()
@@ -90,6 +129,8 @@ def status(sock, node, output) -> None:
     for line in source_lines(inv.get("source") or {}):
         click.echo(f"  {line}")
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
+    if dp.get("guarded_cgroups"):
+        click.echo("unknown pods refused (EPERM) under: " + ", ".join(dp["guarded_cgroups"]))
     pol = st.get("policy") or {}
     if pol:
         click.echo(f"policies {pol.get('count')}, version {pol.get('version')}")
@@ -161,4 +202,4 @@ def source_lines(src: dict, now: float | None = None) -> list[str]:
     return out
 
 
-COMMANDS = [run, doctor, status, workloads]
+COMMANDS = [run, uninstall, doctor, status, workloads]

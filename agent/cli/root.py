@@ -22,6 +22,7 @@ def main() -> None:
     Start here:
       meshlet doctor                  does this node have what the datapath needs?
       meshlet run --config FILE       run the node agent (datapath + proxy + admin API)
+      meshlet uninstall --config FILE take meshlet off the node (a stop keeps the datapath)
       meshlet status                  ask a running agent what it is doing
       meshlet bpf status              what is pinned and attached (works without the agent)
       meshlet inventory validate F    check an inventory file offline

@@ -14,7 +14,7 @@ import ctypes
 import ipaddress
 import sys
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 AF_INET = 2
 AF_INET6 = 10
@@ -183,6 +183,11 @@ class MlMeta(ctypes.Structure):
     ]
 
 
+# ml_cgroup_guard values: a directory pods are created in (a task below it
+# that is not enrolled cannot connect), or a known pod out of the mesh.
+GUARD_DENY_UNKNOWN = 1
+GUARD_ALLOW = 2
+
 # enum ml_stat, in order
 STATS = [
     "redirect4",
@@ -201,6 +206,7 @@ STATS = [
     "flow_evicted",
     "flow_ringbuf_full",
     "policy_denied",
+    "unknown_denied",
 ]
 
 # map name -> (key type, value type); the privileged ABI test walks this.
@@ -215,6 +221,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "ml_excl_cidr6": (MlCidr6Key, ctypes.c_uint8),
     "ml_l4_policy": (MlL4Key, MlL4Verdict),
     "ml_l4_denied": (ctypes.c_uint32, ctypes.c_uint64),
+    "ml_cgroup_guard": (ctypes.c_uint64, ctypes.c_uint32),
     "ml_origdst": (ctypes.c_uint64, MlOrigDst),
     "ml_flows": (MlFlowKey, MlOrigDst),
     "ml_live_flows": (ctypes.c_uint64, MlFlow),
@@ -233,7 +240,7 @@ RINGBUFS: dict[str, type] = {
 # tests/privileged/test_abi.py compiles the header with bcc and a
 # _Static_assert per entry, so a value that drifts on either side fails to
 # compile; it also checks that every ML_ABI_VERSION/ML_AF_*/ML_MODE_*/
-# ML_ROLE_*/ML_FLOW_F_*/ML_L4_* define of the header is listed here.
+# ML_ROLE_*/ML_FLOW_F_*/ML_L4_*/ML_GUARD_* define of the header is listed here.
 CONSTANTS: dict[str, int] = {
     "ML_ABI_VERSION": ABI_VERSION,
     "ML_AF_INET": AF_INET,
@@ -249,6 +256,8 @@ CONSTANTS: dict[str, int] = {
     "ML_FLOW_F_EVICTED": FLOW_F_EVICTED,
     "ML_L4_PASS": L4_PASS,
     "ML_L4_DENY": L4_DENY,
+    "ML_GUARD_DENY_UNKNOWN": GUARD_DENY_UNKNOWN,
+    "ML_GUARD_ALLOW": GUARD_ALLOW,
     **{f"ML_STAT_{name.upper()}": i for i, name in enumerate(STATS)},
     "ML_STAT_MAX": len(STATS),
 }

@@ -37,6 +37,7 @@ MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 LINK_CREATE = 28
+LINK_UPDATE = 29
 LINK_GET_FD_BY_ID = 30
 LINK_DETACH = 34
 
@@ -327,6 +328,17 @@ def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL", expected_at
 def link_create(prog_fd: int, target_fd_or_ifindex: int, attach_type: int, flags: int = 0) -> int:
     """BPF_LINK_CREATE: cgroup links take a cgroup dir fd, tcx links an ifindex."""
     return bpf(LINK_CREATE, _attr("=IIII", prog_fd, target_fd_or_ifindex, attach_type, flags))
+
+
+F_REPLACE = 1 << 2  # BPF_F_REPLACE: LINK_UPDATE only if the link still runs old_prog_fd
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
+    """BPF_LINK_UPDATE: swap the program a link runs, atomically (each packet
+    or connect sees the old or the new program, never none).  With
+    ``old_prog_fd`` the kernel refuses (EPERM) unless the link ran that one."""
+    flags = F_REPLACE if old_prog_fd is not None else 0
+    bpf(LINK_UPDATE, _attr("=IIII", link_fd, new_prog_fd, flags, old_prog_fd or 0))
 
 
 def prog_query(target_fd_or_ifindex: int, attach_type: int, max_progs: int = 64) -> list[int]:

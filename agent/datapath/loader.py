@@ -20,6 +20,7 @@ through the plain bpf(2) syscall (bpfsys).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -157,17 +158,24 @@ class Datapath:
     # --- lifecycle ---------------------------------------------------------
 
     def open(self) -> str:
-        """Adopt a matching pinned datapath or load a fresh one.  Returns
-        'adopted' or 'loaded'.  On failure nothing stays attached."""
+        """Adopt a matching pinned datapath, upgrade a running one built from
+        other C in place, or load a fresh one.  Returns 'adopted',
+        'upgraded' or 'loaded'.  On failure a datapath that was running
+        keeps running unchanged, and a fresh load leaves nothing attached."""
         os.makedirs(self.spec.pin_dir, exist_ok=True)
         rendered = render(self.spec)
         if self._adoptable(rendered):
             self._open_maps()
             self.how = "adopted"
             log.info("adopted pinned datapath in %s", self.spec.pin_dir)
+        elif self._attached():
+            # Another version of the C is running: never take it down first.
+            self._upgrade(rendered)
+            self.how = "upgraded"
         else:
             if os.listdir(self.spec.pin_dir):
-                log.info("pinned datapath in %s is stale or incomplete; reloading", self.spec.pin_dir)
+                # Nothing attached: removing the leftovers opens nothing.
+                log.info("pinned datapath in %s is incomplete and detached; reloading", self.spec.pin_dir)
                 self.teardown()
                 os.makedirs(self.spec.pin_dir, exist_ok=True)
             try:
@@ -240,7 +248,9 @@ class Datapath:
             return False
         return True
 
-    def _load(self, rendered: Rendered) -> None:
+    def _compile(self, rendered: Rendered):
+        """bcc's BPF object for ``rendered`` (maps created or reused through
+        their pins); the caller calls ``cleanup()``."""
         try:
             from bcc import BPF  # heavy (LLVM, ~60 MB): imported only when compiling
         except ImportError as e:
@@ -249,22 +259,38 @@ class Datapath:
                 "with --system-site-packages (run the README's bootstrap)"
             ) from e
         try:
-            b = BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
+            return BPF(text=rendered.text.encode(), cflags=list(rendered.cflags))
         except Exception as e:
             raise DatapathError(
                 f"bcc failed to compile the datapath: {e}; run 'meshlet doctor' "
                 "(kernel headers under /lib/modules/$(uname -r)/build?)"
             ) from e
+
+    def _load_progs(self, b) -> dict[str, int]:
+        """Load (and so verify) every program: name -> fd (owned by ``b``)."""
+        from bcc import BPF
+
+        progs = {}
         try:
-            progs = {}
-            hooks = cgroup_hooks(self.spec)
-            for h in hooks:
+            for h in cgroup_hooks(self.spec):
                 if h.prog_type == bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR:
                     fn = b.load_func(h.name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=h.attach_type)
                 else:
                     fn = b.load_func(h.name.encode(), BPF.SOCK_OPS)
                 progs[h.name] = fn.fd
             progs[TC_PROG] = b.load_func(TC_PROG.encode(), BPF.SCHED_CLS).fd
+        except Exception as e:
+            raise DatapathError(
+                f"the kernel refused the datapath's programs: {e}; run 'meshlet doctor' "
+                "(the verifier's log is above)"
+            ) from e
+        return progs
+
+    def _load(self, rendered: Rendered) -> None:
+        b = self._compile(rendered)
+        try:
+            progs = self._load_progs(b)
+            hooks = cgroup_hooks(self.spec)
             os.makedirs(os.path.join(self.spec.pin_dir, "progs"), exist_ok=True)
             os.makedirs(os.path.join(self.spec.pin_dir, "links"), exist_ok=True)
             for name, fd in progs.items():
@@ -296,6 +322,161 @@ class Datapath:
         log.info(
             "datapath compiled, loaded and pinned in %s (cgroup %s)", self.spec.pin_dir, self.spec.cgroup
         )
+
+    # --- upgrade in place: the new programs replace the old ones atomically ----
+
+    def _attached(self) -> bool:
+        """A pinned cgroup link of this pin dir is attached to the node cgroup
+        (a datapath is running, whatever its version)."""
+        links = os.path.join(self.spec.pin_dir, "links")
+        try:
+            cgid = cg.cgroup_id(self.spec.cgroup)
+            names = os.listdir(links)
+        except OSError:
+            return False
+        for name in names:
+            if name.startswith("cgroup-"):
+                info = _pinned_link_info(os.path.join(links, name))
+                if info is not None and info.target == cgid:
+                    return True
+        return False
+
+    def _probe_layouts(self) -> dict[str, bpfsys.MapInfo]:
+        """The map layouts the new C asks for: compiled once into a scratch
+        pin dir (fresh maps, no program loaded or attached), read, removed."""
+        scratch = os.path.join(self.spec.pin_dir, "staging")  # bpffs names take no dots
+        remove_pins(scratch)
+        os.makedirs(scratch)
+        try:
+            b = self._compile(render(dataclasses.replace(self.spec, pin_dir=scratch)))
+            b.cleanup()
+            return map_layouts(scratch)
+        finally:
+            remove_pins(scratch)
+
+    def _upgrade(self, rendered: Rendered) -> None:
+        """Replace the running programs with ``rendered``'s without a window:
+        maps whose layout is unchanged are shared (bcc reuses their pins),
+        maps that only grew or shrank are migrated (a new map at the pin,
+        entries copied before the swap and again after it), then every link
+        is switched to its new program with BPF_LINK_UPDATE.  The new
+        programs are compiled and verified before anything changes; any
+        failure before the swap puts the old pins back and leaves the
+        running datapath as it was."""
+        pd = self.spec.pin_dir
+        plan = plan_upgrade(map_layouts(pd), self._probe_layouts())
+        moved: dict[str, tuple[int, bpfsys.MapInfo]] = {}  # migrated map -> (old fd, old layout)
+        try:
+            for name in plan.migrate:
+                path = os.path.join(pd, name)
+                fd = bpfsys.obj_get(path)
+                moved[name] = (fd, bpfsys.map_info(fd))
+                os.unlink(path)  # the old programs keep their reference
+            b = self._compile(rendered)
+        except BaseException:
+            _restore_pins(pd, moved)
+            for ofd, _ in moved.values():
+                os.close(ofd)
+            raise
+        try:
+            try:
+                progs = self._load_progs(b)
+                self._open_maps()
+                for name, (ofd, oinfo) in moved.items():
+                    n = copy_map(ofd, self.maps[name], oinfo, bpfsys.BPF_ANY)
+                    log.info("upgrade: map %s migrated (%d entries copied)", name, n)
+                self.write_config(enabled=True)
+                self.sync_excludes()
+            except BaseException:
+                self.close()
+                _restore_pins(pd, moved)
+                raise
+            self._swap(progs)
+            # What the old programs wrote between the copy and the swap.
+            for name, (ofd, oinfo) in moved.items():
+                if oinfo.type in _HASH_TYPES:
+                    copy_map(ofd, self.maps[name], oinfo, bpfsys.BPF_NOEXIST)
+            for name in plan.dropped:
+                try:
+                    os.unlink(os.path.join(pd, name))
+                except FileNotFoundError:
+                    pass
+            meta = abi.MlMeta(rendered.source_hash, abi.ABI_VERSION, 0)
+            bpfsys.map_update(self.maps["ml_meta"], bytes(ctypes.c_uint32(0)), bytes(meta))
+        finally:
+            b.cleanup()
+            for ofd, _ in moved.values():
+                os.close(ofd)
+        log.info(
+            "datapath upgraded in place in %s: %d maps shared, %d migrated, %d new; programs swapped",
+            pd,
+            len(plan.shared),
+            len(plan.migrate),
+            len(plan.created),
+        )
+
+    def _swap(self, progs: dict[str, int]) -> None:
+        """Point every link at its new program (BPF_LINK_UPDATE), attach the
+        hooks that had no link, detach the ones this spec no longer wants,
+        and re-pin progs/ with the new programs."""
+        pd = self.spec.pin_dir
+        links = os.path.join(pd, "links")
+        os.makedirs(links, exist_ok=True)
+        hooks = cgroup_hooks(self.spec)
+        cgid = cg.cgroup_id(self.spec.cgroup)
+        cgfd = self._cgroup_fd()
+        try:
+            for h in hooks:
+                path = os.path.join(links, f"cgroup-{h.name}")
+                info = _pinned_link_info(path)
+                try:
+                    if info is not None and info.target == cgid and info.attach_type == h.attach_type:
+                        lfd = bpfsys.obj_get(path)
+                        try:
+                            bpfsys.link_update(lfd, progs[h.name])
+                        finally:
+                            os.close(lfd)
+                        continue
+                    _detach_pinned_link(path)
+                    lfd = bpfsys.link_create(progs[h.name], cgfd, h.attach_type)
+                except OSError as e:
+                    raise DatapathError(
+                        f"upgrade: cannot switch {h.name} on {self.spec.cgroup} to its new program: "
+                        f"{e.strerror or e}; hooks not switched yet keep the previous version "
+                        "(nothing is detached). Start the agent again to finish, or run 'meshlet doctor'"
+                    ) from e
+                try:
+                    bpfsys.obj_pin(lfd, path)
+                finally:
+                    os.close(lfd)
+        finally:
+            os.close(cgfd)
+        wanted = {f"cgroup-{h.name}" for h in hooks}
+        for name in os.listdir(links):
+            path = os.path.join(links, name)
+            if name.startswith("cgroup-") and name not in wanted:
+                _detach_pinned_link(path)
+            elif name.startswith("tc-"):
+                try:
+                    lfd = bpfsys.obj_get(path)
+                    try:
+                        bpfsys.link_update(lfd, progs[TC_PROG])
+                    finally:
+                        os.close(lfd)
+                except OSError as e:  # e.g. its interface is gone: sync_tc drops it
+                    log.warning("upgrade: tc link %s keeps its old program: %s", name, e)
+        pdir = os.path.join(pd, "progs")
+        os.makedirs(pdir, exist_ok=True)
+        for name in os.listdir(pdir):
+            if name not in progs:
+                os.unlink(os.path.join(pdir, name))
+        for name, fd in progs.items():
+            path = os.path.join(pdir, name)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            bpfsys.obj_pin(fd, path)
 
     def _open_maps(self) -> None:
         self.close()
@@ -347,6 +528,41 @@ class Datapath:
         a = _sync_map(self.maps["ml_enrolled"], 8, enrolled)
         b = _sync_map(self.maps["ml_pod_ips"], ctypes.sizeof(abi.MlIpKey), ips)
         return {"enrolled_changed": a, "pod_ips_changed": b}
+
+    def sync_guard(self, deny_roots: set[int], allow: set[int]) -> dict[str, int]:
+        """ml_cgroup_guard: add a DENY_UNKNOWN entry for every cgroup id in
+        ``deny_roots`` (the directories pods are created in) and make the
+        ALLOW entries exactly ``allow`` (pods listed with mesh: false).
+        DENY_UNKNOWN entries are never removed here: a directory the agent
+        once saw pods in stays guarded until ``meshlet uninstall`` (cgroup
+        ids are never reused, so a removed directory's entry is inert).
+        Returns what changed."""
+        fd = self.maps["ml_cgroup_guard"]
+        deny = bytes(ctypes.c_uint32(abi.GUARD_DENY_UNKNOWN))
+        allow_v = bytes(ctypes.c_uint32(abi.GUARD_ALLOW))
+        have = {}
+        for k in bpfsys.map_keys(fd, 8):
+            v = bpfsys.map_lookup(fd, k, 4)
+            if v is not None:
+                have[ctypes.c_uint64.from_buffer_copy(k).value] = v
+        added = removed = 0
+        for cgid in sorted(allow):  # known pods first: never refused as unknown
+            if have.get(cgid) != allow_v:
+                bpfsys.map_update(fd, bytes(ctypes.c_uint64(cgid)), allow_v)
+                added += 1
+        for cgid in sorted(deny_roots - allow):
+            if have.get(cgid) != deny:
+                bpfsys.map_update(fd, bytes(ctypes.c_uint64(cgid)), deny)
+                added += 1
+        for cgid, v in have.items():
+            if v == allow_v and cgid not in allow:
+                try:
+                    bpfsys.map_delete(fd, bytes(ctypes.c_uint64(cgid)))
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                removed += 1
+        return {"guard_added": added, "guard_removed": removed}
 
     def sync_l4(self, entries: L4Entries) -> dict[str, int]:
         """Make ml_l4_policy hold exactly ``entries``, in an order that never
@@ -482,6 +698,163 @@ def _pinned_prog_info(path: str) -> bpfsys.ProgInfo | None:
         return None
     try:
         return bpfsys.prog_info(fd)
+    finally:
+        os.close(fd)
+
+
+# Maps that processes other than the programs hold open by fd (proxy
+# workers: origdst.py, flowtable.py): replacing one would leave them reading
+# a map nobody writes, so an upgrade must share these.
+HELD_BY_FD = frozenset({"ml_flows", "ml_flow_links", f"{abi.EVENTS_DIR}/ml_flow_events"})
+_HASH_TYPES = frozenset({1, 5, 9, 10, 11})  # hash, percpu_hash, lru_hash, lru_percpu_hash, lpm_trie
+_PERCPU_TYPES = frozenset({5, 6, 10})  # percpu_hash, percpu_array, lru_percpu_hash
+
+
+@dataclass(frozen=True)
+class UpgradePlan:
+    """What an in-place upgrade does with each pinned map (names as pinned,
+    ring buffers as ``events/<name>``)."""
+
+    shared: tuple[str, ...]  # same layout: the new programs use the pinned map
+    migrate: tuple[str, ...]  # same key and value, other size or flags: new map, entries copied
+    created: tuple[str, ...]  # new in this version
+    dropped: tuple[str, ...]  # no longer used: unpinned after the swap
+
+
+def _layout(i: bpfsys.MapInfo) -> str:
+    return (
+        f"{i.type_name} key {i.key_size} B, value {i.value_size} B, "
+        f"{i.max_entries} entries, flags {i.flags:#x}"
+    )
+
+
+def plan_upgrade(old: dict[str, bpfsys.MapInfo], new: dict[str, bpfsys.MapInfo]) -> UpgradePlan:
+    """How to carry the pinned maps ``old`` over to the layouts ``new``
+    (pure).  Raises DatapathError, naming the map and both layouts, when a
+    map cannot be carried over without a migration written for it (its key
+    or value layout changed, or other processes hold it open)."""
+    shared, migrate, created = [], [], []
+    for name, n in sorted(new.items()):
+        o = old.get(name)
+        if o is None:
+            created.append(name)
+        elif (o.type, o.key_size, o.value_size, o.max_entries, o.flags) == (
+            n.type,
+            n.key_size,
+            n.value_size,
+            n.max_entries,
+            n.flags,
+        ):
+            shared.append(name)
+        elif (o.type, o.key_size, o.value_size) == (n.type, n.key_size, n.value_size) and (
+            name not in HELD_BY_FD
+        ):
+            migrate.append(name)
+        else:
+            raise DatapathError(
+                f"cannot upgrade the running datapath in place: pinned map {name} is "
+                f"{_layout(o)}, this version needs {_layout(n)}"
+                + (" and the proxy workers hold it open" if name in HELD_BY_FD else "")
+                + ". The running datapath was left as it was. Keep the previous meshlet version, "
+                "or schedule a window: stop the agent, 'meshlet uninstall --force', start this version"
+            )
+    dropped = sorted(set(old) - set(new))
+    return UpgradePlan(tuple(shared), tuple(migrate), tuple(created), tuple(dropped))
+
+
+def map_layouts(pin_dir: str) -> dict[str, bpfsys.MapInfo]:
+    """The layout of every map pinned in ``pin_dir`` (and its ring buffers,
+    as ``events/<name>``)."""
+    out = {}
+    events = os.path.join(pin_dir, abi.EVENTS_DIR)
+    for d, prefix in ((pin_dir, ""), (events, f"{abi.EVENTS_DIR}/")):
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+            path = os.path.join(d, name)
+            if os.path.isdir(path):
+                continue
+            fd = bpfsys.obj_get(path)
+            try:
+                out[prefix + name] = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+    return out
+
+
+def copy_map(src: int, dst: int, info: bpfsys.MapInfo, flags: int) -> int:
+    """Copy every entry of map ``src`` (layout ``info``) into ``dst`` (same
+    key and value layout); entries ``dst`` refuses (full, out of range,
+    already there under BPF_NOEXIST) are skipped.  Returns entries copied."""
+    vsz = info.value_size
+    if info.type in _PERCPU_TYPES:
+        vsz = (vsz + 7) // 8 * 8 * possible_cpus()
+    n = 0
+    for k in list(bpfsys.map_keys(src, info.key_size, limit=info.max_entries + 1)):
+        v = bpfsys.map_lookup(src, k, vsz)
+        if v is None:
+            continue
+        try:
+            bpfsys.map_update(dst, k, v, flags)
+            n += 1
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.E2BIG, errno.ENOSPC):
+                raise
+    return n
+
+
+def _restore_pins(pin_dir: str, moved: dict[str, tuple[int, bpfsys.MapInfo]]) -> None:
+    """Put the old maps back at their pins after a failed upgrade."""
+    for name, (fd, _) in moved.items():
+        path = os.path.join(pin_dir, name)
+        try:
+            os.unlink(path)  # a new map bcc may have pinned there
+        except FileNotFoundError:
+            pass
+        bpfsys.obj_pin(fd, path)
+
+
+def pinned_summary(pin_dir: str, cgroup_dir: str) -> dict:
+    """What is pinned at ``pin_dir`` (``meshlet doctor``): present, attached
+    to ``cgroup_dir``, its ABI version (None: unreadable), pods enrolled and
+    cgroup directories guarded."""
+    out: dict = {"present": os.path.isdir(pin_dir), "attached": False, "abi_version": None}
+    out["enrolled"] = enrolled_count(pin_dir)
+    out["guarded"] = 0
+    if not out["present"]:
+        return out
+    out["attached"] = Datapath(DatapathSpec("", pin_dir, cgroup_dir, "0.0.0.0", None, 0, 0))._attached()
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_meta"))
+        try:
+            raw = bpfsys.map_lookup(fd, bytes(ctypes.c_uint32(0)), ctypes.sizeof(abi.MlMeta))
+        finally:
+            os.close(fd)
+        if raw:
+            out["abi_version"] = abi.MlMeta.from_buffer_copy(raw).abi_version
+    except OSError:
+        pass
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_cgroup_guard"))
+    except OSError:
+        return out
+    try:
+        out["guarded"] = sum(
+            1
+            for k in bpfsys.map_keys(fd, 8)
+            if bpfsys.map_lookup(fd, k, 4) == bytes(ctypes.c_uint32(abi.GUARD_DENY_UNKNOWN))
+        )
+    finally:
+        os.close(fd)
+    return out
+
+
+def enrolled_count(pin_dir: str) -> int:
+    """Pods enrolled in the datapath pinned at ``pin_dir`` (0: none, or no datapath)."""
+    try:
+        fd = bpfsys.obj_get(os.path.join(pin_dir, "ml_enrolled"))
+    except OSError:
+        return 0
+    try:
+        return sum(1 for _ in bpfsys.map_keys(fd, 8))
     finally:
         os.close(fd)
 

@@ -245,15 +245,12 @@ class Mesh:
             self.wait_ready(name, timeout=timeout)
         return self
 
-    def start_agent(
-        self, name: str, *, keep_datapath: bool = True, wait: bool = True, timeout: float = 90
-    ) -> subprocess.Popen:
-        """Start the agent of node ``name``.  ``keep_datapath`` defaults to
-        True so tests can SIGKILL/SIGTERM and restart; teardown cleans up."""
+    def start_agent(self, name: str, *, wait: bool = True, timeout: float = 90) -> subprocess.Popen:
+        """Start the agent of node ``name``.  A stop (SIGTERM or SIGKILL)
+        leaves the datapath and the proxy workers in place for the next
+        agent; :meth:`uninstall` or teardown removes them."""
         ap = self.agents[name]
         argv = [sys.executable, "-m", "agent.cli", "run", "--config", ap.config]
-        if keep_datapath:
-            argv.append("--keep-datapath")
         logf = open(ap.log_path, "ab")
         try:
             ap.popen = ap.node.popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=_env())
@@ -263,9 +260,16 @@ class Mesh:
             self.wait_ready(name, timeout=timeout)
         return ap.popen
 
+    def uninstall(self, name: str, *, force: bool = False) -> subprocess.CompletedProcess:
+        """``meshlet uninstall`` on node ``name`` (output captured, not checked)."""
+        argv = [sys.executable, "-m", "agent.cli", "uninstall", "--config", self.agents[name].config]
+        return self.agents[name].node.run(
+            argv + (["--force"] if force else []), check=False, timeout=60, env=_env()
+        )
+
     def reconfigure(self, timeout: float = 90, **changes: Any) -> None:
         """Change Mesh settings, rewrite the configs and restart every agent
-        (SIGTERM with --keep-datapath: the datapath and proxies stay up and
+        (SIGTERM: the datapath and proxies stay up and
         the new agents adopt them, then publish the new proxy state)."""
         for k, v in changes.items():
             if not hasattr(self, k):

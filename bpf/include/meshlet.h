@@ -35,11 +35,17 @@
 #ifndef ML_MAX_L4_POLICIES          /* ml_l4_denied: per-policy refusal counters */
 #define ML_MAX_L4_POLICIES 1024
 #endif
+#ifndef ML_MAX_GUARDS               /* ml_cgroup_guard entries */
+#define ML_MAX_GUARDS (ML_MAX_WORKLOADS + 256)
+#endif
+#ifndef ML_MAX_CGROUP_DEPTH         /* cgroup levels the guard walks up from a task */
+#define ML_MAX_CGROUP_DEPTH 16
+#endif
 #ifndef ML_FLOW_TRACKING            /* 0: compile without the ml_flows program */
 #define ML_FLOW_TRACKING 1
 #endif
 
-#define ML_ABI_VERSION 3
+#define ML_ABI_VERSION 4
 #define ML_PIN(name) ML_PIN_DIR "/" #name
 
 #define ML_AF_INET 2
@@ -172,6 +178,17 @@ struct ml_l4_verdict {
 	__u8 pad[3];
 };
 
+/* ml_cgroup_guard: cgroup id -> ML_GUARD_*.  Pods started while the agent
+ * is down (or before it has seen them) must not get a plaintext path: a TCP
+ * connect() from a task that is not enrolled is refused (EPERM) when the
+ * nearest of its cgroup and that cgroup's ancestors found here is a
+ * DENY_UNKNOWN entry (the directories the node's pod cgroups are created
+ * in); an ALLOW entry (a pod the inventory lists with mesh: false) lets it
+ * through.  Loopback and excluded ports/CIDRs pass as they do for enrolled
+ * pods.  Kept in bpffs, so it holds while no agent runs. */
+#define ML_GUARD_DENY_UNKNOWN 1
+#define ML_GUARD_ALLOW 2
+
 struct ml_meta {
 	__u64 source_hash;          /* hash of the compiled text + cflags */
 	__u32 abi_version;
@@ -196,6 +213,7 @@ enum ml_stat {
 	ML_STAT_FLOW_EVICTED,       /* a tracked flow's live entry was gone at close (LRU) */
 	ML_STAT_FLOW_RINGBUF_FULL,  /* a closed flow was lost: ring buffer reserve failed */
 	ML_STAT_POLICY_DENIED,      /* connect() refused by an ml_l4_policy DENY entry */
+	ML_STAT_UNKNOWN_DENIED,     /* connect() refused: a cgroup under the pods' subtree not enrolled */
 	ML_STAT_MAX,
 };
 
@@ -207,6 +225,7 @@ BPF_TABLE_PINNED("hash", struct ml_ip_key, struct ml_workload, ml_pod_ips, ML_MA
 BPF_TABLE_PINNED("hash", u16, u8, ml_excl_ports, ML_MAX_EXCLUDES, ML_PIN(ml_excl_ports));
 BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr4_key, u8, ml_excl_cidr4, ML_MAX_EXCLUDES, ML_PIN(ml_excl_cidr4), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED7("lpm_trie", struct ml_cidr6_key, u8, ml_excl_cidr6, ML_MAX_EXCLUDES, ML_PIN(ml_excl_cidr6), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u64, u32, ml_cgroup_guard, ML_MAX_GUARDS, ML_PIN(ml_cgroup_guard));
 BPF_TABLE_PINNED("hash", struct ml_l4_key, struct ml_l4_verdict, ml_l4_policy, ML_MAX_L4_RULES, ML_PIN(ml_l4_policy));
 /* ml_l4_denied: policy_id -> connects refused (kept across policy changes;
  * ids are the agent's stable hash of "namespace/name") */

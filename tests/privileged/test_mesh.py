@@ -237,9 +237,10 @@ def test_removed_pod_is_no_longer_redirected(mesh):
         set_inventory(mesh, doc)
         wait_for(lambda: all(e["pod"] != "default/pod1-1"
                              for e in mesh.status("node1")["enrolled"]), "pod1-1 unenrolled")
-        r = transfer(mesh, "pod1-1", ip_of(mesh, "pod1-2"), up=1 << 20, down=1 << 20)
-        assert r["ok"], r
-        assert r["server_saw_peer"] == ip_of(mesh, "pod1-1")
+        # Unknown under the pods' cgroup subtree now: refused, never direct
+        # (tests/privileged/test_lifecycle.py; mesh: false lets a pod out).
+        r = probe(mesh, "pod1-1", ip_of(mesh, "pod1-2"), 7001)
+        assert r["result"] == "connect_error" and r["errno"] == 1, r  # EPERM
     finally:
         mesh.write_inventory()
         wait_for(lambda: any(e["pod"] == "default/pod1-1"
@@ -327,18 +328,21 @@ def test_bpf_status_cli_reads_pins(mesh):
     assert maps["ml_pod_ips"]["entries"] == 4  # two pods, IPv4 + IPv6 each
 
 
-def test_sigterm_without_keep_removes_everything():
+def test_uninstall_after_a_stop_removes_everything():
     cluster = Cluster(nodes=1, pods_per_node=1).up()
     m = Mesh(cluster)
     try:
         m.init_ca()
         m.write_inventory()
         m.write_configs()
-        m.start_agent("node1", keep_datapath=False)
+        m.start_agent("node1")
         ap = m.agents["node1"]
         proxies = m.proxy_pids("node1")
         assert os.path.isdir(ap.pin_dir) and proxies
         assert m.stop_agent("node1", signal.SIGTERM) == 0
+        assert os.path.isdir(ap.pin_dir)  # a stop never opens the mesh (tests/privileged/test_lifecycle.py)
+        r = m.uninstall("node1", force=True)
+        assert r.returncode == 0, r.stderr
         assert not os.path.exists(ap.pin_dir)
         assert all(len(ids) == 0 for ids in attachments(m, "node1").values())
         for pid in proxies:

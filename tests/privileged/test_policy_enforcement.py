@@ -92,7 +92,10 @@ def delete(mesh, *names: str) -> None:
 
 
 def probe(mesh, src: str, dst: str, port: int = 7001) -> str:
-    return probe_ip(mesh, src, ip_of(mesh, dst), port, timeout=5)["result"]
+    r = probe_ip(mesh, src, ip_of(mesh, dst), port, timeout=5)
+    # A same-node proxy can reset before connect() has returned (ECONNRESET
+    # from the connect itself): that is the same refusal.
+    return "reset" if r["result"] == "connect_error" and r.get("errno") == 104 else r["result"]
 
 
 def until(mesh, src: str, dst: str, want: tuple[str, ...], port: int = 7001) -> str:

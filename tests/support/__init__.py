@@ -12,5 +12,7 @@
 - ``admin``: the agent's admin server in its own thread, for CLI tests.
 - ``mutate``: structural mutations of parsed YAML (Hypothesis loader tests).
 - ``privileged``: guards and helpers of the privileged tier (root, netns,
-  simulated clusters); ``podhttpd``: the HTTP server run inside pods.
+  simulated clusters); ``podhttpd``: the HTTP server run inside pods;
+  ``connload``: connection load from a pod that counts where each connection
+  went (meshed, bypassed, refused, reset).
 """

@@ -152,6 +152,7 @@ COMMAND_TREE = {
     "services": (*AGENT, TABLE_WIDE_JSON),
     "stats": (*AGENT, "--from", "--to", TABLE_JSON),
     "status": (*AGENT, TABLE_JSON),
+    "uninstall": ("--config", "--force", TABLE_JSON),
     "workloads": (*AGENT, TABLE_JSON),
 }
 

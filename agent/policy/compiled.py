@@ -86,9 +86,9 @@ def _enc(v: Any) -> Any:
     if isinstance(v, int):
         return v
     if isinstance(v, StringMatch):
-        return ["s", v.kind.value, v.value, v.ignore_case]
+        return ["s", v.kind._value_, v.value, v.ignore_case]  # _value_: no enum descriptor
     if isinstance(v, PrincipalMatch):
-        return ["p", v.written, v.match.kind.value, v.match.value]
+        return ["p", v.written, v.match.kind._value_, v.match.value]
     if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return ["n", str(v)]
     raise TypeError(f"cannot encode {v!r}")
@@ -127,7 +127,7 @@ def _rule(r: Rule) -> dict:
         out["operations"] = [_fields(o, _OP_FIELDS) for o in r.operations]
     if r.conditions:
         out["conditions"] = [
-            {"key": c.key.value, "header": c.header, **_fields(c, ("values", "not_values"))}
+            {"key": c.key._value_, "header": c.header, **_fields(c, ("values", "not_values"))}
             for c in r.conditions
         ]
     return out
@@ -138,7 +138,7 @@ def to_data(p: Policy) -> dict:
     return {
         "namespace": p.namespace,
         "name": p.name,
-        "action": p.action.value,
+        "action": p.action._value_,
         "selector": dict(p.selector),
         "apiVersion": p.api_version,
         "origin": p.origin,

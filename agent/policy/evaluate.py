@@ -642,17 +642,17 @@ class L4Plan:
         (its HTTP fields, if any, are not looked at).  ``allow``/``deny`` are
         final for every request the connection could carry."""
         for r in self.deny:
-            if rule_mismatch(r.match, conn) is None:
+            if rule_matches(r.match, conn):
                 return L4Verdict("deny", r.ref, f"denied at L4 by {r.ref}")
-        maybe_denied = next((r for r in self.l7_deny if rule_mismatch(r.match, conn) is None), None)
+        maybe_denied = next((r for r in self.l7_deny if rule_matches(r.match, conn)), None)
         if self.allow is None:
             allow_side = L4Verdict("allow", None, "no ALLOW policy applies")
         else:
-            hit = next((r for r in self.allow if rule_mismatch(r.match, conn) is None), None)
+            hit = next((r for r in self.allow if rule_matches(r.match, conn)), None)
             if hit is not None:
                 allow_side = L4Verdict("allow", hit.ref, f"allowed at L4 by {hit.ref}")
             else:
-                l7hit = next((r for r in self.l7_allow if rule_mismatch(r.match, conn) is None), None)
+                l7hit = next((r for r in self.l7_allow if rule_matches(r.match, conn)), None)
                 if l7hit is None:
                     return L4Verdict("deny", None, "no ALLOW rule can match this connection")
                 allow_side = L4Verdict("l7", l7hit.ref, f"{l7hit.ref} may allow it, depending on the request")

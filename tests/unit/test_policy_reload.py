@@ -18,6 +18,7 @@ import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent import yamlsrc
 from agent.policy import load as policy_load
@@ -165,3 +166,38 @@ def test_a_policy_reload_builds_the_local_pods_indexes_before_the_swap(tmp_path)
     w = PolicyWatcher(str(tmp_path / COMPILED_FILE), lambda: pods)
     assert w.current.version == s.policyset.version
     assert {k for k in w.current._compiled} == {(ns, frozenset(lb.items())) for ns, lb in pods}
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**20),
+    st.sampled_from(["8080", "yes", "No", "null", "~", "true", "1.5", ".inf", "0x1F", "*", "/admin*", "*.json",
+                     "a: b", "a #b", "- x", "[x]", "{x}", "'q'", '"q"', "", " lead", "trail ", "multi\nline",
+                     "tab\there", "ünïcode", "\u2028", "cluster.local/ns/shop/sa/web", "@x", "%x", "!x", "&a",
+                     "|", ">", "?", "=", "<<"]),
+    st.text(max_size=12),
+)
+_plain_docs = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(["on", "8080", "a b", "kind"])), inner,
+                    max_size=4),
+), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(max_size=8), _plain_docs, min_size=1, max_size=5))
+def test_the_stores_yaml_emitter_reads_back_as_the_same_data(doc):
+    from agent.policy.store import _dump
+
+    assert yamlsrc.load_plain_all(_dump(doc)) == [doc]
+
+
+def test_documents_as_data_come_from_the_parsed_nodes_as_safe_load_gives_them():
+    import yaml
+
+    from agent.policy.load import authorization_kind, collect_documents
+
+    for f in sorted(REPO_POLICIES.glob("*.yaml")):
+        plain: list = []
+        collect_documents([(str(f), f.read_text())], [authorization_kind()], plain=plain)
+        assert plain == [d for d in yaml.safe_load_all(f.read_text()) if d is not None]
+

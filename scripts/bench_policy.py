@@ -404,7 +404,8 @@ def print_tables(res: dict) -> None:
           f"{n['normalize_path_tricky_us']} µs); building the Request: {n['request_build_us']} µs")
     if "cli_apply" in res:
         c = res["cli_apply"]
-        print(f"\nEnd to end, `meshlet policy apply` of {c['rules']:,} rules to both agents of a 2-node mesh:")
+        print(f"\nEnd to end, `meshlet policy apply` of {c['rules']:,} rules to both agents "
+              "of a 2-node mesh:")
         print(f"  CLI returned        median {c['cli_returned']['median_s']:>6.2f} s   "
               f"runs {c['cli_returned']['runs']}")
         print(f"  proxies on new set  median {c['proxies_on_new_set']['median_s']:>6.2f} s   "

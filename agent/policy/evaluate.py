@@ -517,13 +517,13 @@ def workload_index(policyset: PolicySet, namespace: str, labels: Mapping[str, st
 MAX_INDEXED_WORKLOADS = 512
 
 
-def _candidates(idx: RuleIndex, req: Request) -> Iterable[Entry]:
+def _candidates(idx: RuleIndex[Entry], req: Request) -> Iterable[Entry]:
     if req.is_http:
         return idx.candidates(req.destination_port, req.principal, req.source_namespace, req.method, req.path)
     return idx.candidates(req.destination_port, req.principal, req.source_namespace)
 
 
-def _first(idx: RuleIndex, req: Request, drop_l7: bool) -> Entry | None:
+def _first(idx: RuleIndex[Entry], req: Request, drop_l7: bool) -> Entry | None:
     """The first rule of ``idx`` (evaluation order) that matches ``req``."""
     if not idx.entries:
         return None
@@ -609,6 +609,16 @@ class L4Rule:
     l7: bool
     """The original rule had HTTP-only fields."""
 
+    @property
+    def rule(self) -> Rule:
+        """What is matched (for :class:`~agent.policy.index.RuleIndex`)."""
+        return self.match
+
+
+#: Longer L4 rule lists are looked up through a RuleIndex (the kernel compile
+#: asks a plan once per source, destination and port).
+_L4_INDEX_MIN = 16
+
 
 @dataclass(frozen=True)
 class L4Verdict:
@@ -631,6 +641,17 @@ class L4Plan:
     """ALLOW rules without HTTP-only fields; None when no ALLOW policy applies."""
     l7_allow: tuple[L4Rule, ...]
     """ALLOW rules with HTTP-only fields (L4 part)."""
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _first(self, which: str, rules: tuple[L4Rule, ...], conn: Request) -> L4Rule | None:
+        """The first of ``rules`` matching ``conn`` (through an index when long)."""
+        if len(rules) < _L4_INDEX_MIN:
+            return next((r for r in rules if rule_matches(r.match, conn)), None)
+        idx = self._index.get(which)
+        if idx is None:
+            idx = self._index[which] = RuleIndex(rules, False)
+        cands = idx.candidates(conn.destination_port, conn.principal, conn.source_namespace)
+        return next((r for r in cands if rule_matches(r.match, conn)), None)
 
     @property
     def exact(self) -> bool:
@@ -641,18 +662,18 @@ class L4Plan:
         """What can be decided from the connection's L4 attributes alone
         (its HTTP fields, if any, are not looked at).  ``allow``/``deny`` are
         final for every request the connection could carry."""
-        for r in self.deny:
-            if rule_matches(r.match, conn):
-                return L4Verdict("deny", r.ref, f"denied at L4 by {r.ref}")
-        maybe_denied = next((r for r in self.l7_deny if rule_matches(r.match, conn)), None)
+        hit = self._first("deny", self.deny, conn)
+        if hit is not None:
+            return L4Verdict("deny", hit.ref, f"denied at L4 by {hit.ref}")
+        maybe_denied = self._first("l7_deny", self.l7_deny, conn)
         if self.allow is None:
             allow_side = L4Verdict("allow", None, "no ALLOW policy applies")
         else:
-            hit = next((r for r in self.allow if rule_matches(r.match, conn)), None)
+            hit = self._first("allow", self.allow, conn)
             if hit is not None:
                 allow_side = L4Verdict("allow", hit.ref, f"allowed at L4 by {hit.ref}")
             else:
-                l7hit = next((r for r in self.l7_allow if rule_matches(r.match, conn)), None)
+                l7hit = self._first("l7_allow", self.l7_allow, conn)
                 if l7hit is None:
                     return L4Verdict("deny", None, "no ALLOW rule can match this connection")
                 allow_side = L4Verdict("l7", l7hit.ref, f"{l7hit.ref} may allow it, depending on the request")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from .model import Action, MatchKind, Policy, Rule
 
@@ -138,14 +139,23 @@ def _keys(rule: Rule, http: bool) -> dict[str, list]:
     return out
 
 
-class RuleIndex:
+class _HasRule(Protocol):
+    @property
+    def rule(self) -> Rule: ...
+
+
+E = TypeVar("E", bound=_HasRule)
+
+
+class RuleIndex(Generic[E]):
     """The rules of one action for one workload, filed by key (see the module
     docstring).  :meth:`candidates` returns, in evaluation order, every rule
-    that can match a request with these values (and maybe some that cannot)."""
+    that can match a request with these values (and maybe some that cannot).
+    Items are anything with a ``rule`` (:class:`Entry`; the kernel's L4 rules)."""
 
     __slots__ = ("entries", "always", "port", "method", "path", "principal", "namespace", "_keyed")
 
-    def __init__(self, entries: Sequence[Entry], http: bool) -> None:
+    def __init__(self, entries: Sequence[E], http: bool) -> None:
         self.entries = tuple(entries)
         self.port: dict[int, list[int]] = {}
         self.method: dict[str, list[int]] = {}
@@ -187,7 +197,7 @@ class RuleIndex:
         namespace: str | None,
         method: str | None = None,
         path: str | None = None,
-    ) -> Iterable[Entry]:
+    ) -> Iterable[E]:
         entries = self.entries
         if not self._keyed:
             return entries
@@ -217,9 +227,9 @@ class WorkloadIndex:
 
     policies: tuple[Policy, ...]
     """The applying policies, in the set's order."""
-    http: Mapping[Action, RuleIndex]
+    http: Mapping[Action, RuleIndex[Entry]]
     """Per action, for HTTP requests."""
-    tcp: Mapping[Action, RuleIndex]
+    tcp: Mapping[Action, RuleIndex[Entry]]
     """Per action, for connections that are not HTTP (see the module docstring)."""
     allow_names: tuple[str, ...]
     """``ns/name`` of the applying ALLOW policies (empty: no ALLOW policy applies)."""

@@ -126,3 +126,22 @@ def test_rules_without_keys_are_always_candidates_in_order():
     # not HTTP: ALLOW rules with HTTP fields are left out of the TCP index
     assert [e.index for e in wi.tcp[Action.ALLOW].candidates(80, None, "shop")] == [3]
     assert wi.ignored_on_tcp == 3 and wi.has_l7 and not wi.audit_l7
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_policies, _requests)
+def test_the_kernel_plans_index_gives_the_verdicts_of_the_walk(pols, req):
+    """compile_l4's plan looks long rule lists up through a RuleIndex (the
+    kernel compile asks it per source, destination and port): same verdicts,
+    same deciding rules, as walking every rule."""
+    from unittest import mock
+
+    from agent.policy import evaluate as ev
+
+    ps = PolicySet(tuple(sorted(pols, key=lambda p: (p.namespace, p.name))))
+    conn = Request("shop", req.destination_labels, req.destination_port, req.source_principal, req.source_ip)
+    with mock.patch.object(ev, "_L4_INDEX_MIN", 0):
+        indexed = ev.compile_l4(ps, "shop", req.destination_labels).verdict(conn)
+    with mock.patch.object(ev, "_L4_INDEX_MIN", 10**9):
+        walked = ev.compile_l4(ps, "shop", req.destination_labels).verdict(conn)
+    assert indexed == walked

@@ -155,7 +155,7 @@ class _NotPlain(Exception):
     pass
 
 
-_PLAIN_STR = re.compile(r"[A-Za-z_/.][A-Za-z0-9_./*@+-]*\Z")
+_PLAIN_STR = re.compile(r"[A-Za-z0-9_/.][A-Za-z0-9_./*@+-]*\Z")
 _RESOLVER = Resolver()
 
 

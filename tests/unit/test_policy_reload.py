@@ -173,7 +173,8 @@ _scalars = st.one_of(
     st.sampled_from(["8080", "yes", "No", "null", "~", "true", "1.5", ".inf", "0x1F", "*", "/admin*", "*.json",
                      "a: b", "a #b", "- x", "[x]", "{x}", "'q'", '"q"', "", " lead", "trail ", "multi\nline",
                      "tab\there", "ünïcode", "\u2028", "cluster.local/ns/shop/sa/web", "@x", "%x", "!x", "&a",
-                     "|", ">", "?", "=", "<<"]),
+                     "|", ">", "?", "=", "<<", "250ms", "3s", "2002-12-14", "1e3", "0o17", "1_000", "0.5",
+                     "12:30", "-1", "+1", "1.0e+3"]),
     st.text(max_size=12),
 )
 _plain_docs = st.recursive(_scalars, lambda inner: st.one_of(

@@ -573,7 +573,7 @@ def evaluate(policyset: PolicySet, req: Request) -> Decision:
         return Decision(
             True, "ALLOW", p.key, i, f"allowed by ALLOW policy {p.key} rule {i}", aud, p.rules[i].origin
         )
-    names = ", ".join(wi.allow_names)
+    names = wi.allow_list
     ignored = 0 if http else wi.ignored_on_tcp
     extra = (
         (f"; {ignored} ALLOW rule(s) were ignored because they use HTTP-only fields on a non-HTTP connection")

@@ -233,6 +233,8 @@ class WorkloadIndex:
     """Per action, for connections that are not HTTP (see the module docstring)."""
     allow_names: tuple[str, ...]
     """``ns/name`` of the applying ALLOW policies (empty: no ALLOW policy applies)."""
+    allow_list: str
+    """``allow_names`` joined with ", " (a denial's reason names them; joined once)."""
     ignored_on_tcp: int
     """ALLOW rules with HTTP-only fields (ignored on a connection that is not HTTP)."""
     has_l7: bool
@@ -259,6 +261,7 @@ def build_workload_index(applying: Sequence[Policy]) -> WorkloadIndex:
         http=http,
         tcp=tcp,
         allow_names=tuple(p.key for p in applying if p.action is Action.ALLOW),
+        allow_list=", ".join(p.key for p in applying if p.action is Action.ALLOW),
         ignored_on_tcp=sum(1 for e in allow if e.l7),
         has_l7=any(e.l7 for es in by_action.values() for e in es),
         audit_l7=any(e.l7 for e in by_action[Action.AUDIT]),

@@ -277,13 +277,23 @@ class Agent:
             out["kernel"] = {**self.l4_kernel, "denied_by_policy": denied}
         return out
 
-    def sync_policy_kernel(self) -> None:
+    def sync_policy_kernel(self, wait: bool = True) -> bool:
         """Recompute the connect-time L4 entries (agent.policy.kernel) when the
         policies or the inventory changed, and diff-sync ml_l4_policy.  Called
         from every tick and right after an apply/delete through the admin API, so
-        `meshlet policy apply` returns once this node's kernel enforces it."""
-        with self.l4_lock:
+        `meshlet policy apply` returns once this node's kernel enforces it.
+
+        ``wait=False`` (the tick): if another thread is syncing (the admin
+        API, after an apply of a large set), return False at once instead of
+        waiting; the tick goes on with the rest of its work (restarting
+        crashed proxy workers) and the next tick catches up."""
+        if not self.l4_lock.acquire(blocking=wait):
+            return False
+        try:
             self._sync_policy_kernel()
+        finally:
+            self.l4_lock.release()
+        return True
 
     def _sync_policy_kernel(self) -> None:
         from .policy.kernel import KernelPlan, compile_kernel, view_from_pods
@@ -291,8 +301,11 @@ class Agent:
         store, inv = self.policies, self.inventory
         if store is None or inv is None or not self.datapath.maps:
             return
-        with self.policy_lock:  # the admin API applies in another thread
-            ps, version = store.policyset, store.policyset.version  # TrafficPolicies do not matter here
+        # No store lock: an apply (admin API thread) replaces the store's set
+        # whole when it is done, so this is the old set or the new one, and
+        # the loop never waits for an apply.
+        ps = store.policyset
+        version = ps.version  # TrafficPolicies do not matter here
         sig = (version, self.generation)
         if sig == self.l4_sig:
             return
@@ -666,13 +679,16 @@ class Agent:
     # --- the asyncio shell ----------------------------------------------------------
 
     def tick(self) -> None:
+        """One round of the control loop.  It never waits for a policy apply
+        (the admin API's thread): proxy workers are supervised before the
+        kernel policy, which is skipped while an apply is syncing it."""
         try:
             self.poll_inventory()
             self.poll_identity()
             if self.pending or self.guard_pending:
                 self.sync()  # a pod cgroup may have appeared
-            self.sync_policy_kernel()
             self.proxies.supervise()
+            self.sync_policy_kernel(wait=False)
         except Exception:  # one bad tick must not kill the node agent
             log.exception("agent loop error (will retry)")
 

@@ -227,6 +227,8 @@ class Document:
         return MapReader(Value(self, self.root, ""))
 
     def construct(self, node: ScalarNode) -> Any:
+        if node.tag == _STR_TAG:
+            return node.value  # what SafeLoader's str constructor returns, without its bookkeeping
         if node.tag not in _SCALAR_TAGS:
             raise Invalid(f"unsupported YAML tag {node.tag!r}")
         try:
@@ -478,8 +480,11 @@ def describe_node(node: Node) -> str:
     }.get(tag, f"a {tag!r} value")
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _key_path(parent: str, key: str) -> str:
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+    if _PLAIN_KEY.fullmatch(key):
         return f"{parent}.{key}" if parent else key
     return f"{parent}[{key!r}]"
 

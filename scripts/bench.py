@@ -29,6 +29,10 @@ Then the cost of each feature, HTTP only, same run:
                       bulk, both paths.  ``--flows-only`` runs just this (and
                       the direct paths).
 
+Last, the policy-scale row (scripts/bench_policy.py, in-process): 10, 1,000
+and 10,000 authorization rules: the agent's apply, a proxy worker's reload,
+and the per-request cost with its ratio to 10 rules.
+
 Prints tables with mesh/direct ratios and writes JSON.  This is a
 benchmark, not a test: numbers depend on the machine; compare ratios
 within one run.
@@ -317,6 +321,12 @@ def main() -> int:
             if (r.get(part) or {}).get("error"):
                 print(f"   {part} error: {r[part]['error']}")
     print_features(features, by)
+    import bench_policy  # scripts/, next to this file
+
+    print()
+    policy_scale = {"evaluate": bench_policy.eval_cost(), "normalize": bench_policy.normalize_cost()}
+    bench_policy.print_tables(policy_scale)
+    summary["policy_scale"] = policy_scale["evaluate"]
     summary["features"] = {k: {"rps": (v.get("http") or {}).get("rps"),
                                "gbps": (v.get("bulk") or {}).get("gbps")} for k, v in features.items()}
     summary["tunnel"] = {k: {"rps": (v.get("http") or {}).get("rps"),

@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Authorization policy benchmark (issue #4): evaluation cost and apply latency.
+"""Authorization policy benchmark (issues #4, #12): policy scale, evaluation cost, apply latency.
 
-1. **Per-request evaluation cost** (pure, no root): ``evaluate()`` on a
-   realistic HTTP request against policy sets of 1, 100 and 10,000 rules,
-   all applying to the destination workload (the worst case: every rule is
-   looked at).  Rules look like real ones: a principal or namespace source,
-   methods, path prefixes, a port.  Three requests per size: one allowed by
-   the last ALLOW rule, one that matches nothing (denied after looking at
-   every rule), and one stopped by a DENY rule.  Also the cost of
-   normalizing the request target, which every request pays once.
+1. **Policy scale** (pure, no root): sets of 10, 1,000 and 10,000 rules, all
+   selecting the destination workload (the worst case for a walk over every
+   rule).  Rules look like real ones: a principal or namespace source,
+   methods, path prefixes, a port.  Per size: what an apply costs the agent
+   (``PolicyStore.apply``: parse once, compile, write policies.yaml and
+   policies.json), what a proxy worker's reload costs in its loader thread
+   (policies.json -> the set -> the workload's rule index), and the
+   per-request cost of ``evaluate()`` for three requests: one allowed by the
+   last ALLOW rule, one that matches nothing (denied), one stopped by a DENY
+   rule, with its ratio to the 10-rule set (the target: <= 1.2).  Also the
+   cost of normalizing the request target, which every request pays once.
+   With root, the end-to-end apply: ``meshlet policy apply`` of the
+   10,000-rule file to both agents of a 2-node mesh, until the CLI returns
+   and until every proxy worker runs the new set.
 
 2. **Apply latency to enforcement** (root; a real 2-node simulated mesh):
    a client pod polls an echo server on the other node over fresh
@@ -20,7 +26,7 @@
    shared by every network namespace, so the poller's timestamps and ours
    compare directly.
 
-    scripts/bench_policy.py [--runs 5] [--skip-apply] [--json FILE]
+    scripts/bench_policy.py [--runs 5] [--skip-apply] [--sizes 10,1000,10000] [--json FILE]
 
 Importable: ``run(runs=5, apply=True) -> dict`` (for scripts/bench.py).
 This is a benchmark, not a test: the numbers depend on the machine.
@@ -46,8 +52,12 @@ from agent.identity.spiffe import parse_spiffe_id  # noqa: E402
 from agent.policy.evaluate import Request, evaluate  # noqa: E402
 from agent.policy.http import header_multimap, normalize_host, normalize_path  # noqa: E402
 from agent.policy.load import parse_policies  # noqa: E402
+from agent.policy.store import COMPILED_FILE, PolicyStore  # noqa: E402
+from agent.proxy.authz import load_policy_file, warm  # noqa: E402
+from agent.traffic.trafficpolicy import TRAFFIC_KIND  # noqa: E402
 
-SIZES = (1, 100, 10_000)
+SIZES = (10, 1_000, 10_000)
+LABELS = {"app": "backend", "version": "v1"}
 RULES_PER_POLICY = 100
 TARGET = "/api/v1/orders/12345/items?limit=20&offset=40"
 HEADERS = [(b"Host", b"backend.shop:8080"), (b"User-Agent", b"bench/1"), (b"Accept", b"*/*"),
@@ -92,15 +102,16 @@ def policy_text(n_rules: int) -> str:
 
 def http_request(target: str = TARGET, principal: str = "spiffe://cluster.local/ns/shop/sa/storefront"
                  ) -> Request:
-    return Request("shop", {"app": "backend", "version": "v1"}, 8080, parse_spiffe_id(principal),
+    return Request("shop", LABELS, 8080, parse_spiffe_id(principal),
                    ipaddress.ip_address("10.244.1.10"), True, "GET", normalize_path(target).path,
                    normalize_host(b"backend.shop:8080"), header_multimap(HEADERS))
 
 
 def _per_call_us(fn, budget: float = 0.5) -> float:
-    """Microseconds per call: timeit's autorange bounded by ``budget`` seconds,
-    best of 3 (the usual way to read a micro-benchmark)."""
-    t = timeit.Timer(fn)
+    """Microseconds of CPU time per call: timeit's autorange bounded by
+    ``budget`` seconds, best of 3 (the usual way to read a micro-benchmark;
+    CPU time, so other load on the machine distorts it less than wall time)."""
+    t = timeit.Timer(fn, timer=time.process_time)
     n, took = t.autorange()
     if took > budget:       # slow calls: what autorange measured is enough
         return took / n * 1e6
@@ -109,11 +120,25 @@ def _per_call_us(fn, budget: float = 0.5) -> float:
 
 
 def eval_cost(sizes=SIZES) -> list[dict]:
+    """One row per size: apply (agent), reload (proxy worker), evaluate (per
+    request); all CPU time of this process."""
     rows = []
     for n in sizes:
-        t0 = time.perf_counter()
-        ps = parse_policies(policy_text(n), f"bench-{n}.yaml")
-        load_s = time.perf_counter() - t0
+        text = policy_text(n)
+        t0 = time.process_time()
+        parse_policies(text, f"bench-{n}.yaml")
+        load_s = time.process_time() - t0
+        with tempfile.TemporaryDirectory() as d:
+            store = PolicyStore(d, kinds=[TRAFFIC_KIND])
+            t0 = time.process_time()
+            store.apply([(f"bench-{n}.yaml", text)])
+            apply_s = time.process_time() - t0
+            t0 = time.process_time()
+            ps = load_policy_file(os.path.join(d, COMPILED_FILE))
+            file_s = time.process_time() - t0
+            t0 = time.process_time()
+            warm(ps, [("shop", LABELS)])
+            index_s = time.process_time() - t0
         allowed = http_request()
         nomatch = http_request(principal="spiffe://cluster.local/ns/other/sa/nobody")
         denied = http_request("/admin/users")
@@ -124,10 +149,17 @@ def eval_cost(sizes=SIZES) -> list[dict]:
             "rules": n,
             "policies": len(ps),
             "load_ms": round(load_s * 1000, 1),
+            "apply_ms": round(apply_s * 1000, 1),
+            "reload_ms": round((file_s + index_s) * 1000, 1),
+            "index_ms": round(index_s * 1000, 1),
             "allowed_us": round(_per_call_us(lambda: evaluate(ps, allowed)), 2),
             "no_match_us": round(_per_call_us(lambda: evaluate(ps, nomatch)), 2),
             "denied_us": round(_per_call_us(lambda: evaluate(ps, denied)), 2),
         })
+    base = rows[0]
+    for r in rows:
+        r["vs_first"] = {k: round(r[k] / base[k], 2) if base[k] else None
+                         for k in ("allowed_us", "no_match_us", "denied_us")}
     return rows
 
 
@@ -302,22 +334,84 @@ def apply_latency(kind: str = "kernel", runs: int = 5, timeout: float = 10.0) ->
 # --------------------------------------------------------------------------
 
 
-def run(runs: int = 5, apply: bool = True, kinds=tuple(KINDS)) -> dict:
-    out: dict = {"evaluate": eval_cost(), "normalize": normalize_cost()}
+def cli_apply(n_rules: int = 10_000, runs: int = 1, timeout: float = 600.0) -> dict:
+    """``meshlet policy apply`` of an ``n_rules`` file to both agents of a 2-node
+    mesh at once (a new set each run: the names change), timed until both CLIs
+    return and until every proxy worker of both nodes runs the new version."""
+    import subprocess
+
+    from agent.sim import Cluster
+    from agent.sim.mesh import Mesh, _env
+
+    cluster = Cluster(nodes=2, pods_per_node=1).up()
+    mesh = Mesh(cluster)
+    cli_s, enforced_s = [], []
+    try:
+        mesh.start()
+        with tempfile.TemporaryDirectory() as d:
+            for run_i in range(runs):
+                path = os.path.join(d, f"set-{run_i}.yaml")
+                with open(path, "w") as f:
+                    f.write(policy_text(n_rules).replace("name: allow-", f"name: run{run_i}-allow-"))
+                t0 = time.monotonic()
+                procs = [subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli", "policy", "apply", "-f", path, "--socket",
+                     os.path.join(ap.run_dir, "admin.sock")], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, text=True, env=_env()) for ap in mesh.agents.values()]
+                for p in procs:
+                    _, err = p.communicate(timeout=timeout)
+                    if p.returncode != 0:
+                        raise RuntimeError(f"apply failed: {err}")
+                cli_s.append(time.monotonic() - t0)
+                want = {n: mesh.status(n)["policy"]["version"] for n in mesh.agents}
+                end = t0 + timeout
+                while time.monotonic() < end:
+                    got = {n: {(w.get("stats") or {}).get("policy", {}).get("version")
+                               for w in mesh.status(n)["proxy"]} for n in mesh.agents}
+                    if all(got[n] == {want[n]} for n in want):
+                        break
+                    time.sleep(0.05)
+                enforced_s.append(time.monotonic() - t0)
+    finally:
+        mesh.down()
+        cluster.down()
+
+    def stats(xs):
+        return {"median_s": round(statistics.median(xs), 2), "max_s": round(max(xs), 2),
+                "runs": [round(x, 2) for x in xs]}
+    return {"rules": n_rules, "cli_returned": stats(cli_s), "proxies_on_new_set": stats(enforced_s)}
+
+
+def run(runs: int = 5, apply: bool = True, kinds=tuple(KINDS), sizes=SIZES) -> dict:
+    out: dict = {"evaluate": eval_cost(sizes), "normalize": normalize_cost()}
     if apply:
+        out["cli_apply"] = cli_apply(max(sizes), runs=min(runs, 3))
         out["apply"] = {k: apply_latency(k, runs) for k in kinds}
     return out
 
 
 def print_tables(res: dict) -> None:
-    print("Per-request policy evaluation (evaluate(), one worker, µs per request)")
-    print(f"{'rules':>7} {'policies':>9} {'allowed':>10} {'no match':>10} {'denied':>10} {'load ms':>9}")
+    print("Policy scale: every rule selects the destination workload (one worker; CPU ms, CPU µs)")
+    print(f"{'rules':>7} {'policies':>9} {'apply ms':>9} {'reload ms':>10} {'allowed µs':>11} "
+          f"{'no match µs':>12} {'denied µs':>10} {'vs first (allowed/no match/denied)':>36}")
     for r in res["evaluate"]:
-        print(f"{r['rules']:>7,} {r['policies']:>9} {r['allowed_us']:>10,.2f} {r['no_match_us']:>10,.2f} "
-              f"{r['denied_us']:>10,.2f} {r['load_ms']:>9,.1f}")
+        v = r["vs_first"]
+        vs = f"{v['allowed_us']} / {v['no_match_us']} / {v['denied_us']}"
+        print(f"{r['rules']:>7,} {r['policies']:>9} {r['apply_ms']:>9,.1f} {r['reload_ms']:>10,.1f} "
+              f"{r['allowed_us']:>11,.2f} {r['no_match_us']:>12,.2f} {r['denied_us']:>10,.2f} {vs:>36}")
+    print("  apply: the agent's store (parse once, compile, write); reload: a proxy worker's loader "
+          "thread (policies.json -> set -> rule index)")
     n = res["normalize"]
     print(f"normalize_path: {n['normalize_path_us']} µs (with dot segments and escapes: "
           f"{n['normalize_path_tricky_us']} µs); building the Request: {n['request_build_us']} µs")
+    if "cli_apply" in res:
+        c = res["cli_apply"]
+        print(f"\nEnd to end, `meshlet policy apply` of {c['rules']:,} rules to both agents "
+              "of a 2-node mesh:")
+        print(f"  CLI returned        median {c['cli_returned']['median_s']:>6.2f} s   "
+              f"runs {c['cli_returned']['runs']}")
+        print(f"  proxies on new set  median {c['proxies_on_new_set']['median_s']:>6.2f} s   "
+              f"runs {c['proxies_on_new_set']['runs']}")
     for kind, a in res.get("apply", {}).items():
         print(f"\nApply latency, {kind}: {a['what']}")
         print("  (admin API POST to both agents of a 2-node mesh -> first refused connection/request)")
@@ -334,6 +428,8 @@ def main() -> int:
     ap.add_argument("--skip-apply", action="store_true", help="only the pure part (no root needed)")
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help=f"apply-latency cases, comma-separated (default: all of {', '.join(KINDS)})")
+    ap.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
+                    help="policy-scale rule counts, comma-separated (the first is the baseline)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     if not 1 <= a.runs <= 50:
@@ -341,7 +437,13 @@ def main() -> int:
     kinds = tuple(k for k in a.kinds.split(",") if k)
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--kinds: choose from {', '.join(KINDS)}")
-    res = run(a.runs, apply=not a.skip_apply, kinds=kinds)
+    try:
+        sizes = tuple(int(x) for x in a.sizes.split(",") if x)
+    except ValueError:
+        ap.error("--sizes: integers, comma-separated")
+    if not sizes or any(not 1 <= n <= 20_000 for n in sizes):
+        ap.error("--sizes: 1..20000 rules each")
+    res = run(a.runs, apply=not a.skip_apply, kinds=kinds, sizes=sizes)
     print_tables(res)
     if a.json:
         with open(a.json, "w") as f:

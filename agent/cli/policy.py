@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from .common import OUTPUT, admin_call, admin_socket, agent_opts, die, echo_json, table_lines
+from .common import OUTPUT, admin_socket, agent_opts, die, echo_json, table_lines, unreachable
 
 
 def _policy_opts(f):
@@ -462,12 +462,55 @@ def _policy_sources(paths) -> list[dict]:
     return files
 
 
+#: How long `apply`/`diff`/`delete` wait for the agent's answer.  The agent
+#: answers when the change is in its store and this node's kernel; a large set
+#: takes seconds, and giving up early would report a failure for an apply that
+#: then succeeds.
+POLICY_CALL_TIMEOUT = 600.0
+#: Seconds between "still waiting" lines on stderr.
+PROGRESS_EVERY = 5.0
+
+
 def _policy_call(
     sock: str, method: str, path: str, body: dict | None = None, fail: int = 1
 ) -> tuple[int, dict]:
-    """Call the agent (which may take a while to apply); exit ``fail`` when it
-    cannot be reached or answers garbage."""
-    return admin_call(sock, method, path, body, timeout=30, fail=fail)
+    """Call the agent and wait for its real answer (up to
+    :data:`POLICY_CALL_TIMEOUT`), saying on stderr every
+    :data:`PROGRESS_EVERY` seconds that it is still waiting; exit ``fail``
+    when the agent cannot be reached, answers garbage or never answers."""
+    import threading
+    import time
+
+    from ..adminclient import admin_request
+
+    got: list = []
+
+    def call() -> None:
+        try:
+            got.append(admin_request(sock, method, path, body, timeout=POLICY_CALL_TIMEOUT))
+        except (OSError, ValueError) as e:
+            got.append(e)
+
+    worker = threading.Thread(target=call, name="meshlet-admin-call", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    while True:
+        worker.join(PROGRESS_EVERY)
+        if not worker.is_alive():
+            break
+        click.echo(f"waiting for the agent ({time.monotonic() - started:.0f} s)...", err=True)
+    answer = got[0]
+    if isinstance(answer, OSError):
+        if isinstance(answer, TimeoutError):
+            die(
+                f"the agent at {sock} did not answer within {POLICY_CALL_TIMEOUT:.0f} s; "
+                "check `meshlet status` and `meshlet policy list` for what it applied",
+                fail,
+            )
+        unreachable(sock, answer, fail)
+    if isinstance(answer, ValueError):
+        die(f"unexpected answer from {sock}: {answer}", fail)
+    return answer
 
 
 def _invalid(data: dict, output: str, code: int) -> NoReturn:

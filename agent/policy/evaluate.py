@@ -60,13 +60,14 @@ its verdicts never contradict :func:`evaluate` (a Hypothesis test checks it).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from agent.identity.spiffe import SpiffeId
 
+from .index import Entry, RuleIndex, WorkloadIndex, build_workload_index
 from .model import Action, Condition, ConditionKey, Operation, Policy, PolicySet, Rule, Source
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "RuleTrace",
     "evaluate",
     "explain",
+    "workload_index",
     "rule_mismatch",
     "L4Rule",
     "L4Plan",
@@ -497,55 +499,60 @@ def rule_matches(rule: Rule, req: Request, *, drop_l7: bool = False) -> bool:
     return True
 
 
-def _first_match(p: Policy, req: Request) -> int | None:
-    """The index of ``p``'s first rule matching ``req`` (as ``_trace_rule`` decides)."""
-    http = req.is_http
-    for i, rule in enumerate(p.rules):
-        if not http and rule.is_l7:
-            if p.action is Action.ALLOW:
-                continue  # never matches a non-HTTP connection
-            if rule_matches(rule, req, drop_l7=True):
-                return i
-        elif rule_matches(rule, req):
-            return i
+def workload_index(policyset: PolicySet, namespace: str, labels: Mapping[str, str]) -> WorkloadIndex:
+    """The set compiled for one workload (:mod:`agent.policy.index`), built on
+    first use and kept on the set (at most :data:`MAX_INDEXED_WORKLOADS`)."""
+    key = (namespace, frozenset(labels.items()))
+    memo = policyset._compiled
+    got = memo.get(key)
+    if got is None:
+        got = build_workload_index(policyset.selecting(namespace, labels))
+        if len(memo) >= MAX_INDEXED_WORKLOADS:
+            memo.clear()
+        memo[key] = got
+    return got
+
+
+#: Workloads whose compiled index a PolicySet keeps (a node has fewer pods).
+MAX_INDEXED_WORKLOADS = 512
+
+
+def _candidates(idx: RuleIndex[Entry], req: Request) -> Iterable[Entry]:
+    if req.is_http:
+        return idx.candidates(req.destination_port, req.principal, req.source_namespace, req.method, req.path)
+    return idx.candidates(req.destination_port, req.principal, req.source_namespace)
+
+
+def _first(idx: RuleIndex[Entry], req: Request, drop_l7: bool) -> Entry | None:
+    """The first rule of ``idx`` (evaluation order) that matches ``req``."""
+    if not idx.entries:
+        return None
+    for e in _candidates(idx, req):
+        if rule_matches(e.rule, req, drop_l7=drop_l7 and e.l7):
+            return e
     return None
 
 
 def evaluate(policyset: PolicySet, req: Request) -> Decision:
     """Allow or deny ``req`` (semantics in the module docstring); the same
-    Decision as ``explain(policyset, req)[0]``, at a fraction of the cost."""
-    applying = policyset.selecting(req.destination_namespace, req.destination_labels)
+    Decision as ``explain(policyset, req)[0]``, looking only at the rules the
+    workload's index (:func:`workload_index`) gives as candidates."""
+    wi = workload_index(policyset, req.destination_namespace, req.destination_labels)
+    http = req.is_http
+    by_action = wi.http if http else wi.tcp
+    drop = not http  # DENY/AUDIT rules with HTTP fields: their L4 part, on TCP
     audited: list[RuleRef] = []
-    deny: tuple[Policy, int] | None = None
-    allow: tuple[Policy, int] | None = None
-    allow_policies = False
-    ignored = 0
-    for p in applying:
-        a = p.action
-        if a is Action.AUDIT:
-            i = _first_match(p, req)
-            if i is not None:
-                audited.append(RuleRef(p.key, i, p.rules[i].origin))
-    for p in applying:
-        if p.action is Action.DENY:
-            i = _first_match(p, req)
-            if i is not None:
-                deny = (p, i)
-                break
-    if deny is None:
-        for p in applying:
-            if p.action is not Action.ALLOW:
-                continue
-            allow_policies = True
-            if allow is None:
-                i = _first_match(p, req)
-                if i is not None:
-                    allow = (p, i)
-            if not req.is_http:
-                ignored += sum(1 for r in p.rules if r.is_l7)
+    audit = by_action[Action.AUDIT]
+    if audit.entries:
+        seen: set[int] = set()
+        for e in _candidates(audit, req):
+            if e.pos not in seen and rule_matches(e.rule, req, drop_l7=drop and e.l7):
+                seen.add(e.pos)
+                audited.append(RuleRef(e.policy.key, e.index, e.rule.origin))
     aud = tuple(audited)
+    deny = _first(by_action[Action.DENY], req, drop)
     if deny is not None:
-        p, i = deny
+        p, i = deny.policy, deny.index
         tr = _trace_rule(p, i, p.rules[i], req)
         return Decision(
             False,
@@ -556,16 +563,18 @@ def evaluate(policyset: PolicySet, req: Request) -> Decision:
             aud,
             p.rules[i].origin,
         )
-    if not allow_policies:
+    if not wi.allow_names:
         return Decision(
             True, "NO_POLICY", None, None, "allowed: no ALLOW policy applies to this workload", aud
         )
+    allow = _first(by_action[Action.ALLOW], req, False)
     if allow is not None:
-        p, i = allow
+        p, i = allow.policy, allow.index
         return Decision(
             True, "ALLOW", p.key, i, f"allowed by ALLOW policy {p.key} rule {i}", aud, p.rules[i].origin
         )
-    names = ", ".join(p.key for p in applying if p.action is Action.ALLOW)
+    names = wi.allow_list
+    ignored = 0 if http else wi.ignored_on_tcp
     extra = (
         (f"; {ignored} ALLOW rule(s) were ignored because they use HTTP-only fields on a non-HTTP connection")
         if ignored
@@ -600,6 +609,16 @@ class L4Rule:
     l7: bool
     """The original rule had HTTP-only fields."""
 
+    @property
+    def rule(self) -> Rule:
+        """What is matched (for :class:`~agent.policy.index.RuleIndex`)."""
+        return self.match
+
+
+#: Longer L4 rule lists are looked up through a RuleIndex (the kernel compile
+#: asks a plan once per source, destination and port).
+_L4_INDEX_MIN = 16
+
 
 @dataclass(frozen=True)
 class L4Verdict:
@@ -622,6 +641,17 @@ class L4Plan:
     """ALLOW rules without HTTP-only fields; None when no ALLOW policy applies."""
     l7_allow: tuple[L4Rule, ...]
     """ALLOW rules with HTTP-only fields (L4 part)."""
+    _index: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def _first(self, which: str, rules: tuple[L4Rule, ...], conn: Request) -> L4Rule | None:
+        """The first of ``rules`` matching ``conn`` (through an index when long)."""
+        if len(rules) < _L4_INDEX_MIN:
+            return next((r for r in rules if rule_matches(r.match, conn)), None)
+        idx = self._index.get(which)
+        if idx is None:
+            idx = self._index[which] = RuleIndex(rules, False)
+        cands = idx.candidates(conn.destination_port, conn.principal, conn.source_namespace)
+        return next((r for r in cands if rule_matches(r.match, conn)), None)
 
     @property
     def exact(self) -> bool:
@@ -632,18 +662,18 @@ class L4Plan:
         """What can be decided from the connection's L4 attributes alone
         (its HTTP fields, if any, are not looked at).  ``allow``/``deny`` are
         final for every request the connection could carry."""
-        for r in self.deny:
-            if rule_mismatch(r.match, conn) is None:
-                return L4Verdict("deny", r.ref, f"denied at L4 by {r.ref}")
-        maybe_denied = next((r for r in self.l7_deny if rule_mismatch(r.match, conn) is None), None)
+        hit = self._first("deny", self.deny, conn)
+        if hit is not None:
+            return L4Verdict("deny", hit.ref, f"denied at L4 by {hit.ref}")
+        maybe_denied = self._first("l7_deny", self.l7_deny, conn)
         if self.allow is None:
             allow_side = L4Verdict("allow", None, "no ALLOW policy applies")
         else:
-            hit = next((r for r in self.allow if rule_mismatch(r.match, conn) is None), None)
+            hit = self._first("allow", self.allow, conn)
             if hit is not None:
                 allow_side = L4Verdict("allow", hit.ref, f"allowed at L4 by {hit.ref}")
             else:
-                l7hit = next((r for r in self.l7_allow if rule_mismatch(r.match, conn) is None), None)
+                l7hit = self._first("l7_allow", self.l7_allow, conn)
                 if l7hit is None:
                     return L4Verdict("deny", None, "no ALLOW rule can match this connection")
                 allow_side = L4Verdict("l7", l7hit.ref, f"{l7hit.ref} may allow it, depending on the request")

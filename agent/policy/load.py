@@ -59,6 +59,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import yaml
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent import yamlsrc as y
@@ -107,6 +108,7 @@ API_VERSIONS = (MESHLET_API, *ISTIO_APIS)
 KIND = "AuthorizationPolicy"
 
 _NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
 
 # Istio fields meshlet knows and refuses, with why (said in the error).
 _UNSUPPORTED_SPEC = {
@@ -680,20 +682,40 @@ def _kind_of(doc: y.Document, kinds: Sequence[DocKind]) -> DocKind | None:
 
 
 def collect_documents(
-    texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], *, noun: str = "policy"
+    texts: Sequence[tuple[str, str]],
+    kinds: Sequence[DocKind],
+    *,
+    noun: str = "policy",
+    plain: list[Any] | None = None,
 ) -> dict[str, tuple[Any, ...]]:
     """Read every document of every ``(filename, text)`` pair with the reader
     of its ``kind``; check across all of them that no ``namespace/name`` of a
     kind comes twice (and each kind's own ``conflict``).  Returns the objects
     per kind, ordered by (namespace, name).  Raises SourceError listing every
-    problem of every file, sorted by position."""
+    problem of every file, sorted by position.
+
+    ``plain``: a list that gets, when everything is valid, every document as
+    plain Python data (what ``yaml.safe_load`` gives), in file and document
+    order, made from the nodes already composed (the text is not parsed
+    again)."""
     with y.gc_paused():  # a large set builds a big tree of small objects (see yamlsrc)
-        return _collect_documents(texts, kinds, noun)
+        return _collect_documents(texts, kinds, noun, plain)
+
+
+def _plain(node: Any, ctor: Any) -> Any:
+    """A composed node as plain data; aliases were bounded by the composer,
+    depth by MAX_DEPTH, and the document was validated (hashable keys)."""
+    if isinstance(node, ScalarNode):
+        return node.value if node.tag == _STR_TAG else ctor.construct_object(node, deep=True)
+    if isinstance(node, MappingNode):
+        return {_plain(k, ctor): _plain(v, ctor) for k, v in node.value}
+    return [_plain(n, ctor) for n in node.value]
 
 
 def _collect_documents(
-    texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], noun: str
+    texts: Sequence[tuple[str, str]], kinds: Sequence[DocKind], noun: str, plain: list[Any] | None
 ) -> dict[str, tuple[Any, ...]]:
+    roots: list[Any] = []
     problems: list[y.Problem] = []
     found: dict[str, list[Any]] = {k.kind: [] for k in kinds}
     seen: dict[tuple[str, str, str], Any] = {}
@@ -705,6 +727,7 @@ def _collect_documents(
             problems += e.errors
             continue
         for doc in docs:
+            roots.append(doc.root)
             dk = _kind_of(doc, kinds)
             obj = None
             if dk is not None:
@@ -726,6 +749,9 @@ def _collect_documents(
             problems += doc.problems
     if problems:
         raise y.SourceError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+    if plain is not None:
+        ctor = yaml.SafeLoader("")  # only its scalar constructors are used
+        plain += [_plain(r, ctor) for r in roots]
     return {k: tuple(sorted(v, key=lambda o: (o.namespace, o.name))) for k, v in found.items()}
 
 

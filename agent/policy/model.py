@@ -313,15 +313,31 @@ class PolicySet:
     """Files the set was read from."""
     _selecting: dict = field(default_factory=dict, compare=False, repr=False)
     """Memo of :meth:`selecting` (the set is immutable; bounded)."""
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+    """Memo of what :mod:`agent.policy.evaluate` compiles per workload (bounded)."""
 
     def selecting(self, namespace: str, labels: Mapping[str, str]) -> tuple[Policy, ...]:
+        """The policies that apply to a workload of ``namespace`` with
+        ``labels``, in the set's order.  Looks only at the policies of that
+        namespace and of the root namespace."""
         key = (namespace, frozenset(labels.items()))
         memo = self._selecting
         got = memo.get(key)
         if got is None:
-            got = tuple(p for p in self.policies if p.selects(namespace, labels, self.root_namespace))
+            by_ns = memo.get(None)
+            if by_ns is None:
+                by_ns = {}
+                for i, p in enumerate(self.policies):
+                    by_ns.setdefault(p.namespace, []).append((i, p))
+                memo[None] = by_ns
+            cands = list(by_ns.get(namespace, ()))
+            if namespace != self.root_namespace:
+                cands += by_ns.get(self.root_namespace, ())
+                cands.sort(key=lambda t: t[0])
+            got = tuple(p for _, p in cands if all(labels.get(k) == v for k, v in p.selector))
             if len(memo) >= 4096:
                 memo.clear()
+                memo[None] = by_ns
             memo[key] = got
         return got
 

@@ -33,12 +33,12 @@ Files in ``run_dir`` (each written atomically: temp file, fsync, rename):
           "rootNamespace": "istio-system",
           "count": 6,
           "yaml": "<the AuthorizationPolicy documents of policies.yaml>",
-                                                 # parse_policies(yaml) gives the set back;
-                                                 # a reader checks the version it gets
-          "policies": [                          # the same set in plain JSON, for tools
-            {"namespace": "shop", "name": "deny-admin", "action": "DENY",
-             "selector": {"app": "backend"}, "rules": [...]}]   # rules: load._canon form
-        }
+                                                 # parse_policies(yaml) gives the set back
+          "compiledFormat": 1,
+          "policies": [                          # the same set as data (agent/policy/compiled.py):
+            {"namespace": "shop", "name": "deny-admin", "action": "DENY",   # the proxies rebuild
+             "selector": {"app": "backend"}, "rules": [...]}]   # it without parsing YAML; a reader
+        }                                                       # checks the version it gets
 
 ``traffic.json`` (one file per other kind: ``DocKind.published``)
     What ``DocKind.compile`` makes of that kind's documents; for
@@ -60,20 +60,26 @@ around it).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from yaml.nodes import ScalarNode
+from yaml.resolver import Resolver
+
 from .. import yamlsrc as y
 from ..fsutil import write_atomic
+from .compiled import FORMAT as compiled_format
+from .compiled import policies_to_data
 from .load import (
     KIND,
     DocKind,
-    _canon,
     _check_options,
     authorization_kind,
     collect_documents,
@@ -98,6 +104,8 @@ COMPILED_FORMAT = 1
 MAX_DOCUMENT_BYTES = 4 << 20
 
 CREATED, CONFIGURED, UNCHANGED, DELETED = "created", "configured", "unchanged", "deleted"
+
+_STR_TAG = "tag:yaml.org,2002:str"
 
 Key = tuple[str, str, str]
 """(kind, namespace, name)"""
@@ -127,7 +135,73 @@ class Ambiguous(LookupError):
 
 
 def _dump(doc: dict) -> str:
-    return y.dump_plain(doc)
+    """Block-style YAML of a document's plain data, keys in their order.
+
+    A small emitter of its own for what policy documents hold (mappings,
+    lists, strings, integers, booleans, null): PyYAML's representer took
+    about a quarter of a 10,000-rule apply.  A string is written plain when
+    it is made of safe characters and reads back as that string; else
+    double-quoted (JSON's escapes of ASCII are YAML's).  Anything else in
+    the data (a float, a timestamp, a string beyond ASCII) goes through
+    PyYAML.  Round trip checked by
+    Hypothesis in tests/unit/test_policy_reload.py."""
+    try:
+        return "\n".join(_block(doc)) + "\n"
+    except _NotPlain:
+        return y.dump_plain(doc)
+
+
+class _NotPlain(Exception):
+    pass
+
+
+_PLAIN_STR = re.compile(r"[A-Za-z0-9_/.][A-Za-z0-9_./*@+-]*\Z")
+_RESOLVER = Resolver()
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, str):
+        if _PLAIN_STR.match(v) and _RESOLVER.resolve(ScalarNode, v, (True, False)) == _STR_TAG:
+            return v
+        if not v.isascii() or "\x7f" in v:
+            raise _NotPlain  # YAML's escapes beyond ASCII differ from JSON's (surrogates)
+        return json.dumps(v)  # JSON's escapes of ASCII are YAML's: a double-quoted scalar
+    if v is None:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if type(v) is int:
+        return str(v)
+    if isinstance(v, dict) and not v:
+        return "{}"
+    if isinstance(v, list) and not v:
+        return "[]"
+    raise _NotPlain
+
+
+def _block(v: Any) -> list[str]:
+    """Lines of a non-empty mapping or list, at indentation 0."""
+    lines: list[str] = []
+    if isinstance(v, dict):
+        for k, x in v.items():
+            key = _scalar(k)
+            if isinstance(x, (dict, list)) and x:
+                lines.append(key + ":")
+                sub = _block(x)
+                lines += ["  " + ln for ln in sub] if isinstance(x, dict) else sub
+            else:
+                lines.append(f"{key}: {_scalar(x)}")
+    elif isinstance(v, list):
+        for x in v:
+            if isinstance(x, (dict, list)) and x:
+                sub = _block(x)
+                lines.append("- " + sub[0])
+                lines += ["  " + ln for ln in sub[1:]]
+            else:
+                lines.append("- " + _scalar(x))
+    else:
+        raise _NotPlain
+    return lines
 
 
 def _header(version: str) -> str:
@@ -169,8 +243,9 @@ class PolicyStore:
             raise ValueError(f"extra kinds need `published` and `compile`, and are not {KIND}")
         self._docs: dict[Key, dict] = {}
         self._texts: dict[Key, str] = {}
+        self._objs: dict[Key, Any] = {}
         self._published: dict[str, str] = {}
-        self.policyset, self.sets, self.version = self._build({})
+        self.policyset, self.sets, self.version = self._build({}, {})
 
     # --- paths ------------------------------------------------------------------------
 
@@ -201,24 +276,35 @@ class PolicyStore:
     def _text(self, texts: dict[Key, str], kind: str | None = None) -> str:
         return "---\n".join(texts[k] for k in sorted(texts, key=_order) if kind is None or k[0] == kind)
 
-    def _collect(self, sources: Sequence[tuple[str, str]]) -> dict[str, tuple]:
-        return collect_documents(sources, self._doc_kinds())
+    def _collect(self, sources: Sequence[tuple[str, str]], plain: list | None = None) -> dict[str, tuple]:
+        return collect_documents(sources, self._doc_kinds(), plain=plain)
 
-    def _build(self, texts: dict[Key, str]) -> tuple[PolicySet, dict[str, dict], str]:
+    def _build(self, texts: dict[Key, str], objs: dict[Key, Any]) -> tuple[PolicySet, dict[str, dict], str]:
         """(authorization set, {kind: published document} for the other kinds,
-        store version) of ``texts``."""
-        got = self._collect([(STORE_FILE, self._text(texts))]) if texts else {}
-        ps = policy_set(got.get(KIND, ()), self.trust_domain, self.root_namespace)
+        store version) of the documents ``texts`` and their read objects
+        ``objs``.  Nothing is parsed again, except the documents of kinds
+        with a cross-document check (``DocKind.conflict``, e.g. two
+        TrafficPolicies for one service port): those are read again together,
+        so a batch cannot conflict with what is stored (raises SourceError)."""
+        ps = policy_set([o for k, o in objs.items() if k[0] == KIND], self.trust_domain, self.root_namespace)
         sets = {}
         for kind, dk in self.kinds.items():
             assert dk.compile is not None
-            sets[kind] = dk.compile(tuple(got.get(kind, ())), self._text(texts, kind))
+            text = self._text(texts, kind)
+            if dk.conflict is not None and text:
+                kobjs = collect_documents([(STORE_FILE, text)], [dk])[kind]
+            else:
+                kobjs = tuple(
+                    sorted((o for k, o in objs.items() if k[0] == kind), key=lambda o: (o.namespace, o.name))
+                )
+            sets[kind] = dk.compile(tuple(kobjs), text)
         version = store_version(ps.version, {k: (d["version"], d["count"]) for k, d in sets.items()})
         return ps, sets, version
 
-    def _parse(self, sources: Sequence[tuple[str, str]]) -> dict[Key, dict]:
-        """Validate every source (raises SourceError naming file:line:column),
-        then read each document as plain data, keyed by kind/namespace/name."""
+    def _parse(self, sources: Sequence[tuple[str, str]]) -> tuple[dict[Key, dict], dict[Key, Any]]:
+        """Validate and read every source once (raises SourceError naming
+        file:line:column): (each document as plain data, each as the object
+        its kind's reader made), keyed by kind/namespace/name."""
         sources = list(sources)
         if not sources:
             raise y.SourceError([y.Problem("<input>", 0, 0, "", "no policy documents given")])
@@ -235,19 +321,21 @@ class PolicyStore:
                     )
                 ]
             )
-        self._collect(sources)
-        out: dict[Key, dict] = {}
-        for _, text in sources:
-            for doc in y.load_plain_all(text):  # validated just above
-                if doc is None:
-                    continue
-                meta = doc["metadata"]
-                out[(doc["kind"], meta["namespace"], meta["name"])] = doc
-        return out
+        plain: list[dict] = []
+        got = self._collect(sources, plain)
+        objs = {(kind, o.namespace, o.name): o for kind, found in got.items() for o in found}
+        docs: dict[Key, dict] = {}
+        for doc in plain:
+            meta = doc["metadata"]
+            docs[(doc["kind"], meta["namespace"], meta["name"])] = doc
+        return docs, objs
 
-    def _plan(self, sources: Sequence[tuple[str, str]]) -> tuple[dict[Key, str], list[Change]]:
-        new = self._parse(sources)
-        texts = dict(self._texts)
+    def _plan(
+        self, sources: Sequence[tuple[str, str]]
+    ) -> tuple[tuple[dict[Key, str], dict[Key, dict], dict[Key, Any]], list[Change]]:
+        """((texts, docs, objects) of the store after applying ``sources``, the changes)."""
+        new, objs = self._parse(sources)
+        texts, docs, merged = dict(self._texts), dict(self._docs), dict(self._objs)
         changes = []
         for key in sorted(new, key=_order):
             old = self._docs.get(key)
@@ -256,7 +344,9 @@ class PolicyStore:
             changes.append(Change(key[1], key[2], result, key[0]))
             if result != UNCHANGED:
                 texts[key] = _dump(new[key])
-        return texts, changes
+                docs[key] = new[key]
+                merged[key] = objs[key]
+        return (texts, docs, merged), changes
 
     def _keys(self, namespace: str, name: str, kind: str | None) -> list[Key]:
         return [
@@ -280,17 +370,21 @@ class PolicyStore:
         Raises SourceError if the stored file does not load (never drops it)."""
         path = self.store_path
         texts: dict[Key, str] = {}
+        docs: dict[Key, dict] = {}
+        objs: dict[Key, Any] = {}
         if path and os.path.exists(path):
             text = y.read_text(path)
             body = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#")).strip()
             if body:
-                self._collect([(path, text)])
-                for doc in y.load_plain_all(text):  # validated just above
-                    if doc is not None:
-                        meta = doc["metadata"]
-                        texts[(doc["kind"], meta["namespace"], meta["name"])] = _dump(doc)
+                plain: list[dict] = []
+                got = self._collect([(path, text)], plain)
+                objs = {(kind, o.namespace, o.name): o for kind, found in got.items() for o in found}
+                for doc in plain:
+                    meta = doc["metadata"]
+                    key = (doc["kind"], meta["namespace"], meta["name"])
+                    texts[key], docs[key] = _dump(doc), doc
         self._published.clear()
-        self._commit(texts, write_store=False)
+        self._commit(texts, docs, objs, write_store=False)
         return self
 
     def _publish(self, path: str, doc: dict) -> None:
@@ -300,10 +394,10 @@ class PolicyStore:
         write_atomic(path, data)
         self._published[path] = data
 
-    def _commit(self, texts: dict[Key, str], write_store: bool = True) -> None:
-        ps, sets, version = self._build(texts)
-        with y.gc_paused():
-            docs = {k: y.load_plain_all(t)[0] for k, t in texts.items()}  # our own _dump output
+    def _commit(
+        self, texts: dict[Key, str], docs: dict[Key, dict], objs: dict[Key, Any], write_store: bool = True
+    ) -> None:
+        ps, sets, version = self._build(texts, objs)
         if self.run_dir:
             os.makedirs(self.run_dir, exist_ok=True)
             if write_store:
@@ -313,7 +407,9 @@ class PolicyStore:
                 published = self.published_path(kind)
                 assert published is not None  # run_dir is set
                 self._publish(published, doc)
-        self._texts, self._docs = texts, docs
+        self._texts, self._docs, self._objs = texts, docs, objs
+        # Readers in other threads (the agent's tick) take these without the
+        # store's lock: each is replaced whole, never changed in place.
         self.policyset, self.sets, self.version = ps, sets, version
 
     def compiled(self, ps: PolicySet | None = None, texts: dict[Key, str] | None = None) -> dict:
@@ -327,16 +423,8 @@ class PolicyStore:
             "rootNamespace": ps.root_namespace,
             "count": len(ps),
             "yaml": self._text(texts, KIND),
-            "policies": [
-                {
-                    "namespace": p.namespace,
-                    "name": p.name,
-                    "action": p.action.value,
-                    "selector": dict(p.selector),
-                    "rules": _canon(p.rules),
-                }
-                for p in ps.policies
-            ],
+            "compiledFormat": compiled_format,
+            "policies": policies_to_data(ps.policies),
         }
 
     # --- operations -------------------------------------------------------------------
@@ -344,9 +432,9 @@ class PolicyStore:
     def apply(self, sources: Sequence[tuple[str, str]]) -> list[Change]:
         """Create or replace the documents of ``sources`` ((filename, text) pairs),
         all or none.  Raises SourceError (nothing changed) on any bad document."""
-        texts, changes = self._plan(sources)
+        (texts, docs, objs), changes = self._plan(sources)
         if any(c.result != UNCHANGED for c in changes):
-            self._commit(texts)
+            self._commit(texts, docs, objs)
         return changes
 
     def diff(self, sources: Sequence[tuple[str, str]]) -> tuple[str, list[Change]]:
@@ -354,7 +442,7 @@ class PolicyStore:
         configured document (``a/<ns>/<name>`` vs ``b/<ns>/<name>``, with a
         ``<kind>/`` in front for kinds other than AuthorizationPolicy;
         ``/dev/null`` for a new one), and the changes.  Changes nothing."""
-        texts, changes = self._plan(sources)
+        (texts, _, _), changes = self._plan(sources)
         out: list[str] = []
         for c in changes:
             if c.result == UNCHANGED:
@@ -376,9 +464,10 @@ class PolicyStore:
         key = self._key(namespace, name, kind)
         if key is None:
             return False
-        texts = dict(self._texts)
-        del texts[key]
-        self._commit(texts)
+        texts, docs, objs = dict(self._texts), dict(self._docs), dict(self._objs)
+        for d in (texts, docs, objs):
+            del d[key]
+        self._commit(texts, docs, objs)
         return True
 
     def list(self) -> list[dict]:
@@ -404,7 +493,7 @@ class PolicyStore:
         """The stored document (plain data), or None.  Raises Ambiguous (see delete)."""
         key = self._key(namespace, name, kind)
         doc = self._docs.get(key) if key is not None else None
-        return None if doc is None else y.load_plain_all(_dump(doc))[0]
+        return None if doc is None else copy.deepcopy(doc)
 
     def get_yaml(self, namespace: str, name: str, kind: str | None = None) -> str | None:
         key = self._key(namespace, name, kind)

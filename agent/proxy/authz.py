@@ -2,9 +2,13 @@
 
 The agent writes ``policies.json`` next to the proxy state file (shape in
 ``agent.policy.store``).  ``PolicyWatcher`` polls it with the shared
-``FileWatcher`` (agent/proxy/watch.py) and rebuilds the ``PolicySet`` with the
-pure loader from the embedded YAML, checking that the version it gets is the
-one the file names.  A file that does not load is logged and the previous set
+``FileWatcher`` (agent/proxy/watch.py) and rebuilds the ``PolicySet`` from
+the compiled data the agent validated (``agent.policy.compiled``; a file
+from an older agent: from the embedded YAML), checking that the version it
+gets is the one the file names.  The load runs in a worker thread and also
+builds the rule index of every pod of this node (``warm``), so a reload of
+10,000 rules never stalls the worker's event loop; the new set replaces the
+old in one step.  A file that does not load is logged and the previous set
 is kept; no file means no policies (everything allowed, as without the mesh).
 
 ``authorize`` builds the connection-level ``Request`` (``is_http=False``) and
@@ -21,16 +25,19 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
-from agent.policy.evaluate import Decision, Request, evaluate
+from agent.policy.compiled import FORMAT as DATA_FORMAT
+from agent.policy.compiled import CompiledError, from_data
+from agent.policy.evaluate import Decision, Request, evaluate, workload_index
 from agent.policy.load import fingerprint, parse_policies
 from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
 from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
 from agent.proxy.state import Pod
 from agent.proxy.watch import FileWatcher
 
-__all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path"]
+__all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path", "warm"]
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -69,6 +76,12 @@ def load_policy_file(path: str) -> PolicySet:
         isinstance(td, str) and isinstance(rn, str) and isinstance(text, str) and isinstance(version, str)
     ):
         raise PolicyFileError(f"{path}: trustDomain, rootNamespace, yaml and version must be strings")
+    data = doc.get("policies")
+    if doc.get("compiledFormat") == DATA_FORMAT and isinstance(data, list):
+        try:
+            return from_data(data, trust_domain=td, root_namespace=rn, version=version, where=path)
+        except CompiledError as e:
+            raise PolicyFileError(str(e)) from None
     if text.strip():
         try:
             ps = parse_policies(text, path, trust_domain=td, root_namespace=rn)
@@ -88,14 +101,28 @@ def _describe(ps: PolicySet) -> str:
     return f"version {ps.version} ({len(ps)} policies)"
 
 
+def warm(ps: PolicySet, workloads: Iterable[tuple[str, Mapping[str, str]]]) -> PolicySet:
+    """Build ``ps``'s rule index for each (namespace, labels) now, so the first
+    request to each pod after a reload does not build it on the event loop."""
+    for namespace, labels in workloads:
+        workload_index(ps, namespace, labels)
+    return ps
+
+
 class PolicyWatcher(FileWatcher[PolicySet]):
     """Polls ``policies.json`` and keeps the last good ``PolicySet``
-    (agent/proxy/watch.py).  Loads once at construction; no file is the empty set."""
+    (agent/proxy/watch.py).  Loads once at construction; no file is the empty set.
 
-    def __init__(self, path: str) -> None:
+    ``workloads()``: the (namespace, labels) of this node's pods, whose rule
+    indexes a load builds before the set is swapped in (see :func:`warm`)."""
+
+    def __init__(
+        self, path: str, workloads: Callable[[], Iterable[tuple[str, Mapping[str, str]]]] = tuple
+    ) -> None:
+        self.workloads = workloads
         super().__init__(
             path,
-            load_policy_file,
+            self._load_and_warm,
             empty_set(),
             what="authorization policies",
             errors=(OSError, PolicyFileError),
@@ -104,6 +131,9 @@ class PolicyWatcher(FileWatcher[PolicySet]):
             describe=_describe,
         )
         self.check()
+
+    def _load_and_warm(self, path: str) -> PolicySet:
+        return warm(load_policy_file(path), self.workloads())
 
 
 def authorize(

@@ -28,6 +28,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from agent.policy.evaluate import workload_index
 from agent.proxy.admission import Refusal, authorize_connection, decided_by
 from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
@@ -257,9 +258,7 @@ class Destination:
         if need is None:
             if len(self._l7_need) >= 4096:
                 self._l7_need.clear()
-            need = self._l7_need[key] = any(
-                r.is_l7 for p in ps.selecting(pod.namespace, pod.label_map) for r in p.rules
-            )
+            need = self._l7_need[key] = workload_index(ps, pod.namespace, pod.label_map).has_l7
         return need
 
     @staticmethod

@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
-from agent.policy.evaluate import Decision, Request, evaluate
+from agent.policy.evaluate import Decision, Request, evaluate, workload_index
 from agent.policy.http import HttpError, header_multimap, normalize_host
-from agent.policy.model import Action, PolicySet
+from agent.policy.model import PolicySet
 
 __all__ = ["DENIED_BODY", "Denial", "RequestAuthorizer"]
 
@@ -95,7 +95,6 @@ class RequestAuthorizer:
         if not self.tcp_allowed:
             self._needed = True
             return
-        applying = ps.selecting(self.namespace, self.labels)
         # Was the connection allowed by THIS set? (It was decided under an older one.)
         tcp = evaluate(
             ps,
@@ -107,8 +106,7 @@ class RequestAuthorizer:
                 source_ip=self.ip,
             ),
         )
-        audit_l7 = any(p.action is Action.AUDIT and any(r.is_l7 for r in p.rules) for p in applying)
-        self._needed = not tcp.allowed or audit_l7
+        self._needed = not tcp.allowed or workload_index(ps, self.namespace, self.labels).audit_l7
 
     def decide(
         self, method: bytes, path: str, host: bytes | None, headers: list[tuple[bytes, bytes]]

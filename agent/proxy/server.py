@@ -116,7 +116,7 @@ class ProxyServer:
         # Services: TrafficPolicies (traffic.json next to the state file).
         self.traffic = TrafficWatcher.for_state(watcher.path)
         # Authorization policies: policies.json next to the state file.
-        self.policies = PolicyWatcher(policy_path(watcher.path))
+        self.policies = PolicyWatcher(policy_path(watcher.path), self._local_workloads)
         self.inputs = ProxyInputs(
             watcher=watcher,
             worker_id=worker_id,
@@ -374,17 +374,26 @@ class ProxyServer:
                 self._finished_at_trim = finished
                 peak = live
 
+    def _local_workloads(self) -> list[tuple[str, dict[str, str]]]:
+        """(namespace, labels) of each distinct mesh pod of this node: the
+        workloads whose rule index a policy load builds ahead (off the loop)."""
+        st = self.watcher.current
+        seen = {(p.namespace, p.labels): p for p in st.pods if p.node == st.node and p.mesh}
+        return [(p.namespace, p.label_map) for p in seen.values()]
+
     async def _watch_policies(self) -> None:
         while True:
             await asyncio.sleep(self.watcher.interval)
             try:
-                if self.policies.check():
-                    self._recheck("policy set changed")
+                # loaded (and indexed for this node's pods) in a worker thread;
+                # swapped in one step: traffic keeps flowing meanwhile
+                if await self.policies.check_async():
+                    await self._recheck_async("policy set changed")
             except Exception:
                 log.exception("authorization policy reload failed")
             self.inputs.access.flush()  # request lines buffered since the last connection line
             try:
-                self.traffic.check()  # clusters pick the new settings up on their next use
+                await self.traffic.check_async()  # clusters pick the new settings up on their next use
             except Exception:
                 log.exception("traffic policy reload failed")
 
@@ -392,6 +401,15 @@ class ProxyServer:
         """Close (reset) every live destination-side connection the current
         policies no longer allow, with one log line each."""
         self.destination.recheck(why, list(self.live.tasks.values()))
+
+    async def _recheck_async(self, why: str, chunk: int = 256) -> None:
+        """:meth:`_recheck` in chunks, yielding to the event loop between
+        them, so re-checking 10,000 live connections does not stall traffic."""
+        conns = list(self.live.tasks.values())
+        for i in range(0, len(conns), chunk):
+            self.destination.recheck(why, conns[i : i + chunk])
+            if i + chunk < len(conns):
+                await asyncio.sleep(0)
 
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)

@@ -168,6 +168,8 @@ class Agent:
         )
         if not self.cfg.bpf.flow_tracking:
             self.spec = dataclasses.replace(self.spec, flow_tracking=False)
+        if self.cfg.bpf.tc_attach != "auto":  # else the spec's default (MESHLET_TC_ATTACH or auto)
+            self.spec = dataclasses.replace(self.spec, tc_attach=self.cfg.bpf.tc_attach)
         self.datapath = Datapath(self.spec)
         self.workers = [ProxyWorker(i) for i in range(self.cfg.proxy.workers)]
 
@@ -571,7 +573,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started, 1),
             "datapath": {"how": self.datapath.how, "pin_dir": self.spec.pin_dir,
                          "cgroup": self.cgroup_dir, "counters": self.datapath.stats(),
-                         "tc_errors": self.tc_errors},
+                         "tc_errors": self.tc_errors, "tc_attach": self.datapath.tc_mode},
             "inventory": {"path": self.cfg.inventory, "error": self.inventory_error,
                           "pods": len(inv.pods) if inv else 0},
             "mode": self.cfg.mesh.mode,

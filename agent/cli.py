@@ -158,6 +158,12 @@ def bpf_status(config_path, pin_dir, node, output) -> None:
         where = f"cgroup_id={li['cgroup_id']}" if "cgroup_id" in li else f"ifindex={li['ifindex']}"
         state = "attached" if li["attached"] else "DETACHED (target gone)"
         click.echo(f"  {li['name']:<24} {li['attach']:<16} prog={li['prog_id']:<6} {where:<18} {state}")
+    tc = st["tc"]
+    click.echo(f"\nSTRICT MODE ON POD VETHS: {tc['attach']}")
+    for f in tc["clsact_filters"]:
+        state = "current" if f["current"] else "OLD PROGRAM"
+        click.echo(f"  clsact egress {f['ifname']:<16} prog={f['prog_id']!s:<6} "
+                   f"ifindex={f['ifindex']:<8} {state}")
     if st["cgroup_attachments"]:
         click.echo(f"\nPROGRAMS ON {st['cgroup']}")
         for k, ids in st["cgroup_attachments"].items():
@@ -252,7 +258,8 @@ def status(sock, node, output) -> None:
         return
     dp = st["datapath"]
     click.echo(f"node {st['node']}  mode {st['mode']}  up {st['uptime_s']}s  "
-               f"datapath {dp['how']} ({dp['pin_dir']})")
+               f"datapath {dp['how']} ({dp['pin_dir']})"
+               + (f", strict mode via {dp['tc_attach']}" if dp.get("tc_attach") else ""))
     inv = st["inventory"]
     click.echo(f"inventory {inv['path']}: {inv['pods']} pods"
                + (f"\n  LAST RELOAD FAILED (previous state kept):\n  {inv['error']}"

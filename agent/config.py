@@ -31,7 +31,7 @@ from typing import Any, Literal
 from agent import yamlsrc as y
 
 __all__ = [
-    "MESH_MODES", "MeshMode", "LOG_LEVELS", "BpfConfig", "ProxyConfig", "MeshConfig",
+    "MESH_MODES", "MeshMode", "LOG_LEVELS", "TC_ATTACH_MODES", "BpfConfig", "ProxyConfig", "MeshConfig",
     "AdminConfig", "MetricsConfig", "AccessLogConfig", "AgentConfig", "load_config",
     "parse_config",
 ]
@@ -40,6 +40,8 @@ MeshMode = Literal["permissive", "strict"]
 #: Allowed values of ``mesh.mode`` (and of per-namespace ``mode`` in the inventory).
 MESH_MODES: tuple[str, ...] = ("permissive", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+#: Allowed values of ``bpf.tcAttach`` (as agent.datapath.loader.TC_ATTACH_MODES).
+TC_ATTACH_MODES: tuple[str, ...] = ("auto", "tcx", "clsact")
 
 #: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
 MAX_SOCKET_PATH = 107
@@ -60,6 +62,11 @@ class BpfConfig:
     """``bpf.kernelPolicy``: refuse at ``connect()`` what authorization
     policies deny whatever the connection carries; off, the proxies decide
     everything. ``MESHLET_KERNEL_POLICY=0`` turns it off too (tests)."""
+    tc_attach: str = "auto"
+    """``bpf.tcAttach``: how strict mode's program goes on each pod's veth:
+    ``tcx`` links (kernel >= 6.6), a ``clsact`` qdisc with a cls_bpf filter
+    (any kernel meshlet runs on), or ``auto``: tcx when the kernel has it.
+    ``MESHLET_TC_ATTACH`` overrides ``auto`` (tests)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +279,7 @@ class AgentConfig:
             "inventory": self.inventory,
             "cgroup": self.cgroup,
             "bpf": {"pinDir": self.bpf.pin_dir, "flowTracking": self.bpf.flow_tracking,
-                    "kernelPolicy": self.bpf.kernel_policy},
+                    "kernelPolicy": self.bpf.kernel_policy, "tcAttach": self.bpf.tc_attach},
             "proxy": proxy,
             "mesh": {
                 "mode": m.mode,
@@ -340,7 +347,8 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     if bpf_r is not None:
         bpf = BpfConfig(pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
                         flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
-                        kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True))
+                        kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True),
+                        tc_attach=bpf_r.get("tcAttach", y.enum(*TC_ATTACH_MODES), "auto"))
         bpf_r.finish()
     if proxy_r is not None:
         proxy = _read_proxy(proxy_r)

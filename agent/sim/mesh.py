@@ -96,6 +96,7 @@ class Mesh:
     l7: bool | str = "auto"                # proxy.l7: true, false or auto (the default; see config.py)
     flow_tracking: bool = True             # bpf.flowTracking: the kernel flow table
     kernel_policy: bool = True             # bpf.kernelPolicy: policy refusals at connect()
+    tc_attach: str = "auto"                # bpf.tcAttach: tcx, clsact or auto (strict mode)
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
@@ -178,7 +179,7 @@ class Mesh:
             "inventory": self.inventory_path,
             "cgroup": node.cgroup,
             "bpf": {"pinDir": ap.pin_dir, "flowTracking": self.flow_tracking,
-                    "kernelPolicy": self.kernel_policy},
+                    "kernelPolicy": self.kernel_policy, "tcAttach": self.tc_attach},
             "proxy": proxy,
             "mesh": {"mode": self.mode, "excludePorts": list(self.exclude_ports),
                      "excludeCIDRs": list(self.exclude_cidrs)},

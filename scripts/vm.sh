@@ -103,17 +103,16 @@ FW_BEFORE=$RUN/firewall-before.txt
 nft list tables >"$FW_BEFORE" 2>/dev/null || true
 
 fw_restore() {
-    # libvirt adds LIBVIRT_* chains (and, on a machine without a ruleset,
-    # whole ip/ip6 filter/nat/mangle tables) when its network driver starts.
-    # Tables that did not exist before are removed; in tables that did, only
-    # libvirt's chains and the rules jumping to them.
+    # libvirt's network driver adds LIBVIRT_* chains, and on a machine
+    # without a ruleset whole ip/ip6 filter/nat/mangle tables.  Only when this
+    # run started libvirtd: tables that did not exist before are removed; in
+    # tables that did, only libvirt's chains and the rules jumping to them.
+    [ ${#STARTED_PIDS[@]} -gt 0 ] || return 0
     local fam tbl
     while read -r _ fam tbl; do
         [ -n "$tbl" ] || continue
         grep -qx "table $fam $tbl" "$FW_BEFORE" && continue
-        if nft list table "$fam" "$tbl" 2>/dev/null | grep -q 'LIBVIRT_'; then
-            nft delete table "$fam" "$tbl" && echo "removed firewall table $fam $tbl (libvirt's)"
-        fi
+        nft delete table "$fam" "$tbl" && echo "removed firewall table $fam $tbl (libvirt's)"
     done < <(nft list tables 2>/dev/null)
     local ipt t chain
     for ipt in iptables ip6tables; do

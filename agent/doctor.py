@@ -326,6 +326,9 @@ def check_tcx(release: str, probe: Callable[[], None], required: bool = False) -
         return Check(name, False, str(e), "report this kernel release string as a meshlet bug",
                      required)
     if too_old:
+        if not required:
+            fix = ("nothing to do; tcx needs a kernel >= 6.6 "
+                   "(Debian 12: the bookworm-backports linux-image)")
         return Check(name, False, f"kernel {release} < 6.6 has no tcx"
                      + ("" if required else "; strict mode attaches through clsact instead"),
                      fix, required)

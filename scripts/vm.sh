@@ -172,6 +172,25 @@ cleanup() {
             && echo "restored /dev/kvm to gid ${KVM_BEFORE%%:*}, mode ${KVM_BEFORE#*:}"
     fi
     fw_restore
+    # Check, don't trust: nothing of this run may be left on the host.
+    local left=()
+    for entry in "${STARTED_PIDS[@]}"; do
+        kill -0 "${entry#*:}" 2>/dev/null && left+=("${entry%%:*} (pid ${entry#*:}) still running")
+    done
+    pgrep -f "guest=$MESHLET_VM_PREFIX" >/dev/null && left+=("a qemu process of $MESHLET_VM_PREFIX*")
+    ls /etc/libvirt/qemu/"$MESHLET_VM_PREFIX"*.xml >/dev/null 2>&1 && left+=("a libvirt domain $MESHLET_VM_PREFIX*")
+    if [ -n "$KVM_BEFORE" ] && [ "$(stat -c %g:%a /dev/kvm)" != "$KVM_BEFORE" ]; then
+        left+=("/dev/kvm is $(stat -c %g:%a /dev/kvm), was $KVM_BEFORE")
+    fi
+    if [ ${#STARTED_PIDS[@]} -gt 0 ] && ! nft list tables 2>/dev/null | cmp -s - "$FW_BEFORE"; then
+        left+=("firewall tables differ: $(nft list tables 2>/dev/null | tr '\n' ' ')")
+    fi
+    if [ ${#left[@]} -gt 0 ]; then
+        printf 'vm: LEFT BEHIND: %s\n' "${left[@]}" >&2
+        [ $rc -eq 0 ] && rc=1
+    else
+        echo "nothing left behind (daemons, domains, /dev/kvm, firewall checked)"
+    fi
     TIMES[cleanup]=$((SECONDS - t))
     say "total $((SECONDS - T0)) s; timings (s): $(for k in "${!TIMES[@]}"; do printf '%s=%s ' "$k" "${TIMES[$k]}"; done)"
     say "results in $RUN"

@@ -13,6 +13,7 @@ program id, nothing re-added), and SIGTERM removes them.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -152,7 +153,6 @@ def test_replace_swaps_the_program_in_one_filter():
                 return [first, second, other, netlink.clsact_filters("meshlet:/test"),
                         bpfsys.prog_info(a).id, bpfsys.prog_info(b).id]
             finally:
-                import os
                 os.close(a)
                 os.close(b)
         from agent.datapath.probe import _run_in_netns
@@ -171,6 +171,75 @@ def test_auto_picks_tcx_where_the_kernel_has_it():
     """On a kernel with tcx, 'auto' is tcx; without (the VM's 6.1), clsact."""
     from agent import doctor
 
-    want = "tcx" if doctor.kernel_version(__import__("os").uname().release) >= (6, 6) else "clsact"
+    want = "tcx" if doctor.kernel_version(os.uname().release) >= (6, 6) else "clsact"
     assert resolve_tc_attach("auto") == want
     assert clsact_owner("/sys/fs/bpf/meshlet/node1/") == "meshlet:/sys/fs/bpf/meshlet/node1"
+
+
+RELOAD = r"""
+import dataclasses, json, socket, sys
+from agent.datapath import bpfsys, netlink
+from agent.datapath.loader import Datapath, DatapathSpec, TC_PROG, clsact_owner
+pin_dir, cgroup = sys.argv[1], sys.argv[2]
+idx = socket.if_nametoindex("vreload0")
+spec = DatapathSpec(node="reload", pin_dir=pin_dir, cgroup=cgroup, redirect_ip4="10.0.0.1",
+                    redirect_ip6=None, outbound_port=15001, mesh_mark=0x4000, tc_attach="clsact")
+def filt():
+    return {i: f.prog_id for i, f in netlink.clsact_filters(clsact_owner(pin_dir)).items()}
+def pinned_prog():
+    fd = bpfsys.obj_get(pin_dir + "/progs/" + TC_PROG)
+    try:
+        return bpfsys.prog_info(fd).id
+    finally:
+        import os; os.close(fd)
+out = {}
+d = Datapath(spec)
+out["first"] = d.open()
+out["errors"] = d.sync_tc({idx: "vreload0"})
+out["loaded"] = (filt(), pinned_prog())
+d.close()
+# another version of the C (a map size differs): the pins are stale
+d = Datapath(dataclasses.replace(spec, max_flows=4096))
+out["second"] = d.open()
+out["after_open"] = filt()          # the old program still guards the pod
+d.sync_tc({idx: "vreload0"})
+out["after_sync"] = (filt(), pinned_prog())
+d.teardown()
+out["after_teardown"] = filt()
+print(json.dumps(out))
+"""
+
+
+def test_a_reload_swaps_the_program_without_a_gap(tmp_path):
+    """A datapath of another version is reloaded: its clsact filter keeps the
+    old program until sync_tc swaps in the new one (never no filter), and
+    teardown removes it."""
+    from agent import cgroup as cg
+
+    name = f"meshlet-test-reload-{os.getpid()}"
+    pin_dir = f"/sys/fs/bpf/{name}"
+    cgdir = os.path.join(cg.cgroup2_mount(), name)
+    os.mkdir(cgdir)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "vreload0", "type", "veth", "peer",
+                        "name", "vreload1"], check=True)
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{name}", sys.executable, "-c", RELOAD,
+                            pin_dir, cgdir], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+        from agent.datapath.loader import remove_pins
+
+        remove_pins(pin_dir)
+        os.rmdir(cgdir)
+    assert out["first"] == "loaded" and out["errors"] == []
+    (filters1, prog1) = out["loaded"]
+    assert list(filters1.values()) == [prog1]
+    assert out["second"] == "loaded"             # stale pins: compiled again
+    assert list(out["after_open"].values()) == [prog1]
+    filters2, prog2 = out["after_sync"]
+    assert prog2 != prog1 and list(filters2.values()) == [prog2]
+    assert out["after_teardown"] == {}

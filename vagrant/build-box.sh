@@ -181,14 +181,6 @@ PYVER=$(chroot "$ROOT" python3 -c 'import sys; print(f"{sys.version_info[0]}{sys
     --platform manylinux_2_17_x86_64 --platform linux_x86_64 --implementation cp \
     -d "$WHEELS" "${reqs[@]}" >"$WORK/pip.log" 2>&1 \
     || { tail -n 20 "$WORK/pip.log" >&2; die "pip download of meshlet's dependencies failed"; }
-# ...and installed for the system Python, which the guest's venv sees
-# (--system-site-packages): bootstrap's pip then has only meshlet to build,
-# which matters under software emulation.
-PYSITE=$ROOT/usr/local/lib/python3.${PYVER#3}/dist-packages
-mkdir -p "$PYSITE"
-/usr/bin/python3 -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" \
-    --no-compile --target "$PYSITE" "${reqs[@]}" >>"$WORK/pip.log" 2>&1 \
-    || { tail -n 20 "$WORK/pip.log" >&2; die "installing the wheels into the box failed"; }
 cat >"$ROOT/etc/pip.conf" <<'EOF'
 # meshlet's local test box: install only from the wheels baked in at build
 # time (vagrant/build-box.sh), never from the network.

@@ -171,6 +171,8 @@ class Agent:
         )
         if not self.cfg.bpf.flow_tracking:
             self.spec = dataclasses.replace(self.spec, flow_tracking=False)
+        if self.cfg.bpf.tc_attach != "auto":  # else the spec's default (MESHLET_TC_ATTACH or auto)
+            self.spec = dataclasses.replace(self.spec, tc_attach=self.cfg.bpf.tc_attach)
         self.datapath = Datapath(self.spec)
         self.proxies = ProxySupervisor(self.cfg.run_dir, self.state_path, self.cfg.proxy.workers)
         if self.source is None:
@@ -599,6 +601,7 @@ class Agent:
                 "counters": self.datapath.stats(),
                 "tc_errors": self.tc_errors,
                 "guarded_cgroups": self.guarded,
+                "tc_attach": self.datapath.tc_mode,
             },
             "inventory": {
                 "path": self.source.where if self.source is not None else None,

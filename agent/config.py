@@ -34,6 +34,7 @@ __all__ = [
     "MESH_MODES",
     "MeshMode",
     "LOG_LEVELS",
+    "TC_ATTACH_MODES",
     "BpfConfig",
     "ProxyConfig",
     "MeshConfig",
@@ -53,6 +54,8 @@ MESH_MODES: tuple[str, ...] = ("permissive", "strict")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 #: Values of ``workloads.source``.
 WORKLOAD_SOURCES: tuple[str, ...] = ("file", "kubernetes")
+#: Allowed values of ``bpf.tcAttach`` (as agent.datapath.loader.TC_ATTACH_MODES).
+TC_ATTACH_MODES: tuple[str, ...] = ("auto", "tcx", "clsact")
 
 #: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
 MAX_SOCKET_PATH = 107
@@ -73,6 +76,11 @@ class BpfConfig:
     """``bpf.kernelPolicy``: refuse at ``connect()`` what authorization
     policies deny whatever the connection carries; off, the proxies decide
     everything. ``MESHLET_KERNEL_POLICY=0`` turns it off too (tests)."""
+    tc_attach: str = "auto"
+    """``bpf.tcAttach``: how strict mode's program goes on each pod's veth:
+    ``tcx`` links (kernel >= 6.6), a ``clsact`` qdisc with a cls_bpf filter
+    (any kernel meshlet runs on), or ``auto``: tcx when the kernel has it.
+    ``MESHLET_TC_ATTACH`` overrides ``auto`` (tests)."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,7 @@ class AgentConfig:
                 "pinDir": self.bpf.pin_dir,
                 "flowTracking": self.bpf.flow_tracking,
                 "kernelPolicy": self.bpf.kernel_policy,
+                "tcAttach": self.bpf.tc_attach,
             },
             "proxy": proxy,
             "mesh": {
@@ -440,6 +449,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
             pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
             flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
             kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True),
+            tc_attach=bpf_r.get("tcAttach", y.enum(*TC_ATTACH_MODES), "auto"),
         )
         bpf_r.finish()
     if proxy_r is not None:

@@ -7,12 +7,13 @@ kernel release, the Python to import bcc with, PATH) are parameters, gathered
 in ``Environment``, so the checks are testable with fake files and no root.
 Probes that need the real kernel (loading programs, creating links) live in
 ``agent.datapath.probe``.  Given the agent's config, the doctor also checks
-what that config needs (its pin dir, its node cgroup, tcx in strict mode)
-and says what is pinned there already (a stop keeps the datapath).
+what that config needs (its pin dir, its node cgroup, a way to attach strict
+mode: tcx links on >= 6.6, a clsact qdisc with cls_bpf on older kernels) and
+says what is pinned there already (a stop keeps the datapath).
 
 ``meshlet run`` calls the same checks before touching the kernel, so it fails
 with the same list of fixes instead of half-attaching.  A check that is not
-``required`` (JIT, BTF, tcx outside strict mode) is reported as a warning;
+``required`` (JIT, BTF, tcx where clsact does the job) is reported as a warning;
 ``ready()`` / ``ensure_ready()`` ignore it.
 """
 
@@ -368,26 +369,70 @@ TCX_MIN_KERNEL = (6, 6)
 
 
 def check_tcx(release: str, probe: Callable[[], None], required: bool = False) -> Check:
-    """tcx links carry the strict-mode inbound program on each pod's veth;
-    without them strict mode cannot be enforced (required only when the
-    agent config asks for strict mode)."""
+    """tcx links (kernel >= 6.6) are the preferred attach for the strict-mode
+    program on each pod's veth; without them clsact/cls_bpf carries it (see
+    ``check_strict_attach``), so tcx is required only when the config asks
+    for it (``bpf.tcAttach: tcx``) in strict mode."""
     name = "tcx links"
+    fix = (
+        "a kernel >= 6.6 (Debian 12: the bookworm-backports linux-image), "
+        "bpf.tcAttach: auto (clsact), or mesh.mode: permissive"
+    )
     try:
         too_old = kernel_version(release) < TCX_MIN_KERNEL
     except ValueError as e:
         return Check(name, False, str(e), "report this kernel release string as a meshlet bug", required)
     if too_old:
+        if not required:
+            fix = "nothing to do; tcx needs a kernel >= 6.6 (Debian 12: the bookworm-backports linux-image)"
         return Check(
             name,
             False,
-            f"kernel {release} < 6.6 has no tcx: strict mode cannot be enforced",
-            "a kernel >= 6.6 (Debian 12: the bookworm-backports linux-image), or mesh.mode: permissive",
+            f"kernel {release} < 6.6 has no tcx"
+            + ("" if required else "; strict mode attaches through clsact instead"),
+            fix,
             required,
         )
     return check_probe(name, probe, "a kernel >= 6.6 with CONFIG_NET_XGRESS=y", required)
 
 
-def _kernel_probes(env: Environment, strict: bool) -> list[Check]:
+def check_clsact(probe: Callable[[], None], required: bool = False) -> Check:
+    """A clsact qdisc with a direct-action cls_bpf filter: strict mode's
+    attach on kernels without tcx (Debian 12's 6.1, Ubuntu 22.04's 5.15)."""
+    return check_probe(
+        "clsact (cls_bpf)",
+        probe,
+        "a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y, or mesh.mode: permissive",
+        required,
+    )
+
+
+def check_strict_attach(tcx: Check, clsact: Check, want: str = "auto", required: bool = False) -> Check:
+    """How strict mode's program will go on each pod's veth, from the two
+    probes and ``bpf.tcAttach`` (``want``): tcx when asked for or available,
+    clsact otherwise.  Required in strict mode."""
+    name = "strict mode attach"
+    if want in ("auto", "tcx") and tcx.ok:
+        return Check(name, True, "tcx links", None, required)
+    if want in ("auto", "clsact") and clsact.ok:
+        why = "bpf.tcAttach: clsact" if want == "clsact" else "no tcx on this kernel"
+        return Check(name, True, f"clsact/cls_bpf ({why})", None, required)
+    if want == "tcx":
+        detail = f"bpf.tcAttach is tcx but tcx links do not work here ({tcx.detail})"
+        fix = "bpf.tcAttach: auto (uses clsact when tcx is missing), or a kernel >= 6.6"
+    elif want == "clsact":
+        detail = f"bpf.tcAttach is clsact but clsact/cls_bpf does not work here ({clsact.detail})"
+        fix = clsact.fix or "bpf.tcAttach: auto"
+    else:
+        detail = f"neither tcx ({tcx.detail}) nor clsact/cls_bpf ({clsact.detail}) works"
+        fix = clsact.fix or "a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y"
+    detail += ": strict mode cannot be enforced"
+    return Check(
+        name, False, detail, fix + ("" if "permissive" in fix else ", or mesh.mode: permissive"), required
+    )
+
+
+def _kernel_probes(env: Environment, strict: bool, tc_attach: str = "auto") -> list[Check]:
     from agent.datapath import bpfsys, probe
 
     def hook(prog_type: int, attach: int = 0) -> Callable[[], None]:
@@ -423,8 +468,15 @@ def _kernel_probes(env: Environment, strict: bool) -> list[Check]:
             lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
             "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above",
         ),
-        check_tcx(env.kernel_release, probe.tcx_link_works, required=strict),
-    ]
+    ] + _tc_probes(env, strict, tc_attach)
+
+
+def _tc_probes(env: Environment, strict: bool, tc_attach: str) -> list[Check]:
+    from agent.datapath import probe
+
+    tcx = check_tcx(env.kernel_release, probe.tcx_link_works, required=strict and tc_attach == "tcx")
+    clsact = check_clsact(probe.clsact_works, required=strict and tc_attach == "clsact")
+    return [tcx, clsact, check_strict_attach(tcx, clsact, tc_attach, required=strict)]
 
 
 # --- what an agent config needs ----------------------------------------------
@@ -568,7 +620,10 @@ def run_checks(config: AgentConfig | None = None, env: Environment | None = None
         )
     elif env.probe_kernel:
         strict = config is not None and config.mesh.mode == "strict"
-        checks += _kernel_probes(env, strict)
+        tc_attach = (
+            config.bpf.tc_attach if config is not None else os.environ.get("MESHLET_TC_ATTACH", "auto")
+        )
+        checks += _kernel_probes(env, strict, tc_attach)
     checks += [
         check_kernel_headers(env.kernel_release, env.modules_dir),
         check_bcc(env.python),

@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         l7_demo(cluster, mesh, http_logs, problems)
 
         section("meshlet bpf status (node1)")
-        r = subprocess.run([sys.executable, "-m", "agent.cli", "bpf", "status", "--pin-dir",
-                            mesh.agents["node1"].pin_dir], capture_output=True, text=True)
+        # in node1's netns, where strict mode's clsact filters (kernels < 6.6) live
+        r = cluster.node("node1").run([sys.executable, "-m", "agent.cli", "bpf", "status",
+                                       "--pin-dir", mesh.agents["node1"].pin_dir], check=False)
         say(r.stdout.rstrip())
     except Exception as e:  # report, then tear down
         problems.append(f"{type(e).__name__}: {e}")

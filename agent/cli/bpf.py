@@ -67,6 +67,13 @@ def bpf_status(config_path, pin_dir, node, output) -> None:
         where = f"cgroup_id={li['cgroup_id']}" if "cgroup_id" in li else f"ifindex={li['ifindex']}"
         state = "attached" if li["attached"] else "DETACHED (target gone)"
         click.echo(f"  {li['name']:<24} {li['attach']:<16} prog={li['prog_id']:<6} {where:<18} {state}")
+    tc = st["tc"]
+    click.echo(f"\nSTRICT MODE ON POD VETHS: {tc['attach']}")
+    for f in tc["clsact_filters"]:
+        state = "current" if f["current"] else "OLD PROGRAM"
+        click.echo(
+            f"  clsact egress {f['ifname']:<16} prog={f['prog_id']!s:<6} ifindex={f['ifindex']:<8} {state}"
+        )
     if st["cgroup_attachments"]:
         click.echo(f"\nPROGRAMS ON {st['cgroup']}")
         for k, ids in st["cgroup_attachments"].items():

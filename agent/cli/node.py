@@ -120,6 +120,7 @@ def status(sock, node, output) -> None:
     dp = st["datapath"]
     click.echo(
         f"node {st['node']}  mode {st['mode']}  up {st['uptime_s']}s  datapath {dp['how']} ({dp['pin_dir']})"
+        + (f", strict mode via {dp['tc_attach']}" if dp.get("tc_attach") else "")
     )
     inv = st["inventory"]
     click.echo(

@@ -10,7 +10,14 @@ Pin layout under ``pin_dir`` (default /sys/fs/bpf/meshlet/<node>):
 
 Everything is a bpf link pinned in bpffs, so the datapath keeps working when
 the agent exits, and a restarted agent that finds a complete, current set of
-pins adopts them (no compile, no second attachment).  A pin set from another
+pins adopts them (no compile, no second attachment).
+
+Strict mode's program goes on each pod's veth through tcx links (kernel
+>= 6.6) or, on older kernels (Debian 12's 6.1, Ubuntu 22.04's 5.15), through
+a cls_bpf filter on a clsact qdisc (``netlink.clsact_*``).  Such a filter is
+no bpffs object: it is found again by its name, ``meshlet:<pin dir>``, and
+stays attached when the agent exits, like the links.  ``tc_attach`` chooses
+(``auto``: tcx when the kernel has it).  A pin set from another
 version of the C (its hash is kept in ml_meta) is torn down and reloaded.
 
 bcc is imported only when programs must be compiled; everything else goes
@@ -75,6 +82,44 @@ def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     return tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
 
 
+TC_ATTACH_MODES = ("auto", "tcx", "clsact")
+
+
+def _tc_attach_default() -> str:
+    # An ad-hoc switch (MESHLET_TC_ATTACH=clsact) next to the config's bpf.tcAttach.
+    return os.environ.get("MESHLET_TC_ATTACH", "auto")
+
+
+def clsact_owner(pin_dir: str) -> str:
+    """The name of this datapath's cls_bpf filters."""
+    return f"meshlet:{os.path.normpath(pin_dir)}"
+
+
+_tcx_works: bool | None = None
+
+
+def resolve_tc_attach(want: str) -> str:
+    """'tcx' or 'clsact' for ``want`` ('auto' probes tcx once per process)."""
+    global _tcx_works
+    if want not in TC_ATTACH_MODES:
+        raise DatapathError(
+            f"tc attach mode {want!r} is not one of {', '.join(TC_ATTACH_MODES)} "
+            "(bpf.tcAttach or MESHLET_TC_ATTACH)"
+        )
+    if want != "auto":
+        return want
+    if _tcx_works is None:
+        from . import probe
+
+        try:
+            probe.tcx_link_works()
+            _tcx_works = True
+        except OSError as e:
+            log.info("no tcx links on this kernel (%s): strict mode uses clsact/cls_bpf", e)
+            _tcx_works = False
+    return "tcx" if _tcx_works else "clsact"
+
+
 def _flow_tracking_default() -> bool:
     # A development switch for side-by-side benchmarks (MESHLET_FLOW_TRACKING=0).
     return os.environ.get("MESHLET_FLOW_TRACKING", "1") != "0"
@@ -100,6 +145,7 @@ class DatapathSpec:
     flow_ringbuf_bytes: int = 1 << 20  # ml_flow_events; a power of two >= one page
     flow_tracking: bool = field(default_factory=_flow_tracking_default)
     max_l4_rules: int = 16384  # ml_l4_policy: connect-time L4 authorization entries
+    tc_attach: str = field(default_factory=_tc_attach_default)  # auto | tcx | clsact
 
 
 @dataclass(frozen=True)
@@ -153,6 +199,7 @@ class Datapath:
     spec: DatapathSpec
     maps: dict[str, int] = field(default_factory=dict)
     how: str = ""
+    tc_mode: str = ""  # how strict mode attaches here: 'tcx' or 'clsact' (set by open())
     _l4: dict[bytes, bytes] | None = None  # what ml_l4_policy holds (None: read it first)
 
     # --- lifecycle ---------------------------------------------------------
@@ -163,6 +210,7 @@ class Datapath:
         'upgraded' or 'loaded'.  On failure a datapath that was running
         keeps running unchanged, and a fresh load leaves nothing attached."""
         os.makedirs(self.spec.pin_dir, exist_ok=True)
+        self.tc_mode = resolve_tc_attach(self.spec.tc_attach)
         rendered = render(self.spec)
         if self._adoptable(rendered):
             self._open_maps()
@@ -174,9 +222,11 @@ class Datapath:
             self.how = "upgraded"
         else:
             if os.listdir(self.spec.pin_dir):
-                # Nothing attached: removing the leftovers opens nothing.
+                # Nothing attached: removing the leftovers opens nothing.  clsact
+                # filters keep the old program (and its maps) until sync_tc swaps
+                # in the new one: strict mode has no gap.
                 log.info("pinned datapath in %s is incomplete and detached; reloading", self.spec.pin_dir)
-                self.teardown()
+                self.teardown(keep_clsact=True)
                 os.makedirs(self.spec.pin_dir, exist_ok=True)
             try:
                 self._load(rendered)
@@ -193,10 +243,11 @@ class Datapath:
         self.maps.clear()
         self._l4 = None
 
-    def teardown(self) -> None:
-        """Detach every link and remove every pin (idempotent)."""
+    def teardown(self, keep_clsact: bool = False) -> None:
+        """Detach every link and clsact filter and remove every pin
+        (idempotent)."""
         self.close()
-        remove_pins(self.spec.pin_dir)
+        remove_pins(self.spec.pin_dir, keep_clsact=keep_clsact)
         log.info("datapath removed from %s", self.spec.pin_dir)
 
     # --- load / adopt --------------------------------------------------------
@@ -635,8 +686,34 @@ class Datapath:
     # --- tc (strict inbound) -------------------------------------------------
 
     def sync_tc(self, wanted: dict[int, str]) -> list[str]:
+        """Put the strict-mode program on every wanted {ifindex: ifname} and
+        take it off every other interface, through ``tc_mode``; anything
+        attached the other way (a datapath adopted across a mode switch) is
+        removed once the new attachments are in place.  Returns error strings."""
+        mode = self.tc_mode or resolve_tc_attach(self.spec.tc_attach)
+        if mode == "tcx":
+            errors = self._sync_tcx(wanted)
+            self._sync_clsact({})
+        else:
+            errors = self._sync_clsact(wanted)
+            self._sync_tcx({})
+        return errors
+
+    def tc_attachments(self) -> dict[int, str]:
+        """{ifindex: ifname} carrying the strict-mode program now (both ways)."""
+        from . import netlink
+
+        out = {f.ifindex: f.ifname for f in netlink.clsact_filters(clsact_owner(self.spec.pin_dir)).values()}
+        links_dir = os.path.join(self.spec.pin_dir, "links")
+        for name in os.listdir(links_dir) if os.path.isdir(links_dir) else ():
+            if name.startswith("tc-"):
+                _, idx, ifname = name.split("-", 2)
+                out[int(idx)] = ifname
+        return out
+
+    def _sync_tcx(self, wanted: dict[int, str]) -> list[str]:
         """Keep one tcx egress link per wanted {ifindex: ifname}; drop links of
-        interfaces that are gone or no longer wanted.  Returns error strings."""
+        interfaces that are gone or no longer wanted."""
         from . import netlink
 
         links_dir = os.path.join(self.spec.pin_dir, "links")
@@ -664,7 +741,7 @@ class Datapath:
                 try:
                     lfd = bpfsys.link_create(pfd, idx, bpfsys.ATTACH_TCX_EGRESS)
                 except OSError as e:
-                    errors.append(f"cannot attach {TC_PROG} to {ifname}: {e.strerror}")
+                    errors.append(f"cannot attach {TC_PROG} to {ifname} (tcx): {e.strerror}")
                     continue
                 try:
                     bpfsys.obj_pin(lfd, os.path.join(links_dir, f"tc-{idx}-{ifname}"))
@@ -672,6 +749,37 @@ class Datapath:
                     os.close(lfd)
         finally:
             os.close(pfd)
+        return errors
+
+    def _sync_clsact(self, wanted: dict[int, str]) -> list[str]:
+        """Keep our cls_bpf filter, running the pinned program, on the clsact
+        egress hook of every wanted interface and of no other.  A filter that
+        runs another program (left by the previous load) is replaced in place."""
+        from . import netlink
+
+        owner = clsact_owner(self.spec.pin_dir)
+        have = netlink.clsact_filters(owner)
+        errors = []
+        if wanted:
+            pfd = bpfsys.obj_get(os.path.join(self.spec.pin_dir, "progs", TC_PROG))
+            try:
+                prog_id = bpfsys.prog_info(pfd).id
+                for idx, ifname in wanted.items():
+                    f = have.get(idx)
+                    if f is not None and f.ifname == ifname and f.prog_id == prog_id:
+                        continue
+                    try:
+                        netlink.clsact_attach(idx, pfd, owner)
+                    except OSError as e:
+                        errors.append(f"cannot attach {TC_PROG} to {ifname} (clsact): {e.strerror or e}")
+            finally:
+                os.close(pfd)
+        for idx, f in have.items():
+            if wanted.get(idx) != f.ifname:
+                try:
+                    netlink.clsact_detach(idx)
+                except OSError as e:
+                    errors.append(f"cannot remove {TC_PROG} from {f.ifname} (clsact): {e}")
         return errors
 
 
@@ -859,8 +967,17 @@ def enrolled_count(pin_dir: str) -> int:
         os.close(fd)
 
 
-def remove_pins(pin_dir: str) -> None:
-    """Detach every pinned link under ``pin_dir`` and remove all its pins."""
+def remove_pins(pin_dir: str, keep_clsact: bool = False) -> None:
+    """Detach every pinned link under ``pin_dir`` and every clsact filter of
+    that datapath (unless ``keep_clsact``), and remove all its pins."""
+    if not keep_clsact:
+        from . import netlink
+
+        for idx in netlink.clsact_filters(clsact_owner(pin_dir)):
+            try:
+                netlink.clsact_detach(idx)
+            except OSError as e:
+                log.warning("removing the clsact filter of %s from ifindex %d: %s", pin_dir, idx, e)
     links = os.path.join(pin_dir, "links")
     if os.path.isdir(links):
         for name in os.listdir(links):

@@ -1,6 +1,7 @@
 """Kernel feature probes for ``meshlet doctor`` (and the fail-fast start of
 ``meshlet run``).  bcc-free on purpose: only the plain bpf(2) wrapper, os and
-ctypes, so probing costs milliseconds and no LLVM.
+ctypes (and netlink, through pyroute2, for clsact), so probing costs
+milliseconds and no LLVM.
 
 Every probe returns quietly when the feature works and raises ``OSError``
 (``bpfsys.BPFError`` is one) when it does not.  Whatever a probe creates —
@@ -143,6 +144,32 @@ def tcx_link_works(attach_type: int = bpfsys.ATTACH_TCX_EGRESS) -> None:
                         f"link created but reports type {info.type_name} on "
                         f"ifindex {info.target}, expected tcx on {ifindex}"
                     )
+
+        _run_in_netns(f"/run/netns/{name}", attach)
+    finally:
+        _ip("netns", "delete", name)
+
+
+def clsact_works() -> None:
+    """A sched_cls program goes on the egress hook of a clsact qdisc as a
+    direct-action cls_bpf filter (strict mode's attach on kernels without
+    tcx), on ``lo`` of a temporary network namespace, deleted afterwards."""
+    from agent.datapath import netlink
+
+    name = _probe_name()
+    _ip("netns", "add", name)
+    try:
+
+        def attach() -> None:
+            ifindex = socket.if_nametoindex("lo")
+            with _closing(bpfsys.prog_load(bpfsys.PROG_TYPE_SCHED_CLS, TRIVIAL_PROG)) as prog_fd:
+                netlink.clsact_attach(ifindex, prog_fd, name)
+                want = bpfsys.prog_info(prog_fd).id
+            got = netlink.clsact_filters(name, {ifindex: "lo"}).get(ifindex)
+            if got is None or got.prog_id != want:
+                raise OSError(
+                    f"cls_bpf filter added but reads back as {got}, expected program id {want} on lo"
+                )
 
         _run_in_netns(f"/run/netns/{name}", attach)
     finally:

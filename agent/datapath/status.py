@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from . import bpfsys
-from .loader import CGROUP_HOOKS, read_l4_denied, read_stats
+from .loader import CGROUP_HOOKS, TC_PROG, clsact_owner, read_l4_denied, read_stats
 
 
 def _fill(fd: int, info: bpfsys.MapInfo) -> int | None:
@@ -26,6 +26,7 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
         "cgroup": cgroup_dir,
         "cgroup_attachments": {},
         "l4_policy": {},
+        "tc": {"attach": "none", "clsact_filters": []},
     }
     if not out["present"]:
         return out
@@ -88,6 +89,18 @@ def datapath_status(pin_dir: str, cgroup_dir: str | None = None) -> dict:
             )
         finally:
             os.close(fd)
+    # Strict mode's program on the pods' veths: tcx links (above) or cls_bpf
+    # filters on clsact (found by name through netlink, in this netns).
+    from . import netlink
+
+    filters = netlink.clsact_filters(clsact_owner(pin_dir))
+    tc_prog = next((p["id"] for p in out["programs"] if p["name"] == TC_PROG), None)
+    out["tc"]["clsact_filters"] = [
+        {"ifindex": f.ifindex, "ifname": f.ifname, "prog_id": f.prog_id, "current": f.prog_id == tc_prog}
+        for f in sorted(filters.values(), key=lambda f: f.ifindex)
+    ]
+    tcx = any(li["name"].startswith("tc-") for li in out["links"])
+    out["tc"]["attach"] = "+".join(m for m, on in (("tcx", tcx), ("clsact", bool(filters))) if on) or "none"
     if cgroup_dir and os.path.isdir(cgroup_dir):
         cfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -109,6 +109,7 @@ class Mesh:
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
     kernel_policy: bool = True  # bpf.kernelPolicy: policy refusals at connect()
+    tc_attach: str = "auto"  # bpf.tcAttach: tcx, clsact or auto (strict mode)
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
@@ -207,6 +208,7 @@ class Mesh:
                 "pinDir": ap.pin_dir,
                 "flowTracking": self.flow_tracking,
                 "kernelPolicy": self.kernel_policy,
+                "tcAttach": self.tc_attach,
             },
             "proxy": proxy,
             "mesh": {

@@ -457,6 +457,14 @@ def test_proxy_l7_mode():
         "c.yaml:10:7: proxy.l7: expected true, false or auto, got a string 'sometimes'"]
 
 
+def test_bpf_tc_attach():
+    assert parse_config(MINIMAL, "c.yaml").bpf.tc_attach == "auto"
+    c = parse_config(MINIMAL + "bpf:\n  tcAttach: clsact\n", "c.yaml")
+    assert c.bpf.tc_attach == "clsact" and c.to_dict()["bpf"]["tcAttach"] == "clsact"
+    msg = errors(MINIMAL + "bpf:\n  tcAttach: tc\n")[0]
+    assert msg.startswith("c.yaml:") and "bpf.tcAttach" in msg and "auto, tcx, clsact" in msg, msg
+
+
 def test_bpf_switches_for_flow_tracking_and_kernel_policy():
     c = parse_config(MINIMAL, "c.yaml")
     assert c.bpf.flow_tracking is True and c.bpf.kernel_policy is True

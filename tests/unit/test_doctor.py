@@ -291,6 +291,44 @@ def test_tcx_required_on_request():
     assert not c.ok and c.required and "permissive" in c.fix
 
 
+def test_tcx_on_old_kernel_says_clsact_takes_over():
+    c = doctor.check_tcx("6.1.0-56-amd64", raising(AssertionError("must not probe")))
+    assert "clsact instead" in c.detail
+
+
+OK_TCX = doctor.Check("tcx links", True, "works")
+NO_TCX = doctor.Check("tcx links", False, "kernel 6.1.0 < 6.6 has no tcx", "x", False)
+OK_CLSACT = doctor.Check("clsact (cls_bpf)", True, "works")
+NO_CLSACT = doctor.Check("clsact (cls_bpf)", False, "EOPNOTSUPP",
+                         "a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y, "
+                         "or mesh.mode: permissive", False)
+
+
+@pytest.mark.parametrize("tcx,clsact,want,detail", [
+    (OK_TCX, OK_CLSACT, "auto", "tcx links"),
+    (NO_TCX, OK_CLSACT, "auto", "clsact/cls_bpf (no tcx on this kernel)"),
+    (OK_TCX, OK_CLSACT, "clsact", "clsact/cls_bpf (bpf.tcAttach: clsact)"),
+    (OK_TCX, NO_CLSACT, "tcx", "tcx links"),
+])
+def test_strict_attach_picks_tcx_then_clsact(tcx, clsact, want, detail):
+    c = doctor.check_strict_attach(tcx, clsact, want, required=True)
+    assert c.ok and c.detail == detail and c.fix is None
+
+
+@pytest.mark.parametrize("tcx,clsact,want,words", [
+    (NO_TCX, NO_CLSACT, "auto", ["neither tcx", "nor clsact", "EOPNOTSUPP", "cannot be enforced"]),
+    (NO_TCX, OK_CLSACT, "tcx", ["bpf.tcAttach is tcx", "6.1.0 < 6.6"]),
+    (OK_TCX, NO_CLSACT, "clsact", ["bpf.tcAttach is clsact", "EOPNOTSUPP"]),
+])
+def test_strict_attach_failure_says_why_and_how_to_fix(tcx, clsact, want, words):
+    c = doctor.check_strict_attach(tcx, clsact, want, required=True)
+    assert not c.ok and c.required
+    assert all(w in c.detail for w in words), c.detail
+    assert "permissive" in c.fix and c.fix.count("permissive") == 1
+    assert not doctor.ready([c])
+    assert doctor.ready([doctor.check_strict_attach(tcx, clsact, want, required=False)])
+
+
 @pytest.mark.parametrize("release,version", [("6.18.44-fc-v857", (6, 18)),
                                              ("6.1.0-56-amd64", (6, 1)), ("5.10.0", (5, 10))])
 def test_kernel_version(release, version):

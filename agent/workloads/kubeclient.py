@@ -197,6 +197,7 @@ class KubeClient:
                 body = resp.read(65536)
             except (OSError, http.client.HTTPException):
                 body = b""
+            resp.close()  # its file object holds the socket too
             conn.close()
             raise _status_error(path, resp, body)
         return conn, resp
@@ -265,6 +266,10 @@ class Watch:
 
     def close(self) -> None:
         """From the reading thread, when done."""
+        try:
+            self._resp.close()  # the response's file object holds the socket too
+        except (OSError, http.client.HTTPException, ValueError):
+            pass  # a stream cut mid-chunk; the socket is closed below either way
         self._conn.close()
 
 

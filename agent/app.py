@@ -14,9 +14,10 @@ An admin API on a Unix socket (:mod:`agent.admin`) answers ``meshlet
 status`` and friends; :mod:`agent.supervisor` runs the proxy workers.  The
 asyncio part is a thin shell: every step is a plain method.
 
-Size: a little over 700 lines: the sync loop (inventory, identity, policy, kernel) shares
-the agent's state; the admin API (admin.py), proxy supervision (supervisor.py) and the workload
-source (workloads/source.py) live elsewhere.
+Size: about 900 lines: the sync loop (inventory, identity, policy, kernel), its health for the
+probes and the node's uninstall share the agent's state; the admin API (admin.py), proxy
+supervision (supervisor.py) and the workload sources (workloads/) live elsewhere.  The next split
+is the kernel-policy sync and uninstall into a module of their own.
 """
 
 from __future__ import annotations

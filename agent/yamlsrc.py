@@ -852,6 +852,7 @@ def list_of(conv: Converter[T], *, min_len: int = 0) -> Converter[tuple[T, ...]]
         out = [item.convert(conv) for item in items]
         if len(v.doc.problems) != before:
             raise Reported()
+        # items that failed were reported above (Reported raised): none is None here
         return tuple(out)  # type: ignore[arg-type]
 
     return convert

@@ -22,6 +22,11 @@ version of the C (its hash is kept in ml_meta) is torn down and reloaded.
 
 bcc is imported only when programs must be compiled; everything else goes
 through the plain bpf(2) syscall (bpfsys).
+
+Size: about 1,050 lines: the datapath's whole lifecycle (render, load, adopt, upgrade in
+place, strict mode through tcx or clsact, teardown) in one module, because each step must leave
+the kernel in a state the others expect.  The pure parts (render, plan_upgrade) are plain
+functions here and could move out first.
 """
 
 from __future__ import annotations

@@ -243,6 +243,7 @@ def endpoint_route(
     pre = _check_destination(state, src, ip, port)  # type: ignore[arg-type]
     if pre is not None:
         return pre
+    # src may be None here too, as above
     return _to_address(state, src, pod, ip, port, family)  # type: ignore[arg-type]
 
 

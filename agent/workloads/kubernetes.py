@@ -392,6 +392,7 @@ class KubernetesSource:
         driver = self._driver or "systemd"
         snap = {k: r.snapshot() for k, r in self.reflectors.items()}
         inv, notes = build_inventory(
+            # each reflector holds the record type of its kind; the dict of them is typed by the base
             pods=snap["Pod"],  # type: ignore[arg-type]
             nodes=snap["Node"],  # type: ignore[arg-type]
             namespaces=snap["Namespace"],  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.privileged.helpers import TOOLS, require_privileged, start_servers, wait_for
+from tests.support.privileged import TOOLS, require_privileged, start_servers, wait_for
 
 require_privileged()
 
@@ -111,20 +111,27 @@ def test_filters_survive_the_agent_and_are_kept_on_restart(mesh):
     assert transfer(mesh, "pod1-2", "pod2-2")["ok"]
 
 
-def test_sigterm_without_keep_removes_the_filters():
+def test_sigterm_keeps_the_filters_and_uninstall_removes_them():
     cluster = Cluster(nodes=1, pods_per_node=1).up()
     m = Mesh(cluster, tc_attach="clsact", namespaces={"default": {"mode": "strict"}})
     try:
         m.init_ca()
         m.write_inventory()
         m.write_configs()
-        m.start_agent("node1", keep_datapath=False)
+        m.start_agent("node1")
         assert len(filters(m, "node1")) == 1
         assert m.stop_agent("node1", signal.SIGTERM) == 0
         node = cluster.node("node1")
-        out = node.run(["tc", "-j", "filter", "show", "dev", cluster.pod("pod1-1").host_veth,
-                        "egress"], check=False)
-        assert "ml_tc_to_pod" not in out.stdout and "meshlet:" not in out.stdout, out.stdout
+
+        def tc_show() -> str:
+            return node.run(["tc", "-j", "filter", "show", "dev", cluster.pod("pod1-1").host_veth,
+                             "egress"], check=False).stdout
+
+        assert "meshlet:" in tc_show()  # a stop never opens strict mode
+        r = m.uninstall("node1", force=True)
+        assert r.returncode == 0, r.stderr
+        out = tc_show()
+        assert "ml_tc_to_pod" not in out and "meshlet:" not in out, out
     finally:
         m.down()
         cluster.down()
@@ -198,8 +205,8 @@ out["first"] = d.open()
 out["errors"] = d.sync_tc({idx: "vreload0"})
 out["loaded"] = (filt(), pinned_prog())
 d.close()
-# another version of the C (a map size differs): the pins are stale
-d = Datapath(dataclasses.replace(spec, max_flows=4096))
+# another version of the C (the L4 policy map's size differs): upgraded in place
+d = Datapath(dataclasses.replace(spec, max_l4_rules=4096))
 out["second"] = d.open()
 out["after_open"] = filt()          # the old program still guards the pod
 d.sync_tc({idx: "vreload0"})
@@ -211,9 +218,9 @@ print(json.dumps(out))
 
 
 def test_a_reload_swaps_the_program_without_a_gap(tmp_path):
-    """A datapath of another version is reloaded: its clsact filter keeps the
-    old program until sync_tc swaps in the new one (never no filter), and
-    teardown removes it."""
+    """A datapath of another version is upgraded in place: its clsact filter
+    keeps the old program until sync_tc swaps in the new one (never no
+    filter), and teardown removes it."""
     from agent import cgroup as cg
 
     name = f"meshlet-test-reload-{os.getpid()}"
@@ -238,7 +245,7 @@ def test_a_reload_swaps_the_program_without_a_gap(tmp_path):
     assert out["first"] == "loaded" and out["errors"] == []
     (filters1, prog1) = out["loaded"]
     assert list(filters1.values()) == [prog1]
-    assert out["second"] == "loaded"             # stale pins: compiled again
+    assert out["second"] == "upgraded"           # other C: new programs, maps carried over
     assert list(out["after_open"].values()) == [prog1]
     filters2, prog2 = out["after_sync"]
     assert prog2 != prog1 and list(filters2.values()) == [prog2]

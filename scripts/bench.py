@@ -39,6 +39,10 @@ Then the cost of each feature, HTTP only, same run:
                       bulk, both paths.  ``--flows-only`` runs just this (and
                       the direct paths).
 
+Proxy workers: the mesh HTTP paths again with 1..N workers per node (N:
+the usable cores, 2..4, as ``proxy.workers`` defaults to), with the ratio to
+one worker.
+
 Last, the policy-scale row (scripts/bench_policy.py, in-process): 10, 1,000
 and 10,000 authorization rules: the agent's apply, a proxy worker's reload,
 and the per-request cost with its ratio to 10 rules.
@@ -183,6 +187,38 @@ def measure_features(cluster, mesh, a) -> dict:
     return out
 
 
+def measure_workers(cluster, mesh, a) -> dict:
+    """Proxy workers 1..N per node (N: the usable cores, at most 4, as
+    ``proxy.workers`` defaults to): HTTP through the mesh, same-node and
+    cross-node, one row per worker count."""
+    out: dict[str, dict] = {}
+    top = max(2, min(4, len(os.sched_getaffinity(0))))
+    try:
+        for w in range(1, top + 1):
+            mesh.reconfigure(workers=w, l7=Mesh.__dataclass_fields__["l7"].default)
+            for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
+                print(f"measuring {w} proxy worker(s) per node, {where} ...", flush=True)
+                out[f"{w} {where}"] = {"workers": w, "where": where, "http": run_wrk(
+                    cluster, "pod1-1", f"http://{cluster.pod(dst).ip4}:8080/", a.duration, a.connections)}
+    finally:
+        mesh.workers = 1
+    return out
+
+
+def print_workers(rows: dict) -> None:
+    if not rows:
+        return
+    print("\nproxy workers per node (HTTP through the mesh, L4 relay; ratio to 1 worker)")
+    hdr = f"{'workers':<10}{'where':<12}{'HTTP req/s':>12}{'p99 ms':>9}{'ratio':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows.values():
+        base = rows.get(f"1 {r['where']}", {})
+        print(f"{r['workers']:<10}{r['where']:<12}{fmt(r['http'].get('rps'), ',.0f'):>12}"
+              f"{fmt(r['http'].get('p99_ms'), '.2f'):>9}"
+              f"{fmt(ratio(r['http'].get('rps'), (base.get('http') or {}).get('rps')), '.2f'):>8}")
+
+
 def print_features(features: dict, by: dict) -> None:
     if not features:
         return
@@ -246,6 +282,7 @@ def main() -> int:
         return 2
 
     workdir = tempfile.mkdtemp(prefix="meshlet-bench-")
+    worker_rows: dict[str, dict] = {}
     # nginx runs in pod1-2 and pod2-1: they are also the endpoints of the service "web".
     # pod1-3 and pod2-3 are outside meshlet: the direct client, and the Envoy sidecars' pair.
     web = {"app": "web"}
@@ -309,6 +346,7 @@ def main() -> int:
             tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
             mesh.reconfigure(tunnel_security="mtls")
             features = measure_features(cluster, mesh, a)
+            worker_rows = measure_workers(cluster, mesh, a)
             counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
     finally:
         if mesh is not None:
@@ -357,6 +395,7 @@ def main() -> int:
             if (r.get(part) or {}).get("error"):
                 print(f"   {part} error: {r[part]['error']}")
     print_features(features, by)
+    print_workers(worker_rows)
     out = a.json or os.path.join(ROOT, "bench-results",
                                  time.strftime("bench-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -393,7 +432,7 @@ def main() -> int:
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters, "connection_scale": conn_rows,
                    "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss,
-                   "vs_envoy": envoy_cmp}, f, indent=2)
+                   "vs_envoy": envoy_cmp, "workers": worker_rows}, f, indent=2)
     print(f"\nJSON: {out}")
     if chart:
         print(f"chart: {chart}")

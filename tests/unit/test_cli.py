@@ -122,6 +122,8 @@ COMMAND_TREE = {
     "bpf status": ("--config", "--pin-dir", "--node", TABLE_JSON),
     "ca": (),
     "ca add-node": ("--dir", "NODE"),
+    "ca controller": ("--root", "--trust-domain", "--signer", "--node-user", "--ttl", "--kubeconfig", "--context",
+                      "--metrics-port", "--metrics-address", "--log-level=debug|info|warning|error"),
     "ca init": ("--trust-domain", "--out", "--node", "--force"),
     "ca reissue-node": ("--dir", "NODE"),
     "ca retire-root": ("--dir", "ROOT"),

@@ -78,8 +78,13 @@ class CaController:
     def handle(self, csr: dict, _again: bool = True) -> str:
         """Act on one CSR; returns the verdict's action.  Raises ApiError
         when the API fails (nothing more was written; a relist retries)."""
-        v = review(csr, self.policy)
         name = (csr.get("metadata") or {}).get("name", "?")
+        try:
+            v = review(csr, self.policy)
+        except Exception:  # one CSR the rules trip over must not stall every other one
+            self.counters["errors"] += 1
+            log.exception("CSR %s: not understood, skipped (nothing written)", name)
+            return "skipped"
         try:
             if v.action == "approve":
                 self._approve(name, csr, v)

@@ -280,11 +280,12 @@ def _check(spec: dict, policy: Policy) -> tuple[str, object, timedelta]:
         pem = base64.b64decode(str(spec.get("request", "")), validate=True)
         csr = x509.load_pem_x509_csr(pem)
         sig_ok = csr.is_signature_valid
+        exts = {e.oid: e for e in csr.extensions}
+        key = csr.public_key()
     except (ValueError, binascii.Error, TypeError) as e:
         raise _Refused("BadRequest", f"spec.request is not a base64 PEM certificate request: {e}") from None
     if not sig_ok:
         raise _Refused("BadRequest", "the certificate request's signature does not verify")
-    key = csr.public_key()
     _check_key(key)
     asked_cn = _single_cn(csr.subject)
     prefix = node_ca_common_name(td, "")
@@ -296,12 +297,8 @@ def _check(spec: dict, policy: Policy) -> tuple[str, object, timedelta]:
             f"{_subject(td, token_node).rfc4514_string()!r}",
         )
     want = str(node_spiffe_id(td, node))
-    try:
-        sans = list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
-    except x509.ExtensionNotFound:
-        sans = []
-    except ValueError as e:
-        raise _Refused("BadRequest", f"the request's extensions do not parse: {e}") from None
+    san = exts.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    sans = list(san.value) if san is not None else []
     uris = [g.value for g in sans if isinstance(g, x509.UniformResourceIdentifier)]
     if len(sans) != 1 or len(uris) != 1 or uris[0] != want:
         names = ", ".join(_general_name(g) for g in sans) or "none"
@@ -319,7 +316,6 @@ def _check(spec: dict, policy: Policy) -> tuple[str, object, timedelta]:
             f"the request is for node {node!r} but the requester's token is bound to node "
             f"{token_node!r}; a node may ask only for its own intermediate",
         )
-    exts = {e.oid: e for e in csr.extensions}
     bc = exts.get(ExtensionOID.BASIC_CONSTRAINTS)
     if bc is None or not bc.critical or not bc.value.ca or bc.value.path_length != 0:
         raise _Refused(

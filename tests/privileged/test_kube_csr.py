@@ -68,8 +68,8 @@ def env(tmp_path_factory):
         publish(cluster, api)
         node_allow = rbac_allow("meshlet-node")
         for n in cluster.nodes:
-            api.add_user(f"{n.name}-token", cp.NODE_USER, groups=("system:serviceaccounts", "system:authenticated"),
-                         extra={cp.NODE_NAME_EXTRA: [n.name]}, allow=node_allow)
+            api.add_user(f"{n.name}-token", cp.NODE_USER, extra={cp.NODE_NAME_EXTRA: [n.name]},
+                         groups=("system:serviceaccounts", "system:authenticated"), allow=node_allow)
         api.add_user("ca-token", CA_USER, allow=rbac_allow("meshlet-ca"))
         api.start()
         mesh.api = api
@@ -105,8 +105,11 @@ def test_nodes_get_their_intermediates_by_csr_and_mesh_across_nodes(env):
     mesh, api, start_controller, work = env
     # No controller yet: every node waits, fail closed, and says why.
     for node in ("node1", "node2"):
-        ident = wait_for(lambda n=node: ((i := mesh.status(n)["identity"]).get("node_ca_csr") or {}).get("state")
-                         == "waiting" and i, f"{node} waiting for its CSR")
+        def waiting(n=node):
+            i = mesh.status(n)["identity"]
+            return (i.get("node_ca_csr") or {}).get("state") == "waiting" and i
+
+        ident = wait_for(waiting, f"{node} waiting for its CSR")
         assert "waiting for CSR meshlet-node-" in ident["node_ca_csr"]["message"], ident
         assert "to be approved" in ident["node_ca_csr"]["message"]
         assert ident["error"].startswith("no node intermediate yet, no workload certificates"), ident
@@ -123,7 +126,8 @@ def test_nodes_get_their_intermediates_by_csr_and_mesh_across_nodes(env):
                          f"{node}'s intermediate loaded", timeout=60)
         assert f",CN={mesh.trust_domain} node {node},O=meshlet" in ident["node_ca"]["subject"], ident
         assert ident["node_ca_csr"]["state"] == "valid" and not ident["error"]
-        cert = x509.load_pem_x509_certificate(pathlib.Path(mesh.identity_dir(node), "ca.pem").read_bytes())
+        pem = pathlib.Path(mesh.identity_dir(node), "ca.pem").read_bytes()
+        cert = x509.load_pem_x509_certificate(pem)
         cert.verify_directly_issued_by(root)
         assert os.stat(os.path.join(mesh.identity_dir(node), "ca-key.pem")).st_mode & 0o077 == 0
     csrs = api.find("CertificateSigningRequest")

@@ -334,3 +334,20 @@ def test_health_and_counters(cluster):
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def test_the_manifests_command_line_is_what_the_controller_accepts():
+    from agent.cli.ca import ca_controller
+
+    (dep,) = [d for d in load_docs(DEPLOY / "ca-controller.yaml") if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["meshlet", "ca", "controller"]
+    ctx = ca_controller.make_context("controller", list(c["args"]))
+    assert ctx.params["root_dir"] == "/etc/meshlet/root" and ctx.params["signer"] == cp.SIGNER
+    port = ctx.params["metrics_port"]
+    assert {p["containerPort"] for p in c["ports"]} == {port}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the Secret's files are what load_signing_root reads
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/etc/meshlet/root"] == "root"

@@ -255,10 +255,15 @@ def certs(sock, node, output) -> None:
         f"({len(ident.get('roots', []))} roots)  identity generation "
         f"{ident.get('generation')}"
     )
-    ca = ident.get("node_ca") or {}
-    click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires {ca.get('not_after')}")
+    ca = ident.get("node_ca")
+    csr = ident.get("node_ca_csr")
+    if ca:
+        click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires {ca.get('not_after')}")
+    if csr:
+        click.echo(f"node CA by CSR ({csr.get('signer')}): {csr.get('state')}: {csr.get('message')}")
     if ident.get("error"):
-        click.echo(f"  LAST RELOAD FAILED (previous CA material kept): {ident['error']}")
+        what = "LAST RELOAD FAILED (previous CA material kept)" if ca else "NO NODE CA, NOTHING IS SIGNED"
+        click.echo(f"  {what}: {ident['error']}")
     click.echo(f"\n{'WORKER':<7}{'SPIFFE ID':<52}{'SERIAL':<18}{'EXPIRES':<27}NEXT ROTATION")
     for w in workers:
         for c in w.get("identities", []):

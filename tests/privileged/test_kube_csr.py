@@ -144,3 +144,37 @@ def test_nodes_get_their_intermediates_by_csr_and_mesh_across_nodes(env):
              timeout=60)
     certs = mesh.status("node1")["proxy"][0]["stats"]["certs"]["identities"]
     assert certs and all(c["serial"] for c in certs), certs  # the proxy holds a certificate per identity
+
+
+def test_a_node_refuses_to_sign_for_a_pod_on_another_node(env):
+    """The issue's "a CSR for a pod on another node is refused", with the
+    intermediate the node got by CSR: node1's signer answers only for the
+    service accounts of pods the API places on node1."""
+    import json
+    import socket
+
+    from agent.identity.spiffe import parse_spiffe_id
+    from agent.identity.svid import generate_key, make_csr
+
+    mesh, _api, _start, _work = env
+    wait_for(lambda: "node_ca" in mesh.status("node1")["identity"], "node1's intermediate", timeout=60)
+
+    def ask(identity):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(os.path.join(mesh.agents["node1"].run_dir, "ca.sock"))
+            csr = make_csr(parse_spiffe_id(identity), generate_key()).decode()
+            s.sendall(json.dumps({"op": "sign", "identity": identity, "csr": csr}).encode() + b"\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return json.loads(data)
+
+    td = mesh.trust_domain
+    other = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod2-1').service_account}"
+    own = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod1-1').service_account}"
+    if other == own:
+        pytest.skip("the simulated pods share a service account")
+    resp = ask(other)
+    assert resp["ok"] is False and resp["reason"] == "not_on_node", resp
+    assert ask(own)["ok"] is True

@@ -198,7 +198,6 @@ def ca_controller(
     from ..identity.csrpolicy import Policy
     from ..workloads.kubeclient import KubeClient, KubeConfigError
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         root = load_signing_root(root_dir, trust_domain)
     except (CaError, ValueError) as e:
@@ -207,6 +206,7 @@ def ca_controller(
         client = KubeClient.from_kubeconfig(kubeconfig, context) if kubeconfig else KubeClient.in_cluster()
     except KubeConfigError as e:
         die(f"cannot reach the Kubernetes API: {e}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = Policy(trust_domain, signer=signer, node_user=node_user, max_ttl=timedelta(hours=ttl_hours))
     ctl = CaController(client, root, policy)
     loop = threading.Thread(target=ctl.run, name="ca-controller", daemon=True)

@@ -351,3 +351,41 @@ def test_the_manifests_command_line_is_what_the_controller_accepts():
     # the Secret's files are what load_signing_root reads
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts["/etc/meshlet/root"] == "root"
+
+
+def test_the_root_directory_is_checked_before_anything_is_signed(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from agent.cli.ca import ca_controller
+    from agent.identity.ca import CaError, rotate_root
+
+    d = str(tmp_path / "ca")
+    init_ca(d, TD, [])
+    assert load_signing_root(d, TD).cert == load_signing_root(d, TD).bundle.roots[0]
+    with pytest.raises(CaError, match="trust domain 'cluster.local', not 'other.domain'"):
+        load_signing_root(d, "other.domain")
+    # just the Secret's three files
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    for n in ("root.pem", "root-key.pem", "bundle.pem"):
+        shutil.copy(os.path.join(d, n), secret / n)
+    assert load_signing_root(str(secret), TD).name_constraints is True
+    # a bundle without the root: what it signed would not verify anywhere
+    other = init_ca(str(tmp_path / "other"), TD, [])
+    (secret / "bundle.pem").write_bytes(other.bundle.to_pem())
+    with pytest.raises(CaError, match="does not hold the root"):
+        load_signing_root(str(secret), TD)
+    # the key of another root
+    shutil.copy(os.path.join(d, "bundle.pem"), secret / "bundle.pem")
+    shutil.copy(tmp_path / "other" / "root-key.pem", secret / "root-key.pem")
+    with pytest.raises(CaError, match="is not the key of"):
+        load_signing_root(str(secret), TD)
+    # after a rotation the current root signs and the bundle carries both
+    rotate_root(d)
+    r = load_signing_root(d, TD)
+    assert len(r.bundle.roots) == 2 and r.cert in r.bundle.roots
+    # the CLI says what is missing and exits 1 before it talks to any API
+    res = CliRunner().invoke(ca_controller, ["--root", str(tmp_path / "nowhere"), "--metrics-port", "0"])
+    assert res.exit_code == 1 and "root.pem" in res.output and "meshlet ca init --out DIR" in res.output

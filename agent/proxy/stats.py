@@ -24,6 +24,7 @@ from agent.proxy import telemetry as m
 from agent.proxy.conn import Conn, fmt_addr, peer_of
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.log import sampled
+from agent.proxy.spans import SpanRecorder
 from agent.proxy.state import Pod, ProxyState
 from agent.traffic.upstream_cluster import Cluster
 
@@ -100,6 +101,7 @@ class Accounting:
             "latency_ms_count": 0,
         }
         self.latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
+        self.spans: SpanRecorder | None = None  # trace spans (server.py sets it when exporting)
 
     def next_seq(self) -> int:
         """A new per-worker connection number (the metrics' handle)."""
@@ -182,6 +184,9 @@ class Accounting:
                     flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
             if denied:
                 inp.http_metrics.deny(policy or "")
+        sp = self.spans
+        if sp is not None:
+            sp.on_response(conn, head, status, elapsed, exchange, flags)
         inp.http_metrics.observe(
             hd, status, flags, ms, exchange.request_body_bytes, exchange.response_body_bytes
         )

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from tests.support.privileged import require_privileged, wait_for
+from tests.support.privileged import meshlet, require_privileged, wait_for
 
 require_privileged()
 
@@ -162,7 +162,13 @@ def test_a_collector_that_never_answers_changes_nothing_for_traffic(env):
         assert after["dropped"] > before["dropped"]
         wait_for(lambda: env.tracing_stats("node1")["export_failures"] > before["export_failures"],
                  "node1's proxy counts the exports that timed out", timeout=30)
-        assert env.tracing_stats("node1")["exported"] == 0
+        st = env.tracing_stats("node1")
+        assert st["exported"] == 0
+        r = meshlet(env.mesh, "node1", "status")  # what an operator sees
+        assert r.returncode == 0, r.stderr
+        line = next(ln for ln in r.stdout.splitlines() if "trace spans to" in ln)
+        assert f":{COLLECTOR_PORT}/v1/traces: exported 0, dropped " in line
+        assert int(line.split("dropped ")[1].split()[0]) >= after["dropped"] > 0
     finally:
         env.stop_collector()
 

@@ -370,3 +370,15 @@ def wait(pred, timeout: float = 15.0) -> None:
     while not pred():
         assert time.monotonic() < end, "condition not reached"
         time.sleep(0.02)
+
+
+def test_prometheus_sums_the_workers_span_counters():
+    from tests.unit.test_observability import scrape
+
+    t = {"exported": 5, "dropped": 2, "failed": 1, "export_failures": 1, "queued": 3}
+    got = scrape({"workers": [{"tracing": t}, {"tracing": dict(t, dropped=10)}, {"tracing": None}, None]})
+    by_result = {s["result"]: v for s, v in got["meshlet_trace_spans"]}
+    assert by_result == {"exported": 10, "dropped": 12, "failed": 2}
+    assert got["meshlet_trace_export_failures"] == [({}, 2)]
+    assert got["meshlet_trace_spans_queued"] == [({}, 6)]
+    assert "meshlet_trace_spans" not in scrape({"workers": [{"tracing": None}]})  # no exporter: no series

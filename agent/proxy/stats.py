@@ -184,9 +184,6 @@ class Accounting:
                     flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
             if denied:
                 inp.http_metrics.deny(policy or "")
-        sp = self.spans
-        if sp is not None:
-            sp.on_response(conn, head, status, elapsed, exchange, flags)
         inp.http_metrics.observe(
             hd, status, flags, ms, exchange.request_body_bytes, exchange.response_body_bytes
         )
@@ -210,6 +207,9 @@ class Accounting:
                 policy=policy if denied else None,
             ):
                 self.counters["access_log_skipped"] += 1
+        sp = self.spans
+        if sp is not None:  # last: a span never costs the request its metrics or log line
+            sp.on_response(conn, head, status, elapsed, exchange, flags)
 
     def http_stats(self, pool: Any) -> dict[str, Any]:
         """``stats()["http"]``: request counters and the destination pool."""

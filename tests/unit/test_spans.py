@@ -331,22 +331,23 @@ def test_a_collector_that_is_down_costs_only_counted_failures():
         q = t.exporter.queue
         accepted = sum(q.put(light()) for _ in range(50))  # never blocks: full means dropped
         assert accepted + q.dropped == 50 and q.dropped > 0
-        wait(lambda: t.stats()["export_failures"] >= 1 and len(q) == 0)
-        assert t.stats()["exported"] == 0 and t.stats()["failed"] == accepted
+        wait(lambda: t.stats()["failed"] == accepted)  # every accepted span in a failed export
+        assert t.stats()["exported"] == 0 and t.stats()["export_failures"] >= 1
     finally:
         t.close()
 
 
 def test_a_collector_that_never_answers_costs_only_counted_failures():
     with HangingCollector() as hang:
-        t = start_tracing(cfg(hang.url, max_queue=4, max_batch=2, export_timeout=0.3), 0, lambda: None)
+        t = start_tracing(cfg(hang.url, max_queue=4, max_batch=2, export_timeout=2.0), 0, lambda: None)
         assert t is not None
         try:
             q = t.exporter.queue
             q.put(light())
             wait(lambda: hang.accepted >= 1)  # the export thread is stuck on it now
             results = [q.put(light()) for _ in range(20)]
-            assert results.count(False) >= 16 and q.dropped >= 16
+            # at most 4 wait and 2 more went out in a batch: the rest is dropped, counted
+            assert results.count(False) >= 14 and q.dropped == results.count(False)
             wait(lambda: t.stats()["export_failures"] >= 1)
             assert t.stats()["exported"] == 0
         finally:

@@ -182,11 +182,11 @@ class ProxyServer:
             self._certs_task = loop.create_task(self.certs.run())
             await self._wait_certificates()
             state = self.watcher.current  # it may have changed while waiting
+            self._start_tracing(state)  # before the first request
             await self._start_listeners(state)
         except BaseException:
             await self.stop(grace=0)
             raise
-        self._start_tracing(state)
         self.ready = True
         self.live.fd_cap = nofile_limit() - self.live.FD_RESERVE  # __main__ may have raised it
         self._watch_task = loop.create_task(self.watcher.run())

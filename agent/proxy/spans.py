@@ -345,13 +345,28 @@ class SpanExporter:
         self.exports = 0  # export requests made
         self._last_failure_log = 0.0
         self._sdk: Any = None
+        self.error: str | None = None  # why the thread could not start exporting
 
     def start(self) -> None:
-        self._sdk = _Sdk(self.cfg, self.worker_id)
-        if self._exporter is None:
-            self._exporter = self._sdk.exporter()
-        self._thread = threading.Thread(target=self._run, name="meshlet-span-export", daemon=True)
+        """Start the thread; it imports the SDK itself (about half a second
+        and 10 MB, once per worker), never the event loop."""
+        self._thread = threading.Thread(target=self._main, name="meshlet-span-export", daemon=True)
         self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._sdk = _Sdk(self.cfg, self.worker_id)
+            if self._exporter is None:
+                self._exporter = self._sdk.exporter()
+        except Exception as e:  # noqa: BLE001 - observability must not stop the proxy: no spans
+            self.error = f"cannot load the OpenTelemetry exporter: {e}"
+            log.error(
+                "trace spans off: %s (is opentelemetry-exporter-otlp-proto-http installed?)", self.error
+            )
+            self.queue.max_len = 0  # every span is dropped (and counted) from now on
+            self.queue.take(len(self.queue))
+            return
+        self._run()
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread after one last export (at most ``timeout`` waited)."""
@@ -425,6 +440,7 @@ class SpanExporter:
             "failed": self.failed,
             "exports": self.exports,
             "export_failures": self.export_failures,
+            "error": self.error,
         }
 
 

@@ -383,3 +383,73 @@ def test_prometheus_sums_the_workers_span_counters():
     assert got["meshlet_trace_export_failures"] == [({}, 2)]
     assert got["meshlet_trace_spans_queued"] == [({}, 6)]
     assert "meshlet_trace_spans" not in scrape({"workers": [{"tracing": None}]})  # no exporter: no series
+
+
+# --- the worker's wiring, in-process (tests/support/mesh.py: two proxies on loopback) --------
+
+
+def test_a_worker_exports_l7_spans_after_a_live_reload_and_stops_after_another(tmp_path):
+    """node2 serves a pod at L7; its tracing section is turned on, then off,
+    by state reloads (as the agent publishes config changes)."""
+    import asyncio
+    import os
+
+    from tests.support.aio import close_writer, run
+    from tests.support.http import HeaderEcho, http_request
+    from tests.support.mesh import V4, Cluster, FlowOrigin
+
+    def reload(c, node: int, tracing_doc: dict | None) -> None:
+        p = tmp_path / f"node{node + 1}" / "state.json"
+        doc = json.loads(p.read_text())
+        doc["generation"] += 1
+        doc.pop("tracing", None)
+        if tracing_doc is not None:
+            doc["tracing"] = tracing_doc
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, p)
+        assert c.servers[node].watcher.check()
+
+    async def get(c, web, traceparent: str) -> tuple[int, bytes]:
+        r, w = await c.connect(FlowOrigin(V4, "127.0.0.7", web.port, 1001))
+        try:
+            status, _head, body = await http_request(r, w, "GET", "/hello",
+                                                     headers=(("traceparent", traceparent),))
+        finally:
+            await close_writer(w)
+        return status, body
+
+    async def main(sink):
+        async with Cluster(tmp_path, l7=True) as c:
+            web = await HeaderEcho("127.0.0.7").start()  # a pod of node2
+            try:
+                srv = c.servers[1]
+                assert srv.tracing is None and srv.stats()["tracing"] is None
+                reload(c, 1, {"otlp_endpoint": sink.url, "sample_rate": 0.0, "export_interval": 0.05,
+                              "service_instance": "node2"})
+                assert srv.tracing is not None and srv.accounting.spans is srv.tracing.recorder
+                status, body = await get(c, web, f"00-{TID}-{PID}-01")
+                assert status == 200
+                got = await asyncio.to_thread(sink.wait, lambda s: len(s) == 1)
+                forwarded = [ln for ln in body.split(b"\r\n") if ln.lower().startswith(b"traceparent:")]
+                stats = srv.stats()["tracing"]
+                reload(c, 1, None)
+                off = (srv.tracing, srv.accounting.spans, tracing.sample_rate())
+                status2, _ = await get(c, web, f"00-{TID}-{PID}-01")
+                await asyncio.sleep(0.3)
+                return got, forwarded, stats, off, status2
+            finally:
+                await web.stop()
+
+    with OtlpSink() as sink:
+        got, forwarded, stats, off, status2 = run(main(sink))
+        after = list(sink.spans)
+    (s,) = got
+    assert s["kind"] == "server" and s["trace_id"] == TID and s["parent_span_id"] == PID
+    assert forwarded == [f"traceparent: 00-{TID}-{s['span_id']}-01".encode()]  # the app's parent
+    assert s["attributes"]["meshlet.destination.principal"].endswith("/sa/db")
+    assert s["attributes"]["meshlet.route"] == "local"  # the inbound side of the tunnel
+    assert s["resource"]["k8s.node.name"] == "node2"
+    assert stats["exported"] == 1 and stats["dropped"] == 0 and stats["endpoint"] == sink.url
+    assert off == (None, None, 0.0) and status2 == 200
+    assert after == got  # off: the second request left no span

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -343,7 +344,7 @@ class SpanExporter:
         self.failed = 0  # spans in failed export requests
         self.export_failures = 0  # failed export requests
         self.exports = 0  # export requests made
-        self._last_failure_log = 0.0
+        self._last_failure_log = -math.inf  # the first failure is always logged
         self._sdk: Any = None
         self.error: str | None = None  # why the thread could not start exporting
 

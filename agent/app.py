@@ -63,6 +63,20 @@ def ca_socket_path(cfg: AgentConfig) -> str:
     return os.path.join(cfg.run_dir, "ca.sock")
 
 
+def tracing_state(cfg: AgentConfig) -> dict:
+    """The state's ``tracing`` section: what the workers' span exporter needs."""
+    t = cfg.tracing
+    return {
+        "otlp_endpoint": t.otlp_endpoint,
+        "sample_rate": t.sample_rate,
+        "max_queue": t.max_queue,
+        "max_batch": t.max_batch,
+        "export_timeout": t.export_timeout,
+        "export_interval": t.export_interval,
+        "service_instance": cfg.node,
+    }
+
+
 def proxy_state(
     cfg: AgentConfig,
     inv: Inventory,
@@ -101,6 +115,7 @@ def proxy_state(
             "sampling": cfg.access_log.sampling,
             "path": cfg.access_log_path,
         },
+        "tracing": tracing_state(cfg),
         "nodes": {
             n.name: {"address": str(n.address), "address6": str(n.address6) if n.address6 else None}
             for n in inv.nodes

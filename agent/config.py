@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ __all__ = [
     "AdminConfig",
     "MetricsConfig",
     "AccessLogConfig",
+    "TracingConfig",
     "WorkloadsConfig",
     "WORKLOAD_SOURCES",
     "AgentConfig",
@@ -249,6 +251,40 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """Trace spans of the L7 proxy, exported to an OpenTelemetry collector
+    (OTLP over HTTP, protobuf): one span per request and proxy hop. Without
+    ``otlpEndpoint`` there is no tracing at all (no span, no SDK loaded);
+    the proxy still propagates ``traceparent`` either way."""
+
+    otlp_endpoint: str | None = None
+    """``tracing.otlpEndpoint``: the collector's OTLP/HTTP traces URL, e.g.
+    ``http://otel-collector.observability:4318/v1/traces`` (a URL with no
+    path gets ``/v1/traces``); http or https, no credentials in it."""
+
+    sample_rate: float = 0.01
+    """``tracing.sampleRate``: 0..1, the fraction of requests that arrive
+    without a ``traceparent`` whose trace is sampled (then forwarded with
+    the sampled flag). A request's own sampled flag always decides."""
+
+    max_queue: int = 2048
+    """``tracing.maxQueue``: spans a worker holds for export, 1..1000000;
+    beyond that new spans are dropped and counted (a slow or absent
+    collector never slows traffic)."""
+
+    max_batch: int = 512
+    """``tracing.maxBatch``: spans per export request, 1..100000."""
+
+    export_timeout: float = 5.0
+    """``tracing.exportTimeout``: seconds one export request may take, retries
+    included (0..60, exclusive of 0); then it counts as failed."""
+
+    export_interval: float = 1.0
+    """``tracing.exportInterval``: seconds between exports when fewer than
+    ``maxBatch`` spans are waiting, 0.05..60."""
+
+
+@dataclass(frozen=True)
 class WorkloadsConfig:
     """Where pods, nodes, namespaces and services come from (``workloads``)."""
 
@@ -323,6 +359,9 @@ class AgentConfig:
     access_log: AccessLogConfig = AccessLogConfig()
     """Access log settings (``accessLog``)."""
 
+    tracing: TracingConfig = TracingConfig()
+    """Span export to an OpenTelemetry collector (``tracing``)."""
+
     workloads: WorkloadsConfig = WorkloadsConfig()
     """Workload source (``workloads``)."""
 
@@ -388,6 +427,14 @@ class AgentConfig:
                 "sampling": self.access_log.sampling,
                 "path": self.access_log_path,
             },
+            "tracing": {
+                **({"otlpEndpoint": self.tracing.otlp_endpoint} if self.tracing.otlp_endpoint else {}),
+                "sampleRate": self.tracing.sample_rate,
+                "maxQueue": self.tracing.max_queue,
+                "maxBatch": self.tracing.max_batch,
+                "exportTimeout": self.tracing.export_timeout,
+                "exportInterval": self.tracing.export_interval,
+            },
             "workloads": {
                 k: v
                 for k, v in {
@@ -443,7 +490,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     mesh_r, admin_r = top.section("mesh"), top.section("admin")
     ident_r = top.section("identity")
     metrics_r, access_r = top.section("metrics"), top.section("accessLog")
-    work_r = top.section("workloads")
+    work_r, tracing_r = top.section("workloads"), top.section("tracing")
     top.finish()
 
     name = node or "<node>"  # only used for defaults; a bad node is already reported
@@ -534,6 +581,10 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         )
         access_r.finish()
 
+    tracing = None
+    if tracing_r is not None:
+        tracing = _read_tracing(tracing_r)
+
     workloads = None
     if work_r is not None:
 
@@ -555,7 +606,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     # A section reader gives None only after reporting a problem (doc.failed).
     assert bpf is not None and proxy is not None and mesh is not None and admin is not None
     assert identity is not None and metrics is not None and access_log is not None
-    assert workloads is not None
+    assert workloads is not None and tracing is not None
     return AgentConfig(
         node=node,
         inventory=inventory,
@@ -569,6 +620,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         log_level=log_level,
         metrics=metrics,
         access_log=access_log,
+        tracing=tracing,
         workloads=workloads,
     )
 
@@ -585,6 +637,47 @@ def _peek_source(top: y.MapReader) -> str | None:
         if isinstance(k, ScalarNode) and k.value == "source" and isinstance(v, ScalarNode):
             return v.value
     return None
+
+
+def _otlp_endpoint(v: y.Value) -> str:
+    """An OTLP/HTTP traces URL: http(s)://host[:port][/path]; no path means
+    the standard ``/v1/traces``."""
+    s = y.string(v)
+    try:
+        u = urllib.parse.urlsplit(s)
+        port = u.port
+    except ValueError as e:
+        raise y.Invalid(f"{s!r} is not a URL: {e}") from None
+    if u.scheme not in ("http", "https"):
+        raise y.Invalid(
+            f"{s!r}: the scheme must be http or https (OTLP over HTTP, e.g. http://collector:4318/v1/traces)"
+        )
+    if not u.hostname:
+        raise y.Invalid(f"{s!r} names no host (e.g. http://collector:4318/v1/traces)")
+    if u.username is not None or u.password is not None:
+        raise y.Invalid(f"{u.scheme}://...@{u.hostname}: credentials do not belong in the config file's URL")
+    if u.query or u.fragment:
+        raise y.Invalid(f"{s!r}: an OTLP endpoint has no query or fragment")
+    if port == 0:
+        raise y.Invalid(f"{s!r}: port 0 is not a port")
+    path = u.path if u.path not in ("", "/") else "/v1/traces"
+    return urllib.parse.urlunsplit((u.scheme, u.netloc, path, "", ""))
+
+
+def _read_tracing(r: y.MapReader) -> TracingConfig | None:
+    d = TracingConfig.__dataclass_fields__
+    t = dict(
+        otlp_endpoint=r.get("otlpEndpoint", _otlp_endpoint, None),
+        sample_rate=r.get("sampleRate", y.number(0, 1), d["sample_rate"].default),
+        max_queue=r.get("maxQueue", y.integer(1, 1_000_000), d["max_queue"].default),
+        max_batch=r.get("maxBatch", y.integer(1, 100_000), d["max_batch"].default),
+        export_timeout=r.get("exportTimeout", y.number(0, 60, lo_open=True), d["export_timeout"].default),
+        export_interval=r.get("exportInterval", y.number(0.05, 60), d["export_interval"].default),
+    )
+    r.finish()
+    if any(v is None for k, v in t.items() if k != "otlp_endpoint"):
+        return None
+    return TracingConfig(**t)
 
 
 def _listen_address(v: y.Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -157,6 +157,13 @@ def status(sock, node, output) -> None:
                 else ""
             )
         )
+        t = s.get("tracing")
+        if t:
+            click.echo(
+                f"  trace spans to {t['endpoint']}: exported {t['exported']}, dropped {t['dropped']} "
+                f"(queue full), failed {t['failed']} ({t['export_failures']} failed exports), "
+                f"queued {t['queued']}"
+            )
     click.echo("kernel counters: " + ", ".join(f"{k}={v}" for k, v in dp["counters"].items()))
     for e in dp["tc_errors"]:
         click.echo(f"  tc error: {e}")

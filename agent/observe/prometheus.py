@@ -177,6 +177,30 @@ def _ts(iso: str | None) -> float | None:
         return None
 
 
+def tracing_families(live: list[dict[str, Any]]) -> list[Metric]:
+    """Trace spans (``tracing`` in the workers' stats), when a worker exports them."""
+    tr = [w["tracing"] for w in live if w.get("tracing")]
+    if not tr:
+        return []
+    spans = CounterMetricFamily(
+        "meshlet_trace_spans_total",
+        "Trace spans of the proxy workers by result: exported (the collector took them), dropped "
+        "(the export queue was full: the collector is slow or down), failed (in an export request "
+        "that failed).",
+        labels=["result"],
+    )
+    for result in ("exported", "dropped", "failed"):
+        spans.add_metric([result], sum(t.get(result, 0) for t in tr))
+    failures = CounterMetricFamily(
+        "meshlet_trace_export_failures_total",
+        "Export requests to the OpenTelemetry collector that failed (error, refused or timed out).",
+    )
+    failures.add_metric([], sum(t.get("export_failures", 0) for t in tr))
+    queued = GaugeMetricFamily("meshlet_trace_spans_queued", "Spans waiting for export in the proxy workers.")
+    queued.add_metric([], sum(t.get("queued", 0) for t in tr))
+    return [spans, failures, queued]
+
+
 def families(snap: dict[str, Any]) -> list[Metric]:
     """Snapshot -> metric families.  ``snap`` keys: ``workers`` (list of
     proxy stats dicts, None for a worker that did not answer),
@@ -238,6 +262,8 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         for pol, n in sorted(http["denied_policies"].items()):
             dreq.add_metric([pol], n)
         out.append(dreq)
+
+    out += tracing_families(live)
 
     overflow = CounterMetricFamily(
         "meshlet_metrics_overflow_total",

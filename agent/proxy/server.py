@@ -48,6 +48,7 @@ import gc
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -62,6 +63,7 @@ from agent.proxy.limits import nofile_limit, trim_memory
 from agent.proxy.log import AccessLog
 from agent.proxy.outbound import FlowSource, Outbound
 from agent.proxy.relay import Endpoint
+from agent.proxy.spans import Tracing, start_tracing
 from agent.proxy.state import ProxyState, StateWatcher
 from agent.proxy.stats import Accounting, StatsProtocol, cluster_stats, stats_socket_path
 from agent.proxy.tls import TlsContexts
@@ -147,6 +149,7 @@ class ProxyServer:
         self._policy_task: asyncio.Task[None] | None = None
         self._maint_task: asyncio.Task[None] | None = None
         self._started_at = time.monotonic()
+        self.tracing: Tracing | None = None  # span export (tracing.otlpEndpoint), started by start()
         self.addresses: dict[str, list[tuple]] = {"outbound": [], "tunnel": []}
         if watcher.on_change is None:
             watcher.on_change = self._state_changed
@@ -179,6 +182,7 @@ class ProxyServer:
             self._certs_task = loop.create_task(self.certs.run())
             await self._wait_certificates()
             state = self.watcher.current  # it may have changed while waiting
+            self._start_tracing(state)  # before the first request
             await self._start_listeners(state)
         except BaseException:
             await self.stop(grace=0)
@@ -344,6 +348,10 @@ class ProxyServer:
         self.destination.close()
         self.outbound.close()
         self.inputs.access.close()
+        tr, self.tracing = self.tracing, None
+        if tr is not None:  # one last export, off the loop, bounded
+            self.accounting.spans = None
+            await asyncio.to_thread(tr.close, min(2.0, tr.cfg.export_timeout + 0.5))
 
     async def serve(self, stop: asyncio.Event, grace: float = 5.0) -> None:
         await self.start()
@@ -411,8 +419,31 @@ class ProxyServer:
             if i + chunk < len(conns):
                 await asyncio.sleep(0)
 
+    def _start_tracing(self, state: ProxyState) -> None:
+        """Span export per the state's ``tracing`` (``agent.proxy.spans``);
+        a previous exporter is stopped in a thread of its own (never the loop)."""
+        old = self.tracing
+        try:
+            tr = start_tracing(state.tracing, self.worker_id, lambda: self.watcher.current)
+        except Exception as e:  # noqa: BLE001 - observability must not stop the proxy: serve without spans
+            log.error("trace spans off: cannot start the exporter to %s: %s", state.tracing.otlp_endpoint, e)
+            tr = None
+        self.tracing = tr
+        self.accounting.spans = None if tr is None else tr.recorder
+        if old is not None:
+            threading.Thread(target=old.close, name="meshlet-span-export-stop", daemon=True).start()
+        if tr is not None or old is not None:
+            log.info(
+                "trace spans: %s",
+                f"to {state.tracing.otlp_endpoint}, new traces sampled at {state.tracing.sample_rate:g}"
+                if tr is not None
+                else "off",
+            )
+
     def _state_changed(self, old: ProxyState, new: ProxyState) -> None:
         self.certs.update(new)
+        if old.tracing != new.tracing and self.ready:
+            self._start_tracing(new)
         if old.path_parameters != new.path_parameters:
             set_default_path_parameters(new.path_parameters)
             log.info("path parameters: %s", new.path_parameters)
@@ -461,6 +492,7 @@ class ProxyServer:
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
+            "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),
             "http_metrics": self.http_metrics.snapshot(),
             "traffic": self.traffic.stats(),

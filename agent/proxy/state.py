@@ -33,6 +33,7 @@ __all__ = [
     "Listen",
     "IdentityConfig",
     "AccessLogConfig",
+    "TracingConfig",
     "NodeInfo",
     "Pod",
     "Service",
@@ -166,6 +167,20 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """The ``tracing`` section: span export (``agent.proxy.spans``); no
+    endpoint, no spans."""
+
+    otlp_endpoint: str | None = None
+    sample_rate: float = 0.0  # new traces sampled, 0..1 (the agent's default is config.py's)
+    max_queue: int = 2048
+    max_batch: int = 512
+    export_timeout: float = 5.0
+    export_interval: float = 1.0
+    service_instance: str = ""  # the node name, in the spans' resource
+
+
+@dataclass(frozen=True)
 class ProxyState:
     version: int
     generation: int
@@ -191,6 +206,7 @@ class ProxyState:
         False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
     )
     access_log: AccessLogConfig = AccessLogConfig()
+    tracing: TracingConfig = TracingConfig()
     pod_by_key: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     services: tuple[Service, ...] = ()
     # (normalized VIP, port) -> the service and the port dialed
@@ -366,6 +382,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
     if isinstance(l7, str) and l7 != "auto":
         raise StateError(f"state.l7: {l7!r} is not true, false or 'auto'")
     access_log = _access_log(_get(doc, "access_log", "state", dict, {}))
+    tracing = _tracing(_get(doc, "tracing", "state", dict, {}))
 
     nodes: dict[str, NodeInfo] = {}
     for name, nd in _get(doc, "nodes", "state", dict).items():
@@ -444,6 +461,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         path_parameters=path_parameters,
         l7=l7,
         access_log=access_log,
+        tracing=tracing,
         pod_by_key=MappingProxyType(pod_by_key),
         services=services,
         service_by_vip=MappingProxyType(by_vip),
@@ -566,6 +584,37 @@ def _access_log(d: dict) -> AccessLogConfig:
     if path is not None and not path.startswith("/"):
         raise StateError(f"{where}.path: must be an absolute path, got {path!r}")
     return AccessLogConfig(enabled=enabled, sampling=sampling, path=path)
+
+
+def _tracing(d: dict) -> TracingConfig:
+    where = "state.tracing"
+    endpoint = _get(d, "otlp_endpoint", where, (str, type(None)), None)
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise StateError(f"{where}.otlp_endpoint: must be an http(s) URL, got {endpoint!r}")
+    rate = float(_get(d, "sample_rate", where, (int, float), 0.0))
+    if not 0.0 <= rate <= 1.0:
+        raise StateError(f"{where}.sample_rate: must be in [0, 1], got {rate}")
+    sizes: dict[str, int] = {}
+    for key, lo, default in (("max_queue", 1, 2048), ("max_batch", 1, 512)):
+        n = _get(d, key, where, int, default)
+        if isinstance(n, bool) or n < lo:
+            raise StateError(f"{where}.{key}: must be an integer >= {lo}, got {n!r}")
+        sizes[key] = n
+    times: dict[str, float] = {}
+    for name, secs in (("export_timeout", 5.0), ("export_interval", 1.0)):
+        x = float(_get(d, name, where, (int, float), secs))
+        if not 0.0 < x <= 3600.0:
+            raise StateError(f"{where}.{name}: must be in (0, 3600] seconds, got {x}")
+        times[name] = x
+    return TracingConfig(
+        otlp_endpoint=endpoint,
+        sample_rate=rate,
+        max_queue=sizes["max_queue"],
+        max_batch=sizes["max_batch"],
+        export_timeout=times["export_timeout"],
+        export_interval=times["export_interval"],
+        service_instance=_get(d, "service_instance", where, str, ""),
+    )
 
 
 def load_state(path: str) -> ProxyState:

@@ -24,6 +24,7 @@ from agent.proxy import telemetry as m
 from agent.proxy.conn import Conn, fmt_addr, peer_of
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.log import sampled
+from agent.proxy.spans import SpanRecorder
 from agent.proxy.state import Pod, ProxyState
 from agent.traffic.upstream_cluster import Cluster
 
@@ -100,6 +101,7 @@ class Accounting:
             "latency_ms_count": 0,
         }
         self.latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
+        self.spans: SpanRecorder | None = None  # trace spans (server.py sets it when exporting)
 
     def next_seq(self) -> int:
         """A new per-worker connection number (the metrics' handle)."""
@@ -205,6 +207,9 @@ class Accounting:
                 policy=policy if denied else None,
             ):
                 self.counters["access_log_skipped"] += 1
+        sp = self.spans
+        if sp is not None:  # last: a span never costs the request its metrics or log line
+            sp.on_response(conn, head, status, elapsed, exchange, flags)
 
     def http_stats(self, pool: Any) -> dict[str, Any]:
         """``stats()["http"]``: request counters and the destination pool."""

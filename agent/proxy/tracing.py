@@ -16,6 +16,15 @@ Rules (https://www.w3.org/TR/trace-context/):
 - ``x-request-id`` is kept when present and sane (1..128 visible ASCII),
   else a new one in the uuid4 text form.
 
+Sampling (whether this hop records a span, ``agent.proxy.spans``): parent
+based, as OpenTelemetry's default sampler. A valid incoming ``traceparent``
+decides with its sampled flag, both ways; a new trace is sampled with
+probability :func:`sample_rate` (0 unless the worker exports spans:
+:func:`set_sample_rate`), and a sampled new trace is forwarded with the flag
+set, so the next hop (the destination node's proxy, the app) records its
+part too. The proxy keeps no span state here: ``HopContext`` is the span's
+identity (trace id, this hop's span id, the parent span id received).
+
 New ids come from a Mersenne Twister (:class:`random.Random`) seeded from
 ``os.urandom`` at import and again in every forked child: trace, span and
 request ids must be unique, not secret (W3C Trace Context asks for random,
@@ -42,6 +51,8 @@ __all__ = [
     "MAX_TRACESTATE",
     "MAX_TRACESTATE_MEMBERS",
     "TRACE_HEADERS",
+    "set_sample_rate",
+    "sample_rate",
 ]
 
 MAX_TRACESTATE = 512
@@ -53,6 +64,7 @@ _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _VISIBLE = re.compile(rb"[\x20-\x7e]*")
+_ODD = frozenset(b"13579bdf")  # a lower-case hex digit with its low bit set
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +75,7 @@ class TraceParent:
 
     @property
     def sampled(self) -> bool:
-        return bool(int(self.flags, 16) & 1)
+        return self.flags[1] in _ODD  # the flags' low bit (W3C: "sampled")
 
     def header(self) -> bytes:
         return b"00-%s-%s-%s" % (self.trace_id, self.parent_id, self.flags)
@@ -100,6 +112,22 @@ def parse_traceparent(value: bytes | str) -> TraceParent | None:
 _rng = random.Random()  # seeded from os.urandom
 os.register_at_fork(after_in_child=_rng.seed)  # a forked worker must not repeat its parent's ids
 _bits = _rng.getrandbits
+_random = _rng.random
+_rate = 0.0  # set_sample_rate(): the chance a new trace is sampled
+
+
+def set_sample_rate(rate: float) -> None:
+    """The probability, 0..1, that a request arriving without a valid
+    ``traceparent`` starts a sampled trace (per worker process; 0, the
+    default, when the worker exports no spans)."""
+    global _rate
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"sample rate must be in [0, 1], got {rate!r}")
+    _rate = float(rate)
+
+
+def sample_rate() -> float:
+    return _rate
 
 
 def new_trace_id() -> bytes:
@@ -154,6 +182,17 @@ class HopContext:
     def span_id(self) -> bytes:
         return self.traceparent.parent_id
 
+    @property
+    def parent_id(self) -> bytes | None:
+        """The span this hop's span is a child of: the incoming parent, if any."""
+        i = self.incoming
+        return None if i is None else i.parent_id
+
+    @property
+    def sampled(self) -> bool:
+        """Record a span for this hop (module docstring, "Sampling")."""
+        return self.traceparent.sampled
+
     def headers(self) -> list[tuple[bytes, bytes]]:
         out = [(b"traceparent", self.traceparent.header())]
         if self.tracestate is not None:
@@ -182,7 +221,8 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
         tp = incoming.child(span)
         state = _bound_tracestate(b",".join(states)) if states else None
     else:
-        tp = TraceParent(new_trace_id(), span, b"00")
+        r = _rate
+        tp = TraceParent(new_trace_id(), span, b"01" if r and _random() < r else b"00")
         state = None
     if rid is None or not _REQUEST_ID.fullmatch(rid):
         rid, generated = new_request_id(), True

@@ -111,6 +111,7 @@ class Mesh:
     kernel_policy: bool = True  # bpf.kernelPolicy: policy refusals at connect()
     tc_attach: str = "auto"  # bpf.tcAttach: tcx, clsact or auto (strict mode)
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
+    tracing_settings: dict = field(default_factory=dict)  # the config's tracing section
     metrics_port: int = 15020
     agents: dict[str, AgentProc] = field(default_factory=dict)
 
@@ -228,6 +229,7 @@ class Mesh:
             "logLevel": self.log_level,
             "metrics": {"port": self.metrics_port},
             "accessLog": dict(self.access_log_settings),
+            "tracing": dict(self.tracing_settings),
         }
 
     def write_configs(self) -> None:

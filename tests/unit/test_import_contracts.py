@@ -44,6 +44,10 @@ VIOLATIONS = {
         ("proxy/sniff.py", "import pyroute2"),
         ("policy/model.py", "from bcc import BPF"),
     ],
+    "otel-in-spans": [
+        ("proxy/tracing.py", "import opentelemetry.trace"),
+        ("proxy/stats.py", "from opentelemetry.sdk.trace import ReadableSpan"),
+    ],
     "proxy-not-agent": [
         ("proxy/http1.py", "import agent.doctor"),
         ("proxy/tracing.py", "from agent.datapath import loader"),
@@ -78,6 +82,7 @@ VIOLATIONS = {
         ("policy/http.py", "import ssl"),  # http1 -> policy.http -> ssl
         ("proxy/l7authz.py", "from agent.proxy import relay"),  # relay imports asyncio
         ("proxy/exchange.py", "from agent.proxy import pool"),  # the shell's pool: asyncio, socket
+        ("proxy/tracing.py", "import threading"),  # spans are exported by agent.proxy.spans
     ],
 }
 

@@ -403,7 +403,11 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
 # --- policies through the agent (apply/diff/list/get/delete) ---------------------------
 # AuthorizationPolicy and TrafficPolicy share the store and these commands.
 
-POLICY_KINDS = {"authorizationpolicy": "AuthorizationPolicy", "trafficpolicy": "TrafficPolicy"}
+POLICY_KINDS = {
+    "authorizationpolicy": "AuthorizationPolicy",
+    "requestauthentication": "RequestAuthentication",
+    "trafficpolicy": "TrafficPolicy",
+}
 
 
 def _kind_and_name(name: str, kind: str | None) -> tuple[str | None, str]:

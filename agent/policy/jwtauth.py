@@ -341,9 +341,14 @@ def _extract(
                 continue
             value = v.decode("latin-1").strip()
             for prefix, r in locs:
+                bare = prefix.strip()
                 if prefix == "Bearer ":  # RFC 6750: the scheme is case-insensitive
+                    if value.lower() == "bearer":
+                        return "Jwt is empty"
                     if value[:7].lower() != "bearer ":
                         continue
+                elif bare and value == bare:
+                    return "Jwt is empty"
                 elif not value.startswith(prefix):
                     continue
                 token = value[len(prefix) :].strip()

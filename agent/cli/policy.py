@@ -119,8 +119,8 @@ def policy() -> None:
 @_policy_opts
 @OUTPUT
 def policy_validate(paths, trust_domain, root_namespace, output) -> None:
-    """Check policy files (or directories of *.yaml): AuthorizationPolicy and
-    TrafficPolicy documents; errors name file:line:column and field.  The
+    """Check policy files (or directories of *.yaml): AuthorizationPolicy,
+    RequestAuthentication and TrafficPolicy documents; errors name file:line:column and field.  The
     version is the one the agent's store would have with exactly these."""
     from ..policy.store import store_version
     from ..traffic.trafficpolicy import KIND as TRAFFIC
@@ -142,6 +142,15 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
                     }
                     for p in ps.policies
                 ],
+                "requestAuthentications": [
+                    {
+                        "namespace": a.namespace,
+                        "name": a.name,
+                        "issuers": [r.issuer for r in a.jwt_rules],
+                        "origin": a.origin,
+                    }
+                    for a in ps.authentications
+                ],
                 "trafficPolicies": [
                     {
                         "namespace": p.namespace,
@@ -159,12 +168,17 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
     for p in ps.policies:
         sel = ",".join(f"{k}={v}" for k, v in p.selector) or "*"
         click.echo(f"{p.action.value:<6} {p.key:<40} selector {sel:<24} {len(p.rules)} rule(s)  {p.origin}")
+    for a in ps.authentications:
+        sel = ",".join(f"{k}={v}" for k, v in a.selector) or "*"
+        issuers = ",".join(r.issuer for r in a.jwt_rules)
+        click.echo(f"{'JWT':<6} {a.key:<40} selector {sel:<24} {issuers}  {a.origin}")
     for t in ts.policies:
         target = f"{t.namespace}/{t.service}" + (f":{t.port}" if t.port is not None else "")
         click.echo(f"{'TRAFFIC':<6} {t.key:<40} service  {target:<24} {'':9}  {t.origin}")
     files = len(dict.fromkeys(ps.sources + ts.files))
     traffic = f", {len(ts)} traffic policies" if len(ts) else ""
-    click.echo(f"valid: {len(ps)} policies from {files} file(s){traffic}, version {version}")
+    authn = f", {len(ps.authentications)} request authentications" if ps.authentications else ""
+    click.echo(f"valid: {len(ps)} policies from {files} file(s){authn}{traffic}, version {version}")
 
 
 @policy.command("explain")

@@ -340,3 +340,24 @@ def test_l7authz_401_403_200(key):
     # expired at the time given
     d = az.decide(b"GET", "/x", b"o", hdrs, now=now + 3600)
     assert isinstance(d, Denial) and d.reason == "Jwt is expired"
+
+
+def test_the_orders_example():
+    import pathlib
+
+    from agent.identity.spiffe import parse_spiffe_id
+    from agent.policy.load import load_policies
+
+    ps = load_policies(pathlib.Path(__file__).resolve().parents[2] / "policies")
+    assert [a.key for a in ps.authentications] == ["shop/orders-login"]
+    gw = parse_spiffe_id("spiffe://cluster.local/ns/ingress/sa/gateway")
+    web = parse_spiffe_id("spiffe://cluster.local/ns/shop/sa/storefront")
+    who = AuthInfo("https://login.example", "u1", ("orders",), None, {"scope": "orders"})
+
+    def req(src, auth):
+        return Request("shop", {"app": "orders"}, 8080, src, is_http=True, method="GET", path="/o", auth=auth)
+
+    assert evaluate(ps, req(gw, who)).allowed
+    assert not evaluate(ps, req(web, who)).allowed  # not through the gateway
+    assert not evaluate(ps, req(gw, None)).allowed  # no end user
+    assert not evaluate(ps, Request("shop", {"app": "orders"}, 8080, gw)).allowed  # TCP

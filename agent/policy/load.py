@@ -17,7 +17,7 @@ Accepted documents (several per file, separated by ``---``)::
       action: DENY                                  # ALLOW (default), DENY, AUDIT
       rules:
       - from: [{source: {principals: [...], notPrincipals, namespaces, notNamespaces,
-                         ipBlocks, notIpBlocks}}]
+                         ipBlocks, notIpBlocks, requestPrincipals, notRequestPrincipals}}]
         to:   [{operation: {ports, notPorts, methods, notMethods, paths, notPaths,
                             hosts, notHosts}}]
         when: [{key: request.headers[x-user], values: [...], notValues: [...]}]
@@ -25,11 +25,14 @@ Accepted documents (several per file, separated by ``---``)::
 Fail closed, always:
 
 - Unknown fields are errors; Istio fields meshlet does not implement
-  (``requestPrincipals``, ``remoteIpBlocks``, ``serviceAccounts``,
-  ``targetRef(s)``, ``provider``, action ``CUSTOM``, path templates, ``when``
-  keys other than ``request.headers[...]``, ``source.ip``,
-  ``source.namespace``, ``source.principal``, ``destination.port``) are errors
+  (``remoteIpBlocks``, ``serviceAccounts``, ``targetRef(s)``, ``provider``,
+  action ``CUSTOM``, path templates, ``when`` keys other than
+  ``request.headers[...]``, ``source.*``, ``destination.port`` and
+  ``request.auth.principal|audiences|presenter|claims[...]``) are errors
   that say so, never silently dropped.
+- ``RequestAuthentication`` documents (end-user JWT rules, see
+  agent/policy/jwtauth.py) are read here too, into ``PolicySet.authentications``;
+  their JWKS is checked at load (key types, no symmetric or private keys).
 - Istio's own validation rules apply: ``from``/``to`` must not be empty
   lists, ``source``/``operation`` must not be empty, a ``when`` needs
   ``values`` or ``notValues``, a DENY policy needs ``rules``, selectors have

@@ -523,7 +523,7 @@ def _policy_path(name: str, namespace: str, kind: str | None) -> str:
 KIND_OPT = click.option(
     "--kind",
     default=None,
-    help="authorizationpolicy or trafficpolicy (or write KIND/NAME); "
+    help="authorizationpolicy, requestauthentication or trafficpolicy (or write KIND/NAME); "
     "needed only when both kinds have this name.",
 )
 
@@ -694,6 +694,14 @@ def policy_list(sock, node, output) -> None:
                 p["namespace"],
                 p["name"],
                 f"{p['action']} selector {sel}, {p['rules']} rule(s)",
+            )
+        if p["kind"] == "RequestAuthentication":
+            sel = ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*"
+            return (
+                p["kind"],
+                p["namespace"],
+                p["name"],
+                f"selector {sel}, issuers {', '.join(p['issuers'])}",
             )
         port = f":{p['port']}" if p.get("port") is not None else ""
         return (

@@ -179,6 +179,7 @@ def authentication_to_data(a: RequestAuthentication) -> dict:
                 "forwardOriginalToken": r.forward_original_token,
                 "outputClaimToHeaders": [[c.header, c.claim] for c in r.output_claim_to_headers],
                 "outputPayloadToHeader": r.output_payload_to_header,
+                "clockSkew": r.clock_skew,
                 "origin": r.origin,
             }
             for r in a.jwt_rules
@@ -202,6 +203,7 @@ def _authentication(d: dict) -> RequestAuthentication:
                 forward_original_token=bool(r["forwardOriginalToken"]),
                 output_claim_to_headers=tuple(ClaimToHeader(h, c) for h, c in r["outputClaimToHeaders"]),
                 output_payload_to_header=r["outputPayloadToHeader"],
+                clock_skew=r.get("clockSkew"),
                 origin=r.get("origin", ""),
             )
             for r in d["jwtRules"]

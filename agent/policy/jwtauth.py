@@ -530,7 +530,7 @@ def authenticate(
             continue
         why_r = _verify(header, signing_input, sig, ks)
         if why_r is None:
-            why_r = _claims_problem(payload, r, now, clock_skew)
+            why_r = _claims_problem(payload, r, now, clock_skew if r.clock_skew is None else r.clock_skew)
             if why_r is None:
                 rule = r
                 break

@@ -733,6 +733,13 @@ def _read_jwt_rule(item: y.Value, istio: bool) -> JwtRule | None:
     fwd = r.get("forwardOriginalToken", y.boolean, False)
     claims = _maps(r.at("outputClaimToHeaders"), _read_claim_header)
     payload_header = r.get("outputPayloadToHeader", _output_header, "")
+    skew = None
+    skew_v = r.at("clockSkewSeconds")
+    if skew_v is not None:
+        if istio:
+            skew_v.problem(f"clockSkewSeconds is a {MESHLET_API} field")
+        else:
+            skew = skew_v.convert(y.integer(0, 3600))
     for unsupported, why in (
         ("fromCookies", "fromCookies is not supported; use fromHeaders or fromParams"),
         ("timeout", "timeout applies to fetching jwksUri over the network, which meshlet does not do"),
@@ -780,6 +787,7 @@ def _read_jwt_rule(item: y.Value, istio: bool) -> JwtRule | None:
         forward_original_token=bool(fwd),
         output_claim_to_headers=claims,
         output_payload_to_header=payload_header or "",
+        clock_skew=float(skew) if skew is not None else None,
         origin=_where(item),
     )
 

@@ -449,6 +449,9 @@ class JwtRule:
     output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
     output_payload_to_header: str = ""
     """Lower-cased header name, or ""."""
+    clock_skew: float | None = None
+    """Seconds of clock difference tolerated for exp/nbf/iat (meshlet.io
+    ``clockSkewSeconds``); None: the proxy's default (60 s)."""
     origin: str = field(default="", compare=False)
 
     @property

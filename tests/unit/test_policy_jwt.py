@@ -361,3 +361,25 @@ def test_the_orders_example():
     assert not evaluate(ps, req(web, who)).allowed  # not through the gateway
     assert not evaluate(ps, req(gw, None)).allowed  # no end user
     assert not evaluate(ps, Request("shop", {"app": "orders"}, 8080, gw)).allowed  # TCP
+
+
+def test_clock_skew_per_rule(key):
+    k, jwks = key
+    text = authn_doc(jwks, api="meshlet.io/v1alpha1", extra="    clockSkewSeconds: 0\n")
+    ps = parse_policies(text, "a.yaml")
+    assert ps.authentications[0].jwt_rules[0].clock_skew == 0.0
+    az = _authorizer(ps)
+    now = time.time()
+    tok = jwt.encode(
+        {"iss": ISS, "aud": "orders", "exp": now - 5}, k, algorithm="ES256", headers={"kid": "k1"}
+    )
+    d = az.decide(b"GET", "/", b"o", [(b"Authorization", b"Bearer " + tok.encode())], now=now)
+    assert isinstance(d, Denial) and d.reason == "Jwt is expired"
+    # the default (60 s) accepts the same token
+    d = _authorizer(parse_policies(authn_doc(jwks), "a.yaml")).decide(
+        b"GET", "/", b"o", [(b"Authorization", b"Bearer " + tok.encode())], now=now
+    )
+    assert not isinstance(d, Denial)
+    assert errors(authn_doc(jwks, extra="    clockSkewSeconds: 5\n"))[0].startswith(
+        "a.yaml:12:23: spec.jwtRules[0].clockSkewSeconds: clockSkewSeconds is a meshlet.io/v1alpha1 field"
+    )

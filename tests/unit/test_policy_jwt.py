@@ -9,6 +9,8 @@ import time
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
@@ -383,3 +385,73 @@ def test_clock_skew_per_rule(key):
     assert errors(authn_doc(jwks, extra="    clockSkewSeconds: 5\n"))[0].startswith(
         "a.yaml:12:23: spec.jwtRules[0].clockSkewSeconds: clockSkewSeconds is a meshlet.io/v1alpha1 field"
     )
+
+
+# --- evaluate() and explain() agree on request.auth (Hypothesis)
+
+
+_VALS = st.sampled_from(["a", "b", "orders", "*", "or*", "*rs", "x/y"])
+_KEYS = st.sampled_from(
+    [
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+        "request.auth.claims[scope]",
+        "request.auth.claims[org][team]",
+    ]
+)
+
+
+@st.composite
+def _policy_and_auth(draw):
+    action = draw(st.sampled_from(["ALLOW", "DENY"]))
+    src = ""
+    if draw(st.booleans()):
+        field = draw(st.sampled_from(["requestPrincipals", "notRequestPrincipals"]))
+        pats = draw(
+            st.lists(st.sampled_from(["*", "iss/a", "iss/*", "*/b", "other/a"]), min_size=1, max_size=2)
+        )
+        src = f"  - from: [{{source: {{{field}: {json.dumps(pats)}}}}}]\n"
+    conds = draw(
+        st.lists(st.tuples(_KEYS, st.booleans(), st.lists(_VALS, min_size=1, max_size=2)), max_size=2)
+    )
+    when = ""
+    if conds:
+        items = [
+            f'{{key: "{k}", {"notValues" if neg else "values"}: {json.dumps(v)}}}' for k, neg, v in conds
+        ]
+        when = ("    when: [" if src else "  - when: [") + ", ".join(items) + "]\n"
+    body = src + when or "  - {}\n"
+    text = (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n"
+        f"spec:\n  action: {action}\n  rules:\n{body}"
+    )
+    auth = None
+    if draw(st.booleans()):
+        sub = draw(st.sampled_from(["a", "b", None]))
+        claims = {
+            "scope": draw(st.sampled_from(["orders", ["a", "orders"], 3, None])),
+            "org": draw(st.sampled_from([{"team": "b"}, {"team": ["x", "a"]}, "a", None])),
+        }
+        auth = AuthInfo(
+            draw(st.sampled_from(["iss", "other"])),
+            sub,
+            tuple(draw(st.lists(_VALS.filter(lambda v: "*" not in v), max_size=2))),
+            draw(st.sampled_from(["a", None])),
+            {k: v for k, v in claims.items() if v is not None},
+        )
+    return text, auth
+
+
+@settings(max_examples=300, deadline=None)
+@given(_policy_and_auth(), st.booleans())
+def test_evaluate_equals_explain_with_auth(case, is_http):
+    text, auth = case
+    ps = parse_policies(text, "h.yaml")
+    req = http(auth) if is_http else tcp()
+    assert evaluate(ps, req).allowed == explain(ps, req)[0].allowed
+    if not is_http:
+        # TCP never sees end-user attributes: an ALLOW needing them never allows
+        rule = ps.policies[0].rules[0]
+        if ps.policies[0].action.value == "ALLOW" and rule.is_l7:
+            assert not evaluate(ps, req).allowed

@@ -46,8 +46,9 @@ Fail closed, always:
   namespace; a file loader must not guess).  The same namespace/name twice,
   in any file, is an error.
 
-Size: ~800 lines: one reader per section of the document (source, operation, condition)
-and the patterns they share; splitting them would scatter the fail-closed rules stated above.
+Size: ~1,150 lines: one reader per section of the document (source, operation, condition,
+and RequestAuthentication's jwtRules) and the patterns they share; splitting them would
+scatter the fail-closed rules stated above.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ Files in ``run_dir`` (each written atomically: temp file, fsync, rename):
           "version": "<PolicySet.version>",    # hash of the meaning
           "trustDomain": "cluster.local",
           "rootNamespace": "istio-system",
-          "count": 6,
-          "yaml": "<the AuthorizationPolicy documents of policies.yaml>",
+          "count": 6,                           # documents: policies and RequestAuthentications
+          "yaml": "<the AuthorizationPolicy and RequestAuthentication documents of policies.yaml>",
                                                  # parse_policies(yaml) gives the set back
           "compiledFormat": 1,
           "policies": [                          # the same set as data (agent/policy/compiled.py):
@@ -432,7 +432,7 @@ class PolicyStore:
             "version": ps.version,
             "trustDomain": ps.trust_domain,
             "rootNamespace": ps.root_namespace,
-            "count": len(ps),
+            "count": len(ps) + len(ps.authentications),
             "yaml": self._text(texts, _SET_KINDS),
             "compiledFormat": compiled_format,
             "policies": policies_to_data(ps.policies, ps.authentications),

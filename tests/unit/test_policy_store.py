@@ -110,7 +110,7 @@ def test_repo_policies_apply_and_reload(tmp_path):
     assert text.startswith(f"# meshlet policy store: version {s.version}\n")
     compiled = json.loads((tmp_path / COMPILED_FILE).read_text())
     assert compiled["format"] == 1 and compiled["version"] == s.version
-    assert compiled["count"] == len(expected)
+    assert compiled["count"] == len(expected) + len(expected.authentications)
     assert parse_policies(compiled["yaml"]).version == s.version
     assert [(p["namespace"], p["name"]) for p in compiled["policies"]] == [
         (p.namespace, p.name) for p in (*expected.policies, *expected.authentications)]

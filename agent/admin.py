@@ -365,7 +365,7 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
         ns, name = unquote(rest[0]), unquote(rest[1])
         kinds = parse_qs(query).get("kind")
         kind = kinds[-1] if kinds else None
-        known = ["AuthorizationPolicy", *store.kinds]
+        known = ["AuthorizationPolicy", "RequestAuthentication", *store.kinds]
         if kind is not None and kind not in known:
             return 400, {"error": f"unknown kind {kind!r}; one of: {', '.join(known)}"}
         what = f"{kind or 'policy'} {ns}/{name}"

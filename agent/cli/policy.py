@@ -119,8 +119,8 @@ def policy() -> None:
 @_policy_opts
 @OUTPUT
 def policy_validate(paths, trust_domain, root_namespace, output) -> None:
-    """Check policy files (or directories of *.yaml): AuthorizationPolicy and
-    TrafficPolicy documents; errors name file:line:column and field.  The
+    """Check policy files (or directories of *.yaml): AuthorizationPolicy,
+    RequestAuthentication and TrafficPolicy documents; errors name file:line:column and field.  The
     version is the one the agent's store would have with exactly these."""
     from ..policy.store import store_version
     from ..traffic.trafficpolicy import KIND as TRAFFIC
@@ -142,6 +142,15 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
                     }
                     for p in ps.policies
                 ],
+                "requestAuthentications": [
+                    {
+                        "namespace": a.namespace,
+                        "name": a.name,
+                        "issuers": [r.issuer for r in a.jwt_rules],
+                        "origin": a.origin,
+                    }
+                    for a in ps.authentications
+                ],
                 "trafficPolicies": [
                     {
                         "namespace": p.namespace,
@@ -159,12 +168,17 @@ def policy_validate(paths, trust_domain, root_namespace, output) -> None:
     for p in ps.policies:
         sel = ",".join(f"{k}={v}" for k, v in p.selector) or "*"
         click.echo(f"{p.action.value:<6} {p.key:<40} selector {sel:<24} {len(p.rules)} rule(s)  {p.origin}")
+    for a in ps.authentications:
+        sel = ",".join(f"{k}={v}" for k, v in a.selector) or "*"
+        issuers = ",".join(r.issuer for r in a.jwt_rules)
+        click.echo(f"{'JWT':<6} {a.key:<40} selector {sel:<24} {issuers}  {a.origin}")
     for t in ts.policies:
         target = f"{t.namespace}/{t.service}" + (f":{t.port}" if t.port is not None else "")
         click.echo(f"{'TRAFFIC':<6} {t.key:<40} service  {target:<24} {'':9}  {t.origin}")
     files = len(dict.fromkeys(ps.sources + ts.files))
     traffic = f", {len(ts)} traffic policies" if len(ts) else ""
-    click.echo(f"valid: {len(ps)} policies from {files} file(s){traffic}, version {version}")
+    authn = f", {len(ps.authentications)} request authentications" if ps.authentications else ""
+    click.echo(f"valid: {len(ps)} policies from {files} file(s){authn}{traffic}, version {version}")
 
 
 @policy.command("explain")
@@ -363,11 +377,34 @@ def policy_explain(
     help="Inventory file: report selectors that match no pod.",
 )
 @click.option("--http-ports", default=None, help="Ports known to carry HTTP, e.g. 80,8080.")
+@click.option(
+    "--gateway",
+    "gateway_paths",
+    multiple=True,
+    type=click.Path(),
+    help="Gateway API HTTPRoute (and Envoy Gateway SecurityPolicy) files or directories to check "
+    "against the mesh's policies (repeatable). Exit 2 if they do not load.",
+)
+@click.option(
+    "--gateway-identity",
+    default=None,
+    help="The gateway's identity (spiffe://td/ns/N/sa/S, td/ns/N/sa/S or ns/N/sa/S); needed with --gateway.",
+)
 @_policy_opts
 @OUTPUT
-def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace, output) -> None:
-    """Shadowed rules, contradicting ALLOW/DENY pairs, unused selectors, HTTP rules on non-HTTP ports."""
+def policy_lint(
+    paths, inventory_path, http_ports, gateway_paths, gateway_identity, trust_domain, root_namespace, output
+) -> None:
+    """Shadowed rules, contradicting ALLOW/DENY pairs, unused selectors, HTTP rules on non-HTTP ports.
+
+    With --gateway: also the gateway's routes against the mesh (route-denied,
+    deny-covers-route, unexposed-allow, double-retries, timeout-shorter,
+    jwt-mismatch), each with file:line:column.  Exit 0 clean, 1 findings,
+    2 unreadable input."""
     from ..policy.lint import lint
+
+    if gateway_paths and not gateway_identity:
+        raise click.UsageError("--gateway needs --gateway-identity (the gateway's SPIFFE ID)")
 
     ports = None
     if http_ports is not None:
@@ -380,9 +417,10 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
     from ..policy.lint import Finding
     from ..traffic.trafficpolicy import lint_traffic
 
-    ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 3)
+    ps, ts = _load_documents(paths, trust_domain, root_namespace, output, 2 if gateway_paths else 3)
     pods = None
     found: list = []
+    inv = None
     if inventory_path:
         inv = _load_inventory_pods(inventory_path)
         pods = [(p.namespace, dict(p.labels)) for p in inv.pods]
@@ -391,6 +429,8 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
             Finding(kind, key, None, origin, msg) for kind, key, origin, msg in lint_traffic(ts, services)
         ]
     found = lint(ps, pods=pods, http_ports=ports) + found
+    if gateway_paths:
+        found += _gateway_findings(gateway_paths, gateway_identity, ps, ts, inv, trust_domain, output)
     if output == "json":
         echo_json({"version": ps.version, "findings": [f.to_dict() for f in found]})
     else:
@@ -400,10 +440,56 @@ def policy_lint(paths, inventory_path, http_ports, trust_domain, root_namespace,
     sys.exit(1 if found else 0)
 
 
+def _gateway_findings(gateway_paths, identity, ps, ts, inv, trust_domain, output) -> list:
+    """``lint --gateway``: read the gateway's files (exit 2 if they do not
+    load) and check them against the mesh's sets (agent/policy/gatewaylint.py)."""
+    from ..policy.gatewaylint import MeshTraffic, lint_gateway, parse_gateway
+    from ..policy.load import read_sources
+    from ..yamlsrc import SourceError
+
+    try:
+        cfg = read_sources(list(gateway_paths), parse_gateway)
+    except SourceError as e:
+        if output == "json":
+            echo_json({"valid": False, "errors": [p.as_dict() for p in e.errors]}, indent=None)
+            sys.exit(2)
+        die(f"gateway files do not load:\n{e}", 2)
+    if identity.startswith("spiffe://"):
+        gw = identity
+    elif identity.startswith("ns/"):
+        gw = f"spiffe://{trust_domain}/{identity}"
+    else:
+        gw = "spiffe://" + identity
+    services = {(sv.namespace, sv.name): sv for sv in inv.services} if inv is not None else {}
+
+    def workload(ns: str, name: str, port: int):
+        sv = services.get((ns, name))
+        if sv is None:
+            return {"app": name}, port  # without an inventory: the usual app=<service> label
+        sp = sv.port(port)
+        return dict(sv.selector), sp.target_port if sp is not None else port
+
+    def traffic(ns: str, name: str, port: int):
+        p = ts.policy_for(ns, name, port)
+        if p is None:
+            return None
+        r, t = p.settings.retries, p.settings.timeouts
+        return MeshTraffic(r.attempts, r.per_try_timeout, t.request, p.origin)
+
+    try:
+        return lint_gateway(cfg, ps, gw, workload=workload, traffic=traffic)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gateway-identity") from None
+
+
 # --- policies through the agent (apply/diff/list/get/delete) ---------------------------
 # AuthorizationPolicy and TrafficPolicy share the store and these commands.
 
-POLICY_KINDS = {"authorizationpolicy": "AuthorizationPolicy", "trafficpolicy": "TrafficPolicy"}
+POLICY_KINDS = {
+    "authorizationpolicy": "AuthorizationPolicy",
+    "requestauthentication": "RequestAuthentication",
+    "trafficpolicy": "TrafficPolicy",
+}
 
 
 def _kind_and_name(name: str, kind: str | None) -> tuple[str | None, str]:
@@ -437,7 +523,7 @@ def _policy_path(name: str, namespace: str, kind: str | None) -> str:
 KIND_OPT = click.option(
     "--kind",
     default=None,
-    help="authorizationpolicy or trafficpolicy (or write KIND/NAME); "
+    help="authorizationpolicy, requestauthentication or trafficpolicy (or write KIND/NAME); "
     "needed only when both kinds have this name.",
 )
 
@@ -608,6 +694,14 @@ def policy_list(sock, node, output) -> None:
                 p["namespace"],
                 p["name"],
                 f"{p['action']} selector {sel}, {p['rules']} rule(s)",
+            )
+        if p["kind"] == "RequestAuthentication":
+            sel = ",".join(f"{k}={v}" for k, v in p["selector"].items()) or "*"
+            return (
+                p["kind"],
+                p["namespace"],
+                p["name"],
+                f"selector {sel}, issuers {', '.join(p['issuers'])}",
             )
         port = f":{p['port']}" if p.get("port") is not None else ""
         return (

@@ -36,22 +36,26 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .load import policy_set
+from .load import AUTHN_KIND, KIND, policy_set
 from .model import (
     Action,
+    ClaimToHeader,
     Condition,
     ConditionKey,
+    HeaderLocation,
+    JwtRule,
     MatchKind,
     Operation,
     Policy,
     PolicySet,
     PrincipalMatch,
+    RequestAuthentication,
     Rule,
     Source,
     StringMatch,
 )
 
-__all__ = ["FORMAT", "CompiledError", "to_data", "from_data", "policies_to_data"]
+__all__ = ["FORMAT", "CompiledError", "to_data", "from_data", "policies_to_data", "authentication_to_data"]
 
 #: Version of this shape; a reader refuses any other.
 FORMAT = 1
@@ -63,6 +67,8 @@ _SOURCE_FIELDS = (
     "not_namespaces",
     "ip_blocks",
     "not_ip_blocks",
+    "request_principals",
+    "not_request_principals",
 )
 _OP_FIELDS = ("ports", "not_ports", "methods", "not_methods", "paths", "not_paths", "hosts", "not_hosts")
 _JSON_NAMES = {
@@ -75,6 +81,8 @@ _JSON_NAMES = {
     "not_paths": "notPaths",
     "not_hosts": "notHosts",
     "not_values": "notValues",
+    "request_principals": "requestPrincipals",
+    "not_request_principals": "notRequestPrincipals",
 }
 
 
@@ -127,7 +135,12 @@ def _rule(r: Rule) -> dict:
         out["operations"] = [_fields(o, _OP_FIELDS) for o in r.operations]
     if r.conditions:
         out["conditions"] = [
-            {"key": c.key._value_, "header": c.header, **_fields(c, ("values", "not_values"))}
+            {
+                "key": c.key._value_,
+                "header": c.header,
+                **({"claim": list(c.claim)} if c.claim else {}),
+                **_fields(c, ("values", "not_values")),
+            }
             for c in r.conditions
         ]
     return out
@@ -146,8 +159,64 @@ def to_data(p: Policy) -> dict:
     }
 
 
-def policies_to_data(policies: Iterable[Policy]) -> list[dict]:
-    return [to_data(p) for p in policies]
+def authentication_to_data(a: RequestAuthentication) -> dict:
+    """One RequestAuthentication as plain data (``"kind"`` tells it from a policy)."""
+    return {
+        "kind": AUTHN_KIND,
+        "namespace": a.namespace,
+        "name": a.name,
+        "selector": dict(a.selector),
+        "apiVersion": a.api_version,
+        "origin": a.origin,
+        "jwtRules": [
+            {
+                "issuer": r.issuer,
+                "audiences": list(r.audiences),
+                "jwks": r.jwks,
+                "jwksFile": r.jwks_file,
+                "fromHeaders": [[h.name, h.prefix] for h in r.from_headers],
+                "fromParams": list(r.from_params),
+                "forwardOriginalToken": r.forward_original_token,
+                "outputClaimToHeaders": [[c.header, c.claim] for c in r.output_claim_to_headers],
+                "outputPayloadToHeader": r.output_payload_to_header,
+                "clockSkew": r.clock_skew,
+                "origin": r.origin,
+            }
+            for r in a.jwt_rules
+        ],
+    }
+
+
+def _authentication(d: dict) -> RequestAuthentication:
+    return RequestAuthentication(
+        d["name"],
+        d["namespace"],
+        tuple(sorted(d["selector"].items())),
+        tuple(
+            JwtRule(
+                issuer=r["issuer"],
+                audiences=tuple(r["audiences"]),
+                jwks=r["jwks"],
+                jwks_file=r["jwksFile"],
+                from_headers=tuple(HeaderLocation(n, p) for n, p in r["fromHeaders"]),
+                from_params=tuple(r["fromParams"]),
+                forward_original_token=bool(r["forwardOriginalToken"]),
+                output_claim_to_headers=tuple(ClaimToHeader(h, c) for h, c in r["outputClaimToHeaders"]),
+                output_payload_to_header=r["outputPayloadToHeader"],
+                clock_skew=r.get("clockSkew"),
+                origin=r.get("origin", ""),
+            )
+            for r in d["jwtRules"]
+        ),
+        api_version=d.get("apiVersion", "meshlet.io/v1alpha1"),
+        origin=d.get("origin", ""),
+    )
+
+
+def policies_to_data(
+    policies: Iterable[Policy], authentications: Iterable[RequestAuthentication] = ()
+) -> list[dict]:
+    return [to_data(p) for p in policies] + [authentication_to_data(a) for a in authentications]
 
 
 def _read(d: dict, cls: type, names: Sequence[str]) -> Any:
@@ -168,6 +237,7 @@ def _policy(d: dict) -> Policy:
                 c.get("header"),
                 tuple(_dec(v) for v in c.get("values", ())),
                 tuple(_dec(v) for v in c.get("notValues", ())),
+                claim=tuple(str(x) for x in c.get("claim", ())),
             )
             for c in r.get("conditions", ())
         )
@@ -197,7 +267,11 @@ def from_data(
     fingerprint).  Raises :class:`CompiledError` saying what is wrong."""
     try:
         ps = policy_set(
-            [_policy(d) for d in policies], trust_domain, root_namespace, (where,) if where else ()
+            [_policy(d) for d in policies if d.get("kind", KIND) == KIND],
+            trust_domain,
+            root_namespace,
+            (where,) if where else (),
+            [_authentication(d) for d in policies if d.get("kind") == AUTHN_KIND],
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise CompiledError(f"{where or 'compiled policies'}: not a compiled policy set ({e!r})") from None

@@ -59,6 +59,7 @@ its verdicts never contradict :func:`evaluate` (a Hypothesis test checks it).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ from typing import Any, Literal, cast
 from agent.identity.spiffe import SpiffeId
 
 from .index import Entry, RuleIndex, WorkloadIndex, build_workload_index
-from .model import Action, Condition, ConditionKey, Operation, Policy, PolicySet, Rule, Source
+from .model import Action, AuthInfo, Condition, ConditionKey, Operation, Policy, PolicySet, Rule, Source
 
 __all__ = [
     "Request",
@@ -108,6 +109,8 @@ class Request:
     path: str | None = None
     host: str | None = None
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    auth: AuthInfo | None = None
+    """The end user's validated JWT (RequestAuthentication); None: no token."""
 
     def __post_init__(self) -> None:
         if not 0 < self.destination_port <= 65535:
@@ -115,15 +118,26 @@ class Request:
         if self.is_http:
             if self.method is None or self.path is None:
                 raise ValueError("an HTTP request needs a method and a path")
-        elif self.method is not None or self.path is not None or self.host is not None or self.headers:
-            raise ValueError("method, path, host and headers exist only when is_http is true")
+        elif (
+            self.method is not None
+            or self.path is not None
+            or self.host is not None
+            or self.headers
+            or self.auth is not None
+        ):
+            raise ValueError("method, path, host, headers and auth exist only when is_http is true")
         object.__setattr__(self, "destination_labels", MappingProxyType(dict(self.destination_labels)))
         object.__setattr__(
             self, "headers", MappingProxyType({k.lower(): tuple(v) for k, v in self.headers.items()})
         )
 
     def with_http(
-        self, method: str, path: str, host: str | None, headers: Mapping[str, tuple[str, ...]]
+        self,
+        method: str,
+        path: str,
+        host: str | None,
+        headers: Mapping[str, tuple[str, ...]],
+        auth: AuthInfo | None = None,
     ) -> Request:
         """This connection's request as one HTTP request, for the per-request
         path: the inputs must already be what __post_init__ would make of
@@ -131,8 +145,13 @@ class Request:
         lower-case names), so its checks and copies are skipped."""
         r = object.__new__(Request)
         r.__dict__.update(self.__dict__)
-        r.__dict__.update(is_http=True, method=method, path=path, host=host, headers=headers)
+        r.__dict__.update(is_http=True, method=method, path=path, host=host, headers=headers, auth=auth)
         return r
+
+    @property
+    def request_principal(self) -> str | None:
+        """The end user's principal ``<iss>/<sub>`` from a validated JWT."""
+        return self.auth.principal if self.auth is not None else None
 
     @property
     def principal(self) -> str | None:
@@ -250,9 +269,10 @@ def _fmt(values: tuple) -> str:
     return items[0] if len(items) == 1 else "any of [" + ", ".join(items) + "]"
 
 
-def _source_mismatch(s: Source, req: Request) -> str | None:
+def _source_mismatch(s: Source, req: Request, drop_l7: bool = False) -> str | None:
     principal = req.principal
     shown_p = principal or "no verified principal"
+    rp = req.request_principal
     return (
         _field("principals", s.principals, s.not_principals, principal, _pat, shown_p)
         or _field(
@@ -270,6 +290,18 @@ def _source_mismatch(s: Source, req: Request) -> str | None:
             req.source_ip,
             _ip_in,
             str(req.source_ip or "unknown source IP"),
+        )
+        or (
+            None
+            if drop_l7
+            else _field(
+                "requestPrincipals",
+                s.request_principals,
+                s.not_request_principals,
+                rp,
+                _pat,
+                rp or "no request principal",
+            )
         )
     )
 
@@ -308,7 +340,36 @@ def _condition_mismatch(c: Condition, req: Request) -> str | None:
         return _field(
             k.value, c.values, c.not_values, req.principal, _pat, req.principal or "no verified principal"
         )
+    if k in _AUTH_KEYS:
+        vals = _auth_values(c, req)
+        shown = "no validated token" if req.auth is None else ", ".join(repr(v) for v in vals) or "absent"
+        return _field(c.written_key, c.values, c.not_values, vals, _any_value, shown)
     return _field(k.value, c.values, c.not_values, req.destination_port, _eq, str(req.destination_port))
+
+
+_AUTH_KEYS = frozenset(
+    {
+        ConditionKey.AUTH_PRINCIPAL,
+        ConditionKey.AUTH_AUDIENCES,
+        ConditionKey.AUTH_PRESENTER,
+        ConditionKey.AUTH_CLAIMS,
+    }
+)
+
+
+def _auth_values(c: Condition, req: Request) -> tuple[str, ...]:
+    """The request's values for a ``request.auth.*`` key (none without a token)."""
+    a = req.auth
+    if a is None:
+        return ()
+    k = c.key
+    if k is ConditionKey.AUTH_PRINCIPAL:
+        return (a.principal,) if a.principal is not None else ()
+    if k is ConditionKey.AUTH_AUDIENCES:
+        return a.audiences
+    if k is ConditionKey.AUTH_PRESENTER:
+        return (a.presenter,) if a.presenter is not None else ()
+    return a.claim(c.claim)
 
 
 def _join_whys(whys: list[str]) -> str:
@@ -322,7 +383,7 @@ def rule_mismatch(rule: Rule, req: Request, *, drop_l7: bool = False) -> str | N
     as DENY/AUDIT rules are on non-HTTP connections.  Without it the request
     must be HTTP if the rule has HTTP-only fields (the caller decides)."""
     if rule.sources:
-        whys = [_source_mismatch(s, req) for s in rule.sources]
+        whys = [_source_mismatch(s, req, drop_l7) for s in rule.sources]
         if all(whys):
             return "from: " + _join_whys(cast("list[str]", whys))  # all() above: no None left
     if rule.operations:
@@ -452,11 +513,16 @@ def _ok(values: tuple, not_values: tuple, actual: Any, one: Callable[[Any, Any],
     return not any(one(v, actual) for v in not_values)
 
 
-def _source_ok(s: Source, req: Request) -> bool:
+def _source_ok(s: Source, req: Request, drop_l7: bool = False) -> bool:
     return (
         _ok(s.principals, s.not_principals, req.principal, _pat)
         and _ok(s.namespaces, s.not_namespaces, req.source_namespace, _pat)
         and _ok(s.ip_blocks, s.not_ip_blocks, req.source_ip, _ip_in)
+        and (
+            drop_l7
+            or not (s.request_principals or s.not_request_principals)
+            or _ok(s.request_principals, s.not_request_principals, req.request_principal, _pat)
+        )
     )
 
 
@@ -482,12 +548,14 @@ def _condition_ok(c: Condition, req: Request) -> bool:
         return _ok(c.values, c.not_values, req.source_namespace, _pat)
     if k is ConditionKey.SOURCE_PRINCIPAL:
         return _ok(c.values, c.not_values, req.principal, _pat)
+    if k in _AUTH_KEYS:
+        return _ok(c.values, c.not_values, _auth_values(c, req), _any_value)
     return _ok(c.values, c.not_values, req.destination_port, _eq)
 
 
 def rule_matches(rule: Rule, req: Request, *, drop_l7: bool = False) -> bool:
     """``rule_mismatch(rule, req, drop_l7=...) is None``, without the explanation."""
-    if rule.sources and not any(_source_ok(s, req) for s in rule.sources):
+    if rule.sources and not any(_source_ok(s, req, drop_l7) for s in rule.sources):
         return False
     if rule.operations and not any(_operation_ok(o, req, drop_l7) for o in rule.operations):
         return False
@@ -506,7 +574,9 @@ def workload_index(policyset: PolicySet, namespace: str, labels: Mapping[str, st
     memo = policyset._compiled
     got = memo.get(key)
     if got is None:
-        got = build_workload_index(policyset.selecting(namespace, labels))
+        got = build_workload_index(
+            policyset.selecting(namespace, labels), policyset.jwt_rules(namespace, labels)
+        )
         if len(memo) >= MAX_INDEXED_WORKLOADS:
             memo.clear()
         memo[key] = got
@@ -597,7 +667,11 @@ def evaluate(policyset: PolicySet, req: Request) -> Decision:
 def _l4_only(rule: Rule) -> Rule:
     ops = tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations)
     conds = tuple(c for c in rule.conditions if not c.is_l7)
-    return Rule(rule.sources, ops, conds, origin=rule.origin)
+    srcs = tuple(
+        dataclasses.replace(s, request_principals=(), not_request_principals=()) if s.l7_fields else s
+        for s in rule.sources
+    )
+    return Rule(srcs, ops, conds, origin=rule.origin)
 
 
 @dataclass(frozen=True)

@@ -241,9 +241,11 @@ class WorkloadIndex:
     """Some applying rule has HTTP-only fields (the proxy serves the workload as HTTP)."""
     audit_l7: bool
     """Some applying AUDIT rule has HTTP-only fields (each request must be evaluated)."""
+    jwt_rules: tuple = ()
+    """The JWT rules of the RequestAuthentications that apply (each request is authenticated)."""
 
 
-def build_workload_index(applying: Sequence[Policy]) -> WorkloadIndex:
+def build_workload_index(applying: Sequence[Policy], jwt_rules: tuple = ()) -> WorkloadIndex:
     by_action: dict[Action, list[Entry]] = {a: [] for a in Action}
     seq = 0
     for pos, p in enumerate(applying):
@@ -263,6 +265,7 @@ def build_workload_index(applying: Sequence[Policy]) -> WorkloadIndex:
         allow_names=tuple(p.key for p in applying if p.action is Action.ALLOW),
         allow_list=", ".join(p.key for p in applying if p.action is Action.ALLOW),
         ignored_on_tcp=sum(1 for e in allow if e.l7),
-        has_l7=any(e.l7 for es in by_action.values() for e in es),
+        has_l7=bool(jwt_rules) or any(e.l7 for es in by_action.values() for e in es),
         audit_l7=any(e.l7 for e in by_action[Action.AUDIT]),
+        jwt_rules=jwt_rules,
     )

@@ -86,6 +86,13 @@ def _source_within(a: Source, b: Source) -> bool:
         _field_within(a.principals, a.not_principals, b.principals, b.not_principals, _pat_covers)
         and _field_within(a.namespaces, a.not_namespaces, b.namespaces, b.not_namespaces, _pat_covers)
         and _field_within(a.ip_blocks, a.not_ip_blocks, b.ip_blocks, b.not_ip_blocks, _net_covers)
+        and _field_within(
+            a.request_principals,
+            a.not_request_principals,
+            b.request_principals,
+            b.not_request_principals,
+            _pat_covers,
+        )
     )
 
 
@@ -99,7 +106,7 @@ def _operation_within(a: Operation, b: Operation) -> bool:
 
 
 def _condition_within(a: Condition, b: Condition) -> bool:
-    if (a.key, a.header) != (b.key, b.header):
+    if (a.key, a.header, a.claim) != (b.key, b.header, b.claim):
         return False
     vals = (a.values, a.not_values, b.values, b.not_values)
     return _field_within(

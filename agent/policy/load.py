@@ -17,7 +17,7 @@ Accepted documents (several per file, separated by ``---``)::
       action: DENY                                  # ALLOW (default), DENY, AUDIT
       rules:
       - from: [{source: {principals: [...], notPrincipals, namespaces, notNamespaces,
-                         ipBlocks, notIpBlocks}}]
+                         ipBlocks, notIpBlocks, requestPrincipals, notRequestPrincipals}}]
         to:   [{operation: {ports, notPorts, methods, notMethods, paths, notPaths,
                             hosts, notHosts}}]
         when: [{key: request.headers[x-user], values: [...], notValues: [...]}]
@@ -25,11 +25,14 @@ Accepted documents (several per file, separated by ``---``)::
 Fail closed, always:
 
 - Unknown fields are errors; Istio fields meshlet does not implement
-  (``requestPrincipals``, ``remoteIpBlocks``, ``serviceAccounts``,
-  ``targetRef(s)``, ``provider``, action ``CUSTOM``, path templates, ``when``
-  keys other than ``request.headers[...]``, ``source.ip``,
-  ``source.namespace``, ``source.principal``, ``destination.port``) are errors
+  (``remoteIpBlocks``, ``serviceAccounts``, ``targetRef(s)``, ``provider``,
+  action ``CUSTOM``, path templates, ``when`` keys other than
+  ``request.headers[...]``, ``source.*``, ``destination.port`` and
+  ``request.auth.principal|audiences|presenter|claims[...]``) are errors
   that say so, never silently dropped.
+- ``RequestAuthentication`` documents (end-user JWT rules, see
+  agent/policy/jwtauth.py) are read here too, into ``PolicySet.authentications``;
+  their JWKS is checked at load (key types, no symmetric or private keys).
 - Istio's own validation rules apply: ``from``/``to`` must not be empty
   lists, ``source``/``operation`` must not be empty, a ``when`` needs
   ``values`` or ``notValues``, a DENY policy needs ``rules``, selectors have
@@ -43,8 +46,9 @@ Fail closed, always:
   namespace; a file loader must not guess).  The same namespace/name twice,
   in any file, is an error.
 
-Size: ~800 lines: one reader per section of the document (source, operation, condition)
-and the patterns they share; splitting them would scatter the fail-closed rules stated above.
+Size: ~1,150 lines: one reader per section of the document (source, operation, condition,
+and RequestAuthentication's jwtRules) and the patterns they share; splitting them would
+scatter the fail-closed rules stated above.
 """
 
 from __future__ import annotations
@@ -72,13 +76,17 @@ from .model import (
     DEFAULT_TRUST_DOMAIN,
     ISTIO_DEFAULT_TRUST_DOMAIN,
     Action,
+    ClaimToHeader,
     Condition,
     ConditionKey,
+    HeaderLocation,
+    JwtRule,
     MatchKind,
     Operation,
     Policy,
     PolicySet,
     PrincipalMatch,
+    RequestAuthentication,
     Rule,
     Source,
     StringMatch,
@@ -100,9 +108,13 @@ __all__ = [
     "authorization_kind",
     "policy_set",
     "read_sources",
+    "AUTHN_KIND",
+    "authentication_kind",
+    "policy_kinds",
 ]
 
 MESHLET_API = "meshlet.io/v1alpha1"
+AUTHN_KIND = "RequestAuthentication"
 ISTIO_APIS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 API_VERSIONS = (MESHLET_API, *ISTIO_APIS)
 KIND = "AuthorizationPolicy"
@@ -117,8 +129,6 @@ _UNSUPPORTED_SPEC = {
     "targetRefs": "targetRefs (gateway/waypoint attachment) are not supported; use selector",
 }
 _UNSUPPORTED_SOURCE = {
-    "requestPrincipals": "request principals (JWT) are not supported",
-    "notRequestPrincipals": "request principals (JWT) are not supported",
     "remoteIpBlocks": "remoteIpBlocks (X-Forwarded-For) are not supported; use ipBlocks",
     "notRemoteIpBlocks": "notRemoteIpBlocks (X-Forwarded-For) are not supported; use notIpBlocks",
     "serviceAccounts": "serviceAccounts are not supported; use principals (ns/<ns>/sa/<sa>)",
@@ -127,6 +137,11 @@ _UNSUPPORTED_SOURCE = {
 _UNSUPPORTED_KEYS = ("remote.ip", "destination.ip", "connection.sni", "source.serviceAccount")
 _UNSUPPORTED_KEY_PREFIXES = ("request.auth.", "experimental.")
 _HEADER_KEY = re.compile(r"request\.headers\[(.*)\]", re.S)
+_CLAIMS_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)", re.S)
+_SUPPORTED_KEYS_TEXT = (
+    "request.headers[<name>], source.ip, source.namespace, source.principal, destination.port, "
+    "request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>]"
+)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NAMESPACE_CHARS = re.compile(r"[a-z0-9-]*")
 _PRINCIPAL_CHARS = re.compile(r"[A-Za-z0-9._/-]*")
@@ -279,6 +294,15 @@ def _header_value_check(sm: StringMatch, s: str) -> str | None:
     if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in s):
         return "header values never contain control characters"
     return None
+
+
+def _request_principal_check(sm: StringMatch, s: str) -> str | None:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
+        return "request principals (<issuer>/<subject>) never contain control characters"
+    return None
+
+
+_request_principal = _pattern(_request_principal_check)
 
 
 def _port(v: y.Value) -> int:
@@ -493,6 +517,8 @@ def _read_source(s: y.MapReader, ctx: _Ctx) -> Source | None:
         not_namespaces=s.get("notNamespaces", _values(ns), ()),
         ip_blocks=s.get("ipBlocks", _values(y.ip_network), ()),
         not_ip_blocks=s.get("notIpBlocks", _values(y.ip_network), ()),
+        request_principals=s.get("requestPrincipals", _values(_request_principal), ()),
+        not_request_principals=s.get("notRequestPrincipals", _values(_request_principal), ()),
     )
     s.finish()
     return None if len(s.doc.problems) != before else src
@@ -516,7 +542,7 @@ def _read_operation(o: y.MapReader, ctx: _Ctx) -> Operation | None:
     return None if len(o.doc.problems) != before else op
 
 
-def _condition_key(v: y.Value) -> tuple[ConditionKey, str | None]:
+def _condition_key(v: y.Value) -> tuple[ConditionKey, Any]:
     k = y.string(v)
     m = _HEADER_KEY.fullmatch(k)
     if m:
@@ -524,24 +550,25 @@ def _condition_key(v: y.Value) -> tuple[ConditionKey, str | None]:
         if not _TOKEN.fullmatch(name):
             raise y.Invalid(f"{name!r} is not a header name")
         return ConditionKey.REQUEST_HEADER, name.lower()
+    m = _CLAIMS_KEY.fullmatch(k)
+    if m:
+        path = tuple(m.group(1)[1:-1].split("]["))
+        return ConditionKey.AUTH_CLAIMS, path
     for ck in ConditionKey:
-        if ck is not ConditionKey.REQUEST_HEADER and k == ck.value:
+        if ck not in (ConditionKey.REQUEST_HEADER, ConditionKey.AUTH_CLAIMS) and k == ck.value:
             return ck, None
-    if k in _UNSUPPORTED_KEYS or k.startswith(_UNSUPPORTED_KEY_PREFIXES):
+    if k == ConditionKey.AUTH_CLAIMS.value:
         raise y.Invalid(
-            f"`when` key {k!r} is not supported by meshlet; supported: "
-            "request.headers[<name>], source.ip, source.namespace, source.principal, "
-            "destination.port"
+            "request.auth.claims needs a claim name: request.auth.claims[<name>] (nested: [a][b])"
         )
-    hint = y.did_you_mean(k, [c.value for c in ConditionKey if c is not ConditionKey.REQUEST_HEADER])
+    if k in _UNSUPPORTED_KEYS or k.startswith(_UNSUPPORTED_KEY_PREFIXES):
+        raise y.Invalid(f"`when` key {k!r} is not supported by meshlet; supported: {_SUPPORTED_KEYS_TEXT}")
+    hint = y.did_you_mean(
+        k, [c.value for c in ConditionKey if c not in (ConditionKey.REQUEST_HEADER, ConditionKey.AUTH_CLAIMS)]
+    )
     raise y.Invalid(
         f"unknown `when` key {k!r}"
-        + (
-            f" (did you mean {hint!r}?)"
-            if hint
-            else "; supported: request.headers[<name>], source.ip, source.namespace, "
-            "source.principal, destination.port"
-        )
+        + (f" (did you mean {hint!r}?)" if hint else f"; supported: {_SUPPORTED_KEYS_TEXT}")
     )
 
 
@@ -556,6 +583,10 @@ def _read_condition(w: y.MapReader, ctx: _Ctx) -> Condition | None:
             ConditionKey.SOURCE_NAMESPACE: _pattern(_namespace_check),
             ConditionKey.SOURCE_PRINCIPAL: ctx.principal,
             ConditionKey.DESTINATION_PORT: _port,
+            ConditionKey.AUTH_PRINCIPAL: _request_principal,
+            ConditionKey.AUTH_AUDIENCES: _pattern(_header_value_check),
+            ConditionKey.AUTH_PRESENTER: _pattern(_header_value_check),
+            ConditionKey.AUTH_CLAIMS: _pattern(_header_value_check),
         }[key[0]]
         values = w.get("values", _values(conv), ())
         not_values = w.get("notValues", _values(conv), ())
@@ -568,7 +599,257 @@ def _read_condition(w: y.MapReader, ctx: _Ctx) -> Condition | None:
         w.doc.add_at(w.value.node, w.path, "a `when` condition needs `values` or `notValues`")
     if len(w.doc.problems) != before or key is None:
         return None
+    if key[0] is ConditionKey.AUTH_CLAIMS:
+        return Condition(key[0], None, values or (), not_values or (), claim=key[1])
     return Condition(key[0], key[1], values or (), not_values or ())
+
+
+# --------------------------------------------------------------------------
+# RequestAuthentication
+
+_FORBIDDEN_OUTPUT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "authorization",
+        "cookie",
+    }
+)
+
+
+def _header_name(v: y.Value) -> str:
+    s = y.string(v)
+    if not _TOKEN.fullmatch(s):
+        raise y.Invalid(f"{s!r} is not a header name")
+    return s.lower()
+
+
+def _output_header(v: y.Value) -> str:
+    name = _header_name(v)
+    if name in _FORBIDDEN_OUTPUT_HEADERS:
+        raise y.Invalid(
+            f"{name!r} cannot be set from a token: it frames, routes or authenticates the request"
+        )
+    return name
+
+
+def _jwks_text(v: y.Value) -> str:
+    from .jwtauth import JwksError, parse_jwks  # PyJWT is imported only when a JWKS is read
+
+    s = y.string(v)
+    try:
+        parse_jwks(s)
+    except JwksError as e:
+        raise y.Invalid(f"jwks: {e}") from None
+    return json.dumps(json.loads(s), sort_keys=True, separators=(",", ":"))
+
+
+def _param_name(v: y.Value) -> str:
+    s = y.string(v)
+    if any(c in s for c in "&=#? ") or any(ord(c) < 0x20 for c in s):
+        raise y.Invalid(f"{s!r} is not a query parameter name")
+    return s
+
+
+def _read_location(r: y.MapReader) -> HeaderLocation | None:
+    before = len(r.doc.problems)
+    name = r.get("name", _header_name)
+    prefix = r.get("prefix", y.any_string, "")
+    r.finish()
+    if len(r.doc.problems) != before or name is None:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        r.value.problem("prefix: header values never contain control characters")
+        return None
+    return HeaderLocation(name, prefix)
+
+
+def _read_claim_header(r: y.MapReader) -> ClaimToHeader | None:
+    before = len(r.doc.problems)
+    header = r.get("header", _output_header)
+    claim = r.get("claim", y.string)
+    r.finish()
+    if len(r.doc.problems) != before or header is None or claim is None:
+        return None
+    return ClaimToHeader(header, claim)
+
+
+def _maps(v: y.Value | None, read) -> tuple:
+    if v is None:
+        return ()
+    items = v.convert(y.Value.items)
+    if items is None:
+        return ()
+    if not items:
+        v.problem("an empty list; remove the field")
+        return ()
+    out = []
+    for i in items:
+        m = i.convert(y.Value.mapping)
+        if m is not None:
+            got = read(m)
+            if got is not None:
+                out.append(got)
+    return tuple(out)
+
+
+def _read_jwt_rule(item: y.Value, istio: bool) -> JwtRule | None:
+    r = item.convert(y.Value.mapping)
+    if r is None:
+        return None
+    before = len(r.doc.problems)
+    issuer = r.get("issuer", y.string)
+    audiences = r.get("audiences", _values(y.string), ())
+    jwks = r.get("jwks", _jwks_text, "")
+    uri_v = r.at("jwksUri")
+    file_v = r.at("jwksFile")
+    jwks_file = ""
+    if uri_v is not None:
+        uri = uri_v.convert(y.string)
+        if uri is not None:
+            if uri.startswith("file:///"):
+                jwks_file = uri[len("file://") :]
+            else:
+                uri_v.problem(
+                    "meshlet does not fetch keys over the network: give them inline (jwks), as a "
+                    "file:///absolute/path URI, or (apiVersion meshlet.io/v1alpha1) as jwksFile"
+                )
+    if file_v is not None:
+        if istio:
+            file_v.problem(
+                f"jwksFile is a {MESHLET_API} field; in an Istio document write jwksUri: file:///path"
+            )
+        else:
+            jwks_file = file_v.convert(y.absolute_path) or ""
+    from_headers = _maps(r.at("fromHeaders"), _read_location)
+    from_params = r.get("fromParams", _values(_param_name), ())
+    fwd = r.get("forwardOriginalToken", y.boolean, False)
+    claims = _maps(r.at("outputClaimToHeaders"), _read_claim_header)
+    payload_header = r.get("outputPayloadToHeader", _output_header, "")
+    skew = None
+    skew_v = r.at("clockSkewSeconds")
+    if skew_v is not None:
+        if istio:
+            skew_v.problem(f"clockSkewSeconds is a {MESHLET_API} field")
+        else:
+            skew = skew_v.convert(y.integer(0, 3600))
+    for unsupported, why in (
+        ("fromCookies", "fromCookies is not supported; use fromHeaders or fromParams"),
+        ("timeout", "timeout applies to fetching jwksUri over the network, which meshlet does not do"),
+    ):
+        kv = r.key_at(unsupported)
+        if kv is not None:
+            r.at(unsupported)
+            kv.problem(why)
+    r.finish()
+    given = [n for n, x in (("jwks", jwks), ("jwksUri", uri_v), ("jwksFile", file_v)) if x]
+    if len(r.doc.problems) == before:
+        if not given:
+            r.doc.add_at(
+                r.value.node,
+                r.path,
+                "no keys: give jwks (inline JSON) or jwksFile (meshlet does not discover keys "
+                "from the issuer over the network)",
+            )
+        elif len(given) > 1:
+            r.doc.add_at(
+                r.value.node, r.path, f"give one of jwks, jwksUri, jwksFile, not {' and '.join(given)}"
+            )
+    if len(r.doc.problems) != before or issuer is None:
+        return None
+    outs = [c.header for c in claims] + ([payload_header] if payload_header else [])
+    locs = {loc.name for loc in from_headers} | (
+        {"authorization"} if not from_headers and not from_params else set()
+    )
+    clash = sorted(set(outs) & locs)
+    if clash:
+        r.doc.add_at(
+            r.value.node, r.path, f"header {clash[0]!r} is both a token location and an output header"
+        )
+        return None
+    if len(set(outs)) != len(outs):
+        r.doc.add_at(r.value.node, r.path, "the same output header is set twice")
+        return None
+    return JwtRule(
+        issuer=issuer,
+        audiences=tuple(audiences or ()),
+        jwks=jwks or "",
+        jwks_file=jwks_file,
+        from_headers=from_headers,
+        from_params=tuple(from_params or ()),
+        forward_original_token=bool(fwd),
+        output_claim_to_headers=claims,
+        output_payload_to_header=payload_header or "",
+        clock_skew=float(skew) if skew is not None else None,
+        origin=_where(item),
+    )
+
+
+def _read_authentication(doc: y.Document) -> RequestAuthentication | None:
+    top = doc.top()
+    before = len(doc.problems)
+    api = top.get("apiVersion", y.enum(*API_VERSIONS))
+    kind = top.get("kind", y.enum(AUTHN_KIND))
+    meta_v, spec_v = top.at("metadata"), top.at("spec")
+    top.finish()
+    if api is None or kind is None:
+        return None
+    name = namespace = None
+    meta = top.section("metadata") if meta_v is not None else None
+    if meta_v is None:
+        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
+    elif meta is not None:
+        name = meta.get("name", y.dns_subdomain)
+        namespace = meta.get("namespace", y.dns_label)
+        meta.get("labels", _string_map, None)
+        meta.get("annotations", _string_map, None)
+        meta.finish()
+    selector: tuple[tuple[str, str], ...] = ()
+    rules: list[JwtRule] = []
+    spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None
+    if spec is not None:
+        _refuse(
+            spec,
+            {
+                "targetRef": "targetRef (gateway/waypoint attachment) is not supported; use selector",
+                "targetRefs": "targetRefs (gateway/waypoint attachment) are not supported; use selector",
+            },
+        )
+        sel = spec.section("selector")
+        if sel is not None:
+            labels = sel.get("matchLabels", y.map_of(selector_key, selector_value), {}) or {}
+            sel.finish()
+            selector = tuple(sorted(labels.items()))
+        rules_v = spec.at("jwtRules")
+        spec.finish()
+        if rules_v is not None:
+            items = rules_v.convert(y.Value.items)
+            if items == []:
+                rules_v.problem(
+                    "an empty list; remove the field (a RequestAuthentication without rules does nothing)"
+                )
+            for i in items or []:
+                rule = _read_jwt_rule(i, api in ISTIO_APIS)
+                if rule is not None:
+                    rules.append(rule)
+    if len(doc.problems) != before or name is None or namespace is None:
+        return None
+    return RequestAuthentication(
+        name=name,
+        namespace=namespace,
+        selector=selector,
+        jwt_rules=tuple(rules),
+        api_version=api,
+        origin=_where(top.value),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -759,24 +1040,52 @@ def authorization_kind(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> DocKind:
     return DocKind(KIND, "policy", lambda doc: _read_document(doc, trust_domain))
 
 
+def authentication_kind() -> DocKind:
+    """RequestAuthentication: read with the authorization policies, kept in
+    the same :class:`PolicySet` (and so in ``policies.json``)."""
+    return DocKind(AUTHN_KIND, "request authentication", _read_authentication)
+
+
+def policy_kinds(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> list[DocKind]:
+    """The kinds a :class:`PolicySet` is made of: AuthorizationPolicy and RequestAuthentication."""
+    return [authorization_kind(trust_domain), authentication_kind()]
+
+
 def policy_set(
-    policies: Sequence[Policy], trust_domain: str, root_namespace: str, files: Sequence[str] = ()
+    policies: Sequence[Policy],
+    trust_domain: str,
+    root_namespace: str,
+    files: Sequence[str] = (),
+    authentications: Sequence[RequestAuthentication] = (),
 ) -> PolicySet:
     """A :class:`PolicySet` of already-read policies, with its fingerprint."""
     ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
+    authn = tuple(sorted(authentications, key=lambda a: (a.namespace, a.name)))
+    version = fingerprint(ordered, trust_domain, root_namespace)
+    if authn:
+        # only a set with RequestAuthentications hashes them: versions of sets without stay as they were
+        body = json.dumps([version, [_canon(a) for a in authn]], sort_keys=True, separators=(",", ":"))
+        version = hashlib.sha256(body.encode()).hexdigest()[:16]
     return PolicySet(
         ordered,
         trust_domain,
         root_namespace,
-        fingerprint(ordered, trust_domain, root_namespace),
+        version,
         tuple(files),
+        authentications=authn,
     )
 
 
 def _collect(texts: Sequence[tuple[str, str]], trust_domain: str, root_namespace: str) -> PolicySet:
     _check_options(trust_domain, root_namespace)
-    got = collect_documents(texts, [authorization_kind(trust_domain)])
-    return policy_set(got[KIND], trust_domain, root_namespace, tuple(dict.fromkeys(f for f, _ in texts)))
+    got = collect_documents(texts, policy_kinds(trust_domain))
+    return policy_set(
+        got[KIND],
+        trust_domain,
+        root_namespace,
+        tuple(dict.fromkeys(f for f, _ in texts)),
+        got[AUTHN_KIND],
+    )
 
 
 def parse_policies(

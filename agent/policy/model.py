@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "Action",
@@ -63,6 +64,11 @@ __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "DEFAULT_ROOT_NAMESPACE",
     "ISTIO_DEFAULT_TRUST_DOMAIN",
+    "HeaderLocation",
+    "ClaimToHeader",
+    "JwtRule",
+    "RequestAuthentication",
+    "AuthInfo",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -188,6 +194,23 @@ class ConditionKey(str, enum.Enum):
     SOURCE_NAMESPACE = "source.namespace"
     SOURCE_PRINCIPAL = "source.principal"
     DESTINATION_PORT = "destination.port"
+    # end-user (JWT) attributes, set by RequestAuthentication; HTTP only
+    AUTH_PRINCIPAL = "request.auth.principal"
+    AUTH_AUDIENCES = "request.auth.audiences"
+    AUTH_PRESENTER = "request.auth.presenter"
+    AUTH_CLAIMS = "request.auth.claims"  # request.auth.claims[a][b]...
+
+
+#: ``when`` keys that exist only in HTTP requests.
+L7_CONDITION_KEYS = frozenset(
+    {
+        ConditionKey.REQUEST_HEADER,
+        ConditionKey.AUTH_PRINCIPAL,
+        ConditionKey.AUTH_AUDIENCES,
+        ConditionKey.AUTH_PRESENTER,
+        ConditionKey.AUTH_CLAIMS,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -200,15 +223,21 @@ class Condition:
     """Lowercased header name for ``request.headers[...]``; else None."""
     values: tuple = ()
     not_values: tuple = ()
-    """StringMatch (headers, namespaces), PrincipalMatch, IPNetwork or int (ports)."""
+    """StringMatch (headers, namespaces, request.auth.*), PrincipalMatch, IPNetwork or int (ports)."""
+    claim: tuple[str, ...] = ()
+    """``request.auth.claims[a][b]``: the claim path ``("a", "b")``; else ()."""
 
     @property
     def is_l7(self) -> bool:
-        return self.key is ConditionKey.REQUEST_HEADER
+        return self.key in L7_CONDITION_KEYS
 
     @property
     def written_key(self) -> str:
-        return f"request.headers[{self.header}]" if self.header is not None else self.key.value
+        if self.header is not None:
+            return f"request.headers[{self.header}]"
+        if self.claim:
+            return self.key.value + "".join(f"[{c}]" for c in self.claim)
+        return self.key.value
 
 
 @dataclass(frozen=True)
@@ -221,6 +250,15 @@ class Source:
     not_namespaces: tuple[StringMatch, ...] = ()
     ip_blocks: tuple[IPNetwork, ...] = ()
     not_ip_blocks: tuple[IPNetwork, ...] = ()
+    request_principals: tuple[StringMatch, ...] = ()
+    """End-user principals ``<iss>/<sub>`` of a validated JWT (HTTP only)."""
+    not_request_principals: tuple[StringMatch, ...] = ()
+
+    L7_FIELDS = ("request_principals", "not_request_principals")
+
+    @property
+    def l7_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.L7_FIELDS if getattr(self, f))
 
 
 @dataclass(frozen=True)
@@ -260,6 +298,8 @@ class Rule:
     def l7_fields(self) -> tuple[str, ...]:
         """HTTP-only fields used anywhere in the rule (``methods``, ``request.headers[x]``...)."""
         out: list[str] = []
+        for src in self.sources:
+            out += [f for f in src.l7_fields if f not in out]
         for op in self.operations:
             out += [f for f in op.l7_fields if f not in out]
         out += [c.written_key for c in self.conditions if c.is_l7 and c.written_key not in out]
@@ -311,6 +351,8 @@ class PolicySet:
     """Fingerprint of the meaning (not the formatting) of the set; see load.fingerprint."""
     sources: tuple[str, ...] = field(default=(), compare=False)
     """Files the set was read from."""
+    authentications: tuple[RequestAuthentication, ...] = ()
+    """RequestAuthentication documents (end-user JWT rules), ordered by (namespace, name)."""
     _selecting: dict = field(default_factory=dict, compare=False, repr=False)
     """Memo of :meth:`selecting` (the set is immutable; bounded)."""
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
@@ -341,6 +383,26 @@ class PolicySet:
             memo[key] = got
         return got
 
+    def jwt_rules(self, namespace: str, labels: Mapping[str, str]) -> tuple[JwtRule, ...]:
+        """The JWT rules of every RequestAuthentication that applies to a
+        workload of ``namespace`` with ``labels`` (its namespace's and the
+        root namespace's, selector labels all on the workload), in order."""
+        if not self.authentications:
+            return ()
+        key = ("jwt", namespace, frozenset(labels.items()))
+        got = self._selecting.get(key)
+        if got is None:
+            got = tuple(
+                r
+                for a in self.authentications
+                if a.selects(namespace, labels, self.root_namespace)
+                for r in a.jwt_rules
+            )
+            if len(self._selecting) >= 4096:
+                self._selecting.clear()
+            self._selecting[key] = got
+        return got
+
     def get(self, namespace: str, name: str) -> Policy | None:
         for p in self.policies:
             if p.namespace == namespace and p.name == name:
@@ -349,3 +411,117 @@ class PolicySet:
 
     def __len__(self) -> int:
         return len(self.policies)
+
+
+@dataclass(frozen=True)
+class HeaderLocation:
+    """``fromHeaders[]``: a header that carries the token, after ``prefix``."""
+
+    name: str
+    """Lower-cased header name."""
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimToHeader:
+    """``outputClaimToHeaders[]``: the proxy sets ``header`` to the claim's value."""
+
+    header: str
+    """Lower-cased header name."""
+    claim: str
+    """Claim name; ``a.b`` is claim ``b`` inside object claim ``a``."""
+
+
+@dataclass(frozen=True)
+class JwtRule:
+    """One ``jwtRules[]`` entry of a RequestAuthentication."""
+
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    """() accepts any audience (Istio/Envoy: not checked)."""
+    jwks: str = ""
+    """The inline JWKS, as canonical JSON (sorted keys); "" when ``jwks_file`` is used."""
+    jwks_file: str = ""
+    """Absolute path of a JWKS file the destination proxy reads (and re-reads when it changes)."""
+    from_headers: tuple[HeaderLocation, ...] = ()
+    from_params: tuple[str, ...] = ()
+    forward_original_token: bool = False
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    output_payload_to_header: str = ""
+    """Lower-cased header name, or ""."""
+    clock_skew: float | None = None
+    """Seconds of clock difference tolerated for exp/nbf/iat (meshlet.io
+    ``clockSkewSeconds``); None: the proxy's default (60 s)."""
+    origin: str = field(default="", compare=False)
+
+    @property
+    def header_locations(self) -> tuple[HeaderLocation, ...]:
+        """Where tokens are looked for in headers (Istio's default when
+        neither ``fromHeaders`` nor ``fromParams`` is given:
+        ``Authorization: Bearer <token>`` and the ``access_token`` parameter)."""
+        if self.from_headers or self.from_params:
+            return self.from_headers
+        return (HeaderLocation("authorization", "Bearer "),)
+
+    @property
+    def param_locations(self) -> tuple[str, ...]:
+        if self.from_headers or self.from_params:
+            return self.from_params
+        return ("access_token",)
+
+    @property
+    def output_headers(self) -> tuple[str, ...]:
+        """Headers only the proxy may set (a client's copies are removed)."""
+        out = tuple(c.header for c in self.output_claim_to_headers)
+        return out + ((self.output_payload_to_header,) if self.output_payload_to_header else ())
+
+
+@dataclass(frozen=True)
+class RequestAuthentication:
+    """One RequestAuthentication document: which workloads validate which JWTs."""
+
+    name: str
+    namespace: str
+    selector: tuple[tuple[str, str], ...]
+    jwt_rules: tuple[JwtRule, ...]
+    api_version: str = field(default="meshlet.io/v1alpha1", compare=False)
+    origin: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, namespace: str, labels: Mapping[str, str], root_namespace: str) -> bool:
+        if self.namespace != namespace and self.namespace != root_namespace:
+            return False
+        return all(labels.get(k) == v for k, v in self.selector)
+
+
+@dataclass(frozen=True)
+class AuthInfo:
+    """A validated token, as ``request.auth.*`` sees it."""
+
+    issuer: str
+    subject: str | None
+    audiences: tuple[str, ...]
+    presenter: str | None
+    claims: Mapping[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def principal(self) -> str | None:
+        """``<iss>/<sub>`` (Istio's request principal); None without ``sub``."""
+        return f"{self.issuer}/{self.subject}" if self.subject is not None else None
+
+    def claim(self, path: Sequence[str]) -> tuple[str, ...]:
+        """The string values of a (nested) claim: a string is one value, a
+        list its string items; anything else, or an absent claim, none."""
+        v: Any = self.claims
+        for name in path:
+            if not isinstance(v, dict) or name not in v:
+                return ()
+            v = v[name]
+        if isinstance(v, str):
+            return (v,)
+        if isinstance(v, list):
+            return tuple(x for x in v if isinstance(x, str))
+        return ()

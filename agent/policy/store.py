@@ -31,8 +31,8 @@ Files in ``run_dir`` (each written atomically: temp file, fsync, rename):
           "version": "<PolicySet.version>",    # hash of the meaning
           "trustDomain": "cluster.local",
           "rootNamespace": "istio-system",
-          "count": 6,
-          "yaml": "<the AuthorizationPolicy documents of policies.yaml>",
+          "count": 6,                           # documents: policies and RequestAuthentications
+          "yaml": "<the AuthorizationPolicy and RequestAuthentication documents of policies.yaml>",
                                                  # parse_policies(yaml) gives the set back
           "compiledFormat": 1,
           "policies": [                          # the same set as data (agent/policy/compiled.py):
@@ -78,11 +78,12 @@ from ..fsutil import write_atomic
 from .compiled import FORMAT as compiled_format
 from .compiled import policies_to_data
 from .load import (
+    AUTHN_KIND,
     KIND,
     DocKind,
     _check_options,
-    authorization_kind,
     collect_documents,
+    policy_kinds,
     policy_set,
 )
 from .model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
@@ -219,7 +220,11 @@ def store_version(authorization: str, others: dict[str, tuple[str, int]]) -> str
 
 
 def _order(key: Key) -> tuple:
-    return (key[0] != KIND, key)
+    return (key[0] not in _SET_KINDS, key)
+
+
+#: The kinds in the authorization PolicySet (and policies.json).
+_SET_KINDS = (KIND, AUTHN_KIND)
 
 
 class PolicyStore:
@@ -271,10 +276,11 @@ class PolicyStore:
     # --- pure helpers -----------------------------------------------------------------
 
     def _doc_kinds(self) -> list[DocKind]:
-        return [authorization_kind(self.trust_domain), *self.kinds.values()]
+        return [*policy_kinds(self.trust_domain), *self.kinds.values()]
 
-    def _text(self, texts: dict[Key, str], kind: str | None = None) -> str:
-        return "---\n".join(texts[k] for k in sorted(texts, key=_order) if kind is None or k[0] == kind)
+    def _text(self, texts: dict[Key, str], kind: str | tuple[str, ...] | None = None) -> str:
+        kinds = (kind,) if isinstance(kind, str) else kind
+        return "---\n".join(texts[k] for k in sorted(texts, key=_order) if kinds is None or k[0] in kinds)
 
     def _collect(self, sources: Sequence[tuple[str, str]], plain: list | None = None) -> dict[str, tuple]:
         return collect_documents(sources, self._doc_kinds(), plain=plain)
@@ -286,7 +292,12 @@ class PolicyStore:
         with a cross-document check (``DocKind.conflict``, e.g. two
         TrafficPolicies for one service port): those are read again together,
         so a batch cannot conflict with what is stored (raises SourceError)."""
-        ps = policy_set([o for k, o in objs.items() if k[0] == KIND], self.trust_domain, self.root_namespace)
+        ps = policy_set(
+            [o for k, o in objs.items() if k[0] == KIND],
+            self.trust_domain,
+            self.root_namespace,
+            authentications=[o for k, o in objs.items() if k[0] == AUTHN_KIND],
+        )
         sets = {}
         for kind, dk in self.kinds.items():
             assert dk.compile is not None
@@ -421,10 +432,10 @@ class PolicyStore:
             "version": ps.version,
             "trustDomain": ps.trust_domain,
             "rootNamespace": ps.root_namespace,
-            "count": len(ps),
-            "yaml": self._text(texts, KIND),
+            "count": len(ps) + len(ps.authentications),
+            "yaml": self._text(texts, _SET_KINDS),
             "compiledFormat": compiled_format,
-            "policies": policies_to_data(ps.policies),
+            "policies": policies_to_data(ps.policies, ps.authentications),
         }
 
     # --- operations -------------------------------------------------------------------
@@ -473,7 +484,7 @@ class PolicyStore:
     def list(self) -> list[dict]:
         """One summary per document: AuthorizationPolicies first (namespace/name
         order), then each other kind.  Every row has ``kind``, ``namespace``, ``name``."""
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "kind": KIND,
                 "namespace": p.namespace,
@@ -484,6 +495,17 @@ class PolicyStore:
                 "apiVersion": p.api_version,
             }
             for p in self.policyset.policies
+        ]
+        rows += [
+            {
+                "kind": AUTHN_KIND,
+                "namespace": a.namespace,
+                "name": a.name,
+                "selector": dict(a.selector),
+                "issuers": [r.issuer for r in a.jwt_rules],
+                "apiVersion": a.api_version,
+            }
+            for a in self.policyset.authentications
         ]
         for doc in self.sets.values():
             rows += doc["policies"]
@@ -505,4 +527,6 @@ class PolicyStore:
 
     def summary(self) -> dict:
         by_kind = {KIND: len(self.policyset), **{k: d["count"] for k, d in self.sets.items()}}
+        if self.policyset.authentications:
+            by_kind[AUTHN_KIND] = len(self.policyset.authentications)
         return {"version": self.version, "count": self.count, "byKind": by_kind}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import socket
@@ -33,6 +34,7 @@ from agent.proxy.admission import Refusal, authorize_connection, decided_by
 from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
 from agent.proxy.inputs import ProxyInputs
+from agent.proxy.jwks import JWKS_FILES
 from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
 from agent.proxy.l7authz import DENIED_BODY, Denial, RequestAuthorizer
 from agent.proxy.relay import Endpoint
@@ -137,6 +139,7 @@ class Destination:
                     labels=pod.label_map,
                     port=port,
                     tcp_allowed=d.allowed,
+                    jwks_file=JWKS_FILES.get,
                 )
                 if not d.allowed:
                     conn.verdict = "allowed"  # the connection; its requests are decided one by one
@@ -203,18 +206,20 @@ class Destination:
             )
             conn.reset_all()
 
-    def on_http_request(self, conn: Conn, head: Any) -> Response | None:
-        """L7 authorization of one request (``l7authz``): None lets it through."""
+    def on_http_request(self, conn: Conn, head: Any) -> Any:
+        """L7 authentication and authorization of one request (``l7authz``):
+        None lets it through as it is, a head lets that through instead (JWT:
+        token removed, claim headers set), a Response refuses it."""
         az = conn.l7_authz
         if az is None:
             return None
-        d = az.decide(head.method, head.path.path, head.host, head.headers)
+        d = az.decide(head.method, head.path.path, head.host, head.headers, head.path.query)
         if d is None:
             if head.upgrade is not None:
                 conn.upgrade_head = head
-            return None
+            return self._authenticated(az, head)
         if isinstance(d, Denial):
-            return Response(d.status, (d.reason + "\n").encode("utf-8", "replace"))
+            return Response(d.status, (d.reason + "\n").encode("utf-8", "replace"), list(d.headers))
         src = conn.src_identity or "no identity"
         what = f"{head.method.decode('latin-1')} {head.path.path}"
         if d.audited:
@@ -229,7 +234,7 @@ class Destination:
         if d.allowed:
             if head.upgrade is not None:
                 conn.upgrade_head = head
-            return None
+            return self._authenticated(az, head)
         conn.requests_denied += 1
         conn.denial = (head, d.policy, d.rule)
         self.accounting.counters["requests_denied"] += 1
@@ -242,6 +247,20 @@ class Destination:
             decided_by(d),
         )
         return Response(403, DENIED_BODY, [(b"Content-Type", b"text/plain")])
+
+    @staticmethod
+    def _authenticated(az: RequestAuthorizer, head: Any) -> Any:
+        """The head to forward after authentication (``az.authn``): None when unchanged."""
+        a = az.authn
+        if not a.changes_request:
+            return None
+        path = head.path
+        q = a.forward_query(path.query)
+        return dataclasses.replace(
+            head,
+            headers=a.forward_headers(head.headers),
+            path=path if q == path.query else dataclasses.replace(path, query=q),
+        )
 
     # ---- L7 or L4
 

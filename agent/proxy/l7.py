@@ -183,7 +183,7 @@ def _upgrade_allowed(value: bytes | None) -> bool:
 _P_PIPELINE, _P_UPSTREAM, _P_CONNECT = 1, 2, 4  # why reading the client is paused
 
 Chooser = Callable[[RequestHead], "Cluster | Response | Target"]
-OnRequest = Callable[[RequestHead], "Response | None"]
+OnRequest = Callable[[RequestHead], "Response | RequestHead | None"]
 OnResponse = Callable[[RequestHead, int, float, Exchange], None]
 
 _monotonic = time.monotonic  # the exchanges' clock (the ticker's is the loop's)
@@ -516,7 +516,9 @@ class L7Session(asyncio.Protocol):
         )
         if self.on_request is not None:
             r = self.on_request(head)
-            if r is not None:
+            if isinstance(r, RequestHead):  # forward this head instead (e.g. JWT: token removed)
+                head = self._req = r
+            elif r is not None:
                 ex.answer(r.status)
                 self._answer(r.status, r.body, r.headers)
                 return

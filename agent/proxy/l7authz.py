@@ -23,18 +23,39 @@ A denied request gets ``403`` with ``RBAC: access denied`` (the words
 Envoy-based meshes use, so existing client handling recognizes it) and the
 connection stays open.  A request whose Host cannot be normalized was
 already refused by the parser; if it reaches here anyway it gets ``400``.
+
+End-user authentication (RequestAuthentication) runs first, on every
+request of a workload that JWT rules select, fast path or not: it is the
+pure :func:`agent.policy.jwtauth.authenticate` of (headers, query, rules,
+now).  An invalid token is refused with ``401`` and ``WWW-Authenticate:
+Bearer ...``; no token goes on to policy without a request principal; a
+valid one gives policy ``request.auth.*``.  What the request must look like
+when forwarded (token removed, claim headers set, client copies of them
+dropped) is left in :attr:`RequestAuthorizer.authn` for the caller, which
+owns the request head (HTTP/1.1 here; an HTTP/2 stream the same way).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
 from agent.policy.evaluate import Decision, Request, evaluate, workload_index
 from agent.policy.http import HttpError, header_multimap, normalize_host
-from agent.policy.model import PolicySet
+from agent.policy.jwtauth import (
+    DEFAULT_CLOCK_SKEW,
+    NO_TOKEN,
+    AuthnResult,
+    JwksError,
+    KeySet,
+    authenticate,
+    cached_jwks,
+    www_authenticate,
+)
+from agent.policy.model import JwtRule, PolicySet
 
 __all__ = ["DENIED_BODY", "Denial", "RequestAuthorizer"]
 
@@ -47,7 +68,9 @@ class Denial:
 
     status: int
     reason: str
-    decision: Decision | None = None  # None: refused before policy (bad Host)
+    decision: Decision | None = None  # None: refused before policy (bad Host, bad token)
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """Headers of the refusal (401: ``WWW-Authenticate``)."""
 
 
 class RequestAuthorizer:
@@ -67,8 +90,17 @@ class RequestAuthorizer:
         labels: dict[str, str],
         port: int,
         tcp_allowed: bool,
+        jwks_file: Callable[[str], KeySet | None] | None = None,
+        clock_skew: float = DEFAULT_CLOCK_SKEW,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._policies = policies
+        self._jwks_file = jwks_file
+        self.clock_skew = clock_skew
+        self._clock = clock
+        self._jwt: tuple[JwtRule, ...] = ()
+        self.authn: AuthnResult = NO_TOKEN
+        """The last request's authentication: what to change before forwarding it."""
         self.namespace = namespace
         self.labels = labels
         self.port = port
@@ -92,6 +124,7 @@ class RequestAuthorizer:
     def _refresh(self, ps: PolicySet) -> None:
         """Whether requests must be evaluated under this policy set."""
         self._version = ps.version
+        self._jwt = workload_index(ps, self.namespace, self.labels).jwt_rules
         if not self.tcp_allowed:
             self._needed = True
             return
@@ -108,15 +141,49 @@ class RequestAuthorizer:
         )
         self._needed = not tcp.allowed or workload_index(ps, self.namespace, self.labels).audit_l7
 
+    def _keys(self, rule: JwtRule) -> KeySet | None:
+        if rule.jwks:
+            try:
+                return cached_jwks(rule.jwks)
+            except JwksError:
+                return None  # the loader checked it; a JWKS that does not load verifies nothing
+        if rule.jwks_file and self._jwks_file is not None:
+            return self._jwks_file(rule.jwks_file)
+        return None
+
     def decide(
-        self, method: bytes, path: str, host: bytes | None, headers: list[tuple[bytes, bytes]]
+        self,
+        method: bytes,
+        path: str,
+        host: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+        query: str | None = None,
+        now: float | None = None,
     ) -> Decision | Denial | None:
         """None: allowed without evaluation (fast path); a Decision (allowed or
         not, maybe with AUDIT matches); or a Denial for a request that cannot
-        be evaluated."""
+        be evaluated (401: an invalid token).  ``query``: the request's query
+        (a token may be there); ``now``: the time for the token's exp/nbf/iat
+        (default: the clock).  Afterwards :attr:`authn` says what to change
+        in the forwarded request."""
         ps = self._policies()
         if ps.version != self._version:
             self._refresh(ps)
+        auth = None
+        if self._jwt:
+            a = self.authn = authenticate(
+                headers,
+                query,
+                self._jwt,
+                self._clock() if now is None else now,
+                self._keys,
+                clock_skew=self.clock_skew,
+            )
+            if not a.ok:
+                return Denial(401, a.reason, None, ((b"WWW-Authenticate", www_authenticate(a.reason)),))
+            auth = a.auth
+        else:
+            self.authn = NO_TOKEN
         if not self._needed:
             return None
         try:
@@ -133,5 +200,5 @@ class RequestAuthorizer:
                 source_ip=self.ip,
             )
         return evaluate(
-            ps, base.with_http(method.decode("latin-1"), path, norm_host, header_multimap(headers))
+            ps, base.with_http(method.decode("latin-1"), path, norm_host, header_multimap(headers), auth)
         )

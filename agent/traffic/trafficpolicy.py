@@ -73,15 +73,16 @@ from typing import Any
 
 from agent import yamlsrc as y
 from agent.policy.load import (  # the model's names too: load is this package's one door
+    AUTHN_KIND,
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     DocKind,
     PolicySet,
     _canon,
     _check_options,
-    authorization_kind,
     collect_documents,
     policy_files,
+    policy_kinds,
     policy_set,
     read_sources,
 )
@@ -586,10 +587,10 @@ def parse_all_sources(
     read by its ``kind`` (an unknown kind is an error) and checked across all
     files.  Raises SourceError listing every problem."""
     _check_options(trust_domain, root_namespace)
-    got = collect_documents(texts, [authorization_kind(trust_domain), TRAFFIC_KIND])
+    got = collect_documents(texts, [*policy_kinds(trust_domain), TRAFFIC_KIND])
     files = tuple(dict.fromkeys(f for f, _ in texts))
     return (
-        policy_set(got[AUTHORIZATION_KIND], trust_domain, root_namespace, files),
+        policy_set(got[AUTHORIZATION_KIND], trust_domain, root_namespace, files, got[AUTHN_KIND]),
         traffic_set(got[KIND], files),
     )
 

@@ -58,23 +58,24 @@ def policy_status(mesh) -> dict:
 
 def test_apply_list_get_diff_delete_and_restart(mesh, tmp_path):
     expected = load_policies(REPO_POLICIES)
+    docs = len(expected) + len(expected.authentications)  # AuthorizationPolicies and RequestAuthentications
     empty = policy_status(mesh)
     assert empty["count"] == 0
 
     r = cli(mesh, "apply", "-f", str(REPO_POLICIES))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(" created\n") == len(expected)
+    assert r.stdout.count(" created\n") == docs
     got = policy_status(mesh)
-    assert (got["version"], got["count"]) == (expected.version, len(expected))
+    assert (got["version"], got["count"]) == (expected.version, docs)
 
     r = cli(mesh, "apply", "-f", str(REPO_POLICIES))
-    assert r.returncode == 0 and r.stdout.count(" unchanged\n") == len(expected)
+    assert r.returncode == 0 and r.stdout.count(" unchanged\n") == docs
     assert cli(mesh, "diff", "-f", str(REPO_POLICIES)).returncode == 0
 
     listed = json.loads(cli(mesh, "list", "-o", "json").stdout)
     assert listed["version"] == expected.version
     assert [(p["namespace"], p["name"]) for p in listed["policies"]] == [
-        (p.namespace, p.name) for p in expected.policies]
+        (p.namespace, p.name) for p in (*expected.policies, *expected.authentications)]
     first = expected.policies[0]
     r = cli(mesh, "get", first.name, "-n", first.namespace, "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["metadata"]["name"] == first.name
@@ -102,7 +103,7 @@ def test_apply_list_get_diff_delete_and_restart(mesh, tmp_path):
     assert cli(mesh, "delete", first.name, "-n", first.namespace).returncode == 1
     assert cli(mesh, "get", first.name, "-n", first.namespace).returncode == 1
     after_delete = policy_status(mesh)
-    assert after_delete["count"] == len(expected) - 1
+    assert after_delete["count"] == docs - 1
     assert after_delete["version"] != expected.version
 
     # the agent dies hard and comes back: the policies are still there

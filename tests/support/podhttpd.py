@@ -1,7 +1,8 @@
 """A small HTTP/1.1 server for pods in privileged tests (Python's http.server).
 
 Answers every request with ``<name> <method> <path>`` and appends the same
-line, plus the traceparent it got, to ``--log`` (one JSON line per request)
+line, plus the traceparent it got and every header line (``headers``:
+``[[lower-case name, value], ...]``), to ``--log`` (one JSON line per request)
 so tests assert on what the backend received.  ``--fail-first N`` answers
 the first N requests with ``--fail-status`` (default 503); ``--delay`` sleeps
 before answering.  Stops after ``--max-seconds``.
@@ -50,6 +51,7 @@ def main() -> None:
                     f.write(json.dumps({"n": n, "method": self.command, "path": self.path,
                                         "traceparent": self.headers.get("traceparent"),
                                         "x-request-id": self.headers.get("x-request-id"),
+                                        "headers": [[k.lower(), v] for k, v in self.headers.items()],
                                         "body": len(body_in)}) + "\n")
             if a.delay:
                 time.sleep(a.delay)

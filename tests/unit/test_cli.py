@@ -148,7 +148,7 @@ COMMAND_TREE = {
                        "--escaped-slash=reject|keep|decode_and_merge", "--inventory", *POLICY,
                        TABLE_JSON),
     "policy get": ("NAME", "-n/--namespace", "--kind", *AGENT, "-o/--output=yaml|json"),
-    "policy lint": ("PATHS", "--inventory", "--http-ports", *POLICY, TABLE_JSON),
+    "policy lint": ("PATHS", "--inventory", "--http-ports", "--gateway", "--gateway-identity", *POLICY, TABLE_JSON),
     "policy list": (*AGENT, TABLE_JSON),
     "policy validate": ("PATHS", *POLICY, TABLE_JSON),
     "run": ("--config", "--keep-datapath"),

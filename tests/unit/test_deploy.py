@@ -122,7 +122,7 @@ def test_every_policy_example_is_a_valid_custom_resource(path, doc):
         validate_cr(doc)
     else:
         assert doc["apiVersion"] in ("security.istio.io/v1", "security.istio.io/v1beta1")
-        assert doc["kind"] == "AuthorizationPolicy"
+        assert doc["kind"] in ("AuthorizationPolicy", "RequestAuthentication")
 
 
 def test_the_crd_schema_refuses_wrong_types():
@@ -155,10 +155,10 @@ spec:
   rules:
     - from:
         - source:
-            requestPrincipals: ["issuer/subject"]
+            remoteIpBlocks: ["1.2.3.4"]
 """
     validate_cr(yaml.safe_load(text))
-    with pytest.raises(SourceError, match="requestPrincipals"):
+    with pytest.raises(SourceError, match="remoteIpBlocks"):
         parse_policies(text, "jwt-only.yaml")
     typo = """\
 apiVersion: meshlet.io/v1alpha1

@@ -70,10 +70,10 @@ def test_a_broken_update_keeps_the_previous_generation_in_force():
     objs = PolicyObjects()
     objs.upsert(as_api_object(DENY_ADMIN, generation=1))
     broken = copy.deepcopy(DENY_ADMIN)
-    broken["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/sub"]}}]
+    broken["spec"]["rules"][0]["from"] = [{"source": {"remoteIpBlocks": ["1.2.3.4"]}}]
     v = objs.upsert(as_api_object(broken, generation=2))
     assert not v.accepted and v.in_force == 1
-    assert any("requestPrincipals" in p for p in v.problems)
+    assert any("remoteIpBlocks" in p for p in v.problems)
     assert v.message_lines()[-1] == "generation 1 stays in force"
     assert denied(objs)  # the DENY did not go away with the broken edit
 

@@ -35,6 +35,8 @@ pods:
      node: node1, ips: [10.244.1.10], cgroup: /x/1}
   - {name: backend-1, namespace: shop, serviceAccount: backend, labels: {app: backend},
      node: node1, ips: [10.244.1.11], cgroup: /x/2}
+  - {name: orders-1, namespace: shop, serviceAccount: orders, labels: {app: orders},
+     node: node1, ips: [10.244.1.13], cgroup: /x/4}
   - {name: postgres-1, namespace: data, serviceAccount: postgres, labels: {app: postgres},
      node: node1, ips: [10.244.1.12], cgroup: /x/3}
 """
@@ -206,7 +208,7 @@ def run(*args):
 
 def test_cli_validate(tmp_path):
     r = run("validate", POLICIES)
-    assert r.exit_code == 0 and "valid: 9 policies from 6 file(s)" in r.output
+    assert r.exit_code == 0 and "valid: 10 policies from 7 file(s), 1 request authentications" in r.output
     r = run("validate", POLICIES, "-o", "json")
     assert json.loads(r.output)["valid"] is True
     bad = tmp_path / "bad.yaml"
@@ -258,7 +260,7 @@ def test_cli_explain(tmp_path):
 
 def test_cli_lint(tmp_path):
     r = run("lint", POLICIES, "--http-ports", "8080,9090")
-    assert r.exit_code == 0 and "0 finding(s) in 9 policies" in r.output
+    assert r.exit_code == 0 and "0 finding(s) in 10 policies" in r.output
     f = tmp_path / "l.yaml"
     f.write_text(LINTED)
     inv = tmp_path / "inv.yaml"
@@ -294,4 +296,4 @@ def test_every_example_file_in_the_tree_loads_or_is_documented_as_unsupported():
 def test_validate_reads_a_directory_without_its_subdirectories():
     r = run("validate", POLICIES / "istio-docs")
     assert r.exit_code == 0, r.output   # unsupported/ is not read
-    assert "from 17 file(s)" in r.output
+    assert "from 19 file(s)" in r.output

@@ -307,10 +307,6 @@ def test_tcp_deny_with_method(port, method, allowed):
 
 
 @pytest.mark.parametrize("name, where, message", [
-    ("jwt-request-principals.yaml", "16:9: spec.rules[0].from[0].source.requestPrincipals",
-     "request principals (JWT) are not supported"),
-    ("jwt-claims-condition.yaml", "16:12: spec.rules[0].when[0].key",
-     "'request.auth.claims[iss]' is not supported"),
     ("custom-ext-authz.yaml", "12:11: spec.action", "action CUSTOM (external authorization) is not supported"),
     ("remote-ip-blocks.yaml", "16:9: spec.rules[0].from[0].source.remoteIpBlocks",
      "remoteIpBlocks (X-Forwarded-For) are not supported"),

@@ -179,8 +179,8 @@ RULE = "  rules:\n  - from:\n    - source:\n"
     (RULE + "        principals: [ns/a/sa/b, 'ns/*/sa/x']\n",
      "p.yaml:10:33: spec.rules[0].from[0].source.principals[1]: 'ns/*/sa/x': '*' is only allowed alone, "
      "as the first character (suffix match) or as the last character (prefix match)"),
-    (RULE + "        requestPrincipals: ['*']\n",
-     "p.yaml:10:9: spec.rules[0].from[0].source.requestPrincipals: request principals (JWT) are not supported"),
+    (RULE + "        requestPrincipals: []\n",
+     "p.yaml:10:28: spec.rules[0].from[0].source.requestPrincipals: an empty list would match anything; remove the field or list values"),
     (RULE + "        remoteIpBlocks: [1.2.3.4]\n",
      "p.yaml:10:9: spec.rules[0].from[0].source.remoteIpBlocks: remoteIpBlocks (X-Forwarded-For) are not supported; use ipBlocks"),
     (RULE + "        ipBlocks: [10.0.0.1/8]\n",
@@ -200,9 +200,13 @@ RULE = "  rules:\n  - from:\n    - source:\n"
      "p.yaml:10:23: spec.rules[0].to[0].operation.ports[1]: 0 is not a port number (1..65535)"),
     ("  rules:\n  - to:\n    - operation:\n        methods: ['GET POST']\n",
      "p.yaml:10:19: spec.rules[0].to[0].operation.methods[0]: 'GET POST' is not an HTTP method (letters, no spaces)"),
-    ("  rules:\n  - when:\n    - key: request.auth.claims[iss]\n      values: [x]\n",
-     "p.yaml:9:12: spec.rules[0].when[0].key: `when` key 'request.auth.claims[iss]' is not supported by meshlet; "
-     "supported: request.headers[<name>], source.ip, source.namespace, source.principal, destination.port"),
+    ("  rules:\n  - when:\n    - key: request.auth.claims\n      values: [x]\n",
+     "p.yaml:9:12: spec.rules[0].when[0].key: request.auth.claims needs a claim name: "
+     "request.auth.claims[<name>] (nested: [a][b])"),
+    ("  rules:\n  - when:\n    - key: request.auth.type\n      values: [x]\n",
+     "p.yaml:9:12: spec.rules[0].when[0].key: `when` key 'request.auth.type' is not supported by meshlet; "
+     "supported: request.headers[<name>], source.ip, source.namespace, source.principal, destination.port, "
+     "request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>]"),
     ("  rules:\n  - when:\n    - key: source.namepsace\n      values: [x]\n",
      "p.yaml:9:12: spec.rules[0].when[0].key: unknown `when` key 'source.namepsace' (did you mean 'source.namespace'?)"),
     ("  rules:\n  - when:\n    - key: request.headers[x-a]\n",
@@ -220,15 +224,16 @@ def test_ports_report_every_bad_item():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy documents"),
-    ("---\n---\n", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy documents"),
+    ("", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy or RequestAuthentication documents"),
+    ("---\n---\n", "p.yaml:1:1: no policy documents in this file; expected AuthorizationPolicy or RequestAuthentication documents"),
     ("- a\n", "p.yaml:1:1: a policy document must be a mapping, got a list"),
     ("a: [\n", "p.yaml:2:1: YAML syntax error: did not find expected node content "
                "(while parsing a flow node)"),
     ("apiVersion: v1\nkind: AuthorizationPolicy\n", "p.yaml:1:13: apiVersion: 'v1' is not one of: "
      "meshlet.io/v1alpha1, security.istio.io/v1, security.istio.io/v1beta1"),
     ("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nspec: {mtls: {mode: STRICT}}\n",
-     "p.yaml:2:7: kind: 'PeerAuthentication' is not one of: AuthorizationPolicy"),
+     "p.yaml:2:7: kind: 'PeerAuthentication' is not one of: AuthorizationPolicy, RequestAuthentication "
+     "(did you mean 'RequestAuthentication'?)"),
     ("apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\nspec: {}\n",
      "p.yaml:1:1: metadata: required field is missing (name and namespace)"),
     ("apiVersion: meshlet.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n",
@@ -349,4 +354,4 @@ def test_the_authorization_loader_alone_refuses_other_kinds():
     with pytest.raises(SourceError) as ei:
         parse_policies(text, "t.yaml")
     assert [str(p) for p in ei.value.errors] == [
-        "t.yaml:2:7: kind: 'TrafficPolicy' is not one of: AuthorizationPolicy"]
+        "t.yaml:2:7: kind: 'TrafficPolicy' is not one of: AuthorizationPolicy, RequestAuthentication"]

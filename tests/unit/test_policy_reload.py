@@ -36,7 +36,7 @@ REPO_POLICIES = pathlib.Path(__file__).resolve().parents[2] / "policies"
 
 
 def _roundtrip(ps: PolicySet) -> PolicySet:
-    data = json.loads(json.dumps(policies_to_data(ps.policies)))
+    data = json.loads(json.dumps(policies_to_data(ps.policies, ps.authentications)))
     return from_data(data, trust_domain=ps.trust_domain, root_namespace=ps.root_namespace, version=ps.version)
 
 
@@ -195,10 +195,10 @@ def test_the_stores_yaml_emitter_reads_back_as_the_same_data(doc):
 def test_documents_as_data_come_from_the_parsed_nodes_as_safe_load_gives_them():
     import yaml
 
-    from agent.policy.load import authorization_kind, collect_documents
+    from agent.policy.load import collect_documents, policy_kinds
 
     for f in sorted(REPO_POLICIES.glob("*.yaml")):
         plain: list = []
-        collect_documents([(str(f), f.read_text())], [authorization_kind()], plain=plain)
+        collect_documents([(str(f), f.read_text())], policy_kinds(), plain=plain)
         assert plain == [d for d in yaml.safe_load_all(f.read_text()) if d is not None]
 

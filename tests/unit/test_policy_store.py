@@ -99,7 +99,7 @@ def test_repo_policies_apply_and_reload(tmp_path):
     changes = s.apply(repo_sources())
     expected = load_policies(REPO_POLICIES)
     assert {c.result for c in changes} == {"created"}
-    assert len(changes) == len(expected)
+    assert len(changes) == len(expected) + len(expected.authentications)
     # the store's version is the version of the same policies read from the files
     assert s.version == expected.version
     again = PolicyStore(str(tmp_path)).load()
@@ -110,10 +110,10 @@ def test_repo_policies_apply_and_reload(tmp_path):
     assert text.startswith(f"# meshlet policy store: version {s.version}\n")
     compiled = json.loads((tmp_path / COMPILED_FILE).read_text())
     assert compiled["format"] == 1 and compiled["version"] == s.version
-    assert compiled["count"] == len(expected)
+    assert compiled["count"] == len(expected) + len(expected.authentications)
     assert parse_policies(compiled["yaml"]).version == s.version
     assert [(p["namespace"], p["name"]) for p in compiled["policies"]] == [
-        (p.namespace, p.name) for p in expected.policies]
+        (p.namespace, p.name) for p in (*expected.policies, *expected.authentications)]
 
 
 def test_delete_persists(tmp_path):
@@ -235,7 +235,7 @@ def test_a_bad_traffic_policy_in_a_batch_changes_nothing(tmp_path):
     assert published(tmp_path) == t and [p["name"] for p in s.list()] == ["a", "t"]
     # an unknown kind fails closed too, naming the kinds the store takes
     with pytest.raises(SourceError, match=r"x.yaml:2:7: kind: 'TrafficPolicyy' is not one of: "
-                       r"AuthorizationPolicy, TrafficPolicy \(did you mean 'TrafficPolicy'\?\)"):
+                       r"AuthorizationPolicy, RequestAuthentication, TrafficPolicy \(did you mean 'TrafficPolicy'\?\)"):
         s.apply([("x.yaml", traffic("v").replace("kind: TrafficPolicy", "kind: TrafficPolicyy"))])
     # two TrafficPolicies for one service, across two sources: refused
     with pytest.raises(SourceError, match="already has a traffic policy"):

@@ -197,16 +197,16 @@ def test_mixed_errors_name_file_line_column_and_fail_closed():
         return [str(p) for p in ei.value.errors]
 
     assert errs("apiVersion: meshlet.io/v1alpha1\nkind: Gateway\nmetadata: {name: g, namespace: n}\n") == [
-        "m.yaml:2:7: kind: 'Gateway' is not one of: AuthorizationPolicy, TrafficPolicy"]
+        "m.yaml:2:7: kind: 'Gateway' is not one of: AuthorizationPolicy, RequestAuthentication, TrafficPolicy"]
     assert errs("apiVersion: meshlet.io/v1alpha1\nmetadata: {name: g, namespace: n}\n") == [
-        "m.yaml:1:1: kind: required field is missing (one of: AuthorizationPolicy, TrafficPolicy)"]
+        "m.yaml:1:1: kind: required field is missing (one of: AuthorizationPolicy, RequestAuthentication, TrafficPolicy)"]
     # problems of both kinds, all reported, in file order
     assert errs(AUTHZ.replace("ALLOW", "ALOW") + "---\n" + HEAD + "spec: {service: b, retry: {}}\n") == [
         "m.yaml:4:16: spec.action: 'ALOW' is not one of: ALLOW, DENY, AUDIT, CUSTOM "
         "(did you mean 'ALLOW'?)",
         "m.yaml:9:20: spec.retry: unknown field 'retry' (did you mean 'retries'?)"]
     assert errs("") == ["m.yaml:1:1: no policy documents in this file; expected "
-                        "AuthorizationPolicy or TrafficPolicy documents"]
+                        "AuthorizationPolicy or RequestAuthentication or TrafficPolicy documents"]
     # a TrafficPolicy has only meshlet's apiVersion
     assert errs(HEAD.replace("meshlet.io/v1alpha1", "security.istio.io/v1") + "spec: {service: b}\n") == [
         "m.yaml:1:13: apiVersion: 'security.istio.io/v1' is not one of: meshlet.io/v1alpha1"]

@@ -253,3 +253,119 @@ def test_the_first_apply_waits_for_every_kind(api, node):
     api.apply(deny())
     n = node().start()
     assert n.applies == [1]
+
+
+# --- `meshlet policy apply|diff|delete --kubeconfig`: the CLI writing the CRs ---------
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    return CliRunner().invoke(main, ["policy", *args], catch_exceptions=False)
+
+
+def write(path, *docs) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return str(path)
+
+
+def test_the_cli_writes_the_crs_and_reports_what_the_nodes_said(api, node, tmp_path):
+    n = node().start()
+    kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
+    tp = {"apiVersion": MESHLET, "kind": "TrafficPolicy",
+          "metadata": {"name": "backend", "namespace": "shop"}, "spec": {"service": "backend"}}
+    f = write(tmp_path / "p.yaml", deny(port=8080), tp)
+
+    r = cli("diff", "--kubeconfig", kc, "-f", f)
+    assert r.exit_code == 1 and "+++ b/authorizationpolicy.meshlet.io/shop/deny-admin" in r.output
+
+    r = cli("apply", "--kubeconfig", kc, "-f", f, "--timeout", str(WAIT))
+    assert r.exit_code == 0, r.output
+    assert "authorizationpolicy.meshlet.io shop/deny-admin created" in r.output
+    assert "authorizationpolicy.meshlet.io shop/deny-admin accepted (generation 1)" in r.output
+    assert "trafficpolicy.meshlet.io shop/backend accepted (generation 1)" in r.output
+    assert denied(n.store, 8080)
+
+    assert cli("diff", "--kubeconfig", kc, "-f", f).exit_code == 0
+    r = cli("apply", "--kubeconfig", kc, "-f", f, "-o", "json", "--timeout", str(WAIT))
+    assert r.exit_code == 0
+    import json
+
+    out = json.loads(r.output)
+    assert [(c["name"], c["result"], c["accepted"]) for c in out["changes"]] == [
+        ("deny-admin", "unchanged", True), ("backend", "unchanged", True)]
+
+    # an edit: replaced at the resourceVersion read, generation 2
+    f2 = write(tmp_path / "p2.yaml", deny(port=9090))
+    r = cli("apply", "--kubeconfig", kc, "-f", f2, "--timeout", str(WAIT))
+    assert r.exit_code == 0 and "configured" in r.output and "accepted (generation 2)" in r.output
+    wait_for(lambda: denied(n.store, 9090), "the edit enforced")
+
+    r = cli("delete", "--kubeconfig", kc, "deny-admin", "-n", "shop")
+    assert r.exit_code == 0 and "deleted" in r.output
+    wait_for(lambda: not denied(n.store, 9090), "the delete enforced")
+    r = cli("delete", "--kubeconfig", kc, "deny-admin", "-n", "shop")
+    assert r.exit_code == 1 and "no policy shop/deny-admin" in r.output
+
+
+def test_the_cli_refuses_a_bad_file_before_writing_anything(api, tmp_path):
+    kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
+    bad = copy.deepcopy(deny("b"))
+    bad["spec"]["action"] = "CUSTOM"
+    f = write(tmp_path / "p.yaml", deny("a"), bad)
+    r = cli("apply", "--kubeconfig", kc, "-f", f)
+    assert r.exit_code == 1
+    assert f"{f}:" in r.output and "spec.action" in r.output
+    assert api.find("AuthorizationPolicy", MESHLET) == []
+
+
+def test_the_cli_says_when_no_node_reports(api, tmp_path):
+    kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
+    r = cli("apply", "--kubeconfig", kc, "-f", write(tmp_path / "p.yaml", deny()), "--timeout", "0.5")
+    assert r.exit_code == 1 and "no node reported" in r.output
+    assert len(api.find("AuthorizationPolicy", MESHLET)) == 1  # written all the same
+    r = cli("apply", "--kubeconfig", kc, "-f", str(tmp_path / "p.yaml"), "--no-wait")
+    assert r.exit_code == 0 and "unchanged" in r.output
+
+
+def test_the_cli_names_a_missing_istio_crd(api, tmp_path):
+    kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
+    r = cli("apply", "--kubeconfig", kc, "-f", write(tmp_path / "p.yaml", deny(api_version=ISTIO)))
+    assert r.exit_code == 1 and "Istio's AuthorizationPolicy CRD installed" in r.output
+
+
+def test_the_cli_reports_a_refusal_by_the_nodes(api, node, tmp_path):
+    """Two TrafficPolicies for one service port, one in the cluster already,
+    one from a file that loads alone: the nodes refuse the second."""
+    node().start()
+    kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
+    tp = {"apiVersion": MESHLET, "kind": "TrafficPolicy", "metadata": {"name": "a", "namespace": "shop"},
+          "spec": {"service": "backend"}}
+    api.apply(tp)
+    other = {**tp, "metadata": {"name": "b", "namespace": "shop"}}
+    r = cli("apply", "--kubeconfig", kc, "-f", write(tmp_path / "p.yaml", other), "--timeout", str(WAIT))
+    assert r.exit_code == 1
+    assert "trafficpolicy.meshlet.io shop/b REFUSED (generation 1)" in r.output
+    assert "nothing of this resource is enforced" in r.output
+
+
+def test_the_agent_refuses_local_changes_in_kubernetes_mode(api, node, tmp_path):
+    import threading
+
+    from agent.admin import _policies_route
+
+    n = node().start()
+
+    class KubeAgent:
+        policies, policy_lock, inventory, policy_watch = n.store, threading.Lock(), None, n.watch
+
+    code, body = _policies_route(KubeAgent(), "POST", "/v1/policies:apply", b'{"files": []}')
+    assert code == 409 and body["source"] == "kubernetes" and "--kubeconfig" in body["error"]
+    code, body = _policies_route(KubeAgent(), "DELETE", "/v1/policies/shop/x", b"")
+    assert code == 409
+    code, body = _policies_route(KubeAgent(), "GET", "/v1/policies", b"")
+    assert code == 200

@@ -331,3 +331,39 @@ def delete(client, name: str, namespace: str, kind: str | None) -> None:
     k, path = found[0]
     _api(lambda: client.delete(path), f"{k} {namespace}/{name}", 1)
     click.echo(f"{k.lower()} {namespace}/{name} deleted (from {client.server}; every node drops it)")
+
+
+def status_lines(cluster: dict | None) -> list[str]:
+    """What ``meshlet status`` says about policies from the cluster (the
+    agent's ``policy.cluster``): in sync or how stale, kinds not installed,
+    refused objects and what stays in force."""
+    if not cluster:
+        return []
+    out = []
+    head = f"from the cluster ({cluster.get('server')}): {cluster.get('objects')} objects"
+    if cluster.get("in_sync"):
+        out.append(head + ", in sync")
+    else:
+        stale = cluster.get("stale_s")
+        out.append(
+            head + ", NOT IN SYNC, last set kept" + (f"; stale {stale:.0f}s" if stale is not None else "")
+        )
+    missing = [r["kind"] for r in cluster.get("resources") or () if not r.get("installed", True)]
+    if missing:
+        out.append("not installed (checked again periodically): " + ", ".join(missing))
+    if cluster.get("apply_error"):
+        out.append(f"LAST APPLY FAILED (last set kept): {cluster['apply_error']}")
+    for r in cluster.get("refused") or ():
+        kept = (
+            f"generation {r['in_force']} stays" if r.get("in_force") is not None else "nothing of it enforced"
+        )
+        first = (r.get("problems") or ["?"])[0]
+        out.append(f"REFUSED {r['object']} generation {r.get('generation')} ({kept}): {first}")
+    more = cluster.get("refused_total", 0) - len(cluster.get("refused") or ())
+    if more > 0:
+        out.append(f"... {more} more refused")
+    if cluster.get("status_pending"):
+        out.append(
+            f"status writes pending: {cluster['status_pending']} (errors {cluster.get('status_errors')})"
+        )
+    return out

@@ -254,6 +254,7 @@ class PolicyWatcher:
         self.last_apply: float | None = None
         self._todo: dict[str, _StatusWrite] = {}
         self._todo_cond = threading.Condition()
+        self._lock = threading.Lock()  # one reconcile at a time (PolicyObjects is not thread-safe)
         self._threads = [
             threading.Thread(target=self._apply_loop, name="kube-policy-apply", daemon=True),
             threading.Thread(target=self._status_loop, name="kube-policy-status", daemon=True),
@@ -333,6 +334,10 @@ class PolicyWatcher:
     def reconcile(self) -> None:
         """Read every cached object, apply the set if it changed, plan the
         status writes.  Called by the apply thread (and by tests)."""
+        with self._lock:
+            self._reconcile()
+
+    def _reconcile(self) -> None:
         recs = [(r.resource, rec) for r in self.reflectors for rec in r.records()]
         verdicts = self.objects.sync(rec.doc for _res, rec in recs)
         self.counts["reads"] += 1
@@ -345,12 +350,12 @@ class PolicyWatcher:
             self.last_apply = time.time()
             log.info("policies from the cluster: %d in force of %d objects", len(texts), len(recs))
         self.apply_error = None
-        self.applied.set()
         for v in verdicts.values():
             if not v.accepted and self.verdicts.get(v.key) != v:
                 log.warning("policy %s refused: %s", v.key, "; ".join(v.message_lines()))
         self.verdicts = verdicts
         self._plan_status(recs, verdicts)
+        self.applied.set()
 
     def _spec_in_force(self, key: str) -> dict[str, Any] | None:
         got = self.objects.in_force(key)
@@ -402,6 +407,9 @@ class PolicyWatcher:
                     nxt = min((w.due for w in self._todo.values()), default=now + 1.0)
                     self._todo_cond.wait(max(0.01, min(nxt - now, 1.0)))
                     continue
+            # every node has the same list: each in its own order, so that of
+            # a burst most objects are written by one node and skipped by the others
+            self.rng.shuffle(due)
             for w in due:
                 if self._stop.is_set():
                     return

@@ -127,6 +127,25 @@ def test_a_policy_cr_is_enforced_by_both_nodes_while_traffic_runs(env):
                      f"{node} refused generation 3")
         both_nodes(mesh, 7001, "denied", "the DENY after the broken edit")
         both_nodes(mesh, 7002, "data", "7002 after the broken edit")
+        st = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket",
+                             os.path.join(mesh.agents["node2"].run_dir, "admin.sock")],
+                            capture_output=True, text=True, timeout=30)
+        assert st.returncode == 0, st.stderr
+        assert f"from the cluster ({api.url}): 1 objects, in sync" in st.stdout, st.stdout
+        assert ("REFUSED meshlet.io/v1alpha1/AuthorizationPolicy/default/deny-port generation 3 "
+                "(generation 2 stays)") in st.stdout, st.stdout
+
+        # the API goes away: the last set stays in force on both nodes
+        api.stop()
+        try:
+            for node in ("node1", "node2"):
+                wait_for(lambda n=node: not mesh.status(n)["policy"]["cluster"]["in_sync"],
+                         f"{node} notices the outage")
+            both_nodes(mesh, 7001, "denied", "the DENY while the API is away")
+        finally:
+            api.start()
+        for node in ("node1", "node2"):
+            wait_for(lambda n=node: mesh.status(n)["policy"]["cluster"]["in_sync"], f"{node} in sync again")
 
         # deleted with the CLI: lifted on both nodes
         r = cli("delete", "--kubeconfig", kc, "deny-port", "-n", "default")

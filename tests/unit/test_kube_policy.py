@@ -128,7 +128,10 @@ def test_an_initial_list_of_1000_objects_is_one_apply(api, node):
     # the objects get their status (a thousand writes take a while: the
     # first ones are enough here), and the status events apply nothing
     wait_for(lambda: n.watch.counts["status_writes"] >= 20, "status writes")
-    assert accepted(api, "deny-0")["status"] == "True"
+    objs = api.find("AuthorizationPolicy", MESHLET)
+    written = [o for o in objs if (o.get("status") or {}).get("conditions")]
+    assert len(written) >= 20
+    assert all(o["status"]["conditions"][0]["status"] == "True" for o in written)
     time.sleep(0.5)
     assert n.applies == [1000]
 
@@ -369,3 +372,18 @@ def test_the_agent_refuses_local_changes_in_kubernetes_mode(api, node, tmp_path)
     assert code == 409
     code, body = _policies_route(KubeAgent(), "GET", "/v1/policies", b"")
     assert code == 200
+
+
+def test_status_says_where_policies_come_from_and_what_was_refused(api, node):
+    from agent.cli.policykube import status_lines
+
+    assert status_lines(None) == []
+    custom = {**deny("ext"), "spec": {"action": "CUSTOM", "provider": {"name": "ext"}}}
+    api.apply(custom)
+    n = node().start()
+    lines = status_lines(n.watch.describe())
+    assert lines[0] == f"from the cluster ({api.url}): 1 objects, in sync"
+    assert lines[1] == "not installed (checked again periodically): AuthorizationPolicy.security.istio.io"
+    assert lines[2].startswith(
+        "REFUSED meshlet.io/v1alpha1/AuthorizationPolicy/shop/ext generation 1 (nothing of it enforced): "
+        "spec.action")

@@ -157,7 +157,14 @@ class PolicyReflector(Reflector):
             self.store = {}
             self._tombs.clear()
         if not self.absent:
-            log.info("%s: not installed (%s); checking again every %gs", self.kind, e, self.recheck)
+            # meshlet's own kinds missing is a deployment mistake; Istio's is normal
+            (log.warning if self.resource.status else log.info)(
+                "%s: not installed (%s); checking again every %gs%s",
+                self.kind,
+                e,
+                self.recheck,
+                " (apply deploy/crds)" if self.resource.status else "",
+            )
         self.absent, self.rv = True, None
         self.last_ok, self.error = time.time(), None
         first = not self.synced.is_set()
@@ -255,6 +262,7 @@ class PolicyWatcher:
         self._todo: dict[str, _StatusWrite] = {}
         self._todo_cond = threading.Condition()
         self._lock = threading.Lock()  # one reconcile at a time (PolicyObjects is not thread-safe)
+        self._written: dict[str, str] = {}  # key -> resourceVersion our last status write was based on
         self._threads = [
             threading.Thread(target=self._apply_loop, name="kube-policy-apply", daemon=True),
             threading.Thread(target=self._status_loop, name="kube-policy-status", daemon=True),
@@ -375,6 +383,8 @@ class PolicyWatcher:
                     continue
                 v = verdicts[rec.doc.key]
                 spec = self._spec_in_force(rec.doc.key)
+                if self._written.get(rec.doc.key) == rec.rv:
+                    continue  # written from this version; its event has not arrived yet
                 if desired_status(v, rec.status, spec, now) is None:
                     self._todo.pop(rec.doc.key, None)
                     continue
@@ -386,6 +396,8 @@ class PolicyWatcher:
             keys = {rec.doc.key for _res, rec in recs}
             for k in [k for k in self._todo if k not in keys]:
                 del self._todo[k]
+            for k in [k for k in self._written if k not in keys]:
+                del self._written[k]
             self._todo_cond.notify_all()
 
     # --- status --------------------------------------------------------------------------
@@ -439,6 +451,8 @@ class PolicyWatcher:
             log.warning("status of %s: %s; retrying in %.1fs (enforcement is not affected)", key, e, delay)
             return
         self.counts["status_writes"] += 1
+        with self._todo_cond:
+            self._written[key] = rec.rv if rec is not None else ""
         self._done(key, w)
 
     def _done(self, key: str, w: _StatusWrite) -> None:

@@ -195,7 +195,10 @@ def apply(client, files: list[dict], output: str, wait: bool, timeout: float) ->
             made, result = existing, "unchanged"
         else:
             body = t.body()
-            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            meta = existing.get("metadata") or {}
+            # what others attached to the object stays (kubectl apply keeps them too)
+            body["metadata"].update({k: meta[k] for k in ("finalizers", "ownerReferences") if k in meta})
+            body["metadata"]["resourceVersion"] = meta["resourceVersion"]
             made = _api(lambda t=t, body=body: client.replace(t.path, body), t.label(), 1)
             result = "configured"
         gen = (made.get("metadata") or {}).get("generation")

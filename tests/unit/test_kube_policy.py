@@ -387,3 +387,42 @@ def test_status_says_where_policies_come_from_and_what_was_refused(api, node):
     assert lines[2].startswith(
         "REFUSED meshlet.io/v1alpha1/AuthorizationPolicy/shop/ext generation 1 (nothing of it enforced): "
         "spec.action")
+
+
+def _node_role_grants() -> set[tuple[str, str]]:
+    """deploy/rbac.yaml's meshlet-node ClusterRole as the test server's (verb, resource) pairs."""
+    from tests.support.kubeschema import DEPLOY, load_docs
+
+    role = next(d for d in load_docs(DEPLOY / "rbac.yaml")
+                if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "meshlet-node")
+    return {(v, f"{g}/{r}" if g else r)
+            for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+def test_the_node_role_of_deploy_rbac_is_enough_and_istio_is_read_only(api, tmp_path):
+    """The watcher with a token holding exactly the node agent's ClusterRole:
+    lists, watches, writes status; the test server refuses anything else."""
+    api.add_user("node-token", "system:serviceaccount:meshlet-system:meshlet-node", allow=_node_role_grants())
+    api.istio = True
+    api.apply(deny())
+    api.apply(deny("istio-deny", 7070, api_version=ISTIO))
+    store = PolicyStore(str(tmp_path / "n"), kinds=[TRAFFIC_KIND])
+    client = KubeClient.from_kubeconfig(api.kubeconfig(str(tmp_path / "node.kubeconfig"), token="node-token"))
+    w = PolicyWatcher(client, lambda s: replace_store(store, s), trust_domain="cluster.local",
+                      root_namespace="istio-system", settle=0.05, watch_timeout=2, request_timeout=2,
+                      backoff=(0.05, 0.3), status_jitter=0.05).start()
+    try:
+        assert w.wait_applied(WAIT), w.not_synced()
+        assert denied(store, 8080) and denied(store, 7070)
+        wait_for(lambda: (accepted(api, "deny-admin") or {}).get("status") == "True",
+                 "status with the node role")
+        assert w.counts["status_errors"] == 0
+        # and the role cannot write the policies themselves
+        from agent.workloads.kubeclient import ApiError
+
+        with pytest.raises(ApiError) as e:
+            client.create("/apis/meshlet.io/v1alpha1/namespaces/shop/authorizationpolicies", deny("x"))
+        assert e.value.status == 403
+    finally:
+        w.close()

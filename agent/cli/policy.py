@@ -709,8 +709,10 @@ def policy_delete(name, namespace, kind, sock, node, kubeconfig, context, in_clu
     0 deleted; 1 no such policy, a name both kinds have without a kind, or
     the agent could not be reached; 2 usage.
 
-    Kubernetes mode (--kubeconfig FILE, or --in-cluster): deletes meshlet's
-    custom resource (every node drops it); Istio's objects are kubectl's."""
+    Kubernetes mode (--kubeconfig FILE, or --in-cluster): deletes the
+    custom resource, meshlet's or, where Istio's CRD is installed, Istio's
+    AuthorizationPolicy (every node drops it); a name several of them have
+    needs the kind, and kubectl for Istio's."""
     client = client_from(kubeconfig, context, in_cluster)
     if client is not None:
         from . import policykube

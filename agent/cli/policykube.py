@@ -310,30 +310,34 @@ def diff(client, files: list[dict]) -> None:
 
 
 def delete(client, name: str, namespace: str, kind: str | None) -> None:
+    """Delete meshlet's object (either kind), or Istio's AuthorizationPolicy
+    of that name where Istio's CRD is installed; refuse a name that several
+    of them have unless the kind says which."""
     from ..workloads.kubeclient import ApiError
 
-    kinds = [kind] if kind else ["AuthorizationPolicy", "TrafficPolicy"]
     found = []
-    for k in kinds:
-        api_version, plural = RESOURCES[("meshlet.io", k)]
+    for (group, k), (api_version, plural) in RESOURCES.items():
+        if kind is not None and k != kind:
+            continue
         path = f"/apis/{api_version}/namespaces/{quote(namespace, safe='')}/{plural}/{quote(name, safe='')}"
         try:
             client.get(path)
         except ApiError as e:
-            if e.status == 404:
-                continue
-            die(f"{k} {namespace}/{name}: {e}")
-        found.append((k, path))
+            if e.status == 404 and (group != "meshlet.io" or not _hint(e)):
+                continue  # no such object (or Istio's CRD is not installed)
+            die(f"{k} {namespace}/{name}: {e}{_hint(e)}")
+        found.append((f"{k.lower()}.{group}", path))
     if not found:
         die(f"no {kind or 'policy'} {namespace}/{name} in the cluster ({client.server})")
     if len(found) > 1:
         die(
-            f"{namespace}/{name} names documents of several kinds "
-            f"({', '.join(k for k, _ in found)}); say which one (--kind, or KIND/NAME)"
+            f"{namespace}/{name} names several objects ({', '.join(w for w, _ in found)}); "
+            "say which one (--kind, or KIND/NAME)"
+            + ("; to delete Istio's, use kubectl" if kind == "AuthorizationPolicy" else "")
         )
-    k, path = found[0]
-    _api(lambda: client.delete(path), f"{k} {namespace}/{name}", 1)
-    click.echo(f"{k.lower()} {namespace}/{name} deleted (from {client.server}; every node drops it)")
+    what, path = found[0]
+    _api(lambda: client.delete(path), f"{what} {namespace}/{name}", 1)
+    click.echo(f"{what} {namespace}/{name} deleted (from {client.server}; every node drops it)")
 
 
 def status_lines(cluster: dict | None) -> list[str]:

@@ -339,6 +339,14 @@ def test_the_cli_names_a_missing_istio_crd(api, tmp_path):
     kc = api.kubeconfig(str(tmp_path / "cli.kubeconfig"))
     r = cli("apply", "--kubeconfig", kc, "-f", write(tmp_path / "p.yaml", deny(api_version=ISTIO)))
     assert r.exit_code == 1 and "Istio's AuthorizationPolicy CRD installed" in r.output
+    # installed: written as Istio's object (no meshlet status to wait for), deleted again
+    api.istio = True
+    r = cli("apply", "--kubeconfig", kc, "-f", str(tmp_path / "p.yaml"))
+    assert r.exit_code == 0 and "authorizationpolicy.security.istio.io shop/deny-admin created" in r.output
+    assert [o["apiVersion"] for o in api.find("AuthorizationPolicy", ISTIO)] == [ISTIO]
+    r = cli("delete", "--kubeconfig", kc, "deny-admin", "-n", "shop")
+    assert r.exit_code == 0 and "authorizationpolicy.security.istio.io shop/deny-admin deleted" in r.output
+    assert api.find("AuthorizationPolicy", ISTIO) == []
 
 
 def test_the_cli_reports_a_refusal_by_the_nodes(api, node, tmp_path):

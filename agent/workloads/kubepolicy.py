@@ -263,6 +263,7 @@ class PolicyWatcher:
         self._todo_cond = threading.Condition()
         self._lock = threading.Lock()  # one reconcile at a time (PolicyObjects is not thread-safe)
         self._written: dict[str, str] = {}  # key -> resourceVersion our last status write was based on
+        self._specs: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (text in force, its spec)
         self._threads = [
             threading.Thread(target=self._apply_loop, name="kube-policy-apply", daemon=True),
             threading.Thread(target=self._status_loop, name="kube-policy-status", daemon=True),
@@ -369,9 +370,14 @@ class PolicyWatcher:
         got = self.objects.in_force(key)
         if got is None:
             return None
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == got[1]:
+            return cached[1]
         doc = yaml.safe_load(got[1]) or {}
-        spec = doc.get("spec")
-        return spec if isinstance(spec, dict) else {}
+        raw = doc.get("spec")
+        spec: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        self._specs[key] = (got[1], spec)
+        return spec
 
     def _plan_status(
         self, recs: list[tuple[PolicyResource, PolicyRecord]], verdicts: dict[str, Verdict]
@@ -398,6 +404,8 @@ class PolicyWatcher:
                 del self._todo[k]
             for k in [k for k in self._written if k not in keys]:
                 del self._written[k]
+            for k in [k for k in self._specs if k not in keys]:
+                del self._specs[k]
             self._todo_cond.notify_all()
 
     # --- status --------------------------------------------------------------------------

@@ -290,7 +290,10 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
     DELETE /v1/policies/<ns>/<name>[?kind=K] {"deleted": "ns/name", "kind", "version", "count"}
 
     Invalid documents: 400 {"error", "errors": [{"file", "line", "column", "path",
-    "message", "text"}]}, and nothing changed.  Unknown policy: 404.  Without
+    "message", "text"}]}, and nothing changed.  Unknown policy: 404.  In
+    Kubernetes mode (``agent.policy_watch``) apply and delete answer 409
+    {"error", "source": "kubernetes", "server"}: the cluster's custom
+    resources are the node's whole set.  Without
     ``kind``, a name that documents of two kinds share: 409 {"error", "kinds"}.
     "warnings": TrafficPolicies for services not in the inventory (applied anyway)."""
     from urllib.parse import parse_qs, unquote
@@ -301,6 +304,17 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
     if store is None:
         return 503, {"error": "the policy store is not loaded yet"}
     path, _, query = target.partition("?")
+    watch = getattr(agent, "policy_watch", None)
+    if watch is not None and (method == "DELETE" or path == "/v1/policies:apply"):
+        return 409, {
+            "error": "this agent enforces the policies of the Kubernetes API "
+            f"({watch.client.server}, workloads.source: kubernetes); a local change would make "
+            "this node disagree with the others and be undone by the next event. Write the "
+            "custom resources instead: `meshlet policy apply --kubeconfig FILE -f ...` "
+            "(or --in-cluster), or kubectl",
+            "source": "kubernetes",
+            "server": watch.client.server,
+        }
     with agent.policy_lock:
         if path in ("/v1/policies:apply", "/v1/policies:diff"):
             if method != "POST":

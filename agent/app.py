@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # imported where used: the CLI's `run` should not pay for the
     from .identity.issuer import NodeIssuer
     from .identity.nodecsr import NodeEnroller
     from .policy.store import PolicyStore
+    from .workloads.kubepolicy import PolicyWatcher
 
 log = logging.getLogger("meshlet.agent")
 
@@ -163,6 +164,7 @@ class Agent:
     flow_history: int = 10_000  # closed flows kept for `meshlet flows`
     flow_reader: FlowReader | None = None  # while serving
     policies: PolicyStore | None = None  # from start()
+    policy_watch: PolicyWatcher | None = None  # Kubernetes mode: the cluster's policies (start())
     policy_lock: threading.Lock = field(default_factory=threading.Lock)
     l4_kernel: dict = field(default_factory=dict)  # last kernel policy sync (plan summary)
     l4_sig: tuple | None = None  # (policy version, generation) it was for
@@ -233,6 +235,7 @@ class Agent:
                 "'node:') is not in the inventory's nodes[]"
             )
         self.load_policies()
+        self.start_policy_watch()
         # Continue the generation count of a state file left by a previous
         # agent, so adopted proxy workers see a newer generation.
         try:
@@ -286,10 +289,63 @@ class Agent:
             ) from e
         log.info("policies: %d, version %s", store.count, store.version)
 
+    def start_policy_watch(self) -> None:
+        """Kubernetes mode: the policies are the cluster's custom resources
+        (agent/workloads/kubepolicy.py), applied through the store as
+        `meshlet policy apply` does; the local apply is refused (admin.py).
+        The first set is in force before any pod is enrolled."""
+        from .workloads.kubernetes import KubernetesSource
+
+        src = self.source
+        if not isinstance(src, KubernetesSource):
+            return
+        from .workloads.kubepolicy import PolicyWatcher
+
+        store = self.policies
+        assert store is not None
+        w = PolicyWatcher(
+            src.client,
+            self.apply_cluster_policies,
+            trust_domain=store.trust_domain,
+            root_namespace=store.root_namespace,
+            watch_timeout=self.cfg.workloads.watch_timeout,
+        )
+        self.policy_watch = w.start()
+        if not w.wait_applied(self.cfg.workloads.sync_timeout):
+            missing = "; ".join(w.not_synced()) or "no answer yet"
+            w.close()
+            self.policy_watch = None
+            raise AgentError(
+                f"Kubernetes API {src.where}: policies not synced within "
+                f"{self.cfg.workloads.sync_timeout:g}s: {missing}"
+            )
+
+    def apply_cluster_policies(self, sources: list[tuple[str, str]]) -> None:
+        """The cluster's whole policy set becomes the store's (the policy
+        watcher's thread): create/replace what is there, delete the rest,
+        then this node's kernel entries."""
+        from .workloads.kubepolicy import replace_store
+
+        store = self.policies
+        assert store is not None
+        with self.policy_lock:
+            before = store.version
+            replace_store(store, sources)
+            if store.version != before:
+                log.info(
+                    "policies from the cluster: version %s -> %s (%d documents)",
+                    before,
+                    store.version,
+                    store.count,
+                )
+        self.sync_policy_kernel()
+
     def policy_status(self) -> dict:
         if self.policies is None:
             return {"version": None, "count": 0}
         out = self.policies.summary()
+        if self.policy_watch is not None:
+            out["cluster"] = self.policy_watch.describe()
         if self.l4_kernel:
             from .policy.kernel import NO_POLICY_ID
 
@@ -615,6 +671,8 @@ class Agent:
         Detaching is :func:`uninstall` (``meshlet uninstall``)."""
         if self.enroller is not None:
             self.enroller.stop()
+        if self.policy_watch is not None:
+            self.policy_watch.close()
         if self.source is not None:
             self.source.close()
         self.datapath.close()

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
             section("Kubernetes mode: the workloads come from an API server")
             api = FakeKubeAPI(workdir=tempfile.mkdtemp(prefix="meshlet-demo-kube-"), bookmark_interval=5.0)
+            api.istio = True  # Istio's AuthorizationPolicy CRD is installed: the demo policy is one
             publish(cluster, api, services=services)
             api.start()
             say(f"test API server {api.url} (also on each node's loopback): "
@@ -320,15 +321,27 @@ def l7_demo(cluster, mesh, http_logs: dict, problems: list) -> None:
     if r.stdout.split() != ["200"] * 12 or min(served.values()) < 1 or sum(served.values()) != 12:
         problems.append(f"service VIP: codes {r.stdout!r}, served {served}")
 
-    section("authorization policies, applied with the CLI on both nodes")
     path = os.path.join(mesh.workdir, "demo-policy.yaml")
     with open(path, "w") as f:
         f.write(POLICY)
-    for n in mesh.agents:
-        a = cli(mesh, n, "policy", "apply", "-f", path)
-        say(f"{n}: {a.stdout.strip()}")
+    kubeconfig = getattr(mesh, "kubeconfig", "")
+    if kubeconfig:  # Kubernetes mode: written once as custom resources, every node enforces them
+        section("authorization policies, written to the cluster with the CLI (--kubeconfig)")
+        a = subprocess.run([sys.executable, "-m", "agent.cli", "policy", "apply", "--kubeconfig", kubeconfig,
+                            "-f", path], capture_output=True, text=True, timeout=120)
+        say(a.stdout.strip())
         if a.returncode != 0:
-            problems.append(f"policy apply on {n}: {a.stdout} {a.stderr}")
+            problems.append(f"policy apply to the cluster: {a.stdout} {a.stderr}")
+        for n in mesh.agents:
+            want = mesh.status(n)["policy"]
+            say(f"{n}: {want['count']} policies from the cluster, version {want['version']}")
+    else:
+        section("authorization policies, applied with the CLI on both nodes")
+        for n in mesh.agents:
+            a = cli(mesh, n, "policy", "apply", "-f", path)
+            say(f"{n}: {a.stdout.strip()}")
+            if a.returncode != 0:
+                problems.append(f"policy apply on {n}: {a.stdout} {a.stderr}")
     time.sleep(1.0)  # the proxies poll every 0.5 s (the kernel is already in force)
     host = cluster.pod("pod2-1").ip4
     r = cluster.pod("pod1-1").run(
@@ -360,8 +373,12 @@ def l7_demo(cluster, mesh, http_logs: dict, problems: list) -> None:
             f"service={labels.get('destination_service')} = {ln.rsplit(' ', 1)[1]}")
     if not any('response_code="403"' in ln for ln in rows):
         problems.append("no istio_requests_total with response_code 403 on node2")
-    for n in mesh.agents:
-        for name in ("files-private", "files-not-from-pod2-2"):
+    for name in ("files-private", "files-not-from-pod2-2"):
+        if kubeconfig:
+            subprocess.run([sys.executable, "-m", "agent.cli", "policy", "delete", "--kubeconfig", kubeconfig,
+                            name, "-n", "default"], capture_output=True, text=True, timeout=60)
+            continue
+        for n in mesh.agents:
             cli(mesh, n, "policy", "delete", name)
 
 

@@ -142,6 +142,10 @@ def status(sock, node, output) -> None:
     pol = st.get("policy") or {}
     if pol:
         click.echo(f"policies {pol.get('count')}, version {pol.get('version')}")
+        from .policykube import status_lines
+
+        for line in status_lines(pol.get("cluster")):
+            click.echo(f"  {line}")
     for p in st["pending"]:
         click.echo(f"  pending {p['pod']}: {p['reason']}")
     for w in st["proxy"]:

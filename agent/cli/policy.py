@@ -19,6 +19,7 @@ from typing import NoReturn
 import click
 
 from .common import OUTPUT, admin_socket, agent_opts, die, echo_json, table_lines, unreachable
+from .policykube import client_from, kube_opts
 
 
 def _policy_opts(f):
@@ -100,7 +101,10 @@ def policy() -> None:
       meshlet policy lint PATH...              shadowed rules, contradictions, unused selectors,
                                                traffic policies for unknown services
 
-    With the running agent (--socket/--node pick it):
+    With the running agent (--socket/--node pick it), or, with --kubeconfig
+    FILE (or --in-cluster), with the cluster: apply, diff and delete then
+    write meshlet's custom resources, which every node enforces (agents with
+    `workloads.source: kubernetes` refuse local applies and deletes):
 
     \b
       meshlet policy apply -f FILE|DIR...      create or update documents, all or none
@@ -624,8 +628,25 @@ NAMESPACE = click.option(
 @policy.command("apply")
 @FILES
 @agent_opts
+@kube_opts
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Kubernetes mode: wait until the nodes report on the written generation.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Kubernetes mode: seconds --wait waits.",
+)
+@_policy_opts
 @OUTPUT
-def policy_apply(paths, sock, node, output) -> None:
+def policy_apply(
+    paths, sock, node, kubeconfig, context, in_cluster, wait, timeout, trust_domain, root_namespace, output
+) -> None:
     """Create or update policies (AuthorizationPolicy, TrafficPolicy) in the
     agent, all or none.
 
@@ -634,8 +655,25 @@ def policy_apply(paths, sock, node, output) -> None:
     stderr and do not fail the apply.  Exit codes: 0 applied;
     1 invalid input (file:line:column: field: what; nothing was changed) or the
     agent could not be reached; 2 usage.
+
+    \b
+    Kubernetes mode (--kubeconfig FILE, or --in-cluster): the files are
+    checked here first (nothing is written if one is invalid), then each
+    document is created, or replaced at the resourceVersion read, as a
+    custom resource; meshlet.io/v1alpha1 documents as meshlet's kinds,
+    security.istio.io ones as Istio's AuthorizationPolicy.  With --wait
+    (default) it then waits up to --timeout seconds until the nodes report
+    Accepted or refused on the written generation of each meshlet object,
+    and prints it.  Exit codes: 0 written and accepted; 1 invalid input,
+    an API error, an object refused by the nodes, or no report in time.
     """
     files = _policy_sources(paths)
+    client = client_from(kubeconfig, context, in_cluster)
+    if client is not None:
+        from . import policykube
+
+        _load_documents(paths, trust_domain, root_namespace, output, 1)
+        policykube.apply(client, files, output, wait, timeout)
     code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:apply", {"files": files})
     if code == 400 and "errors" in data:
         _invalid(data, output, 1)
@@ -655,14 +693,25 @@ def policy_apply(paths, sock, node, output) -> None:
 @policy.command("diff")
 @FILES
 @agent_opts
-def policy_diff(paths, sock, node) -> None:
+@kube_opts
+@_policy_opts
+def policy_diff(paths, sock, node, kubeconfig, context, in_cluster, trust_domain, root_namespace) -> None:
     """What `apply` would change, as a unified diff per policy (the agent's
     stored YAML against the new).  Changes nothing.
 
+    Kubernetes mode (--kubeconfig FILE, or --in-cluster): the cluster's
+    objects (their policy fields) against the files.
+
     Exit codes: 0 no differences; 1 differences; 2 usage; 3 invalid input or
-    the agent could not be reached.
+    the agent (or the API) could not be reached.
     """
     files = _policy_sources(paths)
+    client = client_from(kubeconfig, context, in_cluster)
+    if client is not None:
+        from . import policykube
+
+        _load_documents(paths, trust_domain, root_namespace, "table", 3)
+        policykube.diff(client, files)
     code, data = _policy_call(admin_socket(sock, node), "POST", "/v1/policies:diff", {"files": files}, fail=3)
     if code == 400 and "errors" in data:
         _invalid(data, "table", 3)
@@ -748,10 +797,23 @@ def policy_get(name, namespace, kind, sock, node, output) -> None:
 @NAMESPACE
 @KIND_OPT
 @agent_opts
-def policy_delete(name, namespace, kind, sock, node) -> None:
+@kube_opts
+def policy_delete(name, namespace, kind, sock, node, kubeconfig, context, in_cluster) -> None:
     """Remove one document from the agent; NAME may be KIND/NAME.  Exit codes:
     0 deleted; 1 no such policy, a name both kinds have without a kind, or
-    the agent could not be reached; 2 usage."""
+    the agent could not be reached; 2 usage.
+
+    Kubernetes mode (--kubeconfig FILE, or --in-cluster): deletes the
+    custom resource, meshlet's or, where Istio's CRD is installed, Istio's
+    AuthorizationPolicy (every node drops it); a name several of them have
+    needs the kind, and kubectl for Istio's."""
+    client = client_from(kubeconfig, context, in_cluster)
+    if client is not None:
+        from . import policykube
+
+        k, n = _kind_and_name(name, kind)
+        policykube.delete(client, n, namespace, k)
+        return
     path = _policy_path(name, namespace, kind)
     code, data = _policy_call(admin_socket(sock, node), "DELETE", path)
     if code != 200:

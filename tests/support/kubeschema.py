@@ -6,6 +6,7 @@ document spells out."""
 from __future__ import annotations
 
 import copy
+import functools
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -81,11 +82,18 @@ def to_json_schema(s: Any) -> Any:
 def validate_cr(doc: dict) -> None:
     """Raise jsonschema.ValidationError (or KeyError for an unknown kind) for a
     custom resource that meshlet's CRDs would not admit."""
+    group, _, version = doc["apiVersion"].partition("/")
+    _cr_validator(group, version, doc["kind"]).validate(doc)
+
+
+@functools.cache
+def _cr_validator(group: str, version: str, kind: str):
+    """Read and converted once per test run (the CRD files do not change
+    during one; the test API server validates every object it stores)."""
     import jsonschema
 
-    group, _, version = doc["apiVersion"].partition("/")
-    schema = to_json_schema(copy.deepcopy(crds()[(group, version, doc["kind"])]))
-    jsonschema.validate(doc, schema, cls=jsonschema.Draft4Validator)
+    schema = to_json_schema(copy.deepcopy(crds()[(group, version, kind)]))
+    return jsonschema.Draft4Validator(schema)
 
 
 def structural_problems(s: dict, path: str = "") -> list[str]:

@@ -113,6 +113,7 @@ def test_ca_init_rotate_and_errors(tmp_path):
 AGENT = ("--socket", "--node")
 POLICY = ("--trust-domain", "--root-namespace")
 TABLE_JSON = "-o/--output=table|json"
+KUBE = ("--kubeconfig", "--context", "--in-cluster")
 TABLE_WIDE_JSON = "-o/--output=table|wide|json"
 
 COMMAND_TREE = {
@@ -139,9 +140,10 @@ COMMAND_TREE = {
     "inventory": (),
     "inventory validate": ("PATH", TABLE_JSON),
     "policy": (),
-    "policy apply": ("-f/--filename", *AGENT, TABLE_JSON),
-    "policy delete": ("NAME", "-n/--namespace", "--kind", *AGENT),
-    "policy diff": ("-f/--filename", *AGENT),
+    "policy apply": ("-f/--filename", *AGENT, *KUBE, "--wait/--no-wait", "--timeout", *POLICY,
+                     TABLE_JSON),
+    "policy delete": ("NAME", "-n/--namespace", "--kind", *AGENT, *KUBE),
+    "policy diff": ("-f/--filename", *AGENT, *KUBE, *POLICY),
     "policy explain": ("-f/--file", "--from", "--from-pod", "--source-ip", "--to-pod",
                        "--to-namespace", "--to-labels", "--port", "--method", "--path", "--host",
                        "--header", "--merge-slashes/--no-merge-slashes",

@@ -282,9 +282,7 @@ def test_the_node_agent_only_reads_except_csr_create_and_policy_status():
     writes = {(g, r, v) for g, r, v in _grants("meshlet-node") if v not in ("get", "list", "watch")}
     assert writes == {
         ("certificates.k8s.io", "certificatesigningrequests", "create"),
-        ("meshlet.io", "authorizationpolicies/status", "update"),
         ("meshlet.io", "authorizationpolicies/status", "patch"),
-        ("meshlet.io", "trafficpolicies/status", "update"),
         ("meshlet.io", "trafficpolicies/status", "patch"),
     }
     reads = {(g, r) for g, r, v in _grants("meshlet-node") if v == "watch"}

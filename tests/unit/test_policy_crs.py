@@ -12,7 +12,7 @@ import yaml
 
 from agent.identity.spiffe import parse_spiffe_id
 from agent.policy.evaluate import Request, evaluate
-from agent.policycrs import PolicyObjects, accepted_condition, document_from_object
+from agent.policycrs import PolicyObjects, accepted_condition, document_from_object, object_key
 from agent.traffic.trafficpolicy import load_all
 from tests.support.kubeschema import load_docs
 
@@ -164,3 +164,74 @@ def test_istio_objects_load_as_their_files_do(f):
     for i, doc in enumerate(load_docs(f)):
         assert objs.upsert(as_api_object(doc, uid=f"{f.name}-{i}")).accepted
     assert objs.sets()[0].version == load_policies(f).version
+
+
+# --- sync: a whole burst at once, and the cluster's memory in status.lastAccepted -------
+
+
+def _doc(obj: dict, generation: int, last: tuple[int, dict] | None = None):
+    from agent.policycrs import PolicyDoc
+
+    o = as_api_object(obj, generation=generation)
+    if last is not None:
+        o["status"]["lastAccepted"] = {"generation": last[0], "spec": last[1]["spec"]}
+    return PolicyDoc.from_object(o)
+
+
+def _broken(obj: dict) -> dict:
+    b = copy.deepcopy(obj)
+    b["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/sub"]}}]
+    return b
+
+
+def test_sync_reads_a_burst_as_upserts_in_key_order_would():
+    tp = {"apiVersion": "meshlet.io/v1alpha1", "kind": "TrafficPolicy",
+          "metadata": {"name": "a", "namespace": "shop"}, "spec": {"service": "backend"}}
+    objs = [DENY_ADMIN, {**tp}, {**tp, "metadata": {"name": "b", "namespace": "shop"}},
+            {**DENY_ADMIN, "metadata": {"name": "custom", "namespace": "shop"},
+             "spec": {"action": "CUSTOM", "provider": {"name": "x"}}}]
+    one = PolicyObjects()
+    verdicts = one.sync(_doc(o, 1) for o in objs)
+    each = PolicyObjects()
+    by_upsert = {v.key: v for v in (each.upsert(as_api_object(o)) for o in
+                                    sorted(objs, key=lambda o: object_key(o)))}
+    assert {k: v.accepted for k, v in verdicts.items()} == {k: v.accepted for k, v in by_upsert.items()}
+    # custom (refused), deny-admin, TrafficPolicy a, b (a second one for the same service: refused)
+    assert [v.accepted for _, v in sorted(verdicts.items())] == [False, True, True, False]
+    assert one.sets()[0].version == each.sets()[0].version and one.texts() == sorted(one.texts())
+
+
+def test_sync_keeps_the_accepted_generation_and_forgets_deleted_objects():
+    objs = PolicyObjects()
+    assert objs.sync([_doc(DENY_ADMIN, 1)])[object_key(DENY_ADMIN)].accepted
+    v = objs.sync([_doc(_broken(DENY_ADMIN), 2)])[object_key(DENY_ADMIN)]
+    assert not v.accepted and v.in_force == 1 and denied(objs)
+    assert objs.sync([]) == {} and not denied(objs)
+
+
+def test_a_fresh_node_enforces_the_last_accepted_generation_from_the_status():
+    fresh = PolicyObjects()
+    v = fresh.sync([_doc(_broken(DENY_ADMIN), 2, last=(1, DENY_ADMIN))])[object_key(DENY_ADMIN)]
+    assert not v.accepted and v.in_force == 1
+    assert v.message_lines()[-1] == "generation 1 stays in force"
+    assert denied(fresh)
+    # without that memory: nothing of it
+    bare = PolicyObjects()
+    assert bare.sync([_doc(_broken(DENY_ADMIN), 2)])[object_key(DENY_ADMIN)].in_force is None
+    assert not denied(bare)
+
+
+def test_desired_status_is_none_when_the_status_already_says_it():
+    from agent.policycrs import Verdict, desired_status
+
+    now, later = "2026-12-06T16:00:00Z", "2026-12-06T17:00:00Z"
+    ok = Verdict("k", 2, True, (), 2)
+    patch = desired_status(ok, {}, DENY_ADMIN["spec"], now)
+    assert patch == {"status": {
+        "conditions": [accepted_condition(2, [], now)], "observedGeneration": 2,
+        "lastAccepted": {"generation": 2, "spec": DENY_ADMIN["spec"]}}}
+    assert desired_status(ok, patch["status"], DENY_ADMIN["spec"], later) is None  # time aside: equal
+    refused = Verdict("k", 3, False, ("spec.x: bad",), 2)
+    again = desired_status(refused, patch["status"], DENY_ADMIN["spec"], later)
+    assert again["status"]["conditions"][0]["status"] == "False"
+    assert again["status"]["lastAccepted"]["generation"] == 2

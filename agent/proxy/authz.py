@@ -36,6 +36,7 @@ from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Pol
 from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
 from agent.proxy.state import Pod
 from agent.proxy.watch import FileWatcher
+from agent.yamlsrc import gc_paused
 
 __all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path", "warm"]
 
@@ -109,6 +110,13 @@ def warm(ps: PolicySet, workloads: Iterable[tuple[str, Mapping[str, str]]]) -> P
     return ps
 
 
+#: Seconds between checks of ``policies.json`` (a stat; the load itself runs
+#: in a thread).  Short, because it is part of every apply's time to
+#: enforcement: `meshlet policy apply` of 10,000 rules waited 0.25 s on
+#: average at the former 0.5 s.
+POLL_INTERVAL = 0.1
+
+
 class PolicyWatcher(FileWatcher[PolicySet]):
     """Polls ``policies.json`` and keeps the last good ``PolicySet``
     (agent/proxy/watch.py).  Loads once at construction; no file is the empty set.
@@ -129,11 +137,17 @@ class PolicyWatcher(FileWatcher[PolicySet]):
             missing=lambda old: empty_set(old.trust_domain, old.root_namespace),
             version=lambda ps: ps.version,
             describe=_describe,
+            interval=POLL_INTERVAL,
         )
         self.check()
 
     def _load_and_warm(self, path: str) -> PolicySet:
-        return warm(load_policy_file(path), self.workloads())
+        # The collector paused while the set is built (as the agent's store
+        # does): its full collections walked the growing set again and again
+        # (a 10,000-rule reload: 1.9 s -> 0.6 s).  The event loop's own
+        # garbage is still freed by reference counting meanwhile.
+        with gc_paused():
+            return warm(load_policy_file(path), self.workloads())
 
 
 def authorize(

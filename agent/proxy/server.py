@@ -383,7 +383,7 @@ class ProxyServer:
 
     async def _watch_policies(self) -> None:
         while True:
-            await asyncio.sleep(self.watcher.interval)
+            await asyncio.sleep(self.policies.interval)
             try:
                 # loaded (and indexed for this node's pods) in a worker thread;
                 # swapped in one step: traffic keeps flowing meanwhile

@@ -472,5 +472,6 @@ class ProxyServer:
                 "reloads": self.policies.reloads,
                 "errors": self.policies.errors,
                 "last_error": self.policies.last_error,
+                "last_load": self.policies.last_load,
             },
         }

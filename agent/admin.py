@@ -269,11 +269,22 @@ def _policies_then_kernel(agent: AdminAgent, method: str, target: str, payload: 
     """The policy route, then (after a change) the kernel's L4 entries."""
     code, body = _policies_route(agent, method, target, payload)
     if code == 200 and method in ("POST", "DELETE") and not target.split("?", 1)[0].endswith(":diff"):
+        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             agent.sync_policy_kernel()
         except Exception:  # the tick retries; the proxies enforce meanwhile
             log.exception("kernel L4 policy sync after a policy change failed (will retry)")
+        if "timings" in body:
+            body["timings"]["kernel"] = {
+                "ms": round((time.perf_counter() - wall) * 1000, 1),
+                "cpu_ms": round((time.thread_time() - cpu) * 1000, 1),
+            }
+            log.info("policy apply stages (ms wall/CPU): %s", _stages_line(body["timings"]))
     return code, body
+
+
+def _stages_line(timings: dict) -> str:
+    return ", ".join(f"{k} {v['ms']:.0f}/{v['cpu_ms']:.0f}" for k, v in timings.items())
 
 
 def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes) -> tuple[int, dict]:
@@ -285,7 +296,8 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
     GET    /v1/policies/<ns>/<name>[?kind=K] {"kind", "namespace", "name", "document", "yaml"}
     POST   /v1/policies:apply                body {"files": [{"filename", "text"}...]}
                                              -> {"changes": [{"kind", "namespace", "name", "result"}],
-                                                 "version", "previous_version", "count", "warnings"}
+                                                 "version", "previous_version", "count", "warnings",
+                                                 "timings": {stage: {"ms", "cpu_ms"}}}
     POST   /v1/policies:diff                 same body -> {"diff", "changes", "version"}
     DELETE /v1/policies/<ns>/<name>[?kind=K] {"deleted": "ns/name", "kind", "version", "count"}
 
@@ -319,6 +331,7 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
         if path in ("/v1/policies:apply", "/v1/policies:diff"):
             if method != "POST":
                 return 405, {"error": f"{path} needs POST"}
+            wall, cpu = time.perf_counter(), time.thread_time()
             try:
                 req = json.loads(payload or b"null")
                 files = req["files"]
@@ -331,6 +344,10 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
                 }
             if sum(len(t.encode()) for _, t in sources) > MAX_DOCUMENT_BYTES:
                 return 413, {"error": f"more than {MAX_DOCUMENT_BYTES} bytes of policy text"}
+            decode = {
+                "ms": round((time.perf_counter() - wall) * 1000, 1),
+                "cpu_ms": round((time.thread_time() - cpu) * 1000, 1),
+            }
             before = store.version
             try:
                 if path.endswith(":diff"):
@@ -363,6 +380,8 @@ def _policies_route(agent: AdminAgent, method: str, target: str, payload: bytes)
                 "previous_version": before,
                 "count": store.count,
                 "warnings": warnings,
+                # where the time went (wall and CPU ms per stage; "kernel" is added after the sync)
+                "timings": {"decode": decode, **store.timings},
             }
         if path == "/v1/policies":
             if method != "GET":

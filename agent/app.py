@@ -383,6 +383,7 @@ class Agent:
 
     def _sync_policy_kernel(self) -> None:
         from .policy.kernel import KernelPlan, compile_kernel, view_from_pods
+        from .yamlsrc import gc_paused
 
         store, inv = self.policies, self.inventory
         if store is None or inv is None or not self.datapath.maps:
@@ -405,7 +406,8 @@ class Agent:
                 self.cfg.identity.trust_domain,
                 {k: workload_id(k) for k in self.enrolled},
             )
-            plan = compile_kernel(ps, srcs, dsts, self.spec.max_l4_rules)
+            with gc_paused():  # as the policy store does: 10,000 rules, 0.39 -> 0.14 s of CPU
+                plan = compile_kernel(ps, srcs, dsts, self.spec.max_l4_rules)
         else:
             plan = KernelPlan(capacity=self.spec.max_l4_rules)
         if plan.overflow and not self.l4_kernel.get("overflow"):

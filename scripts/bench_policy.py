@@ -55,6 +55,7 @@ from agent.policy.load import parse_policies  # noqa: E402
 from agent.policy.store import COMPILED_FILE, PolicyStore  # noqa: E402
 from agent.proxy.authz import load_policy_file, warm  # noqa: E402
 from agent.traffic.trafficpolicy import TRAFFIC_KIND  # noqa: E402
+from agent.yamlsrc import gc_paused  # noqa: E402
 
 SIZES = (10, 1_000, 10_000)
 LABELS = {"app": "backend", "version": "v1"}
@@ -92,8 +93,8 @@ def policy_text(n_rules: int) -> str:
                    f"principals: ['cluster.local/ns/shop/sa/client-{i}']" if i % 2 else
                    f"namespaces: ['ns-{i}']")
             path = "/api/v1/*" if last else f"/svc-{i}/*"
-            lines += [f"  - from: [{{source: {{{src}}}}}]",
-                      f"    to: [{{operation: {{methods: [GET, HEAD], paths: ['{path}'], ports: ['8080']}}}}]"]
+            op = f"methods: [GET, HEAD], paths: ['{path}'], ports: ['8080']"
+            lines += [f"  - from: [{{source: {{{src}}}}}]", f"    to: [{{operation: {{{op}}}}}]"]
             i += 1
         docs.append("\n".join(lines) + "\n")
         p += 1
@@ -133,12 +134,13 @@ def eval_cost(sizes=SIZES) -> list[dict]:
             t0 = time.process_time()
             store.apply([(f"bench-{n}.yaml", text)])
             apply_s = time.process_time() - t0
-            t0 = time.process_time()
-            ps = load_policy_file(os.path.join(d, COMPILED_FILE))
-            file_s = time.process_time() - t0
-            t0 = time.process_time()
-            warm(ps, [("shop", LABELS)])
-            index_s = time.process_time() - t0
+            with gc_paused():  # as a worker's loader thread does (PolicyWatcher)
+                t0 = time.process_time()
+                ps = load_policy_file(os.path.join(d, COMPILED_FILE))
+                file_s = time.process_time() - t0
+                t0 = time.process_time()
+                warm(ps, [("shop", LABELS)])
+                index_s = time.process_time() - t0
         allowed = http_request()
         nomatch = http_request(principal="spiffe://cluster.local/ns/other/sa/nobody")
         denied = http_request("/admin/users")
@@ -152,9 +154,9 @@ def eval_cost(sizes=SIZES) -> list[dict]:
             "apply_ms": round(apply_s * 1000, 1),
             "reload_ms": round((file_s + index_s) * 1000, 1),
             "index_ms": round(index_s * 1000, 1),
-            "allowed_us": round(_per_call_us(lambda: evaluate(ps, allowed)), 2),
-            "no_match_us": round(_per_call_us(lambda: evaluate(ps, nomatch)), 2),
-            "denied_us": round(_per_call_us(lambda: evaluate(ps, denied)), 2),
+            "allowed_us": round(_per_call_us(lambda ps=ps, r=allowed: evaluate(ps, r)), 2),
+            "no_match_us": round(_per_call_us(lambda ps=ps, r=nomatch: evaluate(ps, r)), 2),
+            "denied_us": round(_per_call_us(lambda ps=ps, r=denied: evaluate(ps, r)), 2),
         })
     base = rows[0]
     for r in rows:
@@ -336,8 +338,12 @@ def apply_latency(kind: str = "kernel", runs: int = 5, timeout: float = 10.0) ->
 
 def cli_apply(n_rules: int = 10_000, runs: int = 1, timeout: float = 600.0) -> dict:
     """``meshlet policy apply`` of an ``n_rules`` file to both agents of a 2-node
-    mesh at once (a new set each run: the names change), timed until both CLIs
-    return and until every proxy worker of both nodes runs the new version."""
+    mesh at once (a new set each run: the same names, other paths, so the
+    store holds ``n_rules`` rules each time), timed until both CLIs return and
+    until every proxy worker of both nodes runs the new version.  Also where
+    the time went: the agents' stages (from the apply answers) and the
+    workers' loads (from their stats), wall and CPU ms, medians over runs and
+    nodes; and the load average (the machine may be shared)."""
     import subprocess
 
     from agent.sim import Cluster
@@ -346,22 +352,26 @@ def cli_apply(n_rules: int = 10_000, runs: int = 1, timeout: float = 600.0) -> d
     cluster = Cluster(nodes=2, pods_per_node=1).up()
     mesh = Mesh(cluster)
     cli_s, enforced_s = [], []
+    stages: dict[str, list[tuple[float, float]]] = {}
+    loads = [os.getloadavg()[0]]
     try:
         mesh.start()
         with tempfile.TemporaryDirectory() as d:
             for run_i in range(runs):
                 path = os.path.join(d, f"set-{run_i}.yaml")
                 with open(path, "w") as f:
-                    f.write(policy_text(n_rules).replace("name: allow-", f"name: run{run_i}-allow-"))
+                    f.write(policy_text(n_rules).replace("'/svc-", f"'/run{run_i}-svc-"))
                 t0 = time.monotonic()
                 procs = [subprocess.Popen(
-                    [sys.executable, "-m", "agent.cli", "policy", "apply", "-f", path, "--socket",
-                     os.path.join(ap.run_dir, "admin.sock")], stdout=subprocess.DEVNULL,
+                    [sys.executable, "-m", "agent.cli", "policy", "apply", "-o", "json", "-f", path,
+                     "--socket", os.path.join(ap.run_dir, "admin.sock")], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True, env=_env()) for ap in mesh.agents.values()]
                 for p in procs:
-                    _, err = p.communicate(timeout=timeout)
+                    out, err = p.communicate(timeout=timeout)
                     if p.returncode != 0:
                         raise RuntimeError(f"apply failed: {err}")
+                    for stage, t in (json.loads(out).get("timings") or {}).items():
+                        stages.setdefault(f"agent: {stage}", []).append((t["ms"], t["cpu_ms"]))
                 cli_s.append(time.monotonic() - t0)
                 want = {n: mesh.status(n)["policy"]["version"] for n in mesh.agents}
                 end = t0 + timeout
@@ -372,6 +382,12 @@ def cli_apply(n_rules: int = 10_000, runs: int = 1, timeout: float = 600.0) -> d
                         break
                     time.sleep(0.05)
                 enforced_s.append(time.monotonic() - t0)
+                for n in mesh.agents:
+                    for w in mesh.status(n)["proxy"]:
+                        t = (w.get("stats") or {}).get("policy", {}).get("last_load")
+                        if t:
+                            stages.setdefault("worker: load + index", []).append((t["ms"], t["cpu_ms"]))
+                loads.append(os.getloadavg()[0])
     finally:
         mesh.down()
         cluster.down()
@@ -379,7 +395,11 @@ def cli_apply(n_rules: int = 10_000, runs: int = 1, timeout: float = 600.0) -> d
     def stats(xs):
         return {"median_s": round(statistics.median(xs), 2), "max_s": round(max(xs), 2),
                 "runs": [round(x, 2) for x in xs]}
-    return {"rules": n_rules, "cli_returned": stats(cli_s), "proxies_on_new_set": stats(enforced_s)}
+    return {"rules": n_rules, "cli_returned": stats(cli_s), "proxies_on_new_set": stats(enforced_s),
+            "stages_ms": {k: {"ms": round(statistics.median(w for w, _ in v), 1),
+                              "cpu_ms": round(statistics.median(c for _, c in v), 1)}
+                          for k, v in stages.items()},
+            "loadavg_1m": [round(x, 1) for x in loads]}
 
 
 def run(runs: int = 5, apply: bool = True, kinds=tuple(KINDS), sizes=SIZES) -> dict:
@@ -412,6 +432,11 @@ def print_tables(res: dict) -> None:
               f"runs {c['cli_returned']['runs']}")
         print(f"  proxies on new set  median {c['proxies_on_new_set']['median_s']:>6.2f} s   "
               f"runs {c['proxies_on_new_set']['runs']}")
+        if c.get("stages_ms"):
+            print("  where the time went (medians; wall ms / CPU ms, CPU is what the code costs):")
+            for k, v in c["stages_ms"].items():
+                print(f"    {k:<22} {v['ms']:>8,.0f} / {v['cpu_ms']:>6,.0f}")
+        print(f"  1-minute load average during the runs: {c.get('loadavg_1m')} ({os.cpu_count()} CPUs)")
     for kind, a in res.get("apply", {}).items():
         print(f"\nApply latency, {kind}: {a['what']}")
         print("  (admin API POST to both agents of a 2-node mesh -> first refused connection/request)")

@@ -869,35 +869,73 @@ def _compared_fields(cls: type) -> tuple[str, ...]:
 
 
 def _canon(x: Any) -> Any:
-    if x is None or isinstance(x, (str, int, float)):
+    """``x`` as JSON data that says what it means and nothing else: the
+    fields that take part in equality (never ``origin``, nor a principal as
+    written), empty lists left out (a field's absence and its empty default
+    mean the same; keys are field names, so nothing is ambiguous), in field
+    order, so the JSON text needs no key sorting.  Dispatch is by exact
+    type: this walks every value of a set once per apply and once per
+    worker reload, and for 10,000 rules the generic walk it replaced took
+    most of the version's cost."""
+    t = type(x)
+    if t is str or t is int or t is bool or x is None or t is float:
         return x
-    if isinstance(x, StringMatch):
-        return [x.kind.value, x.value, x.ignore_case]
-    if isinstance(x, PrincipalMatch):
-        return _canon(x.match)
-    if isinstance(x, enum.Enum):
-        return x.value
-    if isinstance(x, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-        return str(x)
-    if dataclasses.is_dataclass(x):
-        return {name: _canon(getattr(x, name)) for name in _compared_fields(type(x))}
-    if isinstance(x, (tuple, list)):
-        return [_canon(i) for i in x]
-    if isinstance(x, (set, frozenset)):
-        return sorted((_canon(i) for i in x), key=lambda i: json.dumps(i, sort_keys=True))
-    return x
+    enc = _CANON.get(t)
+    if enc is None:
+        enc = _CANON[t] = _canon_for(t)
+    return enc(x)
+
+
+def _canon_for(t: type) -> Callable[[Any], Any]:
+    """The encoder of values of type ``t`` (see :func:`_canon`)."""
+    if t is StringMatch:
+        return lambda m: [m.kind._value_, m.value, m.ignore_case]
+    if t is PrincipalMatch:
+        return lambda m: _canon(m.match)
+    if issubclass(t, enum.Enum):
+        return lambda e: e._value_
+    if issubclass(t, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str
+    if dataclasses.is_dataclass(t):
+        names = _compared_fields(t)
+
+        def fields(obj: Any) -> dict:
+            out = {}
+            for name in names:
+                v = getattr(obj, name)
+                if v != ():
+                    out[name] = _canon(v)
+            return out
+
+        return fields
+    if issubclass(t, (tuple, list)):
+        return lambda xs: [_canon(i) for i in xs]
+    if issubclass(t, (set, frozenset)):
+        return lambda xs: sorted((_canon(i) for i in xs), key=lambda i: json.dumps(i, sort_keys=True))
+    if issubclass(t, dict):
+        return lambda d: sorted([_canon(k), _canon(v)] for k, v in d.items())
+    if issubclass(t, (str, int, float)):  # other subclasses (not enums): their plain value
+        return lambda v: v
+    raise TypeError(f"no canonical form for {t.__name__} values")
+
+
+_CANON: dict[type, Callable[[Any], Any]] = {}
+
+#: Changes when :func:`_canon`'s form changes, so old and new versions never collide.
+_FINGERPRINT_FORM = 2
 
 
 def fingerprint(policies: Iterable[Policy], trust_domain: str, root_namespace: str) -> str:
     """A short hash of what the policies mean: reformatting, reordering files or
     renaming them leaves it unchanged; any change of meaning changes it."""
-    body = {
-        "trustDomain": trust_domain,
-        "rootNamespace": root_namespace,
-        "policies": [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))],
-    }
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    body = [
+        _FINGERPRINT_FORM,
+        trust_domain,
+        root_namespace,
+        [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))],
+    ]
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, check_circular=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _check_options(trust_domain: str, root_namespace: str) -> None:

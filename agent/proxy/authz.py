@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
@@ -36,6 +37,7 @@ from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Pol
 from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
 from agent.proxy.state import Pod
 from agent.proxy.watch import FileWatcher
+from agent.yamlsrc import gc_paused
 
 __all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path", "warm"]
 
@@ -109,6 +111,13 @@ def warm(ps: PolicySet, workloads: Iterable[tuple[str, Mapping[str, str]]]) -> P
     return ps
 
 
+#: Seconds between checks of ``policies.json`` (a stat; the load itself runs
+#: in a thread).  Short, because it is part of every apply's time to
+#: enforcement: `meshlet policy apply` of 10,000 rules waited 0.25 s on
+#: average at the former 0.5 s.
+POLL_INTERVAL = 0.1
+
+
 class PolicyWatcher(FileWatcher[PolicySet]):
     """Polls ``policies.json`` and keeps the last good ``PolicySet``
     (agent/proxy/watch.py).  Loads once at construction; no file is the empty set.
@@ -120,6 +129,8 @@ class PolicyWatcher(FileWatcher[PolicySet]):
         self, path: str, workloads: Callable[[], Iterable[tuple[str, Mapping[str, str]]]] = tuple
     ) -> None:
         self.workloads = workloads
+        self.last_load: dict[str, float] = {}
+        """Wall and (loader thread) CPU ms of the last good load, for the worker's stats."""
         super().__init__(
             path,
             self._load_and_warm,
@@ -129,11 +140,23 @@ class PolicyWatcher(FileWatcher[PolicySet]):
             missing=lambda old: empty_set(old.trust_domain, old.root_namespace),
             version=lambda ps: ps.version,
             describe=_describe,
+            interval=POLL_INTERVAL,
         )
         self.check()
 
     def _load_and_warm(self, path: str) -> PolicySet:
-        return warm(load_policy_file(path), self.workloads())
+        # The collector paused while the set is built (as the agent's store
+        # does): its full collections walked the growing set again and again
+        # (a 10,000-rule reload: 1.9 s -> 0.6 s).  The event loop's own
+        # garbage is still freed by reference counting meanwhile.
+        wall, cpu = time.perf_counter(), time.thread_time()
+        with gc_paused():
+            ps = warm(load_policy_file(path), self.workloads())
+        self.last_load = {
+            "ms": round((time.perf_counter() - wall) * 1000, 1),
+            "cpu_ms": round((time.thread_time() - cpu) * 1000, 1),
+        }
+        return ps
 
 
 def authorize(

@@ -391,7 +391,7 @@ class ProxyServer:
 
     async def _watch_policies(self) -> None:
         while True:
-            await asyncio.sleep(self.watcher.interval)
+            await asyncio.sleep(self.policies.interval)
             try:
                 # loaded (and indexed for this node's pods) in a worker thread;
                 # swapped in one step: traffic keeps flowing meanwhile
@@ -504,5 +504,6 @@ class ProxyServer:
                 "reloads": self.policies.reloads,
                 "errors": self.policies.errors,
                 "last_error": self.policies.last_error,
+                "last_load": self.policies.last_load,
             },
         }

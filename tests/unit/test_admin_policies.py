@@ -71,6 +71,9 @@ def test_routes(admin):
     code, data = admin_request(admin.sock, "POST", "/v1/policies:apply", files(("x.yaml", text)))
     assert code == 200 and [c["result"] for c in data["changes"]] == ["created"]
     assert admin.agent.kernel_syncs == 1  # the kernel's L4 entries follow before the answer
+    # where the time went, stage by stage (wall and this thread's CPU), the kernel sync included
+    assert list(data["timings"]) == ["decode", "parse", "plan", "compile", "write", "kernel"]
+    assert all(set(t) == {"ms", "cpu_ms"} for t in data["timings"].values())
     version = data["version"]
     code, data = admin_request(admin.sock, "GET", "/v1/policies")
     assert code == 200 and data["count"] == 1 and data["version"] == version

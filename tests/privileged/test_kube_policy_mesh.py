@@ -116,11 +116,11 @@ def test_a_policy_cr_is_enforced_by_both_nodes_while_traffic_runs(env):
 
         # a broken edit is refused and the DENY keeps denying, on both nodes
         broken = copy.deepcopy(changed)
-        broken["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/subject"]}}]
+        broken["spec"]["rules"][0]["from"] = [{"source": {"remoteIpBlocks": ["1.2.3.4"]}}]
         api.apply(broken)
         cond = wait_for(lambda: (c := accepted(api, "deny-port")) and c["observedGeneration"] == 3 and c,
                         "the verdict on generation 3")
-        assert cond["status"] == "False" and "requestPrincipals" in cond["message"], cond
+        assert cond["status"] == "False" and "remoteIpBlocks" in cond["message"], cond
         assert cond["message"].endswith("generation 2 stays in force")
         for node in ("node1", "node2"):
             wait_for(lambda n=node: mesh.status(n)["policy"]["cluster"]["refused_total"] == 1,

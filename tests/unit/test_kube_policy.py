@@ -158,13 +158,13 @@ def test_a_broken_edit_is_refused_in_status_and_the_previous_generation_stays(ap
     n = node().start()
     wait_for(lambda: (accepted(api, "deny-admin") or {}).get("status") == "True", "Accepted True")
     broken = copy.deepcopy(deny(port=8080))
-    broken["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/sub"]}}]
+    broken["spec"]["rules"][0]["from"] = [{"source": {"remoteIpBlocks": ["1.2.3.4"]}}]
     api.apply(broken)
     cond = wait_for(
         lambda: (c := accepted(api, "deny-admin")) and c["status"] == "False" and c, "Accepted False"
     )
     assert cond["reason"] == "Invalid" and cond["observedGeneration"] == 2
-    assert "requestPrincipals" in cond["message"]
+    assert "remoteIpBlocks" in cond["message"]
     assert cond["message"].endswith("generation 1 stays in force")
     st = api.get("AuthorizationPolicy", "shop", "deny-admin", MESHLET)["status"]
     assert st["lastAccepted"]["generation"] == 1

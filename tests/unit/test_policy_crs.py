@@ -180,7 +180,7 @@ def _doc(obj: dict, generation: int, last: tuple[int, dict] | None = None):
 
 def _broken(obj: dict) -> dict:
     b = copy.deepcopy(obj)
-    b["spec"]["rules"][0]["from"] = [{"source": {"requestPrincipals": ["issuer/sub"]}}]
+    b["spec"]["rules"][0]["from"] = [{"source": {"remoteIpBlocks": ["1.2.3.4"]}}]
     return b
 
 

@@ -46,6 +46,7 @@ from .yamlsrc import SourceError
 if TYPE_CHECKING:  # imported where used: the CLI's `run` should not pay for them at import
     from .datapath.flowtable import FlowReader
     from .identity.issuer import NodeIssuer
+    from .identity.nodecsr import NodeEnroller
     from .policy.store import PolicyStore
 
 log = logging.getLogger("meshlet.agent")
@@ -143,6 +144,7 @@ class Agent:
     identity_generation: int = 0
     identity_sig: tuple | None = None
     identity_error: str | None = None
+    enroller: NodeEnroller | None = None  # identity.nodeCA: csr (Kubernetes mode)
     flow_history: int = 10_000  # closed flows kept for `meshlet flows`
     flow_reader: FlowReader | None = None  # while serving
     policies: PolicyStore | None = None  # from start()
@@ -228,7 +230,17 @@ class Agent:
                 self.identity_generation = int(json.load(f)["identity"]["generation"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.load_identity(initial=True)
+        # identity.nodeCA: csr: the node asks for its intermediate and, until it
+        # has one, runs without (its issuer signs nothing: fail closed).
+        from .identity.nodecsr import enroller_for
+
+        try:
+            self.enroller = enroller_for(self.cfg, self.source)
+        except ValueError as e:
+            raise AgentError(str(e)) from e
+        if self.enroller is not None:
+            self.enroller.start()
+        self.load_identity(initial=self.enroller is None)
         how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         # Workers a previous agent left running are ours before the first
@@ -393,6 +405,10 @@ class Agent:
             "generation": self.identity_generation,
             "error": self.identity_error,
         }
+        if self.enroller is not None:
+            out["node_ca_csr"] = self.enroller.status()
+            if self.issuer is None:
+                out["error"] = f"no node intermediate yet, no workload certificates: {self.enroller.message}"
         if self.issuer is not None:
             m = self.issuer.material
             out.update(
@@ -508,10 +524,12 @@ class Agent:
         from .identity.spiffe import workload_id as spiffe_id
 
         td = self.cfg.identity.trust_domain
-        assert self.issuer is not None  # set up by the identity sync before the first inventory sync
-        self.issuer.allowed = frozenset(
-            str(spiffe_id(td, p.namespace, p.service_account)) for p in inv.pods_on(self.cfg.node) if p.mesh
-        )
+        if self.issuer is not None:  # None only while a node CA is requested by CSR (nothing is signed)
+            self.issuer.allowed = frozenset(
+                str(spiffe_id(td, p.namespace, p.service_account))
+                for p in inv.pods_on(self.cfg.node)
+                if p.mesh
+            )
         # Order matters: the proxy must know a workload before the kernel
         # redirects it (else its first connections are rejected as unknown),
         # so publish the state, wait for the workers to load it, then enroll.
@@ -580,6 +598,8 @@ class Agent:
         workers stay, so enrolled pods keep going through the proxy (and
         unknown pods stay refused) until a restarted agent adopts them.
         Detaching is :func:`uninstall` (``meshlet uninstall``)."""
+        if self.enroller is not None:
+            self.enroller.stop()
         if self.source is not None:
             self.source.close()
         self.datapath.close()
@@ -688,6 +708,8 @@ class Agent:
         kernel policy, which is skipped while an apply is syncing it."""
         try:
             self.poll_inventory()
+            if self.enroller is not None:
+                self.enroller.install()  # a newly signed intermediate, before the files are polled
             self.poll_identity()
             if self.pending or self.guard_pending:
                 self.sync()  # a pod cgroup may have appeared

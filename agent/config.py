@@ -202,6 +202,13 @@ class IdentityConfig:
     """Workload certificate lifetime in seconds (``identity.certTTL``); the
     proxy renews at about half of it."""
 
+    node_ca: str = "files"
+    """``identity.nodeCA``: ``files`` (caCert/caKey/bundle are placed on the
+    node, e.g. from ``meshlet ca init``) or ``csr`` (Kubernetes mode, the
+    default there: the agent asks ``meshlet ca controller`` for its
+    intermediate by CertificateSigningRequest and writes those three files
+    itself; README, "Identity: threat model")."""
+
 
 @dataclass(frozen=True)
 class AdminConfig:
@@ -367,6 +374,7 @@ class AgentConfig:
                 "caCert": self.identity.ca_cert,
                 "caKey": self.identity.ca_key,
                 "certTTL": self.identity.cert_ttl,
+                "nodeCA": self.identity.node_ca,
             },
             "runDir": self.run_dir,
             "logLevel": self.log_level,
@@ -487,7 +495,16 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
             ca_key=ident_r.get("caKey", rel),
             trust_domain=ident_r.get("trustDomain", _trust_domain, "cluster.local"),
             cert_ttl=ident_r.get("certTTL", y.integer(10, 90 * 86400), 86400),
+            node_ca=ident_r.get("nodeCA", y.enum("files", "csr"), "csr" if kube else "files"),
         )
+        if identity.node_ca == "csr" and not kube:
+            v = ident_r.at("nodeCA")
+            doc.add_at(
+                v.node if v else None,
+                "identity.nodeCA",
+                "csr needs the Kubernetes API (workloads.source: kubernetes); "
+                "with the file source, place the files from 'meshlet ca init' and use files",
+            )
         ident_r.finish()
 
     metrics = access_log = None

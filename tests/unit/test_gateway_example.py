@@ -107,6 +107,9 @@ def test_what_nginx_would_route_differently_is_refused(change, message):
         text = text.replace(change, change + "\n    retry: {attempts: 2}")
     with pytest.raises(ValueError, match=message):
         locations_from_routes(parse_gateway([("r.yaml", text)]), vip_of)
+
+
+def test_unknown_services_and_bodies_nginx_would_misread_are_refused():
     with pytest.raises(KeyError):
         locations_from_routes(parse_gateway([("r.yaml", ROUTE.replace("frontend", "nope"))]), vip_of)
     with pytest.raises(ValueError, match="quotes"):

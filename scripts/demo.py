@@ -8,8 +8,10 @@ proxies — what the servers saw as their peer, the proxies' connection logs
 and the kernel's redirect counters.  Then a service VIP in front of both web
 servers (requests balanced across nodes), authorization policies applied with
 the CLI (a 403 on one path with the connection kept, a connect() refused by
-the kernel), and the proxies' Istio request metrics; then it tears
-everything down.
+the kernel), and the proxies' Istio request metrics; then an API gateway
+(nginx in an enrolled pod, routes from policies/gateway/routes) in front of
+two mesh services, end-user JWTs checked by the mesh (not with
+``--kubernetes``); then it tears everything down.
 
 Exit status 0 only if the evidence is complete.  Run as root (``make demo``
 or ``scripts/run demo`` bootstraps the machine first).
@@ -248,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{connections}")
 
         l7_demo(cluster, mesh, http_logs, problems)
+        if not kubernetes:  # pods added on the fly: the inventory's way (issue #16)
+            gateway_demo(cluster, mesh, problems)
 
         section("meshlet bpf status (node1)")
         # in node1's netns, where strict mode's clsact filters (kernels < 6.6) live
@@ -380,6 +384,186 @@ def l7_demo(cluster, mesh, http_logs: dict, problems: list) -> None:
             continue
         for n in mesh.agents:
             cli(mesh, n, "policy", "delete", name)
+
+
+GATEWAY_EXAMPLE = os.path.join(ROOT, "policies", "gateway")
+
+
+def _demo_token(key, **claims) -> str:
+    import jwt
+
+    now = time.time()
+    body = {"iss": "https://login.example", "sub": "alice", "aud": "shop", "exp": now + 300, "iat": now,
+            "scope": "orders"}
+    body.update(claims)
+    return jwt.encode(body, key, algorithm="ES256", headers={"kid": "demo"})
+
+
+def _gateway_policies(workdir: str, jwks_file: str) -> str:
+    """policies/gateway/*.yaml into ``workdir``, the RequestAuthentication in
+    its meshlet.io form with the demo's keys in ``jwks_file``."""
+    out = os.path.join(workdir, "gateway-policies")
+    os.makedirs(out, exist_ok=True)
+    for name in sorted(os.listdir(GATEWAY_EXAMPLE)):
+        if not name.endswith(".yaml"):
+            continue
+        with open(os.path.join(GATEWAY_EXAMPLE, name)) as f:
+            lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            if "kind: RequestAuthentication" in "\n".join(lines):
+                if line.startswith("apiVersion: security.istio.io/"):
+                    lines[i] = "apiVersion: meshlet.io/v1alpha1"
+                elif line.strip().startswith("jwks: "):
+                    lines[i] = line[:line.index("jwks: ")] + f"jwksFile: {jwks_file}"
+        with open(os.path.join(out, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return out
+
+
+def gateway_demo(cluster, mesh, problems: list) -> None:
+    """An API gateway and the mesh (issue #16): nginx in an enrolled pod,
+    end-user JWTs checked by the mesh with one RequestAuthentication."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    from agent.policy.gatewaylint import parse_gateway
+    from agent.policy.load import read_sources
+    from agent.sim.gateway import Location, access_log, locations_from_routes, start_nginx
+
+    t0 = time.monotonic()
+    section("an API gateway in front of the mesh: outside -> gateway -> frontend -> orders")
+    for node, name, ns, app in (("node1", "gateway", "ingress", "gateway"),
+                                ("node1", "orders-1", "shop", "orders"),
+                                ("node2", "frontend-1", "shop", "frontend"),
+                                ("node1", "outside", "outside", "client")):
+        p = cluster.add_pod(node, name, namespace=ns, service_account=app, labels={"app": app})
+        say(f"   pod {name:<10} {p.ip4:<13} namespace {ns:<8} on {node}"
+            + ("  (not enrolled: the external client)" if name == "outside" else ""))
+    mesh.unmeshed.add("outside")
+    mesh.namespaces["shop"] = {"mode": "strict"}  # only mesh traffic reaches shop's pods
+    http = [{"port": 80, "targetPort": 8080, "appProtocol": "http"}]
+    mesh.services += [service("frontend", {"app": "frontend"}, http, index=2, namespace="shop"),
+                      service("orders", {"app": "orders"}, http, index=3, namespace="shop")]
+    mesh.write_inventory()
+    want = {"node1": {"ingress/gateway", "shop/orders-1"}, "node2": {"shop/frontend-1"}}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+            not want[n] <= {e["pod"] for e in mesh.status(n)["enrolled"]} for n in want):
+        time.sleep(0.2)
+    say(f"services frontend -> {service_vip(2)}:80, orders -> {service_vip(3)}:80; namespace shop strict")
+
+    orders_log = os.path.join(mesh.workdir, "orders-1.jsonl")
+    p = cluster.pod("orders-1").popen(
+        [sys.executable, "-m", "tests.support.podhttpd", "--name", "orders-1", "--port", "8080",
+         "--log", orders_log, "--max-seconds", "300"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p.stdout.readline()
+    routes_dir = os.path.join(GATEWAY_EXAMPLE, "routes")
+    vips = {("shop", "frontend", 80): service_vip(2)}
+    locs = locations_from_routes(read_sources([routes_dir], parse_gateway),
+                                 lambda ns, name, port: f"{vips[(ns, name, port)]}:{port}")
+    gw_dir, fe_dir = os.path.join(mesh.workdir, "nginx-gateway"), os.path.join(mesh.workdir, "nginx-frontend")
+    start_nginx(cluster.pod("gateway"), gw_dir, 8080, locs)
+    start_nginx(cluster.pod("frontend-1"), fe_dir, 8080, [
+        Location("/orders", upstreams=(f"{service_vip(3)}:80",)), Location("/", body="frontend home\n")])
+    say(f"gateway: nginx, routes from {os.path.relpath(routes_dir, ROOT)}/shop.yaml: "
+        + ", ".join(f"{loc.path} -> {' '.join(loc.upstreams)}" for loc in locs))
+    say("orders-1: a small HTTP server that logs the headers it gets; frontend-1: nginx, "
+        f"/orders/* -> {service_vip(3)}:80 with every header, the rest answered itself")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = "demo"
+    jwks_file = os.path.join(mesh.workdir, "login.jwks")
+    with open(jwks_file, "w") as f:
+        json.dump({"keys": [jwk]}, f)
+    docs = _gateway_policies(mesh.workdir, jwks_file)
+    section("policies/gateway: one RequestAuthentication (root namespace), who may call whom")
+    for n in mesh.agents:
+        a = cli(mesh, n, "policy", "apply", "-f", docs)
+        say(f"{n}: {a.stdout.strip()}")
+        if a.returncode != 0:
+            problems.append(f"gateway policy apply on {n}: {a.stdout} {a.stderr}")
+    lint = subprocess.run([sys.executable, "-m", "agent.cli", "policy", "lint", GATEWAY_EXAMPLE, "--gateway",
+                           routes_dir, "--gateway-identity", "ns/ingress/sa/gateway"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    say(f"meshlet policy lint policies/gateway --gateway policies/gateway/routes "
+        f"--gateway-identity ns/ingress/sa/gateway: {lint.stdout.strip()} (exit {lint.returncode})")
+    if lint.returncode != 0:
+        problems.append(f"gateway lint: {lint.stdout} {lint.stderr}")
+    deadline = time.monotonic() + 20
+    for n in mesh.agents:  # the proxies poll the agent's policy version
+        while time.monotonic() < deadline and any(
+                ((w.get("stats") or {}).get("policy") or {}).get("version")
+                != (mesh.status(n).get("policy") or {}).get("version") for w in mesh.status(n)["proxy"]):
+            time.sleep(0.1)
+
+    gw = cluster.pod("gateway").ip4
+
+    def curl(src: str, url: str, tok: str | None = None, extra=(), max_time: int = 10) -> tuple[str, str]:
+        hdr = ["-H", f"Authorization: Bearer {tok}"] if tok else []
+        r = cluster.pod(src).run(["curl", "-sS", "--max-time", str(max_time), "-w", "\\n%{http_code}",
+                                  *hdr, *extra, url], check=False, timeout=30)
+        body, _, code = r.stdout.rpartition("\n")
+        return code.strip() or "000", (body.strip() or r.stderr.strip())[:60]
+
+    section("end users through the gateway (curl in the outside pod -> the gateway pod's address)")
+    good = _demo_token(key)
+    first = time.monotonic()
+    while True:  # the new pods' first connections may wait for their certificates
+        code, body = curl("outside", f"http://{gw}:8080/orders/42", good, ["-H", "X-Jwt-Sub: mallory"])
+        if code == "200" or time.monotonic() - first > 20:
+            break
+        time.sleep(0.2)
+    other = ec.generate_private_key(ec.SECP256R1())
+    h, pl, sig = good.split(".")
+    cases = [
+        ("valid token, scope orders (and a forged X-Jwt-Sub)", "/orders/42", None, "200", (code, body)),
+        ("no token, frontend's own page", "/", None, "200", None),
+        ("no token, orders' path", "/orders/42", None, "403", None),
+        ("token without scope orders", "/orders/42", _demo_token(key, scope="read"), "403", None),
+        ("bad token: another key", "/orders/42", _demo_token(other), "401", None),
+        ("bad token: tampered signature", "/orders/42", f"{h}.{pl}.{sig[::-1]}", "401", None),
+        ("bad token: expired", "/orders/42", _demo_token(key, exp=time.time() - 600), "401", None),
+    ]
+    for what, path, tok, want_code, got in cases:
+        code, body = got or curl("outside", f"http://{gw}:8080{path}", tok)
+        say(f"  {what:<52} GET {path:<11} -> {code} {body}")
+        if code != want_code:
+            problems.append(f"gateway: {what}: {code} {body}, expected {want_code}")
+    with open(orders_log) as f:
+        seen = [json.loads(ln) for ln in f if ln.strip()]
+    heads = seen[-1]["headers"] if seen else []
+    sub = [v for k, v in heads if k == "x-jwt-sub"]
+    say(f"orders-1 saw {len(seen)} request(s); x-jwt-sub {sub} (set by its node proxy from the token; "
+        f"the client's copy removed), Authorization forwarded: {any(k == 'authorization' for k, _ in heads)}")
+    if sub != ["alice"]:
+        problems.append(f"orders-1 saw {seen}")
+
+    section("around the gateway: denied by the mesh")
+    code, body = curl("pod2-2", f"http://{service_vip(2)}/orders/42", good)
+    say(f"  pod2-2 (default/pod2-2, enrolled) -> frontend {service_vip(2)}, valid token: {code} {body}")
+    if code != "403":
+        problems.append(f"pod2-2 -> frontend: {code} {body}, expected 403")
+    fe = cluster.pod("frontend-1").ip4
+    code, body = curl("outside", f"http://{fe}:8080/orders/42", good, max_time=1)
+    say(f"  outside -> frontend-1 {fe}:8080 directly (strict namespace): {code} {body}")
+    if code != "000":
+        problems.append(f"outside -> frontend-1 directly: {code} {body}, expected no connection")
+
+    section("evidence: identities and verdicts per hop (request lines of the access logs)")
+    for n, pod in (("node2", "shop/frontend-1"), ("node1", "shop/orders-1")):
+        for e in mesh.access_log(n):
+            if e.get("direction") == "inbound" and e.get("dst_pod") == pod and e.get("kind") == "request":
+                say(f"  {n} {e.get('src_identity')} -> {pod} {e.get('method')} {e.get('path')} "
+                    f"-> {e.get('status')} flags {e.get('response_flags')}")
+    ids = {e.get("src_identity") for e in mesh.access_log("node2")
+           if e.get("dst_pod") == "shop/frontend-1" and e.get("status") == 200}
+    if ids != {"spiffe://cluster.local/ns/ingress/sa/gateway"}:
+        problems.append(f"frontend answered 200 to {ids}, expected only the gateway")
+    for name, d in (("gateway", gw_dir), ("frontend-1", fe_dir)):
+        for ln in access_log(d):
+            say(f"  nginx {name}: {ln}")
+    say(f"(gateway scene: {time.monotonic() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

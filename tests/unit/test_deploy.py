@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from agent.policy.gatewaylint import parse_gateway
 from agent.policy.load import parse_policies
 from agent.traffic.trafficpolicy import parse_traffic_policies
 from agent.yamlsrc import SourceError
@@ -120,6 +121,9 @@ def test_every_policy_example_is_a_valid_custom_resource(path, doc):
     assert meta["name"] and meta["namespace"]
     if doc["apiVersion"].startswith("meshlet.io/"):
         validate_cr(doc)
+    elif doc["apiVersion"].startswith("gateway.networking.k8s.io/"):  # policies/gateway/routes/
+        assert doc["kind"] == "HTTPRoute"
+        parse_gateway([(str(path), path.read_text())])
     else:
         assert doc["apiVersion"] in ("security.istio.io/v1", "security.istio.io/v1beta1")
         assert doc["kind"] in ("AuthorizationPolicy", "RequestAuthentication")
@@ -185,6 +189,8 @@ def test_every_crd_kind_has_an_example_that_the_loader_accepts():
         text = p.read_text()
         if "kind: TrafficPolicy" in text:
             parse_traffic_policies(text, str(p))
+        elif "kind: HTTPRoute" in text:
+            parse_gateway([(str(p), text)])
         else:
             parse_policies(text, str(p))
     assert kinds <= seen

@@ -93,6 +93,7 @@ READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
+_SESSION_READS = 4  # reads of SSLObject.session one connection may try before giving up (each leaks)
 VERIFIED_CACHE_SIZE = 4096
 _MAX_B32_SNI = 200  # longer encodings use the hash form (SNI host names stay < 253)
 
@@ -659,6 +660,7 @@ class TlsConnection(asyncio.Protocol):
         self._sent_close_notify = False
         self._got_close_notify = False
         self._session_seen = False
+        self._session_reads = 0
         self._lost_exc: Exception | None = None
 
     # ---- raw side
@@ -859,12 +861,14 @@ class TlsConnection(asyncio.Protocol):
         """Hand a resumable session to ``on_session`` once, if the contexts
         want one (each read of ``SSLObject.session`` costs a copy that older
         CPython never frees: see the module docstring).  ``last``: the
-        connection is gone; ``on_session`` hears ``None`` if it had none."""
+        connection is gone; ``on_session`` hears ``None`` if it had none (or
+        gave up after ``_SESSION_READS`` reads without a ticket)."""
         if self._on_session is None or self._session_seen or self.server_side or self.sslobj is None:
             return
         if self._wants_session is not None and not self._wants_session(self):
             self._session_seen = True  # the cache is fresh, or another connection fetches
             return
+        self._session_reads += 1
         try:
             sess = self.sslobj.session
         except (ValueError, AttributeError):
@@ -872,7 +876,7 @@ class TlsConnection(asyncio.Protocol):
         if sess is not None and sess.has_ticket:
             self._session_seen = True
             self._on_session(self, sess)
-        elif last:
+        elif last or self._session_reads >= _SESSION_READS:  # no ticket (yet): let another connection try
             self._session_seen = True
             self._on_session(self, None)
 

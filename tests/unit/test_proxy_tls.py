@@ -698,3 +698,31 @@ def test_a_stale_or_refused_session_is_replaced():
         return out
 
     assert run(main()) == [False, True, True, True, True, False, True, True]
+
+
+def test_a_server_without_tickets_costs_a_bounded_number_of_session_reads():
+    """Every read of ``SSLObject.session`` leaks on older CPython: a client
+    whose server sends no ticket stops looking after a few reads, however
+    much data flows."""
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)  # builds the server's contexts; tickets from now on: none
+            app.transport.close()
+            for _, ctx in server._server.values():
+                ctx.num_tickets = 0
+            server._server_default().num_tickets = 0
+            conn, app = await connect(client, s.port)
+            client._sessions.clear()  # this connection is the one to fetch
+            await until(lambda: len(s.apps) == 2)
+            for i in range(50):
+                s.apps[1].transport.write(b"y" * 100)
+                await until(lambda i=i: app.received >= 100 * (i + 1))
+            reads = conn._session_reads
+            app.transport.close()
+            return reads, app.received
+
+    reads, received = run(main())
+    assert received == 5000 and 1 <= reads <= 4

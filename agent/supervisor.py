@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from .adminclient import unix_request
 from .fsutil import open_append, write_atomic
+from .proxy.memory import worker_env
 
 log = logging.getLogger("meshlet.agent")
 
@@ -121,7 +122,7 @@ class ProxySupervisor:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd="/",
-                env=_proxy_env(),
+                env=worker_env(_proxy_env()),  # PYTHONMALLOC=malloc: memory goes back after bursts
             )
         finally:
             logf.close()

@@ -7,8 +7,11 @@ it themselves.  pod1-1 holds N concurrent cross-node connections to pod2-1
 (each proven by a one-byte echo: ``agent.sim.connhold``), for each N in
 ``--counts``; per node this reads the proxy workers' RSS (summed over
 workers, from /proc) idle, with N held, and after they all closed (once
-the workers had time to hand free memory back).  Targets (issue #12): 10,000
-connections held, RSS after close within 1.5x of idle.
+the workers had time to hand free memory back), and how much of the heap the
+workers still use then (their stats' ``memory`` section; the JSON only).
+Targets (issue #12): 10,000 connections held, RSS after close within 1.5x
+of idle.  What keeps memory after a burst, and what gives it back:
+``agent/proxy/memory.py``.
 
 A measurement, not a test: numbers depend on the machine.
 
@@ -48,6 +51,13 @@ def rss_kb(pid: int) -> int:
 
 def proxy_rss_mb(mesh: Mesh, node: str) -> float:
     return round(sum(rss_kb(p) for p in mesh.proxy_pids(node)) / 1024, 1)
+
+
+def heap_in_use_mb(mesh: Mesh, node: str) -> float | None:
+    """What the program holds of glibc's heap (summed over workers): the
+    rest of RSS is code, allocator slack and CPython's own pools."""
+    kb = [((w["stats"] or {}).get("memory") or {}).get("heap_in_use_kb") for w in mesh.status(node)["proxy"]]
+    return round(sum(kb) / 1024, 1) if kb and None not in kb else None
 
 
 def active(mesh: Mesh, node: str) -> int:
@@ -100,6 +110,7 @@ def measure_conns(counts: list[int], workers: int | None = None) -> list[dict]:
                 wait(lambda node=node: active(mesh, node) == 0)
             time.sleep(SETTLE_S)
             after = {node: proxy_rss_mb(mesh, node) for node in nodes}
+            in_use = {node: heap_in_use_mb(mesh, node) for node in nodes}
             row = {"connections": n, "held": got["held"], "failed": got["failed"],
                    "open_seconds": round(open_s, 1)}
             for node in nodes:
@@ -108,6 +119,7 @@ def measure_conns(counts: list[int], workers: int | None = None) -> list[dict]:
                     "held_mb": held[node],
                     "per_1k_mb": round((held[node] - idle[node]) / max(got["held"], 1) * 1000, 1),
                     "after_close_mb": after[node],
+                    "after_close_heap_in_use_mb": in_use[node],
                     "after_over_idle": round(after[node] / idle[node], 2) if idle[node] else None,
                 }
             rows.append(row)

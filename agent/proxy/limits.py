@@ -15,8 +15,8 @@ hand-over, memory.
   sibling listener (Linux ≥ 5.14).  ``enable_listener_migration`` sets it
   for the worker's network namespace (it is a per-namespace setting and
   changes nothing for sockets without SO_REUSEPORT siblings).
-- **Memory.** glibc keeps freed heap memory for reuse; after a burst of
-  connections closes, ``trim_memory`` (``malloc_trim(0)``) hands it back.
+- **Memory.** ``trim_memory`` is ``memory.trim`` (``malloc_trim(0)``),
+  kept here under its old name; ``agent.proxy.memory`` says why.
 
 All of it is best effort: a worker that cannot raise its limit or set the
 sysctl still serves, and says so once in its log.
@@ -24,11 +24,11 @@ sysctl still serves, and says so once in its log.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import resource
+
+from agent.proxy.memory import trim as trim_memory
 
 __all__ = [
     "FD_ERRNOS",
@@ -96,22 +96,3 @@ def enable_listener_migration(path: str = MIGRATE_REQ_PATH) -> bool:
             e.strerror or e,
         )
         return False
-
-
-_libc: ctypes.CDLL | None | bool = None
-
-
-def trim_memory() -> bool:
-    """``malloc_trim(0)``: return free heap pages to the system.  False
-    where glibc is not the allocator."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _libc = lib if lib is not None and hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    if not _libc:
-        return False
-    return bool(_libc.malloc_trim(0))  # type: ignore[union-attr]  # narrowed above: a CDLL

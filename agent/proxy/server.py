@@ -36,7 +36,8 @@ first (the kernel moves what was queued on them to a sibling, see
 the drain time.  Out of file descriptors, a new connection is shed (reset,
 result ``overload``, see ``conn.Live.shed``), keeping a reserve for the
 worker's own files; after connections close, free heap memory goes back to the
-system (``limits.trim_memory``).
+system (``memory.trim``; ``agent.proxy.memory`` says what keeps memory after a
+burst and what returns it).
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ import time
 from typing import Any
 
 from agent.policy.http import set_default_path_parameters
+from agent.proxy import memory
 from agent.proxy import telemetry as m
 from agent.proxy.authz import PolicyWatcher, policy_path
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr
 from agent.proxy.destination import Destination
 from agent.proxy.inbound import Inbound
 from agent.proxy.inputs import ProxyInputs
-from agent.proxy.limits import nofile_limit, trim_memory
+from agent.proxy.limits import nofile_limit
 from agent.proxy.log import AccessLog
 from agent.proxy.outbound import FlowSource, Outbound
 from agent.proxy.relay import Endpoint
@@ -107,6 +109,7 @@ class ProxyServer:
         self.ready = False  # listening: certificates loaded (or ready_timeout passed)
         self._stats_ino: int | None = None  # the stats socket this worker bound (not a successor's)
         self._finished_at_trim = 0  # connections finished when memory was last trimmed
+        self.trims = 0  # memory handed back after bursts (``_maintain``)
         self.stats_path = stats_path if stats_path is not None else stats_socket_path(watcher.path, worker_id)
         self._own_flows = flow_table is None
         # Workload certificates (in memory only) and the TLS contexts built on them.
@@ -378,7 +381,8 @@ class ProxyServer:
             finished = self.accounting.finished
             if finished - self._finished_at_trim >= TRIM_AFTER and live * 2 <= peak:
                 gc.collect()
-                trim_memory()
+                memory.trim()
+                self.trims += 1
                 self._finished_at_trim = finished
                 peak = live
 
@@ -488,6 +492,7 @@ class ProxyServer:
             "active_connections": len(tasks),
             "fd_limit": nofile_limit(),
             "overloads": self.live.overloads,
+            "memory": {**memory.report(), "trims": self.trims},
             "counters": dict(self.counters),
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),

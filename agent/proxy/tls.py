@@ -32,6 +32,13 @@ Rules (everything that decides trust lives here):
   (``expect_node``; else refused: ``wrong_node``); the server side checks it
   against the node the connection came from (``admission.admit_tunnel``).
 - Every refused handshake is counted by reason and logged once with the peer.
+- Sessions are fetched sparingly: reading ``SSLObject.session`` copies the
+  session (peer chain included, ~7 KB) and CPython before 3.12.7 never frees
+  that copy (python/cpython#116810), so a fetch per connection leaked ~10 KB
+  per tunnel connection (10,000 connections: ~100 MB that never came back).
+  A client fetches a session only when the cache has no fresh one for its key
+  (none, past half its lifetime, or just refused by the server), and only
+  one connection per key at a time (``TlsContexts.wants_session``).
 
 I/O: ``TlsConnection`` is an asyncio Protocol over ``ssl.MemoryBIO`` (asyncio's
 own SSL transport cannot pass a session). It exposes the decrypted stream as
@@ -53,6 +60,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +92,8 @@ SNI_SUFFIX = "meshlet"
 READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
 SESSION_CACHE_SIZE = 1024
+SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
+_SESSION_READS = 4  # reads of SSLObject.session one connection may try before giving up (each leaks)
 VERIFIED_CACHE_SIZE = 4096
 _MAX_B32_SNI = 200  # longer encodings use the hash form (SNI host names stay < 253)
 
@@ -218,6 +228,12 @@ class _Session:
     bundle_fp: str
     src_serial: int
     chain: tuple[x509.Certificate, ...]
+    stored_at: float = 0.0  # time.monotonic()
+
+    def fresh(self, now: float) -> bool:
+        """Young enough to keep offering: less than half its lifetime (the
+        server's ticket lifetime) and ``SESSION_REFRESH_S`` old."""
+        return now - self.stored_at < min(self.session.timeout / 2, SESSION_REFRESH_S)
 
 
 @dataclass
@@ -243,6 +259,7 @@ class TlsContexts:
         self._server: dict[str, tuple[int, ssl.SSLContext]] = {}
         self._default_server: ssl.SSLContext | None = None
         self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
+        self._fetching: dict[tuple, weakref.ref[TlsConnection]] = {}  # key -> the one connection fetching
         self._verified: OrderedDict[bytes, _Verified] = OrderedDict()  # by sha256 of the leaf
 
     # ---- epoch: everything hangs off the bundle fingerprint
@@ -261,12 +278,31 @@ class TlsContexts:
             self._client.clear()
             self._server.clear()
             self._sessions.clear()
+            self._fetching.clear()
             self._verified.clear()
             self._default_server = None
         return self.certs.bundle
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "failures": dict(self.failures), "cached_sessions": len(self._sessions)}
+
+    def wants_session(self, key: tuple, conn: TlsConnection) -> bool:
+        """Whether ``conn`` should fetch its session for ``key``: the cache
+        has no fresh one and no other open connection is fetching it."""
+        s = self._sessions.get(key)
+        if s is not None and s.bundle_fp == self._fp and s.fresh(time.monotonic()):
+            return False
+        ref = self._fetching.get(key)
+        other = ref() if ref is not None else None
+        if other is not None and other is not conn and other.state != _CLOSED:
+            return False
+        self._fetching[key] = weakref.ref(conn)
+        return True
+
+    def _forget_fetch(self, key: tuple, conn: TlsConnection) -> None:
+        ref = self._fetching.get(key)
+        if ref is not None and ref() in (conn, None):
+            del self._fetching[key]
 
     def refused(self, err: HandshakeError, *, side: str, peer: Any, extra: str = "") -> None:
         self.counters["refused"] += 1
@@ -315,6 +351,7 @@ class TlsContexts:
     def _store_session(self, key: tuple, entry: _Session) -> None:
         if entry.bundle_fp != self._fp:
             return
+        entry.stored_at = time.monotonic()
         self._sessions[key] = entry
         self._sessions.move_to_end(key)
         while len(self._sessions) > self.session_cache_size:
@@ -345,6 +382,8 @@ class TlsContexts:
         def verify(conn: TlsConnection) -> str:
             if conn.sslobj.session_reused and cached is None:
                 raise HandshakeError("protocol", "the server resumed a session this client did not offer")
+            if cached is not None and not conn.sslobj.session_reused and self._sessions.get(key) is cached:
+                del self._sessions[key]  # refused by the server (restarted, rotated keys): fetch a new one
             sid = self._verify_peer(conn, expected, cached.chain if cached else None)
             if expect_node is not None and conn.peer_node != expect_node:
                 conn.verified_chain = ()  # never cached for resumption
@@ -356,8 +395,9 @@ class TlsContexts:
                 )
             return sid
 
-        def on_session(conn: TlsConnection, session: ssl.SSLSession) -> None:
-            if conn.verified_chain:
+        def on_session(conn: TlsConnection, session: ssl.SSLSession | None) -> None:
+            self._forget_fetch(key, conn)  # None: closed before a ticket came
+            if session is not None and conn.verified_chain:
                 self._store_session(key, _Session(session, fp or "", serial, conn.verified_chain))
 
         return TlsConnection(
@@ -368,6 +408,7 @@ class TlsContexts:
             session=cached.session if cached else None,
             verify=verify,
             on_session=on_session,
+            wants_session=lambda conn: self.wants_session(key, conn),
             contexts=self,
             peer_label=node,
         )
@@ -584,7 +625,8 @@ class TlsConnection(asyncio.Protocol):
         contexts: TlsContexts | None = None,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
-        on_session: Callable[[TlsConnection, ssl.SSLSession], None] | None = None,
+        on_session: Callable[[TlsConnection, ssl.SSLSession | None], None] | None = None,
+        wants_session: Callable[[TlsConnection], bool] | None = None,
         on_made: Callable[[TlsConnection], bool] | None = None,
         peer_label: str | None = None,
     ) -> None:
@@ -596,6 +638,7 @@ class TlsConnection(asyncio.Protocol):
         self._hostname = server_hostname
         self._offered_session = session
         self._on_session = on_session
+        self._wants_session = wants_session
         self._on_made = on_made
         self.peer_label = peer_label
         self.raw: asyncio.Transport | None = None
@@ -617,6 +660,7 @@ class TlsConnection(asyncio.Protocol):
         self._sent_close_notify = False
         self._got_close_notify = False
         self._session_seen = False
+        self._session_reads = 0
         self._lost_exc: Exception | None = None
 
     # ---- raw side
@@ -678,7 +722,7 @@ class TlsConnection(asyncio.Protocol):
         if self._app_transport is not None:
             self._app_transport._closed = True
             e = self._lost_exc or exc
-            self._capture_session()
+            self._capture_session(last=True)
             self.app.connection_lost(e)
 
     def pause_writing(self) -> None:
@@ -813,16 +857,28 @@ class TlsConnection(asyncio.Protocol):
         self._capture_session()
         self._flush()
 
-    def _capture_session(self) -> None:
+    def _capture_session(self, last: bool = False) -> None:
+        """Hand a resumable session to ``on_session`` once, if the contexts
+        want one (each read of ``SSLObject.session`` costs a copy that older
+        CPython never frees: see the module docstring).  ``last``: the
+        connection is gone; ``on_session`` hears ``None`` if it had none (or
+        gave up after ``_SESSION_READS`` reads without a ticket)."""
         if self._on_session is None or self._session_seen or self.server_side or self.sslobj is None:
             return
+        if self._wants_session is not None and not self._wants_session(self):
+            self._session_seen = True  # the cache is fresh, or another connection fetches
+            return
+        self._session_reads += 1
         try:
             sess = self.sslobj.session
         except (ValueError, AttributeError):
-            return
+            sess = None
         if sess is not None and sess.has_ticket:
             self._session_seen = True
             self._on_session(self, sess)
+        elif last or self._session_reads >= _SESSION_READS:  # no ticket (yet): let another connection try
+            self._session_seen = True
+            self._on_session(self, None)
 
     def _schedule_read(self) -> None:
         if not self._read_scheduled and self.state == _OPEN:

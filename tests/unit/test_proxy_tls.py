@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import platform
 import socket
 import ssl
 from datetime import timedelta
@@ -20,9 +21,9 @@ from datetime import timedelta
 import pytest
 
 from agent.identity.svid import TrustBundle
-from agent.proxy.workload_certs import Svid
 from agent.proxy.tls import ALPN, HandshakeError, TlsContexts, identity_from_sni, sni_for
-from tests.support.aio import run
+from agent.proxy.workload_certs import Svid
+from tests.support.aio import run, until
 from tests.support.ca import CertFactory, make_svid
 
 TD = "cluster.local"
@@ -608,3 +609,120 @@ def test_resumption_after_the_client_certificate_expired_is_refused():
     first, second, peers = run(main())
     assert (first, second) == (False, True)
     assert peers == [CLIENT, None] and server.failures == {"expired": 1}
+
+
+# ------------------------------------------------------------------ memory per connection
+
+
+def _heap_in_use() -> int:
+    import gc
+
+    from agent.proxy.memory import heap
+
+    gc.collect()
+    h = heap()
+    assert h is not None
+    return h.in_use + h.mmapped
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="reads glibc's mallinfo2")
+def test_closed_connections_leave_no_memory_behind():
+    """Tunnel connections come and go without growing the C heap: the client
+    fetches its session only when its cache needs one (CPython < 3.12.7
+    leaks a ~7 KB copy of the session at every fetch, python/cpython#116810:
+    one fetch per connection was ~10 KB per connection, for ever)."""
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+
+    async def burst(s, n):
+        held = []
+        for _ in range(n):
+            conn, app = await connect(client, s.port)
+            app.transport.write(b"x")
+            held.append(app)
+        await until(lambda: len(s.apps) == n and all(a.received for a in s.apps))
+        for app in held:
+            app.transport.close()
+        for c in s.conns:
+            c.abort()
+        await until(lambda: all(a.lost.done() for a in held))
+        s.conns.clear()
+        s.apps.clear()
+
+    async def main():
+        async with Server(server) as s:
+            await burst(s, 100)  # caches, free lists, the loop's buffers: their steady size
+            before = _heap_in_use()
+            await burst(s, 300)
+            return _heap_in_use() - before
+
+    grown = run(main())
+    assert grown < 300 * 1024, f"{grown / 300:.0f} bytes per connection stayed allocated"
+    assert client.counters["resumed"] == 399 and client.stats()["cached_sessions"] == 1
+
+
+def test_a_stale_or_refused_session_is_replaced():
+    """The client keeps offering one session per key while it is fresh, and
+    fetches a new one when it ages or the server does not take it."""
+    f = CertFactory(TD)
+    client = TlsContexts(Certs(f, CLIENT))
+    servers = [TlsContexts(Certs(f, SERVER)), TlsContexts(Certs(f, SERVER))]  # different ticket keys
+
+    async def one(s):
+        conn, app = await connect(client, s.port)
+        app.transport.write(b"x")
+        await until(lambda: s.apps and s.apps[-1].received)
+        app.transport.close()
+        await asyncio.wait_for(app.lost, 10)
+        return conn.sslobj.session_reused
+
+    def cached():
+        (entry,) = client._sessions.values()
+        return entry.session
+
+    async def main():
+        out = []
+        async with Server(servers[0]) as s:
+            out.append(await one(s))
+            first = cached()
+            out.append(await one(s))
+            out.append(cached() is first)  # fresh: offered again, not fetched again
+            next(iter(client._sessions.values())).stored_at -= 10 * 3600  # past its refresh time
+            out.append(await one(s))
+            out.append(cached() is not first)  # fetched anew
+            second = cached()
+        async with Server(servers[1]) as s:  # another server (its own ticket keys) refuses the session
+            out.append(await one(s))
+            out.append(cached() is not second)
+            out.append(await one(s))
+        return out
+
+    assert run(main()) == [False, True, True, True, True, False, True, True]
+
+
+def test_a_server_without_tickets_costs_a_bounded_number_of_session_reads():
+    """Every read of ``SSLObject.session`` leaks on older CPython: a client
+    whose server sends no ticket stops looking after a few reads, however
+    much data flows."""
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)  # builds the server's contexts; tickets from now on: none
+            app.transport.close()
+            for _, ctx in server._server.values():
+                ctx.num_tickets = 0
+            server._server_default().num_tickets = 0
+            conn, app = await connect(client, s.port)
+            client._sessions.clear()  # this connection is the one to fetch
+            await until(lambda: len(s.apps) == 2)
+            for i in range(50):
+                s.apps[1].transport.write(b"y" * 100)
+                await until(lambda i=i: app.received >= 100 * (i + 1))
+            reads = conn._session_reads
+            app.transport.close()
+            return reads, app.received
+
+    reads, received = run(main())
+    assert received == 5000 and 1 <= reads <= 4

@@ -1,0 +1,150 @@
+"""How a proxy worker hands memory back after a burst of connections.
+
+Measured (``scripts/bench_conns.py``, 10,000 cross-node connections held and
+closed; issue #12 item 7), a worker's RSS stayed high after the connections
+closed for three reasons, each with its fix:
+
+1. **A leak in CPython's ssl** (< 3.12.7, python/cpython#116810): each read
+   of ``SSLObject.session`` leaks a copy of the session.  Fixed at the
+   source in ``tls`` (a client fetches a session only when its cache needs
+   one), not here.
+2. **pymalloc arenas.**  CPython serves objects of up to 512 bytes from its
+   own 1 MiB arenas and returns an arena to the system only when every
+   object in it is gone; a few survivors of a burst (a cache entry, a
+   reloaded state object) keep whole arenas resident, and ``malloc_trim``
+   cannot touch them.  Workers therefore run with ``PYTHONMALLOC=malloc``
+   (``worker_env``): Python objects come from glibc's heap, where
+   ``malloc_trim`` returns every free *page*, so a survivor pins 4 KiB, not
+   1 MiB.  Measured cost: none visible in held RSS per connection or in the
+   connection rates (see README, "Connection numbers").  An operator's own
+   ``PYTHONMALLOC`` is kept (``PYTHONMALLOC=pymalloc`` restores CPython's
+   default).
+3. **Free heap pages kept by glibc.**  ``trim`` (``malloc_trim(0)``) gives
+   them back; the server calls it after a burst is over (``ProxyServer.
+   _maintain``).
+
+Not glibc (musl, or another allocator preloaded): ``trim`` is a no-op and
+says why once in the log; ``heap`` returns None.  libc is reached through
+ctypes only in this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["WORKER_ALLOCATOR", "Heap", "heap", "report", "rss_kb", "trim", "worker_env"]
+
+log = logging.getLogger("meshlet.proxy")
+
+WORKER_ALLOCATOR = "malloc"  # PYTHONMALLOC for proxy workers: see the module docstring
+
+
+def worker_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a proxy worker: ``env`` plus ``PYTHONMALLOC=malloc``
+    unless ``env`` already chooses an allocator."""
+    out = dict(env)
+    if not out.get("PYTHONMALLOC"):
+        out["PYTHONMALLOC"] = WORKER_ALLOCATOR
+    return out
+
+
+@dataclass(frozen=True)
+class Heap:
+    """glibc's view of this process's heap (``mallinfo2``), in bytes."""
+
+    arena: int  # obtained from the system with brk/mmap for the heaps (main and thread arenas)
+    in_use: int  # allocated chunks in those heaps
+    free: int  # free chunks in those heaps (resident or not)
+    mmapped: int  # large allocations served by their own mmap
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_libc: ctypes.CDLL | None = None
+_why_not: str | None = None  # set once we know glibc's malloc is not there
+
+
+def _glibc() -> ctypes.CDLL | None:
+    global _libc, _why_not
+    if _libc is not None or _why_not is not None:
+        return _libc
+    name, version = platform.libc_ver()
+    if name != "glibc":
+        _why_not = f"the C library is {name or 'not glibc'}, not glibc"
+    else:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError as e:
+            lib, _why_not = None, f"cannot load libc ({e})"
+        if lib is not None and not (hasattr(lib, "malloc_trim") and hasattr(lib, "mallinfo2")):
+            _why_not = f"glibc {version} lacks malloc_trim/mallinfo2 (needs >= 2.33)"
+        elif lib is not None:
+            lib.malloc_trim.argtypes = [ctypes.c_size_t]
+            lib.malloc_trim.restype = ctypes.c_int
+            lib.mallinfo2.restype = _MallInfo2
+            _libc = lib
+    if _why_not is not None:
+        log.info("memory: not trimming the heap after bursts: %s", _why_not)
+    return _libc
+
+
+def trim() -> bool:
+    """``malloc_trim(0)``: return every free heap page to the system.  True
+    when glibc released memory; False when it had none to release or glibc
+    is not the allocator (logged once)."""
+    lib = _glibc()
+    return bool(lib.malloc_trim(0)) if lib is not None else False
+
+
+def heap() -> Heap | None:
+    """The allocator's numbers (None where glibc is not the allocator)."""
+    lib = _glibc()
+    if lib is None:
+        return None
+    m = lib.mallinfo2()
+    return Heap(arena=m.arena, in_use=m.uordblks, free=m.fordblks, mmapped=m.hblkhd)
+
+
+def rss_kb(pid: int | None = None) -> int:
+    """Resident set size of a process (this one by default), KiB."""
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def report() -> dict[str, int | str | None]:
+    """This process's memory for the worker's stats: RSS, and glibc's split
+    of the heap into what the program holds (``heap_in_use_kb``) and what
+    the allocator keeps (``heap_free_kb``; resident or not)."""
+    h = heap()
+    return {
+        "rss_kb": rss_kb(),
+        "allocator": os.environ.get("PYTHONMALLOC") or "pymalloc",
+        "heap_in_use_kb": h.in_use // 1024 if h else None,
+        "heap_free_kb": h.free // 1024 if h else None,
+        "mmapped_kb": h.mmapped // 1024 if h else None,
+    }

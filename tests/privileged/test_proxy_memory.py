@@ -1,0 +1,104 @@
+"""Proxy memory comes back after a burst of connections (issue #12 item 7),
+on a real kernel: a 2-node simulated cluster, 2 worker processes per node,
+3,000 concurrent cross-node connections (``agent.sim.connhold``) held
+through both node proxies (node1: outbound + TLS client; node2: TLS server
++ inbound), then closed.
+
+The bound is the issue's target: each node's proxy RSS (summed over its
+workers, from /proc) back within 1.5x of its idle RSS.  Holding 3,000
+connections adds ~35-50 KB each (~100-150 MB per node against ~90 MB idle),
+so the bound is met only if at least ~70 % of what the burst took goes back.
+Before the fixes (a session leak in CPython's ssl, pymalloc arenas pinned by
+survivors: see agent/proxy/memory.py) node1 kept ~80 % of it and failed.
+RSS is memory, not time: the test polls (bounded) because the workers hand
+memory back in their maintenance round after a burst.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.privileged import ip_of, require_privileged, wait_for
+
+require_privileged()
+
+from agent.proxy.memory import rss_kb  # noqa: E402
+from agent.sim import Cluster  # noqa: E402
+from agent.sim.mesh import Mesh  # noqa: E402
+
+pytestmark = pytest.mark.privileged
+
+HOLD = [sys.executable, "-m", "agent.sim.connhold"]
+PORT = 7100
+COUNT = 3000
+BOUND = 1.5  # after close / idle, per node (issue #12)
+NODES = ("node1", "node2")
+
+
+def node_rss_kb(mesh: Mesh, node: str) -> int:
+    pids = mesh.proxy_pids(node)
+    assert len(pids) == mesh.workers, (node, pids)
+    return sum(rss_kb(p) for p in pids)
+
+
+def worker_stats(mesh: Mesh, node: str) -> list[dict]:
+    def answered():
+        st = [w["stats"] for w in mesh.status(node)["proxy"]]
+        return all(st) and st
+
+    return wait_for(answered, f"every worker of {node} answers its stats socket")
+
+
+def test_rss_returns_within_1_5x_of_idle_after_3000_connections_close():
+    cluster = Cluster(nodes=2, pods_per_node=1).up()
+    mesh = Mesh(cluster, workers=2, log_level="warning")
+    client = None
+    try:
+        server = cluster.pod("pod2-1").popen(HOLD + ["serve", "--port", str(PORT)], stdout=subprocess.PIPE, text=True)
+        assert "listening" in server.stdout.readline()
+        mesh.start()
+        for n in NODES:
+            assert all(st["memory"]["allocator"] == "malloc" for st in worker_stats(mesh, n))
+        idle = {n: node_rss_kb(mesh, n) for n in NODES}
+
+        client = cluster.pod("pod1-1").popen(
+            HOLD + ["hold", ip_of(mesh, "pod2-1"), str(PORT), "--count", str(COUNT), "--parallel", "200"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        got = json.loads(client.stdout.readline())
+        assert got == {"held": COUNT, "failed": 0, "errors": {}}, got
+        held = {n: node_rss_kb(mesh, n) for n in NODES}
+        client.stdin.write("close\n")
+        client.stdin.flush()
+        assert json.loads(client.stdout.readline()) == {"closed": COUNT}
+        for n in NODES:
+            wait_for(lambda n=n: sum(st["active_connections"] for st in worker_stats(mesh, n)) == 0,
+                     f"{n}'s connections closed", timeout=120)
+
+        def back() -> dict[str, int] | None:
+            now = {n: node_rss_kb(mesh, n) for n in NODES}
+            return now if all(now[n] <= BOUND * idle[n] for n in NODES) else None
+
+        def numbers() -> str:
+            now = {n: node_rss_kb(mesh, n) for n in NODES}
+            return "; ".join(
+                f"{n}: idle {idle[n] >> 10} MB, held {held[n] >> 10} MB, now {now[n] >> 10} MB "
+                f"({now[n] / idle[n]:.2f}x idle, {(now[n] - idle[n]) / max(held[n] - idle[n], 1):.0%} of the burst kept)"
+                for n in NODES)
+
+        try:
+            wait_for(back, "proxy RSS back within 1.5x of idle", timeout=60, interval=1.0)
+        except AssertionError:
+            raise AssertionError(numbers()) from None
+        for n in NODES:
+            assert held[n] - idle[n] > 50 << 10, numbers()  # the burst did take memory
+            assert all(st["memory"]["trims"] >= 1 for st in worker_stats(mesh, n)), n
+    finally:
+        if client is not None:
+            client.kill()
+            client.wait()
+        mesh.down()
+        cluster.down()

@@ -30,7 +30,9 @@ from .common import die, echo_json
 RESOURCES = {
     ("meshlet.io", "AuthorizationPolicy"): ("meshlet.io/v1alpha1", "authorizationpolicies"),
     ("meshlet.io", "TrafficPolicy"): ("meshlet.io/v1alpha1", "trafficpolicies"),
+    ("meshlet.io", "RequestAuthentication"): ("meshlet.io/v1alpha1", "requestauthentications"),
     ("security.istio.io", "AuthorizationPolicy"): ("security.istio.io/v1", "authorizationpolicies"),
+    ("security.istio.io", "RequestAuthentication"): ("security.istio.io/v1", "requestauthentications"),
 }
 PROGRESS_EVERY = 5.0
 

@@ -82,6 +82,8 @@ POLICY_RESOURCES = (
     PolicyResource("AuthorizationPolicy", "meshlet.io/v1alpha1", "authorizationpolicies", True),
     PolicyResource("TrafficPolicy", "meshlet.io/v1alpha1", "trafficpolicies", True),
     PolicyResource("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies", False),
+    PolicyResource("RequestAuthentication", "meshlet.io/v1alpha1", "requestauthentications", True),
+    PolicyResource("RequestAuthentication", "security.istio.io/v1", "requestauthentications", False),
 )
 
 

@@ -90,14 +90,18 @@ RESOURCES = {
     ),
     "meshlet.io/authorizationpolicies": ("AuthorizationPolicy", "meshlet.io/v1alpha1", True),
     "meshlet.io/trafficpolicies": ("TrafficPolicy", "meshlet.io/v1alpha1", True),
+    "meshlet.io/requestauthentications": ("RequestAuthentication", "meshlet.io/v1alpha1", True),
     "security.istio.io/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1", True),
+    "security.istio.io/requestauthentications": ("RequestAuthentication", "security.istio.io/v1", True),
 }
 #: resources whose ``status`` is a subresource (writes to the object keep it)
 STATUS_SUBRESOURCE = {
     "certificates.k8s.io/certificatesigningrequests",
     "meshlet.io/authorizationpolicies",
     "meshlet.io/trafficpolicies",
+    "meshlet.io/requestauthentications",
     "security.istio.io/authorizationpolicies",
+    "security.istio.io/requestauthentications",
 }
 CUSTOM_GROUPS = ("meshlet.io", "security.istio.io")
 

@@ -93,7 +93,7 @@ def test_crd_schemas_are_structural_with_status_and_printer_columns():
                 assert cols["Accepted"] == '.status.conditions[?(@.type=="Accepted")].status'
                 cond = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
                 assert set(cond["items"]["required"]) >= {"type", "status", "reason", "message"}
-    assert names == {"AuthorizationPolicy", "TrafficPolicy"}
+    assert names == {"AuthorizationPolicy", "TrafficPolicy", "RequestAuthentication"}
 
 
 def test_the_structural_checker_finds_what_the_api_server_refuses():
@@ -290,13 +290,15 @@ def test_the_node_agent_only_reads_except_csr_create_and_policy_status():
         ("certificates.k8s.io", "certificatesigningrequests", "create"),
         ("meshlet.io", "authorizationpolicies/status", "patch"),
         ("meshlet.io", "trafficpolicies/status", "patch"),
+        ("meshlet.io", "requestauthentications/status", "patch"),
     }
     reads = {(g, r) for g, r, v in _grants("meshlet-node") if v == "watch"}
     assert reads == {
         ("", "pods"), ("", "nodes"), ("", "namespaces"), ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("meshlet.io", "authorizationpolicies"), ("meshlet.io", "trafficpolicies"),
-        ("security.istio.io", "authorizationpolicies"),
+        ("meshlet.io", "requestauthentications"),
+        ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "requestauthentications"),
     }
 
 

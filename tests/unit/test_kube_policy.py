@@ -391,7 +391,10 @@ def test_status_says_where_policies_come_from_and_what_was_refused(api, node):
     n = node().start()
     lines = status_lines(n.watch.describe())
     assert lines[0] == f"from the cluster ({api.url}): 1 objects, in sync"
-    assert lines[1] == "not installed (checked again periodically): AuthorizationPolicy.security.istio.io"
+    assert lines[1] == (
+        "not installed (checked again periodically): AuthorizationPolicy.security.istio.io, "
+        "RequestAuthentication.security.istio.io"
+    )
     assert lines[2].startswith(
         "REFUSED meshlet.io/v1alpha1/AuthorizationPolicy/shop/ext generation 1 (nothing of it enforced): "
         "spec.action")
@@ -434,3 +437,34 @@ def test_the_node_role_of_deploy_rbac_is_enough_and_istio_is_read_only(api, tmp_
         assert e.value.status == 403
     finally:
         w.close()
+
+
+JWKS = ('{"keys":[{"kty":"EC","crv":"P-256","x":"aazY3kBiKMNAgRQSuBBHXihPjUqGE_RGFI8jFWzQLwg",'
+        '"y":"pVWItWO5J1bxr2w8DcI_FpWfJGeKT0dbrdCBuFVr8zs","kid":"k1","alg":"ES256"}]}')
+
+
+def request_authn(name: str, api_version: str = MESHLET, **rule) -> dict:
+    return {"apiVersion": api_version, "kind": "RequestAuthentication",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"selector": {"matchLabels": {"app": "orders"}},
+                     "jwtRules": [{"issuer": "https://login.example", "jwks": JWKS, **rule}]}}
+
+
+def test_request_authentications_from_the_cluster(api, node):
+    """End-user JWT rules are policy objects like the others: meshlet's kind
+    (with its status) and Istio's once its CRD is there reach every node's
+    store; a broken one is refused in status and enforces nothing."""
+    api.apply(request_authn("orders-login"))
+    n = node().start()
+    assert n.store.summary()["byKind"].get("RequestAuthentication") == 1
+    cond = wait_for(lambda: accepted(api, "orders-login", kind="RequestAuthentication"), "a condition")
+    assert cond["status"] == "True"
+
+    api.apply(request_authn("cookies", fromCookies=["session"]))  # meshlet does not read cookies
+    cond = wait_for(lambda: accepted(api, "cookies", kind="RequestAuthentication"), "the refusal")
+    assert cond["status"] == "False" and "fromCookies" in cond["message"]
+    assert n.store.summary()["byKind"].get("RequestAuthentication") == 1
+
+    api.istio = True
+    api.apply(request_authn("istio-login", ISTIO))
+    wait_for(lambda: n.store.summary()["byKind"].get("RequestAuthentication") == 2, "Istio's kind read")

@@ -208,7 +208,7 @@ def run(*args):
 
 def test_cli_validate(tmp_path):
     r = run("validate", POLICIES)
-    assert r.exit_code == 0 and "valid: 10 policies from 7 file(s), 1 request authentications" in r.output
+    assert r.exit_code == 0 and "valid: 10 policies from 8 file(s), 2 request authentications" in r.output
     r = run("validate", POLICIES, "-o", "json")
     assert json.loads(r.output)["valid"] is True
     bad = tmp_path / "bad.yaml"

@@ -52,8 +52,8 @@ def test_there_are_examples_and_each_loads_alone():
     apis = set()
     for f in EXAMPLES:
         one = load_policies(f)
-        assert len(one) >= 1
-        apis |= {p.api_version for p in one.policies}
+        assert len(one) + len(one.authentications) >= 1, f
+        apis |= {p.api_version for p in one.policies} | {a.api_version for a in one.authentications}
     assert apis == {"meshlet.io/v1alpha1", "security.istio.io/v1"}
 
 

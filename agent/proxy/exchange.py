@@ -400,6 +400,8 @@ class Exchange:
     response_body_bytes: int = 0
     trace: HopContext | None = None
     """The trace context forwarded upstream (generated request ids included), if forwarded."""
+    grpc_status: int | None = None
+    """gRPC: the response's ``grpc-status`` (trailers, or the proxy's own answer); set by the HTTP/2 shell."""
 
 
 # --------------------------------------------------------------------------

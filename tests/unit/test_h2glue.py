@@ -1,0 +1,356 @@
+"""The HTTP/2 session (``h2glue``) on loopback, with real clients and servers:
+grpcio servers as upstreams, grpcio / curl --http2-prior-knowledge / h2 as
+clients, the proxy's session on its own event loop in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from agent.proxy.h2glue import H2Pool, H2Session
+from agent.proxy.h2session import H2Limits
+from agent.proxy.l7 import Response
+from agent.proxy.pool import UpstreamPool
+from agent.traffic.trafficpolicy import Timeouts, TrafficSettings
+from agent.traffic.upstream_cluster import Cluster
+
+SVC = "meshlet.test.Echo"
+
+
+def _server(name: str, *, fail_unary: grpc.StatusCode | None = None, delay: float = 0.0):
+    """A grpcio server with generic handlers (no codegen): Unary echoes
+    ``name:payload``, Stream answers three messages, Admin is a second method."""
+    calls = {"n": 0}
+
+    def unary(req, ctx):
+        calls["n"] += 1
+        if delay:
+            time.sleep(delay)
+        if fail_unary is not None:
+            ctx.abort(fail_unary, f"{name} says no")
+        return name.encode() + b":" + req
+
+    def stream(req, ctx):
+        for i in range(3):
+            yield b"%s:%d:" % (name.encode(), i) + req
+
+    def admin(req, ctx):
+        return b"admin:" + req
+
+    handler = grpc.method_handlers_generic_handler(
+        SVC,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Admin": grpc.unary_unary_rpc_method_handler(admin),
+        },
+    )
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    srv.add_generic_rpc_handlers((handler,))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    return srv, port, calls
+
+
+class ProxyThread:
+    """An H2Session server on its own loop; ``choose`` gets each request head."""
+
+    def __init__(self, choose, on_request=None, limits=None):
+        self.choose = choose
+        self.on_request = on_request
+        self.limits = limits
+        self.responses: list = []
+        self.sessions: list = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_response(self, head, status, elapsed, ex):
+        self.responses.append((head.path.path, status, ex))
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.base = UpstreamPool()
+            self.pool = H2Pool(self.base, self.limits)
+            def session():
+                s = H2Session(self.choose, self.pool, on_request=self.on_request,
+                              on_response=self._on_response, limits=self.limits)
+                self.sessions.append(s)
+                return s
+
+            self.server = await self.loop.create_server(session, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        async def stop():
+            self.server.close()
+            for s in self.sessions:
+                if s.transport is not None:
+                    s.transport.close()
+            self.pool.close()
+            self.base.close()
+            await asyncio.sleep(0.1)  # let the transports finish closing
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(*a, **kw):
+        s = _server(*a, **kw)
+        made.append(s[0])
+        return s
+
+    yield make
+    for s in made:
+        s.stop(None)
+
+
+def _cluster(ports, **settings):
+    return Cluster("ns/echo:50051", [("127.0.0.1", p) for p in ports], TrafficSettings(**settings))
+
+
+def test_grpc_unary_and_streaming_through_the_proxy(servers):
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster) as px, grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+        assert ch.unary_unary(f"/{SVC}/Unary")(b"hi", timeout=10) == b"a:hi"
+        got = list(ch.unary_stream(f"/{SVC}/Stream")(b"x", timeout=10))
+        assert got == [b"a:0:x", b"a:1:x", b"a:2:x"]
+    paths = [(p, s) for p, s, _ in px.responses]
+    assert paths == [(f"/{SVC}/Unary", 200), (f"/{SVC}/Stream", 200)]
+    assert [ex.grpc_status for _, _, ex in px.responses] == [0, 0]
+    assert px.pool.connects == 1  # both calls, one upstream connection
+
+
+def test_calls_on_one_channel_are_balanced_per_request(servers):
+    _, pa, ca = servers("a")
+    _, pb, cb = servers("b")
+    cluster = _cluster([pa, pb])
+    with ProxyThread(lambda head: cluster) as px, grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+        call = ch.unary_unary(f"/{SVC}/Unary")
+        answers = [call(b"%d" % i, timeout=10) for i in range(100)]
+    by = {b"a": 0, b"b": 0}
+    for a in answers:
+        by[a.split(b":")[0]] += 1
+    assert by[b"a"] + by[b"b"] == 100
+    assert by[b"a"] >= 10 and by[b"b"] >= 10, by  # one client connection, both endpoints
+    assert ca["n"] == by[b"a"] and cb["n"] == by[b"b"]
+
+
+def test_denied_method_is_permission_denied_and_the_channel_goes_on(servers):
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+
+    def on_request(head):
+        if head.path.path.endswith("/Admin"):
+            return Response(403, b"RBAC: access denied")
+        return None
+
+    with (
+        ProxyThread(lambda head: cluster, on_request=on_request) as px,
+        grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch,
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(f"/{SVC}/Admin")(b"x", timeout=10)
+        assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert e.value.details() == "RBAC: access denied"
+        assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+    assert [(p.rsplit("/", 1)[1], s) for p, s, _ in px.responses] == [("Admin", 200), ("Unary", 200)]
+    assert px.responses[0][2].grpc_status == 7
+
+
+def test_grpc_timeout_is_the_request_deadline(servers):
+    _, port, calls = servers("slow", delay=3.0)
+    cluster = _cluster([port], timeouts=Timeouts(request=None))
+    with ProxyThread(lambda head: cluster) as px, grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(f"/{SVC}/Unary")(b"x", timeout=0.5)
+        assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while not px.responses and time.monotonic() < deadline:
+            time.sleep(0.05)
+    # the proxy gave up on its own (grpc-timeout) or saw the client's cancel: never a response from upstream
+    assert not px.responses or px.responses[0][2].flags in ("UT", "-")
+
+
+def test_curl_http2_prior_knowledge_through_the_proxy(servers):
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster) as px:
+        # a non-gRPC request to a gRPC server: it answers over HTTP/2 (415 or a gRPC error)
+        r = subprocess.run(
+            ["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
+             "-w", "%{http_version} %{http_code}",
+             "--max-time", "10", f"http://127.0.0.1:{px.port}/{SVC}/Unary"],
+            capture_output=True, text=True, timeout=20,
+        )
+    version, code = r.stdout.split()
+    assert version == "2", r
+    assert code != "000", r
+    assert px.responses and px.responses[0][0] == f"/{SVC}/Unary"
+
+
+# ---- h2 as a raw client: malformed requests and the attack bounds
+
+
+class RawClient:
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                      normalize_outbound_headers=False)
+        )
+        self.conn.initiate_connection()
+        self.flush()
+
+    def flush(self):
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self, until, timeout=5.0):
+        """Read until ``until(events)`` or the connection closes."""
+        got = []
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not until(got):
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                got.append("closed")
+                break
+            if not data:
+                got.append("closed")
+                break
+            try:
+                got += self.conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                got.append("closed")
+                break
+            self.flush()
+        return got
+
+    def close(self):
+        self.sock.close()
+
+
+def _get(path=b"/x", extra=()):
+    return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", path), *extra]
+
+
+def _ends(sid):
+    return lambda evs: any(
+        isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) and e.stream_id == sid for e in evs
+    )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc")],  # no :path
+        _get() + [(b":path", b"/dup")],  # duplicate pseudo-header
+        _get(extra=[(b":bogus", b"1")]),  # unknown pseudo-header
+        _get(extra=[(b"X-Upper", b"1")]),  # uppercase name
+        _get(extra=[(b"connection", b"close")]),  # connection-specific
+        _get(extra=[(b"transfer-encoding", b"chunked")]),
+        _get(extra=[(b"te", b"gzip")]),
+        _get(extra=[(b"host", b"other")]),  # host differs from :authority
+        # a pseudo-header after a regular one
+        [(b":method", b"GET"), (b"x-a", b"1"), (b":scheme", b"http"), (b":path", b"/")],
+    ],
+)
+def test_malformed_request_is_a_stream_error_and_the_connection_goes_on(servers, headers):
+    _, port, _ = servers("a")
+    seen = []
+    cluster = _cluster([port])
+
+    def choose(head):
+        seen.append(head.path.path)
+        return cluster
+
+    with ProxyThread(choose) as px:
+        c = RawClient(px.port)
+        try:
+            c.conn.send_headers(1, headers, end_stream=True)
+            c.flush()
+            evs = c.events(_ends(1))
+            resets = [e for e in evs if isinstance(e, h2.events.StreamReset)]
+            assert resets and resets[0].error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR, evs
+            # the same connection still serves a good request (a non-gRPC one: the server answers it)
+            c.conn.send_headers(3, _get(b"/good"), end_stream=True)
+            c.flush()
+            evs = c.events(_ends(3))
+            assert any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == 3 for e in evs), evs
+        finally:
+            c.close()
+    assert seen == ["/good"]  # the malformed one never reached routing
+
+
+def test_rapid_reset_gets_goaway_and_others_are_served(servers):
+    _, port, _ = servers("a", delay=0.2)
+    cluster = _cluster([port])
+    limits = H2Limits(resets_burst=20, resets_per_s=1.0)
+    with ProxyThread(lambda head: cluster, limits=limits) as px:
+        c = RawClient(px.port)
+        try:
+            for i in range(200):
+                sid = 1 + 2 * i
+                c.conn.send_headers(sid, _get(b"/r"), end_stream=True)
+                c.conn.reset_stream(sid)
+            c.flush()
+            evs = c.events(lambda evs: "closed" in evs or any(
+                isinstance(e, h2.events.ConnectionTerminated) for e in evs))
+            gone = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+            assert gone and gone[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, evs
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+
+
+def test_settings_flood_gets_goaway(servers):
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster, limits=H2Limits(settings_burst=10, settings_per_s=1.0)) as px:
+        c = RawClient(px.port)
+        try:
+            for _ in range(100):
+                c.conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: 16384})
+            c.flush()
+            evs = c.events(lambda evs: "closed" in evs or any(
+                isinstance(e, h2.events.ConnectionTerminated) for e in evs))
+            gone = [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+            assert gone and gone[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, evs
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"

@@ -91,6 +91,7 @@ from agent.proxy.tracing import HopContext
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
 from agent.traffic.lb import Token
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
+from agent.traffic.outcome import grpc as grpc_outcome
 from agent.traffic.outcome import status as status_outcome
 from agent.traffic.retry import Done, Request, RetryState
 from agent.traffic.trafficpolicy import IDEMPOTENT_METHODS
@@ -560,7 +561,7 @@ class HttpExchange:
         if c.retries_on:
             c.budget.request(now)
             rs = s.retries
-            if rs.non_idempotent or self.method in _IDEMPOTENT:
+            if rs.non_idempotent or rs.grpc_statuses or self.method in _IDEMPOTENT:
                 n = self.body_length
                 if n is None or n <= rs.max_body_bytes:
                     self.replay = []
@@ -643,6 +644,25 @@ class HttpExchange:
             self.state = State.UPGRADED
             return (SWITCH_PROTOCOLS,)
         self.status = st
+        self.state = State.RESPONDING
+        return _FORWARD
+
+    def grpc_response(self, code: int, now: float) -> Sequence[Command]:
+        """:meth:`response` for a gRPC trailers-only answer (HTTP 200 whose
+        ``grpc-status`` is ``code``): retried when ``retryOn`` names the code
+        (the HTTP/2 shell calls it; the outcome counts as Envoy maps it)."""
+        c: Cluster = self.cluster  # type: ignore[assignment]  # a response: start() set it
+        if not c.retries_on or code not in c.settings.retries.grpc_statuses:
+            return self.response(200, now)
+        o = grpc_outcome(code)
+        if self.token is not None or c.multi:
+            self._end_attempt(o, now)
+        else:
+            self.try_until = None
+        r = self._retry_after(o, now)
+        if r is not None:
+            return r  # this answer is discarded (its stream reset)
+        self.status = 200
         self.state = State.RESPONDING
         return _FORWARD
 

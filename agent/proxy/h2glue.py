@@ -885,7 +885,8 @@ class H2Session(asyncio.Protocol):
         ex = st.ex
         if ex.state is not State.WAITING:
             return
-        cmds = ex.response(r.status, _monotonic())
+        g = grpc_status_of(r.headers) if r.end and st.head.grpc and r.status == 200 else None
+        cmds = ex.response(r.status, _monotonic()) if g is None else ex.grpc_response(g, _monotonic())
         if cmds[0] is not FORWARD:
             self._run(st, cmds)  # a retry (this response is discarded) or a failure
             return

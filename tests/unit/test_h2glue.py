@@ -22,7 +22,7 @@ from agent.proxy.h2glue import H2Pool, H2Session
 from agent.proxy.h2session import H2Limits
 from agent.proxy.l7 import Response
 from agent.proxy.pool import UpstreamPool
-from agent.traffic.trafficpolicy import Timeouts, TrafficSettings
+from agent.traffic.trafficpolicy import Retries, Timeouts, TrafficSettings
 from agent.traffic.upstream_cluster import Cluster
 
 SVC = "meshlet.test.Echo"
@@ -354,3 +354,28 @@ def test_settings_flood_gets_goaway(servers):
             c.close()
         with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
             assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+
+
+def test_unavailable_is_retried_on_another_endpoint(servers):
+    _, pa, ca = servers("bad", fail_unary=grpc.StatusCode.UNAVAILABLE)
+    _, pb, cb = servers("good")
+    cluster = _cluster([pa, pb], retries=Retries(attempts=2, grpc_statuses=frozenset({14})))
+    with ProxyThread(lambda head: cluster) as px, grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+        call = ch.unary_unary(f"/{SVC}/Unary")
+        answers = [call(b"%d" % i, timeout=10) for i in range(30)]
+    assert all(a.startswith(b"good:") for a in answers)
+    assert ca["n"] > 0  # tried there, and its UNAVAILABLE never reached the client
+    assert cb["n"] == 30
+    assert all(ex.grpc_status == 0 for _, _, ex in px.responses)
+    assert any(ex.attempts == 2 for _, _, ex in px.responses)
+
+
+def test_unavailable_is_not_retried_without_the_condition(servers):
+    _, pa, ca = servers("bad", fail_unary=grpc.StatusCode.UNAVAILABLE)
+    cluster = _cluster([pa], retries=Retries(attempts=2))
+    with ProxyThread(lambda head: cluster) as px, grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(f"/{SVC}/Unary")(b"x", timeout=10)
+        assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert ca["n"] == 1
+    assert px.responses[0][1] == 200 and px.responses[0][2].grpc_status == 14

@@ -2,7 +2,7 @@
 simulated cluster with real grpcio servers and clients in pods
 (tests/support/podgrpc.py), curl --http2-prior-knowledge and h2load.
 
-    node1: client, grpc-1        node2: grpc-2, grpc-3 (the "flaky" one)
+    node1: client, grpc-1        node2: grpc-2
 
 Service ``echo`` (port 90 → 9000, protocol detected) selects grpc-1 and
 grpc-2: the client's node proxy balances each call of one channel (one
@@ -30,7 +30,6 @@ from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
 pytestmark = pytest.mark.privileged
 
 VIP = service_vip(21)
-FLAKY_VIP = service_vip(22)
 PORT = 9000
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SVC = "meshlet.test.Echo"
@@ -82,17 +81,15 @@ def env(tmp_path_factory):
     cluster = Cluster(nodes=2, pod_specs={
         1: [{"name": "client", "labels": {"app": "client"}},
             {"name": "grpc-1", "labels": {"app": "grpc"}}],
-        2: [{"name": "grpc-2", "labels": {"app": "grpc"}},
-            {"name": "grpc-3", "labels": {"app": "flaky"}}],
+        2: [{"name": "grpc-2", "labels": {"app": "grpc"}}],
     }).up()
     mesh = Mesh(cluster, l7=True, services=[
         service("echo", {"app": "grpc"}, [{"port": 90, "targetPort": PORT, "name": "grpc"}], index=21),
-        service("flaky", {"tier": "flaky"}, [{"port": 90, "targetPort": PORT, "name": "grpc"}], index=22),
     ])
     servers = Servers(cluster, logdir)
     try:
         mesh.start()
-        for name in ("grpc-1", "grpc-2", "grpc-3"):
+        for name in ("grpc-1", "grpc-2"):
             servers.start(name)
         yield mesh, servers
     finally:
@@ -201,6 +198,76 @@ def _policy(mesh: Mesh, *args: str) -> None:
         return True
 
     wait_for(enforced, "the proxies to load the policies", timeout=20, interval=0.1)
+
+
+def _cli(mesh: Mesh, node: str, *args: str) -> subprocess.CompletedProcess:
+    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--socket", sock],
+                          capture_output=True, text=True, env=_env(), timeout=60)
+
+
+def test_unavailable_is_retried_on_the_other_endpoint(env, tmp_path):
+    mesh, servers = env
+    f = tmp_path / "traffic.yaml"
+    f.write_text("""
+apiVersion: meshlet.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: echo, namespace: default}
+spec:
+  service: echo
+  retries: {attempts: 2, retryOn: [unavailable]}
+  outlierDetection: {consecutive5xx: 0}
+""")
+    for node in mesh.agents:
+        r = _cli(mesh, node, "policy", "apply", "-f", str(f))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def loaded():
+        return all(((w.get("stats") or {}).get("traffic") or {}).get("count", 0) >= 1
+                   for node in mesh.agents for w in mesh.status(node)["proxy"])
+
+    wait_for(loaded, "the proxy workers run the TrafficPolicy", timeout=15)
+    servers.start("grpc-2", "--fail")  # the cross-node endpoint answers UNAVAILABLE
+    try:
+        servers.reset_logs()
+        res = calls(mesh, f"{VIP}:90", "Unary*30")
+        assert all(r["ok"] for r in res), ([r for r in res if not r["ok"]][:3], _diag(mesh))
+        assert {r["reply"].split(":")[0] for r in res} == {"grpc-1"}
+        assert len(servers.received("grpc-2")) > 0  # tried, its UNAVAILABLE never reached the client
+        retried = [x for x in mesh.access_log("node1") if x.get("kind") == "request"
+                   and x.get("route") == "service" and x.get("attempts") == 2]
+        assert retried and all(x["grpc_status"] == 0 for x in retried), retried[:2]
+    finally:
+        servers.start("grpc-2")
+        for node in mesh.agents:
+            _cli(mesh, node, "policy", "delete", "echo", "-n", "default", "--kind", "trafficpolicy")
+
+
+def test_grpc_status_is_a_metric_label(env):
+    mesh, servers = env
+    servers.start("grpc-1", "--fail")
+    try:
+        res = calls(mesh, f"{mesh.cluster.pod('grpc-1').ip4}:{PORT}", "Unary*2", "Stream")
+        assert [r["code"] for r in res] == ["UNAVAILABLE", "UNAVAILABLE", "OK"], res
+    finally:
+        servers.start("grpc-1")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ip = mesh.cluster.pod("grpc-1").ip4
+
+    def seen():
+        out = set()
+        for fam in text_string_to_metric_families(mesh.scrape("node1")):
+            for smp in fam.samples:
+                lb = smp.labels
+                if (smp.name == "istio_requests_total" and lb.get("destination_service") == ip
+                        and lb.get("reporter") == "destination"):
+                    out.add((lb["request_protocol"], lb["response_code"], lb["grpc_response_status"]))
+        return out
+
+    got = wait_for(lambda: {("grpc", "200", "14"), ("grpc", "200", "0")} <= (s := seen()) and s,
+                   "the gRPC series in /metrics", timeout=20)
+    assert all(p == "grpc" for p, _, g in got if g), got
 
 
 def test_deadline_is_deadline_exceeded(env):

@@ -61,7 +61,7 @@ from typing import Any
 
 import h2.events as hev
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
@@ -524,11 +524,19 @@ class _Side:
                     return self._calm("rapid reset: too many streams reset by the peer")
             elif t is hev.ConnectionTerminated:
                 self.goaway_received = True
+                # h2 closes its side at once; RFC 9113 6.8 lets the streams the
+                # peer already took finish, so this side goes on for them (no
+                # new stream is opened: ``capacity`` is 0 from now on).
+                if self.h2.state_machine.state is ConnectionState.CLOSED:
+                    self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
                 out.append(GoAway(ev.last_stream_id or 0, int(ev.error_code)))
             else:
                 out.extend(self._event(ev))
         if self._conn_credit:
-            self.h2.increment_flow_control_window(self._conn_credit)
+            try:
+                self.h2.increment_flow_control_window(self._conn_credit)
+            except ProtocolError:
+                pass
             self._conn_credit = 0
         if opened:
             self._flush_all()

@@ -379,3 +379,125 @@ def test_unavailable_is_not_retried_without_the_condition(servers):
         assert e.value.code() is grpc.StatusCode.UNAVAILABLE
     assert ca["n"] == 1
     assert px.responses[0][1] == 200 and px.responses[0][2].grpc_status == 14
+
+
+# ---- GOAWAY both ways
+
+
+class GoawayUpstream:
+    """A raw h2 server: answers each request ``200 <conn#>``; after ``per_conn``
+    requests on a connection it sends GOAWAY (no stream above the last
+    answered one will be processed) and closes."""
+
+    def __init__(self, per_conn: int):
+        self.per_conn = per_conn
+        self.conns = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                s, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._serve, args=(s, self.conns), daemon=True).start()
+
+    def _serve(self, s, n):
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        c.initiate_connection()
+        s.sendall(c.data_to_send())
+        answered = 0
+        s.settimeout(5)
+        try:
+            while answered < self.per_conn:
+                data = s.recv(65536)
+                if not data:
+                    return
+                for ev in c.receive_data(data):
+                    if isinstance(ev, h2.events.StreamEnded) and answered < self.per_conn:
+                        answered += 1
+                        c.send_headers(ev.stream_id, [(b":status", b"200")])
+                        c.send_data(ev.stream_id, b"%d" % n, end_stream=True)
+                        if answered == self.per_conn:
+                            c.close_connection(last_stream_id=ev.stream_id)
+                s.sendall(c.data_to_send())
+            time.sleep(0.2)
+        except OSError:
+            pass
+        finally:
+            s.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _h2_get(port, n, path=b"/g"):
+    """``n`` GETs, one after the other, on one client connection: the bodies."""
+    c = RawClient(port)
+    out = []
+    try:
+        for i in range(n):
+            sid = 1 + 2 * i
+            c.conn.send_headers(sid, _get(path), end_stream=True)
+            c.flush()
+            evs = c.events(_ends(sid), timeout=10)
+            body = b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+            for e in evs:
+                if isinstance(e, h2.events.DataReceived):
+                    c.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            c.flush()
+            status = [dict(e.headers)[b":status"] for e in evs
+                      if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid]
+            out.append((status, body))
+    finally:
+        c.close()
+    return out
+
+
+def test_upstream_goaway_moves_the_next_requests_to_a_new_connection():
+    up = GoawayUpstream(per_conn=2)
+    try:
+        with ProxyThread(lambda head: ("127.0.0.1", up.port)) as px:
+            got = _h2_get(px.port, 6)
+    finally:
+        up.close()
+    assert [s for s, _ in got] == [[b"200"]] * 6, got
+    assert [b for _, b in got] == [b"1", b"1", b"2", b"2", b"3", b"3"]  # never a request on a closing one
+    assert px.pool.connects == 3
+
+
+def test_client_goaway_lets_streams_in_flight_finish(servers):
+    _, port, _ = servers("a", delay=0.3)
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster) as px:
+        c = RawClient(px.port)
+        try:
+            # a gRPC call, then GOAWAY at once: the call still gets its answer, then the proxy closes
+            msg = b"\x00\x00\x00\x00\x02hi"
+            c.conn.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc"),
+                                    (b":path", f"/{SVC}/Unary".encode()), (b"content-type", b"application/grpc"),
+                                    (b"te", b"trailers")])
+            c.conn.send_data(1, msg, end_stream=True)
+            c.conn.close_connection()
+            c.flush()
+            # h2 (this test's client) would refuse the answers after its own GOAWAY: let it read them
+            c.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+            evs = c.events(lambda evs: "closed" in evs, timeout=10)
+        finally:
+            c.close()
+    trailers = [dict(e.headers) for e in evs if isinstance(e, h2.events.TrailersReceived)]
+    assert trailers and trailers[0][b"grpc-status"] == b"0", evs
+    assert b"a:hi" in b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived))
+    assert evs[-1] == "closed"

@@ -411,6 +411,8 @@ class H2Session(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._dirty = False
+        self._buffered = 0  # bytes waiting for the client's window at the last flush
+        self._stalled_since: float | None = None  # since when none of them went out
 
     # ---- asyncio.Protocol
 
@@ -474,6 +476,30 @@ class H2Session(asyncio.Protocol):
             owner.give(sid, n)
         if self.side.closed:
             self._close()
+            return
+        b = self.side.buffered
+        if b != self._buffered:
+            self._check_stall(b)
+
+    def _check_stall(self, b: int) -> None:
+        """Bytes waiting for the client's window: bounded in size and in time."""
+        lim = self.side.limits
+        if b > lim.max_buffered:
+            log.warning(
+                "HTTP/2 client holds %d bytes behind its window (max %d): closing", b, lim.max_buffered
+            )
+            self._calm()
+            return
+        if b == 0:
+            self._stalled_since = None
+        elif b < self._buffered or self._stalled_since is None:
+            self._stalled_since = now = _monotonic()  # progress (or a first wait)
+            self._arm(now + lim.stall_timeout)
+        self._buffered = b
+
+    def _calm(self) -> None:
+        self.side.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._close()
 
     def give(self, sid: int, n: int) -> None:
         """Stream window back to the client: its bytes went upstream."""
@@ -961,6 +987,17 @@ class H2Session(asyncio.Protocol):
                 w = st.wake
             if w is not None and (nxt is None or w < nxt):
                 nxt = w
+        ss = self._stalled_since
+        if ss is not None:
+            if now >= ss + self.side.limits.stall_timeout:
+                log.warning("HTTP/2 client gave no window for %gs: closing", self.side.limits.stall_timeout)
+                self._calm()
+                return
+            nxt = (
+                ss + self.side.limits.stall_timeout
+                if nxt is None
+                else min(nxt, ss + self.side.limits.stall_timeout)
+            )
         iu = self._idle_until
         if iu is not None and not self.streams:
             if now >= iu:

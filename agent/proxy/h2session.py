@@ -48,7 +48,10 @@ Attack classes bounded here (``H2Limits``):
   advertised and enforced by ``h2``'s HPACK decoder, which also caps a
   header block at 64 CONTINUATION frames of at most ``max_frame_size``
   each (so at most ~1 MiB of raw block is ever held);
-- a DATA frame larger than the window: ``h2`` answers FLOW_CONTROL_ERROR.
+- a DATA frame larger than the window: ``h2`` answers FLOW_CONTROL_ERROR;
+- zero-window stalls: what waits for a window is bounded per stream (the
+  window given back only as bytes leave) and per connection
+  (``max_buffered``, ``stall_timeout``: the shell enforces both).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
 
 from agent.policy.http import HttpError, NormalizedPath, normalize_path
 
@@ -110,6 +113,12 @@ class H2Limits:
     settings_burst: int = 50
     settings_per_s: float = 5.0
     """SETTINGS frames the peer may send: a burst, then this rate."""
+    max_buffered: int = 8 * 1024 * 1024
+    """Bytes one connection may hold waiting for the peer's window (the shell
+    closes it past that: GOAWAY ENHANCE_YOUR_CALM)."""
+    stall_timeout: float = 30.0
+    """Seconds bytes may wait for the peer's window without any going out
+    (a zero-window stall; the shell closes the connection)."""
 
 
 class _Bucket:
@@ -349,14 +358,18 @@ class _Side:
             normalize_outbound_headers=False,
         )
         self.h2 = c = H2Connection(cfg)
-        c.local_settings.update(
-            {
+        # In force at once (what initiate_connection advertises); update() would
+        # only queue them until the peer's ACK, and advertise the defaults.
+        c.local_settings = Settings(
+            client=client_side,
+            initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
                 SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
                 SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
                 SettingCodes.ENABLE_PUSH: 0,
-            }
+            },
         )
+        c.decoder.max_header_list_size = limits.max_header_list_size
         c.initiate_connection()
         extra = limits.connection_window - 65535
         if extra > 0:

@@ -16,6 +16,9 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
 import pytest
 
 from agent.proxy.h2glue import H2Pool, H2Session
@@ -234,7 +237,11 @@ class RawClient:
         self.flush()
 
     def flush(self):
-        self.sock.sendall(self.conn.data_to_send())
+        data = self.conn.data_to_send()
+        try:
+            self.sock.sendall(data)
+        except OSError:  # the proxy closed the connection: events() reads what it said
+            pass
 
     def events(self, until, timeout=5.0):
         """Read until ``until(events)`` or the connection closes."""
@@ -252,7 +259,11 @@ class RawClient:
                 got.append("closed")
                 break
             try:
-                got += self.conn.receive_data(data)
+                evs = self.conn.receive_data(data)
+                for e in evs:  # read as it comes: window back at once
+                    if isinstance(e, h2.events.DataReceived) and e.flow_controlled_length:
+                        self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                got += evs
             except h2.exceptions.ProtocolError:
                 got.append("closed")
                 break
@@ -454,10 +465,6 @@ def _h2_get(port, n, path=b"/g"):
             c.flush()
             evs = c.events(_ends(sid), timeout=10)
             body = b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
-            for e in evs:
-                if isinstance(e, h2.events.DataReceived):
-                    c.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-            c.flush()
             status = [dict(e.headers)[b":status"] for e in evs
                       if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid]
             out.append((status, body))
@@ -501,3 +508,181 @@ def test_client_goaway_lets_streams_in_flight_finish(servers):
     assert trailers and trailers[0][b"grpc-status"] == b"0", evs
     assert b"a:hi" in b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived))
     assert evs[-1] == "closed"
+
+
+# ---- the other attack classes, each bounded, the proxy still serving others
+
+
+class BigUpstream(GoawayUpstream):
+    """A raw h2 server answering every request with ``size`` bytes, as its
+    window allows."""
+
+    def __init__(self, size: int):
+        self.size = size
+        super().__init__(per_conn=1 << 30)
+
+    def _serve(self, s, n):
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        c.initiate_connection()
+        s.sendall(c.data_to_send())
+        pending: dict[int, bytes] = {}
+        s.settimeout(0.2)
+        try:
+            while not self.stop.is_set():
+                try:
+                    data = s.recv(65536)
+                except TimeoutError:
+                    data = None
+                if data == b"":
+                    return
+                if data:
+                    for ev in c.receive_data(data):
+                        if isinstance(ev, h2.events.StreamEnded):
+                            c.send_headers(ev.stream_id, [(b":status", b"200")])
+                            pending[ev.stream_id] = b"x" * self.size
+                        elif isinstance(ev, h2.events.StreamReset):
+                            pending.pop(ev.stream_id, None)
+                for sid in list(pending):
+                    body = pending[sid]
+                    room = min(c.local_flow_control_window(sid), c.max_outbound_frame_size, len(body))
+                    while room > 0:
+                        c.send_data(sid, body[:room])
+                        body = body[room:]
+                        room = min(c.local_flow_control_window(sid), c.max_outbound_frame_size, len(body))
+                    if body:
+                        pending[sid] = body
+                    else:
+                        c.end_stream(sid)
+                        del pending[sid]
+                s.sendall(c.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            s.close()
+
+
+def _terminated(evs):
+    return [e for e in evs if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def _goaway_or_closed(evs):
+    return "closed" in evs or bool(_terminated(evs))
+
+
+def _still_serves(port):
+    assert _h2_get(port, 1)[0][0] == [b"200"]
+
+
+@pytest.mark.parametrize("size, limits", [
+    (2 * 1024 * 1024, H2Limits(max_buffered=64 * 1024)),  # bounded in size
+    (10_000, H2Limits(stall_timeout=0.5)),  # bounded in time
+], ids=["size", "time"])
+def test_zero_window_client_is_bounded(size, limits):
+    up = BigUpstream(size)
+    try:
+        with ProxyThread(lambda head: ("127.0.0.1", up.port), limits=limits) as px:
+            c = RawClient(px.port)
+            try:
+                c.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+                for sid in (1, 3, 5):
+                    c.conn.send_headers(sid, _get(b"/big"), end_stream=True)
+                c.flush()
+                evs = c.events(_goaway_or_closed, timeout=10)
+                gone = _terminated(evs)
+                assert gone and gone[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, evs
+            finally:
+                c.close()
+            for s in px.sessions[:1]:
+                assert s.side.buffered <= 2 * 256 * 1024  # never more than the stream windows
+            _still_serves(px.port)
+    finally:
+        up.close()
+
+
+def test_data_beyond_the_window_is_a_flow_control_error(servers):
+    _, port, _ = servers("a", delay=1.0)
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster) as px:
+        c = RawClient(px.port)
+        try:
+            c.conn.send_headers(1, [(b":method", b"POST"), *_get()[1:]])
+            c.flush()
+            frame = hyperframe.frame.DataFrame(1, data=b"x" * 16384).serialize()
+            c.sock.sendall(frame * 40)  # 640 KiB > the stream's 256 KiB window
+            evs = c.events(_goaway_or_closed, timeout=10)
+            gone = _terminated(evs)
+            assert gone and gone[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR, evs
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+
+
+def test_oversized_header_list_is_refused(servers):
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+    seen = []
+
+    def choose(head):
+        seen.append(head)
+        return cluster
+
+    with ProxyThread(choose, limits=H2Limits(max_header_list_size=16 * 1024)) as px:
+        c = RawClient(px.port)
+        try:
+            c.conn.send_headers(1, _get(extra=[(b"x-big", b"v" * 4000 + b"%d" % i) for i in range(10)]),
+                                end_stream=True)
+            c.flush()
+            evs = c.events(_goaway_or_closed, timeout=10)
+            assert _terminated(evs) or "closed" in evs, evs
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+    assert all(h.path.path != "/x" for h in seen)  # the oversized request never reached routing
+
+
+def test_continuation_flood_is_refused(servers):
+    _, port, _ = servers("a")
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster) as px:
+        c = RawClient(px.port)
+        try:
+            block = c.conn.encoder.encode(_get())
+            c.sock.sendall(hyperframe.frame.HeadersFrame(1, data=block[:1]).serialize())  # no END_HEADERS
+            junk = hyperframe.frame.ContinuationFrame(1, data=b"\x00" * 16000).serialize()
+            sent = 0
+            try:
+                for _ in range(200):  # 3.2 MB of header block, never ended
+                    c.sock.sendall(junk)
+                    sent += 1
+            except OSError:
+                pass  # the proxy closed the connection under us: bounded
+            evs = c.events(_goaway_or_closed, timeout=10)
+            assert _terminated(evs) or "closed" in evs, evs
+            assert sent < 200 or _terminated(evs)
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+
+
+def test_streams_past_the_advertised_limit_are_refused(servers):
+    _, port, calls = servers("a")
+    cluster = _cluster([port])
+    with ProxyThread(lambda head: cluster, limits=H2Limits(max_concurrent_streams=10)) as px:
+        c = RawClient(px.port)
+        try:
+            c.events(lambda evs: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in evs))
+            assert c.conn.remote_settings.max_concurrent_streams == 10
+            c.conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # misbehave
+            c.conn.remote_settings.acknowledge()
+            for i in range(30):  # requests whose bodies never end: all stay open
+                c.conn.send_headers(1 + 2 * i, [(b":method", b"POST"), *_get()[1:]])
+            c.flush()
+            evs = c.events(_goaway_or_closed, timeout=10)
+            assert _terminated(evs) or "closed" in evs, evs
+        finally:
+            c.close()
+        with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+            assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"

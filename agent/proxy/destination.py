@@ -386,6 +386,7 @@ class Destination:
                 own_pool.close()
                 own_pool.base.close()
         conn.bytes_sent = session.bytes_in
+        conn.bytes_received = session.bytes_out
         conn.reason = conn.reason or f"h2: {session.requests} request(s)"
 
     def _pod_cluster(self, addr: tuple[str, int] | None, state: ProxyState) -> Cluster:

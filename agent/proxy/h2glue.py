@@ -400,6 +400,7 @@ class H2Session(asyncio.Protocol):
         self.side = hs.ServerSide(limits or pool.limits)
         self.streams: dict[int, _Stream] = {}
         self.requests = 0
+        self.bytes_out = 0  # written to the client
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
         self._loop = asyncio.get_running_loop()
         self._ticker = pool.ticker
@@ -471,6 +472,7 @@ class H2Session(asyncio.Protocol):
             return
         data = self.side.data_to_send()
         if data:
+            self.bytes_out += len(data)
             self.transport.write(data)
         for owner, sid, n in self.side.drained():
             owner.give(sid, n)

@@ -49,6 +49,8 @@ WAITING     ResponseStarted(status)     RESPONDING, Forward
                                         (status listed in ``retryOn``)
                                         UPGRADED, SwitchProtocols (101 asked for)
                                         FAILED, Fail 502 (101 not asked for)
+WAITING     (shell: ``grpc_response``)  as ResponseStarted(200), but retried when
+            a gRPC trailers-only answer ``retryOn`` lists its ``grpc-status``
 WAITING     UpstreamLost                CONNECTING, Connect(fresh) (a reused
                                         connection closed under us: once, free)
                                         CONNECTING, ResetUpstream + Connect

@@ -600,20 +600,27 @@ def test_zero_window_client_is_bounded(size, limits):
 
 
 def test_data_beyond_the_window_is_a_flow_control_error(servers):
-    _, port, _ = servers("a", delay=1.0)
+    _, port, _ = servers("a")
     cluster = _cluster([port])
-    with ProxyThread(lambda head: cluster) as px:
+    # The first request goes to an upstream that accepts and never reads: its
+    # window (64 KiB) is all of the client's stream window that comes back.
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(8)
+    sink_target = ("127.0.0.1", sink.getsockname()[1])
+    with ProxyThread(lambda head: sink_target if head.path.path == "/x" else cluster) as px:
         c = RawClient(px.port)
         try:
             c.conn.send_headers(1, [(b":method", b"POST"), *_get()[1:]])
             c.flush()
             frame = hyperframe.frame.DataFrame(1, data=b"x" * 16384).serialize()
-            c.sock.sendall(frame * 40)  # 640 KiB > the stream's 256 KiB window
+            c.sock.sendall(frame * 40)  # 640 KiB > 256 KiB window + 64 KiB given back
             evs = c.events(_goaway_or_closed, timeout=10)
             gone = _terminated(evs)
             assert gone and gone[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR, evs
         finally:
             c.close()
+            sink.close()
         with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
             assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
 

@@ -693,3 +693,31 @@ def test_streams_past_the_advertised_limit_are_refused(servers):
             c.close()
         with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
             assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
+
+
+def test_denied_plain_http2_request_is_403_and_the_connection_goes_on():
+    up = BigUpstream(5)
+
+    def on_request(head):
+        return Response(403, b"RBAC: access denied", [(b"Content-Type", b"text/plain")]) \
+            if head.path.path.startswith("/admin") else None
+
+    try:
+        with ProxyThread(lambda head: ("127.0.0.1", up.port), on_request=on_request) as px:
+            got = []
+            c = RawClient(px.port)
+            try:
+                for sid, path in ((1, b"/admin/x"), (3, b"/ok"), (5, b"/a/../admin")):
+                    c.conn.send_headers(sid, _get(path), end_stream=True)
+                    c.flush()
+                    evs = c.events(_ends(sid), timeout=10)
+                    status = [dict(e.headers)[b":status"] for e in evs
+                              if isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid]
+                    body = b"".join(e.data for e in evs if isinstance(e, h2.events.DataReceived)
+                                    and e.stream_id == sid)
+                    got.append((status, body))
+            finally:
+                c.close()
+    finally:
+        up.close()
+    assert got == [([b"403"], b"RBAC: access denied"), ([b"200"], b"xxxxx"), ([b"403"], b"RBAC: access denied")]

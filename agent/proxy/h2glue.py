@@ -286,6 +286,7 @@ class H2Pool:
         self.limits = limits or hs.H2Limits()
         self.conns: dict[Target, list[_H2Upstream]] = {}
         self.connecting: dict[Target, asyncio.Future] = {}
+        self.joiners: dict[Target, int] = {}  # streams waiting for that connect
         self.connects = 0
         self.reuses = 0
         self._dirty: set[_H2Upstream] = set()
@@ -735,16 +736,21 @@ class H2Session(asyncio.Protocol):
             self.side.reset(sid, ErrorCodes.NO_ERROR)
 
     def _connect_cmd(self, st: _Stream, c: Connect) -> None:
-        target = c.target
         st.pending = [(p, None) for p in c.data[1:] if p]
-        if not c.fresh:
+        self._open(st, c.target, c.timeout, c.fresh)
+
+    def _open(self, st: _Stream, target: Target, timeout: float | None, fresh: bool) -> None:
+        """A stream for ``st`` on a connection with room (unless ``fresh``),
+        else on the connection being opened, else on a new one."""
+        if not fresh:
             up = self.pool.take(target)
             if up is not None:
                 self._attach(st, up, reused=True)
                 return
             fut = self.pool.connecting.get(target)
-            if fut is not None:
-                st.task = self._loop.create_task(self._join(st, target, fut))
+            if fut is not None and self.pool.joiners.get(target, 0) < self.pool.limits.max_concurrent_streams:
+                self.pool.joiners[target] = self.pool.joiners.get(target, 0) + 1
+                st.task = self._loop.create_task(self._join(st, target, fut, timeout))
                 return
         ex = st.ex
         assert ex.cluster is not None
@@ -759,9 +765,10 @@ class H2Session(asyncio.Protocol):
             return
         slot = _ConnectSlot(b)
         fut = self._loop.create_future()
-        if not c.fresh:
+        if not fresh:
             self.pool.connecting[target] = fut
-        task = st.task = self._loop.create_task(self._connect(st, target, c.timeout, slot, fut))
+            self.pool.joiners[target] = 0
+        task = st.task = self._loop.create_task(self._connect(st, target, timeout, slot, fut))
         task.add_done_callback(slot.done)
 
     async def _connect(self, st: _Stream, target: Target, timeout, slot: _ConnectSlot, fut) -> None:
@@ -803,25 +810,26 @@ class H2Session(asyncio.Protocol):
         self._attach(st, up, reused=False)
         self.flush()
 
-    async def _join(self, st: _Stream, target: Target, fut: asyncio.Future) -> None:
+    async def _join(self, st: _Stream, target: Target, fut: asyncio.Future, timeout: float | None) -> None:
         """Wait for another stream's connect to ``target`` and share it."""
         up = await asyncio.shield(fut)
         st.task = None
         if self._closed or st.ended or st.ex.target != target:
             return
-        if up is None or not up.usable():
-            got = self.pool.take(target)
-            if got is None:
-                reason = f"upstream {target_str(target)} unreachable"
-                self._run(st, st.ex.handle(ConnectFailed(reason), _monotonic()))
-                self.flush()
-                return
-            up = got
-        self._attach(st, up, reused=True)
+        if up is None:
+            reason = f"upstream {target_str(target)} unreachable"
+            self._run(st, st.ex.handle(ConnectFailed(reason), _monotonic()))
+        elif up.usable():
+            self._attach(st, up, reused=True)
+        else:  # full already: another one
+            self._open(st, target, timeout, False)
         self.flush()
 
     def _attach(self, st: _Stream, up: _H2Upstream, *, reused: bool) -> None:
         ex = st.ex
+        if not up.usable() and not up.lost:  # full (its peer's limit): another connection
+            self._open(st, up.target, ex.cluster.settings.timeouts.connect if ex.cluster else None, False)
+            return
         pending = st.pending or []
         st.pending = None
         end_now = ex.req_done and not pending

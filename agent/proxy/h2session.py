@@ -345,6 +345,19 @@ def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]]) -> Hea
 # The two ends
 
 
+class _Connection(H2Connection):
+    """h2's connection, except that a GOAWAY received does not close this
+    side: h2 refuses every frame after it (even in the same read), but RFC
+    9113 6.8 lets the streams the peer already took finish. No new stream is
+    opened on it (``ClientSide.capacity`` is 0 from then on)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        got = super()._receive_goaway_frame(frame)
+        if self.state_machine.state is ConnectionState.CLOSED:
+            self.state_machine.state = ConnectionState.CLIENT_OPEN
+        return got
+
+
 class _Side:
     """What both ends share: the h2 connection, buffered output, credits."""
 
@@ -358,7 +371,7 @@ class _Side:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = c = H2Connection(cfg)
+        self.h2 = c = _Connection(cfg)
         # In force at once (what initiate_connection advertises); update() would
         # only queue them until the peer's ACK, and advertise the defaults.
         c.local_settings = Settings(
@@ -545,11 +558,6 @@ class _Side:
                     return self._calm("rapid reset: too many streams reset by the peer")
             elif t is hev.ConnectionTerminated:
                 self.goaway_received = True
-                # h2 closes its side at once; RFC 9113 6.8 lets the streams the
-                # peer already took finish, so this side goes on for them (no
-                # new stream is opened: ``capacity`` is 0 from now on).
-                if self.h2.state_machine.state is ConnectionState.CLOSED:
-                    self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
                 out.append(GoAway(ev.last_stream_id or 0, int(ev.error_code)))
             else:
                 out.extend(self._event(ev))

@@ -35,10 +35,11 @@ KREL=$(uname -r)
 # --- 1. Debian packages ----------------------------------------------------
 # python3-bpfcc: bcc (Python module + libbcc); linux-headers-<arch>: what bcc
 # compiles against; iproute2/util-linux: ip, nsenter for the simulated nodes;
-# iperf3/nginx-light/wrk/curl: test and benchmark traffic.
+# iperf3/nginx-light/wrk/curl: test and benchmark traffic; nghttp2-client:
+# h2load (HTTP/2 load and tests).
 PACKAGES=(
     python3-bpfcc "linux-headers-$ARCH" python3-venv python3-dev
-    iproute2 util-linux iperf3 nginx-light wrk curl tcpdump procps psmisc make
+    iproute2 util-linux iperf3 nginx-light wrk curl nghttp2-client tcpdump procps psmisc make
 )
 
 step "Debian packages"

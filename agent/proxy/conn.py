@@ -139,6 +139,7 @@ class Conn:
     # An upstream leg opened by a service's L7 session (a socketpair, not an
     # accepted socket): resolved once the destination is connected.
     ready: asyncio.Future | None = None
+    leg_protocol: str = "http/1.1"  # what such a leg carries: "http/1.1" or "h2"
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result

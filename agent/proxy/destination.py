@@ -13,9 +13,11 @@ selects the pod): the first client bytes are sniffed (``sniff``; at most
 HTTP/1.x is served by an ``l7.L7Session`` on the client's transport, with
 this worker's keep-alive ``UpstreamPool`` (its sockets are opened by
 ``Upstream.open_socket``: marked) and per-request counters in
-``stats()["http"]``; every request is authorized (``l7authz``).  Anything
-else (TLS from the app, HTTP/2 prior knowledge, binary, silence) stays on
-the L4 relay.  A policy change re-checks live connections (``recheck``).
+``stats()["http"]``; every request is authorized (``l7authz``).  HTTP/2
+with prior knowledge (h2c, gRPC) is served the same way, stream by stream,
+by an ``h2glue.H2Session`` over this worker's ``H2Pool`` (``serve_h2``).
+Anything else (TLS from the app, binary, silence) stays on the L4 relay.
+A policy change re-checks live connections (``recheck``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from agent.policy.evaluate import workload_index
 from agent.proxy.admission import Refusal, authorize_connection, decided_by
 from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
+from agent.proxy.h2glue import H2Pool, H2Session
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.jwks import JWKS_FILES
 from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
@@ -50,6 +53,28 @@ __all__ = ["Destination", "L7_SNIFF_TIMEOUT", "record_decision"]
 log = logging.getLogger("meshlet.proxy")
 
 L7_SNIFF_TIMEOUT = 0.2  # seconds to wait for a client's first bytes before choosing L4
+_PROTOCOLS = {Verdict.HTTP1: "http/1.1", Verdict.HTTP2: "h2"}
+
+
+class _ProxyH2Session(H2Session):
+    """An HTTP/2 session that tells the server when it is over, and counts bytes."""
+
+    def __init__(self, *args: Any, done: asyncio.Future, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.done = done
+        self.bytes_in = 0
+        self.relay = None
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
 
 
 class _ProxySession(L7Session):
@@ -103,10 +128,13 @@ class Destination:
         self.accounting = accounting
         self.upstream = upstream
         self.pool: UpstreamPool | None = None  # L7: this worker's keep-alive pool to its pods
+        self.h2_pool: H2Pool | None = None  # HTTP/2: this worker's connections to its pods
         self._pod_clusters: dict[tuple, Cluster] = {}
         self._l7_need: dict[tuple, bool] = {}  # proxy.l7 auto: (policy version, pod) -> L7?
 
     def close(self) -> None:
+        if self.h2_pool is not None:
+            self.h2_pool.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -281,9 +309,10 @@ class Destination:
         return need
 
     @staticmethod
-    async def sniff(ep: Endpoint, first: bytes = b"") -> tuple[bool, bytes]:
-        """(is it HTTP/1.x, the bytes read so far). Waits at most
-        L7_SNIFF_TIMEOUT for more bytes; silence, EOF or an error mean L4."""
+    async def sniff(ep: Endpoint, first: bytes = b"") -> tuple[str | None, bytes]:
+        """(``"http/1.1"``, ``"h2"`` or None for neither, the bytes read so far).
+        Waits at most L7_SNIFF_TIMEOUT for more bytes; silence, EOF or an
+        error mean L4."""
         data = first
         verdict = sniff(data)
         with contextlib.suppress(TimeoutError, ConnectionError):
@@ -294,7 +323,9 @@ class Destination:
                         break
                     data += more
                     verdict = sniff(data)
-        return verdict is Verdict.HTTP1 and not ep.lost, data
+        if ep.lost:
+            return None, data
+        return _PROTOCOLS.get(verdict), data
 
     def _l7_pool(self, state: ProxyState) -> UpstreamPool:
         if self.pool is None:
@@ -304,6 +335,78 @@ class Destination:
                 open_socket=self.upstream.pool_socket,
             )
         return self.pool
+
+    def _h2_pool(self, state: ProxyState) -> H2Pool:
+        if self.h2_pool is None:
+            self.h2_pool = H2Pool(self._l7_pool(state))
+        return self.h2_pool
+
+    async def serve(
+        self, protocol: str, conn: Conn, ep: Endpoint, data: bytes, addr: Any, state: ProxyState, **kw: Any
+    ) -> None:
+        """``serve_h2`` for ``"h2"``, else ``serve_l7``."""
+        if protocol == "h2":
+            await self.serve_h2(conn, ep, data, addr, state, **kw)
+        else:
+            await self.serve_l7(conn, ep, data, addr, state, **kw)
+
+    async def serve_h2(
+        self,
+        conn: Conn,
+        ep: Endpoint,
+        data: bytes,
+        addr: tuple[str, int] | None,
+        state: ProxyState,
+        *,
+        first_sock: socket.socket | None = None,
+        choose: Any = None,
+        pool: H2Pool | None = None,
+    ) -> None:
+        """``serve_l7`` for an HTTP/2 client: every stream a request, each
+        authorized, balanced, retried and counted on its own."""
+        self.accounting.http["connections"] += 1
+        done = asyncio.get_running_loop().create_future()
+        own_pool = None
+        if choose is None:
+            cluster = self._pod_cluster(addr, state)
+            choose = lambda _head: cluster  # noqa: E731 - a one-line closure over this cluster
+            if first_sock is not None:
+                base = UpstreamPool(
+                    connect_timeout=state.connect_timeout + 1.0,
+                    buffer_size=state.buffer_size,
+                    open_socket=first_then(first_sock, self.upstream.pool_socket),
+                )
+                pool = own_pool = H2Pool(base)
+            else:
+                pool = self._h2_pool(state)
+        assert pool is not None
+        on_request = functools.partial(self.on_http_request, conn) if conn.l7_authz is not None else None
+        session = _ProxyH2Session(
+            choose,
+            pool,
+            L7Settings(buffer_size=state.buffer_size),
+            on_request=on_request,
+            on_response=functools.partial(self.accounting.on_http_response, conn),
+            done=done,
+        )
+        tr = ep.transport
+        assert tr is not None
+        data += ep.take_buffered()
+        tr.set_protocol(session)
+        session.connection_made(tr)
+        if data:
+            session.data_received(data)
+        if ep.eof:
+            session.eof_received()
+        try:
+            await done
+        finally:
+            if own_pool is not None:
+                own_pool.close()
+                own_pool.base.close()
+        conn.bytes_sent = session.bytes_in
+        conn.bytes_received = session.bytes_out
+        conn.reason = conn.reason or f"h2: {session.requests} request(s)"
 
     def _pod_cluster(self, addr: tuple[str, int] | None, state: ProxyState) -> Cluster:
         """The destination side's cluster for one pod address: no retries (the

@@ -49,6 +49,8 @@ WAITING     ResponseStarted(status)     RESPONDING, Forward
                                         (status listed in ``retryOn``)
                                         UPGRADED, SwitchProtocols (101 asked for)
                                         FAILED, Fail 502 (101 not asked for)
+WAITING     (shell: ``grpc_response``)  as ResponseStarted(200), but retried when
+            a gRPC trailers-only answer ``retryOn`` lists its ``grpc-status``
 WAITING     UpstreamLost                CONNECTING, Connect(fresh) (a reused
                                         connection closed under us: once, free)
                                         CONNECTING, ResetUpstream + Connect
@@ -91,6 +93,7 @@ from agent.proxy.tracing import HopContext
 from agent.traffic.breaker import OVERLOADED_HEADER, Breaker, Limit, Overloaded
 from agent.traffic.lb import Token
 from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
+from agent.traffic.outcome import grpc as grpc_outcome
 from agent.traffic.outcome import status as status_outcome
 from agent.traffic.retry import Done, Request, RetryState
 from agent.traffic.trafficpolicy import IDEMPOTENT_METHODS
@@ -400,6 +403,8 @@ class Exchange:
     response_body_bytes: int = 0
     trace: HopContext | None = None
     """The trace context forwarded upstream (generated request ids included), if forwarded."""
+    grpc_status: int | None = None
+    """gRPC: the response's ``grpc-status`` (trailers, or the proxy's own answer); set by the HTTP/2 shell."""
 
 
 # --------------------------------------------------------------------------
@@ -558,7 +563,7 @@ class HttpExchange:
         if c.retries_on:
             c.budget.request(now)
             rs = s.retries
-            if rs.non_idempotent or self.method in _IDEMPOTENT:
+            if rs.non_idempotent or rs.grpc_statuses or self.method in _IDEMPOTENT:
                 n = self.body_length
                 if n is None or n <= rs.max_body_bytes:
                     self.replay = []
@@ -641,6 +646,25 @@ class HttpExchange:
             self.state = State.UPGRADED
             return (SWITCH_PROTOCOLS,)
         self.status = st
+        self.state = State.RESPONDING
+        return _FORWARD
+
+    def grpc_response(self, code: int, now: float) -> Sequence[Command]:
+        """:meth:`response` for a gRPC trailers-only answer (HTTP 200 whose
+        ``grpc-status`` is ``code``): retried when ``retryOn`` names the code
+        (the HTTP/2 shell calls it; the outcome counts as Envoy maps it)."""
+        c: Cluster = self.cluster  # type: ignore[assignment]  # a response: start() set it
+        if not c.retries_on or code not in c.settings.retries.grpc_statuses:
+            return self.response(200, now)
+        o = grpc_outcome(code)
+        if self.token is not None or c.multi:
+            self._end_attempt(o, now)
+        else:
+            self.try_until = None
+        r = self._retry_after(o, now)
+        if r is not None:
+            return r  # this answer is discarded (its stream reset)
+        self.status = 200
         self.state = State.RESPONDING
         return _FORWARD
 

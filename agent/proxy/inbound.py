@@ -222,10 +222,12 @@ class Inbound:
         src_ip = normalize_ip(req.src.ip) if req.src is not None else None
         leftover = out.leftover
         dest = self.destination
-        hinted = req.protocol == "http/1.1"  # the source proxy parsed it (a service's leg)
-        is_http = hinted and dest.l7_for(state, pod)  # else the L4 path: it connects before answering
+        hinted = req.protocol in ("http/1.1", "h2")  # the source proxy parsed it (a service's leg)
+        # else the L4 path: it connects before answering
+        proto: str | None = req.protocol if hinted and dest.l7_for(state, pod) else None
         if not hinted and dest.l7_for(state, pod):
-            is_http, leftover = await dest.sniff(ep, leftover)
+            proto, leftover = await dest.sniff(ep, leftover)
+        is_http = proto is not None
         if not dest.authorize(conn, verified, src_ip, pod, req.dst.port, http=is_http):
             await self.refuse(conn, Status.FORBIDDEN, conn.reason)
             return
@@ -241,7 +243,7 @@ class Inbound:
                     await self.refuse(conn, f.status, f.reason, result=f.result)
                     return
             ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
-            await dest.serve_l7(conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
+            await dest.serve(proto or "", conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
             return
         try:
             upstream = await self.upstream.connect((dst_ip, req.dst.port), state, "pod")

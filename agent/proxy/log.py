@@ -128,6 +128,9 @@ def request_record(
             "trace_id": ids[1],
         }
     )
+    g = getattr(exchange, "grpc_status", None)
+    if g is not None:  # a gRPC call (HTTP/2): its grpc-status
+        rec["grpc_status"] = g
     if policy is not None:
         rec["verdict"] = "denied"
         rec["policy"] = policy

@@ -45,6 +45,7 @@ from agent.proxy.conn import (
     set_ready,
 )
 from agent.proxy.destination import Destination
+from agent.proxy.h2glue import H2Pool
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.l7 import Response, UpstreamPool
 from agent.proxy.relay import Endpoint, Relay
@@ -107,11 +108,16 @@ class Outbound:
         self.clusters: dict[str, Cluster] = {}
         self._cluster_stamps: dict[str, tuple] = {}
         self._src_pools: dict[str, UpstreamPool] = {}
+        self._src_h2_pools: dict[str, H2Pool] = {}  # HTTP/2 legs (one connection, many streams)
 
     def state_changed(self, new: ProxyState) -> None:
         """Drop the pools of pods and the clusters of services that are gone."""
         for key in [k for k in self._src_pools if k not in new.pod_by_key]:
             self._src_pools.pop(key).close()  # that pod is gone
+        for key in [k for k in self._src_h2_pools if k not in new.pod_by_key]:
+            p = self._src_h2_pools.pop(key)
+            p.close()
+            p.base.close()
         for key in [k for k in self.clusters if k.rsplit(":", 1)[0] not in new.service_by_key]:
             del self.clusters[key]  # that service is gone
             self._cluster_stamps.pop(key, None)
@@ -120,6 +126,10 @@ class Outbound:
         for pool in self._src_pools.values():
             pool.close()
         self._src_pools.clear()
+        for h2pool in self._src_h2_pools.values():
+            h2pool.close()
+            h2pool.base.close()
+        self._src_h2_pools.clear()
 
     async def handle(self, conn: Conn) -> None:
         client = conn.client
@@ -180,17 +190,19 @@ class Outbound:
             conn.dst_identity = state.identity(decision.pod)
         conn.route = {Local: "local", Tunnel: "tunnel", Passthrough: "passthrough"}[type(decision)]
         conn.mtls = isinstance(decision, Tunnel) and state.tunnel_security == "mtls"
-        http_data: bytes | None = None  # the first bytes of an HTTP/1 client (L7 on)
+        http_data: bytes | None = None  # the first bytes of an HTTP client (L7 on)
+        http_proto = "http/1.1"  # or "h2"
         if isinstance(decision, Local):
             if conn.ready is not None:
                 # A service's leg: HTTP by construction (nothing sent yet). Parsed
                 # again here only if this pod's policies need it; else relayed.
                 if self.destination.l7_for(state, decision.pod):
                     http_data = b""
+                    http_proto = conn.leg_protocol
             elif self.destination.l7_for(state, decision.pod):
-                is_http, data = await self.destination.sniff(client)
-                if is_http:
-                    http_data = data
+                proto, data = await self.destination.sniff(client)
+                if proto is not None:
+                    http_data, http_proto = data, proto
                 else:
                     client.unread(data)
             if not self.destination.authorize(
@@ -220,7 +232,9 @@ class Outbound:
                     client.reset()
                     return
                 set_ready(conn)
-            await self.destination.serve_l7(conn, client, http_data, decision.addr, state, first_sock=first)
+            await self.destination.serve(
+                http_proto, conn, client, http_data, decision.addr, state, first_sock=first
+            )
             return
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
@@ -279,7 +293,7 @@ class Outbound:
                 src=tunnel.Address(family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
                 # A service leg is HTTP: the peer connects to the pod and answers at once
                 # instead of sniffing first (so a refused pod is a connect failure here).
-                protocol="http/1.1" if conn.ready is not None else "",
+                protocol=conn.leg_protocol if conn.ready is not None else "",
             )
         )
         upstream.write(header)
@@ -352,13 +366,16 @@ class Outbound:
             )
             client.reset()
             return
-        http = r.app_protocol == "http"
+        proto = "http/1.1" if r.app_protocol == "http" else None
         data = b""
         if r.app_protocol is None and state.l7 is not False:
-            http, data = await self.destination.sniff(client)
-            if not http:
+            proto, data = await self.destination.sniff(client)
+            if proto is None:
                 client.unread(data)
-        if http:
+        elif proto is not None:  # declared HTTP: HTTP/1.1, unless the client starts with the h2c preface
+            sniffed, data = await self.destination.sniff(client)
+            proto = sniffed or proto
+        if proto is not None:
             conn.labels = []  # its legs carry the TCP metrics, one per endpoint connection
             box: dict[str, Any] = {"state": state, "route": r}
             vip_ip, vip_port = r.vip
@@ -375,6 +392,17 @@ class Outbound:
                     box["state"] = st
                 return self._service_cluster(st, box["route"])
 
+            if proto == "h2":
+                await self.destination.serve_h2(
+                    conn,
+                    client,
+                    data,
+                    None,
+                    state,
+                    choose=choose,
+                    pool=self._source_h2_pool(state, src.key, normalize_ip(peer[0])),
+                )
+                return
             await self.destination.serve_l7(
                 conn,
                 client,
@@ -465,12 +493,28 @@ class Outbound:
             )
         return pool
 
-    async def _service_socket(self, src_key: str, src_ip: str, target: tuple) -> socket.socket:
+    def _source_h2_pool(self, state: ProxyState, src_key: str, src_ip: str) -> H2Pool:
+        """HTTP/2 legs of one source pod to its services' endpoints (each leg
+        one connection carrying many streams)."""
+        pool = self._src_h2_pools.get(src_key)
+        if pool is None:
+            base = UpstreamPool(
+                connect_timeout=state.connect_timeout + self.inputs.header_timeout + 1.0,
+                buffer_size=state.buffer_size,
+                open_socket=functools.partial(self._service_socket, src_key, src_ip, protocol="h2"),
+            )
+            pool = self._src_h2_pools[src_key] = H2Pool(base)
+        return pool
+
+    async def _service_socket(
+        self, src_key: str, src_ip: str, target: tuple, protocol: str = "http/1.1"
+    ) -> socket.socket:
         """An upstream leg for a service's L7 session: one end of a socketpair
         whose other end is served as an outbound connection from pod
         ``src_key`` to ``target`` (Local, Tunnel or Passthrough, with the
-        usual policy, metrics and access log).  Returns once that connection
-        reached its destination; raises OSError/TimeoutError if it did not."""
+        usual policy, metrics and access log), carrying ``protocol``
+        (``http/1.1`` or ``h2``).  Returns once that connection reached its
+        destination; raises OSError/TimeoutError if it did not."""
         state = self.inputs.watcher.current
         src = state.pod_by_key.get(src_key)
         pod = state.pod_by_ip.get(normalize_ip(target[0]))
@@ -493,6 +537,7 @@ class Outbound:
             raise
         conn = Conn("outbound", ep, seq=self.accounting.next_seq())
         conn.ready = ready = loop.create_future()
+        conn.leg_protocol = protocol
         conn.src_addr = (src_ip, 0)
         conn.dst_addr = (target[0], target[1])
         conn.service = normalize_ip(target[0])

@@ -1,14 +1,16 @@
-"""Is this connection HTTP/1.x? Decided from its first bytes, sans-IO.
+"""Is this connection HTTP/1.x or HTTP/2? Decided from its first bytes, sans-IO.
 
 ``sniff(data)`` looks only at the request line, with C regexes (no per-byte
 Python work), and answers:
 
 - ``HTTP1``: a complete ``METHOD SP target SP HTTP/1.x`` line (CRLF or LF).
-- ``NOT_HTTP``: cannot become one: a TLS record (0x16 0x03...), the HTTP/2
-  prior-knowledge preface (``PRI * HTTP/2.0``), a byte no request line may
+- ``HTTP2``: the whole HTTP/2 prior-knowledge (h2c) connection preface
+  ``PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`` (RFC 9113 3.4).
+- ``NOT_HTTP``: cannot become one: a TLS record (0x16 0x03...), something
+  that starts like the preface and then differs, a byte no request line may
   hold, or ``limit`` bytes without a complete request line.
-- ``NEED_MORE``: still a prefix of a request line. The shell reads more,
-  under a short timeout of its own.
+- ``NEED_MORE``: still a prefix of a request line or of the preface. The
+  shell reads more, under a short timeout of its own.
 
 It never raises for any input.
 """
@@ -26,6 +28,7 @@ DEFAULT_LIMIT = 8192 + 64
 
 class Verdict(enum.Enum):
     HTTP1 = "http1"
+    HTTP2 = "http2"
     NOT_HTTP = "not-http"
     NEED_MORE = "need-more"
 
@@ -48,6 +51,8 @@ def sniff(data: bytes, *, limit: int = DEFAULT_LIMIT) -> Verdict:
         return Verdict.NOT_HTTP
     head = data[: len(_H2_PREFACE)]
     if _H2_PREFACE.startswith(head) and len(head) >= 4:  # "PRI " onwards
+        return Verdict.HTTP2 if len(head) == len(_H2_PREFACE) else Verdict.NEED_MORE
+    if head.startswith(b"PRI * HTTP/2.0"):  # the preface, then something else
         return Verdict.NOT_HTTP
     window = data[:limit]
     if _FULL.match(window):

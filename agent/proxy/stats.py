@@ -173,19 +173,26 @@ class Accounting:
                 conn.labels or conn.fallback_labels(inp.watcher.current), cluster
             )
         flags = exchange.flags or "-"
+        g = exchange.grpc_status  # gRPC (HTTP/2): refused by policy is HTTP 200 + grpc-status 7
         denied = False
         policy = None
-        if status == 403 or flags != "-":
+        if status == 403 or flags != "-" or g == 7:
             denied = "RBAC" in flags
             den = conn.denial  # (head, policy, rule) of the last request refused by policy
-            if den is not None and den[0] is head and status == 403:
+            if den is not None and den[0] is head and (status == 403 or g == 7):
                 denied, policy = True, den[1]
                 if flags == "-":
                     flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
             if denied:
                 inp.http_metrics.deny(policy or "")
         inp.http_metrics.observe(
-            hd, status, flags, ms, exchange.request_body_bytes, exchange.response_body_bytes
+            hd,
+            status,
+            flags,
+            ms,
+            exchange.request_body_bytes,
+            exchange.response_body_bytes,
+            "" if g is None else str(g),
         )
         access = inp.access
         if access.path is not None:

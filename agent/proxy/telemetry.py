@@ -37,8 +37,10 @@ HTTP requests (``proxy.l7``): :class:`HttpMetrics` keeps Istio's
 ``istio_requests_total`` and the duration / request size / response size
 histograms (Envoy's default buckets) under the connection's labels with
 ``request_protocol`` ``http``, plus ``response_code``, the request's
-``response_flags`` and ``grpc_response_status`` (""), and a finer latency
-histogram per connection label set for ``meshlet stats`` percentiles.
+``response_flags`` and ``grpc_response_status`` ("" for HTTP; a gRPC call's
+``grpc-status``, its ``request_protocol`` then ``grpc``, as Istio labels
+them), and a finer latency histogram per connection label set for
+``meshlet stats`` percentiles.
 """
 
 from __future__ import annotations
@@ -334,9 +336,13 @@ def http_prefix(tcp_labels: tuple[str, ...], cluster: str | None = None) -> tupl
     return tuple(lb)
 
 
-def http_labels(prefix: tuple[str, ...], code: int, flags: str) -> tuple[str, ...]:
-    """The full :data:`HTTP_LABELS` values of one request series."""
-    return prefix[:_RF] + (flags or "-",) + prefix[_RF + 1 :] + (str(code), "")
+def http_labels(prefix: tuple[str, ...], code: int, flags: str, grpc: str = "") -> tuple[str, ...]:
+    """The full :data:`HTTP_LABELS` values of one request series (``grpc``:
+    its ``grpc-status``, "" for plain HTTP)."""
+    lb = prefix[:_RF] + (flags or "-",) + prefix[_RF + 1 :] + (str(code), grpc)
+    if grpc:
+        lb = lb[:_PROTO] + ("grpc",) + lb[_PROTO + 1 :]
+    return lb
 
 
 # One series is a flat list (fast in-place increments):
@@ -357,7 +363,7 @@ class HttpHandle:
 
     def __init__(self, pids: tuple[int, ...]) -> None:
         self.pids = pids
-        self.targets: dict[tuple[int, str], tuple] = {}
+        self.targets: dict[tuple[int, str, str], tuple] = {}
 
 
 class HttpMetrics:
@@ -372,7 +378,7 @@ class HttpMetrics:
 
     def __init__(self, max_series: int = MAX_SERIES) -> None:
         self.max_series = max_series
-        self.series: dict[tuple[int, int, str], list] = {}
+        self.series: dict[tuple[int, int, str, str], list] = {}
         self._prefix_ids: dict[tuple[str, ...], int] = {}
         self._prefixes: list[tuple[str, ...]] = []
         self.latency: dict[int, dict[int, int]] = {}  # prefix id -> fine bucket -> n
@@ -402,10 +408,10 @@ class HttpMetrics:
         """Once per connection (and routed service), not per request."""
         return HttpHandle(self.prefixes(tcp_labels, cluster))
 
-    def _targets(self, h: HttpHandle, code: int, flags: str) -> tuple:
+    def _targets(self, h: HttpHandle, code: int, flags: str, grpc: str) -> tuple:
         out = []
         for pid in h.pids:
-            key = (pid, code, flags)
+            key = (pid, code, flags, grpc)
             s = self.series.get(key)
             if s is None:
                 if len(self.series) >= self.max_series:
@@ -415,16 +421,24 @@ class HttpMetrics:
             out.append((s, self.latency[pid]))
         t = tuple(out)
         if t and len(t) == len(h.pids):  # complete: safe to reuse (series are never removed)
-            h.targets[(code, flags)] = t
+            h.targets[(code, flags, grpc)] = t
         return t
 
     def observe(
-        self, h: HttpHandle, code: int, flags: str, ms: float, req_bytes: int = 0, resp_bytes: int = 0
+        self,
+        h: HttpHandle,
+        code: int,
+        flags: str,
+        ms: float,
+        req_bytes: int = 0,
+        resp_bytes: int = 0,
+        grpc: str = "",
     ) -> None:
-        """One finished request under each of the connection's reporters."""
-        targets = h.targets.get((code, flags))
+        """One finished request under each of the connection's reporters
+        (``grpc``: a gRPC call's ``grpc-status``)."""
+        targets = h.targets.get((code, flags, grpc))
         if targets is None:
-            targets = self._targets(h, code, flags)
+            targets = self._targets(h, code, flags, grpc)
             missing = len(h.pids) - len(targets)
             if missing or not h.pids:
                 self.overflow += missing or 1
@@ -460,7 +474,7 @@ class HttpMetrics:
             "buckets": list(BUCKETS),
             "series": [
                 [
-                    list(http_labels(ps[pid], code, flags)),
+                    list(http_labels(ps[pid], code, flags, grpc)),
                     s[0],
                     s[1],
                     s[_DUR:_REQ],
@@ -469,7 +483,7 @@ class HttpMetrics:
                     s[3],
                     s[_RESP:],
                 ]
-                for (pid, code, flags), s in self.series.items()
+                for (pid, code, flags, grpc), s in self.series.items()
             ],
             "fine_growth": FINE_GROWTH,
             "latency": [

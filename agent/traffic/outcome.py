@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Kind", "Outcome", "CONNECT_FAILURE", "RESET", "TIMEOUT", "status"]
+__all__ = ["Kind", "Outcome", "CONNECT_FAILURE", "RESET", "TIMEOUT", "status", "grpc", "GRPC_HTTP_STATUS"]
 
 
 class Kind(enum.Enum):
@@ -26,6 +26,9 @@ class Outcome:
     kind: Kind
     status: int | None = None
     """The HTTP status code for :attr:`Kind.STATUS`, else None."""
+    grpc: int | None = None
+    """A gRPC answer's ``grpc-status`` (``status`` is then its HTTP equivalent,
+    :data:`GRPC_HTTP_STATUS`, as Envoy maps it for outlier detection)."""
 
     def __post_init__(self) -> None:
         if (self.kind is Kind.STATUS) != (self.status is not None):
@@ -43,6 +46,8 @@ class Outcome:
         return self.kind is Kind.STATUS and not self.is_5xx
 
     def __str__(self) -> str:
+        if self.grpc is not None:
+            return f"grpc-status {self.grpc}"
         return str(self.status) if self.status is not None else self.kind.value
 
 
@@ -52,6 +57,19 @@ TIMEOUT = Outcome(Kind.TIMEOUT)
 
 
 _BY_STATUS: dict[int, Outcome] = {}
+
+#: gRPC status → the HTTP status it counts as (CANCELLED 499, DEADLINE_EXCEEDED
+#: 504, RESOURCE_EXHAUSTED 429, INTERNAL 500, UNAVAILABLE 503; others 200).
+GRPC_HTTP_STATUS = {1: 499, 4: 504, 8: 429, 13: 500, 14: 503}
+_BY_GRPC: dict[int, Outcome] = {}
+
+
+def grpc(code: int) -> Outcome:
+    """The outcome "a gRPC answer with ``grpc-status`` ``code``" (shared instances)."""
+    o = _BY_GRPC.get(code)
+    if o is None:
+        o = _BY_GRPC[code] = Outcome(Kind.STATUS, GRPC_HTTP_STATUS.get(code, 200), code)
+    return o
 
 
 def status(code: int) -> Outcome:

@@ -209,11 +209,15 @@ class RetryState:
 
     # -- the rules (each says True to refuse)
     def _not_retriable(self, o: Outcome, now: float) -> bool:
+        if o.grpc is not None:
+            return o.grpc not in self.retries.grpc_statuses
         if o.kind is Kind.STATUS:
             return o.status not in self.retries.statuses
         return o.kind.value not in self.retries.on
 
     def _not_idempotent(self, o: Outcome, now: float) -> bool:
+        if o.grpc is not None:  # gRPC calls are POSTs; a gRPC code in retryOn is the opt-in
+            return False
         return not self.retries.non_idempotent and self.request.method.upper() not in IDEMPOTENT_METHODS
 
     def _streaming(self, o: Outcome, now: float) -> bool:

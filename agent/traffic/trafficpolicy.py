@@ -20,7 +20,10 @@ Shape, with every default::
         perTryTimeout: null     # e.g. 500ms; null: whatever is left of timeouts.request
         retryOn: [connect-failure, reset, "503"]
                                 # connect-failure, reset, timeout (the per-try one),
-                                # 5xx, gateway-error (502, 503, 504), or status codes 400..599
+                                # 5xx, gateway-error (502, 503, 504), or status codes 400..599;
+                                # gRPC (a trailers-only answer's grpc-status): cancelled,
+                                # deadline-exceeded, internal, resource-exhausted, unavailable
+                                # (retried even though gRPC calls are POSTs)
         retryNonIdempotent: false   # also retry POST, PATCH, CONNECT and unknown methods
         maxBodyBytes: 65536     # larger request bodies are never retried (the proxy
                                 # would have to buffer them); 0..16777216
@@ -135,6 +138,15 @@ RETRY_CONDITIONS: dict[str, frozenset[int] | None] = {
     "gateway-error": frozenset({502, 503, 504}),
 }
 
+#: ``retryOn`` conditions on a gRPC answer's ``grpc-status`` (Envoy's names).
+GRPC_RETRY_CONDITIONS: dict[str, int] = {
+    "cancelled": 1,
+    "deadline-exceeded": 4,
+    "resource-exhausted": 8,
+    "internal": 13,
+    "unavailable": 14,
+}
+
 #: The sliding window (seconds) the retry budget's ``percent`` is taken over.
 BUDGET_WINDOW = 10.0
 
@@ -155,6 +167,8 @@ class Retries:
     """Also retry methods that are not idempotent."""
     max_body_bytes: int = 65536
     """Requests with a larger (or unknown-length) body are never retried."""
+    grpc_statuses: frozenset[int] = frozenset()
+    """gRPC status codes retried (:data:`GRPC_RETRY_CONDITIONS`)."""
 
 
 @dataclass(frozen=True)
@@ -310,24 +324,27 @@ def _duration(lo_open: float | None = 0.0, hi: float = 86400.0 * 365, *, zero_di
 # Reading
 
 
+_ALL_CONDITIONS = [*RETRY_CONDITIONS, *GRPC_RETRY_CONDITIONS]
+
+
 def _retry_on_item(v: y.Value) -> str | int:
     x = v.scalar()
     if isinstance(x, bool) or not isinstance(x, (int, str)):
-        raise y.Invalid(f"expected a condition ({', '.join(RETRY_CONDITIONS)}) or a status code")
+        raise y.Invalid(f"expected a condition ({', '.join(_ALL_CONDITIONS)}) or a status code")
     if isinstance(x, str) and re.fullmatch(r"\d+", x.strip()):
         x = int(x.strip())
     if isinstance(x, int):
         if not 400 <= x <= 599:
             raise y.Invalid(f"{x} cannot be retried on; status codes 400..599 can")
         return x
-    if x not in RETRY_CONDITIONS:
-        hint = y.did_you_mean(x, RETRY_CONDITIONS)
+    if x not in RETRY_CONDITIONS and x not in GRPC_RETRY_CONDITIONS:
+        hint = y.did_you_mean(x, _ALL_CONDITIONS)
         raise y.Invalid(
             f"unknown retry condition {x!r}"
             + (
                 f" (did you mean {hint!r}?)"
                 if hint
-                else f"; use {', '.join(RETRY_CONDITIONS)} or status codes"
+                else f"; use {', '.join(_ALL_CONDITIONS)} or status codes"
             )
         )
     return x
@@ -341,8 +358,10 @@ def _read_retries(r: y.MapReader) -> Retries:
     non_idem = r.get("retryNonIdempotent", y.boolean, d.non_idempotent)
     max_body = r.get("maxBodyBytes", y.integer(0, MAX_BODY_BYTES), d.max_body_bytes)
     r.finish()
-    on, statuses = d.on, d.statuses
+    on, statuses, grpc = d.on, d.statuses, d.grpc_statuses
     if on_items is not None:
+        grpc = frozenset(GRPC_RETRY_CONDITIONS[i] for i in on_items if i in GRPC_RETRY_CONDITIONS)
+        on_items = [i for i in on_items if i not in GRPC_RETRY_CONDITIONS]
         on = frozenset(i for i in on_items if isinstance(i, str) and RETRY_CONDITIONS[i] is None)
         codes: set[int] = {i for i in on_items if isinstance(i, int)}
         for i in on_items:
@@ -356,6 +375,7 @@ def _read_retries(r: y.MapReader) -> Retries:
         statuses,
         bool(non_idem),
         max_body if max_body is not None else d.max_body_bytes,
+        grpc,
     )
 
 

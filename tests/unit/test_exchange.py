@@ -448,3 +448,34 @@ def test_the_exchange_does_no_io():
         "agent.traffic.breaker", "agent.traffic.upstream_cluster", "agent.traffic.outcome",
         "agent.traffic.trafficpolicy", "agent.traffic.retry", "agent.traffic.lb",
         "agent.proxy.tracing"}
+
+
+# --------------------------------------------------------------------------
+# gRPC (the HTTP/2 shell): a trailers-only answer's grpc-status
+
+
+def test_grpc_status_listed_in_retry_on_is_retried_even_for_post():
+    c = Cluster("ns/g:1", [A, B], traffic(retries={"grpc_statuses": frozenset({14})}), 0.0)
+    ex, cmds = start(c, method=b"POST", body=None)
+    first = cmds[0].target
+    ex.request_body(5, [b"hello"])
+    ex.handle(ATTACHED_NEW, 0.0)
+    ex.request_end(0.0)
+    cmds = list(ex.grpc_response(14, 0.1))
+    assert cmds[0] == RESET_UPSTREAM and isinstance(cmds[-1], Connect)
+    assert cmds[-1].target != first and cmds[-1].data[1:] == (b"hello",)  # the body replayed
+    ex.handle(ATTACHED_NEW, 0.1)
+    assert list(ex.grpc_response(0, 0.2)) == [FORWARD]
+    assert ex.status == 200 and ex.attempts == 2
+
+
+def test_grpc_status_not_listed_is_forwarded_and_a_post_is_not_retried_on_http_statuses():
+    c = Cluster("ns/g:1", [A, B], traffic(retries={"grpc_statuses": frozenset({14})}), 0.0)
+    ex, _ = start(c, method=b"POST", body=None)
+    ex.handle(ATTACHED_NEW, 0.0)
+    ex.request_end(0.0)
+    assert list(ex.grpc_response(13, 0.1)) == [FORWARD]  # INTERNAL: not in retryOn
+    ex2, _ = start(c, method=b"POST", body=None)
+    ex2.handle(ATTACHED_NEW, 0.0)
+    ex2.request_end(0.0)
+    assert list(ex2.handle(ResponseStarted(503), 0.1)) == [FORWARD]  # a plain POST 503: not idempotent

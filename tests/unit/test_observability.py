@@ -368,6 +368,19 @@ def test_http_labels_are_istios_with_code_flags_and_protocol():
     json.dumps(snap)
 
 
+def test_grpc_calls_carry_their_status_and_protocol():
+    h = m.HttpMetrics()
+    pids = h.handle([lb("destination")])
+    h.observe(pids, 200, "-", 1.0, grpc="0")
+    h.observe(pids, 200, "-", 1.0, grpc="7")
+    h.observe(pids, 200, "-", 1.0, grpc="7")
+    h.observe(pids, 200, "-", 1.0)  # plain HTTP on the same connection
+    snap = h.snapshot()
+    rows = [dict(zip(snap["labels"], r[0])) | {"n": r[1]} for r in snap["series"]]
+    got = sorted((d["request_protocol"], d["grpc_response_status"], d["n"]) for d in rows)
+    assert got == [("grpc", "0", 1), ("grpc", "7", 2), ("http", "", 1)]
+
+
 def test_a_routed_service_names_destination_service_as_istio_does():
     h = m.HttpMetrics()
     (pid,) = h.prefixes([lb("destination")], "shop/reviews:9080")

@@ -67,6 +67,18 @@ spec:
             o.max_ejection_time, o.max_ejection_percent) == (0, 1, 5, 20, 100)
 
 
+def test_grpc_retry_conditions():
+    ps = parse_traffic_policies(HEAD + """\
+spec:
+  service: backend
+  retries: {retryOn: [unavailable, resource-exhausted, cancelled, deadline-exceeded, internal, reset]}
+""", "t.yaml")
+    r = ps.policies[0].settings.retries
+    assert r.grpc_statuses == {14, 8, 1, 4, 13}
+    assert (r.on, r.statuses) == ({"reset"}, frozenset())
+    assert DEFAULTS.retries.grpc_statuses == frozenset()  # opt-in
+
+
 def test_port_specific_policy_wins_whole():
     ps = parse_traffic_policies(HEAD + "spec: {service: b, retries: {attempts: 5}}\n---\n"
                                 + HEAD.replace("name: p", "name: q")
@@ -107,6 +119,9 @@ def test_duration_sums_its_parts(parts):
     ("spec:\n  service: b\n  retries:\n    retryOn: [reset, 5xxx, 200]\n",
      ["t.yaml:7:22: spec.retries.retryOn[1]: unknown retry condition '5xxx' (did you mean '5xx'?)",
       "t.yaml:7:28: spec.retries.retryOn[2]: 200 cannot be retried on; status codes 400..599 can"]),
+    ("spec:\n  service: b\n  retries:\n    retryOn: [unavailabel]\n",
+     ["t.yaml:7:15: spec.retries.retryOn[0]: unknown retry condition 'unavailabel' (did you mean "
+      "'unavailable'?)"]),
     ("spec:\n  service: b\n  retries: {retryOnn: [reset]}\n",
      ["t.yaml:6:13: spec.retries.retryOnn: unknown field 'retryOnn' (did you mean 'retryOn'?)"]),
     ("spec:\n  service: b\n  timeouts: {connect: 0s}\n",

@@ -588,7 +588,9 @@ class H2Session(asyncio.Protocol):
         st = self.streams[sid] = _Stream(sid, head, ex)
         if self.on_request is not None:
             r = self.on_request(head)
-            if r is not None:
+            if isinstance(r, hs.H2Head):  # forward this head instead (JWT: token removed, claim headers set)
+                head = st.head = r
+            elif r is not None:
                 ex.answer(r.status)
                 self._answer(st, r.status, r.body, r.headers)
                 return

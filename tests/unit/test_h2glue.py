@@ -721,3 +721,43 @@ def test_denied_plain_http2_request_is_403_and_the_connection_goes_on():
     finally:
         up.close()
     assert got == [([b"403"], b"RBAC: access denied"), ([b"200"], b"xxxxx"), ([b"403"], b"RBAC: access denied")]
+
+
+def test_a_replaced_head_is_what_goes_upstream_and_401_is_unauthenticated():
+    """The authorizer's hook may hand back another head (end-user JWT: the
+    token removed, claim headers set, a client's copy of them dropped); the
+    h2 session forwards that one, as the HTTP/1.1 session does.  A 401 from
+    the hook reaches a gRPC client as UNAUTHENTICATED."""
+    import dataclasses
+
+    def echo(req, ctx):
+        md = dict(ctx.invocation_metadata())
+        return repr((md.get("authorization"), md.get("x-jwt-sub"))).encode()
+
+    handler = grpc.method_handlers_generic_handler(SVC, {"Unary": grpc.unary_unary_rpc_method_handler(echo)})
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    srv.add_generic_rpc_handlers((handler,))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    cluster = _cluster([port])
+
+    def on_request(head):
+        hs_ = dict(head.headers)
+        if hs_.get(b"authorization") == b"Bearer bad":
+            return Response(401, b"Jwt verification fails", [(b"www-authenticate", b'Bearer realm="x"')])
+        kept = [(k, v) for k, v in head.headers if k not in (b"authorization", b"x-jwt-sub")]
+        return dataclasses.replace(head, headers=[*kept, (b"x-jwt-sub", b"alice")])
+
+    try:
+        with (
+            ProxyThread(lambda head: cluster, on_request=on_request) as px,
+            grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch,
+        ):
+            call = ch.unary_unary(f"/{SVC}/Unary")
+            got = call(b"x", timeout=10, metadata=[("authorization", "Bearer good"), ("x-jwt-sub", "mallory")])
+            assert got == repr((None, "alice")).encode()
+            with pytest.raises(grpc.RpcError) as e:
+                call(b"x", timeout=10, metadata=[("authorization", "Bearer bad")])
+            assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        srv.stop(None)

@@ -79,16 +79,22 @@ static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
  * *pod_cgid to the pod's cgroup (recorded in ml_origdst: the proxy knows
  * pods by that id); a guard entry (or nothing) returns NULL and sets
  * *refuse to 1 under a DENY_UNKNOWN directory, to 0 for an ALLOW entry or a
- * task outside the guarded directories.  No cache: removing a pod from
- * ml_enrolled stops matching its cgroups at once, and a task in a container
- * cgroup costs two hash lookups plus a helper call per level below
- * ML_MAX_CGROUP_DEPTH (the helper returns 0 past the task's own level). */
+ * task outside the guarded directories.
+ *
+ * No cache: removing a pod from ml_enrolled stops matching its cgroups at
+ * once.  Cost for a task in a container cgroup: three hash lookups and
+ * five ancestor-helper calls (scripts/bench_cgroup_walk.py measures it).
+ * Levels at or beyond ML_MAX_CGROUP_DEPTH are not walked. */
+_Static_assert(ML_MAX_CGROUP_DEPTH >= 1 && ML_MAX_CGROUP_DEPTH <= 64,
+	       "ML_MAX_CGROUP_DEPTH: 1..64 (the level search below takes 6 steps)");
+
 static __always_inline struct ml_workload *ml_task_pod(u64 *pod_cgid, int *refuse)
 {
 	u64 own = bpf_get_current_cgroup_id(), id = own;
 	struct ml_workload *w;
 	u32 *g;
-	int level;
+	u32 lo = 0, hi = ML_MAX_CGROUP_DEPTH - 1;
+	int i;
 
 	*refuse = 0;
 	w = ml_enrolled.lookup(&id);
@@ -101,11 +107,28 @@ static __always_inline struct ml_workload *ml_task_pod(u64 *pod_cgid, int *refus
 		*refuse = *g == ML_GUARD_DENY_UNKNOWN;
 		return NULL;
 	}
+	/* The deepest level below ML_MAX_CGROUP_DEPTH the task has (the helper
+	 * returns 0 past the task's own level; level 0, the root, always is). */
 #pragma unroll
-	for (level = ML_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
+	for (i = 0; i < 6; i++) {
+		u32 mid = (lo + hi + 1) / 2;
+
+		if (lo >= hi)
+			break;
+		if (bpf_get_current_ancestor_cgroup_id(mid))
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+#pragma unroll
+	for (i = 0; i < ML_MAX_CGROUP_DEPTH; i++) {
+		int level = (int)lo - i;
+
+		if (level < 0)
+			break;
 		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (!id || id == own)
-			continue;  /* deeper than the task's cgroup, or that cgroup itself */
+		if (id == own)
+			continue;  /* looked up above */
 		w = ml_enrolled.lookup(&id);
 		if (w) {
 			*pod_cgid = id;

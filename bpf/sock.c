@@ -5,11 +5,12 @@
  *
  * Attached once per node, on the cgroup subtree holding the node's pods and
  * its proxy.  Enrollment is data: a task is redirected only when its cgroup,
- * or the nearest ancestor of it that ml_enrolled or ml_cgroup_guard holds, is
- * in ml_enrolled (a pod's containers run in child cgroups of the pod cgroup),
- * so the proxy's own sockets (never enrolled) are not redirected again.  The programs return 1 (allow) except where the agent
- * put a DENY in ml_l4_policy for a connection the proxy would refuse anyway,
- * and where a task that is not enrolled sits under the pods' cgroup subtree
+ * or the nearest ancestor of it that ml_enrolled or ml_cgroup_guard holds,
+ * is in ml_enrolled (a pod's containers run in child cgroups of the pod
+ * cgroup), so the proxy's own sockets (never enrolled) are not redirected
+ * again.  The programs return 1 (allow) except where the agent put a DENY
+ * in ml_l4_policy for a connection the proxy would refuse anyway, and
+ * where a task that is not enrolled sits under the pods' cgroup subtree
  * (ml_cgroup_guard: a pod the agent does not know yet gets no plaintext
  * path): then connect() fails with EPERM at once (return 0).  Connections
  * that bypass the redirect are never refused: the proxy would not see them.
@@ -83,7 +84,8 @@ static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
  *
  * No cache: removing a pod from ml_enrolled stops matching its cgroups at
  * once.  Cost for a task in a container cgroup: three hash lookups and
- * five ancestor-helper calls (scripts/bench_cgroup_walk.py measures it).
+ * six ancestor-helper calls, four of them for a binary search of the task's
+ * level (scripts/bench_cgroup_walk.py measures it).
  * Levels at or beyond ML_MAX_CGROUP_DEPTH are not walked. */
 _Static_assert(ML_MAX_CGROUP_DEPTH >= 1 && ML_MAX_CGROUP_DEPTH <= 64,
 	       "ML_MAX_CGROUP_DEPTH: 1..64 (the level search below takes 6 steps)");

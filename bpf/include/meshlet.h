@@ -184,8 +184,8 @@ struct ml_l4_verdict {
  * is down (or before it has seen them) must not get a plaintext path: a TCP
  * connect() from a task that is not enrolled is refused (EPERM) when the
  * nearest of its cgroup and that cgroup's ancestors found here or in
- * ml_enrolled is a DENY_UNKNOWN entry (the directories the node's pod cgroups are created
- * in); an ALLOW entry (a pod the inventory lists with mesh: false) lets it
+ * ml_enrolled is a DENY_UNKNOWN entry (the directories the node's pod
+ * cgroups are created in); an ALLOW entry (a pod the inventory lists with mesh: false) lets it
  * through.  Loopback and excluded ports/CIDRs pass as they do for enrolled
  * pods.  Kept in bpffs, so it holds while no agent runs. */
 #define ML_GUARD_DENY_UNKNOWN 1

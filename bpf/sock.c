@@ -4,11 +4,13 @@
  * invisible to the app (getpeername4/getpeername6).
  *
  * Attached once per node, on the cgroup subtree holding the node's pods and
- * its proxy.  Enrollment is data: a task is redirected only when its cgroup
- * id is in ml_enrolled, so the proxy's own sockets (never enrolled) are not
- * redirected again.  The programs return 1 (allow) except where the agent
- * put a DENY in ml_l4_policy for a connection the proxy would refuse anyway,
- * and where a task that is not enrolled sits under the pods' cgroup subtree
+ * its proxy.  Enrollment is data: a task is redirected only when its cgroup,
+ * or the nearest ancestor of it that ml_enrolled or ml_cgroup_guard holds,
+ * is in ml_enrolled (a pod's containers run in child cgroups of the pod
+ * cgroup), so the proxy's own sockets (never enrolled) are not redirected
+ * again.  The programs return 1 (allow) except where the agent put a DENY
+ * in ml_l4_policy for a connection the proxy would refuse anyway, and
+ * where a task that is not enrolled sits under the pods' cgroup subtree
  * (ml_cgroup_guard: a pod the agent does not know yet gets no plaintext
  * path): then connect() fails with EPERM at once (return 0).  Connections
  * that bypass the redirect are never refused: the proxy would not see them.
@@ -68,12 +70,88 @@ static __always_inline int ml_record(void *ctx, u32 family, const u32 *dst_be,
 	return 0;
 }
 
-/* The workload of the task calling connect() on a TCP socket, when it is
- * enrolled and the datapath is enabled; NULL means "not enrolled" (then
- * *cfg is set only for a TCP connect with the datapath enabled: the guard
- * below applies to those alone). */
+/* The pod of the task calling connect(): the nearest of its cgroup and that
+ * cgroup's ancestors found in ml_enrolled or ml_cgroup_guard decides.  A
+ * container runtime runs a pod's processes (its pause container too) in
+ * child cgroups of the pod cgroup the kubelet made, which is what the agent
+ * enrolls, so the exact cgroup alone would match nothing on a real node.
+ * Deepest wins: the task's own cgroup first, then its ancestors from the
+ * nearest up.  An ml_enrolled entry returns that pod's workload and sets
+ * *pod_cgid to the pod's cgroup (recorded in ml_origdst: the proxy knows
+ * pods by that id); a guard entry (or nothing) returns NULL and sets
+ * *refuse to 1 under a DENY_UNKNOWN directory, to 0 for an ALLOW entry or a
+ * task outside the guarded directories.
+ *
+ * No cache: removing a pod from ml_enrolled stops matching its cgroups at
+ * once.  Cost for a task in a container cgroup: three hash lookups and
+ * six ancestor-helper calls, four of them for a binary search of the task's
+ * level (scripts/bench_cgroup_walk.py measures it).
+ * Levels at or beyond ML_MAX_CGROUP_DEPTH are not walked. */
+_Static_assert(ML_MAX_CGROUP_DEPTH >= 1 && ML_MAX_CGROUP_DEPTH <= 64,
+	       "ML_MAX_CGROUP_DEPTH: 1..64 (the level search below takes 6 steps)");
+
+static __always_inline struct ml_workload *ml_task_pod(u64 *pod_cgid, int *refuse)
+{
+	u64 own = bpf_get_current_cgroup_id(), id = own;
+	struct ml_workload *w;
+	u32 *g;
+	u32 lo = 0, hi = ML_MAX_CGROUP_DEPTH - 1;
+	int i;
+
+	*refuse = 0;
+	w = ml_enrolled.lookup(&id);
+	if (w) {
+		*pod_cgid = id;
+		return w;
+	}
+	g = ml_cgroup_guard.lookup(&id);
+	if (g) {
+		*refuse = *g == ML_GUARD_DENY_UNKNOWN;
+		return NULL;
+	}
+	/* The deepest level below ML_MAX_CGROUP_DEPTH the task has (the helper
+	 * returns 0 past the task's own level; level 0, the root, always is). */
+#pragma unroll
+	for (i = 0; i < 6; i++) {
+		u32 mid = (lo + hi + 1) / 2;
+
+		if (lo >= hi)
+			break;
+		if (bpf_get_current_ancestor_cgroup_id(mid))
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+#pragma unroll
+	for (i = 0; i < ML_MAX_CGROUP_DEPTH; i++) {
+		int level = (int)lo - i;
+
+		if (level < 0)
+			break;
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (id == own)
+			continue;  /* looked up above */
+		w = ml_enrolled.lookup(&id);
+		if (w) {
+			*pod_cgid = id;
+			return w;
+		}
+		g = ml_cgroup_guard.lookup(&id);
+		if (g) {
+			*refuse = *g == ML_GUARD_DENY_UNKNOWN;
+			return NULL;
+		}
+	}
+	return NULL;
+}
+
+/* The workload of the task calling connect() on a TCP socket, when its pod
+ * is enrolled and the datapath is enabled; NULL means "not enrolled" (then
+ * *cfg is set only for a TCP connect with the datapath enabled, and
+ * *refuse says whether the guard refuses the task: see ml_task_pod). */
 static __always_inline struct ml_workload *ml_enrolled_task(struct bpf_sock_addr *ctx,
-							    struct ml_config **cfg, u64 *cgid)
+							    struct ml_config **cfg, u64 *pod_cgid,
+							    int *refuse)
 {
 	struct ml_config *c;
 
@@ -83,38 +161,15 @@ static __always_inline struct ml_workload *ml_enrolled_task(struct bpf_sock_addr
 	if (!c || !c->enabled)
 		return NULL;
 	*cfg = c;
-	*cgid = bpf_get_current_cgroup_id();
-	return ml_enrolled.lookup(cgid);
-}
-
-/* 1 when a task that is not enrolled sits in a cgroup the guard covers:
- * the nearest entry of ml_cgroup_guard from its cgroup up decides. */
-static __always_inline int ml_guarded(u64 cgid)
-{
-	u32 *g = ml_cgroup_guard.lookup(&cgid);
-	int level;
-
-	if (g)
-		return *g == ML_GUARD_DENY_UNKNOWN;
-#pragma unroll
-	for (level = ML_MAX_CGROUP_DEPTH - 1; level >= 0; level--) {
-		u64 id = bpf_get_current_ancestor_cgroup_id(level);
-
-		if (!id)
-			continue;  /* deeper than this task's cgroup */
-		g = ml_cgroup_guard.lookup(&id);
-		if (g)
-			return *g == ML_GUARD_DENY_UNKNOWN;
-	}
-	return 0;
+	return ml_task_pod(pod_cgid, refuse);
 }
 
 /* The verdict for a task that is not enrolled: 1 allow, 0 refuse (EPERM).
  * ``bypass`` is why an enrolled pod's connect would not be redirected
  * (0: it would be): what passes the mesh for its pods passes here too. */
-static __always_inline int ml_unenrolled_verdict(struct ml_config *cfg, u64 cgid, int bypass)
+static __always_inline int ml_unenrolled_verdict(struct ml_config *cfg, int refuse, int bypass)
 {
-	if (!cfg || bypass || !ml_guarded(cgid))
+	if (!cfg || bypass || !refuse)
 		return 1;
 	ml_count(ML_STAT_UNKNOWN_DENIED);
 	return 0;
@@ -144,13 +199,13 @@ int ml_connect4(struct bpf_sock_addr *ctx)
 	u64 cgid = 0;
 	u32 dst[4] = {};
 	u16 port;
-	int bypass;
+	int bypass, refuse = 0;
 
-	w = ml_enrolled_task(ctx, &cfg, &cgid);
+	w = ml_enrolled_task(ctx, &cfg, &cgid, &refuse);
 	if (!w) {
 		if (!cfg)
 			return 1;
-		return ml_unenrolled_verdict(cfg, cgid, ml_v4_bypass(cfg, ctx->user_ip4,
+		return ml_unenrolled_verdict(cfg, refuse, ml_v4_bypass(cfg, ctx->user_ip4,
 								     bpf_ntohs((u16)ctx->user_port)));
 	}
 
@@ -203,9 +258,9 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 	u64 cgid = 0;
 	u32 dst[4];
 	u16 port;
-	int mapped, bypass;
+	int mapped, bypass, refuse = 0;
 
-	w = ml_enrolled_task(ctx, &cfg, &cgid);
+	w = ml_enrolled_task(ctx, &cfg, &cgid, &refuse);
 	if (!w && !cfg)
 		return 1;
 
@@ -218,7 +273,7 @@ int ml_connect6(struct bpf_sock_addr *ctx)
 	mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == bpf_htonl(0x0000ffff);
 	bypass = mapped ? ml_v4_bypass(cfg, dst[3], port) : ml_v6_bypass(cfg, dst, port);
 	if (!w)
-		return ml_unenrolled_verdict(cfg, cgid, bypass);
+		return ml_unenrolled_verdict(cfg, refuse, bypass);
 	if (bypass) {
 		ml_count(bypass);
 		return 1;

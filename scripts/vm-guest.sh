@@ -13,7 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # The datapath on this kernel: redirect and relay, strict mode (clsact on
-# 6.1) with adoption after a restart, the kernel policy map, the doctor's
+# 6.1) with adoption after a restart, pods found by cgroup ancestry
+# (kubelet layout), the kernel policy map, the doctor's
 # probes, the ABI check.  mTLS between nodes and a policy refused in the
 # kernel at connect() are proven by the demo, which runs first.  About 5
 # minutes under software emulation; vagrant/README.md lists what is left out.
@@ -22,6 +23,7 @@ GUEST_TESTS=(
     tests/privileged/test_doctor_kernel.py
     tests/privileged/test_strict_clsact.py
     tests/privileged/test_mesh.py
+    tests/privileged/test_cgroup_ancestry.py
     tests/privileged/test_policy_kernel.py::test_sync_l4_never_refuses_more_than_the_old_or_the_new_entries
     tests/privileged/test_policy_kernel.py::test_sync_l4_adopts_what_is_pinned
 )

@@ -40,6 +40,7 @@ LINK_CREATE = 28
 LINK_UPDATE = 29
 LINK_GET_FD_BY_ID = 30
 LINK_DETACH = 34
+ENABLE_STATS = 32
 
 # enum bpf_attach_type (the ones meshlet uses)
 ATTACH_CGROUP_SOCK_OPS = 3
@@ -265,6 +266,20 @@ def prog_info(fd: int) -> ProgInfo:
     tag = raw[8:16].hex()
     name = raw[64:80].split(b"\0", 1)[0].decode()
     return ProgInfo(typ, pid, tag, name)
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program: the kernel counts them only
+    while run-time stats are enabled (:func:`enable_run_stats`)."""
+    run_ns, runs = struct.unpack_from("=QQ", _info(fd, 232), 192)
+    return run_ns, runs
+
+
+def enable_run_stats() -> int:
+    """Turn the kernel's per-program run-time stats on (BPF_ENABLE_STATS,
+    BPF_STATS_RUN_TIME) until the returned fd is closed; they cost a clock
+    read per program run, so keep them for measurements only."""
+    return bpf(ENABLE_STATS, _attr("=I", 0))
 
 
 def link_info(fd: int) -> LinkInfo:

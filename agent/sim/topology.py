@@ -19,6 +19,17 @@ cgroups (v2, under the detected mount)::
     <mount>/meshlet-sim-<prefix>/<node>/system        node agent / proxy
     <mount>/meshlet-sim-<prefix>/<node>/pods/<pod>    one per pod
 
+or, with ``Cluster(kubelet_layout=...)`` (or :meth:`Pod.use_kubelet_layout`),
+as a kubelet and its container runtime lay a pod out on a real node: the pod
+cgroup (what the agent enrolls) under ``<node>/kubelet`` (the node's kubelet
+cgroup root), holding a pause-container cgroup and an app-container cgroup,
+and the pod's processes run in the app container's, a *child* of the pod
+cgroup (agent.workloads.kubecgroup spells the names)::
+
+    <node>/kubelet/kubepods.slice/kubepods-besteffort.slice/
+        kubepods-besteffort-pod<uid_>.slice/cri-containerd-<64hex>.scope   systemd
+    <node>/kubelet/kubepods/besteffort/pod<uid>/<64hex>                   cgroupfs
+
 Commands run "in" a pod or node are moved into its cgroup and entered into its
 network namespace only: the mount namespace is kept, so /sys/fs/cgroup and
 /sys/fs/bpf stay as the caller sees them (``ip netns exec`` would remount /sys).
@@ -47,12 +58,14 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cgroup import cgroup2_mount
+from agent.workloads import kubecgroup
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +78,9 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,6}$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _MAX_NODES = 250
 _MAX_POD_SLOTS = 240  # pod IPs are .10 .. .249
+#: ``Cluster(kubelet_layout=...)`` values: one cgroup driver for every node, or
+#: "both" (systemd on odd nodes, cgroupfs on even ones)
+KUBELET_LAYOUTS = ("systemd", "cgroupfs", "both")
 
 
 class SimError(RuntimeError):
@@ -497,11 +513,53 @@ class Pod:
     cgroup: str
     host_veth: str
     slot: int = 0
+    #: the Kubernetes UID the kubelet layout names the pod cgroup after
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: where the pod's processes run: None for the pod cgroup itself, else its
+    #: app container's cgroup, a child of it (see :meth:`use_kubelet_layout`)
+    container: str | None = None
+    #: the pause container's cgroup in the kubelet layout (nothing runs there)
+    sandbox: str | None = None
     _cluster: Cluster = field(repr=False, default=None)  # type: ignore[assignment]  # Cluster sets it
 
     @property
     def ips(self) -> list[str]:
         return [self.ip4] + ([self.ip6] if self.ip6 else [])
+
+    @property
+    def proc_cgroup(self) -> str:
+        """The cgroup :meth:`run` and :meth:`popen` put processes in."""
+        return self.container or self.cgroup
+
+    def use_kubelet_layout(
+        self,
+        root: str,
+        driver: str,
+        qos: str | None = "BestEffort",
+        runtime: str = "containerd",
+        *,
+        create: bool = True,
+    ) -> str:
+        """Lay the pod out as a kubelet with cgroup ``driver`` (its cgroup
+        root ``root``) and container ``runtime`` would: the pod cgroup
+        (becomes :attr:`cgroup`) with a pause-container and an app-container
+        cgroup in it; processes started from now on run in the app
+        container's (:attr:`container`).  Creates the directories unless
+        ``create`` is false (the cluster's build does it); call it before the
+        pod's processes start (running ones stay where they are).  Returns
+        the pod cgroup."""
+        pod_dir = kubecgroup.pod_cgroup(root, driver, self.uid, qos)
+        self.cgroup = pod_dir
+        self.sandbox = kubecgroup.container_cgroup(pod_dir, driver, runtime, secrets.token_hex(32))
+        self.container = kubecgroup.container_cgroup(pod_dir, driver, runtime, secrets.token_hex(32))
+        if create:
+            self._make_cgroups()
+        return pod_dir
+
+    def _make_cgroups(self) -> None:
+        for d in (self.cgroup, self.sandbox, self.container):
+            if d:
+                os.makedirs(d, exist_ok=True)
 
     @property
     def spiffe_path(self) -> str:
@@ -510,12 +568,12 @@ class Pod:
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 30, **kw: Any
     ) -> subprocess.CompletedProcess:
-        """Run in the pod netns + pod cgroup; see :func:`exec_in`."""
-        return exec_in(self.netns, self.cgroup, argv, check=check, timeout=timeout, **kw)
+        """Run in the pod netns + :attr:`proc_cgroup`; see :func:`exec_in`."""
+        return exec_in(self.netns, self.proc_cgroup, argv, check=check, timeout=timeout, **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        """Start in the pod netns + pod cgroup; killed at remove_pod/down."""
-        return self._cluster._track(self, popen_in(self.netns, self.cgroup, argv, **kw))
+        """Start in the pod netns + :attr:`proc_cgroup`; killed at remove_pod/down."""
+        return self._cluster._track(self, popen_in(self.netns, self.proc_cgroup, argv, **kw))
 
 
 class _FlowMap(dict):
@@ -545,6 +603,11 @@ class Cluster:
     (``pod<n>-<i>``).  Labels default to ``{"app": <name>}`` and the service
     account to the ``app`` label (else ``default``).  Pod names are unique
     per cluster.  Use as a context manager, or call :meth:`up`/:meth:`down`.
+
+    ``kubelet_layout`` (one of :data:`KUBELET_LAYOUTS`) lays every pod out as
+    a kubelet would, BestEffort class, under ``<node cgroup>/kubelet``, with
+    its processes in a container cgroup below the pod cgroup (see
+    :meth:`Pod.use_kubelet_layout`; ``container_runtime`` names them).
     """
 
     def __init__(
@@ -555,7 +618,15 @@ class Cluster:
         prefix: str | None = None,
         ipv6: bool = True,
         pod_specs: dict | None = None,
+        kubelet_layout: str | None = None,
+        container_runtime: str = "containerd",
     ) -> None:
+        if kubelet_layout is not None and kubelet_layout not in KUBELET_LAYOUTS:
+            raise ValueError(f"kubelet_layout must be one of {', '.join(KUBELET_LAYOUTS)}")
+        if container_runtime not in kubecgroup.RUNTIMES:
+            raise ValueError(f"container_runtime must be one of {', '.join(kubecgroup.RUNTIMES)}")
+        self.kubelet_layout = kubelet_layout
+        self.container_runtime = container_runtime
         if not 1 <= nodes <= _MAX_NODES:
             raise ValueError(f"nodes must be 1..{_MAX_NODES}")
         if pods_per_node < 0:
@@ -662,7 +733,7 @@ class Cluster:
         host = f"{self.prefix}h{node.index}p{slot}"
         assert len(host) <= 15, host
         n = node.index
-        return Pod(
+        pod = Pod(
             name=name,
             namespace=namespace,
             service_account=sa,
@@ -676,6 +747,23 @@ class Cluster:
             slot=slot,
             _cluster=self,
         )
+        driver = self.kubelet_driver(node)
+        if driver is not None:
+            pod.use_kubelet_layout(
+                self.kubelet_root(node), driver, "BestEffort", self.container_runtime, create=False
+            )
+        return pod
+
+    def kubelet_driver(self, node: Node) -> str | None:
+        """The cgroup driver ``kubelet_layout`` gives ``node`` (None: no kubelet layout)."""
+        if self.kubelet_layout == "both":
+            return "systemd" if node.index % 2 else "cgroupfs"
+        return self.kubelet_layout
+
+    @staticmethod
+    def kubelet_root(node: Node) -> str:
+        """The node's kubelet cgroup root (``kubeletCgroupRoot``) in the kubelet layout."""
+        return os.path.join(node.cgroup, "kubelet")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -776,7 +864,7 @@ class Cluster:
 
     def _build_pod(self, p: Pod) -> None:
         node = self.node(p.node)
-        os.makedirs(p.cgroup, exist_ok=True)
+        p._make_cgroups()
         _ip("netns", "add", p.netns)
         _sysctl(
             p.netns,

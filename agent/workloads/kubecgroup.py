@@ -18,18 +18,32 @@ cgroupfs driver::
 The root is the kubelet's ``--cgroup-root`` (``/`` by default, i.e. the
 cgroup2 mount point).  :func:`pod_cgroup` is pure; :func:`detect_driver`
 only looks at two directory names.
+
+The pod cgroup is what meshlet enrolls, but no process runs in it: the
+container runtime makes a child cgroup per container (the pod's pause
+container too) and runs the container's processes there;
+:func:`container_cgroup` spells those children the way the runtimes do
+(``cri-containerd-<id>.scope``, ``crio-<id>.scope``, ``docker-<id>.scope``
+under systemd; ``<id>``, or ``crio-<id>`` for CRI-O, under cgroupfs).  The
+datapath matches a task to its pod by walking up from the task's cgroup to
+the nearest enrolled one (bpf/sock.c ``ml_task_pod``), so the agent never
+needs these names; the simulated cluster and the tests use them to lay
+pods out as a real node does.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["DRIVERS", "QOS_CLASSES", "detect_driver", "pod_cgroup"]
+__all__ = ["DRIVERS", "QOS_CLASSES", "RUNTIMES", "container_cgroup", "detect_driver", "pod_cgroup"]
 
 DRIVERS = ("systemd", "cgroupfs")
 #: ``status.qosClass`` values; anything else (absent on a pod the kubelet has
 #: not admitted yet) is treated as BestEffort, the kubelet's default tier.
 QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")
+#: container runtimes whose cgroup naming :func:`container_cgroup` knows
+RUNTIMES = ("containerd", "crio", "docker")
+_SCOPE_PREFIX = {"containerd": "cri-containerd", "crio": "crio", "docker": "docker"}
 
 
 def pod_cgroup(root: str, driver: str, uid: str, qos: str | None) -> str:
@@ -60,3 +74,17 @@ def detect_driver(root: str) -> str | None:
     if os.path.isdir(os.path.join(root, "kubepods")):
         return "cgroupfs"
     return None
+
+
+def container_cgroup(pod_dir: str, driver: str, runtime: str, container_id: str) -> str:
+    """The cgroup directory ``runtime`` makes for container ``container_id``
+    (64 hex digits) inside the pod cgroup ``pod_dir`` under ``driver``."""
+    if runtime not in _SCOPE_PREFIX:
+        raise ValueError(f"unknown container runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if len(container_id) != 64 or any(c not in "0123456789abcdef" for c in container_id):
+        raise ValueError(f"container id {container_id!r} is not 64 lowercase hex digits")
+    if driver == "systemd":
+        return os.path.join(pod_dir, f"{_SCOPE_PREFIX[runtime]}-{container_id}.scope")
+    if driver == "cgroupfs":
+        return os.path.join(pod_dir, f"crio-{container_id}" if runtime == "crio" else container_id)
+    raise ValueError(f"unknown cgroup driver {driver!r}; expected one of {', '.join(DRIVERS)}")

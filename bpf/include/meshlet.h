@@ -38,7 +38,7 @@
 #ifndef ML_MAX_GUARDS               /* ml_cgroup_guard entries */
 #define ML_MAX_GUARDS (ML_MAX_WORKLOADS + 256)
 #endif
-#ifndef ML_MAX_CGROUP_DEPTH         /* cgroup levels the guard walks up from a task */
+#ifndef ML_MAX_CGROUP_DEPTH         /* cgroup levels connect4/6 walk up from a task (sock.c ml_task_pod) */
 #define ML_MAX_CGROUP_DEPTH 16
 #endif
 #ifndef ML_FLOW_TRACKING            /* 0: compile without the ml_flows program */
@@ -68,7 +68,9 @@ struct ml_config {
 	__u16 pad;
 };
 
-/* ml_enrolled: cgroup id -> workload; ml_pod_ips: pod address -> workload */
+/* ml_enrolled: pod cgroup id -> workload (a task in that cgroup or below it
+ * belongs to the pod: see ml_task_pod in sock.c); ml_pod_ips: pod address ->
+ * workload */
 struct ml_workload {
 	__u32 workload_id;
 	__u8 mode;                  /* ML_MODE_* for inbound plaintext */
@@ -95,7 +97,7 @@ struct ml_cidr6_key {
  * kept until the socket closes so getpeername() can answer it */
 struct ml_origdst {
 	__u32 dst_be[4];
-	__u64 cgroup_id;            /* cgroup of the task that called connect() */
+	__u64 cgroup_id;            /* pod cgroup (ml_enrolled key) of the task that called connect() */
 	__u16 dst_port;
 	__u8 family;
 	__u8 pad;
@@ -134,7 +136,7 @@ struct ml_flow {
 	__u64 end_ns;               /* closed; 0 while open */
 	__u64 bytes_acked;          /* sent and acknowledged by the peer */
 	__u64 bytes_received;
-	__u64 cgroup_id;            /* client legs: cgroup of the task that connected */
+	__u64 cgroup_id;            /* client legs: pod cgroup of the task that connected */
 	__u32 saddr_be[4];          /* local address (IPv4-mapped folded into IPv4) */
 	__u32 daddr_be[4];          /* remote address */
 	__u32 orig_dst_be[4];       /* client legs: where the app wanted to go */
@@ -181,9 +183,9 @@ struct ml_l4_verdict {
 /* ml_cgroup_guard: cgroup id -> ML_GUARD_*.  Pods started while the agent
  * is down (or before it has seen them) must not get a plaintext path: a TCP
  * connect() from a task that is not enrolled is refused (EPERM) when the
- * nearest of its cgroup and that cgroup's ancestors found here is a
- * DENY_UNKNOWN entry (the directories the node's pod cgroups are created
- * in); an ALLOW entry (a pod the inventory lists with mesh: false) lets it
+ * nearest of its cgroup and that cgroup's ancestors found here or in
+ * ml_enrolled is a DENY_UNKNOWN entry (the directories the node's pod
+ * cgroups are created in); an ALLOW entry (a pod the inventory lists with mesh: false) lets it
  * through.  Loopback and excluded ports/CIDRs pass as they do for enrolled
  * pods.  Kept in bpffs, so it holds while no agent runs. */
 #define ML_GUARD_DENY_UNKNOWN 1

@@ -7,6 +7,9 @@ Pods' cgroups follow the kubelet's layout, one driver per node: node1 the
 systemd driver (``kubepods.slice/kubepods-<qos>.slice/...pod<uid_>.slice``),
 node2 cgroupfs (``kubepods/<qos>/pod<uid>``), under each node's
 ``kubeletCgroupRoot``; the agents detect the driver and find the pods by UID.
+As on a real node, the pods' processes run in container cgroups below the
+pod cgroups (containerd's naming on node1, CRI-O's on node2): every
+meshed connection below comes from a containerised process.
 
 Proof that a connection went through the mesh, as in test_mesh.py: the
 server sees the delivering node proxy's address (the node gateway) instead
@@ -82,6 +85,26 @@ def test_agents_sync_from_the_api_and_find_kubelet_cgroups(env):
     assert "kubernetes: in sync (every watch open)" in r.stdout
     assert f"kubelet cgroups: systemd under {kubelet_root(mesh.cluster.node('node1'))}" in r.stdout
     assert "Pod: 4 objects" in r.stdout
+
+
+def test_a_containerised_process_is_meshed(env):
+    """The agents enroll the pod cgroup; the pod's processes run in a
+    container cgroup below it (and the pause container's is beside it): the
+    datapath finds the pod from the container, both drivers."""
+    from agent import cgroup as cg
+
+    mesh, _, _ = env
+    mount = cg.cgroup2_mount()
+    for name, dst, scope in (("pod1-1", "pod2-1", "cri-containerd-"), ("pod2-1", "pod1-1", "crio-")):
+        pod = mesh.cluster.pod(name)
+        assert os.path.dirname(pod.container) == pod.cgroup == os.path.dirname(pod.sandbox)
+        assert os.path.basename(pod.container).startswith(scope)
+        assert {e["pod"]: e["cgroup_id"] for e in mesh.status(pod.node)["enrolled"]}[
+            f"default/{name}"] == cg.cgroup_id(pod.cgroup)
+        # pod.run and pod.popen (every tool of these tests) run in the container cgroup
+        assert pod.run(["cat", "/proc/self/cgroup"]).stdout.strip().endswith(pod.container[len(mount):])
+        r = transfer(mesh, name, ip_of(mesh, dst), up=1 << 20, down=1 << 20)
+        assert r["ok"] and r["server_saw_peer"] == gateway(mesh, mesh.cluster.pod(dst).node), r
 
 
 def test_cross_node_traffic_goes_through_the_mesh(env):

@@ -9,8 +9,12 @@ namespaces (enrolled with ``meshlet.io/dataplane-mode: enabled``), pods and
 services (with an EndpointSlice each), and moves every pod into the cgroup
 the kubelet would have made for it: the systemd driver's layout on odd
 nodes, cgroupfs on even ones, under the node's ``kubelet`` directory (its
-``kubeletCgroupRoot``).  Everything lives under the cluster's cgroup tree,
-so the cluster's teardown removes it.
+``kubeletCgroupRoot``).  As on a real node, the pod's processes then run in
+a container cgroup *below* the pod cgroup (containerd's naming on odd
+nodes, CRI-O's on even ones, next to an empty pause-container cgroup):
+the agents enroll the pod cgroup and the datapath must find it from the
+container's.  Everything lives under the cluster's cgroup tree, so the
+cluster's teardown removes it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ ENABLED = {"meshlet.io/dataplane-mode": "enabled"}
 def driver_of(node) -> str:
     """The kubelet cgroup driver a simulated node uses."""
     return "systemd" if node.index % 2 else "cgroupfs"
+
+
+def runtime_of(node) -> str:
+    """The container runtime a simulated node uses (cgroup naming of containers)."""
+    return "containerd" if node.index % 2 else "crio"
 
 
 def kubelet_root(node) -> str:
@@ -55,11 +64,12 @@ class KubeMesh(Mesh):
 
 def place_in_kubelet_cgroup(cluster, pod, uid: str, qos: str) -> str:
     """Point the simulated pod at the cgroup the kubelet would have made for it
-    (created here, as the kubelet does); returns the path."""
+    and run its processes from now on in a container cgroup below it
+    (created here, as the kubelet and the runtime do); returns the pod cgroup."""
     node = cluster.node(pod.node)
-    path = kubecgroup.pod_cgroup(kubelet_root(node), driver_of(node), uid, qos)
-    os.makedirs(path, exist_ok=True)
-    pod.cgroup = path
+    pod.uid = uid
+    path = pod.use_kubelet_layout(kubelet_root(node), driver_of(node), qos, runtime_of(node))
+    assert path == kubecgroup.pod_cgroup(kubelet_root(node), driver_of(node), uid, qos)
     return path
 
 

@@ -52,6 +52,11 @@ bash scripts/bootstrap.sh >"$OUT/bootstrap.log" 2>&1 || { cat "$OUT/bootstrap.lo
 .venv/bin/python -m agent.doctor --json >"$OUT/doctor.json" 2>&1
 .venv/bin/python -m agent.doctor | tee "$OUT/doctor.txt"
 
+# qemu's software emulation (TCG) runs the guest several times slower than
+# the host: the simulated mesh waits longer for its agents (bcc's compile
+# and the verifier dominate) before it calls one not ready.
+export MESHLET_SIM_TIMEOUT_SCALE=${MESHLET_SIM_TIMEOUT_SCALE:-4}
+
 say "demo (scripts/run demo)"
 t=$SECONDS
 bash scripts/run demo >"$OUT/demo.log" 2>&1

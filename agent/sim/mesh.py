@@ -77,6 +77,13 @@ def service(
     }
 
 
+def _timeout_scale() -> float:
+    try:
+        return max(1.0, float(os.environ.get("MESHLET_SIM_TIMEOUT_SCALE", "1")))
+    except ValueError:
+        return 1.0
+
+
 @dataclass
 class AgentProc:
     node: Node
@@ -295,8 +302,12 @@ class Mesh:
                 time.sleep(0.1)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict:
-        """Until the admin API answers and every proxy worker reports stats."""
+        """Until the admin API answers and every proxy worker reports stats.
+        ``MESHLET_SIM_TIMEOUT_SCALE`` multiplies ``timeout`` on slow machines
+        (the Vagrant guest under qemu's software emulation sets it: bcc's
+        compile and the verifier run many times slower there)."""
         ap = self.agents[name]
+        timeout *= _timeout_scale()
         deadline = time.monotonic() + timeout
         last: dict | OSError | None = None
         while time.monotonic() < deadline:

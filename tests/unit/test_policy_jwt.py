@@ -351,7 +351,7 @@ def test_the_orders_example():
     from agent.policy.load import load_policies
 
     ps = load_policies(pathlib.Path(__file__).resolve().parents[2] / "policies")
-    assert [a.key for a in ps.authentications] == ["shop/orders-login"]
+    assert [a.key for a in ps.authentications] == ["shop/orders-login", "shop/storefront-login"]
     gw = parse_spiffe_id("spiffe://cluster.local/ns/ingress/sa/gateway")
     web = parse_spiffe_id("spiffe://cluster.local/ns/shop/sa/storefront")
     who = AuthInfo("https://login.example", "u1", ("orders",), None, {"scope": "orders"})

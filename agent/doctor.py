@@ -9,7 +9,9 @@ Probes that need the real kernel (loading programs, creating links) live in
 ``agent.datapath.probe``.  Given the agent's config, the doctor also checks
 what that config needs (its pin dir, its node cgroup, a way to attach strict
 mode: tcx links on >= 6.6, a clsact qdisc with cls_bpf on older kernels) and
-says what is pinned there already (a stop keeps the datapath).
+says what is pinned there already (a stop keeps the datapath).  ``meshlet
+doctor`` also asks a running agent that gets its node CA by CSR
+(``identity.nodeCA: csr``) whether it has it (:func:`check_node_ca_csr`).
 
 ``meshlet run`` calls the same checks before touching the kernel, so it fails
 with the same list of fixes instead of half-attaching.  A check that is not
@@ -590,6 +592,87 @@ def check_pinned_datapath(pin_dir: str, cgroup_path: str, mountinfo: str = "/pro
             "carrying maps over where their layout allows (else it refuses and leaves it running)"
         )
     return True, f"{seen}; {then}. `meshlet uninstall` removes it", None
+
+
+# --- the running agent ------------------------------------------------------
+
+NODE_CA_CSR = "node CA by CSR"
+
+
+def check_node_ca_csr(ident: dict) -> Check:
+    """``identity.nodeCA: csr`` (Kubernetes mode): has the node its
+    intermediate, or what is its CSR waiting for?  ``ident`` is the running
+    agent's ``/v1/status`` ``identity`` (what ``meshlet status`` and ``meshlet
+    certs`` show), with its ``node_ca_csr``.
+
+    Loaded: passes.  Waiting (asking, not yet approved or signed, installing,
+    the API unreachable): a warning naming the CSR and how to look at it --
+    nothing is signed for pods meanwhile.  Denied (or Failed, or a signed
+    certificate the node refused): a required failure with the reason."""
+    csr = ident["node_ca_csr"]
+    state, message = csr.get("state") or "?", csr.get("message") or ""
+    name = csr.get("csr")
+    signer = csr.get("signer") or "meshlet.io/node-intermediate"
+    ca = ident.get("node_ca")
+    if ca:
+        return Check(
+            NODE_CA_CSR,
+            True,
+            f"node CA loaded ({ca.get('subject')}, expires {ca.get('not_after')}); "
+            f"CSR client {state}: {message}",
+            None,
+            False,
+        )
+    look = (
+        f"see it with `kubectl get csr {name}` (its conditions: `kubectl describe csr {name}`)"
+        if name
+        else f"see the node's requests with `kubectl get csr` (signer {signer})"
+    )
+    controller = (
+        f"is `meshlet ca controller` running? It approves and signs {signer} CSRs "
+        "(`kubectl -n meshlet-system get pods -l app.kubernetes.io/name=meshlet-ca`; its logs say why not)"
+    )
+    if state == "denied":
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"no node CA, nothing signed for pods: {message}",
+            f"the CA controller refused this node's request for the reason above ({look}): fix what it "
+            "names (the node name the agent's token is bound to, the trust domain, the controller's "
+            "rules: `meshlet ca controller --help`); the agent asks again by itself",
+            True,
+        )
+    if state == "error":
+        fix = "the agent cannot reach the Kubernetes API (see the kubernetes API check); " + controller
+    else:
+        fix = f"{look}; {controller}"
+    return Check(NODE_CA_CSR, False, f"no node CA yet: {message}", fix, False)
+
+
+def check_agent_node_ca(sock: str, *, expected: bool = True, timeout: float = 2.0) -> Check | None:
+    """:func:`check_node_ca_csr` on the agent that answers at ``sock``; None
+    when it does not get its CA by CSR.  No agent answering: a warning if
+    one was ``expected`` (asked for, or the config says CSR), else None."""
+    from .adminclient import admin_get
+
+    try:
+        status, st = admin_get(sock, "/v1/status", timeout=timeout)
+    except (OSError, ValueError) as e:
+        if not expected:
+            return None
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"cannot ask the agent at {sock}: {e}",
+            "start the agent (`meshlet run`), or pass --socket / --node",
+            False,
+        )
+    if status != 200:
+        return Check(NODE_CA_CSR, False, f"the agent at {sock} answered {status}", None, False)
+    ident = st.get("identity") or {}
+    if not isinstance(ident.get("node_ca_csr"), dict):
+        return None
+    return _guarded(NODE_CA_CSR, False, lambda: check_node_ca_csr(ident))
 
 
 # --- the whole list ---------------------------------------------------------

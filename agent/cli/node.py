@@ -3,7 +3,9 @@ its ``status`` and its ``workloads``, ``uninstall`` it."""
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import sys
 
 import click
@@ -92,20 +94,46 @@ def uninstall(config_path: str, force: bool, output: str) -> None:
     type=click.Path(dir_okay=False),
     help="Also check what this agent config needs (its cgroup, pin dir).",
 )
+@agent_opts
 @OUTPUT
-def doctor(config_path: str | None, output: str) -> None:
+def doctor(config_path: str | None, sock: str | None, node: str | None, output: str) -> None:
     """Check the kernel features the datapath needs; print the fix for each
     missing one. Exit 1 when a required piece is missing (optional ones, such
-    as tcx outside strict mode, are reported but do not fail)."""
-    from ..doctor import checks_to_json, format_checks, ready, run_checks
+    as tcx outside strict mode, are reported but do not fail).
+
+    With a running agent (--socket/--node, the config's admin socket, or the
+    only one under /run/meshlet) that gets its node CA by CSR
+    (identity.nodeCA: csr), also whether the node has its intermediate: a
+    warning naming the CSR while it waits, a failure when it was denied."""
+    from ..doctor import check_agent_node_ca, checks_to_json, format_checks, ready, run_checks
 
     cfg = load_config(config_path) if config_path else None
     checks = run_checks(cfg)
+    agent = _doctor_socket(cfg, sock, node)
+    if agent is not None:
+        # an agent that does not answer matters when asked for, or when the config says CSR
+        c = check_agent_node_ca(agent, expected=bool(sock or node or _by_csr(cfg)))
+        if c is not None:
+            checks.append(c)
     if output == "json":
         echo_json(checks_to_json(checks))
     else:
         click.echo(format_checks(checks))
     sys.exit(0 if ready(checks) else 1)
+
+
+def _by_csr(cfg) -> bool:
+    return cfg is not None and cfg.workloads.source == "kubernetes" and cfg.identity.node_ca == "csr"
+
+
+def _doctor_socket(cfg, sock: str | None, node: str | None) -> str | None:
+    """The agent ``meshlet doctor`` asks, if any (never exits: the kernel checks stand alone)."""
+    if sock or node or os.environ.get("MESHLET_ADMIN_SOCKET"):
+        return admin_socket(sock, node)
+    if cfg is not None:
+        return cfg.admin.socket if _by_csr(cfg) else None
+    found = glob.glob("/run/meshlet/*/admin.sock")
+    return found[0] if len(found) == 1 else None
 
 
 @click.command()

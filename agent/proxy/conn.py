@@ -131,7 +131,9 @@ class Conn:
     l7_authz: RequestAuthorizer | None = None
     upgrade_head: Any = None  # the request that switched protocols (re-checked on reload)
     requests_denied: int = 0
-    denial: tuple[Any, str | None, int | None] | None = None  # (head, policy, rule) of the last 403
+    # Requests refused here and not yet reported (on_http_response): id(head)
+    # -> (head, RequestDenial); several at once on an HTTP/2 connection.
+    denials: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     # Services: the upstream cluster (``ns/name:port``) a VIP connection went to.
     cluster: str | None = None
     log_base: dict | None = None  # record() for this connection's request lines (made once)

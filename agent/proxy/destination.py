@@ -40,6 +40,7 @@ from agent.proxy.inputs import ProxyInputs
 from agent.proxy.jwks import JWKS_FILES
 from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
 from agent.proxy.l7authz import DENIED_BODY, Denial, RequestAuthorizer
+from agent.proxy.log import RequestDenial
 from agent.proxy.relay import Endpoint
 from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.state import Pod, ProxyState
@@ -247,6 +248,9 @@ class Destination:
                 conn.upgrade_head = head
             return self._authenticated(az, head)
         if isinstance(d, Denial):
+            if d.status == 401:  # end-user authentication (an invalid JWT): logged as denied
+                conn.denials[id(head)] = (head, RequestDenial("authentication", None, None, d.reason))
+                self.accounting.counters["requests_unauthenticated"] += 1
             return Response(d.status, (d.reason + "\n").encode("utf-8", "replace"), list(d.headers))
         src = conn.src_identity or "no identity"
         what = f"{head.method.decode('latin-1')} {head.path.path}"
@@ -264,15 +268,11 @@ class Destination:
                 conn.upgrade_head = head
             return self._authenticated(az, head)
         conn.requests_denied += 1
-        conn.denial = (head, d.policy, d.rule)
+        why = decided_by(d)
+        conn.denials[id(head)] = (head, RequestDenial("policy", d.policy, d.rule, why))
         self.accounting.counters["requests_denied"] += 1
         log.warning(
-            "denied request %s (%s) -> %s %s: %s",
-            fmt_addr(conn.src_addr),
-            src,
-            conn.dst_pod,
-            what,
-            decided_by(d),
+            "denied request %s (%s) -> %s %s: %s", fmt_addr(conn.src_addr), src, conn.dst_pod, what, why
         )
         return Response(403, DENIED_BODY, [(b"Content-Type", b"text/plain")])
 

@@ -11,6 +11,19 @@ is the request's time, ``result`` is ``ok`` or the response flags.  Then:
 ``upstream``, ``cluster``, ``attempts``, ``response_flags``,
 ``request_id`` (x-request-id) and ``trace_id`` (W3C).
 
+A request the destination proxy refused itself (:class:`RequestDenial`)
+says so on its own line, whatever the connection's verdict was:
+``verdict`` ``denied``, ``deny_reason`` and ``reason`` say why, ``policy``
+/ ``rule`` what decided it.  Refused by authorization policy (403; gRPC
+PERMISSION_DENIED): ``deny_reason`` ``policy``, ``response_flags`` ``RBAC``
+(Envoy's flag), ``policy`` null and ``reason`` ``no ALLOW policy match``
+when ALLOW policies apply and none matched (e.g. no request principal).
+Refused by end-user authentication (401, an invalid JWT; gRPC
+UNAUTHENTICATED): ``deny_reason`` ``authentication``, ``reason`` the
+token's fault, ``policy``/``rule`` null and ``response_flags`` ``-``:
+Envoy's jwt_authn sets no response flag either, and ``RBAC`` stays what it
+means in Envoy, a refusal by authorization.
+
 Sampling: connections by their original 4-tuple (both node proxies agree),
 requests by their x-request-id when they carry one (else the connection's
 key plus the request's number), at the same rate.
@@ -23,14 +36,23 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from agent.proxy.exchange import Exchange
 
 from agent.fsutil import open_append
 
-__all__ = ["setup_logging", "AccessLog", "sampled", "request_record", "request_ids"]
+__all__ = ["setup_logging", "AccessLog", "RequestDenial", "sampled", "request_record", "request_ids"]
+
+
+class RequestDenial(NamedTuple):
+    """Why the destination proxy refused one request (see the module docstring)."""
+
+    deny_reason: str  # "policy" (authorization, 403) | "authentication" (end-user JWT, 401)
+    policy: str | None  # the deciding policy; None: no ALLOW policy matched / authentication
+    rule: int | None
+    reason: str  # for people: "policy ns/name rule 0", "no ALLOW policy match", "Jwt is expired"
 
 
 def sampled(key: str, rate: float) -> bool:
@@ -99,12 +121,12 @@ def request_record(
     exchange: Any,
     ids: tuple[str | None, str | None],
     flags: str | None = None,
-    policy: str | None = None,
+    denial: RequestDenial | None = None,
 ) -> dict[str, Any]:
     """One request's access-log line: the connection's record ``base``
     (Conn.record) with the request's own numbers and fields.  ``flags``
-    overrides the exchange's response flags; ``policy``: the authorization
-    policy that refused the request (``""``: no ALLOW rule matched)."""
+    overrides the exchange's response flags; ``denial``: why the proxy
+    refused the request itself (None: it did not)."""
     path = getattr(head, "path", None)
     flags = flags or getattr(exchange, "flags", "-") or "-"
     rec = dict(base)
@@ -131,9 +153,12 @@ def request_record(
     g = getattr(exchange, "grpc_status", None)
     if g is not None:  # a gRPC call (HTTP/2): its grpc-status
         rec["grpc_status"] = g
-    if policy is not None:
+    if denial is not None:
         rec["verdict"] = "denied"
-        rec["policy"] = policy
+        rec["deny_reason"] = denial.deny_reason
+        rec["policy"] = denial.policy
+        rec["rule"] = denial.rule
+        rec["reason"] = denial.reason
     return rec
 
 
@@ -211,7 +236,7 @@ class AccessLog:
         exchange: Any,
         *,
         flags: str | None = None,
-        policy: str | None = None,
+        denial: RequestDenial | None = None,
     ) -> bool:
         """One request line, if sampled (see the module docstring); ``key``:
         the fallback sampling key.  Whether it was written."""
@@ -220,7 +245,7 @@ class AccessLog:
         ids = request_ids(head, exchange)
         if not sampled(ids[0] or key, rate):
             return False
-        self.write(request_record(base, head, status, elapsed, exchange, ids, flags, policy), flush=False)
+        self.write(request_record(base, head, status, elapsed, exchange, ids, flags, denial), flush=False)
         return True
 
     def write(self, record: dict[str, Any], *, flush: bool = True) -> None:

@@ -89,7 +89,8 @@ class Accounting:
             "legs_linked": 0,
             "leg_link_errors": 0,
             "access_log_skipped": 0,
-            "requests_denied": 0,
+            "requests_denied": 0,  # refused by authorization policy (403)
+            "requests_unauthenticated": 0,  # refused by end-user authentication (401: invalid JWT)
             "service_legs": 0,
         }
         # L7 (proxy.l7): per-request counters.
@@ -174,17 +175,16 @@ class Accounting:
             )
         flags = exchange.flags or "-"
         g = exchange.grpc_status  # gRPC (HTTP/2): refused by policy is HTTP 200 + grpc-status 7
-        denied = False
-        policy = None
-        if status == 403 or flags != "-" or g == 7:
-            denied = "RBAC" in flags
-            den = conn.denial  # (head, policy, rule) of the last request refused by policy
-            if den is not None and den[0] is head and (status == 403 or g == 7):
-                denied, policy = True, den[1]
-                if flags == "-":
-                    flags = "RBAC"  # Envoy's flag for a request refused by authorization policy
-            if denied:
-                inp.http_metrics.deny(policy or "")
+        denial = None
+        if conn.denials:  # this request refused by the proxy itself (on_http_request)?
+            den = conn.denials.pop(id(head), None)
+            if den is not None and den[0] is head:
+                denial = den[1]
+                if denial.deny_reason == "policy":
+                    # Envoy's flag for a request refused by authorization policy; a 401
+                    # (authentication) has none, as with Envoy's jwt_authn
+                    flags = "RBAC" if flags == "-" else f"{flags},RBAC"
+                    inp.http_metrics.deny(denial.policy or "")  # "": no ALLOW policy matched
         inp.http_metrics.observe(
             hd,
             status,
@@ -211,7 +211,7 @@ class Accounting:
                 elapsed,
                 exchange,
                 flags=flags,
-                policy=policy if denied else None,
+                denial=denial,
             ):
                 self.counters["access_log_skipped"] += 1
         sp = self.spans

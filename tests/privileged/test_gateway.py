@@ -228,6 +228,9 @@ def test_no_token_passes_the_gateway_and_frontend_then_403_at_orders(env):
     # refused by orders' proxy (authorization policy), the peer being frontend
     od = wait_for(lambda: inbound(env, "node1", "shop/orders-1", "/orders/anon"), "orders' access-log line")
     assert [(e["src_identity"], e["status"], e["response_flags"]) for e in od] == [(FRONTEND_ID, 403, "RBAC")]
+    # no ALLOW rule matched (no request principal): denied by no single policy
+    assert [(e["verdict"], e["deny_reason"], e["policy"], e["reason"]) for e in od] == \
+        [("denied", "policy", None, "no ALLOW policy match")]
     # the 403 came from orders' proxy, through frontend's nginx
     assert any('"GET /orders/anon ' in ln and "upstream_status=403" in ln for ln in access_log(env["fe_dir"]))
 
@@ -237,7 +240,8 @@ def test_token_without_the_claim_403_on_the_second_hop(env):
     assert r["status"] == 403 and r["body"].startswith("RBAC: access denied"), r
     assert not orders_saw(env, "/orders/read-only")
     od = wait_for(lambda: inbound(env, "node1", "shop/orders-1", "/orders/read-only"), "orders' log line")
-    assert [(e["src_identity"], e["status"], e["response_flags"]) for e in od] == [(FRONTEND_ID, 403, "RBAC")]
+    assert [(e["src_identity"], e["status"], e["response_flags"], e["verdict"]) for e in od] == \
+        [(FRONTEND_ID, 403, "RBAC", "denied")]
     fe = [ln for ln in access_log(env["fe_dir"]) if '"GET /orders/read-only ' in ln]
     assert fe and "upstream_status=403" in fe[-1], fe  # frontend was reached and passed orders' 403 on
     r = call(env, "/", [("Authorization", f"Bearer {token(env, scope='read')}")])

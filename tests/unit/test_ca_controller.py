@@ -389,3 +389,29 @@ def test_the_root_directory_is_checked_before_anything_is_signed(tmp_path):
     # the CLI says what is missing and exits 1 before it talks to any API
     res = CliRunner().invoke(ca_controller, ["--root", str(tmp_path / "nowhere"), "--metrics-port", "0"])
     assert res.exit_code == 1 and "root.pem" in res.output and "meshlet ca init --out DIR" in res.output
+
+
+def test_doctor_follows_the_node_through_waiting_denied_and_loaded(cluster):
+    """`meshlet doctor`'s check on what the agent reports (its enroller's
+    status, as /v1/status carries it): a warning naming the CSR while it
+    waits, a required failure with the reason when denied, OK once loaded."""
+    from agent.doctor import check_node_ca_csr
+
+    e = cluster.enroller("node-a")  # no controller yet
+    wait_for("waiting", lambda: e.state == "waiting")
+    c = check_node_ca_csr({"node_ca_csr": e.status()})
+    assert not c.ok and not c.required and e.csr_name in c.detail
+    assert f"kubectl get csr {e.csr_name}" in c.fix and "meshlet ca controller" in c.fix
+
+    cluster.controller()
+    d = cluster.enroller("node-b", token="node-a-token")  # bound to node-a: denied
+    wait_for("the denial", lambda: d.state == "denied")
+    c = check_node_ca_csr({"node_ca_csr": d.status()})
+    assert not c.ok and c.required and "WrongNode" in c.detail and d.csr_name in c.detail
+    assert f"kubectl get csr {d.csr_name}" in c.fix and "asks again" in c.fix
+
+    wait_for("node-a's intermediate", lambda: _installed(e))
+    m = load_material(TD, *(str(cluster.tmp / "node-a" / f) for f in ("bundle.pem", "ca.pem", "ca-key.pem")))
+    ca = {"subject": m.ca_cert.subject.rfc4514_string(), "not_after": m.ca_cert.not_valid_after_utc.isoformat()}
+    c = check_node_ca_csr({"node_ca_csr": e.status(), "node_ca": ca})
+    assert c.ok and ca["subject"] in c.detail and c.fix is None

@@ -133,7 +133,7 @@ COMMAND_TREE = {
     "certs": (*AGENT, TABLE_JSON),
     "config": (),
     "config validate": ("PATH", TABLE_JSON),
-    "doctor": ("--config", TABLE_JSON),
+    "doctor": ("--config", *AGENT, TABLE_JSON),
     "flows": (*AGENT, "--pod", "--namespace", "--identity", "--port", "--state", "--since",
               "--sort=start|srtt|bytes|age|retrans", "--limit", TABLE_WIDE_JSON, "-f/--follow",
               "--max-seconds"),

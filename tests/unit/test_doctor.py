@@ -534,3 +534,78 @@ def test_kube_api_check_against_the_test_server(tmp_path):
     assert not c.ok and "reachable" in c.fix
     c = doctor.check_kube_api(kube_config(tmp_path, "missing-kc"))
     assert not c.ok and "cannot read kubeconfig" in c.detail
+
+
+# --- the running agent's node CA by CSR (identity.nodeCA: csr) ---------------------------
+
+class _Agent:
+    """A Unix socket answering GET /v1/status with ``doc``, like the agent's admin API."""
+
+    def __init__(self, path: str, doc: dict):
+        import socket
+        import threading
+
+        self.path, self.body = path, json.dumps(doc).encode()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(65536).split(b"\r\n")[0])
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + self.body)
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(5)
+
+
+WAITING = {"mode": "csr", "signer": "meshlet.io/node-intermediate", "state": "waiting", "csr": "meshlet-node-a-x1y2z",
+           "message": "waiting for CSR meshlet-node-a-x1y2z to be approved (by meshlet ca controller); "
+                      "no workload certificates until then", "counters": {}}
+
+
+@pytest.mark.parametrize("ident,want", [
+    ({"node_ca_csr": WAITING, "error": "no node intermediate yet"}, (False, False)),
+    ({"node_ca_csr": {**WAITING, "state": "denied", "message": "CSR meshlet-node-a-x1y2z was denied: "
+                      "WrongNode: bound to node 'node-b'; asking again in 40s"}}, (False, True)),
+    ({"node_ca_csr": {**WAITING, "state": "error", "message": "cannot reach the API"}}, (False, False)),
+    ({"node_ca_csr": {**WAITING, "state": "valid", "message": "the node intermediate is valid"},
+      "node_ca": {"subject": "O=meshlet,CN=node-a", "not_after": "2027-01-01T00:00:00+00:00"}}, (True, False)),
+    ({"trust_domain": "td"}, None),  # files mode: the agent gets no CA by CSR, no check
+], ids=["waiting", "denied", "api-error", "loaded", "files"])
+def test_doctor_asks_the_running_agent_about_its_node_ca_csr(tmp_path, ident, want):
+    agent = _Agent(str(tmp_path / "admin.sock"), {"node": "node-a", "identity": ident})
+    try:
+        c = doctor.check_agent_node_ca(agent.path)
+    finally:
+        agent.close()
+    assert agent.requests == [b"GET /v1/status HTTP/1.0"]
+    if want is None:
+        assert c is None
+        return
+    assert (c.name, c.ok, c.required) == ("node CA by CSR", *want)
+    if not c.ok:
+        assert "meshlet-node-a-x1y2z" in c.fix or "Kubernetes API" in c.fix
+        assert ident["node_ca_csr"]["message"] in c.detail
+    out = doctor.checks_to_json([c])  # `meshlet doctor -o json`: as the other checks
+    assert out["checks"] == [{"name": "node CA by CSR", "ok": c.ok, "detail": c.detail, "fix": c.fix,
+                              "required": c.required}]
+    assert out["ready"] == (not c.required or c.ok)
+    table = doctor.format_checks([c])
+    assert table.startswith({(False, False): "! ", (False, True): "✗ ", (True, False): "✓ "}[want])
+
+
+def test_doctor_without_an_answering_agent(tmp_path):
+    path = str(tmp_path / "none.sock")
+    assert doctor.check_agent_node_ca(path, expected=False) is None  # just not running: kernel checks only
+    c = doctor.check_agent_node_ca(path)  # asked for, or the config says CSR
+    assert not c.ok and not c.required and path in c.detail and "meshlet run" in c.fix

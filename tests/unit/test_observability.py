@@ -344,7 +344,7 @@ from types import SimpleNamespace  # noqa: E402
 from agent.observe.prometheus import merge_http  # noqa: E402
 from agent.policy.http import NormalizedPath  # noqa: E402
 from agent.proxy.l7 import Exchange  # noqa: E402
-from agent.proxy.log import request_ids, request_record  # noqa: E402
+from agent.proxy.log import RequestDenial, request_ids, request_record  # noqa: E402
 from agent.observe.pairstats import fine_percentile  # noqa: E402
 
 
@@ -535,8 +535,9 @@ def test_request_record_has_the_connection_fields_and_the_requests_own():
     assert rec["request_id"] == "abc-123" and rec["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert "policy" not in rec and base["bytes_sent"] == 999  # base untouched
     denied = request_record(base, head(), 403, 0.001, Exchange(), request_ids(head(), Exchange()),
-                            flags="RBAC", policy="shop/deny-admin")
-    assert denied["verdict"] == "denied" and denied["policy"] == "shop/deny-admin"
+                            flags="RBAC", denial=RequestDenial("policy", "shop/deny-admin", 0, "policy x"))
+    assert denied["verdict"] == "denied" and denied["policy"] == "shop/deny-admin" and denied["rule"] == 0
+    assert denied["deny_reason"] == "policy" and denied["reason"] == "policy x"
     assert denied["response_flags"] == "RBAC" and denied["request_id"] is None
     assert denied["trace_id"] is None
     json.dumps(rec)
@@ -650,8 +651,9 @@ def test_sampling_zero_writes_no_request_lines_but_still_counts(tmp_path):
 
 
 def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
-    """The integrator's short-circuit records (head, policy, rule) on the
-    connection before answering 403; the response hook counts it."""
+    """The integrator's short-circuit records (head, RequestDenial) on the
+    connection before answering 403 / 401; the response hook counts and logs
+    it: RBAC for authorization, no flag for authentication (as Envoy)."""
     from agent.proxy.conn import Conn
     from agent.proxy.state import StateWatcher
     from agent.proxy.server import ProxyServer
@@ -664,16 +666,30 @@ def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
         conn = Conn(direction="inbound", client=None)
         conn.labels = [lb("destination")]
         hd = head(path="/admin", query=None)
-        conn.denial = (hd, "shop/deny-admin", 0)
+        conn.denials[id(hd)] = (hd, RequestDenial("policy", "shop/deny-admin", 0, "policy shop/deny-admin rule 0"))
+        nomatch = head(path="/grpc.Svc/Get", query=None)  # gRPC: HTTP 200 + grpc-status 7
+        conn.denials[id(nomatch)] = (nomatch, RequestDenial("policy", None, None, "no ALLOW policy match"))
+        jwt = head(path="/me", query=None)
+        conn.denials[id(jwt)] = (jwt, RequestDenial("authentication", None, None, "Jwt is expired"))
+        srv.accounting.on_http_response(conn, jwt, 401, 0.0004, Exchange())
+        srv.accounting.on_http_response(conn, nomatch, 200, 0.0004, Exchange(grpc_status=7))
         srv.accounting.on_http_response(conn, hd, 403, 0.0004, Exchange())
         other = head(path="/ok", query=None)
         srv.accounting.on_http_response(conn, other, 403, 0.0004, Exchange())  # the app's own 403: not a denial
+        srv.accounting.on_http_response(conn, hd, 403, 0.0004, Exchange())  # reported once only
         hm = srv.stats()["http_metrics"]
     finally:
         srv.inputs.access.close()
-    assert hm["denied_policies"] == {"shop/deny-admin": 1}
-    flags = sorted(dict(zip(hm["labels"], r[0]))["response_flags"] for r in hm["series"])
+    assert hm["denied_policies"] == {"shop/deny-admin": 1, "": 1} and not conn.denials
+    flags = sorted({dict(zip(hm["labels"], r[0]))["response_flags"] for r in hm["series"]})
     assert flags == ["-", "RBAC"]
     lines = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
-    assert [(e["path"], e["response_flags"], e.get("policy")) for e in lines] == \
-        [("/admin", "RBAC", "shop/deny-admin"), ("/ok", "-", None)]
+    got = [(e["path"], e["status"], e["response_flags"], e.get("verdict"), e.get("deny_reason"), e.get("policy"),
+            e.get("rule"), e["reason"]) for e in lines]
+    assert got == [
+        ("/me", 401, "-", "denied", "authentication", None, None, "Jwt is expired"),
+        ("/grpc.Svc/Get", 200, "RBAC", "denied", "policy", None, None, "no ALLOW policy match"),
+        ("/admin", 403, "RBAC", "denied", "policy", "shop/deny-admin", 0, "policy shop/deny-admin rule 0"),
+        ("/ok", 403, "-", None, None, None, None, ""),
+        ("/admin", 403, "-", None, None, None, None, ""),
+    ]

@@ -128,7 +128,7 @@ class _Stream:
         self.pending: list | None = None  # [(piece, credit)] for an upstream being connected
         self.up_head: list = []
         self.wake: float | None = None
-        self.answered_end = False  # the response's END_STREAM went with its head
+        self.answered_end = False  # the response's END_STREAM went (with its head or its last DATA)
         self.trailers = False
         self.got_bytes = False
         self.grpc_status: int | None = None
@@ -881,7 +881,10 @@ class H2Session(asyncio.Protocol):
         if t is hs.Body:
             if ex.state is State.RESPONDING:
                 ex.resp_bytes += len(ev.data)
-                self.side.send_data(st.sid, ev.data, False, (st.up, st.usid, ev.credit))
+                end = ev.end and not st.trailers  # the End that follows sends nothing then
+                self.side.send_data(st.sid, ev.data, end, (st.up, st.usid, ev.credit))
+                if end:
+                    st.answered_end = True
             elif st.up is not None:
                 st.up.side.credit(st.usid, ev.credit)
         elif t is hs.ResponseHead:

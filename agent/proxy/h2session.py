@@ -191,6 +191,8 @@ class Body:
     data: bytes
     credit: int
     """Flow-controlled bytes: give back with ``credit(stream_id, n)`` once forwarded."""
+    end: bool = False
+    """The frame ended the stream (an :class:`End` follows all the same)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +359,28 @@ class _Connection(H2Connection):
             self.state_machine.state = ConnectionState.CLIENT_OPEN
         return got
 
+    def _open_streams(self, remainder: int) -> int:
+        """Open streams of one parity, as h2 counts them, only when it matters.
+
+        h2 counts by walking every stream it still holds (and prunes the
+        closed ones then) each time a stream is opened or received: with
+        100 streams on an upstream connection that walk was the proxy's
+        largest single cost per request.  Here no stream is ever pushed, so
+        every stream a connection holds has a client's (odd) id, and the
+        streams held bound the open ones from above; h2 only compares the
+        count with the concurrent-stream limits, so below both limits that
+        bound gives the same answers, and the exact walk runs only near them
+        (which also keeps the held streams bounded by the limits)."""
+        n = len(self.streams)
+        if remainder == 1 and n < min(
+            self.local_settings.max_concurrent_streams, self.remote_settings.max_concurrent_streams
+        ):
+            return n
+        return super()._open_streams(remainder)
+
+    def exact_open_streams(self, remainder: int) -> int:
+        return super()._open_streams(remainder)
+
 
 class _Side:
     """What both ends share: the h2 connection, buffered output, credits."""
@@ -502,9 +526,12 @@ class _Side:
                         e[0] = data
                         return
                     piece = data[:room]
-                    h2.send_data(sid, piece)
                     data = data[room:]
+                    # END_STREAM on the last piece: one frame, not a DATA and an empty DATA
+                    h2.send_data(sid, piece, end_stream=end and not data)
                     self.buffered -= len(piece)
+                    if end and not data:
+                        end = False
                 if end:
                     h2.end_stream(sid)
             except (ProtocolError, StreamClosedError, KeyError):
@@ -542,7 +569,9 @@ class _Side:
             if t is hev.DataReceived:
                 self._conn_credit += ev.flow_controlled_length
                 if ev.data or ev.flow_controlled_length:
-                    out.append(Body(ev.stream_id, ev.data, ev.flow_controlled_length))
+                    out.append(
+                        Body(ev.stream_id, ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
+                    )
             elif t is hev.StreamEnded:
                 out.append(End(ev.stream_id))
             elif t is hev.WindowUpdated or t is hev.RemoteSettingsChanged:
@@ -640,11 +669,12 @@ class ClientSide(_Side):
         limit = h.remote_settings.max_concurrent_streams
         if not self.peer_settings:  # unlimited until its SETTINGS say otherwise: be modest
             limit = min(limit, 100)
-        return limit - h.open_outbound_streams
+        n = len(h.streams)  # bounds the open ones (_Connection._open_streams)
+        return limit - (n if n < limit else h.exact_open_streams(1))
 
     @property
     def open_streams(self) -> int:
-        return self.h2.open_outbound_streams
+        return self.h2.exact_open_streams(1)
 
     def _event(self, ev: object) -> list:
         t = type(ev)

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy import h2session as hs
 from agent.proxy import tracing
@@ -622,7 +623,9 @@ class H2Session(asyncio.Protocol):
             (b":authority", host),
             (b":path", head.path.target.encode("ascii") if head.path.path != "*" else b"*"),
             *hs.forward_headers(head.headers, tracing.TRACE_HEADERS),
-            *ctx.headers(),
+            # unique per request: never in the HPACK tables (indexing them only
+            # churned out the fields that repeat, and made every lookup longer)
+            *[NeverIndexedHeaderTuple(n, v) for n, v in ctx.headers()],
         ]
         return b""
 

@@ -15,7 +15,8 @@ set it up:
 * **Outbound listener** (Istio's ``virtualOutbound``): ``original_dst``
   recovers the address the app dialled; port 8080 goes through the HTTP
   connection manager (HTTP/1.1 upstream pooled per destination, as
-  Istio's default ``h2UpgradePolicy: DO_NOT_UPGRADE``), the other ports
+  Istio's default ``h2UpgradePolicy: DO_NOT_UPGRADE``; HTTP/2 with
+  ``EnvoySidecars(h2=True)``, as for a gRPC port), the other ports
   through ``tcp_proxy``; the upstream is an ``ORIGINAL_DST`` cluster with
   TLS 1.3 mTLS, presenting the pod's SVID and accepting only the
   destination's SPIFFE ID.
@@ -144,10 +145,23 @@ def _tcp(prefix: str, cluster: str, rbac: list[str] | None) -> list[dict]:
     return out
 
 
-def envoy_config(certs: dict[str, str], *, peers_out: list[str], peers_in: list[str]) -> dict:
+def _h2_upstream() -> dict:
+    """A cluster's ``typed_extension_protocol_options``: HTTP/2 to the upstream
+    (Istio sets this for a port declared ``grpc``/``http2``, or with
+    ``h2UpgradePolicy: UPGRADE``)."""
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        explicit_http_config={"http2_protocol_options": {}})}
+
+
+def envoy_config(
+    certs: dict[str, str], *, peers_out: list[str], peers_in: list[str], h2: bool = False
+) -> dict:
     """The bootstrap of one sidecar: ``peers_out`` are the identities its
     upstream TLS accepts, ``peers_in`` the identities its inbound side
-    admits (TLS and RBAC)."""
+    admits (TLS and RBAC).  ``h2``: the HTTP port's upstreams (the other
+    sidecar, then the app) speak HTTP/2, as for a gRPC/HTTP/2 port; the
+    default is HTTP/1.1 upstream (the client's side is AUTO either way)."""
     orig_dst = [{"name": "envoy.filters.listener.original_dst",
                  "typed_config": _any("envoy.extensions.filters.listener.original_dst.v3.OriginalDst")}]
     downstream_tls = {"name": "envoy.transport_sockets.tls", "typed_config": _any(
@@ -171,6 +185,8 @@ def envoy_config(certs: dict[str, str], *, peers_out: list[str], peers_in: list[
         "name": "outbound", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": "5s", "transport_socket": upstream_tls,
     }]
+    if h2:  # tcp_proxy on the same cluster ignores it
+        clusters[0]["typed_extension_protocol_options"] = _h2_upstream()
     for port in (HTTP_PORT, *TCP_PORTS):
         clusters.append({
             "name": f"inbound_{port}", "type": "STATIC", "connect_timeout": "5s",
@@ -178,6 +194,8 @@ def envoy_config(certs: dict[str, str], *, peers_out: list[str], peers_in: list[
                 {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                              "port_value": port}}}}]}]},
         })
+        if h2 and port == HTTP_PORT:
+            clusters[-1]["typed_extension_protocol_options"] = _h2_upstream()
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
         "static_resources": {
@@ -227,6 +245,7 @@ class EnvoySidecars:
     client: str
     server: str
     envoy: str
+    h2: bool = False  # the HTTP port's upstreams speak HTTP/2 (envoy_config)
     workdir: str = ""
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     captured: list[str] = field(default_factory=list)
@@ -246,7 +265,7 @@ class EnvoySidecars:
         for name, pod in pods.items():
             d = os.path.join(self.workdir, f"envoy-{name}")
             cfg = envoy_config(certs[name], peers_out=[sid] if name == self.client else [cid],
-                               peers_in=[cid] if name == self.server else [sid])
+                               peers_in=[cid] if name == self.server else [sid], h2=self.h2)
             path = os.path.join(d, "envoy.json")
             with open(path, "w") as f:
                 json.dump(cfg, f)

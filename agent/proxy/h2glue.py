@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy import h2session as hs
 from agent.proxy import tracing
@@ -128,7 +129,7 @@ class _Stream:
         self.pending: list | None = None  # [(piece, credit)] for an upstream being connected
         self.up_head: list = []
         self.wake: float | None = None
-        self.answered_end = False  # the response's END_STREAM went with its head
+        self.answered_end = False  # the response's END_STREAM went (with its head or its last DATA)
         self.trailers = False
         self.got_bytes = False
         self.grpc_status: int | None = None
@@ -622,7 +623,9 @@ class H2Session(asyncio.Protocol):
             (b":authority", host),
             (b":path", head.path.target.encode("ascii") if head.path.path != "*" else b"*"),
             *hs.forward_headers(head.headers, tracing.TRACE_HEADERS),
-            *ctx.headers(),
+            # unique per request: never in the HPACK tables (indexing them only
+            # churned out the fields that repeat, and made every lookup longer)
+            *[NeverIndexedHeaderTuple(n, v) for n, v in ctx.headers()],
         ]
         return b""
 
@@ -881,7 +884,10 @@ class H2Session(asyncio.Protocol):
         if t is hs.Body:
             if ex.state is State.RESPONDING:
                 ex.resp_bytes += len(ev.data)
-                self.side.send_data(st.sid, ev.data, False, (st.up, st.usid, ev.credit))
+                end = ev.end and not st.trailers  # the End that follows sends nothing then
+                self.side.send_data(st.sid, ev.data, end, (st.up, st.usid, ev.credit))
+                if end:
+                    st.answered_end = True
             elif st.up is not None:
                 st.up.side.credit(st.usid, ev.credit)
         elif t is hs.ResponseHead:

@@ -69,6 +69,7 @@ from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamState
 
 from agent.policy.http import HttpError, NormalizedPath, normalize_path
 
@@ -191,6 +192,8 @@ class Body:
     data: bytes
     credit: int
     """Flow-controlled bytes: give back with ``credit(stream_id, n)`` once forwarded."""
+    end: bool = False
+    """The frame ended the stream (an :class:`End` follows all the same)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +271,8 @@ def _check_request(raw: Sequence[tuple[bytes, bytes]]) -> tuple[dict[bytes, byte
     """(pseudo fields, regular fields), or why the request is malformed."""
     pseudo: dict[bytes, bytes] = {}
     regular: Headers = []
-    for n, v in raw:
+    for h in raw:
+        n, v = h
         if n[:1] == b":":
             if regular:
                 return f"pseudo-header {n.decode('latin-1')} after a regular field"
@@ -286,7 +290,7 @@ def _check_request(raw: Sequence[tuple[bytes, bytes]]) -> tuple[dict[bytes, byte
             return "te other than trailers in HTTP/2"
         if _BAD_VALUE.search(v):
             return f"bad value of header {n.decode('latin-1')}"
-        regular.append((n, v))
+        regular.append(h)  # as decoded: a never-indexed field stays so (RFC 7541 7.1.3)
     for n, v in pseudo.items():
         if _BAD_VALUE.search(v) or (not v and n != b":authority"):
             return f"bad value of {n.decode('latin-1')}"
@@ -333,8 +337,10 @@ def _head(sid: int, raw: Sequence[tuple[bytes, bytes]]) -> H2Head | Refused:
 
 
 def forward_headers(headers: Sequence[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()) -> Headers:
-    """Regular fields to send on (connection-specific ones and ``drop`` removed)."""
-    return [(n, v) for n, v in headers if n not in _DROP_FORWARD and n not in drop]
+    """Regular fields to send on (connection-specific ones and ``drop``
+    removed), the same objects: a field the peer sent never-indexed is
+    re-encoded never-indexed, as RFC 7541 7.1.3 asks of an intermediary."""
+    return [h for h in headers if h[0] not in _DROP_FORWARD and h[0] not in drop]
 
 
 def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
@@ -343,6 +349,10 @@ def response_headers(status: int, headers: Sequence[tuple[bytes, bytes]]) -> Hea
 
 # --------------------------------------------------------------------------
 # The two ends
+
+
+#: Stream states in which the peer sends no more DATA: no window to give back.
+_NO_MORE_DATA = frozenset({StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED})
 
 
 class _Connection(H2Connection):
@@ -356,6 +366,28 @@ class _Connection(H2Connection):
         if self.state_machine.state is ConnectionState.CLOSED:
             self.state_machine.state = ConnectionState.CLIENT_OPEN
         return got
+
+    def _open_streams(self, remainder: int) -> int:
+        """Open streams of one parity, as h2 counts them, only when it matters.
+
+        h2 counts by walking every stream it still holds (and prunes the
+        closed ones then) each time a stream is opened or received: with
+        100 streams on an upstream connection that walk was the proxy's
+        largest single cost per request.  Here no stream is ever pushed, so
+        every stream a connection holds has a client's (odd) id, and the
+        streams held bound the open ones from above; h2 only compares the
+        count with the concurrent-stream limits, so below both limits that
+        bound gives the same answers, and the exact walk runs only near them
+        (which also keeps the held streams bounded by the limits)."""
+        n = len(self.streams)
+        if remainder == 1 and n < min(
+            self.local_settings.max_concurrent_streams, self.remote_settings.max_concurrent_streams
+        ):
+            return n
+        return super()._open_streams(remainder)
+
+    def exact_open_streams(self, remainder: int) -> int:
+        return super()._open_streams(remainder)
 
 
 class _Side:
@@ -399,6 +431,9 @@ class _Side:
         self.goaway_received = False
         self.peer_settings = False  # the peer's first SETTINGS arrived
         self._conn_credit = 0
+        self._owed: dict[int, int] = {}  # stream credit not sent yet (credit())
+        self._full = False  # ClientSide.capacity found no room; until a stream may have closed
+        self._credit_at = max(1, limits.stream_window // 2)
         self._settings = _Bucket(limits.settings_burst, limits.settings_per_s)
 
     # ---- output
@@ -407,6 +442,7 @@ class _Side:
         return self.h2.data_to_send()
 
     def send_headers(self, sid: int, headers: Headers, end: bool = False) -> None:
+        self._full = False
         if self.closed:
             return
         try:
@@ -418,6 +454,7 @@ class _Side:
         """Queue ``data`` (and END_STREAM) on ``sid``; ``credit`` is
         reported by ``drained()`` once all of ``data`` went out (the shell's
         token: what to give back to whom)."""
+        self._full = False
         q = self._pending.get(sid)
         if q is None:
             q = self._pending[sid] = collections.deque()
@@ -436,6 +473,7 @@ class _Side:
             self.send_headers(sid, headers, end=True)
 
     def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
+        self._full = False
         self._forget(sid)
         if self.closed:
             return
@@ -445,11 +483,24 @@ class _Side:
             pass
 
     def credit(self, sid: int, n: int) -> None:
-        """Give ``n`` bytes of stream window back (they were forwarded)."""
+        """Give ``n`` bytes of stream window back (they were forwarded).
+
+        Not a WINDOW_UPDATE per DATA frame: the credit is kept until it
+        reaches half the stream window (the peer still has the other half to
+        send meanwhile, so it never waits on it), and none is sent for a
+        stream the peer has ended (no DATA can follow)."""
         if n <= 0 or self.closed:
             return
+        st = self.h2.streams.get(sid)
+        if st is None or st.state_machine.state in _NO_MORE_DATA:
+            self._owed.pop(sid, None)
+            return
+        owed = self._owed.pop(sid, 0) + n
+        if owed < self._credit_at:
+            self._owed[sid] = owed
+            return
         try:
-            self.h2.increment_flow_control_window(n, stream_id=sid)
+            self.h2.increment_flow_control_window(owed, stream_id=sid)
         except (ProtocolError, StreamClosedError, KeyError):
             pass
 
@@ -476,6 +527,7 @@ class _Side:
                 pass
 
     def _forget(self, sid: int) -> list[Any]:
+        self._owed.pop(sid, None)
         q = self._pending.pop(sid, None)
         out: list[Any] = []
         if q:
@@ -502,9 +554,12 @@ class _Side:
                         e[0] = data
                         return
                     piece = data[:room]
-                    h2.send_data(sid, piece)
                     data = data[room:]
+                    # END_STREAM on the last piece: one frame, not a DATA and an empty DATA
+                    h2.send_data(sid, piece, end_stream=end and not data)
                     self.buffered -= len(piece)
+                    if end and not data:
+                        end = False
                 if end:
                     h2.end_stream(sid)
             except (ProtocolError, StreamClosedError, KeyError):
@@ -529,6 +584,7 @@ class _Side:
         """h2's events for ``data``; a connection error gives [Broken]."""
         if self.closed:
             return []
+        self._full = False
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:
@@ -542,8 +598,11 @@ class _Side:
             if t is hev.DataReceived:
                 self._conn_credit += ev.flow_controlled_length
                 if ev.data or ev.flow_controlled_length:
-                    out.append(Body(ev.stream_id, ev.data, ev.flow_controlled_length))
+                    out.append(
+                        Body(ev.stream_id, ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
+                    )
             elif t is hev.StreamEnded:
+                self._owed.pop(ev.stream_id, None)
                 out.append(End(ev.stream_id))
             elif t is hev.WindowUpdated or t is hev.RemoteSettingsChanged:
                 opened = True
@@ -552,6 +611,7 @@ class _Side:
                     if not self._settings.take(now):
                         return self._calm("SETTINGS flood")
             elif t is hev.StreamReset:
+                self._owed.pop(ev.stream_id, None)
                 self._forget(ev.stream_id)
                 out.append(PeerReset(ev.stream_id, int(ev.error_code)))
                 if ev.remote_reset and not self._on_reset(now):
@@ -634,17 +694,24 @@ class ClientSide(_Side):
     @property
     def capacity(self) -> int:
         """Streams this connection may still open."""
-        if self.closed or self.goaway_received:
+        if self.closed or self.goaway_received or self._full:
             return 0
         h = self.h2
         limit = h.remote_settings.max_concurrent_streams
         if not self.peer_settings:  # unlimited until its SETTINGS say otherwise: be modest
             limit = min(limit, 100)
-        return limit - h.open_outbound_streams
+        n = len(h.streams)  # bounds the open ones (_Connection._open_streams)
+        if n < limit:
+            return limit - n
+        # The exact count walks every stream: once, until one may have closed
+        # (a frame received or sent, a reset); a pool probes full connections often.
+        room = limit - h.exact_open_streams(1)
+        self._full = room <= 0
+        return room
 
     @property
     def open_streams(self) -> int:
-        return self.h2.open_outbound_streams
+        return self.h2.exact_open_streams(1)
 
     def _event(self, ev: object) -> list:
         t = type(ev)
@@ -652,11 +719,12 @@ class ClientSide(_Side):
             sid = ev.stream_id  # type: ignore[attr-defined]
             status = 0
             hs: Headers = []
-            for n, v in ev.headers:  # type: ignore[attr-defined]
+            for h in ev.headers:  # type: ignore[attr-defined]
+                n, v = h
                 if n == b":status":
                     status = int(v) if v.isdigit() and len(v) == 3 else 0
                 elif n[:1] != b":":
-                    hs.append((n, v))
+                    hs.append(h)
             if not 200 <= status <= 599:
                 self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
                 return [PeerReset(sid, ErrorCodes.PROTOCOL_ERROR)]

@@ -117,6 +117,7 @@ class LightSpan:
         "dst_identity",
         "src_addr",
         "state",
+        "grpc_status",
     )
 
     def __init__(
@@ -152,6 +153,8 @@ class LightSpan:
         self.dst_identity = conn.dst_identity
         self.src_addr = conn.src_addr
         self.state = state  # immutable: the export thread resolves the endpoint's identity in it
+        # gRPC (an HTTP/2 stream): the call's status, from its trailers or the proxy's own answer
+        self.grpc_status = getattr(exchange, "grpc_status", None)
 
 
 class SpanQueue:
@@ -273,7 +276,8 @@ def attributes(s: LightSpan) -> dict[str, Any]:
     ``meshlet.cluster`` (service port, ``ns/name:port``), ``meshlet.route``,
     ``meshlet.request_id`` (x-request-id).  There are no route templates in
     meshlet, so no ``http.route``: ``url.path`` carries the (normalized)
-    path, without the query."""
+    path, without the query.  A gRPC call (an HTTP/2 stream) adds
+    ``rpc.system`` and ``rpc.grpc.status_code`` (its ``grpc-status``)."""
     method = _text(s.method) or ""
     a: dict[str, Any] = {}
     if method in KNOWN_METHODS:
@@ -324,6 +328,10 @@ def attributes(s: LightSpan) -> dict[str, Any]:
     if s.route:
         a["meshlet.route"] = s.route
     a["meshlet.request_id"] = _text(s.trace.request_id)
+    g = s.grpc_status
+    if g is not None:  # OpenTelemetry's RPC conventions (gRPC)
+        a["rpc.system"] = "grpc"
+        a["rpc.grpc.status_code"] = g
     if is_error(s.status, s.flags):
         a["error.type"] = s.flags if s.flags != "-" else str(s.status) if s.status else "no_response"
     return a

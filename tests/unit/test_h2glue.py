@@ -38,6 +38,7 @@ def _server(name: str, *, fail_unary: grpc.StatusCode | None = None, delay: floa
 
     def unary(req, ctx):
         calls["n"] += 1
+        calls["metadata"] = dict(ctx.invocation_metadata())
         if delay:
             time.sleep(delay)
         if fail_unary is not None:
@@ -69,9 +70,10 @@ def _server(name: str, *, fail_unary: grpc.StatusCode | None = None, delay: floa
 class ProxyThread:
     """An H2Session server on its own loop; ``choose`` gets each request head."""
 
-    def __init__(self, choose, on_request=None, limits=None):
+    def __init__(self, choose, on_request=None, limits=None, on_response=None):
         self.choose = choose
         self.on_request = on_request
+        self.also_on_response = on_response
         self.limits = limits
         self.responses: list = []
         self.sessions: list = []
@@ -81,6 +83,8 @@ class ProxyThread:
 
     def _on_response(self, head, status, elapsed, ex):
         self.responses.append((head.path.path, status, ex))
+        if self.also_on_response is not None:
+            self.also_on_response(head, status, elapsed, ex)
 
     def _run(self):
         asyncio.set_event_loop(self.loop)
@@ -151,6 +155,62 @@ def test_grpc_unary_and_streaming_through_the_proxy(servers):
     assert paths == [(f"/{SVC}/Unary", 200), (f"/{SVC}/Stream", 200)]
     assert [ex.grpc_status for _, _, ex in px.responses] == [0, 0]
     assert px.pool.connects == 1  # both calls, one upstream connection
+
+
+def test_each_grpc_call_is_a_span_with_its_grpc_status(servers):
+    """Spans per stream: the session's on_response hook (as ``Accounting``
+    calls the recorder) gives each sampled call a span, exported over
+    OTLP/HTTP: the trace of the client's ``traceparent``, the hop's span id
+    forwarded upstream, HTTP/2 as the protocol version, the gRPC status
+    (0 for a served call, 7 for one refused by policy the gRPC way)."""
+    from types import SimpleNamespace
+
+    from agent.proxy import spans, tracing
+    from agent.proxy.state import TracingConfig
+    from tests.support.otlpsink import OtlpSink
+
+    tid, pid = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    _, port, calls = servers("a")
+    cluster = _cluster([port])
+    conn = SimpleNamespace(route="local", src_identity="spiffe://cluster.local/ns/default/sa/client",
+                           dst_identity="spiffe://cluster.local/ns/default/sa/echo",
+                           src_addr=("127.0.0.1", 40000))
+
+    def deny_admin(head):
+        return Response(403, b"RBAC: access denied") if head.path.path.endswith("/Admin") else None
+
+    with OtlpSink() as sink:
+        cfg = TracingConfig(otlp_endpoint=sink.url, sample_rate=0.0, max_queue=64, max_batch=16,
+                            export_timeout=1.0, export_interval=0.05, service_instance="node1")
+        t = spans.start_tracing(cfg, 0, lambda: None)
+        assert t is not None
+        try:
+            def record(head, status, elapsed, ex):
+                t.recorder.on_response(conn, head, status, elapsed, ex, ex.flags)
+
+            md = (("traceparent", f"00-{tid}-{pid}-01"),)
+            with ProxyThread(lambda head: cluster, on_request=deny_admin, on_response=record) as px, \
+                    grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:
+                assert ch.unary_unary(f"/{SVC}/Unary")(b"hi", timeout=10, metadata=md) == b"a:hi"
+                with pytest.raises(grpc.RpcError) as e:
+                    ch.unary_unary(f"/{SVC}/Admin")(b"x", timeout=10, metadata=md)
+                assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                got = sink.wait(lambda s: len(s) == 2)
+        finally:
+            t.close()
+            tracing.set_sample_rate(0.0)
+    by_path = {s["attributes"]["url.path"]: s for s in got}
+    ok, denied = by_path[f"/{SVC}/Unary"], by_path[f"/{SVC}/Admin"]
+    for s in (ok, denied):
+        assert s["kind"] == "server" and s["trace_id"] == tid and s["parent_span_id"] == pid
+        assert s["attributes"]["network.protocol.version"] == "2"
+        assert s["attributes"]["rpc.system"] == "grpc"
+        assert s["attributes"]["http.response.status_code"] == 200
+    assert ok["attributes"]["rpc.grpc.status_code"] == 0
+    assert denied["attributes"]["rpc.grpc.status_code"] == 7
+    assert ok["attributes"]["server.address"] == "127.0.0.1"
+    # the upstream's parent is this hop's span
+    assert calls["metadata"]["traceparent"] == f"00-{tid}-{ok['span_id']}-01"
 
 
 def test_calls_on_one_channel_are_balanced_per_request(servers):

@@ -122,6 +122,27 @@ def test_stream_window_comes_back_only_when_credited():
     assert cl.local_flow_control_window(1) == 1000
 
 
+def test_stream_credit_goes_back_by_half_windows_and_not_after_the_peer_ended():
+    """No WINDOW_UPDATE per DATA frame: credit waits for half the window
+    (the sender still has the other half); none for a stream that ended."""
+    ours, cl = pair(hs.H2Limits(stream_window=1000))
+    cl.send_headers(1, [(b":method", b"POST"), *GET[1:]])
+    cl.send_data(1, b"x" * 1000)
+    exchange(ours, cl)
+    ours.credit(1, 300)
+    assert ours.data_to_send() == b""  # kept
+    assert cl.local_flow_control_window(1) == 0
+    ours.credit(1, 300)
+    cl.receive_data(ours.data_to_send())
+    assert cl.local_flow_control_window(1) == 600  # both credits, one frame
+    cl.send_data(1, b"y" * 10, end_stream=True)
+    exchange(ours, cl)
+    ours.credit(1, 400)
+    ours.credit(1, 10)
+    assert ours.data_to_send() == b""  # the client sends nothing more on it
+    assert not ours._owed
+
+
 def test_output_waits_for_the_window_and_reports_its_credit():
     ours, cl = pair()
     cl.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
@@ -193,3 +214,29 @@ def test_client_side_response_trailers_and_goaway():
     assert evs[2].headers == [(b"grpc-status", b"14"), (b"grpc-message", b"down")]
     assert ours.capacity == 0  # no new stream on a connection that is going away
     ours.credit(sid, 3)  # still possible after the peer's GOAWAY (h2 alone would refuse)
+
+
+def test_a_never_indexed_field_is_forwarded_never_indexed():
+    """RFC 7541 7.1.3: an intermediary re-encodes a never-indexed field (a
+    client's credential, say) never-indexed; the field reaches the
+    upstream so, and neither table holds it."""
+    from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+    ours, cl = pair()
+    cl.send_headers(1, [*GET, NeverIndexedHeaderTuple(b"authorization", b"Bearer s3cret"),
+                        (b"accept", b"*/*")], end_stream=True)
+    evs, _ = exchange(ours, cl)
+    (req,) = [e for e in evs if isinstance(e, hs.Request)]
+    fwd = hs.forward_headers(req.head.headers)
+    assert [type(h) for h in fwd] == [NeverIndexedHeaderTuple, HeaderTuple]
+    up = hs.ClientSide()
+    srv = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    srv.initiate_connection()
+    up.feed(srv.data_to_send(), 0.0)
+    pseudo = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    up.open_stream([*pseudo, *fwd], True)
+    got = [e for e in srv.receive_data(up.data_to_send()) if isinstance(e, h2.events.RequestReceived)]
+    auth = [h for h in got[0].headers if h[0] == b"authorization"]
+    assert auth == [(b"authorization", b"Bearer s3cret")] and isinstance(auth[0], NeverIndexedHeaderTuple)
+    assert all(n != b"authorization" for n, _ in up.h2.encoder.header_table.dynamic_entries)
+    assert all(n != b"authorization" for n, _ in srv.decoder.header_table.dynamic_entries)

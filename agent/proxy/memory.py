@@ -7,7 +7,9 @@ closed for three reasons, each with its fix:
 1. **A leak in CPython's ssl** (< 3.12.7, python/cpython#116810): each read
    of ``SSLObject.session`` leaks a copy of the session.  Fixed at the
    source in ``tls`` (a client fetches a session only when its cache needs
-   one), not here.
+   one, and keeps a refused one for a while: behind a multi-worker proxy
+   half the offers are refused), not here.  The copies leaked during a
+   burst were also what kept its heap pages resident afterwards (point 3).
 2. **pymalloc arenas.**  CPython serves objects of up to 512 bytes from its
    own 1 MiB arenas and returns an arena to the system only when every
    object in it is gone; a few survivors of a burst (a cache entry, a
@@ -16,7 +18,7 @@ closed for three reasons, each with its fix:
    (``worker_env``): Python objects come from glibc's heap, where
    ``malloc_trim`` returns every free *page*, so a survivor pins 4 KiB, not
    1 MiB.  Measured cost: none visible in held RSS per connection or in the
-   connection rates (see README, "Connection numbers").  An operator's own
+   connection rates (see README, "Connection scale").  An operator's own
    ``PYTHONMALLOC`` is kept (``PYTHONMALLOC=pymalloc`` restores CPython's
    default).
 3. **Free heap pages kept by glibc.**  ``trim`` (``malloc_trim(0)``) gives
@@ -25,12 +27,10 @@ closed for three reasons, each with its fix:
    the live connections fall below a low-water mark, so the pages the last
    half freed are not kept until the next burst.
 
-What is left (README, "Known limits"): on the tunnel's client side a cold
-10,000 burst leaves ~1.6x of idle RSS although the heap in use is back at
-idle: glibc heap fragmentation (free pages between a few surviving small
-blocks).  Measured without effect: a fixed ``MALLOC_MMAP_THRESHOLD_``
-(65536, which also stops glibc raising the threshold) with
-``MALLOC_TRIM_THRESHOLD_``, and ``MALLOC_ARENA_MAX=1``; neither is set.
+Measured on a cold 10,000 burst (README, "Connection scale"), without
+effect and so not set: a fixed ``MALLOC_MMAP_THRESHOLD_`` (65536, which
+also stops glibc raising the threshold) with ``MALLOC_TRIM_THRESHOLD_``,
+and ``MALLOC_ARENA_MAX=1``.
 
 Not glibc (musl, or another allocator preloaded): ``trim`` is a no-op and
 says why once in the log; ``heap`` returns None.  libc is reached through

@@ -60,6 +60,16 @@ def heap_in_use_mb(mesh: Mesh, node: str) -> float | None:
     return round(sum(kb) / 1024, 1) if kb and None not in kb else None
 
 
+def tls_counters(mesh: Mesh, node: str) -> dict[str, int]:
+    """The workers' TLS counters, summed (handshakes, resumed, session reads)."""
+    out: dict[str, int] = {}
+    for w in mesh.status(node)["proxy"]:
+        for k, v in ((w["stats"] or {}).get("tls") or {}).items():
+            if isinstance(v, int):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
 def active(mesh: Mesh, node: str) -> int:
     return sum((w["stats"] or {}).get("active_connections", 0) for w in mesh.status(node)["proxy"])
 
@@ -111,6 +121,7 @@ def measure_conns(counts: list[int], workers: int | None = None) -> list[dict]:
             time.sleep(SETTLE_S)
             after = {node: proxy_rss_mb(mesh, node) for node in nodes}
             in_use = {node: heap_in_use_mb(mesh, node) for node in nodes}
+            tls = {node: tls_counters(mesh, node) for node in nodes}
             row = {"connections": n, "held": got["held"], "failed": got["failed"],
                    "open_seconds": round(open_s, 1)}
             for node in nodes:
@@ -121,6 +132,7 @@ def measure_conns(counts: list[int], workers: int | None = None) -> list[dict]:
                     "after_close_mb": after[node],
                     "after_close_heap_in_use_mb": in_use[node],
                     "after_over_idle": round(after[node] / idle[node], 2) if idle[node] else None,
+                    "tls_so_far": tls[node],
                 }
             rows.append(row)
             print_row(row)

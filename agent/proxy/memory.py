@@ -7,7 +7,9 @@ closed for three reasons, each with its fix:
 1. **A leak in CPython's ssl** (< 3.12.7, python/cpython#116810): each read
    of ``SSLObject.session`` leaks a copy of the session.  Fixed at the
    source in ``tls`` (a client fetches a session only when its cache needs
-   one), not here.
+   one, and keeps a refused one for a while: behind a multi-worker proxy
+   half the offers are refused), not here.  The copies leaked during a
+   burst were also what kept its heap pages resident afterwards (point 3).
 2. **pymalloc arenas.**  CPython serves objects of up to 512 bytes from its
    own 1 MiB arenas and returns an arena to the system only when every
    object in it is gone; a few survivors of a burst (a cache entry, a
@@ -16,12 +18,19 @@ closed for three reasons, each with its fix:
    (``worker_env``): Python objects come from glibc's heap, where
    ``malloc_trim`` returns every free *page*, so a survivor pins 4 KiB, not
    1 MiB.  Measured cost: none visible in held RSS per connection or in the
-   connection rates (see README, "Connection numbers").  An operator's own
+   connection rates (see README, "Connection scale").  An operator's own
    ``PYTHONMALLOC`` is kept (``PYTHONMALLOC=pymalloc`` restores CPython's
    default).
 3. **Free heap pages kept by glibc.**  ``trim`` (``malloc_trim(0)``) gives
-   them back; the server calls it after a burst is over (``ProxyServer.
-   _maintain``).
+   them back; the server calls it when ``TrimSchedule`` says a burst is over
+   (``ProxyServer._maintain``): once half of it has closed, and again when
+   the live connections fall below a low-water mark, so the pages the last
+   half freed are not kept until the next burst.
+
+Measured on a cold 10,000 burst (README, "Connection scale"), without
+effect and so not set: a fixed ``MALLOC_MMAP_THRESHOLD_`` (65536, which
+also stops glibc raising the threshold) with ``MALLOC_TRIM_THRESHOLD_``,
+and ``MALLOC_ARENA_MAX=1``.
 
 Not glibc (musl, or another allocator preloaded): ``trim`` is a no-op and
 says why once in the log; ``heap`` returns None.  libc is reached through
@@ -38,11 +47,13 @@ import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["WORKER_ALLOCATOR", "Heap", "heap", "report", "rss_kb", "trim", "worker_env"]
+__all__ = ["WORKER_ALLOCATOR", "Heap", "TrimSchedule", "heap", "report", "rss_kb", "trim", "worker_env"]
 
 log = logging.getLogger("meshlet.proxy")
 
 WORKER_ALLOCATOR = "malloc"  # PYTHONMALLOC for proxy workers: see the module docstring
+TRIM_AFTER = 256  # connections finished before free memory is handed back mid-burst
+TRIM_LOW_WATER = 16  # live connections at or below which a burst is over
 
 
 def worker_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -52,6 +63,36 @@ def worker_env(env: Mapping[str, str]) -> dict[str, str]:
     if not out.get("PYTHONMALLOC"):
         out["PYTHONMALLOC"] = WORKER_ALLOCATOR
     return out
+
+
+class TrimSchedule:
+    """When a worker hands free memory back (pure; fed by the maintenance
+    round with the live connection count and the running count of finished
+    ones).  Due when, since the last trim, either
+
+    - at least ``after`` connections finished and the live ones are down to
+      half of the most seen (a burst is closing, not a steady churn), or
+    - any finished and the live ones fell to ``low_water`` or below after
+      having been above it (the burst is over: the pages freed after a
+      mid-burst trim are handed back too, not kept until the next burst).
+
+    A steady churn below the mark trims only every ``after`` connections."""
+
+    def __init__(self, after: int = TRIM_AFTER, low_water: int = TRIM_LOW_WATER) -> None:
+        self.after = after
+        self.low_water = low_water
+        self.peak = 0  # most live connections seen since the last trim
+        self.finished_at = 0  # finished connections at the last trim
+
+    def due(self, live: int, finished: int) -> bool:
+        self.peak = max(self.peak, live)
+        pending = finished - self.finished_at
+        closing = pending >= self.after and live * 2 <= self.peak
+        drained = pending > 0 and live <= self.low_water < self.peak
+        if not (closing or drained):
+            return False
+        self.finished_at, self.peak = finished, live
+        return True
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,6 @@ BACKLOG = 4096
 HEADER_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0  # the longest start() waits for certificates before listening anyway
 MAINTENANCE_INTERVAL = 2.0
-TRIM_AFTER = 256  # connections finished before free memory is handed back
 
 
 class ProxyServer:
@@ -108,7 +107,6 @@ class ProxyServer:
         self.ready_timeout = ready_timeout
         self.ready = False  # listening: certificates loaded (or ready_timeout passed)
         self._stats_ino: int | None = None  # the stats socket this worker bound (not a successor's)
-        self._finished_at_trim = 0  # connections finished when memory was last trimmed
         self.trims = 0  # memory handed back after bursts (``_maintain``)
         self.stats_path = stats_path if stats_path is not None else stats_socket_path(watcher.path, worker_id)
         self._own_flows = flow_table is None
@@ -367,24 +365,18 @@ class ProxyServer:
     # ------------------------------------------------------------ watchers
 
     async def _maintain(self) -> None:
-        """Return memory after connections closed.  When at least
-        ``TRIM_AFTER`` connections finished since the last time and the live
-        ones are down to half of the most seen since (a burst is over, not a
-        steady churn): collect the cyclic garbage they left (transports and
-        protocols refer to each other), then ``malloc_trim``; else glibc
-        keeps the freed pages and the worker's RSS stays at its peak."""
-        peak = 0
+        """Return memory after connections closed, when ``memory.TrimSchedule``
+        says a burst is closing or over: collect the cyclic garbage they left
+        (transports and protocols refer to each other), then ``malloc_trim``;
+        else glibc keeps the freed pages and the worker's RSS stays at its
+        peak."""
+        schedule = memory.TrimSchedule()
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
-            live = len(self.live.tasks)
-            peak = max(peak, live)
-            finished = self.accounting.finished
-            if finished - self._finished_at_trim >= TRIM_AFTER and live * 2 <= peak:
+            if schedule.due(len(self.live.tasks), self.accounting.finished):
                 gc.collect()
                 memory.trim()
                 self.trims += 1
-                self._finished_at_trim = finished
-                peak = live
 
     def _local_workloads(self) -> list[tuple[str, dict[str, str]]]:
         """(namespace, labels) of each distinct mesh pod of this node: the

@@ -37,8 +37,16 @@ Rules (everything that decides trust lives here):
   that copy (python/cpython#116810), so a fetch per connection leaked ~10 KB
   per tunnel connection (10,000 connections: ~100 MB that never came back).
   A client fetches a session only when the cache has no fresh one for its key
-  (none, past half its lifetime, or just refused by the server), and only
-  one connection per key at a time (``TlsContexts.wants_session``).
+  (none, or past half its lifetime), and only one connection per key at a
+  time (``TlsContexts.wants_session``).  A session the server refused is
+  kept (still offered) and replaced only once it is
+  ``SESSION_REFUSED_REFETCH_S`` old: behind a node whose proxy runs several
+  workers each worker has its own ticket keys, so about half of the offers
+  are refused whatever the client holds; replacing a session on each
+  refusal cost a fetch (a leaked copy) every few connections, and the
+  copies leaked during a burst, scattered over the heap, kept its pages
+  resident (10,000 connections: ~370 fetches on the first burst, ~1,400 on
+  the next; ~10 MB and a heap that never shrank back).
 
 I/O: ``TlsConnection`` is an asyncio Protocol over ``ssl.MemoryBIO`` (asyncio's
 own SSL transport cannot pass a session). It exposes the decrypted stream as
@@ -93,6 +101,7 @@ READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
+SESSION_REFUSED_REFETCH_S = 300.0  # a refused session is replaced once it is this old (module docstring)
 _SESSION_READS = 4  # reads of SSLObject.session one connection may try before giving up (each leaks)
 VERIFIED_CACHE_SIZE = 4096
 _MAX_B32_SNI = 200  # longer encodings use the hash form (SNI host names stay < 253)
@@ -229,10 +238,14 @@ class _Session:
     src_serial: int
     chain: tuple[x509.Certificate, ...]
     stored_at: float = 0.0  # time.monotonic()
+    refused: bool = False  # the server did not resume it at least once
 
     def fresh(self, now: float) -> bool:
-        """Young enough to keep offering: less than half its lifetime (the
-        server's ticket lifetime) and ``SESSION_REFRESH_S`` old."""
+        """Young enough not to fetch a new one: less than half its lifetime
+        (the server's ticket lifetime) and ``SESSION_REFRESH_S`` old; once
+        refused, less than ``SESSION_REFUSED_REFETCH_S`` old."""
+        if self.refused:
+            return now - self.stored_at < SESSION_REFUSED_REFETCH_S
         return now - self.stored_at < min(self.session.timeout / 2, SESSION_REFRESH_S)
 
 
@@ -252,7 +265,8 @@ class TlsContexts:
     def __init__(self, certs: CertSource, *, session_cache_size: int = SESSION_CACHE_SIZE) -> None:
         self.certs = certs
         self.session_cache_size = session_cache_size
-        self.counters: dict[str, int] = {"handshakes": 0, "resumed": 0, "refused": 0}
+        # session_reads: reads of SSLObject.session (each leaks a copy before CPython 3.12.7)
+        self.counters: dict[str, int] = {"handshakes": 0, "resumed": 0, "refused": 0, "session_reads": 0}
         self.failures: dict[str, int] = {}
         self._fp: str | None = None
         self._client: dict[str, tuple[int, ssl.SSLContext]] = {}
@@ -382,8 +396,9 @@ class TlsContexts:
         def verify(conn: TlsConnection) -> str:
             if conn.sslobj.session_reused and cached is None:
                 raise HandshakeError("protocol", "the server resumed a session this client did not offer")
-            if cached is not None and not conn.sslobj.session_reused and self._sessions.get(key) is cached:
-                del self._sessions[key]  # refused by the server (restarted, rotated keys): fetch a new one
+            if cached is not None and not conn.sslobj.session_reused:
+                # another worker's ticket keys, or a restarted server: see SESSION_REFUSED_REFETCH_S
+                cached.refused = True
             sid = self._verify_peer(conn, expected, cached.chain if cached else None)
             if expect_node is not None and conn.peer_node != expect_node:
                 conn.verified_chain = ()  # never cached for resumption
@@ -869,6 +884,8 @@ class TlsConnection(asyncio.Protocol):
             self._session_seen = True  # the cache is fresh, or another connection fetches
             return
         self._session_reads += 1
+        if self._contexts is not None:
+            self._contexts.counters["session_reads"] += 1
         try:
             sess = self.sslobj.session
         except (ValueError, AttributeError):

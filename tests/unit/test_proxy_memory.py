@@ -23,6 +23,31 @@ def test_workers_get_the_malloc_allocator_unless_the_operator_chose_one():
     assert memory.worker_env({"PYTHONMALLOC": ""})["PYTHONMALLOC"] == "malloc"  # empty: CPython's default
 
 
+def test_trim_schedule_trims_mid_burst_and_again_once_the_burst_is_over():
+    s = memory.TrimSchedule(after=100, low_water=10)
+    assert not s.due(live=1000, finished=0)  # the burst is held
+    assert not s.due(live=600, finished=400)  # closing, but not yet half of the peak
+    assert s.due(live=500, finished=500)  # half closed: trim now
+    # the rest close: fewer than ``after`` since, but below the low-water mark
+    assert not s.due(live=300, finished=700)  # 200 finished since, but 300 live > half of 500
+    assert s.due(live=0, finished=1000)
+    assert not s.due(live=0, finished=1000)  # nothing finished since: never twice
+
+
+def test_trim_schedule_ignores_a_steady_churn_below_the_mark():
+    s = memory.TrimSchedule(after=100, low_water=10)
+    finished = 0
+    trims = 0
+    for _ in range(50):  # 5 live at a time, 5 finished per round: 250 connections
+        finished += 5
+        trims += s.due(live=5, finished=finished)
+    assert trims == 0  # never above the mark, never a half-emptied peak
+    s2 = memory.TrimSchedule(after=100, low_water=10)
+    assert not s2.due(live=50, finished=0)
+    assert s2.due(live=3, finished=40)  # above the mark, then below it: over
+    assert not s2.due(live=8, finished=45)  # below the mark since the trim
+
+
 @glibc
 def test_trim_returns_the_free_pages_between_live_blocks():
     """A burst of 2 KiB blocks (glibc's heap, not mmap, not pymalloc), one in

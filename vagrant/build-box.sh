@@ -32,7 +32,7 @@ BOX_PACKAGES=(
     ifupdown isc-dhcp-client iproute2 ca-certificates rsync python3
     python3-bpfcc linux-headers-amd64 python3-venv python3-dev
     util-linux iperf3 nginx-light wrk curl tcpdump procps psmisc make
-    kubernetes-client
+    kubernetes-client nghttp2-client
 )
 
 die() { printf 'build-box: error: %s\n' "$*" >&2; exit 1; }

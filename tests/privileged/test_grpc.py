@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+from tests.support.podservers import PodServers, repo_env
 from tests.support.privileged import require_privileged, wait_for
 
 require_privileged()
@@ -35,44 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SVC = "meshlet.test.Echo"
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-class Servers:
-    def __init__(self, cluster: Cluster, logdir: str) -> None:
-        self.cluster = cluster
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def log(self, name: str) -> str:
-        return os.path.join(self.logdir, f"{name}.jsonl")
-
-    def start(self, name: str, *extra: str) -> None:
-        self.stop(name)
-        open(self.log(name), "w").close()
-        p = self.cluster.pod(name).popen(
-            [sys.executable, "-m", "tests.support.podgrpc", "serve", "--name", name, "--port", str(PORT),
-             "--log", self.log(name), "--max-seconds", "900", *extra],
-            stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-        assert "listening" in p.stdout.readline(), name
-        self.procs[name] = p
-
-    def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is not None:
-            p.kill()
-            p.wait(10)
-
-    def received(self, name: str) -> list[dict]:
-        with open(self.log(name)) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def reset_logs(self) -> None:
-        for name in self.procs:
-            open(self.log(name), "w").close()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +49,7 @@ def env(tmp_path_factory):
     mesh = Mesh(cluster, l7=True, services=[
         service("echo", {"app": "grpc"}, [{"port": 90, "targetPort": PORT, "name": "grpc"}], index=21),
     ])
-    servers = Servers(cluster, logdir)
+    servers = PodServers(cluster, logdir, ["tests.support.podgrpc", "serve", "--port", str(PORT), "--max-seconds", "900"])
     try:
         mesh.start()
         for name in ("grpc-1", "grpc-2"):
@@ -104,7 +67,7 @@ def calls(mesh: Mesh, target: str, *plan: str, timeout: float = 10.0) -> list[di
     r = mesh.cluster.pod("client").run(
         [sys.executable, "-m", "tests.support.podgrpc", "call", "--target", target,
          "--timeout", str(timeout), *plan],
-        check=False, timeout=180, env=_env(), cwd=ROOT)
+        check=False, timeout=180, env=repo_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr + mesh.proxy_log("node1")[-3000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
 
@@ -185,7 +148,7 @@ def _policy(mesh: Mesh, *args: str) -> None:
     for node in mesh.agents:
         sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
         r = subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
-                           capture_output=True, text=True, env=_env(), timeout=60)
+                           capture_output=True, text=True, env=repo_env(), timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
 
     def enforced():
@@ -203,7 +166,7 @@ def _policy(mesh: Mesh, *args: str) -> None:
 def _cli(mesh: Mesh, node: str, *args: str) -> subprocess.CompletedProcess:
     sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
     return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--socket", sock],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=repo_env(), timeout=60)
 
 
 def test_unavailable_is_retried_on_the_other_endpoint(env, tmp_path):

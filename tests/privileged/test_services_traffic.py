@@ -11,7 +11,6 @@ about the upstreams is on what the servers logged they received.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 
 import pytest
 
+from tests.support.podservers import PodServers, repo_env
 from tests.support.privileged import TOOLS, require_privileged, wait_for
 
 require_privileged()
@@ -34,46 +34,6 @@ WEB = ("web-1", "web-2", "web-3")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-class Web:
-    """podhttpd in every web pod; restartable with other behaviour."""
-
-    def __init__(self, cluster: Cluster, logdir: str) -> None:
-        self.cluster = cluster
-        self.logdir = logdir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def log(self, name: str) -> str:
-        return os.path.join(self.logdir, f"{name}.jsonl")
-
-    def start(self, name: str, *extra: str) -> None:
-        self.stop(name)
-        open(self.log(name), "w").close()
-        p = self.cluster.pod(name).popen(
-            [sys.executable, "-m", "tests.support.podhttpd", "--name", name, "--port", "7000",
-             "--log", self.log(name), "--max-seconds", "600", *extra],
-            stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
-        assert "listening" in p.stdout.readline(), name
-        self.procs[name] = p
-
-    def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is not None:
-            p.kill()
-            p.wait(10)
-
-    def received(self, name: str) -> list[dict]:
-        with open(self.log(name)) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def reset_logs(self) -> None:
-        for name in self.procs:
-            open(self.log(name), "w").close()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +50,7 @@ def env(tmp_path_factory):
                                          "appProtocol": "http"},
                                         {"port": VIP_TCP_PORT, "appProtocol": "tcp"}], index=20),
     ])
-    web = Web(cluster, logdir)
+    web = PodServers(cluster, logdir, ["tests.support.podhttpd", "--port", "7000", "--max-seconds", "600"])
     try:
         mesh.start()
         for name in WEB:
@@ -127,7 +87,7 @@ def get_many(mesh: Mesh, n: int, path: str = "/x", *extra: str) -> list[tuple[in
 def cli(mesh: Mesh, node: str, *args: str) -> subprocess.CompletedProcess:
     sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
     return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--socket", sock],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+                          capture_output=True, text=True, env=repo_env(), timeout=60)
 
 
 def apply_traffic(mesh: Mesh, tmp_path, text: str) -> None:
@@ -276,7 +236,7 @@ def _policy(name: str, spec: str) -> str:
             f"metadata: {{name: {name}, namespace: default}}\nspec:\n  service: web\n{spec}")
 
 
-def _restart_all(web: Web, *extra: str) -> None:
+def _restart_all(web: PodServers, *extra: str) -> None:
     for name in WEB:
         web.start(name, *extra)
 

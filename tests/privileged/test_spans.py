@@ -21,6 +21,7 @@ import sys
 
 import pytest
 
+from tests.support.podservers import repo_env
 from tests.support.privileged import meshlet, require_privileged, wait_for
 
 require_privileged()
@@ -36,11 +37,6 @@ COLLECTOR_PORT = 4318
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 class Env:
@@ -60,7 +56,7 @@ class Env:
         p = self.node1.popen(
             [sys.executable, "-m", "tests.support.otlpsink", "--listen", self.node1.address,
              "--port", str(COLLECTOR_PORT), "--out", self.spans_file, "--max-seconds", "600", *extra],
-            stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+            stdout=subprocess.PIPE, text=True, env=repo_env(), cwd=ROOT)
         assert "listening" in p.stdout.readline()
         self.collector = p
 
@@ -124,7 +120,7 @@ def env(tmp_path_factory):
         p = cluster.pod("web-1").popen(
             [sys.executable, "-m", "tests.support.podhttpd", "--name", "web-1", "--port", "7000",
              "--log", e.web_log, "--max-seconds", "600"],
-            stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+            stdout=subprocess.PIPE, text=True, env=repo_env(), cwd=ROOT)
         assert "listening" in p.stdout.readline()
         mesh.start()
         yield e

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from tests.support.podservers import PodServers, repo_env
-from tests.support.privileged import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for, wait_policies_enforced
 
 require_privileged()
 
@@ -151,16 +151,7 @@ def _policy(mesh: Mesh, *args: str) -> None:
                            capture_output=True, text=True, env=repo_env(), timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
 
-    def enforced():
-        for node in mesh.agents:
-            st = mesh.status(node)
-            want = (st.get("policy") or {}).get("version")
-            if not want or any(((w.get("stats") or {}).get("policy") or {}).get("version") != want
-                               for w in st["proxy"]):
-                return False
-        return True
-
-    wait_for(enforced, "the proxies to load the policies", timeout=20, interval=0.1)
+    wait_policies_enforced(mesh)
 
 
 def _cli(mesh: Mesh, node: str, *args: str) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from tests.support.privileged import policy_cli, require_privileged, running_mesh, wait_for
+from tests.support.privileged import policy_cli, require_privileged, running_mesh, wait_for, wait_policies_enforced
 
 require_privileged()
 
@@ -130,22 +130,8 @@ def env(tmp_path_factory):
             r = policy_cli(mesh, node, "apply", "-f", str(docs))
             assert r.returncode == 0, r.stdout + r.stderr
             assert "requestauthentication shop/login created" in r.stdout.lower(), r.stdout
-        wait_enforced(mesh)
+        wait_policies_enforced(mesh)
         yield {"mesh": mesh, "key": key, "jwks_file": jwks_file, "logs": logs}
-
-
-def wait_enforced(mesh) -> None:
-    def done():
-        for node in mesh.agents:
-            st = mesh.status(node)
-            want = (st.get("policy") or {}).get("version")
-            if not want or any(
-                ((w.get("stats") or {}).get("policy") or {}).get("version") != want for w in st["proxy"]
-            ):
-                return False
-        return True
-
-    wait_for(done, "the proxies to load the applied policies", timeout=20, interval=0.1)
 
 
 def token(env, key=None, **claims) -> str:

@@ -35,7 +35,7 @@ import urllib.parse
 
 import pytest
 
-from tests.support.privileged import require_privileged, wait_for
+from tests.support.privileged import require_privileged, wait_for, wait_policies_enforced
 
 require_privileged()
 
@@ -327,32 +327,19 @@ def policies(env, tmp_path):
                 key = (meta["namespace"], meta["name"])
                 if key not in applied:
                     applied.append(key)
-        wait_enforced(mesh)
+        wait_policies_enforced(mesh)
 
     yield apply
     for node in mesh.agents:
         for ns, name in applied:
             cli(mesh, node, "delete", name, "-n", ns)
-    wait_enforced(mesh)
+    wait_policies_enforced(mesh)
 
 
 def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:
     sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
     return subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
                           capture_output=True, text=True, env=_env(), timeout=60)
-
-
-def wait_enforced(mesh) -> None:
-    """Until every proxy worker of every node reports the agent's policy version."""
-    def done():
-        for node in mesh.agents:
-            st = mesh.status(node)
-            want = (st.get("policy") or {}).get("version")
-            if not want or any(((w.get("stats") or {}).get("policy") or {}).get("version") != want
-                               for w in st["proxy"]):
-                return False
-        return True
-    wait_for(done, "the proxies to load the applied policies", timeout=20, interval=0.1)
 
 
 def http(env, src: str, dst: str, conns: list, port: int = PORT, linger: float = 0.3) -> list[dict]:

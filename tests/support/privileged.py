@@ -139,3 +139,20 @@ def probe(mesh, src: str, dst_ip: str, port: int, timeout: float = 3.0) -> dict:
     r = mesh.cluster.pod(src).run(TOOLS + ["probe", dst_ip, str(port), "--timeout",
                                            str(timeout)], check=False, timeout=30)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def wait_policies_enforced(mesh, timeout: float = 20.0) -> None:
+    """Until every proxy worker of every node of ``mesh`` (agent.sim.mesh.Mesh)
+    reports its agent's policy version."""
+
+    def done():
+        for node in mesh.agents:
+            st = mesh.status(node)
+            want = (st.get("policy") or {}).get("version")
+            if not want or any(
+                ((w.get("stats") or {}).get("policy") or {}).get("version") != want for w in st["proxy"]
+            ):
+                return False
+        return True
+
+    wait_for(done, "the proxies to load the applied policies", timeout=timeout, interval=0.1)

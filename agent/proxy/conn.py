@@ -320,6 +320,12 @@ class Live:
             conn.fail("reset", conn.reason or "cancelled at shutdown")
             conn.reset_all()
             raise
+        except ConnectionError as e:
+            # A peer (pod, node proxy or upstream) reset or broke the connection
+            # at a point the handler had no reason to expect it: the network's
+            # doing, not a bug in the proxy.  The connection ends as a reset.
+            conn.fail("reset", conn.reason or f"connection broken by the peer: {e.strerror or e}")
+            conn.reset_all()
         except OSError as e:
             if not fd_exhausted(e):
                 self._crashed(conn)

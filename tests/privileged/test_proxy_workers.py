@@ -163,7 +163,9 @@ def test_worker_sigkill_refuses_no_new_connection():
         assert all(r["errors"] <= k for r, k in zip(running, kills_on_path, strict=True)), running
         for n in ("node1", "node2"):
             c = counters(mesh, n)
-            assert c["internal_errors"] == 0 and c["result_overload"] == 0, c
+            crashes = [line for w in range(2) for line in mesh.proxy_log(n, w).splitlines()
+                       if "internal error" in line or "Error" in line]
+            assert c["internal_errors"] == 0 and c["result_overload"] == 0, (c, crashes)
             # what failed here failed with the killed peer worker: its in-flight connections
             bad = [(e["result"], e["deny_reason"], e["reason"])
                    for e in mesh.access_log(n) if e["result"] != "ok"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -22,6 +23,8 @@ import sys
 import pytest
 
 from agent.proxy import tunnel
+from agent.proxy.conn import Conn, Live
+from agent.proxy.relay import Endpoint
 from agent.proxy.server import ProxyServer
 from agent.proxy.state import StateWatcher
 from agent.proxy.tls import ALPN, load_svid_into, sni_for
@@ -454,6 +457,41 @@ def test_crash_on_one_connection_is_not_fatal(tmp_path, caplog):
     counters = run(main())
     assert counters["internal_errors"] == 1 and counters["result_ok"] == 1
     assert "injected bug" in caplog.text and "keeps running" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("exc", "result", "bugs"),
+    [
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "reset", 0),
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), "reset", 0),
+        (RuntimeError("injected bug"), "reset", 1),
+        (OSError(errno.EBADF, "Bad file descriptor"), "reset", 1),
+    ],
+)
+def test_guard_tells_a_peer_reset_from_a_bug(exc, result, bugs, caplog):
+    """A connection error reaching a worker's guard (a peer broke the
+    connection where the handler did not expect it, as when a peer worker is
+    SIGKILLed) ends that connection as ``reset`` and is not an internal error;
+    any other exception is a bug: counted and logged with its traceback."""
+    async def main():
+        finished: list[Conn] = []
+        bug: list[int] = []
+        live = Live(finished.append, lambda: bug.append(1))
+        conn = Conn("outbound", Endpoint("client"), seq=1)
+
+        async def handler(c: Conn) -> None:
+            raise exc
+
+        live.spawn(handler, conn)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return conn, finished, bug
+
+    conn, finished, bug = run(main())
+    assert finished == [conn] and conn.result == result and len(bug) == bugs
+    assert ("this is a bug" in caplog.text) == bool(bugs)
+    if not bugs:
+        assert "connection broken by the peer" in conn.reason
 
 
 def test_ipv6_listener_and_second_worker_share_ports(tmp_path):

@@ -42,8 +42,13 @@ Attack classes bounded here (``H2Limits``):
   a token bucket; past it the connection gets GOAWAY ENHANCE_YOUR_CALM and
   is closed;
 - SETTINGS floods: likewise, a token bucket of SETTINGS frames;
-- too many concurrent streams: ``max_concurrent_streams`` is advertised
-  and enforced by ``h2`` (a HEADERS past it is a connection error);
+- too many concurrent streams: ``max_concurrent_streams`` is advertised;
+  a HEADERS that opens a stream past it is answered RST_STREAM
+  REFUSED_STREAM (RFC 9113 5.1.2: the client may retry it, the connection's
+  other streams go on) after its header block is decoded, so the HPACK
+  context stays in step with the peer. Refused streams draw on the
+  rapid-reset bucket: a client that keeps opening past the limit gets
+  GOAWAY ENHANCE_YOUR_CALM;
 - header-list size and CONTINUATION floods: ``max_header_list_size`` is
   advertised and enforced by ``h2``'s HPACK decoder, which also caps a
   header block at 64 CONTINUATION frames of at most ``max_frame_size``
@@ -65,11 +70,12 @@ from typing import Any
 
 import h2.events as hev
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from h2.stream import StreamState
+from h2.stream import StreamClosedBy, StreamState
+from hyperframe.frame import RstStreamFrame
 
 from agent.policy.http import HttpError, NormalizedPath, normalize_path
 
@@ -361,6 +367,36 @@ class _Connection(H2Connection):
     9113 6.8 lets the streams the peer already took finish. No new stream is
     opened on it (``ClientSide.capacity`` is 0 from then on)."""
 
+    refused_streams = 0
+    """Streams refused (REFUSED_STREAM) for exceeding the concurrent-stream limit."""
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        """h2 makes a HEADERS past the concurrent-stream limit a connection
+        error, which would end every stream of the connection.  RFC 9113
+        5.1.2 lets a server refuse just that stream: decode the header block
+        (the HPACK context is shared by the whole connection, so it must be
+        decoded even when the request is thrown away), remember the stream as
+        reset by us (later frames on it get h2's answers for a reset stream,
+        DATA still counts towards the connection window) and answer
+        RST_STREAM REFUSED_STREAM."""
+        sid = frame.stream_id
+        if (
+            self.config.client_side
+            or sid in self.streams
+            or sid % 2 == 0
+            or sid <= self.highest_inbound_stream_id
+            or self.exact_open_streams(1) < self.local_settings.max_concurrent_streams
+        ):
+            return super()._receive_headers_frame(frame)
+        _decode_headers(self.decoder, frame.data)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        self.highest_inbound_stream_id = sid
+        self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
+        self.refused_streams += 1
+        rst = RstStreamFrame(sid)
+        rst.error_code = ErrorCodes.REFUSED_STREAM
+        return [rst], events
+
     def _receive_goaway_frame(self, frame: Any) -> Any:
         got = super()._receive_goaway_frame(frame)
         if self.state_machine.state is ConnectionState.CLOSED:
@@ -431,6 +467,7 @@ class _Side:
         self.goaway_received = False
         self.peer_settings = False  # the peer's first SETTINGS arrived
         self._conn_credit = 0
+        self._refused_seen = 0  # self.h2.refused_streams already drawn on the reset bucket
         self._owed: dict[int, int] = {}  # stream credit not sent yet (credit())
         self._full = False  # ClientSide.capacity found no room; until a stream may have closed
         self._credit_at = max(1, limits.stream_window // 2)
@@ -590,6 +627,12 @@ class _Side:
         except ProtocolError as e:
             self.closed = True
             return [Broken(f"HTTP/2 protocol error: {e}")]
+        refused = self.h2.refused_streams - self._refused_seen
+        if refused:
+            self._refused_seen += refused
+            for _ in range(refused):
+                if not self._on_reset(now):
+                    return self._calm("too many streams opened past the concurrent-stream limit")
         out: list = []
         opened = False
         ev: Any

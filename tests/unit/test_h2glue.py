@@ -15,6 +15,7 @@ from concurrent import futures
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -734,7 +735,7 @@ def test_continuation_flood_is_refused(servers):
             assert ch.unary_unary(f"/{SVC}/Unary")(b"ok", timeout=10) == b"a:ok"
 
 
-def test_streams_past_the_advertised_limit_are_refused(servers):
+def test_streams_past_the_advertised_limit_are_refused_one_by_one(servers):
     _, port, calls = servers("a")
     cluster = _cluster([port])
     with ProxyThread(lambda head: cluster, limits=H2Limits(max_concurrent_streams=10)) as px:
@@ -747,8 +748,20 @@ def test_streams_past_the_advertised_limit_are_refused(servers):
             for i in range(30):  # requests whose bodies never end: all stay open
                 c.conn.send_headers(1 + 2 * i, [(b":method", b"POST"), *_get()[1:]])
             c.flush()
-            evs = c.events(_goaway_or_closed, timeout=10)
-            assert _terminated(evs) or "closed" in evs, evs
+
+            def refused(evs):
+                return [e.stream_id for e in evs if isinstance(e, h2.events.StreamReset)
+                        and e.error_code == h2.errors.ErrorCodes.REFUSED_STREAM]
+
+            evs = c.events(lambda evs: len(refused(evs)) >= 20 or _goaway_or_closed(evs), timeout=10)
+            # the 20 past the limit are refused one by one (the client may retry them); the
+            # connection and its 10 open streams go on
+            assert refused(evs) == [1 + 2 * i for i in range(10, 30)] and not _goaway_or_closed(evs), evs
+            c.conn.send_data(1, b"body", end_stream=True)  # one of the open ones finishes
+            c.flush()
+            evs = c.events(lambda evs: any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1
+                                           for e in evs) or _goaway_or_closed(evs), timeout=10)
+            assert [e for e in evs if isinstance(e, h2.events.StreamEnded) and e.stream_id == 1], evs
         finally:
             c.close()
         with grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch:

@@ -196,6 +196,52 @@ def test_resets_at_a_sustainable_rate_are_fine():
         assert not any(isinstance(e, hs.Broken) for e in evs)
 
 
+def _over_the_limit(limit: int):
+    """Our side advertising ``limit`` streams; an h2 client told it may open 1000."""
+    ours, cl = pair(hs.H2Limits(max_concurrent_streams=limit))
+    cl.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000
+    cl.remote_settings.acknowledge()
+    return ours, cl
+
+
+def test_a_stream_past_the_limit_is_refused_and_the_others_go_on():
+    ours, cl = _over_the_limit(2)
+    hdr = [*GET, (b"x-big", b"v" * 300)]  # indexed by the peer's encoder: HPACK must stay in step
+    for sid in (1, 3, 5):
+        cl.send_headers(sid, hdr, end_stream=False)
+    cl.send_data(5, b"x" * 1000, end_stream=True)  # sent before the client could see the refusal
+    evs = ours.feed(cl.data_to_send(), 0.0)
+    assert [e.stream_id for e in evs if isinstance(e, hs.Request)] == [1, 3]
+    assert not any(isinstance(e, (hs.Broken, hs.Body)) for e in evs), evs  # stream 5's DATA dropped
+    back = cl.receive_data(ours.data_to_send())
+    assert [(e.stream_id, e.error_code) for e in back if isinstance(e, h2.events.StreamReset)] == [
+        (5, ErrorCodes.REFUSED_STREAM)]
+    ours.respond(1, 200, [], True)  # stream 1 ends both ways: a slot is free again
+    cl.end_stream(1)
+    evs = ours.feed(cl.data_to_send(), 0.0)
+    cl.receive_data(ours.data_to_send())
+    cl.send_headers(7, hdr, end_stream=True)  # a slot is free again: served, headers decoded right
+    evs = ours.feed(cl.data_to_send(), 0.0)
+    reqs = [e for e in evs if isinstance(e, hs.Request)]
+    assert [r.stream_id for r in reqs] == [7] and reqs[0].head.path.path == "/b"
+    assert ours.h2.refused_streams == 1
+
+
+def test_a_client_that_keeps_opening_past_the_limit_is_calmed():
+    ours, cl = _over_the_limit(1)
+    ours.limits = hs.H2Limits(max_concurrent_streams=1)
+    ours._resets = hs._Bucket(5, 1.0)  # noqa: SLF001 - a small rapid-reset bucket
+    cl.send_headers(1, GET, end_stream=False)
+    got = ours.feed(cl.data_to_send(), 0.0)
+    for i in range(1, 10):
+        cl.send_headers(1 + 2 * i, GET, end_stream=True)
+        got += ours.feed(cl.data_to_send(), 0.0)
+    assert isinstance(got[-1], hs.Broken) and "concurrent-stream limit" in got[-1].reason
+    back = cl.receive_data(ours.data_to_send())
+    assert [e.error_code for e in back if isinstance(e, h2.events.ConnectionTerminated)] == [
+        ErrorCodes.ENHANCE_YOUR_CALM]
+
+
 def test_client_side_response_trailers_and_goaway():
     ours = hs.ClientSide()
     srv = peer(client_side=False)

@@ -32,9 +32,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchtools import write_nginx_conf  # noqa: E402 - scripts/, next to this file
+
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh  # noqa: E402
-from benchtools import write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 SITE = os.path.join(ROOT, "scripts", "p99site")
 BUCKETS = ("0.1", "0.25", "0.5", "1", "2", "5", "10", "20", "50", "100", "inf")
@@ -168,16 +169,34 @@ def pyspy(cluster, mesh, out_dir: str, seconds: int) -> list[subprocess.Popen]:
     return spies
 
 
-def profile_setup(cluster, mesh, a) -> None:
+def churn(cluster, mesh, a, pdir: str) -> None:
     """New tunnel connections back to back (the cost a wrk run pays up front
-    for its 32 connections), with both workers under py-spy."""
-    spies = pyspy(cluster, mesh, a.setup_profile, a.duration + 1)
+    for its 32 connections), 4 clients at once; both workers under py-spy
+    with ``--setup-profile``."""
+    spies = pyspy(cluster, mesh, a.setup_profile, a.duration + 1) if a.setup_profile else []
     host = cluster.pod("pod2-1").ip4
-    r = cluster.pod("pod1-1").run([sys.executable, "-m", "agent.sim.tools", "connrate", host, "7001",
-                                   "--seconds", str(a.duration)], check=False, timeout=a.duration + 30)
+    time.sleep(1.1)
+    before = snapshot(mesh, cluster, pdir)
+    t0 = time.monotonic()
+    procs = [cluster.pod("pod1-1").popen([sys.executable, "-m", "agent.sim.tools", "connrate", host, "7001",
+                                          "--seconds", str(a.duration)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=a.duration + 30)[0].strip() for p in procs]
+    secs = time.monotonic() - t0
+    time.sleep(1.1)
     for s in spies:
         s.wait(timeout=60)
-    print(f"new connections: {r.stdout.strip()}", flush=True)
+    print(f"new connections, 4 clients: {outs}", flush=True)
+    print_workers(diff(before, snapshot(mesh, cluster, pdir), secs + 1.1))
+
+
+def print_workers(rows: dict) -> None:
+    for w, r in rows.items():
+        print(f"    {w}: cpu {r['cpu_pct']}%  invol {r['invol_cs']}  vol {r['vol_cs']}  "
+              f"gc {r.get('gc')}  gcmax {r.get('gc_max_ms_ever')}", flush=True)
+        print(f"        gc pauses ms {fmt_hist(r.get('gc_hist', []))}", flush=True)
+        print(f"        loop lag ms {fmt_hist(r.get('lag_hist', []))}  "
+              f"mean {r.get('lag_mean_ms')}", flush=True)
 
 
 def main() -> int:
@@ -191,7 +210,8 @@ def main() -> int:
     ap.add_argument("--py-spy", dest="pyspy", help="record workers with py-spy in the last mesh round")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--setup-profile", dest="setup_profile",
-                    help="py-spy both workers during a run of new connections (connect, echo, close) into DIR")
+                    help="py-spy both workers during a run of new connections (--churn) into DIR")
+    ap.add_argument("--churn", action="store_true", help="a run of new connections before the wrk rounds")
     ap.add_argument("--tcpdump", help="capture the tunnel (node2, port 15008) of mesh round 1 into this pcap")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -199,7 +219,8 @@ def main() -> int:
         return 2
     pdir = tempfile.mkdtemp(prefix="meshlet-p99-")
     os.environ["MESHLET_P99_PROBE"] = pdir
-    os.environ["PYTHONPATH"] = SITE + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = SITE + (os.pathsep + old if old else "")
     for kv in a.env:
         k, _, v = kv.partition("=")
         os.environ[k] = v
@@ -222,8 +243,8 @@ def main() -> int:
         cluster.pod("pod2-1").popen([sys.executable, "-m", "agent.sim.tools", "echo", "--port", "7001",
                                      "--max-seconds", "900"], stdout=subprocess.DEVNULL)
         time.sleep(1.5)
-        if a.setup_profile:
-            profile_setup(cluster, mesh, a)
+        if a.setup_profile or a.churn:
+            churn(cluster, mesh, a, pdir)
         url = f"http://{cluster.pod('pod2-1').ip4}:8080/"
         wrk(cluster, "pod1-1", url, 1, a.connections)  # warm: connections, sessions
         for rnd in range(1, a.rounds + 1):
@@ -246,11 +267,11 @@ def main() -> int:
                 if mode == "mesh" and rnd == 1:  # the sockets' options, while wrk holds them open
                     import threading
 
-                    def take_census() -> None:
+                    def take_census(into: dict = census) -> None:
                         time.sleep(a.duration / 2)
                         for n in cluster.nodes:
                             for pid in mesh.proxy_pids(n.name):
-                                census[f"{n.name}/{pid}"] = nodelay_census(pid)
+                                into[f"{n.name}/{pid}"] = nodelay_census(pid)
 
                     th = threading.Thread(target=take_census)
                     th.start()
@@ -282,12 +303,7 @@ def main() -> int:
                 for w, c in census.items():
                     print(f"    {w} TCP_NODELAY of established sockets: {c}", flush=True)
                 if mode == "mesh":
-                    for w, r in row["workers"].items():
-                        print(f"    {w}: cpu {r['cpu_pct']}%  invol {r['invol_cs']}  vol {r['vol_cs']}  "
-                              f"gc {r.get('gc')}  gcmax {r.get('gc_max_ms_ever')}", flush=True)
-                        print(f"        gc pauses ms {fmt_hist(r.get('gc_hist', []))}", flush=True)
-                        print(f"        loop lag ms {fmt_hist(r.get('lag_hist', []))}  "
-                              f"mean {r.get('lag_mean_ms')}", flush=True)
+                    print_workers(row["workers"])
     finally:
         if mesh is not None:
             mesh.down()

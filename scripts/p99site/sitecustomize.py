@@ -11,7 +11,9 @@ It records, in the worker itself:
   here), as a histogram;
 
 and writes the cumulative numbers to ``$MESHLET_P99_PROBE/<pid>.json``
-every second (one small write), so the driver can diff phases.
+every second (one small write), so the driver can diff phases.  With
+``MESHLET_P99_GC=freeze`` it also froze the heap 3 s after start (the
+experiment behind ``agent.proxy.memory.freeze_heap``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ if _DIR and _IS_WORKER:
         "lag_max_ms": 0.0,
         "lag_total_ms": 0.0,
         "thresholds": gc.get_threshold(),
+        "frozen": 0,
     }
     _t0 = [0.0]
 
@@ -66,7 +69,7 @@ if _DIR and _IS_WORKER:
 
     gc.callbacks.append(_on_gc)
 
-    def _start(loop) -> None:  # noqa: ANN001
+    def _start(loop) -> None:
         path = os.path.join(_DIR, f"{os.getpid()}.json")
         state = {"due": loop.time() + PERIOD, "dump": loop.time() + 1.0}
 
@@ -87,12 +90,19 @@ if _DIR and _IS_WORKER:
             loop.call_at(state["due"], tick)
 
         loop.call_at(state["due"], tick)
+        if os.environ.get("MESHLET_P99_GC") == "freeze":  # the experiment before memory.freeze_heap
+            loop.call_later(3.0, _freeze)
+
+    def _freeze() -> None:
+        gc.collect()
+        gc.freeze()
+        stats["frozen"] = gc.get_freeze_count()
 
     import uvloop
 
     _orig = uvloop.new_event_loop
 
-    def _new_event_loop():  # noqa: ANN202
+    def _new_event_loop():
         loop = _orig()
         loop.call_soon(_start, loop)
         return loop

@@ -64,6 +64,9 @@ def proc(pid: int) -> dict:
         fields = f.read().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     out["cpu_s"] = (int(fields[11]) + int(fields[12])) / tck
+    with open(f"/proc/{pid}/schedstat") as f:  # ns on CPU, ns runnable but waiting for a CPU, timeslices
+        on_cpu, waited, _slices = (int(x) for x in f.read().split())
+    out["run_delay_s"] = waited / 1e9
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("nonvoluntary_ctxt_switches"):
@@ -98,6 +101,8 @@ def diff(before: dict, after: dict, seconds: float) -> dict:
         pa, pb = a["probe"], b["probe"]
         row = {"cpu_pct": round(100 * (a["proc"]["cpu_s"] - b["proc"]["cpu_s"]) / seconds, 1),
                "invol_cs": a["proc"]["invol"] - b["proc"]["invol"],
+               "run_delay_pct": round(100 * (a["proc"]["run_delay_s"] - b["proc"]["run_delay_s"]) / seconds,
+                                      1),
                "vol_cs": a["proc"]["vol"] - b["proc"]["vol"]}
         if pa and pb:
             row["gc"] = {g: {"n": pa["gc"][g]["n"] - pb["gc"][g]["n"],
@@ -192,7 +197,8 @@ def churn(cluster, mesh, a, pdir: str) -> None:
 
 def print_workers(rows: dict) -> None:
     for w, r in rows.items():
-        print(f"    {w}: cpu {r['cpu_pct']}%  invol {r['invol_cs']}  vol {r['vol_cs']}  "
+        print(f"    {w}: cpu {r['cpu_pct']}% ({r.get('cpu_us_per_req')} us/request)  "
+              f"waiting for a CPU {r['run_delay_pct']}%  invol {r['invol_cs']}  vol {r['vol_cs']}  "
               f"gc {r.get('gc')}  gcmax {r.get('gc_max_ms_ever')}", flush=True)
         print(f"        gc pauses ms {fmt_hist(r.get('gc_hist', []))}", flush=True)
         print(f"        loop lag ms {fmt_hist(r.get('lag_hist', []))}  "
@@ -204,6 +210,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--durations", default="",
+                    help="comma-separated wrk durations to cycle through in the mesh rounds (e.g. 2,10): "
+                         "a p99 made by connection setup shrinks as the run grows")
     ap.add_argument("--l7", default="auto", choices=["auto", "true", "false"])
     ap.add_argument("--tunnel", default="mtls", choices=["mtls", "insecure-plaintext"])
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the agents and workers")
@@ -285,7 +294,12 @@ def main() -> int:
                              f"{a.tcpdump}.{mode}.{'tunnel' if '15008' in filt else 'pod'}.pcap", filt],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(1.0)
-                res = wrk(cluster, src, url, a.duration, a.connections)
+                dur = a.duration
+                if a.durations and mode == "mesh":
+                    ds = [int(x) for x in a.durations.split(",")]
+                    dur = ds[(rnd - 1) % len(ds)]
+                res = wrk(cluster, src, url, dur, a.connections)
+                res["duration"] = dur
                 for dump in dumps:
                     dump.terminate()
                     dump.wait(timeout=30)
@@ -297,9 +311,14 @@ def main() -> int:
                 for s in spies:
                     s.wait(timeout=60)
                 row = {"round": rnd, "mode": mode, **res, "workers": diff(before, after, secs + 1.1)}
+                reqs = (res.get("rps") or 0) * dur
+                for w in row["workers"].values():  # CPU per request (the 1.1 s after wrk is idle)
+                    cpu_s = w["cpu_pct"] / 100 * (secs + 1.1)
+                    w["cpu_us_per_req"] = round(cpu_s / reqs * 1e6, 1) if reqs else None
                 rows.append(row)
-                print(f"round {rnd} {mode:<6} rps {res.get('rps', 0):>9,.0f}  p50 {res.get('p50', 0):6.2f}  "
-                      f"p90 {res.get('p90', 0):6.2f}  p99 {res.get('p99', 0):6.2f} ms", flush=True)
+                print(f"round {rnd} {mode:<6} {res['duration']:>3}s rps {res.get('rps', 0):>9,.0f}  "
+                      f"p50 {res.get('p50', 0):6.2f}  p90 {res.get('p90', 0):6.2f}  "
+                      f"p99 {res.get('p99', 0):6.2f} ms", flush=True)
                 for w, c in census.items():
                     print(f"    {w} TCP_NODELAY of established sockets: {c}", flush=True)
                 if mode == "mesh":

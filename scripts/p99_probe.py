@@ -84,8 +84,24 @@ def probe(d: str, pid: int) -> dict:
         return {}
 
 
+def ksoftirqd_pids() -> dict[str, int]:
+    out = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            if comm.startswith("ksoftirqd/"):
+                out[comm] = int(pid)
+    return out
+
+
 def snapshot(mesh: Mesh, cluster, d: str) -> dict:
     out = {}
+    for comm, pid in ksoftirqd_pids().items():  # the kernel's deferred packet processing, as a task
+        out[(comm, pid)] = {"proc": proc(pid), "probe": {}}
     for n in cluster.nodes:
         for pid in mesh.proxy_pids(n.name):
             out[(n.name, pid)] = {"proc": proc(pid), "probe": probe(d, pid)}
@@ -157,7 +173,7 @@ def nodelay_census(pid: int) -> dict:
 
 
 def fmt_hist(h: list[int]) -> str:
-    return " ".join(f"<={b}:{n}" for b, n in zip(BUCKETS, h, strict=True) if n)
+    return " ".join(f"<={b}:{n}" for b, n in zip(BUCKETS, h, strict=False) if n)
 
 
 def pyspy(cluster, mesh, out_dir: str, seconds: int) -> list[subprocess.Popen]:
@@ -200,6 +216,8 @@ def print_workers(rows: dict) -> None:
         print(f"    {w}: cpu {r['cpu_pct']}% ({r.get('cpu_us_per_req')} us/request)  "
               f"waiting for a CPU {r['run_delay_pct']}%  invol {r['invol_cs']}  vol {r['vol_cs']}  "
               f"gc {r.get('gc')}  gcmax {r.get('gc_max_ms_ever')}", flush=True)
+        if "gc" not in r:
+            continue  # not a worker (ksoftirqd)
         print(f"        gc pauses ms {fmt_hist(r.get('gc_hist', []))}", flush=True)
         print(f"        loop lag ms {fmt_hist(r.get('lag_hist', []))}  "
               f"mean {r.get('lag_mean_ms')}", flush=True)
@@ -220,6 +238,9 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--setup-profile", dest="setup_profile",
                     help="py-spy both workers during a run of new connections (--churn) into DIR")
+    ap.add_argument("--renice", type=int, default=None,
+                    help="an experiment on the scheduler: mesh rounds alternate between the workers' "
+                         "niceness as started and this one (e.g. -10), in the same cluster")
     ap.add_argument("--churn", action="store_true", help="a run of new connections before the wrk rounds")
     ap.add_argument("--tcpdump", help="capture the tunnel (node2, port 15008) of mesh round 1 into this pcap")
     a = ap.parse_args()
@@ -257,6 +278,12 @@ def main() -> int:
         url = f"http://{cluster.pod('pod2-1').ip4}:8080/"
         wrk(cluster, "pod1-1", url, 1, a.connections)  # warm: connections, sessions
         for rnd in range(1, a.rounds + 1):
+            nice = 0
+            if a.renice is not None:
+                nice = a.renice if rnd % 2 == 0 else 0
+                for n in cluster.nodes:
+                    for pid in mesh.proxy_pids(n.name):
+                        os.setpriority(os.PRIO_PROCESS, pid, nice)
             for mode, src in (("direct", "pod1-3"), ("mesh", "pod1-1")):
                 spies = []
                 if a.pyspy and mode == "mesh" and rnd == a.rounds:
@@ -300,6 +327,7 @@ def main() -> int:
                     dur = ds[(rnd - 1) % len(ds)]
                 res = wrk(cluster, src, url, dur, a.connections)
                 res["duration"] = dur
+                res["nice"] = nice
                 for dump in dumps:
                     dump.terminate()
                     dump.wait(timeout=30)
@@ -316,7 +344,8 @@ def main() -> int:
                     cpu_s = w["cpu_pct"] / 100 * (secs + 1.1)
                     w["cpu_us_per_req"] = round(cpu_s / reqs * 1e6, 1) if reqs else None
                 rows.append(row)
-                print(f"round {rnd} {mode:<6} {res['duration']:>3}s rps {res.get('rps', 0):>9,.0f}  "
+                print(f"round {rnd} {mode:<6} {res['duration']:>3}s nice {res['nice']:>3} "
+                      f"rps {res.get('rps', 0):>9,.0f}  "
                       f"p50 {res.get('p50', 0):6.2f}  p90 {res.get('p90', 0):6.2f}  "
                       f"p99 {res.get('p99', 0):6.2f} ms", flush=True)
                 for w, c in census.items():

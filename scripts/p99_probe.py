@@ -7,15 +7,23 @@ and mesh (pod1-1 -> node1 proxy -> mTLS tunnel -> node2 proxy -> pod2-1), so
 a drift of the shared machine hits both alike.  Inside every proxy worker,
 ``scripts/p99site/sitecustomize.py`` (put on PYTHONPATH here, active only
 with ``MESHLET_P99_PROBE``) records GC pauses and event-loop lag; this
-driver diffs them per phase and adds, per worker, CPU time and the
-scheduler's involuntary context switches (``/proc/<pid>/status``).
+driver diffs them per phase and adds, per worker (and per ksoftirqd), CPU
+time, CPU per request, the time spent runnable but waiting for a CPU
+(``/proc/<pid>/schedstat``) and involuntary context switches.
 
-    python scripts/p99_probe.py [--rounds 3] [--duration 5] [--l7 false|true|auto]
-                                [--env KEY=VALUE ...] [--py-spy DIR] [--json FILE]
+    python scripts/p99_probe.py [--rounds 3] [--duration 5] [--durations 2,10]
+                                [--l7 false|true|auto] [--tunnel mtls|insecure-plaintext]
+                                [--churn] [--setup-profile DIR] [--py-spy DIR]
+                                [--tcpdump PREFIX] [--renice N] [--env KEY=VALUE ...] [--json FILE]
 
-``--py-spy DIR`` records each worker with py-spy during the last mesh round
-(flame graphs, raw collapsed stacks: ``DIR/<node>-<pid>.txt``).  A probe,
-not a test: compare ratios within one run.
+``--churn``: 4 clients opening tunnel connections back to back first (what
+a wrk run pays up front for its 32 connections), ``--setup-profile DIR``
+with py-spy on both workers meanwhile; ``--py-spy DIR``: py-spy during the
+last mesh round (raw collapsed stacks, ``DIR/<node>-<pid>.txt``);
+``--tcpdump PREFIX``: round 1 captured on the pod side and the tunnel
+(``PREFIX.<mode>.<pod|tunnel>.pcap``); the first mesh round also prints a
+TCP_NODELAY census of the workers' sockets.  A probe, not a test: compare
+ratios within one run.
 """
 
 from __future__ import annotations

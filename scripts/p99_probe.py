@@ -14,12 +14,15 @@ time, CPU per request, the time spent runnable but waiting for a CPU
     python scripts/p99_probe.py [--rounds 3] [--duration 5] [--durations 2,10]
                                 [--l7 false|true|auto] [--tunnel mtls|insecure-plaintext]
                                 [--churn] [--setup-profile DIR] [--py-spy DIR]
-                                [--tcpdump PREFIX] [--renice N] [--env KEY=VALUE ...] [--json FILE]
+                                [--h2load-log PREFIX] [--tcpdump PREFIX] [--renice N]
+                                [--env KEY=VALUE ...] [--json FILE]
 
 ``--churn``: 4 clients opening tunnel connections back to back first (what
 a wrk run pays up front for its 32 connections), ``--setup-profile DIR``
 with py-spy on both workers meanwhile; ``--py-spy DIR``: py-spy during the
 last mesh round (raw collapsed stacks, ``DIR/<node>-<pid>.txt``);
+``--h2load-log PREFIX``: one h2load run per path after the rounds, with its
+per-request log summarized (p99, and where in the run the slowest 1% fell);
 ``--tcpdump PREFIX``: round 1 captured on the pod side and the tunnel
 (``PREFIX.<mode>.<pod|tunnel>.pcap``); the first mesh round also prints a
 TCP_NODELAY census of the workers' sockets.  A probe, not a test: compare
@@ -180,6 +183,29 @@ def nodelay_census(pid: int) -> dict:
     return out
 
 
+def describe_log(path: str) -> str:
+    """p50/p99 of an h2load per-request log, and where in the run the
+    slowest 1% started (per 10% of the run)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                rows.append((int(parts[0]), int(parts[2])))
+    if not rows:
+        return "no requests logged"
+    rows.sort()
+    t0, t1 = rows[0][0], rows[-1][0]
+    lat = sorted(d for _, d in rows)
+    p99 = lat[int(0.99 * (len(lat) - 1))]
+    deciles = [0] * 10
+    for t, d in rows:
+        if d >= p99:
+            deciles[min(9, int(10 * (t - t0) / max(1, t1 - t0)))] += 1
+    return (f"{len(rows)} requests, p50 {lat[len(lat) // 2] / 1000:.2f} ms, p99 {p99 / 1000:.2f} ms, "
+            f"max {lat[-1] / 1000:.1f} ms; slowest 1% by tenth of the run: {deciles}")
+
+
 def fmt_hist(h: list[int]) -> str:
     return " ".join(f"<={b}:{n}" for b, n in zip(BUCKETS, h, strict=False) if n)
 
@@ -246,6 +272,9 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--setup-profile", dest="setup_profile",
                     help="py-spy both workers during a run of new connections (--churn) into DIR")
+    ap.add_argument("--h2load-log", dest="h2load_log",
+                    help="after the rounds: one h2load --h1 -c32 run per path with a per-request log "
+                         "(PREFIX.<mode>.tsv: start us, status, duration us): when do slow requests happen")
     ap.add_argument("--renice", type=int, default=None,
                     help="an experiment on the scheduler: mesh rounds alternate between the workers' "
                          "niceness as started and this one (e.g. -10), in the same cluster")
@@ -360,6 +389,15 @@ def main() -> int:
                     print(f"    {w} TCP_NODELAY of established sockets: {c}", flush=True)
                 if mode == "mesh":
                     print_workers(row["workers"])
+        if a.h2load_log:
+            for mode, src in (("direct", "pod1-3"), ("mesh", "pod1-1")):
+                log = f"{a.h2load_log}.{mode}.tsv"
+                argv = ["h2load", "--h1", f"-c{a.connections}", "-m1", "-D", str(a.duration),
+                        "--log-file", log, url]
+                r = cluster.pod(src).run(argv, check=False, timeout=a.duration + 30)
+                print(f"h2load {mode}: " + " | ".join(ln.strip() for ln in r.stdout.splitlines()
+                                                     if ln.startswith(("finished", "time for request"))))
+                print(f"    {describe_log(log)}", flush=True)
     finally:
         if mesh is not None:
             mesh.down()

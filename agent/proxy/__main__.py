@@ -58,7 +58,11 @@ async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
     from agent.proxy.server import ProxyServer
 
     server = ProxyServer(
-        watcher, worker_id=args.worker_id, access_log=args.access_log, ready_timeout=args.ready_timeout
+        watcher,
+        worker_id=args.worker_id,
+        access_log=args.access_log,
+        ready_timeout=args.ready_timeout,
+        freeze_heap=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

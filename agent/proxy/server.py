@@ -100,8 +100,12 @@ class ProxyServer:
         linker: LegLinker | None = None,
         max_series: int = m.MAX_SERIES,
         ready_timeout: float = READY_TIMEOUT,
+        freeze_heap: bool = False,
     ) -> None:
         self.watcher = watcher
+        # Freeze the heap before listening (memory.freeze_heap): the worker
+        # process sets it; an in-process server (tests) leaves its host's heap alone.
+        self.freeze_heap = freeze_heap
         self.worker_id = worker_id
         self.header_timeout = header_timeout
         self.ready_timeout = ready_timeout
@@ -184,6 +188,11 @@ class ProxyServer:
             await self._wait_certificates()
             state = self.watcher.current  # it may have changed while waiting
             self._start_tracing(state)  # before the first request
+            if self.freeze_heap:
+                log.info(
+                    "heap frozen before listening: %d objects out of the collector's sight",
+                    memory.freeze_heap(),
+                )
             await self._start_listeners(state)
         except BaseException:
             await self.stop(grace=0)

@@ -64,7 +64,10 @@ def test_rss_returns_within_1_5x_of_idle_after_3000_connections_close():
         assert "listening" in server.stdout.readline()
         mesh.start()
         for n in NODES:
-            assert all(st["memory"]["allocator"] == "malloc" for st in worker_stats(mesh, n))
+            stats = worker_stats(mesh, n)
+            assert all(st["memory"]["allocator"] == "malloc" for st in stats)
+            # each worker froze its start-up heap before listening (memory.freeze_heap)
+            assert all(st["memory"]["gc_frozen"] > 10_000 for st in stats), [st["memory"] for st in stats]
         idle = {n: node_rss_kb(mesh, n) for n in NODES}
 
         client = cluster.pod("pod1-1").popen(

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +84,43 @@ def test_report_splits_rss_into_program_and_allocator():
     assert r["rss_kb"] > 0 and r["heap_in_use_kb"] > 0  # type: ignore[operator]
     assert r["heap_free_kb"] is not None and r["mmapped_kb"] is not None
     assert r["allocator"] == (os.environ.get("PYTHONMALLOC") or "pymalloc")
+
+
+_FREEZE_PROBE = """
+import gc, json, weakref
+from agent.proxy import memory
+
+class Node:
+    pass
+
+survivor = Node()
+survivor.me = survivor  # alive at the freeze: frozen
+garbage = Node()
+garbage.me = garbage  # a cycle nobody refers to: collected first, never frozen
+freed = []
+weakref.finalize(garbage, freed.append, True)
+del garbage
+frozen = memory.freeze_heap()
+later = Node()
+later.me = later
+tracked = gc.get_objects()
+print(json.dumps({
+    "frozen": frozen,
+    "garbage_freed": freed,
+    "survivor_tracked": any(o is survivor for o in tracked),
+    "later_tracked": any(o is later for o in tracked),
+    "reported": memory.report()["gc_frozen"],
+}))
+"""
+
+
+def test_freeze_heap_collects_the_garbage_then_hides_the_survivors_from_the_collector():
+    # In a process of its own: freezing pytest's heap would outlive this test.
+    out = subprocess.run(
+        [sys.executable, "-c", _FREEZE_PROBE], capture_output=True, text=True, timeout=60, check=True
+    )
+    r = json.loads(out.stdout)
+    assert r["garbage_freed"] == [True]  # the collection ran before the freeze
+    assert r["frozen"] > 1000 and r["reported"] == r["frozen"]
+    assert r["survivor_tracked"] is False  # out of the collector's sight: full collections skip it
+    assert r["later_tracked"] is True  # objects made afterwards are collected as usual

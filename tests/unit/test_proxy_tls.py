@@ -518,6 +518,39 @@ def test_16_mib_both_ways_with_half_close_and_bounded_buffers():
     assert cmax <= 256 * 1024 + 300 * 1024 and smax <= 256 * 1024 + 300 * 1024
 
 
+def test_many_records_and_close_notify_in_one_read_are_all_delivered_then_eof():
+    """The read loop stops once OpenSSL holds nothing more (no read that can
+    only fail): 300 small records and the close_notify queued behind a paused
+    reader arrive in one chunk, and every byte and the EOF still come out."""
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    parts = [os.urandom(37 + i % 50) for i in range(300)]
+
+    class Held(App):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            transport.pause_reading()
+
+    async def main():
+        async with Server(server, Held) as s:
+            app = App()
+            await connect(client, s.port, app=app)
+            for p in parts:
+                app.transport.write(p)  # one TLS record each
+            app.transport.write_eof()  # close_notify + FIN behind them
+            await asyncio.sleep(0.3)  # all of it waits in the server's socket buffer
+            sapp = s.apps[0]
+            before = sapp.received
+            sapp.transport.resume_reading()
+            got = await asyncio.wait_for(sapp.eof, 10)
+            app.transport.close()
+            return before, got, bytes(sapp.data)
+
+    before, got, data = run(main())
+    assert before == 0
+    assert got == sum(map(len, parts)) and data == b"".join(parts)
+
+
 def test_a_slow_reader_pauses_the_writer():
     f = CertFactory(TD)
     client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))

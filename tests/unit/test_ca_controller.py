@@ -447,3 +447,54 @@ def test_doctor_follows_the_node_through_waiting_denied_and_loaded(cluster):
     ca = {"subject": m.ca_cert.subject.rfc4514_string(), "not_after": m.ca_cert.not_valid_after_utc.isoformat()}
     c = check_node_ca_csr({"node_ca_csr": e.status(), "node_ca": ca})
     assert c.ok and ca["subject"] in c.detail and c.fix is None
+
+
+def test_doctor_reads_the_nodes_csr_record_without_an_agent(cluster):
+    """`meshlet doctor` with a CSR config and no agent answering: the node's
+    files say it -- the request record <caKey>.pending.json the enroller
+    keeps (pending since when, or why it was denied), else the intermediate."""
+    import json
+
+    from agent.config import IdentityConfig
+    from agent.doctor import check_node_ca_files
+
+    def ident(node: str) -> IdentityConfig:
+        d = cluster.tmp / node
+        return IdentityConfig(str(d / "bundle.pem"), str(d / "ca.pem"), str(d / "ca-key.pem"), TD, node_ca="csr")
+
+    # nothing asked yet: a warning that says the agent asks when it runs
+    c = check_node_ca_files(ident("node-a"), agent="/run/meshlet/node-a/admin.sock")
+    assert not c.ok and not c.required and "no node CA and no CSR pending" in c.detail
+    assert "no agent answered at /run/meshlet/node-a/admin.sock" in c.detail
+
+    e = cluster.enroller("node-a")  # no controller yet: it waits for approval
+    wait_for("waiting", lambda: e.state == "waiting")
+    e.stop()  # the agent is gone; its record stays
+    rec = json.loads((cluster.tmp / "node-a" / "ca-key.pem.pending.json").read_text())
+    assert rec["csr"] == e.csr_name and rec["state"] == "waiting" and rec["node"] == "node-a"
+    c = check_node_ca_files(ident("node-a"))
+    assert not c.ok and not c.required
+    assert c.detail.startswith(f"CSR {e.csr_name} pending since {rec['created']}, waiting for approval")
+    assert f"kubectl get csr {e.csr_name}" in c.fix and "get lease meshlet-ca" in c.fix
+
+    cluster.controller()
+    d = cluster.enroller("node-b", token="node-a-token")  # bound to node-a: denied
+    wait_for("the denial", lambda: d.state == "denied")
+    d.stop()
+    assert not os.path.exists(cluster.tmp / "node-b" / "ca-key.pem.pending")  # the key is dropped
+    c = check_node_ca_files(ident("node-b"))
+    assert not c.ok and c.required
+    assert c.detail.startswith(f"CSR {d.csr_name} Denied: WrongNode: ") and "bound to node 'node-a'" in c.detail
+    assert "asks again by itself" in c.fix
+
+    # node-a's agent comes back, resumes the same request, gets it signed and installs it
+    e2 = cluster.enroller("node-a")
+    wait_for("node-a's intermediate", lambda: _installed(e2))
+    assert e2.counters["requested"] == 0 and e2.csr_name == e.csr_name
+    c = check_node_ca_files(ident("node-a"))
+    assert c.ok and "node CA loaded from the files (" in c.detail and "CN=cluster.local node node-a" in c.detail
+
+    # a record that is not one is named, not guessed at
+    (cluster.tmp / "node-a" / "ca-key.pem.pending.json").write_text('{"csr": "x", "state": "lost"}')
+    c = check_node_ca_files(ident("node-a"))
+    assert not c.ok and "field 'state' is 'lost'" in c.detail and "ca-key.pem.pending.json" in c.detail

@@ -274,14 +274,8 @@ def ca_controller(
         root = load_signing_root(root_dir, trust_domain)
     except (CaError, ValueError) as e:
         die(str(e))
-    try:
-        client = KubeClient.from_kubeconfig(kubeconfig, context) if kubeconfig else KubeClient.in_cluster()
-    except KubeConfigError as e:
-        die(f"cannot reach the Kubernetes API: {e}")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    policy = Policy(trust_domain, signer=signer, node_user=node_user, max_ttl=timedelta(hours=ttl_hours))
-    elector = None
-    if leader_elect:
+    lease = None
+    if leader_elect:  # checked before anything talks to the API
         try:
             lease = LeaseConfig(
                 identity=_holder_identity(),
@@ -293,7 +287,13 @@ def ca_controller(
             )
         except ValueError as e:
             die(str(e))
-        elector = LeaderElector(client, lease)
+    try:
+        client = KubeClient.from_kubeconfig(kubeconfig, context) if kubeconfig else KubeClient.in_cluster()
+    except KubeConfigError as e:
+        die(f"cannot reach the Kubernetes API: {e}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = Policy(trust_domain, signer=signer, node_user=node_user, max_ttl=timedelta(hours=ttl_hours))
+    elector = LeaderElector(client, lease) if lease is not None else None
     ctl = CaController(
         client,
         root,
@@ -319,7 +319,7 @@ def ca_controller(
         root.cert.serial_number,
         client.server,
     )
-    if elector is not None:
+    if elector is not None and lease is not None:
         logging.getLogger("meshlet.ca").info(
             "leader election on lease %s/%s as %s", lease.namespace, lease.name, lease.identity
         )

@@ -246,3 +246,25 @@ def test_a_node_asking_in_a_loop_is_refused_past_the_limit(cluster):
     assert _conditions(csr)["Failed"]["reason"] == "RateLimited" and "certificate" not in csr["status"]
     assert third_ctl.counters["signed"] == 0
     assert all((cluster.csr(n).get("status") or {}).get("certificate") for n in names)
+
+
+def test_the_cli_refuses_lease_timings_that_could_overlap_two_leaders(tmp_path):
+    from click.testing import CliRunner
+
+    from agent.cli.ca import ca_controller
+    from agent.identity.ca import init_ca
+
+    init_ca(str(tmp_path / "ca"), "cluster.local", [])
+    args = [
+        "--root",
+        str(tmp_path / "ca"),
+        "--metrics-port",
+        "0",
+        "--lease-duration",
+        "10",
+        "--renew-deadline",
+        "10",
+    ]
+    res = CliRunner().invoke(ca_controller, args)  # refused before it talks to any API
+    assert res.exit_code == 1
+    assert "renew deadline (10s) < lease duration (10s): a leader must stop before another" in res.output

@@ -22,17 +22,20 @@ from agent.workloads.kubeclient import ApiError, KubeClient
 from tests.support import kubeapi as k
 from tests.unit.test_ca_controller import Cluster, _conditions, _installed, wait_for
 
-# short timings (the proportions of the manifest's 15/10/2)
+# short timings (the proportions of the manifest's 15/10/2) where a test waits for an expiry;
+# long ones where it must not happen even on a loaded machine
 DURATION, DEADLINE, RETRY = 3.0, 2.0, 0.2
+STEADY = (20.0, 12.0, 0.3)
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/meshlet-system/leases"
 
 
-def lease(name: str) -> LeaseConfig:
+def lease(name: str, timings: tuple[float, float, float] = (DURATION, DEADLINE, RETRY)) -> LeaseConfig:
+    duration, deadline, retry = timings
     return LeaseConfig(
         identity=f"{name}_{uuid.uuid4().hex[:6]}",
-        lease_duration=DURATION,
-        renew_deadline=DEADLINE,
-        retry_period=RETRY,
+        lease_duration=duration,
+        renew_deadline=deadline,
+        retry_period=retry,
     )
 
 
@@ -71,8 +74,8 @@ def the_lease(cluster: Cluster) -> dict:
 
 
 def test_of_two_replicas_exactly_one_signs(cluster):
-    a = cluster.controller(lease=lease("ca-0"))
-    b = cluster.controller(lease=lease("ca-1"))
+    a = cluster.controller(lease=lease("ca-0", STEADY))
+    b = cluster.controller(lease=lease("ca-1", STEADY))
     watch = NeverTwo(a, b)
     leader = wait_for(
         "a leader", lambda: next((c for c in (a, b) if c.leading() and c.synced.is_set()), None)
@@ -81,7 +84,7 @@ def test_of_two_replicas_exactly_one_signs(cluster):
     assert leader.elector is not None and follower.elector is not None
     wait_for("the follower to read the lease", lambda: follower.elector.state == "following")
     held = the_lease(cluster)["spec"]
-    assert held["holderIdentity"] == leader.elector.cfg.identity and held["leaseDurationSeconds"] == 3
+    assert held["holderIdentity"] == leader.elector.cfg.identity and held["leaseDurationSeconds"] == 20
     e1, e2 = cluster.enroller("node-a"), cluster.enroller("node-b")
     wait_for("both intermediates", lambda: _installed(e1) and _installed(e2))
     assert leader.counters["signed"] == 2 and leader.counters["approved"] == 2
@@ -130,8 +133,8 @@ def test_a_stopping_leader_releases_the_lease(cluster):
     a.elector.stop()
     released = the_lease(cluster)["spec"]
     assert released["holderIdentity"] == "" and released["leaseDurationSeconds"] == 1
-    # taken on ca-1's next round, without waiting out a lease duration
-    wait_for("ca-1 to take the released lease", b.leading, timeout=DURATION - 0.5)
+    # taken on ca-1's next round: a released lease is not waited out (test_leaderlease)
+    wait_for("ca-1 to take the released lease", b.leading)
     assert the_lease(cluster)["spec"]["leaseTransitions"] == 1
 
 
@@ -159,7 +162,7 @@ def test_a_conflict_on_the_lease_is_a_lost_round(cluster):
     )
     client = RacingClient(base.server, base.ssl_context, token=base.token)
     client.api = cluster.api
-    el = LeaderElector(client, lease("ca-0"))
+    el = LeaderElector(client, lease("ca-0", STEADY))
     el.step()  # no Lease yet: created, leader
     assert el.is_leader() and el.counters["acquired"] == 1
     # between this renewal's read and its write, ca-1 takes the Lease: a real 409

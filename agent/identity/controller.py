@@ -437,7 +437,8 @@ class HealthServer:
 def _metrics(ctl: CaController) -> str:
     c = ctl.counters
     lines = [
-        "# HELP meshlet_ca_csr_total CSRs of meshlet's signer acted on, by result.",
+        "# HELP meshlet_ca_csr_total CSRs of meshlet's signer acted on, by result "
+        "(rate_limited ones also count as denied or failed).",
         "# TYPE meshlet_ca_csr_total counter",
         *(
             f'meshlet_ca_csr_total{{result="{k}"}} {c[k]}'

@@ -67,8 +67,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -97,6 +98,7 @@ __all__ = [
     "ReissueLimit",
     "IssueHistory",
     "issued",
+    "limited_until",
 ]
 
 SIGNER = "meshlet.io/node-intermediate"
@@ -174,8 +176,24 @@ class IssueHistory:
         return (
             f"node {node} was issued {len(recent)} intermediates in the last {_span(self.limit.window)}; "
             f"the re-issue limit is {self.limit.describe()} (meshlet ca controller --reissue-limit, "
-            f"--reissue-window); the next can be signed after {free.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            f"--reissue-window); {_NEXT} {free.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         )
+
+
+_NEXT = "the next can be signed after"
+_NEXT_RE = re.compile(re.escape(_NEXT) + r" (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+
+
+def limited_until(condition: dict) -> datetime | None:
+    """When a CSR Denied (or Failed) ``RateLimited`` says the node's next
+    intermediate can be signed (:meth:`IssueHistory.refusal` writes it), so
+    the node waits until then instead of asking in vain; None otherwise."""
+    if condition.get("reason") != "RateLimited":
+        return None
+    m = _NEXT_RE.search(str(condition.get("message") or ""))
+    if m is None:
+        return None
+    return datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

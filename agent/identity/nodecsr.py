@@ -16,7 +16,10 @@ it:
 3. reads it back with a bounded, jittered backoff until it carries a
    certificate (then checks it: this node's CA, for this key, chaining to
    the roots that came with it), or is Denied/Failed (the reason is shown;
-   a new request follows after a longer backoff), or is gone (asks again).
+   a new request follows after a longer backoff -- or, when the controller's
+   re-issue limit refused it (``RateLimited``), at the time its message
+   names: :func:`agent.identity.csrpolicy.limited_until`), or is gone (asks
+   again).
 
 ``<caKey>.pending.json`` is also the request's record for an operator
 without a running agent (``meshlet doctor`` reads it)::
@@ -54,13 +57,23 @@ from datetime import UTC, datetime
 
 from ..fsutil import write_atomic
 from ..workloads.kubeclient import ApiError, KubeClient
-from .csrpolicy import SIGNER, check_issued, conditions, csr_object, make_node_csr, renewal_due
+from .csrpolicy import (
+    SIGNER,
+    check_issued,
+    conditions,
+    csr_object,
+    limited_until,
+    make_node_csr,
+    renewal_due,
+)
 from .issuer import IdentityFilesError, load_material
 from .svid import cert_to_pem, generate_key, key_to_pem, load_key_pem
 
 log = logging.getLogger("meshlet.identity")
 
 CSRS = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+#: The longest a node waits on the controller's re-issue limit before asking again (seconds).
+MAX_LIMIT_WAIT = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -232,6 +245,10 @@ class NodeEnroller:
                 self.counters["denied"] += 1
                 self._clear_pending(keep_record=True)
                 delay = self._delay(self.retry, failures)
+                if r.not_before is not None:
+                    # the controller's re-issue limit: asking before then is refused again
+                    wait = (r.not_before - self.clock()).total_seconds() + self.rng.uniform(1.0, 30.0)
+                    delay = min(max(delay, wait), MAX_LIMIT_WAIT)
                 self._set("denied", f"{r}; asking again in {delay:.0f}s")
                 log.error("node intermediate: %s; asking again in %.0fs", r, delay)
                 self._stop.wait(delay)
@@ -277,7 +294,10 @@ class NodeEnroller:
                 if t in conds:
                     c = conds[t]
                     self._note(name, "denied", condition=t, reason=c.get("reason"), message=c.get("message"))
-                    raise _Refused(f"CSR {name} was {t.lower()}: {c.get('reason')}: {c.get('message')}")
+                    raise _Refused(
+                        f"CSR {name} was {t.lower()}: {c.get('reason')}: {c.get('message')}",
+                        not_before=limited_until(c),
+                    )
             cert_b64 = (csr.get("status") or {}).get("certificate")
             if cert_b64:
                 try:
@@ -349,7 +369,12 @@ class NodeEnroller:
 
 
 class _Refused(Exception):
-    """The controller said no (Denied/Failed), or signed something unusable."""
+    """The controller said no (Denied/Failed), or signed something unusable;
+    ``not_before``: when a re-issue-limited request may be made again."""
+
+    def __init__(self, message: str, *, not_before: datetime | None = None):
+        super().__init__(message)
+        self.not_before = not_before
 
 
 def enroller_for(cfg, source) -> NodeEnroller | None:

@@ -8,6 +8,7 @@ refused past the re-issue limit, by a new leader too."""
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from datetime import timedelta
@@ -229,6 +230,13 @@ def test_a_node_asking_in_a_loop_is_refused_past_the_limit(cluster):
     wait_for("node-b signed", lambda: (cluster.csr(other).get("status") or {}).get("certificate"))
     wait_for("the counts", lambda: ctl.counters["signed"] == 3)
     assert ctl.counters["rate_limited"] == 1
+    # the node's own client, refused by the limit, waits until the time the message names
+    # (rather than its usual backoff, here at most 0.3 s) before it asks again
+    e = cluster.enroller("node-a")
+    wait_for("the limited denial", lambda: e.state == "denied")
+    wait = re.search(r"RateLimited: .*; asking again in (\d+)s$", e.message)
+    assert wait is not None and 3000 < int(wait.group(1)) < 3700, e.message
+    e.stop()
     # a new controller (a restart, a new leader) learns the history from the signed CSRs
     cluster.stop_controller(ctl)
     fresh = cluster.controller(reissue=limit)

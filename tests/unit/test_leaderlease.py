@@ -113,3 +113,14 @@ def test_a_reissue_limit_must_allow_something():
         cp.ReissueLimit(0)
     with pytest.raises(ValueError, match="positive window"):
         cp.ReissueLimit(1, timedelta(0))
+
+
+def test_the_limited_until_time_is_read_back_from_the_denial():
+    h = cp.IssueHistory(cp.ReissueLimit(1, timedelta(minutes=30)))
+    h.record("node-a", "csr-1", T0)
+    why = h.refusal("node-a", T0 + timedelta(minutes=1))
+    assert why is not None
+    denied = cp.condition("Denied", "RateLimited", why, T0)
+    assert cp.limited_until(denied) == datetime(2026, 12, 6, 12, 30, 0, tzinfo=UTC)
+    assert cp.limited_until(cp.condition("Denied", "WrongNode", why, T0)) is None  # only that reason
+    assert cp.limited_until(cp.condition("Denied", "RateLimited", "no time here", T0)) is None

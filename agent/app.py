@@ -279,7 +279,10 @@ class Agent:
         from .traffic.trafficpolicy import TRAFFIC_KIND
 
         store = PolicyStore(
-            self.cfg.run_dir, trust_domain=self.cfg.identity.trust_domain, kinds=[TRAFFIC_KIND]
+            self.cfg.run_dir,
+            trust_domain=self.cfg.identity.trust_domain,
+            kinds=[TRAFFIC_KIND],
+            max_bytes=self.cfg.workloads.max_policy_bytes,
         )
         try:
             self.policies = store.load()

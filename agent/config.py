@@ -314,6 +314,12 @@ class WorkloadsConfig:
     renewed (the server's ``timeoutSeconds``, jittered up to +25%), 1..3600;
     a watch silent for that long plus 30 s counts as hung and is reopened."""
 
+    max_policy_bytes: int = 4 << 20
+    """``workloads.maxPolicyBytes``: the largest policy set from the cluster
+    (bytes of policy text, every object of every kind), 4 MiB..64 MiB; a
+    larger set is refused whole and the previous one stays in force
+    (agent.policy.store.StoreFull)."""
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -444,6 +450,7 @@ class AgentConfig:
                     "kubeletCgroupRoot": self.workloads.kubelet_cgroup_root,
                     "syncTimeout": self.workloads.sync_timeout,
                     "watchTimeout": self.workloads.watch_timeout,
+                    "maxPolicyBytes": self.workloads.max_policy_bytes,
                 }.items()
                 if v is not None
             },
@@ -598,6 +605,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
             kubelet_cgroup_root=work_r.get("kubeletCgroupRoot", y.string, None),
             sync_timeout=work_r.get("syncTimeout", y.number(1, 3600), 60.0),
             watch_timeout=work_r.get("watchTimeout", y.number(1, 3600), 300.0),
+            max_policy_bytes=work_r.get("maxPolicyBytes", y.integer(4 << 20, 64 << 20), 4 << 20),
         )
         work_r.finish()
 

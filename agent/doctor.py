@@ -11,7 +11,9 @@ what that config needs (its pin dir, its node cgroup, a way to attach strict
 mode: tcx links on >= 6.6, a clsact qdisc with cls_bpf on older kernels) and
 says what is pinned there already (a stop keeps the datapath).  ``meshlet
 doctor`` also asks a running agent that gets its node CA by CSR
-(``identity.nodeCA: csr``) whether it has it (:func:`check_node_ca_csr`).
+(``identity.nodeCA: csr``) whether it has it (:func:`check_node_ca_csr`);
+with no agent answering, it reads the node's files instead: the intermediate
+and the request record ``<caKey>.pending.json`` (:func:`check_node_ca_files`).
 
 ``meshlet run`` calls the same checks before touching the kernel, so it fails
 with the same list of fixes instead of half-attaching.  A check that is not
@@ -647,6 +649,93 @@ def check_node_ca_csr(ident: dict) -> Check:
     else:
         fix = f"{look}; {controller}"
     return Check(NODE_CA_CSR, False, f"no node CA yet: {message}", fix, False)
+
+
+def check_node_ca_files(identity, *, agent: str | None = None, now=None) -> Check:
+    """``identity.nodeCA: csr`` without a running agent: what the node's
+    files say.  ``identity`` is the config's (``bundle``, ``caCert``,
+    ``caKey``, ``trustDomain``); ``agent`` notes why the agent was not asked.
+
+    A request record (``<caKey>.pending.json``, written by the agent's CSR
+    client, :mod:`agent.identity.nodecsr`): pending -- a warning naming the
+    CSR and since when; denied -- a required failure with the controller's
+    reason.  No record: the intermediate on disk passes if it is this
+    node's and valid, else a warning (the agent has not asked yet)."""
+    from datetime import UTC, datetime
+
+    from .identity.csrpolicy import renewal_due
+    from .identity.issuer import IdentityFilesError, load_material
+    from .identity.nodecsr import read_pending
+
+    now = now or datetime.now(UTC)
+    pending = identity.ca_key + ".pending.json"
+    why_no_agent = f" (no agent answered at {agent}: read from the node's files)" if agent else ""
+    try:
+        rec = read_pending(pending)
+    except FileNotFoundError:
+        rec = None
+    except (OSError, ValueError) as e:
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"cannot read the node's CSR record: {getattr(e, 'strerror', None) or e}{why_no_agent}",
+            f"run as root (the record is 0600), or remove {pending} and let the agent ask again",
+            False,
+        )
+    if rec is not None:
+        name = rec["csr"]
+        look = f"`kubectl get csr {name}` (its conditions: `kubectl describe csr {name}`)"
+        if rec["state"] == "denied":
+            return Check(
+                NODE_CA_CSR,
+                False,
+                f"CSR {name} {rec.get('condition', 'Denied')}: {rec.get('reason')}: {rec.get('message')} "
+                f"(recorded {rec.get('updated', '?')}); no node CA, nothing signed for pods{why_no_agent}",
+                f"the CA controller refused this node's request for the reason above ({look}): fix what it "
+                "names (the node name the agent's token is bound to, the trust domain, the controller's "
+                "rules and re-issue limit: `meshlet ca controller --help`); the agent asks again by itself",
+                True,
+            )
+        waiting = "signature" if rec["state"] == "approved" else "approval"
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"CSR {name} pending since {rec.get('created', '?')}, waiting for {waiting} "
+            f"(last seen {rec.get('updated', '?')}){why_no_agent}",
+            f"see it with {look}; is `meshlet ca controller` running? "
+            "(`kubectl -n meshlet-system get pods -l app.kubernetes.io/name=meshlet-ca`; "
+            "`kubectl -n meshlet-system get lease meshlet-ca` names the replica that signs)",
+            False,
+        )
+    try:
+        m = load_material(identity.trust_domain, identity.bundle, identity.ca_cert, identity.ca_key)
+    except IdentityFilesError as e:
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"no node CA and no CSR pending: {e}{why_no_agent}",
+            "the agent asks for its intermediate when it starts (`meshlet run`); its CSR client "
+            f"records the request in {pending}",
+            False,
+        )
+    subject = m.ca_cert.subject.rfc4514_string()
+    due = renewal_due(m.ca_cert, now)
+    if due is not None:
+        return Check(
+            NODE_CA_CSR,
+            False,
+            f"node CA {subject}: {due}; no renewal pending{why_no_agent}",
+            "the agent renews it by itself while it runs (`meshlet run`)",
+            False,
+        )
+    return Check(
+        NODE_CA_CSR,
+        True,
+        f"node CA loaded from the files ({subject}, expires "
+        f"{m.ca_cert.not_valid_after_utc.isoformat()}); no CSR pending{why_no_agent}",
+        None,
+        False,
+    )
 
 
 def check_agent_node_ca(sock: str, *, expected: bool = True, timeout: float = 2.0) -> Check | None:

@@ -148,6 +148,54 @@ def ca_retire_root(out_dir, root) -> None:
     help="Serve /healthz, /readyz, /metrics and /status here (0: do not).",
 )
 @click.option("--metrics-address", default="0.0.0.0", show_default=True)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    default=True,
+    show_default=True,
+    help="Run as one of several replicas: only the holder of a coordination.k8s.io Lease signs.",
+)
+@click.option("--lease-name", default="meshlet-ca", show_default=True, help="The Lease's name.")
+@click.option(
+    "--lease-namespace",
+    default=None,
+    help="The Lease's namespace (default: $POD_NAMESPACE, else the service account's, else meshlet-system).",
+)
+@click.option(
+    "--lease-duration",
+    type=click.IntRange(2, 3600),
+    default=15,
+    show_default=True,
+    help="Seconds a replica waits, after it last saw the Lease renewed, before it takes over.",
+)
+@click.option(
+    "--renew-deadline",
+    type=click.FloatRange(0.5, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds after its last successful renewal that a leader stops signing (< --lease-duration).",
+)
+@click.option(
+    "--retry-period",
+    type=click.FloatRange(0.1, 600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between tries to acquire or renew the Lease (< --renew-deadline).",
+)
+@click.option(
+    "--reissue-limit",
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="At most this many intermediates per node within --reissue-window; more are Denied RateLimited.",
+)
+@click.option(
+    "--reissue-window",
+    "reissue_minutes",
+    type=click.IntRange(1, 7 * 24 * 60),
+    default=60,
+    show_default=True,
+    help="The re-issue limit's window, in minutes.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def ca_controller(
     root_dir,
@@ -159,6 +207,14 @@ def ca_controller(
     context,
     metrics_port,
     metrics_address,
+    leader_elect,
+    lease_name,
+    lease_namespace,
+    lease_duration,
+    renew_deadline,
+    retry_period,
+    reissue_limit,
+    reissue_minutes,
     log_level,
 ) -> None:
     """Approve and sign node intermediates requested by Kubernetes CSRs.
@@ -184,6 +240,20 @@ def ca_controller(
     it waits and retries; nothing is lost.
 
     \b
+    Re-issue limit: at most --reissue-limit intermediates per node within
+    --reissue-window (a node asking in a loop does not make it sign in a
+    loop); a CSR over the limit is Denied with reason RateLimited, whose
+    message names the limit and when the next one can be signed.
+
+    \b
+    Replicas (deploy/ca-controller.yaml runs 2): with --leader-elect only the
+    holder of the Lease --lease-namespace/--lease-name lists, watches and
+    signs; the others wait and take over --lease-duration seconds after the
+    leader stopped renewing. A leader that cannot renew stops signing
+    --renew-deadline seconds after its last renewal, before anyone may take
+    over. See who leads: kubectl -n meshlet-system get lease meshlet-ca
+
+    \b
     Run it (deploy/ca-controller.yaml does, with the root from a Secret):
       meshlet ca init --out ca/              # root.pem, root-key.pem, bundle.pem
       meshlet ca controller --root ca/ --kubeconfig ~/.kube/config
@@ -195,20 +265,42 @@ def ca_controller(
 
     from ..identity.ca import CaError, load_signing_root
     from ..identity.controller import CaController, HealthServer
-    from ..identity.csrpolicy import Policy
+    from ..identity.csrpolicy import Policy, ReissueLimit
+    from ..identity.leader import LeaderElector
+    from ..identity.leaderlease import LeaseConfig
     from ..workloads.kubeclient import KubeClient, KubeConfigError
 
     try:
         root = load_signing_root(root_dir, trust_domain)
     except (CaError, ValueError) as e:
         die(str(e))
+    lease = None
+    if leader_elect:  # checked before anything talks to the API
+        try:
+            lease = LeaseConfig(
+                identity=_holder_identity(),
+                name=lease_name,
+                namespace=lease_namespace or _pod_namespace(),
+                lease_duration=float(lease_duration),
+                renew_deadline=renew_deadline,
+                retry_period=retry_period,
+            )
+        except ValueError as e:
+            die(str(e))
     try:
         client = KubeClient.from_kubeconfig(kubeconfig, context) if kubeconfig else KubeClient.in_cluster()
     except KubeConfigError as e:
         die(f"cannot reach the Kubernetes API: {e}")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = Policy(trust_domain, signer=signer, node_user=node_user, max_ttl=timedelta(hours=ttl_hours))
-    ctl = CaController(client, root, policy)
+    elector = LeaderElector(client, lease) if lease is not None else None
+    ctl = CaController(
+        client,
+        root,
+        policy,
+        elector=elector,
+        reissue=ReissueLimit(reissue_limit, timedelta(minutes=reissue_minutes)),
+    )
     loop = threading.Thread(target=ctl.run, name="ca-controller", daemon=True)
     health = None
     if metrics_port:
@@ -227,14 +319,45 @@ def ca_controller(
         root.cert.serial_number,
         client.server,
     )
+    if elector is not None and lease is not None:
+        logging.getLogger("meshlet.ca").info(
+            "leader election on lease %s/%s as %s", lease.namespace, lease.name, lease.identity
+        )
+        elector.start()
     loop.start()
     while not done.wait(1.0):
         if not loop.is_alive():
             die("the controller loop stopped")
     ctl.stop()
     loop.join(5)
+    if elector is not None:
+        elector.stop()  # after the loop: it writes nothing more; then the lease is released
     if health is not None:
         health.stop()
+
+
+def _holder_identity() -> str:
+    """This process's name in the Lease: the pod's (or host's) name and a
+    random suffix, so a restarted container waits out its predecessor's lease."""
+    import os
+    import socket
+    import uuid
+
+    base = os.environ.get("POD_NAME") or socket.gethostname() or "meshlet-ca"
+    return f"{base[:100]}_{uuid.uuid4().hex[:10]}"
+
+
+def _pod_namespace() -> str:
+    import os
+
+    ns = os.environ.get("POD_NAMESPACE")
+    if ns:
+        return ns
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or "meshlet-system"
+    except OSError:
+        return "meshlet-system"
 
 
 @click.command()

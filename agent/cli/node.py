@@ -104,17 +104,32 @@ def doctor(config_path: str | None, sock: str | None, node: str | None, output: 
     With a running agent (--socket/--node, the config's admin socket, or the
     only one under /run/meshlet) that gets its node CA by CSR
     (identity.nodeCA: csr), also whether the node has its intermediate: a
-    warning naming the CSR while it waits, a failure when it was denied."""
-    from ..doctor import check_agent_node_ca, checks_to_json, format_checks, ready, run_checks
+    warning naming the CSR while it waits, a failure when it was denied.
+    With such a config and no agent answering, the same from the node's
+    files: the intermediate, and the request record <caKey>.pending.json
+    ("CSR <name> pending since ..., waiting for approval", or the reason it
+    was denied)."""
+    from ..doctor import (
+        check_agent_node_ca,
+        check_node_ca_files,
+        checks_to_json,
+        format_checks,
+        ready,
+        run_checks,
+    )
 
     cfg = load_config(config_path) if config_path else None
     checks = run_checks(cfg)
     agent = _doctor_socket(cfg, sock, node)
+    c = None
     if agent is not None:
         # an agent that does not answer matters when asked for, or when the config says CSR
-        c = check_agent_node_ca(agent, expected=bool(sock or node or _by_csr(cfg)))
-        if c is not None:
-            checks.append(c)
+        # (then the node's files answer instead)
+        c = check_agent_node_ca(agent, expected=bool(sock or node) and not _by_csr(cfg))
+    if c is None and cfg is not None and _by_csr(cfg):
+        c = check_node_ca_files(cfg.identity, agent=agent)
+    if c is not None:
+        checks.append(c)
     if output == "json":
         echo_json(checks_to_json(checks))
     else:

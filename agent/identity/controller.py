@@ -14,6 +14,21 @@ every ADDED/MODIFIED event.  An action is at most three writes:
 - ``deny`` (PUT ``/approval`` with a Denied condition naming the rule) or
   ``fail`` (an Approved CSR that breaks a rule: a Failed condition, unsigned).
 
+Leader election (:mod:`agent.identity.leader`, optional, on by default in
+the CLI): replicas share a ``coordination.k8s.io/v1`` Lease; only the
+holder lists, watches and writes.  Every write first asks
+:meth:`~agent.identity.leader.LeaderElector.is_leader` (a local deadline,
+no API call), so a leader that cannot renew stops before its Lease could
+be taken; a write already on the wire when that happens is fenced by the
+CSR's ``resourceVersion``, like any concurrent writer (409, read again).
+On losing the Lease the watch is cut and, once leader again, everything is
+listed afresh.
+
+The re-issue limit (:class:`agent.identity.csrpolicy.IssueHistory`): at
+most ``ReissueLimit.count`` intermediates per node within its window; a
+CSR over it is Denied ``RateLimited`` (Failed, if already approved), the
+message naming the limit and when the next one can be signed.
+
 Fail static: any API error (transport, 5xx, 429, 410) writes nothing more
 and leads, after a jittered backoff (Retry-After on 429), to a relist, which
 re-sees every CSR; the decisions are idempotent, so a CSR left half done
@@ -34,13 +49,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..workloads.kubeclient import ApiError, KubeClient, Watch
 from .ca import CaError, SigningRoot, issue_node_intermediate
-from .csrpolicy import Policy, Verdict, certificate_field, condition, review
+from .csrpolicy import (
+    IssueHistory,
+    Policy,
+    ReissueLimit,
+    Verdict,
+    certificate_field,
+    condition,
+    issued,
+    review,
+)
+from .leader import LeaderElector
 from .svid import cert_to_pem
 
 log = logging.getLogger("meshlet.ca")
 
 CSRS = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
-COUNTERS = ("approved", "signed", "denied", "failed", "errors", "lists", "watches")
+COUNTERS = ("approved", "signed", "denied", "failed", "rate_limited", "errors", "lists", "watches")
+
+
+class NotLeader(Exception):
+    """This replica does not hold the Lease (any more): write nothing."""
 
 
 class CaController:
@@ -57,6 +86,8 @@ class CaController:
         backoff: tuple[float, float] = (0.5, 30.0),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        elector: LeaderElector | None = None,
+        reissue: ReissueLimit | None = None,
     ):
         if root.trust_domain != policy.trust_domain:
             raise ValueError("the root and the policy must be of the same trust domain")
@@ -72,6 +103,24 @@ class CaController:
         self.last_ok: float | None = None
         self._watch: Watch | None = None
         self._stop = threading.Event()
+        self.elector = elector
+        self.history = IssueHistory(reissue or ReissueLimit())
+        if elector is not None:
+            elector.on_lost = self._cut_watch
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.is_leader()
+
+    def _put(self, path: str, body: dict) -> dict:
+        """Every write goes through here: the leader's, or none."""
+        if not self.leading():
+            raise NotLeader(f"not the leader: {path} not written")
+        return self.client.replace(path, body)
+
+    def _cut_watch(self) -> None:
+        w = self._watch
+        if w is not None:
+            w.abort()
 
     # --- one CSR ----------------------------------------------------------------------
 
@@ -85,7 +134,19 @@ class CaController:
             self.counters["errors"] += 1
             log.exception("CSR %s: not understood, skipped (nothing written)", name)
             return "skipped"
+        if v.action == "done" and v.reason == "Issued":
+            self._remember(csr)
         try:
+            if v.action in ("approve", "sign"):
+                assert v.node is not None
+                why = self.history.refusal(v.node, self.clock(), csr=name)
+                if why is not None:
+                    if v.action == "approve":
+                        self._decide(name, csr, "Denied", "RateLimited", why)
+                    else:
+                        self._fail(name, csr, "RateLimited", why)
+                    self.counters["rate_limited"] += 1  # written (a stale copy is a 409: read again)
+                    return "deny" if v.action == "approve" else "fail"
             if v.action == "approve":
                 self._approve(name, csr, v)
             elif v.action == "sign":
@@ -103,6 +164,12 @@ class CaController:
                 return self.handle(self.client.get(f"{CSRS}/{name}", timeout=self.request_timeout), False)
             raise
         return v.action
+
+    def _remember(self, csr: dict) -> None:
+        """Count the intermediate a signed CSR carries against its node's limit."""
+        got = issued(csr, self.policy)
+        if got is not None:
+            self.history.record(got[0], (csr.get("metadata") or {}).get("name", "?"), got[1])
 
     def _approve(self, name: str, csr: dict, v: Verdict) -> None:
         assert v.node is not None
@@ -130,7 +197,7 @@ class CaController:
             condition(ctype, reason, message, self.clock()),
         ]
         body["status"] = status
-        out = self.client.replace(f"{CSRS}/{name}/approval", body)
+        out = self._put(f"{CSRS}/{name}/approval", body)
         if ctype == "Approved":
             self.counters["approved"] += 1
             log.info("CSR %s: approved: %s", name, message)
@@ -147,7 +214,7 @@ class CaController:
             condition("Failed", reason, f"approved but not signed: {message}", self.clock()),
         ]
         body["status"] = status
-        self.client.replace(f"{CSRS}/{name}/status", body)
+        self._put(f"{CSRS}/{name}/status", body)
         self.counters["failed"] += 1
         log.warning("CSR %s: approved, but not signed (%s): %s", name, reason, message)
 
@@ -173,7 +240,8 @@ class CaController:
             **(csr.get("status") or {}),
             "certificate": certificate_field(cert_to_pem(cert), r.bundle.to_pem()),
         }
-        self.client.replace(f"{CSRS}/{name}/status", body)
+        self._put(f"{CSRS}/{name}/status", body)
+        self.history.record(v.node, name, cert.not_valid_before_utc)
         self.counters["signed"] += 1
         log.info(
             "CSR %s: signed node %s's intermediate (serial %x, expires %s)",
@@ -189,15 +257,28 @@ class CaController:
         """List, act, watch, act; on any API failure back off and relist."""
         attempt = 0
         while not self._stop.is_set():
+            if not self.leading():
+                assert self.elector is not None
+                # a follower: nothing listed, nothing written; once leader, list afresh
+                self.rv, self.connected = None, False
+                self.synced.clear()
+                self.elector.wait_leader(1.0)
+                continue
             try:
                 if self.rv is None:
                     self._list()
                 self._watch_once()
                 attempt = 0
+            except NotLeader as e:
+                self.connected, self.rv = False, None
+                log.info("CSRs: %s; following from now on", e)
             except ApiError as e:
                 self.connected = False
                 if self._stop.is_set():
                     return
+                if not self.leading():
+                    self.rv = None  # the watch was cut because the lease was lost
+                    continue
                 self.counters["errors"] += 1
                 self.error = str(e)
                 self.rv = None  # relist: it re-sees every CSR, and handling is idempotent
@@ -239,6 +320,9 @@ class CaController:
                 break
             params = {"limit": "500", "continue": meta["continue"]}
         self.counters["lists"] += 1
+        # what was signed before (by a predecessor too) counts before anything new is decided
+        for csr in items:
+            self._remember(csr)
         for csr in items:
             self.handle(csr)
         self.rv = rv or None
@@ -258,6 +342,8 @@ class CaController:
             self.counters["watches"] += 1
             for etype, obj in w:
                 self.last_ok = time.time()
+                if not self.leading():
+                    raise NotLeader("the lease was lost during the watch")
                 if etype == "ERROR":
                     code = obj.get("code") if isinstance(obj, dict) else None
                     raise ApiError(410 if code == 410 else 0, f"watch {CSRS}: ERROR event {code}")
@@ -283,7 +369,19 @@ class CaController:
             "last_ok": self.last_ok,
             "error": self.error,
             "counters": dict(self.counters),
+            "reissue_limit": self.history.limit.describe(),
+            "leader": self.elector.status() if self.elector is not None else None,
         }
+
+    def ready(self) -> tuple[bool, str]:
+        """For /readyz: the leader once it lists and watches; a follower once
+        it reads the Lease (it is ready to take over)."""
+        e = self.elector
+        if e is not None and not e.is_leader():
+            ok = e.state == "following"
+            return ok, f"following: {e.message}" if ok else f"lease: {e.message or e.state}"
+        ok = self.synced.is_set() and self.connected
+        return ok, "leader, watching CSRs" if ok else f"not watching CSRs: {self.error}"
 
 
 # --- /healthz, /readyz, /metrics -------------------------------------------------------
@@ -305,8 +403,8 @@ class HealthServer:
                     ok = thread.is_alive()
                     self._send(200 if ok else 503, "ok\n" if ok else "the controller loop has stopped\n")
                 elif self.path == "/readyz":
-                    ok = outer.synced.is_set() and outer.connected
-                    self._send(200 if ok else 503, "ok\n" if ok else f"not watching CSRs: {outer.error}\n")
+                    ok, why = outer.ready()
+                    self._send(200 if ok else 503, f"ok: {why}\n" if ok else f"{why}\n")
                 elif self.path == "/metrics":
                     self._send(200, _metrics(outer), "text/plain; version=0.0.4")
                 elif self.path == "/status":
@@ -339,14 +437,21 @@ class HealthServer:
 def _metrics(ctl: CaController) -> str:
     c = ctl.counters
     lines = [
-        "# HELP meshlet_ca_csr_total CSRs of meshlet's signer acted on, by result.",
+        "# HELP meshlet_ca_csr_total CSRs of meshlet's signer acted on, by result "
+        "(rate_limited ones also count as denied or failed).",
         "# TYPE meshlet_ca_csr_total counter",
-        *(f'meshlet_ca_csr_total{{result="{k}"}} {c[k]}' for k in ("approved", "signed", "denied", "failed")),
+        *(
+            f'meshlet_ca_csr_total{{result="{k}"}} {c[k]}'
+            for k in ("approved", "signed", "denied", "failed", "rate_limited")
+        ),
         "# HELP meshlet_ca_api_errors_total Kubernetes API failures (each is followed by a relist).",
         "# TYPE meshlet_ca_api_errors_total counter",
         f"meshlet_ca_api_errors_total {c['errors']}",
         "# HELP meshlet_ca_watching 1 while a watch of CSRs is open.",
         "# TYPE meshlet_ca_watching gauge",
         f"meshlet_ca_watching {int(ctl.connected)}",
+        "# HELP meshlet_ca_leader 1 while this replica holds the lease (always 1 without leader election).",
+        "# TYPE meshlet_ca_leader gauge",
+        f"meshlet_ca_leader {int(ctl.leading())}",
     ]
     return "\n".join(lines) + "\n"

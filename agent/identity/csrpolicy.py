@@ -39,7 +39,21 @@ BadKeyUsage          KeyUsage is not critical ``keyCertSign, cRLSign``, or
                      ``spec.usages`` is not ``[cert sign, crl sign]``
 UnexpectedExtension  the CSR asks for any other extension
 UnknownNode          the API has no such node (checked by the shell)
+RateLimited          the node was already issued ``ReissueLimit.count``
+                     intermediates within ``ReissueLimit.window`` (checked by
+                     the shell with :class:`IssueHistory`; an approved CSR
+                     over the limit is Failed with this reason, unsigned)
 ==================== =========================================================
+
+The re-issue limit: a node that asks again and again (a bug, a lost disk
+in a loop, a stolen token) must not make the controller sign again and
+again -- every signature is one more valid intermediate for that node.
+:class:`IssueHistory` counts, per node, the intermediates signed within the
+window: those this controller signed, and those it sees in CSRs that carry
+a certificate (so a restarted or newly elected controller knows what its
+predecessor signed, as far as the API still holds those CSRs; Kubernetes
+garbage-collects signed CSRs after an hour, which the default window
+matches).
 
 The states (idempotence: a restarted controller re-sees every CSR): other
 signers' CSRs are ignored entirely; a CSR that is Denied, Failed or already
@@ -53,8 +67,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -80,6 +95,10 @@ __all__ = [
     "certificate_field",
     "check_issued",
     "renewal_due",
+    "ReissueLimit",
+    "IssueHistory",
+    "issued",
+    "limited_until",
 ]
 
 SIGNER = "meshlet.io/node-intermediate"
@@ -105,6 +124,76 @@ class Policy:
     """The node agent's service account, as the API server names the requester."""
     max_ttl: timedelta = DEFAULT_TTL
     """An intermediate's lifetime (shorter when the CSR's ``expirationSeconds`` asks)."""
+
+
+@dataclass(frozen=True)
+class ReissueLimit:
+    """At most ``count`` intermediates per node within ``window`` (module docstring)."""
+
+    count: int = 3
+    window: timedelta = timedelta(hours=1)
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.window <= timedelta(0):
+            raise ValueError(f"the re-issue limit needs count >= 1 and a positive window, not {self}")
+
+    def describe(self) -> str:
+        return f"{self.count} per {_span(self.window)}"
+
+
+class IssueHistory:
+    """Per node, when its intermediates were signed (only within the window).
+    Pure: the caller passes ``now``.  Keyed by CSR name, so seeing a signed
+    CSR again (a relist) does not count it twice."""
+
+    def __init__(self, limit: ReissueLimit):
+        self.limit = limit
+        self._signed: dict[str, dict[str, datetime]] = {}
+
+    def record(self, node: str, csr: str, at: datetime) -> None:
+        self._signed.setdefault(node, {})[csr] = at
+
+    def recent(self, node: str, now: datetime, *, but: str | None = None) -> list[datetime]:
+        """When ``node``'s intermediates within the window were signed, oldest
+        first (``but``: leaving out the one of that CSR)."""
+        got = self._signed.get(node)
+        if not got:
+            return []
+        since = now - self.limit.window
+        for name in [n for n, t in got.items() if t <= since]:
+            del got[name]
+        if not got:
+            del self._signed[node]
+        return sorted(t for n, t in got.items() if n != but)
+
+    def refusal(self, node: str, now: datetime, *, csr: str | None = None) -> str | None:
+        """Why ``node`` may not have another intermediate (for the CSR named
+        ``csr``: one already signed for it is not held against it) now, or None."""
+        recent = self.recent(node, now, but=csr)
+        if len(recent) < self.limit.count:
+            return None
+        free = recent[len(recent) - self.limit.count] + self.limit.window
+        return (
+            f"node {node} was issued {len(recent)} intermediates in the last {_span(self.limit.window)}; "
+            f"the re-issue limit is {self.limit.describe()} (meshlet ca controller --reissue-limit, "
+            f"--reissue-window); {_NEXT} {free.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        )
+
+
+_NEXT = "the next can be signed after"
+_NEXT_RE = re.compile(re.escape(_NEXT) + r" (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+
+
+def limited_until(condition: dict) -> datetime | None:
+    """When a CSR Denied (or Failed) ``RateLimited`` says the node's next
+    intermediate can be signed (:meth:`IssueHistory.refusal` writes it), so
+    the node waits until then instead of asking in vain; None otherwise."""
+    if condition.get("reason") != "RateLimited":
+        return None
+    m = _NEXT_RE.search(str(condition.get("message") or ""))
+    if m is None:
+        return None
+    return datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -256,6 +345,35 @@ def review(csr: dict, policy: Policy) -> Verdict:
         public_key=public_key,
         ttl=ttl,
     )
+
+
+def issued(csr: dict, policy: Policy) -> tuple[str, datetime] | None:
+    """(node, when) of the intermediate a CSR of ``policy``'s signer carries
+    in ``status.certificate``, or None (none, another signer's, unreadable).
+    "When" is the certificate's notBefore (backdated by the CA by a few
+    minutes: the window counts it slightly early, never late)."""
+    if (csr.get("spec") or {}).get("signerName") != policy.signer:
+        return None
+    b64 = (csr.get("status") or {}).get("certificate")
+    if not b64:
+        return None
+    try:
+        certs = load_certs_pem(base64.b64decode(str(b64)))
+    except (ValueError, binascii.Error, TypeError):
+        return None
+    if not certs:
+        return None
+    node = issuing_node(certs[0], policy.trust_domain)
+    return (node, certs[0].not_valid_before_utc) if node else None
+
+
+def _span(d: timedelta) -> str:
+    s = int(d.total_seconds())
+    if s % 3600 == 0:
+        return f"{s // 3600}h"
+    if s % 60 == 0:
+        return f"{s // 60}m"
+    return f"{s}s"
 
 
 def _check(spec: dict, policy: Policy) -> tuple[str, object, timedelta]:

@@ -12,11 +12,27 @@ it:
    the key never leaves the node: only its CSR does);
 2. creates a CertificateSigningRequest (``generateName``, signer
    ``meshlet.io/node-intermediate``, usages ``cert sign``/``crl sign``),
-   its name kept in ``<caKey>.pending.json``;
+   its name kept in ``<caKey>.pending.json`` (:func:`read_pending`);
 3. reads it back with a bounded, jittered backoff until it carries a
    certificate (then checks it: this node's CA, for this key, chaining to
    the roots that came with it), or is Denied/Failed (the reason is shown;
-   a new request follows after a longer backoff), or is gone (asks again).
+   a new request follows after a longer backoff -- or, when the controller's
+   re-issue limit refused it (``RateLimited``), at the time its message
+   names: :func:`agent.identity.csrpolicy.limited_until`), or is gone (asks
+   again).
+
+``<caKey>.pending.json`` is also the request's record for an operator
+without a running agent (``meshlet doctor`` reads it)::
+
+    {"csr": "meshlet-node-a-x1y2z", "node": "a", "created": "<RFC 3339>",
+     "state": "waiting" | "approved" | "denied",
+     "updated": "<RFC 3339>",                     # when the state was last seen
+     "condition": "Denied" | "Failed",            # when denied:
+     "reason": "WrongNode", "message": "..."}     #   what the controller said
+
+It is rewritten when the state changes; on a denial the pending key is
+removed and the record stays (saying why) until the next request replaces
+it; once the intermediate is installed both files are removed.
 
 The files are written by :meth:`NodeEnroller.install`, called from the
 agent's loop right before it polls the identity files, so the agent never
@@ -41,13 +57,23 @@ from datetime import UTC, datetime
 
 from ..fsutil import write_atomic
 from ..workloads.kubeclient import ApiError, KubeClient
-from .csrpolicy import SIGNER, check_issued, conditions, csr_object, make_node_csr, renewal_due
+from .csrpolicy import (
+    SIGNER,
+    check_issued,
+    conditions,
+    csr_object,
+    limited_until,
+    make_node_csr,
+    renewal_due,
+)
 from .issuer import IdentityFilesError, load_material
 from .svid import cert_to_pem, generate_key, key_to_pem, load_key_pem
 
 log = logging.getLogger("meshlet.identity")
 
 CSRS = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+#: The longest a node waits on the controller's re-issue limit before asking again (seconds).
+MAX_LIMIT_WAIT = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -56,6 +82,31 @@ class _Signed:
     cert_pem: bytes
     bundle_pem: bytes
     csr: str
+
+
+PENDING_STATES = ("waiting", "approved", "denied")
+
+
+def read_pending(path: str) -> dict:
+    """A ``<caKey>.pending.json`` record (module docstring).  Raises OSError
+    (FileNotFoundError: no request pending) or ValueError naming the file
+    and what is wrong with it."""
+    with open(path) as f:
+        text = f.read(65536)
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("csr"), str) or not doc["csr"]:
+        raise ValueError(f"{path}: no CSR name (field 'csr')")
+    state = doc.setdefault("state", "waiting")  # written before the states were recorded
+    if state not in PENDING_STATES:
+        raise ValueError(f"{path}: field 'state' is {state!r}; expected one of {', '.join(PENDING_STATES)}")
+    return doc
+
+
+def _stamp(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class NodeEnroller:
@@ -94,6 +145,7 @@ class NodeEnroller:
         self._lock = threading.Lock()
         self._ready: _Signed | None = None
         self._installed = threading.Event()
+        self._pending: dict = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-csr", daemon=True)
 
@@ -191,8 +243,12 @@ class NodeEnroller:
             except _Refused as r:
                 failures += 1
                 self.counters["denied"] += 1
-                self._clear_pending()
+                self._clear_pending(keep_record=True)
                 delay = self._delay(self.retry, failures)
+                if r.not_before is not None:
+                    # the controller's re-issue limit: asking before then is refused again
+                    wait = (r.not_before - self.clock()).total_seconds() + self.rng.uniform(1.0, 30.0)
+                    delay = min(max(delay, wait), MAX_LIMIT_WAIT)
                 self._set("denied", f"{r}; asking again in {delay:.0f}s")
                 log.error("node intermediate: %s; asking again in %.0fs", r, delay)
                 self._stop.wait(delay)
@@ -218,7 +274,8 @@ class NodeEnroller:
             obj = csr_object(self.node, make_node_csr(self.trust_domain, self.node, key), signer=self.signer)
             made = self.client.create(CSRS, obj)
             name = made["metadata"]["name"]
-            write_atomic(self.pending_state, json.dumps({"csr": name}), mode=0o600)
+            now = _stamp(self.clock())
+            self._record({"csr": name, "node": self.node, "created": now, "state": "waiting", "updated": now})
             self.counters["requested"] += 1
             log.info("node intermediate: %s; created CSR %s", why, name)
         self.csr_name = name
@@ -236,13 +293,18 @@ class NodeEnroller:
             for t in ("Denied", "Failed"):
                 if t in conds:
                     c = conds[t]
-                    raise _Refused(f"CSR {name} was {t.lower()}: {c.get('reason')}: {c.get('message')}")
+                    self._note(name, "denied", condition=t, reason=c.get("reason"), message=c.get("message"))
+                    raise _Refused(
+                        f"CSR {name} was {t.lower()}: {c.get('reason')}: {c.get('message')}",
+                        not_before=limited_until(c),
+                    )
             cert_b64 = (csr.get("status") or {}).get("certificate")
             if cert_b64:
                 try:
                     pem = base64.b64decode(cert_b64)
                     inter, roots = check_issued(pem, key, self.trust_domain, self.node, self.clock())
                 except ValueError as e:
+                    self._note(name, "denied", condition="Refused", reason="BadCertificate", message=str(e))
                     raise _Refused(f"CSR {name}: the signed certificate is refused: {e}") from None
                 return _Signed(
                     key_to_pem(key),
@@ -251,6 +313,7 @@ class NodeEnroller:
                     name,
                 )
             approved = "Approved" in conds
+            self._note(name, "approved" if approved else "waiting")
             self._set(
                 "waiting",
                 f"waiting for CSR {name} to be {'signed' if approved else 'approved'} "
@@ -265,18 +328,39 @@ class NodeEnroller:
         try:
             with open(self.pending_key, "rb") as f:
                 key = load_key_pem(f.read())
-            with open(self.pending_state) as f:
-                name = json.load(f)["csr"]
+            self._pending = read_pending(self.pending_state)
         except (OSError, ValueError, KeyError, TypeError):
             return None, None
-        return key, str(name)
+        return key, self._pending["csr"]
 
-    def _clear_pending(self) -> None:
-        for p in (self.pending_key, self.pending_state):
+    def _record(self, doc: dict) -> None:
+        os.makedirs(os.path.dirname(self.pending_state) or ".", mode=0o700, exist_ok=True)
+        write_atomic(self.pending_state, json.dumps(doc), mode=0o600)
+        self._pending = doc
+
+    def _note(self, name: str, state: str, **more) -> None:
+        """Record the request's state for ``meshlet doctor`` (only when it changed)."""
+        old = self._pending if self._pending.get("csr") == name else {"csr": name, "node": self.node}
+        if old.get("state") == state and all(old.get(k) == v for k, v in more.items()):
+            return
+        doc = {k: v for k, v in old.items() if k not in ("condition", "reason", "message")}
+        doc.update({k: v for k, v in more.items() if v is not None})
+        doc.update(state=state, updated=_stamp(self.clock()))
+        try:
+            self._record(doc)
+        except OSError as e:  # a record for operators: never a reason to stop asking
+            log.warning("cannot write %s: %s", self.pending_state, e)
+
+    def _clear_pending(self, *, keep_record: bool = False) -> None:
+        """Remove the pending key, and the record too unless ``keep_record``
+        (a denial: it says why until the next request replaces it)."""
+        for p in (self.pending_key,) if keep_record else (self.pending_key, self.pending_state):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+        if not keep_record:
+            self._pending = {}
 
     def _delay(self, bounds: tuple[float, float], attempt: int) -> float:
         base, cap = bounds
@@ -285,7 +369,12 @@ class NodeEnroller:
 
 
 class _Refused(Exception):
-    """The controller said no (Denied/Failed), or signed something unusable."""
+    """The controller said no (Denied/Failed), or signed something unusable;
+    ``not_before``: when a re-issue-limited request may be made again."""
+
+    def __init__(self, message: str, *, not_before: datetime | None = None):
+        super().__init__(message)
+        self.not_before = not_before
 
 
 def enroller_for(cfg, source) -> NodeEnroller | None:

@@ -53,7 +53,18 @@ Operations are atomic: :meth:`PolicyStore.apply` parses every document of
 every source first; one bad document of any kind raises
 :class:`~agent.yamlsrc.SourceError` (``file:line:column: field: what``) and
 changes nothing.  It creates or replaces documents by kind/namespace/name; it
-never deletes (that is :meth:`PolicyStore.delete`).  The store is not
+never deletes (that is :meth:`PolicyStore.delete`).  :meth:`PolicyStore.replace_all`
+makes the store hold exactly the documents given (none included): creations,
+changes and deletions in one commit, so one new version and one rewrite of
+each file -- what a watcher of the cluster's policies needs after a relist or
+a burst of events.
+
+Size: one apply takes at most :data:`MAX_DOCUMENT_BYTES` of source text
+(the admin API's upload limit too); a replace-all, being the whole set, at
+most ``max_bytes`` (default the same 4 MiB, up to :data:`MAX_STORE_BYTES`:
+every proxy worker reads the whole published set on each change, so the
+bound is kept).  Over it, :class:`StoreFull` names the size and the limit and
+nothing changes: the previous set stays in force.  The store is not
 thread-safe: the caller runs one operation at a time (the agent holds a lock
 around it).
 """
@@ -98,6 +109,8 @@ __all__ = [
     "STORE_FILE",
     "COMPILED_FILE",
     "MAX_DOCUMENT_BYTES",
+    "MAX_STORE_BYTES",
+    "StoreFull",
 ]
 
 STORE_FILE = "policies.yaml"
@@ -105,6 +118,8 @@ COMPILED_FILE = "policies.json"
 COMPILED_FORMAT = 1
 #: Upper bound on the source text of one apply/diff (the admin API enforces it too).
 MAX_DOCUMENT_BYTES = 4 << 20
+#: The most ``PolicyStore(max_bytes=...)`` may allow for a whole set.
+MAX_STORE_BYTES = 64 << 20
 
 CREATED, CONFIGURED, UNCHANGED, DELETED = "created", "configured", "unchanged", "deleted"
 
@@ -124,6 +139,27 @@ class Change:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "namespace": self.namespace, "name": self.name, "result": self.result}
+
+
+class StoreFull(y.SourceError):
+    """A whole set larger than the store takes (:meth:`PolicyStore.replace_all`);
+    nothing was changed.  ``size``, ``limit``: bytes of source text."""
+
+    def __init__(self, what: str, size: int, documents: int, limit: int, version: str):
+        self.size, self.limit, self.documents = size, limit, documents
+        super().__init__(
+            [
+                y.Problem(
+                    what,
+                    0,
+                    0,
+                    "",
+                    f"{size} bytes of policy text in {documents} documents; the policy store's limit is "
+                    f"{limit} bytes (workloads.maxPolicyBytes, at most {MAX_STORE_BYTES}); nothing changed, "
+                    f"the previous set (version {version}) stays in force",
+                )
+            ]
+        )
 
 
 class Ambiguous(LookupError):
@@ -247,8 +283,12 @@ class PolicyStore:
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         kinds: Sequence[DocKind] = (),
+        max_bytes: int = MAX_DOCUMENT_BYTES,
     ):
         _check_options(trust_domain, root_namespace)
+        if not 0 < max_bytes <= MAX_STORE_BYTES:
+            raise ValueError(f"the policy store's limit must be 1..{MAX_STORE_BYTES} bytes, not {max_bytes}")
+        self.max_bytes = max_bytes
         self.run_dir = run_dir
         self.trust_domain = trust_domain
         self.root_namespace = root_namespace
@@ -341,15 +381,24 @@ class PolicyStore:
         version = store_version(ps.version, {k: (d["version"], d["count"]) for k, d in sets.items()})
         return ps, sets, version
 
-    def _parse(self, sources: Sequence[tuple[str, str]]) -> tuple[dict[Key, dict], dict[Key, Any]]:
+    def _parse(
+        self, sources: Sequence[tuple[str, str]], *, whole: str | None = None
+    ) -> tuple[dict[Key, dict], dict[Key, Any]]:
         """Validate and read every source once (raises SourceError naming
         file:line:column): (each document as plain data, each as the object
-        its kind's reader made), keyed by kind/namespace/name."""
+        its kind's reader made), keyed by kind/namespace/name.  ``whole``:
+        the sources are a whole set of that name (may be empty; limit
+        ``max_bytes``, else StoreFull)."""
         sources = list(sources)
-        if not sources:
-            raise y.SourceError([y.Problem("<input>", 0, 0, "", "no policy documents given")])
         total = sum(len(t.encode()) for _, t in sources)
-        if total > MAX_DOCUMENT_BYTES:
+        if whole is not None:
+            if total > self.max_bytes:
+                raise StoreFull(whole, total, len(sources), self.max_bytes, self.version)
+            if not sources:
+                return {}, {}
+        elif not sources:
+            raise y.SourceError([y.Problem("<input>", 0, 0, "", "no policy documents given")])
+        elif total > MAX_DOCUMENT_BYTES:
             raise y.SourceError(
                 [
                     y.Problem(
@@ -495,6 +544,29 @@ class PolicyStore:
             (texts, docs, objs), changes = self._plan(sources)
             if any(c.result != UNCHANGED for c in changes):
                 self._commit(texts, docs, objs)
+        return changes
+
+    def replace_all(
+        self, sources: Sequence[tuple[str, str]], *, what: str = "the policy set"
+    ) -> list[Change]:
+        """Make the store hold exactly the documents of ``sources`` (none
+        empties it): created, configured and deleted in one commit -- one
+        new version, each file written once -- or nothing at all (a bad
+        document raises SourceError, a set over ``max_bytes`` StoreFull,
+        naming ``what``).  The changes: deletions last."""
+        self.timings = {}
+        with y.gc_paused():  # see _GC_NOTE
+            with self._stage("parse"):
+                new, objs = self._parse(sources, whole=what)
+            with self._stage("plan"):
+                (texts, docs, merged), changes = self._merge(new, objs)
+                for key in sorted(self._texts, key=_order):
+                    if key not in new:
+                        for d in (texts, docs, merged):
+                            del d[key]
+                        changes.append(Change(key[1], key[2], DELETED, key[0]))
+            if any(c.result != UNCHANGED for c in changes):
+                self._commit(texts, docs, merged)
         return changes
 
     def diff(self, sources: Sequence[tuple[str, str]]) -> tuple[str, list[Change]]:

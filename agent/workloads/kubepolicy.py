@@ -182,17 +182,15 @@ class PolicyReflector(Reflector):
 
 
 def replace_store(store: Any, sources: list[tuple[str, str]]) -> None:
-    """Make the agent's policy store (agent.policy.store.PolicyStore, through
-    its public operations) hold exactly ``sources``: create or replace them
-    in one apply, then delete whatever else it holds.  Source names are
+    """Make the agent's policy store (agent.policy.store.PolicyStore) hold
+    exactly ``sources`` -- creations, changes and deletions as one commit,
+    one new version (``PolicyStore.replace_all``), whatever the burst or
+    relist behind it.  All or nothing: a set the store refuses (a bad
+    document, more than its size limit: ``StoreFull`` names both) changes
+    nothing, and the previous set stays in force.  Source names are
     :func:`agent.policycrs.object_key` strings.  The caller holds the
     store's lock."""
-    wanted = {tuple(name.rsplit("/", 3)[1:]) for name, _text in sources}
-    if sources:
-        store.apply(sources)
-    for row in store.list():
-        if (row["kind"], row["namespace"], row["name"]) not in wanted:
-            store.delete(row["namespace"], row["name"], row["kind"])
+    store.replace_all(sources, what="the cluster's policy set")
 
 
 @dataclass

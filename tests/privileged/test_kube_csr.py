@@ -145,6 +145,20 @@ def test_nodes_get_their_intermediates_by_csr_and_mesh_across_nodes(env):
     certs = mesh.status("node1")["proxy"][0]["stats"]["certs"]["identities"]
     assert certs and all(c["serial"] for c in certs), certs  # the proxy holds a certificate per identity
 
+    # The controller process signed as the holder of its Lease (leader election is on by default;
+    # its token has deploy/rbac.yaml's Role for it), and a SIGTERM releases the Lease for the next
+    # replica.  The intermediates are installed: the other test here needs no controller.
+    import socket
+
+    def lease():
+        return api.get("Lease", "meshlet-system", "meshlet-ca", "coordination.k8s.io/v1")["spec"]
+
+    me = os.environ.get("POD_NAME") or socket.gethostname()
+    assert lease()["holderIdentity"].startswith(me[:100] + "_") and lease()["leaseTransitions"] == 0
+    ctl.terminate()
+    assert ctl.wait(15) == 0
+    assert lease()["holderIdentity"] == "" and lease()["leaseDurationSeconds"] == 1
+
 
 def test_a_node_refuses_to_sign_for_a_pod_on_another_node(env):
     """The issue's "a CSR for a pod on another node is refused", with the

@@ -35,7 +35,9 @@ HTTP(S) on 127.0.0.1:
   installed (else 404, as a cluster without Istio answers), and
   ``certificates.k8s.io/v1`` CertificateSigningRequests whose
   ``spec.username``/``groups``/``extra``/``uid`` the server fills in from the
-  requester, as the real one does (a client cannot claim another identity);
+  requester, as the real one does (a client cannot claim another identity),
+  and ``coordination.k8s.io/v1`` Leases (leader election: a PUT without
+  ``metadata.resourceVersion`` is 422, a stale one 409 Conflict);
 * bearer-token auth (401 Status otherwise) with one user per token
   (:meth:`FakeKubeAPI.add_user`: username, groups, extra, and optionally the
   (verb, resource) pairs it may use, else 403 Forbidden), TLS with a CA of its own;
@@ -93,7 +95,12 @@ RESOURCES = {
     "meshlet.io/requestauthentications": ("RequestAuthentication", "meshlet.io/v1alpha1", True),
     "security.istio.io/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1", True),
     "security.istio.io/requestauthentications": ("RequestAuthentication", "security.istio.io/v1", True),
+    "coordination.k8s.io/leases": ("Lease", "coordination.k8s.io/v1", True),
 }
+#: resources whose PUT must carry ``metadata.resourceVersion`` (the real
+#: server's ``AllowUnconditionalUpdate() == false``: a Lease is only ever
+#: written from the version read, else 422 Invalid)
+CONDITIONAL_UPDATE = {"coordination.k8s.io/leases"}
 #: resources whose ``status`` is a subresource (writes to the object keep it)
 STATUS_SUBRESOURCE = {
     "certificates.k8s.io/certificatesigningrequests",
@@ -354,13 +361,18 @@ class User:
     """Who a bearer token authenticates as (what the API server writes into
     a CSR's spec), and what it may do: ``allow`` holds ``(verb, resource)``
     pairs (verbs get/list/watch/create/update/patch/delete; resource as in
-    :data:`RESOURCES`, ``/<subresource>`` appended), None allows everything."""
+    :data:`RESOURCES`, ``/<subresource>`` appended) in any namespace (a
+    ClusterRole's rule), and ``(verb, resource, namespace, name)``
+    quadruples (a Role's rule: only in that namespace; ``name`` "*" for
+    any object, else only that one, as ``resourceNames`` does -- a create
+    names no object, so a rule with ``resourceNames`` never allows it,
+    as in real RBAC), None allows everything."""
 
     username: str
     groups: tuple[str, ...] = ("system:authenticated",)
     extra: dict[str, list[str]] = field(default_factory=dict)
     uid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    allow: frozenset[tuple[str, str]] | None = None
+    allow: frozenset[tuple[str, ...]] | None = None
 
 
 @dataclass
@@ -805,7 +817,10 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         verb = {"GET": "watch" if watch else ("get" if name else "list"), "POST": "create",
                 "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
-        if user.allow is not None and (verb, res + (f"/{sub}" if sub else "")) not in user.allow:
+        what = res + (f"/{sub}" if sub else "")
+        if user.allow is not None and not (
+            {(verb, what), (verb, what, ns or "", "*"), (verb, what, ns or "", name or "")} & user.allow
+        ):
             what = f"{res}/{sub}" if sub else res
             self._json(403, _status(403, "Forbidden",
                                     f'{what} is forbidden: User "{user.username}" cannot {verb} resource'))
@@ -969,6 +984,12 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 new = body
                 rv = (body.get("metadata") or {}).get("resourceVersion")
+                if rv is None and res in CONDITIONAL_UPDATE:
+                    self._json(422, _status(422, "Invalid",
+                                            f'{kind}.{group_of(api_version)} "{name}" is invalid: '
+                                            "metadata.resourceVersion: Invalid value: 0x0: must be "
+                                            "specified for an update"))
+                    return
                 if rv is not None and rv != old["metadata"]["resourceVersion"]:
                     self._json(409, _status(409, "Conflict",
                                             f'Operation cannot be fulfilled on {res} "{name}": '

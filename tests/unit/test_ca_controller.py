@@ -22,6 +22,8 @@ from agent.identity import csrpolicy as cp
 from agent.identity.ca import init_ca, load_signing_root
 from agent.identity.controller import CSRS, CaController, HealthServer
 from agent.identity.issuer import NodeIssuer, load_material
+from agent.identity.leader import LeaderElector
+from agent.identity.leaderlease import LeaseConfig
 from agent.identity.nodecsr import NodeEnroller
 from agent.identity.spiffe import workload_id
 from agent.identity.svid import generate_key, issuing_node, make_csr, verify_svid
@@ -33,19 +35,33 @@ TD = "cluster.local"
 CA_USER = "system:serviceaccount:meshlet-system:meshlet-ca"
 
 
-def rbac_allow(role: str) -> set[tuple[str, str]]:
-    """(verb, resource) pairs of a ClusterRole in deploy/rbac.yaml, in the
-    test API server's spelling (``<group>/<resource>``, core resources bare)."""
-    out = set()
-    for d in load_docs(DEPLOY / "rbac.yaml"):
-        if d["kind"] != "ClusterRole" or d["metadata"]["name"] != role:
+def rbac_allow(account: str) -> set[tuple[str, ...]]:
+    """What deploy/rbac.yaml grants the service account ``account`` (through
+    its ClusterRoleBindings and RoleBindings), in the test API server's
+    spelling (``<group>/<resource>``, core resources bare): (verb, resource)
+    for a ClusterRole's rules, (verb, resource, namespace, name or "*") for a
+    Role's (``resourceNames`` narrow it to those names)."""
+    docs = list(load_docs(DEPLOY / "rbac.yaml"))
+    roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d for d in docs}
+    out: set[tuple[str, ...]] = set()
+    for b in docs:
+        if b["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
             continue
-        for rule in d["rules"]:
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"]):
+            continue
+        ns = b["metadata"].get("namespace", "")
+        kind = b["roleRef"]["kind"]
+        role = roles[(kind, ns if kind == "Role" else "", b["roleRef"]["name"])]
+        for rule in role["rules"]:
             for g in rule["apiGroups"]:
                 for r in rule["resources"]:
                     for v in rule["verbs"]:
-                        out.add((v, f"{g}/{r}" if g else r))
-    assert out, f"no ClusterRole {role} in deploy/rbac.yaml"
+                        res = f"{g}/{r}" if g else r
+                        if role["kind"] == "ClusterRole":
+                            out.add((v, res))
+                        else:
+                            out |= {(v, res, ns, n) for n in rule.get("resourceNames") or ["*"]}
+    assert out, f"deploy/rbac.yaml grants {account} nothing"
     return out
 
 
@@ -64,6 +80,7 @@ class Cluster:
         self.api, self.tmp = api, tmp_path
         api.apply_many([k.node("node-a", "10.0.0.1"), k.node("node-b", "10.0.0.2")])
         node_allow, ca_allow = rbac_allow("meshlet-node"), rbac_allow("meshlet-ca")
+        self.electors: list[LeaderElector] = []
         for n in ("node-a", "node-b", "node-c"):  # node-c: a token bound to a node the API does not know
             api.add_user(
                 f"{n}-token",
@@ -82,7 +99,15 @@ class Cluster:
         path = str(self.tmp / f"kc-{token or 'admin'}.yaml")
         return KubeClient.from_kubeconfig(self.api.kubeconfig(path, token=token))
 
-    def controller(self) -> CaController:
+    def controller(
+        self, *, lease: LeaseConfig | None = None, reissue: cp.ReissueLimit | None = None
+    ) -> CaController:
+        """A controller (with a leader elector on ``lease`` when given: then
+        it is not waited for, as it may be a follower)."""
+        elector = None
+        if lease is not None:
+            elector = LeaderElector(self.client("ca-token"), lease)
+            self.electors.append(elector)
         ctl = CaController(
             self.client("ca-token"),
             load_signing_root(self.ca_dir, TD),
@@ -90,11 +115,16 @@ class Cluster:
             backoff=(0.05, 0.3),
             watch_timeout=5,
             request_timeout=5,
+            elector=elector,
+            reissue=reissue,
         )
         t = threading.Thread(target=ctl.run, daemon=True)
         t.start()
         self.controllers.append((ctl, t))
-        wait_for("the controller's first list", ctl.synced.is_set)
+        if elector is None:
+            wait_for("the controller's first list", ctl.synced.is_set)
+        else:
+            elector.start()
         return ctl
 
     def stop_controller(self, ctl: CaController) -> None:
@@ -127,6 +157,8 @@ class Cluster:
         for c, t in self.controllers:
             c.stop()
             t.join(10)
+        for el in self.electors:
+            el.stop()
 
     def csr(self, name: str) -> dict:
         return self.api.get("CertificateSigningRequest", "", name, "certificates.k8s.io/v1")
@@ -415,3 +447,54 @@ def test_doctor_follows_the_node_through_waiting_denied_and_loaded(cluster):
     ca = {"subject": m.ca_cert.subject.rfc4514_string(), "not_after": m.ca_cert.not_valid_after_utc.isoformat()}
     c = check_node_ca_csr({"node_ca_csr": e.status(), "node_ca": ca})
     assert c.ok and ca["subject"] in c.detail and c.fix is None
+
+
+def test_doctor_reads_the_nodes_csr_record_without_an_agent(cluster):
+    """`meshlet doctor` with a CSR config and no agent answering: the node's
+    files say it -- the request record <caKey>.pending.json the enroller
+    keeps (pending since when, or why it was denied), else the intermediate."""
+    import json
+
+    from agent.config import IdentityConfig
+    from agent.doctor import check_node_ca_files
+
+    def ident(node: str) -> IdentityConfig:
+        d = cluster.tmp / node
+        return IdentityConfig(str(d / "bundle.pem"), str(d / "ca.pem"), str(d / "ca-key.pem"), TD, node_ca="csr")
+
+    # nothing asked yet: a warning that says the agent asks when it runs
+    c = check_node_ca_files(ident("node-a"), agent="/run/meshlet/node-a/admin.sock")
+    assert not c.ok and not c.required and "no node CA and no CSR pending" in c.detail
+    assert "no agent answered at /run/meshlet/node-a/admin.sock" in c.detail
+
+    e = cluster.enroller("node-a")  # no controller yet: it waits for approval
+    wait_for("waiting", lambda: e.state == "waiting")
+    e.stop()  # the agent is gone; its record stays
+    rec = json.loads((cluster.tmp / "node-a" / "ca-key.pem.pending.json").read_text())
+    assert rec["csr"] == e.csr_name and rec["state"] == "waiting" and rec["node"] == "node-a"
+    c = check_node_ca_files(ident("node-a"))
+    assert not c.ok and not c.required
+    assert c.detail.startswith(f"CSR {e.csr_name} pending since {rec['created']}, waiting for approval")
+    assert f"kubectl get csr {e.csr_name}" in c.fix and "get lease meshlet-ca" in c.fix
+
+    cluster.controller()
+    d = cluster.enroller("node-b", token="node-a-token")  # bound to node-a: denied
+    wait_for("the denial", lambda: d.state == "denied")
+    d.stop()
+    assert not os.path.exists(cluster.tmp / "node-b" / "ca-key.pem.pending")  # the key is dropped
+    c = check_node_ca_files(ident("node-b"))
+    assert not c.ok and c.required
+    assert c.detail.startswith(f"CSR {d.csr_name} Denied: WrongNode: ") and "bound to node 'node-a'" in c.detail
+    assert "asks again by itself" in c.fix
+
+    # node-a's agent comes back, resumes the same request, gets it signed and installs it
+    e2 = cluster.enroller("node-a")
+    wait_for("node-a's intermediate", lambda: _installed(e2))
+    assert e2.counters["requested"] == 0 and e2.csr_name == e.csr_name
+    c = check_node_ca_files(ident("node-a"))
+    assert c.ok and "node CA loaded from the files (" in c.detail and "CN=cluster.local node node-a" in c.detail
+
+    # a record that is not one is named, not guessed at
+    (cluster.tmp / "node-a" / "ca-key.pem.pending.json").write_text('{"csr": "x", "state": "lost"}')
+    c = check_node_ca_files(ident("node-a"))
+    assert not c.ok and "field 'state' is 'lost'" in c.detail and "ca-key.pem.pending.json" in c.detail

@@ -313,10 +313,38 @@ def test_the_ca_may_sign_only_for_meshlets_signer():
         }
     ]
     ca = one("Deployment", "meshlet-ca")
-    assert ca["spec"]["replicas"] == 1
+    assert ca["spec"]["replicas"] == 2  # one leader signs (the Lease, below); the other stands by
     pod = ca["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "meshlet-ca"
     assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_ca_replicas_may_touch_only_their_own_lease():
+    """Leader election needs get/update of one Lease (by name) and create
+    (which RBAC cannot narrow to a name), in meshlet-system only; no list,
+    watch, patch or delete, and nothing in any other namespace."""
+    (role,) = [d for _, d in all_docs() if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "meshlet-system"
+    grants = {
+        (g, r, v, tuple(rule.get("resourceNames") or ()))
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert grants == {
+        ("coordination.k8s.io", "leases", "get", ("meshlet-ca",)),
+        ("coordination.k8s.io", "leases", "update", ("meshlet-ca",)),
+        ("coordination.k8s.io", "leases", "create", ()),
+    }
+    (binding,) = [d for _, d in all_docs() if d["kind"] == "RoleBinding"]
+    assert binding["metadata"]["namespace"] == "meshlet-system"
+    sa = {"kind": "ServiceAccount", "name": "meshlet-ca", "namespace": "meshlet-system"}
+    assert binding["subjects"] == [sa]
+    assert not any("leases" in r["resources"] for r in _rules("meshlet-ca") + _rules("meshlet-node"))
+    # the lease the controller is told to use is the one the Role names
+    (c,) = one("Deployment", "meshlet-ca")["spec"]["template"]["spec"]["containers"]
+    assert "--leader-elect" in c["args"] and "--lease-name=meshlet-ca" in c["args"]
 
 
 def test_bindings_name_existing_roles_and_accounts():
@@ -325,10 +353,12 @@ def test_bindings_name_existing_roles_and_accounts():
         for _, d in all_docs()
         if d["kind"] == "ServiceAccount"
     }
-    roles = {d["metadata"]["name"] for _, d in all_docs() if d["kind"] == "ClusterRole"}
+    roles = {
+        (d["kind"], d["metadata"]["name"]) for _, d in all_docs() if d["kind"] in ("ClusterRole", "Role")
+    }
     for _, b in all_docs():
-        if b["kind"] == "ClusterRoleBinding":
-            assert b["roleRef"]["name"] in roles
+        if b["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            assert (b["roleRef"]["kind"], b["roleRef"]["name"]) in roles
             for s in b["subjects"]:
                 assert (s["namespace"], s["name"]) in accounts
     for _, d in all_docs():

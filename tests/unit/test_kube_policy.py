@@ -86,8 +86,8 @@ def api(tmp_path):
 class Node:
     """One node's policy store and watcher (what the agent wires together)."""
 
-    def __init__(self, api: k.FakeKubeAPI, path, **kw):
-        self.store = PolicyStore(str(path), kinds=[TRAFFIC_KIND])
+    def __init__(self, api: k.FakeKubeAPI, path, store: PolicyStore | None = None, **kw):
+        self.store = store or PolicyStore(str(path), kinds=[TRAFFIC_KIND])
         self.applies: list[int] = []
 
         def apply(sources):
@@ -470,3 +470,58 @@ def test_request_authentications_from_the_cluster(api, node):
     api.istio = True
     api.apply(request_authn("istio-login", ISTIO))
     wait_for(lambda: n.store.summary()["byKind"].get("RequestAuthentication") == 2, "Istio's kind read")
+
+
+class CountingStore(PolicyStore):
+    """The real store, recording the version of every commit it makes."""
+
+    def __init__(self, *a, **kw):
+        self.commits: list[str] = []
+        super().__init__(*a, **kw)
+
+    def _commit(self, *a, **kw) -> None:
+        super()._commit(*a, **kw)
+        self.commits.append(self.version)
+
+
+def test_a_burst_of_deletions_is_one_store_commit(api, node, tmp_path):
+    """Deleting a namespace's policies (here: 40 objects at once) is one
+    commit of the store -- one new version for the proxies -- per apply,
+    not one per object."""
+    api.apply_many(deny(f"deny-{i}", 2000 + i, ns="gone") for i in range(40))
+    api.apply(deny("stays", 8080))
+    store = CountingStore(str(tmp_path / "store"), kinds=[TRAFFIC_KIND])
+    n = node(store=store).start()
+    assert store.count == 41 and store.commits == [store.version]
+    applies = len(n.applies)
+    with api.cond:  # the deletions reach the watch together, as a namespace deletion's do
+        for i in range(40):
+            api.delete("AuthorizationPolicy", "gone", f"deny-{i}", MESHLET)
+    wait_for(lambda: store.count == 1, "the deletions applied")
+    bursts = len(n.applies) - applies
+    assert len(store.commits) == 1 + bursts  # one commit per apply, whatever it deletes
+    assert bursts < 40 and denied(store, 8080) and not denied(store, 2000, ns="gone")
+    assert [r["name"] for r in store.list()] == ["stays"]
+
+
+def test_a_set_over_the_store_limit_changes_nothing_and_says_why(api, node, tmp_path):
+    """At the store's size limit the cluster's set is refused whole: the
+    error names the size and the limit, the previous set stays in force,
+    and once the set fits again it is applied."""
+    api.apply(deny("small", 8080))
+    store = PolicyStore(str(tmp_path / "store"), kinds=[TRAFFIC_KIND], max_bytes=4096)
+    n = node(store=store).start()
+    assert denied(store, 8080)
+    version = store.version
+    api.apply_many(deny(f"more-{i}", 3000 + i) for i in range(30))  # ~30 x 250 bytes > 4 KiB
+    err = wait_for(lambda: n.watch.apply_error, "the refusal")
+    assert "StoreFull: the cluster's policy set: " in err and "bytes of policy text in 31 documents" in err
+    assert "the policy store's limit is 4096 bytes (workloads.maxPolicyBytes" in err
+    assert f"the previous set (version {version}) stays in force" in err
+    assert store.version == version and store.count == 1 and not denied(store, 3000)
+    with api.cond:
+        for i in range(25):
+            api.delete("AuthorizationPolicy", "shop", f"more-{i}", MESHLET)
+    wait_for(lambda: store.count == 6, "the smaller set applied")
+    wait_for(lambda: n.watch.apply_error is None, "the error cleared")
+    assert denied(store, 3029) and not denied(store, 3000)

@@ -55,7 +55,18 @@ from dataclasses import dataclass, field, replace
 
 from .fsutil import write_atomic
 
-__all__ = ["STALE_AFTER", "ROLES", "Member", "LeaseDoc", "Beat", "step", "resign", "Lease", "new_instance"]
+__all__ = [
+    "STALE_AFTER",
+    "ROLES",
+    "Member",
+    "LeaseDoc",
+    "Beat",
+    "step",
+    "resign",
+    "Lease",
+    "new_instance",
+    "status_lines",
+]
 
 STALE_AFTER = 10.0
 """Seconds after which a member that has not renewed its entry is gone (the
@@ -274,3 +285,28 @@ class Lease:
                 k: {**m.to_json(), "age_s": round(now - m.renewed, 1)} for k, m in sorted(doc.members.items())
             },
         }
+
+
+def status_lines(ho: dict | None) -> list[str]:
+    """``meshlet status`` lines for the ``handover`` section of /v1/status:
+    nothing while the agent is alone on its node and owns it."""
+    if not ho:
+        return []
+    members = ho.get("members") or {}
+    me = ho.get("instance")
+    if ho.get("role") == "owner" and set(members) <= {me} and not ho.get("takeover_error"):
+        return []
+    out = [
+        f"hand-over: this agent ({me}) is {ho.get('role')}; owner {ho.get('owner') or 'none'}, "
+        f"epoch {ho.get('epoch')} ({ho.get('lease')})"
+    ]
+    if ho.get("takeover_error"):
+        out.append(f"  {ho['takeover_error']}")
+    for k, m in members.items():
+        if k == me:
+            continue
+        out.append(
+            f"  agent {k} ({m.get('pod') or '?'}): {m.get('role')}, workers "
+            f"{'ready' if m.get('ready') else 'not ready'}, seen {m.get('age_s')}s ago"
+        )
+    return out

@@ -24,7 +24,10 @@ import os
 import sys
 import time
 
-__all__ = ["WINDOW", "verdict", "main"]
+__all__ = ["WINDOW", "DEFAULT_RUN_DIR", "verdict", "main"]
+
+DEFAULT_RUN_DIR = "/run/meshlet"
+"""The DaemonSet's runDir (deploy/configmap.yaml)."""
 
 WINDOW = 60.0
 """As /healthz (agent.observe.prometheus.LIVENESS_WINDOW): a loop silent this
@@ -48,7 +51,7 @@ def verdict(kind: str, doc: object, now: float, window: float = WINDOW) -> tuple
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agent.probe", description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=("live", "ready"))
-    ap.add_argument("--run-dir", default="/run/meshlet", help="the agent's runDir (default /run/meshlet)")
+    ap.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="the agent's runDir (default %(default)s)")
     args = ap.parse_args(argv)
     path = os.path.join(args.run_dir, "health.json")
     try:

@@ -23,10 +23,19 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
-from tests.support.privileged import TOOLS, gateway, ip_of, require_privileged, running_mesh, wait_for
+from tests.support.privileged import (
+    TOOLS,
+    gateway,
+    ip_of,
+    meshlet,
+    require_privileged,
+    running_mesh,
+    wait_for,
+)
 
 require_privileged()
 
@@ -80,6 +89,13 @@ def check_meshed(mesh, results: dict[str, dict]) -> None:
         assert r["peers"] == {expect[k]: r["total"]}, (k, r)  # not the client's own address: no bypass
 
 
+def probe_ready(mesh, key: str) -> tuple[int, str]:
+    """The DaemonSet's readiness probe of agent ``key``'s pod: exit code, output."""
+    r = subprocess.run([sys.executable, "-m", "agent.probe", "ready", "--run-dir", mesh.agents[key].run_dir],
+                       capture_output=True, text=True, timeout=30, cwd=REPO)
+    return r.returncode, r.stdout.strip()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -114,6 +130,12 @@ def test_daemonset_upgrade_hands_node1_over_dropping_nothing(tmp_path):
             assert len(new_workers) == 2 and not new_workers & old_workers
             assert st_b["handover"]["owner"] == st_b["handover"]["instance"]
             wait_for(lambda: mesh.status("node1")["handover"]["role"] == "superseded", "A superseded")
+            # the exec probes: B ready, A not (the kubelet now deletes the old pod)
+            assert probe_ready(mesh, b) == (0, "ok")
+            wait_for(lambda: probe_ready(mesh, "node1")[0] == 1, "A's probe says not ready")
+            assert "superseded by agent" in probe_ready(mesh, "node1")[1]
+            out = meshlet(mesh, "node1", "status").stdout
+            assert f"is superseded; owner {st_b['handover']['instance']}" in out, out
             assert set(mesh.proxy_pids("node1")) == old_workers  # A's workers still serve until SIGTERM
             wait_all(ls, 30, "load with both agents")
             assert all(s.say("both") == {"echo": "both"} for s in sessions)

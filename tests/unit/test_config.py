@@ -285,8 +285,8 @@ ERRORS = [
     ("run_dir: /x\n", "c.yaml:1:1: run_dir: unknown field 'run_dir' (did you mean 'runDir'?)"),
     ("proxy:\n  redirectIpv4: 10.0.0.1\n",
      "c.yaml:2:3: proxy.redirectIpv4: unknown field 'redirectIpv4' (did you mean 'redirectIPv4'?)"),
-    ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, handoverDir, "
-                 "logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog, workloads, tracing"),
+    ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, "
+                 "handoverDir, logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog, workloads, tracing"),
     # workload source (#11)
     ("workloads:\n  source: k8s\n",
      "c.yaml:2:11: workloads.source: 'k8s' is not one of: file, kubernetes"),

@@ -333,6 +333,7 @@ class Agent:
                 tuple(sorted(self._mesh_cgroups())),
                 pod=pod,
                 home=self._home(),
+                policy=self.policies.version if self.policies is not None else "",
                 admitted=self.admitted_members if prev == "owner" else None,
                 leaving=leaving,
             )
@@ -917,11 +918,17 @@ class Agent:
         if self.role == "successor":
             if self.takeover_error:
                 return False, f"hand-over: {self.takeover_error}; restart this agent once fixed"
-            return False, (
-                "hand-over: waiting for this agent's proxy workers to be ready"
-                if self.admitted
-                else "hand-over: waiting for the node's owner to allow this agent's cgroups"
-            )
+            if not self.admitted:
+                return False, "hand-over: waiting for the node's owner to allow this agent's cgroups"
+            doc = self.lease.read()
+            theirs = doc.members[doc.owner].policy if doc.owner in doc.members else ""
+            mine = self.policies.version if self.policies is not None else ""
+            if theirs != mine:
+                return False, (
+                    f"hand-over: the owner enforces policy version {theirs}, this agent {mine}: it takes "
+                    "over only with the same policies (apply them here too, or use Kubernetes mode)"
+                )
+            return False, "hand-over: waiting for this agent's proxy workers to be ready"
         if self.role == "superseded":
             return False, f"hand-over: superseded by agent {self.lease.read().owner}; draining on SIGTERM"
         return readiness(

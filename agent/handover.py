@@ -91,6 +91,7 @@ class Member:
     renewed: float  # time.time() of its last beat
     pod: str = ""  # for people: POD_NAME, or the host name and pid
     home: str = ""  # its run dir's device:inode: one per pod, the same after a container restart
+    policy: str = ""  # the version of the policies it enforces
 
     def to_json(self) -> dict:
         return {
@@ -100,6 +101,7 @@ class Member:
             "renewed": self.renewed,
             "pod": self.pod,
             "home": self.home,
+            "policy": self.policy,
         }
 
 
@@ -136,6 +138,7 @@ class LeaseDoc:
                     renewed=float(m["renewed"]),
                     pod=str(m.get("pod", "")),
                     home=str(m.get("home", "")),
+                    policy=str(m.get("policy", "")),
                 )
             except (KeyError, TypeError, ValueError):
                 continue
@@ -159,6 +162,7 @@ class Beat:
     cgroups: tuple[str, ...]
     pod: str = ""
     home: str = ""  # see Member.home
+    policy: str = ""  # see Member.policy
     admitted: tuple[str, ...] | None = None  # owner only: members its last guard sync allowed
     leaving: bool = False  # the agent is stopping: drop its entry (and ownership)
 
@@ -176,7 +180,9 @@ def step(doc: LeaseDoc, beat: Beat, now: float) -> tuple[LeaseDoc, str]:
     - no owner: the beating agent claims (whatever its role: someone must
       write the shared state, and an agent alone on its node does);
     - another owner: an owner or superseded agent is ``superseded``; a
-      successor claims once it is ``ready`` and ``allowed``, else stays
+      successor claims once it is ``ready``, ``allowed`` and enforces the
+      owner's policy version (a successor that lacks the owner's policies
+      must not take over: that would weaken what is enforced), else stays
       ``successor``;
     - it owns: it stays ``owner`` and publishes ``admitted`` as ``allowed``;
     - a ``draining`` agent stays ``draining``: it never claims.
@@ -200,7 +206,7 @@ def step(doc: LeaseDoc, beat: Beat, now: float) -> tuple[LeaseDoc, str]:
         if owner is None:
             owner, epoch, allowed = beat.instance, epoch + 1, ()
     elif beat.role == "successor":
-        if beat.ready and beat.instance in allowed:
+        if beat.ready and beat.instance in allowed and members[owner].policy == beat.policy:
             owner, epoch, allowed, role = beat.instance, epoch + 1, (), "owner"
         else:
             role = "successor"
@@ -208,7 +214,7 @@ def step(doc: LeaseDoc, beat: Beat, now: float) -> tuple[LeaseDoc, str]:
         role = "superseded"
     if role == "owner" and beat.admitted is not None:
         allowed = tuple(sorted(a for a in beat.admitted if a in members or a == beat.instance))
-    members[beat.instance] = Member(role, beat.ready, beat.cgroups, now, beat.pod, beat.home)
+    members[beat.instance] = Member(role, beat.ready, beat.cgroups, now, beat.pod, beat.home, beat.policy)
     return LeaseDoc(owner, epoch, members, tuple(a for a in allowed if a in members)), role
 
 
@@ -220,7 +226,7 @@ def resign(doc: LeaseDoc, instance: str, now: float) -> tuple[LeaseDoc, str]:
     members = dict(doc.members)
     m = members.get(instance)
     if m is not None:
-        members[instance] = Member("successor", False, m.cgroups, now, m.pod, m.home)
+        members[instance] = Member("successor", False, m.cgroups, now, m.pod, m.home, m.policy)
     if doc.owner != instance:
         return replace(doc, members=members), "successor"
     return LeaseDoc(None, doc.epoch, members, ()), "successor"

@@ -174,3 +174,14 @@ def test_status_lines_only_when_there_is_a_hand_over():
         "hand-over: this agent (a) is superseded; owner b, epoch 1 (/l)",
         "  agent b (meshlet-node-x): owner, workers ready, seen 0.3s ago",
     ]
+
+
+def test_a_successor_without_the_owners_policies_never_takes_over():
+    """File mode with two run dirs: the newcomer did not get the policies
+    applied to the old agent.  Taking over would weaken what is enforced."""
+    doc, _ = run(LeaseDoc(), (beat("a", "successor", policy="v2"), T),
+                 (beat("b", "successor", policy="v1"), T), (beat("a", "owner", admitted=("b",), policy="v2"), T))
+    doc, roles = run(doc, (beat("b", "successor", ready=True, policy="v1"), T + 1))
+    assert roles == ["successor"] and doc.owner == "a"
+    doc, roles = run(doc, (beat("b", "successor", ready=True, policy="v2"), T + 2))
+    assert roles == ["owner"] and doc.owner == "b"

@@ -180,7 +180,8 @@ def test_a_successor_without_the_owners_policies_never_takes_over():
     """File mode with two run dirs: the newcomer did not get the policies
     applied to the old agent.  Taking over would weaken what is enforced."""
     doc, _ = run(LeaseDoc(), (beat("a", "successor", policy="v2"), T),
-                 (beat("b", "successor", policy="v1"), T), (beat("a", "owner", admitted=("b",), policy="v2"), T))
+                 (beat("b", "successor", policy="v1"), T),
+                 (beat("a", "owner", admitted=("b",), policy="v2"), T))
     doc, roles = run(doc, (beat("b", "successor", ready=True, policy="v1"), T + 1))
     assert roles == ["successor"] and doc.owner == "a"
     doc, roles = run(doc, (beat("b", "successor", ready=True, policy="v2"), T + 2))

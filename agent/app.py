@@ -348,7 +348,7 @@ class Agent:
             self.member_cgroups = others
             if prev != "owner":
                 try:
-                    self._take_over(prev, doc.epoch)  # ready (status, probes) only once it is done
+                    self._take_over(prev, doc.epoch)
                 except Exception as e:
                     if not (prev == "successor" and self.admitted):
                         raise  # alone on the node: the start fails, as it always did
@@ -356,6 +356,7 @@ class Agent:
                     self.takeover_error = f"taking the node over failed, gave it back: {e}"
                     log.exception("node %s: %s", self.cfg.node, self.takeover_error)
                     self.lease.resign()
+                    self.role = "successor"
                     return
             elif changed:
                 self.sync()  # the guard allows the new member's cgroups (or stops allowing a gone one's)
@@ -393,6 +394,7 @@ class Agent:
                 raise RuntimeError("another agent claimed the node while this one was taking it over")
             how = self.datapath.open()
         log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
+        self.role = "owner"  # the syncs below write (status and probes show it once the tick is over)
         self.l4_sig = None
         self.sync()
         self.sync_policy_kernel()
@@ -515,8 +517,8 @@ class Agent:
         from .yamlsrc import gc_paused
 
         store, inv = self.policies, self.inventory
-        if store is None or inv is None or not self.datapath.maps:
-            return
+        if store is None or inv is None or not self.datapath.maps or self.role != "owner":
+            return  # not the node's owner (a hand-over): it writes the kernel policy
         # No store lock: an apply (admin API thread) replaces the store's set
         # whole when it is done, so this is the old set or the new one, and
         # the loop never waits for an apply.
@@ -991,6 +993,9 @@ class Agent:
         kernel policy, which is skipped while an apply is syncing it."""
         try:
             self.beat()  # the hand-over lease: who writes the node's shared state
+        except Exception:  # the rest of the tick still runs (workers are supervised)
+            log.exception("hand-over lease %s: beat failed (will retry)", self.lease.path)
+        try:
             self.poll_inventory()
             if self.enroller is not None:
                 with self.shared_writes() as mine:
@@ -1149,6 +1154,8 @@ def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
         if agent.datapath.how == "loaded":
             agent.proxies.stop()
             agent.datapath.teardown()
+        with contextlib.suppress(Exception):
+            agent.beat(leaving=True)  # a lease this agent took is free again
         raise
     try:
         try:

@@ -339,7 +339,8 @@ class Mesh:
 
     def wait_owner(self, key: str, timeout: float = 90) -> dict:
         """Until agent ``key`` owns its node (the hand-over lease) with every
-        proxy worker ready; its status."""
+        proxy worker ready, and its health file (what the DaemonSet's
+        readiness probe reads) says ready; its status."""
         ap = self.agents[key]
         deadline = time.monotonic() + timeout * _timeout_scale()
         last: object = None
@@ -349,13 +350,17 @@ class Mesh:
                     f"agent {key} exited with {ap.popen.returncode}:\n" + self.agent_log(key)[-4000:]
                 )
             try:
+                with open(os.path.join(ap.run_dir, "health.json")) as f:
+                    health = json.load(f)
                 st = self.status(key)
-                if st["handover"]["role"] == "owner" and all(
-                    w["alive"] and (w["stats"] or {}).get("ready") for w in st["proxy"]
+                if (
+                    health.get("ready")
+                    and st["handover"]["role"] == "owner"
+                    and all(w["alive"] and (w["stats"] or {}).get("ready") for w in st["proxy"])
                 ):
                     return st
-                last = st["handover"]
-            except (OSError, KeyError) as e:
+                last = (health, st["handover"])
+            except (OSError, KeyError, ValueError) as e:
                 last = e
             time.sleep(0.1)
         raise TimeoutError(

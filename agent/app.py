@@ -1027,6 +1027,8 @@ class Agent:
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
         self.last_tick = time.monotonic()  # the loop starts now: alive until it stops ticking
+        if self.role == "owner":  # a successor binds the metrics port once it owns the node
+            self.metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
             while not stop.is_set():

@@ -18,6 +18,7 @@ never times.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from tests.support.privileged import (
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
+from agent.sim.topology import exec_in  # noqa: E402
 from tests.privileged.test_lifecycle import Load, pinned  # noqa: E402
 
 pytestmark = pytest.mark.privileged
@@ -96,6 +98,15 @@ def probe_ready(mesh, key: str) -> tuple[int, str]:
     return r.returncode, r.stdout.strip()
 
 
+def connect_from(mesh, cgroup: str, node: str = "node1") -> dict:
+    """A connection to node2's tunnel port from a process of ``node`` in
+    ``cgroup``: the unknown-pod guard refuses it (EPERM) in a pods' directory
+    unless the agent allowed that cgroup."""
+    n, peer = mesh.cluster.node(node), mesh.cluster.node("node2")
+    r = exec_in(n.netns, cgroup, TOOLS + ["probe", peer.address, "15008", "--timeout", "3"], check=False)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -129,6 +140,15 @@ def test_daemonset_upgrade_hands_node1_over_dropping_nothing(tmp_path):
             new_workers = {w["pid"] for w in st_b["proxy"]}
             assert len(new_workers) == 2 and not new_workers & old_workers
             assert st_b["handover"]["owner"] == st_b["handover"]["instance"]
+            # B's pod sits among the pods' cgroups, where the guard refuses a stranger; B is allowed
+            # (the owner A let it in before its workers started), and so is A while it drains
+            stranger = os.path.join(mesh.cluster.node("node1").pods_cgroup, "stranger")
+            os.makedirs(stranger, exist_ok=True)
+            try:
+                assert connect_from(mesh, stranger).get("errno") == errno.EPERM
+            finally:
+                os.rmdir(stranger)
+            assert connect_from(mesh, mesh.agents[b].cgroup).get("errno") != errno.EPERM
             wait_for(lambda: mesh.status("node1")["handover"]["role"] == "superseded", "A superseded")
             # the exec probes: B ready, A not (the kubelet now deletes the old pod)
             assert probe_ready(mesh, b) == (0, "ok")

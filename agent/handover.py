@@ -25,8 +25,9 @@ crashed or hangs).  The roles:
 - ``successor``: a newcomer that found a live owner.  It publishes its own
   proxy state but writes nothing shared; it starts its proxy workers once
   the owner lists it in ``allowed``, and claims the lease once every
-  worker is ready (certificates loaded, listening beside the old ones).
-  It claims at once when the owner is gone (stale or released).
+  worker is ready (certificates loaded, listening beside the old ones) and
+  it enforces the owner's policy version.  It claims at once when the
+  owner is gone (stale or released).
 - ``superseded``: a former owner after a claim.  It stops writing shared
   state and frees the metrics port; its workers keep serving until its
   SIGTERM, when they stop accepting (the kernel moves their queued
@@ -35,8 +36,10 @@ crashed or hangs).  The roles:
 - ``draining``: an agent that is stopping without owning the node (its
   workers finish their connections); it never claims.
 
-If the successor dies before it claims, nothing changed: the owner never
-stopped writing and its workers never stopped accepting.
+If the successor dies before it claims, nothing shared changed: the owner
+never stopped writing and its workers never stopped accepting.  (Its own
+workers accept from the moment they are ready, up to a tick before the
+claim: connections they hold then end with them, as in any crash.)
 
 :func:`step` is the pure decision (tested without files); :class:`Lease`
 is the file and the lock.

@@ -10,6 +10,16 @@ config by :func:`~agent.workloads.source.source_from_config`):
 * the proxy worker processes (started in their own session, so the agent can
   die and restart without touching traffic; a restarted agent adopts them).
 
+Two agents of one node (a DaemonSet upgrade with ``maxSurge: 1``) share the
+pinned datapath and the host's ports; the hand-over lease
+(:mod:`agent.handover`) says which one, the owner, writes the shared state
+(kernel maps, node CA files, the metrics port).  A newcomer that finds a
+live owner is its successor: it publishes its own proxy state, starts its
+workers once the owner's guard allows its cgroup, and claims the lease once
+they are ready; the old agent is then superseded: it writes nothing shared
+and, on SIGTERM, drains its workers instead of leaving them running.  Every
+shared write happens under the lease's lock after checking ownership.
+
 An admin API on a Unix socket (:mod:`agent.admin`) answers ``meshlet
 status`` and friends; :mod:`agent.supervisor` runs the proxy workers.  The
 asyncio part is a thin shell: every step is a plain method.
@@ -23,11 +33,13 @@ is the kernel-policy sync and uninstall into a module of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +50,7 @@ from .admin import start_admin
 from .config import AgentConfig
 from .filesig import file_sig
 from .fsutil import write_atomic
+from .handover import Beat, Lease
 from .supervisor import ProxySupervisor
 from .workloads.model import Inventory, services_doc, workload_id
 from .workloads.source import WorkloadSource, source_from_config
@@ -47,6 +60,7 @@ if TYPE_CHECKING:  # imported where used: the CLI's `run` should not pay for the
     from .datapath.flowtable import FlowReader
     from .identity.issuer import NodeIssuer
     from .identity.nodecsr import NodeEnroller
+    from .observe.prometheus import MetricsServer
     from .policy.store import PolicyStore
     from .workloads.kubepolicy import PolicyWatcher
 
@@ -171,6 +185,15 @@ class Agent:
     l4_names: dict = field(default_factory=dict)  # kernel policy id -> namespace/name
     l4_lock: threading.Lock = field(default_factory=threading.Lock)  # tick vs admin API
     last_tick: float | None = None  # time.monotonic() the loop last finished a tick (/healthz)
+    role: str = "successor"  # hand-over role (agent.handover); the first beat decides
+    admitted: bool = False  # successor: the owner's guard allows our cgroups (workers may start)
+    admitted_members: tuple[str, ...] = ()  # owner: members whose cgroups our last guard sync allowed
+    member_cgroups: frozenset[str] = frozenset()  # owner: the other live members' cgroups
+    synced_mesh: frozenset[str] = frozenset()  # the mesh cgroups the last guard sync allowed
+    metrics: MetricsServer | None = None  # the metrics server while this agent owns the node
+    metrics_failed: bool = False  # its port was taken (logged once)
+    takeover_error: str | None = None  # successor: taking the node over failed (never retried)
+    health_written: tuple = ()  # (ready, why, role, time) last written to runDir/health.json
 
     def __post_init__(self) -> None:
         from .datapath.loader import Datapath, DatapathSpec
@@ -195,6 +218,7 @@ class Agent:
             self.spec = dataclasses.replace(self.spec, tc_attach=self.cfg.bpf.tc_attach)
         self.datapath = Datapath(self.spec)
         self.proxies = ProxySupervisor(self.cfg.run_dir, self.state_path, self.cfg.proxy.workers)
+        self.lease = Lease(self.cfg.handover_dir or self.cfg.run_dir)
         if self.source is None:
             self.source = source_from_config(self.cfg)
 
@@ -259,12 +283,119 @@ class Agent:
         if self.enroller is not None:
             self.enroller.start()
         self.load_identity(initial=self.enroller is None)
-        how = self.datapath.open()
-        log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
         # Workers a previous agent left running are ours before the first
         # sync, so it waits for them to load a pod (one created while no agent
         # ran) before the kernel sends them its connections.
         self.proxies.adopt_running()
+        os.makedirs(self.lease.directory, mode=0o700, exist_ok=True)
+        self.beat()  # alone on the node: owner, and the datapath is open and synced
+        if self.role == "successor":
+            doc = self.lease.read()
+            log.info(
+                "agent %s owns node %s (lease %s): starting as its successor; this agent writes "
+                "nothing shared until its proxy workers are ready and it takes the lease",
+                doc.owner,
+                self.cfg.node,
+                self.lease.path,
+            )
+            self.sync()  # publishes this agent's proxy state only
+
+    # --- the hand-over lease: two agents on one node (agent/handover.py) ----------------
+
+    @contextlib.contextmanager
+    def shared_writes(self):
+        """Yields whether this agent owns the node, holding the lease's lock
+        meanwhile: write shared state (kernel maps, node CA files) only when
+        it yields True, inside the block, so a claim cannot come in between."""
+        with self.lease.locked():
+            yield self.lease.read().owner == self.lease.instance
+
+    def _home(self) -> str:
+        try:
+            st = os.stat(self.cfg.run_dir)
+        except OSError:
+            return ""
+        return f"{st.st_dev}:{st.st_ino}"
+
+    def beat(self, leaving: bool = False) -> None:
+        """Renew this agent's entry in the lease; act on a role change."""
+        prev = self.role
+        if prev == "successor":
+            ready = self.admitted and not self.takeover_error and self.proxies.all_ready()
+        else:
+            ready = bool(self.proxies.workers) and all(self.proxies.alive())
+        pod = os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+        doc, role = self.lease.beat(
+            Beat(
+                self.lease.instance,
+                prev,
+                ready,
+                tuple(sorted(self._mesh_cgroups())),
+                pod=pod,
+                home=self._home(),
+                policy=self.policies.version if self.policies is not None else "",
+                admitted=self.admitted_members if prev == "owner" else None,
+                leaving=leaving,
+            )
+        )
+        if leaving:
+            return
+        me = self.lease.instance
+        others = frozenset(c for k, m in doc.members.items() if k != me for c in m.cgroups)
+        self.admitted = me in doc.allowed
+        if role == "owner":
+            changed = others != self.member_cgroups
+            self.member_cgroups = others
+            if prev != "owner":
+                try:
+                    self._take_over(prev, doc.epoch)
+                except Exception as e:
+                    if not (prev == "successor" and self.admitted):
+                        raise  # alone on the node: the start fails, as it always did
+                    # A live agent let us in: give the node back to it rather than leave it to no one.
+                    self.takeover_error = f"taking the node over failed, gave it back: {e}"
+                    log.exception("node %s: %s", self.cfg.node, self.takeover_error)
+                    self.lease.resign()
+                    self.role = "successor"
+                    return
+            elif changed:
+                self.sync()  # the guard allows the new member's cgroups (or stops allowing a gone one's)
+            self.admitted_members = tuple(
+                k for k, m in doc.members.items() if k != me and set(m.cgroups) <= self.synced_mesh
+            )
+        self.role = role
+        if role == "superseded" and prev == "owner":
+            log.warning(
+                "agent %s took over node %s (lease epoch %d): this agent stops writing shared state "
+                "and frees the metrics port; its proxy workers serve until SIGTERM, then drain",
+                doc.owner,
+                self.cfg.node,
+                doc.epoch,
+            )
+
+    def _take_over(self, prev: str, epoch: int) -> None:
+        """This agent just took the lease: open the pinned datapath (adopt it,
+        or upgrade it in place; a fresh node loads it) and sync everything."""
+        if prev == "superseded":
+            log.warning(
+                "node %s: the agent that took over is gone; this agent takes the node back (epoch %d)",
+                self.cfg.node,
+                epoch,
+            )
+            self.datapath.close()  # the other agent may have upgraded the maps in place: re-adopt
+        elif self.admitted:
+            log.info(
+                "node %s: this agent's proxy workers are ready; it owns the node now (epoch %d)",
+                self.cfg.node,
+                epoch,
+            )
+        with self.shared_writes() as mine:
+            if not mine:
+                raise RuntimeError("another agent claimed the node while this one was taking it over")
+            how = self.datapath.open()
+        log.info("datapath %s (pins in %s, hooks on %s)", how, self.spec.pin_dir, self.cgroup_dir)
+        self.role = "owner"  # the syncs below write (status and probes show it once the tick is over)
+        self.l4_sig = None
         self.sync()
         self.sync_policy_kernel()
         self.proxies.supervise()
@@ -389,8 +520,8 @@ class Agent:
         from .yamlsrc import gc_paused
 
         store, inv = self.policies, self.inventory
-        if store is None or inv is None or not self.datapath.maps:
-            return
+        if store is None or inv is None or not self.datapath.maps or self.role != "owner":
+            return  # not the node's owner (a hand-over): it writes the kernel policy
         # No store lock: an apply (admin API thread) replaces the store's set
         # whole when it is done, so this is the old set or the new one, and
         # the loop never waits for an apply.
@@ -415,7 +546,10 @@ class Agent:
             plan = KernelPlan(capacity=self.spec.max_l4_rules)
         if plan.overflow and not self.l4_kernel.get("overflow"):
             log.warning("kernel L4 policy: %s", plan.summary()["reason"])
-        changes = self.datapath.sync_l4(plan.entries)
+        with self.shared_writes() as mine:
+            if not mine:
+                return  # the node's owner writes the kernel policy (a hand-over)
+            changes = self.datapath.sync_l4(plan.entries)
         self.l4_sig = sig
         self.l4_names.update(plan.policies)
         self.l4_kernel = {**plan.summary(), "version": version, "enabled": enabled}
@@ -573,7 +707,8 @@ class Agent:
         guard_roots: dict[str, int] = {}  # directories pods are created in -> cgroup id
         allow: set[int] = set()  # cgroups of pods listed with mesh: false
         self.guard_pending = set()
-        mesh_cgroups = self._mesh_cgroups()
+        # The other agents of the node (a hand-over) are mesh processes too.
+        mesh_cgroups = self._mesh_cgroups() | self.member_cgroups
         for pod in inv.pods_on(self.cfg.node):
             pod_dir = cg.resolve(pod.cgroup)
             self._guard_root(os.path.dirname(pod_dir), guard_roots, mesh_cgroups)
@@ -612,19 +747,10 @@ class Agent:
         self.generation += 1
         state = proxy_state(self.cfg, inv, enrolled, self.generation, self.identity_generation)
         write_atomic(self.state_path, json.dumps(state, indent=1))
-        if enrolled.keys() - self.enrolled.keys():
-            self.proxies.wait_loaded(self.generation)
-        for m in mesh_cgroups:  # the agent and its proxy workers, when below a guarded directory
-            if any(cg.is_within(m, r) for r in guard_roots):
-                try:
-                    allow.add(cg.cgroup_id(m))
-                except OSError:
-                    pass
-        changes = self.datapath.sync_workloads(by_cgroup, by_ip)
-        # After enrolling: a known pod is never refused as unknown.
-        changes.update(self.datapath.sync_guard(set(guard_roots.values()), allow))
-        self.guarded = sorted(guard_roots)
-        self.tc_errors = self.datapath.sync_tc(tc)
+        changes: dict = {}
+        with self.shared_writes() as mine:
+            if mine:  # else the owner of the node writes the kernel side (a hand-over)
+                changes = self._sync_kernel(enrolled, by_cgroup, by_ip, tc, guard_roots, allow, mesh_cgroups)
         for err in self.tc_errors:
             log.error("%s — strict mode cannot be enforced for that pod", err)
         for key in enrolled.keys() - self.enrolled.keys():
@@ -636,6 +762,24 @@ class Agent:
                 log.warning("pod %s not enrolled yet: %s", key, why)
         self.enrolled, self.pending = enrolled, pending
         log.debug("sync: %s, %d enrolled, state generation %d", changes, len(enrolled), self.generation)
+
+    def _sync_kernel(self, enrolled, by_cgroup, by_ip, tc, guard_roots, allow, mesh_cgroups) -> dict:
+        """sync()'s kernel side: only the node's owner, under the lease's lock."""
+        if enrolled.keys() - self.enrolled.keys():
+            self.proxies.wait_loaded(self.generation)
+        for m in mesh_cgroups:  # the agents and their proxy workers, when below a guarded directory
+            if any(cg.is_within(m, r) for r in guard_roots):
+                try:
+                    allow.add(cg.cgroup_id(m))
+                except OSError:
+                    pass
+        changes = self.datapath.sync_workloads(by_cgroup, by_ip)
+        # After enrolling: a known pod is never refused as unknown.
+        changes.update(self.datapath.sync_guard(set(guard_roots.values()), allow))
+        self.synced_mesh = frozenset(mesh_cgroups)
+        self.guarded = sorted(guard_roots)
+        self.tc_errors = self.datapath.sync_tc(tc)
+        return changes
 
     def _mesh_cgroups(self) -> set[str]:
         """cgroup dirs of the agent and of its live proxy workers (those a
@@ -673,7 +817,20 @@ class Agent:
         """A stop never opens the mesh: the pinned datapath and the proxy
         workers stay, so enrolled pods keep going through the proxy (and
         unknown pods stay refused) until a restarted agent adopts them.
-        Detaching is :func:`uninstall` (``meshlet uninstall``)."""
+        Detaching is :func:`uninstall` (``meshlet uninstall``).
+
+        An agent that does not own the node (superseded by a newer one, or a
+        successor that never took over) drains its proxy workers instead:
+        they stop accepting, the kernel moves their queued connections to
+        the owner's workers, and live connections get the drain timeout.  It
+        writes no shared state on the way out."""
+        if self.role != "owner":
+            self.role = "draining"  # from now on it never claims the node
+            self.proxies.drain(on_wait=self._beat_quietly)
+        try:
+            self.beat(leaving=True)  # a restarted agent finds the node free at once
+        except OSError as e:
+            log.warning("could not leave the hand-over lease %s: %s", self.lease.path, e)
         if self.enroller is not None:
             self.enroller.stop()
         if self.policy_watch is not None:
@@ -681,10 +838,21 @@ class Agent:
         if self.source is not None:
             self.source.close()
         self.datapath.close()
-        log.info(
-            "stopped; the datapath and the proxy workers stay in place (a restarted agent "
-            "adopts them; `meshlet uninstall` removes them)"
-        )
+        if self.role == "owner":
+            log.info(
+                "stopped; the datapath and the proxy workers stay in place (a restarted agent "
+                "adopts them; `meshlet uninstall` removes them)"
+            )
+        else:
+            log.info("stopped (%s); the datapath is the owner's, left as it is", self.role)
+
+    def _beat_quietly(self) -> None:
+        """While draining: keep this agent's lease entry fresh, so the owner
+        keeps allowing its cgroups while its workers finish connections."""
+        try:
+            self.beat()
+        except Exception:  # draining goes on; the entry goes stale at worst
+            log.exception("hand-over lease beat failed while draining")
 
     # --- status ------------------------------------------------------------------------
 
@@ -697,7 +865,7 @@ class Agent:
                 "how": self.datapath.how,
                 "pin_dir": self.spec.pin_dir,
                 "cgroup": self.cgroup_dir,
-                "counters": self.datapath.stats(),
+                "counters": self.datapath.stats() if self.datapath.maps else {},
                 "tc_errors": self.tc_errors,
                 "guarded_cgroups": self.guarded,
                 "tc_attach": self.datapath.tc_mode,
@@ -716,6 +884,11 @@ class Agent:
             "enrolled": [{"pod": k, "cgroup_id": v} for k, v in sorted(self.enrolled.items())],
             "pending": [{"pod": k, "reason": v} for k, v in sorted(self.pending.items())],
             "proxy": self.proxies.status(),
+            "handover": {
+                **self.lease.describe(self.role),
+                "admitted": self.admitted,
+                "takeover_error": self.takeover_error,
+            },
         }
 
     # --- observability (#6): blocking reads, for threads only ------------------------
@@ -742,9 +915,27 @@ class Agent:
         return liveness(None if self.last_tick is None else time.monotonic() - self.last_tick)
 
     def readiness(self):
-        """/readyz: can this node carry mesh traffic?"""
+        """/readyz: can this node carry mesh traffic?  Only the node's owner
+        is ready: a successor becomes ready when it takes the lease (its
+        workers accept), a superseded agent stops being ready."""
         from .observe.prometheus import readiness
 
+        if self.role == "successor":
+            if self.takeover_error:
+                return False, f"hand-over: {self.takeover_error}; restart this agent once fixed"
+            if not self.admitted:
+                return False, "hand-over: waiting for the node's owner to allow this agent's cgroups"
+            doc = self.lease.read()
+            theirs = doc.members[doc.owner].policy if doc.owner in doc.members else ""
+            mine = self.policies.version if self.policies is not None else ""
+            if theirs != mine:
+                return False, (
+                    f"hand-over: the owner enforces policy version {theirs}, this agent {mine}: it takes "
+                    "over only with the same policies (apply them here too, or use Kubernetes mode)"
+                )
+            return False, "hand-over: waiting for this agent's proxy workers to be ready"
+        if self.role == "superseded":
+            return False, f"hand-over: superseded by agent {self.lease.read().owner}; draining on SIGTERM"
         return readiness(
             {
                 "tick_age": None if self.last_tick is None else time.monotonic() - self.last_tick,
@@ -756,7 +947,8 @@ class Agent:
 
     def start_metrics(self):
         """The /metrics server thread, or None (disabled, or the port is taken:
-        logged; the mesh keeps running without it)."""
+        logged once; the mesh keeps running without it, and the loop tries
+        again: in a hand-over the old agent frees the port)."""
         m = self.cfg.metrics
         if not m.enabled:
             return None
@@ -767,6 +959,9 @@ class Agent:
                 self.metrics_snapshot, str(m.address), m.port, live=self.liveness, ready=self.readiness
             ).start()
         except OSError as e:
+            if self.metrics_failed:
+                return None
+            self.metrics_failed = True
             log.error(
                 "cannot serve metrics on %s port %d: %s; is another agent or an Istio "
                 "component using it? Set metrics.port (or metrics.enabled: false)",
@@ -775,8 +970,23 @@ class Agent:
                 e.strerror or e,
             )
             return None
+        self.metrics_failed = False
         log.info("metrics on http://%s:%d/metrics", m.address, srv.port)
         return srv
+
+    def write_health(self) -> None:
+        """runDir/health.json for the exec probes (``python3 -m agent.probe``):
+        with two agents on a node's host network, a probe of the shared
+        metrics port could be answered by the other one.  Rewritten when the
+        verdict changes, and every few seconds to show the loop ticks."""
+        ok, why = self.readiness()
+        now = time.time()
+        key = (ok, why, self.role)
+        if self.health_written and self.health_written[:3] == key and now - self.health_written[3] < 5:
+            return
+        doc = {"tick": now, "ready": ok, "why": why, "role": self.role, "pid": os.getpid()}
+        write_atomic(os.path.join(self.cfg.run_dir, "health.json"), json.dumps(doc), mode=0o644)
+        self.health_written = (*key, now)
 
     # --- the asyncio shell ----------------------------------------------------------
 
@@ -785,16 +995,27 @@ class Agent:
         (the admin API's thread): proxy workers are supervised before the
         kernel policy, which is skipped while an apply is syncing it."""
         try:
+            self.beat()  # the hand-over lease: who writes the node's shared state
+        except Exception:  # the rest of the tick still runs (workers are supervised)
+            log.exception("hand-over lease %s: beat failed (will retry)", self.lease.path)
+        try:
             self.poll_inventory()
             if self.enroller is not None:
-                self.enroller.install()  # a newly signed intermediate, before the files are polled
+                with self.shared_writes() as mine:
+                    if mine:  # the node's CA files are shared with a successor
+                        self.enroller.install()  # a newly signed intermediate, before the files are polled
             self.poll_identity()
             if self.pending or self.guard_pending:
                 self.sync()  # a pod cgroup may have appeared
-            self.proxies.supervise()
+            if self.role != "successor" or self.admitted:
+                self.proxies.supervise()
             self.sync_policy_kernel(wait=False)
         except Exception:  # one bad tick must not kill the node agent
             log.exception("agent loop error (will retry)")
+        try:
+            self.write_health()
+        except Exception:  # the probe sees a stale file and says so
+            log.exception("cannot write %s/health.json", self.cfg.run_dir)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -809,7 +1030,8 @@ class Agent:
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
         self.last_tick = time.monotonic()  # the loop starts now: alive until it stops ticking
-        metrics = await asyncio.to_thread(self.start_metrics)
+        if self.role == "owner":  # a successor binds the metrics port once it owns the node
+            self.metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
         try:
             while not stop.is_set():
@@ -817,13 +1039,20 @@ class Agent:
                 # its own event loop) stays off this loop, in a worker thread.
                 await asyncio.to_thread(self.tick)
                 self.last_tick = time.monotonic()
+                # The metrics port is the owner's (the old agent frees it in a hand-over).
+                if self.role == "owner" and self.metrics is None:
+                    self.metrics = await asyncio.to_thread(self.start_metrics)
+                elif self.role != "owner" and self.metrics is not None:
+                    await asyncio.to_thread(self.metrics.stop)
+                    self.metrics = None
                 try:
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
                 except TimeoutError:
                     pass
         finally:
-            if metrics is not None:
-                await asyncio.to_thread(metrics.stop)
+            if self.metrics is not None:
+                await asyncio.to_thread(self.metrics.stop)
+                self.metrics = None
             self.flow_reader.stop()
             admin.close()
             ca_server.close()
@@ -930,6 +1159,8 @@ def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
         if agent.datapath.how == "loaded":
             agent.proxies.stop()
             agent.datapath.teardown()
+        with contextlib.suppress(Exception):
+            agent.beat(leaving=True)  # a lease this agent took is free again
         raise
     try:
         try:

@@ -356,6 +356,12 @@ class AgentConfig:
     run_dir: str
     """Directory for runtime state (``runDir``); default ``/run/meshlet/<node>``."""
 
+    handover_dir: str = ""
+    """Directory every agent of this node shares, holding the hand-over lease
+    that says which one writes the shared datapath state (``handoverDir``,
+    see agent/handover.py); default ``runDir``.  Set it when two agents of a
+    node have different run dirs (Kubernetes: a hostPath)."""
+
     log_level: str = "info"
     """One of debug, info, warning, error (``logLevel``)."""
 
@@ -422,6 +428,7 @@ class AgentConfig:
                 "nodeCA": self.identity.node_ca,
             },
             "runDir": self.run_dir,
+            "handoverDir": self.handover_dir or self.run_dir,
             "logLevel": self.log_level,
             "metrics": {
                 "enabled": self.metrics.enabled,
@@ -492,6 +499,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
     inventory = top.get("inventory", y.string, None) if kube else top.get("inventory", y.string)
     cgroup = top.get("cgroup", y.string)
     run_dir = top.get("runDir", y.absolute_path, None)
+    handover_dir = top.get("handoverDir", y.absolute_path, None)
     log_level = top.get("logLevel", y.enum(*LOG_LEVELS), "info")
     bpf_r, proxy_r = top.section("bpf"), top.section("proxy")
     mesh_r, admin_r = top.section("mesh"), top.section("admin")
@@ -625,6 +633,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         admin=admin,
         identity=identity,
         run_dir=run_dir,
+        handover_dir=handover_dir or run_dir,
         log_level=log_level,
         metrics=metrics,
         access_log=access_log,

@@ -23,6 +23,13 @@ the successor) and gives live connections ``drain_timeout`` seconds to
 finish before it resets the rest; after that plus ``KILL_MARGIN`` it is
 SIGKILLed.  New connections are never refused: there is always a ready
 listener.
+
+**Two agents on one node** (a DaemonSet upgrade, agent/handover.py): the
+new agent's supervisor starts its workers in its own run dir; they bind the
+same ports with SO_REUSEPORT and accept beside the old agent's workers once
+:meth:`all_ready`.  The old agent, on SIGTERM, calls :meth:`drain`: its
+workers stop accepting (their queues move to the new workers) and finish
+their live connections, as a hand-over's old worker does.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adminclient import unix_request
@@ -322,7 +330,8 @@ class ProxySupervisor:
             while time.time() < deadline and _pid_alive(w.pid, w.popen):
                 time.sleep(0.05)
             if _pid_alive(w.pid, w.popen):
-                os.kill(w.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
             if w.popen is not None:
                 w.popen.wait(timeout=2)
             try:
@@ -330,6 +339,47 @@ class ProxySupervisor:
             except FileNotFoundError:
                 pass
             w.pid = w.popen = None
+
+    def drain(self, on_wait: Callable[[], None] | None = None) -> None:
+        """Every worker stops accepting and gets ``drain_timeout`` seconds for
+        its live connections (the workers' ``--shutdown-grace``), then
+        ``KILL_MARGIN`` to exit before it is SIGKILLed; returns when all are
+        gone, calling ``on_wait`` about every half second meanwhile.  What
+        the old agent of a node does when a new one took over."""
+        procs = [(w.pid, w.popen) for w in self.workers if w.pid]
+        procs += [(d.pid, d.popen) for d in self.draining]
+        procs += [(w.successor.pid, w.successor) for w in self.workers if w.successor is not None]
+        log.info(
+            "draining proxy workers %s: they stop accepting and get up to %gs for their connections",
+            [pid for pid, _ in procs],
+            self.drain_timeout,
+        )
+        for pid, _ in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout + KILL_MARGIN
+        next_call = 0.0
+        while time.monotonic() < deadline and any(_pid_alive(pid, p) for pid, p in procs):
+            if on_wait is not None and time.monotonic() >= next_call:
+                on_wait()
+                next_call = time.monotonic() + 0.5
+            time.sleep(0.05)
+        left = [pid for pid, p in procs if _pid_alive(pid, p)]
+        if left:
+            log.warning("proxy workers %s still running after the drain timeout; killing them", left)
+        self.stop(timeout=0)  # SIGKILLs what is left, reaps, removes the pid files
+        log.info("proxy workers %s finished draining", [pid for pid, _ in procs])
+
+    def all_ready(self) -> bool:
+        """Every slot's worker runs and says ``ready`` (listening, with its
+        certificates) on its stats socket."""
+        for w in self.workers:
+            if not w.pid or not _pid_alive(w.pid, w.popen):
+                return False
+            st = proxy_stats(self.stats_socket(w))
+            if not st or st.get("pid") != w.pid or not st.get("ready"):
+                return False
+        return True
 
     def worker_stats(self) -> list[dict | None]:
         """Every worker's stats socket (None: did not answer)."""

@@ -173,6 +173,10 @@ def status(sock, node, output) -> None:
     for line in source_lines(inv.get("source") or {}):
         click.echo(f"  {line}")
     click.echo(f"enrolled {len(st['enrolled'])} pods; pending {len(st['pending'])}")
+    from ..handover import status_lines as handover_lines
+
+    for line in handover_lines(st.get("handover")):
+        click.echo(line)
     if dp.get("guarded_cgroups"):
         click.echo("unknown pods refused (EPERM) under: " + ", ".join(dp["guarded_cgroups"]))
     ident = st.get("identity") or {}

@@ -13,6 +13,13 @@ no interface, and only mesh pods can reach them, because the kernel hook
 hands every connection of an enrolled pod to the node proxy, which knows
 the VIP (there is no kube-proxy).
 
+A DaemonSet upgrade (``maxSurge: 1``): :meth:`Mesh.start_successor` starts
+a second agent for a node while its agent runs, as the new pod would: its
+own run dir (the pod's emptyDir) and its own cgroup among the pods' (the
+new pod's), the same pin dir, identity dir and hand-over lease
+(``handoverDir``, agent/handover.py).  :meth:`Mesh.end_pod` does what the
+container runtime does when a pod ends: kills what is left of its processes.
+
 Teardown stops agents (SIGTERM, then SIGKILL), kills stray proxy workers,
 detaches and unpins every datapath, and removes run dirs — also when the
 caller failed.
@@ -35,7 +42,7 @@ import yaml
 
 from agent.datapath.loader import remove_empty_parent, remove_pins
 
-from .topology import Cluster, Node
+from .topology import Cluster, Node, _cgroup_pids, _kill_cgroup, popen_in
 
 PROXY_PORTS = {"outbound": 15001, "tunnel": 15008}
 
@@ -92,6 +99,8 @@ class AgentProc:
     pin_dir: str
     popen: subprocess.Popen | None = None
     log_path: str = ""
+    handover_dir: str = ""  # handoverDir; default: run_dir
+    cgroup: str = ""  # a cgroup of its own (a successor's "pod"); default: the node's system cgroup
 
 
 @dataclass
@@ -195,8 +204,8 @@ class Mesh:
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, os.path.join(d, dst))
 
-    def config_doc(self, node: Node) -> dict:
-        ap = self.agents[node.name]
+    def config_doc(self, node: Node, key: str | None = None) -> dict:
+        ap = self.agents[key or node.name]
         proxy: dict[str, Any] = {
             "redirectIPv4": node.gateway4,
             "workers": self.workers,
@@ -233,6 +242,7 @@ class Mesh:
                 "certTTL": self.cert_ttl,
             },
             "runDir": ap.run_dir,
+            "handoverDir": ap.handover_dir or ap.run_dir,
             "logLevel": self.log_level,
             "metrics": {"port": self.metrics_port},
             "accessLog": dict(self.access_log_settings),
@@ -270,6 +280,113 @@ class Mesh:
         if wait:
             self.wait_ready(name, timeout=timeout)
         return ap.popen
+
+    def start_successor(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        timeout: float = 90,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> str:
+        """Start a second agent for node ``name`` while its agent runs (see the
+        module docstring); returns its key in :attr:`agents` (``<name>-next``).
+        ``wait``: until it owns the node (its workers are ready).  Policies
+        applied to the running agent are copied to the new run dir (in
+        Kubernetes mode both read them from the cluster).  ``env``: added to
+        its environment (e.g. a PYTHONPATH with another version; ``python -m``
+        looks in ``cwd`` first)."""
+        old = self.agents[name]
+        key = f"{name}-next"
+        if key in self.agents and self.agents[key].popen is not None:
+            raise RuntimeError(f"{key} is running already")
+        node = old.node
+        ap = AgentProc(
+            node=node,
+            config=os.path.join(self.workdir, f"{key}.yaml"),
+            run_dir=f"{old.run_dir}-next",
+            pin_dir=old.pin_dir,
+            log_path=os.path.join(self.workdir, f"agent-{key}.log"),
+            handover_dir=old.handover_dir or old.run_dir,
+            cgroup=os.path.join(node.pods_cgroup, f"meshlet-{key}"),
+        )
+        self.agents[key] = ap
+        os.makedirs(ap.cgroup, exist_ok=True)
+        os.makedirs(ap.run_dir, mode=0o700, exist_ok=True)
+        stored = os.path.join(old.run_dir, "policies.yaml")
+        if os.path.exists(stored):
+            shutil.copyfile(stored, os.path.join(ap.run_dir, "policies.yaml"))
+        with open(ap.config, "w") as f:
+            yaml.safe_dump(self.config_doc(node, key), f, sort_keys=False)
+        argv = [sys.executable, "-m", "agent.cli", "run", "--config", ap.config]
+        logf = open(ap.log_path, "ab")
+        try:
+            ap.popen = popen_in(
+                node.netns,
+                ap.cgroup,
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**_env(), **(env or {})},
+                cwd=cwd,
+            )
+        finally:
+            logf.close()
+        if wait:
+            self.wait_owner(key, timeout=timeout)
+        return key
+
+    def wait_owner(self, key: str, timeout: float = 90) -> dict:
+        """Until agent ``key`` owns its node (the hand-over lease) with every
+        proxy worker ready, and its health file (what the DaemonSet's
+        readiness probe reads) says ready; its status."""
+        ap = self.agents[key]
+        deadline = time.monotonic() + timeout * _timeout_scale()
+        last: object = None
+        while time.monotonic() < deadline:
+            if ap.popen is not None and ap.popen.poll() is not None:
+                raise RuntimeError(
+                    f"agent {key} exited with {ap.popen.returncode}:\n" + self.agent_log(key)[-4000:]
+                )
+            try:
+                with open(os.path.join(ap.run_dir, "health.json")) as f:
+                    health = json.load(f)
+                st = self.status(key)
+                if (
+                    health.get("ready")
+                    and st["handover"]["role"] == "owner"
+                    and all(w["alive"] and (w["stats"] or {}).get("ready") for w in st["proxy"])
+                ):
+                    return st
+                last = (health, st["handover"])
+            except (OSError, KeyError, ValueError) as e:
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"agent {key} does not own its node after {timeout}s (last: {last}):\n"
+            + self.agent_log(key)[-4000:]
+        )
+
+    def end_pod(self, key: str) -> list[int]:
+        """What the container runtime does when agent ``key``'s pod ends
+        (after the agent exited): kill what is left of its processes (its own
+        cgroup, or its proxy workers by their pid files); returns their pids."""
+        ap = self.agents[key]
+        left = []
+        if ap.cgroup:
+            left = _cgroup_pids(ap.cgroup)
+            _kill_cgroup(ap.cgroup)
+        else:
+            for pid in self.proxy_pids(key):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"agent.proxy" in f.read():
+                            os.kill(pid, signal.SIGKILL)
+                            left.append(pid)
+                except OSError:
+                    pass
+        return left
 
     def uninstall(self, name: str, *, force: bool = False) -> subprocess.CompletedProcess:
         """``meshlet uninstall`` on node ``name`` (output captured, not checked)."""
@@ -418,6 +535,12 @@ class Mesh:
                 remove_pins(ap.pin_dir)
             except Exception:  # noqa: BLE001 - down() never raises; the rest of the teardown must run
                 pass
+            if ap.cgroup:
+                try:
+                    _kill_cgroup(ap.cgroup)
+                    os.rmdir(ap.cgroup)
+                except OSError:
+                    pass
             shutil.rmtree(ap.run_dir, ignore_errors=True)
             remove_empty_parent(ap.run_dir)
         if self._own_workdir:

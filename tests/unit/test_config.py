@@ -286,7 +286,7 @@ ERRORS = [
     ("proxy:\n  redirectIpv4: 10.0.0.1\n",
      "c.yaml:2:3: proxy.redirectIpv4: unknown field 'redirectIpv4' (did you mean 'redirectIPv4'?)"),
     ("zzz: 1\n", "c.yaml:1:1: zzz: unknown field 'zzz'; known fields: node, inventory, cgroup, runDir, "
-                 "logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog, workloads, tracing"),
+                 "handoverDir, logLevel, bpf, proxy, mesh, admin, identity, metrics, accessLog, workloads, tracing"),
     # workload source (#11)
     ("workloads:\n  source: k8s\n",
      "c.yaml:2:11: workloads.source: 'k8s' is not one of: file, kubernetes"),

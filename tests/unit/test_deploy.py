@@ -230,13 +230,14 @@ def test_the_daemonset_is_a_node_agent():
     assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert pod["tolerations"] == [{"operator": "Exists"}]
+    # an upgrade starts the new agent beside the old one, which it takes over from (agent/handover.py)
     assert ds["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}
     }
     assert pod["serviceAccountName"] == "meshlet-node"
     agent = pod["containers"][0]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
-    assert env == {"NODE_NAME": "spec.nodeName", "HOST_IP": "status.hostIP"}
+    assert env == {"NODE_NAME": "spec.nodeName", "HOST_IP": "status.hostIP", "POD_NAME": "metadata.name"}
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
     assert mounts["/sys/fs/cgroup"]["mountPropagation"] == "HostToContainer"
@@ -249,15 +250,38 @@ def test_the_daemonset_is_a_node_agent():
     assert ds["spec"]["template"]["metadata"]["labels"]["meshlet.io/dataplane-mode"] == "disabled"
 
 
-def test_probes_hit_the_metrics_port_of_the_config():
+def test_probes_ask_the_pods_own_agent_and_the_ports_match_the_config():
+    """Exec probes of the agent's own health file: on the host network two
+    agent pods of a node share the metrics port during an upgrade, so an
+    HTTP probe could be answered by the other pod's agent."""
     pod = one("DaemonSet", "meshlet-node")["spec"]["template"]["spec"]
     agent = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
-    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent["readinessProbe"]["exec"]["command"][-3:] == ["-m", "agent.probe", "ready"]
+    assert agent["livenessProbe"]["exec"]["command"][-3:] == ["-m", "agent.probe", "live"]
+    assert all("httpGet" not in agent[p] for p in ("readinessProbe", "livenessProbe"))
     cfg = yaml.safe_load(one("ConfigMap", "meshlet-config")["data"]["config.yaml"])
     assert ports["metrics"] == cfg["metrics"]["port"]
     assert (ports["outbound"], ports["tunnel"]) == (15001, 15008)
+    # the probe reads <runDir>/health.json: its default run dir is the config's
+    from agent.probe import DEFAULT_RUN_DIR
+
+    assert cfg["runDir"] == DEFAULT_RUN_DIR
+
+
+def test_the_handover_lease_is_shared_and_the_rest_is_per_pod():
+    """Two agent pods of a node see the same handoverDir (a hostPath) and
+    each its own runDir (an emptyDir); the grace period covers the drain."""
+    from agent.supervisor import DRAIN_TIMEOUT, KILL_MARGIN
+
+    pod = one("DaemonSet", "meshlet-node")["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    cfg = yaml.safe_load(one("ConfigMap", "meshlet-config")["data"]["config.yaml"])
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert "hostPath" in vols[mounts[cfg["handoverDir"]]]
+    assert "emptyDir" in vols[mounts[cfg["runDir"]]]
+    assert pod["terminationGracePeriodSeconds"] >= DRAIN_TIMEOUT + KILL_MARGIN + 5
 
 
 # --- RBAC: least privilege ----------------------------------------------------------

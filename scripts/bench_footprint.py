@@ -53,6 +53,25 @@ def llvm_mappings(pid: int) -> list[str]:
     return sorted(found)
 
 
+def top_mappings(pid: int, n: int = 12) -> list[tuple[str, int]]:
+    """The ``n`` biggest contributors to ``pid``'s RSS, KiB: each file mapped
+    (its segments summed) and ``[anon]`` for anonymous memory (the heap,
+    Python's arenas, thread stacks)."""
+    sizes: dict[str, int] = {}
+    name = "?"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                parts = line.split(None, 5)
+                name = parts[5].strip() if len(parts) == 6 else "[anon]"
+                if name.startswith("[") and name not in ("[heap]", "[stack]"):
+                    name = "[anon]" if name.startswith("[anon") else name
+            elif first == "Rss:":
+                sizes[name] = sizes.get(name, 0) + int(line.split()[1])
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
+
+
 def agent_pid(root: int) -> int:
     """The agent process: ``root`` or the first descendant running ``agent.cli run``
     (the node's exec wrapper may sit above it)."""
@@ -89,7 +108,9 @@ def measure(pods: int, workers: int, settle: float) -> dict:
             apid = agent_pid(popen.pid)
             agent = smaps_rollup_kb(apid)
             agent["llvm"] = llvm_mappings(apid)  # type: ignore[assignment]
-            procs = [smaps_rollup_kb(p) for p in mesh.proxy_pids("node1")]
+            wpids = mesh.proxy_pids("node1")
+            procs = [smaps_rollup_kb(p) for p in wpids]
+            detail = {"agent": top_mappings(apid), "proxy worker 0": top_mappings(wpids[0]) if wpids else []}
         finally:
             mesh.down()
     return {
@@ -100,11 +121,20 @@ def measure(pods: int, workers: int, settle: float) -> dict:
         "proxy_workers": procs,
         "node_rss_kb": agent["rss"] + sum(p["rss"] for p in procs),
         "node_pss_kb": agent["pss"] + sum(p["pss"] for p in procs),
+        "top_mappings_kb": detail,
     }
 
 
 def mb(kb: int) -> str:
     return f"{kb / 1024:.1f}"
+
+
+def print_detail(rows: list[dict]) -> None:
+    for r in rows:
+        for who, top in r["top_mappings_kb"].items():
+            print(f"{r['pods']} pods, {who}: biggest parts of RSS")
+            for name, kb in top:
+                print(f"    {mb(kb):>7} MB  {name}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -124,6 +154,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="proxy workers (default 2)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading memory")
     ap.add_argument("--out", help="write the rows as JSON here too")
+    ap.add_argument("--detail", action="store_true", help="also print the biggest mappings of each process")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_footprint: run as root (the simulated cluster needs it)", file=sys.stderr)
@@ -135,6 +166,8 @@ def main() -> int:
         return 2
     rows = [measure(n, args.workers, args.settle) for n in counts]
     print_table(rows)
+    if args.detail:
+        print_detail(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -2,10 +2,11 @@
 
 What the long-running agent does on every sync (the route to a pod, whether
 an interface is still there, which of our cls_bpf filters are attached) goes
-through a small rtnetlink client over a plain socket below: importing
-pyroute2 costs the agent ~8 MB of its footprint (issue #13).  pyroute2 stays
-for the writes of strict mode on kernels without tcx (``clsact_attach``,
-``clsact_detach``), imported only when one is made.
+and what strict mode does on kernels without tcx (a clsact qdisc and a
+cls_bpf filter per pod veth) goes through a small rtnetlink client over a
+plain socket below, not pyroute2: importing pyroute2 cost the agent ~8 MB of
+its footprint (issue #13).  The messages are the ones ``tc`` sends: the
+filter is bpf, direct-action, protocol all, at prio/handle ``TC_PRIO``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from dataclasses import dataclass
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _NLM_F_REQUEST = 0x1
+_NLM_F_ACK = 0x4
+_NLM_F_REPLACE, _NLM_F_EXCL, _NLM_F_CREATE = 0x100, 0x200, 0x400
 _NLM_F_DUMP = 0x300
 _RTM_NEWROUTE, _RTM_GETROUTE = 24, 26
-_RTM_NEWTFILTER, _RTM_GETTFILTER = 44, 46
+_RTM_NEWQDISC = 36
+_RTM_NEWTFILTER, _RTM_DELTFILTER, _RTM_GETTFILTER = 44, 45, 46
 _RTA_DST, _RTA_OIF = 1, 4
 _TCA_KIND, _TCA_OPTIONS = 1, 2
-_TCA_BPF_NAME = 7
+_TCA_BPF_CLASSID, _TCA_BPF_FD, _TCA_BPF_NAME, _TCA_BPF_FLAGS = 3, 6, 7, 8
+_TCA_BPF_FLAG_ACT_DIRECT = 1
+_TC_H_CLSACT = 0xFFFFFFF1  # the clsact qdisc's parent (TC_H_CLSACT == TC_H_INGRESS)
+_CLSACT_HANDLE = 0xFFFF0000
+_ETH_P_ALL = 0x0003
 _NLA_TYPE_MASK = 0x3FFF
 _NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
@@ -130,7 +138,7 @@ def ifindex_alive(ifindex: int, name: str) -> bool:
 CLSACT_EGRESS = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 CLSACT_INGRESS = 0xFFFFFFF2
 TC_PRIO = TC_HANDLE = 0x4D4C  # "ML"
-_TCA_BPF_ID = 11  # pyroute2 0.9 does not decode it
+_TCA_BPF_ID = 11
 
 
 @dataclass(frozen=True)
@@ -181,45 +189,43 @@ def clsact_filters(owner: str, only: dict[int, str] | None = None) -> dict[int, 
     return out
 
 
+def _filter_request(msg_type: int, flags: int, ifindex: int, options: bytes | None) -> None:
+    info = (TC_PRIO << 16) | socket.htons(_ETH_P_ALL)
+    body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, TC_HANDLE, CLSACT_EGRESS, info) + _attr(_TCA_KIND, b"bpf\0")
+    if options is not None:
+        body += _attr(_TCA_OPTIONS, options)
+    _request(msg_type, _NLM_F_ACK | flags, body)
+
+
 def clsact_attach(ifindex: int, prog_fd: int, owner: str) -> None:
     """Put ``prog_fd`` on ``ifindex``'s clsact egress hook, adding the qdisc
     if needed and replacing the program of our filter atomically if one is
-    there.  Raises OSError."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    with IPRoute() as ipr:
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise OSError(e.code, f"adding a clsact qdisc: {os.strerror(e.code)}") from None
-        try:
-            ipr.tc(
-                "replace-filter",
-                "bpf",
-                ifindex,
-                handle=TC_HANDLE,
-                fd=prog_fd,
-                name=owner,
-                parent=CLSACT_EGRESS,
-                prio=TC_PRIO,
-                classid=1,
-                direct_action=True,
-            )
-        except NetlinkError as e:
-            raise OSError(e.code, f"adding the cls_bpf filter: {os.strerror(e.code)}") from None
+    there (one RTM_NEWTFILTER with NLM_F_REPLACE).  Raises OSError."""
+    qdisc = _TCMSG.pack(socket.AF_UNSPEC, ifindex, _CLSACT_HANDLE, _TC_H_CLSACT, 0) + _attr(
+        _TCA_KIND, b"clsact\0"
+    )
+    try:
+        _request(_RTM_NEWQDISC, _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_EXCL, qdisc)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise OSError(e.errno, f"adding a clsact qdisc: {e.strerror}") from None
+    options = (
+        _attr(_TCA_BPF_CLASSID, struct.pack("=I", 1))
+        + _attr(_TCA_BPF_FD, struct.pack("=I", prog_fd))
+        + _attr(_TCA_BPF_NAME, owner.encode() + b"\0")
+        + _attr(_TCA_BPF_FLAGS, struct.pack("=I", _TCA_BPF_FLAG_ACT_DIRECT))
+    )
+    try:
+        _filter_request(_RTM_NEWTFILTER, _NLM_F_CREATE | _NLM_F_REPLACE, ifindex, options)
+    except OSError as e:
+        raise OSError(e.errno, f"adding the cls_bpf filter: {e.strerror}") from None
 
 
 def clsact_detach(ifindex: int) -> None:
     """Remove our filter from ``ifindex`` (gone already is fine).  The clsact
     qdisc stays: other tools may use it, and it goes with the veth."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    with IPRoute() as ipr:
-        try:
-            ipr.tc("del-filter", "bpf", ifindex, handle=TC_HANDLE, parent=CLSACT_EGRESS, prio=TC_PRIO)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
-                raise OSError(e.code, f"removing the cls_bpf filter: {os.strerror(e.code)}") from None
+    try:
+        _filter_request(_RTM_DELTFILTER, 0, ifindex, None)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            raise OSError(e.errno, f"removing the cls_bpf filter: {e.strerror}") from None

@@ -83,6 +83,22 @@ CGROUP_HOOKS = (
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
+# Adding a program or a map.  Everything that needs bcc runs in the loader
+# step (Datapath.load_or_upgrade in `python -m agent.datapath.loadstep`);
+# the agent only adopts the pins, so a new object must be pinned there and
+# found again here:
+# - a map: declare it pinned in the C (BPF_TABLE_PINNED under ML_PIN_DIR)
+#   and add it to abi.MAPS (or abi.RINGBUFS): _adoptable requires its pin,
+#   _open_maps opens it in the agent, an upgrade shares or migrates it
+#   (plan_upgrade); list it in HELD_BY_FD if proxy workers hold it by fd;
+# - a cgroup program: one CgroupHook above (loaded in _load_progs, pinned as
+#   progs/<name>, linked as links/cgroup-<name>, checked by _adoptable,
+#   switched by _swap on upgrade);
+# - any other program (e.g. an sk_skb verdict on a sockhash): load it in
+#   _load_progs, pin it under progs/, attach it in _load and re-point it in
+#   _swap (pinned links where the kernel has them), and add its pins to
+#   _adoptable's list so a datapath without it is reloaded, not adopted.
+
 
 def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     """The cgroup hooks this spec compiles and attaches."""

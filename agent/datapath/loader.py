@@ -20,8 +20,10 @@ stays attached when the agent exits, like the links.  ``tc_attach`` chooses
 (``auto``: tcx when the kernel has it).  A pin set from another
 version of the C (its hash is kept in ml_meta) is torn down and reloaded.
 
-bcc is imported only when programs must be compiled; everything else goes
-through the plain bpf(2) syscall (bpfsys).
+bcc is imported only when programs must be compiled, and only in the
+short-lived loader step (loadstep.py: ``load_or_upgrade`` runs there, in a
+child process that pins and exits), never in the long-running agent, which
+works on the pins through the plain bpf(2) syscall (bpfsys).
 
 Size: about 1,050 lines: the datapath's whole lifecycle (render, load, adopt, upgrade in
 place, strict mode through tcx or clsact, teardown) in one module, because each step must leave
@@ -81,6 +83,22 @@ CGROUP_HOOKS = (
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
+# Adding a program or a map.  Everything that needs bcc runs in the loader
+# step (Datapath.load_or_upgrade in `python -m agent.datapath.loadstep`);
+# the agent only adopts the pins, so a new object must be pinned there and
+# found again here:
+# - a map: declare it pinned in the C (BPF_TABLE_PINNED under ML_PIN_DIR)
+#   and add it to abi.MAPS (or abi.RINGBUFS): _adoptable requires its pin,
+#   _open_maps opens it in the agent, an upgrade shares or migrates it
+#   (plan_upgrade); list it in HELD_BY_FD if proxy workers hold it by fd;
+# - a cgroup program: one CgroupHook above (loaded in _load_progs, pinned as
+#   progs/<name>, linked as links/cgroup-<name>, checked by _adoptable,
+#   switched by _swap on upgrade);
+# - any other program (e.g. an sk_skb verdict on a sockhash): load it in
+#   _load_progs, pin it under progs/, attach it in _load and re-point it in
+#   _swap (pinned links where the kernel has them), and add its pins to
+#   _adoptable's list so a datapath without it is reloaded, not adopted.
+
 
 def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     """The cgroup hooks this spec compiles and attaches."""
@@ -101,6 +119,15 @@ def clsact_owner(pin_dir: str) -> str:
 
 
 _tcx_works: bool | None = None
+
+_compile_allowed = False
+
+
+def allow_compile() -> None:
+    """Let this process import bcc and compile: the loader step calls it
+    (agent/datapath/loadstep.py); the agent never does."""
+    global _compile_allowed
+    _compile_allowed = True
 
 
 def resolve_tc_attach(want: str) -> str:
@@ -213,34 +240,58 @@ class Datapath:
         """Adopt a matching pinned datapath, upgrade a running one built from
         other C in place, or load a fresh one.  Returns 'adopted',
         'upgraded' or 'loaded'.  On failure a datapath that was running
-        keeps running unchanged, and a fresh load leaves nothing attached."""
+        keeps running unchanged, and a fresh load leaves nothing attached.
+
+        Loading and upgrading need bcc, which maps clang/LLVM into the process
+        for good: they run in the short-lived loader step
+        (``python -m agent.datapath.loadstep``), and this process only adopts
+        what the step pinned, through the bpf(2) syscall."""
         os.makedirs(self.spec.pin_dir, exist_ok=True)
         self.tc_mode = resolve_tc_attach(self.spec.tc_attach)
         rendered = render(self.spec)
         if self._adoptable(rendered):
-            self._open_maps()
             self.how = "adopted"
             log.info("adopted pinned datapath in %s", self.spec.pin_dir)
-        elif self._attached():
-            # Another version of the C is running: never take it down first.
-            self._upgrade(rendered)
-            self.how = "upgraded"
         else:
-            if os.listdir(self.spec.pin_dir):
-                # Nothing attached: removing the leftovers opens nothing.  clsact
-                # filters keep the old program (and its maps) until sync_tc swaps
-                # in the new one: strict mode has no gap.
-                log.info("pinned datapath in %s is incomplete and detached; reloading", self.spec.pin_dir)
-                self.teardown(keep_clsact=True)
-                os.makedirs(self.spec.pin_dir, exist_ok=True)
-            try:
-                self._load(rendered)
-            except Exception:
-                self.teardown()
-                raise
-            self.how = "loaded"
+            from . import loadstep
+
+            self.how = loadstep.run(self.spec)
+            if not self._adoptable(rendered):
+                raise DatapathError(
+                    f"the datapath loader step reported {self.how!r} but the pins in "
+                    f"{self.spec.pin_dir} are not a complete, current datapath (was bpf/ changed "
+                    "meanwhile?); run 'meshlet bpf status' and start the agent again"
+                )
+        self._open_maps()
         self.write_config(enabled=True)
         return self.how
+
+    def load_or_upgrade(self) -> str:
+        """The loader step's work (never in the agent's process: it imports
+        bcc): upgrade a running datapath built from other C in place, or
+        load a fresh one over detached leftovers.  Returns 'upgraded',
+        'loaded', or 'adopted' when a current datapath is already pinned."""
+        os.makedirs(self.spec.pin_dir, exist_ok=True)
+        rendered = render(self.spec)
+        if self._adoptable(rendered):
+            return "adopted"
+        if self._attached():
+            # Another version of the C is running: never take it down first.
+            self._upgrade(rendered)
+            return "upgraded"
+        if os.listdir(self.spec.pin_dir):
+            # Nothing attached: removing the leftovers opens nothing.  clsact
+            # filters keep the old program (and its maps) until sync_tc swaps
+            # in the new one: strict mode has no gap.
+            log.info("pinned datapath in %s is incomplete and detached; reloading", self.spec.pin_dir)
+            self.teardown(keep_clsact=True)
+            os.makedirs(self.spec.pin_dir, exist_ok=True)
+        try:
+            self._load(rendered)
+        except Exception:
+            self.teardown()
+            raise
+        return "loaded"
 
     def close(self) -> None:
         for fd in self.maps.values():
@@ -306,7 +357,12 @@ class Datapath:
 
     def _compile(self, rendered: Rendered):
         """bcc's BPF object for ``rendered`` (maps created or reused through
-        their pins); the caller calls ``cleanup()``."""
+        their pins); the caller calls ``cleanup()``.  Only in the loader step."""
+        if not _compile_allowed:
+            raise DatapathError(
+                "internal error: bcc compile requested outside the datapath loader step "
+                "(it would map LLVM into this long-running process for good)"
+            )
         try:
             from bcc import BPF  # heavy (LLVM, ~60 MB): imported only when compiling
         except ImportError as e:

@@ -1,6 +1,6 @@
 """Kernel feature probes for ``meshlet doctor`` (and the fail-fast start of
 ``meshlet run``).  bcc-free on purpose: only the plain bpf(2) wrapper, os and
-ctypes (and netlink, through pyroute2, for clsact), so probing costs
+ctypes (and rtnetlink over a plain socket, for clsact), so probing costs
 milliseconds and no LLVM.
 
 Every probe returns quietly when the feature works and raises ``OSError``

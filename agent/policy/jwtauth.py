@@ -60,10 +60,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from jwt import PyJWK
-from jwt.algorithms import get_default_algorithms
-from jwt.exceptions import PyJWKError
-
 from .model import AuthInfo, JwtRule
 
 __all__ = [
@@ -100,7 +96,15 @@ _OKP_CURVES = frozenset({"Ed25519", "Ed448"})
 _MIN_RSA_BITS = 2048
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _B64URL = re.compile(rb"[A-Za-z0-9_-]*")
-_ALGORITHMS = get_default_algorithms()
+
+
+@functools.cache
+def _algorithms() -> dict[str, Any]:
+    # PyJWT (and the cryptography primitives under it) only once a JWKS is
+    # parsed: a proxy worker without JWT rules never imports it (footprint).
+    from jwt.algorithms import get_default_algorithms
+
+    return get_default_algorithms()
 
 
 class JwksError(ValueError):
@@ -185,6 +189,9 @@ def parse_jwks(text: str | bytes) -> KeySet:
         kid = jwk.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise JwksError(f"keys[{i}].kid must be a string")
+        from jwt import PyJWK
+        from jwt.exceptions import PyJWKError
+
         try:
             key = PyJWK(jwk, algorithm=min(algs)).key
         except (PyJWKError, ValueError, TypeError, KeyError) as e:
@@ -432,7 +439,7 @@ def _verify(header: dict, signing_input: bytes, sig: bytes, keys: KeySet) -> str
     cands = [k for k in cands if alg in k.algorithms]
     if not cands:
         return "Jwks doesn't have key to match kid or alg from Jwt"
-    impl = _ALGORITHMS[alg]  # every alg a key allows is one PyJWT has
+    impl = _algorithms()[alg]  # every alg a key allows is one PyJWT has
     for k in cands:
         try:
             if impl.verify(signing_input, k.key, sig):

@@ -94,9 +94,11 @@ STATUS_RESULT = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Conn:
-    """Book-keeping for one proxied connection (the access-log record)."""
+    """Book-keeping for one proxied connection (the access-log record).
+    Slotted: one per live connection, ~0.6 KB instead of ~1.8 KB with a dict
+    (issue #13); attributes not declared here are an AttributeError."""
 
     direction: str
     client: Endpoint
@@ -142,6 +144,9 @@ class Conn:
     # accepted socket): resolved once the destination is connected.
     ready: asyncio.Future | None = None
     leg_protocol: str = "http/1.1"  # what such a leg carries: "http/1.1" or "h2"
+    # Istio request metrics' label handles, per routed cluster, made on the
+    # first request (stats.Accounting.on_http_response).
+    http_handles: dict | None = None
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result

@@ -29,13 +29,12 @@ import functools
 import logging
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.policy.evaluate import workload_index
 from agent.proxy.admission import Refusal, authorize_connection, decided_by
 from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
-from agent.proxy.h2glue import H2Pool, H2Session
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.jwks import JWKS_FILES
 from agent.proxy.l7 import L7Session, L7Settings, Response, UpstreamPool
@@ -49,6 +48,9 @@ from agent.proxy.upstream import Upstream, first_then
 from agent.traffic.trafficpolicy import Retries, Timeouts, TrafficSettings
 from agent.traffic.upstream_cluster import Cluster
 
+if TYPE_CHECKING:  # h2glue (and the h2 library) only once an HTTP/2 client arrives: footprint
+    from agent.proxy.h2glue import H2Pool
+
 __all__ = ["Destination", "L7_SNIFF_TIMEOUT", "record_decision"]
 
 log = logging.getLogger("meshlet.proxy")
@@ -57,25 +59,33 @@ L7_SNIFF_TIMEOUT = 0.2  # seconds to wait for a client's first bytes before choo
 _PROTOCOLS = {Verdict.HTTP1: "http/1.1", Verdict.HTTP2: "h2"}
 
 
-class _ProxyH2Session(H2Session):
-    """An HTTP/2 session that tells the server when it is over, and counts bytes."""
+@functools.cache
+def _proxy_h2_session() -> type:
+    """The HTTP/2 session class of this side, made on first use: a worker
+    that never sees an HTTP/2 client never imports h2 (~1.5 MB)."""
+    from agent.proxy.h2glue import H2Session
 
-    def __init__(self, *args: Any, done: asyncio.Future, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.done = done
-        self.bytes_in = 0
-        self.relay = None
+    class _ProxyH2Session(H2Session):
+        """An HTTP/2 session that tells the server when it is over, and counts bytes."""
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        super().data_received(data)
+        def __init__(self, *args: Any, done: asyncio.Future, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.done = done
+            self.bytes_in = 0
+            self.relay = None
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        try:
-            super().connection_lost(exc)
-        finally:
-            if not self.done.done():
-                self.done.set_result(None)
+        def data_received(self, data: bytes) -> None:
+            self.bytes_in += len(data)
+            super().data_received(data)
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                if not self.done.done():
+                    self.done.set_result(None)
+
+    return _ProxyH2Session
 
 
 class _ProxySession(L7Session):
@@ -337,6 +347,8 @@ class Destination:
         return self.pool
 
     def _h2_pool(self, state: ProxyState) -> H2Pool:
+        from agent.proxy.h2glue import H2Pool
+
         if self.h2_pool is None:
             self.h2_pool = H2Pool(self._l7_pool(state))
         return self.h2_pool
@@ -364,6 +376,8 @@ class Destination:
     ) -> None:
         """``serve_l7`` for an HTTP/2 client: every stream a request, each
         authorized, balanced, retried and counted on its own."""
+        from agent.proxy.h2glue import H2Pool
+
         self.accounting.http["connections"] += 1
         done = asyncio.get_running_loop().create_future()
         own_pool = None
@@ -381,7 +395,7 @@ class Destination:
                 pool = self._h2_pool(state)
         assert pool is not None
         on_request = functools.partial(self.on_http_request, conn) if conn.l7_authz is not None else None
-        session = _ProxyH2Session(
+        session = _proxy_h2_session()(
             choose,
             pool,
             L7Settings(buffer_size=state.buffer_size),

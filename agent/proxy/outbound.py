@@ -30,7 +30,7 @@ import functools
 import logging
 import socket
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
@@ -45,7 +45,6 @@ from agent.proxy.conn import (
     set_ready,
 )
 from agent.proxy.destination import Destination
-from agent.proxy.h2glue import H2Pool
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.l7 import Response, UpstreamPool
 from agent.proxy.relay import Endpoint, Relay
@@ -70,6 +69,9 @@ from agent.traffic.outcome import status as _status
 from agent.traffic.upstream_cluster import Cluster
 
 __all__ = ["Outbound", "FlowSource"]
+
+if TYPE_CHECKING:  # h2glue (and the h2 library) only once an HTTP/2 client arrives: footprint
+    from agent.proxy.h2glue import H2Pool
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -496,6 +498,8 @@ class Outbound:
     def _source_h2_pool(self, state: ProxyState, src_key: str, src_ip: str) -> H2Pool:
         """HTTP/2 legs of one source pod to its services' endpoints (each leg
         one connection carrying many streams)."""
+        from agent.proxy.h2glue import H2Pool
+
         pool = self._src_h2_pools.get(src_key)
         if pool is None:
             base = UpstreamPool(

@@ -164,9 +164,9 @@ class Accounting:
         self.latencies.append(round(ms, 3))
         # Istio request metrics: the label ids are made once per connection
         # (and routed service), kept on the connection record.
-        handles = conn.__dict__.get("_http_handles")
+        handles = conn.http_handles
         if handles is None:
-            handles = conn.__dict__["_http_handles"] = {}
+            handles = conn.http_handles = {}
         cluster = exchange.cluster
         hd = handles.get(cluster)
         if hd is None:

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from tests.support.privileged import (
-    TOOLS, gateway, ip_of, probe, require_privileged, running_mesh, wait_for,
+    TOOLS, agent_llvm, gateway, ip_of, probe, require_privileged, running_mesh, wait_for,
 )
 
 require_privileged()
@@ -294,6 +294,8 @@ def test_upgrade_with_changed_ebpf_code_has_no_window(tmp_path, monkeypatch):
         load = Load(mesh, "pod1-1", ip_of(mesh, "pod2-1"), str(tmp_path))
         try:
             load.wait_more(20, "load before the upgrade")
+            # Loaded, upgraded, adopted: bcc's LLVM stays in the loader step (#13).
+            assert agent_llvm(mesh, "node1") == []
             assert mesh.stop_agent("node1", signal.SIGTERM) == 0
             before = pinned(mesh, "node1")
 
@@ -322,6 +324,7 @@ def test_upgrade_with_changed_ebpf_code_has_no_window(tmp_path, monkeypatch):
                            "/* next version */\nint ml_connect4(struct bpf_sock_addr *ctx)\n{")}))
             mesh.start_agent("node1")
             assert mesh.status("node1")["datapath"]["how"] == "upgraded"
+            assert agent_llvm(mesh, "node1") == []
             load.wait_more(100, "load after the upgrade")
             after = pinned(mesh, "node1")
         finally:
@@ -348,3 +351,4 @@ def test_upgrade_with_changed_ebpf_code_has_no_window(tmp_path, monkeypatch):
         assert mesh.stop_agent("node1", signal.SIGTERM) == 0
         mesh.start_agent("node1")
         assert mesh.status("node1")["datapath"]["how"] == "adopted"
+        assert agent_llvm(mesh, "node1") == []

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -56,6 +56,33 @@ def wait_for(pred, what: str, timeout: float = 30.0, interval: float = 0.1):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+#: Shared objects that mean LLVM is in a process (bcc's libbcc embeds it).
+LLVM_LIBS = ("libbcc", "libllvm", "libclang")
+
+
+def llvm_mappings(pid: int) -> list[str]:
+    """Files mapped by ``pid`` that carry LLVM (libbcc, libLLVM, libclang*):
+    the long-running agent must map none (the loader step carries them)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            path = parts[5].strip() if len(parts) == 6 else ""
+            if any(lib in os.path.basename(path).lower() for lib in LLVM_LIBS):
+                found.add(path)
+    return sorted(found)
+
+
+def agent_llvm(mesh, node: str) -> list[str]:
+    """:func:`llvm_mappings` of ``node``'s running agent (the exec wrapper
+    keeps its pid, so the Popen's pid is the agent itself)."""
+    p = mesh.agents[node].popen
+    assert p is not None and p.poll() is None, f"no agent running on {node}"
+    with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+        assert b"agent.cli" in f.read().split(b"\0"), f"pid {p.pid} is not {node}'s agent"
+    return llvm_mappings(p.pid)
 
 
 def start_servers(cluster, servers=(("serve", 7000), ("echo", 7001)), max_seconds: int = 900):

@@ -41,8 +41,12 @@ def contract_ids() -> dict[str, str]:
 # agent module: contracts are transitive unless they say otherwise.
 VIOLATIONS = {
     "datapath-only": [
-        ("proxy/sniff.py", "import pyroute2"),
+        ("proxy/sniff.py", "import bcc"),
         ("policy/model.py", "from bcc import BPF"),
+    ],
+    "no-pyroute2": [
+        ("datapath/netlink.py", "from pyroute2 import IPRoute"),
+        ("proxy/sniff.py", "import pyroute2"),
     ],
     "otel-in-spans": [
         ("proxy/tracing.py", "import opentelemetry.trace"),

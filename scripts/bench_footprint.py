@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The node's memory footprint: the agent and each proxy worker, RSS and PSS
+(from /proc/<pid>/smaps_rollup), with a given number of enrolled pods.
+
+For each pod count it brings up a one-node simulated cluster (agent.sim:
+netns + veth + cgroups, torn down afterwards), starts meshlet on it with
+``--workers`` proxy workers, waits until every worker answers, then reads the
+agent's and the workers' memory, and whether the agent maps bcc's LLVM
+(libbcc, libLLVM, libclang: it must not, the loader step carries them).
+
+    sudo .venv/bin/python scripts/bench_footprint.py --pods 2,100 --workers 2 --out footprint.json
+
+RSS counts every shared page in full in each process; PSS divides shared
+pages between the processes that map them, so the PSS of the agent plus the
+workers is what the node really pays.  Memory, not time: nothing here is
+timed.  Run as root (the simulated cluster needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: Shared objects that mean LLVM is in a process (bcc's libbcc embeds it).
+LLVM_LIBS = ("libbcc", "libllvm", "libclang")
+
+
+def smaps_rollup_kb(pid: int) -> dict[str, int]:
+    """{'rss': KiB, 'pss': KiB} of ``pid`` from /proc/<pid>/smaps_rollup."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                out[key.lower()] = int(rest.split()[0])
+    return out
+
+
+def llvm_mappings(pid: int) -> list[str]:
+    """The files mapped by ``pid`` whose name says LLVM (bcc, llvm, clang)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            path = parts[5].strip() if len(parts) == 6 else ""
+            if any(lib in os.path.basename(path).lower() for lib in LLVM_LIBS):
+                found.add(path)
+    return sorted(found)
+
+
+def top_mappings(pid: int, n: int = 12) -> list[tuple[str, int]]:
+    """The ``n`` biggest contributors to ``pid``'s RSS, KiB: each file mapped
+    (its segments summed) and ``[anon]`` for anonymous memory (the heap,
+    Python's arenas, thread stacks)."""
+    sizes: dict[str, int] = {}
+    name = "?"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                parts = line.split(None, 5)
+                name = parts[5].strip() if len(parts) == 6 else "[anon]"
+                if name.startswith("[") and name not in ("[heap]", "[stack]"):
+                    name = "[anon]" if name.startswith("[anon") else name
+            elif first == "Rss:":
+                sizes[name] = sizes.get(name, 0) + int(line.split()[1])
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
+
+
+def agent_pid(root: int) -> int:
+    """The agent process: ``root`` or the first descendant running ``agent.cli run``
+    (the node's exec wrapper may sit above it)."""
+    todo = [root]
+    while todo:
+        p = todo.pop(0)
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"agent.cli" in argv and b"run" in argv:
+                return p
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    raise RuntimeError(f"no agent process under pid {root}")
+
+
+def measure(pods: int, workers: int, settle: float) -> dict:
+    """Bring up one node with ``pods`` pods and meshlet, measure, tear down."""
+    from agent.sim import Cluster
+    from agent.sim.mesh import Mesh
+
+    cluster = Cluster(nodes=1, pods_per_node=pods, ipv6=False)
+    with cluster:
+        mesh = Mesh(cluster, workers=workers, log_level="warning")
+        try:
+            mesh.start(timeout=300)
+            st = mesh.status("node1")
+            enrolled = st.get("datapath", {}).get("enrolled", st.get("enrolled"))
+            time.sleep(settle)  # memory, not time: let start-up garbage go first
+            popen = mesh.agents["node1"].popen
+            assert popen is not None
+            apid = agent_pid(popen.pid)
+            agent = smaps_rollup_kb(apid)
+            agent["llvm"] = llvm_mappings(apid)  # type: ignore[assignment]
+            wpids = mesh.proxy_pids("node1")
+            procs = [smaps_rollup_kb(p) for p in wpids]
+            detail = {"agent": top_mappings(apid), "proxy worker 0": top_mappings(wpids[0]) if wpids else []}
+        finally:
+            mesh.down()
+    return {
+        "pods": pods,
+        "enrolled": enrolled,
+        "workers": workers,
+        "agent": agent,
+        "proxy_workers": procs,
+        "node_rss_kb": agent["rss"] + sum(p["rss"] for p in procs),
+        "node_pss_kb": agent["pss"] + sum(p["pss"] for p in procs),
+        "top_mappings_kb": detail,
+    }
+
+
+def mb(kb: int) -> str:
+    return f"{kb / 1024:.1f}"
+
+
+def print_detail(rows: list[dict]) -> None:
+    for r in rows:
+        for who, top in r["top_mappings_kb"].items():
+            print(f"{r['pods']} pods, {who}: biggest parts of RSS")
+            for name, kb in top:
+                print(f"    {mb(kb):>7} MB  {name}")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'pods':>5} {'what':<16} {'RSS MB':>8} {'PSS MB':>8}")
+    for r in rows:
+        print(f"{r['pods']:>5} {'agent':<16} {mb(r['agent']['rss']):>8} {mb(r['agent']['pss']):>8}")
+        for i, w in enumerate(r["proxy_workers"]):
+            print(f"{r['pods']:>5} {f'proxy worker {i}':<16} {mb(w['rss']):>8} {mb(w['pss']):>8}")
+        print(f"{r['pods']:>5} {'node total':<16} {mb(r['node_rss_kb']):>8} {mb(r['node_pss_kb']):>8}")
+        if r["agent"]["llvm"]:
+            print(f"      the agent maps LLVM: {', '.join(r['agent']['llvm'])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pods", default="2,100", help="comma-separated pod counts (default 2,100)")
+    ap.add_argument("--workers", type=int, default=2, help="proxy workers (default 2)")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading memory")
+    ap.add_argument("--out", help="write the rows as JSON here too")
+    ap.add_argument("--detail", action="store_true", help="also print the biggest mappings of each process")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_footprint: run as root (the simulated cluster needs it)", file=sys.stderr)
+        return 2
+    try:
+        counts = [int(c) for c in args.pods.split(",") if c.strip()]
+    except ValueError:
+        print(f"bench_footprint: --pods {args.pods!r}: expected numbers like 2,100", file=sys.stderr)
+        return 2
+    rows = [measure(n, args.workers, args.settle) for n in counts]
+    print_table(rows)
+    if args.detail:
+        print_detail(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

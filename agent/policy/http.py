@@ -465,9 +465,14 @@ def normalize_host(host: str | bytes, scheme_default_port: int = 80) -> str:
         else:
             rest = ":" + port
         name = name.lower()
+        # Empty labels are refused before the one trailing dot (the root) is
+        # dropped: "a.." or ".." would otherwise turn into "a." or ".", which
+        # normalize to something else again.
+        if ".." in name or name.startswith("."):
+            raise HttpError(400, f"invalid host name in Host: {host[:64]!r}")
         if name.endswith("."):
             name = name[:-1]
-        if not name or not _REG_NAME.fullmatch(name) or ".." in name:
+        if not name or not _REG_NAME.fullmatch(name):
             raise HttpError(400, f"invalid host name in Host: {host[:64]!r}")
     if rest:
         if not rest.startswith(":"):

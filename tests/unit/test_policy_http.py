@@ -289,7 +289,7 @@ def test_normalize_host(raw, default_port, want):
 
 
 @pytest.mark.parametrize("raw", ["", "a b", "user@host", "a:b:c", "host:99999", "host:x",
-                                 "[fd00::1", "[nope]", "[fd00::1]x", "h\x00", ".", "a..b", "é.com",
+                                 "[fd00::1", "[nope]", "[fd00::1]x", "h\x00", ".", "..", "a..", ".a", "a..b", "é.com",
                                  "host/path", "[fe80::1%eth0]"])
 def test_normalize_host_refuses(raw):
     with pytest.raises(HttpError) as ei:

@@ -28,11 +28,14 @@ direct, and for the proxies the CPU time their process used per request
 not a test: compare ratios within one run.
 
     .venv/bin/python scripts/bench_l7.py [--duration 5] [--connections 32] [--json FILE]
-                                         [--paths l7,l7-policy] [--profile DIR]
+                                         [--paths l7,l7-policy] [--profile DIR] [--python-only]
 
 ``--profile DIR`` runs each L7 server under cProfile and writes
 ``DIR/<path>.prof`` (read with ``python -m pstats``); its numbers are then
 inflated by the profiler, so compare CPU µs/request without it.
+``--python-only`` measures the L7 session's own Python work per request
+(no sockets: transports that count bytes, upstream connections pooled
+already), the steadiest number on a shared machine.
 
 Importable: ``run(duration, connections) -> dict``. Everything it starts is
 stopped (process groups) and its temp directory removed, also on errors.
@@ -230,6 +233,100 @@ def _serve_l7(listen: int, upstreams: list[int], kind: str, seconds: float, prof
 
 
 # ---------------------------------------------------------------------------
+# the Python cost alone: no sockets, no kernel, no load generator
+
+_REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"  # what wrk sends
+_RESP = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 21:00:00 GMT\r\n"
+         b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")  # nginx's
+
+
+class _NullTransport:
+    """Just enough of an asyncio transport for the L7 session: writes are counted."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, pieces) -> None:
+        for d in pieces:
+            self.written += len(d)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+
+def python_cost(kind: str, requests: int = 20000, rounds: int = 5) -> float:
+    """CPU µs per request of the L7 session's own Python work for ``kind``
+    (``l7``, ``l7-lb-retries``, ``l7-policy``): one keep-alive client, the
+    upstream connections already pooled, transports that only count bytes.
+    The least of ``rounds`` rounds (the others were disturbed)."""
+
+    import uvloop
+
+    sys.path.insert(0, ROOT)
+    from agent.proxy import l7
+    from agent.proxy.pool import _Upstream
+    from agent.traffic.trafficpolicy import Retries, TrafficSettings
+    from agent.traffic.upstream_cluster import Cluster
+
+    targets = [("127.0.0.1", 8081), ("127.0.0.1", 8082)]
+    if kind == "l7-lb-retries":
+        cluster = Cluster("bench/upstream:80", targets, TrafficSettings())
+    else:
+        cluster = Cluster.single(targets[0], TrafficSettings(retries=Retries(attempts=0)))
+    on_request = _policy_hook()() if kind == "l7-policy" else None
+
+    async def main() -> float:
+        pool = l7.UpstreamPool()
+        for t in cluster.targets:
+            up = _Upstream(pool, t)
+            up.connection_made(_NullTransport())
+            pool.release(up)
+        session = l7.L7Session(lambda head: cluster, pool, on_request=on_request,
+                               on_response=lambda *a: None)
+        client = _NullTransport()
+        session.connection_made(client)
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for _ in range(requests):
+                session.data_received(_REQ)
+                up = session._up
+                up.data_received(_RESP)
+            best = min(best, time.process_time() - t0)
+            if session._up is not None or client.closing:
+                raise RuntimeError(f"{kind}: the session did not finish its requests")
+        if client.written < len(b"HTTP/1.1 200 OK\r\n\r\nok\n") * requests * rounds:
+            raise RuntimeError(f"{kind}: responses were not written ({client.written} bytes)")
+        return best / requests * 1e6
+
+    return uvloop.run(main())
+
+
+# ---------------------------------------------------------------------------
 # the driver
 
 def _free_port() -> int:
@@ -390,11 +487,18 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     ap.add_argument("--profile", metavar="DIR",
                     help="run the L7 servers under cProfile, stats in DIR/<path>.prof")
+    ap.add_argument("--python-only", action="store_true",
+                    help="measure only the L7 session's Python CPU per request, without sockets")
     a = ap.parse_args()
     paths = tuple(a.paths.split(","))
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         ap.error(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
+    if a.python_only:
+        for name in paths:
+            if name.startswith("l7"):
+                print(f"{name:15} {python_cost(name):6.1f} us/request of Python (no sockets)")
+        return 0
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
     res = run(a.duration, a.connections, paths, a.profile)

@@ -11,7 +11,13 @@ upstream, each proxy in a process of its own (one core each, as a worker):
                    one endpoint, retries off
     l7-lb-retries  the same with a two-endpoint cluster (P2C) and the
                    default retry policy (attempts 2, budget), when the L7
-                   session speaks clusters (agent.traffic.upstream_cluster)
+                   session speaks clusters (agent.traffic.upstream_cluster):
+                   the source side of a service VIP
+    l7-policy      ``l7`` with the destination side's per-request
+                   authorization: an ALLOW rule with HTTP fields (so the
+                   connection is not allowed as TCP and every request is
+                   evaluated, ``agent.proxy.l7authz``) and a DENY rule, as
+                   ``Destination.on_http_request`` runs them
 
 The upstream is **nginx** (Debian package) with a temporary config on
 127.0.0.1, one worker, ``return 200`` of a 3-byte body, keep-alive without
@@ -22,6 +28,14 @@ direct, and for the proxies the CPU time their process used per request
 not a test: compare ratios within one run.
 
     .venv/bin/python scripts/bench_l7.py [--duration 5] [--connections 32] [--json FILE]
+                                         [--paths l7,l7-policy] [--profile DIR] [--python-only]
+
+``--profile DIR`` runs each L7 server under cProfile and writes
+``DIR/<path>.prof`` (read with ``python -m pstats``); its numbers are then
+inflated by the profiler, so compare CPU µs/request without it.
+``--python-only`` measures the L7 session's own Python work per request
+(no sockets: transports that count bytes, upstream connections pooled
+already), the steadiest number on a shared machine.
 
 Importable: ``run(duration, connections) -> dict``. Everything it starts is
 stopped (process groups) and its temp directory removed, also on errors.
@@ -44,7 +58,30 @@ from benchtools import parse_wrk, write_nginx_conf  # scripts/, next to this fil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PATHS = ("direct", "relay-l4", "l7", "l7-lb-retries")
+PATHS = ("direct", "relay-l4", "l7", "l7-lb-retries", "l7-policy")
+
+#: The destination's policies for ``l7-policy``: the client's identity and
+#: the ALLOW rule's HTTP fields make every request go through evaluation.
+POLICY = """
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-api, namespace: bench}
+spec:
+  selector: {matchLabels: {app: upstream}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/bench/sa/client"]}}]
+    to: [{operation: {methods: [GET, HEAD], paths: ["/", "/api/*"]}}]
+---
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: bench}
+spec:
+  selector: {matchLabels: {app: upstream}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin", "/admin/*"]}}]}]
+"""
+
 
 
 # ---------------------------------------------------------------------------
@@ -58,7 +95,7 @@ def _serve_relay(listen: int, upstream: int, seconds: float) -> None:
     up_addr = ("127.0.0.1", upstream)
 
     class Up(asyncio.Protocol):
-        def __init__(self, down: "Down") -> None:
+        def __init__(self, down: Down) -> None:
             self.down = down
 
         def connection_made(self, t) -> None:
@@ -105,7 +142,33 @@ def _serve_relay(listen: int, upstream: int, seconds: float) -> None:
     uvloop.run(main())
 
 
-def _serve_l7(listen: int, upstreams: list[int], lb: bool, seconds: float) -> None:
+def _policy_hook():
+    """``on_request`` as the destination side runs it (``Destination.on_http_request``,
+    without its logging and counters): one authorizer per connection."""
+    from agent.policy.evaluate import Decision
+    from agent.policy.load import parse_policies
+    from agent.proxy.l7 import Response
+    from agent.proxy.l7authz import DENIED_BODY, RequestAuthorizer
+
+    ps = parse_policies(POLICY, "bench-policy.yaml")
+
+    def new_hook():
+        az = RequestAuthorizer(lambda: ps, identity="spiffe://cluster.local/ns/bench/sa/client",
+                               src_ip="10.0.0.9", namespace="bench", labels={"app": "upstream"},
+                               port=80, tcp_allowed=False)
+
+        def on_request(head):
+            d = az.decide(head.method, head.path.path, head.host, head.headers, head.path.query)
+            if d is None or (type(d) is Decision and d.allowed):
+                return None
+            return Response(403, DENIED_BODY, [(b"Content-Type", b"text/plain")])
+
+        return on_request
+
+    return new_hook
+
+
+def _serve_l7(listen: int, upstreams: list[int], kind: str, seconds: float, profile: str | None) -> None:
     import asyncio
 
     import uvloop
@@ -114,10 +177,11 @@ def _serve_l7(listen: int, upstreams: list[int], lb: bool, seconds: float) -> No
     from agent.proxy import l7
 
     targets = [("127.0.0.1", p) for p in upstreams]
+    lb = kind == "l7-lb"
     try:
         from agent.traffic.upstream_cluster import Cluster  # the L7 session speaks clusters
     except ImportError:  # older session: the chooser returns an address
-        Cluster = None  # type: ignore[assignment]  # noqa: N806
+        Cluster = None  # type: ignore[assignment]
 
     if Cluster is not None and hasattr(Cluster, "single"):
         from agent.traffic.trafficpolicy import Retries, TrafficSettings
@@ -138,12 +202,128 @@ def _serve_l7(listen: int, upstreams: list[int], lb: bool, seconds: float) -> No
 
     async def main() -> None:
         pool = l7.UpstreamPool()
-        factory = l7.session_factory(choose, pool, on_response=lambda *a: None)
+        if kind == "l7-policy":
+            new_hook = _policy_hook()
+
+            def factory():
+                return l7.L7Session(choose, pool, on_request=new_hook(), on_response=lambda *a: None)
+        else:
+            factory = l7.session_factory(choose, pool, on_response=lambda *a: None)
         srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", listen)
         async with srv:
             await asyncio.sleep(seconds)
 
+    if profile is None:
+        uvloop.run(main())
+        return
+    import cProfile
+    import signal as _signal
+
+    prof = cProfile.Profile(time.process_time)  # CPU, not wall time: the machine may be busy
+
+    def _dump(*_a) -> None:
+        prof.disable()
+        prof.dump_stats(profile)
+        os._exit(0)
+
+    _signal.signal(_signal.SIGTERM, _dump)  # the driver stops servers with SIGTERM
+    prof.enable()
     uvloop.run(main())
+    _dump()
+
+
+# ---------------------------------------------------------------------------
+# the Python cost alone: no sockets, no kernel, no load generator
+
+_REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"  # what wrk sends
+_RESP = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 21:00:00 GMT\r\n"
+         b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n")  # nginx's
+
+
+class _NullTransport:
+    """Just enough of an asyncio transport for the L7 session: writes are counted."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, pieces) -> None:
+        for d in pieces:
+            self.written += len(d)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+
+def python_cost(kind: str, requests: int = 20000, rounds: int = 5) -> float:
+    """CPU µs per request of the L7 session's own Python work for ``kind``
+    (``l7``, ``l7-lb-retries``, ``l7-policy``): one keep-alive client, the
+    upstream connections already pooled, transports that only count bytes.
+    The least of ``rounds`` rounds (the others were disturbed)."""
+
+    import uvloop
+
+    sys.path.insert(0, ROOT)
+    from agent.proxy import l7
+    from agent.proxy.pool import _Upstream
+    from agent.traffic.trafficpolicy import Retries, TrafficSettings
+    from agent.traffic.upstream_cluster import Cluster
+
+    targets = [("127.0.0.1", 8081), ("127.0.0.1", 8082)]
+    if kind == "l7-lb-retries":
+        cluster = Cluster("bench/upstream:80", targets, TrafficSettings())
+    else:
+        cluster = Cluster.single(targets[0], TrafficSettings(retries=Retries(attempts=0)))
+    on_request = _policy_hook()() if kind == "l7-policy" else None
+
+    async def main() -> float:
+        pool = l7.UpstreamPool()
+        for t in cluster.targets:
+            up = _Upstream(pool, t)
+            up.connection_made(_NullTransport())
+            pool.release(up)
+        session = l7.L7Session(lambda head: cluster, pool, on_request=on_request,
+                               on_response=lambda *a: None)
+        client = _NullTransport()
+        session.connection_made(client)
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for _ in range(requests):
+                session.data_received(_REQ)
+                up = session._up
+                up.data_received(_RESP)
+            best = min(best, time.process_time() - t0)
+            if session._up is not None or client.closing:
+                raise RuntimeError(f"{kind}: the session did not finish its requests")
+        if client.written < len(b"HTTP/1.1 200 OK\r\n\r\nok\n") * requests * rounds:
+            raise RuntimeError(f"{kind}: responses were not written ({client.written} bytes)")
+        return best / requests * 1e6
+
+    return uvloop.run(main())
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +396,8 @@ def _has_clusters() -> bool:
     return os.path.exists(os.path.join(ROOT, "agent", "traffic", "upstream_cluster.py"))
 
 
-def run(duration: float, connections: int) -> dict:
+def run(duration: float, connections: int, paths: tuple[str, ...] = PATHS,
+        profile: str | None = None) -> dict:
     """Measure every path once; returns {"upstream", "wrk", "paths": {name: result}}.
 
     A result has rps, p50_ms, p99_ms, errors and ratio (rps / direct rps)."""
@@ -244,8 +425,9 @@ def run(duration: float, connections: int) -> dict:
             "relay-l4": ["--serve", "relay", str(up1)],
             "l7": ["--serve", "l7", str(up1)],
             "l7-lb-retries": ["--serve", "l7-lb", f"{up1},{up2}"],
+            "l7-policy": ["--serve", "l7-policy", str(up1)],
         }
-        for name in PATHS:
+        for name in paths:
             if name == "direct":
                 port = up1
             else:
@@ -253,8 +435,10 @@ def run(duration: float, connections: int) -> dict:
                     results[name] = {"skipped": "the L7 session has no clusters yet"}
                     continue
                 port = _free_port()
-                proc = _start([py, me, *servers[name][:2], str(port), servers[name][2], str(lifetime)],
-                              os.path.join(tmp, f"{name}.log"))
+                argv = [py, me, *servers[name][:2], str(port), servers[name][2], str(lifetime)]
+                if profile is not None and name != "relay-l4":
+                    argv.append(os.path.join(os.path.abspath(profile), f"{name}.prof"))
+                proc = _start(argv, os.path.join(tmp, f"{name}.log"))
                 procs.append(proc)
                 _wait_port(port, proc)
             _wrk(port, 1, connections)  # warm up: pools filled, code paths hot
@@ -290,17 +474,34 @@ def _fmt(v, spec: str) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         kind, listen, ups, seconds = sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+        prof = sys.argv[6] if len(sys.argv) > 6 else None
         if kind == "relay":
             _serve_relay(listen, int(ups), seconds)
         else:
-            _serve_l7(listen, [int(p) for p in ups.split(",")], kind == "l7-lb", seconds)
+            _serve_l7(listen, [int(p) for p in ups.split(",")], kind, seconds, prof)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5, help="seconds per path (wrk -d)")
     ap.add_argument("--connections", type=int, default=32, help="wrk connections")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run the L7 servers under cProfile, stats in DIR/<path>.prof")
+    ap.add_argument("--python-only", action="store_true",
+                    help="measure only the L7 session's Python CPU per request, without sockets")
     a = ap.parse_args()
-    res = run(a.duration, a.connections)
+    paths = tuple(a.paths.split(","))
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        ap.error(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
+    if a.python_only:
+        for name in paths:
+            if name.startswith("l7"):
+                print(f"{name:15} {python_cost(name):6.1f} us/request of Python (no sockets)")
+        return 0
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+    res = run(a.duration, a.connections, paths, a.profile)
     print(f"meshlet L7 benchmark: wrk {res['wrk']}, upstream {res['upstream']}")
     print(f"{'path':15} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x direct':>9} {'cpu us/req':>10}  errors")
     for name, r in res["paths"].items():

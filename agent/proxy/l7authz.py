@@ -19,6 +19,14 @@ The policy set can change while a keep-alive connection lives; the
 authorizer notices (by version) and re-derives its fast path, so the next
 request is decided by the policy in force.
 
+Evaluated requests are remembered per connection, keyed by (method, path,
+Host as sent), while that is all a decision can depend on: the connection's
+own attributes are fixed, and no applying rule reads a request header
+(``when: request.headers[...]``) and no JWT rule applies (so there is no
+``request.auth``).  The memo belongs to one policy set object: any other set
+(a reload) empties it before the next request is decided.  A keep-alive
+client mostly repeats a few paths, so most of its requests skip evaluation.
+
 A denied request gets ``403`` with ``RBAC: access denied`` (the words
 Envoy-based meshes use, so existing client handling recognizes it) and the
 connection stays open.  A request whose Host cannot be normalized was
@@ -39,8 +47,9 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
 from agent.policy.evaluate import Decision, Request, evaluate, workload_index
@@ -55,11 +64,14 @@ from agent.policy.jwtauth import (
     cached_jwks,
     www_authenticate,
 )
-from agent.policy.model import JwtRule, PolicySet
+from agent.policy.model import ConditionKey, JwtRule, PolicySet
 
 __all__ = ["DENIED_BODY", "Denial", "RequestAuthorizer"]
 
 DENIED_BODY = b"RBAC: access denied"
+
+#: Decisions one connection remembers (module docstring); emptied when full.
+DECISION_MEMO_SIZE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,9 @@ class Denial:
     decision: Decision | None = None  # None: refused before policy (bad Host, bad token)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     """Headers of the refusal (401: ``WWW-Authenticate``)."""
+
+
+_NO_HEADERS: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
 
 class RequestAuthorizer:
@@ -108,6 +123,9 @@ class RequestAuthorizer:
         self._version: str | None = None
         self._base: Request | None = None  # the connection as a Request (HTTP fields added per request)
         self._needed = True
+        self._memo: dict[tuple[bytes, str, bytes | None], Decision] | None = None
+        """(method, path, raw Host) -> decision, under ``self._memo_set``; None: not memoizable."""
+        self._memo_set: PolicySet | None = None
         self.principal = None
         if identity:
             try:
@@ -124,7 +142,13 @@ class RequestAuthorizer:
     def _refresh(self, ps: PolicySet) -> None:
         """Whether requests must be evaluated under this policy set."""
         self._version = ps.version
-        self._jwt = workload_index(ps, self.namespace, self.labels).jwt_rules
+        wi = workload_index(ps, self.namespace, self.labels)
+        self._jwt = wi.jwt_rules
+        self._memo_set = ps
+        headers_read = any(
+            c.key is ConditionKey.REQUEST_HEADER for p in wi.policies for r in p.rules for c in r.conditions
+        )
+        self._memo = None if self._jwt or headers_read else {}
         if not self.tcp_allowed:
             self._needed = True
             return
@@ -167,7 +191,7 @@ class RequestAuthorizer:
         (default: the clock).  Afterwards :attr:`authn` says what to change
         in the forwarded request."""
         ps = self._policies()
-        if ps.version != self._version:
+        if ps.version != self._version or ps is not self._memo_set:
             self._refresh(ps)
         auth = None
         if self._jwt:
@@ -186,6 +210,11 @@ class RequestAuthorizer:
             self.authn = NO_TOKEN
         if not self._needed:
             return None
+        memo = self._memo
+        if memo is not None:
+            d = memo.get((method, path, host))
+            if d is not None:
+                return d
         try:
             norm_host = normalize_host(host) if host is not None else None
         except HttpError as e:
@@ -199,6 +228,13 @@ class RequestAuthorizer:
                 source_principal=self.principal,
                 source_ip=self.ip,
             )
-        return evaluate(
-            ps, base.with_http(method.decode("latin-1"), path, norm_host, header_multimap(headers), auth)
-        )
+        if memo is None:
+            return evaluate(
+                ps, base.with_http(method.decode("latin-1"), path, norm_host, header_multimap(headers), auth)
+            )
+        # no rule reads headers: an empty map decides the same (and costs nothing)
+        d = evaluate(ps, base.with_http(method.decode("latin-1"), path, norm_host, _NO_HEADERS, None))
+        if len(memo) >= DECISION_MEMO_SIZE:
+            memo.clear()
+        memo[(method, path, host)] = d
+        return d

@@ -166,3 +166,49 @@ def test_an_unusable_host_is_refused_not_evaluated():
     az = authorizer(cur)
     d = get(az, "/api", host=b"bad host")
     assert isinstance(d, Denial) and d.status == 400
+
+
+# ---- the per-connection memo of decisions (method, path, Host)
+
+def test_a_repeated_request_reuses_its_decision_and_a_reload_still_applies_to_the_next():
+    cur = Current(policies(ALLOW_GET_API))
+    az = authorizer(cur)
+    first = get(az, "/api/x")
+    assert first.allowed and get(az, "/api/x") is first  # remembered
+    assert not get(az, "/api/x", method=b"POST").allowed  # the key has the method...
+    assert not get(az, "/api/x", host=b"backend.shop:8080").allowed  # ...and the Host as sent
+    assert get(az, "/api/x", host=b"BACKEND.shop:80").allowed
+    # a reload to a set with the same version string: a different set, decided anew
+    cur.ps = PolicySet(policies=policies(DENY_ADMIN + "---" + ALLOW_GET_API.replace("GET", "POST")).policies,
+                       version=cur.ps.version)
+    d = get(az, "/api/x")
+    assert d is not first and not d.allowed
+    assert get(az, "/api/x", method=b"POST").allowed
+
+
+def test_rules_that_read_headers_or_tokens_are_never_remembered():
+    cur = Current(policies(ALLOW_GET_API + """---
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-debug, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-debug]", values: ["1"]}]}]
+"""))
+    az = authorizer(cur)
+    host = (b"Host", b"backend.shop")
+    assert get(az, "/api/x", headers=[host]).allowed
+    assert not get(az, "/api/x", headers=[host, (b"X-Debug", b"1")]).allowed
+    assert get(az, "/api/x", headers=[host]).allowed
+    assert az._memo is None
+
+
+def test_the_memo_is_bounded():
+    from agent.proxy.l7authz import DECISION_MEMO_SIZE
+
+    cur = Current(policies(ALLOW_GET_API))
+    az = authorizer(cur)
+    for i in range(DECISION_MEMO_SIZE + 10):
+        assert get(az, f"/api/{i}").allowed
+    assert az._memo is not None and len(az._memo) <= DECISION_MEMO_SIZE

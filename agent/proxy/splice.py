@@ -1,0 +1,238 @@
+"""Same-node kernel fast path: splice an L4 relay's two sockets in the kernel.
+
+Once the proxy has decided a plaintext connection between two pods of this
+node (policy passed, no L7), ``Splicer.splice`` puts the relay's two TCP
+sockets in the agent's pinned SOCKHASH (bpf/splice.c): from then on the
+kernel sends each socket's incoming bytes out of the other, and the proxy
+only watches the sockets for EOF and errors.  The proxy keeps owning the
+connection: it stays in the live table, a policy reload that denies it still
+resets it, and closing the sockets takes them out of the SOCKHASH.
+
+What makes it exact:
+
+- Order at the switch: the relay must have nothing left in its write
+  buffers (else it is not spliced, it stays in userspace).  Bytes already in
+  a socket's receive queue are not read by the proxy: both sockets' receive
+  low-water marks are raised before the insert, so arriving bytes wait in
+  the queue instead of waking the verdict halfway through it, and lowered
+  after it, which makes the kernel run the verdict over everything queued,
+  in order, before anything newer.
+- Half-close: a redirected skb is sent by a kernel worker a little later,
+  so on EOF from one side the proxy waits until the other socket has
+  accepted every byte redirected to it (its write sequence, from TCP_INFO's
+  bytes_acked plus SIOCOUTQ, advanced by the redirected count) before it
+  shuts that socket's sending side.  Closing a socket whose redirected bytes
+  are still queued would drop them.
+- Counts: splice.c adds each redirected skb's length to the socket's entry
+  in ml_splice_peers; ``Spliced.forwarded`` adds them to the relay's own.
+- Anything unexpected (maps missing, insert refused) leaves the connection
+  on the userspace relay; ``proxy.splice: false`` turns the splice off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import socket
+import struct
+import termios
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.proxy.relay import Endpoint, Relay
+
+__all__ = ["Spliced", "Splicer", "written"]
+
+log = logging.getLogger("meshlet.proxy")
+
+_TCPI_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked) (Linux >= 4.1)
+_TCP_INFO_LEN = _TCPI_BYTES_ACKED + 8
+_RCVLOWAT_HOLD = 1 << 30  # the kernel caps it; large enough to hold data_ready back
+_FLUSH_POLL_MAX = 0.05  # seconds between two checks of a slow flush
+_DRAIN_POLLS = 40  # checks (about 1.5 s) for the write buffers to drain before a splice
+
+
+def written(sock: Any) -> int:
+    """Bytes ever put into ``sock``'s send queue (bytes_acked + unacked and
+    unsent), read in that order so a concurrent ACK can only under-count."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    if len(info) < _TCP_INFO_LEN:
+        raise OSError("TCP_INFO has no tcpi_bytes_acked on this kernel")
+    acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
+    outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return int(acked) + outq
+
+
+def _tcp_socket(ep: Endpoint) -> Any:
+    tr = ep.transport
+    if tr is None or tr.is_closing() or ep.lost or ep.eof:
+        return None
+    sock = tr.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        return None
+    return sock
+
+
+class Spliced:
+    """A relay whose bytes the kernel carries; attached as ``relay.splice``."""
+
+    def __init__(
+        self,
+        splicer: Splicer,
+        relay: Relay,
+        socks: tuple[Any, Any],
+        cookies: tuple[int, int],
+        base_written: tuple[int, int],
+    ) -> None:
+        self.splicer = splicer
+        self.relay = relay
+        self.socks = socks
+        self.cookies = cookies
+        # Write sequence of each socket and userspace counts at the switch.
+        self.base_written = base_written
+        self.base_in = (relay.a.bytes_in, relay.b.bytes_in)
+        self.final: tuple[int, int] | None = None  # redirected counts once released
+        self._tasks: set[asyncio.Task] = set()
+
+    def _index(self, ep: Endpoint) -> int:
+        return 0 if ep is self.relay.a else 1
+
+    def redirected(self, ep: Endpoint) -> int:
+        """Bytes the kernel carried from ``ep`` to its peer."""
+        i = self._index(ep)
+        if self.final is not None:
+            return self.final[i]
+        try:
+            return self.splicer.maps.redirected(self.cookies[i])
+        except OSError:
+            return 0
+
+    def flushed(self, src: Endpoint, dst: Endpoint) -> bool:
+        """Every byte from ``src`` is in ``dst``'s send queue."""
+        if dst.transport is None or dst.transport.get_write_buffer_size():
+            return False
+        i, j = self._index(src), self._index(dst)
+        want = self.redirected(src) + (src.bytes_in - self.base_in[i])
+        return written(self.socks[j]) - self.base_written[j] >= want
+
+    def after_flush(self, src: Endpoint, dst: Endpoint, then: Any) -> None:
+        """Call ``then()`` once ``src``'s bytes reached ``dst``'s socket (or
+        ``dst`` is gone)."""
+        task = asyncio.get_running_loop().create_task(self._flush(src, dst, then))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, src: Endpoint, dst: Endpoint, then: Any) -> None:
+        delay = 0.0002
+        while not dst.lost:
+            try:
+                if self.flushed(src, dst):
+                    break
+            except OSError:  # the socket went away meanwhile
+                break
+            self.splicer.flush_waits += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _FLUSH_POLL_MAX)
+        then()
+
+    def release(self) -> None:
+        """The relay ended: keep the final counts, free the map entries."""
+        if self.final is not None:
+            return
+        counts = []
+        for c in self.cookies:
+            try:
+                counts.append(self.splicer.maps.remove(c))
+            except OSError:
+                counts.append(0)
+        self.final = (counts[0], counts[1])
+        for t in self._tasks:
+            t.cancel()
+
+
+class Splicer:
+    """A worker's access to the pinned splice maps (None: none pinned)."""
+
+    def __init__(self, maps: Any, counters: dict[str, int]) -> None:
+        self.maps = maps  # agent.datapath.splicemap.SpliceMaps
+        self.counters = counters
+        self.flush_waits = 0  # polls while a half-close waited for the kernel
+        self._warned = False
+        self._tasks: set[asyncio.Task] = set()
+
+    def splice(self, relay: Relay) -> None:
+        """Hand ``relay``'s bytes to the kernel once nothing is left in its
+        write buffers: at once, or after pausing both sides' reading until
+        the buffers drained.  Anything amiss: the relay stays in userspace."""
+        if self._insert(relay):
+            return
+        if not self._eligible(relay):
+            self.counters["splice_skipped"] += 1
+            return
+        relay.hold = True
+        for ep in (relay.a, relay.b):
+            ep.transport.pause_reading()  # type: ignore[union-attr]  # eligible: open transports
+        task = asyncio.get_running_loop().create_task(self._when_drained(relay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _when_drained(self, relay: Relay) -> None:
+        delay = 0.0002
+        try:
+            for _ in range(_DRAIN_POLLS):
+                if not self._eligible(relay) or not relay.buffered():
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _FLUSH_POLL_MAX)
+            if relay.buffered() or not self._insert(relay):
+                self.counters["splice_skipped"] += 1
+        finally:
+            relay.hold = False
+            for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
+                if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
+                    if relay.splice is not None or not other._write_paused:
+                        ep.transport.resume_reading()
+
+    @staticmethod
+    def _eligible(relay: Relay) -> bool:
+        a, b = relay.a, relay.b
+        return _tcp_socket(a) is not None and _tcp_socket(b) is not None and not a._buf and not b._buf
+
+    def _insert(self, relay: Relay) -> bool:
+        """Splice now if nothing is buffered; False: not (yet) possible."""
+        a, b = relay.a, relay.b
+        sa, sb = _tcp_socket(a), _tcp_socket(b)
+        if sa is None or sb is None or a._buf or b._buf or relay.buffered():
+            return False
+        held = []
+        try:
+            base = (written(sa), written(sb))  # nothing buffered: all the relay wrote
+            for s in (sa, sb):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RCVLOWAT_HOLD)
+                held.append(s)
+            cookies = self.maps.insert(sa, sb)
+        except OSError as e:
+            if e.errno == errno.EOPNOTSUPP:  # a socket left ESTABLISHED (half-closed) meanwhile
+                self.counters["splice_skipped"] += 1
+                return True
+            self.counters["splice_failed"] += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("same-node splice failed (%s): relaying in userspace", e)
+            return True  # given up: stays in userspace
+        finally:
+            for s in held:  # runs the verdict over what queued meanwhile, in order
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass
+        relay.splice = Spliced(self, relay, (sa, sb), cookies, base)
+        self.counters["spliced"] += 1
+        return True
+
+    def close(self) -> None:
+        self.maps.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -46,9 +47,15 @@ spec:
 """
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = [sys.executable, os.path.join(HERE, "..", "support", "splicepeer.py")]
+PEER_PORT = 7100
+
+
 @pytest.fixture(scope="module")
 def mesh():
     with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
+                      pod_servers=(("pod1-2",), PEER + ["serve", "--port", str(PEER_PORT)]),
                       max_seconds=600) as m:
         yield m
 
@@ -65,46 +72,62 @@ def ip(mesh, pod: str) -> str:
     return mesh.cluster.pod(pod).ip4
 
 
+def peer(mesh, *args: str) -> dict:
+    r = mesh.cluster.pod("pod1-1").run(PEER + list(args), check=False, timeout=120)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def flows(mesh, *args: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "flows", "--socket",
+                        os.path.join(mesh.agents["node1"].run_dir, "admin.sock"), "-o", "json", *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
     assert os.path.exists(os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR, abi.SPLICE_SOCKHASH))
     before, kbefore = proxy_counters(mesh), mesh.counters("node1")
-    up, down = 24 * 1000 * 1000 + 7, 16 * 1000 * 1000 + 3
-    # transfer: header + up, the client half-closes, the server answers after
-    # EOF with a reply line and ``down`` bytes; both sha256 checked by the tool.
-    res = transfer(mesh, "pod1-1", ip(mesh, "pod1-2"), up=up, down=down)
+    up, down, after = 16 * 1000 * 1000 + 7, 12 * 1000 * 1000 + 3, 4 * 1000 * 1000 + 1
+    # Both ways at once, then the client half-closes and the server keeps
+    # sending ``after`` bytes and its report: every byte checked by sha256.
+    res = peer(mesh, "bulk", ip(mesh, "pod1-2"), str(PEER_PORT),
+               "--up", str(up), "--down", str(down), "--after", str(after))
     assert res["ok"], res
-    after = proxy_counters(mesh)
-    assert after["spliced"] == before["spliced"] + 1, (before, after)
-    assert after["splice_failed"] == before["splice_failed"]
-    # the kernel carried the bytes: far more redirects than the few the proxy could have missed
+    after_c = proxy_counters(mesh)
+    assert after_c["spliced"] == before["spliced"] + 1, (before, after_c)
+    assert after_c["splice_failed"] == before["splice_failed"]
     kafter = mesh.counters("node1")
-    assert kafter["splice_redirected"] > kbefore["splice_redirected"]
+    assert kafter["splice_redirected"] > kbefore["splice_redirected"]  # the kernel carried bytes
     assert kafter["splice_miss"] == kbefore["splice_miss"]
 
-    # The access log counts the kernel's bytes: header + up one way, reply + down the other.
+    # The access log counts the kernel's bytes too.
+    hello = len(json.dumps({"mode": "bulk", "down": down, "after": after})) + 1
+    report = len(json.dumps({"received": up, "sha256": "0" * 64})) + 1
+    sent, received = hello + up, len("ready\n") + down + after + report
+
     def entry():
         return [e for e in mesh.access_log("node1")
-                if e.get("route") == "local" and e.get("bytes_sent", 0) > up]
-    e = wait_for(entry, "the access log line of the spliced transfer")[-1]
-    header = len(json.dumps({"down": down, "seed": 1})) + 1
-    reply = len(json.dumps({"received": res["server_received"], "sha256": "0" * 64,
-                            "peer": res["server_saw_peer"]})) + 1
-    assert (e["bytes_sent"], e["bytes_received"]) == (header + up, reply + down), e
+                if e.get("route") == "local" and e.get("dst_addr", "").endswith(f":{PEER_PORT}")]
+    e = wait_for(entry, "the access log line of the spliced connection")[-1]
+    assert (e["bytes_sent"], e["bytes_received"]) == (sent, received), e
     assert e["result"] == "ok", e
 
-    # The kernel flow table saw the same bytes on the pods' own sockets
+    # The kernel flow table saw the same bytes on the client pod's socket
     # (tcp_info: the connecting side's SYN and each FIN count one byte).
     def client_leg():
-        r = subprocess.run(
-            [*TOOLS[:1], "-m", "agent.cli", "flows", "--socket",
-             os.path.join(mesh.agents["node1"].run_dir, "admin.sock"), "-o", "json",
-             "--pod", "default/pod1-1", "--state", "closed"],
-            capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        return [f for f in json.loads(r.stdout)
-                if f["role"] == "client" and f["bytes_acked"] >= up]
+        return [f for f in flows(mesh, "--pod", "default/pod1-1", "--state", "closed")
+                if f["role"] == "client" and f["destination"]["port"] == PEER_PORT]
     leg = wait_for(client_leg, "the closed client leg in the flow table")[-1]
-    assert (leg["bytes_acked"], leg["bytes_received"]) == (header + up + 2, reply + down + 1), leg
+    assert (leg["bytes_acked"], leg["bytes_received"]) == (sent + 2, received + 1), leg
+
+
+def test_reset_propagates_through_a_spliced_connection(mesh):
+    before = proxy_counters(mesh)
+    res = peer(mesh, "reset", ip(mesh, "pod1-2"), str(PEER_PORT))
+    assert res["outcome"] == "reset", res  # an RST, never a clean EOF
+    assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
 
 
 def test_policy_change_resets_a_spliced_connection(mesh, tmp_path):

@@ -11,6 +11,7 @@ connection, and ``proxy.splice: false`` keeps the userspace relay.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ from tests.support.privileged import (
 
 require_privileged()
 
-from agent.datapath import abi  # noqa: E402
+from agent.datapath import abi, bpfsys  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.privileged
@@ -87,7 +88,15 @@ def flows(mesh, *args: str) -> list[dict]:
 
 
 def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
-    assert os.path.exists(os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR, abi.SPLICE_SOCKHASH))
+    sdir = os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR)
+    peer_size = ctypes.sizeof(abi.MlSplicePeer)
+    for name, key, value in ((abi.SPLICE_SOCKHASH, 8, 4), (abi.SPLICE_PEERS, 8, peer_size)):
+        fd = bpfsys.obj_get(os.path.join(sdir, name))  # pinned, with the layout abi.py mirrors
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        assert (info.key_size, info.value_size) == (key, value), name
     before, kbefore = proxy_counters(mesh), mesh.counters("node1")
     up, down, after = 16 * 1000 * 1000 + 7, 12 * 1000 * 1000 + 3, 4 * 1000 * 1000 + 1
     # Both ways at once, then the client half-closes and the server keeps

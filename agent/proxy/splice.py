@@ -32,9 +32,11 @@ What makes it exact:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
+import select
 import socket
 import struct
 import termios
@@ -152,6 +154,8 @@ class Spliced:
         self.final = (counts[0], counts[1])
         for t in self._tasks:
             t.cancel()
+        for ep in (self.relay.a, self.relay.b):
+            self.splicer.unwatch(ep)
 
 
 class Splicer:
@@ -163,6 +167,8 @@ class Splicer:
         self.flush_waits = 0  # polls while a half-close waited for the kernel
         self._warned = False
         self._tasks: set[asyncio.Task] = set()
+        self._epoll: select.epoll | None = None  # spliced sockets, watched for EOF/errors only
+        self._watched: dict[int, Endpoint] = {}  # fd -> its endpoint
 
     def splice(self, relay: Relay) -> None:
         """Hand ``relay``'s bytes to the kernel once nothing is left in its
@@ -192,10 +198,11 @@ class Splicer:
                 self.counters["splice_skipped"] += 1
         finally:
             relay.hold = False
-            for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
-                if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
-                    if relay.splice is not None or not other._write_paused:
-                        ep.transport.resume_reading()
+            if relay.splice is None:  # back to the userspace relay
+                for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
+                    if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
+                        if not other._write_paused:
+                            ep.transport.resume_reading()
 
     @staticmethod
     def _eligible(relay: Relay) -> bool:
@@ -232,7 +239,61 @@ class Splicer:
                     pass
         relay.splice = Spliced(self, relay, (sa, sb), cookies, base)
         self.counters["spliced"] += 1
+        for ep, sock in ((a, sa), (b, sb)):
+            self._watch(ep, sock)
         return True
 
+    # ---- watching spliced sockets for EOF and errors only
+
+    def _watch(self, ep: Endpoint, sock: Any) -> None:
+        """Stop reading ``ep`` (its bytes go through the kernel; every arrival
+        would still wake the loop for a read that finds nothing) and watch it
+        for EOF, hang-up and errors only; on one, reading resumes and the
+        relay sees it as usual."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._on_events)
+        fd = sock.fileno()
+        try:
+            self._epoll.register(fd, select.EPOLLRDHUP)  # EPOLLERR and EPOLLHUP always
+        except OSError:
+            return  # keep reading it: correct, only busier
+        self._watched[fd] = ep
+        ep.transport.pause_reading()  # type: ignore[union-attr]  # open: just spliced
+
+    def _on_events(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            self._unwatch(fd)
+
+    def _unwatch(self, fd: int, only: Endpoint | None = None) -> None:
+        ep = self._watched.get(fd)
+        if ep is None or (only is not None and ep is not only):
+            return
+        del self._watched[fd]
+        try:
+            self._epoll.unregister(fd)  # type: ignore[union-attr]  # set when watching
+        except OSError:
+            pass  # closed: already gone from the epoll set
+        if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
+            ep.transport.resume_reading()
+
+    def unwatch(self, ep: Endpoint) -> None:
+        """Resume reading ``ep`` (its relay reached EOF or ended)."""
+        tr = ep.transport
+        sock = tr.get_extra_info("socket") if tr is not None and not tr.is_closing() else None
+        if sock is not None:
+            self._unwatch(sock.fileno(), only=ep)
+        else:
+            for fd, w in list(self._watched.items()):
+                if w is ep:
+                    del self._watched[fd]
+
     def close(self) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+        self._watched.clear()
         self.maps.close()

@@ -10,13 +10,16 @@ resets it, and closing the sockets takes them out of the SOCKHASH.
 
 What makes it exact:
 
-- Order at the switch: the relay must have nothing left in its write
-  buffers (else it is not spliced, it stays in userspace).  Bytes already in
-  a socket's receive queue are not read by the proxy: both sockets' receive
-  low-water marks are raised before the insert, so arriving bytes wait in
-  the queue instead of waking the verdict halfway through it, and lowered
-  after it, which makes the kernel run the verdict over everything queued,
-  in order, before anything newer.
+- Order at the switch: the proxy stops reading both sockets, reads what
+  their receive queues hold to the last byte and forwards it, and waits
+  until its write buffers are empty; only then do the sockets go into the
+  SOCKHASH.  Emptying the queues matters: the kernel hands the verdict the
+  whole skb at the head of a queue, also the part the proxy already read,
+  so a queue left half-read would send bytes twice.  Bytes that arrive
+  meanwhile wait in the queue as whole skbs: both sockets' receive
+  low-water marks are raised across the insert (no wake-up of the verdict
+  halfway through it) and lowered after it, which makes the kernel run the
+  verdict over everything queued, in order, before anything newer.
 - Half-close: a redirected skb is sent by a kernel worker a little later,
   so on EOF from one side the proxy waits until the other socket has
   accepted every byte redirected to it (its write sequence, from TCP_INFO's
@@ -36,6 +39,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import os
 import select
 import socket
 import struct
@@ -53,6 +57,8 @@ _TCPI_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked) (Linux >=
 _TCP_INFO_LEN = _TCPI_BYTES_ACKED + 8
 _RCVLOWAT_HOLD = 1 << 30  # the kernel caps it; large enough to hold data_ready back
 _FLUSH_POLL_MAX = 0.05  # seconds between two checks of a slow flush
+_DRAIN_CHUNK = 256 * 1024  # one read of a queue being emptied before the splice
+_DRAIN_READS = 64  # reads per socket: its receive queue is bounded (tcp_rmem), a live sender is not
 _DRAIN_POLLS = 40  # checks (about 1.5 s) for the write buffers to drain before a splice
 
 
@@ -171,20 +177,53 @@ class Splicer:
         self._watched: dict[int, Endpoint] = {}  # fd -> its endpoint
 
     def splice(self, relay: Relay) -> None:
-        """Hand ``relay``'s bytes to the kernel once nothing is left in its
-        write buffers: at once, or after pausing both sides' reading until
-        the buffers drained.  Anything amiss: the relay stays in userspace."""
-        if self._insert(relay):
-            return
+        """Hand ``relay``'s bytes to the kernel.  Reading stops on both
+        sides; what the sockets hold is read and forwarded here, to the
+        last byte (the verdict must only ever see whole, unread skbs: the
+        kernel hands it the skb at the head of the queue even when the proxy
+        had read part of it); once the write buffers are empty the sockets
+        go into the SOCKHASH.  Anything amiss: it stays in userspace."""
         if not self._eligible(relay):
             self.counters["splice_skipped"] += 1
             return
         relay.hold = True
         for ep in (relay.a, relay.b):
             ep.transport.pause_reading()  # type: ignore[union-attr]  # eligible: open transports
+        if not self._drain(relay):
+            self._unhold(relay)
+            self.counters["splice_skipped"] += 1
+            return
+        if self._insert(relay):
+            self._unhold(relay)
+            return
         task = asyncio.get_running_loop().create_task(self._when_drained(relay))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _drain(relay: Relay) -> bool:
+        """Read both sockets' receive queues empty and forward what was in
+        them.  False: EOF or an error came first (the relay handles them as
+        usual, and the connection is not spliced)."""
+        for ep in (relay.a, relay.b):
+            sock = _tcp_socket(ep)
+            if sock is None:
+                return False
+            fd = sock.fileno()
+            for _ in range(_DRAIN_READS):
+                try:
+                    data = os.read(fd, _DRAIN_CHUNK)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    relay.abort(f"{ep.name or 'peer'} failed while splicing: {e}")
+                    return False
+                if not data:
+                    return False  # EOF: the transport reads it again once resumed
+                ep.data_received(data)
+            else:
+                return False  # still more: the peer sends faster than we read
+        return True
 
     async def _when_drained(self, relay: Relay) -> None:
         delay = 0.0002
@@ -197,12 +236,16 @@ class Splicer:
             if relay.buffered() or not self._insert(relay):
                 self.counters["splice_skipped"] += 1
         finally:
-            relay.hold = False
-            if relay.splice is None:  # back to the userspace relay
-                for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
-                    if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
-                        if not other._write_paused:
-                            ep.transport.resume_reading()
+            self._unhold(relay)
+
+    @staticmethod
+    def _unhold(relay: Relay) -> None:
+        relay.hold = False
+        if relay.splice is None:  # back to the userspace relay
+            for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
+                if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
+                    if not other._write_paused:
+                        ep.transport.resume_reading()
 
     @staticmethod
     def _eligible(relay: Relay) -> bool:

@@ -112,7 +112,7 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
-    splice: bool = True  # proxy.splice: the same-node kernel splice
+    splice: bool = False  # proxy.splice: the same-node kernel splice
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table

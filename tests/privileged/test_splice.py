@@ -57,7 +57,7 @@ PEER_PORT = 7100
 def mesh():
     with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
                       pod_servers=(("pod1-2",), PEER + ["serve", "--port", str(PEER_PORT)]),
-                      max_seconds=600) as m:
+                      max_seconds=600, splice=True) as m:
         yield m
 
 

@@ -9,8 +9,13 @@ import hashlib
 import os
 import socket
 
+import pytest
+import yaml
+
+from agent.config import parse_config
 from agent.datapath.splicemap import SpliceMaps, socket_cookie
 from agent.proxy.splice import Splicer, written
+from agent.yamlsrc import SourceError
 from tests.support.aio import run
 from tests.unit.test_relay import Harness
 
@@ -87,3 +92,29 @@ def test_without_pinned_maps_the_relay_stays_in_userspace(tmp_path):
 
     run(main())
     assert counters == {"spliced": 0, "splice_skipped": 0, "splice_failed": 1}
+
+
+CONFIG = """\
+node: node1
+inventory: inventory.yaml
+cgroup: meshlet/node1
+identity:
+  bundle: ca/bundle.pem
+  caCert: ca/nodes/node1/ca.pem
+  caKey: ca/nodes/node1/ca-key.pem
+proxy:
+  redirectIPv4: 10.244.1.1
+"""
+
+
+def test_proxy_splice_knob_off_by_default_and_round_trips():
+    assert parse_config(CONFIG, "c.yaml").proxy.splice is False
+    c = parse_config(CONFIG + "  splice: true\n", "c.yaml")
+    assert c.proxy.splice is True
+    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+
+
+def test_proxy_splice_knob_must_be_a_boolean_named_by_file_and_line():
+    with pytest.raises(SourceError) as ei:
+        parse_config(CONFIG + "  splice: maybe\n", "c.yaml")
+    assert "c.yaml:10" in str(ei.value) and "splice" in str(ei.value), str(ei.value)

@@ -30,13 +30,11 @@ def socket_cookie(sock: socket.socket) -> int:
 
 
 class SpliceMaps:
-    """The pinned splice maps of one datapath; reopened when the agent
-    replaced them (a reload), unavailable (``OSError``) when not pinned."""
+    """The pinned splice maps of one datapath (``OSError`` when not pinned)."""
 
     def __init__(self, pin_dir: str) -> None:
         self.dir = os.path.join(pin_dir, abi.SPLICE_DIR)
         self._fds: tuple[int, int] | None = None
-        self._ino: int | None = None
 
     def available(self) -> bool:
         try:
@@ -46,21 +44,18 @@ class SpliceMaps:
         return True
 
     def _open(self) -> tuple[int, int]:
-        hpath = os.path.join(self.dir, abi.SPLICE_SOCKHASH)
-        try:
-            ino = os.stat(hpath).st_ino
-        except FileNotFoundError:
-            self.close()
-            raise
-        if self._fds is None or ino != self._ino:
-            self.close()
-            hfd = bpfsys.obj_get(hpath)
+        # Opened once and kept: the sockets a worker spliced stay in the map
+        # it put them in (the map keeps its verdict attached), even when the
+        # agent removes or replaces the pins (proxy.splice turned off, a
+        # reload); were the map freed, they would drop out of it mid-stream.
+        if self._fds is None:
+            hfd = bpfsys.obj_get(os.path.join(self.dir, abi.SPLICE_SOCKHASH))
             try:
                 pfd = bpfsys.obj_get(os.path.join(self.dir, abi.SPLICE_PEERS))
             except OSError:
                 os.close(hfd)
                 raise
-            self._fds, self._ino = (hfd, pfd), ino
+            self._fds = (hfd, pfd)
         return self._fds
 
     def insert(self, a: socket.socket, b: socket.socket) -> tuple[int, int]:

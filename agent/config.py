@@ -137,9 +137,10 @@ class ProxyConfig:
     """``proxy.splice``: once a plaintext connection between two pods of this
     node is authorized and needs no L7, let the kernel relay its bytes
     (sk_skb redirect between the proxy's two sockets) instead of the proxy.
-    Used only where the kernel has the hooks. Off by default: measured on a
-    loaded 2-core machine it frees the proxy's CPU and keeps req/s, but bulk
-    ran slower than the userspace relay (see the README)."""
+    Used only where the kernel has the hooks. Off by default until it is
+    measured on a quiet machine: the kernel sends redirected bytes from a
+    worker thread, which fell behind the userspace relay on bulk when the
+    2-core test machine was overloaded (see the README)."""
 
     path_parameters: str = "reject"
     """``proxy.pathParameters``: what the L7 session does with path

@@ -133,6 +133,15 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
+    splice: bool = False
+    """``proxy.splice``: once a plaintext connection between two pods of this
+    node is authorized and needs no L7, let the kernel relay its bytes
+    (sk_skb redirect between the proxy's two sockets) instead of the proxy.
+    Used only where the kernel has the hooks. Off by default until it is
+    measured on a quiet machine: the kernel sends redirected bytes from a
+    worker thread, which fell behind the userspace relay on bulk when the
+    2-core test machine was overloaded (see the README)."""
+
     path_parameters: str = "reject"
     """``proxy.pathParameters``: what the L7 session does with path
     parameters (``/admin;x=y``), which servlet-style backends strip before
@@ -398,6 +407,7 @@ class AgentConfig:
                 "bufferSize": p.buffer_size,
                 "tunnelSecurity": p.tunnel_security,
                 "tlsResumption": p.tls_resumption,
+                "splice": p.splice,
                 "pathParameters": p.path_parameters,
                 "l7": p.l7,
             }
@@ -748,6 +758,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
+        splice=r.get("splice", y.boolean, False),
         path_parameters=r.get("pathParameters", y.enum("reject", "strip", "keep"), "reject"),
         l7=r.get("l7", _l7_mode, "auto"),
     )

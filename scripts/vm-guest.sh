@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 
 # The datapath on this kernel: redirect and relay, strict mode (clsact on
 # 6.1) with adoption after a restart, pods found by cgroup ancestry
-# (kubelet layout), the kernel policy map, the doctor's
-# probes, the ABI check.  mTLS between nodes and a policy refused in the
+# (kubelet layout), the kernel policy map, the same-node kernel splice
+# (sk_skb on 6.1), the doctor's probes, the ABI check.  mTLS between nodes and a policy refused in the
 # kernel at connect() are proven by the demo, which runs first.  About 5
 # minutes under software emulation; vagrant/README.md lists what is left out.
 GUEST_TESTS=(
@@ -23,6 +23,7 @@ GUEST_TESTS=(
     tests/privileged/test_doctor_kernel.py
     tests/privileged/test_strict_clsact.py
     tests/privileged/test_mesh.py
+    tests/privileged/test_splice.py::test_bulk_both_ways_with_half_close_is_spliced_and_counted
     tests/privileged/test_cgroup_ancestry.py
     tests/privileged/test_policy_kernel.py::test_sync_l4_never_refuses_more_than_the_old_or_the_new_entries
     tests/privileged/test_policy_kernel.py::test_sync_l4_adopts_what_is_pinned

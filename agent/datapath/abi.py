@@ -207,6 +207,8 @@ STATS = [
     "flow_ringbuf_full",
     "policy_denied",
     "unknown_denied",
+    "splice_redirected",
+    "splice_miss",
 ]
 
 # map name -> (key type, value type); the privileged ABI test walks this.
@@ -227,6 +229,24 @@ MAPS: dict[str, tuple[type, type]] = {
     "ml_live_flows": (ctypes.c_uint64, MlFlow),
     "ml_flow_links": (ctypes.c_uint64, ctypes.c_uint64),
 }
+
+
+class MlSplicePeer(ctypes.Structure):
+    """ml_splice_peers value (bpf/include/meshlet.h struct ml_splice_peer)."""
+
+    _fields_ = [
+        ("peer_cookie", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
+# The same-node splice (bpf/splice.c, compiled with ML_SPLICE=1 only): its
+# maps are pinned under <pin dir>/splice/, apart from MAPS (a SOCKHASH holds
+# sockets and cannot be read back, and a kernel without sk_skb has none).
+SPLICE_DIR = "splice"
+SPLICE_SOCKHASH = "ml_splice"  # u64 socket cookie -> socket
+SPLICE_PEERS = "ml_splice_peers"  # u64 socket cookie -> MlSplicePeer
+SPLICE_PROG = "ml_splice_verdict"
 
 # Ring buffers: pinned under <pin dir>/events/ (they have no keys to list, so
 # they stay out of the directory of hash and array maps) -> record type.

@@ -44,6 +44,7 @@ ENABLE_STATS = 32
 
 # enum bpf_attach_type (the ones meshlet uses)
 ATTACH_CGROUP_SOCK_OPS = 3
+ATTACH_SK_SKB_STREAM_VERDICT = 5
 ATTACH_CGROUP_INET4_CONNECT = 10
 ATTACH_CGROUP_INET6_CONNECT = 11
 ATTACH_CGROUP_INET4_GETPEERNAME = 29
@@ -64,6 +65,7 @@ ATTACH_TYPE_NAMES = {
 # enum bpf_prog_type (subset)
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_SK_SKB = 14
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
 # map update flags
@@ -338,6 +340,12 @@ def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL", expected_at
     except BPFError as e:
         msg = log.value.decode(errors="replace").strip()
         raise BPFError(e.errno, f"{e.strerror}{': ' + msg if msg else ''}") from None
+
+
+def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) -> None:
+    """BPF_PROG_ATTACH (legacy attach): e.g. an sk_skb verdict onto a
+    SOCKHASH, which keeps the program for as long as the map lives."""
+    bpf(PROG_ATTACH, _attr("=IIII", target_fd, prog_fd, attach_type, flags))
 
 
 def link_create(prog_fd: int, target_fd_or_ifindex: int, attach_type: int, flags: int = 0) -> int:

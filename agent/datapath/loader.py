@@ -48,7 +48,7 @@ from . import abi, bpfsys
 
 log = logging.getLogger("meshlet.datapath")
 
-BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c", "flowtrack.c")
+BPF_SOURCES = ("include/meshlet.h", "sock.c", "tc.c", "flowtrack.c", "splice.c")
 
 
 def bpf_dir() -> str:
@@ -178,6 +178,7 @@ class DatapathSpec:
     flow_tracking: bool = field(default_factory=_flow_tracking_default)
     max_l4_rules: int = 16384  # ml_l4_policy: connect-time L4 authorization entries
     tc_attach: str = field(default_factory=_tc_attach_default)  # auto | tcx | clsact
+    splice: bool = False  # splice.c + <pin dir>/splice/ (proxy.splice, and the kernel has sk_skb)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def render(spec: DatapathSpec, src_dir: str | None = None) -> Rendered:
         f"-DML_FLOW_RINGBUF_BYTES={spec.flow_ringbuf_bytes}",
         f"-DML_FLOW_TRACKING={1 if spec.flow_tracking else 0}",
         f"-DML_MAX_L4_RULES={spec.max_l4_rules}",
+        f"-DML_SPLICE={1 if spec.splice else 0}",
     )
     return Rendered("\n".join(parts), cflags)
 
@@ -355,14 +357,17 @@ class Datapath:
             return False
         return True
 
-    def _compile(self, rendered: Rendered):
+    def _compile(self, rendered: Rendered, pin_dir: str | None = None):
         """bcc's BPF object for ``rendered`` (maps created or reused through
-        their pins); the caller calls ``cleanup()``.  Only in the loader step."""
+        their pins under ``pin_dir``, the spec's by default); the caller
+        calls ``cleanup()``.  Only in the loader step."""
         if not _compile_allowed:
             raise DatapathError(
                 "internal error: bcc compile requested outside the datapath loader step "
                 "(it would map LLVM into this long-running process for good)"
             )
+        if self.spec.splice:  # bcc pins into it but does not create it
+            os.makedirs(os.path.join(pin_dir or self.spec.pin_dir, abi.SPLICE_DIR), exist_ok=True)
         try:
             from bcc import BPF  # heavy (LLVM, ~60 MB): imported only when compiling
         except ImportError as e:
@@ -396,7 +401,28 @@ class Datapath:
                 f"the kernel refused the datapath's programs: {e}; run 'meshlet doctor' "
                 "(the verifier's log is above)"
             ) from e
+        if self.spec.splice:
+            try:
+                progs[abi.SPLICE_PROG] = b.load_func(abi.SPLICE_PROG.encode(), BPF.SK_SKB).fd
+            except Exception as e:  # noqa: BLE001 - optional: the proxy keeps its userspace relay
+                log.warning("same-node splice off: the kernel refused %s: %s", abi.SPLICE_PROG, e)
         return progs
+
+    def _attach_splice(self, progs: dict[str, int]) -> None:
+        """Attach splice.c's verdict to the pinned SOCKHASH (the map keeps
+        it), or remove the splice pins so that proxies relay in userspace."""
+        sdir = os.path.join(self.spec.pin_dir, abi.SPLICE_DIR)
+        if self.spec.splice and abi.SPLICE_PROG in progs:
+            try:
+                hfd = bpfsys.obj_get(os.path.join(sdir, abi.SPLICE_SOCKHASH))
+                try:
+                    bpfsys.prog_attach(hfd, progs[abi.SPLICE_PROG], bpfsys.ATTACH_SK_SKB_STREAM_VERDICT)
+                finally:
+                    os.close(hfd)
+                return
+            except OSError as e:
+                log.warning("same-node splice off: cannot attach %s to its SOCKHASH: %s", abi.SPLICE_PROG, e)
+        shutil.rmtree(sdir, ignore_errors=True)
 
     def _load(self, rendered: Rendered) -> None:
         b = self._compile(rendered)
@@ -407,6 +433,7 @@ class Datapath:
             os.makedirs(os.path.join(self.spec.pin_dir, "links"), exist_ok=True)
             for name, fd in progs.items():
                 bpfsys.obj_pin(fd, os.path.join(self.spec.pin_dir, "progs", name))
+            self._attach_splice(progs)
             self._open_maps()
             meta = abi.MlMeta(rendered.source_hash, abi.ABI_VERSION, 0)
             bpfsys.map_update(self.maps["ml_meta"], bytes(ctypes.c_uint32(0)), bytes(meta))
@@ -460,7 +487,7 @@ class Datapath:
         remove_pins(scratch)
         os.makedirs(scratch)
         try:
-            b = self._compile(render(dataclasses.replace(self.spec, pin_dir=scratch)))
+            b = self._compile(render(dataclasses.replace(self.spec, pin_dir=scratch)), scratch)
             b.cleanup()
             return map_layouts(scratch)
         finally:
@@ -504,6 +531,7 @@ class Datapath:
                 _restore_pins(pd, moved)
                 raise
             self._swap(progs)
+            self._attach_splice(progs)
             # What the old programs wrote between the copy and the swap.
             for name, (ofd, oinfo) in moved.items():
                 if oinfo.type in _HASH_TYPES:

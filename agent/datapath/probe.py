@@ -174,3 +174,14 @@ def clsact_works() -> None:
         _run_in_netns(f"/run/netns/{name}", attach)
     finally:
         _ip("netns", "delete", name)
+
+
+def splice_supported() -> str | None:
+    """None when the same-node splice can work here (sk_skb programs and
+    SOCKHASH maps), else why not (for the log and ``meshlet doctor``)."""
+    try:
+        prog_loads(PROG_TYPE_SK_SKB)
+        sockhash_creates()
+    except OSError as e:
+        return f"no sk_skb program or SOCKHASH map on this kernel ({e}; CONFIG_BPF_STREAM_PARSER)"
+    return None

@@ -162,7 +162,8 @@ class Conn:
         r = self.relay
         if r is None:
             return self.bytes_sent, self.bytes_received
-        return max(self.bytes_sent, r.a.bytes_in), max(self.bytes_received, r.b.bytes_in)
+        a_to_b, b_to_a = r.forwarded()
+        return max(self.bytes_sent, a_to_b), max(self.bytes_received, b_to_a)
 
     def fallback_labels(self, state: ProxyState) -> list[tuple[str, ...]]:
         """Labels for a connection that failed before both ends were known."""

@@ -58,6 +58,7 @@ from agent.proxy.routing import (
     route,
     service_route,
 )
+from agent.proxy.splice import Splicer
 from agent.proxy.state import ProxyState, normalize_ip
 from agent.proxy.stats import Accounting
 from agent.proxy.tls import SESSION_CACHE_SIZE
@@ -106,6 +107,7 @@ class Outbound:
         self.upstream = upstream
         self.destination = destination
         self.flows = flows  # set by ProxyServer.start() when it opens the datapath
+        self.splicer: Splicer | None = None  # same-node kernel splice (ProxyServer.start(), if pinned)
         # Services: per-worker clusters (endpoints, LB, outlier, breaker, budget).
         self.clusters: dict[str, Cluster] = {}
         self._cluster_stamps: dict[str, tuple] = {}
@@ -283,6 +285,9 @@ class Outbound:
         if not isinstance(decision, Tunnel):
             set_ready(conn)
             relay.start()
+            if isinstance(decision, Local) and state.splice and self.splicer is not None:
+                # Both ends are pods of this node, authorized, no L7: the kernel relays.
+                self.splicer.splice(relay)
             await relayed(conn, relay)
             return
 

@@ -19,6 +19,10 @@ transport's ``write``. Rules:
   as failures, never as clean closes.
 - ``Relay.done`` resolves once both sides are closed, with byte counts and
   the reason the relay ended.
+- Spliced (``agent.proxy.splice``, same-node plaintext): the kernel carries
+  the bytes; the relay still sees EOF and errors, waits on EOF until the
+  kernel has handed the last redirected byte to the other socket before it
+  half-closes that one, and counts the kernel's bytes in its results.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.proxy.splice import Spliced
 
 __all__ = ["Endpoint", "Relay", "RelayResult", "reset_transport", "set_nodelay"]
 
@@ -134,6 +142,8 @@ class Endpoint(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._relay is not None and self._relay.hold:
+            return  # reading stays paused while the relay is being spliced
         src = self._source
         if src is not None and not src.lost and src.transport is not None:
             src.transport.resume_reading()
@@ -223,6 +233,8 @@ class Relay:
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
         self._reason: str | None = None
         self._error = False
+        self.splice: Spliced | None = None  # set by Splicer.splice: the kernel carries the bytes
+        self.hold = False  # reading paused on both sides until the splice is in place
         a._relay = self
         b._relay = self
         for ep in (a, b):
@@ -259,6 +271,13 @@ class Relay:
         if src.eof:
             self._on_eof(src)
 
+    def forwarded(self) -> tuple[int, int]:
+        """Bytes carried a -> b and b -> a so far (by the proxy and the kernel)."""
+        sp = self.splice
+        if sp is None:
+            return self.a.bytes_in, self.b.bytes_in
+        return self.a.bytes_in + sp.redirected(self.a), self.b.bytes_in + sp.redirected(self.b)
+
     def buffered(self) -> int:
         """Bytes waiting in both transports' write buffers."""
         n = 0
@@ -278,6 +297,13 @@ class Relay:
     # ---- endpoint events
 
     def _on_eof(self, src: Endpoint) -> None:
+        sp = self.splice
+        if sp is not None and sp.final is None:
+            sp.after_flush(src, self._other(src), lambda: self._half_close(src))
+            return
+        self._half_close(src)
+
+    def _half_close(self, src: Endpoint) -> None:
         dst = self._other(src)
         if dst.can_write():
             if dst.transport.can_write_eof():  # type: ignore[union-attr]  # set in connection_made
@@ -306,4 +332,7 @@ class Relay:
             else:
                 other.close()
         if self.a.lost and self.b.lost and not self.done.done():
-            self.done.set_result(RelayResult(self.a.bytes_in, self.b.bytes_in, self._reason, self._error))
+            if self.splice is not None:
+                self.splice.release()
+            a_to_b, b_to_a = self.forwarded()
+            self.done.set_result(RelayResult(a_to_b, b_to_a, self._reason, self._error))

@@ -66,6 +66,7 @@ from agent.proxy.log import AccessLog
 from agent.proxy.outbound import FlowSource, Outbound
 from agent.proxy.relay import Endpoint
 from agent.proxy.spans import Tracing, start_tracing
+from agent.proxy.splice import Splicer
 from agent.proxy.state import ProxyState, StateWatcher
 from agent.proxy.stats import Accounting, StatsProtocol, cluster_stats, stats_socket_path
 from agent.proxy.tls import TlsContexts
@@ -161,10 +162,23 @@ class ProxyServer:
 
     # ------------------------------------------------------------ lifecycle
 
+    def _open_splicer(self, pin_dir: str) -> Splicer | None:
+        """The same-node splice, when the agent pinned its maps (the kernel
+        has the hooks and proxy.splice is on); else None: userspace relay."""
+        from agent.datapath.splicemap import SpliceMaps  # lazy, as the flow table
+
+        maps = SpliceMaps(pin_dir)
+        if not maps.available():
+            log.info("no splice maps pinned under %s: same-node connections use the userspace relay", pin_dir)
+            return None
+        return Splicer(maps, self.accounting.counters)
+
     async def start(self) -> None:
         state = self.watcher.current
         # the L7 session's parsers follow proxy.pathParameters (one setting per worker process)
         set_default_path_parameters(state.path_parameters)
+        if self.outbound.splicer is None and state.splice:
+            self.outbound.splicer = self._open_splicer(state.pin_dir)
         if self.outbound.flows is None:
             # Lazy: keeps the datapath (and anything it imports) out of unit tests.
             from agent.datapath.origdst import FlowTable
@@ -354,6 +368,10 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 self.outbound.flows.close()
             self.outbound.flows = None
+        if self.outbound.splicer is not None:
+            with contextlib.suppress(Exception):
+                self.outbound.splicer.close()
+            self.outbound.splicer = None
         self.upstream.close()
         self.destination.close()
         self.outbound.close()

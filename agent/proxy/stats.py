@@ -92,6 +92,9 @@ class Accounting:
             "requests_denied": 0,  # refused by authorization policy (403)
             "requests_unauthenticated": 0,  # refused by end-user authentication (401: invalid JWT)
             "service_legs": 0,
+            "spliced": 0,  # same-node relays handed to the kernel (agent.proxy.splice)
+            "splice_skipped": 0,  # not spliced: bytes still buffered, or not two TCP sockets
+            "splice_failed": 0,  # the kernel refused the insert: relayed in userspace
         }
         # L7 (proxy.l7): per-request counters.
         self.http: dict[str, Any] = {

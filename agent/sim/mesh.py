@@ -121,6 +121,7 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
+    splice: bool = False  # proxy.splice: the same-node kernel splice
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
@@ -212,6 +213,7 @@ class Mesh:
             "connectTimeout": 2.0,
             "tunnelSecurity": self.tunnel_security,
             "tlsResumption": self.tls_resumption,
+            "splice": self.splice,
             "l7": self.l7,
             "pathParameters": self.path_parameters,
         }

@@ -35,6 +35,12 @@
 #ifndef ML_MAX_L4_POLICIES          /* ml_l4_denied: per-policy refusal counters */
 #define ML_MAX_L4_POLICIES 1024
 #endif
+#ifndef ML_SPLICE                   /* 1: splice.c and its maps (the kernel has sk_skb + sockhash) */
+#define ML_SPLICE 0
+#endif
+#ifndef ML_MAX_SPLICED              /* sockets in ml_splice (two per spliced connection) */
+#define ML_MAX_SPLICED 65536
+#endif
 #ifndef ML_MAX_GUARDS               /* ml_cgroup_guard entries */
 #define ML_MAX_GUARDS (ML_MAX_WORKLOADS + 256)
 #endif
@@ -216,6 +222,8 @@ enum ml_stat {
 	ML_STAT_FLOW_RINGBUF_FULL,  /* a closed flow was lost: ring buffer reserve failed */
 	ML_STAT_POLICY_DENIED,      /* connect() refused by an ml_l4_policy DENY entry */
 	ML_STAT_UNKNOWN_DENIED,     /* connect() refused: a cgroup under the pods' subtree not enrolled */
+	ML_STAT_SPLICE_REDIRECTED,  /* splice.c: an skb went from a spliced socket to its peer */
+	ML_STAT_SPLICE_MISS,        /* splice.c: no peer to redirect to: the bytes went to the proxy */
 	ML_STAT_MAX,
 };
 
@@ -258,6 +266,39 @@ __attribute__((section("maps/ringbuf:" _pinned))) \
 struct _name##_table_t _name = { .max_entries = (_bytes) }
 #define ML_EVENTS_DIR "events"
 ML_RINGBUF_PINNED(ml_flow_events, ML_FLOW_RINGBUF_BYTES, ML_PIN_DIR "/" ML_EVENTS_DIR "/ml_flow_events");
+
+/* ml_splice_peers: socket cookie of a spliced proxy socket -> where its
+ * bytes go and how many went (written by the proxy, counted by splice.c). */
+struct ml_splice_peer {
+	__u64 peer_cookie;          /* the socket its incoming bytes are sent out of */
+	__u64 bytes;                /* bytes redirected to the peer so far */
+};
+
+#if ML_SPLICE
+/* ml_splice: the proxy's spliced sockets by socket cookie (SOCKHASH; the
+ * proxy inserts them, splice.c's verdict is attached to the map).  bcc 0.26
+ * has no pinned BPF_SOCKHASH: this is its struct with the "type:pin path"
+ * section BPF_TABLE_PINNED uses.  Both maps live in a subdirectory: a
+ * SOCKHASH cannot be read back (values are sockets), so tools that walk
+ * the pinned maps must not meet it, and the set is optional. */
+#define ML_SPLICE_DIR "splice"
+#define ML_SOCKHASH_PINNED(_name, _key_type, _max, _pinned) \
+struct _name##_table_t { \
+	_key_type key; \
+	int leaf; \
+	int (*update)(_key_type *, int *); \
+	int (*delete)(_key_type *); \
+	int (*sock_hash_update)(void *, void *, u64); \
+	int (*msg_redirect_hash)(void *, void *, u64); \
+	int (*sk_redirect_hash)(void *, void *, u64); \
+	u32 max_entries; \
+}; \
+__attribute__((section("maps/sockhash:" _pinned))) \
+struct _name##_table_t _name = { .max_entries = (_max) }
+ML_SOCKHASH_PINNED(ml_splice, u64, ML_MAX_SPLICED, ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice");
+BPF_TABLE_PINNED("hash", u64, struct ml_splice_peer, ml_splice_peers, ML_MAX_SPLICED,
+		 ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_peers");
+#endif
 
 static __always_inline void ml_count(u32 stat)
 {

@@ -1,0 +1,185 @@
+"""The same-node kernel splice end to end (bpf/splice.c, agent/proxy/splice.py):
+one simulated node, real eBPF, a real proxy, pod processes on both ends.
+
+A plaintext connection between two pods of the node, authorized and without
+L7, is handed to the kernel: the proxy's two sockets go into the pinned
+SOCKHASH and the kernel redirects their bytes.  What must still hold:
+checksummed bytes both ways across a half-close, exact byte counts in the
+access log and in the kernel flow table, a policy change still resets the
+connection, and ``proxy.splice: false`` keeps the userspace relay.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.privileged import (
+    TOOLS,
+    policy_cli,
+    require_privileged,
+    running_mesh,
+    transfer,
+    wait_for,
+    wait_policies_enforced,
+)
+
+require_privileged()
+
+from agent.datapath import abi, bpfsys  # noqa: E402
+from agent.sim import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.privileged
+
+DENY_POD1_1 = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: splice-deny-pod1-1, namespace: default}
+spec:
+  selector: {matchLabels: {app: pod1-2}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [ns/default/sa/pod1-1]}}]
+"""
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = [sys.executable, os.path.join(HERE, "..", "support", "splicepeer.py")]
+PEER_PORT = 7100
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
+                      pod_servers=(("pod1-2",), PEER + ["serve", "--port", str(PEER_PORT)]),
+                      max_seconds=600, splice=True) as m:
+        yield m
+
+
+def proxy_counters(mesh) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for w in mesh.status("node1")["proxy"]:
+        for k, v in ((w.get("stats") or {}).get("counters") or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def ip(mesh, pod: str) -> str:
+    return mesh.cluster.pod(pod).ip4
+
+
+def peer(mesh, *args: str) -> dict:
+    r = mesh.cluster.pod("pod1-1").run(PEER + list(args), check=False, timeout=120)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def flows(mesh, *args: str) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "flows", "--socket",
+                        os.path.join(mesh.agents["node1"].run_dir, "admin.sock"), "-o", "json", *args],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
+    sdir = os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR)
+    peer_size = ctypes.sizeof(abi.MlSplicePeer)
+    for name, key, value in ((abi.SPLICE_SOCKHASH, 8, 4), (abi.SPLICE_PEERS, 8, peer_size)):
+        fd = bpfsys.obj_get(os.path.join(sdir, name))  # pinned, with the layout abi.py mirrors
+        try:
+            info = bpfsys.map_info(fd)
+        finally:
+            os.close(fd)
+        assert (info.key_size, info.value_size) == (key, value), name
+    before, kbefore = proxy_counters(mesh), mesh.counters("node1")
+    up, down, after = 16 * 1000 * 1000 + 7, 12 * 1000 * 1000 + 3, 4 * 1000 * 1000 + 1
+    # Both ways at once, then the client half-closes and the server keeps
+    # sending ``after`` bytes and its report: every byte checked by sha256.
+    res = peer(mesh, "bulk", ip(mesh, "pod1-2"), str(PEER_PORT),
+               "--up", str(up), "--down", str(down), "--after", str(after))
+    assert res["ok"], res
+    after_c = proxy_counters(mesh)
+    assert after_c["spliced"] == before["spliced"] + 1, (before, after_c)
+    assert after_c["splice_failed"] == before["splice_failed"]
+    kafter = mesh.counters("node1")
+    assert kafter["splice_redirected"] > kbefore["splice_redirected"]  # the kernel carried bytes
+    assert kafter["splice_miss"] == kbefore["splice_miss"]
+
+    # The access log counts the kernel's bytes too.
+    hello = len(json.dumps({"mode": "bulk", "down": down, "after": after})) + 1
+    report = len(json.dumps({"received": up, "sha256": "0" * 64})) + 1
+    sent, received = hello + up, len("ready\n") + down + after + report
+
+    def entry():
+        return [e for e in mesh.access_log("node1")
+                if e.get("route") == "local" and e.get("dst_addr", "").endswith(f":{PEER_PORT}")]
+    e = wait_for(entry, "the access log line of the spliced connection")[-1]
+    assert (e["bytes_sent"], e["bytes_received"]) == (sent, received), e
+    assert e["result"] == "ok", e
+
+    # The kernel flow table saw the same bytes on the client pod's socket
+    # (tcp_info: the connecting side's SYN and each FIN count one byte).
+    def client_leg():
+        return [f for f in flows(mesh, "--pod", "default/pod1-1", "--state", "closed")
+                if f["role"] == "client" and f["destination"]["port"] == PEER_PORT]
+    leg = wait_for(client_leg, "the closed client leg in the flow table")[-1]
+    assert (leg["bytes_acked"], leg["bytes_received"]) == (sent + 2, received + 1), leg
+
+
+def test_reset_propagates_through_a_spliced_connection(mesh):
+    before = proxy_counters(mesh)
+    res = peer(mesh, "reset", ip(mesh, "pod1-2"), str(PEER_PORT))
+    assert res["outcome"] == "reset", res  # an RST, never a clean EOF
+    assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
+
+
+def test_policy_change_resets_a_spliced_connection(mesh, tmp_path):
+    before = proxy_counters(mesh)
+    client = mesh.cluster.pod("pod1-1").popen(
+        TOOLS + ["session", ip(mesh, "pod1-2"), "7001"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    f = tmp_path / "deny.yaml"
+    f.write_text(DENY_POD1_1)
+    try:
+        assert "connected" in client.stdout.readline()
+        for i in range(3):
+            client.stdin.write(f"ping{i}\n")
+            client.stdin.flush()
+            assert json.loads(client.stdout.readline()) == {"echo": f"ping{i}"}
+        assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
+        r = policy_cli(mesh, "node1", "apply", "-f", str(f))
+        assert r.returncode == 0, r.stderr
+        wait_policies_enforced(mesh)
+
+        def closed():
+            client.stdin.write("ping\n")
+            client.stdin.flush()
+            return "error" in json.loads(client.stdout.readline())
+        wait_for(closed, "the spliced session to be reset by the policy", timeout=15, interval=0.2)
+    finally:
+        client.kill()
+        client.wait()
+        policy_cli(mesh, "node1", "delete", "splice-deny-pod1-1", "-n", "default")
+    closes = [e for e in mesh.access_log("node1")
+              if e.get("policy") == "default/splice-deny-pod1-1" and "closed" in e["reason"]]
+    assert closes, "the proxy logged no policy close"
+
+
+def test_splice_off_keeps_the_userspace_relay(mesh):
+    mesh.reconfigure(splice=False)
+    try:
+        assert not os.path.exists(os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR))
+        before, kbefore = proxy_counters(mesh), mesh.counters("node1")
+        res = transfer(mesh, "pod1-1", ip(mesh, "pod1-2"), up=3 << 20, down=2 << 20)
+        assert res["ok"], res
+        after = proxy_counters(mesh)
+        assert after["spliced"] == before["spliced"]
+        assert mesh.counters("node1")["splice_redirected"] == kbefore["splice_redirected"]
+    finally:
+        mesh.reconfigure(splice=True)

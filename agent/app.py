@@ -109,6 +109,7 @@ def proxy_state(
         "buffer_size": cfg.proxy.buffer_size,
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
+        "tunnel_mux": cfg.proxy.tunnel_mux,
         "path_parameters": cfg.proxy.path_parameters,
         "l7": cfg.proxy.l7,
         "access_log": {

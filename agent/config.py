@@ -133,6 +133,14 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
+    tunnel_mux: bool = True
+    """``proxy.tunnelMux``: carry many pod connections to another node over
+    one pooled mutual-TLS connection per (source identity, destination
+    identity, node), ALPN ``meshlet-mux/1``; peers that do not offer it
+    (an older release, or this knob off there) get one TLS connection per
+    pod connection (``meshlet-tunnel/1``). Off: this node only speaks
+    ``meshlet-tunnel/1``, both ways."""
+
     path_parameters: str = "reject"
     """``proxy.pathParameters``: what the L7 session does with path
     parameters (``/admin;x=y``), which servlet-style backends strip before
@@ -386,6 +394,7 @@ class AgentConfig:
                 "bufferSize": p.buffer_size,
                 "tunnelSecurity": p.tunnel_security,
                 "tlsResumption": p.tls_resumption,
+                "tunnelMux": p.tunnel_mux,
                 "pathParameters": p.path_parameters,
                 "l7": p.l7,
             }
@@ -731,6 +740,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
+        tunnel_mux=r.get("tunnelMux", y.boolean, True),
         path_parameters=r.get("pathParameters", y.enum("reject", "strip", "keep"), "reject"),
         l7=r.get("l7", _l7_mode, "auto"),
     )

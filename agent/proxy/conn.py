@@ -142,6 +142,9 @@ class Conn:
     # accepted socket): resolved once the destination is connected.
     ready: asyncio.Future | None = None
     leg_protocol: str = "http/1.1"  # what such a leg carries: "http/1.1" or "h2"
+    # The TLS connection became a multiplexed tunnel (meshlet-mux/1): its streams
+    # are the connections (each with its own record); this one is not logged.
+    carrier: bool = False
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result

@@ -201,6 +201,7 @@ class ProxyState:
     # "mtls" (always, in production) or "insecure-plaintext" (benchmarks only)
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
+    tunnel_mux: bool = True  # proxy.tunnelMux: offer meshlet-mux/1 (pooled, multiplexed tunnel)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep (agent.policy.http)
     l7: bool | str = (
         False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
@@ -373,6 +374,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
             f"state.tunnel_security: must be 'mtls' or 'insecure-plaintext', got {tunnel_security!r}"
         )
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
+    tunnel_mux = _get(doc, "tunnel_mux", "state", bool, True)
     path_parameters = _get(doc, "path_parameters", "state", str, "reject")
     if path_parameters not in ("reject", "strip", "keep"):
         raise StateError(
@@ -458,6 +460,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         pod_by_cgroup=MappingProxyType(by_cg),
         tunnel_security=tunnel_security,
         tls_resumption=tls_resumption,
+        tunnel_mux=tunnel_mux,
         path_parameters=path_parameters,
         l7=l7,
         access_log=access_log,

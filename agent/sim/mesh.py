@@ -112,6 +112,8 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
+    tunnel_mux: bool = True  # proxy.tunnelMux
+    legacy_tunnel_nodes: set[str] = field(default_factory=set)  # nodes forced to meshlet-tunnel/1 only
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
@@ -203,6 +205,7 @@ class Mesh:
             "connectTimeout": 2.0,
             "tunnelSecurity": self.tunnel_security,
             "tlsResumption": self.tls_resumption,
+            "tunnelMux": self.tunnel_mux and node.name not in self.legacy_tunnel_nodes,
             "l7": self.l7,
             "pathParameters": self.path_parameters,
         }

@@ -204,39 +204,48 @@ class Upstream:
             fut = pool.dialing[key] = loop.create_future()
             try:
                 ep = await self.connect_tls(addr, state, node=node, src=src, dst=dst)
+                if not self._pooled(ep, key, state, src):
+                    fut.set_result(None)
+                    return ep, False  # the peer speaks meshlet-tunnel/1: this connection is the stream
+                fut.set_result(None)
             except ConnectFailure as f:
                 fut.set_exception(f)
                 fut.exception()  # retrieved (there may be no waiter)
                 raise
+            except BaseException:
+                fut.cancel()
+                raise
             finally:
                 if pool.dialing.get(key) is fut:
                     del pool.dialing[key]
-                if not fut.done():
-                    fut.cancel()
-            tls: TlsConnection = ep.transport.get_extra_info("tls_connection")  # type: ignore[union-attr]
-            if tls.alpn != MUX_ALPN:
-                pool.mark_legacy(peer)
-                self.counters["tunnel_legacy"] = self.counters.get("tunnel_legacy", 0) + 1
-                fut.set_result(None)
-                return ep, False
-            session = MuxSession(
-                tls,
-                client=True,
-                counters=self.counters,
-                max_streams=self.max_streams,
-                idle_timeout=self.idle_timeout,
-                buffer_size=state.buffer_size,
-            )
-            svid = tls_ctx.certs.certificate(src)
-            session.meta = {
-                "src_serial": svid.serial if svid is not None else None,
-                "bundle": tls_ctx.certs.bundle_fingerprint,
-                "peer_not_after": _not_after(tls),
-            }
-            session.attach(ep)
-            self.counters["tunnel_connections_out"] = self.counters.get("tunnel_connections_out", 0) + 1
-            pool.add(key, session)
-            fut.set_result(None)
+
+    def _pooled(self, ep: Endpoint, key: tuple, state: ProxyState, src: str) -> bool:
+        """Make a new TLS connection a pooled meshlet-mux/1 session, if it
+        negotiated that; False (and the peer remembered as legacy) if not."""
+        tls: TlsConnection = ep.transport.get_extra_info("tls_connection")  # type: ignore[union-attr]
+        if tls.alpn != MUX_ALPN:
+            self.mux_pool.mark_legacy((key[0], key[1]))
+            self.counters["tunnel_legacy"] = self.counters.get("tunnel_legacy", 0) + 1
+            return False
+        certs = self.inputs.tls.certs
+        session = MuxSession(
+            tls,
+            client=True,
+            counters=self.counters,
+            max_streams=self.max_streams,
+            idle_timeout=self.idle_timeout,
+            buffer_size=state.buffer_size,
+        )
+        svid = certs.certificate(src)
+        session.meta = {
+            "src_serial": svid.serial if svid is not None else None,
+            "bundle": certs.bundle_fingerprint,
+            "peer_not_after": _not_after(tls),
+        }
+        session.attach(ep)
+        self.counters["tunnel_connections_out"] = self.counters.get("tunnel_connections_out", 0) + 1
+        self.mux_pool.add(key, session)
+        return True
 
     async def open_socket(self, addr: tuple[str, int], state: ProxyState) -> socket.socket:
         """A connected, marked, non-blocking TCP socket. Raises ConnectFailure."""

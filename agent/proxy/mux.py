@@ -417,11 +417,8 @@ class MuxConnection:
                 return
             if s.send_window + inc > _MAX_WINDOW:
                 raise self._error(ErrorCode.FLOW_CONTROL, f"window of stream {sid} overflows")
-            was = s.send_window
             s.send_window += inc
-            if was <= 0 and not s.local_done:
-                events.append(WindowUpdated(sid))
-            elif not s.local_done:
+            if not s.local_done:
                 events.append(WindowUpdated(sid))
         elif ftype == FrameType.PING:
             if sid != 0:

@@ -389,10 +389,8 @@ class MuxSession(asyncio.Protocol):
 
     # ---- asyncio.Protocol (the TLS connection's plaintext)
 
-    def connection_made(
-        self, transport: asyncio.BaseTransport
-    ) -> None:  # pragma: no cover - attach() is used
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream protocol gets a Transport
 
     def data_received(self, data: bytes) -> None:
         if self.closed:

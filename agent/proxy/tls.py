@@ -293,9 +293,13 @@ class TlsContexts:
     def _sync(self) -> TrustBundle | None:
         fp = self.certs.bundle_fingerprint
         if self.mux != self._mux_applied:
+            # New contexts: cached sessions belong to the old ones (OpenSSL refuses a session
+            # with another context: "Session refers to a different SSLContext").
             self._mux_applied = self.mux
             self._client.clear()
             self._server.clear()
+            self._sessions.clear()
+            self._fetching.clear()
             self._default_server = None
         if fp != self._fp:
             if self._fp is not None:

@@ -238,6 +238,30 @@ def test_alpn_falls_back_to_one_connection_per_stream(client_mux, server_mux, wa
     assert node_a.failures == {} and node_b.failures == {}
 
 
+def test_turning_mux_on_or_off_keeps_resumption_working():
+    """The knob rebuilds the contexts; a session cached under the old ones is
+    dropped, not offered to OpenSSL with the new one (which refuses it)."""
+    f = CertFactory(TD)
+    node_a = TlsContexts(Certs(f, CLIENT, OTHER))
+    node_b = TlsContexts(Certs(f, SERVER, OTHER))
+
+    async def main():
+        got = []
+        async with Server(node_b) as s:
+            for mux in (True, True, False, False, True):
+                node_a.mux = node_b.mux = mux
+                conn, app = await connect(node_a, s.port, src=CLIENT, dst=SERVER)
+                app.transport.write(b"x")  # a round trip, so the session ticket arrives
+                await until(lambda: s.apps and s.apps[-1].received)
+                got.append(conn.alpn)
+                app.transport.close()
+        return got
+
+    assert run(main()) == [MUX_ALPN, MUX_ALPN, ALPN, ALPN, MUX_ALPN]
+    assert node_a.failures == {} and node_b.failures == {}
+    assert node_a.counters["resumed"] >= 1
+
+
 @pytest.mark.parametrize("variant", sorted(CertFactory.BAD))
 def test_bad_client_certificate_is_refused_by_the_server(variant):
     f = CertFactory(TD)

@@ -49,7 +49,7 @@ from agent.proxy.state import normalize_ip
 from agent.proxy.stats import Accounting
 from agent.proxy.tls import MUX_ALPN, HandshakeError, TlsConnection
 from agent.proxy.tunnel import Status
-from agent.proxy.upstream import Upstream, _not_after
+from agent.proxy.upstream import Upstream, chain_not_after
 
 __all__ = ["Inbound", "REFUSE_LINGER"]
 
@@ -205,7 +205,7 @@ class Inbound:
         session.meta = {
             "local_serial": svid.serial if svid is not None else None,
             "bundle": certs.bundle_fingerprint,
-            "peer_not_after": _not_after(tls),
+            "peer_not_after": chain_not_after(tls),
         }
         self.sessions.add(session)
         session.attach(conn.client)

@@ -39,7 +39,7 @@ from agent.proxy.state import ProxyState
 from agent.proxy.tls import MUX_ALPN, HandshakeError, TlsConnection
 from agent.proxy.tunnel import Status
 
-__all__ = ["Upstream", "LegLinker", "SO_MARK", "SO_COOKIE", "first_then"]
+__all__ = ["Upstream", "LegLinker", "SO_MARK", "SO_COOKIE", "chain_not_after", "first_then"]
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -62,7 +62,7 @@ def _cookie(ep: Endpoint) -> int:
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
-def _not_after(tls: TlsConnection) -> float:
+def chain_not_after(tls: TlsConnection) -> float:
     """When the first certificate of the peer's verified chain expires (epoch seconds)."""
     chain = tls.verified_chain
     if not chain:
@@ -240,7 +240,7 @@ class Upstream:
         session.meta = {
             "src_serial": svid.serial if svid is not None else None,
             "bundle": certs.bundle_fingerprint,
-            "peer_not_after": _not_after(tls),
+            "peer_not_after": chain_not_after(tls),
         }
         session.attach(ep)
         self.counters["tunnel_connections_out"] = self.counters.get("tunnel_connections_out", 0) + 1

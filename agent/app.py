@@ -124,6 +124,7 @@ def proxy_state(
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
         "splice": cfg.proxy.splice,
+        "tunnel_mux": cfg.proxy.tunnel_mux,
         "path_parameters": cfg.proxy.path_parameters,
         "l7": cfg.proxy.l7,
         "access_log": {

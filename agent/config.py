@@ -141,6 +141,13 @@ class ProxyConfig:
     measured on a quiet machine: the kernel sends redirected bytes from a
     worker thread, which fell behind the userspace relay on bulk when the
     2-core test machine was overloaded (see the README)."""
+    tunnel_mux: bool = True
+    """``proxy.tunnelMux``: carry many pod connections to another node over
+    one pooled mutual-TLS connection per (source identity, destination
+    identity, node), ALPN ``meshlet-mux/1``; peers that do not offer it
+    (an older release, or this knob off there) get one TLS connection per
+    pod connection (``meshlet-tunnel/1``). Off: this node only speaks
+    ``meshlet-tunnel/1``, both ways."""
 
     path_parameters: str = "reject"
     """``proxy.pathParameters``: what the L7 session does with path
@@ -408,6 +415,7 @@ class AgentConfig:
                 "tunnelSecurity": p.tunnel_security,
                 "tlsResumption": p.tls_resumption,
                 "splice": p.splice,
+                "tunnelMux": p.tunnel_mux,
                 "pathParameters": p.path_parameters,
                 "l7": p.l7,
             }
@@ -759,6 +767,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
         splice=r.get("splice", y.boolean, False),
+        tunnel_mux=r.get("tunnelMux", y.boolean, True),
         path_parameters=r.get("pathParameters", y.enum("reject", "strip", "keep"), "reject"),
         l7=r.get("l7", _l7_mode, "auto"),
     )

@@ -303,6 +303,22 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         refused.add_metric([r], n)
     out += [hs, refused]
 
+    # The pooled, multiplexed tunnel: TLS connections against the pod connections they carry.
+    tconns = CounterMetricFamily(
+        "meshlet_tunnel_connections_total",
+        "Multiplexed tunnel (meshlet-mux/1) TLS connections, by direction (out: dialed, in: accepted).",
+        labels=["direction"],
+    )
+    tstreams = CounterMetricFamily(
+        "meshlet_tunnel_streams_total",
+        "Pod connections carried as streams of multiplexed tunnel connections, by direction.",
+        labels=["direction"],
+    )
+    for d in ("out", "in"):
+        tconns.add_metric([d], sum((w.get("counters") or {}).get(f"tunnel_connections_{d}", 0) for w in live))
+        tstreams.add_metric([d], sum((w.get("counters") or {}).get(f"tunnel_streams_{d}", 0) for w in live))
+    out += [tconns, tstreams]
+
     expiry = GaugeMetricFamily(
         "meshlet_workload_certificate_expiry_timestamp_seconds",
         "Expiry (Unix time) of the workload certificate the proxy holds; the earliest across workers.",

@@ -147,6 +147,9 @@ class Conn:
     # Istio request metrics' label handles, per routed cluster, made on the
     # first request (stats.Accounting.on_http_response).
     http_handles: dict | None = None
+    # The TLS connection became a multiplexed tunnel (meshlet-mux/1): its streams
+    # are the connections (each with its own record); this one is not logged.
+    carrier: bool = False
 
     def fail(self, result: str, reason: str) -> None:
         self.result = result

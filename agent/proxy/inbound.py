@@ -12,6 +12,18 @@ must have named that pod's identity) → ``destination`` authorizes it and
 picks L7 or L4 → connect (marked) → respond with a status → relay.
 Every refusal answers a tunnel status with its reason (``refuse``).
 
+A connection that negotiated ALPN ``meshlet-mux/1`` carries many streams
+(``agent.proxy.muxglue``): each stream goes through the same steps from
+"read the header" on, as a connection of its own (its own access-log line),
+authorized by the peer identity verified on the TLS connection it arrived
+on and by its own header (the header's identity must be that verified one:
+a stream can never speak for another identity).  The connection itself is
+counted (``tunnel_connections_in``), not logged as a pod connection.  It is
+drained (GOAWAY: open streams finish, the client opens new ones on a new
+connection) when the worker stops or when this side's certificate or the
+trust bundle changed since its handshake; a stream arriving after the
+peer's certificate expired is refused.
+
 ``proxy.tunnelSecurity: insecure-plaintext`` (benchmarks only) skips TLS:
 the header's identity is taken on trust.
 """
@@ -20,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
@@ -28,13 +42,14 @@ from agent.proxy.admission import Refusal, admit_tunnel, node_at
 from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed
 from agent.proxy.destination import Destination
 from agent.proxy.inputs import ProxyInputs
+from agent.proxy.muxglue import IDLE_TIMEOUT, MuxSession, StreamTransport
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import tunnel_peer_allowed
 from agent.proxy.state import normalize_ip
 from agent.proxy.stats import Accounting
-from agent.proxy.tls import HandshakeError, TlsConnection
+from agent.proxy.tls import MUX_ALPN, HandshakeError, TlsConnection
 from agent.proxy.tunnel import Status
-from agent.proxy.upstream import Upstream
+from agent.proxy.upstream import Upstream, chain_not_after
 
 __all__ = ["Inbound", "REFUSE_LINGER"]
 
@@ -65,14 +80,26 @@ class Inbound:
         self.destination = destination
         self.handshaking: dict[str, int] = {}  # source address → TLS handshakes in progress
         self.max_handshakes = MAX_HANDSHAKES_PER_SOURCE
+        self.sessions: set[MuxSession] = set()  # meshlet-mux/1 connections being served
+        self.max_streams = upstream.max_streams
+
+    def drain(self, reason: str) -> None:
+        """GOAWAY on every multiplexed tunnel connection (worker stopping)."""
+        for s in list(self.sessions):
+            s.drain(reason)
+
+    def mux_stats(self) -> dict[str, int]:
+        return {"connections": len(self.sessions), "streams": sum(len(s.streams) for s in self.sessions)}
 
     # ---- accept
 
     def factory(self) -> TlsConnection | Endpoint:
         """A protocol for an accepted tunnel socket: address check, then a
         TLS server handshake."""
-        if self.inputs.watcher.current.tunnel_security == "insecure-plaintext":
+        state = self.inputs.watcher.current
+        if state.tunnel_security == "insecure-plaintext":
             return self._plaintext_tunnel()  # benchmarks only: no TLS at all
+        self.inputs.tls.mux = state.tunnel_mux  # which ALPNs this side offers
         ep = Endpoint("client")
 
         def on_made(tls: TlsConnection) -> bool:
@@ -141,20 +168,83 @@ class Inbound:
     # ---- per connection
 
     async def handle(self, conn: Conn) -> None:
-        inp = self.inputs
-        header_timeout = inp.header_timeout
-        ep = conn.client
         tls = conn.tls
-        verified = None
-        peer_ip = conn.src_addr[0] if conn.src_addr else None  # the TCP peer: a node (checked on accept)
         if tls is not None:
             try:
-                await tls.wait_handshake(header_timeout)
+                await tls.wait_handshake(self.inputs.header_timeout)
             except HandshakeError as e:  # counted and logged by the TLS layer
                 conn.deny("mtls_refused", f"mTLS handshake refused: {e.reason}: {e.detail}")
                 return
             finally:
                 self._handshake_done(str(conn.src_addr[0]))
+            if tls.alpn == MUX_ALPN:
+                self._serve_mux(conn, tls)
+                return
+        await self.serve(conn, tls)
+
+    # ---- multiplexed connections (meshlet-mux/1)
+
+    def _serve_mux(self, conn: Conn, tls: TlsConnection) -> None:
+        """The TLS connection carries streams from now on: each one is served
+        as a tunnel connection of its own (``serve``)."""
+        conn.carrier = True  # not a pod connection: no access-log line of its own
+        self.counters["tunnel_connections_in"] = self.counters.get("tunnel_connections_in", 0) + 1
+        state = self.inputs.watcher.current
+        session = MuxSession(
+            tls,
+            client=False,
+            counters=self.counters,
+            max_streams=self.max_streams,
+            idle_timeout=2 * IDLE_TIMEOUT,  # the client closes first; this reaps a vanished one
+            on_stream=self._on_stream,
+            on_closed=self.sessions.discard,
+            buffer_size=state.buffer_size,
+        )
+        certs = self.inputs.tls.certs
+        svid = certs.certificate(tls.local_identity or "")
+        session.meta = {
+            "local_serial": svid.serial if svid is not None else None,
+            "bundle": certs.bundle_fingerprint,
+            "peer_not_after": chain_not_after(tls),
+        }
+        self.sessions.add(session)
+        session.attach(conn.client)
+        if self.live.stopping:
+            session.drain("proxy shutting down")
+
+    def _on_stream(self, session: MuxSession, st: StreamTransport, ep: Endpoint) -> None:
+        tls = session.tls
+        conn = Conn("inbound", ep, route="local", seq=self.accounting.next_seq())
+        conn.src_addr = session.extra("peername")
+        if self.live.stopping:
+            session.drain("proxy shutting down")
+        if time.time() >= session.meta.get("peer_not_after", 0.0):
+            session.drain("peer certificate expired")
+            conn.deny(
+                "mtls_refused",
+                f"the certificate {tls.peer_identity} presented on this tunnel connection has expired",
+            )
+            log.warning("refused tunnel stream from %s: %s", fmt_addr(conn.src_addr), conn.reason)
+            st.abort()
+            self.accounting.finish(conn)
+            return
+        certs = self.inputs.tls.certs
+        svid = certs.certificate(tls.local_identity or "")
+        if svid is None or svid.serial != session.meta.get("local_serial"):
+            session.drain("certificate rotated")  # this stream is served; the next ones go elsewhere
+        elif certs.bundle_fingerprint != session.meta.get("bundle"):
+            session.drain("trust bundle changed")
+        self.live.spawn(functools.partial(self.serve, tls=tls), conn)
+
+    # ---- per connection (or stream), after the handshake
+
+    async def serve(self, conn: Conn, tls: TlsConnection | None) -> None:
+        inp = self.inputs
+        header_timeout = inp.header_timeout
+        ep = conn.client
+        verified = None
+        peer_ip = conn.src_addr[0] if conn.src_addr else None  # the TCP peer: a node (checked on accept)
+        if tls is not None:
             verified = tls.peer_identity
             conn.src_identity = verified
             conn.peer_verified = True

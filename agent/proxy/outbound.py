@@ -10,9 +10,12 @@ Local / Passthrough
     it as HTTP (``proxy.l7``).
 Tunnel
     mutual TLS 1.3 to the peer node's tunnel port presenting the *source
-    workload's* SVID and expecting the *destination workload's* SPIFFE ID,
-    then, inside TLS, send the header, forward client bytes right away,
-    read the inbound side's response, then relay the way back.
+    workload's* SVID and expecting the *destination workload's* SPIFFE ID
+    (a new stream of a pooled meshlet-mux/1 connection for that pair of
+    identities, or a TLS connection of its own with a meshlet-tunnel/1
+    peer: ``Upstream.connect_tunnel``), then send the header, forward
+    client bytes right away, read the inbound side's response, then relay
+    the way back.
 Service (a VIP)
     HTTP (appProtocol http, or sniffed): an L7 session that balances,
     retries and times out per request, each upstream leg an ordinary
@@ -240,18 +243,36 @@ class Outbound:
                 http_proto, conn, client, http_data, decision.addr, state, first_sock=first
             )
             return
+        header = b""
+        header_sent = False
+        if isinstance(decision, Tunnel):
+            header = tunnel.encode_request(
+                tunnel.TunnelRequest(
+                    dst=tunnel.Address(family_of(decision.dst[0]), decision.dst[0], decision.dst[1]),
+                    identity=conn.src_identity or "",
+                    namespace=src.namespace,
+                    name=src.name,
+                    src=tunnel.Address(family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
+                    # A service leg is HTTP: the peer connects to the pod and answers at once
+                    # instead of sniffing first (so a refused pod is a connect failure here).
+                    protocol=conn.leg_protocol if conn.ready is not None else "",
+                )
+            )
         try:
             if isinstance(decision, Tunnel) and state.tunnel_security == "insecure-plaintext":
                 upstream = await self.upstream.connect(decision.addr, state, "upstream")  # benchmarks only
                 conn.peer_verified = False
             elif isinstance(decision, Tunnel):
                 self.inputs.tls.session_cache_size = SESSION_CACHE_SIZE if state.tls_resumption else 0
-                upstream = await self.upstream.connect_tls(
+                # a stream of a pooled meshlet-mux/1 connection (the header in its OPEN),
+                # or a TLS connection of its own (meshlet-tunnel/1)
+                upstream, header_sent = await self.upstream.connect_tunnel(
                     decision.addr,
                     state,
                     node=decision.node,
                     src=conn.src_identity or "",
                     dst=conn.dst_identity or "",
+                    first=header,
                 )
                 conn.peer_verified = True
             else:
@@ -291,19 +312,8 @@ class Outbound:
             await relayed(conn, relay)
             return
 
-        header = tunnel.encode_request(
-            tunnel.TunnelRequest(
-                dst=tunnel.Address(family_of(decision.dst[0]), decision.dst[0], decision.dst[1]),
-                identity=conn.src_identity or "",
-                namespace=src.namespace,
-                name=src.name,
-                src=tunnel.Address(family_of(normalize_ip(peer[0])), normalize_ip(peer[0]), peer[1]),
-                # A service leg is HTTP: the peer connects to the pod and answers at once
-                # instead of sniffing first (so a refused pod is a connect failure here).
-                protocol=conn.leg_protocol if conn.ready is not None else "",
-            )
-        )
-        upstream.write(header)
+        if not header_sent:
+            upstream.write(header)
         relay.forward(client)  # client bytes may be pipelined right behind the header
         try:
             resp, leftover = await self._read_response(

@@ -336,6 +336,7 @@ class ProxyServer:
         for srv in self._servers:
             srv.close()
         self._servers.clear()
+        self.inbound.drain("proxy shutting down")  # multiplexed tunnels: GOAWAY, open streams finish
         if self._stats_server is not None:
             self._stats_server.close()
             self._stats_server = None
@@ -515,6 +516,7 @@ class ProxyServer:
             "counters": dict(self.counters),
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
+            "tunnel_mux": {"out": self.upstream.mux_pool.stats(), "in": self.inbound.mux_stats()},
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),

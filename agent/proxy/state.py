@@ -202,6 +202,7 @@ class ProxyState:
     tunnel_security: str = "mtls"
     tls_resumption: bool = True
     splice: bool = False  # proxy.splice: same-node L4 relays spliced in the kernel where pinned
+    tunnel_mux: bool = True  # proxy.tunnelMux: offer meshlet-mux/1 (pooled, multiplexed tunnel)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep (agent.policy.http)
     l7: bool | str = (
         False  # True / "auto" / False: where the destination node serves HTTP/1.x with L7 (config.py)
@@ -375,6 +376,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         )
     tls_resumption = _get(doc, "tls_resumption", "state", bool, True)
     splice = _get(doc, "splice", "state", bool, False)
+    tunnel_mux = _get(doc, "tunnel_mux", "state", bool, True)
     path_parameters = _get(doc, "path_parameters", "state", str, "reject")
     if path_parameters not in ("reject", "strip", "keep"):
         raise StateError(
@@ -461,6 +463,7 @@ def parse_state(doc: Any, *, require_identity: bool = True) -> ProxyState:
         tunnel_security=tunnel_security,
         tls_resumption=tls_resumption,
         splice=splice,
+        tunnel_mux=tunnel_mux,
         path_parameters=path_parameters,
         l7=l7,
         access_log=access_log,

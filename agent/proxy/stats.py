@@ -95,6 +95,14 @@ class Accounting:
             "spliced": 0,  # same-node relays handed to the kernel (agent.proxy.splice)
             "splice_skipped": 0,  # not spliced: bytes still buffered, or not two TCP sockets
             "splice_failed": 0,  # the kernel refused the insert: relayed in userspace
+            # node-to-node tunnels: TLS connections vs the pod connections (streams) they carry
+            "tunnel_connections_out": 0,  # meshlet-mux/1 connections dialed
+            "tunnel_connections_in": 0,  # meshlet-mux/1 connections accepted
+            "tunnel_streams_out": 0,
+            "tunnel_streams_in": 0,
+            "tunnel_legacy": 0,  # dials a peer answered with meshlet-tunnel/1 (one connection per stream)
+            "tunnel_idle_closed": 0,
+            "tunnel_mux_errors": 0,
         }
         # L7 (proxy.l7): per-request counters.
         self.http: dict[str, Any] = {
@@ -136,6 +144,8 @@ class Accounting:
         """The connection is over (or was refused): count it, close its
         metrics series, write its access-log line."""
         inp = self.inputs
+        if conn.carrier:  # a multiplexed tunnel connection: counted by its streams
+            return
         self.finished += 1
         self.counters[f"result_{conn.result}"] = self.counters.get(f"result_{conn.result}", 0) + 1
         self.counters["bytes_sent"] += conn.bytes_sent

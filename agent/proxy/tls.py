@@ -3,7 +3,11 @@
 Rules (everything that decides trust lives here):
 
 - TLS 1.3 only, both sides present certificates (``CERT_REQUIRED``), ALPN
-  ``meshlet-tunnel/1`` must be negotiated (else refused: ``alpn``).
+  ``meshlet-mux/1`` (many streams per connection, ``agent.proxy.mux``) or
+  ``meshlet-tunnel/1`` (one stream per connection) must be negotiated (else
+  refused: ``alpn``).  Both sides list ``meshlet-mux/1`` first unless
+  ``TlsContexts.mux`` is off (``proxy.tunnelMux: false``): then they offer
+  ``meshlet-tunnel/1`` alone, and a peer of either kind falls back to it.
 - OpenSSL checks the signature path to the trust bundle and validity; then,
   right after the handshake and before any application byte, ``verify_svid``
   checks the peer's full chain against the *current* bundle: the client
@@ -79,11 +83,13 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.identity.spiffe import SpiffeId, SpiffeIdError, parse_spiffe_id
 from agent.identity.svid import SvidError, TrustBundle, issuing_node, verify_svid_issuer
+from agent.proxy.mux import ALPN as MUX_ALPN
 from agent.proxy.relay import reset_transport
 from agent.proxy.workload_certs import Svid
 
 __all__ = [
     "ALPN",
+    "MUX_ALPN",
     "HandshakeError",
     "CertSource",
     "TlsContexts",
@@ -202,14 +208,18 @@ def load_svid_into(ctx: ssl.SSLContext, svid: Svid) -> None:
         del data
 
 
-def _base_context(server: bool, bundle: TrustBundle) -> ssl.SSLContext:
+def _alpns(mux: bool) -> list[str]:
+    return [MUX_ALPN, ALPN] if mux else [ALPN]
+
+
+def _base_context(server: bool, bundle: TrustBundle, mux: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=bundle.to_pem().decode())
-    ctx.set_alpn_protocols([ALPN])
+    ctx.set_alpn_protocols(_alpns(mux))
     return ctx
 
 
@@ -223,7 +233,7 @@ def _map_ssl_error(e: ssl.SSLError) -> HandshakeError:
     if r == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return HandshakeError("no_certificate", "the peer presented no certificate")
     if r == "NO_APPLICATION_PROTOCOL":
-        return HandshakeError("alpn", f"no common application protocol (need {ALPN})")
+        return HandshakeError("alpn", f"no common application protocol (need {MUX_ALPN} or {ALPN})")
     if "ALERT" in r or r.startswith("TLSV1_"):  # an alert from the peer, e.g. TLSV1_UNRECOGNIZED_NAME
         return HandshakeError(
             "peer_refused", f"the peer refused the handshake: {r.lower()} (see that node's proxy log for why)"
@@ -265,6 +275,8 @@ class TlsContexts:
     def __init__(self, certs: CertSource, *, session_cache_size: int = SESSION_CACHE_SIZE) -> None:
         self.certs = certs
         self.session_cache_size = session_cache_size
+        self.mux = True  # offer meshlet-mux/1 (proxy.tunnelMux); contexts are rebuilt when it changes
+        self._mux_applied = True
         # session_reads: reads of SSLObject.session (each leaks a copy before CPython 3.12.7)
         self.counters: dict[str, int] = {"handshakes": 0, "resumed": 0, "refused": 0, "session_reads": 0}
         self.failures: dict[str, int] = {}
@@ -280,6 +292,15 @@ class TlsContexts:
 
     def _sync(self) -> TrustBundle | None:
         fp = self.certs.bundle_fingerprint
+        if self.mux != self._mux_applied:
+            # New contexts: cached sessions belong to the old ones (OpenSSL refuses a session
+            # with another context: "Session refers to a different SSLContext").
+            self._mux_applied = self.mux
+            self._client.clear()
+            self._server.clear()
+            self._sessions.clear()
+            self._fetching.clear()
+            self._default_server = None
         if fp != self._fp:
             if self._fp is not None:
                 log.info(
@@ -346,7 +367,7 @@ class TlsContexts:
             raise HandshakeError("no_certificate", "no trust bundle yet (the agent's CA has not answered)")
         cached = self._client.get(src)
         if cached is None or cached[0] != svid.serial:
-            ctx = _base_context(False, bundle)
+            ctx = _base_context(False, bundle, self._mux_applied)
             load_svid_into(ctx, svid)
             self._client[src] = (svid.serial, ctx)
             return ctx, svid
@@ -476,7 +497,7 @@ class TlsContexts:
                 ctx.minimum_version = ssl.TLSVersion.TLSv1_3
                 ctx.verify_mode = ssl.CERT_REQUIRED
             else:
-                ctx = _base_context(True, bundle)
+                ctx = _base_context(True, bundle, self._mux_applied)
             ctx.sni_callback = self._sni
             self._default_server = ctx
         return ctx
@@ -488,7 +509,7 @@ class TlsContexts:
             return None
         cached = self._server.get(ident)
         if cached is None or cached[0] != svid.serial:
-            ctx = _base_context(True, bundle)
+            ctx = _base_context(True, bundle, self._mux_applied)
             load_svid_into(ctx, svid)
             self._server[ident] = (svid.serial, ctx)
             return ctx
@@ -663,6 +684,7 @@ class TlsConnection(asyncio.Protocol):
         self.peer_node: str | None = None  # whose node intermediate issued the peer's certificate
         self.local_identity: str | None = None  # server: the identity chosen by SNI
         self.sni_named = False
+        self.alpn: str | None = None  # the negotiated protocol: MUX_ALPN or ALPN
         self.verified_chain: tuple[x509.Certificate, ...] = ()
         self.pending_error: HandshakeError | None = None
         self.error: HandshakeError | None = None
@@ -765,11 +787,11 @@ class TlsConnection(asyncio.Protocol):
             return
         self._flush()
         try:
-            if self.sslobj.selected_alpn_protocol() != ALPN:
+            self.alpn = self.sslobj.selected_alpn_protocol()
+            if self.alpn not in (MUX_ALPN, ALPN):
                 raise HandshakeError(
                     "alpn",
-                    f"the peer did not negotiate ALPN {ALPN!r} "
-                    f"(got {self.sslobj.selected_alpn_protocol()!r})",
+                    f"the peer did not negotiate ALPN {MUX_ALPN!r} or {ALPN!r} (got {self.alpn!r})",
                 )
             if self.sslobj.version() != "TLSv1.3":
                 raise HandshakeError("protocol", f"negotiated {self.sslobj.version()}, need TLSv1.3")
@@ -997,6 +1019,8 @@ class _AppTransport(asyncio.Transport):
             return c.local_identity
         if name == "sni_named":
             return c.sni_named
+        if name == "alpn":
+            return c.alpn
         if name == "tls_resumed":
             return bool(c.sslobj and c.sslobj.session_reused)
         if name == "ssl_object":

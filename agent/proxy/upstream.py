@@ -5,6 +5,19 @@ does not redirect it again; and the kernel flow table's leg links
 
 Connect errors become ``ConnectFailure`` with the access-log result, the
 tunnel status and a reason that names the likely cause.
+
+Tunnels (``connect_tunnel``): with ``proxy.tunnelMux`` on, a pod connection
+to another node becomes a stream of a pooled meshlet-mux/1 connection for
+its (node, address, source identity, destination identity): the TLS client
+presents the source workload's certificate and expects the destination
+workload's, as for one connection per stream, so a stream can only ever be
+carried for the pair of identities its connection was verified for.  A
+connection is used for new streams only while the source's certificate and
+the trust bundle are the ones it was made with and the peer's chain is
+valid (else it is drained: open streams finish, new ones get a new
+connection).  A peer that negotiates meshlet-tunnel/1 gets the TLS
+connection as the stream itself (the old mode), and is dialed that way for
+``LEGACY_RETRY_S`` without waiting on a shared dial.
 """
 
 from __future__ import annotations
@@ -14,16 +27,19 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from typing import Any, Protocol
 
+from agent.proxy import mux
 from agent.proxy.conn import Conn, ConnectFailure, family_of, fmt_addr
 from agent.proxy.inputs import ProxyInputs
+from agent.proxy.muxglue import IDLE_TIMEOUT, MuxPool, MuxSession
 from agent.proxy.relay import Endpoint
 from agent.proxy.state import ProxyState
-from agent.proxy.tls import HandshakeError
+from agent.proxy.tls import MUX_ALPN, HandshakeError, TlsConnection
 from agent.proxy.tunnel import Status
 
-__all__ = ["Upstream", "LegLinker", "SO_MARK", "SO_COOKIE", "first_then"]
+__all__ = ["Upstream", "LegLinker", "SO_MARK", "SO_COOKIE", "chain_not_after", "first_then"]
 
 log = logging.getLogger("meshlet.proxy")
 
@@ -44,6 +60,14 @@ def _cookie(ep: Endpoint) -> int:
     # cookies are read once connected, when the transport is set
     sock = ep.transport.get_extra_info("socket")  # type: ignore[union-attr]
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def chain_not_after(tls: TlsConnection) -> float:
+    """When the first certificate of the peer's verified chain expires (epoch seconds)."""
+    chain = tls.verified_chain
+    if not chain:
+        return 0.0
+    return min(c.not_valid_after_utc.timestamp() for c in chain)
 
 
 def first_then(sock: socket.socket, open_socket: Any) -> Any:
@@ -71,8 +95,12 @@ class Upstream:
         self._mark_warned = False
         self._link_warned = False
         self._links: list[tuple[int, int]] = []  # cookie pairs waiting for the next flush
+        self.mux_pool = MuxPool()
+        self.max_streams = mux.DEFAULT_MAX_STREAMS  # per pooled tunnel connection
+        self.idle_timeout = IDLE_TIMEOUT  # a pooled tunnel connection without streams is closed after
 
     def close(self) -> None:
+        self.mux_pool.drain_all("proxy shutting down")
         if self.linker is not None:
             with contextlib.suppress(Exception):
                 self.linker.close()
@@ -134,6 +162,91 @@ class Upstream:
             ) from None
         return ep
 
+    async def connect_tunnel(
+        self, addr: tuple[str, int], state: ProxyState, *, node: str, src: str, dst: str, first: bytes
+    ) -> tuple[Endpoint, bool]:
+        """An upstream for a pod connection to ``node``: a new stream of a
+        pooled meshlet-mux/1 connection whose first bytes are ``first``
+        (the tunnel header), or, with the knob off or a peer that only
+        speaks meshlet-tunnel/1, a TLS connection of its own.  Returns the
+        endpoint and whether ``first`` was sent.  Raises ConnectFailure."""
+        tls_ctx = self.inputs.tls
+        tls_ctx.mux = state.tunnel_mux
+        pool = self.mux_pool
+        peer = (node, addr)
+        if not state.tunnel_mux or pool.is_legacy(peer):
+            return await self.connect_tls(addr, state, node=node, src=src, dst=dst), False
+        key = (node, addr, src, dst)
+        loop = asyncio.get_running_loop()
+
+        def fresh(s: MuxSession) -> str | None:
+            svid = tls_ctx.certs.certificate(src)
+            if svid is None or svid.serial != s.meta.get("src_serial"):
+                return "source certificate rotated"
+            if tls_ctx.certs.bundle_fingerprint != s.meta.get("bundle"):
+                return "trust bundle changed"
+            if time.time() >= s.meta.get("peer_not_after", 0.0):
+                return "peer certificate expired"
+            return None
+
+        while True:
+            s = pool.pick(key, fresh)
+            if s is not None:
+                ep = Endpoint("upstream", prebuffer_limit=state.buffer_size)
+                s.open_stream(first, ep)
+                return ep, True
+            fut = pool.dialing.get(key)
+            if fut is not None:
+                await asyncio.wait([fut])
+                if not fut.cancelled() and fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]  # the dial's ConnectFailure
+                continue
+            fut = pool.dialing[key] = loop.create_future()
+            try:
+                ep = await self.connect_tls(addr, state, node=node, src=src, dst=dst)
+                if not self._pooled(ep, key, state, src):
+                    fut.set_result(None)
+                    return ep, False  # the peer speaks meshlet-tunnel/1: this connection is the stream
+                fut.set_result(None)
+            except ConnectFailure as f:
+                fut.set_exception(f)
+                fut.exception()  # retrieved (there may be no waiter)
+                raise
+            except BaseException:
+                fut.cancel()
+                raise
+            finally:
+                if pool.dialing.get(key) is fut:
+                    del pool.dialing[key]
+
+    def _pooled(self, ep: Endpoint, key: tuple, state: ProxyState, src: str) -> bool:
+        """Make a new TLS connection a pooled meshlet-mux/1 session, if it
+        negotiated that; False (and the peer remembered as legacy) if not."""
+        tls: TlsConnection = ep.transport.get_extra_info("tls_connection")  # type: ignore[union-attr]
+        if tls.alpn != MUX_ALPN:
+            self.mux_pool.mark_legacy((key[0], key[1]))
+            self.counters["tunnel_legacy"] = self.counters.get("tunnel_legacy", 0) + 1
+            return False
+        certs = self.inputs.tls.certs
+        session = MuxSession(
+            tls,
+            client=True,
+            counters=self.counters,
+            max_streams=self.max_streams,
+            idle_timeout=self.idle_timeout,
+            buffer_size=state.buffer_size,
+        )
+        svid = certs.certificate(src)
+        session.meta = {
+            "src_serial": svid.serial if svid is not None else None,
+            "bundle": certs.bundle_fingerprint,
+            "peer_not_after": chain_not_after(tls),
+        }
+        session.attach(ep)
+        self.counters["tunnel_connections_out"] = self.counters.get("tunnel_connections_out", 0) + 1
+        self.mux_pool.add(key, session)
+        return True
+
     async def open_socket(self, addr: tuple[str, int], state: ProxyState) -> socket.socket:
         """A connected, marked, non-blocking TCP socket. Raises ConnectFailure."""
         loop = asyncio.get_running_loop()
@@ -184,6 +297,10 @@ class Upstream:
         for every connection set up in it (one batched bpf(2) call)."""
         if self.linker is None or conn.upstream is None or conn.ready is not None:
             return  # (a service leg's client end is a socketpair, not a TCP flow)
+        if conn.client.transport is None or conn.client.transport.get_extra_info("socket") is None:
+            return  # a stream of a multiplexed tunnel: no socket of its own
+        if conn.upstream.transport is None or conn.upstream.transport.get_extra_info("socket") is None:
+            return
         try:
             pair = (_cookie(conn.client), _cookie(conn.upstream))
         except OSError:

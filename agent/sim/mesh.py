@@ -122,6 +122,8 @@ class Mesh:
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
     splice: bool = False  # proxy.splice: the same-node kernel splice
+    tunnel_mux: bool = True  # proxy.tunnelMux
+    legacy_tunnel_nodes: set[str] = field(default_factory=set)  # nodes forced to meshlet-tunnel/1 only
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
@@ -214,6 +216,7 @@ class Mesh:
             "tunnelSecurity": self.tunnel_security,
             "tlsResumption": self.tls_resumption,
             "splice": self.splice,
+            "tunnelMux": self.tunnel_mux and node.name not in self.legacy_tunnel_nodes,
             "l7": self.l7,
             "pathParameters": self.path_parameters,
         }

@@ -305,12 +305,18 @@ def test_leaf_rotation_under_steady_traffic(short_lived):
     traffic = Traffic(m, seconds=40, pairs=PAIRS)
     try:
         assert "connected" in session.stdout.readline()
+        dialed = proxy_stats(m, "node1")["counters"]["tunnel_connections_out"]
         traffic.start()
         wait_for(lambda: all(held_certs(m, "node1").get(k, {}).get("serial") not in (None, s)
                              for k, s in first.items()), "every leaf to rotate", timeout=40)
+        # the pooled tunnel: a rotated source certificate means new streams on a new connection
+        # (with the new certificate), while the session's stream, opened before, goes on on the old one
+        wait_for(lambda: proxy_stats(m, "node1")["counters"]["tunnel_connections_out"] > dialed,
+                 "a new tunnel connection after the rotation", timeout=20)
         session.stdin.write("after-rotation\n")
         session.stdin.flush()
         assert json.loads(session.stdout.readline()) == {"echo": "after-rotation"}
+        assert proxy_stats(m, "node1")["counters"]["tunnel_mux_errors"] == 0
     finally:
         traffic.stop.set()
         traffic.join(timeout=60)

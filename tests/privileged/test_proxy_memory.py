@@ -57,7 +57,10 @@ def worker_stats(mesh: Mesh, node: str) -> list[dict]:
 
 def test_rss_returns_within_1_5x_of_idle_after_3000_connections_close():
     cluster = Cluster(nodes=2, pods_per_node=1).up()
-    mesh = Mesh(cluster, workers=2, log_level="warning")
+    # One TLS connection per pod connection (proxy.tunnelMux off, the fallback a
+    # meshlet-tunnel/1 peer gets): this test's case is the per-handshake session
+    # leak, which the pooled tunnel would hide behind a single handshake.
+    mesh = Mesh(cluster, workers=2, log_level="warning", tunnel_mux=False)
     client = None
     try:
         server = cluster.pod("pod2-1").popen(HOLD + ["serve", "--port", str(PORT)], stdout=subprocess.PIPE, text=True)

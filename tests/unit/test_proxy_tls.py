@@ -23,6 +23,7 @@ import pytest
 from agent.identity.svid import TrustBundle
 from agent.proxy.tls import (
     ALPN,
+    MUX_ALPN,
     SESSION_REFUSED_REFETCH_S,
     HandshakeError,
     TlsContexts,
@@ -208,9 +209,57 @@ def test_good_pair_both_ways_and_server_learns_client_identity():
         return out
 
     (a, b) = run(main())
-    assert a == (CLIENT, SERVER, CLIENT, ALPN, "TLSv1.3")
-    assert b == (SERVER, CLIENT, SERVER, ALPN, "TLSv1.3")
+    assert a == (CLIENT, SERVER, CLIENT, MUX_ALPN, "TLSv1.3")  # both sides offer the multiplexed tunnel
+    assert b == (SERVER, CLIENT, SERVER, MUX_ALPN, "TLSv1.3")
     assert node_a.failures == {} and node_b.failures == {}
+
+
+@pytest.mark.parametrize(
+    "client_mux, server_mux, want",
+    [(True, True, MUX_ALPN), (True, False, ALPN), (False, True, ALPN), (False, False, ALPN)],
+)
+def test_alpn_falls_back_to_one_connection_per_stream(client_mux, server_mux, want):
+    """proxy.tunnelMux off on either side: meshlet-tunnel/1, and the handshake still succeeds
+    (a mixed-version cluster during an upgrade)."""
+    f = CertFactory(TD)
+    node_a = TlsContexts(Certs(f, CLIENT, OTHER))
+    node_b = TlsContexts(Certs(f, SERVER, OTHER))
+    node_a.mux, node_b.mux = client_mux, server_mux
+
+    async def main():
+        async with Server(node_b) as s:
+            conn, app = await connect(node_a, s.port, src=CLIENT, dst=SERVER)
+            await asyncio.wait_for(s.apps[0].made, 10)
+            got = (conn.alpn, s.conns[0].alpn, app.transport.get_extra_info("alpn"))
+            app.transport.close()
+            return got
+
+    assert run(main()) == (want, want, want)
+    assert node_a.failures == {} and node_b.failures == {}
+
+
+def test_turning_mux_on_or_off_keeps_resumption_working():
+    """The knob rebuilds the contexts; a session cached under the old ones is
+    dropped, not offered to OpenSSL with the new one (which refuses it)."""
+    f = CertFactory(TD)
+    node_a = TlsContexts(Certs(f, CLIENT, OTHER))
+    node_b = TlsContexts(Certs(f, SERVER, OTHER))
+
+    async def main():
+        got = []
+        async with Server(node_b) as s:
+            for mux in (True, True, False, False, True):
+                node_a.mux = node_b.mux = mux
+                conn, app = await connect(node_a, s.port, src=CLIENT, dst=SERVER)
+                app.transport.write(b"x")  # a round trip, so the session ticket arrives
+                await until(lambda: s.apps and s.apps[-1].received)
+                got.append(conn.alpn)
+                app.transport.close()
+        return got
+
+    assert run(main()) == [MUX_ALPN, MUX_ALPN, ALPN, ALPN, MUX_ALPN]
+    assert node_a.failures == {} and node_b.failures == {}
+    assert node_a.counters["resumed"] >= 1
 
 
 @pytest.mark.parametrize("variant", sorted(CertFactory.BAD))

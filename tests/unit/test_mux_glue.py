@@ -1,0 +1,150 @@
+"""meshlet-mux/1 socket glue (agent.proxy.muxglue) over a real loopback mTLS
+connection: streams as asyncio transports, flow control that stalls one
+stream and not its neighbour, half-close, reset, GOAWAY drain."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from agent.proxy import mux
+from agent.proxy.muxglue import MuxSession
+from agent.proxy.relay import Endpoint
+from agent.proxy.tls import MUX_ALPN, TlsContexts
+from tests.support.aio import run, until
+from tests.support.ca import CertFactory
+from tests.unit.test_proxy_tls import CLIENT, OTHER, SERVER, TD, Certs, Server, connect
+
+
+async def read_all(ep: Endpoint) -> bytes:
+    out = bytearray()
+    while True:
+        b = await ep.receive()
+        if not b:
+            return bytes(out)
+        out += b
+
+
+class Pair:
+    """A client and a server MuxSession over one TLS connection on loopback."""
+
+    async def __aenter__(self):
+        f = CertFactory(TD)
+        self.srv = Server(TlsContexts(Certs(f, SERVER, OTHER)), app_factory=lambda: Endpoint("client"))
+        await self.srv.__aenter__()
+        self.opened: asyncio.Queue = asyncio.Queue()
+        conn, ep = await connect(TlsContexts(Certs(f, CLIENT, OTHER)), self.srv.port, app=Endpoint("up"))
+        assert conn.alpn == MUX_ALPN
+        self.counters: dict[str, int] = {}
+        self.client = MuxSession(conn, client=True, counters=self.counters)
+        self.client.attach(ep)
+        await until(lambda: self.srv.conns and self.srv.conns[0].alpn == MUX_ALPN)
+        self.server = MuxSession(
+            self.srv.conns[0],
+            client=False,
+            counters=self.counters,
+            on_stream=lambda _s, st, sep: self.opened.put_nowait((st, sep)),
+        )
+        self.server.attach(self.srv.apps[0])
+        return self
+
+    async def open(self, first: bytes = b"hdr"):
+        ep = Endpoint("upstream")
+        self.client.open_stream(first, ep)
+        st, sep = await asyncio.wait_for(self.opened.get(), 10)
+        assert await sep.receive() == first
+        return ep, sep
+
+    async def __aexit__(self, *exc):
+        self.client.close()
+        self.server.close()
+        await self.srv.__aexit__(*exc)
+
+
+def test_a_stalled_stream_does_not_stall_its_neighbour_and_completes_intact():
+    async def main():
+        async with Pair() as p:
+            bulk, bulk_srv = await p.open()
+            req, req_srv = await p.open()
+            blob = bytes(range(256)) * (5 * mux.INITIAL_WINDOW // 256)  # five windows
+            bulk.write(blob)
+            bulk.write_eof()
+            bulk_srv.transport.pause_reading()  # the destination reads nothing
+            await until(lambda: bulk.transport.get_write_buffer_size() > 0)  # the window is full
+            assert bulk._write_paused  # the source is told to stop
+            req.write(b"ping")
+            assert await asyncio.wait_for(req_srv.receive(), 10) == b"ping"
+            req_srv.write(b"pong")
+            assert await asyncio.wait_for(req.receive(), 10) == b"pong"
+            bulk_srv.transport.resume_reading()
+            got = await asyncio.wait_for(read_all(bulk_srv), 30)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(blob).digest()
+            assert bulk.transport.get_write_buffer_size() == 0 and not bulk._write_paused
+            assert p.counters["tunnel_streams_out"] == 2 and p.counters["tunnel_streams_in"] == 2
+
+    run(main())
+
+
+def test_half_close_both_ways_then_close():
+    async def main():
+        async with Pair() as p:
+            c, s = await p.open()
+            c.write(b"request")
+            c.write_eof()
+            assert await asyncio.wait_for(read_all(s), 10) == b"request"
+            s.write(b"response after the client's FIN")
+            s.write_eof()
+            assert await asyncio.wait_for(read_all(c), 10) == b"response after the client's FIN"
+            c.close()
+            s.close()
+            await until(lambda: c.lost and s.lost)
+            assert c.lost_exc is None and s.lost_exc is None  # graceful both ways
+            assert not p.client.streams and not p.server.streams
+
+    run(main())
+
+
+def test_reset_reaches_the_other_end_and_only_that_stream():
+    async def main():
+        async with Pair() as p:
+            a, a_srv = await p.open()
+            b, b_srv = await p.open()
+            a_srv.reset()  # the pod reset its connection
+            await until(lambda: a.lost)
+            assert isinstance(a.lost_exc, ConnectionResetError)
+            b.write(b"still here")
+            assert await asyncio.wait_for(b_srv.receive(), 10) == b"still here"
+            assert not p.client.closed
+
+    run(main())
+
+
+def test_goaway_lets_open_streams_finish_then_closes():
+    async def main():
+        async with Pair() as p:
+            c, s = await p.open()
+            p.server.drain("certificate rotated")
+            await until(lambda: p.client.draining)
+            assert not p.client.can_open()
+            c.write(b"last words")
+            c.write_eof()
+            assert await asyncio.wait_for(read_all(s), 10) == b"last words"
+            s.write_eof()
+            assert await asyncio.wait_for(read_all(c), 10) == b""
+            c.close()
+            s.close()
+            await until(lambda: p.client.closed and p.server.closed)
+
+    run(main())
+
+
+def test_a_protocol_error_resets_every_stream():
+    async def main():
+        async with Pair() as p:
+            c, _ = await p.open()
+            p.client.transport.write(mux.frame(9, 0, 1))  # an unknown frame type
+            await until(lambda: c.lost)
+            assert isinstance(c.lost_exc, ConnectionResetError)
+            assert p.counters["tunnel_mux_errors"] == 1 and p.server.closed
+
+    run(main())

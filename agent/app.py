@@ -994,7 +994,7 @@ class Agent:
         if self.health_written and self.health_written[:3] == key and now - self.health_written[3] < 5:
             return
         doc = {"tick": now, "ready": ok, "why": why, "role": self.role, "pid": os.getpid()}
-        write_atomic(os.path.join(self.cfg.run_dir, "health.json"), json.dumps(doc), mode=0o644)
+        write_atomic(os.path.join(self.cfg.run_dir, "health.json"), json.dumps(doc), mode=0o640)
         self.health_written = (*key, now)
 
     # --- the asyncio shell ----------------------------------------------------------

@@ -207,6 +207,7 @@ class MuxConnection:
         self.last_stream_id = 0  # highest id opened (by us if client, by the peer if server)
         self.goaway_sent: int | None = None  # the LAST_STREAM we announced
         self.goaway_received: int | None = None
+        self.notice_sent = False  # goaway_notice(): a drain's first GOAWAY (LAST_STREAM = max)
         self.closed = False  # after a connection error
         self.refused = 0  # OPENs answered RST REFUSED (server)
         self._buf = bytearray()
@@ -302,6 +303,25 @@ class MuxConnection:
         if len(data) != 8:
             raise ValueError("a PING carries 8 bytes")
         self._out.append(frame(FrameType.PING, 0, 0, data))
+
+    def goaway_notice(self, reason: str = "") -> None:
+        """The first half of a graceful drain (server): GOAWAY with the
+        highest possible LAST_STREAM, so the peer opens nothing new here,
+        while OPENs already on the wire are still served.  ``goaway()`` a
+        round trip later names the real last stream (as HTTP/2 servers do,
+        RFC 9113 6.8): a stream is then refused only if the peer opened it
+        after it had the notice, which it does not."""
+        if self.closed or self.goaway_sent is not None or self.notice_sent:
+            return
+        self.notice_sent = True
+        self._out.append(
+            frame(
+                FrameType.GOAWAY,
+                0,
+                0,
+                _U32x2.pack(_MAX_STREAM_ID, int(ErrorCode.NO_ERROR)) + _reason_bytes(reason),
+            )
+        )
 
     def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """No new streams on this connection; open ones finish.  (Server: no

@@ -40,6 +40,7 @@ log = logging.getLogger("meshlet.proxy")
 
 IDLE_TIMEOUT = 60.0  # a pooled connection without streams this long is closed (client side)
 LEGACY_RETRY_S = 30.0  # a node that answered meshlet-tunnel/1 is dialed the old way this long
+DRAIN_NOTICE_S = 1.0  # a server's drain: between its GOAWAY notice and the GOAWAY naming the last stream
 _RAW_HIGH = 256 * 1024  # the TLS connection's write high-water mark
 
 
@@ -272,6 +273,7 @@ class MuxSession(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.draining = False
+        self._final_goaway = False  # a drain's last GOAWAY sent (or not needed): close when empty
         self.opened_at = time.monotonic()
         self.streams_total = 0
         self.meta: dict[str, Any] = {}  # what the pool checks for freshness (serials, expiry)
@@ -321,8 +323,10 @@ class MuxSession(asyncio.Protocol):
     def forget(self, sid: int) -> None:
         self.streams.pop(sid, None)
         if not self.streams:
-            if self.draining:
+            if self.draining and self._final_goaway:
                 self.close()
+            elif self.draining:
+                pass  # a drain's notice: streams still on the wire are served; _drain_final closes
             else:
                 self._arm_idle()
 
@@ -337,10 +341,28 @@ class MuxSession(asyncio.Protocol):
             tr.write(data)
 
     def drain(self, reason: str) -> None:
-        """GOAWAY: no new streams here; close once the open ones end."""
+        """GOAWAY: no new streams here; close once the open ones end.
+
+        A server drains in two steps: a notice (no new streams, but those
+        already on the wire are served), then after ``DRAIN_NOTICE_S`` the
+        GOAWAY naming the last stream, after which an empty connection
+        closes.  Without the notice, an OPEN crossing the GOAWAY on the wire
+        was refused and its pod connection reset (seen in a worker
+        hand-over under load)."""
         if self.closed or self.draining:
             return
         self.draining = True
+        if not self.core.client and not self.core.closed:
+            self.core.goaway_notice(reason)
+            self.flush()
+            asyncio.get_running_loop().call_later(DRAIN_NOTICE_S, self._drain_final, reason)
+            return
+        self._drain_final(reason)
+
+    def _drain_final(self, reason: str) -> None:
+        if self.closed:
+            return
+        self._final_goaway = True
         self.core.goaway(mux.ErrorCode.NO_ERROR, reason)
         self.flush()
         if not self.streams:
@@ -438,6 +460,7 @@ class MuxSession(asyncio.Protocol):
                 st.reset_by_peer(ConnectionResetError(f"stream reset by the peer ({code}): {ev.reason}"))
         elif isinstance(ev, mux.GoAwayReceived):
             self.draining = True
+            self._final_goaway = True  # this side opens nothing more: close once the streams end
             for sid, st in list(self.streams.items()):
                 if sid > ev.last_stream_id:
                     st.reset_by_peer(ConnectionResetError(f"refused: the peer is draining ({ev.reason})"))

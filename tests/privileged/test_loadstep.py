@@ -11,6 +11,7 @@ through load, in-place upgrade and adoption.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,32 @@ def left_behind(spec: DatapathSpec) -> list[str]:
     return sorted(out)
 
 
+# Datapath.open() in a fresh interpreter, as the agent runs it: whether bcc
+# was imported or LLVM mapped can only be told in a process no other test
+# has imported bcc into (the suite's own process may have).
+_CHILD = """
+import json, os, sys
+from agent.datapath import loadstep
+from agent.datapath.loader import Datapath, DatapathError
+from tests.support.privileged import llvm_mappings
+try:
+    out = {"how": Datapath(loadstep.spec_from_json(sys.stdin.read())).open()}
+except DatapathError as e:
+    out = {"error": str(e)}
+out["bcc"] = "bcc" in sys.modules
+out["llvm"] = llvm_mappings(os.getpid())
+print(json.dumps(out))
+"""
+
+
+def open_in_child(spec: DatapathSpec) -> tuple[dict, str]:
+    """(what the child's ``Datapath(spec).open()`` did, its stderr)."""
+    p = subprocess.run([sys.executable, "-c", _CHILD], input=loadstep.spec_to_json(spec), capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(REPO_BPF))
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
 def edited_bpf(tmp_path, rel: str, old: str, new: str) -> str:
     d = os.path.join(str(tmp_path), "bpf")
     shutil.copytree(REPO_BPF, d)
@@ -75,18 +102,18 @@ def edited_bpf(tmp_path, rel: str, old: str, new: str) -> str:
     return d
 
 
-def test_a_program_the_kernel_refuses_leaves_nothing_and_says_why(node, tmp_path, monkeypatch, capfd):
+def test_a_program_the_kernel_refuses_leaves_nothing_and_says_why(node, tmp_path, monkeypatch):
     spec, cgdir = node
     monkeypatch.setenv("MESHLET_BPF_DIR", edited_bpf(
         tmp_path, "tc.c", "int ml_tc_to_pod(struct __sk_buff *skb)\n{",
         "int ml_tc_to_pod(struct __sk_buff *skb)\n{\n"
         "\tif (*(volatile char *)(long)skb->data == 1)\n\t\treturn ML_TC_DROP;"))
-    with pytest.raises(DatapathError, match="refused the datapath's programs"):
-        Datapath(spec).open()
+    out, err = open_in_child(spec)
+    assert "refused the datapath's programs" in out.get("error", ""), out
     # The verifier's log, printed by bcc in the step, reached the agent's stderr.
-    assert "ml_tc_to_pod" in capfd.readouterr().err
+    assert "ml_tc_to_pod" in err
     assert left_behind(spec) == [] and attached(cgdir) == 0
-    assert "bcc" not in sys.modules  # the compile ran in the step, not here
+    assert not out["bcc"] and out["llvm"] == [], out  # the compile ran in the step, not in the agent
 
 
 def test_c_that_does_not_compile_leaves_nothing(node, tmp_path, monkeypatch):
@@ -130,12 +157,11 @@ def test_the_step_loads_adopts_and_the_agent_side_stays_without_llvm(node):
     """One fresh load through the step and an adoption, then a positive
     control: the LLVM check does see bcc in a process that imported it."""
     spec, cgdir = node
-    d = Datapath(spec)
-    assert d.open() == "loaded"
-    d.close()
+    out, _ = open_in_child(spec)
+    assert out == {"how": "loaded", "bcc": False, "llvm": []}, out
     assert attached(cgdir) == len([h for h in CGROUP_HOOKS if spec.flow_tracking or "flow" not in h.name])
-    assert Datapath(spec).open() == "adopted"
-    assert "bcc" not in sys.modules and llvm_mappings(os.getpid()) == []
+    out, _ = open_in_child(spec)
+    assert out == {"how": "adopted", "bcc": False, "llvm": []}, out
     importer = "import bcc, sys; print('in', flush=True); sys.stdin.read()"
     with subprocess.Popen([sys.executable, "-c", importer], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           text=True) as p:

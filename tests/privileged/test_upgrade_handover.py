@@ -164,9 +164,11 @@ def test_daemonset_upgrade_hands_node1_over_dropping_nothing(tmp_path):
             a.popen.send_signal(signal.SIGTERM)
             wait_for(lambda: "draining proxy workers" in mesh.agent_log("node1"), "A drains")
             wait_all(ls, 30, "load while A drains")
-            # the streams keep going on the old workers, which wait for them
+            # the streams keep going on the old workers, which wait for them (a worker that
+            # holds none of them may already be gone: the pooled tunnel can carry all six
+            # streams on one or two TLS connections, each held by one worker)
             assert all(s.say("draining") == {"echo": "draining"} for s in sessions)
-            assert a.popen.poll() is None and all(_alive(pid) for pid in old_workers)
+            assert a.popen.poll() is None and any(_alive(pid) for pid in old_workers)
         finally:
             codes = [s.close() for s in sessions]
         assert codes == [0] * 6  # every stream finished cleanly, none reset

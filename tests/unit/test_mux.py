@@ -219,6 +219,28 @@ def test_open_after_goaway_is_refused():
     assert c.receive(ev) == [m.StreamReset(b, m.ErrorCode.REFUSED, "draining (GOAWAY sent)")]
 
 
+def test_a_drain_notice_serves_opens_already_on_the_wire():
+    """The graceful drain: the notice (LAST_STREAM = max) stops new streams,
+    yet an OPEN that crossed it on the wire is served, not refused; the
+    final GOAWAY then names the real last stream."""
+    c, s = pair()
+    a = c.open_stream()
+    pump(c, s)
+    s.goaway_notice("worker hand-over")
+    notice = s.data_to_send()
+    b = c.open_stream()  # crossed the notice on the wire
+    ev = pump(c, s)
+    assert [e for e in ev if isinstance(e, m.StreamOpened)] == [m.StreamOpened(b, b"")]
+    assert s.data_to_send() == b""  # no RST REFUSED
+    assert c.receive(notice) == [m.GoAwayReceived(m._MAX_STREAM_ID, m.ErrorCode.NO_ERROR, "worker hand-over")]
+    assert not c.can_open()
+    s.goaway(m.ErrorCode.NO_ERROR, "worker hand-over")
+    assert pump(s, c) == [m.GoAwayReceived(b, m.ErrorCode.NO_ERROR, "worker hand-over")]
+    for sid in (a, b):  # both finish
+        c.send_data(sid, b"done")
+        assert data_of(pump(c, s), sid) == b"done"
+
+
 def test_ping_is_echoed():
     c, s = pair()
     c.ping(b"12345678")

@@ -26,8 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: Shared objects that mean LLVM is in a process (bcc's libbcc embeds it).
-LLVM_LIBS = ("libbcc", "libllvm", "libclang")
+from tests.support.privileged import llvm_mappings  # the same check the tests make
 
 
 def smaps_rollup_kb(pid: int) -> dict[str, int]:
@@ -39,18 +38,6 @@ def smaps_rollup_kb(pid: int) -> dict[str, int]:
             if key in ("Rss", "Pss"):
                 out[key.lower()] = int(rest.split()[0])
     return out
-
-
-def llvm_mappings(pid: int) -> list[str]:
-    """The files mapped by ``pid`` whose name says LLVM (bcc, llvm, clang)."""
-    found = set()
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            path = parts[5].strip() if len(parts) == 6 else ""
-            if any(lib in os.path.basename(path).lower() for lib in LLVM_LIBS):
-                found.add(path)
-    return sorted(found)
 
 
 def top_mappings(pid: int, n: int = 12) -> list[tuple[str, int]]:

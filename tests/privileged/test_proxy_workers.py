@@ -31,6 +31,7 @@ import sys
 import pytest
 
 from tests.support.privileged import TOOLS, ip_of, require_privileged, wait_for
+from tests.support.privileged import EchoSession as Session
 
 require_privileged()
 
@@ -110,24 +111,6 @@ def all_ready(mesh, node: str, old: set[int]) -> bool:
     """Every worker of ``node`` is a new process (not in ``old``) that reports ready."""
     st = mesh.status(node)["proxy"]
     return all(w["pid"] not in old and w["alive"] and (w["stats"] or {}).get("ready") for w in st)
-
-
-class Session:
-    """A long-lived connection (the ``session`` tool) driven line by line."""
-
-    def __init__(self, mesh, src: str, dst_ip: str):
-        self.p = mesh.cluster.pod(src).popen(
-            TOOLS + ["session", dst_ip, "7001"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.hello = json.loads(self.p.stdout.readline())
-
-    def say(self, msg: str) -> dict:
-        self.p.stdin.write(msg + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline() or '{"error": "tool exited"}')
-
-    def close(self) -> int:
-        self.p.stdin.close()
-        return self.p.wait(timeout=30)
 
 
 # --- item 4: a worker crash -----------------------------------------------------------

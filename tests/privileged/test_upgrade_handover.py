@@ -30,6 +30,7 @@ import pytest
 
 from tests.support.privileged import (
     TOOLS,
+    EchoSession,
     gateway,
     ip_of,
     meshlet,
@@ -48,24 +49,6 @@ pytestmark = pytest.mark.privileged
 
 SERVE, ECHO = 7000, 7001
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Session:
-    """One long-lived echo connection (the ``session`` tool) driven line by line."""
-
-    def __init__(self, mesh, src: str, dst_ip: str):
-        self.p = mesh.cluster.pod(src).popen(
-            TOOLS + ["session", dst_ip, str(ECHO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert "connected" in self.p.stdout.readline()
-
-    def say(self, msg: str) -> dict:
-        self.p.stdin.write(msg + "\n")
-        self.p.stdin.flush()
-        return json.loads(self.p.stdout.readline() or '{"error": "tool exited"}')
-
-    def close(self) -> int:
-        self.p.stdin.close()
-        return self.p.wait(timeout=30)
 
 
 def loads(mesh, workdir: str) -> dict[str, Load]:
@@ -128,8 +111,8 @@ def test_daemonset_upgrade_hands_node1_over_dropping_nothing(tmp_path):
         assert st_a["handover"]["role"] == "owner" and len(old_workers) == 2
         before = pinned(mesh, "node1")
         ls = loads(mesh, str(tmp_path))
-        sessions = [Session(mesh, "pod1-1", ip_of(mesh, "pod2-1")) for _ in range(3)]
-        sessions += [Session(mesh, "pod2-2", ip_of(mesh, "pod1-2")) for _ in range(3)]
+        sessions = [EchoSession(mesh, "pod1-1", ip_of(mesh, "pod2-1"), ECHO) for _ in range(3)]
+        sessions += [EchoSession(mesh, "pod2-2", ip_of(mesh, "pod1-2"), ECHO) for _ in range(3)]
         try:
             wait_all(ls, 20, "load before the upgrade")
 
@@ -222,7 +205,7 @@ def test_a_successor_that_dies_before_ready_changes_nothing(tmp_path):
         old_workers = set(mesh.proxy_pids("node1"))
         before = pinned(mesh, "node1")
         ls = loads(mesh, str(tmp_path))
-        sessions = [Session(mesh, "pod1-1", ip_of(mesh, "pod2-1")) for _ in range(2)]
+        sessions = [EchoSession(mesh, "pod1-1", ip_of(mesh, "pod2-1"), ECHO) for _ in range(2)]
         try:
             wait_all(ls, 20, "load before the upgrade")
             broken = broken_proxy_copy(tmp_path)

@@ -183,3 +183,26 @@ def wait_policies_enforced(mesh, timeout: float = 20.0) -> None:
         return True
 
     wait_for(done, "the proxies to load the applied policies", timeout=timeout, interval=0.1)
+
+
+class EchoSession:
+    """A long-lived connection from pod ``src`` to an echo server (the
+    ``session`` tool of agent.sim.tools), driven line by line: ``say``
+    sends a line and returns the echo's JSON answer; ``hello`` is what the
+    tool printed once connected (its ``connected`` and ``peer`` addresses)."""
+
+    def __init__(self, mesh, src: str, dst_ip: str, port: int = 7001):
+        self.p = mesh.cluster.pod(src).popen(
+            TOOLS + ["session", dst_ip, str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = json.loads(self.p.stdout.readline() or '{"error": "tool exited"}')
+        assert "connected" in self.hello, self.hello
+
+    def say(self, msg: str) -> dict:
+        self.p.stdin.write(msg + "\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline() or '{"error": "tool exited"}')
+
+    def close(self) -> int:
+        self.p.stdin.close()
+        return self.p.wait(timeout=30)

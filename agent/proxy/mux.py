@@ -211,14 +211,14 @@ class MuxConnection:
         self.closed = False  # after a connection error
         self.refused = 0  # OPENs answered RST REFUSED (server)
         self._buf = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
 
     # ---- output
 
     def data_to_send(self) -> bytes:
         if not self._out:
             return b""
-        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        out = bytes(self._out[0]) if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         return out
 
@@ -266,12 +266,16 @@ class MuxConnection:
             return 0
         s.send_window -= n
         view = memoryview(data)
+        # Output holds views, not copies, of immutable bytes (data_to_send
+        # joins them into one buffer: one copy per byte, not two); a
+        # mutable buffer the caller may reuse is copied.
+        keep = view if isinstance(view.obj, bytes) else None
         out = self._out
         for off in range(0, n, MAX_FRAME):
             chunk = view[off : min(n, off + MAX_FRAME)]
             k = len(chunk)
             out.append(_HEADER.pack(k >> 16, k & 0xFFFF, FrameType.DATA, 0, sid))
-            out.append(bytes(chunk))
+            out.append(chunk if keep is not None else bytes(chunk))
         return n
 
     def send_fin(self, sid: int) -> None:

@@ -52,7 +52,7 @@ class StreamTransport(asyncio.Transport):
         self._session = session
         self.sid = sid
         self._protocol = protocol
-        self._pending: list[bytes] = []  # written, not yet within the window
+        self._pending: list[bytes | memoryview] = []  # written, not yet within the window
         self._pending_size = 0
         self._high = 256 * 1024
         self._low = 128 * 1024
@@ -84,13 +84,15 @@ class StreamTransport(asyncio.Transport):
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
         s = self._session
+        if not isinstance(data, bytes):
+            data = bytes(data)  # held below (pending, or views in the frames): must not change
         if self._pending:
-            self._pending.append(bytes(data))
+            self._pending.append(data)
             self._pending_size += len(data)
         else:
             n = s.core.send_data(self.sid, data)
             if n < len(data):
-                rest = bytes(memoryview(data)[n:])
+                rest = memoryview(data)[n:]  # a view: the rest is not copied
                 self._pending.append(rest)
                 self._pending_size += len(rest)
             s.flush()
@@ -192,7 +194,7 @@ class StreamTransport(asyncio.Transport):
             n = core.send_data(self.sid, head)
             self._pending_size -= n
             if n < len(head):
-                self._pending[0] = head[n:]
+                self._pending[0] = memoryview(head)[n:]  # a view of the same immutable bytes
                 break
             self._pending.pop(0)
         self._session.flush()

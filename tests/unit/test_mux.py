@@ -241,6 +241,19 @@ def test_a_drain_notice_serves_opens_already_on_the_wire():
         assert data_of(pump(c, s), sid) == b"done"
 
 
+def test_a_mutable_buffer_is_copied_and_immutable_bytes_are_not():
+    """send_data keeps views of bytes (no copy before the one join) but
+    copies a buffer its caller may reuse: what was sent never changes."""
+    c, s = pair()
+    sid = c.open_stream()
+    pump(c, s)
+    buf = bytearray(b"x" * 100)
+    c.send_data(sid, buf)
+    buf[:] = b"y" * 100  # the caller reuses its buffer before the bytes went out
+    c.send_data(sid, memoryview(b"abcdef")[2:])
+    assert data_of(pump(c, s), sid) == b"x" * 100 + b"cdef"
+
+
 def test_ping_is_echoed():
     c, s = pair()
     c.ping(b"12345678")

@@ -359,6 +359,24 @@ def _annotations(v: y.Value) -> dict:
     return out
 
 
+def _metadata(doc: Any, top: Any, meta_v: Any, annotations: Any) -> tuple[str | None, str | None]:
+    """A policy document's metadata: (name, namespace), None where missing or
+    invalid (the error is added to ``doc`` with its line).  ``annotations``
+    checks the annotations (an AuthorizationPolicy refuses Istio's dry-run)."""
+    meta = top.section("metadata") if meta_v is not None else None
+    if meta_v is None:
+        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
+        return None, None
+    if meta is None:
+        return None, None
+    name = meta.get("name", y.dns_subdomain)
+    namespace = meta.get("namespace", y.dns_label)
+    meta.get("labels", _string_map, None)
+    meta.get("annotations", annotations, None)
+    meta.finish()
+    return name, namespace
+
+
 # --------------------------------------------------------------------------
 # Documents
 
@@ -392,16 +410,7 @@ def _read_document(doc: y.Document, trust_domain: str) -> Policy | None:
     top.finish()
     if api is None or kind is None:
         return None  # not a document we read: its fields would only add noise
-    name = namespace = None
-    meta = top.section("metadata") if meta_v is not None else None
-    if meta_v is None:
-        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
-    elif meta is not None:
-        name = meta.get("name", y.dns_subdomain)
-        namespace = meta.get("namespace", y.dns_label)
-        meta.get("labels", _string_map, None)
-        meta.get("annotations", _annotations, None)
-        meta.finish()
+    name, namespace = _metadata(doc, top, meta_v, _annotations)
     ctx = _Ctx(trust_domain, api in ISTIO_APIS)
     # an absent spec reads like "spec: {}": an ALLOW policy that allows nothing
     spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None
@@ -802,16 +811,7 @@ def _read_authentication(doc: y.Document) -> RequestAuthentication | None:
     top.finish()
     if api is None or kind is None:
         return None
-    name = namespace = None
-    meta = top.section("metadata") if meta_v is not None else None
-    if meta_v is None:
-        doc.add_at(top.value.node, "metadata", "required field is missing (name and namespace)")
-    elif meta is not None:
-        name = meta.get("name", y.dns_subdomain)
-        namespace = meta.get("namespace", y.dns_label)
-        meta.get("labels", _string_map, None)
-        meta.get("annotations", _string_map, None)
-        meta.finish()
+    name, namespace = _metadata(doc, top, meta_v, _string_map)
     selector: tuple[tuple[str, str], ...] = ()
     rules: list[JwtRule] = []
     spec = spec_v.convert(y.Value.mapping) if spec_v is not None else None

@@ -20,7 +20,15 @@ import sys
 import pytest
 from cryptography import x509
 
-from tests.support.privileged import gateway, ip_of, require_privileged, start_servers, transfer, wait_for
+from tests.support.privileged import (
+    ask_node_ca,
+    gateway,
+    ip_of,
+    require_privileged,
+    start_servers,
+    transfer,
+    wait_for,
+)
 
 require_privileged()
 
@@ -164,31 +172,14 @@ def test_a_node_refuses_to_sign_for_a_pod_on_another_node(env):
     """The issue's "a CSR for a pod on another node is refused", with the
     intermediate the node got by CSR: node1's signer answers only for the
     service accounts of pods the API places on node1."""
-    import json
-    import socket
-
-    from agent.identity.spiffe import parse_spiffe_id
-    from agent.identity.svid import generate_key, make_csr
-
     mesh, _api, _start, _work = env
     wait_for(lambda: "node_ca" in mesh.status("node1")["identity"], "node1's intermediate", timeout=60)
-
-    def ask(identity):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(os.path.join(mesh.agents["node1"].run_dir, "ca.sock"))
-            csr = make_csr(parse_spiffe_id(identity), generate_key()).decode()
-            s.sendall(json.dumps({"op": "sign", "identity": identity, "csr": csr}).encode() + b"\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return json.loads(data)
 
     td = mesh.trust_domain
     other = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod2-1').service_account}"
     own = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod1-1').service_account}"
     if other == own:
         pytest.skip("the simulated pods share a service account")
-    resp = ask(other)
+    resp = ask_node_ca(mesh, "node1", other)
     assert resp["ok"] is False and resp["reason"] == "not_on_node", resp
-    assert ask(own)["ok"] is True
+    assert ask_node_ca(mesh, "node1", own)["ok"] is True

@@ -26,6 +26,7 @@ import uuid
 import pytest
 
 from tests.support.privileged import (
+    ask_node_ca,
     TOOLS, gateway, ip_of, probe, require_privileged, start_servers, transfer, wait_for,
 )
 
@@ -186,40 +187,25 @@ def test_namespace_switched_to_strict(env):
 
 
 def test_node_signs_only_pods_the_api_places_on_it(env):
-    import json
-    import socket
-
-    from agent.identity.spiffe import parse_spiffe_id
-    from agent.identity.svid import generate_key, make_csr
-
     mesh, api, _ = env
-
-    def ask(node, identity):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(os.path.join(mesh.agents[node].run_dir, "ca.sock"))
-            csr = make_csr(parse_spiffe_id(identity), generate_key()).decode()
-            s.sendall(json.dumps({"op": "sign", "identity": identity, "csr": csr}).encode() + b"\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return json.loads(data)
 
     td = mesh.trust_domain
     other = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod2-1').service_account}"
     own = f"spiffe://{td}/ns/default/sa/{mesh.cluster.pod('pod1-1').service_account}"
-    resp = ask("node1", other)
+    resp = ask_node_ca(mesh, "node1", other)
     assert resp["ok"] is False and resp["reason"] == "not_on_node", resp
-    assert ask("node1", own)["ok"] is True
+    assert ask_node_ca(mesh, "node1", own)["ok"] is True
     # The API places a pod of node2's service account on node1: node1 may now
     # sign that identity; once the pod is deleted, no longer.
     extra = k.pod("moved", "default", "node1", ["10.244.1.200"], sa=mesh.cluster.pod("pod2-1").service_account)
     api.apply(extra)
     try:
-        wait_for(lambda: ask("node1", other)["ok"] is True, "node1 signs for the pod the API put on it")
+        wait_for(lambda: ask_node_ca(mesh, "node1", other)["ok"] is True,
+                 "node1 signs for the pod the API put on it")
     finally:
         api.delete("Pod", "default", "moved")
-    wait_for(lambda: ask("node1", other).get("reason") == "not_on_node", "refused again after the deletion")
+    wait_for(lambda: ask_node_ca(mesh, "node1", other).get("reason") == "not_on_node",
+             "refused again after the deletion")
 
 
 def test_api_outage_keeps_the_mesh_running_and_status_says_stale(env):

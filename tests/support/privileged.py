@@ -206,3 +206,22 @@ class EchoSession:
     def close(self) -> int:
         self.p.stdin.close()
         return self.p.wait(timeout=30)
+
+
+def ask_node_ca(mesh, node: str, identity: str) -> dict:
+    """Ask ``node``'s agent to sign a fresh CSR for ``identity`` over its CA
+    socket (as a proxy worker does); its JSON answer."""
+    import socket
+
+    from agent.identity.spiffe import parse_spiffe_id
+    from agent.identity.svid import generate_key, make_csr
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(os.path.join(mesh.agents[node].run_dir, "ca.sock"))
+        csr = make_csr(parse_spiffe_id(identity), generate_key()).decode()
+        s.sendall(json.dumps({"op": "sign", "identity": identity, "csr": csr}).encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data)

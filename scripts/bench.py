@@ -72,7 +72,15 @@ from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh, service, service_vip  # noqa: E402
 from bench_conns import HEADER as CONNS_HEADER  # noqa: E402 - scripts/, next to this file
 from bench_conns import measure_conns  # noqa: E402
-from bench_envoy import EnvoySidecars, comparison, envoy_binary, print_comparison, tree_rss_mb, write_chart  # noqa: E402
+from bench_envoy import (  # noqa: E402
+    EnvoySidecars,
+    comparison,
+    envoy_binary,
+    print_comparison,
+    tree_pss_mb,
+    tree_rss_mb,
+    write_chart,
+)
 from benchtools import parse_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
@@ -294,6 +302,7 @@ def main() -> int:
     features: dict[str, dict] = {}
     envoy_row: dict = {}
     meshlet_rss: dict[str, float] = {}
+    meshlet_pss: dict[str, float] = {}
     try:
         cluster.up()
         mesh = Mesh(cluster, unmeshed={"pod1-3", "pod2-3"}, log_level="warning", services=[
@@ -321,6 +330,7 @@ def main() -> int:
             results.append({"mode": mode, "where": where, **r})
         if envoy is not None:
             meshlet_rss = {n.name: tree_rss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
+            meshlet_pss = {n.name: tree_pss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
             print("measuring Envoy sidecars cross-node pod1-3 -> pod2-3 ...", flush=True)
             sidecars = EnvoySidecars(cluster, mesh, "pod1-3", "pod2-3", envoy)
             try:
@@ -329,6 +339,7 @@ def main() -> int:
                 envoy_row["http_c1"] = run_wrk(cluster, "pod1-3", f"http://{cluster.pod('pod2-3').ip4}:8080/",
                                                a.duration, 1)
                 envoy_row["rss_mb"] = sidecars.rss_mb()
+                envoy_row["pss_mb"] = sidecars.pss_mb()
             finally:
                 sidecars.stop()
         if a.flows_only:
@@ -402,7 +413,7 @@ def main() -> int:
     envoy_cmp: list[dict] = []
     chart = None
     if envoy_row:
-        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss)
+        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss, meshlet_pss)
         print_comparison(envoy_cmp)
         chart = write_chart(envoy_cmp, os.path.splitext(out)[0] + ".png",
                             f"meshlet vs Envoy sidecars, cross-node (wrk -c{a.connections}, "
@@ -431,7 +442,7 @@ def main() -> int:
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters, "connection_scale": conn_rows,
-                   "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss,
+                   "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss, "meshlet_pss_mb": meshlet_pss,
                    "vs_envoy": envoy_cmp, "workers": worker_rows}, f, indent=2)
     print(f"\nJSON: {out}")
     if chart:

@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -295,10 +296,18 @@ class EnvoySidecars:
 
     def rss_mb(self) -> dict[str, float]:
         """RSS of each sidecar (MB), by the node its pod runs on."""
+        return self._by_node(_tree_rss_kb)
+
+    def pss_mb(self) -> dict[str, float]:
+        """PSS of each sidecar (MB), by the node its pod runs on: its RSS
+        with the pages it shares with other processes (libc...) divided."""
+        return self._by_node(_tree_pss_kb)
+
+    def _by_node(self, kb_of: Callable[[int], int]) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, p in self.procs.items():
             node = self.cluster.pod(name).node
-            out[node] = out.get(node, 0.0) + _tree_rss_kb(p.pid) / 1024
+            out[node] = out.get(node, 0.0) + kb_of(p.pid) / 1024
         return {k: round(v, 1) for k, v in out.items()}
 
     def stop(self) -> None:
@@ -321,17 +330,19 @@ class EnvoySidecars:
             self.workdir = ""
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """RSS of ``pid`` and its descendants (the pod's exec wrapper may sit
-    above Envoy)."""
+def _tree_kb(pid: int, path: str, field: str) -> int:
+    """``field`` (KiB) of /proc/<p>/``path`` summed over ``pid`` and its
+    descendants (the pod's exec wrapper may sit above Envoy; the agent's
+    proxy workers are its children)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f"/proc/{p}/status") as f:
+            with open(f"/proc/{p}/{path}") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
+                        break
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
         except (OSError, ValueError):
@@ -339,8 +350,25 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
+def _tree_rss_kb(pid: int) -> int:
+    """Summed RSS: a page two processes share counts in full in each."""
+    return _tree_kb(pid, "status", "VmRSS:")
+
+
+def _tree_pss_kb(pid: int) -> int:
+    """Summed PSS: a shared page is divided between the processes that map
+    it, so the sum is what the tree really costs (a multi-process node
+    shares the interpreter, OpenSSL, cryptography's .so... between its
+    agent and workers; summed RSS counts them once per process)."""
+    return _tree_kb(pid, "smaps_rollup", "Pss:")
+
+
 def tree_rss_mb(pid: int) -> float:
     return round(_tree_rss_kb(pid) / 1024, 1)
+
+
+def tree_pss_mb(pid: int) -> float:
+    return round(_tree_pss_kb(pid) / 1024, 1)
 
 
 def _get(row: dict | None, part: str, key: str):
@@ -348,10 +376,12 @@ def _get(row: dict | None, part: str, key: str):
 
 
 def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict,
-               meshlet_rss: dict[str, float]) -> list[dict]:
+               meshlet_rss: dict[str, float], meshlet_pss: dict[str, float] | None = None) -> list[dict]:
     """Rows of the meshlet-vs-Envoy table, cross-node: each metric for
     direct, meshlet (L4 relay over mTLS), meshlet with L7 and Envoy
-    sidecars, with the meshlet/Envoy ratio and whether higher is better."""
+    sidecars, with the meshlet/Envoy ratio and whether higher is better.
+    Memory has two rows: summed RSS (shared pages counted once per process)
+    and summed PSS (shared pages divided: what the node pays)."""
 
     def added(row):
         p, d = _get(row, "http_c1", "p50_ms"), _get(direct, "http_c1", "p50_ms")
@@ -378,6 +408,8 @@ def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict
                  "meshlet": added(meshlet), "meshlet_l7": None, "envoy": added(envoy)})
     rows.append({"metric": "RSS MB per node", "higher_is_better": False, "direct": None,
                  "meshlet": rss(meshlet_rss), "meshlet_l7": None, "envoy": rss(envoy.get("rss_mb"))})
+    rows.append({"metric": "PSS MB per node", "higher_is_better": False, "direct": None,
+                 "meshlet": rss(meshlet_pss), "meshlet_l7": None, "envoy": rss(envoy.get("pss_mb"))})
     for r in rows:
         m, e = r["meshlet"], r["envoy"]
         r["meshlet_over_envoy"] = round(m / e, 3) if m is not None and e else None
@@ -402,8 +434,9 @@ def print_comparison(rows: list[dict]) -> None:
         print(f"{r['metric']:<20}{f(r['direct']):>10}{f(r['meshlet']):>10}{f(r['meshlet_l7']):>12}"
               f"{f(r['envoy']):>10}{f(r['meshlet_over_envoy'], '.2f'):>15}"
               f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}")
-    print("(RSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "
-          "runs one per meshed pod)")
+    print("(RSS, PSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "
+          "runs one per meshed pod. Summed RSS counts the pages meshlet's processes share once per "
+          "process; summed PSS divides them, so it is what the node pays)")
 
 
 def write_chart(rows: list[dict], path: str, title: str) -> str | None:
@@ -417,7 +450,8 @@ def write_chart(rows: list[dict], path: str, title: str) -> str | None:
     except ImportError:
         return None
     shown = [r for r in rows if r["metric"] in (
-        "req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node")]
+        "req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node",
+        "PSS MB per node")]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
     series = [("direct", "direct", "#999999"), ("meshlet", "meshlet", "#2a7ab9"),
               ("meshlet_l7", "meshlet L7", "#7fb3d9"), ("envoy", "Envoy sidecars", "#d9822b")]

@@ -5,6 +5,7 @@ The speed itself lives in the benchmark, never in a test."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
@@ -73,3 +74,27 @@ def test_comparison_ratios_and_added_latency():
     assert rows["added p50 ms, c1"]["meshlet_over_envoy"] == 0.25
     assert rows["RSS MB per node"]["meshlet"] == 40.0  # the larger node
     assert rows["new conn/s"]["meshlet_over_envoy"] is None  # not measured: no ratio, not zero
+
+
+def test_comparison_has_a_pss_row_beside_the_rss_row():
+    envoy = {"rss_mb": {"n1": 70.0}, "pss_mb": {"n1": 60.0}}
+    pss = {"n1": 63.0, "n2": 66.0}
+    rows = {r["metric"]: r for r in be.comparison({}, {}, None, envoy, {"n1": 90.0}, pss)}
+    assert rows["RSS MB per node"]["meshlet_over_envoy"] == round(90.0 / 70.0, 3)  # RSS stays shown
+    assert rows["PSS MB per node"]["meshlet"] == 66.0  # the larger node
+    assert rows["PSS MB per node"]["meshlet_over_envoy"] == 1.1
+    no_pss = {r["metric"]: r for r in be.comparison({}, {}, None, {}, {"n1": 90.0})}
+    assert no_pss["PSS MB per node"]["meshlet"] is None  # not measured: no number, not zero
+
+
+def test_tree_memory_sums_a_real_process_tree():
+    # This process and a child sharing its interpreter's pages: the child is
+    # counted, and PSS (shared pages divided) is at most RSS (counted in full).
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        rss, pss = be._tree_rss_kb(os.getpid()), be._tree_pss_kb(os.getpid())
+        alone = be._tree_rss_kb(child.pid)
+        assert alone > 0 and rss > alone
+        assert 0 < pss <= rss
+    finally:
+        child.communicate(b"")

@@ -1172,12 +1172,11 @@ def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
             agent.beat(leaving=True)  # a lease this agent took is free again
         raise
     try:
-        try:
-            import uvloop
-
-            uvloop.run(agent.serve())
-        except ImportError:
-            asyncio.run(agent.serve())
+        # Plain asyncio, not uvloop: this loop only paces the tick (run in a
+        # thread) and serves the node CA socket, so uvloop buys nothing here
+        # and would cost its .so and libuv in the agent's memory (the proxy
+        # workers, which carry the traffic, run on uvloop).
+        asyncio.run(agent.serve())
     finally:
         agent.shutdown()
     return 0

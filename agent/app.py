@@ -1153,6 +1153,9 @@ def _identity_sig(paths: list[str]) -> tuple:
 
 
 def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
+    from .proxy.memory import AGENT_ARENAS, limit_arenas
+
+    limit_arenas(AGENT_ARENAS)  # before any thread starts: see agent.proxy.memory, point 5
     try:
         source = source_from_config(cfg)
     except ValueError as e:  # KubeConfigError: no kubeconfig / not in a pod

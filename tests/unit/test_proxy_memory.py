@@ -124,3 +124,55 @@ def test_freeze_heap_collects_the_garbage_then_hides_the_survivors_from_the_coll
     assert r["frozen"] > 1000 and r["reported"] == r["frozen"]
     assert r["survivor_tracked"] is False  # out of the collector's sight: full collections skip it
     assert r["later_tracked"] is True  # objects made afterwards are collected as usual
+
+
+_ARENAS = r"""
+import ctypes, os, sys, threading, tempfile
+from agent.proxy import memory
+if sys.argv[1] != "none":
+    assert memory.limit_arenas(int(sys.argv[1]))
+go, done = threading.Barrier(9), threading.Event()
+def work():
+    keep = [bytearray(4000) for _ in range(50)]  # > 512 bytes: glibc's malloc, not pymalloc
+    go.wait()  # all alive and holding memory at once
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+go.wait()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "info.xml")
+    fp = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    print(open(path).read().count("<heap nr="))
+done.set()
+for t in threads:
+    t.join()
+"""
+
+
+def _arenas(limit: str) -> int:
+    env = {**os.environ, "PYTHONMALLOC": "pymalloc"}
+    env.pop("MALLOC_ARENA_MAX", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENAS, limit], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+@glibc
+def test_limit_arenas_caps_the_arenas_threads_get():
+    # Eight threads holding malloc memory at once: glibc gives them arenas of
+    # their own, unless the cap (the agent's setting) makes them share.
+    assert _arenas("none") > 2
+    assert _arenas(str(memory.AGENT_ARENAS)) <= memory.AGENT_ARENAS
+    assert _arenas("1") == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        memory.limit_arenas(0)

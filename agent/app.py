@@ -1153,9 +1153,11 @@ def _identity_sig(paths: list[str]) -> tuple:
 
 
 def run_agent(cfg: AgentConfig, preflight: bool = True) -> int:
-    from .proxy.memory import AGENT_ARENAS, limit_arenas
+    from .proxy.memory import agent_arena_limit, limit_arenas
 
-    limit_arenas(AGENT_ARENAS)  # before any thread starts: see agent.proxy.memory, point 5
+    arenas = agent_arena_limit(os.environ)
+    if arenas is not None:
+        limit_arenas(arenas)  # before any thread starts: see agent.proxy.memory, point 5
     try:
         source = source_from_config(cfg)
     except ValueError as e:  # KubeConfigError: no kubeconfig / not in a pod

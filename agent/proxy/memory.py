@@ -49,16 +49,17 @@ and ``MALLOC_ARENA_MAX=1``.
 5. **The agent's threads.**  glibc gives each thread that allocates its own
    arena (up to 8 per core), and each keeps its own free pages.  The agent
    runs its tick, metrics, Kubernetes watches and CA work in threads, none
-   of them hot, so ``limit_arenas(AGENT_ARENAS)`` caps them at start
-   (``mallopt(M_ARENA_MAX)``, the ``MALLOC_ARENA_MAX`` setting without
-   needing the variable at exec).  Measured (``scripts/bench_footprint.py
-   --pods 100 --workers 1``): agent RSS about 1-2 MB lower.  The workers
-   are not capped: at idle it changed nothing there (see above), and under
-   load their threads (JWKS fetches, span export) should not contend.
+   of them hot, so it caps them at start (``agent_arena_limit``,
+   ``limit_arenas``: ``mallopt(M_ARENA_MAX)``, the ``MALLOC_ARENA_MAX``
+   setting without needing the variable at exec; an operator's own
+   ``MALLOC_ARENA_MAX`` is kept).  Measured (``scripts/bench_footprint.py
+   --pods 100 --workers 1``, A/B alternated): agent RSS 1.1-1.3 MB lower.
+   The workers are not capped: at idle it changed nothing there (see
+   above), and it was not measured under load.
 
 Not glibc (musl, or another allocator preloaded): ``trim`` and
-``limit_arenas`` are no-ops and say why once in the log; ``heap`` returns None.  libc is reached through
-ctypes only in this module.
+``limit_arenas`` are no-ops and say why once in the log; ``heap`` returns
+None.  libc is reached through ctypes only in this module.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ __all__ = [
     "WORKER_ALLOCATOR",
     "Heap",
     "TrimSchedule",
+    "agent_arena_limit",
     "freeze_heap",
     "heap",
     "limit_arenas",
@@ -198,6 +200,13 @@ def trim() -> bool:
     is not the allocator (logged once)."""
     lib = _glibc()
     return bool(lib.malloc_trim(0)) if lib is not None else False
+
+
+def agent_arena_limit(env: Mapping[str, str]) -> int | None:
+    """How many malloc arenas the agent caps itself to: ``AGENT_ARENAS``,
+    or None (no cap from us) when ``env`` already sets ``MALLOC_ARENA_MAX``,
+    which glibc applies by itself."""
+    return None if env.get("MALLOC_ARENA_MAX") else AGENT_ARENAS
 
 
 def limit_arenas(n: int) -> bool:

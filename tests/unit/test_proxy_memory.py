@@ -176,3 +176,9 @@ def test_limit_arenas_caps_the_arenas_threads_get():
     assert _arenas("1") == 1
     with pytest.raises(ValueError, match="at least 1"):
         memory.limit_arenas(0)
+
+
+def test_the_agent_keeps_an_operators_arena_setting():
+    assert memory.agent_arena_limit({"PATH": "/usr/bin"}) == memory.AGENT_ARENAS
+    assert memory.agent_arena_limit({"MALLOC_ARENA_MAX": "8"}) is None  # glibc applies it itself
+    assert memory.agent_arena_limit({"MALLOC_ARENA_MAX": ""}) == memory.AGENT_ARENAS  # empty: unset

@@ -121,7 +121,9 @@ class StreamOpened:
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     stream_id: int
-    data: bytes  # the application must call ``consumed(stream_id, len(data))`` once it took them
+    # A view of received immutable bytes (keep it, or copy the part to keep); the
+    # application must call ``consumed(stream_id, len(data))`` once it took them.
+    data: memoryview | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +212,9 @@ class MuxConnection:
         self.notice_sent = False  # goaway_notice(): a drain's first GOAWAY (LAST_STREAM = max)
         self.closed = False  # after a connection error
         self.refused = 0  # OPENs answered RST REFUSED (server)
-        self._buf = bytearray()
+        self._buf = bytearray()  # a frame header or control frame cut short by the last read
+        self._data_left = 0  # bytes of the current DATA frame's payload still to come
+        self._data_sid = 0  # ... on this stream
         self._out: list[bytes | memoryview] = []
 
     # ---- output
@@ -220,6 +224,15 @@ class MuxConnection:
             return b""
         out = bytes(self._out[0]) if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        return out
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """The same bytes as ``data_to_send()``, as the queued buffers in
+        order (frame headers, views of DATA payloads), not joined: a writer
+        that can take them one by one (the TLS connection's ``writelines``)
+        saves a copy of every byte."""
+        out = self._out
+        self._out = []
         return out
 
     # ---- streams (client opens)
@@ -357,58 +370,104 @@ class MuxConnection:
             self.closed = True
         return MuxError(code, message)
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer; return what happened.  Raises MuxError
-        (the connection is dead: send ``data_to_send()``, then close)."""
+        (the connection is dead: send ``data_to_send()``, then close).
+
+        DATA payloads are not copied: a ``DataReceived`` holds a view of
+        ``data`` (of a private copy if ``data`` is mutable), delivered as
+        soon as its bytes are here, so a frame split across reads arrives as
+        more than one ``DataReceived``.  Only a split frame header or a
+        split control frame is carried over (copied) to the next call."""
         if self.closed:
             raise MuxError(ErrorCode.PROTOCOL, "connection already failed")
-        buf = self._buf
-        if buf:
-            buf += data
-            src: bytes | bytearray = buf
-        else:
-            src = data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # payload views must not change under the application
         events: list[Event] = []
+        view = memoryview(data)
+        end = len(data)
         off = 0
-        end = len(src)
-        view = memoryview(src)
-        try:
-            while end - off >= HEADER_SIZE:
-                hi, lo, ftype, flags, sid = _HEADER.unpack_from(src, off)
-                length = (hi << 16) | lo
-                if length > MAX_FRAME:
-                    raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
-                if end - off - HEADER_SIZE < length:
-                    break
-                start = off + HEADER_SIZE
-                off = start + length
-                payload = view[start:off]
-                self._frame(ftype, flags, sid, payload, events)
-        finally:
-            view.release()
-        rest = bytes(src[off:]) if off < end else b""
-        self._buf = bytearray(rest)
+        if self._data_left:  # the rest of a DATA frame whose header came earlier
+            off = min(self._data_left, end)
+            self._data_left -= off
+            self._deliver(self._data_sid, view[:off], events)
+        if self._buf and off < end:
+            off = self._carried(view, off, events)
+        while end - off >= HEADER_SIZE:
+            hi, lo, ftype, flags, sid = _HEADER.unpack_from(data, off)
+            length = (hi << 16) | lo
+            if length > MAX_FRAME:
+                raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
+            start = off + HEADER_SIZE
+            if ftype == FrameType.DATA:
+                self._data_frame(sid, length)
+                off = min(end, start + length)
+                self._data_left = start + length - off
+                self._data_sid = sid
+                self._deliver(sid, view[start:off], events)
+                continue
+            if end - start < length:
+                break
+            off = start + length
+            self._frame(ftype, flags, sid, view[start:off], events)
+        if off < end:
+            self._buf += view[off:]  # less than a header, or a control frame cut short
         return events
+
+    def _carried(self, view: memoryview, off: int, events: list[Event]) -> int:
+        """Complete the frame begun in ``_buf`` from ``view[off:]``; returns
+        the new offset."""
+        buf, end = self._buf, len(view)
+        if len(buf) < HEADER_SIZE:
+            k = min(HEADER_SIZE - len(buf), end - off)
+            buf += view[off : off + k]
+            off += k
+            if len(buf) < HEADER_SIZE:
+                return off
+        hi, lo, ftype, flags, sid = _HEADER.unpack_from(buf)
+        length = (hi << 16) | lo
+        if length > MAX_FRAME:
+            raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
+        if ftype == FrameType.DATA:
+            self._buf = bytearray()
+            self._data_frame(sid, length)
+            k = min(length, end - off)
+            self._data_left = length - k
+            self._data_sid = sid
+            self._deliver(sid, view[off : off + k], events)
+            return off + k
+        k = min(HEADER_SIZE + length - len(buf), end - off)
+        buf += view[off : off + k]
+        off += k
+        if len(buf) == HEADER_SIZE + length:
+            self._buf = bytearray()
+            self._frame(ftype, flags, sid, memoryview(bytes(buf))[HEADER_SIZE:], events)
+        return off
+
+    def _data_frame(self, sid: int, n: int) -> None:
+        """Check a DATA header (the whole frame counts against the window at once)."""
+        if sid > _MAX_STREAM_ID:
+            raise self._error(ErrorCode.PROTOCOL, "reserved bit set in a stream id")
+        s = self._stream_for(sid, "DATA")
+        if s is None:
+            return  # a stream closed since: its bytes are dropped
+        if s.remote_done:
+            raise self._error(ErrorCode.PROTOCOL, f"DATA on stream {sid} after its FIN")
+        if n > s.recv_window:
+            raise self._error(
+                ErrorCode.FLOW_CONTROL,
+                f"DATA of {n} bytes on stream {sid} beyond its window ({s.recv_window} bytes left)",
+            )
+        s.recv_window -= n
+
+    def _deliver(self, sid: int, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) and sid in self.streams:
+            events.append(DataReceived(sid, payload))
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: memoryview, events: list[Event]) -> None:
         if sid > _MAX_STREAM_ID:
             raise self._error(ErrorCode.PROTOCOL, "reserved bit set in a stream id")
-        if ftype == FrameType.DATA:
-            s = self._stream_for(sid, "DATA")
-            if s is None:
-                return
-            n = len(payload)
-            if s.remote_done:
-                raise self._error(ErrorCode.PROTOCOL, f"DATA on stream {sid} after its FIN")
-            if n > s.recv_window:
-                raise self._error(
-                    ErrorCode.FLOW_CONTROL,
-                    f"DATA of {n} bytes on stream {sid} beyond its window ({s.recv_window} bytes left)",
-                )
-            s.recv_window -= n
-            if n:
-                events.append(DataReceived(sid, payload.tobytes()))
-        elif ftype == FrameType.OPEN:
+        if ftype == FrameType.OPEN:
             self._open(sid, payload, events)
         elif ftype == FrameType.FIN:
             if len(payload):

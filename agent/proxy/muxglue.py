@@ -58,7 +58,7 @@ class StreamTransport(asyncio.Transport):
         self._low = 128 * 1024
         self._proto_paused = False
         self._read_paused = False
-        self._rbuf: list[bytes] = []  # received while reading was paused
+        self._rbuf: list[bytes | memoryview] = []  # received while reading was paused
         self._eof_pending = False  # write_eof() waits for pending bytes
         self._remote_eof = False  # the peer's FIN (delivered or queued behind _rbuf)
         self._eof_delivered = False
@@ -84,7 +84,7 @@ class StreamTransport(asyncio.Transport):
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
         s = self._session
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
             data = bytes(data)  # held below (pending, or views in the frames): must not change
         if self._pending:
             self._pending.append(data)
@@ -205,9 +205,11 @@ class StreamTransport(asyncio.Transport):
             self._send_fin()
         self.update_pause()
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | memoryview) -> None:
         if self._closed:
             return
+        if type(self._protocol) is not Endpoint:
+            data = bytes(data)  # the relay's Endpoint takes views (of immutable bytes); others get bytes
         if self._read_paused or self._rbuf:
             self._rbuf.append(data)
             return
@@ -337,10 +339,10 @@ class MuxSession(asyncio.Protocol):
         self.flush()
 
     def flush(self) -> None:
-        data = self.core.data_to_send()
+        bufs = self.core.buffers_to_send()
         tr = self.transport
-        if data and tr is not None and not tr.is_closing():
-            tr.write(data)
+        if bufs and tr is not None and not tr.is_closing():
+            tr.writelines(bufs)  # the TLS connection encrypts each buffer: no joined copy
 
     def drain(self, reason: str) -> None:
         """GOAWAY: no new streams here; close once the open ones end.

@@ -20,11 +20,15 @@ Rules of the wire format (everything that affects parsing lives here):
   stream above LAST_STREAM was or will be served; open streams finish.
 - Flow control is per stream: each side may have at most ``INITIAL_WINDOW``
   unacknowledged bytes in flight per stream; the receiver credits bytes
-  back (``WINDOW_UPDATE``) as its application consumes them.  So a stream
+  back (``WINDOW_UPDATE``) as its application consumes them.  A receiver
+  may grant more than it consumed (ours does once a stream has moved a
+  whole initial window: a bulk stream gets ``BULK_WINDOW``, so a sender
+  is not stalled a round trip per 256 KiB); a sender only ever counts the
+  credit it was given, so peers of either kind interoperate.  So a stream
   whose destination is slow stops its sender alone, and the connection
   keeps carrying the other streams (no connection-level window: the
   receiver never stops reading the connection, and it holds at most
-  ``max_streams * INITIAL_WINDOW`` bytes).
+  ``max_streams * BULK_WINDOW`` bytes).
 - A server admits at most ``max_streams`` open streams; an OPEN over that
   (or above a GOAWAY it sent) is answered ``RST REFUSED`` (the client then
   uses another connection).
@@ -64,13 +68,13 @@ __all__ = [
 
 ALPN = "meshlet-mux/1"
 MAX_FRAME = 64 * 1024
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 256 * 1024  # the window every stream starts with (fixed by the protocol)
+BULK_WINDOW = 1024 * 1024  # the receive window we grant a stream that moved a whole initial window
 DEFAULT_MAX_STREAMS = 100
 MAX_OPEN_PAYLOAD = 4096  # tunnel.MAX_HEADER: the first bytes a stream carries are its header
 MAX_REASON = 256
 _MAX_WINDOW = 2**31 - 1
 _MAX_STREAM_ID = 2**31 - 1
-_UPDATE_AT = INITIAL_WINDOW // 4  # credit consumed bytes back once this many accumulated
 
 _HEADER = struct.Struct("!BHBBI")  # length split as (hi byte, lo 16 bits), type, flags, stream
 HEADER_SIZE = _HEADER.size  # 9
@@ -183,12 +187,23 @@ def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
 
 
 class _Stream:
-    __slots__ = ("sid", "send_window", "recv_window", "unacked", "local_done", "remote_done")
+    __slots__ = (
+        "sid",
+        "send_window",
+        "recv_window",
+        "window",
+        "taken",
+        "unacked",
+        "local_done",
+        "remote_done",
+    )
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
         self.send_window = INITIAL_WINDOW  # bytes we may still send
         self.recv_window = INITIAL_WINDOW  # bytes the peer may still send
+        self.window = INITIAL_WINDOW  # the receive window granted so far (grows once for bulk)
+        self.taken = 0  # bytes the application consumed, while the window may still grow
         self.unacked = 0  # consumed by the application, not yet credited back
         self.local_done = False  # we sent FIN
         self.remote_done = False  # we received FIN
@@ -200,11 +215,16 @@ class MuxConnection:
     ``receive(data)`` returns events (or raises MuxError); the other calls
     queue frames; ``data_to_send()`` takes the bytes to write."""
 
-    def __init__(self, *, client: bool, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+    def __init__(
+        self, *, client: bool, max_streams: int = DEFAULT_MAX_STREAMS, bulk_window: int = BULK_WINDOW
+    ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
+        if not INITIAL_WINDOW <= bulk_window <= _MAX_WINDOW:
+            raise ValueError(f"bulk_window must be between {INITIAL_WINDOW} and {_MAX_WINDOW}")
         self.client = client
         self.max_streams = max_streams
+        self.bulk_window = bulk_window
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0  # highest id opened (by us if client, by the peer if server)
         self.goaway_sent: int | None = None  # the LAST_STREAM we announced
@@ -306,13 +326,24 @@ class MuxConnection:
         self._out.append(frame(FrameType.RST, 0, sid, _U32.pack(int(code)) + _reason_bytes(reason)))
 
     def consumed(self, sid: int, n: int) -> None:
-        """The application took ``n`` bytes of the stream: credit them back (batched)."""
+        """The application took ``n`` bytes of the stream: credit them back
+        (batched, a quarter of the window at a time).  A stream that has
+        moved a whole initial window is bulk: its window grows to
+        ``bulk_window`` (once), so its sender is credited in larger steps."""
         s = self.streams.get(sid)
         if s is None or s.remote_done or n <= 0:
             return
         s.unacked += n
-        if s.unacked >= _UPDATE_AT:
-            inc, s.unacked = s.unacked, 0
+        inc = 0
+        if s.window < self.bulk_window:
+            s.taken += n
+            if s.taken >= s.window:
+                inc = self.bulk_window - s.window
+                s.window = self.bulk_window
+        if s.unacked >= s.window // 4:
+            inc += s.unacked
+            s.unacked = 0
+        if inc:
             s.recv_window += inc
             self._out.append(frame(FrameType.WINDOW_UPDATE, 0, sid, _U32.pack(inc)))
 

@@ -208,13 +208,18 @@ class StreamTransport(asyncio.Transport):
     def deliver(self, data: bytes | memoryview) -> None:
         if self._closed:
             return
-        if type(self._protocol) is not Endpoint:
-            data = bytes(data)  # the relay's Endpoint takes views (of immutable bytes); others get bytes
         if self._read_paused or self._rbuf:
             self._rbuf.append(data)
             return
-        self._protocol.data_received(data)
+        self._give(data)
         self._session.credit(self.sid, len(data))
+
+    def _give(self, data: bytes | memoryview) -> None:
+        proto = self._protocol
+        if type(proto) is Endpoint:  # the relay forwards views (of immutable bytes) as they are
+            proto.data_received(data)  # type: ignore[arg-type]  # asyncio's signature says bytes
+        else:  # the tunnel header reader, L7 sessions: bytes
+            proto.data_received(bytes(data))
 
     def remote_eof(self) -> None:
         self._remote_eof = True
@@ -231,7 +236,7 @@ class StreamTransport(asyncio.Transport):
     def _drain_reads(self) -> None:
         while self._rbuf and not self._read_paused and not self._closed:
             data = self._rbuf.pop(0)
-            self._protocol.data_received(data)
+            self._give(data)
             self._session.credit(self.sid, len(data))
         if not self._rbuf and self._remote_eof and not self._read_paused:
             self._deliver_eof()

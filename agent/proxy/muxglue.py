@@ -214,6 +214,23 @@ class StreamTransport(asyncio.Transport):
         self._give(data)
         self._session.credit(self.sid, len(data))
 
+    def deliver_many(self, chunks: list[bytes | memoryview]) -> None:
+        """Consecutive chunks of this stream from one read: a forwarding
+        relay Endpoint takes them in one call (one writev to the pod)."""
+        proto = self._protocol
+        if (
+            self._closed
+            or self._read_paused
+            or self._rbuf
+            or type(proto) is not Endpoint
+            or not proto.forwarding()
+        ):
+            for c in chunks:
+                self.deliver(c)
+            return
+        proto.data_received_many(chunks)
+        self._session.credit(self.sid, sum(map(len, chunks)))
+
     def _give(self, data: bytes | memoryview) -> None:
         proto = self._protocol
         if type(proto) is Endpoint:  # the relay forwards views (of immutable bytes) as they are
@@ -441,18 +458,34 @@ class MuxSession(asyncio.Protocol):
             self.flush()  # the GOAWAY naming the error
             self.close()
             return
-        for ev in events:
-            self._event(ev)
+        i, n = 0, len(events)
+        while i < n:
+            ev = events[i]
+            i += 1
+            if not isinstance(ev, mux.DataReceived):
+                self._event(ev)
+                continue
+            chunks = [ev.data]  # this stream's consecutive DATA in this read: delivered at once
+            while i < n:
+                nxt = events[i]
+                if not isinstance(nxt, mux.DataReceived) or nxt.stream_id != ev.stream_id:
+                    break
+                chunks.append(nxt.data)
+                i += 1
+            self._data(ev.stream_id, chunks)
         self.flush()
 
+    def _data(self, sid: int, chunks: list[bytes | memoryview]) -> None:
+        st = self.streams.get(sid)
+        if st is None:  # the stream's application is gone: keep the window moving
+            self.core.consumed(sid, sum(map(len, chunks)))
+        elif len(chunks) == 1:
+            st.deliver(chunks[0])
+        else:
+            st.deliver_many(chunks)
+
     def _event(self, ev: mux.Event) -> None:
-        if isinstance(ev, mux.DataReceived):
-            st = self.streams.get(ev.stream_id)
-            if st is not None:
-                st.deliver(ev.data)
-            else:  # the stream's application is gone: keep the window moving
-                self.core.consumed(ev.stream_id, len(ev.data))
-        elif isinstance(ev, mux.WindowUpdated):
+        if isinstance(ev, mux.WindowUpdated):
             st = self.streams.get(ev.stream_id)
             if st is not None:
                 st.window_open()

@@ -304,6 +304,7 @@ class MuxSession(asyncio.Protocol):
         self.streams_total = 0
         self.meta: dict[str, Any] = {}  # what the pool checks for freshness (serials, expiry)
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._receiving = False  # in data_received: credits wait for its one flush at the end
         self._last_active = time.monotonic()
 
     # ---- attach: the TLS connection's plaintext side switches to this protocol
@@ -358,7 +359,8 @@ class MuxSession(asyncio.Protocol):
 
     def credit(self, sid: int, n: int) -> None:
         self.core.consumed(sid, n)
-        self.flush()
+        if not self._receiving:  # within data_received: its flush sends the WINDOW_UPDATE with the rest
+            self.flush()
 
     def flush(self) -> None:
         bufs = self.core.buffers_to_send()
@@ -458,21 +460,25 @@ class MuxSession(asyncio.Protocol):
             self.flush()  # the GOAWAY naming the error
             self.close()
             return
-        i, n = 0, len(events)
-        while i < n:
-            ev = events[i]
-            i += 1
-            if not isinstance(ev, mux.DataReceived):
-                self._event(ev)
-                continue
-            chunks = [ev.data]  # this stream's consecutive DATA in this read: delivered at once
+        self._receiving = True
+        try:
+            i, n = 0, len(events)
             while i < n:
-                nxt = events[i]
-                if not isinstance(nxt, mux.DataReceived) or nxt.stream_id != ev.stream_id:
-                    break
-                chunks.append(nxt.data)
+                ev = events[i]
                 i += 1
-            self._data(ev.stream_id, chunks)
+                if not isinstance(ev, mux.DataReceived):
+                    self._event(ev)
+                    continue
+                chunks = [ev.data]  # this stream's consecutive DATA in this read: delivered at once
+                while i < n:
+                    nxt = events[i]
+                    if not isinstance(nxt, mux.DataReceived) or nxt.stream_id != ev.stream_id:
+                        break
+                    chunks.append(nxt.data)
+                    i += 1
+                self._data(ev.stream_id, chunks)
+        finally:
+            self._receiving = False
         self.flush()
 
     def _data(self, sid: int, chunks: list[bytes | memoryview]) -> None:

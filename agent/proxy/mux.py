@@ -22,13 +22,15 @@ Rules of the wire format (everything that affects parsing lives here):
   unacknowledged bytes in flight per stream; the receiver credits bytes
   back (``WINDOW_UPDATE``) as its application consumes them.  A receiver
   may grant more than it consumed (ours does once a stream has moved a
-  whole initial window: a bulk stream gets ``BULK_WINDOW``, so a sender
-  is not stalled a round trip per 256 KiB); a sender only ever counts the
-  credit it was given, so peers of either kind interoperate.  So a stream
+  whole initial window: a bulk stream gets up to ``BULK_WINDOW``, so a
+  sender is not stalled a round trip per 256 KiB, while the windows grown
+  on one connection stay within ``BULK_BUDGET`` together); a sender only
+  ever counts the credit it was given, so peers of either kind
+  interoperate.  So a stream
   whose destination is slow stops its sender alone, and the connection
   keeps carrying the other streams (no connection-level window: the
   receiver never stops reading the connection, and it holds at most
-  ``max_streams * BULK_WINDOW`` bytes).
+  ``max_streams * INITIAL_WINDOW + BULK_BUDGET`` bytes).
 - A server admits at most ``max_streams`` open streams; an OPEN over that
   (or above a GOAWAY it sent) is answered ``RST REFUSED`` (the client then
   uses another connection).
@@ -69,7 +71,8 @@ __all__ = [
 ALPN = "meshlet-mux/1"
 MAX_FRAME = 64 * 1024
 INITIAL_WINDOW = 256 * 1024  # the window every stream starts with (fixed by the protocol)
-BULK_WINDOW = 1024 * 1024  # the receive window we grant a stream that moved a whole initial window
+BULK_WINDOW = 4 * 1024 * 1024  # the receive window we grant a stream that moved a whole initial window
+BULK_BUDGET = 16 * 1024 * 1024  # at most this much grown window (beyond INITIAL_WINDOW) per connection
 DEFAULT_MAX_STREAMS = 100
 MAX_OPEN_PAYLOAD = 4096  # tunnel.MAX_HEADER: the first bytes a stream carries are its header
 MAX_REASON = 256
@@ -202,8 +205,8 @@ class _Stream:
         self.sid = sid
         self.send_window = INITIAL_WINDOW  # bytes we may still send
         self.recv_window = INITIAL_WINDOW  # bytes the peer may still send
-        self.window = INITIAL_WINDOW  # the receive window granted so far (grows once for bulk)
-        self.taken = 0  # bytes the application consumed, while the window may still grow
+        self.window = INITIAL_WINDOW  # the receive window granted (grows once, for bulk)
+        self.taken = 0  # bytes the application consumed until the window grew (-1 after)
         self.unacked = 0  # consumed by the application, not yet credited back
         self.local_done = False  # we sent FIN
         self.remote_done = False  # we received FIN
@@ -216,15 +219,24 @@ class MuxConnection:
     queue frames; ``data_to_send()`` takes the bytes to write."""
 
     def __init__(
-        self, *, client: bool, max_streams: int = DEFAULT_MAX_STREAMS, bulk_window: int = BULK_WINDOW
+        self,
+        *,
+        client: bool,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        bulk_window: int = BULK_WINDOW,
+        bulk_budget: int = BULK_BUDGET,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         if not INITIAL_WINDOW <= bulk_window <= _MAX_WINDOW:
             raise ValueError(f"bulk_window must be between {INITIAL_WINDOW} and {_MAX_WINDOW}")
+        if bulk_budget < 0:
+            raise ValueError("bulk_budget must not be negative")
         self.client = client
         self.max_streams = max_streams
         self.bulk_window = bulk_window
+        self.bulk_budget = bulk_budget
+        self.granted = 0  # grown window (beyond INITIAL_WINDOW) held by open streams
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0  # highest id opened (by us if client, by the peer if server)
         self.goaway_sent: int | None = None  # the LAST_STREAM we announced
@@ -320,7 +332,7 @@ class MuxConnection:
         self._maybe_forget(s)
 
     def reset_stream(self, sid: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
-        s = self.streams.pop(sid, None)
+        s = self._drop(sid)
         if s is None or self.closed:
             return
         self._out.append(frame(FrameType.RST, 0, sid, _U32.pack(int(code)) + _reason_bytes(reason)))
@@ -329,17 +341,20 @@ class MuxConnection:
         """The application took ``n`` bytes of the stream: credit them back
         (batched, a quarter of the window at a time).  A stream that has
         moved a whole initial window is bulk: its window grows to
-        ``bulk_window`` (once), so its sender is credited in larger steps."""
+        ``bulk_window`` (once, as far as the connection's ``bulk_budget``
+        allows), so its sender is credited ahead, in larger steps."""
         s = self.streams.get(sid)
         if s is None or s.remote_done or n <= 0:
             return
         s.unacked += n
         inc = 0
-        if s.window < self.bulk_window:
+        if s.taken >= 0:  # not yet bulk
             s.taken += n
-            if s.taken >= s.window:
-                inc = self.bulk_window - s.window
-                s.window = self.bulk_window
+            if s.taken >= INITIAL_WINDOW:  # it moved a whole initial window: grow it, within the budget
+                s.taken = -1
+                inc = max(0, min(self.bulk_window - INITIAL_WINDOW, self.bulk_budget - self.granted))
+                self.granted += inc
+                s.window += inc
         if s.unacked >= s.window // 4:
             inc += s.unacked
             s.unacked = 0
@@ -380,9 +395,15 @@ class MuxConnection:
         self.goaway_sent = last
         self._out.append(frame(FrameType.GOAWAY, 0, 0, _U32x2.pack(last, int(code)) + _reason_bytes(reason)))
 
+    def _drop(self, sid: int) -> _Stream | None:
+        s = self.streams.pop(sid, None)
+        if s is not None:
+            self.granted -= s.window - INITIAL_WINDOW  # its grown window goes back to the budget
+        return s
+
     def _maybe_forget(self, s: _Stream) -> None:
         if s.local_done and s.remote_done:
-            self.streams.pop(s.sid, None)
+            self._drop(s.sid)
 
     # ---- input
 
@@ -517,7 +538,7 @@ class MuxConnection:
             s = self._stream_for(sid, "RST")
             if s is None:
                 return
-            del self.streams[sid]
+            self._drop(sid)
             (code,) = _U32.unpack_from(payload)
             events.append(StreamReset(sid, _code(code), _reason(payload[4:].tobytes())))
         elif ftype == FrameType.WINDOW_UPDATE:

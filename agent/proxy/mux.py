@@ -339,7 +339,8 @@ class MuxConnection:
 
     def consumed(self, sid: int, n: int) -> None:
         """The application took ``n`` bytes of the stream: credit them back
-        (batched, a quarter of the window at a time).  A stream that has
+        (batched, half the window at a time: each update costs the sender a
+        wake-up, a read and a TLS record).  A stream that has
         moved a whole initial window is bulk: its window grows to
         ``bulk_window`` (once, as far as the connection's ``bulk_budget``
         allows), so its sender is credited ahead, in larger steps."""
@@ -355,7 +356,7 @@ class MuxConnection:
                 inc = max(0, min(self.bulk_window - INITIAL_WINDOW, self.bulk_budget - self.granted))
                 self.granted += inc
                 s.window += inc
-        if s.unacked >= s.window // 4:
+        if s.unacked >= s.window // 2:
             inc += s.unacked
             s.unacked = 0
         if inc:

@@ -387,7 +387,7 @@ def test_a_bulk_stream_gets_the_bigger_window_once_and_no_more():
     assert ei.value.code == m.ErrorCode.FLOW_CONTROL
 
 
-def test_a_bulk_stream_is_credited_a_quarter_of_its_window_at_a_time():
+def test_a_bulk_stream_is_credited_half_its_window_at_a_time():
     c, s = pair()
     sid = c.open_stream()
     pump(c, s)
@@ -395,7 +395,7 @@ def test_a_bulk_stream_is_credited_a_quarter_of_its_window_at_a_time():
     pump(c, s)
     s.consumed(sid, m.INITIAL_WINDOW)
     pump(s, c)
-    per_update = m.BULK_WINDOW // 4 // 65536
+    per_update = m.BULK_WINDOW // 2 // 65536
     updates = []
     for _ in range(2 * per_update):
         c.send_data(sid, b"x" * 65536)
@@ -404,7 +404,7 @@ def test_a_bulk_stream_is_credited_a_quarter_of_its_window_at_a_time():
         wire = s.data_to_send()
         updates.append(len(wire))
         c.receive(wire)
-    # 64 KiB reads: one WINDOW_UPDATE per quarter of the grown window, not per
+    # 64 KiB reads: one WINDOW_UPDATE per half of the grown window, not per
     # read (the first comes 4 reads early: the initial window's last 256 KiB
     # were still unacknowledged when the window grew)
     first = [0] * (per_update - 5) + [m.HEADER_SIZE + 4]

@@ -209,6 +209,8 @@ class StreamTransport(asyncio.Transport):
         if self._closed:
             return
         if self._read_paused or self._rbuf:
+            if isinstance(data, memoryview) and len(data) * 4 < len(data.obj):  # type: ignore[arg-type]  # obj is the bytes of a TLS read (typeshed: Buffer)
+                data = bytes(data)  # kept a while: a small view must not pin a whole TLS read
             self._rbuf.append(data)
             return
         self._give(data)

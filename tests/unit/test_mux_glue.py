@@ -189,3 +189,20 @@ def test_interleaved_bulk_streams_relayed_to_slow_pods_arrive_whole_and_in_order
                 t.close()
 
     run(main())
+
+
+def test_a_small_view_held_for_a_paused_stream_is_copied_not_pinning_the_whole_read():
+    async def main():
+        async with Pair() as p:
+            src, dst = await p.open()
+            st = next(iter(p.server.streams.values()))
+            st.pause_reading()
+            big = bytes(64 * 1024)
+            st.deliver(memoryview(big)[:10])  # a small slice of a large read, while paused
+            st.deliver(memoryview(big)[: 32 * 1024])  # half of it: kept as a view
+            assert type(st._rbuf[0]) is bytes and st._rbuf[0] == bytes(10)
+            assert isinstance(st._rbuf[1], memoryview) and st._rbuf[1].obj is big
+            st.resume_reading()
+            assert await asyncio.wait_for(dst.receive(), 10) == bytes(10 + 32 * 1024)
+
+    run(main())

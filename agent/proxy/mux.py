@@ -20,11 +20,17 @@ Rules of the wire format (everything that affects parsing lives here):
   stream above LAST_STREAM was or will be served; open streams finish.
 - Flow control is per stream: each side may have at most ``INITIAL_WINDOW``
   unacknowledged bytes in flight per stream; the receiver credits bytes
-  back (``WINDOW_UPDATE``) as its application consumes them.  So a stream
+  back (``WINDOW_UPDATE``) as its application consumes them.  A receiver
+  may grant more than it consumed (ours does once a stream has moved a
+  whole initial window: a bulk stream gets up to ``BULK_WINDOW``, so a
+  sender is not stalled a round trip per 256 KiB, while the windows grown
+  on one connection stay within ``BULK_BUDGET`` together); a sender only
+  ever counts the credit it was given, so peers of either kind
+  interoperate.  So a stream
   whose destination is slow stops its sender alone, and the connection
   keeps carrying the other streams (no connection-level window: the
   receiver never stops reading the connection, and it holds at most
-  ``max_streams * INITIAL_WINDOW`` bytes).
+  ``max_streams * INITIAL_WINDOW + BULK_BUDGET`` bytes).
 - A server admits at most ``max_streams`` open streams; an OPEN over that
   (or above a GOAWAY it sent) is answered ``RST REFUSED`` (the client then
   uses another connection).
@@ -64,13 +70,14 @@ __all__ = [
 
 ALPN = "meshlet-mux/1"
 MAX_FRAME = 64 * 1024
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 256 * 1024  # the window every stream starts with (fixed by the protocol)
+BULK_WINDOW = 4 * 1024 * 1024  # the receive window we grant a stream that moved a whole initial window
+BULK_BUDGET = 16 * 1024 * 1024  # at most this much grown window (beyond INITIAL_WINDOW) per connection
 DEFAULT_MAX_STREAMS = 100
 MAX_OPEN_PAYLOAD = 4096  # tunnel.MAX_HEADER: the first bytes a stream carries are its header
 MAX_REASON = 256
 _MAX_WINDOW = 2**31 - 1
 _MAX_STREAM_ID = 2**31 - 1
-_UPDATE_AT = INITIAL_WINDOW // 4  # credit consumed bytes back once this many accumulated
 
 _HEADER = struct.Struct("!BHBBI")  # length split as (hi byte, lo 16 bits), type, flags, stream
 HEADER_SIZE = _HEADER.size  # 9
@@ -121,7 +128,9 @@ class StreamOpened:
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     stream_id: int
-    data: bytes  # the application must call ``consumed(stream_id, len(data))`` once it took them
+    # A view of received immutable bytes (keep it, or copy the part to keep); the
+    # application must call ``consumed(stream_id, len(data))`` once it took them.
+    data: memoryview | bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +190,23 @@ def frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
 
 
 class _Stream:
-    __slots__ = ("sid", "send_window", "recv_window", "unacked", "local_done", "remote_done")
+    __slots__ = (
+        "sid",
+        "send_window",
+        "recv_window",
+        "window",
+        "taken",
+        "unacked",
+        "local_done",
+        "remote_done",
+    )
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
         self.send_window = INITIAL_WINDOW  # bytes we may still send
         self.recv_window = INITIAL_WINDOW  # bytes the peer may still send
+        self.window = INITIAL_WINDOW  # the receive window granted (grows once, for bulk)
+        self.taken = 0  # bytes the application consumed until the window grew (-1 after)
         self.unacked = 0  # consumed by the application, not yet credited back
         self.local_done = False  # we sent FIN
         self.remote_done = False  # we received FIN
@@ -198,11 +218,25 @@ class MuxConnection:
     ``receive(data)`` returns events (or raises MuxError); the other calls
     queue frames; ``data_to_send()`` takes the bytes to write."""
 
-    def __init__(self, *, client: bool, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+    def __init__(
+        self,
+        *,
+        client: bool,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        bulk_window: int = BULK_WINDOW,
+        bulk_budget: int = BULK_BUDGET,
+    ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
+        if not INITIAL_WINDOW <= bulk_window <= _MAX_WINDOW:
+            raise ValueError(f"bulk_window must be between {INITIAL_WINDOW} and {_MAX_WINDOW}")
+        if bulk_budget < 0:
+            raise ValueError("bulk_budget must not be negative")
         self.client = client
         self.max_streams = max_streams
+        self.bulk_window = bulk_window
+        self.bulk_budget = bulk_budget
+        self.granted = 0  # grown window (beyond INITIAL_WINDOW) held by open streams
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0  # highest id opened (by us if client, by the peer if server)
         self.goaway_sent: int | None = None  # the LAST_STREAM we announced
@@ -210,7 +244,9 @@ class MuxConnection:
         self.notice_sent = False  # goaway_notice(): a drain's first GOAWAY (LAST_STREAM = max)
         self.closed = False  # after a connection error
         self.refused = 0  # OPENs answered RST REFUSED (server)
-        self._buf = bytearray()
+        self._buf = bytearray()  # a frame header or control frame cut short by the last read
+        self._data_left = 0  # bytes of the current DATA frame's payload still to come
+        self._data_sid = 0  # ... on this stream
         self._out: list[bytes | memoryview] = []
 
     # ---- output
@@ -220,6 +256,15 @@ class MuxConnection:
             return b""
         out = bytes(self._out[0]) if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        return out
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """The same bytes as ``data_to_send()``, as the queued buffers in
+        order (frame headers, views of DATA payloads), not joined: a writer
+        that can take them one by one (the TLS connection's ``writelines``)
+        saves a copy of every byte."""
+        out = self._out
+        self._out = []
         return out
 
     # ---- streams (client opens)
@@ -287,19 +332,34 @@ class MuxConnection:
         self._maybe_forget(s)
 
     def reset_stream(self, sid: int, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
-        s = self.streams.pop(sid, None)
+        s = self._drop(sid)
         if s is None or self.closed:
             return
         self._out.append(frame(FrameType.RST, 0, sid, _U32.pack(int(code)) + _reason_bytes(reason)))
 
     def consumed(self, sid: int, n: int) -> None:
-        """The application took ``n`` bytes of the stream: credit them back (batched)."""
+        """The application took ``n`` bytes of the stream: credit them back
+        (batched, half the window at a time: each update costs the sender a
+        wake-up, a read and a TLS record).  A stream that has
+        moved a whole initial window is bulk: its window grows to
+        ``bulk_window`` (once, as far as the connection's ``bulk_budget``
+        allows), so its sender is credited ahead, in larger steps."""
         s = self.streams.get(sid)
         if s is None or s.remote_done or n <= 0:
             return
         s.unacked += n
-        if s.unacked >= _UPDATE_AT:
-            inc, s.unacked = s.unacked, 0
+        inc = 0
+        if s.taken >= 0:  # not yet bulk
+            s.taken += n
+            if s.taken >= INITIAL_WINDOW:  # it moved a whole initial window: grow it, within the budget
+                s.taken = -1
+                inc = max(0, min(self.bulk_window - INITIAL_WINDOW, self.bulk_budget - self.granted))
+                self.granted += inc
+                s.window += inc
+        if s.unacked >= s.window // 2:
+            inc += s.unacked
+            s.unacked = 0
+        if inc:
             s.recv_window += inc
             self._out.append(frame(FrameType.WINDOW_UPDATE, 0, sid, _U32.pack(inc)))
 
@@ -336,9 +396,15 @@ class MuxConnection:
         self.goaway_sent = last
         self._out.append(frame(FrameType.GOAWAY, 0, 0, _U32x2.pack(last, int(code)) + _reason_bytes(reason)))
 
+    def _drop(self, sid: int) -> _Stream | None:
+        s = self.streams.pop(sid, None)
+        if s is not None:
+            self.granted -= s.window - INITIAL_WINDOW  # its grown window goes back to the budget
+        return s
+
     def _maybe_forget(self, s: _Stream) -> None:
         if s.local_done and s.remote_done:
-            self.streams.pop(s.sid, None)
+            self._drop(s.sid)
 
     # ---- input
 
@@ -357,58 +423,104 @@ class MuxConnection:
             self.closed = True
         return MuxError(code, message)
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the peer; return what happened.  Raises MuxError
-        (the connection is dead: send ``data_to_send()``, then close)."""
+        (the connection is dead: send ``data_to_send()``, then close).
+
+        DATA payloads are not copied: a ``DataReceived`` holds a view of
+        ``data`` (of a private copy if ``data`` is mutable), delivered as
+        soon as its bytes are here, so a frame split across reads arrives as
+        more than one ``DataReceived``.  Only a split frame header or a
+        split control frame is carried over (copied) to the next call."""
         if self.closed:
             raise MuxError(ErrorCode.PROTOCOL, "connection already failed")
-        buf = self._buf
-        if buf:
-            buf += data
-            src: bytes | bytearray = buf
-        else:
-            src = data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # payload views must not change under the application
         events: list[Event] = []
+        view = memoryview(data)
+        end = len(data)
         off = 0
-        end = len(src)
-        view = memoryview(src)
-        try:
-            while end - off >= HEADER_SIZE:
-                hi, lo, ftype, flags, sid = _HEADER.unpack_from(src, off)
-                length = (hi << 16) | lo
-                if length > MAX_FRAME:
-                    raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
-                if end - off - HEADER_SIZE < length:
-                    break
-                start = off + HEADER_SIZE
-                off = start + length
-                payload = view[start:off]
-                self._frame(ftype, flags, sid, payload, events)
-        finally:
-            view.release()
-        rest = bytes(src[off:]) if off < end else b""
-        self._buf = bytearray(rest)
+        if self._data_left:  # the rest of a DATA frame whose header came earlier
+            off = min(self._data_left, end)
+            self._data_left -= off
+            self._deliver(self._data_sid, view[:off], events)
+        if self._buf and off < end:
+            off = self._carried(view, off, events)
+        while end - off >= HEADER_SIZE:
+            hi, lo, ftype, flags, sid = _HEADER.unpack_from(data, off)
+            length = (hi << 16) | lo
+            if length > MAX_FRAME:
+                raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
+            start = off + HEADER_SIZE
+            if ftype == FrameType.DATA:
+                self._data_frame(sid, length)
+                off = min(end, start + length)
+                self._data_left = start + length - off
+                self._data_sid = sid
+                self._deliver(sid, view[start:off], events)
+                continue
+            if end - start < length:
+                break
+            off = start + length
+            self._frame(ftype, flags, sid, view[start:off], events)
+        if off < end:
+            self._buf += view[off:]  # less than a header, or a control frame cut short
         return events
+
+    def _carried(self, view: memoryview, off: int, events: list[Event]) -> int:
+        """Complete the frame begun in ``_buf`` from ``view[off:]``; returns
+        the new offset."""
+        buf, end = self._buf, len(view)
+        if len(buf) < HEADER_SIZE:
+            k = min(HEADER_SIZE - len(buf), end - off)
+            buf += view[off : off + k]
+            off += k
+            if len(buf) < HEADER_SIZE:
+                return off
+        hi, lo, ftype, flags, sid = _HEADER.unpack_from(buf)
+        length = (hi << 16) | lo
+        if length > MAX_FRAME:
+            raise self._error(ErrorCode.FRAME_SIZE, f"frame of {length} bytes (limit {MAX_FRAME})")
+        if ftype == FrameType.DATA:
+            self._buf = bytearray()
+            self._data_frame(sid, length)
+            k = min(length, end - off)
+            self._data_left = length - k
+            self._data_sid = sid
+            self._deliver(sid, view[off : off + k], events)
+            return off + k
+        k = min(HEADER_SIZE + length - len(buf), end - off)
+        buf += view[off : off + k]
+        off += k
+        if len(buf) == HEADER_SIZE + length:
+            self._buf = bytearray()
+            self._frame(ftype, flags, sid, memoryview(bytes(buf))[HEADER_SIZE:], events)
+        return off
+
+    def _data_frame(self, sid: int, n: int) -> None:
+        """Check a DATA header (the whole frame counts against the window at once)."""
+        if sid > _MAX_STREAM_ID:
+            raise self._error(ErrorCode.PROTOCOL, "reserved bit set in a stream id")
+        s = self._stream_for(sid, "DATA")
+        if s is None:
+            return  # a stream closed since: its bytes are dropped
+        if s.remote_done:
+            raise self._error(ErrorCode.PROTOCOL, f"DATA on stream {sid} after its FIN")
+        if n > s.recv_window:
+            raise self._error(
+                ErrorCode.FLOW_CONTROL,
+                f"DATA of {n} bytes on stream {sid} beyond its window ({s.recv_window} bytes left)",
+            )
+        s.recv_window -= n
+
+    def _deliver(self, sid: int, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) and sid in self.streams:
+            events.append(DataReceived(sid, payload))
 
     def _frame(self, ftype: int, flags: int, sid: int, payload: memoryview, events: list[Event]) -> None:
         if sid > _MAX_STREAM_ID:
             raise self._error(ErrorCode.PROTOCOL, "reserved bit set in a stream id")
-        if ftype == FrameType.DATA:
-            s = self._stream_for(sid, "DATA")
-            if s is None:
-                return
-            n = len(payload)
-            if s.remote_done:
-                raise self._error(ErrorCode.PROTOCOL, f"DATA on stream {sid} after its FIN")
-            if n > s.recv_window:
-                raise self._error(
-                    ErrorCode.FLOW_CONTROL,
-                    f"DATA of {n} bytes on stream {sid} beyond its window ({s.recv_window} bytes left)",
-                )
-            s.recv_window -= n
-            if n:
-                events.append(DataReceived(sid, payload.tobytes()))
-        elif ftype == FrameType.OPEN:
+        if ftype == FrameType.OPEN:
             self._open(sid, payload, events)
         elif ftype == FrameType.FIN:
             if len(payload):
@@ -427,7 +539,7 @@ class MuxConnection:
             s = self._stream_for(sid, "RST")
             if s is None:
                 return
-            del self.streams[sid]
+            self._drop(sid)
             (code,) = _U32.unpack_from(payload)
             events.append(StreamReset(sid, _code(code), _reason(payload[4:].tobytes())))
         elif ftype == FrameType.WINDOW_UPDATE:

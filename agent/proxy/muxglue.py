@@ -58,7 +58,7 @@ class StreamTransport(asyncio.Transport):
         self._low = 128 * 1024
         self._proto_paused = False
         self._read_paused = False
-        self._rbuf: list[bytes] = []  # received while reading was paused
+        self._rbuf: list[bytes | memoryview] = []  # received while reading was paused
         self._eof_pending = False  # write_eof() waits for pending bytes
         self._remote_eof = False  # the peer's FIN (delivered or queued behind _rbuf)
         self._eof_delivered = False
@@ -84,7 +84,7 @@ class StreamTransport(asyncio.Transport):
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
         s = self._session
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
             data = bytes(data)  # held below (pending, or views in the frames): must not change
         if self._pending:
             self._pending.append(data)
@@ -205,14 +205,40 @@ class StreamTransport(asyncio.Transport):
             self._send_fin()
         self.update_pause()
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | memoryview) -> None:
         if self._closed:
             return
         if self._read_paused or self._rbuf:
+            if isinstance(data, memoryview) and len(data) * 4 < len(data.obj):  # type: ignore[arg-type]  # obj is the bytes of a TLS read (typeshed: Buffer)
+                data = bytes(data)  # kept a while: a small view must not pin a whole TLS read
             self._rbuf.append(data)
             return
-        self._protocol.data_received(data)
+        self._give(data)
         self._session.credit(self.sid, len(data))
+
+    def deliver_many(self, chunks: list[bytes | memoryview]) -> None:
+        """Consecutive chunks of this stream from one read: a forwarding
+        relay Endpoint takes them in one call (one writev to the pod)."""
+        proto = self._protocol
+        if (
+            self._closed
+            or self._read_paused
+            or self._rbuf
+            or type(proto) is not Endpoint
+            or not proto.forwarding()
+        ):
+            for c in chunks:
+                self.deliver(c)
+            return
+        proto.data_received_many(chunks)
+        self._session.credit(self.sid, sum(map(len, chunks)))
+
+    def _give(self, data: bytes | memoryview) -> None:
+        proto = self._protocol
+        if type(proto) is Endpoint:  # the relay forwards views (of immutable bytes) as they are
+            proto.data_received(data)  # type: ignore[arg-type]  # asyncio's signature says bytes
+        else:  # the tunnel header reader, L7 sessions: bytes
+            proto.data_received(bytes(data))
 
     def remote_eof(self) -> None:
         self._remote_eof = True
@@ -229,7 +255,7 @@ class StreamTransport(asyncio.Transport):
     def _drain_reads(self) -> None:
         while self._rbuf and not self._read_paused and not self._closed:
             data = self._rbuf.pop(0)
-            self._protocol.data_received(data)
+            self._give(data)
             self._session.credit(self.sid, len(data))
         if not self._rbuf and self._remote_eof and not self._read_paused:
             self._deliver_eof()
@@ -280,6 +306,7 @@ class MuxSession(asyncio.Protocol):
         self.streams_total = 0
         self.meta: dict[str, Any] = {}  # what the pool checks for freshness (serials, expiry)
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._receiving = False  # in data_received: credits wait for its one flush at the end
         self._last_active = time.monotonic()
 
     # ---- attach: the TLS connection's plaintext side switches to this protocol
@@ -334,13 +361,14 @@ class MuxSession(asyncio.Protocol):
 
     def credit(self, sid: int, n: int) -> None:
         self.core.consumed(sid, n)
-        self.flush()
+        if not self._receiving:  # within data_received: its flush sends the WINDOW_UPDATE with the rest
+            self.flush()
 
     def flush(self) -> None:
-        data = self.core.data_to_send()
+        bufs = self.core.buffers_to_send()
         tr = self.transport
-        if data and tr is not None and not tr.is_closing():
-            tr.write(data)
+        if bufs and tr is not None and not tr.is_closing():
+            tr.writelines(bufs)  # the TLS connection encrypts each buffer: no joined copy
 
     def drain(self, reason: str) -> None:
         """GOAWAY: no new streams here; close once the open ones end.
@@ -434,18 +462,38 @@ class MuxSession(asyncio.Protocol):
             self.flush()  # the GOAWAY naming the error
             self.close()
             return
-        for ev in events:
-            self._event(ev)
+        self._receiving = True
+        try:
+            i, n = 0, len(events)
+            while i < n:
+                ev = events[i]
+                i += 1
+                if not isinstance(ev, mux.DataReceived):
+                    self._event(ev)
+                    continue
+                chunks = [ev.data]  # this stream's consecutive DATA in this read: delivered at once
+                while i < n:
+                    nxt = events[i]
+                    if not isinstance(nxt, mux.DataReceived) or nxt.stream_id != ev.stream_id:
+                        break
+                    chunks.append(nxt.data)
+                    i += 1
+                self._data(ev.stream_id, chunks)
+        finally:
+            self._receiving = False
         self.flush()
 
+    def _data(self, sid: int, chunks: list[bytes | memoryview]) -> None:
+        st = self.streams.get(sid)
+        if st is None:  # the stream's application is gone: keep the window moving
+            self.core.consumed(sid, sum(map(len, chunks)))
+        elif len(chunks) == 1:
+            st.deliver(chunks[0])
+        else:
+            st.deliver_many(chunks)
+
     def _event(self, ev: mux.Event) -> None:
-        if isinstance(ev, mux.DataReceived):
-            st = self.streams.get(ev.stream_id)
-            if st is not None:
-                st.deliver(ev.data)
-            else:  # the stream's application is gone: keep the window moving
-                self.core.consumed(ev.stream_id, len(ev.data))
-        elif isinstance(ev, mux.WindowUpdated):
+        if isinstance(ev, mux.WindowUpdated):
             st = self.streams.get(ev.stream_id)
             if st is not None:
                 st.window_open()

@@ -104,6 +104,20 @@ class Endpoint(asyncio.Protocol):
         if self._on_made is not None:
             self._on_made(self)
 
+    def forwarding(self) -> bool:
+        return self._peer is not None
+
+    def data_received_many(self, chunks: list[bytes | memoryview]) -> None:
+        """Several chunks at once (a tunnel stream's share of one TLS read),
+        while forwarding: one ``writelines`` to the peer, so one ``writev``
+        instead of a ``write`` each."""
+        peer = self._peer
+        if peer is None:
+            raise RuntimeError("data_received_many before forwarding started")
+        self.bytes_in += sum(map(len, chunks))
+        if peer._writable and not peer.transport.is_closing():  # type: ignore[union-attr]  # set in connection_made
+            peer.transport.writelines(chunks)  # type: ignore[union-attr]  # set in connection_made
+
     def data_received(self, data: bytes) -> None:
         peer = self._peer
         if peer is not None:

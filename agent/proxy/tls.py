@@ -105,6 +105,7 @@ ALPN = "meshlet-tunnel/1"
 SNI_SUFFIX = "meshlet"
 READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
+_SMALL_WRITE = 4096  # writelines joins buffers below this size (headers, control frames)
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
 SESSION_REFUSED_REFETCH_S = 300.0  # a refused session is replaced once it is this old (module docstring)
@@ -948,6 +949,32 @@ class TlsConnection(asyncio.Protocol):
             return
         self._flush()
 
+    def writelines(self, bufs: list[bytes | memoryview]) -> None:
+        """Encrypt ``bufs`` in order, then send once: no joined copy of the
+        plaintext.  Runs of small buffers (frame headers, control frames)
+        are joined first, so they share a record instead of one each."""
+        if self.state != _OPEN or self._sent_close_notify:
+            return
+        write = self.sslobj.write
+        small: list[bytes | memoryview] = []
+        try:
+            for b in bufs:
+                if len(b) < _SMALL_WRITE:
+                    small.append(b)
+                    continue
+                if small:
+                    write(b"".join(small))
+                    small.clear()
+                write(b)
+            if small:
+                write(b"".join(small))
+        except ssl.SSLError as e:
+            self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
+            self.state = _CLOSED
+            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
+            return
+        self._flush()
+
     def write_eof(self) -> None:
         """close_notify (TLS half-close), then FIN."""
         if self.state != _OPEN or self._sent_close_notify:
@@ -1046,7 +1073,7 @@ class _AppTransport(asyncio.Transport):
         self._conn.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
-        self._conn.write(b"".join(list_of_data))
+        self._conn.writelines(list(list_of_data))
 
     def write_eof(self) -> None:
         self._conn.write_eof()

@@ -14,8 +14,13 @@ from agent.proxy import mux as m
 from agent.proxy import tunnel
 
 
-def pair(max_streams: int = m.DEFAULT_MAX_STREAMS) -> tuple[m.MuxConnection, m.MuxConnection]:
-    return m.MuxConnection(client=True), m.MuxConnection(client=False, max_streams=max_streams)
+def pair(
+    max_streams: int = m.DEFAULT_MAX_STREAMS, bulk_window: int = m.BULK_WINDOW
+) -> tuple[m.MuxConnection, m.MuxConnection]:
+    return (
+        m.MuxConnection(client=True, bulk_window=bulk_window),
+        m.MuxConnection(client=False, max_streams=max_streams, bulk_window=bulk_window),
+    )
 
 
 def pump(a: m.MuxConnection, b: m.MuxConnection) -> list[m.Event]:
@@ -103,7 +108,7 @@ def test_reset_propagates_and_late_frames_are_ignored():
 
 
 def test_window_exhaustion_then_update_and_a_stream_larger_than_the_window():
-    c, s = pair()
+    c, s = pair(bulk_window=m.INITIAL_WINDOW)  # a receiver that never grows the window (an older peer)
     sid = c.open_stream()
     pump(c, s)
     blob = bytes(range(256)) * (3 * m.INITIAL_WINDOW // 256 + 7)  # > 3 windows
@@ -358,3 +363,135 @@ def test_random_interleavings_deliver_every_stream_intact(writes, chunk):
         events += s.receive(wire[off : off + chunk])
     for sid in ids:
         assert data_of(events, sid) == bytes(want[sid])
+
+
+def test_a_bulk_stream_gets_the_bigger_window_once_and_no_more():
+    c, s = pair()
+    sid = c.open_stream()
+    pump(c, s)
+    assert c.send_data(sid, b"x" * (2 * m.BULK_WINDOW)) == m.INITIAL_WINDOW
+    pump(c, s)
+    s.consumed(sid, m.INITIAL_WINDOW - 1)  # not yet a whole initial window: credited as usual
+    assert pump(s, c) == [m.WindowUpdated(sid)]
+    assert c.send_window(sid) == m.INITIAL_WINDOW - 1
+    s.consumed(sid, 1)  # the whole initial window moved: the grant (the byte waits for its batch)
+    assert pump(s, c) == [m.WindowUpdated(sid)]
+    assert c.send_window(sid) == m.BULK_WINDOW - 1
+    s.consumed(sid, 10)  # no second grant
+    assert s.data_to_send() == b""
+    # The sender may fill exactly the grown window, and not a byte more.
+    assert c.send_data(sid, b"y" * (2 * m.BULK_WINDOW)) == m.BULK_WINDOW - 1
+    pump(c, s)
+    with pytest.raises(m.MuxError) as ei:
+        s.receive(m.frame(m.FrameType.DATA, 0, sid, b"z"))
+    assert ei.value.code == m.ErrorCode.FLOW_CONTROL
+
+
+def test_a_bulk_stream_is_credited_half_its_window_at_a_time():
+    c, s = pair()
+    sid = c.open_stream()
+    pump(c, s)
+    c.send_data(sid, b"x" * m.INITIAL_WINDOW)
+    pump(c, s)
+    s.consumed(sid, m.INITIAL_WINDOW)
+    pump(s, c)
+    per_update = m.BULK_WINDOW // 2 // 65536
+    updates = []
+    for _ in range(2 * per_update):
+        c.send_data(sid, b"x" * 65536)
+        pump(c, s)
+        s.consumed(sid, 65536)
+        wire = s.data_to_send()
+        updates.append(len(wire))
+        c.receive(wire)
+    # 64 KiB reads: one WINDOW_UPDATE per half of the grown window, not per
+    # read (the first comes 4 reads early: the initial window's last 256 KiB
+    # were still unacknowledged when the window grew)
+    first = [0] * (per_update - 5) + [m.HEADER_SIZE + 4]
+    one = [0] * (per_update - 1) + [m.HEADER_SIZE + 4]
+    assert updates[: len(first) + per_update] == first + one
+
+
+def test_grown_windows_stay_within_the_connection_budget_and_come_back_when_streams_end():
+    extra = m.BULK_WINDOW - m.INITIAL_WINDOW
+    c = m.MuxConnection(client=True)
+    s = m.MuxConnection(client=False, bulk_budget=extra + extra // 2)
+    ids = [c.open_stream() for _ in range(4)]
+    pump(c, s)
+
+    def make_bulk(sid: int) -> int:
+        c.send_data(sid, b"x" * m.INITIAL_WINDOW)
+        pump(c, s)
+        s.consumed(sid, m.INITIAL_WINDOW)
+        pump(s, c)
+        window = s.streams[sid].window
+        # nothing in flight: what the sender may send is the window less what waits for its batch
+        assert c.send_window(sid) == window - s.streams[sid].unacked
+        return window
+
+    assert make_bulk(ids[0]) == m.BULK_WINDOW  # the whole grant
+    assert make_bulk(ids[1]) == m.INITIAL_WINDOW + extra // 2  # what is left of the budget
+    assert make_bulk(ids[2]) == m.INITIAL_WINDOW  # none left: it stays at the initial window
+    assert s.granted == s.bulk_budget
+    c.reset_stream(ids[0])  # the first ends: its grant goes back
+    pump(c, s)
+    assert s.granted == extra // 2
+    assert make_bulk(ids[3]) == m.BULK_WINDOW
+    for sid in ids[1:]:  # both directions finished: forgotten, grants back
+        c.send_fin(sid)
+        s.send_fin(sid)
+    pump(c, s)
+    pump(s, c)
+    assert s.granted == 0 and not s.streams
+
+
+def test_a_growing_receiver_and_a_fixed_window_peer_interoperate_both_ways():
+    # The grant is plain WINDOW_UPDATE credit: a peer of the last release (whose
+    # receive window stays at INITIAL_WINDOW) sends and receives unchanged.
+    for c, s in (
+        (m.MuxConnection(client=True, bulk_window=m.INITIAL_WINDOW), m.MuxConnection(client=False)),
+        (m.MuxConnection(client=True), m.MuxConnection(client=False, bulk_window=m.INITIAL_WINDOW)),
+    ):
+        _roundtrip_1mib(c, s)
+
+
+def _roundtrip_1mib(c: m.MuxConnection, s: m.MuxConnection) -> None:
+    sid = c.open_stream()
+    pump(c, s)
+    got = bytearray()
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    sent = 0
+    while sent < len(blob):
+        sent += c.send_data(sid, blob[sent : sent + 100_000])
+        part = data_of(pump(c, s), sid)
+        got += part
+        s.consumed(sid, len(part))
+        pump(s, c)
+    assert got == blob
+
+
+def test_a_data_frame_split_across_reads_is_delivered_as_it_arrives_without_copies():
+    c, s = pair()
+    sid = c.open_stream()
+    pump(c, s)
+    c.send_data(sid, bytes(range(256)) * 256)  # one 64 KiB frame
+    wire = c.data_to_send()
+    first = wire[: m.HEADER_SIZE + 1000]
+    ev1 = s.receive(first)
+    assert ev1 == [m.DataReceived(sid, wire[9:1009])]
+    assert isinstance(ev1[0].data, memoryview) and ev1[0].data.obj is first  # a view, not a copy
+    rest = wire[m.HEADER_SIZE + 1000 :]
+    ev2 = s.receive(rest[:5]) + s.receive(rest[5:])
+    assert b"".join(e.data for e in ev2) == wire[1009:]
+    assert s._buf == b""  # nothing carried over: payload bytes are never buffered
+
+
+def test_a_mutable_read_buffer_is_not_aliased_by_delivered_payloads():
+    c, s = pair()
+    sid = c.open_stream()
+    pump(c, s)
+    c.send_data(sid, b"abc")
+    buf = bytearray(c.data_to_send())
+    ev = s.receive(buf)
+    buf[-3:] = b"XYZ"  # the caller reuses its buffer
+    assert data_of(ev, sid) == b"abc"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
+import socket
 
 from agent.proxy import mux
 from agent.proxy.muxglue import MuxSession
-from agent.proxy.relay import Endpoint
+from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.tls import MUX_ALPN, TlsContexts
 from tests.support.aio import run, until
 from tests.support.ca import CertFactory
@@ -146,5 +148,61 @@ def test_a_protocol_error_resets_every_stream():
             await until(lambda: c.lost)
             assert isinstance(c.lost_exc, ConnectionResetError)
             assert p.counters["tunnel_mux_errors"] == 1 and p.server.closed
+
+    run(main())
+
+
+def test_interleaved_bulk_streams_relayed_to_slow_pods_arrive_whole_and_in_order():
+    """Two bulk streams share the connection and are relayed to real sockets
+    (the pods) that stop reading for a while: the batched delivery of a
+    stream's DATA (one writelines per read), the paused-stream buffer and the
+    grown bulk window must keep every byte, in order, on its own stream."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with Pair() as p:
+            pods = []
+            for i in range(2):
+                src, dst = await p.open(b"h%d" % i)
+                mine, theirs = socket.socketpair()
+                theirs.setblocking(False)
+                tr, pod_ep = await loop.create_connection(lambda: Endpoint("pod"), sock=mine)
+                Relay(dst, pod_ep, buffer_size=64 * 1024).start()
+                blob = random.Random(i).randbytes(6 * mux.BULK_WINDOW + 17)  # no period: order shows
+                pods.append((src, theirs, blob))
+                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+            async def reader(sock: socket.socket, n: int, stall: bool) -> bytes:
+                got = bytearray()
+                if stall:  # let the pod socket, the relay and the stream fill up first
+                    await until(lambda: p.server.streams and any(st._read_paused for st in p.server.streams.values()))
+                while len(got) < n:
+                    got += await loop.sock_recv(sock, 1 << 20)
+                return bytes(got)
+
+            for src, _, blob in pods:  # interleaved on the wire: both written before either is read
+                for off in range(0, len(blob), 100_000):
+                    src.write(blob[off : off + 100_000])
+            got = await asyncio.gather(*(reader(t, len(b), i == 0) for i, (_, t, b) in enumerate(pods)))
+            for (_, t, blob), data in zip(pods, got, strict=True):
+                assert hashlib.sha256(data).digest() == hashlib.sha256(blob).digest()
+                t.close()
+
+    run(main())
+
+
+def test_a_small_view_held_for_a_paused_stream_is_copied_not_pinning_the_whole_read():
+    async def main():
+        async with Pair() as p:
+            src, dst = await p.open()
+            st = next(iter(p.server.streams.values()))
+            st.pause_reading()
+            big = bytes(64 * 1024)
+            st.deliver(memoryview(big)[:10])  # a small slice of a large read, while paused
+            st.deliver(memoryview(big)[: 32 * 1024])  # half of it: kept as a view
+            assert type(st._rbuf[0]) is bytes and st._rbuf[0] == bytes(10)
+            assert isinstance(st._rbuf[1], memoryview) and st._rbuf[1].obj is big
+            st.resume_reading()
+            assert await asyncio.wait_for(dst.receive(), 10) == bytes(10 + 32 * 1024)
 
     run(main())

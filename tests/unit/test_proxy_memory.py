@@ -19,11 +19,18 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_tri
 def test_workers_get_the_malloc_allocator_unless_the_operator_chose_one():
     base = {"PATH": "/usr/bin", "PYTHONPATH": "/x"}
     env = memory.worker_env(base)
-    assert env == {**base, "PYTHONMALLOC": "malloc"}
+    assert env == {**base, "PYTHONMALLOC": "malloc", **memory.MALLOC_TUNING}
     assert "PYTHONMALLOC" not in base  # a copy, not the caller's mapping
     for chosen in ("pymalloc", "malloc_debug"):
         assert memory.worker_env({**base, "PYTHONMALLOC": chosen})["PYTHONMALLOC"] == chosen
     assert memory.worker_env({"PYTHONMALLOC": ""})["PYTHONMALLOC"] == "malloc"  # empty: CPython's default
+
+
+def test_workers_get_glibc_thresholds_that_stop_heap_churn_unless_the_operator_set_them():
+    env = memory.worker_env({})
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 512 * 1024  # a relay's 256 KiB buffers come from the heap
+    assert int(env["MALLOC_TRIM_THRESHOLD_"]) > int(env["MALLOC_MMAP_THRESHOLD_"])
+    assert memory.worker_env({"MALLOC_TRIM_THRESHOLD_": "131072"})["MALLOC_TRIM_THRESHOLD_"] == "131072"
 
 
 def test_trim_schedule_trims_mid_burst_and_again_once_the_burst_is_over():

@@ -27,6 +27,14 @@
  * - FIN and RST are not messages: they still reach the proxy through TCP,
  *   which half-closes or resets the far side as for any relay; bytes
  *   redirected before the FIN are already in the far socket's send queue.
+ * - Room: a message is redirected only while the target holds at most
+ *   ML_SPLICE_WINDOW bytes its peer has not acknowledged (sock_ops keeps the
+ *   target's acked count from its RTT samples; the proxy gives targets a
+ *   send buffer well above the window).  A redirect into a full target
+ *   fails with EAGAIN for a non-blocking sender, and nothing would wake
+ *   that sender when the target drains; past the window the bytes go
+ *   through the proxy, whose relay has TCP's backpressure, and the
+ *   redirect resumes once the proxy is in step again.
  * - Counts: every redirected message is added to the pod socket's
  *   ml_splice_cnt entry (the flow table) and to the target's
  *   ml_splice_peers entry (the proxy's access log).
@@ -88,15 +96,23 @@ int ml_splice_msg(struct sk_msg_md *msg)
 		return SK_PASS;  /* not one of ours (or evicted): plain TCP */
 	a = ml_splice_arm.lookup(&key);
 	if (a) {
-		if (a->relayed == c->passed) {
-			tgt = a->target_cookie;
+		tgt = a->target_cookie;
+		p = ml_splice_peers.lookup(&tgt);
+		/* In step, and the target has room: everything ever queued on it
+		 * (what the proxy relayed, what was redirected) minus what its
+		 * peer acknowledged stays within the window, far below the
+		 * target's send buffer.  A full target would fail the redirect
+		 * with EAGAIN for a non-blocking sender, and nothing would wake
+		 * that sender when the target drains (its own socket never stops
+		 * being writable): through the proxy instead, whose relay has
+		 * TCP's own backpressure. */
+		if (p && a->relayed == c->passed &&
+		    a->relayed + p->bytes - p->acked + size <= ML_SPLICE_WINDOW) {
 			/* Without BPF_F_INGRESS: out of the target's send side. */
 			rc = ml_splice_tgt.msg_redirect_hash(msg, &tgt, 0);
 			if (rc == SK_PASS) {
 				__sync_fetch_and_add(&c->redirected, size);
-				p = ml_splice_peers.lookup(&tgt);
-				if (p)
-					__sync_fetch_and_add(&p->bytes, size);
+				__sync_fetch_and_add(&p->bytes, size);
 				ml_count(ML_STAT_SPLICE_REDIRECTED);
 				return SK_PASS;
 			}
@@ -117,6 +133,17 @@ int ml_splice_ops(struct bpf_sock_ops *skops)
 	u64 cookie;
 	int rc;
 
+	if (op == BPF_SOCK_OPS_RTT_CB) {
+		/* A proxy socket's progress: what its peer acknowledged frees
+		 * room in the window of pods redirecting into it. */
+		struct ml_splice_peer *p;
+
+		cookie = bpf_get_socket_cookie(skops);
+		p = ml_splice_peers.lookup(&cookie);
+		if (p)
+			p->acked = skops->bytes_acked;
+		return 1;
+	}
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		/* Runs after flowtrack.c (attached after it), which reads the
 		 * pod socket's count at close. */
@@ -147,6 +174,8 @@ int ml_splice_ops(struct bpf_sock_ops *skops)
 
 			if (!sk || !cfg->mesh_mark || (sk->mark & cfg->mesh_mark) != cfg->mesh_mark)
 				return 1;
+			/* RTT samples: its acked count (flowtrack.c tracks it too). */
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
 			ik.family = key.family;
 			ik.addr_be[0] = key.daddr_be[0];
 			ik.addr_be[1] = key.daddr_be[1];
@@ -170,6 +199,13 @@ int ml_splice_ops(struct bpf_sock_ops *skops)
 		}
 		/* A pod's connect redirected to the proxy: its client socket. */
 	} else {
+		if (key.sport == cfg->outbound_port) {
+			/* The proxy's accepted socket from a pod (a target): RTT
+			 * samples, as for its upstream sockets above. */
+			bpf_sock_ops_cb_flags_set(skops,
+						  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
+			return 1;
+		}
 		if (!ml_splice_pending.lookup(&key))
 			return 1;  /* not accepted from a proxy upstream socket */
 		ml_splice_pending.delete(&key);

@@ -237,6 +237,7 @@ class MlSplicePeer(ctypes.Structure):
     _fields_ = [
         ("peer_cookie", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
+        ("acked", ctypes.c_uint64),
     ]
 
 

@@ -25,7 +25,7 @@ import struct
 
 from . import abi, bpfsys
 
-__all__ = ["SpliceMaps", "pod_key", "socket_cookie"]
+__all__ = ["SpliceMaps", "bytes_acked", "pod_key", "socket_cookie"]
 
 SO_COOKIE = 57  # <asm-generic/socket.h>; Python's socket module has no name for it
 
@@ -37,6 +37,18 @@ _CNT_SIZE = ctypes.sizeof(abi.MlSpliceCnt)
 def socket_cookie(sock: socket.socket) -> int:
     """The kernel's cookie for ``sock`` (what bpf_get_socket_cookie returns)."""
     return _U64.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+_TCPI_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked) (Linux >= 4.1)
+
+
+def bytes_acked(sock: socket.socket) -> int:
+    """tcpi_bytes_acked: what sock_ops' bytes_acked reads (splice.c keeps it
+    per target from RTT samples; this is its value before the first one)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_ACKED + 8)
+    if len(info) < _TCPI_BYTES_ACKED + 8:
+        raise OSError("TCP_INFO has no tcpi_bytes_acked on this kernel")
+    return int(_U64.unpack_from(info, _TCPI_BYTES_ACKED)[0])
 
 
 def pod_key(sock: socket.socket) -> bytes:
@@ -94,8 +106,8 @@ class SpliceMaps:
         done: list[tuple[int, int]] = []
         try:
             for fd, key, val in (
-                (pfd, ca, bytes(abi.MlSplicePeer(cb, 0))),
-                (pfd, cb, bytes(abi.MlSplicePeer(ca, 0))),
+                (pfd, ca, bytes(abi.MlSplicePeer(cb, 0, bytes_acked(a)))),
+                (pfd, cb, bytes(abi.MlSplicePeer(ca, 0, bytes_acked(b)))),
                 (tfd, ca, struct.pack("=i", a.fileno())),
                 (tfd, cb, struct.pack("=i", b.fileno())),
             ):

@@ -472,6 +472,9 @@ class ProxyServer:
             set_default_path_parameters(new.path_parameters)
             log.info("path parameters: %s", new.path_parameters)
         self.outbound.state_changed(new)
+        if new.splice and self.outbound.splicer is None and self.ready:
+            # proxy.splice turned on (the agent pinned the maps before publishing)
+            self.outbound.splicer = self._open_splicer(new.pin_dir)
         if len(self.policies.current):  # labels may have changed
             self._recheck("pod labels may have changed")
         if old.access_log != new.access_log:

@@ -47,6 +47,11 @@ __all__ = ["Spliced", "Splicer"]
 
 log = logging.getLogger("meshlet.proxy")
 
+_SO_SNDBUFFORCE = 32  # <asm-generic/socket.h> (CAP_NET_ADMIN, which the proxy has for SO_MARK)
+# Send buffer of a target socket (the kernel doubles it): four times
+# bpf/include/meshlet.h's ML_SPLICE_WINDOW (4 MiB), so that a redirect never
+# finds its target full (see bpf/splice.c, "Room").
+_TARGET_SNDBUF = 8 << 20
 _ARM_POLL_MAX = 0.05  # seconds between two checks of a write buffer that is slow to drain
 _ARM_POLLS = 40  # checks (about 1.5 s) before arming waits for the next chunk instead
 
@@ -182,6 +187,8 @@ class Splicer:
             self.counters["splice_skipped"] += 1
             return
         try:
+            for s in (sa, sb):  # room for the window, whatever autotuning would give
+                s.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _TARGET_SNDBUF)
             keys = (pod_key(sa), pod_key(sb))
             cookies = self.maps.add_targets(sa, sb)
         except OSError as e:

@@ -41,6 +41,9 @@
 #ifndef ML_MAX_SPLICED              /* entries of each splice map (two per spliced connection) */
 #define ML_MAX_SPLICED 65536
 #endif
+#ifndef ML_SPLICE_WINDOW            /* bytes a target socket may hold unacked before pods' messages go to the proxy */
+#define ML_SPLICE_WINDOW (4 << 20)
+#endif
 #ifndef ML_MAX_GUARDS               /* ml_cgroup_guard entries */
 #define ML_MAX_GUARDS (ML_MAX_WORKLOADS + 256)
 #endif
@@ -274,6 +277,7 @@ ML_RINGBUF_PINNED(ml_flow_events, ML_FLOW_RINGBUF_BYTES, ML_PIN_DIR "/" ML_EVENT
 struct ml_splice_peer {
 	__u64 peer_cookie;          /* the proxy's socket on the other side */
 	__u64 bytes;                /* bytes redirected into this socket so far */
+	__u64 acked;                /* its tcp bytes_acked, as of its last RTT sample (sock_ops) */
 };
 
 /* ml_splice_arm: a pod socket (its own 4-tuple, struct ml_flow_key) -> where
@@ -335,6 +339,35 @@ static __always_inline void ml_count(u32 stat)
 	u64 *v = ml_stats.lookup(&stat);
 	if (v)
 		*v += 1;
+}
+
+/* Bytes a pod socket's app sent that splice.c redirected out of the proxy's
+ * far socket instead of its own TCP connection (0 without the splice): the
+ * flow table adds them to the socket's bytes_acked, so that it counts what
+ * the app sent whichever way the bytes went. */
+static __always_inline u64 ml_splice_redirected(const __u32 *saddr_be, const __u32 *daddr_be,
+						u16 sport, u16 dport, u8 family)
+{
+#if ML_SPLICE
+	struct ml_flow_key k = {};
+	struct ml_splice_cnt *c;
+
+	k.saddr_be[0] = saddr_be[0];
+	k.saddr_be[1] = saddr_be[1];
+	k.saddr_be[2] = saddr_be[2];
+	k.saddr_be[3] = saddr_be[3];
+	k.daddr_be[0] = daddr_be[0];
+	k.daddr_be[1] = daddr_be[1];
+	k.daddr_be[2] = daddr_be[2];
+	k.daddr_be[3] = daddr_be[3];
+	k.sport = sport;
+	k.dport = dport;
+	k.family = family;
+	c = ml_splice_cnt.lookup(&k);
+	return c ? c->redirected : 0;
+#else
+	return 0;
+#endif
 }
 
 static __always_inline struct ml_config *ml_get_config(void)

@@ -97,6 +97,21 @@ class SpliceMaps:
             self._fds = (fds[0], fds[1], fds[2])
         return self._fds
 
+    def current(self) -> bool:
+        """The maps held are the ones pinned now (False: the agent replaced
+        or removed them, e.g. proxy.splice turned off and on again; a new
+        SpliceMaps is needed for new connections)."""
+        if self._fds is None:
+            return self.available()
+        try:
+            fd = bpfsys.obj_get(os.path.join(self.dir, abi.SPLICE_TARGETS))
+        except OSError:
+            return False
+        try:
+            return bpfsys.map_info(fd).id == bpfsys.map_info(self._fds[0]).id
+        finally:
+            os.close(fd)
+
     def add_targets(self, a: socket.socket, b: socket.socket) -> tuple[int, int]:
         """Put the proxy's two sockets of one connection in the target
         SOCKHASH with zeroed byte counts; returns their cookies.  On failure

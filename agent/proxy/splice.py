@@ -73,7 +73,9 @@ class Spliced:
 
     __slots__ = ("_keys", "_tasks", "cookies", "final", "relay", "splicer")
 
-    def __init__(self, splicer: Splicer, relay: Relay, cookies: tuple[int, int], keys: tuple[bytes, bytes]) -> None:
+    def __init__(
+        self, splicer: Splicer, relay: Relay, cookies: tuple[int, int], keys: tuple[bytes, bytes]
+    ) -> None:
         self.splicer = splicer
         self.relay = relay
         self.cookies = cookies  # the proxy's sockets: a (from the client pod), b (to the server pod)

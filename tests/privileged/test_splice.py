@@ -65,9 +65,9 @@ def echo_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mesh(echo_log):
+    server = PEER + ["serve", "--port", str(PEER_PORT), "--log", echo_log]
     with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000),),
-                      pod_servers=(("pod1-2",), PEER + ["serve", "--port", str(PEER_PORT), "--log", echo_log]),
-                      max_seconds=600, splice=True) as m:
+                      pod_servers=(("pod1-2",), server), max_seconds=600, splice=True) as m:
         yield m
 
 

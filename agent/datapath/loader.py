@@ -79,11 +79,11 @@ CGROUP_HOOKS = (
     # flowtrack.c: a second sock_ops program, its own link, attached after
     # ml_sockops so it runs after it (it ORs its callback flags onto ml_sockops').
     CgroupHook(FLOW_PROG, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
-    # splice.c (proxy.splice only): files the pods' sockets of proxied
-    # connections in the splice SOCKHASH; attached last, so that at close it
-    # runs after flowtrack.c has read the socket's splice count.
-    CgroupHook(abi.SPLICE_OPS, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )
+# splice.c (proxy.splice only): files the pods' sockets of proxied
+# connections in the splice SOCKHASH; attached last, so that at close it runs
+# after flowtrack.c has read the socket's splice count.
+SPLICE_HOOK = CgroupHook(abi.SPLICE_OPS, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS)
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
@@ -106,11 +106,8 @@ ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
 def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     """The cgroup hooks this spec compiles and attaches."""
-    return tuple(
-        h
-        for h in CGROUP_HOOKS
-        if (spec.flow_tracking or h.name != FLOW_PROG) and (spec.splice or h.name != abi.SPLICE_OPS)
-    )
+    hooks = tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
+    return hooks + (SPLICE_HOOK,) if spec.splice else hooks
 
 
 TC_ATTACH_MODES = ("auto", "tcx", "clsact")

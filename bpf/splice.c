@@ -87,7 +87,7 @@ int ml_splice_msg(struct sk_msg_md *msg)
 	struct ml_splice_arm *a;
 	struct ml_splice_peer *p;
 	u64 size = msg->size;
-	u64 tgt;
+	u64 tgt, queued;
 	int rc;
 
 	ML_SPLICE_KEY(msg, &key);
@@ -106,8 +106,10 @@ int ml_splice_msg(struct sk_msg_md *msg)
 		 * that sender when the target drains (its own socket never stops
 		 * being writable): through the proxy instead, whose relay has
 		 * TCP's own backpressure. */
-		if (p && a->relayed == c->passed &&
-		    a->relayed + p->bytes - p->acked + size <= ML_SPLICE_WINDOW) {
+		queued = p ? a->relayed + p->bytes : 0;
+		/* (acked counts the SYN of the proxy's connecting socket too) */
+		queued = p && p->acked < queued ? queued - p->acked : 0;
+		if (p && a->relayed == c->passed && queued + size <= ML_SPLICE_WINDOW) {
 			/* Without BPF_F_INGRESS: out of the target's send side. */
 			rc = ml_splice_tgt.msg_redirect_hash(msg, &tgt, 0);
 			if (rc == SK_PASS) {

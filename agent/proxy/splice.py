@@ -21,6 +21,11 @@ What makes it exact:
   the far socket's stream behind everything the proxy wrote.  Not in step
   yet: the message goes to the proxy as usual; the proxy relays it and
   arms again with the new count (``Spliced.relayed``).
+- Room: the kernel redirects only while the target holds at most
+  ML_SPLICE_WINDOW unacknowledged bytes (targets get a send buffer well
+  above it): a redirect into a full target would fail with EAGAIN and
+  nothing would wake a non-blocking sender (nginx stalled).  Past the
+  window the bytes go through the proxy, with TCP's backpressure.
 - Half-close: a redirect is done when the pod's ``sendmsg`` returns, so the
   pod's FIN reaches the proxy after its last redirected byte is queued on
   the far socket; the relay's usual half-close (once its own buffer is

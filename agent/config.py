@@ -135,12 +135,11 @@ class ProxyConfig:
 
     splice: bool = False
     """``proxy.splice``: once a plaintext connection between two pods of this
-    node is authorized and needs no L7, let the kernel relay its bytes
-    (sk_skb redirect between the proxy's two sockets) instead of the proxy.
-    Used only where the kernel has the hooks. Off by default until it is
-    measured on a quiet machine: the kernel sends redirected bytes from a
-    worker thread, which fell behind the userspace relay on bulk when the
-    2-core test machine was overloaded (see the README)."""
+    node is authorized and needs no L7, let the pods' own sockets send past
+    the proxy (sk_msg egress redirect into the proxy's socket facing the
+    other pod, bpf/splice.c) instead of relaying every byte. Used only
+    where the kernel has sk_msg, sock_ops and SOCKHASH. Off by default
+    until it is measured on a quiet machine (see the README)."""
     tunnel_mux: bool = True
     """``proxy.tunnelMux``: carry many pod connections to another node over
     one pooled mutual-TLS connection per (source identity, destination

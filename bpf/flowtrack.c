@@ -177,12 +177,16 @@ static __always_inline void ml_flow_close(struct bpf_sock_ops *skops)
 		e.flags = ML_FLOW_F_EVICTED;
 		ml_flow_addrs(skops, &e);
 		ml_flow_sample(skops, &e);
+		e.bytes_acked += ml_splice_redirected(e.saddr_be, e.daddr_be, e.sport, e.dport, e.family);
 		e.state = BPF_TCP_CLOSE;
 		e.end_ns = e.update_ns;
 		ml_flow_emit(&e);
 		return;
 	}
 	ml_flow_sample(skops, f);
+	/* What the app sent past its own TCP connection (splice.c) counts too;
+	 * at close only, to keep the per-ACK callback lean. */
+	f->bytes_acked += ml_splice_redirected(f->saddr_be, f->daddr_be, f->sport, f->dport, f->family);
 	f->state = BPF_TCP_CLOSE;
 	f->end_ns = f->update_ns;
 	f->peer_cookie = peer_cookie;

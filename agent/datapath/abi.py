@@ -237,16 +237,40 @@ class MlSplicePeer(ctypes.Structure):
     _fields_ = [
         ("peer_cookie", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
+        ("acked", ctypes.c_uint64),
+    ]
+
+
+class MlSpliceArm(ctypes.Structure):
+    """ml_splice_arm value (bpf/include/meshlet.h struct ml_splice_arm)."""
+
+    _fields_ = [
+        ("target_cookie", ctypes.c_uint64),
+        ("relayed", ctypes.c_uint64),
+    ]
+
+
+class MlSpliceCnt(ctypes.Structure):
+    """ml_splice_cnt value (bpf/include/meshlet.h struct ml_splice_cnt)."""
+
+    _fields_ = [
+        ("passed", ctypes.c_uint64),
+        ("redirected", ctypes.c_uint64),
     ]
 
 
 # The same-node splice (bpf/splice.c, compiled with ML_SPLICE=1 only): its
 # maps are pinned under <pin dir>/splice/, apart from MAPS (a SOCKHASH holds
-# sockets and cannot be read back, and a kernel without sk_skb has none).
+# sockets and cannot be read back, and a kernel without sk_msg has none).
 SPLICE_DIR = "splice"
-SPLICE_SOCKHASH = "ml_splice"  # u64 socket cookie -> socket
-SPLICE_PEERS = "ml_splice_peers"  # u64 socket cookie -> MlSplicePeer
-SPLICE_PROG = "ml_splice_verdict"
+SPLICE_SOCKHASH = "ml_splice"  # MlFlowKey (a pod socket's own 4-tuple) -> pod socket
+SPLICE_TARGETS = "ml_splice_tgt"  # u64 socket cookie -> the proxy's socket
+SPLICE_PEERS = "ml_splice_peers"  # u64 socket cookie (a target) -> MlSplicePeer
+SPLICE_ARM = "ml_splice_arm"  # MlFlowKey -> MlSpliceArm (written by the proxy)
+SPLICE_CNT = "ml_splice_cnt"  # MlFlowKey -> MlSpliceCnt (written by BPF)
+SPLICE_PENDING = "ml_splice_pending"  # MlFlowKey -> u8 (sock_ops only)
+SPLICE_PROG = "ml_splice_msg"  # sk_msg, attached to ml_splice
+SPLICE_OPS = "ml_splice_ops"  # sock_ops, a cgroup hook (only with ML_SPLICE=1)
 
 # Ring buffers: pinned under <pin dir>/events/ (they have no keys to list, so
 # they stay out of the directory of hash and array maps) -> record type.

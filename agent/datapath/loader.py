@@ -80,6 +80,10 @@ CGROUP_HOOKS = (
     # ml_sockops so it runs after it (it ORs its callback flags onto ml_sockops').
     CgroupHook(FLOW_PROG, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS),
 )
+# splice.c (proxy.splice only): files the pods' sockets of proxied
+# connections in the splice SOCKHASH; attached last, so that at close it runs
+# after flowtrack.c has read the socket's splice count.
+SPLICE_HOOK = CgroupHook(abi.SPLICE_OPS, bpfsys.PROG_TYPE_SOCK_OPS, bpfsys.ATTACH_CGROUP_SOCK_OPS)
 TC_PROG = "ml_tc_to_pod"
 ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
@@ -102,7 +106,8 @@ ALL_PROGS = tuple(h.name for h in CGROUP_HOOKS) + (TC_PROG,)
 
 def cgroup_hooks(spec: DatapathSpec) -> tuple[CgroupHook, ...]:
     """The cgroup hooks this spec compiles and attaches."""
-    return tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
+    hooks = tuple(h for h in CGROUP_HOOKS if spec.flow_tracking or h.name != FLOW_PROG)
+    return hooks + (SPLICE_HOOK,) if spec.splice else hooks
 
 
 TC_ATTACH_MODES = ("auto", "tcx", "clsact")
@@ -403,26 +408,37 @@ class Datapath:
             ) from e
         if self.spec.splice:
             try:
-                progs[abi.SPLICE_PROG] = b.load_func(abi.SPLICE_PROG.encode(), BPF.SK_SKB).fd
-            except Exception as e:  # noqa: BLE001 - optional: the proxy keeps its userspace relay
-                log.warning("same-node splice off: the kernel refused %s: %s", abi.SPLICE_PROG, e)
+                progs[abi.SPLICE_PROG] = b.load_func(abi.SPLICE_PROG.encode(), BPF.SK_MSG).fd
+            except Exception as e:
+                # Its sock_ops half is loaded and would be attached: refuse
+                # the whole datapath rather than attach half of the splice.
+                raise DatapathError(
+                    f"proxy.splice: the kernel refused the sk_msg program {abi.SPLICE_PROG}: {e}; "
+                    "set proxy.splice: false, or run a kernel with sk_msg and SOCKHASH "
+                    "(CONFIG_BPF_STREAM_PARSER, Linux >= 4.20)"
+                ) from e
         return progs
 
     def _attach_splice(self, progs: dict[str, int]) -> None:
-        """Attach splice.c's verdict to the pinned SOCKHASH (the map keeps
-        it), or remove the splice pins so that proxies relay in userspace."""
+        """Attach splice.c's sk_msg program to the pinned pod-socket SOCKHASH
+        (the map keeps it; sockets filed before this get no program and
+        stay on the userspace relay), or remove the splice pins when the
+        spec has no splice."""
         sdir = os.path.join(self.spec.pin_dir, abi.SPLICE_DIR)
-        if self.spec.splice and abi.SPLICE_PROG in progs:
+        if not self.spec.splice:
+            shutil.rmtree(sdir, ignore_errors=True)
+            return
+        try:
+            hfd = bpfsys.obj_get(os.path.join(sdir, abi.SPLICE_SOCKHASH))
             try:
-                hfd = bpfsys.obj_get(os.path.join(sdir, abi.SPLICE_SOCKHASH))
-                try:
-                    bpfsys.prog_attach(hfd, progs[abi.SPLICE_PROG], bpfsys.ATTACH_SK_SKB_STREAM_VERDICT)
-                finally:
-                    os.close(hfd)
-                return
-            except OSError as e:
-                log.warning("same-node splice off: cannot attach %s to its SOCKHASH: %s", abi.SPLICE_PROG, e)
-        shutil.rmtree(sdir, ignore_errors=True)
+                bpfsys.prog_attach(hfd, progs[abi.SPLICE_PROG], bpfsys.ATTACH_SK_MSG_VERDICT)
+            finally:
+                os.close(hfd)
+        except OSError as e:
+            raise DatapathError(
+                f"proxy.splice: cannot attach {abi.SPLICE_PROG} to {abi.SPLICE_SOCKHASH}: {e}; "
+                "set proxy.splice: false, or run a kernel with sk_msg (CONFIG_BPF_STREAM_PARSER)"
+            ) from e
 
     def _load(self, rendered: Rendered) -> None:
         b = self._compile(rendered)
@@ -530,8 +546,8 @@ class Datapath:
                 self.close()
                 _restore_pins(pd, moved)
                 raise
+            self._attach_splice(progs)  # before its sock_ops hook starts filing sockets
             self._swap(progs)
-            self._attach_splice(progs)
             # What the old programs wrote between the copy and the swap.
             for name, (ofd, oinfo) in moved.items():
                 if oinfo.type in _HASH_TYPES:

@@ -177,11 +177,16 @@ def clsact_works() -> None:
 
 
 def splice_supported() -> str | None:
-    """None when the same-node splice can work here (sk_skb programs and
-    SOCKHASH maps), else why not (for the log and ``meshlet doctor``)."""
+    """None when the same-node splice can work here (sk_msg and sock_ops
+    programs, SOCKHASH maps), else why not and the fix (for the log and
+    ``meshlet doctor``)."""
     try:
-        prog_loads(PROG_TYPE_SK_SKB)
+        prog_loads(PROG_TYPE_SK_MSG)
+        prog_loads(bpfsys.PROG_TYPE_SOCK_OPS)
         sockhash_creates()
     except OSError as e:
-        return f"no sk_skb program or SOCKHASH map on this kernel ({e}; CONFIG_BPF_STREAM_PARSER)"
+        return (
+            f"no sk_msg/sock_ops program or SOCKHASH map on this kernel ({e}); "
+            "the fix: a kernel with CONFIG_BPF_STREAM_PARSER (Linux >= 4.20), or proxy.splice: false"
+        )
     return None

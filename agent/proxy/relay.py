@@ -19,10 +19,11 @@ transport's ``write``. Rules:
   as failures, never as clean closes.
 - ``Relay.done`` resolves once both sides are closed, with byte counts and
   the reason the relay ended.
-- Spliced (``agent.proxy.splice``, same-node plaintext): the kernel carries
-  the bytes; the relay still sees EOF and errors, waits on EOF until the
-  kernel has handed the last redirected byte to the other socket before it
-  half-closes that one, and counts the kernel's bytes in its results.
+- Spliced (``agent.proxy.splice``, same-node plaintext): once in step, the
+  pods' bytes go straight out of the far socket in the kernel; the relay
+  tells the splice after each forwarded chunk (it re-arms), still sees EOF
+  and errors, disarms before an abort, and counts the kernel's bytes in its
+  results.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class Endpoint(asyncio.Protocol):
             self.bytes_in += len(data)
             if peer._writable and not peer.transport.is_closing():  # type: ignore[union-attr]  # set in connection_made
                 peer.transport.write(data)  # type: ignore[union-attr]  # set in connection_made
+            relay = self._relay
+            if relay is not None and relay.splice is not None:
+                relay.splice.relayed(self)  # the kernel may take over from here
             return
         self._buf += data
         if len(self._buf) >= self._limit and not self._prebuffer_paused:
@@ -156,8 +160,6 @@ class Endpoint(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._relay is not None and self._relay.hold:
-            return  # reading stays paused while the relay is being spliced
         src = self._source
         if src is not None and not src.lost and src.transport is not None:
             src.transport.resume_reading()
@@ -247,8 +249,7 @@ class Relay:
         self.done: asyncio.Future[RelayResult] = asyncio.get_running_loop().create_future()
         self._reason: str | None = None
         self._error = False
-        self.splice: Spliced | None = None  # set by Splicer.splice: the kernel carries the bytes
-        self.hold = False  # reading paused on both sides until the splice is in place
+        self.splice: Spliced | None = None  # set by Splicer.splice: the pods may send past the proxy
         a._relay = self
         b._relay = self
         for ep in (a, b):
@@ -305,6 +306,8 @@ class Relay:
         if self._reason is None:
             self._reason = f"aborted: {reason}"
             self._error = True
+        if self.splice is not None:
+            self.splice.disarm()  # before the resets: no pod byte goes past the proxy any more
         self.a.reset()
         self.b.reset()
 

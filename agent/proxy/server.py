@@ -472,6 +472,11 @@ class ProxyServer:
             set_default_path_parameters(new.path_parameters)
             log.info("path parameters: %s", new.path_parameters)
         self.outbound.state_changed(new)
+        sp = self.outbound.splicer
+        if new.splice and self.ready and (sp is None or not sp.maps.current()):
+            # proxy.splice turned on (the agent pinned the maps before publishing
+            # the state); connections spliced before keep the maps they use.
+            self.outbound.splicer = self._open_splicer(new.pin_dir)
         if len(self.policies.current):  # labels may have changed
             self._recheck("pod labels may have changed")
         if old.access_log != new.access_log:

@@ -1,33 +1,37 @@
-"""Same-node kernel fast path: splice an L4 relay's two sockets in the kernel.
+"""Same-node kernel fast path: pods' bytes skip the proxy's relay.
 
 Once the proxy has decided a plaintext connection between two pods of this
-node (policy passed, no L7), ``Splicer.splice`` puts the relay's two TCP
-sockets in the agent's pinned SOCKHASH (bpf/splice.c): from then on the
-kernel sends each socket's incoming bytes out of the other, and the proxy
-only watches the sockets for EOF and errors.  The proxy keeps owning the
-connection: it stays in the live table, a policy reload that denies it still
-resets it, and closing the sockets takes them out of the SOCKHASH.
+node (policy passed, no L7), ``Splicer.splice`` files its own two sockets as
+redirect targets and arms the two pod sockets at the other ends
+(bpf/splice.c): from then on a pod's ``sendmsg`` puts its bytes straight into
+the send queue of the proxy's socket facing the other pod (sk_msg egress
+redirect, in the sender's own context), so the bytes cross one TCP
+connection and never userspace.  The proxy keeps owning the connection: it
+stays in the live table, EOF and resets still reach it through TCP and are
+propagated as for any relay, a policy reload that denies it disarms and
+resets it, and closing its sockets ends the redirect.
 
 What makes it exact:
 
-- Order at the switch: the proxy stops reading both sockets, reads what
-  their receive queues hold to the last byte and forwards it, and waits
-  until its write buffers are empty; only then do the sockets go into the
-  SOCKHASH.  Emptying the queues matters: the kernel hands the verdict the
-  whole skb at the head of a queue, also the part the proxy already read,
-  so a queue left half-read would send bytes twice.  Bytes that arrive
-  meanwhile wait in the queue as whole skbs: both sockets' receive
-  low-water marks are raised across the insert (no wake-up of the verdict
-  halfway through it) and lowered after it, which makes the kernel run the
-  verdict over everything queued, in order, before anything newer.
-- Half-close: a redirected skb is sent by a kernel worker a little later,
-  so on EOF from one side the proxy waits until the other socket has
-  accepted every byte redirected to it (its write sequence, from TCP_INFO's
-  bytes_acked plus SIOCOUTQ, advanced by the redirected count) before it
-  shuts that socket's sending side.  Closing a socket whose redirected bytes
-  are still queued would drop them.
-- Counts: splice.c adds each redirected skb's length to the socket's entry
-  in ml_splice_peers; ``Spliced.forwarded`` adds them to the relay's own.
+- Order at the switch: the kernel redirects a pod socket's message only
+  when the bytes that socket has sent to the proxy so far (``passed``,
+  counted by the kernel) equal the bytes the proxy has read from it and
+  fully handed to the far socket's kernel send queue (``relayed``, written
+  by the proxy when its write buffer is empty).  Redirected bytes then join
+  the far socket's stream behind everything the proxy wrote.  Not in step
+  yet: the message goes to the proxy as usual; the proxy relays it and
+  arms again with the new count (``Spliced.relayed``).
+- Room: the kernel redirects only while the target holds at most
+  ML_SPLICE_WINDOW unacknowledged bytes (targets get a send buffer well
+  above it): a redirect into a full target would fail with EAGAIN and
+  nothing would wake a non-blocking sender (nginx stalled).  Past the
+  window the bytes go through the proxy, with TCP's backpressure.
+- Half-close: a redirect is done when the pod's ``sendmsg`` returns, so the
+  pod's FIN reaches the proxy after its last redirected byte is queued on
+  the far socket; the relay's usual half-close (once its own buffer is
+  empty) keeps the order.
+- Counts: splice.c adds each redirected message to the target socket's
+  ml_splice_peers entry; ``Spliced.redirected`` adds them to the relay's own.
 - Anything unexpected (maps missing, insert refused) leaves the connection
   on the userspace relay; ``proxy.splice: false`` turns the splice off.
 """
@@ -35,42 +39,26 @@ What makes it exact:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import fcntl
 import logging
-import os
-import select
 import socket
-import struct
-import termios
 from typing import TYPE_CHECKING, Any
+
+from agent.datapath.splicemap import pod_key
 
 if TYPE_CHECKING:
     from agent.proxy.relay import Endpoint, Relay
 
-__all__ = ["Spliced", "Splicer", "written"]
+__all__ = ["Spliced", "Splicer"]
 
 log = logging.getLogger("meshlet.proxy")
 
-_TCPI_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked) (Linux >= 4.1)
-_TCP_INFO_LEN = _TCPI_BYTES_ACKED + 8
-_RCVLOWAT_HOLD = 1 << 30  # the kernel caps it; large enough to hold data_ready back
-_FLUSH_POLL_MAX = 0.05  # seconds between two checks of a slow flush
-_DRAIN_CHUNK = 256 * 1024  # one read of a queue being emptied before the splice
-_DRAIN_READS = 64  # reads per socket: its receive queue is bounded (tcp_rmem), a live sender is not
-_DRAIN_POLLS = 40  # checks (about 1.5 s) for the write buffers to drain before a splice
-
-
-def written(sock: Any) -> int:
-    """Bytes ever put into ``sock``'s send queue (bytes_acked + unacked and
-    unsent), read in that order so a concurrent ACK can only under-count."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    if len(info) < _TCP_INFO_LEN:
-        raise OSError("TCP_INFO has no tcpi_bytes_acked on this kernel")
-    acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
-    outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    return int(acked) + outq
+_SO_SNDBUFFORCE = 32  # <asm-generic/socket.h> (CAP_NET_ADMIN, which the proxy has for SO_MARK)
+# Send buffer of a target socket (the kernel doubles it): four times
+# bpf/include/meshlet.h's ML_SPLICE_WINDOW (4 MiB), so that a redirect never
+# finds its target full (see bpf/splice.c, "Room").
+_TARGET_SNDBUF = 8 << 20
+_ARM_POLL_MAX = 0.05  # seconds between two checks of a write buffer that is slow to drain
+_ARM_POLLS = 40  # checks (about 1.5 s) before arming waits for the next chunk instead
 
 
 def _tcp_socket(ep: Endpoint) -> Any:
@@ -86,23 +74,17 @@ def _tcp_socket(ep: Endpoint) -> Any:
 
 
 class Spliced:
-    """A relay whose bytes the kernel carries; attached as ``relay.splice``."""
+    """A relay whose pods may send past it; attached as ``relay.splice``."""
+
+    __slots__ = ("_keys", "_tasks", "cookies", "final", "relay", "splicer")
 
     def __init__(
-        self,
-        splicer: Splicer,
-        relay: Relay,
-        socks: tuple[Any, Any],
-        cookies: tuple[int, int],
-        base_written: tuple[int, int],
+        self, splicer: Splicer, relay: Relay, cookies: tuple[int, int], keys: tuple[bytes, bytes]
     ) -> None:
         self.splicer = splicer
         self.relay = relay
-        self.socks = socks
-        self.cookies = cookies
-        # Write sequence of each socket and userspace counts at the switch.
-        self.base_written = base_written
-        self.base_in = (relay.a.bytes_in, relay.b.bytes_in)
+        self.cookies = cookies  # the proxy's sockets: a (from the client pod), b (to the server pod)
+        self._keys: tuple[bytes, bytes] | None = keys  # the pod sockets behind a and b; None: disarmed
         self.final: tuple[int, int] | None = None  # redirected counts once released
         self._tasks: set[asyncio.Task] = set()
 
@@ -110,49 +92,82 @@ class Spliced:
         return 0 if ep is self.relay.a else 1
 
     def redirected(self, ep: Endpoint) -> int:
-        """Bytes the kernel carried from ``ep`` to its peer."""
+        """Bytes the kernel carried from ``ep``'s pod to the other side."""
         i = self._index(ep)
         if self.final is not None:
             return self.final[i]
         try:
-            return self.splicer.maps.redirected(self.cookies[i])
+            return self.splicer.maps.redirected(self.cookies[1 - i])
         except OSError:
             return 0
 
-    def flushed(self, src: Endpoint, dst: Endpoint) -> bool:
-        """Every byte from ``src`` is in ``dst``'s send queue."""
-        if dst.transport is None or dst.transport.get_write_buffer_size():
-            return False
-        i, j = self._index(src), self._index(dst)
-        want = self.redirected(src) + (src.bytes_in - self.base_in[i])
-        return written(self.socks[j]) - self.base_written[j] >= want
-
-    def after_flush(self, src: Endpoint, dst: Endpoint, then: Any) -> None:
-        """Call ``then()`` once ``src``'s bytes reached ``dst``'s socket (or
-        ``dst`` is gone)."""
-        task = asyncio.get_running_loop().create_task(self._flush(src, dst, then))
+    def relayed(self, src: Endpoint) -> None:
+        """The proxy forwarded bytes from ``src``: arm its pod socket with the
+        new count once they are all in the far socket's kernel queue."""
+        if self._keys is None or self.final is not None:
+            return
+        dst = self.relay.b if src is self.relay.a else self.relay.a
+        tr = dst.transport
+        if tr is None or tr.is_closing():
+            return
+        if not tr.get_write_buffer_size():
+            self._arm(src)
+            return
+        task = asyncio.get_running_loop().create_task(self._arm_when_flushed(src, dst, src.bytes_in))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self, src: Endpoint, dst: Endpoint, then: Any) -> None:
+    async def _arm_when_flushed(self, src: Endpoint, dst: Endpoint, upto: int) -> None:
         delay = 0.0002
-        while not dst.lost:
-            try:
-                if self.flushed(src, dst):
-                    break
-            except OSError:  # the socket went away meanwhile
-                break
-            self.splicer.flush_waits += 1
+        for _ in range(_ARM_POLLS):
             await asyncio.sleep(delay)
-            delay = min(delay * 2, _FLUSH_POLL_MAX)
+            delay = min(delay * 2, _ARM_POLL_MAX)
+            if src.bytes_in != upto or self._keys is None or self.final is not None:
+                return  # newer bytes came: their own relayed() arms
+            tr = dst.transport
+            if tr is None or tr.is_closing():
+                return
+            if not tr.get_write_buffer_size():
+                self._arm(src)
+                return
+
+    def _arm(self, src: Endpoint) -> None:
+        i = self._index(src)
+        keys = self._keys
+        if keys is None:
+            return
+        try:
+            self.splicer.maps.arm(keys[i], self.cookies[1 - i], src.bytes_in)
+        except OSError as e:
+            self.splicer.failed(e)
+            self.disarm()
+
+    def after_flush(self, src: Endpoint, dst: Endpoint, then: Any) -> None:
+        """Called by the relay on EOF from ``src``: every byte redirected
+        from ``src``'s pod is already in ``dst``'s kernel queue (the
+        redirect is done inside the pod's sendmsg, before its FIN), so the
+        relay half-closes as usual."""
         then()
+
+    def disarm(self) -> None:
+        """Later pod messages go to the proxy through TCP (a policy reset,
+        a failure): nothing is redirected past the proxy any more."""
+        keys, self._keys = self._keys, None
+        if keys is None:
+            return
+        for k in keys:
+            try:
+                self.splicer.maps.disarm(k)
+            except OSError:
+                pass
 
     def release(self) -> None:
         """The relay ended: keep the final counts, free the map entries."""
         if self.final is not None:
             return
+        self.disarm()
         counts = []
-        for c in self.cookies:
+        for c in (self.cookies[1], self.cookies[0]):  # a's pod went out of b, b's out of a
             try:
                 counts.append(self.splicer.maps.remove(c))
             except OSError:
@@ -160,8 +175,6 @@ class Spliced:
         self.final = (counts[0], counts[1])
         for t in self._tasks:
             t.cancel()
-        for ep in (self.relay.a, self.relay.b):
-            self.splicer.unwatch(ep)
 
 
 class Splicer:
@@ -170,173 +183,34 @@ class Splicer:
     def __init__(self, maps: Any, counters: dict[str, int]) -> None:
         self.maps = maps  # agent.datapath.splicemap.SpliceMaps
         self.counters = counters
-        self.flush_waits = 0  # polls while a half-close waited for the kernel
         self._warned = False
-        self._tasks: set[asyncio.Task] = set()
-        self._epoll: select.epoll | None = None  # spliced sockets, watched for EOF/errors only
-        self._watched: dict[int, Endpoint] = {}  # fd -> its endpoint
 
     def splice(self, relay: Relay) -> None:
-        """Hand ``relay``'s bytes to the kernel.  Reading stops on both
-        sides; what the sockets hold is read and forwarded here, to the
-        last byte (the verdict must only ever see whole, unread skbs: the
-        kernel hands it the skb at the head of the queue even when the proxy
-        had read part of it); once the write buffers are empty the sockets
-        go into the SOCKHASH.  Anything amiss: it stays in userspace."""
-        if not self._eligible(relay):
+        """Let ``relay``'s pods send past it from now on (each side as soon
+        as the proxy has relayed everything that side sent it so far).
+        Anything amiss: it stays in userspace."""
+        sa, sb = _tcp_socket(relay.a), _tcp_socket(relay.b)
+        if sa is None or sb is None:
             self.counters["splice_skipped"] += 1
             return
-        relay.hold = True
-        for ep in (relay.a, relay.b):
-            ep.transport.pause_reading()  # type: ignore[union-attr]  # eligible: open transports
-        if not self._drain(relay):
-            self._unhold(relay)
-            self.counters["splice_skipped"] += 1
-            return
-        if self._insert(relay):
-            self._unhold(relay)
-            return
-        task = asyncio.get_running_loop().create_task(self._when_drained(relay))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    def _drain(relay: Relay) -> bool:
-        """Read both sockets' receive queues empty and forward what was in
-        them.  False: EOF or an error came first (the relay handles them as
-        usual, and the connection is not spliced)."""
-        for ep in (relay.a, relay.b):
-            sock = _tcp_socket(ep)
-            if sock is None:
-                return False
-            fd = sock.fileno()
-            for _ in range(_DRAIN_READS):
-                try:
-                    data = os.read(fd, _DRAIN_CHUNK)
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    relay.abort(f"{ep.name or 'peer'} failed while splicing: {e}")
-                    return False
-                if not data:
-                    return False  # EOF: the transport reads it again once resumed
-                ep.data_received(data)
-            else:
-                return False  # still more: the peer sends faster than we read
-        return True
-
-    async def _when_drained(self, relay: Relay) -> None:
-        delay = 0.0002
         try:
-            for _ in range(_DRAIN_POLLS):
-                if not self._eligible(relay) or not relay.buffered():
-                    break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _FLUSH_POLL_MAX)
-            if relay.buffered() or not self._insert(relay):
-                self.counters["splice_skipped"] += 1
-        finally:
-            self._unhold(relay)
-
-    @staticmethod
-    def _unhold(relay: Relay) -> None:
-        relay.hold = False
-        if relay.splice is None:  # back to the userspace relay
-            for ep, other in ((relay.a, relay.b), (relay.b, relay.a)):
-                if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
-                    if not other._write_paused:
-                        ep.transport.resume_reading()
-
-    @staticmethod
-    def _eligible(relay: Relay) -> bool:
-        a, b = relay.a, relay.b
-        return _tcp_socket(a) is not None and _tcp_socket(b) is not None and not a._buf and not b._buf
-
-    def _insert(self, relay: Relay) -> bool:
-        """Splice now if nothing is buffered; False: not (yet) possible."""
-        a, b = relay.a, relay.b
-        sa, sb = _tcp_socket(a), _tcp_socket(b)
-        if sa is None or sb is None or a._buf or b._buf or relay.buffered():
-            return False
-        held = []
-        try:
-            base = (written(sa), written(sb))  # nothing buffered: all the relay wrote
-            for s in (sa, sb):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _RCVLOWAT_HOLD)
-                held.append(s)
-            cookies = self.maps.insert(sa, sb)
+            for s in (sa, sb):  # room for the window, whatever autotuning would give
+                s.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, _TARGET_SNDBUF)
+            keys = (pod_key(sa), pod_key(sb))
+            cookies = self.maps.add_targets(sa, sb)
         except OSError as e:
-            if e.errno == errno.EOPNOTSUPP:  # a socket left ESTABLISHED (half-closed) meanwhile
-                self.counters["splice_skipped"] += 1
-                return True
-            self.counters["splice_failed"] += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("same-node splice failed (%s): relaying in userspace", e)
-            return True  # given up: stays in userspace
-        finally:
-            for s in held:  # runs the verdict over what queued meanwhile, in order
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                except OSError:
-                    pass
-        relay.splice = Spliced(self, relay, (sa, sb), cookies, base)
-        self.counters["spliced"] += 1
-        for ep, sock in ((a, sa), (b, sb)):
-            self._watch(ep, sock)
-        return True
-
-    # ---- watching spliced sockets for EOF and errors only
-
-    def _watch(self, ep: Endpoint, sock: Any) -> None:
-        """Stop reading ``ep`` (its bytes go through the kernel; every arrival
-        would still wake the loop for a read that finds nothing) and watch it
-        for EOF, hang-up and errors only; on one, reading resumes and the
-        relay sees it as usual."""
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._on_events)
-        fd = sock.fileno()
-        try:
-            self._epoll.register(fd, select.EPOLLRDHUP)  # EPOLLERR and EPOLLHUP always
-        except OSError:
-            return  # keep reading it: correct, only busier
-        self._watched[fd] = ep
-        ep.transport.pause_reading()  # type: ignore[union-attr]  # open: just spliced
-
-    def _on_events(self) -> None:
-        assert self._epoll is not None
-        for fd, _ in self._epoll.poll(0):
-            self._unwatch(fd)
-
-    def _unwatch(self, fd: int, only: Endpoint | None = None) -> None:
-        ep = self._watched.get(fd)
-        if ep is None or (only is not None and ep is not only):
+            self.failed(e)
             return
-        del self._watched[fd]
-        try:
-            self._epoll.unregister(fd)  # type: ignore[union-attr]  # set when watching
-        except OSError:
-            pass  # closed: already gone from the epoll set
-        if not ep.lost and ep.transport is not None and not ep.transport.is_closing():
-            ep.transport.resume_reading()
+        sp = relay.splice = Spliced(self, relay, cookies, keys)
+        self.counters["spliced"] += 1
+        sp.relayed(relay.a)
+        sp.relayed(relay.b)
 
-    def unwatch(self, ep: Endpoint) -> None:
-        """Resume reading ``ep`` (its relay reached EOF or ended)."""
-        tr = ep.transport
-        sock = tr.get_extra_info("socket") if tr is not None and not tr.is_closing() else None
-        if sock is not None:
-            self._unwatch(sock.fileno(), only=ep)
-        else:
-            for fd, w in list(self._watched.items()):
-                if w is ep:
-                    del self._watched[fd]
+    def failed(self, e: OSError) -> None:
+        self.counters["splice_failed"] += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("same-node splice failed (%s): relaying in userspace", e)
 
     def close(self) -> None:
-        if self._epoll is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
-        self._watched.clear()
         self.maps.close()

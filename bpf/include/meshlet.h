@@ -35,11 +35,14 @@
 #ifndef ML_MAX_L4_POLICIES          /* ml_l4_denied: per-policy refusal counters */
 #define ML_MAX_L4_POLICIES 1024
 #endif
-#ifndef ML_SPLICE                   /* 1: splice.c and its maps (the kernel has sk_skb + sockhash) */
+#ifndef ML_SPLICE                   /* 1: splice.c and its maps (the kernel has sock_ops, sk_msg + sockhash) */
 #define ML_SPLICE 0
 #endif
-#ifndef ML_MAX_SPLICED              /* sockets in ml_splice (two per spliced connection) */
+#ifndef ML_MAX_SPLICED              /* entries of each splice map (two per spliced connection) */
 #define ML_MAX_SPLICED 65536
+#endif
+#ifndef ML_SPLICE_WINDOW            /* bytes a target socket may hold unacked before pods' messages go to the proxy */
+#define ML_SPLICE_WINDOW (4 << 20)
 #endif
 #ifndef ML_MAX_GUARDS               /* ml_cgroup_guard entries */
 #define ML_MAX_GUARDS (ML_MAX_WORKLOADS + 256)
@@ -222,8 +225,8 @@ enum ml_stat {
 	ML_STAT_FLOW_RINGBUF_FULL,  /* a closed flow was lost: ring buffer reserve failed */
 	ML_STAT_POLICY_DENIED,      /* connect() refused by an ml_l4_policy DENY entry */
 	ML_STAT_UNKNOWN_DENIED,     /* connect() refused: a cgroup under the pods' subtree not enrolled */
-	ML_STAT_SPLICE_REDIRECTED,  /* splice.c: an skb went from a spliced socket to its peer */
-	ML_STAT_SPLICE_MISS,        /* splice.c: no peer to redirect to: the bytes went to the proxy */
+	ML_STAT_SPLICE_REDIRECTED,  /* splice.c: a pod's message went straight out of the proxy's far socket */
+	ML_STAT_SPLICE_MISS,        /* splice.c: an armed pod socket's message went to the proxy (not in step yet, or no target) */
 	ML_STAT_MAX,
 };
 
@@ -267,20 +270,40 @@ struct _name##_table_t _name = { .max_entries = (_bytes) }
 #define ML_EVENTS_DIR "events"
 ML_RINGBUF_PINNED(ml_flow_events, ML_FLOW_RINGBUF_BYTES, ML_PIN_DIR "/" ML_EVENTS_DIR "/ml_flow_events");
 
-/* ml_splice_peers: socket cookie of a spliced proxy socket -> where its
- * bytes go and how many went (written by the proxy, counted by splice.c). */
+/* ml_splice_peers: socket cookie of one of the proxy's two sockets of a
+ * spliced connection -> the proxy's other socket and how many bytes the
+ * kernel sent out of this one straight from a pod (written by the proxy,
+ * counted by splice.c; LRU: the proxy reads it after the pod may be gone). */
 struct ml_splice_peer {
-	__u64 peer_cookie;          /* the socket its incoming bytes are sent out of */
-	__u64 bytes;                /* bytes redirected to the peer so far */
+	__u64 peer_cookie;          /* the proxy's socket on the other side */
+	__u64 bytes;                /* bytes redirected into this socket so far */
+	__u64 acked;                /* its tcp bytes_acked, as of its last RTT sample (sock_ops) */
+};
+
+/* ml_splice_arm: a pod socket (its own 4-tuple, struct ml_flow_key) -> where
+ * splice.c may send its bytes (written by the proxy only). */
+struct ml_splice_arm {
+	__u64 target_cookie;        /* the proxy's socket facing the other pod (in ml_splice_tgt) */
+	__u64 relayed;              /* bytes of this pod socket the proxy has read and fully handed to the target */
+};
+
+/* ml_splice_cnt: a pod socket -> what splice.c did with its bytes (written
+ * by BPF only: sock_ops creates it, splice.c counts, sock_ops removes it). */
+struct ml_splice_cnt {
+	__u64 passed;               /* bytes sent through the pod's own TCP connection to the proxy */
+	__u64 redirected;           /* bytes sent out of the proxy's target socket instead */
 };
 
 #if ML_SPLICE
-/* ml_splice: the proxy's spliced sockets by socket cookie (SOCKHASH; the
- * proxy inserts them, splice.c's verdict is attached to the map).  bcc 0.26
- * has no pinned BPF_SOCKHASH: this is its struct with the "type:pin path"
- * section BPF_TABLE_PINNED uses.  Both maps live in a subdirectory: a
- * SOCKHASH cannot be read back (values are sockets), so tools that walk
- * the pinned maps must not meet it, and the set is optional. */
+/* The same-node fast path's maps (bpf/splice.c).  bcc 0.26 has no pinned
+ * BPF_SOCKHASH: this is its struct with the "type:pin path" section
+ * BPF_TABLE_PINNED uses.  All live in a subdirectory: a SOCKHASH cannot be
+ * read back (values are sockets), so tools that walk the pinned maps must
+ * not meet it, and the set is optional.
+ * - ml_splice: pod sockets of proxied connections by 4-tuple (sock_ops puts
+ *   them in; splice.c's sk_msg program is attached to this map);
+ * - ml_splice_tgt: the proxy's own sockets by cookie (redirect targets only,
+ *   no program). */
 #define ML_SPLICE_DIR "splice"
 #define ML_SOCKHASH_PINNED(_name, _key_type, _max, _pinned) \
 struct _name##_table_t { \
@@ -295,9 +318,20 @@ struct _name##_table_t { \
 }; \
 __attribute__((section("maps/sockhash:" _pinned))) \
 struct _name##_table_t _name = { .max_entries = (_max) }
-ML_SOCKHASH_PINNED(ml_splice, u64, ML_MAX_SPLICED, ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice");
-BPF_TABLE_PINNED("hash", u64, struct ml_splice_peer, ml_splice_peers, ML_MAX_SPLICED,
+ML_SOCKHASH_PINNED(ml_splice, struct ml_flow_key, ML_MAX_SPLICED, ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice");
+ML_SOCKHASH_PINNED(ml_splice_tgt, u64, ML_MAX_SPLICED, ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_tgt");
+BPF_TABLE_PINNED("lru_hash", u64, struct ml_splice_peer, ml_splice_peers, ML_MAX_SPLICED,
 		 ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_peers");
+BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, struct ml_splice_arm, ml_splice_arm, ML_MAX_SPLICED,
+		 ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_arm");
+BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, struct ml_splice_cnt, ml_splice_cnt, ML_MAX_SPLICED,
+		 ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_cnt");
+/* Upstream sockets of the proxy to a pod of this node, by the 4-tuple the
+ * pod's accepted socket will have: sock_ops files it when the proxy's side
+ * is established (before its ACK leaves) and takes it back when the pod's
+ * side is. */
+BPF_TABLE_PINNED("lru_hash", struct ml_flow_key, u8, ml_splice_pending, ML_MAX_SPLICED,
+		 ML_PIN_DIR "/" ML_SPLICE_DIR "/ml_splice_pending");
 #endif
 
 static __always_inline void ml_count(u32 stat)
@@ -305,6 +339,35 @@ static __always_inline void ml_count(u32 stat)
 	u64 *v = ml_stats.lookup(&stat);
 	if (v)
 		*v += 1;
+}
+
+/* Bytes a pod socket's app sent that splice.c redirected out of the proxy's
+ * far socket instead of its own TCP connection (0 without the splice): the
+ * flow table adds them to the socket's bytes_acked, so that it counts what
+ * the app sent whichever way the bytes went. */
+static __always_inline u64 ml_splice_redirected(const __u32 *saddr_be, const __u32 *daddr_be,
+						u16 sport, u16 dport, u8 family)
+{
+#if ML_SPLICE
+	struct ml_flow_key k = {};
+	struct ml_splice_cnt *c;
+
+	k.saddr_be[0] = saddr_be[0];
+	k.saddr_be[1] = saddr_be[1];
+	k.saddr_be[2] = saddr_be[2];
+	k.saddr_be[3] = saddr_be[3];
+	k.daddr_be[0] = daddr_be[0];
+	k.daddr_be[1] = daddr_be[1];
+	k.daddr_be[2] = daddr_be[2];
+	k.daddr_be[3] = daddr_be[3];
+	k.sport = sport;
+	k.dport = dport;
+	k.family = family;
+	c = ml_splice_cnt.lookup(&k);
+	return c ? c->redirected : 0;
+#else
+	return 0;
+#endif
 }
 
 static __always_inline struct ml_config *ml_get_config(void)

@@ -2,11 +2,14 @@
 one simulated node, real eBPF, a real proxy, pod processes on both ends.
 
 A plaintext connection between two pods of the node, authorized and without
-L7, is handed to the kernel: the proxy's two sockets go into the pinned
-SOCKHASH and the kernel redirects their bytes.  What must still hold:
-checksummed bytes both ways across a half-close, exact byte counts in the
-access log and in the kernel flow table, a policy change still resets the
-connection, and ``proxy.splice: false`` keeps the userspace relay.
+L7, is handed to the kernel: once the proxy has relayed what a pod sent it
+so far, that pod's later messages go straight out of the proxy's socket
+facing the other pod (sk_msg egress redirect).  What must still hold:
+checksummed bytes both ways across a half-close, bytes sent before the
+switch (through the proxy) and after it (redirected) in order, exact byte
+counts in the access log and in the kernel flow table, a reset and a policy
+change still reset both pods' sockets, and ``proxy.splice: false`` keeps the
+userspace relay.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import sys
 import pytest
 
 from tests.support.privileged import (
-    TOOLS,
     policy_cli,
     require_privileged,
     running_mesh,
@@ -31,7 +33,9 @@ from tests.support.privileged import (
 
 require_privileged()
 
+from agent.config import ProxyConfig  # noqa: E402
 from agent.datapath import abi, bpfsys  # noqa: E402
+from agent.datapath.splicemap import SpliceMaps  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.privileged
@@ -51,13 +55,19 @@ spec:
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = [sys.executable, os.path.join(HERE, "..", "support", "splicepeer.py")]
 PEER_PORT = 7100
+OUTBOUND_PORT = ProxyConfig.__dataclass_fields__["outbound_port"].default  # the sim keeps the default
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
-                      pod_servers=(("pod1-2",), PEER + ["serve", "--port", str(PEER_PORT)]),
-                      max_seconds=600, splice=True) as m:
+def echo_log(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("splice") / "echo.log")
+
+
+@pytest.fixture(scope="module")
+def mesh(echo_log):
+    server = PEER + ["serve", "--port", str(PEER_PORT), "--log", echo_log]
+    with running_mesh(Cluster(nodes=1, pods_per_node=2), servers=(("serve", 7000),),
+                      pod_servers=(("pod1-2",), server), max_seconds=600, splice=True) as m:
         yield m
 
 
@@ -87,32 +97,61 @@ def flows(mesh, *args: str) -> list[dict]:
     return json.loads(r.stdout)
 
 
-def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
+def test_splice_maps_have_the_layout_abi_mirrors(mesh):
     sdir = os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR)
-    peer_size = ctypes.sizeof(abi.MlSplicePeer)
-    for name, key, value in ((abi.SPLICE_SOCKHASH, 8, 4), (abi.SPLICE_PEERS, 8, peer_size)):
-        fd = bpfsys.obj_get(os.path.join(sdir, name))  # pinned, with the layout abi.py mirrors
+    key4 = ctypes.sizeof(abi.MlFlowKey)
+    for name, key, value in ((abi.SPLICE_SOCKHASH, key4, 4), (abi.SPLICE_TARGETS, 8, 4),
+                             (abi.SPLICE_PEERS, 8, ctypes.sizeof(abi.MlSplicePeer)),
+                             (abi.SPLICE_ARM, key4, ctypes.sizeof(abi.MlSpliceArm)),
+                             (abi.SPLICE_CNT, key4, ctypes.sizeof(abi.MlSpliceCnt))):
+        fd = bpfsys.obj_get(os.path.join(sdir, name))
         try:
             info = bpfsys.map_info(fd)
         finally:
             os.close(fd)
         assert (info.key_size, info.value_size) == (key, value), name
+
+
+def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
     before, kbefore = proxy_counters(mesh), mesh.counters("node1")
-    up, down, after = 16 * 1000 * 1000 + 7, 12 * 1000 * 1000 + 3, 4 * 1000 * 1000 + 1
+    up, down, after, early = 16 * 1000 * 1000 + 7, 12 * 1000 * 1000 + 3, 4 * 1000 * 1000 + 1, 30_011
     # Both ways at once, then the client half-closes and the server keeps
     # sending ``after`` bytes and its report: every byte checked by sha256.
-    res = peer(mesh, "bulk", ip(mesh, "pod1-2"), str(PEER_PORT),
-               "--up", str(up), "--down", str(down), "--after", str(after))
+    # The client's first ``early`` bytes go out before the proxy has even
+    # decided the connection (so through its relay), the rest after them.
+    client = mesh.cluster.pod("pod1-1").popen(
+        PEER + ["bulk", ip(mesh, "pod1-2"), str(PEER_PORT), "--up", str(up), "--down", str(down),
+                "--after", str(after), "--early", str(early), "--hold"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        addrs = json.loads(client.stdout.readline())
+        # The live client socket, in the kernel's own count: its first
+        # bytes went to the proxy, everything after them straight across.
+        # (Its real peer is the proxy's outbound listener: getpeername()
+        # answers the original destination.)
+        key = pod_key_of(addrs["local"], [mesh.cluster.nodes[0].gateway4, OUTBOUND_PORT])
+        counts = SpliceMaps(mesh.agents["node1"].pin_dir).counts(key)
+        hello = len(json.dumps({"mode": "bulk", "down": down, "after": after})) + 1
+        assert counts is not None, addrs
+        passed, redirected = counts
+        assert passed + redirected == hello + up, counts
+        assert passed >= hello + early and redirected > 0, counts
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, _ = client.communicate(timeout=120)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    res = json.loads(out.strip().splitlines()[-1])
     assert res["ok"], res
     after_c = proxy_counters(mesh)
     assert after_c["spliced"] == before["spliced"] + 1, (before, after_c)
     assert after_c["splice_failed"] == before["splice_failed"]
     kafter = mesh.counters("node1")
     assert kafter["splice_redirected"] > kbefore["splice_redirected"]  # the kernel carried bytes
-    assert kafter["splice_miss"] == kbefore["splice_miss"]
 
     # The access log counts the kernel's bytes too.
-    hello = len(json.dumps({"mode": "bulk", "down": down, "after": after})) + 1
     report = len(json.dumps({"received": up, "sha256": "0" * 64})) + 1
     sent, received = hello + up, len("ready\n") + down + after + report
 
@@ -124,12 +163,23 @@ def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
     assert e["result"] == "ok", e
 
     # The kernel flow table saw the same bytes on the client pod's socket
-    # (tcp_info: the connecting side's SYN and each FIN count one byte).
+    # (tcp_info: the connecting side's SYN and each FIN count one byte; the
+    # bytes its app sent past its own TCP connection are added at close).
     def client_leg():
         return [f for f in flows(mesh, "--pod", "default/pod1-1", "--state", "closed")
                 if f["role"] == "client" and f["destination"]["port"] == PEER_PORT]
     leg = wait_for(client_leg, "the closed client leg in the flow table")[-1]
     assert (leg["bytes_acked"], leg["bytes_received"]) == (sent + 2, received + 1), leg
+
+
+def pod_key_of(local: list, peer: list) -> bytes:
+    """The ml_splice key of a pod socket from its own addresses."""
+    key = abi.MlFlowKey()
+    key.family, s = abi.pack_addr(local[0])
+    _, d = abi.pack_addr(peer[0])
+    key.saddr_be[:], key.daddr_be[:] = s, d
+    key.sport, key.dport = local[1], peer[1]
+    return bytes(key)
 
 
 def test_reset_propagates_through_a_spliced_connection(mesh):
@@ -139,13 +189,14 @@ def test_reset_propagates_through_a_spliced_connection(mesh):
     assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
 
 
-def test_policy_change_resets_a_spliced_connection(mesh, tmp_path):
+def test_policy_change_resets_both_pods_of_a_spliced_connection(mesh, tmp_path, echo_log):
     before = proxy_counters(mesh)
     client = mesh.cluster.pod("pod1-1").popen(
-        TOOLS + ["session", ip(mesh, "pod1-2"), "7001"],
+        PEER + ["echo", ip(mesh, "pod1-2"), str(PEER_PORT)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     f = tmp_path / "deny.yaml"
     f.write_text(DENY_POD1_1)
+    kbefore = mesh.counters("node1")
     try:
         assert "connected" in client.stdout.readline()
         for i in range(3):
@@ -153,6 +204,8 @@ def test_policy_change_resets_a_spliced_connection(mesh, tmp_path):
             client.stdin.flush()
             assert json.loads(client.stdout.readline()) == {"echo": f"ping{i}"}
         assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
+        # after the switch: these went past the proxy, both ways
+        assert mesh.counters("node1")["splice_redirected"] >= kbefore["splice_redirected"] + 4
         r = policy_cli(mesh, "node1", "apply", "-f", str(f))
         assert r.returncode == 0, r.stderr
         wait_policies_enforced(mesh)
@@ -162,6 +215,15 @@ def test_policy_change_resets_a_spliced_connection(mesh, tmp_path):
             client.stdin.flush()
             return "error" in json.loads(client.stdout.readline())
         wait_for(closed, "the spliced session to be reset by the policy", timeout=15, interval=0.2)
+
+        # The server pod's socket was reset too, not closed cleanly.
+        def server_outcome():
+            try:
+                with open(echo_log) as fh:
+                    return [json.loads(x) for x in fh]
+            except FileNotFoundError:
+                return []
+        assert wait_for(server_outcome, "the server's echo session to end")[-1] == {"echo": "reset"}
     finally:
         client.kill()
         client.wait()

@@ -1,6 +1,8 @@
-"""agent/proxy/splice.py without root: the write-sequence reading the
-half-close waits on, and the fallback to the userspace relay when no splice
-maps are pinned (real loopback sockets, a real pin path that does not exist)."""
+"""agent/proxy/splice.py without root: how the proxy names the pod socket
+at the other end of each of its sockets, when it arms a pod socket (only
+with everything relayed in the far socket's kernel queue), and the fallback
+to the userspace relay when no splice maps are pinned (real loopback
+sockets, a real pin path that does not exist)."""
 
 from __future__ import annotations
 
@@ -8,37 +10,131 @@ import asyncio
 import hashlib
 import os
 import socket
+import time
 
 import pytest
 import yaml
 
 from agent.config import parse_config
-from agent.datapath.splicemap import SpliceMaps, socket_cookie
-from agent.proxy.splice import Splicer, written
+from agent.datapath import abi
+from agent.datapath.splicemap import SpliceMaps, bytes_acked, pod_key, socket_cookie
+from agent.proxy.splice import Splicer
 from agent.yamlsrc import SourceError
 from tests.support.aio import run
 from tests.unit.test_relay import Harness
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    ls = socket.create_server(("127.0.0.1", 0))
+def _tcp_pair(host: str = "127.0.0.1") -> tuple[socket.socket, socket.socket]:
+    ls = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     with ls:
-        a = socket.create_connection(ls.getsockname())
+        a = socket.create_connection(ls.getsockname()[:2])
         b, _ = ls.accept()
     return a, b
 
 
-def test_written_counts_every_byte_put_in_the_send_queue_acked_or_not():
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_pod_key_of_the_proxys_socket_is_the_pod_sockets_own_4_tuple(host):
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    pod, proxy = _tcp_pair(host)  # pod: connected; proxy: the accepted socket
+    with pod, proxy:
+        key = abi.MlFlowKey.from_buffer_copy(pod_key(proxy))
+        (laddr, lport), (raddr, rport) = pod.getsockname()[:2], pod.getpeername()[:2]
+        fam, s = abi.pack_addr(laddr)
+        _, d = abi.pack_addr(raddr)
+        assert (key.family, tuple(key.saddr_be), tuple(key.daddr_be)) == (fam, s, d)
+        assert (key.sport, key.dport) == (lport, rport)
+        # and the other way round: the accepted side's own tuple
+        back = abi.MlFlowKey.from_buffer_copy(pod_key(pod))
+        assert (back.sport, back.dport) == (rport, lport)
+
+
+def test_bytes_acked_follows_what_the_peer_acknowledged():
     a, b = _tcp_pair()
     with a, b:
-        base, base_b = written(a), written(b)
-        a.sendall(b"x" * 100_000)  # fits in the queues: nobody reads yet
-        assert written(a) - base == 100_000
+        base, base_b = bytes_acked(a), bytes_acked(b)
+        a.sendall(b"x" * 100_000)
         got = 0
-        while got < 60_000:
+        while got < 100_000:
             got += len(b.recv(65536))
-        assert written(a) - base == 100_000  # acked or queued, the sum stays
-        assert written(b) == base_b  # nothing sent that way
+        for _ in range(500):  # the ACK of the last segment may still be on its way
+            if bytes_acked(a) - base == 100_000:
+                break
+            time.sleep(0.01)
+        assert bytes_acked(a) - base == 100_000
+        assert bytes_acked(b) == base_b  # nothing sent that way
+
+
+class _RecordingMaps:
+    """The three calls Splicer makes into the kernel's maps, recorded (the
+    kernel side is tests/privileged/test_splice.py's)."""
+
+    def __init__(self) -> None:
+        self.armed: list[tuple[bytes, int, int]] = []
+        self.disarmed: list[bytes] = []
+        self.removed: list[int] = []
+
+    def add_targets(self, a, b):
+        return socket_cookie(a), socket_cookie(b)
+
+    def arm(self, key, target, relayed):
+        self.armed.append((key, target, relayed))
+
+    def disarm(self, key):
+        self.disarmed.append(key)
+
+    def redirected(self, target):
+        return 0
+
+    def remove(self, target):
+        self.removed.append(target)
+        return 0
+
+    def close(self):
+        pass
+
+
+def test_a_pod_socket_is_armed_with_what_was_relayed_once_it_is_all_in_the_far_kernel_queue():
+    counters = {"spliced": 0, "splice_skipped": 0, "splice_failed": 0}
+    maps = _RecordingMaps()
+
+    async def echo(reader, writer):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        async with Harness(echo) as h:
+            reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+            writer.write(b"hello")
+            await writer.drain()
+            assert await reader.readexactly(5) == b"hello"
+            await h.relay_made.wait()
+            relay = h.relays[0]
+            sa = relay.a.transport.get_extra_info("socket")
+            sb = relay.b.transport.get_extra_info("socket")
+            Splicer(maps, counters).splice(relay)
+            assert counters["spliced"] == 1 and relay.splice is not None
+            # Both pod sockets armed at once (nothing buffered): each with
+            # the far socket as target and what the proxy relayed from it.
+            assert sorted(maps.armed) == sorted([
+                (pod_key(sa), socket_cookie(sb), 5),
+                (pod_key(sb), socket_cookie(sa), 5),
+            ])
+            maps.armed.clear()
+            writer.write(b"more")  # through the proxy (no kernel here): re-armed with the new count
+            await writer.drain()
+            assert await reader.readexactly(4) == b"more"
+            assert (pod_key(sa), socket_cookie(sb), 9) in maps.armed
+            assert (pod_key(sb), socket_cookie(sa), 9) in maps.armed
+            relay.abort("policy")  # disarms both before the resets
+            assert sorted(maps.disarmed) == sorted([pod_key(sa), pod_key(sb)])
+            writer.close()
+            await relay.done
+
+    run(main())
+    assert sorted(maps.removed) == sorted(set(maps.removed)) and len(maps.removed) == 2
 
 
 def test_socket_cookies_are_distinct_and_stable():
@@ -67,11 +163,7 @@ def test_without_pinned_maps_the_relay_stays_in_userspace(tmp_path):
             splicer = Splicer(SpliceMaps(str(tmp_path / "no-such-pin-dir")), counters)
             relay = h.relays[0]
             splicer.splice(relay)
-            for _ in range(100):  # a relay with bytes in flight waits for its buffers first
-                if counters["splice_failed"] or counters["splice_skipped"]:
-                    break
-                await asyncio.sleep(0.01)
-            assert relay.splice is None and not relay.hold
+            assert relay.splice is None
 
             async def send():
                 for i in range(0, len(payload), 1 << 16):

@@ -86,3 +86,36 @@ def test_open_socket_ipv6_loopback():
             await server.wait_closed()
 
     run(main())
+
+
+def test_accepted_and_connected_tcp_transports_have_nodelay():
+    """``set_nodelay`` leaves uvloop's TCP transports alone because uvloop
+    sets TCP_NODELAY itself: on an accepted socket and on one it wraps."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        accepted: list[Endpoint] = []
+        server = await loop.create_server(lambda: Endpoint("client", on_made=accepted.append), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tr = None
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)  # loopback: at once
+            sock.setblocking(False)
+            assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            tr, _ = await loop.create_connection(lambda: Endpoint("pod"), sock=sock)
+            for _ in range(100):
+                if accepted:
+                    break
+                await asyncio.sleep(0.01)
+            for t in (tr, accepted[0].transport):
+                assert t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            for ep in accepted:
+                ep.close()
+            if tr is not None:
+                tr.close()
+            await asyncio.sleep(0)
+            server.close()
+            await server.wait_closed()
+
+    run(main())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
-import socket
 import sys
 
 ABI_VERSION = 4
@@ -306,7 +305,8 @@ def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
 
 def unpack_addr(family: int, words) -> str:
     if family == AF_INET:
-        return socket.inet_ntop(socket.AF_INET, int(words[0]).to_bytes(4, "little" if _LITTLE else "big"))
+        b = int(words[0]).to_bytes(4, "little" if _LITTLE else "big")
+        return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"  # (no socket module here: agent.policy imports this one)
     raw = b"".join(int(w).to_bytes(4, "little" if _LITTLE else "big") for w in words)
     return str(ipaddress.IPv6Address(raw))
 

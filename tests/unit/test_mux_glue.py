@@ -148,3 +148,41 @@ def test_a_protocol_error_resets_every_stream():
             assert p.counters["tunnel_mux_errors"] == 1 and p.server.closed
 
     run(main())
+
+
+def test_an_open_and_the_bytes_written_right_after_it_share_one_write():
+    """A new stream's OPEN waits for the end of the callback, so the client
+    bytes the source forwards at once ride in the same TLS record (one send
+    per new connection, not two); an OPEN with nothing behind it still goes
+    out on its own."""
+
+    async def main():
+        async with Pair() as p:
+            writes: list[bytes] = []
+            tr = p.client.transport
+            real = tr.write
+
+            def counting(data):
+                writes.append(bytes(data))
+                real(data)
+
+            tr.write = counting
+            ep = Endpoint("upstream")
+            p.client.open_stream(b"hdr", ep)
+            ep.write(b"first bytes")
+            assert len(writes) == 1  # flushed by the write, OPEN and DATA together
+            st, sep = await asyncio.wait_for(p.opened.get(), 10)
+            got = b""
+            while len(got) < len(b"hdrfirst bytes"):
+                got += await asyncio.wait_for(sep.receive(), 10)
+            assert got == b"hdrfirst bytes"
+
+            writes.clear()
+            alone = Endpoint("upstream")
+            p.client.open_stream(b"solo", alone)
+            assert writes == []  # not yet: at the end of this callback
+            _, sep2 = await asyncio.wait_for(p.opened.get(), 10)
+            assert await asyncio.wait_for(sep2.receive(), 10) == b"solo"
+            assert len(writes) == 1
+
+    run(main())

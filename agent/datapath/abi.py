@@ -11,6 +11,7 @@ takes these values from here (agent/policy/kernel.py too), never copies them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 import sys
 
@@ -307,9 +308,12 @@ CONSTANTS: dict[str, int] = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
     """Text address -> (family, four network-order u32 words as stored by the
-    kernel on a little- or big-endian host).  IPv4-mapped IPv6 becomes IPv4."""
+    kernel on a little- or big-endian host).  IPv4-mapped IPv6 becomes IPv4.
+    Cached (an immutable result): the flow-table key of every accepted
+    connection packs the same few pod and proxy addresses."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
@@ -324,9 +328,10 @@ def pack_addr(ip: str) -> tuple[int, tuple[int, int, int, int]]:
 
 
 def unpack_addr(family: int, words) -> str:
-    raw = b"".join(int(w).to_bytes(4, "little" if _LITTLE else "big") for w in words)
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        b = int(words[0]).to_bytes(4, "little" if _LITTLE else "big")
+        return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"  # (no socket module here: agent.policy imports this one)
+    raw = b"".join(int(w).to_bytes(4, "little" if _LITTLE else "big") for w in words)
     return str(ipaddress.IPv6Address(raw))
 
 

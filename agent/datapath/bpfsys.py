@@ -36,6 +36,7 @@ PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+MAP_LOOKUP_AND_DELETE_ELEM = 21
 LINK_CREATE = 28
 LINK_UPDATE = 29
 LINK_GET_FD_BY_ID = 30
@@ -163,6 +164,21 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     v = ctypes.create_string_buffer(value_size)
     try:
         bpf(MAP_LOOKUP_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_lookup_and_delete(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """Look up and remove ``key`` in one bpf(2) call (hash maps: kernel
+    5.14+).  None if absent.  Raises BPFError (EINVAL, ENOTSUPP) where the
+    map type or kernel lacks the command: fall back to lookup + delete."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        bpf(MAP_LOOKUP_AND_DELETE_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
     except BPFError as e:
         if e.errno == errno.ENOENT:
             return None

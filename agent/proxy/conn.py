@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -61,6 +62,7 @@ def norm_addr(addr: Any) -> str | None:
         return fmt_addr(addr)
 
 
+@functools.lru_cache(maxsize=1024)  # per new connection, for the same few addresses
 def family_of(ip: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
 

@@ -252,16 +252,23 @@ class Inbound:
         state = inp.watcher.current
         decoder = tunnel.RequestDecoder()
         try:
-            async with asyncio.timeout(header_timeout):
-                while True:
-                    data = await ep.receive()
-                    if not data:
-                        conn.deny("bad_tunnel_header", "tunnel peer closed before sending a complete header")
-                        ep.close()
-                        return
-                    out = decoder.feed(data)
-                    if isinstance(out, tunnel.Decoded):
-                        break
+            # A stream's header came in its OPEN: already here, decoded without
+            # arming a timer.  Otherwise wait for the rest, bounded.
+            early = ep.take_buffered()
+            out = decoder.feed(early) if early else None
+            if not isinstance(out, tunnel.Decoded):
+                async with asyncio.timeout(header_timeout):
+                    while True:
+                        data = await ep.receive()
+                        if not data:
+                            conn.deny(
+                                "bad_tunnel_header", "tunnel peer closed before sending a complete header"
+                            )
+                            ep.close()
+                            return
+                        out = decoder.feed(data)
+                        if isinstance(out, tunnel.Decoded):
+                            break
         except TimeoutError:
             conn.deny_reason = "bad_tunnel_header"
             await self.refuse(

@@ -308,6 +308,7 @@ class MuxSession(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._receiving = False  # in data_received: credits wait for its one flush at the end
         self._last_active = time.monotonic()
+        self._flush_pending = False  # a flush_soon() is scheduled
 
     # ---- attach: the TLS connection's plaintext side switches to this protocol
 
@@ -346,7 +347,7 @@ class MuxSession(asyncio.Protocol):
         self.counters["tunnel_streams_out"] = self.counters.get("tunnel_streams_out", 0) + 1
         self._touch()
         protocol.connection_made(st)
-        self.flush()
+        self.flush_soon()  # the caller's first DATA (if any) rides in the same record
         return st
 
     def forget(self, sid: int) -> None:
@@ -364,7 +365,17 @@ class MuxSession(asyncio.Protocol):
         if not self._receiving:  # within data_received: its flush sends the WINDOW_UPDATE with the rest
             self.flush()
 
+    def flush_soon(self) -> None:
+        """Flush at the end of this loop iteration's callbacks, unless a
+        flush comes first: the OPEN of a new stream then shares its TLS
+        record and write with the client bytes the caller forwards right
+        after it (one record and one send per new connection, not two)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
+        self._flush_pending = False
         bufs = self.core.buffers_to_send()
         tr = self.transport
         if bufs and tr is not None and not tr.is_closing():

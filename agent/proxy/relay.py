@@ -44,6 +44,12 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a transport's TCP socket.  uvloop (the proxy's loop)
+    already sets it on every TCP transport it makes, accepted or connected:
+    nothing to do then (this cost ~8 us per connection: a getsockopt for the
+    socket's family and a setsockopt; issue #13).  Other loops: set it."""
+    if type(transport).__module__ == "uvloop.loop" and type(transport).__name__ == "TCPTransport":
+        return
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return

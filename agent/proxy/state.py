@@ -16,6 +16,7 @@ like pod IPs (IPv4-mapped IPv6 is the IPv4 address).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -56,8 +57,13 @@ class StateError(ValueError):
     """The state document is invalid. The message names the field."""
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_ip(ip: str) -> str:
-    """Canonical text form; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
+    """Canonical text form; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4.
+
+    Cached: each new connection asks several times for the same few pod and
+    node addresses (~2 us a parse; issue #13).  Invalid input raises
+    ValueError every time (exceptions are not cached)."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)

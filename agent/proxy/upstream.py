@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -81,6 +83,45 @@ def first_then(sock: socket.socket, open_socket: Any) -> Any:
         return await open_socket(target)
 
     return opener
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int]) -> None:
+    """Connect the non-blocking ``sock`` to the numeric ``addr`` on the loop.
+
+    Not ``loop.sock_connect``: uvloop's resolves every address with
+    getaddrinfo in libuv's thread pool first, even a numeric one, which cost
+    each destination-side connect a round trip to a pool thread (futex
+    wake, eventfd, one more loop wakeup; issue #13).  The address here is
+    always numeric: connect(2) straight away, then wait for writability."""
+    try:
+        sock.connect(addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass  # in progress
+    # To a pod of this node (a veth away) the handshake has usually completed
+    # within connect(2) itself: one getpeername() saves registering the
+    # socket with the loop and a loop iteration.
+    try:
+        sock.getpeername()
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+    fd = sock.fileno()
+    done = loop.create_future()
+    loop.add_writer(fd, _wake, done)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Upstream:
@@ -256,7 +297,8 @@ class Upstream:
             sock.setblocking(False)
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.wait_for(loop.sock_connect(sock, addr), state.connect_timeout)
+            async with asyncio.timeout(state.connect_timeout):
+                await _connect(loop, sock, addr)
             return sock
         except TimeoutError:
             sock.close()

@@ -204,5 +204,43 @@ def test_a_small_view_held_for_a_paused_stream_is_copied_not_pinning_the_whole_r
             assert isinstance(st._rbuf[1], memoryview) and st._rbuf[1].obj is big
             st.resume_reading()
             assert await asyncio.wait_for(dst.receive(), 10) == bytes(10 + 32 * 1024)
+def test_an_open_and_the_bytes_written_right_after_it_share_one_write():
+    """A new stream's OPEN waits for the end of the callback, so the client
+    bytes the source forwards at once ride in the same TLS record (one send
+    per new connection, not two); an OPEN with nothing behind it still goes
+    out on its own."""
+
+    async def main():
+        async with Pair() as p:
+            writes: list[bytes] = []
+            tr = p.client.transport
+            real, real_lines = tr.write, tr.writelines
+
+            def counting(data):
+                writes.append(bytes(data))
+                real(data)
+
+            def counting_lines(bufs):
+                writes.append(b"".join(bufs))
+                real_lines(bufs)
+
+            tr.write, tr.writelines = counting, counting_lines
+            ep = Endpoint("upstream")
+            p.client.open_stream(b"hdr", ep)
+            ep.write(b"first bytes")
+            assert len(writes) == 1  # flushed by the write, OPEN and DATA together
+            st, sep = await asyncio.wait_for(p.opened.get(), 10)
+            got = b""
+            while len(got) < len(b"hdrfirst bytes"):
+                got += await asyncio.wait_for(sep.receive(), 10)
+            assert got == b"hdrfirst bytes"
+
+            writes.clear()
+            alone = Endpoint("upstream")
+            p.client.open_stream(b"solo", alone)
+            assert writes == []  # not yet: at the end of this callback
+            _, sep2 = await asyncio.wait_for(p.opened.get(), 10)
+            assert await asyncio.wait_for(sep2.receive(), 10) == b"solo"
+            assert len(writes) == 1
 
     run(main())

@@ -805,3 +805,40 @@ def test_l7_leaves_non_http_on_l4(tmp_path, dst_ip, node):
 
     stats = run(main())
     assert stats["http"]["connections"] == 0 and stats["http"]["pool"]["connects"] == 0
+
+
+def test_tunnel_header_split_across_reads_is_still_decoded(tmp_path):
+    """The inbound side decodes a header already buffered at once (a mux
+    stream's OPEN carries it) and otherwise waits for the rest, bounded:
+    here the first half arrives, then, later, the second half and data."""
+
+    async def main():
+        async with Cluster(tmp_path) as c:
+            head = _header("127.0.0.5", c.port("127.0.0.5"))
+            r, w = await asyncio.open_connection("127.0.0.1", c.tun_port, local_addr=(NODE2_IP, 0),
+                                                 ssl=_tls_ctx(c, X_ID, "node2"),
+                                                 server_hostname=sni_for(WEB_ID))
+            try:
+                w.write(head[:7])
+                await w.drain()
+                await asyncio.sleep(0.05)
+                w.write(head[7:] + b"hi")
+                dec = tunnel.ResponseDecoder()
+                out = tunnel.NEED_MORE
+                while out is tunnel.NEED_MORE:
+                    chunk = await asyncio.wait_for(r.read(4096), 10)
+                    assert chunk, "tunnel closed without a response"
+                    out = dec.feed(chunk)
+                rest = out.leftover
+                while len(rest) < 2:
+                    chunk = await asyncio.wait_for(r.read(4096), 10)
+                    assert chunk
+                    rest += chunk
+            finally:
+                w.close()
+                with contextlib.suppress(ConnectionError, ssl.SSLError):
+                    await w.wait_closed()
+            return out.message, rest
+
+    resp, rest = run(main())
+    assert resp.status is tunnel.Status.OK and rest.startswith(b"hi")

@@ -193,6 +193,7 @@ _REQUEST_FIELDS = (
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 _encode_str = json.encoder.encode_basestring_ascii  # what dumps() does with ensure_ascii
 _INF = float("inf")
+_KIND_REQUEST = '"request"'
 
 
 def _json_value(v: Any) -> str:
@@ -229,13 +230,13 @@ class LineBase(dict):
         super().__init__(record)
         self.template: str | None = None
 
-    def line(self, values: tuple[Any, ...]) -> str:
-        """The request line (no newline) for ``values``: this record's "ts",
-        then the request's fields in the order of ``_REQUEST_FIELDS``."""
+    def line(self, texts: tuple[str, ...]) -> str:
+        """The request line (no newline) from the JSON ``texts`` of this
+        record's "ts", then of the request's fields (``_REQUEST_FIELDS``)."""
         t = self.template
         if t is None:
             t = self.template = self._make_template()
-        return t.format(*map(_json_value, values))
+        return t.format(*texts)
 
     def _make_template(self) -> str:
         # Slots are str.format fields numbered as in ``line``'s values:
@@ -337,27 +338,36 @@ class AccessLog:
             return False
         if type(base) is LineBase and denial is None and getattr(exchange, "grpc_status", None) is None:
             # the common line: request_record's fields, encoded into the base's template
+            # (json.dumps' text of each, without a call per value for the usual types)
             flags = flags or getattr(exchange, "flags", "-") or "-"
+            es, jv = _encode_str, _json_value
+            ts = base.get("ts")
             path = getattr(head, "path", None)
+            path = getattr(path, "path", None) if path is not None else None
+            method = _text(getattr(head, "method", None))
+            host = _text(getattr(head, "host", None))
+            up = _fmt_upstream(getattr(exchange, "upstream", None))
+            cluster = getattr(exchange, "cluster", None)
+            rid, tid = ids
             line = base.line(
                 (
-                    base.get("ts"),
-                    "request",
-                    getattr(exchange, "request_body_bytes", 0),
-                    getattr(exchange, "response_body_bytes", 0),
-                    round(elapsed * 1000.0, 3),
-                    "ok" if flags == "-" else flags,
-                    "",
-                    _text(getattr(head, "method", None)),
-                    getattr(path, "path", None) if path is not None else None,
-                    _text(getattr(head, "host", None)),
-                    status,
-                    _fmt_upstream(getattr(exchange, "upstream", None)),
-                    getattr(exchange, "cluster", None),
-                    getattr(exchange, "attempts", 0),
-                    flags,
-                    ids[0],
-                    ids[1],
+                    es(ts) if type(ts) is str else jv(ts),
+                    _KIND_REQUEST,
+                    jv(getattr(exchange, "request_body_bytes", 0)),
+                    jv(getattr(exchange, "response_body_bytes", 0)),
+                    jv(round(elapsed * 1000.0, 3)),
+                    '"ok"' if flags == "-" else jv(flags),
+                    '""',
+                    es(method) if type(method) is str else jv(method),
+                    es(path) if type(path) is str else jv(path),
+                    es(host) if type(host) is str else jv(host),
+                    jv(status),
+                    es(up) if type(up) is str else jv(up),
+                    es(cluster) if type(cluster) is str else jv(cluster),
+                    jv(getattr(exchange, "attempts", 0)),
+                    es(flags) if type(flags) is str else jv(flags),
+                    es(rid) if type(rid) is str else jv(rid),
+                    es(tid) if type(tid) is str else jv(tid),
                 )
             )
             self._write_line(line)

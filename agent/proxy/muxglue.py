@@ -281,6 +281,7 @@ class MuxSession(asyncio.Protocol):
         self.meta: dict[str, Any] = {}  # what the pool checks for freshness (serials, expiry)
         self._idle_handle: asyncio.TimerHandle | None = None
         self._last_active = time.monotonic()
+        self._flush_pending = False  # a flush_soon() is scheduled
 
     # ---- attach: the TLS connection's plaintext side switches to this protocol
 
@@ -319,7 +320,7 @@ class MuxSession(asyncio.Protocol):
         self.counters["tunnel_streams_out"] = self.counters.get("tunnel_streams_out", 0) + 1
         self._touch()
         protocol.connection_made(st)
-        self.flush()
+        self.flush_soon()  # the caller's first DATA (if any) rides in the same record
         return st
 
     def forget(self, sid: int) -> None:
@@ -336,7 +337,17 @@ class MuxSession(asyncio.Protocol):
         self.core.consumed(sid, n)
         self.flush()
 
+    def flush_soon(self) -> None:
+        """Flush at the end of this loop iteration's callbacks, unless a
+        flush comes first: the OPEN of a new stream then shares its TLS
+        record and write with the client bytes the caller forwards right
+        after it (one record and one send per new connection, not two)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
+        self._flush_pending = False
         data = self.core.data_to_send()
         tr = self.transport
         if data and tr is not None and not tr.is_closing():

@@ -95,7 +95,9 @@ class StreamTransport(asyncio.Transport):
                 rest = memoryview(data)[n:]  # a view: the rest is not copied
                 self._pending.append(rest)
                 self._pending_size += len(rest)
-            s.flush()
+            # at the end of the loop's callbacks: the writes of every stream
+            # that got bytes in this iteration share TLS records and one send
+            s.flush_soon()
         self.update_pause()
 
     def writelines(self, list_of_data: Any) -> None:

@@ -85,6 +85,35 @@ def test_a_stalled_stream_does_not_stall_its_neighbour_and_completes_intact():
     run(main())
 
 
+def test_writes_of_several_streams_in_one_callback_share_one_tls_write():
+    # A response (or request) per stream used to cost a TLS record and a
+    # send each; writes made in one loop iteration now go out together at
+    # its end, in order, and each stream still gets exactly its bytes.
+    async def main():
+        async with Pair() as p:
+            pairs = [await p.open() for _ in range(3)]
+            tls_writes = []
+            tr = p.client.transport
+            real_write = tr.write
+            tr.write = lambda data: (tls_writes.append(len(data)), real_write(data))[1]
+            for i, (c, _s) in enumerate(pairs):
+                c.write(b"request %d" % i)
+                c.write(b" and more")
+            assert tls_writes == []  # not yet: at the end of this iteration
+            for i, (_c, s) in enumerate(pairs):
+                want, got = b"request %d and more" % i, b""
+                while len(got) < len(want):
+                    got += await asyncio.wait_for(s.receive(), 10)
+                assert got == want
+            assert len(tls_writes) == 1
+            c, s = pairs[0]  # a FIN right after a write still comes after its bytes
+            c.write(b"last")
+            c.write_eof()
+            assert await asyncio.wait_for(read_all(s), 10) == b"last"
+
+    run(main())
+
+
 def test_half_close_both_ways_then_close():
     async def main():
         async with Pair() as p:

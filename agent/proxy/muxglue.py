@@ -337,7 +337,9 @@ class MuxSession(asyncio.Protocol):
 
     def credit(self, sid: int, n: int) -> None:
         self.core.consumed(sid, n)
-        self.flush()
+        # a WINDOW_UPDATE (if one is due) joins the iteration's flush: flushing
+        # here would also send other streams' queued writes early, on their own
+        self.flush_soon()
 
     def flush_soon(self) -> None:
         """Flush at the end of this loop iteration's callbacks, unless a

@@ -528,36 +528,40 @@ HOP_BY_HOP = frozenset(
 proxy always writes its own framing header."""
 
 
-_SKIP_CACHE: dict[frozenset[bytes], frozenset[bytes]] = {}
+# per ``drop`` set: the names to skip, and their lengths (a header whose
+# name has none of them is kept without lower-casing it)
+_SKIP_CACHE: dict[frozenset[bytes], tuple[frozenset[bytes], frozenset[int]]] = {}
 
 
 def forward_headers(
     headers: Sequence[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()
 ) -> Headers:
     """Headers minus hop-by-hop ones, those named in Connection and ``drop``."""
-    skip = _SKIP_CACHE.get(drop)
-    if skip is None:
+    sk = _SKIP_CACHE.get(drop)
+    if sk is None:
         skip = HOP_BY_HOP | drop
+        sk = (skip, frozenset(map(len, skip)))
         if len(_SKIP_CACHE) < 64:
-            _SKIP_CACHE[drop] = skip
+            _SKIP_CACHE[drop] = sk
+    skip, lengths = sk
     out: Headers = []
-    kept_lower: list[bytes] = []
     named: set[bytes] | None = None
-    for n, v in headers:
-        ln = n.lower()
-        if ln in skip:
-            if ln == b"connection":
-                if named is None:
-                    named = set()
-                named.update(t.strip(b" \t").lower() for t in v.split(b","))
-            continue
-        out.append((n, v))
-        kept_lower.append(ln)
+    for h in headers:
+        n = h[0]
+        if len(n) in lengths:
+            ln = n.lower()
+            if ln in skip:
+                if ln == b"connection":
+                    if named is None:
+                        named = set()
+                    named.update(t.strip(b" \t").lower() for t in h[1].split(b","))
+                continue
+        out.append(h)
     if named:
         named -= skip  # already gone (e.g. the usual "keep-alive")
         named.discard(b"")
         if named:
-            out = [h for h, ln in zip(out, kept_lower, strict=True) if ln not in named]
+            out = [h for h in out if h[0].lower() not in named]
     return out
 
 

@@ -95,7 +95,9 @@ class StreamTransport(asyncio.Transport):
                 rest = memoryview(data)[n:]  # a view: the rest is not copied
                 self._pending.append(rest)
                 self._pending_size += len(rest)
-            s.flush()
+            # at the end of the loop's callbacks: the writes of every stream
+            # that got bytes in this iteration share TLS records and one send
+            s.flush_soon()
         self.update_pause()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -363,7 +365,9 @@ class MuxSession(asyncio.Protocol):
     def credit(self, sid: int, n: int) -> None:
         self.core.consumed(sid, n)
         if not self._receiving:  # within data_received: its flush sends the WINDOW_UPDATE with the rest
-            self.flush()
+            # else a WINDOW_UPDATE (if one is due) joins the iteration's flush: flushing
+            # here would also send other streams' queued writes early, on their own
+            self.flush_soon()
 
     def flush_soon(self) -> None:
         """Flush at the end of this loop iteration's callbacks, unless a

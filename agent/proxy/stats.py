@@ -23,7 +23,7 @@ from typing import Any
 from agent.proxy import telemetry as m
 from agent.proxy.conn import Conn, fmt_addr, peer_of
 from agent.proxy.inputs import ProxyInputs
-from agent.proxy.log import sampled
+from agent.proxy.log import LineBase, sampled
 from agent.proxy.spans import SpanRecorder
 from agent.proxy.state import Pod, ProxyState
 from agent.traffic.upstream_cluster import Cluster
@@ -212,7 +212,7 @@ class Accounting:
             st = inp.watcher.current
             base = conn.log_base
             if base is None:  # the connection's part of every request line, made once
-                base = conn.log_base = conn.record(inp.worker_id)
+                base = conn.log_base = LineBase(conn.record(inp.worker_id))
                 conn.log_key = conn.sample_key()
             base["ts"] = _utc_ms()
             if not access.write_request(

@@ -339,12 +339,16 @@ def test_policy_denials_are_labelled_by_the_deciding_policy():
 import asyncio  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from agent.observe.prometheus import merge_http  # noqa: E402
 from agent.policy.http import NormalizedPath  # noqa: E402
 from agent.proxy.l7 import Exchange  # noqa: E402
-from agent.proxy.log import RequestDenial, request_ids, request_record  # noqa: E402
+from agent.proxy.log import AccessLog, LineBase, RequestDenial, request_ids, request_record  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from agent.observe.pairstats import fine_percentile  # noqa: E402
 
 
@@ -541,6 +545,78 @@ def test_request_record_has_the_connection_fields_and_the_requests_own():
     assert denied["response_flags"] == "RBAC" and denied["request_id"] is None
     assert denied["trace_id"] is None
     json.dumps(rec)
+
+
+def written_request_lines(tmp_path, base, calls):
+    """What AccessLog.write_request wrote for ``calls`` [(head, status, elapsed, exchange, flags, denial)]."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    try:
+        for hd, status, elapsed, ex, flags, denial in calls:
+            assert log.write_request(base, "k", 1.0, hd, status, elapsed, ex, flags=flags, denial=denial)
+        log.flush()
+    finally:
+        log.close()
+    return path.read_text().splitlines()
+
+
+def reference_line(base, hd, status, elapsed, ex, flags=None, denial=None):
+    rec = request_record(dict(base), hd, status, elapsed, ex, request_ids(hd, ex), flags, denial)
+    return json.dumps(rec, separators=(",", ":"))
+
+
+def test_request_lines_from_the_template_are_json_dumps_of_request_record(tmp_path):
+    # LineBase encodes only the request's fields into a template of the
+    # connection's; the text must be what the generic json.dumps wrote
+    # (same keys, same order), for any record: escapes, braces in values,
+    # labels, audit lists, a "ts" per request, denials and gRPC (the generic path).
+    conn = {"ts": "2026-01-01T00:00:00.000+00:00", "worker": 0, "direction": "inbound",
+            "route": "tunnel", "src_pod": "shop/web-{1}", "src_identity": "spiffe://x/ns/shop/sa/\u00e9\"q",
+            "dst_addr": "10.0.0.7:80", "peer_verified": True, "bytes_sent": 0, "bytes_received": 0,
+            "duration_ms": 1.5, "result": "ok", "reason": "", "deny_reason": None,
+            "source_workload": "w\u00fcb %s {0}", "verdict": "allowed", "policy": None, "rule": None,
+            "audit": ["a/b", "c"]}
+    tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    calls = [
+        (head(), 200, 0.0125, Exchange(cluster=None, upstream=("10.0.0.7", 80), attempts=1), None, None),
+        (head(method=b"P\xe9ST", path="/a\"b/{c}", host=None, headers=[(b"X-Request-ID", b"r\x01d"),
+                                                                     (b"traceparent", tp)]),
+         503, 1e-7, Exchange(cluster="data/db:80", upstream=("fd00::7", 8080), attempts=2, flags="UF,URX",
+                             request_body_bytes=12, response_body_bytes=34), None, None),
+        (head(), 403, 0.001, Exchange(), "RBAC", RequestDenial("policy", "shop/deny", 0, "policy x")),
+        (head(), 200, 0.002, Exchange(grpc_status=7), None, None),
+        (head(), 0, float("nan"), Exchange(), None, None),
+    ]
+    for base in (LineBase(conn), LineBase({}), LineBase({"kind": "x", "status": 1, "ts": "t", "z": 1.25})):
+        want = []
+        for i, (hd, status, elapsed, ex, flags, denial) in enumerate(calls):
+            if "ts" in base:
+                base["ts"] = f"ts-{i}"
+            want.append(reference_line(base, hd, status, elapsed, ex, flags, denial))
+        base.template = None
+        got = []
+        for i, call in enumerate(calls):
+            if "ts" in base:
+                base["ts"] = f"ts-{i}"
+            got += written_request_lines(tmp_path, base, [call])[-1:]
+            (tmp_path / "access.log").unlink()
+        assert got == want
+        assert base.template is not None  # the template was used (and kept)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
+                                                     st.floats(allow_nan=False, allow_infinity=False),
+                                                     st.lists(st.text(max_size=3), max_size=2)), max_size=8),
+       st.text(max_size=10), st.binary(max_size=10), st.floats(min_value=0, max_value=1e6),
+       st.binary(min_size=1, max_size=6).filter(lambda b: b.strip(b" \t")))
+def test_request_line_template_matches_json_dumps_for_any_record(record, path, host, elapsed, rid):
+    base = LineBase(record)
+    hd = head(path=path, host=host, headers=[(b"x-request-id", rid)])
+    ex = Exchange(cluster=path or None, upstream=("10.0.0.1", 1), attempts=1, request_body_bytes=len(path))
+    want = reference_line(base, hd, 200, elapsed, ex)
+    with tempfile.TemporaryDirectory() as d:
+        assert written_request_lines(pathlib.Path(d), base, [(hd, 200, elapsed, ex, None, None)]) == [want]
 
 
 def test_request_ids_are_what_the_exchange_forwarded():

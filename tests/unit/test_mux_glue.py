@@ -220,7 +220,8 @@ def test_interleaved_bulk_streams_relayed_to_slow_pods_arrive_whole_and_in_order
             async def reader(sock: socket.socket, n: int, stall: bool) -> bytes:
                 got = bytearray()
                 if stall:  # let the pod socket, the relay and the stream fill up first
-                    await until(lambda: p.server.streams and any(st._read_paused for st in p.server.streams.values()))
+                    streams = p.server.streams
+                    await until(lambda: streams and any(st._read_paused for st in streams.values()))
                 while len(got) < n:
                     got += await loop.sock_recv(sock, 1 << 20)
                 return bytes(got)

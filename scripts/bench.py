@@ -77,6 +77,7 @@ from bench_envoy import (  # noqa: E402
     comparison,
     envoy_binary,
     print_comparison,
+    tree_distinct_mb,
     tree_pss_mb,
     tree_rss_mb,
     write_chart,
@@ -303,6 +304,7 @@ def main() -> int:
     envoy_row: dict = {}
     meshlet_rss: dict[str, float] = {}
     meshlet_pss: dict[str, float] = {}
+    meshlet_distinct: dict[str, float] = {}
     try:
         cluster.up()
         mesh = Mesh(cluster, unmeshed={"pod1-3", "pod2-3"}, log_level="warning", services=[
@@ -331,6 +333,8 @@ def main() -> int:
         if envoy is not None:
             meshlet_rss = {n.name: tree_rss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
             meshlet_pss = {n.name: tree_pss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
+            meshlet_distinct = {n.name: tree_distinct_mb(mesh.agents[n.name].popen.pid)
+                                for n in cluster.nodes}
             print("measuring Envoy sidecars cross-node pod1-3 -> pod2-3 ...", flush=True)
             sidecars = EnvoySidecars(cluster, mesh, "pod1-3", "pod2-3", envoy)
             try:
@@ -340,6 +344,7 @@ def main() -> int:
                                                a.duration, 1)
                 envoy_row["rss_mb"] = sidecars.rss_mb()
                 envoy_row["pss_mb"] = sidecars.pss_mb()
+                envoy_row["distinct_mb"] = sidecars.distinct_mb()
             finally:
                 sidecars.stop()
         if a.flows_only:
@@ -413,7 +418,8 @@ def main() -> int:
     envoy_cmp: list[dict] = []
     chart = None
     if envoy_row:
-        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss, meshlet_pss)
+        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss, meshlet_pss,
+                                   meshlet_distinct)
         print_comparison(envoy_cmp)
         chart = write_chart(envoy_cmp, os.path.splitext(out)[0] + ".png",
                             f"meshlet vs Envoy sidecars, cross-node (wrk -c{a.connections}, "
@@ -443,6 +449,7 @@ def main() -> int:
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters, "connection_scale": conn_rows,
                    "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss, "meshlet_pss_mb": meshlet_pss,
+                   "meshlet_distinct_mb": meshlet_distinct,
                    "vs_envoy": envoy_cmp, "workers": worker_rows}, f, indent=2)
     print(f"\nJSON: {out}")
     if chart:

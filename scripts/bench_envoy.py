@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -303,6 +304,11 @@ class EnvoySidecars:
         with the pages it shares with other processes (libc...) divided."""
         return self._by_node(_tree_pss_kb)
 
+    def distinct_mb(self) -> dict[str, float]:
+        """Distinct resident pages of each sidecar (MB): for one process,
+        its RSS (a page it shares with another sidecar still counts)."""
+        return self._by_node(_tree_distinct_kb)
+
     def _by_node(self, kb_of: Callable[[int], int]) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, p in self.procs.items():
@@ -363,6 +369,52 @@ def _tree_pss_kb(pid: int) -> int:
     return _tree_kb(pid, "smaps_rollup", "Pss:")
 
 
+def _tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        out.append(p)
+    return out
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PFN = (1 << 55) - 1  # /proc/<pid>/pagemap: bits 0-54 the page frame, bit 63 present
+
+
+def _tree_distinct_kb(pid: int) -> int:
+    """The tree's resident memory with every physical page counted once:
+    the union of the page frames its processes map (/proc/<p>/pagemap, which
+    shows frames to root only; 0 without them).  Unlike summed RSS it does
+    not count the interpreter, OpenSSL... once per process; unlike summed
+    PSS it does not shrink when processes outside the tree (another
+    sidecar, the benchmark's own Python) share a page: it is what the tree
+    would cost on a node of its own."""
+    frames: set[int] = set()
+    for p in _tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/maps") as maps, open(f"/proc/{p}/pagemap", "rb") as pm:
+                for line in maps:
+                    if line.rstrip().endswith("[vsyscall]"):
+                        continue
+                    lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                    pm.seek(lo // _PAGE * 8)
+                    for (e,) in struct.iter_unpack("<Q", pm.read((hi - lo) // _PAGE * 8)):
+                        if e >> 63 and e & _PFN:
+                            frames.add(e & _PFN)
+        except (OSError, ValueError):
+            pass
+    return len(frames) * _PAGE // 1024
+
+
+def tree_distinct_mb(pid: int) -> float:
+    return round(_tree_distinct_kb(pid) / 1024, 1)
+
+
 def tree_rss_mb(pid: int) -> float:
     return round(_tree_rss_kb(pid) / 1024, 1)
 
@@ -376,7 +428,8 @@ def _get(row: dict | None, part: str, key: str):
 
 
 def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict,
-               meshlet_rss: dict[str, float], meshlet_pss: dict[str, float] | None = None) -> list[dict]:
+               meshlet_rss: dict[str, float], meshlet_pss: dict[str, float] | None = None,
+               meshlet_distinct: dict[str, float] | None = None) -> list[dict]:
     """Rows of the meshlet-vs-Envoy table, cross-node: each metric for
     direct, meshlet (L4 relay over mTLS), meshlet with L7 and Envoy
     sidecars, with the meshlet/Envoy ratio and whether higher is better.
@@ -410,6 +463,9 @@ def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict
                  "meshlet": rss(meshlet_rss), "meshlet_l7": None, "envoy": rss(envoy.get("rss_mb"))})
     rows.append({"metric": "PSS MB per node", "higher_is_better": False, "direct": None,
                  "meshlet": rss(meshlet_pss), "meshlet_l7": None, "envoy": rss(envoy.get("pss_mb"))})
+    rows.append({"metric": "distinct MB per node", "higher_is_better": False, "direct": None,
+                 "meshlet": rss(meshlet_distinct), "meshlet_l7": None,
+                 "envoy": rss(envoy.get("distinct_mb"))})
     for r in rows:
         m, e = r["meshlet"], r["envoy"]
         r["meshlet_over_envoy"] = round(m / e, 3) if m is not None and e else None
@@ -436,7 +492,8 @@ def print_comparison(rows: list[dict]) -> None:
               f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}")
     print("(RSS, PSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "
           "runs one per meshed pod. Summed RSS counts the pages meshlet's processes share once per "
-          "process; summed PSS divides them, so it is what the node pays)")
+          "process; summed PSS divides them, also with processes outside the node's mesh; distinct: "
+          "every physical page the processes map counted once, the memory they would take alone)")
 
 
 def write_chart(rows: list[dict], path: str, title: str) -> str | None:
@@ -451,7 +508,7 @@ def write_chart(rows: list[dict], path: str, title: str) -> str | None:
         return None
     shown = [r for r in rows if r["metric"] in (
         "req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node",
-        "PSS MB per node")]
+        "PSS MB per node", "distinct MB per node")]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
     series = [("direct", "direct", "#999999"), ("meshlet", "meshlet", "#2a7ab9"),
               ("meshlet_l7", "meshlet L7", "#7fb3d9"), ("envoy", "Envoy sidecars", "#d9822b")]

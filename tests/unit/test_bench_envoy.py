@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 
@@ -98,3 +101,38 @@ def test_tree_memory_sums_a_real_process_tree():
         assert 0 < pss <= rss
     finally:
         child.communicate(b"")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pagemap shows page frames to root only")
+def test_distinct_memory_counts_a_page_two_processes_share_once():
+    # A forked child shares its parent's pages copy-on-write: the tree's
+    # distinct pages are fewer than its summed RSS, and at least what the
+    # parent and the child each hold alone.
+    code = "import os, sys; b = bytearray(b'x') * (32 << 20); os.fork() or sys.stdin.read(); sys.stdin.read()"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        kids: list[int] = []
+        while not kids and time.monotonic() < deadline:
+            with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+                kids = [int(c) for c in f.read().split()]
+            if be._tree_rss_kb(parent.pid) < 32 << 10:
+                kids = []
+            time.sleep(0.05)
+        assert kids, "the child was not forked"
+        summed = be._tree_rss_kb(parent.pid)
+        distinct = be._tree_distinct_kb(parent.pid)
+        each = max(be._tree_distinct_kb(kids[0]), be._tree_rss_kb(parent.pid) - be._tree_rss_kb(kids[0]))
+        assert 32 << 10 <= each <= distinct
+        assert distinct < summed - (24 << 10)  # the 32 MiB buffer is counted once, not twice
+    finally:
+        parent.communicate(b"")
+
+
+def test_comparison_has_a_distinct_pages_row():
+    envoy = {"rss_mb": {"n1": 74.0}, "distinct_mb": {"n1": 74.0}}
+    distinct = {"n1": 81.4, "n2": 77.7}
+    rows = {r["metric"]: r for r in be.comparison({}, {}, None, envoy, {"n1": 105.0}, None, distinct)}
+    assert rows["distinct MB per node"]["meshlet"] == 81.4  # the larger node
+    assert rows["distinct MB per node"]["meshlet_over_envoy"] == 1.1
+    assert rows["PSS MB per node"]["meshlet"] is None  # not measured: no number, not zero

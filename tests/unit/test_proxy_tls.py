@@ -823,3 +823,48 @@ def test_a_server_without_tickets_costs_a_bounded_number_of_session_reads():
 
     reads, received = run(main())
     assert received == 5000 and 1 <= reads <= 4
+
+
+# ------------------------------------------------------------------ raw-side buffers (issue #13)
+
+
+def test_the_loop_reads_the_raw_socket_into_the_shared_buffer():
+    """The raw side is a BufferedProtocol: the loop reads into ``get_buffer``'s
+    buffer and hands the count to ``buffer_updated`` (no bytes per read)."""
+    from agent.proxy import tls as tlsmod
+
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    payload = os.urandom(3 << 20)
+    updates = []
+
+    class Counting(tlsmod.TlsConnection):
+        def buffer_updated(self, nbytes):
+            updates.append(nbytes)
+            super().buffer_updated(nbytes)
+
+        def data_received(self, data):
+            assert isinstance(data, memoryview) and data.obj is tlsmod._RAW_VIEW.obj
+            super().data_received(data)
+
+    async def main():
+        async with Server(server) as s:
+            app = App()
+            app.keep = False
+            conn = client.client_connection(app, node="node2", src=CLIENT, dst=SERVER)
+            conn.__class__ = Counting
+            sock = await tcp(s.port)
+            await asyncio.get_running_loop().create_connection(lambda: conn, sock=sock)
+            await conn.wait_handshake(10)
+            # the server's 3 MiB come back through the client's buffered reads
+            s.apps[0].transport.write(payload)
+            s.apps[0].transport.write_eof()
+            got = await asyncio.wait_for(app.eof, 30)
+            app.transport.close()
+            return got, app.hasher.digest()
+
+    got, digest = run(main())
+    assert got == len(payload) and digest == hashlib.sha256(payload).digest()
+    assert updates and sum(updates) > len(payload)  # every raw byte came through buffer_updated
+    assert max(updates) <= len(tlsmod._RAW_VIEW)
+

@@ -105,6 +105,7 @@ ALPN = "meshlet-tunnel/1"
 SNI_SUFFIX = "meshlet"
 READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
+_OUT_SLICE = 256 * 1024  # out-BIO reads: below glibc's mmap threshold (``_flush``)
 _SMALL_WRITE = 4096  # writelines joins buffers below this size (headers, control frames)
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
@@ -949,8 +950,18 @@ class TlsConnection(asyncio.BufferedProtocol):
     # ---- application data out
 
     def _flush(self) -> None:
-        if self._out.pending and self.raw is not None and not self.raw.is_closing():
-            self.raw.write(self._out.read())
+        out = self._out
+        if out.pending and self.raw is not None and not self.raw.is_closing():
+            if out.pending <= _OUT_SLICE:
+                self.raw.write(out.read())
+                return
+            # In slices: one read of all that a loop iteration's writes
+            # encrypted can be over a MiB when bulk flows fast, past glibc's
+            # mmap threshold (memory.py): each such bytes was a fresh mapping,
+            # faulted in page by page and unmapped once sent.  Slices come
+            # from the heap and are reused; writelines still sends once.
+            read = out.read
+            self.raw.writelines([read(_OUT_SLICE) for _ in range(-(-out.pending // _OUT_SLICE))])
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.state != _OPEN or self._sent_close_notify or not data:

@@ -868,3 +868,53 @@ def test_the_loop_reads_the_raw_socket_into_the_shared_buffer():
     assert updates and sum(updates) > len(payload)  # every raw byte came through buffer_updated
     assert max(updates) <= len(tlsmod._RAW_VIEW)
 
+
+
+class _Recording:
+    """The real raw transport, with the size of each buffer handed to it noted."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.sizes: list[int] = []
+
+    def write(self, data):
+        self.sizes.append(len(data))
+        self._raw.write(data)
+
+    def writelines(self, bufs):
+        bufs = list(bufs)
+        self.sizes.extend(map(len, bufs))
+        self._raw.writelines(bufs)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+def test_a_big_writelines_goes_out_in_heap_sized_slices_and_arrives_whole():
+    """What one call encrypts (8 MiB here) is read out of OpenSSL in slices
+    of at most ``_OUT_SLICE`` (below glibc's mmap threshold), sent in order."""
+    from agent.proxy import tls as tlsmod
+
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    parts = [os.urandom(1 << 20) for _ in range(8)]
+
+    async def main():
+        async with Server(server) as s:
+            app = App()
+            conn, _ = await connect(client, s.port, app=app)
+            rec = _Recording(conn.raw)
+            conn.raw = rec
+            app.transport.writelines([b"head"] + parts)
+            conn.raw = rec._raw
+            app.transport.write_eof()
+            sapp = s.apps[0]
+            sapp.keep = False
+            got = await asyncio.wait_for(sapp.eof, 30)
+            app.transport.close()
+            return rec.sizes, got, sapp.hasher.digest()
+
+    sizes, got, digest = run(main())
+    assert got == 4 + (8 << 20) and digest == hashlib.sha256(b"head" + b"".join(parts)).digest()
+    assert sum(sizes) > 8 << 20 and len(sizes) > 1
+    assert max(sizes) <= tlsmod._OUT_SLICE

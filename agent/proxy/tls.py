@@ -52,8 +52,10 @@ Rules (everything that decides trust lives here):
   resident (10,000 connections: ~370 fetches on the first burst, ~1,400 on
   the next; ~10 MB and a heap that never shrank back).
 
-I/O: ``TlsConnection`` is an asyncio Protocol over ``ssl.MemoryBIO`` (asyncio's
-own SSL transport cannot pass a session). It exposes the decrypted stream as
+I/O: ``TlsConnection`` is an asyncio BufferedProtocol over ``ssl.MemoryBIO``
+(asyncio's own SSL transport cannot pass a session): the loop reads the socket
+into one shared buffer, and the out-BIO is read in heap-sized slices (issue
+#13: no fresh mmap per big flush). It exposes the decrypted stream as
 an ordinary ``asyncio.Transport`` to an inner protocol (the relay's
 ``Endpoint``), reading/writing up to 256 KiB per call, with the raw socket's
 flow control passed straight through, and TLS half-close (close_notify ⇄ EOF).

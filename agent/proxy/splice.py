@@ -107,11 +107,7 @@ class Spliced:
         if self._keys is None or self.final is not None:
             return
         dst = self.relay.b if src is self.relay.a else self.relay.a
-        tr = dst.transport
-        if tr is None or tr.is_closing():
-            return
-        if not tr.get_write_buffer_size():
-            self._arm(src)
+        if self._arm_if_flushed(src, dst) is not None:
             return
         task = asyncio.get_running_loop().create_task(self._arm_when_flushed(src, dst, src.bytes_in))
         self._tasks.add(task)
@@ -124,12 +120,20 @@ class Spliced:
             delay = min(delay * 2, _ARM_POLL_MAX)
             if src.bytes_in != upto or self._keys is None or self.final is not None:
                 return  # newer bytes came: their own relayed() arms
-            tr = dst.transport
-            if tr is None or tr.is_closing():
+            if self._arm_if_flushed(src, dst) is not None:
                 return
-            if not tr.get_write_buffer_size():
-                self._arm(src)
-                return
+
+    def _arm_if_flushed(self, src: Endpoint, dst: Endpoint) -> bool | None:
+        """Arm ``src`` if ``dst``'s transport has handed every byte to the
+        kernel (True); False: ``dst`` is gone, nothing to arm; None: bytes
+        are still buffered, try again later."""
+        tr = dst.transport
+        if tr is None or tr.is_closing():
+            return False
+        if tr.get_write_buffer_size():
+            return None
+        self._arm(src)
+        return True
 
     def _arm(self, src: Endpoint) -> None:
         i = self._index(src)

@@ -971,9 +971,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         try:
             self.sslobj.write(data)
         except ssl.SSLError as e:
-            self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
-            self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
+            self._write_failed(e)
             return
         self._flush()
 
@@ -997,11 +995,14 @@ class TlsConnection(asyncio.BufferedProtocol):
             if small:
                 write(b"".join(small))
         except ssl.SSLError as e:
-            self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
-            self.state = _CLOSED
-            self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
+            self._write_failed(e)
             return
         self._flush()
+
+    def _write_failed(self, e: ssl.SSLError) -> None:
+        self._lost_exc = ConnectionResetError(f"TLS write failed: {e}")
+        self.state = _CLOSED
+        self.raw.abort()  # type: ignore[union-attr]  # set in connection_made
 
     def write_eof(self) -> None:
         """close_notify (TLS half-close), then FIN."""

@@ -94,23 +94,30 @@ class _RecordingMaps:
         pass
 
 
+async def _echo(reader, writer):
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _echoed_hello(h):
+    """Connect through the harness's relay and see b"hello" come back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    writer.write(b"hello")
+    await writer.drain()
+    assert await reader.readexactly(5) == b"hello"
+    await h.relay_made.wait()
+    return reader, writer
+
+
 def test_a_pod_socket_is_armed_with_what_was_relayed_once_it_is_all_in_the_far_kernel_queue():
     counters = {"spliced": 0, "splice_skipped": 0, "splice_failed": 0}
     maps = _RecordingMaps()
 
-    async def echo(reader, writer):
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def main():
-        async with Harness(echo) as h:
-            reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
-            writer.write(b"hello")
-            await writer.drain()
-            assert await reader.readexactly(5) == b"hello"
-            await h.relay_made.wait()
+        async with Harness(_echo) as h:
+            reader, writer = await _echoed_hello(h)
             relay = h.relays[0]
             sa = relay.a.transport.get_extra_info("socket")
             sb = relay.b.transport.get_extra_info("socket")
@@ -147,19 +154,9 @@ def test_without_pinned_maps_the_relay_stays_in_userspace(tmp_path):
     counters = {"spliced": 0, "splice_skipped": 0, "splice_failed": 0}
     payload = os.urandom(3 << 20)
 
-    async def echo(reader, writer):
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     async def main():
-        async with Harness(echo) as h:
-            reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
-            writer.write(b"hello")
-            await writer.drain()
-            assert await reader.readexactly(5) == b"hello"
-            await h.relay_made.wait()
+        async with Harness(_echo) as h:
+            reader, writer = await _echoed_hello(h)
             splicer = Splicer(SpliceMaps(str(tmp_path / "no-such-pin-dir")), counters)
             relay = h.relays[0]
             splicer.splice(relay)

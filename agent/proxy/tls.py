@@ -52,10 +52,8 @@ Rules (everything that decides trust lives here):
   resident (10,000 connections: ~370 fetches on the first burst, ~1,400 on
   the next; ~10 MB and a heap that never shrank back).
 
-I/O: ``TlsConnection`` is an asyncio BufferedProtocol over ``ssl.MemoryBIO``
-(asyncio's own SSL transport cannot pass a session): the loop reads the socket
-into one shared buffer, and the out-BIO is read in heap-sized slices (issue
-#13: no fresh mmap per big flush). It exposes the decrypted stream as
+I/O: ``TlsConnection`` is an asyncio Protocol over ``ssl.MemoryBIO`` (asyncio's
+own SSL transport cannot pass a session). It exposes the decrypted stream as
 an ordinary ``asyncio.Transport`` to an inner protocol (the relay's
 ``Endpoint``), reading/writing up to 256 KiB per call, with the raw socket's
 flow control passed straight through, and TLS half-close (close_notify ⇄ EOF).
@@ -107,7 +105,6 @@ ALPN = "meshlet-tunnel/1"
 SNI_SUFFIX = "meshlet"
 READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
-_OUT_SLICE = 256 * 1024  # out-BIO reads: below glibc's mmap threshold (``_flush``)
 _SMALL_WRITE = 4096  # writelines joins buffers below this size (headers, control frames)
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
@@ -650,19 +647,10 @@ def _fmt(addr: Any) -> str:
 _HANDSHAKE, _OPEN, _CLOSED = "handshake", "open", "closed"
 # One decrypt buffer per process: reads never nest, and delivered bytes are copies.
 _READ_VIEW = memoryview(bytearray(READ_SIZE + _RECORD))
-# One receive buffer per process for the raw (encrypted) side: the loop reads
-# the socket into it (``get_buffer``) and ``buffer_updated`` hands it to the
-# in-BIO at once, before anything else can read, so connections can share it.
-_RAW_VIEW = memoryview(bytearray(READ_SIZE))
 
 
-class TlsConnection(asyncio.BufferedProtocol):
-    """TLS over a raw transport with memory BIOs; plaintext to ``app``.
-
-    A ``BufferedProtocol`` on the raw side: the event loop reads the socket
-    straight into ``_RAW_VIEW`` and OpenSSL's in-BIO copies from there, where
-    a plain Protocol cost one more allocation and copy per read (the loop's
-    ``bytes``).  ``data_received`` stays for callers holding bytes."""
+class TlsConnection(asyncio.Protocol):
+    """TLS over a raw transport with memory BIOs; plaintext to ``app``."""
 
     def __init__(
         self,
@@ -736,13 +724,7 @@ class TlsConnection(asyncio.BufferedProtocol):
         self.sslobj._meshlet_conn = self  # type: ignore[attr-defined]  # our mark, for the SNI callback
         self._do_handshake()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _RAW_VIEW
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_RAW_VIEW[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.state == _CLOSED:
             return
         self._in.write(data)
@@ -952,18 +934,8 @@ class TlsConnection(asyncio.BufferedProtocol):
     # ---- application data out
 
     def _flush(self) -> None:
-        out = self._out
-        if out.pending and self.raw is not None and not self.raw.is_closing():
-            if out.pending <= _OUT_SLICE:
-                self.raw.write(out.read())
-                return
-            # In slices: one read of all that a loop iteration's writes
-            # encrypted can be over a MiB when bulk flows fast, past glibc's
-            # mmap threshold (memory.py): each such bytes was a fresh mapping,
-            # faulted in page by page and unmapped once sent.  Slices come
-            # from the heap and are reused; writelines still sends once.
-            read = out.read
-            self.raw.writelines([read(_OUT_SLICE) for _ in range(-(-out.pending // _OUT_SLICE))])
+        if self._out.pending and self.raw is not None and not self.raw.is_closing():
+            self.raw.write(self._out.read())
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.state != _OPEN or self._sent_close_notify or not data:

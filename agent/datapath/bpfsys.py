@@ -159,31 +159,27 @@ def obj_pin(fd: int, path: str) -> None:
 # --- maps ----------------------------------------------------------------
 
 
-def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+def _lookup(cmd: int, fd: int, key: bytes, value_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
     try:
-        bpf(MAP_LOOKUP_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
+        bpf(cmd, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
     except BPFError as e:
         if e.errno == errno.ENOENT:
             return None
         raise
     return v.raw
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    return _lookup(MAP_LOOKUP_ELEM, fd, key, value_size)
 
 
 def map_lookup_and_delete(fd: int, key: bytes, value_size: int) -> bytes | None:
     """Look up and remove ``key`` in one bpf(2) call (hash maps: kernel
     5.14+).  None if absent.  Raises BPFError (EINVAL, ENOTSUPP) where the
     map type or kernel lacks the command: fall back to lookup + delete."""
-    k = ctypes.create_string_buffer(key, len(key))
-    v = ctypes.create_string_buffer(value_size)
-    try:
-        bpf(MAP_LOOKUP_AND_DELETE_ELEM, _attr("=I4xQQQ", fd, _ptr(k), _ptr(v), 0))
-    except BPFError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    return v.raw
+    return _lookup(MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value_size)
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:

@@ -178,6 +178,17 @@ def _tls_ctx(c: Cluster, identity: str | None, issuer_node: str | None = "node2"
     return ctx
 
 
+async def _tunnel_response(r: asyncio.StreamReader):
+    """Read and decode the tunnel's response (its leftover: bytes after it)."""
+    dec = tunnel.ResponseDecoder()
+    out = tunnel.NEED_MORE
+    while out is tunnel.NEED_MORE:
+        chunk = await asyncio.wait_for(r.read(4096), 10)
+        assert chunk, "tunnel closed without a response"
+        out = dec.feed(chunk)
+    return out
+
+
 async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | None = NODE2_IP, *,
                       cert: str | None = X_ID, sni: str | None = WEB_ID, expect: int = 0,
                       issuer_node: str | None = "node2"):
@@ -188,12 +199,7 @@ async def _raw_tunnel(c: Cluster, data: bytes, ip="127.0.0.1", source: str | Non
                                          server_hostname=sni_for(sni) if sni else "")
     try:
         w.write(data)
-        dec = tunnel.ResponseDecoder()
-        out = tunnel.NEED_MORE
-        while out is tunnel.NEED_MORE:
-            chunk = await asyncio.wait_for(r.read(4096), 10)
-            assert chunk, "tunnel closed without a response"
-            out = dec.feed(chunk)
+        out = await _tunnel_response(r)
         rest = out.leftover
         while expect and len(rest) < expect:
             chunk = await asyncio.wait_for(r.read(4096), 10)
@@ -823,12 +829,7 @@ def test_tunnel_header_split_across_reads_is_still_decoded(tmp_path):
                 await w.drain()
                 await asyncio.sleep(0.05)
                 w.write(head[7:] + b"hi")
-                dec = tunnel.ResponseDecoder()
-                out = tunnel.NEED_MORE
-                while out is tunnel.NEED_MORE:
-                    chunk = await asyncio.wait_for(r.read(4096), 10)
-                    assert chunk, "tunnel closed without a response"
-                    out = dec.feed(chunk)
+                out = await _tunnel_response(r)
                 rest = out.leftover
                 while len(rest) < 2:
                     chunk = await asyncio.wait_for(r.read(4096), 10)

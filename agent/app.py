@@ -123,7 +123,7 @@ def proxy_state(
         "buffer_size": cfg.proxy.buffer_size,
         "tunnel_security": cfg.proxy.tunnel_security,
         "tls_resumption": cfg.proxy.tls_resumption,
-        "splice": cfg.proxy.splice,
+        "splice": cfg.proxy.splice is not False,  # the maps decide: none pinned, no splice
         "tunnel_mux": cfg.proxy.tunnel_mux,
         "path_parameters": cfg.proxy.path_parameters,
         "l7": cfg.proxy.l7,
@@ -218,13 +218,16 @@ class Agent:
             self.spec = dataclasses.replace(self.spec, flow_tracking=False)
         if self.cfg.bpf.tc_attach != "auto":  # else the spec's default (MESHLET_TC_ATTACH or auto)
             self.spec = dataclasses.replace(self.spec, tc_attach=self.cfg.bpf.tc_attach)
-        if self.cfg.proxy.splice:  # the same-node kernel splice, where the kernel can
-            from .datapath.probe import splice_supported
+        if self.cfg.proxy.splice is not False:  # the same-node kernel splice, where the kernel can
+            from .datapath.probe import splice_plan, splice_supported
 
-            why_not = splice_supported()
-            if why_not:
-                log.warning("proxy.splice: same-node connections stay on the userspace relay: %s", why_not)
-            self.spec = dataclasses.replace(self.spec, splice=why_not is None)
+            try:
+                spliced, warning = splice_plan(self.cfg.proxy.splice, splice_supported())
+            except ValueError as e:  # proxy.splice: true on a kernel without the hooks
+                raise AgentError(str(e)) from e
+            if warning:
+                log.warning("%s", warning)
+            self.spec = dataclasses.replace(self.spec, splice=spliced)
         self.datapath = Datapath(self.spec)
         self.proxies = ProxySupervisor(self.cfg.run_dir, self.state_path, self.cfg.proxy.workers)
         self.lease = Lease(self.cfg.handover_dir or self.cfg.run_dir)

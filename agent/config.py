@@ -133,13 +133,16 @@ class ProxyConfig:
     """``proxy.tlsResumption``: resume TLS sessions for new tunnel connections
     (cheaper handshakes). Off only to measure full-handshake cost."""
 
-    splice: bool = False
+    splice: bool | str = "auto"
     """``proxy.splice``: once a plaintext connection between two pods of this
     node is authorized and needs no L7, let the pods' own sockets send past
     the proxy (sk_msg egress redirect into the proxy's socket facing the
-    other pod, bpf/splice.c) instead of relaying every byte. Used only
-    where the kernel has sk_msg, sock_ops and SOCKHASH. Off by default
-    until it is measured on a quiet machine (see the README)."""
+    other pod, bpf/splice.c) instead of relaying every byte. ``auto`` (the
+    default): wherever the kernel has sk_msg and sock_ops programs and
+    SOCKHASH maps (Linux >= 4.20, CONFIG_BPF_STREAM_PARSER); on a kernel
+    without them the agent logs one warning, ``meshlet doctor`` says so, and
+    same-node connections stay on the userspace relay. ``true``: required, a
+    kernel without them is an error naming the fix. ``false``: off."""
     tunnel_mux: bool = True
     """``proxy.tunnelMux``: carry many pod connections to another node over
     one pooled mutual-TLS connection per (source identity, destination
@@ -173,7 +176,7 @@ class ProxyConfig:
 
 
 def _l7_mode(v: y.Value) -> bool | str:
-    """``proxy.l7``: true, false or auto."""
+    """``proxy.l7`` and ``proxy.splice``: true, false or auto."""
     x = v.scalar()
     if isinstance(x, bool) or x == "auto":
         return x
@@ -765,7 +768,7 @@ def _read_proxy(r: y.MapReader) -> ProxyConfig | None:
         buffer_size=r.get("bufferSize", y.integer(4096, 64 << 20), d["buffer_size"].default),
         tunnel_security=r.get("tunnelSecurity", y.enum("mtls", "insecure-plaintext"), "mtls"),
         tls_resumption=r.get("tlsResumption", y.boolean, True),
-        splice=r.get("splice", y.boolean, False),
+        splice=r.get("splice", _l7_mode, "auto"),
         tunnel_mux=r.get("tunnelMux", y.boolean, True),
         path_parameters=r.get("pathParameters", y.enum("reject", "strip", "keep"), "reject"),
         l7=r.get("l7", _l7_mode, "auto"),

@@ -436,7 +436,32 @@ def check_strict_attach(tcx: Check, clsact: Check, want: str = "auto", required:
     )
 
 
-def _kernel_probes(env: Environment, strict: bool, tc_attach: str = "auto") -> list[Check]:
+def check_splice(mode: bool | str, hooks: Sequence[Check]) -> Check:
+    """The same-node splice (``proxy.splice``, ``mode``), from the probes of
+    the hooks it needs (sk_msg, sock_ops, SOCKHASH).  Required only when the
+    config says ``true``; with ``auto`` (the default) a kernel without them
+    gets a warning line: the agent keeps same-node connections on the
+    userspace relay."""
+    name = "same-node splice"
+    required = mode is True
+    if mode is False:
+        return Check(name, True, "off (proxy.splice: false)", None, False)
+    missing = [c for c in hooks if not c.ok]
+    if not missing:
+        return Check(name, True, "same-node L4 connections are spliced in the kernel", None, required)
+    why = "; ".join(f"{c.name}: {c.detail}" for c in missing)
+    if required:
+        detail = f"proxy.splice is true, but the kernel lacks what it needs ({why})"
+        fix = "a kernel with CONFIG_BPF_STREAM_PARSER=y (Linux >= 4.20), or proxy.splice: auto or false"
+    else:
+        detail = f"same-node connections stay on the userspace relay ({why})"
+        fix = "a kernel with CONFIG_BPF_STREAM_PARSER=y (Linux >= 4.20); proxy.splice: false silences this"
+    return Check(name, False, detail, fix, required)
+
+
+def _kernel_probes(
+    env: Environment, strict: bool, tc_attach: str = "auto", splice: bool | str = "auto"
+) -> list[Check]:
     from agent.datapath import bpfsys, probe
 
     def hook(prog_type: int, attach: int = 0) -> Callable[[], None]:
@@ -444,6 +469,12 @@ def _kernel_probes(env: Environment, strict: bool, tc_attach: str = "auto") -> l
 
     cgroup_fix = "use a kernel with CONFIG_CGROUP_BPF=y"
     sockmap_fix = "use a kernel with CONFIG_BPF_STREAM_PARSER=y"
+    sock_ops = check_probe("hook sock_ops", hook(bpfsys.PROG_TYPE_SOCK_OPS), cgroup_fix)
+    # Only the same-node splice needs these (required when proxy.splice is true).
+    sockmap = [
+        check_probe("hook sk_msg", hook(probe.PROG_TYPE_SK_MSG), sockmap_fix, splice is True),
+        check_probe("sockhash map", probe.sockhash_creates, sockmap_fix, splice is True),
+    ]
     return [
         check_probe(
             "bpf syscall", hook(probe.PROG_TYPE_SOCKET_FILTER), "use a kernel with CONFIG_BPF_SYSCALL=y"
@@ -458,15 +489,14 @@ def _kernel_probes(env: Environment, strict: bool, tc_attach: str = "auto") -> l
             hook(bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR, bpfsys.ATTACH_CGROUP_INET6_CONNECT),
             cgroup_fix,
         ),
-        check_probe("hook sock_ops", hook(bpfsys.PROG_TYPE_SOCK_OPS), cgroup_fix),
+        sock_ops,
         check_probe(
             "hook sched_cls (tc)",
             hook(bpfsys.PROG_TYPE_SCHED_CLS),
             "use a kernel with CONFIG_NET_CLS_BPF=y and CONFIG_NET_SCH_INGRESS=y",
         ),
-        check_probe("hook sk_msg", hook(probe.PROG_TYPE_SK_MSG), sockmap_fix),
-        check_probe("hook sk_skb", hook(probe.PROG_TYPE_SK_SKB), sockmap_fix),
-        check_probe("sockhash map", probe.sockhash_creates, sockmap_fix),
+        *sockmap,
+        check_splice(splice, [sock_ops, *sockmap]),
         check_probe(
             "bpf links (cgroup)",
             lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
@@ -795,7 +825,8 @@ def run_checks(config: AgentConfig | None = None, env: Environment | None = None
         tc_attach = (
             config.bpf.tc_attach if config is not None else os.environ.get("MESHLET_TC_ATTACH", "auto")
         )
-        checks += _kernel_probes(env, strict, tc_attach)
+        splice = config.proxy.splice if config is not None else "auto"
+        checks += _kernel_probes(env, strict, tc_attach, splice)
     checks += [
         check_kernel_headers(env.kernel_release, env.modules_dir),
         check_bcc(env.python),

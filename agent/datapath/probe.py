@@ -190,3 +190,19 @@ def splice_supported() -> str | None:
             "the fix: a kernel with CONFIG_BPF_STREAM_PARSER (Linux >= 4.20), or proxy.splice: false"
         )
     return None
+
+
+def splice_plan(mode: bool | str, why_not: str | None) -> tuple[bool, str | None]:
+    """What ``proxy.splice`` (``mode``: true, false or auto) comes to on a
+    kernel where ``splice_supported()`` said ``why_not``: (spliced, the one
+    warning to log).  ``auto`` falls back to the userspace relay with a
+    warning; ``true`` on a kernel without the hooks is ``ValueError``, whose
+    text names the fix (asked for explicitly, a silent fallback would hide
+    it)."""
+    if mode is False:
+        return False, None
+    if why_not is None:
+        return True, None
+    if mode is True:
+        raise ValueError(f"proxy.splice is true, but {why_not}")
+    return False, f"proxy.splice: auto: same-node connections stay on the userspace relay: {why_not}"

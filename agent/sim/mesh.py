@@ -121,7 +121,7 @@ class Mesh:
     cert_ttl: int = 86400
     tunnel_security: str = "mtls"  # insecure-plaintext: benchmarks only
     tls_resumption: bool = True
-    splice: bool = False  # proxy.splice: the same-node kernel splice
+    splice: bool | str = "auto"  # proxy.splice: the same-node kernel splice (true, false or auto)
     tunnel_mux: bool = True  # proxy.tunnelMux
     legacy_tunnel_nodes: set[str] = field(default_factory=set)  # nodes forced to meshlet-tunnel/1 only
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)

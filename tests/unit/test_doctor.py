@@ -609,3 +609,35 @@ def test_doctor_without_an_answering_agent(tmp_path):
     assert doctor.check_agent_node_ca(path, expected=False) is None  # just not running: kernel checks only
     c = doctor.check_agent_node_ca(path)  # asked for, or the config says CSR
     assert not c.ok and not c.required and path in c.detail and "meshlet run" in c.fix
+
+
+def _hooks(ok: bool) -> list[Check]:
+    return [
+        Check("hook sock_ops", True, "works"),
+        Check("hook sk_msg", ok, "works" if ok else "Invalid argument"),
+        Check("sockhash map", ok, "works" if ok else "Invalid argument"),
+    ]
+
+
+def test_splice_line_where_the_kernel_has_the_hooks():
+    for mode in ("auto", True):
+        c = doctor.check_splice(mode, _hooks(True))
+        assert c.ok and "spliced in the kernel" in c.detail
+
+
+def test_splice_auto_on_an_older_kernel_is_a_warning_not_a_blocker():
+    c = doctor.check_splice("auto", _hooks(False))
+    assert not c.ok and not c.required
+    assert "userspace relay" in c.detail and "hook sk_msg: Invalid argument" in c.detail
+    assert "CONFIG_BPF_STREAM_PARSER" in c.fix and doctor.ready([c])
+
+
+def test_splice_true_on_an_older_kernel_blocks_the_start_with_the_fix():
+    c = doctor.check_splice(True, _hooks(False))
+    assert not c.ok and c.required and not doctor.ready([c])
+    assert "proxy.splice is true" in c.detail and "proxy.splice: auto or false" in c.fix
+
+
+def test_splice_off_needs_nothing():
+    c = doctor.check_splice(False, _hooks(False))
+    assert c.ok and "off" in c.detail

@@ -17,6 +17,7 @@ import yaml
 
 from agent.config import parse_config
 from agent.datapath import abi
+from agent.datapath.probe import splice_plan, splice_supported
 from agent.datapath.splicemap import SpliceMaps, bytes_acked, pod_key, socket_cookie
 from agent.proxy.splice import Splicer
 from agent.yamlsrc import SourceError
@@ -196,14 +197,45 @@ proxy:
 """
 
 
-def test_proxy_splice_knob_off_by_default_and_round_trips():
-    assert parse_config(CONFIG, "c.yaml").proxy.splice is False
-    c = parse_config(CONFIG + "  splice: true\n", "c.yaml")
-    assert c.proxy.splice is True
-    assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+def test_proxy_splice_knob_is_auto_by_default_and_round_trips():
+    assert parse_config(CONFIG, "c.yaml").proxy.splice == "auto"
+    for text, want in (("true", True), ("false", False), ("auto", "auto")):
+        c = parse_config(CONFIG + f"  splice: {text}\n", "c.yaml")
+        assert c.proxy.splice == want and type(c.proxy.splice) is type(want)
+        assert parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
 
 
-def test_proxy_splice_knob_must_be_a_boolean_named_by_file_and_line():
+def test_proxy_splice_knob_must_be_true_false_or_auto_named_by_file_and_line():
     with pytest.raises(SourceError) as ei:
         parse_config(CONFIG + "  splice: maybe\n", "c.yaml")
     assert "c.yaml:10" in str(ei.value) and "splice" in str(ei.value), str(ei.value)
+    assert "true, false or auto" in str(ei.value), str(ei.value)
+
+
+NO_HOOKS = "no sk_msg/sock_ops program or SOCKHASH map on this kernel (EINVAL); the fix: a kernel with ..."
+
+
+def test_splice_auto_falls_back_to_the_userspace_relay_with_one_warning_where_the_kernel_cannot():
+    assert splice_plan("auto", None) == (True, None)
+    spliced, warning = splice_plan("auto", NO_HOOKS)
+    assert spliced is False
+    assert warning is not None and "userspace relay" in warning and NO_HOOKS in warning
+
+
+def test_splice_true_on_a_kernel_without_the_hooks_is_an_error_naming_the_fix():
+    assert splice_plan(True, None) == (True, None)
+    with pytest.raises(ValueError) as ei:
+        splice_plan(True, NO_HOOKS)
+    assert "proxy.splice is true" in str(ei.value) and "the fix:" in str(ei.value)
+
+
+def test_splice_false_never_asks_the_kernel():
+    assert splice_plan(False, None) == (False, None)
+    assert splice_plan(False, NO_HOOKS) == (False, None)
+
+
+def test_this_kernel_has_what_the_splice_needs():
+    # The CI kernels do; a probe that said no here would turn the default off silently.
+    if os.geteuid() != 0:
+        pytest.skip("loading a probe program needs root")
+    assert splice_supported() is None

@@ -2,7 +2,7 @@
 
 The agent's loader pins them under ``<pin dir>/splice/`` only when the
 kernel has the hooks and ``proxy.splice`` is on (bpf/splice.c says how they
-work together).  A proxy worker uses three of them:
+work together).  A proxy worker uses four of them:
 
 - ``ml_splice_tgt`` (SOCKHASH, socket cookie -> socket): its own two sockets
   of a spliced connection, the targets pods' messages are redirected to;
@@ -11,7 +11,12 @@ work together).  A proxy worker uses three of them:
 - ``ml_splice_arm`` (a pod socket's 4-tuple -> MlSpliceArm): which target a
   pod socket's messages may go to, and how many of its bytes the proxy has
   relayed itself (the kernel redirects only when it has passed exactly as
-  many to the proxy).
+  many to the proxy);
+- ``ml_splice`` (SOCKHASH, a pod socket's 4-tuple -> socket): sock_ops files
+  every pod socket of a proxied connection there (it cannot tell where the
+  connection will go); the proxy takes out the ones it will never splice
+  (another node, L7), whose sends would otherwise keep taking the sk_msg
+  path for nothing.
 
 When they are absent the worker keeps every connection on the userspace relay.
 """
@@ -72,7 +77,7 @@ class SpliceMaps:
 
     def __init__(self, pin_dir: str) -> None:
         self.dir = os.path.join(pin_dir, abi.SPLICE_DIR)
-        self._fds: tuple[int, int, int] | None = None
+        self._fds: tuple[int, int, int, int] | None = None
 
     def available(self) -> bool:
         try:
@@ -81,20 +86,20 @@ class SpliceMaps:
             return False
         return True
 
-    def _open(self) -> tuple[int, int, int]:
+    def _open(self) -> tuple[int, int, int, int]:
         # Opened once and kept: the maps a worker filed its sockets in stay
         # valid while it holds them, even when the agent removes or replaces
         # the pins (proxy.splice turned off, a reload).
         if self._fds is None:
             fds: list[int] = []
             try:
-                for name in (abi.SPLICE_TARGETS, abi.SPLICE_PEERS, abi.SPLICE_ARM):
+                for name in (abi.SPLICE_TARGETS, abi.SPLICE_PEERS, abi.SPLICE_ARM, abi.SPLICE_SOCKHASH):
                     fds.append(bpfsys.obj_get(os.path.join(self.dir, name)))
             except OSError:
                 for fd in fds:
                     os.close(fd)
                 raise
-            self._fds = (fds[0], fds[1], fds[2])
+            self._fds = (fds[0], fds[1], fds[2], fds[3])
         return self._fds
 
     def current(self) -> bool:
@@ -116,7 +121,7 @@ class SpliceMaps:
         """Put the proxy's two sockets of one connection in the target
         SOCKHASH with zeroed byte counts; returns their cookies.  On failure
         nothing of theirs is left in the maps."""
-        tfd, pfd, _ = self._open()
+        tfd, pfd, _, _ = self._open()
         ca, cb = socket_cookie(a), socket_cookie(b)
         done: list[tuple[int, int]] = []
         try:
@@ -137,24 +142,31 @@ class SpliceMaps:
     def arm(self, key: bytes, target: int, relayed: int) -> None:
         """Let the pod socket ``key`` send straight out of ``target`` once
         it has passed exactly ``relayed`` bytes to the proxy."""
-        _, _, afd = self._open()
+        _, _, afd, _ = self._open()
         bpfsys.map_update(afd, key, bytes(abi.MlSpliceArm(target, relayed)), bpfsys.BPF_ANY)
 
     def disarm(self, key: bytes) -> None:
         """Its later messages go to the proxy again (through TCP)."""
-        _, _, afd = self._open()
+        _, _, afd, _ = self._open()
         bpfsys.map_delete(afd, key)
+
+    def unfile(self, key: bytes) -> bool:
+        """Take the pod socket ``key`` out of ml_splice: the proxy will never
+        splice its connection.  Out of every sockmap, the socket drops its
+        psock and gets the plain TCP operations back (its sendmsg no longer
+        runs the sk_msg program).  False: it was not filed."""
+        return bpfsys.map_delete(self._open()[3], key)
 
     def redirected(self, target: int) -> int:
         """Bytes the kernel sent out of ``target`` straight from a pod so far."""
-        _, pfd, _ = self._open()
+        _, pfd, _, _ = self._open()
         raw = bpfsys.map_lookup(pfd, _U64.pack(target), _PEER_SIZE)
         return 0 if raw is None else abi.MlSplicePeer.from_buffer_copy(raw).bytes
 
     def remove(self, target: int) -> int:
         """Take a target socket out of the maps; returns its final count.
         (Closing the socket also drops it from the SOCKHASH.)"""
-        tfd, pfd, _ = self._open()
+        tfd, pfd, _, _ = self._open()
         n = self.redirected(target)
         bpfsys.map_delete(tfd, _U64.pack(target))
         bpfsys.map_delete(pfd, _U64.pack(target))

@@ -222,6 +222,8 @@ class Outbound:
             ):
                 client.reset()  # same node: the kernel's cgroup record is the source identity
                 return
+        if conn.ready is None and not (isinstance(decision, Local) and http_data is None):
+            self._unfile(state, client)  # another node, passthrough or L7: never spliced
         if isinstance(decision, Local):  # this proxy is both ends' proxy
             self.accounting.opened(conn, state, src, decision.pod, ("source", "destination"), m.UNKNOWN)
         elif isinstance(decision, Tunnel):
@@ -356,6 +358,14 @@ class Outbound:
                     # this side's decoder decodes responses only
                     return out.message, out.leftover  # type: ignore[return-value]
 
+    def _unfile(self, state: ProxyState, client: Any) -> None:
+        """The splice's sock_ops filed the client pod's socket (it cannot know
+        where the connection goes); this one will not be spliced."""
+        if self.splicer is not None and state.splice:
+            tr = client.transport
+            if tr is not None:
+                self.splicer.unfile(tr.get_extra_info("peername"), tr.get_extra_info("sockname"))
+
     async def _to_service(self, conn: Conn, state: ProxyState, r: ServiceRoute, peer: Any) -> None:
         """A connection to a service VIP.  HTTP (appProtocol http, or sniffed
         when it is not declared and ``proxy.l7`` is on): an L7 session that
@@ -393,6 +403,7 @@ class Outbound:
             sniffed, data = await self.destination.sniff(client)
             proto = sniffed or proto
         if proto is not None:
+            self._unfile(state, client)  # an L7 session: never spliced
             conn.labels = []  # its legs carry the TCP metrics, one per endpoint connection
             box: dict[str, Any] = {"state": state, "route": r}
             vip_ip, vip_port = r.vip

@@ -43,6 +43,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
+from agent.datapath.abi import flow_key
 from agent.datapath.splicemap import pod_key
 
 if TYPE_CHECKING:
@@ -209,6 +210,17 @@ class Splicer:
         self.counters["spliced"] += 1
         sp.relayed(relay.a)
         sp.relayed(relay.b)
+
+    def unfile(self, peer: tuple, local: tuple) -> None:
+        """The outbound connection the proxy accepted as ``peer`` -> ``local``
+        will not be spliced (another node, L7, passthrough): take the pod's
+        socket out of the splice SOCKHASH, so that its sends take the plain
+        TCP path again instead of running the sk_msg program for nothing
+        for the connection's whole life."""
+        try:
+            self.maps.unfile(bytes(flow_key(peer, local)))
+        except OSError as e:
+            self.failed(e)
 
     def failed(self, e: OSError) -> None:
         self.counters["splice_failed"] += 1

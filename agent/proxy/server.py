@@ -473,9 +473,13 @@ class ProxyServer:
             log.info("path parameters: %s", new.path_parameters)
         self.outbound.state_changed(new)
         sp = self.outbound.splicer
-        if new.splice and self.ready and (sp is None or not sp.maps.current()):
-            # proxy.splice turned on (the agent pinned the maps before publishing
-            # the state); connections spliced before keep the maps they use.
+        if sp is not None and (not new.splice or not sp.maps.current()):
+            # proxy.splice off, or maps replaced: connections spliced before keep
+            # the maps they use, which close when the last of them ends.
+            sp.retire()
+            self.outbound.splicer = sp = None
+        if new.splice and self.ready and sp is None:
+            # proxy.splice turned on (the agent pinned the maps before publishing the state)
             self.outbound.splicer = self._open_splicer(new.pin_dir)
         if len(self.policies.current):  # labels may have changed
             self._recheck("pod labels may have changed")

@@ -180,6 +180,7 @@ class Spliced:
         self.final = (counts[0], counts[1])
         for t in self._tasks:
             t.cancel()
+        self.splicer.released()
 
 
 class Splicer:
@@ -189,6 +190,8 @@ class Splicer:
         self.maps = maps  # agent.datapath.splicemap.SpliceMaps
         self.counters = counters
         self._warned = False
+        self._live = 0  # Spliced relays not yet released (they use self.maps)
+        self._retired = False
 
     def splice(self, relay: Relay) -> None:
         """Let ``relay``'s pods send past it from now on (each side as soon
@@ -207,6 +210,7 @@ class Splicer:
             self.failed(e)
             return
         sp = relay.splice = Spliced(self, relay, cookies, keys)
+        self._live += 1
         self.counters["spliced"] += 1
         sp.relayed(relay.a)
         sp.relayed(relay.b)
@@ -227,6 +231,18 @@ class Splicer:
         if not self._warned:
             self._warned = True
             log.warning("same-node splice failed (%s): relaying in userspace", e)
+
+    def released(self) -> None:
+        self._live -= 1
+        if self._retired and self._live == 0:
+            self.maps.close()
+
+    def retire(self) -> None:
+        """No new connections (proxy.splice off, or the agent pinned new
+        maps): close the maps once the last relay spliced with them ends."""
+        self._retired = True
+        if self._live == 0:
+            self.maps.close()
 
     def close(self) -> None:
         self.maps.close()

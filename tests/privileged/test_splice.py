@@ -233,7 +233,14 @@ def test_policy_change_resets_both_pods_of_a_spliced_connection(mesh, tmp_path, 
     assert closes, "the proxy logged no policy close"
 
 
-def test_splice_off_keeps_the_userspace_relay(mesh):
+def worker_fds(mesh) -> dict[int, int]:
+    return {w["pid"]: len(os.listdir(f"/proc/{w['pid']}/fd")) for w in mesh.status("node1")["proxy"]}
+
+
+def test_splice_off_keeps_the_userspace_relay_and_the_toggle_leaks_no_fd(mesh):
+    # (earlier tests' spliced connections have all ended: the workers hold
+    # one set of map fds, which the toggle closes and opens again)
+    fds = worker_fds(mesh)
     mesh.reconfigure(splice=False)
     try:
         assert not os.path.exists(os.path.join(mesh.agents["node1"].pin_dir, abi.SPLICE_DIR))
@@ -245,3 +252,4 @@ def test_splice_off_keeps_the_userspace_relay(mesh):
         assert mesh.counters("node1")["splice_redirected"] == kbefore["splice_redirected"]
     finally:
         mesh.reconfigure(splice=True)
+    assert worker_fds(mesh) == fds  # the same workers (adopted), nothing leaked

@@ -181,16 +181,26 @@ def attachments(mesh, node: str) -> dict[int, list[int]]:
         os.close(fd)
 
 
-def expected_attachments() -> dict[int, int]:
+def node_hooks(mesh, node: str = "node1") -> tuple:
+    """The cgroup hooks the node's datapath attaches: splice.c's sock_ops
+    too where the same-node splice is on (proxy.splice: auto, the default,
+    on a kernel that has it: its maps are pinned)."""
+    from agent.datapath import abi
+    from agent.datapath.loader import CGROUP_HOOKS, SPLICE_HOOK
+
+    spliced = os.path.isdir(os.path.join(mesh.agents[node].pin_dir, abi.SPLICE_DIR))
+    return CGROUP_HOOKS + ((SPLICE_HOOK,) if spliced else ())
+
+
+def expected_attachments(mesh) -> dict[int, int]:
     from collections import Counter
 
-    from agent.datapath.loader import CGROUP_HOOKS
-    return dict(Counter(h.attach_type for h in CGROUP_HOOKS))
+    return dict(Counter(h.attach_type for h in node_hooks(mesh)))
 
 
 def test_agent_sigkill_and_restart_keeps_traffic(mesh):
     before_att = attachments(mesh, "node1")
-    assert {t: len(ids) for t, ids in before_att.items()} == expected_attachments(), before_att
+    assert {t: len(ids) for t, ids in before_att.items()} == expected_attachments(mesh), before_att
     proxies = mesh.proxy_pids("node1")
     client = mesh.cluster.pod("pod1-1").popen(
         TOOLS + ["session", ip_of(mesh, "pod2-1"), "7001"], stdin=subprocess.PIPE,
@@ -315,13 +325,15 @@ def test_bpf_status_cli_reads_pins(mesh):
                                         "--pin-dir", ap.pin_dir, "-o", "json"], check=False)
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
-    from agent.datapath.loader import CGROUP_HOOKS
+    from agent.datapath import abi
 
-    hooks = tuple(h.name for h in CGROUP_HOOKS)
+    hooks = tuple(h.name for h in node_hooks(mesh))
     assert {"ml_connect4", "ml_connect6", "ml_sockops", "ml_getpeername4",
             "ml_getpeername6"} <= set(hooks)
     names = {p["name"] for p in st["programs"]}
-    assert set(hooks) | {"ml_tc_to_pod"} == names - {"ml_splice_verdict"}  # that one: where the kernel can
+    # splice.c's sk_msg program is no cgroup hook (attached to its SOCKHASH)
+    splice_msg = {abi.SPLICE_PROG} if abi.SPLICE_OPS in hooks else set()
+    assert set(hooks) | {"ml_tc_to_pod"} | splice_msg == names
     links = {li["name"]: li for li in st["links"]}
     assert all(links[f"cgroup-{n}"]["attached"] for n in hooks)
     # pod1-1, pod1-2 enrolled: strict mode's program on both veths, through

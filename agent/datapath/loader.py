@@ -183,7 +183,7 @@ class DatapathSpec:
     flow_tracking: bool = field(default_factory=_flow_tracking_default)
     max_l4_rules: int = 16384  # ml_l4_policy: connect-time L4 authorization entries
     tc_attach: str = field(default_factory=_tc_attach_default)  # auto | tcx | clsact
-    splice: bool = False  # splice.c + <pin dir>/splice/ (proxy.splice, and the kernel has sk_skb)
+    splice: bool = False  # splice.c + <pin dir>/splice/ (proxy.splice on, and the kernel has sk_msg)
 
 
 @dataclass(frozen=True)

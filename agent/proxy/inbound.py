@@ -39,7 +39,7 @@ import time
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
 from agent.proxy.admission import Refusal, admit_tunnel, node_at
-from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed
+from agent.proxy.conn import Conn, ConnectFailure, Deadline, Live, fmt_addr, relayed
 from agent.proxy.destination import Destination
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.muxglue import IDLE_TIMEOUT, MuxSession, StreamTransport
@@ -257,7 +257,7 @@ class Inbound:
             early = ep.take_buffered()
             out = decoder.feed(early) if early else None
             if not isinstance(out, tunnel.Decoded):
-                async with asyncio.timeout(header_timeout):
+                async with Deadline(self.live.running_loop(), header_timeout):
                     while True:
                         data = await ep.receive()
                         if not data:

@@ -1,6 +1,6 @@
 """A/B of new connections cross-node (agent.sim.tools connrate: sequential
 connect, 1-byte echo, close; pod1-1 -> pod2-1, one worker per node), rounds
-alternated, with each proxy worker's CPU microseconds per connection (utime +
+alternated (A B, then B A), with each proxy worker's CPU microseconds per connection (utime +
 stime from /proc/<pid>/stat) beside the connections per second.  Root only.
 
     sudo .venv/bin/python scripts/conn_ab.py --seconds 5 --rounds 4 \\
@@ -23,10 +23,12 @@ import sys
 import time
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``."""
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(parts[11]) / tck, int(parts[12]) / tck
 
 
 def serve(root: str) -> None:
@@ -99,10 +101,11 @@ def serve(root: str) -> None:
                 print(json.dumps({"error": (r.stderr or r.stdout)[-300:]}), flush=True)
                 continue
             out = {"per_second": res["per_second"], "errors": res["errors"]}
+            per = 1e6 / max(res["connections"], 1)
             for n in pids:
-                out[f"cpu_us_per_conn_{n}"] = round(
-                    (after[n] - before[n]) / max(res["connections"], 1) * 1e6, 1
-                )
+                user, system = (after[n][k] - before[n][k] for k in (0, 1))
+                out[f"cpu_us_per_conn_{n}"] = round((user + system) * per, 1)
+                out[f"user_us_{n}"] = round(user * per, 1)
             print(json.dumps(out), flush=True)
         srv.terminate()
         srv.wait(timeout=10)
@@ -135,7 +138,8 @@ def main() -> None:
         for label, p in procs.items():
             print(label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
         for r in range(a.rounds):
-            for i, (label, p) in enumerate(procs.items()):
+            order = list(procs.items())
+            for i, (label, p) in enumerate(order if r % 2 == 0 else order[::-1]):  # A B, B A, ...
                 spy = f" {os.path.abspath(a.spy)}" if a.spy and r == 0 and i == 0 else ""
                 p.stdin.write(f"run {a.seconds}{spy}\n")  # type: ignore[union-attr]
                 p.stdin.flush()  # type: ignore[union-attr]

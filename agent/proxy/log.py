@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -270,11 +271,15 @@ class AccessLog:
     Lines are buffered.  Without a timer (:meth:`flush_after`), connection
     lines are flushed as they are written and request lines with the next
     connection line, when the buffer fills, or by the server's
-    :meth:`flush`.  With one (the proxy server's loop), every line is on
-    disk at most ``FLUSH_DELAY`` seconds after it was written, in one
-    write(2) for all the lines of that interval: a write(2) per line was one
-    of the four per new connection of a proxy worker.  :meth:`close` (a
-    clean stop, the SIGTERM drain) writes out what is buffered.  A failing
+    :meth:`flush`.  With one (the proxy server's loop), at most one write(2)
+    per ``FLUSH_DELAY`` seconds: a connection line is written at once when
+    the last write was longer ago than that, else it waits with the lines
+    after it for a timer at most ``FLUSH_DELAY`` after that write (request
+    lines always wait for it).  So a line is on disk within ``FLUSH_DELAY``,
+    an idle worker writes each line as before, and a busy one writes the
+    lines of many connections at once (strace -c: one of the four write(2)
+    per new connection of a worker was its access-log line).  :meth:`close`
+    (a clean stop, the SIGTERM drain) writes out what is buffered.  A failing
     disk logs one error and disables the access log rather than breaking
     connections.
     """
@@ -286,11 +291,12 @@ class AccessLog:
         self._dirty = False
         self._call_later: Callable[[float, Callable[[], None]], object] | None = None
         self._timer = False  # a flush is scheduled (never cancelled: it finds nothing to do)
+        self._written_at = -FLUSH_DELAY  # time.monotonic() of the last write(2) (with a timer)
 
     def flush_after(self, call_later: Callable[[float, Callable[[], None]], object] | None) -> None:
-        """Flush buffered lines ``FLUSH_DELAY`` after the first of them with
-        ``call_later`` (``loop.call_later``); None: connection lines are
-        flushed as they are written."""
+        """Write buffered lines out at most every ``FLUSH_DELAY`` seconds,
+        with ``call_later`` (``loop.call_later``) for the lines that wait;
+        None: connection lines are flushed as they are written."""
         self._call_later = call_later
         self._timer = False
 
@@ -300,15 +306,24 @@ class AccessLog:
             try:
                 self._f.flush()
                 self._dirty = False
+                self._written_at = time.monotonic()
             except (OSError, ValueError) as e:
                 self._failed(e)
 
-    def _buffered(self) -> None:
-        """A line went into the buffer: make sure a flush is scheduled."""
+    def _buffered(self, line_done: bool) -> None:
+        """A line went into the buffer: write it out now (``line_done``: a
+        connection line, and no write(2) within ``FLUSH_DELAY``) or make
+        sure a timer will."""
         self._dirty = True
-        if not self._timer and self._call_later is not None:
-            self._timer = True
-            self._call_later(FLUSH_DELAY, self._flush_due)
+        call_later = self._call_later
+        if call_later is None or self._timer:
+            return
+        wait = self._written_at + FLUSH_DELAY - time.monotonic()
+        if line_done and wait <= 0:
+            self._flush_due()
+            return
+        self._timer = True
+        call_later(max(wait, 0.0), self._flush_due)
 
     def reopen(self, path: str | None) -> None:
         """Switch to ``path`` (None: off).  A path that cannot be opened
@@ -412,7 +427,7 @@ class AccessLog:
             return
         try:
             self._f.write(line + "\n")
-            self._buffered()
+            self._buffered(False)
         except (OSError, ValueError) as e:
             self._failed(e)
 
@@ -425,7 +440,7 @@ class AccessLog:
                 self._f.flush()
                 self._dirty = False
             else:
-                self._buffered()
+                self._buffered(flush)
         except (OSError, ValueError) as e:
             self._failed(e)
 

@@ -19,37 +19,52 @@ def _lines(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_timer_writes_the_lines_of_its_interval(tmp_path):
+def test_an_idle_log_writes_at_once_a_busy_one_by_its_timer(tmp_path, monkeypatch):
+    monkeypatch.setattr(access_log, "FLUSH_DELAY", 0.5)  # far longer than three writes take
     path = tmp_path / "access.log"
 
     async def main():
         log = AccessLog(str(path))
         log.flush_after(asyncio.get_running_loop().call_later)
-        for i in range(3):
-            log.write({"n": i})
-        on_disk_at_once = _lines(path)
+        log.write({"n": 0})  # no write(2) for a while: written at once, as without a timer
+        first = _lines(path)
+        log.write({"n": 1})
+        log.write({"n": 2})
+        held = _lines(path)  # within FLUSH_DELAY of the last write(2): they wait for the timer
         await until(lambda: len(_lines(path)) == 3, timeout=10)
-        log.write({"n": 3})  # a new interval, a new timer
-        await until(lambda: len(_lines(path)) == 4, timeout=10)
         log.close()
-        return on_disk_at_once
+        return first, held
 
-    assert run(main()) == []  # buffered, not one write(2) per line
-    assert _lines(path) == [{"n": i} for i in range(4)]
+    first, held = run(main())
+    assert first == [{"n": 0}] and held == [{"n": 0}]
+    assert _lines(path) == [{"n": i} for i in range(3)]
 
 
 def test_close_writes_the_buffered_lines(tmp_path):
     path = tmp_path / "access.log"
-    timers = []  # a scheduler whose timers never fire: only close() can write
+    timers = []  # a scheduler whose timers never fire: only close() can write what waits
     log = AccessLog(str(path))
     log.flush_after(lambda delay, fn: timers.append(fn))
     log.write({"n": 1})
     log.write({"n": 2})
-    assert len(timers) == 1 and _lines(path) == []
+    log.write({"n": 3})
+    assert len(timers) == 1 and _lines(path) == [{"n": 1}]
     log.close()
-    assert _lines(path) == [{"n": 1}, {"n": 2}]
+    assert _lines(path) == [{"n": 1}, {"n": 2}, {"n": 3}]
     timers[0]()  # the timer firing after the close finds nothing to do
-    assert _lines(path) == [{"n": 1}, {"n": 2}]
+    assert _lines(path) == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_request_lines_wait_for_the_timer(tmp_path):
+    path = tmp_path / "access.log"
+    timers = []
+    log = AccessLog(str(path))
+    log.flush_after(lambda delay, fn: timers.append((delay, fn)))
+    log.write({"kind": "request"}, flush=False)
+    assert _lines(path) == [] and len(timers) == 1 and timers[0][0] == 0.0  # no write(2) yet: due now
+    timers[0][1]()
+    assert _lines(path) == [{"kind": "request"}]
+    log.close()
 
 
 def test_without_a_timer_connection_lines_are_flushed_as_written(tmp_path):
@@ -72,6 +87,7 @@ def test_sigterm_drain_writes_the_buffered_connection_line(tmp_path, monkeypatch
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         try:
             async with Cluster(tmp_path) as c:
+                c.servers[0].inputs.access.write({"busy": True})  # a write(2) just now: the next line waits
                 r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
                 assert await exchange(r, w, b"to-web") == b"to-web|bye from 127.0.0.5"
                 await until(lambda: c.servers[0].accounting.finished == 1)
@@ -84,5 +100,5 @@ def test_sigterm_drain_writes_the_buffered_connection_line(tmp_path, monkeypatch
             loop.remove_signal_handler(signal.SIGTERM)
 
     before, after = run(main())
-    assert before == []
-    assert [(e["route"], e["result"], e["dst_pod"]) for e in after] == [("local", "ok", "default/web-1")]
+    assert before == [{"busy": True}]
+    assert [(e["route"], e["result"], e["dst_pod"]) for e in after[1:]] == [("local", "ok", "default/web-1")]

@@ -68,6 +68,22 @@ def family_of(ip: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
 
 
+_TS_CACHE: list = [0, ""]  # (whole second, its ISO-8601 text) for utc_ms
+
+
+def utc_ms() -> str:
+    """Now as ``2026-01-02T03:04:05.678+00:00`` (the access log's ``ts``,
+    the text of ``datetime.now(UTC).isoformat(timespec="milliseconds")``),
+    the seconds part formatted once per second: this runs for every
+    connection and request."""
+    now = time.time()
+    sec = int(now)
+    if sec != _TS_CACHE[0]:
+        _TS_CACHE[0] = sec
+        _TS_CACHE[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
+
+
 def peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -> m.Peer:
     if pod is None:
         return m.Peer(principal=principal or m.UNKNOWN)
@@ -204,7 +220,7 @@ class Conn:
 
     def record(self, worker: int) -> dict[str, Any]:
         return {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "ts": utc_ms(),
             "worker": worker,
             "direction": self.direction,
             "route": self.route,

@@ -53,3 +53,43 @@ def test_label_sets_are_made_once_per_pair_of_ends(tmp_path):
     by_labels = {tuple(lb): (opened, closed) for lb, opened, closed, _, _ in rows}
     for lb in cached[0]:
         assert by_labels[lb] == (3, 3)
+
+
+def test_label_sets_follow_a_new_state_snapshot(tmp_path):
+    """A reload that relabels a pod (its ``app``) must show in the metrics of
+    the next connection: the cache may not keep the old snapshot's labels."""
+    import json
+    import os
+
+    def relabel(c, app: str) -> None:
+        p = tmp_path / "node1" / "state.json"
+        doc = json.loads(p.read_text())
+        doc["generation"] += 1
+        for pod in doc["pods"]:
+            if pod["name"] == "web-1":
+                pod["labels"] = {"app": app}
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, p)
+        assert c.servers[0].watcher.check()
+
+    async def one(c):
+        r, w = await c.connect(FlowOrigin(V4, "127.0.0.5", c.port("127.0.0.5"), 1001))
+        assert await exchange(r, w, b"x") == b"x|bye from 127.0.0.5"
+
+    async def main():
+        async with Cluster(tmp_path, labels={"web-1": {"app": "before"}}) as c:
+            await one(c)
+            await until(lambda: c.servers[0].accounting.finished == 1)
+            relabel(c, "after")
+            await one(c)
+            await until(lambda: c.servers[0].accounting.finished == 2)
+            return c.servers[0].inputs.metrics.snapshot()["tcp"]
+
+    rows = run(main())
+    apps = {}
+    for lb, opened, _closed, _, _ in rows:
+        d = dict(zip(m.LABELS, lb))
+        if d["destination_workload"] == "web-1" or d.get("destination_app") in ("before", "after"):
+            apps[d["destination_app"]] = apps.get(d["destination_app"], 0) + opened
+    assert apps == {"before": 2, "after": 2}, rows  # one connection each, two reporters

@@ -56,6 +56,7 @@ __all__ = ["Inbound", "REFUSE_LINGER"]
 log = logging.getLogger("meshlet.proxy")
 
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+_OK_RESPONSE = tunnel.encode_response(tunnel.TunnelResponse(Status.OK))  # the same bytes for every stream
 # TLS handshakes in progress from one source address before more are shed:
 # a flood from one node address must not hold the worker's memory.
 MAX_HANDSHAKES_PER_SOURCE = 512
@@ -339,7 +340,7 @@ class Inbound:
                 except ConnectFailure as f:
                     await self.refuse(conn, f.status, f.reason, result=f.result)
                     return
-            ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+            ep.write(_OK_RESPONSE)
             await dest.serve(proto or "", conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
             return
         try:
@@ -350,7 +351,7 @@ class Inbound:
         conn.upstream = upstream
         self.upstream.link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
-        ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+        ep.write(_OK_RESPONSE)
         ep.unread(leftover)
         relay.start()
         await relayed(conn, relay)

@@ -85,8 +85,11 @@ def first_then(sock: socket.socket, open_socket: Any) -> Any:
     return opener
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int]) -> None:
-    """Connect the non-blocking ``sock`` to the numeric ``addr`` on the loop.
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int], timeout: float
+) -> None:
+    """Connect the non-blocking ``sock`` to the numeric ``addr`` on the loop
+    within ``timeout`` seconds (else TimeoutError).
 
     Not ``loop.sock_connect``: uvloop's resolves every address with
     getaddrinfo in libuv's thread pool first, even a numeric one, which cost
@@ -107,12 +110,16 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
+    # Only a connect still in progress arms a timer (not asyncio.timeout around
+    # the whole call): the usual connect to a pod of this node needs none.
     fd = sock.fileno()
     done = loop.create_future()
     loop.add_writer(fd, _wake, done)
+    timer = loop.call_later(timeout, _expire, done)
     try:
         await done
     finally:
+        timer.cancel()
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
@@ -122,6 +129,11 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class Upstream:
@@ -297,8 +309,7 @@ class Upstream:
             sock.setblocking(False)
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(state.connect_timeout):
-                await _connect(loop, sock, addr)
+            await _connect(loop, sock, addr, state.connect_timeout)
             return sock
         except TimeoutError:
             sock.close()

@@ -207,6 +207,7 @@ class Inbound:
             "local_serial": svid.serial if svid is not None else None,
             "bundle": certs.bundle_fingerprint,
             "peer_not_after": chain_not_after(tls),
+            "peername": conn.src_addr,  # the TCP peer (a node) of every stream: no getpeername(2) each
         }
         self.sessions.add(session)
         session.attach(conn.client)
@@ -216,7 +217,7 @@ class Inbound:
     def _on_stream(self, session: MuxSession, st: StreamTransport, ep: Endpoint) -> None:
         tls = session.tls
         conn = Conn("inbound", ep, route="local", seq=self.accounting.next_seq())
-        conn.src_addr = session.extra("peername")
+        conn.src_addr = session.meta.get("peername") or session.extra("peername")
         if self.live.stopping:
             session.drain("proxy shutting down")
         if time.time() >= session.meta.get("peer_not_after", 0.0):

@@ -169,7 +169,8 @@ class Accounting:
         access = inp.access
         if access.path is None:
             return
-        if sampled(conn.sample_key(), state.access_log.sampling):
+        rate = state.access_log.sampling
+        if rate >= 1.0 or sampled(conn.sample_key(), rate):  # (the key only when it matters)
             access.write(conn.record(inp.worker_id))
         else:
             self.counters["access_log_skipped"] += 1

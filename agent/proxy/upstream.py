@@ -230,7 +230,6 @@ class Upstream:
         if not state.tunnel_mux or pool.is_legacy(peer):
             return await self.connect_tls(addr, state, node=node, src=src, dst=dst), False
         key = (node, addr, src, dst)
-        loop = asyncio.get_running_loop()
 
         def fresh(s: MuxSession) -> str | None:
             svid = tls_ctx.certs.certificate(src)
@@ -254,7 +253,7 @@ class Upstream:
                 if not fut.cancelled() and fut.exception() is not None:
                     raise fut.exception()  # type: ignore[misc]  # the dial's ConnectFailure
                 continue
-            fut = pool.dialing[key] = loop.create_future()
+            fut = pool.dialing[key] = asyncio.get_running_loop().create_future()
             try:
                 ep = await self.connect_tls(addr, state, node=node, src=src, dst=dst)
                 if not self._pooled(ep, key, state, src):

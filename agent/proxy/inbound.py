@@ -57,6 +57,10 @@ log = logging.getLogger("meshlet.proxy")
 
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
 _OK_RESPONSE = tunnel.encode_response(tunnel.TunnelResponse(Status.OK))  # the same bytes for every stream
+# How long a stream's OK reply may wait for the pod's first bytes to share their
+# send (StreamTransport.hold); far below the source's wait for it (connect_timeout
+# + header_timeout), and nothing waits on it while the pod is silent.
+REPLY_HOLD = 0.05
 # TLS handshakes in progress from one source address before more are shed:
 # a flood from one node address must not hold the worker's memory.
 MAX_HANDSHAKES_PER_SOURCE = 512
@@ -352,7 +356,14 @@ class Inbound:
         conn.upstream = upstream
         self.upstream.link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
-        ep.write(_OK_RESPONSE)
+        tr = ep.transport
+        if type(tr) is StreamTransport:
+            # The pod is connected: the reply rides with its first bytes (or FIN,
+            # or reset), else goes alone after REPLY_HOLD; the source forwards
+            # its client's bytes meanwhile and waits for it only to relay back.
+            tr.hold(_OK_RESPONSE, REPLY_HOLD)
+        else:
+            ep.write(_OK_RESPONSE)
         ep.unread(leftover)
         relay.start()
         await relayed(conn, relay)

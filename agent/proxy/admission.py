@@ -29,6 +29,8 @@ carries what every consumer of it needs, with the same strings the metrics
     the authorization policies, per connection (``policy``, 403).  A
     connection the L7 session will serve is let through whatever its TCP
     decision: each of its requests is decided on its own (``l7authz``).
+    ``ConnectionDecisions`` remembers its answers per policy set, so the
+    connections of one pair of pods are decided once (issue #13).
 
 The happy path allocates nothing new: ``admit_tunnel`` returns the
 destination ``Pod``, ``authorize_connection`` the policy ``Decision``.
@@ -45,7 +47,15 @@ from agent.proxy.authz import authorize
 from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.tunnel import Status, TunnelRequest
 
-__all__ = ["Refusal", "admit_tunnel", "check_key_scope", "node_at", "authorize_connection", "decided_by"]
+__all__ = [
+    "ConnectionDecisions",
+    "Refusal",
+    "admit_tunnel",
+    "check_key_scope",
+    "node_at",
+    "authorize_connection",
+    "decided_by",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,3 +216,54 @@ def decided_by(d: Any) -> str:
     if d.policy is None:
         return "no ALLOW policy match"
     return f"policy {d.policy} rule {d.rule}"
+
+
+DECISION_MEMO_SIZE = 4096  # connection decisions kept per policy set (ConnectionDecisions)
+
+
+class ConnectionDecisions:
+    """``authorize_connection`` with a memo: the decision is a pure function
+    of the policy set, the source identity and address, the destination pod
+    (its namespace and labels) and the port, so it is made once per such
+    tuple instead of per connection.
+
+    The memo belongs to one policy set (by identity, the set is immutable):
+    a reload brings a new set, which empties it.  A pod is keyed by its
+    object (a new state snapshot brings new ``Pod`` objects, so relabelled
+    pods miss); an entry keeps its pod, so the ``id`` in its key stays that
+    pod's.  Bounded: emptied when it holds ``DECISION_MEMO_SIZE`` entries."""
+
+    __slots__ = ("_policies", "_memo", "hits", "misses")
+
+    def __init__(self) -> None:
+        self._policies: PolicySet | None = None
+        self._memo: dict[tuple[Any, ...], tuple[Pod, Decision | Refusal]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def decide(
+        self,
+        policies: PolicySet,
+        identity: str | None,
+        src_ip: str | None,
+        pod: Pod,
+        port: int,
+        *,
+        http: bool = False,
+    ) -> Decision | Refusal:
+        """What ``authorize_connection`` answers for these arguments."""
+        memo = self._memo
+        if policies is not self._policies:
+            memo.clear()
+            self._policies = policies
+        key = (identity, src_ip, id(pod), port, http)
+        hit = memo.get(key)
+        if hit is not None and hit[0] is pod:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        got = authorize_connection(policies, identity, src_ip, pod, port, http=http)
+        if len(memo) >= DECISION_MEMO_SIZE:
+            memo.clear()
+        memo[key] = (pod, got)
+        return got

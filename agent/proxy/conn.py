@@ -35,6 +35,7 @@ from agent.proxy.tunnel import Status
 __all__ = [
     "Conn",
     "ConnectFailure",
+    "Deadline",
     "Live",
     "STATUS_RESULT",
     "family_of",
@@ -65,6 +66,22 @@ def norm_addr(addr: Any) -> str | None:
 @functools.lru_cache(maxsize=1024)  # per new connection, for the same few addresses
 def family_of(ip: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+
+
+_TS_CACHE: list = [0, ""]  # (whole second, its ISO-8601 text) for utc_ms
+
+
+def utc_ms() -> str:
+    """Now as ``2026-01-02T03:04:05.678+00:00`` (the access log's ``ts``,
+    the text of ``datetime.now(UTC).isoformat(timespec="milliseconds")``),
+    the seconds part formatted once per second: this runs for every
+    connection and request."""
+    now = time.time()
+    sec = int(now)
+    if sec != _TS_CACHE[0]:
+        _TS_CACHE[0] = sec
+        _TS_CACHE[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
 
 
 def peer_of(state: ProxyState, pod: Pod | None, principal: str | None = None) -> m.Peer:
@@ -203,7 +220,7 @@ class Conn:
 
     def record(self, worker: int) -> dict[str, Any]:
         return {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "ts": utc_ms(),
             "worker": worker,
             "direction": self.direction,
             "route": self.route,
@@ -258,6 +275,47 @@ def set_ready(conn: Conn) -> None:
         conn.ready.set_result(None)
 
 
+class Deadline:
+    """``async with Deadline(loop, seconds):`` is ``async with
+    asyncio.timeout(seconds):`` for the current task of ``loop`` (TimeoutError
+    when the time is up, a cancellation from elsewhere passes through), with
+    the loop given instead of looked up: CPython 3.11's C
+    ``get_running_loop`` checks the process id with a getpid(2) on every
+    call, and ``asyncio.timeout`` calls it three times (strace -c of a worker
+    under connrate: about 9 getpid(2) per new connection)."""
+
+    __slots__ = ("_loop", "_delay", "_task", "_handle", "_cancelling", "_expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
+        self._loop = loop
+        self._delay = delay
+        self._handle: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def __aenter__(self) -> Deadline:
+        task = asyncio.current_task(self._loop)
+        if task is None:
+            raise RuntimeError("Deadline must be used inside a task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._handle = self._loop.call_later(self._delay, self._expire)
+        return self
+
+    def _expire(self) -> None:
+        self._expired = True
+        self._handle = None
+        self._task.cancel()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
+
+
 class Live:
     """The live connections of one worker: task → record.
 
@@ -279,6 +337,12 @@ class Live:
         self._overload_logged = 0.0
         self.overloads = 0  # connections reset for want of file descriptors
         self.fd_cap = nofile_limit() - self.FD_RESERVE  # see no_fd_to_spare()
+        # the worker's loop, set when its server starts (running_loop() without a getpid(2), see Deadline)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop: the one its server started on, else the running one."""
+        return self.loop if self.loop is not None else asyncio.get_running_loop()
 
     def no_fd_to_spare(self, transport: Any) -> bool:
         """True when a just-accepted socket's descriptor is within
@@ -320,7 +384,7 @@ class Live:
 
     def spawn(self, handler: Any, conn: Conn) -> None:
         """Run ``handler(conn)`` as a task of this worker."""
-        task = asyncio.get_running_loop().create_task(self.guard(handler, conn))
+        task = self.running_loop().create_task(self.guard(handler, conn))
         self.tasks[task] = conn
         task.add_done_callback(self.tasks.pop)
 

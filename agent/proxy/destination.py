@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from agent.policy.evaluate import workload_index
-from agent.proxy.admission import Refusal, authorize_connection, decided_by
+from agent.proxy.admission import ConnectionDecisions, Refusal, decided_by
 from agent.proxy.authz import authorize
 from agent.proxy.conn import Conn, fmt_addr
 from agent.proxy.inputs import ProxyInputs
@@ -142,6 +142,7 @@ class Destination:
         self.h2_pool: H2Pool | None = None  # HTTP/2: this worker's connections to its pods
         self._pod_clusters: dict[tuple, Cluster] = {}
         self._l7_need: dict[tuple, bool] = {}  # proxy.l7 auto: (policy version, pod) -> L7?
+        self.decisions = ConnectionDecisions()  # connection policy decisions, per policy set
 
     def close(self) -> None:
         if self.h2_pool is not None:
@@ -160,7 +161,7 @@ class Destination:
         decides every request (``l7authz``); the connection itself is then
         let through even if its TCP decision is a deny."""
         policies = self.inputs.policies
-        got = authorize_connection(policies.current, identity, src_ip, pod, port, http=http)
+        got = self.decisions.decide(policies.current, identity, src_ip, pod, port, http=http)
         conn.authz = (identity, src_ip, pod.key, port)
         refusal: Refusal | None
         if isinstance(got, Refusal):

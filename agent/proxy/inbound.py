@@ -39,7 +39,7 @@ import time
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
 from agent.proxy.admission import Refusal, admit_tunnel, node_at
-from agent.proxy.conn import Conn, ConnectFailure, Live, fmt_addr, relayed
+from agent.proxy.conn import Conn, ConnectFailure, Deadline, Live, fmt_addr, relayed
 from agent.proxy.destination import Destination
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.muxglue import IDLE_TIMEOUT, MuxSession, StreamTransport
@@ -56,6 +56,11 @@ __all__ = ["Inbound", "REFUSE_LINGER"]
 log = logging.getLogger("meshlet.proxy")
 
 REFUSE_LINGER = 2.0  # how long an error response waits for the peer to go away
+_OK_RESPONSE = tunnel.encode_response(tunnel.TunnelResponse(Status.OK))  # the same bytes for every stream
+# How long a stream's OK reply may wait for the pod's first bytes to share their
+# send (StreamTransport.hold); far below the source's wait for it (connect_timeout
+# + header_timeout), and nothing waits on it while the pod is silent.
+REPLY_HOLD = 0.05
 # TLS handshakes in progress from one source address before more are shed:
 # a flood from one node address must not hold the worker's memory.
 MAX_HANDSHAKES_PER_SOURCE = 512
@@ -206,6 +211,7 @@ class Inbound:
             "local_serial": svid.serial if svid is not None else None,
             "bundle": certs.bundle_fingerprint,
             "peer_not_after": chain_not_after(tls),
+            "peername": conn.src_addr,  # the TCP peer (a node) of every stream: no getpeername(2) each
         }
         self.sessions.add(session)
         session.attach(conn.client)
@@ -215,7 +221,7 @@ class Inbound:
     def _on_stream(self, session: MuxSession, st: StreamTransport, ep: Endpoint) -> None:
         tls = session.tls
         conn = Conn("inbound", ep, route="local", seq=self.accounting.next_seq())
-        conn.src_addr = session.extra("peername")
+        conn.src_addr = session.meta.get("peername") or session.extra("peername")
         if self.live.stopping:
             session.drain("proxy shutting down")
         if time.time() >= session.meta.get("peer_not_after", 0.0):
@@ -257,7 +263,7 @@ class Inbound:
             early = ep.take_buffered()
             out = decoder.feed(early) if early else None
             if not isinstance(out, tunnel.Decoded):
-                async with asyncio.timeout(header_timeout):
+                async with Deadline(self.live.running_loop(), header_timeout):
                     while True:
                         data = await ep.receive()
                         if not data:
@@ -339,7 +345,7 @@ class Inbound:
                 except ConnectFailure as f:
                     await self.refuse(conn, f.status, f.reason, result=f.result)
                     return
-            ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+            ep.write(_OK_RESPONSE)
             await dest.serve(proto or "", conn, ep, leftover, (dst_ip, req.dst.port), state, first_sock=first)
             return
         try:
@@ -350,7 +356,14 @@ class Inbound:
         conn.upstream = upstream
         self.upstream.link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
-        ep.write(tunnel.encode_response(tunnel.TunnelResponse(Status.OK)))
+        tr = ep.transport
+        if type(tr) is StreamTransport:
+            # The pod is connected: the reply rides with its first bytes (or FIN,
+            # or reset), else goes alone after REPLY_HOLD; the source forwards
+            # its client's bytes meanwhile and waits for it only to relay back.
+            tr.hold(_OK_RESPONSE, REPLY_HOLD)
+        else:
+            ep.write(_OK_RESPONSE)
         ep.unread(leftover)
         relay.start()
         await relayed(conn, relay)

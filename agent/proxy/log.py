@@ -36,6 +36,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -266,11 +268,20 @@ def setup_logging(worker_id: int, level: int = logging.INFO) -> None:
 class AccessLog:
     """One JSON document per line, per finished connection. Path None: off.
 
-    Connection lines are flushed as they are written; request lines are
-    buffered (one write(2) per request halved L7 throughput) and flushed
-    with the next connection line, when the buffer fills, or by the
-    server's :meth:`flush` every half second.  A failing disk logs one error
-    and disables the access log rather than breaking connections.
+    Lines are buffered.  Without a timer (:meth:`flush_after`), connection
+    lines are flushed as they are written and request lines with the next
+    connection line, when the buffer fills, or by the server's
+    :meth:`flush`.  With one (the proxy server's loop), at most one write(2)
+    per ``FLUSH_DELAY`` seconds: a connection line is written at once when
+    the last write was longer ago than that, else it waits with the lines
+    after it for a timer at most ``FLUSH_DELAY`` after that write (request
+    lines always wait for it).  So a line is on disk within ``FLUSH_DELAY``,
+    an idle worker writes each line as before, and a busy one writes the
+    lines of many connections at once (strace -c: one of the four write(2)
+    per new connection of a worker was its access-log line).  :meth:`close`
+    (a clean stop, the SIGTERM drain) writes out what is buffered.  A failing
+    disk logs one error and disables the access log rather than breaking
+    connections.
     """
 
     def __init__(self, path: str | None) -> None:
@@ -278,6 +289,41 @@ class AccessLog:
         self._f = open_append(path, buffering=_BUFFER) if path else None
         self._ino = _inode(self._f)
         self._dirty = False
+        self._call_later: Callable[[float, Callable[[], None]], object] | None = None
+        self._timer = False  # a flush is scheduled (never cancelled: it finds nothing to do)
+        self._written_at = -FLUSH_DELAY  # time.monotonic() of the last write(2) (with a timer)
+
+    def flush_after(self, call_later: Callable[[float, Callable[[], None]], object] | None) -> None:
+        """Write buffered lines out at most every ``FLUSH_DELAY`` seconds,
+        with ``call_later`` (``loop.call_later``) for the lines that wait;
+        None: connection lines are flushed as they are written."""
+        self._call_later = call_later
+        self._timer = False
+
+    def _flush_due(self) -> None:
+        self._timer = False
+        if self._f is not None and self._dirty:
+            try:
+                self._f.flush()
+                self._dirty = False
+                self._written_at = time.monotonic()
+            except (OSError, ValueError) as e:
+                self._failed(e)
+
+    def _buffered(self, line_done: bool) -> None:
+        """A line went into the buffer: write it out now (``line_done``: a
+        connection line, and no write(2) within ``FLUSH_DELAY``) or make
+        sure a timer will."""
+        self._dirty = True
+        call_later = self._call_later
+        if call_later is None or self._timer:
+            return
+        wait = self._written_at + FLUSH_DELAY - time.monotonic()
+        if line_done and wait <= 0:
+            self._flush_due()
+            return
+        self._timer = True
+        call_later(max(wait, 0.0), self._flush_due)
 
     def reopen(self, path: str | None) -> None:
         """Switch to ``path`` (None: off).  A path that cannot be opened
@@ -381,7 +427,7 @@ class AccessLog:
             return
         try:
             self._f.write(line + "\n")
-            self._dirty = True
+            self._buffered(False)
         except (OSError, ValueError) as e:
             self._failed(e)
 
@@ -390,11 +436,11 @@ class AccessLog:
             return
         try:
             self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            if flush:
+            if flush and self._call_later is None:
                 self._f.flush()
                 self._dirty = False
             else:
-                self._dirty = True
+                self._buffered(flush)
         except (OSError, ValueError) as e:
             self._failed(e)
 
@@ -421,7 +467,8 @@ class AccessLog:
     def close(self) -> None:
         f, self._f = self._f, None
         self._ino = None
-        if f is not None:
+        self._dirty = False
+        if f is not None:  # closing writes out the buffered lines
             try:
                 f.close()
             except OSError:
@@ -429,6 +476,7 @@ class AccessLog:
 
 
 _BUFFER = 64 * 1024
+FLUSH_DELAY = 0.01  # seconds a line may wait in the buffer when a timer flushes (AccessLog.flush_after)
 
 
 def _inode(f: Any) -> tuple[int, int] | None:

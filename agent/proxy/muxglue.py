@@ -65,6 +65,29 @@ class StreamTransport(asyncio.Transport):
         self._local_done = False
         self._closing = False
         self._closed = False
+        self._held: bytes | None = None  # a reply waiting for the stream's next write (hold())
+        self._held_timer: asyncio.TimerHandle | None = None
+
+    def hold(self, data: bytes, delay: float) -> None:
+        """Send ``data`` (the tunnel's reply header) just ahead of this
+        stream's next write, FIN or reset, or after ``delay`` seconds if none
+        comes first.  The reply to a new stream and the pod's first answer
+        then share one flush (one TLS record and send on this side, one
+        read and decrypt on the peer's) instead of a send each (issue #13);
+        the order on the wire is the same."""
+        self._held = data
+        self._held_timer = asyncio.get_running_loop().call_later(delay, self.release)
+
+    def release(self) -> None:
+        """Send the held reply now (nothing if none is held)."""
+        data = self._held
+        if data is None:
+            return
+        self._held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self.write(data)
 
     # ---- asyncio.Transport
 
@@ -83,6 +106,8 @@ class StreamTransport(asyncio.Transport):
     def write(self, data: Any) -> None:
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
+        if self._held is not None:
+            self.release()
         s = self._session
         if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
             data = bytes(data)  # held below (pending, or views in the frames): must not change
@@ -109,6 +134,8 @@ class StreamTransport(asyncio.Transport):
     def write_eof(self) -> None:
         if self._local_done or self._eof_pending or self._closed:
             return
+        if self._held is not None:
+            self.release()
         if self._pending:
             self._eof_pending = True
             return
@@ -125,6 +152,8 @@ class StreamTransport(asyncio.Transport):
         on is then reset (like a TCP close with the peer still sending)."""
         if self._closing or self._closed:
             return
+        if self._held is not None:
+            self.release()
         self._closing = True
         if self._pending:
             self._eof_pending = True
@@ -142,6 +171,8 @@ class StreamTransport(asyncio.Transport):
     def abort(self) -> None:
         if self._closed:
             return
+        if self._held is not None and not self._closing:
+            self.release()  # the reply, then the reset: as if it had been sent at once
         self._session.core.reset_stream(self.sid, mux.ErrorCode.CANCEL, "reset")
         self._session.flush()
         self._lost(None)
@@ -269,6 +300,10 @@ class StreamTransport(asyncio.Transport):
         if self._closed:
             return
         self._closed = True
+        self._held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
         self._pending.clear()
         self._pending_size = 0
         self._rbuf.clear()

@@ -28,7 +28,6 @@ mesh; so does a missing certificate (fail closed).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import socket
@@ -41,6 +40,7 @@ from agent.proxy.conn import (
     STATUS_RESULT,
     Conn,
     ConnectFailure,
+    Deadline,
     Live,
     family_of,
     fmt_addr,
@@ -346,7 +346,7 @@ class Outbound:
 
     async def _read_response(self, upstream: Endpoint, timeout: float) -> tuple[tunnel.TunnelResponse, bytes]:
         decoder = tunnel.ResponseDecoder()
-        async with asyncio.timeout(timeout):
+        async with Deadline(self.live.running_loop(), timeout):
             while True:
                 data = await upstream.receive()
                 if not data:
@@ -553,7 +553,7 @@ class Outbound:
         d = endpoint_route(state, src, pod, target[1], ip=target[0])
         if isinstance(d, Reject):
             raise OSError(d.reason)
-        loop = asyncio.get_running_loop()
+        loop = self.live.running_loop()
         mine, theirs = socket.socketpair()
         try:
             mine.setblocking(False)

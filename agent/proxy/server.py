@@ -196,6 +196,8 @@ class ProxyServer:
 
                 self.upstream.linker = FlowLinker(state.pin_dir)
         loop = asyncio.get_running_loop()
+        self.inputs.access.flush_after(loop.call_later)  # one write(2) per FLUSH_DELAY, not per line
+        self.live.loop = loop
         try:
             await self._start_stats()  # answers ``ready: false`` until the listeners are up
             self._certs_task = loop.create_task(self.certs.run())

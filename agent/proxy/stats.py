@@ -17,11 +17,10 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from agent.proxy import telemetry as m
-from agent.proxy.conn import Conn, fmt_addr, peer_of
+from agent.proxy.conn import Conn, fmt_addr, peer_of, utc_ms
 from agent.proxy.inputs import ProxyInputs
 from agent.proxy.log import LineBase, sampled
 from agent.proxy.spans import SpanRecorder
@@ -31,19 +30,7 @@ from agent.traffic.upstream_cluster import Cluster
 __all__ = ["Accounting", "StatsProtocol", "cluster_stats", "stats_socket_path", "L7_LATENCY_SAMPLES"]
 
 L7_LATENCY_SAMPLES = 1024  # recent request latencies kept for stats()
-
-_TS_CACHE: list = [0, ""]  # (whole second, its ISO-8601 text) for _utc_ms
-
-
-def _utc_ms() -> str:
-    """Now as ``2026-01-02T03:04:05.678+00:00`` (the access log's ``ts``), the
-    seconds part formatted once per second: this runs for every request."""
-    now = time.time()
-    sec = int(now)
-    if sec != _TS_CACHE[0]:
-        _TS_CACHE[0] = sec
-        _TS_CACHE[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_TS_CACHE[1]}.{int((now - sec) * 1000):03d}+00:00"
+LABEL_CACHE_SIZE = 1024  # metric label sets kept per pair of connection ends (Accounting.opened)
 
 
 def stats_socket_path(state_path: str, worker_id: int) -> str:
@@ -114,6 +101,8 @@ class Accounting:
         }
         self.latencies: deque[float] = deque(maxlen=L7_LATENCY_SAMPLES)
         self.spans: SpanRecorder | None = None  # trace spans (server.py sets it when exporting)
+        self._labels: dict[tuple[Any, ...], tuple[Any, Any, list[tuple[str, ...]]]] = {}  # see opened()
+        self._labels_state: ProxyState | None = None  # the snapshot _labels were made from
 
     def next_seq(self) -> int:
         """A new per-worker connection number (the metrics' handle)."""
@@ -133,12 +122,33 @@ class Accounting:
         service_name: str,
     ) -> None:
         """Both ends are known: count the connection as opened."""
-        s = peer_of(state, src, conn.src_identity)
-        d = peer_of(state, dst, conn.dst_identity)
-        conn.labels = [
-            m.labels_for(r, s, d, conn.service or m.UNKNOWN, service_name, conn.mtls) for r in reporters
-        ]
-        self.inputs.metrics.opened(conn.seq, conn.labels)
+        # The label sets depend on the state snapshot (its identities), the two
+        # pods and these values only: made once per pair of ends, not per
+        # connection.  An entry keeps its pods, so the ids in its key stay theirs.
+        key = (
+            id(src),
+            id(dst),
+            conn.src_identity,
+            conn.dst_identity,
+            conn.service,
+            service_name,
+            conn.mtls,
+            reporters,
+        )
+        hit = self._labels.get(key) if self._labels_state is state else None
+        if hit is not None and hit[0] is src and hit[1] is dst:
+            labels = hit[2]
+        else:
+            if self._labels_state is not state or len(self._labels) >= LABEL_CACHE_SIZE:
+                self._labels.clear()
+                self._labels_state = state
+            s = peer_of(state, src, conn.src_identity)
+            d = peer_of(state, dst, conn.dst_identity)
+            svc = conn.service or m.UNKNOWN
+            labels = [m.labels_for(r, s, d, svc, service_name, conn.mtls) for r in reporters]
+            self._labels[key] = (src, dst, labels)
+        conn.labels = labels  # shared, never changed in place
+        self.inputs.metrics.opened(conn.seq, labels)
 
     def finish(self, conn: Conn) -> None:
         """The connection is over (or was refused): count it, close its
@@ -159,7 +169,8 @@ class Accounting:
         access = inp.access
         if access.path is None:
             return
-        if sampled(conn.sample_key(), state.access_log.sampling):
+        rate = state.access_log.sampling
+        if rate >= 1.0 or sampled(conn.sample_key(), rate):  # (the key only when it matters)
             access.write(conn.record(inp.worker_id))
         else:
             self.counters["access_log_skipped"] += 1
@@ -214,7 +225,7 @@ class Accounting:
             if base is None:  # the connection's part of every request line, made once
                 base = conn.log_base = LineBase(conn.record(inp.worker_id))
                 conn.log_key = conn.sample_key()
-            base["ts"] = _utc_ms()
+            base["ts"] = utc_ms()
             if not access.write_request(
                 base,
                 f"{conn.log_key}#{h['requests']}",

@@ -110,6 +110,7 @@ DENY_REASONS: tuple[str, ...] = (
 )
 
 _FLAGS = {"ok": "-", "refused": "UF", "timeout": "UF", "reset": "UC", "rejected": "DENY"}
+_FLAGS_AT = LABELS.index("response_flags")  # where with_result puts them
 
 
 def workload_of(name: str | None, app: str | None) -> str:
@@ -153,8 +154,13 @@ def labels_for(
 
 
 def with_result(labels: tuple[str, ...], result: str) -> tuple[str, ...]:
-    i = LABELS.index("response_flags")
-    return labels[:i] + (_FLAGS.get(result, "-"),) + labels[i + 1 :]
+    """``labels`` with the response flags of ``result`` (the same tuple
+    when they are already those: every connection that ends "ok")."""
+    flag = _FLAGS.get(result, "-")
+    i = _FLAGS_AT
+    if labels[i] == flag:
+        return labels
+    return labels[:i] + (flag,) + labels[i + 1 :]
 
 
 class _Series:
@@ -240,7 +246,7 @@ class TcpMetrics:
         t = self._live.pop(conn_id)
         for lb in t.labels:
             key = with_result(lb, result)
-            if key != lb:  # the failure shows in response_flags of the close
+            if key is not lb:  # the failure shows in response_flags of the close
                 s = self._get(key)
                 if s is None:
                     continue

@@ -24,6 +24,7 @@ answer with (like h11's error status hints).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -169,21 +170,38 @@ def _tlv(t: int, value: bytes) -> bytes:
 def _encode_address(addr: Address) -> bytes:
     if not 0 <= addr.port <= 0xFFFF:
         raise TunnelError(f"port out of range: {addr.port}", Status.INTERNAL)
-    try:
-        ip = ipaddress.ip_address(addr.ip)
-    except ValueError as e:
-        raise TunnelError(f"not an IP address: {addr.ip!r}", Status.INTERNAL) from e
-    if isinstance(ip, ipaddress.IPv4Address):
+    fam, packed = _packed_ip(addr.ip)
+    if fam == 4:
         if addr.family != AF_INET:
             raise TunnelError(f"{addr.ip} is IPv4 but family is {addr.family}", Status.INTERNAL)
-        fam = 4
-    else:
-        if addr.family != AF_INET6:
-            raise TunnelError(f"{addr.ip} is IPv6 but family is {addr.family}", Status.INTERNAL)
-        fam = 6
-    return struct.pack("!BH", fam, addr.port) + ip.packed
+    elif addr.family != AF_INET6:
+        raise TunnelError(f"{addr.ip} is IPv6 but family is {addr.family}", Status.INTERNAL)
+    return struct.pack("!BH", fam, addr.port) + packed
 
 
+# The codec runs for every new connection with the same few addresses and
+# strings (the pods of a node pair): their parsing and checks are memoized,
+# bounded (issue #13).  Errors are not cached: they raise every time.
+_MEMO = 4096
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _packed_ip(ip: str) -> tuple[int, bytes]:
+    """(4 or 6, the address in network order) of the text ``ip``."""
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError as e:
+        raise TunnelError(f"not an IP address: {ip!r}", Status.INTERNAL) from e
+    return a.version, a.packed
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _ip_text(raw: bytes) -> str:
+    """The text of a packed IPv4 (4 bytes) or IPv6 (16 bytes) address."""
+    return str(ipaddress.ip_address(raw))
+
+
+@functools.lru_cache(maxsize=_MEMO)
 def _encode_str(s: str, limit: int) -> bytes:
     if any(c < " " or c == "\x7f" for c in s):
         raise TunnelError(f"string contains control characters: {s[:80]!r}", Status.INTERNAL)
@@ -240,12 +258,13 @@ def _decode_address(value: bytes, what: str) -> Address:
     fam, port = struct.unpack_from("!BH", value)
     raw = value[3:]
     if fam == 4 and len(raw) == 4:
-        return Address(AF_INET, str(ipaddress.IPv4Address(raw)), port)
+        return Address(AF_INET, _ip_text(raw), port)
     if fam == 6 and len(raw) == 16:
-        return Address(AF_INET6, str(ipaddress.IPv6Address(raw)), port)
+        return Address(AF_INET6, _ip_text(raw), port)
     raise TunnelError(f"{what}: bad address (family {fam}, {len(raw)} address bytes)")
 
 
+@functools.lru_cache(maxsize=_MEMO)
 def _decode_str(value: bytes, what: str, limit: int) -> str:
     if len(value) > limit:
         raise TunnelError(f"{what}: too long ({len(value)} bytes)")

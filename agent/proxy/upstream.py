@@ -85,8 +85,11 @@ def first_then(sock: socket.socket, open_socket: Any) -> Any:
     return opener
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int]) -> None:
-    """Connect the non-blocking ``sock`` to the numeric ``addr`` on the loop.
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int], timeout: float
+) -> None:
+    """Connect the non-blocking ``sock`` to the numeric ``addr`` on the loop
+    within ``timeout`` seconds (else TimeoutError).
 
     Not ``loop.sock_connect``: uvloop's resolves every address with
     getaddrinfo in libuv's thread pool first, even a numeric one, which cost
@@ -107,12 +110,16 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise
+    # Only a connect still in progress arms a timer (not asyncio.timeout around
+    # the whole call): the usual connect to a pod of this node needs none.
     fd = sock.fileno()
     done = loop.create_future()
     loop.add_writer(fd, _wake, done)
+    timer = loop.call_later(timeout, _expire, done)
     try:
         await done
     finally:
+        timer.cancel()
         loop.remove_writer(fd)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
@@ -122,6 +129,11 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class Upstream:
@@ -218,7 +230,6 @@ class Upstream:
         if not state.tunnel_mux or pool.is_legacy(peer):
             return await self.connect_tls(addr, state, node=node, src=src, dst=dst), False
         key = (node, addr, src, dst)
-        loop = asyncio.get_running_loop()
 
         def fresh(s: MuxSession) -> str | None:
             svid = tls_ctx.certs.certificate(src)
@@ -242,7 +253,7 @@ class Upstream:
                 if not fut.cancelled() and fut.exception() is not None:
                     raise fut.exception()  # type: ignore[misc]  # the dial's ConnectFailure
                 continue
-            fut = pool.dialing[key] = loop.create_future()
+            fut = pool.dialing[key] = asyncio.get_running_loop().create_future()
             try:
                 ep = await self.connect_tls(addr, state, node=node, src=src, dst=dst)
                 if not self._pooled(ep, key, state, src):
@@ -297,8 +308,7 @@ class Upstream:
             sock.setblocking(False)
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(state.connect_timeout):
-                await _connect(loop, sock, addr)
+            await _connect(loop, sock, addr, state.connect_timeout)
             return sock
         except TimeoutError:
             sock.close()

@@ -279,3 +279,41 @@ def test_an_open_and_the_bytes_written_right_after_it_share_one_write():
             assert len(writes) == 1
 
     run(main())
+
+
+def test_a_held_reply_rides_with_the_first_write_or_goes_alone_when_due():
+    """StreamTransport.hold: the destination's reply waits for the stream's
+    first write (one TLS write for both, reply first), its FIN, or its
+    reset; with none of them it goes alone after the delay."""
+
+    async def main():
+        async with Pair() as p:
+            writes = count_writes(p.server.transport)
+            ep, sep = await p.open()
+            sep.transport.hold(b"REPLY", 30)
+            await asyncio.sleep(0.05)
+            assert writes == []  # held
+            sep.write(b"answer")
+            got = b""
+            while len(got) < len(b"REPLYanswer"):
+                got += await asyncio.wait_for(ep.receive(), 10)
+            assert got == b"REPLYanswer" and len(writes) == 1
+
+            ep2, sep2 = await p.open()  # nothing written: the reply goes when due
+            sep2.transport.hold(b"REPLY", 0.05)
+            assert await asyncio.wait_for(ep2.receive(), 10) == b"REPLY"
+            sep2.write(b"later")
+            assert await asyncio.wait_for(ep2.receive(), 10) == b"later"
+
+            ep3, sep3 = await p.open()  # a FIN first: the reply, then the FIN
+            sep3.transport.hold(b"REPLY", 30)
+            sep3.write_eof()
+            assert await asyncio.wait_for(read_all(ep3), 10) == b"REPLY"
+
+            ep4, sep4 = await p.open()  # a reset first: the reply, then the reset
+            sep4.transport.hold(b"REPLY", 30)
+            sep4.transport.abort()
+            assert await asyncio.wait_for(ep4.receive(), 10) == b"REPLY"
+            await until(lambda: ep4.lost)
+
+    run(main())

@@ -211,6 +211,47 @@ def test_authorize_connection(case, docs, identity, src_ip, port, http, want):
     assert (d.policy, d.rule) == (pol, rule)
 
 
+def test_memoized_decisions_equal_the_direct_ones():
+    """Every row of AUTHZ, asked twice through one memo: the same answers as
+    authorize_connection, the second time from the memo."""
+    memo = admission.ConnectionDecisions()
+    pod = STATE.pod_by_key["default/web-1"]
+    for _case, docs, identity, src_ip, port, http, _want in AUTHZ:
+        ps = policies(*docs) if docs else empty_set()
+        want = authorize_connection(ps, identity, src_ip, pod, port, http=http)
+        first = memo.decide(ps, identity, src_ip, pod, port, http=http)
+        again = memo.decide(ps, identity, src_ip, pod, port, http=http)
+        assert first == want and again is first
+    assert memo.hits == memo.misses == len(AUTHZ)
+
+
+def test_memoized_decisions_miss_after_a_policy_reload():
+    """A reload (a new policy set) must be decided again: allowed under the
+    first set, refused under the second, for the same connection tuple."""
+    memo = admission.ConnectionDecisions()
+    pod = STATE.pod_by_key["default/web-1"]
+    allow = policies(ALLOW_CLIENT)
+    deny = policies(ALLOW_CLIENT, DENY_9000)
+    assert memo.decide(allow, CLIENT, "127.0.0.3", pod, 9000).allowed
+    got = memo.decide(deny, CLIENT, "127.0.0.3", pod, 9000)
+    assert isinstance(got, Refusal) and got.decision.policy == "default/deny-9000"
+    assert memo.decide(allow, CLIENT, "127.0.0.3", pod, 9000).allowed  # and back
+
+
+def test_memoized_decisions_key_the_source_the_port_and_the_pod():
+    memo = admission.ConnectionDecisions()
+    pod = STATE.pod_by_key["default/web-1"]
+    ps = policies(ALLOW_CLIENT, DENY_9000)
+    assert memo.decide(ps, CLIENT, "127.0.0.3", pod, 8080).allowed
+    assert isinstance(memo.decide(ps, MALLORY, "127.0.0.3", pod, 8080), Refusal)  # identity
+    assert isinstance(memo.decide(ps, CLIENT, "127.0.0.3", pod, 9000), Refusal)  # port
+    assert memo.decide(ps, CLIENT, "127.0.0.3", pod, 9000, http=True).allowed is False  # http: a decision
+    # a relabelled pod (a new state snapshot) is decided again: no longer selected by the policy
+    relabelled = parse_state({**state_doc("node1", "127.0.0.1", 15001, 15008)}).pod_by_key["default/web-1"]
+    assert relabelled is not pod and "app" not in relabelled.label_map
+    assert memo.decide(ps, MALLORY, "127.0.0.3", relabelled, 8080).allowed  # no policy selects it
+
+
 @pytest.mark.parametrize("policy_name,rule,want", [
     (None, None, "no ALLOW policy match"),
     ("shop/deny-admin", 2, "policy shop/deny-admin rule 2"),

@@ -215,3 +215,23 @@ def test_fuzz_mutated_valid_header(req, pos, byte):
         t.RequestDecoder().feed(bytes(wire))
     except t.TunnelError:
         pass
+
+
+def test_the_memoized_codec_still_raises_every_time():
+    """Addresses and strings are memoized per text (issue #13); a bad one must
+    fail on every call, not only the first, and a good one round-trips the same."""
+    for _ in range(2):
+        with pytest.raises(t.TunnelError, match="not an IP address"):
+            t.encode_request(t.TunnelRequest(dst=t.Address(socket.AF_INET, "10.0.0.300", 80),
+                                             identity="spiffe://td/ns/a/sa/b"))
+        with pytest.raises(t.TunnelError, match="is IPv6 but family"):
+            t.encode_request(t.TunnelRequest(dst=t.Address(socket.AF_INET, "::1", 80),
+                                             identity="spiffe://td/ns/a/sa/b"))
+        with pytest.raises(t.TunnelError, match="control characters"):
+            t.encode_request(t.TunnelRequest(dst=t.Address(socket.AF_INET, "10.0.0.3", 80),
+                                             identity="spiffe://td/ns/a/sa/b\n"))
+    for ip, fam in (("10.0.0.3", socket.AF_INET), ("fd00::3", socket.AF_INET6)) * 2:
+        req = t.TunnelRequest(dst=t.Address(fam, ip, 80), identity="spiffe://td/ns/a/sa/b",
+                              namespace="a", name="b", src=t.Address(fam, ip, 40000))
+        out = t.RequestDecoder().feed(t.encode_request(req))
+        assert isinstance(out, t.Decoded) and out.message == req

@@ -67,6 +67,62 @@ def test_open_socket_refused_is_a_connect_failure():
     run(main())
 
 
+def _full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: a connect to it hangs (SYN dropped)."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(full.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    return full, fillers
+
+
+def test_open_socket_times_out_or_is_cancelled_cleanly():
+    """A connect in progress waits with one timer of its own: it expires as
+    a timeout ConnectFailure; a connect cancelled from outside (the caller's
+    own deadline, a shutdown) passes the cancellation through.  Either way
+    the socket is closed and the next connect works."""
+
+    async def main():
+        full, fillers = _full_listener()
+        up = Upstream(SimpleNamespace(), {})
+        loop = asyncio.get_running_loop()
+        try:
+            with pytest.raises(ConnectFailure) as e:
+                await up.open_socket(full.getsockname(), _state(timeout=0.2))
+            assert e.value.result == "timeout" and e.value.status is Status.TIMEOUT
+            assert "timed out after 0.2s" in e.value.reason
+            task = loop.create_task(up.open_socket(full.getsockname(), _state(timeout=30)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # and the loop still connects afterwards (no writer left behind on a reused fd)
+            server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+            try:
+                sock = await up.open_socket(server.sockets[0].getsockname(), _state())
+                _, ep = await loop.create_connection(lambda: Endpoint("pod"), sock=sock)
+                ep.write(b"after")
+                assert await ep.receive() == b"after"
+                ep.close()
+            finally:
+                server.close()
+                await server.wait_closed()
+        finally:
+            full.close()
+            for s in fillers:
+                s.close()
+
+    run(main())
+
+
 def test_open_socket_ipv6_loopback():
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this kernel")

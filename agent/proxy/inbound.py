@@ -357,10 +357,14 @@ class Inbound:
         self.upstream.link(conn)
         relay = conn.relay = Relay(ep, upstream, buffer_size=state.buffer_size)
         tr = ep.transport
-        if type(tr) is StreamTransport:
+        if type(tr) is StreamTransport and leftover and not hinted:
             # The pod is connected: the reply rides with its first bytes (or FIN,
             # or reset), else goes alone after REPLY_HOLD; the source forwards
             # its client's bytes meanwhile and waits for it only to relay back.
+            # Only when the client's bytes came with the OPEN: a source that sent
+            # none (a service leg, which waits for this reply before its session
+            # writes; a server-speaks-first client) gets it at once, or the pod
+            # would wait for a request held behind the reply for REPLY_HOLD.
             tr.hold(_OK_RESPONSE, REPLY_HOLD)
         else:
             ep.write(_OK_RESPONSE)

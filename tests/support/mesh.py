@@ -154,10 +154,12 @@ class Cluster:
     def __init__(self, tmp: Path, grace: float = 5.0, connect_timeout: float = 2.0, ipv6: bool = False,
                  mitm: bool = False, deny: tuple[str, ...] = (),
                  security: tuple[str, str] = ("mtls", "mtls"), resumption: bool = True,
-                 l7: bool = False, labels: dict[str, dict[str, str]] | None = None):
+                 l7: bool | dict[str, bool] = False, labels: dict[str, dict[str, str]] | None = None,
+                 services: list[dict] | None = None):
         self.tmp = tmp
         self.labels = labels or {}  # pod name -> labels
-        self.l7 = l7
+        self.l7 = l7  # both nodes, or {node: bool}
+        self.services = services or []  # state.services, as the agent writes them
         self.security = dict(zip(("node1", "node2"), security))
         self.resumption = resumption
         self.grace = grace
@@ -193,7 +195,9 @@ class Cluster:
             doc = state_doc(node, ip, self.out_port, self.tun_port, ca_socket=ca_sock,
                             connect_timeout=self.connect_timeout,
                             tunnel_security=self.security[node],
-                            tls_resumption=self.resumption, l7=self.l7)
+                            tls_resumption=self.resumption,
+                            l7=self.l7[node] if isinstance(self.l7, dict) else self.l7,
+                            services=self.services)
             for p in doc["pods"]:
                 if p["name"] in self.labels:
                     p["labels"] = dict(self.labels[p["name"]])

@@ -768,6 +768,34 @@ def test_l7_http_gets_trace_headers_and_reuses_upstreams(tmp_path, dst_ip, node)
     assert len(ours) == 2 and all(e["bytes_sent"] > 0 and e["bytes_received"] > 0 for e in ours)
 
 
+
+def test_service_leg_to_an_l4_destination_is_answered_at_once(tmp_path, monkeypatch):
+    """The source's L7 session for a service waits for the destination's
+    reply before it sends a request on a new upstream leg, so a destination
+    serving the pod at L4 must not hold that reply for the pod's first bytes
+    (the pod says nothing before the request): with the hold made 30 s long,
+    a held reply stalls the request past the client's 10 s wait."""
+    from agent.proxy import inbound
+    monkeypatch.setattr(inbound, "REPLY_HOLD", 30.0)
+
+    async def main():
+        web = await HeaderEcho("127.0.0.7").start()
+        svc = {"name": "db", "namespace": "data", "vips": ["10.96.0.9"], "ports": [
+            {"port": 80, "target_port": web.port, "app_protocol": "http", "endpoints": [
+                {"pod": "data/db-1", "ip": "127.0.0.7", "port": web.port, "node": "node2"}]}]}
+        try:
+            async with Cluster(tmp_path, l7={"node1": True, "node2": False}, services=[svc]) as c:
+                r, w = await c.connect(FlowOrigin(V4, "10.96.0.9", 80, 1001))
+                status, _, _ = await asyncio.wait_for(
+                    http_request(r, w, "GET", "/hello", headers=(("Connection", "keep-alive"),)), 10)
+                await close_writer(w)
+                return status, web.connections
+        finally:
+            await web.stop()
+
+    status, upstream_conns = run(main())
+    assert status == 200 and upstream_conns == 1
+
 def tracing_ok(value: bytes) -> bool:
     from agent.proxy.tracing import parse_traceparent
     return parse_traceparent(value) is not None

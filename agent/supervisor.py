@@ -271,8 +271,8 @@ class ProxySupervisor:
                 return []
             time.sleep(0.05)
         log.warning(
-            "proxy workers %s did not load state generation %d within %.0fs: its new pods are "
-            "not enrolled yet (their traffic would be refused as unknown); retrying",
+            "proxy workers %s did not load state generation %d within %.0fs: the pods new in it are "
+            "not enrolled yet (a worker would refuse their traffic as unknown); retrying",
             pending,
             generation,
             timeout,

@@ -762,6 +762,16 @@ class Agent:
         changes: dict = {}
         with self.shared_writes() as mine:
             if mine:  # else the owner of the node writes the kernel side (a hand-over)
+                new = enrolled.keys() - self.enrolled.keys()
+                late = self.proxies.wait_loaded(self.generation) if new else []
+                if late:  # never redirect a pod the workers do not know: the next tick tries again
+                    why = (
+                        f"proxy workers {late} have not loaded a state that lists it "
+                        "(enrolled once they have; retrying every tick)"
+                    )
+                    for key in new:  # its addresses stay in by_ip: strict mode still drops plaintext to it
+                        del by_cgroup[enrolled.pop(key)]
+                        pending[key] = why
                 changes = self._sync_kernel(enrolled, by_cgroup, by_ip, tc, guard_roots, allow, mesh_cgroups)
         for err in self.tc_errors:
             log.error("%s — strict mode cannot be enforced for that pod", err)
@@ -777,8 +787,6 @@ class Agent:
 
     def _sync_kernel(self, enrolled, by_cgroup, by_ip, tc, guard_roots, allow, mesh_cgroups) -> dict:
         """sync()'s kernel side: only the node's owner, under the lease's lock."""
-        if enrolled.keys() - self.enrolled.keys():
-            self.proxies.wait_loaded(self.generation)
         for m in mesh_cgroups:  # the agents and their proxy workers, when below a guarded directory
             if any(cg.is_within(m, r) for r in guard_roots):
                 try:

@@ -255,8 +255,9 @@ class ProxySupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(d.pid, signal.SIGKILL)
 
-    def wait_loaded(self, generation: int, timeout: float = 3.0) -> bool:
-        """Until every running worker reports state ``generation`` (bounded)."""
+    def wait_loaded(self, generation: int, timeout: float = 3.0) -> list[int]:
+        """Until every running worker reports state ``generation`` (bounded);
+        the indexes of the workers that did not (empty: all have it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pending = []
@@ -267,15 +268,16 @@ class ProxySupervisor:
                 if not st or st.get("state_generation", -1) < generation:
                     pending.append(w.index)
             if not pending:
-                return True
+                return []
             time.sleep(0.05)
         log.warning(
-            "proxy workers %s did not load state generation %d within %.0fs; enrolling anyway",
+            "proxy workers %s did not load state generation %d within %.0fs: the pods new in it are "
+            "not enrolled yet (a worker would refuse their traffic as unknown); retrying",
             pending,
             generation,
             timeout,
         )
-        return False
+        return pending
 
     def running_pids(self) -> list[int]:
         """Pids of the live workers, whether this supervisor started them or

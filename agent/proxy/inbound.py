@@ -35,6 +35,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 from agent.proxy import telemetry as m
 from agent.proxy import tunnel
@@ -45,7 +46,7 @@ from agent.proxy.inputs import ProxyInputs
 from agent.proxy.muxglue import IDLE_TIMEOUT, MuxSession, StreamTransport
 from agent.proxy.relay import Endpoint, Relay
 from agent.proxy.routing import tunnel_peer_allowed
-from agent.proxy.state import normalize_ip
+from agent.proxy.state import Pod, ProxyState, normalize_ip
 from agent.proxy.stats import Accounting
 from agent.proxy.tls import MUX_ALPN, HandshakeError, TlsConnection
 from agent.proxy.tunnel import Status
@@ -61,6 +62,10 @@ _OK_RESPONSE = tunnel.encode_response(tunnel.TunnelResponse(Status.OK))  # the s
 # send (StreamTransport.hold); far below the source's wait for it (connect_timeout
 # + header_timeout), and nothing waits on it while the pod is silent.
 REPLY_HOLD = 0.05
+#: A key-scope refusal waits this long for a newer state that admits the
+#: stream (the source node may know a pod this worker's state does not yet).
+KEY_SCOPE_RECHECK_S = 1.5
+KEY_SCOPE_POLL_S = 0.05
 # TLS handshakes in progress from one source address before more are shed:
 # a flood from one node address must not hold the worker's memory.
 MAX_HANDSHAKES_PER_SOURCE = 512
@@ -242,6 +247,28 @@ class Inbound:
             session.drain("trust bundle changed")
         self.live.spawn(functools.partial(self.serve, tls=tls), conn)
 
+    async def _key_scope_again(
+        self, state: ProxyState, admit: Callable[[ProxyState], Pod | Refusal], refusal: Refusal
+    ) -> tuple[Pod | Refusal, ProxyState]:
+        """A key-scope refusal may come from this worker's state lagging the
+        source node's: that node enrolls a pod once its own workers know it,
+        while this node's agent learns of the pod on its own, and this worker
+        reads the agent's state file every half second (seen: a pod opted
+        back in was refused here 0.2 s after its node enrolled it).  Nothing
+        went to a pod yet, so admit again with each newer state, for at most
+        ``KEY_SCOPE_RECHECK_S``, before refusing: still fail closed."""
+        watcher = self.inputs.watcher
+        deadline = time.monotonic() + KEY_SCOPE_RECHECK_S
+        result: Pod | Refusal = refusal
+        while time.monotonic() < deadline:
+            await asyncio.sleep(KEY_SCOPE_POLL_S)  # the watcher replaces ``current`` as a whole
+            if watcher.current is not state:
+                state = watcher.current
+                result = admit(state)
+                if not (isinstance(result, Refusal) and result.code == "key_scope"):
+                    break
+        return result, state
+
     # ---- per connection (or stream), after the handshake
 
     async def serve(self, conn: Conn, tls: TlsConnection | None) -> None:
@@ -301,17 +328,24 @@ class Inbound:
             conn.src_identity = req.identity  # plaintext (benchmarks only): unverified
             pod = admit_tunnel(state, req, dst_ip, verified=None, mtls=False)
         else:
-            pod = admit_tunnel(
-                state,
-                req,
-                dst_ip,
-                verified=verified,
-                mtls=True,
-                sni_named=tls.sni_named,
-                local_identity=tls.local_identity,
-                peer_node=node_at(state, normalize_ip(str(peer_ip))) if peer_ip else None,
-                issuer_node=tls.peer_node,
-            )
+            t = tls
+
+            def admit(state: ProxyState) -> Pod | Refusal:
+                return admit_tunnel(
+                    state,
+                    req,
+                    dst_ip,
+                    verified=verified,
+                    mtls=True,
+                    sni_named=t.sni_named,
+                    local_identity=t.local_identity,
+                    peer_node=node_at(state, normalize_ip(str(peer_ip))) if peer_ip else None,
+                    issuer_node=t.peer_node,
+                )
+
+            pod = admit(state)
+            if isinstance(pod, Refusal) and pod.code == "key_scope":
+                pod, state = await self._key_scope_again(state, admit, pod)
         if isinstance(pod, Refusal):
             if pod.pod is not None:  # a local pod it may not ask for: the record names it
                 conn.dst_pod = pod.pod.key

@@ -40,7 +40,13 @@ log = logging.getLogger("meshlet.proxy")
 
 IDLE_TIMEOUT = 60.0  # a pooled connection without streams this long is closed (client side)
 LEGACY_RETRY_S = 30.0  # a node that answered meshlet-tunnel/1 is dialed the old way this long
-DRAIN_NOTICE_S = 1.0  # a server's drain: between its GOAWAY notice and the GOAWAY naming the last stream
+#: A server's drain: the GOAWAY notice goes out with this PING; its ACK (the
+#: peer has read the notice, and every OPEN it sent before arrived ahead of
+#: the ACK) lets the GOAWAY naming the last stream follow.
+DRAIN_PING = b"mldrain\0"
+#: A peer that never answers the drain's PING (gone, wedged): the final
+#: GOAWAY goes out this long after the notice anyway.
+DRAIN_ACK_TIMEOUT_S = 10.0
 _RAW_HIGH = 256 * 1024  # the TLS connection's write high-water mark
 
 
@@ -346,6 +352,8 @@ class MuxSession(asyncio.Protocol):
         self._receiving = False  # in data_received: credits wait for its one flush at the end
         self._last_active = time.monotonic()
         self._flush_pending = False  # a flush_soon() is scheduled
+        self._drain_timer: asyncio.TimerHandle | None = None  # a drain notice's wait for its PING ACK
+        self._drain_reason = ""
 
     # ---- attach: the TLS connection's plaintext side switches to this protocol
 
@@ -424,23 +432,35 @@ class MuxSession(asyncio.Protocol):
         """GOAWAY: no new streams here; close once the open ones end.
 
         A server drains in two steps: a notice (no new streams, but those
-        already on the wire are served), then after ``DRAIN_NOTICE_S`` the
-        GOAWAY naming the last stream, after which an empty connection
-        closes.  Without the notice, an OPEN crossing the GOAWAY on the wire
-        was refused and its pod connection reset (seen in a worker
-        hand-over under load)."""
+        already on the wire are served) with a PING, then, once the peer
+        ACKs that PING, the GOAWAY naming the last stream, after which an
+        empty connection closes.  The peer reads its input in order, so
+        every OPEN it sent before it saw the notice is here before the ACK
+        and is served.  Without the notice, an OPEN crossing the GOAWAY on
+        the wire was refused and its pod connection reset; with the notice
+        but a fixed delay (1 s) instead of the ACK, a peer too loaded to
+        read the notice within the delay could still cross it (both seen
+        in worker hand-overs under load).  ``DRAIN_ACK_TIMEOUT_S`` bounds
+        the wait for a peer that never answers."""
         if self.closed or self.draining:
             return
         self.draining = True
         if not self.core.client and not self.core.closed:
             self.core.goaway_notice(reason)
+            self.core.ping(DRAIN_PING)
             self.flush()
-            asyncio.get_running_loop().call_later(DRAIN_NOTICE_S, self._drain_final, reason)
+            self._drain_reason = reason
+            self._drain_timer = asyncio.get_running_loop().call_later(
+                DRAIN_ACK_TIMEOUT_S, self._drain_final, reason
+            )
             return
         self._drain_final(reason)
 
     def _drain_final(self, reason: str) -> None:
-        if self.closed:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self.closed or self._final_goaway:
             return
         self._final_goaway = True
         self.core.goaway(mux.ErrorCode.NO_ERROR, reason)
@@ -455,6 +475,9 @@ class MuxSession(asyncio.Protocol):
         self.draining = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if self.transport is not None:
             self.transport.close()
         self._fail_streams(ConnectionResetError("the tunnel connection was closed"))
@@ -558,6 +581,9 @@ class MuxSession(asyncio.Protocol):
             if st is not None:
                 code = ev.code.name if isinstance(ev.code, mux.ErrorCode) else str(ev.code)
                 st.reset_by_peer(ConnectionResetError(f"stream reset by the peer ({code}): {ev.reason}"))
+        elif isinstance(ev, mux.PingAcked):
+            if ev.data == DRAIN_PING and self._drain_timer is not None:
+                self._drain_final(self._drain_reason)  # the peer has read the notice
         elif isinstance(ev, mux.GoAwayReceived):
             self.draining = True
             self._final_goaway = True  # this side opens nothing more: close once the streams end

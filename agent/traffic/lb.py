@@ -25,9 +25,14 @@ Choice rules, in order:
    A single candidate is taken as is.
 
 The latency EWMA starts at the first sample (an endpoint without samples
-reads as 0 and so is tried early).  A failed attempt never makes an
-endpoint look faster: its sample is ``max(latency, ewma)``, so an endpoint
-that fails fast does not attract traffic.
+reads as 0 and so is tried early).  A failed attempt makes an endpoint look
+slower: its sample is ``FAILURE_PENALTY x max(latency, ewma)``, so each
+failure raises the EWMA (by 30% at the default weights) and an endpoint
+that fails fast does not attract traffic.  (With the sample only
+``max(latency, ewma)``, an endpoint whose first sample was a fast failure
+kept that fast EWMA for good: an endpoint resetting every request won
+three of four tie-breaks against a healthy one whose first sample included
+its dial, and its retries emptied the retry budget.)
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ EWMA_ALPHA = 0.3
 #: EWMA: without it, an endpoint that was slow once (its EWMA only moves
 #: when it is picked) would starve after it recovers.
 TIE_FLOOR = 0.1
+#: A failed attempt's latency sample is this multiple of the larger of its
+#: latency and the EWMA (see the module doc).
+FAILURE_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,7 @@ class LoadBalancer(Generic[E]):
         s.outstanding -= 1
         latency = max(0.0, latency)
         if not ok:
-            latency = max(latency, s.ewma)
+            latency = FAILURE_PENALTY * max(latency, s.ewma)
         s.ewma = latency if s.samples == 0 else EWMA_ALPHA * latency + (1 - EWMA_ALPHA) * s.ewma
         s.samples += 1
         return True

@@ -19,6 +19,7 @@ of the client pod's IP.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -162,6 +163,37 @@ def test_relabel_create_delete_while_traffic_runs(env):
 
     report = json.loads(out.strip().splitlines()[-1])
     assert report["ok"] and report["server_saw_peer"] == gateway(mesh, "node2"), report
+
+
+def test_a_pod_is_enrolled_only_once_every_proxy_worker_knows_it(env):
+    """The datapath redirects a pod only after every worker holds a state
+    that lists it (else the worker refuses its connections as coming from
+    an unknown source): with node1's workers stopped, a pod opted back in
+    stays pending with the reason, its connects are refused by the guard
+    (not redirected to a proxy that would reset them), and it is enrolled
+    once the workers run again."""
+    mesh, api, _ = env
+    api.patch_labels("Pod", "default", "pod1-2", {"meshlet.io/dataplane-mode": "disabled"})
+    wait_for(lambda: "default/pod1-2" not in enrolled(mesh, "node1"), "pod1-2 unenrolled")
+    pids = mesh.proxy_pids("node1")
+    assert pids
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # a worker that cannot load the new state (a loaded node, at worst)
+        api.patch_labels("Pod", "default", "pod1-2", {"meshlet.io/dataplane-mode": None})
+        why = wait_for(lambda: [p["reason"] for p in mesh.status("node1")["pending"] if p["pod"] == "default/pod1-2"],
+                       "pod1-2 pending on the workers")
+        assert "have not loaded a state that lists it" in why[0], why
+        assert "default/pod1-2" not in enrolled(mesh, "node1")
+        r = probe(mesh, "pod1-2", ip_of(mesh, "pod2-1"), 7001, timeout=2.0)
+        assert r["result"] == "connect_error", r  # refused as not yet enrolled, not redirected
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: "default/pod1-2" in enrolled(mesh, "node1"), "pod1-2 enrolled once the workers run")
+    assert not [p for p in mesh.status("node1")["pending"] if p["pod"] == "default/pod1-2"]
+    r = transfer(mesh, "pod1-2", ip_of(mesh, "pod2-1"), up=1 << 20, down=1 << 20)
+    assert r["ok"] and r["server_saw_peer"] == gateway(mesh, "node2"), r
 
 
 def test_namespace_switched_to_strict(env):

@@ -225,7 +225,14 @@ def test_calls_on_one_channel_are_balanced_per_request(servers):
     for a in answers:
         by[a.split(b":")[0]] += 1
     assert by[b"a"] + by[b"b"] == 100
-    assert by[b"a"] >= 10 and by[b"b"] >= 10, by  # one client connection, both endpoints
+    assert len(px.sessions) == 1  # one client connection ...
+    # ... and both endpoints: each request is a pick of its own. Not a near
+    # even split: sequential calls always tie on outstanding requests, so the
+    # latency EWMA decides (lb.py), and one slow sample (the first request
+    # includes the dial; a loaded machine's hiccup) keeps an endpoint near
+    # TIE_FLOOR = 10% until it is picked enough; 6/94 was seen under load.
+    # The floor bounds a 0/100 split per connection at 0.9**100 < 3e-5.
+    assert by[b"a"] >= 1 and by[b"b"] >= 1, by
     assert ca["n"] == by[b"a"] and cb["n"] == by[b"b"]
 
 

@@ -185,6 +185,39 @@ def test_goaway_lets_open_streams_finish_then_closes():
     run(main())
 
 
+def test_a_drain_waits_for_a_slow_peer_to_read_the_notice_before_the_final_goaway():
+    """The peer (a loaded source proxy) reads nothing for longer than the
+    old fixed 1 s between notice and final GOAWAY, and opens a stream
+    meanwhile: the server sends the final GOAWAY only after the peer ACKs
+    the notice's PING, so that stream is served, not refused (a refusal
+    reset a pod connection in a worker hand-over under load)."""
+
+    async def main():
+        async with Pair() as p:
+            p.client.tls.raw.pause_reading()  # the peer reads nothing (its loop is starved)
+            p.server.drain("worker hand-over")
+            ep = Endpoint("upstream")
+            p.client.open_stream(b"late", ep)  # it has not seen the notice: this OPEN crosses it
+            await asyncio.sleep(1.5)  # longer than the old fixed delay (not a timing assertion)
+            assert p.server.core.goaway_sent is None  # no final GOAWAY before the peer read the notice
+            p.client.tls.raw.resume_reading()
+            st, sep = await asyncio.wait_for(p.opened.get(), 10)
+            assert await sep.receive() == b"late"
+            await until(lambda: p.server.core.goaway_sent is not None)  # after the ACK
+            ep.write(b" and served")
+            ep.write_eof()
+            assert await asyncio.wait_for(read_all(sep), 10) == b" and served"
+            sep.write(b"answer")
+            sep.write_eof()
+            assert await asyncio.wait_for(read_all(ep), 10) == b"answer"
+            assert ep.lost_exc is None and not p.counters.get("tunnel_mux_errors")
+            ep.close()
+            sep.close()
+            await until(lambda: p.client.closed and p.server.closed)
+
+    run(main())
+
+
 def test_a_protocol_error_resets_every_stream():
     async def main():
         async with Pair() as p:

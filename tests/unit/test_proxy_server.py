@@ -333,6 +333,45 @@ def test_key_scope_refuses_a_source_address_the_node_does_not_own(tmp_path, src)
     assert stats["metrics"]["denied"] == {"key_scope": 1}
 
 
+def test_key_scope_admits_a_stream_once_this_nodes_state_catches_up(tmp_path):
+    """node2 enrolled its pod db-1 again while node1's worker still holds a
+    state saying db-1 is out of the mesh (node1's agent learns of it on its
+    own, the worker reads the file after): the stream is not refused at
+    once, but admitted with the newer state that arrives meanwhile."""
+    async def main():
+        async with Cluster(tmp_path) as c:
+            srv = c.servers[0]
+            path = tmp_path / "node1" / "state.json"
+            doc = json.loads(path.read_text())
+            for mesh, gen in ((False, 2), (True, 3)):
+                for p in doc["pods"]:
+                    if p["ips"] == ["127.0.0.7"]:
+                        p["mesh"] = mesh
+                doc["generation"] = gen
+                if gen == 2:  # the stale state, in force before the stream arrives
+                    srv.watcher.interval = 3600.0  # this test says when the worker reloads
+                    path.write_text(json.dumps(doc))
+                    srv.watcher.check()
+                    assert srv.watcher.current.generation == 2
+                    web = ("127.0.0.5", c.port("127.0.0.5"))
+                    task = asyncio.create_task(_raw_tunnel(c, _header(*web) + b"hi", expect=2))
+                    async with asyncio.timeout(10):  # its header decoded: admitted or refused already
+                        while not task.done() and not any(
+                                conn.src_pod == "data/db-1" for conn in srv.live.tasks.values()):
+                            await asyncio.sleep(0.01)
+                else:  # the agent's newer state: the worker reloads while the stream waits
+                    path.write_text(json.dumps(doc))
+                    srv.watcher.check()
+            res = await task
+            await asyncio.sleep(0.1)
+            return res, c.access("node1"), srv.stats()
+
+    (resp, echoed), log, stats = run(main())
+    assert resp.status is tunnel.Status.OK and echoed == b"hi", resp
+    assert [(e["result"], e["src_identity"]) for e in log] == [("ok", X_ID)]
+    assert "key_scope" not in stats["metrics"]["denied"]
+
+
 def test_client_refuses_a_destination_certificate_from_another_nodes_key(tmp_path):
     """node2's CA signs with node1's intermediate (what a stolen node1 key lets an
     impostor of node2's pods do): node1's proxy refuses the destination at the

@@ -44,11 +44,29 @@ def test_finish_is_once_and_failures_never_look_faster():
     t = lb.start("a")
     assert lb.finish(t, True, 0.5) and not lb.finish(t, True, 0.5)
     assert lb.outstanding("a") == 0 and lb.latency("a") == 0.5
-    lb.finish(lb.start("a"), False, 0.001)   # a fast failure
-    assert lb.latency("a") == 0.5
+    lb.finish(lb.start("a"), False, 0.001)   # a fast failure: slower, not faster
+    assert lb.latency("a") == 0.3 * 2 * 0.5 + 0.7 * 0.5
     lb.finish(lb.start("a"), True, 0.1)
-    assert 0.1 < lb.latency("a") < 0.5
+    assert 0.1 < lb.latency("a") < 0.65
     assert lb.latency("zz") is None
+
+
+def test_an_endpoint_that_fails_fast_from_its_first_try_does_not_attract_traffic():
+    """The bad endpoint's first sample is a fast failure (a reset, a 503,
+    a refused connect), the good one's first includes its dial: each
+    further failure must make the bad one look slower, else it keeps the
+    fast first sample and wins most tie-breaks (three of four, seen in
+    test_l7_traffic, where its retries emptied the retry budget)."""
+    lb = LoadBalancer(random.Random(5))
+    lb.finish(lb.start("good"), True, 0.005)  # the dial
+    lb.finish(lb.start("bad"), False, 0.0002)
+    picks = Counter()
+    for _ in range(200):
+        e = lb.pick(["bad", "good"])
+        picks[e] += 1
+        lb.finish(lb.start(e), e == "good", 0.0002 if e == "bad" else 0.0005)
+    assert picks["bad"] < 0.2 * 200, picks  # near TIE_FLOOR, not three in four
+    assert picks["bad"] > 0, picks  # still sampled (would be seen again once it recovers)
 
 
 def test_retain_forgets_removed_endpoints_but_not_in_flight():

@@ -90,8 +90,15 @@ and ``MALLOC_ARENA_MAX=1``.  But see point 6 for bulk transfers.
    against 2,400 with a 32 MiB threshold; the same ~200,000 per GB showed
    on the sending worker in some first bulk runs of a fresh mesh).  So
    ``MALLOC_TUNING`` now raises the mmap threshold to 32 MiB (glibc's
-   maximum) and the trim threshold to 64 MiB: the batches are reused from
-   the heap, and the idle trim hands the heap back afterwards.
+   maximum): the batches are reused from the heap.  And the first bulk run
+   of a fresh worker frees more than 64 MiB at the top of the heap at
+   times (what a stream has in flight between the pod, the tunnel window
+   and the TLS output), so with a 64 MiB trim threshold glibc still shrank
+   and regrew it: 80,000-216,000 faults per GB in 3 of 4 first runs; with
+   1 GiB, 3,200-4,200 in 3 of 3 (``scripts/bulk_ab.py``, iperf3 -t3 in a
+   fresh 2-node mesh).  So the trim threshold is 1 GiB: glibc on its own
+   no longer gives the heap back at all, the trims here do (after a burst,
+   once idle), and memory held *during* traffic is the high-water mark.
 
 Not glibc (musl, or another allocator preloaded): ``trim`` and
 ``limit_arenas`` are no-ops and say why once in the log; ``heap`` returns
@@ -132,7 +139,7 @@ AGENT_ARENAS = 2  # glibc malloc arenas the agent's threads share: see the modul
 _M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 MALLOC_TUNING = {  # glibc, for proxy workers: see points 6 and 7 of the module docstring
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
 }
 TRIM_AFTER = 256  # connections finished before free memory is handed back mid-burst
 TRIM_LOW_WATER = 16  # live connections at or below which a burst is over

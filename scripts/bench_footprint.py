@@ -9,11 +9,20 @@ agent's and the workers' memory, and whether the agent maps bcc's LLVM
 (libbcc, libLLVM, libclang: it must not, the loader step carries them).
 
     sudo .venv/bin/python scripts/bench_footprint.py --pods 2,100 --workers 2 --out footprint.json
+    sudo .venv/bin/python scripts/bench_footprint.py --pods 2,100 --workers 1 --nodes 2 --traffic
 
 RSS counts every shared page in full in each process; PSS divides shared
-pages between the processes that map them, so the PSS of the agent plus the
-workers is what the node really pays.  Memory, not time: nothing here is
-timed.  Run as root (the simulated cluster needs it).
+pages between the processes that map them; *distinct* is the union of the
+page frames the node's processes map (``bench_envoy.tree_distinct_mb``,
+from pagemap): every page once, what the node would cost on its own, the
+measure the README judges the footprint target on (against one Envoy
+sidecar's).  ``--traffic`` first pushes HTTP (wrk -c32) and one bulk stream
+(iperf3) from the first pod to the last pod of the last node, then waits
+``--settle`` seconds: memory held at idle *after* traffic, as the bench's
+rows see it.  Each worker's glibc heap split (in use / free, from its stats
+socket) tells Python objects from free heap kept by the allocator.
+Memory, not time: nothing here is timed.  Run as root (the simulated
+cluster needs it).
 """
 
 from __future__ import annotations
@@ -21,12 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.privileged import llvm_mappings  # the same check the tests make
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/, for bench_envoy
+from bench_envoy import tree_distinct_mb, tree_pss_mb
 
 
 def smaps_rollup_kb(pid: int) -> dict[str, int]:
@@ -77,19 +92,68 @@ def agent_pid(root: int) -> int:
     raise RuntimeError(f"no agent process under pid {root}")
 
 
-def measure(pods: int, workers: int, settle: float) -> dict:
-    """Bring up one node with ``pods`` pods and meshlet, measure, tear down."""
+def worker_memory(run_dir: str, worker: int) -> dict:
+    """A worker's own memory report (``agent.proxy.memory.report`` in its
+    stats: glibc's heap in use / free), from its stats socket; {} when it
+    does not answer."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(os.path.join(run_dir, f"proxy-{worker}.sock"))
+            buf = b""
+            while chunk := s.recv(65536):
+                buf += chunk
+        return json.loads(buf).get("memory") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def push_traffic(cluster, src: str, dst: str, seconds: int) -> dict:
+    """HTTP (wrk -c32) then one bulk stream (iperf3) from ``src`` to ``dst``
+    through the mesh; the servers run in ``dst``."""
+    from bench import run_iperf, run_wrk  # scripts/, next to this file
+    from benchtools import write_nginx_conf
+
+    d = tempfile.mkdtemp(prefix="meshlet-footprint-")
+    try:
+        conf = write_nginx_conf(d, ["8080 reuseport"], "hello from nginx in a pod\n")
+        procs = [
+            cluster.pod(dst).popen(
+                ["nginx", "-c", conf, "-p", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ),
+            cluster.pod(dst).popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL),
+        ]
+        try:
+            time.sleep(1.0)  # the servers listen
+            host = cluster.pod(dst).ip4
+            http = run_wrk(cluster, src, f"http://{host}:8080/", seconds, 32)
+            bulk = run_iperf(cluster, src, host, seconds)
+        finally:
+            for pr in procs:
+                pr.terminate()
+                pr.wait(timeout=10)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return {"rps": http.get("rps"), "gbps": bulk.get("gbps")}
+
+
+def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int = 0) -> dict:
+    """Bring up ``nodes`` nodes with ``pods`` pods each and meshlet, push
+    traffic for ``traffic`` seconds (0: none), measure node1, tear down."""
     from agent.sim import Cluster
     from agent.sim.mesh import Mesh
 
-    cluster = Cluster(nodes=1, pods_per_node=pods, ipv6=False)
+    cluster = Cluster(nodes=nodes, pods_per_node=pods, ipv6=False)
     with cluster:
         mesh = Mesh(cluster, workers=workers, log_level="warning")
         try:
             mesh.start(timeout=300)
             st = mesh.status("node1")
             enrolled = st.get("datapath", {}).get("enrolled", st.get("enrolled"))
-            time.sleep(settle)  # memory, not time: let start-up garbage go first
+            load = push_traffic(cluster, "pod1-1", f"pod{nodes}-{pods}", traffic) if traffic else None
+            time.sleep(settle)  # memory, not time: let start-up (or traffic) garbage go first
             popen = mesh.agents["node1"].popen
             assert popen is not None
             apid = agent_pid(popen.pid)
@@ -97,17 +161,25 @@ def measure(pods: int, workers: int, settle: float) -> dict:
             agent["llvm"] = llvm_mappings(apid)  # type: ignore[assignment]
             wpids = mesh.proxy_pids("node1")
             procs = [smaps_rollup_kb(p) for p in wpids]
+            for i, w in enumerate(procs):
+                w["heap"] = worker_memory(mesh.agents["node1"].run_dir, i)  # type: ignore[assignment]
+            distinct = tree_distinct_mb(apid)
+            pss = tree_pss_mb(apid)
             detail = {"agent": top_mappings(apid), "proxy worker 0": top_mappings(wpids[0]) if wpids else []}
         finally:
             mesh.down()
     return {
         "pods": pods,
+        "nodes": nodes,
         "enrolled": enrolled,
         "workers": workers,
+        "traffic": load,
         "agent": agent,
         "proxy_workers": procs,
         "node_rss_kb": agent["rss"] + sum(p["rss"] for p in procs),
         "node_pss_kb": agent["pss"] + sum(p["pss"] for p in procs),
+        "node_tree_pss_mb": pss,
+        "node_distinct_mb": distinct,
         "top_mappings_kb": detail,
     }
 
@@ -125,12 +197,32 @@ def print_detail(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'pods':>5} {'what':<16} {'RSS MB':>8} {'PSS MB':>8}")
+    print(
+        f"{'pods':>5} {'what':<16} {'RSS MB':>8} {'PSS MB':>8} {'distinct MB':>12}  glibc heap (in use / free MB)"
+    )
     for r in rows:
+        if r.get("traffic"):
+            t = r["traffic"]
+            print(
+                f"{r['pods']:>5} after traffic across {r['nodes']} node(s): {t['rps']} req/s (wrk -c32), "
+                f"{t['gbps']} Gbit/s (iperf3)"
+            )
         print(f"{r['pods']:>5} {'agent':<16} {mb(r['agent']['rss']):>8} {mb(r['agent']['pss']):>8}")
         for i, w in enumerate(r["proxy_workers"]):
-            print(f"{r['pods']:>5} {f'proxy worker {i}':<16} {mb(w['rss']):>8} {mb(w['pss']):>8}")
-        print(f"{r['pods']:>5} {'node total':<16} {mb(r['node_rss_kb']):>8} {mb(r['node_pss_kb']):>8}")
+            h = w.get("heap") or {}
+            split = (
+                f"{mb(h['heap_in_use_kb'])} / {mb(h['heap_free_kb'])} (mmapped {mb(h['mmapped_kb'])}, "
+                f"trims {h.get('trims')})"
+                if h.get("heap_in_use_kb") is not None
+                else "-"
+            )
+            print(
+                f"{r['pods']:>5} {f'proxy worker {i}':<16} {mb(w['rss']):>8} {mb(w['pss']):>8} {'':>12}  {split}"
+            )
+        print(
+            f"{r['pods']:>5} {'node total':<16} {mb(r['node_rss_kb']):>8} {mb(r['node_pss_kb']):>8} "
+            f"{r['node_distinct_mb']:>12.1f}"
+        )
         if r["agent"]["llvm"]:
             print(f"      the agent maps LLVM: {', '.join(r['agent']['llvm'])}")
 
@@ -140,6 +232,18 @@ def main() -> int:
     ap.add_argument("--pods", default="2,100", help="comma-separated pod counts (default 2,100)")
     ap.add_argument("--workers", type=int, default=2, help="proxy workers (default 2)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading memory")
+    ap.add_argument(
+        "--nodes", type=int, default=1, help="nodes in the cluster (default 1; node1 is measured)"
+    )
+    ap.add_argument(
+        "--traffic",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="SECONDS",
+        help="push wrk -c32 then iperf3 for SECONDS each (3 if given bare) before measuring",
+    )
     ap.add_argument("--out", help="write the rows as JSON here too")
     ap.add_argument("--detail", action="store_true", help="also print the biggest mappings of each process")
     args = ap.parse_args()
@@ -151,7 +255,7 @@ def main() -> int:
     except ValueError:
         print(f"bench_footprint: --pods {args.pods!r}: expected numbers like 2,100", file=sys.stderr)
         return 2
-    rows = [measure(n, args.workers, args.settle) for n in counts]
+    rows = [measure(n, args.workers, args.settle, args.nodes, args.traffic) for n in counts]
     print_table(rows)
     if args.detail:
         print_detail(rows)

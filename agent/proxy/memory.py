@@ -69,7 +69,36 @@ and ``MALLOC_ARENA_MAX=1``.  But see point 6 for bulk transfers.
    at the top between bursts; ``trim`` still hands everything back after
    one): faults fell to under 500 per GB, and the worker's CPU per GB by
    10-15% on each side (A/B in the same minutes, iperf3 cross-node).  An
-   operator's own values are kept.
+   operator's own values are kept.  (Both thresholds since raised: point 7.)
+
+7. **Idle after traffic, and big batches** (issue #13).  ``TrimSchedule``
+   follows connection counts, so one long stream (a bulk transfer) or a few
+   keep-alive connections never make a "burst", and what they freed stayed
+   with glibc.  ``IdleTrim`` watches the process's own CPU time instead:
+   once the worker has worked (``IDLE_WORK`` of CPU since the last trim)
+   and then stayed quiet (under ``IDLE_BUSY`` of each second for
+   ``IDLE_AFTER`` seconds), the maintenance round collects and trims; it
+   does too when a pooled tunnel connection closed (its TLS buffers, grown
+   to the largest batch it sent, go only with the collector).  Measured
+   (``scripts/bench_footprint.py --nodes 2 --traffic``): a worker back at
+   its start-up RSS once its pooled connection expired (46 MB; 50-52 before).
+   With the worker handing memory back when idle, glibc may keep more while
+   traffic runs: a bulk stream's TLS output comes out of the memory BIO in
+   batches of up to a few MiB per flush, and with point 6's 1 MiB mmap
+   threshold each batch was a fresh ``mmap`` (zeroed pages: 247,000 minor
+   faults per GB in a loop of 4 MiB batches through an ``SSLObject``,
+   against 2,400 with a 32 MiB threshold; the same ~200,000 per GB showed
+   on the sending worker in some first bulk runs of a fresh mesh).  So
+   ``MALLOC_TUNING`` now raises the mmap threshold to 32 MiB (glibc's
+   maximum): the batches are reused from the heap.  And the first bulk run
+   of a fresh worker frees more than 64 MiB at the top of the heap at
+   times (what a stream has in flight between the pod, the tunnel window
+   and the TLS output), so with a 64 MiB trim threshold glibc still shrank
+   and regrew it: 80,000-216,000 faults per GB in 3 of 4 first runs; with
+   1 GiB, 3,200-4,200 in 3 of 3 (``scripts/bulk_ab.py``, iperf3 -t3 in a
+   fresh 2-node mesh).  So the trim threshold is 1 GiB: glibc on its own
+   no longer gives the heap back at all, the trims here do (after a burst,
+   once idle), and memory held *during* traffic is the high-water mark.
 
 Not glibc (musl, or another allocator preloaded): ``trim`` and
 ``limit_arenas`` are no-ops and say why once in the log; ``heap`` returns
@@ -91,6 +120,7 @@ __all__ = [
     "AGENT_ARENAS",
     "WORKER_ALLOCATOR",
     "Heap",
+    "IdleTrim",
     "TrimSchedule",
     "agent_arena_limit",
     "freeze_heap",
@@ -107,12 +137,15 @@ log = logging.getLogger("meshlet.proxy")
 WORKER_ALLOCATOR = "malloc"  # PYTHONMALLOC for proxy workers: see the module docstring
 AGENT_ARENAS = 2  # glibc malloc arenas the agent's threads share: see the module docstring, point 5
 _M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
-MALLOC_TUNING = {  # glibc, for proxy workers: see point 6 of the module docstring
-    "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024),
-    "MALLOC_TRIM_THRESHOLD_": str(4 * 1024 * 1024),
+MALLOC_TUNING = {  # glibc, for proxy workers: see points 6 and 7 of the module docstring
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
 }
 TRIM_AFTER = 256  # connections finished before free memory is handed back mid-burst
 TRIM_LOW_WATER = 16  # live connections at or below which a burst is over
+IDLE_WORK = 0.2  # CPU seconds since the last trim that make a quiet spell worth a trim
+IDLE_BUSY = 0.05  # CPU seconds per second under which a process is quiet (a scrape now and then)
+IDLE_AFTER = 1.5  # seconds of quiet before the trim
 
 
 def worker_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -155,6 +188,45 @@ class TrimSchedule:
         if not (closing or drained):
             return False
         self.finished_at, self.peak = finished, live
+        return True
+
+
+class IdleTrim:
+    """When a process hands free memory back because it went quiet after
+    work (pure; fed with the process's CPU seconds and a monotonic clock,
+    e.g. ``time.process_time()`` and ``time.monotonic()``, at any pace):
+    due once it used at least ``work`` CPU seconds since the last trim and
+    then under ``busy`` CPU seconds per second for ``after`` seconds.  Point
+    7 of the module docstring.  An idle process is never due again: a trim
+    needs fresh work first."""
+
+    def __init__(self, work: float = IDLE_WORK, busy: float = IDLE_BUSY, after: float = IDLE_AFTER) -> None:
+        self.work = work
+        self.busy = busy
+        self.after = after
+        self._trimmed_cpu: float | None = None  # CPU seconds at the last trim (the first sample at start)
+        self._quiet_cpu = 0.0  # CPU seconds and time when the current quiet spell began
+        self._quiet_since: float | None = None
+        self._last: tuple[float, float] | None = None
+
+    def due(self, cpu: float, now: float) -> bool:
+        if self._trimmed_cpu is None or self._last is None:
+            self._trimmed_cpu = cpu
+            self._last = (cpu, now)
+            return False
+        last_cpu, last_now = self._last
+        self._last = (cpu, now)
+        if now - last_now <= 0:
+            return False
+        if cpu - last_cpu > self.busy * (now - last_now):  # working: any quiet spell ends
+            self._quiet_since = None
+            return False
+        if self._quiet_since is None:
+            self._quiet_since, self._quiet_cpu = last_now, last_cpu
+        quiet_for = now - self._quiet_since
+        if quiet_for < self.after or self._quiet_cpu - self._trimmed_cpu < self.work:
+            return False
+        self._trimmed_cpu = cpu
         return True
 
 

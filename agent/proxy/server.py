@@ -396,14 +396,22 @@ class ProxyServer:
 
     async def _maintain(self) -> None:
         """Return memory after connections closed, when ``memory.TrimSchedule``
-        says a burst is closing or over: collect the cyclic garbage they left
+        says a burst is closing or over, or ``memory.IdleTrim`` that the
+        worker went quiet after traffic: collect the cyclic garbage they left
         (transports and protocols refer to each other), then ``malloc_trim``;
         else glibc keeps the freed pages and the worker's RSS stays at its
         peak."""
         schedule = memory.TrimSchedule()
+        idle = memory.IdleTrim()  # and once quiet after any traffic (a bulk stream is no burst)
+        idle.due(time.process_time(), time.monotonic())  # its first sample: the work since counts
+        pooled = 0
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
-            if schedule.due(len(self.live.tasks), self.accounting.finished):
+            burst = schedule.due(len(self.live.tasks), self.accounting.finished)
+            # A pooled tunnel connection closed (idle expiry): its TLS buffers
+            # (grown to the largest batch it sent) are freed only by the collector.
+            was, pooled = pooled, len(self.upstream.mux_pool.all()) + len(self.inbound.sessions)
+            if idle.due(time.process_time(), time.monotonic()) or burst or pooled < was:
                 gc.collect()
                 memory.trim()
                 self.trims += 1

@@ -28,9 +28,39 @@ def test_workers_get_the_malloc_allocator_unless_the_operator_chose_one():
 
 def test_workers_get_glibc_thresholds_that_stop_heap_churn_unless_the_operator_set_them():
     env = memory.worker_env({})
-    assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 512 * 1024  # a relay's 256 KiB buffers come from the heap
+    # a relay's 256 KiB buffers and a TLS flush of a few MiB come from the heap, not from a fresh mmap
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 8 * 1024 * 1024
+    # glibc does not shrink the heap under a bulk transfer (the idle trim hands it back afterwards)
     assert int(env["MALLOC_TRIM_THRESHOLD_"]) > int(env["MALLOC_MMAP_THRESHOLD_"])
     assert memory.worker_env({"MALLOC_TRIM_THRESHOLD_": "131072"})["MALLOC_TRIM_THRESHOLD_"] == "131072"
+
+
+_BATCHES = """
+import resource
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(40):
+    batch = bytes([i]) * (4 << 20)  # a TLS flush of 4 MiB: allocated, written, freed
+    del batch
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@glibc
+def test_worker_tuning_reuses_big_batches_instead_of_faulting_in_fresh_pages():
+    """A 4 MiB buffer allocated and freed 40 times (a bulk stream's TLS
+    output, flushed in batches): with the workers' thresholds glibc reuses
+    heap pages; with a 1 MiB mmap threshold each batch is a fresh mmap, 1,024
+    zeroed pages faulted in (40,960 in all).  Page faults, not time."""
+
+    def faults(env: dict[str, str]) -> int:
+        out = subprocess.run([sys.executable, "-c", _BATCHES], env=env, capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    tuned = faults(memory.worker_env(base))
+    mapped = faults({**memory.worker_env(base), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+    assert mapped > 30 * 1024, mapped  # the case at stake: a fresh mapping per batch
+    assert tuned < 4 * 1024, (tuned, mapped)  # about one batch's pages, faulted in once
 
 
 def test_trim_schedule_trims_mid_burst_and_again_once_the_burst_is_over():
@@ -59,6 +89,32 @@ def test_trim_schedule_ignores_a_steady_churn_below_the_mark():
 
 
 @glibc
+def test_idle_trim_is_due_once_quiet_after_work_and_not_again_until_more_work():
+    t = memory.IdleTrim(work=0.2, busy=0.02, after=1.5)
+    assert not t.due(cpu=1.0, now=100.0)  # the first sample: start-up work does not count
+    assert not t.due(cpu=3.0, now=102.0)  # traffic: a second of CPU per second
+    assert not t.due(cpu=3.01, now=103.0)  # quiet for 1 s: not yet
+    assert t.due(cpu=3.02, now=104.0)  # quiet for 2 s after 2 s of CPU
+    for i in range(100):  # idle from then on: a scrape now and then, never a second trim
+        assert not t.due(cpu=3.02 + 0.005 * i, now=106.0 + 2 * i)
+
+
+def test_idle_trim_waits_out_a_long_stream_and_ignores_light_work():
+    t = memory.IdleTrim(work=0.2, busy=0.02, after=1.5)
+    cpu = 0.5
+    t.due(cpu, 0.0)
+    for i in range(1, 50):  # one bulk stream for 100 s: busy all along, never due
+        cpu += 1.5
+        assert not t.due(cpu, 2.0 * i)
+    assert not t.due(cpu + 0.01, 99.0)  # it ends: quiet for 1 s
+    assert t.due(cpu + 0.01, 100.0)
+    light = memory.IdleTrim(work=0.2, busy=0.02, after=1.5)
+    light.due(0.0, 0.0)
+    assert not light.due(0.1, 2.0)  # a little work (under ``work``) ...
+    assert not any(light.due(0.1, 2.0 + 2 * i) for i in range(1, 20))  # ... is not worth a trim
+    assert not light.due(0.1, 2.0)  # a clock that did not move changes nothing
+
+
 def test_trim_returns_the_free_pages_between_live_blocks():
     """A burst of 2 KiB blocks (glibc's heap, not mmap, not pymalloc), one in
     32 kept: glibc keeps the freed holes resident (its automatic trim only

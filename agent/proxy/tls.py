@@ -106,6 +106,11 @@ SNI_SUFFIX = "meshlet"
 READ_SIZE = 256 * 1024
 _RECORD = 17 * 1024  # > the largest TLS plaintext record (16 KiB): room left for one more
 _SMALL_WRITE = 4096  # writelines joins buffers below this size (headers, control frames)
+# writelines sends what it has encrypted once this much is pending: the outgoing
+# memory BIO keeps its largest size for the connection's life (OpenSSL's mem BIO
+# never shrinks), so a 4 MiB batch of a bulk stream's frames would leave ~4.5 MB
+# held by an idle pooled connection; 1 MiB sends cost a syscall per MiB.
+_FLUSH_AT = 1 << 20
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
 SESSION_REFUSED_REFETCH_S = 300.0  # a refused session is replaced once it is this old (module docstring)
@@ -948,9 +953,10 @@ class TlsConnection(asyncio.Protocol):
         self._flush()
 
     def writelines(self, bufs: list[bytes | memoryview]) -> None:
-        """Encrypt ``bufs`` in order, then send once: no joined copy of the
-        plaintext.  Runs of small buffers (frame headers, control frames)
-        are joined first, so they share a record instead of one each."""
+        """Encrypt ``bufs`` in order, then send once (or once per
+        ``_FLUSH_AT`` of ciphertext): no joined copy of the plaintext.  Runs
+        of small buffers (frame headers, control frames) are joined first,
+        so they share a record instead of one each."""
         if self.state != _OPEN or self._sent_close_notify:
             return
         write = self.sslobj.write
@@ -964,6 +970,8 @@ class TlsConnection(asyncio.Protocol):
                     write(b"".join(small))
                     small.clear()
                 write(b)
+                if self._out.pending >= _FLUSH_AT:
+                    self._flush()
             if small:
                 write(b"".join(small))
         except ssl.SSLError as e:

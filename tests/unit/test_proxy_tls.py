@@ -567,6 +567,38 @@ def test_16_mib_both_ways_with_half_close_and_bounded_buffers():
     assert cmax <= 256 * 1024 + 300 * 1024 and smax <= 256 * 1024 + 300 * 1024
 
 
+
+def test_a_large_writelines_batch_goes_out_in_bounded_sends():
+    """A bulk stream's batch (4 MiB of frames) is encrypted and sent in about
+    1 MiB pieces, in order: the outgoing memory BIO keeps its largest size
+    for the connection's life, so one 4 MiB send left ~4.5 MB held by an idle
+    pooled connection."""
+    f = CertFactory(TD)
+    client, server = TlsContexts(Certs(f, CLIENT)), TlsContexts(Certs(f, SERVER))
+    blob = os.urandom(4 << 20)
+
+    async def main():
+        async with Server(server) as s:
+            conn, app = await connect(client, s.port)
+            sizes: list[int] = []  # ciphertext handed to the socket per send
+            real = conn._flush
+
+            def flush():
+                sizes.append(conn._out.pending)
+                real()
+
+            conn._flush = flush
+            view = memoryview(blob)
+            conn.writelines([view[i:i + (256 << 10)] for i in range(0, len(view), 256 << 10)])
+            del conn._flush
+            app.transport.write_eof()
+            got = await asyncio.wait_for(s.apps[0].eof, 30)
+            return sizes, got, s.apps[0].hasher.digest()
+
+    sizes, got, digest = run(main())
+    assert got == len(blob) and digest == hashlib.sha256(blob).digest()
+    assert len(sizes) >= 4 and max(sizes) <= (1 << 20) + (256 << 10) + 4096
+
 def test_many_records_and_close_notify_in_one_read_are_all_delivered_then_eof():
     """The read loop stops once OpenSSL holds nothing more (no read that can
     only fail): 300 small records and the close_notify queued behind a paused

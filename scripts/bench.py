@@ -134,6 +134,10 @@ def measure(cluster, src, dst, a, *, http=True, bulk=True, conns=False) -> dict:
 
 
 FLOW_ROUNDS = 3
+# Seconds without traffic before the memory rows are read (meshlet and Envoy
+# alike): past a worker's idle trim (agent/proxy/memory.py IDLE_AFTER plus one
+# maintenance round).
+MEMORY_SETTLE_S = 5.0
 
 
 def measure_flow_tracking(cluster, mesh, a, out: dict) -> None:
@@ -331,6 +335,10 @@ def main() -> int:
                 r["http_c1"] = run_wrk(cluster, src, f"http://{cluster.pod(dst).ip4}:8080/", a.duration, 1)
             results.append({"mode": mode, "where": where, **r})
         if envoy is not None:
+            # Memory is read once traffic has stopped for MEMORY_SETTLE_S, for
+            # meshlet and Envoy alike: the steady state of an idle node (a
+            # worker hands its heap back within a few seconds of quiet).
+            time.sleep(MEMORY_SETTLE_S)
             meshlet_rss = {n.name: tree_rss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
             meshlet_pss = {n.name: tree_pss_mb(mesh.agents[n.name].popen.pid) for n in cluster.nodes}
             meshlet_distinct = {n.name: tree_distinct_mb(mesh.agents[n.name].popen.pid)
@@ -342,6 +350,7 @@ def main() -> int:
                 envoy_row = measure(cluster, "pod1-3", "pod2-3", a, conns=True)
                 envoy_row["http_c1"] = run_wrk(cluster, "pod1-3", f"http://{cluster.pod('pod2-3').ip4}:8080/",
                                                a.duration, 1)
+                time.sleep(MEMORY_SETTLE_S)
                 envoy_row["rss_mb"] = sidecars.rss_mb()
                 envoy_row["pss_mb"] = sidecars.pss_mb()
                 envoy_row["distinct_mb"] = sidecars.distinct_mb()

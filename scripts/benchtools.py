@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from collections.abc import Callable
 
 
 def parse_wrk(out: str) -> dict:
@@ -71,3 +74,37 @@ def write_nginx_conf(directory: str, listen: list[str], body: str, **kw) -> str:
     with open(path, "w") as f:
         f.write(nginx_conf(directory, listen, body, **kw))
     return path
+
+
+def drive_sides(script: str, sides: dict[str, list[str]], rounds: int,
+                command: Callable[[int, int], str], alternate: bool = False) -> None:
+    """The A/B drivers' loop (scripts/bulk_ab.py, scripts/conn_ab.py): one
+    ``script --serve ARGS...`` child per side, each with its own simulated
+    cluster, which prints one line when ready and one JSON line per command.
+    ``rounds`` rounds send ``command(round, position)`` to every side in turn
+    (in reverse order on odd rounds when ``alternate``: A B, B A, ...) and
+    print each answer; ``quit`` ends every child, also on an error."""
+    procs = {}
+    try:
+        for label, args in sides.items():
+            procs[label] = subprocess.Popen([sys.executable, script, "--serve", *args],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for label, p in procs.items():
+            print(label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
+        for r in range(rounds):
+            order = list(procs.items())
+            if alternate and r % 2:
+                order.reverse()
+            for i, (label, p) in enumerate(order):
+                p.stdin.write(command(r, i) + "\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+                print(r, label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
+    finally:
+        for p in procs.values():
+            try:
+                p.stdin.write("quit\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        for p in procs.values():
+            p.wait(timeout=120)

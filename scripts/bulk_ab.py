@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from benchtools import drive_sides  # the scripts folder is on sys.path when run as a script
+
 MODES = {
     "mux": {"tunnel_mux": True},
     "legacy": {"tunnel_mux": False},
@@ -87,36 +89,14 @@ def main() -> None:
     if a.serve:
         serve(*a.serve)
         return
-    procs = {}
-    try:
-        for spec in a.sides:
-            label, rest = spec.split("=", 1)
-            root, mode = rest.rsplit(":", 1)
-            if mode not in MODES:
-                sys.exit(f"{spec}: mode must be one of {', '.join(MODES)}")
-            procs[label] = subprocess.Popen(
-                [sys.executable, __file__, "--serve", root, mode],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        for label, p in procs.items():
-            print(label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
-        for r in range(a.rounds):
-            for label, p in procs.items():
-                p.stdin.write(f"run {a.seconds}\n")  # type: ignore[union-attr]
-                p.stdin.flush()  # type: ignore[union-attr]
-                print(r, label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
-    finally:
-        for p in procs.values():
-            try:
-                p.stdin.write("quit\n")  # type: ignore[union-attr]
-                p.stdin.flush()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        for p in procs.values():
-            p.wait(timeout=120)
-
+    sides = {}
+    for spec in a.sides:
+        label, rest = spec.split("=", 1)
+        root, mode = rest.rsplit(":", 1)
+        if mode not in MODES:
+            sys.exit(f"{spec}: mode must be one of {', '.join(MODES)}")
+        sides[label] = [root, mode]
+    drive_sides(__file__, sides, a.rounds, lambda r, i: f"run {a.seconds}")
 
 if __name__ == "__main__":
     main()

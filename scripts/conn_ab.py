@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from benchtools import drive_sides  # the scripts folder is on sys.path when run as a script
+
 
 def _cpu(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of ``pid``."""
@@ -125,35 +127,14 @@ def main() -> None:
     if a.serve:
         serve(a.serve)
         return
-    procs = {}
-    try:
-        for spec in a.sides:
-            label, root = spec.split("=", 1)
-            procs[label] = subprocess.Popen(
-                [sys.executable, __file__, "--serve", root],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        for label, p in procs.items():
-            print(label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
-        for r in range(a.rounds):
-            order = list(procs.items())
-            for i, (label, p) in enumerate(order if r % 2 == 0 else order[::-1]):  # A B, B A, ...
-                spy = f" {os.path.abspath(a.spy)}" if a.spy and r == 0 and i == 0 else ""
-                p.stdin.write(f"run {a.seconds}{spy}\n")  # type: ignore[union-attr]
-                p.stdin.flush()  # type: ignore[union-attr]
-                print(r, label, p.stdout.readline().strip(), flush=True)  # type: ignore[union-attr]
-    finally:
-        for p in procs.values():
-            try:
-                p.stdin.write("quit\n")  # type: ignore[union-attr]
-                p.stdin.flush()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        for p in procs.values():
-            p.wait(timeout=120)
+    sides = dict(spec.split("=", 1) for spec in a.sides)
 
+    def command(r: int, i: int) -> str:
+        spy = f" {os.path.abspath(a.spy)}" if a.spy and r == 0 and i == 0 else ""
+        return f"run {a.seconds}{spy}"
+
+    drive_sides(__file__, {label: [root] for label, root in sides.items()}, a.rounds, command,
+                alternate=True)
 
 if __name__ == "__main__":
     main()

@@ -285,13 +285,16 @@ class Agent:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         # identity.nodeCA: csr: the node asks for its intermediate and, until it
-        # has one, runs without (its issuer signs nothing: fail closed).
-        from .identity.nodecsr import enroller_for
+        # has one, runs without (its issuer signs nothing: fail closed).  The
+        # module (and the Kubernetes client it imports) only when asked for:
+        # the agent would hold its code for its whole life.
+        if self.cfg.identity.node_ca == "csr":
+            from .identity.nodecsr import enroller_for
 
-        try:
-            self.enroller = enroller_for(self.cfg, self.source)
-        except ValueError as e:
-            raise AgentError(str(e)) from e
+            try:
+                self.enroller = enroller_for(self.cfg, self.source)
+            except ValueError as e:
+                raise AgentError(str(e)) from e
         if self.enroller is not None:
             self.enroller.start()
         self.load_identity(initial=self.enroller is None)
@@ -440,9 +443,11 @@ class Agent:
         (agent/workloads/kubepolicy.py), applied through the store as
         `meshlet policy apply` does; the local apply is refused (admin.py).
         The first set is in force before any pod is enrolled."""
+        src = self.source
+        if getattr(src, "kind", None) != "kubernetes":  # no Kubernetes client code in file mode
+            return
         from .workloads.kubernetes import KubernetesSource
 
-        src = self.source
         if not isinstance(src, KubernetesSource):
             return
         from .workloads.kubepolicy import PolicyWatcher

@@ -1051,6 +1051,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.proxies.restart)
         ca_server = await start_ca_server(self)
         from .datapath.flowtable import FlowReader
+        from .proxy.memory import release_startup
 
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
@@ -1058,12 +1059,16 @@ class Agent:
         if self.role == "owner":  # a successor binds the metrics port once it owns the node
             self.metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
+        started = False
         try:
             while not stop.is_set():
                 # Blocking work (bpf syscalls, netlink via pyroute2, which runs
                 # its own event loop) stays off this loop, in a worker thread.
                 await asyncio.to_thread(self.tick)
                 self.last_tick = time.monotonic()
+                if not started:  # the first tick ends start-up: hand its garbage back
+                    started = True
+                    release_startup()
                 # The metrics port is the owner's (the old agent frees it in a hand-over).
                 if self.role == "owner" and self.metrics is None:
                     self.metrics = await asyncio.to_thread(self.start_metrics)

@@ -285,13 +285,16 @@ class Agent:
         except (OSError, ValueError, KeyError, TypeError):
             pass
         # identity.nodeCA: csr: the node asks for its intermediate and, until it
-        # has one, runs without (its issuer signs nothing: fail closed).
-        from .identity.nodecsr import enroller_for
+        # has one, runs without (its issuer signs nothing: fail closed).  The
+        # module (and the Kubernetes client it imports) only when asked for:
+        # the agent would hold its code for its whole life.
+        if self.cfg.identity.node_ca == "csr":
+            from .identity.nodecsr import enroller_for
 
-        try:
-            self.enroller = enroller_for(self.cfg, self.source)
-        except ValueError as e:
-            raise AgentError(str(e)) from e
+            try:
+                self.enroller = enroller_for(self.cfg, self.source)
+            except ValueError as e:
+                raise AgentError(str(e)) from e
         if self.enroller is not None:
             self.enroller.start()
         self.load_identity(initial=self.enroller is None)
@@ -440,9 +443,11 @@ class Agent:
         (agent/workloads/kubepolicy.py), applied through the store as
         `meshlet policy apply` does; the local apply is refused (admin.py).
         The first set is in force before any pod is enrolled."""
+        src = self.source
+        if getattr(src, "kind", None) != "kubernetes":  # no Kubernetes client code in file mode
+            return
         from .workloads.kubernetes import KubernetesSource
 
-        src = self.source
         if not isinstance(src, KubernetesSource):
             return
         from .workloads.kubepolicy import PolicyWatcher
@@ -1046,6 +1051,7 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.proxies.restart)
         ca_server = await start_ca_server(self)
         from .datapath.flowtable import FlowReader
+        from .proxy.memory import release_startup
 
         self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
         admin = await start_admin(self)
@@ -1053,12 +1059,16 @@ class Agent:
         if self.role == "owner":  # a successor binds the metrics port once it owns the node
             self.metrics = await asyncio.to_thread(self.start_metrics)
         log.info("agent ready: node %s, admin API on %s", self.cfg.node, self.cfg.admin.socket)
+        started = False
         try:
             while not stop.is_set():
                 # Blocking work (bpf syscalls, netlink via pyroute2, which runs
                 # its own event loop) stays off this loop, in a worker thread.
                 await asyncio.to_thread(self.tick)
                 self.last_tick = time.monotonic()
+                if not started:  # the first tick ends start-up: hand its garbage back
+                    started = True
+                    release_startup()
                 # The metrics port is the owner's (the old agent frees it in a hand-over).
                 if self.role == "owner" and self.metrics is None:
                     self.metrics = await asyncio.to_thread(self.start_metrics)

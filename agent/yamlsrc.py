@@ -37,7 +37,6 @@ formats share; each loader (config, inventory, policies) is built on it, so its 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import gc
 import ipaddress
 import math
@@ -702,6 +701,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     for c in choices:
         if norm(c) == norm(word):
             return c
+    import difflib  # here: an error path; every process that reads a file would hold it
+
     normed = {norm(c): c for c in choices}
     close = difflib.get_close_matches(norm(word), list(normed), n=1, cutoff=0.6)
     return normed[close[0]] if close else None

@@ -7,13 +7,50 @@ invalid file, agent unreachable); 2 usage error.
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from .. import __version__
-from . import bpf, ca, node, observe, policy, validate
+
+# Each command's module, imported when the command runs (or help lists it):
+# ``meshlet run`` -- the agent, for its whole life -- then holds only the
+# modules it uses, not those of ``policy``, ``ca``, ``bpf``... (about 1 MB
+# of code objects; issue #13 item 6).  tests/unit/test_cli.py checks this
+# table against each module's COMMANDS.
+COMMAND_MODULES: dict[str, str] = {
+    "run": "node",
+    "uninstall": "node",
+    "doctor": "node",
+    "status": "node",
+    "workloads": "node",
+    "bpf": "bpf",
+    "flows": "observe",
+    "stats": "observe",
+    "services": "observe",
+    "ca": "ca",
+    "certs": "ca",
+    "inventory": "validate",
+    "config": "validate",
+    "policy": "policy",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands come from ``COMMAND_MODULES`` on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            module = importlib.import_module(f"{__package__}.{COMMAND_MODULES[cmd_name]}")
+            for cmd in module.COMMANDS:
+                self.add_command(cmd)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshlet")
 def main() -> None:
     """meshlet: a sidecarless, eBPF-accelerated service mesh node agent.
@@ -33,8 +70,3 @@ def main() -> None:
       meshlet services                service VIPs, ports and the endpoints behind them
       meshlet policy validate F|DIR   authorization + traffic policies, offline (also explain, lint)
     """
-
-
-for _module in (node, bpf, observe, ca, validate, policy):
-    for _cmd in _module.COMMANDS:
-        main.add_command(_cmd)

@@ -72,7 +72,6 @@ around it).
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import os
@@ -577,6 +576,8 @@ class PolicyStore:
         self.timings = {}
         with y.gc_paused():  # see _GC_NOTE
             (texts, _, _), changes = self._plan(sources)
+        import difflib  # here: only `policy diff` uses it; the agent and workers would hold it
+
         out: list[str] = []
         for c in changes:
             if c.result == UNCHANGED:

@@ -209,6 +209,7 @@ class ProxyServer:
                     "heap frozen before listening: %d objects out of the collector's sight",
                     memory.freeze_heap(),
                 )
+                memory.trim()  # start-up garbage (memory.MALLOC_TUNING: glibc keeps it otherwise)
             await self._start_listeners(state)
         except BaseException:
             await self.stop(grace=0)

@@ -220,3 +220,35 @@ def test_entry_points_reach_main():
     r = subprocess.run([sys.executable, "-m", "agent.cli", "--version"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("meshlet, version "), r.stderr
+
+
+def test_lazy_command_table_matches_the_modules():
+    """root.COMMAND_MODULES names every command of each module and no other:
+    a command added to a module but not to the table would be missing."""
+    import importlib
+
+    from agent.cli import root
+
+    modules = set(root.COMMAND_MODULES.values())
+    declared = {
+        cmd.name: mod
+        for mod in modules
+        for cmd in importlib.import_module(f"agent.cli.{mod}").COMMANDS
+    }
+    assert declared == root.COMMAND_MODULES
+    assert main.list_commands(None) == sorted(declared)  # type: ignore[arg-type]
+
+
+def test_run_does_not_import_the_other_command_groups():
+    """``meshlet run`` (the agent's own process) loads only agent.cli.node."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from agent.cli import main\n"
+        "main.get_command(None, 'run')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('agent.cli.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['agent.cli.common', 'agent.cli.node', 'agent.cli.root']"

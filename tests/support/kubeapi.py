@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import copy
 import datetime
+import errno
 import functools
 import ipaddress
 import json
@@ -761,8 +762,10 @@ class _AcceptedSSLSocket(ssl.SSLSocket):
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         try:
             return super().recv(buflen, flags)
-        except OSError:
-            if self._sslobj is None:  # still being created: nothing will use it
+        except OSError as e:
+            # still being created, and an error that creation raises (a listening
+            # socket's ENOTCONN/EINVAL is expected there and passes)
+            if self._sslobj is None and e.errno not in (errno.ENOTCONN, errno.EINVAL):
                 self.close()
             raise
 

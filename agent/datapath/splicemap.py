@@ -56,6 +56,20 @@ def bytes_acked(sock: socket.socket) -> int:
     return int(_U64.unpack_from(info, _TCPI_BYTES_ACKED)[0])
 
 
+_TCP_ESTABLISHED = 1  # <net/tcp_states.h>; tcpi_state is tcp_info's first byte
+
+
+def established(sock: socket.socket) -> bool:
+    """Whether ``sock`` is still an established TCP connection: a SOCKHASH
+    takes no other (the insert fails with EOPNOTSUPP once it is reset or
+    closing)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return False
+    return len(info) == 1 and info[0] == _TCP_ESTABLISHED
+
+
 def pod_key(sock: socket.socket) -> bytes:
     """The ml_splice key of the pod socket at the other end of the proxy's
     ``sock``: that socket's own 4-tuple (its local address is our peer's),

@@ -44,7 +44,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from agent.datapath.abi import flow_key
-from agent.datapath.splicemap import pod_key
+from agent.datapath.splicemap import established, pod_key
 
 if TYPE_CHECKING:
     from agent.proxy.relay import Endpoint, Relay
@@ -207,6 +207,12 @@ class Splicer:
             keys = (pod_key(sa), pod_key(sb))
             cookies = self.maps.add_targets(sa, sb)
         except OSError as e:
+            if not (established(sa) and established(sb)):
+                # A pod reset or closed its end in the microseconds since
+                # the relay started (its FIN or RST not read yet): nothing
+                # left to splice; the relay propagates the end as usual.
+                self.counters["splice_skipped"] += 1
+                return
             self.failed(e)
             return
         sp = relay.splice = Spliced(self, relay, cookies, keys)

@@ -80,7 +80,7 @@ class Accounting:
             "requests_unauthenticated": 0,  # refused by end-user authentication (401: invalid JWT)
             "service_legs": 0,
             "spliced": 0,  # same-node relays handed to the kernel (agent.proxy.splice)
-            "splice_skipped": 0,  # not spliced: bytes still buffered, or not two TCP sockets
+            "splice_skipped": 0,  # not spliced: not two TCP sockets, or a pod already ended it
             "splice_failed": 0,  # the kernel refused the insert: relayed in userspace
             # node-to-node tunnels: TLS connections vs the pod connections (streams) they carry
             "tunnel_connections_out": 0,  # meshlet-mux/1 connections dialed

@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.privileged import (
     ip_of, policy_cli as cli, probe as probe_ip, require_privileged, running_mesh, wait_for,
+    worker_stats,
 )
 
 require_privileged()
@@ -111,9 +112,9 @@ def accepted(mesh) -> dict[str, int]:
     """Connections every proxy worker of both nodes accepted."""
     out = {}
     for node in ("node1", "node2"):
-        for w in mesh.status(node)["proxy"]:
-            c = (w.get("stats") or {}).get("counters") or {}
-            out[f"{node}/{w['worker']}"] = c.get("outbound_accepted", 0) + c.get("inbound_accepted", 0)
+        for i, st in enumerate(worker_stats(mesh, node)):
+            c = st.get("counters") or {}
+            out[f"{node}/{i}"] = c.get("outbound_accepted", 0) + c.get("inbound_accepted", 0)
     return out
 
 

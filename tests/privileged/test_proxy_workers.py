@@ -30,7 +30,8 @@ import sys
 
 import pytest
 
-from tests.support.privileged import TOOLS, ip_of, require_privileged, wait_for
+from tests.support.privileged import TOOLS, ip_of, require_privileged, wait_for, worker_stats
+from tests.support.privileged import worker_counters as counters
 from tests.support.privileged import EchoSession as Session
 
 require_privileged()
@@ -76,23 +77,6 @@ def mesh_of(*, soft_limit: int | None = None, pods_per_node: int = 2, **kw):
     finally:
         m.down()
         cluster.down()
-
-
-def worker_stats(mesh, node: str) -> list[dict]:
-    """Every worker's stats; a worker too busy to answer its stats socket in
-    time (closing thousands of connections) is asked again."""
-    def answered():
-        st = [w["stats"] for w in mesh.status(node)["proxy"]]
-        return all(st) and st
-    return wait_for(answered, f"every worker of {node} answers its stats socket")
-
-
-def counters(mesh, node: str) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for st in worker_stats(mesh, node):
-        for k, v in (st.get("counters") or {}).items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 def start_connrate(mesh, src: str, dst: str, port: int = 7001, seconds: int = 25) -> subprocess.Popen:

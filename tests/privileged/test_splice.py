@@ -29,6 +29,7 @@ from tests.support.privileged import (
     transfer,
     wait_for,
     wait_policies_enforced,
+    worker_counters,
 )
 
 require_privileged()
@@ -72,11 +73,7 @@ def mesh(echo_log):
 
 
 def proxy_counters(mesh) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for w in mesh.status("node1")["proxy"]:
-        for k, v in ((w.get("stats") or {}).get("counters") or {}).items():
-            out[k] = out.get(k, 0) + v
-    return out
+    return worker_counters(mesh, "node1")
 
 
 def ip(mesh, pod: str) -> str:
@@ -186,7 +183,10 @@ def test_reset_propagates_through_a_spliced_connection(mesh):
     before = proxy_counters(mesh)
     res = peer(mesh, "reset", ip(mesh, "pod1-2"), str(PEER_PORT))
     assert res["outcome"] == "reset", res  # an RST, never a clean EOF
-    assert proxy_counters(mesh)["spliced"] == before["spliced"] + 1
+    after = proxy_counters(mesh)
+    changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    assert after["spliced"] == before["spliced"] + 1, changed
+    assert after["splice_failed"] == before["splice_failed"], changed
 
 
 def test_policy_change_resets_both_pods_of_a_spliced_connection(mesh, tmp_path, echo_log):

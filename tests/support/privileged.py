@@ -62,6 +62,26 @@ def wait_for(pred, what: str, timeout: float = 30.0, interval: float = 0.1):
 LLVM_LIBS = ("libbcc", "libllvm", "libclang")
 
 
+def worker_stats(mesh, node: str) -> list[dict]:
+    """Every proxy worker's stats of ``node``.  ``meshlet status`` leaves out
+    a worker that did not answer its stats socket within 0.5 s (busy closing
+    thousands of connections, or just descheduled on a loaded machine): such
+    a worker is asked again rather than summed as zero."""
+    def answered():
+        st = [w["stats"] for w in mesh.status(node)["proxy"]]
+        return all(st) and st
+    return wait_for(answered, f"every worker of {node} answers its stats socket")
+
+
+def worker_counters(mesh, node: str) -> dict[str, int]:
+    """The counters of every proxy worker of ``node``, summed."""
+    total: dict[str, int] = {}
+    for st in worker_stats(mesh, node):
+        for k, v in (st.get("counters") or {}).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def llvm_mappings(pid: int) -> list[str]:
     """Files mapped by ``pid`` that carry LLVM (libbcc, libLLVM, libclang*):
     the long-running agent must map none (the loader step carries them)."""

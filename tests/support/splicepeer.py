@@ -18,8 +18,10 @@ bulk: both ways at once (the client sends N seeded bytes while the server
 sends M), then the client half-closes; the server, on EOF, sends K more
 bytes, one JSON line of what it received (count, sha256), and closes.  The
 client checks every byte it got and prints one JSON line (``ok``).
-reset: the server sends 64 KiB, then closes with RST (SO_LINGER 0); the
-client reads and reports whether it saw a reset or a clean EOF.
+reset: after ``ready`` the client sends one more line, then the server sends
+64 KiB and closes with RST (SO_LINGER 0); the client reads and reports
+whether it saw a reset or a clean EOF.  (A server that reset right after
+``ready`` could beat the proxy's splice of the connection.)
 echo: lines from stdin are sent and echoed back (printed as JSON, or
 ``{"error": ...}`` once the connection is gone); the server appends how its
 echo session ended (``reset``, ``eof``) to ``--log``.
@@ -78,6 +80,7 @@ def _serve_one(conn: socket.socket, log: str | None) -> None:
                     f.write(json.dumps({"echo": outcome}) + "\n")
             return
         if req["mode"] == "reset":
+            _readline(conn)  # "go": the client saw "ready", the proxy has spliced by now
             conn.sendall(b"r" * CHUNK)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return
@@ -160,6 +163,7 @@ def reset(host: str, port: int) -> dict:
     s = socket.create_connection((host, port), timeout=30)
     s.sendall(json.dumps({"mode": "reset"}).encode() + b"\n")
     assert _readline(s) == b"ready\n"
+    s.sendall(b"go\n")  # past the proxy, spliced
     n = 0
     try:
         while True:

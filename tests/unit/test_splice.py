@@ -7,10 +7,13 @@ sockets, a real pin path that does not exist)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
+import struct
 import time
+import types
 
 import pytest
 import yaml
@@ -18,7 +21,7 @@ import yaml
 from agent.config import parse_config
 from agent.datapath import abi
 from agent.datapath.probe import splice_plan, splice_supported
-from agent.datapath.splicemap import SpliceMaps, bytes_acked, pod_key, socket_cookie
+from agent.datapath.splicemap import SpliceMaps, bytes_acked, established, pod_key, socket_cookie
 from agent.proxy.splice import Splicer
 from agent.yamlsrc import SourceError
 from tests.support.aio import run
@@ -239,3 +242,60 @@ def test_this_kernel_has_what_the_splice_needs():
     if os.geteuid() != 0:
         pytest.skip("loading a probe program needs root")
     assert splice_supported() is None
+
+
+def test_established_follows_the_tcp_state():
+    a, b = _tcp_pair()
+    with a, b:
+        assert established(a) and established(b)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # an RST to a
+        for _ in range(500):
+            if not established(a):
+                break
+            time.sleep(0.01)
+        assert not established(a)
+    assert not established(a)  # closed here too: no TCP_INFO at all
+
+
+class _RefusingMaps(_RecordingMaps):
+    def add_targets(self, a, b):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+
+class _Transport:
+    def __init__(self, sock):
+        self.sock = sock
+
+    def is_closing(self):
+        return False
+
+    def get_extra_info(self, name):
+        return self.sock if name == "socket" else None
+
+
+def _relay_of(a, b):
+    ends = [types.SimpleNamespace(transport=_Transport(s), lost=False, eof=False) for s in (a, b)]
+    return types.SimpleNamespace(a=ends[0], b=ends[1], splice=None)
+
+
+def test_a_refused_insert_of_a_live_connection_is_a_failure_but_of_a_reset_one_a_skip():
+    # The insert fails the same way (EOPNOTSUPP) whether the maps are amiss
+    # or a pod reset its end in the microseconds since the relay started:
+    # only the first is worth a warning and the splice_failed counter.
+    (pa, xa), (pb, xb) = _tcp_pair(), _tcp_pair()
+    with pa, xa, pb, xb:
+        counters = {"spliced": 0, "splice_skipped": 0, "splice_failed": 0}
+        Splicer(_RefusingMaps(), counters).splice(_relay_of(xa, xb))
+        assert counters == {"spliced": 0, "splice_skipped": 0, "splice_failed": 1}
+
+        pb.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pb.close()  # the server pod resets; the proxy has not read it yet
+        for _ in range(500):
+            if not established(xb):
+                break
+            time.sleep(0.01)
+        relay = _relay_of(xa, xb)
+        Splicer(_RefusingMaps(), counters).splice(relay)
+        assert counters == {"spliced": 0, "splice_skipped": 1, "splice_failed": 1}
+        assert relay.splice is None

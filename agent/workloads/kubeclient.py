@@ -22,6 +22,7 @@ asks for "cannot reach"), carrying the HTTP status and Retry-After.
 from __future__ import annotations
 
 import base64
+import errno
 import http.client
 import json
 import os
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import yaml
 
-__all__ = ["ApiError", "KubeConfigError", "KubeClient", "Watch"]
+__all__ = ["ApiError", "ClosingSSLSocket", "KubeConfigError", "KubeClient", "Watch"]
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -57,6 +58,27 @@ class KubeConfigError(ValueError):
     """The client cannot be configured; the message says from what and why."""
 
 
+class ClosingSSLSocket(ssl.SSLSocket):
+    """An ``SSLSocket`` that closes itself when its own creation fails.
+
+    Wrapping a TCP socket whose peer reset it first (an API server that
+    restarts, a load balancer that cuts idle connections) fails inside
+    ``SSLSocket``'s creation, in its probe ``recv``; Python 3.11 leaves that
+    half-made socket open, unreachable, until a garbage collection closes
+    it with a ResourceWarning.  The same holds for a server's accepted
+    socket (the test API server uses this class too)."""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except OSError as e:
+            # Still being created (no SSL object yet), and not the ENOTCONN /
+            # EINVAL that the probe of a listening socket expects.
+            if getattr(self, "_sslobj", None) is None and e.errno not in (errno.ENOTCONN, errno.EINVAL):
+                self.close()
+            raise
+
+
 @dataclass
 class KubeClient:
     """Requests to one API server."""
@@ -76,6 +98,8 @@ class KubeClient:
         self._host = u.hostname
         self._port = u.port or (443 if self._https else 80)
         self._base = u.path.rstrip("/")
+        if self.ssl_context is not None:
+            self.ssl_context.sslsocket_class = ClosingSSLSocket
 
     # --- configuration --------------------------------------------------------------
 

@@ -57,7 +57,6 @@ from __future__ import annotations
 import base64
 import copy
 import datetime
-import errno
 import functools
 import ipaddress
 import json
@@ -79,6 +78,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes_validate import utils as kv
 from referencing import Registry, Resource
+
+from agent.workloads.kubeclient import ClosingSSLSocket
 
 #: resource (``<plural>`` in the core group, else ``<group>/<plural>``) ->
 #: (kind, apiVersion, namespaced)
@@ -456,7 +457,7 @@ class FakeKubeAPI:
         if self.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.cert_file, self.key_file)
-            ctx.sslsocket_class = _AcceptedSSLSocket
+            ctx.sslsocket_class = ClosingSSLSocket  # a client reset before the accept
             srv.socket = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         t.start()
@@ -749,25 +750,6 @@ def _merge_patch(target, patch):
         else:
             target[k] = _merge_patch(target.get(k), v)
     return target
-
-
-class _AcceptedSSLSocket(ssl.SSLSocket):
-    """The server's sockets, closed when wrapping an accepted connection
-    fails: a client that resets before the server accepts (a stopped
-    enroller, a timed-out request) makes ``SSLSocket`` raise from its probe
-    ``recv`` while it is being created, and Python 3.11 leaves that
-    half-made socket open until a collection finds it (a ResourceWarning,
-    an error in whichever test runs then)."""
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        try:
-            return super().recv(buflen, flags)
-        except OSError as e:
-            # still being created, and an error that creation raises (a listening
-            # socket's ENOTCONN/EINVAL is expected there and passes)
-            if self._sslobj is None and e.errno not in (errno.ENOTCONN, errno.EINVAL):
-                self.close()
-            raise
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -5,6 +5,13 @@ concurrency, CSRs stamped with the requester, RBAC refusals."""
 
 from __future__ import annotations
 
+import gc
+import select
+import socket
+import struct
+import threading
+import warnings
+
 import pytest
 
 from agent.workloads.kubeclient import ApiError, KubeClient
@@ -160,3 +167,58 @@ def test_writes_reach_watchers(api, tmp_path):
     finally:
         w.close()
     assert events == [("ADDED", "DENY"), ("MODIFIED", "AUDIT"), ("DELETED", "AUDIT")]
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_an_answer_cut_short_is_an_error_and_leaves_no_socket_open(close):
+    # An API server (or a proxy in front of it) that dies mid-answer: the
+    # request is an ApiError naming the cut, and the client's socket is
+    # closed at once, not left to the garbage collector (a ResourceWarning
+    # in the agent's log, an error in the test suite).  With and without
+    # "Connection: close" (http.client hands the socket to the response
+    # when the answer says it will close).
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+    head += b"Connection: close\r\n\r\n" if close else b"\r\n"
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = ls.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(head + b'{"kind": ')
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        client = KubeClient(f"http://127.0.0.1:{ls.getsockname()[1]}")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(ApiError) as e:
+                client.get("/api/v1/pods", timeout=10)
+            gc.collect()
+        assert "GET /api/v1/pods" in str(e.value)
+        assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]
+    finally:
+        t.join(10)
+        ls.close()
+
+
+def test_a_tls_connection_the_server_reset_first_is_closed_not_left_to_the_collector(api, tmp_path):
+    # The server resets the TCP connection before the client wraps it in
+    # TLS (a restarting API server, a load balancer cutting it): wrapping
+    # fails in SSLSocket's creation, and the half-made socket must be
+    # closed there, not by a later garbage collection (a ResourceWarning).
+    client = _client(api, tmp_path)
+    ls = socket.create_server(("127.0.0.1", 0))
+    with ls:
+        sock = socket.create_connection(ls.getsockname())
+        conn, _ = ls.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    select.select([sock], [], [], 10)  # the RST has arrived
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(ConnectionResetError):
+            client.ssl_context.wrap_socket(sock, server_hostname="127.0.0.1")
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)], [str(w.message) for w in seen]

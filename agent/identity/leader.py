@@ -119,17 +119,35 @@ class LeaderElector:
             self._leading.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
-        leader = self.is_leader()
         self._valid_until = 0.0
-        if release and leader and self.record is not None:
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        """Empty the Lease's holder if this replica holds it (by the record it
+        last wrote or read: a write that was in flight when the stop came
+        counts).  A conflict means the Lease moved on since: read it again
+        and release once more if it is still ours."""
+        for attempt in (1, 2):
+            r = self.record
+            if r is None or r.holder != self.cfg.identity:
+                return
             try:
-                body = release_object(self.cfg, self.clock(), self.record)
+                body = release_object(self.cfg, self.clock(), r)
                 self.client.request("PUT", self.cfg.path, body, timeout=self.request_timeout)
                 log.info("lease %s released", self.cfg.name)
+                return
             except ApiError as e:
+                if e.status == 409 and attempt == 1:
+                    try:
+                        self.record = read_lease(self.client.get(self.cfg.path, timeout=self.request_timeout))
+                        continue
+                    except ApiError as e2:
+                        e = e2
                 log.warning(
                     "lease %s: not released (%s); another replica takes it when it expires", self.cfg.name, e
                 )
+                return
 
     def step(self) -> None:
         """One round: read the Lease, then acquire, renew or wait."""
@@ -172,10 +190,10 @@ class LeaderElector:
                 return
             self._failed(f"cannot write lease {cfg.namespace}/{cfg.name}: {e}")
             return
+        self.record = read_lease(got)  # what stop() releases: this write's version, not the one read
         if self._stop.is_set():
             return  # stopping: do not become the leader now (stop() releases what it holds)
         self._valid_until = sent + cfg.renew_deadline
-        self.record = read_lease(got)
         self._seen = (self.record.fingerprint, self.monotonic())
         if p.acquires or not self._was_leader:
             self.counters["acquired"] += 1

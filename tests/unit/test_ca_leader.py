@@ -139,6 +139,69 @@ def test_a_stopping_leader_releases_the_lease(cluster):
     assert the_lease(cluster)["spec"]["leaseTransitions"] == 1
 
 
+class StopDuringRenewal(KubeClient):
+    """A real client; once ``armed``, its next write of the Lease lands, and
+    then its answer is held until the elector is stopping: a stop that comes
+    while a renewal is in flight."""
+
+    elector: LeaderElector
+    armed = False
+    in_flight = threading.Event()
+
+    def request(self, method, path, body=None, **kw):
+        out = super().request(method, path, body, **kw)
+        if method == "PUT" and path.startswith(LEASES) and self.armed:
+            self.armed = False
+            self.in_flight.set()
+            wait_for("the stop", self.elector._stop.is_set)
+        return out
+
+
+def test_a_leader_stopped_while_renewing_releases_the_lease_it_just_wrote(cluster):
+    # The renewal moved the Lease's resourceVersion on after the elector had
+    # read it; a release from the version read would be a 409 and leave the
+    # Lease held until it expires (the next replica waits 15 s).
+    base = KubeClient.from_kubeconfig(cluster.api.kubeconfig(str(cluster.tmp / "kc-stop.yaml"), token="ca-token"))
+    client = StopDuringRenewal(base.server, base.ssl_context, token=base.token)
+    client.in_flight = threading.Event()
+    el = client.elector = LeaderElector(client, lease("ca-0", STEADY)).start()
+    try:
+        wait_for("ca-0 leads", el.is_leader)
+        client.armed = True
+        assert client.in_flight.wait(30)
+    finally:
+        el.stop()
+    released = the_lease(cluster)["spec"]
+    assert released["holderIdentity"] == "" and released["leaseDurationSeconds"] == 1, released
+
+
+class LostAnswer(KubeClient):
+    """A real client; once ``armed``, its next write of the Lease lands but
+    its answer is lost (a timeout)."""
+
+    armed = False
+
+    def request(self, method, path, body=None, **kw):
+        out = super().request(method, path, body, **kw)
+        if method == "PUT" and path.startswith(LEASES) and self.armed:
+            self.armed = False
+            raise ApiError(0, f"PUT {path}: timed out")
+        return out
+
+
+def test_a_release_that_conflicts_reads_the_lease_again_and_releases_it_if_still_held(cluster):
+    base = KubeClient.from_kubeconfig(cluster.api.kubeconfig(str(cluster.tmp / "kc-lost.yaml"), token="ca-token"))
+    client = LostAnswer(base.server, base.ssl_context, token=base.token)
+    el = LeaderElector(client, lease("ca-0", STEADY))
+    el.step()  # created: the leader
+    client.armed = True
+    el.step()  # the renewal landed, its answer did not: the elector's version is stale
+    assert el.counters["errors"] == 1 and el.is_leader()
+    el.stop()  # 409 from the stale version, read again: still ours, released
+    released = the_lease(cluster)["spec"]
+    assert released["holderIdentity"] == "" and released["leaseDurationSeconds"] == 1, released
+
+
 class RacingClient(KubeClient):
     """A real client; when ``race`` is set, its next read of the Lease is
     followed, before this replica writes, by another replica's write that

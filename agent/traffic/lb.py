@@ -32,7 +32,13 @@ that fails fast does not attract traffic.  (With the sample only
 ``max(latency, ewma)``, an endpoint whose first sample was a fast failure
 kept that fast EWMA for good: an endpoint resetting every request won
 three of four tie-breaks against a healthy one whose first sample included
-its dial, and its retries emptied the retry budget.)
+its dial, and its retries emptied the retry budget.)  The penalty stops
+once the endpoint looks ``FAILURE_CEILING`` times slower than the mean of
+its peers: without that bound each failure multiplied its EWMA (by 1.3), so
+after a burst of dozens of failures, not ejected (outlier detection off, or
+failures below its threshold), a recovered endpoint stayed at its tie-break
+floor for hundreds of requests; bounded, a handful of successes bring it
+back (and the EWMA only moves when the endpoint is picked).
 """
 
 from __future__ import annotations
@@ -54,8 +60,12 @@ EWMA_ALPHA = 0.3
 #: when it is picked) would starve after it recovers.
 TIE_FLOOR = 0.1
 #: A failed attempt's latency sample is this multiple of the larger of its
-#: latency and the EWMA (see the module doc).
+#: latency and the EWMA (see the module doc) ...
 FAILURE_PENALTY = 2.0
+#: ... as long as that keeps the endpoint's EWMA within this multiple of its
+#: peers' mean EWMA: past it, a failure's sample is only the larger of its
+#: latency and the EWMA (no further growth).
+FAILURE_CEILING = 8.0
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,11 @@ class LoadBalancer(Generic[E]):
         s.outstanding -= 1
         latency = max(0.0, latency)
         if not ok:
-            latency = FAILURE_PENALTY * max(latency, s.ewma)
+            base = max(latency, s.ewma)  # never faster for a failure
+            latency = FAILURE_PENALTY * base
+            peers = [o.ewma for o in self._stats.values() if o is not s and o.samples]
+            if peers:  # ... but slower only up to FAILURE_CEILING x its peers' mean
+                latency = min(latency, max(base, FAILURE_CEILING * sum(peers) / len(peers)))
         s.ewma = latency if s.samples == 0 else EWMA_ALPHA * latency + (1 - EWMA_ALPHA) * s.ewma
         s.samples += 1
         return True

@@ -134,6 +134,56 @@ def test_requests_to_the_vip_are_spread_over_every_endpoint(env):
     assert all(r["traceparent"] for name in WEB for r in web.received(name))
 
 
+def test_policy_with_http_fields_is_enforced_per_request_behind_the_vip(env, tmp_path):
+    """The legs to the endpoints are ordinary mesh connections: a DENY on a
+    path of the web pods answers 403 through the VIP (on every endpoint, same
+    node and across nodes), other paths still work, and the denied requests
+    never reach a server.  (It runs before the tests that stop or fail
+    endpoints: those leave one ejected and another behind at its tie-break
+    floor for a while, and "still balanced" below would be a coin flip.)"""
+    mesh, web = env
+    f = tmp_path / "deny.yaml"
+    f.write_text("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-deny-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+""")
+    for node in mesh.agents:
+        r = cli(mesh, node, "policy", "apply", "-f", str(f))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def loaded():
+        return all(((w.get("stats") or {}).get("policy") or {}).get("count", 0) >= 1
+                   for node in mesh.agents for w in mesh.status(node)["proxy"])
+
+    wait_for(loaded, "the proxy workers run the policy", timeout=15)
+    try:
+        web.reset_logs()
+        res = get_many(mesh, 12, "/admin/x") + get_many(mesh, 24, "/ok")
+        assert [c for c, _ in res] == [403] * 12 + [200] * 24, res
+        assert all(body == "RBAC: access denied" for _, body in res[:12])
+        got = [r["path"] for name in WEB for r in web.received(name)]
+        assert got and not [p for p in got if p.startswith("/admin")], got
+        assert len({b.split(" ", 1)[0] for _, b in res[12:]}) >= 2  # still balanced
+    finally:
+        for node in mesh.agents:
+            cli(mesh, node, "policy", "delete", "web-deny-admin")
+
+
+def _policy(name: str, spec: str) -> str:
+    return (f"apiVersion: meshlet.io/v1alpha1\nkind: TrafficPolicy\n"
+            f"metadata: {{name: {name}, namespace: default}}\nspec:\n  service: web\n{spec}")
+
+
+def _restart_all(web: PodServers, *extra: str) -> None:
+    for name in WEB:
+        web.start(name, *extra)
+
+
 def test_a_stopped_endpoint_stops_receiving_requests(env):
     mesh, web = env
     web.stop("web-2")
@@ -199,54 +249,6 @@ def test_tcp_port_of_the_service_is_balanced_per_connection(env):
     dsts = {e.get("dst_pod") for e in log if e.get("route") in ("local", "tunnel")
             and (e.get("dst_addr") or "").endswith(f":{VIP_TCP_PORT}")}
     assert len(dsts & {"default/web-1", "default/web-2", "default/web-3"}) >= 2, dsts
-
-
-def test_policy_with_http_fields_is_enforced_per_request_behind_the_vip(env, tmp_path):
-    """The legs to the endpoints are ordinary mesh connections: a DENY on a
-    path of the web pods answers 403 through the VIP (on every endpoint, same
-    node and across nodes), other paths still work, and the denied requests
-    never reach a server."""
-    mesh, web = env
-    f = tmp_path / "deny.yaml"
-    f.write_text("""
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: web-deny-admin, namespace: default}
-spec:
-  selector: {matchLabels: {app: web}}
-  action: DENY
-  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
-""")
-    for node in mesh.agents:
-        r = cli(mesh, node, "policy", "apply", "-f", str(f))
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    def loaded():
-        return all(((w.get("stats") or {}).get("policy") or {}).get("count", 0) >= 1
-                   for node in mesh.agents for w in mesh.status(node)["proxy"])
-
-    wait_for(loaded, "the proxy workers run the policy", timeout=15)
-    try:
-        web.reset_logs()
-        res = get_many(mesh, 12, "/admin/x") + get_many(mesh, 12, "/ok")
-        assert [c for c, _ in res] == [403] * 12 + [200] * 12, res
-        assert all(body == "RBAC: access denied" for _, body in res[:12])
-        got = [r["path"] for name in WEB for r in web.received(name)]
-        assert got and not [p for p in got if p.startswith("/admin")], got
-        assert len({b.split(" ", 1)[0] for _, b in res[12:]}) >= 2  # still balanced
-    finally:
-        for node in mesh.agents:
-            cli(mesh, node, "policy", "delete", "web-deny-admin")
-
-
-def _policy(name: str, spec: str) -> str:
-    return (f"apiVersion: meshlet.io/v1alpha1\nkind: TrafficPolicy\n"
-            f"metadata: {{name: {name}, namespace: default}}\nspec:\n  service: web\n{spec}")
-
-
-def _restart_all(web: PodServers, *extra: str) -> None:
-    for name in WEB:
-        web.start(name, *extra)
 
 
 def test_per_try_and_request_timeouts_fire_against_slow_endpoints(env, tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.traffic.lb import LoadBalancer
+from agent.traffic.lb import FAILURE_CEILING, LoadBalancer
 
 EPS = ["a", "b", "c", "d"]
 
@@ -56,7 +58,7 @@ def test_an_endpoint_that_fails_fast_from_its_first_try_does_not_attract_traffic
     a refused connect), the good one's first includes its dial: each
     further failure must make the bad one look slower, else it keeps the
     fast first sample and wins most tie-breaks (three of four, seen in
-    test_l7_traffic, where its retries emptied the retry budget)."""
+    the retry-budget test, where its retries emptied the retry budget)."""
     lb = LoadBalancer(random.Random(5))
     lb.finish(lb.start("good"), True, 0.005)  # the dial
     lb.finish(lb.start("bad"), False, 0.0002)
@@ -67,6 +69,25 @@ def test_an_endpoint_that_fails_fast_from_its_first_try_does_not_attract_traffic
         lb.finish(lb.start(e), e == "good", 0.0002 if e == "bad" else 0.0005)
     assert picks["bad"] < 0.2 * 200, picks  # near TIE_FLOOR, not three in four
     assert picks["bad"] > 0, picks  # still sampled (would be seen again once it recovers)
+
+
+def test_a_burst_of_failures_is_bounded_so_a_recovered_endpoint_comes_back():
+    """Each failure makes an endpoint look slower, but only up to
+    FAILURE_CEILING x its peers' mean: after 100 failures in a row (outlier
+    detection off), ten successes bring it back near its real latency
+    (unbounded, its EWMA was 1.3^100 times its first sample)."""
+    lb = LoadBalancer(random.Random(6))
+    for e in ("good", "other", "bad"):
+        lb.finish(lb.start(e), True, 0.001)
+    for _ in range(100):
+        lb.finish(lb.start("bad"), False, 0.0002)
+    assert 4 * 0.001 < lb.latency("bad") <= FAILURE_CEILING * 0.001 * (1 + 1e-9)  # well behind its peers
+    ceiling = lb.latency("bad")
+    lb.finish(lb.start("bad"), False, 0.0002)
+    assert lb.latency("bad") == pytest.approx(ceiling, rel=1e-9)  # at the ceiling: no growth
+    for _ in range(10):
+        lb.finish(lb.start("bad"), True, 0.001)
+    assert lb.latency("bad") < 0.0015
 
 
 def test_retain_forgets_removed_endpoints_but_not_in_flight():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -201,7 +202,12 @@ class FlowReader:
         self._thread: threading.Thread | None = None
         self._wall = mono_to_wall_offset()
         self._seq = 0
-        self._events: collections.deque[tuple[int, str, bytes]] = collections.deque(maxlen=closed_limit)
+        # The last ``closed_limit`` events for followers, as two parallel
+        # deques (a record, shared with ``_closed``, and whether it is a new
+        # flow): event number ``_seq`` is the last one, numbers are
+        # consecutive, so no per-event tuple or int is kept.
+        self._events: collections.deque[bytes] = collections.deque(maxlen=closed_limit)
+        self._event_new: collections.deque[bool] = collections.deque(maxlen=closed_limit)
         self._seen_live: set[int] = set()
 
     # --- ring buffer -------------------------------------------------------------------
@@ -254,7 +260,8 @@ class FlowReader:
 
     def _push(self, kind: str, rec: bytes) -> None:
         self._seq += 1
-        self._events.append((self._seq, kind, rec))
+        self._events.append(rec)
+        self._event_new.append(kind == "new")
 
     def _decode(self, recs: list[bytes]) -> list[dict]:
         return [decode_flow(r, self._wall) for r in recs]
@@ -321,8 +328,12 @@ class FlowReader:
                     self._seen_live.add(cookie)
                     self._push("new", rec)
             self._seen_live &= live_ids
-            fresh = [(k, r) for s, k, r in self._events if s > after]
             seq = self._seq
+            n = min(max(seq - after, 0), len(self._events))  # the events numbered after ``after``
+            first = len(self._events) - n
+            news = itertools.islice(self._event_new, first, None)
+            recs = itertools.islice(self._events, first, None)
+            fresh = [("new" if new else "closed", rec) for new, rec in zip(news, recs, strict=True)]
         return seq, [(k, decode_flow(r, self._wall)) for k, r in fresh]
 
     def cursor(self) -> int:

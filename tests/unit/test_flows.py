@@ -204,6 +204,7 @@ def test_reader_keeps_a_bounded_history_of_raw_records_and_decodes_when_read(tmp
     seq, events = reader.poll_events(start)
     assert seq == 5 and [(k, f["cookie"]) for k, f in events] == [("closed", 3), ("closed", 4), ("closed", 5)]
     assert reader.poll_events(seq) == (5, [])
+    assert reader.poll_events(4) == (5, [("closed", decode_flow(raws[4], reader._wall))])
     live.append(make_raw(cookie=9))
     assert reader.poll_events(seq) == (6, [("new", decode_flow(live[0], reader._wall))])
     assert reader.snapshot()["live"] == [decode_flow(live[0], reader._wall)]

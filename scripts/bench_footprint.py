@@ -144,6 +144,7 @@ def push_traffic(cluster, nodes: int, seconds: int) -> dict:
     out: dict = {}
     try:
         for dst in paths.values():
+            os.makedirs(os.path.join(d, dst))
             conf = write_nginx_conf(os.path.join(d, dst), ["8080 reuseport"], "hello from nginx in a pod\n")
             pod = cluster.pod(dst)
             procs += [

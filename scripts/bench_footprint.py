@@ -190,7 +190,8 @@ def push_traffic(cluster, nodes: int, seconds: int) -> dict:
 
 def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int = 0) -> dict:
     """Bring up ``nodes`` nodes with ``pods`` pods each and meshlet, push
-    traffic for ``traffic`` seconds (0: none), measure node1, tear down."""
+    traffic for ``traffic`` seconds (0: none), measure node1 (and the
+    other nodes' distinct pages and heaps), tear down."""
     from agent.sim import Cluster
     from agent.sim.mesh import Mesh, service
 
@@ -219,6 +220,14 @@ def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int
             distinct = tree_distinct_mb(apid)
             pss = tree_pss_mb(apid)
             detail = {"agent": top_mappings(apid), "proxy worker 0": top_mappings(wpids[0]) if wpids else []}
+            others = {}  # the other nodes' totals (the bench reads every node)
+            for n in cluster.nodes[1:]:
+                p = mesh.agents[n.name].popen
+                assert p is not None
+                others[n.name] = {
+                    "node_distinct_mb": tree_distinct_mb(agent_pid(p.pid)),
+                    "heaps": [worker_memory(mesh.agents[n.name].run_dir, i) for i in range(workers)],
+                }
         finally:
             mesh.down()
     return {
@@ -234,6 +243,7 @@ def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int
         "node_tree_pss_mb": pss,
         "node_distinct_mb": distinct,
         "top_mappings_kb": detail,
+        "other_nodes": others,
     }
 
 
@@ -255,7 +265,8 @@ def print_table(rows: list[dict]) -> None:
     )
     for r in rows:
         for where, t in (r.get("traffic") or {}).items():
-            line = f"{r['pods']:>5} after traffic, {where}: {t['rps']} req/s (wrk -c32), {t['gbps']} Gbit/s (iperf3)"
+            line = f"{r['pods']:>5} after traffic, {where}: {t['rps']} req/s (wrk -c32), "
+            line += f"{t['gbps']} Gbit/s (iperf3)"
             if "conn_per_s" in t:
                 line += f", {t['conn_per_s']} new conn/s (connrate), {t['rps_c1']} req/s (wrk -c1)"
             print(line)
@@ -275,6 +286,15 @@ def print_table(rows: list[dict]) -> None:
             f"{r['pods']:>5} {'node total':<16} {mb(r['node_rss_kb']):>8} {mb(r['node_pss_kb']):>8} "
             f"{r['node_distinct_mb']:>12.1f}"
         )
+        for name, o in r.get("other_nodes", {}).items():
+            heaps = ", ".join(
+                f"{mb(h['heap_in_use_kb'])} / {mb(h['heap_free_kb'])}"
+                for h in o["heaps"]
+                if h.get("heap_in_use_kb")
+            )
+            print(
+                f"{r['pods']:>5} {name + ' total':<16} {'':>8} {'':>8} {o['node_distinct_mb']:>12.1f}  {heaps}"
+            )
         if r["agent"]["llvm"]:
             print(f"      the agent maps LLVM: {', '.join(r['agent']['llvm'])}")
 

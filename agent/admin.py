@@ -132,13 +132,16 @@ Handler = Callable[[Request], Awaitable["Answer | None"]]
 class Route:
     """``path`` served by ``handler`` for ``methods``.  ``prefix``: every path
     starting with ``path``; ``exact``: the whole target (a query string makes
-    it another path); otherwise the path without its query."""
+    it another path); otherwise the path without its query.  ``release``:
+    the answer can be big (every flow in the history decoded): once it is
+    sent, the agent hands its free heap back (``release_heap``)."""
 
     path: str
     handler: Handler
     methods: tuple[str, ...] = ("GET",)
     prefix: bool = False
     exact: bool = False
+    release: bool = False
 
     def matches(self, target: str) -> bool:
         if self.exact:
@@ -183,8 +186,8 @@ ROUTE_TABLE: tuple[Route, ...] = (
     Route("/v1/workloads", _workloads_h, exact=True),
     Route("/v1/services", _services_h, exact=True),
     Route("/v1/bpf", _bpf, exact=True),
-    Route("/v1/stats", _stats),
-    Route("/v1/flows", _flows),
+    Route("/v1/stats", _stats, release=True),
+    Route("/v1/flows", _flows, release=True),
     Route("/v1/flows/follow", _flows),
 )
 
@@ -201,6 +204,24 @@ def route_for(method: str, target: str) -> Route | Answer:
     return 404, {"error": f"unknown path {target!r}", "paths": sorted(ROUTES)}
 
 
+def release_heap() -> None:
+    """Hand the agent's free heap back after a big answer (``Route.release``):
+    decoding a full flow history, its views and their JSON grow glibc's heap
+    by ~8 MB, which glibc keeps once freed (it trims only the top of its
+    heap), for the node's life, and the views' cycles wait for a full
+    collection.  Measured in a 2-node simulated cluster after the bench's
+    traffic (10,000 closed flows), ``/v1/flows`` three times: agent RSS 49.6
+    -> 62.8 (the heap 7.1 -> 15.3 MB) -> 66.6 MB after the second; with the
+    release 49.5 -> 55.5 -> 57.5 -> 57.5 MB (what stays is pymalloc arenas
+    that some surviving object pins)."""
+    import gc
+
+    from .proxy.memory import trim
+
+    gc.collect()  # the views refer to each other (linked legs): cycles, freed only by the collector
+    trim()
+
+
 async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
     """Serve the admin API on ``agent.cfg.admin.socket`` (mode 0600)."""
     path = agent.cfg.admin.socket
@@ -211,6 +232,12 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
         pass
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await serve_one(reader, writer):  # its answer went with its frame
+            await asyncio.to_thread(release_heap)
+
+    async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; True when its route wants the heap released."""
+        release = False
         try:
             method, target, payload, error = await _read_admin_request(reader)
             if error is not None:
@@ -218,9 +245,10 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
             else:
                 found = route_for(method, target)
                 if isinstance(found, Route):
+                    release = found.release
                     answer = await found.handler(Request(agent, method, target, payload, reader, writer))
                     if answer is None:
-                        return  # streamed
+                        return release  # streamed
                     code, body = answer
                 else:
                     code, body = found
@@ -235,6 +263,7 @@ async def start_admin(agent: AdminAgent) -> asyncio.AbstractServer:
             log.exception("admin request failed")
         finally:
             writer.close()
+        return release
 
     server = await asyncio.start_unix_server(handle, path=path)
     os.chmod(path, 0o600)

@@ -16,11 +16,18 @@ pages between the processes that map them; *distinct* is the union of the
 page frames the node's processes map (``bench_envoy.tree_distinct_mb``,
 from pagemap): every page once, what the node would cost on its own, the
 measure the README judges the footprint target on (against one Envoy
-sidecar's).  ``--traffic`` first pushes HTTP (wrk -c32) and one bulk stream
-(iperf3) from the first pod to the last pod of the last node, then waits
+sidecar's).  ``--traffic`` first pushes what scripts/bench.py pushes through
+the mesh before it reads its memory rows, from pod1-1: to pod1-2 on the
+same node (spliced), HTTP (wrk -c32) and one bulk stream (iperf3); to
+pod<last>-1, the first pod of the last node (cross-node, the mux tunnel),
+the same plus sequential new connections (``agent.sim.tools connrate``,
+each one a closed flow the agent keeps in its history) and HTTP on one
+connection (wrk -c1).  As in the bench, pod1-2 and pod<last>-1 back a
+service "web" (port 80 -> 8080, appProtocol http).  Then it waits
 ``--settle`` seconds: memory held at idle *after* traffic, as the bench's
-rows see it.  Each worker's glibc heap split (in use / free, from its stats
-socket) tells Python objects from free heap kept by the allocator.
+rows see it (the bench waits 5 s).  Each worker's glibc heap split (in use /
+free, from its stats socket) tells Python objects from free heap kept by
+the allocator.
 Memory, not time: nothing here is timed.  Run as root (the simulated
 cluster needs it).
 """
@@ -110,49 +117,96 @@ def worker_memory(run_dir: str, worker: int) -> dict:
         return {}
 
 
-def push_traffic(cluster, src: str, dst: str, seconds: int) -> dict:
-    """HTTP (wrk -c32) then one bulk stream (iperf3) from ``src`` to ``dst``
-    through the mesh; the servers run in ``dst``."""
-    from bench import run_iperf, run_wrk  # scripts/, next to this file
+WEB = {"app": "web"}  # the labels of the bench's nginx pods, behind the service "web"
+
+
+def pod_specs(nodes: int, pods: int) -> dict:
+    """The cluster's pods: ``pods`` per node, the bench's nginx pods
+    (pod1-2 and pod<nodes>-1) labelled as the service "web" selects."""
+    specs: dict = {}
+    for n in range(1, nodes + 1):
+        specs[n] = [
+            {"name": f"pod{n}-{i}", **({"labels": WEB} if (n, i) in ((1, 2), (nodes, 1)) else {})}
+            for i in range(1, pods + 1)
+        ]
+    return specs
+
+
+def push_traffic(cluster, nodes: int, seconds: int) -> dict:
+    """The bench's meshed paths (module docstring) for ``seconds`` each: from
+    pod1-1 to pod1-2, then to pod<nodes>-1; the servers run in those pods."""
+    from bench import run_connrate, run_iperf, run_wrk  # scripts/, next to this file
     from benchtools import write_nginx_conf
 
+    paths = {"same-node": "pod1-2", "cross-node": f"pod{nodes}-1"} if nodes > 1 else {"same-node": "pod1-2"}
     d = tempfile.mkdtemp(prefix="meshlet-footprint-")
+    procs: list[subprocess.Popen] = []
+    out: dict = {}
     try:
-        conf = write_nginx_conf(d, ["8080 reuseport"], "hello from nginx in a pod\n")
-        procs = [
-            cluster.pod(dst).popen(
-                ["nginx", "-c", conf, "-p", d], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            ),
-            cluster.pod(dst).popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL),
-        ]
-        try:
-            time.sleep(1.0)  # the servers listen
+        for dst in paths.values():
+            os.makedirs(os.path.join(d, dst))
+            conf = write_nginx_conf(os.path.join(d, dst), ["8080 reuseport"], "hello from nginx in a pod\n")
+            pod = cluster.pod(dst)
+            procs += [
+                pod.popen(
+                    ["nginx", "-c", conf, "-p", os.path.join(d, dst)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+                pod.popen(["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL),
+                pod.popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "agent.sim.tools",
+                        "echo",
+                        "--port",
+                        "7001",
+                        "--max-seconds",
+                        "1800",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                ),
+            ]
+        time.sleep(1.0)  # the servers listen
+        for where, dst in paths.items():
             host = cluster.pod(dst).ip4
-            http = run_wrk(cluster, src, f"http://{host}:8080/", seconds, 32)
-            bulk = run_iperf(cluster, src, host, seconds)
-        finally:
-            for pr in procs:
-                pr.terminate()
-                pr.wait(timeout=10)
+            row = {
+                "rps": run_wrk(cluster, "pod1-1", f"http://{host}:8080/", seconds, 32).get("rps"),
+                "gbps": run_iperf(cluster, "pod1-1", host, seconds).get("gbps"),
+            }
+            if where == "cross-node":
+                row["conn_per_s"] = run_connrate(cluster, "pod1-1", host, seconds).get("per_second")
+                row["rps_c1"] = run_wrk(cluster, "pod1-1", f"http://{host}:8080/", seconds, 1).get("rps")
+            out[where] = row
     finally:
+        for pr in procs:
+            pr.terminate()
+        for pr in procs:
+            pr.wait(timeout=10)
         shutil.rmtree(d, ignore_errors=True)
-    return {"rps": http.get("rps"), "gbps": bulk.get("gbps")}
+    return out
 
 
 def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int = 0) -> dict:
     """Bring up ``nodes`` nodes with ``pods`` pods each and meshlet, push
-    traffic for ``traffic`` seconds (0: none), measure node1, tear down."""
+    traffic for ``traffic`` seconds (0: none), measure node1 (and the
+    other nodes' distinct pages and heaps), tear down."""
     from agent.sim import Cluster
-    from agent.sim.mesh import Mesh
+    from agent.sim.mesh import Mesh, service
 
-    cluster = Cluster(nodes=nodes, pods_per_node=pods, ipv6=False)
+    if traffic and pods < 2:
+        raise SystemExit("bench_footprint: --traffic needs --pods 2 or more (a client and a server per node)")
+    specs = pod_specs(nodes, pods) if traffic else None
+    cluster = Cluster(nodes=nodes, pods_per_node=pods, ipv6=False, pod_specs=specs)
     with cluster:
-        mesh = Mesh(cluster, workers=workers, log_level="warning")
+        web = [service("web", WEB, [{"port": 80, "targetPort": 8080, "appProtocol": "http"}], index=1)]
+        mesh = Mesh(cluster, workers=workers, log_level="warning", services=web if traffic else [])
         try:
             mesh.start(timeout=300)
             st = mesh.status("node1")
             enrolled = st.get("datapath", {}).get("enrolled", st.get("enrolled"))
-            load = push_traffic(cluster, "pod1-1", f"pod{nodes}-{pods}", traffic) if traffic else None
+            load = push_traffic(cluster, nodes, traffic) if traffic else None
             time.sleep(settle)  # memory, not time: let start-up (or traffic) garbage go first
             popen = mesh.agents["node1"].popen
             assert popen is not None
@@ -166,6 +220,14 @@ def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int
             distinct = tree_distinct_mb(apid)
             pss = tree_pss_mb(apid)
             detail = {"agent": top_mappings(apid), "proxy worker 0": top_mappings(wpids[0]) if wpids else []}
+            others = {}  # the other nodes' totals (the bench reads every node)
+            for n in cluster.nodes[1:]:
+                p = mesh.agents[n.name].popen
+                assert p is not None
+                others[n.name] = {
+                    "node_distinct_mb": tree_distinct_mb(agent_pid(p.pid)),
+                    "heaps": [worker_memory(mesh.agents[n.name].run_dir, i) for i in range(workers)],
+                }
         finally:
             mesh.down()
     return {
@@ -181,6 +243,7 @@ def measure(pods: int, workers: int, settle: float, nodes: int = 1, traffic: int
         "node_tree_pss_mb": pss,
         "node_distinct_mb": distinct,
         "top_mappings_kb": detail,
+        "other_nodes": others,
     }
 
 
@@ -201,12 +264,12 @@ def print_table(rows: list[dict]) -> None:
         f"{'pods':>5} {'what':<16} {'RSS MB':>8} {'PSS MB':>8} {'distinct MB':>12}  glibc heap (in use / free MB)"
     )
     for r in rows:
-        if r.get("traffic"):
-            t = r["traffic"]
-            print(
-                f"{r['pods']:>5} after traffic across {r['nodes']} node(s): {t['rps']} req/s (wrk -c32), "
-                f"{t['gbps']} Gbit/s (iperf3)"
-            )
+        for where, t in (r.get("traffic") or {}).items():
+            line = f"{r['pods']:>5} after traffic, {where}: {t['rps']} req/s (wrk -c32), "
+            line += f"{t['gbps']} Gbit/s (iperf3)"
+            if "conn_per_s" in t:
+                line += f", {t['conn_per_s']} new conn/s (connrate), {t['rps_c1']} req/s (wrk -c1)"
+            print(line)
         print(f"{r['pods']:>5} {'agent':<16} {mb(r['agent']['rss']):>8} {mb(r['agent']['pss']):>8}")
         for i, w in enumerate(r["proxy_workers"]):
             h = w.get("heap") or {}
@@ -223,6 +286,15 @@ def print_table(rows: list[dict]) -> None:
             f"{r['pods']:>5} {'node total':<16} {mb(r['node_rss_kb']):>8} {mb(r['node_pss_kb']):>8} "
             f"{r['node_distinct_mb']:>12.1f}"
         )
+        for name, o in r.get("other_nodes", {}).items():
+            heaps = ", ".join(
+                f"{mb(h['heap_in_use_kb'])} / {mb(h['heap_free_kb'])}"
+                for h in o["heaps"]
+                if h.get("heap_in_use_kb")
+            )
+            print(
+                f"{r['pods']:>5} {name + ' total':<16} {'':>8} {'':>8} {o['node_distinct_mb']:>12.1f}  {heaps}"
+            )
         if r["agent"]["llvm"]:
             print(f"      the agent maps LLVM: {', '.join(r['agent']['llvm'])}")
 
@@ -231,7 +303,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", default="2,100", help="comma-separated pod counts (default 2,100)")
     ap.add_argument("--workers", type=int, default=2, help="proxy workers (default 2)")
-    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading memory")
+    ap.add_argument(
+        "--settle", type=float, default=5.0, help="seconds to wait before reading memory (5: as the bench)"
+    )
     ap.add_argument(
         "--nodes", type=int, default=1, help="nodes in the cluster (default 1; node1 is measured)"
     )
@@ -242,7 +316,7 @@ def main() -> int:
         const=3,
         default=0,
         metavar="SECONDS",
-        help="push wrk -c32 then iperf3 for SECONDS each (3 if given bare) before measuring",
+        help="push the bench's meshed traffic, SECONDS per run (3 if given bare), before measuring",
     )
     ap.add_argument("--out", help="write the rows as JSON here too")
     ap.add_argument("--detail", action="store_true", help="also print the biggest mappings of each process")

@@ -109,8 +109,10 @@ _SMALL_WRITE = 4096  # writelines joins buffers below this size (headers, contro
 # writelines sends what it has encrypted once this much is pending: the outgoing
 # memory BIO keeps its largest size for the connection's life (OpenSSL's mem BIO
 # never shrinks), so a 4 MiB batch of a bulk stream's frames would leave ~4.5 MB
-# held by an idle pooled connection; 1 MiB sends cost a syscall per MiB.
-_FLUSH_AT = 1 << 20
+# held by an idle pooled connection, and 1 MiB sends ~1.1 MB (mallinfo2 in use
+# after the bench's traffic, 0.7 MB more than at 256 KiB).  256 KiB sends cost
+# 4 syscalls per MiB: the sender's CPU per GB did not move (scripts/bulk_ab.py).
+_FLUSH_AT = 256 * 1024
 SESSION_CACHE_SIZE = 1024
 SESSION_REFRESH_S = 3600.0  # fetch a new session after this long even if its lifetime is longer
 SESSION_REFUSED_REFETCH_S = 300.0  # a refused session is replaced once it is this old (module docstring)

@@ -3,9 +3,15 @@ method and target, and the 404/405 answers, without a socket."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+import types
+
 import pytest
 
 from agent import admin
+from agent.adminclient import admin_get
+from tests.support.admin import admin_server
 
 
 def handler(method: str, target: str):
@@ -55,3 +61,30 @@ def test_every_listed_path_has_a_route():
         method, _, target = path.rpartition(" ")
         target = target.split("[", 1)[0].replace("<namespace>", "ns").replace("<name>", "n")
         assert isinstance(admin.route_for(method or "GET", target), admin.Route), path
+
+
+def test_big_answers_release_the_heap_once_sent(tmp_path, monkeypatch):
+    """A route marked ``release`` (the flow history decoded: /v1/flows,
+    /v1/stats) hands the agent's free heap back after its answer is sent;
+    other answers do not.  Over a real socket, with the status route marked
+    for the test."""
+    assert {r.path for r in admin.ROUTE_TABLE if r.release} == {"/v1/flows", "/v1/stats"}
+    released: list[bool] = []
+    monkeypatch.setattr(admin, "release_heap", lambda: released.append(True))
+    table = tuple(dataclasses.replace(r, release=r.path == "/v1/status") for r in admin.ROUTE_TABLE)
+    monkeypatch.setattr(admin, "ROUTE_TABLE", table)
+    sock = str(tmp_path / "admin.sock")
+
+    class Agent:  # the status route's part of agent.admin.AdminAgent
+        cfg = types.SimpleNamespace(admin=types.SimpleNamespace(socket=sock))
+
+        def status(self) -> dict:
+            return {"node": "node1"}
+
+    with admin_server(Agent()):
+        assert admin_get(sock, "/v1/nowhere")[0] == 404
+        assert admin_get(sock, "/v1/status") == (200, {"node": "node1"})
+        deadline = time.monotonic() + 5  # released in a thread after the answer: wait for it
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert released == [True]

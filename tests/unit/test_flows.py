@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from agent.cli import main
 from agent.datapath import abi
-from agent.datapath.flowtable import FLOW_SIZE, decode_flow
+from agent.datapath.flowtable import FLOW_SIZE, FlowReader, decode_flow
 from agent.datapath.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, RingBuffer, record_span
 from agent.observe.flowviews import (FlowFilter, Resolver, build_views, format_table, human_bytes, human_us,
                          link_legs, parse_since, sort_views)
@@ -179,6 +179,37 @@ def test_ring_carries_flow_records():
         r.push(raw)
         got += r.rb.drain()
     assert [decode_flow(g, 0)["cookie"] for g in got] == [1, 2, 3, 4, 5]
+
+
+def test_reader_keeps_a_bounded_history_of_raw_records_and_decodes_when_read(tmp_path):
+    """The closed-flow history holds the kernel's records as bytes (the agent
+    keeps it for the node's life: a dict per flow held ~5x the memory), at
+    most ``closed_limit`` of them, and hands them out decoded, in order."""
+    r = FakeRing(size=1024)
+    reader = FlowReader(str(tmp_path), closed_limit=3)
+    reader._open_ring = lambda: r.rb  # type: ignore[method-assign]
+    live: list[bytes] = []  # what the kernel's live map would hold
+    reader._live_raw = lambda: list(live)  # type: ignore[method-assign]
+    reader.links = lambda: {}  # type: ignore[method-assign]
+    start = reader.cursor()
+    raws = [make_raw(cookie=i, end_ns=2_000_000_000, bytes_acked=i * 10) for i in range(1, 6)]
+    for raw in raws:
+        r.push(raw)
+    assert reader.drain() == 5
+    assert all(type(x) is bytes and len(x) == FLOW_SIZE for x in reader._closed)
+    snap = reader.snapshot()
+    assert snap["closed"] == [decode_flow(raw, reader._wall) for raw in raws[2:]]
+    assert snap["live"] == [] and snap["reader"]["closed_buffered"] == 3
+    assert snap["reader"]["closed_dropped_from_history"] == 2
+    seq, events = reader.poll_events(start)
+    assert seq == 5 and [(k, f["cookie"]) for k, f in events] == [("closed", 3), ("closed", 4), ("closed", 5)]
+    assert reader.poll_events(seq) == (5, [])
+    assert reader.poll_events(4) == (5, [("closed", decode_flow(raws[4], reader._wall))])
+    live.append(make_raw(cookie=9))
+    assert reader.poll_events(seq) == (6, [("new", decode_flow(live[0], reader._wall))])
+    assert reader.snapshot()["live"] == [decode_flow(live[0], reader._wall)]
+    r.push(b"short")  # not a struct ml_flow: counted, not kept
+    assert reader.drain() == 1 and reader.status()["errors"] == 1 and len(reader._closed) == 3
 
 
 # --- linking, resolution, views ---------------------------------------------------------------

@@ -39,6 +39,10 @@ def _stat(pid: int) -> tuple[float, int]:
 def serve(root: str, mode: str) -> None:
     """One cluster; a line ``run SECONDS`` on stdin runs iperf3 and prints JSON."""
     sys.path.insert(0, os.path.abspath(root))
+    # The agents are started with ``python -m``, which looks in the working
+    # directory before PYTHONPATH: run from a checkout, every side would run
+    # that checkout's agent whatever its ROOT.
+    os.chdir(os.path.abspath(root))
     from agent.sim import Cluster
     from agent.sim.mesh import Mesh
 

@@ -36,6 +36,10 @@ def _cpu(pid: int) -> tuple[float, float]:
 def serve(root: str) -> None:
     """One cluster; a line ``run SECONDS [SPYDIR]`` on stdin runs connrate and prints JSON."""
     sys.path.insert(0, os.path.abspath(root))
+    # The agents are started with ``python -m``, which looks in the working
+    # directory before PYTHONPATH: run from a checkout, every side would run
+    # that checkout's agent whatever its ROOT.
+    os.chdir(os.path.abspath(root))
     from agent.sim import Cluster
     from agent.sim.mesh import Mesh
 

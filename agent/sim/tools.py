@@ -69,6 +69,13 @@ def accept_loop(handler, port: int, bind: str, max_seconds: float) -> None:
             conn, peer = s.accept()
         except TimeoutError:
             continue
+        # Served like an event-loop server (nginx, Go, asyncio) would: with a
+        # timeout the socket is non-blocking underneath and Python waits in
+        # poll(), so a recv() woken without data retries.  A plain blocking
+        # socket would see that wake-up as EAGAIN on a spliced same-node
+        # connection (the kernel's sockmap receive path; see README, "Known
+        # limits") and the handler thread would die of it.
+        conn.settimeout(max_seconds)
         threading.Thread(target=handler, args=(conn, peer), daemon=True).start()
 
 
@@ -153,18 +160,25 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
     sequential, bounded by ``seconds`` and ``limit``."""
     ok = errors = 0
     lat = []
+    kinds: dict[str, int] = {}  # how the failed ones failed, e.g. "recv: ConnectionResetError"
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end and ok + errors < limit:
         t0 = time.monotonic()
+        step = "connect"
         try:
             with socket.create_connection((host, port), timeout=5) as s:
+                step = "send"
                 s.sendall(b"x")
-                if s.recv(1) != b"x":
-                    raise ConnectionError("no echo")
+                step = "recv"
+                got = s.recv(1)
+                if got != b"x":
+                    raise ConnectionError("no echo" if not got else f"echo {got!r}")
             ok += 1
             lat.append(time.monotonic() - t0)
-        except OSError:
+        except OSError as e:
             errors += 1
+            kind = f"{step}: {type(e).__name__}" + (f" ({e})" if type(e) is ConnectionError else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
     lat.sort()
     pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3)) if lat else None
     return {
@@ -173,6 +187,7 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
         "per_second": round(ok / seconds, 1),
         "p50_ms": pick(0.5) if pick else None,
         "p99_ms": pick(0.99) if pick else None,
+        "error_kinds": kinds,
     }
 
 

@@ -155,6 +155,13 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
         try:
             assert all(s.say("before") == {"echo": "before"} for s in sessions)
             assert {s.hello["peer"][0] for s in sessions} <= {ip_of(mesh, "pod2-1"), ip_of(mesh, "pod2-2")}
+            # the old workers that carry the sessions: the kernel spreads the 8
+            # connections (and the tunnels under them) over a node's workers by a
+            # hash, so now and then one worker of a node carries none of them; that
+            # one has nothing to drain and may exit at once
+            carriers = {n: {st["pid"] for st in worker_stats(mesh, n) if st["active_connections"]}
+                        for n in ("node1", "node2")}
+            assert all(carriers.values()), carriers
             loads = [start_connrate(mesh, "pod1-1", "pod2-1"), start_connrate(mesh, "pod2-2", "pod1-2"),
                      start_connrate(mesh, "pod1-2", "pod1-1")]
             old = {n: set(mesh.proxy_pids(n)) for n in ("node1", "node2")}
@@ -163,12 +170,13 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
                 mesh.agents[n].popen.send_signal(signal.SIGHUP)
             for n in ("node1", "node2"):
                 wait_for(lambda n=n: all_ready(mesh, n, old[n]), f"{n}'s workers handed over", timeout=60)
-            # the old workers drain: alive, still carrying the streams
-            assert all(os.path.exists(f"/proc/{pid}") for n in old for pid in old[n])
+            # the old workers drain: those carrying the sessions are alive
+            assert all(c <= old[n] for n, c in carriers.items()), (carriers, old)
+            assert all(_alive(pid) for n in carriers for pid in carriers[n]), carriers
             assert all(s.say("during") == {"echo": "during"} for s in sessions)
             results = [connrate_result(p) for p in loads]
             assert all(r["connections"] > 0 for r in results), results
-            assert [r["errors"] for r in results] == [0, 0, 0], results
+            assert [r["errors"] for r in results] == [0, 0, 0], (results, _not_ok(mesh))
             assert all(s.say("after") == {"echo": "after"} for s in sessions)
         finally:
             codes = [s.close() for s in sessions]
@@ -183,6 +191,12 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
             wait_for(lambda n=n: mesh.agent_log(n).count("finished draining and exited") == 2,
                      f"{n} reaped them")
             assert "killing it" not in mesh.agent_log(n)
+
+
+def _not_ok(mesh) -> dict[str, list]:
+    """What the proxies logged for connections that did not end ``ok``."""
+    return {n: [(e["result"], e.get("deny_reason"), e.get("reason"), e.get("src"), e.get("dst"))
+                for e in mesh.access_log(n) if e["result"] != "ok"] for n in ("node1", "node2")}
 
 
 def _alive(pid: int) -> bool:

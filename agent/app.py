@@ -177,7 +177,6 @@ class Agent:
     identity_sig: tuple | None = None
     identity_error: str | None = None
     enroller: NodeEnroller | None = None  # identity.nodeCA: csr (Kubernetes mode)
-    flow_history: int = 10_000  # closed flows kept for `meshlet flows`
     flow_reader: FlowReader | None = None  # while serving
     policies: PolicyStore | None = None  # from start()
     policy_watch: PolicyWatcher | None = None  # Kubernetes mode: the cluster's policies (start())
@@ -1053,7 +1052,7 @@ class Agent:
         from .datapath.flowtable import FlowReader
         from .proxy.memory import release_startup
 
-        self.flow_reader = FlowReader(self.spec.pin_dir, self.flow_history).start()
+        self.flow_reader = FlowReader(self.spec.pin_dir, self.cfg.bpf.flow_history).start()
         admin = await start_admin(self)
         self.last_tick = time.monotonic()  # the loop starts now: alive until it stops ticking
         if self.role == "owner":  # a successor binds the metrics port once it owns the node

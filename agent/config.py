@@ -74,6 +74,11 @@ class BpfConfig:
     """``bpf.flowTracking``: attach the kernel flow table (``meshlet flows``,
     RTT in ``meshlet stats``). The environment variable
     ``MESHLET_FLOW_TRACKING=0`` turns it off too (benchmarks)."""
+    flow_history: int = 4096
+    """``bpf.flowHistory``: closed flows the agent keeps for ``meshlet flows``
+    (and ``--follow``'s catch-up), 0..1000000; 144 bytes of kernel record
+    each, so the default holds about 0.7 MB.  The default is Hubble's (its
+    ring of 4095 flows); raise it to look further back on a busy node."""
     kernel_policy: bool = True
     """``bpf.kernelPolicy``: refuse at ``connect()`` what authorization
     policies deny whatever the connection carries; off, the proxies decide
@@ -429,6 +434,7 @@ class AgentConfig:
             "bpf": {
                 "pinDir": self.bpf.pin_dir,
                 "flowTracking": self.bpf.flow_tracking,
+                "flowHistory": self.bpf.flow_history,
                 "kernelPolicy": self.bpf.kernel_policy,
                 "tcAttach": self.bpf.tc_attach,
             },
@@ -538,6 +544,7 @@ def _read(top: y.MapReader, base_dir: str) -> AgentConfig | None:
         bpf = BpfConfig(
             pin_dir=bpf_r.get("pinDir", y.absolute_path, f"/sys/fs/bpf/meshlet/{name}"),
             flow_tracking=bpf_r.get("flowTracking", y.boolean, True),
+            flow_history=bpf_r.get("flowHistory", y.integer(0, 1_000_000), 4096),
             kernel_policy=bpf_r.get("kernelPolicy", y.boolean, True),
             tc_attach=bpf_r.get("tcAttach", y.enum(*TC_ATTACH_MODES), "auto"),
         )

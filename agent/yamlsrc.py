@@ -36,8 +36,6 @@ formats share; each loader (config, inventory, policies) is built on it, so its 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import ipaddress
 import math
 import re
@@ -63,6 +61,8 @@ from yaml.events import (
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
+
+from agent.gcutil import gc_paused
 
 _CSafeLoader = yaml.CSafeLoader
 _CSafeDumper = yaml.CSafeDumper
@@ -278,21 +278,6 @@ class LimitExceeded(yaml.MarkedYAMLError):
 
     def __init__(self, message: str, mark: Any) -> None:  # libyaml's Mark or PyYAML's
         super().__init__(None, None, message, mark)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a big tree of small objects is
-    built (composing, then reading a large file).  Reference counting still
-    frees everything; the collector runs again as soon as the block ends.
-    Nested use is fine: only the outermost block re-enables it."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 _RESOLVER = Resolver()  # the standard implicit tags; no path resolvers

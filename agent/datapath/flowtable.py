@@ -185,7 +185,7 @@ class FlowReader:
     syscalls): call them through ``asyncio.to_thread``.
     """
 
-    def __init__(self, pin_dir: str, closed_limit: int = 10_000, wait: float = 0.2, batch: float = 0.1):
+    def __init__(self, pin_dir: str, closed_limit: int = 4096, wait: float = 0.2, batch: float = 0.1):
         self.pin_dir = pin_dir
         self._closed: collections.deque[bytes] = collections.deque(maxlen=closed_limit)
         self.closed_limit = closed_limit

@@ -36,7 +36,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .load import AUTHN_KIND, KIND, policy_set
+from .canon import AUTHN_KIND, KIND, policy_set
 from .model import (
     Action,
     ClaimToHeader,
@@ -55,10 +55,24 @@ from .model import (
     StringMatch,
 )
 
-__all__ = ["FORMAT", "CompiledError", "to_data", "from_data", "policies_to_data", "authentication_to_data"]
+__all__ = [
+    "FORMAT",
+    "COMPILED_FILE",
+    "COMPILED_FORMAT",
+    "CompiledError",
+    "to_data",
+    "from_data",
+    "policies_to_data",
+    "authentication_to_data",
+]
 
 #: Version of this shape; a reader refuses any other.
 FORMAT = 1
+
+#: The file the agent's policy store publishes in runDir for the proxy
+#: workers (agent/proxy/authz.py reads it), and that file's own format.
+COMPILED_FILE = "policies.json"
+COMPILED_FORMAT = 1
 
 _SOURCE_FIELDS = (
     "principals",

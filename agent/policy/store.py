@@ -87,8 +87,8 @@ from yaml.resolver import Resolver
 
 from .. import yamlsrc as y
 from ..fsutil import write_atomic
+from .compiled import COMPILED_FILE, COMPILED_FORMAT, policies_to_data
 from .compiled import FORMAT as compiled_format
-from .compiled import policies_to_data
 from .load import (
     AUTHN_KIND,
     KIND,
@@ -113,8 +113,6 @@ __all__ = [
 ]
 
 STORE_FILE = "policies.yaml"
-COMPILED_FILE = "policies.json"
-COMPILED_FORMAT = 1
 #: Upper bound on the source text of one apply/diff (the admin API enforces it too).
 MAX_DOCUMENT_BYTES = 4 << 20
 #: The most ``PolicyStore(max_bytes=...)`` may allow for a whole set.

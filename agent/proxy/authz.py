@@ -28,16 +28,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from agent.gcutil import gc_paused
 from agent.identity.spiffe import SpiffeIdError, parse_spiffe_id
+from agent.policy.canon import fingerprint
+from agent.policy.compiled import COMPILED_FILE, COMPILED_FORMAT, CompiledError, from_data
 from agent.policy.compiled import FORMAT as DATA_FORMAT
-from agent.policy.compiled import CompiledError, from_data
 from agent.policy.evaluate import Decision, Request, evaluate, workload_index
-from agent.policy.load import fingerprint, parse_policies
 from agent.policy.model import DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, PolicySet
-from agent.policy.store import COMPILED_FILE, COMPILED_FORMAT
 from agent.proxy.state import Pod
 from agent.proxy.watch import FileWatcher
-from agent.yamlsrc import gc_paused
 
 __all__ = ["PolicyWatcher", "PolicyFileError", "authorize", "load_policy_file", "policy_path", "warm"]
 
@@ -85,6 +84,10 @@ def load_policy_file(path: str) -> PolicySet:
         except CompiledError as e:
             raise PolicyFileError(str(e)) from None
     if text.strip():
+        # a file without compiled policies (an agent from before they were
+        # published): the YAML front end, loaded only for this
+        from agent.policy.load import parse_policies
+
         try:
             ps = parse_policies(text, path, trust_domain=td, root_namespace=rn)
         except ValueError as e:  # SourceError

@@ -45,7 +45,7 @@ from agent.proxy.sniff import Verdict, sniff
 from agent.proxy.state import Pod, ProxyState
 from agent.proxy.stats import Accounting
 from agent.proxy.upstream import Upstream, first_then
-from agent.traffic.trafficpolicy import Retries, Timeouts, TrafficSettings
+from agent.traffic.settings import Retries, Timeouts, TrafficSettings
 from agent.traffic.upstream_cluster import Cluster
 
 if TYPE_CHECKING:  # h2glue (and the h2 library) only once an HTTP/2 client arrives: footprint

@@ -96,7 +96,7 @@ from agent.traffic.outcome import CONNECT_FAILURE, RESET, TIMEOUT, Outcome
 from agent.traffic.outcome import grpc as grpc_outcome
 from agent.traffic.outcome import status as status_outcome
 from agent.traffic.retry import Done, Request, RetryState
-from agent.traffic.trafficpolicy import IDEMPOTENT_METHODS
+from agent.traffic.settings import IDEMPOTENT_METHODS
 from agent.traffic.upstream_cluster import Cluster, Target
 
 __all__ = [

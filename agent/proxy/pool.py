@@ -30,7 +30,7 @@ from typing import Any
 from agent.proxy.http1 import ResponseParser
 from agent.proxy.relay import set_nodelay
 from agent.traffic.breaker import Breaker, Limit
-from agent.traffic.trafficpolicy import DEFAULTS
+from agent.traffic.settings import DEFAULTS
 from agent.traffic.upstream_cluster import Cluster, Target
 
 __all__ = ["UpstreamPool", "Ticker", "TICK"]

@@ -34,11 +34,13 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 from agent.filesig import file_sig
-from agent.traffic.trafficpolicy import (
+from agent.traffic.settings import (
+    DATA_FORMAT,
     PUBLISHED_FILE,
     PUBLISHED_FORMAT,
+    TrafficDataError,
     TrafficPolicySet,
-    parse_traffic_policies,
+    policies_from_data,
     traffic_set,
 )
 
@@ -209,7 +211,21 @@ def load_traffic_file(path: str) -> TrafficPolicySet:
     text, version = doc.get("yaml"), doc.get("version")
     if not isinstance(text, str) or not isinstance(version, str):
         raise TrafficFileError(f"{path}: yaml and version must be strings")
+    if "data" in doc:
+        if doc.get("dataFormat") != DATA_FORMAT:
+            raise TrafficFileError(
+                f"{path}: dataFormat {doc.get('dataFormat')!r} is not {DATA_FORMAT} "
+                "(is the agent from the same release?)"
+            )
+        try:
+            return policies_from_data(doc["data"], version=version, source=path)
+        except TrafficDataError as e:
+            raise TrafficFileError(str(e)) from None
     if text.strip():
+        # a file without data (an agent from before it was published): the
+        # YAML front end, loaded only for this
+        from agent.traffic.trafficpolicy import parse_traffic_policies
+
         try:
             ts = parse_traffic_policies(text, path)
         except ValueError as e:  # SourceError

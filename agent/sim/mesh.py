@@ -127,6 +127,7 @@ class Mesh:
     l7: bool | str = "auto"  # proxy.l7: true, false or auto (the default; see config.py)
     path_parameters: str = "reject"  # proxy.pathParameters: reject, strip or keep
     flow_tracking: bool = True  # bpf.flowTracking: the kernel flow table
+    flow_history: int | None = None  # bpf.flowHistory (None: the config's default)
     kernel_policy: bool = True  # bpf.kernelPolicy: policy refusals at connect()
     tc_attach: str = "auto"  # bpf.tcAttach: tcx, clsact or auto (strict mode)
     access_log_settings: dict = field(default_factory=dict)  # the config's accessLog section
@@ -231,6 +232,7 @@ class Mesh:
                 "flowTracking": self.flow_tracking,
                 "kernelPolicy": self.kernel_policy,
                 "tcAttach": self.tc_attach,
+                **({} if self.flow_history is None else {"flowHistory": self.flow_history}),
             },
             "proxy": proxy,
             "mesh": {

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .trafficpolicy import CircuitBreaker
+from .settings import CircuitBreaker
 
 __all__ = ["Limit", "Overloaded", "Breaker", "OVERLOADED_HEADER"]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .outcome import Kind, Outcome
-from .trafficpolicy import OutlierDetection
+from .settings import OutlierDetection
 
 __all__ = ["OutlierDetector", "Ejection"]
 

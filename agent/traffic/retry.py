@@ -49,7 +49,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from .outcome import Kind, Outcome
-from .trafficpolicy import BUDGET_WINDOW, IDEMPOTENT_METHODS, Budget, Retries, TrafficSettings
+from .settings import BUDGET_WINDOW, IDEMPOTENT_METHODS, Budget, Retries, TrafficSettings
 
 __all__ = ["Request", "Attempt", "Retry", "Done", "RetryState", "RetryBudget", "RULES", "MIN_TRY_TIME"]
 

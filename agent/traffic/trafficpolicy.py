@@ -66,12 +66,9 @@ here (the loader does not see the inventory).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent import yamlsrc as y
@@ -81,7 +78,6 @@ from agent.policy.load import (  # the model's names too: load is this package's
     DEFAULT_TRUST_DOMAIN,
     DocKind,
     PolicySet,
-    _canon,
     _check_options,
     collect_documents,
     policy_files,
@@ -91,6 +87,33 @@ from agent.policy.load import (  # the model's names too: load is this package's
 )
 from agent.policy.load import (
     KIND as AUTHORIZATION_KIND,
+)
+
+# The values (pure, no YAML: what the proxy workers import), re-exported: this
+# module stays the one door for readers of TrafficPolicy documents.
+from .settings import (
+    API_VERSION,
+    BUDGET_WINDOW,
+    DATA_FORMAT,
+    DEFAULTS,
+    GRPC_RETRY_CONDITIONS,
+    IDEMPOTENT_METHODS,
+    KIND,
+    MAX_BODY_BYTES,
+    PUBLISHED_FILE,
+    PUBLISHED_FORMAT,
+    RETRY_CONDITIONS,
+    Budget,
+    CircuitBreaker,
+    OutlierDetection,
+    Retries,
+    Timeouts,
+    TrafficPolicy,
+    TrafficPolicySet,
+    TrafficSettings,
+    policies_to_data,
+    traffic_fingerprint,
+    traffic_set,
 )
 
 __all__ = [
@@ -117,161 +140,14 @@ __all__ = [
     "TRAFFIC_KIND",
     "PUBLISHED_FILE",
     "PUBLISHED_FORMAT",
+    "DATA_FORMAT",
+    "MAX_BODY_BYTES",
+    "GRPC_RETRY_CONDITIONS",
     "compile_traffic",
     "lint_traffic",
     "parse_all_sources",
     "load_all",
 ]
-
-API_VERSION = "meshlet.io/v1alpha1"
-KIND = "TrafficPolicy"
-
-#: Methods retried without ``retryNonIdempotent`` (RFC 9110 section 9.2.2).
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-#: Named ``retryOn`` conditions: outcome kinds, or sets of status codes.
-RETRY_CONDITIONS: dict[str, frozenset[int] | None] = {
-    "connect-failure": None,
-    "reset": None,
-    "timeout": None,
-    "5xx": frozenset(range(500, 600)),
-    "gateway-error": frozenset({502, 503, 504}),
-}
-
-#: ``retryOn`` conditions on a gRPC answer's ``grpc-status`` (Envoy's names).
-GRPC_RETRY_CONDITIONS: dict[str, int] = {
-    "cancelled": 1,
-    "deadline-exceeded": 4,
-    "resource-exhausted": 8,
-    "internal": 13,
-    "unavailable": 14,
-}
-
-#: The sliding window (seconds) the retry budget's ``percent`` is taken over.
-BUDGET_WINDOW = 10.0
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Retries:
-    attempts: int = 2
-    """Retries after the first try; 0 disables retries."""
-    per_try_timeout: float | None = None
-    """Seconds per try; None: what is left of the request timeout."""
-    on: frozenset[str] = frozenset({"connect-failure", "reset"})
-    """Outcome kinds retried: ``connect-failure``, ``reset``, ``timeout``."""
-    statuses: frozenset[int] = frozenset({503})
-    """Status codes retried."""
-    non_idempotent: bool = False
-    """Also retry methods that are not idempotent."""
-    max_body_bytes: int = 65536
-    """Requests with a larger (or unknown-length) body are never retried."""
-    grpc_statuses: frozenset[int] = frozenset()
-    """gRPC status codes retried (:data:`GRPC_RETRY_CONDITIONS`)."""
-
-
-@dataclass(frozen=True)
-class Budget:
-    percent: float = 20.0
-    """Retries may add this percentage of the service's requests of the last
-    :data:`BUDGET_WINDOW` seconds..."""
-    min_per_second: float = 10.0
-    """...plus this many retries per second (a token bucket of that size)."""
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    connect: float = 5.0
-    request: float | None = 15.0
-    idle: float | None = 3600.0
-    stream_idle: float | None = 300.0
-    request_headers: float | None = 10.0
-
-
-@dataclass(frozen=True)
-class CircuitBreaker:
-    max_connections: int = 1024
-    max_pending_requests: int = 1024
-    max_requests: int = 1024
-
-
-@dataclass(frozen=True)
-class OutlierDetection:
-    consecutive_5xx: int = 5
-    """5xx responses, resets and timeouts in a row that eject; 0 disables."""
-    consecutive_connect_failures: int = 5
-    """Connect failures in a row that eject; 0 disables."""
-    interval: float = 10.0
-    """A whole interval admitted without ejection lowers the multiplier by one."""
-    base_ejection_time: float = 30.0
-    max_ejection_time: float = 300.0
-    max_ejection_percent: int = 10
-
-
-@dataclass(frozen=True)
-class TrafficSettings:
-    """What a policy says, every section filled in."""
-
-    retries: Retries = field(default_factory=Retries)
-    budget: Budget = field(default_factory=Budget)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
-
-
-#: Settings for services no policy names.
-DEFAULTS = TrafficSettings()
-
-
-@dataclass(frozen=True)
-class TrafficPolicy:
-    name: str
-    namespace: str
-    service: str
-    """Service name in :attr:`namespace`."""
-    port: int | None
-    """Service port this policy is limited to, or None for every port."""
-    settings: TrafficSettings
-    origin: str = field(default="", compare=False)
-    """``file:line:column`` of the document, for messages."""
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True)
-class TrafficPolicySet:
-    policies: tuple[TrafficPolicy, ...] = ()
-    files: tuple[str, ...] = field(default=(), compare=False)
-    version: str = ""
-    """Fingerprint of what the policies mean (see :func:`traffic_fingerprint`)."""
-
-    def __len__(self) -> int:
-        return len(self.policies)
-
-    def get(self, namespace: str, name: str) -> TrafficPolicy | None:
-        for p in self.policies:
-            if p.namespace == namespace and p.name == name:
-                return p
-        return None
-
-    def policy_for(self, namespace: str, service: str, port: int) -> TrafficPolicy | None:
-        """The policy that applies to ``service``'s ``port`` (see module doc), or None."""
-        whole = None
-        for p in self.policies:
-            if p.namespace == namespace and p.service == service:
-                if p.port == port:
-                    return p
-                if p.port is None:
-                    whole = p
-        return whole
-
-    def settings_for(self, namespace: str, service: str, port: int) -> TrafficSettings:
-        p = self.policy_for(namespace, service, port)
-        return p.settings if p is not None else DEFAULTS
-
 
 # --------------------------------------------------------------------------
 # Durations
@@ -520,23 +396,6 @@ def _conflict(p: TrafficPolicy, doc: y.Document, accepted: Sequence[TrafficPolic
     return True
 
 
-def traffic_fingerprint(policies: Sequence[TrafficPolicy]) -> str:
-    """A short hash of what the policies mean (not how they are written)."""
-    body = [_canon(p) for p in sorted(policies, key=lambda p: (p.namespace, p.name))]
-    text = json.dumps({"trafficPolicies": body}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def traffic_set(policies: Sequence[TrafficPolicy], files: Sequence[str] = ()) -> TrafficPolicySet:
-    ordered = tuple(sorted(policies, key=lambda p: (p.namespace, p.name)))
-    return TrafficPolicySet(ordered, tuple(files), traffic_fingerprint(ordered))
-
-
-#: The file the agent publishes in runDir for the proxy workers.
-PUBLISHED_FILE = "traffic.json"
-PUBLISHED_FORMAT = 1
-
-
 def _summary(p: TrafficPolicy) -> dict[str, Any]:
     r = p.settings.retries
     return {
@@ -550,15 +409,19 @@ def _summary(p: TrafficPolicy) -> dict[str, Any]:
 
 
 def compile_traffic(policies: tuple[TrafficPolicy, ...], text: str) -> dict[str, Any]:
-    """The published ``traffic.json``: the stored YAML of the TrafficPolicy
-    documents (a reader parses it with :func:`parse_traffic_policies` and
-    checks it gets ``version``), plus a summary for tools."""
+    """The published ``traffic.json``: the policies as data (``data``, in
+    ``dataFormat``: what the proxy workers read, with
+    :func:`~agent.traffic.settings.policies_from_data`, checking it gets
+    ``version``), the stored YAML of the TrafficPolicy documents (what
+    workers from before ``data`` parse), and a summary for tools."""
     ts = traffic_set(policies)
     return {
         "format": PUBLISHED_FORMAT,
         "kind": KIND,
         "version": ts.version,
         "count": len(ts),
+        "dataFormat": DATA_FORMAT,
+        "data": policies_to_data(ts.policies),
         "yaml": text,
         "policies": [_summary(p) for p in ts.policies],
     }

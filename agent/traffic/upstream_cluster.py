@@ -37,7 +37,7 @@ from .lb import LoadBalancer, Token
 from .outcome import Outcome
 from .outlier import OutlierDetector
 from .retry import RetryBudget
-from .trafficpolicy import DEFAULTS, TrafficSettings
+from .settings import DEFAULTS, TrafficSettings
 
 __all__ = ["Cluster", "Target", "target_str"]
 

@@ -31,6 +31,7 @@ from agent.sim import Cluster  # noqa: E402
 pytestmark = pytest.mark.privileged
 
 RTT_BOUND_US = 1_000_000  # generous: loopback-class veths measure tens of us
+HISTORY = 300  # bpf.flowHistory: closed flows the agent keeps (the tests below make fewer)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def mesh():
     # stay exact with the splice on: tests/privileged/test_splice.py checks
     # the client pod's leg of a spliced connection in the flow table.
     with running_mesh(Cluster(nodes=2, pods_per_node=2), servers=(("serve", 7000), ("echo", 7001)),
-                      max_seconds=600, splice=False) as m:
+                      max_seconds=600, splice=False, flow_history=HISTORY) as m:
         yield m
 
 
@@ -281,3 +282,20 @@ def test_flow_counters_show_no_pressure(mesh):
     c = mesh.counters("node1")
     assert c["flow_tracked"] > 0 and c["flow_closed"] > 0
     assert c["flow_ringbuf_full"] == 0 and c["flow_evicted"] == 0 and c["flow_table_full"] == 0
+
+
+def test_the_history_keeps_the_configured_number_of_closed_flows(mesh):
+    """bpf.flowHistory bounds what `meshlet flows` can show of closed flows:
+    more short connections than that, and the oldest go (the newest stay)."""
+    before = mesh.admin("node1", "/v1/flows?state=closed&limit=100000")
+    assert before["reader"]["closed_limit"] == HISTORY
+    r = mesh.cluster.pod("pod1-1").run(TOOLS + ["connrate", ip(mesh, "pod2-1"), "7001", "--seconds", "20"],
+                                       check=False, timeout=60)
+    made = json.loads(r.stdout.strip().splitlines()[-1])
+    assert made["connections"] > HISTORY, made  # ~2 flows of node1 each (the pod's and the proxy's)
+    wait_for(lambda: mesh.admin("node1", "/v1/flows?state=closed&limit=100000")["reader"]["closed_buffered"]
+             == HISTORY, "the history filled up")
+    after = mesh.admin("node1", "/v1/flows?state=closed&limit=100000")
+    cookies = {f["cookie"] for f in after["flows"] if not f["open"]}
+    assert 0 < len(cookies) <= HISTORY
+    assert not cookies & {f["cookie"] for f in before["flows"] if not f["open"]}  # the oldest went

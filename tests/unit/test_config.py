@@ -476,6 +476,15 @@ def test_bpf_switches_for_flow_tracking_and_kernel_policy():
         "bpf.flowTracking: expected true or false, got a string 'sometimes'")
 
 
+def test_bpf_flow_history():
+    c = parse_config(MINIMAL, "c.yaml")
+    assert c.bpf.flow_history == 4096 and c.to_dict()["bpf"]["flowHistory"] == 4096
+    c = parse_config(MINIMAL + "bpf:\n  flowHistory: 0\n", "c.yaml")
+    assert c.bpf.flow_history == 0 and parse_config(yaml.safe_dump(c.to_dict()), "c.yaml") == c
+    assert errors(MINIMAL + "bpf:\n  flowHistory: 2000000\n")[0].startswith("c.yaml:")
+    assert "bpf.flowHistory" in errors(MINIMAL + "bpf:\n  flowHistory: lots\n")[0]
+
+
 def test_workloads_default_is_the_file_source():
     c = parse_config(MINIMAL, "/etc/meshlet/config.yaml")
     assert c.workloads.source == "file"

@@ -446,7 +446,7 @@ def test_the_exchange_does_no_io():
     assert not mods & {"asyncio", "socket", "ssl", "time", "selectors", "uvloop"}
     assert {m for m in mods if m.startswith("agent.")} <= {
         "agent.traffic.breaker", "agent.traffic.upstream_cluster", "agent.traffic.outcome",
-        "agent.traffic.trafficpolicy", "agent.traffic.retry", "agent.traffic.lb",
+        "agent.traffic.settings", "agent.traffic.retry", "agent.traffic.lb",
         "agent.proxy.tracing"}
 
 

@@ -79,6 +79,12 @@ VIOLATIONS = {
         ("identity/csrpolicy.py", "from agent.workloads import kubeclient"),
         ("identity/svid.py", "import threading"),  # csrpolicy -> svid -> threading
     ],
+    "proxy-no-yaml": [
+        ("proxy/state.py", "import yaml"),
+        ("proxy/authz.py", "from agent.policy import store"),  # the fallback's import is the only one allowed
+        ("traffic/settings.py", "from agent import labels"),  # proxy -> traffic.settings -> labels -> yamlsrc
+        ("policy/compiled.py", "from .load import KIND"),  # proxy.authz -> policy.compiled -> policy.load
+    ],
     "proxy-sans-io": [
         ("proxy/http1.py", "import asyncio"),
         ("proxy/sniff.py", "import socket"),

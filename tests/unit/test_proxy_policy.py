@@ -212,13 +212,40 @@ def test_traffic_watcher_follows_the_store(tmp_path):
 
     # a broken file: counted, the last good set stays
     doc = json.loads((tmp_path / "traffic.json").read_text())
-    for broken in ("{nope", json.dumps({**doc, "format": 9}),
-                   json.dumps({**doc, "version": "0000"}),
-                   json.dumps({**doc, "yaml": doc["yaml"].replace("attempts: 4", "attempts: 99")})):
+    data = doc["data"]
+    retries = data[0]["settings"]["retries"]
+    assert retries["attempts"] == 4
+    for broken, why in [
+        ("{nope", "not valid JSON"),
+        (json.dumps({**doc, "format": 9}), "expected an object with format 1"),
+        (json.dumps({**doc, "version": "0000"}), "but the file says 0000"),
+        (json.dumps({**doc, "dataFormat": 2}), "dataFormat 2 is not 1"),
+        # data that says something else than the version: refused, whatever the YAML says
+        (json.dumps({**doc, "data": [{**data[0], "settings": {"retries": {**retries, "attempts": 5}}}]}),
+         "the policies have version"),
+        (json.dumps({**doc, "data": [{**data[0], "settings": {"retries": {**retries, "attempts": "4"}}}]}),
+         "data[0].settings.retries.attempts: expected int, got '4'"),
+        (json.dumps({**doc, "data": [{**data[0], "settings": {"retries": {**retries, "attemps": 4}}}]}),
+         "data[0].settings.retries: unknown field 'attemps'"),
+        (json.dumps({**doc, "data": [{**data[0], "weight": 1}]}), "data[0]: unknown field 'weight'"),
+        (json.dumps({**doc, "data": [{**data[0], "settings": {"retry": {}}}]}),
+         "data[0].settings: unknown section 'retry'"),
+        (json.dumps({**doc, "data": {"policies": data}}), "expected a list of traffic policies"),
+    ]:
         _replace(tmp_path / "traffic.json", broken)
         assert w.check() is False
         assert w.current is good
-    assert w.errors == 4 and "traffic.json" in w.last_error and "do not load" in w.last_error
+        assert "traffic.json" in w.last_error and why in w.last_error, (why, w.last_error)
+    assert w.errors == 10
+
+    # a file from an agent without "data": its YAML is read (the YAML front end, loaded then)
+    old_agent = {k: v for k, v in doc.items() if k not in ("data", "dataFormat")}
+    _replace(tmp_path / "traffic.json", json.dumps({**old_agent, "yaml": doc["yaml"] + "\n"}))
+    assert w.check() is False and w.current.version == good.version and w.last_error is None
+    _replace(tmp_path / "traffic.json",
+             json.dumps({**old_agent, "yaml": doc["yaml"].replace("attempts: 4", "attempts: 99")}))
+    assert w.check() is False and w.current.version == good.version
+    assert w.errors == 11 and "do not load" in w.last_error
 
     # the agent fixes it; then a delete empties it; then the file goes away
     store.load()

@@ -91,13 +91,12 @@ from agent.policy.load import (
 
 # The values (pure, no YAML: what the proxy workers import), re-exported: this
 # module stays the one door for readers of TrafficPolicy documents.
+from . import settings as _settings
+from .settings import *  # noqa: F403
 from .settings import (
     API_VERSION,
-    BUDGET_WINDOW,
     DATA_FORMAT,
-    DEFAULTS,
     GRPC_RETRY_CONDITIONS,
-    IDEMPOTENT_METHODS,
     KIND,
     MAX_BODY_BYTES,
     PUBLISHED_FILE,
@@ -112,37 +111,16 @@ from .settings import (
     TrafficPolicySet,
     TrafficSettings,
     policies_to_data,
-    traffic_fingerprint,
     traffic_set,
 )
 
-__all__ = [
-    "API_VERSION",
-    "KIND",
-    "IDEMPOTENT_METHODS",
-    "RETRY_CONDITIONS",
-    "BUDGET_WINDOW",
-    "Retries",
-    "Budget",
-    "Timeouts",
-    "CircuitBreaker",
-    "OutlierDetection",
-    "TrafficSettings",
-    "DEFAULTS",
-    "TrafficPolicy",
-    "TrafficPolicySet",
+__all__ = [  # the values of agent.traffic.settings, and the YAML front end's own names
+    *_settings.__all__,
     "parse_duration",
     "parse_traffic_policies",
     "load_traffic_policies",
     "traffic_policy_files",
-    "traffic_fingerprint",
-    "traffic_set",
     "TRAFFIC_KIND",
-    "PUBLISHED_FILE",
-    "PUBLISHED_FORMAT",
-    "DATA_FORMAT",
-    "MAX_BODY_BYTES",
-    "GRPC_RETRY_CONDITIONS",
     "compile_traffic",
     "lint_traffic",
     "parse_all_sources",

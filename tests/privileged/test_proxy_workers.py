@@ -195,7 +195,7 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
 
 def _not_ok(mesh) -> dict[str, list]:
     """What the proxies logged for connections that did not end ``ok``."""
-    return {n: [(e["result"], e.get("deny_reason"), e.get("reason"), e.get("src"), e.get("dst"))
+    return {n: [(e["result"], e.get("deny_reason"), e.get("reason"), e.get("src_pod"), e.get("dst_addr"))
                 for e in mesh.access_log(n) if e["result"] != "ok"] for n in ("node1", "node2")}
 
 

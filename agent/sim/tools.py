@@ -161,7 +161,8 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
     ok = errors = 0
     lat = []
     kinds: dict[str, int] = {}  # how the failed ones failed, e.g. "recv: ConnectionResetError"
-    t_end = time.monotonic() + seconds
+    start = time.monotonic()
+    t_end = start + seconds
     while time.monotonic() < t_end and ok + errors < limit:
         t0 = time.monotonic()
         step = "connect"
@@ -184,7 +185,7 @@ def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict
     return {
         "connections": ok,
         "errors": errors,
-        "per_second": round(ok / seconds, 1),
+        "per_second": round(ok / max(time.monotonic() - start, 1e-6), 1),
         "p50_ms": pick(0.5) if pick else None,
         "p99_ms": pick(0.99) if pick else None,
         "error_kinds": kinds,
@@ -249,6 +250,7 @@ def main(argv=None) -> int:
     cr.add_argument("host")
     cr.add_argument("port", type=int)
     cr.add_argument("--seconds", type=float, default=3)
+    cr.add_argument("--limit", type=int, default=100_000, help="stop after this many connections")
     p = sub.add_parser("probe")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         return 0 if r["ok"] else 1
     if a.cmd == "connrate":
-        print(json.dumps(connrate(a.host, a.port, min(a.seconds, 60))), flush=True)
+        print(json.dumps(connrate(a.host, a.port, min(a.seconds, 60), a.limit)), flush=True)
         return 0
     r = probe(a.host, a.port, a.timeout)
     print(json.dumps(r), flush=True)

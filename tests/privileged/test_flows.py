@@ -289,7 +289,8 @@ def test_the_history_keeps_the_configured_number_of_closed_flows(mesh):
     more short connections than that, and the oldest go (the newest stay)."""
     before = mesh.admin("node1", "/v1/flows?state=closed&limit=100000")
     assert before["reader"]["closed_limit"] == HISTORY
-    r = mesh.cluster.pod("pod1-1").run(TOOLS + ["connrate", ip(mesh, "pod2-1"), "7001", "--seconds", "20"],
+    r = mesh.cluster.pod("pod1-1").run(TOOLS + ["connrate", ip(mesh, "pod2-1"), "7001", "--seconds", "20",
+                                                               "--limit", str(HISTORY + 150)],
                                        check=False, timeout=60)
     made = json.loads(r.stdout.strip().splitlines()[-1])
     assert made["connections"] > HISTORY, made  # ~2 flows of node1 each (the pod's and the proxy's)

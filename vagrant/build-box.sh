@@ -201,9 +201,12 @@ say "the guest's venv, prebuilt (/vagrant/.venv, meshlet[test] from the wheels)"
 mkdir -p "$ROOT/vagrant"
 cp pyproject.toml README.md "$ROOT/vagrant/"
 cp -r agent "$ROOT/vagrant/agent"
+# env -i: the builder's own PIP_* and PYTHON* variables (a find-links of
+# the host's, say) must not reach the guest's pip; /etc/pip.conf above rules.
+in_guest_env() { chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 "$@"; }
 {
-    in_root /usr/bin/python3 -m venv --system-site-packages /vagrant/.venv
-    in_root sh -c 'cd /vagrant && .venv/bin/pip install --disable-pip-version-check -e ".[test]"'
+    in_guest_env /usr/bin/python3 -m venv --system-site-packages /vagrant/.venv
+    in_guest_env sh -c 'cd /vagrant && .venv/bin/pip install --disable-pip-version-check -e ".[test]"'
 } >"$WORK/venv.log" 2>&1 || { tail -n 20 "$WORK/venv.log" >&2; die "the guest venv's pip install failed"; }
 sha256sum pyproject.toml | cut -d' ' -f1 >"$ROOT/vagrant/.venv/.meshlet-installed"
 find "$ROOT/vagrant" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +

@@ -1,0 +1,105 @@
+"""A/B of the added latency at one connection, cross-node (wrk -c1 --latency
+against nginx in pod2-1; through the mesh from pod1-1, direct from pod1-2
+outside it), rounds alternated (A B, then B A), with each proxy worker's CPU
+microseconds per request beside the p50s.  Root only.
+
+    sudo .venv/bin/python scripts/c1_ab.py --seconds 3 --rounds 4 \\
+        base=/tmp/base new=.
+
+Each ``label=ROOT`` runs its own simulated cluster (2 nodes, one worker per
+node) with the agent code found under ROOT (a checkout, e.g. ``git archive
+<commit> | tar -x -C /tmp/base``).  ``added_p50_ms`` is the mesh p50 minus
+the direct p50 of the same round and cluster: the bench's "added p50 ms, c1"
+row.  Numbers from a shared machine are noisy: compare medians of rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchtools import drive_sides, parse_wrk, write_nginx_conf  # scripts/ is on sys.path
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve(root: str) -> None:
+    """One cluster; a line ``run SECONDS`` on stdin runs one direct and one
+    mesh wrk -c1 and prints JSON."""
+    sys.path.insert(0, os.path.abspath(root))
+    os.chdir(os.path.abspath(root))  # python -m looks in the working directory first
+    from agent.sim import Cluster
+    from agent.sim.mesh import Mesh
+
+    cluster = Cluster(nodes=2, pods_per_node=2).up()
+    mesh = Mesh(cluster, unmeshed={"pod1-2"}, log_level="warning")
+    workdir = tempfile.mkdtemp(prefix="c1ab-")
+    try:
+        mesh.start()
+        conf = write_nginx_conf(workdir, ["8080 reuseport"], "hello from nginx in a pod\n")
+        cluster.pod("pod2-1").popen(["nginx", "-c", conf, "-p", workdir],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        url = f"http://{cluster.pod('pod2-1').ip4}:8080/"
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd or cmd[0] != "run":
+                break
+            seconds = cmd[1]
+
+            def wrk(src: str) -> dict:
+                r = cluster.pod(src).run(["wrk", "-t1", "-c1", f"-d{seconds}s", "--latency", url],
+                                         check=False, timeout=float(seconds) + 30)
+                return parse_wrk(r.stdout)
+
+            direct = wrk("pod1-2")
+            pids = {n: mesh.proxy_pids(n)[0] for n in mesh.agents}
+            before = {n: _cpu(p) for n, p in pids.items()}
+            meshed = wrk("pod1-1")
+            after = {n: _cpu(p) for n, p in pids.items()}
+            if direct["p50_ms"] is None or meshed["p50_ms"] is None or not meshed["requests"]:
+                print(json.dumps({"error": "wrk failed", "direct": direct, "mesh": meshed}), flush=True)
+                continue
+            out = {
+                "added_p50_ms": round(meshed["p50_ms"] - direct["p50_ms"], 4),
+                "mesh_p50_ms": meshed["p50_ms"],
+                "direct_p50_ms": direct["p50_ms"],
+                "mesh_rps": meshed["rps"],
+            }
+            for n in pids:
+                out[f"cpu_us_per_req_{n}"] = round((after[n] - before[n]) * 1e6 / meshed["requests"], 1)
+            print(json.dumps(out), flush=True)
+    finally:
+        subprocess.run(["pkill", "-f", f"nginx -c {workdir}"], check=False)
+        mesh.down()
+        cluster.down()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", default="3")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
+    ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")
+    a = ap.parse_args()
+    if a.serve:
+        serve(a.serve)
+        return
+    sides = dict(spec.split("=", 1) for spec in a.sides)
+    drive_sides(__file__, {label: [root] for label, root in sides.items()}, a.rounds,
+                lambda r, i: f"run {a.seconds}", alternate=True)
+
+
+if __name__ == "__main__":
+    main()

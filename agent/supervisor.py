@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from .adminclient import unix_request
 from .fsutil import open_append, write_atomic
-from .proxy.memory import SITE_PATH_ENV, worker_env, worker_site_path
+from .proxy.memory import SITE_PATH_ENV, WORKER_SITE_ENV, worker_env, worker_site_path
 
 log = logging.getLogger("meshlet.agent")
 
@@ -112,10 +112,13 @@ class ProxySupervisor:
         # built through the environment instead (``worker_site_path``), so it
         # runs no .pth hooks: those (an editable install's finder, a
         # distribution's certificate shims) import pathlib, tempfile, zipfile
-        # and more into every worker, about 0.8 MB it never uses.
+        # and more into every worker, about 0.7 MB it never uses.
+        # MESHLET_WORKER_SITE=1 keeps `site` (a sitecustomize or .pth hook of
+        # one's own in the workers: coverage, a profiler, scripts/p99_probe.py).
+        site = [] if os.environ.get(WORKER_SITE_ENV) == "1" else ["-S"]
         return [
             sys.executable,
-            "-S",
+            *site,
             "-m",
             "agent.proxy",
             "--state",

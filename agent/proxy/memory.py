@@ -157,6 +157,7 @@ MALLOC_TUNING = {  # glibc, for proxy workers: see points 6 and 7 of the module 
 # The import path a worker started with -S (no `site`) appends: see
 # worker_site_path.
 SITE_PATH_ENV = "MESHLET_WORKER_SITE_PATH"
+WORKER_SITE_ENV = "MESHLET_WORKER_SITE"  # "1": workers start with `site` after all
 TRIM_AFTER = 256  # connections finished before free memory is handed back mid-burst
 TRIM_LOW_WATER = 16  # live connections at or below which a burst is over
 IDLE_WORK = 0.2  # CPU seconds since the last trim that make a quiet spell worth a trim

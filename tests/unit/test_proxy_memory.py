@@ -69,6 +69,9 @@ def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site()
 
     sup = supervisor.ProxySupervisor("/run/x", "/run/x/proxy-state.json", 1)
     assert sup._argv(sup.workers[0])[:4] == [sys.executable, "-S", "-m", "agent.proxy"]
+    with pytest.MonkeyPatch.context() as mp:  # the operator's way back to `site` (hooks of their own)
+        mp.setenv(memory.WORKER_SITE_ENV, "1")
+        assert sup._argv(sup.workers[0])[:3] == [sys.executable, "-m", "agent.proxy"]
     code = (
         "import os, sys\n"
         "from agent.proxy.memory import adopt_site_path\n"

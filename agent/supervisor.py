@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from .adminclient import unix_request
 from .fsutil import open_append, write_atomic
-from .proxy.memory import worker_env
+from .proxy.memory import SITE_PATH_ENV, WORKER_SITE_ENV, worker_env, worker_site_path
 
 log = logging.getLogger("meshlet.agent")
 
@@ -108,8 +108,17 @@ class ProxySupervisor:
 
     def _argv(self, w: ProxyWorker) -> list[str]:
         # The access log's path, sampling and on/off come from the state file.
+        # -S: no `site`.  The worker gets the import path the agent's `site`
+        # built through the environment instead (``worker_site_path``), so it
+        # runs no .pth hooks: those (an editable install's finder, a
+        # distribution's certificate shims) import pathlib, tempfile, zipfile
+        # and more into every worker, about 0.7 MB it never uses.
+        # MESHLET_WORKER_SITE=1 keeps `site` (a sitecustomize or .pth hook of
+        # one's own in the workers: coverage, a profiler, scripts/p99_probe.py).
+        site = [] if os.environ.get(WORKER_SITE_ENV) == "1" else ["-S"]
         return [
             sys.executable,
+            *site,
             "-m",
             "agent.proxy",
             "--state",
@@ -458,4 +467,5 @@ def _proxy_env() -> dict:
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env[SITE_PATH_ENV] = os.pathsep.join(worker_site_path(sys.path))
     return env

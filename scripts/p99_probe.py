@@ -286,6 +286,7 @@ def main() -> int:
         return 2
     pdir = tempfile.mkdtemp(prefix="meshlet-p99-")
     os.environ["MESHLET_P99_PROBE"] = pdir
+    os.environ["MESHLET_WORKER_SITE"] = "1"  # the probe is a sitecustomize: workers need `site`
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = SITE + (os.pathsep + old if old else "")
     for kv in a.env:

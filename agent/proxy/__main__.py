@@ -17,12 +17,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
-from agent.proxy.limits import enable_listener_migration, raise_nofile
-from agent.proxy.log import setup_logging
-from agent.proxy.state import StateError, StateWatcher
+from agent.proxy.memory import adopt_site_path
+
+# The supervisor starts workers with -S: the third-party import path comes
+# from the environment, before anything outside the standard library loads.
+adopt_site_path(os.environ, sys.path)
+
+from agent.proxy.limits import enable_listener_migration, raise_nofile  # noqa: E402
+from agent.proxy.log import setup_logging  # noqa: E402
+from agent.proxy.state import StateError, StateWatcher  # noqa: E402
 
 log = logging.getLogger("meshlet.proxy")
 

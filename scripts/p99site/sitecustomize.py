@@ -22,7 +22,8 @@ import os
 import sys
 
 _DIR = os.environ.get("MESHLET_P99_PROBE")
-_IS_WORKER = sys.orig_argv[1:3] == ["-m", "agent.proxy"] if len(sys.orig_argv) >= 3 else False
+_argv = sys.orig_argv
+_IS_WORKER = any(_argv[i : i + 2] == ["-m", "agent.proxy"] for i in range(1, len(_argv) - 1))
 
 if _DIR and _IS_WORKER:
     import gc

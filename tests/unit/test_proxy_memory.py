@@ -35,6 +35,62 @@ def test_workers_get_glibc_thresholds_that_stop_heap_churn_unless_the_operator_s
     assert memory.worker_env({"MALLOC_TRIM_THRESHOLD_": "131072"})["MALLOC_TRIM_THRESHOLD_"] == "131072"
 
 
+def test_the_worker_site_path_is_everything_but_the_standard_library_in_order():
+    import sysconfig
+
+    stdlib = sysconfig.get_path("stdlib")
+    path = [
+        "",
+        "/usr/lib/python311.zip",
+        stdlib,
+        os.path.join(stdlib, "lib-dynload"),
+        "/venv/site-packages",
+        "/usr/lib/python3/dist-packages",
+        "/venv/site-packages",
+        "/repo",
+    ]
+    assert memory.worker_site_path(path) == ["/venv/site-packages", "/usr/lib/python3/dist-packages", "/repo"]
+
+
+def test_adopting_the_site_path_appends_only_what_is_missing():
+    path = ["/repo", "/usr/lib/python3.11"]
+    memory.adopt_site_path({memory.SITE_PATH_ENV: os.pathsep.join(["/a", "/repo", "", "/b"])}, path)
+    assert path == ["/repo", "/usr/lib/python3.11", "/a", "/b"]
+    memory.adopt_site_path({}, path)  # a worker started by hand, with `site`: unchanged
+    assert path == ["/repo", "/usr/lib/python3.11", "/a", "/b"]
+
+
+def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site():
+    """The argv and environment the supervisor uses: -S, and the path through
+    the environment.  Everything the worker imports at start and under
+    traffic resolves (uvloop, cryptography, the server), and no `site` hook
+    ran (the memory it saves is the reason for -S)."""
+    from agent import supervisor
+
+    sup = supervisor.ProxySupervisor("/run/x", "/run/x/proxy-state.json", 1)
+    assert sup._argv(sup.workers[0])[:4] == [sys.executable, "-S", "-m", "agent.proxy"]
+    with pytest.MonkeyPatch.context() as mp:  # the operator's way back to `site` (hooks of their own)
+        mp.setenv(memory.WORKER_SITE_ENV, "1")
+        assert sup._argv(sup.workers[0])[:3] == [sys.executable, "-m", "agent.proxy"]
+    code = (
+        "import os, sys\n"
+        "from agent.proxy.memory import adopt_site_path\n"
+        "adopt_site_path(os.environ, sys.path)\n"
+        "import agent.proxy.server, agent.proxy.muxglue, agent.proxy.l7, uvloop, cryptography.x509\n"
+        "print(sorted(m for m in ('site', 'pathlib', 'zipfile') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env=supervisor._proxy_env(),
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 _BATCHES = """
 import resource
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -113,23 +113,37 @@ class StreamTransport(asyncio.Transport):
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
         if self._held is not None:
-            self.release()
-        s = self._session
+            held = self._held
+            self._held = None
+            if self._held_timer is not None:
+                self._held_timer.cancel()
+                self._held_timer = None
+            self._queue(held)  # the reply first, in the same flush
         if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
             data = bytes(data)  # held below (pending, or views in the frames): must not change
-        if self._pending:
-            self._pending.append(data)
-            self._pending_size += len(data)
-        else:
-            n = s.core.send_data(self.sid, data)
-            if n < len(data):
-                rest = memoryview(data)[n:]  # a view: the rest is not copied
-                self._pending.append(rest)
-                self._pending_size += len(rest)
+        self._queue(data)
+        s = self._session
+        if len(s.streams) > 1 or s._receiving:
             # at the end of the loop's callbacks: the writes of every stream
             # that got bytes in this iteration share TLS records and one send
             s.flush_soon()
+        else:
+            # the connection's only stream: no other stream's bytes to wait
+            # for, so no extra pass of the loop on a request's way (c1 latency)
+            s.flush()
         self.update_pause()
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        """Frame ``data`` as far as the window allows; the rest waits in order."""
+        if self._pending:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            return
+        n = self._session.core.send_data(self.sid, data)
+        if n < len(data):
+            rest = memoryview(data)[n:]  # a view: the rest is not copied
+            self._pending.append(rest)
+            self._pending_size += len(rest)
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))

@@ -287,15 +287,18 @@ def test_an_open_and_the_bytes_written_right_after_it_share_one_write():
     """A new stream's OPEN waits for the end of the callback, so the client
     bytes the source forwards at once ride in the same TLS record (one send
     per new connection, not two); an OPEN with nothing behind it still goes
-    out on its own."""
+    out on its own.  The connection's only stream does not wait for the end
+    of the callback to send what it writes (no other stream's bytes could
+    join them): OPEN and DATA go at once, in one write."""
 
     async def main():
         async with Pair() as p:
             writes = count_writes(p.client.transport)
             ep = Endpoint("upstream")
             p.client.open_stream(b"hdr", ep)
+            assert writes == []  # the OPEN waits for the bytes behind it
             ep.write(b"first bytes")
-            assert writes == []  # not yet: at the end of this callback, OPEN and DATA together
+            assert len(writes) == 1  # the only stream: OPEN and DATA together, at once
             st, sep = await asyncio.wait_for(p.opened.get(), 10)
             got = b""
             while len(got) < len(b"hdrfirst bytes"):

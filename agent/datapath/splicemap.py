@@ -92,6 +92,7 @@ class SpliceMaps:
     def __init__(self, pin_dir: str) -> None:
         self.dir = os.path.join(pin_dir, abi.SPLICE_DIR)
         self._fds: tuple[int, int, int, int] | None = None
+        self._pending_fd: int | None = None  # ml_splice_pending, opened by the first unfile()
 
     def available(self) -> bool:
         try:
@@ -168,7 +169,13 @@ class SpliceMaps:
         """Take the pod socket ``key`` out of ml_splice: the proxy will never
         splice its connection.  Out of every sockmap, the socket drops its
         psock and gets the plain TCP operations back (its sendmsg no longer
-        runs the sk_msg program).  False: it was not filed."""
+        runs the sk_msg program).  A pod's accepted socket not yet filed
+        (sock_ops files it when the proxy's ACK reaches it, which can come
+        after the proxy's connect() returned) loses its pending filing
+        first, so it is never filed.  False: it was not filed."""
+        if self._pending_fd is None:
+            self._pending_fd = bpfsys.obj_get(os.path.join(self.dir, abi.SPLICE_PENDING))
+        bpfsys.map_delete(self._pending_fd, key)
         return bpfsys.map_delete(self._open()[3], key)
 
     def redirected(self, target: int) -> int:
@@ -204,3 +211,6 @@ class SpliceMaps:
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
+        if self._pending_fd is not None:
+            os.close(self._pending_fd)
+            self._pending_fd = None

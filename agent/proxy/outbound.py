@@ -278,7 +278,9 @@ class Outbound:
                 )
                 conn.peer_verified = True
             else:
-                upstream = await self.upstream.connect(decision.addr, state, "upstream")
+                upstream = await self.upstream.connect(
+                    decision.addr, state, "upstream", splice=isinstance(decision, Local)
+                )
         except ConnectFailure as f:
             reason = f.reason
             if isinstance(decision, Tunnel) and f.status is Status.FORBIDDEN and f.result == "rejected":

@@ -173,7 +173,13 @@ class ProxyServer:
             return None
         return Splicer(maps, self.accounting.counters)
 
+    def _unfile_upstream(self, sock: socket.socket) -> None:
+        sp = self.outbound.splicer
+        if sp is not None:
+            sp.unfile_upstream(sock)
+
     async def start(self) -> None:
+        self.upstream.unfile = self._unfile_upstream
         state = self.watcher.current
         # the L7 session's parsers follow proxy.pathParameters (one setting per worker process)
         set_default_path_parameters(state.path_parameters)

@@ -232,6 +232,17 @@ class Splicer:
         except OSError as e:
             self.failed(e)
 
+    def unfile_upstream(self, sock: socket.socket) -> None:
+        """The proxy's upstream connection ``sock`` to a pod of this node
+        will not be spliced (it carries a tunnel stream, an L7 session or a
+        pooled connection): sock_ops filed the pod's accepted socket for a
+        splice all the same (it cannot know either); take it out, as
+        ``unfile`` does for a client pod's socket."""
+        try:
+            self.maps.unfile(pod_key(sock))
+        except OSError as e:
+            self.failed(e)
+
     def failed(self, e: OSError) -> None:
         self.counters["splice_failed"] += 1
         if not self._warned:

@@ -30,6 +30,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.proxy import mux
@@ -151,6 +152,9 @@ class Upstream:
         self.mux_pool = MuxPool()
         self.max_streams = mux.DEFAULT_MAX_STREAMS  # per pooled tunnel connection
         self.idle_timeout = IDLE_TIMEOUT  # a pooled tunnel connection without streams is closed after
+        # set by ProxyServer: takes the pod's socket at the far end of an
+        # upstream socket out of the splice map (``Splicer.unfile_upstream``)
+        self.unfile: Callable[[socket.socket], None] | None = None
 
     def close(self) -> None:
         self.mux_pool.drain_all("proxy shutting down")
@@ -175,9 +179,13 @@ class Upstream:
                     e.strerror,
                 )
 
-    async def connect(self, addr: tuple[str, int], state: ProxyState, name: str) -> Endpoint:
-        """Connect upstream (plaintext) with SO_MARK and a timeout. Raises ConnectFailure."""
-        sock = await self.open_socket(addr, state)
+    async def connect(
+        self, addr: tuple[str, int], state: ProxyState, name: str, *, splice: bool = False
+    ) -> Endpoint:
+        """Connect upstream (plaintext) with SO_MARK and a timeout. Raises
+        ConnectFailure.  ``splice``: the caller may splice the connection
+        (same-node L4), so the pod's socket stays filed for it."""
+        sock = await self.open_socket(addr, state, splice=splice)
         try:
             _, ep = await asyncio.get_running_loop().create_connection(
                 lambda: Endpoint(name, prebuffer_limit=state.buffer_size), sock=sock
@@ -299,8 +307,12 @@ class Upstream:
         self.mux_pool.add(key, session)
         return True
 
-    async def open_socket(self, addr: tuple[str, int], state: ProxyState) -> socket.socket:
-        """A connected, marked, non-blocking TCP socket. Raises ConnectFailure."""
+    async def open_socket(
+        self, addr: tuple[str, int], state: ProxyState, *, splice: bool = False
+    ) -> socket.socket:
+        """A connected, marked, non-blocking TCP socket. Raises ConnectFailure.
+        Unless ``splice``, a pod socket at the other end is taken out of the
+        splice map at once, before any byte goes either way."""
         loop = asyncio.get_running_loop()
         target = fmt_addr(addr)
         sock = socket.socket(family_of(addr[0]), socket.SOCK_STREAM)
@@ -309,6 +321,8 @@ class Upstream:
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await _connect(loop, sock, addr, state.connect_timeout)
+            if not splice and state.splice and self.unfile is not None:
+                self.unfile(sock)
             return sock
         except TimeoutError:
             sock.close()

@@ -1,9 +1,11 @@
 """The same-node splice leaves other nodes' traffic alone: sock_ops files
 every pod socket of a proxied connection in the splice SOCKHASH (it cannot
 know where the connection goes), and the proxy takes the client pod's socket
-out again as soon as it has routed the connection to another node.  Out of
-the map, the socket's sends take the plain TCP path: the sk_msg program no
-longer runs for them (it would count them as passed to the proxy).
+out again as soon as it has routed the connection to another node, and the
+server pod's socket of a tunnel stream as soon as its upstream connect
+returns.  Out of the map, the socket's sends take the plain TCP path: the
+sk_msg program no longer runs for them (it would count them as passed to
+the proxy).
 """
 
 from __future__ import annotations
@@ -58,6 +60,42 @@ def test_a_cross_node_client_socket_leaves_the_splice_map_once_routed(tmp_path):
             # Never redirected.
             hello = len(json.dumps({"mode": "bulk", "down": 7, "after": 3})) + 1
             assert counts in ((0, 0), (hello + early, 0)), counts
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            out, _ = client.communicate(timeout=120)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        assert json.loads(out.strip().splitlines()[-1])["ok"], out
+
+
+def test_the_server_pods_socket_of_a_tunnel_stream_leaves_the_splice_map_before_a_byte(tmp_path):
+    """The destination proxy's upstream connection to the pod carries a
+    tunnel stream: never spliced.  sock_ops filed the pod's accepted socket
+    (or was about to); the proxy takes it out once connected, before it
+    forwards the first byte, so none of the pod's sends (the "ready" line
+    and 2 MB) runs the sk_msg program.  Before, they all did, counted as
+    passed, for the connection's whole life."""
+    accepted = tmp_path / "accepted.jsonl"
+    server = PEER + ["serve", "--port", str(PEER_PORT), "--accepted", str(accepted)]
+    with running_mesh(Cluster(nodes=2, pods_per_node=1), pod_servers=(("pod2-1",), server),
+                      max_seconds=300) as mesh:
+        down = 2 * 1000 * 1000
+        client = mesh.cluster.pod("pod1-1").popen(
+            PEER + ["bulk", mesh.cluster.pod("pod2-1").ip4, str(PEER_PORT), "--up", "1000", "--down", str(down),
+                    "--after", "3", "--hold"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            json.loads(client.stdout.readline())  # connected, its bytes sent; the server is sending
+            addrs = json.loads(accepted.read_text().splitlines()[-1])
+            key = abi.MlFlowKey()  # the pod's accepted socket, as splice.c files it
+            key.family, saddr = abi.pack_addr(addrs["local"][0])
+            _, daddr = abi.pack_addr(addrs["peer"][0])
+            key.saddr_be[:], key.daddr_be[:] = saddr, daddr
+            key.sport, key.dport = addrs["local"][1], addrs["peer"][1]
+            # None: never filed; (0, 0): filed, then taken out before it sent anything
+            assert SpliceMaps(mesh.agents["node2"].pin_dir).counts(bytes(key)) in (None, (0, 0))
             client.stdin.write("go\n")
             client.stdin.flush()
             out, _ = client.communicate(timeout=120)

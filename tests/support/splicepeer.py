@@ -1,6 +1,6 @@
 """Pod-side peers for tests/privileged/test_splice.py (run inside pods).
 
-    python -m tests.support.splicepeer serve --port P [--log FILE]
+    python -m tests.support.splicepeer serve --port P [--log FILE] [--accepted FILE]
     python -m tests.support.splicepeer bulk HOST PORT --up N --down M --after K [--early E] [--hold]
     python -m tests.support.splicepeer reset HOST PORT
     python -m tests.support.splicepeer echo HOST PORT
@@ -60,8 +60,12 @@ def _readline(s: socket.socket) -> bytes:
     return buf
 
 
-def _serve_one(conn: socket.socket, log: str | None) -> None:
+def _serve_one(conn: socket.socket, log: str | None, accepted: str | None = None) -> None:
     with conn:
+        if accepted:  # the accepted socket's own 4-tuple, for tests that look it up in BPF maps
+            with open(accepted, "a") as f:
+                local, peer = conn.getsockname(), conn.getpeername()
+                f.write(json.dumps({"local": list(local[:2]), "peer": list(peer[:2])}) + "\n")
         conn.settimeout(60)
         req = json.loads(_readline(conn))
         conn.sendall(b"ready\n")
@@ -105,12 +109,12 @@ def _serve_one(conn: socket.socket, log: str | None) -> None:
         conn.sendall(json.dumps({"received": got["n"], "sha256": got["h"].hexdigest()}).encode() + b"\n")
 
 
-def serve(port: int, log: str | None) -> int:
+def serve(port: int, log: str | None, accepted: str | None = None) -> int:
     ls = socket.create_server(("0.0.0.0", port))
     print(json.dumps({"listening": port}), flush=True)
     while True:
         conn, _ = ls.accept()
-        threading.Thread(target=_serve_one, args=(conn, log), daemon=True).start()
+        threading.Thread(target=_serve_one, args=(conn, log, accepted), daemon=True).start()
 
 
 def bulk(host: str, port: int, up: int, down: int, after: int, early: int = 0, hold: bool = False) -> dict:
@@ -197,6 +201,7 @@ def main(argv=None) -> int:
     sv = sub.add_parser("serve")
     sv.add_argument("--port", type=int, required=True)
     sv.add_argument("--log")
+    sv.add_argument("--accepted", help="append each accepted socket's local and peer address here")
     e = sub.add_parser("echo")
     e.add_argument("host")
     e.add_argument("port", type=int)
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
     r.add_argument("port", type=int)
     a = ap.parse_args(argv)
     if a.cmd == "serve":
-        return serve(a.port, a.log)
+        return serve(a.port, a.log, a.accepted)
     if a.cmd == "echo":
         return echo(a.host, a.port)
     out = (

@@ -1,4 +1,5 @@
-"""A/B of the added latency at one connection, cross-node (wrk -c1 --latency
+"""A/B of the added latency at one connection, cross-node (wrk -c1 --latency,
+or -cN with ``--connections``
 against nginx in pod2-1; through the mesh from pod1-1, direct from pod1-2
 outside it), rounds alternated (A B, then B A), with each proxy worker's CPU
 microseconds per request beside the p50s.  Root only.
@@ -33,9 +34,9 @@ def _cpu(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(root: str) -> None:
+def serve(root: str, connections: int = 1) -> None:
     """One cluster; a line ``run SECONDS`` on stdin runs one direct and one
-    mesh wrk -c1 and prints JSON."""
+    mesh wrk -c``connections`` and prints JSON."""
     sys.path.insert(0, os.path.abspath(root))
     os.chdir(os.path.abspath(root))  # python -m looks in the working directory first
     from agent.sim import Cluster
@@ -59,7 +60,7 @@ def serve(root: str) -> None:
             seconds = cmd[1]
 
             def wrk(src: str) -> dict:
-                r = cluster.pod(src).run(["wrk", "-t1", "-c1", f"-d{seconds}s", "--latency", url],
+                r = cluster.pod(src).run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
                                          check=False, timeout=float(seconds) + 30)
                 return parse_wrk(r.stdout)
 
@@ -76,6 +77,8 @@ def serve(root: str) -> None:
                 "mesh_p50_ms": meshed["p50_ms"],
                 "direct_p50_ms": direct["p50_ms"],
                 "mesh_rps": meshed["rps"],
+                "direct_rps": direct["rps"],
+                "mesh_p99_ms": meshed["p99_ms"],
             }
             for n in pids:
                 out[f"cpu_us_per_req_{n}"] = round((after[n] - before[n]) * 1e6 / meshed["requests"], 1)
@@ -90,14 +93,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", default="3")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--connections", type=int, default=1, help="wrk -c (default 1: the added-latency row)")
     ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")
     a = ap.parse_args()
     if a.serve:
-        serve(a.serve)
+        serve(a.serve, a.connections)
         return
     sides = dict(spec.split("=", 1) for spec in a.sides)
-    drive_sides(__file__, {label: [root] for label, root in sides.items()}, a.rounds,
+    drive_sides(__file__, {label: [root, "--connections", str(a.connections)] for label, root in sides.items()},
+                a.rounds,
                 lambda r, i: f"run {a.seconds}", alternate=True)
 
 

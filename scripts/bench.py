@@ -82,7 +82,7 @@ from bench_envoy import (  # noqa: E402
     tree_rss_mb,
     write_chart,
 )
-from benchtools import parse_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
+from benchtools import run_wrk, write_nginx_conf  # noqa: E402 - scripts/, next to this file
 
 PATHS = [
     ("direct", "same-node", "pod1-3", "pod1-2"),
@@ -90,15 +90,6 @@ PATHS = [
     ("direct", "cross-node", "pod1-3", "pod2-1"),
     ("mesh", "cross-node", "pod1-1", "pod2-1"),
 ]
-
-
-def run_wrk(cluster, src, url, duration, connections) -> dict:
-    r = cluster.pod(src).run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
-                              url], check=False, timeout=duration + 30)
-    res = parse_wrk(r.stdout)
-    if res["rps"] is None:
-        res["error"] = (r.stderr or r.stdout).strip()[-300:]
-    return res
 
 
 def run_iperf(cluster, src, host, duration) -> dict:

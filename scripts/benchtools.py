@@ -5,6 +5,7 @@ root-owned defaults) and the parsing of ``wrk --latency`` output."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -32,6 +33,17 @@ def parse_wrk(out: str) -> dict:
         "requests": int(count.group(1)) if count else None,
         "errors": "; ".join(errors) or None,
     }
+
+
+def run_wrk(cluster, src, url, duration, connections) -> dict:
+    """wrk -t1 -c``connections`` for ``duration`` s from pod ``src``: parse_wrk's dict, with
+    ``error`` when it gave no rate."""
+    r = cluster.pod(src).run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+                              url], check=False, timeout=duration + 30)
+    res = parse_wrk(r.stdout)
+    if res["rps"] is None:
+        res["error"] = (r.stderr or r.stdout).strip()[-300:]
+    return res
 
 
 def nginx_conf(directory: str, listen: list[str], body: str, *, worker_connections: int = 1024,
@@ -74,6 +86,15 @@ def write_nginx_conf(directory: str, listen: list[str], body: str, **kw) -> str:
     with open(path, "w") as f:
         f.write(nginx_conf(directory, listen, body, **kw))
     return path
+
+
+def ab_parser(doc: str, seconds: str) -> argparse.ArgumentParser:
+    """The A/B drivers' common options (--seconds per round, --rounds); each
+    adds its own, its hidden --serve and its sides."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", default=seconds)
+    ap.add_argument("--rounds", type=int, default=4)
+    return ap
 
 
 def drive_sides(script: str, sides: dict[str, list[str]], rounds: int,

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from benchtools import drive_sides  # the scripts folder is on sys.path when run as a script
+from benchtools import ab_parser, drive_sides  # the scripts folder is on sys.path when run as a script
 
 MODES = {
     "mux": {"tunnel_mux": True},
@@ -84,9 +84,7 @@ def serve(root: str, mode: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", default="3")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = ab_parser(__doc__, "3")
     ap.add_argument("--serve", nargs=2, metavar=("ROOT", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT:MODE")
     a = ap.parse_args()

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchtools import drive_sides, parse_wrk, write_nginx_conf  # scripts/ is on sys.path
+from benchtools import ab_parser, drive_sides, run_wrk, write_nginx_conf  # scripts/ is on sys.path
 
 
 def _cpu(pid: int) -> float:
@@ -57,17 +57,12 @@ def serve(root: str, connections: int = 1) -> None:
             cmd = line.split()
             if not cmd or cmd[0] != "run":
                 break
-            seconds = cmd[1]
+            seconds = int(float(cmd[1]))
 
-            def wrk(src: str) -> dict:
-                r = cluster.pod(src).run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-                                         check=False, timeout=float(seconds) + 30)
-                return parse_wrk(r.stdout)
-
-            direct = wrk("pod1-2")
+            direct = run_wrk(cluster, "pod1-2", url, seconds, connections)
             pids = {n: mesh.proxy_pids(n)[0] for n in mesh.agents}
             before = {n: _cpu(p) for n, p in pids.items()}
-            meshed = wrk("pod1-1")
+            meshed = run_wrk(cluster, "pod1-1", url, seconds, connections)
             after = {n: _cpu(p) for n, p in pids.items()}
             if direct["p50_ms"] is None or meshed["p50_ms"] is None or not meshed["requests"]:
                 print(json.dumps({"error": "wrk failed", "direct": direct, "mesh": meshed}), flush=True)
@@ -90,9 +85,7 @@ def serve(root: str, connections: int = 1) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", default="3")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = ab_parser(__doc__, "3")
     ap.add_argument("--connections", type=int, default=1, help="wrk -c (default 1: the added-latency row)")
     ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")
@@ -101,9 +94,8 @@ def main() -> None:
         serve(a.serve, a.connections)
         return
     sides = dict(spec.split("=", 1) for spec in a.sides)
-    drive_sides(__file__, {label: [root, "--connections", str(a.connections)] for label, root in sides.items()},
-                a.rounds,
-                lambda r, i: f"run {a.seconds}", alternate=True)
+    args = {label: [root, "--connections", str(a.connections)] for label, root in sides.items()}
+    drive_sides(__file__, args, a.rounds, lambda r, i: f"run {a.seconds}", alternate=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from benchtools import drive_sides  # the scripts folder is on sys.path when run as a script
+from benchtools import ab_parser, drive_sides  # the scripts folder is on sys.path when run as a script
 
 
 def _cpu(pid: int) -> tuple[float, float]:
@@ -121,9 +121,7 @@ def serve(root: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", default="5")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap = ab_parser(__doc__, "5")
     ap.add_argument("--py-spy", dest="spy", help="record the first side's workers into this directory")
     ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")

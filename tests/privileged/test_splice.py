@@ -31,6 +31,7 @@ from tests.support.privileged import (
     wait_policies_enforced,
     worker_counters,
 )
+from tests.support.splicepeer import held, release
 
 require_privileged()
 
@@ -120,7 +121,7 @@ def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
         PEER + ["bulk", ip(mesh, "pod1-2"), str(PEER_PORT), "--up", str(up), "--down", str(down),
                 "--after", str(after), "--early", str(early), "--hold"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
+    with held(client):
         addrs = json.loads(client.stdout.readline())
         # The live client socket, in the kernel's own count: its first
         # bytes went to the proxy, everything after them straight across.
@@ -133,14 +134,7 @@ def test_bulk_both_ways_with_half_close_is_spliced_and_counted(mesh):
         passed, redirected = counts
         assert passed + redirected == hello + up, counts
         assert passed >= hello + early and redirected > 0, counts
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        out, _ = client.communicate(timeout=120)
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-    res = json.loads(out.strip().splitlines()[-1])
+        res = release(client)
     assert res["ok"], res
     after_c = proxy_counters(mesh)
     assert after_c["spliced"] == before["spliced"] + 1, (before, after_c)

@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from tests.support.privileged import require_privileged, running_mesh
+from tests.support.splicepeer import held, release
 
 require_privileged()
 
@@ -44,7 +45,7 @@ def test_a_cross_node_client_socket_leaves_the_splice_map_once_routed(tmp_path):
             PEER + ["bulk", mesh.cluster.pod("pod2-1").ip4, str(PEER_PORT), "--up", str(up), "--down", "7",
                     "--after", "3", "--early", str(early), "--hold"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
+        with held(client):
             addrs = json.loads(client.stdout.readline())
             key = abi.MlFlowKey()
             key.family, saddr = abi.pack_addr(addrs["local"][0])
@@ -60,14 +61,8 @@ def test_a_cross_node_client_socket_leaves_the_splice_map_once_routed(tmp_path):
             # Never redirected.
             hello = len(json.dumps({"mode": "bulk", "down": 7, "after": 3})) + 1
             assert counts in ((0, 0), (hello + early, 0)), counts
-            client.stdin.write("go\n")
-            client.stdin.flush()
-            out, _ = client.communicate(timeout=120)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
-        assert json.loads(out.strip().splitlines()[-1])["ok"], out
+            res = release(client)
+        assert res["ok"], res
 
 
 def test_the_server_pods_socket_of_a_tunnel_stream_leaves_the_splice_map_before_a_byte(tmp_path):
@@ -83,10 +78,10 @@ def test_the_server_pods_socket_of_a_tunnel_stream_leaves_the_splice_map_before_
                       max_seconds=300) as mesh:
         down = 2 * 1000 * 1000
         client = mesh.cluster.pod("pod1-1").popen(
-            PEER + ["bulk", mesh.cluster.pod("pod2-1").ip4, str(PEER_PORT), "--up", "1000", "--down", str(down),
-                    "--after", "3", "--hold"],
+            PEER + ["bulk", mesh.cluster.pod("pod2-1").ip4, str(PEER_PORT), "--up", "1000",
+                    "--down", str(down), "--after", "3", "--hold"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
+        with held(client):
             json.loads(client.stdout.readline())  # connected, its bytes sent; the server is sending
             addrs = json.loads(accepted.read_text().splitlines()[-1])
             key = abi.MlFlowKey()  # the pod's accepted socket, as splice.c files it
@@ -96,11 +91,5 @@ def test_the_server_pods_socket_of_a_tunnel_stream_leaves_the_splice_map_before_
             key.sport, key.dport = addrs["local"][1], addrs["peer"][1]
             # None: never filed; (0, 0): filed, then taken out before it sent anything
             assert SpliceMaps(mesh.agents["node2"].pin_dir).counts(bytes(key)) in (None, (0, 0))
-            client.stdin.write("go\n")
-            client.stdin.flush()
-            out, _ = client.communicate(timeout=120)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
-        assert json.loads(out.strip().splitlines()[-1])["ok"], out
+            res = release(client)
+        assert res["ok"], res

@@ -30,6 +30,7 @@ echo session ended (``reset``, ``eof``) to ``--log``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import random
@@ -161,6 +162,27 @@ def bulk(host: str, port: int, up: int, down: int, after: int, early: int = 0, h
         and rep.get("sha256") == sent.hexdigest()
     )
     return {"ok": ok, "received": len(data), "server": rep}
+
+
+@contextlib.contextmanager
+def held(client):
+    """The test's side of ``bulk --hold``: the client (a Popen with text
+    pipes) is killed on the way out if it is still running (a failed
+    assertion before ``release``)."""
+    try:
+        yield client
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def release(client) -> dict:
+    """Let the held client finish; its report (``ok``, ...)."""
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    out, _ = client.communicate(timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def reset(host: str, port: int) -> dict:

@@ -321,7 +321,7 @@ class Upstream:
             self._mark(sock, state.mesh_mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await _connect(loop, sock, addr, state.connect_timeout)
-            if not splice and state.splice and self.unfile is not None:
+            if self.unfile is not None and not splice and state.splice:
                 self.unfile(sock)
             return sock
         except TimeoutError:

@@ -49,7 +49,7 @@ def test_emfile_while_serving_is_an_overload_not_a_bug(tmp_path, caplog):
         async with Cluster(tmp_path) as c:
             up = c.servers[0].upstream
 
-            async def no_fds(addr, state):  # socket() for the upstream leg fails as at the limit
+            async def no_fds(addr, state, **kw):  # socket() for the upstream leg fails as at the limit
                 raise OSError(errno.EMFILE, "Too many open files")
 
             up.open_socket, orig = no_fds, up.open_socket

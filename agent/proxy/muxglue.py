@@ -86,14 +86,16 @@ class StreamTransport(asyncio.Transport):
 
     def release(self) -> None:
         """Send the held reply now (nothing if none is held)."""
-        data = self._held
-        if data is None:
-            return
-        self._held = None
+        data = self._take_held()
+        if data is not None:
+            self.write(data)
+
+    def _take_held(self) -> bytes | None:
+        data, self._held = self._held, None
         if self._held_timer is not None:
             self._held_timer.cancel()
             self._held_timer = None
-        self.write(data)
+        return data
 
     # ---- asyncio.Transport
 
@@ -112,12 +114,8 @@ class StreamTransport(asyncio.Transport):
     def write(self, data: Any) -> None:
         if self._closing or self._closed or self._local_done or self._eof_pending or not data:
             return
-        if self._held is not None:
-            held = self._held
-            self._held = None
-            if self._held_timer is not None:
-                self._held_timer.cancel()
-                self._held_timer = None
+        held = self._take_held()
+        if held is not None:
             self._queue(held)  # the reply first, in the same flush
         if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
             data = bytes(data)  # held below (pending, or views in the frames): must not change

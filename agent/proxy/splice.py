@@ -227,10 +227,7 @@ class Splicer:
         socket out of the splice SOCKHASH, so that its sends take the plain
         TCP path again instead of running the sk_msg program for nothing
         for the connection's whole life."""
-        try:
-            self.maps.unfile(bytes(flow_key(peer, local)))
-        except OSError as e:
-            self.failed(e)
+        self._unfile(bytes(flow_key(peer, local)))
 
     def unfile_upstream(self, sock: socket.socket) -> None:
         """The proxy's upstream connection ``sock`` to a pod of this node
@@ -239,7 +236,15 @@ class Splicer:
         splice all the same (it cannot know either); take it out, as
         ``unfile`` does for a client pod's socket."""
         try:
-            self.maps.unfile(pod_key(sock))
+            key = pod_key(sock)
+        except OSError as e:
+            self.failed(e)
+            return
+        self._unfile(key)
+
+    def _unfile(self, key: bytes) -> None:
+        try:
+            self.maps.unfile(key)
         except OSError as e:
             self.failed(e)
 

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 
 from .adminclient import unix_request
 from .fsutil import open_append, write_atomic
-from .proxy.memory import SITE_PATH_ENV, WORKER_SITE_ENV, worker_env, worker_site_path
+from .proxy.memory import WORKER_SITE_ENV, worker_env
+from .sitepath import child_env
 
 log = logging.getLogger("meshlet.agent")
 
@@ -109,7 +110,7 @@ class ProxySupervisor:
     def _argv(self, w: ProxyWorker) -> list[str]:
         # The access log's path, sampling and on/off come from the state file.
         # -S: no `site`.  The worker gets the import path the agent's `site`
-        # built through the environment instead (``worker_site_path``), so it
+        # built through the environment instead (``agent.sitepath``), so it
         # runs no .pth hooks: those (an editable install's finder, a
         # distribution's certificate shims) import pathlib, tempfile, zipfile
         # and more into every worker, about 0.7 MB it never uses.
@@ -464,8 +465,4 @@ def _pid_alive(pid: int, popen: subprocess.Popen | None) -> bool:
 
 
 def _proxy_env() -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env[SITE_PATH_ENV] = os.pathsep.join(worker_site_path(sys.path))
-    return env
+    return child_env(os.environ, sys.path)

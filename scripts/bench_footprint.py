@@ -82,15 +82,16 @@ def top_mappings(pid: int, n: int = 12) -> list[tuple[str, int]]:
 
 
 def agent_pid(root: int) -> int:
-    """The agent process: ``root`` or the first descendant running ``agent.cli run``
-    (the node's exec wrapper may sit above it)."""
+    """The agent process: ``root`` or the first descendant running the agent
+    (``agent.daemon``, which ``meshlet run`` execs; ``agent.cli run`` under
+    MESHLET_AGENT_SITE=1); the node's exec wrapper may sit above it."""
     todo = [root]
     while todo:
         p = todo.pop(0)
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if b"agent.cli" in argv and b"run" in argv:
+            if b"agent.daemon" in argv or (b"agent.cli" in argv and b"run" in argv):
                 return p
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]

@@ -4,7 +4,6 @@ its ``status`` and its ``workloads``, ``uninstall`` it."""
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import sys
 
@@ -34,20 +33,23 @@ def run(config_path: str, keep_datapath: bool) -> None:
     with the fix for each missing piece, rather than attach half a datapath.
     A stop never opens the mesh: the pinned datapath and the proxy workers
     stay, and a restarted agent adopts them. `meshlet uninstall` removes them.
+
+    Once the config checks out, this process becomes the agent daemon
+    (`python -S -P -m agent.daemon --config FILE`, the same pid), which
+    leaves the CLI's modules and `site` out of the agent's memory.
+    MESHLET_AGENT_SITE=1 keeps the agent in this process, with `site`.
     """
     cfg = load_config(config_path)
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {cfg.node} %(name)s %(levelname)s %(message)s",
-    )
-    from ..app import AgentError, run_agent
-    from ..datapath.loader import DatapathError
+    from ..daemon import AGENT_SITE_ENV, exec_daemon, serve
 
-    try:
-        sys.exit(run_agent(cfg))
-    except (AgentError, DatapathError) as e:
-        die(str(e))
+    if os.environ.get(AGENT_SITE_ENV) != "1":
+        # The agent runs as agent.daemon (same pid): without click, the CLI
+        # and `site` for the node's life.  See agent/daemon.py.
+        try:
+            exec_daemon(config_path)
+        except OSError as e:
+            die(f"cannot start the agent ({sys.executable}): {e.strerror}")
+    serve(cfg)
 
 
 @click.command()

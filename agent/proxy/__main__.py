@@ -21,11 +21,11 @@ import os
 import signal
 import sys
 
-from agent.proxy.memory import adopt_site_path
+from agent.sitepath import adopt
 
 # The supervisor starts workers with -S: the third-party import path comes
 # from the environment, before anything outside the standard library loads.
-adopt_site_path(os.environ, sys.path)
+adopt(os.environ, sys.path)
 
 from agent.proxy.limits import enable_listener_migration, raise_nofile  # noqa: E402
 from agent.proxy.log import setup_logging  # noqa: E402

@@ -124,7 +124,6 @@ import gc
 import logging
 import os
 import platform
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -154,9 +153,6 @@ MALLOC_TUNING = {  # glibc, for proxy workers: see points 6 and 7 of the module 
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
     "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
 }
-# The import path a worker started with -S (no `site`) appends: see
-# worker_site_path.
-SITE_PATH_ENV = "MESHLET_WORKER_SITE_PATH"
 WORKER_SITE_ENV = "MESHLET_WORKER_SITE"  # "1": workers start with `site` after all
 TRIM_AFTER = 256  # connections finished before free memory is handed back mid-burst
 TRIM_LOW_WATER = 16  # live connections at or below which a burst is over
@@ -176,35 +172,6 @@ def worker_env(env: Mapping[str, str]) -> dict[str, str]:
         if not out.get(k):
             out[k] = v
     return out
-
-
-def worker_site_path(path: list[str]) -> list[str]:
-    """The entries of ``path`` (the agent's ``sys.path``) that a worker started
-    with ``-S`` lacks: everything but the standard library's own directories
-    (site-packages, dist-packages, .pth entries, PYTHONPATH), in order.  The
-    worker appends them after its standard library, where `site` would
-    (``adopt_site_path``)."""
-    import sysconfig  # the agent's side only: a worker never loads it
-
-    stdlib = {sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")}
-    stdlib |= {os.path.join(d, "lib-dynload") for d in list(stdlib)}
-    zipped = f"python{sys.version_info[0]}{sys.version_info[1]}.zip"
-    out: list[str] = []
-    for p in path:
-        if not p or p in stdlib or os.path.basename(p) == zipped or p in out:
-            continue
-        out.append(p)
-    return out
-
-
-def adopt_site_path(env: Mapping[str, str], path: list[str]) -> None:
-    """Append the entries of ``env[SITE_PATH_ENV]`` that ``path`` (a worker's
-    ``sys.path``) lacks, in order: the worker's first step, before it imports
-    anything outside the standard library.  Without the variable (a worker
-    started by hand, with `site`) nothing changes."""
-    for p in env.get(SITE_PATH_ENV, "").split(os.pathsep):
-        if p and p not in path:
-            path.append(p)
 
 
 class TrimSchedule:

@@ -3,7 +3,8 @@
 Used by the privileged tests, the demo and the benchmark.  Each node gets a
 config file, its own run dir (/run/meshlet/<prefix>-<node>) and pin dir
 (/sys/fs/bpf/meshlet/<prefix>-<node>); all nodes read one shared inventory
-file.  Agents run as ``python -m agent.cli run`` inside the node's netns and
+file.  Agents run as ``python -m agent.cli run`` (which execs ``agent.daemon``,
+the same pid: see agent/daemon.py) inside the node's netns and
 ``system`` cgroup, exactly as a user would start them.
 
 Services: ``Mesh(cluster, services=[...])`` writes the list as the

@@ -97,11 +97,13 @@ def llvm_mappings(pid: int) -> list[str]:
 
 def agent_llvm(mesh, node: str) -> list[str]:
     """:func:`llvm_mappings` of ``node``'s running agent (the exec wrapper
-    keeps its pid, so the Popen's pid is the agent itself)."""
+    keeps its pid, and so does `meshlet run`'s exec of the daemon, so the
+    Popen's pid is the agent itself, running as ``agent.daemon``)."""
     p = mesh.agents[node].popen
     assert p is not None and p.poll() is None, f"no agent running on {node}"
     with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-        assert b"agent.cli" in f.read().split(b"\0"), f"pid {p.pid} is not {node}'s agent"
+        argv = f.read().split(b"\0")
+    assert argv[1:5] == [b"-S", b"-P", b"-m", b"agent.daemon"], f"pid {p.pid} is not {node}'s agent daemon: {argv}"
     return llvm_mappings(p.pid)
 
 

@@ -56,6 +56,10 @@ VIOLATIONS = {
         ("proxy/http1.py", "import agent.doctor"),
         ("proxy/tracing.py", "from agent.datapath import loader"),
     ],
+    "daemon-no-cli": [
+        ("daemon.py", "import click"),
+        ("supervisor.py", "from agent.cli import common"),  # app -> supervisor -> cli
+    ],
     "policy-pure": [
         ("policy/model.py", "import threading"),
         ("yamlsrc.py", "import socket"),  # policy -> yamlsrc -> socket

@@ -35,31 +35,6 @@ def test_workers_get_glibc_thresholds_that_stop_heap_churn_unless_the_operator_s
     assert memory.worker_env({"MALLOC_TRIM_THRESHOLD_": "131072"})["MALLOC_TRIM_THRESHOLD_"] == "131072"
 
 
-def test_the_worker_site_path_is_everything_but_the_standard_library_in_order():
-    import sysconfig
-
-    stdlib = sysconfig.get_path("stdlib")
-    path = [
-        "",
-        "/usr/lib/python311.zip",
-        stdlib,
-        os.path.join(stdlib, "lib-dynload"),
-        "/venv/site-packages",
-        "/usr/lib/python3/dist-packages",
-        "/venv/site-packages",
-        "/repo",
-    ]
-    assert memory.worker_site_path(path) == ["/venv/site-packages", "/usr/lib/python3/dist-packages", "/repo"]
-
-
-def test_adopting_the_site_path_appends_only_what_is_missing():
-    path = ["/repo", "/usr/lib/python3.11"]
-    memory.adopt_site_path({memory.SITE_PATH_ENV: os.pathsep.join(["/a", "/repo", "", "/b"])}, path)
-    assert path == ["/repo", "/usr/lib/python3.11", "/a", "/b"]
-    memory.adopt_site_path({}, path)  # a worker started by hand, with `site`: unchanged
-    assert path == ["/repo", "/usr/lib/python3.11", "/a", "/b"]
-
-
 def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site():
     """The argv and environment the supervisor uses: -S, and the path through
     the environment.  Everything the worker imports at start and under
@@ -74,8 +49,8 @@ def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site()
         assert sup._argv(sup.workers[0])[:3] == [sys.executable, "-m", "agent.proxy"]
     code = (
         "import os, sys\n"
-        "from agent.proxy.memory import adopt_site_path\n"
-        "adopt_site_path(os.environ, sys.path)\n"
+        "from agent.sitepath import adopt\n"
+        "adopt(os.environ, sys.path)\n"
         "import agent.proxy.server, agent.proxy.muxglue, agent.proxy.l7, uvloop, cryptography.x509\n"
         "print(sorted(m for m in ('site', 'pathlib', 'zipfile') if m in sys.modules))\n"
     )

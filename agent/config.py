@@ -25,7 +25,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -686,6 +685,8 @@ def _peek_source(top: y.MapReader) -> str | None:
 def _otlp_endpoint(v: y.Value) -> str:
     """An OTLP/HTTP traces URL: http(s)://host[:port][/path]; no path means
     the standard ``/v1/traces``."""
+    import urllib.parse  # only with tracing configured: the agent keeps what it imports
+
     s = y.string(v)
     try:
         u = urllib.parse.urlsplit(s)

@@ -23,17 +23,15 @@ with the same list of fixes instead of half-attaching.  A check that is not
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import functools
-import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -241,13 +239,15 @@ KERNEL_CONFIG_OPTIONAL = (
 
 
 def _read_config(path: str) -> dict[str, str]:
-    opener = gzip.open if path.endswith(".gz") else open
+    with open(path, "rb") as f:
+        raw = f.read()
+    if path.endswith(".gz"):  # /proc/config.gz; zlib, not gzip: the agent runs this at every start
+        raw = zlib.decompress(raw, wbits=zlib.MAX_WBITS | 16)
     values = {}
-    with opener(path, "rt") as f:
-        for line in f:
-            key, eq, value = line.strip().partition("=")
-            if eq and key.startswith("CONFIG_"):
-                values[key] = value
+    for line in raw.decode(errors="replace").splitlines():
+        key, eq, value = line.strip().partition("=")
+        if eq and key.startswith("CONFIG_"):
+            values[key] = value
     return values
 
 
@@ -332,9 +332,22 @@ def check_bcc(python: str = sys.executable):
 TOOLS = {"ip": "iproute2", "nsenter": "util-linux"}
 
 
+def _which(name: str, path: str | None = None) -> str | None:
+    """The executable ``name`` on ``path`` (default: $PATH), or None: what
+    ``shutil.which`` answers for a bare name, without importing shutil (and
+    the bz2/lzma modules it brings) into the agent, which runs this check at
+    every start."""
+    dirs = (os.environ.get("PATH", os.defpath) if path is None else path).split(os.pathsep)
+    for d in dirs:
+        p = os.path.join(d or ".", name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
 @_check("tools")
 def check_tools(tools: dict[str, str] = TOOLS, path: str | None = None):
-    missing = [t for t in tools if shutil.which(t, path=path) is None]
+    missing = [t for t in tools if _which(t, path) is None]
     if not missing:
         return True, ", ".join(tools), None
     packages = sorted({tools[t] for t in missing})
@@ -887,6 +900,8 @@ def checks_to_json(checks: Sequence[Check]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agent.doctor [--json]``; exit 0 when ready, 1 when not."""
+    import argparse  # `python -m agent.doctor` only, not the agent's preflight
+
     parser = argparse.ArgumentParser(prog="meshlet doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)

@@ -51,8 +51,8 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -81,7 +81,7 @@ ROLES = ("owner", "successor", "superseded", "draining")
 def new_instance() -> str:
     """A name for this agent process, unique across the pods of a node (their
     pid namespaces differ, so a pid is not)."""
-    return uuid.uuid4().hex[:12]
+    return secrets.token_hex(6)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,16 @@ program queries).  Only the commands meshlet needs are wrapped.  Layouts follow
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
-import platform
 import struct
 from dataclasses import dataclass
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+# dlopen(NULL): the C library this process already runs on.  Not
+# ctypes.util.find_library, which runs ldconfig in a child and imports
+# tempfile and shutil into the agent and every proxy worker for good.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # enum bpf_cmd

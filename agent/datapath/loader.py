@@ -39,7 +39,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -426,7 +425,8 @@ class Datapath:
         spec has no splice."""
         sdir = os.path.join(self.spec.pin_dir, abi.SPLICE_DIR)
         if not self.spec.splice:
-            shutil.rmtree(sdir, ignore_errors=True)
+            if os.path.isdir(sdir):
+                _rmtree(sdir)
             return
         try:
             hfd = bpfsys.obj_get(os.path.join(sdir, abi.SPLICE_SOCKHASH))
@@ -1088,8 +1088,16 @@ def remove_pins(pin_dir: str, keep_clsact: bool = False) -> None:
         for name in os.listdir(links):
             _detach_pinned_link(os.path.join(links, name))
     if os.path.isdir(pin_dir):
-        shutil.rmtree(pin_dir, ignore_errors=True)
+        _rmtree(pin_dir)
     remove_empty_parent(pin_dir)
+
+
+def _rmtree(path: str) -> None:
+    # shutil only here, on teardown: it loads bz2 and lzma, which the
+    # agent would otherwise keep for the node's life.
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_empty_parent(path: str, name: str = "meshlet") -> None:

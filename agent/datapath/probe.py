@@ -12,7 +12,6 @@ returns, also when it fails.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import secrets
 import socket
@@ -39,7 +38,7 @@ LINK_TYPE_CGROUP = 3
 LINK_TYPE_TCX = 11
 
 _CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (see bpfsys)
 
 
 @contextmanager

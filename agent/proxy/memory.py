@@ -119,11 +119,9 @@ None.  libc is reached through ctypes only in this module.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -279,12 +277,15 @@ def _glibc() -> ctypes.CDLL | None:
     global _libc, _why_not
     if _libc is not None or _why_not is not None:
         return _libc
-    name, version = platform.libc_ver()
+    try:  # "glibc 2.36"; musl has no such name
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (ValueError, OSError):
+        name, version = "", ""
     if name != "glibc":
         _why_not = f"the C library is {name or 'not glibc'}, not glibc"
     else:
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            lib = ctypes.CDLL(None)  # the C library already loaded (see datapath.bpfsys)
         except OSError as e:
             lib, _why_not = None, f"cannot load libc ({e})"
         if lib is not None and not all(hasattr(lib, f) for f in ("malloc_trim", "mallinfo2", "mallopt")):

@@ -145,30 +145,52 @@ def test_the_daemon_refuses_any_other_command_line(args):
     assert r.returncode == 2 and "expected --config FILE" in r.stderr and "meshlet run" in r.stderr
 
 
+#: Never in the daemon's process: the CLI, `site`, and standard modules that
+#: cost memory for the node's life where a few lines do (ctypes.util's
+#: find_library pulls tempfile and shutil, shutil pulls bz2 and lzma).
+NOT_IN_THE_DAEMON = (
+    "click",
+    "site",
+    "sitecustomize",
+    "agent.cli",
+    "argparse",
+    "gzip",
+    "shutil",
+    "tempfile",
+    "uuid",
+    "platform",
+    "ctypes.util",
+    "bz2",
+    "lzma",
+)
+
+
 def test_the_daemons_process_loads_no_click_cli_or_site(tmp_path):
     """What the daemon imports to run an agent (its own module, the app, and
-    what the agent loads at start) resolves with -S -P, and leaves click, the
-    CLI and `site` out: the memory the exec is for.  A stray module in the
-    working directory does not shadow a real one (-P)."""
+    what the agent loads at start, its preflight checks run) resolves with
+    -S -P, and leaves out click, the CLI, `site` and NOT_IN_THE_DAEMON: the
+    memory the exec is for.  A stray module in the working directory does
+    not shadow a real one (-P)."""
+    import gzip
+
     (tmp_path / "yaml.py").write_text("raise SystemExit('the working directory shadowed yaml')\n")
+    (tmp_path / "config.gz").write_bytes(gzip.compress(b"CONFIG_BPF=y\n# CONFIG_X is not set\n"))
     code = (
         "import os, sys\n"
         "from agent.sitepath import adopt\n"
         "adopt(os.environ, sys.path)\n"
         "import agent.daemon, agent.app, agent.admin, agent.doctor, agent.config, agent.supervisor\n"
-        "import agent.datapath.loader, agent.datapath.flowtable, agent.identity.issuer, agent.policy.store\n"
-        "import agent.policy.kernel, agent.workloads.yamlfile, yaml, cryptography.x509\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('click', 'site', 'sitecustomize')\n"
-        "             or m.startswith('agent.cli')))\n"
+        "import agent.datapath.loader, agent.datapath.flowtable, agent.datapath.probe\n"
+        "import agent.identity.issuer\n"
+        "import agent.policy.store, agent.policy.kernel, agent.workloads.yamlfile, agent.handover, yaml\n"
+        "from agent.proxy import memory\n"
+        "assert agent.doctor._read_config('config.gz') == {'CONFIG_BPF': 'y'}\n"
+        "assert agent.doctor.check_tools({'sh': 'dash'}).ok and len(agent.handover.new_instance()) == 12\n"
+        "memory.heap()\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({NOT_IN_THE_DAEMON!r})))\n"
     )
     argv = [sys.executable, "-S", "-P", "-c", code]
-    r = subprocess.run(
-        argv,
-        env=sitepath.child_env(os.environ, sys.path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = sitepath.child_env(os.environ, sys.path)
+    r = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

@@ -35,11 +35,16 @@ def test_workers_get_glibc_thresholds_that_stop_heap_churn_unless_the_operator_s
     assert memory.worker_env({"MALLOC_TRIM_THRESHOLD_": "131072"})["MALLOC_TRIM_THRESHOLD_"] == "131072"
 
 
+#: What `site` or a stdlib shortcut would load into every worker, for nothing:
+#: ctypes.util's find_library pulls tempfile and shutil, and runs ldconfig.
+NOT_LOADED = ("site", "pathlib", "zipfile", "tempfile", "shutil", "ctypes.util", "platform")
+
+
 def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site():
     """The argv and environment the supervisor uses: -S, and the path through
     the environment.  Everything the worker imports at start and under
     traffic resolves (uvloop, cryptography, the server), and no `site` hook
-    ran (the memory it saves is the reason for -S)."""
+    ran (the memory it saves is the reason for -S), nor NOT_LOADED."""
     from agent import supervisor
 
     sup = supervisor.ProxySupervisor("/run/x", "/run/x/proxy-state.json", 1)
@@ -52,7 +57,8 @@ def test_a_worker_started_the_supervisors_way_imports_its_modules_without_site()
         "from agent.sitepath import adopt\n"
         "adopt(os.environ, sys.path)\n"
         "import agent.proxy.server, agent.proxy.muxglue, agent.proxy.l7, uvloop, cryptography.x509\n"
-        "print(sorted(m for m in ('site', 'pathlib', 'zipfile') if m in sys.modules))\n"
+        "agent.proxy.memory.heap()\n"  # glibc through ctypes, as the worker's stats do
+        "print(sorted(m for m in NOT_LOADED if m in sys.modules))\n".replace("NOT_LOADED", repr(NOT_LOADED))
     )
     out = subprocess.run(
         [sys.executable, "-S", "-c", code],
@@ -84,7 +90,9 @@ def test_worker_tuning_reuses_big_batches_instead_of_faulting_in_fresh_pages():
     zeroed pages faulted in (40,960 in all).  Page faults, not time."""
 
     def faults(env: dict[str, str]) -> int:
-        out = subprocess.run([sys.executable, "-c", _BATCHES], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _BATCHES], env=env, capture_output=True, text=True, check=True
+        )
         return int(out.stdout)
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

@@ -6,16 +6,18 @@ Two halves:
 
 * :func:`families` is pure: a *snapshot* (plain dicts: every proxy
   worker's stats, the datapath status, the agent's identity state) in,
-  ``prometheus_client`` metric families out.  Unit tests feed it dicts.
+  metric families (``agent.observe.exposition``) out.  Unit tests feed it
+  dicts, and parse what is served with prometheus_client's parser.
 * :func:`liveness` and :func:`readiness` are pure too: the agent's
   facts (age of its last tick, workers alive, identity loaded) in, a
   verdict and its reason out.  A probe never scrapes: it costs no stats
   socket round trip and no map read.
-* :class:`MetricsServer` serves them from a threading WSGI server thread
-  (prometheus_client's app for every path but the two probes).  Each
-  scrape calls the agent's snapshot function *in that thread*: the proxy
-  stats sockets and the bpf(2) map reads never run on the agent's event
-  loop, and the proxies only answer a stats request.
+* :class:`MetricsServer` serves them from a threading TCP server thread
+  (the text format of ``agent.observe.exposition`` for every path but the
+  two probes; one request per connection).  Each scrape calls the agent's
+  snapshot function *in that thread*: the proxy stats sockets and the
+  bpf(2) map reads never run on the agent's event loop, and the proxies
+  only answer a stats request.
 
 Istio-compatible TCP metrics are the sum over the proxy workers of their
 label sets (see ``agent/proxy/telemetry.py`` for the labels).  So are
@@ -31,18 +33,18 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..proxy.telemetry import DENY_REASONS
+from .exposition import CONTENT_TYPE, render
+from .exposition import Counter as CounterMetricFamily
+from .exposition import Family as Metric
+from .exposition import Gauge as GaugeMetricFamily
+from .exposition import Histogram as HistogramMetricFamily
 
 log = logging.getLogger("meshlet.metrics")
 
@@ -362,7 +364,7 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     return out
 
 
-class _Collector(Collector):
+class _Collector:
     def __init__(self, snapshot: Callable[[], dict]) -> None:
         self.snapshot = snapshot
         self.errors = 0
@@ -424,36 +426,95 @@ def readiness(facts: dict[str, Any], window: float = LIVENESS_WINDOW) -> Verdict
     return True, "ok"
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes and probes are not logged."""
+#: Bounds on what a client may send: a request line and headers, no body.
+MAX_REQUEST_LINE = 8192
+MAX_HEADERS = 100
+REQUEST_TIMEOUT = 10.0
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Handler(socketserver.StreamRequestHandler):
+    """One HTTP/1.x request per connection (``Connection: close``): GET or
+    HEAD of a probe path, or of anything else for the metrics.  Scrapes and
+    probes are not logged."""
 
+    timeout = REQUEST_TIMEOUT
+    server: _Server
 
-def _probe_app(metrics_app: Callable, probes: dict[str, Callable[[], Verdict]]) -> Callable:
-    def app(environ: dict, start_response: Callable) -> list[bytes]:
-        check = probes.get(environ.get("PATH_INFO", ""))
-        if check is None:
-            return metrics_app(environ, start_response)
+    def handle(self) -> None:
         try:
-            ok, why = check()
-        except Exception as e:  # a broken check is a failed probe, never a dead server thread
-            log.exception("health check failed")
-            ok, why = False, f"the check itself failed: {e}"
-        start_response(
-            "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
-        )
-        return [why.encode() + b"\n"]
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            for _ in range(MAX_HEADERS + 1):
+                h = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            else:
+                return self._send(431, "too many header fields\n", head=False)
+        except OSError:  # the timeout, a reset
+            return
+        parts = line.decode("latin-1").split()
+        if len(line) > MAX_REQUEST_LINE or len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return self._send(400, "bad request\n", head=False)
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return self._send(405, "only GET and HEAD\n", head=False, extra="Allow: GET, HEAD\r\n")
+        status, ctype, body = self.server.answer(target.split("?", 1)[0])
+        self._send(status, body, head=method == "HEAD", ctype=ctype)
 
-    return app
+    def _send(
+        self,
+        status: int,
+        body: str | bytes,
+        *,
+        head: bool,
+        ctype: str = "text/plain; charset=utf-8",
+        extra: str = "",
+    ) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        reason = _REASONS.get(status, "")
+        head_lines = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n{extra}\r\n"
+        )
+        try:
+            self.wfile.write(head_lines.encode() + (b"" if head else data))
+            if status >= 400:
+                # What the client sent beyond what was read would make the
+                # close a reset, which can destroy the answer before the
+                # client reads it: end our side, then take a bounded rest.
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(1.0)
+                for _ in range(16):
+                    if not self.connection.recv(65536):
+                        break
+        except OSError:
+            pass
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self, address: tuple[str, int], family: int, answer: Callable[[str], tuple[int, str, bytes]]
+    ):
+        self.address_family = family
+        self.answer = answer
+        super().__init__(address, _Handler)
 
 
 class MetricsServer:
-    """A threading WSGI server in a daemon thread: /metrics (one collector)
-    and, when given, the /healthz and /readyz probes."""
+    """A threading HTTP/1.x server in a daemon thread: the metrics (one
+    collector) and, when given, the /healthz and /readyz probes."""
 
     def __init__(
         self,
@@ -464,20 +525,30 @@ class MetricsServer:
         live: Callable[[], Verdict] | None = None,
         ready: Callable[[], Verdict] | None = None,
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(snapshot))
+        self.collector = _Collector(snapshot)
         self.address, self.port = address, port
         self.probes = {p: f for p, f in (("/healthz", live), ("/readyz", ready)) if f is not None}
-        self._server: Any = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        """(status, content type, body) for a GET of ``path``: a probe's
+        verdict, or the metrics for any other path."""
+        check = self.probes.get(path)
+        if check is None:
+            return 200, CONTENT_TYPE, render(self.collector.collect())
+        try:
+            ok, why = check()
+        except Exception as e:  # a broken check is a failed probe, never a dead server thread
+            log.exception("health check failed")
+            ok, why = False, f"the check itself failed: {e}"
+        return (200 if ok else 503), "text/plain; charset=utf-8", why.encode() + b"\n"
 
     def start(self) -> MetricsServer:
         family = socket.getaddrinfo(
             self.address, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0][0]
-        server_cls = type("_MetricsServer", (_Server,), {"address_family": family})
-        app = _probe_app(make_wsgi_app(self.registry), self.probes)
-        self._server = make_server(self.address, self.port, app, server_cls, handler_class=_QuietHandler)
+        self._server = _Server((self.address, self.port), family, self.answer)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()

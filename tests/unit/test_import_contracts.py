@@ -48,6 +48,10 @@ VIOLATIONS = {
         ("datapath/netlink.py", "from pyroute2 import IPRoute"),
         ("proxy/sniff.py", "import pyroute2"),
     ],
+    "no-prometheus-client": [
+        ("observe/prometheus.py", "from prometheus_client import generate_latest"),
+        ("proxy/stats.py", "import prometheus_client"),
+    ],
     "otel-in-spans": [
         ("proxy/tracing.py", "import opentelemetry.trace"),
         ("proxy/stats.py", "from opentelemetry.sdk.trace import ReadableSpan"),

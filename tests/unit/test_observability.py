@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import CollectorRegistry
 
 from agent.app import proxy_state
 from agent.config import parse_config
+from agent.observe.exposition import render
 from agent.observe.prometheus import _Collector, families, merge_tcp
 from agent.proxy import telemetry as m
 from agent.proxy import tracing
@@ -207,11 +206,14 @@ SNAP = {
 }
 
 
+def exposed(snap) -> str:
+    """What /metrics serves for ``snap``."""
+    return render(_Collector(lambda: snap).collect()).decode()
+
+
 def scrape(snap) -> dict:
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(lambda: snap))
     out = {}
-    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+    for fam in text_string_to_metric_families(exposed(snap)):
         out[fam.name] = [(s.labels, s.value) for s in fam.samples]
     return out
 
@@ -245,11 +247,9 @@ def test_metrics_sum_workers_and_parse_with_prometheus_client():
 def test_a_failing_snapshot_still_serves_and_counts_the_error():
     def boom():
         raise OSError("stats socket gone")
-    reg = CollectorRegistry(auto_describe=False)
     c = _Collector(boom)
-    reg.register(c)
-    text = generate_latest(reg).decode()
-    assert "meshlet_metrics_scrape_errors_total 1.0" in text and c.errors == 1
+    text = render(c.collect()).decode()
+    assert "meshlet_metrics_scrape_errors_total 1.0\n" in text and c.errors == 1
 
 
 def test_families_of_an_empty_snapshot():
@@ -464,8 +464,8 @@ def test_request_metrics_sum_workers_and_parse_with_prometheus_client():
     assert buckets["+Inf"] == 3
     assert buckets["0.5"] == 0 and len(buckets) == len(m.BUCKETS) + 1
     # the parser folds _count/_sum into the family's samples
-    fam = {f.name: f for f in text_string_to_metric_families(generate_latest(_registry(
-        {"workers": [http_worker([(200, 2.0), (200, 30.0)])]})).decode())}
+    fam = {f.name: f for f in text_string_to_metric_families(exposed(
+        {"workers": [http_worker([(200, 2.0), (200, 30.0)])]}))}
     h = fam["istio_request_duration_milliseconds"]
     assert h.type == "histogram"
     sums = [s.value for s in h.samples if s.name.endswith("_sum") and s.labels["reporter"] == "source"]
@@ -473,12 +473,6 @@ def test_request_metrics_sum_workers_and_parse_with_prometheus_client():
     assert {f for f in fam} >= {"istio_request_bytes", "istio_response_bytes"}
     assert {s["policy"]: v for s, v in got["meshlet_denied_requests"]} == \
         {"shop/deny-admin": 2, "": 1}
-
-
-def _registry(snap):
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(lambda: snap))
-    return reg
 
 
 def test_no_request_families_from_proxies_without_l7_counters():

@@ -14,12 +14,13 @@ upgrade).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
 import sys
+import types
+from typing import TYPE_CHECKING, Union
 
 from agent.sitepath import adopt
 
@@ -31,11 +32,72 @@ from agent.proxy.limits import enable_listener_migration, raise_nofile  # noqa: 
 from agent.proxy.log import setup_logging  # noqa: E402
 from agent.proxy.state import StateError, StateWatcher  # noqa: E402
 
+if TYPE_CHECKING:
+    import argparse
+
+#: The parsed command line: a plain namespace from the quick parse, argparse's otherwise.
+Args = Union[types.SimpleNamespace, "argparse.Namespace"]
+
 log = logging.getLogger("meshlet.proxy")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m agent.proxy", description="meshlet node proxy worker")
+#: The options, for the quick parse: name -> (dest, type, default).  The
+#: argparse parser below is their full description (help, choices).
+_OPTIONS: dict[str, tuple[str, type, object]] = {
+    "--state": ("state", str, None),
+    "--worker-id": ("worker_id", int, 0),
+    "--access-log": ("access_log", str, None),
+    "--log-level": ("log_level", str, "INFO"),
+    "--shutdown-grace": ("shutdown_grace", float, 5.0),
+    "--ready-timeout": ("ready_timeout", float, 30.0),
+}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _quick_parse(argv: list[str]) -> types.SimpleNamespace | None:
+    """The command line the supervisor gives, parsed without argparse: its
+    formatter imports shutil, which imports bz2 and lzma, about 1.5 MB a
+    worker keeps for its life.  None for anything unusual (--help, an
+    unknown or repeated option, a bad value, a missing --state): argparse
+    then parses it and says what is wrong."""
+    out: dict[str, object] = {dest: default for dest, _, default in _OPTIONS.values()}
+    out["listener_migration"] = True
+    seen: set[str] = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--no-listener-migration" and arg not in seen:
+            out["listener_migration"] = False
+            seen.add(arg)
+            i += 1
+            continue
+        name, eq, value = arg.partition("=")
+        if name not in _OPTIONS or name in seen:
+            return None
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                return None
+            value = argv[i + 1]
+            i += 1
+        dest, kind, _ = _OPTIONS[name]
+        try:
+            out[dest] = kind(value)
+        except ValueError:
+            return None
+        seen.add(name)
+        i += 1
+    if out["state"] is None or out["log_level"] not in _LOG_LEVELS:
+        return None
+    return types.SimpleNamespace(**out)
+
+
+def parse_args(argv: list[str] | None) -> Args:
+    quick = _quick_parse(sys.argv[1:] if argv is None else argv)
+    if quick is not None:
+        return quick
+    import argparse as full  # only for --help and errors: see _quick_parse
+
+    p = full.ArgumentParser(prog="python -m agent.proxy", description="meshlet node proxy worker")
     p.add_argument("--state", required=True, help="proxy state file written by the agent (JSON)")
     p.add_argument("--worker-id", type=int, default=0, help="worker number (default 0)")
     p.add_argument("--access-log", default=None, help="append one JSON line per finished connection here")
@@ -61,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _amain(args: argparse.Namespace, watcher: StateWatcher) -> int:
+async def _amain(args: Args, watcher: StateWatcher) -> int:
     from agent.proxy.server import ProxyServer
 
     server = ProxyServer(

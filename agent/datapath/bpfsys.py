@@ -145,11 +145,22 @@ def _ptr(buf) -> int:
 # --- objects -------------------------------------------------------------
 
 
+class PinNotFound(BPFError, FileNotFoundError):
+    """``obj_get`` of a path with nothing pinned: a ``FileNotFoundError``, as
+    an ``open`` of it would raise, and a ``BPFError``."""
+
+
 def obj_get(path: str, read_only: bool = False) -> int:
-    """Open a pinned object; returns a new fd (caller closes)."""
+    """Open a pinned object; returns a new fd (caller closes).  Nothing
+    pinned at ``path``: PinNotFound."""
     p = ctypes.create_string_buffer(os.fsencode(path))
     flags = 1 << 3 if read_only else 0  # BPF_F_RDONLY
-    return bpf(OBJ_GET, _attr("=QII", _ptr(p), 0, flags))
+    try:
+        return bpf(OBJ_GET, _attr("=QII", _ptr(p), 0, flags))
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            raise PinNotFound(e.errno, f"nothing pinned at {path}") from None
+        raise
 
 
 def obj_pin(fd: int, path: str) -> None:

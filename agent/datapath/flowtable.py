@@ -269,8 +269,34 @@ class FlowReader:
     # --- live map -------------------------------------------------------------------
 
     def live(self) -> list[dict]:
-        """The flows the kernel tracks right now."""
-        return self._decode(self._live_raw())
+        """The flows the kernel tracks right now.  A pod socket of a spliced
+        same-node connection also gets the bytes its app sent past its own
+        TCP connection so far (splice.c's count; flowtrack.c adds it only at
+        close, to keep its per-ACK callback lean)."""
+        recs = self._live_raw()
+        redirected = self._splice_redirected()
+        if redirected:
+            recs = [_add_redirected(r, redirected) for r in recs]
+        return self._decode(recs)
+
+    def _splice_redirected(self) -> dict[bytes, int]:
+        """ml_splice_cnt as {pod socket's MlFlowKey bytes: bytes redirected}
+        (empty without the splice maps)."""
+        path = os.path.join(self.pin_dir, abi.SPLICE_DIR, abi.SPLICE_CNT)
+        try:
+            fd = bpfsys.obj_get(path)
+        except FileNotFoundError:  # no splice (proxy.splice off, or no sk_msg)
+            return {}
+        try:
+            pairs = _dump_pairs(fd, _KEY_SIZE, _CNT_SIZE, 1024)
+        finally:
+            os.close(fd)
+        out = {}
+        for k, v in pairs:
+            n = abi.MlSpliceCnt.from_buffer_copy(v).redirected
+            if n:
+                out[k] = n
+        return out
 
     def _live_raw(self) -> list[bytes]:
         path = os.path.join(self.pin_dir, "ml_live_flows")
@@ -382,9 +408,39 @@ class FlowReader:
 MAP_LOOKUP_BATCH = 24
 
 
+_KEY_SIZE = ctypes.sizeof(abi.MlFlowKey)
+_CNT_SIZE = ctypes.sizeof(abi.MlSpliceCnt)
+_BYTES_ACKED = abi.MlFlow.bytes_acked.offset
+_U64 = struct.Struct("=Q")
+
+
+def flow_key(rec: bytes) -> bytes:
+    """The MlFlowKey of a struct ml_flow record: its socket's own 4-tuple,
+    as the splice maps key a pod socket."""
+    f = abi.MlFlow.from_buffer_copy(rec[:FLOW_SIZE])
+    k = abi.MlFlowKey()
+    k.saddr_be[:] = f.saddr_be[:]
+    k.daddr_be[:] = f.daddr_be[:]
+    k.sport, k.dport, k.family = f.sport, f.dport, f.family
+    return bytes(k)
+
+
+def _add_redirected(rec: bytes, redirected: dict[bytes, int]) -> bytes:
+    n = redirected.get(flow_key(rec))
+    if not n:
+        return rec
+    acked = _U64.unpack_from(rec, _BYTES_ACKED)[0]
+    return rec[:_BYTES_ACKED] + _U64.pack(acked + n) + rec[_BYTES_ACKED + 8 :]
+
+
 def _dump_values(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> list[bytes]:
-    """Every value of a hash-like map: BPF_MAP_LOOKUP_BATCH (one syscall per
-    ``chunk`` entries), falling back to get_next_key + lookup."""
+    """Every value of a hash-like map (see ``_dump_pairs``)."""
+    return [v for _, v in _dump_pairs(fd, key_size, value_size, chunk)]
+
+
+def _dump_pairs(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash-like map: BPF_MAP_LOOKUP_BATCH (one
+    syscall per ``chunk`` entries), falling back to get_next_key + lookup."""
     try:
         return _dump_batch(fd, key_size, value_size, chunk)
     except bpfsys.BPFError as e:
@@ -394,16 +450,16 @@ def _dump_values(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> 
     for k in list(bpfsys.map_keys(fd, key_size)):
         v = bpfsys.map_lookup(fd, k, value_size)
         if v is not None:
-            out.append(v)
+            out.append((k, v))
     return out
 
 
-def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[bytes]:
+def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[tuple[bytes, bytes]]:
     keys = ctypes.create_string_buffer(key_size * chunk)
     values = ctypes.create_string_buffer(value_size * chunk)
     in_batch = ctypes.create_string_buffer(max(key_size, 8))
     out_batch = ctypes.create_string_buffer(max(key_size, 8))
-    out: list[bytes] = []
+    out: list[tuple[bytes, bytes]] = []
     first = True
     while True:
         # struct { in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags }
@@ -426,8 +482,11 @@ def _dump_batch(fd: int, key_size: int, value_size: int, chunk: int) -> list[byt
                 raise
             done = True  # the last (possibly partial) batch
         count = struct.unpack_from("=I", attr, 32)[0]
-        raw = values.raw
-        out.extend(raw[i * value_size : (i + 1) * value_size] for i in range(count))
+        kraw, raw = keys.raw, values.raw
+        out.extend(
+            (kraw[i * key_size : (i + 1) * key_size], raw[i * value_size : (i + 1) * value_size])
+            for i in range(count)
+        )
         if done or count == 0:
             return out
         ctypes.memmove(in_batch, out_batch, len(out_batch))

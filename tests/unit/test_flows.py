@@ -4,18 +4,29 @@ record decoding, leg linking, resolution, filters, sorting, formatting."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import os
 import struct
 
 import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
-from agent.datapath import abi
+from agent.datapath import abi, bpfsys, flowtable
 from agent.datapath.flowtable import FLOW_SIZE, FlowReader, decode_flow
 from agent.datapath.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SIZE, RingBuffer, record_span
-from agent.observe.flowviews import (FlowFilter, Resolver, build_views, format_table, human_bytes, human_us,
-                         link_legs, parse_since, sort_views)
+from agent.observe.flowviews import (
+    FlowFilter,
+    Resolver,
+    build_views,
+    format_table,
+    human_bytes,
+    human_us,
+    link_legs,
+    parse_since,
+    sort_views,
+)
 
 # --- ring buffer -------------------------------------------------------------------------
 
@@ -210,6 +221,37 @@ def test_reader_keeps_a_bounded_history_of_raw_records_and_decodes_when_read(tmp
     assert reader.snapshot()["live"] == [decode_flow(live[0], reader._wall)]
     r.push(b"short")  # not a struct ml_flow: counted, not kept
     assert reader.drain() == 1 and reader.status()["errors"] == 1 and len(reader._closed) == 3
+
+
+def test_a_live_pod_socket_counts_the_bytes_the_splice_sent_past_it(tmp_path):
+    """flowtrack.c adds splice.c's redirected bytes to a pod socket's record
+    at close only; the live view adds them too, matched by the socket's own
+    4-tuple (the splice maps' key), to that socket only."""
+    reader = FlowReader(str(tmp_path))
+    spliced = make_raw(cookie=1, bytes_acked=31)
+    other = make_raw(cookie=2, local=("10.244.1.10", 40001), bytes_acked=5)
+    reader._live_raw = lambda: [spliced, other]  # type: ignore[method-assign]
+    key = flowtable.flow_key(spliced)
+    k = abi.MlFlowKey.from_buffer_copy(key)
+    assert (k.sport, k.dport, k.family) == (40000, 15001, abi.AF_INET) and bytes(k.pad) == b"\0" * 3
+    assert abi.unpack_addr(k.family, k.saddr_be) == "10.244.1.10"
+    reader._splice_redirected = lambda: {key: 16_000_000}  # type: ignore[method-assign]
+    got = {f["cookie"]: f["bytes_acked"] for f in reader.live()}
+    assert got == {1: 16_000_031, 2: 5}
+    reader._splice_redirected = lambda: {}  # type: ignore[method-assign]
+    assert {f["cookie"]: f["bytes_acked"] for f in reader.live()} == {1: 31, 2: 5}
+    # and without the splice maps pinned (splice off), nothing to add
+    assert FlowReader(str(tmp_path))._splice_redirected() == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bpf(2) needs CAP_BPF")
+def test_nothing_pinned_is_a_file_not_found(tmp_path):
+    """What the readers' ``except FileNotFoundError`` rely on (the live map,
+    the links, the splice counts and the ring of a datapath without them)."""
+    with pytest.raises(FileNotFoundError) as e:
+        bpfsys.obj_get(str(tmp_path / "nothing"))
+    assert isinstance(e.value, bpfsys.BPFError) and e.value.errno == errno.ENOENT
+    assert FlowReader(str(tmp_path)).links() == {} and FlowReader(str(tmp_path))._live_raw() == []
 
 
 # --- linking, resolution, views ---------------------------------------------------------------

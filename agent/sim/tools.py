@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import random
+import signal
 import socket
 import sys
 import threading
@@ -155,15 +156,21 @@ def transfer(host: str, port: int, up: int, down: int, seed: int, timeout: float
     }
 
 
+#: Set by SIGTERM in ``connrate`` (the CLI's): finish the connection in
+#: flight, then report what was done so far.
+_stop = threading.Event()
+
+
 def connrate(host: str, port: int, seconds: float, limit: int = 100_000) -> dict:
     """New connections per second: connect, one echo round trip, close;
-    sequential, bounded by ``seconds`` and ``limit``."""
+    sequential, bounded by ``seconds`` and ``limit`` (and, from the command
+    line, ended early by SIGTERM)."""
     ok = errors = 0
     lat = []
     kinds: dict[str, int] = {}  # how the failed ones failed, e.g. "recv: ConnectionResetError"
     start = time.monotonic()
     t_end = start + seconds
-    while time.monotonic() < t_end and ok + errors < limit:
+    while time.monotonic() < t_end and ok + errors < limit and not _stop.is_set():
         t0 = time.monotonic()
         step = "connect"
         try:
@@ -249,7 +256,9 @@ def main(argv=None) -> int:
     cr = sub.add_parser("connrate")
     cr.add_argument("host")
     cr.add_argument("port", type=int)
-    cr.add_argument("--seconds", type=float, default=3)
+    cr.add_argument(
+        "--seconds", type=float, default=3, help="at most this long (SIGTERM ends it early, with its report)"
+    )
     cr.add_argument("--limit", type=int, default=100_000, help="stop after this many connections")
     p = sub.add_parser("probe")
     p.add_argument("host")
@@ -272,6 +281,7 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         return 0 if r["ok"] else 1
     if a.cmd == "connrate":
+        signal.signal(signal.SIGTERM, lambda *_: _stop.set())
         print(json.dumps(connrate(a.host, a.port, min(a.seconds, 60), a.limit)), flush=True)
         return 0
     r = probe(a.host, a.port, a.timeout)

@@ -40,11 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from ..proxy.telemetry import DENY_REASONS
-from .exposition import CONTENT_TYPE, render
-from .exposition import Counter as CounterMetricFamily
-from .exposition import Family as Metric
-from .exposition import Gauge as GaugeMetricFamily
-from .exposition import Histogram as HistogramMetricFamily
+from .exposition import CONTENT_TYPE, Counter, Family, Gauge, Histogram, render
 
 log = logging.getLogger("meshlet.metrics")
 
@@ -150,13 +146,11 @@ def merge_http(workers: Iterable[dict | None]) -> dict[str, Any]:
     return out
 
 
-def http_families(http: dict[str, Any]) -> list[Metric]:
+def http_families(http: dict[str, Any]) -> list[Family]:
     """istio_requests_total and the three histograms (Istio's names)."""
     names, bounds = http["names"], http["bounds"]
-    req = CounterMetricFamily(
-        "istio_requests_total", "HTTP requests served by the reporting proxy.", labels=names
-    )
-    hists = [HistogramMetricFamily(n, doc, labels=names) for n, _, _, doc in HTTP_HISTOGRAMS]
+    req = Counter("istio_requests_total", "HTTP requests served by the reporting proxy.", labels=names)
+    hists = [Histogram(n, doc, labels=names) for n, _, _, doc in HTTP_HISTOGRAMS]
     les = [f"{b:g}" if b != int(b) else str(int(b)) for b in bounds] + ["+Inf"]
     for key, s in sorted(http["series"].items()):
         lv = list(key)
@@ -179,12 +173,12 @@ def _ts(iso: str | None) -> float | None:
         return None
 
 
-def tracing_families(live: list[dict[str, Any]]) -> list[Metric]:
+def tracing_families(live: list[dict[str, Any]]) -> list[Family]:
     """Trace spans (``tracing`` in the workers' stats), when a worker exports them."""
     tr = [w["tracing"] for w in live if w.get("tracing")]
     if not tr:
         return []
-    spans = CounterMetricFamily(
+    spans = Counter(
         "meshlet_trace_spans_total",
         "Trace spans of the proxy workers by result: exported (the collector took them), dropped "
         "(the export queue was full: the collector is slow or down), failed (in an export request "
@@ -193,28 +187,28 @@ def tracing_families(live: list[dict[str, Any]]) -> list[Metric]:
     )
     for result in ("exported", "dropped", "failed"):
         spans.add_metric([result], sum(t.get(result, 0) for t in tr))
-    failures = CounterMetricFamily(
+    failures = Counter(
         "meshlet_trace_export_failures_total",
         "Export requests to the OpenTelemetry collector that failed (error, refused or timed out).",
     )
     failures.add_metric([], sum(t.get("export_failures", 0) for t in tr))
-    queued = GaugeMetricFamily("meshlet_trace_spans_queued", "Spans waiting for export in the proxy workers.")
+    queued = Gauge("meshlet_trace_spans_queued", "Spans waiting for export in the proxy workers.")
     queued.add_metric([], sum(t.get("queued", 0) for t in tr))
     return [spans, failures, queued]
 
 
-def families(snap: dict[str, Any]) -> list[Metric]:
+def families(snap: dict[str, Any]) -> list[Family]:
     """Snapshot -> metric families.  ``snap`` keys: ``workers`` (list of
     proxy stats dicts, None for a worker that did not answer),
     ``datapath`` (datapath_status()), ``identity`` (Agent.identity_status()),
     ``workers_configured``."""
     workers = snap.get("workers") or []
     live = [w for w in workers if w]
-    out: list[Metric] = []
+    out: list[Family] = []
 
     names, tcp = merge_tcp(live)
     for metric, col, doc in TCP_COUNTERS:
-        fam = CounterMetricFamily(metric, doc, labels=names)
+        fam = Counter(metric, doc, labels=names)
         for key, vals in sorted(tcp.items()):
             fam.add_metric(list(key), vals[col - 1])
         out.append(fam)
@@ -222,19 +216,17 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     if http["present"]:
         out += http_families(http)
 
-    up = GaugeMetricFamily("meshlet_proxy_workers_up", "Proxy workers answering their stats socket.")
+    up = Gauge("meshlet_proxy_workers_up", "Proxy workers answering their stats socket.")
     up.add_metric([], len(live))
     out.append(up)
-    conf = GaugeMetricFamily("meshlet_proxy_workers", "Proxy workers configured.")
+    conf = Gauge("meshlet_proxy_workers", "Proxy workers configured.")
     conf.add_metric([], snap.get("workers_configured", len(workers)))
     out.append(conf)
-    active = GaugeMetricFamily(
-        "meshlet_proxy_active_connections", "Connections the proxy workers are handling now."
-    )
+    active = Gauge("meshlet_proxy_active_connections", "Connections the proxy workers are handling now.")
     active.add_metric([], sum(w.get("active_connections", 0) for w in live))
     out.append(active)
 
-    denied = CounterMetricFamily(
+    denied = Counter(
         "meshlet_denied_connections_total",
         "Connections the mesh refused, by reason. 'policy' names the deciding authorization "
         'policy (reason="policy"); empty for the mesh\'s own checks.',
@@ -255,7 +247,7 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         denied.add_metric(["policy", pol], n)
     out.append(denied)
     if http["present"]:
-        dreq = CounterMetricFamily(
+        dreq = Counter(
             "meshlet_denied_requests_total",
             "HTTP requests refused with 403 by authorization policy, by deciding policy "
             "(ns/name; empty: no ALLOW rule matched).",
@@ -267,27 +259,25 @@ def families(snap: dict[str, Any]) -> list[Metric]:
 
     out += tracing_families(live)
 
-    overflow = CounterMetricFamily(
+    overflow = Counter(
         "meshlet_metrics_overflow_total",
         "Connections (istio_tcp_*) or requests (istio_request*) not counted because a worker "
         "reached its label-set cap.",
     )
     overflow.add_metric([], sum((w.get("metrics") or {}).get("overflow", 0) for w in live) + http["overflow"])
     out.append(overflow)
-    series = GaugeMetricFamily(
-        "meshlet_metrics_label_sets", "Istio label sets held by the proxy workers (summed)."
-    )
+    series = Gauge("meshlet_metrics_label_sets", "Istio label sets held by the proxy workers (summed).")
     series.add_metric(
         [], sum(len((w.get("metrics") or {}).get("tcp", ())) for w in live) + len(http["series"])
     )
     out.append(series)
 
-    hs = CounterMetricFamily(
+    hs = Counter(
         "meshlet_tls_handshakes_total",
         "Tunnel TLS handshakes by result (full, resumed, refused).",
         labels=["result"],
     )
-    refused = CounterMetricFamily(
+    refused = Counter(
         "meshlet_tls_refused_total", "Refused tunnel TLS handshakes by reason.", labels=["reason"]
     )
     full = resumed = ref = 0
@@ -306,12 +296,12 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     out += [hs, refused]
 
     # The pooled, multiplexed tunnel: TLS connections against the pod connections they carry.
-    tconns = CounterMetricFamily(
+    tconns = Counter(
         "meshlet_tunnel_connections_total",
         "Multiplexed tunnel (meshlet-mux/1) TLS connections, by direction (out: dialed, in: accepted).",
         labels=["direction"],
     )
-    tstreams = CounterMetricFamily(
+    tstreams = Counter(
         "meshlet_tunnel_streams_total",
         "Pod connections carried as streams of multiplexed tunnel connections, by direction.",
         labels=["direction"],
@@ -321,7 +311,7 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         tstreams.add_metric([d], sum((w.get("counters") or {}).get(f"tunnel_streams_{d}", 0) for w in live))
     out += [tconns, tstreams]
 
-    expiry = GaugeMetricFamily(
+    expiry = Gauge(
         "meshlet_workload_certificate_expiry_timestamp_seconds",
         "Expiry (Unix time) of the workload certificate the proxy holds; the earliest across workers.",
         labels=["spiffe_id"],
@@ -337,22 +327,22 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     out.append(expiry)
 
     ident = snap.get("identity") or {}
-    roots = GaugeMetricFamily("meshlet_trust_bundle_roots", "Root CAs in the node's trust bundle.")
+    roots = Gauge("meshlet_trust_bundle_roots", "Root CAs in the node's trust bundle.")
     roots.add_metric([], len(ident.get("roots", [])))
-    gen = GaugeMetricFamily(
+    gen = Gauge(
         "meshlet_identity_generation", "Changes whenever the node's CA material or trust bundle changed."
     )
     gen.add_metric([], ident.get("generation", 0))
     out += [roots, gen]
 
     dp = snap.get("datapath") or {}
-    entries = GaugeMetricFamily("meshlet_bpf_map_entries", "Entries in a pinned BPF map.", labels=["map"])
-    cap = GaugeMetricFamily("meshlet_bpf_map_capacity", "max_entries of a pinned BPF map.", labels=["map"])
+    entries = Gauge("meshlet_bpf_map_entries", "Entries in a pinned BPF map.", labels=["map"])
+    cap = Gauge("meshlet_bpf_map_capacity", "max_entries of a pinned BPF map.", labels=["map"])
     for mp in dp.get("maps", []):
         if mp.get("entries") is not None:
             entries.add_metric([mp["name"]], mp["entries"])
         cap.add_metric([mp["name"]], mp["max_entries"])
-    events = CounterMetricFamily(
+    events = Counter(
         "meshlet_datapath_events_total",
         "Kernel datapath counters: redirects, bypasses, strict-mode drops, flow table and ring "
         "buffer pressure (origdst_full is a redirect the proxy cannot serve).",
@@ -369,7 +359,7 @@ class _Collector:
         self.snapshot = snapshot
         self.errors = 0
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterable[Family]:
         try:
             snap = self.snapshot()
         except Exception:  # a scrape must not kill the server thread
@@ -377,9 +367,7 @@ class _Collector:
             log.exception("metrics snapshot failed")
             snap = {}
         yield from families(snap)
-        err = CounterMetricFamily(
-            "meshlet_metrics_scrape_errors", "Scrapes whose snapshot failed (served partially)."
-        )
+        err = Counter("meshlet_metrics_scrape_errors", "Scrapes whose snapshot failed (served partially).")
         err.add_metric([], self.errors)
         yield err
 

@@ -41,15 +41,25 @@ Args = Union[types.SimpleNamespace, "argparse.Namespace"]
 log = logging.getLogger("meshlet.proxy")
 
 
-#: The options, for the quick parse: name -> (dest, type, default).  The
-#: argparse parser below is their full description (help, choices).
-_OPTIONS: dict[str, tuple[str, type, object]] = {
-    "--state": ("state", str, None),
-    "--worker-id": ("worker_id", int, 0),
-    "--access-log": ("access_log", str, None),
-    "--log-level": ("log_level", str, "INFO"),
-    "--shutdown-grace": ("shutdown_grace", float, 5.0),
-    "--ready-timeout": ("ready_timeout", float, 30.0),
+#: The options: name -> (dest, type, default, help).  The quick parse reads
+#: them; argparse, for --help and errors, is built from them too.
+_OPTIONS: dict[str, tuple[str, type, object, str]] = {
+    "--state": ("state", str, None, "proxy state file written by the agent (JSON)"),
+    "--worker-id": ("worker_id", int, 0, "worker number (default 0)"),
+    "--access-log": ("access_log", str, None, "append one JSON line per finished connection here"),
+    "--log-level": ("log_level", str, "INFO", "log level (default INFO)"),
+    "--shutdown-grace": (
+        "shutdown_grace",
+        float,
+        5.0,
+        "seconds active connections may take to finish on SIGTERM (default 5)",
+    ),
+    "--ready-timeout": (
+        "ready_timeout",
+        float,
+        30.0,
+        "seconds to wait for the workload certificates before listening anyway (default 30)",
+    ),
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -60,7 +70,7 @@ def _quick_parse(argv: list[str]) -> types.SimpleNamespace | None:
     worker keeps for its life.  None for anything unusual (--help, an
     unknown or repeated option, a bad value, a missing --state): argparse
     then parses it and says what is wrong."""
-    out: dict[str, object] = {dest: default for dest, _, default in _OPTIONS.values()}
+    out: dict[str, object] = {dest: default for dest, _, default, _ in _OPTIONS.values()}
     out["listener_migration"] = True
     seen: set[str] = set()
     i = 0
@@ -79,7 +89,7 @@ def _quick_parse(argv: list[str]) -> types.SimpleNamespace | None:
                 return None
             value = argv[i + 1]
             i += 1
-        dest, kind, _ = _OPTIONS[name]
+        dest, kind, _, _ = _OPTIONS[name]
         try:
             out[dest] = kind(value)
         except ValueError:
@@ -98,22 +108,16 @@ def parse_args(argv: list[str] | None) -> Args:
     import argparse as full  # only for --help and errors: see _quick_parse
 
     p = full.ArgumentParser(prog="python -m agent.proxy", description="meshlet node proxy worker")
-    p.add_argument("--state", required=True, help="proxy state file written by the agent (JSON)")
-    p.add_argument("--worker-id", type=int, default=0, help="worker number (default 0)")
-    p.add_argument("--access-log", default=None, help="append one JSON line per finished connection here")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=5.0,
-        help="seconds active connections may take to finish on SIGTERM (default 5)",
-    )
-    p.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to wait for the workload certificates before listening anyway (default 30)",
-    )
+    for name, (dest, kind, default, help_text) in _OPTIONS.items():
+        p.add_argument(
+            name,
+            dest=dest,
+            type=kind,
+            default=default,
+            help=help_text,
+            required=name == "--state",
+            choices=_LOG_LEVELS if name == "--log-level" else None,
+        )
     p.add_argument(
         "--no-listener-migration",
         dest="listener_migration",

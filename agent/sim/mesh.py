@@ -427,7 +427,10 @@ class Mesh:
                 time.sleep(0.1)
 
     def wait_ready(self, name: str, timeout: float = 90) -> dict:
-        """Until the admin API answers and every proxy worker reports stats.
+        """Until the admin API answers and every proxy worker is ready: its
+        listeners are up (a worker reports stats, ``ready: false``, while it
+        still waits for its certificates; a connection redirected to it then
+        is refused).
         ``MESHLET_SIM_TIMEOUT_SCALE`` multiplies ``timeout`` on slow machines
         (the Vagrant guest under qemu's software emulation sets it: bcc's
         compile and the verifier run many times slower there)."""
@@ -442,7 +445,7 @@ class Mesh:
                 )
             try:
                 st = self.status(name)
-                if st["proxy"] and all(w["alive"] and w["stats"] for w in st["proxy"]):
+                if st["proxy"] and all(w["alive"] and (w["stats"] or {}).get("ready") for w in st["proxy"]):
                     return st
                 last = st
             except OSError as e:

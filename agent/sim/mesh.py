@@ -264,14 +264,17 @@ class Mesh:
 
     # --- agents --------------------------------------------------------------------
 
-    def start(self, timeout: float = 90) -> Mesh:
+    def start(self, timeout: float = 90, *, listening: bool = True) -> Mesh:
+        """Start every agent; return once each one's workers listen
+        (``listening=False``: once they report stats, for a test whose
+        workers wait for certificates it has not let the CA give yet)."""
         self.init_ca()
         self.write_inventory()
         self.write_configs()
         for name in self.agents:
             self.start_agent(name, wait=False)
         for name in self.agents:
-            self.wait_ready(name, timeout=timeout)
+            self.wait_ready(name, timeout=timeout, listening=listening)
         return self
 
     def start_agent(self, name: str, *, wait: bool = True, timeout: float = 90) -> subprocess.Popen:
@@ -426,11 +429,11 @@ class Mesh:
                     break
                 time.sleep(0.1)
 
-    def wait_ready(self, name: str, timeout: float = 90) -> dict:
+    def wait_ready(self, name: str, timeout: float = 90, *, listening: bool = True) -> dict:
         """Until the admin API answers and every proxy worker is ready: its
         listeners are up (a worker reports stats, ``ready: false``, while it
         still waits for its certificates; a connection redirected to it then
-        is refused).
+        is refused).  ``listening=False``: until every worker reports stats.
         ``MESHLET_SIM_TIMEOUT_SCALE`` multiplies ``timeout`` on slow machines
         (the Vagrant guest under qemu's software emulation sets it: bcc's
         compile and the verifier run many times slower there)."""
@@ -445,7 +448,10 @@ class Mesh:
                 )
             try:
                 st = self.status(name)
-                if st["proxy"] and all(w["alive"] and (w["stats"] or {}).get("ready") for w in st["proxy"]):
+                if st["proxy"] and all(
+                    w["alive"] and w["stats"] and (w["stats"].get("ready") or not listening)
+                    for w in st["proxy"]
+                ):
                     return st
                 last = st
             except OSError as e:

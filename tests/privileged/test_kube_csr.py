@@ -82,7 +82,9 @@ def env(tmp_path_factory):
         api.start()
         mesh.api = api
         start_servers(cluster, (("serve", 7000), ("echo", 7001)))
-        mesh.start()
+        # No intermediate yet, so no certificates: the workers would listen only
+        # after their wait for them (30 s); the test's own waits come first.
+        mesh.start(listening=False)
 
         def start_controller():
             nonlocal ctl

@@ -57,3 +57,9 @@ def test_a_worker_without_stats_or_dead_is_not_ready(monkeypatch):
     fake, _ = _harness([never])
     with pytest.raises(TimeoutError, match="not ready"):
         sim_mesh.Mesh.wait_ready(fake, "node1", timeout=5)
+
+
+def test_listening_false_settles_for_stats():
+    waiting = {"proxy": [_worker({"ready": False})]}
+    fake, seen = _harness([{"proxy": [_worker(None)]}, waiting])
+    assert sim_mesh.Mesh.wait_ready(fake, "node1", timeout=30, listening=False) is waiting

@@ -198,7 +198,32 @@ def read_response(s, buf, is_head=False):
         buf += b
     return {"status": status, "headers": headers, "body": buf[:n].decode("latin-1")}, buf[n:]
 
-results = []
+def finish(s, res, buf, deadline):
+    # What else comes until EOF or the deadline: bytes after the responses
+    # are a finding; EOF or a reset says how the connection ended.
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            s.settimeout(left)
+            try:
+                b = s.recv(65536)
+            except socket.timeout:
+                break
+            if not b:
+                res["closed"] = True
+                break
+            buf += b
+    except OSError as e:
+        res["error"] = f"io: {e.errno}: {e.strerror}"
+    res["extra"] = buf.decode("latin-1")
+    s.close()
+
+# Connections are made one after another (the backend sees the requests in
+# this order); each one's linger -- at least ``linger`` seconds after its last
+# response -- runs at the end, all at once, instead of one after another.
+results, lingering = [], []
 for steps in spec["conns"]:
     res = {"responses": [], "extra": "", "closed": False, "error": None}
     results.append(res)
@@ -208,34 +233,29 @@ for steps in spec["conns"]:
         res["error"] = f"connect: {e.errno}: {e.strerror}"
         continue
     buf = b""
-    with s:
-        try:
-            for st in steps:
-                if st.get("gate"):
-                    end = time.monotonic() + 30
-                    while not os.path.exists(st["gate"]) and time.monotonic() < end:
-                        time.sleep(0.01)
-                s.sendall(st["send"].encode("latin-1"))
-                for _ in range(st.get("read", 1)):
-                    r, buf = read_response(s, buf, st.get("head", False))
-                    res["responses"].append(r)
-            s.settimeout(spec.get("linger", 0.3))
-            try:
-                while True:
-                    b = s.recv(65536)
-                    if not b:
-                        res["closed"] = True
-                        break
-                    buf += b
-            except socket.timeout:
-                pass
-        except EOFError:
-            res["closed"] = True
-        except ValueError as e:
-            res["error"] = "not a response: " + e.args[0].decode("latin-1")
-        except OSError as e:
-            res["error"] = f"io: {e.errno}: {e.strerror}"
-        res["extra"] = buf.decode("latin-1")
+    try:
+        for st in steps:
+            if st.get("gate"):
+                end = time.monotonic() + 30
+                while not os.path.exists(st["gate"]) and time.monotonic() < end:
+                    time.sleep(0.01)
+            s.sendall(st["send"].encode("latin-1"))
+            for _ in range(st.get("read", 1)):
+                r, buf = read_response(s, buf, st.get("head", False))
+                res["responses"].append(r)
+        lingering.append((s, res, buf))
+        continue
+    except EOFError:
+        res["closed"] = True
+    except ValueError as e:
+        res["error"] = "not a response: " + e.args[0].decode("latin-1")
+    except OSError as e:
+        res["error"] = f"io: {e.errno}: {e.strerror}"
+    res["extra"] = buf.decode("latin-1")
+    s.close()
+deadline = time.monotonic() + spec.get("linger", 0.3)
+for s, res, buf in lingering:
+    finish(s, res, buf, deadline)
 print(json.dumps(results))
 """
 
@@ -718,7 +738,9 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
     policies(DENY_ADMIN)
     rec.mark(dst)
     before_all = len(rec.all(dst))
-    results = http(env, "sleep", dst, [[{"send": raw, "read": max(1, len(want))}]
+    # An entry that wants no response reads none (it would wait out the socket
+    # timeout for one); what comes back anyway is in its "extra".
+    results = http(env, "sleep", dst, [[{"send": raw, "read": 1 if want is RESET else len(want)}]
                                        for _, raw, want, _, _ in CORPUS])
     problems = []
     for (name, _raw, want, fwd, _body_ok), res in zip(CORPUS, results):
@@ -728,7 +750,12 @@ def test_normalization_and_smuggling_corpus(env, policies, dst, node):
         if got != want:
             problems.append(f"{name}: statuses {got} (want {want}); error {res['error']}; "
                             f"extra {res['extra'][:80]!r}")
-        if res["extra"]:
+        if name == "h2-preface":
+            # served as HTTP/2: whatever comes (the proxy waits for the client's
+            # SETTINGS before its own) is no HTTP/1.1 answer
+            if res["extra"].startswith("HTTP/"):
+                problems.append(f"{name}: answered as HTTP/1.1: {res['extra'][:80]!r}")
+        elif res["extra"]:
             problems.append(f"{name}: unexpected bytes after the responses: {res['extra'][:80]!r}")
         for r in res["responses"]:
             if r["status"] == 403 and r["body"] != DENIED_BODY:

@@ -27,6 +27,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -177,6 +178,12 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
             assert all(c <= old[n] for n, c in carriers.items()), (carriers, old)
             assert all(_alive(pid) for n in carriers for pid in carriers[n]), carriers
             assert all(s.say("during") == {"echo": "during"} for s in sessions)
+            # the loads have run across the hand-over; a little longer on the new
+            # workers alone, then they end (SIGTERM: connrate reports) instead of
+            # running out their 25 s
+            time.sleep(2.0)
+            for p in loads:
+                p.terminate()
             results = [connrate_result(p) for p in loads]
             assert all(r["connections"] > 0 for r in results), results
             assert [r["errors"] for r in results] == [0, 0, 0], (results, _not_ok(mesh))

@@ -963,7 +963,10 @@ class Agent:
         return readiness(
             {
                 "tick_age": None if self.last_tick is None else time.monotonic() - self.last_tick,
-                "workers": [{"alive": alive} for alive in self.proxies.alive()],
+                "workers": [
+                    {"alive": alive, "listening": listening}
+                    for alive, listening in zip(self.proxies.alive(), self.proxies.listening(), strict=True)
+                ],
                 "identity_configured": self.cfg.identity is not None,
                 "identity_loaded": self.issuer is not None,
             }

@@ -70,6 +70,7 @@ class ProxyWorker:
     adopted: bool = False
     successor: subprocess.Popen | None = None  # hand-over: the process that will take this slot
     successor_failures: int = 0
+    listening_pid: int | None = None  # this pid said ``ready`` (listening) once: it stays so
 
 
 @dataclass
@@ -400,6 +401,21 @@ class ProxySupervisor:
     def alive(self) -> list[bool]:
         """Per worker: is its process running (no stats round trip: for probes)."""
         return [bool(w.pid and _pid_alive(w.pid, w.popen)) for w in self.workers]
+
+    def listening(self) -> list[bool]:
+        """Per worker: is its process running and listening (it said
+        ``ready`` on its stats socket)?  A worker listens from then on, so
+        each pid is asked until it first says so, and never again: the
+        probes pay a stats round trip only while a worker starts."""
+        out = []
+        for w in self.workers:
+            up = bool(w.pid and _pid_alive(w.pid, w.popen))
+            if up and w.listening_pid != w.pid:
+                st = proxy_stats(self.stats_socket(w))
+                if st and st.get("pid") == w.pid and st.get("ready"):
+                    w.listening_pid = w.pid
+            out.append(up and w.listening_pid == w.pid)
+        return out
 
     def status(self) -> list[dict]:
         """Per worker: pid, adopted, alive, restarts and its stats."""

@@ -394,9 +394,12 @@ def liveness(tick_age: float | None, window: float = LIVENESS_WINDOW) -> Verdict
 
 def readiness(facts: dict[str, Any], window: float = LIVENESS_WINDOW) -> Verdict:
     """Ready when the node can carry mesh traffic: the loop is alive, every
-    proxy worker is alive, and the node's identity is loaded (when mTLS is
-    configured).  ``facts``: ``tick_age``, ``workers`` (list of
-    ``{"alive": bool}``), ``identity_configured``, ``identity_loaded``."""
+    proxy worker is alive and listening (a worker listens once it holds its
+    certificates; until then the pods' redirected connections are refused),
+    and the node's identity is loaded (when mTLS is configured).  ``facts``:
+    ``tick_age``, ``workers`` (list of ``{"alive": bool, "listening":
+    bool}``; no ``listening``: listening), ``identity_configured``,
+    ``identity_loaded``."""
     ok, why = liveness(facts.get("tick_age"), window)
     if not ok:
         return ok, why
@@ -407,6 +410,12 @@ def readiness(facts: dict[str, Any], window: float = LIVENESS_WINDOW) -> Verdict
         problems.append("no proxy worker")
     elif dead:
         problems.append(f"{dead} of {len(workers)} proxy workers not running")
+    else:
+        deaf = sum(1 for w in workers if not w.get("listening", True))
+        if deaf:
+            problems.append(
+                f"{deaf} of {len(workers)} proxy workers not listening yet (waiting for their certificates)"
+            )
     if facts.get("identity_configured") and not facts.get("identity_loaded"):
         problems.append("the node's identity (intermediate CA, bundle) is not loaded")
     if problems:

@@ -12,6 +12,7 @@ certificates chain to the controller's root.  Reuses tests/support/kubemesh.py
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -124,6 +125,15 @@ def test_nodes_get_their_intermediates_by_csr_and_mesh_across_nodes(env):
         assert "to be approved" in ident["node_ca_csr"]["message"]
         assert ident["error"].startswith("no node intermediate yet, no workload certificates"), ident
         assert "node_ca" not in ident  # nothing loaded: the node's issuer signs nothing
+
+        def health(n=node):  # what the DaemonSet's readiness probe reads
+            with open(os.path.join(mesh.agents[n].run_dir, "health.json")) as f:
+                doc = json.load(f)
+            return "not listening yet" in doc["why"] and doc
+
+        # its workers wait for their certificates, not listening: the node is not ready
+        doc = wait_for(health, f"{node}'s health names the workers that do not listen yet", timeout=10)
+        assert doc["ready"] is False, doc
     out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--socket",
                           os.path.join(mesh.agents["node1"].run_dir, "admin.sock")],
                          capture_output=True, text=True, timeout=30).stdout

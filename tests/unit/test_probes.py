@@ -31,6 +31,10 @@ def test_liveness_follows_the_loop():
         ({"tick_age": LIVENESS_WINDOW * 2}, "stuck"),
         ({"workers": [{"alive": True}, {"alive": False}]}, "1 of 2 proxy workers not running"),
         ({"workers": []}, "no proxy worker"),
+        (
+            {"workers": [{"alive": True, "listening": True}, {"alive": True, "listening": False}]},
+            "1 of 2 proxy workers not listening yet",
+        ),
         ({"identity_loaded": False}, "identity"),
     ],
 )

@@ -7,8 +7,12 @@ Prints, per run: wrk -c32 -t1 -d3 req/s and p99; CPU microseconds per
 request of wrk, the nginx worker and the proxy workers (utime+stime from
 /proc and getrusage, so the softirq work done in their context counts);
 then iperf3 -t3 Gbit/s and the proxy workers' CPU-seconds per GB.  CPU per
-unit of work holds up on a shared machine where req/s does not.  Needs
-root (a simulated cluster), wrk, nginx and iperf3.
+unit of work holds up on a shared machine where req/s does not.  Then,
+under wrk, the node's eBPF programs: runs and nanoseconds per request
+(the kernel's run-time stats, on for the wrk runs only), which says how
+much of the spliced path's extra CPU is meshlet's own programs and how much
+the kernel's sk_msg machinery.  Needs root (a simulated cluster), wrk, nginx
+and iperf3.
 
     sudo .venv/bin/python scripts/ab_splice.py [ROUNDS]
 """
@@ -29,8 +33,33 @@ sys.path.insert(0, HERE)
 from bench import run_iperf, run_wrk  # noqa: E402
 from benchtools import write_nginx_conf  # noqa: E402
 
+from agent.datapath import bpfsys  # noqa: E402
 from agent.sim import Cluster  # noqa: E402
 from agent.sim.mesh import Mesh  # noqa: E402
+
+
+def prog_stats(pin_dir: str) -> dict[str, tuple[int, int]]:
+    """(run_time_ns, run_cnt) of every program pinned under ``pin_dir``."""
+    out = {}
+    progs = os.path.join(pin_dir, "progs")
+    for name in sorted(os.listdir(progs)):
+        fd = bpfsys.obj_get(os.path.join(progs, name))
+        try:
+            out[name] = bpfsys.prog_run_stats(fd)
+        finally:
+            os.close(fd)
+    return out
+
+
+def per_request(before: dict, after: dict, reqs: float) -> str:
+    """``name runs/req ns/req`` for the programs that ran, and the sum."""
+    parts, total = [], 0.0
+    for name, (ns1, n1) in after.items():
+        ns0, n0 = before.get(name, (0, 0))
+        if n1 > n0 and reqs:
+            total += (ns1 - ns0) / reqs
+            parts.append(f"{name} {(n1 - n0) / reqs:.2f}x {(ns1 - ns0) / reqs:.0f}")
+    return f"{total:.0f} ns/req: " + ", ".join(parts)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -71,10 +100,17 @@ def main(rounds: int) -> None:
                 mesh.reconfigure(splice=mode == "on")
                 time.sleep(0.5)
                 proxies = [w["pid"] for w in mesh.status("node1")["proxy"]]
+                pin_dir = mesh.agents["node1"].pin_dir
                 for src in ("pod1-3", "pod1-1"):
-                    k0, n0, p0 = children_seconds(), cpu_seconds(nginx), cpu_seconds(proxies)
-                    w = run_wrk(cluster, src, f"http://{ip}:8080/", 3, 32)
-                    k1, n1, p1 = children_seconds(), cpu_seconds(nginx), cpu_seconds(proxies)
+                    stats_fd = bpfsys.enable_run_stats()
+                    try:
+                        b0 = prog_stats(pin_dir)
+                        k0, n0, p0 = children_seconds(), cpu_seconds(nginx), cpu_seconds(proxies)
+                        w = run_wrk(cluster, src, f"http://{ip}:8080/", 3, 32)
+                        k1, n1, p1 = children_seconds(), cpu_seconds(nginx), cpu_seconds(proxies)
+                        b1 = prog_stats(pin_dir)
+                    finally:
+                        os.close(stats_fd)
                     b = run_iperf(cluster, src, ip, 3)
                     p2 = cpu_seconds(proxies)
                     reqs = (w.get("rps") or 0) * 3
@@ -91,6 +127,7 @@ def main(rounds: int) -> None:
                         f"proxy_cpu_s/GB {round((p2 - p1) / gb, 3) if gb else None}",
                         flush=True,
                     )
+                    print(f"    eBPF under wrk: {per_request(b0, b1, reqs)}", flush=True)
         c = mesh.counters("node1")
         print("datapath", {k: v for k, v in c.items() if "splice" in k}, flush=True)
     finally:

@@ -35,7 +35,7 @@ def _self_signed(directory: str) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tls-bio-bench")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -50,8 +50,11 @@ def _self_signed(directory: str) -> tuple[str, str]:
     with open(cp, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(kp, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     return cp, kp
 
 
@@ -159,7 +162,7 @@ def run(mode: str, total: int, chunk: int, frames: int, cert: tuple[str, str]) -
             conn, _ = ls.accept()
             conn.settimeout(60)
             receive(conn, mode, total, chunk, cert)
-        except BaseException as e:  # report, never run the parent's code
+        except BaseException as e:  # noqa: BLE001 - the forked child reports anything and never returns into the parent's code
             print(f"receiver: {e!r}", file=sys.stderr)
             code = 1
         os._exit(code)
@@ -177,9 +180,13 @@ def run(mode: str, total: int, chunk: int, frames: int, cert: tuple[str, str]) -
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     gb = total / 1e9
     recv_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"mode": mode + (f"+{frames}B frames" if frames and mode == "bio" else ""),
-            "sender_s_per_GB": round(cpu / gb, 3), "receiver_s_per_GB": round(recv_cpu / gb, 3),
-            "gbps": round(total * 8 / 1e9 / wall, 2), "receiver_ok": status == 0}
+    return {
+        "mode": mode + (f"+{frames}B frames" if frames and mode == "bio" else ""),
+        "sender_s_per_GB": round(cpu / gb, 3),
+        "receiver_s_per_GB": round(recv_cpu / gb, 3),
+        "gbps": round(total * 8 / 1e9 / wall, 2),
+        "receiver_ok": status == 0,
+    }
 
 
 def main() -> None:

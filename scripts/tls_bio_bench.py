@@ -107,29 +107,27 @@ def receive(conn: socket.socket, mode: str, total: int, chunk: int, cert: tuple[
             got += n
 
 
+def _send_all(sock: socket.socket, data: bytes, total: int) -> float:
+    """Send ``total`` bytes of ``data`` repeated, then half-close: CPU seconds."""
+    sent, t0 = 0, time.process_time()
+    while sent < total:
+        sock.sendall(data)
+        sent += len(data)
+    cpu = time.process_time() - t0
+    sock.shutdown(socket.SHUT_WR)
+    return cpu
+
+
 def send(conn: socket.socket, mode: str, total: int, chunk: int, frames: int) -> float:
     data = os.urandom(chunk)
     sent = 0
     if mode == "plain":
-        t0 = time.process_time()
-        while sent < total:
-            conn.sendall(data)
-            sent += chunk
-        cpu = time.process_time() - t0
-        conn.shutdown(socket.SHUT_WR)
-        return cpu
+        return _send_all(conn, data, total)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # a bench of the record layer: the peer is our own child
     if mode == "socket":
-        s = ctx.wrap_socket(conn)
-        t0 = time.process_time()
-        while sent < total:
-            s.sendall(data)
-            sent += chunk
-        cpu = time.process_time() - t0
-        s.shutdown(socket.SHUT_WR)
-        return cpu
+        return _send_all(ctx.wrap_socket(conn), data, total)
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out)
     _bio_handshake(conn, obj, out, inc)

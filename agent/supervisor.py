@@ -386,13 +386,7 @@ class ProxySupervisor:
     def all_ready(self) -> bool:
         """Every slot's worker runs and says ``ready`` (listening, with its
         certificates) on its stats socket."""
-        for w in self.workers:
-            if not w.pid or not _pid_alive(w.pid, w.popen):
-                return False
-            st = proxy_stats(self.stats_socket(w))
-            if not st or st.get("pid") != w.pid or not st.get("ready"):
-                return False
-        return True
+        return all(self.listening())
 
     def worker_stats(self) -> list[dict | None]:
         """Every worker's stats socket (None: did not answer)."""

@@ -11,7 +11,11 @@ Each ``label=ROOT`` runs its own simulated cluster (2 nodes, one worker per
 node) with the agent code found under ROOT (a checkout, e.g. ``git archive
 <commit> | tar -x -C /tmp/base``).  ``added_p50_ms`` is the mesh p50 minus
 the direct p50 of the same round and cluster: the bench's "added p50 ms, c1"
-row.  Numbers from a shared machine are noisy: compare medians of rounds.
+row.  ``--l7`` turns ``proxy.l7`` on (the destination proxy parses every
+request, as in the bench's "meshlet L7" column); with ``--connections 32``
+this is the A/B of that column's CPU per request.  Numbers from a shared
+machine are noisy: compare medians of rounds, and the CPU per request more
+than the rate.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _cpu(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(root: str, connections: int = 1) -> None:
+def serve(root: str, connections: int = 1, l7: bool = False) -> None:
     """One cluster; a line ``run SECONDS`` on stdin runs one direct and one
     mesh wrk -c``connections`` and prints JSON."""
     sys.path.insert(0, os.path.abspath(root))
@@ -43,7 +47,7 @@ def serve(root: str, connections: int = 1) -> None:
     from agent.sim.mesh import Mesh
 
     cluster = Cluster(nodes=2, pods_per_node=2).up()
-    mesh = Mesh(cluster, unmeshed={"pod1-2"}, log_level="warning")
+    mesh = Mesh(cluster, unmeshed={"pod1-2"}, log_level="warning", **({"l7": True} if l7 else {}))
     workdir = tempfile.mkdtemp(prefix="c1ab-")
     try:
         mesh.start()
@@ -87,14 +91,16 @@ def serve(root: str, connections: int = 1) -> None:
 def main() -> None:
     ap = ab_parser(__doc__, "3")
     ap.add_argument("--connections", type=int, default=1, help="wrk -c (default 1: the added-latency row)")
+    ap.add_argument("--l7", action="store_true", help="proxy.l7 on: the destination parses every request")
     ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")
     a = ap.parse_args()
     if a.serve:
-        serve(a.serve, a.connections)
+        serve(a.serve, a.connections, a.l7)
         return
     sides = dict(spec.split("=", 1) for spec in a.sides)
-    args = {label: [root, "--connections", str(a.connections)] for label, root in sides.items()}
+    args = {label: [root, "--connections", str(a.connections), *(["--l7"] if a.l7 else [])]
+            for label, root in sides.items()}
     drive_sides(__file__, args, a.rounds, lambda r, i: f"run {a.seconds}", alternate=True)
 
 

@@ -127,7 +127,7 @@ class HttpError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made per request: not frozen (see proxy.http1.RequestHead), never changed
 class NormalizedPath:
     """A normalized origin-form request target."""
 

@@ -67,7 +67,7 @@ _VISIBLE = re.compile(rb"[\x20-\x7e]*")
 _ODD = frozenset(b"13579bdf")  # a lower-case hex digit with its low bit set
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: not frozen (see http1.RequestHead), never changed
 class TraceParent:
     trace_id: bytes  # 32 lower-case hex
     parent_id: bytes  # 16 lower-case hex
@@ -166,7 +166,7 @@ def _bound_tracestate(value: bytes) -> bytes | None:
     return b",".join(members) or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: not frozen (see http1.RequestHead), never changed
 class HopContext:
     """What this hop forwards, and what it logs."""
 

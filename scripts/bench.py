@@ -28,7 +28,10 @@ Then the cost of each feature, HTTP only, same run:
 
     L4 relay          proxy.l7 off: bytes relayed, no HTTP parsing
     L7                proxy.l7 on: the destination proxy parses every request
-                      (per-request policy, metrics, access log, tracing)
+                      and authorizes it (an ALLOW policy for the client's
+                      principal with GET/HEAD, so every request is evaluated:
+                      the counterpart of the Envoy sidecars' RBAC filter),
+                      with metrics, access log and tracing
     service VIP       pod1-1 -> http://<VIP>/ of a service over pod1-2 and
                       pod2-1: the source proxy balances (P2C) and applies the
                       default retries, budget, breaker and outlier detection
@@ -41,7 +44,9 @@ Then the cost of each feature, HTTP only, same run:
 
 Proxy workers: the mesh HTTP paths again with 1..N workers per node (N:
 the usable cores, 2..4, as ``proxy.workers`` defaults to), with the ratio to
-one worker.
+one worker: L4 relay same-node and cross-node, and the L7 column's path
+(cross-node, every request authorized), whose bottleneck with one worker is
+the destination's.
 
 Last, the policy-scale row (scripts/bench_policy.py, in-process): 10, 1,000
 and 10,000 authorization rules: the agent's apply, a proxy worker's reload,
@@ -170,6 +175,36 @@ def flow_ratios(features: dict) -> dict:
     return out
 
 
+#: The L7 rows' authorization: every request of pod1-1 to the servers is
+#: evaluated (an ALLOW rule with HTTP fields is never decided per
+#: connection), as the Envoy sidecars' RBAC filter checks the client's
+#: principal per request.  The other rows run without policies.
+L7_POLICY = """\
+apiVersion: meshlet.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bench-l7-allow, namespace: default}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [ns/default/sa/pod1-1]}}]
+    to: [{operation: {methods: [GET, HEAD]}}]
+"""
+
+
+def l7_policy(mesh, on: bool) -> None:
+    """Apply (``on``) or delete :data:`L7_POLICY` on every node, then wait
+    until every proxy worker enforces the result."""
+    path = os.path.join(mesh.workdir, "bench-l7-policy.yaml")
+    with open(path, "w") as f:
+        f.write(L7_POLICY)
+    for node in mesh.agents:
+        args = ("apply", "-f", path) if on else ("delete", "bench-l7-allow", "-n", "default")
+        r = mesh.policy(node, *args)
+        if r.returncode != 0:
+            raise RuntimeError(f"meshlet policy {' '.join(args)} on {node}: {(r.stderr or r.stdout).strip()}")
+    mesh.wait_policies_enforced()
+
+
 def measure_features(cluster, mesh, a) -> dict:
     """The cost of each feature, side by side (module docstring)."""
     out: dict[str, dict] = {}
@@ -182,11 +217,17 @@ def measure_features(cluster, mesh, a) -> dict:
     for l7 in (False, True):
         mesh.reconfigure(l7=l7)
         tag = "L7" if l7 else "L4 relay"
-        for where, host in (("same-node", same), ("cross-node", cross)):
-            print(f"measuring features: {tag}, {where} ...", flush=True)
-            out[f"{tag} {where}"] = http("pod1-1", f"http://{host}:8080/")
-        print(f"measuring features: service VIP ({tag} at the destination) ...", flush=True)
-        out[f"service VIP, {tag} dst"] = http("pod1-1", f"http://{vip}/")
+        if l7:
+            l7_policy(mesh, True)
+        try:
+            for where, host in (("same-node", same), ("cross-node", cross)):
+                print(f"measuring features: {tag}, {where} ...", flush=True)
+                out[f"{tag} {where}"] = http("pod1-1", f"http://{host}:8080/")
+            print(f"measuring features: service VIP ({tag} at the destination) ...", flush=True)
+            out[f"service VIP, {tag} dst"] = http("pod1-1", f"http://{vip}/")
+        finally:
+            if l7:
+                l7_policy(mesh, False)
     measure_flow_tracking(cluster, mesh, a, out)
     return out
 
@@ -197,13 +238,24 @@ def measure_workers(cluster, mesh, a) -> dict:
     cross-node, one row per worker count."""
     out: dict[str, dict] = {}
     top = max(2, min(4, len(os.sched_getaffinity(0))))
+
+    def http(dst):
+        return run_wrk(cluster, "pod1-1", f"http://{cluster.pod(dst).ip4}:8080/", a.duration, a.connections)
+
     try:
         for w in range(1, top + 1):
             mesh.reconfigure(workers=w, l7=Mesh.__dataclass_fields__["l7"].default)
             for where, dst in (("same-node", "pod1-2"), ("cross-node", "pod2-1")):
                 print(f"measuring {w} proxy worker(s) per node, {where} ...", flush=True)
-                out[f"{w} {where}"] = {"workers": w, "where": where, "http": run_wrk(
-                    cluster, "pod1-1", f"http://{cluster.pod(dst).ip4}:8080/", a.duration, a.connections)}
+                out[f"{w} {where}"] = {"workers": w, "where": where, "http": http(dst)}
+            # the L7 column (one destination worker is its bottleneck: it parses and authorizes)
+            mesh.reconfigure(l7=True)
+            l7_policy(mesh, True)
+            try:
+                print(f"measuring {w} proxy worker(s) per node, L7 cross-node ...", flush=True)
+                out[f"{w} L7 cross-node"] = {"workers": w, "where": "L7 cross-node", "http": http("pod2-1")}
+            finally:
+                l7_policy(mesh, False)
     finally:
         mesh.workers = 1
     return out
@@ -212,13 +264,13 @@ def measure_workers(cluster, mesh, a) -> dict:
 def print_workers(rows: dict) -> None:
     if not rows:
         return
-    print("\nproxy workers per node (HTTP through the mesh, L4 relay; ratio to 1 worker)")
-    hdr = f"{'workers':<10}{'where':<12}{'HTTP req/s':>12}{'p99 ms':>9}{'ratio':>8}"
+    print("\nproxy workers per node (HTTP through the mesh, L4 relay unless L7; ratio to 1 worker)")
+    hdr = f"{'workers':<10}{'where':<15}{'HTTP req/s':>12}{'p99 ms':>9}{'ratio':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows.values():
         base = rows.get(f"1 {r['where']}", {})
-        print(f"{r['workers']:<10}{r['where']:<12}{fmt(r['http'].get('rps'), ',.0f'):>12}"
+        print(f"{r['workers']:<10}{r['where']:<15}{fmt(r['http'].get('rps'), ',.0f'):>12}"
               f"{fmt(r['http'].get('p99_ms'), '.2f'):>9}"
               f"{fmt(ratio(r['http'].get('rps'), (base.get('http') or {}).get('rps')), '.2f'):>8}")
 

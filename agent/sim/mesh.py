@@ -406,6 +406,36 @@ class Mesh:
             argv + (["--force"] if force else []), check=False, timeout=60, env=_env()
         )
 
+    def policy(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        """``meshlet policy <args>`` against node ``name``'s agent, as a user
+        runs it (output captured, not checked)."""
+        sock = os.path.join(self.agents[name].run_dir, "admin.sock")
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+
+    def policies_enforced(self) -> bool:
+        """Every proxy worker of every node reports its agent's policy version."""
+        for name in self.agents:
+            st = self.status(name)
+            want = (st.get("policy") or {}).get("version")
+            if not want or any(
+                ((w.get("stats") or {}).get("policy") or {}).get("version") != want for w in st["proxy"]
+            ):
+                return False
+        return True
+
+    def wait_policies_enforced(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.policies_enforced():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the proxies did not load the applied policies within {timeout:g} s")
+            time.sleep(0.1)
+
     def reconfigure(self, timeout: float = 90, **changes: Any) -> None:
         """Change Mesh settings, rewrite the configs and restart every agent
         (SIGTERM: the datapath and proxies stay up and

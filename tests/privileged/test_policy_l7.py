@@ -40,7 +40,7 @@ from tests.support.privileged import require_privileged, wait_for, wait_policies
 require_privileged()
 
 from agent.sim import Cluster  # noqa: E402
-from agent.sim.mesh import Mesh, _env  # noqa: E402
+from agent.sim.mesh import Mesh  # noqa: E402
 
 pytestmark = pytest.mark.privileged
 
@@ -357,9 +357,7 @@ def policies(env, tmp_path):
 
 
 def cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:
-    sock = os.path.join(mesh.agents[node].run_dir, "admin.sock")
-    return subprocess.run([sys.executable, "-m", "agent.cli", "policy", *args, "--socket", sock],
-                          capture_output=True, text=True, env=_env(), timeout=60)
+    return mesh.policy(node, *args)
 
 
 def http(env, src: str, dst: str, conns: list, port: int = PORT, linger: float = 0.3) -> list[dict]:

@@ -159,7 +159,7 @@ def meshlet(mesh, node: str, *args: str, timeout: float = 60) -> subprocess.Comp
 
 def policy_cli(mesh, node: str, *args: str) -> subprocess.CompletedProcess:
     """``meshlet policy <args>`` against ``node``'s agent."""
-    return meshlet(mesh, node, "policy", *args)
+    return mesh.policy(node, *args)
 
 
 def ip_of(mesh, pod: str, v6: bool = False) -> str:
@@ -194,17 +194,7 @@ def wait_policies_enforced(mesh, timeout: float = 20.0) -> None:
     """Until every proxy worker of every node of ``mesh`` (agent.sim.mesh.Mesh)
     reports its agent's policy version."""
 
-    def done():
-        for node in mesh.agents:
-            st = mesh.status(node)
-            want = (st.get("policy") or {}).get("version")
-            if not want or any(
-                ((w.get("stats") or {}).get("policy") or {}).get("version") != want for w in st["proxy"]
-            ):
-                return False
-        return True
-
-    wait_for(done, "the proxies to load the applied policies", timeout=timeout, interval=0.1)
+    wait_for(mesh.policies_enforced, "the proxies to load the applied policies", timeout=timeout, interval=0.1)
 
 
 class EchoSession:

@@ -226,10 +226,12 @@ class Accounting:
                 base = conn.log_base = LineBase(conn.record(inp.worker_id))
                 conn.log_key = conn.sample_key()
             base["ts"] = utc_ms()
+            rate = st.access_log.sampling
             if not access.write_request(
                 base,
-                f"{conn.log_key}#{h['requests']}",
-                st.access_log.sampling,
+                # the sampling key without a request id (all are logged at 1)
+                f"{conn.log_key}#{h['requests']}" if rate < 1.0 else "",
+                rate,
                 head,
                 status,
                 elapsed,

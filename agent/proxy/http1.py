@@ -572,6 +572,49 @@ def forward_headers(
     return out
 
 
+def forwarded_head(
+    first: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    drop: frozenset[bytes] = frozenset(),
+) -> bytes:
+    """The head as forwarded, in one pass over ``headers``: ``first`` (the
+    request or status line, with its CRLF), ``headers`` as
+    :func:`forward_headers` keeps them, then ``extra`` (the proxy's own:
+    framing, trace context), then the blank line.  The same bytes as
+    ``_head(first, forward_headers(headers, drop=drop) + list(extra))``; the
+    L7 session serializes every request and response head with it."""
+    sk = _SKIP_CACHE.get(drop)
+    if sk is None:
+        return _head(first, [*forward_headers(headers, drop=drop), *extra])  # files the drop set
+    skip, lengths = sk
+    parts = [first]
+    named: set[bytes] | None = None
+    for h in headers:
+        n = h[0]
+        if len(n) in lengths:
+            ln = n.lower()
+            if ln in skip:
+                if ln == b"connection":
+                    if named is None:
+                        named = set()
+                    named.update(t.strip(b" \t").lower() for t in h[1].split(b","))
+                continue
+        parts += (n, b": ", h[1], b"\r\n")
+    if named:
+        named -= skip
+        named.discard(b"")
+        if named and any(h[0].lower() in named for h in headers):
+            # Connection names a header that is there ("close" names none):
+            # forward_headers drops it
+            return _head(first, [*forward_headers(headers, drop=drop), *extra])
+    for n, v in extra:
+        parts += (n, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def _head(first: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     parts = [first]
     for n, v in headers:

@@ -108,7 +108,7 @@ from agent.proxy.http1 import (
     ResponseHead,
     chunk,
     forward_headers,
-    serialize_request_head,
+    forwarded_head,
     serialize_response_head,
 )
 from agent.proxy.pool import TICK, Ticker, UpstreamPool, _ConnectSlot, _Upstream
@@ -544,19 +544,19 @@ class L7Session(asyncio.Protocol):
         ex = self._ex
         if ex is not None:  # logged with the request (generated ids included)
             ex.trace = ctx
-        headers = forward_headers(head.headers, drop=tracing.TRACE_HEADERS)
-        headers += ctx.headers()
+        extra = ctx.headers()
         u = head.upgrade
         if u is not None and _upgrade_allowed(u):  # as _start() decided the exchange's ``upgrade``
-            headers += [(b"Connection", b"upgrade"), (b"Upgrade", u)]
+            extra += [(b"Connection", b"upgrade"), (b"Upgrade", u)]
         if head.framing == "content-length":
             # that framing comes with the length (http1); no check per request
-            headers.append((b"Content-Length", b"%d" % head.content_length))  # type: ignore[str-format]
+            extra.append((b"Content-Length", b"%d" % head.content_length))  # type: ignore[str-format]
         elif head.framing == "chunked":
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one
-            headers.insert(0, (b"Host", target_str(target).encode()))
-        return serialize_request_head(head, headers)
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        first = b"%s %s HTTP/1.1\r\n" % (head.method, head.path.target.encode("ascii"))
+        if head.host is None:  # HTTP/1.0 without Host: we forward 1.1, which needs one (first)
+            first += b"Host: %s\r\n" % target_str(target).encode()
+        return forwarded_head(first, head.headers, extra, drop=tracing.TRACE_HEADERS)
 
     async def _connect(self, target: Target, timeout: float | None, slot: _ConnectSlot) -> None:
         ex = self._ex
@@ -795,25 +795,25 @@ class L7Session(asyncio.Protocol):
             self._run(cmds)  # a retry (this response is discarded) or a failure
             return
         keep = req.keep_alive and not self._client_eof
-        headers = forward_headers(r.headers)
+        extra: list[tuple[bytes, bytes]] = []  # the proxy's framing, after the upstream's headers
         if r.framing == "content-length":
             # that framing comes with the length (http1); no check per response
-            headers.append((b"Content-Length", b"%d" % r.content_length))  # type: ignore[str-format]
+            extra.append((b"Content-Length", b"%d" % r.content_length))  # type: ignore[str-format]
         elif r.framing == "none":
             if r.content_length is not None:  # HEAD: the length the GET would have
-                headers.append((b"Content-Length", b"%d" % r.content_length))
+                extra.append((b"Content-Length", b"%d" % r.content_length))
         elif req.version == b"1.1":
-            headers.append((b"Transfer-Encoding", b"chunked"))
+            extra.append((b"Transfer-Encoding", b"chunked"))
             self._chunk_down = True
         else:
             keep = False  # an HTTP/1.0 client reads until close
         self._upstream_reusable = r.keep_alive and r.framing != "until-close"
         if not keep:
-            headers.append((b"Connection", b"close"))
+            extra.append((b"Connection", b"close"))
         elif req.version == b"1.0":
-            headers.append((b"Connection", b"keep-alive"))
+            extra.append((b"Connection", b"keep-alive"))
         self._keep_down = keep
-        self._write(serialize_response_head(st, r.reason, headers))
+        self._write(forwarded_head(b"HTTP/1.1 %d %s\r\n" % (st, r.reason), r.headers, extra))
 
     def _resp_end(self, up: _Upstream) -> None:
         if self._chunk_down:

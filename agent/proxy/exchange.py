@@ -295,7 +295,7 @@ CLIENT_LOST = ClientLost()
 # Commands (what the shell must do)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one or more per request: not frozen (see http1.RequestHead), never changed
 class Connect:
     """Get a connection to ``target`` -- an idle pooled one, else a new one
     (``timeout``: the connect timeout), counting it in the cluster's breaker
@@ -347,7 +347,7 @@ class SwitchProtocols:
     """Send the 101 on and relay bytes both ways from now on."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per request with deadlines: not frozen (see http1.RequestHead), never changed
 class Wake:
     """Feed :class:`Deadline` no earlier than ``at`` (and not much later)."""
 

@@ -156,6 +156,24 @@ def new_request_id() -> bytes:
     return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+_M64 = (1 << 64) - 1
+_M128 = (1 << 128) - 1
+
+
+def _new_ids() -> tuple[bytes, bytes, bytes]:
+    """(trace id, span id, request id) for a request that brought neither a
+    traceparent nor an x-request-id: the three of :func:`new_trace_id`,
+    :func:`new_span_id` and :func:`new_request_id`, from one draw (this runs
+    for most requests at the first L7 hop)."""
+    x = _bits(320)
+    t = b"%032x" % (x & _M128)
+    s = b"%016x" % ((x >> 128) & _M64)
+    if t == _ZERO_TRACE or s == _ZERO_SPAN:
+        return new_trace_id(), new_span_id(), new_request_id()
+    h = b"%032x" % (((x >> 192) & _UUID4_CLEAR) | _UUID4_SET)
+    return t, s, b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
 def _bound_tracestate(value: bytes) -> bytes | None:
     if not _VISIBLE.fullmatch(value):
         return None
@@ -216,6 +234,13 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
             elif ln == b"x-request-id" and rid is None:
                 rid = v.strip(b" \t")
     incoming = parse_traceparent(tps[0]) if len(tps) == 1 else None
+    if rid is not None and not _REQUEST_ID.fullmatch(rid):
+        rid = None
+    if incoming is None and rid is None:  # the usual first hop: every id is new
+        trace, span, rid = _new_ids()
+        r = _rate
+        tp = TraceParent(trace, span, b"01" if r and _random() < r else b"00")
+        return HopContext(tp, None, None, rid, True)
     span = new_span_id()
     if incoming is not None:
         tp = incoming.child(span)
@@ -224,7 +249,7 @@ def hop(headers: Sequence[tuple[bytes, bytes]]) -> HopContext:
         r = _rate
         tp = TraceParent(new_trace_id(), span, b"01" if r and _random() < r else b"00")
         state = None
-    if rid is None or not _REQUEST_ID.fullmatch(rid):
+    if rid is None:
         rid, generated = new_request_id(), True
     else:
         generated = False

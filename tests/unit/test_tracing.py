@@ -177,6 +177,27 @@ def test_request_id_is_uuid4_text():
         assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == rid
 
 
+def test_the_first_hop_ids_come_from_one_draw_and_stay_valid(monkeypatch):
+    """A request with neither traceparent nor x-request-id (the usual first
+    hop) gets all three ids from one random draw: each as valid and as
+    distinct as the separate generators' (uuid4 request id included)."""
+    from agent.proxy import tracing
+    ctxs = [hop([(b"host", b"x")]) for _ in range(200)]
+    for c in ctxs:
+        assert re.fullmatch(rb"[0-9a-f]{32}", c.traceparent.trace_id) and c.traceparent.trace_id != b"0" * 32
+        assert re.fullmatch(rb"[0-9a-f]{16}", c.traceparent.parent_id) and c.traceparent.parent_id != b"0" * 16
+        u = uuid.UUID(c.request_id.decode())
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u).encode() == c.request_id
+        assert c.request_id_generated and c.incoming is None
+    for part in (lambda c: c.traceparent.trace_id, lambda c: c.traceparent.parent_id, lambda c: c.request_id):
+        assert len({part(c) for c in ctxs}) == 200
+    # a draw whose trace or span id would be all zeros falls back to the generators
+    monkeypatch.setattr(tracing, "_bits", lambda n: 0 if n == 320 else (1 << n) - 1)
+    c = hop([])
+    assert c.traceparent.trace_id == b"f" * 32 and c.traceparent.parent_id == b"f" * 16
+    assert uuid.UUID(c.request_id.decode()).version == 4
+
+
 def test_forked_children_do_not_repeat_ids():
     import os
     r, w = os.pipe()

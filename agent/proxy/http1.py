@@ -579,40 +579,14 @@ def forwarded_head(
     *,
     drop: frozenset[bytes] = frozenset(),
 ) -> bytes:
-    """The head as forwarded, in one pass over ``headers``: ``first`` (the
-    request or status line, with its CRLF), ``headers`` as
-    :func:`forward_headers` keeps them, then ``extra`` (the proxy's own:
-    framing, trace context), then the blank line.  The same bytes as
-    ``_head(first, forward_headers(headers, drop=drop) + list(extra))``; the
-    L7 session serializes every request and response head with it."""
-    sk = _SKIP_CACHE.get(drop)
-    if sk is None:
-        return _head(first, [*forward_headers(headers, drop=drop), *extra])  # files the drop set
-    skip, lengths = sk
-    parts = [first]
-    named: set[bytes] | None = None
-    for h in headers:
-        n = h[0]
-        if len(n) in lengths:
-            ln = n.lower()
-            if ln in skip:
-                if ln == b"connection":
-                    if named is None:
-                        named = set()
-                    named.update(t.strip(b" \t").lower() for t in h[1].split(b","))
-                continue
-        parts += (n, b": ", h[1], b"\r\n")
-    if named:
-        named -= skip
-        named.discard(b"")
-        if named and any(h[0].lower() in named for h in headers):
-            # Connection names a header that is there ("close" names none):
-            # forward_headers drops it
-            return _head(first, [*forward_headers(headers, drop=drop), *extra])
-    for n, v in extra:
-        parts += (n, b": ", v, b"\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    """The head as forwarded: ``first`` (the request or status line, with
+    its CRLF), ``headers`` as :func:`forward_headers` keeps them, then
+    ``extra`` (the proxy's own: framing, trace context), then the blank
+    line.  The L7 session serializes every request and response head with
+    it.  (One pass that also serializes saves only ~0.1 µs a head.)"""
+    kept = forward_headers(headers, drop=drop)  # a new list: ours to extend
+    kept += extra
+    return _head(first, kept)
 
 
 def _head(first: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:

@@ -63,7 +63,6 @@ __all__ = [
     "RequestParser",
     "ResponseParser",
     "Framing",
-    "serialize_request_head",
     "serialize_response_head",
     "chunk",
     "CHUNKED_END",
@@ -595,21 +594,6 @@ def _head(first: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
         parts += (n, b": ", v, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
-
-
-def serialize_request_head(
-    head: RequestHead,
-    headers_override: Sequence[tuple[bytes, bytes]] | None = None,
-    *,
-    target: bytes | None = None,
-) -> bytes:
-    """Request line (normalized target, HTTP/1.1) and headers (the head's or the override)."""
-    if target is None:
-        target = head.path.target.encode("ascii")
-    return _head(
-        b"%s %s HTTP/1.1\r\n" % (head.method, target),
-        head.headers if headers_override is None else headers_override,
-    )
 
 
 def serialize_response_head(

@@ -152,7 +152,12 @@ _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 def new_request_id() -> bytes:
     """A random id in uuid4 text form (version 4, RFC 4122 variant), lower-case."""
-    h = b"%032x" % ((_bits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return _uuid4_text(_bits(128))
+
+
+def _uuid4_text(bits: int) -> bytes:
+    """128 random ``bits`` as a uuid4 (version and variant set), lower-case text."""
+    h = b"%032x" % ((bits & _UUID4_CLEAR) | _UUID4_SET)
     return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
@@ -170,8 +175,7 @@ def _new_ids() -> tuple[bytes, bytes, bytes]:
     s = b"%016x" % ((x >> 128) & _M64)
     if t == _ZERO_TRACE or s == _ZERO_SPAN:
         return new_trace_id(), new_span_id(), new_request_id()
-    h = b"%032x" % (((x >> 192) & _UUID4_CLEAR) | _UUID4_SET)
-    return t, s, b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+    return t, s, _uuid4_text(x >> 192)
 
 
 def _bound_tracestate(value: bytes) -> bytes | None:

@@ -280,13 +280,13 @@ def test_forward_headers_equals_the_reference(headers, drop):
        st.sampled_from([frozenset(), frozenset({b"traceparent", b"tracestate", b"x-request-id"}), frozenset({b"y"})]),
        st.lists(st.tuples(_HNAMES, _HVALUES), max_size=3))
 def test_forwarded_head_is_the_reference_headers_serialized(headers, drop, extra):
-    """The one-pass serializer the L7 session uses: the first line, the
+    """The head serializer the L7 session uses: the first line, the
     headers forward_headers keeps, the proxy's own, the blank line."""
     first = b"GET /x HTTP/1.1\r\n"
     kept = _forward_reference(headers, drop) + extra
     want = first + b"".join(b"%s: %s\r\n" % h for h in kept) + b"\r\n"
     assert forwarded_head(first, headers, extra, drop=drop) == want
-    assert forwarded_head(first, headers, extra, drop=drop) == want  # the drop set filed by the first call
+    assert forwarded_head(first, headers, extra, drop=drop) == want  # again: forward_headers cached the drop set
 
 
 @settings(max_examples=1000, deadline=None)

@@ -511,6 +511,13 @@ def _kernel_probes(
         *sockmap,
         check_splice(splice, [sock_ops, *sockmap]),
         check_probe(
+            "tunnel round-robin",
+            probe.tunnel_spread_loads,
+            "Linux >= 5.12 (SK_REUSEPORT with an atomic fetch-add); without it the kernel's "
+            "SO_REUSEPORT hash spreads tunnel connections, and can put all of a peer's on one worker",
+            False,
+        ),
+        check_probe(
             "bpf links (cgroup)",
             lambda: probe.cgroup_link_works(cgroup.cgroup2_mount(env.mountinfo)),
             "a kernel >= 5.7 (bpf links for cgroups); check 'cgroup v2' above",

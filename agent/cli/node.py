@@ -210,6 +210,12 @@ def status(sock, node, output) -> None:
                 else ""
             )
         )
+        hashed = {
+            k: v for k, v in (s.get("tunnel_spread") or {}).items() if k != "workers" and v != "round-robin"
+        }
+        for family, why in hashed.items():
+            why = why.removeprefix("hash: ")
+            click.echo(f"  {family} tunnel connections spread by the kernel's hash, not round-robin ({why})")
         t = s.get("tracing")
         if t:
             click.echo(

@@ -23,6 +23,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # enum bpf_cmd
+MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
@@ -71,6 +72,7 @@ PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_SKB = 14
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
+PROG_TYPE_SK_REUSEPORT = 21
 
 # map update flags
 BPF_ANY = 0
@@ -107,6 +109,7 @@ MAP_TYPE_NAMES = {
     11: "lpm_trie",
     15: "sockmap",
     18: "sockhash",
+    20: "reuseport_sockarray",
     27: "ringbuf",
 }
 PROG_TYPE_NAMES = {
@@ -117,6 +120,7 @@ PROG_TYPE_NAMES = {
     14: "sk_skb",
     8: "cgroup_skb",
     9: "cgroup_sock",
+    21: "sk_reuseport",
 }
 
 
@@ -181,6 +185,15 @@ def _lookup(cmd: int, fd: int, key: bytes, value_size: int) -> bytes | None:
             return None
         raise
     return v.raw
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str = "") -> int:
+    """BPF_MAP_CREATE; returns the new map's fd (caller closes).  Only for
+    maps bcc cannot declare (``agent.datapath.reuseport``): the datapath's
+    own maps come from the C."""
+    # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, map_name
+    attr = _attr("=IIIIIII16s", map_type, key_size, value_size, max_entries, 0, 0, 0, name.encode()[:15])
+    return bpf(MAP_CREATE, attr)
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
@@ -336,8 +349,11 @@ def obj_kind(fd: int) -> str:
 # --- programs and attachments ---------------------------------------------
 
 
-def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL", expected_attach_type: int = 0) -> int:
-    """Load raw instructions (used by ``meshlet doctor`` to probe hooks)."""
+def prog_load(
+    prog_type: int, insns: bytes, license: bytes = b"GPL", expected_attach_type: int = 0, name: str = ""
+) -> int:
+    """Load raw instructions (``meshlet doctor``'s probes of the hooks, and
+    the proxy's tunnel spreading in ``agent.datapath.reuseport``)."""
     ib = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
     log = ctypes.create_string_buffer(4096)
@@ -357,7 +373,7 @@ def prog_load(prog_type: int, insns: bytes, license: bytes = b"GPL", expected_at
         _ptr(log),
         0,
         0,
-        b"",
+        name.encode()[:15],
         0,
         expected_attach_type,
     )

@@ -68,6 +68,19 @@ def sockhash_creates() -> None:
     os.close(bpfsys.bpf(MAP_CREATE, attr))
 
 
+def tunnel_spread_loads() -> None:
+    """The tunnel listener's round-robin program loads
+    (``agent.datapath.reuseport``): a REUSEPORT_SOCKARRAY, an ARRAY counter
+    and the SK_REUSEPORT program with its atomic fetch-add."""
+    from . import reuseport
+
+    with (
+        _closing(bpfsys.map_create(reuseport.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, 1)) as array,
+        _closing(bpfsys.map_create(reuseport.MAP_TYPE_ARRAY, 4, 8, 1)) as counter,
+    ):
+        os.close(bpfsys.prog_load(bpfsys.PROG_TYPE_SK_REUSEPORT, reuseport.program(counter, array, 2)))
+
+
 def cgroup_link_works(cgroup_root: str, attach_type: int = bpfsys.ATTACH_CGROUP_INET4_CONNECT) -> None:
     """BPF_LINK_CREATE attaches a cgroup/connect program to a temporary child
     cgroup of ``cgroup_root``; closing the link fd detaches it."""

@@ -28,6 +28,7 @@ from agent.sitepath import adopt
 # from the environment, before anything outside the standard library loads.
 adopt(os.environ, sys.path)
 
+from agent.datapath.reuseport import MAX_SLOTS as MAX_WORKERS  # noqa: E402
 from agent.proxy.limits import enable_listener_migration, raise_nofile  # noqa: E402
 from agent.proxy.log import setup_logging  # noqa: E402
 from agent.proxy.state import StateError, StateWatcher  # noqa: E402
@@ -46,6 +47,13 @@ log = logging.getLogger("meshlet.proxy")
 _OPTIONS: dict[str, tuple[str, type, object, str]] = {
     "--state": ("state", str, None, "proxy state file written by the agent (JSON)"),
     "--worker-id": ("worker_id", int, 0, "worker number (default 0)"),
+    "--workers": (
+        "workers",
+        int,
+        None,
+        "how many workers share the listeners (default: worker id + 1): tunnel connections "
+        "are dealt round-robin over that many slots",
+    ),
     "--access-log": ("access_log", str, None, "append one JSON line per finished connection here"),
     "--log-level": ("log_level", str, "INFO", "log level (default INFO)"),
     "--shutdown-grace": (
@@ -133,6 +141,7 @@ async def _amain(args: Args, watcher: StateWatcher) -> int:
     server = ProxyServer(
         watcher,
         worker_id=args.worker_id,
+        workers=args.workers,
         access_log=args.access_log,
         ready_timeout=args.ready_timeout,
         freeze_heap=True,
@@ -164,6 +173,16 @@ async def _amain(args: Args, watcher: StateWatcher) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.worker_id, getattr(logging, args.log_level))
+    if args.workers is None:
+        args.workers = args.worker_id + 1
+    if not 1 <= args.workers <= MAX_WORKERS or not 0 <= args.worker_id < args.workers:
+        log.error(
+            "--worker-id %d of --workers %d: need 0 <= worker id < workers <= %d",
+            args.worker_id,
+            args.workers,
+            MAX_WORKERS,
+        )
+        return 2
     try:
         watcher = StateWatcher(args.state)
     except (OSError, StateError) as e:

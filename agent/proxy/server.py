@@ -94,6 +94,7 @@ class ProxyServer:
         *,
         flow_table: FlowSource | None = None,
         worker_id: int = 0,
+        workers: int = 1,
         access_log: str | None = None,
         stats_path: str | None = None,
         header_timeout: float = HEADER_TIMEOUT,
@@ -108,6 +109,10 @@ class ProxyServer:
         # process sets it; an in-process server (tests) leaves its host's heap alone.
         self.freeze_heap = freeze_heap
         self.worker_id = worker_id
+        self.workers = workers  # the tunnel listener's round-robin slots (see _spread_tunnels)
+        # How new tunnel connections reach this node's workers, per family:
+        # "round-robin", or "hash: <why not>" (the kernel's SO_REUSEPORT hash).
+        self.tunnel_spread: dict[str, str] = {}
         self.header_timeout = header_timeout
         self.ready_timeout = ready_timeout
         self.ready = False  # listening: certificates loaded (or ready_timeout passed)
@@ -274,9 +279,35 @@ class ProxyServer:
                 ("tunnel", lst.tunnel_port, self.inbound.factory),
             ):
                 sock = self._listen_socket(family, ip, port, kind)
+                if kind == "tunnel":
+                    self._spread_tunnels(sock, state.pin_dir)
                 srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
                 self._servers.append(srv)
                 self.addresses[kind].append(sock.getsockname())
+
+    def _spread_tunnels(self, sock: socket.socket, pin_dir: str) -> None:
+        """Deal the tunnel connections this node accepts round-robin to its
+        workers (``agent.datapath.reuseport``): a node gets few, long-lived
+        tunnels, and SO_REUSEPORT's hash alone can put all of a peer's on
+        one worker.  Where the kernel refuses, the hash keeps serving."""
+        fam = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
+        if not os.path.isdir(pin_dir):
+            self.tunnel_spread[fam] = f"hash: no pin directory {pin_dir}"
+            log.info("no pin directory %s: tunnel connections are spread by the kernel's hash", pin_dir)
+            return
+        from agent.datapath.reuseport import spread_listener  # lazy, as the flow table
+
+        try:
+            spread_listener(sock, pin_dir, self.worker_id, self.workers)
+        except OSError as e:
+            self.tunnel_spread[fam] = f"hash: {e.strerror or e}"
+            log.warning(
+                "%s; tunnel connections are spread by the kernel's hash, which can put all of a "
+                "peer's tunnels on one worker (needs Linux >= 5.12 for the atomic counter, and CAP_BPF)",
+                e.strerror or e,
+            )
+            return
+        self.tunnel_spread[fam] = "round-robin"
 
     @staticmethod
     def _listen_socket(family: int, ip: str, port: int, kind: str) -> socket.socket:
@@ -543,6 +574,7 @@ class ProxyServer:
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
             "tunnel_mux": {"out": self.upstream.mux_pool.stats(), "in": self.inbound.mux_stats()},
+            "tunnel_spread": {"workers": self.workers, **self.tunnel_spread},
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),

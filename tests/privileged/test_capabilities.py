@@ -119,6 +119,8 @@ def test_agent_and_proxies_run_with_only_those_capabilities(mesh):
         assert workers and all(w["alive"] for w in workers)
         for w in workers:
             assert cap_eff(w["pid"]) & ~MASK == 0, f"{name} worker {w['pid']}"
+            # the tunnel listener's SK_REUSEPORT program loads with these (BPF, NET_ADMIN)
+            assert w["stats"]["tunnel_spread"]["ipv4"] == "round-robin", w["stats"]["tunnel_spread"]
 
 
 def test_strict_mtls_traffic_flows_same_node_and_across(mesh):

@@ -203,6 +203,47 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
             assert "killing it" not in mesh.agent_log(n)
 
 
+def test_tunnels_are_dealt_round_robin_to_the_destination_workers_across_a_hand_over():
+    """A node accepts few tunnel connections, so SO_REUSEPORT's hash alone
+    can put all of a peer's on one worker (agent/datapath/reuseport.py).
+    In the one-connection-per-stream mode every pod connection is a tunnel
+    connection of its own: one after the other, they must alternate between
+    node2's two workers, before a hand-over (SIGHUP) and after it, on the
+    new processes.  The hash alternates 12 times in a row with probability
+    2**-11."""
+    with mesh_of(workers=2, tunnel_mux=False, pods_per_node=1) as mesh:
+        for st in worker_stats(mesh, "node2"):
+            spread = st["tunnel_spread"]
+            assert spread["workers"] == 2 and spread["ipv4"] == "round-robin", spread
+            assert all(v == "round-robin" for k, v in spread.items() if k != "workers"), spread
+        src, dst = mesh.cluster.pod("pod1-1"), ip_of(mesh, "pod2-1")
+
+        def workers_of(count: int) -> list[int]:
+            seen = []
+            for _ in range(count):
+                before = len(inbound(mesh))
+                r = src.run(TOOLS + ["connrate", dst, "7001", "--limit", "1", "--seconds", "20"], timeout=60)
+                assert json.loads(r.stdout.strip().splitlines()[-1])["connections"] == 1, r.stdout
+                lines = wait_for(lambda n=before: inbound(mesh)[n:], "node2 logged the connection")
+                assert len(lines) == 1, lines
+                seen.append(lines[0]["worker"])
+            return seen
+
+        got = workers_of(12)
+        assert got in ([0, 1] * 6, [1, 0] * 6), got
+        old = set(mesh.proxy_pids("node2"))
+        mesh.agents["node2"].popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: all_ready(mesh, "node2", old), "node2's workers handed over", timeout=60)
+        wait_for(lambda: not any(_alive(pid) for pid in old), "node2's old workers exited", timeout=60)
+        got = workers_of(12)
+        assert got in ([0, 1] * 6, [1, 0] * 6), got
+        assert all(e["result"] == "ok" for e in inbound(mesh)), _not_ok(mesh)
+
+
+def inbound(mesh) -> list[dict]:
+    return [e for e in mesh.access_log("node2") if e.get("direction") == "inbound"]
+
+
 def _not_ok(mesh) -> dict[str, list]:
     """What the proxies logged for connections that did not end ``ok``."""
     return {n: [(e["result"], e.get("deny_reason"), e.get("reason"), e.get("src_pod"), e.get("dst_addr"))

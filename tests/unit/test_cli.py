@@ -252,3 +252,31 @@ def test_run_does_not_import_the_other_command_groups():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['agent.cli.common', 'agent.cli.node', 'agent.cli.root']"
+
+
+def _status_doc(spread: dict) -> dict:
+    """The least of /v1/status that ``meshlet status`` prints, one worker."""
+    return {
+        "node": "node1", "mode": "strict", "uptime_s": 5,
+        "datapath": {"how": "adopted", "pin_dir": "/sys/fs/bpf/meshlet/node1", "counters": {}, "tc_errors": []},
+        "inventory": {"path": "/etc/meshlet/inventory.yaml", "pods": 0, "error": None},
+        "enrolled": [], "pending": [],
+        "proxy": [{"worker": 0, "pid": 42, "alive": True, "adopted": False, "restarts": 0,
+                   "stats": {"active_connections": 0, "counters": {}, "tunnel_spread": spread}}],
+    }
+
+
+def test_status_says_when_tunnels_fall_back_to_the_kernels_hash(monkeypatch):
+    import agent.cli.node as node_cli
+
+    spread = {"workers": 2, "ipv4": "round-robin",
+              "ipv6": "hash: cannot load the SK_REUSEPORT program at /x: Invalid argument"}
+    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(spread))
+    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
+    assert r.exit_code == 0, r.output
+    assert ("ipv6 tunnel connections spread by the kernel's hash, not round-robin "
+            "(cannot load the SK_REUSEPORT program at /x: Invalid argument)") in r.output
+    assert "ipv4 tunnel" not in r.output
+    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc({"workers": 2, "ipv4": "round-robin"}))
+    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
+    assert r.exit_code == 0 and "kernel's hash" not in r.output, r.output

@@ -38,11 +38,13 @@ def test_the_supervisors_command_line_is_parsed_without_argparse():
     quick = worker._quick_parse(argv)
     assert quick is not None and vars(quick) == full_parse(argv)
     assert quick.state == "/run/x/proxy-state.json" and quick.worker_id == 1
+    assert quick.workers == 2  # the tunnel listener's round-robin slots: every worker of the node
 
 
 VALUES = {
     "--state": st.sampled_from(["/run/s.json", "", "x=y"]),
     "--worker-id": st.sampled_from(["0", "3", "-1", "x", "1.5", " 7"]),
+    "--workers": st.sampled_from(["1", "4", "0", "x"]),
     "--access-log": st.sampled_from(["/tmp/a.log", "-"]),
     "--log-level": st.sampled_from(["INFO", "DEBUG", "debug", "TRACE"]),
     "--shutdown-grace": st.sampled_from(["30", "0.5", "-2", "nan", "inf", "soon"]),
@@ -110,6 +112,28 @@ def test_help_and_errors_are_argparses():
         timeout=60,
     )
     assert r.returncode == 2 and "the following arguments are required: --state" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--worker-id", "2", "--workers", "2"], "--worker-id 2 of --workers 2"),
+        (["--workers", "65"], "--worker-id 0 of --workers 65"),
+        (["--workers", "0"], "--worker-id 0 of --workers 0"),
+        (["--worker-id", "-1"], "--worker-id -1 of --workers 0"),
+    ],
+)
+def test_a_worker_id_outside_the_workers_is_refused_before_anything_starts(tmp_path, argv, why):
+    state = tmp_path / "state.json"  # never read: the check comes first
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.proxy", "--state", str(state), *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and why in r.stderr and "need 0 <= worker id < workers <= 64" in r.stderr
+    assert "cannot load proxy state" not in r.stderr
 
 
 def test_a_worker_parsing_the_supervisors_command_line_loads_no_argparse():

@@ -647,6 +647,9 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
             states.append(doc["ready"])
         assert states[0] is False  # no CA answers here: it waited (bounded) for certificates
         assert doc["worker"] == 2 and doc["state_generation"] == 3
+        # no --workers: slots 0..2 for its own id; the state's pin directory does not exist here
+        assert doc["tunnel_spread"]["workers"] == 3
+        assert doc["tunnel_spread"]["ipv4"].startswith("hash: no pin directory")
         # a connection without a flow record is reset and logged (the RST may even beat
         # connect() back to userspace on loopback)
         try:

@@ -429,12 +429,19 @@ def _get(row: dict | None, part: str, key: str):
 
 def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict,
                meshlet_rss: dict[str, float], meshlet_pss: dict[str, float] | None = None,
-               meshlet_distinct: dict[str, float] | None = None) -> list[dict]:
+               meshlet_distinct: dict[str, float] | None = None,
+               at_workers: tuple[int, dict | None, dict | None] | None = None) -> list[dict]:
     """Rows of the meshlet-vs-Envoy table, cross-node: each metric for
     direct, meshlet (L4 relay over mTLS), meshlet with L7 and Envoy
     sidecars, with the meshlet/Envoy ratio and whether higher is better.
     Memory has two rows: summed RSS (shared pages counted once per process)
-    and summed PSS (shared pages divided: what the node pays)."""
+    and summed PSS (shared pages divided: what the node pays).
+
+    The rows above run one meshlet worker per node against Envoy's two
+    threads (``--concurrency 2``, Istio's default).  ``at_workers`` =
+    (N, L4 row, L7 row) from the workers table adds req/s and p99 at c32
+    with N workers per node, ``proxy.workers``' default here: each side at
+    its own default."""
 
     def added(row):
         p, d = _get(row, "http_c1", "p50_ms"), _get(direct, "http_c1", "p50_ms")
@@ -457,6 +464,12 @@ def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict
         rows.append({"metric": name, "higher_is_better": higher, "direct": _get(direct, part, key),
                      "meshlet": _get(meshlet, part, key), "meshlet_l7": _get(meshlet_l7, part, key),
                      "envoy": _get(envoy, part, key)})
+    if at_workers is not None:
+        n, l4, l7 = at_workers
+        for name, key in ((f"req/s, c32, {n} workers", "rps"), (f"p99 ms, c32, {n} workers", "p99_ms")):
+            rows.append({"metric": name, "higher_is_better": key == "rps", "direct": _get(direct, "http", key),
+                         "meshlet": _get(l4, "http", key), "meshlet_l7": _get(l7, "http", key),
+                         "envoy": _get(envoy, "http", key)})
     rows.append({"metric": "added p50 ms, c1", "higher_is_better": False, "direct": 0.0,
                  "meshlet": added(meshlet), "meshlet_l7": None, "envoy": added(envoy)})
     rows.append({"metric": "RSS MB per node", "higher_is_better": False, "direct": None,
@@ -482,12 +495,12 @@ def print_comparison(rows: list[dict]) -> None:
 
     print("\nmeshlet vs Envoy sidecars (Istio-style: iptables REDIRECT, TLS 1.3 mTLS, HTTP RBAC), "
           "cross-node, same run")
-    hdr = (f"{'metric':<20}{'direct':>10}{'meshlet':>10}{'meshlet L7':>12}{'Envoy':>10}"
+    hdr = (f"{'metric':<24}{'direct':>10}{'meshlet':>10}{'meshlet L7':>12}{'Envoy':>10}"
            f"{'meshlet/Envoy':>15}{'L7/Envoy':>10}{'meshlet/direct':>16}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['metric']:<20}{f(r['direct']):>10}{f(r['meshlet']):>10}{f(r['meshlet_l7']):>12}"
+        print(f"{r['metric']:<24}{f(r['direct']):>10}{f(r['meshlet']):>10}{f(r['meshlet_l7']):>12}"
               f"{f(r['envoy']):>10}{f(r['meshlet_over_envoy'], '.2f'):>15}"
               f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}")
     print("(RSS, PSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "

@@ -16,6 +16,13 @@ request, as in the bench's "meshlet L7" column); with ``--connections 32``
 this is the A/B of that column's CPU per request.  Numbers from a shared
 machine are noisy: compare medians of rounds, and the CPU per request more
 than the rate.
+
+``--workers 2`` runs two proxy workers per node and reports each worker's
+CPU per request (``cpu_us_per_req_node2_w1``...) and the tunnel connections
+each worker accepted (``tunnels_in_node2``): how evenly a node's tunnels
+spread over its workers.  ``--fresh`` starts the mesh anew before
+every round (the cluster and nginx stay), so each round dials new tunnels
+and the spread is drawn again.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def _cpu(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(root: str, connections: int = 1, l7: bool = False) -> None:
+def serve(root: str, connections: int = 1, l7: bool = False, workers: int = 1, fresh: bool = False) -> None:
     """One cluster; a line ``run SECONDS`` on stdin runs one direct and one
     mesh wrk -c``connections`` and prints JSON."""
     sys.path.insert(0, os.path.abspath(root))
@@ -47,7 +54,13 @@ def serve(root: str, connections: int = 1, l7: bool = False) -> None:
     from agent.sim.mesh import Mesh
 
     cluster = Cluster(nodes=2, pods_per_node=2).up()
-    mesh = Mesh(cluster, unmeshed={"pod1-2"}, log_level="warning", **({"l7": True} if l7 else {}))
+
+    def new_mesh() -> Mesh:
+        return Mesh(
+            cluster, unmeshed={"pod1-2"}, log_level="warning", workers=workers, **({"l7": True} if l7 else {})
+        )
+
+    mesh = new_mesh()
     workdir = tempfile.mkdtemp(prefix="c1ab-")
     try:
         mesh.start()
@@ -62,12 +75,16 @@ def serve(root: str, connections: int = 1, l7: bool = False) -> None:
             if not cmd or cmd[0] != "run":
                 break
             seconds = int(float(cmd[1]))
+            if fresh:
+                mesh.down()
+                mesh = new_mesh()
+                mesh.start()
 
             direct = run_wrk(cluster, "pod1-2", url, seconds, connections)
-            pids = {n: mesh.proxy_pids(n)[0] for n in mesh.agents}
-            before = {n: _cpu(p) for n, p in pids.items()}
+            pids = {(n, w): p for n in mesh.agents for w, p in enumerate(mesh.proxy_pids(n))}
+            before = {k: _cpu(p) for k, p in pids.items()}
             meshed = run_wrk(cluster, "pod1-1", url, seconds, connections)
-            after = {n: _cpu(p) for n, p in pids.items()}
+            after = {k: _cpu(p) for k, p in pids.items()}
             if direct["p50_ms"] is None or meshed["p50_ms"] is None or not meshed["requests"]:
                 print(json.dumps({"error": "wrk failed", "direct": direct, "mesh": meshed}), flush=True)
                 continue
@@ -79,8 +96,15 @@ def serve(root: str, connections: int = 1, l7: bool = False) -> None:
                 "direct_rps": direct["rps"],
                 "mesh_p99_ms": meshed["p99_ms"],
             }
-            for n in pids:
-                out[f"cpu_us_per_req_{n}"] = round((after[n] - before[n]) * 1e6 / meshed["requests"], 1)
+            if workers > 1:  # how the tunnels a node accepted landed on its workers
+                for n in mesh.agents:
+                    out[f"tunnels_in_{n}"] = [
+                        (w["stats"] or {}).get("counters", {}).get("tunnel_connections_in", 0)
+                        for w in mesh.status(n)["proxy"]
+                    ]
+            for (n, w) in pids:
+                key = f"cpu_us_per_req_{n}" + (f"_w{w}" if workers > 1 else "")
+                out[key] = round((after[n, w] - before[n, w]) * 1e6 / meshed["requests"], 1)
             print(json.dumps(out), flush=True)
     finally:
         subprocess.run(["pkill", "-f", f"nginx -c {workdir}"], check=False)
@@ -92,15 +116,17 @@ def main() -> None:
     ap = ab_parser(__doc__, "3")
     ap.add_argument("--connections", type=int, default=1, help="wrk -c (default 1: the added-latency row)")
     ap.add_argument("--l7", action="store_true", help="proxy.l7 on: the destination parses every request")
+    ap.add_argument("--workers", type=int, default=1, help="proxy workers per node (default 1)")
+    ap.add_argument("--fresh", action="store_true", help="a new mesh (new tunnels) before every round")
     ap.add_argument("--serve", metavar="ROOT", help=argparse.SUPPRESS)
     ap.add_argument("sides", nargs="*", metavar="LABEL=ROOT")
     a = ap.parse_args()
     if a.serve:
-        serve(a.serve, a.connections, a.l7)
+        serve(a.serve, a.connections, a.l7, a.workers, a.fresh)
         return
     sides = dict(spec.split("=", 1) for spec in a.sides)
-    args = {label: [root, "--connections", str(a.connections), *(["--l7"] if a.l7 else [])]
-            for label, root in sides.items()}
+    extra = [*(["--l7"] if a.l7 else []), "--workers", str(a.workers), *(["--fresh"] if a.fresh else [])]
+    args = {label: [root, "--connections", str(a.connections), *extra] for label, root in sides.items()}
     drive_sides(__file__, args, a.rounds, lambda r, i: f"run {a.seconds}", alternate=True)
 
 

@@ -79,6 +79,20 @@ def test_comparison_ratios_and_added_latency():
     assert rows["new conn/s"]["meshlet_over_envoy"] is None  # not measured: no ratio, not zero
 
 
+def test_comparison_adds_the_default_worker_count_rows_when_given():
+    direct = {"http": {"rps": 1000.0, "p99_ms": 1.0}}
+    envoy = {"http": {"rps": 250.0, "p99_ms": 8.0}}
+    l4 = {"workers": 2, "http": {"rps": 800.0, "p99_ms": 2.0}}
+    l7 = {"workers": 2, "http": {"rps": 500.0, "p99_ms": 4.0}}
+    rows = {r["metric"]: r for r in be.comparison(direct, {}, None, envoy, {}, at_workers=(2, l4, l7))}
+    rps, p99 = rows["req/s, c32, 2 workers"], rows["p99 ms, c32, 2 workers"]
+    assert rps["meshlet_over_envoy"] == 3.2 and rps["meshlet_l7_over_envoy"] == 2.0 and rps["higher_is_better"]
+    assert p99["meshlet_l7_over_envoy"] == 0.5 and not p99["higher_is_better"]
+    assert rps["meshlet_over_direct"] == 0.8
+    plain = {r["metric"] for r in be.comparison(direct, {}, None, envoy, {})}
+    assert not any("workers" in m for m in plain)  # one worker only: no such rows
+
+
 def test_comparison_has_a_pss_row_beside_the_rss_row():
     envoy = {"rss_mb": {"n1": 70.0}, "pss_mb": {"n1": 60.0}}
     pss = {"n1": 63.0, "n2": 66.0}

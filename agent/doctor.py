@@ -511,9 +511,9 @@ def _kernel_probes(
         *sockmap,
         check_splice(splice, [sock_ops, *sockmap]),
         check_probe(
-            "tunnel round-robin",
+            "tunnel least-loaded",
             probe.tunnel_spread_loads,
-            "Linux >= 5.12 (SK_REUSEPORT with an atomic fetch-add); without it the kernel's "
+            "Linux >= 4.19 with CONFIG_BPF_SYSCALL (SK_REUSEPORT programs); without it the kernel's "
             "SO_REUSEPORT hash spreads tunnel connections, and can put all of a peer's on one worker",
             False,
         ),

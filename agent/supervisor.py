@@ -127,7 +127,7 @@ class ProxySupervisor:
             self.state_path,
             "--worker-id",
             str(w.index),
-            "--workers",  # the tunnel listener's round-robin slots (agent.datapath.reuseport)
+            "--workers",  # the tunnel listener's slots (agent.datapath.reuseport)
             str(len(self.workers)),
             "--shutdown-grace",
             f"{self.drain_timeout:g}",

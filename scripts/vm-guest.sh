@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 # The datapath on this kernel: redirect and relay, strict mode (clsact on
 # 6.1) with adoption after a restart, pods found by cgroup ancestry
 # (kubelet layout), the kernel policy map, the same-node kernel splice
-# (sk_skb on 6.1), the doctor's probes, the ABI check.  mTLS between nodes and a policy refused in the
+# (sk_skb on 6.1), the doctor's probes, the ABI check, the tunnel
+# listener's SK_REUSEPORT program (this kernel's verifier).  mTLS between nodes and a policy refused in the
 # kernel at connect() are proven by the demo, which runs first.  About 5
 # minutes under software emulation; vagrant/README.md lists what is left out.
 GUEST_TESTS=(
@@ -27,6 +28,7 @@ GUEST_TESTS=(
     tests/privileged/test_cgroup_ancestry.py
     tests/privileged/test_policy_kernel.py::test_sync_l4_never_refuses_more_than_the_old_or_the_new_entries
     tests/privileged/test_policy_kernel.py::test_sync_l4_adopts_what_is_pinned
+    tests/privileged/test_reuseport.py
 )
 
 FULL=0

@@ -210,12 +210,11 @@ def status(sock, node, output) -> None:
                 else ""
             )
         )
-        hashed = {
-            k: v for k, v in (s.get("tunnel_spread") or {}).items() if k != "workers" and v != "round-robin"
-        }
+        spread = s.get("tunnel_spread") or {}
+        hashed = {k: v for k, v in spread.items() if k in ("ipv4", "ipv6") and v != "least-loaded"}
         for family, why in hashed.items():
             why = why.removeprefix("hash: ")
-            click.echo(f"  {family} tunnel connections spread by the kernel's hash, not round-robin ({why})")
+            click.echo(f"  {family} tunnel connections spread by the kernel's hash, not by load ({why})")
         t = s.get("tracing")
         if t:
             click.echo(

@@ -353,35 +353,48 @@ def prog_load(
     prog_type: int, insns: bytes, license: bytes = b"GPL", expected_attach_type: int = 0, name: str = ""
 ) -> int:
     """Load raw instructions (``meshlet doctor``'s probes of the hooks, and
-    the proxy's tunnel spreading in ``agent.datapath.reuseport``)."""
+    the proxy's tunnel spreading in ``agent.datapath.reuseport``).  Loaded
+    without the verifier's log first (a long program's log fills any
+    buffer, and the load then fails ENOSPC); on a refusal, once more with
+    it, for the message."""
     ib = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
-    log = ctypes.create_string_buffer(4096)
-    buf = ctypes.create_string_buffer(128)
-    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
-    # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-    struct.pack_into(
-        "=IIQQIIQII16sII",
-        buf,
-        0,
-        prog_type,
-        len(insns) // 8,
-        _ptr(ib),
-        _ptr(lic),
-        1,
-        len(log),
-        _ptr(log),
-        0,
-        0,
-        name.encode()[:15],
-        0,
-        expected_attach_type,
-    )
-    try:
+
+    def load(log: ctypes.Array | None) -> int:
+        buf = ctypes.create_string_buffer(128)
+        # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+        # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type
+        struct.pack_into(
+            "=IIQQIIQII16sII",
+            buf,
+            0,
+            prog_type,
+            len(insns) // 8,
+            _ptr(ib),
+            _ptr(lic),
+            0 if log is None else 1,
+            0 if log is None else len(log),
+            0 if log is None else _ptr(log),
+            0,
+            0,
+            name.encode()[:15],
+            0,
+            expected_attach_type,
+        )
         return bpf(PROG_LOAD, buf)
-    except BPFError as e:
+
+    try:
+        return load(None)
+    except BPFError as first:
+        log = ctypes.create_string_buffer(1 << 16)
+        try:
+            return load(log)  # not expected to pass: the same program, now with the log
+        except BPFError:
+            pass
         msg = log.value.decode(errors="replace").strip()
-        raise BPFError(e.errno, f"{e.strerror}{': ' + msg if msg else ''}") from None
+        if len(msg) > 4000:  # the verifier's last words say why
+            msg = "..." + msg[-4000:]
+        raise BPFError(first.errno, f"{first.strerror}{': ' + msg if msg else ''}") from None
 
 
 def prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int = 0) -> None:

@@ -69,16 +69,21 @@ def sockhash_creates() -> None:
 
 
 def tunnel_spread_loads() -> None:
-    """The tunnel listener's round-robin program loads
-    (``agent.datapath.reuseport``): a REUSEPORT_SOCKARRAY, an ARRAY counter
-    and the SK_REUSEPORT program with its atomic fetch-add."""
+    """The tunnel listener's least-loaded program loads
+    (``agent.datapath.reuseport``): a REUSEPORT_SOCKARRAY, ARRAY maps and
+    the SK_REUSEPORT program for the most workers (the longest one the
+    verifier sees)."""
     from . import reuseport
 
+    slots = reuseport.MAX_SLOTS
     with (
-        _closing(bpfsys.map_create(reuseport.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, 1)) as array,
+        _closing(bpfsys.map_create(reuseport.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, slots)) as array,
+        _closing(bpfsys.map_create(reuseport.MAP_TYPE_ARRAY, 4, 8, slots)) as load,
         _closing(bpfsys.map_create(reuseport.MAP_TYPE_ARRAY, 4, 8, 1)) as counter,
     ):
-        os.close(bpfsys.prog_load(bpfsys.PROG_TYPE_SK_REUSEPORT, reuseport.program(counter, array, 2)))
+        os.close(
+            bpfsys.prog_load(bpfsys.PROG_TYPE_SK_REUSEPORT, reuseport.program(counter, load, array, slots))
+        )
 
 
 def cgroup_link_works(cgroup_root: str, attach_type: int = bpfsys.ATTACH_CGROUP_INET4_CONNECT) -> None:

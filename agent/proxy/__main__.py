@@ -51,8 +51,8 @@ _OPTIONS: dict[str, tuple[str, type, object, str]] = {
         "workers",
         int,
         None,
-        "how many workers share the listeners (default: worker id + 1): tunnel connections "
-        "are dealt round-robin over that many slots",
+        "how many workers share the listeners (default: worker id + 1): new tunnel "
+        "connections go to the least loaded of that many slots",
     ),
     "--access-log": ("access_log", str, None, "append one JSON line per finished connection here"),
     "--log-level": ("log_level", str, "INFO", "log level (default INFO)"),

@@ -92,6 +92,13 @@ class Inbound:
         self.max_handshakes = MAX_HANDSHAKES_PER_SOURCE
         self.sessions: set[MuxSession] = set()  # meshlet-mux/1 connections being served
         self.max_streams = upstream.max_streams
+        self.legacy_open = 0  # meshlet-tunnel/1 connections being served (one per stream)
+
+    def tunnel_load(self) -> int:
+        """The tunnel connections this worker holds (handshaking, pooled or
+        one per stream): what it publishes for the least-loaded pick of new
+        ones (``agent.datapath.reuseport``)."""
+        return len(self.sessions) + self.legacy_open + sum(self.handshaking.values())
 
     def drain(self, reason: str) -> None:
         """GOAWAY on every multiplexed tunnel connection (worker stopping)."""
@@ -190,6 +197,12 @@ class Inbound:
             if tls.alpn == MUX_ALPN:
                 self._serve_mux(conn, tls)
                 return
+            self.legacy_open += 1
+            try:
+                await self.serve(conn, tls)
+            finally:
+                self.legacy_open -= 1
+            return
         await self.serve(conn, tls)
 
     # ---- multiplexed connections (meshlet-mux/1)

@@ -51,7 +51,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.policy.http import set_default_path_parameters
 from agent.proxy import memory
@@ -74,6 +74,9 @@ from agent.proxy.upstream import SO_MARK, LegLinker, Upstream
 from agent.proxy.watch import TrafficWatcher
 from agent.proxy.workload_certs import CertManager
 
+if TYPE_CHECKING:
+    from agent.datapath.reuseport import TunnelSpread
+
 # ConnectFailure, SO_MARK and stats_socket_path are re-exported: they lived here before the split.
 __all__ = ["ProxyServer", "ConnectFailure", "SO_MARK", "stats_socket_path"]
 
@@ -83,6 +86,7 @@ BACKLOG = 4096
 HEADER_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0  # the longest start() waits for certificates before listening anyway
 MAINTENANCE_INTERVAL = 2.0
+TUNNEL_LOAD_INTERVAL = 1.0  # seconds between writes of this worker's tunnel load (agent.datapath.reuseport)
 
 
 class ProxyServer:
@@ -109,10 +113,12 @@ class ProxyServer:
         # process sets it; an in-process server (tests) leaves its host's heap alone.
         self.freeze_heap = freeze_heap
         self.worker_id = worker_id
-        self.workers = workers  # the tunnel listener's round-robin slots (see _spread_tunnels)
+        self.workers = workers  # the tunnel listener's slots (see _spread_tunnels)
         # How new tunnel connections reach this node's workers, per family:
-        # "round-robin", or "hash: <why not>" (the kernel's SO_REUSEPORT hash).
+        # "least-loaded", or "hash: <why not>" (the kernel's SO_REUSEPORT hash).
         self.tunnel_spread: dict[str, str] = {}
+        self._spread: TunnelSpread | None = None
+        self._spread_task: asyncio.Task | None = None
         self.header_timeout = header_timeout
         self.ready_timeout = ready_timeout
         self.ready = False  # listening: certificates loaded (or ready_timeout passed)
@@ -230,6 +236,8 @@ class ProxyServer:
         self._watch_task = loop.create_task(self.watcher.run())
         self._policy_task = loop.create_task(self._watch_policies())
         self._maint_task = loop.create_task(self._maintain())
+        if self._spread is not None:
+            self._spread_task = loop.create_task(self._publish_tunnel_load())
         log.info(
             "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
             self.worker_id,
@@ -286,8 +294,8 @@ class ProxyServer:
                 self.addresses[kind].append(sock.getsockname())
 
     def _spread_tunnels(self, sock: socket.socket, pin_dir: str) -> None:
-        """Deal the tunnel connections this node accepts round-robin to its
-        workers (``agent.datapath.reuseport``): a node gets few, long-lived
+        """Deal the tunnel connections this node accepts to its least-loaded
+        worker (``agent.datapath.reuseport``): a node gets few, long-lived
         tunnels, and SO_REUSEPORT's hash alone can put all of a peer's on
         one worker.  Where the kernel refuses, the hash keeps serving."""
         fam = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
@@ -295,19 +303,40 @@ class ProxyServer:
             self.tunnel_spread[fam] = f"hash: no pin directory {pin_dir}"
             log.info("no pin directory %s: tunnel connections are spread by the kernel's hash", pin_dir)
             return
-        from agent.datapath.reuseport import spread_listener  # lazy, as the flow table
+        from agent.datapath.reuseport import TunnelSpread  # lazy, as the flow table
 
         try:
-            spread_listener(sock, pin_dir, self.worker_id, self.workers)
+            if self._spread is None:
+                self._spread = TunnelSpread(pin_dir, self.worker_id, self.workers)
+            self._spread.add_listener(sock)
         except OSError as e:
             self.tunnel_spread[fam] = f"hash: {e.strerror or e}"
             log.warning(
                 "%s; tunnel connections are spread by the kernel's hash, which can put all of a "
-                "peer's tunnels on one worker (needs Linux >= 5.12 for the atomic counter, and CAP_BPF)",
+                "peer's tunnels on one worker (the SK_REUSEPORT program needs CAP_BPF)",
                 e.strerror or e,
             )
             return
-        self.tunnel_spread[fam] = "round-robin"
+        self.tunnel_spread[fam] = "least-loaded"
+
+    async def _publish_tunnel_load(self) -> None:
+        """Write this worker's tunnel connections for the least-loaded pick,
+        about once a second (two bpf(2) calls), until a successor takes the slot."""
+        failed = False
+        while self._spread is not None:
+            await asyncio.sleep(TUNNEL_LOAD_INTERVAL)
+            try:
+                if not self._spread.publish(self.inbound.tunnel_load()):
+                    log.info(
+                        "tunnel slot %d taken by a successor: no longer publishing this worker's load",
+                        self.worker_id,
+                    )
+                    return
+                failed = False
+            except OSError as e:
+                if not failed:
+                    log.warning("cannot publish this worker's tunnel load: %s", e.strerror or e)
+                failed = True
 
     @staticmethod
     def _listen_socket(family: int, ip: str, port: int, kind: str) -> socket.socket:
@@ -384,7 +413,7 @@ class ProxyServer:
             with contextlib.suppress(OSError):
                 if os.stat(self.stats_path).st_ino == self._stats_ino:
                     os.unlink(self.stats_path)
-        for attr in ("_watch_task", "_certs_task", "_policy_task", "_maint_task"):
+        for attr in ("_watch_task", "_certs_task", "_policy_task", "_maint_task", "_spread_task"):
             t = getattr(self, attr)
             if t is not None:
                 t.cancel()
@@ -413,6 +442,9 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 self.outbound.splicer.close()
             self.outbound.splicer = None
+        if self._spread is not None:
+            self._spread.close()
+            self._spread = None
         self.upstream.close()
         self.destination.close()
         self.outbound.close()
@@ -574,7 +606,12 @@ class ProxyServer:
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
             "tunnel_mux": {"out": self.upstream.mux_pool.stats(), "in": self.inbound.mux_stats()},
-            "tunnel_spread": {"workers": self.workers, **self.tunnel_spread},
+            "tunnel_spread": {
+                "workers": self.workers,
+                **self.tunnel_spread,
+                "load": self.inbound.tunnel_load(),
+                "published": None if self._spread is None else self._spread.published,
+            },
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),

@@ -38,8 +38,8 @@ def test_every_check_passes_here():
     assert failed == [], "\n" + doctor.format_checks(failed)
     assert {"hook cgroup/connect4", "hook cgroup/connect6", "hook sock_ops",
             "hook sched_cls (tc)", "bpf links (cgroup)", "tcx links", "clsact (cls_bpf)",
-            "strict mode attach", "tunnel round-robin"} <= by_name.keys()
-    assert by_name["tunnel round-robin"].ok  # Linux >= 5.12: here and in the VM (6.1)
+            "strict mode attach", "tunnel least-loaded"} <= by_name.keys()
+    assert by_name["tunnel least-loaded"].ok  # Linux >= 5.12: here and in the VM (6.1)
     assert by_name["clsact (cls_bpf)"].ok
     attach = by_name["strict mode attach"]
     assert attach.ok and attach.detail.startswith("clsact" if old_kernel else "tcx"), attach

@@ -203,40 +203,51 @@ def test_sighup_hands_over_with_no_refusal_and_streams_finish_on_the_old_workers
             assert "killing it" not in mesh.agent_log(n)
 
 
-def test_tunnels_are_dealt_round_robin_to_the_destination_workers_across_a_hand_over():
-    """A node accepts few tunnel connections, so SO_REUSEPORT's hash alone
-    can put all of a peer's on one worker (agent/datapath/reuseport.py).
-    In the one-connection-per-stream mode every pod connection is a tunnel
-    connection of its own: one after the other, they must alternate between
-    node2's two workers, before a hand-over (SIGHUP) and after it, on the
-    new processes.  The hash alternates 12 times in a row with probability
-    2**-11."""
+def test_held_tunnels_are_dealt_evenly_to_the_destination_workers_across_a_hand_over():
+    """A node accepts few, long-lived tunnel connections, so SO_REUSEPORT's
+    hash alone can put all of a peer's on one worker
+    (agent/datapath/reuseport.py).  In the one-connection-per-stream mode
+    every held pod connection is a tunnel connection of its own: opened one
+    at a time (each once node2's workers have published their loads), node2's
+    two workers must never hold more than one apart, before a hand-over
+    (SIGHUP) and after it, on the new processes.  With the hash, 8 steps
+    stay within one of each other with probability 2**-4; the two phases
+    2**-8."""
     with mesh_of(workers=2, tunnel_mux=False, pods_per_node=1) as mesh:
         for st in worker_stats(mesh, "node2"):
             spread = st["tunnel_spread"]
-            assert spread["workers"] == 2 and spread["ipv4"] == "round-robin", spread
-            assert all(v == "round-robin" for k, v in spread.items() if k != "workers"), spread
-        src, dst = mesh.cluster.pod("pod1-1"), ip_of(mesh, "pod2-1")
+            assert spread["workers"] == 2 and spread["ipv4"] == "least-loaded", spread
+            assert all(v == "least-loaded" for k, v in spread.items() if k in ("ipv4", "ipv6")), spread
 
-        def workers_of(count: int) -> list[int]:
-            seen = []
-            for _ in range(count):
-                before = len(inbound(mesh))
-                r = src.run(TOOLS + ["connrate", dst, "7001", "--limit", "1", "--seconds", "20"], timeout=60)
-                assert json.loads(r.stdout.strip().splitlines()[-1])["connections"] == 1, r.stdout
-                lines = wait_for(lambda n=before: inbound(mesh)[n:], "node2 logged the connection")
-                assert len(lines) == 1, lines
-                seen.append(lines[0]["worker"])
-            return seen
+        def loads() -> list[int] | None:
+            """node2's workers' tunnel loads, once each has published its current one."""
+            sp = [st["tunnel_spread"] for st in worker_stats(mesh, "node2")]
+            return [x["load"] for x in sp] if all(x["published"] == x["load"] for x in sp) else None
 
-        got = workers_of(12)
-        assert got in ([0, 1] * 6, [1, 0] * 6), got
+        def hold_one_by_one(count: int) -> list[Session]:
+            held: list[Session] = []
+            try:
+                for i in range(count):
+                    held.append(Session(mesh, "pod1-1", ip_of(mesh, "pod2-1")))
+                    got = wait_for(lambda n=i + 1: (lo := loads()) and sum(lo) == n and lo,
+                                   "node2's workers published their loads")
+                    assert max(got) - min(got) <= 1, (i + 1, got)
+            except BaseException:
+                for s in held:
+                    s.close()
+                raise
+            return held
+
+        held = hold_one_by_one(8)
+        assert all(s.say("hi") == {"echo": "hi"} for s in held)
+        assert [s.close() for s in held] == [0] * 8
+        wait_for(lambda: loads() == [0, 0], "the held tunnels closed")
         old = set(mesh.proxy_pids("node2"))
         mesh.agents["node2"].popen.send_signal(signal.SIGHUP)
         wait_for(lambda: all_ready(mesh, "node2", old), "node2's workers handed over", timeout=60)
         wait_for(lambda: not any(_alive(pid) for pid in old), "node2's old workers exited", timeout=60)
-        got = workers_of(12)
-        assert got in ([0, 1] * 6, [1, 0] * 6), got
+        held = hold_one_by_one(8)
+        assert [s.close() for s in held] == [0] * 8
         assert all(e["result"] == "ok" for e in inbound(mesh)), _not_ok(mesh)
 
 

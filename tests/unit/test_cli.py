@@ -50,8 +50,10 @@ def test_inventory_validate_good_and_bad(tmp_path):
 
 def test_config_validate_reports_unknown_fields(tmp_path):
     cfg = tmp_path / "node1.yaml"
-    cfg.write_text("node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
-                   "proxy:\n  redirectIPv4: 10.244.1.1\n  outbondPort: 15001\n")
+    cfg.write_text(
+        "node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
+        "proxy:\n  redirectIPv4: 10.244.1.1\n  outbondPort: 15001\n"
+    )
     r = run("config", "validate", str(cfg))
     assert r.exit_code == 1
     assert "node1.yaml:6:3" in r.output and "outboundPort" in r.output
@@ -59,9 +61,11 @@ def test_config_validate_reports_unknown_fields(tmp_path):
 
 def test_config_validate_fills_defaults(tmp_path):
     cfg = tmp_path / "node1.yaml"
-    cfg.write_text("node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
-                   "identity: {bundle: b.pem, caCert: c.pem, caKey: k.pem}\n"
-                   "proxy:\n  redirectIPv4: 10.244.1.1\n")
+    cfg.write_text(
+        "node: node1\ninventory: inv.yaml\ncgroup: /sys/fs/cgroup/x\n"
+        "identity: {bundle: b.pem, caCert: c.pem, caKey: k.pem}\n"
+        "proxy:\n  redirectIPv4: 10.244.1.1\n"
+    )
     r = run("config", "validate", str(cfg), "-o", "json")
     assert r.exit_code == 0
     d = json.loads(r.output)
@@ -73,8 +77,13 @@ def test_bpf_render_prints_cflags_and_source():
     assert r.exit_code == 0
     first = r.output.splitlines()[0]
     assert first.startswith("/* cflags:") and '-DML_PIN_DIR="/sys/fs/bpf/meshlet/nodeX"' in first
-    for marker in ("int ml_connect4(", "int ml_connect6(", "int ml_sockops(", "int ml_tc_to_pod(",
-                   "struct ml_flow_key {"):
+    for marker in (
+        "int ml_connect4(",
+        "int ml_connect6(",
+        "int ml_sockops(",
+        "int ml_tc_to_pod(",
+        "struct ml_flow_key {",
+    ):
         assert marker in r.output
 
 
@@ -123,11 +132,26 @@ COMMAND_TREE = {
     "bpf status": ("--config", "--pin-dir", "--node", TABLE_JSON),
     "ca": (),
     "ca add-node": ("--dir", "NODE"),
-    "ca controller": ("--root", "--trust-domain", "--signer", "--node-user", "--ttl", "--kubeconfig",
-                      "--context", "--metrics-port", "--metrics-address", "--leader-elect/--no-leader-elect",
-                      "--lease-name", "--lease-namespace", "--lease-duration", "--renew-deadline",
-                      "--retry-period", "--reissue-limit", "--reissue-window",
-                      "--log-level=debug|info|warning|error"),
+    "ca controller": (
+        "--root",
+        "--trust-domain",
+        "--signer",
+        "--node-user",
+        "--ttl",
+        "--kubeconfig",
+        "--context",
+        "--metrics-port",
+        "--metrics-address",
+        "--leader-elect/--no-leader-elect",
+        "--lease-name",
+        "--lease-namespace",
+        "--lease-duration",
+        "--renew-deadline",
+        "--retry-period",
+        "--reissue-limit",
+        "--reissue-window",
+        "--log-level=debug|info|warning|error",
+    ),
     "ca init": ("--trust-domain", "--out", "--node", "--force"),
     "ca reissue-node": ("--dir", "NODE"),
     "ca retire-root": ("--dir", "ROOT"),
@@ -136,23 +160,55 @@ COMMAND_TREE = {
     "config": (),
     "config validate": ("PATH", TABLE_JSON),
     "doctor": ("--config", *AGENT, TABLE_JSON),
-    "flows": (*AGENT, "--pod", "--namespace", "--identity", "--port", "--state", "--since",
-              "--sort=start|srtt|bytes|age|retrans", "--limit", TABLE_WIDE_JSON, "-f/--follow",
-              "--max-seconds"),
+    "flows": (
+        *AGENT,
+        "--pod",
+        "--namespace",
+        "--identity",
+        "--port",
+        "--state",
+        "--since",
+        "--sort=start|srtt|bytes|age|retrans",
+        "--limit",
+        TABLE_WIDE_JSON,
+        "-f/--follow",
+        "--max-seconds",
+    ),
     "inventory": (),
     "inventory validate": ("PATH", TABLE_JSON),
     "policy": (),
-    "policy apply": ("-f/--filename", *AGENT, *KUBE, "--wait/--no-wait", "--timeout", *POLICY,
-                     TABLE_JSON),
+    "policy apply": ("-f/--filename", *AGENT, *KUBE, "--wait/--no-wait", "--timeout", *POLICY, TABLE_JSON),
     "policy delete": ("NAME", "-n/--namespace", "--kind", *AGENT, *KUBE),
     "policy diff": ("-f/--filename", *AGENT, *KUBE, *POLICY),
-    "policy explain": ("-f/--file", "--from", "--from-pod", "--source-ip", "--to-pod",
-                       "--to-namespace", "--to-labels", "--port", "--method", "--path", "--host",
-                       "--header", "--merge-slashes/--no-merge-slashes",
-                       "--escaped-slash=reject|keep|decode_and_merge", "--inventory", *POLICY,
-                       TABLE_JSON),
+    "policy explain": (
+        "-f/--file",
+        "--from",
+        "--from-pod",
+        "--source-ip",
+        "--to-pod",
+        "--to-namespace",
+        "--to-labels",
+        "--port",
+        "--method",
+        "--path",
+        "--host",
+        "--header",
+        "--merge-slashes/--no-merge-slashes",
+        "--escaped-slash=reject|keep|decode_and_merge",
+        "--inventory",
+        *POLICY,
+        TABLE_JSON,
+    ),
     "policy get": ("NAME", "-n/--namespace", "--kind", *AGENT, "-o/--output=yaml|json"),
-    "policy lint": ("PATHS", "--inventory", "--http-ports", "--gateway", "--gateway-identity", *POLICY, TABLE_JSON),
+    "policy lint": (
+        "PATHS",
+        "--inventory",
+        "--http-ports",
+        "--gateway",
+        "--gateway-identity",
+        *POLICY,
+        TABLE_JSON,
+    ),
     "policy list": (*AGENT, TABLE_JSON),
     "policy validate": ("PATHS", *POLICY, TABLE_JSON),
     "run": ("--config", "--keep-datapath"),
@@ -193,7 +249,8 @@ def test_command_tree_is_complete_and_every_command_has_help():
         seen[path] = tuple(_describe(p) for p in cmd.params)
     assert set(seen) == set(COMMAND_TREE), (
         f"missing: {sorted(set(COMMAND_TREE) - set(seen))}; "
-        f"unexpected: {sorted(set(seen) - set(COMMAND_TREE))}")
+        f"unexpected: {sorted(set(seen) - set(COMMAND_TREE))}"
+    )
     for path, params in COMMAND_TREE.items():
         assert seen[path] == params, f"`meshlet {path}` options changed"
 
@@ -217,8 +274,9 @@ def test_entry_points_reach_main():
     target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["meshlet"]
     module, _, attr = target.partition(":")
     assert getattr(importlib.import_module(module), attr) is main
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "--version"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.startswith("meshlet, version "), r.stderr
 
 
@@ -231,9 +289,7 @@ def test_lazy_command_table_matches_the_modules():
 
     modules = set(root.COMMAND_MODULES.values())
     declared = {
-        cmd.name: mod
-        for mod in modules
-        for cmd in importlib.import_module(f"agent.cli.{mod}").COMMANDS
+        cmd.name: mod for mod in modules for cmd in importlib.import_module(f"agent.cli.{mod}").COMMANDS
     }
     assert declared == root.COMMAND_MODULES
     assert main.list_commands(None) == sorted(declared)  # type: ignore[arg-type]
@@ -257,26 +313,49 @@ def test_run_does_not_import_the_other_command_groups():
 def _status_doc(spread: dict) -> dict:
     """The least of /v1/status that ``meshlet status`` prints, one worker."""
     return {
-        "node": "node1", "mode": "strict", "uptime_s": 5,
-        "datapath": {"how": "adopted", "pin_dir": "/sys/fs/bpf/meshlet/node1", "counters": {}, "tc_errors": []},
+        "node": "node1",
+        "mode": "strict",
+        "uptime_s": 5,
+        "datapath": {
+            "how": "adopted",
+            "pin_dir": "/sys/fs/bpf/meshlet/node1",
+            "counters": {},
+            "tc_errors": [],
+        },
         "inventory": {"path": "/etc/meshlet/inventory.yaml", "pods": 0, "error": None},
-        "enrolled": [], "pending": [],
-        "proxy": [{"worker": 0, "pid": 42, "alive": True, "adopted": False, "restarts": 0,
-                   "stats": {"active_connections": 0, "counters": {}, "tunnel_spread": spread}}],
+        "enrolled": [],
+        "pending": [],
+        "proxy": [
+            {
+                "worker": 0,
+                "pid": 42,
+                "alive": True,
+                "adopted": False,
+                "restarts": 0,
+                "stats": {"active_connections": 0, "counters": {}, "tunnel_spread": spread},
+            }
+        ],
     }
 
 
 def test_status_says_when_tunnels_fall_back_to_the_kernels_hash(monkeypatch):
     import agent.cli.node as node_cli
 
-    spread = {"workers": 2, "ipv4": "round-robin",
-              "ipv6": "hash: cannot load the SK_REUSEPORT program at /x: Invalid argument"}
+    spread = {
+        "workers": 2,
+        "ipv4": "least-loaded",
+        "ipv6": "hash: cannot load the SK_REUSEPORT program at /x: Invalid argument",
+    }
     monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(spread))
     r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
     assert r.exit_code == 0, r.output
-    assert ("ipv6 tunnel connections spread by the kernel's hash, not round-robin "
-            "(cannot load the SK_REUSEPORT program at /x: Invalid argument)") in r.output
+    assert (
+        "ipv6 tunnel connections spread by the kernel's hash, not by load "
+        "(cannot load the SK_REUSEPORT program at /x: Invalid argument)"
+    ) in r.output
     assert "ipv4 tunnel" not in r.output
-    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc({"workers": 2, "ipv4": "round-robin"}))
+    monkeypatch.setattr(
+        node_cli, "admin_get", lambda path, sock: _status_doc({"workers": 2, "ipv4": "least-loaded"})
+    )
     r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
     assert r.exit_code == 0 and "kernel's hash" not in r.output, r.output

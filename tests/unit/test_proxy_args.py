@@ -38,7 +38,7 @@ def test_the_supervisors_command_line_is_parsed_without_argparse():
     quick = worker._quick_parse(argv)
     assert quick is not None and vars(quick) == full_parse(argv)
     assert quick.state == "/run/x/proxy-state.json" and quick.worker_id == 1
-    assert quick.workers == 2  # the tunnel listener's round-robin slots: every worker of the node
+    assert quick.workers == 2  # the tunnel listener's slots: every worker of the node
 
 
 VALUES = {

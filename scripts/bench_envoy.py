@@ -509,6 +509,16 @@ def print_comparison(rows: list[dict]) -> None:
           "every physical page the processes map counted once, the memory they would take alone)")
 
 
+CHARTED = ("req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node",
+           "PSS MB per node", "distinct MB per node")
+
+
+def chart_rows(rows: list[dict]) -> list[dict]:
+    """The rows the chart shows, in the table's order: the CHARTED metrics,
+    and req/s at meshlet's default worker count when the run had it."""
+    return [r for r in rows if r["metric"] in CHARTED or r["metric"].startswith("req/s, c32, ")]
+
+
 def write_chart(rows: list[dict], path: str, title: str) -> str | None:
     """A PNG of the comparison (matplotlib, the ``bench`` extra); None
     when matplotlib is not installed."""
@@ -519,9 +529,7 @@ def write_chart(rows: list[dict], path: str, title: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    shown = [r for r in rows if r["metric"] in (
-        "req/s, c32", "p99 ms, c32", "added p50 ms, c1", "bulk Gbit/s", "new conn/s", "RSS MB per node",
-        "PSS MB per node", "distinct MB per node")]
+    shown = chart_rows(rows)
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
     series = [("direct", "direct", "#999999"), ("meshlet", "meshlet", "#2a7ab9"),
               ("meshlet_l7", "meshlet L7", "#7fb3d9"), ("envoy", "Envoy sidecars", "#d9822b")]

@@ -153,3 +153,14 @@ def test_comparison_has_a_distinct_pages_row():
     assert rows["distinct MB per node"]["meshlet"] == 81.4  # the larger node
     assert rows["distinct MB per node"]["meshlet_over_envoy"] == 1.1
     assert rows["PSS MB per node"]["meshlet"] is None  # not measured: no number, not zero
+
+
+def test_the_chart_shows_req_s_at_the_default_worker_count_beside_the_main_rows():
+    direct = {"http": {"rps": 1000.0, "p99_ms": 1.0}}
+    envoy = {"http": {"rps": 250.0, "p99_ms": 8.0}}
+    two = {"workers": 2, "http": {"rps": 800.0, "p99_ms": 2.0}}
+    shown = [r["metric"] for r in be.chart_rows(be.comparison(direct, {}, None, envoy, {}, at_workers=(2, two, two)))]
+    assert shown == ["req/s, c32", "p99 ms, c32", "bulk Gbit/s", "new conn/s", "req/s, c32, 2 workers",
+                     "added p50 ms, c1", "RSS MB per node", "PSS MB per node", "distinct MB per node"]
+    one = [r["metric"] for r in be.chart_rows(be.comparison(direct, {}, None, envoy, {}))]
+    assert "req/s, c32, 2 workers" not in one and len(one) == 8

@@ -225,6 +225,24 @@ def families(snap: dict[str, Any]) -> list[Family]:
     active = Gauge("meshlet_proxy_active_connections", "Connections the proxy workers are handling now.")
     active.add_metric([], sum(w.get("active_connections", 0) for w in live))
     out.append(active)
+    tunnels = Gauge(
+        "meshlet_proxy_tunnel_connections",
+        "Tunnel connections each proxy worker holds now (accepted from other nodes); new ones go to "
+        'the least loaded. pick="hash": the kernel refused the least-loaded program for that '
+        "worker's listeners (meshlet status says why).",
+        labels=["worker", "pick"],
+    )
+    for w in live:
+        spread = w.get("tunnel_spread")
+        if spread is None:
+            continue  # a worker from before the least-loaded pick
+        pick = (
+            "hash"
+            if any(v != "least-loaded" for k, v in spread.items() if k in ("ipv4", "ipv6"))
+            else "least-loaded"
+        )
+        tunnels.add_metric([str(w.get("worker", "")), pick], spread.get("load", 0))
+    out.append(tunnels)
 
     denied = Counter(
         "meshlet_denied_connections_total",

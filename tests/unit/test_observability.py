@@ -763,3 +763,13 @@ def test_a_request_refused_by_policy_is_counted_under_its_policy(tmp_path):
         ("/ok", 403, "-", None, None, None, None, ""),
         ("/admin", 403, "-", None, None, None, None, ""),
     ]
+
+
+def test_each_workers_tunnel_connections_are_a_gauge_with_how_new_ones_are_picked():
+    w0 = {**worker([]), "worker": 0, "tunnel_spread": {"workers": 2, "ipv4": "least-loaded", "load": 3}}
+    w1 = {**worker([]), "worker": 1,
+          "tunnel_spread": {"workers": 2, "ipv4": "least-loaded", "ipv6": "hash: no CAP_BPF", "load": 1}}
+    old = {**worker([]), "worker": 2}  # a worker from before the least-loaded pick: no series
+    got = scrape({**SNAP, "workers": [w0, w1, old]})
+    assert sorted((s["worker"], s["pick"], v) for s, v in got["meshlet_proxy_tunnel_connections"]) == [
+        ("0", "least-loaded", 3), ("1", "hash", 1)]

@@ -55,6 +55,7 @@ import socket
 import struct
 
 from . import bpfsys
+from .splicemap import socket_cookie
 
 __all__ = ["MAX_SLOTS", "PIN_SUBDIR", "SpreadError", "TunnelSpread", "pin_path", "program"]
 
@@ -64,7 +65,6 @@ MAX_SLOTS = 64  # proxy.workers is at most 64 (config.py)
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_REUSEPORT_SOCKARRAY = 20
 SO_ATTACH_REUSEPORT_EBPF = 52  # <asm-generic/socket.h>; Python's socket module has no name for it
-SO_COOKIE = 57
 SK_PASS = 1
 _HELPER_MAP_LOOKUP_ELEM = 1
 _HELPER_SK_SELECT_REUSEPORT = 82
@@ -194,10 +194,6 @@ def _open_pinned(path: str, map_type: int, name: str) -> int:
     raise SpreadError(errno.EAGAIN, f"{path}: pinned and unpinned under us three times")
 
 
-def _cookie(sock: socket.socket) -> bytes:
-    return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
-
-
 class TunnelSpread:
     """One worker's part: its slot in the arrays, its listeners filed there,
     and the load it publishes.  Every method raises :class:`SpreadError`
@@ -243,7 +239,7 @@ class TunnelSpread:
             )
             step = "attach it (SO_ATTACH_REUSEPORT_EBPF)"
             sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, _U32.pack(prog))
-            self._arrays.append((array, _cookie(sock)))
+            self._arrays.append((array, _U64.pack(socket_cookie(sock))))  # a lookup answers the cookie
             array = -1  # kept: publish() checks the slot is still ours
         except OSError as e:
             raise _error(e, step, path) from None

@@ -22,7 +22,14 @@ Rows: req/s and p50/p99 at c32, p50/p99 at c1 (the latency a hop adds),
 bulk, new connections per second, RSS per node; meshlet/Envoy ratios beside
 meshlet/direct, and a PNG chart beside the JSON.  ``--no-envoy`` skips it
 (it needs the ``bench`` extra: ``pip install -e '.[bench]'``, which
-``scripts/run bench`` does).
+``scripts/run bench`` does).  Those rows are measured in ``--rounds``
+alternated rounds (default 3; meshlet first, then Envoy first, ...), and
+then again for meshlet's L7 column and at meshlet's default worker count,
+each round measuring Envoy beside meshlet: the table shows medians, and
+each ratio is the median of the rounds' own ratios (meshlet and Envoy
+measured seconds apart, under the same load of the host) with the rounds'
+range beside it.  The direct row is the main pass's (pod1-3 carries a
+sidecar while the rounds run).
 
 Then the cost of each feature, HTTP only, same run:
 
@@ -47,8 +54,8 @@ the usable cores, 2..4, as ``proxy.workers`` defaults to), with the ratio to
 one worker: L4 relay same-node and cross-node, and the L7 column's path
 (cross-node, every request authorized), whose bottleneck with one worker is
 the destination's.  The meshlet-vs-Envoy table repeats req/s and p99 at
-c32 with N workers (meshlet's default) beside Envoy's ``--concurrency 2``
-(Istio's default): each side at its own default.
+c32 with N workers (meshlet's default; from its own paired rounds) beside
+Envoy's ``--concurrency 2`` (Istio's default): each side at its own default.
 
 Last, the policy-scale row (scripts/bench_policy.py, in-process): 10, 1,000
 and 10,000 authorization rules: the agent's apply, a proxy worker's reload,
@@ -81,8 +88,9 @@ from bench_conns import HEADER as CONNS_HEADER  # noqa: E402 - scripts/, next to
 from bench_conns import measure_conns  # noqa: E402
 from bench_envoy import (  # noqa: E402
     EnvoySidecars,
-    comparison,
     envoy_binary,
+    median_row,
+    paired_comparison,
     print_comparison,
     tree_distinct_mb,
     tree_pss_mb,
@@ -207,6 +215,58 @@ def l7_policy(mesh, on: bool) -> None:
     mesh.wait_policies_enforced()
 
 
+def default_workers() -> int:
+    """``proxy.workers``' default on this machine: the usable cores, 2..4 here."""
+    return max(2, min(4, len(os.sched_getaffinity(0))))
+
+
+def measure_envoy_rounds(cluster, mesh, a) -> list[dict]:
+    """meshlet (pod1-1 -> pod2-1) and the Envoy sidecars (pod1-3 -> pod2-3)
+    cross-node, back to back in ``a.rounds`` rounds, which goes first
+    alternating: req/s and latency at c32, at c1, bulk and new connections
+    (the L4 rows); then proxy.l7 on with the bench's ALLOW policy and the
+    same number of rounds of meshlet's L7 column at c32, each with Envoy's
+    c32 beside it (``envoy_l7``); then the same at meshlet's default worker
+    count (``meshlet_l7_w`` with ``envoy_l7_w``, and ``meshlet_w``, proxy.l7
+    back at its default, with ``envoy_w``).  The sidecars must be running;
+    the mesh ends as it started (one worker, proxy.l7 at its default)."""
+    sides = {"meshlet": ("pod1-1", "pod2-1"), "envoy": ("pod1-3", "pod2-3")}
+
+    def url(dst):
+        return f"http://{cluster.pod(dst).ip4}:8080/"
+
+    rounds: list[dict] = [{} for _ in range(a.rounds)]
+    for i, r in enumerate(rounds):
+        for side in (("meshlet", "envoy") if i % 2 == 0 else ("envoy", "meshlet")):
+            src, dst = sides[side]
+            print(f"measuring round {i + 1}/{a.rounds}: {side} cross-node {src} -> {dst} ...", flush=True)
+            r[side] = measure(cluster, src, dst, a, conns=True)
+            r[side]["http_c1"] = run_wrk(cluster, src, url(dst), a.duration, 1)
+    def c32_rounds(meshlet_key: str, envoy_key: str) -> None:
+        for i, r in enumerate(rounds):
+            for key in ((meshlet_key, envoy_key) if i % 2 == 0 else (envoy_key, meshlet_key)):
+                src, dst = sides["meshlet" if key.startswith("meshlet") else "envoy"]
+                print(f"measuring round {i + 1}/{a.rounds}: {key} {src} -> {dst} ...", flush=True)
+                r[key] = {"http": run_wrk(cluster, src, url(dst), a.duration, a.connections)}
+
+    top = default_workers()
+    l7_default = Mesh.__dataclass_fields__["l7"].default
+    mesh.reconfigure(l7=True)
+    l7_policy(mesh, True)
+    try:
+        c32_rounds("meshlet_l7", "envoy_l7")
+        mesh.reconfigure(workers=top)
+        c32_rounds("meshlet_l7_w", "envoy_l7_w")
+    finally:
+        l7_policy(mesh, False)
+    try:
+        mesh.reconfigure(l7=l7_default)
+        c32_rounds("meshlet_w", "envoy_w")
+    finally:
+        mesh.reconfigure(workers=1, l7=l7_default)
+    return rounds
+
+
 def measure_features(cluster, mesh, a) -> dict:
     """The cost of each feature, side by side (module docstring)."""
     out: dict[str, dict] = {}
@@ -239,7 +299,7 @@ def measure_workers(cluster, mesh, a) -> dict:
     ``proxy.workers`` defaults to): HTTP through the mesh, same-node and
     cross-node, one row per worker count."""
     out: dict[str, dict] = {}
-    top = max(2, min(4, len(os.sched_getaffinity(0))))
+    top = default_workers()
 
     def http(dst):
         return run_wrk(cluster, "pod1-1", f"http://{cluster.pod(dst).ip4}:8080/", a.duration, a.connections)
@@ -319,6 +379,8 @@ def main() -> int:
                     help="only the direct paths and the flow tracking on/off rounds (issue #6's overhead)")
     ap.add_argument("--no-envoy", action="store_true",
                     help="skip the Envoy sidecars path (scripts/bench_envoy.py)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternated meshlet/Envoy rounds behind the comparison table (medians; default 3)")
     ap.add_argument("--conns", default="1000,10000",
                     help="connection-scale row: held connection counts (scripts/bench_conns.py); '' skips it")
     a = ap.parse_args()
@@ -326,6 +388,8 @@ def main() -> int:
         a.duration = 2
     if not 1 <= a.duration <= 60:
         ap.error("--duration must be 1..60 seconds")
+    if not 1 <= a.rounds <= 9:
+        ap.error("--rounds must be 1..9")
     if os.geteuid() != 0:
         print("the benchmark builds network namespaces and loads eBPF: run it as root")
         return 2
@@ -351,6 +415,7 @@ def main() -> int:
     results = []
     features: dict[str, dict] = {}
     envoy_row: dict = {}
+    envoy_rounds: list[dict] = []
     meshlet_rss: dict[str, float] = {}
     meshlet_pss: dict[str, float] = {}
     meshlet_distinct: dict[str, float] = {}
@@ -392,9 +457,8 @@ def main() -> int:
             sidecars = EnvoySidecars(cluster, mesh, "pod1-3", "pod2-3", envoy)
             try:
                 sidecars.start()
-                envoy_row = measure(cluster, "pod1-3", "pod2-3", a, conns=True)
-                envoy_row["http_c1"] = run_wrk(cluster, "pod1-3", f"http://{cluster.pod('pod2-3').ip4}:8080/",
-                                               a.duration, 1)
+                envoy_rounds = measure_envoy_rounds(cluster, mesh, a)
+                envoy_row = median_row([r["envoy"] for r in envoy_rounds]) or {}
                 time.sleep(MEMORY_SETTLE_S)
                 envoy_row["rss_mb"] = sidecars.rss_mb()
                 envoy_row["pss_mb"] = sidecars.pss_mb()
@@ -474,12 +538,15 @@ def main() -> int:
     if envoy_row:
         top = max((r["workers"] for r in worker_rows.values()), default=1)
         at_top = (top, worker_rows.get(f"{top} cross-node"), worker_rows.get(f"{top} L7 cross-node"))
-        envoy_cmp = comparison(d, m, features.get("L7 cross-node"), envoy_row, meshlet_rss, meshlet_pss,
-                               meshlet_distinct, at_top if top > 1 else None)
+        # the direct row (measured once, before the sidecars started) in every round
+        envoy_cmp = paired_comparison([{"direct": d, **r} for r in envoy_rounds], meshlet_rss, meshlet_pss,
+                                      meshlet_distinct, at_top if top > 1 else None,
+                                      envoy_memory={k: v for k, v in envoy_row.items() if k.endswith("_mb")},
+                                      workers=default_workers())
         print_comparison(envoy_cmp)
         chart = write_chart(envoy_cmp, os.path.splitext(out)[0] + ".png",
                             f"meshlet vs Envoy sidecars, cross-node (wrk -c{a.connections}, "
-                            f"{a.duration}s, {os.cpu_count()} CPUs)")
+                            f"{a.duration}s, {os.cpu_count()} CPUs; medians of {a.rounds} alternated rounds)")
     import bench_policy  # scripts/, next to this file
 
     print()
@@ -504,7 +571,8 @@ def main() -> int:
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters, "connection_scale": conn_rows,
-                   "envoy_sidecars": envoy_row, "meshlet_rss_mb": meshlet_rss, "meshlet_pss_mb": meshlet_pss,
+                   "envoy_sidecars": envoy_row, "envoy_rounds": envoy_rounds,
+                   "meshlet_rss_mb": meshlet_rss, "meshlet_pss_mb": meshlet_pss,
                    "meshlet_distinct_mb": meshlet_distinct,
                    "vs_envoy": envoy_cmp, "workers": worker_rows}, f, indent=2)
     print(f"\nJSON: {out}")

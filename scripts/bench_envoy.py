@@ -489,6 +489,103 @@ def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict
     return rows
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def median_row(rows: list[dict | None]) -> dict | None:
+    """One path's measurements over rounds (``{"http": {"rps": ...}, "bulk":
+    ...}`` each) folded into one of the same shape: every number the median
+    of the rounds that have one.  A round that failed a part (no rate) is
+    left out of that part, never counted as zero; a value that is not a
+    number comes from the first round that has it.  None when no round has
+    the path."""
+    rows = [r for r in rows if r]
+    if not rows:
+        return None
+    out: dict = {}
+    for part in dict.fromkeys(k for r in rows for k in r):
+        parts = [r[part] for r in rows if part in r]
+        if not all(isinstance(p, dict) for p in parts):
+            out[part] = parts[0]
+            continue
+        folded: dict = {}
+        for key in dict.fromkeys(k for p in parts for k in p):
+            nums = [p[key] for p in parts if _number(p.get(key))]
+            if nums:
+                folded[key] = round(_median(nums), 4)
+            else:
+                folded[key] = next((p[key] for p in parts if p.get(key) is not None), None)
+        out[part] = folded
+    return out
+
+
+def paired_comparison(rounds: list[dict], meshlet_rss: dict[str, float],
+                      meshlet_pss: dict[str, float] | None = None,
+                      meshlet_distinct: dict[str, float] | None = None,
+                      at_workers: tuple[int, dict | None, dict | None] | None = None,
+                      envoy_memory: dict | None = None, workers: int | None = None) -> list[dict]:
+    """The comparison table from alternated rounds.  Each round holds the
+    paths measured back to back: ``direct``, ``meshlet`` and ``envoy``
+    (the L4 rows); ``meshlet_l7`` with its own ``envoy_l7`` (Envoy
+    measured in the same round as meshlet's L7 column); and, with
+    ``workers`` (N, meshlet's default worker count), ``meshlet_w`` with
+    ``envoy_w`` and ``meshlet_l7_w`` with ``envoy_l7_w`` (c32 with N workers
+    per node).
+
+    The values shown are the medians over the rounds (``median_row``).  The
+    meshlet/Envoy and L7/Envoy ratios are the medians of each round's own
+    ratio, and each row lists them (``..._rounds``): two paths measured
+    seconds apart share the host's load of that moment, where a table from
+    one pass compared a meshlet row with an Envoy row taken minutes later.
+    Without ``workers`` rounds, ``at_workers`` (from the workers table, one
+    pass) gives the N-worker rows.  Rows without rounds (memory) keep the
+    ratio of their values; ``envoy_memory`` holds the sidecars' ``rss_mb``,
+    ``pss_mb`` and ``distinct_mb`` (read once)."""
+    med = {k: median_row([r.get(k) for r in rounds]) or {} for k in ("direct", "meshlet", "envoy")}
+    med["envoy"].update(envoy_memory or {})
+    l7 = median_row([r.get("meshlet_l7") for r in rounds])
+    paired_w = workers is not None and any(r.get("meshlet_w") or r.get("meshlet_l7_w") for r in rounds)
+    if paired_w:
+        at_workers = (workers, median_row([r.get("meshlet_w") for r in rounds]),
+                      median_row([r.get("meshlet_l7_w") for r in rounds]))
+    rows = comparison(med["direct"], med["meshlet"], l7, med["envoy"], meshlet_rss, meshlet_pss,
+                      meshlet_distinct, at_workers)
+
+    def each(meshlet, meshlet_l7, envoy, direct, w=None):
+        return {x["metric"]: x for x in comparison(direct or {}, meshlet or {}, meshlet_l7, envoy or {}, {},
+                                                   at_workers=w)}
+
+    # one source per (row, ratio): the others leave that ratio None
+    per_round = [each(r.get("meshlet"), None, r.get("envoy"), r.get("direct")) for r in rounds]
+    per_round += [each(None, r["meshlet_l7"], r.get("envoy_l7"), r.get("direct"))
+                  for r in rounds if r.get("meshlet_l7") is not None]
+    if paired_w:
+        per_round += [each(None, None, r.get("envoy_w"), r.get("direct"), (workers, r.get("meshlet_w"), None))
+                      for r in rounds if r.get("meshlet_w") is not None]
+        per_round += [each(None, None, r.get("envoy_l7_w"), r.get("direct"),
+                           (workers, None, r.get("meshlet_l7_w")))
+                      for r in rounds if r.get("meshlet_l7_w") is not None]
+    for row in rows:
+        for key in ("meshlet_over_envoy", "meshlet_l7_over_envoy"):
+            got = [pr[row["metric"]][key] for pr in per_round if row["metric"] in pr]
+            got = [g for g in got if g is not None]
+            if got:
+                row[key] = round(_median(got), 3)
+                row[f"{key}_rounds"] = got
+    return rows
+
+
+def _spread(values: list[float] | None) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values and len(values) > 1 else "-"
+
+
 def print_comparison(rows: list[dict]) -> None:
     def f(v, spec=",.2f"):
         return format(v, spec) if v is not None else "-"
@@ -496,13 +593,21 @@ def print_comparison(rows: list[dict]) -> None:
     print("\nmeshlet vs Envoy sidecars (Istio-style: iptables REDIRECT, TLS 1.3 mTLS, HTTP RBAC), "
           "cross-node, same run")
     hdr = (f"{'metric':<24}{'direct':>10}{'meshlet':>10}{'meshlet L7':>12}{'Envoy':>10}"
-           f"{'meshlet/Envoy':>15}{'L7/Envoy':>10}{'meshlet/direct':>16}")
+           f"{'meshlet/Envoy':>15}{'L7/Envoy':>10}{'meshlet/direct':>16}"
+           f"{'rounds m/E':>13}{'rounds L7/E':>13}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['metric']:<24}{f(r['direct']):>10}{f(r['meshlet']):>10}{f(r['meshlet_l7']):>12}"
               f"{f(r['envoy']):>10}{f(r['meshlet_over_envoy'], '.2f'):>15}"
-              f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}")
+              f"{f(r['meshlet_l7_over_envoy'], '.2f'):>10}{f(r['meshlet_over_direct'], '.2f'):>16}"
+              f"{_spread(r.get('meshlet_over_envoy_rounds')):>13}"
+              f"{_spread(r.get('meshlet_l7_over_envoy_rounds')):>13}")
+    if any(r.get("meshlet_over_envoy_rounds") for r in rows):
+        n = max(len(r.get("meshlet_over_envoy_rounds") or ()) for r in rows)
+        print(f"(values: medians of {n} alternated rounds; meshlet/Envoy and L7/Envoy: the median of each "
+              "round's own ratio, its range under 'rounds'; L7/Envoy against Envoy measured in the same "
+              "round as the L7 column)")
     print("(RSS, PSS: meshlet = agent + every proxy worker of the node; Envoy = one sidecar, and a node "
           "runs one per meshed pod. Summed RSS counts the pages meshlet's processes share once per "
           "process; summed PSS divides them, also with processes outside the node's mesh; distinct: "

@@ -164,3 +164,74 @@ def test_the_chart_shows_req_s_at_the_default_worker_count_beside_the_main_rows(
                      "added p50 ms, c1", "RSS MB per node", "PSS MB per node", "distinct MB per node"]
     one = [r["metric"] for r in be.chart_rows(be.comparison(direct, {}, None, envoy, {}))]
     assert "req/s, c32, 2 workers" not in one and len(one) == 8
+
+
+def test_median_row_folds_rounds_and_leaves_out_a_failed_part():
+    rounds = [
+        {"http": {"rps": 100.0, "p99_ms": 9.0, "requests": 10}, "bulk": {"gbps": 3.0}},
+        {"http": {"rps": None, "error": "wrk: connection refused"}, "bulk": {"gbps": 5.0}},
+        {"http": {"rps": 300.0, "p99_ms": 1.0, "requests": 30}, "bulk": {"gbps": 4.0}},
+        None,  # a round that did not measure this path
+    ]
+    row = be.median_row(rounds)
+    assert row["http"]["rps"] == 200.0  # the two rounds with a rate, not (0 + 100 + 300)
+    assert row["http"]["p99_ms"] == 5.0 and row["bulk"]["gbps"] == 4.0
+    assert row["http"]["error"] == "wrk: connection refused"  # not a number: kept as the round gave it
+    assert be.median_row([None, {}]) is None
+
+
+def test_paired_comparison_takes_the_median_of_each_rounds_own_ratio():
+    # The host slows down in round 2 for both sides alike: the paired ratio holds
+    # at 2.0 every round, while the medians of the values alone would give 400/150.
+    direct = {"http": {"rps": 1000.0}, "http_c1": {"p50_ms": 0.1}}
+    rounds = [
+        {"direct": direct,
+         "meshlet": {"http": {"rps": 400.0}, "http_c1": {"p50_ms": 0.2}, "bulk": {"gbps": 2.0}},
+         "envoy": {"http": {"rps": 200.0}, "http_c1": {"p50_ms": 0.5}, "bulk": {"gbps": 4.0}},
+         "meshlet_l7": {"http": {"rps": 300.0}}, "envoy_l7": {"http": {"rps": 200.0}}},
+        {"direct": direct,
+         "meshlet": {"http": {"rps": 200.0}, "http_c1": {"p50_ms": 0.3}, "bulk": {"gbps": 1.0}},
+         "envoy": {"http": {"rps": 100.0}, "http_c1": {"p50_ms": 0.5}, "bulk": {"gbps": 4.0}},
+         "meshlet_l7": {"http": {"rps": 100.0}}, "envoy_l7": {"http": {"rps": 100.0}}},
+        {"direct": direct,
+         "meshlet": {"http": {"rps": 600.0}, "http_c1": {"p50_ms": 0.2}, "bulk": {"gbps": 3.0}},
+         "envoy": {"http": {"rps": 300.0}, "http_c1": {"p50_ms": 0.6}, "bulk": {"gbps": 4.0}},
+         "meshlet_l7": {"http": {"rps": 900.0}}, "envoy_l7": {"http": {"rps": 300.0}}},
+    ]
+    memory = {"rss_mb": {"n1": 70.0}}
+    rows = {r["metric"]: r for r in be.paired_comparison(rounds, {"n1": 60.0}, envoy_memory=memory)}
+    rps = rows["req/s, c32"]
+    assert rps["meshlet"] == 400.0 and rps["envoy"] == 200.0  # medians of the values
+    assert rps["meshlet_over_envoy_rounds"] == [2.0, 2.0, 2.0] and rps["meshlet_over_envoy"] == 2.0
+    # L7 against the Envoy run of its own round: 1.5, 1.0, 3.0
+    assert rps["meshlet_l7_over_envoy_rounds"] == [1.5, 1.0, 3.0] and rps["meshlet_l7_over_envoy"] == 1.5
+    added = rows["added p50 ms, c1"]  # per round (0.1/0.4, 0.2/0.4, 0.1/0.5)
+    assert added["meshlet_over_envoy_rounds"] == [0.25, 0.5, 0.2] and added["meshlet_over_envoy"] == 0.25
+    assert rows["bulk Gbit/s"]["meshlet_over_envoy"] == 0.5
+    mem = rows["RSS MB per node"]  # read once: its ratio from the values, no rounds
+    assert mem["meshlet_over_envoy"] == round(60.0 / 70.0, 3) and "meshlet_over_envoy_rounds" not in mem
+    assert rows["new conn/s"]["meshlet_over_envoy"] is None  # not measured in any round: no ratio
+
+
+def test_paired_comparison_pairs_the_default_worker_rows_with_envoy_in_their_round():
+    direct = {"http": {"rps": 1000.0, "p99_ms": 1.0}}
+    rounds = [
+        {"direct": direct, "meshlet": {"http": {"rps": 400.0}}, "envoy": {"http": {"rps": 200.0}},
+         "meshlet_w": {"http": {"rps": 900.0, "p99_ms": 2.0}},
+         "envoy_w": {"http": {"rps": 300.0, "p99_ms": 8.0}},
+         "meshlet_l7_w": {"http": {"rps": 500.0}}, "envoy_l7_w": {"http": {"rps": 250.0}}},
+        {"direct": direct, "meshlet": {"http": {"rps": 400.0}}, "envoy": {"http": {"rps": 200.0}},
+         "meshlet_w": {"http": {"rps": 300.0, "p99_ms": 4.0}},
+         "envoy_w": {"http": {"rps": 100.0, "p99_ms": 8.0}},
+         "meshlet_l7_w": {"http": {"rps": 200.0}}, "envoy_l7_w": {"http": {"rps": 400.0}}},
+    ]
+    one_pass = (2, {"http": {"rps": 1.0}}, None)  # the workers table's row: not used when rounds have them
+    rows = {r["metric"]: r for r in be.paired_comparison(rounds, {}, at_workers=one_pass, workers=2)}
+    w = rows["req/s, c32, 2 workers"]
+    assert w["meshlet"] == 600.0  # median of 900 and 300, not the one-pass row
+    assert w["meshlet_over_envoy_rounds"] == [3.0, 3.0] and w["meshlet_over_envoy"] == 3.0
+    assert w["meshlet_l7_over_envoy_rounds"] == [2.0, 0.5]  # against Envoy beside the L7 runs
+    assert rows["p99 ms, c32, 2 workers"]["meshlet_over_envoy_rounds"] == [0.25, 0.5]
+    assert rows["req/s, c32"]["meshlet_over_envoy_rounds"] == [2.0, 2.0]  # the L4 rows keep their own pairs
+    single = {r["metric"]: r for r in be.paired_comparison(rounds[:1], {}, at_workers=one_pass)}
+    assert single["req/s, c32, 2 workers"]["meshlet"] == 1.0  # no workers= : the one-pass row

@@ -49,6 +49,10 @@ Then the cost of each feature, HTTP only, same run:
                       bulk, both paths.  ``--flows-only`` runs just this (and
                       the direct paths).
 
+Same-node, the mesh against direct is measured again in ``--rounds``
+alternated rounds (HTTP and bulk; medians of the rounds' own ratios): the
+same-node target is judged on those.
+
 Proxy workers: the mesh HTTP paths again with 1..N workers per node (N:
 the usable cores, 2..4, as ``proxy.workers`` defaults to), with the ratio to
 one worker: L4 relay same-node and cross-node, and the L7 column's path
@@ -144,6 +148,37 @@ FLOW_ROUNDS = 3
 # alike): past a worker's idle trim (agent/proxy/memory.py IDLE_AFTER plus one
 # maintenance round).
 MEMORY_SETTLE_S = 5.0
+
+
+def measure_same_node_rounds(cluster, a) -> list[dict]:
+    """Same-node, direct (pod1-3) and through the mesh (pod1-1) to pod1-2,
+    back to back in ``a.rounds`` rounds, which goes first alternating:
+    HTTP at c32 and bulk.  The same-node target (>= 0.9x direct) is judged
+    on these: a single pass compares two rows measured a minute apart."""
+    rounds: list[dict] = []
+    for i in range(a.rounds):
+        r: dict = {}
+        for mode, src in ((("direct", "pod1-3"), ("mesh", "pod1-1")) if i % 2 == 0
+                          else (("mesh", "pod1-1"), ("direct", "pod1-3"))):
+            print(f"measuring same-node round {i + 1}/{a.rounds}: {mode} {src} -> pod1-2 ...", flush=True)
+            r[mode] = measure(cluster, src, "pod1-2", a)
+        rounds.append(r)
+    return rounds
+
+
+def paired_ratios(rounds: list[dict], num: str, den: str) -> dict:
+    """Each round's ``num``/``den`` ratio of req/s and of bulk, and their
+    medians (rounds without both numbers left out)."""
+    import statistics
+
+    out: dict = {}
+    for key, part, field in (("rps", "http", "rps"), ("bulk", "bulk", "gbps")):
+        got = [ratio((r.get(num, {}).get(part) or {}).get(field), (r.get(den, {}).get(part) or {}).get(field))
+               for r in rounds]
+        got = [g for g in got if g is not None]
+        out[key] = round(statistics.median(got), 3) if got else None
+        out[f"{key}_rounds"] = got
+    return out
 
 
 def measure_flow_tracking(cluster, mesh, a, out: dict) -> None:
@@ -416,6 +451,7 @@ def main() -> int:
     features: dict[str, dict] = {}
     envoy_row: dict = {}
     envoy_rounds: list[dict] = []
+    same_rounds: list[dict] = []
     meshlet_rss: dict[str, float] = {}
     meshlet_pss: dict[str, float] = {}
     meshlet_distinct: dict[str, float] = {}
@@ -444,6 +480,8 @@ def main() -> int:
                 # one connection: the latency a hop adds, without queueing
                 r["http_c1"] = run_wrk(cluster, src, f"http://{cluster.pod(dst).ip4}:8080/", a.duration, 1)
             results.append({"mode": mode, "where": where, **r})
+        if not a.flows_only:
+            same_rounds = measure_same_node_rounds(cluster, a)
         if envoy is not None:
             # Memory is read once traffic has stopped for MEMORY_SETTLE_S, for
             # meshlet and Envoy alike: the steady state of an idle node (a
@@ -515,6 +553,11 @@ def main() -> int:
     m = by[("mesh", "cross-node")]
     tunnel_rows = {"direct (no mesh)": d, "plaintext tunnel": tunnel_rows["plaintext tunnel"],
                    "mTLS (resumption)": m, "mTLS, no resumption": tunnel_rows["mTLS, no resumption"]}
+    if same_rounds:
+        sr = summary["mesh same-node, paired"] = paired_ratios(same_rounds, "mesh", "direct")
+        print(f"same-node, {len(same_rounds)} alternated rounds, mesh/direct: req/s median "
+              f"{fmt(sr['rps'], '.2f')} ({', '.join(f'{x:.2f}' for x in sr['rps_rounds'])}), bulk median "
+              f"{fmt(sr['bulk'], '.2f')} ({', '.join(f'{x:.2f}' for x in sr['bulk_rounds'])})")
     print("\ncross-node, by tunnel security (same run)")
     hdr2 = f"{'path':<22}{'HTTP req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'bulk Gbit/s':>13}" \
            f"{'new conn/s':>12}{'conn p50 ms':>13}"
@@ -571,6 +614,7 @@ def main() -> int:
                    "connections": a.connections, "cpus": os.cpu_count(), "results": results,
                    "ratios": summary, "tunnel_security": tunnel_rows, "features": features,
                    "kernel_counters": counters, "connection_scale": conn_rows,
+                   "same_node_rounds": same_rounds,
                    "envoy_sidecars": envoy_row, "envoy_rounds": envoy_rounds,
                    "meshlet_rss_mb": meshlet_rss, "meshlet_pss_mb": meshlet_pss,
                    "meshlet_distinct_mb": meshlet_distinct,

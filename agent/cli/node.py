@@ -210,11 +210,12 @@ def status(sock, node, output) -> None:
                 else ""
             )
         )
-        spread = s.get("tunnel_spread") or {}
-        hashed = {k: v for k, v in spread.items() if k in ("ipv4", "ipv6") and v != "least-loaded"}
-        for family, why in hashed.items():
-            why = why.removeprefix("hash: ")
-            click.echo(f"  {family} tunnel connections spread by the kernel's hash, not by load ({why})")
+        for group, what in (("tunnel_spread", "tunnel"), ("outbound_spread", "pod (outbound)")):
+            spread = s.get(group) or {}
+            hashed = {k: v for k, v in spread.items() if k in ("ipv4", "ipv6") and v != "least-loaded"}
+            for family, why in hashed.items():
+                why = why.removeprefix("hash: ")
+                click.echo(f"  {family} {what} connections spread by the kernel's hash, not by load ({why})")
         t = s.get("tracing")
         if t:
             click.echo(

@@ -1,4 +1,8 @@
-"""Tunnel connections dealt to the least-loaded proxy worker (plain bpf(2), no bcc).
+"""Connections dealt to the least-loaded proxy worker (plain bpf(2), no bcc).
+
+Two listener groups use it, each with maps of its own (``GROUPS``): the
+tunnel listener (connections from other nodes' proxies) and the outbound
+listener (the pods' redirected connections).
 
 Why.  A source worker carries all its pod streams to a peer node over one
 long-lived mux tunnel, so a node accepts few tunnel connections, and with
@@ -11,7 +15,15 @@ plain round-robin is not enough either: it does not know the tunnels a
 worker already holds (a worker added or restarted next to one holding the
 node's only tunnel got the next one too).
 
-How.  Three maps under ``<pin dir>/reuseport/``:
+The same holds on the outbound side, for a pod's few long-lived
+connections (an HTTP/2 or gRPC client keeps one): the source worker that
+accepts a pod connection carries its streams over its own tunnel, so two
+such clients hashed to one worker load one source worker and, through its
+tunnel, one destination worker.
+
+How.  Three maps per group under ``<pin dir>/reuseport/`` (here the tunnel
+group's; the outbound group's are ``outbound-v4``, ``outbound-v6`` and
+``outbound-load``, its load the worker's active connections):
 
 - ``tunnel-v4`` and ``tunnel-v6`` (``REUSEPORT_SOCKARRAY``): each worker
   files its tunnel listener in slot ``worker id``.  A program can only pick
@@ -57,10 +69,11 @@ import struct
 from . import bpfsys
 from .splicemap import socket_cookie
 
-__all__ = ["MAX_SLOTS", "PIN_SUBDIR", "SpreadError", "TunnelSpread", "pin_path", "program"]
+__all__ = ["GROUPS", "MAX_SLOTS", "PIN_SUBDIR", "SpreadError", "TunnelSpread", "pin_path", "program"]
 
 PIN_SUBDIR = "reuseport"
-LOAD_NAME = "tunnel-load"
+#: listener group -> the short tag of its BPF object names (the kernel keeps 15 characters)
+GROUPS = {"tunnel": "tunnel", "outbound": "out"}
 MAX_SLOTS = 64  # proxy.workers is at most 64 (config.py)
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_REUSEPORT_SOCKARRAY = 20
@@ -76,8 +89,14 @@ class SpreadError(OSError):
     """The kernel refused a step; the message says which and what it means."""
 
 
-def pin_path(pin_dir: str, family: int) -> str:
-    return os.path.join(pin_dir, PIN_SUBDIR, "tunnel-v6" if family == socket.AF_INET6 else "tunnel-v4")
+def pin_path(pin_dir: str, family: int, group: str = "tunnel") -> str:
+    """The group's REUSEPORT_SOCKARRAY for ``family``'s listeners."""
+    return os.path.join(pin_dir, PIN_SUBDIR, f"{group}-v6" if family == socket.AF_INET6 else f"{group}-v4")
+
+
+def load_path(pin_dir: str, group: str = "tunnel") -> str:
+    """The group's load map (one u64 per worker slot)."""
+    return os.path.join(pin_dir, PIN_SUBDIR, f"{group}-load")
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -195,22 +214,26 @@ def _open_pinned(path: str, map_type: int, name: str) -> int:
 
 
 class TunnelSpread:
-    """One worker's part: its slot in the arrays, its listeners filed there,
-    and the load it publishes.  Every method raises :class:`SpreadError`
-    (an ``OSError``) saying which step the kernel refused; the listeners
-    keep serving by the kernel's hash."""
+    """One worker's part in one listener ``group`` (``GROUPS``; the tunnel
+    listener's by default): its slot in the arrays, its listeners filed
+    there, and the load it publishes.  Every method raises
+    :class:`SpreadError` (an ``OSError``) saying which step the kernel
+    refused; the listeners keep serving by the kernel's hash."""
 
-    def __init__(self, pin_dir: str, slot: int, slots: int) -> None:
+    def __init__(self, pin_dir: str, slot: int, slots: int, group: str = "tunnel") -> None:
         if not 0 <= slot < slots <= MAX_SLOTS:
             raise ValueError(f"slot {slot} of {slots}: need 0 <= slot < slots <= {MAX_SLOTS}")
-        self.pin_dir, self.slot, self.slots = pin_dir, slot, slots
+        if group not in GROUPS:
+            raise ValueError(f"unknown listener group {group!r} (one of {', '.join(GROUPS)})")
+        self.pin_dir, self.slot, self.slots, self.group = pin_dir, slot, slots, group
+        self._tag = GROUPS[group]
         self._key = _U32.pack(slot)
         self._arrays: list[tuple[int, bytes]] = []  # (array fd, our listener's cookie)
         self.published: int | None = None  # the load last written
-        path = os.path.join(pin_dir, PIN_SUBDIR, LOAD_NAME)
+        path = load_path(pin_dir, group)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._load = _open_pinned(path, MAP_TYPE_ARRAY, "ml_tunnel_load")
+            self._load = _open_pinned(path, MAP_TYPE_ARRAY, f"ml_{self._tag}_load")
         except OSError as e:
             raise _error(e, "open or create the load map", path) from None
         try:
@@ -222,20 +245,20 @@ class TunnelSpread:
     def add_listener(self, sock: socket.socket) -> None:
         """File the listening ``sock`` in this worker's slot of its family's
         array and attach the program to its reuseport group."""
-        path = pin_path(self.pin_dir, sock.family)
+        path = pin_path(self.pin_dir, sock.family, self.group)
         step = "open or create the reuseport_sockarray"
         counter = array = prog = -1
         try:
-            array = _open_pinned(path, MAP_TYPE_REUSEPORT_SOCKARRAY, "ml_tunnel_socks")
+            array = _open_pinned(path, MAP_TYPE_REUSEPORT_SOCKARRAY, f"ml_{self._tag}_socks")
             step = f"file the listener in slot {self.slot}"
             bpfsys.map_update(array, self._key, _U64.pack(sock.fileno()))
             step = "create the program's counter"
-            counter = bpfsys.map_create(MAP_TYPE_ARRAY, 4, 8, 1, "ml_tunnel_rr")
+            counter = bpfsys.map_create(MAP_TYPE_ARRAY, 4, 8, 1, f"ml_{self._tag}_rr")
             step = "load the SK_REUSEPORT program"
             prog = bpfsys.prog_load(
                 bpfsys.PROG_TYPE_SK_REUSEPORT,
                 program(counter, self._load, array, self.slots),
-                name="ml_tunnel_pick",
+                name=f"ml_{self._tag}_pick",
             )
             step = "attach it (SO_ATTACH_REUSEPORT_EBPF)"
             sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, _U32.pack(prog))
@@ -257,7 +280,8 @@ class TunnelSpread:
         return False
 
     def publish(self, load: int) -> bool:
-        """Write this worker's tunnel connections into its slot of the load
+        """Write this worker's load (the tunnel connections it holds, or for
+        the outbound group its active connections) into its slot of the load
         map, unless a successor has taken the slot.  Written every time
         (it also clears what the program reserved for SYNs that have been
         accepted since); False when the slot is no longer ours."""

@@ -113,11 +113,13 @@ class ProxyServer:
         # process sets it; an in-process server (tests) leaves its host's heap alone.
         self.freeze_heap = freeze_heap
         self.worker_id = worker_id
-        self.workers = workers  # the tunnel listener's slots (see _spread_tunnels)
-        # How new tunnel connections reach this node's workers, per family:
-        # "least-loaded", or "hash: <why not>" (the kernel's SO_REUSEPORT hash).
+        self.workers = workers  # the listeners' slots (see _spread_listener)
+        # How new connections reach this node's workers, per listener group
+        # ("tunnel", "outbound") and family: "least-loaded", or "hash: <why
+        # not>" (the kernel's SO_REUSEPORT hash).
         self.tunnel_spread: dict[str, str] = {}
-        self._spread: TunnelSpread | None = None
+        self.outbound_spread: dict[str, str] = {}
+        self._spreads: dict[str, TunnelSpread] = {}
         self._spread_task: asyncio.Task | None = None
         self.header_timeout = header_timeout
         self.ready_timeout = ready_timeout
@@ -236,8 +238,8 @@ class ProxyServer:
         self._watch_task = loop.create_task(self.watcher.run())
         self._policy_task = loop.create_task(self._watch_policies())
         self._maint_task = loop.create_task(self._maintain())
-        if self._spread is not None:
-            self._spread_task = loop.create_task(self._publish_tunnel_load())
+        if self._spreads:
+            self._spread_task = loop.create_task(self._publish_loads())
         log.info(
             "proxy worker %d serving node %s (state generation %d): outbound %s, tunnel %s",
             self.worker_id,
@@ -287,56 +289,74 @@ class ProxyServer:
                 ("tunnel", lst.tunnel_port, self.inbound.factory),
             ):
                 sock = self._listen_socket(family, ip, port, kind)
-                if kind == "tunnel":
-                    self._spread_tunnels(sock, state.pin_dir)
+                self._spread_listener(kind, sock, state.pin_dir)
                 srv = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
                 self._servers.append(srv)
                 self.addresses[kind].append(sock.getsockname())
 
-    def _spread_tunnels(self, sock: socket.socket, pin_dir: str) -> None:
-        """Deal the tunnel connections this node accepts to its least-loaded
-        worker (``agent.datapath.reuseport``): a node gets few, long-lived
-        tunnels, and SO_REUSEPORT's hash alone can put all of a peer's on
-        one worker.  Where the kernel refuses, the hash keeps serving."""
+    def _spread_listener(self, kind: str, sock: socket.socket, pin_dir: str) -> None:
+        """Deal the connections this listener accepts to the node's
+        least-loaded worker (``agent.datapath.reuseport``): the tunnel
+        listener by the tunnel connections each worker holds (a node gets
+        few, long-lived tunnels, and SO_REUSEPORT's hash alone can put all of
+        a peer's on one worker), the outbound listener by each worker's active
+        connections (a pod's few long-lived connections, an HTTP/2 client's
+        one, likewise).  Where the kernel refuses, the hash keeps serving."""
+        modes = self.tunnel_spread if kind == "tunnel" else self.outbound_spread
         fam = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
         if not os.path.isdir(pin_dir):
-            self.tunnel_spread[fam] = f"hash: no pin directory {pin_dir}"
-            log.info("no pin directory %s: tunnel connections are spread by the kernel's hash", pin_dir)
+            modes[fam] = f"hash: no pin directory {pin_dir}"
+            log.info("no pin directory %s: %s connections are spread by the kernel's hash", pin_dir, kind)
             return
         from agent.datapath.reuseport import TunnelSpread  # lazy, as the flow table
 
         try:
-            if self._spread is None:
-                self._spread = TunnelSpread(pin_dir, self.worker_id, self.workers)
-            self._spread.add_listener(sock)
+            spread = self._spreads.get(kind)
+            if spread is None:
+                spread = self._spreads[kind] = TunnelSpread(pin_dir, self.worker_id, self.workers, kind)
+            spread.add_listener(sock)
         except OSError as e:
-            self.tunnel_spread[fam] = f"hash: {e.strerror or e}"
+            modes[fam] = f"hash: {e.strerror or e}"
             log.warning(
-                "%s; tunnel connections are spread by the kernel's hash, which can put all of a "
-                "peer's tunnels on one worker (the SK_REUSEPORT program needs CAP_BPF)",
+                "%s; %s connections are spread by the kernel's hash, which can put all of a peer's %s "
+                "on one worker (the SK_REUSEPORT program needs CAP_BPF)",
                 e.strerror or e,
+                kind,
+                "tunnels" if kind == "tunnel" else "long-lived connections",
             )
             return
-        self.tunnel_spread[fam] = "least-loaded"
+        modes[fam] = "least-loaded"
 
-    async def _publish_tunnel_load(self) -> None:
-        """Write this worker's tunnel connections for the least-loaded pick,
-        about once a second (two bpf(2) calls), until a successor takes the slot."""
+    def _loads(self) -> dict[str, int]:
+        """What each listener group's pick weighs: the tunnel connections this
+        worker holds, and its active connections."""
+        return {"tunnel": self.inbound.tunnel_load(), "outbound": len(self.live.tasks)}
+
+    async def _publish_loads(self) -> None:
+        """Write this worker's loads for the least-loaded picks about once a
+        second (two bpf(2) calls per group), until a successor takes its slot."""
         failed = False
-        while self._spread is not None:
+        handed: set[str] = set()  # groups whose slot a successor took
+        while len(handed) < len(self._spreads):
             await asyncio.sleep(TUNNEL_LOAD_INTERVAL)
-            try:
-                if not self._spread.publish(self.inbound.tunnel_load()):
-                    log.info(
-                        "tunnel slot %d taken by a successor: no longer publishing this worker's load",
-                        self.worker_id,
-                    )
-                    return
-                failed = False
-            except OSError as e:
-                if not failed:
-                    log.warning("cannot publish this worker's tunnel load: %s", e.strerror or e)
-                failed = True
+            loads = self._loads()
+            for kind, spread in list(self._spreads.items()):
+                if kind in handed:
+                    continue
+                try:
+                    if not spread.publish(loads[kind]):
+                        log.info(
+                            "%s slot %d taken by a successor: no longer publishing this worker's load",
+                            kind,
+                            self.worker_id,
+                        )
+                        handed.add(kind)
+                        continue
+                    failed = False
+                except OSError as e:
+                    if not failed:
+                        log.warning("cannot publish this worker's %s load: %s", kind, e.strerror or e)
+                    failed = True
 
     @staticmethod
     def _listen_socket(family: int, ip: str, port: int, kind: str) -> socket.socket:
@@ -442,9 +462,9 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 self.outbound.splicer.close()
             self.outbound.splicer = None
-        if self._spread is not None:
-            self._spread.close()
-            self._spread = None
+        for spread in self._spreads.values():
+            spread.close()
+        self._spreads.clear()
         self.upstream.close()
         self.destination.close()
         self.outbound.close()
@@ -582,6 +602,17 @@ class ProxyServer:
             return None
         return state.access_log.path or self._access_arg
 
+    def _spread_stats(self, kind: str, modes: dict[str, str]) -> dict[str, Any]:
+        """``stats()["tunnel_spread"]`` / ``["outbound_spread"]``: the pick per
+        family, this worker's load and what it last published."""
+        spread = self._spreads.get(kind)
+        return {
+            "workers": self.workers,
+            **modes,
+            "load": self._loads()[kind],
+            "published": None if spread is None else spread.published,
+        }
+
     def stats(self) -> dict[str, Any]:
         st = self.watcher.current
         tasks = self.live.tasks
@@ -606,12 +637,8 @@ class ProxyServer:
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
             "tunnel_mux": {"out": self.upstream.mux_pool.stats(), "in": self.inbound.mux_stats()},
-            "tunnel_spread": {
-                "workers": self.workers,
-                **self.tunnel_spread,
-                "load": self.inbound.tunnel_load(),
-                "published": None if self._spread is None else self._spread.published,
-            },
+            "tunnel_spread": self._spread_stats("tunnel", self.tunnel_spread),
+            "outbound_spread": self._spread_stats("outbound", self.outbound_spread),
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),

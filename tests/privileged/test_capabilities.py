@@ -119,8 +119,9 @@ def test_agent_and_proxies_run_with_only_those_capabilities(mesh):
         assert workers and all(w["alive"] for w in workers)
         for w in workers:
             assert cap_eff(w["pid"]) & ~MASK == 0, f"{name} worker {w['pid']}"
-            # the tunnel listener's SK_REUSEPORT program loads with these (BPF, NET_ADMIN)
+            # the tunnel and outbound listeners' SK_REUSEPORT programs load with these (BPF, NET_ADMIN)
             assert w["stats"]["tunnel_spread"]["ipv4"] == "least-loaded", w["stats"]["tunnel_spread"]
+            assert w["stats"]["outbound_spread"]["ipv4"] == "least-loaded", w["stats"]["outbound_spread"]
 
 
 def test_strict_mtls_traffic_flows_same_node_and_across(mesh):

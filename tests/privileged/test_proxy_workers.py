@@ -251,6 +251,35 @@ def test_held_tunnels_are_dealt_evenly_to_the_destination_workers_across_a_hand_
         assert all(e["result"] == "ok" for e in inbound(mesh)), _not_ok(mesh)
 
 
+def test_held_pod_connections_are_dealt_evenly_to_the_source_workers():
+    """The outbound listener's pick (agent/datapath/reuseport.py, group
+    "outbound"): a pod's long-lived connections, opened one at a time (each
+    once node1's workers have published their active connections), never
+    leave node1's two workers more than one apart.  With the hash, 8 steps
+    stay within one of each other with probability 2**-4."""
+    with mesh_of(workers=2, pods_per_node=1) as mesh:
+        for st in worker_stats(mesh, "node1"):
+            spread = st["outbound_spread"]
+            assert spread["workers"] == 2 and spread["ipv4"] == "least-loaded", spread
+
+        def loads() -> list[int] | None:
+            sp = [st["outbound_spread"] for st in worker_stats(mesh, "node1")]
+            return [x["load"] for x in sp] if all(x["published"] == x["load"] for x in sp) else None
+
+        held: list[Session] = []
+        try:
+            for i in range(8):
+                held.append(Session(mesh, "pod1-1", ip_of(mesh, "pod2-1")))
+                got = wait_for(lambda n=i + 1: (lo := loads()) and sum(lo) == n and lo,
+                               "node1's workers published their loads")
+                assert max(got) - min(got) <= 1, (i + 1, got)
+            assert all(s.say("hi") == {"echo": "hi"} for s in held)
+        finally:
+            closed = [s.close() for s in held]
+        assert closed == [0] * 8
+        wait_for(lambda: loads() == [0, 0], "the held connections closed")
+
+
 def inbound(mesh) -> list[dict]:
     return [e for e in mesh.access_log("node2") if e.get("direction") == "inbound"]
 

@@ -89,14 +89,15 @@ def accepted_by(listeners: list[socket.socket], count: int) -> list[int | None]:
     return out
 
 
-def workers(pin_dir, group, family, count):
+def workers(pin_dir, group, family, count, kind="tunnel"):
     """``count`` listeners on one port, each filed by its own worker's
-    TunnelSpread in slot i of ``count``; closed by the fixtures."""
+    TunnelSpread (listener group ``kind``) in slot i of ``count``; closed
+    by the fixtures."""
     first = group(family)
     socks = [first] + [group(family, first.getsockname()[1]) for _ in range(count - 1)]
     spreads = []
     for slot, s in enumerate(socks):
-        sp = reuseport.TunnelSpread(pin_dir, slot, count)
+        sp = reuseport.TunnelSpread(pin_dir, slot, count, kind)
         sp.add_listener(s)
         spreads.append(sp)
     return socks, spreads
@@ -110,8 +111,8 @@ def spreads():
         sp.close()
 
 
-def loads(pin_dir, count):
-    fd = bpfsys.obj_get(os.path.join(pin_dir, reuseport.PIN_SUBDIR, reuseport.LOAD_NAME))
+def loads(pin_dir, count, kind="tunnel"):
+    fd = bpfsys.obj_get(reuseport.load_path(pin_dir, kind))
     try:
         return [struct.unpack("=Q", bpfsys.map_lookup(fd, struct.pack("=I", k), 8))[0] for k in range(count)]
     finally:
@@ -125,7 +126,7 @@ def test_equal_loads_take_turns(pin_dir, group, spreads, family):
     assert accepted_by(socks, 12) == [0, 1, 2] * 4
     assert loads(pin_dir, 3) == [4, 4, 4]  # what the program reserved, until the workers write theirs
     names = sorted(os.listdir(os.path.join(pin_dir, reuseport.PIN_SUBDIR)))
-    assert names == sorted([reuseport.LOAD_NAME, os.path.basename(reuseport.pin_path(pin_dir, family))])
+    assert names == sorted(["tunnel-load", os.path.basename(reuseport.pin_path(pin_dir, family))])
     fd = bpfsys.obj_get(reuseport.pin_path(pin_dir, family))
     try:
         info = bpfsys.map_info(fd)
@@ -207,3 +208,24 @@ def test_the_array_holds_each_workers_listener_in_its_own_slot(pin_dir, group, s
 
     assert cookies[:2] == [struct.pack("=Q", socket_cookie(s)) for s in socks]
     assert cookies[2] is None
+
+
+def test_the_outbound_group_picks_by_its_own_loads_beside_the_tunnel_group(pin_dir, group, spreads):
+    """Two listener groups of the same workers (tunnel and outbound, each on
+    a port of its own) keep maps of their own: loads published for one never
+    steer the other."""
+    tun_socks, tun = workers(pin_dir, group, socket.AF_INET, 2)
+    out_socks, out = workers(pin_dir, group, socket.AF_INET, 2, "outbound")
+    spreads += tun + out
+    assert tun[0].publish(0) and tun[1].publish(6)  # worker 1 holds the tunnels
+    assert out[0].publish(6) and out[1].publish(0)  # worker 0 holds the pods' connections
+    assert accepted_by(tun_socks, 4) == [0, 0, 0, 0]
+    assert accepted_by(out_socks, 4) == [1, 1, 1, 1]
+    assert loads(pin_dir, 2) == [4, 6] and loads(pin_dir, 2, "outbound") == [6, 4]
+    names = sorted(os.listdir(os.path.join(pin_dir, reuseport.PIN_SUBDIR)))
+    assert names == ["outbound-load", "outbound-v4", "tunnel-load", "tunnel-v4"]
+    fd = bpfsys.obj_get(reuseport.pin_path(pin_dir, socket.AF_INET, "outbound"))
+    try:
+        assert bpfsys.map_info(fd).type_name == "reuseport_sockarray"
+    finally:
+        os.close(fd)

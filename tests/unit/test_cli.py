@@ -310,7 +310,7 @@ def test_run_does_not_import_the_other_command_groups():
     assert out.strip() == "['agent.cli.common', 'agent.cli.node', 'agent.cli.root']"
 
 
-def _status_doc(spread: dict) -> dict:
+def _status_doc(spread: dict, outbound: dict | None = None) -> dict:
     """The least of /v1/status that ``meshlet status`` prints, one worker."""
     return {
         "node": "node1",
@@ -332,7 +332,12 @@ def _status_doc(spread: dict) -> dict:
                 "alive": True,
                 "adopted": False,
                 "restarts": 0,
-                "stats": {"active_connections": 0, "counters": {}, "tunnel_spread": spread},
+                "stats": {
+                    "active_connections": 0,
+                    "counters": {},
+                    "tunnel_spread": spread,
+                    "outbound_spread": outbound or {"workers": 2, "ipv4": "least-loaded"},
+                },
             }
         ],
     }
@@ -359,3 +364,18 @@ def test_status_says_when_tunnels_fall_back_to_the_kernels_hash(monkeypatch):
     )
     r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
     assert r.exit_code == 0 and "kernel's hash" not in r.output, r.output
+
+
+def test_status_says_when_pod_connections_fall_back_to_the_kernels_hash(monkeypatch):
+    import agent.cli.node as node_cli
+
+    tunnel = {"workers": 2, "ipv4": "least-loaded"}
+    outbound = {"workers": 2, "ipv4": "hash: no pin directory /sys/fs/bpf/meshlet/node1"}
+    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(tunnel, outbound))
+    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
+    assert r.exit_code == 0, r.output
+    assert (
+        "ipv4 pod (outbound) connections spread by the kernel's hash, not by load "
+        "(no pin directory /sys/fs/bpf/meshlet/node1)"
+    ) in r.output
+    assert "tunnel connections" not in r.output

@@ -650,6 +650,8 @@ def test_main_serves_stats_and_exits_0_on_sigterm(tmp_path):
         # no --workers: slots 0..2 for its own id; the state's pin directory does not exist here
         assert doc["tunnel_spread"]["workers"] == 3
         assert doc["tunnel_spread"]["ipv4"].startswith("hash: no pin directory")
+        assert doc["outbound_spread"]["ipv4"].startswith("hash: no pin directory")
+        assert doc["outbound_spread"]["published"] is None and doc["outbound_spread"]["workers"] == 3
         # a connection without a flow record is reset and logged (the RST may even beat
         # connect() back to userspace on loopback)
         try:

@@ -162,3 +162,14 @@ def test_each_family_has_its_own_array():
     v4 = reuseport.pin_path("/sys/fs/bpf/meshlet/n1", socket.AF_INET)
     v6 = reuseport.pin_path("/sys/fs/bpf/meshlet/n1", socket.AF_INET6)
     assert v4 == "/sys/fs/bpf/meshlet/n1/reuseport/tunnel-v4" and v6.endswith("/reuseport/tunnel-v6")
+
+
+def test_each_listener_group_has_maps_of_its_own():
+    d = "/sys/fs/bpf/meshlet/n1"
+    assert reuseport.pin_path(d, socket.AF_INET, "outbound") == f"{d}/reuseport/outbound-v4"
+    assert reuseport.pin_path(d, socket.AF_INET6, "outbound") == f"{d}/reuseport/outbound-v6"
+    assert reuseport.load_path(d, "outbound") == f"{d}/reuseport/outbound-load"
+    assert reuseport.load_path(d) == f"{d}/reuseport/tunnel-load"
+    assert all(len(f"ml_{tag}_socks") <= 15 for tag in reuseport.GROUPS.values())  # the kernel's name limit
+    with pytest.raises(ValueError, match="unknown listener group 'inbound'"):
+        reuseport.TunnelSpread("/nonexistent", 0, 2, "inbound")

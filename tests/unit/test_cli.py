@@ -343,39 +343,36 @@ def _status_doc(spread: dict, outbound: dict | None = None) -> dict:
     }
 
 
-def test_status_says_when_tunnels_fall_back_to_the_kernels_hash(monkeypatch):
+def _status_output(monkeypatch, tunnel: dict, outbound: dict | None = None) -> str:
+    """What ``meshlet status`` prints for one worker with these spreads."""
     import agent.cli.node as node_cli
 
+    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(tunnel, outbound))
+    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_status_says_when_tunnels_fall_back_to_the_kernels_hash(monkeypatch):
     spread = {
         "workers": 2,
         "ipv4": "least-loaded",
         "ipv6": "hash: cannot load the SK_REUSEPORT program at /x: Invalid argument",
     }
-    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(spread))
-    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
-    assert r.exit_code == 0, r.output
+    out = _status_output(monkeypatch, spread)
     assert (
         "ipv6 tunnel connections spread by the kernel's hash, not by load "
         "(cannot load the SK_REUSEPORT program at /x: Invalid argument)"
-    ) in r.output
-    assert "ipv4 tunnel" not in r.output
-    monkeypatch.setattr(
-        node_cli, "admin_get", lambda path, sock: _status_doc({"workers": 2, "ipv4": "least-loaded"})
-    )
-    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
-    assert r.exit_code == 0 and "kernel's hash" not in r.output, r.output
+    ) in out
+    assert "ipv4 tunnel" not in out
+    assert "kernel's hash" not in _status_output(monkeypatch, {"workers": 2, "ipv4": "least-loaded"})
 
 
 def test_status_says_when_pod_connections_fall_back_to_the_kernels_hash(monkeypatch):
-    import agent.cli.node as node_cli
-
-    tunnel = {"workers": 2, "ipv4": "least-loaded"}
     outbound = {"workers": 2, "ipv4": "hash: no pin directory /sys/fs/bpf/meshlet/node1"}
-    monkeypatch.setattr(node_cli, "admin_get", lambda path, sock: _status_doc(tunnel, outbound))
-    r = CliRunner().invoke(main, ["status", "--socket", "/nonexistent.sock"])
-    assert r.exit_code == 0, r.output
+    out = _status_output(monkeypatch, {"workers": 2, "ipv4": "least-loaded"}, outbound)
     assert (
         "ipv4 pod (outbound) connections spread by the kernel's hash, not by load "
         "(no pin directory /sys/fs/bpf/meshlet/node1)"
-    ) in r.output
-    assert "tunnel connections" not in r.output
+    ) in out
+    assert "tunnel connections" not in out

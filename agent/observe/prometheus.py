@@ -60,6 +60,16 @@ TCP_COUNTERS = (  # Istio name, snapshot column, help
 )
 
 
+def _pick(spread: dict[str, Any]) -> str:
+    """How a listener group's new connections reach the worker: "hash" when
+    a family fell back to the kernel's hash, else "least-loaded"."""
+    return (
+        "hash"
+        if any(v != "least-loaded" for k, v in spread.items() if k in ("ipv4", "ipv6"))
+        else "least-loaded"
+    )
+
+
 def merge_tcp(workers: Iterable[dict | None]) -> tuple[list[str], dict[tuple, list[int]]]:
     """Sum the workers' TCP label sets: (label names, labels -> [opened,
     closed, received, sent])."""
@@ -232,17 +242,21 @@ def families(snap: dict[str, Any]) -> list[Family]:
         "worker's listeners (meshlet status says why).",
         labels=["worker", "pick"],
     )
+    conns = Gauge(
+        "meshlet_proxy_worker_connections",
+        "Active connections of each proxy worker; new pod connections go to the least loaded. "
+        'pick="hash": the kernel refused the least-loaded program for that worker\'s outbound '
+        "listeners (meshlet status says why).",
+        labels=["worker", "pick"],
+    )
     for w in live:
-        spread = w.get("tunnel_spread")
-        if spread is None:
-            continue  # a worker from before the least-loaded pick
-        pick = (
-            "hash"
-            if any(v != "least-loaded" for k, v in spread.items() if k in ("ipv4", "ipv6"))
-            else "least-loaded"
-        )
-        tunnels.add_metric([str(w.get("worker", "")), pick], spread.get("load", 0))
+        for gauge, key in ((tunnels, "tunnel_spread"), (conns, "outbound_spread")):
+            spread = w.get(key)
+            if spread is None:
+                continue  # a worker from before that least-loaded pick
+            gauge.add_metric([str(w.get("worker", "")), _pick(spread)], spread.get("load", 0))
     out.append(tunnels)
+    out.append(conns)
 
     denied = Counter(
         "meshlet_denied_connections_total",

@@ -252,6 +252,9 @@ def test_known_traffic_in_metrics_stats_flows_and_access_log(mesh):
         # node2 accepted node1's tunnels; its worker picks them by load (the program loaded)
         tun = {lb["worker"]: (lb["pick"], v) for lb, v in after["node2"]["meshlet_proxy_tunnel_connections"]}
         assert set(tun) == {"0"} and tun["0"][0] == "least-loaded", tun
+        # and node1's worker picks the pods' connections by load
+        conns = {lb["worker"]: lb["pick"] for lb, v in m1["meshlet_proxy_worker_connections"]}
+        assert conns == {"0": "least-loaded"}, conns
         assert gauge[("meshlet_trust_bundle_roots", ())] == 1
         expiry = {lb["spiffe_id"]: v for lb, v in m1["meshlet_workload_certificate_expiry_timestamp_seconds"]}
         assert set(expiry) == {f"{TD}/pod1-1", f"{TD}/pod1-2"}

@@ -773,3 +773,14 @@ def test_each_workers_tunnel_connections_are_a_gauge_with_how_new_ones_are_picke
     got = scrape({**SNAP, "workers": [w0, w1, old]})
     assert sorted((s["worker"], s["pick"], v) for s, v in got["meshlet_proxy_tunnel_connections"]) == [
         ("0", "least-loaded", 3), ("1", "hash", 1)]
+
+
+def test_each_workers_active_connections_are_a_gauge_with_how_new_pod_connections_are_picked():
+    w0 = {**worker([]), "worker": 0, "outbound_spread": {"workers": 2, "ipv4": "least-loaded", "load": 7}}
+    w1 = {**worker([]), "worker": 1,
+          "outbound_spread": {"workers": 2, "ipv4": "hash: no pin directory /x", "load": 5}}
+    old = {**worker([]), "worker": 2}  # a worker from before the outbound pick: no series
+    got = scrape({**SNAP, "workers": [w0, w1, old]})
+    assert sorted((s["worker"], s["pick"], v) for s, v in got["meshlet_proxy_worker_connections"]) == [
+        ("0", "least-loaded", 7), ("1", "hash", 5)]
+    assert "meshlet_proxy_tunnel_connections" not in got or not got["meshlet_proxy_tunnel_connections"]

@@ -250,8 +250,8 @@ def families(snap: dict[str, Any]) -> list[Family]:
         labels=["worker", "pick"],
     )
     for w in live:
-        for gauge, key in ((tunnels, "tunnel_spread"), (conns, "outbound_spread")):
-            spread = w.get(key)
+        for gauge, section in ((tunnels, "tunnel_spread"), (conns, "outbound_spread")):
+            spread = w.get(section)
             if spread is None:
                 continue  # a worker from before that least-loaded pick
             gauge.add_metric([str(w.get("worker", "")), _pick(spread)], spread.get("load", 0))

@@ -439,7 +439,7 @@ def comparison(direct: dict, meshlet: dict, meshlet_l7: dict | None, envoy: dict
 
     The rows above run one meshlet worker per node against Envoy's two
     threads (``--concurrency 2``, Istio's default).  ``at_workers`` =
-    (N, L4 row, L7 row) from the workers table adds req/s and p99 at c32
+    (N, L4 row, L7 row) (paired_comparison: their medians) adds req/s and p99 at c32
     with N workers per node, ``proxy.workers``' default here: each side at
     its own default."""
 

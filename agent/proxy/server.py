@@ -117,8 +117,7 @@ class ProxyServer:
         # How new connections reach this node's workers, per listener group
         # ("tunnel", "outbound") and family: "least-loaded", or "hash: <why
         # not>" (the kernel's SO_REUSEPORT hash).
-        self.tunnel_spread: dict[str, str] = {}
-        self.outbound_spread: dict[str, str] = {}
+        self.spread_modes: dict[str, dict[str, str]] = {"tunnel": {}, "outbound": {}}
         self._spreads: dict[str, TunnelSpread] = {}
         self._spread_task: asyncio.Task | None = None
         self.header_timeout = header_timeout
@@ -302,7 +301,7 @@ class ProxyServer:
         a peer's on one worker), the outbound listener by each worker's active
         connections (a pod's few long-lived connections, an HTTP/2 client's
         one, likewise).  Where the kernel refuses, the hash keeps serving."""
-        modes = self.tunnel_spread if kind == "tunnel" else self.outbound_spread
+        modes = self.spread_modes[kind]
         fam = "ipv6" if sock.family == socket.AF_INET6 else "ipv4"
         if not os.path.isdir(pin_dir):
             modes[fam] = f"hash: no pin directory {pin_dir}"
@@ -602,13 +601,13 @@ class ProxyServer:
             return None
         return state.access_log.path or self._access_arg
 
-    def _spread_stats(self, kind: str, modes: dict[str, str]) -> dict[str, Any]:
+    def _spread_stats(self, kind: str) -> dict[str, Any]:
         """``stats()["tunnel_spread"]`` / ``["outbound_spread"]``: the pick per
         family, this worker's load and what it last published."""
         spread = self._spreads.get(kind)
         return {
             "workers": self.workers,
-            **modes,
+            **self.spread_modes[kind],
             "load": self._loads()[kind],
             "published": None if spread is None else spread.published,
         }
@@ -637,8 +636,8 @@ class ProxyServer:
             "certs": self.certs.snapshot(),
             "tls": self.tls.stats(),
             "tunnel_mux": {"out": self.upstream.mux_pool.stats(), "in": self.inbound.mux_stats()},
-            "tunnel_spread": self._spread_stats("tunnel", self.tunnel_spread),
-            "outbound_spread": self._spread_stats("outbound", self.outbound_spread),
+            "tunnel_spread": self._spread_stats("tunnel"),
+            "outbound_spread": self._spread_stats("outbound"),
             "access_log": {"path": self.inputs.access.path, "sampling": st.access_log.sampling},
             "tracing": None if self.tracing is None else self.tracing.stats(),
             "metrics": self.metrics.snapshot(),
